@@ -1,0 +1,48 @@
+"""Group-labeled arrays: the one in-memory form every reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GroupData:
+    """Samples with class labels and group labels.
+
+    Attributes:
+        x: inputs, float32, ``[N, ...]``.
+        y: class labels, int64, ``[N]`` (-1 nowhere: every sample is labeled).
+        group: group ids, int64, ``[N]``, each in ``range(len(group_names))``.
+        group_names: a name per group id.
+        source: where the data came from (a path or a description), used in messages.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    group: np.ndarray
+    group_names: tuple[str, ...]
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    def group_counts(self) -> np.ndarray:
+        """Samples per group id, ``[num_groups]``."""
+        return np.bincount(self.group, minlength=self.num_groups)
+
+    def subset(self, index: np.ndarray) -> "GroupData":
+        """The samples at ``index`` (same group names and source)."""
+        index = np.asarray(index)
+        return GroupData(self.x[index], self.y[index], self.group[index], self.group_names, self.source)
+
+    def batches(self, batch_size: int):
+        """Yield ``(x, y, group)`` numpy slices of at most ``batch_size`` samples, in order."""
+        for start in range(0, len(self), batch_size):
+            stop = start + batch_size
+            yield self.x[start:stop], self.y[start:stop], self.group[start:stop]

@@ -1,0 +1,39 @@
+"""Exception hierarchy. Library code raises these; only the CLI maps them to exit codes.
+
+Exit codes used by the CLI: 0 ok, 1 a validation limit broken (:class:`ValidationFailed`),
+2 bad input (every other :class:`FqexportError`).
+"""
+
+from __future__ import annotations
+
+
+class FqexportError(Exception):
+    """Base class of every error fqexport raises on purpose."""
+
+
+class ConfigError(FqexportError, ValueError):
+    """An option has a value fqexport cannot use (the message names the option and the fix)."""
+
+
+class DataError(FqexportError, ValueError):
+    """Group-labeled data is missing, malformed or inconsistent (names the file and field)."""
+
+
+class ModelLoadError(FqexportError):
+    """A model or checkpoint cannot be loaded or does not match its factory."""
+
+
+class UnsupportedLayerError(FqexportError):
+    """The model holds a layer fqexport cannot quantize (names the layer and its type)."""
+
+
+class ExportError(FqexportError):
+    """Writing or checking the ONNX file failed."""
+
+
+class ValidationFailed(FqexportError):
+    """An exported model broke one or more validation limits (exit code 1)."""
+
+    def __init__(self, message: str, failures: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])

@@ -1,0 +1,111 @@
+"""The quantization grid: pure functions from tensors to tensors (no hooks, no I/O).
+
+Weights: symmetric, per output channel, integer codes q in [-qmax, qmax], w ≈ s_c · q.
+Activations: asymmetric uint8 per tensor, x ≈ s · (q - z), q in [0, 255], range contains 0
+(what ONNX Runtime fuses into integer kernels; see ORT-NOTES.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Shrink factors tried by the clipping search: s = shrink · max|w_c| / qmax.
+DEFAULT_SHRINKS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
+
+ACT_QMIN, ACT_QMAX = 0, 255
+_EPS = 1e-12
+
+
+def weight_qmax(bits: int, weight_range: str = "x86-safe") -> int:
+    """Largest code magnitude for a ``bits``-wide symmetric weight grid.
+
+    8-bit weights in ``"x86-safe"`` range stay within |q| <= 63: u8 activations (<= 255) times
+    such weights cannot saturate the 16-bit pair sums of AVX2 u8×s8 kernels (2·255·63 < 2¹⁵).
+    """
+    if bits == 8 and weight_range == "x86-safe":
+        return 63
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """Per-output-channel symmetric grid: ``scale`` has one entry per row of the weight."""
+
+    scale: torch.Tensor  # [C], float32, > 0
+    qmax: int
+
+    @property
+    def qmin(self) -> int:
+        return -self.qmax
+
+
+def as_rows(weight: torch.Tensor) -> torch.Tensor:
+    """View a Conv/Linear weight as ``[out, in·kh·kw]``."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / s), -qmax, qmax)``; ``scale`` broadcasts over rows."""
+    s = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w / s), -qmax, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``s_c · q``."""
+    return q * scale.reshape(-1, *([1] * (q.dim() - 1)))
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round trip onto the grid: ``s · clamp(round(w/s))``."""
+    return dequantize(quantize(w, scale, qmax), scale)
+
+
+def choose_weight_grid(
+    weight: torch.Tensor,
+    bits: int,
+    *,
+    weight_range: str = "x86-safe",
+    clip_search: bool = True,
+    column_weight: torch.Tensor | None = None,
+    shrinks: tuple[float, ...] = DEFAULT_SHRINKS,
+) -> WeightGrid:
+    """Per-channel scales, each chosen to minimise its row's quantization error.
+
+    For row c and shrink t: s = t · max_j |w_cj| / qmax and the error is
+    ``Σ_j h_j (w_cj - s·round(w_cj/s))²`` with ``h = column_weight`` (e.g. diag H) or 1.
+    """
+    w = as_rows(weight).float()
+    qmax = weight_qmax(bits, weight_range)
+    absmax = w.abs().amax(dim=1).clamp_min(_EPS)
+    if not clip_search:
+        return WeightGrid(scale=absmax / qmax, qmax=qmax)
+    h = None if column_weight is None else column_weight.float().reshape(1, -1)
+    best_err = torch.full_like(absmax, float("inf"))
+    best_scale = absmax / qmax
+    for t in shrinks:
+        s = t * absmax / qmax
+        err = (w - fake_quantize(w, s, qmax)).pow(2)
+        if h is not None:
+            err = err * h
+        err = err.sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, s, best_scale)
+    return WeightGrid(scale=best_scale, qmax=qmax)
+
+
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """uint8 asymmetric (scale, zero point) for the range [lo, hi], widened to contain 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-8:
+        return 1e-8 if hi == lo else (hi - lo) / ACT_QMAX, 0
+    scale = (hi - lo) / (ACT_QMAX - ACT_QMIN)
+    zero_point = int(round(ACT_QMIN - lo / scale))
+    return scale, max(ACT_QMIN, min(ACT_QMAX, zero_point))
+
+
+def fake_quantize_act(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``s · (clamp(round(x/s) + z, 0, 255) - z)``, the math of QuantizeLinear→DequantizeLinear."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)

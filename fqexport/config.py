@@ -54,6 +54,8 @@ class QuantConfig:
             ``"packed"`` is ``"auto"`` with INT2 for 2-bit layers (opset 25).
         clip_search: search per-channel clipping (MSE over shrink factors) for weight scales.
         bias_correction: correct each layer's bias for the mean output shift on calibration data.
+        bn_reestimate: for convs that absorbed a BatchNorm, also re-estimate the BN statistics
+            after quantization (a per-channel rescale of the weight scales; codes stay).
         skip_unsupported: leave layers fqexport cannot quantize in float (warn) instead of failing.
         seed: seed of the calibration subset draw.
     """
@@ -73,6 +75,7 @@ class QuantConfig:
     storage: Storage = "auto"
     clip_search: bool = True
     bias_correction: bool = True
+    bn_reestimate: bool = True
     skip_unsupported: bool = False
     seed: int = 0
 

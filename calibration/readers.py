@@ -1,0 +1,452 @@
+"""Readers of group-labeled data: ``.npz`` files, torch Datasets and CSV image manifests.
+
+Every reader returns a validated :class:`GroupData` (x float32 ``[N, ...]`` with at least two
+dimensions, y and group int64 ``[N]``, every group id naming a group that has samples). Bad
+input raises one :class:`DataError` whose message starts with the file (or source) and names
+the field, e.g. ``"test.npz: field 'x' contains NaN or Inf (3 values)"``.
+
+Groups may be given as integer ids or as names (strings). Names become ids in sorted order of
+the unique names (``["f", "m", "f"]`` → names ``("f", "m")``, ids ``[0, 1, 0]``) unless
+``group_names`` is given, which then fixes the order. Integer ids without names get the names
+``group0``, ``group1``, ….
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fqexport.errors import DataError
+
+from .group_data import GroupData
+
+logger = logging.getLogger(__name__)
+
+NPZ_FIELDS = ("x", "y", "group")
+CSV_COLUMNS = ("path", "label", "group")
+PILLOW_MISSING = (
+    "reading a CSV image manifest needs Pillow, which is not installed; "
+    'install it with: pip install "fqexport[images]"'
+)
+# Datasets at least this long show a progress bar (when stderr is a TTY).
+_PROGRESS_MIN = 1000
+
+
+def _err(source: str, message: str) -> DataError:
+    return DataError(f"{source}: {message}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_int_array(a: np.ndarray, field: str, source: str) -> np.ndarray:
+    """int64 view of an integer (or bool, or whole-number float) array, else DataError."""
+    if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.int64, copy=False)
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if finite.all() and np.all(a == np.round(a)):
+            return a.astype(np.int64)
+        bad = a[~finite] if not finite.all() else a[a != np.round(a)]
+        raise _err(
+            source,
+            f"field '{field}' must hold integers, found the non-integer value {bad.flat[0].item()!r} "
+            f"(dtype {a.dtype}); store {field} as integer ids",
+        )
+    raise _err(
+        source,
+        f"field '{field}' must hold integers, got dtype {a.dtype}; store {field} as integer ids"
+        + (" or group names" if field == "group" else ""),
+    )
+
+
+def _names_from_array(group_names: Any, source: str) -> tuple[str, ...]:
+    arr = np.asarray(group_names)
+    if arr.ndim != 1:
+        raise _err(source, f"field 'group_names' must be 1-D, got shape {arr.shape}")
+    if arr.size and not (np.issubdtype(arr.dtype, np.str_) or np.issubdtype(arr.dtype, np.bytes_)):
+        raise _err(source, f"field 'group_names' must hold strings, got dtype {arr.dtype}")
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in arr.tolist())
+    if not names:
+        raise _err(source, "field 'group_names' is empty; give one name per group id")
+    seen: set[str] = set()
+    for n in names:
+        if n == "":
+            raise _err(source, "field 'group_names' contains an empty name")
+        if n in seen:
+            raise _err(source, f"field 'group_names' names the group {n!r} twice")
+        seen.add(n)
+    return names
+
+
+def _group_ids(
+    group: np.ndarray, group_names: Any, source: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(int64 ids, names) from ids or names, with optional explicit ``group_names``."""
+    names = None if group_names is None else _names_from_array(group_names, source)
+    if group.ndim != 1:
+        raise _err(source, f"field 'group' must be 1-D [N], got shape {group.shape}")
+    if group.dtype.kind in "US" or group.dtype == object:
+        labels = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in group.tolist()])
+        if names is None:
+            names = tuple(str(n) for n in np.unique(labels)) if labels.size else ("group0",)
+        lookup = {n: i for i, n in enumerate(names)}
+        ids = np.empty(labels.shape[0], dtype=np.int64)
+        for i, lab in enumerate(labels.tolist()):
+            if lab not in lookup:
+                raise _err(
+                    source,
+                    f"field 'group' holds the name {lab!r} (sample {i}) that is not in "
+                    f"group_names {list(names)}",
+                )
+            ids[i] = lookup[lab]
+        return ids, names
+    ids = _as_int_array(group, "group", source)
+    if ids.size and ids.min() < 0:
+        raise _err(
+            source, f"field 'group' holds the negative id {int(ids.min())}; ids start at 0"
+        )
+    if names is None:
+        n = int(ids.max()) + 1 if ids.size else 1
+        names = tuple(f"group{i}" for i in range(n))
+    elif ids.size and ids.max() >= len(names):
+        raise _err(
+            source,
+            f"field 'group' holds the id {int(ids.max())} but group_names has only "
+            f"{len(names)} names (ids 0..{len(names) - 1})",
+        )
+    return ids, names
+
+
+def validate_group_data(
+    x: Any,
+    y: Any,
+    group: Any,
+    group_names: Sequence[str] | np.ndarray | None = None,
+    source: str = "<memory>",
+) -> GroupData:
+    """Check and convert raw arrays into a :class:`GroupData` (x float32, y/group int64).
+
+    Raises:
+        DataError: naming ``source`` and the field, for an empty dataset, x not numeric or
+            with fewer than 2 dims, NaN/Inf in x, y/group not integer, negative labels, a
+            length mismatch, a group id outside ``group_names`` or a group with no samples.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    group = np.asarray(group)
+    if x.dtype == object or not (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number)) or (
+        np.issubdtype(x.dtype, np.complexfloating)
+    ):
+        raise _err(source, f"field 'x' must be numeric, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise _err(
+            source,
+            f"field 'x' must have at least 2 dims [N, features...], got shape {x.shape}; "
+            "add a feature axis, e.g. x[:, None]",
+        )
+    n = x.shape[0]
+    if n == 0:
+        raise _err(source, "the dataset is empty (field 'x' has 0 samples)")
+    if y.ndim != 1:
+        raise _err(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
+    for field, arr in (("y", y), ("group", group)):
+        if arr.ndim >= 1 and arr.shape[0] != n:
+            raise _err(
+                source,
+                f"length mismatch: field 'x' has {n} samples but field '{field}' has "
+                f"{arr.shape[0]}",
+            )
+    x = x.astype(np.float32, copy=False)
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise _err(source, f"field 'x' contains NaN or Inf ({bad} values)")
+    y = _as_int_array(y, "y", source)
+    if y.min() < 0:
+        raise _err(
+            source,
+            f"field 'y' holds the negative label {int(y.min())}; labels must be class ids >= 0",
+        )
+    ids, names = _group_ids(group, group_names, source)
+    counts = np.bincount(ids, minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise _err(
+            source,
+            f"group {empty[0]!r} has no samples (field 'group'); drop it from group_names "
+            "or add samples of it",
+        )
+    return GroupData(x=x, y=y, group=ids, group_names=tuple(names), source=str(source))
+
+
+def validate(data: GroupData) -> GroupData:
+    """Re-check a :class:`GroupData` built elsewhere (same rules as the readers)."""
+    return validate_group_data(data.x, data.y, data.group, list(data.group_names), data.source)
+
+
+def check_labels(data: GroupData, num_classes: int) -> None:
+    """Raise :class:`DataError` unless every label is in ``[0, num_classes)``."""
+    if data.y.size == 0:
+        return
+    lo, hi = int(data.y.min()), int(data.y.max())
+    if lo < 0 or hi >= num_classes:
+        value = lo if lo < 0 else hi
+        raise _err(
+            data.source,
+            f"field 'y' holds the label {value} outside [0, {num_classes}) "
+            f"(the model has num_classes={num_classes}); check the labels or the model",
+        )
+
+
+# --------------------------------------------------------------------------- .npz
+
+
+def load_npz(path: str | os.PathLike) -> GroupData:
+    """Read an ``.npz`` with arrays ``x``, ``y``, ``group`` and optional ``group_names``."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise _err(source, "file not found")
+    if path.is_dir():
+        raise _err(source, "is a directory, expected an .npz file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise _err(source, f"cannot read as .npz ({err}); write it with numpy.savez") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise _err(
+            source, "is a single .npy array, not an .npz archive; write it with numpy.savez"
+        )
+    with archive:
+        missing = [f for f in NPZ_FIELDS if f not in archive.files]
+        if missing:
+            raise _err(
+                source,
+                f"missing array '{missing[0]}' (found {sorted(archive.files)}); "
+                "the file needs arrays x, y, group",
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for field in (*NPZ_FIELDS, "group_names"):
+            if field not in archive.files:
+                continue
+            try:
+                arrays[field] = archive[field]
+            except (ValueError, OSError, zipfile.BadZipFile) as err:
+                raise _err(
+                    source, f"field '{field}' cannot be read ({err}); store plain arrays"
+                ) from err
+    data = validate_group_data(
+        arrays["x"], arrays["y"], arrays["group"], arrays.get("group_names"), source
+    )
+    logger.info("read %d samples in %d groups from %s", len(data), data.num_groups, source)
+    return data
+
+
+# --------------------------------------------------------------------------- torch Dataset
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _scalar(value: Any, field: str, index: int, source: str) -> Any:
+    if isinstance(value, (str, bytes)):
+        if field != "group":
+            raise _err(source, f"sample {index}: field '{field}' is the string {value!r}")
+        return value.decode() if isinstance(value, bytes) else value
+    arr = _to_numpy(value)
+    if arr.size != 1:
+        raise _err(
+            source, f"sample {index}: field '{field}' must be a single number, got shape {arr.shape}"
+        )
+    return arr.reshape(()).item()
+
+
+def from_dataset(dataset: Any, source: str = "<Dataset>") -> GroupData:
+    """Stack a Dataset (any indexable with ``__len__``) yielding ``(x, y, group)`` items.
+
+    Items may be tensors, numpy arrays or Python numbers; group may be an id or a name. A
+    ``group_names`` attribute on the dataset, when present, fixes the names of the ids.
+    """
+    try:
+        n = len(dataset)
+    except TypeError as err:
+        raise _err(source, "the dataset has no len(); give an indexable Dataset") from err
+    if n == 0:
+        raise _err(source, "the dataset is empty")
+    xs: list[np.ndarray] = []
+    ys: list[Any] = []
+    gs: list[Any] = []
+    shape: tuple[int, ...] | None = None
+    for i in tqdm(range(n), desc="reading dataset", disable=None if n >= _PROGRESS_MIN else True):
+        try:
+            item = dataset[i]
+        except Exception as err:  # the dataset's own failure, wrapped with its index
+            raise _err(source, f"sample {i} cannot be read: {type(err).__name__}: {err}") from err
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise _err(
+                source,
+                f"sample {i} must be a tuple (x, y, group), got {type(item).__name__}"
+                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""),
+            )
+        x = _to_numpy(item[0])
+        if shape is None:
+            shape = x.shape
+        elif x.shape != shape:
+            raise _err(
+                source,
+                f"sample {i}: field 'x' has shape {x.shape} but sample 0 has {shape}; "
+                "all samples must share a shape",
+            )
+        xs.append(x)
+        ys.append(_scalar(item[1], "y", i, source))
+        gs.append(_scalar(item[2], "group", i, source))
+    is_name = [isinstance(g, str) for g in gs]
+    if any(is_name) and not all(is_name):
+        raise _err(source, "field 'group' mixes names (strings) and ids (numbers)")
+    group = np.array(gs) if all(is_name) else np.asarray(gs)
+    names = getattr(dataset, "group_names", None)
+    return validate_group_data(np.stack(xs), np.asarray(ys), group, names, source)
+
+
+# --------------------------------------------------------------------------- CSV manifest
+
+
+def _read_image(image_path: Path, where: str) -> np.ndarray:
+    """One image as float32 CHW in [0, 1]: grayscale → 1 channel, colour → 3 (alpha dropped)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as err:
+        raise DataError(PILLOW_MISSING) from err
+    if not image_path.is_file():
+        raise DataError(f"{where}: image file not found: {image_path}")
+    try:
+        with Image.open(image_path) as img:
+            img.load()
+            bands = img.getbands()
+            mode = img.mode
+            if mode == "F":
+                raise DataError(
+                    f"{where}: image {image_path} has 32-bit float mode 'F' with no known "
+                    "range; save it as 8- or 16-bit"
+                )
+            if len(bands) == 1 and mode.startswith("I"):
+                arr = np.asarray(img, dtype=np.float32) / 65535.0  # 16-bit grayscale
+            elif len(bands) == 1 or mode == "LA":
+                arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            else:
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DataError(f"{where}: cannot read image {image_path}: {err}") from err
+    if arr.ndim == 2:
+        return arr[None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _parse_label(value: str, where: str) -> int:
+    try:
+        f = float(value)
+    except ValueError:
+        f = float("nan")
+    if not np.isfinite(f) or f != int(f):
+        raise DataError(f"{where}: column 'label' must be an integer class id, got {value!r}")
+    return int(f)
+
+
+def load_csv_manifest(path: str | os.PathLike) -> GroupData:
+    """Read a CSV with header ``path,label,group`` (image paths relative to the CSV's folder).
+
+    Images become float32 CHW in [0, 1] (grayscale → 1 channel, RGB → 3) and must all share
+    one shape. Column ``group`` holds names, or integer ids when every entry is an integer.
+    Needs Pillow (``pip install "fqexport[images]"``).
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise _err(source, "file not found" if not path.exists() else "is not a file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in CSV_COLUMNS if c not in header]
+            if missing:
+                raise _err(
+                    source,
+                    f"missing column '{missing[0]}' in the header {header}; "
+                    "the header must be path,label,group",
+                )
+            reader.fieldnames = header
+            rows = [
+                (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
+                for row in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise _err(source, f"cannot read as CSV: {err}") from err
+    if not rows:
+        raise _err(source, "the dataset is empty (no rows under the header)")
+    folder = path.parent
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    gs: list[str] = []
+    first: tuple[str, tuple[int, ...]] | None = None
+    for line, row in tqdm(rows, desc="reading images", disable=None if len(rows) >= _PROGRESS_MIN else True):
+        where = f"{source} line {line}"
+        if not row.get("path"):
+            raise DataError(f"{where}: column 'path' is empty")
+        if not row.get("group"):
+            raise DataError(f"{where}: column 'group' is empty")
+        image_path = Path(row["path"])
+        if not image_path.is_absolute():
+            image_path = folder / image_path
+        arr = _read_image(image_path, where)
+        if first is None:
+            first = (row["path"], arr.shape)
+        elif arr.shape != first[1]:
+            raise DataError(
+                f"{where}: image {row['path']} is {'x'.join(map(str, arr.shape))} (CHW) but "
+                f"{first[0]} is {'x'.join(map(str, first[1]))}; all images must share one "
+                "size and channel count"
+            )
+        xs.append(arr)
+        ys.append(_parse_label(row["label"], where))
+        gs.append(row["group"])
+    if all(g.lstrip("-").isdigit() for g in gs):
+        group: np.ndarray = np.array([int(g) for g in gs], dtype=np.int64)
+    else:
+        group = np.array(gs)
+    return validate_group_data(np.stack(xs), np.asarray(ys, dtype=np.int64), group, None, source)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def load_data(spec: Any) -> GroupData:
+    """Load group-labeled data from a GroupData, an ``.npz``/``.csv`` path or a torch Dataset."""
+    if isinstance(spec, GroupData):
+        return validate(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        suffix = Path(spec).suffix.lower()
+        if suffix == ".npz":
+            return load_npz(spec)
+        if suffix == ".csv":
+            return load_csv_manifest(spec)
+        raise DataError(
+            f"{spec}: unsupported data file type {suffix or '(no suffix)'!r}; give an .npz "
+            "(arrays x, y, group) or a .csv manifest (path,label,group)"
+        )
+    if isinstance(spec, torch.utils.data.Dataset):
+        return from_dataset(spec, source=f"<{type(spec).__name__}>")
+    raise DataError(
+        f"cannot load data from a {type(spec).__name__}; give a GroupData, an .npz or .csv "
+        "path, or a torch Dataset yielding (x, y, group)"
+    )

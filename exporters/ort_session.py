@@ -1,0 +1,279 @@
+"""ONNX Runtime sessions: open a model (optimized or not), run it in batches, see what ORT fused.
+
+What deploys is the *optimized* session (ORT's fused integer kernels), and on AVX2 CPUs
+without VNNI it can disagree with what the graph means (ORT-NOTES.md), so this module can
+open the same file both ways and dump the optimized graph to count the kernels ORT chose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fqexport.errors import ConfigError, DataError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "fqexport"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
+MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
+MSG_PROVIDER = "provider={provider!r} is not one of {choices}"
+MSG_NO_CUDA = (
+    "provider 'cuda' asked for but CUDAExecutionProvider is not available in this onnxruntime "
+    "(available: {available}). Install the GPU build: `pip uninstall onnxruntime && "
+    "pip install onnxruntime-gpu`, and check that a CUDA GPU and its drivers are present"
+)
+MSG_CUDA_FELL_BACK = (
+    "provider 'cuda' asked for but the session for {path} runs only on {providers}: no usable "
+    "GPU (check drivers and CUDA/cuDNN versions matching onnxruntime-gpu: `pip install onnxruntime-gpu`)"
+)
+MSG_BATCH = "batch_size={batch_size!r} must be >= 1"
+MSG_INPUTS = (
+    "{path}: the model has {n} inputs ({names}); fqexport validates single-input classifiers"
+)
+MSG_RUN = "ONNX Runtime failed on an input of shape {shape}: {err}"
+MSG_BAD_METADATA = (
+    "{path}: metadata_props['fqexport'] is not valid JSON ({err}); re-export the model with fqexport"
+)
+
+# Op types that do the heavy lifting. Integer kernels (what a quantized model should reach)
+# and float ones (a Conv/Gemm/MatMul that fell back to float math).
+INTEGER_KERNELS = (
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulNBits",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+)
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose")
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(MSG_NO_FILE.format(path=path))
+
+
+def resolve_provider(provider: str) -> str:
+    """Map ``"cpu"``/``"cuda"`` to an ORT provider name, checking it is installed."""
+    if provider not in PROVIDERS:
+        raise ConfigError(MSG_PROVIDER.format(provider=provider, choices=", ".join(PROVIDERS)))
+    name = PROVIDERS[provider]
+    available = _ort().get_available_providers()
+    if name not in available:
+        if provider == "cuda":
+            raise ConfigError(MSG_NO_CUDA.format(available=", ".join(available)))
+        raise ConfigError(f"{name} is not available in this onnxruntime ({', '.join(available)})")
+    return name
+
+
+def make_session(
+    path: str | Path,
+    *,
+    provider: str = "cpu",
+    optimized: bool = True,
+    threads: int | None = None,
+    disable: tuple[str, ...] = (),
+    optimized_model_filepath: str | Path | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path``.
+
+    Args:
+        provider: ``"cpu"`` or ``"cuda"`` (CUDA must be installed and usable, else ConfigError).
+        optimized: ``ORT_ENABLE_ALL`` (what deploys) or ``ORT_DISABLE_ALL`` (what the graph means).
+        threads: intra-op threads; ``None`` keeps ORT's default (one per physical core).
+        disable: optimizer names to switch off (e.g. ``("MatMulAddFusion",)``).
+        optimized_model_filepath: where ORT should dump the graph it actually runs.
+    """
+    ort = _ort()
+    path = Path(path)
+    _check_exists(path)
+    name = resolve_provider(provider)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads is not None:
+        if int(threads) < 0:
+            raise ConfigError(f"threads={threads!r} must be >= 0 (0 = ORT default)")
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    if optimized_model_filepath is not None:
+        so.optimized_model_filepath = str(optimized_model_filepath)
+    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    kwargs: dict[str, Any] = {"sess_options": so, "providers": providers}
+    if disable:
+        kwargs["disabled_optimizers"] = list(disable)
+    try:
+        session = ort.InferenceSession(str(path), **kwargs)
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/… types
+        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
+    if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise ConfigError(MSG_CUDA_FELL_BACK.format(path=path, providers=session.get_providers()))
+    if len(session.get_inputs()) != 1:
+        names = ", ".join(i.name for i in session.get_inputs())
+        raise ModelLoadError(MSG_INPUTS.format(path=path, n=len(session.get_inputs()), names=names))
+    return session
+
+
+def input_shape(session: Any) -> tuple[int | str | None, ...]:
+    """Shape of the model input; symbolic dims (batch) are their name or ``None``."""
+    return tuple(session.get_inputs()[0].shape)
+
+
+def _input_dtype(session: Any) -> np.dtype:
+    t = session.get_inputs()[0].type  # "tensor(float)"
+    return {"tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64)}.get(
+        t, np.dtype(np.float32)
+    )
+
+
+def fixed_batch(session: Any) -> int | None:
+    """The batch size the model is fixed to (an int first dim), or ``None`` when dynamic."""
+    shape = input_shape(session)
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def run_batches(session: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits ``[N, C]`` of ``session`` on ``x`` ``[N, ...]``, run ``batch_size`` rows at a time.
+
+    A model with a fixed batch dimension is run at that size (the last batch padded, the
+    padding dropped from the result).
+    """
+    if int(batch_size) < 1:
+        raise ConfigError(MSG_BATCH.format(batch_size=batch_size))
+    fixed = fixed_batch(session)
+    bs = fixed or int(batch_size)
+    inp = session.get_inputs()[0].name
+    dtype = _input_dtype(session)
+    outs = []
+    for start in range(0, x.shape[0], bs):
+        chunk = np.ascontiguousarray(x[start : start + bs], dtype=dtype)
+        n = chunk.shape[0]
+        if fixed and n < fixed:
+            pad = np.zeros((fixed - n, *chunk.shape[1:]), dtype=dtype)
+            chunk = np.concatenate([chunk, pad])
+        try:
+            out = session.run(None, {inp: chunk})[0]
+        except Exception as err:
+            raise DataError(MSG_RUN.format(shape=chunk.shape, err=str(err).strip())) from err
+        outs.append(np.asarray(out)[:n])
+    if not outs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def _count_ops(model: Any) -> Counter:
+    counts: Counter = Counter()
+    for node in model.graph.node:
+        counts[node.op_type] += 1
+    return counts
+
+
+def optimized_graph(path: str | Path, provider: str = "cpu", threads: int | None = None, disable: tuple[str, ...] = ()) -> Any:
+    """The ``onnx.ModelProto`` ORT runs after its optimizations (dumped, then re-loaded)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="fqexport-opt-") as tmp:
+        dump = Path(tmp) / "optimized.onnx"
+        make_session(path, provider=provider, optimized=True, threads=threads, disable=disable, optimized_model_filepath=dump)
+        return onnx.load(str(dump), load_external_data=True)
+
+
+def fused_kernels(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> dict[str, int]:
+    """Op-type counts of the graph ORT actually runs (com.microsoft ops included).
+
+    Every op in :data:`INTEGER_KERNELS` and :data:`FLOAT_KERNELS` is present (0 when absent), so
+    ``{"QLinearConv": 11, "QGemm": 1, "Conv": 0, ...}`` reads directly.
+    """
+    counts = _count_ops(optimized_graph(path, provider, disable=disable))
+    out = {k: 0 for k in (*INTEGER_KERNELS, *FLOAT_KERNELS)}
+    out.update(counts)
+    return dict(sorted(out.items()))
+
+
+def float_fallbacks(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> list[str]:
+    """Names (``op_type:name``) of Conv/Gemm/MatMul nodes that ORT runs in float."""
+    model = optimized_graph(path, provider, disable=disable)
+    return [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
+
+
+def kernel_summary(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> tuple[dict[str, int], list[str]]:
+    """``(fused_kernels(path), float_fallbacks(path))`` from a single optimized-graph dump."""
+    model = optimized_graph(path, provider, disable=disable)
+    counts = {k: 0 for k in (*INTEGER_KERNELS, *FLOAT_KERNELS)}
+    counts.update(_count_ops(model))
+    floats = [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
+    return dict(sorted(counts.items())), floats
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON under ``metadata_props["fqexport"]`` ({} for models without it)."""
+    import onnx
+
+    path = Path(path)
+    _check_exists(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                meta = json.loads(prop.value)
+            except json.JSONDecodeError as err:
+                raise ModelLoadError(MSG_BAD_METADATA.format(path=path, err=err)) from err
+            if not isinstance(meta, dict):
+                raise ModelLoadError(MSG_BAD_METADATA.format(path=path, err="not a JSON object"))
+            return meta
+    return {}
+
+
+def model_files_size(path: str | Path) -> int:
+    """Bytes on disk of ``path`` plus every external-data file its initializers point to."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    path = Path(path)
+    _check_exists(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
+    locations = set()
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            for entry in t.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    for loc in sorted(locations):
+        f = path.parent / loc
+        if f.is_file():
+            total += f.stat().st_size
+        else:
+            log.warning("external data file %s of %s is missing", f, path)
+    return int(total)
+
+
+def session_threads(session: Any) -> int:
+    """Intra-op threads the session uses (ORT's default 0 resolved to the CPU count)."""
+    n = int(session.get_session_options().intra_op_num_threads)
+    return n if n > 0 else int(os.cpu_count() or 1)

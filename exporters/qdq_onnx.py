@@ -1,0 +1,242 @@
+"""QDQ ONNX writer.
+
+1. ``torch.onnx.export`` (dynamo, opset 21) of the fake-quant reference: every activation
+   quantization point becomes a QuantizeLinear→DequantizeLinear pair (uint8, per tensor).
+2. A rewrite pass turns each quantized layer's float weight initializer into integer codes +
+   ``DequantizeLinear`` (per output channel), stored in int8 or packed INT4/INT2.
+3. Checks: ``onnx.checker``, ONNX Runtime loads the optimized session, top-1 agreement with the
+   PyTorch reference on the calibration data >= 99%. Only then is the file renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fqexport.atomic import atomic_write
+from fqexport.errors import ExportError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fqexport.pipeline import CompressedModel, QuantizedLayer
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
+METADATA_KEY = "fqexport"
+MIN_AGREEMENT = 0.99
+
+MSG_TORCH_EXPORT = "torch.onnx.export failed for the {what} model: {err}"
+MSG_NO_WEIGHT = (
+    "layer '{name}': its weight was not found in the exported ONNX graph (by name '{name}.weight' "
+    "or by value); the exporter may have rewritten it"
+)
+MSG_AGREEMENT = (
+    "{path}: the exported model agrees with the PyTorch fake-quant reference on only {agree:.2%} "
+    "of the calibration samples (need >= {need:.0%}; max |logit diff| {diff:.4g}); the file was "
+    "not written"
+)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and how well it matches the PyTorch reference."""
+
+    path: Path
+    size_bytes: int
+    opset: int
+    agreement: float | None  # top-1 agreement with the fake-quant reference (calibration data)
+    max_abs_diff: float | None  # max |logit difference| vs the reference
+    storage: dict[str, str]  # layer name -> int8 | int4 | int2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "size_bytes": self.size_bytes, "opset": self.opset,
+            "agreement": self.agreement, "max_abs_diff": self.max_abs_diff, "storage": self.storage,
+        }
+
+
+def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "float") -> onnx.ModelProto:
+    """Export ``model`` with a dynamic batch dimension at opset 21, weights inline."""
+    from fqexport.fake_quant import act_qdq_onnx
+
+    table = {torch.ops.fqexport.act_qdq.default: act_qdq_onnx}
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=OPSET,
+                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), input_names=["input"],
+                output_names=["logits"], custom_translation_table=table, verbose=False,
+            )
+    except Exception as err:
+        raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=f"{type(err).__name__}: {err}")) from err
+    return program.model_proto
+
+
+def _pack(codes: np.ndarray, container: str) -> TensorProto:
+    import ml_dtypes
+
+    if container == "int8":
+        return numpy_helper.from_array(codes.astype(np.int8))
+    dtype = ml_dtypes.int4 if container == "int4" else ml_dtypes.int2
+    return numpy_helper.from_array(codes.astype(dtype))
+
+
+def _find_weight(inits: dict[str, TensorProto], layer: "QuantizedLayer") -> tuple[TensorProto, int]:
+    """The initializer holding ``layer``'s weight and the DequantizeLinear axis of its channels."""
+    expected = layer.dequantized().numpy()
+    init = inits.get(f"{layer.name}.weight")
+    if init is not None:
+        return init, 0
+    flat = expected.reshape(expected.shape[0], -1)
+    for cand in inits.values():
+        if cand.data_type != TensorProto.FLOAT or cand.dims == [] or np.prod(cand.dims) != expected.size:
+            continue
+        arr = numpy_helper.to_array(cand)
+        if arr.shape == expected.shape and np.allclose(arr, expected, atol=1e-6):
+            return cand, 0
+        if arr.ndim == 2 and arr.shape == flat.T.shape and np.allclose(arr, flat.T, atol=1e-6):
+            return cand, 1
+    raise ExportError(MSG_NO_WEIGHT.format(name=layer.name))
+
+
+def quantize_weight_initializers(
+    model: onnx.ModelProto, layers: dict[str, "QuantizedLayer"], storage: str
+) -> dict[str, str]:
+    """Rewrite pass: float weight initializer → integer codes + DequantizeLinear (in place).
+
+    The DequantizeLinear node outputs the old initializer's name, so consumers are unchanged.
+    Returns the container used per layer.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, used = [], {}
+    for layer in layers.values():
+        init, axis = _find_weight(inits, layer)
+        actual = numpy_helper.to_array(init)
+        codes = layer.codes.numpy()
+        if axis == 1:
+            codes = codes.reshape(codes.shape[0], -1).T
+        expected = layer.dequantized().numpy().reshape(codes.shape) if axis == 0 else None
+        if expected is not None and not np.allclose(actual, expected, atol=1e-5 * max(1.0, float(np.abs(expected).max()))):
+            raise ExportError(
+                f"layer '{layer.name}': the exported weight differs from the quantized weight "
+                f"(max diff {float(np.abs(actual - expected).max()):.3g})"
+            )
+        container = layer.storage(storage)
+        q = _pack(codes, container)
+        q.name = f"{init.name}_quantized"
+        scale = numpy_helper.from_array(layer.scale.numpy().astype(np.float32), f"{init.name}_scale")
+        zp = _pack(np.zeros(layer.scale.shape[0], dtype=np.int8), container)
+        zp.name = f"{init.name}_zero_point"
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [q.name, scale.name, zp.name], [init.name],
+                name=f"{init.name}_DequantizeLinear", axis=axis,
+            )
+        )
+        graph.initializer.remove(init)
+        del inits[init.name]
+        graph.initializer.extend([q, scale, zp])
+        used[layer.name] = container
+    nodes = new_nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return used
+
+
+def _set_opset(model: onnx.ModelProto, opset: int) -> None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = opset
+    if opset >= 25:
+        model.ir_version = max(model.ir_version, 11)
+
+
+def _set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    for prop in list(model.metadata_props):
+        if prop.key == METADATA_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(meta, sort_keys=True)
+    model.producer_name = "fqexport"
+
+
+def _ort_logits(model_bytes: bytes, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def write_atomic(model: onnx.ModelProto, path: Path) -> int:
+    """Save ``model`` inline to ``path`` atomically; return its size in bytes."""
+    atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
+    return path.stat().st_size
+
+
+def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None = None, check: bool = True) -> ExportResult:
+    """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring."""
+    path = Path(path)
+    storage = storage or cm.config.storage
+    if storage not in ("auto", "int8", "packed"):
+        raise ExportError(f"storage={storage!r} is not one of auto, int8, packed")
+    example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
+    model = torch_to_onnx(cm.reference, example, what="quantized")
+    used = quantize_weight_initializers(model, cm.layers, storage)
+    opset = OPSET_INT2 if "int2" in used.values() else OPSET
+    _set_opset(model, opset)
+    meta = dict(cm.info)
+    meta.update(
+        storage=storage, opset=opset, input_shape=list(cm.input_shape), num_classes=cm.num_classes,
+        avg_weight_bits=round(cm.avg_weight_bits, 4),
+        layers=[dict(row, storage=used[row["name"]]) for row in cm.layer_table()],
+    )
+    _set_metadata(model, meta)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"{path}: onnx.checker rejected the exported model: {err}") from err
+
+    agreement = max_diff = None
+    if check:
+        data = model.SerializeToString()
+        try:
+            got = _ort_logits(data, cm.calib.x)
+        except Exception as err:
+            raise ExportError(f"{path}: ONNX Runtime cannot run the exported model: {err}") from err
+        want = cm.predict(cm.calib.x)
+        agreement = float(np.mean(got.argmax(1) == want.argmax(1)))
+        max_diff = float(np.abs(got - want).max())
+        if agreement < MIN_AGREEMENT:
+            raise ExportError(MSG_AGREEMENT.format(path=path, agree=agreement, need=MIN_AGREEMENT, diff=max_diff))
+    size = write_atomic(model, path)
+    log.info("wrote %s (%d bytes, agreement %s)", path, size, agreement)
+    return ExportResult(path, size, opset, agreement, max_diff, used)
+
+
+def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> ExportResult:
+    """Write the float model (e.g. the BN-folded one) as ONNX, for reference validation."""
+    path = Path(path)
+    proto = torch_to_onnx(model.eval(), example, what="float")
+    onnx.checker.check_model(proto)
+    size = write_atomic(proto, path)
+    return ExportResult(path, size, OPSET, None, None, {})

@@ -1,0 +1,176 @@
+"""Command line: ``fqexport compress | validate | demo``.
+
+The CLI only parses arguments and calls the API. Exit codes: 0 ok, 1 a validation limit
+broken, 2 bad input (any other fqexport error), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import ConfigError, FqexportError, ValidationFailed
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parse_layer_bits(items: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name:
+            raise ConfigError(f"--layer-bits {item!r}: expected NAME=BITS, e.g. fc=8")
+        try:
+            out[name] = int(bits)
+        except ValueError as err:
+            raise ConfigError(f"--layer-bits {item!r}: BITS must be an integer from 2 to 8") from err
+    return out
+
+
+def _parse_group_weights(text: str | None):
+    if text is None or text == "equal":
+        return None
+    if text == "samples":
+        return "samples"
+    out = {}
+    for item in text.split(","):
+        name, sep, w = item.rpartition("=")
+        if not sep or not name:
+            raise ConfigError(f"--group-weights {text!r}: expected 'equal', 'samples' or NAME=W,NAME=W")
+        try:
+            out[name] = float(w)
+        except ValueError as err:
+            raise ConfigError(f"--group-weights {item!r}: W must be a number") from err
+    return out
+
+
+def print_table(rows: list[dict], columns: list[str], file=None) -> None:
+    """Print ``rows`` as an aligned text table."""
+    file = file or sys.stdout
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="quantize a float model and export QDQ ONNX",
+                       description="Quantize a float PyTorch model with group-labeled calibration data "
+                       "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
+    p.add_argument("--model", required=True, help="'package.module:factory', a torch.export .pt2 file, "
+                   "or a pickled module file (with --trust-pickle)")
+    p.add_argument("--weights", help="state_dict file for the factory (torch.load weights_only=True)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module")
+    p.add_argument("--calib", required=True, help="calibration data: .npz (x, y, group[, group_names]) or CSV manifest")
+    p.add_argument("--out", required=True, help="output ONNX file")
+    p.add_argument("--weight-bits", type=int, default=8, help="weight width of every layer, 2..8 (default 8)")
+    p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS", help="per-layer width (repeatable)")
+    p.add_argument("--method", choices=["solver", "rtn"], default="solver", help="weight quantizer (default solver)")
+    p.add_argument("--order", choices=["sensitivity", "hessian-diag", "natural"], default="sensitivity")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening relative to mean(diag H)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--group-weights", help="'equal' (default), 'samples', or NAME=W,NAME=W")
+    p.add_argument("--calibration", choices=["minmax", "percentile", "mse"], default="percentile")
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--num-calib", type=int, default=512, help="calibration samples, drawn group-balanced")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-range", choices=["x86-safe", "full"], default="x86-safe",
+                   help="x86-safe: 8-bit weights in |q|<=63 so AVX2 u8*s8 kernels cannot saturate; "
+                   "full: |q|<=127 for VNNI CPUs and GPUs")
+    p.add_argument("--storage", choices=["auto", "int8", "packed"], default="auto",
+                   help="auto: <=4-bit layers packed INT4; int8: every layer int8 (fastest); packed: INT4, INT2 for 2-bit")
+    p.add_argument("--no-bias-correction", action="store_true")
+    p.add_argument("--no-bn-reestimate", action="store_true")
+    p.add_argument("--skip-unsupported", action="store_true", help="leave unsupported layers in float (warn)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
+    p.set_defaults(func=run_compress)
+
+
+def run_compress(args) -> int:
+    from .config import QuantConfig
+    from .model_loading import load_model
+    from .pipeline import compress
+
+    config = QuantConfig(
+        weight_bits=args.weight_bits, layer_bits=_parse_layer_bits(args.layer_bits), method=args.method,
+        order=args.order, damp=args.damp, block_size=args.block_size,
+        group_weights=_parse_group_weights(args.group_weights), calibration=args.calibration,
+        percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
+        weight_range=args.weight_range, storage=args.storage, bias_correction=not args.no_bias_correction,
+        bn_reestimate=not args.no_bn_reestimate, skip_unsupported=args.skip_unsupported, seed=args.seed,
+    )
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    cm = compress(model, args.calib, config, progress=not args.quiet)
+    result = cm.export(args.out)
+    rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
+    print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"])
+    print(f"\naverage weight bits {cm.avg_weight_bits:.2f}; wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
+    print(f"ONNX Runtime vs PyTorch fake-quant reference on {len(cm.calib)} calibration samples: "
+          f"top-1 agreement {result.agreement:.2%}, max |logit diff| {result.max_abs_diff:.4g}")
+    if args.report:
+        from .exporters.reports import write_json_data
+
+        write_json_data({"export": result.to_dict(), "layers": cm.layer_table(), "info": cm.info,
+                         "avg_weight_bits": cm.avg_weight_bits}, Path(args.report))
+    return EXIT_OK
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on an embedded synthetic task",
+                       description="Generate a group-labeled image task (90%% majority, 10%% inverted-contrast "
+                       "minority), train a small ResNet on CPU, compress it (naive W8A8, fqexport W8A8, RTN W4A8, "
+                       "fqexport W4A8), export QDQ ONNX, validate every model per group in ONNX Runtime.")
+    p.add_argument("--out-dir", default="fqexport-demo", help="folder for checkpoint, data, ONNX files, reports")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from .demo import run_demo as demo
+
+    demo(Path(args.out_dir), seed=args.seed, progress=not args.quiet)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fqexport", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fqexport {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_compress(sub)
+    from .cli_validate import add_validate_parser
+
+    add_validate_parser(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ValidationFailed as err:
+        print(f"FAIL: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except FqexportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The compress workflow: load & check → fold BN → quantize weights layer by layer (solver or
+RTN, on inputs from the already-quantized prefix) → bias correction / BN re-estimation →
+group-aware activation calibration → a fake-quant PyTorch reference ready for export.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calibration.group_data import GroupData
+from .channel_stats import ChannelStats
+from .config import QuantConfig
+from .errors import ConfigError, DataError, UnsupportedLayerError
+from .fake_quant import ActQuantizer, insert_act_quantizers
+from .model_graph import (
+    LayerInfo,
+    check_supported,
+    count_macs,
+    fold_batchnorm,
+    quantizable_layers,
+    trace,
+)
+from .quant_grid import as_rows, choose_weight_grid, dequantize, quantize
+
+log = logging.getLogger(__name__)
+
+# Limits of the per-channel rescale applied by BN re-estimation (σ_float / σ_quant).
+_RESCALE_MIN, _RESCALE_MAX = 0.5, 2.0
+
+
+@dataclass
+class QuantizedLayer:
+    """A quantized Conv/Linear layer: integer codes and per-output-channel scales.
+
+    The dequantized weight is ``codes * scale[:, None, ...]``; ``codes`` has the weight's shape.
+    """
+
+    name: str
+    kind: str
+    bits: int
+    qmax: int
+    codes: torch.Tensor  # int8
+    scale: torch.Tensor  # float32 [out]
+    params: int
+    macs: int = 0
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.codes.float(), self.scale)
+
+    def storage(self, mode: str) -> str:
+        """Container of this layer's codes under storage ``mode``."""
+        if mode == "int8" or self.bits > 4:
+            return "int8"
+        if mode == "packed" and self.bits <= 2:
+            return "int2"
+        return "int4"
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor:
+    """α per group id: equal per group (default), by sample count, or as the user gave."""
+    g = data.num_groups
+    gw = config.group_weights
+    if gw is None:
+        return torch.full((g,), 1.0 / g, dtype=torch.float64)
+    if gw == "samples":
+        counts = torch.as_tensor(data.group_counts(), dtype=torch.float64)
+        return counts / counts.sum()
+    alpha = torch.zeros(g, dtype=torch.float64)
+    names = {n: i for i, n in enumerate(data.group_names)}
+    for key, w in gw.items():
+        if isinstance(key, str) and key in names:
+            alpha[names[key]] = float(w)
+        elif isinstance(key, (int, np.integer)) and 0 <= int(key) < g:
+            alpha[int(key)] = float(w)
+        elif isinstance(key, str) and key.isdigit() and int(key) < g:
+            alpha[int(key)] = float(w)
+        else:
+            raise ConfigError(
+                f"group_weights names group {key!r}, which is not in the calibration data "
+                f"(groups: {', '.join(data.group_names)})"
+            )
+    return alpha / alpha.sum()
+
+
+def _batches(data: GroupData, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, _, g in data.batches(batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(g)
+
+
+def _run_until(model: nn.Module, module: nn.Module, data: GroupData, batch_size: int, device, on_batch) -> None:
+    """Run calibration batches; ``on_batch(inputs, output, group)`` sees ``module``'s call.
+
+    The forward pass stops right after ``module`` (nothing later is needed).
+    """
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(mod, inputs, output):
+        on_batch(inputs, output, current["group"])
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for x, g in _batches(data, batch_size, device):
+                current["group"] = g
+                try:
+                    model(x)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
+def _channel_dim(kind: str) -> int:
+    return 1 if kind == "conv" else -1
+
+
+def _float_targets(
+    model: nn.Module, layers: list[LayerInfo], data: GroupData, batch_size: int, device
+) -> dict[str, ChannelStats]:
+    """Per-group output statistics of every layer of the float model, in one pass."""
+    modules = dict(model.named_modules())
+    stats = {l.name: ChannelStats(data.num_groups, _channel_dim(l.kind)) for l in layers}
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for l in layers:
+        def hook(mod, inputs, output, name=l.name):
+            stats[name].add(output, current["group"])
+
+        handles.append(modules[l.name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x, g in _batches(data, batch_size, device):
+                current["group"] = g
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _layer_hessian(model, module, data, batch_size, device, alpha) -> torch.Tensor:
+    """Group-weighted Hessian H = Σ_g α_g 2 X_g X_gᵀ / N_g of ``module``'s inputs."""
+    from .hessian import HessianAccumulator
+
+    acc = HessianAccumulator(module, data.num_groups)
+    _run_until(model, module, data, batch_size, device, lambda inp, out, g: acc.add(inp[0], g))
+    return acc.hessian(alpha.float())
+
+
+def _quantize_weight(
+    module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Integer codes (weight shape) and per-channel scales of one layer's weight."""
+    w = module.weight.detach()
+    rows = as_rows(w).float()
+    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    if hessian is None:
+        grid = choose_weight_grid(rows, bits, weight_range=config.weight_range, clip_search=config.clip_search)
+        codes = quantize(rows, grid.scale, grid.qmax)
+        return codes.reshape(w.shape), grid.scale, grid.qmax
+
+    from .solver import solve_layer
+
+    h = hessian if hessian.dim() == 3 else hessian.unsqueeze(0)  # [conv groups, cols, cols]
+    out_per_group = rows.shape[0] // groups
+    codes = torch.empty_like(rows)
+    scales = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    qmax = 0
+    for k in range(groups):
+        sl = slice(k * out_per_group, (k + 1) * out_per_group)
+        hk = h[k] if h.shape[0] == groups else h[0]
+        grid = choose_weight_grid(
+            rows[sl], bits, weight_range=config.weight_range, clip_search=config.clip_search,
+            column_weight=torch.diagonal(hk) if config.clip_search else None,
+        )
+        result = solve_layer(
+            rows[sl], hk, grid, order=config.order, damp=config.damp, block_size=config.block_size
+        )
+        codes[sl] = result.codes
+        scales[sl] = grid.scale
+        qmax = grid.qmax
+    return codes.reshape(w.shape), scales, qmax
+
+
+def _correct_layer(
+    model, module, info: LayerInfo, layer: QuantizedLayer, target: ChannelStats,
+    data: GroupData, batch_size: int, device, alpha: torch.Tensor, rescale: bool,
+) -> None:
+    """Bias correction, plus the per-channel rescale of BN re-estimation for conv+BN layers.
+
+    With the quantized layer's output z_q (group-weighted mean m_q, variance v_q) and the float
+    layer's (m_f, v_f): f = sqrt(v_f / v_q) (1 without BN re-estimation), weight scale s ← f·s
+    (codes unchanged), bias b ← m_f − f·(m_q − b), so the output has the float mean and variance.
+    """
+    stats = ChannelStats(data.num_groups, _channel_dim(info.kind))
+    _run_until(model, module, data, batch_size, device, lambda inp, out, g: stats.add(out, g))
+    m_q, v_q = stats.moments(alpha)
+    m_f, v_f = target.moments(alpha)
+    bias = module.bias.detach().float() if module.bias is not None else torch.zeros_like(m_q)
+    f = torch.ones_like(m_q)
+    if rescale:
+        ok = (v_q > 1e-12) & (v_f > 1e-12)
+        f = torch.where(ok, torch.sqrt(v_f / v_q.clamp_min(1e-12)), f).clamp(_RESCALE_MIN, _RESCALE_MAX)
+    new_bias = m_f - f * (m_q - bias)
+    layer.scale = (layer.scale * f.to(layer.scale.device)).float()
+    with torch.no_grad():
+        module.weight.copy_(layer.dequantized().to(module.weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(new_bias.to(module.weight.dtype))
+        else:
+            module.bias.copy_(new_bias.to(module.bias.dtype))
+
+
+@dataclass
+class CompressedModel:
+    """The result of :func:`compress`: a fake-quant PyTorch reference and its layer codes.
+
+    Attributes:
+        reference: the quantized model in PyTorch (weights on their grids, activations
+            fake-quantized at the points the ONNX export places Q/DQ pairs) — what the export
+            must match.
+        float_model: the BN-folded float model.
+        layers: quantized layers by module name.
+        config: the QuantConfig used.
+        group_names: names of the calibration groups.
+        input_shape: shape of one sample.
+        num_classes: width of the model output.
+        calib: the group-balanced calibration subset used (export checks run on it).
+        info: provenance written into the ONNX metadata.
+    """
+
+    reference: torch.fx.GraphModule
+    float_model: torch.fx.GraphModule
+    layers: dict[str, QuantizedLayer]
+    config: QuantConfig
+    group_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    calib: GroupData
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def avg_weight_bits(self) -> float:
+        """Parameter-weighted average weight width of the quantized layers."""
+        total = sum(l.params for l in self.layers.values())
+        return sum(l.bits * l.params for l in self.layers.values()) / max(total, 1)
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        """One row per quantized layer: name, kind, bits, params, MACs, storage."""
+        return [
+            {"name": l.name, "kind": l.kind, "bits": l.bits, "params": l.params, "macs": l.macs,
+             "storage": l.storage(self.config.storage)}
+            for l in self.layers.values()
+        ]
+
+    def predict(self, x: np.ndarray, batch_size: int = 256, quantized: bool = True) -> np.ndarray:
+        """Logits of the fake-quant reference (or the float model) on ``x``."""
+        model = self.reference if quantized else self.float_model
+        outs = []
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                outs.append(model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))).numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, self.num_classes), np.float32)
+
+    def export(self, path: str | Path, *, storage: str | None = None, check: bool = True):
+        """Write a QDQ ONNX model to ``path`` (atomically) and check it; see exporters.qdq_onnx."""
+        from .exporters.qdq_onnx import export_qdq
+
+        return export_qdq(self, path, storage=storage, check=check)
+
+
+def _check_model_on_data(model: nn.Module, data: GroupData) -> int:
+    """Run one sample; return the number of classes. Bad shapes become a DataError."""
+    x = torch.from_numpy(np.ascontiguousarray(data.x[:2]))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:
+        raise DataError(
+            f"{data.source}: field 'x' with sample shape {tuple(data.x.shape[1:])} does not fit the "
+            f"model ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UnsupportedLayerError(
+            f"the model must return class logits of shape [batch, classes]; it returned {shape}"
+        )
+    return int(out.shape[1])
+
+
+def compress(
+    model: nn.Module,
+    calib: GroupData | str | Path | Any,
+    config: QuantConfig | None = None,
+    *,
+    progress: bool = True,
+) -> CompressedModel:
+    """Quantize ``model`` with group-labeled calibration data.
+
+    Args:
+        model: a float PyTorch classifier (returns logits ``[batch, classes]``); not modified.
+        calib: a GroupData, a ``.npz``/``.csv`` path or a torch Dataset yielding (x, y, group).
+        config: a QuantConfig (default: 8-bit weights, solver, x86-safe range).
+        progress: show tqdm progress bars.
+
+    Returns:
+        A CompressedModel; ``.export(path)`` writes the QDQ ONNX file.
+    """
+    from .calibration.readers import check_labels, load_data
+    from .calibration.observers import make_observer
+    from .calibration.sampling import group_balanced_subset
+
+    config = config or QuantConfig()
+    data = load_data(calib)
+    model = copy.deepcopy(model).eval().cpu()
+    device = torch.device("cpu")
+
+    num_classes = _check_model_on_data(model, data)
+    check_labels(data, num_classes)
+    raw = trace(model)
+    skip = check_supported(raw, config.skip_unsupported)
+    folded, bn_convs = fold_batchnorm(raw)
+    float_model = copy.deepcopy(folded)
+    layers = quantizable_layers(folded, skip, bn_convs)
+    if not layers:
+        raise UnsupportedLayerError("the model has no Conv2d or Linear layer to quantize")
+    names = [l.name for l in layers]
+    unknown = sorted(set(config.layer_bits) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"layer_bits names {', '.join(repr(u) for u in unknown)}, not a quantizable layer of the "
+            f"model (layers: {', '.join(names)})"
+        )
+
+    sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    alpha = _resolve_group_weights(config, sub)
+    bs = config.batch_size
+    modules = dict(folded.named_modules())
+    example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
+    macs = count_macs(folded, example, names)
+    targets = _float_targets(float_model, layers, sub, bs, device) if config.bias_correction else {}
+
+    quantized: dict[str, QuantizedLayer] = {}
+    bar = tqdm(layers, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
+    for info in bar:
+        bar.set_postfix_str(info.name)
+        module = modules[info.name]
+        bits = config.bits_for(info.name)
+        hessian = None
+        if config.method == "solver":
+            hessian = _layer_hessian(folded, module, sub, bs, device, alpha)
+        codes, scale, qmax = _quantize_weight(module, info, bits, config, hessian)
+        layer = QuantizedLayer(
+            info.name, info.kind, bits, qmax, codes.to(torch.int8).cpu(), scale.float().cpu(),
+            info.params, macs.get(info.name, 0),
+        )
+        with torch.no_grad():
+            module.weight.copy_(layer.dequantized().to(module.weight.dtype))
+        if config.bias_correction:
+            _correct_layer(
+                folded, module, info, layer, targets[info.name], sub, bs, device, alpha,
+                rescale=info.had_batchnorm and config.bn_reestimate,
+            )
+        quantized[info.name] = layer
+
+    # Activation ranges, observed on the weight-quantized model so every group counts.
+    reference = copy.deepcopy(folded)
+    context, quantizers = insert_act_quantizers(
+        reference,
+        lambda: make_observer(config.calibration, sub.num_groups, percentile=config.percentile),
+        set(names),
+    )
+    with torch.no_grad():
+        for x, g in tqdm(list(_batches(sub, bs, device)), desc="calibrate activations", unit="batch", disable=not progress):
+            context.group = g
+            reference(x)
+    for q in quantizers.values():
+        q.freeze()
+    context.group = None
+
+    info = {
+        "fqexport_version": __version__,
+        "method": config.method,
+        "order": config.order if config.method == "solver" else None,
+        "calibration": config.calibration,
+        "weight_range": config.weight_range,
+        "activation_bits": 8,
+        "num_calib": len(sub),
+        "group_names": list(sub.group_names),
+        "group_weights": [round(float(a), 6) for a in alpha],
+        "skipped_layers": sorted(skip),
+    }
+    return CompressedModel(
+        reference=reference.eval(),
+        float_model=float_model.eval(),
+        layers=quantized,
+        config=config,
+        group_names=tuple(data.group_names),
+        input_shape=tuple(int(d) for d in data.x.shape[1:]),
+        num_classes=num_classes,
+        calib=sub,
+        info=info,
+    )

@@ -1,0 +1,174 @@
+"""Tests of fqexport/hessian.py: explicit X Xᵀ references for Linear and Conv2d inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
+from fqexport.hessian import HessianAccumulator, collect_hessians
+
+
+def _explicit_conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patch rows by brute force: for each output position, the receptive field flattened as
+    (channel, kh, kw) — checked against the conv itself below."""
+    xp = F.pad(x, (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]))
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    out = conv(x)
+    Ho, Wo = out.shape[2:]
+    rows = []
+    for b in range(x.shape[0]):
+        for i in range(Ho):
+            for j in range(Wo):
+                patch = xp[b, :, i * sh: i * sh + dh * (kh - 1) + 1: dh,
+                           j * sw: j * sw + dw * (kw - 1) + 1: dw]
+                rows.append(patch.reshape(-1))
+    R = torch.stack(rows)  # [B·Ho·Wo, C·kh·kw]
+    # the rows really are the conv's inputs: R @ Wᵀ reproduces the output (groups=1)
+    if conv.groups == 1:
+        ref = (R @ conv.weight.reshape(conv.out_channels, -1).T + conv.bias).reshape(
+            x.shape[0], Ho, Wo, -1).permute(0, 3, 1, 2)
+        torch.testing.assert_close(ref, out, rtol=1e-4, atol=1e-4)
+    return R
+
+
+def test_linear_matches_explicit_xxt_with_leading_dims():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3)
+    x = torch.randn(4, 5, 6)  # [B, T, in]: 5 rows per item
+    group = torch.tensor([0, 1, 1, 0])
+    acc = HessianAccumulator(lin, num_groups=2)
+    acc.add(x[:3], group[:3])
+    acc.add(x[3:], group[3:])  # streamed over two batches
+    X0 = x[group == 0].reshape(-1, 6).double()
+    X1 = x[group == 1].reshape(-1, 6).double()
+    assert acc.counts.tolist() == [10, 10]
+    assert acc.samples.tolist() == [2, 2]
+    H0, H1 = 2 * X0.T @ X0 / 10, 2 * X1.T @ X1 / 10
+    torch.testing.assert_close(acc.group_hessian(0).double(), H0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc.hessian().double(), (H0 + H1) / 2, rtol=1e-5, atol=1e-6)
+    Xall = x.reshape(-1, 6).double()
+    torch.testing.assert_close(
+        acc.hessian_sample_weighted().double(), 2 * Xall.T @ Xall / 20, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(kernel_size=3, stride=1, padding=1),
+     dict(kernel_size=3, stride=2, padding=1, dilation=1),
+     dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1))],
+)
+def test_conv2d_matches_explicit_patches(kw):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, **kw)
+    x = torch.randn(2, 3, 7, 6)
+    acc = HessianAccumulator(conv, num_groups=1)
+    acc.add(x, torch.zeros(2, dtype=torch.long))
+    R = _explicit_conv_rows(conv, x).double()
+    assert acc.counts.tolist() == [R.shape[0]]
+    torch.testing.assert_close(acc.hessian().double(), 2 * R.T @ R / R.shape[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_conv_gives_one_hessian_per_conv_group():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 8, 3, padding=1, groups=4)  # channel multiplier 2
+    x = torch.randn(3, 4, 5, 5)
+    acc = HessianAccumulator(conv, num_groups=1)
+    acc.add(x, torch.zeros(3, dtype=torch.long))
+    H = acc.hessian()
+    assert H.shape == (4, 9, 9)
+    R = _explicit_conv_rows(conv, x).double().reshape(-1, 4, 9)  # channel-major columns
+    for k in range(4):
+        Rk = R[:, k]
+        torch.testing.assert_close(H[k].double(), 2 * Rk.T @ Rk / Rk.shape[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_conv_same_padding_and_reflect_mode():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 2, (2, 3), padding="same", padding_mode="reflect")
+    x = torch.randn(1, 2, 5, 5)
+    acc = HessianAccumulator(conv, num_groups=1)
+    acc.add(x, torch.zeros(1, dtype=torch.long))
+    # reference: reflect-pad the way nn.Conv2d does, then a valid unfold
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode="reflect")
+    R = F.unfold(xp, (2, 3))[0].T.double()
+    assert R.shape[0] == 25  # "same": one row per output pixel
+    ref = (R.float() @ conv.weight.reshape(2, -1).T + conv.bias).T.reshape(1, 2, 5, 5)
+    torch.testing.assert_close(ref, conv(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(acc.hessian().double(), 2 * R.T @ R / 25, rtol=1e-5, atol=1e-6)
+
+
+def test_equal_group_weighting_upweights_the_minority():
+    torch.manual_seed(4)
+    lin = nn.Linear(2, 1)
+    # majority (90 items) lives on feature 0, minority (10 items) on feature 1
+    x = torch.zeros(100, 2)
+    x[:90, 0] = 1.0
+    x[90:, 1] = 1.0
+    group = torch.tensor([0] * 90 + [1] * 10)
+    acc = HessianAccumulator(lin, num_groups=2)
+    acc.add(x, group)
+    eq, sw = acc.hessian(), acc.hessian_sample_weighted()
+    torch.testing.assert_close(torch.diagonal(sw), torch.tensor([1.8, 0.2]))
+    torch.testing.assert_close(torch.diagonal(eq), torch.tensor([1.0, 1.0]))
+    # user weights: α ∝ (1, 3) → diag 2·(0.25, 0.75)
+    torch.testing.assert_close(torch.diagonal(acc.hessian(torch.tensor([1.0, 3.0]))),
+                               torch.tensor([0.5, 1.5]))
+
+
+def test_absent_group_is_skipped_and_weights_renormalised():
+    lin = nn.Linear(2, 1)
+    acc = HessianAccumulator(lin, num_groups=3)
+    acc.add(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 2]))
+    # group 1 absent: its weight 5 is dropped, α = (1, 1)/2 over groups 0 and 2
+    H = acc.hessian(torch.tensor([1.0, 5.0, 1.0]))
+    torch.testing.assert_close(torch.diagonal(H), torch.tensor([1.0, 4.0]))
+    with pytest.raises(DataError, match="saw no calibration inputs"):
+        acc.hessian(torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(ConfigError, match="3 finite values >= 0"):
+        acc.hessian(torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_bad_inputs_raise_specific_errors():
+    with pytest.raises(UnsupportedLayerError, match="'pool' is a MaxPool2d"):
+        HessianAccumulator(nn.MaxPool2d(2), 2, name="pool")
+    acc = HessianAccumulator(nn.Linear(4, 2), 2, name="fc")
+    with pytest.raises(DataError, match=r"layer 'fc' \(Linear\) got an input of shape \(3, 5\)"):
+        acc.add(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(DataError, match=r"values in \[0, 2\); got shape \(3,\), range 0\.\.2"):
+        acc.add(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(DataError, match="'fc' saw no calibration inputs"):
+        acc.hessian()
+
+
+def test_collect_hessians_hooks_removed_and_mode_restored():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3))
+    model.train()
+    batches = [(torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])) for _ in range(3)]
+    accs = collect_hessians(model, {"0": model[0], "3": model[3]}, batches, num_groups=2)
+    assert accs["0"].counts.tolist() == [6 * 16, 6 * 16]
+    assert accs["3"].counts.tolist() == [6, 6]
+    assert accs["3"].hessian().shape == (32, 32)
+    # Linear input = the flattened ReLU output of the float model
+    with torch.no_grad():
+        feats = torch.cat([model[:3](x) for x, _ in batches]).double()
+    torch.testing.assert_close(accs["3"].hessian_sample_weighted().double(),
+                               2 * feats.T @ feats / 12, rtol=1e-5, atol=1e-6)
+    assert model.training
+    assert not model[0]._forward_pre_hooks and not model[3]._forward_pre_hooks
+
+    def bad():
+        yield torch.randn(2, 1, 4, 4), torch.tensor([0, 5])  # group out of range
+
+    with pytest.raises(DataError, match="values in"):
+        collect_hessians(model, {"0": model[0]}, bad(), num_groups=2)
+    assert not model[0]._forward_pre_hooks
+    assert model.training

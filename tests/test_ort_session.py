@@ -1,0 +1,166 @@
+"""Tests of exporters/ort_session.py and exporters/latency.py on real exported tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from fqexport.errors import ConfigError, ModelLoadError
+from fqexport.exporters.latency import measure_latency
+from fqexport.exporters.ort_session import (
+    fused_kernels,
+    input_shape,
+    kernel_summary,
+    make_session,
+    model_files_size,
+    read_metadata,
+    run_batches,
+)
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _export(model, path, example):
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=True, opset_version=21,
+        dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+    )
+
+
+def _quantize(src, dst, x):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter({"x": x[i : i + 16]} for i in range(0, len(x), 16))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ort")
+    net = MLP().eval()
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    _export(net, d / "float.onnx", torch.from_numpy(x[:2]))
+    _quantize(d / "float.onnx", d / "qdq.onnx", x)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    return d, x, ref
+
+
+def test_run_batches_matches_torch_for_any_batch_size(models):
+    d, x, ref = models
+    s = make_session(d / "float.onnx", threads=1)
+    for bs in (1, 7, 64, 100):
+        out = run_batches(s, x, bs)
+        assert out.shape == (64, 3)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert input_shape(s)[1:] == (16,)
+    assert not isinstance(input_shape(s)[0], int)  # dynamic batch
+
+
+def test_fused_kernels_qdq_has_qgemm_and_float_has_gemm(models):
+    d, _, _ = models
+    q = fused_kernels(d / "qdq.onnx")
+    assert q["QGemm"] == 2 and q["Gemm"] == 0 and q["QLinearConv"] == 0
+    counts, floats = kernel_summary(d / "float.onnx")
+    assert counts["QGemm"] == 0
+    assert counts["Gemm"] + counts["FusedGemm"] + counts["MatMul"] >= 2
+    assert len(floats) == counts["Gemm"] + counts["FusedGemm"] + counts["MatMul"] + counts["FusedMatMul"]
+
+
+def test_optimized_and_unoptimized_qdq_sessions_both_track_float(models):
+    d, x, ref = models
+    opt = run_batches(make_session(d / "qdq.onnx", optimized=True), x, 32)
+    raw = run_batches(make_session(d / "qdq.onnx", optimized=False), x, 32)
+    scale = np.abs(ref).max()
+    assert np.abs(raw - ref).mean() < 0.1 * scale
+    assert np.abs(opt - ref).mean() < 0.1 * scale
+    assert not np.array_equal(opt, raw)  # integer kernels vs float math of the graph
+
+
+def test_corrupt_and_missing_files_name_the_file(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    with pytest.raises(ModelLoadError, match=r"cannot load ONNX model .*broken\.onnx"):
+        make_session(bad)
+    with pytest.raises(ModelLoadError, match=r"nope\.onnx does not exist"):
+        make_session(tmp_path / "nope.onnx")
+    with pytest.raises(ModelLoadError, match=r"broken\.onnx"):
+        read_metadata(bad)
+
+
+def test_unknown_provider_is_config_error(models):
+    with pytest.raises(ConfigError, match="provider='tpu' is not one of cpu, cuda"):
+        make_session(models[0] / "float.onnx", provider="tpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDAExecutionProvider present: the missing-CUDA message cannot be tested")
+def test_cuda_absent_names_the_package(models):
+    with pytest.raises(ConfigError, match="pip install onnxruntime-gpu"):
+        make_session(models[0] / "float.onnx", provider="cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDAExecutionProvider not available (install onnxruntime-gpu on a GPU machine)")
+def test_cuda_session_runs(models):
+    d, x, ref = models
+    s = make_session(d / "float.onnx", provider="cuda")
+    np.testing.assert_allclose(run_batches(s, x, 16), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_read_metadata_absent_and_present(models, tmp_path):
+    d, _, _ = models
+    assert read_metadata(d / "float.onnx") == {}
+    m = onnx.load(str(d / "qdq.onnx"))
+    meta = {"fqexport_version": "0.1.0", "layers": [{"name": "fc1", "bits": 4, "params": 10, "macs": 10}]}
+    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
+    onnx.save(m, str(tmp_path / "meta.onnx"))
+    assert read_metadata(tmp_path / "meta.onnx") == meta
+    onnx.helper.set_model_props(m, {"fqexport": "{not json"})
+    onnx.save(m, str(tmp_path / "badmeta.onnx"))
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        read_metadata(tmp_path / "badmeta.onnx")
+
+
+def test_model_files_size_counts_external_data(models, tmp_path):
+    d, _, _ = models
+    m = onnx.load(str(d / "float.onnx"))
+    onnx.save(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    main = (tmp_path / "ext.onnx").stat().st_size
+    data = (tmp_path / "ext.onnx.data").stat().st_size
+    assert data > 16 * 32 * 4  # fc1 weight alone
+    assert model_files_size(tmp_path / "ext.onnx") == main + data
+    assert model_files_size(d / "float.onnx") == (d / "float.onnx").stat().st_size
+
+
+def test_measure_latency_reports_settings(models):
+    d, x, _ = models
+    s = make_session(d / "qdq.onnx", threads=1)
+    lat = measure_latency(s, x[:3], batch_size=8, warmup=2, repeats=10)
+    assert lat.batch_size == 8 and lat.threads == 1 and lat.warmup == 2 and lat.repeats == 10
+    assert 0 < lat.p50_ms <= lat.p95_ms
+    assert lat.throughput_per_s == pytest.approx(8 / (lat.mean_ms / 1e3))
+    with pytest.raises(ConfigError, match="repeats=0"):
+        measure_latency(s, x, 1, repeats=0)

@@ -1,0 +1,91 @@
+"""Tests of exporters/reports.py on a hand-built ValidationReport (no ONNX Runtime needed)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from fqexport.exporters.latency import LatencyResult
+from fqexport.exporters.reports import write_json, write_junit, write_markdown, write_plots
+from fqexport.exporters.validation import Thresholds, ValidationReport, run_checks
+from fqexport.group_metrics import group_metrics
+
+
+@pytest.fixture()
+def report():
+    # group a: 4/4 right, group b: 2/4 right (model); reference right everywhere
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    group = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    logits = np.eye(2)[pred] * 3.0
+    m = group_metrics(logits, y, group, ("a", "b"))
+    ref = group_metrics(np.eye(2)[y] * 3.0, y, group, ("a", "b"))
+    lat = LatencyResult(1.0, 2.0, 1.2, 833.3, 1, 2, 5, 30)
+    base = ValidationReport(
+        model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, reference="f.onnx",
+        reference_metrics=ref, group_drop={"a": 0.0, "b": 0.5}, agreement=0.75,
+        unoptimized_metrics=m, kernel_deviation=0.0, kernel_deviation_by_group={"a": 0.0, "b": 0.0},
+        kernel_agreement=1.0, fused_kernels={"QLinearConv": 2, "Conv": 0}, float_fallbacks=(),
+        latency=(lat,), size_bytes=2_000_000, avg_weight_bits=8.0, bops=64.0, pepr=0.6, pepr_worst_group=0.4,
+    )
+    t = Thresholds(min_worst_group_acc=80, max_group_drop=10, max_latency_ms=5, max_size_mb=3)
+    import dataclasses
+
+    return dataclasses.replace(base, thresholds=t, checks=run_checks(base, t))
+
+
+def test_json_holds_all_metrics(report, tmp_path):
+    p = write_json(report, tmp_path / "r" / "report.json")
+    d = json.loads(p.read_text())
+    assert d["passed"] is False
+    assert d["metrics"]["by_group"]["b"]["accuracy"] == 0.5
+    assert d["reference"]["max_group_drop"] == ["b", 0.5]
+    assert d["latency"][0]["p95_ms"] == 2.0 and d["size_bytes"] == 2_000_000
+    assert [c["name"] for c in d["checks"] if not c["passed"]] == ["min_worst_group_acc", "max_group_drop"]
+    assert list(tmp_path.joinpath("r").iterdir()) == [p]  # no temp file left behind
+
+
+def test_markdown_has_percent_table_and_check_results(report, tmp_path):
+    text = write_markdown(report, tmp_path / "report.md").read_text()
+    assert text.startswith("# fqexport validation: FAIL")
+    assert "| b | 4 | 50.00 |" in text and "| a | 4 | 100.00 |" in text
+    assert "| min_worst_group_acc | 80 | 50.000 | b | **FAIL** |" in text
+    assert "| max_size_mb | 3 | 2.000 |  | PASS |" in text
+    assert "- FAIL: accuracy drop vs reference (group 'b') 50.00 pp exceeds --max-group-drop 10" in text
+
+
+def test_junit_parses_with_one_case_per_check(report, tmp_path):
+    root = ET.parse(write_junit(report, tmp_path / "junit.xml")).getroot()
+    assert root.tag == "testsuite" and root.get("tests") == "4" and root.get("failures") == "2"
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert set(cases) == {"min_worst_group_acc", "max_group_drop", "max_latency_ms[batch=1]", "max_size_mb"}
+    fail = cases["min_worst_group_acc"].find("failure")
+    assert fail is not None and "(group 'b') 50.00 % below --min-worst-group-acc 80" in fail.get("message")
+    assert cases["max_size_mb"].find("failure") is None
+
+
+def test_plots_written_as_png(report, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed")
+    paths = write_plots(report, tmp_path / "plots")
+    assert [p.name for p in paths] == ["group_accuracy.png", "latency.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_skipped_without_matplotlib(report, tmp_path, monkeypatch, caplog):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with caplog.at_level("INFO"):
+        assert write_plots(report, tmp_path / "p") == []
+    assert "matplotlib is not installed" in caplog.text

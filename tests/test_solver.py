@@ -1,0 +1,221 @@
+"""Tests of fqexport/solver.py on small layers with correlated Hessians."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fqexport.errors import ConfigError
+from fqexport.quant_grid import WeightGrid, choose_weight_grid, weight_qmax
+from fqexport.solver import (
+    DampingIncreasedWarning,
+    HessianNotPositiveDefinite,
+    choose_solver_grid,
+    column_sensitivity,
+    layer_error,
+    rtn_layer,
+    solve_conv_groups,
+    solve_layer,
+)
+
+
+def _layer(out=32, cols=96, n=512, seed=0):
+    """W and a correlated H = 2 XᵀX/N with X = relu(Z A) (what real conv inputs look like)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(cols // 2, cols, generator=g) / (cols // 2) ** 0.5
+    X = torch.relu(torch.randn(n, cols // 2, generator=g) @ A)
+    H = 2 * X.T @ X / n
+    W = torch.randn(out, cols, generator=g) * 0.1
+    return W, H
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_solver_beats_rtn_on_correlated_hessian(bits):
+    W, H = _layer()
+    grid = choose_solver_grid(W, H, bits)
+    rtn = rtn_layer(W, grid, H)
+    res = solve_layer(W, H, grid)
+    assert res.loss < 0.7 * rtn.loss, (res.loss, rtn.loss)
+    assert res.loss == pytest.approx(layer_error(W, res.qweight, H), rel=1e-6)
+    assert res.retries == 0 and res.damp_used == 0.01
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_are_integers_on_the_grid(bits):
+    W, H = _layer(seed=bits)
+    grid = choose_weight_grid(W, bits)
+    res = solve_layer(W, H, grid, block_size=16)
+    qmax = weight_qmax(bits)
+    assert res.codes.dtype == torch.float32
+    assert torch.equal(res.codes, torch.round(res.codes))
+    assert int(res.codes.abs().max()) <= qmax
+    torch.testing.assert_close(res.qweight, res.codes * grid.scale[:, None], rtol=0, atol=0)
+    assert sorted(res.order.tolist()) == list(range(W.shape[1]))
+
+
+@pytest.mark.parametrize("order", ["natural", "sensitivity", "hessian-diag", "obs"])
+def test_diagonal_hessian_gives_rtn(order):
+    W, _ = _layer()
+    H = torch.diag(torch.rand(W.shape[1]) + 0.5)  # no correlation: nothing to compensate
+    grid = choose_weight_grid(W, 3)
+    res = solve_layer(W, H, grid, order=order)
+    assert torch.equal(res.codes, rtn_layer(W, grid).codes)
+
+
+def test_codes_come_back_in_original_column_order():
+    W, H = _layer(cols=64)
+    grid = choose_weight_grid(W, 3)
+    res = solve_layer(W, H, grid)
+    p = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    res_p = solve_layer(W[:, p], H[p][:, p], grid)  # same problem, columns shuffled
+    agree = (res_p.codes == res.codes[:, p]).float().mean()
+    assert agree > 0.995
+    # the order used is the sensitivity ranking, most sensitive first
+    score = column_sensitivity(W, H, "sensitivity")
+    assert torch.equal(res.order, torch.argsort(score, descending=True, stable=True))
+    assert score[res.order[0]] == score.max()
+
+
+def test_block_size_does_not_change_the_result():
+    W, H = _layer(cols=80)
+    grid = choose_weight_grid(W, 4)
+    a = solve_layer(W, H, grid, block_size=128)
+    b = solve_layer(W, H, grid, block_size=7)
+    c = solve_layer(W, H, grid, block_size=1)
+    assert (a.codes == b.codes).float().mean() > 0.995
+    assert (a.codes == c.codes).float().mean() > 0.995
+    assert b.loss == pytest.approx(a.loss, rel=1e-2)
+
+
+def test_column_sensitivity_kinds():
+    W = torch.tensor([[1.0, 0.5, 0.0], [1.0, -0.5, 0.25]])
+    H = torch.diag(torch.tensor([1.0, 4.0, 2.0]))
+    torch.testing.assert_close(column_sensitivity(W, H), torch.tensor([2.0, 2.0, 0.125]))
+    torch.testing.assert_close(column_sensitivity(W, H, "hessian-diag"), torch.diagonal(H))
+    grid = WeightGrid(scale=torch.tensor([1.0, 1.0]), qmax=1)
+    # errors (w - round(w))²: col0 0, col1 0.25+0.25, col2 0.0625; / [H⁻¹]_jj = H_jj (damp 0)
+    torch.testing.assert_close(column_sensitivity(W, H, "obs", grid=grid, damp=0.0),
+                               torch.tensor([0.0, 2.0, 0.125]))
+    with pytest.raises(ConfigError, match="kind='obs' needs the weight grid"):
+        column_sensitivity(W, H, "obs")
+    with pytest.raises(ConfigError, match="kind='foo' is not one of"):
+        column_sensitivity(W, H, "foo")
+
+
+def test_singular_hessian_retries_with_more_damping_and_warns():
+    W, _ = _layer(cols=16)
+    X = torch.randn(4, 16)  # rank 4 < 16 columns: singular
+    H = 2 * X.T @ X / 4
+    grid = choose_weight_grid(W, 4)
+    with pytest.warns(DampingIncreasedWarning, match="Cholesky failed with damp=0"):
+        res = solve_layer(W, H, grid, damp=0.0)
+    assert res.retries >= 1 and res.damp_used >= 1e-3
+    assert torch.isfinite(res.qweight).all()
+
+
+def test_indefinite_hessian_needs_several_retries():
+    W = torch.randn(3, 2)
+    H = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4, -2; mean diag 1
+    grid = choose_weight_grid(W, 4)
+    with pytest.warns(DampingIncreasedWarning) as rec:
+        res = solve_layer(W, H, grid, damp=0.01)
+    # 0.01, 0.1 and 1 fail (eigenvalue -2 + λ < 0), 10 works
+    assert res.damp_used == pytest.approx(10.0) and res.retries == 3 and len(rec) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DampingIncreasedWarning)
+        with pytest.raises(HessianNotPositiveDefinite, match="not positive definite even with "
+                           "damping 1·mean"):
+            solve_layer(W, H, grid, damp=0.01, max_retries=2)
+        with pytest.raises(ConfigError, match="raise damp"):  # negative diagonal: hopeless
+            solve_layer(W, -torch.eye(2), grid)
+
+
+def test_dead_columns_are_zeroed_and_finite():
+    W, H = _layer(cols=24)
+    H[5, :] = 0
+    H[:, 5] = 0
+    H[11, :] = 0
+    H[:, 11] = 0
+    grid = choose_weight_grid(W, 3)
+    res = solve_layer(W, H, grid)
+    assert torch.isfinite(res.qweight).all()
+    assert torch.all(res.codes[:, [5, 11]] == 0)
+    assert res.loss < rtn_layer(W, grid, H).loss
+    assert set(res.order[-2:].tolist()) == {5, 11}  # score 0: quantized last
+
+
+def test_bad_arguments_name_the_problem():
+    W, H = _layer(cols=16)
+    grid = choose_weight_grid(W, 4)
+    with pytest.raises(ConfigError, match="order='random' is not one of"):
+        solve_layer(W, H, grid, order="random")
+    with pytest.raises(ConfigError, match=r"weight has shape \(32, 16\) and Hessian \(15, 15\)"):
+        solve_layer(W, H[:15, :15], grid)
+    with pytest.raises(ConfigError, match="grid.scale has 31 entries but the weight has 32 rows"):
+        solve_layer(W, H, WeightGrid(grid.scale[:31], grid.qmax))
+    Hn = H.clone()
+    Hn[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="Hessian holds NaN or Inf"):
+        solve_layer(W, Hn, grid)
+
+
+def test_hessian_aware_grid_uses_diag_h():
+    W, H = _layer(cols=32)
+    g = choose_solver_grid(W, H, 3)
+    ref = choose_weight_grid(W, 3, column_weight=torch.diagonal(H))
+    torch.testing.assert_close(g.scale, ref.scale, rtol=0, atol=0)
+    plain = choose_solver_grid(W, H, 3, hessian_aware=False)
+    torch.testing.assert_close(plain.scale, choose_weight_grid(W, 3).scale, rtol=0, atol=0)
+
+
+def test_solve_conv_groups_matches_per_group_solves():
+    W, H1 = _layer(out=8, cols=18, seed=3)
+    _, H2 = _layer(out=8, cols=18, seed=4)
+    H = torch.stack([H1, H2])
+    grid = choose_weight_grid(W, 3)
+    res = solve_conv_groups(W, H, grid, block_size=4)
+    top = solve_layer(W[:4], H1, WeightGrid(grid.scale[:4], 3), block_size=4)
+    bot = solve_layer(W[4:], H2, WeightGrid(grid.scale[4:], 3), block_size=4)
+    assert torch.equal(res.codes, torch.cat([top.codes, bot.codes]))
+    assert res.order.shape == (2, 18)
+    assert res.loss == pytest.approx(top.loss + bot.loss)
+    with pytest.raises(ConfigError, match="out_channels divisible by G"):
+        solve_conv_groups(W, torch.stack([H1, H2, H1]), grid)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda unavailable)")
+def test_solver_runs_on_cuda_like_cpu():
+    W, H = _layer(out=64, cols=128)
+    grid = choose_solver_grid(W, H, 4)
+    cpu = solve_layer(W, H, grid)
+    gpu_grid = WeightGrid(grid.scale.cuda(), grid.qmax)
+    gpu = solve_layer(W.cuda(), H.cuda(), gpu_grid)
+    assert gpu.codes.is_cuda and gpu.order.is_cuda
+    assert (gpu.codes.cpu() == cpu.codes).float().mean() > 0.99
+    assert gpu.loss == pytest.approx(cpu.loss, rel=2e-2)
+
+
+def test_equal_group_weighting_protects_the_minority_group():
+    """End to end with the accumulator: a 90/10 split with different input directions; equal
+    group weights give the minority a lower layer error than plain sample weighting."""
+    from torch import nn
+
+    from fqexport.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(7)
+    cols = 48
+    A_maj = torch.randn(cols // 2, cols, generator=g)
+    A_min = torch.randn(cols // 2, cols, generator=g)
+    x_maj = torch.relu(torch.randn(900, cols // 2, generator=g) @ A_maj)
+    x_min = torch.relu(torch.randn(100, cols // 2, generator=g) @ A_min)
+    acc = HessianAccumulator(nn.Linear(cols, 16), num_groups=2)
+    acc.add(torch.cat([x_maj, x_min]), torch.tensor([0] * 900 + [1] * 100))
+    W = torch.randn(16, cols, generator=g) * 0.1
+    grid = choose_weight_grid(W, 3)
+    H_min = acc.group_hessian(1)
+    eq = solve_layer(W, acc.hessian(), grid)
+    sw = solve_layer(W, acc.hessian_sample_weighted(), grid)
+    err_eq, err_sw = layer_error(W, eq.qweight, H_min), layer_error(W, sw.qweight, H_min)
+    assert err_eq < 0.9 * err_sw, (err_eq, err_sw)

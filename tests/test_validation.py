@@ -1,0 +1,186 @@
+"""Tests of exporters/validation.py on a tiny exported CNN and its QDQ version."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.errors import ConfigError, DataError
+from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.exporters.validation import Thresholds, pepr_score, validate
+
+
+class CNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+# MACs per sample: c1 36·4·(1·9) + c2 36·4·(4·9) + fc 144·3
+MACS = 36 * 4 * 9 + 36 * 4 * 36 + 144 * 3
+PARAMS = 4 * 9 + 4 * 36 + 144 * 3  # weights only (biases are not weights)
+
+
+def _quantize(src, dst, x):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter({"x": x[i : i + 32]} for i in range(0, len(x), 32))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("val")
+    net = CNN().eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((240, 1, 6, 6)).astype(np.float32)
+    x[::5] *= 3.0  # a "minority" with larger activations
+    torch.onnx.export(net, (torch.from_numpy(x[:2]),), str(d / "float.onnx"), dynamo=True, opset_version=21,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+    _quantize(d / "float.onnx", d / "qdq.onnx", x)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)  # float model is 100 % right
+    group = (np.arange(240) % 5 == 0).astype(np.int64)
+    data = GroupData(x, y, group, ("majority", "minority"), "test-data")
+    return d, data
+
+
+def _independent(path, data, optimized=True):
+    logits = run_batches(make_session(path, optimized=optimized), data.x, 50).astype(np.float64)
+    pred = logits.argmax(1)
+    z = logits - logits.max(1, keepdims=True)
+    ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(pred)), data.y]
+    out = {}
+    for gid, name in enumerate(data.group_names):
+        m = data.group == gid
+        out[name] = (float((pred[m] == data.y[m]).mean()), float(ce[m].mean()))
+    return out, logits
+
+
+def test_report_numbers_match_independent_computation(setup):
+    d, data = setup
+    r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", measure_latency=False)
+    mine, logits = _independent(d / "qdq.onnx", data)
+    raw, _ = _independent(d / "qdq.onnx", data, optimized=False)
+    for name, (acc, loss) in mine.items():
+        assert r.metrics.by_group[name]["accuracy"] == pytest.approx(acc)
+        assert r.metrics.by_group[name]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert r.reference_metrics.by_group[name]["accuracy"] == 1.0
+        assert r.group_drop[name] == pytest.approx(1.0 - acc)
+        assert r.kernel_deviation_by_group[name] == pytest.approx(abs(acc - raw[name][0]))
+    # labels are the float model's argmax: agreement with the reference == overall accuracy
+    assert r.agreement == pytest.approx(r.metrics.overall["accuracy"])
+    assert r.kernel_deviation == pytest.approx(max(r.kernel_deviation_by_group.values()))
+    assert r.fused_kernels["QLinearConv"] == 2 and r.fused_kernels["QGemm"] == 1
+    assert r.fused_kernels["Conv"] == 0 and r.float_fallbacks == ()
+    assert r.size_bytes == (d / "qdq.onnx").stat().st_size
+    assert r.avg_weight_bits == 8.0 and r.params == PARAMS and r.macs == MACS
+    assert r.bops == 8 * 8 * MACS
+    assert r.pepr == pytest.approx(r.metrics.overall["accuracy"] / (1 + 8 / 32))
+    assert r.passed and r.checks == ()
+    json.dumps(r.to_dict(), allow_nan=False)  # JSON-safe
+
+
+def test_float_model_has_32_bits_and_float_bops(setup):
+    d, data = setup
+    r = validate(d / "float.onnx", data, measure_latency=False)
+    assert r.metrics.overall["accuracy"] == 1.0
+    assert r.avg_weight_bits == 32.0 and r.bops == 32 * 32 * MACS and r.resource_source == "graph"
+    assert r.kernel_deviation < 1e-9
+    assert r.fused_kernels["QLinearConv"] == 0 and len(r.float_fallbacks) == 3
+    assert r.pepr == pytest.approx(0.5)  # 1 / (1 + 32/32)
+
+
+def test_thresholds_fail_and_name_group_value(setup):
+    d, data = setup
+    r_free = validate(d / "qdq.onnx", data, reference=d / "float.onnx", measure_latency=False, kernel_check=False)
+    worst, acc = r_free.metrics.group_min()
+    t = Thresholds(min_acc=0.0, min_worst_group_acc=100.0, max_group_drop=100.0, max_size_mb=1e-6,
+                   max_latency_ms=1e4)
+    r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", thresholds=t, kernel_check=False,
+                 latency_batch_sizes=(1, 4), repeats=3, warmup=1)
+    by = {c.name: c for c in r.checks}
+    assert set(by) == {"min_acc", "min_worst_group_acc", "max_group_drop", "max_size_mb",
+                       "max_latency_ms[batch=1]", "max_latency_ms[batch=4]"}
+    assert not r.passed
+    assert [c.name for c in r.failures()] == ["min_worst_group_acc", "max_size_mb"]
+    c = by["min_worst_group_acc"]
+    assert c.group == worst and c.value == pytest.approx(100 * acc) and c.limit == 100.0
+    assert f"(group {worst!r})" in c.message and "--min-worst-group-acc 100" in c.message
+    assert by["max_size_mb"].value == pytest.approx((d / "qdq.onnx").stat().st_size / 1e6)
+    assert by["max_group_drop"].passed and by["min_acc"].passed
+
+
+def test_fake_metadata_gives_avg_bits_and_bops(setup, tmp_path):
+    d, data = setup
+    m = onnx.load(str(d / "qdq.onnx"))
+    layers = [
+        {"name": "c1", "kind": "conv", "bits": 8, "params": 36, "macs": 1296, "storage": "int8"},
+        {"name": "c2", "kind": "conv", "bits": 4, "params": 144, "macs": 5184, "storage": "int4"},
+        {"name": "fc", "kind": "linear", "bits": 2, "params": 432, "macs": 432, "storage": "int2"},
+    ]
+    meta = {"fqexport_version": "0.1.0", "method": "solver", "activation_bits": 8, "layers": layers}
+    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
+    onnx.save(m, str(tmp_path / "meta.onnx"))
+    r = validate(tmp_path / "meta.onnx", data, measure_latency=False, kernel_check=False)
+    assert r.avg_weight_bits == pytest.approx((8 * 36 + 4 * 144 + 2 * 432) / 612)
+    assert r.bops == 8 * 8 * 1296 + 4 * 8 * 5184 + 2 * 8 * 432
+    assert r.resource_source == "metadata" and r.metadata["method"] == "solver"
+
+
+def test_bad_data_raises_specific_errors(setup):
+    d, data = setup
+    wrong = GroupData(np.zeros((4, 1, 5, 5), np.float32), data.y[:4], data.group[:4], data.group_names, "wrong.npz")
+    with pytest.raises(DataError, match=r"data wrong\.npz: x has shape \[1, 5, 5\] .* expects input \[batch, 1, 6, 6\]"):
+        validate(d / "qdq.onnx", wrong, measure_latency=False)
+    labels = GroupData(data.x[:4], np.array([0, 1, 2, 7]), np.array([0, 1, 0, 1]), data.group_names, "lab.npz")
+    with pytest.raises(DataError, match=r"data lab\.npz: label 7 is out of range .* 3 outputs"):
+        validate(d / "qdq.onnx", labels, measure_latency=False, kernel_check=False)
+    empty = GroupData(data.x[:4], data.y[:4], np.zeros(4, np.int64), data.group_names, "e.npz")
+    with pytest.raises(DataError, match=r"group 'minority' \(id 1\) has no samples"):
+        validate(d / "qdq.onnx", empty, measure_latency=False)
+
+
+def test_options_needing_other_inputs_are_config_errors(setup):
+    d, data = setup
+    with pytest.raises(ConfigError, match="needs a reference model: pass --reference"):
+        validate(d / "qdq.onnx", data, thresholds=Thresholds(max_group_drop=1.0))
+    with pytest.raises(ConfigError, match="needs the kernel check"):
+        validate(d / "qdq.onnx", data, thresholds=Thresholds(max_kernel_deviation=1.0), kernel_check=False)
+
+
+def test_thresholds_checked_once():
+    with pytest.raises(ConfigError, match=r"min_worst_group_acc=120 must be a finite number in \[0, 100\]"):
+        Thresholds(min_worst_group_acc=120)
+    with pytest.raises(ConfigError, match="max_latency_ms=-1"):
+        Thresholds(max_latency_ms=-1)
+    with pytest.raises(ConfigError, match="max_acc_gap='5'"):
+        Thresholds(max_acc_gap="5")
+    assert pepr_score(0.9, 4) == pytest.approx(0.9 / 1.125)
+
+
+def test_npz_path_is_read(setup, tmp_path):
+    d, data = setup
+    pytest.importorskip("fqexport.calibration.readers", reason="calibration/readers.py not written yet")
+    np.savez(tmp_path / "t.npz", x=data.x, y=data.y, group=data.group, group_names=np.array(data.group_names))
+    r = validate(d / "float.onnx", tmp_path / "t.npz", measure_latency=False, kernel_check=False)
+    assert r.data_source.endswith("t.npz") and r.metrics.overall["count"] == 240
+    assert r.metrics.by_group["minority"]["count"] == 48

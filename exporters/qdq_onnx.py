@@ -73,6 +73,8 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
 
     table = {torch.ops.fqexport.act_qdq.default: act_qdq_onnx}
     sink = io.StringIO()
+    # torch.onnx warns once per process that torchvision ops are not registered: not ours.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")

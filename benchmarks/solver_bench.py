@@ -5,10 +5,11 @@
 
 For each layer (W ``[out, cols]``, H from correlated inputs ``X = relu(Z A)``) and width:
 the layer output error ``tr((W - Q) H (W - Q)ᵀ)`` of RTN, of the solver in every column
-order, and of OBQ (``benchmarks/obq_reference.py``), all on the same H-aware per-row grid.
+order (and with a plain, not H-aware, clipping grid), and of OBQ (``benchmarks/obq_reference.py``), all on the same H-aware per-row grid.
 OBQ is O(cols³) per row, so it runs on the first ``obq_rows`` rows only: errors are compared
 on those rows, and OBQ's time is extrapolated linearly to all rows (rows are independent).
 Then the solver alone on ResNet-18's layer shapes (random SPD H) for a whole-model estimate.
+Times are the minimum over repeats (the machine may be shared); OBQ runs once.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def timed(fn, repeat: int = 1):
 
 def bench_layers(bits_list: list[int], quick: bool) -> None:
     print("\n## Solver vs RTN vs per-row OBQ (error = tr((W-Q) H (W-Q)^T), same H-aware grid)\n")
-    print("| layer | bits | OBQ rows | RTN err | solver err (sens) | natural | hess-diag | obs "
+    print("| layer | bits | OBQ rows | RTN err | solver err (sens) | natural | hess-diag | obs | plain grid "
           "| OBQ err | solver/OBQ err | solver s | OBQ s (measured) | OBQ s (all rows, extrap.) "
           "| OBQ/solver time |")
-    print("|" + "---|" * 14)
+    print("|" + "---|" * 15)
     for li, (name, out, cols, obq_full, obq_quick) in enumerate(LAYERS):
         W, H = correlated_layer(out, cols, seed=li)
         n_obq = obq_quick if quick else obq_full
@@ -86,6 +87,7 @@ def bench_layers(bits_list: list[int], quick: bool) -> None:
             res, t_solver = timed(lambda: solve_layer(W, H, grid), repeat=5)
             others = {o: solve_layer(W, H, grid, order=o).loss
                       for o in ("natural", "hessian-diag", "obs")}
+            plain = solve_layer(W, H, choose_solver_grid(W, H, bits, hessian_aware=False)).loss
             sub = WeightGrid(grid.scale[:n_obq], grid.qmax)
             codes, t_obq = timed(lambda: obq_quantize(W[:n_obq], H, sub))
             q_obq = dequantize(codes, sub.scale)
@@ -94,7 +96,7 @@ def bench_layers(bits_list: list[int], quick: bool) -> None:
             t_obq_all = t_obq * out / n_obq
             print(f"| {name} ({out}x{cols}) | {bits} | {n_obq}/{out} | {rtn.loss:.4g} "
                   f"| {res.loss:.4g} | {others['natural']:.4g} | {others['hessian-diag']:.4g} "
-                  f"| {others['obs']:.4g} | {err_obq:.4g} (rows) "
+                  f"| {others['obs']:.4g} | {plain:.4g} | {err_obq:.4g} (rows) "
                   f"| {err_solver_sub / err_obq:.3f} | {t_solver:.3f} | {t_obq:.1f} "
                   f"| {t_obq_all:.0f} | {t_obq_all / t_solver:.0f}x |")
             sys.stdout.flush()
@@ -112,7 +114,7 @@ def bench_resnet18(bits: int) -> None:
         H = 2 * X.T @ X / X.shape[0]
         W = 0.02 * torch.randn(out, cols, generator=g)
         grid = choose_solver_grid(W, H, bits)
-        _, t = timed(lambda: solve_layer(W, H, grid), repeat=1)
+        _, t = timed(lambda: solve_layer(W, H, grid), repeat=2)
         total += t * count
         print(f"| {name} | {out}x{cols} | {count} | {t:.2f} | {t * count:.2f} |")
         sys.stdout.flush()

@@ -114,3 +114,103 @@ class QuantConfig:
     def bits_for(self, layer: str) -> int:
         """Weight width of ``layer`` (its ``layer_bits`` entry, else ``weight_bits``)."""
         return int(self.layer_bits.get(layer, self.weight_bits))
+
+
+MixedObjective = Literal["worst-group", "mean", "weighted"]
+SensitivityMethod = Literal["measured", "fisher"]
+DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """A fairness-aware mixed-precision search (see fqexport.mixed_precision).
+
+    Exactly one budget is set:
+        budget_bits: parameter-weighted average weight bits (e.g. 4.0).
+        budget_bytes: weight bytes: packed codes of the export's storage mode + 5 bytes per
+            output channel (scale, zero point).
+        budget_bops: Σ w_bits · 8 · MACs per sample.
+
+    Attributes:
+        objective: ``"worst-group"`` (minimise the largest group loss increase + ``mean_weight``
+            × the mean), ``"mean"`` (HAWQ-like, population-weighted) or ``"weighted"``
+            (``group_weights``).
+        bit_choices: candidate widths per layer (2..8).
+        pins: layer-name patterns (fnmatch) -> fixed width, e.g. ``{"stem.0": 8, "fc": 8}``.
+        sensitivity: ``"measured"`` (quantize one layer, measure group losses) or ``"fisher"``.
+        group_weights: per-group weights for ``"weighted"`` (group name -> weight).
+        mean_weight: λ of the mean term in the worst-group objective.
+        num_candidates: allocations actually quantized and measured on the held-out split.
+        holdout_fraction: share of each group of the calibration data held out for verification.
+        sensitivity_samples: group-balanced samples used to measure sensitivity.
+        mw_steps: multiplicative-weights steps of the worst-group search.
+        mw_eta: step size of the multiplicative-weights update.
+        cache_path: optional JSON file caching the sensitivity table across runs.
+        seed: seed of the hold-out split and the sample draws.
+    """
+
+    budget_bits: float | None = None
+    budget_bytes: float | None = None
+    budget_bops: float | None = None
+    objective: MixedObjective = "worst-group"
+    bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
+    pins: Mapping[str, int] = field(default_factory=dict)
+    sensitivity: SensitivityMethod = "measured"
+    group_weights: Mapping[str, float] | None = None
+    mean_weight: float = 0.1
+    num_candidates: int = 3
+    holdout_fraction: float = 0.3
+    sensitivity_samples: int = 512
+    mw_steps: int = 60
+    mw_eta: float = 0.5
+    cache_path: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        budgets = {k: getattr(self, k) for k in ("budget_bits", "budget_bytes", "budget_bops")}
+        given = {k: v for k, v in budgets.items() if v is not None}
+        if len(given) != 1:
+            raise ConfigError(
+                "set exactly one of budget_bits, budget_bytes, budget_bops "
+                f"(got {', '.join(given) or 'none'}); CLI: --budget-bits 4.0"
+            )
+        (name, value), = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) > 0) \
+                or value != value or value == float("inf"):
+            raise ConfigError(f"{name}={value!r} must be a finite number > 0")
+        if name == "budget_bits" and not (2.0 <= float(value) <= 8.0):
+            raise ConfigError(f"budget_bits={value!r} must be in [2, 8] (average weight bits)")
+        _check_choice(self.objective, ("worst-group", "mean", "weighted"), "objective")
+        _check_choice(self.sensitivity, ("measured", "fisher"), "sensitivity")
+        choices = tuple(self.bit_choices)
+        if not choices:
+            raise ConfigError("bit_choices must name at least one width from 2 to 8")
+        for b in choices:
+            _check_bits(b, "bit_choices")
+        for pattern, bits in dict(self.pins).items():
+            _check_bits(bits, f"pins[{pattern!r}]")
+        if self.objective == "weighted" and not self.group_weights:
+            raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
+        if not (float(self.mean_weight) >= 0.0):
+            raise ConfigError(f"mean_weight={self.mean_weight!r} must be >= 0")
+        if int(self.num_candidates) < 1:
+            raise ConfigError(f"num_candidates={self.num_candidates!r} must be >= 1")
+        if not (0.0 < float(self.holdout_fraction) < 1.0):
+            raise ConfigError(f"holdout_fraction={self.holdout_fraction!r} must be in (0, 1)")
+        if int(self.sensitivity_samples) < 1:
+            raise ConfigError(f"sensitivity_samples={self.sensitivity_samples!r} must be >= 1")
+        if int(self.mw_steps) < 0 or not (float(self.mw_eta) > 0):
+            raise ConfigError(
+                f"mw_steps={self.mw_steps!r} must be >= 0 and mw_eta={self.mw_eta!r} > 0"
+            )
+
+    @property
+    def budget_kind(self) -> str:
+        """``"bits"``, ``"bytes"`` or ``"bops"``: the budget that is set."""
+        if self.budget_bits is not None:
+            return "bits"
+        return "bytes" if self.budget_bytes is not None else "bops"
+
+    @property
+    def budget_value(self) -> float:
+        return float(next(v for v in (self.budget_bits, self.budget_bytes, self.budget_bops) if v is not None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -166,36 +167,38 @@ def _layer_hessian(model, module, data, batch_size, device, alpha) -> torch.Tens
 def _quantize_weight(
     module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Integer codes (weight shape) and per-channel scales of one layer's weight."""
+    """Integer codes (weight shape) and per-channel scales of one layer's weight.
+
+    ``hessian`` is ``[cols, cols]`` (or ``[conv groups, cols, cols]`` for grouped convs);
+    ``None`` means round to nearest.
+    """
+    from .solver import DampingIncreasedWarning, solve_conv_groups, solve_layer
+
     w = module.weight.detach()
     rows = as_rows(w).float()
-    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    column_weight = torch.diagonal(hessian) if hessian is not None and hessian.dim() == 2 else None
+    grid = choose_weight_grid(
+        rows, bits, weight_range=config.weight_range, clip_search=config.clip_search,
+        column_weight=column_weight,
+    )
     if hessian is None:
-        grid = choose_weight_grid(rows, bits, weight_range=config.weight_range, clip_search=config.clip_search)
-        codes = quantize(rows, grid.scale, grid.qmax)
-        return codes.reshape(w.shape), grid.scale, grid.qmax
-
-    from .solver import solve_layer
-
-    h = hessian if hessian.dim() == 3 else hessian.unsqueeze(0)  # [conv groups, cols, cols]
-    out_per_group = rows.shape[0] // groups
-    codes = torch.empty_like(rows)
-    scales = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    qmax = 0
-    for k in range(groups):
-        sl = slice(k * out_per_group, (k + 1) * out_per_group)
-        hk = h[k] if h.shape[0] == groups else h[0]
-        grid = choose_weight_grid(
-            rows[sl], bits, weight_range=config.weight_range, clip_search=config.clip_search,
-            column_weight=torch.diagonal(hk) if config.clip_search else None,
+        return quantize(rows, grid.scale, grid.qmax).reshape(w.shape), grid.scale, grid.qmax
+    options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DampingIncreasedWarning)
+        if hessian.dim() == 3:
+            result = solve_conv_groups(rows, hessian, grid, **options)
+        else:
+            result = solve_layer(rows, hessian, grid, **options)
+    if result.retries:
+        log.warning(
+            "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
+            "(consider more calibration samples)", info.name, config.damp, result.damp_used,
         )
-        result = solve_layer(
-            rows[sl], hk, grid, order=config.order, damp=config.damp, block_size=config.block_size
-        )
-        codes[sl] = result.codes
-        scales[sl] = grid.scale
-        qmax = grid.qmax
-    return codes.reshape(w.shape), scales, qmax
+    for w_ in caught:
+        if not issubclass(w_.category, DampingIncreasedWarning):
+            warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
+    return result.codes.reshape(w.shape), grid.scale, grid.qmax
 
 
 def _correct_layer(

@@ -1,0 +1,427 @@
+"""Fairness-aware mixed-precision search: sensitivity → allocation → verification → export.
+
+``search_mixed_precision``:
+
+1. split the calibration data per group into a held-in part and a held-out part
+   (``MixedPrecisionConfig.holdout_fraction``);
+2. measure Δ_g(l, b) on the held-in part (:mod:`fqexport.sensitivity`, cached);
+3. list candidate allocations within the budget (:mod:`fqexport.allocation`);
+4. verify the best ``num_candidates``: quantize each with the real pipeline (solver, bias
+   correction, activation calibration) on the held-in part and measure per-group accuracy and
+   loss on the held-out part; the best measured objective wins (worst-group: highest
+   worst-group accuracy, then mean accuracy; mean: highest accuracy; weighted: highest
+   weighted accuracy);
+5. return the winner's CompressedModel, ready to ``.export()``, with the allocation table in
+   ``info["allocation"]`` (it goes into the ONNX metadata).
+
+``pareto_sweep`` repeats the search over budgets (the sensitivity table is measured once) and
+writes (budget, avg bits, bytes, worst-group accuracy, mean accuracy) as JSON, CSV and PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation import (
+    Allocation,
+    Budget,
+    LayerCost,
+    candidate_allocations,
+    resource_used,
+)
+from .atomic import atomic_write
+from .calibration.group_data import GroupData
+from .config import MixedPrecisionConfig, QuantConfig
+from .errors import ConfigError
+from .group_metrics import GroupMetrics, group_metrics
+from .sensitivity import SensitivityTable, measure_sensitivity
+
+log = logging.getLogger(__name__)
+
+MSG_NO_BUDGETS = "pareto_sweep: budgets must be a non-empty list of average weight bits (e.g. [2.5, 3, 4])"
+PARETO_FIELDS = ("budget", "avg_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
+                 "float_worst_group_acc", "float_mean_acc")
+
+
+# ---------------------------------------------------------------------------------------------
+# layer costs
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_costs(model: nn.Module, example: torch.Tensor) -> list[LayerCost]:
+    """Params, MACs per sample and output channels of each quantizable layer (BN folded)."""
+    import copy
+
+    from .model_graph import check_supported, count_macs, fold_batchnorm, quantizable_layers, trace
+
+    raw = trace(copy.deepcopy(model).eval().cpu())
+    skip = check_supported(raw, skip_unsupported=True)
+    folded, bn = fold_batchnorm(raw)
+    infos = quantizable_layers(folded, skip, bn)
+    macs = count_macs(folded, example, [i.name for i in infos])
+    modules = dict(folded.named_modules())
+    return [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0])) for i in infos]
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+
+
+def _metrics_summary(m: GroupMetrics) -> dict[str, Any]:
+    worst, worst_acc = m.group_min("accuracy")
+    return {
+        "accuracy": {g: float(r["accuracy"]) for g, r in m.by_group.items()},
+        "loss": {g: float(r["loss"]) for g, r in m.by_group.items()},
+        "worst_group": worst,
+        "worst_group_acc": float(worst_acc),
+        "mean_acc": float(m.overall["accuracy"]),
+    }
+
+
+@dataclass
+class Candidate:
+    """One allocation: predicted per-group loss increase vs what verification measured.
+
+    ``measured_loss_increase`` is the held-out per-group loss of the quantized model minus the
+    float model's; ``metrics`` the quantized model's held-out per-group metrics.
+    """
+
+    allocation: Allocation
+    metrics: GroupMetrics | None = None
+    measured_loss_increase: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def worst_group_acc(self) -> float:
+        return float(self.metrics.group_min("accuracy")[1]) if self.metrics else float("nan")
+
+    @property
+    def mean_acc(self) -> float:
+        return float(self.metrics.overall["accuracy"]) if self.metrics else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "bits": dict(self.allocation.bits),
+            "avg_bits": self.allocation.avg_bits,
+            "used": self.allocation.used,
+            "predicted_score": self.allocation.score,
+            "predicted_loss_increase": dict(self.allocation.predicted),
+            "measured_loss_increase": dict(self.measured_loss_increase),
+            "verify_seconds": self.seconds,
+        }
+        if self.metrics is not None:
+            d["measured"] = _metrics_summary(self.metrics)
+        return d
+
+
+@dataclass
+class MixedPrecisionResult:
+    """The outcome of :func:`search_mixed_precision`.
+
+    Attributes:
+        config: the MixedPrecisionConfig.
+        allocation: the chosen allocation.
+        candidates: every verified candidate (predicted vs measured), in predicted order.
+        compressed: the winner's CompressedModel (``.export(path)`` writes the ONNX file).
+        sensitivity: the Δ_g(l, b) table.
+        layers: the layer costs (params, MACs, channels).
+        float_metrics: the float model's metrics on the held-out split.
+        seconds: wall time of sensitivity, allocation and verification.
+    """
+
+    config: MixedPrecisionConfig
+    allocation: Allocation
+    candidates: list[Candidate]
+    compressed: Any  # pipeline.CompressedModel
+    sensitivity: SensitivityTable
+    layers: list[LayerCost]
+    float_metrics: GroupMetrics
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> Candidate:
+        return next(c for c in self.candidates if c.allocation is self.allocation)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per layer: name, params, bits, sensitivity (max over groups of Δ_g at the
+        chosen width) and the group it hurts most."""
+        rows = []
+        for info in self.layers:
+            if info.name not in self.allocation.bits:
+                continue
+            b = self.allocation.bits[info.name]
+            if b in self.sensitivity.bits:
+                d = self.sensitivity.at(info.name, b)
+                k = int(np.argmax(d))
+                sens, worst = float(d[k]), self.sensitivity.groups[k]
+            else:
+                sens, worst = float("nan"), ""
+            rows.append({"name": info.name, "params": info.params, "bits": b,
+                         "sensitivity": sens, "most_sensitive_group": worst})
+        return rows
+
+    def allocation_info(self) -> dict[str, Any]:
+        """What goes into the ONNX metadata under ``fqexport.allocation``."""
+        c = self.chosen
+        return {
+            "objective": self.config.objective,
+            "budget": {"kind": self.config.budget_kind, "value": self.config.budget_value},
+            "avg_bits": round(self.allocation.avg_bits, 4),
+            "used": self.allocation.used,
+            "sensitivity_method": self.sensitivity.method,
+            "table": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in self.table()],
+            "predicted_loss_increase": dict(self.allocation.predicted),
+            "measured_holdout": _metrics_summary(c.metrics) if c.metrics else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allocation": self.allocation_info(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "float_holdout": _metrics_summary(self.float_metrics),
+            "sensitivity": self.sensitivity.to_dict(),
+            "seconds": dict(self.seconds),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------------
+
+
+def _budget(mp: MixedPrecisionConfig) -> Budget:
+    return Budget(mp.budget_kind, mp.budget_value)
+
+
+def _selection_key(c: Candidate, objective: str, weights: np.ndarray | None, groups: Sequence[str]):
+    """Larger is better: the measured counterpart of the objective (ties: predicted score)."""
+    m = c.metrics
+    acc = np.array([m.by_group[g]["accuracy"] for g in groups], dtype=np.float64)
+    loss = np.array([m.by_group[g]["loss"] for g in groups], dtype=np.float64)
+    if objective == "worst-group":
+        return (float(np.nanmin(acc)), float(np.nanmean(acc)), -float(np.nanmax(loss)), -c.allocation.score)
+    if objective == "mean":
+        return (float(m.overall["accuracy"]), -float(m.overall["loss"]), -c.allocation.score)
+    return (float(np.nansum(acc * weights)), -float(np.nansum(loss * weights)), -c.allocation.score)
+
+
+def _group_weights(mp: MixedPrecisionConfig, data: GroupData) -> dict[str, float] | None:
+    """Group weights of the inner problem: the user's for 'weighted'; population shares for
+    'mean' (the calibration data's group proportions, as HAWQ weights samples); None otherwise."""
+    if mp.group_weights:
+        return {str(k): float(v) for k, v in mp.group_weights.items()}
+    if mp.objective == "mean":
+        counts = data.group_counts().astype(np.float64)
+        return {g: float(c / counts.sum()) for g, c in zip(data.group_names, counts)}
+    return None
+
+
+def search_mixed_precision(
+    model: nn.Module,
+    calib: GroupData | str | Path | Any,
+    mp_config: MixedPrecisionConfig,
+    base_config: QuantConfig | None = None,
+    *,
+    progress: bool = True,
+    sensitivity: SensitivityTable | None = None,
+) -> MixedPrecisionResult:
+    """Search a per-layer bit allocation under the budget of ``mp_config``; see the module docstring.
+
+    Args:
+        model: the float classifier (not modified).
+        calib: group-labeled calibration data (GroupData or a path); split into held-in
+            (sensitivity, quantization) and held-out (verification).
+        mp_config: budget, objective, widths, pins, verification options.
+        base_config: the QuantConfig every candidate is quantized with (``layer_bits`` is set
+            by the search; default: the solver with its defaults).
+        progress: tqdm bars.
+        sensitivity: a precomputed table (skips the measurement).
+    """
+    from .calibration.readers import load_data
+    from .calibration.sampling import split_holdout
+    from .pipeline import compress
+
+    base = base_config or QuantConfig()
+    data = load_data(calib)
+    held_in, held_out = split_holdout(data, mp_config.holdout_fraction, seed=mp_config.seed)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    table = sensitivity or measure_sensitivity(
+        model, held_in, bit_choices=mp_config.bit_choices, method=mp_config.sensitivity,
+        num_samples=mp_config.sensitivity_samples, weight_range=base.weight_range,
+        clip_search=base.clip_search, seed=mp_config.seed, cache_path=mp_config.cache_path,
+        progress=progress,
+    )
+    seconds["sensitivity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    example = torch.from_numpy(np.ascontiguousarray(data.x[:1]))
+    layers = layer_costs(model, example)
+    storage = base.storage
+    ranked = candidate_allocations(
+        table, layers, _budget(mp_config), mp_config.objective, mp_config.pins,
+        group_weights=_group_weights(mp_config, data), mean_weight=mp_config.mean_weight,
+        steps=mp_config.mw_steps, eta=mp_config.mw_eta, storage=storage,
+    )
+    seconds["allocation"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    groups = tuple(data.group_names)
+    candidates: list[Candidate] = []
+    compressed: dict[int, Any] = {}
+    float_metrics = None
+    for k, alloc in enumerate(ranked[: mp_config.num_candidates]):
+        tc = time.perf_counter()
+        cm = compress(model, held_in, replace(base, layer_bits=dict(alloc.bits)), progress=False)
+        if float_metrics is None:
+            float_metrics = group_metrics(cm.predict(held_out.x, quantized=False), held_out.y, held_out.group, groups)
+        m = group_metrics(cm.predict(held_out.x), held_out.y, held_out.group, groups)
+        inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
+        candidates.append(Candidate(alloc, m, inc, time.perf_counter() - tc))
+        compressed[id(alloc)] = cm
+        log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
+                 k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
+    seconds["verification"] = time.perf_counter() - t0
+
+    w = None
+    if mp_config.objective == "weighted":
+        gw = _group_weights(mp_config, data) or {}
+        w = np.array([gw.get(g, 0.0) for g in groups])
+        w = w / w.sum()
+    best = max(candidates, key=lambda c: _selection_key(c, mp_config.objective, w, groups))
+    result = MixedPrecisionResult(
+        mp_config, best.allocation, candidates, compressed[id(best.allocation)], table, layers,
+        float_metrics, seconds,
+    )
+    result.compressed.info["allocation"] = result.allocation_info()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Pareto sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One budget of a sweep: resources and measured accuracies of the chosen allocation."""
+
+    budget: float
+    avg_bits: float
+    weight_bytes: float
+    worst_group: str
+    worst_group_acc: float
+    mean_acc: float
+    float_worst_group_acc: float
+    float_mean_acc: float
+    bits: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PARETO_FIELDS} | {"bits": dict(self.bits)}
+
+
+def pareto_sweep(
+    model: nn.Module,
+    calib: GroupData | str | Path | Any,
+    budgets: Sequence[float],
+    mp_config: MixedPrecisionConfig | None = None,
+    base_config: QuantConfig | None = None,
+    *,
+    test: GroupData | None = None,
+    progress: bool = True,
+) -> list[ParetoPoint]:
+    """Search at each average-bits budget; accuracies on ``test`` (else the held-out split).
+
+    ``mp_config`` is the template (its budget is replaced by each value of ``budgets``); the
+    sensitivity table is measured once and shared.
+    """
+    from .calibration.readers import load_data
+
+    if not budgets:
+        raise ConfigError(MSG_NO_BUDGETS)
+    template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
+    data = load_data(calib)
+    points: list[ParetoPoint] = []
+    table = None
+    for b in budgets:
+        mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
+        res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table)
+        table = res.sensitivity
+        if test is not None:
+            cm = res.compressed
+            m = group_metrics(cm.predict(test.x), test.y, test.group, test.group_names)
+            f = group_metrics(cm.predict(test.x, quantized=False), test.y, test.group, test.group_names)
+        else:
+            m, f = res.chosen.metrics, res.float_metrics
+        worst, worst_acc = m.group_min("accuracy")
+        storage = (base_config or QuantConfig()).storage
+        points.append(ParetoPoint(
+            float(b), res.allocation.avg_bits,
+            resource_used(res.allocation.bits, res.layers, "bytes", storage),
+            worst, float(worst_acc), float(m.overall["accuracy"]),
+            float(f.group_min("accuracy")[1]), float(f.overall["accuracy"]), dict(res.allocation.bits),
+        ))
+    return points
+
+
+def write_pareto_json(points: Sequence[ParetoPoint], path: str | Path) -> Path:
+    """The points as a JSON list (atomic write)."""
+    text = json.dumps([p.to_dict() for p in points], indent=1)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_pareto_csv(points: Sequence[ParetoPoint], path: str | Path) -> Path:
+    """One CSV row per point with :data:`PARETO_FIELDS` and the allocation as ``name=bits;…``."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*PARETO_FIELDS, "bits"])
+            for p in points:
+                w.writerow([getattr(p, k) for k in PARETO_FIELDS] + [";".join(f"{k}={v}" for k, v in p.bits.items())])
+
+    return atomic_write(path, write)
+
+
+def plot_pareto(points: Sequence[ParetoPoint], path: str | Path) -> Path | None:
+    """Worst-group and mean accuracy against average bits as a PNG; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed; no Pareto plot")
+        return None
+    pts = sorted(points, key=lambda p: p.avg_bits)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([p.avg_bits for p in pts], [100 * p.worst_group_acc for p in pts], "o-", label="worst group")
+    ax.plot([p.avg_bits for p in pts], [100 * p.mean_acc for p in pts], "s--", label="mean")
+    if pts:
+        ax.axhline(100 * pts[0].float_worst_group_acc, color="gray", lw=0.8, ls=":", label="float worst group")
+    ax.set_xlabel("average weight bits")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("fairness-aware mixed precision: budget vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+
+    try:
+        return atomic_write(path, write)
+    finally:
+        plt.close(fig)

@@ -36,7 +36,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .knapsack import DEFAULT_MAX_CELLS, solve_real
+from .knapsack import solve_real
 from .sensitivity import SensitivityTable
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ BUDGET_KINDS = ("bits", "bytes", "bops")
 STORAGE_BITS = ("auto", "packed", "int8", "ideal")
 ACT_BITS = 8
 BYTES_PER_CHANNEL = 5  # fp32 scale + int8 zero point per output channel
+# DP cells per knapsack solve: weights are rounded up to span/(cells/L) units, so at most
+# L²/cells of the budget's span is left unused — negligible for CNN-sized layer counts.
+ALLOC_MAX_CELLS = 1_000_000
 
 MSG_OBJECTIVE = "objective={objective!r} is not one of " + ", ".join(OBJECTIVES)
 MSG_BUDGET_KIND = "budget kind={kind!r} is not one of " + ", ".join(BUDGET_KINDS)
@@ -283,7 +286,7 @@ def candidate_allocations(
     steps: int = 60,
     eta: float = 0.5,
     storage: str = "auto",
-    max_cells: int = DEFAULT_MAX_CELLS,
+    max_cells: int = ALLOC_MAX_CELLS,
 ) -> list[Allocation]:
     """Distinct allocations within the budget, best predicted objective first.
 

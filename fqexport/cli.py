@@ -60,8 +60,16 @@ def print_table(rows: list[dict], columns: list[str], file=None) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
 
 
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand accepts after its name (``fqexport compress ... -q``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return common
+
+
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="quantize a float model and export QDQ ONNX",
+    p = sub.add_parser("compress", parents=[_common()], help="quantize a float model and export QDQ ONNX",
                        description="Quantize a float PyTorch model with group-labeled calibration data "
                        "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
     p.add_argument("--model", required=True, help="'package.module:factory', a torch.export .pt2 file, "
@@ -124,7 +132,7 @@ def run_compress(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on an embedded synthetic task",
+    p = sub.add_parser("demo", parents=[_common()], help="run the whole pipeline on an embedded synthetic task",
                        description="Generate a group-labeled image task (90%% majority, 10%% inverted-contrast "
                        "minority), train a small ResNet on CPU, compress it (naive W8A8, fqexport W8A8, RTN W4A8, "
                        "fqexport W4A8), export QDQ ONNX, validate every model per group in ONNX Runtime.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,43 +77,50 @@ def _row(label: str, report) -> dict[str, Any]:
     worst_name, worst = m.group_min("accuracy")
     row["worst %"] = f"{100 * worst:.2f}"
     row["gap pt"] = f"{100 * m.difference('accuracy'):.2f}"
-    row["size MB"] = f"{report.file_size_bytes / 1e6:.3f}"
+    row["size MB"] = f"{report.size_bytes / 1e6:.3f}"
     lat = report.latency[0] if report.latency else None
     row["p50 ms (b=1)"] = f"{lat.p50_ms:.2f}" if lat else "-"
-    row["kernels"] = ", ".join(f"{k}×{v}" for k, v in sorted(report.fused_kernels.items())
-                               if k in ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulNBits", "Conv", "Gemm", "FusedConv", "FusedGemm"))
+    row["kernels"] = ", ".join(f"{k}×{v}" for k, v in sorted((report.fused_kernels or {}).items())
+                               if v and k in ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulNBits", "Conv", "Gemm", "FusedConv", "FusedGemm"))
     return row
+
+
+def prepare_demo_model(*, seed: int = 0, progress: bool = True, verbose: bool = False):
+    """Generate the demo task and train its SmallResNet: ``(model, train, test, seconds)``."""
+    from .demo_models import SmallResNet
+    from .demo_task import make_image_task
+    from .training import DEMO_TASK_SIZES, DEMO_TRAIN, train_classifier
+
+    sizes = DEMO_TASK_SIZES
+    if verbose:
+        print(f"[1/4] generating the image task: {sizes.n_train} train / {sizes.n_test} test images, "
+              f"{sizes.size}x{sizes.size}, minority 'inverted-contrast' = {sizes.minority_fraction:.0%}")
+    train, test = make_image_task(sizes.n_train, sizes.n_test, sizes.size, sizes.minority_fraction, seed=seed)
+    if verbose:
+        print("[2/4] training SmallResNet on CPU")
+    torch.manual_seed(seed)
+    model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
+    t = time.perf_counter()
+    model = train_classifier(model, train, DEMO_TRAIN, progress=progress)
+    return model.eval(), train, test, time.perf_counter() - t
 
 
 def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True) -> list[DemoRow]:
     """Run the whole demo into ``out_dir``; print and return the per-group table."""
     from .cli import print_table
-    from .demo_models import SmallResNet
-    from .demo_task import DemoTaskSizes, make_image_task
     from .exporters.qdq_onnx import export_float
     from .exporters.reports import write_json_data, write_markdown_table
     from .exporters.validation import validate
     from .pipeline import compress
-    from .training import DEMO_TRAIN, train_classifier
     from .calibration.sampling import group_balanced_subset
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sizes = DemoTaskSizes()
-    print(f"[1/4] generating the image task: {sizes.n_train} train / {sizes.n_test} test images, "
-          f"{sizes.size}x{sizes.size}, minority 'inverted-contrast' = {sizes.minority_fraction:.0%}")
-    train, test = make_image_task(sizes.n_train, sizes.n_test, sizes.size, sizes.minority_fraction, seed=seed)
+    model, train, test, t_train = prepare_demo_model(seed=seed, progress=progress, verbose=True)
     calib = group_balanced_subset(train, 2 * DEMO_NUM_CALIB, seed=seed)
     save_npz(calib, out_dir / "calib.npz")
     save_npz(test, out_dir / "test.npz")
-
-    print("[2/4] training SmallResNet on CPU")
-    torch.manual_seed(seed)
-    model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
-    t_train = time.perf_counter()
-    model = train_classifier(model, train, DEMO_TRAIN, progress=progress)
-    t_train = time.perf_counter() - t_train
     torch.save(model.state_dict(), out_dir / "model.pt")
 
     print("[3/4] compressing and exporting")
@@ -124,7 +131,7 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True) -> list[Dem
     naive_path = ort_quantize_static_baseline(float_path, calib, out_dir / "ort_quantize_static_w8a8.onnx")
     paths = [("float", float_path), ("ORT quantize_static W8A8", naive_path)]
     for label, config in DEMO_VARIANTS:
-        cm = compress(model, calib, QuantConfig(**{**config.__dict__, "num_calib": DEMO_NUM_CALIB, "seed": seed}), progress=progress)
+        cm = compress(model, calib, replace(config, num_calib=DEMO_NUM_CALIB, seed=seed), progress=progress)
         path = out_dir / (label.lower().replace(" ", "_") + ".onnx")
         result = cm.export(path)
         log.info("%s: agreement with fake-quant reference %.4f", label, result.agreement)

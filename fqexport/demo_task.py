@@ -49,7 +49,7 @@ class DemoTaskSizes:
     """Sample counts of the demo image task."""
 
     n_train: int = 8000
-    n_test: int = 2000
+    n_test: int = 3000
     size: int = 32
     minority_fraction: float = 0.1
 
@@ -114,7 +114,7 @@ def _render_images(
     n = labels.shape[0]
     f32 = np.float32
     # Per-sample pose: centre c, radius s (half-image units), rotation θ, aspect a.
-    s = rng.uniform(0.38, 0.72, n).astype(f32)
+    s = rng.uniform(0.36, 0.72, n).astype(f32)
     c = rng.uniform(-1.0, 1.0, (n, 2)).astype(f32) * (0.95 - s)[:, None]
     theta = rng.uniform(0.0, 2 * np.pi, n).astype(f32)
     aspect = rng.uniform(0.85, 1.18, n).astype(f32)
@@ -124,7 +124,7 @@ def _render_images(
     # Illumination gradient g·(u, v) and global brightness jitter b.
     grad = rng.normal(0.0, 0.08, (n, 2)).astype(f32)
     bright = rng.uniform(0.85, 1.15, n).astype(f32)
-    noise_std = rng.uniform(0.03, 0.12, n).astype(f32)
+    noise_std = rng.uniform(0.03, 0.14, n).astype(f32)
 
     coords = (np.arange(size, dtype=f32) + 0.5) / size * 2.0 - 1.0  # pixel centres in [-1, 1]
     v, u = np.meshgrid(coords, coords, indexing="ij")  # v: rows (down), u: columns
@@ -148,8 +148,8 @@ def _render_images(
     pixel = (2.0 / size) / sc
     cover = np.clip(0.5 - sdf / pixel, 0.0, 1.0)
 
-    # Clutter: 2 small dots per image at random places (same colour as the shape, dimmer).
-    for _ in range(2):
+    # Clutter: 3 small dots per image at random places (same colour as the shape, dimmer).
+    for _ in range(3):
         pc = rng.uniform(-0.9, 0.9, (n, 2)).astype(f32)
         rad = rng.uniform(0.04, 0.09, n).astype(f32)[:, None, None]
         d = np.sqrt((u - pc[:, 0, None, None]) ** 2 + (v - pc[:, 1, None, None]) ** 2) - rad
@@ -188,7 +188,7 @@ def _render_split(
 
 def make_image_task(
     n_train: int = 8000,
-    n_test: int = 2000,
+    n_test: int = 3000,
     size: int = 32,
     minority_fraction: float = 0.1,
     seed: int = 0,
@@ -226,7 +226,7 @@ def make_image_task(
 
 def make_tabular_task(
     n_train: int = 8000,
-    n_test: int = 2000,
+    n_test: int = 3000,
     n_features: int = 32,
     num_classes: int = 4,
     minority_fraction: float = 0.1,

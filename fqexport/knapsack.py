@@ -107,18 +107,16 @@ def solve(costs: Sequence[Sequence[float]], weights: Sequence[Sequence[int]], ca
     back = np.zeros((len(rel), n), dtype=np.int16)
     for l, (c, w) in enumerate(zip(c_arr, rel)):
         new = np.full(n, np.inf)
-        arg = np.zeros(n, dtype=np.int16)
+        arg = back[l]
         for k in range(len(c)):
             wk = int(w[k])
             if wk >= n:
                 continue
-            cand = np.full(n, np.inf)
-            cand[wk:] = dp[: n - wk] + c[k]  # D_{l-1}(u - w_lk) + c_lk
-            better = cand < new
-            new = np.where(better, cand, new)
-            arg = np.where(better, k, arg)
+            cand = dp[: n - wk] + c[k]  # D_{l-1}(u - w_lk) + c_lk for u >= w_lk
+            better = cand < new[wk:]
+            np.copyto(new[wk:], cand, where=better)
+            np.copyto(arg[wk:], np.int16(k), where=better)
         dp = new
-        back[l] = arg
     if not np.isfinite(dp[cap]):
         raise ConfigError(MSG_INFEASIBLE.format(need=need, cap=int(capacity)))
     # Trace back from the full capacity.

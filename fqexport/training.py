@@ -86,8 +86,8 @@ class TrainConfig:
 
 
 # The embedded demo: make_image_task(**vars(DEMO_TASK_SIZES)) + SmallResNet() + DEMO_TRAIN.
-DEMO_TASK_SIZES = DemoTaskSizes(n_train=8000, n_test=2000, size=32, minority_fraction=0.1)
-DEMO_TRAIN = TrainConfig(epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
+DEMO_TASK_SIZES = DemoTaskSizes(n_train=8000, n_test=3000, size=32, minority_fraction=0.1)
+DEMO_TRAIN = TrainConfig(epochs=10, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
                          max_seconds=85.0)
 
 
@@ -143,7 +143,10 @@ def train_classifier(
     opt = torch.optim.SGD(_param_groups(model, float(config.weight_decay)), lr=float(config.lr),
                           momentum=0.9, nesterov=True)
     budget = None if config.max_seconds is None else float(config.max_seconds)
-    image = x_all.dim() == 4 and config.hflip
+    image = x_all.dim() == 4
+    hflip = image and config.hflip
+    if image:  # channels_last convolutions train ~1.5x faster on CPU; undone before returning
+        model.to(memory_format=torch.channels_last)
 
     model.train()
     start = time.perf_counter()
@@ -166,15 +169,17 @@ def train_classifier(
                     group["lr"] = lr_at(p, float(config.lr))
                 idx = perm[b * bs:(b + 1) * bs]
                 xb, yb = x_all[idx], y_all[idx]
-                if image:
+                if hflip:
                     flip = torch.rand(xb.shape[0], generator=gen) < 0.5
                     xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+                if image:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 loss = F.cross_entropy(model(xb), yb, label_smoothing=float(config.label_smoothing))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
-                running += float(loss) * xb.shape[0]
+                running += float(loss.detach()) * xb.shape[0]
                 seen += xb.shape[0]
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}")
@@ -188,6 +193,8 @@ def train_classifier(
                 break
     finally:
         bar.close()
+        if image:
+            model.to(memory_format=torch.contiguous_format)
     model.eval()
     return model
 

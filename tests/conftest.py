@@ -1,0 +1,113 @@
+"""Shared session-scoped fixtures: a tiny trained CNN and MLP on 2-group tasks, their files,
+compressed versions and exports (each built once per test session, on first use).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# One intra-op thread: on this shared 2-core machine, torch's default thread pool is up to
+# 20x slower under load (measured: 10 training epochs 5 s with 1 thread, 96 s with 2).
+torch.set_num_threads(1)
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # 'fixtures_models:tiny_cnn' resolves like a user's module
+    sys.path.insert(0, str(TESTS_DIR))
+
+import fixtures_models as fm  # noqa: E402
+
+# Layer widths of the mixed-precision CNN used by the export tests.
+MIXED_BITS = {"conv_a": 4, "dw": 6, "fc": 4}
+
+
+@pytest.fixture(scope="session")
+def tests_dir() -> Path:
+    return TESTS_DIR
+
+
+@pytest.fixture(scope="session")
+def cnn_data():
+    return fm.image_task()
+
+
+@pytest.fixture(scope="session")
+def cnn_model(cnn_data):
+    """TinyCNN trained to ~97 % on the image task (not modified by any test)."""
+    return fm.train(fm.tiny_cnn(), cnn_data, epochs=15, lr=0.02)
+
+
+@pytest.fixture(scope="session")
+def cnn_files(tmp_path_factory, cnn_model, cnn_data):
+    """Folder with the CNN's state_dict (``cnn.pt``) and the task as ``calib.npz``."""
+    d = tmp_path_factory.mktemp("cnn_files")
+    torch.save(cnn_model.state_dict(), d / "cnn.pt")
+    fm.save_npz(cnn_data, d / "calib.npz")
+    return d
+
+
+def _compress(model, data, **kw):
+    from fqexport.config import QuantConfig
+    from fqexport.pipeline import compress
+
+    kw.setdefault("num_calib", 256)
+    return compress(model, data, QuantConfig(**kw), progress=False)
+
+
+@pytest.fixture(scope="session")
+def cnn_cm8(cnn_model, cnn_data):
+    """The CNN compressed at 8 bits (solver, x86-safe)."""
+    return _compress(cnn_model, cnn_data)
+
+
+@pytest.fixture(scope="session")
+def cnn_cm_mixed(cnn_model, cnn_data):
+    """The CNN with MIXED_BITS (others 8 bits)."""
+    return _compress(cnn_model, cnn_data, layer_bits=MIXED_BITS)
+
+
+@pytest.fixture(scope="session")
+def cnn_exports(tmp_path_factory, cnn_cm_mixed):
+    """The mixed CNN exported twice: storage 'auto' and 'int8'.
+
+    Returns a dict with the two ExportResults and the ONNX proto ``torch_to_onnx`` produced
+    (before the weight rewrite), so failure tests can skip the slow torch export.
+    """
+    from fqexport.exporters import qdq_onnx
+
+    d = tmp_path_factory.mktemp("cnn_exports")
+    protos = []
+    real = qdq_onnx.torch_to_onnx
+
+    def capture(*args, **kwargs):
+        proto = real(*args, **kwargs)
+        protos.append(copy.deepcopy(proto))
+        return proto
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qdq_onnx, "torch_to_onnx", capture)
+        auto = cnn_cm_mixed.export(d / "auto.onnx")
+    int8 = cnn_cm_mixed.export(d / "int8.onnx", storage="int8")
+    return {"dir": d, "auto": auto, "int8": int8, "proto": protos[0]}
+
+
+@pytest.fixture(scope="session")
+def mlp_data():
+    return fm.tabular_task()
+
+
+@pytest.fixture(scope="session")
+def mlp_model(mlp_data):
+    return fm.train(fm.tiny_mlp(), mlp_data, epochs=15)
+
+
+@pytest.fixture(scope="session")
+def mlp_files(tmp_path_factory, mlp_model, mlp_data):
+    d = tmp_path_factory.mktemp("mlp_files")
+    torch.save(mlp_model.state_dict(), d / "mlp.pt")
+    fm.save_npz(mlp_data, d / "calib.npz")
+    return d

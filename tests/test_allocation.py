@@ -1,0 +1,170 @@
+"""Bit allocation: budgets, pins, objectives (worst-group protects a minority-only layer)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fqexport.allocation import (
+    Budget,
+    LayerCost,
+    allocate,
+    candidate_allocations,
+    container_bits,
+    first_last_pins,
+    layer_resource,
+    resolve_pins,
+    resource_used,
+)
+from fqexport.errors import ConfigError
+from fqexport.sensitivity import SensitivityTable
+
+BITS = (2, 3, 4, 8)
+GROUPS = ("majority", "minority")
+
+
+def table(delta: dict[str, list[list[float]]], bits=BITS) -> SensitivityTable:
+    """delta[layer] = per width, [Δ_majority, Δ_minority]."""
+    layers = tuple(delta)
+    arr = np.array([delta[l] for l in layers], dtype=np.float64)
+    return SensitivityTable(layers, tuple(bits), GROUPS, arr, "measured")
+
+
+def minority_layer_case():
+    """'shared' hurts both groups a little; 'minority_path' hurts only the minority, a lot.
+
+    Same params each: the budget (3 bits average) lets one layer have 4 bits, the other 2.
+    """
+    t = table({
+        "shared": [[0.30, 0.30], [0.10, 0.10], [0.05, 0.05], [0.0, 0.0]],
+        "minority_path": [[0.0, 2.0], [0.0, 0.5], [0.0, 0.1], [0.0, 0.0]],
+        "big": [[0.02, 0.02], [0.01, 0.01], [0.0, 0.0], [0.0, 0.0]],
+    })
+    infos = [LayerCost("shared", 1000, 1000, 10), LayerCost("minority_path", 1000, 1000, 10),
+             LayerCost("big", 1000, 1000, 10)]
+    return t, infos
+
+
+def test_worst_group_protects_the_layer_only_the_minority_depends_on():
+    t, infos = minority_layer_case()
+    budget = Budget("bits", 3.0)  # 9000 bit·params: e.g. 4 + 3 + 2 or 3 + 4 + 2
+    # population-weighted mean (90/10): the minority's layer is cheap to sacrifice
+    mean = allocate(t, infos, budget, "mean", group_weights={"majority": 0.9, "minority": 0.1})
+    worst = allocate(t, infos, budget, "worst-group")
+    assert mean.bits["minority_path"] < worst.bits["minority_path"]
+    assert worst.bits["minority_path"] >= 4
+    assert worst.predicted["minority"] < mean.predicted["minority"]
+    assert max(worst.predicted.values()) < max(mean.predicted.values())
+    # brute force: worst-group's max_g D_g is the true minimax optimum here
+    best = min(
+        max(sum(t.at(l, b)[g] for l, b in zip(t.layers, c)) for g in range(2))
+        for c in itertools.product(BITS, repeat=3)
+        if sum(c) * 1000 <= 9000
+    )
+    assert max(worst.predicted.values()) == pytest.approx(best)
+
+
+def test_weighted_objective_follows_the_user_weights():
+    t, infos = minority_layer_case()
+    budget = Budget("bits", 3.0)
+    w_min = allocate(t, infos, budget, "weighted", group_weights={"minority": 1.0, "majority": 0.0})
+    w_maj = allocate(t, infos, budget, "weighted", group_weights={"majority": 1.0})
+    assert w_min.bits["minority_path"] > w_maj.bits["minority_path"]
+    with pytest.raises(ConfigError, match="objective='weighted' needs group_weights"):
+        allocate(t, infos, budget, "weighted")
+    with pytest.raises(ConfigError, match="group_weights names 'nobody'"):
+        allocate(t, infos, budget, "weighted", group_weights={"nobody": 1.0})
+
+
+def random_case(rng, layers=5):
+    names = [f"l{i}" for i in range(layers)]
+    # Δ decreasing in bits, random per group
+    d = np.sort(rng.uniform(0, 1, (layers, len(BITS), 2)), axis=1)[:, ::-1]
+    t = SensitivityTable(tuple(names), BITS, GROUPS, d.copy(), "measured")
+    infos = [LayerCost(n, int(rng.integers(10, 5000)), int(rng.integers(100, 10**6)), int(rng.integers(1, 64)))
+             for n in names]
+    return t, infos
+
+
+@pytest.mark.parametrize("kind", ["bits", "bytes", "bops"])
+def test_budget_never_exceeded(kind):
+    rng = np.random.default_rng({"bits": 0, "bytes": 1, "bops": 2}[kind])
+    for trial in range(12):
+        t, infos = random_case(rng)
+        lo = resource_used({i.name: 2 for i in infos}, infos, kind)
+        hi = resource_used({i.name: 8 for i in infos}, infos, kind)
+        value = float(rng.uniform(lo, hi))
+        for objective in ("worst-group", "mean"):
+            cands = candidate_allocations(t, infos, Budget(kind, value), objective, steps=10)
+            for a in cands:
+                assert resource_used(a.bits, infos, kind) <= value + 1e-9
+                assert a.used == pytest.approx(resource_used(a.bits, infos, kind))
+
+
+def test_mean_objective_is_the_exact_knapsack_optimum():
+    rng = np.random.default_rng(5)
+    for trial in range(10):
+        t, infos = random_case(rng, layers=4)
+        cap = 3.3
+        a = allocate(t, infos, Budget("bits", cap), "mean")
+        total = sum(i.params for i in infos)
+        best = min(
+            sum(t.at(l, b).mean() for l, b in zip(t.layers, c))
+            for c in itertools.product(BITS, repeat=4)
+            if sum(b * i.params for b, i in zip(c, infos)) <= cap * total
+        )
+        assert a.score == pytest.approx(best)
+
+
+def test_pinned_layers_keep_their_width():
+    t, infos = minority_layer_case()
+    a = allocate(t, infos, Budget("bits", 4.0), "worst-group", pins={"shared": 8, "b*": 2})
+    assert a.bits["shared"] == 8
+    assert a.bits["big"] == 2
+    assert resource_used(a.bits, infos, "bits") <= 4.0
+    # a pinned width missing from the table uses the nearest measured width above it
+    b = allocate(t, infos, Budget("bits", 5.0), "mean", pins={"minority_path": 6})
+    assert b.bits["minority_path"] == 6
+
+
+def test_pin_errors_name_the_pattern():
+    with pytest.raises(ConfigError, match=r"pin 'fc\*' matches no layer \(layers: a, b\)"):
+        resolve_pins({"fc*": 8}, ["a", "b"])
+    with pytest.raises(ConfigError, match="layer 'a' is pinned twice with different widths"):
+        resolve_pins({"a": 8, "*": 4}, ["a", "b"])
+    with pytest.raises(ConfigError, match="pinned widths must be integers from 2 to 8"):
+        resolve_pins({"a": 9}, ["a"])
+    assert first_last_pins(["stem", "mid", "fc"]) == {"stem": 8, "fc": 8}
+
+
+def test_infeasible_budget_says_what_is_needed():
+    t, infos = minority_layer_case()
+    with pytest.raises(ConfigError, match=r"budget bits=3 cannot be met.*needs 4\b"):
+        allocate(t, infos, Budget("bits", 3.0), "worst-group", pins={"shared": 8})
+
+
+def test_resources_bytes_and_bops():
+    info = LayerCost("conv", params=1000, macs=50_000, channels=16)
+    # auto storage: 3 bits -> int4 container (500 B) + 5 B per channel
+    assert layer_resource(info, 3, "bytes", "auto") == 500 + 80
+    assert layer_resource(info, 6, "bytes", "auto") == 1000 + 80
+    assert layer_resource(info, 2, "bytes", "packed") == 250 + 80
+    assert layer_resource(info, 3, "bytes", "ideal") == 375 + 80
+    assert layer_resource(info, 4, "bops") == 4 * 8 * 50_000
+    assert container_bits(5, "int8") == 8
+    with pytest.raises(ConfigError, match="budget kind='flops' is not one of bits, bytes, bops"):
+        Budget("flops", 1.0)
+    with pytest.raises(ConfigError, match="budget bits=-1 must be a finite number > 0"):
+        Budget("bits", -1)
+
+
+def test_allocation_to_dict_reports_bits_and_prediction():
+    t, infos = minority_layer_case()
+    a = allocate(t, infos, Budget("bits", 4.0), "worst-group")
+    d = a.to_dict()
+    assert d["bits"] == a.bits
+    assert d["budget"] == {"kind": "bits", "value": 4.0}
+    assert set(d["predicted_loss_increase"]) == set(GROUPS)
+    assert d["avg_bits"] <= 4.0

@@ -1,0 +1,173 @@
+"""Tests of fqexport/cli.py through main([...]): exit codes 0/1/2, files, printed tables, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fqexport.cli import main
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _compress_args(files, out, *extra, calib=None, weights=None):
+    return ["-q", "compress", "--model", "fixtures_models:tiny_mlp", "--weights", weights or files / "mlp.pt",
+            "--calib", calib or files / "calib.npz", "--out", out, "--num-calib", "200", *extra]
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, mlp_files, tests_dir):
+    out_dir = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tests_dir)  # 'fixtures_models:tiny_mlp' resolves from the working directory
+        code, out, err = _run(_compress_args(mlp_files, out_dir / "mlp.onnx", "--layer-bits", "fc3=4",
+                                             "--report", out_dir / "report.json"))
+    return code, out, err, out_dir
+
+
+def test_compress_end_to_end(compressed):
+    code, out, err, d = compressed
+    assert code == 0, err
+    model = onnx.load(str(d / "mlp.onnx"))
+    onnx.checker.check_model(model)
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "kind", "bits", "params", "macs", "storage"]
+    rows = {l.split()[0]: l.split() for l in lines[2:5]}
+    assert rows["fc1"] == ["fc1", "linear", "8", "16,384", "16,384", "int8"]
+    assert rows["fc3"] == ["fc3", "linear", "4", "1,024", "1,024", "int4"]
+    assert "wrote " in out and "mlp.onnx" in out and "opset 21" in out
+    assert "top-1 agreement" in out and "on 200 calibration samples" in out
+
+
+def test_compress_writes_report(compressed):
+    _, _, _, d = compressed
+    report = json.loads((d / "report.json").read_text())
+    assert [r["bits"] for r in report["layers"]] == [8, 8, 4]
+    assert report["export"]["agreement"] >= 0.99
+    assert report["avg_weight_bits"] == pytest.approx((8 * 16384 + 8 * 65536 + 4 * 1024) / (16384 + 65536 + 1024))
+
+
+def _worst_group_acc(path, data) -> float:
+    from fqexport.exporters.ort_session import make_session, run_batches
+
+    pred = run_batches(make_session(path), data.x, 100).argmax(1)
+    return min(float(np.mean(pred[data.group == g] == data.y[data.group == g])) for g in range(2))
+
+
+def test_validate_passes_then_fails_a_too_high_limit(compressed, mlp_files, mlp_data):
+    _, _, _, d = compressed
+    worst = 100.0 * _worst_group_acc(d / "mlp.onnx", mlp_data)
+    assert 60.0 < worst < 99.9  # the limit below is reachable and breakable
+    base = ["validate", d / "mlp.onnx", "--data", mlp_files / "calib.npz", "--no-latency", "--no-kernel-check"]
+    code, out, err = _run([*base, "--min-worst-group-acc", f"{worst - 0.05:.2f}"])
+    assert code == 0, err
+    assert out.rstrip().endswith("PASS")
+    code, out, err = _run([*base, "--min-worst-group-acc", f"{worst + 0.05:.2f}"])
+    assert code == 1
+    assert "FAIL: 1 limit(s) broken" in out and "FAIL min_worst_group_acc" in out
+
+
+def test_validate_limit_above_100_is_bad_input(compressed, mlp_files):
+    _, _, _, d = compressed
+    err = _bad_input(["validate", d / "mlp.onnx", "--data", mlp_files / "calib.npz", "--no-latency",
+                      "--min-worst-group-acc", "100.5"])
+    assert "min_worst_group_acc" in err and "100.5" in err
+
+
+@pytest.fixture()
+def bad_npz(tmp_path, mlp_data):
+    def make(**changes):
+        arrays = {"x": mlp_data.x.copy(), "y": mlp_data.y.copy(), "group": mlp_data.group.copy()}
+        for k, fn in changes.items():
+            fn(arrays[k])
+        np.savez(tmp_path / "bad.npz", **arrays)
+        return tmp_path / "bad.npz"
+
+    return make
+
+
+def _bad_input(argv) -> str:
+    code, out, err = _run(argv)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ")
+    return err
+
+
+def test_missing_calib_file(mlp_files, tmp_path):
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", calib=tmp_path / "nope.npz"))
+    assert "nope.npz: file not found" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_nan_in_x(mlp_files, tmp_path, bad_npz):
+    def poison(x):
+        x[3, 2] = np.nan
+
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", calib=bad_npz(x=poison)))
+    assert "bad.npz: field 'x' contains NaN or Inf (1 values)" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_label_out_of_range(mlp_files, tmp_path, bad_npz):
+    def relabel(y):
+        y[0] = 9
+
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", calib=bad_npz(y=relabel)))
+    assert "bad.npz: field 'y' holds the label 9 outside [0, 4)" in err
+
+
+def test_bits_9(mlp_files, tmp_path):
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--weight-bits", "9"))
+    assert "weight_bits=9 is not supported" in err
+
+
+def test_unknown_layer_in_layer_bits(mlp_files, tmp_path):
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--layer-bits", "nope=4"))
+    assert "layer_bits names 'nope', not a quantizable layer of the model (layers: fc1, fc2, fc3)" in err
+
+
+def test_malformed_layer_bits(mlp_files, tmp_path):
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--layer-bits", "fc1"))
+    assert "--layer-bits 'fc1': expected NAME=BITS" in err
+
+
+def test_unreadable_checkpoint(mlp_files, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"\x00garbage")
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", weights=tmp_path / "broken.pt"))
+    assert "broken.pt: cannot read checkpoint" in err
+
+
+def test_checkpoint_of_another_model(cnn_files, mlp_files, tmp_path):
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", weights=cnn_files / "cnn.pt"))
+    assert "state_dict does not match the model from 'fixtures_models:tiny_mlp'" in err
+    assert "missing keys ['fc1.weight'" in err
+
+
+def test_pickled_model_needs_trust_flag(mlp_files, mlp_model, tmp_path):
+    torch.save(mlp_model, tmp_path / "whole.pth")
+    err = _bad_input(["-q", "compress", "--model", tmp_path / "whole.pth", "--calib", mlp_files / "calib.npz",
+                      "--out", tmp_path / "o.onnx"])
+    assert "--trust-pickle" in err
+
+
+def test_validate_missing_model(mlp_files, tmp_path):
+    err = _bad_input(["validate", tmp_path / "none.onnx", "--data", mlp_files / "calib.npz", "--no-latency"])
+    assert "none.onnx" in err
+
+
+def test_missing_required_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compress", "--model", "m:f"])
+    assert info.value.code == 2
+    assert "--calib" in capsys.readouterr().err

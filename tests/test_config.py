@@ -1,0 +1,71 @@
+"""Tests of fqexport/config.py: defaults, per-layer bits and the error text of each check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fqexport.config import QuantConfig
+from fqexport.errors import ConfigError
+
+
+def test_defaults():
+    c = QuantConfig()
+    assert (c.weight_bits, c.method, c.weight_range, c.storage) == (8, "solver", "x86-safe", "auto")
+    assert c.group_weights is None and c.bias_correction and c.bn_reestimate
+
+
+def test_bits_for_uses_layer_bits_then_default():
+    c = QuantConfig(weight_bits=6, layer_bits={"fc": 4})
+    assert c.bits_for("fc") == 4 and c.bits_for("conv1") == 6
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QuantConfig().weight_bits = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"weight_bits": 9}, "weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
+        ({"weight_bits": 1}, "weight_bits=1 is not supported"),
+        ({"weight_bits": True}, "weight_bits=True is not supported"),
+        ({"weight_bits": 8.0}, "weight_bits=8.0 is not supported"),
+        ({"layer_bits": {"fc": 16}}, "layer_bits['fc']=16 is not supported"),
+        ({"method": "gptq"}, "method='gptq' is not one of solver, rtn"),
+        ({"order": "random"}, "order='random' is not one of sensitivity, hessian-diag, natural"),
+        ({"calibration": "entropy"}, "calibration='entropy' is not one of minmax, percentile, mse"),
+        ({"weight_range": "half"}, "weight_range='half' is not one of x86-safe, full"),
+        ({"storage": "int4"}, "storage='int4' is not one of auto, int8, packed"),
+        ({"damp": -0.1}, "damp=-0.1 must be in [0, 10)"),
+        ({"block_size": 0}, "block_size=0 must be >= 1"),
+        ({"percentile": 50.0}, "percentile=50.0 must be in (50, 100]"),
+        ({"num_calib": 0}, "num_calib=0 must be >= 1"),
+        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+        ({"group_weights": {}}, "group_weights must be None (equal per group), 'samples'"),
+        ({"group_weights": "equal"}, "group_weights must be None"),
+        ({"group_weights": {"a": -1.0}}, "group_weights['a']=-1.0 must be >= 0"),
+        ({"group_weights": {"a": 0.0, "b": 0.0}}, "group_weights must not all be zero"),
+    ],
+)
+def test_errors_name_the_field(kwargs, fragment):
+    with pytest.raises(ConfigError) as info:
+        QuantConfig(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        QuantConfig(weight_bits=0)
+
+
+@pytest.mark.parametrize("gw", [None, "samples", {"minority": 3.0, "majority": 1.0}, {0: 1.0}])
+def test_group_weights_accepted(gw):
+    assert QuantConfig(group_weights=gw).group_weights == gw
+
+
+def test_nan_group_weight_rejected():
+    with pytest.raises(ConfigError, match=r"group_weights\['a'\]=nan must be >= 0"):
+        QuantConfig(group_weights={"a": float("nan")})

@@ -1,0 +1,171 @@
+"""Tests of fqexport/diagnostics.py: power iteration vs the exact Hessian, gradient norms,
+sharper groups, the STE through activation fake quantization, analyze() float vs quantized."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.diagnostics import (
+    FLOAT_VARIANT,
+    ROW_COLUMNS,
+    analyze,
+    ensure_act_qdq_autograd,
+    group_diagnostics,
+    power_iteration,
+)
+from fqexport.errors import ConfigError, DataError
+
+
+def _logistic_task(n: int = 60, d: int = 3, k: int = 3, scale_minority: float = 1.0, seed: int = 0) -> GroupData:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    group = (np.arange(n) % 3 == 0).astype(np.int64)  # every third sample is the minority
+    y = rng.integers(0, k, n).astype(np.int64)
+    x[group == 1] *= scale_minority
+    return GroupData(x, y, group, ("majority", "minority"), "logistic")
+
+
+def _linear(d: int = 3, k: int = 3, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(d, k)
+
+
+def _exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """H of the mean CE w.r.t. all parameters, flattened, by torch.autograd.functional.hessian."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()]).double()
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, sizes)
+        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        logits = torch.func.functional_call(model.double(), params, (x.double(),))
+        return F.cross_entropy(logits, y)
+
+    h = torch.autograd.functional.hessian(loss, flat0)
+    model.float()
+    return h
+
+
+def test_power_iteration_matches_exact_top_eigenvalue_of_logistic_model():
+    data = _logistic_task()
+    model = _linear()
+    diag = group_diagnostics(model, data, batch_size=25, hessian_iters=300, tol=1e-9)
+    for g, name in enumerate(data.group_names):
+        mask = data.group == g
+        h = _exact_hessian(model, torch.from_numpy(data.x[mask]), torch.from_numpy(data.y[mask]))
+        top = float(torch.linalg.eigvalsh(h).max())
+        got = diag[name]
+        assert got.count == int(mask.sum())
+        assert got.hessian_converged and got.hessian_iterations < 300
+        assert got.top_hessian_eigenvalue == pytest.approx(top, rel=2e-3)
+
+
+def test_power_iteration_on_a_known_matrix_reports_iterations():
+    a = torch.diag(torch.tensor([5.0, 2.0, 1.0, -0.5]))
+    lam, iters, converged = power_iteration(lambda v: [a @ v[0]], [torch.zeros(4)], 500, tol=1e-10)
+    assert lam == pytest.approx(5.0, rel=1e-6) and converged and 2 <= iters < 500
+    lam, iters, converged = power_iteration(lambda v: [a @ v[0]], [torch.zeros(4)], 2, tol=1e-12)
+    assert iters == 2 and not converged
+    lam, iters, converged = power_iteration(lambda v: [torch.zeros(4)], [torch.zeros(4)], 10)
+    assert (lam, iters, converged) == (0.0, 1, True)
+
+
+def test_accuracy_loss_logit_variance_and_grad_norm_match_independent_computation():
+    data = _logistic_task(n=90, d=4, k=3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    diag = group_diagnostics(model, data, batch_size=10, hessian_iters=0)
+    for g, name in enumerate(data.group_names):
+        mask = data.group == g
+        x, y = torch.from_numpy(data.x[mask]), torch.from_numpy(data.y[mask])
+        model.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in model.parameters()))
+        d = diag[name]
+        assert d.grad_norm == pytest.approx(norm, rel=1e-5)
+        assert d.loss == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert d.accuracy == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+        assert d.logit_variance == pytest.approx(float(logits.var(dim=1, unbiased=False).mean()), rel=1e-5)
+        assert math.isnan(d.top_hessian_eigenvalue) and d.hessian_iterations == 0
+
+
+def test_group_with_scaled_up_inputs_has_larger_top_eigenvalue():
+    data = _logistic_task(n=120, d=3, scale_minority=4.0)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.mul_(0.1)  # near-uniform softmax: curvature grows like |x|²
+    diag = group_diagnostics(model, data, hessian_iters=100, tol=1e-6)
+    major, minor = diag["majority"].top_hessian_eigenvalue, diag["minority"].top_hessian_eigenvalue
+    assert minor > 5.0 * major > 0
+
+
+def test_subsampling_empty_groups_and_bad_input():
+    base = _logistic_task(n=60)
+    data = GroupData(base.x, base.y, base.group, ("majority", "minority", "absent"), "three groups")
+    diag = group_diagnostics(_linear(), data, max_samples_per_group=8, hessian_iters=3)
+    assert (diag["majority"].count, diag["majority"].total) == (8, 40)
+    assert (diag["minority"].count, diag["minority"].total) == (8, 20)
+    assert diag["absent"].count == 0 and math.isnan(diag["absent"].loss)
+    assert diag["absent"].to_dict()["loss"] is None
+    with pytest.raises(ConfigError, match="hessian_iters=-1 must be an integer >= 0"):
+        group_diagnostics(_linear(), data, hessian_iters=-1)
+    with pytest.raises(ConfigError, match="max_samples_per_group=0 must be an integer >= 1"):
+        group_diagnostics(_linear(), data, max_samples_per_group=0)
+    with pytest.raises(DataError, match="three groups: field 'x' with sample shape \\(3,\\) does not fit the model"):
+        group_diagnostics(nn.Linear(5, 3), data)
+    bad = GroupData(base.x, base.y + 5, base.group, base.group_names, "bad labels")
+    with pytest.raises(DataError, match="outside \\[0, 3\\)"):
+        group_diagnostics(_linear(), bad)
+
+
+def test_straight_through_estimator_of_act_qdq_matches_torch_fake_quantize():
+    from fqexport.fake_quant import act_qdq
+
+    ensure_act_qdq_autograd()
+    assert ensure_act_qdq_autograd() is False  # registered once
+    x = torch.linspace(-3.0, 3.0, 41, requires_grad=True)
+    scale, zp = 0.02, 100  # representable range [-2.0, 3.1]
+    (g_ours,) = torch.autograd.grad((act_qdq(x, scale, zp) ** 2).sum(), x)
+    (g_ref,) = torch.autograd.grad((torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255) ** 2).sum(), x)
+    assert torch.equal(g_ours, g_ref)
+    assert float(g_ours[0]) == 0.0 and float(g_ours[-1]) != 0.0  # clipped below, passed above
+
+
+def test_analyze_float_vs_quantized_on_tiny_mlp():
+    data = _logistic_task(n=96, d=6, k=3, scale_minority=3.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    report = analyze(model, data, bits=(4, 4), hessian_iters=5, max_samples_per_group=32)
+    assert report.variants == (FLOAT_VARIANT, "W4A8")
+    direct = group_diagnostics(model, data, hessian_iters=5, max_samples_per_group=32)
+    assert report.diagnostics["float"]["minority"].grad_norm == pytest.approx(direct["minority"].grad_norm, rel=1e-5)
+    q = report.diagnostics["W4A8"]["majority"]
+    assert q.count == 32 and math.isfinite(q.grad_norm) and math.isfinite(q.top_hessian_eigenvalue)
+    assert q.loss != report.diagnostics["float"]["majority"].loss  # 4-bit weights change the loss
+    rows = report.rows()
+    assert [(r["group"], r["variant"]) for r in rows] == [
+        ("majority", "float"), ("majority", "W4A8"), ("minority", "float"), ("minority", "W4A8")]
+    assert set(rows[0]) == set(ROW_COLUMNS)
+    change = report.changes()["W4A8"]["minority"]
+    f, qm = report.diagnostics["float"]["minority"], report.diagnostics["W4A8"]["minority"]
+    assert change["loss_increase"] == pytest.approx(qm.loss - f.loss)
+    assert change["acc_drop_pp"] == pytest.approx(100 * (f.accuracy - qm.accuracy))
+    d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert d["variants"] == ["float", "W4A8"] and d["settings"]["bits"] == [4]
+    assert d["diagnostics"]["W4A8"]["minority"]["count"] == 32
+    assert any(line.startswith("W4A8: most hurt group") for line in d["summary"])
+    with pytest.raises(ConfigError, match="weight_bits=9 is not supported"):
+        analyze(model, data, bits=(9,))

@@ -1,0 +1,155 @@
+"""Tests of fqexport/fake_quant.py: where activation Q/DQ pairs go, freezing, the act_qdq op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fqexport.calibration.observers import make_observer
+from fqexport.fake_quant import ActQuantizer, GroupContext, act_qdq, insert_act_quantizers
+from fqexport.model_graph import trace
+
+
+def _minmax():
+    return make_observer("minmax", 1)
+
+
+def _by_source(gm, qs):
+    """{name of the node feeding it: quantizer}."""
+    return {str(n.args[0]): qs[str(n.target)] for n in gm.graph.nodes if str(n.target) in qs}
+
+
+def _quantized_args(gm):
+    """Name of the node feeding each inserted quantizer, in graph order."""
+    return [str(n.args[0]) for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("act_quant")]
+
+
+class ConvReluConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.relu(self.c1(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return torch.relu(y + self.c2(y))
+
+
+class TwoUsers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return torch.relu(y) * y
+
+
+def test_conv_relu_conv_placement():
+    gm = trace(ConvReluConv())
+    _, qs = insert_act_quantizers(gm, _minmax, {"c1", "c2"})
+    assert len(qs) == 3
+    # after the input, after the ReLU (not between conv and ReLU), after the last conv
+    assert sorted(_quantized_args(gm)) == ["c2", "relu", "x"]
+    order = [n.name for n in gm.graph.nodes if n.op != "output"]
+    assert order.index("c1") < order.index("relu")
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    assert relu.args[0].name == "c1"  # conv output feeds the ReLU directly
+
+
+def test_functional_relu_is_recognised():
+    class F(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.relu(self.fc(x))
+
+    gm = trace(F())
+    insert_act_quantizers(gm, _minmax, {"fc"})
+    assert sorted(_quantized_args(gm)) == ["relu", "x"]
+
+
+def test_output_with_two_users_is_quantized_before_the_relu():
+    gm = trace(TwoUsers())
+    insert_act_quantizers(gm, _minmax, {"c1"})
+    assert sorted(_quantized_args(gm)) == ["c1", "x"]
+
+
+def test_residual_add_inputs_and_output_are_quantized():
+    gm = trace(Residual())
+    _, qs = insert_act_quantizers(gm, _minmax, {"c1", "c2"})
+    # x; c1 output (shared by c2 and the add); c2 output; add output after its ReLU
+    assert sorted(_quantized_args(gm)) == ["c1", "c2", "relu", "x"]
+    assert len(qs) == 4
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    assert all(str(a.target).startswith("act_quant") for a in add.args[:2])
+
+
+def test_float_layers_get_no_pairs():
+    gm = trace(ConvReluConv())
+    _, qs = insert_act_quantizers(gm, _minmax, {"c2"})
+    assert sorted(_quantized_args(gm)) == ["c2", "relu"]
+    gm2 = trace(ConvReluConv())
+    _, qs2 = insert_act_quantizers(gm2, _minmax, set())
+    assert qs2 == {}
+
+
+def test_observing_is_identity_and_freeze_gives_observed_qparams():
+    gm = trace(ConvReluConv())
+    context, qs = insert_act_quantizers(gm, _minmax, {"c1", "c2"})
+    x = torch.linspace(-1.0, 3.0, 2 * 36).reshape(2, 1, 6, 6)
+    ref = ConvReluConv()
+    ref.load_state_dict(gm.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.equal(gm(x), ref(x))  # observing: no change
+    by = _by_source(gm, qs)
+    for q in qs.values():
+        q.freeze()
+    assert by["x"].scale == pytest.approx(4.0 / 255.0) and by["x"].zero_point == 64
+    assert all(not q.observing for q in qs.values())
+    assert by["relu"].zero_point == 0  # the ReLU output range starts at 0
+    with torch.no_grad():  # frozen: the input is fake-quantized on the observed grid
+        got = by["x"](x)
+    assert torch.equal(got, torch.fake_quantize_per_tensor_affine(x, 4.0 / 255.0, 64, 0, 255))
+
+
+def test_quantizer_feeds_group_ids_to_observer():
+    seen = []
+
+    class Spy:
+        def observe(self, x, group):
+            seen.append(group.tolist())
+
+        def range(self):
+            return (0.0, 1.0)
+
+    ctx = GroupContext()
+    q = ActQuantizer(Spy, ctx)
+    q(torch.zeros(3, 2))
+    ctx.group = torch.tensor([1, 0, 1])
+    q(torch.zeros(3, 2))
+    assert seen == [[0, 0, 0], [1, 0, 1]]
+    q.freeze()
+    assert "scale=0.00392157, zero_point=0" in q.extra_repr()
+
+
+@pytest.mark.parametrize("scale, zp", [(0.02, 0), (4.0 / 255.0, 64), (0.1, 255)])
+def test_act_qdq_equals_torch_fake_quantize(scale, zp):
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3
+    want = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+    assert torch.equal(act_qdq(x, scale, zp), want)
+    assert torch.equal(torch.ops.fqexport.act_qdq(x, scale, zp), want)

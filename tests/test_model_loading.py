@@ -1,0 +1,145 @@
+"""Tests of fqexport/model_loading.py: factory + state_dict, .pt2, pickled modules, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fixtures_models as fm
+from fqexport.errors import ModelLoadError
+from fqexport.model_loading import load_model, load_state_dict_file
+
+
+def _same_outputs(a, b, data, atol=0.0):
+    x = torch.from_numpy(data.x[:16])
+    with torch.no_grad():
+        return torch.allclose(a(x), b(x), atol=atol, rtol=0)
+
+
+def _load_error(*args, **kwargs) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(*args, **kwargs)
+    return str(info.value)
+
+
+def test_factory_and_weights(cnn_files, cnn_model, cnn_data):
+    model = load_model("fixtures_models:tiny_cnn", cnn_files / "cnn.pt")
+    assert isinstance(model, fm.TinyCNN) and not model.training and not model.stem_bn.training
+    assert _same_outputs(model, cnn_model, cnn_data)
+
+
+def test_factory_kwargs():
+    model = load_model("fixtures_models:tiny_cnn", factory_kwargs={"num_classes": 7})
+    assert model.fc.out_features == 7
+
+
+def test_nested_state_dict_accepted(tmp_path, cnn_model, cnn_data):
+    torch.save({"state_dict": cnn_model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    model = load_model("fixtures_models:tiny_cnn", tmp_path / "ckpt.pt")
+    assert _same_outputs(model, cnn_model, cnn_data)
+
+
+def test_module_is_returned_in_eval_mode():
+    net = fm.tiny_mlp().train()
+    assert load_model(net) is net and not net.training
+
+
+def test_missing_weights_file(tmp_path):
+    msg = _load_error("fixtures_models:tiny_cnn", tmp_path / "nope.pt")
+    assert "nope.pt: checkpoint file not found" in msg
+
+
+def test_not_a_state_dict(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    msg = _load_error("fixtures_models:tiny_cnn", tmp_path / "list.pt")
+    assert "list.pt: not a state_dict" in msg
+
+
+def test_unreadable_checkpoint(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    msg = _load_error("fixtures_models:tiny_cnn", tmp_path / "garbage.pt")
+    assert "garbage.pt: cannot read checkpoint with torch.load(weights_only=True)" in msg
+
+
+def test_mismatching_keys_are_listed(tmp_path, cnn_model):
+    state = dict(cnn_model.state_dict())
+    del state["fc.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    msg = _load_error("fixtures_models:tiny_cnn", tmp_path / "bad.pt")
+    assert "state_dict does not match the model from 'fixtures_models:tiny_cnn'" in msg
+    assert "missing keys ['fc.bias']" in msg
+    assert "unexpected keys ['extra.weight']" in msg
+
+
+def test_shape_mismatch_is_described(tmp_path, cnn_model):
+    state = dict(cnn_model.state_dict())
+    state["fc.weight"] = torch.zeros(5, 16)
+    torch.save(state, tmp_path / "shape.pt")
+    msg = _load_error("fixtures_models:tiny_cnn", tmp_path / "shape.pt")
+    assert "shape mismatch fc.weight: checkpoint (5, 16) vs model (4, 16)" in msg
+
+
+@pytest.mark.parametrize("spec", ["no_colon_and_no_file", "fixtures_models:", ":tiny_cnn"])
+def test_bad_spec(spec):
+    msg = _load_error(spec)
+    assert f"model spec {spec!r} is neither 'package.module:factory' nor a .pt2 file" in msg
+
+
+def test_import_error():
+    msg = _load_error("no_such_module_xyz:factory")
+    assert "cannot import module 'no_such_module_xyz' of model spec 'no_such_module_xyz:factory'" in msg
+
+
+def test_missing_attribute():
+    assert "module 'fixtures_models' has no attribute 'nope'" in _load_error("fixtures_models:nope")
+
+
+def test_factory_raising():
+    msg = _load_error("fixtures_models:failing_factory")
+    assert "factory 'fixtures_models:failing_factory' failed: RuntimeError: boom from the factory" in msg
+
+
+def test_factory_returning_non_module():
+    assert "returned int, not an nn.Module" in _load_error("fixtures_models:not_a_module")
+
+
+def test_pt2_round_trip_gives_identical_outputs(tmp_path, cnn_model, cnn_data):
+    ep = torch.export.export(cnn_model, (torch.from_numpy(cnn_data.x[:2]),))
+    torch.export.save(ep, str(tmp_path / "cnn.pt2"))
+    model = load_model(str(tmp_path / "cnn.pt2"))
+    assert isinstance(model, torch.fx.GraphModule) and not model.training
+    assert _same_outputs(model, cnn_model, cnn_data)
+
+
+def test_missing_pt2(tmp_path):
+    assert "missing.pt2: .pt2 file not found" in _load_error(str(tmp_path / "missing.pt2"))
+
+
+def test_corrupt_pt2(tmp_path):
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip")
+    assert "bad.pt2: cannot load torch.export program" in _load_error(str(tmp_path / "bad.pt2"))
+
+
+def test_pickled_module_refused_without_trust(tmp_path, cnn_model):
+    torch.save(cnn_model, tmp_path / "whole.pth")
+    msg = _load_error(str(tmp_path / "whole.pth"))
+    assert "whole.pth: loading a pickled whole module runs arbitrary code" in msg
+    assert "--trust-pickle" in msg
+
+
+def test_pickled_module_accepted_with_trust(tmp_path, cnn_model, cnn_data):
+    torch.save(cnn_model, tmp_path / "whole.pth")
+    model = load_model(str(tmp_path / "whole.pth"), trust_pickle=True)
+    assert isinstance(model, fm.TinyCNN) and model is not cnn_model
+    assert _same_outputs(model, cnn_model, cnn_data)
+
+
+def test_trusted_pickle_of_non_module(tmp_path):
+    torch.save({"a": 1}, tmp_path / "dict.pth")
+    assert "dict.pth: holds dict, not an nn.Module" in _load_error(str(tmp_path / "dict.pth"), trust_pickle=True)
+
+
+def test_load_state_dict_file_returns_tensors(cnn_files):
+    state = load_state_dict_file(cnn_files / "cnn.pt")
+    assert "stem.weight" in state and tuple(state["fc.weight"].shape) == (4, 16)

@@ -1,0 +1,204 @@
+"""Tests of fqexport/pipeline.py: compress() on the tiny CNN / MLP tasks of conftest.py."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fixtures_models as fm
+from conftest import MIXED_BITS
+from fqexport.calibration.group_data import GroupData
+from fqexport.config import QuantConfig
+from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
+from fqexport.pipeline import CompressedModel, compress
+
+ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
+
+
+def _compress(model, data, **kw):
+    kw.setdefault("num_calib", 256)
+    return compress(model, data, QuantConfig(**kw), progress=False)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _rel_weight_error(cm: CompressedModel) -> dict[str, float]:
+    """||W_float − W_q|| / ||W_float|| per layer (W_float: the BN-folded float weight)."""
+    mods = dict(cm.float_model.named_modules())
+    out = {}
+    for name, layer in cm.layers.items():
+        w = mods[name].weight.detach()
+        out[name] = float((w - layer.dequantized()).norm() / w.norm())
+    return out
+
+
+@pytest.fixture(scope="module")
+def cnn_cm4(cnn_model, cnn_data):
+    return _compress(cnn_model, cnn_data, weight_bits=4)
+
+
+def test_8bit_agrees_with_float_model(cnn_cm8, cnn_model, cnn_data):
+    assert isinstance(cnn_cm8, CompressedModel) and list(cnn_cm8.layers) == ALL_LAYERS
+    want = _logits(cnn_model, cnn_data.x).argmax(1)
+    got = cnn_cm8.predict(cnn_data.x).argmax(1)
+    assert np.mean(got == want) >= 0.99
+    for g in range(2):  # no group is left behind at 8 bits
+        m = cnn_data.group == g
+        assert np.mean(got[m] == want[m]) >= 0.97
+    # the BN-folded float model is the float model
+    np.testing.assert_allclose(cnn_cm8.predict(cnn_data.x, quantized=False), _logits(cnn_model, cnn_data.x), atol=1e-4)
+
+
+def test_compressed_model_fields(cnn_cm8, cnn_data):
+    assert cnn_cm8.group_names == ("majority", "minority")
+    assert cnn_cm8.input_shape == (3, 16, 16) and cnn_cm8.num_classes == 4
+    assert len(cnn_cm8.calib) == 256
+    assert cnn_cm8.avg_weight_bits == 8.0
+    assert cnn_cm8.info["group_weights"] == [0.5, 0.5]  # default: each group counts equally
+    assert cnn_cm8.info["num_calib"] == 256 and cnn_cm8.info["skipped_layers"] == []
+
+
+def test_4bit_has_larger_weight_error_than_8bit(cnn_cm8, cnn_cm4):
+    e8, e4 = _rel_weight_error(cnn_cm8), _rel_weight_error(cnn_cm4)
+    for name in ALL_LAYERS:
+        assert e4[name] > 2 * e8[name], (name, e4[name], e8[name])
+    assert all(l.bits == 4 and l.qmax == 7 for l in cnn_cm4.layers.values())
+
+
+def test_layer_bits_honoured_with_x86_safe_codes(cnn_cm_mixed):
+    cm = cnn_cm_mixed
+    want_bits = {name: MIXED_BITS.get(name, 8) for name in ALL_LAYERS}
+    qmax = {8: 63, 6: 31, 4: 7}
+    mods = dict(cm.reference.named_modules())
+    for name, layer in cm.layers.items():
+        assert layer.bits == want_bits[name]
+        assert layer.qmax == qmax[layer.bits]
+        assert layer.codes.dtype == torch.int8
+        top = int(layer.codes.abs().max())
+        assert top <= layer.qmax, (name, top)
+        assert top >= layer.qmax - 1  # the grid is used, not a narrower one
+        assert layer.scale.shape == (layer.codes.shape[0],) and torch.all(layer.scale > 0)
+        # the reference runs exactly the dequantized codes
+        assert torch.equal(mods[name].weight.detach(), layer.dequantized())
+
+
+def test_full_weight_range_uses_127(cnn_model, cnn_data):
+    cm = _compress(cnn_model, cnn_data, method="rtn", weight_range="full", bias_correction=False)
+    for layer in cm.layers.values():
+        assert layer.qmax == 127
+        assert 63 < int(layer.codes.abs().max()) <= 127
+
+
+def test_avg_bits_and_layer_table(cnn_cm_mixed):
+    params = {"stem": 216, "conv_a": 576, "conv_b": 576, "dw": 72, "pw": 128, "fc": 64}
+    bits = {name: MIXED_BITS.get(name, 8) for name in params}
+    want = sum(bits[n] * params[n] for n in params) / sum(params.values())
+    assert cnn_cm_mixed.avg_weight_bits == pytest.approx(want)  # 10352 / 1632
+    rows = {r["name"]: r for r in cnn_cm_mixed.layer_table()}
+    assert {n: r["params"] for n, r in rows.items()} == params
+    assert {n: r["storage"] for n, r in rows.items()} == {
+        "stem": "int8", "conv_a": "int4", "conv_b": "int8", "dw": "int8", "pw": "int8", "fc": "int4"}
+    # MACs per sample: 16x16 outputs for stem/conv_a/conv_b, 8x8 after the stride-2 depthwise
+    assert rows["stem"]["macs"] == 8 * 256 * 27 and rows["conv_a"]["macs"] == 8 * 256 * 72
+    assert rows["dw"]["macs"] == 8 * 64 * 9 and rows["pw"]["macs"] == 16 * 64 * 8
+    assert rows["fc"]["macs"] == 64 and rows["dw"]["kind"] == "conv" and rows["fc"]["kind"] == "linear"
+
+
+def test_unknown_layer_in_layer_bits(cnn_model, cnn_data):
+    with pytest.raises(ConfigError) as info:
+        _compress(cnn_model, cnn_data, layer_bits={"nope": 4})
+    assert "layer_bits names 'nope', not a quantizable layer of the model" in str(info.value)
+    assert "(layers: stem, conv_a, conv_b, dw, pw, fc)" in str(info.value)
+
+
+def test_labels_out_of_range(cnn_model, cnn_data):
+    y = cnn_data.y.copy()
+    y[5] = 7
+    bad = GroupData(cnn_data.x, y, cnn_data.group, cnn_data.group_names, "labels.npz")
+    with pytest.raises(DataError, match=r"labels.npz: field 'y' holds the label 7 outside \[0, 4\)"):
+        _compress(cnn_model, bad)
+
+
+def test_data_shape_not_fitting_the_model(cnn_model):
+    data = GroupData(np.zeros((8, 5), np.float32), np.zeros(8, np.int64), np.arange(8) % 2, ("a", "b"), "flat.npz")
+    with pytest.raises(DataError, match=r"flat.npz: field 'x' with sample shape \(5,\) does not fit the model"):
+        _compress(cnn_model, data)
+
+
+def test_model_must_return_2d_logits(cnn_data):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(UnsupportedLayerError, match=r"returned \(2, 4, 14, 14\)"):
+        _compress(net, cnn_data)
+
+
+def test_bias_correction_reduces_mean_output_shift(cnn_model, cnn_data):
+    def shift(cm):
+        return float(np.linalg.norm((cm.predict(cnn_data.x) - cm.predict(cnn_data.x, quantized=False)).mean(0)))
+
+    with_bc = shift(_compress(cnn_model, cnn_data, weight_bits=3, method="rtn", bias_correction=True))
+    without = shift(_compress(cnn_model, cnn_data, weight_bits=3, method="rtn", bias_correction=False))
+    assert with_bc < 0.5 * without, (with_bc, without)
+
+
+def test_group_weights_by_name(cnn_model, cnn_data):
+    cm = _compress(cnn_model, cnn_data, method="rtn", group_weights={"majority": 1.0, "minority": 3.0})
+    assert cm.info["group_weights"] == [0.25, 0.75]
+
+
+def test_group_weights_samples(cnn_model, cnn_data):
+    cm = _compress(cnn_model, cnn_data, method="rtn", group_weights="samples")
+    counts = cm.calib.group_counts()
+    assert cm.info["group_weights"] == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
+
+
+def test_group_weights_unknown_group(cnn_model, cnn_data):
+    with pytest.raises(ConfigError) as info:
+        _compress(cnn_model, cnn_data, group_weights={"majority": 1.0, "zzz": 2.0})
+    assert "group_weights names group 'zzz', which is not in the calibration data (groups: majority, minority)" in str(info.value)
+
+
+def test_input_model_is_not_modified(cnn_model, cnn_data):
+    net = copy.deepcopy(cnn_model).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    _compress(net, cnn_data, weight_bits=4, method="rtn")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training and net.stem_bn.training  # modes untouched
+    assert not any(m._forward_hooks for m in net.modules())
+    assert isinstance(net.stem_bn, nn.BatchNorm2d) and net.stem.bias is None  # not folded in place
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def test_unsupported_layer_fails_and_skip_leaves_it_float(mlp_data):
+    torch.manual_seed(0)
+    net = WithLayerNorm().eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'norm' \(LayerNorm\) cannot be quantized"):
+        _compress(net, mlp_data)
+    cm = _compress(net, mlp_data, skip_unsupported=True)
+    assert list(cm.layers) == ["fc1", "fc2"] and cm.info["skipped_layers"] == ["norm"]
+    assert torch.equal(cm.reference.norm.weight, net.norm.weight)
+
+
+def test_compress_reads_npz_path(mlp_files, mlp_model, mlp_data):
+    cm = _compress(mlp_model, str(mlp_files / "calib.npz"), method="rtn")
+    assert cm.group_names == ("a", "b") and cm.calib.source.endswith("calib.npz")
+    agree = np.mean(cm.predict(mlp_data.x).argmax(1) == _logits(mlp_model, mlp_data.x).argmax(1))
+    assert agree >= 0.97

@@ -1,0 +1,222 @@
+"""Tests of exporters/qdq_onnx.py: the QDQ file, its integer weights, metadata, ORT numerics,
+size, fused kernels, and that a failed export leaves no file behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from conftest import MIXED_BITS
+from fqexport.config import QuantConfig
+from fqexport.errors import ExportError
+from fqexport.exporters import qdq_onnx
+from fqexport.exporters.ort_session import fused_kernels, make_session, run_batches
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
+from fqexport.pipeline import compress
+
+ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
+
+
+def _weights(path):
+    """{layer: (quantized initializer, its DequantizeLinear node)} of an exported file."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight_quantized"):
+            out[node.input[0][: -len(".weight_quantized")]] = (inits[node.input[0]], node)
+    return model, inits, out
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def test_auto_storage_file_passes_checker_with_int8_and_int4(cnn_exports, cnn_cm_mixed):
+    res = cnn_exports["auto"]
+    onnx.checker.check_model(str(res.path))
+    assert res.path.stat().st_size == res.size_bytes and res.opset == 21
+    model, inits, weights = _weights(res.path)
+    assert sorted(weights) == sorted(ALL_LAYERS)
+    for name, (init, _) in weights.items():
+        want = TensorProto.INT4 if MIXED_BITS.get(name, 8) <= 4 else TensorProto.INT8
+        assert init.data_type == want, name
+        # the stored codes are the pipeline's codes
+        codes = numpy_helper.to_array(init).astype(np.int8)
+        assert np.array_equal(codes, cnn_cm_mixed.layers[name].codes.numpy()), name
+    assert res.storage == {n: ("int4" if MIXED_BITS.get(n, 8) <= 4 else "int8") for n in ALL_LAYERS}
+    # no float copy of a quantized weight is left in the file
+    assert not any(f"{n}.weight" in inits for n in ALL_LAYERS)
+
+
+def test_int8_storage_stores_every_layer_in_int8(cnn_exports):
+    res = cnn_exports["int8"]
+    _, _, weights = _weights(res.path)
+    assert {n: i.data_type for n, (i, _) in weights.items()} == {n: TensorProto.INT8 for n in ALL_LAYERS}
+    assert set(res.storage.values()) == {"int8"}
+    assert res.path.stat().st_size > cnn_exports["auto"].path.stat().st_size
+
+
+def test_dequantize_is_per_channel_axis_0(cnn_exports, cnn_cm_mixed):
+    _, inits, weights = _weights(cnn_exports["auto"].path)
+    for name, (init, node) in weights.items():
+        assert _axis(node) == 0, name
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]])
+        assert scale.shape == (init.dims[0],) and scale.dtype == np.float32
+        np.testing.assert_array_equal(scale, cnn_cm_mixed.layers[name].scale.numpy())
+        assert zp.shape == (init.dims[0],) and not np.any(zp.astype(np.int8))
+
+
+def test_activation_pairs_are_uint8(cnn_exports):
+    model = onnx.load(str(cnn_exports["int8"].path))
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q) == 9  # the 9 quantization points of TinyCNN (see test_fake_quant placement)
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in q:
+        zp_name = node.input[2]
+        if zp_name in inits:
+            dtype = inits[zp_name].data_type
+        else:  # Cast(Constant) of the zero point, folded or not
+            dtype = TensorProto.UINT8
+            producer = next(n for n in model.graph.node if zp_name in n.output)
+            if producer.op_type == "Constant":
+                dtype = producer.attribute[0].t.data_type
+        assert dtype == TensorProto.UINT8
+
+
+def test_metadata_lists_layers_with_bits(cnn_exports, cnn_cm_mixed):
+    model = onnx.load(str(cnn_exports["auto"].path))
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = json.loads(props["fqexport"])
+    assert model.producer_name == "fqexport"
+    assert {r["name"]: r["bits"] for r in meta["layers"]} == {n: MIXED_BITS.get(n, 8) for n in ALL_LAYERS}
+    assert {r["name"]: r["storage"] for r in meta["layers"]}["conv_a"] == "int4"
+    assert meta["storage"] == "auto" and meta["opset"] == 21
+    assert meta["input_shape"] == [3, 16, 16] and meta["num_classes"] == 4
+    assert meta["avg_weight_bits"] == pytest.approx(cnn_cm_mixed.avg_weight_bits, abs=1e-4)
+    assert meta["group_names"] == ["majority", "minority"] and meta["activation_bits"] == 8
+
+
+@pytest.mark.parametrize("which", ["auto", "int8"])
+def test_ort_optimized_session_matches_pytorch_reference(cnn_exports, cnn_cm_mixed, cnn_data, which):
+    res = cnn_exports[which]
+    got = run_batches(make_session(res.path, optimized=True), cnn_data.x, 100)
+    want = cnn_cm_mixed.predict(cnn_data.x)
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
+    assert res.agreement >= 0.99 and res.max_abs_diff is not None and res.max_abs_diff >= 0.0
+    assert np.abs(got - want).max() < 0.5 * (np.abs(want).max() + 1)
+
+
+def test_int8_storage_fuses_integer_kernels(cnn_exports):
+    k = fused_kernels(cnn_exports["int8"].path)
+    assert k["QLinearConv"] == 5, k  # stem, conv_a, conv_b, dw, pw
+    assert k["Conv"] == 0 and k["FusedConv"] == 0
+
+
+def test_int4_layers_run_in_float(cnn_exports):
+    k = fused_kernels(cnn_exports["auto"].path)
+    assert k["QLinearConv"] == 4, k  # conv_a holds INT4: no integer kernel
+    assert k["Conv"] + k["FusedConv"] == 1
+
+
+@pytest.fixture(scope="module")
+def mlp_exports(tmp_path_factory, mlp_model, mlp_data):
+    d = tmp_path_factory.mktemp("mlp_export")
+    cm = compress(mlp_model, mlp_data, QuantConfig(storage="int8", num_calib=256), progress=False)
+    q = cm.export(d / "int8.onnx")
+    f = export_float(cm.float_model, torch.from_numpy(mlp_data.x[:2]), d / "float.onnx")
+    return cm, q, f
+
+
+def test_int8_file_is_at_least_3x_smaller_than_fp32(mlp_exports, mlp_data):
+    cm, q, f = mlp_exports
+    assert f.size_bytes / q.size_bytes >= 3.0, (f.size_bytes, q.size_bytes)
+    k = fused_kernels(q.path)
+    assert k["QGemm"] + k["QLinearMatMul"] + k["MatMulInteger"] == 3, k
+    # the float export is the float model
+    got = run_batches(make_session(f.path), mlp_data.x, 100)
+    np.testing.assert_allclose(got, cm.predict(mlp_data.x, quantized=False), atol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, raises=ExportError, reason=(
+    "BUG: ORT's QDQ fusion (ORT_ENABLE_EXTENDED and up) folds DequantizeLinear(INT2 weight) into "
+    "QGemm/QLinearConv, which reject tensor(int2): 'Type tensor(int2) of input parameter "
+    "(fc2.weight_quantized) of operator (QGemm) ... is invalid', so every storage='packed' export "
+    "with a 2-bit layer fails its ORT check"))
+def test_packed_storage_writes_int2_at_opset_25(tmp_path, mlp_model, mlp_data):
+    cm = compress(mlp_model, mlp_data, QuantConfig(layer_bits={"fc2": 2, "fc3": 4}, storage="packed",
+                                                   num_calib=256, method="rtn"), progress=False)
+    res = cm.export(tmp_path / "packed.onnx")
+    assert res.opset == 25 and res.storage == {"fc1": "int8", "fc2": "int2", "fc3": "int4"}
+    model = onnx.load(str(res.path))
+    assert model.ir_version >= 11
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["fc2.weight_quantized"] == TensorProto.INT2
+    assert types["fc3.weight_quantized"] == TensorProto.INT4
+    assert res.agreement >= 0.99
+
+
+def test_bad_storage_is_refused(cnn_cm_mixed, tmp_path):
+    with pytest.raises(ExportError, match="storage='zip' is not one of auto, int8, packed"):
+        export_qdq(cnn_cm_mixed, tmp_path / "x.onnx", storage="zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _reuse_proto(monkeypatch, cnn_exports):
+    import copy
+
+    monkeypatch.setattr(qdq_onnx, "torch_to_onnx", lambda *a, **k: copy.deepcopy(cnn_exports["proto"]))
+
+
+def test_reused_proto_exports_the_same_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
+    # guards the shortcut the failure tests below take
+    _reuse_proto(monkeypatch, cnn_exports)
+    res = export_qdq(cnn_cm_mixed, tmp_path / "again.onnx", check=False)
+    assert res.path.read_bytes() == cnn_exports["auto"].path.read_bytes()
+    assert res.agreement is None
+
+
+def test_checker_failure_leaves_no_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
+    _reuse_proto(monkeypatch, cnn_exports)
+
+    def reject(model):
+        raise onnx.checker.ValidationError("broken on purpose")
+
+    monkeypatch.setattr(qdq_onnx.onnx.checker, "check_model", reject)
+    target = tmp_path / "out.onnx"
+    with pytest.raises(ExportError, match="onnx.checker rejected the exported model: broken on purpose"):
+        export_qdq(cnn_cm_mixed, target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_agreement_failure_leaves_no_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
+    _reuse_proto(monkeypatch, cnn_exports)
+    monkeypatch.setattr(qdq_onnx, "_ort_logits", lambda data, x: -cnn_cm_mixed.predict(x))
+    target = tmp_path / "out.onnx"
+    with pytest.raises(ExportError, match=r"agrees with the PyTorch fake-quant reference on only .*the file was not written"):
+        export_qdq(cnn_cm_mixed, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_partial_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
+    _reuse_proto(monkeypatch, cnn_exports)
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous version")
+
+    def partial_save(model, path, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(qdq_onnx.onnx, "save_model", partial_save)
+    with pytest.raises(Exception, match="disk full"):
+        export_qdq(cnn_cm_mixed, target, check=False)
+    assert target.read_bytes() == b"previous version"  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp file left

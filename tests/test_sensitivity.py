@@ -1,0 +1,151 @@
+"""Per-group sensitivity Δ_g(l, b): measured and Fisher, per-group isolation, cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.errors import ConfigError
+from fqexport.sensitivity import (
+    SensitivityCache,
+    SensitivityTable,
+    fisher_delta,
+    measure_sensitivity,
+    per_group_mean,
+    rtn_weight,
+)
+
+
+class TwoPaths(nn.Module):
+    """Features 0..3 go through ``path_a``, features 4..7 through ``path_b``; outputs add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path_a = nn.Linear(4, 3)
+        self.path_b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.path_a(x[:, :4]) + self.path_b(x[:, 4:])
+
+
+def two_path_case(n: int = 96):
+    """Group 0's inputs are zero on features 4..7 (it never uses path_b); group 1 uses both."""
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    with torch.no_grad():  # confident logits: float loss ≈ 0, quantization can only add loss
+        for p in model.parameters():
+            p.mul_(5.0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 2.0, (n, 8)).astype(np.float32)
+    group = np.arange(n) % 2
+    x[group == 0, 4:] = 0.0
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    return model, GroupData(x, y.astype(np.int64), group.astype(np.int64), ("maj", "min"), "two-path")
+
+
+def test_layer_only_one_group_depends_on_hurts_only_that_group():
+    model, data = two_path_case()
+    t = measure_sensitivity(model, data, bit_choices=(2, 4, 8), cache=False)
+    assert t.layers == ("path_a", "path_b")
+    assert t.bits == (2, 4, 8)
+    d_b = t.delta[t.layers.index("path_b")]  # [bits, groups]
+    # path_b never sees group 0's input: quantizing it changes nothing for group 0
+    np.testing.assert_allclose(d_b[:, 0], 0.0, atol=1e-12)
+    assert d_b[0, 1] > 1e-3  # 2 bits hurt group 1
+    # fewer bits hurt more
+    assert t.at("path_b", 2)[1] > t.at("path_b", 8)[1]
+    assert t.at("path_a", 2).min() > t.at("path_a", 8).max()
+    assert list(t.num_samples) == [48, 48]
+
+
+def test_measured_delta_is_the_per_group_loss_increase():
+    model, data = two_path_case()
+    t = measure_sensitivity(model, data, layers=["path_a"], bit_choices=(3,), cache=False)
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    g = torch.from_numpy(data.group)
+    with torch.no_grad():
+        base = nn.functional.cross_entropy(model(x), y, reduction="none")
+        q = TwoPaths()
+        q.load_state_dict(model.state_dict())
+        q.path_a.weight.copy_(rtn_weight(model.path_a.weight, 3))
+        loss = nn.functional.cross_entropy(q(x), y, reduction="none")
+    want = per_group_mean(loss - base, g, 2).numpy()
+    # subset order differs (shuffled), the per-group means do not
+    np.testing.assert_allclose(t.at("path_a", 3), want, rtol=1e-5, atol=1e-7)
+
+
+def test_fisher_proxy_isolates_groups_and_ranks_widths():
+    model, data = two_path_case()
+    t = measure_sensitivity(model, data, bit_choices=(2, 8), method="fisher", cache=False)
+    assert t.method == "fisher"
+    np.testing.assert_allclose(t.at("path_b", 2)[0], 0.0, atol=1e-12)
+    assert t.at("path_b", 2)[1] > t.at("path_b", 8)[1] > 0
+
+
+def test_fisher_delta_equation():
+    fisher = torch.tensor([[[1.0, 2.0]], [[0.0, 4.0]]])  # [G=2, 1, 2]
+    w = torch.tensor([[1.0, 1.0]])
+    q = torch.tensor([[0.5, 0.0]])
+    # ½ Σ_j F_gj (w_j - q_j)²: g0 = ½(1·0.25 + 2·1) = 1.125, g1 = ½(0 + 4·1) = 2
+    np.testing.assert_allclose(fisher_delta(fisher, w, q).numpy(), [1.125, 2.0])
+
+
+def test_per_group_mean_handles_an_empty_group():
+    v = torch.tensor([1.0, 3.0, 5.0])
+    g = torch.tensor([0, 0, 2])
+    np.testing.assert_allclose(per_group_mean(v, g, 3).numpy(), [2.0, 0.0, 5.0])
+
+
+def test_cache_in_memory_and_on_disk(tmp_path):
+    model, data = two_path_case()
+    cache = SensitivityCache()
+    a = measure_sensitivity(model, data, bit_choices=(2, 8), cache=cache)
+    b = measure_sensitivity(model, data, bit_choices=(2, 8), cache=cache)
+    assert b is a and cache.hits == 1 and cache.misses == 1
+    c = measure_sensitivity(model, data, bit_choices=(2, 4), cache=cache)  # other options: new key
+    assert c.key != a.key and cache.misses == 2
+
+    path = tmp_path / "sens.json"
+    d = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=path)
+    assert json.loads(path.read_text())["key"] == d.key
+    # poison the file's numbers: a read from disk must return them (proves no recompute)
+    doc = json.loads(path.read_text())
+    doc["delta"]["path_a"]["2"]["maj"] = 123.0
+    path.write_text(json.dumps(doc))
+    e = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=path)
+    assert e.at("path_a", 2)[0] == 123.0
+    # another model: the file's key does not match, it is recomputed and rewritten
+    with torch.no_grad():
+        model.path_a.weight.mul_(2.0)
+    f = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=path)
+    assert f.key != d.key and json.loads(path.read_text())["key"] == f.key
+
+
+def test_table_round_trips_through_dict():
+    t = SensitivityTable(("a", "b"), (2, 8), ("g0", "g1"), np.arange(8.0).reshape(2, 2, 2), "measured",
+                         np.array([0.5, 0.7]), np.array([10, 12]), "k")
+    u = SensitivityTable.from_dict(json.loads(json.dumps(t.to_dict())))
+    np.testing.assert_array_equal(u.delta, t.delta)
+    assert (u.layers, u.bits, u.groups, u.key) == (t.layers, t.bits, t.groups, "k")
+    assert t.to_dict()["delta"]["b"]["8"] == {"g0": 6.0, "g1": 7.0}
+
+
+def test_errors_name_the_bad_value():
+    model, data = two_path_case()
+    with pytest.raises(ConfigError, match=r"'fc' not a quantizable layer of the model \(layers: path_a, path_b\)"):
+        measure_sensitivity(model, data, layers=["fc"], cache=False)
+    with pytest.raises(ConfigError, match="method='hessian' is not one of measured, fisher"):
+        measure_sensitivity(model, data, method="hessian", cache=False)
+    with pytest.raises(ConfigError, match="bit_choices=.* must be a non-empty set of integers from 2 to 8"):
+        measure_sensitivity(model, data, bit_choices=(1, 4), cache=False)
+    t = measure_sensitivity(model, data, bit_choices=(2,), cache=False)
+    with pytest.raises(ConfigError, match="no entry for layer 'path_a' at 5 bits"):
+        t.at("path_a", 5)
+    with pytest.raises(ConfigError, match=r"delta has shape \(1, 1, 1\), expected \[layers=2"):
+        SensitivityTable(("a", "b"), (2,), ("g",), np.zeros((1, 1, 1)), "measured")

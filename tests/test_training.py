@@ -1,0 +1,109 @@
+"""Tests of fqexport/training.py."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.demo_models import MLP, SmallResNet
+from fqexport.demo_task import make_image_task, make_tabular_task
+from fqexport.errors import ConfigError, DataError
+from fqexport.training import (
+    DEMO_TASK_SIZES,
+    DEMO_TRAIN,
+    TrainConfig,
+    evaluate_groups,
+    lr_at,
+    train_classifier,
+)
+
+
+def test_train_config_checks():
+    with pytest.raises(ConfigError, match="TrainConfig.epochs=0 must be a positive integer"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="TrainConfig.lr=-1.0 must be a finite number > 0"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match="TrainConfig.max_seconds=0 must be > 0 or None"):
+        TrainConfig(max_seconds=0)
+    with pytest.raises(ConfigError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
+        TrainConfig(label_smoothing=1.0)
+    assert DEMO_TRAIN.max_seconds is not None and DEMO_TRAIN.max_seconds <= 90
+    assert DEMO_TASK_SIZES.minority_fraction == pytest.approx(0.1)
+
+
+def test_lr_schedule_warmup_peak_and_anneal():
+    assert lr_at(0.0, 1.0) == pytest.approx(0.02)
+    assert lr_at(0.075, 1.0) == pytest.approx(0.5)
+    assert lr_at(0.15, 1.0) == pytest.approx(1.0)
+    assert lr_at(0.575, 1.0) == pytest.approx(0.5)
+    assert lr_at(1.0, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_evaluate_groups_exact_numbers():
+    # The model returns its input as logits: row i predicts argmax(x_i).
+    x = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+    y = np.array([0, 1, 2, 0, 0, 0], dtype=np.int64)  # last group: 1 of 3 correct
+    group = np.array([0, 0, 0, 1, 1, 1], dtype=np.int64)
+    data = GroupData(x, y, group, ("a", "b", "empty"))
+    res = evaluate_groups(nn.Identity(), data, batch_size=4)
+    assert res["overall"] == pytest.approx(4 / 6)
+    assert res["by_group"]["a"] == 1.0 and res["by_group"]["b"] == pytest.approx(1 / 3)
+    assert math.isnan(res["by_group"]["empty"])
+    assert res["counts"] == {"a": 3, "b": 3, "empty": 0}
+    # cross-entropy of logits e_k: correct -> log(e + 2) - 1, wrong -> log(e + 2)
+    right, wrong = math.log(math.e + 2) - 1, math.log(math.e + 2)
+    assert res["loss_by_group"]["b"] == pytest.approx((right + 2 * wrong) / 3, rel=1e-6)
+
+
+def test_tiny_resnet_training_lowers_loss_and_returns_eval_mode():
+    train, _ = make_image_task(n_train=320, n_test=10, size=16, seed=0)
+    torch.manual_seed(0)
+    model = SmallResNet(width=8)
+    before = evaluate_groups(model, train)["loss"]
+    out = train_classifier(model, train, TrainConfig(epochs=1, batch_size=16, lr=0.1),
+                           progress=False)
+    after = evaluate_groups(model, train)["loss"]
+    assert out is model and not model.training
+    assert after < before - 0.1, (before, after)
+    # parameters are back in the default (contiguous) memory format after channels_last training
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_mlp_training_is_deterministic_and_learns():
+    train, test = make_tabular_task(n_train=600, n_test=300, n_features=8, num_classes=3, seed=0)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=5)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = train_classifier(MLP(8, 3, hidden=32), train, cfg, progress=False)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0)
+    assert evaluate_groups(model, test)["overall"] > 0.6  # chance is 1/3
+
+
+def test_time_budget_stops_early(caplog):
+    train, _ = make_tabular_task(n_train=256, n_test=10, n_features=4, seed=0)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=1000, batch_size=16, max_seconds=0.2)
+    with caplog.at_level(logging.WARNING, logger="fqexport.training"):
+        model = train_classifier(MLP(4, 4, hidden=8), train, cfg, progress=False)
+    assert not model.training
+    assert "max_seconds=0.2 reached" in caplog.text
+
+
+def test_bad_training_data():
+    data = GroupData(np.zeros((4, 3), np.float32), np.array([0, 1, 5, 2]), np.zeros(4, np.int64),
+                     ("all",), "mem.npz")
+    with pytest.raises(DataError, match=r"'mem.npz': field 'y' holds labels in \[0, 5\] but the "
+                                        r"model has 3 outputs"):
+        train_classifier(MLP(3, 3, hidden=4), data, TrainConfig(epochs=1), progress=False)
+    empty = data.subset(np.array([], dtype=np.int64))
+    with pytest.raises(DataError, match="'mem.npz' holds no samples"):
+        evaluate_groups(MLP(3, 3, hidden=4), empty)

@@ -115,6 +115,28 @@ def _find_weight(inits: dict[str, TensorProto], layer: "QuantizedLayer") -> tupl
     raise ExportError(MSG_NO_WEIGHT.format(name=layer.name))
 
 
+def _int2_weight(name: str, q: TensorProto, scale: np.ndarray, ndim: int, axis: int):
+    """INT2 weight as ``DequantizeLinear(q, 1, 0) · s`` (per-channel scale in a Mul).
+
+    ORT 1.32's QDQ fusion would merge a per-channel ``DequantizeLinear(INT2)`` feeding a Conv or
+    Gemm into QLinearConv/QGemm, which reject tensor(int2) and fail at session creation. With
+    the per-channel scale in a Mul, the weight no longer comes straight from a DQ node, so the
+    layer runs as a float Conv/Gemm — the same float fallback ORT uses for INT4 weights.
+    """
+    shape = [1] * ndim
+    shape[axis] = scale.shape[0]
+    one = numpy_helper.from_array(np.array(1.0, dtype=np.float32), f"{name}_unit_scale")
+    zp = _pack(np.zeros((), dtype=np.int8), "int2")
+    zp.name = f"{name}_zero_point"
+    s = numpy_helper.from_array(scale.reshape(shape), f"{name}_scale")
+    nodes = [
+        helper.make_node("DequantizeLinear", [q.name, one.name, zp.name], [f"{name}_codes"],
+                         name=f"{name}_DequantizeLinear"),
+        helper.make_node("Mul", [f"{name}_codes", s.name], [name], name=f"{name}_Scale"),
+    ]
+    return [q, one, zp, s], nodes
+
+
 def quantize_weight_initializers(
     model: onnx.ModelProto, layers: dict[str, "QuantizedLayer"], storage: str
 ) -> dict[str, str]:
@@ -141,18 +163,22 @@ def quantize_weight_initializers(
         container = layer.storage(storage)
         q = _pack(codes, container)
         q.name = f"{init.name}_quantized"
-        scale = numpy_helper.from_array(layer.scale.numpy().astype(np.float32), f"{init.name}_scale")
-        zp = _pack(np.zeros(layer.scale.shape[0], dtype=np.int8), container)
-        zp.name = f"{init.name}_zero_point"
-        new_nodes.append(
-            helper.make_node(
+        scale_np = layer.scale.numpy().astype(np.float32)
+        if container == "int2":
+            new_inits, nodes_ = _int2_weight(init.name, q, scale_np, codes.ndim, axis)
+        else:
+            scale = numpy_helper.from_array(scale_np, f"{init.name}_scale")
+            zp = _pack(np.zeros(scale_np.shape[0], dtype=np.int8), container)
+            zp.name = f"{init.name}_zero_point"
+            new_inits = [q, scale, zp]
+            nodes_ = [helper.make_node(
                 "DequantizeLinear", [q.name, scale.name, zp.name], [init.name],
                 name=f"{init.name}_DequantizeLinear", axis=axis,
-            )
-        )
+            )]
+        new_nodes.extend(nodes_)
         graph.initializer.remove(init)
         del inits[init.name]
-        graph.initializer.extend([q, scale, zp])
+        graph.initializer.extend(new_inits)
         used[layer.name] = container
     nodes = new_nodes + list(graph.node)
     del graph.node[:]

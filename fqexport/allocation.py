@@ -343,3 +343,36 @@ def allocate(
 ) -> Allocation:
     """The allocation with the best predicted objective (see :func:`candidate_allocations`)."""
     return candidate_allocations(table, layer_info, budget, objective, pins, **options)[0]
+
+
+def uniform_allocation(
+    table: SensitivityTable,
+    layer_info: Sequence[LayerCost],
+    budget: Budget,
+    objective: Objective = "worst-group",
+    pins: Mapping[str, int] | None = None,
+    *,
+    group_weights: Mapping[str, float] | None = None,
+    mean_weight: float = 0.1,
+    storage: str = "auto",
+) -> Allocation | None:
+    """Every free layer at the widest measured width that fits the budget (pins kept), scored
+    like the objective; ``None`` when even the narrowest does not fit."""
+    layer_info = [i for i in layer_info if i.name in table.layers]
+    p = _problem(table, layer_info, budget, pins, storage)
+    pinned = resolve_pins(pins, table.layers)
+    if objective == "worst-group":
+        w = np.full(len(p.groups), 1.0 / len(p.groups))
+
+        def score(d: np.ndarray) -> float:
+            return float(d.max() + float(mean_weight) * d.mean())
+    else:
+        w = _group_vector(group_weights, p.groups)
+
+        def score(d: np.ndarray) -> float:
+            return float(d @ w)
+    for width in sorted(table.bits, reverse=True):
+        choice = tuple(0 if l in pinned else p.options[i].index(width) for i, l in enumerate(p.layers))
+        if sum(p.resources[i][k] for i, k in enumerate(choice)) <= p.capacity:
+            return _make(p, choice, objective, score, budget, layer_info, storage, w)
+    return None

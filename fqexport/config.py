@@ -141,6 +141,9 @@ class MixedPrecisionConfig:
         group_weights: per-group weights for ``"weighted"`` (group name -> weight).
         mean_weight: λ of the mean term in the worst-group objective.
         num_candidates: allocations actually quantized and measured on the held-out split.
+        verify_uniform: also verify the uniform allocation (every free layer at the widest
+            width of ``bit_choices`` within the budget), so the search never returns something
+            that measured worse than plain uniform quantization on the held-out split.
         holdout_fraction: share of each group of the calibration data held out for verification.
         sensitivity_samples: group-balanced samples used to measure sensitivity.
         mw_steps: multiplicative-weights steps of the worst-group search.
@@ -159,6 +162,7 @@ class MixedPrecisionConfig:
     group_weights: Mapping[str, float] | None = None
     mean_weight: float = 0.1
     num_candidates: int = 3
+    verify_uniform: bool = True
     holdout_fraction: float = 0.3
     sensitivity_samples: int = 512
     mw_steps: int = 60

@@ -5,7 +5,8 @@
 1. split the calibration data per group into a held-in part and a held-out part
    (``MixedPrecisionConfig.holdout_fraction``);
 2. measure Δ_g(l, b) on the held-in part (:mod:`fqexport.sensitivity`, cached);
-3. list candidate allocations within the budget (:mod:`fqexport.allocation`);
+3. list candidate allocations within the budget (:mod:`fqexport.allocation`), plus the uniform
+   allocation at the widest width that fits (``verify_uniform``);
 4. verify the best ``num_candidates``: quantize each with the real pipeline (solver, bias
    correction, activation calibration) on the held-in part and measure per-group accuracy and
    loss on the held-out part; the best measured objective wins (worst-group: highest
@@ -38,6 +39,7 @@ from .allocation import (
     LayerCost,
     candidate_allocations,
     resource_used,
+    uniform_allocation,
 )
 from .atomic import atomic_write
 from .calibration.group_data import GroupData
@@ -132,7 +134,8 @@ class MixedPrecisionResult:
     Attributes:
         config: the MixedPrecisionConfig.
         allocation: the chosen allocation.
-        candidates: every verified candidate (predicted vs measured), in predicted order.
+        candidates: every verified candidate (predicted vs measured): the best ``num_candidates``
+            in predicted order, then the uniform allocation (``verify_uniform``).
         compressed: the winner's CompressedModel (``.export(path)`` writes the ONNX file).
         sensitivity: the Δ_g(l, b) table.
         layers: the layer costs (params, MACs, channels).
@@ -270,11 +273,16 @@ def search_mixed_precision(
     example = torch.from_numpy(np.ascontiguousarray(data.x[:1]))
     layers = layer_costs(model, example)
     storage = base.storage
+    common = dict(group_weights=_group_weights(mp_config, data), mean_weight=mp_config.mean_weight,
+                  storage=storage)
     ranked = candidate_allocations(
         table, layers, _budget(mp_config), mp_config.objective, mp_config.pins,
-        group_weights=_group_weights(mp_config, data), mean_weight=mp_config.mean_weight,
-        steps=mp_config.mw_steps, eta=mp_config.mw_eta, storage=storage,
-    )
+        steps=mp_config.mw_steps, eta=mp_config.mw_eta, **common,
+    )[: mp_config.num_candidates]
+    if mp_config.verify_uniform:
+        uni = uniform_allocation(table, layers, _budget(mp_config), mp_config.objective, mp_config.pins, **common)
+        if uni is not None and all(uni.bits != a.bits for a in ranked):
+            ranked.append(uni)
     seconds["allocation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -282,7 +290,7 @@ def search_mixed_precision(
     candidates: list[Candidate] = []
     compressed: dict[int, Any] = {}
     float_metrics = None
-    for k, alloc in enumerate(ranked[: mp_config.num_candidates]):
+    for k, alloc in enumerate(ranked):
         tc = time.perf_counter()
         cm = compress(model, held_in, replace(base, layer_bits=dict(alloc.bits)), progress=False)
         if float_metrics is None:

@@ -6,6 +6,7 @@ Quantizable layers are ``nn.Conv2d`` (groups=1, grouped and depthwise) and ``nn.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -103,9 +104,10 @@ def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
 
     Returns the folded graph (a copy) and the names of the convs that absorbed a BN.
     """
-    gm = trace(model).eval()
+    # symbolic_trace shares submodules with ``model``: copy so eval() and folding leave it alone.
+    gm = copy.deepcopy(trace(model)).eval()
     folded = convs_followed_by_batchnorm(gm)
-    return fuse(gm, inplace=False), folded
+    return fuse(gm, inplace=True), folded
 
 
 def quantizable_layers(

@@ -87,7 +87,7 @@ class TrainConfig:
 
 # The embedded demo: make_image_task(**vars(DEMO_TASK_SIZES)) + SmallResNet() + DEMO_TRAIN.
 DEMO_TASK_SIZES = DemoTaskSizes(n_train=8000, n_test=3000, size=32, minority_fraction=0.1)
-DEMO_TRAIN = TrainConfig(epochs=10, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
+DEMO_TRAIN = TrainConfig(epochs=10, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0, hflip=True,
                          max_seconds=85.0)
 
 

@@ -157,6 +157,7 @@ def test_model_bad_arguments():
         MLP(4, 2, depth=0)
 
 
+@pytest.mark.slow
 def test_small_resnet_exports_to_onnx_and_matches(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)

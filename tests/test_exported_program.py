@@ -78,7 +78,7 @@ def test_compress_and_export_from_pt2(pt2, cnn_data, tmp_path):
     with torch.no_grad():
         y = net(torch.from_numpy(cnn_data.x)).argmax(1).numpy()  # labels the float model gets right
     data = GroupData(cnn_data.x, y, cnn_data.group, cnn_data.group_names, "pt2-task")
-    cm = compress(load_model(str(path)), data, QuantConfig(num_calib=200), progress=False)
+    cm = compress(load_model(str(path)), data, QuantConfig(method="rtn", num_calib=128), progress=False)
     assert list(cm.layers) == ["features.0", "head"] and cm.layers["features.0"].bits == 8
     assert np.mean(cm.predict(data.x).argmax(1) == y) >= 0.97
     res = cm.export(tmp_path / "pt2.onnx")

@@ -128,8 +128,6 @@ def test_bn_folding_does_not_change_the_input_weights(cnn_model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fold_batchnorm calls .eval() on a trace that shares "
-                   "submodules with the input model, switching the caller's BatchNorm to eval mode")
 def test_bn_folding_leaves_input_training_mode_alone():
     net = fm.tiny_cnn().train()
     fold_batchnorm(net)

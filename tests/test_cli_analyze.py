@@ -1,0 +1,96 @@
+"""Tests of fqexport/cli_analyze.py through fqexport.cli:main (exit codes, table, JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fqexport.cli as cli
+from fqexport.cli_analyze import add_analyze_parser
+from fixtures_models import tabular_task, tiny_mlp
+
+
+def _with_analyze(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` with ``analyze`` registered (a no-op once fqexport.cli registers it)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "analyze" not in sub.choices:
+        add_analyze_parser(sub)
+    return parser
+
+
+@pytest.fixture
+def main(monkeypatch):
+    original = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_analyze(original()))
+    return lambda argv: cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("analyze")
+    data = tabular_task(n=120)
+    np.savez(d / "data.npz", x=data.x, y=data.y, group=data.group, group_names=np.array(data.group_names))
+    np.savez(d / "wrong.npz", x=data.x[:, :5], y=data.y, group=data.group)
+    torch.save(tiny_mlp().state_dict(), d / "mlp.pt")
+    return d
+
+
+def test_prints_table_and_writes_json(main, files, tmp_path, capsys):
+    out = tmp_path / "analysis.json"
+    rc = main(["--quiet", "analyze", "--model", "fixtures_models:tiny_mlp", "--weights", files / "mlp.pt",
+               "--data", files / "data.npz", "--bits", 8, "--hessian-iters", 3, "--max-samples-per-group", 16,
+               "--json", out])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["group", "variant", "n", "acc"]
+    body = [line.split() for line in lines[2:6]]
+    assert [(r[0], r[1], r[2]) for r in body] == [("a", "float", "16"), ("a", "W8A8", "16"),
+                                                 ("b", "float", "16"), ("b", "W8A8", "16")]
+    assert any(line.startswith("W8A8: most hurt group") for line in lines)
+    report = json.loads(out.read_text())
+    assert report["variants"] == ["float", "W8A8"]
+    assert report["settings"]["hessian_iters"] == 3 and report["settings"]["method"] == "rtn"
+    diag = report["diagnostics"]["W8A8"]["b"]
+    assert diag["count"] == 16 and diag["grad_norm"] > 0 and 1 <= diag["hessian_iterations"] <= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis.json"]  # no temp file left
+
+
+def test_no_bits_gives_float_only(main, files, capsys):
+    rc = main(["--quiet", "analyze", "--model", "fixtures_models:tiny_mlp", "--data", files / "data.npz",
+               "--bits", "--hessian-iters", 0, "--max-samples-per-group", 8])
+    assert rc == 0
+    rows = capsys.readouterr().out.splitlines()[2:4]
+    assert [r.split()[:3] for r in rows] == [["a", "float", "8"], ["b", "float", "8"]]
+    assert rows[0].split()[-2:] == ["n/a", "0"]  # λ_max skipped
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "{d}/wrong.npz"], "field 'x' with sample shape (5,) does not fit the model"),
+        (["--data", "{d}/missing.npz"], "missing.npz"),
+        (["--data", "{d}/data.npz", "--bits", "9"], "weight_bits=9 is not supported"),
+        (["--data", "{d}/data.npz", "--tol", "0"], "tol=0.0 must be > 0"),
+    ],
+)
+def test_bad_input_exits_2_without_json(main, files, tmp_path, capsys, extra, message):
+    out = tmp_path / "analysis.json"
+    argv = ["--quiet", "analyze", "--model", "fixtures_models:tiny_mlp", "--hessian-iters", 1,
+            "--max-samples-per-group", 4, "--json", out] + [e.format(d=files) for e in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_bad_model_and_bad_options(main, files, capsys):
+    assert main(["analyze", "--model", "no_such_module_h7:factory", "--data", files / "data.npz"]) == 2
+    assert "cannot import module 'no_such_module_h7'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", files / "data.npz", "--hessian-iters", -1])
+    assert exc.value.code == 2
+    assert "'-1' must be >= 0" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+"""Mixed-precision search end to end on the tiny MLP: budget, pins, verification, export, sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from fqexport.allocation import resource_used
+from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.errors import ConfigError
+from fqexport.mixed_precision import (
+    PARETO_FIELDS,
+    ParetoPoint,
+    pareto_sweep,
+    plot_pareto,
+    search_mixed_precision,
+    write_pareto_csv,
+    write_pareto_json,
+)
+
+BASE = QuantConfig(num_calib=256)
+
+
+@pytest.fixture(scope="module")
+def search(mlp_model, mlp_data):
+    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=2)
+    return search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
+
+
+def test_search_stays_within_budget_and_honours_pins(search):
+    alloc = search.allocation
+    assert alloc.avg_bits <= 3.0
+    assert resource_used(alloc.bits, search.layers, "bits") == pytest.approx(alloc.avg_bits)
+    assert alloc.bits["fc3"] == 8
+    assert set(alloc.bits) == {"fc1", "fc2", "fc3"}
+    # the compressed model really has the allocated widths
+    assert {n: l.bits for n, l in search.compressed.layers.items()} == alloc.bits
+    assert search.compressed.avg_weight_bits == pytest.approx(alloc.avg_bits)
+
+
+def test_candidates_report_predicted_and_measured(search):
+    groups = {"a", "b"}
+    assert 2 <= len(search.candidates) <= 3
+    for c in search.candidates:
+        d = c.to_dict()
+        assert set(d["predicted_loss_increase"]) == groups
+        assert set(d["measured_loss_increase"]) == groups
+        acc = d["measured"]["accuracy"]
+        assert d["measured"]["worst_group_acc"] == min(acc.values())
+        assert d["avg_bits"] <= 3.0
+    # the uniform allocation (free layers at 2 bits: 3 bits would exceed the budget with fc3 at 8)
+    uniform = [c for c in search.candidates if c.allocation.bits == {"fc1": 2, "fc2": 2, "fc3": 8}]
+    assert len(uniform) == 1
+    # the winner has the best measured worst-group accuracy of all verified candidates
+    assert search.chosen.worst_group_acc == max(c.worst_group_acc for c in search.candidates)
+    # measured loss increase = quantized held-out loss − float held-out loss
+    c = search.chosen
+    for g in groups:
+        want = c.metrics.by_group[g]["loss"] - search.float_metrics.by_group[g]["loss"]
+        assert c.measured_loss_increase[g] == pytest.approx(want)
+
+
+def test_table_and_metadata(search):
+    rows = search.table()
+    assert [r["name"] for r in rows] == ["fc1", "fc2", "fc3"]
+    assert [r["params"] for r in rows] == [l.params for l in search.layers]
+    for r in rows:
+        assert r["bits"] == search.allocation.bits[r["name"]]
+        assert r["sensitivity"] == pytest.approx(search.sensitivity.at(r["name"], r["bits"]).max())
+    info = search.compressed.info["allocation"]
+    assert info["objective"] == "worst-group"
+    assert info["budget"] == {"kind": "bits", "value": 3.0}
+    assert [r["bits"] for r in info["table"]] == [r["bits"] for r in rows]
+    d = json.loads(json.dumps(search.to_dict()))
+    assert d["allocation"]["avg_bits"] <= 3.0
+    assert len(d["candidates"]) == len(search.candidates)
+
+
+def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_path):
+    result = search.compressed.export(tmp_path / "mp.onnx")
+    model = onnx.load(str(result.path))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["fqexport"])
+    assert [r["bits"] for r in meta["allocation"]["table"]] == [search.allocation.bits[n] for n in ("fc1", "fc2", "fc3")]
+    storage = {r["name"]: r["storage"] for r in meta["layers"]}
+    for name, bits in search.allocation.bits.items():
+        assert storage[name] == ("int4" if bits <= 4 else "int8")
+    int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == sum(1 for b in search.allocation.bits.values() if b <= 4) >= 1
+
+
+def test_bytes_budget_is_respected(mlp_model, mlp_data):
+    # auto storage: 8-bit layers int8, <=4-bit layers int4; budget between all-int4 and all-int8
+    mp = MixedPrecisionConfig(budget_bytes=60_000, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
+    for c in res.candidates:
+        assert resource_used(c.allocation.bits, res.layers, "bytes", "auto") <= 60_000
+
+
+def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search):
+    mp = MixedPrecisionConfig(budget_bits=3.0, objective="mean", pins={"fc3": 8}, bit_choices=(2, 3, 4, 8))
+    res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
+    assert res.chosen.mean_acc == max(c.mean_acc for c in res.candidates)
+    # mean: the population's group shares (30% 'b' in this data), not equal weights
+    counts = mlp_data.group_counts() / len(mlp_data)
+    assert res.allocation.group_weights["b"] == pytest.approx(counts[1])
+
+
+def test_pareto_sweep_and_writers(mlp_model, mlp_data, tmp_path):
+    mp = MixedPrecisionConfig(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5)
+    points = pareto_sweep(mlp_model, mlp_data, [2.5, 6.0], mp, BASE, progress=False)
+    assert [p.budget for p in points] == [2.5, 6.0]
+    assert points[0].avg_bits <= 2.5 and points[1].avg_bits <= 6.0
+    assert points[1].weight_bytes > points[0].weight_bytes
+    write_pareto_json(points, tmp_path / "p.json")
+    write_pareto_csv(points, tmp_path / "p.csv")
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc[1]["budget"] == 6.0 and set(PARETO_FIELDS) <= set(doc[1])
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 2 and float(rows[0]["avg_bits"]) == pytest.approx(points[0].avg_bits)
+    assert "fc1=" in rows[0]["bits"]
+    png = plot_pareto(points, tmp_path / "p.png")
+    assert png is not None and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_writers_on_given_points(tmp_path):
+    p = ParetoPoint(3.0, 2.9, 1234.0, "b", 0.8, 0.9, 0.85, 0.93, {"fc1": 3})
+    write_pareto_csv([p], tmp_path / "x.csv")
+    text = (tmp_path / "x.csv").read_text().splitlines()
+    assert text[0] == ",".join(PARETO_FIELDS) + ",bits"
+    assert text[1] == "3.0,2.9,1234.0,b,0.8,0.9,0.85,0.93,fc1=3"
+    with pytest.raises(ConfigError, match="budgets must be a non-empty list"):
+        pareto_sweep(None, None, [])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "set exactly one of budget_bits, budget_bytes, budget_bops (got none)"),
+        ({"budget_bits": 3, "budget_bops": 1e6}, "(got budget_bits, budget_bops)"),
+        ({"budget_bits": 9.0}, "budget_bits=9.0 must be in [2, 8]"),
+        ({"budget_bytes": -5}, "budget_bytes=-5 must be a finite number > 0"),
+        ({"budget_bits": 4, "objective": "max"}, "objective='max' is not one of worst-group, mean, weighted"),
+        ({"budget_bits": 4, "bit_choices": (2, 9)}, "bit_choices=9 is not supported"),
+        ({"budget_bits": 4, "pins": {"fc": 1}}, "pins['fc']=1 is not supported"),
+        ({"budget_bits": 4, "objective": "weighted"}, "objective='weighted' needs group_weights"),
+        ({"budget_bits": 4, "num_candidates": 0}, "num_candidates=0 must be >= 1"),
+        ({"budget_bits": 4, "holdout_fraction": 1.0}, "holdout_fraction=1.0 must be in (0, 1)"),
+    ],
+)
+def test_config_errors(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        MixedPrecisionConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_config_budget_views():
+    assert MixedPrecisionConfig(budget_bops=2e6).budget_kind == "bops"
+    assert MixedPrecisionConfig(budget_bytes=1000).budget_value == 1000.0

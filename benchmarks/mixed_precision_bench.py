@@ -13,7 +13,8 @@ For each model and average-weight-bits budget B:
 Data: the demo tasks with a larger test split; the first 2000 test samples are the calibration
 pool (a group-balanced 1024 of them is what the searches see: held-in and held-out parts), the
 rest is the evaluation set every row is measured on. Models are trained once (training.py,
-DEMO_TRAIN without its time budget, so the run is deterministic) and cached in --work-dir.
+DEMO_TRAIN without its time budget, so the run is deterministic) and cached in --work-dir
+under a hash of the training data.
 Accuracies are fake-quant PyTorch references (what the export matches); "mean" is the overall
 (population-weighted) accuracy of the evaluation set.
 """
@@ -21,6 +22,7 @@ Accuracies are fake-quant PyTorch references (what the export matches); "mean" i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -53,7 +55,9 @@ def train_or_load(name: str, work_dir: Path, train_data, progress: bool):
     else:
         model = MLP(train_data.x.shape[1], int(train_data.y.max()) + 1)
         cfg = TrainConfig(epochs=20, batch_size=128, lr=0.05, seed=0)
-    path = work_dir / f"{name}.pt"
+    # keyed by the training data, so a changed task generator never reuses a stale model
+    digest = hashlib.sha1(np.ascontiguousarray(train_data.x).tobytes() + train_data.y.tobytes()).hexdigest()[:12]
+    path = work_dir / f"{name}-{digest}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), 0.0

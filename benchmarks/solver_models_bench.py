@@ -94,6 +94,8 @@ INVESTIGATE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no bias correction", dict(bias_correction=False)),
     ("no BN re-estimation", dict(bn_reestimate=False)),
     ("calibration mse", dict(calibration="mse")),
+    ("calibration minmax", dict(calibration="minmax")),
+    ("W8A8 (activation error alone, ~)", dict(weight_bits=8)),
 )
 INVESTIGATE_NUM_CALIB = 1024
 
@@ -347,7 +349,7 @@ def investigate(model, train: GroupData, test: GroupData, float_m: GroupMetrics,
         runs = [(label, calib, over, NUM_CALIB) for label, over in INVESTIGATE]
         runs.append((f"num_calib {INVESTIGATE_NUM_CALIB}", big, {}, INVESTIGATE_NUM_CALIB))
         for label, data, over, n in runs:
-            config = QuantConfig(weight_bits=bits, num_calib=n, seed=seed, **over)
+            config = QuantConfig(**{**dict(weight_bits=bits, num_calib=n, seed=seed), **over})
             cm, seconds, m = run_variant(model, data, test, config)
             rows.append(row_of(label, m, float_m, {"compress s": f"{seconds:.1f}"}))
         # weights only: no activation quantization error (isolates the weight part)

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     model = train_classifier(model, train, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=args.seed),
                              progress=not args.quick)
     torch.save(model.state_dict(), out / "model.pt")
+    print(f"trained SmallResNet: {epochs} epochs ({time.perf_counter() - t0:.0f} s so far)")
     export_float(model, torch.from_numpy(test.x[:2]), out / "float.onnx")
 
     # 3. compress → export.
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = out / f"model_w{args.bits}.onnx"
     result = cm.export(onnx_path)
     print(f"exported {onnx_path} ({result.size_bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch reference: "
-          f"top-1 agreement {result.agreement:.2%}")
+          f"top-1 agreement {result.agreement:.2%} ({time.perf_counter() - t0:.0f} s so far)")
 
     # 4. validate in ONNX Runtime, per group, against the float ONNX model.
     report = validate(onnx_path, test, reference=out / "float.onnx",

@@ -85,13 +85,17 @@ def _row(label: str, report) -> dict[str, Any]:
     return row
 
 
-def prepare_demo_model(*, seed: int = 0, progress: bool = True, verbose: bool = False):
-    """Generate the demo task and train its SmallResNet: ``(model, train, test, seconds)``."""
+def prepare_demo_model(*, seed: int = 0, progress: bool = True, verbose: bool = False,
+                       sizes=None, train_config=None):
+    """Generate the demo task and train its SmallResNet: ``(model, train, test, seconds)``.
+
+    ``sizes`` (DemoTaskSizes) and ``train_config`` (TrainConfig) default to the demo's own.
+    """
     from .demo_models import SmallResNet
     from .demo_task import make_image_task
     from .training import DEMO_TASK_SIZES, DEMO_TRAIN, train_classifier
 
-    sizes = DEMO_TASK_SIZES
+    sizes = sizes or DEMO_TASK_SIZES
     if verbose:
         print(f"[1/4] generating the image task: {sizes.n_train} train / {sizes.n_test} test images, "
               f"{sizes.size}x{sizes.size}, minority 'inverted-contrast' = {sizes.minority_fraction:.0%}")
@@ -101,12 +105,16 @@ def prepare_demo_model(*, seed: int = 0, progress: bool = True, verbose: bool = 
     torch.manual_seed(seed)
     model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
     t = time.perf_counter()
-    model = train_classifier(model, train, DEMO_TRAIN, progress=progress)
+    model = train_classifier(model, train, train_config or DEMO_TRAIN, progress=progress)
     return model.eval(), train, test, time.perf_counter() - t
 
 
-def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True) -> list[DemoRow]:
-    """Run the whole demo into ``out_dir``; print and return the per-group table."""
+def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None, train_config=None,
+             num_calib: int = DEMO_NUM_CALIB) -> list[DemoRow]:
+    """Run the whole demo into ``out_dir``; print and return the per-group table.
+
+    ``sizes``/``train_config``/``num_calib`` shrink the demo (tests); defaults are the demo's.
+    """
     from .cli import print_table
     from .exporters.qdq_onnx import export_float
     from .exporters.reports import write_json_data, write_markdown_table
@@ -117,8 +125,9 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True) -> list[Dem
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, train, test, t_train = prepare_demo_model(seed=seed, progress=progress, verbose=True)
-    calib = group_balanced_subset(train, 2 * DEMO_NUM_CALIB, seed=seed)
+    model, train, test, t_train = prepare_demo_model(seed=seed, progress=progress, verbose=True,
+                                                     sizes=sizes, train_config=train_config)
+    calib = group_balanced_subset(train, 2 * num_calib, seed=seed)
     save_npz(calib, out_dir / "calib.npz")
     save_npz(test, out_dir / "test.npz")
     torch.save(model.state_dict(), out_dir / "model.pt")
@@ -131,7 +140,7 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True) -> list[Dem
     naive_path = ort_quantize_static_baseline(float_path, calib, out_dir / "ort_quantize_static_w8a8.onnx")
     paths = [("float", float_path), ("ORT quantize_static W8A8", naive_path)]
     for label, config in DEMO_VARIANTS:
-        cm = compress(model, calib, replace(config, num_calib=DEMO_NUM_CALIB, seed=seed), progress=progress)
+        cm = compress(model, calib, replace(config, num_calib=num_calib, seed=seed), progress=progress)
         path = out_dir / (label.lower().replace(" ", "_") + ".onnx")
         result = cm.export(path)
         log.info("%s: agreement with fake-quant reference %.4f", label, result.agreement)

@@ -234,10 +234,11 @@ def make_tabular_task(
 ) -> tuple[GroupData, GroupData]:
     """Synthetic tabular classification: ``(train, test)``, groups ``("majority", "shifted")``.
 
-    Latent z ~ N(0, I). Labels: ``y = argmax(z A + 0.5·sin(z B) + b)`` — a mostly linear rule with
-    a nonlinear part. The minority's rule mixes in a second matrix, ``A' = 0.7·A + 0.3·A2`` (a
-    partly different decision rule), and its observed features are shifted and rescaled:
-    ``x = z ⊙ scale + shift`` with scale ∈ [1, 4] and shift ∈ [-3, 3] on half of the features.
+    Latent z ~ N(0, I). Labels: ``y = argmax(z A + 0.3·sin(z B) + b)``, a mostly linear rule
+    with a nonlinear part. The minority's rule mixes in a second matrix,
+    ``A' = 0.8·A + 0.2·A2`` (a partly different decision rule), and its observed features are
+    shifted and rescaled, ``x = z ⊙ scale + shift`` with scale ∈ [2, 6] and shift ∈ [-4, 4] on
+    half of the features (large inputs, hence large first-layer activations, for the minority).
     Features are standardised with the training set's mean/std. 3% label noise keeps it from
     being trivially separable.
     """
@@ -252,19 +253,19 @@ def make_tabular_task(
     a2 = rng.normal(0.0, 1.0, (d, k)) / np.sqrt(d) * 3.0
     bmat = rng.normal(0.0, 1.0, (d, k)) / np.sqrt(d) * 2.0
     bias = rng.normal(0.0, 0.3, k)
-    a_min = 0.7 * a + 0.3 * a2
+    a_min = 0.8 * a + 0.2 * a2
     shifted = rng.permutation(d)[: d // 2]
     scale = np.ones(d)
     shift = np.zeros(d)
-    scale[shifted] = rng.uniform(1.0, 4.0, shifted.size)
-    shift[shifted] = rng.uniform(-3.0, 3.0, shifted.size)
+    scale[shifted] = rng.uniform(2.0, 6.0, shifted.size)
+    shift[shifted] = rng.uniform(-4.0, 4.0, shifted.size)
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         group = _draw_groups(n, minority_fraction, rng)
         z = rng.normal(0.0, 1.0, (n, d))
         minority = group == 1
-        logits = z @ a + 0.5 * np.sin(z @ bmat) + bias
-        logits[minority] = z[minority] @ a_min + 0.5 * np.sin(z[minority] @ bmat) + bias
+        logits = z @ a + 0.3 * np.sin(z @ bmat) + bias
+        logits[minority] = z[minority] @ a_min + 0.3 * np.sin(z[minority] @ bmat) + bias
         y = logits.argmax(axis=1)
         flip = rng.random(n) < 0.03
         y[flip] = rng.integers(0, k, int(flip.sum()))

@@ -83,7 +83,9 @@ def workflow_steps(text: str) -> list[dict[str, str]]:
                 block.append(lines[i].strip())
                 i += 1
             value = "\n".join(block)
-        steps[-1][prefix + key] = value.strip('"')
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # a quoted scalar
+        steps[-1][prefix + key] = value
         steps[-1].setdefault("_indent", str(indent))
     for s in steps:
         s.pop("_indent", None)
@@ -204,7 +206,7 @@ def test_cli_example_commands_parse_with_the_real_cli():
     commands = fqexport_commands(text, variables)
     parser = _parser()
     parsed = [parser.parse_args(c) for c in commands]
-    assert [p.command for p in parsed] == ["compress", "compress", "analyze", "validate", "validate"]
+    assert [p.command for p in parsed] == ["compress", "compress", "validate", "analyze", "validate"]
     gate = parsed[-1]
     assert (gate.min_worst_group_acc, gate.max_acc_gap, gate.max_group_drop) == (5.0, 50.0, 5.0)
     assert str(gate.junit) == "out/cli_junit.xml"

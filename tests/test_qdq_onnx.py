@@ -219,3 +219,16 @@ def test_failed_write_leaves_no_partial_file(monkeypatch, cnn_exports, cnn_cm_mi
         export_qdq(cnn_cm_mixed, target, check=False)
     assert target.read_bytes() == b"previous version"  # the old file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp file left
+
+
+def test_top1_agreement_ignores_only_near_ties():
+    from fqexport.exporters.qdq_onnx import top1_agreement
+
+    want = np.array([[1.0, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.5, 0.6]], np.float32)
+    got = want.copy()
+    got[0] = [0.99, 1.0, 0.0]  # flips a near-tie (margin 0.01)
+    got[3] = [0.0, 0.6, 0.5]  # flips a decided sample (margin 0.1)
+    raw, decided = top1_agreement(got, want, tie=0.05)
+    assert raw == 0.5
+    assert decided == 2 / 3  # samples 1, 2, 3 are decided; sample 3 disagrees
+    assert top1_agreement(got, want, tie=0.0) == (0.5, 0.5)

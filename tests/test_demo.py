@@ -1,0 +1,28 @@
+"""The demo end to end at toy size: files written, table rows, per-group numbers present."""
+
+import json
+
+from fqexport.demo import DEMO_VARIANTS, run_demo
+from fqexport.demo_task import DemoTaskSizes
+from fqexport.training import TrainConfig
+
+
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    rows = run_demo(
+        tmp_path, progress=False, sizes=DemoTaskSizes(n_train=400, n_test=200, size=16, minority_fraction=0.2),
+        train_config=TrainConfig(epochs=1, batch_size=64, lr=0.05), num_calib=64,
+    )
+    labels = [r.label for r in rows]
+    assert labels == ["float", "ORT quantize_static W8A8"] + [label for label, _ in DEMO_VARIANTS]
+    for name in ["float.onnx", "model.pt", "calib.npz", "test.npz", "demo_report.json", "demo_report.md"]:
+        assert (tmp_path / name).is_file(), name
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert len(report["rows"]) == len(rows)
+    for row in rows:
+        by_group = row.report.metrics.by_group
+        assert set(by_group) == {"majority", "inverted-contrast"}
+        assert by_group["inverted-contrast"]["count"] == 40
+    out = capsys.readouterr().out
+    assert "inverted-contrast %" in out and "fqexport W4A8" in out
+    md = (tmp_path / "demo_report.md").read_text()
+    assert md.count("\n|") >= len(rows) + 1

@@ -1,4 +1,4 @@
-"""Command line: ``fqexport compress | validate | demo``.
+"""Command line: ``fqexport compress | validate | analyze | demo``.
 
 The CLI only parses arguments and calls the API. Exit codes: 0 ok, 1 a validation limit
 broken, 2 bad input (any other fqexport error), 130 interrupted.
@@ -19,34 +19,33 @@ from .errors import ConfigError, FqexportError, ValidationFailed
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _parse_layer_bits(items: Sequence[str]) -> dict[str, int]:
+def _parse_assignments(items: Sequence[str], flag: str, value: str, convert, example: str) -> dict:
+    # value names the right-hand side in messages: "BITS" (an integer) or "W" (a number)
+    """``["a=1", "b=2"]`` → ``{"a": convert("1"), ...}`` with errors naming ``flag``."""
     out = {}
     for item in items:
-        name, sep, bits = item.rpartition("=")
+        name, sep, raw = item.rpartition("=")
         if not sep or not name:
-            raise ConfigError(f"--layer-bits {item!r}: expected NAME=BITS, e.g. fc=8")
+            raise ConfigError(f"{flag} {item!r}: expected NAME={value}, e.g. {example}")
         try:
-            out[name] = int(bits)
+            out[name] = convert(raw)
         except ValueError as err:
-            raise ConfigError(f"--layer-bits {item!r}: BITS must be an integer from 2 to 8") from err
+            kind = "an integer" if convert is int else "a number"
+            raise ConfigError(f"{flag} {item!r}: {value} must be {kind}") from err
     return out
 
 
+def _parse_layer_bits(items: Sequence[str]) -> dict[str, int]:
+    return _parse_assignments(items, "--layer-bits", "BITS", int, "fc=8")
+
+
 def _parse_group_weights(text: str | None):
+    """``equal`` (None), ``samples``, or ``NAME=W,NAME=W``."""
     if text is None or text == "equal":
         return None
     if text == "samples":
         return "samples"
-    out = {}
-    for item in text.split(","):
-        name, sep, w = item.rpartition("=")
-        if not sep or not name:
-            raise ConfigError(f"--group-weights {text!r}: expected 'equal', 'samples' or NAME=W,NAME=W")
-        try:
-            out[name] = float(w)
-        except ValueError as err:
-            raise ConfigError(f"--group-weights {item!r}: W must be a number") from err
-    return out
+    return _parse_assignments(text.split(","), "--group-weights", "W", float, "minority=2,majority=1")
 
 
 def print_table(rows: list[dict], columns: list[str], file=None) -> None:
@@ -158,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_validate import add_validate_parser
 
     add_validate_parser(sub)
+    from .cli_analyze import add_analyze_parser
+
+    add_analyze_parser(sub)
     _add_demo(sub)
     return parser
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -63,51 +62,6 @@ MSG_NO_PARAMS = "the model has no floating-point parameters: nothing to differen
 
 # Columns of AnalysisReport.rows(), in table order.
 ROW_COLUMNS = ["group", "variant", "n", "acc %", "loss", "logit var", "grad norm", "λ_max", "iters"]
-
-
-# --------------------------------------------------------------------------------------------
-# straight-through estimator for fqexport::act_qdq
-# --------------------------------------------------------------------------------------------
-
-_STE_LOCK = threading.Lock()
-_STE_REGISTERED = False
-
-
-def _ste_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, scale, zero_point = inputs
-    ctx.save_for_backward(x)
-    ctx.scale = float(scale)
-    ctx.zero_point = int(zero_point)
-
-
-def _ste_backward(ctx: Any, grad: torch.Tensor):
-    # Clipped STE: d qdq(x)/dx = 1[0 <= round(x/s) + z <= 255] (torch.fake_quantize's rule).
-    (x,) = ctx.saved_tensors
-    q = torch.round(x / ctx.scale) + ctx.zero_point
-    mask = ((q >= 0) & (q <= 255)).to(grad.dtype)
-    return grad * mask, None, None
-
-
-def ensure_act_qdq_autograd() -> bool:
-    """Register the clipped STE as the autograd formula of ``fqexport::act_qdq``, once.
-
-    Returns True if this call registered it, False if a formula was already there (from this
-    module or from :mod:`fqexport.fake_quant` itself).
-    """
-    global _STE_REGISTERED
-    from .fake_quant import act_qdq
-
-    with _STE_LOCK:
-        if _STE_REGISTERED:
-            return False
-        # CustomOpDef keeps its formula in _backward_fn (None until one is registered).
-        if getattr(act_qdq, "_backward_fn", None) is not None:
-            _STE_REGISTERED = True
-            return False
-        act_qdq.register_autograd(_ste_backward, setup_context=_ste_setup_context)
-        _STE_REGISTERED = True
-        log.debug("registered the straight-through estimator for fqexport::act_qdq")
-        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +231,6 @@ def group_diagnostics(
     max_samples_per_group = _check_positive("max_samples_per_group", max_samples_per_group, 1)
     if not (float(tol) > 0):
         raise ConfigError(f"tol={tol!r} must be > 0")
-    ensure_act_qdq_autograd()
     model = copy.deepcopy(model).eval()
     num_classes = _check_model(model, data)
     check_labels(data, num_classes)

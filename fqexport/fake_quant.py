@@ -29,6 +29,24 @@ def _act_qdq_fake(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tenso
     return torch.empty_like(x)
 
 
+def _ste_setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, scale, zero_point = inputs
+    ctx.save_for_backward(x)
+    ctx.scale = float(scale)
+    ctx.zero_point = int(zero_point)
+
+
+def _ste_backward(ctx, grad: torch.Tensor):
+    # Clipped straight-through estimator, torch.fake_quantize's rule:
+    # d qdq(x)/dx = 1[0 <= round(x/s) + z <= 255].
+    (x,) = ctx.saved_tensors
+    q = torch.round(x / ctx.scale) + ctx.zero_point
+    return grad * ((q >= 0) & (q <= 255)).to(grad.dtype), None, None
+
+
+act_qdq.register_autograd(_ste_backward, setup_context=_ste_setup_context)
+
+
 class GroupContext:
     """The group ids of the batch being run, shared by every observer of a model."""
 

@@ -17,7 +17,6 @@ from fqexport.diagnostics import (
     FLOAT_VARIANT,
     ROW_COLUMNS,
     analyze,
-    ensure_act_qdq_autograd,
     group_diagnostics,
     power_iteration,
 )
@@ -129,19 +128,6 @@ def test_subsampling_empty_groups_and_bad_input():
     bad = GroupData(base.x, base.y + 5, base.group, base.group_names, "bad labels")
     with pytest.raises(DataError, match="outside \\[0, 3\\)"):
         group_diagnostics(_linear(), bad)
-
-
-def test_straight_through_estimator_of_act_qdq_matches_torch_fake_quantize():
-    from fqexport.fake_quant import act_qdq
-
-    ensure_act_qdq_autograd()
-    assert ensure_act_qdq_autograd() is False  # registered once
-    x = torch.linspace(-3.0, 3.0, 41, requires_grad=True)
-    scale, zp = 0.02, 100  # representable range [-2.0, 3.1]
-    (g_ours,) = torch.autograd.grad((act_qdq(x, scale, zp) ** 2).sum(), x)
-    (g_ref,) = torch.autograd.grad((torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255) ** 2).sum(), x)
-    assert torch.equal(g_ours, g_ref)
-    assert float(g_ours[0]) == 0.0 and float(g_ours[-1]) != 0.0  # clipped below, passed above
 
 
 def test_analyze_float_vs_quantized_on_tiny_mlp():

@@ -153,3 +153,14 @@ def test_act_qdq_equals_torch_fake_quantize(scale, zp):
     want = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
     assert torch.equal(act_qdq(x, scale, zp), want)
     assert torch.equal(torch.ops.fqexport.act_qdq(x, scale, zp), want)
+
+
+def test_straight_through_estimator_of_act_qdq_matches_torch_fake_quantize():
+    from fqexport.fake_quant import act_qdq
+
+    x = torch.linspace(-3.0, 3.0, 41, requires_grad=True)
+    scale, zp = 0.02, 100  # representable range [-2.0, 3.1]
+    (g_ours,) = torch.autograd.grad((act_qdq(x, scale, zp) ** 2).sum(), x)
+    (g_ref,) = torch.autograd.grad((torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255) ** 2).sum(), x)
+    assert torch.equal(g_ours, g_ref)
+    assert float(g_ours[0]) == 0.0 and float(g_ours[-1]) != 0.0  # clipped below, passed above

@@ -71,7 +71,7 @@ RESNET18_TARGET_S = 120.0
 
 # (label, QuantConfig overrides); weight_bits and num_calib are set per run.
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("RTN (plain)", dict(method="rtn", clip_search=False, bias_correction=False)),
+    ("RTN (plain)", dict(method="rtn", clip_search=False, bias_correction=False, bn_reestimate=False)),
     ("RTN + clip + bias corr.", dict(method="rtn")),
     ("solver natural", dict(order="natural")),
     ("solver sensitivity (default)", dict()),
@@ -91,7 +91,7 @@ INVESTIGATE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("damp 0.1", dict(damp=0.1)),
     ("block 32", dict(block_size=32)),
     ("no clip search", dict(clip_search=False)),
-    ("no bias correction", dict(bias_correction=False)),
+    ("no bias correction", dict(bias_correction=False, bn_reestimate=False)),
     ("no BN re-estimation", dict(bn_reestimate=False)),
     ("calibration mse", dict(calibration="mse")),
     ("calibration minmax", dict(calibration="minmax")),
@@ -329,8 +329,10 @@ def summary(results: list[Result]) -> list[str]:
             if bits == 3:
                 margin = 100 * (worst_q[1] - worst_rtn[1])
                 far = margin >= TARGET_W3_ABOVE_RTN
+                rtn_cb = find(rs, bits, "RTN + clip + bias corr.").torch_metrics.group_min("accuracy")[1]
                 text += (f"; worst group {pt(worst_q[1])} % vs plain RTN {pt(worst_rtn[1])} % "
-                         f"(+{margin:.2f} pt, target >= +{TARGET_W3_ABOVE_RTN}) -> {'MET' if far else 'MISSED'}")
+                         f"(+{margin:.2f} pt, target >= +{TARGET_W3_ABOVE_RTN}) -> {'MET' if far else 'MISSED'}"
+                         f" (vs RTN + clip + bias corr. {pt(rtn_cb)} %)")
             lines.append(text)
         for bits in BITS:
             t = {r.label: r.seconds for r in rs if r.bits == bits}
@@ -544,8 +546,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_natural:
                 natural_calibration("tabular MLP", model, train, test, rs[0].torch_metrics, args.seed)
     print("\n## Summary (targets of issue 4 are for the demo CNN; the MLP is reported the same way)\n")
-    for line in summary(results):
+    lines = summary(results)
+    for line in lines:
         print("- " + line)
+    if any("MISSED" in line for line in lines):
+        print("\nA target was missed. The minority test group is small (300 images for the demo CNN: "
+              "1 image = 0.33 pt), and --investigate separates the causes (activation-only W8A8, "
+              "weights-only, clip search, damping, bias correction, BN re-estimation, num_calib).")
     print(f"\nwhole run {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # (row label, config) of the fqexport variants the demo compresses.
 DEMO_VARIANTS: tuple[tuple[str, QuantConfig], ...] = (
     ("fqexport W8A8", QuantConfig(weight_bits=8)),
-    ("RTN W4A8", QuantConfig(weight_bits=4, method="rtn", bias_correction=False, clip_search=False)),
+    ("RTN W4A8", QuantConfig(weight_bits=4, method="rtn", bias_correction=False, bn_reestimate=False,
+                             clip_search=False)),
     ("fqexport W4A8", QuantConfig(weight_bits=4)),
 )
 DEMO_NUM_CALIB = 512

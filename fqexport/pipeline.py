@@ -352,12 +352,16 @@ def compress(
         )
 
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
-    alpha = _resolve_group_weights(config, sub)
+    # 'samples' weights groups by their share of the user's data, not of the balanced subset.
+    alpha = _resolve_group_weights(config, data)
     bs = config.batch_size
     modules = dict(folded.named_modules())
     example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
     macs = count_macs(folded, example, names)
-    targets = _float_targets(float_model, layers, sub, bs, device) if config.bias_correction else {}
+    # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
+    # layer's output statistics on the calibration data.
+    corrected = [l for l in layers if config.bias_correction or (config.bn_reestimate and l.had_batchnorm)]
+    targets = _float_targets(float_model, corrected, sub, bs, device) if corrected else {}
 
     quantized: dict[str, QuantizedLayer] = {}
     bar = tqdm(layers, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
@@ -375,7 +379,7 @@ def compress(
         )
         with torch.no_grad():
             module.weight.copy_(layer.dequantized().to(module.weight.dtype))
-        if config.bias_correction:
+        if info.name in targets:
             _correct_layer(
                 folded, module, info, layer, targets[info.name], sub, bs, device, alpha,
                 rescale=info.had_batchnorm and config.bn_reestimate,

@@ -60,9 +60,12 @@ class TwoUsers(nn.Module):
 def test_conv_relu_conv_placement():
     gm = trace(ConvReluConv())
     _, qs = insert_act_quantizers(gm, _minmax, {"c1", "c2"})
-    assert len(qs) == 3
-    # after the input, after the ReLU (not between conv and ReLU), after the last conv
-    assert sorted(_quantized_args(gm)) == ["c2", "relu", "x"]
+    assert len(qs) == 2
+    # after the input and after the ReLU (not between conv and ReLU); the last conv's output is
+    # the model output (logits) and stays float
+    assert sorted(_quantized_args(gm)) == ["relu", "x"]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert out.args[0].name == "c2"
     order = [n.name for n in gm.graph.nodes if n.op != "output"]
     assert order.index("c1") < order.index("relu")
     relu = next(n for n in gm.graph.nodes if n.name == "relu")
@@ -80,7 +83,8 @@ def test_functional_relu_is_recognised():
 
     gm = trace(F())
     insert_act_quantizers(gm, _minmax, {"fc"})
-    assert sorted(_quantized_args(gm)) == ["relu", "x"]
+    # fc's output goes through the ReLU straight to the model output: only the input is quantized
+    assert sorted(_quantized_args(gm)) == ["x"]
 
 
 def test_output_with_two_users_is_quantized_before_the_relu():
@@ -92,9 +96,10 @@ def test_output_with_two_users_is_quantized_before_the_relu():
 def test_residual_add_inputs_and_output_are_quantized():
     gm = trace(Residual())
     _, qs = insert_act_quantizers(gm, _minmax, {"c1", "c2"})
-    # x; c1 output (shared by c2 and the add); c2 output; add output after its ReLU
-    assert sorted(_quantized_args(gm)) == ["c1", "c2", "relu", "x"]
-    assert len(qs) == 4
+    # x; c1 output (shared by c2 and the add); c2 output; the add's ReLU output is the model
+    # output and stays float
+    assert sorted(_quantized_args(gm)) == ["c1", "c2", "x"]
+    assert len(qs) == 3
     add = next(n for n in gm.graph.nodes if n.name == "add")
     assert all(str(a.target).startswith("act_quant") for a in add.args[:2])
 
@@ -102,7 +107,7 @@ def test_residual_add_inputs_and_output_are_quantized():
 def test_float_layers_get_no_pairs():
     gm = trace(ConvReluConv())
     _, qs = insert_act_quantizers(gm, _minmax, {"c2"})
-    assert sorted(_quantized_args(gm)) == ["c2", "relu"]
+    assert sorted(_quantized_args(gm)) == ["relu"]  # c2's input; its output is the model output
     gm2 = trace(ConvReluConv())
     _, qs2 = insert_act_quantizers(gm2, _minmax, set())
     assert qs2 == {}

@@ -22,12 +22,13 @@ from fqexport.mixed_precision import (
     write_pareto_json,
 )
 
-BASE = QuantConfig(num_calib=256)
+BASE = QuantConfig(num_calib=128, batch_size=128)
 
 
 @pytest.fixture(scope="module")
 def search(mlp_model, mlp_data):
-    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=2)
+    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=2,
+                             sensitivity_samples=128, mw_steps=20)
     return search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
 
 
@@ -94,7 +95,8 @@ def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_pat
 
 def test_bytes_budget_is_respected(mlp_model, mlp_data):
     # auto storage: 8-bit layers int8, <=4-bit layers int4; budget between all-int4 and all-int8
-    mp = MixedPrecisionConfig(budget_bytes=60_000, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5)
+    mp = MixedPrecisionConfig(budget_bytes=60_000, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=128)
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
     for c in res.candidates:
         assert resource_used(c.allocation.bits, res.layers, "bytes", "auto") <= 60_000
@@ -110,7 +112,8 @@ def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search)
 
 
 def test_pareto_sweep_and_writers(mlp_model, mlp_data, tmp_path):
-    mp = MixedPrecisionConfig(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5)
+    mp = MixedPrecisionConfig(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=128)
     points = pareto_sweep(mlp_model, mlp_data, [2.5, 6.0], mp, BASE, progress=False)
     assert [p.budget for p in points] == [2.5, 6.0]
     assert points[0].avg_bits <= 2.5 and points[1].avg_bits <= 6.0

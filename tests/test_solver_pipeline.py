@@ -223,15 +223,10 @@ def test_group_weights_reach_the_hessian_when_groups_are_imbalanced(monkeypatch,
     assert err(samples, h_major) < err(equal, h_major)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline.compress resolves group_weights='samples' on the group-balanced subset it draws, "
-    "whose groups have equal counts, so 'samples' (plain GPTQ) silently equals the default; "
-    "fix: take the counts from the full calibration data (data.group_counts())"))
 def test_sample_weights_follow_the_calibration_population(mlp_model):
     calib = fm.tabular_task(n=600, seed=6)  # ~30 % minority
     share = calib.group_counts() / len(calib)
     samples = _compress(mlp_model, calib, weight_bits=3, num_calib=200, group_weights="samples")
     equal = _compress(mlp_model, calib, weight_bits=3, num_calib=200)
     assert equal.info["group_weights"] == [0.5, 0.5]
-    # measured today: [0.5, 0.5] — the balanced subset's counts, not the data's
     assert samples.info["group_weights"] == pytest.approx(list(share), abs=1e-3)

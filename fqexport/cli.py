@@ -93,6 +93,8 @@ def _add_compress(sub) -> None:
                    "full: |q|<=127 for VNNI CPUs and GPUs")
     p.add_argument("--storage", choices=["auto", "int8", "packed"], default="auto",
                    help="auto: <=4-bit layers packed INT4; int8: every layer int8 (fastest); packed: INT4, INT2 for 2-bit")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-channel clipping search for weight scales (default: on for rtn, off for solver)")
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-bn-reestimate", action="store_true")
     p.add_argument("--skip-unsupported", action="store_true", help="leave unsupported layers in float (warn)")
@@ -113,6 +115,7 @@ def run_compress(args) -> int:
         percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
         weight_range=args.weight_range, storage=args.storage, bias_correction=not args.no_bias_correction,
         bn_reestimate=not args.no_bn_reestimate, skip_unsupported=args.skip_unsupported, seed=args.seed,
+        clip_search=args.clip_search,
     )
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     cm = compress(model, args.calib, config, progress=not args.quiet)

@@ -53,6 +53,10 @@ class QuantConfig:
             ``"int8"`` stores every layer in an int8 container (fused integer kernels, fastest);
             ``"packed"`` is ``"auto"`` with INT2 for 2-bit layers (opset 25).
         clip_search: search per-channel clipping (MSE over shrink factors) for weight scales.
+            ``None`` (default) searches for ``rtn`` and not for ``solver``: the solver carries
+            each column's rounding error onto the next columns, and a grid shrunk to trade
+            clipping for rounding error took away range it needed (demo CNN at W3A8: minority
+            89.3% with the search, 90.7% without; tabular MLP 66.0% vs 68.7%).
         bias_correction: correct each layer's bias for the mean output shift on calibration data.
         bn_reestimate: for convs that absorbed a BatchNorm, also re-estimate the BN statistics
             after quantization (a per-channel rescale of the weight scales; codes stay).
@@ -73,7 +77,7 @@ class QuantConfig:
     batch_size: int = 64
     weight_range: WeightRange = "x86-safe"
     storage: Storage = "auto"
-    clip_search: bool = True
+    clip_search: bool | None = None
     bias_correction: bool = True
     bn_reestimate: bool = True
     skip_unsupported: bool = False
@@ -110,6 +114,11 @@ class QuantConfig:
                     raise ConfigError(f"group_weights[{g!r}]={w!r} must be >= 0")
             if sum(float(w) for w in gw.values()) <= 0:
                 raise ConfigError("group_weights must not all be zero")
+
+    @property
+    def use_clip_search(self) -> bool:
+        """``clip_search`` resolved: explicit value, else on for RTN and off for the solver."""
+        return self.method == "rtn" if self.clip_search is None else bool(self.clip_search)
 
     def bits_for(self, layer: str) -> int:
         """Weight width of ``layer`` (its ``layer_bits`` entry, else ``weight_bits``)."""

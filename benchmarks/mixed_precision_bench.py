@@ -94,10 +94,12 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
     flt = measure(float_logits, evaluation)
     print(f"\n## {name}: float per group {', '.join(f'{g} {a:.2f}' for g, a in flt['by_group'].items())} "
           f"(eval n={len(evaluation)}, calib n={len(calib)}; training {train_s:.0f} s)\n", flush=True)
-    base = QuantConfig(method="solver", seed=0)  # num_calib 512 (default) of the held-in part
+    clip = {"auto": None, "on": True, "off": False}[args.clip_search]
+    base = QuantConfig(method="solver", clip_search=clip, seed=0)  # num_calib 512 (default)
     rows = [{"model": name, "budget": None, "variant": "float", "avg_bits": 32.0, **flt}]
     print("| budget | variant | avg bits | " + " | ".join(flt["by_group"]) + " | worst | mean | seconds |")
     print("|---|---|---|" + "---|" * len(flt["by_group"]) + "---|---|---|")
+    sens_cold = 0.0
     for b in budgets:
         width = max(2, int(math.floor(b + 1e-9)))
         t0 = time.perf_counter()
@@ -108,7 +110,10 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
                                       num_candidates=args.candidates, seed=0)
             t0 = time.perf_counter()
             res = search_mixed_precision(model, calib, mp, base, progress=False)
-            variants.append((objective, res.compressed, res.allocation.avg_bits, time.perf_counter() - t0))
+            secs = time.perf_counter() - t0
+            if res.seconds["sensitivity"] > 1.0:  # measured here (not from the cache): count it once
+                sens_cold = res.seconds["sensitivity"]
+            variants.append((objective, res.compressed, res.allocation.avg_bits, secs))
             if objective == "worst-group":
                 wg_result = res
         for label, cm, avg, secs in variants:
@@ -120,6 +125,7 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
                   + f" | {r['worst']:.2f} | {r['mean']:.2f} | {secs:.0f} |", flush=True)
         rows[-1]["candidates"] = [c.to_dict() for c in wg_result.candidates]
         rows[-1]["search_seconds"] = wg_result.seconds
+        rows[-1]["sensitivity_seconds_cold"] = sens_cold
     return rows
 
 
@@ -140,8 +146,11 @@ def check_targets(rows: list[dict]) -> list[str]:
                 lines.append(f"{'PASS' if ok else 'FAIL'} demo @2.25: every group within 1 pt of float "
                              f"(drops {', '.join(f'{g} {d:.2f}' for g, d in drops.items())})")
             if model == "demo":
-                secs = by["worst-group"]["seconds"]
-                lines.append(f"{'PASS' if secs < 180 else 'FAIL'} demo @{b:g}: search + verification {secs:.0f} s (< 180 s)")
+                # the sensitivity table is measured once per model and cached: add its cold time
+                sens = by["worst-group"]["sensitivity_seconds_cold"]
+                secs = by["worst-group"]["seconds"] - by["worst-group"]["search_seconds"]["sensitivity"] + sens
+                lines.append(f"{'PASS' if secs < 180 else 'FAIL'} demo @{b:g}: search + verification {secs:.0f} s "
+                             f"incl. a cold sensitivity measurement of {sens:.0f} s (< 180 s)")
     return lines
 
 
@@ -152,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--sensitivity", choices=["measured", "fisher"], default="measured")
     p.add_argument("--candidates", type=int, default=3, help="allocations verified per search")
     p.add_argument("--work-dir", default="/tmp/fqexport-mp-bench", help="cached trained models")
+    p.add_argument("--clip-search", choices=["auto", "on", "off"], default="auto",
+                   help="QuantConfig.clip_search of every variant (auto: the pipeline's default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write all rows to this JSON file")
     p.add_argument("--plot-dir", help="write a worst-group accuracy vs budget PNG per model here")

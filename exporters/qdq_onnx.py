@@ -36,11 +36,13 @@ OPSET = 21
 OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
 METADATA_KEY = "fqexport"
 MIN_AGREEMENT = 0.99
-# Samples whose reference top-2 logits are within this many output quantization steps are
-# near-ties: ORT's kernels round intermediate activations slightly differently from PyTorch
-# (a one-step flip of a uint8 code now and then), which moves logits by a few output steps.
-# A broken export (wrong weights, saturating kernels) moves them by far more.
-TIE_STEPS = 8.0
+# Samples whose reference top-2 logits are closer than this fraction of the typical logit
+# spread (median over samples of max - min logit) are near-ties: ORT's kernels round
+# intermediate activations slightly differently from PyTorch (a one-step flip of a uint8 code
+# now and then), which can flip them. A broken export (wrong weights, saturating u8×s8
+# kernels) moves logits by far more: on the demo CNN, full-range 8-bit weights on an AVX2 CPU
+# gave max |logit diff| 10.9 and 95% agreement on decided samples.
+TIE_FRACTION = 0.02
 
 MSG_TORCH_EXPORT = "torch.onnx.export failed for the {what} model: {err}"
 MSG_NO_WEIGHT = (
@@ -49,8 +51,10 @@ MSG_NO_WEIGHT = (
 )
 MSG_AGREEMENT = (
     "{path}: the exported model agrees with the PyTorch fake-quant reference on only {agree:.2%} "
-    "of the calibration samples whose top-2 logits are more than {tie:g} output quantization steps apart "
-    "(need >= {need:.0%}; max |logit diff| {diff:.4g}); the file was not written"
+    "of the calibration samples whose top-2 logits are more than {tie:g}% of the logit spread apart "
+    "(need >= {need:.0%}; max |logit diff| {diff:.4g}); the file was not written. If the model uses "
+    "full-range 8-bit weights on an x86 CPU without VNNI, its u8*s8 kernels saturate: use "
+    "weight_range='x86-safe'"
 )
 
 
@@ -90,7 +94,20 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
             )
     except Exception as err:
         raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=f"{type(err).__name__}: {err}")) from err
-    return program.model_proto
+    model = program.model_proto
+    strip_debug_info(model)
+    return model
+
+
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop per-node debug metadata (stack traces, fx node names) that torch.onnx records.
+
+    On the demo CNN it was a third of a W8A8 file (45 KB of 139 KB).
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    model.graph.doc_string = ""
 
 
 def _pack(codes: np.ndarray, container: str) -> TensorProto:
@@ -220,27 +237,11 @@ def _ort_logits(model_bytes: bytes, x: np.ndarray, batch_size: int = 256) -> np.
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
-def output_step(reference: torch.nn.Module) -> float:
-    """Quantization step of the model output (the scale of its last Q/DQ pair), 0 if none."""
-    import torch.fx
-
-    from fqexport.fake_quant import ActQuantizer
-
-    if not isinstance(reference, torch.fx.GraphModule):
-        return 0.0
-    out = next(n for n in reference.graph.nodes if n.op == "output").args[0]
-    if isinstance(out, torch.fx.Node) and out.op == "call_module":
-        mod = reference.get_submodule(str(out.target))
-        if isinstance(mod, ActQuantizer) and not mod.observing:
-            return float(mod.scale)
-    return 0.0
-
-
 def top1_agreement(got: np.ndarray, want: np.ndarray, tie: float = 0.0) -> tuple[float, float]:
     """``(agreement, agreement on decided samples)`` of the argmax of ``got`` vs ``want``.
 
-    A sample whose reference top-2 logits differ by <= ``tie`` (e.g. two output quantization
-    steps) is a tie at the export's resolution; kernel rounding may flip it either way.
+    A sample whose reference top-2 logits differ by <= ``tie`` is a near-tie at the export's
+    resolution; kernel rounding may flip it either way.
     """
     same = got.argmax(1) == want.argmax(1)
     if want.shape[1] < 2:
@@ -287,10 +288,12 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None =
         except Exception as err:
             raise ExportError(f"{path}: ONNX Runtime cannot run the exported model: {err}") from err
         want = cm.predict(cm.calib.x)
-        agreement, decided = top1_agreement(got, want, tie=TIE_STEPS * output_step(cm.reference))
+        spread = float(np.median(want.max(axis=1) - want.min(axis=1))) if want.size else 0.0
+        agreement, decided = top1_agreement(got, want, tie=TIE_FRACTION * spread)
         max_diff = float(np.abs(got - want).max())
         if decided < MIN_AGREEMENT:
-            raise ExportError(MSG_AGREEMENT.format(path=path, agree=decided, need=MIN_AGREEMENT, diff=max_diff, tie=TIE_STEPS))
+            raise ExportError(MSG_AGREEMENT.format(path=path, agree=decided, need=MIN_AGREEMENT, diff=max_diff,
+                                                   tie=100 * TIE_FRACTION))
     size = write_atomic(model, path)
     log.info("wrote %s (%d bytes, agreement %s)", path, size, agreement)
     return ExportResult(path, size, opset, agreement, max_diff, used)

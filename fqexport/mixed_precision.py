@@ -264,7 +264,9 @@ def search_mixed_precision(
     table = sensitivity or measure_sensitivity(
         model, held_in, bit_choices=mp_config.bit_choices, method=mp_config.sensitivity,
         num_samples=mp_config.sensitivity_samples, weight_range=base.weight_range,
-        clip_search=base.clip_search, seed=mp_config.seed, cache_path=mp_config.cache_path,
+        # the proxy is RTN, which wants its clipping search unless the user turned it off
+        clip_search=True if base.clip_search is None else bool(base.clip_search),
+        seed=mp_config.seed, cache_path=mp_config.cache_path,
         progress=progress,
     )
     seconds["sensitivity"] = time.perf_counter() - t0

@@ -36,7 +36,11 @@ def _parse_assignments(items: Sequence[str], flag: str, value: str, convert, exa
 
 
 def _parse_layer_bits(items: Sequence[str]) -> dict[str, int]:
-    return _parse_assignments(items, "--layer-bits", "BITS", int, "fc=8")
+    return _parse_layer_bits_flag(items, "--layer-bits")
+
+
+def _parse_layer_bits_flag(items: Sequence[str], flag: str) -> dict[str, int]:
+    return _parse_assignments(items, flag, "BITS", int, "fc=8")
 
 
 def _parse_group_weights(text: str | None):
@@ -94,12 +98,25 @@ def _add_compress(sub) -> None:
     p.add_argument("--storage", choices=["auto", "int8", "packed"], default="auto",
                    help="auto: <=4-bit layers packed INT4; int8: every layer int8 (fastest); packed: INT4, INT2 for 2-bit")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-channel clipping search for weight scales (default: on for rtn, off for solver)")
+                   help="per-channel clipping search for weight scales (default: on for rtn and 2-bit layers, off for the solver at 3+ bits)")
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-bn-reestimate", action="store_true")
     p.add_argument("--skip-unsupported", action="store_true", help="leave unsupported layers in float (warn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
+    mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
+    budget = mp.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bits", type=float, help="average weight bits (parameter-weighted), e.g. 4.0")
+    budget.add_argument("--budget-bytes", type=float, help="weight bytes of the export (codes + per-channel scales)")
+    budget.add_argument("--budget-bops", type=float, help="bit operations per sample: sum of w_bits * 8 * MACs")
+    mp.add_argument("--objective", choices=["worst-group", "mean", "weighted"], default="worst-group")
+    mp.add_argument("--bit-choices", default="2,3,4,5,6,8", help="candidate widths, comma separated")
+    mp.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
+                    help="fix layers matching a name pattern (fnmatch) to a width, e.g. 'stem.*=8' (repeatable)")
+    mp.add_argument("--sensitivity", choices=["measured", "fisher"], default="measured")
+    mp.add_argument("--candidates", type=int, default=3, help="allocations verified on held-out calibration data")
+    mp.add_argument("--objective-weights", metavar="NAME=W,...", help="group weights of --objective weighted")
+    mp.add_argument("--sensitivity-cache", help="JSON file caching the sensitivity table across runs")
     p.set_defaults(func=run_compress)
 
 
@@ -118,7 +135,12 @@ def run_compress(args) -> int:
         clip_search=args.clip_search,
     )
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
-    cm = compress(model, args.calib, config, progress=not args.quiet)
+    search = None
+    if args.budget_bits is not None or args.budget_bytes is not None or args.budget_bops is not None:
+        search = _run_search(args, model, config)
+        cm = search.compressed
+    else:
+        cm = compress(model, args.calib, config, progress=not args.quiet)
     result = cm.export(args.out)
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
     print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"])
@@ -128,9 +150,45 @@ def run_compress(args) -> int:
     if args.report:
         from .exporters.reports import write_json_data
 
-        write_json_data({"export": result.to_dict(), "layers": cm.layer_table(), "info": cm.info,
-                         "avg_weight_bits": cm.avg_weight_bits}, Path(args.report))
+        summary = {"export": result.to_dict(), "layers": cm.layer_table(), "info": cm.info,
+                   "avg_weight_bits": cm.avg_weight_bits}
+        if search is not None:
+            summary["mixed_precision"] = search.to_dict()
+        write_json_data(summary, Path(args.report))
     return EXIT_OK
+
+
+def _run_search(args, model, config):
+    """The fairness-aware mixed-precision search of ``fqexport compress --budget-*``."""
+    from .config import MixedPrecisionConfig
+    from .mixed_precision import search_mixed_precision
+
+    try:
+        choices = tuple(int(b) for b in args.bit_choices.split(","))
+    except ValueError as err:
+        raise ConfigError(f"--bit-choices {args.bit_choices!r}: expected integers like 2,3,4,8") from err
+    mp = MixedPrecisionConfig(
+        budget_bits=args.budget_bits, budget_bytes=args.budget_bytes, budget_bops=args.budget_bops,
+        objective=args.objective, bit_choices=choices, pins=_parse_layer_bits_flag(args.pin, "--pin"),
+        sensitivity=args.sensitivity, num_candidates=args.candidates,
+        group_weights=_parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
+                                         "minority=2") if args.objective_weights else None,
+        cache_path=args.sensitivity_cache, seed=args.seed,
+    )
+    res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet)
+    print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
+    print_table(res.table(), ["name", "params", "bits", "sensitivity", "most_sensitive_group"])
+    cands = []
+    for c in res.candidates:
+        cands.append({"chosen": "*" if c.allocation is res.allocation else "",
+                      "avg bits": f"{c.allocation.avg_bits:.3f}",
+                      "predicted worst Δloss": f"{c.allocation.predicted_worst:.4f}",
+                      "held-out worst-group %": f"{100 * c.worst_group_acc:.2f}",
+                      "held-out mean %": f"{100 * c.mean_acc:.2f}"})
+    print("\ncandidates verified on held-out calibration data (predicted vs measured):")
+    print_table(cands, list(cands[0].keys()))
+    print()
+    return res
 
 
 def _add_demo(sub) -> None:

@@ -53,10 +53,12 @@ class QuantConfig:
             ``"int8"`` stores every layer in an int8 container (fused integer kernels, fastest);
             ``"packed"`` is ``"auto"`` with INT2 for 2-bit layers (opset 25).
         clip_search: search per-channel clipping (MSE over shrink factors) for weight scales.
-            ``None`` (default) searches for ``rtn`` and not for ``solver``: the solver carries
-            each column's rounding error onto the next columns, and a grid shrunk to trade
-            clipping for rounding error took away range it needed (demo CNN at W3A8: minority
-            89.3% with the search, 90.7% without; tabular MLP 66.0% vs 68.7%).
+            ``None`` (default) searches for ``rtn`` and for 2-bit layers, not for the solver at
+            3+ bits: the solver carries each column's rounding error onto the next columns, and
+            a grid shrunk to trade clipping for rounding error took away range it needed (demo
+            CNN at W3A8: minority 89.3% with the search, 90.7% without; tabular MLP 66.0% vs
+            68.7%), while with only 4 levels clipping is essential (demo, uniform 2 bits:
+            minority 73.8% with, 55.8% without).
         bias_correction: correct each layer's bias for the mean output shift on calibration data.
         bn_reestimate: for convs that absorbed a BatchNorm, also re-estimate the BN statistics
             after quantization (a per-channel rescale of the weight scales; codes stay).
@@ -115,10 +117,11 @@ class QuantConfig:
             if sum(float(w) for w in gw.values()) <= 0:
                 raise ConfigError("group_weights must not all be zero")
 
-    @property
-    def use_clip_search(self) -> bool:
-        """``clip_search`` resolved: explicit value, else on for RTN and off for the solver."""
-        return self.method == "rtn" if self.clip_search is None else bool(self.clip_search)
+    def use_clip_search(self, bits: int) -> bool:
+        """``clip_search`` resolved for a ``bits``-wide layer (see the class docstring)."""
+        if self.clip_search is not None:
+            return bool(self.clip_search)
+        return self.method == "rtn" or bits <= 2
 
     def bits_for(self, layer: str) -> int:
         """Weight width of ``layer`` (its ``layer_bits`` entry, else ``weight_bits``)."""

@@ -178,7 +178,7 @@ def _quantize_weight(
     rows = as_rows(w).float()
     column_weight = torch.diagonal(hessian) if hessian is not None and hessian.dim() == 2 else None
     grid = choose_weight_grid(
-        rows, bits, weight_range=config.weight_range, clip_search=config.use_clip_search,
+        rows, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
         column_weight=column_weight,
     )
     if hessian is None:

@@ -171,3 +171,34 @@ def test_missing_required_argument_is_a_usage_error(capsys):
         main(["compress", "--model", "m:f"])
     assert info.value.code == 2
     assert "--calib" in capsys.readouterr().err
+
+
+def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    out = tmp_path / "mp.onnx"
+    code, stdout, err = _run(_compress_args(
+        mlp_files, out, "--budget-bits", "4", "--bit-choices", "2,4,8", "--pin", "fc1=8",
+        "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
+    assert code == 0, err
+    assert "mixed precision (worst-group, budget bits 4)" in stdout
+    assert "candidates verified on held-out calibration data" in stdout
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
+    bits = {l["name"]: l["bits"] for l in meta["layers"]}
+    assert bits["fc1"] == 8  # pinned
+    assert set(bits.values()) <= {2, 4, 8}
+    params = {l["name"]: l["params"] for l in meta["layers"]}
+    avg = sum(bits[n] * params[n] for n in bits) / sum(params.values())
+    assert avg <= 4.0 + 1e-9
+    assert "allocation" in meta
+    report = json.loads((tmp_path / "report.json").read_text())
+    table = report["mixed_precision"]["allocation"]["table"]
+    assert {r["name"]: r["bits"] for r in table} == bits
+    assert any(c["bits"] == bits for c in report["mixed_precision"]["candidates"])
+
+
+def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    code, _, err = _run(_compress_args(mlp_files, tmp_path / "x.onnx", "--budget-bits", "4", "--bit-choices", "2,four"))
+    assert code == 2
+    assert "--bit-choices '2,four'" in err
+    assert not (tmp_path / "x.onnx").exists()

@@ -82,7 +82,8 @@ def _row(label: str, report) -> dict[str, Any]:
     lat = report.latency[0] if report.latency else None
     row["p50 ms (b=1)"] = f"{lat.p50_ms:.2f}" if lat else "-"
     row["kernels"] = ", ".join(f"{k}×{v}" for k, v in sorted((report.fused_kernels or {}).items())
-                               if v and k in ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulNBits", "Conv", "Gemm", "FusedConv", "FusedGemm"))
+                               if v and k in ("QLinearConv", "QLinearAdd", "QGemm", "QLinearMatMul", "MatMulNBits", "Conv", "Gemm",
+                                                   "FusedConv", "FusedGemm"))
     return row
 
 

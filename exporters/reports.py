@@ -11,7 +11,7 @@ import logging
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fqexport.atomic import atomic_write
 

@@ -7,7 +7,6 @@ broken, 2 bad input (any other fqexport error), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

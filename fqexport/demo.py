@@ -8,7 +8,6 @@ fqexport W8A8, round-to-nearest W4A8 and fqexport W4A8 — per group, worst grou
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace

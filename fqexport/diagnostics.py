@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from .calibration.group_data import GroupData
 from .config import QuantConfig
-from .errors import ConfigError, DataError, UnsupportedLayerError
+from .errors import ConfigError, UnsupportedLayerError
+from .pipeline import check_model_on_data
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ FLOAT_VARIANT = "float"
 DEFAULT_TOL = 1e-3
 
 MSG_POSITIVE = "{name}={value!r} must be an integer >= {low}"
-MSG_SHAPE = (
-    "{source}: field 'x' with sample shape {shape} does not fit the model "
-    "({kind}: {err}); give data with the model's input shape"
-)
-MSG_LOGITS = "the model must return class logits of shape [batch, classes]; it returned {shape}"
 MSG_NO_PARAMS = "the model has no floating-point parameters: nothing to differentiate for diagnostics"
 
 # Columns of AnalysisReport.rows(), in table order.
@@ -182,21 +178,6 @@ def power_iteration(
     return lam, iters, False
 
 
-def _check_model(model: nn.Module, data: GroupData) -> int:
-    """Run two samples; return the number of classes (shape problems become clear errors)."""
-    x = torch.from_numpy(np.ascontiguousarray(data.x[:2]))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as err:
-        raise DataError(MSG_SHAPE.format(source=data.source, shape=tuple(data.x.shape[1:]),
-                                         kind=type(err).__name__, err=err)) from err
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UnsupportedLayerError(MSG_LOGITS.format(shape=shape))
-    return int(out.shape[1])
-
-
 def group_diagnostics(
     model: nn.Module,
     data: GroupData,
@@ -232,7 +213,7 @@ def group_diagnostics(
     if not (float(tol) > 0):
         raise ConfigError(f"tol={tol!r} must be > 0")
     model = copy.deepcopy(model).eval()
-    num_classes = _check_model(model, data)
+    num_classes = check_model_on_data(model, data)
     check_labels(data, num_classes)
     params = _params(model)
 
@@ -438,7 +419,7 @@ def analyze(
                   max_samples_per_group=max_samples_per_group, seed=seed, tol=tol, progress=progress)
 
     model = copy.deepcopy(model).eval().cpu()
-    _check_model(model, data)
+    check_model_on_data(model, data)
     folded, _ = fold_batchnorm(model)
     diagnostics = {FLOAT_VARIANT: group_diagnostics(folded, data, **kwargs)}
     for cfg in configs:

@@ -23,7 +23,7 @@ from .calibration.group_data import GroupData
 from .channel_stats import ChannelStats
 from .config import QuantConfig
 from .errors import ConfigError, DataError, UnsupportedLayerError
-from .fake_quant import ActQuantizer, insert_act_quantizers
+from .fake_quant import insert_act_quantizers
 from .model_graph import (
     LayerInfo,
     check_supported,
@@ -288,8 +288,8 @@ class CompressedModel:
         return export_qdq(self, path, storage=storage, check=check)
 
 
-def _check_model_on_data(model: nn.Module, data: GroupData) -> int:
-    """Run one sample; return the number of classes. Bad shapes become a DataError."""
+def check_model_on_data(model: nn.Module, data: GroupData) -> int:
+    """Run two samples; return the number of classes. Bad shapes become a DataError."""
     x = torch.from_numpy(np.ascontiguousarray(data.x[:2]))
     try:
         with torch.no_grad():
@@ -334,7 +334,7 @@ def compress(
     model = copy.deepcopy(model).eval().cpu()
     device = torch.device("cpu")
 
-    num_classes = _check_model_on_data(model, data)
+    num_classes = check_model_on_data(model, data)
     check_labels(data, num_classes)
     raw = trace(model)
     skip = check_supported(raw, config.skip_unsupported)

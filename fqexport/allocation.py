@@ -274,6 +274,15 @@ def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -
     )
 
 
+def _score_fn(objective: str, mean_weight: float, w: np.ndarray | None):
+    """Predicted objective of per-group loss increases D: J = max_g D_g + λ·mean_g D_g for
+    ``"worst-group"``, else the weighted sum D·w."""
+    if objective == "worst-group":
+        lam = float(mean_weight)
+        return lambda d: float(d.max() + lam * d.mean())
+    return lambda d: float(d @ w)
+
+
 def candidate_allocations(
     table: SensitivityTable,
     layer_info: Sequence[LayerCost],
@@ -305,13 +314,10 @@ def candidate_allocations(
     if objective in ("mean", "weighted"):
         w = _group_vector(group_weights, p.groups)
         choice = _solve_weighted(p, w, 0.0, max_cells, budget, bmin)
-        return [_make(p, choice, objective, lambda d: float(d @ w), budget, layer_info, storage, w)]
+        return [_make(p, choice, objective, _score_fn(objective, mean_weight, w), budget, layer_info, storage, w)]
 
     lam = float(mean_weight)
-
-    def score(d: np.ndarray) -> float:
-        return float(d.max() + lam * d.mean())  # J(a)
-
+    score = _score_fn(objective, lam, None)
     seen: dict[tuple[int, ...], Allocation] = {}
 
     def visit(w: np.ndarray) -> np.ndarray:
@@ -363,14 +369,9 @@ def uniform_allocation(
     pinned = resolve_pins(pins, table.layers)
     if objective == "worst-group":
         w = np.full(len(p.groups), 1.0 / len(p.groups))
-
-        def score(d: np.ndarray) -> float:
-            return float(d.max() + float(mean_weight) * d.mean())
     else:
         w = _group_vector(group_weights, p.groups)
-
-        def score(d: np.ndarray) -> float:
-            return float(d @ w)
+    score = _score_fn(objective, mean_weight, w)
     for width in sorted(table.bits, reverse=True):
         choice = tuple(0 if l in pinned else p.options[i].index(width) for i, l in enumerate(p.layers))
         if sum(p.resources[i][k] for i, k in enumerate(choice)) <= p.capacity:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fqexport.atomic import atomic_write
+from fqexport.group_metrics import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,7 @@ def write_json(report: Any, path: str | Path) -> Path:
 
 def write_json_data(data: Any, path: str | Path) -> Path:
     """Any JSON-serialisable ``data`` (NaN written as null), atomically."""
-    return _write_text(path, json.dumps(_nan_to_none(data), indent=2, allow_nan=False, default=str) + "\n")
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    return value
+    return _write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False, default=str) + "\n")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

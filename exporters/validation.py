@@ -23,7 +23,7 @@ import numpy as np
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError, DataError, ModelLoadError
-from fqexport.group_metrics import GroupMetrics, agreement, group_metrics
+from fqexport.group_metrics import GroupMetrics, agreement, group_metrics, json_safe
 
 from .latency import LatencyResult, measure_latency as _measure_latency
 from .ort_session import input_shape, kernel_summary, make_session, model_files_size, read_metadata, run_batches
@@ -184,9 +184,6 @@ class ValidationReport:
         return max(self.group_drop.items(), key=lambda kv: kv[1])
 
     def to_dict(self) -> dict[str, Any]:
-        def nan_none(v):
-            return None if isinstance(v, float) and math.isnan(v) else v
-
         worst = self.metrics.group_min("accuracy")
         return {
             "model": self.model,
@@ -196,8 +193,8 @@ class ValidationReport:
             "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},
             "metrics": self.metrics.to_dict(),
             "worst_group": worst[0],
-            "worst_group_accuracy": nan_none(worst[1]),
-            "accuracy_gap": nan_none(self.metrics.difference("accuracy")),
+            "worst_group_accuracy": json_safe(worst[1]),
+            "accuracy_gap": json_safe(self.metrics.difference("accuracy")),
             "kernel": {
                 "fused_kernels": dict(self.fused_kernels) if self.fused_kernels is not None else None,
                 "float_fallbacks": list(self.float_fallbacks) if self.float_fallbacks is not None else None,
@@ -222,8 +219,8 @@ class ValidationReport:
             "macs_per_sample": self.macs,
             "bops_per_sample": self.bops,
             "resource_source": self.resource_source,
-            "pepr": nan_none(self.pepr),
-            "pepr_worst_group": nan_none(self.pepr_worst_group),
+            "pepr": json_safe(self.pepr),
+            "pepr_worst_group": json_safe(self.pepr_worst_group),
             "thresholds": self.thresholds.to_dict(),
             "checks": [c.to_dict() for c in self.checks],
             "metadata": dict(self.metadata),

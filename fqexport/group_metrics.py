@@ -70,12 +70,12 @@ def _nan_range(values: list[float]) -> float | None:
     return (max(v) - min(v)) if v else None
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: NaN → None, numpy scalars → Python."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, float)):
         f = float(value)
         return None if math.isnan(f) else f
@@ -147,7 +147,7 @@ class GroupMetrics:
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-safe Python (NaN → None), accuracies as fractions."""
         worst, worst_acc = self.group_min("accuracy")
-        return _clean(
+        return json_safe(
             {
                 "num_classes": self.num_classes,
                 "overall": dict(self.overall),

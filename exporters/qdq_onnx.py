@@ -227,14 +227,16 @@ def _set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
 
 
 def _ort_logits(model_bytes: bytes, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of the optimized ORT CPU session (what deploys) of an in-memory model."""
     import onnxruntime as ort
+
+    from fqexport.exporters.ort_session import run_batches
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    return run_batches(sess, x, batch_size)
 
 
 def top1_agreement(got: np.ndarray, want: np.ndarray, tie: float = 0.0) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from fqexport.cli import print_table
 from fqexport.demo import ort_quantize_static_baseline
 from solver_models_bench import demo_cnn
 from fqexport.exporters.latency import measure_latency
-from fqexport.exporters.ort_session import kernel_summary, make_session
+from fqexport.exporters.ort_session import kernel_line, kernel_summary, make_session
 from fqexport.exporters.qdq_onnx import export_float
 from fqexport.exporters.validation import validate
 
@@ -106,8 +106,7 @@ def latency_table(paths: dict[str, Path], sample: np.ndarray, repeats: int, titl
     rows = []
     for label, path in paths.items():
         counts, _floats = kernel_summary(path)
-        kern = ", ".join(f"{k}×{v}" for k, v in counts.items() if v and k in (
-            "QLinearConv", "QGemm", "QLinearAdd", "QLinearMatMul", "MatMulNBits", "Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"))
+        kern = kernel_line(counts)
         b1, b32 = min(lat[(label, 1)]), min(lat[(label, 32)])
         rows.append({
             "model": label, "size KB": f"{path.stat().st_size / 1e3:.1f}",

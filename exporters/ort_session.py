@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -58,6 +58,12 @@ INTEGER_KERNELS = (
     "MatMulIntegerToFloat",
 )
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose")
+
+
+def kernel_line(counts: Mapping[str, int]) -> str:
+    """``"QLinearAdd×3, QLinearConv×9, Gemm×1"``: the compute kernels that ran, for a table cell."""
+    shown = (*INTEGER_KERNELS, "QLinearAdd", *FLOAT_KERNELS)
+    return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()) if v and k in shown)
 
 
 def _ort():

@@ -70,6 +70,8 @@ def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path) 
 
 
 def _row(label: str, report) -> dict[str, Any]:
+    from .exporters.ort_session import kernel_line
+
     m = report.metrics
     row: dict[str, Any] = {"model": label}
     for name, g in m.by_group.items():
@@ -80,9 +82,7 @@ def _row(label: str, report) -> dict[str, Any]:
     row["size MB"] = f"{report.size_bytes / 1e6:.3f}"
     lat = report.latency[0] if report.latency else None
     row["p50 ms (b=1)"] = f"{lat.p50_ms:.2f}" if lat else "-"
-    row["kernels"] = ", ".join(f"{k}×{v}" for k, v in sorted((report.fused_kernels or {}).items())
-                               if v and k in ("QLinearConv", "QLinearAdd", "QGemm", "QLinearMatMul", "MatMulNBits", "Conv", "Gemm",
-                                                   "FusedConv", "FusedGemm"))
+    row["kernels"] = kernel_line(report.fused_kernels or {})
     return row
 
 

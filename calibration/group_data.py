@@ -46,3 +46,31 @@ class GroupData:
         for start in range(0, len(self), batch_size):
             stop = start + batch_size
             yield self.x[start:stop], self.y[start:stop], self.group[start:stop]
+
+
+MSG_UNKNOWN_GROUP = (
+    "group_weights names group {name!r}, which is not in the calibration data (groups: {groups})"
+)
+
+
+def group_weight_vector(weights, group_names, unknown: str = MSG_UNKNOWN_GROUP) -> np.ndarray:
+    """Weights given by group name or id (``{"minority": 2}``, ``{1: 2}``, ``{"1": 2}``) as a
+    vector over ``group_names`` (unnamed groups 0), not normalised.
+
+    Raises ConfigError with ``unknown`` (a template of {name} and {groups}) for a key that is
+    not a group.
+    """
+    from fqexport.errors import ConfigError
+
+    names = list(group_names)
+    v = np.zeros(len(names), dtype=np.float64)
+    for key, w in weights.items():
+        if str(key) in names:
+            v[names.index(str(key))] = float(w)
+        elif isinstance(key, (int, np.integer)) and 0 <= int(key) < len(names):
+            v[int(key)] = float(w)
+        elif isinstance(key, str) and key.isdigit() and int(key) < len(names):
+            v[int(key)] = float(w)
+        else:
+            raise ConfigError(unknown.format(name=key, groups=", ".join(names)))
+    return v

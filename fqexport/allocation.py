@@ -35,6 +35,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from .calibration.group_data import group_weight_vector
 from .errors import ConfigError
 from .knapsack import solve_real
 from .sensitivity import SensitivityTable
@@ -161,14 +162,7 @@ def first_last_pins(layers: Sequence[str], bits: int = 8) -> dict[str, int]:
 def _group_vector(weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray:
     if weights is None:
         return np.full(len(groups), 1.0 / len(groups))
-    v = np.zeros(len(groups))
-    for k, w in weights.items():
-        if str(k) in groups:
-            v[list(groups).index(str(k))] = float(w)
-        elif isinstance(k, (int, np.integer)) and 0 <= int(k) < len(groups):
-            v[int(k)] = float(w)
-        else:
-            raise ConfigError(MSG_GROUP.format(name=k, groups=", ".join(groups)))
+    v = group_weight_vector(weights, groups, unknown=MSG_GROUP)
     if (v < 0).any() or v.sum() <= 0:
         raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(groups)))
     return v / v.sum()

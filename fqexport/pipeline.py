@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibration.group_data import GroupData
+from .calibration.group_data import GroupData, group_weight_vector
 from .channel_stats import ChannelStats
 from .config import QuantConfig
 from .errors import ConfigError, DataError, UnsupportedLayerError
@@ -81,20 +81,7 @@ def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor
     if gw == "samples":
         counts = torch.as_tensor(data.group_counts(), dtype=torch.float64)
         return counts / counts.sum()
-    alpha = torch.zeros(g, dtype=torch.float64)
-    names = {n: i for i, n in enumerate(data.group_names)}
-    for key, w in gw.items():
-        if isinstance(key, str) and key in names:
-            alpha[names[key]] = float(w)
-        elif isinstance(key, (int, np.integer)) and 0 <= int(key) < g:
-            alpha[int(key)] = float(w)
-        elif isinstance(key, str) and key.isdigit() and int(key) < g:
-            alpha[int(key)] = float(w)
-        else:
-            raise ConfigError(
-                f"group_weights names group {key!r}, which is not in the calibration data "
-                f"(groups: {', '.join(data.group_names)})"
-            )
+    alpha = torch.from_numpy(group_weight_vector(gw, data.group_names))
     return alpha / alpha.sum()
 
 

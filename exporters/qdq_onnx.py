@@ -119,9 +119,9 @@ def _pack(codes: np.ndarray, container: str) -> TensorProto:
     return numpy_helper.from_array(codes.astype(dtype))
 
 
-def _find_weight(inits: dict[str, TensorProto], layer: "QuantizedLayer") -> tuple[TensorProto, int]:
-    """The initializer holding ``layer``'s weight and the DequantizeLinear axis of its channels."""
-    expected = layer.dequantized().numpy()
+def _find_weight(inits: dict[str, TensorProto], layer: "QuantizedLayer", expected: np.ndarray) -> tuple[TensorProto, int]:
+    """The initializer holding ``layer``'s weight (dequantized: ``expected``) and the
+    DequantizeLinear axis of its channels."""
     init = inits.get(f"{layer.name}.weight")
     if init is not None:
         return init, 0
@@ -171,12 +171,13 @@ def quantize_weight_initializers(
     inits = {i.name: i for i in graph.initializer}
     new_nodes, used = [], {}
     for layer in layers.values():
-        init, axis = _find_weight(inits, layer)
+        dequantized = layer.dequantized().numpy()
+        init, axis = _find_weight(inits, layer, dequantized)
         actual = numpy_helper.to_array(init)
         codes = layer.codes.numpy()
         if axis == 1:
             codes = codes.reshape(codes.shape[0], -1).T
-        expected = layer.dequantized().numpy().reshape(codes.shape) if axis == 0 else None
+        expected = dequantized.reshape(codes.shape) if axis == 0 else None
         if expected is not None and not np.allclose(actual, expected, atol=1e-5 * max(1.0, float(np.abs(expected).max()))):
             raise ExportError(
                 f"layer '{layer.name}': the exported weight differs from the quantized weight "

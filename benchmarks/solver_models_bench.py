@@ -443,7 +443,7 @@ def bench_resnet18(bits: int, profile: bool, seed: int) -> float:
     stack = contextlib.ExitStack()
     with stack:
         stack.enter_context(patched(pipeline_mod, "_float_targets", timer, "float targets pass (bias corr.)"))
-        stack.enter_context(patched(pipeline_mod, "_layer_hessian", timer, "Hessian: collection (total)"))
+        stack.enter_context(patched(pipeline_mod, "_layer_moments", timer, "Hessian (+ cross moment): collection (total)"))
         stack.enter_context(patched(hessian_mod.HessianAccumulator, "add", timer, "Hessian: unfold + XᵀX"))
         stack.enter_context(patched(pipeline_mod, "choose_weight_grid", timer, "grid + clip search"))
         stack.enter_context(patched(solver_mod, "solve_layer", timer, "solve (shared H⁻¹, all rows)"))

@@ -85,6 +85,11 @@ def _add_compress(sub) -> None:
     p.add_argument("--method", choices=["solver", "rtn"], default="solver", help="weight quantizer (default solver)")
     p.add_argument("--order", choices=["sensitivity", "hessian-diag", "natural"], default="sensitivity")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening relative to mean(diag H)")
+    p.add_argument(
+        "--solver-target", choices=["float-output", "layer"], default="float-output",
+        help="fit each layer to the float model's output (default; corrects the error its quantized "
+             "inputs carry) or to its own float weights on those inputs (plain GPTQ)",
+    )
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--group-weights", help="'equal' (default), 'samples', or NAME=W,NAME=W")
     p.add_argument("--calibration", choices=["minmax", "percentile", "mse"], default="percentile")
@@ -126,7 +131,7 @@ def run_compress(args) -> int:
 
     config = QuantConfig(
         weight_bits=args.weight_bits, layer_bits=_parse_layer_bits(args.layer_bits), method=args.method,
-        order=args.order, damp=args.damp, block_size=args.block_size,
+        order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
         group_weights=_parse_group_weights(args.group_weights), calibration=args.calibration,
         percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
         weight_range=args.weight_range, storage=args.storage, bias_correction=not args.no_bias_correction,

@@ -9,6 +9,11 @@ and the layer Hessian is ``H = Σ_g α_g H_g`` with ``Σ α_g = 1`` over the gro
 by default ``α_g = 1 / G_present``, so a 10 % minority counts as much as the majority.
 Only the running sums ``Σ x xᵀ`` and counts are kept, never the activations.
 
+With ``cross=True`` the accumulator also takes the *float* model's input ``x_f`` of the same
+layer for each row ``x`` of the quantized prefix and keeps ``C = Σ_g α_g 2 Σ x_f xᵀ / N_g``:
+the cross moment behind the asymmetric target ``min_Q ||W X_f − Q X||²`` (see
+:func:`fqexport.solver.compensate_input_error`).
+
 Accumulation dtype: each batch's ``Xᵀ X`` is a float32 matmul (fast, and its rounding error
 is relative to one batch), added into float64 running sums: over 10⁵–10⁶ patch rows a
 float32 running sum would lose about log10(#batches) digits of the small entries, while
@@ -52,6 +57,10 @@ _MSG_EMPTY = (
     "hessian: layer {name!r} saw no calibration inputs{extra}; check that the calibration "
     "batches reach this layer and that group weights are not all zero on the groups present"
 )
+_MSG_FLOAT_INPUT = (
+    "hessian: layer {name!r} collects the float model's inputs too (cross=True): each batch "
+    "needs float_inputs of the input's shape {shape}; got {got}"
+)
 _MSG_WEIGHTS = (
     "hessian: group_weights must be {g} finite values >= 0 (one per group id); got {got}"
 )
@@ -82,6 +91,7 @@ class HessianAccumulator:
         *,
         name: str = "<layer>",
         accum_dtype: torch.dtype = torch.float64,
+        cross: bool = False,
     ) -> None:
         if isinstance(module, nn.Linear):
             self.kind = "Linear"
@@ -101,6 +111,8 @@ class HessianAccumulator:
         self.num_groups = int(num_groups)
         self.accum_dtype = accum_dtype
         self._sums: torch.Tensor | None = None  # [num_groups, conv_groups, cols, cols]
+        self.cross = bool(cross)
+        self._cross_sums: torch.Tensor | None = None  # Σ x_f xᵀ, same shape
         self.counts = torch.zeros(self.num_groups, dtype=torch.int64)   # rows per group
         self.samples = torch.zeros(self.num_groups, dtype=torch.int64)  # batch items per group
 
@@ -142,8 +154,12 @@ class HessianAccumulator:
         per_item = m.in_channels * kh * kw * x.shape[2] * x.shape[3] // (m.stride[0] * m.stride[1])
         return max(1, _UNFOLD_CHUNK_ELEMS // max(1, per_item))
 
-    def add(self, inputs: torch.Tensor, group: torch.Tensor) -> None:
-        """Add one batch: ``inputs`` is the layer's input, ``group[b]`` the data group of item b."""
+    def add(self, inputs: torch.Tensor, group: torch.Tensor, float_inputs: torch.Tensor | None = None) -> None:
+        """Add one batch: ``inputs`` is the layer's input, ``group[b]`` the data group of item b.
+
+        ``float_inputs``: the float model's input of the same layer for the same batch
+        (required when the accumulator was made with ``cross=True``).
+        """
         inputs = inputs.detach()
         group = torch.as_tensor(group).reshape(-1)
         B = inputs.shape[0] if inputs.dim() > 0 else 0
@@ -153,23 +169,35 @@ class HessianAccumulator:
                 or lo < 0 or hi >= self.num_groups):
             raise DataError(_MSG_GROUP.format(
                 name=self.name, b=B, g=self.num_groups, shape=tuple(group.shape), lo=lo, hi=hi))
+        if self.cross and (float_inputs is None or tuple(float_inputs.shape) != tuple(inputs.shape)):
+            got = None if float_inputs is None else tuple(float_inputs.shape)
+            raise DataError(_MSG_FLOAT_INPUT.format(name=self.name, shape=tuple(inputs.shape), got=got))
         group = group.to(torch.int64)
         device = inputs.device
         if self._sums is None:
-            self._sums = torch.zeros(
-                self.num_groups, self.conv_groups, self.cols, self.cols,
-                dtype=self.accum_dtype, device=device)
+            shape = (self.num_groups, self.conv_groups, self.cols, self.cols)
+            self._sums = torch.zeros(shape, dtype=self.accum_dtype, device=device)
+            if self.cross:
+                self._cross_sums = torch.zeros(shape, dtype=self.accum_dtype, device=device)
         step = self._chunk(inputs)
         for s in range(0, B, step):
             rows = self._rows(inputs[s:s + step])                 # [b, G, L, cols]
+            rows_f = self._rows(float_inputs[s:s + step].detach()) if self.cross else None
             g_chunk = group[s:s + step]
             for g in torch.unique(g_chunk).tolist():
                 mask = (g_chunk == g).to(device)
-                Xg = rows[mask].transpose(0, 1).reshape(self.conv_groups, -1, self.cols)
+                Xg = self._group_rows(rows, mask)
                 # Σ x xᵀ for this group's rows, per conv group: [G, cols, cols]
                 self._sums[g] += (Xg.transpose(1, 2) @ Xg).to(self.accum_dtype)
+                if rows_f is not None:
+                    # Σ x_f xᵀ: float-model rows against quantized-prefix rows
+                    self._cross_sums[g] += (self._group_rows(rows_f, mask).transpose(1, 2) @ Xg).to(self.accum_dtype)
                 self.counts[g] += Xg.shape[1]
                 self.samples[g] += int(mask.sum())
+
+    def _group_rows(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[b, G, L, cols]`` rows of the masked items → ``[G, rows, cols]``."""
+        return rows[mask].transpose(0, 1).reshape(self.conv_groups, -1, self.cols)
 
     # ------------------------------------------------------------------ Hessians
     def _finish(self, H: torch.Tensor) -> torch.Tensor:
@@ -182,12 +210,8 @@ class HessianAccumulator:
             raise DataError(_MSG_EMPTY.format(name=self.name, extra=f" from group {g}"))
         return self._finish(2.0 * self._sums[g] / int(self.counts[g]))
 
-    def hessian(self, group_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``H = Σ_g α_g · 2 X_g X_gᵀ / N_g``, α normalised to sum 1 over the groups present.
-
-        ``group_weights`` (``[num_groups]``, >= 0): α before normalisation; default equal for
-        every group present. Groups with ``N_g = 0`` are skipped and α renormalised without them.
-        """
+    def _coefficients(self, group_weights: torch.Tensor | None) -> torch.Tensor:
+        """Per-group ``2 α_g / N_g`` (0 for absent groups), α normalised over groups present."""
         present = self.counts > 0
         if group_weights is None:
             alpha = present.double()
@@ -200,11 +224,26 @@ class HessianAccumulator:
         if self._sums is None or float(alpha.sum()) <= 0:
             raise DataError(_MSG_EMPTY.format(name=self.name, extra=""))
         alpha = alpha / alpha.sum()
-        # per-group coefficient 2 α_g / N_g (0 for absent groups)
         coef = torch.where(present, 2.0 * alpha / self.counts.clamp_min(1).double(),
                            torch.zeros_like(alpha))
-        coef = coef.to(device=self._sums.device, dtype=self._sums.dtype)
+        return coef.to(device=self._sums.device, dtype=self._sums.dtype)
+
+    def hessian(self, group_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``H = Σ_g α_g · 2 X_g X_gᵀ / N_g``, α normalised to sum 1 over the groups present.
+
+        ``group_weights`` (``[num_groups]``, >= 0): α before normalisation; default equal for
+        every group present. Groups with ``N_g = 0`` are skipped and α renormalised without them.
+        """
+        coef = self._coefficients(group_weights)
         return self._finish(torch.einsum("g,gkij->kij", coef, self._sums))
+
+    def cross_moment(self, group_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``C = Σ_g α_g · 2 X_{f,g} X_gᵀ / N_g`` (float-model rows × quantized-prefix rows),
+        weighted exactly like :meth:`hessian`; needs ``cross=True``."""
+        if not self.cross:
+            raise ConfigError(f"hessian: layer {self.name!r}: cross_moment needs an accumulator made with cross=True")
+        coef = self._coefficients(group_weights)
+        return self._finish(torch.einsum("g,gkij->kij", coef, self._cross_sums))
 
     def hessian_sample_weighted(self) -> torch.Tensor:
         """Plain GPTQ Hessian ``2 X Xᵀ / N`` over all rows (a majority group dominates)."""

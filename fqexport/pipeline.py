@@ -142,13 +142,41 @@ def _float_targets(
     return stats
 
 
-def _layer_hessian(model, module, data, batch_size, device, alpha) -> torch.Tensor:
-    """Group-weighted Hessian H = Σ_g α_g 2 X_g X_gᵀ / N_g of ``module``'s inputs."""
+def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s input when ``model`` runs on ``x`` (the pass stops right after it)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(mod, inputs, output):
+        seen.append(inputs[0].detach())
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _layer_moments(
+    model, module, data, batch_size, device, alpha, float_pair: tuple[nn.Module, nn.Module] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Group-weighted Hessian H = Σ_g α_g 2 X_g X_gᵀ / N_g of ``module``'s inputs from the
+    quantized prefix, and with ``float_pair = (float model, its copy of module)`` also the cross
+    moment C = Σ_g α_g 2 X_{f,g} X_gᵀ / N_g against the float model's inputs."""
     from .hessian import HessianAccumulator
 
-    acc = HessianAccumulator(module, data.num_groups)
-    _run_until(model, module, data, batch_size, device, lambda inp, out, g: acc.add(inp[0], g))
-    return acc.hessian(alpha.float())
+    acc = HessianAccumulator(module, data.num_groups, cross=float_pair is not None)
+    if float_pair is None:
+        _run_until(model, module, data, batch_size, device, lambda inp, out, g: acc.add(inp[0], g))
+        return acc.hessian(alpha.float()), None
+    float_model, float_module = float_pair
+    for x, g in _batches(data, batch_size, device):
+        acc.add(_capture_input(model, module, x), g, _capture_input(float_model, float_module, x))
+    return acc.hessian(alpha.float()), acc.cross_moment(alpha.float())
 
 
 def _quantize_weight(
@@ -186,6 +214,23 @@ def _quantize_weight(
         if not issubclass(w_.category, DampingIncreasedWarning):
             warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
     return result.codes.reshape(w.shape), grid.scale, grid.qmax
+
+
+def _retarget_to_float_output(
+    module: nn.Module, info: LayerInfo, hessian: torch.Tensor, cross: torch.Tensor, damp: float
+) -> None:
+    """Replace ``module``'s weight by W* = W C H⁻¹ (ridge toward W): solving W* with H then
+    fits the float model's output rather than W's output on the already-quantized inputs."""
+    from .solver import compensate_input_error
+
+    w = module.weight.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = compensate_input_error(as_rows(w).float(), hessian, cross, damp=damp)
+    change = float((target - as_rows(w)).norm() / as_rows(w).norm().clamp_min(1e-12))
+    log.debug("layer '%s': float-output target moves the weight by %.3g (relative)", info.name, change)
+    with torch.no_grad():
+        module.weight.copy_(target.reshape(w.shape).to(w.dtype))
 
 
 def _correct_layer(
@@ -343,6 +388,7 @@ def compress(
     alpha = _resolve_group_weights(config, data)
     bs = config.batch_size
     modules = dict(folded.named_modules())
+    float_modules = dict(float_model.named_modules())
     example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
     macs = count_macs(folded, example, names)
     # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
@@ -358,7 +404,10 @@ def compress(
         bits = config.bits_for(info.name)
         hessian = None
         if config.method == "solver":
-            hessian = _layer_hessian(folded, module, sub, bs, device, alpha)
+            pair = (float_model, float_modules[info.name]) if config.solver_target == "float-output" else None
+            hessian, cross = _layer_moments(folded, module, sub, bs, device, alpha, pair)
+            if cross is not None:
+                _retarget_to_float_output(module, info, hessian, cross, config.damp)
         codes, scale, qmax = _quantize_weight(module, info, bits, config, hessian)
         layer = QuantizedLayer(
             info.name, info.kind, bits, qmax, codes.to(torch.int8).cpu(), scale.float().cpu(),
@@ -392,6 +441,7 @@ def compress(
         "fqexport_version": __version__,
         "method": config.method,
         "order": config.order if config.method == "solver" else None,
+        "solver_target": config.solver_target if config.method == "solver" else None,
         "calibration": config.calibration,
         "weight_range": config.weight_range,
         "activation_bits": 8,

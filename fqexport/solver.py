@@ -302,6 +302,50 @@ def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) 
     )
 
 
+def compensate_input_error(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    max_retries: int = 4,
+) -> torch.Tensor:
+    """The float target for a layer whose inputs already carry the prefix's quantization error.
+
+    With ``X`` the layer's inputs from the quantized prefix and ``X_f`` the float model's,
+    ``H = 2XXᵀ/N`` and ``C = 2X_fXᵀ/N`` (:meth:`HessianAccumulator.cross_moment`):
+
+        ||W X_f − Q X||² = ||(W* − Q) X||² + const,   W* = W C H⁻¹,
+
+    so solving toward ``W*`` with ``H`` minimises the error against the *float* output
+    (the asymmetric target of GPTAQ). Written as a ridge step that shrinks toward ``W``:
+
+        W* = W + W (C − H) (H + λ·mean(diag H)·I)⁻¹
+
+    (exactly ``W`` when ``X = X_f``). ``H``, ``C``: ``[cols, cols]``, or ``[G, cols, cols]``
+    for grouped convs (rows ``k·out/G … (k+1)·out/G`` use conv group ``k``).
+    """
+    H3 = H if H.dim() == 3 else H.unsqueeze(0)
+    C3 = C if C.dim() == 3 else C.unsqueeze(0)
+    if C3.shape != H3.shape or W.dim() != 2 or W.shape[0] % H3.shape[0] or W.shape[1] != H3.shape[-1]:
+        raise ConfigError(
+            f"compensate_input_error: weight {tuple(W.shape)}, Hessian {tuple(H.shape)} and cross "
+            f"moment {tuple(C.shape)} do not match"
+        )
+    W0 = W.detach().float()
+    rows = W0.shape[0] // H3.shape[0]
+    parts = []
+    for k in range(H3.shape[0]):
+        Hk = H3[k].to(device=W0.device, dtype=torch.float32)
+        Ck = C3[k].to(device=W0.device, dtype=torch.float32)
+        if not (bool(torch.isfinite(Hk).all()) and bool(torch.isfinite(Ck).all())):
+            raise ConfigError(_MSG_NONFINITE.format(what="Hessian or cross moment"))
+        Wk = W0[k * rows:(k + 1) * rows]
+        Hinv, _, _ = _damped_inverse(Hk, damp, max_retries)
+        parts.append(Wk + (Wk @ (Ck - Hk)) @ Hinv)
+    return torch.cat(parts)
+
+
 def solve_conv_groups(
     W: torch.Tensor,
     H: torch.Tensor,

@@ -172,3 +172,49 @@ def test_collect_hessians_hooks_removed_and_mode_restored():
         collect_hessians(model, {"0": model[0]}, bad(), num_groups=2)
     assert not model[0]._forward_pre_hooks
     assert model.training
+
+
+# ------------------------------------------------------------------ cross moment (float-output target)
+
+
+def test_cross_moment_is_group_weighted_xf_xt():
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 2)
+    acc = HessianAccumulator(lin, 2, cross=True)
+    xs, xfs, gs = [], [], []
+    for _ in range(3):
+        x = torch.randn(10, 6)
+        xf = x + 0.1 * torch.randn(10, 6)
+        g = torch.tensor([0, 1] * 5)
+        acc.add(x, g, xf)
+        xs.append(x), xfs.append(xf), gs.append(g)
+    X, Xf, G = torch.cat(xs).double(), torch.cat(xfs).double(), torch.cat(gs)
+    alpha = torch.tensor([0.25, 0.75])
+    want = sum(a * 2 * Xf[G == g].T @ X[G == g] / int((G == g).sum()) for g, a in enumerate(alpha.tolist()))
+    torch.testing.assert_close(acc.cross_moment(alpha).double(), want, rtol=1e-5, atol=1e-6)
+    # not symmetric in general, and the Hessian is still the plain group-weighted X Xᵀ
+    want_h = sum(a * 2 * X[G == g].T @ X[G == g] / int((G == g).sum()) for g, a in enumerate(alpha.tolist()))
+    torch.testing.assert_close(acc.hessian(alpha).double(), want_h, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_moment_of_identical_inputs_is_the_hessian_for_convs():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2)
+    acc = HessianAccumulator(conv, 1, cross=True)
+    x = torch.randn(3, 4, 8, 8)
+    acc.add(x, torch.zeros(3, dtype=torch.long), x.clone())
+    assert acc.cross_moment().shape == (2, 18, 18)
+    torch.testing.assert_close(acc.cross_moment(), acc.hessian())
+
+
+def test_cross_accumulator_needs_float_inputs_of_the_same_shape():
+    lin = nn.Linear(4, 2)
+    acc = HessianAccumulator(lin, 1, name="head", cross=True)
+    with pytest.raises(DataError, match=r"layer 'head' collects the float model's inputs too .*got None"):
+        acc.add(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(DataError, match=r"input's shape \(2, 4\); got \(3, 4\)"):
+        acc.add(torch.randn(2, 4), torch.zeros(2, dtype=torch.long), torch.randn(3, 4))
+    plain = HessianAccumulator(lin, 1, name="head")
+    plain.add(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ConfigError, match="needs an accumulator made with cross=True"):
+        plain.cross_moment()

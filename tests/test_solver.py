@@ -14,6 +14,7 @@ from fqexport.solver import (
     HessianNotPositiveDefinite,
     choose_solver_grid,
     column_sensitivity,
+    compensate_input_error,
     layer_error,
     rtn_layer,
     solve_conv_groups,
@@ -219,3 +220,55 @@ def test_equal_group_weighting_protects_the_minority_group():
     sw = solve_layer(W, acc.hessian_sample_weighted(), grid)
     err_eq, err_sw = layer_error(W, eq.qweight, H_min), layer_error(W, sw.qweight, H_min)
     assert err_eq < 0.9 * err_sw, (err_eq, err_sw)
+
+
+# ------------------------------------------------------------------ float-output target
+
+
+def _noisy_inputs(cols=48, n=2000, seed=1):
+    """Float inputs X_f and the quantized prefix's X: a systematic distortion of X_f (what an
+    upstream quantized layer leaves) plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    Xf = torch.relu(torch.randn(n, cols, generator=g) @ A)
+    M = torch.eye(cols) + 0.1 * torch.randn(cols, cols, generator=g) / cols ** 0.5
+    X = Xf @ M + 0.01 * torch.randn(n, cols, generator=g)
+    return X, Xf
+
+
+def test_float_output_target_is_the_least_squares_weight():
+    X, Xf = _noisy_inputs()
+    W = torch.randn(8, X.shape[1], generator=torch.Generator().manual_seed(2))
+    n = X.shape[0]
+    H, C = 2 * X.T @ X / n, 2 * Xf.T @ X / n
+    target = compensate_input_error(W, H, C, damp=0.0)
+    # W* = argmin ||W X_f − W* X||²  (ordinary least squares, rows of X as samples)
+    lstsq = torch.linalg.lstsq(X.double(), (Xf @ W.T).double()).solution.T.float()
+    torch.testing.assert_close(target, lstsq, rtol=2e-3, atol=2e-3)
+    # identical inputs: nothing to correct, the weight is returned unchanged (any damping)
+    torch.testing.assert_close(compensate_input_error(W, H, H, damp=0.01), W)
+
+
+def test_solving_toward_the_float_output_lowers_the_error_against_float():
+    X, Xf = _noisy_inputs()
+    W = torch.randn(16, X.shape[1], generator=torch.Generator().manual_seed(3)) * 0.2
+    n = X.shape[0]
+    H, C = 2 * X.T @ X / n, 2 * Xf.T @ X / n
+    grid = choose_weight_grid(W, 4, weight_range="full", clip_search=False)
+    plain = solve_layer(W, H, grid).qweight
+    target = compensate_input_error(W, H, C, damp=0.01)
+    retargeted = solve_layer(target, H, choose_weight_grid(target, 4, weight_range="full", clip_search=False)).qweight
+    err = lambda Q: float(((Xf @ W.T - X @ Q.T) ** 2).sum())  # noqa: E731
+    assert err(retargeted) < 0.5 * err(plain), (err(retargeted), err(plain))
+
+
+def test_float_output_target_per_conv_group_and_bad_shapes():
+    X, Xf = _noisy_inputs(cols=12)
+    W = torch.randn(4, 12)
+    n = X.shape[0]
+    H, C = 2 * X.T @ X / n, 2 * Xf.T @ X / n
+    both = compensate_input_error(W, torch.stack([H, H * 2]), torch.stack([C, C * 2]))
+    torch.testing.assert_close(both[:2], compensate_input_error(W[:2], H, C))
+    torch.testing.assert_close(both[2:], compensate_input_error(W[2:], 2 * H, 2 * C))
+    with pytest.raises(ConfigError, match=r"weight \(4, 12\), Hessian \(12, 12\) and cross moment \(11, 11\)"):
+        compensate_input_error(W, H, C[:11, :11])

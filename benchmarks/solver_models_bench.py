@@ -14,7 +14,12 @@ minority). For each, float per-group accuracy on the test split, then at W4A8 an
 - solver, natural column order (group-weighted H);
 - solver, sensitivity order, group-weighted H (the default);
 - solver, sensitivity order, sample-weighted H (``group_weights="samples"``);
-- plain GPTQ: act order ("hessian-diag") + sample-weighted H.
+- solver, sensitivity order, layer target (``solver_target="layer"``: each layer fitted to its
+  own float weights on the quantized inputs instead of the float model's output);
+- plain GPTQ: act order ("hessian-diag") + sample-weighted H + layer target.
+
+The test splits are larger than the demo's (``--n-test``, default 15000: 1500 minority images,
+1 image = 0.07 pt); the training data, drawn first from the same seed, is unchanged.
 
 Every variant uses the same calibration set: ``group_balanced_subset(train, 512)``. On that set
 the groups have equal counts, so the sample-weighted H *equals* the group-weighted one; the
@@ -76,13 +81,16 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("solver natural", dict(order="natural")),
     ("solver sensitivity (default)", dict()),
     ("solver sensitivity, samples H", dict(group_weights="samples")),
-    ("plain GPTQ (hess-diag + samples H)", dict(order="hessian-diag", group_weights="samples")),
+    ("solver sensitivity, layer target", dict(solver_target="layer")),
+    ("plain GPTQ (hess-diag + samples H + layer target)",
+     dict(order="hessian-diag", group_weights="samples", solver_target="layer")),
 )
 DEFAULT_LABEL = "solver sensitivity (default)"
 NATURAL_VARIANTS = (
     ("solver sensitivity (default)", dict()),
     ("solver sensitivity, samples H", dict(group_weights="samples")),
-    ("plain GPTQ (hess-diag + samples H)", dict(order="hessian-diag", group_weights="samples")),
+    ("plain GPTQ (hess-diag + samples H + layer target)",
+     dict(order="hessian-diag", group_weights="samples", solver_target="layer")),
 )
 # Knobs tried on the demo CNN by --investigate (label, overrides of the default config).
 INVESTIGATE: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -170,7 +178,7 @@ def set_threads(n: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def demo_cnn(cache: Path | None, seed: int) -> tuple[torch.nn.Module, GroupData, GroupData, str]:
+def demo_cnn(cache: Path | None, seed: int, n_test: int) -> tuple[torch.nn.Module, GroupData, GroupData, str]:
     """The demo SmallResNet and its task; trained once, then loaded from ``cache`` if given."""
     from fqexport.demo_models import SmallResNet
     from fqexport.demo_task import make_image_task
@@ -179,14 +187,14 @@ def demo_cnn(cache: Path | None, seed: int) -> tuple[torch.nn.Module, GroupData,
     path = cache / f"demo_cnn_seed{seed}.pt" if cache else None
     if path is not None and path.exists():
         s = DEMO_TASK_SIZES
-        train, test = make_image_task(s.n_train, s.n_test, s.size, s.minority_fraction, seed=seed)
+        train, test = make_image_task(s.n_train, n_test, s.size, s.minority_fraction, seed=seed)
         model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), train, test, f"loaded from {path}"
     # DEMO_TRAIN's wall-clock budget (max_seconds) cuts training short on a loaded machine
     # (measured: 44 of 620 steps, 36 % test accuracy at load 9): train the full schedule.
     s = DEMO_TASK_SIZES
-    train, test = make_image_task(s.n_train, s.n_test, s.size, s.minority_fraction, seed=seed)
+    train, test = make_image_task(s.n_train, n_test, s.size, s.minority_fraction, seed=seed)
     torch.manual_seed(seed)
     model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
     t = time.perf_counter()
@@ -198,13 +206,13 @@ def demo_cnn(cache: Path | None, seed: int) -> tuple[torch.nn.Module, GroupData,
     return model.eval(), train, test, f"trained in {seconds:.0f} s"
 
 
-def tabular_mlp(cache: Path | None, seed: int) -> tuple[torch.nn.Module, GroupData, GroupData, str]:
+def tabular_mlp(cache: Path | None, seed: int, n_test: int) -> tuple[torch.nn.Module, GroupData, GroupData, str]:
     """An MLP (32 → 256 → 256 → 4) trained on ``make_tabular_task``."""
     from fqexport.demo_models import MLP
     from fqexport.demo_task import make_tabular_task
     from fqexport.training import TrainConfig, train_classifier
 
-    train, test = make_tabular_task(seed=seed)
+    train, test = make_tabular_task(n_test=n_test, seed=seed)
     torch.manual_seed(seed)
     model = MLP(train.x.shape[1], int(train.y.max()) + 1, hidden=256, depth=3)
     path = cache / f"tabular_mlp_seed{seed}.pt" if cache else None
@@ -323,16 +331,23 @@ def summary(results: list[Result]) -> list[str]:
             ort_drops = {s: max_group_drop(m, float_m) for s, m in d.ort.items()}
             limit = TARGET_W4_MAX_GROUP_DROP if bits == 4 else TARGET_W3_MAX_GROUP_DROP
             ok = 100 * drop <= limit and all(100 * v <= limit for v in ort_drops.values())
+            # the targets are the demo CNN's; other models get the same figures, unjudged
+            judged = name == "demo CNN"
+
+            def verdict(met: bool, target: str) -> str:
+                return f" (target {target}) -> {'MET' if met else 'MISSED'}" if judged else ""
+
             text = (f"{name} W{bits}A8: max group drop {pt(drop)} pt in PyTorch"
                     + "".join(f", {pt(v)} pt in ORT ({s})" for s, v in ort_drops.items())
-                    + f" (target <= {limit} pt) -> {'MET' if ok else 'MISSED'}")
+                    + verdict(ok, f"<= {limit} pt"))
             if bits == 3:
                 margin = 100 * (worst_q[1] - worst_rtn[1])
                 far = margin >= TARGET_W3_ABOVE_RTN
                 rtn_cb = find(rs, bits, "RTN + clip + bias corr.").torch_metrics.group_min("accuracy")[1]
+                gptq = find(rs, bits, VARIANTS[-1][0]).torch_metrics.group_min("accuracy")[1]
                 text += (f"; worst group {pt(worst_q[1])} % vs plain RTN {pt(worst_rtn[1])} % "
-                         f"(+{margin:.2f} pt, target >= +{TARGET_W3_ABOVE_RTN}) -> {'MET' if far else 'MISSED'}"
-                         f" (vs RTN + clip + bias corr. {pt(rtn_cb)} %)")
+                         f"(+{margin:.2f} pt){verdict(far, f'>= +{TARGET_W3_ABOVE_RTN}')}"
+                         f" (vs RTN + clip + bias corr. {pt(rtn_cb)} %, plain GPTQ {pt(gptq)} %)")
             lines.append(text)
         for bits in BITS:
             t = {r.label: r.seconds for r in rs if r.bits == bits}
@@ -445,6 +460,7 @@ def bench_resnet18(bits: int, profile: bool, seed: int) -> float:
         stack.enter_context(patched(pipeline_mod, "_float_targets", timer, "float targets pass (bias corr.)"))
         stack.enter_context(patched(pipeline_mod, "_layer_moments", timer, "Hessian (+ cross moment): collection (total)"))
         stack.enter_context(patched(hessian_mod.HessianAccumulator, "add", timer, "Hessian: unfold + XᵀX"))
+        stack.enter_context(patched(pipeline_mod, "_retarget_to_float_output", timer, "float-output target"))
         stack.enter_context(patched(pipeline_mod, "choose_weight_grid", timer, "grid + clip search"))
         stack.enter_context(patched(solver_mod, "solve_layer", timer, "solve (shared H⁻¹, all rows)"))
         stack.enter_context(patched(pipeline_mod, "_correct_layer", timer, "corrections (bias / BN re-est.)"))
@@ -459,12 +475,13 @@ def bench_resnet18(bits: int, profile: bool, seed: int) -> float:
     s = timer.seconds
     pre = (timer.first_start or t0) - t0
     act = t0 + total - timer.last_end
-    hess_fwd = s.get("Hessian: collection (total)", 0.0) - s.get("Hessian: unfold + XᵀX", 0.0)
+    hess_fwd = s.get("Hessian (+ cross moment): collection (total)", 0.0) - s.get("Hessian: unfold + XᵀX", 0.0)
     rows = [
         ("load, trace, BN fold, MACs", pre),
         ("float targets pass (bias corr.)", s.get("float targets pass (bias corr.)", 0.0)),
-        ("Hessian: forward passes to each layer", hess_fwd),
-        ("Hessian: unfold + XᵀX accumulation", s.get("Hessian: unfold + XᵀX", 0.0)),
+        ("Hessian: forward passes to each layer (quantized + float)", hess_fwd),
+        ("Hessian: unfold + XᵀX and X_fXᵀ accumulation", s.get("Hessian: unfold + XᵀX", 0.0)),
+        ("float-output target W* = W + W(C−H)(H+λI)⁻¹", s.get("float-output target", 0.0)),
         ("grid + clip search", s.get("grid + clip search", 0.0)),
         ("solve (shared H⁻¹, all rows)", s.get("solve (shared H⁻¹, all rows)", 0.0)),
         ("corrections (bias / BN re-est.)", s.get("corrections (bias / BN re-est.)", 0.0)),
@@ -497,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads (default 1: on the shared 2-core machine at load ~8, "
                         "2 threads made a training step 10x slower, 2.6 s vs 0.25 s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=15000,
+                   help="test split size (10%% minority; the demo itself uses 3000)")
     p.add_argument("--cache", type=Path, default=None, help="folder caching the trained models")
     p.add_argument("--models", default="cnn,mlp", help="comma list of cnn, mlp")
     p.add_argument("--storages", default="auto,int8", help="export storages checked in ORT")
@@ -524,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fqexport_bench_") as tmp:
         out = Path(tmp)
         if "cnn" in wanted:
-            model, train, test, how = demo_cnn(args.cache, args.seed)
+            model, train, test, how = demo_cnn(args.cache, args.seed, args.n_test)
             print(f"\ndemo CNN (SmallResNet, {sum(p.numel() for p in model.parameters()) / 1e3:.0f} k params): {how}")
             if args.investigate_only:
                 float_m = metrics_of(compress(model, group_balanced_subset(train, NUM_CALIB, seed=args.seed),
@@ -539,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.investigate:
                 investigate(model, train, test, rs[0].torch_metrics, list(BITS), args.seed)
         if "mlp" in wanted:
-            model, train, test, how = tabular_mlp(args.cache, args.seed)
+            model, train, test, how = tabular_mlp(args.cache, args.seed, args.n_test)
             print(f"\ntabular MLP ({sum(p.numel() for p in model.parameters()) / 1e3:.0f} k params): {how}")
             rs = compare_model("tabular MLP", model, train, test, out, storages, args.seed)
             results += rs
@@ -550,8 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         print("- " + line)
     if any("MISSED" in line for line in lines):
-        print("\nA target was missed. The minority test group is small (300 images for the demo CNN: "
-              "1 image = 0.33 pt), and --investigate separates the causes (activation-only W8A8, "
+        print("\nA target was missed. --investigate separates the causes (activation-only W8A8, "
               "weights-only, clip search, damping, bias correction, BN re-estimation, num_calib).")
     print(f"\nwhole run {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -165,25 +165,42 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid) -> None:
         raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
 
 
-def _damped_inverse(
+def _damped_cholesky(
     H: torch.Tensor, damp: float, max_retries: int
 ) -> tuple[torch.Tensor, float, int]:
-    """``(H + λ·mean(diag H)·I)⁻¹`` via Cholesky; λ ×10 on failure (at most max_retries)."""
+    """Lower Cholesky factor of ``H + λ·mean(diag H)·I``; λ ×10 on failure (at most
+    max_retries, a :class:`DampingIncreasedWarning` each time). Returns (L, λ, retries)."""
     mean_diag = torch.diagonal(H).mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     lam = float(damp)
     for attempt in range(max_retries + 1):
         L, info = torch.linalg.cholesky_ex(H + lam * mean_diag * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            if bool(torch.isfinite(Hinv).all()):
-                return Hinv, lam, attempt
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return L, lam, attempt
         if attempt == max_retries:
             break
         new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
         warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=3)
         lam = new
     raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=max_retries + 1))
+
+
+def _damped_inverse(
+    H: torch.Tensor, damp: float, max_retries: int
+) -> tuple[torch.Tensor, float, int]:
+    """``(H + λ·mean(diag H)·I)⁻¹`` via Cholesky; λ ×10 on failure (at most max_retries)."""
+    lam, retries = float(damp), 0
+    while True:
+        L, lam, tries = _damped_cholesky(H, lam, max_retries - retries)
+        retries += tries
+        Hinv = torch.cholesky_inverse(L)
+        if bool(torch.isfinite(Hinv).all()):
+            return Hinv, lam, retries
+        if retries >= max_retries:
+            raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
+        new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
+        warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=3)
+        lam, retries = new, retries + 1
 
 
 def _upper_cholesky(Hinv: torch.Tensor) -> torch.Tensor | None:
@@ -341,8 +358,13 @@ def compensate_input_error(
         if not (bool(torch.isfinite(Hk).all()) and bool(torch.isfinite(Ck).all())):
             raise ConfigError(_MSG_NONFINITE.format(what="Hessian or cross moment"))
         Wk = W0[k * rows:(k + 1) * rows]
-        Hinv, _, _ = _damped_inverse(Hk, damp, max_retries)
-        parts.append(Wk + (Wk @ (Ck - Hk)) @ Hinv)
+        if torch.equal(Ck, Hk):  # inputs without upstream error (e.g. the first layer)
+            parts.append(Wk.clone())
+            continue
+        L, _, _ = _damped_cholesky(Hk, damp, max_retries)
+        # (H + λI) Δᵀ = (W (C − H))ᵀ: a Cholesky solve, no explicit inverse
+        delta_t = torch.cholesky_solve((Wk @ (Ck - Hk)).t(), L)
+        parts.append(Wk + delta_t.t())
     return torch.cat(parts)
 
 

@@ -57,7 +57,7 @@ def obq_quantize(
         done = torch.zeros(R, cols, dtype=torch.bool)          # slot already quantized
         for t in range(cols):
             d = torch.diagonal(Hinv, dim1=1, dim2=2)           # [H⁻¹]_jj per row
-            q = quantize(w, s, grid.qmax)
+            q = quantize(w, s, grid.qmax, grid.qmin)
             cost = (w - q * s[:, None]).pow(2) / d.clamp_min(1e-30)
             cost[done] = float("inf")
             j = torch.argmin(cost, dim=1)                      # greedy pick per row

@@ -137,6 +137,12 @@ def _find_weight(inits: dict[str, TensorProto], layer: "QuantizedLayer", expecte
     raise ExportError(MSG_NO_WEIGHT.format(name=layer.name))
 
 
+def _positive_scales(codes: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, scale)`` with rows of negative scale negated: ``s·q = |s|·(-q)`` per row."""
+    sign = np.where(scale < 0, -1, 1).astype(codes.dtype)
+    return codes * sign.reshape(-1, *([1] * (codes.ndim - 1))), np.abs(scale).astype(np.float32)
+
+
 def _int2_weight(name: str, q: TensorProto, scale: np.ndarray, ndim: int, axis: int):
     """INT2 weight as ``DequantizeLinear(q, 1, 0) · s`` (per-channel scale in a Mul).
 
@@ -174,7 +180,14 @@ def quantize_weight_initializers(
         dequantized = layer.dequantized().numpy()
         init, axis = _find_weight(inits, layer, dequantized)
         actual = numpy_helper.to_array(init)
+        container = layer.storage(storage)
         codes = layer.codes.numpy()
+        scale_np = layer.scale.numpy().astype(np.float32)
+        if container != "int2":
+            # 2-bit rows with a negative scale (levels mirrored): the same weight as codes -q,
+            # scale |s|, so DequantizeLinear sees positive scales (codes -1..2 fit int8 / INT4).
+            # INT2 keeps q in [-2, 1]; its signed scale sits in a float Mul.
+            codes, scale_np = _positive_scales(codes, scale_np)
         if axis == 1:
             codes = codes.reshape(codes.shape[0], -1).T
         expected = dequantized.reshape(codes.shape) if axis == 0 else None
@@ -183,10 +196,8 @@ def quantize_weight_initializers(
                 f"layer '{layer.name}': the exported weight differs from the quantized weight "
                 f"(max diff {float(np.abs(actual - expected).max()):.3g})"
             )
-        container = layer.storage(storage)
         q = _pack(codes, container)
         q.name = f"{init.name}_quantized"
-        scale_np = layer.scale.numpy().astype(np.float32)
         if container == "int2":
             new_inits, nodes_ = _int2_weight(init.name, q, scale_np, codes.ndim, axis)
         else:

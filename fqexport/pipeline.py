@@ -197,7 +197,7 @@ def _quantize_weight(
         column_weight=column_weight,
     )
     if hessian is None:
-        return quantize(rows, grid.scale, grid.qmax).reshape(w.shape), grid.scale, grid.qmax
+        return quantize(rows, grid.scale, grid.qmax, grid.qmin).reshape(w.shape), grid.scale, grid.qmax
     options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DampingIncreasedWarning)

@@ -1,6 +1,10 @@
 """The quantization grid: pure functions from tensors to tensors (no hooks, no I/O).
 
-Weights: symmetric, per output channel, integer codes q in [-qmax, qmax], w ≈ s_c · q.
+Weights: per output channel, integer codes q in [qmin, qmax], w ≈ s_c · q. Symmetric
+(qmin = -qmax) at 3..8 bits; at 2 bits the codes use all four levels of two's complement,
+q ∈ {-2, -1, 0, 1}, and the row's scale carries a sign: s_c > 0 puts the extra level on the
+negative side, s_c < 0 on the positive side (whichever side holds the row's largest |w|).
+A ternary grid {-1, 0, 1} would waste a quarter of the 2-bit codes.
 Activations: asymmetric uint8 per tensor, x ≈ s · (q - z), q in [0, 255], range contains 0
 (what ONNX Runtime fuses into integer kernels; see ORT-NOTES.md).
 """
@@ -29,16 +33,25 @@ def weight_qmax(bits: int, weight_range: str = "x86-safe") -> int:
     return 2 ** (bits - 1) - 1
 
 
+def weight_qmin(bits: int, weight_range: str = "x86-safe") -> int:
+    """Smallest code of a ``bits``-wide weight grid: ``-2`` at 2 bits (four levels with a signed
+    per-row scale), ``-qmax`` otherwise."""
+    return -2 if bits == 2 else -weight_qmax(bits, weight_range)
+
+
 @dataclass(frozen=True)
 class WeightGrid:
-    """Per-output-channel symmetric grid: ``scale`` has one entry per row of the weight."""
+    """Per-output-channel grid: ``scale`` has one entry per row of the weight, codes lie in
+    ``[qmin, qmax]`` (``qmin`` defaults to ``-qmax``; with ``qmin < -qmax`` a row's scale may be
+    negative, which mirrors its levels)."""
 
-    scale: torch.Tensor  # [C], float32, > 0
+    scale: torch.Tensor  # [C], float32, != 0
     qmax: int
+    low: int | None = None
 
     @property
     def qmin(self) -> int:
-        return -self.qmax
+        return -self.qmax if self.low is None else int(self.low)
 
 
 def as_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -46,10 +59,11 @@ def as_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer codes ``clamp(round(w / s), -qmax, qmax)``; ``scale`` broadcasts over rows."""
+def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / s), qmin, qmax)`` (``qmin`` defaults to ``-qmax``);
+    ``scale`` broadcasts over rows."""
     s = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w / s), -qmax, qmax)
+    return torch.clamp(torch.round(w / s), -qmax if qmin is None else qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -57,9 +71,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q * scale.reshape(-1, *([1] * (q.dim() - 1)))
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round trip onto the grid: ``s · clamp(round(w/s))``."""
-    return dequantize(quantize(w, scale, qmax), scale)
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None) -> torch.Tensor:
+    """Round trip onto the grid: ``s · clamp(round(w/s), qmin, qmax)``."""
+    return dequantize(quantize(w, scale, qmax, qmin), scale)
 
 
 def choose_weight_grid(
@@ -73,27 +87,41 @@ def choose_weight_grid(
 ) -> WeightGrid:
     """Per-channel scales, each chosen to minimise its row's quantization error.
 
-    For row c and shrink t: s = t · max_j |w_cj| / qmax and the error is
-    ``Σ_j h_j (w_cj - s·round(w_cj/s))²`` with ``h = column_weight`` (e.g. diag H) or 1.
+    Symmetric grids: for row c and shrink t, s = t · max_j |w_cj| / qmax. Grids with one more
+    negative code (2 bits): the row's extreme value e_c (largest |w|, with its sign) maps to
+    qmin, s = -t · e_c / |qmin|, and t also runs up to |qmin| / qmax so the search can fall back
+    to covering the other side too. The error is ``Σ_j h_j (w_cj - s·q_cj)²`` with
+    ``h = column_weight`` (e.g. diag H) or 1.
     """
     w = as_rows(weight).float()
     qmax = weight_qmax(bits, weight_range)
+    qmin = weight_qmin(bits, weight_range)
+    low = None if qmin == -qmax else qmin
     absmax = w.abs().amax(dim=1).clamp_min(_EPS)
+    if low is None:
+        base = absmax / qmax
+    else:
+        # s = -e / |qmin| with e the signed extreme: the extra level lands on e's side
+        extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        sign = torch.where(extreme > 0, -1.0, 1.0)
+        base = sign * absmax / -qmin
+        reach = -qmin / qmax
+        shrinks = tuple(shrinks) + tuple(round(1.0 + (reach - 1.0) * i / 8, 4) for i in range(1, 9))
     if not clip_search:
-        return WeightGrid(scale=absmax / qmax, qmax=qmax)
+        return WeightGrid(scale=base, qmax=qmax, low=low)
     h = None if column_weight is None else column_weight.float().reshape(1, -1)
     best_err = torch.full_like(absmax, float("inf"))
-    best_scale = absmax / qmax
+    best_scale = base
     for t in shrinks:
-        s = t * absmax / qmax
-        err = (w - fake_quantize(w, s, qmax)).pow(2)
+        s = t * base
+        err = (w - fake_quantize(w, s, qmax, qmin)).pow(2)
         if h is not None:
             err = err * h
         err = err.sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, s, best_scale)
-    return WeightGrid(scale=best_scale, qmax=qmax)
+    return WeightGrid(scale=best_scale, qmax=qmax, low=low)
 
 
 def act_qparams(lo: float, hi: float) -> tuple[float, int]:

@@ -152,7 +152,7 @@ def rtn_weight(weight: torch.Tensor, bits: int, weight_range: str = "x86-safe", 
     """Layer weight on the b-bit per-channel grid (round to nearest, clipping searched)."""
     rows = as_rows(weight.detach()).float()
     grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=clip_search)
-    return fake_quantize(rows, grid.scale, grid.qmax).reshape(weight.shape).to(weight.dtype)
+    return fake_quantize(rows, grid.scale, grid.qmax, grid.qmin).reshape(weight.shape).to(weight.dtype)
 
 
 def fisher_delta(fisher: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ def column_sensitivity(
         Hd = H.float() + damp * hdiag.mean() * torch.eye(H.shape[0], device=H.device)
         hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
     scale = grid.scale.to(W.device, torch.float32)
-    err = W - dequantize(quantize(W, scale, grid.qmax), scale)
+    err = W - dequantize(quantize(W, scale, grid.qmax, grid.qmin), scale)
     return err.pow(2).sum(dim=0) / hinv_diag.float()
 
 
@@ -238,7 +238,7 @@ def solve_layer(
     H0 = H.detach().to(device=device, dtype=torch.float32)
     out, cols = W0.shape
     scale = grid.scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
-    qmax = int(grid.qmax)
+    qmax, qmin = int(grid.qmax), int(grid.qmin)
 
     # 1. Dead columns: no input reaches them, so any value is free; GPTQ sets them to 0.
     Wk = W0.clone()
@@ -260,7 +260,7 @@ def solve_layer(
             perm = torch.arange(cols, device=device)
         else:
             score = column_sensitivity(
-                Wk, Hk, order, grid=WeightGrid(scale, qmax), hinv_diag=torch.diagonal(Hinv)
+                Wk, Hk, order, grid=WeightGrid(scale, qmax, grid.low), hinv_diag=torch.diagonal(Hinv)
             )
             perm = torch.argsort(score, descending=True, stable=True)
         # 5. U = upper Cholesky of P H⁻¹ Pᵀ  (= the rows of the successive OBS inverses).
@@ -284,7 +284,7 @@ def solve_layer(
         i2 = min(i1 + bs, cols)
         for j in range(i1, i2):
             q = Qt[j]
-            torch.div(Wt[j], scale, out=q).round_().clamp_(-qmax, qmax)  # q = clamp(round(w/s))
+            torch.div(Wt[j], scale, out=q).round_().clamp_(qmin, qmax)   # q = clamp(round(w/s))
             r = torch.addcmul(Wt[j], q, scale, value=-1.0, out=Rt[j])    # r = w - s·q
             if j + 1 < i2:
                 Wt[j + 1:i2].addr_(V[j, j + 1:i2], r, alpha=-1.0)        # w_k -= r · U_jk/U_jj
@@ -307,7 +307,7 @@ def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) 
     scale = grid.scale.detach().to(device=W0.device, dtype=torch.float32).reshape(-1)
     if scale.numel() != W0.shape[0]:
         raise ConfigError(_MSG_SCALE.format(n=scale.numel(), out=W0.shape[0]))
-    codes = quantize(W0, scale, int(grid.qmax))
+    codes = quantize(W0, scale, int(grid.qmax), int(grid.qmin))
     qweight = dequantize(codes, scale)
     if H is None:
         loss = float((W0 - qweight).pow(2).sum())
@@ -393,7 +393,7 @@ def solve_conv_groups(
     parts = []
     for k in range(G):
         sl = slice(k * rows, (k + 1) * rows)
-        sub = WeightGrid(scale=grid.scale.reshape(-1)[sl], qmax=grid.qmax)
+        sub = WeightGrid(scale=grid.scale.reshape(-1)[sl], qmax=grid.qmax, low=grid.low)
         parts.append(solve_layer(W[sl], H[k], sub, **options))  # type: ignore[arg-type]
     return SolverResult(
         codes=torch.cat([p.codes for p in parts]),

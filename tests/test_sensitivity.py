@@ -60,7 +60,10 @@ def test_layer_only_one_group_depends_on_hurts_only_that_group():
     assert d_b[0, 1] > 1e-3  # 2 bits hurt group 1
     # fewer bits hurt more
     assert t.at("path_b", 2)[1] > t.at("path_b", 8)[1]
-    assert t.at("path_a", 2).min() > t.at("path_a", 8).max()
+    # group 0 depends on path_a alone; group 1 (float loss 0.09, not ~0) can gain or lose a
+    # little from path_a's rounding, so path_a is compared on group 0 and on the group mean
+    assert t.at("path_a", 2)[0] > t.at("path_a", 8)[0] + 1e-2
+    assert t.at("path_a", 2).mean() > t.at("path_a", 8).max()
     assert list(t.num_samples) == [48, 48]
 
 

@@ -49,9 +49,13 @@ def test_codes_are_integers_on_the_grid(bits):
     grid = choose_weight_grid(W, bits)
     res = solve_layer(W, H, grid, block_size=16)
     qmax = weight_qmax(bits)
+    assert (grid.qmin, grid.qmax) == ((-2, 1) if bits == 2 else (-qmax, qmax))
     assert res.codes.dtype == torch.float32
     assert torch.equal(res.codes, torch.round(res.codes))
-    assert int(res.codes.abs().max()) <= qmax
+    assert int(res.codes.min()) >= grid.qmin and int(res.codes.max()) <= grid.qmax
+    if bits == 2:  # four levels in use, and both mirror images of the grid
+        assert set(res.codes.unique().tolist()) == {-2, -1, 0, 1}
+        assert bool((grid.scale > 0).any()) and bool((grid.scale < 0).any())
     torch.testing.assert_close(res.qweight, res.codes * grid.scale[:, None], rtol=0, atol=0)
     assert sorted(res.order.tolist()) == list(range(W.shape[1]))
 

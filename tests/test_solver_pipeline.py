@@ -168,8 +168,19 @@ def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_exp
         assert init.data_type == want, name
         codes = numpy_helper.to_array(init).astype(np.int64)
         qmax = weight_qmax(bits)
-        assert codes.min() >= -qmax and codes.max() <= qmax, (name, codes.min(), codes.max())
-        assert np.array_equal(codes, mlp_mixed.layers[name].codes.numpy().astype(np.int64))
+        layer = mlp_mixed.layers[name]
+        # rows with a negative scale (2-bit grids mirrored to put the 4th level on the positive
+        # side) are stored negated with |scale|: codes -1..2 instead of -2..1
+        sign = np.sign(layer.scale.numpy()).astype(np.int64)[:, None]
+        if bits == 2:
+            assert codes.min() >= -2 and codes.max() <= 2
+            assert set(np.unique(layer.codes.numpy())) <= {-2, -1, 0, 1}
+        else:
+            assert codes.min() >= -qmax and codes.max() <= qmax, (name, codes.min(), codes.max())
+            assert (sign > 0).all()
+        assert np.array_equal(codes, layer.codes.numpy().astype(np.int64) * sign)
+        scale = numpy_helper.to_array(inits[f"{name}.weight_scale"])
+        assert np.array_equal(scale, np.abs(layer.scale.numpy()))
         # a 3-bit solver layer uses its whole grid, not only 0 (the solver did quantize)
         if bits == 3:
             assert set(np.unique(codes)) == set(range(-qmax, qmax + 1))

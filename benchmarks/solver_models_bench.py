@@ -102,7 +102,7 @@ INVESTIGATE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no bias correction", dict(bias_correction=False, bn_reestimate=False)),
     ("no BN re-estimation", dict(bn_reestimate=False)),
     ("calibration mse", dict(calibration="mse")),
-    ("calibration minmax", dict(calibration="minmax")),
+    ("calibration percentile 99.99", dict(calibration="percentile")),
     ("W8A8 (activation error alone, ~)", dict(weight_bits=8)),
 )
 INVESTIGATE_NUM_CALIB = 1024

@@ -92,7 +92,8 @@ def _add_compress(sub) -> None:
     )
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--group-weights", help="'equal' (default), 'samples', or NAME=W,NAME=W")
-    p.add_argument("--calibration", choices=["minmax", "percentile", "mse"], default="percentile")
+    p.add_argument("--calibration", choices=["minmax", "percentile", "mse"], default="minmax",
+                   help="activation range observer (default minmax: never clips a group's tail)")
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--num-calib", type=int, default=512, help="calibration samples, drawn group-balanced")
     p.add_argument("--batch-size", type=int, default=64)
@@ -187,6 +188,7 @@ def _run_search(args, model, config):
         cands.append({"chosen": "*" if c.allocation is res.allocation else "",
                       "avg bits": f"{c.allocation.avg_bits:.3f}",
                       "predicted worst Δloss": f"{c.allocation.predicted_worst:.4f}",
+                      "held-out worst Δloss": f"{c.measured_worst:.4f}",
                       "held-out worst-group %": f"{100 * c.worst_group_acc:.2f}",
                       "held-out mean %": f"{100 * c.mean_acc:.2f}"})
     print("\ncandidates verified on held-out calibration data (predicted vs measured):")

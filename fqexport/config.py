@@ -50,7 +50,12 @@ class QuantConfig:
         group_weights: weight α_g of each group in the Hessian, by group name or id.
             ``None`` gives every group equal weight whatever its sample count;
             ``"samples"`` weights by sample count (plain GPTQ).
-        calibration: activation observer: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        calibration: activation observer: ``"minmax"`` (default), ``"percentile"`` (each
+            group's percentile, the widest group's range) or ``"mse"``. Min-max never clips a
+            tail, and a minority's activations are often the tail: demo CNN, minority over 1500
+            test images, W4A8 −0.07 pt with min-max vs −0.47 with the 99.99th percentile (a
+            second trained model −0.40 vs −0.87; W8A8 0.00 vs −0.40). Choose ``"percentile"`` or
+            ``"mse"`` for models with rare huge activations that would waste the uint8 range.
         percentile: upper percentile used by the percentile observer.
         num_calib: calibration samples drawn group-balanced from the calibration data.
         batch_size: batch size of calibration passes.
@@ -81,7 +86,7 @@ class QuantConfig:
     solver_target: SolverTarget = "float-output"
     block_size: int = 128
     group_weights: Mapping[str, float] | Literal["samples"] | None = None
-    calibration: Calibration = "percentile"
+    calibration: Calibration = "minmax"
     percentile: float = 99.99
     num_calib: int = 512
     batch_size: int = 64
@@ -165,6 +170,9 @@ class MixedPrecisionConfig:
         verify_uniform: also verify the uniform allocation (every free layer at the widest
             width of ``bit_choices`` within the budget), so the search never returns something
             that measured worse than plain uniform quantization on the held-out split.
+        verify_mean: for the ``"worst-group"`` and ``"weighted"`` objectives, also verify the
+            mean-objective (population-weighted) optimum, so the search never returns something
+            that measured worse than the HAWQ-like allocation on the held-out split.
         holdout_fraction: share of each group of the calibration data held out for verification.
         sensitivity_samples: group-balanced samples used to measure sensitivity.
         mw_steps: multiplicative-weights steps of the worst-group search.
@@ -184,6 +192,7 @@ class MixedPrecisionConfig:
     mean_weight: float = 0.1
     num_candidates: int = 3
     verify_uniform: bool = True
+    verify_mean: bool = True
     holdout_fraction: float = 0.3
     sensitivity_samples: int = 512
     mw_steps: int = 60

@@ -235,3 +235,31 @@ def test_top1_agreement_ignores_only_near_ties():
     assert raw == 0.5
     assert decided == 2 / 3  # samples 1, 2, 3 are decided; sample 3 disagrees
     assert top1_agreement(got, want, tie=0.0) == (0.5, 0.5)
+
+
+def test_agreement_check_allows_one_flip_but_not_two_on_small_sets():
+    from fqexport.exporters.qdq_onnx import agreement_failed
+
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(60, 4)).astype(np.float32)
+    want[np.arange(60), want.argmax(1)] += 1.0  # every sample decided (margin >= 1)
+    got = want.copy()
+
+    def flip(i):
+        got[i] = want[i]
+        got[i, want[i].argmax()] = want[i].min() - 1.0
+
+    assert not agreement_failed(got, want, tie=0.05)
+    flip(0)
+    assert not agreement_failed(got, want, tie=0.05)  # 1 of 60 (98.3%): within one sample
+    flip(1)
+    assert agreement_failed(got, want, tie=0.05)  # 2 of 60
+    # on a large set the 99% bar rules: 2 flips of 1000 pass, 11 do not
+    want = np.tile(want, (17, 1))[:1000]
+    got = want.copy()
+    for i in range(2):
+        got[i, want[i].argmax()] = want[i].min() - 1.0
+    assert not agreement_failed(got, want, tie=0.05)
+    for i in range(2, 11):
+        got[i, want[i].argmax()] = want[i].min() - 1.0
+    assert agreement_failed(got, want, tie=0.05)

@@ -12,9 +12,9 @@ For each model and average-weight-bits budget B:
 
 Data: the demo tasks; the first 2000 test samples are the calibration pool (a group-balanced
 1024 of them is what the searches see: held-in and held-out parts); every row is measured on
-an evaluation set of 12000 further samples of the same task (--eval), independent of the pool. Models are trained once (training.py,
-DEMO_TRAIN without its time budget, so the run is deterministic) and cached in --work-dir
-under a hash of the training data.
+an evaluation set of 12000 further samples of the same task (--eval, ~1200 of the minority),
+independent of the pool. Models are trained once (training.py, DEMO_TRAIN without its time
+budget, so the run is deterministic) and cached in --work-dir under a hash of the training data.
 Accuracies are fake-quant PyTorch references (what the export matches); "mean" is the overall
 (population-weighted) accuracy of the evaluation set.
 """
@@ -74,9 +74,9 @@ def task(name: str, num_eval: int = NUM_EVAL):
     make = make_image_task if name == "demo" else make_tabular_task
     train, test = make(n_train=8000, n_test=CALIB_POOL + 4000, seed=0)
     pool = test.subset(np.arange(CALIB_POOL))
-    # a second draw of the test split (same seed: same task and training set): its samples are
-    # independent of the pool's; its first CALIB_POOL are dropped because the labels of the two
-    # draws start alike
+    # a second draw of the test split (same seed: same task and training set), independent of
+    # the pool; its first CALIB_POOL samples are dropped because the image task draws labels
+    # first, so both draws start with the same labels
     _, fresh = make(n_train=8000, n_test=CALIB_POOL + num_eval, seed=0)
     evaluation = fresh.subset(np.arange(CALIB_POOL, len(fresh)))
     return train, group_balanced_subset(pool, NUM_CALIB, seed=0), evaluation

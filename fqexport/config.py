@@ -173,6 +173,10 @@ class MixedPrecisionConfig:
         verify_mean: for the ``"worst-group"`` and ``"weighted"`` objectives, also verify the
             mean-objective (population-weighted) optimum, so the search never returns something
             that measured worse than the HAWQ-like allocation on the held-out split.
+        refit: quantize the chosen allocation again on all the calibration data (held-in and
+            held-out), as ``compress`` would, and return that model (like scikit-learn's
+            ``GridSearchCV(refit=True)``); the held-out figures of the result describe the
+            held-in fit that was verified. ``False``: return the verified held-in fit itself.
         holdout_fraction: share of each group of the calibration data held out for verification.
         sensitivity_samples: group-balanced samples used to measure sensitivity.
         mw_steps: multiplicative-weights steps of the worst-group search.
@@ -193,6 +197,7 @@ class MixedPrecisionConfig:
     num_candidates: int = 3
     verify_uniform: bool = True
     verify_mean: bool = True
+    refit: bool = True
     holdout_fraction: float = 0.3
     sensitivity_samples: int = 512
     mw_steps: int = 60

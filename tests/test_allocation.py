@@ -15,6 +15,7 @@ from fqexport.allocation import (
     container_bits,
     first_last_pins,
     layer_resource,
+    rescore,
     resolve_pins,
     resource_used,
 )
@@ -118,6 +119,20 @@ def test_mean_objective_is_the_exact_knapsack_optimum():
         assert a.score == pytest.approx(best)
 
 
+def test_rescore_scores_an_allocation_like_another_objective():
+    t, infos = minority_layer_case()
+    mean = allocate(t, infos, Budget("bits", 3.0), "mean", group_weights={"majority": 0.9, "minority": 0.1})
+    d = np.array([mean.predicted[g] for g in GROUPS])
+    wg = rescore(mean, "worst-group", mean_weight=0.5)
+    assert wg.objective == "worst-group" and wg.bits == mean.bits and wg.predicted == mean.predicted
+    assert wg.score == pytest.approx(d.max() + 0.5 * d.mean())
+    assert wg.group_weights == mean.group_weights  # still says which inner problem produced it
+    # on the same footing as the worst-group candidates: the mean optimum gives up the minority
+    assert wg.score > allocate(t, infos, Budget("bits", 3.0), "worst-group", mean_weight=0.5).score
+    weighted = rescore(mean, "weighted", group_weights={"majority": 1.0, "minority": 3.0})
+    assert weighted.score == pytest.approx(d @ np.array([0.25, 0.75]))
+
+
 def test_pinned_layers_keep_their_width():
     t, infos = minority_layer_case()
     a = allocate(t, infos, Budget("bits", 4.0), "worst-group", pins={"shared": 8, "b*": 2})
@@ -168,3 +183,21 @@ def test_allocation_to_dict_reports_bits_and_prediction():
     assert d["budget"] == {"kind": "bits", "value": 4.0}
     assert set(d["predicted_loss_increase"]) == set(GROUPS)
     assert d["avg_bits"] <= 4.0
+
+
+def test_noisy_negative_or_non_monotone_deltas_do_not_buy_fewer_bits():
+    # 'noisy': the minority's Δ at 2 bits measured below zero, its 3-bit Δ below the 4-bit one
+    t = table({
+        "noisy": [[0.05, -0.5], [0.02, 0.01], [0.01, 0.03], [0.0, 0.0]],
+        "other": [[0.2, 0.2], [0.1, 0.1], [0.05, 0.05], [0.0, 0.0]],
+    })
+    infos = [LayerCost("noisy", 1000, 1000, 10), LayerCost("other", 1000, 1000, 10)]
+    for objective in ("worst-group", "mean"):
+        # a budget that fits every layer at 8 bits: nothing is gained by fewer bits
+        a = allocate(t, infos, Budget("bits", 8.0), objective)
+        assert a.bits == {"noisy": 8, "other": 8}, objective
+    a = allocate(t, infos, Budget("bits", 3.0), "worst-group")
+    # the envelope max(0, max over wider widths): 2 bits -> (0.05, 0.03), 3 bits -> (0.02, 0.03)
+    if a.bits["noisy"] == 2:
+        assert a.predicted["minority"] >= 0.03 - 1e-12
+    assert all(v >= 0 for v in a.predicted.values())

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 
-from fqexport.allocation import resource_used
+from fqexport.allocation import Allocation, Budget, candidate_allocations, resource_used
+from fqexport.calibration.sampling import split_holdout
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.errors import ConfigError
+from fqexport.group_metrics import group_metrics
 from fqexport.mixed_precision import (
     PARETO_FIELDS,
+    Candidate,
     ParetoPoint,
+    _selection_key,
     pareto_sweep,
     plot_pareto,
     search_mixed_precision,
     write_pareto_csv,
     write_pareto_json,
 )
+from fqexport.pipeline import compress
 
 BASE = QuantConfig(num_calib=128, batch_size=128)
 
@@ -43,9 +49,10 @@ def test_search_stays_within_budget_and_honours_pins(search):
     assert search.compressed.avg_weight_bits == pytest.approx(alloc.avg_bits)
 
 
-def test_candidates_report_predicted_and_measured(search):
+def test_candidates_report_predicted_and_measured(search, mlp_data):
     groups = {"a", "b"}
-    assert 2 <= len(search.candidates) <= 3
+    assert 2 <= len(search.candidates) <= 4
+    assert len({tuple(sorted(c.allocation.bits.items())) for c in search.candidates}) == len(search.candidates)
     for c in search.candidates:
         d = c.to_dict()
         assert set(d["predicted_loss_increase"]) == groups
@@ -56,8 +63,21 @@ def test_candidates_report_predicted_and_measured(search):
     # the uniform allocation (free layers at 2 bits: 3 bits would exceed the budget with fc3 at 8)
     uniform = [c for c in search.candidates if c.allocation.bits == {"fc1": 2, "fc2": 2, "fc3": 8}]
     assert len(uniform) == 1
-    # the winner has the best measured worst-group accuracy of all verified candidates
-    assert search.chosen.worst_group_acc == max(c.worst_group_acc for c in search.candidates)
+    # the mean-objective (population-weighted) optimum is verified too
+    pop = {g: float(n) / len(mlp_data) for g, n in zip(mlp_data.group_names, mlp_data.group_counts())}
+    mean = candidate_allocations(search.sensitivity, search.layers, Budget("bits", 3.0), "mean", {"fc3": 8},
+                                 group_weights=pop)[0]
+    assert [c.allocation.bits for c in search.candidates].count(mean.bits) == 1
+    # every candidate is scored like the objective: J = max_g D_g + λ mean_g D_g (λ = 0.1)
+    for c in search.candidates:
+        d = np.array(list(c.allocation.predicted.values()))
+        assert c.allocation.score == pytest.approx(d.max() + 0.1 * d.mean())
+    # the winner has the lowest measured J (held-out loss increases) of all verified candidates
+    def measured_j(c):
+        inc = np.array(list(c.measured_loss_increase.values()))
+        return inc.max() + 0.1 * inc.mean()
+    assert measured_j(search.chosen) == min(measured_j(c) for c in search.candidates)
+    assert search.chosen.measured_worst == max(search.chosen.measured_loss_increase.values())
     # measured loss increase = quantized held-out loss − float held-out loss
     c = search.chosen
     for g in groups:
@@ -91,6 +111,65 @@ def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_pat
         assert storage[name] == ("int4" if bits <= 4 else "int8")
     int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4 and len(t.dims) >= 2]
     assert len(int4) == sum(1 for b in search.allocation.bits.values() if b <= 4) >= 1
+
+
+def _candidate(correct: list[int], confidence: float, float_loss: float, groups=("a", "b")) -> Candidate:
+    """A verified candidate on 2 classes: per sample of group 'b' (ten of them) right with
+    probability ``confidence`` on the label or wrong with 0.4 on it; group 'a' (ten samples)
+    always right with 0.9."""
+    y = np.zeros(20, dtype=np.int64)
+    group = np.repeat([0, 1], 10)
+    p = np.concatenate([np.full(10, 0.9), np.where(np.array(correct) == 1, confidence, 0.4)])
+    logits = np.stack([np.log(p), np.log(1 - p)], axis=1)
+    m = group_metrics(logits, y, group, groups)
+    inc = {g: m.by_group[g]["loss"] - float_loss for g in groups}
+    alloc = Allocation({"fc1": 2}, {g: 0.0 for g in groups}, "worst-group", 0.0, Budget("bits", 2.0), 2.0, 2.0)
+    return Candidate(alloc, m, inc)
+
+
+def test_worst_group_selection_key_uses_the_measured_loss_increase():
+    groups = ("a", "b")
+    # A: one more sample right in the worst group, but far less confident on the others
+    a = _candidate([1] * 8 + [0] * 2, 0.55, 0.3)
+    b = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
+    assert a.worst_group_acc > b.worst_group_acc
+    assert a.measured_worst > b.measured_worst
+    key = lambda c: _selection_key(c, "worst-group", None, groups, 0.1)  # noqa: E731
+    assert max([a, b], key=key) is b
+    # equal loss increases: the worst-group accuracy decides
+    c = _candidate([1] * 7 + [0] * 3, 0.8, 0.3)
+    c.measured_loss_increase = dict(a.measured_loss_increase)
+    assert max([a, c], key=key) is a and max([c, a], key=key) is a
+    # the largest increase of any group counts (not only the lowest-accuracy group's) ...
+    d = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
+    d.measured_loss_increase = {"a": b.measured_loss_increase["b"] + 0.5, "b": b.measured_loss_increase["b"]}
+    assert max([d, b], key=key) is b
+    # ... and so does λ × the mean increase, at an equal largest one
+    e = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
+    e.measured_loss_increase = {"a": b.measured_loss_increase["a"] - 0.1, "b": b.measured_loss_increase["b"]}
+    assert max([b, e], key=key) is e
+    # mean objective: still the overall accuracy
+    assert max([a, b], key=lambda c: _selection_key(c, "mean", None, groups)) is a
+
+
+def test_refit_quantizes_the_winner_on_all_calibration_data(mlp_model, mlp_data, search):
+    plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(search.allocation.bits)), progress=False)
+    np.testing.assert_array_equal(search.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+    assert search.compressed.info["allocation"]["refit"] is True
+    assert search.seconds["refit"] > 0
+
+
+def test_verify_flags_and_no_refit(mlp_model, mlp_data, search):
+    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=1,
+                              mw_steps=20, verify_uniform=False, verify_mean=False, refit=False)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
+    assert len(res.candidates) == 1
+    assert res.candidates[0].allocation.bits == search.candidates[0].allocation.bits
+    # without refit the result is the verified held-in fit: its held-out metrics are the candidate's
+    _, held_out = split_holdout(mlp_data, mp.holdout_fraction, seed=mp.seed)
+    m = group_metrics(res.compressed.predict(held_out.x), held_out.y, held_out.group, held_out.group_names)
+    assert m.by_group == res.chosen.metrics.by_group
+    assert "refit" not in res.seconds and res.compressed.info["allocation"]["refit"] is False
 
 
 def test_bytes_budget_is_respected(mlp_model, mlp_data):

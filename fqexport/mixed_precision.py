@@ -12,8 +12,9 @@
    bias correction, activation calibration) on the held-in part and measure per-group accuracy
    and loss on the held-out part; the best measured objective wins (worst-group: the lowest
    measured ``J = max_g ΔL_g + λ · mean_g ΔL_g``, ΔL_g the held-out loss increase over the
-   float model, then worst-group accuracy; mean: highest accuracy; weighted: highest weighted
-   accuracy);
+   float model, then worst-group accuracy — kept only if it beats the predicted-best
+   allocation by more than 2 standard errors, else the predicted best stays; mean: highest
+   accuracy; weighted: highest weighted accuracy);
 5. quantize the winner again on all the calibration data (``refit``; the selection only needed
    the split) and return that CompressedModel, ready to ``.export()``, with the allocation
    table in ``info["allocation"]`` (it goes into the ONNX metadata).

@@ -221,6 +221,12 @@ def _budget(mp: MixedPrecisionConfig) -> Budget:
     return Budget(mp.budget_kind, mp.budget_value)
 
 
+def _measured_j(c: Candidate, groups: Sequence[str], mean_weight: float) -> float:
+    """The worst-group objective measured on held-out data: ``max_g ΔL_g + λ · mean_g ΔL_g``."""
+    inc = np.array([c.measured_loss_increase[g] for g in groups], dtype=np.float64)
+    return float(np.nanmax(inc) + mean_weight * np.nanmean(inc))
+
+
 def _selection_key(c: Candidate, objective: str, weights: np.ndarray | None, groups: Sequence[str],
                    mean_weight: float = 0.1):
     """Larger is better: the measured counterpart of the objective (ties: predicted score).
@@ -239,9 +245,8 @@ def _selection_key(c: Candidate, objective: str, weights: np.ndarray | None, gro
     acc = np.array([m.by_group[g]["accuracy"] for g in groups], dtype=np.float64)
     loss = np.array([m.by_group[g]["loss"] for g in groups], dtype=np.float64)
     if objective == "worst-group":
-        inc = np.array([c.measured_loss_increase[g] for g in groups], dtype=np.float64)
-        j = float(np.nanmax(inc) + mean_weight * np.nanmean(inc))
-        return (-j, float(np.nanmin(acc)), float(np.nanmean(acc)), -c.allocation.score)
+        return (-_measured_j(c, groups, mean_weight), float(np.nanmin(acc)), float(np.nanmean(acc)),
+                -c.allocation.score)
     if objective == "mean":
         return (float(m.overall["accuracy"]), -float(m.overall["loss"]), -c.allocation.score)
     return (float(np.nansum(acc * weights)), -float(np.nansum(loss * weights)), -c.allocation.score)
@@ -263,10 +268,9 @@ def _significantly_better(
     predicted = min(candidates, key=lambda c: c.allocation.score)
     if predicted is measured_best or predicted.sample_loss is None or measured_best.sample_loss is None:
         return measured_best
-    inc_p = np.array([predicted.measured_loss_increase[g] for g in groups])
-    inc_b = np.array([measured_best.measured_loss_increase[g] for g in groups])
-    gap = (inc_p.max() + mean_weight * inc_p.mean()) - (inc_b.max() + mean_weight * inc_b.mean())
-    mask = group == int(np.argmax(inc_p))
+    gap = _measured_j(predicted, groups, mean_weight) - _measured_j(measured_best, groups, mean_weight)
+    worst = int(np.argmax([predicted.measured_loss_increase[g] for g in groups]))
+    mask = group == worst
     d = predicted.sample_loss[mask] - measured_best.sample_loss[mask]
     se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
     if gap > z * se:

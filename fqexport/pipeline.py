@@ -90,28 +90,30 @@ def _batches(data: GroupData, batch_size: int, device: torch.device) -> Iterator
         yield torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(g)
 
 
-def _run_until(model: nn.Module, module: nn.Module, data: GroupData, batch_size: int, device, on_batch) -> None:
-    """Run calibration batches; ``on_batch(inputs, output, group)`` sees ``module``'s call.
-
-    The forward pass stops right after ``module`` (nothing later is needed).
-    """
-    current: dict[str, torch.Tensor] = {}
+def _run_to(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """``(inputs, output)`` of ``module``'s call when ``model`` runs on ``x``; the forward pass
+    stops right after ``module`` (nothing later is needed)."""
+    seen: list[tuple[tuple, torch.Tensor]] = []
 
     def hook(mod, inputs, output):
-        on_batch(inputs, output, current["group"])
+        seen.append((inputs, output))
         raise _StopForward
 
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            for x, g in _batches(data, batch_size, device):
-                current["group"] = g
-                try:
-                    model(x)
-                except _StopForward:
-                    pass
+            model(x)
+    except _StopForward:
+        pass
     finally:
         handle.remove()
+    return seen[0]
+
+
+def _run_until(model: nn.Module, module: nn.Module, data: GroupData, batch_size: int, device, on_batch) -> None:
+    """Run calibration batches; ``on_batch(inputs, output, group)`` sees ``module``'s call."""
+    for x, g in _batches(data, batch_size, device):
+        on_batch(*_run_to(model, module, x), g)
 
 
 def _channel_dim(kind: str) -> int:
@@ -142,25 +144,6 @@ def _float_targets(
     return stats
 
 
-def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s input when ``model`` runs on ``x`` (the pass stops right after it)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(mod, inputs, output):
-        seen.append(inputs[0].detach())
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def _layer_moments(
     model, module, data, batch_size, device, alpha, float_pair: tuple[nn.Module, nn.Module] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -170,13 +153,11 @@ def _layer_moments(
     from .hessian import HessianAccumulator
 
     acc = HessianAccumulator(module, data.num_groups, cross=float_pair is not None)
-    if float_pair is None:
-        _run_until(model, module, data, batch_size, device, lambda inp, out, g: acc.add(inp[0], g))
-        return acc.hessian(alpha.float()), None
-    float_model, float_module = float_pair
     for x, g in _batches(data, batch_size, device):
-        acc.add(_capture_input(model, module, x), g, _capture_input(float_model, float_module, x))
-    return acc.hessian(alpha.float()), acc.cross_moment(alpha.float())
+        x_float = None if float_pair is None else _run_to(*float_pair, x)[0][0]
+        acc.add(_run_to(model, module, x)[0][0], g, x_float)
+    cross = None if float_pair is None else acc.cross_moment(alpha.float())
+    return acc.hessian(alpha.float()), cross
 
 
 def _quantize_weight(

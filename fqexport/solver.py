@@ -165,6 +165,14 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid) -> None:
         raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
 
 
+def _raised_damp(lam: float, stacklevel: int) -> float:
+    """The next damping after a failed Cholesky (λ ×10, or a first λ when it was 0), announced
+    by a :class:`DampingIncreasedWarning` at the caller's ``stacklevel``."""
+    new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
+    warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=stacklevel + 1)
+    return new
+
+
 def _damped_cholesky(
     H: torch.Tensor, damp: float, max_retries: int
 ) -> tuple[torch.Tensor, float, int]:
@@ -179,9 +187,7 @@ def _damped_cholesky(
             return L, lam, attempt
         if attempt == max_retries:
             break
-        new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
-        warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=3)
-        lam = new
+        lam = _raised_damp(lam, stacklevel=3)
     raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=max_retries + 1))
 
 
@@ -198,9 +204,7 @@ def _damped_inverse(
             return Hinv, lam, retries
         if retries >= max_retries:
             raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
-        new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
-        warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=3)
-        lam, retries = new, retries + 1
+        lam, retries = _raised_damp(lam, stacklevel=3), retries + 1
 
 
 def _upper_cholesky(Hinv: torch.Tensor) -> torch.Tensor | None:
@@ -269,9 +273,7 @@ def solve_layer(
             break
         if retries >= max_retries:
             raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
-        new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
-        warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=2)
-        lam, retries = new, retries + 1
+        lam, retries = _raised_damp(lam, stacklevel=2), retries + 1
 
     # Rows of V = U / diag(U): with the residual r_j = w_j - s·q_j (all rows of W at once),
     # e_j · U_jk = r_j · V_jk. Work on Wᵀ so that column j of W is the contiguous row Wt[j].

@@ -92,3 +92,36 @@ def split_holdout(data: GroupData, fraction: float, seed: int = 0) -> tuple[Grou
     if holdout_parts:
         mask[np.concatenate(holdout_parts)] = True
     return data.subset(np.flatnonzero(~mask)), data.subset(np.flatnonzero(mask))
+
+
+def stratified_folds(data: GroupData, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` disjoint index arrays (ascending), each group spread as evenly as possible over
+    them (cross-fitting, like scikit-learn's ``StratifiedKFold`` on the group label).
+
+    Every sample is in one fold, except the sample of a group that has only one: like in
+    :func:`split_holdout`, it stays out of every fold (held in for every fit), so no fit misses
+    its group entirely. Group by group, the shuffled members are dealt round-robin; the dealer
+    carries on where the previous group stopped, so small groups do not all land in the first
+    folds and the fold sizes differ by at most one.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 2:
+        raise ConfigError(f"k={k!r} must be an integer >= 2 (the number of folds)")
+    k = int(k)
+    if k > len(data):
+        raise ConfigError(f"{data.source}: {k} folds need at least {k} samples (the data has {len(data)})")
+    rng = np.random.default_rng(seed)
+    fold_of = np.full(len(data), -1, dtype=np.int64)
+    start = 0
+    for g, c in enumerate(data.group_counts()):
+        if c < 2:
+            if c == 1:
+                logger.warning("%s: group %r has one sample; it stays out of the folds", data.source,
+                               data.group_names[g])
+            continue
+        members = rng.permutation(np.flatnonzero(data.group == g))
+        fold_of[members] = (start + np.arange(c)) % k
+        start = int((start + c) % k)
+        if c < k:
+            logger.warning("%s: group %r has %d samples for %d folds; %d folds hold none of it out",
+                           data.source, data.group_names[g], c, k, k - c)
+    return [np.flatnonzero(fold_of == f) for f in range(k)]

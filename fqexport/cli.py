@@ -120,6 +120,9 @@ def _add_compress(sub) -> None:
                     help="fix layers matching a name pattern (fnmatch) to a width, e.g. 'stem.*=8' (repeatable)")
     mp.add_argument("--sensitivity", choices=["measured", "fisher"], default="measured")
     mp.add_argument("--candidates", type=int, default=3, help="allocations verified on held-out calibration data")
+    mp.add_argument("--verify-folds", type=int, default=3,
+                    help="cross-fitting folds of the verification: each candidate is quantized on all folds but "
+                    "one and measured on the one left out, for every fold (1: a single 30%% hold-out split)")
     mp.add_argument("--objective-weights", metavar="NAME=W,...", help="group weights of --objective weighted")
     mp.add_argument("--sensitivity-cache", help="JSON file caching the sensitivity table across runs")
     p.set_defaults(func=run_compress)
@@ -175,7 +178,7 @@ def _run_search(args, model, config):
     mp = MixedPrecisionConfig(
         budget_bits=args.budget_bits, budget_bytes=args.budget_bytes, budget_bops=args.budget_bops,
         objective=args.objective, bit_choices=choices, pins=_parse_layer_bits_flag(args.pin, "--pin"),
-        sensitivity=args.sensitivity, num_candidates=args.candidates,
+        sensitivity=args.sensitivity, num_candidates=args.candidates, verify_folds=args.verify_folds,
         group_weights=_parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
                                          "minority=2") if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
@@ -191,7 +194,9 @@ def _run_search(args, model, config):
                       "held-out worst Δloss": f"{c.measured_worst:.4f}",
                       "held-out worst-group %": f"{100 * c.worst_group_acc:.2f}",
                       "held-out mean %": f"{100 * c.mean_acc:.2f}"})
-    print("\ncandidates verified on held-out calibration data (predicted vs measured):")
+    how = (f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once"
+           if mp.verify_folds > 1 else f"a {mp.holdout_fraction:.0%} hold-out split")
+    print(f"\ncandidates verified on held-out calibration data ({how}; predicted vs measured):")
     print_table(cands, list(cands[0].keys()))
     print()
     return res

@@ -176,8 +176,15 @@ class MixedPrecisionConfig:
         refit: quantize the chosen allocation again on all the calibration data (held-in and
             held-out), as ``compress`` would, and return that model (like scikit-learn's
             ``GridSearchCV(refit=True)``); the held-out figures of the result describe the
-            held-in fit that was verified. ``False``: return the verified held-in fit itself.
-        holdout_fraction: share of each group of the calibration data held out for verification.
+            held-in fits that were verified. ``False`` (only with ``verify_folds=1``): return
+            the verified held-in fit itself.
+        verify_folds: cross-fitting of the verification. ``k >= 2`` (default 3): the
+            calibration data is cut into k group-stratified folds; each candidate is quantized
+            k times, each time on all folds but one, and measured on the one left out, so every
+            calibration sample is held out exactly once (k× the verification time, and k× the
+            held-out samples of the smallest group, whose few dozen samples otherwise decide the
+            winner). ``1``: a single hold-out split of ``holdout_fraction``.
+        holdout_fraction: share of each group held out for verification when ``verify_folds=1``.
         sensitivity_samples: group-balanced samples used to measure sensitivity.
         mw_steps: multiplicative-weights steps of the worst-group search.
         mw_eta: step size of the multiplicative-weights update.
@@ -198,6 +205,7 @@ class MixedPrecisionConfig:
     verify_uniform: bool = True
     verify_mean: bool = True
     refit: bool = True
+    verify_folds: int = 3
     holdout_fraction: float = 0.3
     sensitivity_samples: int = 512
     mw_steps: int = 60
@@ -234,6 +242,13 @@ class MixedPrecisionConfig:
             raise ConfigError(f"mean_weight={self.mean_weight!r} must be >= 0")
         if int(self.num_candidates) < 1:
             raise ConfigError(f"num_candidates={self.num_candidates!r} must be >= 1")
+        if isinstance(self.verify_folds, bool) or not isinstance(self.verify_folds, int) or self.verify_folds < 1:
+            raise ConfigError(f"verify_folds={self.verify_folds!r} must be an integer >= 1 (1: a single hold-out split)")
+        if not self.refit and self.verify_folds != 1:
+            raise ConfigError(
+                f"refit=False needs verify_folds=1 (got {self.verify_folds}): with k folds every candidate "
+                "is fitted k times, so there is no single verified fit to return"
+            )
         if not (0.0 < float(self.holdout_fraction) < 1.0):
             raise ConfigError(f"holdout_fraction={self.holdout_fraction!r} must be in (0, 1)")
         if int(self.sensitivity_samples) < 1:

@@ -2,15 +2,18 @@
 
 ``search_mixed_precision``:
 
-1. split the calibration data per group into a held-in part and a held-out part
-   (``MixedPrecisionConfig.holdout_fraction``);
-2. measure Δ_g(l, b) on the held-in part (:mod:`fqexport.sensitivity`, cached);
+1. cut the calibration data into ``verify_folds`` group-stratified folds (cross-fitting;
+   ``verify_folds=1``: one held-in / held-out split of ``holdout_fraction``);
+2. measure Δ_g(l, b) on the calibration data (the held-in part with a single split;
+   :mod:`fqexport.sensitivity`, cached);
 3. list candidate allocations within the budget (:mod:`fqexport.allocation`), plus the uniform
    allocation at the widest width that fits (``verify_uniform``) and, for the worst-group and
    weighted objectives, the mean-objective optimum (``verify_mean``);
 4. verify the best ``num_candidates`` and those: quantize each with the real pipeline (solver,
-   bias correction, activation calibration) on the held-in part and measure per-group accuracy
-   and loss on the held-out part; the best measured objective wins (worst-group: the lowest
+   bias correction, activation calibration) on all folds but one and measure per-group
+   accuracy and loss on the fold left out, once per fold, so every calibration sample is
+   held out once (the smallest group's few dozen samples would otherwise decide the winner
+   alone); the best measured objective wins (worst-group: the lowest
    measured ``J = max_g ΔL_g + λ · mean_g ΔL_g``, ΔL_g the held-out loss increase over the
    float model, then worst-group accuracy — kept only if it beats the predicted-best
    allocation by more than 2 standard errors, else the predicted best stays; mean: highest
@@ -296,6 +299,70 @@ def _population_weights(data: GroupData) -> dict[str, float]:
     return {g: float(c / counts.sum()) for g, c in zip(data.group_names, counts)}
 
 
+def _verification_splits(data: GroupData, mp: MixedPrecisionConfig) -> tuple[GroupData, list[tuple[GroupData, np.ndarray]]]:
+    """The held-out set and, per verification fit, (held-in part, positions of its held-out
+    samples in the held-out set): one stratified hold-out split, or ``verify_folds``
+    cross-fitting folds whose held-out parts together are every sample (in data order)."""
+    from .calibration.sampling import split_holdout, stratified_folds
+
+    if mp.verify_folds == 1:
+        held_in, held_out = split_holdout(data, mp.holdout_fraction, seed=mp.seed)
+        return held_out, [(held_in, np.arange(len(held_out)))]
+    folds = stratified_folds(data, mp.verify_folds, seed=mp.seed)
+    out_index = np.sort(np.concatenate(folds))  # all samples but a one-sample group's
+    everything = np.arange(len(data))
+    return data.subset(out_index), [
+        (data.subset(np.setdiff1d(everything, f)), np.searchsorted(out_index, f)) for f in folds
+    ]
+
+
+def _verify(
+    model: nn.Module, held_out: GroupData, splits, allocations: Sequence[Allocation], base: QuantConfig,
+    *, keep_fits: bool, progress: bool,
+) -> tuple[list[Candidate], GroupMetrics, dict[int, Any]]:
+    """Quantize every allocation on each split's held-in part and measure it on that split's
+    held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
+    (every calibration sample once). Returns the candidates, the float model's held-out
+    metrics and, with ``keep_fits``, each allocation's fitted model (single split only)."""
+    from tqdm.auto import tqdm
+
+    from .pipeline import compress
+
+    groups = tuple(held_out.group_names)
+    logits: dict[int, np.ndarray] = {}
+    float_logits = None
+    seconds = {id(a): 0.0 for a in allocations}
+    fits: dict[int, Any] = {}
+    bar = tqdm(total=len(splits) * len(allocations), desc="verify candidates", unit="fit", disable=not progress)
+    for held_in, where in splits:
+        x = held_out.x[where]
+        for alloc in allocations:
+            tc = time.perf_counter()
+            cm = compress(model, held_in, replace(base, layer_bits=dict(alloc.bits)), progress=False)
+            out = cm.predict(x)
+            if id(alloc) not in logits:
+                logits[id(alloc)] = np.empty((len(held_out), out.shape[1]), dtype=np.float32)
+            logits[id(alloc)][where] = out
+            if float_logits is None:
+                float_logits = np.empty_like(logits[id(alloc)])
+            if alloc is allocations[0]:
+                float_logits[where] = cm.predict(x, quantized=False)
+            if keep_fits:
+                fits[id(alloc)] = cm
+            seconds[id(alloc)] += time.perf_counter() - tc
+            bar.update(1)
+    bar.close()
+    float_metrics = group_metrics(float_logits, held_out.y, held_out.group, groups)
+    candidates = []
+    for k, alloc in enumerate(allocations):
+        m = group_metrics(logits[id(alloc)], held_out.y, held_out.group, groups)
+        inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
+        candidates.append(Candidate(alloc, m, inc, seconds[id(alloc)], cross_entropy(logits[id(alloc)], held_out.y)))
+        log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
+                 k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
+    return candidates, float_metrics, fits
+
+
 def search_mixed_precision(
     model: nn.Module,
     calib: GroupData | str | Path | Any,
@@ -318,17 +385,20 @@ def search_mixed_precision(
         sensitivity: a precomputed table (skips the measurement).
     """
     from .calibration.readers import load_data
-    from .calibration.sampling import split_holdout
     from .pipeline import compress
 
     base = base_config or QuantConfig()
     data = load_data(calib)
-    held_in, held_out = split_holdout(data, mp_config.holdout_fraction, seed=mp_config.seed)
+    held_out, splits = _verification_splits(data, mp_config)
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    # with a single split the table sees only the held-in part; with folds, every sample is
+    # held out once anyway, so the table uses them all (it only ranks candidates: the
+    # verification below still measures every fit on samples it was not fitted on)
     table = sensitivity or measure_sensitivity(
-        model, held_in, bit_choices=mp_config.bit_choices, method=mp_config.sensitivity,
+        model, splits[0][0] if len(splits) == 1 else data,
+        bit_choices=mp_config.bit_choices, method=mp_config.sensitivity,
         num_samples=mp_config.sensitivity_samples, weight_range=base.weight_range,
         # the proxy is RTN, which wants its clipping search unless the user turned it off
         clip_search=True if base.clip_search is None else bool(base.clip_search),
@@ -363,22 +433,8 @@ def search_mixed_precision(
 
     t0 = time.perf_counter()
     groups = tuple(data.group_names)
-    candidates: list[Candidate] = []
-    compressed: dict[int, Any] = {}
-    float_metrics = None
-    for k, alloc in enumerate(ranked):
-        tc = time.perf_counter()
-        cm = compress(model, held_in, replace(base, layer_bits=dict(alloc.bits)), progress=False)
-        if float_metrics is None:
-            float_metrics = group_metrics(cm.predict(held_out.x, quantized=False), held_out.y, held_out.group, groups)
-        logits = cm.predict(held_out.x)
-        m = group_metrics(logits, held_out.y, held_out.group, groups)
-        inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
-        candidates.append(Candidate(alloc, m, inc, time.perf_counter() - tc,
-                                    cross_entropy(logits, held_out.y)))
-        compressed[id(alloc)] = cm
-        log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
-                 k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
+    candidates, float_metrics, compressed = _verify(
+        model, held_out, splits, ranked, base, keep_fits=not mp_config.refit, progress=progress)
     seconds["verification"] = time.perf_counter() - t0
 
     w = None
@@ -389,11 +445,12 @@ def search_mixed_precision(
     best = max(candidates, key=lambda c: _selection_key(c, mp_config.objective, w, groups, mp_config.mean_weight))
     if mp_config.objective == "worst-group":
         best = _significantly_better(candidates, best, held_out.group, groups, mp_config.mean_weight)
-    chosen = compressed[id(best.allocation)]
     if mp_config.refit:
         t0 = time.perf_counter()
         chosen = compress(model, data, replace(base, layer_bits=dict(best.allocation.bits)), progress=False)
         seconds["refit"] = time.perf_counter() - t0
+    else:
+        chosen = compressed[id(best.allocation)]
     result = MixedPrecisionResult(
         mp_config, best.allocation, candidates, chosen, table, layers, float_metrics, seconds,
     )

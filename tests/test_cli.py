@@ -181,7 +181,7 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
         "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
     assert code == 0, err
     assert "mixed precision (worst-group, budget bits 4)" in stdout
-    assert "candidates verified on held-out calibration data" in stdout
+    assert "candidates verified on held-out calibration data (3-fold cross-fitted" in stdout
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
     bits = {l["name"]: l["bits"] for l in meta["layers"]}
     assert bits["fc1"] == 8  # pinned
@@ -194,6 +194,17 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     table = report["mixed_precision"]["allocation"]["table"]
     assert {r["name"]: r["bits"] for r in table} == bits
     assert any(c["bits"] == bits for c in report["mixed_precision"]["candidates"])
+
+
+def test_compress_verify_folds_flag(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    base = ("--budget-bits", "4", "--bit-choices", "2,4,8", "--candidates", "1", "--method", "rtn")
+    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "a.onnx", *base, "--verify-folds", "1"))
+    assert code == 0, err
+    assert "(a 30% hold-out split; predicted vs measured)" in stdout
+    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "b.onnx", *base, "--verify-folds", "0"))
+    assert code == 2 and "verify_folds=0 must be an integer >= 1" in err
+    assert not (tmp_path / "b.onnx").exists()
 
 
 def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from fqexport.allocation import Allocation, Budget, candidate_allocations, resource_used
-from fqexport.calibration.sampling import split_holdout
+from fqexport.calibration.sampling import split_holdout, stratified_folds
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.group_metrics import group_metrics
@@ -193,7 +193,8 @@ def test_refit_quantizes_the_winner_on_all_calibration_data(mlp_model, mlp_data,
 
 def test_verify_flags_and_no_refit(mlp_model, mlp_data, search):
     mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=1,
-                              mw_steps=20, verify_uniform=False, verify_mean=False, refit=False)
+                              mw_steps=20, verify_uniform=False, verify_mean=False, refit=False,
+                              verify_folds=1)
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
     assert len(res.candidates) == 1
     assert res.candidates[0].allocation.bits == search.candidates[0].allocation.bits
@@ -202,6 +203,34 @@ def test_verify_flags_and_no_refit(mlp_model, mlp_data, search):
     m = group_metrics(res.compressed.predict(held_out.x), held_out.y, held_out.group, held_out.group_names)
     assert m.by_group == res.chosen.metrics.by_group
     assert "refit" not in res.seconds and res.compressed.info["allocation"]["refit"] is False
+
+
+def test_cross_fitted_verification_holds_out_every_sample_once(mlp_model, mlp_data, search):
+    # default: 3 folds; every calibration sample is measured once, by a fit that did not see it
+    assert search.config.verify_folds == 3
+    counts = dict(zip(mlp_data.group_names, mlp_data.group_counts().tolist()))
+    c = search.candidates[0]
+    assert c.sample_loss.shape == (len(mlp_data),)
+    for g, n in counts.items():
+        assert search.float_metrics.by_group[g]["count"] == n and c.metrics.by_group[g]["count"] == n
+    # fold 1's out-of-fold losses are those of the candidate quantized on the other two folds
+    fold = stratified_folds(mlp_data, 3, seed=search.config.seed)[1]
+    rest = np.setdiff1d(np.arange(len(mlp_data)), fold)
+    fit = compress(mlp_model, mlp_data.subset(rest), replace(BASE, layer_bits=dict(c.allocation.bits)), progress=False)
+    z = fit.predict(mlp_data.x[fold]).astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    expected = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(fold)), mlp_data.y[fold]]  # −log softmax_y
+    np.testing.assert_allclose(c.sample_loss[fold], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"verify_folds": 0}, "verify_folds=0 must be an integer >= 1"),
+    ({"verify_folds": 2.5}, "verify_folds=2.5 must be an integer >= 1"),
+    ({"refit": False}, "refit=False needs verify_folds=1 .got 3."),
+])
+def test_verify_folds_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MixedPrecisionConfig(budget_bits=3.0, **kwargs)
 
 
 def test_bytes_budget_is_respected(mlp_model, mlp_data):

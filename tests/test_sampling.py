@@ -10,6 +10,7 @@ from fqexport.calibration.sampling import (
     balanced_allocation,
     group_balanced_subset,
     split_holdout,
+    stratified_folds,
 )
 from fqexport.errors import ConfigError
 
@@ -88,3 +89,29 @@ def test_split_holdout_keeps_both_sides_for_tiny_groups():
 def test_split_holdout_rejects_bad_fraction(fraction):
     with pytest.raises(ConfigError, match=r"fraction=.* must be in \(0, 1\)"):
         split_holdout(_data(), fraction)
+
+
+def test_stratified_folds_cover_every_sample_once_and_spread_groups():
+    data = _data((90, 10, 3, 1))
+    folds = stratified_folds(data, 4, seed=2)
+    assert len(folds) == 4
+    every = np.concatenate(folds)
+    # disjoint and complete, but for the one-sample group's sample (held in for every fit)
+    assert sorted(every.tolist()) == list(range(len(data) - 1))
+    assert data.group[len(data) - 1] == 3
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for g, c in enumerate(data.group_counts()[:3]):
+        per_fold = [int((data.group[f] == g).sum()) for f in folds]
+        assert sum(per_fold) == c and max(per_fold) - min(per_fold) <= 1
+    assert all(np.all(np.diff(f) > 0) for f in folds)
+    again = stratified_folds(data, 4, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(data, 4, seed=3)))
+
+
+@pytest.mark.parametrize("k, message", [(1, "k=1 must be an integer >= 2"), (True, "k=True must be"),
+                                        (200, "200 folds need at least 200 samples")])
+def test_stratified_folds_rejects_bad_k(k, message):
+    with pytest.raises(ConfigError, match=message):
+        stratified_folds(_data(), k)

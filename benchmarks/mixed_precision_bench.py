@@ -8,7 +8,10 @@ For each model and average-weight-bits budget B:
 
 * uniform: every layer at floor(B) bits (the nearest integer width within the budget), solver;
 * mean: the HAWQ-like allocation (population-weighted mean loss increase), solver;
-* worst-group: fqexport's default search (worst-group objective + verification), solver.
+* worst-group: fqexport's default search (worst-group objective + verification), solver;
+* hand-made: the issue's reference point — 2 bits for the widest layers (widest first, until
+  the budget is met), 4 bits for the rest, quantized with plain GPTQ (act order, sample-weighted
+  H, layer target); the search must do at least as well.
 
 Data: the demo tasks; the first 2000 test samples are the calibration pool (a group-balanced
 1024 of them is what the searches see: held-in and held-out parts); every row is measured on
@@ -38,7 +41,7 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.demo_models import MLP, SmallResNet
 from fqexport.demo_task import make_image_task, make_tabular_task
 from fqexport.group_metrics import group_metrics
-from fqexport.mixed_precision import search_mixed_precision
+from fqexport.mixed_precision import layer_costs, search_mixed_precision
 from fqexport.pipeline import compress
 
 CALIB_POOL = 2000
@@ -89,6 +92,21 @@ def measure(logits, data) -> dict:
             "worst": 100 * worst_acc, "worst_group": worst, "mean": 100 * m.overall["accuracy"]}
 
 
+PLAIN_GPTQ = dict(order="hessian-diag", group_weights="samples", solver_target="layer")
+
+
+def hand_made_allocation(layers, budget: float) -> dict[str, int]:
+    """2 bits for the widest layers (most parameters first) until the average is within
+    ``budget``, 4 bits for the rest (all at 4 when 4 bits fit)."""
+    bits = {l.name: 4 for l in layers}
+    total = sum(l.params for l in layers)
+    for l in sorted(layers, key=lambda l: -l.params):
+        if sum(bits[k.name] * k.params for k in layers) / total <= budget + 1e-9:
+            break
+        bits[l.name] = 2
+    return bits
+
+
 def run_model(name: str, budgets: list[float], args) -> list[dict]:
     train, calib, evaluation = task(name, args.eval)
     model, train_s = train_or_load(name, Path(args.work_dir), train, not args.quiet)
@@ -98,7 +116,8 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
     print(f"\n## {name}: float per group {', '.join(f'{g} {a:.2f}' for g, a in flt['by_group'].items())} "
           f"(eval n={len(evaluation)}, calib n={len(calib)}; training {train_s:.0f} s)\n", flush=True)
     clip = {"auto": None, "on": True, "off": False}[args.clip_search]
-    base = QuantConfig(method="solver", clip_search=clip, seed=0)  # num_calib 512 (default)
+    base = QuantConfig(method="solver", clip_search=clip, seed=args.seed)  # num_calib 512 (default)
+    costs = layer_costs(model, torch.from_numpy(np.ascontiguousarray(calib.x[:1])))
     rows = [{"model": name, "budget": None, "variant": "float", "avg_bits": 32.0, **flt}]
     print("| budget | variant | avg bits | " + " | ".join(flt["by_group"]) + " | worst | mean | seconds |")
     print("|---|---|---|" + "---|" * len(flt["by_group"]) + "---|---|---|")
@@ -110,7 +129,8 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
         variants = [("uniform", cm, cm.avg_weight_bits, time.perf_counter() - t0)]
         for objective in ("mean", "worst-group"):
             mp = MixedPrecisionConfig(budget_bits=b, objective=objective, sensitivity=args.sensitivity,
-                                      num_candidates=args.candidates, seed=0)
+                                      num_candidates=args.candidates, verify_folds=args.verify_folds,
+                                      seed=args.seed)
             t0 = time.perf_counter()
             res = search_mixed_precision(model, calib, mp, base, progress=False)
             secs = time.perf_counter() - t0
@@ -119,6 +139,10 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
             variants.append((objective, res.compressed, res.allocation.avg_bits, secs))
             if objective == "worst-group":
                 wg_result = res
+        t0 = time.perf_counter()
+        hand = compress(model, calib, replace(base, layer_bits=hand_made_allocation(costs, b), **PLAIN_GPTQ),
+                        progress=False)
+        variants.append(("hand-made", hand, hand.avg_weight_bits, time.perf_counter() - t0))
         for label, cm, avg, secs in variants:
             r = measure(cm.predict(evaluation.x), evaluation)
             row = {"model": name, "budget": b, "variant": label, "avg_bits": avg, "seconds": secs,
@@ -126,9 +150,10 @@ def run_model(name: str, budgets: list[float], args) -> list[dict]:
             rows.append(row)
             print(f"| {b:g} | {label} | {avg:.3f} | " + " | ".join(f"{a:.2f}" for a in r["by_group"].values())
                   + f" | {r['worst']:.2f} | {r['mean']:.2f} | {secs:.0f} |", flush=True)
-        rows[-1]["candidates"] = [c.to_dict() for c in wg_result.candidates]
-        rows[-1]["search_seconds"] = wg_result.seconds
-        rows[-1]["sensitivity_seconds_cold"] = sens_cold
+        wg_row = next(r for r in rows[-len(variants):] if r["variant"] == "worst-group")
+        wg_row["candidates"] = [c.to_dict() for c in wg_result.candidates]
+        wg_row["search_seconds"] = wg_result.seconds
+        wg_row["sensitivity_seconds_cold"] = sens_cold
     return rows
 
 
@@ -143,6 +168,11 @@ def check_targets(rows: list[dict]) -> list[str]:
             ok = wg >= by["uniform"]["worst"] and wg >= by["mean"]["worst"]
             lines.append(f"{'PASS' if ok else 'FAIL'} {model} @{b:g}: worst-group objective {wg:.2f} vs "
                          f"uniform {by['uniform']['worst']:.2f}, mean {by['mean']['worst']:.2f}")
+            if "hand-made" in by:
+                hand = by["hand-made"]
+                lines.append(f"{'PASS' if wg >= hand['worst'] else 'FAIL'} {model} @{b:g}: worst-group objective "
+                             f"{wg:.2f} vs hand-made (2/4 bits, plain GPTQ, {hand['avg_bits']:.3f} bits) "
+                             f"{hand['worst']:.2f}")
             if model == "demo" and abs(b - 2.25) < 1e-9:
                 drops = {g: flt["by_group"][g] - a for g, a in by["worst-group"]["by_group"].items()}
                 ok = all(d <= 1.0 for d in drops.values())
@@ -163,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="2.25,2.5,3,4", help="average weight bits, comma list")
     p.add_argument("--sensitivity", choices=["measured", "fisher"], default="measured")
     p.add_argument("--candidates", type=int, default=3, help="allocations verified per search")
+    p.add_argument("--verify-folds", type=int, default=3, help="MixedPrecisionConfig.verify_folds")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration draws (QuantConfig) and of the folds (MixedPrecisionConfig)")
     p.add_argument("--work-dir", default="/tmp/fqexport-mp-bench", help="cached trained models")
     p.add_argument("--clip-search", choices=["auto", "on", "off"], default="auto",
                    help="QuantConfig.clip_search of every variant (auto: the pipeline's default)")
@@ -199,7 +232,7 @@ def plot(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for model in sorted({r["model"] for r in rows}):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for variant, style in (("uniform", "o:"), ("mean", "s--"), ("worst-group", "^-")):
+        for variant, style in (("uniform", "o:"), ("mean", "s--"), ("worst-group", "^-"), ("hand-made", "x-.")):
             pts = sorted((r["avg_bits"], r["worst"]) for r in rows if r["model"] == model and r["variant"] == variant)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=variant)
         flt = next(r for r in rows if r["model"] == model and r["variant"] == "float")

@@ -1,4 +1,4 @@
-"""Command line: ``fqexport compress | validate | analyze | demo``.
+"""Command line: ``fqexport compress | validate | analyze | sweep | demo``.
 
 The CLI only parses arguments and calls the API. Exit codes: 0 ok, 1 a validation limit
 broken, 2 bad input (any other fqexport error), 130 interrupted.
@@ -70,16 +70,13 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", parents=[_common()], help="quantize a float model and export QDQ ONNX",
-                       description="Quantize a float PyTorch model with group-labeled calibration data "
-                       "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
+def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
+    """The model, calibration data and QuantConfig options (``compress`` and ``sweep``)."""
     p.add_argument("--model", required=True, help="'package.module:factory', a torch.export .pt2 file, "
                    "or a pickled module file (with --trust-pickle)")
     p.add_argument("--weights", help="state_dict file for the factory (torch.load weights_only=True)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module")
     p.add_argument("--calib", required=True, help="calibration data: .npz (x, y, group[, group_names]) or CSV manifest")
-    p.add_argument("--out", required=True, help="output ONNX file")
     p.add_argument("--weight-bits", type=int, default=8, help="weight width of every layer, 2..8 (default 8)")
     p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS", help="per-layer width (repeatable)")
     p.add_argument("--method", choices=["solver", "rtn"], default="solver", help="weight quantizer (default solver)")
@@ -108,12 +105,10 @@ def _add_compress(sub) -> None:
     p.add_argument("--no-bn-reestimate", action="store_true")
     p.add_argument("--skip-unsupported", action="store_true", help="leave unsupported layers in float (warn)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
-    mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
-    budget = mp.add_mutually_exclusive_group()
-    budget.add_argument("--budget-bits", type=float, help="average weight bits (parameter-weighted), e.g. 4.0")
-    budget.add_argument("--budget-bytes", type=float, help="weight bytes of the export (codes + per-channel scales)")
-    budget.add_argument("--budget-bops", type=float, help="bit operations per sample: sum of w_bits * 8 * MACs")
+
+
+def add_search_options(mp) -> None:
+    """The MixedPrecisionConfig options but the budget (``compress`` and ``sweep``)."""
     mp.add_argument("--objective", choices=["worst-group", "mean", "weighted"], default="worst-group")
     mp.add_argument("--bit-choices", default="2,3,4,5,6,8", help="candidate widths, comma separated")
     mp.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
@@ -125,15 +120,29 @@ def _add_compress(sub) -> None:
                     "one and measured on the one left out, for every fold (1: a single 30%% hold-out split)")
     mp.add_argument("--objective-weights", metavar="NAME=W,...", help="group weights of --objective weighted")
     mp.add_argument("--sensitivity-cache", help="JSON file caching the sensitivity table across runs")
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", parents=[_common()], help="quantize a float model and export QDQ ONNX",
+                       description="Quantize a float PyTorch model with group-labeled calibration data "
+                       "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
+    add_model_and_quant_options(p)
+    p.add_argument("--out", required=True, help="output ONNX file")
+    p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
+    mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
+    budget = mp.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bits", type=float, help="average weight bits (parameter-weighted), e.g. 4.0")
+    budget.add_argument("--budget-bytes", type=float, help="weight bytes of the export (codes + per-channel scales)")
+    budget.add_argument("--budget-bops", type=float, help="bit operations per sample: sum of w_bits * 8 * MACs")
+    add_search_options(mp)
     p.set_defaults(func=run_compress)
 
 
-def run_compress(args) -> int:
+def quant_config(args):
+    """The QuantConfig of the parsed ``add_model_and_quant_options`` flags."""
     from .config import QuantConfig
-    from .model_loading import load_model
-    from .pipeline import compress
 
-    config = QuantConfig(
+    return QuantConfig(
         weight_bits=args.weight_bits, layer_bits=_parse_layer_bits(args.layer_bits), method=args.method,
         order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
         group_weights=_parse_group_weights(args.group_weights), calibration=args.calibration,
@@ -142,6 +151,13 @@ def run_compress(args) -> int:
         bn_reestimate=not args.no_bn_reestimate, skip_unsupported=args.skip_unsupported, seed=args.seed,
         clip_search=args.clip_search,
     )
+
+
+def run_compress(args) -> int:
+    from .model_loading import load_model
+    from .pipeline import compress
+
+    config = quant_config(args)
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     search = None
     if args.budget_bits is not None or args.budget_bytes is not None or args.budget_bops is not None:
@@ -166,23 +182,29 @@ def run_compress(args) -> int:
     return EXIT_OK
 
 
-def _run_search(args, model, config):
-    """The fairness-aware mixed-precision search of ``fqexport compress --budget-*``."""
+def search_config(args, **budget):
+    """The MixedPrecisionConfig of the parsed ``add_search_options`` flags and ``budget``."""
     from .config import MixedPrecisionConfig
-    from .mixed_precision import search_mixed_precision
 
     try:
         choices = tuple(int(b) for b in args.bit_choices.split(","))
     except ValueError as err:
         raise ConfigError(f"--bit-choices {args.bit_choices!r}: expected integers like 2,3,4,8") from err
-    mp = MixedPrecisionConfig(
-        budget_bits=args.budget_bits, budget_bytes=args.budget_bytes, budget_bops=args.budget_bops,
-        objective=args.objective, bit_choices=choices, pins=_parse_layer_bits_flag(args.pin, "--pin"),
+    return MixedPrecisionConfig(
+        **budget, objective=args.objective, bit_choices=choices, pins=_parse_layer_bits_flag(args.pin, "--pin"),
         sensitivity=args.sensitivity, num_candidates=args.candidates, verify_folds=args.verify_folds,
         group_weights=_parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
                                          "minority=2") if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
     )
+
+
+def _run_search(args, model, config):
+    """The fairness-aware mixed-precision search of ``fqexport compress --budget-*``."""
+    from .mixed_precision import search_mixed_precision
+
+    mp = search_config(args, budget_bits=args.budget_bits, budget_bytes=args.budget_bytes,
+                       budget_bops=args.budget_bops)
     res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet)
     print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
     print_table(res.table(), ["name", "params", "bits", "sensitivity", "most_sensitive_group"])
@@ -232,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_analyze import add_analyze_parser
 
     add_analyze_parser(sub)
+    from .cli_sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     _add_demo(sub)
     return parser
 

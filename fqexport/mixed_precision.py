@@ -155,7 +155,8 @@ class MixedPrecisionResult:
             quantized on all the calibration data with ``refit``, else the verified held-in fit.
         sensitivity: the Δ_g(l, b) table.
         layers: the layer costs (params, MACs, channels).
-        float_metrics: the float model's metrics on the held-out split.
+        float_metrics: the float model's metrics on the held-out samples (with folds: every
+            calibration sample but a one-sample group's).
         seconds: wall time of sensitivity, allocation, verification and refit.
     """
 
@@ -260,7 +261,7 @@ def _significantly_better(
     groups: Sequence[str], mean_weight: float, z: float = 2.0,
 ) -> Candidate:
     """The predicted-best candidate (lowest knapsack score) unless the measured best beats it
-    by more than ``z`` standard errors on the held-out split.
+    by more than ``z`` standard errors on the held-out samples.
 
     The difference ``J_pred − J_best`` of the measured objective is driven by the predicted
     candidate's worst group g*; its standard error is that of the paired per-sample loss
@@ -491,8 +492,8 @@ def pareto_sweep(
     test: GroupData | None = None,
     progress: bool = True,
 ) -> list[ParetoPoint]:
-    """Search at each average-bits budget; accuracies on ``test`` (else the held-out split, as
-    measured for the verified held-in fit).
+    """Search at each average-bits budget; accuracies on ``test`` (else on the held-out
+    calibration samples, as measured for the verified held-in fits of the chosen allocation).
 
     ``mp_config`` is the template (its budget is replaced by each value of ``budgets``); the
     sensitivity table is measured once and shared.

@@ -3,7 +3,8 @@
 Generates the group-labeled image task (90% majority, 10% inverted-contrast minority), trains
 a small ResNet on CPU, then compares in ONNX Runtime (optimized sessions, i.e. the kernels
 that deploy): float, ONNX Runtime's own ``quantize_static`` W8A8 (the naive baseline),
-fqexport W8A8, round-to-nearest W4A8 and fqexport W4A8 — per group, worst group and gap.
+fqexport W8A8, round-to-nearest W4A8, fqexport W4A8 and fqexport's worst-group mixed-precision
+search at an average of 3 weight bits — per group, worst group and gap.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .calibration.group_data import GroupData
-from .config import QuantConfig
+from .config import MixedPrecisionConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ DEMO_VARIANTS: tuple[tuple[str, QuantConfig], ...] = (
     ("fqexport W4A8", QuantConfig(weight_bits=4)),
 )
 DEMO_NUM_CALIB = 512
+# the fairness-aware mixed-precision row: worst-group objective, average weight bits
+DEMO_MIXED = ("fqexport mixed avg-3-bit A8", MixedPrecisionConfig(budget_bits=3.0, objective="worst-group"))
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,9 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
     from .exporters.qdq_onnx import export_float
     from .exporters.reports import write_json_data, write_markdown_table
     from .exporters.validation import validate
-    from .pipeline import compress
     from .calibration.sampling import group_balanced_subset
+    from .mixed_precision import search_mixed_precision
+    from .pipeline import compress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +150,14 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
         result = cm.export(path)
         log.info("%s: agreement with fake-quant reference %.4f", label, result.agreement)
         paths.append((label, path))
+    label, mp = DEMO_MIXED
+    search = search_mixed_precision(model, calib, replace(mp, seed=seed), QuantConfig(num_calib=num_calib, seed=seed),
+                                    progress=progress)
+    path = out_dir / "fqexport_mixed_avg3bit.onnx"
+    search.compressed.export(path)
+    print(f"mixed precision (worst-group, {search.allocation.avg_bits:.2f} avg bits): "
+          + ", ".join(f"{r['name']}={r['bits']}" for r in search.table()))
+    paths.append((label, path))
 
     print("[4/4] validating every model in ONNX Runtime (optimized session) on the test split")
     for label, path in paths:

@@ -2,7 +2,7 @@
 
 import json
 
-from fqexport.demo import DEMO_VARIANTS, run_demo
+from fqexport.demo import DEMO_MIXED, DEMO_VARIANTS, run_demo
 from fqexport.demo_task import DemoTaskSizes
 from fqexport.training import TrainConfig
 
@@ -13,7 +13,7 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
         train_config=TrainConfig(epochs=1, batch_size=64, lr=0.05), num_calib=64,
     )
     labels = [r.label for r in rows]
-    assert labels == ["float", "ORT quantize_static W8A8"] + [label for label, _ in DEMO_VARIANTS]
+    assert labels == ["float", "ORT quantize_static W8A8"] + [label for label, _ in DEMO_VARIANTS] + [DEMO_MIXED[0]]
     for name in ["float.onnx", "model.pt", "calib.npz", "test.npz", "demo_report.json", "demo_report.md"]:
         assert (tmp_path / name).is_file(), name
     report = json.loads((tmp_path / "demo_report.json").read_text())
@@ -24,5 +24,11 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
         assert by_group["inverted-contrast"]["count"] == 40
     out = capsys.readouterr().out
     assert "inverted-contrast %" in out and "fqexport W4A8" in out
+    # the mixed-precision row's file holds an allocation within its 3-bit average budget
+    import onnx
+
+    meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "fqexport_mixed_avg3bit.onnx")).metadata_props}["fqexport"])
+    assert meta["allocation"]["objective"] == "worst-group" and meta["allocation"]["avg_bits"] <= 3.0
+    assert "mixed precision (worst-group, " in out
     md = (tmp_path / "demo_report.md").read_text()
     assert md.count("\n|") >= len(rows) + 1

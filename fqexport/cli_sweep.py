@@ -7,16 +7,15 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-EXIT_OK = 0
-
 
 def _parse_budgets(text: str) -> list[float]:
+    message = f"--budgets {text!r}: expected average weight bits like 2.25,2.5,3,4"
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError as err:
-        raise ConfigError(f"--budgets {text!r}: expected average weight bits like 2.25,2.5,3,4") from err
+        raise ConfigError(message) from err
     if not budgets:
-        raise ConfigError(f"--budgets {text!r}: expected average weight bits like 2.25,2.5,3,4")
+        raise ConfigError(message)
     return budgets
 
 
@@ -41,15 +40,14 @@ def add_sweep_parser(sub) -> None:
 
 def run_sweep(args) -> int:
     from .calibration.readers import load_data
-    from .cli import print_table, quant_config, search_config
+    from .cli import EXIT_OK, print_table, quant_config, search_config
     from .mixed_precision import pareto_sweep, plot_pareto, write_pareto_csv, write_pareto_json
     from .model_loading import load_model
 
     budgets = _parse_budgets(args.budgets)
     config = quant_config(args)
-    template = search_config(args, budget_bits=budgets[0])
-    for b in budgets[1:]:  # every budget checked before the first search runs
-        search_config(args, budget_bits=b)
+    configs = [search_config(args, budget_bits=b) for b in budgets]  # all checked before any search
+    template = configs[0]
     test = load_data(args.test) if args.test else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     points = pareto_sweep(model, args.calib, budgets, template, config, test=test, progress=not args.quiet)

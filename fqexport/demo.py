@@ -155,7 +155,7 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
                                     progress=progress)
     path = out_dir / "fqexport_mixed_avg3bit.onnx"
     search.compressed.export(path)
-    print(f"mixed precision (worst-group, {search.allocation.avg_bits:.2f} avg bits): "
+    print(f"mixed precision ({mp.objective}, {search.allocation.avg_bits:.2f} avg bits): "
           + ", ".join(f"{r['name']}={r['bits']}" for r in search.table()))
     paths.append((label, path))
 

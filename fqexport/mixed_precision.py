@@ -344,10 +344,8 @@ def _verify(
             if id(alloc) not in logits:
                 logits[id(alloc)] = np.empty((len(held_out), out.shape[1]), dtype=np.float32)
             logits[id(alloc)][where] = out
-            if float_logits is None:
-                float_logits = np.empty_like(logits[id(alloc)])
-            if alloc is allocations[0]:
-                float_logits[where] = cm.predict(x, quantized=False)
+            if float_logits is None:  # the float model is the same in every fit
+                float_logits = cm.predict(held_out.x, quantized=False)
             if keep_fits:
                 fits[id(alloc)] = cm
             seconds[id(alloc)] += time.perf_counter() - tc

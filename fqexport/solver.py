@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
-from .quant_grid import WeightGrid, choose_weight_grid, dequantize, quantize
+from .quant_grid import WeightGrid, choose_weight_grid, dequantize, fake_quantize, quantize
 
 ORDERS = ("sensitivity", "hessian-diag", "natural", "obs")
 SENSITIVITY_KINDS = ("sensitivity", "hessian-diag", "obs")
@@ -150,7 +150,7 @@ def column_sensitivity(
         Hd = H.float() + damp * hdiag.mean() * torch.eye(H.shape[0], device=H.device)
         hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
     scale = grid.scale.to(W.device, torch.float32)
-    err = W - dequantize(quantize(W, scale, grid.qmax, grid.qmin), scale)
+    err = W - fake_quantize(W, scale, grid.qmax, grid.qmin)
     return err.pow(2).sum(dim=0) / hinv_diag.float()
 
 

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fqexport import ExportError, QuantConfig, compress
 from fqexport.calibration.sampling import group_balanced_subset
-from fqexport.cli import print_table
-from fqexport.demo import ort_quantize_static_baseline
+from fqexport.cli.common import print_table
+from fqexport.demo.run import ort_quantize_static_baseline
 from solver_models_bench import demo_cnn
-from fqexport.exporters.latency import measure_latency
+from fqexport.validation.latency import measure_latency
 from fqexport.exporters.ort_session import kernel_line, kernel_summary, make_session
 from fqexport.exporters.qdq_onnx import export_float
-from fqexport.exporters.validation import validate
+from fqexport.validation.gate import validate
 
 VARIANTS = {
     "fqexport W8A8": QuantConfig(weight_bits=8),
@@ -122,7 +122,7 @@ def latency_table(paths: dict[str, Path], sample: np.ndarray, repeats: int, titl
 def wide_latency(args, out: Path) -> None:
     """Latency and size only (random weights): SmallResNet at width 64, 32x32 inputs."""
     from fqexport.calibration.group_data import GroupData
-    from fqexport.demo_models import SmallResNet
+    from fqexport.demo.models import SmallResNet
 
     torch.manual_seed(0)
     model = SmallResNet(num_classes=10, in_channels=3, width=64).eval()

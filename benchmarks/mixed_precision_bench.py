@@ -38,11 +38,11 @@ import torch
 
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import MixedPrecisionConfig, QuantConfig
-from fqexport.demo_models import MLP, SmallResNet
-from fqexport.demo_task import make_image_task, make_tabular_task
-from fqexport.group_metrics import group_metrics
-from fqexport.mixed_precision import layer_costs, search_mixed_precision
-from fqexport.pipeline import compress
+from fqexport.demo.models import MLP, SmallResNet
+from fqexport.demo.task import make_image_task, make_tabular_task
+from fqexport.metrics.group_metrics import group_metrics
+from fqexport.search.mixed_precision import layer_costs, search_mixed_precision
+from fqexport.pipeline.compress import compress
 
 CALIB_POOL = 2000
 NUM_CALIB = 1024
@@ -50,7 +50,7 @@ NUM_EVAL = 12000  # ~1200 minority samples: one sample is 0.08 pt of minority ac
 
 
 def train_or_load(name: str, work_dir: Path, train_data, progress: bool):
-    from fqexport.training import DEMO_TRAIN, TrainConfig, train_classifier
+    from fqexport.demo.training import DEMO_TRAIN, TrainConfig, train_classifier
 
     torch.manual_seed(0)
     if name == "demo":

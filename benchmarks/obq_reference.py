@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fqexport.quant_grid import WeightGrid, dequantize, quantize
+from fqexport.quant.grid import WeightGrid, dequantize, quantize
 
 
 def _damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from obq_reference import obq_quantize  # noqa: E402
 
-from fqexport.quant_grid import WeightGrid, dequantize  # noqa: E402
-from fqexport.solver import choose_solver_grid, layer_error, rtn_layer, solve_layer  # noqa: E402
+from fqexport.quant.grid import WeightGrid, dequantize  # noqa: E402
+from fqexport.quant.solver import choose_solver_grid, layer_error, rtn_layer, solve_layer  # noqa: E402
 
 # (name, out, cols, OBQ rows full, OBQ rows --quick)
 LAYERS = [

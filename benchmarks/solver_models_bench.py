@@ -63,8 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fqexport.calibration.group_data import GroupData  # noqa: E402
 from fqexport.calibration.sampling import group_balanced_subset  # noqa: E402
 from fqexport.config import QuantConfig  # noqa: E402
-from fqexport.group_metrics import GroupMetrics, group_metrics  # noqa: E402
-from fqexport.pipeline import CompressedModel, compress  # noqa: E402
+from fqexport.metrics.group_metrics import GroupMetrics, group_metrics  # noqa: E402
+from fqexport.model import CompressedModel  # noqa: E402
+from fqexport.pipeline.compress import compress  # noqa: E402
 
 NUM_CALIB = 512
 BITS = (4, 3)
@@ -180,9 +181,9 @@ def set_threads(n: int) -> None:
 
 def demo_cnn(cache: Path | None, seed: int, n_test: int) -> tuple[torch.nn.Module, GroupData, GroupData, str]:
     """The demo SmallResNet and its task; trained once, then loaded from ``cache`` if given."""
-    from fqexport.demo_models import SmallResNet
-    from fqexport.demo_task import make_image_task
-    from fqexport.training import DEMO_TASK_SIZES, DEMO_TRAIN, train_classifier
+    from fqexport.demo.models import SmallResNet
+    from fqexport.demo.task import make_image_task
+    from fqexport.demo.training import DEMO_TASK_SIZES, DEMO_TRAIN, train_classifier
 
     path = cache / f"demo_cnn_seed{seed}.pt" if cache else None
     if path is not None and path.exists():
@@ -208,9 +209,9 @@ def demo_cnn(cache: Path | None, seed: int, n_test: int) -> tuple[torch.nn.Modul
 
 def tabular_mlp(cache: Path | None, seed: int, n_test: int) -> tuple[torch.nn.Module, GroupData, GroupData, str]:
     """An MLP (32 → 256 → 256 → 4) trained on ``make_tabular_task``."""
-    from fqexport.demo_models import MLP
-    from fqexport.demo_task import make_tabular_task
-    from fqexport.training import TrainConfig, train_classifier
+    from fqexport.demo.models import MLP
+    from fqexport.demo.task import make_tabular_task
+    from fqexport.demo.training import TrainConfig, train_classifier
 
     train, test = make_tabular_task(n_test=n_test, seed=seed)
     torch.manual_seed(seed)
@@ -242,7 +243,7 @@ def run_variant(model, calib: GroupData, test: GroupData, config: QuantConfig) -
 
 def ort_parity(cm: CompressedModel, test: GroupData, out_dir: Path, stem: str, storages: list[str]) -> tuple[dict[str, GroupMetrics], dict[str, Any]]:
     """Export ``cm`` under each storage and validate the file in ONNX Runtime (optimized)."""
-    from fqexport.exporters.validation import validate
+    from fqexport.validation.gate import validate
 
     metrics, info = {}, {}
     for storage in storages:
@@ -443,9 +444,9 @@ def resnet18_data(n: int = 64, size: int = 64, seed: int = 0) -> GroupData:
 
 
 def bench_resnet18(bits: int, profile: bool, seed: int) -> float:
-    import fqexport.hessian as hessian_mod
-    import fqexport.pipeline as pipeline_mod
-    import fqexport.solver as solver_mod
+    import fqexport.quant.hessian as hessian_mod
+    import fqexport.pipeline.compress as pipeline_mod
+    import fqexport.quant.solver as solver_mod
     from resnet18 import resnet18
 
     model = resnet18(num_classes=10, seed=seed).eval()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fqexport.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GroupData:
@@ -60,8 +62,6 @@ def group_weight_vector(weights, group_names, unknown: str = MSG_UNKNOWN_GROUP) 
     Raises ConfigError with ``unknown`` (a template of {name} and {groups}) for a key that is
     not a group.
     """
-    from fqexport.errors import ConfigError
-
     names = list(group_names)
     v = np.zeros(len(names), dtype=np.float64)
     for key, w in weights.items():

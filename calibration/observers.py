@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from fqexport.errors import ConfigError, DataError
-from fqexport.quant_grid import act_qparams, fake_quantize_act
+from fqexport.quant.grid import act_qparams, fake_quantize_act
 
 logger = logging.getLogger(__name__)
 

@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 
 from fqexport.calibration.sampling import group_balanced_subset
-from fqexport.cli import print_table
+from fqexport.cli.common import print_table
 from fqexport.config import QuantConfig
-from fqexport.demo import save_npz
-from fqexport.demo_models import small_resnet
-from fqexport.demo_task import make_image_task
+from fqexport.demo.run import save_npz
+from fqexport.demo.models import small_resnet
+from fqexport.demo.task import make_image_task
 from fqexport.errors import FqexportError
 from fqexport.exporters.qdq_onnx import export_float
-from fqexport.exporters.reports import write_json
-from fqexport.exporters.validation import Thresholds, validate
-from fqexport.pipeline import compress
-from fqexport.training import TrainConfig, train_classifier
+from fqexport.validation.reports import write_json
+from fqexport.validation.gate import Thresholds, validate
+from fqexport.pipeline.compress import compress
+from fqexport.demo.training import TrainConfig, train_classifier
 
 # (n_train, n_test, image size, epochs, batch size, learning rate, calibration samples, minority fraction)
 FULL = (8000, 2000, 32, 6, 128, 0.1, 512, 0.1)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     save_npz(test, out / "test.npz")
     print(f"data: {len(train)} train / {len(test)} test images {size}x{size}, groups {train.group_names}")
 
-    # 2. a float model (the CLI loads it back as fqexport.demo_models:small_resnet + model.pt).
+    # 2. a float model (the CLI loads it back as fqexport.demo.models:small_resnet + model.pt).
     torch.manual_seed(args.seed)
     model = small_resnet(num_classes=10, in_channels=3)
     model = train_classifier(model, train, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=args.seed),

@@ -21,7 +21,7 @@ MAX_ACC_GAP="${MAX_ACC_GAP:-50}"
 MAX_GROUP_DROP="${MAX_GROUP_DROP:-5}"
 NUM_CALIB="${NUM_CALIB:-128}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-MODEL="fqexport.demo_models:small_resnet"
+MODEL="fqexport.demo.models:small_resnet"
 
 if [[ ! -f "$OUT_DIR/model.pt" ]]; then
     echo "== no checkpoint in $OUT_DIR: making one with the API example (--quick)"

@@ -7,7 +7,6 @@ open the same file both ways and dump the optimized graph to count the kernels O
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -21,7 +20,6 @@ from fqexport.errors import ConfigError, DataError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "fqexport"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
@@ -41,9 +39,6 @@ MSG_INPUTS = (
     "{path}: the model has {n} inputs ({names}); fqexport validates single-input classifiers"
 )
 MSG_RUN = "ONNX Runtime failed on an input of shape {shape}: {err}"
-MSG_BAD_METADATA = (
-    "{path}: metadata_props['fqexport'] is not valid JSON ({err}); re-export the model with fqexport"
-)
 
 # Op types that do the heavy lifting. Integer kernels (what a quantized model should reach)
 # and float ones (a Conv/Gemm/MatMul that fell back to float math).
@@ -228,28 +223,6 @@ def kernel_summary(path: str | Path, provider: str = "cpu", disable: tuple[str, 
     counts.update(_count_ops(model))
     floats = [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
     return dict(sorted(counts.items())), floats
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON under ``metadata_props["fqexport"]`` ({} for models without it)."""
-    import onnx
-
-    path = Path(path)
-    _check_exists(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            try:
-                meta = json.loads(prop.value)
-            except json.JSONDecodeError as err:
-                raise ModelLoadError(MSG_BAD_METADATA.format(path=path, err=err)) from err
-            if not isinstance(meta, dict):
-                raise ModelLoadError(MSG_BAD_METADATA.format(path=path, err="not a JSON object"))
-            return meta
-    return {}
 
 
 def model_files_size(path: str | Path) -> int:

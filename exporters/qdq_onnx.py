@@ -12,29 +12,35 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
+import ml_dtypes
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
+from fqexport.exporters.act_qdq import act_qdq_onnx
+from fqexport.exporters.metadata import write_metadata
+from fqexport.exporters.ort_session import run_batches
 from onnx import TensorProto, helper, numpy_helper
 
+import fqexport.graph.act_quant  # noqa: F401  (registers torch.ops.fqexport.act_qdq)
 from fqexport.atomic import atomic_write
+from fqexport.config import Storage
 from fqexport.errors import ExportError
+from fqexport.metadata import layer_records
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fqexport.pipeline import CompressedModel, QuantizedLayer
+    from fqexport.model import CompressedModel, QuantizedLayer
 
 log = logging.getLogger(__name__)
 
 OPSET = 21
 OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
-METADATA_KEY = "fqexport"
 MIN_AGREEMENT = 0.99
 # Samples whose reference top-2 logits are closer than this fraction of the typical logit
 # spread (median over samples of max - min logit) are near-ties: ORT's kernels round
@@ -78,8 +84,6 @@ class ExportResult:
 
 def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "float") -> onnx.ModelProto:
     """Export ``model`` with a dynamic batch dimension at opset 21, weights inline."""
-    from fqexport.fake_quant import act_qdq_onnx
-
     table = {torch.ops.fqexport.act_qdq.default: act_qdq_onnx}
     sink = io.StringIO()
     # torch.onnx warns once per process that torchvision ops are not registered: not ours.
@@ -111,8 +115,6 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 
 
 def _pack(codes: np.ndarray, container: str) -> TensorProto:
-    import ml_dtypes
-
     if container == "int8":
         return numpy_helper.from_array(codes.astype(np.int8))
     dtype = ml_dtypes.int4 if container == "int4" else ml_dtypes.int2
@@ -228,22 +230,8 @@ def _set_opset(model: onnx.ModelProto, opset: int) -> None:
         model.ir_version = max(model.ir_version, 11)
 
 
-def _set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    for prop in list(model.metadata_props):
-        if prop.key == METADATA_KEY:
-            model.metadata_props.remove(prop)
-    entry = model.metadata_props.add()
-    entry.key = METADATA_KEY
-    entry.value = json.dumps(meta, sort_keys=True)
-    model.producer_name = "fqexport"
-
-
 def _ort_logits(model_bytes: bytes, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits of the optimized ORT CPU session (what deploys) of an in-memory model."""
-    import onnxruntime as ort
-
-    from fqexport.exporters.ort_session import run_batches
-
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -288,20 +276,14 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None =
     """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring."""
     path = Path(path)
     storage = storage or cm.config.storage
-    if storage not in ("auto", "int8", "packed"):
-        raise ExportError(f"storage={storage!r} is not one of auto, int8, packed")
+    if storage not in get_args(Storage):
+        raise ExportError(f"storage={storage!r} is not one of {', '.join(get_args(Storage))}")
     example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
     model = torch_to_onnx(cm.reference, example, what="quantized")
     used = quantize_weight_initializers(model, cm.layers, storage)
     opset = OPSET_INT2 if "int2" in used.values() else OPSET
     _set_opset(model, opset)
-    meta = dict(cm.info)
-    meta.update(
-        storage=storage, opset=opset, input_shape=list(cm.input_shape), num_classes=cm.num_classes,
-        avg_weight_bits=round(cm.avg_weight_bits, 4),
-        layers=[dict(row, storage=used[row["name"]]) for row in cm.layer_table()],
-    )
-    _set_metadata(model, meta)
+    write_metadata(model, replace(cm.metadata, storage=storage, opset=opset, layers=layer_records(cm.layers, used)))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:

@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from pathlib import Path
 
-from .calibration.group_data import GroupData
-from .config import QuantConfig
-from .errors import (
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import load_data
+from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.errors import (
     ConfigError,
     DataError,
     ExportError,
@@ -23,46 +22,45 @@ from .errors import (
     UnsupportedLayerError,
     ValidationFailed,
 )
-from .pipeline import CompressedModel, QuantizedLayer, compress
+from fqexport.exporters.qdq_onnx import ExportResult, export_float
+from fqexport.graph.loading import load_model
+from fqexport.metadata import ExportMetadata
+from fqexport.metrics.group_metrics import GroupMetrics, group_metrics
+from fqexport.model import CompressedModel, QuantizedLayer
+from fqexport.pipeline.compress import compress
+from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_precision
+from fqexport.search.pareto import pareto_sweep
+from fqexport.validation.gate import Thresholds, ValidationReport, validate
+from fqexport.version import __version__
 
 
-def export(cm: CompressedModel, path: str | Path, *, storage: str | None = None, check: bool = True):
+def export(cm: CompressedModel, path: str | Path, *, storage: str | None = None, check: bool = True) -> ExportResult:
     """Write ``cm`` as a QDQ ONNX file (same as ``cm.export``); returns an ExportResult."""
     return cm.export(path, storage=storage, check=check)
-
-
-def validate(model: str | Path, data, **kwargs):
-    """Run an ONNX model in ONNX Runtime on group-labeled data; see exporters.validation.validate."""
-    from .exporters.validation import validate as _validate
-
-    return _validate(model, data, **kwargs)
-
-
-def load_model(spec, weights=None, **kwargs):
-    """Load a float model; see model_loading.load_model."""
-    from .model_loading import load_model as _load_model
-
-    return _load_model(spec, weights, **kwargs)
-
-
-def load_data(spec) -> GroupData:
-    """Read group-labeled data (.npz, CSV manifest, torch Dataset); see calibration.readers."""
-    from .calibration.readers import load_data as _load_data
-
-    return _load_data(spec)
 
 
 __all__ = [
     "__version__",
     "compress",
     "export",
+    "export_float",
     "validate",
+    "search_mixed_precision",
+    "pareto_sweep",
     "load_model",
     "load_data",
+    "group_metrics",
     "CompressedModel",
     "QuantizedLayer",
+    "ExportMetadata",
+    "ExportResult",
+    "MixedPrecisionResult",
     "GroupData",
+    "GroupMetrics",
     "QuantConfig",
+    "MixedPrecisionConfig",
+    "Thresholds",
+    "ValidationReport",
     "FqexportError",
     "ConfigError",
     "DataError",

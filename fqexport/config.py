@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal, Mapping, get_args
 
-from .errors import ConfigError
+from fqexport.errors import ConfigError
 
 SUPPORTED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 Method = Literal["solver", "rtn"]
@@ -14,6 +14,7 @@ SolverTarget = Literal["float-output", "layer"]
 Calibration = Literal["minmax", "percentile", "mse"]
 WeightRange = Literal["x86-safe", "full"]
 Storage = Literal["auto", "int8", "packed"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 def _check_bits(bits: object, where: str) -> None:
@@ -75,6 +76,9 @@ class QuantConfig:
         bn_reestimate: for convs that absorbed a BatchNorm, also re-estimate the BN statistics
             after quantization (a per-channel rescale of the weight scales; codes stay).
         skip_unsupported: leave layers fqexport cannot quantize in float (warn) instead of failing.
+        device: where Hessian collection, the float-output retarget and the solver run:
+            ``"auto"`` (CUDA when ``torch.cuda.is_available()``, else CPU), ``"cpu"`` or ``"cuda"``.
+            Results are written back to CPU tensors either way.
         seed: seed of the calibration subset draw.
     """
 
@@ -96,18 +100,20 @@ class QuantConfig:
     bias_correction: bool = True
     bn_reestimate: bool = True
     skip_unsupported: bool = False
+    device: Device = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_bits(self.weight_bits, "weight_bits")
         for name, bits in dict(self.layer_bits).items():
             _check_bits(bits, f"layer_bits[{name!r}]")
-        _check_choice(self.method, ("solver", "rtn"), "method")
-        _check_choice(self.order, ("sensitivity", "hessian-diag", "natural"), "order")
-        _check_choice(self.solver_target, ("float-output", "layer"), "solver_target")
-        _check_choice(self.calibration, ("minmax", "percentile", "mse"), "calibration")
-        _check_choice(self.weight_range, ("x86-safe", "full"), "weight_range")
-        _check_choice(self.storage, ("auto", "int8", "packed"), "storage")
+        _check_choice(self.method, get_args(Method), "method")
+        _check_choice(self.order, get_args(Order), "order")
+        _check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
+        _check_choice(self.calibration, get_args(Calibration), "calibration")
+        _check_choice(self.weight_range, get_args(WeightRange), "weight_range")
+        _check_choice(self.storage, get_args(Storage), "storage")
+        _check_choice(self.device, get_args(Device), "device")
         if not (0.0 <= float(self.damp) < 10.0):
             raise ConfigError(f"damp={self.damp!r} must be in [0, 10)")
         if int(self.block_size) < 1:
@@ -149,7 +155,7 @@ DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """A fairness-aware mixed-precision search (see fqexport.mixed_precision).
+    """A fairness-aware mixed-precision search (see fqexport.search.mixed_precision).
 
     Exactly one budget is set:
         budget_bits: parameter-weighted average weight bits (e.g. 4.0).
@@ -227,8 +233,8 @@ class MixedPrecisionConfig:
             raise ConfigError(f"{name}={value!r} must be a finite number > 0")
         if name == "budget_bits" and not (2.0 <= float(value) <= 8.0):
             raise ConfigError(f"budget_bits={value!r} must be in [2, 8] (average weight bits)")
-        _check_choice(self.objective, ("worst-group", "mean", "weighted"), "objective")
-        _check_choice(self.sensitivity, ("measured", "fisher"), "sensitivity")
+        _check_choice(self.objective, get_args(MixedObjective), "objective")
+        _check_choice(self.sensitivity, get_args(SensitivityMethod), "sensitivity")
         choices = tuple(self.bit_choices)
         if not choices:
             raise ConfigError("bit_choices must name at least one width from 2 to 8")
@@ -267,4 +273,5 @@ class MixedPrecisionConfig:
 
     @property
     def budget_value(self) -> float:
+        """The value of the budget that is set."""
         return float(next(v for v in (self.budget_bits, self.budget_bytes, self.budget_bops) if v is not None))

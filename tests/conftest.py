@@ -52,7 +52,7 @@ def cnn_files(tmp_path_factory, cnn_model, cnn_data):
 
 def _compress(model, data, **kw):
     from fqexport.config import QuantConfig
-    from fqexport.pipeline import compress
+    from fqexport.pipeline.compress import compress
 
     kw.setdefault("num_calib", 256)
     return compress(model, data, QuantConfig(**kw), progress=False)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fqexport.allocation import (
+from fqexport.search.allocation import (
     Budget,
     LayerCost,
     allocate,
@@ -20,7 +20,7 @@ from fqexport.allocation import (
     resource_used,
 )
 from fqexport.errors import ConfigError
-from fqexport.sensitivity import SensitivityTable
+from fqexport.search.sensitivity import SensitivityTable
 
 BITS = (2, 3, 4, 8)
 GROUPS = ("majority", "minority")

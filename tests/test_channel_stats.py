@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fqexport.channel_stats import ChannelStats
+from fqexport.quant.channel_stats import ChannelStats
 
 
 def _numpy_moments(z_by_group, alpha):

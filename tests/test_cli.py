@@ -216,7 +216,7 @@ def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
 
 
 def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir, monkeypatch):
-    from fqexport.exporters.ort_session import read_metadata
+    from fqexport.exporters.metadata import read_metadata
 
     monkeypatch.chdir(tests_dir)
     metas = {}
@@ -226,8 +226,8 @@ def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir,
         code, _, err = _run(_compress_args(mlp_files, out, "--weight-bits", "4", *extra))
         assert code == 0, err
         metas[target] = read_metadata(str(out))
-    assert metas["layer"]["solver_target"] == "layer"
-    assert metas[None]["solver_target"] == "float-output"
+    assert metas["layer"].solver_target == "layer"
+    assert metas[None].solver_target == "float-output"
     with pytest.raises(SystemExit) as info:
         _run(_compress_args(mlp_files, tmp_path / "x.onnx", "--solver-target", "output"))
     assert info.value.code == 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fqexport.cli as cli
-from fqexport.cli_analyze import add_analyze_parser
+from fqexport.cli.analyze import add_analyze_parser
 from fixtures_models import tabular_task, tiny_mlp
 
 

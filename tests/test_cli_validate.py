@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fqexport.cli_validate import add_validate_parser
+from fqexport.cli.validate import add_validate_parser
 from fqexport.errors import ConfigError, DataError, FqexportError, ModelLoadError
 
 pytest.importorskip("fqexport.calibration.readers", reason="calibration/readers.py not written yet")

@@ -2,16 +2,18 @@
 
 import json
 
-from fqexport.demo import DEMO_MIXED, DEMO_VARIANTS, run_demo
-from fqexport.demo_task import DemoTaskSizes
-from fqexport.training import TrainConfig
+from fqexport.demo.run import DEMO_MIXED, DEMO_VARIANTS, run_demo
+from fqexport.demo.task import DemoTaskSizes
+from fqexport.demo.training import TrainConfig
 
 
-def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
-    rows = run_demo(
+def test_demo_runs_end_to_end_at_toy_size(tmp_path):
+    steps: list[str] = []
+    result = run_demo(
         tmp_path, progress=False, sizes=DemoTaskSizes(n_train=400, n_test=200, size=16, minority_fraction=0.2),
-        train_config=TrainConfig(epochs=1, batch_size=64, lr=0.05), num_calib=64,
+        train_config=TrainConfig(epochs=1, batch_size=64, lr=0.05), num_calib=64, on_step=steps.append,
     )
+    rows = result.rows
     labels = [r.label for r in rows]
     assert labels == ["float", "ORT quantize_static W8A8"] + [label for label, _ in DEMO_VARIANTS] + [DEMO_MIXED[0]]
     for name in ["float.onnx", "model.pt", "calib.npz", "test.npz", "demo_report.json", "demo_report.md"]:
@@ -22,8 +24,9 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
         by_group = row.report.metrics.by_group
         assert set(by_group) == {"majority", "inverted-contrast"}
         assert by_group["inverted-contrast"]["count"] == 40
-    out = capsys.readouterr().out
-    assert "inverted-contrast %" in out and "fqexport W4A8" in out
+    assert [r["model"] for r in result.table] == labels
+    assert all("inverted-contrast %" in r for r in result.table)
+    out = "\n".join(steps)
     # the mixed-precision row's file holds an allocation within its 3-bit average budget
     import onnx
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.demo_models import MLP, SmallResNet, mlp, small_resnet
-from fqexport.demo_task import (
+from fqexport.demo.models import MLP, SmallResNet, mlp, small_resnet
+from fqexport.demo.task import (
     IMAGE_GROUPS,
     NUM_IMAGE_CLASSES,
     TABULAR_GROUPS,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.diagnostics import (
+from fqexport.metrics.diagnostics import (
     FLOAT_VARIANT,
     ROW_COLUMNS,
     analyze,

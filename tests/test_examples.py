@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if "analyze" not in sub.choices:
-        from fqexport.cli_analyze import add_analyze_parser
+        from fqexport.cli.analyze import add_analyze_parser
 
         add_analyze_parser(sub)
     return parser
@@ -201,7 +201,7 @@ def test_cli_example_commands_parse_with_the_real_cli():
     text = (EXAMPLES / "cli_example.sh").read_text()
     assert "set -euo pipefail" in text
     assert subprocess.run(["bash", "-n", str(EXAMPLES / "cli_example.sh")]).returncode == 0
-    variables = {"FQEXPORT": "fqexport", "MODEL": "fqexport.demo_models:small_resnet", "OUT_DIR": "out",
+    variables = {"FQEXPORT": "fqexport", "MODEL": "fqexport.demo.models:small_resnet", "OUT_DIR": "out",
                  "NUM_CALIB": "128", "MIN_WORST_GROUP_ACC": "5", "MAX_ACC_GAP": "50", "MAX_GROUP_DROP": "5"}
     commands = fqexport_commands(text, variables)
     parser = _parser()

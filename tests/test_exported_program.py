@@ -9,9 +9,9 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.model_graph import fold_batchnorm, quantizable_layers, trace
-from fqexport.model_loading import load_model
-from fqexport.pipeline import compress
+from fqexport.graph.prepare import fold_batchnorm, quantizable_layers, trace
+from fqexport.graph.loading import load_model
+from fqexport.pipeline.compress import compress
 
 
 class ConvBnLinear(nn.Module):

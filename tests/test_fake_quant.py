@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fqexport.calibration.observers import make_observer
-from fqexport.fake_quant import ActQuantizer, GroupContext, act_qdq, insert_act_quantizers
-from fqexport.model_graph import trace
+from fqexport.graph.act_quant import ActQuantizer, GroupContext, act_qdq, insert_act_quantizers
+from fqexport.graph.prepare import trace
 
 
 def _minmax():
@@ -161,7 +161,7 @@ def test_act_qdq_equals_torch_fake_quantize(scale, zp):
 
 
 def test_straight_through_estimator_of_act_qdq_matches_torch_fake_quantize():
-    from fqexport.fake_quant import act_qdq
+    from fqexport.graph.act_quant import act_qdq
 
     x = torch.linspace(-3.0, 3.0, 41, requires_grad=True)
     scale, zp = 0.02, 100  # representable range [-2.0, 3.1]

@@ -1,4 +1,4 @@
-"""Tests of fqexport.group_metrics: numbers checked against hand counts and numpy."""
+"""Tests of fqexport.metrics.group_metrics: numbers checked against hand counts and numpy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fqexport.errors import DataError
-from fqexport.group_metrics import agreement, cross_entropy, group_metrics
+from fqexport.metrics.group_metrics import agreement, cross_entropy, group_metrics
 
 
 def _ce(logits, y):

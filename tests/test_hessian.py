@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
-from fqexport.hessian import HessianAccumulator, collect_hessians
+from fqexport.quant.hessian import HessianAccumulator, collect_hessians
 
 
 def _explicit_conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fqexport.errors import ConfigError
-from fqexport.knapsack import discretize, solve, solve_real
+from fqexport.quant.knapsack import discretize, solve, solve_real
 
 
 def brute_force(costs, weights, capacity):

@@ -10,23 +10,21 @@ import numpy as np
 import onnx
 import pytest
 
-from fqexport.allocation import Allocation, Budget, candidate_allocations, resource_used
+from fqexport.search.allocation import Allocation, Budget, candidate_allocations, resource_used
 from fqexport.calibration.sampling import split_holdout, stratified_folds
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.errors import ConfigError
-from fqexport.group_metrics import group_metrics
-from fqexport.mixed_precision import (
+from fqexport.metrics.group_metrics import group_metrics
+from fqexport.search.mixed_precision import Candidate, _selection_key, search_mixed_precision
+from fqexport.search.pareto import (
     PARETO_FIELDS,
-    Candidate,
     ParetoPoint,
-    _selection_key,
     pareto_sweep,
     plot_pareto,
-    search_mixed_precision,
     write_pareto_csv,
     write_pareto_json,
 )
-from fqexport.pipeline import compress
+from fqexport.pipeline.compress import compress
 
 BASE = QuantConfig(num_calib=128, batch_size=128)
 
@@ -96,7 +94,7 @@ def test_table_and_metadata(search):
     for r in rows:
         assert r["bits"] == search.allocation.bits[r["name"]]
         assert r["sensitivity"] == pytest.approx(search.sensitivity.at(r["name"], r["bits"]).max())
-    info = search.compressed.info["allocation"]
+    info = search.compressed.metadata.allocation
     assert info["objective"] == "worst-group"
     assert info["budget"] == {"kind": "bits", "value": 3.0}
     assert [r["bits"] for r in info["table"]] == [r["bits"] for r in rows]
@@ -163,7 +161,7 @@ def _with_losses(c: Candidate, losses: np.ndarray, score: float) -> Candidate:
 
 
 def test_measured_best_must_beat_the_predicted_best_beyond_noise():
-    from fqexport.mixed_precision import _significantly_better
+    from fqexport.search.mixed_precision import _significantly_better
 
     groups = ("a", "b")
     group = np.repeat([0, 1], 10)
@@ -187,7 +185,7 @@ def test_measured_best_must_beat_the_predicted_best_beyond_noise():
 def test_refit_quantizes_the_winner_on_all_calibration_data(mlp_model, mlp_data, search):
     plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(search.allocation.bits)), progress=False)
     np.testing.assert_array_equal(search.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
-    assert search.compressed.info["allocation"]["refit"] is True
+    assert search.compressed.metadata.allocation["refit"] is True
     assert search.seconds["refit"] > 0
 
 
@@ -202,7 +200,7 @@ def test_verify_flags_and_no_refit(mlp_model, mlp_data, search):
     _, held_out = split_holdout(mlp_data, mp.holdout_fraction, seed=mp.seed)
     m = group_metrics(res.compressed.predict(held_out.x), held_out.y, held_out.group, held_out.group_names)
     assert m.by_group == res.chosen.metrics.by_group
-    assert "refit" not in res.seconds and res.compressed.info["allocation"]["refit"] is False
+    assert "refit" not in res.seconds and res.compressed.metadata.allocation["refit"] is False
 
 
 def test_cross_fitted_verification_holds_out_every_sample_once(mlp_model, mlp_data, search):

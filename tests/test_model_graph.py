@@ -10,7 +10,7 @@ from torch import nn
 
 import fixtures_models as fm
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
-from fqexport.model_graph import (
+from fqexport.graph.prepare import (
     check_supported,
     count_macs,
     fold_batchnorm,
@@ -95,7 +95,7 @@ def test_reflect_padding_conv_is_unsupported():
 
 
 def test_skip_unsupported_returns_names_and_warns(caplog):
-    with caplog.at_level("WARNING", logger="fqexport.model_graph"):
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
         skipped = check_supported(trace(WithLayerNorm()), skip_unsupported=True)
     assert skipped == {"norm"}
     assert "layer 'norm' (LayerNorm) is not supported and stays in float" in caplog.text

@@ -7,7 +7,7 @@ import torch
 
 import fixtures_models as fm
 from fqexport.errors import ModelLoadError
-from fqexport.model_loading import load_model, load_state_dict_file
+from fqexport.graph.loading import load_model, load_state_dict_file
 
 
 def _same_outputs(a, b, data, atol=0.0):

@@ -15,7 +15,7 @@ from fqexport.calibration.observers import (
     make_observer,
 )
 from fqexport.errors import ConfigError, DataError
-from fqexport.quant_grid import act_qparams
+from fqexport.quant.grid import act_qparams
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from fqexport.errors import ConfigError, ModelLoadError
-from fqexport.exporters.latency import measure_latency
+from fqexport.validation.latency import measure_latency
 from fqexport.exporters.ort_session import (
     fused_kernels,
     input_shape,
     kernel_summary,
     make_session,
     model_files_size,
-    read_metadata,
     run_batches,
 )
 
@@ -107,8 +106,6 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
         make_session(bad)
     with pytest.raises(ModelLoadError, match=r"nope\.onnx does not exist"):
         make_session(tmp_path / "nope.onnx")
-    with pytest.raises(ModelLoadError, match=r"broken\.onnx"):
-        read_metadata(bad)
 
 
 def test_unknown_provider_is_config_error(models):
@@ -128,19 +125,6 @@ def test_cuda_session_runs(models):
     s = make_session(d / "float.onnx", provider="cuda")
     np.testing.assert_allclose(run_batches(s, x, 16), ref, rtol=1e-3, atol=1e-3)
 
-
-def test_read_metadata_absent_and_present(models, tmp_path):
-    d, _, _ = models
-    assert read_metadata(d / "float.onnx") == {}
-    m = onnx.load(str(d / "qdq.onnx"))
-    meta = {"fqexport_version": "0.1.0", "layers": [{"name": "fc1", "bits": 4, "params": 10, "macs": 10}]}
-    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
-    onnx.save(m, str(tmp_path / "meta.onnx"))
-    assert read_metadata(tmp_path / "meta.onnx") == meta
-    onnx.helper.set_model_props(m, {"fqexport": "{not json"})
-    onnx.save(m, str(tmp_path / "badmeta.onnx"))
-    with pytest.raises(ModelLoadError, match="not valid JSON"):
-        read_metadata(tmp_path / "badmeta.onnx")
 
 
 def test_model_files_size_counts_external_data(models, tmp_path):

@@ -14,7 +14,8 @@ from conftest import MIXED_BITS
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
-from fqexport.pipeline import CompressedModel, compress
+from fqexport.model import CompressedModel
+from fqexport.pipeline.compress import compress
 
 ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
 
@@ -61,8 +62,8 @@ def test_compressed_model_fields(cnn_cm8, cnn_data):
     assert cnn_cm8.input_shape == (3, 16, 16) and cnn_cm8.num_classes == 4
     assert len(cnn_cm8.calib) == 256
     assert cnn_cm8.avg_weight_bits == 8.0
-    assert cnn_cm8.info["group_weights"] == [0.5, 0.5]  # default: each group counts equally
-    assert cnn_cm8.info["num_calib"] == 256 and cnn_cm8.info["skipped_layers"] == []
+    assert list(cnn_cm8.metadata.group_weights) == [0.5, 0.5]  # default: each group counts equally
+    assert cnn_cm8.metadata.num_calib == 256 and list(cnn_cm8.metadata.skipped_layers) == []
 
 
 def test_4bit_has_larger_weight_error_than_8bit(cnn_cm8, cnn_cm4):
@@ -150,13 +151,13 @@ def test_bias_correction_reduces_mean_output_shift(cnn_model, cnn_data):
 
 def test_group_weights_by_name(cnn_model, cnn_data):
     cm = _compress(cnn_model, cnn_data, method="rtn", group_weights={"majority": 1.0, "minority": 3.0})
-    assert cm.info["group_weights"] == [0.25, 0.75]
+    assert list(cm.metadata.group_weights) == [0.25, 0.75]
 
 
 def test_group_weights_samples(cnn_model, cnn_data):
     cm = _compress(cnn_model, cnn_data, method="rtn", group_weights="samples")
     counts = cnn_data.group_counts()  # the user's data, not the balanced subset compress draws
-    assert cm.info["group_weights"] == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
+    assert list(cm.metadata.group_weights) == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
 
 
 def test_group_weights_unknown_group(cnn_model, cnn_data):
@@ -194,7 +195,7 @@ def test_unsupported_layer_fails_and_skip_leaves_it_float(mlp_data):
     with pytest.raises(UnsupportedLayerError, match=r"layer 'norm' \(LayerNorm\) cannot be quantized"):
         _compress(net, mlp_data)
     cm = _compress(net, mlp_data, skip_unsupported=True)
-    assert list(cm.layers) == ["fc1", "fc2"] and cm.info["skipped_layers"] == ["norm"]
+    assert list(cm.layers) == ["fc1", "fc2"] and list(cm.metadata.skipped_layers) == ["norm"]
     assert torch.equal(cm.reference.norm.weight, net.norm.weight)
 
 

@@ -17,7 +17,7 @@ from fqexport.errors import ExportError
 from fqexport.exporters import qdq_onnx
 from fqexport.exporters.ort_session import fused_kernels, make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_float, export_qdq
-from fqexport.pipeline import compress
+from fqexport.pipeline.compress import compress
 
 ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
 

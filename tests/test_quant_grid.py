@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fqexport.quant_grid import (
+from fqexport.quant.grid import (
     ACT_QMAX,
     WeightGrid,
     act_qparams,

@@ -8,10 +8,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from fqexport.exporters.latency import LatencyResult
-from fqexport.exporters.reports import write_json, write_junit, write_markdown, write_plots
-from fqexport.exporters.validation import Thresholds, ValidationReport, run_checks
-from fqexport.group_metrics import group_metrics
+from fqexport.validation.latency import LatencyResult
+from fqexport.validation.reports import write_json, write_junit, write_markdown, write_plots
+from fqexport.validation.gate import Thresholds, ValidationReport, run_checks
+from fqexport.metrics.group_metrics import group_metrics
 
 
 @pytest.fixture()

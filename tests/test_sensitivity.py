@@ -11,7 +11,7 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError
-from fqexport.sensitivity import (
+from fqexport.search.sensitivity import (
     SensitivityCache,
     SensitivityTable,
     fisher_delta,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fqexport.errors import ConfigError
-from fqexport.quant_grid import WeightGrid, choose_weight_grid, weight_qmax
-from fqexport.solver import (
+from fqexport.quant.grid import WeightGrid, choose_weight_grid, weight_qmax
+from fqexport.quant.solver import (
     DampingIncreasedWarning,
     HessianNotPositiveDefinite,
     choose_solver_grid,
@@ -207,7 +207,7 @@ def test_equal_group_weighting_protects_the_minority_group():
     group weights give the minority a lower layer error than plain sample weighting."""
     from torch import nn
 
-    from fqexport.hessian import HessianAccumulator
+    from fqexport.quant.hessian import HessianAccumulator
 
     g = torch.Generator().manual_seed(7)
     cols = 48

@@ -20,8 +20,8 @@ from torch import nn
 import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.pipeline import compress
-from fqexport.quant_grid import weight_qmax
+from fqexport.pipeline.compress import compress
+from fqexport.quant.grid import weight_qmax
 
 MLP_LAYERS = ("fc1", "fc2", "fc3")
 MIXED = {"fc1": 3, "fc2": 6, "fc3": 2}
@@ -39,7 +39,7 @@ def _output_mse(cm, x: np.ndarray) -> float:
 
 def _weights_only_mse(cm, x: np.ndarray) -> float:
     """:func:`_output_mse` with every activation quantization point passing values through."""
-    from fqexport.fake_quant import ActQuantizer
+    from fqexport.graph.act_quant import ActQuantizer
 
     points = [m for m in cm.reference.modules() if isinstance(m, ActQuantizer)]
     assert points
@@ -123,7 +123,7 @@ class _HessianSpy:
     """Records the Hessian the pipeline hands to the solver, layer by layer."""
 
     def __init__(self, monkeypatch) -> None:
-        import fqexport.solver as solver
+        import fqexport.pipeline.compress as solver  # the layer loop's binding of solve_layer
 
         self.hessians: list[torch.Tensor] = []
         real = solver.solve_layer
@@ -156,7 +156,7 @@ def test_solver_has_lower_output_error_than_rtn_at_3_bits(mlp_model, mlp_data):
     # and the layers really differ: the solver moved codes away from nearest rounding
     diff = sum(int((solver.layers[n].codes != rtn.layers[n].codes).sum()) for n in MLP_LAYERS)
     assert diff > 0
-    assert solver.info["method"] == "solver" and solver.info["order"] == "sensitivity"
+    assert solver.metadata.method == "solver" and solver.metadata.order == "sensitivity"
 
 
 def test_solver_export_matches_pytorch_in_onnx_runtime(mlp_mixed, mlp_mixed_export, mlp_data):
@@ -244,8 +244,8 @@ def test_group_weights_reach_the_hessian_when_groups_are_imbalanced(monkeypatch,
     assert torch.allclose(spy_eq.hessians[0], want_eq, rtol=1e-4, atol=1e-4)
     assert torch.allclose(spy_s.hessians[0], want_s, rtol=1e-4, atol=1e-4)
     assert (spy_eq.hessians[0] - spy_s.hessians[0]).abs().max() > 0.1 * want_s.abs().max()
-    assert equal.info["group_weights"] == [0.5, 0.5]
-    assert samples.info["group_weights"] == pytest.approx(list(p), abs=1e-6)
+    assert list(equal.metadata.group_weights) == [0.5, 0.5]
+    assert list(samples.metadata.group_weights) == pytest.approx(list(p), abs=1e-6)
 
     # the result differs, and the minority's layer error is lower when it counts as much
     assert not torch.equal(equal.layers["fc1"].codes, samples.layers["fc1"].codes)
@@ -264,8 +264,8 @@ def test_sample_weights_follow_the_calibration_population(mlp_model):
     share = calib.group_counts() / len(calib)
     samples = _compress(mlp_model, calib, weight_bits=3, num_calib=200, group_weights="samples")
     equal = _compress(mlp_model, calib, weight_bits=3, num_calib=200)
-    assert equal.info["group_weights"] == [0.5, 0.5]
-    assert samples.info["group_weights"] == pytest.approx(list(share), abs=1e-3)
+    assert list(equal.metadata.group_weights) == [0.5, 0.5]
+    assert list(samples.metadata.group_weights) == pytest.approx(list(share), abs=1e-3)
 
 
 @pytest.mark.parametrize("fixture", ["mlp", "convbn"])
@@ -277,7 +277,7 @@ def test_float_output_target_lowers_the_model_output_error(request, fixture):
     kw = dict(weight_bits=3, num_calib=128)
     layer = _compress(model, data, solver_target="layer", **kw)
     target = _compress(model, data, **kw)
-    assert target.info["solver_target"] == "float-output" and layer.info["solver_target"] == "layer"
+    assert target.metadata.solver_target == "float-output" and layer.metadata.solver_target == "layer"
     # the first layer sees the raw input (no upstream error): identical codes either way
     first = next(iter(target.layers))
     assert torch.equal(target.layers[first].codes, layer.layers[first].codes)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.demo_models import MLP, SmallResNet
-from fqexport.demo_task import make_image_task, make_tabular_task
+from fqexport.demo.models import MLP, SmallResNet
+from fqexport.demo.task import make_image_task, make_tabular_task
 from fqexport.errors import ConfigError, DataError
-from fqexport.training import (
+from fqexport.demo.training import (
     DEMO_TASK_SIZES,
     DEMO_TRAIN,
     TrainConfig,
@@ -92,7 +92,7 @@ def test_time_budget_stops_early(caplog):
     train, _ = make_tabular_task(n_train=256, n_test=10, n_features=4, seed=0)
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=1000, batch_size=16, max_seconds=0.2)
-    with caplog.at_level(logging.WARNING, logger="fqexport.training"):
+    with caplog.at_level(logging.WARNING, logger="fqexport.demo.training"):
         model = train_classifier(MLP(4, 4, hidden=8), train, cfg, progress=False)
     assert not model.training
     assert "max_seconds=0.2 reached" in caplog.text

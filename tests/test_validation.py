@@ -12,7 +12,7 @@ import torch
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.ort_session import make_session, run_batches
-from fqexport.exporters.validation import Thresholds, pepr_score, validate
+from fqexport.validation.gate import Thresholds, pepr_score, validate
 
 
 class CNN(torch.nn.Module):
@@ -143,7 +143,7 @@ def test_fake_metadata_gives_avg_bits_and_bops(setup, tmp_path):
     r = validate(tmp_path / "meta.onnx", data, measure_latency=False, kernel_check=False)
     assert r.avg_weight_bits == pytest.approx((8 * 36 + 4 * 144 + 2 * 432) / 612)
     assert r.bops == 8 * 8 * 1296 + 4 * 8 * 5184 + 2 * 8 * 432
-    assert r.resource_source == "metadata" and r.metadata["method"] == "solver"
+    assert r.resource_source == "metadata" and r.metadata.method == "solver"
 
 
 def test_bad_data_raises_specific_errors(setup):

@@ -1,0 +1,47 @@
+"""Metadata I/O: ``ExportMetadata`` into and out of an ONNX file's ``metadata_props``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from fqexport.errors import ModelLoadError
+from fqexport.metadata import METADATA_KEY, ExportMetadata
+
+MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
+MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
+
+
+def write_metadata(model: onnx.ModelProto, meta: ExportMetadata) -> None:
+    """Set ``metadata_props["fqexport"]`` of ``model`` (in place) to ``meta`` as JSON."""
+    for prop in list(model.metadata_props):
+        if prop.key == METADATA_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = meta.to_json()
+    model.producer_name = "fqexport"
+
+
+def metadata_of(model: onnx.ModelProto, source: str = "<model>") -> ExportMetadata | None:
+    """The ``ExportMetadata`` of an in-memory model; ``None`` for models fqexport did not write."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return ExportMetadata.from_json(prop.value, source)
+    return None
+
+
+def read_metadata(path: str | Path) -> ExportMetadata | None:
+    """The ``ExportMetadata`` of the ONNX file at ``path`` (``None`` without fqexport metadata).
+
+    Raises ModelLoadError for a missing or unreadable file and for malformed or newer metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(MSG_NO_FILE.format(path=path))
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
+    return metadata_of(model, str(path))

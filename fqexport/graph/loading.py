@@ -1,0 +1,152 @@
+"""Loading a user's float model: ``module:factory`` + state_dict, a ``torch.export`` ``.pt2``
+program, or (only when trusted) a pickled whole module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fqexport.errors import ModelLoadError
+from fqexport.graph.exported_program import lift_exported_modules
+
+log = logging.getLogger(__name__)
+
+MSG_SPEC = (
+    "model spec {spec!r} is neither 'package.module:factory' nor a .pt2 file "
+    "(a pickled module needs trust_pickle=True / --trust-pickle)"
+)
+MSG_PICKLE = (
+    "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
+    "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
+)
+
+
+def _import_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelLoadError(MSG_SPEC.format(spec=spec))
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # let users name modules of their working directory
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise ModelLoadError(f"cannot import module '{module_name}' of model spec {spec!r}: {err}") from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelLoadError(f"module '{module_name}' has no attribute '{attr}' (model spec {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelLoadError(f"'{spec}' is not callable; it must be a factory returning an nn.Module")
+    return obj
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ModelLoadError(
+        f"{path}: not a state_dict (expected a dict of parameter name -> tensor, "
+        f"or one under 'state_dict'/'model_state_dict')"
+    )
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)`` with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{path}: cannot read checkpoint with torch.load(weights_only=True): {err}") from err
+    return _state_dict_of(obj, path)
+
+
+def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:5]}" + (" …" if len(missing) > 5 else ""))
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:5]}" + (" …" if len(unexpected) > 5 else ""))
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    return ", ".join(parts)
+
+
+def load_model(
+    spec: str | nn.Module,
+    weights: str | Path | None = None,
+    *,
+    trust_pickle: bool = False,
+    factory_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Load a float model in eval mode.
+
+    Args:
+        spec: ``"package.module:factory"``, a ``.pt2`` file from ``torch.export.save``, a
+            pickled ``nn.Module`` file (needs ``trust_pickle``), or an ``nn.Module``.
+        weights: a state_dict file for the factory (``torch.load(weights_only=True)``).
+        trust_pickle: allow unpickling a whole module (runs code from the file).
+        factory_kwargs: keyword arguments of the factory.
+    """
+    if isinstance(spec, nn.Module):
+        model = spec
+    elif str(spec).endswith(".pt2"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: .pt2 file not found")
+        try:
+            model = torch.export.load(str(path)).module()
+        except Exception as err:
+            raise ModelLoadError(f"{path}: cannot load torch.export program: {err}") from err
+        model = lift_exported_modules(model)
+    elif ":" in str(spec) and not Path(str(spec)).is_file():
+        factory = _import_factory(str(spec))
+        try:
+            model = factory(**(factory_kwargs or {}))
+        except Exception as err:
+            raise ModelLoadError(f"factory '{spec}' failed: {type(err).__name__}: {err}") from err
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"factory '{spec}' returned {type(model).__name__}, not an nn.Module")
+    elif Path(str(spec)).is_file():
+        path = Path(str(spec))
+        if not trust_pickle:
+            raise ModelLoadError(MSG_PICKLE.format(path=path))
+        try:
+            model = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ModelLoadError(f"{path}: cannot unpickle a model: {err}") from err
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"{path}: holds {type(model).__name__}, not an nn.Module")
+    else:
+        raise ModelLoadError(MSG_SPEC.format(spec=spec))
+
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            detail = _describe_mismatch(model, state) or str(err)
+            raise ModelLoadError(f"{weights}: state_dict does not match the model from {spec!r}: {detail}") from err
+    return model.eval()

@@ -1,0 +1,127 @@
+"""``ExportMetadata``: the one typed, versioned record that compress, the exporter, the search
+and the CI gate share. It travels inside each ONNX file as JSON under ``metadata_props["fqexport"]``.
+
+``compress`` fills the provenance fields, the exporter adds what it wrote (storage, opset, the
+layer table with each layer's container), the mixed-precision search adds its allocation, and
+``validate`` reads it back. Readers refuse a newer schema than they know, with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from fqexport.errors import ModelLoadError
+
+METADATA_KEY = "fqexport"
+METADATA_VERSION = 1
+# Activations are quantized to uint8 everywhere (ORT's fused integer kernels need 8 bits).
+ACTIVATION_BITS = 8
+
+MSG_NEWER = (
+    "{source}: its fqexport metadata has schema version {version}, newer than this fqexport "
+    "understands ({known}): upgrade fqexport to read it"
+)
+MSG_BAD_VERSION = "{source}: fqexport metadata schema_version={version!r} is not a positive integer"
+MSG_BAD_FIELD = "{source}: fqexport metadata field {field!r} is invalid: {err}"
+MSG_NOT_OBJECT = "{source}: fqexport metadata is not a JSON object"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One quantized layer as written: width, size, work, and the container of its codes."""
+
+    name: str
+    kind: str
+    bits: int
+    params: int
+    macs: int = 0
+    storage: str | None = None  # int8 | int4 | int2 once exported
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """Provenance and resources of a compressed model (see the module docstring).
+
+    ``layers`` lists the quantized layers; ``allocation`` is the mixed-precision search's record
+    (``None`` for uniform widths); ``storage``/``opset`` are set by the exporter.
+    """
+
+    fqexport_version: str
+    method: str
+    order: str | None = None
+    solver_target: str | None = None
+    calibration: str = "minmax"
+    weight_range: str = "x86-safe"
+    activation_bits: int = ACTIVATION_BITS
+    num_calib: int = 0
+    group_names: tuple[str, ...] = ()
+    group_weights: tuple[float, ...] = ()
+    skipped_layers: tuple[str, ...] = ()
+    layers: tuple[LayerRecord, ...] = ()
+    input_shape: tuple[int, ...] = ()
+    num_classes: int | None = None
+    avg_weight_bits: float | None = None
+    storage: str | None = None
+    opset: int | None = None
+    allocation: Mapping[str, Any] | None = None
+    schema_version: int = METADATA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples as lists)."""
+        d = asdict(self)
+        d["layers"] = [asdict(l) for l in self.layers]
+        for k in ("group_names", "group_weights", "skipped_layers", "input_shape"):
+            d[k] = list(d[k])
+        d["allocation"] = dict(self.allocation) if self.allocation is not None else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "<metadata>") -> "ExportMetadata":
+        """Parse a dict written by ``to_dict``; unknown keys of the same schema are ignored.
+
+        A file without ``schema_version`` predates versioning and is read as version 1.
+        Raises ModelLoadError naming ``source`` for a newer schema or a malformed field.
+        """
+        if not isinstance(d, Mapping):
+            raise ModelLoadError(MSG_NOT_OBJECT.format(source=source))
+        version = d.get("schema_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ModelLoadError(MSG_BAD_VERSION.format(source=source, version=version))
+        if version > METADATA_VERSION:
+            raise ModelLoadError(MSG_NEWER.format(source=source, version=version, known=METADATA_VERSION))
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        try:
+            kw["layers"] = tuple(LayerRecord(**l) for l in kw.get("layers") or ())
+            for k in ("group_names", "skipped_layers"):
+                kw[k] = tuple(str(v) for v in kw.get(k) or ())
+            kw["group_weights"] = tuple(float(v) for v in kw.get("group_weights") or ())
+            kw["input_shape"] = tuple(int(v) for v in kw.get("input_shape") or ())
+            kw["schema_version"] = version
+            return cls(**kw)
+        except (TypeError, ValueError) as err:
+            bad = next((k for k in ("layers", "group_weights", "input_shape") if k in str(err)), "layers")
+            raise ModelLoadError(MSG_BAD_FIELD.format(source=source, field=bad, err=err)) from err
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<metadata>") -> "ExportMetadata":
+        """Parse ``to_json`` output; a ModelLoadError names ``source`` when it is not valid JSON."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"{source}: fqexport metadata is not valid JSON: {err}") from err
+        return cls.from_dict(d, source)
+
+
+def layer_records(layers: Mapping[str, Any], storage: Mapping[str, str] | None = None) -> tuple[LayerRecord, ...]:
+    """``LayerRecord``s of quantized layers (objects with name, kind, bits, params, macs)."""
+    return tuple(
+        LayerRecord(l.name, l.kind, int(l.bits), int(l.params), int(l.macs),
+                    None if storage is None else storage.get(l.name))
+        for l in layers.values()
+    )

@@ -1,0 +1,1 @@
+"""Per-group metrics (one object everywhere) and disparity diagnostics."""

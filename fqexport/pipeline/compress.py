@@ -1,0 +1,363 @@
+"""The compress workflow: load & check → fold BN → quantize weights layer by layer (solver or
+RTN, on inputs from the already-quantized prefix) → bias correction / BN re-estimation →
+group-aware activation calibration → a fake-quant PyTorch reference ready for export.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from fqexport.calibration.group_data import GroupData, group_weight_vector
+from fqexport.calibration.observers import make_observer
+from fqexport.calibration.readers import check_labels, load_data
+from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.config import QuantConfig
+from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
+from fqexport.graph.act_quant import insert_act_quantizers
+from fqexport.graph.prepare import (
+    LayerInfo,
+    check_supported,
+    count_macs,
+    fold_batchnorm,
+    quantizable_layers,
+    trace,
+)
+from fqexport.metadata import ExportMetadata, layer_records
+from fqexport.model import CompressedModel, QuantizedLayer
+from fqexport.quant.channel_stats import ChannelStats
+from fqexport.quant.grid import as_rows, choose_weight_grid, quantize
+from fqexport.quant.hessian import HessianAccumulator
+from fqexport.quant.solver import (
+    DampingIncreasedWarning,
+    compensate_input_error,
+    solve_conv_groups,
+    solve_layer,
+)
+from fqexport.version import __version__
+
+log = logging.getLogger(__name__)
+
+# Limits of the per-channel rescale applied by BN re-estimation (σ_float / σ_quant).
+_RESCALE_MIN, _RESCALE_MAX = 0.5, 2.0
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor:
+    """α per group id: equal per group (default), by sample count, or as the user gave."""
+    g = data.num_groups
+    gw = config.group_weights
+    if gw is None:
+        return torch.full((g,), 1.0 / g, dtype=torch.float64)
+    if gw == "samples":
+        counts = torch.as_tensor(data.group_counts(), dtype=torch.float64)
+        return counts / counts.sum()
+    alpha = torch.from_numpy(group_weight_vector(gw, data.group_names))
+    return alpha / alpha.sum()
+
+
+def _batches(data: GroupData, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, _, g in data.batches(batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(g)
+
+
+def _run_to(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """``(inputs, output)`` of ``module``'s call when ``model`` runs on ``x``; the forward pass
+    stops right after ``module`` (nothing later is needed)."""
+    seen: list[tuple[tuple, torch.Tensor]] = []
+
+    def hook(mod, inputs, output):
+        seen.append((inputs, output))
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _run_until(model: nn.Module, module: nn.Module, data: GroupData, batch_size: int, device, on_batch) -> None:
+    """Run calibration batches; ``on_batch(inputs, output, group)`` sees ``module``'s call."""
+    for x, g in _batches(data, batch_size, device):
+        on_batch(*_run_to(model, module, x), g)
+
+
+def _channel_dim(kind: str) -> int:
+    return 1 if kind == "conv" else -1
+
+
+def _float_targets(
+    model: nn.Module, layers: list[LayerInfo], data: GroupData, batch_size: int, device
+) -> dict[str, ChannelStats]:
+    """Per-group output statistics of every layer of the float model, in one pass."""
+    modules = dict(model.named_modules())
+    stats = {l.name: ChannelStats(data.num_groups, _channel_dim(l.kind)) for l in layers}
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for l in layers:
+        def hook(mod, inputs, output, name=l.name):
+            stats[name].add(output, current["group"])
+
+        handles.append(modules[l.name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x, g in _batches(data, batch_size, device):
+                current["group"] = g
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _layer_moments(
+    model, module, data, batch_size, device, alpha, float_pair: tuple[nn.Module, nn.Module] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Group-weighted Hessian H = Σ_g α_g 2 X_g X_gᵀ / N_g of ``module``'s inputs from the
+    quantized prefix, and with ``float_pair = (float model, its copy of module)`` also the cross
+    moment C = Σ_g α_g 2 X_{f,g} X_gᵀ / N_g against the float model's inputs."""
+    acc = HessianAccumulator(module, data.num_groups, cross=float_pair is not None)
+    for x, g in _batches(data, batch_size, device):
+        x_float = None if float_pair is None else _run_to(*float_pair, x)[0][0]
+        acc.add(_run_to(model, module, x)[0][0], g, x_float)
+    cross = None if float_pair is None else acc.cross_moment(alpha.float())
+    return acc.hessian(alpha.float()), cross
+
+
+def _quantize_weight(
+    module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Integer codes (weight shape) and per-channel scales of one layer's weight.
+
+    ``hessian`` is ``[cols, cols]`` (or ``[conv groups, cols, cols]`` for grouped convs);
+    ``None`` means round to nearest.
+    """
+    w = module.weight.detach()
+    rows = as_rows(w).float()
+    column_weight = torch.diagonal(hessian) if hessian is not None and hessian.dim() == 2 else None
+    grid = choose_weight_grid(
+        rows, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
+        column_weight=column_weight,
+    )
+    if hessian is None:
+        return quantize(rows, grid.scale, grid.qmax, grid.qmin).reshape(w.shape), grid.scale, grid.qmax
+    options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DampingIncreasedWarning)
+        if hessian.dim() == 3:
+            result = solve_conv_groups(rows, hessian, grid, **options)
+        else:
+            result = solve_layer(rows, hessian, grid, **options)
+    if result.retries:
+        log.warning(
+            "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
+            "(consider more calibration samples)", info.name, config.damp, result.damp_used,
+        )
+    for w_ in caught:
+        if not issubclass(w_.category, DampingIncreasedWarning):
+            warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
+    return result.codes.reshape(w.shape), grid.scale, grid.qmax
+
+
+def _retarget_to_float_output(
+    module: nn.Module, info: LayerInfo, hessian: torch.Tensor, cross: torch.Tensor, damp: float
+) -> None:
+    """Replace ``module``'s weight by W* = W C H⁻¹ (ridge toward W): solving W* with H then
+    fits the float model's output rather than W's output on the already-quantized inputs."""
+    w = module.weight.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = compensate_input_error(as_rows(w).float(), hessian, cross, damp=damp)
+    change = float((target - as_rows(w)).norm() / as_rows(w).norm().clamp_min(1e-12))
+    log.debug("layer '%s': float-output target moves the weight by %.3g (relative)", info.name, change)
+    with torch.no_grad():
+        module.weight.copy_(target.reshape(w.shape).to(w.dtype))
+
+
+def _correct_layer(
+    model, module, info: LayerInfo, layer: QuantizedLayer, target: ChannelStats,
+    data: GroupData, batch_size: int, device, alpha: torch.Tensor, rescale: bool,
+) -> None:
+    """Bias correction, plus the per-channel rescale of BN re-estimation for conv+BN layers.
+
+    With the quantized layer's output z_q (group-weighted mean m_q, variance v_q) and the float
+    layer's (m_f, v_f): f = sqrt(v_f / v_q) (1 without BN re-estimation), weight scale s ← f·s
+    (codes unchanged), bias b ← m_f − f·(m_q − b), so the output has the float mean and variance.
+    """
+    stats = ChannelStats(data.num_groups, _channel_dim(info.kind))
+    _run_until(model, module, data, batch_size, device, lambda inp, out, g: stats.add(out, g))
+    m_q, v_q = stats.moments(alpha)
+    m_f, v_f = target.moments(alpha)
+    bias = module.bias.detach().float() if module.bias is not None else torch.zeros_like(m_q)
+    f = torch.ones_like(m_q)
+    if rescale:
+        ok = (v_q > 1e-12) & (v_f > 1e-12)
+        f = torch.where(ok, torch.sqrt(v_f / v_q.clamp_min(1e-12)), f).clamp(_RESCALE_MIN, _RESCALE_MAX)
+    new_bias = m_f - f * (m_q - bias)
+    layer.scale = (layer.scale * f.to(layer.scale.device)).float()
+    with torch.no_grad():
+        module.weight.copy_(layer.dequantized().to(module.weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(new_bias.to(module.weight.dtype))
+        else:
+            module.bias.copy_(new_bias.to(module.bias.dtype))
+
+
+def check_model_on_data(model: nn.Module, data: GroupData) -> int:
+    """Run two samples; return the number of classes. Bad shapes become a DataError."""
+    x = torch.from_numpy(np.ascontiguousarray(data.x[:2]))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:
+        raise DataError(
+            f"{data.source}: field 'x' with sample shape {tuple(data.x.shape[1:])} does not fit the "
+            f"model ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UnsupportedLayerError(
+            f"the model must return class logits of shape [batch, classes]; it returned {shape}"
+        )
+    return int(out.shape[1])
+
+
+def compress(
+    model: nn.Module,
+    calib: GroupData | str | Path | Any,
+    config: QuantConfig | None = None,
+    *,
+    progress: bool = True,
+) -> CompressedModel:
+    """Quantize ``model`` with group-labeled calibration data.
+
+    Args:
+        model: a float PyTorch classifier (returns logits ``[batch, classes]``); not modified.
+        calib: a GroupData, a ``.npz``/``.csv`` path or a torch Dataset yielding (x, y, group).
+        config: a QuantConfig (default: 8-bit weights, solver, x86-safe range).
+        progress: show tqdm progress bars.
+
+    Returns:
+        A CompressedModel; ``.export(path)`` writes the QDQ ONNX file.
+    """
+    config = config or QuantConfig()
+    data = load_data(calib)
+    model = copy.deepcopy(model).eval().cpu()
+    device = torch.device("cpu")
+
+    num_classes = check_model_on_data(model, data)
+    check_labels(data, num_classes)
+    raw = trace(model)
+    skip = check_supported(raw, config.skip_unsupported)
+    folded, bn_convs = fold_batchnorm(raw)
+    float_model = copy.deepcopy(folded)
+    layers = quantizable_layers(folded, skip, bn_convs)
+    if not layers:
+        raise UnsupportedLayerError("the model has no Conv2d or Linear layer to quantize")
+    names = [l.name for l in layers]
+    unknown = sorted(set(config.layer_bits) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"layer_bits names {', '.join(repr(u) for u in unknown)}, not a quantizable layer of the "
+            f"model (layers: {', '.join(names)})"
+        )
+
+    sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    # 'samples' weights groups by their share of the user's data, not of the balanced subset.
+    alpha = _resolve_group_weights(config, data)
+    bs = config.batch_size
+    modules = dict(folded.named_modules())
+    float_modules = dict(float_model.named_modules())
+    example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
+    macs = count_macs(folded, example, names)
+    # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
+    # layer's output statistics on the calibration data.
+    corrected = [l for l in layers if config.bias_correction or (config.bn_reestimate and l.had_batchnorm)]
+    targets = _float_targets(float_model, corrected, sub, bs, device) if corrected else {}
+
+    quantized: dict[str, QuantizedLayer] = {}
+    bar = tqdm(layers, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
+    for info in bar:
+        bar.set_postfix_str(info.name)
+        module = modules[info.name]
+        bits = config.bits_for(info.name)
+        hessian = None
+        if config.method == "solver":
+            pair = (float_model, float_modules[info.name]) if config.solver_target == "float-output" else None
+            hessian, cross = _layer_moments(folded, module, sub, bs, device, alpha, pair)
+            if cross is not None:
+                _retarget_to_float_output(module, info, hessian, cross, config.damp)
+        codes, scale, qmax = _quantize_weight(module, info, bits, config, hessian)
+        layer = QuantizedLayer(
+            info.name, info.kind, bits, qmax, codes.to(torch.int8).cpu(), scale.float().cpu(),
+            info.params, macs.get(info.name, 0),
+        )
+        with torch.no_grad():
+            module.weight.copy_(layer.dequantized().to(module.weight.dtype))
+        if info.name in targets:
+            _correct_layer(
+                folded, module, info, layer, targets[info.name], sub, bs, device, alpha,
+                rescale=info.had_batchnorm and config.bn_reestimate,
+            )
+        quantized[info.name] = layer
+
+    # Activation ranges, observed on the weight-quantized model so every group counts.
+    reference = copy.deepcopy(folded)
+    context, quantizers = insert_act_quantizers(
+        reference,
+        lambda: make_observer(config.calibration, sub.num_groups, percentile=config.percentile),
+        set(names),
+    )
+    with torch.no_grad():
+        for x, g in tqdm(list(_batches(sub, bs, device)), desc="calibrate activations", unit="batch", disable=not progress):
+            context.group = g
+            reference(x)
+    for q in quantizers.values():
+        q.freeze()
+    context.group = None
+
+    avg_bits = sum(l.bits * l.params for l in quantized.values()) / max(sum(l.params for l in quantized.values()), 1)
+    metadata = ExportMetadata(
+        fqexport_version=__version__,
+        method=config.method,
+        order=config.order if config.method == "solver" else None,
+        solver_target=config.solver_target if config.method == "solver" else None,
+        calibration=config.calibration,
+        weight_range=config.weight_range,
+        num_calib=len(sub),
+        group_names=tuple(sub.group_names),
+        group_weights=tuple(round(float(a), 6) for a in alpha),
+        skipped_layers=tuple(sorted(skip)),
+        layers=layer_records(quantized),
+        input_shape=tuple(int(d) for d in data.x.shape[1:]),
+        num_classes=num_classes,
+        avg_weight_bits=round(avg_bits, 4),
+    )
+    return CompressedModel(
+        reference=reference.eval(),
+        float_model=float_model.eval(),
+        layers=quantized,
+        config=config,
+        group_names=tuple(data.group_names),
+        input_shape=tuple(int(d) for d in data.x.shape[1:]),
+        num_classes=num_classes,
+        calib=sub,
+        metadata=metadata,
+    )

@@ -1,0 +1,295 @@
+"""Group-weighted layer Hessians collected by forward pre-hooks, streamed over batches.
+
+For one Conv2d/Linear layer with input rows ``x`` (Linear: one row per sample and leading
+position; Conv2d: one row per unfolded patch), data group ``g`` contributes
+
+    H_g = 2 · Σ_{x ∈ g} x xᵀ / N_g          (N_g = rows of group g)
+
+and the layer Hessian is ``H = Σ_g α_g H_g`` with ``Σ α_g = 1`` over the groups present;
+by default ``α_g = 1 / G_present``, so a 10 % minority counts as much as the majority.
+Only the running sums ``Σ x xᵀ`` and counts are kept, never the activations.
+
+With ``cross=True`` the accumulator also takes the *float* model's input ``x_f`` of the same
+layer for each row ``x`` of the quantized prefix and keeps ``C = Σ_g α_g 2 Σ x_f xᵀ / N_g``:
+the cross moment behind the asymmetric target ``min_Q ||W X_f − Q X||²`` (see
+:func:`fqexport.quant.solver.compensate_input_error`).
+
+Accumulation dtype: each batch's ``Xᵀ X`` is a float32 matmul (fast, and its rounding error
+is relative to one batch), added into float64 running sums: over 10⁵–10⁶ patch rows a
+float32 running sum would lose about log10(#batches) digits of the small entries, while
+float64 costs only the memory of the sums (``num_groups · cols²`` · 8 bytes per layer).
+Pass ``accum_dtype=torch.float32`` to halve that memory for very wide layers.
+
+Grouped convs (``groups = G > 1``, depthwise included) get one Hessian per conv group:
+``[G, cols, cols]`` with ``cols = in_channels/G · kh · kw``; solve them with
+:func:`fqexport.quant.solver.solve_conv_groups`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
+
+log = logging.getLogger(__name__)
+
+# Unfold at most this many elements at once (splits a conv batch into chunks of samples).
+_UNFOLD_CHUNK_ELEMS = 1 << 25
+
+_MSG_LAYER = (
+    "hessian: layer {name!r} is a {kind}; only torch.nn.Linear and torch.nn.Conv2d layers "
+    "get a Hessian (leave it in float with skip_unsupported=True)"
+)
+_MSG_INPUT = (
+    "hessian: layer {name!r} ({kind}) got an input of shape {shape}; expected {expected}"
+)
+_MSG_GROUP = (
+    "hessian: layer {name!r}: group labels must be an integer tensor of shape [{b}] with "
+    "values in [0, {g}); got shape {shape}, range {lo}..{hi}"
+)
+_MSG_EMPTY = (
+    "hessian: layer {name!r} saw no calibration inputs{extra}; check that the calibration "
+    "batches reach this layer and that group weights are not all zero on the groups present"
+)
+_MSG_FLOAT_INPUT = (
+    "hessian: layer {name!r} collects the float model's inputs too (cross=True): each batch "
+    "needs float_inputs of the input's shape {shape}; got {got}"
+)
+_MSG_WEIGHTS = (
+    "hessian: group_weights must be {g} finite values >= 0 (one per group id); got {got}"
+)
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` zero/mode padding of a Conv2d, ``"same"``/``"valid"``
+    resolved the way ``nn.Conv2d`` does (odd total padding: the extra goes right/bottom)."""
+    kh, kw = module.kernel_size
+    dh, dw = module.dilation
+    pad = module.padding
+    if pad == "valid":
+        return 0, 0, 0, 0
+    if pad == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = pad  # type: ignore[misc]
+    return pw, pw, ph, ph
+
+
+class HessianAccumulator:
+    """Running per-group sums ``Σ x xᵀ`` and row counts of one Linear/Conv2d layer's inputs."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        num_groups: int,
+        *,
+        name: str = "<layer>",
+        accum_dtype: torch.dtype = torch.float64,
+        cross: bool = False,
+    ) -> None:
+        if isinstance(module, nn.Linear):
+            self.kind = "Linear"
+            self.conv_groups = 1
+            self.cols = module.in_features
+        elif isinstance(module, nn.Conv2d):
+            self.kind = "Conv2d"
+            self.conv_groups = int(module.groups)
+            kh, kw = module.kernel_size
+            self.cols = module.in_channels // module.groups * kh * kw
+        else:
+            raise UnsupportedLayerError(_MSG_LAYER.format(name=name, kind=type(module).__name__))
+        if int(num_groups) < 1:
+            raise ConfigError(f"hessian: num_groups={num_groups!r} must be >= 1")
+        self.module = module
+        self.name = name
+        self.num_groups = int(num_groups)
+        self.accum_dtype = accum_dtype
+        self._sums: torch.Tensor | None = None  # [num_groups, conv_groups, cols, cols]
+        self.cross = bool(cross)
+        self._cross_sums: torch.Tensor | None = None  # Σ x_f xᵀ, same shape
+        self.counts = torch.zeros(self.num_groups, dtype=torch.int64)   # rows per group
+        self.samples = torch.zeros(self.num_groups, dtype=torch.int64)  # batch items per group
+
+    # ------------------------------------------------------------------ inputs → rows
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Input batch → ``[B, conv_groups, rows_per_item, cols]`` float32."""
+        m = self.module
+        if self.kind == "Linear":
+            if x.dim() < 2 or x.shape[-1] != self.cols:
+                raise DataError(_MSG_INPUT.format(
+                    name=self.name, kind=self.kind, shape=tuple(x.shape),
+                    expected=f"[B, ..., {self.cols}]"))
+            return x.float().reshape(x.shape[0], 1, -1, self.cols)
+        assert isinstance(m, nn.Conv2d)
+        if x.dim() != 4 or x.shape[1] != m.in_channels:
+            raise DataError(_MSG_INPUT.format(
+                name=self.name, kind=self.kind, shape=tuple(x.shape),
+                expected=f"[B, {m.in_channels}, H, W]"))
+        x = x.float()
+        left, right, top, bottom = _conv_padding(m)
+        if m.padding_mode != "zeros" or left != right or top != bottom:
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, (left, right, top, bottom), mode=mode)
+            padding: tuple[int, int] = (0, 0)
+        else:
+            padding = (top, left)
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        # unfold rows are (channel, kh, kw) channel-major = the weight's [C/G, kh, kw] layout.
+        B, _, L = cols.shape
+        return cols.reshape(B, self.conv_groups, self.cols, L).transpose(2, 3)
+
+    def _chunk(self, x: torch.Tensor) -> int:
+        """Batch items per unfold chunk (bounds the memory of unfolded conv inputs)."""
+        if self.kind == "Linear" or x.dim() != 4:
+            return max(1, x.shape[0])
+        m = self.module
+        assert isinstance(m, nn.Conv2d)
+        kh, kw = m.kernel_size
+        per_item = m.in_channels * kh * kw * x.shape[2] * x.shape[3] // (m.stride[0] * m.stride[1])
+        return max(1, _UNFOLD_CHUNK_ELEMS // max(1, per_item))
+
+    def add(self, inputs: torch.Tensor, group: torch.Tensor, float_inputs: torch.Tensor | None = None) -> None:
+        """Add one batch: ``inputs`` is the layer's input, ``group[b]`` the data group of item b.
+
+        ``float_inputs``: the float model's input of the same layer for the same batch
+        (required when the accumulator was made with ``cross=True``).
+        """
+        inputs = inputs.detach()
+        group = torch.as_tensor(group).reshape(-1)
+        B = inputs.shape[0] if inputs.dim() > 0 else 0
+        lo = int(group.min()) if group.numel() else 0
+        hi = int(group.max()) if group.numel() else 0
+        if (group.numel() != B or group.dtype.is_floating_point or group.dtype == torch.bool
+                or lo < 0 or hi >= self.num_groups):
+            raise DataError(_MSG_GROUP.format(
+                name=self.name, b=B, g=self.num_groups, shape=tuple(group.shape), lo=lo, hi=hi))
+        if self.cross and (float_inputs is None or tuple(float_inputs.shape) != tuple(inputs.shape)):
+            got = None if float_inputs is None else tuple(float_inputs.shape)
+            raise DataError(_MSG_FLOAT_INPUT.format(name=self.name, shape=tuple(inputs.shape), got=got))
+        group = group.to(torch.int64)
+        device = inputs.device
+        if self._sums is None:
+            shape = (self.num_groups, self.conv_groups, self.cols, self.cols)
+            self._sums = torch.zeros(shape, dtype=self.accum_dtype, device=device)
+            if self.cross:
+                self._cross_sums = torch.zeros(shape, dtype=self.accum_dtype, device=device)
+        step = self._chunk(inputs)
+        for s in range(0, B, step):
+            rows = self._rows(inputs[s:s + step])                 # [b, G, L, cols]
+            rows_f = self._rows(float_inputs[s:s + step].detach()) if self.cross else None
+            g_chunk = group[s:s + step]
+            for g in torch.unique(g_chunk).tolist():
+                mask = (g_chunk == g).to(device)
+                Xg = self._group_rows(rows, mask)
+                # Σ x xᵀ for this group's rows, per conv group: [G, cols, cols]
+                self._sums[g] += (Xg.transpose(1, 2) @ Xg).to(self.accum_dtype)
+                if rows_f is not None:
+                    # Σ x_f xᵀ: float-model rows against quantized-prefix rows
+                    self._cross_sums[g] += (self._group_rows(rows_f, mask).transpose(1, 2) @ Xg).to(self.accum_dtype)
+                self.counts[g] += Xg.shape[1]
+                self.samples[g] += int(mask.sum())
+
+    def _group_rows(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[b, G, L, cols]`` rows of the masked items → ``[G, rows, cols]``."""
+        return rows[mask].transpose(0, 1).reshape(self.conv_groups, -1, self.cols)
+
+    # ------------------------------------------------------------------ Hessians
+    def _finish(self, H: torch.Tensor) -> torch.Tensor:
+        H = H.float()
+        return H[0] if self.conv_groups == 1 else H
+
+    def group_hessian(self, g: int) -> torch.Tensor:
+        """``H_g = 2 Σ_{x∈g} x xᵀ / N_g`` (``[cols, cols]``, or ``[G, cols, cols]`` for grouped convs)."""
+        if self._sums is None or int(self.counts[g]) == 0:
+            raise DataError(_MSG_EMPTY.format(name=self.name, extra=f" from group {g}"))
+        return self._finish(2.0 * self._sums[g] / int(self.counts[g]))
+
+    def _coefficients(self, group_weights: torch.Tensor | None) -> torch.Tensor:
+        """Per-group ``2 α_g / N_g`` (0 for absent groups), α normalised over groups present."""
+        present = self.counts > 0
+        if group_weights is None:
+            alpha = present.double()
+        else:
+            alpha = torch.as_tensor(group_weights, dtype=torch.float64).reshape(-1).cpu()
+            if (alpha.numel() != self.num_groups or not bool(torch.isfinite(alpha).all())
+                    or bool((alpha < 0).any())):
+                raise ConfigError(_MSG_WEIGHTS.format(g=self.num_groups, got=alpha.tolist()))
+            alpha = alpha * present.double()
+        if self._sums is None or float(alpha.sum()) <= 0:
+            raise DataError(_MSG_EMPTY.format(name=self.name, extra=""))
+        alpha = alpha / alpha.sum()
+        coef = torch.where(present, 2.0 * alpha / self.counts.clamp_min(1).double(),
+                           torch.zeros_like(alpha))
+        return coef.to(device=self._sums.device, dtype=self._sums.dtype)
+
+    def hessian(self, group_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``H = Σ_g α_g · 2 X_g X_gᵀ / N_g``, α normalised to sum 1 over the groups present.
+
+        ``group_weights`` (``[num_groups]``, >= 0): α before normalisation; default equal for
+        every group present. Groups with ``N_g = 0`` are skipped and α renormalised without them.
+        """
+        coef = self._coefficients(group_weights)
+        return self._finish(torch.einsum("g,gkij->kij", coef, self._sums))
+
+    def cross_moment(self, group_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``C = Σ_g α_g · 2 X_{f,g} X_gᵀ / N_g`` (float-model rows × quantized-prefix rows),
+        weighted exactly like :meth:`hessian`; needs ``cross=True``."""
+        if not self.cross:
+            raise ConfigError(f"hessian: layer {self.name!r}: cross_moment needs an accumulator made with cross=True")
+        coef = self._coefficients(group_weights)
+        return self._finish(torch.einsum("g,gkij->kij", coef, self._cross_sums))
+
+    def hessian_sample_weighted(self) -> torch.Tensor:
+        """Plain GPTQ Hessian ``2 X Xᵀ / N`` over all rows (a majority group dominates)."""
+        n = int(self.counts.sum())
+        if self._sums is None or n == 0:
+            raise DataError(_MSG_EMPTY.format(name=self.name, extra=""))
+        return self._finish(2.0 * self._sums.sum(dim=0) / n)
+
+
+def collect_hessians(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_groups: int,
+    *,
+    accum_dtype: torch.dtype = torch.float64,
+) -> dict[str, HessianAccumulator]:
+    """Run ``(x, group)`` batches through ``model`` (``no_grad``, eval mode) and accumulate the
+    inputs of each layer in ``layers`` (name → module). Hooks are removed and the model's
+    train/eval mode restored also when a batch fails."""
+    accs = {
+        name: HessianAccumulator(mod, num_groups, name=name, accum_dtype=accum_dtype)
+        for name, mod in layers.items()
+    }
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(acc: HessianAccumulator):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            acc.add(args[0], current["group"])
+        return hook
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    handles = [mod.register_forward_pre_hook(make_hook(accs[name])) for name, mod in layers.items()]
+    was_training = model.training
+    model.eval()
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for x, group in tqdm(batches, desc="hessians", disable=None, leave=False):
+                current["group"] = torch.as_tensor(group)
+                model(x.to(device))
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    log.debug("collected Hessians of %d layers over %d batches", len(accs), n_batches)
+    return accs

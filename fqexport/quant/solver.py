@@ -1,0 +1,413 @@
+"""Sensitivity-guided PTQ solver: pure math, tensors in, tensors out.
+
+One layer ``W [out, cols]`` with its (group-weighted) Hessian ``H [cols, cols]`` of the layer
+loss ``tr((W - Q) H (W - Q)ᵀ)``. Following the GPTQ construction:
+
+1. dead columns (``H_jj == 0``): ``H_jj := 1``, ``W[:, j] := 0`` (no input ever reaches them);
+2. dampen: ``H += λ · mean(diag H) · I``;
+3. ``H⁻¹ = cholesky_inverse(cholesky(H))`` — one inverse shared by every row;
+4. order the columns, most sensitive first (``sensitivity``: ``Σ_i w_ij² H_jj``), so their
+   rounding error is absorbed by the less sensitive columns still unquantized;
+5. ``U = upper Cholesky of P H⁻¹ Pᵀ``; column by column, all rows in parallel:
+   ``q = round(w_j)`` on the fixed per-row grid, ``e = (w_j - q) / U_jj``,
+   ``W[:, k] -= e · U_jk`` for the later columns ``k > j`` — inside a block at once, for the
+   columns after the block lazily as ``W[:, after] -= E @ U[block, after]``.
+
+The per-row scales are fixed before the solve (:func:`choose_solver_grid` or any
+:class:`~fqexport.quant.grid.WeightGrid`). Device-agnostic: CPU or CUDA tensors.
+
+Grouped / depthwise convolutions: rows ``k·out/G … (k+1)·out/G`` of the weight only see the
+inputs of conv group ``k``; :func:`solve_conv_groups` solves each conv group with its own
+Hessian (``H`` of shape ``[G, cols, cols]`` from :class:`fqexport.quant.hessian.HessianAccumulator`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from fqexport.errors import ConfigError
+from fqexport.quant.grid import (
+    WeightGrid,
+    choose_weight_grid,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
+
+ORDERS = ("sensitivity", "hessian-diag", "natural", "obs")
+SENSITIVITY_KINDS = ("sensitivity", "hessian-diag", "obs")
+
+_MSG_SHAPE = (
+    "solver: weight has shape {w} and Hessian {h}; the Hessian must be [cols, cols] with "
+    "cols = in_features (Linear) or in_channels/groups·kh·kw (Conv) of the weight"
+)
+_MSG_SCALE = "solver: grid.scale has {n} entries but the weight has {out} rows (one scale per row)"
+_MSG_ORDER = "solver: order={order!r} is not one of " + ", ".join(ORDERS)
+_MSG_KIND = "column_sensitivity: kind={kind!r} is not one of " + ", ".join(SENSITIVITY_KINDS)
+_MSG_NEEDS_GRID = "column_sensitivity: kind='obs' needs the weight grid (pass grid=...)"
+_MSG_BLOCK = "solver: block_size={bs!r} must be >= 1"
+_MSG_DAMP = "solver: damp={damp!r} must be >= 0 and max_retries={r!r} >= 0"
+_MSG_NONFINITE = (
+    "solver: the {what} holds NaN or Inf; check the calibration inputs of this layer "
+    "(a NaN/Inf activation poisons the Hessian)"
+)
+_MSG_NOT_PD = (
+    "solver: the Hessian is not positive definite even with damping {damp:g}·mean(diag H) "
+    "after {tries} tries; raise damp (QuantConfig.damp) or use more calibration samples"
+)
+_MSG_RETRY = (
+    "solver: Cholesky failed with damp={old:g}; retried with damp={new:g} "
+    "(the Hessian is singular or indefinite — too few calibration samples?)"
+)
+
+# Damping tried first on retry when the caller asked for damp=0.
+_FIRST_RETRY_DAMP = 1e-3
+
+
+class HessianNotPositiveDefinite(ConfigError):
+    """Cholesky of the dampened Hessian failed after every retry (raise ``damp``)."""
+
+
+class DampingIncreasedWarning(UserWarning):
+    """The solver had to raise the damping to factor the Hessian (result still valid)."""
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    """Result of quantizing one layer.
+
+    Attributes:
+        codes: integer codes as a float tensor ``[out, cols]`` in the ORIGINAL column order,
+            each in ``[-qmax, qmax]``.
+        qweight: dequantized weight ``s_c · codes`` ``[out, cols]`` (float32).
+        damp_used: the relative damping λ that made the Cholesky succeed (0 for RTN).
+        order: the column permutation used (``order[0]`` was quantized first).
+        loss: ``tr((W - Q) H (W - Q)ᵀ)`` with the undampened input ``H`` (``Σ (W-Q)²`` for RTN
+            without a Hessian).
+        retries: how many times the damping was raised (the flag behind
+            :class:`DampingIncreasedWarning`).
+    """
+
+    codes: torch.Tensor
+    qweight: torch.Tensor
+    damp_used: float
+    order: torch.Tensor
+    loss: float
+    retries: int = 0
+
+
+def choose_solver_grid(
+    weight: torch.Tensor,
+    H: torch.Tensor | None,
+    bits: int,
+    *,
+    weight_range: str = "x86-safe",
+    clip_search: bool = True,
+    hessian_aware: bool = True,
+) -> WeightGrid:
+    """Per-row scales fixed before the solve: the clipping search of ``choose_weight_grid``,
+    weighting column ``j``'s error by ``H_jj`` when ``hessian_aware`` (``Σ_j H_jj (w - q)²``)."""
+    column_weight = None
+    if hessian_aware and H is not None and clip_search:
+        column_weight = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).reshape(-1)
+    return choose_weight_grid(
+        weight, bits, weight_range=weight_range, clip_search=clip_search,
+        column_weight=column_weight,
+    )
+
+
+def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """Layer output error ``tr((W - Q) H (W - Q)ᵀ) = Σ_i δ_iᵀ H δ_i`` with ``δ = W - Q``."""
+    d = (W.float() - Q.float()).to(H.dtype)
+    return float(((d @ H) * d).sum())
+
+
+def column_sensitivity(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    kind: str = "sensitivity",
+    *,
+    grid: WeightGrid | None = None,
+    hinv_diag: torch.Tensor | None = None,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """Score of each column ``[cols]``; the solver quantizes the highest score first.
+
+    - ``"sensitivity"``: ``Σ_i w_ij² · H_jj`` (loss of zeroing column j, all rows);
+    - ``"hessian-diag"``: ``H_jj``;
+    - ``"obs"``: ``Σ_i (w_ij - q(w_ij))² / [H⁻¹]_jj`` (OBS cost of rounding column j alone);
+      needs ``grid``; ``[H⁻¹]_jj`` is computed from ``H + damp·mean(diag H)·I`` unless
+      ``hinv_diag`` is given.
+    """
+    if kind not in SENSITIVITY_KINDS:
+        raise ConfigError(_MSG_KIND.format(kind=kind))
+    hdiag = torch.diagonal(H).float()
+    W = W.float()
+    if kind == "hessian-diag":
+        return hdiag.clone()
+    if kind == "sensitivity":
+        return W.pow(2).sum(dim=0) * hdiag
+    if grid is None:
+        raise ConfigError(_MSG_NEEDS_GRID)
+    if hinv_diag is None:
+        Hd = H.float() + damp * hdiag.mean() * torch.eye(H.shape[0], device=H.device)
+        hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
+    scale = grid.scale.to(W.device, torch.float32)
+    err = W - fake_quantize(W, scale, grid.qmax, grid.qmin)
+    return err.pow(2).sum(dim=0) / hinv_diag.float()
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid) -> None:
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
+    if grid.scale.numel() != W.shape[0]:
+        raise ConfigError(_MSG_SCALE.format(n=grid.scale.numel(), out=W.shape[0]))
+    if not bool(torch.isfinite(W).all()):
+        raise ConfigError(_MSG_NONFINITE.format(what="weight"))
+    if not bool(torch.isfinite(H).all()):
+        raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
+
+
+def _raised_damp(lam: float, stacklevel: int) -> float:
+    """The next damping after a failed Cholesky (λ ×10, or a first λ when it was 0), announced
+    by a :class:`DampingIncreasedWarning` at the caller's ``stacklevel``."""
+    new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
+    warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=stacklevel + 1)
+    return new
+
+
+def _damped_cholesky(
+    H: torch.Tensor, damp: float, max_retries: int
+) -> tuple[torch.Tensor, float, int]:
+    """Lower Cholesky factor of ``H + λ·mean(diag H)·I``; λ ×10 on failure (at most
+    max_retries, a :class:`DampingIncreasedWarning` each time). Returns (L, λ, retries)."""
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    lam = float(damp)
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + lam * mean_diag * eye)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return L, lam, attempt
+        if attempt == max_retries:
+            break
+        lam = _raised_damp(lam, stacklevel=3)
+    raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=max_retries + 1))
+
+
+def _damped_inverse(
+    H: torch.Tensor, damp: float, max_retries: int
+) -> tuple[torch.Tensor, float, int]:
+    """``(H + λ·mean(diag H)·I)⁻¹`` via Cholesky; λ ×10 on failure (at most max_retries)."""
+    lam, retries = float(damp), 0
+    while True:
+        L, lam, tries = _damped_cholesky(H, lam, max_retries - retries)
+        retries += tries
+        Hinv = torch.cholesky_inverse(L)
+        if bool(torch.isfinite(Hinv).all()):
+            return Hinv, lam, retries
+        if retries >= max_retries:
+            raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
+        lam, retries = _raised_damp(lam, stacklevel=3), retries + 1
+
+
+def _upper_cholesky(Hinv: torch.Tensor) -> torch.Tensor | None:
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    return U if int(info) == 0 else None
+
+
+def solve_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: WeightGrid,
+    *,
+    order: str = "sensitivity",
+    damp: float = 0.01,
+    block_size: int = 128,
+    max_retries: int = 4,
+) -> SolverResult:
+    """Quantize ``W [out, cols]`` onto ``grid`` minimising ``tr((W - Q) H (W - Q)ᵀ)``.
+
+    ``order``: ``"sensitivity"`` (``Σ_i w_ij² H_jj``, default), ``"hessian-diag"`` (``H_jj``),
+    ``"obs"`` (``Σ_i (w - q)² / [H⁻¹]_jj``) or ``"natural"``; most sensitive column first.
+    If the Cholesky of the dampened H (or of H⁻¹) fails, ``damp`` is raised ×10 up to
+    ``max_retries`` times (a :class:`DampingIncreasedWarning` each time), then
+    :class:`HessianNotPositiveDefinite` is raised. Computed in float32 on ``W``'s device.
+    """
+    if order not in ORDERS:
+        raise ConfigError(_MSG_ORDER.format(order=order))
+    if int(block_size) < 1:
+        raise ConfigError(_MSG_BLOCK.format(bs=block_size))
+    if not (float(damp) >= 0.0) or int(max_retries) < 0:
+        raise ConfigError(_MSG_DAMP.format(damp=damp, r=max_retries))
+    _check_inputs(W, H, grid)
+    device = W.device
+    W0 = W.detach().float()
+    H0 = H.detach().to(device=device, dtype=torch.float32)
+    out, cols = W0.shape
+    scale = grid.scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    qmax, qmin = int(grid.qmax), int(grid.qmin)
+
+    # 1. Dead columns: no input reaches them, so any value is free; GPTQ sets them to 0.
+    Wk = W0.clone()
+    Hk = H0.clone()
+    dead = torch.diagonal(Hk) == 0
+    if bool(dead.any()):
+        Hk[dead, :] = 0
+        Hk[:, dead] = 0
+        Hk[dead, dead] = 1
+        Wk[:, dead] = 0
+
+    # 2.-3. Damped inverse, shared by every row (retry with more damping if needed).
+    lam, retries = float(damp), 0
+    while True:
+        Hinv, lam, tries = _damped_inverse(Hk, lam, max_retries - retries)
+        retries += tries
+        # 4. Column order, most sensitive first.
+        if order == "natural":
+            perm = torch.arange(cols, device=device)
+        else:
+            score = column_sensitivity(
+                Wk, Hk, order, grid=WeightGrid(scale, qmax, grid.low), hinv_diag=torch.diagonal(Hinv)
+            )
+            perm = torch.argsort(score, descending=True, stable=True)
+        # 5. U = upper Cholesky of P H⁻¹ Pᵀ  (= the rows of the successive OBS inverses).
+        U = _upper_cholesky(Hinv[perm][:, perm])
+        if U is not None:
+            break
+        if retries >= max_retries:
+            raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
+        lam, retries = _raised_damp(lam, stacklevel=2), retries + 1
+
+    # Rows of V = U / diag(U): with the residual r_j = w_j - s·q_j (all rows of W at once),
+    # e_j · U_jk = r_j · V_jk. Work on Wᵀ so that column j of W is the contiguous row Wt[j].
+    V = U / torch.diagonal(U).unsqueeze(1)
+    Wt = Wk[:, perm].t().contiguous()                          # [cols, out]
+    Qt = torch.empty_like(Wt)                                  # codes, permuted order
+    Rt = torch.empty_like(Wt)                                  # residuals r_j
+    bs = int(block_size)
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        for j in range(i1, i2):
+            q = Qt[j]
+            torch.div(Wt[j], scale, out=q).round_().clamp_(qmin, qmax)   # q = clamp(round(w/s))
+            r = torch.addcmul(Wt[j], q, scale, value=-1.0, out=Rt[j])    # r = w - s·q
+            if j + 1 < i2:
+                Wt[j + 1:i2].addr_(V[j, j + 1:i2], r, alpha=-1.0)        # w_k -= r · U_jk/U_jj
+        if i2 < cols:
+            Wt[i2:].addmm_(V[i1:i2, i2:].t(), Rt[i1:i2], alpha=-1.0)     # lazy: W_after -= R·V
+    codes_p = Qt.t()
+
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    qweight = dequantize(codes, scale)
+    return SolverResult(
+        codes=codes, qweight=qweight, damp_used=lam, order=perm,
+        loss=layer_error(W0, qweight, H0), retries=retries,
+    )
+
+
+def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) -> SolverResult:
+    """Round to nearest on ``grid`` (for comparison); ``loss`` uses ``H`` when given."""
+    W0 = W.detach().float()
+    scale = grid.scale.detach().to(device=W0.device, dtype=torch.float32).reshape(-1)
+    if scale.numel() != W0.shape[0]:
+        raise ConfigError(_MSG_SCALE.format(n=scale.numel(), out=W0.shape[0]))
+    codes = quantize(W0, scale, int(grid.qmax), int(grid.qmin))
+    qweight = dequantize(codes, scale)
+    if H is None:
+        loss = float((W0 - qweight).pow(2).sum())
+    else:
+        loss = layer_error(W0, qweight, H.detach().to(W0.device, torch.float32))
+    return SolverResult(
+        codes=codes, qweight=qweight, damp_used=0.0,
+        order=torch.arange(W0.shape[1], device=W0.device), loss=loss,
+    )
+
+
+def compensate_input_error(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    max_retries: int = 4,
+) -> torch.Tensor:
+    """The float target for a layer whose inputs already carry the prefix's quantization error.
+
+    With ``X`` the layer's inputs from the quantized prefix and ``X_f`` the float model's,
+    ``H = 2XXᵀ/N`` and ``C = 2X_fXᵀ/N`` (:meth:`HessianAccumulator.cross_moment`):
+
+        ||W X_f − Q X||² = ||(W* − Q) X||² + const,   W* = W C H⁻¹,
+
+    so solving toward ``W*`` with ``H`` minimises the error against the *float* output
+    (the asymmetric target of GPTAQ). Written as a ridge step that shrinks toward ``W``:
+
+        W* = W + W (C − H) (H + λ·mean(diag H)·I)⁻¹
+
+    (exactly ``W`` when ``X = X_f``). ``H``, ``C``: ``[cols, cols]``, or ``[G, cols, cols]``
+    for grouped convs (rows ``k·out/G … (k+1)·out/G`` use conv group ``k``).
+    """
+    H3 = H if H.dim() == 3 else H.unsqueeze(0)
+    C3 = C if C.dim() == 3 else C.unsqueeze(0)
+    if C3.shape != H3.shape or W.dim() != 2 or W.shape[0] % H3.shape[0] or W.shape[1] != H3.shape[-1]:
+        raise ConfigError(
+            f"compensate_input_error: weight {tuple(W.shape)}, Hessian {tuple(H.shape)} and cross "
+            f"moment {tuple(C.shape)} do not match"
+        )
+    W0 = W.detach().float()
+    rows = W0.shape[0] // H3.shape[0]
+    parts = []
+    for k in range(H3.shape[0]):
+        Hk = H3[k].to(device=W0.device, dtype=torch.float32)
+        Ck = C3[k].to(device=W0.device, dtype=torch.float32)
+        if not (bool(torch.isfinite(Hk).all()) and bool(torch.isfinite(Ck).all())):
+            raise ConfigError(_MSG_NONFINITE.format(what="Hessian or cross moment"))
+        Wk = W0[k * rows:(k + 1) * rows]
+        if torch.equal(Ck, Hk):  # inputs without upstream error (e.g. the first layer)
+            parts.append(Wk.clone())
+            continue
+        L, _, _ = _damped_cholesky(Hk, damp, max_retries)
+        # (H + λI) Δᵀ = (W (C − H))ᵀ: a Cholesky solve, no explicit inverse
+        delta_t = torch.cholesky_solve((Wk @ (Ck - Hk)).t(), L)
+        parts.append(Wk + delta_t.t())
+    return torch.cat(parts)
+
+
+def solve_conv_groups(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: WeightGrid,
+    **options: object,
+) -> SolverResult:
+    """Solve a grouped/depthwise conv: ``W [out, cols]``, ``H [G, cols, cols]`` (one per conv
+    group); rows ``k·out/G … (k+1)·out/G`` use ``H[k]``. ``options`` go to :func:`solve_layer`.
+
+    ``order`` of the result is ``[G, cols]`` (one permutation per conv group), ``damp_used``
+    the largest damping any group needed, ``loss`` the sum over groups.
+    """
+    if H.dim() == 2:
+        H = H.unsqueeze(0)
+    G = H.shape[0]
+    out = W.shape[0]
+    if H.dim() != 3 or out % G != 0:
+        raise ConfigError(
+            f"solve_conv_groups: weight {tuple(W.shape)} and Hessian {tuple(H.shape)} do not "
+            "match: expected H of shape [G, cols, cols] with out_channels divisible by G"
+        )
+    rows = out // G
+    parts = []
+    for k in range(G):
+        sl = slice(k * rows, (k + 1) * rows)
+        sub = WeightGrid(scale=grid.scale.reshape(-1)[sl], qmax=grid.qmax, low=grid.low)
+        parts.append(solve_layer(W[sl], H[k], sub, **options))  # type: ignore[arg-type]
+    return SolverResult(
+        codes=torch.cat([p.codes for p in parts]),
+        qweight=torch.cat([p.qweight for p in parts]),
+        damp_used=max(p.damp_used for p in parts),
+        order=torch.stack([p.order for p in parts]),
+        loss=sum(p.loss for p in parts),
+        retries=max(p.retries for p in parts),
+    )

@@ -1,0 +1,394 @@
+"""Fairness-aware bit allocation under a budget, from a per-group sensitivity table.
+
+With Δ_g(l, b) from :mod:`fqexport.search.sensitivity` and the additive model
+``D_g(a) = Σ_l Δ_g(l, a_l)`` (predicted loss increase of group g under allocation a):
+
+* ``"worst-group"`` (default): minimise ``J(a) = max_g D_g(a) + λ · mean_g D_g(a)`` under the
+  budget. ``max_g D_g = max_{w ∈ simplex} Σ_g w_g D_g``, so groups are re-weighted toward the
+  worst by multiplicative weights: ``w_g ← w_g · exp(η · D_g(a_t) / max_h |D_h(a_t)|)``, and each
+  step solves the inner problem ``min_a Σ_l [Σ_g w_g Δ_g(l, a_l) + λ · mean_g Δ_g(l, a_l)]`` exactly
+  (multiple-choice knapsack). Every distinct allocation met is a candidate; candidates are
+  ranked by J.
+* ``"mean"`` (HAWQ-like): minimise ``Σ_g π_g D_g(a)``, π = the population's group shares
+  (``group_weights``; uniform if not given).
+* ``"weighted"``: minimise ``Σ_g w_g D_g(a)`` with the user's group weights.
+
+Budgets (``Budget.kind``):
+
+* ``"bits"``: parameter-weighted average weight width, ``Σ_l b_l p_l <= B · Σ_l p_l``.
+* ``"bytes"``: weight storage, ``Σ_l ⌈c(b_l) · p_l / 8⌉ + 5 · C_l`` bytes, c(b) the container
+  width of the export's storage mode (``"auto"``: 4 bits for b <= 4, else 8; ``"packed"``: 2 for
+  b <= 2; ``"int8"``: 8; ``"ideal"``: b itself) and 5 bytes per output channel C_l for the
+  fp32 scale and the int8 zero point. Biases and activations are not counted.
+* ``"bops"``: ``Σ_l b_l · a · MACs_l`` with activation width a = 8.
+
+Pinned layers (name patterns, ``fnmatch``) have a single option.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from fqexport.calibration.group_data import group_weight_vector
+from fqexport.errors import ConfigError
+from fqexport.metadata import ACTIVATION_BITS
+from fqexport.quant.knapsack import solve_real
+from fqexport.search.sensitivity import SensitivityTable
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["worst-group", "mean", "weighted"]
+OBJECTIVES = ("worst-group", "mean", "weighted")
+BudgetKind = Literal["bits", "bytes", "bops"]
+BUDGET_KINDS = ("bits", "bytes", "bops")
+STORAGE_BITS = ("auto", "packed", "int8", "ideal")
+BYTES_PER_CHANNEL = 5  # fp32 scale + int8 zero point per output channel
+# DP cells per knapsack solve: weights are rounded up to span/(cells/L) units, so at most
+# L²/cells of the budget's span is left unused — negligible for CNN-sized layer counts.
+ALLOC_MAX_CELLS = 1_000_000
+
+MSG_OBJECTIVE = "objective={objective!r} is not one of " + ", ".join(OBJECTIVES)
+MSG_BUDGET_KIND = "budget kind={kind!r} is not one of " + ", ".join(BUDGET_KINDS)
+MSG_BUDGET_VALUE = "budget {kind}={value!r} must be a finite number > 0"
+MSG_WEIGHTED = (
+    "objective='weighted' needs group_weights (group name -> weight >= 0, not all zero); "
+    "groups: {groups}"
+)
+MSG_GROUP = "group_weights names {name!r}, which is not a group of the sensitivity table (groups: {groups})"
+MSG_PIN_NONE = "pin {pattern!r} matches no layer (layers: {layers})"
+MSG_PIN_CONFLICT = "layer {layer!r} is pinned twice with different widths ({a} and {b})"
+MSG_PIN_BITS = "pin {pattern!r}={bits!r}: pinned widths must be integers from 2 to 8"
+MSG_LAYER_INFO = "layer_info has no entry for layer {layer!r} of the sensitivity table"
+MSG_INFEASIBLE = (
+    "the budget {kind}={value:g} cannot be met: the smallest allocation (every free layer at "
+    "{bmin} bits, pinned layers at their widths) needs {need:g}. Raise the budget, add a smaller "
+    "width to bit_choices or unpin layers"
+)
+MSG_STORAGE = "storage={storage!r} is not one of " + ", ".join(STORAGE_BITS)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What a layer costs: weight elements, multiply-accumulates per sample, output channels."""
+
+    name: str
+    params: int
+    macs: int = 0
+    channels: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A resource limit: ``kind`` ``"bits"`` (average weight bits), ``"bytes"`` or ``"bops"``."""
+
+    kind: BudgetKind
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ConfigError(MSG_BUDGET_KIND.format(kind=self.kind))
+        if isinstance(self.value, bool) or not (
+            isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0
+        ):
+            raise ConfigError(MSG_BUDGET_VALUE.format(kind=self.kind, value=self.value))
+
+
+def container_bits(bits: int, storage: str) -> int:
+    """Bits per weight on disk under a storage mode (see the module docstring)."""
+    if storage not in STORAGE_BITS:
+        raise ConfigError(MSG_STORAGE.format(storage=storage))
+    if storage == "ideal":
+        return int(bits)
+    if storage == "int8" or bits > 4:
+        return 8
+    if storage == "packed" and bits <= 2:
+        return 2
+    return 4
+
+
+def layer_resource(info: LayerCost, bits: int, kind: str, storage: str = "auto") -> float:
+    """The budget resource one layer uses at ``bits`` (bit·params, bytes or BOPs)."""
+    if kind == "bits":
+        return float(bits * info.params)
+    if kind == "bytes":
+        return float(math.ceil(container_bits(bits, storage) * info.params / 8) + BYTES_PER_CHANNEL * info.channels)
+    if kind == "bops":
+        return float(bits * ACTIVATION_BITS * info.macs)
+    raise ConfigError(MSG_BUDGET_KIND.format(kind=kind))
+
+
+def budget_capacity(infos: Sequence[LayerCost], budget: Budget) -> float:
+    """The capacity in resource units: ``B · Σ p`` for bits, the value itself otherwise."""
+    if budget.kind == "bits":
+        return float(budget.value) * sum(i.params for i in infos)
+    return float(budget.value)
+
+
+def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: str = "auto") -> float:
+    """Resource of a whole allocation, in the budget's unit (average bits for ``"bits"``)."""
+    total = sum(layer_resource(i, bits[i.name], kind, storage) for i in infos)
+    if kind == "bits":
+        return total / max(sum(i.params for i in infos), 1)
+    return total
+
+
+def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[str, int]:
+    """Layer name -> pinned width from name patterns (``fnmatch``; ``"fc"``, ``"layer3.*"``)."""
+    out: dict[str, int] = {}
+    for pattern, bits in dict(pins or {}).items():
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= int(bits) <= 8:
+            raise ConfigError(MSG_PIN_BITS.format(pattern=pattern, bits=bits))
+        hits = [l for l in layers if fnmatch.fnmatchcase(l, pattern)]
+        if not hits:
+            raise ConfigError(MSG_PIN_NONE.format(pattern=pattern, layers=", ".join(layers)))
+        for l in hits:
+            if l in out and out[l] != int(bits):
+                raise ConfigError(MSG_PIN_CONFLICT.format(layer=l, a=out[l], b=int(bits)))
+            out[l] = int(bits)
+    return out
+
+
+def first_last_pins(layers: Sequence[str], bits: int = 8) -> dict[str, int]:
+    """Pins for the first and last layer (exact names, usable as patterns)."""
+    return {layers[0]: bits, layers[-1]: bits} if layers else {}
+
+
+def _group_vector(weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray:
+    if weights is None:
+        return np.full(len(groups), 1.0 / len(groups))
+    v = group_weight_vector(weights, groups, unknown=MSG_GROUP)
+    if (v < 0).any() or v.sum() <= 0:
+        raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(groups)))
+    return v / v.sum()
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A bit width per layer with its predicted per-group loss increase and cost.
+
+    Attributes:
+        bits: layer name -> width.
+        predicted: group name -> predicted loss increase ``D_g = Σ_l Δ_g(l, b_l)``.
+        objective: the objective it was chosen for.
+        score: the objective's value (J for worst-group, the weighted mean otherwise).
+        budget: the budget it satisfies.
+        used: resource used, in the budget's unit (average bits, bytes or BOPs).
+        avg_bits: parameter-weighted average width.
+        group_weights: the group weights of the inner problem that produced it.
+    """
+
+    bits: dict[str, int]
+    predicted: dict[str, float]
+    objective: str
+    score: float
+    budget: Budget
+    used: float
+    avg_bits: float
+    group_weights: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def predicted_worst(self) -> float:
+        return max(self.predicted.values()) if self.predicted else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bits": dict(self.bits),
+            "predicted_loss_increase": dict(self.predicted),
+            "objective": self.objective,
+            "score": self.score,
+            "budget": {"kind": self.budget.kind, "value": self.budget.value},
+            "used": self.used,
+            "avg_bits": self.avg_bits,
+            "group_weights": dict(self.group_weights),
+        }
+
+
+@dataclass(frozen=True)
+class _Problem:
+    layers: tuple[str, ...]
+    options: tuple[tuple[int, ...], ...]  # widths per layer
+    delta: tuple[np.ndarray, ...]  # per layer [options, groups]
+    resources: tuple[tuple[float, ...], ...]
+    capacity: float
+    groups: tuple[str, ...]
+
+
+def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
+    """Δ_g(l, b) as the allocator uses it: ``max(0, max_{b' ≥ b} Δ_g(l, b'))`` over the measured
+    widths (for a width above every measured one, the widest).
+
+    Fewer bits are never predicted to hurt a group less than more bits, and quantization never
+    to help: a measured Δ below zero or below a wider width's is sampling noise of a one-layer
+    measurement on a few hundred samples per group. Without this envelope the knapsack "buys"
+    such loss decreases with fewer bits (tabular MLP at a 4-bit budget: 2.1 bits chosen).
+    """
+    widths = [b for b in table.bits if b >= bits] or [max(table.bits)]
+    envelope = np.max(np.stack([table.at(layer, b) for b in widths]), axis=0)
+    return np.maximum(envelope, 0.0)
+
+
+def _problem(table, infos, budget, pins, storage) -> _Problem:
+    by_name = {i.name: i for i in infos}
+    for l in table.layers:
+        if l not in by_name:
+            raise ConfigError(MSG_LAYER_INFO.format(layer=l))
+    pinned = resolve_pins(pins, table.layers)
+    options, delta, res = [], [], []
+    for l in table.layers:
+        opts = (pinned[l],) if l in pinned else tuple(table.bits)
+        options.append(opts)
+        delta.append(np.stack([_delta_for(table, l, b) for b in opts]))
+        res.append(tuple(layer_resource(by_name[l], b, budget.kind, storage) for b in opts))
+    layer_infos = [by_name[l] for l in table.layers]
+    return _Problem(tuple(table.layers), tuple(options), tuple(delta), tuple(res),
+                    budget_capacity(layer_infos, budget), tuple(table.groups))
+
+
+def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: int, budget: Budget, bmin: int) -> tuple[int, ...]:
+    """Exact knapsack on cost_lb = Σ_g w_g Δ_g(l,b) + λ·mean_g Δ_g(l,b)."""
+    costs = [d @ w + mean_weight * d.mean(axis=1) for d in p.delta]
+    try:
+        return solve_real(costs, p.resources, p.capacity, max_cells).choice
+    except ConfigError as err:
+        need = sum(min(r) for r in p.resources)
+        if budget.kind == "bits":
+            need /= max(p.capacity / budget.value, 1)
+        raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need)) from err
+
+
+def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -> Allocation:
+    bits = {l: p.options[i][k] for i, (l, k) in enumerate(zip(p.layers, choice))}
+    d = sum(p.delta[i][k] for i, k in enumerate(choice))
+    used = resource_used(bits, infos, budget.kind, storage)
+    avg = resource_used(bits, infos, "bits")
+    return Allocation(
+        bits, {g: float(v) for g, v in zip(p.groups, d)}, objective, float(score_fn(d)), budget,
+        float(used), float(avg), {g: float(v) for g, v in zip(p.groups, w)},
+    )
+
+
+def _score_fn(objective: str, mean_weight: float, w: np.ndarray | None):
+    """Predicted objective of per-group loss increases D: J = max_g D_g + λ·mean_g D_g for
+    ``"worst-group"``, else the weighted sum D·w."""
+    if objective == "worst-group":
+        lam = float(mean_weight)
+        return lambda d: float(d.max() + lam * d.mean())
+    return lambda d: float(d @ w)
+
+
+def candidate_allocations(
+    table: SensitivityTable,
+    layer_info: Sequence[LayerCost],
+    budget: Budget,
+    objective: Objective = "worst-group",
+    pins: Mapping[str, int] | None = None,
+    *,
+    group_weights: Mapping[str, float] | None = None,
+    mean_weight: float = 0.1,
+    steps: int = 60,
+    eta: float = 0.5,
+    storage: str = "auto",
+    max_cells: int = ALLOC_MAX_CELLS,
+) -> list[Allocation]:
+    """Distinct allocations within the budget, best predicted objective first.
+
+    ``"mean"`` and ``"weighted"`` give one allocation (the knapsack optimum). ``"worst-group"``
+    gives every distinct iterate of the multiplicative-weights loop (plus the uniform-weight and
+    the single-group optima), ranked by ``J = max_g D_g + λ · mean_g D_g``.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(MSG_OBJECTIVE.format(objective=objective))
+    if objective == "weighted" and not group_weights:
+        raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(table.groups)))
+    layer_info = [i for i in layer_info if i.name in table.layers]
+    p = _problem(table, layer_info, budget, pins, storage)
+    bmin = min(table.bits)
+    G = len(p.groups)
+    if objective in ("mean", "weighted"):
+        w = _group_vector(group_weights, p.groups)
+        choice = _solve_weighted(p, w, 0.0, max_cells, budget, bmin)
+        return [_make(p, choice, objective, _score_fn(objective, mean_weight, w), budget, layer_info, storage, w)]
+
+    lam = float(mean_weight)
+    score = _score_fn(objective, lam, None)
+    seen: dict[tuple[int, ...], Allocation] = {}
+
+    def visit(w: np.ndarray) -> np.ndarray:
+        choice = _solve_weighted(p, w, lam, max_cells, budget, bmin)
+        if choice not in seen:
+            seen[choice] = _make(p, choice, objective, score, budget, layer_info, storage, w)
+        return np.array([seen[choice].predicted[g] for g in p.groups])
+
+    for g in range(G):  # each group alone
+        visit(np.eye(G)[g])
+    w = np.full(G, 1.0 / G)
+    for _ in range(int(steps)):
+        d = visit(w)
+        scale = max(float(np.abs(d).max()), 1e-12)
+        w = w * np.exp(float(eta) * d / scale)  # toward the groups that lose most
+        w = w / w.sum()
+    ranked = sorted(seen.values(), key=lambda a: (a.score, -a.used))
+    log.info("worst-group allocation: %d distinct candidates, best J=%.4g", len(ranked), ranked[0].score)
+    return ranked
+
+
+def allocate(
+    table: SensitivityTable,
+    layer_info: Sequence[LayerCost],
+    budget: Budget,
+    objective: Objective = "worst-group",
+    pins: Mapping[str, int] | None = None,
+    **options: Any,
+) -> Allocation:
+    """The allocation with the best predicted objective (see :func:`candidate_allocations`)."""
+    return candidate_allocations(table, layer_info, budget, objective, pins, **options)[0]
+
+
+def rescore(
+    alloc: Allocation,
+    objective: Objective,
+    *,
+    group_weights: Mapping[str, float] | None = None,
+    mean_weight: float = 0.1,
+) -> Allocation:
+    """``alloc`` scored like ``objective`` (e.g. the mean-objective optimum among worst-group
+    candidates), so that the scores of a candidate pool are comparable. ``group_weights`` keeps
+    the inner problem's weights that produced the allocation."""
+    groups = tuple(alloc.predicted)
+    w = None if objective == "worst-group" else _group_vector(group_weights, groups)
+    d = np.array([alloc.predicted[g] for g in groups], dtype=np.float64)
+    return replace(alloc, objective=objective, score=float(_score_fn(objective, mean_weight, w)(d)))
+
+
+def uniform_allocation(
+    table: SensitivityTable,
+    layer_info: Sequence[LayerCost],
+    budget: Budget,
+    objective: Objective = "worst-group",
+    pins: Mapping[str, int] | None = None,
+    *,
+    group_weights: Mapping[str, float] | None = None,
+    mean_weight: float = 0.1,
+    storage: str = "auto",
+) -> Allocation | None:
+    """Every free layer at the widest measured width that fits the budget (pins kept), scored
+    like the objective; ``None`` when even the narrowest does not fit."""
+    layer_info = [i for i in layer_info if i.name in table.layers]
+    p = _problem(table, layer_info, budget, pins, storage)
+    pinned = resolve_pins(pins, table.layers)
+    if objective == "worst-group":
+        w = np.full(len(p.groups), 1.0 / len(p.groups))
+    else:
+        w = _group_vector(group_weights, p.groups)
+    score = _score_fn(objective, mean_weight, w)
+    for width in sorted(table.bits, reverse=True):
+        choice = tuple(0 if l in pinned else p.options[i].index(width) for i, l in enumerate(p.layers))
+        if sum(p.resources[i][k] for i, k in enumerate(choice)) <= p.capacity:
+            return _make(p, choice, objective, score, budget, layer_info, storage, w)
+    return None

@@ -1,0 +1,381 @@
+"""Per-group sensitivity of each layer to each weight width: Δ_g(l, b).
+
+Δ_g(l, b) is the increase of group g's mean cross-entropy when only layer l's weight is put on
+a b-bit grid (symmetric, per output channel, clipping-searched RTN; see quant_grid):
+
+* ``"measured"``: quantize layer l alone, run the calibration samples, and take
+  ``Δ_g(l, b) = (1/N_g) Σ_{i∈g} [ℓ_i(W with W_l ← Q_b(W_l)) − ℓ_i(W)]``.
+* ``"fisher"``: the second-order proxy with the per-group empirical Fisher diagonal
+  ``F_g = (1/N_g) Σ_{i∈g} (∂ℓ_i/∂W_l)²`` (per-sample gradients):
+  ``Δ_g(l, b) ≈ ½ Σ_j F_g,j (W_l,j − Q_b(W_l)_j)²``.
+
+Both run on the BN-folded model (the weights the pipeline quantizes) and on a group-balanced
+subset of the calibration data, so a minority group weighs as much as the majority.
+Results are cached in memory by a fingerprint of the folded weights, the data and the options,
+and optionally in a JSON file, so a budget sweep measures once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fqexport.atomic import atomic_write
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.config import SUPPORTED_WEIGHT_BITS
+from fqexport.errors import ConfigError, DataError
+from fqexport.graph.prepare import (
+    check_supported,
+    fold_batchnorm,
+    quantizable_layers,
+    trace,
+)
+from fqexport.quant.grid import as_rows, choose_weight_grid, fake_quantize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
+SensitivityMethod = Literal["measured", "fisher"]
+METHODS = ("measured", "fisher")
+
+MSG_METHOD = "sensitivity method={method!r} is not one of measured, fisher"
+MSG_BITS = "bit_choices={bits!r} must be a non-empty set of integers from 2 to 8"
+MSG_LAYERS = "sensitivity: {names} not a quantizable layer of the model (layers: {known})"
+MSG_SHAPE = "SensitivityTable: delta has shape {shape}, expected [layers={l}, bits={b}, groups={g}]"
+MSG_LOOKUP = "SensitivityTable has no entry for layer {layer!r} at {bits} bits (layers: {layers}; bits: {allbits})"
+MSG_EMPTY = "{source}: no calibration samples to measure sensitivity on"
+MSG_CACHE_FILE = "sensitivity cache file {path}: cannot read it ({err}); delete it or pass another path"
+
+
+def check_bit_choices(bits: Iterable[int]) -> tuple[int, ...]:
+    """Sorted unique widths, each in 2..8; raises ConfigError otherwise."""
+    try:
+        out = tuple(sorted(set(int(b) for b in bits)))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(MSG_BITS.format(bits=bits)) from err
+    if not out or any(b not in SUPPORTED_WEIGHT_BITS for b in out) or any(
+        isinstance(b, bool) for b in bits
+    ):
+        raise ConfigError(MSG_BITS.format(bits=bits))
+    return out
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """Δ_g(l, b): loss increase of group g when layer l alone is quantized to b bits.
+
+    Attributes:
+        layers: layer names (execution order).
+        bits: the widths measured, ascending.
+        groups: group names.
+        delta: float64 ``[layers, bits, groups]``.
+        method: ``"measured"`` or ``"fisher"``.
+        float_loss: per-group mean cross-entropy of the float model on the samples, ``[groups]``.
+        num_samples: per-group sample counts used, ``[groups]``.
+        key: the cache fingerprint (model weights, data, options).
+    """
+
+    layers: tuple[str, ...]
+    bits: tuple[int, ...]
+    groups: tuple[str, ...]
+    delta: np.ndarray
+    method: str
+    float_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    num_samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        shape = (len(self.layers), len(self.bits), len(self.groups))
+        if tuple(np.shape(self.delta)) != shape:
+            raise ConfigError(MSG_SHAPE.format(shape=np.shape(self.delta), l=shape[0], b=shape[1], g=shape[2]))
+
+    def at(self, layer: str, bits: int) -> np.ndarray:
+        """Δ_g for every group of ``layer`` at ``bits``, ``[groups]``."""
+        try:
+            return self.delta[self.layers.index(layer), self.bits.index(int(bits))]
+        except ValueError as err:
+            raise ConfigError(
+                MSG_LOOKUP.format(layer=layer, bits=bits, layers=", ".join(self.layers), allbits=self.bits)
+            ) from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: ``delta[layer][bits][group]`` nested dicts plus the metadata."""
+        return {
+            "method": self.method,
+            "layers": list(self.layers),
+            "bits": list(self.bits),
+            "groups": list(self.groups),
+            "delta": {
+                l: {str(b): {g: float(self.delta[i, j, k]) for k, g in enumerate(self.groups)}
+                    for j, b in enumerate(self.bits)}
+                for i, l in enumerate(self.layers)
+            },
+            "float_loss": {g: float(v) for g, v in zip(self.groups, self.float_loss)},
+            "num_samples": {g: int(v) for g, v in zip(self.groups, self.num_samples)},
+            "key": self.key,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SensitivityTable":
+        """Inverse of :meth:`to_dict`."""
+        layers, bits, groups = tuple(d["layers"]), tuple(int(b) for b in d["bits"]), tuple(d["groups"])
+        delta = np.array(
+            [[[float(d["delta"][l][str(b)][g]) for g in groups] for b in bits] for l in layers],
+            dtype=np.float64,
+        ).reshape(len(layers), len(bits), len(groups))
+        return cls(
+            layers, bits, groups, delta, d["method"],
+            np.array([float(d["float_loss"][g]) for g in groups]) if d.get("float_loss") else np.zeros(len(groups)),
+            np.array([int(d["num_samples"][g]) for g in groups]) if d.get("num_samples") else np.zeros(len(groups), np.int64),
+            d.get("key", ""),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# pure math
+# ---------------------------------------------------------------------------------------------
+
+
+def per_group_mean(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``(1/N_g) Σ_{i∈g} v_i`` per group (0 for an empty group), float64 ``[G]``."""
+    v = values.double()
+    sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, v)
+    counts = torch.bincount(group, minlength=num_groups).double()
+    return sums / counts.clamp_min(1.0)
+
+
+def rtn_weight(weight: torch.Tensor, bits: int, weight_range: str = "x86-safe", clip_search: bool = True) -> torch.Tensor:
+    """Layer weight on the b-bit per-channel grid (round to nearest, clipping searched)."""
+    rows = as_rows(weight.detach()).float()
+    grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=clip_search)
+    return fake_quantize(rows, grid.scale, grid.qmax, grid.qmin).reshape(weight.shape).to(weight.dtype)
+
+
+def fisher_delta(fisher: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``½ Σ_j F_g,j (w_j − q_j)²`` for each group: ``fisher [G, *w.shape]`` → ``[G]``."""
+    err2 = (weight.double() - quantized.double()).pow(2).reshape(1, -1)
+    return 0.5 * (fisher.double().reshape(fisher.shape[0], -1) * err2).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# caching
+# ---------------------------------------------------------------------------------------------
+
+
+def _fingerprint(model: nn.Module, data: GroupData, options: dict[str, Any]) -> str:
+    """sha1 over the model's parameters and buffers, the data arrays and the options."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for arr in (data.x, data.y, data.group):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class SensitivityCache:
+    """In-memory cache of SensitivityTables by fingerprint (most recent ``max_entries``)."""
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = int(max_entries)
+        self._tables: dict[str, SensitivityTable] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> SensitivityTable | None:
+        table = self._tables.get(key)
+        if table is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return table
+
+    def put(self, table: SensitivityTable) -> None:
+        self._tables.pop(table.key, None)
+        self._tables[table.key] = table
+        while len(self._tables) > self.max_entries:
+            self._tables.pop(next(iter(self._tables)))
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+
+DEFAULT_CACHE = SensitivityCache()
+
+
+def _read_cache_file(path: Path, key: str) -> SensitivityTable | None:
+    if not path.exists():
+        return None
+    try:
+        table = SensitivityTable.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(MSG_CACHE_FILE.format(path=path, err=f"{type(err).__name__}: {err}")) from err
+    if table.key != key:
+        log.info("sensitivity cache file %s is for another model/data/options; recomputing", path)
+        return None
+    return table
+
+
+def _write_cache_file(path: Path, table: SensitivityTable) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(table.to_dict(), indent=1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare(model: nn.Module) -> tuple[torch.fx.GraphModule, list]:
+
+
+    raw = trace(copy.deepcopy(model).eval().cpu())
+    skip = check_supported(raw, skip_unsupported=True)
+    folded, bn_convs = fold_batchnorm(raw)
+    return folded.eval(), quantizable_layers(folded, skip, bn_convs)
+
+
+def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            out.append(nn.functional.cross_entropy(model(x[s:s + batch_size]), y[s:s + batch_size], reduction="none"))
+    return torch.cat(out).double()
+
+
+def _measured(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress) -> np.ndarray:
+    modules = dict(model.named_modules())
+    base = _per_sample_loss(model, x, y, batch_size)
+    delta = np.zeros((len(names), len(bits), G))
+    bar = tqdm(total=len(names) * len(bits), desc="sensitivity (measured)", unit="run", disable=not progress)
+    for i, name in enumerate(names):
+        weight = modules[name].weight
+        original = weight.detach().clone()
+        try:
+            for j, b in enumerate(bits):
+                with torch.no_grad():
+                    weight.copy_(rtn_weight(original, b, weight_range, clip_search))
+                loss = _per_sample_loss(model, x, y, batch_size)
+                delta[i, j] = per_group_mean(loss - base, g, G).numpy()
+                bar.update(1)
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+    bar.close()
+    return delta
+
+
+def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress) -> np.ndarray:
+    """Per-group empirical Fisher diagonals by per-sample gradients (torch.func.vmap)."""
+    from torch.func import functional_call, grad, vmap
+
+    modules = dict(model.named_modules())
+    weights = {f"{n}.weight": modules[n].weight.detach() for n in names}
+    others = {k: v.detach() for k, v in model.named_parameters() if k not in weights}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(w, xi, yi):
+        out = functional_call(model, {**others, **w, **buffers}, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    fisher = {k: torch.zeros((G, *w.shape), dtype=torch.float64) for k, w in weights.items()}
+    counts = torch.bincount(g, minlength=G).double().clamp_min(1.0)
+    starts = range(0, x.shape[0], batch_size)
+    for s in tqdm(starts, desc="sensitivity (fisher)", unit="batch", disable=not progress):
+        grads = per_sample(weights, x[s:s + batch_size], y[s:s + batch_size])
+        gb = g[s:s + batch_size]
+        for k, gr in grads.items():
+            fisher[k].index_add_(0, gb, gr.double().pow(2))
+    delta = np.zeros((len(names), len(bits), G))
+    for i, name in enumerate(names):
+        w = weights[f"{name}.weight"]
+        f = fisher[f"{name}.weight"] / counts.reshape(-1, *([1] * w.dim()))
+        for j, b in enumerate(bits):
+            delta[i, j] = fisher_delta(f, w, rtn_weight(w, b, weight_range, clip_search)).numpy()
+    return delta
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    calib: GroupData,
+    layers: Sequence[str] | None = None,
+    bit_choices: Iterable[int] = DEFAULT_BIT_CHOICES,
+    method: SensitivityMethod = "measured",
+    *,
+    num_samples: int = 512,
+    batch_size: int = 128,
+    weight_range: str = "x86-safe",
+    clip_search: bool = True,
+    seed: int = 0,
+    cache: SensitivityCache | bool = True,
+    cache_path: str | Path | None = None,
+    progress: bool = False,
+) -> SensitivityTable:
+    """Δ_g(l, b) for the quantizable layers of ``model`` (see the module docstring).
+
+    Args:
+        model: the float classifier (not modified; BN is folded in a copy).
+        calib: group-labeled calibration data; a group-balanced subset of ``num_samples`` is used.
+        layers: layer names to measure (default: every quantizable Conv2d/Linear).
+        bit_choices: widths to measure (2..8).
+        method: ``"measured"`` (one layer quantized at a time, loss measured) or ``"fisher"``.
+        cache: ``True`` for the process-wide in-memory cache, a SensitivityCache, or ``False``.
+        cache_path: optional JSON file read if its fingerprint matches, else (re)written.
+    """
+    if method not in METHODS:
+        raise ConfigError(MSG_METHOD.format(method=method))
+    bits = check_bit_choices(bit_choices)
+    if len(calib) == 0:
+        raise DataError(MSG_EMPTY.format(source=calib.source))
+    folded, infos = _prepare(model)
+    known = [l.name for l in infos]
+    names = known if layers is None else list(layers)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(MSG_LAYERS.format(names=", ".join(repr(u) for u in unknown), known=", ".join(known)))
+    sub = group_balanced_subset(calib, num_samples, seed=seed)
+    options = {"method": method, "bits": bits, "layers": names, "weight_range": weight_range,
+               "clip_search": bool(clip_search), "num_samples": int(num_samples), "seed": int(seed)}
+    key = _fingerprint(folded, sub, options)
+
+    store = DEFAULT_CACHE if cache is True else (cache or None)
+    if store is not None and (table := store.get(key)) is not None:
+        log.info("sensitivity: cached table %s…", key[:10])
+        return table
+    path = Path(cache_path) if cache_path is not None else None
+    if path is not None and (table := _read_cache_file(path, key)) is not None:
+        log.info("sensitivity: read %s", path)
+        if store is not None:
+            store.put(table)
+        return table
+
+    x = torch.from_numpy(np.ascontiguousarray(sub.x))
+    y = torch.from_numpy(np.ascontiguousarray(sub.y)).long()
+    g = torch.from_numpy(np.ascontiguousarray(sub.group)).long()
+    G = sub.num_groups
+    run = _measured if method == "measured" else _fisher
+    fisher_bs = min(batch_size, 32)
+    delta = run(folded, names, bits, x, y, g, G, batch_size if method == "measured" else fisher_bs,
+                weight_range, clip_search, progress)
+    float_loss = per_group_mean(_per_sample_loss(folded, x, y, batch_size), g, G).numpy()
+    table = SensitivityTable(
+        tuple(names), bits, tuple(sub.group_names), delta, method, float_loss,
+        np.bincount(sub.group, minlength=G).astype(np.int64), key,
+    )
+    if store is not None:
+        store.put(table)
+    if path is not None:
+        _write_cache_file(path, table)
+    return table

@@ -1,0 +1,1 @@
+"""The CI gate: ONNX Runtime validation per group, thresholds, reports and latency."""

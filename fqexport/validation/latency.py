@@ -1,0 +1,85 @@
+"""Latency of an ONNX Runtime session: warm-up, then timed repeats of one fixed batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fqexport.errors import ConfigError, DataError
+from fqexport.exporters.ort_session import _input_dtype, fixed_batch, session_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Wall-clock latency of ``session.run`` on one batch (milliseconds per batch).
+
+    ``throughput_per_s`` = batch_size / mean latency (samples per second); ``threads`` is the
+    session's intra-op thread count; ``warmup`` runs are discarded, ``repeats`` are timed.
+    """
+
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    throughput_per_s: float
+    batch_size: int
+    threads: int
+    warmup: int
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_batch(sample: np.ndarray, batch_size: int) -> np.ndarray:
+    """``batch_size`` rows from ``sample`` ``[N, ...]``, cycling through it when N < batch_size."""
+    if sample.shape[0] == 0:
+        raise DataError("measure_latency: the sample holds no rows")
+    idx = np.arange(batch_size) % sample.shape[0]
+    return np.ascontiguousarray(sample[idx])
+
+
+def measure_latency(
+    session: Any,
+    sample: np.ndarray,
+    batch_size: int,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> LatencyResult:
+    """Time ``repeats`` runs of a ``batch_size`` batch after ``warmup`` untimed runs.
+
+    p50/p95 are percentiles (linear interpolation) of the per-run latencies.
+    """
+    if int(batch_size) < 1:
+        raise ConfigError(f"latency batch_size={batch_size!r} must be >= 1")
+    if int(warmup) < 0 or int(repeats) < 1:
+        raise ConfigError(f"latency warmup={warmup!r} must be >= 0 and repeats={repeats!r} >= 1")
+    fixed = fixed_batch(session)
+    if fixed is not None and fixed != batch_size:
+        log.info("model input has a fixed batch of %d; timing batch %d instead of %d", fixed, fixed, batch_size)
+        batch_size = fixed
+    batch = make_batch(np.asarray(sample), int(batch_size)).astype(_input_dtype(session), copy=False)
+    feed = {session.get_inputs()[0].name: batch}
+    for _ in range(int(warmup)):
+        session.run(None, feed)
+    times = np.empty(int(repeats))
+    for i in range(int(repeats)):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times[i] = (time.perf_counter() - t0) * 1e3
+    mean = float(times.mean())
+    return LatencyResult(
+        p50_ms=float(np.percentile(times, 50)),
+        p95_ms=float(np.percentile(times, 95)),
+        mean_ms=mean,
+        throughput_per_s=float(batch_size / (mean / 1e3)) if mean > 0 else float("inf"),
+        batch_size=int(batch_size),
+        threads=session_threads(session),
+        warmup=int(warmup),
+        repeats=int(repeats),
+    )

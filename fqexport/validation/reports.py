@@ -1,0 +1,271 @@
+"""Reports of a :class:`~fqexport.validation.gate.ValidationReport`: JSON, Markdown, JUnit XML, PNG.
+
+Every writer is atomic: it writes a temporary file in the target directory, then
+``os.replace``s it, so a reader never sees half a report. Reports show accuracies in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from fqexport.atomic import atomic_write
+from fqexport.metrics.group_metrics import json_safe
+
+log = logging.getLogger(__name__)
+
+MSG_NO_MATPLOTLIB = "matplotlib is not installed: skipping plots (pip install matplotlib)"
+
+
+def _write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * float(x):.2f}"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), fmt)
+
+
+def write_json(report: Any, path: str | Path) -> Path:
+    """All metrics as JSON (``report.to_dict()``; accuracies as fractions, NaN as null)."""
+    return _write_text(path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def write_json_data(data: Any, path: str | Path) -> Path:
+    """Any JSON-serialisable ``data`` (NaN written as null), atomically."""
+    return _write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False, default=str) + "\n")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows (dicts with the same keys) as a Markdown table."""
+    if not rows:
+        return ""
+    cols = list(rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown_table(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """A titled Markdown table file, atomically."""
+    head = f"# {title}\n\n" if title else ""
+    return _write_text(path, head + markdown_table(rows))
+
+
+def group_rows(report: Any) -> list[dict[str, Any]]:
+    """One row per group: name, count, accuracy/loss, reference accuracy, drop, kernel deviation."""
+    rows = []
+    for name, r in report.metrics.by_group.items():
+        ref = report.reference_metrics.by_group[name]["accuracy"] if report.reference_metrics else None
+        unopt = report.unoptimized_metrics.by_group[name]["accuracy"] if report.unoptimized_metrics else None
+        rows.append(
+            {
+                "group": name,
+                "count": int(r["count"]),
+                "accuracy": r["accuracy"],
+                "loss": r["loss"],
+                "reference_accuracy": ref,
+                "drop": report.group_drop[name] if report.group_drop is not None else None,
+                "unoptimized_accuracy": unopt,
+                "kernel_deviation": report.kernel_deviation_by_group[name]
+                if report.kernel_deviation_by_group is not None
+                else None,
+            }
+        )
+    return rows
+
+
+def format_group_table(report: Any) -> str:
+    """A Markdown table of the per-group metrics (percent)."""
+    lines = [
+        "| group | n | accuracy % | loss | reference % | drop pp | unoptimized % | kernel dev pp |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in group_rows(report):
+        lines.append(
+            f"| {r['group']} | {r['count']} | {_pct(r['accuracy'])} | {_num(r['loss'], '.4f')} | "
+            f"{_pct(r['reference_accuracy'])} | {_pct(r['drop'])} | {_pct(r['unoptimized_accuracy'])} | "
+            f"{_pct(r['kernel_deviation'])} |"
+        )
+    m = report.metrics
+    lines.append(
+        f"| **overall** | {m.overall['count']} | {_pct(m.overall['accuracy'])} | {_num(m.overall['loss'], '.4f')} | "
+        f"{_pct(report.reference_metrics.overall['accuracy']) if report.reference_metrics else 'n/a'} | | "
+        f"{_pct(report.unoptimized_metrics.overall['accuracy']) if report.unoptimized_metrics else 'n/a'} | |"
+    )
+    return "\n".join(lines)
+
+
+def to_markdown(report: Any) -> str:
+    """The human report: summary, per-group table, kernels, latency, resources, checks."""
+    m = report.metrics
+    worst, worst_acc = m.group_min("accuracy")
+    out = [
+        f"# fqexport validation: {'PASS' if report.passed else 'FAIL'}",
+        "",
+        f"- model: `{report.model}`",
+        f"- data: `{report.data_source}`",
+        f"- provider: {report.provider}",
+    ]
+    if report.reference:
+        out.append(f"- reference: `{report.reference}` (top-1 agreement {_pct(report.agreement)} %)")
+    out += [
+        "",
+        "## Per group",
+        "",
+        format_group_table(report),
+        "",
+        f"- worst group: **{worst}** {_pct(worst_acc)} %; accuracy gap (max − min) {_pct(m.difference('accuracy'))} pp",
+    ]
+    if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
+        out.append(
+            f"- equalized-odds difference {_num(m.equalized_odds_difference)}; "
+            f"demographic-parity difference {_num(m.demographic_parity_difference)}"
+        )
+    if report.group_drop is not None:
+        g, d = report.max_group_drop
+        out.append(f"- largest drop vs reference: {_pct(d)} pp (group {g})")
+    if report.fused_kernels is not None:
+        nonzero = {k: v for k, v in report.fused_kernels.items() if v}
+        kernels = ", ".join(f"{k}: {v}" for k, v in nonzero.items()) or "none"
+        out += [
+            "",
+            "## Kernels",
+            "",
+            f"- kernel deviation (optimized vs unoptimized, max over groups): {_pct(report.kernel_deviation)} pp; "
+            f"top-1 agreement {_pct(report.kernel_agreement)} %",
+            f"- ops ORT runs: {kernels}",
+            f"- Conv/Gemm/MatMul in float: {', '.join(report.float_fallbacks) if report.float_fallbacks else 'none'}",
+        ]
+    if report.latency:
+        out += ["", "## Latency", "", "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for lat in report.latency:
+            out.append(
+                f"| {lat.batch_size} | {lat.p50_ms:.3f} | {lat.p95_ms:.3f} | {lat.mean_ms:.3f} | "
+                f"{lat.throughput_per_s:.1f} | {lat.threads} | {lat.warmup} | {lat.repeats} |"
+            )
+    out += [
+        "",
+        "## Resources",
+        "",
+        f"- file size: {report.size_bytes} bytes ({report.size_bytes / 1e6:.3f} MB)",
+        f"- average weight bits: {report.avg_weight_bits:.2f} ({report.resource_source}); parameters: {report.params}",
+        f"- MACs per sample: {report.macs if report.macs is not None else 'n/a'}; "
+        f"BOPs per sample: {_num(report.bops, '.4g')}",
+        f"- PePR = P / (1 + bits/32): {_num(report.pepr, '.4f')} (overall), {_num(report.pepr_worst_group, '.4f')} (worst group)",
+        "",
+        "## Checks",
+        "",
+    ]
+    if report.checks:
+        out += ["| check | limit | value | group | result |", "|---|---:|---:|---|---|"]
+        for c in report.checks:
+            out.append(
+                f"| {c.name} | {c.limit:g} | {_num(c.value, '.3f')} | {c.group or ''} | {'PASS' if c.passed else '**FAIL**'} |"
+            )
+        fails = report.failures()
+        if fails:
+            out += [""] + [f"- FAIL: {c.message}" for c in fails]
+    else:
+        out.append("No thresholds set.")
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(report: Any, path: str | Path) -> Path:
+    """Per-group table and pass/fail per threshold, as Markdown."""
+    return _write_text(path, to_markdown(report))
+
+
+def to_junit(report: Any) -> ET.Element:
+    """``<testsuite>`` with one ``<testcase>`` per check (a failed check has a ``<failure>``).
+
+    With no thresholds set, one passing ``validate`` case records that the model ran.
+    """
+    checks = list(report.checks)
+    suite = ET.Element(
+        "testsuite",
+        {
+            "name": "fqexport.validate",
+            "tests": str(max(1, len(checks))),
+            "failures": str(sum(1 for c in checks if not c.passed)),
+            "errors": "0",
+            "skipped": "0",
+        },
+    )
+    props = ET.SubElement(suite, "properties")
+    for k, v in (("model", report.model), ("data", report.data_source), ("provider", report.provider)):
+        ET.SubElement(props, "property", {"name": k, "value": str(v)})
+    if not checks:
+        ET.SubElement(suite, "testcase", {"classname": "fqexport.validate", "name": "validate"})
+    for c in checks:
+        case = ET.SubElement(suite, "testcase", {"classname": "fqexport.validate", "name": c.name})
+        if not c.passed:
+            fail = ET.SubElement(case, "failure", {"message": c.message, "type": "ThresholdExceeded"})
+            fail.text = f"{c.name}: value {c.value} limit {c.limit} group {c.group or '-'}"
+        else:
+            out = ET.SubElement(case, "system-out")
+            out.text = c.message
+    return suite
+
+
+def write_junit(report: Any, path: str | Path) -> Path:
+    """JUnit XML for CI systems: one test case per threshold check."""
+    root = ET.ElementTree(to_junit(report))
+    ET.indent(root)
+    return atomic_write(path, lambda tmp: root.write(tmp, encoding="utf-8", xml_declaration=True))
+
+
+def write_plots(report: Any, dir: str | Path) -> list[Path]:
+    """PNG plots (per-group accuracy reference vs quantized; latency). [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info(MSG_NO_MATPLOTLIB)
+        return []
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    rows = group_rows(report)
+    names = [r["group"] for r in rows]
+    series = [("model (optimized)", [r["accuracy"] for r in rows])]
+    if report.unoptimized_metrics is not None:
+        series.append(("model (unoptimized)", [r["unoptimized_accuracy"] for r in rows]))
+    if report.reference_metrics is not None:
+        series.insert(0, ("reference", [r["reference_accuracy"] for r in rows]))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.5))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [100.0 * v for v in values], width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("accuracy %")
+    ax.set_title("per-group accuracy")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    written.append(atomic_write(dir / "group_accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+    plt.close(fig)
+    if report.latency:
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        bs = [str(l.batch_size) for l in report.latency]
+        ax.bar([i - 0.2 for i in range(len(bs))], [l.p50_ms for l in report.latency], 0.4, label="p50")
+        ax.bar([i + 0.2 for i in range(len(bs))], [l.p95_ms for l in report.latency], 0.4, label="p95")
+        ax.set_xticks(range(len(bs)), bs)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("ms per batch")
+        ax.set_title(f"latency ({report.latency[0].threads} threads)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(atomic_write(dir / "latency.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+        plt.close(fig)
+    return written

@@ -1,0 +1,131 @@
+"""Resources of an ONNX model: average weight bits, parameters, MACs and BOPs per sample —
+from the fqexport metadata when present, else from the graph (every Conv/Gemm/MatMul with a
+constant weight, possibly behind DequantizeLinear)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fqexport.metadata import ACTIVATION_BITS, ExportMetadata
+
+log = logging.getLogger(__name__)
+
+
+_BITS = {"FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "DOUBLE": 64, "INT8": 8, "UINT8": 8, "INT4": 4, "UINT4": 4, "INT2": 2, "UINT2": 2}
+
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Σ over weight layers; ``macs``/``bops`` per sample, ``None`` when unknown.
+
+    avg_weight_bits = Σ bits·params / Σ params;  BOPs = Σ bits_w · bits_a · MACs.
+    """
+
+    avg_weight_bits: float
+    params: int
+    macs: int | None
+    bops: float | None
+    source: str  # "metadata" | "graph"
+
+
+def from_metadata(meta: ExportMetadata | None) -> Resources | None:
+    """Resources from the fqexport metadata contract; ``None`` when it lists no layers."""
+    if meta is None or not meta.layers:
+        return None
+    layers = meta.layers
+    a_bits = float(meta.activation_bits)
+    params = sum(l.params for l in layers)
+    bit_params = sum(float(l.bits) * l.params for l in layers)
+    macs_known = all(l.macs > 0 for l in layers)
+    macs = sum(l.macs for l in layers) if macs_known else None
+    bops = sum(float(l.bits) * a_bits * l.macs for l in layers) if macs_known else None
+    return Resources(
+        avg_weight_bits=bit_params / params if params else 32.0,
+        params=int(params),
+        macs=macs,
+        bops=bops,
+        source="metadata",
+    )
+
+
+def _shape_of(vi) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
+def from_graph(model) -> Resources:
+    """Estimate from a loaded ``onnx.ModelProto`` (shapes from ONNX shape inference)."""
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as err:  # shape inference is best effort
+        log.info("shape inference failed (%s); MACs unknown", err)
+        inferred = model
+    g = inferred.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    shapes = {vi.name: _shape_of(vi) for vi in (*g.value_info, *g.output, *g.input)}
+
+    def weight_of(name: str):
+        """(initializer, came through DequantizeLinear) behind a node input, else None."""
+        if name in inits:
+            return inits[name], False
+        p = producers.get(name)
+        if p is not None and p.op_type in ("DequantizeLinear", "Transpose", "Identity", "Reshape") and p.input[0] in inits:
+            return inits[p.input[0]], p.op_type == "DequantizeLinear"
+        return None
+
+    params = 0
+    bit_params = 0.0
+    macs_total = 0
+    bops = 0.0
+    macs_known = True
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+            continue
+        w = weight_of(node.input[1]) if len(node.input) > 1 else None
+        if w is None:
+            continue
+        tensor, _ = w
+        wshape = list(tensor.dims)
+        n_params = int(np.prod(wshape)) if wshape else 1
+        bits = _BITS.get(onnx.TensorProto.DataType.Name(tensor.data_type), 32)
+        xprod = producers.get(node.input[0])
+        a_bits = ACTIVATION_BITS if xprod is not None and xprod.op_type == "DequantizeLinear" else 32
+        params += n_params
+        bit_params += bits * n_params
+        out = shapes.get(node.output[0])
+        if not out or any(d is None for d in out[1:]):
+            macs_known = False
+            continue
+        per_out = int(np.prod(out[1:])) if len(out) > 1 else 1
+        if node.op_type in ("Conv", "ConvTranspose"):
+            k = int(np.prod(wshape[1:]))  # Cin/groups · kh · kw
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            k = wshape[1] if trans_b else wshape[0]
+        else:
+            k = wshape[-2] if len(wshape) >= 2 else wshape[0]
+        macs = per_out * k
+        macs_total += macs
+        bops += bits * a_bits * macs
+    return Resources(
+        avg_weight_bits=bit_params / params if params else 32.0,
+        params=int(params),
+        macs=int(macs_total) if macs_known and params else None,
+        bops=float(bops) if macs_known and params else None,
+        source="graph",
+    )
+
+
+def model_resources(path: str | Path, meta: ExportMetadata | None = None) -> Resources:
+    """Resources of the ONNX file at ``path``: the metadata's numbers, else the graph's."""
+    res = from_metadata(meta)
+    if res is not None:
+        return res
+    return from_graph(onnx.load(str(path), load_external_data=False))

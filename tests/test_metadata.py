@@ -1,0 +1,77 @@
+"""ExportMetadata: the typed, versioned contract in the ONNX file (fqexport/metadata.py,
+exporters/metadata.py)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from fqexport.errors import ModelLoadError
+from fqexport.exporters.metadata import read_metadata, write_metadata
+from fqexport.metadata import METADATA_VERSION, ExportMetadata, LayerRecord
+
+
+def _meta(**kw) -> ExportMetadata:
+    base = dict(fqexport_version="0.1.0", method="solver", order="sensitivity", group_names=("a", "b"),
+                group_weights=(0.5, 0.5), layers=(LayerRecord("fc1", "linear", 4, 10, 10, "int4"),),
+                input_shape=(8,), num_classes=3, avg_weight_bits=4.0)
+    base.update(kw)
+    return ExportMetadata(**base)
+
+
+def _tiny_onnx() -> onnx.ModelProto:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+
+
+def test_round_trip_through_json_and_onnx(tmp_path):
+    meta = _meta(allocation={"objective": "worst-group", "avg_bits": 3.0})
+    assert ExportMetadata.from_json(meta.to_json()) == meta
+    m = _tiny_onnx()
+    write_metadata(m, meta)
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    back = read_metadata(tmp_path / "m.onnx")
+    assert back == meta and back.layers[0].storage == "int4" and back.schema_version == METADATA_VERSION
+
+
+def test_absent_metadata_is_none(tmp_path):
+    onnx.save(_tiny_onnx(), str(tmp_path / "plain.onnx"))
+    assert read_metadata(tmp_path / "plain.onnx") is None
+
+
+def test_newer_schema_is_refused_with_the_file_name():
+    d = _meta().to_dict() | {"schema_version": METADATA_VERSION + 1}
+    with pytest.raises(ModelLoadError, match=rf"m\.onnx: its fqexport metadata has schema version {METADATA_VERSION + 1}, "
+                       rf"newer than this fqexport understands \({METADATA_VERSION}\): upgrade fqexport"):
+        ExportMetadata.from_dict(d, "m.onnx")
+
+
+def test_unversioned_metadata_of_earlier_files_reads_as_version_1():
+    legacy = {"fqexport_version": "0.1.0", "method": "rtn", "activation_bits": 8, "storage": "auto",
+              "layers": [{"name": "fc", "kind": "linear", "bits": 8, "params": 4, "macs": 4, "storage": "int8"}]}
+    meta = ExportMetadata.from_dict(legacy)
+    assert meta.schema_version == 1 and meta.layers[0].bits == 8 and meta.storage == "auto"
+
+
+def test_malformed_metadata_names_the_file(tmp_path):
+    m = _tiny_onnx()
+    onnx.helper.set_model_props(m, {"fqexport": "{not json"})
+    onnx.save(m, str(tmp_path / "badmeta.onnx"))
+    with pytest.raises(ModelLoadError, match=r"badmeta\.onnx: fqexport metadata is not valid JSON"):
+        read_metadata(tmp_path / "badmeta.onnx")
+    onnx.helper.set_model_props(m, {"fqexport": json.dumps({"fqexport_version": "0", "method": "x",
+                                                            "layers": [{"nom": "fc"}]})})
+    onnx.save(m, str(tmp_path / "badlayer.onnx"))
+    with pytest.raises(ModelLoadError, match=r"badlayer\.onnx: fqexport metadata field 'layers' is invalid"):
+        read_metadata(tmp_path / "badlayer.onnx")
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    with pytest.raises(ModelLoadError, match=r"cannot load ONNX model .*broken\.onnx"):
+        read_metadata(bad)

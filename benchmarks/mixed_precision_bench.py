@@ -32,12 +32,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 
 from fqexport.calibration.sampling import group_balanced_subset
-from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.config import MixedPrecisionConfig, QuantConfig, SensitivityMethod
 from fqexport.demo.models import MLP, SmallResNet
 from fqexport.demo.task import make_image_task, make_tabular_task
 from fqexport.metrics.group_metrics import group_metrics
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="demo,mlp", help="comma list of demo, mlp")
     p.add_argument("--budgets", default="2.25,2.5,3,4", help="average weight bits, comma list")
-    p.add_argument("--sensitivity", choices=["measured", "fisher"], default="measured")
+    p.add_argument("--sensitivity", choices=get_args(SensitivityMethod), default="measured")
     p.add_argument("--candidates", type=int, default=3, help="allocations verified per search")
     p.add_argument("--verify-folds", type=int, default=3, help="MixedPrecisionConfig.verify_folds")
     p.add_argument("--seed", type=int, default=0,

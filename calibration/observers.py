@@ -15,10 +15,11 @@ which is a uniform sample without replacement of all values seen; deterministic 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Sequence, get_args
 
 import torch
 
+from fqexport.config import Calibration
 from fqexport.errors import ConfigError, DataError
 from fqexport.quant.grid import act_qparams, fake_quantize_act
 
@@ -29,7 +30,7 @@ MAX_SAMPLES_PER_GROUP = 2**18
 MSE_SHRINKS = tuple(round(1.0 - 0.025 * i, 3) for i in range(37))
 # Values per group the MSE search evaluates (a uniform subset of the kept sample).
 MSE_EVAL_SAMPLES = 2**15
-KINDS = ("minmax", "percentile", "mse")
+KINDS: tuple[str, ...] = get_args(Calibration)
 NO_DATA = "{name}: the observer has seen no values; run calibration batches through it first"
 
 

@@ -2,31 +2,78 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, get_args
 
+import numpy as np
+
 from fqexport.errors import ConfigError
 
-SUPPORTED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+# Every set of choices is defined once, here, as a Literal; tuples come from ``get_args``.
+WeightBits = Literal[2, 3, 4, 5, 6, 7, 8]
+SUPPORTED_WEIGHT_BITS: tuple[int, ...] = get_args(WeightBits)
 Method = Literal["solver", "rtn"]
-Order = Literal["sensitivity", "hessian-diag", "natural"]
+# Column orders of the solver (fqexport.quant.solver); all but "natural" rank by a score.
+Order = Literal["sensitivity", "hessian-diag", "natural", "obs"]
 SolverTarget = Literal["float-output", "layer"]
 Calibration = Literal["minmax", "percentile", "mse"]
 WeightRange = Literal["x86-safe", "full"]
 Storage = Literal["auto", "int8", "packed"]
+# Storage modes a bytes budget can be counted in: the export's, or "ideal" (b bits per weight).
+BudgetStorage = Literal[Storage, "ideal"]
 Device = Literal["auto", "cpu", "cuda"]
+MixedObjective = Literal["worst-group", "mean", "weighted"]
+SensitivityMethod = Literal["measured", "fisher"]
+BudgetKind = Literal["bits", "bytes", "bops"]
+DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
+
+MSG_BITS = "{where}={bits!r} is not supported: weight bits must be an integer from 2 to 8"
+MSG_CHOICE = "{where}={value!r} is not one of {choices}"
+MSG_BIT_CHOICES = "bit_choices={bits!r} must be a non-empty set of integers from 2 to 8"
+MSG_BUDGET_KIND = "budget kind={kind!r} is not one of " + ", ".join(get_args(BudgetKind))
+MSG_BUDGET_VALUE = "budget_{kind}={value!r} must be a finite number > 0"
+MSG_BUDGET_BITS = "budget_bits={value!r} must be in [2, 8] (average weight bits)"
 
 
-def _check_bits(bits: object, where: str) -> None:
+def check_bits(bits: object, where: str) -> int:
+    """``bits`` if it is a supported weight width (an int from 2 to 8), else ConfigError."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_WEIGHT_BITS:
-        raise ConfigError(
-            f"{where}={bits!r} is not supported: weight bits must be an integer from 2 to 8"
-        )
+        raise ConfigError(MSG_BITS.format(where=where, bits=bits))
+    return bits
 
 
-def _check_choice(value: object, choices: tuple[str, ...], where: str) -> None:
+def check_choice(value: object, choices: tuple[str, ...], where: str) -> None:
+    """ConfigError naming ``where`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ConfigError(f"{where}={value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(MSG_CHOICE.format(where=where, value=value, choices=", ".join(choices)))
+
+
+def check_bit_choices(bits: object) -> tuple[int, ...]:
+    """Candidate widths as a sorted tuple without duplicates, each an int from 2 to 8."""
+    try:
+        values = list(bits)  # type: ignore[call-overload]
+    except TypeError as err:
+        raise ConfigError(MSG_BIT_CHOICES.format(bits=bits)) from err
+    if not values or any(
+        isinstance(b, bool) or not isinstance(b, (int, np.integer)) or int(b) not in SUPPORTED_WEIGHT_BITS
+        for b in values
+    ):
+        raise ConfigError(MSG_BIT_CHOICES.format(bits=bits))
+    return tuple(sorted({int(b) for b in values}))
+
+
+def check_budget(kind: object, value: object) -> float:
+    """The one check of a budget (config, allocation, sweep): ``kind`` one of
+    :data:`BudgetKind`, ``value`` a finite number > 0, and in [2, 8] for average weight bits."""
+    if kind not in get_args(BudgetKind):
+        raise ConfigError(MSG_BUDGET_KIND.format(kind=kind))
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)) or not float(value) > 0:
+        raise ConfigError(MSG_BUDGET_VALUE.format(kind=kind, value=value))
+    if kind == "bits" and not 2.0 <= float(value) <= 8.0:
+        raise ConfigError(MSG_BUDGET_BITS.format(value=value))
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -39,7 +86,8 @@ class QuantConfig:
         method: ``"solver"`` (sensitivity-guided, shared inverse Hessian) or ``"rtn"``
             (round to nearest on a clipping-searched grid).
         order: column order of the solver: ``"sensitivity"`` (Σ_i w_ij² H_jj, default),
-            ``"hessian-diag"`` (H_jj) or ``"natural"``.
+            ``"hessian-diag"`` (H_jj), ``"obs"`` (Σ_i (w_ij − q(w_ij))² / [H⁻¹]_jj, the OBS cost of
+            rounding column j alone) or ``"natural"``.
         damp: Hessian dampening relative to mean(diag H).
         solver_target: what the solver fits each layer to. ``"float-output"`` (default): the
             float model's layer output, ``min_Q ||W X_f − Q X||²`` with ``X`` the inputs from
@@ -79,6 +127,9 @@ class QuantConfig:
         device: where Hessian collection, the float-output retarget and the solver run:
             ``"auto"`` (CUDA when ``torch.cuda.is_available()``, else CPU), ``"cpu"`` or ``"cuda"``.
             Results are written back to CPU tensors either way.
+        max_activation_memory_mb: cap on the calibration activations the layer loop keeps
+            cached (on ``device``); beyond it batches are spilled to a temporary directory.
+            The default (6144 MB) leaves room for the models and Hessians on a 24 GiB machine.
         seed: seed of the calibration subset draw.
     """
 
@@ -101,19 +152,20 @@ class QuantConfig:
     bn_reestimate: bool = True
     skip_unsupported: bool = False
     device: Device = "auto"
+    max_activation_memory_mb: float = 6144.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.weight_bits, "weight_bits")
         for name, bits in dict(self.layer_bits).items():
-            _check_bits(bits, f"layer_bits[{name!r}]")
-        _check_choice(self.method, get_args(Method), "method")
-        _check_choice(self.order, get_args(Order), "order")
-        _check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
-        _check_choice(self.calibration, get_args(Calibration), "calibration")
-        _check_choice(self.weight_range, get_args(WeightRange), "weight_range")
-        _check_choice(self.storage, get_args(Storage), "storage")
-        _check_choice(self.device, get_args(Device), "device")
+            check_bits(bits, f"layer_bits[{name!r}]")
+        check_choice(self.method, get_args(Method), "method")
+        check_choice(self.order, get_args(Order), "order")
+        check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
+        check_choice(self.calibration, get_args(Calibration), "calibration")
+        check_choice(self.weight_range, get_args(WeightRange), "weight_range")
+        check_choice(self.storage, get_args(Storage), "storage")
+        check_choice(self.device, get_args(Device), "device")
         if not (0.0 <= float(self.damp) < 10.0):
             raise ConfigError(f"damp={self.damp!r} must be in [0, 10)")
         if int(self.block_size) < 1:
@@ -124,6 +176,11 @@ class QuantConfig:
             raise ConfigError(f"num_calib={self.num_calib!r} must be >= 1")
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
+        if not (float(self.max_activation_memory_mb) >= 0.0):
+            raise ConfigError(
+                f"max_activation_memory_mb={self.max_activation_memory_mb!r} must be >= 0 "
+                "(0 spills every cached activation to disk)"
+            )
         gw = self.group_weights
         if gw is not None and gw != "samples":
             if not isinstance(gw, Mapping) or not gw:
@@ -148,10 +205,6 @@ class QuantConfig:
         return int(self.layer_bits.get(layer, self.weight_bits))
 
 
-MixedObjective = Literal["worst-group", "mean", "weighted"]
-SensitivityMethod = Literal["measured", "fisher"]
-DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
-
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
@@ -161,7 +214,8 @@ class MixedPrecisionConfig:
         budget_bits: parameter-weighted average weight bits (e.g. 4.0).
         budget_bytes: weight bytes: packed codes of the export's storage mode + 5 bytes per
             output channel (scale, zero point).
-        budget_bops: Σ w_bits · 8 · MACs per sample.
+        budget_bops: Σ w_bits · a · MACs per sample, a the activation width
+            (``fqexport.metadata.ACTIVATION_BITS``, 8).
 
     Attributes:
         objective: ``"worst-group"`` (minimise the largest group loss increase + ``mean_weight``
@@ -169,6 +223,9 @@ class MixedPrecisionConfig:
             (``group_weights``).
         bit_choices: candidate widths per layer (2..8).
         pins: layer-name patterns (fnmatch) -> fixed width, e.g. ``{"stem.0": 8, "fc": 8}``.
+        pin_first_last: pin the first and the last quantizable layer (execution order) to this
+            width; ``None`` (default) leaves them free. ``pins`` naming the same layer with
+            another width is an error.
         sensitivity: ``"measured"`` (quantize one layer, measure group losses) or ``"fisher"``.
         group_weights: per-group weights for ``"weighted"`` (group name -> weight).
         mean_weight: λ of the mean term in the worst-group objective.
@@ -204,6 +261,7 @@ class MixedPrecisionConfig:
     objective: MixedObjective = "worst-group"
     bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
     pins: Mapping[str, int] = field(default_factory=dict)
+    pin_first_last: int | None = None
     sensitivity: SensitivityMethod = "measured"
     group_weights: Mapping[str, float] | None = None
     mean_weight: float = 0.1
@@ -220,7 +278,7 @@ class MixedPrecisionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        budgets = {k: getattr(self, k) for k in ("budget_bits", "budget_bytes", "budget_bops")}
+        budgets = {f"budget_{k}": getattr(self, f"budget_{k}") for k in get_args(BudgetKind)}
         given = {k: v for k, v in budgets.items() if v is not None}
         if len(given) != 1:
             raise ConfigError(
@@ -228,20 +286,14 @@ class MixedPrecisionConfig:
                 f"(got {', '.join(given) or 'none'}); CLI: --budget-bits 4.0"
             )
         (name, value), = given.items()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) > 0) \
-                or value != value or value == float("inf"):
-            raise ConfigError(f"{name}={value!r} must be a finite number > 0")
-        if name == "budget_bits" and not (2.0 <= float(value) <= 8.0):
-            raise ConfigError(f"budget_bits={value!r} must be in [2, 8] (average weight bits)")
-        _check_choice(self.objective, get_args(MixedObjective), "objective")
-        _check_choice(self.sensitivity, get_args(SensitivityMethod), "sensitivity")
-        choices = tuple(self.bit_choices)
-        if not choices:
-            raise ConfigError("bit_choices must name at least one width from 2 to 8")
-        for b in choices:
-            _check_bits(b, "bit_choices")
+        check_budget(name.removeprefix("budget_"), value)
+        check_choice(self.objective, get_args(MixedObjective), "objective")
+        check_choice(self.sensitivity, get_args(SensitivityMethod), "sensitivity")
+        check_bit_choices(self.bit_choices)
         for pattern, bits in dict(self.pins).items():
-            _check_bits(bits, f"pins[{pattern!r}]")
+            check_bits(bits, f"pins[{pattern!r}]")
+        if self.pin_first_last is not None:
+            check_bits(self.pin_first_last, "pin_first_last")
         if self.objective == "weighted" and not self.group_weights:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
         if not (float(self.mean_weight) >= 0.0):
@@ -265,13 +317,11 @@ class MixedPrecisionConfig:
             )
 
     @property
-    def budget_kind(self) -> str:
+    def budget_kind(self) -> BudgetKind:
         """``"bits"``, ``"bytes"`` or ``"bops"``: the budget that is set."""
-        if self.budget_bits is not None:
-            return "bits"
-        return "bytes" if self.budget_bytes is not None else "bops"
+        return next(k for k in get_args(BudgetKind) if getattr(self, f"budget_{k}") is not None)
 
     @property
     def budget_value(self) -> float:
         """The value of the budget that is set."""
-        return float(next(v for v in (self.budget_bits, self.budget_bytes, self.budget_bops) if v is not None))
+        return float(getattr(self, f"budget_{self.budget_kind}"))

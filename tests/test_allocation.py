@@ -10,7 +10,6 @@ import pytest
 from fqexport.search.allocation import (
     Budget,
     LayerCost,
-    allocate,
     candidate_allocations,
     container_bits,
     first_last_pins,
@@ -18,6 +17,7 @@ from fqexport.search.allocation import (
     rescore,
     resolve_pins,
     resource_used,
+    search_pins,
 )
 from fqexport.errors import ConfigError
 from fqexport.search.sensitivity import SensitivityTable
@@ -52,8 +52,8 @@ def test_worst_group_protects_the_layer_only_the_minority_depends_on():
     t, infos = minority_layer_case()
     budget = Budget("bits", 3.0)  # 9000 bit·params: e.g. 4 + 3 + 2 or 3 + 4 + 2
     # population-weighted mean (90/10): the minority's layer is cheap to sacrifice
-    mean = allocate(t, infos, budget, "mean", group_weights={"majority": 0.9, "minority": 0.1})
-    worst = allocate(t, infos, budget, "worst-group")
+    mean = candidate_allocations(t, infos, budget, "mean", group_weights={"majority": 0.9, "minority": 0.1})[0]
+    worst = candidate_allocations(t, infos, budget, "worst-group")[0]
     assert mean.bits["minority_path"] < worst.bits["minority_path"]
     assert worst.bits["minority_path"] >= 4
     assert worst.predicted["minority"] < mean.predicted["minority"]
@@ -70,13 +70,13 @@ def test_worst_group_protects_the_layer_only_the_minority_depends_on():
 def test_weighted_objective_follows_the_user_weights():
     t, infos = minority_layer_case()
     budget = Budget("bits", 3.0)
-    w_min = allocate(t, infos, budget, "weighted", group_weights={"minority": 1.0, "majority": 0.0})
-    w_maj = allocate(t, infos, budget, "weighted", group_weights={"majority": 1.0})
+    w_min = candidate_allocations(t, infos, budget, "weighted", group_weights={"minority": 1.0, "majority": 0.0})[0]
+    w_maj = candidate_allocations(t, infos, budget, "weighted", group_weights={"majority": 1.0})[0]
     assert w_min.bits["minority_path"] > w_maj.bits["minority_path"]
     with pytest.raises(ConfigError, match="objective='weighted' needs group_weights"):
-        allocate(t, infos, budget, "weighted")
+        candidate_allocations(t, infos, budget, "weighted")[0]
     with pytest.raises(ConfigError, match="group_weights names 'nobody'"):
-        allocate(t, infos, budget, "weighted", group_weights={"nobody": 1.0})
+        candidate_allocations(t, infos, budget, "weighted", group_weights={"nobody": 1.0})[0]
 
 
 def random_case(rng, layers=5):
@@ -109,7 +109,7 @@ def test_mean_objective_is_the_exact_knapsack_optimum():
     for trial in range(10):
         t, infos = random_case(rng, layers=4)
         cap = 3.3
-        a = allocate(t, infos, Budget("bits", cap), "mean")
+        a = candidate_allocations(t, infos, Budget("bits", cap), "mean")[0]
         total = sum(i.params for i in infos)
         best = min(
             sum(t.at(l, b).mean() for l, b in zip(t.layers, c))
@@ -121,26 +121,26 @@ def test_mean_objective_is_the_exact_knapsack_optimum():
 
 def test_rescore_scores_an_allocation_like_another_objective():
     t, infos = minority_layer_case()
-    mean = allocate(t, infos, Budget("bits", 3.0), "mean", group_weights={"majority": 0.9, "minority": 0.1})
+    mean = candidate_allocations(t, infos, Budget("bits", 3.0), "mean", group_weights={"majority": 0.9, "minority": 0.1})[0]
     d = np.array([mean.predicted[g] for g in GROUPS])
     wg = rescore(mean, "worst-group", mean_weight=0.5)
     assert wg.objective == "worst-group" and wg.bits == mean.bits and wg.predicted == mean.predicted
     assert wg.score == pytest.approx(d.max() + 0.5 * d.mean())
     assert wg.group_weights == mean.group_weights  # still says which inner problem produced it
     # on the same footing as the worst-group candidates: the mean optimum gives up the minority
-    assert wg.score > allocate(t, infos, Budget("bits", 3.0), "worst-group", mean_weight=0.5).score
+    assert wg.score > candidate_allocations(t, infos, Budget("bits", 3.0), "worst-group", mean_weight=0.5)[0].score
     weighted = rescore(mean, "weighted", group_weights={"majority": 1.0, "minority": 3.0})
     assert weighted.score == pytest.approx(d @ np.array([0.25, 0.75]))
 
 
 def test_pinned_layers_keep_their_width():
     t, infos = minority_layer_case()
-    a = allocate(t, infos, Budget("bits", 4.0), "worst-group", pins={"shared": 8, "b*": 2})
+    a = candidate_allocations(t, infos, Budget("bits", 4.0), "worst-group", pins={"shared": 8, "b*": 2})[0]
     assert a.bits["shared"] == 8
     assert a.bits["big"] == 2
     assert resource_used(a.bits, infos, "bits") <= 4.0
     # a pinned width missing from the table uses the nearest measured width above it
-    b = allocate(t, infos, Budget("bits", 5.0), "mean", pins={"minority_path": 6})
+    b = candidate_allocations(t, infos, Budget("bits", 5.0), "mean", pins={"minority_path": 6})[0]
     assert b.bits["minority_path"] == 6
 
 
@@ -151,13 +151,23 @@ def test_pin_errors_name_the_pattern():
         resolve_pins({"a": 8, "*": 4}, ["a", "b"])
     with pytest.raises(ConfigError, match="pinned widths must be integers from 2 to 8"):
         resolve_pins({"a": 9}, ["a"])
-    assert first_last_pins(["stem", "mid", "fc"]) == {"stem": 8, "fc": 8}
+    assert first_last_pins(["stem", "mid", "fc"], 8) == {"stem": 8, "fc": 8}
+    assert first_last_pins(["stem", "mid", "fc"], None) == {}
+
+
+def test_search_pins_merge_first_last_with_user_pins():
+    layers = ["stem", "mid", "fc"]
+    assert search_pins({"mid": 4}, layers, 8) == {"mid": 4, "stem": 8, "fc": 8}
+    assert search_pins({"fc": 8}, layers, 8) == {"fc": 8, "stem": 8}
+    assert search_pins(None, layers, None) == {}
+    with pytest.raises(ConfigError, match="layer 'fc' is pinned twice with different widths \\(6 and 8\\)"):
+        search_pins({"fc": 6}, layers, 8)
 
 
 def test_infeasible_budget_says_what_is_needed():
     t, infos = minority_layer_case()
     with pytest.raises(ConfigError, match=r"budget bits=3 cannot be met.*needs 4\b"):
-        allocate(t, infos, Budget("bits", 3.0), "worst-group", pins={"shared": 8})
+        candidate_allocations(t, infos, Budget("bits", 3.0), "worst-group", pins={"shared": 8})[0]
 
 
 def test_resources_bytes_and_bops():
@@ -171,13 +181,20 @@ def test_resources_bytes_and_bops():
     assert container_bits(5, "int8") == 8
     with pytest.raises(ConfigError, match="budget kind='flops' is not one of bits, bytes, bops"):
         Budget("flops", 1.0)
-    with pytest.raises(ConfigError, match="budget bits=-1 must be a finite number > 0"):
+    with pytest.raises(ConfigError, match="budget_bits=-1 must be a finite number > 0"):
         Budget("bits", -1)
+    with pytest.raises(ConfigError, match="budget_bytes=inf must be a finite number > 0"):
+        Budget("bytes", float("inf"))
+    # the same check as MixedPrecisionConfig: average bits lie in [2, 8]
+    with pytest.raises(ConfigError, match=r"budget_bits=9 must be in \[2, 8\]"):
+        Budget("bits", 9)
+    with pytest.raises(ConfigError, match="storage='int3' is not one of auto, int8, packed, ideal"):
+        container_bits(4, "int3")
 
 
 def test_allocation_to_dict_reports_bits_and_prediction():
     t, infos = minority_layer_case()
-    a = allocate(t, infos, Budget("bits", 4.0), "worst-group")
+    a = candidate_allocations(t, infos, Budget("bits", 4.0), "worst-group")[0]
     d = a.to_dict()
     assert d["bits"] == a.bits
     assert d["budget"] == {"kind": "bits", "value": 4.0}
@@ -194,9 +211,9 @@ def test_noisy_negative_or_non_monotone_deltas_do_not_buy_fewer_bits():
     infos = [LayerCost("noisy", 1000, 1000, 10), LayerCost("other", 1000, 1000, 10)]
     for objective in ("worst-group", "mean"):
         # a budget that fits every layer at 8 bits: nothing is gained by fewer bits
-        a = allocate(t, infos, Budget("bits", 8.0), objective)
+        a = candidate_allocations(t, infos, Budget("bits", 8.0), objective)[0]
         assert a.bits == {"noisy": 8, "other": 8}, objective
-    a = allocate(t, infos, Budget("bits", 3.0), "worst-group")
+    a = candidate_allocations(t, infos, Budget("bits", 3.0), "worst-group")[0]
     # the envelope max(0, max over wider widths): 2 bits -> (0.05, 0.03), 3 bits -> (0.02, 0.03)
     if a.bits["noisy"] == 2:
         assert a.predicted["minority"] >= 0.03 - 1e-12

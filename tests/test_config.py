@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
 import pytest
 
-from fqexport.config import QuantConfig
+from fqexport.config import (
+    BudgetStorage,
+    Order,
+    QuantConfig,
+    Storage,
+    check_bit_choices,
+    check_budget,
+)
 from fqexport.errors import ConfigError
+from fqexport.quant.solver import ORDERS
 
 
 def test_defaults():
@@ -35,7 +44,7 @@ def test_frozen():
         ({"weight_bits": 8.0}, "weight_bits=8.0 is not supported"),
         ({"layer_bits": {"fc": 16}}, "layer_bits['fc']=16 is not supported"),
         ({"method": "gptq"}, "method='gptq' is not one of solver, rtn"),
-        ({"order": "random"}, "order='random' is not one of sensitivity, hessian-diag, natural"),
+        ({"order": "random"}, "order='random' is not one of sensitivity, hessian-diag, natural, obs"),
         ({"calibration": "entropy"}, "calibration='entropy' is not one of minmax, percentile, mse"),
         ({"weight_range": "half"}, "weight_range='half' is not one of x86-safe, full"),
         ({"storage": "int4"}, "storage='int4' is not one of auto, int8, packed"),
@@ -69,3 +78,33 @@ def test_group_weights_accepted(gw):
 def test_nan_group_weight_rejected():
     with pytest.raises(ConfigError, match=r"group_weights\['a'\]=nan must be >= 0"):
         QuantConfig(group_weights={"a": float("nan")})
+
+
+def test_every_solver_order_is_reachable_from_the_config():
+    assert ORDERS == get_args(Order)
+    assert QuantConfig(order="obs").order == "obs"
+
+
+def test_budget_storage_extends_the_export_storages():
+    assert get_args(BudgetStorage) == (*get_args(Storage), "ideal")
+
+
+@pytest.mark.parametrize("kind, value, fragment", [
+    ("flops", 1.0, "budget kind='flops' is not one of bits, bytes, bops"),
+    ("bytes", 0, "budget_bytes=0 must be a finite number > 0"),
+    ("bops", float("nan"), "budget_bops=nan must be a finite number > 0"),
+    ("bits", True, "budget_bits=True must be a finite number > 0"),
+    ("bits", 1.5, "budget_bits=1.5 must be in [2, 8] (average weight bits)"),
+])
+def test_check_budget_errors(kind, value, fragment):
+    with pytest.raises(ConfigError) as info:
+        check_budget(kind, value)
+    assert fragment in str(info.value)
+
+
+def test_check_budget_and_bit_choices_accept_good_values():
+    assert check_budget("bits", 2) == 2.0 and check_budget("bytes", 1e6) == 1e6
+    assert check_bit_choices([8, 2, 4, 2]) == (2, 4, 8)
+    for bad in ([], [2, 9], [True], ["4"], 4):
+        with pytest.raises(ConfigError, match="must be a non-empty set of integers from 2 to 8"):
+            check_bit_choices(bad)

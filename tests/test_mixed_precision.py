@@ -47,6 +47,19 @@ def test_search_stays_within_budget_and_honours_pins(search):
     assert search.compressed.avg_weight_bits == pytest.approx(alloc.avg_bits)
 
 
+def test_pin_first_last_pins_the_first_and_last_layer(mlp_model, mlp_data):
+    # 4 average bits with fc1 (16384 weights) and fc3 (1024) held at 8: fc2 (65536) has
+    # 4·82944 − 8·17408 = 192512 bit·params left, 2.94 bits per weight, so it gets 2
+    mp = MixedPrecisionConfig(budget_bits=4.0, pin_first_last=8, bit_choices=(2, 3, 4, 8), num_candidates=1,
+                              sensitivity_samples=128, mw_steps=5, verify_folds=1, refit=False,
+                              verify_uniform=False, verify_mean=False)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
+    assert res.allocation.bits["fc1"] == 8 and res.allocation.bits["fc3"] == 8
+    assert res.allocation.bits["fc2"] == 2 and res.allocation.avg_bits <= 4.0
+    with pytest.raises(ConfigError, match="layer 'fc3' is pinned twice with different widths"):
+        search_mixed_precision(mlp_model, mlp_data, replace(mp, pins={"fc3": 4}), BASE, progress=False)
+
+
 def test_candidates_report_predicted_and_measured(search, mlp_data):
     groups = {"a", "b"}
     assert 2 <= len(search.candidates) <= 4
@@ -282,6 +295,9 @@ def test_writers_on_given_points(tmp_path):
     assert text[1] == "3.0,2.9,1234.0,b,0.8,0.9,0.85,0.93,fc1=3"
     with pytest.raises(ConfigError, match="budgets must be a non-empty list"):
         pareto_sweep(None, None, [])
+    # a bad budget anywhere in the list fails before the first (slow) search runs
+    with pytest.raises(ConfigError, match=r"budget_bits=9 must be in \[2, 8\]"):
+        pareto_sweep(None, None, [3, 9])
 
 
 @pytest.mark.parametrize(
@@ -292,7 +308,9 @@ def test_writers_on_given_points(tmp_path):
         ({"budget_bits": 9.0}, "budget_bits=9.0 must be in [2, 8]"),
         ({"budget_bytes": -5}, "budget_bytes=-5 must be a finite number > 0"),
         ({"budget_bits": 4, "objective": "max"}, "objective='max' is not one of worst-group, mean, weighted"),
-        ({"budget_bits": 4, "bit_choices": (2, 9)}, "bit_choices=9 is not supported"),
+        ({"budget_bits": 4, "bit_choices": (2, 9)}, "bit_choices=(2, 9) must be a non-empty set of integers from 2 to 8"),
+        ({"budget_bits": 4, "bit_choices": ()}, "bit_choices=() must be a non-empty set of integers from 2 to 8"),
+        ({"budget_bits": 4, "pin_first_last": 16}, "pin_first_last=16 is not supported"),
         ({"budget_bits": 4, "pins": {"fc": 1}}, "pins['fc']=1 is not supported"),
         ({"budget_bits": 4, "objective": "weighted"}, "objective='weighted' needs group_weights"),
         ({"budget_bits": 4, "num_candidates": 0}, "num_candidates=0 must be >= 1"),

@@ -11,9 +11,11 @@ from torch import nn
 import fixtures_models as fm
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
 from fqexport.graph.prepare import (
+    MSG_NO_LAYERS,
     check_supported,
     count_macs,
     fold_batchnorm,
+    prepare_model,
     quantizable_layers,
     trace,
     unsupported_layers,
@@ -159,3 +161,45 @@ def test_count_macs_conv_stride_padding_groups_and_linear():
     # per sample: out elements x (in/groups · kh · kw) for convs, out x in for Linear
     assert macs == {"0": 6 * 25 * (2 * 9), "1": 6 * 25 * 9, "3": 3 * 150}
     assert not net[0]._forward_hooks  # hooks removed
+
+
+class DropoutByMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(nn.functional.dropout(x, 0.5, training=self.training))
+
+
+def test_prepare_model_folds_bn_lists_layers_and_leaves_the_model_alone(cnn_model):
+    model = copy.deepcopy(cnn_model).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_model(model)
+    assert prepared.names == ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
+    assert prepared.bn_convs == {"stem", "conv_a", "conv_b", "dw"}
+    assert [l.had_batchnorm for l in prepared.layers] == [True, True, True, True, False, False]
+    assert prepared.skipped == frozenset()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.folded.modules())
+    assert not prepared.folded.training and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(prepared.folded(x), cnn_model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_model_skip_rules():
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'norm' \(LayerNorm\) cannot be quantized"):
+        prepare_model(WithLayerNorm())
+    prepared = prepare_model(WithLayerNorm(), skip_unsupported=True)
+    assert prepared.names == ["fc1", "fc2"] and prepared.skipped == {"norm"}
+    with pytest.raises(UnsupportedLayerError, match=MSG_NO_LAYERS):
+        prepare_model(nn.Sequential(nn.ReLU()))
+
+
+def test_prepare_model_traces_a_training_model_in_eval_mode():
+    torch.manual_seed(0)
+    model = DropoutByMode().train()
+    prepared = prepare_model(model)
+    x = torch.ones(64, 4)
+    # dropout(training=self.training) is baked in at trace time: eval mode, so no dropout
+    torch.testing.assert_close(prepared.folded(x), model.eval()(x))

@@ -1,4 +1,4 @@
-"""Tests of fqexport/solver.py on small layers with correlated Hessians."""
+"""Tests of fqexport/quant/solver.py on small layers with correlated Hessians."""
 
 from __future__ import annotations
 
@@ -173,6 +173,34 @@ def test_hessian_aware_grid_uses_diag_h():
     torch.testing.assert_close(g.scale, ref.scale, rtol=0, atol=0)
     plain = choose_solver_grid(W, H, 3, hessian_aware=False)
     torch.testing.assert_close(plain.scale, choose_weight_grid(W, 3).scale, rtol=0, atol=0)
+
+
+def test_hessian_aware_grid_of_a_grouped_conv_weights_each_row_by_its_conv_group():
+    # a grouped conv's Hessian is [conv groups, cols, cols]: rows 0-3 see H1, rows 4-7 see H2
+    W, H1 = _layer(out=8, cols=18, seed=3)
+    _, H2 = _layer(out=8, cols=18, seed=4)
+    g = choose_solver_grid(W, torch.stack([H1, H2]), 2)
+    top = choose_weight_grid(W[:4], 2, column_weight=torch.diagonal(H1))
+    bot = choose_weight_grid(W[4:], 2, column_weight=torch.diagonal(H2))
+    torch.testing.assert_close(g.scale, torch.cat([top.scale, bot.scale]), rtol=0, atol=0)
+    assert (g.qmax, g.qmin) == (top.qmax, top.qmin)
+    # the weighting matters: with H1 for every row the bottom rows get other scales
+    assert not torch.equal(g.scale[4:], choose_weight_grid(W[4:], 2, column_weight=torch.diagonal(H1)).scale)
+    with pytest.raises(ConfigError, match=r"weight has shape \(8, 18\) and Hessian \(3, 18, 18\)"):
+        choose_solver_grid(W, torch.stack([H1, H2, H1]), 2)
+    with pytest.raises(ConfigError, match=r"weight has shape \(8, 18\) and Hessian \(9, 9\)"):
+        choose_solver_grid(W, H1[:9, :9], 2)
+
+
+def test_rtn_layer_rounds_each_weight_to_the_nearest_code():
+    W, H = _layer(out=6, cols=10)
+    grid = choose_weight_grid(W, 4, clip_search=False)
+    res = rtn_layer(W, grid)
+    s = grid.scale.reshape(-1, 1)
+    # every code is the nearest grid point: |w − s·q| <= s/2 (no clipping: s = max|w|/qmax)
+    assert bool(((W - s * res.codes).abs() <= s / 2 + 1e-7).all())
+    assert res.codes.abs().max() == grid.qmax
+    assert res.loss == pytest.approx(float((W - res.qweight).pow(2).sum()))
 
 
 def test_solve_conv_groups_matches_per_group_solves():

@@ -1,4 +1,5 @@
-"""A small, deterministic training loop for the demo models, and a per-group accuracy helper.
+"""A small, deterministic training loop for the demo models (per-group accuracy and loss:
+:func:`fqexport.metrics.group_metrics.group_metrics`).
 
 SGD with Nesterov momentum, a one-cycle schedule (linear warm-up, cosine decay to 0) driven by
 the training *progress* p ∈ [0, 1]:
@@ -197,40 +198,3 @@ def train_classifier(
             model.to(memory_format=torch.contiguous_format)
     model.eval()
     return model
-
-
-@torch.no_grad()
-def evaluate_groups(model: nn.Module, data: GroupData, batch_size: int = 256) -> dict:
-    """Accuracy and mean cross-entropy, overall and per group.
-
-    Returns ``{"overall": acc, "loss": mean_loss, "by_group": {name: acc}, "loss_by_group":
-    {name: loss}, "counts": {name: n}}``; a group with no samples gets ``nan``.
-    """
-    if len(data) == 0:
-        raise DataError(MSG_EMPTY.format(source=data.source))
-    was_training = model.training
-    model.eval()
-    correct = np.zeros(len(data), dtype=bool)
-    losses = np.zeros(len(data), dtype=np.float64)
-    start = 0
-    for xb, yb, _ in data.batches(int(batch_size)):
-        logits = model(torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)))
-        yt = torch.from_numpy(np.asarray(yb, dtype=np.int64))
-        stop = start + len(yb)
-        correct[start:stop] = (logits.argmax(-1) == yt).numpy()
-        losses[start:stop] = F.cross_entropy(logits, yt, reduction="none").double().numpy()
-        start = stop
-    model.train(was_training)
-    by_group, loss_by_group, counts = {}, {}, {}
-    for gid, name in enumerate(data.group_names):
-        mask = data.group == gid
-        counts[name] = int(mask.sum())
-        by_group[name] = float(correct[mask].mean()) if mask.any() else float("nan")
-        loss_by_group[name] = float(losses[mask].mean()) if mask.any() else float("nan")
-    return {
-        "overall": float(correct.mean()),
-        "loss": float(losses.mean()),
-        "by_group": by_group,
-        "loss_by_group": loss_by_group,
-        "counts": counts,
-    }

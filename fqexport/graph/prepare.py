@@ -135,6 +135,50 @@ def quantizable_layers(
     return seen
 
 
+MSG_NO_LAYERS = "the model has no Conv2d or Linear layer to quantize"
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model ready to quantize: traced, checked, BatchNorm folded, layers listed.
+
+    Attributes:
+        folded: the BN-folded graph, a copy of the model in eval mode on the CPU.
+        layers: its quantizable layers in execution order (unsupported ones left out).
+        skipped: names of the unsupported layers left in float (``skip_unsupported``).
+        bn_convs: names of the convs that absorbed a BatchNorm.
+    """
+
+    folded: torch.fx.GraphModule
+    layers: tuple[LayerInfo, ...]
+    skipped: frozenset[str]
+    bn_convs: frozenset[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+
+def prepare_model(model: nn.Module, skip_unsupported: bool = False) -> PreparedModel:
+    """Trace → support check → fold BN → quantizable layers: the one model preparation of
+    compress, sensitivity and the search's layer costs. ``model`` is not modified.
+
+    Raises UnsupportedLayerError for an unsupported layer (unless ``skip_unsupported``: then it
+    stays in float, with a warning) and when no layer is left to quantize; ModelLoadError when
+    the model cannot be traced.
+    """
+    if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
+        model = copy.deepcopy(model).eval()
+    raw = trace(model)
+    skipped = check_supported(raw, skip_unsupported)
+    folded, bn_convs = fold_batchnorm(raw)
+    folded = folded.eval().cpu()
+    layers = quantizable_layers(folded, skipped, bn_convs)
+    if not layers:
+        raise UnsupportedLayerError(MSG_NO_LAYERS)
+    return PreparedModel(folded, tuple(layers), frozenset(skipped), frozenset(bn_convs))
+
+
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
     """Multiply-accumulates per sample of each named Conv2d/Linear layer."""
     modules = dict(model.named_modules())

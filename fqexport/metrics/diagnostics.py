@@ -25,8 +25,12 @@ and Hessian-vector products go *through* the activation fake quantization with a
 straight-through estimator (STE): ``∂ qdq(x) / ∂x = 1`` where ``x`` lies inside the uint8 range
 ``[s·(0−z), s·(255−z)]`` and 0 outside (the rounding's zero derivative is ignored); the STE is
 piecewise constant, so its own second derivative is 0. Parameters are the dequantized weights,
-so ``grad_norm`` and ``λ_max`` are those of the loss *at the quantized point*. The STE is
-registered on the custom op ``fqexport::act_qdq`` (once, only if it has no autograd formula yet).
+so ``grad_norm`` and ``λ_max`` are those of the loss *at the quantized point*. The STE is the
+autograd formula of the custom op ``fqexport::act_qdq``, registered where the op is defined
+(:mod:`fqexport.graph.act_quant`).
+
+``accuracy`` and ``loss`` are read from :func:`fqexport.metrics.group_metrics.group_metrics` on
+the logits of the sampled samples, the same numbers a validation report shows.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from tqdm.auto import tqdm
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import check_labels, load_data
 from fqexport.config import QuantConfig
-from fqexport.metadata import ACTIVATION_BITS
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.graph.prepare import fold_batchnorm
+from fqexport.metadata import ACTIVATION_BITS
+from fqexport.metrics.group_metrics import group_metrics
 from fqexport.pipeline.compress import check_model_on_data, compress
 
 log = logging.getLogger(__name__)
@@ -218,47 +223,62 @@ def group_diagnostics(
     check_labels(data, num_classes)
     params = _params(model)
 
-    out: dict[str, GroupDiagnostics] = {}
     index = _sample_indices(data, max_samples_per_group, seed)
     totals = data.group_counts()
+    nan = float("nan")
+    # per group id: (logit variance, gradient norm, (λ_max, iterations, converged)), logits
+    curvature: dict[int, tuple[float, float, tuple[float, int, bool]]] = {}
+    logits_of: dict[int, np.ndarray] = {}
     for g in tqdm(range(data.num_groups), desc="diagnostics", unit="group", disable=not progress):
-        name = data.group_names[g]
         idx = index[g]
         n = int(idx.size)
         if n == 0:
-            nan = float("nan")
-            out[name] = GroupDiagnostics(0, int(totals[g]), nan, nan, nan, nan, nan, 0, False)
             continue
         x = torch.from_numpy(np.ascontiguousarray(data.x[idx], dtype=np.float32))
         y = torch.from_numpy(np.ascontiguousarray(data.y[idx], dtype=np.int64))
         batches = _batches(x, y, batch_size)
-        # One pass: accuracy, loss, logit variance, and ∇_θ L_g accumulated as Σ_b ∇(Σ CE_b / n).
+        # One pass: logits, logit variance, and ∇_θ L_g accumulated as Σ_b ∇(Σ CE_b / n).
         grad = [torch.zeros_like(p) for p in params]
-        correct, loss_sum, var_sum = 0, 0.0, 0.0
+        var_sum = 0.0
+        chunks = []
         for xb, yb in batches:
             logits = model(xb)
             ce = F.cross_entropy(logits, yb, reduction="sum")
             for acc, gb in zip(grad, _grads(ce / n, params)):
                 acc.add_(gb)
             with torch.no_grad():
-                correct += int((logits.argmax(1) == yb).sum())
-                loss_sum += float(ce)
+                chunks.append(logits.detach().numpy())
                 var_sum += float(logits.var(dim=1, unbiased=False).sum())
+        logits_of[g] = np.concatenate(chunks)
         grad_norm = float(torch.sqrt(_dot(grad, grad)))
         if hessian_iters > 0:
-            lam, iters, converged = power_iteration(
+            eig = power_iteration(
                 lambda v: hessian_vector_product(model, params, batches, n, v),
                 [p.detach() for p in params], hessian_iters, tol=tol, seed=seed,
             )
         else:
-            lam, iters, converged = float("nan"), 0, False
+            eig = (nan, 0, False)
+        curvature[g] = (var_sum / n, grad_norm, eig)
+
+    # accuracy and loss: the one per-group metrics object, on the sampled samples' logits
+    used = sorted(logits_of)
+    sampled = np.concatenate([index[g] for g in used]) if used else np.zeros(0, dtype=np.int64)
+    logits_all = np.concatenate([logits_of[g] for g in used]) if used else np.zeros((0, 1), np.float32)
+    metrics = group_metrics(logits_all, data.y[sampled], data.group[sampled], data.group_names)
+    out: dict[str, GroupDiagnostics] = {}
+    for g, name in enumerate(data.group_names):
+        if g not in curvature:
+            out[name] = GroupDiagnostics(0, int(totals[g]), nan, nan, nan, nan, nan, 0, False)
+            continue
+        row = metrics.by_group[name]
+        variance, grad_norm, (lam, iters, converged) = curvature[g]
         out[name] = GroupDiagnostics(
-            count=n, total=int(totals[g]), accuracy=correct / n, loss=loss_sum / n,
-            logit_variance=var_sum / n, grad_norm=grad_norm, top_hessian_eigenvalue=lam,
-            hessian_iterations=iters, hessian_converged=converged,
+            count=int(row["count"]), total=int(totals[g]), accuracy=float(row["accuracy"]),
+            loss=float(row["loss"]), logit_variance=variance, grad_norm=grad_norm,
+            top_hessian_eigenvalue=lam, hessian_iterations=iters, hessian_converged=converged,
         )
-        log.info("diagnostics %s: n=%d acc=%.4f loss=%.4f |g|=%.4g λ=%.4g (%d it, %s)", name, n,
-                 correct / n, loss_sum / n, grad_norm, lam, iters, "converged" if converged else "not converged")
+        log.info("diagnostics %s: n=%d acc=%.4f loss=%.4f |g|=%.4g λ=%.4g (%d it, %s)", name, row["count"],
+                 row["accuracy"], row["loss"], grad_norm, lam, iters, "converged" if converged else "not converged")
     return out
 
 
@@ -268,8 +288,8 @@ def group_diagnostics(
 
 
 def variant_name(bits: int) -> str:
-    """Table name of a weight width: ``W4A8`` (activations are always 8-bit)."""
-    return f"W{int(bits)}A8"
+    """Table name of a weight width: ``W4A8`` (activations: ``ACTIVATION_BITS``)."""
+    return f"W{int(bits)}A{ACTIVATION_BITS}"
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -282,7 +302,7 @@ class AnalysisReport:
 
     Attributes:
         group_names: groups, in id order.
-        variants: ``"float"`` then ``"W<b>A8"`` per weight width.
+        variants: ``"float"`` then ``variant_name(b)`` (``"W<b>A8"``) per weight width.
         diagnostics: ``{variant: {group: GroupDiagnostics}}``.
         settings: how it was measured (method, bits, hessian_iters, tol, samples, seed, data).
     """

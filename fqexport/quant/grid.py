@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fqexport.metadata import ACTIVATION_BITS
+
 # Shrink factors tried by the clipping search: s = shrink · max|w_c| / qmax.
 DEFAULT_SHRINKS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
 
-ACT_QMIN, ACT_QMAX = 0, 255
+ACT_QMIN, ACT_QMAX = 0, 2**ACTIVATION_BITS - 1  # uint8: 0..255
 _EPS = 1e-12
 
 
@@ -90,8 +92,9 @@ def choose_weight_grid(
     Symmetric grids: for row c and shrink t, s = t · max_j |w_cj| / qmax. Grids with one more
     negative code (2 bits): the row's extreme value e_c (largest |w|, with its sign) maps to
     qmin, s = -t · e_c / |qmin|, and t also runs up to |qmin| / qmax so the search can fall back
-    to covering the other side too. The error is ``Σ_j h_j (w_cj - s·q_cj)²`` with
-    ``h = column_weight`` (e.g. diag H) or 1.
+    to covering the other side too. The error is ``Σ_j h_cj (w_cj - s·q_cj)²`` with
+    ``h = column_weight`` (e.g. diag H): ``[cols]`` shared by every row, or ``[out, cols]`` per
+    row (a grouped conv's rows see their conv group's Hessian); 1 when ``None``.
     """
     w = as_rows(weight).float()
     qmax = weight_qmax(bits, weight_range)
@@ -109,7 +112,10 @@ def choose_weight_grid(
         shrinks = tuple(shrinks) + tuple(round(1.0 + (reach - 1.0) * i / 8, 4) for i in range(1, 9))
     if not clip_search:
         return WeightGrid(scale=base, qmax=qmax, low=low)
-    h = None if column_weight is None else column_weight.float().reshape(1, -1)
+    h = None
+    if column_weight is not None:
+        h = column_weight.to(w.device, torch.float32)
+        h = h.reshape(1, -1) if h.dim() == 1 else h.reshape(w.shape)
     best_err = torch.full_like(absmax, float("inf"))
     best_scale = base
     for t in shrinks:

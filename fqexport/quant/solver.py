@@ -14,7 +14,9 @@ loss ``tr((W - Q) H (W - Q)ᵀ)``. Following the GPTQ construction:
    columns after the block lazily as ``W[:, after] -= E @ U[block, after]``.
 
 The per-row scales are fixed before the solve (:func:`choose_solver_grid` or any
-:class:`~fqexport.quant.grid.WeightGrid`). Device-agnostic: CPU or CUDA tensors.
+:class:`~fqexport.quant.grid.WeightGrid`); :func:`rtn_layer` is round to nearest on such a grid
+(the one RTN of fqexport: the ``rtn`` method, the sensitivity proxy, comparisons).
+Device-agnostic: CPU or CUDA tensors.
 
 Grouped / depthwise convolutions: rows ``k·out/G … (k+1)·out/G`` of the weight only see the
 inputs of conv group ``k``; :func:`solve_conv_groups` solves each conv group with its own
@@ -25,20 +27,24 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
+from fqexport.config import Order
 from fqexport.errors import ConfigError
 from fqexport.quant.grid import (
     WeightGrid,
+    as_rows,
     choose_weight_grid,
     dequantize,
     fake_quantize,
     quantize,
 )
 
-ORDERS = ("sensitivity", "hessian-diag", "natural", "obs")
-SENSITIVITY_KINDS = ("sensitivity", "hessian-diag", "obs")
+ORDERS: tuple[str, ...] = get_args(Order)
+# the orders that rank columns by a score (all but "natural")
+SENSITIVITY_KINDS = tuple(o for o in ORDERS if o != "natural")
 
 _MSG_SHAPE = (
     "solver: weight has shape {w} and Hessian {h}; the Hessian must be [cols, cols] with "
@@ -99,6 +105,19 @@ class SolverResult:
     retries: int = 0
 
 
+def _hessian_column_weight(rows: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``diag H`` as the clipping search's column weight: ``[cols]`` for ``H [cols, cols]``;
+    ``[out, cols]`` for a grouped conv's ``H [G, cols, cols]`` (rows ``k·out/G … (k+1)·out/G``
+    weighted by ``diag H[k]``)."""
+    out, cols = rows.shape
+    if H.dim() not in (2, 3) or tuple(H.shape[-2:]) != (cols, cols) or (H.dim() == 3 and out % H.shape[0]):
+        raise ConfigError(_MSG_SHAPE.format(w=tuple(rows.shape), h=tuple(H.shape)))
+    diag = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0)
+    if H.dim() == 2:
+        return diag
+    return diag.repeat_interleave(out // H.shape[0], dim=0)
+
+
 def choose_solver_grid(
     weight: torch.Tensor,
     H: torch.Tensor | None,
@@ -109,10 +128,14 @@ def choose_solver_grid(
     hessian_aware: bool = True,
 ) -> WeightGrid:
     """Per-row scales fixed before the solve: the clipping search of ``choose_weight_grid``,
-    weighting column ``j``'s error by ``H_jj`` when ``hessian_aware`` (``Σ_j H_jj (w - q)²``)."""
+    weighting column ``j``'s error by ``H_jj`` when ``hessian_aware`` (``Σ_j H_jj (w - q)²``).
+
+    ``H``: ``[cols, cols]``, ``[G, cols, cols]`` for a grouped/depthwise conv (each row is
+    weighted by its conv group's diagonal), or ``None`` (every column weighs 1).
+    """
     column_weight = None
     if hessian_aware and H is not None and clip_search:
-        column_weight = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).reshape(-1)
+        column_weight = _hessian_column_weight(as_rows(weight), H)
     return choose_weight_grid(
         weight, bits, weight_range=weight_range, clip_search=clip_search,
         column_weight=column_weight,
@@ -310,7 +333,9 @@ def solve_layer(
 
 
 def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) -> SolverResult:
-    """Round to nearest on ``grid`` (for comparison); ``loss`` uses ``H`` when given."""
+    """Round to nearest on ``grid``: ``codes = clamp(round(w / s_c), qmin, qmax)``.
+
+    ``loss`` uses ``H [cols, cols]`` when given, else ``Σ (W - Q)²``."""
     W0 = W.detach().float()
     scale = grid.scale.detach().to(device=W0.device, dtype=torch.float32).reshape(-1)
     if scale.numel() != W0.shape[0]:

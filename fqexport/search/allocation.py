@@ -20,7 +20,8 @@ Budgets (``Budget.kind``):
   width of the export's storage mode (``"auto"``: 4 bits for b <= 4, else 8; ``"packed"``: 2 for
   b <= 2; ``"int8"``: 8; ``"ideal"``: b itself) and 5 bytes per output channel C_l for the
   fp32 scale and the int8 zero point. Biases and activations are not counted.
-* ``"bops"``: ``Σ_l b_l · a · MACs_l`` with activation width a = 8.
+* ``"bops"``: ``Σ_l b_l · a · MACs_l`` with the activation width a
+  (:data:`fqexport.metadata.ACTIVATION_BITS`, 8).
 
 Pinned layers (name patterns, ``fnmatch``) have a single option.
 """
@@ -31,11 +32,20 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import numpy as np
 
 from fqexport.calibration.group_data import group_weight_vector
+from fqexport.config import (
+    MSG_BUDGET_KIND,
+    SUPPORTED_WEIGHT_BITS,
+    BudgetKind,
+    BudgetStorage,
+    MixedObjective,
+    check_budget,
+    check_choice,
+)
 from fqexport.errors import ConfigError
 from fqexport.metadata import ACTIVATION_BITS
 from fqexport.quant.knapsack import solve_real
@@ -43,19 +53,11 @@ from fqexport.search.sensitivity import SensitivityTable
 
 log = logging.getLogger(__name__)
 
-Objective = Literal["worst-group", "mean", "weighted"]
-OBJECTIVES = ("worst-group", "mean", "weighted")
-BudgetKind = Literal["bits", "bytes", "bops"]
-BUDGET_KINDS = ("bits", "bytes", "bops")
-STORAGE_BITS = ("auto", "packed", "int8", "ideal")
 BYTES_PER_CHANNEL = 5  # fp32 scale + int8 zero point per output channel
 # DP cells per knapsack solve: weights are rounded up to span/(cells/L) units, so at most
 # L²/cells of the budget's span is left unused — negligible for CNN-sized layer counts.
 ALLOC_MAX_CELLS = 1_000_000
 
-MSG_OBJECTIVE = "objective={objective!r} is not one of " + ", ".join(OBJECTIVES)
-MSG_BUDGET_KIND = "budget kind={kind!r} is not one of " + ", ".join(BUDGET_KINDS)
-MSG_BUDGET_VALUE = "budget {kind}={value!r} must be a finite number > 0"
 MSG_WEIGHTED = (
     "objective='weighted' needs group_weights (group name -> weight >= 0, not all zero); "
     "groups: {groups}"
@@ -70,7 +72,6 @@ MSG_INFEASIBLE = (
     "{bmin} bits, pinned layers at their widths) needs {need:g}. Raise the budget, add a smaller "
     "width to bit_choices or unpin layers"
 )
-MSG_STORAGE = "storage={storage!r} is not one of " + ", ".join(STORAGE_BITS)
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,12 @@ class Budget:
     value: float
 
     def __post_init__(self) -> None:
-        if self.kind not in BUDGET_KINDS:
-            raise ConfigError(MSG_BUDGET_KIND.format(kind=self.kind))
-        if isinstance(self.value, bool) or not (
-            isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0
-        ):
-            raise ConfigError(MSG_BUDGET_VALUE.format(kind=self.kind, value=self.value))
+        check_budget(self.kind, self.value)
 
 
 def container_bits(bits: int, storage: str) -> int:
     """Bits per weight on disk under a storage mode (see the module docstring)."""
-    if storage not in STORAGE_BITS:
-        raise ConfigError(MSG_STORAGE.format(storage=storage))
+    check_choice(storage, get_args(BudgetStorage), "storage")
     if storage == "ideal":
         return int(bits)
     if storage == "int8" or bits > 4:
@@ -112,7 +107,7 @@ def container_bits(bits: int, storage: str) -> int:
     return 4
 
 
-def layer_resource(info: LayerCost, bits: int, kind: str, storage: str = "auto") -> float:
+def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = "auto") -> float:
     """The budget resource one layer uses at ``bits`` (bit·params, bytes or BOPs)."""
     if kind == "bits":
         return float(bits * info.params)
@@ -130,7 +125,7 @@ def budget_capacity(infos: Sequence[LayerCost], budget: Budget) -> float:
     return float(budget.value)
 
 
-def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: str = "auto") -> float:
+def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = "auto") -> float:
     """Resource of a whole allocation, in the budget's unit (average bits for ``"bits"``)."""
     total = sum(layer_resource(i, bits[i.name], kind, storage) for i in infos)
     if kind == "bits":
@@ -142,7 +137,7 @@ def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[
     """Layer name -> pinned width from name patterns (``fnmatch``; ``"fc"``, ``"layer3.*"``)."""
     out: dict[str, int] = {}
     for pattern, bits in dict(pins or {}).items():
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= int(bits) <= 8:
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in SUPPORTED_WEIGHT_BITS:
             raise ConfigError(MSG_PIN_BITS.format(pattern=pattern, bits=bits))
         hits = [l for l in layers if fnmatch.fnmatchcase(l, pattern)]
         if not hits:
@@ -154,9 +149,20 @@ def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[
     return out
 
 
-def first_last_pins(layers: Sequence[str], bits: int = 8) -> dict[str, int]:
-    """Pins for the first and last layer (exact names, usable as patterns)."""
-    return {layers[0]: bits, layers[-1]: bits} if layers else {}
+def first_last_pins(layers: Sequence[str], bits: int | None) -> dict[str, int]:
+    """Pins for the first and the last layer (``MixedPrecisionConfig.pin_first_last``), as exact
+    names usable as patterns; none when ``bits`` is ``None``."""
+    return {layers[0]: int(bits), layers[-1]: int(bits)} if layers and bits is not None else {}
+
+
+def search_pins(pins: Mapping[str, int] | None, layers: Sequence[str], first_last: int | None = None) -> dict[str, int]:
+    """The patterns of ``pins`` plus the first/last-layer pins; a layer pinned by both to
+    different widths is an error (:func:`resolve_pins`)."""
+    merged = dict(pins or {})
+    for name, bits in first_last_pins(layers, first_last).items():
+        if merged.setdefault(name, bits) != bits:
+            raise ConfigError(MSG_PIN_CONFLICT.format(layer=name, a=merged[name], b=bits))
+    return merged
 
 
 def _group_vector(weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray:
@@ -286,14 +292,14 @@ def candidate_allocations(
     table: SensitivityTable,
     layer_info: Sequence[LayerCost],
     budget: Budget,
-    objective: Objective = "worst-group",
+    objective: MixedObjective = "worst-group",
     pins: Mapping[str, int] | None = None,
     *,
     group_weights: Mapping[str, float] | None = None,
     mean_weight: float = 0.1,
     steps: int = 60,
     eta: float = 0.5,
-    storage: str = "auto",
+    storage: BudgetStorage = "auto",
     max_cells: int = ALLOC_MAX_CELLS,
 ) -> list[Allocation]:
     """Distinct allocations within the budget, best predicted objective first.
@@ -302,8 +308,7 @@ def candidate_allocations(
     gives every distinct iterate of the multiplicative-weights loop (plus the uniform-weight and
     the single-group optima), ranked by ``J = max_g D_g + λ · mean_g D_g``.
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(MSG_OBJECTIVE.format(objective=objective))
+    check_choice(objective, get_args(MixedObjective), "objective")
     if objective == "weighted" and not group_weights:
         raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(table.groups)))
     layer_info = [i for i in layer_info if i.name in table.layers]
@@ -338,21 +343,9 @@ def candidate_allocations(
     return ranked
 
 
-def allocate(
-    table: SensitivityTable,
-    layer_info: Sequence[LayerCost],
-    budget: Budget,
-    objective: Objective = "worst-group",
-    pins: Mapping[str, int] | None = None,
-    **options: Any,
-) -> Allocation:
-    """The allocation with the best predicted objective (see :func:`candidate_allocations`)."""
-    return candidate_allocations(table, layer_info, budget, objective, pins, **options)[0]
-
-
 def rescore(
     alloc: Allocation,
-    objective: Objective,
+    objective: MixedObjective,
     *,
     group_weights: Mapping[str, float] | None = None,
     mean_weight: float = 0.1,
@@ -370,12 +363,12 @@ def uniform_allocation(
     table: SensitivityTable,
     layer_info: Sequence[LayerCost],
     budget: Budget,
-    objective: Objective = "worst-group",
+    objective: MixedObjective = "worst-group",
     pins: Mapping[str, int] | None = None,
     *,
     group_weights: Mapping[str, float] | None = None,
     mean_weight: float = 0.1,
-    storage: str = "auto",
+    storage: BudgetStorage = "auto",
 ) -> Allocation | None:
     """Every free layer at the widest measured width that fits the budget (pins kept), scored
     like the objective; ``None`` when even the narrowest does not fit."""

@@ -22,13 +22,12 @@
    the split) and return that CompressedModel, ready to ``.export()``, with the allocation
    table in ``metadata.allocation`` (it goes into the ONNX metadata).
 
-``pareto_sweep`` repeats the search over budgets (the sensitivity table is measured once) and
+:func:`fqexport.search.pareto.pareto_sweep` repeats the search over budgets (the sensitivity table is measured once) and
 writes (budget, avg bits, bytes, worst-group accuracy, mean accuracy) as JSON, CSV and PNG.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -38,18 +37,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import split_holdout, stratified_folds
 from fqexport.config import MixedPrecisionConfig, QuantConfig
-from fqexport.graph.prepare import (
-    check_supported,
-    count_macs,
-    fold_batchnorm,
-    quantizable_layers,
-    trace,
-)
+from fqexport.graph.prepare import count_macs, prepare_model
 from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import (
@@ -58,6 +52,7 @@ from fqexport.search.allocation import (
     LayerCost,
     candidate_allocations,
     rescore,
+    search_pins,
     uniform_allocation,
 )
 from fqexport.search.sensitivity import SensitivityTable, measure_sensitivity
@@ -65,23 +60,19 @@ from fqexport.search.sensitivity import SensitivityTable, measure_sensitivity
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # layer costs
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_costs(model: nn.Module, example: torch.Tensor) -> list[LayerCost]:
-    """Params, MACs per sample and output channels of each quantizable layer (BN folded)."""
-
-
-    raw = trace(copy.deepcopy(model).eval().cpu())
-    skip = check_supported(raw, skip_unsupported=True)
-    folded, bn = fold_batchnorm(raw)
-    infos = quantizable_layers(folded, skip, bn)
-    macs = count_macs(folded, example, [i.name for i in infos])
-    modules = dict(folded.named_modules())
-    return [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0])) for i in infos]
+def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool = False) -> list[LayerCost]:
+    """Params, MACs per sample and output channels of each quantizable layer (BN folded;
+    ``skip_unsupported`` as in ``QuantConfig``)."""
+    prepared = prepare_model(model, skip_unsupported)
+    macs = count_macs(prepared.folded, example, prepared.names)
+    modules = dict(prepared.folded.named_modules())
+    return [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]))
+            for i in prepared.layers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +315,6 @@ def _verify(
     held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
     (every calibration sample once). Returns the candidates, the float model's held-out
     metrics and, with ``keep_fits``, each allocation's fitted model (single split only)."""
-    from tqdm.auto import tqdm
-
     groups = tuple(held_out.group_names)
     logits: dict[int, np.ndarray] = {}
     float_logits = None
@@ -397,26 +386,27 @@ def search_mixed_precision(
         # the proxy is RTN, which wants its clipping search unless the user turned it off
         clip_search=True if base.clip_search is None else bool(base.clip_search),
         seed=mp_config.seed, cache_path=mp_config.cache_path,
-        progress=progress,
+        skip_unsupported=base.skip_unsupported, progress=progress,
     )
     seconds["sensitivity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     example = torch.from_numpy(np.ascontiguousarray(data.x[:1]))
-    layers = layer_costs(model, example)
+    layers = layer_costs(model, example, base.skip_unsupported)
+    pins = search_pins(mp_config.pins, table.layers, mp_config.pin_first_last)
     storage = base.storage
     common = dict(group_weights=_group_weights(mp_config, data), mean_weight=mp_config.mean_weight,
                   storage=storage)
     ranked = candidate_allocations(
-        table, layers, _budget(mp_config), mp_config.objective, mp_config.pins,
+        table, layers, _budget(mp_config), mp_config.objective, pins,
         steps=mp_config.mw_steps, eta=mp_config.mw_eta, **common,
     )[: mp_config.num_candidates]
     extra = []
     if mp_config.verify_uniform:
-        extra.append(uniform_allocation(table, layers, _budget(mp_config), mp_config.objective, mp_config.pins,
+        extra.append(uniform_allocation(table, layers, _budget(mp_config), mp_config.objective, pins,
                                         **common))
     if mp_config.verify_mean and mp_config.objective != "mean":
-        best_mean = candidate_allocations(table, layers, _budget(mp_config), "mean", mp_config.pins,
+        best_mean = candidate_allocations(table, layers, _budget(mp_config), "mean", pins,
                                           group_weights=_population_weights(data), storage=storage)[0]
         extra.append(rescore(best_mean, mp_config.objective, group_weights=common["group_weights"],
                              mean_weight=mp_config.mean_weight))
@@ -450,8 +440,3 @@ def search_mixed_precision(
     )
     result.compressed.metadata = replace(result.compressed.metadata, allocation=result.allocation_info())
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Pareto sweep
-# ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
-from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
 from fqexport.errors import ConfigError
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.search.allocation import resource_used
@@ -64,6 +64,8 @@ def pareto_sweep(
     """
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)
+    for b in budgets:  # every budget checked before the first search
+        check_budget("bits", b)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
     points: list[ParetoPoint] = []

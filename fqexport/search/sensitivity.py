@@ -1,7 +1,8 @@
 """Per-group sensitivity of each layer to each weight width: Δ_g(l, b).
 
 Δ_g(l, b) is the increase of group g's mean cross-entropy when only layer l's weight is put on
-a b-bit grid (symmetric, per output channel, clipping-searched RTN; see quant_grid):
+a b-bit grid (per output channel, clipping-searched round to nearest: ``rtn_layer`` on
+``choose_solver_grid`` of :mod:`fqexport.quant.solver`, the RTN that ``compress`` runs):
 
 * ``"measured"``: quantize layer l alone, run the calibration samples, and take
   ``Δ_g(l, b) = (1/N_g) Σ_{i∈g} [ℓ_i(W with W_l ← Q_b(W_l)) − ℓ_i(W)]``.
@@ -17,13 +18,12 @@ and optionally in a JSON file, so a budget sweep measures once.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -33,42 +33,24 @@ from tqdm.auto import tqdm
 from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.sampling import group_balanced_subset
-from fqexport.config import SUPPORTED_WEIGHT_BITS
-from fqexport.errors import ConfigError, DataError
-from fqexport.graph.prepare import (
-    check_supported,
-    fold_batchnorm,
-    quantizable_layers,
-    trace,
+from fqexport.config import (
+    DEFAULT_BIT_CHOICES,
+    SensitivityMethod,
+    check_bit_choices,
+    check_choice,
 )
-from fqexport.quant.grid import as_rows, choose_weight_grid, fake_quantize
+from fqexport.errors import ConfigError, DataError
+from fqexport.graph.prepare import prepare_model
+from fqexport.quant.grid import as_rows
+from fqexport.quant.solver import choose_solver_grid, rtn_layer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
-SensitivityMethod = Literal["measured", "fisher"]
-METHODS = ("measured", "fisher")
-
-MSG_METHOD = "sensitivity method={method!r} is not one of measured, fisher"
-MSG_BITS = "bit_choices={bits!r} must be a non-empty set of integers from 2 to 8"
 MSG_LAYERS = "sensitivity: {names} not a quantizable layer of the model (layers: {known})"
 MSG_SHAPE = "SensitivityTable: delta has shape {shape}, expected [layers={l}, bits={b}, groups={g}]"
 MSG_LOOKUP = "SensitivityTable has no entry for layer {layer!r} at {bits} bits (layers: {layers}; bits: {allbits})"
 MSG_EMPTY = "{source}: no calibration samples to measure sensitivity on"
 MSG_CACHE_FILE = "sensitivity cache file {path}: cannot read it ({err}); delete it or pass another path"
-
-
-def check_bit_choices(bits: Iterable[int]) -> tuple[int, ...]:
-    """Sorted unique widths, each in 2..8; raises ConfigError otherwise."""
-    try:
-        out = tuple(sorted(set(int(b) for b in bits)))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(MSG_BITS.format(bits=bits)) from err
-    if not out or any(b not in SUPPORTED_WEIGHT_BITS for b in out) or any(
-        isinstance(b, bool) for b in bits
-    ):
-        raise ConfigError(MSG_BITS.format(bits=bits))
-    return out
 
 
 @dataclass(frozen=True)
@@ -156,10 +138,11 @@ def per_group_mean(values: torch.Tensor, group: torch.Tensor, num_groups: int) -
 
 
 def rtn_weight(weight: torch.Tensor, bits: int, weight_range: str = "x86-safe", clip_search: bool = True) -> torch.Tensor:
-    """Layer weight on the b-bit per-channel grid (round to nearest, clipping searched)."""
+    """Layer weight on the b-bit per-channel grid: :func:`~fqexport.quant.solver.rtn_layer` on
+    :func:`~fqexport.quant.solver.choose_solver_grid` without a Hessian, dequantized."""
     rows = as_rows(weight.detach()).float()
-    grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=clip_search)
-    return fake_quantize(rows, grid.scale, grid.qmax, grid.qmin).reshape(weight.shape).to(weight.dtype)
+    grid = choose_solver_grid(rows, None, bits, weight_range=weight_range, clip_search=clip_search)
+    return rtn_layer(rows, grid).qweight.reshape(weight.shape).to(weight.dtype)
 
 
 def fisher_delta(fisher: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
@@ -237,15 +220,6 @@ def _write_cache_file(path: Path, table: SensitivityTable) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare(model: nn.Module) -> tuple[torch.fx.GraphModule, list]:
-
-
-    raw = trace(copy.deepcopy(model).eval().cpu())
-    skip = check_supported(raw, skip_unsupported=True)
-    folded, bn_convs = fold_batchnorm(raw)
-    return folded.eval(), quantizable_layers(folded, skip, bn_convs)
-
-
 def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
@@ -321,6 +295,7 @@ def measure_sensitivity(
     seed: int = 0,
     cache: SensitivityCache | bool = True,
     cache_path: str | Path | None = None,
+    skip_unsupported: bool = False,
     progress: bool = False,
 ) -> SensitivityTable:
     """Δ_g(l, b) for the quantizable layers of ``model`` (see the module docstring).
@@ -333,14 +308,16 @@ def measure_sensitivity(
         method: ``"measured"`` (one layer quantized at a time, loss measured) or ``"fisher"``.
         cache: ``True`` for the process-wide in-memory cache, a SensitivityCache, or ``False``.
         cache_path: optional JSON file read if its fingerprint matches, else (re)written.
+        skip_unsupported: leave unsupported layers in float (as ``QuantConfig.skip_unsupported``)
+            instead of raising UnsupportedLayerError.
     """
-    if method not in METHODS:
-        raise ConfigError(MSG_METHOD.format(method=method))
+    check_choice(method, get_args(SensitivityMethod), "method")
     bits = check_bit_choices(bit_choices)
     if len(calib) == 0:
         raise DataError(MSG_EMPTY.format(source=calib.source))
-    folded, infos = _prepare(model)
-    known = [l.name for l in infos]
+    prepared = prepare_model(model, skip_unsupported)
+    folded = prepared.folded
+    known = prepared.names
     names = known if layers is None else list(layers)
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -38,6 +38,63 @@ PILLOW_MISSING = (
 )
 # Datasets at least this long show a progress bar (when stderr is a TTY).
 _PROGRESS_MIN = 1000
+# Largest image (width x height) a CSV manifest may name; Pillow's own bomb limit is 89.5M.
+MAX_IMAGE_PIXELS = 50_000_000
+MSG_IMAGE_TOO_LARGE = (
+    "{where}: image {path} is {w}x{h} = {pixels:,} pixels, more than the limit of {limit:,} "
+    "(a decompression bomb or a wrong file); resize it"
+)
+MSG_ARRAY_TOO_LARGE = (
+    "field '{field}' declares shape {shape} {dtype} = {size:.3g} GB, more than the {avail:.3g} GB of "
+    "memory available; use fewer samples or a smaller dtype"
+)
+MSG_ARRAY_TRUNCATED = (
+    "field '{field}' declares shape {shape} {dtype} = {nbytes:,} bytes but the archive holds "
+    "{stored:,}; the file is truncated or forged, write it again with numpy.savez"
+)
+
+
+def available_memory_bytes() -> int:
+    """Bytes of memory this process may still allocate (MemAvailable; total RAM as fallback)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_npz_member(zf: zipfile.ZipFile, field: str, source: str) -> None:
+    """Read ``field``'s .npy header and refuse sizes the archive cannot hold or memory cannot fit."""
+    try:
+        info = zf.getinfo(f"{field}.npy")
+    except KeyError:
+        return
+    try:
+        with zf.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(fh)
+            header_len = fh.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as err:
+        raise _err(source, f"field '{field}' cannot be read ({err}); store plain arrays") from err
+    if dtype.hasobject:
+        return  # np.load(allow_pickle=False) refuses it with its own error
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    shape_text = "x".join(map(str, shape)) or "()"
+    avail = available_memory_bytes()
+    if nbytes > avail:
+        raise _err(source, MSG_ARRAY_TOO_LARGE.format(field=field, shape=shape_text, dtype=dtype,
+                                                      size=nbytes / 1e9, avail=avail / 1e9))
+    if nbytes > info.file_size - header_len:
+        raise _err(source, MSG_ARRAY_TRUNCATED.format(field=field, shape=shape_text, dtype=dtype, nbytes=nbytes,
+                                                      stored=max(info.file_size - header_len, 0)))
 
 
 def _err(source: str, message: str) -> DataError:
@@ -220,7 +277,9 @@ def load_npz(path: str | os.PathLike) -> GroupData:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise _err(source, f"cannot read as .npz ({err}); write it with numpy.savez") from err
+        # numpy's advice (load with allow_pickle=True) is never repeated for an untrusted file
+        detail = "not an .npz archive, or pickled object data" if "allow_pickle" in str(err) else err
+        raise _err(source, f"cannot read as .npz ({detail}); write it with numpy.savez") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise _err(
             source, "is a single .npy array, not an .npz archive; write it with numpy.savez"
@@ -237,6 +296,7 @@ def load_npz(path: str | os.PathLike) -> GroupData:
         for field in (*NPZ_FIELDS, "group_names"):
             if field not in archive.files:
                 continue
+            _check_npz_member(archive.zip, field, source)
             try:
                 arrays[field] = archive[field]
             except (ValueError, OSError, zipfile.BadZipFile) as err:
@@ -332,6 +392,10 @@ def _read_image(image_path: Path, where: str) -> np.ndarray:
         raise DataError(f"{where}: image file not found: {image_path}")
     try:
         with Image.open(image_path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(MSG_IMAGE_TOO_LARGE.format(where=where, path=image_path, w=w, h=h,
+                                                           pixels=w * h, limit=MAX_IMAGE_PIXELS))
             img.load()
             bands = img.getbands()
             mode = img.mode
@@ -346,7 +410,11 @@ def _read_image(image_path: Path, where: str) -> np.ndarray:
                 arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
             else:
                 arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except DataError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{where}: image {image_path} is a decompression bomb ({err}); resize it") from err
+    except (OSError, UnidentifiedImageError, ValueError, MemoryError) as err:
         raise DataError(f"{where}: cannot read image {image_path}: {err}") from err
     if arr.ndim == 2:
         return arr[None]

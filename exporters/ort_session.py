@@ -38,6 +38,14 @@ MSG_BATCH = "batch_size={batch_size!r} must be >= 1"
 MSG_INPUTS = (
     "{path}: the model has {n} inputs ({names}); fqexport validates single-input classifiers"
 )
+MSG_EXTERNAL_ESCAPES = (
+    "ONNX model {path}: external data location {loc!r} points outside the model's folder {folder}; "
+    "keep the .onnx and its data files in one folder"
+)
+MSG_SCALAR_OUTPUT = (
+    "the ONNX model returns a scalar (shape []); fqexport validates classifiers whose first output "
+    "is logits [N, C]"
+)
 MSG_RUN = "ONNX Runtime failed on an input of shape {shape}: {err}"
 
 # Op types that do the heavy lifting. Integer kernels (what a quantized model should reach)
@@ -175,6 +183,8 @@ def run_batches(session: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
             out = session.run(None, {inp: chunk})[0]
         except Exception as err:
             raise DataError(MSG_RUN.format(shape=chunk.shape, err=str(err).strip())) from err
+        if np.ndim(out) == 0:
+            raise DataError(MSG_SCALAR_OUTPUT)
         outs.append(np.asarray(out)[:n])
     if not outs:
         return np.zeros((0, 0), dtype=np.float32)
@@ -243,8 +253,11 @@ def model_files_size(path: str | Path) -> int:
             for entry in t.external_data:
                 if entry.key == "location":
                     locations.add(entry.value)
+    folder = path.parent.resolve()
     for loc in sorted(locations):
-        f = path.parent / loc
+        f = (folder / loc).resolve()
+        if f != folder and folder not in f.parents:
+            raise ModelLoadError(MSG_EXTERNAL_ESCAPES.format(path=path, loc=loc, folder=folder))
         if f.is_file():
             total += f.stat().st_size
         else:

@@ -1,7 +1,8 @@
 """Exception hierarchy. Library code raises these; only the CLI maps them to exit codes.
 
 Exit codes used by the CLI: 0 ok, 1 a validation limit broken (:class:`ValidationFailed`),
-2 bad input (every other :class:`FqexportError`).
+2 bad input (every other :class:`FqexportError`), 3 an internal error (any other exception),
+128+n killed by signal n (130 SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class UnsupportedLayerError(FqexportError):
 
 class ExportError(FqexportError):
     """Writing or checking the ONNX file failed."""
+
+
+class OutputPathError(FqexportError):
+    """An output path cannot be written, or collides with an input or another output (names the flag)."""
 
 
 class ValidationFailed(FqexportError):

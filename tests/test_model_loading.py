@@ -118,7 +118,7 @@ def test_missing_pt2(tmp_path):
 
 def test_corrupt_pt2(tmp_path):
     (tmp_path / "bad.pt2").write_bytes(b"not a zip")
-    assert "bad.pt2: cannot load torch.export program" in _load_error(str(tmp_path / "bad.pt2"))
+    assert "bad.pt2: not a torch.export .pt2 archive (File is not a zip file)" in _load_error(str(tmp_path / "bad.pt2"))
 
 
 def test_pickled_module_refused_without_trust(tmp_path, cnn_model):

@@ -1,24 +1,48 @@
 """Command line: ``fqexport compress | validate | analyze | sweep | demo``.
 
 The CLI only parses arguments and calls the API. Exit codes: 0 ok, 1 a validation limit
-broken, 2 bad input (any other fqexport error), 130 interrupted.
+broken (and only that), 2 bad input (any other fqexport error, a bad flag, an output path that
+collides or cannot be written), 3 an internal error (a bug: please report it; ``--debug`` prints
+the traceback), 128+n stopped by signal n (130 SIGINT / Ctrl-C, 143 SIGTERM; temp files removed).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import traceback
 from typing import Sequence
 
 from fqexport.cli.analyze import add_analyze_parser
-from fqexport.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
+from fqexport.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL
 from fqexport.cli.compress import add_compress_parser
 from fqexport.cli.demo import add_demo_parser
 from fqexport.cli.sweep import add_sweep_parser
 from fqexport.cli.validate import add_validate_parser
 from fqexport.errors import FqexportError, ValidationFailed
 from fqexport.version import __version__
+
+MSG_INTERNAL = (
+    "internal error: {kind}: {err} — this is a bug in fqexport, please report it with the command "
+    "line and the output of the same command with --debug"
+)
+MSG_INTERNAL_MEMORY = "out of memory: {err}; use fewer samples (--num-calib, --batch-size) or a smaller model"
+MSG_SIGNAL = "interrupted by {name}; no partial output was left"
+
+
+class _Signalled(BaseException):
+    """Raised by the SIGTERM handler so that ``finally`` blocks and temp-file cleanup run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame) -> None:
+    raise _Signalled(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fqexport {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_compress_parser(sub)
     add_validate_parser(sub)
@@ -36,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the subcommand, map errors to exit codes."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except ValidationFailed as err:
@@ -51,8 +71,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(MSG_SIGNAL.format(name="SIGINT"), file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Signalled as sig:
+        print(MSG_SIGNAL.format(name=signal.Signals(sig.signum).name), file=sys.stderr)
+        return 128 + sig.signum
+    except MemoryError as err:
+        print(f"error: {MSG_INTERNAL_MEMORY.format(err=err or 'an allocation failed')}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # the last resort: never exit 1 (a broken limit) or with a bare traceback
+        if args.debug:
+            traceback.print_exc()
+        print(MSG_INTERNAL.format(kind=type(err).__name__, err=" ".join(str(err).split())[:300]), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the subcommand, map errors and signals to exit codes."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _raise_signalled)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

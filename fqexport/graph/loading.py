@@ -4,10 +4,12 @@ program, or (only when trusted) a pickled whole module.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,11 @@ import torch
 from torch import nn
 
 from fqexport.errors import ModelLoadError
-from fqexport.graph.exported_program import lift_exported_modules
+from fqexport.graph.exported_program import (
+    MSG_PT2_UNSAFE,
+    lift_exported_modules,
+    pt2_unsafe_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,54 @@ MSG_PICKLE = (
     "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
 )
+
+
+_TORCH_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
+
+
+def _clean(err: BaseException) -> str:
+    """``err`` as one line, without torch's advice to re-run ``torch.load`` with
+    ``weights_only=False`` (never suggest that for a file fqexport did not make)."""
+    parts = [p.strip() for p in str(err).split("\n\n")]
+    kept = [p for p in parts if p and "weights_only" not in p and "Weights only load failed" not in p]
+    text = " ".join(" ".join(kept).split())[:500]
+    if len(kept) < len(parts):
+        text = (text + " " if text else "") + "(only plain tensors are read from an untrusted file)"
+    return text or type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silence torch.export's own warnings (a 12-line traceback before our one-line error)."""
+    loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
+    """A ``torch.export`` ``.pt2`` program as a plain module; without ``trust_pickle`` the archive
+    is inspected first and refused when loading it would run code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: .pt2 file not found")
+    if not trust_pickle:
+        reason = pt2_unsafe_reason(path)
+        if reason is not None:
+            raise ModelLoadError(MSG_PT2_UNSAFE.format(path=path, reason=reason))
+    try:
+        with _quiet_torch():
+            model = torch.export.load(str(path)).module()
+    except Exception as err:
+        raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}") from err
+    return lift_exported_modules(model)
 
 
 def _import_factory(spec: str):
@@ -72,7 +126,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelLoadError(f"{path}: cannot read checkpoint with torch.load(weights_only=True): {err}") from err
+        raise ModelLoadError(f"{path}: cannot read checkpoint with torch.load(weights_only=True): {_clean(err)}") from err
     return _state_dict_of(obj, path)
 
 
@@ -113,14 +167,7 @@ def load_model(
     if isinstance(spec, nn.Module):
         model = spec
     elif str(spec).endswith(".pt2"):
-        path = Path(spec)
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: .pt2 file not found")
-        try:
-            model = torch.export.load(str(path)).module()
-        except Exception as err:
-            raise ModelLoadError(f"{path}: cannot load torch.export program: {err}") from err
-        model = lift_exported_modules(model)
+        model = load_pt2(spec, trust_pickle=trust_pickle)
     elif ":" in str(spec) and not Path(str(spec)).is_file():
         factory = _import_factory(str(spec))
         try:

@@ -1,0 +1,132 @@
+"""Input and output paths of a subcommand, checked before any compute starts.
+
+Every subcommand declares its inputs (``--calib``, ``--weights``, ...) and outputs (``--out``,
+``--report-dir`` with the files it writes there, ...). :func:`check_paths` resolves them all
+(realpath, symlinks followed) and raises :class:`~fqexport.errors.OutputPathError` (exit 2)
+with one line naming the flag when an output:
+
+- is the same file as an input or as another output (both flags are named);
+- is an existing directory (for a file output), a special file, or under ``/proc``, ``/sys``
+  or ``/dev``;
+- lies under a regular file, in a folder that does not exist (file outputs; output folders
+  are created when their parent exists), or in a folder this process cannot write.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fqexport.errors import OutputPathError
+
+MSG_SAME_AS_INPUT = "{flag} {path} is the same file as {other} {other_path}: it would overwrite the input; choose another {flag}"
+MSG_SAME_AS_OUTPUT = "{flag} {path} is the same file as {other} {other_path}: one would overwrite the other; choose another {flag}"
+MSG_IS_DIR = "{flag} {path} is an existing directory; give a file name"
+MSG_NOT_DIR = "{flag} {path} is an existing file, not a directory; give a folder"
+MSG_SPECIAL = "{flag} {path} is not a regular file (a device, pipe or socket); give a regular file path"
+MSG_SYSTEM = "{flag} {path} is under {root}, which holds no user files; choose another {flag}"
+MSG_UNDER_FILE = "{flag} {path}: {parent} is a file, not a folder; choose another {flag}"
+MSG_NO_FOLDER = "{flag} {path}: folder {parent} does not exist; create it first"
+MSG_NOT_WRITABLE = "{flag} {path}: folder {parent} is not writable; choose another {flag}"
+_SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output flag: a file, or a folder with the names of the files written inside."""
+
+    flag: str
+    path: str | os.PathLike
+    inside: tuple[str, ...] | None = None  # None: a file output; a tuple: a folder output
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(label, path) of every file this output writes."""
+        base = Path(self.path)
+        if self.inside is None:
+            return [(self.flag, base)]
+        return [(f"{self.flag} ({name})", base / name) for name in self.inside]
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _same(a: Path, b: Path) -> bool:
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _check_location(flag: str, path: Path, is_dir: bool) -> None:
+    real = _real(path)
+    for root in _SYSTEM_ROOTS:
+        if real == Path(root) or Path(root) in real.parents:
+            raise OutputPathError(MSG_SYSTEM.format(flag=flag, path=path, root=root))
+    if real.exists():
+        mode = real.stat().st_mode
+        if is_dir:
+            if not stat.S_ISDIR(mode):
+                raise OutputPathError(MSG_NOT_DIR.format(flag=flag, path=path))
+            if not os.access(real, os.W_OK | os.X_OK):
+                raise OutputPathError(MSG_NOT_WRITABLE.format(flag=flag, path=path, parent=path))
+            return
+        if stat.S_ISDIR(mode):
+            raise OutputPathError(MSG_IS_DIR.format(flag=flag, path=path))
+        if not stat.S_ISREG(mode):
+            raise OutputPathError(MSG_SPECIAL.format(flag=flag, path=path))
+    parent = real.parent
+    while not parent.exists():
+        if not is_dir:
+            raise OutputPathError(MSG_NO_FOLDER.format(flag=flag, path=path, parent=real.parent))
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(MSG_UNDER_FILE.format(flag=flag, path=path, parent=parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(MSG_NOT_WRITABLE.format(flag=flag, path=path, parent=parent))
+
+
+def _under_file(path: Path) -> Path | None:
+    """The regular file among ``path``'s ancestors, if any (``a.txt/x.json``)."""
+    for parent in _real(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_paths(
+    inputs: Sequence[tuple[str, str | os.PathLike | None]],
+    outputs: Sequence[Output | None],
+) -> None:
+    """Raise :class:`OutputPathError` for the first bad output location or path collision.
+
+    ``inputs`` are ``(flag, path)`` pairs (``None`` paths and paths that are not existing files
+    are skipped: their loaders report them); ``outputs`` are :class:`Output` (``None`` skipped).
+    """
+    outs = [o for o in outputs if o is not None and o.path is not None]
+    for out in outs:
+        base = Path(out.path)
+        parent = _under_file(base)
+        if parent is not None:
+            raise OutputPathError(MSG_UNDER_FILE.format(flag=out.flag, path=base, parent=parent))
+        _check_location(out.flag, base, is_dir=out.inside is not None)
+        if out.inside is not None:
+            for label, f in out.files():
+                if f.is_dir():
+                    raise OutputPathError(MSG_IS_DIR.format(flag=label, path=f))
+    ins = [(flag, Path(p)) for flag, p in inputs if p is not None and Path(p).is_file()]
+    written: list[tuple[str, Path]] = []
+    for out in outs:
+        for label, f in out.files():
+            for flag, p in ins:
+                if _same(f, p):
+                    raise OutputPathError(MSG_SAME_AS_INPUT.format(flag=label, path=f, other=flag, other_path=p))
+            for other, q in written:
+                if _same(f, q):
+                    raise OutputPathError(MSG_SAME_AS_OUTPUT.format(flag=label, path=f, other=other, other_path=q))
+            written.append((label, f))

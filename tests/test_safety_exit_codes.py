@@ -1,0 +1,63 @@
+"""The exit-code map: 0 ok, 1 only a broken validation limit, 2 bad input, 3 an internal error
+(traceback only with --debug); -q/--quiet and --debug accepted after every subcommand."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+from safety_helpers import first_line, make_inputs, run_cli, snapshot, tiny_onnx
+
+import fqexport.cli.analyze as analyze_cli
+from fqexport.cli import build_parser, main
+
+
+def _main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture()
+def work(tmp_path):
+    return make_inputs(tmp_path)
+
+
+def test_scalar_output_onnx_is_bad_input_not_a_failed_limit(work):
+    tiny_onnx(work / "scalar.onnx", scalar_output=True)
+    before = snapshot(work)
+    code, _, err = run_cli(["validate", "scalar.onnx", "--data", "calib.npz", "--no-latency", "--no-kernel-check"], work)
+    assert code == 2
+    assert first_line(err) == ("error: model scalar.onnx on data calib.npz: the ONNX model returns a scalar (shape []); "
+                               "fqexport validates classifiers whose first output is logits [N, C]")
+    assert snapshot(work) == before
+
+
+def test_a_broken_limit_is_1_and_a_passing_run_0(work):
+    args = ["validate", work / "model.onnx", "--data", work / "calib.npz", "--no-latency", "--no-kernel-check"]
+    assert _main(args)[0] == 0
+    assert _main([*args, "--min-acc", "100"])[0] == 1
+
+
+def test_an_unexpected_exception_is_internal_error_3(work, monkeypatch):
+    def boom(args):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", boom)
+    args = ["analyze", "--model", "fixtures_models:tiny_mlp", "--data", work / "calib.npz"]
+    code, _, err = _main(args)
+    assert code == 3
+    assert err.strip() == ("internal error: RuntimeError: something broke — this is a bug in fqexport, please report "
+                           "it with the command line and the output of the same command with --debug")
+    code, _, err = _main([*args, "--debug"])
+    assert code == 3 and err.startswith("Traceback (most recent call last):")
+
+
+@pytest.mark.parametrize("command", ["compress", "validate", "analyze", "sweep", "demo"])
+def test_quiet_and_debug_accepted_after_every_subcommand(command):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    assert {"-q", "--quiet", "--debug", "-v"} <= flags

@@ -1,0 +1,69 @@
+"""Output locations are checked before any compute: a bad one exits 2 with one line naming
+the flag, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from safety_helpers import compress_args, first_line, make_inputs, run_cli, snapshot
+
+from fqexport.atomic import atomic_write
+from fqexport.cli.paths import Output, check_paths
+from fqexport.errors import OutputPathError
+
+
+@pytest.fixture()
+def work(tmp_path):
+    return make_inputs(tmp_path)
+
+
+def test_cli_output_errors_come_before_compute(work):
+    before = snapshot(work)
+    for out, line in [
+        ("/proc/x.onnx", "error: --out /proc/x.onnx is under /proc, which holds no user files; choose another --out"),
+        ("calib.npz/x.onnx", f"error: --out calib.npz/x.onnx: {work / 'calib.npz'} is a file, not a folder; "
+                             "choose another --out"),
+    ]:
+        start = time.perf_counter()
+        code, stdout, err = run_cli(compress_args("--out", out), work)
+        assert (code, first_line(err), stdout) == (2, line, "")
+        assert time.perf_counter() - start < 120  # import time only; compress would take longer
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("flag, inside, rel, message", [
+    ("--out", None, ".", "{flag} {path} is an existing directory; give a file name"),
+    ("--out", None, "missing/o.onnx", "{flag} {path}: folder {work}/missing does not exist; create it first"),
+    ("--report-dir", ("report.json",), "calib.npz/reports", "{flag} {path}: {work}/calib.npz is a file, not a folder; choose another {flag}"),
+    ("--out-dir", ("pareto.json",), "calib.npz", "{flag} {path} is an existing file, not a directory; give a folder"),
+    ("--json", None, "calib.npz/a/b.json", "{flag} {path}: {work}/calib.npz is a file, not a folder; choose another {flag}"),
+    ("--junit", None, "/dev/null", "{flag} {path} is under /dev, which holds no user files; choose another {flag}"),
+])
+def test_bad_output_locations(work, flag, inside, rel, message):
+    path = work / rel if not rel.startswith("/") else rel
+    with pytest.raises(OutputPathError) as info:
+        check_paths([], [Output(flag, path, inside)])
+    assert str(info.value) == message.format(flag=flag, path=path, work=work)
+
+
+def test_missing_output_folder_is_created_for_folder_flags(work):
+    check_paths([], [Output("--report-dir", work / "new" / "reports", ("report.json",))])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(work):
+    (work / "ro").mkdir(mode=0o555)
+    with pytest.raises(OutputPathError, match="folder .*ro is not writable"):
+        check_paths([], [Output("--out", work / "ro" / "o.onnx")])
+
+
+def test_atomic_write_applies_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "r.json", lambda tmp: tmp.write_text("{}"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["r.json"]

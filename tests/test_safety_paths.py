@@ -1,0 +1,56 @@
+"""Outputs never destroy inputs: every output path is resolved (symlinks, files inside
+--out-dir/--report-dir) and compared with every input and output before any compute."""
+
+from __future__ import annotations
+
+import pytest
+from safety_helpers import compress_args, first_line, make_inputs, run_cli, snapshot
+
+from fqexport.cli.paths import Output, check_paths
+from fqexport.errors import OutputPathError
+
+
+@pytest.fixture()
+def work(tmp_path):
+    return make_inputs(tmp_path)
+
+
+@pytest.mark.parametrize("args, line", [
+    (compress_args("--out", "calib.npz"),
+     "error: --out calib.npz is the same file as --calib calib.npz: it would overwrite the input; choose another --out"),
+    (["validate", "model.onnx", "--data", "calib.npz", "--junit", "model.onnx"],
+     "error: --junit model.onnx is the same file as model model.onnx: it would overwrite the input; "
+     "choose another --junit"),
+])
+def test_cli_refuses_an_output_equal_to_an_input(work, args, line):
+    before = snapshot(work)
+    code, out, err = run_cli(args, work)
+    assert (code, first_line(err)) == (2, line)
+    assert snapshot(work) == before  # nothing new, inputs unchanged byte for byte
+
+
+def test_report_equal_to_out(work):
+    with pytest.raises(OutputPathError) as info:
+        check_paths([("--calib", work / "calib.npz")], [Output("--out", work / "o.onnx"), Output("--report", work / "o.onnx")])
+    assert str(info.value) == (f"--report {work / 'o.onnx'} is the same file as --out {work / 'o.onnx'}: "
+                               "one would overwrite the other; choose another --report")
+
+
+def test_symlink_and_hard_link_to_an_input_are_the_same_file(work):
+    (work / "link.pt").symlink_to(work / "mlp.pt")
+    (work / "hard.pt").hardlink_to(work / "mlp.pt")
+    for name in ("link.pt", "hard.pt"):
+        with pytest.raises(OutputPathError, match=f"--out .*{name} is the same file as --weights"):
+            check_paths([("--weights", work / "mlp.pt")], [Output("--out", work / name)])
+
+
+def test_files_inside_an_output_folder_are_compared(work):
+    (work / "pareto.json").write_text("{}")
+    with pytest.raises(OutputPathError) as info:
+        check_paths([("--calib", work / "pareto.json")], [Output("--out-dir", work, ("pareto.json", "pareto.csv"))])
+    assert str(info.value).startswith(f"--out-dir (pareto.json) {work / 'pareto.json'} is the same file as --calib")
+
+
+def test_distinct_paths_and_a_factory_spec_pass(work):
+    check_paths([("--model", "fixtures_models:tiny_mlp"), ("--weights", work / "mlp.pt"), ("--calib", work / "calib.npz")],
+                [Output("--out", work / "o.onnx"), Output("--report", work / "r.json"), None])

@@ -1,0 +1,79 @@
+"""Interrupted writes: SIGINT and SIGTERM remove the temp file and exit 128+n; SIGKILL leaves
+``.<name>.fqexport-<pid>.tmp``, which the next write of the same output removes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from safety_helpers import cli_env, compress_args, first_line
+
+from fqexport.atomic import atomic_write, stale_temp_files, temp_path
+
+# The real CLI (its main(), its signal handling), with compress replaced by a slow atomic write.
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import fqexport.cli.compress as c
+    from fqexport.atomic import atomic_write
+    from fqexport.cli import main
+    def slow(tmp):
+        tmp.write_bytes(b"partial")
+        time.sleep(120)
+    c.run_compress = lambda args: atomic_write(Path(args.out), slow)
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _start(folder, name):
+    (folder / "mlp.pt").touch()
+    (folder / "calib.npz").touch()
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *compress_args("--out", name)], cwd=folder,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_signals_during_a_write_then_rerun(tmp_path):
+    sigs = {"int": signal.SIGINT, "term": signal.SIGTERM, "kill": signal.SIGKILL}
+    procs = {}
+    for key in sigs:
+        (tmp_path / key).mkdir()
+        procs[key] = _start(tmp_path / key, "o.onnx")  # all three start at once: imports overlap
+    for key, proc in procs.items():
+        tmp = temp_path(tmp_path / key / "o.onnx", proc.pid)
+        deadline = time.time() + 240
+        while not tmp.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(sigs[key])
+    results = {key: (proc.wait(60), proc.stderr.read()) for key, proc in procs.items()}
+
+    assert results["int"][0] == 130
+    assert first_line(results["int"][1]) == "interrupted by SIGINT; no partial output was left"
+    assert results["term"][0] == 143
+    assert first_line(results["term"][1]) == "interrupted by SIGTERM; no partial output was left"
+    for key in ("int", "term"):
+        assert sorted(os.listdir(tmp_path / key)) == ["calib.npz", "mlp.pt"]
+
+    assert results["kill"][0] == -signal.SIGKILL
+    left = tmp_path / "kill" / f".o.onnx.fqexport-{procs['kill'].pid}.tmp"
+    assert left.exists() and stale_temp_files(tmp_path / "kill" / "o.onnx") == [left]
+    atomic_write(tmp_path / "kill" / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))  # the rerun
+    assert sorted(os.listdir(tmp_path / "kill")) == ["calib.npz", "mlp.pt", "o.onnx"]
+    assert (tmp_path / "kill" / "o.onnx").read_bytes() == b"done"
+
+
+def test_a_live_writers_temp_file_is_left_alone(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = temp_path(tmp_path / "o.onnx", other.pid)
+        live.write_bytes(b"in progress")
+        atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"x"))
+        assert live.exists()
+    finally:
+        other.kill()
+        other.wait()

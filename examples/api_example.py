@@ -16,23 +16,19 @@ The files it leaves in --out-dir (model.pt, calib.npz, test.npz, float.onnx) are
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from fqexport.calibration.sampling import group_balanced_subset
-from fqexport.cli.common import print_table
-from fqexport.config import QuantConfig
-from fqexport.demo.run import save_npz
+import fqexport
+from fqexport import GroupData, QuantConfig, Thresholds
 from fqexport.demo.models import small_resnet
+from fqexport.demo.run import save_npz
 from fqexport.demo.task import make_image_task
-from fqexport.errors import FqexportError
-from fqexport.exporters.qdq_onnx import export_float
-from fqexport.validation.reports import write_json
-from fqexport.validation.gate import Thresholds, validate
-from fqexport.pipeline.compress import compress
 from fqexport.demo.training import TrainConfig, train_classifier
 
 # (n_train, n_test, image size, epochs, batch size, learning rate, calibration samples, minority fraction)
@@ -59,6 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def balanced_subset(data: GroupData, n: int, seed: int) -> GroupData:
+    """Up to ``n`` samples with every group as equally represented as its size allows."""
+    rng = np.random.default_rng(seed)
+    per_group = n // data.num_groups
+    picked = [rng.permutation(np.flatnonzero(data.group == g))[:per_group] for g in range(data.num_groups)]
+    return data.subset(rng.permutation(np.concatenate(picked)))
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    cells = [list(rows[0])] + [[str(v) for v in r.values()] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for k, row in enumerate(cells):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     n_train, n_test, size, epochs, batch_size, lr, num_calib, minority = QUICK if args.quick else FULL
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. data: GroupData with x [N, 3, size, size], y [N], group [N], group_names.
     train, test = make_image_task(n_train, n_test, size, minority, seed=args.seed)
-    calib = group_balanced_subset(train, min(2 * num_calib, len(train)), seed=args.seed)
+    calib = balanced_subset(train, min(2 * num_calib, len(train)), seed=args.seed)
     save_npz(calib, out / "calib.npz")
     save_npz(test, out / "test.npz")
     print(f"data: {len(train)} train / {len(test)} test images {size}x{size}, groups {train.group_names}")
@@ -82,20 +95,20 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.quick)
     torch.save(model.state_dict(), out / "model.pt")
     print(f"trained SmallResNet: {epochs} epochs ({time.perf_counter() - t0:.0f} s so far)")
-    export_float(model, torch.from_numpy(test.x[:2]), out / "float.onnx")
+    fqexport.export_float(model, torch.from_numpy(test.x[:2]), out / "float.onnx")
 
     # 3. compress → export.
     config = QuantConfig(weight_bits=args.bits, method=args.method, num_calib=num_calib, seed=args.seed)
-    cm = compress(model, calib, config, progress=not args.quick)
+    cm = fqexport.compress(model, calib, config, progress=not args.quick)
     onnx_path = out / f"model_w{args.bits}.onnx"
-    result = cm.export(onnx_path)
+    result = fqexport.export(cm, onnx_path)
     print(f"exported {onnx_path} ({result.size_bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch reference: "
           f"top-1 agreement {result.agreement:.2%} ({time.perf_counter() - t0:.0f} s so far)")
 
     # 4. validate in ONNX Runtime, per group, against the float ONNX model.
-    report = validate(onnx_path, test, reference=out / "float.onnx",
-                      thresholds=Thresholds(max_group_drop=args.max_group_drop),
-                      measure_latency=not args.quick, kernel_check=not args.quick)
+    report = fqexport.validate(onnx_path, test, reference=out / "float.onnx",
+                               thresholds=Thresholds(max_group_drop=args.max_group_drop),
+                               measure_latency=not args.quick, kernel_check=not args.quick)
     rows = []
     for name, r in report.metrics.by_group.items():
         ref = report.reference_metrics.by_group[name]["accuracy"]
@@ -103,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"W{args.bits}A8 acc %": f"{100 * r['accuracy']:.2f}",
                      "drop pp": f"{100 * report.group_drop[name]:.2f}"})
     print()
-    print_table(rows, list(rows[0]))
+    print_table(rows)
     worst, acc = report.metrics.group_min("accuracy")
     print(f"\nworst group {worst}: {100 * acc:.2f} %; gap {100 * report.metrics.difference('accuracy'):.2f} pp")
-    write_json(report, out / "report.json")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     print(f"wrote {out / 'report.json'} ({time.perf_counter() - t0:.0f} s)")
     for check in report.failures():
         print(f"FAIL {check.name}: {check.message}")
@@ -116,6 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except FqexportError as err:
+    except fqexport.FqexportError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,10 @@ if str(TESTS_DIR) not in sys.path:  # 'fixtures_models:tiny_cnn' resolves like a
     sys.path.insert(0, str(TESTS_DIR))
 
 import fixtures_models as fm  # noqa: E402
+from fqexport.exporters import qdq_onnx  # noqa: E402
+
+from fqexport.config import QuantConfig  # noqa: E402
+from fqexport.pipeline.compress import compress  # noqa: E402
 
 # Layer widths of the mixed-precision CNN used by the export tests.
 MIXED_BITS = {"conv_a": 4, "dw": 6, "fc": 4}
@@ -51,9 +55,6 @@ def cnn_files(tmp_path_factory, cnn_model, cnn_data):
 
 
 def _compress(model, data, **kw):
-    from fqexport.config import QuantConfig
-    from fqexport.pipeline.compress import compress
-
     kw.setdefault("num_calib", 256)
     return compress(model, data, QuantConfig(**kw), progress=False)
 
@@ -77,8 +78,6 @@ def cnn_exports(tmp_path_factory, cnn_cm_mixed):
     Returns a dict with the two ExportResults and the ONNX proto ``torch_to_onnx`` produced
     (before the weight rewrite), so failure tests can skip the slow torch export.
     """
-    from fqexport.exporters import qdq_onnx
-
     d = tmp_path_factory.mktemp("cnn_exports")
     protos = []
     real = qdq_onnx.torch_to_onnx

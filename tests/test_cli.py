@@ -5,11 +5,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from fqexport.exporters.metadata import read_metadata
+from fqexport.exporters.ort_session import make_session, run_batches
 
 from fqexport.cli import main
 
@@ -59,7 +65,6 @@ def test_compress_writes_report(compressed):
 
 
 def _worst_group_acc(path, data) -> float:
-    from fqexport.exporters.ort_session import make_session, run_batches
 
     pred = run_batches(make_session(path), data.x, 100).argmax(1)
     return min(float(np.mean(pred[data.group == g] == data.y[data.group == g])) for g in range(2))
@@ -173,18 +178,41 @@ def test_missing_required_argument_is_a_usage_error(capsys):
     assert "--calib" in capsys.readouterr().err
 
 
+SUBCOMMANDS = ("compress", "validate", "analyze", "sweep", "demo")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: 10-30 s on a loaded 2-core machine
+def test_installed_script_prints_help_naming_every_subcommand():
+    script = Path(sys.executable).parent / "fqexport"
+    argv = [str(script)] if script.is_file() else [sys.executable, "-m", "fqexport.cli"]
+    proc = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: fqexport")
+    listed = [m.group(1) for m in re.finditer(r"^    (\w+) ", proc.stdout, re.MULTILINE)]
+    assert listed == list(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_help_exits_0(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fqexport {command}") and "-q, --quiet" in out
+
+
 def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
     out = tmp_path / "mp.onnx"
     code, stdout, err = _run(_compress_args(
         mlp_files, out, "--budget-bits", "4", "--bit-choices", "2,4,8", "--pin", "fc1=8",
-        "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
+        "--pin-first-last", "8", "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
     assert code == 0, err
     assert "mixed precision (worst-group, budget bits 4)" in stdout
     assert "candidates verified on held-out calibration data (3-fold cross-fitted" in stdout
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
     bits = {l["name"]: l["bits"] for l in meta["layers"]}
-    assert bits["fc1"] == 8  # pinned
+    assert bits["fc1"] == 8 and bits["fc3"] == 8  # pinned: --pin and --pin-first-last
     assert set(bits.values()) <= {2, 4, 8}
     params = {l["name"]: l["params"] for l in meta["layers"]}
     avg = sum(bits[n] * params[n] for n in bits) / sum(params.values())
@@ -216,7 +244,6 @@ def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
 
 
 def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir, monkeypatch):
-    from fqexport.exporters.metadata import read_metadata
 
     monkeypatch.chdir(tests_dir)
     metas = {}

@@ -1,32 +1,20 @@
-"""Tests of fqexport/cli_analyze.py through fqexport.cli:main (exit codes, table, JSON)."""
+"""Tests of ``fqexport analyze`` through the real fqexport.cli:main (exit codes, table, JSON)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
-
-import fqexport.cli as cli
-from fqexport.cli.analyze import add_analyze_parser
 from fixtures_models import tabular_task, tiny_mlp
 
-
-def _with_analyze(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``parser`` with ``analyze`` registered (a no-op once fqexport.cli registers it)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "analyze" not in sub.choices:
-        add_analyze_parser(sub)
-    return parser
+from fqexport.cli import main as cli_main
 
 
 @pytest.fixture
-def main(monkeypatch):
-    original = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: _with_analyze(original()))
-    return lambda argv: cli.main([str(a) for a in argv])
+def main():
+    return lambda argv: cli_main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +82,11 @@ def test_bad_model_and_bad_options(main, files, capsys):
         main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", files / "data.npz", "--hessian-iters", -1])
     assert exc.value.code == 2
     assert "'-1' must be >= 0" in capsys.readouterr().err
+
+
+def test_quiet_and_verbose_are_accepted_after_the_subcommand(main, files, capsys):
+    rc = main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", files / "data.npz", "--bits",
+               "--hessian-iters", 0, "--max-samples-per-group", 4, "-q"])
+    assert rc == 0
+    assert [r.split()[:3] for r in capsys.readouterr().out.splitlines()[2:4]] == [["a", "float", "4"],
+                                                                               ["b", "float", "4"]]

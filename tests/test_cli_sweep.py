@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import re
 import json
+import re
 
 import pytest
-
 from test_cli import _run
 
 

@@ -1,41 +1,47 @@
-"""Tests of fqexport/cli_validate.py through argparse: exit codes 0/1 and errors for exit 2."""
+"""Tests of ``fqexport validate`` through the real ``fqexport.cli.main``: exit codes 0/1/2, the
+printed table and checks, the reports it writes."""
 
 from __future__ import annotations
 
-import argparse
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from fixtures_models import saturating_qdq_gemm
+from fqexport.exporters.cpu_isa import cpu_isa
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
-from fqexport.cli.validate import add_validate_parser
-from fqexport.errors import ConfigError, DataError, FqexportError, ModelLoadError
-
-pytest.importorskip("fqexport.calibration.readers", reason="calibration/readers.py not written yet")
-
-
-def _parser():
-    p = argparse.ArgumentParser(prog="fqexport")
-    add_validate_parser(p.add_subparsers(dest="command"))
-    return p
+from fqexport.cli import main
 
 
 def _run(argv):
-    args = _parser().parse_args(["validate", *map(str, argv)])
-    return args.func(args)
+    return main(["validate", *map(str, argv)])
+
+
+def _export(net, x, path):
+    torch.onnx.export(net, (torch.from_numpy(x[:2]),), str(path), dynamo=True, opset_version=21,
+                      input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     torch.manual_seed(1)
     d = tmp_path_factory.mktemp("cli")
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()
     x = np.random.default_rng(1).standard_normal((120, 8)).astype(np.float32)
-    torch.onnx.export(net, (torch.from_numpy(x[:2]),), str(d / "float.onnx"), dynamo=True, opset_version=21,
-                      input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+    _export(net, x, d / "float.onnx")
+    # the same net with negated logits: for 2 classes it predicts the other class for every sample
+    flipped = torch.nn.Sequential(*net, torch.nn.Linear(2, 2, bias=False)).eval()
+    with torch.no_grad():
+        flipped[-1].weight.copy_(-torch.eye(2))
+    _export(flipped, x, d / "flipped.onnx")
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -50,6 +56,11 @@ def files(tmp_path_factory):
         y = net(torch.from_numpy(x)).argmax(1).numpy()
     group = np.where(np.arange(120) % 3 == 0, "minority", "majority")
     np.savez(d / "test.npz", x=x, y=y, group=group)
+    # the float model's own labels, with the first 10 of the 40 minority samples flipped:
+    # the float model then scores exactly 75 % on the minority and 100 % on the majority
+    noisy = y.copy()
+    noisy[np.flatnonzero(group == "minority")[:10]] ^= 1
+    np.savez(d / "noisy.npz", x=x, y=noisy, group=group)
     np.savez(d / "wrong.npz", x=x[:, :5], y=y, group=group)
     (d / "broken.onnx").write_bytes(b"\x08\x01garbage")
     return d
@@ -81,46 +92,77 @@ def test_exit_1_names_broken_limit_value_and_group(files, tmp_path, capsys):
     assert failed == ["max_size_mb"]
 
 
-def test_exit_1_for_worst_group(files, capsys):
+def test_exit_1_for_worst_group_gap_and_drop(files, capsys):
     rc = _run([files / "float.onnx", "--data", files / "test.npz", "--min-worst-group-acc", 100.0,
                "--max-acc-gap", 0, "--no-latency", "--no-kernel-check"])
     assert rc == 0  # float labels its own data perfectly: 100 % everywhere, gap 0
-    rc = _run([files / "qdq.onnx", "--data", files / "test.npz", "--reference", files / "float.onnx",
-               "--max-group-drop", 0, "--no-latency"])
+    capsys.readouterr()
+    rc = _run([files / "float.onnx", "--data", files / "noisy.npz", "--min-worst-group-acc", 80,
+               "--max-acc-gap", 20, "--no-latency", "--no-kernel-check"])
     out = capsys.readouterr().out
-    # the quantized model loses some samples somewhere, or passes with drop 0 everywhere
-    assert (rc == 1 and "FAIL max_group_drop: accuracy drop vs reference (group '" in out) or (
-        rc == 0 and "PASS max_group_drop" in out)
+    assert rc == 1
+    assert "FAIL min_worst_group_acc: worst-group accuracy (group 'minority') 75.00 % below --min-worst-group-acc 80" in out
+    assert "FAIL max_acc_gap: accuracy gap to group 'majority' (group 'minority') 25.00 pp exceeds --max-acc-gap 20" in out
+    rc = _run([files / "flipped.onnx", "--data", files / "test.npz", "--reference", files / "float.onnx",
+               "--max-group-drop", 5, "--no-latency", "--no-kernel-check"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAIL max_group_drop: accuracy drop vs reference (group '" in out
+    assert "100.00 pp exceeds --max-group-drop 5" in out
+    rc = _run([files / "float.onnx", "--data", files / "test.npz", "--reference", files / "float.onnx",
+               "--max-group-drop", 0, "--no-latency", "--no-kernel-check"])
+    assert rc == 0 and "PASS max_group_drop: accuracy drop vs reference" in capsys.readouterr().out
 
 
-def test_bad_inputs_raise_fqexport_errors_for_exit_2(files):
-    with pytest.raises(ModelLoadError, match=r"broken\.onnx"):
-        _run([files / "broken.onnx", "--data", files / "test.npz"])
-    with pytest.raises(DataError, match=r"wrong\.npz: x has shape \[5\] .* expects input \[batch, 8\]"):
-        _run([files / "float.onnx", "--data", files / "wrong.npz", "--no-latency"])
-    with pytest.raises(FqexportError, match=r"missing\.npz"):
-        _run([files / "float.onnx", "--data", files / "missing.npz"])
-    with pytest.raises(ConfigError, match="needs a reference model"):
-        _run([files / "float.onnx", "--data", files / "test.npz", "--max-group-drop", 1])
-    with pytest.raises(ConfigError, match=r"must be a finite number in \[0, 100\]"):
-        _run([files / "float.onnx", "--data", files / "test.npz", "--min-acc", 150])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{d}/broken.onnx", "--data", "{d}/test.npz"], "broken.onnx"),
+        (["{d}/float.onnx", "--data", "{d}/wrong.npz", "--no-latency"],
+         "wrong.npz: x has shape [5] per sample but model {d}/float.onnx expects input [batch, 8]"),
+        (["{d}/float.onnx", "--data", "{d}/missing.npz"], "missing.npz"),
+        (["{d}/float.onnx", "--data", "{d}/test.npz", "--max-group-drop", "1"], "needs a reference model"),
+        (["{d}/float.onnx", "--data", "{d}/test.npz", "--min-acc", "150"], "must be a finite number in [0, 100]"),
+    ],
+)
+def test_bad_inputs_exit_2_with_the_message(files, capsys, argv, message):
+    assert _run([a.format(d=files) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message.format(d=files) in captured.err
+    assert "PASS" not in captured.out and "FAIL" not in captured.out
 
 
-def test_cuda_missing_is_config_error_naming_package(files):
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("CUDAExecutionProvider present: the missing-CUDA message cannot be tested")
-    with pytest.raises(ConfigError, match="pip install onnxruntime-gpu"):
-        _run([files / "float.onnx", "--data", files / "test.npz", "--provider", "cuda"])
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="CUDAExecutionProvider present: the missing-CUDA message cannot be tested")
+def test_cuda_missing_exits_2_naming_the_package(files, capsys):
+    assert _run([files / "float.onnx", "--data", files / "test.npz", "--provider", "cuda"]) == 2
+    assert "pip install onnxruntime-gpu" in capsys.readouterr().err
 
 
-def test_main_maps_errors_to_exit_2_when_wired(files, capsys):
-    cli = pytest.importorskip("fqexport.cli")
-    if not hasattr(cli, "main"):
-        pytest.skip("fqexport.cli.main not there yet")
-    try:
-        rc = cli.main(["validate", str(files / "broken.onnx"), "--data", str(files / "test.npz")])
-    except SystemExit as e:  # argparse: subcommand not wired yet
-        pytest.skip(f"validate not wired into fqexport.cli yet (exit {e.code})")
-    assert rc == 2 and "broken.onnx" in capsys.readouterr().err
+def test_quiet_is_accepted_after_the_subcommand(files, capsys):
+    rc = main(["validate", str(files / "float.onnx"), "--data", str(files / "test.npz"), "--no-latency",
+               "--no-kernel-check", "--min-acc", "99", "-q"])
+    assert rc == 0 and "PASS min_acc: overall accuracy 100.00 % ok --min-acc 99" in capsys.readouterr().out
+
+
+def test_target_flag_gates_the_emulated_cpu_and_prints_the_isa(tmp_path, capsys):
+    data = saturating_qdq_gemm(tmp_path / "sat.onnx")
+    group = np.array(data.group_names)[data.group]
+    np.savez(tmp_path / "sat.npz", x=data.x, y=data.y, group=group)
+    rc = _run([tmp_path / "sat.onnx", "--data", tmp_path / "sat.npz", "--target", "x86-vnni",
+               "--target", "x86-avx2", "--min-worst-group-acc", 50, "--no-latency",
+               "--report-dir", tmp_path / "rep", "--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert f"provider cpu  cpu {cpu_isa()} (int8 kernel family " in out
+    assert "target x86-avx2 (emulated): majority 100.00 % (k.dev 0.00), minority 0.00 % (k.dev 100.00)" in out
+    assert ("FAIL min_worst_group_acc[target=x86-avx2]: x86-avx2: worst-group accuracy (group 'minority') "
+            "0.00 % below --min-worst-group-acc 50") in out
+    assert "PASS min_worst_group_acc[target=x86-vnni]" in out
+    assert "| x86-avx2 (emulated) | minority | 0.00 | 100.00 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_unknown_target_is_a_usage_error(files, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run([files / "qdq.onnx", "--data", files / "test.npz", "--target", "x86-sse"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'x86-sse'" in capsys.readouterr().err

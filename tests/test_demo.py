@@ -2,11 +2,15 @@
 
 import json
 
+import onnx
+import pytest
+
 from fqexport.demo.run import DEMO_MIXED, DEMO_VARIANTS, run_demo
 from fqexport.demo.task import DemoTaskSizes
 from fqexport.demo.training import TrainConfig
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     steps: list[str] = []
     result = run_demo(
@@ -28,8 +32,6 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert all("inverted-contrast %" in r for r in result.table)
     out = "\n".join(steps)
     # the mixed-precision row's file holds an allocation within its 3-bit average budget
-    import onnx
-
     meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "fqexport_mixed_avg3bit.onnx")).metadata_props}["fqexport"])
     assert meta["allocation"]["objective"] == "worst-group" and meta["allocation"]["avg_bits"] <= 3.0
     assert "mixed precision (worst-group, " in out

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
-
 from fqexport.calibration.group_data import GroupData
+
 from fqexport.demo.models import MLP, SmallResNet, mlp, small_resnet
 from fqexport.demo.task import (
     IMAGE_GROUPS,
@@ -159,7 +160,6 @@ def test_model_bad_arguments():
 
 @pytest.mark.slow
 def test_small_resnet_exports_to_onnx_and_matches(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = small_resnet(width=4).eval()
     x = torch.randn(2, 3, 16, 16)

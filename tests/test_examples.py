@@ -3,7 +3,6 @@ every ``fqexport …`` command in them is parsed by the real ``fqexport.cli.buil
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,17 +25,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable)
     env.update(extra)
     return env
-
-
-def _parser() -> argparse.ArgumentParser:
-    """The real CLI parser, with ``analyze`` added if fqexport.cli does not register it yet."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "analyze" not in sub.choices:
-        from fqexport.cli.analyze import add_analyze_parser
-
-        add_analyze_parser(sub)
-    return parser
 
 
 # ------------------------------------------------------------------ a tiny structural YAML reader
@@ -185,12 +173,12 @@ def test_workflow_structure_and_commands_parse_with_the_real_cli():
     commands = [c for r in runs for c in fqexport_commands(r, {"OUT": "build/fqexport"})]
     names = [c[1] if c[0] == "--quiet" else c[0] for c in commands]
     assert names == ["compress", "validate"]  # compress first, then the gate
-    parser = _parser()
+    parser = cli.build_parser()
     compress_args = parser.parse_args(commands[0])
     validate_args = parser.parse_args(commands[1])
     assert compress_args.out == "build/fqexport/model_w8a8.onnx" == str(validate_args.model)
-    for flag in ("min_worst_group_acc", "max_acc_gap", "max_group_drop"):
-        assert getattr(validate_args, flag) is not None, flag
+    limits = (validate_args.min_worst_group_acc, validate_args.max_acc_gap, validate_args.max_group_drop)
+    assert limits == (5.0, 50.0, 5.0)
     assert str(validate_args.junit) == "build/fqexport/junit.xml"
     assert str(validate_args.reference) == "build/fqexport/float.onnx"
     # Files the workflow reads come from the prepare step (the API example).
@@ -204,7 +192,7 @@ def test_cli_example_commands_parse_with_the_real_cli():
     variables = {"FQEXPORT": "fqexport", "MODEL": "fqexport.demo.models:small_resnet", "OUT_DIR": "out",
                  "NUM_CALIB": "128", "MIN_WORST_GROUP_ACC": "5", "MAX_ACC_GAP": "50", "MAX_GROUP_DROP": "5"}
     commands = fqexport_commands(text, variables)
-    parser = _parser()
+    parser = cli.build_parser()
     parsed = [parser.parse_args(c) for c in commands]
     assert [p.command for p in parsed] == ["compress", "compress", "validate", "analyze", "validate"]
     gate = parsed[-1]

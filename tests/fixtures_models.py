@@ -124,3 +124,43 @@ def accuracy(model: nn.Module, data: GroupData) -> float:
 
 def save_npz(data: GroupData, path) -> None:
     np.savez(path, x=data.x, y=data.y, group=data.group, group_names=np.array(data.group_names))
+
+
+def saturating_qdq_gemm(path) -> GroupData:
+    """A 2-class QDQ Gemm (K=4) whose minority is right with exact int32 sums, wrong on AVX2.
+
+    Input quantized on [0, 1] (zero point 0), output on [0, 10]. Class 0 has weights +127
+    (full 8-bit range), class 1 zero weights and bias 3.0. The minority's inputs are 1.0
+    (uint8 255): class 0 scores 4.0 with exact sums, but AVX2's vpmaddubsw saturates each pair
+    (2·255·127 = 64770 -> 32767) to 2.02 < 3.0, so the minority flips to class 1. The majority
+    (inputs 0.2, class 0 scores 0.8) is class 1 on every target. Returns the 40-sample test data.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sx, sy, sw = 1.0 / 255.0, 10.0 / 255.0, 1.0 / 127.0
+    inits = [
+        numpy_helper.from_array(np.array(sx, np.float32), "sx"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+        numpy_helper.from_array(np.array(sy, np.float32), "sy"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zy"),
+        numpy_helper.from_array(np.array([[127] * 4, [0] * 4], np.int8), "wq"),
+        numpy_helper.from_array(np.full(2, sw, np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(2, np.int8), "zw"),
+        numpy_helper.from_array(np.array([0.0, 3.0], np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        helper.make_node("Gemm", ["xd", "wd", "b"], ["h"], transB=1),
+        helper.make_node("QuantizeLinear", ["h", "sy", "zy"], ["hq"]),
+        helper.make_node("DequantizeLinear", ["hq", "sy", "zy"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], initializer=inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    group = (np.arange(40) % 4 == 0).astype(np.int64)  # 10 minority samples
+    x = np.where(group[:, None] == 1, 1.0, 0.2).astype(np.float32).repeat(4, axis=1)
+    y = np.where(group == 1, 0, 1).astype(np.int64)
+    return GroupData(x, y, group, ("majority", "minority"), "saturating-task")

@@ -30,6 +30,14 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
         assert by_group["inverted-contrast"]["count"] == 40
     assert [r["model"] for r in result.table] == labels
     assert all("inverted-contrast %" in r for r in result.table)
+    # issue 16: the CPU's instruction set is named; two rows also run under emulated AVX2 kernels
+    from fqexport.exporters.cpu_isa import cpu_isa
+
+    emulated = {r["model"]: r["inverted-contrast % x86-avx2"] for r in result.table}
+    assert emulated["float"] == "-" and emulated["ORT quantize_static W8A8"] != "-"
+    fq = next(r for r in rows if r.label == "fqexport W8A8").report
+    assert emulated["fqexport W8A8"] == f"{100 * fq.target_metrics['x86-avx2'].by_group['inverted-contrast']['accuracy']:.2f}"
+    assert f"on this CPU: {cpu_isa()}" in "\n".join(steps)
     out = "\n".join(steps)
     # the mixed-precision row's file holds an allocation within its 3-bit average budget
     meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "fqexport_mixed_avg3bit.onnx")).metadata_props}["fqexport"])

@@ -10,7 +10,7 @@ import pytest
 
 from fqexport.validation.latency import LatencyResult
 from fqexport.validation.reports import write_json, write_junit, write_markdown, write_plots
-from fqexport.validation.gate import Thresholds, ValidationReport, run_checks
+from fqexport.validation.gate import Thresholds, ValidationReport, run_checks, target_checks
 from fqexport.metrics.group_metrics import group_metrics
 
 
@@ -89,3 +89,46 @@ def test_plots_skipped_without_matplotlib(report, tmp_path, monkeypatch, caplog)
     with caplog.at_level("INFO"):
         assert write_plots(report, tmp_path / "p") == []
     assert "matplotlib is not installed" in caplog.text
+
+
+@pytest.fixture()
+def target_report(report):
+    """``report`` with an emulated x86-avx2 target that loses group b entirely."""
+    import dataclasses
+
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    group = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = np.array([0, 1, 0, 1, 1, 0, 1, 0])  # b: 0/4
+    avx2 = group_metrics(np.eye(2)[pred] * 3.0, y, group, ("a", "b"))
+    r = dataclasses.replace(report, cpu_isa="x86-avx512-vnni+amx", targets=("native", "x86-avx2"),
+                            target_metrics={"x86-avx2": avx2},
+                            target_kernel_deviation_by_group={"x86-avx2": {"a": 0.0, "b": 1.0}},
+                            target_agreement={"x86-avx2": 0.875})
+    return dataclasses.replace(r, checks=run_checks(r, r.thresholds) + target_checks(r, r.thresholds))
+
+
+def test_every_report_names_the_cpu_instruction_set(target_report, tmp_path):
+    d = json.loads(write_json(target_report, tmp_path / "r.json").read_text())
+    assert d["cpu_isa"] == "x86-avx512-vnni+amx" and d["cpu_kernel_family"] == "x86-vnni"
+    assert d["targets"]["x86-avx2"] == {
+        "emulated": True, "metrics": d["targets"]["x86-avx2"]["metrics"],
+        "kernel_deviation_by_group": {"a": 0.0, "b": 1.0}, "agreement_with_native": 0.875}
+    assert d["targets"]["x86-avx2"]["metrics"]["by_group"]["b"]["accuracy"] == 0.0
+    text = write_markdown(target_report, tmp_path / "r.md").read_text()
+    assert "- provider: cpu; CPU instruction set: x86-avx512-vnni+amx (int8 kernel family x86-vnni)" in text
+    assert "Measured on x86-avx512-vnni+amx (int8 kernel family x86-vnni)." in text  # latency
+    assert "| native (x86-avx512-vnni+amx) | b | 50.00 | 0.00 | 100.00 |" in text
+    assert "| x86-avx2 (emulated) | b | 0.00 | 100.00 | 87.50 |" in text
+    props = {p.get("name"): p.get("value")
+             for p in ET.parse(write_junit(target_report, tmp_path / "j.xml")).getroot().iter("property")}
+    assert props["cpu_isa"] == "x86-avx512-vnni+amx" and props["targets"] == "native,x86-avx2"
+
+
+def test_emulated_target_checks_gate_with_their_own_names(target_report, tmp_path):
+    root = ET.parse(write_junit(target_report, tmp_path / "j.xml")).getroot()
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    # latency and size are native-only; accuracy limits repeat per target
+    assert set(cases) == {"min_worst_group_acc", "max_group_drop", "max_latency_ms[batch=1]", "max_size_mb",
+                          "min_worst_group_acc[target=x86-avx2]", "max_group_drop[target=x86-avx2]"}
+    fail = cases["max_group_drop[target=x86-avx2]"].find("failure")
+    assert fail.get("message") == "x86-avx2: accuracy drop vs reference (group 'b') 100.00 pp exceeds --max-group-drop 10"

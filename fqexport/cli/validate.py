@@ -11,7 +11,10 @@ import argparse
 from pathlib import Path
 
 from fqexport.cli.common import EXIT_FAILED, EXIT_OK, common_options, int_at_least
+from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
+from fqexport.exporters.cpu_isa import kernel_family
+from fqexport.exporters.kernel_emulation import TARGETS
 from fqexport.validation.gate import Thresholds, validate
 from fqexport.validation.reports import (
     write_json,
@@ -25,6 +28,9 @@ EPILOG = (
     "(--min-worst-group-acc 85 means 85 %%). Exit 0: all limits hold; 1: a limit is broken; "
     "2: bad input."
 )
+
+
+REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
@@ -52,6 +58,10 @@ def add_validate_parser(subparsers) -> None:
     g.add_argument("--max-size-mb", type=float, help="maximum file size incl. external data, MB (10^6 bytes)")
     g.add_argument("--max-kernel-deviation", type=float,
                    help="maximum per-group accuracy difference optimized vs unoptimized session, pp")
+    p.add_argument("--target", dest="targets", action="append", choices=TARGETS, default=None,
+                   help="int8 kernel target to gate (repeatable; default native = this CPU). x86-avx2, "
+                        "x86-vnni and arm64 emulate that CPU family's integer accumulation; every limit "
+                        "applies to each target")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size of the accuracy runs")
     p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), help="comma list, e.g. 1,32")
@@ -78,7 +88,9 @@ def print_summary(report) -> None:
     header = f"{'group':<16} {'n':>7} {'acc %':>7} {'loss':>8}"
     header += f" {'ref %':>7} {'drop':>7}" if has_ref else ""
     header += f" {'unopt %':>7} {'k.dev':>7}" if has_k else ""
-    print(f"model {report.model}  data {report.data_source}  provider {report.provider}")
+    isa = report.cpu_isa
+    print(f"model {report.model}  data {report.data_source}  provider {report.provider}  "
+          f"cpu {isa} (int8 kernel family {kernel_family(isa)})")
     print(header)
     for name, r in m.by_group.items():
         line = f"{name:<16} {r['count']:>7} {_pct(r['accuracy']):>7} {r['loss']:>8.4f}"
@@ -94,13 +106,22 @@ def print_summary(report) -> None:
         print(f"equalized-odds diff {m.equalized_odds_difference:.4f}; demographic-parity diff {m.demographic_parity_difference:.4f}")
     if report.agreement is not None:
         print(f"top-1 agreement with reference: {_pct(report.agreement).strip()} %")
+    for target in report.targets[1:]:
+        tm = report.target_metrics[target]
+        dev = (report.target_kernel_deviation_by_group or {}).get(target)
+        accs = ", ".join(
+            f"{g} {_pct(r['accuracy']).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
+            for g, r in tm.by_group.items()
+        )
+        print(f"target {target} (emulated): {accs}; agreement with native "
+              f"{_pct(report.target_agreement[target]).strip()} %")
     if report.fused_kernels is not None:
         ks = ", ".join(f"{k}={v}" for k, v in report.fused_kernels.items() if v)
-        print(f"kernels: {ks}")
+        print(f"kernels: {ks} (what ORT fused on {isa})")
         if report.float_fallbacks:
             print(f"float Conv/Gemm/MatMul: {', '.join(report.float_fallbacks)}")
     for lat in report.latency:
-        print(f"latency batch {lat.batch_size}: p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, "
+        print(f"latency on {isa} batch {lat.batch_size}: p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, "
               f"{lat.throughput_per_s:.1f} samples/s ({lat.threads} threads, {lat.warmup} warm-up, {lat.repeats} runs)")
     bops = f"{report.bops:.4g}" if report.bops is not None else "n/a"
     print(f"size {report.size_bytes} B; avg weight bits {report.avg_weight_bits:.2f}; BOPs {bops}; "
@@ -112,6 +133,12 @@ def print_summary(report) -> None:
 
 def run_validate(args: argparse.Namespace) -> int:
     """Run ``validate`` from parsed args; print, write reports; 0 pass, 1 a limit broken."""
+    check_paths(
+        [("model", args.model), ("--data", args.data), ("--reference", args.reference),
+         ("model's external data", Path(f"{args.model}.data"))],
+        [Output("--report-dir", args.report_dir, REPORT_FILES) if args.report_dir is not None else None,
+         Output("--junit", args.junit) if args.junit is not None else None],
+    )
     if args.threads is not None and args.threads < 0:
         raise ConfigError(f"--threads {args.threads} must be >= 0")
     thresholds = Thresholds(
@@ -136,6 +163,7 @@ def run_validate(args: argparse.Namespace) -> int:
         threads=args.threads,
         warmup=args.warmup,
         repeats=args.repeats,
+        targets=tuple(args.targets or ("native",)),
     )
     print_summary(report)
     if args.report_dir is not None:

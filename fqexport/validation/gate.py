@@ -25,6 +25,8 @@ import numpy as np
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.errors import ConfigError, DataError, ModelLoadError
+from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
+from fqexport.exporters.kernel_emulation import EmulatedSession, check_target
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import (
     input_shape,
@@ -156,6 +158,13 @@ class ValidationReport:
     (fraction, positive = the model is worse). PePR = P / (1 + R) with R = avg_weight_bits / 32
     (the weight memory relative to fp32) and P = overall accuracy (``pepr``) or worst-group
     accuracy (``pepr_worst_group``).
+
+    ``cpu_isa`` names this machine's instruction set (the ORT figures above were measured on
+    it). ``targets`` are the kernel targets gated: ``native`` (``metrics``, always) and the
+    emulated ones (:mod:`fqexport.exporters.kernel_emulation`), whose per-group metrics are in
+    ``target_metrics``, their kernel deviation (emulated vs unoptimized, per group, fraction)
+    in ``target_kernel_deviation_by_group`` and their top-1 agreement with the native session
+    in ``target_agreement``.
     """
 
     model: str
@@ -184,6 +193,11 @@ class ValidationReport:
     thresholds: Thresholds = field(default_factory=Thresholds)
     checks: tuple[CheckResult, ...] = ()
     metadata: ExportMetadata | None = None
+    cpu_isa: str = "unknown"
+    targets: tuple[str, ...] = ("native",)
+    target_metrics: Mapping[str, GroupMetrics] | None = None
+    target_kernel_deviation_by_group: Mapping[str, Mapping[str, float]] | None = None
+    target_agreement: Mapping[str, float] | None = None
 
     @property
     def passed(self) -> bool:
@@ -205,6 +219,8 @@ class ValidationReport:
             "model": self.model,
             "data": self.data_source,
             "provider": self.provider,
+            "cpu_isa": self.cpu_isa,
+            "cpu_kernel_family": kernel_family(self.cpu_isa),
             "passed": self.passed,
             "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},
             "metrics": self.metrics.to_dict(),
@@ -240,7 +256,20 @@ class ValidationReport:
             "thresholds": self.thresholds.to_dict(),
             "checks": [c.to_dict() for c in self.checks],
             "metadata": self.metadata.to_dict() if self.metadata is not None else None,
+            "targets": {name: self.target_dict(name) for name in self.targets},
         }
+
+    def target_dict(self, target: str) -> dict[str, Any]:
+        """Metrics, kernel deviation and agreement with native of one kernel target."""
+        if target == "native":
+            return {"emulated": False, "metrics": self.metrics.to_dict(),
+                    "kernel_deviation_by_group": dict(self.kernel_deviation_by_group)
+                    if self.kernel_deviation_by_group is not None else None,
+                    "agreement_with_native": 1.0}
+        dev = (self.target_kernel_deviation_by_group or {}).get(target)
+        return {"emulated": True, "metrics": self.target_metrics[target].to_dict(),
+                "kernel_deviation_by_group": dict(dev) if dev is not None else None,
+                "agreement_with_native": (self.target_agreement or {}).get(target)}
 
 
 def pepr_score(performance: float, avg_weight_bits: float) -> float:
@@ -343,6 +372,25 @@ def run_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ..
     return tuple(out)
 
 
+def target_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
+    """The accuracy, gap, drop and kernel-deviation checks of every emulated target.
+
+    Named ``<check>[target=<name>]``; latency and size belong to the native session only.
+    """
+    acc_only = dataclasses.replace(t, max_latency_ms=None, max_size_mb=None)
+    out: list[CheckResult] = []
+    for target, m in (report.target_metrics or {}).items():
+        drop = None
+        if report.reference_metrics is not None:
+            drop = {g: float(report.reference_metrics.by_group[g]["accuracy"]) - float(m.by_group[g]["accuracy"])
+                    for g in m.by_group}
+        dev = (report.target_kernel_deviation_by_group or {}).get(target)
+        view = dataclasses.replace(report, metrics=m, group_drop=drop, kernel_deviation_by_group=dev, latency=())
+        for c in run_checks(view, acc_only):
+            out.append(dataclasses.replace(c, name=f"{c.name}[target={target}]", message=f"{target}: {c.message}"))
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------ validate
 
 
@@ -360,14 +408,21 @@ def validate(
     threads: int | None = None,
     warmup: int = 5,
     repeats: int = 30,
+    targets: Sequence[str] = ("native",),
 ) -> ValidationReport:
     """Measure ``model`` on ``data`` and check ``thresholds``; never raises for a broken limit.
 
     Raises ModelLoadError (unreadable ONNX), DataError (data not matching the model's input,
     labels out of range, an empty group), ConfigError (bad options, CUDA asked for and absent,
-    a threshold whose measurement is switched off or needs ``reference``).
+    a threshold whose measurement is switched off or needs ``reference``, an unknown target).
+
+    ``targets``: kernel targets to gate (:data:`~fqexport.exporters.kernel_emulation.TARGETS`).
+    ``native`` (ORT's optimized session on this CPU) is always measured and gated; each other
+    target is emulated and gated by the same accuracy, gap, drop and kernel-deviation limits.
     """
     t = thresholds or Thresholds()
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    target_list = tuple(dict.fromkeys(["native", *(check_target(x) for x in targets)]))
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be >= 1")
     if t.max_group_drop is not None and reference is None:
@@ -413,6 +468,24 @@ def validate(
         }
         kw.update(reference=str(reference), reference_metrics=ref_metrics, group_drop=drop,
                   agreement=agreement(logits, ref_logits))
+    emulated = [x for x in target_list if x != "native"]
+    if emulated:
+        t_metrics: dict[str, GroupMetrics] = {}
+        t_dev: dict[str, dict[str, float]] = {}
+        t_agree: dict[str, float] = {}
+        for target in emulated:
+            emu_logits, t_metrics[target] = _metrics_of(EmulatedSession(model, target, threads=threads), gd, batch_size, model_s)
+            t_agree[target] = agreement(emu_logits, logits)
+            if kernel_check:
+                raw_m = kw["unoptimized_metrics"]
+                t_dev[target] = {
+                    name: abs(float(t_metrics[target].by_group[name]["accuracy"]) - float(raw_m.by_group[name]["accuracy"]))
+                    for name in gd.group_names
+                }
+            log.info("%s emulated: overall accuracy %.2f %%, agreement with native %.2f %%", target,
+                     _pct(t_metrics[target].overall["accuracy"]), _pct(t_agree[target]))
+        kw.update(target_metrics=t_metrics, target_kernel_deviation_by_group=t_dev if kernel_check else None,
+                  target_agreement=t_agree)
     latency: list[LatencyResult] = []
     if measure_latency:
         for bs in latency_batch_sizes:
@@ -436,9 +509,11 @@ def validate(
         pepr_worst_group=pepr_score(worst, res.avg_weight_bits),
         thresholds=t,
         metadata=meta,
+        cpu_isa=cpu_isa(),
+        targets=target_list,
         **kw,
     )
-    checks = run_checks(report, t)
+    checks = run_checks(report, t) + target_checks(report, t)
     for c in checks:
         (log.info if c.passed else log.warning)("%s: %s", "PASS" if c.passed else "FAIL", c.message)
     return _replace(report, checks=checks)

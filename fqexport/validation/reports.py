@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fqexport.atomic import atomic_write
+from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.metrics.group_metrics import json_safe
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,36 @@ def format_group_table(report: Any) -> str:
     return "\n".join(lines)
 
 
+def isa_line(report: Any) -> str:
+    """``"x86-avx2 (int8 kernel family x86-avx2)"``: where the ORT figures were measured."""
+    isa = getattr(report, "cpu_isa", "unknown")
+    return f"{isa} (int8 kernel family {kernel_family(isa)})"
+
+
+def target_rows(report: Any) -> list[dict[str, Any]]:
+    """One row per (kernel target, group): accuracy, kernel deviation, agreement with native."""
+    rows = []
+    for target in getattr(report, "targets", ("native",)):
+        d = report.target_dict(target)
+        dev = d["kernel_deviation_by_group"]
+        for name, r in d["metrics"]["by_group"].items():
+            rows.append({"target": target, "emulated": d["emulated"], "group": name, "accuracy": r["accuracy"],
+                         "kernel_deviation": dev[name] if dev is not None else None,
+                         "agreement_with_native": d["agreement_with_native"]})
+    return rows
+
+
+def format_target_table(report: Any) -> str:
+    """A Markdown table of the per-group accuracy under every kernel target (percent)."""
+    lines = ["| target | group | accuracy % | kernel dev pp | top-1 agreement with native % |",
+             "|---|---|---:|---:|---:|"]
+    for r in target_rows(report):
+        label = f"{r['target']} (emulated)" if r["emulated"] else f"native ({getattr(report, 'cpu_isa', 'unknown')})"
+        lines.append(f"| {label} | {r['group']} | {_pct(r['accuracy'])} | {_pct(r['kernel_deviation'])} | "
+                     f"{_pct(r['agreement_with_native'])} |")
+    return "\n".join(lines)
+
+
 def to_markdown(report: Any) -> str:
     """The human report: summary, per-group table, kernels, latency, resources, checks."""
     m = report.metrics
@@ -112,7 +143,7 @@ def to_markdown(report: Any) -> str:
         "",
         f"- model: `{report.model}`",
         f"- data: `{report.data_source}`",
-        f"- provider: {report.provider}",
+        f"- provider: {report.provider}; CPU instruction set: {isa_line(report)}",
     ]
     if report.reference:
         out.append(f"- reference: `{report.reference}` (top-1 agreement {_pct(report.agreement)} %)")
@@ -132,6 +163,11 @@ def to_markdown(report: Any) -> str:
     if report.group_drop is not None:
         g, d = report.max_group_drop
         out.append(f"- largest drop vs reference: {_pct(d)} pp (group {g})")
+    if len(getattr(report, "targets", ("native",))) > 1:
+        out += ["", "## Kernel targets", "",
+                "Emulated targets compute the fused int8 kernels with that CPU family's integer "
+                "accumulation (docs/kernel-targets.md); every limit applies to each target.", "",
+                format_target_table(report)]
     if report.fused_kernels is not None:
         nonzero = {k: v for k, v in report.fused_kernels.items() if v}
         kernels = ", ".join(f"{k}: {v}" for k, v in nonzero.items()) or "none"
@@ -139,13 +175,14 @@ def to_markdown(report: Any) -> str:
             "",
             "## Kernels",
             "",
+            f"- measured on: {isa_line(report)}",
             f"- kernel deviation (optimized vs unoptimized, max over groups): {_pct(report.kernel_deviation)} pp; "
             f"top-1 agreement {_pct(report.kernel_agreement)} %",
             f"- ops ORT runs: {kernels}",
             f"- Conv/Gemm/MatMul in float: {', '.join(report.float_fallbacks) if report.float_fallbacks else 'none'}",
         ]
     if report.latency:
-        out += ["", "## Latency", "", "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats |",
+        out += ["", "## Latency", "", f"Measured on {isa_line(report)}.", "", "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for lat in report.latency:
             out.append(
@@ -201,7 +238,10 @@ def to_junit(report: Any) -> ET.Element:
         },
     )
     props = ET.SubElement(suite, "properties")
-    for k, v in (("model", report.model), ("data", report.data_source), ("provider", report.provider)):
+    for k, v in (("model", report.model), ("data", report.data_source), ("provider", report.provider),
+                 ("cpu_isa", getattr(report, "cpu_isa", "unknown")),
+                 ("cpu_kernel_family", kernel_family(getattr(report, "cpu_isa", "unknown"))),
+                 ("targets", ",".join(getattr(report, "targets", ("native",))))):
         ET.SubElement(props, "property", {"name": k, "value": str(v)})
     if not checks:
         ET.SubElement(suite, "testcase", {"classname": "fqexport.validate", "name": "validate"})

@@ -1,0 +1,210 @@
+"""Tests of exporters/kernel_emulation.py: the int8 kernels' arithmetic per CPU target."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fqexport.config import QuantConfig
+from fqexport.errors import ConfigError
+from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
+from fqexport.exporters.kernel_emulation import (
+    EmulatedSession,
+    accumulate,
+    check_target,
+    pair_saturation_correction,
+    qlinear_conv,
+    requantize,
+)
+from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.pipeline.compress import compress
+
+SX = 1.0 / 255.0  # input quantized on [0, 1] with zero point 0: x = 1.0 -> 255
+SY = 10.0 / 255.0  # output on [0, 10]
+SW = 1.0 / 127.0
+
+
+def _qdq_model(path, w_q: np.ndarray, conv: bool) -> None:
+    """x -> Q/DQ (u8) -> Gemm or 1x1 Conv with DQ(int8 W) -> Q/DQ (u8) -> y."""
+    m, k = w_q.shape
+    w = w_q.reshape(m, k, 1, 1) if conv else w_q
+    inits = [
+        numpy_helper.from_array(np.array(SX, np.float32), "sx"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+        numpy_helper.from_array(np.array(SY, np.float32), "sy"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zy"),
+        numpy_helper.from_array(w.astype(np.int8), "wq"),
+        numpy_helper.from_array(np.full(m, SW, np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(m, np.int8), "zw"),
+        numpy_helper.from_array(np.zeros(m, np.float32), "b"),
+    ]
+    op = helper.make_node("Conv", ["xd", "wd", "b"], ["h"]) if conv else helper.make_node(
+        "Gemm", ["xd", "wd", "b"], ["h"], transB=1)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        op,
+        helper.make_node("QuantizeLinear", ["h", "sy", "zy"], ["hq"]),
+        helper.make_node("DequantizeLinear", ["hq", "sy", "zy"], ["y"]),
+    ]
+    shape = ["N", k, 1, 1] if conv else ["N", k]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape[:1] + [None] * (len(shape) - 1))], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _expected_q(x_q: np.ndarray, w_q: np.ndarray, saturate: bool) -> np.ndarray:
+    """Independent loop: pairs (k, k+1) of u8·s8 products, int16-saturated when asked."""
+    out = np.zeros((x_q.shape[0], w_q.shape[0]), dtype=np.int64)
+    for r in range(x_q.shape[0]):
+        for m in range(w_q.shape[0]):
+            acc = 0
+            for k in range(0, w_q.shape[1], 2):
+                p = int(x_q[r, k]) * int(w_q[m, k]) + int(x_q[r, k + 1]) * int(w_q[m, k + 1])
+                acc += min(max(p, -32768), 32767) if saturate else p
+            out[r, m] = min(255, max(0, round(acc * SX * SW / SY)))
+    return out
+
+
+# Row 0: all +127 (pairs of one sign: 2·255·127 = 64770 leaves int16); row 1: alternating
+# signs (a pair is at most 255·127 = 32385: never saturates); row 2: |q| <= 63.
+W_FULL = np.array([[127] * 8, [127, -127] * 4, [63, 60, -63, -50, 63, 63, 10, 0]], dtype=np.int8)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["gemm", "conv1x1"])
+def test_full_range_weights_saturate_on_avx2_only(tmp_path, conv):
+    path = tmp_path / "m.onnx"
+    _qdq_model(path, W_FULL, conv)
+    x = np.array([[1.0] * 8, [0.98] * 8, np.linspace(0, 1, 8)], dtype=np.float32)
+    x_q = np.clip(np.rint(x / SX), 0, 255).astype(np.uint8)
+    feed = x.reshape(3, 8, 1, 1) if conv else x
+    ys = {}
+    for target in ("x86-vnni", "x86-avx2", "arm64"):
+        s = EmulatedSession(path, target)
+        assert s.emulated_nodes and s.emulated_nodes[0].startswith("QLinearConv" if conv else "QGemm")
+        ys[target] = np.rint(s.run(None, {"x": feed})[0].reshape(3, 3) / SY).astype(np.int64)
+    np.testing.assert_array_equal(ys["x86-vnni"], _expected_q(x_q, W_FULL, saturate=False))
+    np.testing.assert_array_equal(ys["x86-avx2"], _expected_q(x_q, W_FULL, saturate=True))
+    np.testing.assert_array_equal(ys["arm64"], ys["x86-vnni"])
+    # all-255 activations against +127 weights: exact 8·255·127 = 259080 -> 204; saturated
+    # 4·32767 = 131068 -> 103 (output step 10/255)
+    assert ys["x86-vnni"][0, 0] == 204 and ys["x86-avx2"][0, 0] == 103
+    assert (ys["x86-avx2"][:, 1:] == ys["x86-vnni"][:, 1:]).all()  # mixed signs / |q| <= 63: no saturation
+
+
+def test_pair_correction_is_zero_for_7bit_weights():
+    rng = np.random.default_rng(0)
+    a = rng.integers(200, 256, size=(50, 33)).astype(np.uint8)  # odd K: padded like MLAS
+    w = rng.integers(-64, 65, size=(6, 33)).astype(np.int8)
+    assert not pair_saturation_correction(a, w).any()
+    w[0, :2] = 127
+    corr = pair_saturation_correction(a, w)
+    p = a[:, 0].astype(np.int64) * 127 + a[:, 1].astype(np.int64) * 127
+    np.testing.assert_array_equal(corr[:, 0], 32767 - p)
+    assert not corr[:, 1:].any()
+
+
+def test_accumulate_subtracts_zero_point_exactly():
+    a = np.array([[10, 20, 30]], dtype=np.uint8)
+    w = np.array([[1, -2, 3]], dtype=np.int8)
+    assert accumulate(a, w, 5, "x86-vnni")[0, 0] == (5 * 1 - 15 * 2 + 25 * 3)
+
+
+def test_requantize_rounds_half_to_even_and_clips():
+    acc = np.array([[1, 3, 5, 1000, -1000]], dtype=np.int64)
+    y = requantize(acc, np.full(5, 0.5, np.float32), 10, np.dtype(np.uint8))
+    np.testing.assert_array_equal(y, [[10, 12, 12, 255, 0]])  # 0.5->0, 1.5->2, 2.5->2
+
+
+def test_unknown_target_is_a_config_error():
+    with pytest.raises(ConfigError, match="target 'x86-sse' is not one of native, x86-avx2, x86-vnni, arm64"):
+        check_target("x86-sse")
+
+
+# ----------------------------------------------------------------- real fqexport exports
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, cnn_model, cnn_data, mlp_model, mlp_data, cnn_cm8):
+    d = tmp_path_factory.mktemp("emu")
+    out = {"cnn_safe": (cnn_cm8.export(d / "cnn_safe.onnx").path, cnn_data)}
+    for name, model, data in (("cnn_full", cnn_model, cnn_data), ("mlp_full", mlp_model, mlp_data)):
+        cm = compress(model, data, QuantConfig(num_calib=128, weight_range="full"), progress=False)
+        out[name] = (cm.export(d / f"{name}.onnx").path, data)
+    return out
+
+
+@pytest.mark.parametrize("name", ["cnn_full", "mlp_full", "cnn_safe"])
+def test_emulation_of_this_machines_family_matches_native(exports, name):
+    family = kernel_family(cpu_isa())
+    if family == "unknown":
+        pytest.skip(f"CPU instruction set {cpu_isa()!r} has no emulated kernel family")
+    path, data = exports[name]
+    native = run_batches(make_session(path, threads=1), data.x, 128)
+    emu = run_batches(EmulatedSession(path, family, threads=1), data.x, 128)
+    same = (np.abs(native - emu).max(axis=1) == 0).mean()
+    assert same >= 0.999, f"{family} emulation matches native on {same:.2%} of samples"
+
+
+def test_default_export_is_identical_under_avx2_and_vnni(exports):
+    path, data = exports["cnn_safe"]
+    a = run_batches(EmulatedSession(path, "x86-avx2"), data.x, 128)
+    b = run_batches(EmulatedSession(path, "x86-vnni"), data.x, 128)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_asymmetric_weights_are_refused_naming_the_node(tmp_path):
+    path = tmp_path / "m.onnx"
+    _qdq_model(path, W_FULL[:, :8], conv=False)
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
+        if t.name == "zw":
+            t.CopyFrom(numpy_helper.from_array(np.array([1, 0, 0], np.int8), "zw"))
+    onnx.save(model, str(path))
+    s = EmulatedSession(path, "x86-avx2")
+    if not s.emulated_nodes:
+        pytest.skip("this onnxruntime does not fuse an asymmetric-weight Gemm")
+    with pytest.raises(ConfigError, match=r"does not cover node .* \(QGemm\) of .*m\.onnx: a non-zero weight zero "
+                                          r"point \(symmetric weights only\)\. It covers 2-D"):
+        s.run(None, {"x": np.ones((2, 8), np.float32)})
+
+
+def test_conv_pairs_follow_mlas_nhwc_order_across_taps():
+    """C=3 (no ConvSym kernel: MLAS's im2col GEMM): K runs tap by tap, channels inside a tap,
+    and pairs (k, k+1) straddle taps; padding holds the input zero point."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(180, 256, size=(2, 3, 4, 4)).astype(np.uint8)
+    w = rng.integers(60, 128, size=(2, 3, 3, 3)).astype(np.int8)
+    w[1] *= -1
+    zx, scale = 7, np.float32(1e-4)
+    args = [x, np.float32(1.0), np.array(zx, np.uint8), w, np.ones(2, np.float32), np.zeros(2, np.int8),
+            np.float32(1.0 / float(scale)), np.array(0, np.uint8)]
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=zx)
+    for target, saturate in (("x86-vnni", False), ("x86-avx2", True)):
+        got = qlinear_conv(args, {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]}, target)
+        for n in range(2):
+            for m in range(2):
+                for i in range(4):
+                    for j in range(4):
+                        a = [xp[n, c, i + di, j + dj] for di in range(3) for dj in range(3) for c in range(3)] + [0]
+                        b = [int(w[m, c, di, dj]) for di in range(3) for dj in range(3) for c in range(3)] + [0]
+                        acc = 0
+                        for k in range(0, 28, 2):
+                            p = a[k] * b[k] + a[k + 1] * b[k + 1]
+                            acc += min(max(p, -32768), 32767) if saturate else p
+                        acc -= zx * sum(b)
+                        want = min(255, max(0, int(np.rint(np.float32(acc) * scale))))
+                        assert got[n, m, i, j] == want, (target, n, m, i, j)
+
+
+def test_native_is_not_an_emulated_target(tmp_path):
+    path = tmp_path / "m.onnx"
+    _qdq_model(path, W_FULL, conv=False)
+    with pytest.raises(ConfigError, match=r"target 'native' runs ONNX Runtime's own session"):
+        EmulatedSession(path, "native")
+    assert EmulatedSession(path, "x86-avx2").native_nodes == []

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
-from fqexport.quant.hessian import HessianAccumulator, collect_hessians
+from fqexport.quant.hessian import HessianAccumulator
 
 
 def _explicit_conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -147,33 +147,6 @@ def test_bad_inputs_raise_specific_errors():
         acc.hessian()
 
 
-def test_collect_hessians_hooks_removed_and_mode_restored():
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(2 * 4 * 4, 3))
-    model.train()
-    batches = [(torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])) for _ in range(3)]
-    accs = collect_hessians(model, {"0": model[0], "3": model[3]}, batches, num_groups=2)
-    assert accs["0"].counts.tolist() == [6 * 16, 6 * 16]
-    assert accs["3"].counts.tolist() == [6, 6]
-    assert accs["3"].hessian().shape == (32, 32)
-    # Linear input = the flattened ReLU output of the float model
-    with torch.no_grad():
-        feats = torch.cat([model[:3](x) for x, _ in batches]).double()
-    torch.testing.assert_close(accs["3"].hessian_sample_weighted().double(),
-                               2 * feats.T @ feats / 12, rtol=1e-5, atol=1e-6)
-    assert model.training
-    assert not model[0]._forward_pre_hooks and not model[3]._forward_pre_hooks
-
-    def bad():
-        yield torch.randn(2, 1, 4, 4), torch.tensor([0, 5])  # group out of range
-
-    with pytest.raises(DataError, match="values in"):
-        collect_hessians(model, {"0": model[0]}, bad(), num_groups=2)
-    assert not model[0]._forward_pre_hooks
-    assert model.training
-
-
 # ------------------------------------------------------------------ cross moment (float-output target)
 
 
@@ -218,3 +191,25 @@ def test_cross_accumulator_needs_float_inputs_of_the_same_shape():
     plain.add(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ConfigError, match="needs an accumulator made with cross=True"):
         plain.cross_moment()
+
+
+def test_interleaved_groups_with_cross_moment_match_explicit_patches():
+    """Items of several groups interleaved in a batch (the accumulator reorders them so each
+    group's rows are one slice) give each group exactly its own rows, for H and C alike."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x, xf = torch.randn(6, 3, 7, 6), torch.randn(6, 3, 7, 6)
+    group = torch.tensor([1, 0, 2, 0, 1, 1])
+    acc = HessianAccumulator(conv, num_groups=3, cross=True)
+    acc.add(x, group, xf)
+    per = _explicit_conv_rows(conv, x[:1]).shape[0]
+    for g in range(3):
+        R = _explicit_conv_rows(conv, x[group == g]).double()
+        Rf = _explicit_conv_rows(conv, xf[group == g]).double()
+        assert int(acc.counts[g]) == R.shape[0] == per * int((group == g).sum())
+        torch.testing.assert_close(acc.group_hessian(g).double(), 2 * R.T @ R / R.shape[0],
+                                   rtol=1e-5, atol=1e-6)
+        w = torch.zeros(3)
+        w[g] = 1.0
+        torch.testing.assert_close(acc.cross_moment(w).double(), 2 * Rf.T @ R / R.shape[0],
+                                   rtol=1e-5, atol=1e-6)

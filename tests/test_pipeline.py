@@ -187,15 +187,14 @@ class WithLayerNorm(nn.Module):
         return self.fc2(torch.relu(self.norm(self.fc1(x))))
 
 
-def test_unsupported_layer_fails_and_skip_leaves_it_float(mlp_data):
+def test_layernorm_stays_a_float_op_even_under_strict(mlp_data):
     torch.manual_seed(0)
     net = WithLayerNorm().eval()
     with torch.no_grad():
         net.norm.weight.uniform_(0.5, 1.5)
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'norm' \(LayerNorm\) cannot be quantized"):
-        _compress(net, mlp_data)
-    cm = _compress(net, mlp_data, skip_unsupported=True)
-    assert list(cm.layers) == ["fc1", "fc2"] and list(cm.metadata.skipped_layers) == ["norm"]
+    cm = _compress(net, mlp_data, strict=True)  # normalisation is not a float weight layer
+    assert list(cm.layers) == ["fc1", "fc2"] and cm.metadata.skipped_layers == ()
+    assert cm.metadata.float_layers == () and cm.quantized_fraction == 1.0
     assert torch.equal(cm.reference.norm.weight, net.norm.weight)
 
 

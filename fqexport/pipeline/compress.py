@@ -1,6 +1,17 @@
 """The compress workflow: load & check → fold BN → quantize weights layer by layer (solver or
 RTN, on inputs from the already-quantized prefix) → bias correction / BN re-estimation →
 group-aware activation calibration → a fake-quant PyTorch reference ready for export.
+
+The layer loop runs in linear passes: an :class:`~fqexport.pipeline.activations.ActivationCache`
+runs the traced graph (and, for the float-output target, its float copy) once per calibration
+batch in topological order, keeping only the activations still needed, and hands each layer its
+quantized-prefix inputs X and float inputs X_f. Per layer: Hessian H (and cross moment C) from
+the cached inputs → float-output retarget → solve → dequantized weight → bias correction / BN
+re-estimation (statistics of the quantized layer's output on the same cached inputs) → the cache
+advances through the layer with its final weights. Cached activations beyond
+``QuantConfig.max_activation_memory_mb`` are spilled to a temporary directory (see
+``activations.py``). ``QuantConfig.device`` places the models, the cache, the Hessians, the
+retarget and the solver; codes and scales end up on the CPU.
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,22 +35,18 @@ from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
 from fqexport.graph.act_quant import insert_act_quantizers
-from fqexport.graph.prepare import (
-    LayerInfo,
-    check_supported,
-    count_macs,
-    fold_batchnorm,
-    quantizable_layers,
-    trace,
-)
+from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer
+from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.channel_stats import ChannelStats
-from fqexport.quant.grid import as_rows, choose_weight_grid, quantize
+from fqexport.quant.grid import as_rows
 from fqexport.quant.hessian import HessianAccumulator
 from fqexport.quant.solver import (
     DampingIncreasedWarning,
+    choose_solver_grid,
     compensate_input_error,
+    rtn_layer,
     solve_conv_groups,
     solve_layer,
 )
@@ -51,8 +58,19 @@ log = logging.getLogger(__name__)
 _RESCALE_MIN, _RESCALE_MAX = 0.5, 2.0
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has run."""
+MSG_NO_CUDA = (
+    "device='cuda' (CLI: --device cuda) but torch.cuda.is_available() is False: this torch build "
+    "or machine has no usable CUDA GPU; use device='auto' or 'cpu'"
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``QuantConfig.device`` as a torch device: ``auto`` → CUDA when available, else CPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(MSG_NO_CUDA)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor:
@@ -68,35 +86,10 @@ def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor
     return alpha / alpha.sum()
 
 
-def _batches(data: GroupData, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for x, _, g in data.batches(batch_size):
-        yield torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(g)
-
-
-def _run_to(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tuple[tuple, torch.Tensor]:
-    """``(inputs, output)`` of ``module``'s call when ``model`` runs on ``x``; the forward pass
-    stops right after ``module`` (nothing later is needed)."""
-    seen: list[tuple[tuple, torch.Tensor]] = []
-
-    def hook(mod, inputs, output):
-        seen.append((inputs, output))
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def _run_until(model: nn.Module, module: nn.Module, data: GroupData, batch_size: int, device, on_batch) -> None:
-    """Run calibration batches; ``on_batch(inputs, output, group)`` sees ``module``'s call."""
-    for x, g in _batches(data, batch_size, device):
-        on_batch(*_run_to(model, module, x), g)
+def _batches(data: GroupData, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x on device, group on CPU)`` calibration batches, in order."""
+    return [(torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(g))
+            for x, _, g in data.batches(batch_size)]
 
 
 def _channel_dim(kind: str) -> int:
@@ -128,17 +121,17 @@ def _float_targets(
 
 
 def _layer_moments(
-    model, module, data, batch_size, device, alpha, float_pair: tuple[nn.Module, nn.Module] | None,
+    module: nn.Module, info: LayerInfo, cache: ActivationCache, index: int, num_groups: int,
+    alpha: torch.Tensor, cross: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Group-weighted Hessian H = Σ_g α_g 2 X_g X_gᵀ / N_g of ``module``'s inputs from the
-    quantized prefix, and with ``float_pair = (float model, its copy of module)`` also the cross
-    moment C = Σ_g α_g 2 X_{f,g} X_gᵀ / N_g against the float model's inputs."""
-    acc = HessianAccumulator(module, data.num_groups, cross=float_pair is not None)
-    for x, g in _batches(data, batch_size, device):
-        x_float = None if float_pair is None else _run_to(*float_pair, x)[0][0]
-        acc.add(_run_to(model, module, x)[0][0], g, x_float)
-    cross = None if float_pair is None else acc.cross_moment(alpha.float())
-    return acc.hessian(alpha.float()), cross
+    quantized prefix (the cache's first stream), and with ``cross`` also the cross moment
+    C = Σ_g α_g 2 X_{f,g} X_gᵀ / N_g against the float model's inputs (its second stream)."""
+    acc = HessianAccumulator(module, num_groups, name=info.name, cross=cross)
+    for inputs, g in cache.layer_inputs(index):
+        acc.add(inputs[0], g, inputs[1] if cross else None)
+    c = acc.cross_moment(alpha.float()) if cross else None
+    return acc.hessian(alpha.float()), c
 
 
 def _quantize_weight(
@@ -151,13 +144,11 @@ def _quantize_weight(
     """
     w = module.weight.detach()
     rows = as_rows(w).float()
-    column_weight = torch.diagonal(hessian) if hessian is not None and hessian.dim() == 2 else None
-    grid = choose_weight_grid(
-        rows, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
-        column_weight=column_weight,
+    grid = choose_solver_grid(
+        rows, hessian, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
     )
     if hessian is None:
-        return quantize(rows, grid.scale, grid.qmax, grid.qmin).reshape(w.shape), grid.scale, grid.qmax
+        return rtn_layer(rows, grid).codes.reshape(w.shape), grid.scale, grid.qmax
     options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DampingIncreasedWarning)
@@ -192,20 +183,23 @@ def _retarget_to_float_output(
 
 
 def _correct_layer(
-    model, module, info: LayerInfo, layer: QuantizedLayer, target: ChannelStats,
-    data: GroupData, batch_size: int, device, alpha: torch.Tensor, rescale: bool,
+    module: nn.Module, info: LayerInfo, layer: QuantizedLayer, target: ChannelStats,
+    cache: ActivationCache, index: int, num_groups: int, alpha: torch.Tensor, rescale: bool,
 ) -> None:
     """Bias correction, plus the per-channel rescale of BN re-estimation for conv+BN layers.
 
-    With the quantized layer's output z_q (group-weighted mean m_q, variance v_q) and the float
-    layer's (m_f, v_f): f = sqrt(v_f / v_q) (1 without BN re-estimation), weight scale s ← f·s
-    (codes unchanged), bias b ← m_f − f·(m_q − b), so the output has the float mean and variance.
+    With the quantized layer's output z_q (group-weighted mean m_q, variance v_q) on the cached
+    quantized-prefix inputs and the float layer's (m_f, v_f): f = sqrt(v_f / v_q) (1 without BN
+    re-estimation), weight scale s ← f·s (codes unchanged), bias b ← m_f − f·(m_q − b), so the
+    output has the float mean and variance.
     """
-    stats = ChannelStats(data.num_groups, _channel_dim(info.kind))
-    _run_until(model, module, data, batch_size, device, lambda inp, out, g: stats.add(out, g))
+    stats = ChannelStats(num_groups, _channel_dim(info.kind))
+    with torch.no_grad():
+        for inputs, g in cache.layer_inputs(index):
+            stats.add(module(inputs[0]), g)
     m_q, v_q = stats.moments(alpha)
     m_f, v_f = target.moments(alpha)
-    bias = module.bias.detach().float() if module.bias is not None else torch.zeros_like(m_q)
+    bias = module.bias.detach().float().cpu() if module.bias is not None else torch.zeros_like(m_q)
     f = torch.ones_like(m_q)
     if rescale:
         ok = (v_q > 1e-12) & (v_f > 1e-12)
@@ -215,7 +209,7 @@ def _correct_layer(
     with torch.no_grad():
         module.weight.copy_(layer.dequantized().to(module.weight.dtype))
         if module.bias is None:
-            module.bias = nn.Parameter(new_bias.to(module.weight.dtype))
+            module.bias = nn.Parameter(new_bias.to(module.weight.device, module.weight.dtype))
         else:
             module.bias.copy_(new_bias.to(module.bias.dtype))
 
@@ -259,19 +253,15 @@ def compress(
     """
     config = config or QuantConfig()
     data = load_data(calib)
+    device = resolve_device(config.device)
     model = copy.deepcopy(model).eval().cpu()
-    device = torch.device("cpu")
 
     num_classes = check_model_on_data(model, data)
     check_labels(data, num_classes)
-    raw = trace(model)
-    skip = check_supported(raw, config.skip_unsupported)
-    folded, bn_convs = fold_batchnorm(raw)
+    prepared = prepare_model(model, config.skip_unsupported)
+    folded, layers, skip = prepared.folded, list(prepared.layers), prepared.skipped
     float_model = copy.deepcopy(folded)
-    layers = quantizable_layers(folded, skip, bn_convs)
-    if not layers:
-        raise UnsupportedLayerError("the model has no Conv2d or Linear layer to quantize")
-    names = [l.name for l in layers]
+    names = prepared.names
     unknown = sorted(set(config.layer_bits) - set(names))
     if unknown:
         raise ConfigError(
@@ -284,39 +274,64 @@ def compress(
     alpha = _resolve_group_weights(config, data)
     bs = config.batch_size
     modules = dict(folded.named_modules())
-    float_modules = dict(float_model.named_modules())
     example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
     macs = count_macs(folded, example, names)
     # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
     # layer's output statistics on the calibration data.
     corrected = [l for l in layers if config.bias_correction or (config.bn_reestimate and l.had_batchnorm)]
+    folded.to(device)
+    float_model.to(device)
     targets = _float_targets(float_model, corrected, sub, bs, device) if corrected else {}
 
+    # One linear pass: the cache runs the quantized graph (and the float copy for the cross
+    # moment) node by node, each layer on the calibration inputs of the final prefix.
+    solver = config.method == "solver"
+    cross = solver and config.solver_target == "float-output"
+    streams = [GraphStream(folded)] + ([GraphStream(float_model)] if cross else [])
+    index = {l.name: streams[0].module_node(l.name) for l in layers}
+    cache = None
+    if solver or targets:
+        cache = ActivationCache(
+            streams, _batches(sub, bs, torch.device("cpu")), device,
+            max_bytes=int(config.max_activation_memory_mb * 2**20),
+        )
     quantized: dict[str, QuantizedLayer] = {}
     bar = tqdm(layers, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
-    for info in bar:
-        bar.set_postfix_str(info.name)
-        module = modules[info.name]
-        bits = config.bits_for(info.name)
-        hessian = None
-        if config.method == "solver":
-            pair = (float_model, float_modules[info.name]) if config.solver_target == "float-output" else None
-            hessian, cross = _layer_moments(folded, module, sub, bs, device, alpha, pair)
-            if cross is not None:
-                _retarget_to_float_output(module, info, hessian, cross, config.damp)
-        codes, scale, qmax = _quantize_weight(module, info, bits, config, hessian)
-        layer = QuantizedLayer(
-            info.name, info.kind, bits, qmax, codes.to(torch.int8).cpu(), scale.float().cpu(),
-            info.params, macs.get(info.name, 0),
-        )
-        with torch.no_grad():
-            module.weight.copy_(layer.dequantized().to(module.weight.dtype))
-        if info.name in targets:
-            _correct_layer(
-                folded, module, info, layer, targets[info.name], sub, bs, device, alpha,
-                rescale=info.had_batchnorm and config.bn_reestimate,
+    try:
+        for info in bar:
+            bar.set_postfix_str(info.name)
+            module = modules[info.name]
+            bits = config.bits_for(info.name)
+            k = index[info.name]
+            if cache is not None:
+                cache.advance(k)  # the layer's inputs: every earlier layer is final
+            hessian = None
+            if solver:
+                hessian, c = _layer_moments(module, info, cache, k, sub.num_groups, alpha, cross)
+                if c is not None:
+                    _retarget_to_float_output(module, info, hessian, c, config.damp)
+            codes, scale, qmax = _quantize_weight(module, info, bits, config, hessian)
+            layer = QuantizedLayer(
+                info.name, info.kind, bits, qmax, codes.to(torch.int8).cpu(), scale.float().cpu(),
+                info.params, macs.get(info.name, 0),
             )
-        quantized[info.name] = layer
+            with torch.no_grad():
+                module.weight.copy_(layer.dequantized().to(module.weight.dtype))
+            if info.name in targets:
+                _correct_layer(
+                    module, info, layer, targets[info.name], cache, k, sub.num_groups, alpha,
+                    rescale=info.had_batchnorm and config.bn_reestimate,
+                )
+            quantized[info.name] = layer
+    finally:
+        if cache is not None:
+            cache.close()
+            log.info(
+                "activation cache on %s: peak %.1f MB in memory, %.1f MB spilled (%d batches)",
+                device, cache.peak_bytes / 2**20, cache.peak_spilled_bytes / 2**20, cache.spilled_batches,
+            )
+    folded.cpu()
+    float_model.cpu()
 
     # Activation ranges, observed on the weight-quantized model so every group counts.
     reference = copy.deepcopy(folded)
@@ -326,7 +341,7 @@ def compress(
         set(names),
     )
     with torch.no_grad():
-        for x, g in tqdm(list(_batches(sub, bs, device)), desc="calibrate activations", unit="batch", disable=not progress):
+        for x, g in tqdm(_batches(sub, bs, torch.device("cpu")), desc="calibrate activations", unit="batch", disable=not progress):
             context.group = g
             reference(x)
     for q in quantizers.values():

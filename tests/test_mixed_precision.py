@@ -10,12 +10,23 @@ import numpy as np
 import onnx
 import pytest
 
-from fqexport.search.allocation import Allocation, Budget, candidate_allocations, resource_used
+import fqexport.search.pareto as pareto_module
 from fqexport.calibration.sampling import split_holdout, stratified_folds
-from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.search.mixed_precision import Candidate, _selection_key, search_mixed_precision
+from fqexport.pipeline.compress import compress
+from fqexport.search.allocation import (
+    Allocation,
+    Budget,
+    candidate_allocations,
+    resource_used,
+)
+from fqexport.search.mixed_precision import (
+    Candidate,
+    _selection_key,
+    search_mixed_precision,
+)
 from fqexport.search.pareto import (
     PARETO_FIELDS,
     ParetoPoint,
@@ -24,7 +35,7 @@ from fqexport.search.pareto import (
     write_pareto_csv,
     write_pareto_json,
 )
-from fqexport.pipeline.compress import compress
+from fqexport.search.sensitivity import DEFAULT_CACHE
 
 BASE = QuantConfig(num_calib=128, batch_size=128)
 
@@ -285,6 +296,23 @@ def test_pareto_sweep_and_writers(mlp_model, mlp_data, tmp_path):
     else:
         assert png is not None and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_pareto_sweep_is_the_same_on_one_local_pool_as_serial(mlp_model, mlp_data, monkeypatch):
+    """The sweep runs every budget's tasks on one engine (its workers start once), and the
+    points do not depend on the engine."""
+    made = []
+    real = pareto_module.make_engine
+    monkeypatch.setattr(pareto_module, "make_engine", lambda *a, **k: made.append(a) or real(*a, **k))
+    mp = MixedPrecisionConfig(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=128, verify_folds=2)
+    points = {}
+    for engine in (EngineConfig(engine="serial"), EngineConfig(engine="local", workers=2)):
+        DEFAULT_CACHE.clear()
+        points[engine.engine] = pareto_sweep(mlp_model, mlp_data, [2.5, 4.0], replace(mp, engine=engine), BASE,
+                                             progress=False)
+    assert len(made) == 2  # one engine per sweep, not per budget
+    assert points["serial"] == points["local"]
 
 
 def test_writers_on_given_points(tmp_path):

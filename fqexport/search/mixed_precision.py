@@ -37,12 +37,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import split_holdout, stratified_folds
 from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.engine import make_engine
+from fqexport.engine.base import Engine, Task, run_task
 from fqexport.graph.prepare import count_macs, prepare_model
 from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
 from fqexport.pipeline.compress import compress
@@ -307,45 +308,71 @@ def _verification_splits(data: GroupData, mp: MixedPrecisionConfig) -> tuple[Gro
     ]
 
 
+@dataclass
+class _VerifyContext:
+    """What every verification fit needs (shipped to each worker once)."""
+
+    model: nn.Module
+    held_out: GroupData
+    splits: list[tuple[GroupData, np.ndarray]]
+    base: QuantConfig
+
+
+def _fit_one(ctx: _VerifyContext, task: Task) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """One (candidate, fold) fit: quantize on the fold's held-in part, predict its held-out
+    samples. Returns the logits, the seconds and the float logits of every held-out sample (the
+    first task only: the float model is the same in every fit)."""
+    bits, fold, first = task.payload
+    held_in, where = ctx.splits[fold]
+    t0 = time.perf_counter()
+    cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False)
+    out = cm.predict(ctx.held_out.x[where])
+    float_logits = cm.predict(ctx.held_out.x, quantized=False) if first else None
+    return out, time.perf_counter() - t0, float_logits
+
+
+def _fit_model(ctx: _VerifyContext, task: Task) -> Any:
+    """The CompressedModel of a verification task (rebuilt where it is needed: a fitted fx
+    graph does not pickle back from a worker)."""
+    bits, fold, _ = task.payload
+    return compress(ctx.model, ctx.splits[fold][0], replace(ctx.base, layer_bits=dict(bits)), progress=False)
+
+
+def verification_tasks(allocations: Sequence[Allocation], folds: int) -> list[Task]:
+    """One task per (candidate, fold), candidates in order, folds inside."""
+    return [
+        Task(("fit", k, f), f"verification fit of candidate {k} ({a.avg_bits:.3f} avg bits), fold {f + 1}/{folds}",
+             (dict(a.bits), f, k == 0 and f == 0))
+        for k, a in enumerate(allocations) for f in range(folds)
+    ]
+
+
 def _verify(
     model: nn.Module, held_out: GroupData, splits, allocations: Sequence[Allocation], base: QuantConfig,
-    *, keep_fits: bool, progress: bool,
-) -> tuple[list[Candidate], GroupMetrics, dict[int, Any]]:
+    *, progress: bool, engine: Engine,
+) -> tuple[list[Candidate], GroupMetrics, _VerifyContext, list[Task]]:
     """Quantize every allocation on each split's held-in part and measure it on that split's
     held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
-    (every calibration sample once). Returns the candidates, the float model's held-out
-    metrics and, with ``keep_fits``, each allocation's fitted model (single split only)."""
+    (every calibration sample once). Each (candidate, fold) fit is one task of ``engine``.
+    Returns the candidates, the float model's held-out metrics, and the context and tasks
+    (to rebuild a fit with :func:`_fit_model`)."""
     groups = tuple(held_out.group_names)
-    logits: dict[int, np.ndarray] = {}
-    float_logits = None
-    seconds = {id(a): 0.0 for a in allocations}
-    fits: dict[int, Any] = {}
-    bar = tqdm(total=len(splits) * len(allocations), desc="verify candidates", unit="fit", disable=not progress)
-    for held_in, where in splits:
-        x = held_out.x[where]
-        for alloc in allocations:
-            tc = time.perf_counter()
-            cm = compress(model, held_in, replace(base, layer_bits=dict(alloc.bits)), progress=False)
-            out = cm.predict(x)
-            if id(alloc) not in logits:
-                logits[id(alloc)] = np.empty((len(held_out), out.shape[1]), dtype=np.float32)
-            logits[id(alloc)][where] = out
-            if float_logits is None:  # the float model is the same in every fit
-                float_logits = cm.predict(held_out.x, quantized=False)
-            if keep_fits:
-                fits[id(alloc)] = cm
-            seconds[id(alloc)] += time.perf_counter() - tc
-            bar.update(1)
-    bar.close()
-    float_metrics = group_metrics(float_logits, held_out.y, held_out.group, groups)
+    ctx = _VerifyContext(model, held_out, list(splits), base)
+    tasks = verification_tasks(allocations, len(splits))
+    outs = engine.map(_fit_one, tasks, ctx, "verify candidates", progress=progress)
+    float_metrics = group_metrics(outs[0][2], held_out.y, held_out.group, groups)
     candidates = []
     for k, alloc in enumerate(allocations):
-        m = group_metrics(logits[id(alloc)], held_out.y, held_out.group, groups)
+        mine = outs[k * len(splits):(k + 1) * len(splits)]
+        logits = np.empty((len(held_out), mine[0][0].shape[1]), dtype=np.float32)
+        for (_, where), (out, _, _) in zip(splits, mine):
+            logits[where] = out
+        m = group_metrics(logits, held_out.y, held_out.group, groups)
         inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
-        candidates.append(Candidate(alloc, m, inc, seconds[id(alloc)], cross_entropy(logits[id(alloc)], held_out.y)))
+        candidates.append(Candidate(alloc, m, inc, float(sum(o[1] for o in mine)), cross_entropy(logits, held_out.y)))
         log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
                  k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
-    return candidates, float_metrics, fits
+    return candidates, float_metrics, ctx, tasks
 
 
 def search_mixed_precision(
@@ -356,6 +383,7 @@ def search_mixed_precision(
     *,
     progress: bool = True,
     sensitivity: SensitivityTable | None = None,
+    engine: Engine | None = None,
 ) -> MixedPrecisionResult:
     """Search a per-layer bit allocation under the budget of ``mp_config``; see the module docstring.
 
@@ -368,7 +396,13 @@ def search_mixed_precision(
             by the search; default: the solver with its defaults).
         progress: tqdm bars.
         sensitivity: a precomputed table (skips the measurement).
+        engine: runs the sensitivity and verification tasks (default: one made from
+            ``mp_config.engine`` for this search, closed at the end); results do not depend on it.
     """
+    if engine is None:
+        with make_engine(mp_config.engine, preload=[__name__]) as own:
+            return search_mixed_precision(model, calib, mp_config, base_config, progress=progress,
+                                          sensitivity=sensitivity, engine=own)
 
     base = base_config or QuantConfig()
     data = load_data(calib)
@@ -386,7 +420,7 @@ def search_mixed_precision(
         # the proxy is RTN, which wants its clipping search unless the user turned it off
         clip_search=True if base.clip_search is None else bool(base.clip_search),
         seed=mp_config.seed, cache_path=mp_config.cache_path,
-        skip_unsupported=base.skip_unsupported, progress=progress,
+        skip_unsupported=base.skip_unsupported, progress=progress, engine=engine,
     )
     seconds["sensitivity"] = time.perf_counter() - t0
 
@@ -417,8 +451,8 @@ def search_mixed_precision(
 
     t0 = time.perf_counter()
     groups = tuple(data.group_names)
-    candidates, float_metrics, compressed = _verify(
-        model, held_out, splits, ranked, base, keep_fits=not mp_config.refit, progress=progress)
+    candidates, float_metrics, verify_ctx, verify_tasks = _verify(
+        model, held_out, splits, ranked, base, progress=progress, engine=engine)
     seconds["verification"] = time.perf_counter() - t0
 
     w = None
@@ -433,8 +467,9 @@ def search_mixed_precision(
         t0 = time.perf_counter()
         chosen = compress(model, data, replace(base, layer_bits=dict(best.allocation.bits)), progress=False)
         seconds["refit"] = time.perf_counter() - t0
-    else:
-        chosen = compressed[id(best.allocation)]
+    else:  # the verified held-in fit itself, rebuilt here exactly as its task ran
+        k = next(i for i, c in enumerate(candidates) if c is best)
+        chosen = run_task(_fit_model, verify_ctx, verify_tasks[k])
     result = MixedPrecisionResult(
         mp_config, best.allocation, candidates, chosen, table, layers, float_metrics, seconds,
     )

@@ -16,6 +16,8 @@ from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
+from fqexport.engine import make_engine
+from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.search.allocation import resource_used
@@ -60,7 +62,8 @@ def pareto_sweep(
     calibration samples, as measured for the verified held-in fits of the chosen allocation).
 
     ``mp_config`` is the template (its budget is replaced by each value of ``budgets``); the
-    sensitivity table is measured once and shared.
+    sensitivity table is measured once and shared, and one engine (``mp_config.engine``: its
+    workers start once) runs every search's tasks.
     """
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)
@@ -68,11 +71,17 @@ def pareto_sweep(
         check_budget("bits", b)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
+    with make_engine(template.engine, preload=[search_mixed_precision.__module__]) as engine:
+        return _sweep(model, data, budgets, template, base_config, test, progress, engine)
+
+
+def _sweep(model, data, budgets, template, base_config, test, progress, engine: Engine) -> list[ParetoPoint]:
     points: list[ParetoPoint] = []
     table = None
     for b in budgets:
         mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
-        res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table)
+        res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table,
+                                     engine=engine)
         table = res.sensitivity
         if test is not None:
             cm = res.compressed

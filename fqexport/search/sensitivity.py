@@ -39,6 +39,7 @@ from fqexport.config import (
     check_bit_choices,
     check_choice,
 )
+from fqexport.engine.base import Engine, SerialEngine, Task
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
 from fqexport.quant.grid import as_rows
@@ -228,30 +229,70 @@ def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     return torch.cat(out).double()
 
 
-def _measured(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress) -> np.ndarray:
-    modules = dict(model.named_modules())
-    base = _per_sample_loss(model, x, y, batch_size)
-    delta = np.zeros((len(names), len(bits), G))
-    bar = tqdm(total=len(names) * len(bits), desc="sensitivity (measured)", unit="run", disable=not progress)
-    for i, name in enumerate(names):
-        weight = modules[name].weight
-        original = weight.detach().clone()
-        try:
-            for j, b in enumerate(bits):
-                with torch.no_grad():
-                    weight.copy_(rtn_weight(original, b, weight_range, clip_search))
-                loss = _per_sample_loss(model, x, y, batch_size)
-                delta[i, j] = per_group_mean(loss - base, g, G).numpy()
-                bar.update(1)
-        finally:
-            with torch.no_grad():
-                weight.copy_(original)
-    bar.close()
-    return delta
+class _MeasuredContext:
+    """What every measured-sensitivity task needs (shipped to each worker once): the user's
+    model and the balanced samples. Each process prepares (traces, BN-folds) the model and
+    computes the float per-sample loss once, on first use, by the same code in every engine
+    (the folded fx graph itself does not pickle)."""
+
+    def __init__(self, model: nn.Module, folded: nn.Module, skip_unsupported: bool, x: torch.Tensor,
+                 y: torch.Tensor, g: torch.Tensor, num_groups: int, batch_size: int, weight_range: str,
+                 clip_search: bool) -> None:
+        self.model, self.skip_unsupported = model, skip_unsupported
+        self.x, self.y, self.g, self.num_groups = x, y, g, num_groups
+        self.batch_size, self.weight_range, self.clip_search = batch_size, weight_range, clip_search
+        self._folded: nn.Module | None = folded
+        self._base: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_folded": None, "_base": None}
+
+    def folded(self) -> nn.Module:
+        if self._folded is None:
+            self._folded = prepare_model(self.model, self.skip_unsupported).folded
+        return self._folded
+
+    def base_loss(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = _per_sample_loss(self.folded(), self.x, self.y, self.batch_size)
+        return self._base
 
 
-def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress) -> np.ndarray:
-    """Per-group empirical Fisher diagonals by per-sample gradients (torch.func.vmap)."""
+def _measure_one(ctx: _MeasuredContext, task: Task) -> np.ndarray:
+    """One (layer, width) task: Δ_g with only that layer on the b-bit grid, ``[groups]``."""
+    name, bits = task.payload
+    base = ctx.base_loss()
+    model = ctx.folded()
+    weight = dict(model.named_modules())[name].weight
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.copy_(rtn_weight(original, bits, ctx.weight_range, ctx.clip_search))
+        loss = _per_sample_loss(model, ctx.x, ctx.y, ctx.batch_size)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    return per_group_mean(loss - base, ctx.g, ctx.num_groups).numpy()
+
+
+def sensitivity_tasks(names: Sequence[str], bits: Sequence[int]) -> list[Task]:
+    """One task per (layer, width), in table order."""
+    return [Task(("sensitivity", n, int(b)), f"sensitivity of layer {n!r} at {b} bits", (n, int(b)))
+            for n in names for b in bits]
+
+
+def _measured(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
+              engine: Engine, source: nn.Module, skip_unsupported: bool) -> np.ndarray:
+    ctx = _MeasuredContext(source, model, skip_unsupported, x, y, g, G, batch_size, weight_range, clip_search)
+    rows = engine.map(_measure_one, sensitivity_tasks(names, bits), ctx, "sensitivity (measured)",
+                      progress=progress)
+    return np.stack(rows).reshape(len(names), len(bits), G).astype(np.float64)
+
+
+def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
+            engine: Engine, source: nn.Module, skip_unsupported: bool) -> np.ndarray:
+    """Per-group empirical Fisher diagonals by per-sample gradients (torch.func.vmap): one
+    pass over the samples for all layers at once, run here whatever the engine."""
     from torch.func import functional_call, grad, vmap
 
     modules = dict(model.named_modules())
@@ -297,6 +338,7 @@ def measure_sensitivity(
     cache_path: str | Path | None = None,
     skip_unsupported: bool = False,
     progress: bool = False,
+    engine: Engine | None = None,
 ) -> SensitivityTable:
     """Δ_g(l, b) for the quantizable layers of ``model`` (see the module docstring).
 
@@ -310,6 +352,8 @@ def measure_sensitivity(
         cache_path: optional JSON file read if its fingerprint matches, else (re)written.
         skip_unsupported: leave unsupported layers in float (as ``QuantConfig.skip_unsupported``)
             instead of raising UnsupportedLayerError.
+        engine: runs the ``"measured"`` tasks, one per (layer, width) (default: serial); the
+            table does not depend on it.
     """
     check_choice(method, get_args(SensitivityMethod), "method")
     bits = check_bit_choices(bit_choices)
@@ -345,7 +389,7 @@ def measure_sensitivity(
     run = _measured if method == "measured" else _fisher
     fisher_bs = min(batch_size, 32)
     delta = run(folded, names, bits, x, y, g, G, batch_size if method == "measured" else fisher_bs,
-                weight_range, clip_search, progress)
+                weight_range, clip_search, progress, engine or SerialEngine(), model, skip_unsupported)
     float_loss = per_group_mean(_per_sample_loss(folded, x, y, batch_size), g, G).numpy()
     table = SensitivityTable(
         tuple(names), bits, tuple(sub.group_names), delta, method, float_loss,

@@ -1,0 +1,165 @@
+"""The local engine: a process pool over this machine's cores.
+
+Each worker starts with one intra-op torch thread. The context of a map (model and data) is
+pickled once, to a temporary file, and each worker loads it once, on its first task of that
+map; a task then carries only its key and payload. The pool lives until :meth:`close`, so the
+maps of one search (sensitivity, then verification) start workers once. Workers are
+started by ``forkserver`` (default) or ``spawn``, never ``fork``: a forked copy of a process
+whose torch thread pool is running can deadlock. The forkserver preloads torch and the task's
+module, so a worker starts in a fraction of a second.
+
+A worker that dies (killed, out of memory) breaks the pool: the pool is restarted, and the
+tasks that were running are run again one at a time, so the one that kills its worker is
+known; a task whose worker died more than ``retries`` times stops the map with an EngineError
+naming it. A task that raises stops the map at once (retrying would raise again).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Sequence
+
+import torch
+
+import fqexport.engine.base as base
+from fqexport.engine.base import Engine, Task, TaskFn, kill_spec, run_task, task_error
+from fqexport.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+MSG_PICKLE = ("local engine: the model or data cannot be sent to worker processes ({kind}: {err}); "
+              "use --engine serial (EngineConfig(engine='serial')) for this model")
+MSG_WORKER_DIED = ("local engine: the worker running {task} died {tries} times ({cause}); the search stopped "
+                   "and wrote nothing. A worker killed for memory needs fewer --workers; a script that calls "
+                   "fqexport needs an `if __name__ == \"__main__\":` guard (workers import it); --engine serial "
+                   "runs the task in this process and shows its error")
+
+_context: tuple[str, Any] = ("", None)  # (file, context) this worker last loaded
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    base._in_worker = True
+
+
+def _call(fn: TaskFn, context_file: str, task: Task, kill: str | None) -> Any:
+    global _context
+    if _context[0] != context_file:  # once per worker and map, not once per task
+        with open(context_file, "rb") as f:
+            _context = (context_file, pickle.load(f))
+    return run_task(fn, _context[1], task, kill)
+
+
+class LocalEngine(Engine):
+    """A ``ProcessPoolExecutor`` of ``workers`` processes (see the module docstring), kept for
+    every map until :meth:`close`. ``preload``: modules the forkserver imports once (the task
+    functions' modules), so a worker starts without importing them."""
+
+    name = "local"
+
+    def __init__(self, workers: int, retries: int = 1, start_method: str = "forkserver",
+                 preload: Sequence[str] = ()) -> None:
+        super().__init__(workers, retries)
+        self.start_method = start_method
+        # torch imports torch._dynamo on the first call of a custom op (fqexport's fake-quant
+        # ops): 4 s per worker on this machine unless the forkserver has it already
+        self.preload = ["torch", "torch._dynamo", *preload]
+        self._pool: ProcessPoolExecutor | None = None
+        self._dir: str | None = None  # the context files
+        self._maps = 0
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            ctx.set_forkserver_preload(self.preload)  # read when the server starts (once per process)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+
+    def _stop_pool(self, kill: bool = False) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if kill:  # do not wait for running tasks
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        self._stop_pool()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _write_context(self, context: Any) -> str:
+        """The context pickled once into a file each worker reads once."""
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="fqexport-engine-")
+        self._maps += 1
+        path = os.path.join(self._dir, f"context-{self._maps}.pkl")
+        try:
+            with open(path, "wb") as f:
+                pickle.dump(context, f, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            raise EngineError(MSG_PICKLE.format(kind=type(err).__name__, err=err)) from err
+        return path
+
+    def _run(self, fn, tasks, context, bar):
+        path = self._write_context(context)
+        kill = kill_spec()
+        if self._pool is None:
+            self._pool = self._new_pool()
+        pending = deque(range(len(tasks)))
+        suspects: set[int] = set()  # in flight when a worker died: rerun one at a time
+        deaths = [0] * len(tasks)
+        results: dict[int, Any] = {}
+        inflight: dict[Future, int] = {}
+        try:
+            while pending or inflight:
+                limit = 1 if suspects else self.workers
+                while pending and len(inflight) < limit:
+                    i = pending.popleft()
+                    inflight[self._pool.submit(_call, fn, path, tasks[i], kill)] = i
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                broken = []
+                for f in done:
+                    i = inflight.pop(f)
+                    try:
+                        results[i] = f.result()
+                    except BrokenProcessPool as err:
+                        broken.append((i, err))
+                        continue
+                    except Exception as err:
+                        raise task_error(self.name, tasks[i], err) from err
+                    suspects.discard(i)
+                    bar.update(1)
+                if not broken:
+                    continue
+                # every task in flight fails with the broken pool; only a lone one is surely the cause
+                lone = len(broken) + len(inflight) == 1
+                wait(inflight)
+                victims = sorted([i for i, _ in broken] + list(inflight.values()))
+                inflight.clear()
+                for i in victims:
+                    deaths[i] += 1
+                    if lone and deaths[i] > self.retries:
+                        raise EngineError(MSG_WORKER_DIED.format(task=tasks[i].label, tries=deaths[i],
+                                                                 cause=broken[0][1]))
+                log.warning("local engine: a worker died running %s; restarting the pool and retrying",
+                            " or ".join(tasks[i].label for i in victims))
+                suspects.update(victims)
+                pending.extendleft(reversed(victims))
+                self._stop_pool(kill=True)
+                self._pool = self._new_pool()
+        except BaseException:
+            self._stop_pool(kill=True)
+            raise
+        finally:
+            os.unlink(path)
+        return results

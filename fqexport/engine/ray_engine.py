@@ -1,0 +1,112 @@
+"""The Ray engine: the same tasks as Ray tasks, on a local or a remote Ray cluster.
+
+The context (model and data) is put in the object store once per map and fetched once per
+Ray worker process (cached by its object id); a task carries only its key and payload. Each
+task asks for ``task_cpus`` CPUs and ``task_gpus`` GPUs; a task whose worker dies is retried
+``retries`` times by Ray (``max_retries``), then the map stops with an EngineError naming it.
+Ray is an optional extra (``pip install 'fqexport[ray]'``); it is imported here only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import fqexport.engine.base as base
+from fqexport.engine.base import Engine, Task, TaskFn, kill_spec, run_task, task_error
+from fqexport.errors import ConfigError, EngineError
+
+log = logging.getLogger(__name__)
+
+MSG_NO_RAY = ("engine='ray' needs Ray, which is not installed: pip install 'fqexport[ray]' "
+              "(or use --engine local)")
+MSG_CONNECT = ("ray engine: no Ray cluster answered at {address} ({kind}: {err}); start one with "
+               "'ray start --head' and pass its address (--ray-address auto on the head node, "
+               "ray://HEAD:10001 elsewhere), or omit --ray-address to start a local cluster")
+MSG_WORKER_DIED = ("ray engine: the worker running {task} died {tries} times ({kind}: {err}); the search stopped "
+                   "and wrote nothing")
+
+_cache: dict[str, Any] = {}  # context by object id, per Ray worker process
+
+
+def _import_ray():
+    try:
+        import ray  # optional extra
+    except ImportError as err:
+        raise ConfigError(MSG_NO_RAY) from err
+    return ray
+
+
+def _ray_call(fn: TaskFn, boxed_ref: list, task: Task, kill: str | None) -> Any:
+    ray = _import_ray()
+    base._in_worker = True
+    ref = boxed_ref[0]  # boxed: Ray does not resolve a nested ref, so the worker fetches it once
+    key = ref.hex()
+    if key not in _cache:
+        _cache.clear()
+        _cache[key] = ray.get(ref)
+    return run_task(fn, _cache[key], task, kill)
+
+
+class RayEngine(Engine):
+    """Ray tasks (see the module docstring). ``address=None`` starts a local cluster with
+    ``workers`` CPUs, stopped by :meth:`close`."""
+
+    name = "ray"
+
+    def __init__(self, workers: int, retries: int = 1, address: str | None = None,
+                 task_cpus: float = 1.0, task_gpus: float = 0.0) -> None:
+        super().__init__(workers, retries)
+        self.ray = _import_ray()
+        self.address = address
+        self._started = False
+        if not self.ray.is_initialized():
+            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            if address is None:
+                # the workers import what this process imports (a user's model module, tests)
+                kwargs.update(num_cpus=self.workers, runtime_env={
+                    "env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+            try:
+                self.ray.init(address=address, **kwargs)
+            except Exception as err:
+                raise EngineError(MSG_CONNECT.format(address=address, kind=type(err).__name__, err=err)) from err
+            self._started = True
+        if address is not None:
+            self.workers = max(1, int(self.ray.cluster_resources().get("CPU", 1) // task_cpus))
+        self._remote = self.ray.remote(_ray_call).options(
+            num_cpus=task_cpus, num_gpus=task_gpus, max_retries=self.retries, retry_exceptions=False)
+
+    def close(self) -> None:
+        if self._started and self.ray.is_initialized():
+            self.ray.shutdown()
+        self._started = False
+
+    def _run(self, fn, tasks, context, bar):
+        ray = self.ray
+        ref = ray.put(context)
+        kill = kill_spec()
+        refs = {self._remote.remote(fn, [ref], t, kill): i for i, t in enumerate(tasks)}
+        results: dict[int, Any] = {}
+        waiting = list(refs)
+        try:
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                for r in done:
+                    i = refs[r]
+                    try:
+                        results[i] = ray.get(r)
+                    except ray.exceptions.RayTaskError as err:
+                        cause = getattr(err, "cause", None) or err
+                        raise task_error(self.name, tasks[i], cause) from err
+                    except ray.exceptions.RayError as err:  # worker crashed, node lost, object lost
+                        raise EngineError(MSG_WORKER_DIED.format(
+                            task=tasks[i].label, tries=self.retries + 1, kind=type(err).__name__,
+                            err=" ".join(str(err).split())[:300])) from err
+                    bar.update(1)
+        except BaseException:
+            for r in waiting:
+                ray.cancel(r, force=True)
+            raise
+        return results

@@ -1,0 +1,255 @@
+"""The engines that run the search's independent tasks: results in task order and seeded from
+the task's key whatever the engine, the context sent once per worker, a killed worker retried
+once and then a clear error, task errors that name the task, and identical searches (allocation,
+sensitivity table, exported bytes) with the serial, local and Ray engines."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fqexport.engine.ray_engine as ray_engine
+from fqexport.cli import main
+from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
+from fqexport.engine import (
+    KILL_ENV,
+    LocalEngine,
+    SerialEngine,
+    Task,
+    make_engine,
+    task_seed,
+)
+from fqexport.errors import ConfigError, DataError, EngineError
+from fqexport.search.mixed_precision import search_mixed_precision
+from fqexport.search.sensitivity import DEFAULT_CACHE
+
+_UNPICKLED = 0  # in a worker: how many times it unpickled a _Counted context
+
+
+class _Counted:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __setstate__(self, state) -> None:
+        global _UNPICKLED
+        _UNPICKLED += 1
+        self.__dict__.update(state)
+
+
+def _draw(ctx, task):
+    """A task's random draw, its worker, the context's unpickle count there and its threads."""
+    return (torch.rand(3).tolist(), float(np.random.rand()), os.getpid(), _UNPICKLED,
+            torch.get_num_threads(), ctx.value + task.payload)
+
+
+def _fail(ctx, task):
+    if task.payload == 2:
+        raise DataError("calib.npz: field 'y' has NaN")
+    if task.payload == 3:
+        raise RuntimeError("boom")
+    return task.payload
+
+
+def _tasks(n=6):
+    return [Task(("draw", i), f"task {i}", i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def local2():
+    with LocalEngine(2) as engine:
+        yield engine
+
+
+def test_task_seed_is_a_stable_hash_of_the_key():
+    assert task_seed(("sensitivity", "fc1", 4)) == task_seed(("sensitivity", "fc1", 4))
+    assert task_seed(("fit", 0, 1)) != task_seed(("fit", 1, 0))
+    # sha256, not Python's per-process salted hash(): the same number in every process
+    assert task_seed(("a", 1)) == 1532239161
+
+
+def test_serial_and_local_give_the_same_results_in_task_order(local2):
+    ctx = _Counted(100)
+    torch.set_num_threads(2)
+    try:
+        serial = SerialEngine().map(_draw, _tasks(), ctx, "draw")
+        assert torch.get_num_threads() == 2  # the caller's thread count is restored
+    finally:
+        torch.set_num_threads(1)
+    local = local2.map(_draw, _tasks(), ctx, "draw")
+    assert [r[:2] for r in serial] == [r[:2] for r in local]      # same draws, same order
+    assert [r[5] for r in local] == [100 + i for i in range(6)]   # results in task order
+    assert len({tuple(r[0]) for r in serial}) == 6                # every task its own seed
+    assert all(r[4] == 1 for r in local + serial)                 # one torch thread per task
+
+
+def test_context_is_unpickled_once_per_worker_not_per_task(local2):
+    ctx = _Counted(0)
+    out = local2.map(_draw, _tasks(8), ctx, "draw")
+    per_worker = {}
+    for r in out:
+        per_worker.setdefault(r[2], set()).add(r[3])
+    assert os.getpid() not in per_worker
+    # each worker's count went up by one for this map whatever its number of tasks
+    assert all(len(counts) == 1 for counts in per_worker.values())
+    again = local2.map(_draw, _tasks(8), _Counted(0), "draw")  # a new context: loaded once more
+    for r in again:
+        assert r[3] == next(iter(per_worker.get(r[2], {r[3] - 1}))) + 1
+
+
+def test_a_task_error_names_the_task_and_keeps_its_class(local2):
+    for engine in (SerialEngine(), local2):
+        with pytest.raises(DataError, match=r"^task 2: calib.npz: field 'y' has NaN$"):
+            engine.map(_fail, [Task((i,), f"task {i}", i) for i in range(3)], None, "fail")
+        with pytest.raises(EngineError, match=rf"^{engine.name} engine: task 3 failed: RuntimeError: boom$"):
+            engine.map(_fail, [Task((3,), "task 3", 3)], None, "fail")
+
+
+def test_a_killed_worker_is_retried_once(local2, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"task 4|{marker}")
+    out = local2.map(_draw, _tasks(), _Counted(7), "draw")
+    assert marker.exists()  # the worker running task 4 died once
+    assert [r[5] for r in out] == [7 + i for i in range(6)]
+    assert [r[:2] for r in out] == [r[:2] for r in SerialEngine().map(_draw, _tasks(), _Counted(7), "draw")]
+
+
+def test_a_worker_killed_twice_stops_the_map_naming_the_task(tmp_path, monkeypatch):
+    monkeypatch.setenv(KILL_ENV, "task 1")
+    with LocalEngine(2) as engine:
+        with pytest.raises(EngineError, match=r"^local engine: the worker running task 1 died 2 times"):
+            engine.map(_draw, _tasks(4), _Counted(0), "draw")
+        monkeypatch.delenv(KILL_ENV)
+        assert len(engine.map(_draw, _tasks(4), _Counted(0), "draw")) == 4  # the pool recovers
+
+
+def test_serial_never_runs_the_kill_hook(monkeypatch):
+    monkeypatch.setenv(KILL_ENV, "task")
+    assert len(SerialEngine().map(_draw, _tasks(2), _Counted(0), "draw")) == 2
+
+
+def test_duplicate_keys_are_refused():
+    with pytest.raises(ConfigError, match=r"task keys must be unique \(repeated: \('a',\)\)"):
+        SerialEngine().map(_draw, [Task(("a",), "x", 0), Task(("a",), "y", 1)], _Counted(0), "draw")
+
+
+def test_make_engine_and_engine_config():
+    assert isinstance(make_engine(EngineConfig(engine="serial")), SerialEngine)
+    assert isinstance(make_engine(EngineConfig(engine="local", workers=1)), SerialEngine)
+    assert EngineConfig(workers=1).kind == "serial" and EngineConfig(workers=3).kind == "local"
+    assert EngineConfig().num_workers == os.cpu_count()
+    with LocalEngine(2) as e:
+        assert e.label == "local ×2"
+    with pytest.raises(ConfigError, match=r"workers=0 must be an integer >= 1"):
+        EngineConfig(workers=0)
+    with pytest.raises(ConfigError, match=r"engine='dask' is not one of auto, serial, local, ray"):
+        EngineConfig(engine="dask")
+    with pytest.raises(ConfigError, match=r"ray_address='auto' is only used by engine='ray'"):
+        EngineConfig(engine="local", ray_address="auto")
+    with pytest.raises(ConfigError, match=r"retries=-1 must be an integer >= 0"):
+        EngineConfig(retries=-1)
+    with pytest.raises(ConfigError, match=r"task_cpus=0 must be > 0"):
+        EngineConfig(task_cpus=0)
+
+
+def test_ray_engine_without_ray_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'fqexport\[ray\]'"):
+        make_engine(EngineConfig(engine="ray"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the search: identical whatever the engine
+# ---------------------------------------------------------------------------------------------
+
+BASE = QuantConfig(num_calib=128, batch_size=128)
+
+
+def _search(model, data, engine: EngineConfig, tmp_path):
+    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=2,
+                              sensitivity_samples=128, mw_steps=20, engine=engine)
+    DEFAULT_CACHE.clear()  # measure the table with this engine
+    res = search_mixed_precision(model, data, mp, BASE, progress=False)
+    path = tmp_path / f"{engine.kind}.onnx"
+    res.compressed.export(path, storage="int8")
+    return res, path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def serial_search(mlp_model, mlp_data, tmp_path_factory):
+    return _search(mlp_model, mlp_data, EngineConfig(engine="serial"), tmp_path_factory.mktemp("serial"))
+
+
+def _assert_same(a, b):
+    (ra, ba), (rb, bb) = a, b
+    assert ra.allocation.bits == rb.allocation.bits
+    assert np.array_equal(ra.sensitivity.delta, rb.sensitivity.delta)  # bit for bit
+    assert [c.allocation.bits for c in ra.candidates] == [c.allocation.bits for c in rb.candidates]
+    assert [c.measured_loss_increase for c in ra.candidates] == [c.measured_loss_increase for c in rb.candidates]
+    assert ba == bb  # the exported ONNX bytes
+
+
+def test_local_search_is_identical_to_serial(mlp_model, mlp_data, serial_search, tmp_path):
+    _assert_same(serial_search, _search(mlp_model, mlp_data, EngineConfig(engine="local", workers=2), tmp_path))
+
+
+@pytest.mark.slow
+def test_ray_search_is_identical_to_serial(mlp_model, mlp_data, serial_search, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fqexport[ray]'")
+    t0 = time.perf_counter()
+    _assert_same(serial_search, _search(mlp_model, mlp_data, EngineConfig(engine="ray", workers=2), tmp_path))
+    print(f"ray search: {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.slow
+def test_ray_engine_names_the_address_no_cluster_answers_at():
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fqexport[ray]'")
+    with pytest.raises(EngineError, match=r"no Ray cluster answered at ray://127\.0\.0\.1:1 "):
+        ray_engine.RayEngine(2, address="ray://127.0.0.1:1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _search_args(mlp_files, out, *extra):
+    return ["-q", "compress", "--model", "fixtures_models:tiny_mlp", "--weights", mlp_files / "mlp.pt",
+            "--calib", mlp_files / "calib.npz", "--out", out, "--num-calib", "128", "--budget-bits", "4",
+            "--bit-choices", "2,4,8", "--candidates", "1", "--method", "rtn", *extra]
+
+
+def test_cli_a_worker_that_dies_twice_exits_2_and_writes_nothing(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    monkeypatch.setenv(KILL_ENV, "fold 2/3")
+    out, report = tmp_path / "mp.onnx", tmp_path / "report.json"
+    code, _, err = _cli(_search_args(mlp_files, out, "--engine", "local", "--workers", "2", "--report", report))
+    assert code == 2, err
+    assert "local engine: the worker running verification fit of candidate 0" in err
+    assert "fold 2/3 died 2 times" in err
+    assert not out.exists() and not report.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_engine_flags(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    code, _, err = _cli(_search_args(mlp_files, tmp_path / "a.onnx", "--engine", "serial"))
+    assert code == 0, err
+    code, _, err = _cli(_search_args(mlp_files, tmp_path / "b.onnx", "--engine", "local", "--ray-address", "auto"))
+    assert code == 2 and "ray_address='auto' is only used by engine='ray'" in err
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code, _, err = _cli(_search_args(mlp_files, tmp_path / "c.onnx", "--engine", "ray"))
+    assert code == 2 and "pip install 'fqexport[ray]'" in err
+    assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "c.onnx").exists()

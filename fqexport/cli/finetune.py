@@ -1,0 +1,122 @@
+"""The fine-tuning options of ``fqexport compress`` (``--finetune --train train.npz ...``): flags
+built from ``FinetuneConfig``'s defaults, the early input checks (before any compute), the run
+and the per-group table before/after."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import get_args
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import load_data
+from fqexport.cli.common import _parse_assignments, print_table
+from fqexport.errors import ConfigError, DataError
+from fqexport.finetune.config import FinetuneConfig, GroupLoss, Sampler
+from fqexport.finetune.run import MSG_GROUPS, finetune
+from fqexport.model import CompressedModel
+
+_F = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+
+MSG_NO_TRAIN = "--finetune needs training data: give --train train.npz (arrays x, y, group) or a CSV manifest"
+MSG_LEARN_BITS_WITHOUT = "--learn-bits is a fine-tuning option: add --finetune --train train.npz"
+MSG_LEARN_BITS_BUDGET = "--learn-bits needs --budget-bits (average weight bits, e.g. 2.5)"
+MSG_TRAIN_WITHOUT = "--train is only used with --finetune: add --finetune, or drop --train"
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """What ``--finetune`` will do: the config and the already-checked training data."""
+
+    config: FinetuneConfig
+    train: GroupData
+
+
+def add_finetune_options(p: argparse.ArgumentParser) -> None:
+    """``--finetune`` and its options (a group of ``compress``)."""
+    ft = p.add_argument_group("fairness-aware fine-tuning after PTQ (--finetune)")
+    ft.add_argument("--finetune", action="store_true", help="fine-tune the compressed model on --train data")
+    ft.add_argument("--train", help="training data: .npz (x, y, group[, group_names]) or CSV manifest, "
+                    "same groups as --calib")
+    ft.add_argument("--epochs", type=int, default=_F["epochs"], help=f"fine-tuning epochs (default {_F['epochs']})")
+    ft.add_argument("--sampler", choices=get_args(Sampler), default=_F["sampler"],
+                    help="natural, group-balanced (equal mass per group in each batch) or core-set "
+                    "(per epoch the hardest samples of each group)")
+    ft.add_argument("--loss", choices=get_args(GroupLoss), default=_F["loss"],
+                    help="ce (plain mean), group-weighted (--group-loss-weights) or worst-group (group DRO)")
+    ft.add_argument("--group-loss-weights", metavar="NAME=W,...", help="group weights of --loss group-weighted")
+    ft.add_argument("--dro-eta", type=float, default=_F["dro_eta"], help="step size of the worst-group weights")
+    ft.add_argument("--lr", type=float, default=_F["lr"], help=f"Adam step size (default {_F['lr']:g})")
+    ft.add_argument("--ft-batch-size", type=int, default=_F["batch_size"], help="fine-tuning batch size")
+    ft.add_argument("--temperature", type=float, default=_F["temperature"], help="distillation temperature")
+    ft.add_argument("--coreset-fraction", type=float, default=_F["coreset_fraction"],
+                    help="share of each group the core-set keeps per epoch")
+    ft.add_argument("--oscillation", type=float, default=_F["oscillation"], metavar="LAMBDA",
+                    help="oscillation (dampening) regulariser weight, e.g. 0.1 (default 0: off)")
+    ft.add_argument("--learn-bits", action="store_true",
+                    help="BAQ: learn a width per layer under --budget-bits (instead of the mixed-precision "
+                    "search), project onto the budget, then fine-tune at the fixed widths")
+    ft.add_argument("--bit-epochs", type=int, default=_F["bit_epochs"], help="epochs of the width-learning phase")
+    ft.add_argument("--lambda-fair", type=float, default=_F["lambda_fair"],
+                    help="BAQ fairness penalty on max_g L_g - mean_g L_g (default 0)")
+    ft.add_argument("--max-minutes", type=float, default=None,
+                    help="stop at the end of a step after this many minutes, keeping the best checkpoint")
+
+
+def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None = None) -> FinetunePlan | None:
+    """Check the fine-tuning flags and load the training data before any compute.
+
+    ``calib_groups`` (the calibration data's group names) is compared with the training data's.
+    Returns None without ``--finetune``. Raises ConfigError / DataError (exit 2).
+    """
+    if not args.finetune:
+        if args.train is not None:
+            raise ConfigError(MSG_TRAIN_WITHOUT)
+        if args.learn_bits:
+            raise ConfigError(MSG_LEARN_BITS_WITHOUT)
+        return None
+    if args.learn_bits and args.budget_bits is None:
+        raise ConfigError(MSG_LEARN_BITS_BUDGET)
+    if args.train is None:
+        raise ConfigError(MSG_NO_TRAIN)
+    weights = None
+    if args.group_loss_weights:
+        weights = _parse_assignments(args.group_loss_weights.split(","), "--group-loss-weights", "W", float,
+                                     "minority=3,majority=1")
+    config = FinetuneConfig(
+        epochs=args.epochs, batch_size=args.ft_batch_size, lr=args.lr, temperature=args.temperature,
+        sampler=args.sampler, loss=args.loss, group_weights=weights, dro_eta=args.dro_eta,
+        coreset_fraction=args.coreset_fraction, oscillation=args.oscillation, learn_bits=args.learn_bits,
+        budget_bits=args.budget_bits if args.learn_bits else None, bit_epochs=args.bit_epochs,
+        lambda_fair=args.lambda_fair, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
+    )
+    train = load_data(args.train)
+    if calib_groups is not None and tuple(train.group_names) != tuple(calib_groups):
+        raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
+                                          calib=", ".join(calib_groups)))
+    return FinetunePlan(config, train)
+
+
+def run_finetune(plan: FinetunePlan, cm: CompressedModel, quiet: bool = False) -> CompressedModel:
+    """Fine-tune ``cm`` and print the hold-out per-group table before/after."""
+    out = finetune(cm, plan.train, plan.config, progress=not quiet)
+    rec = out.metadata.finetune
+    rows = []
+    for g in out.group_names:
+        b, a = rec["holdout_before"][g], rec["holdout_after"][g]
+        rows.append({"group": g, "n": b["count"],
+                     "acc before %": f"{100 * b['accuracy']:.2f}", "acc after %": f"{100 * a['accuracy']:.2f}",
+                     "loss before": f"{b['loss']:.4f}", "loss after": f"{a['loss']:.4f}"})
+    cfg = plan.config
+    print(f"fine-tuning ({cfg.loss}, {cfg.sampler} sampling): {rec['epochs_run']} epoch(s), {rec['steps']} steps, "
+          f"{rec['seconds']:.1f} s, stopped: {rec['stopped']}, kept epoch {rec['best_epoch']}; "
+          f"hold-out slice of --train ({rec['num_holdout']} samples):")
+    print_table(rows, list(rows[0].keys()))
+    if rec.get("baq"):
+        baq = rec["baq"]
+        print(f"\nlearned widths (BAQ, budget {baq['budget_bits']:g} bits, exported avg {baq['avg_bits']:.3f}):")
+        print_table([{"layer": n, "learned": f"{b:.2f}", "bits": baq["bits"][n]} for n, b in baq["learned_bits"].items()],
+                    ["layer", "learned", "bits"])
+    print()
+    return out

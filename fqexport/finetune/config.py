@@ -1,0 +1,186 @@
+"""``FinetuneConfig``: the options of fairness-aware fine-tuning after PTQ, checked once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Mapping, get_args
+
+from fqexport.config import SUPPORTED_WEIGHT_BITS, Device
+from fqexport.errors import ConfigError
+
+Sampler = Literal["natural", "group-balanced", "core-set"]
+GroupLoss = Literal["ce", "group-weighted", "worst-group"]
+
+MSG_CHOICE = "FinetuneConfig.{field}={value!r} is not one of {choices}"
+MSG_POSITIVE_INT = "FinetuneConfig.{field}={value!r} must be an integer >= {low}"
+MSG_RANGE = "FinetuneConfig.{field}={value!r} must be {rule}"
+MSG_GROUP_WEIGHTS = (
+    "FinetuneConfig.group_weights is required with loss='group-weighted': give a mapping of group "
+    "name to weight, e.g. {{'minority': 3, 'majority': 1}} (CLI: --group-loss-weights minority=3)"
+)
+MSG_BIT_CHOICES = "FinetuneConfig.bit_choices={value!r} must be a non-empty tuple of integers from 2 to 8"
+MSG_BUDGET = (
+    "FinetuneConfig.budget_bits={value!r} is outside the candidate widths [{lo}, {hi}]: a budget below "
+    "the smallest width cannot be met; raise it or add a narrower width to bit_choices"
+)
+MSG_LEARN_BITS = "FinetuneConfig.learn_bits=True needs budget_bits (average weight bits), e.g. budget_bits=2.5"
+MSG_BITS = (
+    "FinetuneConfig.weight_bits={value!r} is not supported: an integer from 2 to 8 (the PTQ start "
+    "when fine-tuning a float model)"
+)
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune a compressed model (see ``fqexport.finetune.run.finetune``).
+
+    Attributes:
+        epochs: passes over the (sampled) training data.
+        batch_size: samples per step.
+        lr: Adam step size. Latent weights are learned in units of each channel's initial step
+            size, so ``lr=1e-2`` moves a weight by about 1% of a grid step per step at any width;
+            scales and activation step sizes are learned as ratios to their PTQ values.
+        temperature: distillation temperature T; the distillation term is T²·KL(teacher‖student).
+        kd_weight: weight of the distillation term (the float model is the teacher).
+        ce_weight: weight of the labels' cross-entropy.
+        sampler: ``"natural"`` (shuffled data), ``"group-balanced"`` (each batch has the same
+            number of samples from every group) or ``"core-set"`` (each epoch keeps, per group,
+            the ``coreset_fraction`` hardest samples by current loss, at least
+            ``coreset_min_per_group``).
+        loss: how group losses are combined: ``"ce"`` (plain sample mean), ``"group-weighted"``
+            (fixed ``group_weights``) or ``"worst-group"`` (weights q_g ← q_g·exp(η·excess_g),
+            normalised, with excess_g the group's loss above the float model's and η =
+            ``dro_eta``: group DRO's exponentiated-gradient step).
+        group_weights: per-group weights for ``"group-weighted"`` (name or id → weight).
+        dro_eta: step size of the worst-group weight update.
+        coreset_fraction: share of each group kept per epoch by the core-set sampler.
+        coreset_min_per_group: floor of samples kept per group by the core-set sampler.
+        holdout_fraction: share of each group of the training data held out to pick the best
+            checkpoint (lowest worst-group cross-entropy; the PTQ start counts as a checkpoint).
+        max_minutes: stop at the end of the first step after this wall time (None: no limit).
+        learn_act_scales: also learn the activation step sizes (zero points stay).
+        oscillation: λ of the oscillation (dampening) regulariser λ·Σ (v − sg(round(v)))² over all
+            quantized weights, v = clamp(w / s, qmin, qmax) (Nagel et al. 2022's dampening, in
+            units of the step; e.g. 0.1): pulls each latent weight to its grid point at the trained width, so weight
+            oscillation across rounding boundaries dies down and the same latent weights
+            re-quantized at wider grids (``finetune_widths``) stay close to the trained model.
+        learn_bits: learn a continuous width per layer first (BAQ; needs ``budget_bits``), for
+            ``bit_epochs`` epochs under λ_bits·max(0, avg_bits − budget) and
+            λ_fair·(max_g L_g − mean_g L_g), then project onto the budget exactly (knapsack),
+            re-quantize each layer at its width and fine-tune ``epochs`` at the fixed widths.
+        budget_bits: parameter-weighted average weight bits the BAQ result must meet.
+        bit_choices: candidate widths of BAQ.
+        bit_epochs: epochs of the width-learning phase.
+        lambda_bits: λ_bits, weight of the budget penalty.
+        lambda_fair: λ_fair, weight of the group-gap penalty.
+        bits_lr: Adam step size of the continuous widths (bits per step).
+        weight_bits: PTQ width used when ``finetune`` is given a float model.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        seed: seeds sampling, the hold-out split and the calibration subset.
+    """
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-2
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    sampler: Sampler = "natural"
+    loss: GroupLoss = "ce"
+    group_weights: Mapping[str, float] | None = None
+    dro_eta: float = 0.5
+    coreset_fraction: float = 0.5
+    coreset_min_per_group: int = 64
+    holdout_fraction: float = 0.1
+    max_minutes: float | None = None
+    learn_act_scales: bool = True
+    oscillation: float = 0.0
+    learn_bits: bool = False
+    budget_bits: float | None = None
+    bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    bit_epochs: int = 1
+    lambda_bits: float = 1.0
+    lambda_fair: float = 0.0
+    bits_lr: float = 0.05
+    weight_bits: int = 4
+    device: Device = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 1), ("batch_size", 1), ("coreset_min_per_group", 1), ("seed", 0),
+                          ("bit_epochs", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(MSG_POSITIVE_INT.format(field=name, value=value, low=low))
+        for name, choices in (("sampler", get_args(Sampler)), ("loss", get_args(GroupLoss)),
+                              ("device", get_args(Device))):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(MSG_CHOICE.format(field=name, value=value, choices=", ".join(choices)))
+        checks = (
+            ("lr", lambda v: v > 0, "a finite number > 0, e.g. 1e-2"),
+            ("temperature", lambda v: v > 0, "a finite number > 0"),
+            ("kd_weight", lambda v: v >= 0, "a finite number >= 0"),
+            ("ce_weight", lambda v: v >= 0, "a finite number >= 0"),
+            ("dro_eta", lambda v: v >= 0, "a finite number >= 0"),
+            ("oscillation", lambda v: v >= 0, "a finite number >= 0 (0: off)"),
+            ("lambda_bits", lambda v: v >= 0, "a finite number >= 0"),
+            ("lambda_fair", lambda v: v >= 0, "a finite number >= 0"),
+            ("bits_lr", lambda v: v > 0, "a finite number > 0"),
+            ("coreset_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("holdout_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+        )
+        for name, ok, rule in checks:
+            value = getattr(self, name)
+            if not _finite(value) or not ok(float(value)):
+                raise ConfigError(MSG_RANGE.format(field=name, value=value, rule=rule))
+        if float(self.kd_weight) + float(self.ce_weight) <= 0:
+            raise ConfigError(MSG_RANGE.format(field="kd_weight", value=self.kd_weight,
+                                               rule="> 0 when ce_weight is 0 (the loss would be zero)"))
+        if self.max_minutes is not None and (not _finite(self.max_minutes) or float(self.max_minutes) <= 0):
+            raise ConfigError(MSG_RANGE.format(field="max_minutes", value=self.max_minutes,
+                                               rule="a number of minutes > 0, or None (no limit)"))
+        bits = self.weight_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_WEIGHT_BITS:
+            raise ConfigError(MSG_BITS.format(value=bits))
+        choices = tuple(self.bit_choices)
+        if not choices or any(isinstance(b, bool) or not isinstance(b, int) or b not in SUPPORTED_WEIGHT_BITS
+                              for b in choices):
+            raise ConfigError(MSG_BIT_CHOICES.format(value=self.bit_choices))
+        if self.budget_bits is not None:
+            if not _finite(self.budget_bits):
+                raise ConfigError(MSG_RANGE.format(field="budget_bits", value=self.budget_bits,
+                                                   rule="a finite number of average weight bits"))
+            if not (min(choices) <= float(self.budget_bits) <= max(choices)):
+                raise ConfigError(MSG_BUDGET.format(value=self.budget_bits, lo=min(choices), hi=max(choices)))
+        if self.learn_bits and self.budget_bits is None:
+            raise ConfigError(MSG_LEARN_BITS)
+        if self.loss == "group-weighted":
+            gw = self.group_weights
+            if not isinstance(gw, Mapping) or not gw:
+                raise ConfigError(MSG_GROUP_WEIGHTS)
+            for g, w in gw.items():
+                if not _finite(w) or float(w) < 0:
+                    raise ConfigError(MSG_RANGE.format(field=f"group_weights[{g!r}]", value=w, rule="a finite number >= 0"))
+            if sum(float(w) for w in gw.values()) <= 0:
+                raise ConfigError(MSG_RANGE.format(field="group_weights", value=dict(gw), rule="not all zero"))
+
+    def to_dict(self) -> dict[str, object]:
+        """The settings recorded in the export metadata."""
+        return {
+            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+            "temperature": self.temperature, "kd_weight": self.kd_weight, "ce_weight": self.ce_weight,
+            "sampler": self.sampler, "loss": self.loss,
+            "group_weights": None if self.group_weights is None else {str(k): float(v) for k, v in self.group_weights.items()},
+            "dro_eta": self.dro_eta, "coreset_fraction": self.coreset_fraction,
+            "coreset_min_per_group": self.coreset_min_per_group, "holdout_fraction": self.holdout_fraction,
+            "max_minutes": self.max_minutes, "learn_act_scales": self.learn_act_scales, "oscillation": self.oscillation,
+            "learn_bits": self.learn_bits, "budget_bits": self.budget_bits, "bit_choices": list(self.bit_choices),
+            "bit_epochs": self.bit_epochs, "lambda_bits": self.lambda_bits, "lambda_fair": self.lambda_fair,
+            "bits_lr": self.bits_lr, "seed": self.seed,
+        }

@@ -1,0 +1,233 @@
+"""Learnable fake quantization for fine-tuning (LSQ, Esser et al. 2020), on the export's grids.
+
+Weights, per output channel c: latent u (in units of the PTQ step s0_c), step s_c = s0_c · r_c
+with a learnable ratio r_c > 0, and
+
+    w_q = s_c · clamp(round(s0_c · u / s_c), qmin, qmax)
+
+with straight-through rounding: d round(v)/dv := 1 inside the clamp. The codes stay inside the
+layer's grid all along ([-63, 63] for x86-safe 8 bits, {-2, -1, 0, 1} with a signed step at 2
+bits), so what training sees is exactly what the export stores. The step's gradient is LSQ's,
+scaled by g = 1/sqrt(n · qmax) (n: weights per channel) so that steps and weights learn at a
+comparable pace. Activations: the PTQ zero point z stays, the step s = s0 · r is learned,
+x_q = s · clamp(round(x/s), -z, 255 - z) — the math of the ``ActQuantizer`` it replaces.
+
+Everything starts at the PTQ solution (u = codes, r = 1), so the untrained student computes
+what the PTQ reference computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Mapping
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fqexport.finetune.baq import interpolated_weight
+from fqexport.graph.act_quant import ActQuantizer
+from fqexport.model import QuantizedLayer
+from fqexport.quant.grid import (
+    ACT_QMAX,
+    ACT_QMIN,
+    as_rows,
+    choose_weight_grid,
+    quantize,
+)
+
+_MIN_RATIO = 1e-3
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """``round(v)`` forward, identity backward (straight-through)."""
+    return (torch.round(v) - v).detach() + v
+
+
+def grad_scale(v: torch.Tensor, g: float) -> torch.Tensor:
+    """``v`` forward, gradient multiplied by ``g`` backward (LSQ's step-size gradient scale)."""
+    return (v - v * g).detach() + v * g
+
+
+def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``step · clamp(round_ste(x / step), qmin, qmax)``; ``step`` broadcasts against ``x``."""
+    return torch.clamp(round_ste(x / step), qmin, qmax) * step
+
+
+def layer_qmin(layer: QuantizedLayer) -> int:
+    """Smallest code of ``layer``'s grid: -2 at 2 bits (signed per-row step), else -qmax."""
+    return -2 if layer.bits == 2 else -layer.qmax
+
+
+class LearnableWeight(nn.Module):
+    """A quantized Conv2d/Linear whose weight codes and per-channel steps are learned.
+
+    Built from the PTQ reference's module (its bias, stride, padding, groups) and the layer's
+    codes and scales. ``codes()`` / ``scale()`` give what is written back.
+    """
+
+    def __init__(self, module: nn.Module, layer: QuantizedLayer) -> None:
+        super().__init__()
+        self.kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        if self.kind == "conv":
+            self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                  groups=module.groups)
+            if module.padding_mode != "zeros":
+                raise ValueError(f"layer '{layer.name}': padding_mode={module.padding_mode!r} is not supported")
+        self.qmin, self.qmax = layer_qmin(layer), int(layer.qmax)
+        self.bits = int(layer.bits)
+        self.bit: nn.Parameter | None = None  # BAQ's continuous width (see learn_bits)
+        s0 = layer.scale.detach().float().clone()
+        shape = (-1,) + (1,) * (layer.codes.dim() - 1)
+        self.register_buffer("s0", s0.reshape(shape))
+        self.latent = nn.Parameter(layer.codes.detach().float().clone())
+        self.ratio = nn.Parameter(torch.ones_like(s0).reshape(shape))
+        bias = module.bias.detach().clone() if module.bias is not None else torch.zeros(s0.shape[0])
+        self.bias = nn.Parameter(bias.float())
+        per_channel = layer.codes[0].numel()
+        self.g = 1.0 / math.sqrt(per_channel * max(self.qmax, 1))
+
+    def step(self) -> torch.Tensor:
+        return self.s0 * grad_scale(self.ratio, self.g).clamp_min(_MIN_RATIO)
+
+    def learn_bits(self, widths: tuple[int, ...], weight_range: str) -> nn.Parameter:
+        """Switch to BAQ: a continuous width (starting at the layer's width, clamped to
+        ``widths``) interpolating between neighbouring integer grids; returns the parameter."""
+        start = min(max(float(self.bits), min(widths)), max(widths))
+        self.bit = nn.Parameter(torch.tensor(start, device=self.latent.device))
+        self.widths, self.weight_range = tuple(widths), weight_range
+        return self.bit
+
+    def weight(self) -> torch.Tensor:
+        if self.bit is not None:
+            return interpolated_weight(self.s0 * self.latent, self.bit, self.widths, self.weight_range)
+        return lsq_fake_quant(self.s0 * self.latent, self.step(), self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        if self.kind == "conv":
+            return F.conv2d(x, w, self.bias, **self.conv_args)
+        return F.linear(x, w, self.bias)
+
+    def dampening(self) -> torch.Tensor:
+        """Oscillation dampening (Nagel et al. 2022): Σ (v_c − sg(round(v_c)))² with
+        v_c = clamp(w / s, qmin, qmax) — each latent weight's distance to its grid point in
+        units of the step, clipped weights not counted; gradient only into the latent weights."""
+        v = torch.clamp(self.s0 * self.latent / self.step().detach(), self.qmin, self.qmax)
+        return (v - torch.round(v).detach()).pow(2).sum()
+
+    @torch.no_grad()
+    def latent_weight(self) -> torch.Tensor:
+        """The latent float weight (weight shape)."""
+        return (self.s0 * self.latent).detach()
+
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        """Integer codes (int8, weight shape) of the current weight."""
+        step = self.s0 * self.ratio.clamp_min(_MIN_RATIO)
+        return torch.clamp(torch.round(self.s0 * self.latent / step), self.qmin, self.qmax).to(torch.int8)
+
+    @torch.no_grad()
+    def scale(self) -> torch.Tensor:
+        """Per-channel steps (float32 ``[out]``, signed like the PTQ steps)."""
+        return (self.s0 * self.ratio.clamp_min(_MIN_RATIO)).reshape(-1).float()
+
+
+class LearnableActQuant(nn.Module):
+    """uint8 per-tensor fake quantization with a learned step and the PTQ zero point."""
+
+    def __init__(self, quantizer: ActQuantizer, learn: bool = True) -> None:
+        super().__init__()
+        self.zero_point = int(quantizer.zero_point)
+        self.register_buffer("s0", torch.tensor(float(quantizer.scale), dtype=torch.float32))
+        self.ratio = nn.Parameter(torch.ones(()), requires_grad=learn)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        g = 1.0 / math.sqrt(max(x[0].numel(), 1) * ACT_QMAX)
+        return self.s0 * grad_scale(self.ratio, g).clamp_min(_MIN_RATIO)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lsq_fake_quant(x, self.step(x), ACT_QMIN - self.zero_point, ACT_QMAX - self.zero_point)
+
+    @torch.no_grad()
+    def scale(self) -> float:
+        return float(self.s0 * self.ratio.clamp_min(_MIN_RATIO))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def build_student(
+    reference: torch.fx.GraphModule, layers: dict[str, QuantizedLayer], learn_act_scales: bool = True,
+) -> tuple[torch.fx.GraphModule, dict[str, LearnableWeight], dict[str, LearnableActQuant]]:
+    """A trainable copy of the PTQ reference: quantized layers become ``LearnableWeight``s and
+    activation quantizers ``LearnableActQuant``s (the graph's calls resolve by module name)."""
+    student = copy.deepcopy(reference)
+    weights: dict[str, LearnableWeight] = {}
+    acts: dict[str, LearnableActQuant] = {}
+    for name, layer in layers.items():
+        weights[name] = LearnableWeight(student.get_submodule(name), layer)
+        _set_submodule(student, name, weights[name])
+    for name, module in list(student.named_modules()):
+        if isinstance(module, ActQuantizer):
+            acts[name] = LearnableActQuant(module, learn=learn_act_scales)
+            _set_submodule(student, name, acts[name])
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for m in weights.values():
+        for p in m.parameters():
+            p.requires_grad_(True)
+    if learn_act_scales:
+        for m in acts.values():
+            m.ratio.requires_grad_(True)
+    return student, weights, acts
+
+
+@torch.no_grad()
+def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str) -> QuantizedLayer:
+    """``layer`` with the latent weights of ``learned`` rounded onto a fresh ``bits``-wide grid
+    (per-channel clipping search, round to nearest; no training at that width)."""
+    w = learned.latent_weight().cpu().float()
+    grid = choose_weight_grid(as_rows(w), bits, weight_range=weight_range, clip_search=True)
+    codes = quantize(as_rows(w), grid.scale, grid.qmax, grid.qmin).reshape(w.shape)
+    return replace(layer, bits=int(bits), qmax=int(grid.qmax), codes=codes.to(torch.int8), scale=grid.scale.float())
+
+
+@torch.no_grad()
+def write_back(
+    reference: torch.fx.GraphModule,
+    layers: dict[str, QuantizedLayer],
+    weights: dict[str, LearnableWeight],
+    acts: dict[str, LearnableActQuant],
+    bits: int | Mapping[str, int] | None = None,
+    weight_range: str = "x86-safe",
+) -> tuple[torch.fx.GraphModule, dict[str, QuantizedLayer]]:
+    """A new PTQ-style reference and layer table holding the learned codes, steps, biases and
+    activation steps (the export path reads exactly these). With ``bits`` (other than a layer's
+    trained width) the layer's latent weights are re-quantized at that width instead."""
+    new_ref = copy.deepcopy(reference)
+    new_layers: dict[str, QuantizedLayer] = {}
+    for name, layer in layers.items():
+        learned = weights[name]
+        width = bits.get(name) if isinstance(bits, Mapping) else bits
+        if width is None or int(width) == layer.bits:
+            new = replace(layer, codes=learned.codes().cpu(), scale=learned.scale().cpu())
+        else:
+            new = requantize(learned, layer, int(width), weight_range)
+        module = new_ref.get_submodule(name)
+        module.weight.copy_(new.dequantized().to(module.weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(learned.bias.detach().cpu().to(module.weight.dtype))
+        else:
+            module.bias.copy_(learned.bias.detach().cpu().to(module.bias.dtype))
+        new_layers[name] = new
+    for name, act in acts.items():
+        quantizer = new_ref.get_submodule(name)
+        quantizer.scale = act.scale()
+        quantizer.zero_point = act.zero_point
+    return new_ref.eval(), new_layers

@@ -1,0 +1,381 @@
+"""Tests of fqexport/finetune: the LSQ fake-quant math, samplers, group losses, the config, and
+finetune() end to end (compress W2 → fine-tune → export → ONNX Runtime per group)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.config import QuantConfig
+from fqexport.errors import ConfigError, DataError
+from fqexport.exporters.metadata import read_metadata
+from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
+from fqexport.finetune import run as ft_run
+from fqexport.finetune.baq import (
+    grid_fake_quant,
+    interpolated_weight,
+    neighbours,
+    project_to_budget,
+)
+from fqexport.finetune.losses import (
+    combine,
+    exponentiated_gradient,
+    group_means,
+    per_sample_loss,
+)
+from fqexport.finetune.qat import build_student, lsq_fake_quant, write_back
+from fqexport.finetune.samplers import (
+    coreset_indices,
+    group_balanced_batches,
+    natural_batches,
+)
+from fqexport.model import CompressedModel
+from fqexport.pipeline.compress import compress
+
+FAST = dict(epochs=1, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def mlp_cm2(mlp_model, mlp_data) -> CompressedModel:
+    """The MLP at 2 bits, round to nearest: clearly below float, so fine-tuning has work to do."""
+    return compress(mlp_model, mlp_data, QuantConfig(weight_bits=2, method="rtn", num_calib=200), progress=False)
+
+
+# ------------------------------------------------------------------------- qat math
+
+
+def test_lsq_step_gradient_is_lsqs_inside_and_at_the_clip():
+    # inside the grid: d/ds [s·round(x/s)] = round(x/s) - x/s; clipped: d/ds = qmax (or qmin)
+    x = torch.tensor([0.37, 10.0, -10.0])
+    step = torch.tensor(0.1, requires_grad=True)
+    out = lsq_fake_quant(x, step, -2, 7)
+    assert out.tolist() == pytest.approx([0.4, 0.7, -0.2])
+    for i, want in enumerate([4 - 3.7, 7.0, -2.0]):
+        (g,) = torch.autograd.grad(out[i], step, retain_graph=True)
+        assert float(g) == pytest.approx(want, abs=1e-5)
+
+
+def test_weight_gradient_is_straight_through_inside_and_zero_when_clipped():
+    x = torch.tensor([0.37, 10.0], requires_grad=True)
+    lsq_fake_quant(x, torch.tensor(0.1), -2, 7).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0]
+
+
+def test_untrained_student_computes_the_ptq_reference(mlp_cm2, mlp_data):
+    student, weights, acts = build_student(mlp_cm2.reference, mlp_cm2.layers)
+    assert set(weights) == set(mlp_cm2.layers) and len(acts) > 0
+    with torch.no_grad():
+        got = student(torch.from_numpy(mlp_data.x)).numpy()
+    np.testing.assert_allclose(got, mlp_cm2.predict(mlp_data.x), atol=1e-5)
+    reference, layers = write_back(mlp_cm2.reference, mlp_cm2.layers, weights, acts)
+    for name, layer in mlp_cm2.layers.items():
+        assert torch.equal(layers[name].codes, layer.codes)
+        torch.testing.assert_close(layers[name].scale, layer.scale)
+
+
+def test_codes_stay_on_the_layers_grid(mlp_model, mlp_data, mlp_cm2):
+    # 2 bits: {-2, -1, 0, 1}; x86-safe 8 bits: |q| <= 63, whatever the latent weights become
+    cm8 = compress(mlp_model, mlp_data, QuantConfig(weight_bits=8, num_calib=200), progress=False)
+    for cm, lo, hi in ((mlp_cm2, -2, 1), (cm8, -63, 63)):
+        _, weights, _ = build_student(cm.reference, cm.layers)
+        for m in weights.values():
+            with torch.no_grad():
+                m.latent.mul_(50.0)
+            codes = m.codes()
+            assert int(codes.min()) == lo and int(codes.max()) == hi
+            steps = m.weight().detach() / m.s0
+            assert float(steps.min()) >= lo - 1e-4 and float(steps.max()) <= hi + 1e-4
+
+
+# ------------------------------------------------------------------------- samplers
+
+
+def test_natural_batches_cover_every_sample_once():
+    batches = natural_batches(10, 4, np.random.default_rng(0))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+
+
+def test_group_balanced_batches_have_equal_mass_per_group():
+    group = np.array([0] * 90 + [1] * 10)
+    batches = group_balanced_batches(group, 2, 20, np.random.default_rng(0))
+    assert len(batches) == 5
+    for b in batches:
+        assert np.bincount(group[b], minlength=2).tolist() == [10, 10]
+    # the minority's 10 samples are revisited each batch, all of them
+    assert set(np.concatenate(batches)[group[np.concatenate(batches)] == 1].tolist()) == set(range(90, 100))
+
+
+def test_coreset_keeps_the_hardest_fraction_per_group_with_a_floor():
+    group = np.array([0] * 10 + [1] * 4)
+    losses = np.arange(14, dtype=float)  # later samples are harder
+    keep = coreset_indices(losses, group, 2, fraction=0.3, min_per_group=2)
+    assert keep.tolist() == [7, 8, 9, 12, 13]  # ceil(0.3·10)=3 of group 0; floor 2 of group 1
+
+
+# ------------------------------------------------------------------------- losses
+
+
+def test_distillation_is_zero_when_student_equals_teacher():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.3, 0.1]])
+    y = torch.tensor([0, 1])
+    kd = per_sample_loss(logits, logits, y, temperature=2.0, kd_weight=1.0, ce_weight=0.0)
+    assert kd.abs().max() < 1e-6
+    ce = per_sample_loss(logits, logits, y, temperature=2.0, kd_weight=0.0, ce_weight=1.0)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+
+
+def test_group_means_and_combine():
+    values = torch.tensor([1.0, 3.0, 10.0])
+    group = torch.tensor([0, 0, 1])
+    means, counts = group_means(values, group, 3)
+    assert means.tolist() == [2.0, 10.0, 0.0] and counts.tolist() == [2, 1, 0]
+    assert float(combine(means, counts, None)) == pytest.approx(14 / 3)  # the sample mean
+    # weights renormalised over present groups: group 2 is absent
+    assert float(combine(means, counts, torch.tensor([0.25, 0.25, 0.5]))) == pytest.approx(6.0)
+
+
+def test_exponentiated_gradient_moves_weight_to_the_worse_group():
+    q = torch.tensor([0.5, 0.5, 0.0 + 1e-9])
+    present = torch.tensor([True, True, False])
+    new = exponentiated_gradient(q, torch.tensor([0.1, 1.1, 5.0]), present, eta=1.0)
+    assert float(new.sum()) == pytest.approx(1.0)
+    # q_1/q_0 = exp(η·(e_1 - e_0)) = e; the absent group's large excess is ignored
+    assert float(new[1] / new[0]) == pytest.approx(math.e, rel=1e-5)
+    assert float(new[2]) < 1e-8
+
+
+# ------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(("kw", "text"), [
+    (dict(epochs=0), "FinetuneConfig.epochs=0 must be an integer >= 1"),
+    (dict(sampler="stratified"), "FinetuneConfig.sampler='stratified' is not one of natural, group-balanced, core-set"),
+    (dict(lr=float("nan")), "FinetuneConfig.lr=nan must be a finite number > 0"),
+    (dict(coreset_fraction=0.0), "FinetuneConfig.coreset_fraction=0.0 must be in (0, 1]"),
+    (dict(max_minutes=-1), "FinetuneConfig.max_minutes=-1 must be a number of minutes > 0"),
+    (dict(loss="group-weighted"), "FinetuneConfig.group_weights is required with loss='group-weighted'"),
+    (dict(weight_bits=9), "FinetuneConfig.weight_bits=9 is not supported"),
+])
+def test_config_errors_name_the_field(kw, text):
+    with pytest.raises(ConfigError) as err:
+        FinetuneConfig(**kw)
+    assert text in str(err.value)
+
+
+# ------------------------------------------------------------------------- finetune()
+
+
+@pytest.fixture(scope="module")
+def tuned(mlp_cm2, mlp_data):
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.03, loss="worst-group", sampler="group-balanced")
+    return finetune(mlp_cm2, mlp_data, cfg, progress=False)
+
+
+def test_finetune_records_settings_and_never_worsens_the_holdout_worst_group(tuned, mlp_cm2, mlp_data):
+    rec = tuned.metadata.finetune
+    assert rec["settings"]["loss"] == "worst-group" and rec["settings"]["sampler"] == "group-balanced"
+    counts = np.bincount(mlp_data.group, minlength=2)
+    assert rec["train_group_counts"] == dict(zip(mlp_data.group_names, counts.tolist()))
+    assert rec["num_fit"] + rec["num_holdout"] == len(mlp_data)
+    assert rec["epochs_run"] == 2 and rec["stopped"] == "completed"
+    before = max(r["loss"] for r in rec["holdout_before"].values())
+    after = max(r["loss"] for r in rec["holdout_after"].values())
+    assert after <= before + 1e-6  # the PTQ start is a checkpoint too
+    assert rec["best_epoch"] >= 1 and after < 0.9 * before  # 2 bits leave room: it did learn
+    assert sum(rec["final_group_weights"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert mlp_cm2.metadata.finetune is None  # the input is not modified
+
+
+def test_finetune_changes_codes_within_the_grid(tuned, mlp_cm2):
+    changed = 0
+    for name, layer in tuned.layers.items():
+        assert layer.bits == 2 and int(layer.codes.min()) >= -2 and int(layer.codes.max()) <= 1
+        changed += int((layer.codes != mlp_cm2.layers[name].codes).sum())
+        module = tuned.reference.get_submodule(name)
+        torch.testing.assert_close(module.weight.detach(), layer.dequantized())
+    assert changed > 0
+
+
+def test_finetuned_w2_exports_and_runs_per_group_in_ort(tuned, mlp_data, tmp_path):
+    out = tmp_path / "ft.onnx"
+    res = tuned.export(out)
+    assert res.agreement >= 0.99
+    meta = read_metadata(out)
+    assert meta.finetune["settings"]["loss"] == "worst-group"
+    got = run_batches(make_session(out), mlp_data.x, 100)
+    want = tuned.predict(mlp_data.x)
+    for g in range(2):
+        m = mlp_data.group == g
+        acc_ort = float(np.mean(got[m].argmax(1) == mlp_data.y[m]))
+        acc_ref = float(np.mean(want[m].argmax(1) == mlp_data.y[m]))
+        assert abs(acc_ort - acc_ref) <= 2.0 / m.sum()  # at most a near-tie or two per group
+
+
+def test_group_mismatch_is_a_data_error(mlp_cm2, mlp_data):
+    other = GroupData(mlp_data.x, mlp_data.y, mlp_data.group, ("x", "y"), "train.npz")
+    with pytest.raises(DataError) as err:
+        finetune(mlp_cm2, other, FinetuneConfig(**FAST), progress=False)
+    assert str(err.value).startswith("train.npz: the training data's groups (x, y) do not match the calibration")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(mlp_cm2, mlp_data, monkeypatch):
+    real = ft_run.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(ft_run, "per_sample_loss", poisoned)
+    with pytest.raises(ConfigError) as err:
+        finetune(mlp_cm2, mlp_data, FinetuneConfig(**FAST), progress=False)
+    assert "fine-tuning diverged: the loss became nan at epoch 1, step 2" in str(err.value)
+    assert "Lower FinetuneConfig.lr" in str(err.value)
+    last = err.value.last_good
+    np.testing.assert_allclose(last.predict(mlp_data.x), mlp_cm2.predict(mlp_data.x), atol=1e-5)
+
+
+def test_max_minutes_stops_after_one_step(mlp_cm2, mlp_data):
+    out = finetune(mlp_cm2, mlp_data, FinetuneConfig(epochs=3, batch_size=32, max_minutes=1e-9), progress=False)
+    rec = out.metadata.finetune
+    assert rec["steps"] == 1 and rec["epochs_run"] == 1 and rec["stopped"] == "max_minutes"
+
+
+def test_coreset_sees_less_data(mlp_cm2, mlp_data):
+    cfg = FinetuneConfig(epochs=1, batch_size=32, sampler="core-set", coreset_fraction=0.25, coreset_min_per_group=8)
+    rec = finetune(mlp_cm2, mlp_data, cfg, progress=False).metadata.finetune
+    assert rec["samples_seen"] < 0.3 * rec["num_fit"]
+
+
+def test_finetune_from_a_float_model_runs_the_ptq_start(mlp_model, mlp_data):
+    out = finetune(mlp_model, mlp_data, FinetuneConfig(weight_bits=4, loss="group-weighted",
+                                                        group_weights={"b": 3, "a": 1}, **FAST), progress=False)
+    assert {l.bits for l in out.layers.values()} == {4}
+    assert out.metadata.finetune["settings"]["group_weights"] == {"b": 3.0, "a": 1.0}
+
+
+@pytest.mark.slow
+def test_cnn_w2_finetune_exports_with_ort_parity(cnn_model, cnn_data, tmp_path):
+    # convs with folded BN, a depthwise conv, a residual add: every activation step written back
+    cm = compress(cnn_model, cnn_data, QuantConfig(weight_bits=2, num_calib=200), progress=False)
+    out = finetune(cm, cnn_data, FinetuneConfig(epochs=1, batch_size=32, lr=0.03, sampler="core-set",
+                                                loss="worst-group"), progress=False)
+    steps = [m.scale for m in out.reference.modules() if type(m).__name__ == "ActQuantizer"]
+    before = [m.scale for m in cm.reference.modules() if type(m).__name__ == "ActQuantizer"]
+    assert len(steps) == len(before) > 3 and steps != before
+    res = out.export(tmp_path / "cnn_ft.onnx")
+    assert res.agreement >= 0.99
+    got = run_batches(make_session(tmp_path / "cnn_ft.onnx"), cnn_data.x, 100).argmax(1)
+    want = out.predict(cnn_data.x).argmax(1)
+    for g in range(2):
+        m = cnn_data.group == g
+        assert np.mean(got[m] == want[m]) >= 0.98
+
+
+# ------------------------------------------------------------------------- oscillation, widths
+
+
+def test_dampening_is_zero_on_the_grid_and_pulls_only_latent_weights(mlp_cm2):
+    _, weights, _ = build_student(mlp_cm2.reference, mlp_cm2.layers)
+    m = next(iter(weights.values()))
+    assert float(m.dampening().detach()) == 0.0  # the PTQ start sits on its grid points
+    with torch.no_grad():
+        m.latent.add_(0.25)  # a quarter step off every grid point (codes unchanged inside the grid)
+    d = m.dampening()
+    inside = ((m.latent >= m.qmin) & (m.latent <= m.qmax)).float().mean()
+    assert float(d.detach()) >= 0.0625 * float(inside) * m.latent.numel() - 1e-3
+    d.backward()
+    assert m.ratio.grad is None or float(m.ratio.grad.abs().sum()) == 0.0
+    assert float(m.latent.grad.abs().sum()) > 0
+
+
+def test_oscillation_keeps_latent_weights_near_the_grid_and_widths_export(mlp_model, mlp_data, tmp_path):
+    cm3 = compress(mlp_model, mlp_data, QuantConfig(weight_bits=3, method="rtn", num_calib=200), progress=False)
+    base = dict(epochs=2, batch_size=16, lr=0.03)
+    plain = finetune(cm3, mlp_data, FinetuneConfig(**base), progress=False)
+    models = finetune_widths(cm3, mlp_data, FinetuneConfig(oscillation=0.1, **base), (3, 4, 8), progress=False)
+    assert plain.metadata.finetune["settings"]["oscillation"] == 0.0
+    assert models[3].metadata.finetune["latent_offgrid"] < 0.5 * plain.metadata.finetune["latent_offgrid"]
+    assert sorted(models) == [3, 4, 8]
+    for b, m in models.items():
+        assert {l.bits for l in m.layers.values()} == {b} and m.metadata.finetune["requantized_to"] == b
+        assert m.metadata.avg_weight_bits == pytest.approx(b)
+    assert max(int(l.codes.abs().max()) for l in models[8].layers.values()) <= 63  # x86-safe holds
+    res = models[8].export(tmp_path / "w8.onnx")
+    assert res.agreement >= 0.99
+
+
+def test_finetune_widths_rejects_a_bad_width(mlp_cm2, mlp_data):
+    with pytest.raises(ConfigError) as err:
+        finetune_widths(mlp_cm2, mlp_data, FinetuneConfig(**FAST), (3, 9), progress=False)
+    assert str(err.value) == "finetune_widths: width 9 is not supported: give integers from 2 to 8, e.g. (3, 4, 8)"
+
+
+# ------------------------------------------------------------------------- BAQ
+
+
+def test_neighbours_always_give_an_interval():
+    choices = (2, 3, 4, 5, 6, 8)
+    assert neighbours(2.0, choices) == (2, 3)
+    assert neighbours(4.5, choices) == (4, 5)
+    assert neighbours(7.0, choices) == (6, 8)
+    assert neighbours(8.0, choices) == (6, 8)
+    assert neighbours(1.0, choices) == (2, 3)
+
+
+def test_interpolated_weight_and_its_width_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(4, 9)
+    b = torch.tensor(2.25, requires_grad=True)
+    out = interpolated_weight(w, b, (2, 3, 4))
+    q2, q3 = grid_fake_quant(w, 2), grid_fake_quant(w, 3)
+    torch.testing.assert_close(out, 0.75 * q2 + 0.25 * q3)
+    g = torch.randn_like(w)
+    (grad,) = torch.autograd.grad((out * g).sum(), b)
+    assert float(grad) == pytest.approx(float((g * (q3 - q2)).sum()), rel=1e-5)
+
+
+def test_projection_keeps_preferences_and_honours_the_budget():
+    params = {"a": 1000, "b": 1000, "c": 100}
+    chosen = project_to_budget({"a": 2.1, "b": 7.9, "c": 4.0}, params, (2, 3, 4, 5, 6, 8), 5.0)
+    avg = sum(params[n] * chosen[n] for n in params) / sum(params.values())
+    assert avg <= 5.0 and chosen["a"] < chosen["b"]
+    # learned widths all below the budget: shifted up to use it, preferences kept
+    low = project_to_budget({"a": 2.0, "b": 2.6, "c": 2.0}, params, (2, 3, 4, 8), 3.0)
+    assert sum(params[n] * low[n] for n in params) / sum(params.values()) == pytest.approx(3.0, abs=0.05)
+    assert low["b"] >= low["a"]
+
+
+@pytest.mark.parametrize(("kw", "text"), [
+    (dict(learn_bits=True), "FinetuneConfig.learn_bits=True needs budget_bits"),
+    (dict(learn_bits=True, budget_bits=1.5),
+     "FinetuneConfig.budget_bits=1.5 is outside the candidate widths [2, 8]: a budget below the smallest width"),
+    (dict(bit_choices=(2, 9)), "FinetuneConfig.bit_choices=(2, 9) must be a non-empty tuple of integers from 2 to 8"),
+])
+def test_baq_config_errors(kw, text):
+    with pytest.raises(ConfigError) as err:
+        FinetuneConfig(**kw)
+    assert text in str(err.value)
+
+
+def test_baq_export_honours_the_budget(mlp_model, mlp_data, tmp_path):
+    cm4 = compress(mlp_model, mlp_data, QuantConfig(weight_bits=4, method="rtn", num_calib=200), progress=False)
+    cfg = FinetuneConfig(epochs=1, batch_size=32, lr=0.03, learn_bits=True, budget_bits=2.5, bit_epochs=1)
+    out = finetune(cm4, mlp_data, cfg, progress=False)
+    baq = out.metadata.finetune["baq"]
+    assert {n: l.bits for n, l in out.layers.items()} == baq["bits"]
+    assert out.avg_weight_bits <= 2.5 and out.avg_weight_bits == pytest.approx(baq["avg_bits"], abs=1e-4)
+    for l in out.layers.values():
+        lo = -2 if l.bits == 2 else -(2 ** (l.bits - 1) - 1)
+        assert lo <= int(l.codes.min()) and int(l.codes.max()) <= 2 ** (l.bits - 1) - 1
+    out.export(tmp_path / "baq.onnx")
+    meta = read_metadata(tmp_path / "baq.onnx")
+    assert meta.avg_weight_bits <= 2.5
+    assert {r.name: r.bits for r in meta.layers} == baq["bits"]

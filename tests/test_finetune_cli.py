@@ -1,0 +1,96 @@
+"""``fqexport compress --finetune`` through main([...]): exit codes, files, the printed table."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+
+from fqexport.cli import main
+from fqexport.cli.finetune import (
+    MSG_LEARN_BITS_BUDGET,
+    MSG_LEARN_BITS_WITHOUT,
+    MSG_NO_TRAIN,
+    MSG_TRAIN_WITHOUT,
+)
+from fqexport.exporters.metadata import read_metadata
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _args(files, out, *extra):
+    return ["-q", "compress", "--model", "fixtures_models:tiny_mlp", "--weights", files / "mlp.pt",
+            "--calib", files / "calib.npz", "--out", out, "--num-calib", "200", "--weight-bits", "2", *extra]
+
+
+def test_finetune_without_train_is_bad_input(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(_args(mlp_files, out, "--finetune"))
+    assert code == 2 and MSG_NO_TRAIN in err and not out.exists()
+
+
+def test_train_without_finetune_is_bad_input(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(_args(mlp_files, out, "--train", mlp_files / "calib.npz"))
+    assert code == 2 and MSG_TRAIN_WITHOUT in err and not out.exists()
+
+
+def test_train_groups_not_matching_calibration_is_bad_input(mlp_files, mlp_data, tmp_path):
+    train = tmp_path / "train.npz"
+    np.savez(train, x=mlp_data.x, y=mlp_data.y, group=mlp_data.group, group_names=np.array(["young", "old"]))
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", train))
+    assert code == 2 and not out.exists()
+    assert f"{train}: the training data's groups (young, old) do not match the calibration data's groups (a, b)" in err
+
+
+def test_bad_sampler_option_value_is_bad_input(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+                              "--coreset-fraction", "1.5"))
+    assert code == 2 and "FinetuneConfig.coreset_fraction=1.5 must be in (0, 1]" in err and not out.exists()
+
+
+def test_compress_finetune_prints_groups_before_after_and_records_metadata(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+                                   "--epochs", "1", "--loss", "worst-group", "--sampler", "group-balanced"))
+    assert code == 0, err
+    assert "fine-tuning (worst-group, group-balanced sampling): 1 epoch(s)" in stdout
+    lines = [l.split() for l in stdout.splitlines() if l.startswith(("a ", "b "))]
+    assert [l[0] for l in lines] == ["a", "b"] and all(len(l) == 6 for l in lines)
+    meta = read_metadata(out)
+    rec = meta.finetune
+    assert rec["settings"]["sampler"] == "group-balanced" and rec["epochs_run"] == 1
+    assert sum(rec["train_group_counts"].values()) == rec["num_fit"] + rec["num_holdout"]
+    # the printed hold-out accuracies are the recorded ones
+    for l in lines:
+        assert float(l[2]) == round(100 * rec["holdout_before"][l[0]]["accuracy"], 2)
+        assert float(l[3]) == round(100 * rec["holdout_after"][l[0]]["accuracy"], 2)
+
+
+def test_learn_bits_needs_finetune_and_a_bits_budget(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(_args(mlp_files, out, "--learn-bits", "--budget-bits", "2.5"))
+    assert code == 2 and MSG_LEARN_BITS_WITHOUT in err and not out.exists()
+    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits"))
+    assert code == 2 and MSG_LEARN_BITS_BUDGET in err and not out.exists()
+    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits",
+                              "--budget-bits", "1.5"))
+    assert code == 2 and "a budget below the smallest width cannot be met" in err and not out.exists()
+
+
+def test_compress_learn_bits_meets_the_budget(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+                                   "--learn-bits", "--budget-bits", "2.5", "--weight-bits", "4"))
+    assert code == 0, err
+    assert "learned widths (BAQ, budget 2.5 bits" in stdout
+    meta = read_metadata(out)
+    assert meta.avg_weight_bits <= 2.5 and meta.finetune["baq"]["bits"] == {r.name: r.bits for r in meta.layers}

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import fixtures_models as fm
 from conftest import MIXED_BITS
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
+from fqexport.errors import ConfigError, DataError
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
 
@@ -133,9 +134,10 @@ def test_data_shape_not_fitting_the_model(cnn_model):
         _compress(cnn_model, data)
 
 
-def test_model_must_return_2d_logits(cnn_data):
+def test_output_that_is_not_logits_names_the_data_file_and_field(cnn_data):
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(UnsupportedLayerError, match=r"returned \(2, 4, 14, 14\)"):
+    with pytest.raises(DataError, match=rf"{re.escape(cnn_data.source)}: field 'x' with sample shape \(3, 16, 16\) "
+                       r"gives a model output of shape \(2, 4, 14, 14\), not class logits \[batch, classes\]"):
         _compress(net, cnn_data)
 
 

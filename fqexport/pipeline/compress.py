@@ -33,7 +33,7 @@ from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import check_labels, load_data
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import QuantConfig
-from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
+from fqexport.errors import ConfigError, DataError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
@@ -214,6 +214,13 @@ def _correct_layer(
             module.bias.copy_(new_bias.to(module.bias.dtype))
 
 
+MSG_NOT_LOGITS = (
+    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not class "
+    "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
+    "quantizes classifiers that return logits [batch, classes])"
+)
+
+
 def check_model_on_data(model: nn.Module, data: GroupData) -> int:
     """Run two samples; return the number of classes. Bad shapes become a DataError."""
     x = torch.from_numpy(np.ascontiguousarray(data.x[:2]))
@@ -227,9 +234,7 @@ def check_model_on_data(model: nn.Module, data: GroupData) -> int:
         ) from err
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UnsupportedLayerError(
-            f"the model must return class logits of shape [batch, classes]; it returned {shape}"
-        )
+        raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=tuple(data.x.shape[1:]), shape=shape))
     return int(out.shape[1])
 
 

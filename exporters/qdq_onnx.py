@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 OPSET = 21
 OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
+# MatMulNBits compute: 0 = the kernel's default. 4 (int8 compute) quantizes A per block inside
+# the kernel, a second rounding the reference does not model.
+NBITS_ACCURACY_LEVEL = 0
 MIN_AGREEMENT = 0.99
 # Samples whose reference top-2 logits are closer than this fraction of the typical logit
 # spread (median over samples of max - min logit) are near-ties: ORT's kernels round
@@ -58,9 +61,22 @@ MSG_NO_WEIGHT = (
 MSG_AGREEMENT = (
     "{path}: the exported model agrees with the PyTorch fake-quant reference on only {agree:.2%} "
     "of the calibration samples whose top-2 logits are more than {tie:g}% of the logit spread apart "
-    "(need >= {need:.0%}, or a single flipped sample; max |logit diff| {diff:.4g}); the file was not written. If the model uses "
-    "full-range 8-bit weights on an x86 CPU without VNNI, its u8*s8 kernels saturate: use "
-    "weight_range='x86-safe'"
+    "(need >= {need:.0%}, or a single flipped sample; max |logit diff| {diff:.4g}); the file was not written. "
+    "{cause}"
+)
+# The cause named by MSG_AGREEMENT. The reference already models ORT's int32 bias rounding
+# (s_x·s_w[c] steps, WeightBiasQuantization) and its uint8 activations, so what is left is a
+# saturating kernel or an op ORT computes differently.
+CAUSE_FULL_RANGE = (
+    "The model has full-range 8-bit weights (weight_range='full'): on an x86 CPU without VNNI, "
+    "ONNX Runtime's u8*s8 kernels saturate their 16-bit sums; use weight_range='x86-safe' (the default)"
+)
+CAUSE_KERNELS = (
+    "ONNX Runtime's optimized session computes some op differently from the reference (the "
+    "reference models its int32 bias rounding and uint8 activation pairs): export with check=False "
+    "and run `fqexport validate`, whose kernel-deviation figures (optimized vs unoptimized "
+    "session, per group) and fused-kernel list show which op; storage='int8' rules out the "
+    "4-bit kernels"
 )
 
 
@@ -167,6 +183,87 @@ def _int2_weight(name: str, q: TensorProto, scale: np.ndarray, ndim: int, axis: 
     return [q, one, zp, s], nodes
 
 
+# MatMulNBits: 4-bit container (2-4-bit codes), blocks of a power of 2 >= 16 along K.
+NBITS = 4
+NBITS_BLOCKS = (16, 32, 64, 128, 256)
+MSG_NBITS_CONSUMER = (
+    "layer '{name}': its weight feeds {ops}, not one Gemm(transB=1) or MatMul: cannot store it "
+    "as MatMulNBits; use storage='int8'"
+)
+
+
+def nbits_block_size(k: int) -> int:
+    """The MatMulNBits block size that stores a K-long row in the fewest bytes (4-bit codes
+    padded to whole blocks + one float32 scale per block)."""
+    return min(NBITS_BLOCKS, key=lambda bs: (-(-k // bs)) * (bs // 2 + 4))
+
+
+def pack_nbits(codes: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits ``B`` [N, blocks, block_size/2] (uint8, two 4-bit codes per byte, low nibble
+    first, zero point 8) and ``scales`` [N·blocks] of signed codes [N, K] with per-row scales
+    (each row's scale repeated for its blocks; K padded with zero codes)."""
+    n, k = codes.shape
+    blocks = -(-k // block_size)
+    u = np.full((n, blocks * block_size), 8, dtype=np.uint8)
+    u[:, :k] = (codes.astype(np.int16) + 8).astype(np.uint8)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, block_size // 2)
+    return packed, np.repeat(scale.astype(np.float32), blocks)
+
+
+def _vector_input(users: list[onnx.NodeProto]) -> bool:
+    """The weight feeds one Gemm: the Linear maps one vector per sample (torch exports a Linear
+    on [B, K] as Gemm, on [B, T, K] as MatMul + Add)."""
+    return len(users) == 1 and users[0].op_type == "Gemm"
+
+
+def _matmul_nbits(graph: onnx.GraphProto, layer: "QuantizedLayer", init: TensorProto, codes: np.ndarray,
+                  scale: np.ndarray, consumers: dict[str, list[onnx.NodeProto]]) -> list[TensorProto]:
+    """Rewrite pass: ``Gemm(A, W, C, transB=1)`` or ``MatMul(A, Wᵀ) [+ Add(C)]`` on ``init`` →
+    ``com.microsoft.MatMulNBits(A, B, scales, bias=C)``, in place. Returns the new initializers.
+
+    ORT fuses ``MatMul + blocked INT4 DequantizeLinear`` into MatMulNBits only when its
+    MatMulAddFusion is disabled (ORT-NOTES); emitting the contrib op directly needs no session
+    option and keeps the 4-bit weight on disk and in memory.
+    """
+    users = consumers.get(init.name, [])
+    node = users[0] if len(users) == 1 else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node is not None else {}
+    gemm = (
+        node is not None and node.op_type == "Gemm" and list(node.input).index(init.name) == 1
+        and attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1
+        and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+    )
+    matmul = node is not None and node.op_type == "MatMul" and list(node.input).index(init.name) == 1
+    if not (gemm or matmul):
+        raise ExportError(MSG_NBITS_CONSUMER.format(name=layer.name, ops=", ".join(u.op_type for u in users) or "nothing"))
+    n, k = codes.shape
+    bs = nbits_block_size(k)
+    packed, scales = pack_nbits(codes, scale, bs)
+    b = numpy_helper.from_array(packed, f"{init.name}_nbits")
+    sc = numpy_helper.from_array(scales, f"{init.name}_nbits_scale")
+    bias, output, remove = "", node.output[0], [node]
+    if gemm and len(node.input) > 2:
+        bias = node.input[2]
+    elif matmul:
+        add = consumers.get(node.output[0], [])
+        inits = {i.name for i in graph.initializer}
+        if len(add) == 1 and add[0].op_type == "Add":
+            other = [x for x in add[0].input if x != node.output[0]]
+            if len(other) == 1 and other[0] in inits:
+                bias, output = other[0], add[0].output[0]
+                remove.append(add[0])
+    new = helper.make_node(
+        "MatMulNBits", [node.input[0], b.name, sc.name, "", "", bias] if bias else [node.input[0], b.name, sc.name],
+        [output], name=f"{layer.name}_MatMulNBits", domain="com.microsoft", K=k, N=n, bits=NBITS, block_size=bs,
+        accuracy_level=NBITS_ACCURACY_LEVEL,
+    )
+    index = list(graph.node).index(node)
+    for r in remove:
+        graph.node.remove(r)
+    graph.node.insert(index, new)
+    return [b, sc]
+
+
 def quantize_weight_initializers(
     model: onnx.ModelProto, layers: dict[str, "QuantizedLayer"], storage: str
 ) -> dict[str, str]:
@@ -190,6 +287,22 @@ def quantize_weight_initializers(
             # scale |s|, so DequantizeLinear sees positive scales (codes -1..2 fit int8 / INT4).
             # INT2 keeps q in [-2, 1]; its signed scale sits in a float Mul.
             codes, scale_np = _positive_scales(codes, scale_np)
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        if container == "nbits":
+            for node in graph.node:
+                for name in node.input:
+                    consumers.setdefault(name, []).append(node)
+        if container == "nbits" and storage == "auto" and not _vector_input(consumers.get(init.name, [])):
+            # Token Linears (MatMul over [B, T, K]): MatMulNBits computes ~fp32 speed there and
+            # int8 (MatMulIntegerToFloat) twice as fast; "auto" keeps them fast in int8.
+            container = "int8"
+        if container == "nbits":
+            new_inits = _matmul_nbits(graph, layer, init, codes.reshape(codes.shape[0], -1), scale_np, consumers)
+            graph.initializer.remove(init)
+            del inits[init.name]
+            graph.initializer.extend(new_inits)
+            used[layer.name] = container
+            continue
         if axis == 1:
             codes = codes.reshape(codes.shape[0], -1).T
         expected = dequantized.reshape(codes.shape) if axis == 0 else None
@@ -226,6 +339,10 @@ def _set_opset(model: onnx.ModelProto, opset: int) -> None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+        imp.domain == "com.microsoft" for imp in model.opset_import
+    ):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if opset >= 25:
         model.ir_version = max(model.ir_version, 11)
 
@@ -301,8 +418,9 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None =
         agreement, decided = top1_agreement(got, want, tie=TIE_FRACTION * spread)
         max_diff = float(np.abs(got - want).max())
         if agreement_failed(got, want, TIE_FRACTION * spread):
+            cause = CAUSE_FULL_RANGE if cm.config.weight_range == "full" else CAUSE_KERNELS
             raise ExportError(MSG_AGREEMENT.format(path=path, agree=decided, need=MIN_AGREEMENT, diff=max_diff,
-                                                   tie=100 * TIE_FRACTION))
+                                                   tie=100 * TIE_FRACTION, cause=cause))
     size = write_atomic(model, path)
     log.info("wrote %s (%d bytes, agreement %s)", path, size, agreement)
     return ExportResult(path, size, opset, agreement, max_diff, used)

@@ -23,6 +23,7 @@ from fqexport.errors import (
     ValidationFailed,
 )
 from fqexport.exporters.qdq_onnx import ExportResult, export_float
+from fqexport.finetune import FinetuneConfig, finetune
 from fqexport.graph.loading import load_model
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics, group_metrics
@@ -42,6 +43,7 @@ def export(cm: CompressedModel, path: str | Path, *, storage: str | None = None,
 __all__ = [
     "__version__",
     "compress",
+    "finetune",
     "export",
     "export_float",
     "validate",
@@ -59,6 +61,7 @@ __all__ = [
     "GroupMetrics",
     "QuantConfig",
     "MixedPrecisionConfig",
+    "FinetuneConfig",
     "Thresholds",
     "ValidationReport",
     "FqexportError",

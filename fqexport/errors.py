@@ -42,3 +42,8 @@ class ValidationFailed(FqexportError):
     def __init__(self, message: str, failures: list[str] | None = None) -> None:
         super().__init__(message)
         self.failures = list(failures or [])
+
+
+class EngineError(FqexportError):
+    """A search task could not be run: its worker died (after the retries), the Ray cluster did
+    not answer, or the task raised (names the task: layer and width, or candidate and fold)."""

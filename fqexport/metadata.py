@@ -18,6 +18,8 @@ METADATA_KEY = "fqexport"
 METADATA_VERSION = 1
 # Activations are quantized to uint8 everywhere (ORT's fused integer kernels need 8 bits).
 ACTIVATION_BITS = 8
+# Width at which weight layers left in float count (avg_weight_bits, float_layers).
+FLOAT_BITS = 32
 
 MSG_NEWER = (
     "{source}: its fqexport metadata has schema version {version}, newer than this fqexport "
@@ -37,7 +39,7 @@ class LayerRecord:
     bits: int
     params: int
     macs: int = 0
-    storage: str | None = None  # int8 | int4 | int2 once exported
+    storage: str | None = None  # int8 | int4 | int2 | nbits once exported; float32 for a float layer
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,23 @@ class ExportMetadata:
     storage: str | None = None
     opset: int | None = None
     allocation: Mapping[str, Any] | None = None
+    # fine-tuning settings, training data group counts, hold-out figures (None: PTQ only)
+    finetune: Mapping[str, Any] | None = None
+    # weight layers left in float (bits=FLOAT_BITS) and the quantized share of weight params;
+    # avg_weight_bits counts the float layers at 32 bits (files before these fields: () / None)
+    float_layers: tuple[LayerRecord, ...] = ()
+    quantized_fraction: float | None = None
     schema_version: int = METADATA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples as lists)."""
         d = asdict(self)
         d["layers"] = [asdict(l) for l in self.layers]
+        d["float_layers"] = [asdict(l) for l in self.float_layers]
         for k in ("group_names", "group_weights", "skipped_layers", "input_shape"):
             d[k] = list(d[k])
         d["allocation"] = dict(self.allocation) if self.allocation is not None else None
+        d["finetune"] = dict(self.finetune) if self.finetune is not None else None
         return d
 
     def to_json(self) -> str:
@@ -98,6 +108,7 @@ class ExportMetadata:
         kw = {k: v for k, v in d.items() if k in known}
         try:
             kw["layers"] = tuple(LayerRecord(**l) for l in kw.get("layers") or ())
+            kw["float_layers"] = tuple(LayerRecord(**l) for l in kw.get("float_layers") or ())
             for k in ("group_names", "skipped_layers"):
                 kw[k] = tuple(str(v) for v in kw.get(k) or ())
             kw["group_weights"] = tuple(float(v) for v in kw.get("group_weights") or ())
@@ -105,7 +116,7 @@ class ExportMetadata:
             kw["schema_version"] = version
             return cls(**kw)
         except (TypeError, ValueError) as err:
-            bad = next((k for k in ("layers", "group_weights", "input_shape") if k in str(err)), "layers")
+            bad = next((k for k in ("float_layers", "layers", "group_weights", "input_shape") if k in str(err)), "layers")
             raise ModelLoadError(MSG_BAD_FIELD.format(source=source, field=bad, err=err)) from err
 
     @classmethod

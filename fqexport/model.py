@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,9 @@ import torch.fx
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import ExportResult, export_qdq
-from fqexport.metadata import ExportMetadata
+from fqexport.graph.act_quant import round_biases_to_int32_grid
+from fqexport.graph.prepare import float_layers
+from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import dequantize
 
 
@@ -37,12 +39,23 @@ class QuantizedLayer:
         return dequantize(self.codes.float(), self.scale)
 
     def storage(self, mode: str) -> str:
-        """Container of this layer's codes under storage ``mode``."""
+        """Container of this layer's codes under storage ``mode``.
+
+        ``"int8"``: an int8 container for every layer (fused QLinearConv/QGemm). ``"auto"``:
+        <=4-bit Linear layers as ``"nbits"`` (blocked INT4 in ORT's MatMulNBits: 4 bits on disk,
+        1.4x faster than fp32 at batch 1) — the exporter keeps a Linear over tokens
+        (``[B, T, K]`` input) in int8, where MatMulNBits runs at fp32 speed and int8 twice as
+        fast — and every conv in int8 (ORT has no 4-bit conv kernel: packed INT4 convs run
+        5-40x slower than fp32). ``"packed"``: smallest file — every <=4-bit Linear as
+        MatMulNBits, 3-4-bit convs packed INT4, 2-bit layers INT2 (float fallbacks: slower).
+        """
         if mode == "int8" or self.bits > 4:
             return "int8"
         if mode == "packed" and self.bits <= 2:
             return "int2"
-        return "int4"
+        if self.kind == "linear":
+            return "nbits"
+        return "int4" if mode == "packed" else "int8"
 
 
 @dataclass
@@ -73,18 +86,51 @@ class CompressedModel:
     calib: GroupData
     metadata: ExportMetadata
 
+    def __post_init__(self) -> None:
+        # 1. Biases on ORT's int32 grid (s_x·s_w[c]): the reference then computes what the
+        #    optimized session computes (ORT-NOTES: "Float conv biases become int32").
+        round_biases_to_int32_grid(self.reference, {n: l.scale for n, l in self.layers.items()})
+        # 2. Weight layers left in float, counted at 32 bits beside the quantized ones.
+        floats = tuple(
+            LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, storage="float32")
+            for f in float_layers(self.reference) if f.name not in self.layers
+        )
+        self.metadata = replace(
+            self.metadata, float_layers=floats, quantized_fraction=round(self.quantized_fraction_of(floats), 6),
+            avg_weight_bits=round(self.avg_bits_of(floats), 4),
+        )
+
+    def avg_bits_of(self, floats: tuple[LayerRecord, ...]) -> float:
+        q = sum(l.params for l in self.layers.values())
+        f = sum(l.params for l in floats)
+        return (sum(l.bits * l.params for l in self.layers.values()) + FLOAT_BITS * f) / max(q + f, 1)
+
+    def quantized_fraction_of(self, floats: tuple[LayerRecord, ...]) -> float:
+        q = sum(l.params for l in self.layers.values())
+        return q / max(q + sum(l.params for l in floats), 1)
+
     @property
     def avg_weight_bits(self) -> float:
-        """Parameter-weighted average weight width of the quantized layers."""
-        total = sum(l.params for l in self.layers.values())
-        return sum(l.bits * l.params for l in self.layers.values()) / max(total, 1)
+        """Parameter-weighted average weight width over all weight layers: quantized layers at
+        their width, layers left in float (``metadata.float_layers``) at 32 bits."""
+        return self.avg_bits_of(self.metadata.float_layers)
+
+    @property
+    def quantized_fraction(self) -> float:
+        """Fraction of the weight parameters (weight layers) that are quantized."""
+        return self.quantized_fraction_of(self.metadata.float_layers)
 
     def layer_table(self) -> list[dict[str, Any]]:
-        """One row per quantized layer: name, kind, bits, params, MACs, storage."""
-        return [
+        """One row per quantized layer (name, kind, bits, params, MACs, storage), then one per
+        weight layer left in float (bits 32, storage ``float32``)."""
+        rows = [
             {"name": l.name, "kind": l.kind, "bits": l.bits, "params": l.params, "macs": l.macs,
              "storage": l.storage(self.config.storage)}
             for l in self.layers.values()
+        ]
+        return rows + [
+            {"name": f.name, "kind": f.kind, "bits": f.bits, "params": f.params, "macs": 0, "storage": "float32"}
+            for f in self.metadata.float_layers
         ]
 
     def predict(self, x: np.ndarray, batch_size: int = 256, quantized: bool = True) -> np.ndarray:

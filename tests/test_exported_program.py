@@ -101,3 +101,51 @@ def test_tiny_cnn_pt2_gets_the_same_layers_and_quantizers_as_eager(cnn_model, cn
     assert n_quantizers(from_pt2) == n_quantizers(eager) == 8  # the logits stay float
     for name in eager.layers:
         assert torch.equal(from_pt2.layers[name].codes, eager.layers[name].codes), name
+
+
+class InPlaceResidual(nn.Module):
+    """torchvision-style: ReLU(inplace=True) and ``out += identity``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        out = self.relu(self.conv1(x))
+        out = self.conv2(out)
+        out += x
+        out = self.relu(out)
+        return self.fc(out.mean((2, 3)))
+
+
+def test_inplace_aten_relu_and_add_get_the_eager_quantizers(cnn_data, tmp_path):
+    torch.manual_seed(0)
+    net = InPlaceResidual().eval()
+    path = tmp_path / "inplace.pt2"
+    torch.export.save(torch.export.export(net, (torch.from_numpy(cnn_data.x[:2]),)), str(path))
+    gm = load_model(str(path))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.aten.relu_.default, torch.ops.aten.add_.Tensor} <= targets  # what torch.export keeps
+    cfg = QuantConfig(method="rtn", num_calib=64)
+    from_pt2 = compress(gm, cnn_data, cfg, progress=False)
+    eager = compress(net, cnn_data, cfg, progress=False)
+
+    def quantized_tensors(cm):
+        """What each quantizer quantizes, as the op producing its input ("relu" for relu/relu_)."""
+        out = []
+        for n in cm.reference.graph.nodes:
+            if n.op == "call_module" and str(n.target).startswith("act_quant"):
+                src = n.args[0]
+                name = "input" if src.op == "placeholder" else str(src.target)
+                out.append({"aten.relu_.default": "relu", "aten.mean.dim": "mean"}.get(name, name))
+        return out
+
+    # pairs after the ReLUs (ORT drops them), on the residual add's output (after its ReLU) and
+    # inputs (x, conv2's output); without in-place matching the .pt2 got a pair before relu_
+    # (on conv1) and a float add: ['input', 'conv1', 'relu', 'conv2', 'mean']
+    assert quantized_tensors(from_pt2) == quantized_tensors(eager) == ["input", "relu", "conv2", "relu", "mean"]
+    res = from_pt2.export(tmp_path / "inplace.onnx")
+    assert res.agreement >= 0.99

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from fqexport.calibration.observers import make_observer
-from fqexport.graph.act_quant import ActQuantizer, GroupContext, act_qdq, insert_act_quantizers
+from fqexport.graph.act_quant import (
+    ActQuantizer,
+    GroupContext,
+    act_qdq,
+    insert_act_quantizers,
+    round_biases_to_int32_grid,
+)
 from fqexport.graph.prepare import trace
 
 
@@ -169,3 +175,68 @@ def test_straight_through_estimator_of_act_qdq_matches_torch_fake_quantize():
     (g_ref,) = torch.autograd.grad((torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255) ** 2).sum(), x)
     assert torch.equal(g_ours, g_ref)
     assert float(g_ours[0]) == 0.0 and float(g_ours[-1]) != 0.0  # clipped below, passed above
+
+
+class PositionEmbedding(nn.Module):
+    """``tokens + self.pos`` (a batch-1 parameter) is not a residual add; ``h + tokens`` is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 3, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        tokens = self.proj(x) + self.pos
+        h = self.fc(tokens)
+        return (h + tokens).mean(1)
+
+
+def test_parameter_add_is_not_residual_and_calibrates_with_groups():
+    gm = trace(PositionEmbedding().eval())
+    context, qs = insert_act_quantizers(gm, lambda: make_observer("minmax", 2), {"proj", "fc"})
+    # proj in, proj out (the parameter add stays a float add: no pair on `pos`), fc in (the
+    # parameter add's output, also the residual's other input), fc out, the residual's output
+    assert _quantized_args(gm) == ["x", "proj", "add", "fc", "add_1"]
+    context.group = torch.tensor([0, 1, 1, 0, 1])
+    gm(torch.randn(5, 3, 4))  # before the fix: "group has 5 ids for a batch of 1 samples"
+    assert all(q.observer.observed_groups() == [0, 1] for q in qs.values())
+
+
+def test_observer_gets_the_batch_dim_of_sequence_first_tensors():
+    context = GroupContext()
+    q = ActQuantizer(lambda: make_observer("minmax", 2), context)
+    context.group = torch.tensor([0, 1])
+    x = torch.zeros(7, 2, 3)  # [L, B, E]
+    x[:, 1] = 5.0  # only group 1 has large values
+    q(x)
+    assert q.observer.group_minmax() == [(0.0, 0.0), (5.0, 5.0)]
+
+
+class LinearBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_biases_are_rounded_to_the_int32_grid_of_s_x_times_s_w():
+    torch.manual_seed(0)
+    gm = trace(LinearBias().eval())
+    _, qs = insert_act_quantizers(gm, _minmax, {"fc"})
+    gm(torch.linspace(-1.0, 1.0, 12).reshape(4, 3))
+    for q in qs.values():
+        q.freeze()
+    with torch.no_grad():
+        gm.fc.bias.copy_(torch.tensor([0.1234, -0.0577]))
+    s_x = qs["act_quant_0"].scale  # the input's scale: 2/255
+    s_w = torch.tensor([0.01, -0.02])  # a negative scale rounds with |s_w|
+    assert round_biases_to_int32_grid(gm, {"fc": s_w}) == ["fc"]
+    step = torch.tensor(s_x, dtype=torch.float32) * s_w.abs()
+    # 0.1234 / (2/255 · 0.01) = 1573.35 -> 1573;  -0.0577 / (2/255 · 0.02) = -367.84 -> -368
+    assert torch.equal(gm.fc.bias.detach(), torch.tensor([1573.0, -368.0]) * step)
+    before = gm.fc.bias.detach().clone()
+    round_biases_to_int32_grid(gm, {"fc": s_w})  # idempotent
+    assert torch.equal(gm.fc.bias.detach(), before)

@@ -63,16 +63,48 @@ class Shared(nn.Module):
         return self.fc(torch.relu(self.fc(x)))
 
 
-def test_layernorm_is_unsupported_and_named():
-    with pytest.raises(UnsupportedLayerError) as info:
-        check_supported(trace(WithLayerNorm()), skip_unsupported=False)
-    msg = str(info.value)
-    assert "layer 'norm' (LayerNorm) cannot be quantized" in msg
-    assert "--skip-unsupported" in msg
+@pytest.mark.parametrize("norm", [nn.LayerNorm(8), nn.GroupNorm(2, 8), nn.RMSNorm(8), nn.BatchNorm1d(8)])
+def test_normalisation_layers_stay_float_ops_without_error(norm, caplog):
+    net = WithLayerNorm()
+    net.norm = norm
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        assert check_supported(trace(net.eval()), skip_unsupported=False) == set()
+    assert caplog.text == ""
 
 
 def test_conv1d_is_unsupported_and_named():
     assert unsupported_layers(trace(WithConv1d())) == [("seq", "Conv1d")]
+
+
+class OwnProjection(nn.Module):
+    """Not a torch.nn class: fx traces into it and sees F.linear on a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class TwoUnsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.proj = OwnProjection()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.proj(x))
+        return self.fc(out[:, -1])
+
+
+def test_strict_error_names_every_unsupported_layer():
+    with pytest.raises(UnsupportedLayerError) as info:
+        check_supported(trace(TwoUnsupported()), skip_unsupported=False)
+    msg = str(info.value)
+    assert msg.startswith("2 layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: ")
+    assert "'rnn' (LSTM, 128 params)" in msg and "'proj' (F.linear, 16 params)" in msg
 
 
 class WithLSTM(nn.Module):
@@ -86,8 +118,8 @@ class WithLSTM(nn.Module):
         return self.fc(out[:, -1])
 
 
-def test_lstm_is_unsupported():
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'rnn' \(LSTM\) cannot be quantized"):
+def test_lstm_is_unsupported_under_strict():
+    with pytest.raises(UnsupportedLayerError, match=r"1 layer\(s\) cannot be quantized .*'rnn' \(LSTM, 128 params\)"):
         check_supported(trace(WithLSTM()), skip_unsupported=False)
 
 
@@ -96,11 +128,13 @@ def test_reflect_padding_conv_is_unsupported():
     assert unsupported_layers(trace(net)) == [("0", "Conv2d(padding_mode='reflect')")]
 
 
-def test_skip_unsupported_returns_names_and_warns(caplog):
+def test_skip_unsupported_returns_names_and_warns_once(caplog):
     with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
-        skipped = check_supported(trace(WithLayerNorm()), skip_unsupported=True)
-    assert skipped == {"norm"}
-    assert "layer 'norm' (LayerNorm) is not supported and stays in float" in caplog.text
+        skipped = check_supported(trace(WithLSTM()), skip_unsupported=True)
+    assert skipped == {"rnn"}
+    # LSTM weights 2 x 4x16 = 128 of 128 + fc 8 = 136 weight params
+    assert "1 weight layer(s) stay in float (128 of 136 weight parameters, 94.1%): 'rnn' (LSTM, 128 params)" in caplog.text
+    assert len(caplog.records) == 1
 
 
 def test_supported_model_has_no_unsupported_layers(cnn_model):
@@ -188,10 +222,12 @@ def test_prepare_model_folds_bn_lists_layers_and_leaves_the_model_alone(cnn_mode
 
 
 def test_prepare_model_skip_rules():
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'norm' \(LayerNorm\) cannot be quantized"):
-        prepare_model(WithLayerNorm())
-    prepared = prepare_model(WithLayerNorm(), skip_unsupported=True)
-    assert prepared.names == ["fc1", "fc2"] and prepared.skipped == {"norm"}
+    with pytest.raises(UnsupportedLayerError, match=r"'rnn' \(LSTM, 128 params\)"):
+        prepare_model(WithLSTM(), skip_unsupported=False)
+    prepared = prepare_model(WithLSTM())
+    assert prepared.names == ["fc"] and prepared.skipped == {"rnn"}
+    assert [(f.name, f.kind, f.params) for f in prepared.float_layers] == [("rnn", "LSTM", 128)]
+    assert prepare_model(WithLayerNorm()).names == ["fc1", "fc2"]
     with pytest.raises(UnsupportedLayerError, match=MSG_NO_LAYERS):
         prepare_model(nn.Sequential(nn.ReLU()))
 
@@ -203,3 +239,83 @@ def test_prepare_model_traces_a_training_model_in_eval_mode():
     x = torch.ones(64, 4)
     # dropout(training=self.training) is baked in at trace time: eval mode, so no dropout
     torch.testing.assert_close(prepared.folded(x), model.eval()(x))
+
+
+class PlainSubclassBN(nn.BatchNorm2d):
+    """A subclass that keeps nn.BatchNorm2d's forward (fx would trace into it and fail)."""
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm-style: its own forward calls F.batch_norm on its parameters, then an activation."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm-style channels-first LayerNorm with its own forward."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight,
+                                              self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class SubclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), PlainSubclassBN(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), BatchNormAct2d(4)
+        self.norm = LayerNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.norm(self.bn2(self.c2(self.bn1(self.c1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batchnorm_subclasses_fold_like_their_base():
+    torch.manual_seed(0)
+    net = SubclassNet()
+    for bn in (net.bn1, net.bn2):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    net.eval()
+    prepared = prepare_model(net, skip_unsupported=False)  # nothing is left in float
+    assert prepared.bn_convs == {"c1", "c2"} and prepared.float_layers == ()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.folded.modules())
+    ops = {n.target for n in prepared.folded.graph.nodes if n.op == "call_function"}
+    assert torch.nn.functional.batch_norm not in ops
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+class TransformerText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):  # x [B, 4, 8] -> sequence-first
+        return self.fc(self.encoder(x.transpose(0, 1)).mean(0))
+
+
+def test_transformer_encoder_linears_become_layers_with_the_same_outputs():
+    torch.manual_seed(0)
+    net = TransformerText().eval()
+    prepared = prepare_model(net, skip_unsupported=False)
+    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2"]
+    assert prepared.names == [f"encoder.layers.{i}.{n}" for i in range(2) for n in per_layer] + ["fc"]
+    assert isinstance(net.encoder, nn.TransformerEncoder)  # the user's model is not modified
+    x = torch.randn(5, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-4, atol=1e-5)

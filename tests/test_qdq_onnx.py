@@ -3,6 +3,7 @@ size, fused kernels, and that a failed export leaves no file behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -42,21 +43,56 @@ def _axis(node) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
 
-def test_auto_storage_file_passes_checker_with_int8_and_int4(cnn_exports, cnn_cm_mixed):
+def _unpack_nbits(packed: np.ndarray, k: int) -> np.ndarray:
+    """Signed codes [N, K] of a MatMulNBits B [N, blocks, block/2] (low nibble first, zero point 8)."""
+    n = packed.shape[0]
+    flat = packed.reshape(n, -1)
+    u = np.empty((n, flat.shape[1] * 2), np.int16)
+    u[:, 0::2], u[:, 1::2] = flat & 0x0F, flat >> 4
+    return (u[:, :k] - 8).astype(np.int8)
+
+
+def test_auto_storage_keeps_convs_int8_and_4bit_linear_as_matmulnbits(cnn_exports, cnn_cm_mixed):
     res = cnn_exports["auto"]
     onnx.checker.check_model(str(res.path))
     assert res.path.stat().st_size == res.size_bytes and res.opset == 21
     model, inits, weights = _weights(res.path)
-    assert sorted(weights) == sorted(ALL_LAYERS)
+    convs = [n for n in ALL_LAYERS if n != "fc"]
+    assert sorted(weights) == sorted(convs)
     for name, (init, _) in weights.items():
-        want = TensorProto.INT4 if MIXED_BITS.get(name, 8) <= 4 else TensorProto.INT8
-        assert init.data_type == want, name
-        # the stored codes are the pipeline's codes
+        # 4-bit conv_a too: ORT has no 4-bit conv kernel, so the fast int8 container is the default
+        assert init.data_type == TensorProto.INT8, name
         codes = numpy_helper.to_array(init).astype(np.int8)
         assert np.array_equal(codes, cnn_cm_mixed.layers[name].codes.numpy()), name
-    assert res.storage == {n: ("int4" if MIXED_BITS.get(n, 8) <= 4 else "int8") for n in ALL_LAYERS}
+    assert res.storage == {**{n: "int8" for n in convs}, "fc": "nbits"}
+    # fc (4 bits, K=16): one com.microsoft.MatMulNBits holding the codes in 16-wide blocks
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert node.domain == "com.microsoft" and attrs["K"] == 16 and attrs["N"] == 4 and attrs["bits"] == 4
+    assert attrs["block_size"] == 16 and node.input[5] == "fc.bias"
+    fc = cnn_cm_mixed.layers["fc"]
+    codes, scale = fc.codes.numpy(), fc.scale.numpy()
+    sign = np.where(scale < 0, -1, 1)[:, None]
+    np.testing.assert_array_equal(_unpack_nbits(numpy_helper.to_array(inits[node.input[1]]), 16), codes * sign)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[node.input[2]]), np.abs(scale))
     # no float copy of a quantized weight is left in the file
     assert not any(f"{n}.weight" in inits for n in ALL_LAYERS)
+
+
+def test_nbits_block_size_minimises_bytes():
+    # bytes per row: ceil(K/bs) * (bs/2 + 4)
+    assert qdq_onnx.nbits_block_size(16) == 16  # 12 B
+    assert qdq_onnx.nbits_block_size(192) == 64  # 3 x 36 = 108 B (128: 2 x 68 = 136; 256: 132)
+    assert qdq_onnx.nbits_block_size(768) == 256  # 3 x 132 = 396 B (128: 6 x 68 = 408)
+
+
+def test_pack_nbits_layout():
+    codes = np.array([[-8, 7, 0, 1] + [0] * 14], np.int8)  # K = 18: two blocks of 16, padded
+    packed, scales = qdq_onnx.pack_nbits(codes, np.array([0.5], np.float32), 16)
+    assert packed.shape == (1, 2, 8) and packed.dtype == np.uint8
+    assert packed[0, 0, 0] == (0 | 15 << 4) and packed[0, 0, 1] == (8 | 9 << 4)
+    assert np.all(packed[0, 1] == 0x88)  # zero codes (and padding) are 8 | 8 << 4
+    np.testing.assert_array_equal(scales, [0.5, 0.5])
 
 
 def test_int8_storage_stores_every_layer_in_int8(cnn_exports):
@@ -95,7 +131,9 @@ def test_metadata_lists_layers_with_bits(cnn_exports, cnn_cm_mixed):
     meta = json.loads(props["fqexport"])
     assert model.producer_name == "fqexport"
     assert {r["name"]: r["bits"] for r in meta["layers"]} == {n: MIXED_BITS.get(n, 8) for n in ALL_LAYERS}
-    assert {r["name"]: r["storage"] for r in meta["layers"]}["conv_a"] == "int4"
+    storage = {r["name"]: r["storage"] for r in meta["layers"]}
+    assert storage["conv_a"] == "int8" and storage["fc"] == "nbits"
+    assert meta["float_layers"] == [] and meta["quantized_fraction"] == 1.0
     assert meta["storage"] == "auto" and meta["opset"] == 21
     assert meta["input_shape"] == [3, 16, 16] and meta["num_classes"] == 4
     assert meta["avg_weight_bits"] == pytest.approx(cnn_cm_mixed.avg_weight_bits, abs=1e-4)
@@ -122,8 +160,16 @@ def test_int8_storage_fuses_integer_kernels(cnn_exports):
     assert k["Conv"] == 0 and k["FusedConv"] == 0
 
 
-def test_int4_layers_run_in_float(cnn_exports):
+def test_auto_storage_runs_every_conv_fused_and_fc_as_matmulnbits(cnn_exports):
     k = fused_kernels(cnn_exports["auto"].path)
+    assert k["QLinearConv"] == 5 and k["Conv"] + k["FusedConv"] == 0, k
+    assert k["MatMulNBits"] == 1, k
+
+
+def test_packed_int4_conv_runs_in_float(cnn_cm_mixed, tmp_path):
+    res = cnn_cm_mixed.export(tmp_path / "packed.onnx", storage="packed")
+    assert res.storage["conv_a"] == "int4" and res.storage["fc"] == "nbits"
+    k = fused_kernels(res.path)
     assert k["QLinearConv"] == 4, k  # conv_a holds INT4: no integer kernel
     assert k["Conv"] + k["FusedConv"] == 1
 
@@ -153,12 +199,12 @@ def test_packed_storage_writes_int2_at_opset_25(tmp_path, mlp_model, mlp_data):
     cm = compress(mlp_model, mlp_data, QuantConfig(layer_bits={"fc2": 2, "fc3": 4}, storage="packed",
                                                    num_calib=64, method="rtn", bias_correction=False), progress=False)
     res = cm.export(tmp_path / "packed.onnx")
-    assert res.opset == 25 and res.storage == {"fc1": "int8", "fc2": "int2", "fc3": "int4"}
+    assert res.opset == 25 and res.storage == {"fc1": "int8", "fc2": "int2", "fc3": "nbits"}
     model = onnx.load(str(res.path))
     assert model.ir_version >= 11
     types = {i.name: i.data_type for i in model.graph.initializer}
     assert types["fc2.weight_quantized"] == TensorProto.INT2
-    assert types["fc3.weight_quantized"] == TensorProto.INT4
+    assert [n.op_type for n in model.graph.node if n.name.startswith("fc3")] == ["MatMulNBits"]
     assert res.agreement >= 0.99
     # The INT2 layer runs as a float Gemm (per-channel scale in a Mul keeps ORT from fusing the
     # INT2 DequantizeLinear into QGemm, which rejects tensor(int2)); the int8 layer stays fused.
@@ -203,9 +249,21 @@ def test_agreement_failure_leaves_no_file(monkeypatch, cnn_exports, cnn_cm_mixed
     _reuse_proto(monkeypatch, cnn_exports)
     monkeypatch.setattr(qdq_onnx, "_ort_logits", lambda data, x: -cnn_cm_mixed.predict(x))
     target = tmp_path / "out.onnx"
-    with pytest.raises(ExportError, match=r"agrees with the PyTorch fake-quant reference on only .*the file was not written"):
+    with pytest.raises(ExportError, match=r"agrees with the PyTorch fake-quant reference on only .*the file was not written") as info:
         export_qdq(cnn_cm_mixed, target)
     assert list(tmp_path.iterdir()) == []
+    # x86-safe weights (the default) cannot saturate: the hint names the remaining causes, not
+    # weight_range='x86-safe'
+    assert str(info.value).endswith(qdq_onnx.CAUSE_KERNELS) and "weight_range" not in str(info.value)
+
+
+def test_agreement_failure_with_full_range_weights_names_saturation(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
+    _reuse_proto(monkeypatch, cnn_exports)
+    monkeypatch.setattr(qdq_onnx, "_ort_logits", lambda data, x: -cnn_cm_mixed.predict(x))
+    full = dataclasses.replace(cnn_cm_mixed, config=dataclasses.replace(cnn_cm_mixed.config, weight_range="full"))
+    with pytest.raises(ExportError) as info:
+        export_qdq(full, tmp_path / "out.onnx")
+    assert str(info.value).endswith(qdq_onnx.CAUSE_FULL_RANGE)
 
 
 def test_failed_write_leaves_no_partial_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):

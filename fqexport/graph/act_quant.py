@@ -2,14 +2,22 @@
 PyTorch fake-quant module that both calibrates them and is the reference the export must match.
 
 Placement follows what ONNX Runtime fuses into integer kernels (ORT-NOTES.md): a pair on every
-input and every output of Conv/Linear and residual adds; an output followed by a ReLU gets its
-pair after the ReLU (ORT then drops the ReLU). The model's final output is left in float.
+input and every output of Conv/Linear and residual adds; an output followed by a ReLU (or ReLU6)
+gets its pair after it (ORT then drops the ReLU / Clip). The model's final output is left in
+float. A residual add is an add of two activations that both depend on the model input; an add
+of a parameter, buffer or constant (``x + self.pos_embedding``) is not one and stays float.
+Attention's activation MatMuls (Q·Kᵀ, softmax·V) and normalisation layers stay float.
+
+ONNX Runtime's optimized session stores each quantized Conv/Linear bias as int32 in steps of
+s_x·s_w[c] (``WeightBiasQuantization``, what lets it fuse QLinearConv/QGemm): the reference
+rounds its biases the same way (:func:`round_biases_to_int32_grid`), so the reference, the
+exported graph and every ORT kernel compute with the same bias.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.fx
@@ -70,7 +78,7 @@ class ActQuantizer(nn.Module):
             group = self.context.group
             if group is None:
                 group = torch.zeros(x.shape[0], dtype=torch.long)
-            self.observer.observe(x.detach(), group)
+            self.observer.observe(*_batch_first(x.detach(), group))
             return x
         return act_qdq(x, self.scale, self.zero_point)
 
@@ -84,31 +92,78 @@ class ActQuantizer(nn.Module):
         return "observing" if self.observing else f"scale={self.scale:.6g}, zero_point={self.zero_point}"
 
 
-_RELU_FUNCS = {torch.relu, torch.nn.functional.relu, torch.ops.aten.relu.default}
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}
+def _batch_first(x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, group)`` with the batch dimension of ``x`` first, for the observer.
+
+    Sequence-first layouts (``nn.MultiheadAttention(batch_first=False)``) carry the batch in
+    dim 1: that dim is moved to the front. A tensor with no dim of the batch's size (a
+    parameter-derived one) counts once for every group of the batch.
+    """
+    n = int(group.numel())
+    if x.dim() > 0 and x.shape[0] == n:
+        return x, group
+    for d in range(1, x.dim()):
+        if x.shape[d] == n:
+            return x.movedim(d, 0), group
+    present = torch.unique(group)
+    return x.unsqueeze(0).expand(len(present), *x.shape), present
+
+
+_RELU_FUNCS = {
+    torch.relu, torch.relu_, torch.nn.functional.relu, torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+}
+_RELU6_FUNCS = {torch.nn.functional.relu6, torch.ops.aten.relu6.default}
+_HARDTANH_FUNCS = {torch.nn.functional.hardtanh, torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A ReLU, or a ReLU6 / hardtanh(0, 6) (ONNX Clip(0, 6)): ops whose output starts at 0,
+    so a uint8 pair after them has zero point 0 and ORT drops the op."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
+        mod = modules.get(node.target)
+        return isinstance(mod, (nn.ReLU, nn.ReLU6)) or (
+            isinstance(mod, nn.Hardtanh) and mod.min_val == 0.0 and mod.max_val > 0.0
+        )
     if node.op == "call_function":
-        return node.target in _RELU_FUNCS
+        if node.target in _RELU_FUNCS or node.target in _RELU6_FUNCS:
+            return True
+        if node.target in _HARDTANH_FUNCS:
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+            return lo == 0.0
+        return False
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _is_add(node: torch.fx.Node) -> bool:
+def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose value depends on the model input (a placeholder); parameters, buffers,
+    constants and anything computed only from them are not."""
+    dep: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
+def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None) -> bool:
+    """A residual add: two activations (both input-dependent when ``dependent`` is given)."""
     if node.op == "call_function" and node.target in _ADD_FUNCS:
-        return sum(isinstance(a, torch.fx.Node) for a in node.args[:2]) == 2
-    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) >= 2 and all(
-        isinstance(a, torch.fx.Node) for a in node.args[:2]
-    )
+        args = node.args[:2]
+    elif node.op == "call_method" and node.target in ("add", "add_") and len(node.args) >= 2:
+        args = node.args[:2]
+    else:
+        return False
+    if len(args) < 2 or not all(isinstance(a, torch.fx.Node) for a in args):
+        return False
+    return dependent is None or all(a in dependent for a in args)
 
 
-def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[torch.fx.Node]:
+def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], dependent: set[torch.fx.Node]) -> list[torch.fx.Node]:
     """Tensor inputs of ``node`` that must arrive quantized (empty for other ops)."""
     if node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear)):
         return [node.args[0]] if isinstance(node.args[0], torch.fx.Node) else []
-    if _is_add(node):
+    if _is_add(node, dependent):
         return [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
     return []
 
@@ -126,11 +181,12 @@ def insert_act_quantizers(
     modules = dict(gm.named_modules())
     context = GroupContext()
     quantizers: dict[str, ActQuantizer] = {}
+    dependent = input_dependent(gm)
 
     def quantized_op(node: torch.fx.Node) -> bool:
         if node.op == "call_module" and node.target in layers:
             return True
-        return _is_add(node) and bool(layers)
+        return _is_add(node, dependent) and bool(layers)
 
     # 1. Tensors to quantize: outputs of quantized ops (after a sole ReLU user), and inputs.
     targets: list[torch.fx.Node] = []
@@ -146,7 +202,7 @@ def insert_act_quantizers(
         # 2 pt at W8A8 from this pair alone); ORT runs the last Gemm with a float output.
         if not any(u.op == "output" for u in out.users):
             targets.append(out)
-        targets.extend(_quantized_inputs(node, modules))
+        targets.extend(_quantized_inputs(node, modules, dependent))
 
     done: set[torch.fx.Node] = set()
     for target in targets:
@@ -163,3 +219,32 @@ def insert_act_quantizers(
     gm.graph.lint()
     gm.recompile()
     return context, quantizers
+
+
+def round_biases_to_int32_grid(gm: torch.fx.GraphModule, weight_scales: Mapping[str, torch.Tensor]) -> list[str]:
+    """Round the bias of each quantized layer of ``gm`` to the int32 grid ORT uses (in place).
+
+    For a layer named in ``weight_scales`` (its per-output-channel weight scales s_w) whose
+    input comes from a frozen :class:`ActQuantizer` (scale s_x): b ← round(b / (s_x·|s_w|)) ·
+    s_x·|s_w|, in float32 as ORT computes it. Idempotent. Returns the names of the rounded layers.
+    """
+    modules = dict(gm.named_modules())
+    rounded = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in weight_scales:
+            continue
+        layer = modules[node.target]
+        src = node.args[0] if node.args else None
+        quant = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        if getattr(layer, "bias", None) is None or not isinstance(quant, ActQuantizer) or quant.observing:
+            continue
+        with torch.no_grad():
+            b = layer.bias.detach().float().cpu()
+            s_w = weight_scales[node.target].detach().float().abs().cpu()
+            step = torch.tensor(quant.scale, dtype=torch.float32) * s_w
+            q = torch.where(step > 0, torch.round(b / torch.where(step > 0, step, 1.0)), 0.0)
+            q = q.clamp(-(2**31), 2**31 - 1)
+            new = torch.where(step > 0, q * step, b)
+            layer.bias.copy_(new.to(layer.bias.device, layer.bias.dtype))
+        rounded.append(str(node.target))
+    return rounded

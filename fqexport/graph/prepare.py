@@ -1,27 +1,49 @@
 """Model graph preparation: trace with torch.fx, check layers, fold BatchNorm, list layers.
 
-Quantizable layers are ``nn.Conv2d`` (groups=1, grouped and depthwise) and ``nn.Linear``;
-``nn.BatchNorm2d`` is folded into the preceding conv.
+Quantizable layers are ``nn.Conv2d`` (groups=1, grouped and depthwise) and ``nn.Linear``
+(subclasses included); a BatchNorm right after a conv (``nn.BatchNorm2d`` or a subclass, or a
+traced ``F.batch_norm`` on parameters, e.g. timm's ``BatchNormAct2d``) or a Linear
+(``BatchNorm1d``) is folded into it. Normalisation layers (LayerNorm, GroupNorm, InstanceNorm,
+RMSNorm, BatchNorm that cannot be folded) stay float ops between the quantized layers.
+Attention modules are first swapped for traceable stand-ins (graph/decompose.py) so their
+projections are Linear layers. Any other layer with a weight (LSTM, Embedding, a ``F.linear``
+on a parameter) stays float with a warning naming every such layer; ``strict`` makes it an
+error.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
+from fqexport.graph.decompose import decompose_attention
 
 log = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
-# Leaf modules with parameters that fqexport knows how to handle (BN is folded away).
-_PARAM_OK = QUANTIZABLE + (nn.BatchNorm2d, nn.BatchNorm1d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Layers with parameters that stay float ops between quantized layers, by design.
+NORMS = _BATCHNORM + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                      nn.InstanceNorm3d, nn.RMSNorm, nn.PReLU)
+# Subclasses of these that keep the base forward are traced as leaves, like their base.
+_LEAF_BASES = QUANTIZABLE + NORMS
+# Functional weight ops on parameters (a module traced through): float weight layers.
+_aten = torch.ops.aten
+_WEIGHT_FUNCS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+                 F.embedding: "embedding", torch.matmul: "matmul", F.conv_transpose2d: "conv_transpose2d",
+                 # what a torch.export program keeps after the pass that lifts conv2d/linear to modules
+                 _aten.linear.default: "linear", _aten.conv1d.default: "conv1d",
+                 _aten.conv2d.default: "conv2d", _aten.embedding.default: "embedding",
+                 _aten.matmul.default: "matmul", _aten.conv_transpose2d.input: "conv_transpose2d"}
 
 MSG_TRACE = (
     "cannot trace the model with torch.fx ({err}). fqexport needs a model whose forward has no "
@@ -29,10 +51,12 @@ MSG_TRACE = (
     "the forward"
 )
 MSG_UNSUPPORTED = (
-    "layer '{name}' ({kind}) cannot be quantized: supported layers are Conv2d, Linear, "
-    "BatchNorm2d (folded), activations, residual adds, pooling and flatten. "
-    "Pass skip_unsupported=True (CLI: --skip-unsupported) to leave it in float"
+    "{count} layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: "
+    "{layers}. Supported: Conv2d, Linear (also inside nn.MultiheadAttention / "
+    "nn.TransformerEncoder), BatchNorm (folded), normalisation layers (float), activations, "
+    "residual adds, pooling, flatten, attention. Drop strict to leave them in float"
 )
+MSG_FLOAT_LAYERS = "%d weight layer(s) stay in float (%d of %d weight parameters, %.1f%%): %s"
 
 
 @dataclass(frozen=True)
@@ -45,69 +69,200 @@ class LayerInfo:
     had_batchnorm: bool
 
 
+@dataclass(frozen=True)
+class FloatLayer:
+    """A layer with a weight that fqexport leaves in float (it cannot quantize it)."""
+
+    name: str
+    kind: str  # module type, e.g. "LSTM", "Conv2d(padding_mode='reflect')", "F.linear"
+    params: int  # weight elements (parameters with >= 2 dims)
+
+    def describe(self) -> str:
+        return f"'{self.name}' ({self.kind}, {self.params} params)"
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with subclasses of Conv2d/Linear/norm layers that keep their base's forward
+    as leaves too (fx would trace into a non-``torch.nn`` subclass and fail on its input check)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if super().is_leaf_module(m, qualname):
+            return True
+        for base in _LEAF_BASES:
+            if isinstance(m, base):
+                return type(m).forward is base.forward
+        return False
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` (already a GraphModule: returned as is)."""
+    """Symbolically trace ``model`` (already a GraphModule: returned as is).
+
+    Attention modules are replaced by traceable stand-ins first (on a copy when there are any:
+    ``model`` itself is not modified).
+    """
     if isinstance(model, torch.fx.GraphModule):
         return model
+    if any(decompose_attention_needed(m) for m in model.modules()):
+        model, swapped = decompose_attention(copy.deepcopy(model))
+        log.info("traced through attention modules: %s", ", ".join(swapped))
     try:
-        return torch.fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
     except Exception as err:  # fx raises many kinds of errors for untraceable code
         raise ModelLoadError(MSG_TRACE.format(err=f"{type(err).__name__}: {err}")) from err
+    return torch.fx.GraphModule(model, graph, type(model).__name__)
+
+
+def decompose_attention_needed(m: nn.Module) -> bool:
+    return isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder))
+
+
+def _weight_params(mod: nn.Module, recurse: bool = False) -> int:
+    return sum(p.numel() for p in mod.parameters(recurse=recurse) if p.dim() >= 2)
+
+
+def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
+    """Layers of ``gm`` with a weight that fqexport cannot quantize, in graph order: leaf
+    modules with parameters that are neither quantizable nor normalisation, Conv2d with a
+    non-zero padding mode, and functional weight ops (``F.linear``…) on parameters."""
+    modules = dict(gm.named_modules())
+    out: dict[str, FloatLayer] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = modules.get(node.target)
+            name = str(node.target)
+            if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+                out[name] = FloatLayer(name, f"Conv2d(padding_mode={mod.padding_mode!r})", _weight_params(mod))
+            elif (not isinstance(mod, QUANTIZABLE + NORMS) and any(True for _ in mod.parameters(recurse=False))) or (
+                not isinstance(mod, QUANTIZABLE) and _weight_params(mod, recurse=True)
+            ):
+                out[name] = FloatLayer(name, type(mod).__name__, _weight_params(mod, recurse=True))
+        elif node.op == "call_function" and node.target in _WEIGHT_FUNCS:
+            for arg in node.args[:2]:
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    param = _get_attr(gm, str(arg.target))
+                    if isinstance(param, torch.Tensor) and param.dim() >= 2:
+                        name = str(arg.target).rsplit(".", 1)[0] if "." in str(arg.target) else str(arg.target)
+                        out[name] = FloatLayer(name, f"F.{_WEIGHT_FUNCS[node.target]}", int(param.numel()))
+                        break
+    return list(out.values())
 
 
 def unsupported_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
-    """``(name, type)`` of leaf modules with parameters that fqexport cannot quantize."""
-    used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    bad = []
-    for name, mod in gm.named_modules():
-        if name not in used:
+    """``(name, type)`` of the layers that stay in float (see :func:`float_layers`)."""
+    return [(l.name, l.kind) for l in float_layers(gm)]
+
+
+def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True) -> set[str]:
+    """Names of the weight layers that stay in float (each logged in one warning), or an
+    UnsupportedLayerError naming all of them when ``skip_unsupported`` is False (``strict``)."""
+    bad = float_layers(gm)
+    if not bad:
+        return set()
+    listing = ", ".join(l.describe() for l in bad)
+    if not skip_unsupported:
+        raise UnsupportedLayerError(MSG_UNSUPPORTED.format(count=len(bad), layers=listing))
+    total = _weight_params(gm, recurse=True)
+    fl = sum(l.params for l in bad)
+    log.warning(MSG_FLOAT_LAYERS, len(bad), fl, total, 100.0 * fl / max(total, 1), listing)
+    return {l.name for l in bad}
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_BN_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+def _batchnorm_params(gm: torch.fx.GraphModule, node: torch.fx.Node, modules: dict[str, nn.Module]):
+    """``(running_mean, running_var, weight, bias, eps)`` of an eval-mode BatchNorm node (a
+    BatchNorm module or subclass, or ``F.batch_norm`` on parameters); None for anything else."""
+    if node.op == "call_module":
+        bn = modules.get(node.target)
+        if not isinstance(bn, _BATCHNORM) or bn.training or bn.running_mean is None:
+            return None
+        return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    try:
+        bound = _BN_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    args = bound.arguments
+    if args["training"] is not False:
+        return None
+    tensors = []
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = args[key]
+        if v is None and key in ("weight", "bias"):
+            tensors.append(None)
+        elif isinstance(v, torch.fx.Node) and v.op == "get_attr":
+            tensors.append(_get_attr(gm, str(v.target)))
+        else:
+            return None
+    return (*tensors, float(args["eps"]))
+
+
+def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
+    """``(layer node, BN node, BN params)`` of every Conv2d→BatchNorm / Linear→BatchNorm1d
+    pair where the BN is the layer's only user."""
+    pairs = []
+    for node in gm.graph.nodes:
+        params = _batchnorm_params(gm, node, modules)
+        src = node.args[0] if node.args else None
+        if params is None or not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        has_params = any(True for _ in mod.parameters(recurse=False))
-        if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-            bad.append((name, f"Conv2d(padding_mode={mod.padding_mode!r})"))
-        elif has_params and not isinstance(mod, _PARAM_OK):
-            bad.append((name, type(mod).__name__))
-    return bad
-
-
-def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool) -> set[str]:
-    """Raise on unsupported layers, or return their names (left float) when skipping."""
-    bad = unsupported_layers(gm)
-    if bad and not skip_unsupported:
-        name, kind = bad[0]
-        raise UnsupportedLayerError(MSG_UNSUPPORTED.format(name=name, kind=kind))
-    for name, kind in bad:
-        log.warning("layer '%s' (%s) is not supported and stays in float", name, kind)
-    return {name for name, _ in bad}
+        layer = modules.get(src.target)
+        channels = params[0].shape[0]
+        if isinstance(layer, nn.Conv2d) and layer.out_channels == channels:
+            pairs.append((src, node, params))
+        elif isinstance(layer, nn.Linear) and layer.out_features == channels and not (
+            node.op == "call_module" and not isinstance(modules[node.target], nn.BatchNorm1d)
+        ):
+            pairs.append((src, node, params))
+    return pairs
 
 
 def convs_followed_by_batchnorm(gm: torch.fx.GraphModule) -> set[str]:
-    """Names of convs whose only user is a BatchNorm2d (what ``fold_batchnorm`` folds)."""
+    """Names of convs whose only user is a BatchNorm (what ``fold_batchnorm`` folds)."""
     modules = dict(gm.named_modules())
-    names = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        src = node.args[0]
-        if (
-            isinstance(src, torch.fx.Node)
-            and src.op == "call_module"
-            and isinstance(modules.get(src.target), nn.Conv2d)
-            and len(src.users) == 1
-        ):
-            names.add(str(src.target))
-    return names
+    return {str(src.target) for src, _, _ in _foldable(gm, modules) if isinstance(modules[src.target], nn.Conv2d)}
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
-    """Fold every Conv2d→BatchNorm2d pair (eval statistics) into the conv.
+    """Fold every Conv2d→BatchNorm (module, subclass or traced ``F.batch_norm``) and
+    Linear→BatchNorm1d pair (eval statistics) into the layer.
 
     Returns the folded graph (a copy) and the names of the convs that absorbed a BN.
     """
     # symbolic_trace shares submodules with ``model``: copy so eval() and folding leave it alone.
     gm = copy.deepcopy(trace(model)).eval()
-    folded = convs_followed_by_batchnorm(gm)
-    return fuse(gm, inplace=True), folded
+    modules = dict(gm.named_modules())
+    folded = set()
+    for src, bn_node, (mean, var, weight, bias, eps) in _foldable(gm, modules):
+        layer = modules[src.target]
+        with torch.no_grad():
+            if isinstance(layer, nn.Conv2d):
+                w, b = fuse_conv_bn_weights(layer.weight, layer.bias, mean, var, eps, weight, bias)
+                folded.add(str(src.target))
+            else:
+                ones = torch.ones_like(mean)
+                w, b = fuse_linear_bn_weights(layer.weight, layer.bias, mean, var, eps,
+                                              ones if weight is None else weight,
+                                              torch.zeros_like(mean) if bias is None else bias)
+        layer.weight, layer.bias = w, b
+        bn_node.replace_all_uses_with(src)
+        gm.graph.erase_node(bn_node)
+    for node in list(gm.graph.nodes):  # the BN's parameter fetches, now unused
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, folded
 
 
 def quantizable_layers(
@@ -145,38 +300,42 @@ class PreparedModel:
     Attributes:
         folded: the BN-folded graph, a copy of the model in eval mode on the CPU.
         layers: its quantizable layers in execution order (unsupported ones left out).
-        skipped: names of the unsupported layers left in float (``skip_unsupported``).
+        skipped: names of the weight layers left in float (fqexport cannot quantize them).
         bn_convs: names of the convs that absorbed a BatchNorm.
+        float_layers: the layers of ``skipped`` with their kind and weight parameters.
     """
 
     folded: torch.fx.GraphModule
     layers: tuple[LayerInfo, ...]
     skipped: frozenset[str]
     bn_convs: frozenset[str]
+    float_layers: tuple[FloatLayer, ...] = ()
 
     @property
     def names(self) -> list[str]:
         return [l.name for l in self.layers]
 
 
-def prepare_model(model: nn.Module, skip_unsupported: bool = False) -> PreparedModel:
+def prepare_model(model: nn.Module, skip_unsupported: bool = True) -> PreparedModel:
     """Trace → support check → fold BN → quantizable layers: the one model preparation of
     compress, sensitivity and the search's layer costs. ``model`` is not modified.
 
-    Raises UnsupportedLayerError for an unsupported layer (unless ``skip_unsupported``: then it
-    stays in float, with a warning) and when no layer is left to quantize; ModelLoadError when
-    the model cannot be traced.
+    A weight layer fqexport cannot quantize stays in float with a warning listing every such
+    layer; with ``skip_unsupported=False`` (``QuantConfig.strict``) it raises an
+    UnsupportedLayerError naming all of them. Also raises UnsupportedLayerError when no layer is
+    left to quantize, and ModelLoadError when the model cannot be traced.
     """
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
         model = copy.deepcopy(model).eval()
     raw = trace(model)
     skipped = check_supported(raw, skip_unsupported)
+    floats = tuple(float_layers(raw))
     folded, bn_convs = fold_batchnorm(raw)
     folded = folded.eval().cpu()
     layers = quantizable_layers(folded, skipped, bn_convs)
     if not layers:
         raise UnsupportedLayerError(MSG_NO_LAYERS)
-    return PreparedModel(folded, tuple(layers), frozenset(skipped), frozenset(bn_convs))
+    return PreparedModel(folded, tuple(layers), frozenset(skipped), frozenset(bn_convs), floats)
 
 
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:

@@ -40,8 +40,9 @@ def from_metadata(meta: ExportMetadata | None) -> Resources | None:
         return None
     layers = meta.layers
     a_bits = float(meta.activation_bits)
-    params = sum(l.params for l in layers)
-    bit_params = sum(float(l.bits) * l.params for l in layers)
+    # weight layers left in float count at their 32 bits (and params); MACs/BOPs: quantized layers
+    params = sum(l.params for l in layers + meta.float_layers)
+    bit_params = sum(float(l.bits) * l.params for l in layers + meta.float_layers)
     macs_known = all(l.macs > 0 for l in layers)
     macs = sum(l.macs for l in layers) if macs_known else None
     bops = sum(float(l.bits) * a_bits * l.macs for l in layers) if macs_known else None

@@ -1,0 +1,256 @@
+"""The model zoo users bring, end to end on small hand-written blocks: compress → export → the
+optimized ONNX Runtime session, per group. A MobileNet-V2 inverted residual (depthwise conv +
+folded BN, ReLU6), DeiT-style blocks (LayerNorm, ``F.scaled_dot_product_attention`` /
+``nn.MultiheadAttention``, a batch-1 position embedding), a LayerNorm MLP and an
+``nn.TransformerEncoder`` text model.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fixtures_models as fm
+from fqexport.config import QuantConfig
+from fqexport.errors import UnsupportedLayerError
+from fqexport.metadata import ExportMetadata
+from fqexport.pipeline.compress import compress
+
+
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-V2 block: 1x1 expand + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN,
+    residual add."""
+
+    def __init__(self, c: int, expand: int = 4) -> None:
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class MobileNetV2Block(nn.Module):
+    def __init__(self, width: int = 16, classes: int = fm.NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.block1 = InvertedResidual(width)
+        self.block2 = InvertedResidual(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class SDPAAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class MHAAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class DeiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, attention: str) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SDPAAttention(dim, heads) if attention == "sdpa" else MHAAttention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    """4x4 patches of a 16x16 image → 16 tokens + a batch-1 position embedding → 2 blocks."""
+
+    def __init__(self, attention: str = "sdpa", dim: int = 32, heads: int = 4, depth: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos_embedding = nn.Parameter(0.02 * torch.randn(1, 16, dim))
+        self.blocks = nn.Sequential(*[DeiTBlock(dim, heads, attention) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embedding
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+class LayerNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2, self.fc3 = nn.Linear(64, 128), nn.LayerNorm(128), nn.Linear(128, 128), nn.Linear(128, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(F.gelu(self.norm(self.fc1(x))))))
+
+
+class TextTransformer(nn.Module):
+    """The 64 tabular features as a sequence of 8 tokens of 8 → a sequence-first
+    nn.TransformerEncoder (``batch_first=False``, the torch default)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        tokens = self.embed(x.unflatten(1, (8, 8))).transpose(0, 1)  # [T, B, D]
+        return self.head(self.encoder(tokens).mean(0))
+
+
+def _optimized_session(path) -> tuple[ort.InferenceSession, list[str]]:
+    """The optimized CPU session of ``path`` and the op types of its optimized graph."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(path) + ".opt.onnx"
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess, [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def _run(model, data, tmp_path, **kw):
+    """Compress, export (the export checks agreement >= 99%), run ORT per group."""
+    cm = compress(model, data, QuantConfig(num_calib=256, **kw), progress=False)
+    result = cm.export(tmp_path / "model.onnx")
+    sess, ops = _optimized_session(result.path)
+    got = sess.run(None, {sess.get_inputs()[0].name: data.x})[0]
+    want = cm.predict(data.x)
+    per_group = {
+        g: float((got[data.group == g].argmax(1) == want[data.group == g].argmax(1)).mean())
+        for g in range(data.num_groups)
+    }
+    return cm, result, ops, per_group
+
+
+@pytest.fixture(scope="module")
+def image_data():
+    return fm.image_task(n=320)
+
+
+@pytest.fixture(scope="module")
+def tabular_data():
+    return fm.tabular_task(n=320)
+
+
+@pytest.fixture(scope="module")
+def mobilenet(image_data):
+    return fm.train(MobileNetV2Block(), image_data, epochs=6, lr=0.01)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mobilenet_v2_inverted_residual_matches_optimized_ort(mobilenet, image_data, tmp_path, bits):
+    cm, result, ops, per_group = _run(mobilenet, image_data, tmp_path, weight_bits=bits)
+    assert result.agreement >= 0.99
+    assert min(per_group.values()) >= 0.99
+    # every conv is a fused integer kernel (convs stay int8 by default, even at 4 bits)
+    assert ops.count("QLinearConv") == 7 and "Conv" not in ops
+    assert set(result.storage.values()) == {"int8"} | ({"nbits"} if bits == 4 else set())
+    assert cm.metadata.quantized_fraction == 1.0 and cm.metadata.float_layers == ()
+
+
+@pytest.mark.slow  # trains a 2-block ViT, compresses and exports it: ~15 s each
+@pytest.mark.parametrize("attention", ["sdpa", "mha"])
+def test_deit_block_quantizes_every_linear_and_matches_ort(image_data, tmp_path, attention):
+    torch.manual_seed(0)
+    vit = fm.train(TinyViT(attention), image_data, epochs=4, lr=0.003)
+    cm, result, ops, per_group = _run(vit, image_data, tmp_path)
+    linears = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear)]
+    if attention == "mha":  # q/k/v projections of nn.MultiheadAttention become Linear layers
+        linears = [n for n in linears if not n.endswith("out_proj")]
+        linears += [f"blocks.{i}.attn.attn.{p}_proj" for i in range(2) for p in ("q", "k", "v", "out")]
+    assert set(cm.layers) == {"patch", *linears}
+    assert cm.metadata.float_layers == () and cm.quantized_fraction == 1.0
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    # the position embedding add is not a residual add: no pair on the batch-1 parameter
+    assert not any("pos_embedding" in str(n.args) for n in cm.reference.graph.nodes if n.op == "call_module"
+                   and n.target.startswith("act_quant"))
+    assert ops.count("QLinearConv") == 1 and ops.count("LayerNormalization") == 5
+
+
+def test_layernorm_mlp_end_to_end(tabular_data, tmp_path):
+    torch.manual_seed(0)
+    mlp = fm.train(LayerNormMLP(), tabular_data, epochs=6)
+    cm, result, ops, per_group = _run(mlp, tabular_data, tmp_path)
+    assert list(cm.layers) == ["fc1", "fc2", "fc3"] and cm.metadata.skipped_layers == ()
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    assert "LayerNormalization" in ops
+
+
+@pytest.mark.slow  # trains, compresses and exports twice: ~20 s
+def test_transformer_encoder_linears_are_quantized_not_hidden(tabular_data, tmp_path):
+    torch.manual_seed(0)
+    text = fm.train(TextTransformer(), tabular_data, epochs=4, lr=0.003)
+    cm, result, ops, per_group = _run(text, tabular_data, tmp_path, weight_bits=4)
+    per_layer = [f"encoder.layers.{i}.{n}" for i in range(2)
+                 for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2")]
+    assert set(cm.layers) == {"embed", "head", *per_layer}
+    assert cm.quantized_fraction == 1.0 and cm.avg_weight_bits == 4.0
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    # storage "auto": Linears over tokens stay fast in int8, the head (one vector per sample) is
+    # MatMulNBits; "packed" (size first): every 4-bit Linear is MatMulNBits
+    assert result.storage == {n: "nbits" if n == "head" else "int8" for n in cm.layers}
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulIntegerToFloat") == len(cm.layers) - 1
+    packed = cm.export(tmp_path / "packed.onnx", storage="packed")
+    assert set(packed.storage.values()) == {"nbits"} and packed.agreement >= 0.99
+    assert _optimized_session(packed.path)[1].count("MatMulNBits") == len(cm.layers)
+    assert packed.size_bytes < result.size_bytes
+
+
+class WithLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.rnn = nn.GRU(16, 64, batch_first=True)
+        self.fc2 = nn.Linear(64, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.fc1(x.unflatten(1, (8, 8)))))
+        return self.fc2(out[:, -1])
+
+
+def test_float_layers_are_warned_recorded_and_counted_at_32_bits(tabular_data, tmp_path, caplog):
+    torch.manual_seed(0)
+    net = WithLSTM().eval()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        cm = compress(net, tabular_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    gru = 3 * 64 * 16 + 3 * 64 * 64  # weight_ih + weight_hh
+    assert f"'rnn' (GRU, {gru} params)" in caplog.text
+    quantized = 8 * 16 + 64 * 4
+    assert [(r.name, r.kind, r.bits, r.params) for r in cm.metadata.float_layers] == [("rnn", "GRU", 32, gru)]
+    assert cm.quantized_fraction == pytest.approx(quantized / (quantized + gru))
+    assert cm.avg_weight_bits == pytest.approx((8 * quantized + 32 * gru) / (quantized + gru))
+    assert cm.metadata.avg_weight_bits == pytest.approx(cm.avg_weight_bits, abs=1e-4)
+    assert ExportMetadata.from_json(cm.metadata.to_json()).float_layers == cm.metadata.float_layers
+    assert cm.layer_table()[-1] == {"name": "rnn", "kind": "GRU", "bits": 32, "params": gru, "macs": 0,
+                                    "storage": "float32"}
+    # a file written before these fields reads as "nothing recorded"
+    old = {k: v for k, v in cm.metadata.to_dict().items() if k not in ("float_layers", "quantized_fraction")}
+    assert ExportMetadata.from_dict(old).float_layers == () and ExportMetadata.from_dict(old).quantized_fraction is None
+    with pytest.raises(UnsupportedLayerError, match=r"1 layer\(s\) cannot be quantized and strict=True .*'rnn' \(GRU"):
+        compress(net, tabular_data, QuantConfig(num_calib=64, strict=True), progress=False)

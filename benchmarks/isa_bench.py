@@ -58,7 +58,7 @@ def main() -> None:
     paths = {"float": float_path,
              "ORT quantize_static W8A8": ort_quantize_static_baseline(float_path, calib, out / "ort_w8a8.onnx")}
     for label, cfg in (("fqexport W8A8", QuantConfig(weight_bits=8)),
-                       ("fqexport W8A8 full-range", QuantConfig(weight_bits=8, weight_range="full"))):
+                       ("fqexport W8A8 full-range", QuantConfig(weight_bits=8, weight_range="full", target="x86-vnni"))):
         cm = compress(model, calib, replace(cfg, num_calib=DEMO_NUM_CALIB, seed=args.seed), progress=False)
         paths[label] = cm.export(out / (label.replace(" ", "_") + ".onnx")).path
 

@@ -74,6 +74,9 @@ class ExportMetadata:
     # avg_weight_bits counts the float layers at 32 bits (files before these fields: () / None)
     float_layers: tuple[LayerRecord, ...] = ()
     quantized_fraction: float | None = None
+    # QuantConfig.target the export was checked for (portable, x86-avx2, x86-vnni, arm64, gpu);
+    # None in files written before the field
+    target: str | None = None
     schema_version: int = METADATA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

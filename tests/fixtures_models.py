@@ -164,3 +164,46 @@ def saturating_qdq_gemm(path) -> GroupData:
     x = np.where(group[:, None] == 1, 1.0, 0.2).astype(np.float32).repeat(4, axis=1)
     y = np.where(group == 1, 0, 1).astype(np.int64)
     return GroupData(x, y, group, ("majority", "minority"), "saturating-task")
+
+
+SAT_FEATURES = 16
+
+
+class SaturatingMLP(nn.Module):
+    """Two Linear layers whose first saturates AVX2's u8×s8 pairs at full 8-bit weight range.
+
+    ``fc1`` computes h0 = Σx (every weight 1.0, i.e. +127 at full range) and h1 = 0.3·Σx + 8.96
+    (weights 38 at full range); ``fc2`` passes them through. With inputs in [0.6, 1] (uint8 codes
+    153..255), each pair of h0 sums to >= 2·153·127 = 38862 > 32767: AVX2's vpmaddubsw clips it,
+    so h0 drops to about 8.1 and every sample becomes class 1. Exact int32 sums (VNNI, ARM) and
+    7-bit weights (|q| <= 63: pairs <= 255·126 = 32130) are unaffected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(SAT_FEATURES, 2)
+        self.fc2 = nn.Linear(2, 2)
+        w = torch.full((2, SAT_FEATURES), 0.3)
+        w[0] = 1.0
+        with torch.no_grad():
+            self.fc1.weight.copy_(w)
+            self.fc1.bias.copy_(torch.tensor([0.0, 8.96]))
+            self.fc2.weight.copy_(torch.eye(2))
+            self.fc2.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def saturating_mlp() -> SaturatingMLP:
+    return SaturatingMLP().eval()
+
+
+def saturating_task(n: int = 200, seed: int = 0) -> GroupData:
+    """Inputs in [0.6, 1] for :class:`SaturatingMLP`, labeled by the float model (about half each
+    class), every 4th sample in the minority."""
+    x = np.random.default_rng(seed).uniform(0.6, 1.0, (n, SAT_FEATURES)).astype(np.float32)
+    with torch.no_grad():
+        y = saturating_mlp()(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)
+    group = (np.arange(n) % 4 == 0).astype(np.int64)
+    return GroupData(x, y, group, ("majority", "minority"), "saturating-mlp-task")

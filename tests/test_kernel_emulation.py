@@ -134,7 +134,7 @@ def exports(tmp_path_factory, cnn_model, cnn_data, mlp_model, mlp_data, cnn_cm8)
     d = tmp_path_factory.mktemp("emu")
     out = {"cnn_safe": (cnn_cm8.export(d / "cnn_safe.onnx").path, cnn_data)}
     for name, model, data in (("cnn_full", cnn_model, cnn_data), ("mlp_full", mlp_model, mlp_data)):
-        cm = compress(model, data, QuantConfig(num_calib=128, weight_range="full"), progress=False)
+        cm = compress(model, data, QuantConfig(num_calib=128, weight_range="full", target="x86-vnni"), progress=False)
         out[name] = (cm.export(d / f"{name}.onnx").path, data)
     return out
 

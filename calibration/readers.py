@@ -1,7 +1,8 @@
 """Readers of group-labeled data: ``.npz`` files, torch Datasets and CSV image manifests.
 
 Every reader returns a validated :class:`GroupData` (x float32 ``[N, ...]`` with at least two
-dimensions, y and group int64 ``[N]``, every group id naming a group that has samples). Bad
+dimensions — or int64 token ids when ``x`` holds signed integers, see :data:`MSG_NEGATIVE_IDS`
+and :func:`check_vocabulary`; y and group int64 ``[N]``, every group id naming a group that has samples). Bad
 input raises one :class:`DataError` whose message starts with the file (or source) and names
 the field, e.g. ``"test.npz: field 'x' contains NaN or Inf (3 values)"``.
 
@@ -95,6 +96,16 @@ def _check_npz_member(zf: zipfile.ZipFile, field: str, source: str) -> None:
     if nbytes > info.file_size - header_len:
         raise _err(source, MSG_ARRAY_TRUNCATED.format(field=field, shape=shape_text, dtype=dtype, nbytes=nbytes,
                                                       stored=max(info.file_size - header_len, 0)))
+
+
+MSG_NEGATIVE_IDS = (
+    "field 'x' holds signed integers, read as token ids (kept int64 for an Embedding), but has the "
+    "negative id {value}; ids must be >= 0 — store float features as float32, or fix the ids"
+)
+MSG_VOCABULARY = (
+    "field 'x' holds the token id {value} outside the vocabulary [0, {vocab}) of the model's "
+    "Embedding '{layer}' (num_embeddings={vocab}); check the tokenizer or the model"
+)
 
 
 def _err(source: str, message: str) -> DataError:
@@ -192,6 +203,10 @@ def validate_group_data(
 ) -> GroupData:
     """Check and convert raw arrays into a :class:`GroupData` (x float32, y/group int64).
 
+    ``x`` of a signed integer dtype (int8…int64) holds token ids: it is kept as int64 (never cast
+    to float, so an Embedding front end sees its ids) and must be >= 0. Unsigned integers and
+    bools (e.g. uint8 pixels) are cast to float32 as before.
+
     Raises:
         DataError: naming ``source`` and the field, for an empty dataset, x not numeric or
             with fewer than 2 dims, NaN/Inf in x, y/group not integer, negative labels, a
@@ -222,10 +237,15 @@ def validate_group_data(
                 f"length mismatch: field 'x' has {n} samples but field '{field}' has "
                 f"{arr.shape[0]}",
             )
-    x = x.astype(np.float32, copy=False)
-    bad = int(np.count_nonzero(~np.isfinite(x)))
-    if bad:
-        raise _err(source, f"field 'x' contains NaN or Inf ({bad} values)")
+    if np.issubdtype(x.dtype, np.signedinteger):
+        x = x.astype(np.int64, copy=False)
+        if x.size and int(x.min()) < 0:
+            raise _err(source, MSG_NEGATIVE_IDS.format(value=int(x.min())))
+    else:
+        x = x.astype(np.float32, copy=False)
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise _err(source, f"field 'x' contains NaN or Inf ({bad} values)")
     y = _as_int_array(y, "y", source)
     if y.min() < 0:
         raise _err(
@@ -247,6 +267,16 @@ def validate_group_data(
 def validate(data: GroupData) -> GroupData:
     """Re-check a :class:`GroupData` built elsewhere (same rules as the readers)."""
     return validate_group_data(data.x, data.y, data.group, list(data.group_names), data.source)
+
+
+def check_vocabulary(data: GroupData, vocab: int, layer: str) -> None:
+    """Raise :class:`DataError` unless every token id of an integer ``x`` is in ``[0, vocab)``
+    (``vocab``: the ``num_embeddings`` of the Embedding ``layer`` that reads ``x``)."""
+    if data.x.size == 0 or not np.issubdtype(data.x.dtype, np.integer):
+        return
+    lo, hi = int(data.x.min()), int(data.x.max())
+    if lo < 0 or hi >= vocab:
+        raise _err(data.source, MSG_VOCABULARY.format(value=lo if lo < 0 else hi, vocab=vocab, layer=layer))
 
 
 def check_labels(data: GroupData, num_classes: int) -> None:

@@ -188,6 +188,19 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
     """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation."""
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
+    if x.ndim == 3 and np.ndim(w) == 3:
+        # 1-D conv (Conv1d): ORT runs it as a 2-D conv over [N, C, 1, L] with kernel (1, k)
+        a1 = dict(attrs)
+        for key, pre in (("strides", [1]), ("dilations", [1])):
+            if key in a1:
+                a1[key] = pre + list(a1[key])
+        if "pads" in a1:
+            p0, p1 = list(a1["pads"])
+            a1["pads"] = [0, p0, 0, p1]
+        if "kernel_shape" in a1:
+            a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
+        args = [x[:, :, None, :], sx, zx, np.asarray(w)[:, :, None, :], sw, zw, sy, zy]
+        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target)[:, :, 0, :]
     if x.ndim != 4:
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
@@ -340,7 +353,8 @@ class EmulatedSession:
             t = i.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
             np_t = helper.tensor_dtype_to_np_dtype(t.elem_type)
-            name = {np.float32: "float", np.float16: "float16", np.float64: "double"}.get(np_t.type, "float")
+            name = {np.float32: "float", np.float16: "float16", np.float64: "double",
+                    np.int64: "int64", np.int32: "int32"}.get(np_t.type, "float")
             out.append(_Input(i.name, dims, f"tensor({name})"))
         return out
 

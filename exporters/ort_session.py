@@ -149,7 +149,9 @@ def input_shape(session: Any) -> tuple[int | str | None, ...]:
 
 def _input_dtype(session: Any) -> np.dtype:
     t = session.get_inputs()[0].type  # "tensor(float)"
-    return {"tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64)}.get(
+    return {"tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64),
+            # token ids of an Embedding front end: fed as ids, never through float
+            "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}.get(
         t, np.dtype(np.float32)
     )
 

@@ -7,6 +7,7 @@ folded BN, ReLU6), DeiT-style blocks (LayerNorm, ``F.scaled_dot_product_attentio
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -15,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fixtures_models as fm
+from fqexport.calibration.readers import validate_group_data
 from fqexport.config import QuantConfig
-from fqexport.errors import UnsupportedLayerError
+from fqexport.errors import DataError, UnsupportedLayerError
 from fqexport.metadata import ExportMetadata
 from fqexport.pipeline.compress import compress
-
-
+from fqexport.validation.gate import validate
 
 
 class InvertedResidual(nn.Module):
@@ -254,3 +255,136 @@ def test_float_layers_are_warned_recorded_and_counted_at_32_bits(tabular_data, t
     assert ExportMetadata.from_dict(old).float_layers == () and ExportMetadata.from_dict(old).quantized_fraction is None
     with pytest.raises(UnsupportedLayerError, match=r"1 layer\(s\) cannot be quantized and strict=True .*'rnn' \(GRU"):
         compress(net, tabular_data, QuantConfig(num_calib=64, strict=True), progress=False)
+
+
+class ECGNet(nn.Module):
+    """A 1-D CNN over a 1-channel signal of 64 samples: (Conv1d + BN + ReLU) x3, global average
+    pool, Linear."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        layers, c = [], 1
+        for i, (k, s) in enumerate([(7, 1), (5, 2), (3, 2)]):
+            layers += [nn.Conv1d(c, width, k, stride=s, padding=k // 2, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(-1))
+
+
+@pytest.fixture(scope="module")
+def signal_data(tabular_data):
+    """The tabular task's 64 features as a 1-channel signal ``[N, 1, 64]``."""
+    d = tabular_data
+    return type(d)(d.x.reshape(len(d), 1, -1), d.y, d.group, d.group_names, "signal-task")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_conv1d_net_goes_through_the_solver_and_fuses_qlinearconv(signal_data, tmp_path, bits):
+    torch.manual_seed(0)
+    net = fm.train(ECGNet(), signal_data, epochs=6)
+    cm, result, ops, per_group = _run(net, signal_data, tmp_path, weight_bits=bits)
+    convs = [f"features.{i}" for i in (0, 3, 6)]
+    assert list(cm.layers) == [*convs, "head"] and cm.quantized_fraction == 1.0
+    assert cm.metadata.float_layers == () and cm.metadata.skipped_layers == ()
+    # BN folded into every Conv1d; the codes keep the weight's [out, in, k] shape, on the grid
+    assert all(cm.layers[n].codes.shape == net.get_submodule(n).weight.shape for n in convs)
+    assert all(int(cm.layers[n].codes.abs().max()) <= cm.layers[n].qmax for n in convs)
+    assert "BatchNormalization" not in ops
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    # ORT fuses the 1-D convs into QLinearConv like 2-D ones
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops
+
+
+VOCAB, SEQ = 50, 12
+
+
+class TextClassifier(nn.Module):
+    """Token ids ``[B, T]`` int64 → Embedding → mean over tokens → Linear → ReLU → Linear."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, fm.NUM_CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.embed(ids).mean(1))))
+
+
+def _token_data(n: int = 320, seed: int = 0):
+    """Label = which quarter of the vocabulary most tokens come from; the minority (30%) draws
+    from the upper half of each quarter only."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, fm.NUM_CLASSES, n)
+    group = (rng.random(n) < 0.3).astype(np.int64)
+    q = VOCAB // fm.NUM_CLASSES
+    lo = y[:, None] * q + np.where(group[:, None] == 1, q // 2, 0)
+    ids = lo + rng.integers(0, q // 2, (n, SEQ))
+    noise = rng.random((n, SEQ)) < 0.3
+    ids = np.where(noise, rng.integers(0, VOCAB, (n, SEQ)), ids).astype(np.int64)
+    return validate_group_data(ids, y, group, ["a", "b"], "token-task")
+
+
+def test_embedding_rows_are_quantized_and_token_ids_stay_int64(tmp_path):
+    data = _token_data()
+    assert data.x.dtype == np.int64  # the reader keeps integer ids, never casts them to float
+    torch.manual_seed(0)
+    net = fm.train(TextClassifier(), data, epochs=8)
+    cm, result, ops, per_group = _run(net, data, tmp_path)
+    assert list(cm.layers) == ["embed", "fc", "head"] and cm.quantized_fraction == 1.0
+    emb = cm.layers["embed"]
+    assert emb.kind == "embedding" and emb.scale.shape == (VOCAB,) and emb.codes.shape == (VOCAB, 32)
+    # per-row round to nearest: each row's largest |code| is the grid's qmax
+    assert bool((emb.codes.abs().amax(1) == emb.qmax).all())
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    model = onnx.load(result.path)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "embed.weight"]
+    assert len(dq) == 1 and [a.i for a in dq[0].attribute if a.name == "axis"] == [0]
+    assert "Gather" in ops
+    sess = _optimized_session(result.path)[0]
+    got = sess.run(None, {sess.get_inputs()[0].name: data.x})[0]
+    # validate feeds the int64 ids as they are (a float feed would be refused by ORT)
+    report = validate(result.path, data, measure_latency=False)
+    assert report.metrics.group_min("accuracy")[1] == pytest.approx(
+        min(float((got.argmax(1) == data.y)[data.group == g].mean()) for g in range(2)))
+
+
+def test_token_ids_are_range_checked(tmp_path):
+    data = _token_data(n=64)
+    with pytest.raises(DataError, match=r"field 'x' holds signed integers, read as token ids .* negative id -3"):
+        validate_group_data(np.full((4, SEQ), -3), np.zeros(4), np.zeros(4), None, "ids.npz")
+    small = TextClassifier()
+    small.embed = nn.Embedding(10, 32)
+    with pytest.raises(DataError, match=r"token-task: field 'x' holds the token id 4\d outside the vocabulary "
+                                        r"\[0, 10\) of the model's Embedding 'embed'"):
+        compress(small, data, QuantConfig(num_calib=64, method="rtn"), progress=False)
+
+
+class DecoderHead(nn.Module):
+    """Conv2d encoder (stride 2), a ConvTranspose2d upsampling back to 16x16, pooled to logits."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.head = nn.Linear(width, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(torch.relu(self.up(self.enc(x))), 1).flatten(1))
+
+
+def test_conv_transpose2d_stays_float_with_the_warning_and_exports(image_data, tmp_path, caplog):
+    torch.manual_seed(0)
+    net = fm.train(DecoderHead(), image_data, epochs=4)
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        cm, result, ops, per_group = _run(net, image_data, tmp_path)
+    up = 8 * 8 * 2 * 2
+    assert f"'up' (ConvTranspose2d, {up} params)" in caplog.text
+    assert list(cm.layers) == ["enc.0", "head"]
+    assert [(r.name, r.kind, r.bits) for r in cm.metadata.float_layers] == [("up", "ConvTranspose2d", 32)]
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    assert "ConvTranspose" in ops and ops.count("QLinearConv") == 1

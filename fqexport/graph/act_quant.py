@@ -25,6 +25,10 @@ from torch import nn
 
 from fqexport.quant.grid import act_qparams, fake_quantize_act
 
+# Modules whose input gets a Q/DQ pair when quantized (ORT fuses QLinearConv / QGemm /
+# MatMulInteger on them); Conv1d exports as a 1-D ONNX Conv.
+_WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+
 
 @torch.library.custom_op("fqexport::act_qdq", mutates_args=())
 def act_qdq(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -161,7 +165,7 @@ def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None) ->
 
 def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], dependent: set[torch.fx.Node]) -> list[torch.fx.Node]:
     """Tensor inputs of ``node`` that must arrive quantized (empty for other ops)."""
-    if node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear)):
+    if node.op == "call_module" and isinstance(modules.get(node.target), _WEIGHT_LAYERS):
         return [node.args[0]] if isinstance(node.args[0], torch.fx.Node) else []
     if _is_add(node, dependent):
         return [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
@@ -185,7 +189,8 @@ def insert_act_quantizers(
 
     def quantized_op(node: torch.fx.Node) -> bool:
         if node.op == "call_module" and node.target in layers:
-            return True
+            # an Embedding's Gather gets no pair: its float rows feed the next quantized op's input pair
+            return isinstance(modules.get(node.target), _WEIGHT_LAYERS)
         return _is_add(node, dependent) and bool(layers)
 
     # 1. Tensors to quantize: outputs of quantized ops (after a sole ReLU user), and inputs.

@@ -1,7 +1,7 @@
 """Model graph preparation: trace with torch.fx, check layers, fold BatchNorm, list layers.
 
-Quantizable layers are ``nn.Conv2d`` (groups=1, grouped and depthwise) and ``nn.Linear``
-(subclasses included); a BatchNorm right after a conv (``nn.BatchNorm2d`` or a subclass, or a
+Quantizable layers are ``nn.Conv2d`` and ``nn.Conv1d`` (groups=1, grouped and depthwise),
+``nn.Linear`` and ``nn.Embedding`` (per row, round to nearest; subclasses included); a BatchNorm right after a conv (``nn.BatchNorm2d`` or a subclass, or a
 traced ``F.batch_norm`` on parameters, e.g. timm's ``BatchNormAct2d``) or a Linear
 (``BatchNorm1d``) is folded into it. Normalisation layers (LayerNorm, GroupNorm, InstanceNorm,
 RMSNorm, BatchNorm that cannot be folded) stay float ops between the quantized layers.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ from fqexport.graph.decompose import decompose_attention
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE = (nn.Conv2d, nn.Linear)
+QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.Embedding)
+_CONVS = (nn.Conv2d, nn.Conv1d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers with parameters that stay float ops between quantized layers, by design.
 NORMS = _BATCHNORM + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
@@ -52,7 +54,7 @@ MSG_TRACE = (
 )
 MSG_UNSUPPORTED = (
     "{count} layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: "
-    "{layers}. Supported: Conv2d, Linear (also inside nn.MultiheadAttention / "
+    "{layers}. Supported: Conv2d, Conv1d, Linear, Embedding (also inside nn.MultiheadAttention / "
     "nn.TransformerEncoder), BatchNorm (folded), normalisation layers (float), activations, "
     "residual adds, pooling, flatten, attention. Drop strict to leave them in float"
 )
@@ -130,8 +132,13 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
         if node.op == "call_module":
             mod = modules.get(node.target)
             name = str(node.target)
-            if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-                out[name] = FloatLayer(name, f"Conv2d(padding_mode={mod.padding_mode!r})", _weight_params(mod))
+            if isinstance(mod, _CONVS) and mod.padding_mode != "zeros":
+                kind = f"{type(mod).__name__}(padding_mode={mod.padding_mode!r})"
+                out[name] = FloatLayer(name, kind, _weight_params(mod))
+            elif isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse):
+                # max_norm renormalises rows in place at every lookup: not a fixed integer table
+                out[name] = FloatLayer(name, "Embedding(max_norm)" if mod.max_norm is not None
+                                       else "Embedding(sparse)", _weight_params(mod))
             elif (not isinstance(mod, QUANTIZABLE + NORMS) and any(True for _ in mod.parameters(recurse=False))) or (
                 not isinstance(mod, QUANTIZABLE) and _weight_params(mod, recurse=True)
             ):
@@ -218,7 +225,7 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
             continue
         layer = modules.get(src.target)
         channels = params[0].shape[0]
-        if isinstance(layer, nn.Conv2d) and layer.out_channels == channels:
+        if isinstance(layer, _CONVS) and layer.out_channels == channels:
             pairs.append((src, node, params))
         elif isinstance(layer, nn.Linear) and layer.out_features == channels and not (
             node.op == "call_module" and not isinstance(modules[node.target], nn.BatchNorm1d)
@@ -230,7 +237,7 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
 def convs_followed_by_batchnorm(gm: torch.fx.GraphModule) -> set[str]:
     """Names of convs whose only user is a BatchNorm (what ``fold_batchnorm`` folds)."""
     modules = dict(gm.named_modules())
-    return {str(src.target) for src, _, _ in _foldable(gm, modules) if isinstance(modules[src.target], nn.Conv2d)}
+    return {str(src.target) for src, _, _ in _foldable(gm, modules) if isinstance(modules[src.target], _CONVS)}
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
@@ -246,7 +253,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
     for src, bn_node, (mean, var, weight, bias, eps) in _foldable(gm, modules):
         layer = modules[src.target]
         with torch.no_grad():
-            if isinstance(layer, nn.Conv2d):
+            if isinstance(layer, _CONVS):
                 w, b = fuse_conv_bn_weights(layer.weight, layer.bias, mean, var, eps, weight, bias)
                 folded.add(str(src.target))
             else:
@@ -268,7 +275,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
 def quantizable_layers(
     gm: torch.fx.GraphModule, skip: set[str] = frozenset(), had_batchnorm: set[str] = frozenset()
 ) -> list[LayerInfo]:
-    """Conv2d/Linear layers in execution order (each called once), minus ``skip``."""
+    """Conv2d/Conv1d/Linear layers in execution order (each called once), minus ``skip``."""
     modules = dict(gm.named_modules())
     seen: list[LayerInfo] = []
     names = set()
@@ -285,12 +292,13 @@ def quantizable_layers(
                 "layer for one call site (weight sharing is not supported)"
             )
         names.add(name)
-        kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
+        # Conv1d is a "conv" like Conv2d: per-output-channel rows (axis 0), channels on dim 1.
+        kind = "conv" if isinstance(mod, _CONVS) else "embedding" if isinstance(mod, nn.Embedding) else "linear"
         seen.append(LayerInfo(name, kind, mod.weight.numel(), name in had_batchnorm))
     return seen
 
 
-MSG_NO_LAYERS = "the model has no Conv2d or Linear layer to quantize"
+MSG_NO_LAYERS = "the model has no Conv2d, Conv1d or Linear layer to quantize"
 
 
 @dataclass(frozen=True)
@@ -339,7 +347,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True) -> PreparedMo
 
 
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
-    """Multiply-accumulates per sample of each named Conv2d/Linear layer."""
+    """Multiply-accumulates per sample of each named Conv2d/Conv1d/Linear layer."""
     modules = dict(model.named_modules())
     macs: dict[str, int] = {}
     hooks = []
@@ -347,9 +355,11 @@ def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
     def make_hook(name: str):
         def hook(mod, inputs, output):
             batch = max(int(inputs[0].shape[0]), 1)
-            if isinstance(mod, nn.Conv2d):
-                per_out = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            if isinstance(mod, _CONVS):
+                per_out = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
                 macs[name] = int(output.numel() // batch * per_out)
+            elif isinstance(mod, nn.Embedding):
+                macs[name] = 0  # a row lookup, no multiply-accumulate
             else:
                 macs[name] = int(output.numel() // batch * mod.in_features)
 

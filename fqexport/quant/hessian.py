@@ -1,8 +1,9 @@
 """Group-weighted layer Hessians accumulated from a layer's inputs, streamed over batches (the
 pipeline's hooks feed :meth:`HessianAccumulator.add`; no hooks here).
 
-For one Conv2d/Linear layer with input rows ``x`` (Linear: one row per sample and leading
-position; Conv2d: one row per unfolded patch), data group ``g`` contributes
+For one Conv1d/Conv2d/Linear layer with input rows ``x`` (Linear: one row per sample and leading
+position; Conv2d: one row per unfolded patch; Conv1d: one row per window of ``k`` positions, taken
+as a Conv2d with kernel ``(1, k)`` on a ``[B, C, 1, L]`` view), data group ``g`` contributes
 
     H_g = 2 · Σ_{x ∈ g} x xᵀ / N_g          (N_g = rows of group g)
 
@@ -29,6 +30,7 @@ Grouped convs (``groups = G > 1``, depthwise included) get one Hessian per conv 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +44,8 @@ log = logging.getLogger(__name__)
 _UNFOLD_CHUNK_ELEMS = 1 << 25
 
 _MSG_LAYER = (
-    "hessian: layer {name!r} is a {kind}; only torch.nn.Linear and torch.nn.Conv2d layers "
-    "get a Hessian (leave it in float with skip_unsupported=True)"
+    "hessian: layer {name!r} is a {kind}; only torch.nn.Linear, torch.nn.Conv1d and "
+    "torch.nn.Conv2d layers get a Hessian (leave it in float with skip_unsupported=True)"
 )
 _MSG_INPUT = (
     "hessian: layer {name!r} ({kind}) got an input of shape {shape}; expected {expected}"
@@ -63,6 +65,20 @@ _MSG_FLOAT_INPUT = (
 _MSG_WEIGHTS = (
     "hessian: group_weights must be {g} finite values >= 0 (one per group id); got {got}"
 )
+
+
+def _conv2d_view(module: nn.Conv1d | nn.Conv2d) -> nn.Conv2d:
+    """The Conv2d that computes ``module`` on a ``[B, C, 1, L]`` view (Conv1d: kernel ``(1, k)``,
+    same stride/padding/dilation along the width); a Conv2d is returned as is. Only its geometry
+    is read (no weight is copied)."""
+    if isinstance(module, nn.Conv2d):
+        return module
+    pad = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+    return nn.Conv2d(
+        module.in_channels, module.out_channels, (1, module.kernel_size[0]), stride=(1, module.stride[0]),
+        padding=pad, dilation=(1, module.dilation[0]), groups=module.groups, bias=False,
+        padding_mode=module.padding_mode, device="meta",
+    )
 
 
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -96,16 +112,18 @@ class HessianAccumulator:
             self.kind = "Linear"
             self.conv_groups = 1
             self.cols = module.in_features
-        elif isinstance(module, nn.Conv2d):
-            self.kind = "Conv2d"
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            # Conv1d: rows from its Conv2d twin on a [B, C, 1, L] view (kernel (1, k)), so the
+            # columns keep the weight's [C/G, k] order.
+            self.kind = "Conv1d" if isinstance(module, nn.Conv1d) else "Conv2d"
             self.conv_groups = int(module.groups)
-            kh, kw = module.kernel_size
-            self.cols = module.in_channels // module.groups * kh * kw
+            self.cols = module.in_channels // module.groups * math.prod(module.kernel_size)
         else:
             raise UnsupportedLayerError(_MSG_LAYER.format(name=name, kind=type(module).__name__))
         if int(num_groups) < 1:
             raise ConfigError(f"hessian: num_groups={num_groups!r} must be >= 1")
         self.module = module
+        self._conv = _conv2d_view(module) if self.kind != "Linear" else None
         self.name = name
         self.num_groups = int(num_groups)
         self.accum_dtype = accum_dtype
@@ -125,12 +143,13 @@ class HessianAccumulator:
                     name=self.name, kind=self.kind, shape=tuple(x.shape),
                     expected=f"[B, ..., {self.cols}]"))
             return x.float().reshape(x.shape[0], 1, -1, self.cols)
-        assert isinstance(m, nn.Conv2d)
-        if x.dim() != 4 or x.shape[1] != m.in_channels:
+        conv1d = self.kind == "Conv1d"
+        if x.dim() != (3 if conv1d else 4) or x.shape[1] != m.in_channels:
             raise DataError(_MSG_INPUT.format(
                 name=self.name, kind=self.kind, shape=tuple(x.shape),
-                expected=f"[B, {m.in_channels}, H, W]"))
-        x = x.float()
+                expected=f"[B, {m.in_channels}, L]" if conv1d else f"[B, {m.in_channels}, H, W]"))
+        m = self._conv
+        x = x.float().unsqueeze(2) if conv1d else x.float()
         left, right, top, bottom = _conv_padding(m)
         if m.dilation == (1, 1):
             # Strided windows, one copy straight into the [B, G, L, cols] row layout (the
@@ -156,12 +175,12 @@ class HessianAccumulator:
 
     def _chunk(self, x: torch.Tensor) -> int:
         """Batch items per unfold chunk (bounds the memory of unfolded conv inputs)."""
-        if self.kind == "Linear" or x.dim() != 4:
+        if self.kind == "Linear" or x.dim() not in (3, 4):
             return max(1, x.shape[0])
-        m = self.module
-        assert isinstance(m, nn.Conv2d)
+        m = self._conv
         kh, kw = m.kernel_size
-        per_item = m.in_channels * kh * kw * x.shape[2] * x.shape[3] // (m.stride[0] * m.stride[1])
+        spatial = math.prod(x.shape[2:])
+        per_item = m.in_channels * kh * kw * spatial // (m.stride[0] * m.stride[1])
         return max(1, _UNFOLD_CHUNK_ELEMS // max(1, per_item))
 
     def add(self, inputs: torch.Tensor, group: torch.Tensor, float_inputs: torch.Tensor | None = None) -> None:

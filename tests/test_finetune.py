@@ -28,7 +28,7 @@ from fqexport.finetune.losses import (
     group_means,
     per_sample_loss,
 )
-from fqexport.finetune.qat import build_student, lsq_fake_quant, write_back
+from fqexport.finetune.qat import build_student, lsq_fake_quant, requantize, write_back
 from fqexport.finetune.samplers import (
     coreset_indices,
     group_balanced_batches,
@@ -254,6 +254,30 @@ def test_coreset_sees_less_data(mlp_cm2, mlp_data):
     assert rec["samples_seen"] < 0.3 * rec["num_fit"]
 
 
+def test_coreset_keeps_where_quantization_moved_the_model_in_group_balanced_batches():
+    # student == teacher except on 5 samples; the labels are ones neither model predicts, so
+    # label cross-entropy is high everywhere and says nothing about what quantization broke
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    group = np.array([0] * 60 + [1] * 20)
+    student = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        teacher = student(torch.from_numpy(x))
+    y = teacher.argmin(1)
+    moved = [1, 5, 9, 61, 65]
+    teacher = teacher.clone()
+    teacher[moved] += torch.tensor([4.0, -4.0, 0.0])
+    fit = GroupData(x, y.numpy(), group, ("a", "b"))
+    cfg = FinetuneConfig(batch_size=4, sampler="core-set", coreset_fraction=0.05, coreset_min_per_group=2,
+                         coreset_score="disagreement")
+    batches = ft_run._epoch_batches(student, fit, y, torch.from_numpy(group), teacher, cfg,
+                                    np.random.default_rng(0), torch.device("cpu"), 2)
+    assert sorted(set(np.concatenate(batches).tolist())) == moved  # 3 of a (5% of 60), 2 of b (the floor)
+    # ceil(5 / 4) batches, each with as many samples of a as of b (b's two are revisited)
+    assert [sorted(group[b].tolist()) for b in batches] == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    assert ft_run._steps_per_epoch(group, cfg) == len(batches)
+
+
 def test_finetune_from_a_float_model_runs_the_ptq_start(mlp_model, mlp_data):
     out = finetune(mlp_model, mlp_data, FinetuneConfig(weight_bits=4, loss="group-weighted",
                                                         group_weights={"b": 3, "a": 1}, **FAST), progress=False)
@@ -294,6 +318,19 @@ def test_dampening_is_zero_on_the_grid_and_pulls_only_latent_weights(mlp_cm2):
     d.backward()
     assert m.ratio.grad is None or float(m.ratio.grad.abs().sum()) == 0.0
     assert float(m.latent.grad.abs().sum()) > 0
+
+
+def test_requantize_starts_from_latent_weights_clipped_to_the_trained_range(mlp_cm2):
+    # a latent weight past the grid's edge computes as the edge in training; re-quantized at
+    # 8 bits it must come back as the edge, not as its drifted value
+    _, weights, _ = build_student(mlp_cm2.reference, mlp_cm2.layers)
+    name, m = next(iter(weights.items()))
+    with torch.no_grad():
+        m.latent[0].fill_(m.qmax + 0.4)
+    step = m.s0[0].reshape(-1)
+    assert torch.allclose(m.latent_weight()[0].reshape(-1), (m.qmax * step).expand(m.latent[0].numel()))
+    w8 = requantize(m, mlp_cm2.layers[name], 8, "x86-safe").dequantized()[0]
+    assert float(w8.abs().max()) <= float(m.qmax * step.abs()) * (1 + 1 / 63) + 1e-7
 
 
 def test_oscillation_keeps_latent_weights_near_the_grid_and_widths_export(mlp_model, mlp_data, tmp_path):

@@ -9,6 +9,8 @@ import numpy as np
 
 from fqexport.cli import main
 from fqexport.cli.finetune import (
+    MSG_EXPORT_BITS,
+    MSG_EXPORT_BITS_WITHOUT,
     MSG_LEARN_BITS_BUDGET,
     MSG_LEARN_BITS_WITHOUT,
     MSG_NO_TRAIN,
@@ -94,3 +96,48 @@ def test_compress_learn_bits_meets_the_budget(mlp_files, tmp_path):
     assert "learned widths (BAQ, budget 2.5 bits" in stdout
     meta = read_metadata(out)
     assert meta.avg_weight_bits <= 2.5 and meta.finetune["baq"]["bits"] == {r.name: r.bits for r in meta.layers}
+
+
+def test_export_bits_writes_one_file_per_width_from_one_run(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+                                   "--oscillation", "0.1", "--export-bits", "3,8"))
+    assert code == 0, err
+    assert not out.exists() and stdout.count("fine-tuning (ce, natural sampling): 1 epoch(s)") == 1
+    metas = {b: read_metadata(tmp_path / f"m.w{b}.onnx") for b in (3, 8)}
+    for b, meta in metas.items():
+        assert {r.bits for r in meta.layers} == {b} and meta.avg_weight_bits == b
+        assert meta.finetune["requantized_to"] == b
+    # one run: both files carry the same fine-tuning record (same kept epoch, same steps)
+    assert metas[3].finetune["steps"] == metas[8].finetune["steps"] > 0
+    assert metas[3].finetune["history"] == metas[8].finetune["history"]
+
+
+def test_export_bits_collision_is_caught_before_compute(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    report = tmp_path / "m.w4.onnx"
+    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+                                   "--export-bits", "4,8", "--report", report))
+    assert code == 2 and "--report" in err and "--export-bits (4 bits)" in err and "fine-tuning" not in stdout
+    assert not report.exists() and not (tmp_path / "m.w8.onnx").exists()
+
+
+def test_export_bits_bad_values_and_without_finetune_are_bad_input(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    for bad in ("3,3", "1,4", "four"):
+        code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+                                  "--export-bits", bad))
+        assert code == 2 and MSG_EXPORT_BITS.format(value=bad) in err
+    code, _, err = _run(_args(mlp_files, out, "--export-bits", "3,4"))
+    assert code == 2 and MSG_EXPORT_BITS_WITHOUT in err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_rounding_adaptive_is_recorded_in_the_exported_metadata(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+                              "--rounding", "adaptive"))
+    assert code == 0, err
+    rec = read_metadata(out).finetune
+    assert rec["settings"]["rounding"] == "adaptive"
+    assert {r["kept"] for r in rec["adaptive_rounding"]["layers"].values()} <= {"solver", "adaptive"}

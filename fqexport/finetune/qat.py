@@ -121,8 +121,12 @@ class LearnableWeight(nn.Module):
 
     @torch.no_grad()
     def latent_weight(self) -> torch.Tensor:
-        """The latent float weight (weight shape)."""
-        return (self.s0 * self.latent).detach()
+        """The latent float weight (weight shape), clipped to the trained grid's range:
+        s · clamp(w / s, qmin, qmax). Training only ever saw weights inside that range; a latent
+        weight that drifted past it (Adam's momentum keeps moving it where the clamp stops the
+        gradient) would otherwise come back larger when re-quantized at a wider grid."""
+        step = self.s0 * self.ratio.clamp_min(_MIN_RATIO)
+        return (step * torch.clamp(self.s0 * self.latent / step, self.qmin, self.qmax)).detach()
 
     @torch.no_grad()
     def codes(self) -> torch.Tensor:

@@ -34,6 +34,7 @@ from fqexport.calibration.readers import check_labels, load_data
 from fqexport.calibration.sampling import group_balanced_subset, split_holdout
 from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig
 from fqexport.errors import ConfigError, DataError
+from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.finetune.baq import (
     average_bits,
     budget_penalty,
@@ -228,7 +229,9 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
         fixed_weights = torch.as_tensor(vec / vec.sum(), dtype=torch.float32)
     device = _device(config.device)
     torch.manual_seed(config.seed)
-    ptq, baq = cm, None
+    ptq, baq, rounding = cm, None, None
+    if config.rounding == "adaptive":
+        cm, rounding = adaptive_rounding(cm, data, iters=config.adaround_iters, seed=config.seed)
     if config.learn_bits:
         cm, baq = _learn_bits(cm, data, config, device, fixed_weights, progress)
     rng = np.random.default_rng(config.seed)
@@ -252,7 +255,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
     opt = torch.optim.Adam([{"params": latent, "lr": config.lr},
                             {"params": aux, "lr": config.lr * _AUX_LR}])
     base_lrs = [g["lr"] for g in opt.param_groups]
-    steps_per_epoch = _steps_per_epoch(len(fit), config)
+    steps_per_epoch = _steps_per_epoch(fit.group, config)
     total_steps = max(1, steps_per_epoch * config.epochs)
 
     def hold_metrics():
@@ -347,14 +350,18 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
         "latent_offgrid": round(sum(float(m.dampening().detach()) for m in weights.values())
                                 / sum(m.latent.numel() for m in weights.values()), 6),
         "baq": baq,
+        "adaptive_rounding": rounding,
         "final_group_weights": {n: round(float(v), 6) for n, v in zip(names, q.cpu())} if config.loss == "worst-group" else None,
     }
     return cm, replace(result, metadata=replace(result.metadata, finetune=record)), weights, acts
 
 
-def _steps_per_epoch(n: int, config: FinetuneConfig) -> int:
+def _steps_per_epoch(group: np.ndarray, config: FinetuneConfig) -> int:
+    n = len(group)
     if config.sampler == "core-set":
-        n = max(1, int(math.ceil(config.coreset_fraction * n)))
+        sizes = np.bincount(np.asarray(group))
+        n = int(sum(min(int(c), max(int(math.ceil(config.coreset_fraction * c)), config.coreset_min_per_group))
+                    for c in sizes if c))
     return max(1, -(-n // config.batch_size))
 
 
@@ -365,11 +372,16 @@ def _epoch_batches(student, fit: GroupData, fit_y, fit_g, teacher_fit, config: F
         return natural_batches(len(fit), config.batch_size, rng)
     if config.sampler == "group-balanced":
         return group_balanced_batches(fit.group, num_groups, config.batch_size, rng)
+    # The core-set: per group, the hardest samples by the current student's score (forward only);
+    # batches drawn group-balanced from them, so each step's group losses (and the worst-group
+    # weights) see every group, however small its share of the core-set.
     logits = _logits(student, fit.x, device)
+    disagreement = config.coreset_score == "disagreement" and config.kd_weight > 0
     scores = per_sample_loss(logits, teacher_fit, fit_y, temperature=config.temperature,
-                             kd_weight=config.kd_weight, ce_weight=config.ce_weight).cpu().numpy()
+                             kd_weight=config.kd_weight,
+                             ce_weight=0.0 if disagreement else config.ce_weight).cpu().numpy()
     keep = coreset_indices(scores, fit.group, num_groups, config.coreset_fraction, config.coreset_min_per_group)
-    return [keep[b] for b in natural_batches(len(keep), config.batch_size, rng)]
+    return [keep[b] for b in group_balanced_batches(fit.group[keep], num_groups, config.batch_size, rng)]
 
 
 def _result(cm: CompressedModel, student, weights, acts) -> CompressedModel:

@@ -33,14 +33,14 @@ class WithLayerNorm(nn.Module):
         return self.fc2(self.norm(self.fc1(x)))
 
 
-class WithConv1d(nn.Module):
+class WithConvTranspose(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.seq = nn.Conv1d(2, 4, 3)
-        self.fc = nn.Linear(4 * 6, 3)
+        self.up = nn.ConvTranspose2d(2, 4, 2, stride=2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
 
     def forward(self, x):
-        return self.fc(self.seq(x).flatten(1))
+        return self.fc(self.up(x).flatten(1))
 
 
 class DataDependent(nn.Module):
@@ -72,8 +72,8 @@ def test_normalisation_layers_stay_float_ops_without_error(norm, caplog):
     assert caplog.text == ""
 
 
-def test_conv1d_is_unsupported_and_named():
-    assert unsupported_layers(trace(WithConv1d())) == [("seq", "Conv1d")]
+def test_conv_transpose_is_unsupported_and_named():
+    assert unsupported_layers(trace(WithConvTranspose())) == [("up", "ConvTranspose2d")]
 
 
 class OwnProjection(nn.Module):

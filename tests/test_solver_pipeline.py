@@ -172,15 +172,22 @@ def test_solver_export_matches_pytorch_in_onnx_runtime(mlp_mixed, mlp_mixed_expo
     assert float(np.abs(got - want).mean()) <= 0.005 * scale
 
 
-def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_export):
-    model = onnx.load(str(mlp_mixed_export.path))
+def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_export, tmp_path):
+    # storage "auto": the <=4-bit Linears of this MLP (one vector per sample) become MatMulNBits
+    auto = onnx.load(str(mlp_mixed_export.path))
+    nbits = [n for n in auto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == sum(1 for b in MIXED.values() if b <= 4)
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
+    # storage "packed": INT4 / INT2 containers hold the codes of the narrow layers; "int8": all
+    # layers in int8 — the codes themselves are checked in the int8 export
+    int8 = mlp_mixed.export(tmp_path / "int8.onnx", storage="int8")
+    model = onnx.load(str(int8.path))
     inits = {i.name: i for i in model.graph.initializer}
     for name in MLP_LAYERS:
         bits = MIXED[name]
         init = inits[f"{name}.weight_quantized"]
         assert f"{name}.weight" not in inits  # no float copy left
-        want = TensorProto.INT4 if bits <= 4 else TensorProto.INT8  # storage "auto"
-        assert init.data_type == want, name
+        assert init.data_type == TensorProto.INT8, name
         codes = numpy_helper.to_array(init).astype(np.int64)
         qmax = weight_qmax(bits)
         layer = mlp_mixed.layers[name]
@@ -199,9 +206,10 @@ def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_exp
         # a 3-bit solver layer uses its whole grid, not only 0 (the solver did quantize)
         if bits == 3:
             assert set(np.unique(codes)) == set(range(-qmax, qmax + 1))
-    meta = json.loads({p.key: p.value for p in model.metadata_props}["fqexport"])
+    meta = json.loads({p.key: p.value for p in auto.metadata_props}["fqexport"])
     assert {r["name"]: r["bits"] for r in meta["layers"]} == MIXED
-    assert {r["name"]: r["storage"] for r in meta["layers"]} == {"fc1": "int4", "fc2": "int8", "fc3": "int4"}
+    assert {r["name"]: r["storage"] for r in meta["layers"]} == {
+        n: ("nbits" if b <= 4 else "int8") for n, b in MIXED.items()}
     assert meta["method"] == "solver"
 
 

@@ -39,6 +39,11 @@ def _check_n(n: object) -> int:
 
 
 def group_balanced_subset(data: GroupData, n: int, seed: int = 0) -> GroupData:
+    """The samples :func:`group_balanced_indices` picks, in its order."""
+    return data.subset(group_balanced_indices(data, n, seed))
+
+
+def group_balanced_indices(data: GroupData, n: int, seed: int = 0) -> np.ndarray:
     """Draw up to ``n`` samples without replacement so that groups are as equal as possible.
 
     Each group gives ``n // G`` samples; a group with fewer gives all it has and the shortfall
@@ -61,7 +66,7 @@ def group_balanced_subset(data: GroupData, n: int, seed: int = 0) -> GroupData:
         data.source,
         dict(zip(data.group_names, take.tolist())),
     )
-    return data.subset(index)
+    return index
 
 
 def split_holdout(data: GroupData, fraction: float, seed: int = 0) -> tuple[GroupData, GroupData]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, get_args
 
@@ -19,6 +20,10 @@ Order = Literal["sensitivity", "hessian-diag", "natural", "obs"]
 SolverTarget = Literal["float-output", "layer"]
 Calibration = Literal["minmax", "percentile", "mse"]
 WeightRange = Literal["x86-safe", "full"]
+# The CPU/GPU family an export is for (docs/kernel-targets.md). ``portable``: safe on all of them,
+# checked like the most restrictive one (x86-avx2). The export check emulates the target's int8
+# kernels (exporters/kernel_emulation.py); ``gpu`` has no emulated CPU kernels.
+ExportTarget = Literal["portable", "x86-avx2", "x86-vnni", "arm64", "gpu"]
 Storage = Literal["auto", "int8", "packed"]
 # Storage modes a bytes budget can be counted in: the export's, or "ideal" (b bits per weight).
 BudgetStorage = Literal[Storage, "ideal"]
@@ -27,6 +32,12 @@ MixedObjective = Literal["worst-group", "mean", "weighted"]
 SensitivityMethod = Literal["measured", "fisher"]
 BudgetKind = Literal["bits", "bytes", "bops"]
 DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
+# Widths of the mixed-precision search by default: the containers ONNX Runtime loads (INT2, INT4,
+# int8); 3 and 5-7 bits only when asked, stored (and counted) in the next container up.
+SEARCH_BIT_CHOICES = (2, 4, 8)
+# Executors of the search's independent tasks (fqexport.engine); "auto": local with more than one core.
+EngineKind = Literal["auto", "serial", "local", "ray"]
+StartMethod = Literal["forkserver", "spawn"]
 
 MSG_BITS = "{where}={bits!r} is not supported: weight bits must be an integer from 2 to 8"
 MSG_CHOICE = "{where}={value!r} is not one of {choices}"
@@ -110,6 +121,15 @@ class QuantConfig:
         batch_size: batch size of calibration passes.
         weight_range: ``"x86-safe"`` keeps 8-bit weights in |q| <= 63 so the u8 x s8 kernels
             of AVX2 CPUs without VNNI cannot saturate; ``"full"`` uses |q| <= 127 (VNNI, GPU).
+            Never resolved from ``target``: choosing a target does not change the weights.
+        target: where the export will run (CLI ``--target``): ``"portable"`` (default: any CPU
+            or GPU), ``"x86-avx2"`` (AVX2 without VNNI), ``"x86-vnni"``, ``"arm64"`` or ``"gpu"``.
+            The export check also runs the QDQ file under the emulated int8 kernels of the
+            target (``portable`` and ``x86-avx2``: the saturating AVX2 kernels; ``gpu``: no
+            emulation) and refuses a file whose emulated logits disagree with the reference.
+            ``weight_range="full"`` is accepted for every target, but on ``portable`` /
+            ``x86-avx2`` such an export is refused when the AVX2 kernels saturate on the
+            calibration data; ``weight_range="full"`` needs ``x86-vnni``, ``arm64`` or ``gpu``.
         storage: ``"auto"`` stores <=4-bit layers as packed INT4 and others in int8;
             ``"int8"`` stores every layer in an int8 container (fused integer kernels, fastest);
             ``"packed"`` is ``"auto"`` with INT2 for 2-bit layers (opset 25).
@@ -123,7 +143,12 @@ class QuantConfig:
         bias_correction: correct each layer's bias for the mean output shift on calibration data.
         bn_reestimate: for convs that absorbed a BatchNorm, also re-estimate the BN statistics
             after quantization (a per-channel rescale of the weight scales; codes stay).
-        skip_unsupported: leave layers fqexport cannot quantize in float (warn) instead of failing.
+        skip_unsupported: leave weight layers fqexport cannot quantize (LSTM, Embedding, an
+            unsupported attention variant) in float with a warning that lists them all (default);
+            they are recorded in the metadata (``float_layers``) and count at 32 bits in the
+            average weight bits. Normalisation layers are float ops by design, not listed.
+        strict: refuse any float weight layer (UnsupportedLayerError naming all of them);
+            sets ``skip_unsupported`` to False. CLI: ``--strict``.
         device: where Hessian collection, the float-output retarget and the solver run:
             ``"auto"`` (CUDA when ``torch.cuda.is_available()``, else CPU), ``"cpu"`` or ``"cuda"``.
             Results are written back to CPU tensors either way.
@@ -146,16 +171,20 @@ class QuantConfig:
     num_calib: int = 512
     batch_size: int = 64
     weight_range: WeightRange = "x86-safe"
+    target: ExportTarget = "portable"
     storage: Storage = "auto"
     clip_search: bool | None = None
     bias_correction: bool = True
     bn_reestimate: bool = True
-    skip_unsupported: bool = False
+    skip_unsupported: bool = True
+    strict: bool = False
     device: Device = "auto"
     max_activation_memory_mb: float = 6144.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.strict:
+            object.__setattr__(self, "skip_unsupported", False)
         check_bits(self.weight_bits, "weight_bits")
         for name, bits in dict(self.layer_bits).items():
             check_bits(bits, f"layer_bits[{name!r}]")
@@ -164,6 +193,7 @@ class QuantConfig:
         check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
         check_choice(self.calibration, get_args(Calibration), "calibration")
         check_choice(self.weight_range, get_args(WeightRange), "weight_range")
+        check_choice(self.target, get_args(ExportTarget), "target")
         check_choice(self.storage, get_args(Storage), "storage")
         check_choice(self.device, get_args(Device), "device")
         if not (0.0 <= float(self.damp) < 10.0):
@@ -206,14 +236,79 @@ class QuantConfig:
 
 
 
+MSG_ENGINE_WORKERS = "workers={value!r} must be an integer >= 1 (default: the machine's cores); CLI: --workers 4"
+MSG_ENGINE_RESOURCES = "task_cpus={cpus!r} must be > 0 and task_gpus={gpus!r} >= 0 (Ray resources of one task)"
+MSG_ENGINE_RETRIES = "retries={value!r} must be an integer >= 0 (tries of a task whose worker died, after the first)"
+MSG_ENGINE_ADDRESS = "ray_address={value!r} is only used by engine='ray' (got engine={engine!r}); CLI: --engine ray"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the search's independent tasks run (sensitivity per layer × width, verification
+    fits per candidate × fold, sweep points); see :mod:`fqexport.engine`. Every engine gives
+    identical results: each task is seeded from its key and runs on one intra-op thread.
+
+    Attributes:
+        engine: ``"serial"`` (in this process, one task after another), ``"local"`` (a process
+            pool on this machine), ``"ray"`` (Ray tasks; ``pip install 'fqexport[ray]'``) or
+            ``"auto"`` (default: local when ``workers`` > 1, else serial).
+        workers: processes of the local pool (default ``os.cpu_count()``); with Ray, the CPUs of
+            the local cluster started when ``ray_address`` is None.
+        ray_address: ``"auto"``, ``"ray://host:10001"`` or ``"host:6379"`` of a running cluster;
+            ``None`` starts a local one.
+        task_cpus: Ray CPUs per task.
+        task_gpus: Ray GPUs per task (a fraction shares a GPU).
+        retries: tries of a task after its worker died, before the search stops.
+        start_method: how the local pool starts its workers; not ``fork`` (a forked copy of a
+            process with torch threads can deadlock).
+    """
+
+    engine: EngineKind = "auto"
+    workers: int | None = None
+    ray_address: str | None = None
+    task_cpus: float = 1.0
+    task_gpus: float = 0.0
+    retries: int = 1
+    start_method: StartMethod = "forkserver"
+
+    def __post_init__(self) -> None:
+        check_choice(self.engine, get_args(EngineKind), "engine")
+        check_choice(self.start_method, get_args(StartMethod), "start_method")
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ConfigError(MSG_ENGINE_WORKERS.format(value=w))
+        if not float(self.task_cpus) > 0 or not float(self.task_gpus) >= 0:
+            raise ConfigError(MSG_ENGINE_RESOURCES.format(cpus=self.task_cpus, gpus=self.task_gpus))
+        r = self.retries
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(MSG_ENGINE_RETRIES.format(value=r))
+        if self.ray_address is not None and self.engine != "ray":
+            raise ConfigError(MSG_ENGINE_ADDRESS.format(value=self.ray_address, engine=self.engine))
+
+    @property
+    def num_workers(self) -> int:
+        """``workers``, else the machine's cores."""
+        return int(self.workers or os.cpu_count() or 1)
+
+    @property
+    def kind(self) -> str:
+        """The engine that runs: ``"auto"`` resolved (local with more than one worker)."""
+        if self.engine != "auto":
+            return self.engine
+        return "local" if self.num_workers > 1 else "serial"
+
+
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
     """A fairness-aware mixed-precision search (see fqexport.search.mixed_precision).
 
     Exactly one budget is set:
-        budget_bits: parameter-weighted average weight bits (e.g. 4.0).
-        budget_bytes: weight bytes: packed codes of the export's storage mode + 5 bytes per
-            output channel (scale, zero point).
+        budget_bits: stored bits per weight, scales included (e.g. 3.0): the codes in the
+            containers the export writes (INT2, INT4, MatMulNBits, int8) plus per-channel
+            scales and zero points (per-block scales for MatMulNBits), over the weights.
+        budget_bytes: the written ONNX file's size (weights + scales + graph + metadata): the
+            search checks the written size and, when it is exceeded, refits the next smaller
+            allocation (fqexport.search.mixed_precision).
         budget_bops: Σ w_bits · a · MACs per sample, a the activation width
             (``fqexport.metadata.ACTIVATION_BITS``, 8).
 
@@ -221,7 +316,8 @@ class MixedPrecisionConfig:
         objective: ``"worst-group"`` (minimise the largest group loss increase + ``mean_weight``
             × the mean), ``"mean"`` (HAWQ-like, population-weighted) or ``"weighted"``
             (``group_weights``).
-        bit_choices: candidate widths per layer (2..8).
+        bit_choices: candidate widths per layer (2..8). Default (2, 4, 8): the containers ORT
+            loads; 3 and 5-7 bits only when listed, counted at their container (INT4, int8).
         pins: layer-name patterns (fnmatch) -> fixed width, e.g. ``{"stem.0": 8, "fc": 8}``.
         pin_first_last: pin the first and the last quantizable layer (execution order) to this
             width; ``None`` (default) leaves them free. ``pins`` naming the same layer with
@@ -230,9 +326,10 @@ class MixedPrecisionConfig:
         group_weights: per-group weights for ``"weighted"`` (group name -> weight).
         mean_weight: λ of the mean term in the worst-group objective.
         num_candidates: allocations actually quantized and measured on the held-out split.
-        verify_uniform: also verify the uniform allocation (every free layer at the widest
-            width of ``bit_choices`` within the budget), so the search never returns something
-            that measured worse than plain uniform quantization on the held-out split.
+        verify_uniform: also verify the uniform allocation at every width of ``bit_choices``
+            that fits the budget; the search returns a uniform one (and says why in
+            ``MixedPrecisionResult.fallback``) when the selected allocation measured a larger
+            held-out worst-group loss increase.
         verify_mean: for the ``"worst-group"`` and ``"weighted"`` objectives, also verify the
             mean-objective (population-weighted) optimum, so the search never returns something
             that measured worse than the HAWQ-like allocation on the held-out split.
@@ -241,43 +338,51 @@ class MixedPrecisionConfig:
             ``GridSearchCV(refit=True)``); the held-out figures of the result describe the
             held-in fits that were verified. ``False`` (only with ``verify_folds=1``): return
             the verified held-in fit itself.
-        verify_folds: cross-fitting of the verification. ``k >= 2`` (default 3): the
+        verify_folds: cross-fitting of the verification. ``k >= 2``: the
             calibration data is cut into k group-stratified folds; each candidate is quantized
             k times, each time on all folds but one, and measured on the one left out, so every
             calibration sample is held out exactly once (k× the verification time, and k× the
             held-out samples of the smallest group, whose few dozen samples otherwise decide the
-            winner). ``1``: a single hold-out split of ``holdout_fraction``.
+            winner). ``1`` (default): when the data has more samples than ``num_calib`` (at
+            least 50 of each group left over), the fits use exactly the samples ``compress``
+            draws and are measured on the rest, so the winner's fit is the refit (no extra fit);
+            else a single hold-out split of ``holdout_fraction``.
         holdout_fraction: share of each group held out for verification when ``verify_folds=1``.
         sensitivity_samples: group-balanced samples used to measure sensitivity.
         mw_steps: multiplicative-weights steps of the worst-group search.
         mw_eta: step size of the multiplicative-weights update.
         cache_path: optional JSON file caching the sensitivity table across runs.
         seed: seed of the hold-out split and the sample draws.
+        engine: where the independent tasks run (:class:`EngineConfig`; results do not depend
+            on it).
     """
 
     budget_bits: float | None = None
     budget_bytes: float | None = None
     budget_bops: float | None = None
     objective: MixedObjective = "worst-group"
-    bit_choices: tuple[int, ...] = DEFAULT_BIT_CHOICES
+    bit_choices: tuple[int, ...] = SEARCH_BIT_CHOICES
     pins: Mapping[str, int] = field(default_factory=dict)
     pin_first_last: int | None = None
     sensitivity: SensitivityMethod = "measured"
     group_weights: Mapping[str, float] | None = None
     mean_weight: float = 0.1
-    num_candidates: int = 3
+    num_candidates: int = 2
     verify_uniform: bool = True
     verify_mean: bool = True
     refit: bool = True
-    verify_folds: int = 3
+    verify_folds: int = 1
     holdout_fraction: float = 0.3
     sensitivity_samples: int = 512
     mw_steps: int = 60
     mw_eta: float = 0.5
     cache_path: str | None = None
     seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.engine, EngineConfig):
+            raise ConfigError(f"engine={self.engine!r} must be an EngineConfig, e.g. EngineConfig(engine='local', workers=4)")
         budgets = {f"budget_{k}": getattr(self, f"budget_{k}") for k in get_args(BudgetKind)}
         given = {k: v for k, v in budgets.items() if v is not None}
         if len(given) != 1:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
 import pytest
 
+from fqexport.errors import ConfigError
+from fqexport.search import allocation
 from fqexport.search.allocation import (
     Budget,
     LayerCost,
-    candidate_allocations,
     container_bits,
     first_last_pins,
     layer_resource,
@@ -19,8 +21,10 @@ from fqexport.search.allocation import (
     resource_used,
     search_pins,
 )
-from fqexport.errors import ConfigError
 from fqexport.search.sensitivity import SensitivityTable
+
+# the allocation math in nominal bits (no scales); stored sizes are tested below
+candidate_allocations = functools.partial(allocation.candidate_allocations, storage="ideal")
 
 BITS = (2, 3, 4, 8)
 GROUPS = ("majority", "minority")
@@ -94,14 +98,14 @@ def test_budget_never_exceeded(kind):
     rng = np.random.default_rng({"bits": 0, "bytes": 1, "bops": 2}[kind])
     for trial in range(12):
         t, infos = random_case(rng)
-        lo = resource_used({i.name: 2 for i in infos}, infos, kind)
-        hi = resource_used({i.name: 8 for i in infos}, infos, kind)
+        lo = resource_used({i.name: 2 for i in infos}, infos, kind, "ideal")
+        hi = resource_used({i.name: 8 for i in infos}, infos, kind, "ideal")
         value = float(rng.uniform(lo, hi))
         for objective in ("worst-group", "mean"):
             cands = candidate_allocations(t, infos, Budget(kind, value), objective, steps=10)
             for a in cands:
-                assert resource_used(a.bits, infos, kind) <= value + 1e-9
-                assert a.used == pytest.approx(resource_used(a.bits, infos, kind))
+                assert resource_used(a.bits, infos, kind, "ideal") <= value + 1e-9
+                assert a.used == pytest.approx(resource_used(a.bits, infos, kind, "ideal"))
 
 
 def test_mean_objective_is_the_exact_knapsack_optimum():
@@ -138,7 +142,7 @@ def test_pinned_layers_keep_their_width():
     a = candidate_allocations(t, infos, Budget("bits", 4.0), "worst-group", pins={"shared": 8, "b*": 2})[0]
     assert a.bits["shared"] == 8
     assert a.bits["big"] == 2
-    assert resource_used(a.bits, infos, "bits") <= 4.0
+    assert resource_used(a.bits, infos, "bits", "ideal") <= 4.0
     # a pinned width missing from the table uses the nearest measured width above it
     b = candidate_allocations(t, infos, Budget("bits", 5.0), "mean", pins={"minority_path": 6})[0]
     assert b.bits["minority_path"] == 6
@@ -172,11 +176,16 @@ def test_infeasible_budget_says_what_is_needed():
 
 def test_resources_bytes_and_bops():
     info = LayerCost("conv", params=1000, macs=50_000, channels=16)
-    # auto storage: 3 bits -> int4 container (500 B) + 5 B per channel
-    assert layer_resource(info, 3, "bytes", "auto") == 500 + 80
+    # auto storage keeps convs in int8 (1000 B + fp32 scale and int8 zero point per channel)
+    assert layer_resource(info, 3, "bytes", "auto") == 1000 + 80
     assert layer_resource(info, 6, "bytes", "auto") == 1000 + 80
-    assert layer_resource(info, 2, "bytes", "packed") == 250 + 80
+    # packed: 3 bits in INT4 (500 B + fp32 scales + 16 INT4 zero points), 2 bits in INT2
+    # (250 B + fp32 scales in a Mul + one unit scale and one zero point)
+    assert layer_resource(info, 3, "bytes", "packed") == 500 + 64 + 8
+    assert layer_resource(info, 2, "bytes", "packed") == 250 + 64 + 5
     assert layer_resource(info, 3, "bytes", "ideal") == 375 + 80
+    # stored bits count the scales
+    assert layer_resource(info, 2, "bits", "packed") == pytest.approx(8 * (250 + 64 + 5))
     assert layer_resource(info, 4, "bops") == 4 * 8 * 50_000
     assert container_bits(5, "int8") == 8
     with pytest.raises(ConfigError, match="budget kind='flops' is not one of bits, bytes, bops"):
@@ -218,3 +227,17 @@ def test_noisy_negative_or_non_monotone_deltas_do_not_buy_fewer_bits():
     if a.bits["noisy"] == 2:
         assert a.predicted["minority"] >= 0.03 - 1e-12
     assert all(v >= 0 for v in a.predicted.values())
+
+
+def test_stored_bits_count_containers_and_scales_and_uniform_candidates_cover_every_fitting_width():
+    t, infos = minority_layer_case()
+    # packed: 2 bits = (250 + 40 + 5) B, 4 bits (and 3, in INT4) = (500 + 40 + 5) B, 8 bits = 1050 B
+    assert allocation.stored_bits(infos[0], 3, "packed") == allocation.stored_bits(infos[0], 4, "packed") == 8 * 545 / 1000
+    found = allocation.uniform_allocations(t, infos, Budget("bits", 4.5))
+    assert [a.uniform_width for a in found] == [4, 3, 2]  # 8 bits (8.4 stored) does not fit
+    assert [a.weight_bytes for a in found] == [3 * 545, 3 * 545, 3 * 295]
+    assert found[0].avg_bits == 4.0 and found[0].stored_bits == pytest.approx(4.36)
+    a = allocation.candidate_allocations(t, infos, Budget("bits", 3.5))[0]
+    assert a.stored_bits <= 3.5 and a.used == pytest.approx(a.stored_bits)
+    with pytest.raises(ConfigError, match=r"needs 8\.4.*storage='int8' stores every width in an 8-bit container"):
+        allocation.candidate_allocations(t, infos, Budget("bits", 4.0), storage="int8")

@@ -51,7 +51,7 @@ def test_compress_end_to_end(compressed):
     assert lines[0].split() == ["name", "kind", "bits", "params", "macs", "storage"]
     rows = {l.split()[0]: l.split() for l in lines[2:5]}
     assert rows["fc1"] == ["fc1", "linear", "8", "16,384", "16,384", "int8"]
-    assert rows["fc3"] == ["fc3", "linear", "4", "1,024", "1,024", "int4"]
+    assert rows["fc3"] == ["fc3", "linear", "4", "1,024", "1,024", "nbits"]
     assert "wrote " in out and "mlp.onnx" in out and "opset 21" in out
     assert "top-1 agreement" in out and "on 200 calibration samples" in out
 
@@ -209,7 +209,11 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
         "--pin-first-last", "8", "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
     assert code == 0, err
     assert "mixed precision (worst-group, budget bits 4)" in stdout
-    assert "candidates verified on held-out calibration data (3-fold cross-fitted" in stdout
+    # 200 of 400 calibration samples drawn leave too few of group 'b' unused: a hold-out split
+    assert "candidates verified on held-out calibration data (a 30% hold-out split" in stdout
+    # the fits, their time and the stored size are printed next to the nominal bits
+    assert re.search(r"\n\d+ compress fits in [\d.]+ s; search [\d.]+ s; storage packed: nominal [\d.]+ bits, "
+                     r"stored [\d.]+ bits/weight with scales, [\d,]+ weight bytes", stdout)
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
     bits = {l["name"]: l["bits"] for l in meta["layers"]}
     assert bits["fc1"] == 8 and bits["fc3"] == 8  # pinned: --pin and --pin-first-last
@@ -230,6 +234,14 @@ def test_compress_verify_folds_flag(tmp_path, mlp_files, tests_dir, monkeypatch)
     code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "a.onnx", *base, "--verify-folds", "1"))
     assert code == 0, err
     assert "(a 30% hold-out split; predicted vs measured)" in stdout
+    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "c.onnx", *base, "--verify-folds", "3"))
+    assert code == 0, err
+    assert "(3-fold cross-fitted: every calibration sample held out once; predicted vs measured)" in stdout
+    # 128 drawn of 400: the fits are compress's own, measured on the 272 samples it leaves unused
+    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "d.onnx", *base, "--num-calib", "128"))
+    assert code == 0, err
+    assert ("(the 272 calibration samples compress does not draw; each fit is the compress fit itself, no refit; "
+            "predicted vs measured)") in stdout
     code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "b.onnx", *base, "--verify-folds", "0"))
     assert code == 2 and "verify_folds=0 must be an integer >= 1" in err
     assert not (tmp_path / "b.onnx").exists()

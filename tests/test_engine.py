@@ -192,6 +192,10 @@ def _assert_same(a, b):
     assert np.array_equal(ra.sensitivity.delta, rb.sensitivity.delta)  # bit for bit
     assert [c.allocation.bits for c in ra.candidates] == [c.allocation.bits for c in rb.candidates]
     assert [c.measured_loss_increase for c in ra.candidates] == [c.measured_loss_increase for c in rb.candidates]
+    assert (ra.fits, ra.fallback, ra.chosen.origin) == (rb.fits, rb.fallback, rb.chosen.origin)
+    # the default verification (verify_folds=1, data beyond num_calib): one fit per candidate,
+    # the winner's fit returned without a refit — rebuilt in this process for a pool's fits
+    assert ra.config.verify_folds == 1 and ra.fits == len(ra.candidates) and "refit" not in ra.seconds
     assert ba == bb  # the exported ONNX bytes
 
 
@@ -236,7 +240,8 @@ def test_cli_a_worker_that_dies_twice_exits_2_and_writes_nothing(tmp_path, mlp_f
     monkeypatch.chdir(tests_dir)
     monkeypatch.setenv(KILL_ENV, "fold 2/3")
     out, report = tmp_path / "mp.onnx", tmp_path / "report.json"
-    code, _, err = _cli(_search_args(mlp_files, out, "--engine", "local", "--workers", "2", "--report", report))
+    code, _, err = _cli(_search_args(mlp_files, out, "--verify-folds", "3", "--engine", "local", "--workers", "2",
+                                     "--report", report))
     assert code == 2, err
     assert "local engine: the worker running verification fit of candidate 0" in err
     assert "fold 2/3 died 2 times" in err

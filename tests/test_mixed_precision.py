@@ -9,9 +9,15 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+import torch
 
+import fqexport.search.mixed_precision as mp_module
 import fqexport.search.pareto as pareto_module
-from fqexport.calibration.sampling import split_holdout, stratified_folds
+from fqexport.calibration.sampling import (
+    group_balanced_indices,
+    split_holdout,
+    stratified_folds,
+)
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.metrics.group_metrics import group_metrics
@@ -20,11 +26,15 @@ from fqexport.search.allocation import (
     Allocation,
     Budget,
     candidate_allocations,
+    layer_container,
     resource_used,
+    stored_bytes,
 )
 from fqexport.search.mixed_precision import (
     Candidate,
+    _never_worse_than_uniform,
     _selection_key,
+    layer_costs,
     search_mixed_precision,
 )
 from fqexport.search.pareto import (
@@ -47,10 +57,24 @@ def search(mlp_model, mlp_data):
     return search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
 
 
+@pytest.fixture(scope="module")
+def search3(mlp_model, mlp_data, search):
+    """The same search with the old default: 3-fold cross-fitted verification and a refit."""
+    mp = replace(search.config, verify_folds=3)
+    return search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
+
+
+def unused_by_compress(data, base=BASE):
+    """Positions of the samples ``compress`` does not draw (its group-balanced ``num_calib``)."""
+    return np.setdiff1d(np.arange(len(data)), group_balanced_indices(data, base.num_calib, seed=base.seed))
+
+
 def test_search_stays_within_budget_and_honours_pins(search):
     alloc = search.allocation
-    assert alloc.avg_bits <= 3.0
-    assert resource_used(alloc.bits, search.layers, "bits") == pytest.approx(alloc.avg_bits)
+    # the budget counts stored bits (containers + scales), above the nominal average
+    assert alloc.avg_bits < alloc.stored_bits <= 3.0
+    assert resource_used(alloc.bits, search.layers, "bits", search.storage) == pytest.approx(alloc.stored_bits)
+    assert resource_used(alloc.bits, search.layers, "bits", "ideal") == pytest.approx(alloc.avg_bits)
     assert alloc.bits["fc3"] == 8
     assert set(alloc.bits) == {"fc1", "fc2", "fc3"}
     # the compressed model really has the allocated widths
@@ -132,11 +156,17 @@ def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_pat
     model = onnx.load(str(result.path))
     meta = json.loads({p.key: p.value for p in model.metadata_props}["fqexport"])
     assert [r["bits"] for r in meta["allocation"]["table"]] == [search.allocation.bits[n] for n in ("fc1", "fc2", "fc3")]
+    # a budget search exports with storage "packed" (storage "auto" in the QuantConfig): what the
+    # budget paid for is on disk — 2-bit layers INT2, 3-4-bit Linears MatMulNBits, 8 bits int8
+    assert search.storage == "packed" and meta["allocation"]["storage"] == "packed"
     storage = {r["name"]: r["storage"] for r in meta["layers"]}
-    for name, bits in search.allocation.bits.items():
-        assert storage[name] == ("int4" if bits <= 4 else "int8")
-    int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4 and len(t.dims) >= 2]
-    assert len(int4) == sum(1 for b in search.allocation.bits.values() if b <= 4) >= 1
+    want = {name: "int2" if bits <= 2 else "nbits" if bits <= 4 else "int8" for name, bits in search.allocation.bits.items()}
+    assert storage == want
+    int2 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT2 and len(t.dims) >= 2]
+    nbits = [n.name for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(int2) == list(want.values()).count("int2")
+    assert len(nbits) == list(want.values()).count("nbits")
+    assert len(int2) + len(nbits) >= 1
 
 
 def _candidate(correct: list[int], confidence: float, float_loss: float, groups=("a", "b")) -> Candidate:
@@ -150,7 +180,7 @@ def _candidate(correct: list[int], confidence: float, float_loss: float, groups=
     m = group_metrics(logits, y, group, groups)
     inc = {g: m.by_group[g]["loss"] - float_loss for g in groups}
     alloc = Allocation({"fc1": 2}, {g: 0.0 for g in groups}, "worst-group", 0.0, Budget("bits", 2.0), 2.0, 2.0)
-    return Candidate(alloc, m, inc)
+    return Candidate(alloc, metrics=m, measured_loss_increase=inc)
 
 
 def test_worst_group_selection_key_uses_the_measured_loss_increase():
@@ -206,11 +236,27 @@ def test_measured_best_must_beat_the_predicted_best_beyond_noise():
     assert _significantly_better([pred, clear], pred, group, groups, 0.1) is pred
 
 
-def test_refit_quantizes_the_winner_on_all_calibration_data(mlp_model, mlp_data, search):
+def test_default_verification_fit_is_the_refit_without_an_extra_fit(mlp_model, mlp_data, search):
+    # default verify_folds=1 and more data than num_calib (>= 50 of each group unused): every
+    # candidate is fitted once, exactly as compress fits it, and measured on the unused samples
+    assert search.config.verify_folds == 1 and search.config.num_candidates == 2
     plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(search.allocation.bits)), progress=False)
     np.testing.assert_array_equal(search.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+    assert search.fits == len(search.candidates) and "refit" not in search.seconds
+    assert search.fit_seconds == pytest.approx(sum(c.seconds for c in search.candidates))
     assert search.compressed.metadata.allocation["refit"] is True
-    assert search.seconds["refit"] > 0
+    # the held-out samples are exactly those compress leaves unused
+    rest = unused_by_compress(mlp_data)
+    m = group_metrics(plain.predict(mlp_data.x[rest]), mlp_data.y[rest], mlp_data.group[rest], mlp_data.group_names)
+    assert m.by_group == search.chosen.metrics.by_group
+
+
+def test_refit_quantizes_the_winner_on_all_calibration_data(mlp_model, mlp_data, search3):
+    plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(search3.allocation.bits)), progress=False)
+    np.testing.assert_array_equal(search3.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+    assert search3.compressed.metadata.allocation["refit"] is True
+    assert search3.seconds["refit"] > 0
+    assert search3.fits == 3 * len(search3.candidates) + 1  # k folds per candidate + the refit
 
 
 def test_verify_flags_and_no_refit(mlp_model, mlp_data, search):
@@ -220,16 +266,35 @@ def test_verify_flags_and_no_refit(mlp_model, mlp_data, search):
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
     assert len(res.candidates) == 1
     assert res.candidates[0].allocation.bits == search.candidates[0].allocation.bits
-    # without refit the result is the verified held-in fit: its held-out metrics are the candidate's
-    _, held_out = split_holdout(mlp_data, mp.holdout_fraction, seed=mp.seed)
-    m = group_metrics(res.compressed.predict(held_out.x), held_out.y, held_out.group, held_out.group_names)
+    # without refit the result is the verified fit: its metrics on the samples compress leaves
+    # unused are the candidate's
+    rest = unused_by_compress(mlp_data)
+    m = group_metrics(res.compressed.predict(mlp_data.x[rest]), mlp_data.y[rest], mlp_data.group[rest],
+                      mlp_data.group_names)
     assert m.by_group == res.chosen.metrics.by_group
     assert "refit" not in res.seconds and res.compressed.metadata.allocation["refit"] is False
+    assert res.fits == 1
 
 
-def test_cross_fitted_verification_holds_out_every_sample_once(mlp_model, mlp_data, search):
-    # default: 3 folds; every calibration sample is measured once, by a fit that did not see it
-    assert search.config.verify_folds == 3
+def test_single_split_when_compress_leaves_too_few_samples_unused(mlp_model, mlp_data, search):
+    # num_calib=256 draws every sample of group 'b' (about 120): nothing of it is left to measure
+    # on, so the search holds out holdout_fraction of each group, fits on the rest, and refits
+    base = replace(BASE, num_calib=256)
+    assert np.bincount(mlp_data.group[unused_by_compress(mlp_data, base)], minlength=2).min() < 50
+    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=1,
+                              mw_steps=20, verify_uniform=False, verify_mean=False)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, base, progress=False, sensitivity=search.sensitivity)
+    _, held_out = split_holdout(mlp_data, mp.holdout_fraction, seed=mp.seed)
+    assert {g: r["count"] for g, r in res.chosen.metrics.by_group.items()} == dict(
+        zip(held_out.group_names, held_out.group_counts().tolist()))
+    assert res.fits == 2 and res.seconds["refit"] > 0  # one verification fit + the refit
+    plain = compress(mlp_model, mlp_data, replace(base, layer_bits=dict(res.allocation.bits)), progress=False)
+    np.testing.assert_array_equal(res.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+
+
+def test_cross_fitted_verification_holds_out_every_sample_once(mlp_model, mlp_data, search3):
+    # 3 folds: every calibration sample is measured once, by a fit that did not see it
+    search = search3
     counts = dict(zip(mlp_data.group_names, mlp_data.group_counts().tolist()))
     c = search.candidates[0]
     assert c.sample_loss.shape == (len(mlp_data),)
@@ -248,20 +313,141 @@ def test_cross_fitted_verification_holds_out_every_sample_once(mlp_model, mlp_da
 @pytest.mark.parametrize("kwargs, message", [
     ({"verify_folds": 0}, "verify_folds=0 must be an integer >= 1"),
     ({"verify_folds": 2.5}, "verify_folds=2.5 must be an integer >= 1"),
-    ({"refit": False}, "refit=False needs verify_folds=1 .got 3."),
+    ({"refit": False, "verify_folds": 3}, "refit=False needs verify_folds=1 .got 3."),
 ])
 def test_verify_folds_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         MixedPrecisionConfig(budget_bits=3.0, **kwargs)
 
 
-def test_bytes_budget_is_respected(mlp_model, mlp_data):
-    # auto storage: 8-bit layers int8, <=4-bit layers int4; budget between all-int4 and all-int8
+def test_bytes_budget_is_respected(mlp_model, mlp_data, tmp_path):
+    # packed storage (the search's): 8-bit layers int8, 4-bit MatMulNBits, 2-bit INT2; the budget
+    # is between the all-2-bit and the all-8-bit file and counts the whole written file
     mp = MixedPrecisionConfig(budget_bytes=60_000, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
                               sensitivity_samples=128)
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
+    overhead = mp_module.file_overhead_estimate(res.layers)
     for c in res.candidates:
-        assert resource_used(c.allocation.bits, res.layers, "bytes", "auto") <= 60_000
+        assert resource_used(c.allocation.bits, res.layers, "bytes", "packed") + overhead <= 60_000
+    assert res.compressed.export(tmp_path / "b.onnx").size_bytes <= 60_000
+
+
+@pytest.mark.parametrize("storage", ["packed", "auto", "int8"])
+def test_stored_bytes_predict_the_written_initializers_per_layer(cnn_model, cnn_data, tmp_path, storage):
+    """The allocator's per-layer bytes are the bytes of that layer's weight initializers in the
+    written file (codes, scales, zero points; the fp32 bias is the file's overhead)."""
+    bits = {"stem": 8, "conv_a": 4, "conv_b": 2, "dw": 3, "pw": 2, "fc": 4}
+    cm = compress(cnn_model, cnn_data, QuantConfig(num_calib=64, batch_size=64, storage=storage, layer_bits=bits),
+                  progress=False)
+    model = onnx.load(str(cm.export(tmp_path / "m.onnx").path))
+    written: dict[str, int] = {}
+    for t in model.graph.initializer:
+        layer, _, rest = t.name.partition(".weight")
+        if layer in bits and t.name != f"{layer}.bias":
+            assert t.raw_data, t.name
+            written[layer] = written.get(layer, 0) + len(t.raw_data)
+    costs = {c.name: c for c in layer_costs(cnn_model, torch.from_numpy(cnn_data.x[:1]))}
+    predicted = {name: stored_bytes(costs[name], b, storage) for name, b in bits.items()}
+    assert written == predicted
+    if storage == "packed":  # every container appears: int8, INT4, INT2, MatMulNBits
+        assert {costs[n].name: layer_container(costs[n], b, storage) for n, b in bits.items()} == {
+            "stem": "int8", "conv_a": "int4", "conv_b": "int2", "dw": "int4", "pw": "int2", "fc": "nbits"}
+        assert predicted["conv_b"] == 8 * 8 * 9 // 4 + 4 * 8 + 4 + 1  # 144 B of codes, scales, unit scale, zp
+
+
+def _penalize_mixed(real_verify, pinned=("fc3",)):
+    """A _verify whose mixed candidates (free layers at different widths) measured a much larger
+    held-out loss increase."""
+    def verify(*args, **kwargs):
+        candidates, *rest = real_verify(*args, **kwargs)
+        for c in candidates:
+            if len({b for n, b in c.allocation.bits.items() if n not in pinned}) > 1:
+                c.measured_loss_increase = {g: v + 5.0 for g, v in c.measured_loss_increase.items()}
+                c.sample_loss = c.sample_loss + 5.0
+        return (candidates, *rest)
+    return verify
+
+
+def test_search_returns_the_uniform_candidate_when_it_measured_better(mlp_model, mlp_data, search, monkeypatch):
+    # the selection keeps the predicted best (mixed) allocation; the uniform guard overrides it
+    monkeypatch.setattr(mp_module, "_verify", _penalize_mixed(mp_module._verify))
+    monkeypatch.setattr(mp_module, "_significantly_better",
+                        lambda cands, best, *a, **k: min(cands, key=lambda c: c.allocation.score))
+    mp = replace(search.config, verify_mean=False)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
+    uniforms = [c for c in res.candidates if c.origin == "uniform"]
+    assert uniforms and any(c.origin == "search" for c in res.candidates)
+    assert res.chosen.origin == "uniform"
+    assert res.allocation.bits == {"fc1": 2, "fc2": 2, "fc3": 8}  # fc3 pinned at 8
+    assert {n: l.bits for n, l in res.compressed.layers.items()} == res.allocation.bits
+    assert res.fallback.startswith("returning uniform 2-bit: it measured a held-out worst-group loss increase of")
+    assert res.compressed.metadata.allocation["fallback"] == res.fallback
+    # unpatched, the same search keeps its selection and says nothing
+    assert search.fallback is None or search.chosen.origin == "uniform"
+
+
+def test_never_worse_than_uniform_picks_the_smaller_file_among_equal_uniforms():
+    groups = ("a", "b")
+    mixed = _candidate([1] * 7 + [0] * 3, 0.9, 0.3)
+    mixed.origin = "search"
+    mixed.measured_loss_increase = {"a": 0.0, "b": 0.30}
+    u4, u2 = _candidate([1] * 8 + [0] * 2, 0.9, 0.3), _candidate([1] * 8 + [0] * 2, 0.9, 0.3)
+    for c, w, nbytes in ((u4, 4, 5000), (u2, 2, 3000)):
+        c.origin = "uniform"
+        c.allocation = replace(c.allocation, bits={"fc1": w, "fc2": w}, weight_bytes=nbytes)
+        c.measured_loss_increase = {"a": 0.0, "b": 0.10}
+    best, note = _never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1)
+    assert best is u2 and note == ("returning uniform 2-bit: it measured a held-out worst-group loss increase of "
+                                   "0.1000, the selected mixed allocation 0.3000")
+    # a mixed allocation that measured no worse stands
+    mixed.measured_loss_increase = {"a": 0.0, "b": 0.10}
+    assert _never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1) == (mixed, None)
+
+
+def test_pareto_sweep_is_monotone_and_says_which_result_it_reused(mlp_model, mlp_data, monkeypatch):
+    real = pareto_module.search_mixed_precision
+
+    def worse_at_4_bits(model, data, mp, *args, **kwargs):
+        res = real(model, data, mp, *args, **kwargs)
+        if mp.budget_bits == 4.0:  # the larger budget measured a worse held-out worst group
+            res.chosen.measured_loss_increase = {g: v + 1.0 for g, v in res.chosen.measured_loss_increase.items()}
+        return res
+
+    monkeypatch.setattr(pareto_module, "search_mixed_precision", worse_at_4_bits)
+    mp = MixedPrecisionConfig(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=128)
+    points = pareto_sweep(mlp_model, mlp_data, [4.0, 2.5], mp, BASE, progress=False)  # sorted by budget
+    assert [p.budget for p in points] == [2.5, 4.0]
+    assert points[0].reused_from is None and points[1].reused_from == 2.5
+    assert points[1].bits == points[0].bits and points[1].stored_bits == points[0].stored_bits <= 2.5
+    assert points[1].heldout_worst_loss_increase == points[0].heldout_worst_loss_increase
+    # unpatched, more budget measured no worse: nothing reused
+    monkeypatch.setattr(pareto_module, "search_mixed_precision", real)
+    plain = pareto_sweep(mlp_model, mlp_data, [2.5, 4.0], mp, BASE, progress=False)
+    for lo, hi in zip(plain, plain[1:]):
+        assert hi.heldout_worst_loss_increase <= lo.heldout_worst_loss_increase or hi.reused_from == lo.budget
+
+
+def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, search, tmp_path, monkeypatch):
+    # with no estimate of the graph's bytes the knapsack fills the budget with weights alone, so
+    # the written file is larger: the search measures it and refits a smaller allocation
+    monkeypatch.setattr(mp_module, "file_overhead_estimate", lambda layers: 0.0)
+    budget = 40_000
+    mp = MixedPrecisionConfig(budget_bytes=budget, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=128, verify_uniform=False, verify_mean=False)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
+    size = res.compressed.export(tmp_path / "b.onnx").size_bytes
+    assert size <= budget
+    assert res.fallback.startswith("the written file took ") and "> budget_bytes=40000: refitted" in res.fallback
+    assert res.seconds["bytes_check"] > 0 and res.fits >= 2  # the verification fit + at least one refit
+    assert {n: l.bits for n, l in res.compressed.layers.items()} == res.allocation.bits
+    # a budget below the smallest file the search can write: the error gives the sizes
+    with pytest.raises(ConfigError, match=r"budget_bytes=23000 cannot be met: the file written took \d+ bytes "
+                                          r"\(weights \d+ \+ graph and metadata \d+\), and no allocation of "
+                                          r"bit_choices=2,4,8 fits its weights in the -?\d+ bytes left; "
+                                          r"raise --budget-bytes$"):
+        search_mixed_precision(mlp_model, mlp_data, replace(mp, budget_bytes=23_000), BASE, progress=False,
+                               sensitivity=res.sensitivity)
 
 
 def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search):
@@ -316,11 +502,14 @@ def test_pareto_sweep_is_the_same_on_one_local_pool_as_serial(mlp_model, mlp_dat
 
 
 def test_writers_on_given_points(tmp_path):
-    p = ParetoPoint(3.0, 2.9, 1234.0, "b", 0.8, 0.9, 0.85, 0.93, {"fc1": 3})
+    p = ParetoPoint(budget=3.0, avg_bits=2.9, weight_bytes=1234.0, worst_group="b", worst_group_acc=0.8,
+                    mean_acc=0.9, float_worst_group_acc=0.85, float_mean_acc=0.93, bits={"fc1": 3},
+                    stored_bits=2.95, heldout_worst_loss_increase=0.05, reused_from=2.5)
     write_pareto_csv([p], tmp_path / "x.csv")
     text = (tmp_path / "x.csv").read_text().splitlines()
     assert text[0] == ",".join(PARETO_FIELDS) + ",bits"
-    assert text[1] == "3.0,2.9,1234.0,b,0.8,0.9,0.85,0.93,fc1=3"
+    assert text[0].startswith("budget,avg_bits,stored_bits,weight_bytes,")
+    assert text[1] == "3.0,2.9,2.95,1234.0,b,0.8,0.9,0.85,0.93,0.05,2.5,fc1=3"
     with pytest.raises(ConfigError, match="budgets must be a non-empty list"):
         pareto_sweep(None, None, [])
     # a bad budget anywhere in the list fails before the first (slow) search runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fqexport.calibration.readers import load_data
 from fqexport.cli.common import (
     EXIT_OK,
     add_model_and_quant_options,
@@ -15,6 +16,15 @@ from fqexport.cli.common import (
     quant_config,
     search_config,
 )
+from fqexport.cli.finetune import (
+    add_finetune_options,
+    finetune_plan,
+    parse_export_bits,
+    run_finetune,
+    run_finetune_widths,
+    width_paths,
+)
+from fqexport.cli.paths import Output, check_paths
 from fqexport.config import QuantConfig
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
@@ -32,27 +42,52 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
     mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
     budget = mp.add_mutually_exclusive_group()
-    budget.add_argument("--budget-bits", type=float, help="average weight bits (parameter-weighted), e.g. 4.0")
-    budget.add_argument("--budget-bytes", type=float, help="weight bytes of the export (codes + per-channel scales)")
+    budget.add_argument("--budget-bits", type=float,
+                        help="stored bits per weight, e.g. 3.0: codes in the containers the file holds (INT2, INT4 / "
+                             "MatMulNBits, int8) plus their scales and zero points, over all weights; 3 and 5-7 "
+                             "bits (only with --bit-choices) count at their container's width")
+    budget.add_argument("--budget-bytes", type=float,
+                        help="size of the written ONNX file in bytes (weights, scales, graph, metadata): checked "
+                             "against a real export; an allocation that does not fit is replaced by the next "
+                             "smaller one and refitted")
     budget.add_argument("--budget-bops", type=float, help="bit operations per sample: sum of w_bits * 8 * MACs")
     add_search_options(mp)
+    add_finetune_options(p)
     p.set_defaults(func=run_compress)
 
 
 def run_compress(args: argparse.Namespace) -> int:
     """Run ``compress`` from parsed args: quantize, export, print the layer table; return 0."""
+    widths = width_paths(args.out, parse_export_bits(args.export_bits))
+    check_paths(
+        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--train", args.train)],
+        [Output("--out", args.out) if not args.export_bits else None,
+         *(Output(f"--export-bits ({b} bits)", path) for b, path in widths.items()),
+         Output("--report", args.report) if args.report else None,
+         Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
+    )
     config = quant_config(args)
+    plan = finetune_plan(args, load_data(args.calib).group_names if args.finetune else None)
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     search = None
-    if args.budget_bits is not None or args.budget_bytes is not None or args.budget_bops is not None:
+    budget = args.budget_bits is not None or args.budget_bytes is not None or args.budget_bops is not None
+    if budget and not args.learn_bits:  # with --learn-bits, --budget-bits is BAQ's budget
         search = _run_search(args, model, config)
         cm = search.compressed
     else:
         cm = compress(model, args.calib, config, progress=not args.quiet)
+    if plan is not None and plan.export_bits:
+        return _export_widths(args, run_finetune_widths(plan, cm, quiet=args.quiet), widths)
+    if plan is not None:
+        cm = run_finetune(plan, cm, quiet=args.quiet)
     result = cm.export(args.out)
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
     print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"])
-    print(f"\naverage weight bits {cm.avg_weight_bits:.2f}; wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
+    if cm.metadata.float_layers:
+        print(f"\nwarning: {len(cm.metadata.float_layers)} weight layer(s) stay in float (storage float32 above; "
+              "--strict refuses them)")
+    print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
+          f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
     print(f"ONNX Runtime vs PyTorch fake-quant reference on {len(cm.calib)} calibration samples: "
           f"top-1 agreement {result.agreement:.2%}, max |logit diff| {result.max_abs_diff:.4g}")
     if args.report:
@@ -64,24 +99,48 @@ def run_compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
+    """``--export-bits``: one ONNX file per width of one fine-tuning run (and the --report)."""
+    rows, exports = [], {}
+    for b, m in models.items():
+        result = m.export(paths[b])
+        exports[b] = result.to_dict()
+        rows.append({"bits": b, "file": str(result.path), "MB": f"{result.size_bytes / 1e6:.3f}",
+                     "avg weight bits": f"{m.avg_weight_bits:.2f}", "ORT top-1 agreement": f"{result.agreement:.2%}",
+                     "max |logit diff|": f"{result.max_abs_diff:.4g}"})
+    print("exported widths (re-quantized from the fine-tuned latent weights; ORT vs fake-quant reference "
+          "on the calibration samples):")
+    print_table(rows, list(rows[0].keys()))
+    if args.report:
+        write_json_data({"exports": {str(b): e for b, e in exports.items()},
+                         "metadata": {str(b): m.metadata.to_dict() for b, m in models.items()}}, Path(args.report))
+    return EXIT_OK
+
+
 def _run_search(args: argparse.Namespace, model, config: QuantConfig) -> MixedPrecisionResult:
     """The fairness-aware mixed-precision search of ``fqexport compress --budget-*``."""
     mp = search_config(args, budget_bits=args.budget_bits, budget_bytes=args.budget_bytes,
                        budget_bops=args.budget_bops)
     res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet)
     print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
-    print_table(res.table(), ["name", "params", "bits", "sensitivity", "most_sensitive_group"])
+    print_table(res.table(), ["name", "params", "bits", "stored_bits", "container", "sensitivity",
+                              "most_sensitive_group"])
     cands = []
     for c in res.candidates:
-        cands.append({"chosen": "*" if c.allocation is res.allocation else "",
+        cands.append({"chosen": "*" if c.allocation is res.allocation else "", "origin": c.origin,
                       "avg bits": f"{c.allocation.avg_bits:.3f}",
+                      "stored bits": f"{c.allocation.stored_bits:.3f}",
+                      "weight bytes": f"{c.allocation.weight_bytes:,}",
                       "predicted worst Δloss": f"{c.allocation.predicted_worst:.4f}",
                       "held-out worst Δloss": f"{c.measured_worst:.4f}",
                       "held-out worst-group %": f"{100 * c.worst_group_acc:.2f}",
                       "held-out mean %": f"{100 * c.mean_acc:.2f}"})
-    how = (f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once"
-           if mp.verify_folds > 1 else f"a {mp.holdout_fraction:.0%} hold-out split")
-    print(f"\ncandidates verified on held-out calibration data ({how}; predicted vs measured):")
+    print(f"\ncandidates verified on held-out calibration data ({res.verification}; predicted vs measured):")
     print_table(cands, list(cands[0].keys()))
+    print(f"\n{res.fits} compress fits in {res.fit_seconds:.1f} s; search {sum(res.seconds.values()):.1f} s; "
+          f"storage {res.storage}: nominal {res.allocation.avg_bits:.3f} bits, stored "
+          f"{res.allocation.stored_bits:.3f} bits/weight with scales, {res.allocation.weight_bytes:,} weight bytes")
+    if res.fallback:
+        print(f"note: {res.fallback}")
     print()
     return res

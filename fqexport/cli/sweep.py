@@ -1,4 +1,4 @@
-"""``fqexport sweep``: the mixed-precision search over several average-bits budgets, written
+"""``fqexport sweep``: the mixed-precision search over several stored-bits budgets, written
 as a Pareto report (JSON, CSV and, with matplotlib, a PNG)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fqexport.cli.common import (
     quant_config,
     search_config,
 )
+from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
 from fqexport.graph.loading import load_model
 from fqexport.search.pareto import (
@@ -24,9 +25,11 @@ from fqexport.search.pareto import (
     write_pareto_json,
 )
 
+PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png")
+
 
 def _parse_budgets(text: str) -> list[float]:
-    message = f"--budgets {text!r}: expected average weight bits like 2.25,2.5,3,4"
+    message = f"--budgets {text!r}: expected stored bits per weight like 2.5,3,3.5,4"
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError as err:
@@ -46,7 +49,9 @@ def add_sweep_parser(sub) -> None:
         "needs matplotlib).",
     )
     add_model_and_quant_options(p)
-    p.add_argument("--budgets", required=True, help="average weight bits, comma separated, e.g. 2.25,2.5,3,4")
+    p.add_argument("--budgets", required=True, help="stored bits per weight (codes in their containers + scales, as --budget-bits "
+                        "of compress), comma separated, e.g. 2.5,3,3.5,4; more budget never returns a worse "
+                        "measured worst group (a point reuses a smaller budget's result, see reused_from)")
     p.add_argument("--out-dir", required=True, help="folder for pareto.json, pareto.csv, pareto.png")
     p.add_argument("--test", help="measure each point on this labeled data (.npz/CSV) instead of the "
                    "held-out calibration data")
@@ -55,6 +60,11 @@ def add_sweep_parser(sub) -> None:
 
 
 def run_sweep(args) -> int:
+    check_paths(
+        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--test", args.test)],
+        [Output("--out-dir", args.out_dir, PARETO_FILES),
+         Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
+    )
     budgets = _parse_budgets(args.budgets)
     config = quant_config(args)
     configs = [search_config(args, budget_bits=b) for b in budgets]  # all checked before any search

@@ -13,15 +13,21 @@ With Δ_g(l, b) from :mod:`fqexport.search.sensitivity` and the additive model
   (``group_weights``; uniform if not given).
 * ``"weighted"``: minimise ``Σ_g w_g D_g(a)`` with the user's group weights.
 
-Budgets (``Budget.kind``):
+Budgets (``Budget.kind``) count what the written file stores:
 
-* ``"bits"``: parameter-weighted average weight width, ``Σ_l b_l p_l <= B · Σ_l p_l``.
-* ``"bytes"``: weight storage, ``Σ_l ⌈c(b_l) · p_l / 8⌉ + 5 · C_l`` bytes, c(b) the container
-  width of the export's storage mode (``"auto"``: 4 bits for b <= 4, else 8; ``"packed"``: 2 for
-  b <= 2; ``"int8"``: 8; ``"ideal"``: b itself) and 5 bytes per output channel C_l for the
-  fp32 scale and the int8 zero point. Biases and activations are not counted.
+* ``"bits"``: stored bits per weight, scales included: ``Σ_l 8·S_l(b_l) <= B · Σ_l p_l``, with
+  ``S_l(b)`` the bytes the exporter writes for layer l at width b (:func:`stored_bytes`): the
+  codes in their container (int8; packed INT4 or INT2; MatMulNBits' blocked INT4 for Linear)
+  plus the per-channel fp32 scales and zero points (per-block scales for MatMulNBits). A
+  3-bit layer costs what its INT4 container holds, a 5-7-bit layer an int8 one.
+* ``"bytes"``: ``Σ_l S_l(b_l) + overhead <= B``, ``overhead`` the rest of the file (graph,
+  biases, activation scales, metadata): passed in by the search, which checks the written size.
 * ``"bops"``: ``Σ_l b_l · a · MACs_l`` with the activation width a
   (:data:`fqexport.metadata.ACTIVATION_BITS`, 8).
+
+The container of a width follows :meth:`fqexport.model.QuantizedLayer.storage` for the
+storage mode (``"auto"``, ``"int8"``, ``"packed"``); ``"ideal"`` counts b bits per weight and no
+scales (nominal bits; the budgets of papers, not of files).
 
 Pinned layers (name patterns, ``fnmatch``) have a single option.
 """
@@ -47,13 +53,16 @@ from fqexport.config import (
     check_choice,
 )
 from fqexport.errors import ConfigError
+from fqexport.exporters.qdq_onnx import nbits_block_size
 from fqexport.metadata import ACTIVATION_BITS
+from fqexport.model import QuantizedLayer
 from fqexport.quant.knapsack import solve_real
 from fqexport.search.sensitivity import SensitivityTable
 
 log = logging.getLogger(__name__)
 
 BYTES_PER_CHANNEL = 5  # fp32 scale + int8 zero point per output channel
+SCALE_BYTES = 4  # one fp32 scale (per channel; per block for MatMulNBits)
 # DP cells per knapsack solve: weights are rounded up to span/(cells/L) units, so at most
 # L²/cells of the budget's span is left unused — negligible for CNN-sized layer counts.
 ALLOC_MAX_CELLS = 1_000_000
@@ -72,16 +81,31 @@ MSG_INFEASIBLE = (
     "{bmin} bits, pinned layers at their widths) needs {need:g}. Raise the budget, add a smaller "
     "width to bit_choices or unpin layers"
 )
+HINT_INT8 = (
+    " (storage='int8' stores every width in an 8-bit container: a bits budget below ~8 stored bits "
+    "needs storage='auto' or 'packed')"
+)
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """What a layer costs: weight elements, multiply-accumulates per sample, output channels."""
+    """What a layer costs: weight elements, multiply-accumulates per sample, output channels,
+    and its kind (``"conv"`` or ``"linear"``: a Linear's <=4-bit codes go to MatMulNBits)."""
 
     name: str
     params: int
     macs: int = 0
     channels: int = 0
+    kind: str = "conv"
+
+
+@dataclass(frozen=True)
+class _Width:
+    """The two fields :meth:`QuantizedLayer.storage` reads, so the allocator picks exactly the
+    exporter's container for a width."""
+
+    bits: int
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -95,38 +119,78 @@ class Budget:
         check_budget(self.kind, self.value)
 
 
-def container_bits(bits: int, storage: str) -> int:
-    """Bits per weight on disk under a storage mode (see the module docstring)."""
+def layer_container(info: LayerCost, bits: int, storage: str) -> str:
+    """The container the exporter writes ``info`` in at ``bits`` under ``storage``: ``int8``,
+    ``int4``, ``int2``, ``nbits`` (:meth:`fqexport.model.QuantizedLayer.storage`) or ``ideal``."""
     check_choice(storage, get_args(BudgetStorage), "storage")
     if storage == "ideal":
-        return int(bits)
-    if storage == "int8" or bits > 4:
-        return 8
-    if storage == "packed" and bits <= 2:
-        return 2
-    return 4
+        return "ideal"
+    return QuantizedLayer.storage(_Width(int(bits), info.kind), storage)  # type: ignore[arg-type]
 
 
-def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = "auto") -> float:
-    """The budget resource one layer uses at ``bits`` (bit·params, bytes or BOPs)."""
+def container_bits(bits: int, storage: str, kind: str = "conv") -> int:
+    """Bits per weight code on disk under a storage mode (see the module docstring)."""
+    c = layer_container(LayerCost("", 0, kind=kind), bits, storage)
+    return {"int8": 8, "int4": 4, "int2": 2, "nbits": 4}.get(c, int(bits))
+
+
+def stored_bytes(info: LayerCost, bits: int, storage: str) -> int:
+    """Bytes the exporter writes for the layer's weight at ``bits``: codes + scales + zero points.
+
+    int8: one byte per code, an fp32 scale and an int8 zero point per channel; int4: two codes
+    per byte, fp32 scales, INT4 zero points; int2: four codes per byte, the fp32 scales in a Mul,
+    one unit scale and one zero point; nbits (MatMulNBits): rows padded to whole blocks of
+    ``nbits_block_size(K)``, two codes per byte, one fp32 scale per block; ``ideal``: ``b`` bits
+    per weight and :data:`BYTES_PER_CHANNEL` per channel.
+    """
+    c = layer_container(info, bits, storage)
+    n, p = max(int(info.channels), 1), int(info.params)
+    if c == "ideal":
+        return math.ceil(int(bits) * p / 8) + BYTES_PER_CHANNEL * n
+    if c == "int8":
+        return p + (SCALE_BYTES + 1) * n
+    if c == "int4":
+        return math.ceil(p / 2) + SCALE_BYTES * n + math.ceil(n / 2)
+    if c == "int2":
+        return math.ceil(p / 4) + SCALE_BYTES * n + SCALE_BYTES + 1
+    k = p // n  # nbits
+    bs = nbits_block_size(k)
+    blocks = -(-k // bs)
+    return n * blocks * (bs // 2 + SCALE_BYTES)
+
+
+def stored_bits(info: LayerCost, bits: int, storage: str) -> float:
+    """Stored bits per weight of the layer at ``bits``, scales included (``ideal``: ``bits``)."""
+    if storage == "ideal":
+        return float(bits)
+    return 8.0 * stored_bytes(info, bits, storage) / max(int(info.params), 1)
+
+
+def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = "packed") -> float:
+    """The budget resource one layer uses at ``bits``: stored bit·params (``ideal``: nominal),
+    stored bytes or BOPs."""
     if kind == "bits":
-        return float(bits * info.params)
+        return stored_bits(info, bits, storage) * info.params
     if kind == "bytes":
-        return float(math.ceil(container_bits(bits, storage) * info.params / 8) + BYTES_PER_CHANNEL * info.channels)
+        return float(stored_bytes(info, bits, storage))
     if kind == "bops":
         return float(bits * ACTIVATION_BITS * info.macs)
     raise ConfigError(MSG_BUDGET_KIND.format(kind=kind))
 
 
-def budget_capacity(infos: Sequence[LayerCost], budget: Budget) -> float:
-    """The capacity in resource units: ``B · Σ p`` for bits, the value itself otherwise."""
+def budget_capacity(infos: Sequence[LayerCost], budget: Budget, overhead: float = 0.0) -> float:
+    """The capacity in resource units: ``B · Σ p`` for bits, ``B − overhead`` for bytes (the
+    file's bytes outside the layers' weights), the value itself for BOPs."""
     if budget.kind == "bits":
         return float(budget.value) * sum(i.params for i in infos)
+    if budget.kind == "bytes":
+        return float(budget.value) - float(overhead)
     return float(budget.value)
 
 
-def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = "auto") -> float:
-    """Resource of a whole allocation, in the budget's unit (average bits for ``"bits"``)."""
+def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = "packed") -> float:
+    """Resource of a whole allocation, in the budget's unit (average stored bits for ``"bits"``;
+    with ``storage="ideal"`` the nominal average width)."""
     total = sum(layer_resource(i, bits[i.name], kind, storage) for i in infos)
     if kind == "bits":
         return total / max(sum(i.params for i in infos), 1)
@@ -184,9 +248,12 @@ class Allocation:
         objective: the objective it was chosen for.
         score: the objective's value (J for worst-group, the weighted mean otherwise).
         budget: the budget it satisfies.
-        used: resource used, in the budget's unit (average bits, bytes or BOPs).
-        avg_bits: parameter-weighted average width.
+        used: resource used, in the budget's unit (average stored bits, bytes or BOPs).
+        avg_bits: parameter-weighted average nominal width.
         group_weights: the group weights of the inner problem that produced it.
+        stored_bits: parameter-weighted stored bits per weight, scales included, in ``storage``.
+        weight_bytes: bytes of the layers' codes, scales and zero points in ``storage``.
+        storage: the storage mode the sizes are counted in.
     """
 
     bits: dict[str, int]
@@ -197,6 +264,15 @@ class Allocation:
     used: float
     avg_bits: float
     group_weights: dict[str, float] = field(default_factory=dict)
+    stored_bits: float = float("nan")
+    weight_bytes: int = 0
+    storage: str = ""
+
+    @property
+    def uniform_width(self) -> int | None:
+        """The width when every layer has the same one, else None."""
+        widths = set(self.bits.values())
+        return next(iter(widths)) if len(widths) == 1 else None
 
     @property
     def predicted_worst(self) -> float:
@@ -211,6 +287,9 @@ class Allocation:
             "budget": {"kind": self.budget.kind, "value": self.budget.value},
             "used": self.used,
             "avg_bits": self.avg_bits,
+            "stored_bits": self.stored_bits,
+            "weight_bytes": self.weight_bytes,
+            "storage": self.storage,
             "group_weights": dict(self.group_weights),
         }
 
@@ -223,6 +302,8 @@ class _Problem:
     resources: tuple[tuple[float, ...], ...]
     capacity: float
     groups: tuple[str, ...]
+    overhead: float = 0.0
+    storage: str = "auto"
 
 
 def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
@@ -239,7 +320,7 @@ def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
     return np.maximum(envelope, 0.0)
 
 
-def _problem(table, infos, budget, pins, storage) -> _Problem:
+def _problem(table, infos, budget, pins, storage, overhead: float = 0.0) -> _Problem:
     by_name = {i.name: i for i in infos}
     for l in table.layers:
         if l not in by_name:
@@ -253,7 +334,8 @@ def _problem(table, infos, budget, pins, storage) -> _Problem:
         res.append(tuple(layer_resource(by_name[l], b, budget.kind, storage) for b in opts))
     layer_infos = [by_name[l] for l in table.layers]
     return _Problem(tuple(table.layers), tuple(options), tuple(delta), tuple(res),
-                    budget_capacity(layer_infos, budget), tuple(table.groups))
+                    budget_capacity(layer_infos, budget, overhead), tuple(table.groups), float(overhead),
+                    storage)
 
 
 def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: int, budget: Budget, bmin: int) -> tuple[int, ...]:
@@ -265,17 +347,25 @@ def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: i
         need = sum(min(r) for r in p.resources)
         if budget.kind == "bits":
             need /= max(p.capacity / budget.value, 1)
-        raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need)) from err
+        if budget.kind == "bytes":
+            need += p.overhead
+        hint = HINT_INT8 if p.storage == "int8" and budget.kind != "bops" else ""
+        raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need) + hint) from err
 
 
 def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -> Allocation:
     bits = {l: p.options[i][k] for i, (l, k) in enumerate(zip(p.layers, choice))}
     d = sum(p.delta[i][k] for i, k in enumerate(choice))
     used = resource_used(bits, infos, budget.kind, storage)
-    avg = resource_used(bits, infos, "bits")
+    if budget.kind == "bytes":
+        used += p.overhead
+    avg = resource_used(bits, infos, "bits", "ideal")
+    real = "auto" if storage == "ideal" else storage
     return Allocation(
         bits, {g: float(v) for g, v in zip(p.groups, d)}, objective, float(score_fn(d)), budget,
         float(used), float(avg), {g: float(v) for g, v in zip(p.groups, w)},
+        float(resource_used(bits, infos, "bits", storage)),
+        int(resource_used(bits, infos, "bytes", real)), storage,
     )
 
 
@@ -299,20 +389,22 @@ def candidate_allocations(
     mean_weight: float = 0.1,
     steps: int = 60,
     eta: float = 0.5,
-    storage: BudgetStorage = "auto",
+    storage: BudgetStorage = "packed",
     max_cells: int = ALLOC_MAX_CELLS,
+    overhead: float = 0.0,
 ) -> list[Allocation]:
     """Distinct allocations within the budget, best predicted objective first.
 
     ``"mean"`` and ``"weighted"`` give one allocation (the knapsack optimum). ``"worst-group"``
     gives every distinct iterate of the multiplicative-weights loop (plus the uniform-weight and
-    the single-group optima), ranked by ``J = max_g D_g + λ · mean_g D_g``.
+    the single-group optima), ranked by ``J = max_g D_g + λ · mean_g D_g``. ``overhead``: the
+    file's bytes outside the layers' weights (``"bytes"`` budgets).
     """
     check_choice(objective, get_args(MixedObjective), "objective")
     if objective == "weighted" and not group_weights:
         raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(table.groups)))
     layer_info = [i for i in layer_info if i.name in table.layers]
-    p = _problem(table, layer_info, budget, pins, storage)
+    p = _problem(table, layer_info, budget, pins, storage, overhead)
     bmin = min(table.bits)
     G = len(p.groups)
     if objective in ("mean", "weighted"):
@@ -359,7 +451,7 @@ def rescore(
     return replace(alloc, objective=objective, score=float(_score_fn(objective, mean_weight, w)(d)))
 
 
-def uniform_allocation(
+def uniform_allocations(
     table: SensitivityTable,
     layer_info: Sequence[LayerCost],
     budget: Budget,
@@ -368,20 +460,35 @@ def uniform_allocation(
     *,
     group_weights: Mapping[str, float] | None = None,
     mean_weight: float = 0.1,
-    storage: BudgetStorage = "auto",
-) -> Allocation | None:
-    """Every free layer at the widest measured width that fits the budget (pins kept), scored
-    like the objective; ``None`` when even the narrowest does not fit."""
+    storage: BudgetStorage = "packed",
+    overhead: float = 0.0,
+) -> list[Allocation]:
+    """Every free layer at one measured width (pins kept), for every width that fits the
+    budget, widest first, scored like the objective; empty when none fits."""
     layer_info = [i for i in layer_info if i.name in table.layers]
-    p = _problem(table, layer_info, budget, pins, storage)
+    p = _problem(table, layer_info, budget, pins, storage, overhead)
     pinned = resolve_pins(pins, table.layers)
     if objective == "worst-group":
         w = np.full(len(p.groups), 1.0 / len(p.groups))
     else:
         w = _group_vector(group_weights, p.groups)
     score = _score_fn(objective, mean_weight, w)
+    out = []
     for width in sorted(table.bits, reverse=True):
         choice = tuple(0 if l in pinned else p.options[i].index(width) for i, l in enumerate(p.layers))
         if sum(p.resources[i][k] for i, k in enumerate(choice)) <= p.capacity:
-            return _make(p, choice, objective, score, budget, layer_info, storage, w)
-    return None
+            out.append(_make(p, choice, objective, score, budget, layer_info, storage, w))
+    return out
+
+
+def uniform_allocation(
+    table: SensitivityTable,
+    layer_info: Sequence[LayerCost],
+    budget: Budget,
+    objective: MixedObjective = "worst-group",
+    pins: Mapping[str, int] | None = None,
+    **kw: Any,
+) -> Allocation | None:
+    """The widest of :func:`uniform_allocations`; ``None`` when even the narrowest does not fit."""
+    found = uniform_allocations(table, layer_info, budget, objective, pins, **kw)
+    return found[0] if found else None

@@ -1,34 +1,50 @@
 """Fairness-aware mixed-precision search: sensitivity → allocation → verification → export.
 
+The budget counts what the written file holds (``docs/mixed-precision.md``): ``budget_bits`` is
+stored bits per weight, scales included, in the containers the export writes; ``budget_bytes``
+the written ONNX file's size. The search exports with ``storage="packed"`` (``"auto"`` becomes
+``"packed"``: INT2 for 2-bit layers, INT4 / MatMulNBits for 3-4 bits), so what the budget
+bought is on disk. Default widths (2, 4, 8): the containers ONNX Runtime loads.
+
 ``search_mixed_precision``:
 
-1. cut the calibration data into ``verify_folds`` group-stratified folds (cross-fitting;
-   ``verify_folds=1``: one held-in / held-out split of ``holdout_fraction``);
-2. measure Δ_g(l, b) on the calibration data (the held-in part with a single split;
-   :mod:`fqexport.search.sensitivity`, cached);
-3. list candidate allocations within the budget (:mod:`fqexport.search.allocation`), plus the uniform
-   allocation at the widest width that fits (``verify_uniform``) and, for the worst-group and
+1. choose the held-out samples (:func:`_verification_splits`). Default ``verify_folds=1``: when
+   the data has at least :data:`MIN_UNUSED_PER_GROUP` samples of each group beyond the
+   ``num_calib`` that ``compress`` draws, every verification fit *is* ``compress`` on all the
+   data, measured on the samples it leaves unused — the winner's fit is returned, no refit.
+   Else a stratified hold-out split of ``holdout_fraction``; ``verify_folds=k >= 2``:
+   cross-fitting, every calibration sample held out once (k fits per candidate);
+2. measure Δ_g(l, b) on the calibration data (:mod:`fqexport.search.sensitivity`, cached);
+3. list the allocations to verify (:func:`_candidate_pool`): the best ``num_candidates`` (2)
+   knapsack allocations within the budget (:mod:`fqexport.search.allocation`), the uniform
+   allocation at *every* width that fits (``verify_uniform``) and, for the worst-group and
    weighted objectives, the mean-objective optimum (``verify_mean``);
-4. verify the best ``num_candidates`` and those: quantize each with the real pipeline (solver,
-   bias correction, activation calibration) on all folds but one and measure per-group
-   accuracy and loss on the fold left out, once per fold, so every calibration sample is
-   held out once (the smallest group's few dozen samples would otherwise decide the winner
-   alone); the best measured objective wins (worst-group: the lowest
-   measured ``J = max_g ΔL_g + λ · mean_g ΔL_g``, ΔL_g the held-out loss increase over the
-   float model, then worst-group accuracy — kept only if it beats the predicted-best
-   allocation by more than 2 standard errors, else the predicted best stays; mean: highest
-   accuracy; weighted: highest weighted accuracy);
-5. quantize the winner again on all the calibration data (``refit``; the selection only needed
-   the split) and return that CompressedModel, ready to ``.export()``, with the allocation
-   table in ``metadata.allocation`` (it goes into the ONNX metadata).
+4. quantize each with the real pipeline (solver, bias correction, activation calibration) and
+   measure per-group accuracy and loss on its held-out samples; the best measured objective
+   wins (worst-group: the lowest measured ``J = max_g ΔL_g + λ · mean_g ΔL_g``, ΔL_g the
+   held-out loss increase over the float model, then worst-group accuracy — kept only if it
+   beats the predicted-best allocation by more than 2 standard errors, else the predicted best
+   stays; mean: highest accuracy; weighted: highest weighted accuracy);
+5. never worse than uniform: if a verified uniform candidate measured a smaller held-out
+   worst-group loss increase than the winner, return that uniform one and say so
+   (``MixedPrecisionResult.fallback``);
+6. the returned CompressedModel: the winner's verified fit (default), or the winner quantized
+   again on all the calibration data (``refit`` after a split or folds); for a bytes budget, the
+   file is written to a temporary path and, while it is larger than the budget, the next
+   smaller allocation is refitted. The allocation table goes into ``metadata.allocation`` (the
+   ONNX metadata); ``result.fits`` / ``result.fit_seconds`` count every ``compress`` fit.
 
-:func:`fqexport.search.pareto.pareto_sweep` repeats the search over budgets (the sensitivity table is measured once) and
-writes (budget, avg bits, bytes, worst-group accuracy, mean accuracy) as JSON, CSV and PNG.
+:func:`fqexport.search.pareto.pareto_sweep` repeats the search over budgets (the sensitivity
+table is measured once), keeps the best-so-far so that more budget never returns a worse
+measured worst group (``reused_from``), and writes (budget, avg and stored bits, bytes,
+worst-group accuracy, mean accuracy) as JSON, CSV and PNG.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,10 +56,15 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
-from fqexport.calibration.sampling import split_holdout, stratified_folds
+from fqexport.calibration.sampling import (
+    group_balanced_indices,
+    split_holdout,
+    stratified_folds,
+)
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine, Task, run_task
+from fqexport.errors import ConfigError
 from fqexport.graph.prepare import count_macs, prepare_model
 from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
 from fqexport.pipeline.compress import compress
@@ -52,9 +73,11 @@ from fqexport.search.allocation import (
     Budget,
     LayerCost,
     candidate_allocations,
+    layer_container,
     rescore,
     search_pins,
-    uniform_allocation,
+    stored_bits,
+    uniform_allocations,
 )
 from fqexport.search.sensitivity import SensitivityTable, measure_sensitivity
 
@@ -72,8 +95,15 @@ def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool 
     prepared = prepare_model(model, skip_unsupported)
     macs = count_macs(prepared.folded, example, prepared.names)
     modules = dict(prepared.folded.named_modules())
-    return [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]))
+    return [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]), i.kind)
             for i in prepared.layers]
+
+
+def search_storage(storage: str) -> str:
+    """The storage a budget search writes: ``"auto"`` becomes ``"packed"`` (INT2 for 2-bit
+    layers, INT4 for 3-4-bit convs, MatMulNBits for <=4-bit Linears), so the file holds the
+    allocation the budget paid for; ``"int8"`` and ``"packed"`` are kept."""
+    return "packed" if storage == "auto" else storage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +131,7 @@ class Candidate:
     """
 
     allocation: Allocation
+    origin: str = "search"  # "search" (knapsack), "uniform" or "mean"
     metrics: GroupMetrics | None = None
     measured_loss_increase: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -122,7 +153,10 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         d = {
             "bits": dict(self.allocation.bits),
+            "origin": self.origin,
             "avg_bits": self.allocation.avg_bits,
+            "stored_bits": self.allocation.stored_bits,
+            "weight_bytes": self.allocation.weight_bytes,
             "used": self.allocation.used,
             "predicted_score": self.allocation.score,
             "predicted_loss_increase": dict(self.allocation.predicted),
@@ -151,6 +185,14 @@ class MixedPrecisionResult:
         float_metrics: the float model's metrics on the held-out samples (with folds: every
             calibration sample but a one-sample group's).
         seconds: wall time of sensitivity, allocation, verification and refit.
+        fallback: why the search returned a uniform allocation instead of the one it selected
+            (the selected one measured a larger held-out worst-group loss increase than a uniform
+            candidate within the budget); ``None`` when the selection stood.
+        fits: ``compress`` fits the search ran (verification fits per candidate × fold, the
+            refit, refits for a bytes budget); ``fit_seconds`` their summed time.
+        storage: the storage mode the returned model exports with (``"auto"`` becomes
+            ``"packed"``: the file holds the allocation).
+        verification: how the candidates were measured, in words (the held-out samples).
     """
 
     config: MixedPrecisionConfig
@@ -161,6 +203,11 @@ class MixedPrecisionResult:
     layers: list[LayerCost]
     float_metrics: GroupMetrics
     seconds: dict[str, float] = field(default_factory=dict)
+    fallback: str | None = None
+    fits: int = 0
+    fit_seconds: float = 0.0
+    storage: str = "packed"
+    verification: str = ""
 
     @property
     def chosen(self) -> Candidate:
@@ -181,6 +228,8 @@ class MixedPrecisionResult:
             else:
                 sens, worst = float("nan"), ""
             rows.append({"name": info.name, "params": info.params, "bits": b,
+                         "stored_bits": round(stored_bits(info, b, self.storage), 3),
+                         "container": layer_container(info, b, self.storage),
                          "sensitivity": sens, "most_sensitive_group": worst})
         return rows
 
@@ -191,7 +240,13 @@ class MixedPrecisionResult:
             "objective": self.config.objective,
             "budget": {"kind": self.config.budget_kind, "value": self.config.budget_value},
             "avg_bits": round(self.allocation.avg_bits, 4),
+            "stored_bits": round(self.allocation.stored_bits, 4),
+            "weight_bytes": self.allocation.weight_bytes,
+            "storage": self.storage,
             "used": self.allocation.used,
+            "origin": c.origin,
+            "fallback": self.fallback,
+            "fits": self.fits,
             "sensitivity_method": self.sensitivity.method,
             "table": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in self.table()],
             "predicted_loss_increase": dict(self.allocation.predicted),
@@ -206,6 +261,9 @@ class MixedPrecisionResult:
             "float_holdout": _metrics_summary(self.float_metrics),
             "sensitivity": self.sensitivity.to_dict(),
             "seconds": dict(self.seconds),
+            "fits": self.fits,
+            "fit_seconds": self.fit_seconds,
+            "verification": self.verification,
         }
 
 
@@ -293,19 +351,52 @@ def _population_weights(data: GroupData) -> dict[str, float]:
     return {g: float(c / counts.sum()) for g, c in zip(data.group_names, counts)}
 
 
-def _verification_splits(data: GroupData, mp: MixedPrecisionConfig) -> tuple[GroupData, list[tuple[GroupData, np.ndarray]]]:
+def _verification_splits(data: GroupData, mp: MixedPrecisionConfig, base: QuantConfig,
+                         ) -> tuple[GroupData, list[tuple[GroupData, np.ndarray]], bool]:
     """The held-out set and, per verification fit, (held-in part, positions of its held-out
-    samples in the held-out set): one stratified hold-out split, or ``verify_folds``
-    cross-fitting folds whose held-out parts together are every sample (in data order)."""
+    samples in the held-out set), and whether the fits are the refit itself.
+
+    ``verify_folds=1``: when the data has more samples than ``compress`` draws (``num_calib``)
+    and at least :data:`MIN_UNUSED_PER_GROUP` of each group are left over, each fit is
+    ``compress`` on all the data (which quantizes on the group-balanced subset it draws), and
+    the held-out set is the samples it leaves unused: each verification fit is then also the refit (no extra
+    fit). Else one stratified hold-out split of ``holdout_fraction``. ``k >= 2``: cross-fitting
+    folds whose held-out parts together are every sample (in data order)."""
     if mp.verify_folds == 1:
+        used = group_balanced_indices(data, base.num_calib, seed=base.seed)
+        rest = np.setdiff1d(np.arange(len(data)), used)
+        left = np.bincount(data.group[rest], minlength=len(data.group_names))
+        if rest.size and left.min() >= MIN_UNUSED_PER_GROUP:
+            # the fit gets all the data: compress draws exactly ``used`` from it (same order, same
+            # group shares for 'samples' weights), so the fit *is* the refit, bit for bit
+            held_out = data.subset(rest)
+            return held_out, [(data, np.arange(len(held_out)))], True
         held_in, held_out = split_holdout(data, mp.holdout_fraction, seed=mp.seed)
-        return held_out, [(held_in, np.arange(len(held_out)))]
+        return held_out, [(held_in, np.arange(len(held_out)))], False
     folds = stratified_folds(data, mp.verify_folds, seed=mp.seed)
     out_index = np.sort(np.concatenate(folds))  # all samples but a one-sample group's
     everything = np.arange(len(data))
     return data.subset(out_index), [
         (data.subset(np.setdiff1d(everything, f)), np.searchsorted(out_index, f)) for f in folds
-    ]
+    ], False
+
+
+def _verification_words(mp: MixedPrecisionConfig, held_out: GroupData, fits_are_refit: bool) -> str:
+    """How :func:`_verification_splits` measured the candidates, for the console and reports."""
+    if mp.verify_folds > 1:
+        return f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once"
+    if fits_are_refit:
+        return (f"the {len(held_out)} calibration samples compress does not draw; each fit is the compress "
+                "fit itself, no refit")
+    return f"a {mp.holdout_fraction:.0%} hold-out split"
+
+
+# Fits of the running search in this process by task key (serial engine: the returned model is
+# not fitted twice); cleared when a search starts and ends.
+_FITTED: dict[Any, Any] = {}
+# Unused samples per group (beyond compress's num_calib) that make the hold-out without a split.
+MIN_UNUSED_PER_GROUP = 50
+MAX_FITTED = 16
 
 
 @dataclass
@@ -326,6 +417,9 @@ def _fit_one(ctx: _VerifyContext, task: Task) -> tuple[np.ndarray, float, np.nda
     held_in, where = ctx.splits[fold]
     t0 = time.perf_counter()
     cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False)
+    _FITTED[task.key] = cm  # found by _fit_model when it runs in this process (serial engine)
+    while len(_FITTED) > MAX_FITTED:  # a pool worker's fits are never asked for: keep few
+        _FITTED.pop(next(iter(_FITTED)))
     out = cm.predict(ctx.held_out.x[where])
     float_logits = cm.predict(ctx.held_out.x, quantized=False) if first else None
     return out, time.perf_counter() - t0, float_logits
@@ -334,6 +428,8 @@ def _fit_one(ctx: _VerifyContext, task: Task) -> tuple[np.ndarray, float, np.nda
 def _fit_model(ctx: _VerifyContext, task: Task) -> Any:
     """The CompressedModel of a verification task (rebuilt where it is needed: a fitted fx
     graph does not pickle back from a worker)."""
+    if task.key in _FITTED:  # fitted in this process: compress is deterministic, so the same model
+        return _FITTED[task.key]
     bits, fold, _ = task.payload
     return compress(ctx.model, ctx.splits[fold][0], replace(ctx.base, layer_bits=dict(bits)), progress=False)
 
@@ -369,10 +465,129 @@ def _verify(
             logits[where] = out
         m = group_metrics(logits, held_out.y, held_out.group, groups)
         inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
-        candidates.append(Candidate(alloc, m, inc, float(sum(o[1] for o in mine)), cross_entropy(logits, held_out.y)))
+        candidates.append(Candidate(alloc, metrics=m, measured_loss_increase=inc, seconds=float(sum(o[1] for o in mine)),
+                                    sample_loss=cross_entropy(logits, held_out.y)))
         log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
                  k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
     return candidates, float_metrics, ctx, tasks
+
+
+# Bytes of an exported file outside the layers' weights (graph, fp32 biases, activation Q/DQ
+# parameters, metadata): a first estimate for a bytes budget; the written size is then checked.
+OVERHEAD_BASE_BYTES = 12000
+OVERHEAD_LAYER_BYTES = 800
+MAX_BYTES_REFITS = 3
+MSG_BYTES_BUDGET = (
+    "budget_bytes={budget:g} cannot be met: the file written took {size} bytes (weights {weights} + graph "
+    "and metadata {overhead}), and no allocation of bit_choices={choices} fits its weights in the "
+    "{room} bytes left; raise --budget-bytes{hint}"
+)
+MSG_BYTES_REFITS = (
+    "budget_bytes={budget:g}: after {refits} refits the file written still took {size} bytes (weights "
+    "{weights} + graph and metadata {overhead}); raise --budget-bytes"
+)
+
+
+def file_overhead_estimate(layers: Sequence[LayerCost]) -> float:
+    """A first estimate of an export's bytes outside the layers' weights: fp32 biases (4 bytes
+    per channel) plus :data:`OVERHEAD_LAYER_BYTES` per layer and :data:`OVERHEAD_BASE_BYTES`."""
+    return float(OVERHEAD_BASE_BYTES + sum(OVERHEAD_LAYER_BYTES + 4 * l.channels for l in layers))
+
+
+def _candidate_pool(table, layers, mp: MixedPrecisionConfig, pins, common, data) -> list[tuple[Allocation, str]]:
+    """The allocations to verify with their origin, each once: the best ``num_candidates``
+    knapsack allocations ("search"), the uniform allocation at every width that fits the budget
+    ("uniform", ``verify_uniform``) and the mean-objective optimum ("mean", ``verify_mean``)."""
+    budget = _budget(mp)
+    ranked = candidate_allocations(table, layers, budget, mp.objective, pins, steps=mp.mw_steps,
+                                   eta=mp.mw_eta, **common)[: mp.num_candidates]
+    pool = [(a, "search") for a in ranked]
+    if mp.verify_uniform:
+        pool += [(a, "uniform") for a in uniform_allocations(table, layers, budget, mp.objective, pins, **common)]
+    if mp.verify_mean and mp.objective != "mean":
+        best_mean = candidate_allocations(table, layers, budget, "mean", pins, group_weights=_population_weights(data),
+                                          storage=common["storage"], overhead=common["overhead"])[0]
+        pool.append((rescore(best_mean, mp.objective, group_weights=common["group_weights"],
+                             mean_weight=mp.mean_weight), "mean"))
+    out: list[tuple[Allocation, str]] = []
+    for a, origin in pool:  # a candidate identical to an earlier one is fitted once
+        if all(a.bits != b.bits for b, _ in out):
+            out.append((a, origin))
+    return out
+
+
+def _guard_value(c: Candidate, objective: str, w, groups, mean_weight: float):
+    """Smaller is better: the measured held-out worst-group loss increase for ``"worst-group"``,
+    the negated selection key otherwise."""
+    if objective == "worst-group":
+        return (c.measured_worst,)
+    return tuple(-v for v in _selection_key(c, objective, w, groups, mean_weight))
+
+
+def _never_worse_than_uniform(best: Candidate, candidates: Sequence[Candidate], objective: str, w, groups,
+                              mean_weight: float) -> tuple[Candidate, str | None]:
+    """``best`` unless a verified uniform candidate (all fit the budget) measured a smaller
+    worst-group loss increase on the held-out samples: then that uniform one, and why."""
+    uniforms = [c for c in candidates if c.origin == "uniform"]
+    if not uniforms or best.origin == "uniform":
+        return best, None
+    top = min(uniforms, key=lambda c: (_guard_value(c, objective, w, groups, mean_weight), c.allocation.weight_bytes))
+    if _guard_value(top, objective, w, groups, mean_weight) < _guard_value(best, objective, w, groups, mean_weight):
+        widths = list(top.allocation.bits.values())  # pinned layers aside, one width
+        width = top.allocation.uniform_width or min(set(widths), key=lambda b: (-widths.count(b), b))
+        return top, (
+            f"returning uniform {width}-bit: it measured a held-out worst-group loss increase of "
+            f"{top.measured_worst:.4f}, the selected mixed allocation {best.measured_worst:.4f}"
+        )
+    return best, None
+
+
+def _written_size(cm: Any) -> int:
+    """Bytes of ``cm``'s ONNX file as the export writes it (a temporary export, unchecked)."""
+    with tempfile.TemporaryDirectory(prefix="fqexport-size-") as tmp:
+        return int(cm.export(Path(tmp) / "size.onnx", check=False).size_bytes)
+
+
+def _fit_file_budget(model, data, base, mp, best: Candidate, chosen, candidates, table, layers, pins, common,
+                     measure, verify_one):
+    """Check a bytes budget against the written file; while it is exceeded, take the next
+    smaller allocation with the measured non-weight bytes — the knapsack's best for the bytes
+    left (verified with ``verify_one`` when new) or a verified candidate that fits, whichever
+    measured the smaller held-out worst-group loss increase — and refit it.
+    ``measure(best, chosen, note, refits)`` is the size of the file as the result exports it
+    (its allocation metadata included). Returns (candidate, model, refits, note)."""
+    size = measure(best, chosen, None, 0)
+    refits, note = 0, None
+    while size > mp.budget_value:
+        overhead = size - best.allocation.weight_bytes
+        if refits >= MAX_BYTES_REFITS:
+            raise ConfigError(MSG_BYTES_REFITS.format(budget=mp.budget_value, refits=refits, size=size,
+                                                      weights=best.allocation.weight_bytes, overhead=overhead))
+        room = mp.budget_value - overhead
+        try:
+            alloc = candidate_allocations(table, layers, _budget(mp), mp.objective, pins, steps=mp.mw_steps,
+                                          eta=mp.mw_eta, **dict(common, overhead=overhead))[0]
+        except ConfigError:
+            alloc = None
+        if alloc is not None and all(alloc.bits != c.allocation.bits for c in candidates):
+            new = verify_one(alloc)
+            new.origin = "bytes-refit"
+            candidates.append(new)
+        fitting = [c for c in candidates if c.allocation.weight_bytes <= room and c.metrics is not None]
+        if not fitting:
+            raise ConfigError(MSG_BYTES_BUDGET.format(
+                budget=mp.budget_value, size=size, weights=best.allocation.weight_bytes, overhead=overhead,
+                choices=",".join(map(str, mp.bit_choices)), room=math.floor(room),
+                hint="" if 2 in mp.bit_choices else " or add 2 to bit_choices"))
+        nxt = min(fitting, key=lambda c: (c.measured_worst, c.allocation.weight_bytes))
+        note = (f"the written file took {size} bytes > budget_bytes={mp.budget_value:g}: refitted the next smaller "
+                f"allocation ({nxt.allocation.weight_bytes} weight bytes + {overhead} bytes of graph and metadata)")
+        log.info(note)
+        best = nxt
+        chosen = compress(model, data, replace(base, layer_bits=dict(best.allocation.bits)), progress=False)
+        refits += 1
+        size = measure(best, chosen, note, refits)
+    return best, chosen, refits, note
 
 
 def search_mixed_precision(
@@ -406,7 +621,8 @@ def search_mixed_precision(
 
     base = base_config or QuantConfig()
     data = load_data(calib)
-    held_out, splits = _verification_splits(data, mp_config)
+    _FITTED.clear()
+    held_out, splits, fits_are_refit = _verification_splits(data, mp_config, base)
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -428,32 +644,23 @@ def search_mixed_precision(
     example = torch.from_numpy(np.ascontiguousarray(data.x[:1]))
     layers = layer_costs(model, example, base.skip_unsupported)
     pins = search_pins(mp_config.pins, table.layers, mp_config.pin_first_last)
-    storage = base.storage
+    storage = search_storage(base.storage)
+    base = replace(base, storage=storage)
+    overhead = file_overhead_estimate(layers) if mp_config.budget_kind == "bytes" else 0.0
     common = dict(group_weights=_group_weights(mp_config, data), mean_weight=mp_config.mean_weight,
-                  storage=storage)
-    ranked = candidate_allocations(
-        table, layers, _budget(mp_config), mp_config.objective, pins,
-        steps=mp_config.mw_steps, eta=mp_config.mw_eta, **common,
-    )[: mp_config.num_candidates]
-    extra = []
-    if mp_config.verify_uniform:
-        extra.append(uniform_allocation(table, layers, _budget(mp_config), mp_config.objective, pins,
-                                        **common))
-    if mp_config.verify_mean and mp_config.objective != "mean":
-        best_mean = candidate_allocations(table, layers, _budget(mp_config), "mean", pins,
-                                          group_weights=_population_weights(data), storage=storage)[0]
-        extra.append(rescore(best_mean, mp_config.objective, group_weights=common["group_weights"],
-                             mean_weight=mp_config.mean_weight))
-    for alloc in extra:
-        if alloc is not None and all(alloc.bits != a.bits for a in ranked):
-            ranked.append(alloc)
+                  storage=storage, overhead=overhead)
+    pool = _candidate_pool(table, layers, mp_config, pins, common, data)
     seconds["allocation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     groups = tuple(data.group_names)
     candidates, float_metrics, verify_ctx, verify_tasks = _verify(
-        model, held_out, splits, ranked, base, progress=progress, engine=engine)
+        model, held_out, splits, [a for a, _ in pool], base, progress=progress, engine=engine)
+    uniform_bits = [a.bits for a, o in pool if o == "uniform"]
+    for c, (_, origin) in zip(candidates, pool):
+        c.origin = "uniform" if c.allocation.bits in uniform_bits else origin
     seconds["verification"] = time.perf_counter() - t0
+    fits, fit_seconds = len(verify_tasks), float(sum(c.seconds for c in candidates))
 
     w = None
     if mp_config.objective == "weighted":
@@ -463,15 +670,43 @@ def search_mixed_precision(
     best = max(candidates, key=lambda c: _selection_key(c, mp_config.objective, w, groups, mp_config.mean_weight))
     if mp_config.objective == "worst-group":
         best = _significantly_better(candidates, best, held_out.group, groups, mp_config.mean_weight)
-    if mp_config.refit:
+    best, fallback = _never_worse_than_uniform(best, candidates, mp_config.objective, w, groups, mp_config.mean_weight)
+    if fallback:
+        log.info(fallback)
+    if fits_are_refit or not mp_config.refit:  # the verified fit itself, rebuilt where it ran elsewhere
+        k = next(i for i, c in enumerate(candidates) if c is best)
+        chosen = run_task(_fit_model, verify_ctx, verify_tasks[k])
+    else:
         t0 = time.perf_counter()
         chosen = compress(model, data, replace(base, layer_bits=dict(best.allocation.bits)), progress=False)
         seconds["refit"] = time.perf_counter() - t0
-    else:  # the verified held-in fit itself, rebuilt here exactly as its task ran
-        k = next(i for i, c in enumerate(candidates) if c is best)
-        chosen = run_task(_fit_model, verify_ctx, verify_tasks[k])
-    result = MixedPrecisionResult(
-        mp_config, best.allocation, candidates, chosen, table, layers, float_metrics, seconds,
-    )
-    result.compressed.metadata = replace(result.compressed.metadata, allocation=result.allocation_info())
-    return result
+        fits, fit_seconds = fits + 1, fit_seconds + seconds["refit"]
+    _FITTED.clear()
+
+    def finish(best: Candidate, chosen: Any, fallback: str | None, fits: int, fit_seconds: float):
+        result = MixedPrecisionResult(
+            mp_config, best.allocation, candidates, chosen, table, layers, float_metrics, seconds,
+            fallback, fits, fit_seconds, storage, _verification_words(mp_config, held_out, fits_are_refit),
+        )
+        result.compressed.metadata = replace(result.compressed.metadata, allocation=result.allocation_info())
+        return result
+
+    if mp_config.budget_kind == "bytes":
+        verified: list[Candidate] = []
+
+        def verify_one(alloc: Allocation) -> Candidate:  # one more candidate, measured like the others
+            verified.append(_verify(model, held_out, splits, [alloc], base, progress=False, engine=engine)[0][0])
+            _FITTED.clear()
+            return verified[-1]
+
+        t0 = time.perf_counter()
+        best, chosen, extra, note = _fit_file_budget(
+            model, data, base, mp_config, best, chosen, candidates, table, layers, pins, common,
+            lambda b, c, n, r: _written_size(finish(b, c, n or fallback, fits + len(verified) * len(splits) + r,
+                                                    0.0).compressed),
+            verify_one)
+        seconds["bytes_check"] = time.perf_counter() - t0
+        extra += len(verified) * len(splits)
+        fits, fit_seconds = fits + extra, fit_seconds + (seconds["bytes_check"] if extra else 0.0)
+        fallback = note or fallback
+    return finish(best, chosen, fallback, fits, fit_seconds)

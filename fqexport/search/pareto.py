@@ -20,14 +20,13 @@ from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.search.allocation import resource_used
 from fqexport.search.mixed_precision import search_mixed_precision
 
 log = logging.getLogger(__name__)
 
-MSG_NO_BUDGETS = "pareto_sweep: budgets must be a non-empty list of average weight bits (e.g. [2.5, 3, 4])"
-PARETO_FIELDS = ("budget", "avg_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
-                 "float_worst_group_acc", "float_mean_acc")
+MSG_NO_BUDGETS = "pareto_sweep: budgets must be a non-empty list of stored bits per weight (e.g. [2.5, 3, 4])"
+PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
+                 "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from")
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,9 @@ class ParetoPoint:
     float_worst_group_acc: float
     float_mean_acc: float
     bits: dict[str, int]
+    stored_bits: float = float("nan")
+    heldout_worst_loss_increase: float = float("nan")
+    reused_from: float | None = None  # a smaller budget whose result this point reuses
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in PARETO_FIELDS} | {"bits": dict(self.bits)}
@@ -76,13 +78,24 @@ def pareto_sweep(
 
 
 def _sweep(model, data, budgets, template, base_config, test, progress, engine: Engine) -> list[ParetoPoint]:
+    """Budgets in increasing order; a budget whose result measured a larger held-out worst-group
+    loss increase than a smaller budget's (same held-out samples: same data and seed) reuses
+    that result, so more budget never returns a worse measured worst group."""
     points: list[ParetoPoint] = []
     table = None
-    for b in budgets:
+    kept = None  # (budget, result) with the smallest held-out worst-group loss increase so far
+    for b in sorted(budgets):
         mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
         res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table,
                                      engine=engine)
         table = res.sensitivity
+        reused = None
+        if kept is not None and kept[1].chosen.measured_worst < res.chosen.measured_worst:
+            reused, res = kept
+            log.info("budget %g: the result of budget %g measured a smaller held-out worst-group loss increase; "
+                     "reusing it", b, reused)
+        else:
+            kept = (float(b), res)
         if test is not None:
             cm = res.compressed
             m = group_metrics(cm.predict(test.x), test.y, test.group, test.group_names)
@@ -90,12 +103,11 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
         else:
             m, f = res.chosen.metrics, res.float_metrics
         worst, worst_acc = m.group_min("accuracy")
-        storage = (base_config or QuantConfig()).storage
         points.append(ParetoPoint(
-            float(b), res.allocation.avg_bits,
-            resource_used(res.allocation.bits, res.layers, "bytes", storage),
+            float(b), res.allocation.avg_bits, res.allocation.weight_bytes,
             worst, float(worst_acc), float(m.overall["accuracy"]),
             float(f.group_min("accuracy")[1]), float(f.overall["accuracy"]), dict(res.allocation.bits),
+            res.allocation.stored_bits, res.chosen.measured_worst, reused,
         ))
     return points
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from fqexport.exporters.act_qdq import act_qdq_onnx
+from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_session import run_batches
 from onnx import TensorProto, helper, numpy_helper
@@ -31,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 import fqexport.graph.act_quant  # noqa: F401  (registers torch.ops.fqexport.act_qdq)
 from fqexport.atomic import atomic_write
 from fqexport.config import Storage
-from fqexport.errors import ExportError
+from fqexport.errors import ExportError, FqexportError
 from fqexport.metadata import layer_records
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -389,8 +391,82 @@ def write_atomic(model: onnx.ModelProto, path: Path) -> int:
     return path.stat().st_size
 
 
+# QuantConfig.target -> the kernel family whose int8 arithmetic the export check emulates
+# (docs/kernel-targets.md): ``portable`` is checked like the most restrictive CPU, AVX2 without
+# VNNI (saturating int16 pairs); ``gpu`` has no CPU kernels to emulate.
+TARGET_FAMILY: dict[str, str | None] = {
+    "portable": "x86-avx2", "x86-avx2": "x86-avx2", "x86-vnni": "x86-vnni", "arm64": "arm64", "gpu": None,
+}
+# The emulated kernels are numpy (slower than ORT's): the check runs on at most this many
+# calibration samples, an equal share per group.
+MAX_EMULATED_SAMPLES = 256
+MSG_TARGET_AGREEMENT = (
+    "{path}: for target={target!r}, the exported model run with the emulated {family} int8 kernels "
+    "agrees with the PyTorch fake-quant reference on only {agree:.2%} of {n} calibration samples "
+    "whose top-2 logits are more than {tie:g}% of the logit spread apart (need >= {need:.0%}, or a "
+    "single flipped sample; max |logit diff| {diff:.4g}); the file was not written. {cause}"
+)
+CAUSE_TARGET_FULL_RANGE = (
+    "The model has full-range 8-bit weights (weight_range='full'), and target={target!r} covers x86 "
+    "CPUs without VNNI, whose u8*s8 kernels (vpmaddubsw) saturate 16-bit sums of product pairs: "
+    "use weight_range='x86-safe' (the default, --weight-range x86-safe), or target='x86-vnni', "
+    "'arm64' or 'gpu' (--target) if the model never runs on such a CPU"
+)
+CAUSE_TARGET_KERNELS = (
+    "The {family} kernels compute some op differently from the reference: export with check=False "
+    "and run `fqexport validate --target {family}` to see which groups it costs"
+)
+MSG_TARGET_EMULATION = (
+    "{path}: the export check for target={target!r} cannot run the model with the emulated {family} "
+    "int8 kernels: {err}. Export with check=False and validate it with --target native"
+)
+
+
+def check_subset(group: np.ndarray, cap: int) -> np.ndarray:
+    """Sorted indices of at most ``cap`` samples, taken round-robin over the groups (a group
+    smaller than its share comes whole)."""
+    n = len(group)
+    if n <= cap:
+        return np.arange(n)
+    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.sort(np.lexsort((inverse, rank))[:cap])
+
+
+def _target_check(model: onnx.ModelProto, cm: "CompressedModel", want: np.ndarray, tie: float, path: Path) -> None:
+    """Refuse (ExportError) a model whose logits under the emulated kernels of ``cm.config.target``
+    disagree with the reference ``want`` like the native check would."""
+    target = cm.config.target
+    family = TARGET_FAMILY[target]
+    if family is None:
+        return
+    idx = check_subset(np.asarray(cm.calib.group), MAX_EMULATED_SAMPLES)
+    with tempfile.TemporaryDirectory(prefix="fqexport-target-") as tmp:
+        onnx_path = Path(tmp) / "check.onnx"
+        onnx.save_model(model, str(onnx_path), save_as_external_data=False)
+        try:
+            got = run_batches(EmulatedSession(onnx_path, family, threads=1), cm.calib.x[idx], 128)
+        except FqexportError as err:
+            raise ExportError(MSG_TARGET_EMULATION.format(path=path, target=target, family=family, err=err)) from err
+    ref = want[idx]
+    if agreement_failed(got, ref, tie):
+        _, decided = top1_agreement(got, ref, tie)
+        full = cm.config.weight_range == "full" and family == "x86-avx2"
+        cause = (CAUSE_TARGET_FULL_RANGE if full else CAUSE_TARGET_KERNELS).format(target=target, family=family)
+        raise ExportError(MSG_TARGET_AGREEMENT.format(
+            path=path, target=target, family=family, agree=decided, n=len(idx), tie=100 * TIE_FRACTION,
+            need=MIN_AGREEMENT, diff=float(np.abs(got - ref).max()), cause=cause))
+    log.info("export check for target=%s (emulated %s kernels) passed on %d samples", target, family, len(idx))
+
+
 def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None = None, check: bool = True) -> ExportResult:
-    """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring."""
+    """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring.
+
+    With ``check``, the optimized ORT session of this machine and the emulated int8 kernels of
+    ``cm.config.target`` (:data:`TARGET_FAMILY`) must both agree with the PyTorch reference.
+    """
     path = Path(path)
     storage = storage or cm.config.storage
     if storage not in get_args(Storage):
@@ -400,7 +476,8 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None =
     used = quantize_weight_initializers(model, cm.layers, storage)
     opset = OPSET_INT2 if "int2" in used.values() else OPSET
     _set_opset(model, opset)
-    write_metadata(model, replace(cm.metadata, storage=storage, opset=opset, layers=layer_records(cm.layers, used)))
+    write_metadata(model, replace(cm.metadata, storage=storage, opset=opset, layers=layer_records(cm.layers, used),
+                                  target=cm.config.target))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
@@ -421,6 +498,7 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None =
             cause = CAUSE_FULL_RANGE if cm.config.weight_range == "full" else CAUSE_KERNELS
             raise ExportError(MSG_AGREEMENT.format(path=path, agree=decided, need=MIN_AGREEMENT, diff=max_diff,
                                                    tie=100 * TIE_FRACTION, cause=cause))
+        _target_check(model, cm, want, TIE_FRACTION * spread, path)
     size = write_atomic(model, path)
     log.info("wrote %s (%d bytes, agreement %s)", path, size, agreement)
     return ExportResult(path, size, opset, agreement, max_diff, used)

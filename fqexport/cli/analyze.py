@@ -19,6 +19,7 @@ from fqexport.cli.common import (
     int_at_least,
     print_table,
 )
+from fqexport.cli.paths import Output, check_paths
 from fqexport.graph.loading import load_model
 from fqexport.metrics.diagnostics import ROW_COLUMNS, analyze
 from fqexport.validation.reports import write_json_data
@@ -60,6 +61,10 @@ def add_analyze_parser(subparsers) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``analyze`` from parsed args: print the table and summary, write JSON; return 0."""
+    check_paths(
+        [("--model", args.model), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
+        [Output("--json", args.json) if args.json is not None else None],
+    )
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     report = analyze(
         model, args.data, bits=tuple(args.bits), method=args.method, calib=args.calib,

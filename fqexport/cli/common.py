@@ -12,6 +12,9 @@ from typing import Sequence, get_args
 from fqexport.config import (
     Calibration,
     Device,
+    EngineConfig,
+    EngineKind,
+    ExportTarget,
     Method,
     MixedObjective,
     MixedPrecisionConfig,
@@ -24,8 +27,8 @@ from fqexport.config import (
 )
 from fqexport.errors import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_INTERRUPTED = 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a signal n exits 128 + n (143 for SIGTERM)
 
 _Q = QuantConfig()
 _MP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MixedPrecisionConfig)}
@@ -93,6 +96,8 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an internal error")
     return common
 
 
@@ -129,15 +134,25 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-range", choices=get_args(WeightRange), default=_Q.weight_range,
                    help="x86-safe: 8-bit weights in |q|<=63 so AVX2 u8*s8 kernels cannot saturate; "
                    "full: |q|<=127 for VNNI CPUs and GPUs")
+    p.add_argument("--target", choices=get_args(ExportTarget), default=_Q.target,
+                   help="where the export runs; the export check also emulates its int8 kernels "
+                   "(portable, the default, and x86-avx2: the saturating AVX2 kernels; gpu: none). "
+                   "--weight-range full needs x86-vnni, arm64 or gpu")
     p.add_argument("--storage", choices=get_args(Storage), default=_Q.storage,
-                   help="auto: <=4-bit layers packed INT4; int8: every layer int8 (fastest); packed: INT4, INT2 for 2-bit")
+                   help="auto: <=4-bit Linear as MatMulNBits (blocked INT4, fast), everything else int8 (fast); "
+                   "int8: every layer int8; packed: also <=4-bit convs packed INT4 (INT2 for 2-bit): smallest, slow")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=_Q.clip_search,
                    help="per-channel clipping search for weight scales (default: on for rtn and 2-bit layers, off for the solver at 3+ bits)")
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-bn-reestimate", action="store_true")
-    p.add_argument("--skip-unsupported", action="store_true", help="leave unsupported layers in float (warn)")
+    p.add_argument("--skip-unsupported", action="store_true",
+                   help="(the default) leave weight layers fqexport cannot quantize in float, with a warning")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when any weight layer would stay in float, naming all of them")
     p.add_argument("--device", choices=get_args(Device), default=_Q.device,
                    help="where the Hessians and the solver run (default auto: CUDA when available)")
+    p.add_argument("--max-activation-memory-mb", type=float, default=_Q.max_activation_memory_mb,
+                   help="cap on cached calibration activations; beyond it they spill to a temp dir")
     p.add_argument("--seed", type=int, default=_Q.seed)
 
 
@@ -148,9 +163,10 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
         order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
         group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
         percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
-        weight_range=args.weight_range, storage=args.storage, bias_correction=not args.no_bias_correction,
-        bn_reestimate=not args.no_bn_reestimate, skip_unsupported=args.skip_unsupported, seed=args.seed,
+        weight_range=args.weight_range, target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,
+        bn_reestimate=not args.no_bn_reestimate, strict=args.strict, seed=args.seed,
         clip_search=args.clip_search, device=args.device,
+        max_activation_memory_mb=args.max_activation_memory_mb,
     )
 
 
@@ -162,6 +178,8 @@ def add_search_options(mp) -> None:
                     help="candidate widths, comma separated")
     mp.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
                     help="fix layers matching a name pattern (fnmatch) to a width, e.g. 'stem.*=8' (repeatable)")
+    mp.add_argument("--pin-first-last", type=int, default=d["pin_first_last"], metavar="BITS",
+                    help="fix the first and the last quantizable layer to this width (e.g. 8)")
     mp.add_argument("--sensitivity", choices=get_args(SensitivityMethod), default=d["sensitivity"])
     mp.add_argument("--candidates", type=int, default=d["num_candidates"],
                     help="allocations verified on held-out calibration data")
@@ -170,6 +188,16 @@ def add_search_options(mp) -> None:
                     "one and measured on the one left out, for every fold (1: a single 30%% hold-out split)")
     mp.add_argument("--objective-weights", metavar="NAME=W,...", help="group weights of --objective weighted")
     mp.add_argument("--sensitivity-cache", help="JSON file caching the sensitivity table across runs")
+    e = EngineConfig()
+    mp.add_argument("--engine", choices=get_args(EngineKind), default=e.engine,
+                    help="where the search's independent tasks run: serial, local (a process pool), ray "
+                    "(pip install 'fqexport[ray]'); auto: local with more than one core. Results do not depend on it")
+    mp.add_argument("--workers", type=int_at_least(1), default=e.workers, metavar="N",
+                    help="worker processes of --engine local, CPUs of a local Ray cluster (default: all cores)")
+    mp.add_argument("--ray-address", default=e.ray_address, metavar="ADDRESS",
+                    help="a running Ray cluster: auto (on its head node) or ray://HEAD:10001 (default: start a local one)")
+    mp.add_argument("--task-cpus", type=float, default=e.task_cpus, help="Ray CPUs per task")
+    mp.add_argument("--task-gpus", type=float, default=e.task_gpus, help="Ray GPUs per task (a fraction shares a GPU)")
 
 
 def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
@@ -180,8 +208,11 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         raise ConfigError(f"--bit-choices {args.bit_choices!r}: expected integers like 2,3,4,8") from err
     return MixedPrecisionConfig(
         **budget, objective=args.objective, bit_choices=choices, pins=parse_layer_bits(args.pin, "--pin"),
+        pin_first_last=args.pin_first_last,
         sensitivity=args.sensitivity, num_candidates=args.candidates, verify_folds=args.verify_folds,
         group_weights=_parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
                                          "minority=2") if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
+        engine=EngineConfig(engine=args.engine, workers=args.workers, ray_address=args.ray_address,
+                            task_cpus=args.task_cpus, task_gpus=args.task_gpus),
     )

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fqexport.cli.common import EXIT_OK, common_options, print_table
+from fqexport.cli.paths import Output, check_paths
 from fqexport.demo.run import run_demo
 
 
@@ -23,6 +24,7 @@ def add_demo_parser(sub) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """Run the demo; print each step and the per-group table; return 0."""
+    check_paths([], [Output("--out-dir", args.out_dir, ())])
     result = run_demo(Path(args.out_dir), seed=args.seed, progress=not args.quiet, on_step=print)
     print()
     print_table(result.table, list(result.table[0].keys()))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData, group_weight_vector
 from fqexport.calibration.observers import make_observer
-from fqexport.calibration.readers import check_labels, load_data
+from fqexport.calibration.readers import check_labels, check_vocabulary, load_data
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError
@@ -214,6 +214,18 @@ def _correct_layer(
             module.bias.copy_(new_bias.to(module.bias.dtype))
 
 
+def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
+    """Integer ``x`` read by an Embedding straight from the model input: every id in its vocabulary."""
+    if not np.issubdtype(data.x.dtype, np.integer):
+        return
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        src = node.args[0] if node.args else None
+        if isinstance(mod, nn.Embedding) and isinstance(src, torch.fx.Node) and src.op == "placeholder":
+            check_vocabulary(data, int(mod.num_embeddings), str(node.target))
+
+
 MSG_NOT_LOGITS = (
     "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not class "
     "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
@@ -261,10 +273,11 @@ def compress(
     device = resolve_device(config.device)
     model = copy.deepcopy(model).eval().cpu()
 
-    num_classes = check_model_on_data(model, data)
-    check_labels(data, num_classes)
     prepared = prepare_model(model, config.skip_unsupported)
     folded, layers, skip = prepared.folded, list(prepared.layers), prepared.skipped
+    _check_token_ids(prepared.folded, data)  # before a lookup runs: a clear error, not an IndexError
+    num_classes = check_model_on_data(model, data)
+    check_labels(data, num_classes)
     float_model = copy.deepcopy(folded)
     names = prepared.names
     unknown = sorted(set(config.layer_bits) - set(names))
@@ -283,7 +296,9 @@ def compress(
     macs = count_macs(folded, example, names)
     # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
     # layer's output statistics on the calibration data.
-    corrected = [l for l in layers if config.bias_correction or (config.bn_reestimate and l.had_batchnorm)]
+    # An Embedding (a row lookup, no bias) has neither: its rows are rounded to nearest.
+    corrected = [l for l in layers if l.kind != "embedding"
+                 and (config.bias_correction or (config.bn_reestimate and l.had_batchnorm))]
     folded.to(device)
     float_model.to(device)
     targets = _float_targets(float_model, corrected, sub, bs, device) if corrected else {}
@@ -311,7 +326,9 @@ def compress(
             if cache is not None:
                 cache.advance(k)  # the layer's inputs: every earlier layer is final
             hessian = None
-            if solver:
+            # Embedding rows are looked up, never mixed: per-row round to nearest is their
+            # least-squares optimum (the Hessian of a one-hot input is diagonal), no solver.
+            if solver and info.kind != "embedding":
                 hessian, c = _layer_moments(module, info, cache, k, sub.num_groups, alpha, cross)
                 if c is not None:
                     _retarget_to_float_output(module, info, hessian, c, config.damp)
@@ -361,6 +378,7 @@ def compress(
         solver_target=config.solver_target if config.method == "solver" else None,
         calibration=config.calibration,
         weight_range=config.weight_range,
+        target=config.target,
         num_calib=len(sub),
         group_names=tuple(sub.group_names),
         group_weights=tuple(round(float(a), 6) for a in alpha),

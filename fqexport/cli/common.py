@@ -34,7 +34,7 @@ _Q = QuantConfig()
 _MP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MixedPrecisionConfig)}
 
 
-def _parse_assignments(items: Sequence[str], flag: str, value: str, convert, example: str) -> dict:
+def parse_assignments(items: Sequence[str], flag: str, value: str, convert, example: str) -> dict:
     """``["a=1", "b=2"]`` → ``{"a": convert("1"), ...}`` with errors naming ``flag``.
 
     ``value`` names the right-hand side in messages: "BITS" (an integer) or "W" (a number).
@@ -54,7 +54,7 @@ def _parse_assignments(items: Sequence[str], flag: str, value: str, convert, exa
 
 def parse_layer_bits(items: Sequence[str], flag: str = "--layer-bits") -> dict[str, int]:
     """``["fc=8"]`` → ``{"fc": 8}``; errors name ``flag``."""
-    return _parse_assignments(items, flag, "BITS", int, "fc=8")
+    return parse_assignments(items, flag, "BITS", int, "fc=8")
 
 
 def parse_group_weights(text: str | None):
@@ -63,7 +63,7 @@ def parse_group_weights(text: str | None):
         return None
     if text == "samples":
         return "samples"
-    return _parse_assignments(text.split(","), "--group-weights", "W", float, "minority=2,majority=1")
+    return parse_assignments(text.split(","), "--group-weights", "W", float, "minority=2,majority=1")
 
 
 def int_at_least(low: int):
@@ -210,7 +210,7 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         **budget, objective=args.objective, bit_choices=choices, pins=parse_layer_bits(args.pin, "--pin"),
         pin_first_last=args.pin_first_last,
         sensitivity=args.sensitivity, num_candidates=args.candidates, verify_folds=args.verify_folds,
-        group_weights=_parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
+        group_weights=parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
                                          "minority=2") if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
         engine=EngineConfig(engine=args.engine, workers=args.workers, ray_address=args.ray_address,

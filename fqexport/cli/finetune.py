@@ -12,7 +12,7 @@ from typing import get_args
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
-from fqexport.cli.common import _parse_assignments, print_table
+from fqexport.cli.common import parse_assignments, print_table
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError, DataError
 from fqexport.finetune.config import (
@@ -134,7 +134,7 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
         raise ConfigError(MSG_NO_TRAIN)
     weights = None
     if args.group_loss_weights:
-        weights = _parse_assignments(args.group_loss_weights.split(","), "--group-loss-weights", "W", float,
+        weights = parse_assignments(args.group_loss_weights.split(","), "--group-loss-weights", "W", float,
                                      "minority=3,majority=1")
     config = FinetuneConfig(
         epochs=args.epochs, batch_size=args.ft_batch_size, lr=args.lr, temperature=args.temperature,

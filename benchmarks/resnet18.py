@@ -19,6 +19,8 @@ BLOCKS_PER_STAGE = (2, 2, 2, 2)
 class BasicBlock(nn.Module):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))``."""
 
+    expansion = 1
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
@@ -40,10 +42,13 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.downsample(x))
 
 
-class ResNet18(nn.Module):
-    """ResNet-18 for ``[N, in_channels, H, W]`` images (any H, W >= 32)."""
+class ResNet(nn.Module):
+    """The ResNet stem, four stages of ``block`` and the head; ``block.expansion`` is the ratio
+    of a block's output channels to its width (1 for :class:`BasicBlock`). Shared by the
+    ResNet-18 here and the ResNet-50 of ``resnet50.py``."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+    def __init__(self, block: type[nn.Module], blocks_per_stage: tuple[int, ...], num_classes: int = 1000,
+                 in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -51,11 +56,11 @@ class ResNet18(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         stages = []
         channels = 64
-        for i, (width, count) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE)):
+        for i, (width, count) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage)):
             blocks = []
             for j in range(count):
-                blocks.append(BasicBlock(channels, width, 2 if (i > 0 and j == 0) else 1))
-                channels = width
+                blocks.append(block(channels, width, 2 if (i > 0 and j == 0) else 1))
+                channels = width * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -72,6 +77,13 @@ class ResNet18(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.flatten(self.avgpool(x)))
+
+
+class ResNet18(ResNet):
+    """ResNet-18 for ``[N, in_channels, H, W]`` images (any H, W >= 32)."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__(BasicBlock, BLOCKS_PER_STAGE, num_classes, in_channels)
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3, seed: int = 0) -> ResNet18:

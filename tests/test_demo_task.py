@@ -6,16 +6,19 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from fqexport.calibration.group_data import GroupData
 
+from fqexport.calibration.group_data import GroupData
 from fqexport.demo.models import MLP, SmallResNet, mlp, small_resnet
 from fqexport.demo.task import (
     IMAGE_GROUPS,
     NUM_IMAGE_CLASSES,
+    SHAPE_NAMES,
     TABULAR_GROUPS,
+    TWO_MINORITY_GROUPS,
     DemoTaskSizes,
     make_image_task,
     make_tabular_task,
+    make_two_minority_task,
 )
 from fqexport.errors import ConfigError
 
@@ -168,3 +171,42 @@ def test_small_resnet_exports_to_onnx_and_matches(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-4)
+
+
+# --- two-minority task -------------------------------------------------------------------------
+
+
+def test_two_minority_task_groups_counts_and_determinism():
+    train, test = make_two_minority_task(n_train=500, n_test=200, size=16, seed=1)
+    assert train.group_names == TWO_MINORITY_GROUPS == ("majority", "rotated", "dim-noisy")
+    assert train.group_counts().tolist() == [440, 30, 30]  # round(500 * 0.06) each
+    assert test.group_counts().tolist() == [176, 12, 12]
+    again, _ = make_two_minority_task(n_train=500, n_test=200, size=16, seed=1)
+    np.testing.assert_array_equal(train.x, again.x)
+    # normalised with the training set's statistics
+    np.testing.assert_allclose(train.x.mean(axis=(0, 2, 3)), 0.0, atol=1e-4)
+
+
+def test_two_minority_task_renders_each_shift():
+    train, _ = make_two_minority_task(n_train=1200, n_test=10, size=16, seed=2)
+    x = train.x.reshape(len(train.y), 3, -1)
+    spread = x.std(axis=2).mean(axis=1)  # per-image contrast
+    dim = spread[train.group == 2].mean()
+    rot = spread[train.group == 1].mean()
+    maj = spread[train.group == 0].mean()
+    assert dim < maj and abs(rot - maj) < 0.15 * maj  # dim-noisy loses contrast; rotated does not
+    # rotated bars lie across: the column profile of "bar" images varies more than the row profile
+    bars = (train.y == SHAPE_NAMES.index("bar"))
+    img = train.x[:, :, :, :].mean(axis=1)
+    row_var = img.mean(axis=2).var(axis=1)  # profile down the rows
+    col_var = img.mean(axis=1).var(axis=1)  # profile across the columns
+    upright = (row_var - col_var)[bars & (train.group == 0)].mean()
+    turned = (row_var - col_var)[bars & (train.group == 1)].mean()
+    assert np.sign(upright) != np.sign(turned)
+
+
+def test_two_minority_task_rejects_bad_fractions():
+    with pytest.raises(ConfigError, match="two fractions"):
+        make_two_minority_task(n_train=10, n_test=10, minority_fractions=(0.1,))
+    with pytest.raises(ConfigError, match="minority_fraction"):
+        make_two_minority_task(n_train=10, n_test=10, minority_fractions=(0.7, 0.6))

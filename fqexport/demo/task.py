@@ -1,6 +1,6 @@
 """Embedded demo tasks: group-labeled data generated in memory (numpy only, nothing downloaded).
 
-Two tasks:
+Three tasks:
 
 * :func:`make_image_task` — 10 classes of procedurally drawn shapes (random position, scale,
   rotation, colour, clutter, illumination gradient, noise). The minority group
@@ -9,6 +9,9 @@ Two tasks:
   the training set, so the (dark) majority dominates normalisation and the minority's inputs
   and early activations are large — the kind of shift a majority-dominated quantization range
   clips or resolves coarsely.
+* :func:`make_two_minority_task` — the same shapes drawn upright, with two minorities of
+  different kinds (~6% each): ``"rotated"`` (turned by 90°) and ``"dim-noisy"`` (low contrast,
+  heavy noise).
 * :func:`make_tabular_task` — synthetic tabular classification whose minority has shifted and
   rescaled features and a partly different decision rule (for an MLP benchmark).
 """
@@ -26,6 +29,13 @@ from fqexport.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 IMAGE_GROUPS = ("majority", "inverted-contrast")
+TWO_MINORITY_GROUPS = ("majority", "rotated", "dim-noisy")
+# The two-minority task: upright shapes (θ within ±20°); "rotated" turns them by 90°,
+# "dim-noisy" renders them at 30% contrast with 2.5× the noise.
+UPRIGHT_RADIANS = 0.35
+ROTATED_RADIANS = np.pi / 2
+DIM_CONTRAST = 0.3
+NOISY_FACTOR = 2.5
 TABULAR_GROUPS = ("majority", "shifted")
 SHAPE_NAMES = (
     "disk",
@@ -107,10 +117,30 @@ def _shape_sdf(label: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape label {label}")
 
 
+@dataclass(frozen=True)
+class _Rendering:
+    """Per-sample rendering conditions (all optional; ``None`` = the majority's)."""
+
+    rotation: np.ndarray | None = None  # float [N]: θ replaced by θ_0 + this (radians)
+    contrast: np.ndarray | None = None  # float [N]: foreground - background scaled by this
+    noise: np.ndarray | None = None  # float [N]: noise standard deviation scaled by this
+
+
 def _render_images(
-    labels: np.ndarray, inverted: np.ndarray, size: int, rng: np.random.Generator
+    labels: np.ndarray,
+    inverted: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    upright: float | None = None,
+    rendering: _Rendering | None = None,
 ) -> np.ndarray:
-    """Raw images in [0, 1], ``[N, 3, size, size]`` float32 (before normalisation)."""
+    """Raw images in [0, 1], ``[N, 3, size, size]`` float32 (before normalisation).
+
+    ``upright``: if given, every shape's rotation θ is drawn from [-upright, upright] instead of
+    [0, 2π) (so orientation carries information and a rotated group is a real shift).
+    ``rendering`` adds per-sample conditions; the random draws are the same with or without
+    them, so a seed gives the same scenes.
+    """
     n = labels.shape[0]
     f32 = np.float32
     # Per-sample pose: centre c, radius s (half-image units), rotation θ, aspect a.
@@ -125,6 +155,15 @@ def _render_images(
     grad = rng.normal(0.0, 0.08, (n, 2)).astype(f32)
     bright = rng.uniform(0.85, 1.15, n).astype(f32)
     noise_std = rng.uniform(0.03, 0.14, n).astype(f32)
+    if upright is not None:
+        theta = (theta / np.float32(np.pi) - 1.0) * np.float32(upright)  # [0, 2π) → [-u, u)
+    r = rendering or _Rendering()
+    if r.rotation is not None:
+        theta = theta + r.rotation.astype(f32)
+    if r.contrast is not None:
+        fg = bg + (fg - bg) * r.contrast.astype(f32)[:, None]
+    if r.noise is not None:
+        noise_std = noise_std * r.noise.astype(f32)
 
     coords = (np.arange(size, dtype=f32) + 0.5) / size * 2.0 - 1.0  # pixel centres in [-1, 1]
     v, u = np.meshgrid(coords, coords, indexing="ij")  # v: rows (down), u: columns
@@ -216,6 +255,75 @@ def make_image_task(
     test = GroupData(xte.astype(np.float32), yte, gte, IMAGE_GROUPS, src + " [test]")
     logger.debug("image task: train %s, test %s, mean %s, std %s", xtr.shape, xte.shape,
                  mean.ravel(), std.ravel())
+    return train, test
+
+
+def _draw_group_ids(n: int, fractions: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``round(n·f_g)`` samples of each minority ``g = 1, 2, …`` at random positions."""
+    group = np.zeros(n, dtype=np.int64)
+    order = rng.permutation(n)
+    start = 0
+    for gid, frac in enumerate(fractions, start=1):
+        count = int(round(n * float(frac)))
+        group[order[start:start + count]] = gid
+        start += count
+    return group
+
+
+def _render_two_minority_split(
+    n: int, size: int, fractions: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = rng.integers(0, NUM_IMAGE_CLASSES, n).astype(np.int64)
+    group = _draw_group_ids(n, fractions, rng)
+    rotation = np.where(group == 1, ROTATED_RADIANS, 0.0)
+    contrast = np.where(group == 2, DIM_CONTRAST, 1.0)
+    noise = np.where(group == 2, NOISY_FACTOR, 1.0)
+    x = np.empty((n, 3, size, size), dtype=np.float32)
+    no_inversion = np.zeros(n, dtype=bool)
+    for start in range(0, n, _CHUNK):
+        sl = slice(start, min(n, start + _CHUNK))
+        rendering = _Rendering(rotation=rotation[sl], contrast=contrast[sl], noise=noise[sl])
+        x[sl] = _render_images(y[sl], no_inversion[sl], size, rng, upright=UPRIGHT_RADIANS,
+                               rendering=rendering)
+    return x, y, group
+
+
+def make_two_minority_task(
+    n_train: int = 8000,
+    n_test: int = 3000,
+    size: int = 32,
+    minority_fractions: tuple[float, float] = (0.06, 0.06),
+    seed: int = 0,
+) -> tuple[GroupData, GroupData]:
+    """A second image task with two minorities of different kinds: ``(train, test)`` with groups
+    ``("majority", "rotated", "dim-noisy")``.
+
+    The same ten shape classes as :func:`make_image_task`, but drawn upright (θ within ±20°), so
+    orientation is part of what the majority teaches: ``"rotated"`` shows them turned by 90°
+    (a geometric shift: bar vs. double-bar, half-disk, triangle change look), ``"dim-noisy"``
+    at 30% contrast with 2.5× the sensor noise (a photometric shift: small activations that a
+    majority-sized quantization step resolves coarsely). Normalised with the training set's
+    per-channel mean/std. Fully determined by ``seed``.
+    """
+    fr = tuple(float(f) for f in minority_fractions)
+    if len(fr) != 2:
+        raise ConfigError(f"minority_fractions={minority_fractions!r} must hold two fractions")
+    _check_sizes(n_train, n_test, sum(fr))
+    if min(fr) < 0.0:
+        raise ConfigError(f"minority_fractions={minority_fractions!r} must be >= 0")
+    if int(size) < 8:
+        raise ConfigError(f"size={size!r} must be >= 8 pixels")
+    rng = np.random.default_rng(seed)
+    xtr, ytr, gtr = _render_two_minority_split(int(n_train), int(size), fr, rng)
+    xte, yte, gte = _render_two_minority_split(int(n_test), int(size), fr, rng)
+    mean = xtr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[None, :, None, None]
+    std = np.maximum(xtr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32), 1e-6)[
+        None, :, None, None]
+    src = f"two-minority image task (seed={seed}, size={size}, minority_fractions={fr})"
+    train = GroupData(((xtr - mean) / std).astype(np.float32), ytr, gtr, TWO_MINORITY_GROUPS,
+                      src + " [train]")
+    test = GroupData(((xte - mean) / std).astype(np.float32), yte, gte, TWO_MINORITY_GROUPS,
+                     src + " [test]")
     return train, test
 
 

@@ -156,9 +156,11 @@ def _names_from_array(group_names: Any, source: str) -> tuple[str, ...]:
 
 
 def _group_ids(
-    group: np.ndarray, group_names: Any, source: str
+    group: np.ndarray, group_names: Any, source: str, index: np.ndarray | None = None
 ) -> tuple[np.ndarray, tuple[str, ...]]:
-    """(int64 ids, names) from ids or names, with optional explicit ``group_names``."""
+    """(int64 ids, names) from ids or names, with optional explicit ``group_names``; ``index``
+    (a streamed batch's sample positions) makes the messages name the sample."""
+    at = (lambda i: int(index[i])) if index is not None else (lambda i: i)
     names = None if group_names is None else _names_from_array(group_names, source)
     if group.ndim != 1:
         raise _err(source, f"field 'group' must be 1-D [N], got shape {group.shape}")
@@ -172,7 +174,7 @@ def _group_ids(
             if lab not in lookup:
                 raise _err(
                     source,
-                    f"field 'group' holds the name {lab!r} (sample {i}) that is not in "
+                    f"field 'group' holds the name {lab!r} (sample {at(i)}) that is not in "
                     f"group_names {list(names)}",
                 )
             ids[i] = lookup[lab]
@@ -186,12 +188,84 @@ def _group_ids(
         n = int(ids.max()) + 1 if ids.size else 1
         names = tuple(f"group{i}" for i in range(n))
     elif ids.size and ids.max() >= len(names):
+        where = "" if index is None else f"sample {at(int(np.argmax(ids)))}: "
         raise _err(
             source,
-            f"field 'group' holds the id {int(ids.max())} but group_names has only "
+            f"{where}field 'group' holds the id {int(ids.max())} but group_names has only "
             f"{len(names)} names (ids 0..{len(names) - 1})",
         )
     return ids, names
+
+
+def _check_x_dtype(x: np.ndarray, source: str, where: str = "") -> None:
+    if x.dtype == object or not (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number)) or (
+        np.issubdtype(x.dtype, np.complexfloating)
+    ):
+        raise _err(source, f"{where}field 'x' must be numeric, got dtype {x.dtype}")
+
+
+def group_ids(group: Any, group_names: Sequence[str], source: str, index: np.ndarray) -> np.ndarray:
+    """int64 ids of one streamed batch's groups (ids or names) over the known ``group_names``;
+    DataError naming the sample (its position in ``index``) for an unknown name or id."""
+    return _group_ids(np.asarray(group), list(group_names), source, np.asarray(index))[0]
+
+
+def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.ndarray:
+    """``x`` as float32 (int64 for signed-integer token ids), checked: numeric, ids >= 0, no NaN/Inf.
+
+    ``index`` (the samples' positions in ``source``, for one batch of streamed data) makes the
+    message name the first bad sample, e.g. ``"train.npz: sample 1234: field 'x' contains NaN or
+    Inf (3 values)"``; without it the message names the field only (a whole array).
+    """
+    x = np.asarray(x)
+    first = (lambda bad: f"sample {int(index[np.flatnonzero(bad.reshape(len(bad), -1).any(1))[0]])}: "
+             if index is not None else "")
+    _check_x_dtype(x, source, first(np.ones(len(x), bool)) if index is not None and len(x) else "")
+    if np.issubdtype(x.dtype, np.signedinteger):
+        x = x.astype(np.int64, copy=False)
+        if x.size and int(x.min()) < 0:
+            raise _err(source, first(x < 0) + MSG_NEGATIVE_IDS.format(value=int(x.min())))
+    else:
+        x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x)
+        bad = int(x.size - np.count_nonzero(finite))
+        if bad:
+            raise _err(source, first(~finite) + f"field 'x' contains NaN or Inf ({bad} values)")
+    return x
+
+
+def validate_targets(
+    y: Any, group: Any, group_names: Sequence[str] | np.ndarray | None, n: int, source: str
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The labels and groups of ``n`` samples checked and converted: ``(y int64, group ids int64,
+    names)`` (the rules of :func:`validate_group_data` for fields y and group)."""
+    y = np.asarray(y)
+    group = np.asarray(group)
+    if y.ndim != 1:
+        raise _err(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
+    for field, arr in (("y", y), ("group", group)):
+        if arr.ndim >= 1 and arr.shape[0] != n:
+            raise _err(
+                source,
+                f"length mismatch: field 'x' has {n} samples but field '{field}' has "
+                f"{arr.shape[0]}",
+            )
+    y = _as_int_array(y, "y", source)
+    if y.min() < 0:
+        raise _err(
+            source,
+            f"field 'y' holds the negative label {int(y.min())}; labels must be class ids >= 0",
+        )
+    ids, names = _group_ids(group, group_names, source)
+    counts = np.bincount(ids, minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise _err(
+            source,
+            f"group {empty[0]!r} has no samples (field 'group'); drop it from group_names "
+            "or add samples of it",
+        )
+    return y, ids, tuple(names)
 
 
 def validate_group_data(
@@ -215,10 +289,7 @@ def validate_group_data(
     x = np.asarray(x)
     y = np.asarray(y)
     group = np.asarray(group)
-    if x.dtype == object or not (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number)) or (
-        np.issubdtype(x.dtype, np.complexfloating)
-    ):
-        raise _err(source, f"field 'x' must be numeric, got dtype {x.dtype}")
+    _check_x_dtype(x, source)
     if x.ndim < 2:
         raise _err(
             source,
@@ -228,39 +299,8 @@ def validate_group_data(
     n = x.shape[0]
     if n == 0:
         raise _err(source, "the dataset is empty (field 'x' has 0 samples)")
-    if y.ndim != 1:
-        raise _err(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
-    for field, arr in (("y", y), ("group", group)):
-        if arr.ndim >= 1 and arr.shape[0] != n:
-            raise _err(
-                source,
-                f"length mismatch: field 'x' has {n} samples but field '{field}' has "
-                f"{arr.shape[0]}",
-            )
-    if np.issubdtype(x.dtype, np.signedinteger):
-        x = x.astype(np.int64, copy=False)
-        if x.size and int(x.min()) < 0:
-            raise _err(source, MSG_NEGATIVE_IDS.format(value=int(x.min())))
-    else:
-        x = x.astype(np.float32, copy=False)
-        bad = int(np.count_nonzero(~np.isfinite(x)))
-        if bad:
-            raise _err(source, f"field 'x' contains NaN or Inf ({bad} values)")
-    y = _as_int_array(y, "y", source)
-    if y.min() < 0:
-        raise _err(
-            source,
-            f"field 'y' holds the negative label {int(y.min())}; labels must be class ids >= 0",
-        )
-    ids, names = _group_ids(group, group_names, source)
-    counts = np.bincount(ids, minlength=len(names))
-    empty = [names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise _err(
-            source,
-            f"group {empty[0]!r} has no samples (field 'group'); drop it from group_names "
-            "or add samples of it",
-        )
+    y, ids, names = validate_targets(y, group, group_names, n, source)
+    x = check_x_values(x, source)
     return GroupData(x=x, y=y, group=ids, group_names=tuple(names), source=str(source))
 
 
@@ -296,8 +336,8 @@ def check_labels(data: GroupData, num_classes: int) -> None:
 # --------------------------------------------------------------------------- .npz
 
 
-def load_npz(path: str | os.PathLike) -> GroupData:
-    """Read an ``.npz`` with arrays ``x``, ``y``, ``group`` and optional ``group_names``."""
+def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    """Open an ``.npz`` (no array read yet) that holds arrays ``x``, ``y`` and ``group``."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -314,25 +354,32 @@ def load_npz(path: str | os.PathLike) -> GroupData:
         raise _err(
             source, "is a single .npy array, not an .npz archive; write it with numpy.savez"
         )
-    with archive:
-        missing = [f for f in NPZ_FIELDS if f not in archive.files]
-        if missing:
-            raise _err(
-                source,
-                f"missing array '{missing[0]}' (found {sorted(archive.files)}); "
-                "the file needs arrays x, y, group",
-            )
-        arrays: dict[str, np.ndarray] = {}
-        for field in (*NPZ_FIELDS, "group_names"):
-            if field not in archive.files:
-                continue
-            _check_npz_member(archive.zip, field, source)
-            try:
-                arrays[field] = archive[field]
-            except (ValueError, OSError, zipfile.BadZipFile) as err:
-                raise _err(
-                    source, f"field '{field}' cannot be read ({err}); store plain arrays"
-                ) from err
+    missing = [f for f in NPZ_FIELDS if f not in archive.files]
+    if missing:
+        archive.close()
+        raise _err(
+            source,
+            f"missing array '{missing[0]}' (found {sorted(archive.files)}); "
+            "the file needs arrays x, y, group",
+        )
+    return archive
+
+
+def read_npz_field(archive: np.lib.npyio.NpzFile, field: str, source: str) -> np.ndarray:
+    """One array of an open ``.npz``, its declared size checked against the archive and memory."""
+    _check_npz_member(archive.zip, field, source)
+    try:
+        return archive[field]
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise _err(source, f"field '{field}' cannot be read ({err}); store plain arrays") from err
+
+
+def load_npz(path: str | os.PathLike) -> GroupData:
+    """Read an ``.npz`` with arrays ``x``, ``y``, ``group`` and optional ``group_names``."""
+    source = str(Path(path))
+    with open_npz(path) as archive:
+        arrays = {field: read_npz_field(archive, field, source)
+                  for field in (*NPZ_FIELDS, "group_names") if field in archive.files}
     data = validate_group_data(
         arrays["x"], arrays["y"], arrays["group"], arrays.get("group_names"), source
     )
@@ -362,6 +409,20 @@ def _scalar(value: Any, field: str, index: int, source: str) -> Any:
     return arr.reshape(()).item()
 
 
+MSG_ITEM_SHAPE = "sample {index}: field 'x' has shape {shape} but sample 0 has {first}; all samples must share a shape"
+
+
+def dataset_item(item: Any, index: int, source: str) -> tuple[np.ndarray, Any, Any]:
+    """One Dataset item ``(x, y, group)`` as ``(x array, y number, group id or name)``."""
+    if not isinstance(item, (tuple, list)) or len(item) != 3:
+        raise _err(
+            source,
+            f"sample {index} must be a tuple (x, y, group), got {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""),
+        )
+    return _to_numpy(item[0]), _scalar(item[1], "y", index, source), _scalar(item[2], "group", index, source)
+
+
 def from_dataset(dataset: Any, source: str = "<Dataset>") -> GroupData:
     """Stack a Dataset (any indexable with ``__len__``) yielding ``(x, y, group)`` items.
 
@@ -383,30 +444,24 @@ def from_dataset(dataset: Any, source: str = "<Dataset>") -> GroupData:
             item = dataset[i]
         except Exception as err:  # the dataset's own failure, wrapped with its index
             raise _err(source, f"sample {i} cannot be read: {type(err).__name__}: {err}") from err
-        if not isinstance(item, (tuple, list)) or len(item) != 3:
-            raise _err(
-                source,
-                f"sample {i} must be a tuple (x, y, group), got {type(item).__name__}"
-                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""),
-            )
-        x = _to_numpy(item[0])
+        x, y, g = dataset_item(item, i, source)
         if shape is None:
             shape = x.shape
         elif x.shape != shape:
-            raise _err(
-                source,
-                f"sample {i}: field 'x' has shape {x.shape} but sample 0 has {shape}; "
-                "all samples must share a shape",
-            )
+            raise _err(source, MSG_ITEM_SHAPE.format(index=i, shape=x.shape, first=shape))
         xs.append(x)
-        ys.append(_scalar(item[1], "y", i, source))
-        gs.append(_scalar(item[2], "group", i, source))
+        ys.append(y)
+        gs.append(g)
+    names = getattr(dataset, "group_names", None)
+    return validate_group_data(np.stack(xs), np.asarray(ys), dataset_groups(gs, source), names, source)
+
+
+def dataset_groups(gs: Sequence[Any], source: str) -> np.ndarray:
+    """The groups of a Dataset's items (all names or all ids) as one array."""
     is_name = [isinstance(g, str) for g in gs]
     if any(is_name) and not all(is_name):
         raise _err(source, "field 'group' mixes names (strings) and ids (numbers)")
-    group = np.array(gs) if all(is_name) else np.asarray(gs)
-    names = getattr(dataset, "group_names", None)
-    return validate_group_data(np.stack(xs), np.asarray(ys), group, names, source)
+    return np.array(gs) if all(is_name) else np.asarray(gs)
 
 
 # --------------------------------------------------------------------------- CSV manifest
@@ -468,6 +523,64 @@ def load_csv_manifest(path: str | os.PathLike) -> GroupData:
     one shape. Column ``group`` holds names, or integer ids when every entry is an integer.
     Needs Pillow (``pip install "fqexport[images]"``).
     """
+    rows, folder, source = read_manifest_rows(path)
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    gs: list[str] = []
+    first: tuple[str, tuple[int, ...]] | None = None
+    for line, row in tqdm(rows, desc="reading images", disable=None if len(rows) >= _PROGRESS_MIN else True):
+        where = f"{source} line {line}"
+        arr, label, group_name = manifest_item(row, where, folder)
+        if first is None:
+            first = (row["path"], arr.shape)
+        elif arr.shape != first[1]:
+            raise DataError(
+                f"{where}: image {row['path']} is {'x'.join(map(str, arr.shape))} (CHW) but "
+                f"{first[0]} is {'x'.join(map(str, first[1]))}; all images must share one "
+                "size and channel count"
+            )
+        xs.append(arr)
+        ys.append(label)
+        gs.append(group_name)
+    return validate_group_data(np.stack(xs), np.asarray(ys, dtype=np.int64), manifest_groups(gs), None, source)
+
+
+def manifest_groups(gs: Sequence[str]) -> np.ndarray:
+    """Column ``group`` as int64 ids when every entry is an integer, else as names."""
+    if all(g.lstrip("-").isdigit() for g in gs):
+        return np.array([int(g) for g in gs], dtype=np.int64)
+    return np.array(gs)
+
+
+def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and groups of a manifest's rows (no image read): int64 labels, groups as
+    :func:`manifest_groups` gives them."""
+    ys, gs = [], []
+    for line, row in rows:
+        where = f"{source} line {line}"
+        if not row.get("group"):
+            raise DataError(f"{where}: column 'group' is empty")
+        ys.append(_parse_label(row.get("label", ""), where))
+        gs.append(row["group"])
+    return np.asarray(ys, dtype=np.int64), manifest_groups(gs)
+
+
+def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.ndarray, int, str]:
+    """One manifest row as ``(image float32 CHW, label, group text)``; ``where`` is "file line N"."""
+    if not row.get("path"):
+        raise DataError(f"{where}: column 'path' is empty")
+    if not row.get("group"):
+        raise DataError(f"{where}: column 'group' is empty")
+    image_path = Path(row["path"])
+    if not image_path.is_absolute():
+        image_path = folder / image_path
+    arr = _read_image(image_path, where)
+    return arr, _parse_label(row["label"], where), row["group"]
+
+
+def read_manifest_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, str]]], Path, str]:
+    """The rows of a CSV manifest as ``[(line number, {column: text})]``, its folder and its
+    source name; the header must hold path,label,group (no image is read)."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -492,37 +605,7 @@ def load_csv_manifest(path: str | os.PathLike) -> GroupData:
         raise _err(source, f"cannot read as CSV: {err}") from err
     if not rows:
         raise _err(source, "the dataset is empty (no rows under the header)")
-    folder = path.parent
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    gs: list[str] = []
-    first: tuple[str, tuple[int, ...]] | None = None
-    for line, row in tqdm(rows, desc="reading images", disable=None if len(rows) >= _PROGRESS_MIN else True):
-        where = f"{source} line {line}"
-        if not row.get("path"):
-            raise DataError(f"{where}: column 'path' is empty")
-        if not row.get("group"):
-            raise DataError(f"{where}: column 'group' is empty")
-        image_path = Path(row["path"])
-        if not image_path.is_absolute():
-            image_path = folder / image_path
-        arr = _read_image(image_path, where)
-        if first is None:
-            first = (row["path"], arr.shape)
-        elif arr.shape != first[1]:
-            raise DataError(
-                f"{where}: image {row['path']} is {'x'.join(map(str, arr.shape))} (CHW) but "
-                f"{first[0]} is {'x'.join(map(str, first[1]))}; all images must share one "
-                "size and channel count"
-            )
-        xs.append(arr)
-        ys.append(_parse_label(row["label"], where))
-        gs.append(row["group"])
-    if all(g.lstrip("-").isdigit() for g in gs):
-        group: np.ndarray = np.array([int(g) for g in gs], dtype=np.int64)
-    else:
-        group = np.array(gs)
-    return validate_group_data(np.stack(xs), np.asarray(ys, dtype=np.int64), group, None, source)
+    return rows, path.parent, source
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -193,7 +193,8 @@ def add_search_options(mp) -> None:
                     help="where the search's independent tasks run: serial, local (a process pool), ray "
                     "(pip install 'fqexport[ray]'); auto: local with more than one core. Results do not depend on it")
     mp.add_argument("--workers", type=int_at_least(1), default=e.workers, metavar="N",
-                    help="worker processes of --engine local, CPUs of a local Ray cluster (default: all cores)")
+                    help="worker processes of --engine local, CPUs of a local Ray cluster (default: all cores); "
+                    "with --finetune also the DataLoader workers reading --train batch by batch (default 0: in process)")
     mp.add_argument("--ray-address", default=e.ray_address, metavar="ADDRESS",
                     help="a running Ray cluster: auto (on its head node) or ray://HEAD:10001 (default: start a local one)")
     mp.add_argument("--task-cpus", type=float, default=e.task_cpus, help="Ray CPUs per task")

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import load_data
 from fqexport.cli.common import parse_assignments, print_table
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError, DataError
@@ -22,6 +20,7 @@ from fqexport.finetune.config import (
     Rounding,
     Sampler,
 )
+from fqexport.finetune.data import TrainStream, open_train
 from fqexport.finetune.run import MSG_GROUPS, finetune, finetune_widths
 from fqexport.model import CompressedModel
 
@@ -44,10 +43,11 @@ MSG_EXPORT_BITS_LEARN = (
 
 @dataclass(frozen=True)
 class FinetunePlan:
-    """What ``--finetune`` will do: the config and the already-checked training data."""
+    """What ``--finetune`` will do: the config and the already-checked training data (labels and
+    groups read; x streamed batch by batch during training)."""
 
     config: FinetuneConfig
-    train: GroupData
+    train: TrainStream
     export_bits: tuple[int, ...] = ()  # --export-bits: one file per width instead of --out
 
 
@@ -143,8 +143,11 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
         learn_bits=args.learn_bits, rounding=args.rounding,
         budget_bits=args.budget_bits if args.learn_bits else None, bit_epochs=args.bit_epochs,
         lambda_fair=args.lambda_fair, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
+        # --workers (shared with the search's engine): the DataLoader workers that read a CSV
+        # manifest's images batch by batch; not given: in this process (an .npz is memory-mapped)
+        num_workers=_F["num_workers"] if args.workers is None else args.workers,
     )
-    train = load_data(args.train)
+    train = open_train(args.train, config.num_workers)
     if calib_groups is not None and tuple(train.group_names) != tuple(calib_groups):
         raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
                                           calib=", ".join(calib_groups)))

@@ -69,7 +69,16 @@ class FinetuneConfig:
             (docs/finetune.md).
         holdout_fraction: share of each group of the training data held out to pick the best
             checkpoint (lowest worst-group cross-entropy; the PTQ start counts as a checkpoint).
+        holdout_max: most samples in the hold-out (default 2000): when ``holdout_fraction`` of
+            the data is more, the hold-out keeps this many, as equal per group as possible
+            (``balanced_allocation``; a smaller group gives all of its share), and the rest goes
+            back to the fitted data. The hold-out is read into memory; the fitted data is streamed.
         max_minutes: stop at the end of the first step after this wall time (None: no limit).
+        max_steps: stop after this many optimizer steps (None: no limit); the epoch ends there
+            and its checkpoint is measured like any other.
+        num_workers: worker processes of the DataLoader that reads a Dataset or a CSV manifest
+            batch by batch (0: in this process; CLI ``--workers``). Results do not depend on it.
+            An in-memory GroupData and an ``.npz`` (memory-mapped) are sliced in this process.
         learn_act_scales: also learn the activation step sizes (zero points stay).
         oscillation: λ of the oscillation (dampening) regulariser λ·Σ (v − sg(round(v)))² over all
             quantized weights, v = clamp(w / s, qmin, qmax) (Nagel et al. 2022's dampening, in
@@ -110,7 +119,10 @@ class FinetuneConfig:
     coreset_min_per_group: int = 64
     coreset_score: CoresetScore = "loss"
     holdout_fraction: float = 0.1
+    holdout_max: int = 2000
     max_minutes: float | None = None
+    max_steps: int | None = None
+    num_workers: int = 0
     learn_act_scales: bool = True
     oscillation: float = 0.0
     learn_bits: bool = False
@@ -128,7 +140,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 1), ("batch_size", 1), ("coreset_min_per_group", 1), ("seed", 0),
-                          ("bit_epochs", 1), ("adaround_iters", 1)):
+                          ("bit_epochs", 1), ("adaround_iters", 1),
+                          ("holdout_max", 1), ("num_workers", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(MSG_POSITIVE_INT.format(field=name, value=value, low=low))
@@ -161,6 +174,10 @@ class FinetuneConfig:
         if self.max_minutes is not None and (not _finite(self.max_minutes) or float(self.max_minutes) <= 0):
             raise ConfigError(MSG_RANGE.format(field="max_minutes", value=self.max_minutes,
                                                rule="a number of minutes > 0, or None (no limit)"))
+        steps = self.max_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(MSG_RANGE.format(field="max_steps", value=steps,
+                                               rule="an integer number of steps >= 1, or None (no limit)"))
         bits = self.weight_bits
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_WEIGHT_BITS:
             raise ConfigError(MSG_BITS.format(value=bits))
@@ -195,7 +212,8 @@ class FinetuneConfig:
             "group_weights": None if self.group_weights is None else {str(k): float(v) for k, v in self.group_weights.items()},
             "dro_eta": self.dro_eta, "coreset_fraction": self.coreset_fraction,
             "coreset_min_per_group": self.coreset_min_per_group, "coreset_score": self.coreset_score,
-            "holdout_fraction": self.holdout_fraction,
+            "holdout_fraction": self.holdout_fraction, "holdout_max": self.holdout_max,
+            "max_steps": self.max_steps,
             "max_minutes": self.max_minutes, "learn_act_scales": self.learn_act_scales, "oscillation": self.oscillation,
             "learn_bits": self.learn_bits, "budget_bits": self.budget_bits, "bit_choices": list(self.bit_choices),
             "bit_epochs": self.bit_epochs, "lambda_bits": self.lambda_bits, "lambda_fair": self.lambda_fair,

@@ -3,8 +3,11 @@
 1. Start: a CompressedModel (its solver codes, steps and calibrated activation ranges) or a
    float model, which is first compressed at ``weight_bits`` on a group-balanced subset of the
    training data (or ``calib``).
-2. Hold out ``holdout_fraction`` of each group of the training data; the float model (BN
-   folded) is the teacher, its logits computed once.
+2. Hold out ``holdout_fraction`` of each group of the training data (at most ``holdout_max``
+   samples, read into memory); the rest is streamed batch by batch (``fqexport.finetune.data``:
+   a Dataset or CSV manifest through a DataLoader with ``num_workers``, an ``.npz`` memory-mapped).
+   The float model (BN folded) is the teacher: its logits are computed once for in-memory data,
+   else per batch; the core-set's per-sample scores come from one streaming pass per epoch.
 3. Train the student (``fqexport.finetune.qat``: learned codes within each layer's grid,
    per-channel steps, biases, activation steps) with Adam and a cosine schedule on
    ``fqexport.finetune.losses`` under the chosen sampler and group objective.
@@ -30,8 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData, group_weight_vector
-from fqexport.calibration.readers import check_labels, load_data
-from fqexport.calibration.sampling import group_balanced_subset, split_holdout
+from fqexport.calibration.readers import check_labels
+from fqexport.calibration.sampling import (
+    balanced_allocation,
+    group_balanced_indices,
+    split_holdout,
+)
 from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig
 from fqexport.errors import ConfigError, DataError
 from fqexport.finetune.adaround import adaptive_rounding
@@ -42,6 +49,7 @@ from fqexport.finetune.baq import (
     project_to_budget,
 )
 from fqexport.finetune.config import FinetuneConfig
+from fqexport.finetune.data import TrainStream, open_train
 from fqexport.finetune.losses import (
     combine,
     exponentiated_gradient,
@@ -101,25 +109,100 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _start(model_or_cm: Any, data: GroupData, config: FinetuneConfig, calib: Any,
+def _start(model_or_cm: Any, data: TrainStream, config: FinetuneConfig, calib: Any,
            quant_config: QuantConfig | None, progress: bool) -> CompressedModel:
     if isinstance(model_or_cm, CompressedModel):
         return model_or_cm
     if not isinstance(model_or_cm, nn.Module):
         raise ConfigError(MSG_START.format(kind=type(model_or_cm).__name__))
     qc = quant_config or QuantConfig(weight_bits=config.weight_bits, seed=config.seed)
-    calib_data = calib if calib is not None else group_balanced_subset(data, qc.num_calib, seed=config.seed)
+    calib_data = calib if calib is not None else data.take(group_balanced_indices(data, qc.num_calib, seed=config.seed),
+                                                           config.num_workers)
     return compress(model_or_cm, calib_data, qc, progress=progress)
 
 
-def check_train_data(data: GroupData, cm: CompressedModel) -> None:
+def check_train_data(data: GroupData | TrainStream, cm: CompressedModel) -> None:
     """Raise DataError unless ``data`` has the calibration's groups, sample shape and labels."""
     if tuple(data.group_names) != tuple(cm.group_names):
         raise DataError(MSG_GROUPS.format(source=data.source, train=", ".join(data.group_names),
                                           calib=", ".join(cm.group_names)))
-    if tuple(data.x.shape[1:]) != tuple(cm.input_shape):
-        raise DataError(MSG_SHAPE.format(source=data.source, got=tuple(data.x.shape[1:]), want=tuple(cm.input_shape)))
+    shape = tuple(data.sample_shape if isinstance(data, TrainStream) else data.x.shape[1:])
+    if shape != tuple(cm.input_shape):
+        raise DataError(MSG_SHAPE.format(source=data.source, got=shape, want=tuple(cm.input_shape)))
     check_labels(data, cm.num_classes)
+
+
+def _split(data: TrainStream, config: FinetuneConfig) -> tuple[TrainStream, GroupData]:
+    """``(fit stream, hold-out in memory)``: ``split_holdout``'s stratified split, the hold-out
+    capped at ``config.holdout_max`` samples (as equal per group as possible; the rest is fitted)."""
+    positions = GroupData(np.arange(len(data), dtype=np.int64)[:, None], data.y, data.group, data.group_names,
+                          data.source)
+    fit, hold = split_holdout(positions, config.holdout_fraction, seed=config.seed)
+    fit_idx, hold_idx = fit.x[:, 0], hold.x[:, 0]
+    if len(hold_idx) > config.holdout_max:
+        rng = np.random.default_rng(config.seed)
+        take = balanced_allocation(hold.group_counts(), config.holdout_max)
+        keep = np.sort(np.concatenate([rng.choice(hold_idx[hold.group == g], size=int(k), replace=False)
+                                       for g, k in enumerate(take) if k > 0]))
+        fit_idx = np.sort(np.concatenate([fit_idx, np.setdiff1d(hold_idx, keep)]))
+        log.info("%s: hold-out capped at %d samples (holdout_max; %d would be held out)", data.source,
+                 len(keep), len(hold_idx))
+        hold_idx = keep
+    return data.subset(fit_idx), data.take(hold_idx, config.num_workers)
+
+
+class _Fit:
+    """The fitted slice: its stream, labels and groups on the device, and the teacher's logits —
+    computed once when x is in memory (as before streaming), else per batch."""
+
+    def __init__(self, stream: TrainStream, teacher: nn.Module, device: torch.device, num_workers: int) -> None:
+        self.stream, self.teacher, self.device, self.num_workers = stream, teacher, device, num_workers
+        self.y = torch.from_numpy(stream.y).to(device)
+        self.g = torch.from_numpy(stream.group).to(device)
+        self.x = stream.x_array()
+        self.cache = None if self.x is None else _logits(teacher, self.x, device)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def steps(self, batches: list[np.ndarray]):
+        """``(index tensor, x tensor, teacher logits)`` of each batch, x read batch by batch."""
+        for idx, (x, _, _) in zip(batches, self.stream.batches(batches, self.num_workers)):
+            idx_t = torch.from_numpy(idx).to(self.device)
+            xb = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+            if self.cache is not None:
+                tb = self.cache[idx_t]
+            else:
+                with torch.no_grad():
+                    tb = self.teacher(xb).float()
+            yield idx_t, xb, tb
+
+    def _pass(self, student: nn.Module | None, batch_size: int = 256):
+        """One in-order pass: ``(index tensor, student logits or None, teacher logits)`` per chunk."""
+        n = len(self.stream)
+        chunks = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        for idx_t, xb, t in self.steps(chunks):
+            with torch.no_grad():
+                logits = None if student is None else student(xb).float()
+            yield idx_t, logits, t
+
+    def teacher_ce(self, num_groups: int) -> torch.Tensor:
+        """The float model's cross-entropy per group (the baseline of the DRO excess)."""
+        if self.cache is not None:
+            ce = nn.functional.cross_entropy(self.cache, self.y, reduction="none")
+        else:
+            ce = torch.cat([nn.functional.cross_entropy(t, self.y[i], reduction="none")
+                            for i, _, t in self._pass(None)])
+        return group_means(ce, self.g, num_groups)[0]
+
+    def scores(self, student: nn.Module, config: FinetuneConfig) -> np.ndarray:
+        """The core-set's per-sample score of every fitted sample (only the scores are kept)."""
+        disagreement = config.coreset_score == "disagreement" and config.kd_weight > 0
+        kw = dict(temperature=config.temperature, kd_weight=config.kd_weight,
+                  ce_weight=0.0 if disagreement else config.ce_weight)
+        if self.cache is not None:
+            return per_sample_loss(_logits(student, self.x, self.device), self.cache, self.y, **kw).cpu().numpy()
+        return torch.cat([per_sample_loss(s, t, self.y[i], **kw) for i, s, t in self._pass(student)]).cpu().numpy()
 
 
 def _logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
@@ -218,7 +301,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
     """The work of :func:`finetune`: ``(start cm, result cm, learned weights, learned acts)``,
     the learned modules holding the kept checkpoint."""
     config = config or FinetuneConfig()
-    data = load_data(train)
+    data = open_train(train, config.num_workers)
     cm = _start(model_or_cm, data, config, calib, quant_config, progress)
     check_train_data(data, cm)
     names = tuple(cm.group_names)
@@ -231,21 +314,22 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
     torch.manual_seed(config.seed)
     ptq, baq, rounding = cm, None, None
     if config.rounding == "adaptive":
-        cm, rounding = adaptive_rounding(cm, data, iters=config.adaround_iters, seed=config.seed)
+        # in memory: all of it (as before streaming); streamed: the group-balanced 256 it would draw
+        sub = data.take(None if data.in_memory else group_balanced_indices(data, min(256, len(data)), config.seed),
+                        config.num_workers)
+        cm, rounding = adaptive_rounding(cm, sub, iters=config.adaround_iters, seed=config.seed)
     if config.learn_bits:
         cm, baq = _learn_bits(cm, data, config, device, fixed_weights, progress)
     rng = np.random.default_rng(config.seed)
 
-    fit, hold = split_holdout(data, config.holdout_fraction, seed=config.seed)
+    fit_stream, hold = _split(data, config)
     teacher = copy.deepcopy(cm.float_model).to(device).eval()
     student, weights, acts = build_student(cm.reference, cm.layers, config.learn_act_scales)
     student = student.to(device).eval()  # eval: BN is folded; nothing should switch modes
     t0 = time.monotonic()
-    teacher_fit = _logits(teacher, fit.x, device)
-    fit_y = torch.from_numpy(fit.y).to(device)
-    fit_g = torch.from_numpy(fit.group).to(device)
+    fit = _Fit(fit_stream, teacher, device, config.num_workers)
     # Float model's cross-entropy per group on the fit data: the baseline of the DRO excess.
-    teacher_ce, _ = group_means(nn.functional.cross_entropy(teacher_fit, fit_y, reduction="none"), fit_g, num_groups)
+    teacher_ce = fit.teacher_ce(num_groups)
     fixed_weights = None if fixed_weights is None else fixed_weights.to(device)
     q = torch.full((num_groups,), 1.0 / num_groups, device=device)
 
@@ -255,7 +339,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
     opt = torch.optim.Adam([{"params": latent, "lr": config.lr},
                             {"params": aux, "lr": config.lr * _AUX_LR}])
     base_lrs = [g["lr"] for g in opt.param_groups]
-    steps_per_epoch = _steps_per_epoch(fit.group, config)
+    steps_per_epoch = _steps_per_epoch(fit_stream.group, config)
     total_steps = max(1, steps_per_epoch * config.epochs)
 
     def hold_metrics():
@@ -277,16 +361,16 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
         raise err
 
     for epoch in range(1, config.epochs + 1):
-        batches = _epoch_batches(student, fit, fit_y, fit_g, teacher_fit, config, rng, device, num_groups)
-        used += sum(len(b) for b in batches)
-        bar = tqdm(batches, desc=f"finetune epoch {epoch}/{config.epochs}", unit="step",
+        batches = _epoch_batches(student, fit, config, rng, num_groups)
+        bar = tqdm(total=len(batches), desc=f"finetune epoch {epoch}/{config.epochs}", unit="step",
                    disable=not progress, leave=True)
         running = torch.full((num_groups,), float("nan"), device=device)
-        for idx in bar:
-            idx_t = torch.from_numpy(idx).to(device)
-            xb = torch.from_numpy(np.ascontiguousarray(fit.x[idx])).to(device)
-            yb, gb = fit_y[idx_t], fit_g[idx_t]
-            losses = per_sample_loss(student(xb), teacher_fit[idx_t], yb, temperature=config.temperature,
+        stream = fit.steps(batches)
+        for idx_t, xb, tb in stream:
+            bar.update(1)
+            used += len(idx_t)
+            yb, gb = fit.y[idx_t], fit.g[idx_t]
+            losses = per_sample_loss(student(xb), tb, yb, temperature=config.temperature,
                                      kd_weight=config.kd_weight, ce_weight=config.ce_weight)
             lg, counts = group_means(losses, gb, num_groups)
             present = counts > 0
@@ -301,6 +385,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
             value = float(objective.detach())
             if not math.isfinite(value):
                 bar.close()
+                stream.close()
                 fail(value, epoch)
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -316,6 +401,10 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
             if deadline is not None and time.monotonic() > deadline:
                 stopped = "max_minutes"
                 break
+            if config.max_steps is not None and step >= config.max_steps:
+                stopped = "max_steps"
+                break
+        stream.close()
         bar.close()
         metrics = hold_metrics()
         worst = _worst_loss(metrics)
@@ -327,8 +416,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
         if worst < best["loss"]:
             best = {"loss": worst, "state": _snapshot(student), "epoch": epoch}
         if stopped != "completed":
-            log.info("finetune: max_minutes=%g reached after %d steps; keeping epoch %d",
-                     config.max_minutes, step, best["epoch"])
+            log.info("finetune: %s reached after %d steps; keeping epoch %d", stopped, step, best["epoch"])
             break
 
     student.load_state_dict(best["state"])
@@ -365,23 +453,21 @@ def _steps_per_epoch(group: np.ndarray, config: FinetuneConfig) -> int:
     return max(1, -(-n // config.batch_size))
 
 
-def _epoch_batches(student, fit: GroupData, fit_y, fit_g, teacher_fit, config: FinetuneConfig,
-                   rng: np.random.Generator, device, num_groups: int) -> list[np.ndarray]:
-    """The epoch's batches (index arrays into ``fit``) under ``config.sampler``."""
+def _epoch_batches(student, fit: _Fit, config: FinetuneConfig, rng: np.random.Generator,
+                   num_groups: int) -> list[np.ndarray]:
+    """The epoch's batches (index arrays into ``fit``) under ``config.sampler``; the samplers
+    see only the groups (and, for the core-set, one streaming pass's per-sample scores)."""
+    group = fit.stream.group
     if config.sampler == "natural":
         return natural_batches(len(fit), config.batch_size, rng)
     if config.sampler == "group-balanced":
-        return group_balanced_batches(fit.group, num_groups, config.batch_size, rng)
+        return group_balanced_batches(group, num_groups, config.batch_size, rng)
     # The core-set: per group, the hardest samples by the current student's score (forward only);
     # batches drawn group-balanced from them, so each step's group losses (and the worst-group
     # weights) see every group, however small its share of the core-set.
-    logits = _logits(student, fit.x, device)
-    disagreement = config.coreset_score == "disagreement" and config.kd_weight > 0
-    scores = per_sample_loss(logits, teacher_fit, fit_y, temperature=config.temperature,
-                             kd_weight=config.kd_weight,
-                             ce_weight=0.0 if disagreement else config.ce_weight).cpu().numpy()
-    keep = coreset_indices(scores, fit.group, num_groups, config.coreset_fraction, config.coreset_min_per_group)
-    return [keep[b] for b in group_balanced_batches(fit.group[keep], num_groups, config.batch_size, rng)]
+    scores = fit.scores(student, config)
+    keep = coreset_indices(scores, group, num_groups, config.coreset_fraction, config.coreset_min_per_group)
+    return [keep[b] for b in group_balanced_batches(group[keep], num_groups, config.batch_size, rng)]
 
 
 def _result(cm: CompressedModel, student, weights, acts) -> CompressedModel:
@@ -391,7 +477,7 @@ def _result(cm: CompressedModel, student, weights, acts) -> CompressedModel:
     return replace(cm, reference=reference, layers=layers, metadata=metadata)
 
 
-def _learn_bits(cm: CompressedModel, data: GroupData, config: FinetuneConfig, device, fixed_weights,
+def _learn_bits(cm: CompressedModel, data: TrainStream, config: FinetuneConfig, device, fixed_weights,
                 progress: bool) -> tuple[CompressedModel, dict[str, Any]]:
     """BAQ (fqexport.finetune.baq): learn a continuous width per layer for ``bit_epochs`` under
     the budget and fairness penalties, project onto the budget (knapsack) and re-quantize.
@@ -399,12 +485,10 @@ def _learn_bits(cm: CompressedModel, data: GroupData, config: FinetuneConfig, de
     record of the learned and chosen widths."""
     names = tuple(cm.group_names)
     num_groups = len(names)
-    fit, _ = split_holdout(data, config.holdout_fraction, seed=config.seed)
+    fit_stream, _ = _split(data, config)
     teacher = copy.deepcopy(cm.float_model).to(device).eval()
-    teacher_fit = _logits(teacher, fit.x, device)
-    fit_y = torch.from_numpy(fit.y).to(device)
-    fit_g = torch.from_numpy(fit.group).to(device)
-    teacher_ce, _ = group_means(nn.functional.cross_entropy(teacher_fit, fit_y, reduction="none"), fit_g, num_groups)
+    fit = _Fit(fit_stream, teacher, device, config.num_workers)
+    teacher_ce = fit.teacher_ce(num_groups)
     student, weights, acts = build_student(cm.reference, cm.layers, config.learn_act_scales)
     student = student.to(device).eval()
     bits = {n: m.learn_bits(tuple(config.bit_choices), cm.config.weight_range) for n, m in weights.items()}
@@ -418,14 +502,15 @@ def _learn_bits(cm: CompressedModel, data: GroupData, config: FinetuneConfig, de
     rng = np.random.default_rng(config.seed + 1)
     lo, hi = min(config.bit_choices), max(config.bit_choices)
     for epoch in range(1, config.bit_epochs + 1):
-        batches = _epoch_batches(student, fit, fit_y, fit_g, teacher_fit, config, rng, device, num_groups)
-        bar = tqdm(batches, desc=f"learn bits {epoch}/{config.bit_epochs}", unit="step", disable=not progress)
-        for idx in bar:
-            idx_t = torch.from_numpy(idx).to(device)
-            xb = torch.from_numpy(np.ascontiguousarray(fit.x[idx])).to(device)
-            losses = per_sample_loss(student(xb), teacher_fit[idx_t], fit_y[idx_t], temperature=config.temperature,
+        batches = _epoch_batches(student, fit, config, rng, num_groups)
+        bar = tqdm(total=len(batches), desc=f"learn bits {epoch}/{config.bit_epochs}", unit="step",
+                   disable=not progress)
+        stream = fit.steps(batches)
+        for idx_t, xb, tb in stream:
+            bar.update(1)
+            losses = per_sample_loss(student(xb), tb, fit.y[idx_t], temperature=config.temperature,
                                      kd_weight=config.kd_weight, ce_weight=config.ce_weight)
-            lg, counts = group_means(losses, fit_g[idx_t], num_groups)
+            lg, counts = group_means(losses, fit.g[idx_t], num_groups)
             present = counts > 0
             if config.loss == "worst-group":
                 q = exponentiated_gradient(q, lg.detach() - config.ce_weight * teacher_ce, present, config.dro_eta)
@@ -439,6 +524,7 @@ def _learn_bits(cm: CompressedModel, data: GroupData, config: FinetuneConfig, de
             value = float(objective.detach())
             if not math.isfinite(value):
                 bar.close()
+                stream.close()
                 err = ConfigError(MSG_NAN_BITS.format(value=value, epoch=epoch, lr=config.lr, bits_lr=config.bits_lr))
                 err.last_good = cm
                 raise err
@@ -450,6 +536,7 @@ def _learn_bits(cm: CompressedModel, data: GroupData, config: FinetuneConfig, de
                     b.clamp_(lo, hi)
             if progress:
                 bar.set_postfix({"avg bits": f"{float(average_bits(bvec.detach(), params)):.3f}"})
+        stream.close()
         bar.close()
     learned = {n: float(b.detach()) for n, b in bits.items()}
     chosen = project_to_budget(learned, {n: cm.layers[n].params for n in weights}, config.bit_choices,

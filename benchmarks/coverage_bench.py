@@ -2,8 +2,9 @@
 
 ResNet-18 (benchmarks/resnet18.py), a MobileNet-V2-shaped net (depthwise convs, folded BN,
 ReLU6), a ConvNeXt-shaped block net (depthwise 7x7 + LayerNorm + Linear MLP), a DeiT-tiny-shaped
-ViT (dim 192, 12 blocks, 3 heads, SDPA, position embedding) and a text transformer
-(``nn.TransformerEncoder`` over a float input sequence), × {W8A8, W4}: export ok, export-check
+ViT (dim 192, 12 blocks, 3 heads, SDPA, position embedding), a text transformer
+(``nn.TransformerEncoder`` over a float input sequence) and a UNet-style classifier (two
+stride-2 downs, two ConvTranspose2d ups with skip concats, a conv head), × {W8A8, W4}: export ok, export-check
 agreement, the kernels ORT ran, quantized fraction of the weights, size and batch-1 latency vs
 the fp32 export. Then the 4-bit Linear figure: the DeiT-tiny-shaped ViT, fp32 vs int8 vs W4
 (storage auto: token Linears int8, the head MatMulNBits) vs W4 packed (every Linear
@@ -174,12 +175,38 @@ class TextTransformer(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class UNetClassifier(nn.Module):
+    """UNet-style, 32x32: encoder 32 → 64 (/2) → 128 (/4), ConvTranspose2d ups (k 3, stride 2,
+    padding 1, output_padding 1, + BN) back to 32x32 with skip concats, a conv head, pooled logits."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.enc1, self.enc2, self.enc3 = _conv_bn(3, c), _conv_bn(c, 2 * c, 2), _conv_bn(2 * c, 4 * c, 2)
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(4 * c, 2 * c, 3, 2, 1, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.dec2 = _conv_bn(4 * c, 2 * c)
+        self.up1 = nn.Sequential(nn.ConvTranspose2d(2 * c, c, 3, 2, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.dec1 = _conv_bn(2 * c, c)
+        self.head = nn.Conv2d(c, CLASSES, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        d2 = self.dec2(torch.cat([self.up2(self.enc3(e2)), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return F.adaptive_avg_pool2d(self.head(d1), 1).flatten(1)
+
+
 MODELS = {
     "ResNet-18": (lambda: resnet18(CLASSES), (3, 32, 32)),
     "MobileNet-V2": (MobileNetV2, (3, 32, 32)),
     "ConvNeXt-shaped": (ConvNeXt, (3, 32, 32)),
     "DeiT-tiny-shaped": (DeiTTiny, (3, 32, 32)),
     "text transformer": (TextTransformer, (32, 16)),
+    "UNet-style classifier": (UNetClassifier, (3, 32, 32)),
 }
 VARIANTS = {"W8A8": QuantConfig(num_calib=64, batch_size=32), "W4": QuantConfig(weight_bits=4, num_calib=64, batch_size=32)}
 

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
-from fqexport.quant.hessian import HessianAccumulator
+from fqexport.quant.hessian import (
+    HessianAccumulator,
+    conv_transpose_input,
+    conv_transpose_rows,
+    conv_transpose_weight,
+)
+from fqexport.quant.solver import choose_solver_grid, rtn_layer, solve_layer
 
 
 def _explicit_conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +151,75 @@ def test_bad_inputs_raise_specific_errors():
         acc.add(torch.randn(3, 4), torch.tensor([0, 1, 2]))
     with pytest.raises(DataError, match="'fc' saw no calibration inputs"):
         acc.hessian()
+
+
+# ------------------------------------------------------------------ ConvTranspose2d
+
+# (stride, padding, output_padding, dilation, groups, kernel): padding > d·(k-1) crops the input
+_CT_CASES = [
+    (2, 0, 0, 1, 1, 2), (2, 1, 1, 1, 1, 3), (3, 2, 1, 2, 1, 3), (1, 0, 0, 1, 1, 3),
+    (2, 3, 1, 1, 1, 3), ((2, 1), (1, 0), (1, 0), (1, 2), 1, (3, 2)), (2, 1, 0, 1, 2, 3),
+]
+
+
+@pytest.mark.parametrize("stride,padding,output_padding,dilation,groups,kernel", _CT_CASES)
+def test_conv_transpose_is_a_conv_of_the_zero_inserted_input(stride, padding, output_padding, dilation, groups, kernel):
+    torch.manual_seed(0)
+    w = torch.randn(4, 6 // groups, *((kernel, kernel) if isinstance(kernel, int) else kernel))
+    x = torch.randn(2, 4, 5, 7)
+    want = F.conv_transpose2d(x, w, None, stride, padding, output_padding, groups, dilation)
+    m = nn.ConvTranspose2d(4, 6, kernel, stride, padding, output_padding, groups, False, dilation)
+    rows = conv_transpose_rows(w, groups)
+    assert rows.shape == (6, 4 // groups * w.shape[2] * w.shape[3])
+    # W'[co, ci, i, j] = W[ci, co, k-1-i, k-1-j], exactly invertible
+    assert torch.equal(rows[1].reshape(4 // groups, *w.shape[2:])[0, 0, 0], w[0, 1, -1, -1])
+    assert torch.equal(conv_transpose_weight(rows, w.shape, groups), w)
+    got = F.conv2d(conv_transpose_input(x, m), rows.reshape(6, 4 // groups, *w.shape[2:]),
+                   dilation=m.dilation, groups=groups)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,padding,output_padding,dilation,groups,kernel", _CT_CASES[:6])
+def test_conv_transpose_hessian_rows_reproduce_the_layer_output(stride, padding, output_padding, dilation, groups, kernel):
+    torch.manual_seed(1)
+    m = nn.ConvTranspose2d(4, 6, kernel, stride, padding, output_padding, groups, True, dilation)
+    x = torch.randn(3, 4, 5, 6)
+    # explicit rows: patches of the stride-1 conv over the zero-inserted, padded input
+    conv = nn.Conv2d(4, 6, m.kernel_size, dilation=m.dilation)
+    R = _explicit_conv_rows(conv, conv_transpose_input(x, m))
+    out = m(x).detach()
+    ref = (R @ conv_transpose_rows(m.weight.detach()).T + m.bias.detach()).reshape(
+        3, out.shape[2], out.shape[3], 6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ref, out, rtol=1e-4, atol=1e-4)
+    acc = HessianAccumulator(m, 1, name="up")
+    acc.add(x, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(acc.hessian(), 2 * R.T @ R / R.shape[0], rtol=1e-4, atol=1e-5)
+    assert int(acc.counts[0]) == 3 * out.shape[2] * out.shape[3]
+
+
+def test_conv_transpose_solver_on_its_rows_beats_round_to_nearest_on_the_output():
+    torch.manual_seed(2)
+    m = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1, bias=False)
+    x = torch.relu(torch.randn(64, 16, 6, 6)) * torch.linspace(0.2, 3.0, 16).reshape(1, -1, 1, 1)
+    acc = HessianAccumulator(m, 1)
+    acc.add(x, torch.zeros(64, dtype=torch.long))
+    H = acc.hessian()
+    rows = conv_transpose_rows(m.weight.detach())
+    grid = choose_solver_grid(rows, H, 4, clip_search=False)
+    errors = {}
+    for name, codes in (("rtn", rtn_layer(rows, grid).codes), ("solver", solve_layer(rows, H, grid).codes)):
+        assert codes.abs().max() <= grid.qmax
+        q = conv_transpose_weight(codes * grid.scale[:, None], m.weight.shape)
+        errors[name] = float((F.conv_transpose2d(x, q, None, 2, 1, 1) - m(x)).detach().pow(2).mean())
+    assert errors["solver"] < 0.8 * errors["rtn"]
+
+
+def test_grouped_conv_transpose_gets_one_hessian_per_conv_group():
+    m = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+    acc = HessianAccumulator(m, 1)
+    acc.add(torch.randn(2, 4, 5, 5), torch.zeros(2, dtype=torch.long))
+    assert acc.hessian().shape == (2, 2 * 9, 2 * 9)
 
 
 # ------------------------------------------------------------------ cross moment (float-output target)

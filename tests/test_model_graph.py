@@ -72,8 +72,12 @@ def test_normalisation_layers_stay_float_ops_without_error(norm, caplog):
     assert caplog.text == ""
 
 
-def test_conv_transpose_is_unsupported_and_named():
-    assert unsupported_layers(trace(WithConvTranspose())) == [("up", "ConvTranspose2d")]
+def test_grouped_conv_transpose_is_unsupported_and_named():
+    # groups=1 is quantized (per output channel, axis 1); grouped ones stay float
+    assert unsupported_layers(trace(WithConvTranspose())) == []
+    net = WithConvTranspose()
+    net.up = nn.ConvTranspose2d(2, 4, 2, stride=2, groups=2)
+    assert unsupported_layers(trace(net)) == [("up", "ConvTranspose2d(groups=2)")]
 
 
 class OwnProjection(nn.Module):

@@ -364,27 +364,78 @@ def test_token_ids_are_range_checked(tmp_path):
         compress(small, data, QuantConfig(num_calib=64, method="rtn"), progress=False)
 
 
-class DecoderHead(nn.Module):
-    """Conv2d encoder (stride 2), a ConvTranspose2d upsampling back to 16x16, pooled to logits."""
+class UNetClassifier(nn.Module):
+    """UNet-style: Conv2d down (stride 2) + BN, a ConvTranspose2d up (stride 2, padding 1,
+    output_padding 1) + BN back to 16x16, skip concat with the encoder's full-resolution map, a
+    Conv head, a Linear classifier head."""
 
     def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.enc = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU())
-        self.up = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.up = nn.ConvTranspose2d(2 * width, width, 3, stride=2, padding=1, output_padding=1, bias=False)
+        self.up_bn = nn.BatchNorm2d(width)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU())
         self.head = nn.Linear(width, fm.NUM_CLASSES)
 
     def forward(self, x):
-        return self.head(F.adaptive_avg_pool2d(torch.relu(self.up(self.enc(x))), 1).flatten(1))
+        skip = self.stem(x)
+        up = torch.relu(self.up_bn(self.up(self.down(skip))))
+        y = self.fuse(torch.cat([up, skip], dim=1))
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
-def test_conv_transpose2d_stays_float_with_the_warning_and_exports(image_data, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def unet(image_data):
     torch.manual_seed(0)
-    net = fm.train(DecoderHead(), image_data, epochs=4)
-    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
-        cm, result, ops, per_group = _run(net, image_data, tmp_path)
-    up = 8 * 8 * 2 * 2
-    assert f"'up' (ConvTranspose2d, {up} params)" in caplog.text
-    assert list(cm.layers) == ["enc.0", "head"]
-    assert [(r.name, r.kind, r.bits) for r in cm.metadata.float_layers] == [("up", "ConvTranspose2d", 32)]
+    return fm.train(UNetClassifier(), image_data, epochs=5, lr=0.01)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_unet_conv_transpose2d_is_quantized_per_output_channel_and_matches_optimized_ort(unet, image_data, tmp_path, bits):
+    cm, result, ops, per_group = _run(unet, image_data, tmp_path, weight_bits=bits)
+    up = cm.layers["up"]
+    assert list(cm.layers) == ["stem.0", "down.0", "up", "fuse.0", "head"]
+    assert cm.metadata.float_layers == () and up.kind == "conv_transpose"
+    # BN folded into the ConvTranspose; codes in the weight's layout [C_in, C_out, kh, kw],
+    # one scale per output channel (axis 1), every code on the grid
+    assert up.codes.shape == (16, 8, 3, 3) and up.scale.shape == (8,)
+    assert int(up.codes.abs().max()) <= up.qmax == (63 if bits == 8 else 7)
+    assert torch.equal(up.codes.float(), torch.round(up.codes.float()))
+    assert torch.allclose(up.dequantized(), up.codes.float() * up.scale.reshape(1, -1, 1, 1))
+    assert torch.equal(dict(cm.reference.named_modules())["up"].weight.detach(), up.dequantized())
+    assert up.macs == 16 * 8 * 8 * 8 * 3 * 3  # each 8x8 input pixel meets C_out·kh·kw weights
+    model = onnx.load(result.path)
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "up.weight"]
+    # axis 1 (ONNX's default for DequantizeLinear, so the attribute may be left out)
+    assert len(dq) == 1 and ([a.i for a in dq[0].attribute if a.name == "axis"] or [1]) == [1]
+    codes = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}[dq[0].input[0]]
+    assert codes.dtype == np.int8 and np.array_equal(codes, up.codes.numpy())
     assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
-    assert "ConvTranspose" in ops and ops.count("QLinearConv") == 1
+    # ORT 1.32 CPU fuses no QLinearConvTranspose: a float ConvTranspose between the pairs
+    assert "ConvTranspose" in ops and ops.count("QLinearConv") == 3
+    # the x86-avx2 emulation runs the float ConvTranspose natively and the QLinearConvs emulated
+    # (|q| <= 63 cannot saturate): same decisions as the optimized session
+    report = validate(result.path, image_data, measure_latency=False, targets=("native", "x86-avx2"))
+    assert report.passed and report.target_agreement["x86-avx2"] >= 0.99
+
+
+def test_unet_conv_transpose2d_packs_to_int2_and_int4_with_channel_scales_on_axis_1(unet, image_data, tmp_path):
+    cm = compress(unet, image_data, QuantConfig(num_calib=256, weight_bits=2, layer_bits={"up": 2, "fuse.0": 3}),
+                  progress=False)
+    up = cm.layers["up"]
+    assert int(up.codes.min()) >= -2 and int(up.codes.max()) <= 1
+    result = cm.export(tmp_path / "packed.onnx", storage="packed")
+    assert result.storage["up"] == "int2" and result.storage["fuse.0"] == "int4"
+    assert result.agreement >= 0.99
+    model = onnx.load(result.path)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    # INT2: DequantizeLinear(q, 1, 0) · s with the signed per-output-channel scale on axis 1
+    assert inits["up.weight_scale"].shape == (1, 8, 1, 1)
+    np.testing.assert_allclose(inits["up.weight_quantized"].astype(np.float32) * inits["up.weight_scale"],
+                               up.dequantized().numpy(), rtol=1e-6)
+    sess, ops = _optimized_session(result.path)
+    got = sess.run(None, {sess.get_inputs()[0].name: image_data.x})[0]
+    assert float((got.argmax(1) == cm.predict(image_data.x).argmax(1)).mean()) >= 0.99
+    assert "ConvTranspose" in ops

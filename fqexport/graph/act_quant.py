@@ -26,8 +26,10 @@ from torch import nn
 from fqexport.quant.grid import act_qparams, fake_quantize_act
 
 # Modules whose input gets a Q/DQ pair when quantized (ORT fuses QLinearConv / QGemm /
-# MatMulInteger on them); Conv1d exports as a 1-D ONNX Conv.
-_WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+# MatMulInteger on them); Conv1d exports as a 1-D ONNX Conv. ConvTranspose2d gets its pairs the
+# same way (ORT 1.32 CPU fuses no QLinearConvTranspose: it runs a float ConvTranspose on the
+# dequantized tensors, with the bias still rounded to int32 by WeightBiasQuantization).
+_WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d, nn.Linear)
 
 
 @torch.library.custom_op("fqexport::act_qdq", mutates_args=())

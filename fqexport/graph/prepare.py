@@ -1,7 +1,7 @@
 """Model graph preparation: trace with torch.fx, check layers, fold BatchNorm, list layers.
 
 Quantizable layers are ``nn.Conv2d`` and ``nn.Conv1d`` (groups=1, grouped and depthwise),
-``nn.Linear`` and ``nn.Embedding`` (per row, round to nearest; subclasses included); a BatchNorm right after a conv (``nn.BatchNorm2d`` or a subclass, or a
+``nn.ConvTranspose2d`` (groups=1: per output channel, the weight's axis 1), ``nn.Linear`` and ``nn.Embedding`` (per row, round to nearest; subclasses included); a BatchNorm right after a conv or ConvTranspose2d (``nn.BatchNorm2d`` or a subclass, or a
 traced ``F.batch_norm`` on parameters, e.g. timm's ``BatchNormAct2d``) or a Linear
 (``BatchNorm1d``) is folded into it. Normalisation layers (LayerNorm, GroupNorm, InstanceNorm,
 RMSNorm, BatchNorm that cannot be folded) stay float ops between the quantized layers.
@@ -30,8 +30,10 @@ from fqexport.graph.decompose import decompose_attention
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.Embedding)
+QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
 _CONVS = (nn.Conv2d, nn.Conv1d)
+# Convs whose output channels are dim 1 of the output (BN folding, MAC count).
+_ALL_CONVS = _CONVS + (nn.ConvTranspose2d,)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers with parameters that stay float ops between quantized layers, by design.
 NORMS = _BATCHNORM + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
@@ -54,7 +56,7 @@ MSG_TRACE = (
 )
 MSG_UNSUPPORTED = (
     "{count} layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: "
-    "{layers}. Supported: Conv2d, Conv1d, Linear, Embedding (also inside nn.MultiheadAttention / "
+    "{layers}. Supported: Conv2d, Conv1d, ConvTranspose2d (groups=1), Linear, Embedding (also inside nn.MultiheadAttention / "
     "nn.TransformerEncoder), BatchNorm (folded), normalisation layers (float), activations, "
     "residual adds, pooling, flatten, attention. Drop strict to leave them in float"
 )
@@ -66,7 +68,7 @@ class LayerInfo:
     """A quantizable layer of the prepared graph."""
 
     name: str
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "conv_transpose" | "linear" | "embedding"
     params: int  # weight elements
     had_batchnorm: bool
 
@@ -135,6 +137,10 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
             if isinstance(mod, _CONVS) and mod.padding_mode != "zeros":
                 kind = f"{type(mod).__name__}(padding_mode={mod.padding_mode!r})"
                 out[name] = FloatLayer(name, kind, _weight_params(mod))
+            elif isinstance(mod, nn.ConvTranspose2d) and mod.groups > 1:
+                # per output channel is the weight's axis 1, only C_out/groups long: no
+                # per-axis DequantizeLinear holds C_out scales
+                out[name] = FloatLayer(name, f"ConvTranspose2d(groups={mod.groups})", _weight_params(mod))
             elif isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse):
                 # max_norm renormalises rows in place at every lookup: not a fixed integer table
                 out[name] = FloatLayer(name, "Embedding(max_norm)" if mod.max_norm is not None
@@ -225,7 +231,7 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
             continue
         layer = modules.get(src.target)
         channels = params[0].shape[0]
-        if isinstance(layer, _CONVS) and layer.out_channels == channels:
+        if isinstance(layer, _ALL_CONVS) and layer.out_channels == channels:
             pairs.append((src, node, params))
         elif isinstance(layer, nn.Linear) and layer.out_features == channels and not (
             node.op == "call_module" and not isinstance(modules[node.target], nn.BatchNorm1d)
@@ -237,11 +243,11 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
 def convs_followed_by_batchnorm(gm: torch.fx.GraphModule) -> set[str]:
     """Names of convs whose only user is a BatchNorm (what ``fold_batchnorm`` folds)."""
     modules = dict(gm.named_modules())
-    return {str(src.target) for src, _, _ in _foldable(gm, modules) if isinstance(modules[src.target], _CONVS)}
+    return {str(src.target) for src, _, _ in _foldable(gm, modules) if isinstance(modules[src.target], _ALL_CONVS)}
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
-    """Fold every Conv2d→BatchNorm (module, subclass or traced ``F.batch_norm``) and
+    """Fold every Conv2d/ConvTranspose2d→BatchNorm (module, subclass or traced ``F.batch_norm``) and
     Linear→BatchNorm1d pair (eval statistics) into the layer.
 
     Returns the folded graph (a copy) and the names of the convs that absorbed a BN.
@@ -253,8 +259,10 @@ def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
     for src, bn_node, (mean, var, weight, bias, eps) in _foldable(gm, modules):
         layer = modules[src.target]
         with torch.no_grad():
-            if isinstance(layer, _CONVS):
-                w, b = fuse_conv_bn_weights(layer.weight, layer.bias, mean, var, eps, weight, bias)
+            if isinstance(layer, _ALL_CONVS):
+                # ConvTranspose2d: output channels on the weight's axis 1 (transpose=True)
+                w, b = fuse_conv_bn_weights(layer.weight, layer.bias, mean, var, eps, weight, bias,
+                                            transpose=isinstance(layer, nn.ConvTranspose2d))
                 folded.add(str(src.target))
             else:
                 ones = torch.ones_like(mean)
@@ -275,7 +283,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
 def quantizable_layers(
     gm: torch.fx.GraphModule, skip: set[str] = frozenset(), had_batchnorm: set[str] = frozenset()
 ) -> list[LayerInfo]:
-    """Conv2d/Conv1d/Linear layers in execution order (each called once), minus ``skip``."""
+    """Conv2d/Conv1d/ConvTranspose2d/Linear/Embedding layers in execution order (each called once), minus ``skip``."""
     modules = dict(gm.named_modules())
     seen: list[LayerInfo] = []
     names = set()
@@ -293,12 +301,14 @@ def quantizable_layers(
             )
         names.add(name)
         # Conv1d is a "conv" like Conv2d: per-output-channel rows (axis 0), channels on dim 1.
-        kind = "conv" if isinstance(mod, _CONVS) else "embedding" if isinstance(mod, nn.Embedding) else "linear"
+        # ConvTranspose2d: output channels on the weight's axis 1 and on dim 1 of the output.
+        kind = ("conv" if isinstance(mod, _CONVS) else "conv_transpose" if isinstance(mod, nn.ConvTranspose2d)
+                else "embedding" if isinstance(mod, nn.Embedding) else "linear")
         seen.append(LayerInfo(name, kind, mod.weight.numel(), name in had_batchnorm))
     return seen
 
 
-MSG_NO_LAYERS = "the model has no Conv2d, Conv1d or Linear layer to quantize"
+MSG_NO_LAYERS = "the model has no Conv2d, Conv1d, ConvTranspose2d or Linear layer to quantize"
 
 
 @dataclass(frozen=True)
@@ -347,7 +357,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True) -> PreparedMo
 
 
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
-    """Multiply-accumulates per sample of each named Conv2d/Conv1d/Linear layer."""
+    """Multiply-accumulates per sample of each named Conv2d/Conv1d/ConvTranspose2d/Linear layer."""
     modules = dict(model.named_modules())
     macs: dict[str, int] = {}
     hooks = []
@@ -358,6 +368,10 @@ def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
             if isinstance(mod, _CONVS):
                 per_out = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
                 macs[name] = int(output.numel() // batch * per_out)
+            elif isinstance(mod, nn.ConvTranspose2d):
+                # every input pixel meets C_out/G · kh · kw weights (zero-inserted pixels cost none)
+                per_in = mod.out_channels // mod.groups * math.prod(mod.kernel_size)
+                macs[name] = int(inputs[0].numel() // batch * per_in)
             elif isinstance(mod, nn.Embedding):
                 macs[name] = 0  # a row lookup, no multiply-accumulate
             else:

@@ -22,6 +22,14 @@ float32 running sum would lose about log10(#batches) digits of the small entries
 float64 costs only the memory of the sums (``num_groups · cols²`` · 8 bytes per layer).
 Pass ``accum_dtype=torch.float32`` to halve that memory for very wide layers.
 
+ConvTranspose2d ``(x; W[C_in, C_out/G, kh, kw], stride s, padding p, output_padding op,
+dilation d)`` is the Conv2d with stride 1 and dilation d of the *zero-inserted* input (s−1 zeros
+between input pixels), padded by ``d·(k−1)−p`` on top/left and ``d·(k−1)−p+op`` on bottom/right
+(negative: cropped), with the kernel flipped and its channel axes swapped,
+``W'[co, ci, i, j] = W[ci, co, k−1−i, k−1−j]`` (:func:`conv_transpose_rows`). Its rows are that
+conv's unfolded patches, its columns W''s ``[C_in/G, kh, kw]`` order; the solver quantizes W' row
+by row (one row per output channel) and :func:`conv_transpose_weight` maps codes back.
+
 Grouped convs (``groups = G > 1``, depthwise included) get one Hessian per conv group:
 ``[G, cols, cols]`` with ``cols = in_channels/G · kh · kw``; solve them with
 :func:`fqexport.quant.solver.solve_conv_groups`.
@@ -44,8 +52,8 @@ log = logging.getLogger(__name__)
 _UNFOLD_CHUNK_ELEMS = 1 << 25
 
 _MSG_LAYER = (
-    "hessian: layer {name!r} is a {kind}; only torch.nn.Linear, torch.nn.Conv1d and "
-    "torch.nn.Conv2d layers get a Hessian (leave it in float with skip_unsupported=True)"
+    "hessian: layer {name!r} is a {kind}; only torch.nn.Linear, torch.nn.Conv1d, "
+    "torch.nn.Conv2d and torch.nn.ConvTranspose2d layers get a Hessian (leave it in float with skip_unsupported=True)"
 )
 _MSG_INPUT = (
     "hessian: layer {name!r} ({kind}) got an input of shape {shape}; expected {expected}"
@@ -81,6 +89,42 @@ def _conv2d_view(module: nn.Conv1d | nn.Conv2d) -> nn.Conv2d:
     )
 
 
+def conv_transpose_rows(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A ConvTranspose2d weight ``W[C_in, C_out/G, kh, kw]`` as the rows of its equivalent conv:
+    ``W'[co, ci, i, j] = W[ci, co, kh−1−i, kw−1−j]`` per conv group, flattened to
+    ``[C_out, C_in/G · kh · kw]`` (one row per output channel; the columns follow the rows of
+    :class:`HessianAccumulator` for the layer)."""
+    cin, cout_g, kh, kw = weight.shape
+    w = weight.reshape(groups, cin // groups, cout_g, kh, kw).transpose(1, 2).flip(-2, -1)
+    return w.reshape(groups * cout_g, -1)
+
+
+def conv_transpose_weight(rows: torch.Tensor, shape: tuple[int, ...] | torch.Size, groups: int = 1) -> torch.Tensor:
+    """Inverse of :func:`conv_transpose_rows`: rows ``[C_out, C_in/G · kh · kw]`` (weights or
+    codes) back to the ConvTranspose2d layout ``shape = [C_in, C_out/G, kh, kw]``."""
+    cin, cout_g, kh, kw = shape
+    w = rows.reshape(groups, cout_g, cin // groups, kh, kw).flip(-2, -1).transpose(1, 2)
+    return w.reshape(cin, cout_g, kh, kw)
+
+
+def conv_transpose_input(x: torch.Tensor, module: nn.ConvTranspose2d) -> torch.Tensor:
+    """The input of the stride-1 Conv2d equivalent to ``module`` on ``x`` ``[B, C, H, W]``:
+    ``stride − 1`` zeros inserted between pixels, then padded by ``d·(k−1)−p`` (top/left) and
+    ``d·(k−1)−p+op`` (bottom/right); a negative pad crops. ``F.conv2d(conv_transpose_input(x,
+    m), W', dilation=m.dilation, groups=m.groups)`` equals ``m(x)`` with ``W'`` from
+    :func:`conv_transpose_rows`."""
+    (sh, sw), (kh, kw) = module.stride, module.kernel_size
+    (dh, dw), (ph, pw) = module.dilation, module.padding
+    oph, opw = module.output_padding
+    B, C, H, W = x.shape
+    if sh > 1 or sw > 1:
+        z = x.new_zeros(B, C, (H - 1) * sh + 1, (W - 1) * sw + 1)
+        z[:, :, ::sh, ::sw] = x
+        x = z
+    top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    return F.pad(x, (left, left + opw, top, top + oph))
+
+
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
     """``(left, right, top, bottom)`` zero/mode padding of a Conv2d, ``"same"``/``"valid"``
     resolved the way ``nn.Conv2d`` does (odd total padding: the extra goes right/bottom)."""
@@ -94,6 +138,15 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
         return tw // 2, tw - tw // 2, th // 2, th - th // 2
     ph, pw = pad  # type: ignore[misc]
     return pw, pw, ph, ph
+
+
+def _conv_transpose_view(module: nn.ConvTranspose2d) -> nn.Conv2d:
+    """The stride-1 Conv2d (kernel, dilation, groups of ``module``; no padding) that computes
+    ``module`` on :func:`conv_transpose_input`. Only its geometry is read."""
+    return nn.Conv2d(
+        module.in_channels, module.out_channels, module.kernel_size, dilation=module.dilation,
+        groups=module.groups, bias=False, device="meta",
+    )
 
 
 class HessianAccumulator:
@@ -118,12 +171,18 @@ class HessianAccumulator:
             self.kind = "Conv1d" if isinstance(module, nn.Conv1d) else "Conv2d"
             self.conv_groups = int(module.groups)
             self.cols = module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, nn.ConvTranspose2d):
+            # rows of the equivalent stride-1 conv on the zero-inserted, padded input
+            self.kind = "ConvTranspose2d"
+            self.conv_groups = int(module.groups)
+            self.cols = module.in_channels // module.groups * math.prod(module.kernel_size)
         else:
             raise UnsupportedLayerError(_MSG_LAYER.format(name=name, kind=type(module).__name__))
         if int(num_groups) < 1:
             raise ConfigError(f"hessian: num_groups={num_groups!r} must be >= 1")
         self.module = module
-        self._conv = _conv2d_view(module) if self.kind != "Linear" else None
+        self._conv = (None if self.kind == "Linear" else _conv_transpose_view(module)
+                      if self.kind == "ConvTranspose2d" else _conv2d_view(module))
         self.name = name
         self.num_groups = int(num_groups)
         self.accum_dtype = accum_dtype
@@ -148,8 +207,10 @@ class HessianAccumulator:
             raise DataError(_MSG_INPUT.format(
                 name=self.name, kind=self.kind, shape=tuple(x.shape),
                 expected=f"[B, {m.in_channels}, L]" if conv1d else f"[B, {m.in_channels}, H, W]"))
-        m = self._conv
         x = x.float().unsqueeze(2) if conv1d else x.float()
+        if self.kind == "ConvTranspose2d":
+            x = conv_transpose_input(x, m)
+        m = self._conv
         left, right, top, bottom = _conv_padding(m)
         if m.dilation == (1, 1):
             # Strided windows, one copy straight into the [B, G, L, cols] row layout (the
@@ -180,6 +241,8 @@ class HessianAccumulator:
         m = self._conv
         kh, kw = m.kernel_size
         spatial = math.prod(x.shape[2:])
+        if self.kind == "ConvTranspose2d":  # rows of the zero-inserted input: stride² more
+            spatial *= math.prod(self.module.stride)
         per_item = m.in_channels * kh * kw * spatial // (m.stride[0] * m.stride[1])
         return max(1, _UNFOLD_CHUNK_ELEMS // max(1, per_item))
 

@@ -305,9 +305,13 @@ class EmulatedSession:
         path: the QDQ ONNX file.
         target: one of :data:`EMULATED_TARGETS`.
         threads: intra-op threads of the one-node ORT sessions.
+        label: how log lines name the model (default: its path).
+        native_log_level: level of the line listing the fused nodes that run natively (the
+            export check, which cannot act on it, logs it at INFO; ``validate`` warns).
     """
 
-    def __init__(self, path: str | Path, target: str, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, target: str, threads: int | None = None, label: str | None = None,
+                 native_log_level: int = logging.WARNING) -> None:
         check_target(target)
         if target == "native":
             raise ConfigError(MSG_NOT_EMULATED)
@@ -326,7 +330,8 @@ class EmulatedSession:
         self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
                              if (n in fused and not self._u8s8(n)) or n.op_type in _OTHER_INTEGER_OPS]
         if self.native_nodes:
-            log.warning(MSG_NATIVE.format(target=target, path=self.path, nodes=", ".join(self.native_nodes)))
+            log.log(native_log_level, MSG_NATIVE.format(target=target, path=label or self.path,
+                                                         nodes=", ".join(self.native_nodes)))
 
     def _u8s8(self, node: onnx.NodeProto) -> bool:
         """Whether a fused node has uint8 activations and int8 weights (by its zero points / weights)."""

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
@@ -74,10 +73,7 @@ def group_weighted_mse(out: torch.Tensor, target: torch.Tensor, group: torch.Ten
 
 
 def _layer_out(module: LearnableWeight, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    b = module.bias if bias is None else bias
-    if module.kind == "conv":
-        return F.conv2d(x, w, b, **module.conv_args)
-    return F.linear(x, w, b)
+    return module.op(x, w, module.bias if bias is None else bias)
 
 
 @torch.no_grad()
@@ -98,10 +94,10 @@ def round_layer(module: LearnableWeight, w_float: torch.Tensor, b_float: torch.T
     """AdaRound one layer (module docstring, steps 1–4). Returns ``(codes, solver error,
     adaptive error)``: the adaptive integer codes (float tensor, weight shape) and both
     group-weighted reconstruction errors (relative to the target's mean squared norm)."""
-    s = module.s0  # the layer's per-channel step (signed at 2 bits), weight-shaped
+    s = module.s0  # the step of every weight entry (signed at 2 bits), broadcastable to the weight
     base = torch.floor(w_float / s)
     with torch.no_grad():
-        bias = b_float if b_float is not None else torch.zeros_like(module.bias)
+        bias = b_float if b_float is not None or module.bias is None else torch.zeros_like(module.bias)
         target = _layer_out(module, x, w_float, bias)
         norm = float(target.pow(2).flatten(1).sum(1).mean()) or 1.0
     solver_codes = module.latent.detach().round()

@@ -1,14 +1,15 @@
 """Learnable fake quantization for fine-tuning (LSQ, Esser et al. 2020), on the export's grids.
 
-Weights, per output channel c: latent u (in units of the PTQ step s0_c), step s_c = s0_c · r_c
-with a learnable ratio r_c > 0, and
+Weights, per scale c of the layer — its output channel (axis 0; axis 1 of a ConvTranspose2d),
+or (row, block) for a Linear with per-block scales (``QuantizedLayer.block_size``): latent u (in
+units of the PTQ step s0_c), step s_c = s0_c · r_c with a learnable ratio r_c > 0, and
 
     w_q = s_c · clamp(round(s0_c · u / s_c), qmin, qmax)
 
 with straight-through rounding: d round(v)/dv := 1 inside the clamp. The codes stay inside the
 layer's grid all along ([-63, 63] for x86-safe 8 bits, {-2, -1, 0, 1} with a signed step at 2
 bits), so what training sees is exactly what the export stores. The step's gradient is LSQ's,
-scaled by g = 1/sqrt(n · qmax) (n: weights per channel) so that steps and weights learn at a
+scaled by g = 1/sqrt(n · qmax) (n: weights per scale) so that steps and weights learn at a
 comparable pace. Activations: the PTQ zero point z stays, the step s = s0 · r is learned,
 x_q = s · clamp(round(x/s), -z, 255 - z) — the math of the ``ActQuantizer`` it replaces.
 
@@ -21,20 +22,25 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fqexport.finetune.baq import interpolated_weight
+from fqexport.finetune.baq import clip_shrinks, interpolated_weight
 from fqexport.graph.act_quant import ActQuantizer
-from fqexport.model import QuantizedLayer
+from fqexport.model import (
+    QuantizedLayer,
+    rows_to_weight,
+    scale_block_size,
+    weight_rows,
+    weight_scale,
+)
 from fqexport.quant.grid import (
     ACT_QMAX,
     ACT_QMIN,
-    as_rows,
     choose_weight_grid,
     quantize,
 )
@@ -62,55 +68,89 @@ def layer_qmin(layer: QuantizedLayer) -> int:
     return -2 if layer.bits == 2 else -layer.qmax
 
 
-class LearnableWeight(nn.Module):
-    """A quantized Conv2d/Linear whose weight codes and per-channel steps are learned.
+def _layer_op(module: nn.Module, kind: str, name: str) -> Callable[..., torch.Tensor]:
+    """``op(x, weight, bias)``: what ``module`` computes with another weight and bias."""
+    if kind == "embedding":
+        idx, freq = module.padding_idx, module.scale_grad_by_freq
+        return lambda x, w, b: F.embedding(x, w, idx, scale_grad_by_freq=freq)
+    if kind == "linear":
+        return F.linear
+    if module.padding_mode != "zeros":
+        raise ValueError(f"layer '{name}': padding_mode={module.padding_mode!r} is not supported")
+    args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+    if kind == "conv_transpose":
+        args["output_padding"] = module.output_padding
+        return lambda x, w, b: F.conv_transpose2d(x, w, b, **args)
+    conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+    return lambda x, w, b: conv(x, w, b, **args)
 
-    Built from the PTQ reference's module (its bias, stride, padding, groups) and the layer's
-    codes and scales. ``codes()`` / ``scale()`` give what is written back.
+
+class LearnableWeight(nn.Module):
+    """A quantized layer (any ``QuantizedLayer.kind``: Conv1d/Conv2d, ConvTranspose2d, Linear,
+    Embedding) whose weight codes and steps are learned.
+
+    Built from the PTQ reference's module (its bias, stride, padding, groups, ...) and the
+    layer's codes and scales: one learned ratio per scale — per output channel, or per (row,
+    block) for a Linear with per-block scales — broadcast onto the weight by
+    :func:`fqexport.model.weight_scale`. ``s0`` is the PTQ step of every weight entry
+    (broadcastable to the weight). ``codes()`` / ``scale()`` give what is written back, in the
+    layer's shapes.
     """
 
     def __init__(self, module: nn.Module, layer: QuantizedLayer) -> None:
         super().__init__()
-        self.kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
-        if self.kind == "conv":
-            self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
-                                  groups=module.groups)
-            if module.padding_mode != "zeros":
-                raise ValueError(f"layer '{layer.name}': padding_mode={module.padding_mode!r} is not supported")
+        self.kind, self.block_size = layer.kind, layer.block_size
+        self.shape = tuple(layer.codes.shape)
+        self.op = _layer_op(module, layer.kind, layer.name)
         self.qmin, self.qmax = layer_qmin(layer), int(layer.qmax)
         self.bits = int(layer.bits)
         self.bit: nn.Parameter | None = None  # BAQ's continuous width (see learn_bits)
-        s0 = layer.scale.detach().float().clone()
-        shape = (-1,) + (1,) * (layer.codes.dim() - 1)
-        self.register_buffer("s0", s0.reshape(shape))
+        scale0 = layer.scale.detach().float().clone()
+        self.register_buffer("scale0", scale0)  # the layer's scales, its shape
+        self.register_buffer("s0", self._broadcast(scale0))
         self.latent = nn.Parameter(layer.codes.detach().float().clone())
-        self.ratio = nn.Parameter(torch.ones_like(s0).reshape(shape))
-        bias = module.bias.detach().clone() if module.bias is not None else torch.zeros(s0.shape[0])
-        self.bias = nn.Parameter(bias.float())
-        per_channel = layer.codes[0].numel()
-        self.g = 1.0 / math.sqrt(per_channel * max(self.qmax, 1))
+        self.ratio = nn.Parameter(torch.ones_like(scale0))
+        self.bias: nn.Parameter | None = None
+        if layer.kind != "embedding":
+            out = scale0.shape[0]
+            bias = module.bias.detach().clone() if module.bias is not None else torch.zeros(out)
+            self.bias = nn.Parameter(bias.float())
+        per_step = layer.codes.numel() // max(scale0.numel(), 1)
+        self.g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
+
+    def _broadcast(self, scale: torch.Tensor) -> torch.Tensor:
+        return weight_scale(self.kind, scale, self.shape, self.block_size)
 
     def step(self) -> torch.Tensor:
-        return self.s0 * grad_scale(self.ratio, self.g).clamp_min(_MIN_RATIO)
+        return self.s0 * self._broadcast(grad_scale(self.ratio, self.g).clamp_min(_MIN_RATIO))
+
+    def _trained_step(self) -> torch.Tensor:
+        return self.s0 * self._broadcast(self.ratio.clamp_min(_MIN_RATIO))
 
     def learn_bits(self, widths: tuple[int, ...], weight_range: str) -> nn.Parameter:
         """Switch to BAQ: a continuous width (starting at the layer's width, clamped to
-        ``widths``) interpolating between neighbouring integer grids; returns the parameter."""
+        ``widths``) interpolating between neighbouring integer grids; returns the parameter.
+        The other widths' grids are per output channel (the rows of :func:`weight_rows`)."""
         start = min(max(float(self.bits), min(widths)), max(widths))
         self.bit = nn.Parameter(torch.tensor(start, device=self.latent.device))
         self.widths, self.weight_range = tuple(widths), weight_range
+        w0 = weight_rows(self.kind, (self.s0 * self.latent).detach())
+        self.shrinks = {int(k): clip_shrinks(w0, int(k), weight_range) for k in widths if int(k) != self.bits}
         return self.bit
 
     def weight(self) -> torch.Tensor:
         if self.bit is not None:
-            return interpolated_weight(self.s0 * self.latent, self.bit, self.widths, self.weight_range)
+            rows = interpolated_weight(weight_rows(self.kind, self.s0 * self.latent), self.bit, self.widths,
+                                       self.weight_range, self.shrinks,
+                                       (self.bits, lambda: weight_rows(self.kind, self._own_weight())))
+            return rows_to_weight(self.kind, rows, self.shape)
+        return self._own_weight()
+
+    def _own_weight(self) -> torch.Tensor:
         return lsq_fake_quant(self.s0 * self.latent, self.step(), self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight()
-        if self.kind == "conv":
-            return F.conv2d(x, w, self.bias, **self.conv_args)
-        return F.linear(x, w, self.bias)
+        return self.op(x, self.weight(), self.bias)
 
     def dampening(self) -> torch.Tensor:
         """Oscillation dampening (Nagel et al. 2022): Σ (v_c − sg(round(v_c)))² with
@@ -125,19 +165,20 @@ class LearnableWeight(nn.Module):
         s · clamp(w / s, qmin, qmax). Training only ever saw weights inside that range; a latent
         weight that drifted past it (Adam's momentum keeps moving it where the clamp stops the
         gradient) would otherwise come back larger when re-quantized at a wider grid."""
-        step = self.s0 * self.ratio.clamp_min(_MIN_RATIO)
+        step = self._trained_step()
         return (step * torch.clamp(self.s0 * self.latent / step, self.qmin, self.qmax)).detach()
 
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
         """Integer codes (int8, weight shape) of the current weight."""
-        step = self.s0 * self.ratio.clamp_min(_MIN_RATIO)
+        step = self._trained_step()
         return torch.clamp(torch.round(self.s0 * self.latent / step), self.qmin, self.qmax).to(torch.int8)
 
     @torch.no_grad()
     def scale(self) -> torch.Tensor:
-        """Per-channel steps (float32 ``[out]``, signed like the PTQ steps)."""
-        return (self.s0 * self.ratio.clamp_min(_MIN_RATIO)).reshape(-1).float()
+        """The learned steps in the layer's scale shape (float32 ``[out]``, or ``[out, blocks]``
+        with per-block scales; signed like the PTQ steps)."""
+        return (self.scale0 * self.ratio.clamp_min(_MIN_RATIO)).float()
 
 
 class LearnableActQuant(nn.Module):
@@ -193,13 +234,20 @@ def build_student(
 
 
 @torch.no_grad()
-def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str) -> QuantizedLayer:
+def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str,
+               storage: str = "int8") -> QuantizedLayer:
     """``layer`` with the latent weights of ``learned`` rounded onto a fresh ``bits``-wide grid
-    (per-channel clipping search, round to nearest; no training at that width)."""
-    w = learned.latent_weight().cpu().float()
-    grid = choose_weight_grid(as_rows(w), bits, weight_range=weight_range, clip_search=True)
-    codes = quantize(as_rows(w), grid.scale, grid.qmax, grid.qmin).reshape(w.shape)
-    return replace(layer, bits=int(bits), qmax=int(grid.qmax), codes=codes.to(torch.int8), scale=grid.scale.float())
+    (per output channel — per block where compress would give the layer per-block scales under
+    ``storage``, :func:`fqexport.model.scale_block_size` — clipping search, round to nearest;
+    no training at that width)."""
+    rows = weight_rows(layer.kind, learned.latent_weight().cpu().float())
+    tokens = layer.macs > layer.params  # a Linear applied to several vectors per sample
+    block = scale_block_size(layer.kind, int(bits), storage, rows.shape[1], tokens)
+    grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=True, block=block)
+    codes = quantize(rows, grid.column_scales(rows.shape[1]), grid.qmax, grid.qmin)
+    codes = rows_to_weight(layer.kind, codes, layer.codes.shape).to(torch.int8)
+    return replace(layer, bits=int(bits), qmax=int(grid.qmax), codes=codes, scale=grid.scale.float(),
+                   block_size=grid.block)
 
 
 @torch.no_grad()
@@ -210,6 +258,7 @@ def write_back(
     acts: dict[str, LearnableActQuant],
     bits: int | Mapping[str, int] | None = None,
     weight_range: str = "x86-safe",
+    storage: str = "int8",
 ) -> tuple[torch.fx.GraphModule, dict[str, QuantizedLayer]]:
     """A new PTQ-style reference and layer table holding the learned codes, steps, biases and
     activation steps (the export path reads exactly these). With ``bits`` (other than a layer's
@@ -222,13 +271,15 @@ def write_back(
         if width is None or int(width) == layer.bits:
             new = replace(layer, codes=learned.codes().cpu(), scale=learned.scale().cpu())
         else:
-            new = requantize(learned, layer, int(width), weight_range)
+            new = requantize(learned, layer, int(width), weight_range, storage)
         module = new_ref.get_submodule(name)
         module.weight.copy_(new.dequantized().to(module.weight.dtype))
-        if module.bias is None:
-            module.bias = nn.Parameter(learned.bias.detach().cpu().to(module.weight.dtype))
-        else:
-            module.bias.copy_(learned.bias.detach().cpu().to(module.bias.dtype))
+        if learned.bias is not None:  # an Embedding has none
+            bias = learned.bias.detach().cpu()
+            if module.bias is None:
+                module.bias = nn.Parameter(bias.to(module.weight.dtype))
+            else:
+                module.bias.copy_(bias.to(module.bias.dtype))
         new_layers[name] = new
     for name, act in acts.items():
         quantizer = new_ref.get_submodule(name)

@@ -288,7 +288,7 @@ def finetune_widths(
     out = {}
     for b in widths:
         reference, layers = write_back(cm.reference, cm.layers, weights, acts, bits=b,
-                                       weight_range=cm.config.weight_range)
+                                       weight_range=cm.config.weight_range, storage=cm.config.storage)
         total = sum(l.params for l in layers.values())
         meta = replace(result.metadata, layers=layer_records(layers),
                        avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4),
@@ -334,7 +334,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
     q = torch.full((num_groups,), 1.0 / num_groups, device=device)
 
     latent = [m.latent for m in weights.values()]
-    aux = [p for m in weights.values() for p in (m.ratio, m.bias)]
+    aux = [p for m in weights.values() for p in (m.ratio, m.bias) if p is not None]
     aux += [m.ratio for m in acts.values() if m.ratio.requires_grad]
     opt = torch.optim.Adam([{"params": latent, "lr": config.lr},
                             {"params": aux, "lr": config.lr * _AUX_LR}])
@@ -493,7 +493,7 @@ def _learn_bits(cm: CompressedModel, data: TrainStream, config: FinetuneConfig, 
     student = student.to(device).eval()
     bits = {n: m.learn_bits(tuple(config.bit_choices), cm.config.weight_range) for n, m in weights.items()}
     params = torch.tensor([float(cm.layers[n].params) for n in weights], device=device)
-    aux = [p for m in weights.values() for p in (m.ratio, m.bias)] + [m.ratio for m in acts.values() if m.ratio.requires_grad]
+    aux = [p for m in weights.values() for p in (m.ratio, m.bias) if p is not None] + [m.ratio for m in acts.values() if m.ratio.requires_grad]
     opt = torch.optim.Adam([{"params": [m.latent for m in weights.values()], "lr": config.lr},
                             {"params": aux, "lr": config.lr * _AUX_LR},
                             {"params": list(bits.values()), "lr": config.bits_lr}])
@@ -544,7 +544,7 @@ def _learn_bits(cm: CompressedModel, data: TrainStream, config: FinetuneConfig, 
     for m in weights.values():
         m.bit = None
     reference, layers = write_back(cm.reference, cm.layers, weights, acts, bits=chosen,
-                                   weight_range=cm.config.weight_range)
+                                   weight_range=cm.config.weight_range, storage=cm.config.storage)
     total = sum(l.params for l in layers.values())
     avg = sum(l.bits * l.params for l in layers.values()) / max(total, 1)
     log.info("BAQ: learned widths %s -> %s (avg %.3f bits, budget %g)", learned, chosen, avg, config.budget_bits)

@@ -42,7 +42,7 @@ from fqexport.config import (
 from fqexport.engine.base import Engine, SerialEngine, Task
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
-from fqexport.quant.grid import as_rows
+from fqexport.model import rows_to_weight, weight_rows
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,22 @@ def per_group_mean(values: torch.Tensor, group: torch.Tensor, num_groups: int) -
     return sums / counts.clamp_min(1.0)
 
 
-def rtn_weight(weight: torch.Tensor, bits: int, weight_range: str = "x86-safe", clip_search: bool = True) -> torch.Tensor:
-    """Layer weight on the b-bit per-channel grid: :func:`~fqexport.quant.solver.rtn_layer` on
-    :func:`~fqexport.quant.solver.choose_solver_grid` without a Hessian, dequantized."""
-    rows = as_rows(weight.detach()).float()
+def rtn_weight(weight: torch.Tensor, bits: int, weight_range: str = "x86-safe", clip_search: bool = True,
+               kind: str = "linear") -> torch.Tensor:
+    """Layer weight on the b-bit per-output-channel grid the export uses:
+    :func:`~fqexport.quant.solver.rtn_layer` on :func:`~fqexport.quant.solver.choose_solver_grid`
+    without a Hessian, dequantized. ``kind`` (``QuantizedLayer.kind``, :func:`layer_kind`): a
+    ``"conv_transpose"`` weight's rows are its output channels (axis 1,
+    :func:`fqexport.model.weight_rows`)."""
+    rows = weight_rows(kind, weight.detach()).float()
     grid = choose_solver_grid(rows, None, bits, weight_range=weight_range, clip_search=clip_search)
-    return rtn_layer(rows, grid).qweight.reshape(weight.shape).to(weight.dtype)
+    return rows_to_weight(kind, rtn_layer(rows, grid).qweight, weight.shape).to(weight.dtype)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The ``QuantizedLayer.kind`` whose weight rows differ from ``weight.reshape(out, -1)``
+    (``"conv_transpose"``), else ``"linear"`` (rows on axis 0)."""
+    return "conv_transpose" if isinstance(module, nn.ConvTranspose2d) else "linear"
 
 
 def fisher_delta(fisher: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
@@ -263,11 +273,12 @@ def _measure_one(ctx: _MeasuredContext, task: Task) -> np.ndarray:
     name, bits = task.payload
     base = ctx.base_loss()
     model = ctx.folded()
-    weight = dict(model.named_modules())[name].weight
+    module = dict(model.named_modules())[name]
+    weight = module.weight
     original = weight.detach().clone()
     try:
         with torch.no_grad():
-            weight.copy_(rtn_weight(original, bits, ctx.weight_range, ctx.clip_search))
+            weight.copy_(rtn_weight(original, bits, ctx.weight_range, ctx.clip_search, layer_kind(module)))
         loss = _per_sample_loss(model, ctx.x, ctx.y, ctx.batch_size)
     finally:
         with torch.no_grad():
@@ -318,7 +329,8 @@ def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_searc
         w = weights[f"{name}.weight"]
         f = fisher[f"{name}.weight"] / counts.reshape(-1, *([1] * w.dim()))
         for j, b in enumerate(bits):
-            delta[i, j] = fisher_delta(f, w, rtn_weight(w, b, weight_range, clip_search)).numpy()
+            delta[i, j] = fisher_delta(f, w, rtn_weight(w, b, weight_range, clip_search,
+                                                         layer_kind(modules[name]))).numpy()
     return delta
 
 

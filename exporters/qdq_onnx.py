@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from fqexport.exporters.act_qdq import act_qdq_onnx
+from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_session import run_batches
@@ -43,8 +44,14 @@ log = logging.getLogger(__name__)
 
 OPSET = 21
 OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
-# MatMulNBits compute: 0 = the kernel's default. 4 (int8 compute) quantizes A per block inside
-# the kernel, a second rounding the reference does not model.
+# MatMulNBits compute: 0 = the kernel's default (fp32 on the dequantized weight). 4 (int8
+# compute) quantizes A per block inside the kernel, a second rounding the reference does not
+# model. Measured (ORT 1.32, AVX512-VNNI + AMX, 1 thread, one op, min of 40-300 runs;
+# docs/model-support.md): level 4 is 2x faster only for one vector (M=1: 0.011 vs 0.022 ms,
+# fp32 MatMul 0.013); over tokens it is no faster (M=65, K=192 -> 768: 0.27 vs 0.19 ms; M=2080:
+# 30 vs 14 ms) and int8 QDQ (MatMulIntegerToFloat) beats both (0.057 / 2.7 ms). On the
+# DeiT-tiny-shaped model (every Linear MatMulNBits) level 4 agreed with the graph's math on
+# 94.4% of decided samples, level 0 on 98.8%. So 0.
 NBITS_ACCURACY_LEVEL = 0
 MIN_AGREEMENT = 0.99
 # Samples whose reference top-2 logits are closer than this fraction of the typical logit
@@ -157,10 +164,17 @@ def _find_weight(inits: dict[str, TensorProto], layer: "QuantizedLayer", expecte
     raise ExportError(MSG_NO_WEIGHT.format(name=layer.name))
 
 
-def _positive_scales(codes: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes, scale)`` with rows of negative scale negated: ``s·q = |s|·(-q)`` per row."""
+def _positive_scales(codes: np.ndarray, scale: np.ndarray, axis: int = 0,
+                     block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, scale)`` with channels (along ``axis``) of negative scale negated:
+    ``s·q = |s|·(-q)`` per channel."""
+    if block is not None:  # per-block scales [N, blocks] of codes [N, K]: a sign per block
+        sign = np.repeat(np.where(scale < 0, -1, 1), block, axis=1)[:, :codes.shape[1]].astype(codes.dtype)
+        return codes * sign, np.abs(scale).astype(np.float32)
+    shape = [1] * codes.ndim
+    shape[axis] = -1
     sign = np.where(scale < 0, -1, 1).astype(codes.dtype)
-    return codes * sign.reshape(-1, *([1] * (codes.ndim - 1))), np.abs(scale).astype(np.float32)
+    return codes * sign.reshape(shape), np.abs(scale).astype(np.float32)
 
 
 def _int2_weight(name: str, q: TensorProto, scale: np.ndarray, ndim: int, axis: int):
@@ -194,6 +208,22 @@ MSG_NBITS_CONSUMER = (
 )
 
 
+MSG_NBITS_BLOCKS = (
+    "per-block scales of shape {shape} do not fit a MatMulNBits weight of {n} rows and K={k} in "
+    "blocks of {bs} (need [{n}, {nb}]): the layer was compressed for another block size"
+)
+
+
+# A blocked int8 DequantizeLinear (opset 21 block_size) would hold them, but ORT 1.32's QDQ
+# fusion turns DQ + MatMul into MatMulIntegerToFloat with the [blocks, N] scale taken as
+# per-channel and fails at run time ("Attempting to broadcast an axis by a dimension other than 1").
+MSG_BLOCKED_INT8 = (
+    "layer '{name}' has per-block weight scales [{n}, {nb}] (compressed for MatMulNBits) and cannot "
+    "be stored in an int8 container under storage={storage!r}: export with the storage it was "
+    "compressed with ('packed' or 'auto'), or compress with storage='int8' (QuantConfig.storage, --storage)"
+)
+
+
 def nbits_block_size(k: int) -> int:
     """The MatMulNBits block size that stores a K-long row in the fewest bytes (4-bit codes
     padded to whole blocks + one float32 scale per block)."""
@@ -203,12 +233,17 @@ def nbits_block_size(k: int) -> int:
 def pack_nbits(codes: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits ``B`` [N, blocks, block_size/2] (uint8, two 4-bit codes per byte, low nibble
     first, zero point 8) and ``scales`` [N·blocks] of signed codes [N, K] with per-row scales
-    (each row's scale repeated for its blocks; K padded with zero codes)."""
+    ``[N]`` (each row's scale repeated for its blocks) or per-block scales ``[N, blocks]``
+    (the solver's, row-major); K padded with zero codes."""
     n, k = codes.shape
     blocks = -(-k // block_size)
     u = np.full((n, blocks * block_size), 8, dtype=np.uint8)
     u[:, :k] = (codes.astype(np.int16) + 8).astype(np.uint8)
     packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, block_size // 2)
+    if scale.ndim == 2:
+        if scale.shape != (n, blocks):
+            raise ExportError(MSG_NBITS_BLOCKS.format(shape=scale.shape, n=n, k=k, bs=block_size, nb=blocks))
+        return packed, scale.astype(np.float32).reshape(-1)
     return packed, np.repeat(scale.astype(np.float32), blocks)
 
 
@@ -280,23 +315,35 @@ def quantize_weight_initializers(
     for layer in layers.values():
         dequantized = layer.dequantized().numpy()
         init, axis = _find_weight(inits, layer, dequantized)
+        # the DequantizeLinear axis: a ConvTranspose weight [C_in, C_out, kh, kw] (same layout
+        # as the codes, axis 0 above) has its output channels on axis 1
+        dq_axis = 1 if layer.kind == "conv_transpose" else axis
         actual = numpy_helper.to_array(init)
         container = layer.storage(storage)
+        if container == "int2" and layer.block_size is not None:
+            container = "nbits"  # per-block scales fit MatMulNBits (2-bit codes in 4), not INT2's per-row Mul
+        if container != "nbits" and layer.block_size is not None:
+            raise ExportError(MSG_BLOCKED_INT8.format(
+                name=layer.name, n=layer.scale.shape[0], nb=layer.scale.shape[1], storage=storage))
         codes = layer.codes.numpy()
         scale_np = layer.scale.numpy().astype(np.float32)
         if container != "int2":
             # 2-bit rows with a negative scale (levels mirrored): the same weight as codes -q,
             # scale |s|, so DequantizeLinear sees positive scales (codes -1..2 fit int8 / INT4).
             # INT2 keeps q in [-2, 1]; its signed scale sits in a float Mul.
-            codes, scale_np = _positive_scales(codes, scale_np)
+            codes, scale_np = _positive_scales(codes, scale_np, 1 if layer.kind == "conv_transpose" else 0,
+                                               layer.block_size)
         consumers: dict[str, list[onnx.NodeProto]] = {}
         if container == "nbits":
             for node in graph.node:
                 for name in node.input:
                     consumers.setdefault(name, []).append(node)
-        if container == "nbits" and storage == "auto" and not _vector_input(consumers.get(init.name, [])):
-            # Token Linears (MatMul over [B, T, K]): MatMulNBits computes ~fp32 speed there and
-            # int8 (MatMulIntegerToFloat) twice as fast; "auto" keeps them fast in int8.
+        if (container == "nbits" and storage == "auto" and layer.block_size is None
+                and not _vector_input(consumers.get(init.name, []))):
+            # Token Linears (MatMul over [B, T, K]): MatMulNBits computes ~fp32 speed there at
+            # accuracy_level 0 and 4 alike (NBITS_ACCURACY_LEVEL), int8 (MatMulIntegerToFloat)
+            # 3-8x faster; "auto" keeps them fast in int8 (compress gave them per-row scales; a
+            # layer compressed with per-block scales stays MatMulNBits).
             container = "int8"
         if container == "nbits":
             new_inits = _matmul_nbits(graph, layer, init, codes.reshape(codes.shape[0], -1), scale_np, consumers)
@@ -316,7 +363,7 @@ def quantize_weight_initializers(
         q = _pack(codes, container)
         q.name = f"{init.name}_quantized"
         if container == "int2":
-            new_inits, nodes_ = _int2_weight(init.name, q, scale_np, codes.ndim, axis)
+            new_inits, nodes_ = _int2_weight(init.name, q, scale_np, codes.ndim, dq_axis)
         else:
             scale = numpy_helper.from_array(scale_np, f"{init.name}_scale")
             zp = _pack(np.zeros(scale_np.shape[0], dtype=np.int8), container)
@@ -324,7 +371,7 @@ def quantize_weight_initializers(
             new_inits = [q, scale, zp]
             nodes_ = [helper.make_node(
                 "DequantizeLinear", [q.name, scale.name, zp.name], [init.name],
-                name=f"{init.name}_DequantizeLinear", axis=axis,
+                name=f"{init.name}_DequantizeLinear", axis=dq_axis,
             )]
         new_nodes.extend(nodes_)
         graph.initializer.remove(init)
@@ -447,7 +494,9 @@ def _target_check(model: onnx.ModelProto, cm: "CompressedModel", want: np.ndarra
         onnx_path = Path(tmp) / "check.onnx"
         onnx.save_model(model, str(onnx_path), save_as_external_data=False)
         try:
-            got = run_batches(EmulatedSession(onnx_path, family, threads=1), cm.calib.x[idx], 128)
+            session = EmulatedSession(onnx_path, family, threads=1, label=f"the export check of {path}",
+                                      native_log_level=logging.INFO)
+            got = run_batches(session, cm.calib.x[idx], 128)
         except FqexportError as err:
             raise ExportError(MSG_TARGET_EMULATION.format(path=path, target=target, family=family, err=err)) from err
     ref = want[idx]
@@ -478,6 +527,7 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, storage: str | None =
     _set_opset(model, opset)
     write_metadata(model, replace(cm.metadata, storage=storage, opset=opset, layers=layer_records(cm.layers, used),
                                   target=cm.config.target))
+    compact_graph(model, cm.layers)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:

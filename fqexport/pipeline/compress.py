@@ -37,11 +37,19 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
-from fqexport.model import CompressedModel, QuantizedLayer
+from fqexport.model import (
+    CompressedModel,
+    QuantizedLayer,
+    rows_to_weight,
+    scale_block_size,
+    weight_rows,
+)
 from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.channel_stats import ChannelStats
-from fqexport.quant.grid import as_rows
-from fqexport.quant.hessian import HessianAccumulator
+from fqexport.quant.grid import WeightGrid
+from fqexport.quant.hessian import (
+    HessianAccumulator,
+)
 from fqexport.quant.solver import (
     DampingIncreasedWarning,
     choose_solver_grid,
@@ -93,7 +101,7 @@ def _batches(data: GroupData, batch_size: int, device: torch.device) -> list[tup
 
 
 def _channel_dim(kind: str) -> int:
-    return 1 if kind == "conv" else -1
+    return 1 if kind in ("conv", "conv_transpose") else -1
 
 
 def _float_targets(
@@ -135,20 +143,22 @@ def _layer_moments(
 
 
 def _quantize_weight(
-    module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Integer codes (weight shape) and per-channel scales of one layer's weight.
+    module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None,
+    tokens: bool = False,
+) -> tuple[torch.Tensor, WeightGrid]:
+    """Integer codes (weight shape) and the grid (per-channel scales; per-block scales for a
+    Linear stored as MatMulNBits, :func:`fqexport.model.scale_block_size`) of one layer's weight.
 
     ``hessian`` is ``[cols, cols]`` (or ``[conv groups, cols, cols]`` for grouped convs);
-    ``None`` means round to nearest.
+    ``None`` means round to nearest. ``tokens``: a Linear applied to several vectors per sample.
     """
-    w = module.weight.detach()
-    rows = as_rows(w).float()
+    rows = weight_rows(info.kind, module.weight.detach()).float()
     grid = choose_solver_grid(
         rows, hessian, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
+        block=scale_block_size(info.kind, bits, config.storage, rows.shape[1], tokens),
     )
     if hessian is None:
-        return rtn_layer(rows, grid).codes.reshape(w.shape), grid.scale, grid.qmax
+        return rows_to_weight(info.kind, rtn_layer(rows, grid).codes, module.weight.shape), grid
     options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DampingIncreasedWarning)
@@ -164,7 +174,7 @@ def _quantize_weight(
     for w_ in caught:
         if not issubclass(w_.category, DampingIncreasedWarning):
             warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
-    return result.codes.reshape(w.shape), grid.scale, grid.qmax
+    return rows_to_weight(info.kind, result.codes, module.weight.shape), grid
 
 
 def _retarget_to_float_output(
@@ -173,13 +183,14 @@ def _retarget_to_float_output(
     """Replace ``module``'s weight by W* = W C H⁻¹ (ridge toward W): solving W* with H then
     fits the float model's output rather than W's output on the already-quantized inputs."""
     w = module.weight.detach()
+    rows = weight_rows(info.kind, module.weight.detach()).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        target = compensate_input_error(as_rows(w).float(), hessian, cross, damp=damp)
-    change = float((target - as_rows(w)).norm() / as_rows(w).norm().clamp_min(1e-12))
+        target = compensate_input_error(rows, hessian, cross, damp=damp)
+    change = float((target - rows).norm() / rows.norm().clamp_min(1e-12))
     log.debug("layer '%s': float-output target moves the weight by %.3g (relative)", info.name, change)
     with torch.no_grad():
-        module.weight.copy_(target.reshape(w.shape).to(w.dtype))
+        module.weight.copy_(rows_to_weight(info.kind, target, module.weight.shape).to(w.dtype))
 
 
 def _correct_layer(
@@ -205,7 +216,8 @@ def _correct_layer(
         ok = (v_q > 1e-12) & (v_f > 1e-12)
         f = torch.where(ok, torch.sqrt(v_f / v_q.clamp_min(1e-12)), f).clamp(_RESCALE_MIN, _RESCALE_MAX)
     new_bias = m_f - f * (m_q - bias)
-    layer.scale = (layer.scale * f.to(layer.scale.device)).float()
+    f = f.to(layer.scale.device).reshape(-1, *([1] * (layer.scale.dim() - 1)))  # per row (and block)
+    layer.scale = (layer.scale * f).float()
     with torch.no_grad():
         module.weight.copy_(layer.dequantized().to(module.weight.dtype))
         if module.bias is None:
@@ -332,10 +344,12 @@ def compress(
                 hessian, c = _layer_moments(module, info, cache, k, sub.num_groups, alpha, cross)
                 if c is not None:
                     _retarget_to_float_output(module, info, hessian, c, config.damp)
-            codes, scale, qmax = _quantize_weight(module, info, bits, config, hessian)
+            # a Linear over tokens does more MACs per sample than it has weights
+            tokens = info.kind == "linear" and macs.get(info.name, 0) > module.weight.numel()
+            codes, grid = _quantize_weight(module, info, bits, config, hessian, tokens)
             layer = QuantizedLayer(
-                info.name, info.kind, bits, qmax, codes.to(torch.int8).cpu(), scale.float().cpu(),
-                info.params, macs.get(info.name, 0),
+                info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(), grid.scale.float().cpu(),
+                info.params, macs.get(info.name, 0), block_size=grid.block,
             )
             with torch.no_grad():
                 module.weight.copy_(layer.dequantized().to(module.weight.dtype))

@@ -45,15 +45,38 @@ def weight_qmin(bits: int, weight_range: str = "x86-safe") -> int:
 class WeightGrid:
     """Per-output-channel grid: ``scale`` has one entry per row of the weight, codes lie in
     ``[qmin, qmax]`` (``qmin`` defaults to ``-qmax``; with ``qmin < -qmax`` a row's scale may be
-    negative, which mirrors its levels)."""
+    negative, which mirrors its levels).
 
-    scale: torch.Tensor  # [C], float32, != 0
+    With ``block`` (GPTQ's groupsize; MatMulNBits' ``block_size``): ``scale`` is ``[C, blocks]``,
+    one scale per row and block of ``block`` consecutive columns (the last block may be short).
+    """
+
+    scale: torch.Tensor  # [C] (or [C, blocks] with block), float32, != 0
     qmax: int
     low: int | None = None
+    block: int | None = None
 
     @property
     def qmin(self) -> int:
         return -self.qmax if self.low is None else int(self.low)
+
+    def column_scales(self, cols: int) -> torch.Tensor:
+        """The scale of every weight entry of a ``[C, cols]`` weight, broadcastable: ``[C, 1]``
+        per row, ``[C, cols]`` per block."""
+        return column_scales(self.scale, cols, self.block)
+
+
+def num_blocks(cols: int, block: int) -> int:
+    """Blocks of ``block`` columns that cover ``cols`` columns."""
+    return -(-cols // block)
+
+
+def column_scales(scale: torch.Tensor, cols: int, block: int | None) -> torch.Tensor:
+    """Per-row ``scale [C]`` as ``[C, 1]``; per-block ``scale [C, blocks]`` repeated over each
+    block's columns, ``[C, cols]``."""
+    if block is None:
+        return scale.reshape(-1, 1)
+    return scale.repeat_interleave(block, dim=1)[:, :cols]
 
 
 def as_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -63,14 +86,18 @@ def as_rows(weight: torch.Tensor) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None) -> torch.Tensor:
     """Integer codes ``clamp(round(w / s), qmin, qmax)`` (``qmin`` defaults to ``-qmax``);
-    ``scale`` broadcasts over rows."""
-    s = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    ``scale [C]`` broadcasts over rows; a ``scale`` with ``w``'s number of dimensions (e.g.
+    :func:`column_scales`) is used as it is."""
+    s = scale if scale.dim() == w.dim() else scale.reshape(-1, *([1] * (w.dim() - 1)))
     return torch.clamp(torch.round(w / s), -qmax if qmin is None else qmin, qmax)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``s_c · q``."""
-    return q * scale.reshape(-1, *([1] * (q.dim() - 1)))
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """``s_c · q`` (per row); with ``block``, ``q [C, cols]`` and ``scale [C, blocks]``:
+    ``s_{c, j // block} · q_cj``."""
+    if block is not None:
+        return q * column_scales(scale, q.shape[1], block)
+    return q * (scale if scale.dim() == q.dim() else scale.reshape(-1, *([1] * (q.dim() - 1))))
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None) -> torch.Tensor:
@@ -86,8 +113,12 @@ def choose_weight_grid(
     clip_search: bool = True,
     column_weight: torch.Tensor | None = None,
     shrinks: tuple[float, ...] = DEFAULT_SHRINKS,
+    block: int | None = None,
 ) -> WeightGrid:
     """Per-channel scales, each chosen to minimise its row's quantization error.
+
+    With ``block``: one scale per row and block of ``block`` columns (``[C, blocks]``), each
+    block searched like a row of its own (GPTQ's groupsize; ORT MatMulNBits' blocks).
 
     Symmetric grids: for row c and shrink t, s = t · max_j |w_cj| / qmax. Grids with one more
     negative code (2 bits): the row's extreme value e_c (largest |w|, with its sign) maps to
@@ -96,6 +127,9 @@ def choose_weight_grid(
     ``h = column_weight`` (e.g. diag H): ``[cols]`` shared by every row, or ``[out, cols]`` per
     row (a grouped conv's rows see their conv group's Hessian); 1 when ``None``.
     """
+    if block is not None:
+        return _block_grid(as_rows(weight).float(), bits, block, weight_range=weight_range,
+                           clip_search=clip_search, column_weight=column_weight, shrinks=shrinks)
     w = as_rows(weight).float()
     qmax = weight_qmax(bits, weight_range)
     qmin = weight_qmin(bits, weight_range)
@@ -128,6 +162,26 @@ def choose_weight_grid(
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, s, best_scale)
     return WeightGrid(scale=best_scale, qmax=qmax, low=low)
+
+
+def _block_grid(
+    w: torch.Tensor, bits: int, block: int, *, weight_range: str, clip_search: bool,
+    column_weight: torch.Tensor | None, shrinks: tuple[float, ...],
+) -> WeightGrid:
+    """Per-(row, block) grid of ``w [C, cols]``: each block of a row searched as a row of
+    ``[C·blocks, block]`` (the columns padded with zeros of weight 0)."""
+    c, cols = w.shape
+    nb = num_blocks(cols, block)
+    pad = nb * block - cols
+    wb = torch.nn.functional.pad(w, (0, pad)).reshape(c * nb, block)
+    h = None
+    if column_weight is not None:
+        h = column_weight.to(w.device, torch.float32)
+        h = h.reshape(1, -1).expand(c, cols) if h.dim() == 1 else h.reshape(c, cols)
+        h = torch.nn.functional.pad(h, (0, pad)).reshape(c * nb, block)
+    g = choose_weight_grid(wb, bits, weight_range=weight_range, clip_search=clip_search,
+                           column_weight=h, shrinks=shrinks)
+    return WeightGrid(scale=g.scale.reshape(c, nb), qmax=g.qmax, low=g.low, block=block)
 
 
 def act_qparams(lo: float, hi: float) -> tuple[float, int]:

@@ -14,8 +14,13 @@ loss ``tr((W - Q) H (W - Q)ᵀ)``. Following the GPTQ construction:
    columns after the block lazily as ``W[:, after] -= E @ U[block, after]``.
 
 The per-row scales are fixed before the solve (:func:`choose_solver_grid` or any
-:class:`~fqexport.quant.grid.WeightGrid`); :func:`rtn_layer` is round to nearest on such a grid
-(the one RTN of fqexport: the ``rtn`` method, the sensitivity proxy, comparisons).
+:class:`~fqexport.quant.grid.WeightGrid`). Per-block scales (GPTQ's groupsize, for a layer
+stored as ORT's MatMulNBits: ``grid.block`` columns per block, ``grid.scale [out, blocks]``)
+are fixed up front too, each from its block of the un-updated weight: GPTQ's "static groups",
+which keeps the blocks over the original column order whatever the solve order; the GPTQ
+reference's alternative, re-choosing a block's scale from the already-updated weights when the
+(natural-order) column loop reaches it, needs the natural order. :func:`rtn_layer` is round to
+nearest on such a grid (the one RTN of fqexport: the ``rtn`` method, the sensitivity proxy, comparisons).
 Device-agnostic: CPU or CUDA tensors.
 
 Grouped / depthwise convolutions: rows ``k·out/G … (k+1)·out/G`` of the weight only see the
@@ -37,8 +42,10 @@ from fqexport.quant.grid import (
     WeightGrid,
     as_rows,
     choose_weight_grid,
+    column_scales,
     dequantize,
     fake_quantize,
+    num_blocks,
     quantize,
 )
 
@@ -51,6 +58,10 @@ _MSG_SHAPE = (
     "cols = in_features (Linear) or in_channels/groups·kh·kw (Conv) of the weight"
 )
 _MSG_SCALE = "solver: grid.scale has {n} entries but the weight has {out} rows (one scale per row)"
+_MSG_BLOCK_SCALE = (
+    "solver: grid.scale has shape {shape} but a weight of {out} rows and {cols} columns in blocks of "
+    "{block} needs [{out}, {nb}] (one scale per row and block)"
+)
 _MSG_ORDER = "solver: order={order!r} is not one of " + ", ".join(ORDERS)
 _MSG_KIND = "column_sensitivity: kind={kind!r} is not one of " + ", ".join(SENSITIVITY_KINDS)
 _MSG_NEEDS_GRID = "column_sensitivity: kind='obs' needs the weight grid (pass grid=...)"
@@ -126,9 +137,11 @@ def choose_solver_grid(
     weight_range: str = "x86-safe",
     clip_search: bool = True,
     hessian_aware: bool = True,
+    block: int | None = None,
 ) -> WeightGrid:
     """Per-row scales fixed before the solve: the clipping search of ``choose_weight_grid``,
     weighting column ``j``'s error by ``H_jj`` when ``hessian_aware`` (``Σ_j H_jj (w - q)²``).
+    With ``block``: one scale per row and block of ``block`` columns, each searched the same way.
 
     ``H``: ``[cols, cols]``, ``[G, cols, cols]`` for a grouped/depthwise conv (each row is
     weighted by its conv group's diagonal), or ``None`` (every column weighs 1).
@@ -138,7 +151,7 @@ def choose_solver_grid(
         column_weight = _hessian_column_weight(as_rows(weight), H)
     return choose_weight_grid(
         weight, bits, weight_range=weight_range, clip_search=clip_search,
-        column_weight=column_weight,
+        column_weight=column_weight, block=block,
     )
 
 
@@ -178,7 +191,7 @@ def column_sensitivity(
     if hinv_diag is None:
         Hd = H.float() + damp * hdiag.mean() * torch.eye(H.shape[0], device=H.device)
         hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
-    scale = grid.scale.to(W.device, torch.float32)
+    scale = grid.column_scales(W.shape[1]).to(W.device, torch.float32)
     err = W - fake_quantize(W, scale, grid.qmax, grid.qmin)
     return err.pow(2).sum(dim=0) / hinv_diag.float()
 
@@ -186,12 +199,22 @@ def column_sensitivity(
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid) -> None:
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
-    if grid.scale.numel() != W.shape[0]:
-        raise ConfigError(_MSG_SCALE.format(n=grid.scale.numel(), out=W.shape[0]))
+    _check_scale(grid, W.shape[0], W.shape[1])
     if not bool(torch.isfinite(W).all()):
         raise ConfigError(_MSG_NONFINITE.format(what="weight"))
     if not bool(torch.isfinite(H).all()):
         raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
+
+
+def _check_scale(grid: WeightGrid, out: int, cols: int) -> None:
+    if grid.block is None:
+        if grid.scale.numel() != out:
+            raise ConfigError(_MSG_SCALE.format(n=grid.scale.numel(), out=out))
+        return
+    nb = num_blocks(cols, grid.block)
+    if tuple(grid.scale.shape) != (out, nb):
+        raise ConfigError(_MSG_BLOCK_SCALE.format(shape=tuple(grid.scale.shape), out=out, cols=cols,
+                                                  block=grid.block, nb=nb))
 
 
 def _raised_damp(lam: float, stacklevel: int) -> float:
@@ -270,7 +293,9 @@ def solve_layer(
     W0 = W.detach().float()
     H0 = H.detach().to(device=device, dtype=torch.float32)
     out, cols = W0.shape
-    scale = grid.scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    block = grid.block
+    scale = grid.scale.detach().to(device=device, dtype=torch.float32)
+    scale = scale.reshape(-1) if block is None else scale
     qmax, qmin = int(grid.qmax), int(grid.qmin)
 
     # 1. Dead columns: no input reaches them, so any value is free; GPTQ sets them to 0.
@@ -293,7 +318,7 @@ def solve_layer(
             perm = torch.arange(cols, device=device)
         else:
             score = column_sensitivity(
-                Wk, Hk, order, grid=WeightGrid(scale, qmax, grid.low), hinv_diag=torch.diagonal(Hinv)
+                Wk, Hk, order, grid=WeightGrid(scale, qmax, grid.low, block), hinv_diag=torch.diagonal(Hinv)
             )
             perm = torch.argsort(score, descending=True, stable=True)
         # 5. U = upper Cholesky of P H⁻¹ Pᵀ  (= the rows of the successive OBS inverses).
@@ -310,13 +335,17 @@ def solve_layer(
     Wt = Wk[:, perm].t().contiguous()                          # [cols, out]
     Qt = torch.empty_like(Wt)                                  # codes, permuted order
     Rt = torch.empty_like(Wt)                                  # residuals r_j
+    # Scale of each (column, row), permuted order: per row, the same [out] for every column;
+    # per block, column j (original index perm[j]) uses its block's scales.
+    St = None if block is None else column_scales(scale, cols, block)[:, perm].t().contiguous()
     bs = int(block_size)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         for j in range(i1, i2):
             q = Qt[j]
-            torch.div(Wt[j], scale, out=q).round_().clamp_(qmin, qmax)   # q = clamp(round(w/s))
-            r = torch.addcmul(Wt[j], q, scale, value=-1.0, out=Rt[j])    # r = w - s·q
+            s = scale if St is None else St[j]
+            torch.div(Wt[j], s, out=q).round_().clamp_(qmin, qmax)       # q = clamp(round(w/s))
+            r = torch.addcmul(Wt[j], q, s, value=-1.0, out=Rt[j])        # r = w - s·q
             if j + 1 < i2:
                 Wt[j + 1:i2].addr_(V[j, j + 1:i2], r, alpha=-1.0)        # w_k -= r · U_jk/U_jj
         if i2 < cols:
@@ -325,7 +354,7 @@ def solve_layer(
 
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
-    qweight = dequantize(codes, scale)
+    qweight = dequantize(codes, scale, block)
     return SolverResult(
         codes=codes, qweight=qweight, damp_used=lam, order=perm,
         loss=layer_error(W0, qweight, H0), retries=retries,
@@ -337,9 +366,8 @@ def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) 
 
     ``loss`` uses ``H [cols, cols]`` when given, else ``Σ (W - Q)²``."""
     W0 = W.detach().float()
-    scale = grid.scale.detach().to(device=W0.device, dtype=torch.float32).reshape(-1)
-    if scale.numel() != W0.shape[0]:
-        raise ConfigError(_MSG_SCALE.format(n=scale.numel(), out=W0.shape[0]))
+    _check_scale(grid, W0.shape[0], W0.shape[1])
+    scale = grid.column_scales(W0.shape[1]).detach().to(device=W0.device, dtype=torch.float32)
     codes = quantize(W0, scale, int(grid.qmax), int(grid.qmin))
     qweight = dequantize(codes, scale)
     if H is None:
@@ -426,7 +454,8 @@ def solve_conv_groups(
     parts = []
     for k in range(G):
         sl = slice(k * rows, (k + 1) * rows)
-        sub = WeightGrid(scale=grid.scale.reshape(-1)[sl], qmax=grid.qmax, low=grid.low)
+        rows_scale = grid.scale.reshape(-1)[sl] if grid.block is None else grid.scale[sl]
+        sub = WeightGrid(scale=rows_scale, qmax=grid.qmax, low=grid.low, block=grid.block)
         parts.append(solve_layer(W[sl], H[k], sub, **options))  # type: ignore[arg-type]
     return SolverResult(
         codes=torch.cat([p.codes for p in parts]),

@@ -1,0 +1,123 @@
+"""MatMulNBits layers: per-block scales from the solver (GPTQ's groupsize) and their export."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.config import QuantConfig
+from fqexport.errors import ExportError
+from fqexport.exporters import qdq_onnx
+from fqexport.exporters.ort_session import fused_kernels
+from fqexport.model import scale_block_size
+from fqexport.pipeline.compress import compress
+from fqexport.quant.solver import choose_solver_grid, layer_error, solve_layer
+
+
+def _blockwise_weight(out: int = 32, cols: int = 192, block: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight whose blocks of ``block`` columns have magnitudes 0.1, 1 and 3, and a Hessian of
+    random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mags = torch.tensor([0.1, 1.0, 3.0]).repeat_interleave(block)[:cols]
+    w = torch.randn(out, cols, generator=g) * mags
+    x = torch.randn(cols, 1024, generator=g)
+    return w, 2 * x @ x.T / 1024
+
+
+def test_block_scales_follow_the_blocks_and_cut_the_layer_error():
+    w, h = _blockwise_weight()
+    per_row = choose_solver_grid(w, h, 4)
+    per_block = choose_solver_grid(w, h, 4, block=64)
+    assert tuple(per_row.scale.shape) == (32,) and tuple(per_block.scale.shape) == (32, 3)
+    # each row's scales follow its blocks' magnitudes (0.1, 1, 3)
+    s = per_block.scale
+    assert bool((s[:, 1] > 4 * s[:, 0]).all()) and bool((s[:, 2] > 1.5 * s[:, 1]).all())
+    row = solve_layer(w, h, per_row)
+    block = solve_layer(w, h, per_block)
+    assert block.loss < 0.7 * row.loss, (block.loss, row.loss)
+    # codes on the block grid reproduce the solver's dequantized weight
+    cols = torch.arange(192) // 64
+    np.testing.assert_allclose(block.qweight.numpy(), (block.codes * s[:, cols]).numpy(), rtol=1e-6)
+    assert abs(layer_error(w, block.qweight, h) - block.loss) <= 1e-3 * block.loss
+
+
+def test_block_size_only_for_multi_block_nbits_linears():
+    assert scale_block_size("linear", 4, "auto", 192) == 64
+    assert scale_block_size("linear", 3, "auto", 768) == 256
+    assert scale_block_size("linear", 2, "auto", 768) is None  # 2 bits: per-block scales lost accuracy
+    assert scale_block_size("linear", 4, "auto", 16) is None  # one block: a per-row scale
+    assert scale_block_size("linear", 4, "int8", 192) is None
+    assert scale_block_size("linear", 8, "auto", 192) is None
+    assert scale_block_size("conv", 4, "packed", 192) is None
+    assert scale_block_size("linear", 2, "packed", 192) is None  # INT2, per-row
+    assert scale_block_size("linear", 4, "packed", 192, tokens=True) == 64
+    assert scale_block_size("linear", 4, "auto", 192, tokens=True) is None  # auto: token Linears int8
+
+
+class _Tokens(nn.Module):
+    """[B, 8·24] → 8 tokens of 24 → Linear(24, 192) → GELU → Linear(192, 24) → mean → head:
+    two token Linears (MatMul over [B, T, K]) and a vector head (Gemm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(24, 192), nn.Linear(192, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        t = x.unflatten(1, (8, 24))
+        return self.head(self.fc2(nn.functional.gelu(self.fc1(t))).mean(1))
+
+
+def _token_task(model: nn.Module, n: int = 256, seed: int = 0) -> GroupData:
+    rng = np.random.default_rng(seed)
+    group = (rng.random(n) < 0.25).astype(np.int64)
+    x = rng.standard_normal((n, 192)).astype(np.float32)
+    x[group == 1] = 1.5 * x[group == 1] + 0.3
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    return GroupData(x, y.astype(np.int64), group, ("majority", "minority"), "tokens")
+
+
+def test_packed_token_linears_export_as_matmulnbits_with_the_solvers_block_scales(tmp_path):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    data = _token_task(model)
+    cfg = QuantConfig(weight_bits=4, num_calib=128, batch_size=64, storage="packed")
+    cm = compress(model, data, cfg, progress=False)
+    fc2 = cm.layers["fc2"]
+    assert fc2.block_size == 64 and tuple(fc2.scale.shape) == (24, 3)
+    assert cm.layers["fc1"].block_size is None  # K = 24: one block of 32
+    res = cm.export(tmp_path / "tokens.onnx")  # the export check: agreement on decided samples >= 99%
+    assert res.storage == {"fc1": "nbits", "fc2": "nbits", "head": "nbits"}
+    assert res.agreement >= 0.99
+    model_ = onnx.load(str(res.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model_.graph.initializer}
+    nodes = {n.name: n for n in model_.graph.node if n.op_type == "MatMulNBits"}
+    assert set(nodes) == {"fc1_MatMulNBits", "fc2_MatMulNBits", "head_MatMulNBits"}
+    node = nodes["fc2_MatMulNBits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["accuracy_level"] == qdq_onnx.NBITS_ACCURACY_LEVEL
+    assert (attrs["K"], attrs["N"], attrs["block_size"]) == (192, 24, 64)
+    # the file's scales are the solver's block scales, row-major (|s|: signs moved into the codes)
+    np.testing.assert_array_equal(inits[node.input[2]], np.abs(fc2.scale.numpy()).reshape(-1))
+    assert fused_kernels(res.path).get("MatMulNBits", 0) == 3
+
+
+def test_auto_keeps_token_linears_int8_per_row_and_a_blocked_layer_refuses_int8(tmp_path):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    data = _token_task(model, n=128)
+    auto = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn"), progress=False)
+    assert auto.layers["fc2"].block_size is None  # a token Linear: auto stores it int8
+    assert auto.export(tmp_path / "auto.onnx").storage == {"fc1": "int8", "fc2": "int8", "head": "nbits"}
+    cfg = QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn", storage="packed")
+    cm = compress(model, data, cfg, progress=False)
+    assert cm.layers["fc2"].block_size == 64
+    with pytest.raises(ExportError) as err:
+        cm.export(tmp_path / "int8.onnx", storage="int8")
+    assert str(err.value) == qdq_onnx.MSG_BLOCKED_INT8.format(name="fc2", n=24, nb=3, storage="int8")
+    assert not (tmp_path / "int8.onnx").exists()

@@ -3,7 +3,8 @@
 1. ``torch.onnx.export`` (dynamo, opset 21) of the fake-quant reference: every activation
    quantization point becomes a QuantizeLinear→DequantizeLinear pair (uint8, per tensor).
 2. A rewrite pass turns each quantized layer's float weight initializer into integer codes +
-   ``DequantizeLinear`` (per output channel), stored in int8 or packed INT4/INT2.
+   ``DequantizeLinear`` (per output channel), stored in int8 or packed INT4/INT2 behind a
+   ``Cast`` to int8 (folded at load: the fused int8 kernels run) or as MatMulNBits.
 3. Checks: ``onnx.checker``, ONNX Runtime loads the optimized session, top-1 agreement with the
    PyTorch reference on the calibration data >= 99%. Only then is the file renamed into place.
 """
@@ -177,26 +178,28 @@ def _positive_scales(codes: np.ndarray, scale: np.ndarray, axis: int = 0,
     return codes * sign.reshape(shape), np.abs(scale).astype(np.float32)
 
 
-def _int2_weight(name: str, q: TensorProto, scale: np.ndarray, ndim: int, axis: int):
-    """INT2 weight as ``DequantizeLinear(q, 1, 0) · s`` (per-channel scale in a Mul).
+def _cast_weight(name: str, q: TensorProto, scale: np.ndarray, axis: int, zero_point: bool):
+    """Packed INT4/INT2 codes as ``DequantizeLinear(Cast(q → int8), scale[, 0], axis)``.
 
-    ORT 1.32's QDQ fusion would merge a per-channel ``DequantizeLinear(INT2)`` feeding a Conv or
-    Gemm into QLinearConv/QGemm, which reject tensor(int2) and fail at session creation. With
-    the per-channel scale in a Mul, the weight no longer comes straight from a DQ node, so the
-    layer runs as a float Conv/Gemm — the same float fallback ORT uses for INT4 weights.
+    ONNX Runtime's QDQ fusion needs an int8 weight (its QLinearConv/QGemm reject INT4/INT2, and a
+    ``DequantizeLinear`` of INT4/INT2 would run on every call with the layer in float, 5-40x
+    slower at batch 1). The ``Cast`` of an initializer is constant-folded when the session loads,
+    before the QDQ fusion, so the file stores 4 or 2 bits per code and the session runs the fused
+    int8 kernel, bit-identical to an int8 container. ``zero_point``: a Gemm/MatMul weight needs
+    its (zero) zero point for ORT to fuse QGemm / MatMulIntegerToFloat; a Conv does not.
     """
-    shape = [1] * ndim
-    shape[axis] = scale.shape[0]
-    one = numpy_helper.from_array(np.array(1.0, dtype=np.float32), f"{name}_unit_scale")
-    zp = _pack(np.zeros((), dtype=np.int8), "int2")
-    zp.name = f"{name}_zero_point"
-    s = numpy_helper.from_array(scale.reshape(shape), f"{name}_scale")
+    codes8 = f"{name}_codes"
+    s = numpy_helper.from_array(scale, f"{name}_scale")
+    inits, dq_in = [q, s], [codes8, s.name]
+    if zero_point:
+        zp = numpy_helper.from_array(np.zeros(scale.shape[0], dtype=np.int8), f"{name}_zero_point")
+        inits.append(zp)
+        dq_in.append(zp.name)
     nodes = [
-        helper.make_node("DequantizeLinear", [q.name, one.name, zp.name], [f"{name}_codes"],
-                         name=f"{name}_DequantizeLinear"),
-        helper.make_node("Mul", [f"{name}_codes", s.name], [name], name=f"{name}_Scale"),
+        helper.make_node("Cast", [q.name], [codes8], name=f"{name}_Cast", to=TensorProto.INT8),
+        helper.make_node("DequantizeLinear", dq_in, [name], name=f"{name}_DequantizeLinear", axis=axis),
     ]
-    return [q, one, zp, s], nodes
+    return inits, nodes
 
 
 # MatMulNBits: 4-bit container (2-4-bit codes), blocks of a power of 2 >= 16 along K.
@@ -330,7 +333,7 @@ def quantize_weight_initializers(
         if container != "int2":
             # 2-bit rows with a negative scale (levels mirrored): the same weight as codes -q,
             # scale |s|, so DequantizeLinear sees positive scales (codes -1..2 fit int8 / INT4).
-            # INT2 keeps q in [-2, 1]; its signed scale sits in a float Mul.
+            # INT2 keeps q in [-2, 1] and the signed scale (ORT's fused kernels take it as is).
             codes, scale_np = _positive_scales(codes, scale_np, 1 if layer.kind == "conv_transpose" else 0,
                                                layer.block_size)
         consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -341,10 +344,11 @@ def quantize_weight_initializers(
         if (container == "nbits" and storage == "auto" and layer.block_size is None
                 and not _vector_input(consumers.get(init.name, []))):
             # Token Linears (MatMul over [B, T, K]): MatMulNBits computes ~fp32 speed there at
-            # accuracy_level 0 and 4 alike (NBITS_ACCURACY_LEVEL), int8 (MatMulIntegerToFloat)
-            # 3-8x faster; "auto" keeps them fast in int8 (compress gave them per-row scales; a
-            # layer compressed with per-block scales stays MatMulNBits).
-            container = "int8"
+            # accuracy_level 0 and 4 alike (NBITS_ACCURACY_LEVEL), the int8 kernel
+            # (MatMulIntegerToFloat) 3-8x faster; "auto" stores them INT4 + Cast, which runs that
+            # int8 kernel (compress gave them per-row scales; a layer compressed with per-block
+            # scales stays MatMulNBits).
+            container = "int4"
         if container == "nbits":
             new_inits = _matmul_nbits(graph, layer, init, codes.reshape(codes.shape[0], -1), scale_np, consumers)
             graph.initializer.remove(init)
@@ -362,8 +366,8 @@ def quantize_weight_initializers(
             )
         q = _pack(codes, container)
         q.name = f"{init.name}_quantized"
-        if container == "int2":
-            new_inits, nodes_ = _int2_weight(init.name, q, scale_np, codes.ndim, dq_axis)
+        if container in ("int4", "int2"):
+            new_inits, nodes_ = _cast_weight(init.name, q, scale_np, dq_axis, zero_point=layer.kind == "linear")
         else:
             scale = numpy_helper.from_array(scale_np, f"{init.name}_scale")
             zp = _pack(np.zeros(scale_np.shape[0], dtype=np.int8), container)

@@ -26,11 +26,9 @@ def layer_container(kind: str, bits: int, mode: str) -> str:
     :meth:`QuantizedLayer.storage`."""
     if mode == "int8" or bits > 4:
         return "int8"
-    if mode == "packed" and bits <= 2:
+    if bits <= 2:
         return "int2"
-    if kind == "linear":
-        return "nbits"
-    return "int4" if mode == "packed" else "int8"
+    return "nbits" if kind == "linear" else "int4"
 
 
 # Narrowest width given per-block scales (2-bit layers lost accuracy with them; see below).
@@ -107,13 +105,14 @@ class QuantizedLayer:
     def storage(self, mode: str) -> str:
         """Container of this layer's codes under storage ``mode``.
 
-        ``"int8"``: an int8 container for every layer (fused QLinearConv/QGemm). ``"auto"``:
-        <=4-bit Linear layers as ``"nbits"`` (blocked INT4 in ORT's MatMulNBits: 4 bits on disk,
-        1.4x faster than fp32 at batch 1) — the exporter keeps a Linear over tokens
-        (``[B, T, K]`` input) in int8, where MatMulNBits runs at fp32 speed and int8 twice as
-        fast — and every conv in int8 (ORT has no 4-bit conv kernel: packed INT4 convs run
-        5-40x slower than fp32). ``"packed"``: smallest file — every <=4-bit Linear as
-        MatMulNBits, 3-4-bit convs packed INT4, 2-bit layers INT2 (float fallbacks: slower).
+        ``"int8"``: an int8 container for every layer. ``"auto"`` and ``"packed"``: the narrowest
+        container — 2-bit codes in INT2, 3-4-bit codes in INT4, both behind a ``Cast`` to int8
+        that ONNX Runtime constant-folds at load, so the weight reaches its QDQ fusion as int8
+        and the layer runs the same fused integer kernel (QLinearConv / QGemm /
+        MatMulIntegerToFloat) as an int8 container, bit for bit, from a 2-4x smaller file;
+        3-4-bit Linears as ``"nbits"`` (ORT's MatMulNBits, per-block scales). ``"auto"`` keeps
+        a Linear over tokens (``[B, T, K]`` input) out of MatMulNBits (the exporter stores it
+        INT4 + Cast): MatMulNBits runs at fp32 speed there, the int8 kernel 3-8x faster.
         """
         return layer_container(self.kind, self.bits, mode)
 

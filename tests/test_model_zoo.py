@@ -169,9 +169,9 @@ def test_mobilenet_v2_inverted_residual_matches_optimized_ort(mobilenet, image_d
     cm, result, ops, per_group = _run(mobilenet, image_data, tmp_path, weight_bits=bits)
     assert result.agreement >= 0.99
     assert min(per_group.values()) >= 0.99
-    # every conv is a fused integer kernel (convs stay int8 by default, even at 4 bits)
+    # every conv is a fused integer kernel (4-bit codes packed INT4 behind a Cast to int8)
     assert ops.count("QLinearConv") == 7 and "Conv" not in ops
-    assert set(result.storage.values()) == {"int8"} | ({"nbits"} if bits == 4 else set())
+    assert set(result.storage.values()) == ({"int8"} if bits == 8 else {"int4", "nbits"})
     assert cm.metadata.quantized_fraction == 1.0 and cm.metadata.float_layers == ()
 
 
@@ -213,9 +213,10 @@ def test_transformer_encoder_linears_are_quantized_not_hidden(tabular_data, tmp_
     assert set(cm.layers) == {"embed", "head", *per_layer}
     assert cm.quantized_fraction == 1.0 and cm.avg_weight_bits == 4.0
     assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
-    # storage "auto": Linears over tokens stay fast in int8, the head (one vector per sample) is
-    # MatMulNBits; "packed" (size first): every 4-bit Linear is MatMulNBits
-    assert result.storage == {n: "nbits" if n == "head" else "int8" for n in cm.layers}
+    # storage "auto": Linears over tokens (and the embedding) INT4 behind a Cast, so they run the
+    # int8 kernel; the head (one vector per sample) is MatMulNBits; "packed" (size first): every
+    # 4-bit Linear is MatMulNBits
+    assert result.storage == {n: "nbits" if n == "head" else "int4" for n in cm.layers}
     assert ops.count("MatMulNBits") == 1 and ops.count("MatMulIntegerToFloat") == len(cm.layers) - 1
     packed = cm.export(tmp_path / "packed.onnx", storage="packed")
     assert set(packed.storage.values()) == {"nbits"} and packed.agreement >= 0.99
@@ -410,8 +411,12 @@ def test_unet_conv_transpose2d_is_quantized_per_output_channel_and_matches_optim
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "up.weight"]
     # axis 1 (ONNX's default for DequantizeLinear, so the attribute may be left out)
     assert len(dq) == 1 and ([a.i for a in dq[0].attribute if a.name == "axis"] or [1]) == [1]
-    codes = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}[dq[0].input[0]]
-    assert codes.dtype == np.int8 and np.array_equal(codes, up.codes.numpy())
+    # 8 bits: int8 codes; 4 bits: INT4 codes behind a Cast to int8
+    cast_from = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    codes = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}[
+        cast_from.get(dq[0].input[0], dq[0].input[0])]
+    assert (dq[0].input[0] in cast_from) == (bits == 4)
+    assert np.array_equal(codes.astype(np.int8), up.codes.numpy())
     assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
     # ORT 1.32 CPU fuses no QLinearConvTranspose: a float ConvTranspose between the pairs
     assert "ConvTranspose" in ops and ops.count("QLinearConv") == 3
@@ -431,9 +436,9 @@ def test_unet_conv_transpose2d_packs_to_int2_and_int4_with_channel_scales_on_axi
     assert result.agreement >= 0.99
     model = onnx.load(result.path)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    # INT2: DequantizeLinear(q, 1, 0) · s with the signed per-output-channel scale on axis 1
-    assert inits["up.weight_scale"].shape == (1, 8, 1, 1)
-    np.testing.assert_allclose(inits["up.weight_quantized"].astype(np.float32) * inits["up.weight_scale"],
+    # INT2: DequantizeLinear(Cast(q → int8), s, axis=1) with the signed per-output-channel scale
+    assert inits["up.weight_scale"].shape == (8,)
+    np.testing.assert_allclose(inits["up.weight_quantized"].astype(np.float32) * inits["up.weight_scale"].reshape(1, 8, 1, 1),
                                up.dequantized().numpy(), rtol=1e-6)
     sess, ops = _optimized_session(result.path)
     got = sess.run(None, {sess.get_inputs()[0].name: image_data.x})[0]

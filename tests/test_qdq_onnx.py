@@ -29,13 +29,16 @@ ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
 
 
 def _weights(path):
-    """{layer: (quantized initializer, its DequantizeLinear node)} of an exported file."""
+    """{layer: (quantized initializer, its DequantizeLinear node)} of an exported file; packed
+    INT4/INT2 codes reach their DequantizeLinear through a Cast to int8."""
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
+    cast_from = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
     out = {}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight_quantized"):
-            out[node.input[0][: -len(".weight_quantized")]] = (inits[node.input[0]], node)
+        src = cast_from.get(node.input[0], node.input[0]) if node.op_type == "DequantizeLinear" else ""
+        if src.endswith(".weight_quantized"):
+            out[src[: -len(".weight_quantized")]] = (inits[src], node)
     return model, inits, out
 
 
@@ -52,19 +55,23 @@ def _unpack_nbits(packed: np.ndarray, k: int) -> np.ndarray:
     return (u[:, :k] - 8).astype(np.int8)
 
 
-def test_auto_storage_keeps_convs_int8_and_4bit_linear_as_matmulnbits(cnn_exports, cnn_cm_mixed):
+def test_auto_storage_packs_4bit_convs_behind_a_cast_and_4bit_linear_as_matmulnbits(cnn_exports, cnn_cm_mixed):
     res = cnn_exports["auto"]
     onnx.checker.check_model(str(res.path))
     assert res.path.stat().st_size == res.size_bytes and res.opset == 21
     model, inits, weights = _weights(res.path)
     convs = [n for n in ALL_LAYERS if n != "fc"]
     assert sorted(weights) == sorted(convs)
+    casts = {n.input[0]: n for n in model.graph.node if n.op_type == "Cast"}
     for name, (init, _) in weights.items():
-        # 4-bit conv_a too: ORT has no 4-bit conv kernel, so the fast int8 container is the default
-        assert init.data_type == TensorProto.INT8, name
+        packed = MIXED_BITS.get(name, 8) <= 4  # conv_a: 4-bit codes in INT4, Cast to int8
+        assert init.data_type == (TensorProto.INT4 if packed else TensorProto.INT8), name
+        assert (init.name in casts) == packed, name
+        if packed:
+            assert onnx.helper.get_attribute_value(casts[init.name].attribute[0]) == TensorProto.INT8
         codes = numpy_helper.to_array(init).astype(np.int8)
         assert np.array_equal(codes, cnn_cm_mixed.layers[name].codes.numpy()), name
-    assert res.storage == {**{n: "int8" for n in convs}, "fc": "nbits"}
+    assert res.storage == {**{n: "int8" for n in convs}, "conv_a": "int4", "fc": "nbits"}
     # fc (4 bits, K=16): one com.microsoft.MatMulNBits holding the codes in 16-wide blocks
     (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -131,7 +138,7 @@ def test_metadata_lists_layers_with_bits(cnn_exports, cnn_cm_mixed):
     assert model.producer_name == "fqexport"
     assert {r["name"]: r["bits"] for r in meta["layers"]} == {n: MIXED_BITS.get(n, 8) for n in ALL_LAYERS}
     storage = {r["name"]: r["storage"] for r in meta["layers"]}
-    assert storage["conv_a"] == "int8" and storage["fc"] == "nbits"
+    assert storage["conv_a"] == "int4" and storage["fc"] == "nbits" and storage["dw"] == "int8"
     assert meta["float_layers"] == [] and meta["quantized_fraction"] == 1.0
     assert meta["storage"] == "auto" and meta["opset"] == 21
     assert meta["input_shape"] == [3, 16, 16] and meta["num_classes"] == 4
@@ -165,12 +172,18 @@ def test_auto_storage_runs_every_conv_fused_and_fc_as_matmulnbits(cnn_exports):
     assert k["MatMulNBits"] == 1, k
 
 
-def test_packed_int4_conv_runs_in_float(cnn_cm_mixed, tmp_path):
+def test_packed_int4_conv_runs_the_int8_kernel_bit_identical_to_an_int8_container(cnn_cm_mixed, cnn_exports,
+                                                                                  cnn_data, tmp_path):
     res = cnn_cm_mixed.export(tmp_path / "packed.onnx", storage="packed")
     assert res.storage["conv_a"] == "int4" and res.storage["fc"] == "nbits"
     k = fused_kernels(res.path)
-    assert k["QLinearConv"] == 4, k  # conv_a holds INT4: no integer kernel
-    assert k["Conv"] + k["FusedConv"] == 1
+    # the Cast of the INT4 initializer is folded at load: conv_a runs QLinearConv like the rest
+    assert k["QLinearConv"] == 5 and k["Conv"] + k["FusedConv"] == 0, k
+    assert res.size_bytes < cnn_exports["int8"].size_bytes
+    int8_conv_a = run_batches(make_session(cnn_exports["int8"].path), cnn_data.x, 100)
+    packed = run_batches(make_session(res.path), cnn_data.x, 100)
+    # same fused kernels on the same int8 codes; only fc differs (MatMulNBits vs QGemm)
+    assert np.mean(packed.argmax(1) == int8_conv_a.argmax(1)) >= 0.99
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +218,12 @@ def test_packed_storage_writes_int2_at_opset_25(tmp_path, mlp_model, mlp_data):
     assert types["fc2.weight_quantized"] == TensorProto.INT2
     assert [n.op_type for n in model.graph.node if n.name.startswith("fc3")] == ["MatMulNBits"]
     assert res.agreement >= 0.99
-    # The INT2 layer runs as a float Gemm (per-channel scale in a Mul keeps ORT from fusing the
-    # INT2 DequantizeLinear into QGemm, which rejects tensor(int2)); the int8 layer stays fused.
+    # The INT2 codes reach QGemm through a Cast to int8 that ORT folds at load: both hidden
+    # layers run the fused kernel; fc3 (MatMulNBits) produces the float logits.
+    cast = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert [n.input[0] for n in cast] == ["fc2.weight_quantized"]
     k = fused_kernels(res.path)
-    assert k["QGemm"] >= 1 and k["Gemm"] + k["FusedGemm"] + k["MatMul"] >= 1, k
+    assert k["QGemm"] + k["MatMulIntegerToFloat"] == 2 and k["Gemm"] + k["FusedGemm"] == 0, k
 
 
 def test_bad_storage_is_refused(cnn_cm_mixed, tmp_path):

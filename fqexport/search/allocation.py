@@ -18,7 +18,8 @@ Budgets (``Budget.kind``) count what the written file stores:
 * ``"bits"``: stored bits per weight, scales included: ``Σ_l 8·S_l(b_l) <= B · Σ_l p_l``, with
   ``S_l(b)`` the bytes the exporter writes for layer l at width b (:func:`stored_bytes`): the
   codes in their container (int8; packed INT4 or INT2; MatMulNBits' blocked INT4 for Linear)
-  plus the per-channel fp32 scales and zero points (per-block scales for MatMulNBits). A
+  plus the per-channel fp32 scales (and an int8 Linear's zero points; per-block scales for
+  MatMulNBits). A
   3-bit layer costs what its INT4 container holds, a 5-7-bit layer an int8 one.
 * ``"bytes"``: ``Σ_l S_l(b_l) + overhead <= B``, ``overhead`` the rest of the file (graph,
   biases, activation scales, metadata): passed in by the search, which checks the written size.
@@ -135,11 +136,12 @@ def container_bits(bits: int, storage: str, kind: str = "conv") -> int:
 
 
 def stored_bytes(info: LayerCost, bits: int, storage: str) -> int:
-    """Bytes the exporter writes for the layer's weight at ``bits``: codes + scales + zero points.
+    """Bytes the exporter writes for the layer's weight at ``bits``: codes + scales.
 
-    int8: one byte per code, an fp32 scale and an int8 zero point per channel; int4: two codes
-    per byte, fp32 scales, INT4 zero points; int2: four codes per byte, the fp32 scales in a Mul,
-    one unit scale and one zero point; nbits (MatMulNBits): rows padded to whole blocks of
+    int8: one byte per code and an fp32 scale per channel (a Linear also an int8 zero point per
+    channel: ORT fuses QGemm only with it); int4 / int2: two / four codes per byte behind a Cast
+    to int8 (:func:`fqexport.exporters.qdq_onnx._cast_weight`), the same scales and zero points
+    (a conv's zero point 0 is left out); nbits (MatMulNBits): rows padded to whole blocks of
     ``nbits_block_size(K)``, two codes per byte, one fp32 scale per block; ``ideal``: ``b`` bits
     per weight and :data:`BYTES_PER_CHANNEL` per channel.
     """
@@ -148,11 +150,9 @@ def stored_bytes(info: LayerCost, bits: int, storage: str) -> int:
     if c == "ideal":
         return math.ceil(int(bits) * p / 8) + BYTES_PER_CHANNEL * n
     if c == "int8":
-        return p + (SCALE_BYTES + 1) * n
-    if c == "int4":
-        return math.ceil(p / 2) + SCALE_BYTES * n + math.ceil(n / 2)
-    if c == "int2":
-        return math.ceil(p / 4) + SCALE_BYTES * n + SCALE_BYTES + 1
+        return p + (SCALE_BYTES + (info.kind == "linear")) * n
+    if c in ("int4", "int2"):  # packed codes + fp32 scales (+ a Linear's int8 zero points)
+        return math.ceil(p * (4 if c == "int4" else 2) / 8) + (SCALE_BYTES + (info.kind == "linear")) * n
     k = p // n  # nbits
     bs = nbits_block_size(k)
     blocks = -(-k // bs)
@@ -252,7 +252,7 @@ class Allocation:
         avg_bits: parameter-weighted average nominal width.
         group_weights: the group weights of the inner problem that produced it.
         stored_bits: parameter-weighted stored bits per weight, scales included, in ``storage``.
-        weight_bytes: bytes of the layers' codes, scales and zero points in ``storage``.
+        weight_bytes: bytes of the layers' codes, scales (and written zero points) in ``storage``.
         storage: the storage mode the sizes are counted in.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -14,13 +15,14 @@ MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid 
 
 
 def write_metadata(model: onnx.ModelProto, meta: ExportMetadata) -> None:
-    """Set ``metadata_props["fqexport"]`` of ``model`` (in place) to ``meta`` as JSON."""
+    """Set ``metadata_props["fqexport"]`` of ``model`` (in place) to ``meta`` as compact JSON
+    (no spaces after separators: every byte of a small model's file is budgeted)."""
     for prop in list(model.metadata_props):
         if prop.key == METADATA_KEY:
             model.metadata_props.remove(prop)
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = meta.to_json()
+    entry.value = json.dumps(json.loads(meta.to_json()), sort_keys=True, separators=(",", ":"))
     model.producer_name = "fqexport"
 
 

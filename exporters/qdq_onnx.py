@@ -25,17 +25,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from fqexport.exporters.act_qdq import act_qdq_onnx
-from fqexport.exporters.compact import compact_graph
-from fqexport.exporters.kernel_emulation import EmulatedSession
-from fqexport.exporters.metadata import write_metadata
-from fqexport.exporters.ort_session import run_batches
 from onnx import TensorProto, helper, numpy_helper
 
 import fqexport.graph.act_quant  # noqa: F401  (registers torch.ops.fqexport.act_qdq)
 from fqexport.atomic import atomic_write
 from fqexport.config import Storage
 from fqexport.errors import ExportError, FqexportError
+from fqexport.exporters.act_qdq import act_qdq_onnx
+from fqexport.exporters.compact import compact_graph
+from fqexport.exporters.kernel_emulation import EmulatedSession
+from fqexport.exporters.metadata import write_metadata
+from fqexport.exporters.ort_session import run_batches
 from fqexport.metadata import layer_records
 
 if TYPE_CHECKING:  # pragma: no cover

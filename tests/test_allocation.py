@@ -176,16 +176,16 @@ def test_infeasible_budget_says_what_is_needed():
 
 def test_resources_bytes_and_bops():
     info = LayerCost("conv", params=1000, macs=50_000, channels=16)
-    # auto storage keeps convs in int8 (1000 B + fp32 scale and int8 zero point per channel)
-    assert layer_resource(info, 3, "bytes", "auto") == 1000 + 80
-    assert layer_resource(info, 6, "bytes", "auto") == 1000 + 80
-    # packed: 3 bits in INT4 (500 B + fp32 scales + 16 INT4 zero points), 2 bits in INT2
-    # (250 B + fp32 scales in a Mul + one unit scale and one zero point)
-    assert layer_resource(info, 3, "bytes", "packed") == 500 + 64 + 8
-    assert layer_resource(info, 2, "bytes", "packed") == 250 + 64 + 5
+    # auto: 3 bits in INT4 behind a Cast (500 B + fp32 scales), 6 bits in int8 (1000 B + fp32
+    # scales); a conv's zero points (0) are not written
+    assert layer_resource(info, 3, "bytes", "auto") == 500 + 64
+    assert layer_resource(info, 6, "bytes", "auto") == 1000 + 64
+    # packed: 3 bits in INT4 (500 B + fp32 scales), 2 bits in INT2 (250 B + fp32 scales in a Mul)
+    assert layer_resource(info, 3, "bytes", "packed") == 500 + 64
+    assert layer_resource(info, 2, "bytes", "packed") == 250 + 64
     assert layer_resource(info, 3, "bytes", "ideal") == 375 + 80
     # stored bits count the scales
-    assert layer_resource(info, 2, "bits", "packed") == pytest.approx(8 * (250 + 64 + 5))
+    assert layer_resource(info, 2, "bits", "packed") == pytest.approx(8 * (250 + 64))
     assert layer_resource(info, 4, "bops") == 4 * 8 * 50_000
     assert container_bits(5, "int8") == 8
     with pytest.raises(ConfigError, match="budget kind='flops' is not one of bits, bytes, bops"):
@@ -231,13 +231,13 @@ def test_noisy_negative_or_non_monotone_deltas_do_not_buy_fewer_bits():
 
 def test_stored_bits_count_containers_and_scales_and_uniform_candidates_cover_every_fitting_width():
     t, infos = minority_layer_case()
-    # packed: 2 bits = (250 + 40 + 5) B, 4 bits (and 3, in INT4) = (500 + 40 + 5) B, 8 bits = 1050 B
-    assert allocation.stored_bits(infos[0], 3, "packed") == allocation.stored_bits(infos[0], 4, "packed") == 8 * 545 / 1000
+    # packed: 2 bits = (250 + 40) B, 4 bits (and 3, in INT4) = (500 + 40) B, 8 bits = 1040 B
+    assert allocation.stored_bits(infos[0], 3, "packed") == allocation.stored_bits(infos[0], 4, "packed") == 8 * 540 / 1000
     found = allocation.uniform_allocations(t, infos, Budget("bits", 4.5))
-    assert [a.uniform_width for a in found] == [4, 3, 2]  # 8 bits (8.4 stored) does not fit
-    assert [a.weight_bytes for a in found] == [3 * 545, 3 * 545, 3 * 295]
-    assert found[0].avg_bits == 4.0 and found[0].stored_bits == pytest.approx(4.36)
+    assert [a.uniform_width for a in found] == [4, 3, 2]  # 8 bits (8.32 stored) does not fit
+    assert [a.weight_bytes for a in found] == [3 * 540, 3 * 540, 3 * 290]
+    assert found[0].avg_bits == 4.0 and found[0].stored_bits == pytest.approx(4.32)
     a = allocation.candidate_allocations(t, infos, Budget("bits", 3.5))[0]
     assert a.stored_bits <= 3.5 and a.used == pytest.approx(a.stored_bits)
-    with pytest.raises(ConfigError, match=r"needs 8\.4.*storage='int8' stores every width in an 8-bit container"):
+    with pytest.raises(ConfigError, match=r"needs 8\.32.*storage='int8' stores every width in an 8-bit container"):
         allocation.candidate_allocations(t, infos, Budget("bits", 4.0), storage="int8")

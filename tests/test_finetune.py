@@ -17,11 +17,13 @@ from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
 from fqexport.finetune import run as ft_run
 from fqexport.finetune.baq import (
+    clip_shrinks,
     grid_fake_quant,
     interpolated_weight,
     neighbours,
     project_to_budget,
 )
+from fqexport.finetune.data import open_train
 from fqexport.finetune.losses import (
     combine,
     exponentiated_gradient,
@@ -36,6 +38,7 @@ from fqexport.finetune.samplers import (
 )
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
+from fqexport.quant.grid import choose_weight_grid
 
 FAST = dict(epochs=1, batch_size=32)
 
@@ -270,8 +273,9 @@ def test_coreset_keeps_where_quantization_moved_the_model_in_group_balanced_batc
     fit = GroupData(x, y.numpy(), group, ("a", "b"))
     cfg = FinetuneConfig(batch_size=4, sampler="core-set", coreset_fraction=0.05, coreset_min_per_group=2,
                          coreset_score="disagreement")
-    batches = ft_run._epoch_batches(student, fit, y, torch.from_numpy(group), teacher, cfg,
-                                    np.random.default_rng(0), torch.device("cpu"), 2)
+    fixed = type("Fixed", (torch.nn.Module,), {"forward": lambda self, xb: teacher})()  # the logits above
+    fit = ft_run._Fit(open_train(fit), fixed, torch.device("cpu"), 0)
+    batches = ft_run._epoch_batches(student, fit, cfg, np.random.default_rng(0), 2)
     assert sorted(set(np.concatenate(batches).tolist())) == moved  # 3 of a (5% of 60), 2 of b (the floor)
     # ceil(5 / 4) batches, each with as many samples of a as of b (b's two are revisited)
     assert [sorted(group[b].tolist()) for b in batches] == [[0, 0, 1, 1], [0, 0, 1, 1]]
@@ -377,6 +381,43 @@ def test_interpolated_weight_and_its_width_gradient():
     g = torch.randn_like(w)
     (grad,) = torch.autograd.grad((out * g).sum(), b)
     assert float(grad) == pytest.approx(float((g * (q3 - q2)).sum()), rel=1e-5)
+
+
+def test_clip_shrinks_reproduce_the_clipping_search_step():
+    torch.manual_seed(0)
+    w = torch.randn(6, 50)
+    w[0, 0] = 12.0  # an outlier: clipping pays off on row 0
+    t = clip_shrinks(w, 3)
+    assert float(t[0]) < 0.9 and bool((t > 0).all()) and bool((t <= 1.0 + 1e-6).all())
+    q = grid_fake_quant(w, 3, shrink=t)
+    step = choose_weight_grid(w, 3).scale.abs()
+    # every row's values are integer multiples of the clipping search's step, at most qmax = 3 of them
+    codes = q / step[:, None]
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    assert float(codes.abs().max()) <= 3 + 1e-4
+    clipped_err = float(((q - w) ** 2).sum())
+    assert clipped_err < float(((grid_fake_quant(w, 3) - w) ** 2).sum())
+
+
+def test_interpolation_uses_the_layers_own_quantizer_at_its_width():
+    torch.manual_seed(0)
+    w = torch.randn(4, 9)
+    own = torch.randn(4, 9)
+    at_start = interpolated_weight(w, torch.tensor(4.0), (2, 4, 8), own=(4, lambda: own))
+    torch.testing.assert_close(at_start, own)
+    below = interpolated_weight(w, torch.tensor(3.5), (2, 4, 8), own=(4, lambda: own))
+    torch.testing.assert_close(below, 0.25 * grid_fake_quant(w, 2) + 0.75 * own)
+
+
+def test_baq_student_starts_at_the_ptq_model(mlp_model, mlp_data):
+    # widths at their PTQ start: the width-learning student computes the PTQ reference (solver codes)
+    cm = compress(mlp_model, mlp_data, QuantConfig(weight_bits=4, num_calib=200), progress=False)
+    student, weights, _ = build_student(cm.reference, cm.layers)
+    for m in weights.values():
+        m.learn_bits((2, 4, 8), cm.config.weight_range)
+    with torch.no_grad():
+        got = student(torch.from_numpy(mlp_data.x)).numpy()
+    np.testing.assert_allclose(got, cm.predict(mlp_data.x), atol=1e-5)
 
 
 def test_projection_keeps_preferences_and_honours_the_budget():

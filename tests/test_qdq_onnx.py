@@ -10,7 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, numpy_helper
+
 from conftest import MIXED_BITS
+from fqexport.config import QuantConfig
+from fqexport.errors import ExportError
 from fqexport.exporters import qdq_onnx
 from fqexport.exporters.ort_session import fused_kernels, make_session, run_batches
 from fqexport.exporters.qdq_onnx import (
@@ -19,10 +23,6 @@ from fqexport.exporters.qdq_onnx import (
     export_qdq,
     top1_agreement,
 )
-from onnx import TensorProto, numpy_helper
-
-from fqexport.config import QuantConfig
-from fqexport.errors import ExportError
 from fqexport.pipeline.compress import compress
 
 ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]

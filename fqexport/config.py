@@ -130,9 +130,11 @@ class QuantConfig:
             ``weight_range="full"`` is accepted for every target, but on ``portable`` /
             ``x86-avx2`` such an export is refused when the AVX2 kernels saturate on the
             calibration data; ``weight_range="full"`` needs ``x86-vnni``, ``arm64`` or ``gpu``.
-        storage: ``"auto"`` stores <=4-bit layers as packed INT4 and others in int8;
-            ``"int8"`` stores every layer in an int8 container (fused integer kernels, fastest);
-            ``"packed"`` is ``"auto"`` with INT2 for 2-bit layers (opset 25).
+        storage: ``"auto"`` stores 2-bit codes as INT2 (opset 25) and 3-4-bit codes as INT4,
+            both behind a ``Cast`` to int8 that ONNX Runtime folds at load (so the fused int8
+            kernels run, bit-identical to an int8 container), 3-4-bit vector Linears as
+            MatMulNBits, wider layers in int8; ``"packed"`` also stores Linears over tokens as
+            MatMulNBits; ``"int8"`` stores every layer in an int8 container.
         clip_search: search per-channel clipping (MSE over shrink factors) for weight scales.
             ``None`` (default) searches for ``rtn`` and for 2-bit layers, not for the solver at
             3+ bits: the solver carries each column's rounding error onto the next columns, and

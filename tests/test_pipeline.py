@@ -106,7 +106,7 @@ def test_avg_bits_and_layer_table(cnn_cm_mixed):
     rows = {r["name"]: r for r in cnn_cm_mixed.layer_table()}
     assert {n: r["params"] for n, r in rows.items()} == params
     assert {n: r["storage"] for n, r in rows.items()} == {
-        "stem": "int8", "conv_a": "int8", "conv_b": "int8", "dw": "int8", "pw": "int8", "fc": "nbits"}
+        "stem": "int8", "conv_a": "int4", "conv_b": "int8", "dw": "int8", "pw": "int8", "fc": "nbits"}
     # MACs per sample: 16x16 outputs for stem/conv_a/conv_b, 8x8 after the stride-2 depthwise
     assert rows["stem"]["macs"] == 8 * 256 * 27 and rows["conv_a"]["macs"] == 8 * 256 * 72
     assert rows["dw"]["macs"] == 8 * 64 * 9 and rows["pw"]["macs"] == 16 * 64 * 8

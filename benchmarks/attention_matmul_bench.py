@@ -19,9 +19,6 @@ quantizing them costs a group accuracy or buys no speed.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,12 +27,10 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
-from vit_bench import TinyViT
+from vit_bench import train_vit, vit_arguments
 
 import fqexport
 from fqexport.calibration.sampling import group_balanced_subset
-from fqexport.demo.task import make_image_task
-from fqexport.demo.training import TrainConfig, train_classifier
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import fused_kernels, kernel_line
 
@@ -129,26 +124,10 @@ def median_latency_ms(path: Path, sample: np.ndarray, batch: int, repeats: int =
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
-    ap.add_argument("--n-train", type=int, default=6000)
-    ap.add_argument("--n-test", type=int, default=2000)
-    ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=0.05)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = args.out or Path(tempfile.mkdtemp(prefix="attention_matmul_bench_"))
-    out.mkdir(parents=True, exist_ok=True)
-
-    train, test = make_image_task(args.n_train, args.n_test, args.size, minority_fraction=0.1, seed=0)
-    torch.manual_seed(0)
-    model = TinyViT(image_size=args.size, num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
-    t = time.perf_counter()
-    model = train_classifier(model, train, TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr,
-                                                       weight_decay=5e-4, seed=0, hflip=True, max_seconds=None),
-                             progress=False).eval()
-    print(f"trained TinyViT: {args.epochs} epochs, {time.perf_counter() - t:.1f} s")
+    args = vit_arguments(__doc__, "attention_matmul_bench_")
+    out = args.out
+    model, train, test, seconds = train_vit(args)
+    print(f"trained TinyViT: {args.epochs} epochs, {seconds:.1f} s")
     calib = group_balanced_subset(train, 1024, seed=0)
     float_path = out / "float.onnx"
     fqexport.export_float(model, torch.from_numpy(test.x[:2]), float_path)

@@ -74,8 +74,9 @@ def _row(label: str, report) -> str:
             f"{report.size_bytes / 1e3:.1f} | {kernel_line(report.fused_kernels or {})} |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def vit_arguments(doc: str, prefix: str) -> argparse.Namespace:
+    """The options shared by the ViT benchmarks (task size, training) and the output folder."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
     ap.add_argument("--n-train", type=int, default=6000)
     ap.add_argument("--n-test", type=int, default=2000)
@@ -84,10 +85,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args.out = args.out or Path(tempfile.mkdtemp(prefix=prefix))
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="vit_bench_"))
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+
+def train_vit(args: argparse.Namespace):
+    """The demo task (minority 10%) and a TinyViT trained on it: ``(model, train, test, seconds)``."""
     train, test = make_image_task(args.n_train, args.n_test, args.size, minority_fraction=0.1, seed=0)
     torch.manual_seed(0)
     model = TinyViT(image_size=args.size, num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
@@ -95,7 +99,14 @@ def main() -> None:
                          max_seconds=None)
     t = time.perf_counter()
     model = train_classifier(model, train, config, progress=False).eval()
-    t_train = time.perf_counter() - t
+    return model, train, test, time.perf_counter() - t
+
+
+def main() -> None:
+    args = vit_arguments(__doc__, "vit_bench_")
+    out = args.out
+    t0 = time.perf_counter()
+    model, train, test, t_train = train_vit(args)
     print(f"trained TinyViT ({sum(p.numel() for p in model.parameters())} params) on {len(train)} images "
           f"{args.size}x{args.size}, {args.epochs} epochs, lr {args.lr}: {t_train:.1f} s")
 

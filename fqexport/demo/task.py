@@ -225,6 +225,14 @@ def _render_split(
     return x, y, group
 
 
+def _normalise_images(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(x - μ_c) / σ_c`` for both splits with the *training* set's per-channel statistics
+    (μ_c = mean over (n, h, w) of channel c); returns the two float32 splits, μ and σ."""
+    mean = xtr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[None, :, None, None]
+    std = np.maximum(xtr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32), 1e-6)[None, :, None, None]
+    return ((xtr - mean) / std).astype(np.float32), ((xte - mean) / std).astype(np.float32), mean, std
+
+
 def make_image_task(
     n_train: int = 8000,
     n_test: int = 3000,
@@ -244,12 +252,7 @@ def make_image_task(
     rng = np.random.default_rng(seed)
     xtr, ytr, gtr = _render_split(int(n_train), int(size), minority_fraction, rng)
     xte, yte, gte = _render_split(int(n_test), int(size), minority_fraction, rng)
-    # Normalisation statistics from the training set: μ_c = mean over (n, h, w) of channel c.
-    mean = xtr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[None, :, None, None]
-    std = xtr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[None, :, None, None]
-    std = np.maximum(std, 1e-6)
-    xtr = (xtr - mean) / std
-    xte = (xte - mean) / std
+    xtr, xte, mean, std = _normalise_images(xtr, xte)
     src = f"demo image task (seed={seed}, size={size}, minority_fraction={minority_fraction})"
     train = GroupData(xtr.astype(np.float32), ytr, gtr, IMAGE_GROUPS, src + " [train]")
     test = GroupData(xte.astype(np.float32), yte, gte, IMAGE_GROUPS, src + " [test]")
@@ -316,14 +319,10 @@ def make_two_minority_task(
     rng = np.random.default_rng(seed)
     xtr, ytr, gtr = _render_two_minority_split(int(n_train), int(size), fr, rng)
     xte, yte, gte = _render_two_minority_split(int(n_test), int(size), fr, rng)
-    mean = xtr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[None, :, None, None]
-    std = np.maximum(xtr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32), 1e-6)[
-        None, :, None, None]
+    xtr, xte, _, _ = _normalise_images(xtr, xte)
     src = f"two-minority image task (seed={seed}, size={size}, minority_fractions={fr})"
-    train = GroupData(((xtr - mean) / std).astype(np.float32), ytr, gtr, TWO_MINORITY_GROUPS,
-                      src + " [train]")
-    test = GroupData(((xte - mean) / std).astype(np.float32), yte, gte, TWO_MINORITY_GROUPS,
-                     src + " [test]")
+    train = GroupData(xtr, ytr, gtr, TWO_MINORITY_GROUPS, src + " [train]")
+    test = GroupData(xte, yte, gte, TWO_MINORITY_GROUPS, src + " [test]")
     return train, test
 
 

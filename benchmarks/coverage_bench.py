@@ -7,8 +7,8 @@ ViT (dim 192, 12 blocks, 3 heads, SDPA, position embedding), a text transformer
 stride-2 downs, two ConvTranspose2d ups with skip concats, a conv head), × {W8A8, W4}: export ok, export-check
 agreement, the kernels ORT ran, quantized fraction of the weights, size and batch-1 latency vs
 the fp32 export. Then the 4-bit Linear figure: the DeiT-tiny-shaped ViT, fp32 vs int8 vs W4
-(storage auto: token Linears int8, the head MatMulNBits) vs W4 packed (every Linear
-MatMulNBits), size and latency at batch 1 and 32.
+(storage auto: token Linears INT4 + Cast, run by the int8 kernel; the head MatMulNBits) vs W4
+packed (every Linear MatMulNBits), size and latency at batch 1 and 32.
 
 Weights are random (seeded) and labels are the float model's own predictions on a synthetic
 2-group input (a 20% minority with shifted, scaled inputs): the figures are about coverage,
@@ -341,7 +341,7 @@ def run(args) -> None:
         print("| export | bytes | vs fp32 | b1 p50 ms | b32 p50 ms | kernels |")
         print("|---|---:|---:|---:|---:|---|")
         base = deit_paths["fp32"].stat().st_size
-        for label, key in (("fp32", "fp32"), ("W8A8 (int8)", "W8A8"), ("W4, storage auto (token Linears int8)", "W4"),
+        for label, key in (("fp32", "fp32"), ("W8A8 (int8)", "W8A8"), ("W4, storage auto (token Linears INT4+Cast)", "W4"),
                            ("W4, storage packed (all Linears MatMulNBits)", "W4 packed")):
             p = deit_paths[key]
             b1 = latency_ms(p, deit_sample, 1, args.threads, args.repeats)

@@ -107,13 +107,16 @@ def test_packed_token_linears_export_as_matmulnbits_with_the_solvers_block_scale
     assert fused_kernels(res.path).get("MatMulNBits", 0) == 3
 
 
-def test_auto_keeps_token_linears_int8_per_row_and_a_blocked_layer_refuses_int8(tmp_path):
+def test_auto_keeps_token_linears_per_row_int4_cast_and_a_blocked_layer_refuses_int8(tmp_path):
     torch.manual_seed(0)
     model = _Tokens().eval()
     data = _token_task(model, n=128)
     auto = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn"), progress=False)
-    assert auto.layers["fc2"].block_size is None  # a token Linear: auto stores it int8
-    assert auto.export(tmp_path / "auto.onnx").storage == {"fc1": "int8", "fc2": "int8", "head": "nbits"}
+    # a token Linear: auto stores it per row in INT4 behind a Cast (the int8 kernel), not MatMulNBits
+    assert auto.layers["fc2"].block_size is None
+    res = auto.export(tmp_path / "auto.onnx")
+    assert res.storage == {"fc1": "int4", "fc2": "int4", "head": "nbits"}
+    assert fused_kernels(res.path)["MatMulIntegerToFloat"] == 2
     cfg = QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn", storage="packed")
     cm = compress(model, data, cfg, progress=False)
     assert cm.layers["fc2"].block_size == 64

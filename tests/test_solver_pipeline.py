@@ -173,10 +173,12 @@ def test_solver_export_matches_pytorch_in_onnx_runtime(mlp_mixed, mlp_mixed_expo
 
 
 def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_export, tmp_path):
-    # storage "auto": the <=4-bit Linears of this MLP (one vector per sample) become MatMulNBits
+    # storage "auto": the 3-4-bit Linears of this MLP (one vector per sample) become MatMulNBits,
+    # 2-bit ones INT2 behind a Cast to int8
     auto = onnx.load(str(mlp_mixed_export.path))
     nbits = [n for n in auto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == sum(1 for b in MIXED.values() if b <= 4)
+    assert len(nbits) == sum(1 for b in MIXED.values() if 3 <= b <= 4)
+    assert mlp_mixed_export.storage == {n: "int2" if b <= 2 else "nbits" if b <= 4 else "int8" for n, b in MIXED.items()}
     assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
     # storage "packed": INT4 / INT2 containers hold the codes of the narrow layers; "int8": all
     # layers in int8 — the codes themselves are checked in the int8 export
@@ -208,8 +210,7 @@ def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_exp
             assert set(np.unique(codes)) == set(range(-qmax, qmax + 1))
     meta = json.loads({p.key: p.value for p in auto.metadata_props}["fqexport"])
     assert {r["name"]: r["bits"] for r in meta["layers"]} == MIXED
-    assert {r["name"]: r["storage"] for r in meta["layers"]} == {
-        n: ("nbits" if b <= 4 else "int8") for n, b in MIXED.items()}
+    assert {r["name"]: r["storage"] for r in meta["layers"]} == mlp_mixed_export.storage
     assert meta["method"] == "solver"
 
 

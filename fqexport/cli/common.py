@@ -139,8 +139,9 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    "(portable, the default, and x86-avx2: the saturating AVX2 kernels; gpu: none). "
                    "--weight-range full needs x86-vnni, arm64 or gpu")
     p.add_argument("--storage", choices=get_args(Storage), default=_Q.storage,
-                   help="auto: <=4-bit Linear as MatMulNBits (blocked INT4, fast), everything else int8 (fast); "
-                   "int8: every layer int8; packed: also <=4-bit convs packed INT4 (INT2 for 2-bit): smallest, slow")
+                   help="auto: 2-bit codes INT2 and 3-4-bit codes INT4 behind a Cast that ONNX Runtime folds at load "
+                   "(the fused int8 kernels run), 3-4-bit vector Linears as MatMulNBits, wider layers int8; "
+                   "packed: also Linears over tokens as MatMulNBits (fp32 speed there); int8: every layer int8")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=_Q.clip_search,
                    help="per-channel clipping search for weight scales (default: on for rtn and 2-bit layers, off for the solver at 3+ bits)")
     p.add_argument("--no-bias-correction", action="store_true")

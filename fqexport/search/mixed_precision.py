@@ -101,8 +101,10 @@ def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool 
 
 def search_storage(storage: str) -> str:
     """The storage a budget search writes: ``"auto"`` becomes ``"packed"`` (INT2 for 2-bit
-    layers, INT4 for 3-4-bit convs, MatMulNBits for <=4-bit Linears), so the file holds the
-    allocation the budget paid for; ``"int8"`` and ``"packed"`` are kept."""
+    layers, INT4 + Cast for 3-4-bit convs, MatMulNBits for 3-4-bit Linears), so the file holds
+    exactly the containers the allocator counted; ``"int8"`` and ``"packed"`` are kept. (Under
+    ``"auto"`` the exporter would store a Linear over tokens INT4 + Cast instead of MatMulNBits,
+    which the allocator's per-layer costs do not model.)"""
     return "packed" if storage == "auto" else storage
 
 

@@ -178,7 +178,7 @@ def _positive_scales(codes: np.ndarray, scale: np.ndarray, axis: int = 0,
     return codes * sign.reshape(shape), np.abs(scale).astype(np.float32)
 
 
-def _cast_weight(name: str, q: TensorProto, scale: np.ndarray, axis: int, zero_point: bool):
+def _cast_weight(name: str, output: str, q: TensorProto, scale: np.ndarray, axis: int, zero_point: bool):
     """Packed INT4/INT2 codes as ``DequantizeLinear(Cast(q → int8), scale[, 0], axis)``.
 
     ONNX Runtime's QDQ fusion needs an int8 weight (its QLinearConv/QGemm reject INT4/INT2, and a
@@ -187,6 +187,7 @@ def _cast_weight(name: str, q: TensorProto, scale: np.ndarray, axis: int, zero_p
     before the QDQ fusion, so the file stores 4 or 2 bits per code and the session runs the fused
     int8 kernel, bit-identical to an int8 container. ``zero_point``: a Gemm/MatMul weight needs
     its (zero) zero point for ORT to fuse QGemm / MatMulIntegerToFloat; a Conv does not.
+    ``name`` prefixes the new values, ``output`` is the float weight the layer's op reads.
     """
     codes8 = f"{name}_codes"
     s = numpy_helper.from_array(scale, f"{name}_scale")
@@ -197,7 +198,7 @@ def _cast_weight(name: str, q: TensorProto, scale: np.ndarray, axis: int, zero_p
         dq_in.append(zp.name)
     nodes = [
         helper.make_node("Cast", [q.name], [codes8], name=f"{name}_Cast", to=TensorProto.INT8),
-        helper.make_node("DequantizeLinear", dq_in, [name], name=f"{name}_DequantizeLinear", axis=axis),
+        helper.make_node("DequantizeLinear", dq_in, [output], name=f"{name}_DequantizeLinear", axis=axis),
     ]
     return inits, nodes
 
@@ -250,12 +251,6 @@ def pack_nbits(codes: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[n
     return packed, np.repeat(scale.astype(np.float32), blocks)
 
 
-def _vector_input(users: list[onnx.NodeProto]) -> bool:
-    """The weight feeds one Gemm: the Linear maps one vector per sample (torch exports a Linear
-    on [B, K] as Gemm, on [B, T, K] as MatMul + Add)."""
-    return len(users) == 1 and users[0].op_type == "Gemm"
-
-
 def _matmul_nbits(graph: onnx.GraphProto, layer: "QuantizedLayer", init: TensorProto, codes: np.ndarray,
                   scale: np.ndarray, consumers: dict[str, list[onnx.NodeProto]]) -> list[TensorProto]:
     """Rewrite pass: ``Gemm(A, W, C, transB=1)`` or ``MatMul(A, Wᵀ) [+ Add(C)]`` on ``init`` →
@@ -279,8 +274,8 @@ def _matmul_nbits(graph: onnx.GraphProto, layer: "QuantizedLayer", init: TensorP
     n, k = codes.shape
     bs = nbits_block_size(k)
     packed, scales = pack_nbits(codes, scale, bs)
-    b = numpy_helper.from_array(packed, f"{init.name}_nbits")
-    sc = numpy_helper.from_array(scales, f"{init.name}_nbits_scale")
+    b = numpy_helper.from_array(packed, f"{layer.name}.weight_nbits")
+    sc = numpy_helper.from_array(scales, f"{layer.name}.weight_nbits_scale")
     bias, output, remove = "", node.output[0], [node]
     if gemm and len(node.input) > 2:
         bias = node.input[2]
@@ -323,8 +318,10 @@ def quantize_weight_initializers(
         dq_axis = 1 if layer.kind == "conv_transpose" else axis
         actual = numpy_helper.to_array(init)
         container = layer.storage(storage)
-        if container == "int2" and layer.block_size is not None:
-            container = "nbits"  # per-block scales fit MatMulNBits (2-bit codes in 4), not INT2's per-row Mul
+        if container in ("int2", "int4") and layer.block_size is not None:
+            # per-block scales (compressed for MatMulNBits) fit only MatMulNBits: a layer compressed
+            # under "packed" keeps it when exported under "auto"; 2-bit codes fit its 4-bit container
+            container = "nbits"
         if container != "nbits" and layer.block_size is not None:
             raise ExportError(MSG_BLOCKED_INT8.format(
                 name=layer.name, n=layer.scale.shape[0], nb=layer.scale.shape[1], storage=storage))
@@ -336,20 +333,11 @@ def quantize_weight_initializers(
             # INT2 keeps q in [-2, 1] and the signed scale (ORT's fused kernels take it as is).
             codes, scale_np = _positive_scales(codes, scale_np, 1 if layer.kind == "conv_transpose" else 0,
                                                layer.block_size)
-        consumers: dict[str, list[onnx.NodeProto]] = {}
         if container == "nbits":
+            consumers: dict[str, list[onnx.NodeProto]] = {}
             for node in graph.node:
                 for name in node.input:
                     consumers.setdefault(name, []).append(node)
-        if (container == "nbits" and storage == "auto" and layer.block_size is None
-                and not _vector_input(consumers.get(init.name, []))):
-            # Token Linears (MatMul over [B, T, K]): MatMulNBits computes ~fp32 speed there at
-            # accuracy_level 0 and 4 alike (NBITS_ACCURACY_LEVEL), the int8 kernel
-            # (MatMulIntegerToFloat) 3-8x faster; "auto" stores them INT4 + Cast, which runs that
-            # int8 kernel (compress gave them per-row scales; a layer compressed with per-block
-            # scales stays MatMulNBits).
-            container = "int4"
-        if container == "nbits":
             new_inits = _matmul_nbits(graph, layer, init, codes.reshape(codes.shape[0], -1), scale_np, consumers)
             graph.initializer.remove(init)
             del inits[init.name]
@@ -365,17 +353,20 @@ def quantize_weight_initializers(
                 f"(max diff {float(np.abs(actual - expected).max()):.3g})"
             )
         q = _pack(codes, container)
-        q.name = f"{init.name}_quantized"
+        # new values named after the layer (torch may have named a transposed weight ``val_12``),
+        # so readers and the compaction pass find them by the layer's name
+        base = f"{layer.name}.weight"
+        q.name = f"{base}_quantized"
         if container in ("int4", "int2"):
-            new_inits, nodes_ = _cast_weight(init.name, q, scale_np, dq_axis, zero_point=layer.kind == "linear")
+            new_inits, nodes_ = _cast_weight(base, init.name, q, scale_np, dq_axis, zero_point=layer.kind == "linear")
         else:
-            scale = numpy_helper.from_array(scale_np, f"{init.name}_scale")
+            scale = numpy_helper.from_array(scale_np, f"{base}_scale")
             zp = _pack(np.zeros(scale_np.shape[0], dtype=np.int8), container)
-            zp.name = f"{init.name}_zero_point"
+            zp.name = f"{base}_zero_point"
             new_inits = [q, scale, zp]
             nodes_ = [helper.make_node(
                 "DequantizeLinear", [q.name, scale.name, zp.name], [init.name],
-                name=f"{init.name}_DequantizeLinear", axis=dq_axis,
+                name=f"{base}_DequantizeLinear", axis=dq_axis,
             )]
         new_nodes.extend(nodes_)
         graph.initializer.remove(init)

@@ -21,14 +21,21 @@ from fqexport.quant.grid import as_rows, column_scales, num_blocks
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
 
 
-def layer_container(kind: str, bits: int, mode: str) -> str:
+def token_linear(kind: str, macs: int, params: int) -> bool:
+    """Whether a layer is a Linear applied to several vectors per sample (``[B, T, K]``: tokens,
+    positions): it does more multiply-accumulates per sample than it has weights."""
+    return kind == "linear" and int(macs) > int(params)
+
+
+def layer_container(kind: str, bits: int, mode: str, tokens: bool = False) -> str:
     """Container of a ``kind`` layer's ``bits``-wide codes under storage ``mode``; see
-    :meth:`QuantizedLayer.storage`."""
+    :meth:`QuantizedLayer.storage`. ``tokens``: a Linear over tokens (:func:`token_linear`),
+    which ``"auto"`` stores INT4 + Cast (int8 kernel) rather than MatMulNBits (fp32 speed there)."""
     if mode == "int8" or bits > 4:
         return "int8"
     if bits <= 2:
         return "int2"
-    return "nbits" if kind == "linear" else "int4"
+    return "nbits" if kind == "linear" and not (tokens and mode == "auto") else "int4"
 
 
 # Narrowest width given per-block scales (2-bit layers lost accuracy with them; see below).
@@ -40,13 +47,12 @@ def scale_block_size(kind: str, bits: int, mode: str, cols: int, tokens: bool = 
     (``nbits_block_size(cols)``) when its codes go to MatMulNBits under storage ``mode`` and a
     row spans more than one block — MatMulNBits stores one scale per block anyway, so the solver
     may choose each (GPTQ's groupsize) at no cost in bytes; ``None`` (one scale per row) otherwise.
-    ``tokens``: a Linear over ``[B, T, K]``, which ``"auto"`` keeps in int8 (per-row scales).
+    ``tokens``: a Linear over ``[B, T, K]``, which ``"auto"`` stores INT4 + Cast (per-row scales).
     Only at 3-4 bits: measured with benchmarks/nbits_bench.py, per-block scales raised the 4-bit
     DeiT-tiny-shaped model's top-1 agreement with float from 92.19% to 94.14% (the demo MLP: 85.80%
     vs 85.70%, within noise) but lost at 2 bits (DeiT 89.84% -> 88.28%; MLP 84.43% -> 84.10%,
     worst group 69.67% -> 67.33%)."""
-    if (layer_container(kind, bits, mode) != "nbits" or (tokens and mode == "auto")
-            or bits < MIN_BLOCK_SCALE_BITS):
+    if layer_container(kind, bits, mode, tokens) != "nbits" or bits < MIN_BLOCK_SCALE_BITS:
         return None
     block = nbits_block_size(cols)
     return block if num_blocks(cols, block) > 1 else None
@@ -114,7 +120,7 @@ class QuantizedLayer:
         a Linear over tokens (``[B, T, K]`` input) out of MatMulNBits (the exporter stores it
         INT4 + Cast): MatMulNBits runs at fp32 speed there, the int8 kernel 3-8x faster.
         """
-        return layer_container(self.kind, self.bits, mode)
+        return layer_container(self.kind, self.bits, mode, token_linear(self.kind, self.macs, self.codes.numel()))
 
 
 @dataclass

@@ -156,9 +156,9 @@ def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_pat
     model = onnx.load(str(result.path))
     meta = json.loads({p.key: p.value for p in model.metadata_props}["fqexport"])
     assert [r["bits"] for r in meta["allocation"]["table"]] == [search.allocation.bits[n] for n in ("fc1", "fc2", "fc3")]
-    # a budget search exports with storage "packed" (storage "auto" in the QuantConfig): what the
-    # budget paid for is on disk — 2-bit layers INT2, 3-4-bit Linears MatMulNBits, 8 bits int8
-    assert search.storage == "packed" and meta["allocation"]["storage"] == "packed"
+    # a budget search exports with the QuantConfig's storage ("auto"): what the budget paid for is
+    # on disk — 2-bit layers INT2, 3-4-bit (vector) Linears MatMulNBits, 8 bits int8
+    assert search.storage == "auto" and meta["allocation"]["storage"] == "auto"
     storage = {r["name"]: r["storage"] for r in meta["layers"]}
     want = {name: "int2" if bits <= 2 else "nbits" if bits <= 4 else "int8" for name, bits in search.allocation.bits.items()}
     assert storage == want

@@ -17,6 +17,8 @@ from fqexport.exporters.ort_session import fused_kernels
 from fqexport.model import scale_block_size
 from fqexport.pipeline.compress import compress
 from fqexport.quant.solver import choose_solver_grid, layer_error, solve_layer
+from fqexport.search.allocation import layer_container, stored_bytes
+from fqexport.search.mixed_precision import layer_costs
 
 
 def _blockwise_weight(out: int = 32, cols: int = 192, block: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,3 +126,25 @@ def test_auto_keeps_token_linears_per_row_int4_cast_and_a_blocked_layer_refuses_
         cm.export(tmp_path / "int8.onnx", storage="int8")
     assert str(err.value) == qdq_onnx.MSG_BLOCKED_INT8.format(name="fc2", n=24, nb=3, storage="int8")
     assert not (tmp_path / "int8.onnx").exists()
+
+
+@pytest.mark.parametrize("storage", ["auto", "packed"])
+def test_allocator_predicts_the_token_linears_container_and_bytes(tmp_path, storage):
+    # one heuristic (model.token_linear: more MACs per sample than weights) decides, for the
+    # allocator and the exporter alike, that a Linear over tokens is INT4 + Cast under "auto"
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    data = _token_task(model, n=128)
+    costs = {c.name: c for c in layer_costs(model, torch.from_numpy(data.x[:1]))}
+    cm = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn", storage=storage),
+                  progress=False)
+    res = cm.export(tmp_path / f"{storage}.onnx")
+    predicted = {n: layer_container(costs[n], 4, storage) for n in costs}
+    assert predicted == res.storage
+    assert predicted["fc1"] == ("int4" if storage == "auto" else "nbits") and predicted["head"] == "nbits"
+    written: dict[str, int] = {}  # codes, scales and zero points of each layer's weight, as written
+    for t in onnx.load(str(res.path)).graph.initializer:
+        layer, _, _ = t.name.partition(".weight")
+        if layer in costs and t.name != f"{layer}.bias":
+            written[layer] = written.get(layer, 0) + len(t.raw_data)
+    assert written == {n: stored_bytes(costs[n], 4, storage) for n in costs}

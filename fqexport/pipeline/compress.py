@@ -42,6 +42,7 @@ from fqexport.model import (
     QuantizedLayer,
     rows_to_weight,
     scale_block_size,
+    token_linear,
     weight_rows,
 )
 from fqexport.pipeline.activations import ActivationCache, GraphStream
@@ -344,8 +345,7 @@ def compress(
                 hessian, c = _layer_moments(module, info, cache, k, sub.num_groups, alpha, cross)
                 if c is not None:
                     _retarget_to_float_output(module, info, hessian, c, config.damp)
-            # a Linear over tokens does more MACs per sample than it has weights
-            tokens = info.kind == "linear" and macs.get(info.name, 0) > module.weight.numel()
+            tokens = token_linear(info.kind, macs.get(info.name, 0), module.weight.numel())
             codes, grid = _quantize_weight(module, info, bits, config, hessian, tokens)
             layer = QuantizedLayer(
                 info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(), grid.scale.float().cpu(),

@@ -56,7 +56,8 @@ from fqexport.config import (
 from fqexport.errors import ConfigError
 from fqexport.exporters.qdq_onnx import nbits_block_size
 from fqexport.metadata import ACTIVATION_BITS
-from fqexport.model import QuantizedLayer
+from fqexport.model import layer_container as model_layer_container
+from fqexport.model import token_linear
 from fqexport.quant.knapsack import solve_real
 from fqexport.search.sensitivity import SensitivityTable
 
@@ -101,15 +102,6 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
-class _Width:
-    """The two fields :meth:`QuantizedLayer.storage` reads, so the allocator picks exactly the
-    exporter's container for a width."""
-
-    bits: int
-    kind: str
-
-
-@dataclass(frozen=True)
 class Budget:
     """A resource limit: ``kind`` ``"bits"`` (average weight bits), ``"bytes"`` or ``"bops"``."""
 
@@ -126,7 +118,7 @@ def layer_container(info: LayerCost, bits: int, storage: str) -> str:
     check_choice(storage, get_args(BudgetStorage), "storage")
     if storage == "ideal":
         return "ideal"
-    return QuantizedLayer.storage(_Width(int(bits), info.kind), storage)  # type: ignore[arg-type]
+    return model_layer_container(info.kind, int(bits), storage, token_linear(info.kind, info.macs, info.params))
 
 
 def container_bits(bits: int, storage: str, kind: str = "conv") -> int:

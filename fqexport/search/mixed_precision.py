@@ -2,9 +2,10 @@
 
 The budget counts what the written file holds (``docs/mixed-precision.md``): ``budget_bits`` is
 stored bits per weight, scales included, in the containers the export writes; ``budget_bytes``
-the written ONNX file's size. The search exports with ``storage="packed"`` (``"auto"`` becomes
-``"packed"``: INT2 for 2-bit layers, INT4 / MatMulNBits for 3-4 bits), so what the budget
-bought is on disk. Default widths (2, 4, 8): the containers ONNX Runtime loads.
+the written ONNX file's size. The search exports with the base config's storage (default
+``"auto"``: INT2 for 2-bit layers, INT4 + Cast for 3-4-bit convs and Linears over tokens,
+MatMulNBits for 3-4-bit vector Linears — the allocator counts exactly these containers), so what
+the budget bought is on disk and runs the int8 kernels. Default widths (2, 4, 8): the containers ONNX Runtime loads.
 
 ``search_mixed_precision``:
 
@@ -99,15 +100,6 @@ def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool 
             for i in prepared.layers]
 
 
-def search_storage(storage: str) -> str:
-    """The storage a budget search writes: ``"auto"`` becomes ``"packed"`` (INT2 for 2-bit
-    layers, INT4 + Cast for 3-4-bit convs, MatMulNBits for 3-4-bit Linears), so the file holds
-    exactly the containers the allocator counted; ``"int8"`` and ``"packed"`` are kept. (Under
-    ``"auto"`` the exporter would store a Linear over tokens INT4 + Cast instead of MatMulNBits,
-    which the allocator's per-layer costs do not model.)"""
-    return "packed" if storage == "auto" else storage
-
-
 # ---------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +184,7 @@ class MixedPrecisionResult:
             candidate within the budget); ``None`` when the selection stood.
         fits: ``compress`` fits the search ran (verification fits per candidate × fold, the
             refit, refits for a bytes budget); ``fit_seconds`` their summed time.
-        storage: the storage mode the returned model exports with (``"auto"`` becomes
-            ``"packed"``: the file holds the allocation).
+        storage: the storage mode the returned model exports with (the base config's).
         verification: how the candidates were measured, in words (the held-out samples).
     """
 
@@ -208,7 +199,7 @@ class MixedPrecisionResult:
     fallback: str | None = None
     fits: int = 0
     fit_seconds: float = 0.0
-    storage: str = "packed"
+    storage: str = "auto"
     verification: str = ""
 
     @property
@@ -649,8 +640,7 @@ def search_mixed_precision(
     example = torch.from_numpy(np.ascontiguousarray(data.x[:1]))
     layers = layer_costs(model, example, base.skip_unsupported)
     pins = search_pins(mp_config.pins, table.layers, mp_config.pin_first_last)
-    storage = search_storage(base.storage)
-    base = replace(base, storage=storage)
+    storage = base.storage
     overhead = file_overhead_estimate(layers) if mp_config.budget_kind == "bytes" else 0.0
     common = dict(group_weights=_group_weights(mp_config, data), mean_weight=mp_config.mean_weight,
                   storage=storage, overhead=overhead)

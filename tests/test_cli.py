@@ -212,7 +212,7 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     # 200 of 400 calibration samples drawn leave too few of group 'b' unused: a hold-out split
     assert "candidates verified on held-out calibration data (a 30% hold-out split" in stdout
     # the fits, their time and the stored size are printed next to the nominal bits
-    assert re.search(r"\n\d+ compress fits in [\d.]+ s; search [\d.]+ s; storage packed: nominal [\d.]+ bits, "
+    assert re.search(r"\n\d+ compress fits in [\d.]+ s; search [\d.]+ s; storage auto: nominal [\d.]+ bits, "
                      r"stored [\d.]+ bits/weight with scales, [\d,]+ weight bytes", stdout)
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
     bits = {l["name"]: l["bits"] for l in meta["layers"]}

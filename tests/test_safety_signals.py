@@ -50,7 +50,7 @@ def test_signals_during_a_write_then_rerun(tmp_path):
             assert time.time() < deadline
             time.sleep(0.1)
         proc.send_signal(sigs[key])
-    results = {key: (proc.wait(60), proc.stderr.read()) for key, proc in procs.items()}
+    results = {key: (proc.wait(180), proc.stderr.read()) for key, proc in procs.items()}
 
     assert results["int"][0] == 130
     assert first_line(results["int"][1]) == "interrupted by SIGINT; no partial output was left"

@@ -4,9 +4,10 @@ ResNet-18 (benchmarks/resnet18.py), a MobileNet-V2-shaped net (depthwise convs, 
 ReLU6), a ConvNeXt-shaped block net (depthwise 7x7 + LayerNorm + Linear MLP), a DeiT-tiny-shaped
 ViT (dim 192, 12 blocks, 3 heads, SDPA, position embedding), a text transformer
 (``nn.TransformerEncoder`` over a float input sequence) and a UNet-style classifier (two
-stride-2 downs, two ConvTranspose2d ups with skip concats, a conv head), × {W8A8, W4}: export ok, export-check
-agreement, the kernels ORT ran, quantized fraction of the weights, size and batch-1 latency vs
-the fp32 export. Then the 4-bit Linear figure: the DeiT-tiny-shaped ViT, fp32 vs int8 vs W4
+stride-2 downs, two ConvTranspose2d ups with skip concats, a conv head), × {W8A8, W4, the
+avg-3-bit mixed-precision search}: export ok, export-check agreement, the kernels ORT ran,
+quantized fraction of the weights, average (and, for the search, stored) bits, size and batch-1 /
+batch-32 latency vs the fp32 export; for the search also its wall time and ``compress`` fits. Then the 4-bit Linear figure: the DeiT-tiny-shaped ViT, fp32 vs int8 vs W4
 (storage auto: token Linears INT4 + Cast, run by the int8 kernel; the head MatMulNBits) vs W4
 packed (every Linear MatMulNBits), size and latency at batch 1 and 32.
 
@@ -16,6 +17,7 @@ agreement and speed, not accuracy. Each model's calibration uses 64 group-balanc
 
     .venv/bin/python benchmarks/coverage_bench.py [--out-dir bench-out/coverage] [--threads 2]
     .venv/bin/python benchmarks/coverage_bench.py --retime --repeats 60   # latency only, interleaved
+    .venv/bin/python benchmarks/coverage_bench.py --variants search       # only the avg-3-bit search rows
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet18 import resnet18  # noqa: E402
 
 from fqexport.calibration.group_data import GroupData  # noqa: E402
-from fqexport.config import QuantConfig  # noqa: E402
-from fqexport.errors import FqexportError  # noqa: E402
+from fqexport.config import MixedPrecisionConfig, QuantConfig  # noqa: E402
+from fqexport.exporters.cpu_isa import cpu_isa  # noqa: E402
 from fqexport.exporters.ort_session import fused_kernels, kernel_line, make_session  # noqa: E402
 from fqexport.exporters.qdq_onnx import export_float  # noqa: E402
 from fqexport.pipeline.compress import compress  # noqa: E402
+from fqexport.search.mixed_precision import search_mixed_precision  # noqa: E402
 from fqexport.validation.latency import measure_latency  # noqa: E402
 
 CLASSES = 10
@@ -209,6 +212,12 @@ MODELS = {
     "UNet-style classifier": (UNetClassifier, (3, 32, 32)),
 }
 VARIANTS = {"W8A8": QuantConfig(num_calib=64, batch_size=32), "W4": QuantConfig(weight_bits=4, num_calib=64, batch_size=32)}
+# The avg-3-bit search: budget 3.0 stored bits per weight (scales included), default widths
+# (2, 4, 8), the W8A8 QuantConfig as base (the search sets layer_bits); its verification holds
+# out 30% of the task's 256 samples, compress draws the same 64 calibration samples as above.
+SEARCH = "search avg-3-bit"
+SEARCH_CONFIG = MixedPrecisionConfig(budget_bits=3.0)
+VARIANT_KEYS = {"W8A8": "W8A8", "W4": "W4", "search": SEARCH}
 
 
 # ---------------------------------------------------------------- helpers
@@ -261,30 +270,58 @@ def retime(args) -> None:
     """Latency only, of the files a previous run left in ``--out-dir`` (interleaved, best of N)."""
     out = Path(args.out_dir)
     print(f"\n## Latency, best of {args.repeats} interleaved runs, {args.threads} threads (ms)\n")
-    print("| model | batch | fp32 | W8A8 | W4 (auto) | W4 packed | W8A8 vs fp32 | W4 vs fp32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    keys = ("fp32", "W8A8", "W4", "W4_packed", "search3")
+    print("| model | batch | fp32 | W8A8 | W4 (auto) | W4 packed | search avg-3-bit | W8A8 vs fp32 | W4 vs fp32 "
+          "| search vs fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mi, (name, (make, shape)) in enumerate(MODELS.items()):
         stem = name.split()[0].replace("-", "").lower()
-        paths = {k: out / f"{stem}_{k}.onnx" for k in ("fp32", "W8A8", "W4", "W4_packed")}
+        paths = {k: out / f"{stem}_{k}.onnx" for k in keys}
         paths = {k: p for k, p in paths.items() if p.is_file()}
         if "fp32" not in paths:
             continue
         x = np.random.default_rng(mi).standard_normal((32, *shape)).astype(np.float32)
         for batch in (1, 32):
             t = interleaved_ms(paths, x, batch, args.threads, args.repeats if batch == 1 else max(3, args.repeats // 6))
-            cells = [f"{t[k]:.2f}" if k in t else "-" for k in ("fp32", "W8A8", "W4", "W4_packed")]
-            print(f"| {name} | {batch} | " + " | ".join(cells) +
-                  f" | {t['fp32'] / t['W8A8']:.2f}x | {t['fp32'] / t['W4']:.2f}x |", flush=True)
+            cells = [f"{t[k]:.2f}" if k in t else "-" for k in keys]
+            cells += [f"{t['fp32'] / t[k]:.2f}x" if k in t else "-" for k in ("W8A8", "W4", "search3")]
+            print(f"| {name} | {batch} | " + " | ".join(cells) + " |", flush=True)
 
 
 def _short_kernels(path: Path) -> str:
     return kernel_line(fused_kernels(path))
 
 
+def _variant(model: nn.Module, data: GroupData, variant: str, path: Path, row: dict):
+    """Quantize ``model`` as ``variant`` and export it to ``path``: (CompressedModel, ExportResult).
+    The search variant also fills the row's stored bits, widths, search seconds, fits and fallback."""
+    if variant != SEARCH:
+        cm = compress(model, data, VARIANTS[variant], progress=False)
+        return cm, cm.export(path)
+    t0 = time.perf_counter()
+    result = search_mixed_precision(model, data, SEARCH_CONFIG, VARIANTS["W8A8"], progress=False)
+    row["search s"] = f"{time.perf_counter() - t0:.0f}"
+    row["fits"] = str(result.fits)
+    row["stored bits"] = f"{result.allocation.stored_bits:.2f}"
+    row["widths"] = _widths(result.allocation.bits)
+    row["fallback"] = "uniform" if result.fallback else "no"
+    row["candidates"] = "; ".join(  # in the log line only: what verification measured
+        f"{c.origin} {c.allocation.stored_bits:.2f}b worst dL {c.measured_worst:.4f} worst acc {c.worst_group_acc:.3f}"
+        for c in result.candidates)
+    return result.compressed, result.compressed.export(path)
+
+
+def _widths(bits: dict[str, int]) -> str:
+    """Layers per width, e.g. ``"2b:3 4b:10 8b:1"``."""
+    widths = list(bits.values())
+    return " ".join(f"{b}b:{widths.count(b)}" for b in sorted(set(widths)))
+
+
 def run(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    variants = [VARIANT_KEYS[v] for v in (args.variants or VARIANT_KEYS)]
     rows = []
     deit_paths: dict[str, Path] = {}
     deit_sample = None
@@ -299,19 +336,21 @@ def run(args) -> None:
         fp32 = out / f"{stem}_fp32.onnx"
         export_float(model, torch.from_numpy(data.x[:2]), fp32)
         fp32_ms = latency_ms(fp32, data.x, 1, args.threads, args.repeats)
+        fp32_b32 = latency_ms(fp32, data.x, 32, args.threads, max(5, args.repeats // 4))
         if name == "DeiT-tiny-shaped":
             deit_paths["fp32"], deit_sample = fp32, data.x
-        for variant, cfg in VARIANTS.items():
+        for variant in variants:
             row = {"model": name, "variant": variant}
             t0 = time.perf_counter()
-            path = out / f"{stem}_{variant}.onnx"
+            path = out / f"{stem}_{'search3' if variant == SEARCH else variant}.onnx"
             try:
-                cm = compress(model, data, cfg, progress=False)
-                res = cm.export(path)
+                cm, res = _variant(model, data, variant, path, row)
                 row.update(ok="ok", agreement=f"{100 * res.agreement:.2f}%")
-            except FqexportError as err:
-                row.update(ok=f"FAIL: {str(err)[:90]}", agreement="-")
+            except Exception as err:  # noqa: BLE001 - a variant that raises is a row, not the end of the run
+                row.update(ok=f"FAIL {type(err).__name__}: {str(err)[:160]}", agreement="-")
+                row["time s"] = f"{time.perf_counter() - t0:.0f}"
                 rows.append(row)
+                print(row, flush=True)
                 continue
             row["quantized"] = f"{100 * cm.quantized_fraction:.0f}%"
             row["avg bits"] = f"{cm.avg_weight_bits:.2f}"
@@ -319,18 +358,24 @@ def run(args) -> None:
             ms = latency_ms(path, data.x, 1, args.threads, args.repeats)
             row["b1 ms (fp32)"] = f"{ms:.2f} ({fp32_ms:.2f})"
             row["speed vs fp32"] = f"{fp32_ms / ms:.2f}x"
+            b32 = latency_ms(path, data.x, 32, args.threads, max(5, args.repeats // 4))
+            row["b32 ms (fp32)"] = f"{b32:.2f} ({fp32_b32:.2f})"
+            row["b32 vs fp32"] = f"{fp32_b32 / b32:.2f}x"
             row["kernels"] = _short_kernels(path)
             row["time s"] = f"{time.perf_counter() - t0:.0f}"
             rows.append(row)
             print(row, flush=True)
-            if name == "DeiT-tiny-shaped":
+            if name == "DeiT-tiny-shaped" and variant in VARIANTS:
                 deit_paths[variant] = path
                 if variant == "W4":  # the size-first choice: every 4-bit Linear as MatMulNBits
                     deit_paths["W4 packed"] = cm.export(out / f"{stem}_W4_packed.onnx", storage="packed").path
-    print("\n## Coverage matrix (ONNX Runtime optimized session, CPU, "
-          f"{args.threads} threads, p50 of {args.repeats} runs)\n")
+    print("\n## Coverage matrix (ONNX Runtime optimized session, CPU "
+          f"{cpu_isa()}, {args.threads} threads, p50 of {args.repeats} / {max(5, args.repeats // 4)} runs "
+          "at batch 1 / 32)\n")
     cols = ["model", "variant", "ok", "agreement", "quantized", "avg bits", "size vs fp32", "b1 ms (fp32)",
-            "speed vs fp32", "kernels"]
+            "speed vs fp32", "b32 ms (fp32)", "b32 vs fp32", "kernels"]
+    if SEARCH in variants:
+        cols += ["stored bits", "widths", "search s", "fits", "fallback"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -356,6 +401,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    ap.add_argument("--variants", nargs="*", choices=list(VARIANT_KEYS),
+                    help="variants to run (default: all): W8A8, W4, search (the avg-3-bit search)")
     ap.add_argument("--retime", action="store_true", help="only re-time the files already in --out-dir")
     args = ap.parse_args()
     torch.set_num_threads(1)

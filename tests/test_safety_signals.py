@@ -15,8 +15,12 @@ from safety_helpers import cli_env, compress_args, first_line
 from fqexport.atomic import atomic_write, stale_temp_files, temp_path
 
 # The real CLI (its main(), its signal handling), with compress replaced by a slow atomic write.
+# SIGINT gets Python's own handler back: a shell starts background jobs (``cmd &``, as CI runners
+# may) with SIGINT ignored, and Python then never raises KeyboardInterrupt — a terminal's Ctrl-C
+# is what this models.
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pathlib import Path
     import fqexport.cli.compress as c
     from fqexport.atomic import atomic_write

@@ -45,3 +45,27 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert "mixed precision (worst-group, " in out
     md = (tmp_path / "demo_report.md").read_text()
     assert md.count("\n|") >= len(rows) + 1
+
+
+def test_demo_model_is_trained_once_per_settings_and_reused(tmp_path):
+    from fqexport.demo.run import CHECKPOINT, prepare_demo_model
+
+    sizes = DemoTaskSizes(n_train=200, n_test=40, size=16, minority_fraction=0.2)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05)
+    steps: list[str] = []
+    first, _, _, t1 = prepare_demo_model(sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
+                                         on_step=steps.append)
+    assert t1 > 0 and "training SmallResNet on CPU: 3 steps, seed 0" in steps[-1]
+    again, _, _, t2 = prepare_demo_model(sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
+                                         on_step=steps.append)
+    assert t2 == 0.0 and steps[-1].startswith("[2/4] reusing the SmallResNet")
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert (a == b).all(), name
+    # another seed, or a checkpoint that is not the one the key describes: trained again
+    _, _, _, t3 = prepare_demo_model(seed=1, sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
+                                     on_step=steps.append)
+    assert t3 > 0 and "seed 1" in steps[-1]
+    (tmp_path / CHECKPOINT).write_bytes(b"not the trained model")
+    _, _, _, t4 = prepare_demo_model(seed=1, sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
+                                     on_step=steps.append)
+    assert t4 > 0 and steps[-1].startswith("[2/4] training")

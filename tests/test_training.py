@@ -32,7 +32,7 @@ def test_train_config_checks():
         TrainConfig(max_seconds=0)
     with pytest.raises(ConfigError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
         TrainConfig(label_smoothing=1.0)
-    assert DEMO_TRAIN.max_seconds is not None and DEMO_TRAIN.max_seconds <= 90
+    assert DEMO_TRAIN.max_seconds is None  # fixed steps: the demo's model does not depend on machine load
     assert DEMO_TASK_SIZES.minority_fraction == pytest.approx(0.1)
 
 

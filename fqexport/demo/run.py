@@ -9,15 +9,18 @@ search at an average of 3 weight bits — per group, worst group and gap.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import MixedPrecisionConfig, QuantConfig
@@ -26,11 +29,12 @@ from fqexport.demo.task import make_image_task
 from fqexport.demo.training import DEMO_TASK_SIZES, DEMO_TRAIN, train_classifier
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.ort_session import kernel_line
-from fqexport.exporters.qdq_onnx import export_float
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.pipeline.compress import compress
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import write_json_data, write_markdown_table
+from fqexport.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -127,23 +131,72 @@ def _row(label: str, report) -> dict[str, Any]:
     return row
 
 
+# The trained checkpoint and what it was trained with; a later run with the same key reuses it.
+CHECKPOINT = "model.pt"
+CHECKPOINT_KEY = "model.key.json"
+
+
+def _training_key(seed: int, sizes, train_config) -> dict[str, Any]:
+    """Everything the trained weights depend on (on one machine): task, schedule, seed, versions,
+    intra-op threads (they change the order of float sums)."""
+    return {"seed": int(seed), "sizes": asdict(sizes), "train": asdict(train_config), "torch": torch.__version__,
+            "fqexport": __version__, "threads": torch.get_num_threads()}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached_model(cache_dir: Path | None, key: dict[str, Any], model: torch.nn.Module) -> bool:
+    """Load the checkpoint of ``cache_dir`` into ``model`` when it was trained with ``key``."""
+    if cache_dir is None:
+        return False
+    ckpt, key_file = cache_dir / CHECKPOINT, cache_dir / CHECKPOINT_KEY
+    try:
+        saved = json.loads(key_file.read_text(encoding="utf-8"))
+        if saved.get("key") != json.loads(json.dumps(key)) or saved.get("sha256") != _digest(ckpt):
+            return False
+        model.load_state_dict(torch.load(ckpt, weights_only=True))
+    except (OSError, ValueError, RuntimeError) as err:  # no cache, or one that does not fit: train
+        log.info("not reusing %s: %s", ckpt, err)
+        return False
+    return True
+
+
+def _save_checkpoint(cache_dir: Path, key: dict[str, Any], model: torch.nn.Module) -> None:
+    ckpt = cache_dir / CHECKPOINT
+    atomic_write(ckpt, lambda tmp: torch.save(model.state_dict(), tmp))
+    write_json_data({"key": key, "sha256": _digest(ckpt)}, cache_dir / CHECKPOINT_KEY)
+
+
 def prepare_demo_model(*, seed: int = 0, progress: bool = True, on_step: Callable[[str], None] = _quiet,
-                       sizes=None, train_config=None):
+                       sizes=None, train_config=None, cache_dir: Path | None = None):
     """Generate the demo task and train its SmallResNet: ``(model, train, test, seconds)``.
 
     ``sizes`` (DemoTaskSizes) and ``train_config`` (TrainConfig) default to the demo's own;
-    ``on_step`` receives a one-line message at each step (the CLI prints them).
+    ``on_step`` receives a one-line message at each step (the CLI prints them). With
+    ``cache_dir``, a checkpoint an earlier run trained there with the same task, schedule, seed,
+    versions and threads is reused (``seconds`` 0), and a new one is saved there.
     """
 
     sizes = sizes or DEMO_TASK_SIZES
+    train_config = train_config or DEMO_TRAIN
     on_step(f"[1/4] generating the image task: {sizes.n_train} train / {sizes.n_test} test images, "
             f"{sizes.size}x{sizes.size}, minority 'inverted-contrast' = {sizes.minority_fraction:.0%}")
     train, test = make_image_task(sizes.n_train, sizes.n_test, sizes.size, sizes.minority_fraction, seed=seed)
-    on_step("[2/4] training SmallResNet on CPU")
     torch.manual_seed(seed)
     model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
+    key = _training_key(seed, sizes, train_config)
+    if _cached_model(cache_dir, key, model):
+        on_step(f"[2/4] reusing the SmallResNet an earlier run trained with the same seed and settings "
+                f"({cache_dir / CHECKPOINT}; delete it to train again)")
+        return model.eval(), train, test, 0.0
+    steps = (len(train) // train_config.batch_size if len(train) > train_config.batch_size else 1) * train_config.epochs
+    on_step(f"[2/4] training SmallResNet on CPU: {steps} steps, seed {seed}")
     t = time.perf_counter()
-    model = train_classifier(model, train, train_config or DEMO_TRAIN, progress=progress)
+    model = train_classifier(model, train, train_config, progress=progress)
+    if cache_dir is not None:
+        _save_checkpoint(cache_dir, key, model)
     return model.eval(), train, test, time.perf_counter() - t
 
 
@@ -159,11 +212,10 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, train, test, t_train = prepare_demo_model(seed=seed, progress=progress, on_step=on_step,
-                                                     sizes=sizes, train_config=train_config)
+                                                     sizes=sizes, train_config=train_config, cache_dir=out_dir)
     calib = group_balanced_subset(train, 2 * num_calib, seed=seed)
     save_npz(calib, out_dir / "calib.npz")
     save_npz(test, out_dir / "test.npz")
-    torch.save(model.state_dict(), out_dir / "model.pt")
 
     on_step("[3/4] compressing and exporting")
     rows: list[DemoRow] = []
@@ -175,14 +227,14 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
     for label, config in DEMO_VARIANTS:
         cm = compress(model, calib, replace(config, num_calib=num_calib, seed=seed), progress=progress)
         path = out_dir / (label.lower().replace(" ", "_") + ".onnx")
-        result = cm.export(path)
+        result = export_qdq(cm, path)
         log.info("%s: agreement with fake-quant reference %.4f", label, result.agreement)
         paths.append((label, path))
     label, mp = DEMO_MIXED
     search = search_mixed_precision(model, calib, replace(mp, seed=seed), QuantConfig(num_calib=num_calib, seed=seed),
                                     progress=progress)
     path = out_dir / "fqexport_mixed_avg3bit.onnx"
-    search.compressed.export(path)
+    export_qdq(search.compressed, path)
     on_step(f"mixed precision ({mp.objective}, {search.allocation.avg_bits:.2f} avg bits): "
             + ", ".join(f"{r['name']}={r['bits']}" for r in search.table()))
     paths.append((label, path))

@@ -48,8 +48,12 @@ def test_bad_output_locations(work, flag, inside, rel, message):
     assert str(info.value) == message.format(flag=flag, path=path, work=work)
 
 
-def test_missing_output_folder_is_created_for_folder_flags(work):
-    check_paths([], [Output("--report-dir", work / "new" / "reports", ("report.json",))])
+def test_missing_output_folder_passes_the_check_and_is_created_by_the_write(work):
+    folder = work / "new" / "reports"
+    assert check_paths([], [Output("--report-dir", folder, ("report.json",))]) is None
+    assert not (work / "new").exists()  # the check runs before any compute and writes nothing
+    atomic_write(folder / "report.json", lambda tmp: tmp.write_text("{}"))
+    assert (folder / "report.json").read_text() == "{}" and [p.name for p in folder.iterdir()] == ["report.json"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

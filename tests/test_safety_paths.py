@@ -52,5 +52,11 @@ def test_files_inside_an_output_folder_are_compared(work):
 
 
 def test_distinct_paths_and_a_factory_spec_pass(work):
-    check_paths([("--model", "fixtures_models:tiny_mlp"), ("--weights", work / "mlp.pt"), ("--calib", work / "calib.npz")],
-                [Output("--out", work / "o.onnx"), Output("--report", work / "r.json"), None])
+    before = sorted(p.name for p in work.iterdir())
+    assert check_paths([("--model", "fixtures_models:tiny_mlp"), ("--weights", work / "mlp.pt"),
+                        ("--calib", work / "calib.npz")],
+                       [Output("--out", work / "o.onnx"), Output("--report", work / "r.json"), None]) is None
+    assert sorted(p.name for p in work.iterdir()) == before  # nothing written
+    # the same outputs, one colliding with an input: the check is live on these paths
+    with pytest.raises(OutputPathError, match="is the same file as --calib"):
+        check_paths([("--calib", work / "calib.npz")], [Output("--out", work / "calib.npz")])

@@ -27,8 +27,7 @@ from fqexport.config import (
 )
 from fqexport.errors import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT; a signal n exits 128 + n (143 for SIGTERM)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3  # a signal n exits 128 + n (cli/main.py)
 
 _Q = QuantConfig()
 _MP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MixedPrecisionConfig)}
@@ -146,8 +145,6 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="per-channel clipping search for weight scales (default: on for rtn and 2-bit layers, off for the solver at 3+ bits)")
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-bn-reestimate", action="store_true")
-    p.add_argument("--skip-unsupported", action="store_true",
-                   help="(the default) leave weight layers fqexport cannot quantize in float, with a warning")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) when any weight layer would stay in float, naming all of them")
     p.add_argument("--device", choices=get_args(Device), default=_Q.device,

@@ -240,12 +240,6 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     return pairs
 
 
-def convs_followed_by_batchnorm(gm: torch.fx.GraphModule) -> set[str]:
-    """Names of convs whose only user is a BatchNorm (what ``fold_batchnorm`` folds)."""
-    modules = dict(gm.named_modules())
-    return {str(src.target) for src, _, _ in _foldable(gm, modules) if isinstance(modules[src.target], _ALL_CONVS)}
-
-
 def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
     """Fold every Conv2d/ConvTranspose2d→BatchNorm (module, subclass or traced ``F.batch_norm``) and
     Linear→BatchNorm1d pair (eval statistics) into the layer.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from fqexport.calibration.group_data import GroupData  # noqa: E402
 from fqexport.config import MixedPrecisionConfig, QuantConfig  # noqa: E402
 from fqexport.exporters.cpu_isa import cpu_isa  # noqa: E402
 from fqexport.exporters.ort_session import fused_kernels, kernel_line, make_session  # noqa: E402
-from fqexport.exporters.qdq_onnx import export_float  # noqa: E402
+from fqexport.exporters.qdq_onnx import export_float, export_qdq  # noqa: E402
 from fqexport.pipeline.compress import compress  # noqa: E402
 from fqexport.search.mixed_precision import search_mixed_precision  # noqa: E402
 from fqexport.validation.latency import measure_latency  # noqa: E402
@@ -297,7 +298,7 @@ def _variant(model: nn.Module, data: GroupData, variant: str, path: Path, row: d
     The search variant also fills the row's stored bits, widths, search seconds, fits and fallback."""
     if variant != SEARCH:
         cm = compress(model, data, VARIANTS[variant], progress=False)
-        return cm, cm.export(path)
+        return cm, export_qdq(cm, path)
     t0 = time.perf_counter()
     result = search_mixed_precision(model, data, SEARCH_CONFIG, VARIANTS["W8A8"], progress=False)
     row["search s"] = f"{time.perf_counter() - t0:.0f}"
@@ -308,7 +309,7 @@ def _variant(model: nn.Module, data: GroupData, variant: str, path: Path, row: d
     row["candidates"] = "; ".join(  # in the log line only: what verification measured
         f"{c.origin} {c.allocation.stored_bits:.2f}b worst dL {c.measured_worst:.4f} worst acc {c.worst_group_acc:.3f}"
         for c in result.candidates)
-    return result.compressed, result.compressed.export(path)
+    return result.compressed, export_qdq(result.compressed, path)
 
 
 def _widths(bits: dict[str, int]) -> str:
@@ -368,7 +369,8 @@ def run(args) -> None:
             if name == "DeiT-tiny-shaped" and variant in VARIANTS:
                 deit_paths[variant] = path
                 if variant == "W4":  # the size-first choice: every 4-bit Linear as MatMulNBits
-                    deit_paths["W4 packed"] = cm.export(out / f"{stem}_W4_packed.onnx", storage="packed").path
+                    packed = compress(model, data, replace(VARIANTS["W4"], storage="packed"), progress=False)
+                    deit_paths["W4 packed"] = export_qdq(packed, out / f"{stem}_W4_packed.onnx").path
     print("\n## Coverage matrix (ONNX Runtime optimized session, CPU "
           f"{cpu_isa()}, {args.threads} threads, p50 of {args.repeats} / {max(5, args.repeats // 4)} runs "
           "at batch 1 / 32)\n")

@@ -28,7 +28,7 @@ from fqexport.demo.run import ort_quantize_static_baseline
 from solver_models_bench import demo_cnn
 from fqexport.validation.latency import measure_latency
 from fqexport.exporters.ort_session import kernel_line, kernel_summary, make_session
-from fqexport.exporters.qdq_onnx import export_float
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.validation.gate import validate
 
 VARIANTS = {
@@ -63,10 +63,10 @@ def main() -> None:
         path = out / (label.split(" (")[0].replace(" ", "_") + ("_int8c" if "container" in label else "") +
                       ("_full" if "full" in label else "") + ".onnx")
         try:
-            res = cm.export(path)
+            res = export_qdq(cm, path)
         except ExportError as err:  # expected for full-range weights on AVX2 without VNNI
             print(f"{label}: export check FAILED as it should on this CPU: {err}")
-            res = cm.export(path, check=False)
+            res = export_qdq(cm, path, check=False)
             paths[label] = path
             continue
         print(f"{label}: compress {t_c:.1f} s, export agreement {res.agreement:.4f}, max|Δlogit| {res.max_abs_diff:.3g}")
@@ -137,7 +137,7 @@ def wide_latency(args, out: Path) -> None:
                        ("fqexport W4A8 (INT4 packed)", QuantConfig(weight_bits=4, method="rtn"))):
         cm = compress(model, data, replace(cfg, num_calib=128), progress=False)
         path = out / ("wide_" + label.split(" (")[0].replace(" ", "_") + ".onnx")
-        cm.export(path)
+        export_qdq(cm, path)
         paths[label] = path
     latency_table(paths, x[:1], args.repeats, "SmallResNet width 64 (random weights)")
 

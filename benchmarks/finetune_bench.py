@@ -51,6 +51,7 @@ from fqexport.demo.task import make_image_task, make_two_minority_task
 from fqexport.demo.training import DEMO_TRAIN, train_classifier
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
 from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.metrics.group_metrics import group_metrics
@@ -81,7 +82,7 @@ def _row(label, logits, test, seconds=None, seen=None):
 
 
 def _ort_logits(cm, path: Path, test) -> np.ndarray:
-    cm.export(path)
+    export_qdq(cm, path)
     return run_batches(make_session(path), test.x, 256)
 
 

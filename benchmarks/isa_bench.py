@@ -31,7 +31,7 @@ from fqexport.demo.run import (
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import make_session, run_batches
-from fqexport.exporters.qdq_onnx import export_float
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.pipeline.compress import compress
 from fqexport.validation.gate import validate
 
@@ -60,7 +60,7 @@ def main() -> None:
     for label, cfg in (("fqexport W8A8", QuantConfig(weight_bits=8)),
                        ("fqexport W8A8 full-range", QuantConfig(weight_bits=8, weight_range="full", target="x86-vnni"))):
         cm = compress(model, calib, replace(cfg, num_calib=DEMO_NUM_CALIB, seed=args.seed), progress=False)
-        paths[label] = cm.export(out / (label.replace(" ", "_") + ".onnx")).path
+        paths[label] = export_qdq(cm, out / (label.replace(" ", "_") + ".onnx")).path
 
     rows, agree_rows, record = [], [], {"cpu_isa": isa, "models": {}}
     for label, path in paths.items():

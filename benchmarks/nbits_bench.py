@@ -10,7 +10,7 @@
    the DeiT-shaped model (top-1 agreement of the fake-quant reference with the float model on
    held-out inputs) and on the demo MLP (hidden 192: 3 blocks of 64) on the tabular task (test
    accuracy, worst group). Compress only; the per-row / per-block choice is forced by replacing
-   ``scale_block_size`` in the pipeline for the run.
+   the layout rule (``layer_layout``) in the pipeline for the run.
 
     .venv/bin/python benchmarks/nbits_bench.py [--out-dir bench-out/nbits] [--threads 2] [--repeats 20]
 """
@@ -35,15 +35,11 @@ from fqexport.demo.models import mlp  # noqa: E402
 from fqexport.demo.task import make_tabular_task  # noqa: E402
 from fqexport.exporters.cpu_isa import cpu_isa  # noqa: E402
 from fqexport.exporters.ort_session import fused_kernels, kernel_line, make_session  # noqa: E402
-from fqexport.exporters.qdq_onnx import (  # noqa: E402
-    NBITS_ACCURACY_LEVEL,
-    export_float,
-    nbits_block_size,
-)
+from fqexport.exporters.qdq_onnx import export_float, export_qdq  # noqa: E402
+from fqexport.exporters.weight_nbits import NBITS_ACCURACY_LEVEL  # noqa: E402
 from fqexport.quant.grid import num_blocks  # noqa: E402
+from fqexport.quant.layout import LayerLayout, layer_layout, nbits_block_size  # noqa: E402
 from fqexport.validation.latency import measure_latency  # noqa: E402
-
-DEFAULT_BLOCKS = compress_mod.scale_block_size
 
 
 def latency_ms(path: Path, x: np.ndarray, batch: int, threads: int, repeats: int) -> float:
@@ -51,21 +47,26 @@ def latency_ms(path: Path, x: np.ndarray, batch: int, threads: int, repeats: int
     return measure_latency(sess, x[:batch], batch, warmup=3, repeats=repeats).p50_ms
 
 
-def forced_blocks(kind: str, bits: int, mode: str, cols: int, tokens: bool = False) -> int | None:
-    """Per-block scales for every <=4-bit Linear spanning more than one MatMulNBits block."""
-    if kind != "linear" or bits > 4:
-        return None
+def per_row(kind: str, bits: int, storage: str, cols: int, macs: int, params: int) -> LayerLayout:
+    """The default container with one scale per row."""
+    return LayerLayout(layer_layout(kind, bits, storage, cols, macs, params).container)
+
+
+def per_block(kind: str, bits: int, storage: str, cols: int, macs: int, params: int) -> LayerLayout:
+    """MatMulNBits with per-block scales for every <=4-bit Linear spanning more than one block
+    (2-bit codes too: they fit its 4-bit container)."""
     bs = nbits_block_size(cols)
-    return bs if num_blocks(cols, bs) > 1 else None
+    if kind == "linear" and bits <= 4 and num_blocks(cols, bs) > 1:
+        return LayerLayout("nbits", bs)
+    return layer_layout(kind, bits, storage, cols, macs, params)
 
 
 def compress_with(model, data, cfg, blocks: str):
-    compress_mod.scale_block_size = {"default": DEFAULT_BLOCKS, "row": lambda *a, **k: None,
-                                     "block": forced_blocks}[blocks]
+    compress_mod.layer_layout = {"default": layer_layout, "row": per_row, "block": per_block}[blocks]
     try:
         return compress_mod.compress(model, data, cfg, progress=False)
     finally:
-        compress_mod.scale_block_size = DEFAULT_BLOCKS
+        compress_mod.layer_layout = layer_layout
 
 
 def deit_table(args, out: Path) -> None:
@@ -79,7 +80,7 @@ def deit_table(args, out: Path) -> None:
     w4 = compress_with(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=32), "default")
     w4p = compress_with(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=32, storage="packed"), "default")
     for key, cm in (("W8A8", w8), ("W4 auto", w4), ("W4 packed", w4p)):
-        res = cm.export(out / f"deit_{key.replace(' ', '_')}.onnx")
+        res = export_qdq(cm, out / f"deit_{key.replace(' ', '_')}.onnx")
         paths[key], agree[key] = res.path, res.agreement
     base = paths["fp32"].stat().st_size
     print(f"\n## DeiT-tiny-shaped ViT, ORT CPU ({cpu_isa()}), {args.threads} threads, "

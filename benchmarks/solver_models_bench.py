@@ -241,14 +241,18 @@ def run_variant(model, calib: GroupData, test: GroupData, config: QuantConfig) -
     return cm, seconds, metrics_of(cm.predict(test.x), test)
 
 
-def ort_parity(cm: CompressedModel, test: GroupData, out_dir: Path, stem: str, storages: list[str]) -> tuple[dict[str, GroupMetrics], dict[str, Any]]:
-    """Export ``cm`` under each storage and validate the file in ONNX Runtime (optimized)."""
+def ort_parity(cm: CompressedModel, model, calib: GroupData, test: GroupData, out_dir: Path, stem: str,
+               storages: list[str]) -> tuple[dict[str, GroupMetrics], dict[str, Any]]:
+    """Export ``cm`` — for another storage, the same compress with that storage (the container is
+    decided in compress) — and validate each file in ONNX Runtime (optimized)."""
     from fqexport.validation.gate import validate
 
     metrics, info = {}, {}
     for storage in storages:
         path = out_dir / f"{stem}_{storage}.onnx"
-        res = cm.export(path, storage=storage)
+        scm = cm if storage == cm.config.storage else compress(model, calib, replace(cm.config, storage=storage),
+                                                                progress=False)
+        res = export_qdq(scm, path)
         report = validate(path, test, measure_latency=False)
         metrics[storage] = report.metrics
         kernels = {k: v for k, v in (report.fused_kernels or {}).items()
@@ -282,7 +286,7 @@ def compare_model(name: str, model, train: GroupData, test: GroupData, out_dir: 
                 print_table([row_of("float (BN folded)", float_m, None)], f"{name}: float, test split")
             r = Result(name, bits, label, seconds, m)
             if label == DEFAULT_LABEL:
-                r.ort, r.export_info = ort_parity(cm, test, out_dir, f"{name.split()[0]}_w{bits}", storages)
+                r.ort, r.export_info = ort_parity(cm, model, calib, test, out_dir, f"{name.split()[0]}_w{bits}", storages)
             results.append(r)
             rows.append(row_of(label, m, float_m, {"compress s": f"{seconds:.1f}"}))
             for storage, om in r.ort.items():

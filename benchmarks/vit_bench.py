@@ -27,6 +27,7 @@ from fqexport.demo.task import make_image_task
 from fqexport.demo.training import TrainConfig, train_classifier
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import kernel_line
+from fqexport.exporters.qdq_onnx import export_qdq
 
 TARGET_DROP_PT = {"W8A8": 1.0, "W4A8": 1.5}
 
@@ -119,14 +120,14 @@ def main() -> None:
         t = time.perf_counter()
         cm = fqexport.compress(model, calib, fqexport.QuantConfig(weight_bits=bits), progress=False)
         path = out / f"{label.lower()}.onnx"
-        res = cm.export(path)
+        res = export_qdq(cm, path)
         print(f"{label}: compress+export {time.perf_counter() - t:.1f} s, export agreement {res.agreement}")
         paths.append((label, path))
     t = time.perf_counter()
     search = fqexport.search_mixed_precision(model, calib, fqexport.MixedPrecisionConfig(budget_bits=3.0),
                                              progress=False)
     path = out / "mixed_avg3.onnx"
-    search.compressed.export(path)
+    export_qdq(search.compressed, path)
     print(f"mixed avg-3-bit: search+export {time.perf_counter() - t:.1f} s, allocation "
           f"{search.allocation.avg_bits:.2f} avg bits: "
           + ", ".join(f"{r['name']}={r['bits']}" for r in search.table())

@@ -15,14 +15,30 @@ The fused u8×s8 kernels ORT (MLAS) runs on a CPU differ in how they add product
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from pathlib import Path
+
+from fqexport.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CPUINFO = Path("/proc/cpuinfo")
 
 KERNEL_FAMILIES = ("x86-avx2", "x86-vnni", "arm64", "unknown")
+# Families whose u8×s8 kernels fqexport can emulate (exporters/kernel_emulation.py).
+EMULATED_FAMILIES = KERNEL_FAMILIES[:3]
+# Families that add the products exactly in int32: the emulation computes them alike.
+EXACT_FAMILIES = ("x86-vnni", "arm64")
+
+# Run as if this machine's int8 kernels were another family's: every check that would judge a
+# file by this CPU's own ORT session judges it by that family's emulated kernels instead. For CI
+# and tests (run the suite once per family); latency is still this machine's.
+HOST_KERNELS_ENV = "FQEXPORT_HOST_KERNELS"
+MSG_HOST_KERNELS = (
+    "environment variable " + HOST_KERNELS_ENV + "={value!r} is not one of "
+    + ", ".join(EMULATED_FAMILIES) + " (unset it to use this CPU's own kernels)"
+)
 
 # Instruction-set name -> kernel family (see the module doc).
 _FAMILY = {
@@ -84,3 +100,26 @@ def cpu_isa(cpuinfo: str | Path | None = None) -> str:
 def kernel_family(isa: str) -> str:
     """The kernel family (:data:`KERNEL_FAMILIES`) of an instruction-set name; ``"unknown"`` if none."""
     return _FAMILY.get(isa, "unknown")
+
+
+def emulated_host() -> str | None:
+    """The kernel family :data:`HOST_KERNELS_ENV` asks this machine to stand in for, or ``None``."""
+    value = os.environ.get(HOST_KERNELS_ENV, "").strip()
+    if not value:
+        return None
+    if value not in EMULATED_FAMILIES:
+        raise ConfigError(MSG_HOST_KERNELS.format(value=value))
+    return value
+
+
+def host_family() -> str:
+    """The kernel family this machine's checks stand for: :func:`emulated_host` when set, else
+    this CPU's own (:func:`kernel_family` of :func:`cpu_isa`)."""
+    return emulated_host() or kernel_family(cpu_isa())
+
+
+def runs_natively(family: str) -> bool:
+    """Whether this CPU's own ORT session computes ``family``'s int8 arithmetic, so it may judge a
+    file for that family in place of the emulation: it is this CPU's family and no
+    :data:`HOST_KERNELS_ENV` stand-in is set."""
+    return emulated_host() is None and family != "unknown" and family == kernel_family(cpu_isa())

@@ -2,13 +2,11 @@
 
     import fqexport
     cm = fqexport.compress(model, "calib.npz", fqexport.QuantConfig(weight_bits=4))
-    cm.export("model.onnx")
+    fqexport.export(cm, "model.onnx")
     report = fqexport.validate("model.onnx", "test.npz")
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
@@ -23,6 +21,7 @@ from fqexport.errors import (
     ValidationFailed,
 )
 from fqexport.exporters.qdq_onnx import ExportResult, export_float
+from fqexport.exporters.qdq_onnx import export_qdq as export
 from fqexport.finetune import FinetuneConfig, finetune
 from fqexport.graph.loading import load_model
 from fqexport.metadata import ExportMetadata
@@ -33,11 +32,6 @@ from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_p
 from fqexport.search.pareto import pareto_sweep
 from fqexport.validation.gate import Thresholds, ValidationReport, validate
 from fqexport.version import __version__
-
-
-def export(cm: CompressedModel, path: str | Path, *, storage: str | None = None, check: bool = True) -> ExportResult:
-    """Write ``cm`` as a QDQ ONNX file (same as ``cm.export``); returns an ExportResult."""
-    return cm.export(path, storage=storage, check=check)
 
 
 __all__ = [

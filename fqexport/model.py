@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,49 +12,12 @@ import torch.fx
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.exporters.qdq_onnx import ExportResult, export_qdq, nbits_block_size
 from fqexport.graph.act_quant import round_biases_to_int32_grid
 from fqexport.graph.prepare import float_layers
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
-from fqexport.quant.grid import as_rows, column_scales, num_blocks
+from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
-
-
-def token_linear(kind: str, macs: int, params: int) -> bool:
-    """Whether a layer is a Linear applied to several vectors per sample (``[B, T, K]``: tokens,
-    positions): it does more multiply-accumulates per sample than it has weights."""
-    return kind == "linear" and int(macs) > int(params)
-
-
-def layer_container(kind: str, bits: int, mode: str, tokens: bool = False) -> str:
-    """Container of a ``kind`` layer's ``bits``-wide codes under storage ``mode``; see
-    :meth:`QuantizedLayer.storage`. ``tokens``: a Linear over tokens (:func:`token_linear`),
-    which ``"auto"`` stores INT4 + Cast (int8 kernel) rather than MatMulNBits (fp32 speed there)."""
-    if mode == "int8" or bits > 4:
-        return "int8"
-    if bits <= 2:
-        return "int2"
-    return "nbits" if kind == "linear" and not (tokens and mode == "auto") else "int4"
-
-
-# Narrowest width given per-block scales (2-bit layers lost accuracy with them; see below).
-MIN_BLOCK_SCALE_BITS = 3
-
-
-def scale_block_size(kind: str, bits: int, mode: str, cols: int, tokens: bool = False) -> int | None:
-    """Columns per weight scale of a layer with ``cols`` inputs: the MatMulNBits block
-    (``nbits_block_size(cols)``) when its codes go to MatMulNBits under storage ``mode`` and a
-    row spans more than one block — MatMulNBits stores one scale per block anyway, so the solver
-    may choose each (GPTQ's groupsize) at no cost in bytes; ``None`` (one scale per row) otherwise.
-    ``tokens``: a Linear over ``[B, T, K]``, which ``"auto"`` stores INT4 + Cast (per-row scales).
-    Only at 3-4 bits: measured with benchmarks/nbits_bench.py, per-block scales raised the 4-bit
-    DeiT-tiny-shaped model's top-1 agreement with float from 92.19% to 94.14% (the demo MLP: 85.80%
-    vs 85.70%, within noise) but lost at 2 bits (DeiT 89.84% -> 88.28%; MLP 84.43% -> 84.10%,
-    worst group 69.67% -> 67.33%)."""
-    if layer_container(kind, bits, mode, tokens) != "nbits" or bits < MIN_BLOCK_SCALE_BITS:
-        return None
-    block = nbits_block_size(cols)
-    return block if num_blocks(cols, block) > 1 else None
+from fqexport.quant.layout import LayerLayout
 
 
 def weight_scale(kind: str, scale: torch.Tensor, shape: tuple[int, ...] | torch.Size,
@@ -86,13 +48,14 @@ def rows_to_weight(kind: str, rows: torch.Tensor, shape: tuple[int, ...] | torch
 
 @dataclass
 class QuantizedLayer:
-    """A quantized Conv/Linear layer: integer codes and per-output-channel scales.
+    """A quantized Conv/Linear layer: integer codes, per-output-channel scales and the
+    container the file stores them in (decided once, :func:`fqexport.quant.layout.layer_layout`).
 
     The dequantized weight is ``codes * scale[:, None, ...]``; ``codes`` has the weight's shape.
     A ConvTranspose2d (``kind="conv_transpose"``, weight ``[C_in, C_out, kh, kw]``) has its
     output channels on axis 1: ``codes * scale[None, :, None, None]``.
-    With ``block_size`` (a Linear stored as MatMulNBits, :func:`scale_block_size`), ``scale`` is
-    ``[out, blocks]``: ``codes[:, j]`` uses ``scale[:, j // block_size]``.
+    With ``block_size`` (a Linear stored as MatMulNBits), ``scale`` is ``[out, blocks]``:
+    ``codes[:, j]`` uses ``scale[:, j // block_size]``.
     """
 
     name: str
@@ -102,25 +65,19 @@ class QuantizedLayer:
     codes: torch.Tensor  # int8
     scale: torch.Tensor  # float32 [out], or [out, blocks] with block_size
     params: int
+    container: str  # int8 | int4 | int2 | nbits: what the exporter writes
     macs: int = 0
     block_size: int | None = None
 
+    def __post_init__(self) -> None:
+        self.layout.check(self.name)
+
+    @property
+    def layout(self) -> LayerLayout:
+        return LayerLayout(self.container, self.block_size)
+
     def dequantized(self) -> torch.Tensor:
         return self.codes.float() * weight_scale(self.kind, self.scale, self.codes.shape, self.block_size)
-
-    def storage(self, mode: str) -> str:
-        """Container of this layer's codes under storage ``mode``.
-
-        ``"int8"``: an int8 container for every layer. ``"auto"`` and ``"packed"``: the narrowest
-        container — 2-bit codes in INT2, 3-4-bit codes in INT4, both behind a ``Cast`` to int8
-        that ONNX Runtime constant-folds at load, so the weight reaches its QDQ fusion as int8
-        and the layer runs the same fused integer kernel (QLinearConv / QGemm /
-        MatMulIntegerToFloat) as an int8 container, bit for bit, from a 2-4x smaller file;
-        3-4-bit Linears as ``"nbits"`` (ORT's MatMulNBits, per-block scales). ``"auto"`` keeps
-        a Linear over tokens (``[B, T, K]`` input) out of MatMulNBits (the exporter stores it
-        INT4 + Cast): MatMulNBits runs at fp32 speed there, the int8 kernel 3-8x faster.
-        """
-        return layer_container(self.kind, self.bits, mode, token_linear(self.kind, self.macs, self.codes.numel()))
 
 
 @dataclass
@@ -192,7 +149,7 @@ class CompressedModel:
         weight layer left in float (bits 32, storage ``float32``)."""
         rows = [
             {"name": l.name, "kind": l.kind, "bits": l.bits, "params": l.params, "macs": l.macs,
-             "storage": l.storage(self.config.storage)}
+             "storage": l.container}
             for l in self.layers.values()
         ]
         return rows + [
@@ -208,7 +165,3 @@ class CompressedModel:
             for start in range(0, len(x), batch_size):
                 outs.append(model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))).numpy())
         return np.concatenate(outs) if outs else np.zeros((0, self.num_classes), np.float32)
-
-    def export(self, path: str | Path, *, storage: str | None = None, check: bool = True) -> ExportResult:
-        """Write a QDQ ONNX model to ``path`` (atomically) and check it; see exporters.qdq_onnx."""
-        return export_qdq(self, path, storage=storage, check=check)

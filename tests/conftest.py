@@ -20,9 +20,9 @@ if str(TESTS_DIR) not in sys.path:  # 'fixtures_models:tiny_cnn' resolves like a
     sys.path.insert(0, str(TESTS_DIR))
 
 import fixtures_models as fm  # noqa: E402
-from fqexport.exporters import qdq_onnx  # noqa: E402
-
 from fqexport.config import QuantConfig  # noqa: E402
+from fqexport.exporters import qdq_onnx  # noqa: E402
+from fqexport.exporters.qdq_onnx import export_qdq  # noqa: E402
 from fqexport.pipeline.compress import compress  # noqa: E402
 
 # Layer widths of the mixed-precision CNN used by the export tests.
@@ -72,8 +72,14 @@ def cnn_cm_mixed(cnn_model, cnn_data):
 
 
 @pytest.fixture(scope="session")
-def cnn_exports(tmp_path_factory, cnn_cm_mixed):
-    """The mixed CNN exported twice: storage 'auto' and 'int8'.
+def cnn_cm_mixed_int8(cnn_model, cnn_data):
+    """The CNN with MIXED_BITS compressed for storage 'int8' (every layer in an int8 container)."""
+    return _compress(cnn_model, cnn_data, layer_bits=MIXED_BITS, storage="int8")
+
+
+@pytest.fixture(scope="session")
+def cnn_exports(tmp_path_factory, cnn_cm_mixed, cnn_cm_mixed_int8):
+    """The mixed CNN exported twice: compressed for storage 'auto' and for 'int8'.
 
     Returns a dict with the two ExportResults and the ONNX proto ``torch_to_onnx`` produced
     (before the weight rewrite), so failure tests can skip the slow torch export.
@@ -89,8 +95,8 @@ def cnn_exports(tmp_path_factory, cnn_cm_mixed):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qdq_onnx, "torch_to_onnx", capture)
-        auto = cnn_cm_mixed.export(d / "auto.onnx")
-    int8 = cnn_cm_mixed.export(d / "int8.onnx", storage="int8")
+        auto = export_qdq(cnn_cm_mixed, d / "auto.onnx")
+    int8 = export_qdq(cnn_cm_mixed_int8, d / "int8.onnx")
     return {"dir": d, "auto": auto, "int8": int8, "proto": protos[0]}
 
 

@@ -15,6 +15,7 @@ from fqexport.config import QuantConfig
 from fqexport.exporters import qdq_onnx
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.metadata import read_metadata
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
 from fqexport.validation.gate import validate
 from fqexport.validation.resources import from_graph
@@ -31,8 +32,8 @@ def pair(tmp_path_factory, cnn_model, cnn_data):
                   progress=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qdq_onnx, "compact_graph", lambda model, layers: None)
-        plain = cm.export(d / "plain.onnx")
-    return plain, cm.export(d / "compact.onnx"), cm
+        plain = export_qdq(cm, d / "plain.onnx")
+    return plain, export_qdq(cm, d / "compact.onnx"), cm
 
 
 def _optimized(path, x, dump):

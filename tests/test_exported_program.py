@@ -9,8 +9,9 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.graph.prepare import fold_batchnorm, quantizable_layers, trace
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model
+from fqexport.graph.prepare import fold_batchnorm, quantizable_layers, trace
 from fqexport.pipeline.compress import compress
 
 
@@ -81,7 +82,7 @@ def test_compress_and_export_from_pt2(pt2, cnn_data, tmp_path):
     cm = compress(load_model(str(path)), data, QuantConfig(method="rtn", num_calib=128), progress=False)
     assert list(cm.layers) == ["features.0", "head"] and cm.layers["features.0"].bits == 8
     assert np.mean(cm.predict(data.x).argmax(1) == y) >= 0.97
-    res = cm.export(tmp_path / "pt2.onnx")
+    res = export_qdq(cm, tmp_path / "pt2.onnx")
     assert res.path.is_file() and res.agreement >= 0.99
     assert res.storage == {"features.0": "int8", "head": "int8"}
 
@@ -147,5 +148,5 @@ def test_inplace_aten_relu_and_add_get_the_eager_quantizers(cnn_data, tmp_path):
     # inputs (x, conv2's output); without in-place matching the .pt2 got a pair before relu_
     # (on conv1) and a float add: ['input', 'conv1', 'relu', 'conv2', 'mean']
     assert quantized_tensors(from_pt2) == quantized_tensors(eager) == ["input", "relu", "conv2", "relu", "mean"]
-    res = from_pt2.export(tmp_path / "inplace.onnx")
+    res = export_qdq(from_pt2, tmp_path / "inplace.onnx")
     assert res.agreement >= 0.99

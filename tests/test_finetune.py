@@ -14,6 +14,7 @@ from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
 from fqexport.finetune import run as ft_run
 from fqexport.finetune.baq import (
@@ -207,7 +208,7 @@ def test_finetune_changes_codes_within_the_grid(tuned, mlp_cm2):
 
 def test_finetuned_w2_exports_and_runs_per_group_in_ort(tuned, mlp_data, tmp_path):
     out = tmp_path / "ft.onnx"
-    res = tuned.export(out)
+    res = export_qdq(tuned, out)
     assert res.agreement >= 0.99
     meta = read_metadata(out)
     assert meta.finetune["settings"]["loss"] == "worst-group"
@@ -298,7 +299,7 @@ def test_cnn_w2_finetune_exports_with_ort_parity(cnn_model, cnn_data, tmp_path):
     steps = [m.scale for m in out.reference.modules() if type(m).__name__ == "ActQuantizer"]
     before = [m.scale for m in cm.reference.modules() if type(m).__name__ == "ActQuantizer"]
     assert len(steps) == len(before) > 3 and steps != before
-    res = out.export(tmp_path / "cnn_ft.onnx")
+    res = export_qdq(out, tmp_path / "cnn_ft.onnx")
     assert res.agreement >= 0.99
     got = run_batches(make_session(tmp_path / "cnn_ft.onnx"), cnn_data.x, 100).argmax(1)
     want = out.predict(cnn_data.x).argmax(1)
@@ -349,7 +350,7 @@ def test_oscillation_keeps_latent_weights_near_the_grid_and_widths_export(mlp_mo
         assert {l.bits for l in m.layers.values()} == {b} and m.metadata.finetune["requantized_to"] == b
         assert m.metadata.avg_weight_bits == pytest.approx(b)
     assert max(int(l.codes.abs().max()) for l in models[8].layers.values()) <= 63  # x86-safe holds
-    res = models[8].export(tmp_path / "w8.onnx")
+    res = export_qdq(models[8], tmp_path / "w8.onnx")
     assert res.agreement >= 0.99
 
 
@@ -453,7 +454,7 @@ def test_baq_export_honours_the_budget(mlp_model, mlp_data, tmp_path):
     for l in out.layers.values():
         lo = -2 if l.bits == 2 else -(2 ** (l.bits - 1) - 1)
         assert lo <= int(l.codes.min()) and int(l.codes.max()) <= 2 ** (l.bits - 1) - 1
-    out.export(tmp_path / "baq.onnx")
+    export_qdq(out, tmp_path / "baq.onnx")
     meta = read_metadata(tmp_path / "baq.onnx")
     assert meta.avg_weight_bits <= 2.5
     assert {r.name: r.bits for r in meta.layers} == baq["bits"]

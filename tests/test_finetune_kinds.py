@@ -14,6 +14,7 @@ from torch import nn
 import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.finetune import FinetuneConfig, finetune
 from fqexport.finetune.qat import build_student, layer_qmin, requantize
 from fqexport.pipeline.compress import compress
@@ -173,7 +174,7 @@ def test_finetune_keeps_each_kinds_grid_and_exports_with_ort_parity(case, tmp_pa
     assert len(history) == 2 and np.isfinite(history[1]["holdout_worst_group_loss"])
     if out.metadata.finetune.get("best_epoch", 1) == 1:
         assert changed > 0  # the kept epoch moved codes or steps
-    result = out.export(tmp_path / f"{label}.onnx")  # raises unless ORT agrees with the reference
+    result = export_qdq(out, tmp_path / f"{label}.onnx")  # raises unless ORT agrees with the reference
     assert result.agreement >= 0.99
     if label == "block_scales":
         assert result.storage["fc1"] == "nbits" and result.storage["fc2"] == "nbits"

@@ -19,6 +19,7 @@ from fqexport.exporters.kernel_emulation import (
     requantize,
 )
 from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
 
 SX = 1.0 / 255.0  # input quantized on [0, 1] with zero point 0: x = 1.0 -> 255
@@ -132,10 +133,10 @@ def test_unknown_target_is_a_config_error():
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, cnn_model, cnn_data, mlp_model, mlp_data, cnn_cm8):
     d = tmp_path_factory.mktemp("emu")
-    out = {"cnn_safe": (cnn_cm8.export(d / "cnn_safe.onnx").path, cnn_data)}
+    out = {"cnn_safe": (export_qdq(cnn_cm8, d / "cnn_safe.onnx").path, cnn_data)}
     for name, model, data in (("cnn_full", cnn_model, cnn_data), ("mlp_full", mlp_model, mlp_data)):
         cm = compress(model, data, QuantConfig(num_calib=128, weight_range="full", target="x86-vnni"), progress=False)
-        out[name] = (cm.export(d / f"{name}.onnx").path, data)
+        out[name] = (export_qdq(cm, d / f"{name}.onnx").path, data)
     return out
 
 

@@ -20,6 +20,7 @@ from fqexport.calibration.sampling import (
 )
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
 from fqexport.errors import ConfigError
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import (
@@ -152,7 +153,7 @@ def test_table_and_metadata(search):
 
 
 def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_path):
-    result = search.compressed.export(tmp_path / "mp.onnx")
+    result = export_qdq(search.compressed, tmp_path / "mp.onnx")
     model = onnx.load(str(result.path))
     meta = json.loads({p.key: p.value for p in model.metadata_props}["fqexport"])
     assert [r["bits"] for r in meta["allocation"]["table"]] == [search.allocation.bits[n] for n in ("fc1", "fc2", "fc3")]
@@ -329,7 +330,7 @@ def test_bytes_budget_is_respected(mlp_model, mlp_data, tmp_path):
     overhead = mp_module.file_overhead_estimate(res.layers)
     for c in res.candidates:
         assert resource_used(c.allocation.bits, res.layers, "bytes", "packed") + overhead <= 60_000
-    assert res.compressed.export(tmp_path / "b.onnx").size_bytes <= 60_000
+    assert export_qdq(res.compressed, tmp_path / "b.onnx").size_bytes <= 60_000
 
 
 @pytest.mark.parametrize("storage", ["packed", "auto", "int8"])
@@ -339,7 +340,7 @@ def test_stored_bytes_predict_the_written_initializers_per_layer(cnn_model, cnn_
     bits = {"stem": 8, "conv_a": 4, "conv_b": 2, "dw": 3, "pw": 2, "fc": 4}
     cm = compress(cnn_model, cnn_data, QuantConfig(num_calib=64, batch_size=64, storage=storage, layer_bits=bits),
                   progress=False)
-    model = onnx.load(str(cm.export(tmp_path / "m.onnx").path))
+    model = onnx.load(str(export_qdq(cm, tmp_path / "m.onnx").path))
     written: dict[str, int] = {}
     for t in model.graph.initializer:
         layer, _, rest = t.name.partition(".weight")
@@ -436,7 +437,7 @@ def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, se
     mp = MixedPrecisionConfig(budget_bytes=budget, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
                               sensitivity_samples=128, verify_uniform=False, verify_mean=False)
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
-    size = res.compressed.export(tmp_path / "b.onnx").size_bytes
+    size = export_qdq(res.compressed, tmp_path / "b.onnx").size_bytes
     assert size <= budget
     assert res.fallback.startswith("the written file took ") and "> budget_bytes=40000: refitted" in res.fallback
     assert res.seconds["bytes_check"] > 0 and res.fits >= 2  # the verification fit + at least one refit

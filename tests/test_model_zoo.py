@@ -19,6 +19,7 @@ import fixtures_models as fm
 from fqexport.calibration.readers import validate_group_data
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError, UnsupportedLayerError
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metadata import ExportMetadata
 from fqexport.pipeline.compress import compress
 from fqexport.validation.gate import validate
@@ -138,7 +139,7 @@ def _optimized_session(path) -> tuple[ort.InferenceSession, list[str]]:
 def _run(model, data, tmp_path, **kw):
     """Compress, export (the export checks agreement >= 99%), run ORT per group."""
     cm = compress(model, data, QuantConfig(num_calib=256, **kw), progress=False)
-    result = cm.export(tmp_path / "model.onnx")
+    result = export_qdq(cm, tmp_path / "model.onnx")
     sess, ops = _optimized_session(result.path)
     got = sess.run(None, {sess.get_inputs()[0].name: data.x})[0]
     want = cm.predict(data.x)
@@ -218,7 +219,8 @@ def test_transformer_encoder_linears_are_quantized_not_hidden(tabular_data, tmp_
     # 4-bit Linear is MatMulNBits
     assert result.storage == {n: "nbits" if n == "head" else "int4" for n in cm.layers}
     assert ops.count("MatMulNBits") == 1 and ops.count("MatMulIntegerToFloat") == len(cm.layers) - 1
-    packed = cm.export(tmp_path / "packed.onnx", storage="packed")
+    packed = export_qdq(compress(text, tabular_data, QuantConfig(num_calib=256, weight_bits=4, storage="packed"),
+                                 progress=False), tmp_path / "packed.onnx")
     assert set(packed.storage.values()) == {"nbits"} and packed.agreement >= 0.99
     assert _optimized_session(packed.path)[1].count("MatMulNBits") == len(cm.layers)
     assert packed.size_bytes < result.size_bytes
@@ -427,11 +429,11 @@ def test_unet_conv_transpose2d_is_quantized_per_output_channel_and_matches_optim
 
 
 def test_unet_conv_transpose2d_packs_to_int2_and_int4_with_channel_scales_on_axis_1(unet, image_data, tmp_path):
-    cm = compress(unet, image_data, QuantConfig(num_calib=256, weight_bits=2, layer_bits={"up": 2, "fuse.0": 3}),
-                  progress=False)
+    cm = compress(unet, image_data, QuantConfig(num_calib=256, weight_bits=2, layer_bits={"up": 2, "fuse.0": 3},
+                                                storage="packed"), progress=False)
     up = cm.layers["up"]
     assert int(up.codes.min()) >= -2 and int(up.codes.max()) <= 1
-    result = cm.export(tmp_path / "packed.onnx", storage="packed")
+    result = export_qdq(cm, tmp_path / "packed.onnx")
     assert result.storage["up"] == "int2" and result.storage["fuse.0"] == "int4"
     assert result.agreement >= 0.99
     model = onnx.load(result.path)

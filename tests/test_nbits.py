@@ -11,10 +11,9 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.errors import ExportError
-from fqexport.exporters import qdq_onnx
 from fqexport.exporters.ort_session import fused_kernels
-from fqexport.model import scale_block_size
+from fqexport.exporters.qdq_onnx import export_qdq
+from fqexport.exporters.weight_nbits import NBITS_ACCURACY_LEVEL
 from fqexport.pipeline.compress import compress
 from fqexport.quant.solver import choose_solver_grid, layer_error, solve_layer
 from fqexport.search.allocation import layer_container, stored_bytes
@@ -46,19 +45,6 @@ def test_block_scales_follow_the_blocks_and_cut_the_layer_error():
     cols = torch.arange(192) // 64
     np.testing.assert_allclose(block.qweight.numpy(), (block.codes * s[:, cols]).numpy(), rtol=1e-6)
     assert abs(layer_error(w, block.qweight, h) - block.loss) <= 1e-3 * block.loss
-
-
-def test_block_size_only_for_multi_block_nbits_linears():
-    assert scale_block_size("linear", 4, "auto", 192) == 64
-    assert scale_block_size("linear", 3, "auto", 768) == 256
-    assert scale_block_size("linear", 2, "auto", 768) is None  # 2 bits: per-block scales lost accuracy
-    assert scale_block_size("linear", 4, "auto", 16) is None  # one block: a per-row scale
-    assert scale_block_size("linear", 4, "int8", 192) is None
-    assert scale_block_size("linear", 8, "auto", 192) is None
-    assert scale_block_size("conv", 4, "packed", 192) is None
-    assert scale_block_size("linear", 2, "packed", 192) is None  # INT2, per-row
-    assert scale_block_size("linear", 4, "packed", 192, tokens=True) == 64
-    assert scale_block_size("linear", 4, "auto", 192, tokens=True) is None  # auto: token Linears int8
 
 
 class _Tokens(nn.Module):
@@ -93,7 +79,7 @@ def test_packed_token_linears_export_as_matmulnbits_with_the_solvers_block_scale
     fc2 = cm.layers["fc2"]
     assert fc2.block_size == 64 and tuple(fc2.scale.shape) == (24, 3)
     assert cm.layers["fc1"].block_size is None  # K = 24: one block of 32
-    res = cm.export(tmp_path / "tokens.onnx")  # the export check: agreement on decided samples >= 99%
+    res = export_qdq(cm, tmp_path / "tokens.onnx")  # the export check: agreement on decided samples >= 99%
     assert res.storage == {"fc1": "nbits", "fc2": "nbits", "head": "nbits"}
     assert res.agreement >= 0.99
     model_ = onnx.load(str(res.path))
@@ -102,30 +88,30 @@ def test_packed_token_linears_export_as_matmulnbits_with_the_solvers_block_scale
     assert set(nodes) == {"fc1_MatMulNBits", "fc2_MatMulNBits", "head_MatMulNBits"}
     node = nodes["fc2_MatMulNBits"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    assert attrs["accuracy_level"] == qdq_onnx.NBITS_ACCURACY_LEVEL
+    assert attrs["accuracy_level"] == NBITS_ACCURACY_LEVEL
     assert (attrs["K"], attrs["N"], attrs["block_size"]) == (192, 24, 64)
     # the file's scales are the solver's block scales, row-major (|s|: signs moved into the codes)
     np.testing.assert_array_equal(inits[node.input[2]], np.abs(fc2.scale.numpy()).reshape(-1))
     assert fused_kernels(res.path).get("MatMulNBits", 0) == 3
 
 
-def test_auto_keeps_token_linears_per_row_int4_cast_and_a_blocked_layer_refuses_int8(tmp_path):
+def test_auto_keeps_token_linears_per_row_int4_cast_and_packed_blocks_them_for_matmulnbits(tmp_path):
     torch.manual_seed(0)
     model = _Tokens().eval()
     data = _token_task(model, n=128)
     auto = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn"), progress=False)
     # a token Linear: auto stores it per row in INT4 behind a Cast (the int8 kernel), not MatMulNBits
     assert auto.layers["fc2"].block_size is None
-    res = auto.export(tmp_path / "auto.onnx")
+    res = export_qdq(auto, tmp_path / "auto.onnx")
     assert res.storage == {"fc1": "int4", "fc2": "int4", "head": "nbits"}
     assert fused_kernels(res.path)["MatMulIntegerToFloat"] == 2
     cfg = QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn", storage="packed")
     cm = compress(model, data, cfg, progress=False)
-    assert cm.layers["fc2"].block_size == 64
-    with pytest.raises(ExportError) as err:
-        cm.export(tmp_path / "int8.onnx", storage="int8")
-    assert str(err.value) == qdq_onnx.MSG_BLOCKED_INT8.format(name="fc2", n=24, nb=3, storage="int8")
-    assert not (tmp_path / "int8.onnx").exists()
+    assert cm.layers["fc2"].block_size == 64 and cm.layers["fc2"].container == "nbits"
+    # the exporter writes the container each layer holds (decided in compress), nothing else
+    res = export_qdq(cm, tmp_path / "packed.onnx")
+    assert res.storage == {n: l.container for n, l in cm.layers.items()} == {"fc1": "nbits", "fc2": "nbits", "head": "nbits"}
+    assert fused_kernels(res.path)["MatMulNBits"] == 3
 
 
 @pytest.mark.parametrize("storage", ["auto", "packed"])
@@ -138,7 +124,7 @@ def test_allocator_predicts_the_token_linears_container_and_bytes(tmp_path, stor
     costs = {c.name: c for c in layer_costs(model, torch.from_numpy(data.x[:1]))}
     cm = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn", storage=storage),
                   progress=False)
-    res = cm.export(tmp_path / f"{storage}.onnx")
+    res = export_qdq(cm, tmp_path / f"{storage}.onnx")
     predicted = {n: layer_container(costs[n], 4, storage) for n in costs}
     assert predicted == res.storage
     assert predicted["fc1"] == ("int4" if storage == "auto" else "nbits") and predicted["head"] == "nbits"

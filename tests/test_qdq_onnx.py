@@ -17,12 +17,8 @@ from fqexport.config import QuantConfig
 from fqexport.errors import ExportError
 from fqexport.exporters import qdq_onnx
 from fqexport.exporters.ort_session import fused_kernels, make_session, run_batches
-from fqexport.exporters.qdq_onnx import (
-    agreement_failed,
-    export_float,
-    export_qdq,
-    top1_agreement,
-)
+from fqexport.exporters import export_check
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.pipeline.compress import compress
 
 ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
@@ -86,22 +82,6 @@ def test_auto_storage_packs_4bit_convs_behind_a_cast_and_4bit_linear_as_matmulnb
     assert not any(f"{n}.weight" in inits for n in ALL_LAYERS)
 
 
-def test_nbits_block_size_minimises_bytes():
-    # bytes per row: ceil(K/bs) * (bs/2 + 4)
-    assert qdq_onnx.nbits_block_size(16) == 16  # 12 B
-    assert qdq_onnx.nbits_block_size(192) == 64  # 3 x 36 = 108 B (128: 2 x 68 = 136; 256: 132)
-    assert qdq_onnx.nbits_block_size(768) == 256  # 3 x 132 = 396 B (128: 6 x 68 = 408)
-
-
-def test_pack_nbits_layout():
-    codes = np.array([[-8, 7, 0, 1] + [0] * 14], np.int8)  # K = 18: two blocks of 16, padded
-    packed, scales = qdq_onnx.pack_nbits(codes, np.array([0.5], np.float32), 16)
-    assert packed.shape == (1, 2, 8) and packed.dtype == np.uint8
-    assert packed[0, 0, 0] == (0 | 15 << 4) and packed[0, 0, 1] == (8 | 9 << 4)
-    assert np.all(packed[0, 1] == 0x88)  # zero codes (and padding) are 8 | 8 << 4
-    np.testing.assert_array_equal(scales, [0.5, 0.5])
-
-
 def test_int8_storage_stores_every_layer_in_int8(cnn_exports):
     res = cnn_exports["int8"]
     _, _, weights = _weights(res.path)
@@ -147,16 +127,24 @@ def test_metadata_lists_layers_with_bits(cnn_exports, cnn_cm_mixed):
 
 
 @pytest.mark.parametrize("which", ["auto", "int8"])
-def test_ort_optimized_session_matches_pytorch_reference(cnn_exports, cnn_cm_mixed, cnn_data, which):
+def test_ort_optimized_session_matches_pytorch_reference(cnn_exports, cnn_cm_mixed, cnn_cm_mixed_int8, cnn_data, which):
     res = cnn_exports[which]
+    cm = {"auto": cnn_cm_mixed, "int8": cnn_cm_mixed_int8}[which]
     got = run_batches(make_session(res.path, optimized=True), cnn_data.x, 100)
-    want = cnn_cm_mixed.predict(cnn_data.x)
+    want = cm.predict(cnn_data.x)
     assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
     assert res.agreement >= 0.99
-    # the export's own check, recomputed: max |logit diff| on the calibration data
-    calib_got = run_batches(make_session(res.path, optimized=True), cnn_cm_mixed.calib.x, 100)
-    calib_diff = np.abs(calib_got - cnn_cm_mixed.predict(cnn_cm_mixed.calib.x)).max()
-    assert res.max_abs_diff == pytest.approx(calib_diff, rel=1e-3, abs=1e-4)
+    # the export's own check, recomputed: max |logit diff| on the calibration data under every
+    # judge of the target (this CPU's session for its family, the emulation for the others)
+    assert [v.judge for v in res.checks] == list(export_check.kernel_judges(cm.config.target))
+    diffs = []
+    for v in res.checks:
+        idx = np.arange(len(cm.calib)) if v.judge.native else export_check.check_subset(
+            cm.calib.group, export_check.MAX_EMULATED_SAMPLES)
+        got_v = export_check._judge_logits(v.judge, res.path, cm.calib.x[idx])
+        diffs.append(np.abs(got_v - cm.predict(cm.calib.x[idx])).max())
+        assert v.max_abs_diff == pytest.approx(diffs[-1], rel=1e-3, abs=1e-4)
+    assert res.max_abs_diff == pytest.approx(max(diffs), rel=1e-3, abs=1e-4)
     assert np.abs(got - want).max() < 0.5 * (np.abs(want).max() + 1)
 
 
@@ -172,9 +160,11 @@ def test_auto_storage_runs_every_conv_fused_and_fc_as_matmulnbits(cnn_exports):
     assert k["MatMulNBits"] == 1, k
 
 
-def test_packed_int4_conv_runs_the_int8_kernel_bit_identical_to_an_int8_container(cnn_cm_mixed, cnn_exports,
+def test_packed_int4_conv_runs_the_int8_kernel_bit_identical_to_an_int8_container(cnn_model, cnn_exports,
                                                                                   cnn_data, tmp_path):
-    res = cnn_cm_mixed.export(tmp_path / "packed.onnx", storage="packed")
+    packed_cm = compress(cnn_model, cnn_data, QuantConfig(num_calib=256, layer_bits=MIXED_BITS, storage="packed"),
+                         progress=False)
+    res = export_qdq(packed_cm, tmp_path / "packed.onnx")
     assert res.storage["conv_a"] == "int4" and res.storage["fc"] == "nbits"
     k = fused_kernels(res.path)
     # the Cast of the INT4 initializer is folded at load: conv_a runs QLinearConv like the rest
@@ -190,7 +180,7 @@ def test_packed_int4_conv_runs_the_int8_kernel_bit_identical_to_an_int8_containe
 def mlp_exports(tmp_path_factory, mlp_model, mlp_data):
     d = tmp_path_factory.mktemp("mlp_export")
     cm = compress(mlp_model, mlp_data, QuantConfig(storage="int8", num_calib=256), progress=False)
-    q = cm.export(d / "int8.onnx")
+    q = export_qdq(cm, d / "int8.onnx")
     f = export_float(cm.float_model, torch.from_numpy(mlp_data.x[:2]), d / "float.onnx")
     return cm, q, f
 
@@ -210,7 +200,7 @@ def test_int8_file_is_at_least_3x_smaller_than_fp32(mlp_exports, mlp_data):
 def test_packed_storage_writes_int2_at_opset_25(tmp_path, mlp_model, mlp_data):
     cm = compress(mlp_model, mlp_data, QuantConfig(layer_bits={"fc2": 2, "fc3": 4}, storage="packed",
                                                    num_calib=64, method="rtn", bias_correction=False), progress=False)
-    res = cm.export(tmp_path / "packed.onnx")
+    res = export_qdq(cm, tmp_path / "packed.onnx")
     assert res.opset == 25 and res.storage == {"fc1": "int8", "fc2": "int2", "fc3": "nbits"}
     model = onnx.load(str(res.path))
     assert model.ir_version >= 11
@@ -224,12 +214,6 @@ def test_packed_storage_writes_int2_at_opset_25(tmp_path, mlp_model, mlp_data):
     assert [n.input[0] for n in cast] == ["fc2.weight_quantized"]
     k = fused_kernels(res.path)
     assert k["QGemm"] + k["MatMulIntegerToFloat"] == 2 and k["Gemm"] + k["FusedGemm"] == 0, k
-
-
-def test_bad_storage_is_refused(cnn_cm_mixed, tmp_path):
-    with pytest.raises(ExportError, match="storage='zip' is not one of auto, int8, packed"):
-        export_qdq(cnn_cm_mixed, tmp_path / "x.onnx", storage="zip")
-    assert list(tmp_path.iterdir()) == []
 
 
 def _reuse_proto(monkeypatch, cnn_exports):
@@ -261,23 +245,30 @@ def test_checker_failure_leaves_no_file(monkeypatch, cnn_exports, cnn_cm_mixed, 
 
 def test_agreement_failure_leaves_no_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
     _reuse_proto(monkeypatch, cnn_exports)
-    monkeypatch.setattr(qdq_onnx, "_ort_logits", lambda data, x: -cnn_cm_mixed.predict(x))
+    monkeypatch.setattr(export_check, "_judge_logits", lambda judge, file, x: -cnn_cm_mixed.predict(x))
     target = tmp_path / "out.onnx"
     with pytest.raises(ExportError, match=r"agrees with the PyTorch fake-quant reference on only .*the file was not written") as info:
         export_qdq(cnn_cm_mixed, target)
     assert list(tmp_path.iterdir()) == []
     # x86-safe weights (the default) cannot saturate: the hint names the remaining causes, not
     # weight_range='x86-safe'
-    assert str(info.value).endswith(qdq_onnx.CAUSE_KERNELS) and "weight_range" not in str(info.value)
+    judge = export_check.kernel_judges(cnn_cm_mixed.config.target)[0]
+    assert f"run with {judge.describe()} agrees" in str(info.value)
+    assert str(info.value).endswith(export_check.CAUSE_KERNELS.format(family=judge.family))
+    assert "weight_range" not in str(info.value)
 
 
 def test_agreement_failure_with_full_range_weights_names_saturation(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
     _reuse_proto(monkeypatch, cnn_exports)
-    monkeypatch.setattr(qdq_onnx, "_ort_logits", lambda data, x: -cnn_cm_mixed.predict(x))
+    monkeypatch.setattr(export_check, "_judge_logits", lambda judge, file, x: -cnn_cm_mixed.predict(x))
     full = dataclasses.replace(cnn_cm_mixed, config=dataclasses.replace(cnn_cm_mixed.config, weight_range="full"))
     with pytest.raises(ExportError) as info:
         export_qdq(full, tmp_path / "out.onnx")
-    assert str(info.value).endswith(qdq_onnx.CAUSE_FULL_RANGE)
+    # the first judge to fail names the saturation when it covers x86-avx2 (portable covers it)
+    judge = export_check.kernel_judges("portable")[0]
+    cause = (export_check.CAUSE_FULL_RANGE.format(target="portable") if "x86-avx2" in judge.families
+             else export_check.CAUSE_KERNELS.format(family=judge.family))
+    assert str(info.value).endswith(cause)
 
 
 def test_failed_write_leaves_no_partial_file(monkeypatch, cnn_exports, cnn_cm_mixed, tmp_path):
@@ -297,40 +288,3 @@ def test_failed_write_leaves_no_partial_file(monkeypatch, cnn_exports, cnn_cm_mi
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp file left
 
 
-def test_top1_agreement_ignores_only_near_ties():
-
-    want = np.array([[1.0, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.5, 0.6]], np.float32)
-    got = want.copy()
-    got[0] = [0.99, 1.0, 0.0]  # flips a near-tie (margin 0.01)
-    got[3] = [0.0, 0.6, 0.5]  # flips a decided sample (margin 0.1)
-    raw, decided = top1_agreement(got, want, tie=0.05)
-    assert raw == 0.5
-    assert decided == 2 / 3  # samples 1, 2, 3 are decided; sample 3 disagrees
-    assert top1_agreement(got, want, tie=0.0) == (0.5, 0.5)
-
-
-def test_agreement_check_allows_one_flip_but_not_two_on_small_sets():
-
-    rng = np.random.default_rng(0)
-    want = rng.normal(size=(60, 4)).astype(np.float32)
-    want[np.arange(60), want.argmax(1)] += 1.0  # every sample decided (margin >= 1)
-    got = want.copy()
-
-    def flip(i):
-        got[i] = want[i]
-        got[i, want[i].argmax()] = want[i].min() - 1.0
-
-    assert not agreement_failed(got, want, tie=0.05)
-    flip(0)
-    assert not agreement_failed(got, want, tie=0.05)  # 1 of 60 (98.3%): within one sample
-    flip(1)
-    assert agreement_failed(got, want, tie=0.05)  # 2 of 60
-    # on a large set the 99% bar rules: 2 flips of 1000 pass, 11 do not
-    want = np.tile(want, (17, 1))[:1000]
-    got = want.copy()
-    for i in range(2):
-        got[i, want[i].argmax()] = want[i].min() - 1.0
-    assert not agreement_failed(got, want, tie=0.05)
-    for i in range(2, 11):
-        got[i, want[i].argmax()] = want[i].min() - 1.0
-    assert agreement_failed(got, want, tie=0.05)

@@ -20,6 +20,7 @@ from torch import nn
 import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
 from fqexport.quant.grid import weight_qmax
 
@@ -73,7 +74,7 @@ def mlp_mixed(mlp_model, mlp_data):
 @pytest.fixture(scope="module")
 def mlp_mixed_export(tmp_path_factory, mlp_mixed):
     path = tmp_path_factory.mktemp("solver_export") / "mlp_mixed.onnx"
-    return mlp_mixed.export(path)
+    return export_qdq(mlp_mixed, path)
 
 
 class ConvBN(nn.Module):
@@ -172,7 +173,7 @@ def test_solver_export_matches_pytorch_in_onnx_runtime(mlp_mixed, mlp_mixed_expo
     assert float(np.abs(got - want).mean()) <= 0.005 * scale
 
 
-def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_export, tmp_path):
+def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_export, mlp_model, mlp_data, tmp_path):
     # storage "auto": the 3-4-bit Linears of this MLP (one vector per sample) become MatMulNBits,
     # 2-bit ones INT2 behind a Cast to int8
     auto = onnx.load(str(mlp_mixed_export.path))
@@ -181,8 +182,11 @@ def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_exp
     assert mlp_mixed_export.storage == {n: "int2" if b <= 2 else "nbits" if b <= 4 else "int8" for n, b in MIXED.items()}
     assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
     # storage "packed": INT4 / INT2 containers hold the codes of the narrow layers; "int8": all
-    # layers in int8 — the codes themselves are checked in the int8 export
-    int8 = mlp_mixed.export(tmp_path / "int8.onnx", storage="int8")
+    # layers in int8 — the codes themselves are checked in the int8 export (the container is
+    # decided in compress: the same fit with storage "int8")
+    int8_cm = _compress(mlp_model, mlp_data, layer_bits=MIXED, storage="int8")
+    assert {n: l.container for n, l in int8_cm.layers.items()} == {n: "int8" for n in MLP_LAYERS}
+    int8 = export_qdq(int8_cm, tmp_path / "int8.onnx")
     model = onnx.load(str(int8.path))
     inits = {i.name: i for i in model.graph.initializer}
     for name in MLP_LAYERS:
@@ -192,7 +196,7 @@ def test_per_layer_widths_are_honoured_in_the_onnx_file(mlp_mixed, mlp_mixed_exp
         assert init.data_type == TensorProto.INT8, name
         codes = numpy_helper.to_array(init).astype(np.int64)
         qmax = weight_qmax(bits)
-        layer = mlp_mixed.layers[name]
+        layer = int8_cm.layers[name]
         # rows with a negative scale (2-bit grids mirrored to put the 4th level on the positive
         # side) are stored negated with |scale|: codes -1..2 instead of -2..1
         sign = np.sign(layer.scale.numpy()).astype(np.int64)[:, None]

@@ -26,6 +26,7 @@ from fqexport.cli.finetune import (
 )
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import QuantConfig
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
 from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_precision
@@ -80,7 +81,7 @@ def run_compress(args: argparse.Namespace) -> int:
         return _export_widths(args, run_finetune_widths(plan, cm, quiet=args.quiet), widths)
     if plan is not None:
         cm = run_finetune(plan, cm, quiet=args.quiet)
-    result = cm.export(args.out)
+    result = export_qdq(cm, args.out)
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
     print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"])
     if cm.metadata.float_layers:
@@ -88,8 +89,9 @@ def run_compress(args: argparse.Namespace) -> int:
               "--strict refuses them)")
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
           f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
-    print(f"ONNX Runtime vs PyTorch fake-quant reference on {len(cm.calib)} calibration samples: "
-          f"top-1 agreement {result.agreement:.2%}, max |logit diff| {result.max_abs_diff:.4g}")
+    print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
+    for verdict in result.checks:
+        print(f"  {verdict.line()}")
     if args.report:
         summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": cm.metadata.to_dict(),
                    "avg_weight_bits": cm.avg_weight_bits}
@@ -103,7 +105,7 @@ def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
     """``--export-bits``: one ONNX file per width of one fine-tuning run (and the --report)."""
     rows, exports = [], {}
     for b, m in models.items():
-        result = m.export(paths[b])
+        result = export_qdq(m, paths[b])
         exports[b] = result.to_dict()
         rows.append({"bits": b, "file": str(result.path), "MB": f"{result.size_bytes / 1e6:.3f}",
                      "avg weight bits": f"{m.avg_weight_bits:.2f}", "ORT top-1 agreement": f"{result.agreement:.2%}",

@@ -29,21 +29,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fqexport.config import QuantConfig
 from fqexport.finetune.baq import clip_shrinks, interpolated_weight
 from fqexport.graph.act_quant import ActQuantizer
-from fqexport.model import (
-    QuantizedLayer,
-    rows_to_weight,
-    scale_block_size,
-    weight_rows,
-    weight_scale,
-)
+from fqexport.model import QuantizedLayer, rows_to_weight, weight_rows, weight_scale
 from fqexport.quant.grid import (
     ACT_QMAX,
     ACT_QMIN,
     choose_weight_grid,
     quantize,
 )
+from fqexport.quant.layout import layer_layout
 
 _MIN_RATIO = 1e-3
 
@@ -235,19 +231,18 @@ def build_student(
 
 @torch.no_grad()
 def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str,
-               storage: str = "int8") -> QuantizedLayer:
+               storage: str = QuantConfig.storage) -> QuantizedLayer:
     """``layer`` with the latent weights of ``learned`` rounded onto a fresh ``bits``-wide grid
-    (per output channel — per block where compress would give the layer per-block scales under
-    ``storage``, :func:`fqexport.model.scale_block_size` — clipping search, round to nearest;
-    no training at that width)."""
+    (per output channel — per block where the layout rule gives the layer per-block scales under
+    ``storage``, :func:`fqexport.quant.layout.layer_layout` — clipping search, round to nearest;
+    no training at that width); its container decided by the same rule."""
     rows = weight_rows(layer.kind, learned.latent_weight().cpu().float())
-    tokens = layer.macs > layer.params  # a Linear applied to several vectors per sample
-    block = scale_block_size(layer.kind, int(bits), storage, rows.shape[1], tokens)
-    grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=True, block=block)
+    layout = layer_layout(layer.kind, int(bits), storage, rows.shape[1], layer.macs, layer.codes.numel())
+    grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=True, block=layout.block_size)
     codes = quantize(rows, grid.column_scales(rows.shape[1]), grid.qmax, grid.qmin)
     codes = rows_to_weight(layer.kind, codes, layer.codes.shape).to(torch.int8)
     return replace(layer, bits=int(bits), qmax=int(grid.qmax), codes=codes, scale=grid.scale.float(),
-                   block_size=grid.block)
+                   container=layout.container, block_size=grid.block)
 
 
 @torch.no_grad()
@@ -258,7 +253,7 @@ def write_back(
     acts: dict[str, LearnableActQuant],
     bits: int | Mapping[str, int] | None = None,
     weight_range: str = "x86-safe",
-    storage: str = "int8",
+    storage: str = QuantConfig.storage,
 ) -> tuple[torch.fx.GraphModule, dict[str, QuantizedLayer]]:
     """A new PTQ-style reference and layer table holding the learned codes, steps, biases and
     activation steps (the export path reads exactly these). With ``bits`` (other than a layer's

@@ -37,20 +37,12 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
-from fqexport.model import (
-    CompressedModel,
-    QuantizedLayer,
-    rows_to_weight,
-    scale_block_size,
-    token_linear,
-    weight_rows,
-)
+from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.channel_stats import ChannelStats
 from fqexport.quant.grid import WeightGrid
-from fqexport.quant.hessian import (
-    HessianAccumulator,
-)
+from fqexport.quant.hessian import HessianAccumulator
+from fqexport.quant.layout import LayerLayout, layer_layout
 from fqexport.quant.solver import (
     DampingIncreasedWarning,
     choose_solver_grid,
@@ -145,18 +137,18 @@ def _layer_moments(
 
 def _quantize_weight(
     module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None,
-    tokens: bool = False,
+    layout: LayerLayout,
 ) -> tuple[torch.Tensor, WeightGrid]:
-    """Integer codes (weight shape) and the grid (per-channel scales; per-block scales for a
-    Linear stored as MatMulNBits, :func:`fqexport.model.scale_block_size`) of one layer's weight.
+    """Integer codes (weight shape) and the grid (per-channel scales; per-block scales of
+    ``layout.block_size`` columns for a Linear stored as MatMulNBits) of one layer's weight.
 
     ``hessian`` is ``[cols, cols]`` (or ``[conv groups, cols, cols]`` for grouped convs);
-    ``None`` means round to nearest. ``tokens``: a Linear applied to several vectors per sample.
+    ``None`` means round to nearest.
     """
     rows = weight_rows(info.kind, module.weight.detach()).float()
     grid = choose_solver_grid(
         rows, hessian, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
-        block=scale_block_size(info.kind, bits, config.storage, rows.shape[1], tokens),
+        block=layout.block_size,
     )
     if hessian is None:
         return rows_to_weight(info.kind, rtn_layer(rows, grid).codes, module.weight.shape), grid
@@ -279,7 +271,7 @@ def compress(
         progress: show tqdm progress bars.
 
     Returns:
-        A CompressedModel; ``.export(path)`` writes the QDQ ONNX file.
+        A CompressedModel; ``fqexport.export(cm, path)`` writes the QDQ ONNX file.
     """
     config = config or QuantConfig()
     data = load_data(calib)
@@ -345,11 +337,13 @@ def compress(
                 hessian, c = _layer_moments(module, info, cache, k, sub.num_groups, alpha, cross)
                 if c is not None:
                     _retarget_to_float_output(module, info, hessian, c, config.damp)
-            tokens = token_linear(info.kind, macs.get(info.name, 0), module.weight.numel())
-            codes, grid = _quantize_weight(module, info, bits, config, hessian, tokens)
+            # the file's container and scale blocking, decided here once (quant/layout.py)
+            cols = weight_rows(info.kind, module.weight.detach()).shape[1]
+            layout = layer_layout(info.kind, bits, config.storage, cols, macs.get(info.name, 0), module.weight.numel())
+            codes, grid = _quantize_weight(module, info, bits, config, hessian, layout)
             layer = QuantizedLayer(
                 info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(), grid.scale.float().cpu(),
-                info.params, macs.get(info.name, 0), block_size=grid.block,
+                info.params, layout.container, macs.get(info.name, 0), block_size=grid.block,
             )
             with torch.no_grad():
                 module.weight.copy_(layer.dequantized().to(module.weight.dtype))

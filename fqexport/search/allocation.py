@@ -54,11 +54,10 @@ from fqexport.config import (
     check_choice,
 )
 from fqexport.errors import ConfigError
-from fqexport.exporters.qdq_onnx import nbits_block_size
 from fqexport.metadata import ACTIVATION_BITS
-from fqexport.model import layer_container as model_layer_container
-from fqexport.model import token_linear
 from fqexport.quant.knapsack import solve_real
+from fqexport.quant.layout import layer_container as model_layer_container
+from fqexport.quant.layout import nbits_block_size, token_linear
 from fqexport.search.sensitivity import SensitivityTable
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class Budget:
 
 def layer_container(info: LayerCost, bits: int, storage: str) -> str:
     """The container the exporter writes ``info`` in at ``bits`` under ``storage``: ``int8``,
-    ``int4``, ``int2``, ``nbits`` (:meth:`fqexport.model.QuantizedLayer.storage`) or ``ideal``."""
+    ``int4``, ``int2``, ``nbits`` (:func:`fqexport.quant.layout.layer_container`) or ``ideal``."""
     check_choice(storage, get_args(BudgetStorage), "storage")
     if storage == "ideal":
         return "ideal"

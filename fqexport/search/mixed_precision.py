@@ -66,6 +66,7 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine, Task, run_task
 from fqexport.errors import ConfigError
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.prepare import count_macs, prepare_model
 from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
 from fqexport.pipeline.compress import compress
@@ -172,7 +173,7 @@ class MixedPrecisionResult:
         candidates: every verified candidate (predicted vs measured): the best ``num_candidates``
             in predicted order, then the uniform allocation (``verify_uniform``), then the
             mean-objective allocation (``verify_mean``), each once.
-        compressed: the winner's CompressedModel (``.export(path)`` writes the ONNX file):
+        compressed: the winner's CompressedModel (``fqexport.export(cm, path)`` writes the ONNX file):
             quantized on all the calibration data with ``refit``, else the verified held-in fit.
         sensitivity: the Δ_g(l, b) table.
         layers: the layer costs (params, MACs, channels).
@@ -541,7 +542,7 @@ def _never_worse_than_uniform(best: Candidate, candidates: Sequence[Candidate], 
 def _written_size(cm: Any) -> int:
     """Bytes of ``cm``'s ONNX file as the export writes it (a temporary export, unchecked)."""
     with tempfile.TemporaryDirectory(prefix="fqexport-size-") as tmp:
-        return int(cm.export(Path(tmp) / "size.onnx", check=False).size_bytes)
+        return int(export_qdq(cm, Path(tmp) / "size.onnx", check=False).size_bytes)
 
 
 def _fit_file_budget(model, data, base, mp, best: Candidate, chosen, candidates, table, layers, pins, common,

@@ -1,0 +1,247 @@
+"""The export check: does the file compute what the PyTorch fake-quant reference computes, under
+the int8 kernels of the CPU (or GPU) family it is exported for?
+
+What deploys is ONNX Runtime's fused integer kernels, whose arithmetic depends on the CPU
+(ORT-NOTES.md, :mod:`fqexport.exporters.cpu_isa`). So the check is target-aware:
+
+- each kernel family the target covers (:data:`TARGET_FAMILIES`; ``portable`` covers all) is
+  judged once — families with the same arithmetic (x86-vnni and arm64 add exactly in int32)
+  by one judge;
+- this CPU's own optimized ORT session judges only its own family (:func:`runs_natively`), on
+  every calibration sample; every other family is judged by its bit-exact emulation
+  (:class:`~fqexport.exporters.kernel_emulation.EmulatedSession`), on a group-balanced subset of
+  :data:`MAX_EMULATED_SAMPLES`;
+- ``gpu`` has no CPU kernels: the graph's own math (ORT with optimizations off) judges it.
+
+A judge passes when top-1 agreement with the reference on decided samples (top-2 logits more
+than :data:`TIE_FRACTION` of the logit spread apart) is at least :data:`MIN_AGREEMENT`, or a
+single sample flipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fqexport.errors import ExportError, FqexportError
+from fqexport.exporters.cpu_isa import EXACT_FAMILIES, host_family, runs_natively
+from fqexport.exporters.kernel_emulation import EmulatedSession
+from fqexport.exporters.ort_session import make_session, run_batches
+
+log = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.99
+# Samples whose reference top-2 logits are closer than this fraction of the typical logit
+# spread (median over samples of max - min logit) are near-ties: ORT's kernels round
+# intermediate activations slightly differently from PyTorch (a one-step flip of a uint8 code
+# now and then), which can flip them. A broken export (wrong weights, saturating u8×s8
+# kernels) moves logits by far more: on the demo CNN, full-range 8-bit weights on an AVX2 CPU
+# gave max |logit diff| 10.9 and 95% agreement on decided samples.
+TIE_FRACTION = 0.02
+# The emulated kernels are numpy (slower than ORT's): they judge at most this many calibration
+# samples, an equal share per group.
+MAX_EMULATED_SAMPLES = 256
+GRAPH = "graph"  # the judge of a target without CPU kernels: the file's own math
+
+# QuantConfig.target -> the kernel families it must hold on (docs/kernel-targets.md).
+TARGET_FAMILIES: dict[str, tuple[str, ...]] = {
+    "portable": ("x86-avx2", "x86-vnni", "arm64"), "x86-avx2": ("x86-avx2",), "x86-vnni": ("x86-vnni",),
+    "arm64": ("arm64",), "gpu": (),
+}
+
+MSG_AGREEMENT = (
+    "{path}: for target={target!r}, the exported model run with {kernels} agrees with the PyTorch "
+    "fake-quant reference on only {agree:.2%} of {n} calibration samples whose top-2 logits are more "
+    "than {tie:g}% of the logit spread apart (need >= {need:.0%}, or a single flipped sample; max "
+    "|logit diff| {diff:.4g}); the file was not written. {cause}"
+)
+# The cause named by MSG_AGREEMENT. The reference already models ORT's int32 bias rounding
+# (s_x·s_w[c] steps, WeightBiasQuantization) and its uint8 activations, so what is left is a
+# saturating kernel or an op ORT computes differently.
+CAUSE_FULL_RANGE = (
+    "The model has full-range 8-bit weights (weight_range='full'), and target={target!r} covers x86 "
+    "CPUs without VNNI, whose u8*s8 kernels (vpmaddubsw) saturate 16-bit sums of product pairs: "
+    "use weight_range='x86-safe' (the default, --weight-range x86-safe), or target='x86-vnni', "
+    "'arm64' or 'gpu' (--target) if the model never runs on such a CPU"
+)
+CAUSE_KERNELS = (
+    "The {family} kernels compute some op differently from the reference (which models ORT's int32 "
+    "bias rounding and uint8 activation pairs): export with check=False and run `fqexport validate "
+    "--target {family}`, whose per-group figures and fused-kernel list show what it costs; "
+    "storage='int8' rules out the 4-bit kernels"
+)
+CAUSE_GRAPH = (
+    "ONNX Runtime computes some op of the graph differently from the reference: export with "
+    "check=False and compare per group with `fqexport validate`"
+)
+MSG_RUN = "{path}: the export check cannot run the exported model with {kernels}: {err}"
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Who judges a file for a kernel family: this CPU's ORT session or the emulation.
+
+    ``family``: a kernel family, or :data:`GRAPH`; ``also``: families of the same arithmetic it
+    stands for; ``native``: this CPU's optimized ORT session (else the emulated kernels).
+    """
+
+    family: str
+    native: bool
+    also: tuple[str, ...] = ()
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return (self.family, *self.also)
+
+    def describe(self) -> str:
+        """``"this CPU's x86-avx2 int8 kernels (ONNX Runtime's optimized session)"``,
+        ``"the emulated x86-vnni/arm64 int8 kernels"`` or the graph's math."""
+        if self.family == GRAPH:
+            return "the graph's own math (ONNX Runtime with optimizations off: no CPU int8 kernels)"
+        names = "/".join(self.families)
+        if self.native:
+            return f"this CPU's {names} int8 kernels (ONNX Runtime's optimized session)"
+        return f"the emulated {names} int8 kernels"
+
+
+def _same_arithmetic(a: str, b: str) -> bool:
+    return a == b or (a in EXACT_FAMILIES and b in EXACT_FAMILIES)
+
+
+def kernel_judges(target: str) -> tuple[Judge, ...]:
+    """The judges of an export for ``target``: one per distinct arithmetic among the target's
+    families, this machine's family first (judged natively where :func:`runs_natively`)."""
+    families = TARGET_FAMILIES[target]
+    if not families:
+        return (Judge(GRAPH, native=False),)
+    host = host_family()
+    judges: list[Judge] = []
+    for family in sorted(families, key=lambda f: (f != host, families.index(f))):
+        for i, judge in enumerate(judges):
+            if _same_arithmetic(judge.family, family):
+                judges[i] = Judge(judge.family, judge.native, (*judge.also, family))
+                break
+        else:
+            judges.append(Judge(family, runs_natively(family)))
+    return tuple(judges)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One judge's comparison of the file with the reference."""
+
+    judge: Judge
+    samples: int
+    agreement: float  # top-1 agreement, all judged samples
+    decided_agreement: float  # top-1 agreement on samples that are not near-ties
+    max_abs_diff: float
+    passed: bool
+
+    def line(self) -> str:
+        """One console line: who judged, on how many samples, with what result."""
+        return (f"{self.judge.describe()}: top-1 agreement {self.agreement:.2%} on {self.samples} calibration "
+                f"samples ({self.decided_agreement:.2%} of the decided ones), max |logit diff| "
+                f"{self.max_abs_diff:.4g} — {'passed' if self.passed else 'FAILED'}")
+
+    def to_dict(self) -> dict:
+        return {"kernels": self.judge.describe(), "families": list(self.judge.families), "native": self.judge.native,
+                "samples": self.samples, "agreement": self.agreement, "decided_agreement": self.decided_agreement,
+                "max_abs_diff": self.max_abs_diff, "passed": self.passed}
+
+
+def decided(want: np.ndarray, tie: float) -> np.ndarray:
+    """Samples whose reference top-2 logits differ by more than ``tie`` (not near-ties)."""
+    if want.shape[1] < 2:
+        return np.ones(want.shape[0], dtype=bool)
+    top2 = np.sort(want, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) > tie
+
+
+def top1_agreement(got: np.ndarray, want: np.ndarray, tie: float = 0.0) -> tuple[float, float]:
+    """``(agreement, agreement on decided samples)`` of the argmax of ``got`` vs ``want``.
+
+    A sample whose reference top-2 logits differ by <= ``tie`` is a near-tie at the export's
+    resolution; kernel rounding may flip it either way.
+    """
+    same = got.argmax(1) == want.argmax(1)
+    ok = decided(want, tie)
+    return float(same.mean()), float(same[ok].mean()) if ok.any() else 1.0
+
+
+def agreement_failed(got: np.ndarray, want: np.ndarray, tie: float) -> bool:
+    """The verdict: top-1 agreement on decided samples below MIN_AGREEMENT, with more than one
+    flipped sample (on fewer than 100 samples one flip is already > 1%)."""
+    ok = decided(want, tie)
+    flips = int(((got.argmax(1) != want.argmax(1)) & ok).sum())
+    return flips > 1 and flips > (1.0 - MIN_AGREEMENT) * int(ok.sum())
+
+
+def tie_threshold(want: np.ndarray) -> float:
+    """:data:`TIE_FRACTION` of the median logit spread of the reference."""
+    spread = float(np.median(want.max(axis=1) - want.min(axis=1))) if want.size else 0.0
+    return TIE_FRACTION * spread
+
+
+def check_subset(group: np.ndarray, cap: int) -> np.ndarray:
+    """Sorted indices of at most ``cap`` samples, taken round-robin over the groups (a group
+    smaller than its share comes whole)."""
+    n = len(group)
+    if n <= cap:
+        return np.arange(n)
+    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.sort(np.lexsort((inverse, rank))[:cap])
+
+
+def _judge_logits(judge: Judge, file: Path, x: np.ndarray) -> np.ndarray:
+    if judge.family == GRAPH:
+        return run_batches(make_session(file, optimized=False), x, 256)
+    if judge.native:
+        return run_batches(make_session(file, optimized=True), x, 256)
+    session = EmulatedSession(file, judge.family, threads=1, native_log_level=logging.INFO)
+    return run_batches(session, x, 128)
+
+
+def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group: np.ndarray, *, target: str,
+                 full_range: bool, path: Path) -> tuple[Verdict, ...]:
+    """Judge ``model`` (about to be written to ``path``) against the reference logits ``want`` on
+    the calibration inputs ``x`` (groups ``group``) under every judge of ``target``.
+
+    Raises ExportError naming the judge, the agreement and the cause at the first failing judge.
+    ``full_range``: the weights use the full 8-bit range (names the saturation as the cause).
+    """
+    tie = tie_threshold(want)
+    verdicts = []
+    with tempfile.TemporaryDirectory(prefix="fqexport-check-") as tmp:
+        file = Path(tmp) / path.name
+        onnx.save_model(model, str(file), save_as_external_data=False)
+        for judge in kernel_judges(target):
+            idx = np.arange(len(x)) if judge.native or judge.family == GRAPH else check_subset(group, MAX_EMULATED_SAMPLES)
+            try:
+                got = _judge_logits(judge, file, x[idx])
+            except FqexportError as err:
+                raise ExportError(MSG_RUN.format(path=path, kernels=judge.describe(), err=err)) from err
+            ref = want[idx]
+            agree, agree_decided = top1_agreement(got, ref, tie)
+            verdict = Verdict(judge, len(idx), agree, agree_decided, float(np.abs(got - ref).max(initial=0.0)),
+                              not agreement_failed(got, ref, tie))
+            verdicts.append(verdict)
+            log.info("export check of %s for target=%s: %s", path, target, verdict.line())
+            if not verdict.passed:
+                if full_range and "x86-avx2" in judge.families:
+                    cause = CAUSE_FULL_RANGE.format(target=target)
+                elif judge.family == GRAPH:
+                    cause = CAUSE_GRAPH
+                else:
+                    cause = CAUSE_KERNELS.format(family=judge.family)
+                raise ExportError(MSG_AGREEMENT.format(
+                    path=path, target=target, kernels=judge.describe(), agree=agree_decided, n=len(idx),
+                    tie=100 * TIE_FRACTION, need=MIN_AGREEMENT, diff=verdict.max_abs_diff, cause=cause))
+    return tuple(verdicts)

@@ -1,0 +1,97 @@
+"""Where a layer's integer codes go in the file: pure rules, applied once.
+
+``compress`` (and fine-tuning, when it re-quantizes at another width) calls :func:`layer_layout`
+for every layer and stores the answer on the :class:`~fqexport.model.QuantizedLayer`; the
+allocator prices a candidate width with the same rules; the exporter writes what the layer
+holds and never decides again.
+
+Containers (ORT-NOTES.md, docs/ort-kernels.md):
+
+- ``"int8"``: int8 codes + ``DequantizeLinear`` — ORT fuses QLinearConv / QGemm /
+  MatMulIntegerToFloat;
+- ``"int4"`` / ``"int2"``: packed INT4 / INT2 codes behind a ``Cast`` to int8 that ORT folds at
+  load, so the same fused int8 kernel runs from a 2-4x smaller file;
+- ``"nbits"``: ORT's ``com.microsoft.MatMulNBits`` (4-bit codes in blocks of ``block_size``
+  along K, one scale per block) for a Linear that maps one vector per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from fqexport.errors import ConfigError
+
+Container = Literal["int8", "int4", "int2", "nbits"]
+CONTAINERS: tuple[str, ...] = get_args(Container)
+
+# MatMulNBits: blocks of a power of 2 >= 16 along K.
+NBITS_BLOCKS = (16, 32, 64, 128, 256)
+# Narrowest width given per-block scales. Measured with benchmarks/nbits_bench.py: per-block
+# scales raised the 4-bit DeiT-tiny-shaped model's top-1 agreement with float from 92.19% to
+# 94.14% (the demo MLP: 85.80% vs 85.70%, within noise) but lost at 2 bits (DeiT 89.84% ->
+# 88.28%; MLP worst group 69.67% -> 67.33%).
+MIN_BLOCK_SCALE_BITS = 3
+
+MSG_CONTAINER = "layer '{name}': container={container!r} is not one of " + ", ".join(CONTAINERS)
+MSG_BLOCKS = "layer '{name}': per-block scales (block_size={block}) need the 'nbits' container, not {container!r}"
+
+
+def token_linear(kind: str, macs: int, params: int) -> bool:
+    """Whether a layer is a Linear applied to several vectors per sample (``[B, T, K]``: tokens,
+    positions): it does more multiply-accumulates per sample than it has weights."""
+    return kind == "linear" and int(macs) > int(params)
+
+
+def nbits_block_size(k: int) -> int:
+    """The MatMulNBits block that stores a K-long row in the fewest bytes: 4-bit codes padded
+    to whole blocks + one float32 scale per block, ``ceil(K/bs) · (bs/2 + 4)``."""
+    return min(NBITS_BLOCKS, key=lambda bs: (-(-k // bs)) * (bs // 2 + 4))
+
+
+def layer_container(kind: str, bits: int, storage: str, tokens: bool = False) -> str:
+    """Container of a ``kind`` layer's ``bits``-wide codes under ``storage``.
+
+    ``"int8"`` storage: every layer in int8. ``"auto"`` / ``"packed"``: the narrowest — 2-bit
+    codes INT2, 3-4-bit codes INT4 (both behind a Cast, int8 kernel), 3-4-bit Linears
+    MatMulNBits; ``"auto"`` keeps a Linear over tokens (``tokens``, :func:`token_linear`) out of
+    MatMulNBits (fp32 speed there, the int8 kernel 3-8x faster) and stores it INT4.
+    """
+    if storage == "int8" or bits > 4:
+        return "int8"
+    if bits <= 2:
+        return "int2"
+    return "nbits" if kind == "linear" and not (tokens and storage == "auto") else "int4"
+
+
+def scale_block_size(container: str, bits: int, cols: int) -> int | None:
+    """Columns per weight scale: the MatMulNBits block when the codes go to MatMulNBits at 3-4
+    bits and a row spans more than one block (MatMulNBits stores one scale per block anyway, so
+    the solver may choose each — GPTQ's groupsize — at no cost in bytes); ``None`` (one scale
+    per row) otherwise."""
+    if container != "nbits" or bits < MIN_BLOCK_SCALE_BITS:
+        return None
+    block = nbits_block_size(cols)
+    return block if -(-cols // block) > 1 else None
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """A layer's container and weight-scale blocking, decided once (:func:`layer_layout`)."""
+
+    container: str
+    block_size: int | None = None  # columns per scale; None: one scale per output channel
+
+    def check(self, name: str) -> None:
+        """ConfigError naming ``name`` when the container is unknown or blocks lack MatMulNBits."""
+        if self.container not in CONTAINERS:
+            raise ConfigError(MSG_CONTAINER.format(name=name, container=self.container))
+        if self.block_size is not None and self.container != "nbits":
+            raise ConfigError(MSG_BLOCKS.format(name=name, block=self.block_size, container=self.container))
+
+
+def layer_layout(kind: str, bits: int, storage: str, cols: int, macs: int, params: int) -> LayerLayout:
+    """The layout of a ``kind`` layer with ``cols`` inputs per output channel, ``macs``
+    multiply-accumulates per sample and ``params`` weights, at ``bits`` under ``storage``."""
+    container = layer_container(kind, bits, storage, token_linear(kind, macs, params))
+    return LayerLayout(container, scale_block_size(container, bits, cols))

@@ -1,0 +1,135 @@
+"""Tests of exporters/export_check.py: who judges an export for a target (this CPU's ORT session
+only for its own kernel family, the emulation for every other), and the agreement verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fqexport.errors import ConfigError
+from fqexport.exporters import cpu_isa as cpu_isa_mod
+from fqexport.exporters.cpu_isa import HOST_KERNELS_ENV, host_family, runs_natively
+from fqexport.exporters.export_check import (
+    GRAPH,
+    MAX_EMULATED_SAMPLES,
+    TARGET_FAMILIES,
+    Judge,
+    agreement_failed,
+    check_subset,
+    kernel_judges,
+    top1_agreement,
+)
+
+AVX2, VNNI, ARM = "x86-avx2", "x86-vnni", "arm64"
+# CPU instruction set -> {target: judges}, written out by hand from docs/kernel-targets.md.
+PLANS = {
+    "x86-avx2": {
+        "portable": [Judge(AVX2, True), Judge(VNNI, False, (ARM,))],
+        "x86-avx2": [Judge(AVX2, True)],
+        "x86-vnni": [Judge(VNNI, False)],
+        "arm64": [Judge(ARM, False)],
+        "gpu": [Judge(GRAPH, False)],
+    },
+    "x86-avx512-vnni+amx": {
+        "portable": [Judge(VNNI, True, (ARM,)), Judge(AVX2, False)],
+        "x86-avx2": [Judge(AVX2, False)],
+        "x86-vnni": [Judge(VNNI, True)],
+        "arm64": [Judge(ARM, False)],
+        "gpu": [Judge(GRAPH, False)],
+    },
+    "arm64": {
+        "portable": [Judge(ARM, True, (VNNI,)), Judge(AVX2, False)],
+        "x86-avx2": [Judge(AVX2, False)],
+        "x86-vnni": [Judge(VNNI, False)],
+        "arm64": [Judge(ARM, True)],
+        "gpu": [Judge(GRAPH, False)],
+    },
+    "unknown": {
+        "portable": [Judge(AVX2, False), Judge(VNNI, False, (ARM,))],
+        "x86-avx2": [Judge(AVX2, False)],
+        "x86-vnni": [Judge(VNNI, False)],
+        "arm64": [Judge(ARM, False)],
+        "gpu": [Judge(GRAPH, False)],
+    },
+}
+
+
+@pytest.mark.parametrize("isa", list(PLANS))
+@pytest.mark.parametrize("target", list(TARGET_FAMILIES))
+def test_this_cpus_session_judges_only_its_own_family(monkeypatch, isa, target):
+    monkeypatch.delenv(HOST_KERNELS_ENV, raising=False)
+    monkeypatch.setattr(cpu_isa_mod, "cpu_isa", lambda cpuinfo=None: isa)
+    assert list(kernel_judges(target)) == PLANS[isa][target]
+
+
+@pytest.mark.parametrize("host", [AVX2, VNNI, ARM])
+def test_a_stand_in_host_is_judged_by_emulation_only(monkeypatch, host):
+    # FQEXPORT_HOST_KERNELS: CI runs the suite as if on each family; this CPU's session never judges
+    monkeypatch.setenv(HOST_KERNELS_ENV, host)
+    assert host_family() == host and not runs_natively(host)
+    judges = kernel_judges("portable")
+    assert not any(j.native for j in judges)
+    assert host in judges[0].families  # the stand-in's own family first
+    assert sorted(f for j in judges for f in j.families) == sorted(TARGET_FAMILIES["portable"])
+
+
+def test_an_unknown_stand_in_host_is_a_config_error(monkeypatch):
+    monkeypatch.setenv(HOST_KERNELS_ENV, "x86-sse")
+    with pytest.raises(ConfigError, match=r"^environment variable FQEXPORT_HOST_KERNELS='x86-sse' is not one of "
+                                          r"x86-avx2, x86-vnni, arm64 \(unset it to use this CPU's own kernels\)$"):
+        host_family()
+
+
+def test_judges_say_which_kernels_judged():
+    assert Judge(AVX2, True).describe() == "this CPU's x86-avx2 int8 kernels (ONNX Runtime's optimized session)"
+    assert Judge(VNNI, False, (ARM,)).describe() == "the emulated x86-vnni/arm64 int8 kernels"
+    assert Judge(GRAPH, False).describe().startswith("the graph's own math")
+
+
+def test_check_subset_takes_the_groups_round_robin():
+    group = np.array([0] * 900 + [1] * 60 + [2] * 40)  # sorted by group, like many data files
+    idx = check_subset(group, MAX_EMULATED_SAMPLES)
+    assert len(idx) == MAX_EMULATED_SAMPLES and np.all(np.diff(idx) > 0)
+    assert np.bincount(group[idx], minlength=3).tolist() == [156, 60, 40]  # small groups whole
+    two = np.array([1, 0] * 500)
+    assert np.bincount(two[check_subset(two, MAX_EMULATED_SAMPLES)]).tolist() == [128, 128]
+    np.testing.assert_array_equal(check_subset(group[:100], MAX_EMULATED_SAMPLES), np.arange(100))
+
+
+def test_top1_agreement_ignores_only_near_ties():
+
+    want = np.array([[1.0, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.5, 0.6]], np.float32)
+    got = want.copy()
+    got[0] = [0.99, 1.0, 0.0]  # flips a near-tie (margin 0.01)
+    got[3] = [0.0, 0.6, 0.5]  # flips a decided sample (margin 0.1)
+    raw, decided = top1_agreement(got, want, tie=0.05)
+    assert raw == 0.5
+    assert decided == 2 / 3  # samples 1, 2, 3 are decided; sample 3 disagrees
+    assert top1_agreement(got, want, tie=0.0) == (0.5, 0.5)
+
+
+def test_agreement_check_allows_one_flip_but_not_two_on_small_sets():
+
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(60, 4)).astype(np.float32)
+    want[np.arange(60), want.argmax(1)] += 1.0  # every sample decided (margin >= 1)
+    got = want.copy()
+
+    def flip(i):
+        got[i] = want[i]
+        got[i, want[i].argmax()] = want[i].min() - 1.0
+
+    assert not agreement_failed(got, want, tie=0.05)
+    flip(0)
+    assert not agreement_failed(got, want, tie=0.05)  # 1 of 60 (98.3%): within one sample
+    flip(1)
+    assert agreement_failed(got, want, tie=0.05)  # 2 of 60
+    # on a large set the 99% bar rules: 2 flips of 1000 pass, 11 do not
+    want = np.tile(want, (17, 1))[:1000]
+    got = want.copy()
+    for i in range(2):
+        got[i, want[i].argmax()] = want[i].min() - 1.0
+    assert not agreement_failed(got, want, tie=0.05)
+    for i in range(2, 11):
+        got[i, want[i].argmax()] = want[i].min() - 1.0
+    assert agreement_failed(got, want, tie=0.05)

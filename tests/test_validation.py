@@ -20,7 +20,9 @@ from onnxruntime.quantization import (
 )
 
 from fqexport.errors import ConfigError, DataError
-from fqexport.validation.gate import Thresholds, pepr_score, validate
+from fqexport.validation.gate import validate
+from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.validation_report import pepr_score
 
 
 class CNN(torch.nn.Module):

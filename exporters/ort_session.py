@@ -1,5 +1,9 @@
 """ONNX Runtime sessions: open a model (optimized or not), run it in batches, see what ORT fused.
 
+:func:`build_session` is the one place a session is built (a file or in-memory bytes, any
+optimization level, an optional dump of the optimized graph); :func:`make_session` is the
+single-input classifier file the gate runs.
+
 What deploys is the *optimized* session (ORT's fused integer kernels), and on AVX2 CPUs
 without VNNI it can disagree with what the graph means (ORT-NOTES.md), so this module can
 open the same file both ways and dump the optimized graph to count the kernels ORT chose.
@@ -47,6 +51,12 @@ MSG_SCALAR_OUTPUT = (
     "is logits [N, C]"
 )
 MSG_RUN = "ONNX Runtime failed on an input of shape {shape}: {err}"
+MSG_THREADS = "threads={threads!r} must be >= 0 (0 = ORT default)"
+MSG_LEVEL = "level={level!r} is not one of {choices} (onnxruntime.GraphOptimizationLevel)"
+
+# Graph optimization levels a session can be built at, by their onnxruntime names.
+OPT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+IN_MEMORY = "<in-memory model>"  # the name of a model given as bytes, in error messages
 
 # Op types that do the heavy lifting. Integer kernels (what a quantized model should reach)
 # and float ones (a Conv/Gemm/MatMul that fell back to float math).
@@ -93,6 +103,70 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
+def _optimization_level(ort: Any, level: str | Any) -> Any:
+    """``onnxruntime.GraphOptimizationLevel`` from its name (or the value itself)."""
+    name = level if isinstance(level, str) else getattr(level, "name", None)
+    if name not in OPT_LEVELS:
+        raise ConfigError(MSG_LEVEL.format(level=level, choices=", ".join(OPT_LEVELS)))
+    return getattr(ort.GraphOptimizationLevel, name)
+
+
+def build_session(
+    model: str | Path | bytes,
+    *,
+    level: str | Any = "ORT_ENABLE_ALL",
+    provider: str = "cpu",
+    threads: int | None = None,
+    disable: tuple[str, ...] = (),
+    dump_path: str | Path | None = None,
+    label: str | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` of an ONNX file or of a serialized model: the one builder.
+
+    Args:
+        model: a path to an ``.onnx`` file (it must exist), or the bytes of a ``ModelProto``
+            (``model.SerializeToString()``).
+        level: the graph optimization level, by name or as the ``GraphOptimizationLevel``
+            value: ``ORT_ENABLE_ALL`` (what deploys), ``ORT_ENABLE_EXTENDED`` (the QDQ fusions
+            without the CPU layout transforms), ``ORT_ENABLE_BASIC``, ``ORT_DISABLE_ALL`` (what
+            the graph means).
+        provider: ``"cpu"`` or ``"cuda"`` (CUDA must be installed and usable, else ConfigError).
+        threads: intra-op threads; ``None`` keeps ORT's default (one per physical core).
+        disable: optimizer names to switch off (e.g. ``("MatMulAddFusion",)``).
+        dump_path: where ORT writes the graph it runs, after its optimizations.
+        label: the model's name in error messages (default: the path, or ``<in-memory model>``).
+
+    Any number of inputs is allowed (:func:`make_session` asks for one). Raises ModelLoadError
+    (missing file, a model ORT cannot load) and ConfigError (provider, level, threads).
+    """
+    ort = _ort()
+    source = model if isinstance(model, bytes) else str(Path(model))
+    name_in_errors = label or (IN_MEMORY if isinstance(model, bytes) else Path(model))
+    if not isinstance(model, bytes):
+        _check_exists(Path(model))
+    provider_name = resolve_provider(provider)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _optimization_level(ort, level)
+    if threads is not None:
+        if int(threads) < 0:
+            raise ConfigError(MSG_THREADS.format(threads=threads))
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    if dump_path is not None:
+        so.optimized_model_filepath = str(dump_path)
+    providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name, "CPUExecutionProvider"]
+    kwargs: dict[str, Any] = {"sess_options": so, "providers": providers}
+    if disable:
+        kwargs["disabled_optimizers"] = list(disable)
+    try:
+        session = ort.InferenceSession(source, **kwargs)
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/… types
+        raise ModelLoadError(MSG_UNREADABLE.format(path=name_in_errors, err=str(err).strip())) from err
+    if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise ConfigError(MSG_CUDA_FELL_BACK.format(path=name_in_errors, providers=session.get_providers()))
+    return session
+
+
 def make_session(
     path: str | Path,
     *,
@@ -102,7 +176,7 @@ def make_session(
     disable: tuple[str, ...] = (),
     optimized_model_filepath: str | Path | None = None,
 ) -> Any:
-    """An ``onnxruntime.InferenceSession`` for ``path``.
+    """An ``onnxruntime.InferenceSession`` of the single-input classifier file ``path``.
 
     Args:
         provider: ``"cpu"`` or ``"cuda"`` (CUDA must be installed and usable, else ConfigError).
@@ -111,31 +185,9 @@ def make_session(
         disable: optimizer names to switch off (e.g. ``("MatMulAddFusion",)``).
         optimized_model_filepath: where ORT should dump the graph it actually runs.
     """
-    ort = _ort()
     path = Path(path)
-    _check_exists(path)
-    name = resolve_provider(provider)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    if threads is not None:
-        if int(threads) < 0:
-            raise ConfigError(f"threads={threads!r} must be >= 0 (0 = ORT default)")
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
-    if optimized_model_filepath is not None:
-        so.optimized_model_filepath = str(optimized_model_filepath)
-    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
-    kwargs: dict[str, Any] = {"sess_options": so, "providers": providers}
-    if disable:
-        kwargs["disabled_optimizers"] = list(disable)
-    try:
-        session = ort.InferenceSession(str(path), **kwargs)
-    except Exception as err:  # ORT raises its own Fail/InvalidGraph/… types
-        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
-    if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise ConfigError(MSG_CUDA_FELL_BACK.format(path=path, providers=session.get_providers()))
+    session = build_session(path, level="ORT_ENABLE_ALL" if optimized else "ORT_DISABLE_ALL", provider=provider,
+                            threads=threads, disable=disable, dump_path=optimized_model_filepath)
     if len(session.get_inputs()) != 1:
         names = ", ".join(i.name for i in session.get_inputs())
         raise ModelLoadError(MSG_INPUTS.format(path=path, n=len(session.get_inputs()), names=names))

@@ -30,7 +30,9 @@ from fqexport.model import CompressedModel, QuantizedLayer
 from fqexport.pipeline.compress import compress
 from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_precision
 from fqexport.search.pareto import pareto_sweep
-from fqexport.validation.gate import Thresholds, ValidationReport, validate
+from fqexport.validation.gate import validate
+from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.validation_report import ValidationReport
 from fqexport.version import __version__
 
 

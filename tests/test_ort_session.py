@@ -11,6 +11,11 @@ from fixtures_models import saturating_qdq_gemm
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import (
+    IN_MEMORY,
+    MSG_INPUTS,
+    MSG_LEVEL,
+    OPT_LEVELS,
+    build_session,
     fused_kernels,
     input_shape,
     kernel_summary,
@@ -112,6 +117,60 @@ def test_optimized_and_unoptimized_qdq_sessions_both_track_float(models):
     exact = run_batches(EmulatedSession(d / "qdq.onnx", "x86-vnni"), x, 32)
     assert np.abs(exact - raw).max() < 0.1 * scale
     assert np.mean(exact.argmax(1) == raw.argmax(1)) >= 0.95
+
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_build_session_takes_bytes_a_level_and_a_dump_path(models, tmp_path):
+    d, x, ref = models
+    qdq = onnx.load(str(d / "qdq.onnx")).SerializeToString()
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+        build_session(qdq, level=level, dump_path=tmp_path / f"{level}.onnx", threads=1)
+    # nothing fused unoptimized; EXTENDED and ALL fuse each QDQ Gemm into one QGemm
+    assert "QGemm" not in _ops(tmp_path / "ORT_DISABLE_ALL.onnx")
+    assert _ops(tmp_path / "ORT_DISABLE_ALL.onnx").count("DequantizeLinear") >= 4
+    assert _ops(tmp_path / "ORT_ENABLE_EXTENDED.onnx").count("QGemm") == 2
+    assert _ops(tmp_path / "ORT_ENABLE_ALL.onnx").count("QGemm") == 2
+    # the same bytes and the same file give the same session: what make_session(optimized=False) runs
+    from_bytes = build_session(onnx.load(str(d / "float.onnx")).SerializeToString(), level="ORT_DISABLE_ALL")
+    from_file = make_session(d / "float.onnx", optimized=False)
+    np.testing.assert_array_equal(run_batches(from_bytes, x, 16), run_batches(from_file, x, 16))
+    np.testing.assert_allclose(run_batches(from_bytes, x, 16), ref, rtol=1e-4, atol=1e-5)
+    # the onnxruntime enum value is accepted as well as its name
+    build_session(d / "float.onnx", level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+
+
+def test_build_session_allows_several_inputs_make_session_does_not(tmp_path):
+    a, b = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in "ab")
+    out = onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [2])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "b"], ["s"])], "add", [a, b], [out])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    s = build_session(model.SerializeToString(), level="ORT_DISABLE_ALL")
+    feeds = {"a": np.array([1, 2], np.float32), "b": np.array([10, 20], np.float32)}
+    np.testing.assert_array_equal(s.run(None, feeds)[0], [11, 22])
+    onnx.save(model, str(tmp_path / "add.onnx"))
+    with pytest.raises(ModelLoadError) as err:
+        make_session(tmp_path / "add.onnx")
+    assert str(err.value) == MSG_INPUTS.format(path=tmp_path / "add.onnx", n=2, names="a, b")
+
+
+def test_build_session_errors_name_the_level_and_the_model(models, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_session(models[0] / "float.onnx", level="ORT_ENABLE_MOST")
+    assert str(err.value) == MSG_LEVEL.format(level="ORT_ENABLE_MOST", choices=", ".join(OPT_LEVELS))
+    assert str(err.value).startswith("level='ORT_ENABLE_MOST' is not one of ORT_DISABLE_ALL, ORT_ENABLE_BASIC, ")
+    with pytest.raises(ModelLoadError, match=f"cannot load ONNX model {IN_MEMORY}: "):
+        build_session(b"not a protobuf")
+    with pytest.raises(ModelLoadError, match="cannot load ONNX model emulated node 3: "):
+        build_session(b"not a protobuf", label="emulated node 3")
+    with pytest.raises(ModelLoadError, match=r"nope\.onnx does not exist"):
+        build_session(tmp_path / "nope.onnx")
+    with pytest.raises(ConfigError, match=r"threads=-1 must be >= 0"):
+        build_session(models[0] / "float.onnx", threads=-1)
 
 
 def test_corrupt_and_missing_files_name_the_file(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of exporters/reports.py on a hand-built ValidationReport (no ONNX Runtime needed)."""
+"""Tests of fqexport/validation/reports.py on a hand-built ValidationReport (no ONNX Runtime needed)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+from fqexport.metrics.group_metrics import group_metrics
+from fqexport.validation.checks import run_checks, target_checks
 from fqexport.validation.latency import LatencyResult
 from fqexport.validation.reports import write_json, write_junit, write_markdown, write_plots
-from fqexport.validation.gate import Thresholds, ValidationReport, run_checks, target_checks
-from fqexport.metrics.group_metrics import group_metrics
+from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.validation_report import ValidationReport
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Tests of fqexport/validation/gate.py on a tiny exported CNN and its QDQ version."""
+"""Tests of fqexport/validation/gate.py (and the measuring in measure.py) on a tiny exported CNN and its QDQ version."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from onnxruntime.quantization import (
 )
 
 from fqexport.errors import ConfigError, DataError
-from fqexport.validation.gate import Thresholds, pepr_score, validate
+from fqexport.validation.gate import validate
+from fqexport.validation.thresholds import Thresholds
 
 
 class CNN(torch.nn.Module):
@@ -180,16 +181,6 @@ def test_options_needing_other_inputs_are_config_errors(setup):
         validate(d / "qdq.onnx", data, thresholds=Thresholds(max_group_drop=1.0))
     with pytest.raises(ConfigError, match="needs the kernel check"):
         validate(d / "qdq.onnx", data, thresholds=Thresholds(max_kernel_deviation=1.0), kernel_check=False)
-
-
-def test_thresholds_checked_once():
-    with pytest.raises(ConfigError, match=r"min_worst_group_acc=120 must be a finite number in \[0, 100\]"):
-        Thresholds(min_worst_group_acc=120)
-    with pytest.raises(ConfigError, match="max_latency_ms=-1"):
-        Thresholds(max_latency_ms=-1)
-    with pytest.raises(ConfigError, match="max_acc_gap='5'"):
-        Thresholds(max_acc_gap="5")
-    assert pepr_score(0.9, 4) == pytest.approx(0.9 / 1.125)
 
 
 def test_npz_path_is_read(setup, tmp_path):

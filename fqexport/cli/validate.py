@@ -15,13 +15,14 @@ from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.exporters.kernel_emulation import TARGETS
-from fqexport.validation.gate import Thresholds, validate
+from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
     write_json,
     write_junit,
     write_markdown,
     write_plots,
 )
+from fqexport.validation.thresholds import Thresholds
 
 EPILOG = (
     "accuracy limits, gaps, drops and kernel deviation are in percent points "

@@ -1,4 +1,4 @@
-"""Reports of a :class:`~fqexport.validation.gate.ValidationReport`: JSON, Markdown, JUnit XML, PNG.
+"""Reports of a :class:`~fqexport.validation.validation_report.ValidationReport`: JSON, Markdown, JUnit XML, PNG.
 
 Every writer is atomic: it writes a temporary file in the target directory, then
 ``os.replace``s it, so a reader never sees half a report. Reports show accuracies in percent.

@@ -1,0 +1,80 @@
+"""Compare a :class:`ValidationReport` against :class:`Thresholds`: one :class:`CheckResult` per limit.
+
+Pure: numbers in, check results out (no sessions, no I/O). Values are converted to the
+threshold's unit (percent points, ms, MB) before comparing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fqexport.validation.thresholds import MB, CheckResult, Thresholds, flag, pct
+from fqexport.validation.validation_report import ValidationReport, group_drop
+
+_TOL = 1e-9  # a value this close to its limit passes (float round-off of the percent conversion)
+
+
+def _at_least(t: Thresholds, name: str, value: float, group: str | None, what: str) -> CheckResult:
+    limit = float(getattr(t, name))
+    ok = value >= limit - _TOL
+    where = f" (group {group!r})" if group else ""
+    verdict = "ok" if ok else "below"
+    return CheckResult(name, limit, value, ok, group, f"{what}{where} {value:.2f} % {verdict} {flag(name)} {limit:g}")
+
+
+def _at_most(t: Thresholds, name: str, value: float, group: str | None, what: str, unit: str,
+             check_name: str | None = None) -> CheckResult:
+    limit = float(getattr(t, name))
+    ok = value <= limit + _TOL
+    where = f" (group {group!r})" if group else ""
+    verdict = "within" if ok else "exceeds"
+    message = f"{what}{where} {value:.2f} {unit} {verdict} {flag(name)} {limit:g}"
+    return CheckResult(check_name or name, limit, value, ok, group, message)
+
+
+def run_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
+    """One :class:`CheckResult` per set threshold (latency: one per measured batch size)."""
+    out: list[CheckResult] = []
+    m = report.metrics
+    if t.min_acc is not None:
+        out.append(_at_least(t, "min_acc", pct(m.overall["accuracy"]), None, "overall accuracy"))
+    if t.min_worst_group_acc is not None:
+        g, acc = m.group_min("accuracy")
+        out.append(_at_least(t, "min_worst_group_acc", pct(acc), g, "worst-group accuracy"))
+    if t.max_acc_gap is not None:
+        lo, hi = m.group_min("accuracy"), m.group_max("accuracy")
+        out.append(_at_most(t, "max_acc_gap", pct(m.difference("accuracy")), lo[0], f"accuracy gap to group {hi[0]!r}", "pp"))
+    if t.max_group_drop is not None and report.max_group_drop is not None:
+        g, drop = report.max_group_drop
+        out.append(_at_most(t, "max_group_drop", pct(drop), g, "accuracy drop vs reference", "pp"))
+    if t.max_kernel_deviation is not None and report.kernel_deviation_by_group is not None:
+        g, dev = max(report.kernel_deviation_by_group.items(), key=lambda kv: kv[1])
+        out.append(_at_most(t, "max_kernel_deviation", pct(dev), g, "kernel deviation (optimized vs unoptimized)", "pp"))
+    if t.max_latency_ms is not None:
+        for lat in report.latency:
+            out.append(_at_most(t, "max_latency_ms", lat.p95_ms, None, f"p95 latency at batch {lat.batch_size}", "ms",
+                                check_name=f"max_latency_ms[batch={lat.batch_size}]"))
+    if t.max_size_mb is not None:
+        out.append(_at_most(t, "max_size_mb", report.size_bytes / MB, None, "model size", "MB"))
+    return tuple(out)
+
+
+def target_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
+    """The accuracy, gap, drop and kernel-deviation checks of every emulated target.
+
+    Named ``<check>[target=<name>]``; latency and size belong to the native session only.
+    """
+    acc_only = dataclasses.replace(t, max_latency_ms=None, max_size_mb=None)
+    out: list[CheckResult] = []
+    for target, m in (report.target_metrics or {}).items():
+        drop = group_drop(report.reference_metrics, m) if report.reference_metrics is not None else None
+        dev = (report.target_kernel_deviation_by_group or {}).get(target)
+        view = dataclasses.replace(report, metrics=m, group_drop=drop, kernel_deviation_by_group=dev, latency=())
+        for c in run_checks(view, acc_only):
+            out.append(dataclasses.replace(c, name=f"{c.name}[target={target}]", message=f"{target}: {c.message}"))
+    return tuple(out)
+
+
+def all_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
+    """The native session's checks, then every emulated target's."""
+    return run_checks(report, t) + target_checks(report, t)

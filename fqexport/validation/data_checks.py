@@ -1,0 +1,75 @@
+"""The gate's test data: read it, and check that it fits the model before any number is trusted.
+
+Each mismatch is a :class:`~fqexport.errors.DataError` (or ModelLoadError for a model that is
+not a classifier) naming the data source, the model and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import load_data
+from fqexport.errors import DataError, ModelLoadError
+
+MSG_SHAPE = (
+    "data {source}: x has shape {got} per sample but model {model} expects input {expected} "
+    "(batch first); give data matching the model's input"
+)
+MSG_RANK = (
+    "data {source}: x has {got} dims per sample but model {model} expects input {expected}"
+)
+MSG_EMPTY = "data {source} holds no samples"
+MSG_EMPTY_GROUP = (
+    "data {source}: group {name!r} (id {gid}) has no samples; every group must be present to "
+    "validate per group (drop it from group_names or add samples)"
+)
+MSG_LABELS = (
+    "data {source}: label {label} is out of range for model {model}, which has {num_classes} "
+    "outputs (labels must be in 0..{last})"
+)
+MSG_OUTPUT = "model {model} returns output of shape {shape}; fqexport validates classifiers with logits [N, C]"
+
+
+def as_group_data(data: GroupData | str | Path) -> GroupData:
+    """``data`` itself, or the group-labeled data read from the file or source it names."""
+    if isinstance(data, GroupData):
+        return data
+    return load_data(str(data))
+
+
+def _shape_text(expected: Sequence[Any]) -> str:
+    """``[batch, 1, 6, 6]``: a model input shape, symbolic dims by name (``?`` when unnamed)."""
+    return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in expected) + "]"
+
+
+def check_data(data: GroupData, model: str, expected: Sequence[Any]) -> None:
+    """DataError when ``data`` cannot be fed to a model with input shape ``expected``."""
+    if len(data) == 0:
+        raise DataError(MSG_EMPTY.format(source=data.source))
+    got = tuple(data.x.shape[1:])
+    exp = tuple(expected[1:])
+    if len(got) != len(exp):
+        raise DataError(MSG_RANK.format(source=data.source, got=len(got), model=model, expected=_shape_text(expected)))
+    for g, e in zip(got, exp):
+        if isinstance(e, int) and e > 0 and g != e:
+            raise DataError(MSG_SHAPE.format(source=data.source, got=list(got), model=model, expected=_shape_text(expected)))
+    counts = data.group_counts()
+    for gid, name in enumerate(data.group_names):
+        if counts[gid] == 0:
+            raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
+
+
+def check_logits(logits: np.ndarray, model: str, data: GroupData) -> None:
+    """ModelLoadError unless ``logits`` are ``[N, C]``; DataError for a label outside ``0..C-1``."""
+    if logits.ndim != 2:
+        raise ModelLoadError(MSG_OUTPUT.format(model=model, shape=list(logits.shape)))
+    c = logits.shape[1]
+    bad = (data.y < 0) | (data.y >= c)
+    if bad.any():
+        raise DataError(
+            MSG_LABELS.format(source=data.source, label=int(data.y[bad][0]), model=model, num_classes=c, last=c - 1)
+        )

@@ -1,0 +1,153 @@
+"""Run the gate's ONNX Runtime sessions on group data and measure each one per group.
+
+The sessions: the optimized one (what deploys, ``native``), the same graph unoptimized (what it
+means: the kernel check), a reference model, and each emulated kernel target. Every step returns
+a small frozen result; :mod:`fqexport.validation.gate` puts them into the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.errors import ConfigError, DataError
+from fqexport.exporters.kernel_emulation import EmulatedSession
+from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
+from fqexport.metrics.group_metrics import GroupMetrics, agreement, group_metrics
+from fqexport.validation.data_checks import check_data, check_logits
+from fqexport.validation.latency import LatencyResult, measure_latency
+from fqexport.validation.thresholds import pct
+from fqexport.validation.validation_report import group_drop, kernel_deviation
+
+log = logging.getLogger(__name__)
+
+MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}: they must be the same task"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One session's logits ``[N, C]`` on the data and their per-group metrics."""
+
+    logits: np.ndarray
+    metrics: GroupMetrics
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How every session of one validation is opened and fed: provider, threads, batch size."""
+
+    provider: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ConfigError(MSG_BATCH.format(batch_size=self.batch_size))
+
+    def open(self, model: str | Path, *, optimized: bool = True) -> Any:
+        """The ORT session of ``model``: optimized (what deploys) or not (what the graph means)."""
+        return make_session(model, provider=self.provider, optimized=optimized, threads=self.threads)
+
+    def measure(self, session: Any, data: GroupData, model: str) -> Measured:
+        """Logits of ``session`` on ``data`` and their per-group metrics; ``model`` names it in errors."""
+        try:
+            logits = run_batches(session, data.x, self.batch_size)
+        except DataError as err:
+            raise DataError(f"model {model} on data {data.source}: {err}") from err
+        check_logits(logits, model, data)
+        return Measured(logits, group_metrics(logits, data.y, data.group, data.group_names))
+
+
+def measure_native(session: Any, data: GroupData, model: str, runner: Runner) -> Measured:
+    """The optimized session on ``data``, after checking that the data fits its input."""
+    check_data(data, model, input_shape(session))
+    native = runner.measure(session, data, model)
+    log.info("%s: overall accuracy %.2f %%", model, pct(native.metrics.overall["accuracy"]))
+    return native
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """The optimized session against the same graph unoptimized, and the kernels ORT chose."""
+
+    unoptimized: GroupMetrics
+    deviation_by_group: Mapping[str, float]  # |acc_g(optimized) − acc_g(unoptimized)|, fraction
+    agreement: float  # top-1 agreement of the two sessions
+    fused_kernels: Mapping[str, int]
+    float_fallbacks: tuple[str, ...]
+
+
+def check_kernels(model: str | Path, data: GroupData, native: Measured, runner: Runner) -> KernelCheck:
+    """Run ``model`` unoptimized and dump its optimized graph: what the kernels changed, per group."""
+    raw = runner.measure(runner.open(model, optimized=False), data, str(model))
+    counts, floats = kernel_summary(model, provider=runner.provider)
+    return KernelCheck(
+        unoptimized=raw.metrics,
+        deviation_by_group=kernel_deviation(native.metrics, raw.metrics),
+        agreement=agreement(native.logits, raw.logits),
+        fused_kernels=counts,
+        float_fallbacks=tuple(floats),
+    )
+
+
+@dataclass(frozen=True)
+class ReferenceComparison:
+    """The model against a reference model (usually the float one) on the same data."""
+
+    model: str
+    metrics: GroupMetrics
+    group_drop: Mapping[str, float]  # acc_g(reference) − acc_g(model), fraction
+    agreement: float  # top-1 agreement with the model
+
+
+def compare_reference(reference: str | Path, data: GroupData, native: Measured, model: str,
+                      runner: Runner) -> ReferenceComparison:
+    """Run the reference's optimized session; DataError when it is not the same task (class count)."""
+    ref_name = str(reference)
+    session = runner.open(reference)
+    check_data(data, ref_name, input_shape(session))
+    ref = runner.measure(session, data, ref_name)
+    ref_c, c = ref.logits.shape[1], native.logits.shape[1]
+    if ref_c != c:
+        raise DataError(MSG_REF_CLASSES.format(ref=reference, ref_c=ref_c, model=model, c=c))
+    return ReferenceComparison(ref_name, ref.metrics, group_drop(ref.metrics, native.metrics),
+                               agreement(native.logits, ref.logits))
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """One emulated kernel target (:mod:`fqexport.exporters.kernel_emulation`) on the data."""
+
+    metrics: GroupMetrics
+    agreement: float  # top-1 agreement with the native session
+    kernel_deviation_by_group: Mapping[str, float] | None  # vs unoptimized; None without the kernel check
+
+
+def measure_target(model: str | Path, target: str, data: GroupData, native: Measured,
+                   kernels: KernelCheck | None, runner: Runner) -> TargetResult:
+    """Run ``model`` through the emulation of ``target``'s integer kernels."""
+    emulated = runner.measure(EmulatedSession(model, target, threads=runner.threads), data, str(model))
+    result = TargetResult(
+        metrics=emulated.metrics,
+        agreement=agreement(emulated.logits, native.logits),
+        kernel_deviation_by_group=kernel_deviation(emulated.metrics, kernels.unoptimized) if kernels else None,
+    )
+    log.info("%s emulated: overall accuracy %.2f %%, agreement with native %.2f %%", target,
+             pct(result.metrics.overall["accuracy"]), pct(result.agreement))
+    return result
+
+
+def measure_latencies(session: Any, data: GroupData, batch_sizes: Sequence[int], *, warmup: int,
+                      repeats: int) -> tuple[LatencyResult, ...]:
+    """Latency of ``session`` at each batch size, on the first samples of ``data``."""
+    out = []
+    for bs in batch_sizes:
+        lat = measure_latency(session, data.x[: int(bs)], int(bs), warmup=warmup, repeats=repeats)
+        log.info("latency batch %d: p50 %.3f ms, p95 %.3f ms", lat.batch_size, lat.p50_ms, lat.p95_ms)
+        out.append(lat)
+    return tuple(out)

@@ -1,0 +1,100 @@
+"""The limits of the CI gate and the result of checking one.
+
+Units: every threshold and every :class:`CheckResult` value is in the unit of its CLI flag:
+accuracies, gaps, drops and kernel deviation in **percent points**, latency in ms, size in MB
+(10⁶ bytes). The measurements behind them (:mod:`fqexport.validation.validation_report`) keep
+accuracies as fractions; :func:`pct` converts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from fqexport.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MSG_THRESHOLD = "threshold {name}={value!r} must be a finite number {rule}"
+
+PCT = 100.0  # percent points per fraction
+MB = 1e6  # bytes per MB
+# Limits read as percent points in [0, 100] (a drop may be negative: the model better than its reference).
+PERCENT_LIMITS = ("min_acc", "min_worst_group_acc", "max_acc_gap", "max_group_drop", "max_kernel_deviation")
+
+
+def pct(fraction: float) -> float:
+    """A fraction as percent points: 0.85 → 85.0."""
+    return float(fraction) * PCT
+
+
+def flag(name: str) -> str:
+    """CLI flag of a threshold field: ``min_worst_group_acc`` → ``--min-worst-group-acc``."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits of the gate; ``None`` = not checked.
+
+    Accuracies, gaps, drops and kernel deviation are in percent points (``min_worst_group_acc=85``
+    means 85 %), like the CLI flags. ``max_latency_ms`` bounds the p95 latency per batch at every
+    measured batch size; ``max_size_mb`` bounds the file size (plus external data) in MB (10⁶ B).
+    """
+
+    min_acc: float | None = None
+    min_worst_group_acc: float | None = None
+    max_acc_gap: float | None = None
+    max_group_drop: float | None = None
+    max_latency_ms: float | None = None
+    max_size_mb: float | None = None
+    max_kernel_deviation: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise ConfigError(MSG_THRESHOLD.format(name=f.name, value=v, rule="(or None)"))
+            if f.name in PERCENT_LIMITS:
+                _check_percent(f.name, float(v), v)
+            elif float(v) <= 0:
+                raise ConfigError(MSG_THRESHOLD.format(name=f.name, value=v, rule="> 0"))
+
+    def any(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    def to_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+def _check_percent(name: str, value: float, given: Any) -> None:
+    """A percent-point limit lies in [0, 100] ([-100, 100] for a drop); warn when it looks like a fraction."""
+    lo = -100.0 if name == "max_group_drop" else 0.0
+    if not (lo <= value <= 100.0):
+        raise ConfigError(
+            MSG_THRESHOLD.format(name=name, value=given, rule=f"in [{lo:g}, 100] (percent points, e.g. 85 for 85 %)")
+        )
+    if name.startswith("min_") and 0 < value <= 1.0:
+        log.warning("%s=%g is read as %g %% (percent points), not as a fraction", name, given, given)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One threshold check. ``limit`` and ``value`` in the threshold's unit (see module doc)."""
+
+    name: str
+    limit: float
+    value: float
+    passed: bool
+    group: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["value"], float) and math.isnan(d["value"]):
+            d["value"] = None
+        return d

@@ -1,0 +1,163 @@
+"""What ``validate`` measured: :class:`ValidationReport`, its views, and the quantities it defines.
+
+Fractions in metrics, percent points in checks (:mod:`fqexport.validation.thresholds`). The
+writers of this report (JSON, Markdown, JUnit, plots) are in :mod:`fqexport.validation.reports`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fqexport.exporters.cpu_isa import kernel_family
+from fqexport.metadata import ExportMetadata
+from fqexport.metrics.group_metrics import GroupMetrics, json_safe
+from fqexport.validation.latency import LatencyResult
+from fqexport.validation.thresholds import CheckResult, Thresholds
+
+
+def pepr_score(performance: float, avg_weight_bits: float) -> float:
+    """PePR = P / (1 + R), R = avg_weight_bits / 32 ∈ (0, 1]: fp32 halves P, 4-bit keeps P/1.125."""
+    return float(performance) / (1.0 + float(avg_weight_bits) / 32.0)
+
+
+def group_drop(reference: GroupMetrics, model: GroupMetrics) -> dict[str, float]:
+    """drop_g = acc_g(reference) − acc_g(model), fraction; positive = the model is worse."""
+    return {g: float(reference.by_group[g]["accuracy"]) - float(row["accuracy"]) for g, row in model.by_group.items()}
+
+
+def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, float]:
+    """dev_g = |acc_g(kernels) − acc_g(graph)|, fraction: what the kernels changed, per group."""
+    return {g: abs(float(row["accuracy"]) - float(graph.by_group[g]["accuracy"])) for g, row in kernels.by_group.items()}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Everything ``validate`` measured. Fractions in metrics; percent in checks.
+
+    kernel_deviation = max_g |acc_g(optimized) − acc_g(unoptimized)| (fraction), with per-group
+    values in ``kernel_deviation_by_group``; group_drop_g = acc_g(reference) − acc_g(model)
+    (fraction, positive = the model is worse). PePR = P / (1 + R) with R = avg_weight_bits / 32
+    (the weight memory relative to fp32) and P = overall accuracy (``pepr``) or worst-group
+    accuracy (``pepr_worst_group``).
+
+    ``cpu_isa`` names this machine's instruction set (the ORT figures above were measured on
+    it). ``targets`` are the kernel targets gated: ``native`` (``metrics``, always) and the
+    emulated ones (:mod:`fqexport.exporters.kernel_emulation`), whose per-group metrics are in
+    ``target_metrics``, their kernel deviation (emulated vs unoptimized, per group, fraction)
+    in ``target_kernel_deviation_by_group`` and their top-1 agreement with the native session
+    in ``target_agreement``.
+    """
+
+    model: str
+    data_source: str
+    provider: str
+    metrics: GroupMetrics
+    unoptimized_metrics: GroupMetrics | None = None
+    kernel_deviation: float | None = None
+    kernel_deviation_by_group: Mapping[str, float] | None = None
+    kernel_agreement: float | None = None
+    reference: str | None = None
+    reference_metrics: GroupMetrics | None = None
+    group_drop: Mapping[str, float] | None = None
+    agreement: float | None = None
+    fused_kernels: Mapping[str, int] | None = None
+    float_fallbacks: tuple[str, ...] | None = None
+    latency: tuple[LatencyResult, ...] = ()
+    size_bytes: int = 0
+    avg_weight_bits: float = 32.0
+    params: int = 0
+    macs: int | None = None
+    bops: float | None = None
+    resource_source: str = "graph"
+    pepr: float = float("nan")
+    pepr_worst_group: float = float("nan")
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    checks: tuple[CheckResult, ...] = ()
+    metadata: ExportMetadata | None = None
+    cpu_isa: str = "unknown"
+    targets: tuple[str, ...] = ("native",)
+    target_metrics: Mapping[str, GroupMetrics] | None = None
+    target_kernel_deviation_by_group: Mapping[str, Mapping[str, float]] | None = None
+    target_agreement: Mapping[str, float] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def max_group_drop(self) -> tuple[str, float] | None:
+        """(group, drop) of the largest per-group drop vs the reference, fraction."""
+        if not self.group_drop:
+            return None
+        return max(self.group_drop.items(), key=lambda kv: kv[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = self.metrics.group_min("accuracy")
+        return {
+            "model": self.model,
+            "data": self.data_source,
+            "provider": self.provider,
+            "cpu_isa": self.cpu_isa,
+            "cpu_kernel_family": kernel_family(self.cpu_isa),
+            "passed": self.passed,
+            "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},
+            "metrics": self.metrics.to_dict(),
+            "worst_group": worst[0],
+            "worst_group_accuracy": json_safe(worst[1]),
+            "accuracy_gap": json_safe(self.metrics.difference("accuracy")),
+            "kernel": self._kernel_dict(),
+            "reference": self._reference_dict(),
+            "latency": [lat.to_dict() for lat in self.latency],
+            "size_bytes": self.size_bytes,
+            "avg_weight_bits": self.avg_weight_bits,
+            "params": self.params,
+            "macs_per_sample": self.macs,
+            "bops_per_sample": self.bops,
+            "resource_source": self.resource_source,
+            "pepr": json_safe(self.pepr),
+            "pepr_worst_group": json_safe(self.pepr_worst_group),
+            "thresholds": self.thresholds.to_dict(),
+            "checks": [c.to_dict() for c in self.checks],
+            "metadata": self.metadata.to_dict() if self.metadata is not None else None,
+            "targets": {name: self.target_dict(name) for name in self.targets},
+        }
+
+    def _kernel_dict(self) -> dict[str, Any]:
+        """The kernel check: what ORT fused and how far the optimized session moved from the graph."""
+        return {
+            "fused_kernels": _dict_or_none(self.fused_kernels),
+            "float_fallbacks": list(self.float_fallbacks) if self.float_fallbacks is not None else None,
+            "unoptimized_metrics": self.unoptimized_metrics.to_dict() if self.unoptimized_metrics else None,
+            "kernel_deviation": self.kernel_deviation,
+            "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
+            "kernel_agreement": self.kernel_agreement,
+        }
+
+    def _reference_dict(self) -> dict[str, Any]:
+        """The comparison with the reference model."""
+        return {
+            "model": self.reference,
+            "metrics": self.reference_metrics.to_dict() if self.reference_metrics else None,
+            "group_drop": _dict_or_none(self.group_drop),
+            "max_group_drop": list(self.max_group_drop) if self.max_group_drop else None,
+            "agreement": self.agreement,
+        }
+
+    def target_dict(self, target: str) -> dict[str, Any]:
+        """Metrics, kernel deviation and agreement with native of one kernel target."""
+        if target == "native":
+            return {"emulated": False, "metrics": self.metrics.to_dict(),
+                    "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
+                    "agreement_with_native": 1.0}
+        dev = (self.target_kernel_deviation_by_group or {}).get(target)
+        return {"emulated": True, "metrics": self.target_metrics[target].to_dict(),
+                "kernel_deviation_by_group": _dict_or_none(dev),
+                "agreement_with_native": (self.target_agreement or {}).get(target)}
+
+
+def _dict_or_none(mapping: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return dict(mapping) if mapping is not None else None

@@ -1,0 +1,67 @@
+"""Tests of fqexport/validation/data_checks.py: data that does not fit the model is named, with the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.errors import DataError, ModelLoadError
+from fqexport.validation.data_checks import (
+    MSG_EMPTY,
+    MSG_EMPTY_GROUP,
+    MSG_LABELS,
+    MSG_OUTPUT,
+    MSG_RANK,
+    MSG_SHAPE,
+    as_group_data,
+    check_data,
+    check_logits,
+)
+
+NAMES = ("majority", "minority")
+
+
+def _data(x, y=(0, 1, 2, 0), group=(0, 1, 0, 1)):
+    return GroupData(np.asarray(x, np.float32), np.asarray(y, np.int64), np.asarray(group, np.int64), NAMES, "d.npz")
+
+
+def _error(fn, *args, kind=DataError) -> str:
+    with pytest.raises(kind) as err:
+        fn(*args)
+    return str(err.value)
+
+
+def test_check_data_accepts_matching_data_and_a_symbolic_batch():
+    check_data(_data(np.zeros((4, 1, 6, 6))), "m.onnx", ("batch", 1, 6, 6))
+    check_data(_data(np.zeros((4, 1, 6, 6))), "m.onnx", (None, 1, 6, 6))
+
+
+def test_check_data_names_shape_rank_and_empty_data():
+    x = np.zeros((4, 1, 5, 5))
+    assert _error(check_data, _data(x), "m.onnx", ("batch", 1, 6, 6)) == MSG_SHAPE.format(
+        source="d.npz", got=[1, 5, 5], model="m.onnx", expected="[batch, 1, 6, 6]")
+    assert _error(check_data, _data(np.zeros((4, 25))), "m.onnx", (None, 1, 5, 5)) == MSG_RANK.format(
+        source="d.npz", got=1, model="m.onnx", expected="[?, 1, 5, 5]")
+    empty = GroupData(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), NAMES, "e.npz")
+    assert _error(check_data, empty, "m.onnx", (None, 3)) == MSG_EMPTY.format(source="e.npz")
+    one_group = _data(np.zeros((4, 3)), group=(0, 0, 0, 0))
+    assert _error(check_data, one_group, "m.onnx", (None, 3)) == MSG_EMPTY_GROUP.format(
+        source="d.npz", name="minority", gid=1)
+
+
+def test_check_logits_names_output_shape_and_label_range():
+    data = _data(np.zeros((4, 3)))
+    check_logits(np.zeros((4, 3)), "m.onnx", data)
+    assert _error(check_logits, np.zeros(4), "m.onnx", data, kind=ModelLoadError) == MSG_OUTPUT.format(
+        model="m.onnx", shape=[4])
+    assert _error(check_logits, np.zeros((4, 2)), "m.onnx", data) == MSG_LABELS.format(
+        source="d.npz", label=2, model="m.onnx", num_classes=2, last=1)
+
+
+def test_as_group_data_passes_group_data_through_and_reads_a_path(tmp_path):
+    data = _data(np.zeros((4, 3)))
+    assert as_group_data(data) is data
+    np.savez(tmp_path / "t.npz", x=data.x, y=data.y, group=data.group, group_names=np.array(NAMES))
+    read = as_group_data(tmp_path / "t.npz")
+    assert read.source.endswith("t.npz") and len(read) == 4 and tuple(read.group_names) == NAMES

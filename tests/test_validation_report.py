@@ -1,0 +1,43 @@
+"""Tests of fqexport/validation/validation_report.py: the quantities the report defines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fqexport.metrics.group_metrics import group_metrics
+from fqexport.validation.validation_report import ValidationReport, group_drop, kernel_deviation, pepr_score
+
+Y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+GROUP = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def _metrics(pred):
+    return group_metrics(np.eye(2)[np.asarray(pred)] * 3.0, Y, GROUP, ("a", "b"))
+
+
+def test_pepr_score():
+    assert pepr_score(0.9, 4) == pytest.approx(0.9 / 1.125)
+    assert pepr_score(1.0, 32) == 0.5
+
+
+def test_group_drop_and_kernel_deviation_per_group():
+    ref = _metrics(Y)  # right everywhere
+    model = _metrics([0, 1, 0, 1, 1, 0, 0, 1])  # a 4/4, b 2/4
+    other = _metrics([1, 1, 0, 1, 0, 1, 0, 1])  # a 3/4, b 4/4
+    assert group_drop(ref, model) == {"a": 0.0, "b": 0.5}
+    assert group_drop(model, ref) == {"a": 0.0, "b": -0.5}  # the model better than its reference: negative
+    assert kernel_deviation(model, other) == {"a": 0.25, "b": 0.5}
+    assert kernel_deviation(other, model) == kernel_deviation(model, other)
+
+
+def test_report_views():
+    m = _metrics([0, 1, 0, 1, 1, 0, 0, 1])
+    r = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m,
+                         group_drop={"a": -0.25, "b": 0.5})
+    assert r.passed and r.failures() == [] and r.max_group_drop == ("b", 0.5)
+    d = r.to_dict()
+    assert d["worst_group"] == "b" and d["worst_group_accuracy"] == 0.5 and d["accuracy_gap"] == 0.5
+    assert d["reference"]["group_drop"] == {"a": -0.25, "b": 0.5} and d["kernel"]["fused_kernels"] is None
+    assert d["targets"] == {"native": {"emulated": False, "metrics": m.to_dict(), "kernel_deviation_by_group": None,
+                                       "agreement_with_native": 1.0}}

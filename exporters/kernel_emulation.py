@@ -34,10 +34,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from fqexport.errors import ConfigError, ModelLoadError
+from fqexport.exporters.ort_session import build_session
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +340,10 @@ class EmulatedSession:
 
     @staticmethod
     def _optimized(path: Path) -> onnx.ModelProto:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.log_severity_level = 3
         with tempfile.TemporaryDirectory(prefix="fqexport-emu-") as tmp:
             dump = Path(tmp) / "extended.onnx"
-            so.optimized_model_filepath = str(dump)
             try:
-                ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                build_session(path, level="ORT_ENABLE_EXTENDED", dump_path=dump)
                 return onnx.load(str(dump), load_external_data=True)
             except Exception as err:
                 raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
@@ -375,12 +371,8 @@ class EmulatedSession:
         graph = helper.make_graph([node], f"node{idx}", inputs, outputs, initializer=inits)
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         model.ir_version = self.model.ir_version
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
-        if self._threads is not None:
-            so.intra_op_num_threads = int(self._threads)
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=self._threads,
+                             label=f"node {node.name} of {self.path}")
         self._sessions[key] = sess
         return sess
 

@@ -61,8 +61,8 @@ def add_validate_parser(subparsers) -> None:
                    help="maximum per-group accuracy difference optimized vs unoptimized session, pp")
     p.add_argument("--target", dest="targets", action="append", choices=TARGETS, default=None,
                    help="int8 kernel target to gate (repeatable; default native = this CPU). x86-avx2, "
-                        "x86-vnni and arm64 emulate that CPU family's integer accumulation; every limit "
-                        "applies to each target")
+                        "x86-vnni and arm64: that CPU family's integer accumulation — this CPU's own session "
+                        "when it is of that family, else the bit-exact emulation; every limit applies to each target")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size of the accuracy runs")
     p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), help="comma list, e.g. 1,32")
@@ -114,7 +114,8 @@ def print_summary(report) -> None:
             f"{g} {_pct(r['accuracy']).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
             for g, r in tm.by_group.items()
         )
-        print(f"target {target} (emulated): {accs}; agreement with native "
+        how = "this CPU's own kernels" if target in report.target_native else "emulated"
+        print(f"target {target} ({how}): {accs}; agreement with native "
               f"{_pct(report.target_agreement[target]).strip()} %")
     if report.fused_kernels is not None:
         ks = ", ".join(f"{k}={v}" for k, v in report.fused_kernels.items() if v)

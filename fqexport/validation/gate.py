@@ -161,6 +161,7 @@ def _target_fields(emulated: Mapping[str, TargetResult], *, with_deviation: bool
         target_kernel_deviation_by_group={x: r.kernel_deviation_by_group for x, r in emulated.items()}
         if with_deviation else None,
         target_agreement={x: r.agreement for x, r in emulated.items()},
+        target_native=tuple(x for x, r in emulated.items() if r.native),
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError, DataError
+from fqexport.exporters.cpu_isa import runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
 from fqexport.metrics.group_metrics import GroupMetrics, agreement, group_metrics
@@ -121,24 +122,31 @@ def compare_reference(reference: str | Path, data: GroupData, native: Measured, 
 
 @dataclass(frozen=True)
 class TargetResult:
-    """One emulated kernel target (:mod:`fqexport.exporters.kernel_emulation`) on the data."""
+    """One kernel target (x86-avx2, x86-vnni, arm64) on the data."""
 
     metrics: GroupMetrics
     agreement: float  # top-1 agreement with the native session
     kernel_deviation_by_group: Mapping[str, float] | None  # vs unoptimized; None without the kernel check
+    native: bool  # judged by this CPU's own session (this CPU is of the target's family), else emulated
 
 
 def measure_target(model: str | Path, target: str, data: GroupData, native: Measured,
                    kernels: KernelCheck | None, runner: Runner) -> TargetResult:
-    """Run ``model`` through the emulation of ``target``'s integer kernels."""
-    emulated = runner.measure(EmulatedSession(model, target, threads=runner.threads), data, str(model))
+    """``target``'s integer kernels on ``data``: this CPU's own optimized session when this CPU is
+    of that family (:func:`~fqexport.exporters.cpu_isa.runs_natively`; the emulation was measured
+    equal to it), else the bit-exact emulation (:mod:`fqexport.exporters.kernel_emulation`)."""
+    own = runner.provider == "cpu" and runs_natively(target)
+    measured = native if own else runner.measure(EmulatedSession(model, target, threads=runner.threads),
+                                                  data, str(model))
     result = TargetResult(
-        metrics=emulated.metrics,
-        agreement=agreement(emulated.logits, native.logits),
-        kernel_deviation_by_group=kernel_deviation(emulated.metrics, kernels.unoptimized) if kernels else None,
+        metrics=measured.metrics,
+        agreement=agreement(measured.logits, native.logits),
+        kernel_deviation_by_group=kernel_deviation(measured.metrics, kernels.unoptimized) if kernels else None,
+        native=own,
     )
-    log.info("%s emulated: overall accuracy %.2f %%, agreement with native %.2f %%", target,
-             pct(result.metrics.overall["accuracy"]), pct(result.agreement))
+    log.info("%s (%s): overall accuracy %.2f %%, agreement with native %.2f %%", target,
+             "this CPU's own kernels" if own else "emulated", pct(result.metrics.overall["accuracy"]),
+             pct(result.agreement))
     return result
 
 

@@ -128,7 +128,9 @@ def format_target_table(report: Any) -> str:
     lines = ["| target | group | accuracy % | kernel dev pp | top-1 agreement with native % |",
              "|---|---|---:|---:|---:|"]
     for r in target_rows(report):
-        label = f"{r['target']} (emulated)" if r["emulated"] else f"native ({getattr(report, 'cpu_isa', 'unknown')})"
+        isa = getattr(report, "cpu_isa", "unknown")
+        label = (f"{r['target']} (emulated)" if r["emulated"] else f"native ({isa})" if r["target"] == "native"
+                 else f"{r['target']} (this CPU's own kernels, {isa})")
         lines.append(f"| {label} | {r['group']} | {_pct(r['accuracy'])} | {_pct(r['kernel_deviation'])} | "
                      f"{_pct(r['agreement_with_native'])} |")
     return "\n".join(lines)

@@ -42,11 +42,12 @@ class ValidationReport:
     accuracy (``pepr_worst_group``).
 
     ``cpu_isa`` names this machine's instruction set (the ORT figures above were measured on
-    it). ``targets`` are the kernel targets gated: ``native`` (``metrics``, always) and the
-    emulated ones (:mod:`fqexport.exporters.kernel_emulation`), whose per-group metrics are in
-    ``target_metrics``, their kernel deviation (emulated vs unoptimized, per group, fraction)
-    in ``target_kernel_deviation_by_group`` and their top-1 agreement with the native session
-    in ``target_agreement``.
+    it). ``targets`` are the kernel targets gated: ``native`` (``metrics``, always) and CPU
+    families, whose per-group metrics are in ``target_metrics``, their kernel deviation (vs the
+    unoptimized session, per group, fraction) in ``target_kernel_deviation_by_group`` and their
+    top-1 agreement with the native session in ``target_agreement``. A family is judged by this
+    CPU's own session when this CPU is of that family (``target_native``), else by its emulation
+    (:mod:`fqexport.exporters.kernel_emulation`).
     """
 
     model: str
@@ -80,6 +81,7 @@ class ValidationReport:
     target_metrics: Mapping[str, GroupMetrics] | None = None
     target_kernel_deviation_by_group: Mapping[str, Mapping[str, float]] | None = None
     target_agreement: Mapping[str, float] | None = None
+    target_native: tuple[str, ...] = ()  # targets judged by this CPU's own session (its family), not emulated
 
     @property
     def passed(self) -> bool:
@@ -154,7 +156,7 @@ class ValidationReport:
                     "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
                     "agreement_with_native": 1.0}
         dev = (self.target_kernel_deviation_by_group or {}).get(target)
-        return {"emulated": True, "metrics": self.target_metrics[target].to_dict(),
+        return {"emulated": target not in self.target_native, "metrics": self.target_metrics[target].to_dict(),
                 "kernel_deviation_by_group": _dict_or_none(dev),
                 "agreement_with_native": (self.target_agreement or {}).get(target)}
 

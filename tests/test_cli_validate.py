@@ -20,6 +20,10 @@ from onnxruntime.quantization import (
 
 from fqexport.cli import main
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 
 def _run(argv):
     return main(["validate", *map(str, argv)])

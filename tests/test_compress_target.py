@@ -40,6 +40,10 @@ from fqexport.exporters.ort_session import run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 # rtn without clipping or bias correction keeps the fixture's weights on the designed codes.
 _PLAIN = dict(method="rtn", bias_correction=False, bn_reestimate=False, clip_search=False)
 

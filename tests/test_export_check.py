@@ -20,6 +20,10 @@ from fqexport.exporters.export_check import (
     top1_agreement,
 )
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 AVX2, VNNI, ARM = "x86-avx2", "x86-vnni", "arm64"
 # CPU instruction set -> {target: judges}, written out by hand from docs/kernel-targets.md.
 PLANS = {

@@ -22,6 +22,10 @@ from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 SX = 1.0 / 255.0  # input quantized on [0, 1] with zero point 0: x = 1.0 -> 255
 SY = 10.0 / 255.0  # output on [0, 10]
 SW = 1.0 / 127.0

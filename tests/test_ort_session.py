@@ -33,6 +33,10 @@ from onnxruntime.quantization import (
 from fqexport.errors import ConfigError, ModelLoadError
 from fqexport.validation.latency import measure_latency
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 KERNELS = kernel_family(cpu_isa())  # which fused u8xs8 kernels ORT runs here (exporters/cpu_isa.py)
 

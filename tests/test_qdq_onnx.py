@@ -21,6 +21,10 @@ from fqexport.exporters import export_check
 from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.pipeline.compress import compress
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 ALL_LAYERS = ["stem", "conv_a", "conv_b", "dw", "pw", "fc"]
 
 

@@ -23,6 +23,10 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.validation.gate import validate
 from fqexport.validation.thresholds import Thresholds
 
+# what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
+# (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
+pytestmark = pytest.mark.isa
+
 
 class CNN(torch.nn.Module):
     def __init__(self) -> None:

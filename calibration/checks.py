@@ -84,25 +84,39 @@ def _group_ids(
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """(int64 ids, names) from ids or names, with optional explicit ``group_names``; ``index``
     (a streamed batch's sample positions) makes the messages name the sample."""
-    at = (lambda i: int(index[i])) if index is not None else (lambda i: i)
     names = None if group_names is None else _names_from_array(group_names, source)
     if group.ndim != 1:
         raise data_error(source, f"field 'group' must be 1-D [N], got shape {group.shape}")
     if group.dtype.kind in "US" or group.dtype == object:
-        labels = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in group.tolist()])
-        if names is None:
-            names = tuple(str(n) for n in np.unique(labels)) if labels.size else ("group0",)
-        lookup = {n: i for i, n in enumerate(names)}
-        ids = np.empty(labels.shape[0], dtype=np.int64)
-        for i, lab in enumerate(labels.tolist()):
-            if lab not in lookup:
-                raise data_error(
-                    source,
-                    f"field 'group' holds the name {lab!r} (sample {at(i)}) that is not in "
-                    f"group_names {list(names)}",
-                )
-            ids[i] = lookup[lab]
-        return ids, names
+        return _ids_of_names(group, names, source, index)
+    return _ids_of_ids(group, names, source, index)
+
+
+def _ids_of_names(
+    group: np.ndarray, names: tuple[str, ...] | None, source: str, index: np.ndarray | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Group names as ids: into ``names`` when given, else into the sorted unique names."""
+    labels = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in group.tolist()])
+    if names is None:
+        names = tuple(str(n) for n in np.unique(labels)) if labels.size else ("group0",)
+    lookup = {n: i for i, n in enumerate(names)}
+    ids = np.empty(labels.shape[0], dtype=np.int64)
+    for i, lab in enumerate(labels.tolist()):
+        if lab not in lookup:
+            raise data_error(
+                source,
+                f"field 'group' holds the name {lab!r} (sample {_sample(index, i)}) that is not in "
+                f"group_names {list(names)}",
+            )
+        ids[i] = lookup[lab]
+    return ids, names
+
+
+def _ids_of_ids(
+    group: np.ndarray, names: tuple[str, ...] | None, source: str, index: np.ndarray | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Group ids checked (integers >= 0, each naming one of ``names``); ``group0``, ``group1``, …
+    when no names are given."""
     ids = _as_int_array(group, "group", source)
     if ids.size and ids.min() < 0:
         raise data_error(
@@ -112,13 +126,18 @@ def _group_ids(
         n = int(ids.max()) + 1 if ids.size else 1
         names = tuple(f"group{i}" for i in range(n))
     elif ids.size and ids.max() >= len(names):
-        where = "" if index is None else f"sample {at(int(np.argmax(ids)))}: "
+        where = "" if index is None else f"sample {_sample(index, int(np.argmax(ids)))}: "
         raise data_error(
             source,
             f"{where}field 'group' holds the id {int(ids.max())} but group_names has only "
             f"{len(names)} names (ids 0..{len(names) - 1})",
         )
     return ids, names
+
+
+def _sample(index: np.ndarray | None, i: int) -> int:
+    """The position in the source of a batch's ``i``-th sample (``i`` itself for a whole array)."""
+    return int(index[i]) if index is not None else i
 
 
 def _check_x_dtype(x: np.ndarray, source: str, where: str = "") -> None:

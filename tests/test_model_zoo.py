@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fixtures_models as fm
-from fqexport.calibration.readers import validate_group_data
+from fqexport.calibration.checks import validate_group_data
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError, UnsupportedLayerError
 from fqexport.exporters.qdq_onnx import export_qdq

@@ -9,7 +9,9 @@ import fixtures_models as fm
 import numpy as np
 import pytest
 import torch
-from fqexport.calibration.readers import MAX_IMAGE_PIXELS, load_csv_manifest, load_npz
+from fqexport.calibration.images import MAX_IMAGE_PIXELS
+from fqexport.calibration.manifest import load_csv_manifest
+from fqexport.calibration.npz import load_npz
 from fqexport.exporters.ort_session import model_files_size
 from safety_helpers import (
     compress_args,

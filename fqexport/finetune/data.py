@@ -40,21 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fqexport.calibration.checks import check_x_values, group_ids, validate_targets
+from fqexport.calibration.dataset import MSG_ITEM_SHAPE, dataset_groups, dataset_item
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import (
-    MSG_ITEM_SHAPE,
-    check_x_values,
-    dataset_groups,
-    dataset_item,
-    group_ids,
-    load_data,
-    manifest_item,
-    manifest_targets,
-    open_npz,
-    read_manifest_rows,
-    read_npz_field,
-    validate_targets,
-)
+from fqexport.calibration.manifest import manifest_item, manifest_targets, read_manifest_rows
+from fqexport.calibration.npz import open_npz, read_npz_field
+from fqexport.calibration.readers import load_data
 from fqexport.errors import DataError
 
 log = logging.getLogger(__name__)

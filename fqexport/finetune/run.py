@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fqexport.calibration.checks import check_labels
 from fqexport.calibration.group_data import GroupData, group_weight_vector
-from fqexport.calibration.readers import check_labels
 from fqexport.calibration.sampling import (
     balanced_allocation,
     group_balanced_indices,

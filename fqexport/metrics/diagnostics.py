@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fqexport.calibration.checks import check_labels
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import check_labels, load_data
+from fqexport.calibration.readers import load_data
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.graph.prepare import fold_batchnorm

@@ -28,9 +28,10 @@ import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from fqexport.calibration.checks import check_labels, check_vocabulary
 from fqexport.calibration.group_data import GroupData, group_weight_vector
 from fqexport.calibration.observers import make_observer
-from fqexport.calibration.readers import check_labels, check_vocabulary, load_data
+from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError

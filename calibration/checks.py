@@ -1,0 +1,276 @@
+"""Checks of group-labeled data: arrays, labels, groups and token ids, whole or one batch at a time.
+
+The rules every reader (and the training stream) holds data to: x numeric with at least two
+dimensions, no NaN/Inf, kept float32 — or int64 token ids when ``x`` holds signed integers (see
+:data:`MSG_NEGATIVE_IDS` and :func:`check_vocabulary`); y and group integer ``[N]``; every group id
+naming a group that has samples. A failed check raises one :class:`DataError` whose message starts
+with the source (a file or a description) and names the field, e.g.
+``"test.npz: field 'x' contains NaN or Inf (3 values)"``; given the samples' positions (``index``,
+for a streamed batch) it names the first bad sample too.
+
+Groups may be given as integer ids or as names (strings). Names become ids in sorted order of
+the unique names (``["f", "m", "f"]`` → names ``("f", "m")``, ids ``[0, 1, 0]``) unless
+``group_names`` is given, which then fixes the order. Integer ids without names get the names
+``group0``, ``group1``, ….
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from fqexport.errors import DataError
+
+from .group_data import GroupData
+
+MSG_NEGATIVE_IDS = (
+    "field 'x' holds signed integers, read as token ids (kept int64 for an Embedding), but has the "
+    "negative id {value}; ids must be >= 0 — store float features as float32, or fix the ids"
+)
+MSG_VOCABULARY = (
+    "field 'x' holds the token id {value} outside the vocabulary [0, {vocab}) of the model's "
+    "Embedding '{layer}' (num_embeddings={vocab}); check the tokenizer or the model"
+)
+
+
+def data_error(source: str, message: str) -> DataError:
+    """The :class:`DataError` of ``message`` about ``source``: ``"<source>: <message>"``."""
+    return DataError(f"{source}: {message}")
+
+
+def _as_int_array(a: np.ndarray, field: str, source: str) -> np.ndarray:
+    """int64 view of an integer (or bool, or whole-number float) array, else DataError."""
+    if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.int64, copy=False)
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if finite.all() and np.all(a == np.round(a)):
+            return a.astype(np.int64)
+        bad = a[~finite] if not finite.all() else a[a != np.round(a)]
+        raise data_error(
+            source,
+            f"field '{field}' must hold integers, found the non-integer value {bad.flat[0].item()!r} "
+            f"(dtype {a.dtype}); store {field} as integer ids",
+        )
+    raise data_error(
+        source,
+        f"field '{field}' must hold integers, got dtype {a.dtype}; store {field} as integer ids"
+        + (" or group names" if field == "group" else ""),
+    )
+
+
+def _names_from_array(group_names: Any, source: str) -> tuple[str, ...]:
+    arr = np.asarray(group_names)
+    if arr.ndim != 1:
+        raise data_error(source, f"field 'group_names' must be 1-D, got shape {arr.shape}")
+    if arr.size and not (np.issubdtype(arr.dtype, np.str_) or np.issubdtype(arr.dtype, np.bytes_)):
+        raise data_error(source, f"field 'group_names' must hold strings, got dtype {arr.dtype}")
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in arr.tolist())
+    if not names:
+        raise data_error(source, "field 'group_names' is empty; give one name per group id")
+    seen: set[str] = set()
+    for n in names:
+        if n == "":
+            raise data_error(source, "field 'group_names' contains an empty name")
+        if n in seen:
+            raise data_error(source, f"field 'group_names' names the group {n!r} twice")
+        seen.add(n)
+    return names
+
+
+def _group_ids(
+    group: np.ndarray, group_names: Any, source: str, index: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(int64 ids, names) from ids or names, with optional explicit ``group_names``; ``index``
+    (a streamed batch's sample positions) makes the messages name the sample."""
+    names = None if group_names is None else _names_from_array(group_names, source)
+    if group.ndim != 1:
+        raise data_error(source, f"field 'group' must be 1-D [N], got shape {group.shape}")
+    if group.dtype.kind in "US" or group.dtype == object:
+        return _ids_of_names(group, names, source, index)
+    return _ids_of_ids(group, names, source, index)
+
+
+def _ids_of_names(
+    group: np.ndarray, names: tuple[str, ...] | None, source: str, index: np.ndarray | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Group names as ids: into ``names`` when given, else into the sorted unique names."""
+    labels = np.array([g.decode() if isinstance(g, bytes) else str(g) for g in group.tolist()])
+    if names is None:
+        names = tuple(str(n) for n in np.unique(labels)) if labels.size else ("group0",)
+    lookup = {n: i for i, n in enumerate(names)}
+    ids = np.empty(labels.shape[0], dtype=np.int64)
+    for i, lab in enumerate(labels.tolist()):
+        if lab not in lookup:
+            raise data_error(
+                source,
+                f"field 'group' holds the name {lab!r} (sample {_sample(index, i)}) that is not in "
+                f"group_names {list(names)}",
+            )
+        ids[i] = lookup[lab]
+    return ids, names
+
+
+def _ids_of_ids(
+    group: np.ndarray, names: tuple[str, ...] | None, source: str, index: np.ndarray | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Group ids checked (integers >= 0, each naming one of ``names``); ``group0``, ``group1``, …
+    when no names are given."""
+    ids = _as_int_array(group, "group", source)
+    if ids.size and ids.min() < 0:
+        raise data_error(
+            source, f"field 'group' holds the negative id {int(ids.min())}; ids start at 0"
+        )
+    if names is None:
+        n = int(ids.max()) + 1 if ids.size else 1
+        names = tuple(f"group{i}" for i in range(n))
+    elif ids.size and ids.max() >= len(names):
+        where = "" if index is None else f"sample {_sample(index, int(np.argmax(ids)))}: "
+        raise data_error(
+            source,
+            f"{where}field 'group' holds the id {int(ids.max())} but group_names has only "
+            f"{len(names)} names (ids 0..{len(names) - 1})",
+        )
+    return ids, names
+
+
+def _sample(index: np.ndarray | None, i: int) -> int:
+    """The position in the source of a batch's ``i``-th sample (``i`` itself for a whole array)."""
+    return int(index[i]) if index is not None else i
+
+
+def _check_x_dtype(x: np.ndarray, source: str, where: str = "") -> None:
+    if x.dtype == object or not (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number)) or (
+        np.issubdtype(x.dtype, np.complexfloating)
+    ):
+        raise data_error(source, f"{where}field 'x' must be numeric, got dtype {x.dtype}")
+
+
+def group_ids(group: Any, group_names: Sequence[str], source: str, index: np.ndarray) -> np.ndarray:
+    """int64 ids of one streamed batch's groups (ids or names) over the known ``group_names``;
+    DataError naming the sample (its position in ``index``) for an unknown name or id."""
+    return _group_ids(np.asarray(group), list(group_names), source, np.asarray(index))[0]
+
+
+def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.ndarray:
+    """``x`` as float32 (int64 for signed-integer token ids), checked: numeric, ids >= 0, no NaN/Inf.
+
+    ``index`` (the samples' positions in ``source``, for one batch of streamed data) makes the
+    message name the first bad sample, e.g. ``"train.npz: sample 1234: field 'x' contains NaN or
+    Inf (3 values)"``; without it the message names the field only (a whole array).
+    """
+    x = np.asarray(x)
+    first = (lambda bad: f"sample {int(index[np.flatnonzero(bad.reshape(len(bad), -1).any(1))[0]])}: "
+             if index is not None else "")
+    _check_x_dtype(x, source, first(np.ones(len(x), bool)) if index is not None and len(x) else "")
+    if np.issubdtype(x.dtype, np.signedinteger):
+        x = x.astype(np.int64, copy=False)
+        if x.size and int(x.min()) < 0:
+            raise data_error(source, first(x < 0) + MSG_NEGATIVE_IDS.format(value=int(x.min())))
+    else:
+        x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x)
+        bad = int(x.size - np.count_nonzero(finite))
+        if bad:
+            raise data_error(source, first(~finite) + f"field 'x' contains NaN or Inf ({bad} values)")
+    return x
+
+
+def validate_targets(
+    y: Any, group: Any, group_names: Sequence[str] | np.ndarray | None, n: int, source: str
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The labels and groups of ``n`` samples checked and converted: ``(y int64, group ids int64,
+    names)`` (the rules of :func:`validate_group_data` for fields y and group)."""
+    y = np.asarray(y)
+    group = np.asarray(group)
+    if y.ndim != 1:
+        raise data_error(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
+    for field, arr in (("y", y), ("group", group)):
+        if arr.ndim >= 1 and arr.shape[0] != n:
+            raise data_error(
+                source,
+                f"length mismatch: field 'x' has {n} samples but field '{field}' has "
+                f"{arr.shape[0]}",
+            )
+    y = _as_int_array(y, "y", source)
+    if y.min() < 0:
+        raise data_error(
+            source,
+            f"field 'y' holds the negative label {int(y.min())}; labels must be class ids >= 0",
+        )
+    ids, names = _group_ids(group, group_names, source)
+    counts = np.bincount(ids, minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise data_error(
+            source,
+            f"group {empty[0]!r} has no samples (field 'group'); drop it from group_names "
+            "or add samples of it",
+        )
+    return y, ids, tuple(names)
+
+
+def validate_group_data(
+    x: Any,
+    y: Any,
+    group: Any,
+    group_names: Sequence[str] | np.ndarray | None = None,
+    source: str = "<memory>",
+) -> GroupData:
+    """Check and convert raw arrays into a :class:`GroupData` (x float32, y/group int64).
+
+    ``x`` of a signed integer dtype (int8…int64) holds token ids: it is kept as int64 (never cast
+    to float, so an Embedding front end sees its ids) and must be >= 0. Unsigned integers and
+    bools (e.g. uint8 pixels) are cast to float32 as before.
+
+    Raises:
+        DataError: naming ``source`` and the field, for an empty dataset, x not numeric or
+            with fewer than 2 dims, NaN/Inf in x, y/group not integer, negative labels, a
+            length mismatch, a group id outside ``group_names`` or a group with no samples.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    group = np.asarray(group)
+    _check_x_dtype(x, source)
+    if x.ndim < 2:
+        raise data_error(
+            source,
+            f"field 'x' must have at least 2 dims [N, features...], got shape {x.shape}; "
+            "add a feature axis, e.g. x[:, None]",
+        )
+    n = x.shape[0]
+    if n == 0:
+        raise data_error(source, "the dataset is empty (field 'x' has 0 samples)")
+    y, ids, names = validate_targets(y, group, group_names, n, source)
+    x = check_x_values(x, source)
+    return GroupData(x=x, y=y, group=ids, group_names=tuple(names), source=str(source))
+
+
+def validate(data: GroupData) -> GroupData:
+    """Re-check a :class:`GroupData` built elsewhere (same rules as the readers)."""
+    return validate_group_data(data.x, data.y, data.group, list(data.group_names), data.source)
+
+
+def check_vocabulary(data: GroupData, vocab: int, layer: str) -> None:
+    """Raise :class:`DataError` unless every token id of an integer ``x`` is in ``[0, vocab)``
+    (``vocab``: the ``num_embeddings`` of the Embedding ``layer`` that reads ``x``)."""
+    if data.x.size == 0 or not np.issubdtype(data.x.dtype, np.integer):
+        return
+    lo, hi = int(data.x.min()), int(data.x.max())
+    if lo < 0 or hi >= vocab:
+        raise data_error(data.source, MSG_VOCABULARY.format(value=lo if lo < 0 else hi, vocab=vocab, layer=layer))
+
+
+def check_labels(data: GroupData, num_classes: int) -> None:
+    """Raise :class:`DataError` unless every label is in ``[0, num_classes)``."""
+    if data.y.size == 0:
+        return
+    lo, hi = int(data.y.min()), int(data.y.max())
+    if lo < 0 or hi >= num_classes:
+        value = lo if lo < 0 else hi
+        raise data_error(
+            data.source,
+            f"field 'y' holds the label {value} outside [0, {num_classes}) "
+            f"(the model has num_classes={num_classes}); check the labels or the model",
+        )

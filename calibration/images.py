@@ -1,0 +1,59 @@
+"""One image file as float32 CHW in [0, 1], for the readers of image data (needs Pillow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fqexport.errors import DataError
+
+PILLOW_MISSING = (
+    "reading a CSV image manifest needs Pillow, which is not installed; "
+    'install it with: pip install "fqexport[images]"'
+)
+# Largest image (width x height) a CSV manifest may name; Pillow's own bomb limit is 89.5M.
+MAX_IMAGE_PIXELS = 50_000_000
+MSG_IMAGE_TOO_LARGE = (
+    "{where}: image {path} is {w}x{h} = {pixels:,} pixels, more than the limit of {limit:,} "
+    "(a decompression bomb or a wrong file); resize it"
+)
+
+
+def read_image(image_path: Path, where: str) -> np.ndarray:
+    """One image as float32 CHW in [0, 1]: grayscale → 1 channel, colour → 3 (alpha dropped)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as err:
+        raise DataError(PILLOW_MISSING) from err
+    if not image_path.is_file():
+        raise DataError(f"{where}: image file not found: {image_path}")
+    try:
+        with Image.open(image_path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(MSG_IMAGE_TOO_LARGE.format(where=where, path=image_path, w=w, h=h,
+                                                           pixels=w * h, limit=MAX_IMAGE_PIXELS))
+            img.load()
+            bands = img.getbands()
+            mode = img.mode
+            if mode == "F":
+                raise DataError(
+                    f"{where}: image {image_path} has 32-bit float mode 'F' with no known "
+                    "range; save it as 8- or 16-bit"
+                )
+            if len(bands) == 1 and mode.startswith("I"):
+                arr = np.asarray(img, dtype=np.float32) / 65535.0  # 16-bit grayscale
+            elif len(bands) == 1 or mode == "LA":
+                arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            else:
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except DataError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{where}: image {image_path} is a decompression bomb ({err}); resize it") from err
+    except (OSError, UnidentifiedImageError, ValueError, MemoryError) as err:
+        raise DataError(f"{where}: cannot read image {image_path}: {err}") from err
+    if arr.ndim == 2:
+        return arr[None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -1,0 +1,126 @@
+"""Reader of CSV image manifests: a header ``path,label,group``, one image per row.
+
+Image paths are relative to the CSV's folder; images are read by :func:`read_image` (Pillow).
+:func:`read_manifest_rows` and :func:`manifest_targets` read the rows and labels without any image,
+:func:`manifest_item` one row's image, so a stream can read images batch by batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fqexport.errors import DataError
+
+from .checks import data_error, validate_group_data
+from .group_data import GroupData
+from .images import read_image
+from .progress import reading_bar
+
+CSV_COLUMNS = ("path", "label", "group")
+
+
+def _parse_label(value: str, where: str) -> int:
+    try:
+        f = float(value)
+    except ValueError:
+        f = float("nan")
+    if not np.isfinite(f) or f != int(f):
+        raise DataError(f"{where}: column 'label' must be an integer class id, got {value!r}")
+    return int(f)
+
+
+def load_csv_manifest(path: str | os.PathLike) -> GroupData:
+    """Read a CSV with header ``path,label,group`` (image paths relative to the CSV's folder).
+
+    Images become float32 CHW in [0, 1] (grayscale → 1 channel, RGB → 3) and must all share
+    one shape. Column ``group`` holds names, or integer ids when every entry is an integer.
+    Needs Pillow (``pip install "fqexport[images]"``).
+    """
+    rows, folder, source = read_manifest_rows(path)
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    gs: list[str] = []
+    first: tuple[str, tuple[int, ...]] | None = None
+    for line, row in reading_bar(rows, len(rows), "reading images"):
+        where = f"{source} line {line}"
+        arr, label, group_name = manifest_item(row, where, folder)
+        if first is None:
+            first = (row["path"], arr.shape)
+        elif arr.shape != first[1]:
+            raise DataError(
+                f"{where}: image {row['path']} is {'x'.join(map(str, arr.shape))} (CHW) but "
+                f"{first[0]} is {'x'.join(map(str, first[1]))}; all images must share one "
+                "size and channel count"
+            )
+        xs.append(arr)
+        ys.append(label)
+        gs.append(group_name)
+    return validate_group_data(np.stack(xs), np.asarray(ys, dtype=np.int64), manifest_groups(gs), None, source)
+
+
+def manifest_groups(gs: Sequence[str]) -> np.ndarray:
+    """Column ``group`` as int64 ids when every entry is an integer, else as names."""
+    if all(g.lstrip("-").isdigit() for g in gs):
+        return np.array([int(g) for g in gs], dtype=np.int64)
+    return np.array(gs)
+
+
+def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and groups of a manifest's rows (no image read): int64 labels, groups as
+    :func:`manifest_groups` gives them."""
+    ys, gs = [], []
+    for line, row in rows:
+        where = f"{source} line {line}"
+        if not row.get("group"):
+            raise DataError(f"{where}: column 'group' is empty")
+        ys.append(_parse_label(row.get("label", ""), where))
+        gs.append(row["group"])
+    return np.asarray(ys, dtype=np.int64), manifest_groups(gs)
+
+
+def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.ndarray, int, str]:
+    """One manifest row as ``(image float32 CHW, label, group text)``; ``where`` is "file line N"."""
+    if not row.get("path"):
+        raise DataError(f"{where}: column 'path' is empty")
+    if not row.get("group"):
+        raise DataError(f"{where}: column 'group' is empty")
+    image_path = Path(row["path"])
+    if not image_path.is_absolute():
+        image_path = folder / image_path
+    arr = read_image(image_path, where)
+    return arr, _parse_label(row["label"], where), row["group"]
+
+
+def read_manifest_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, str]]], Path, str]:
+    """The rows of a CSV manifest as ``[(line number, {column: text})]``, its folder and its
+    source name; the header must hold path,label,group (no image is read)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise data_error(source, "file not found" if not path.exists() else "is not a file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in CSV_COLUMNS if c not in header]
+            if missing:
+                raise data_error(
+                    source,
+                    f"missing column '{missing[0]}' in the header {header}; "
+                    "the header must be path,label,group",
+                )
+            reader.fieldnames = header
+            rows = [
+                (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
+                for row in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise data_error(source, f"cannot read as CSV: {err}") from err
+    if not rows:
+        raise data_error(source, "the dataset is empty (no rows under the header)")
+    return rows, path.parent, source

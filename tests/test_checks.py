@@ -1,0 +1,29 @@
+"""Tests of calibration/checks.py: labels against a model, a streamed batch's groups (the readers' field
+checks are tested through the readers in test_npz.py, test_dataset.py and test_manifest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fqexport.calibration.checks import check_labels, group_ids, validate_group_data
+from fqexport.errors import DataError
+
+
+def test_check_labels():
+    data = validate_group_data(np.zeros((3, 1)), [0, 4, 1], [0, 0, 0], source="val.npz")
+    check_labels(data, 5)
+    with pytest.raises(DataError, match=r"val.npz: field 'y' holds the label 4 outside \[0, 4\) \(the model has num_classes=4\)"):
+        check_labels(data, 4)
+
+
+def test_group_ids_of_a_batch_name_the_sample_by_its_position_in_the_source():
+    index = np.array([10, 11])
+    assert group_ids(np.array(["b", "a"]), ["a", "b"], "train.npz", index).tolist() == [1, 0]
+    with pytest.raises(DataError) as info:
+        group_ids(np.array([0, 2]), ["a", "b"], "train.npz", index)
+    assert str(info.value) == ("train.npz: sample 11: field 'group' holds the id 2 but group_names has only 2 names "
+                               "(ids 0..1)")
+    with pytest.raises(DataError) as info:
+        group_ids(np.array(["a", "c"]), ["a", "b"], "train.npz", index)
+    assert str(info.value) == "train.npz: field 'group' holds the name 'c' (sample 11) that is not in group_names ['a', 'b']"

@@ -1,0 +1,86 @@
+"""Tests of calibration/manifest.py (and images.py): CSV image manifests."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from fqexport.calibration.manifest import load_csv_manifest
+from fqexport.errors import DataError
+
+
+def _write_png(path, array, mode):
+    from PIL import Image
+
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _manifest(tmp_path, rows, header="path,label,group"):
+    path = tmp_path / "manifest.csv"
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_load_csv_manifest_grayscale(tmp_path):
+    pytest.importorskip("PIL")
+    (tmp_path / "img").mkdir()
+    _write_png(tmp_path / "img" / "a.png", np.array([[0, 255], [51, 102]], np.uint8), "L")
+    _write_png(tmp_path / "img" / "b.png", np.full((2, 2), 255, np.uint8), "L")
+    _write_png(tmp_path / "img" / "c.png", np.zeros((2, 2), np.uint8), "L")
+    path = _manifest(tmp_path, ["img/a.png,1,dark", "img/b.png,0,light", "img/c.png,2,dark"])
+    data = load_csv_manifest(path)
+    assert data.x.shape == (3, 1, 2, 2) and data.x.dtype == np.float32
+    np.testing.assert_allclose(data.x[0, 0], [[0.0, 1.0], [0.2, 0.4]], atol=1e-6)
+    assert data.y.tolist() == [1, 0, 2]
+    assert data.group_names == ("dark", "light")
+    assert data.group.tolist() == [0, 1, 0]
+
+
+def test_load_csv_manifest_rgb_chw_and_integer_groups(tmp_path):
+    pytest.importorskip("PIL")
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[..., 0] = 255  # red channel
+    rgb[0, 0, 2] = 51
+    _write_png(tmp_path / "r.png", rgb, "RGB")
+    rgba = np.concatenate([rgb, np.full((2, 3, 1), 7, np.uint8)], axis=2)
+    _write_png(tmp_path / "q.png", rgba, "RGBA")
+    data = load_csv_manifest(_manifest(tmp_path, ["r.png,0,1", "q.png,1,0"]))
+    assert data.x.shape == (2, 3, 2, 3)  # CHW, alpha dropped
+    assert data.x[0, 0].min() == 1.0 and data.x[0, 1].max() == 0.0
+    assert data.x[0, 2, 0, 0] == pytest.approx(0.2)
+    assert data.group.tolist() == [1, 0] and data.group_names == ("group0", "group1")
+
+
+def test_load_csv_manifest_errors(tmp_path):
+    pytest.importorskip("PIL")
+    _write_png(tmp_path / "a.png", np.zeros((2, 2), np.uint8), "L")
+    _write_png(tmp_path / "big.png", np.zeros((3, 3), np.uint8), "L")
+    _write_png(tmp_path / "rgb.png", np.zeros((2, 2, 3), np.uint8), "RGB")
+    with pytest.raises(DataError, match=r"line 3: image big.png is 1x3x3 \(CHW\) but a.png is 1x2x2"):
+        load_csv_manifest(_manifest(tmp_path, ["a.png,0,g", "big.png,0,g"]))
+    with pytest.raises(DataError, match="image rgb.png is 3x2x2"):
+        load_csv_manifest(_manifest(tmp_path, ["a.png,0,g", "rgb.png,0,g"]))
+    with pytest.raises(DataError, match="manifest.csv line 2: image file not found: .*nope.png"):
+        load_csv_manifest(_manifest(tmp_path, ["nope.png,0,g"]))
+    with pytest.raises(DataError, match=r"missing column 'group' in the header \['path', 'label'\]"):
+        load_csv_manifest(_manifest(tmp_path, ["a.png,0"], header="path,label"))
+    with pytest.raises(DataError, match="column 'label' must be an integer class id, got 'cat'"):
+        load_csv_manifest(_manifest(tmp_path, ["a.png,cat,g"]))
+    with pytest.raises(DataError, match="manifest.csv: the dataset is empty"):
+        load_csv_manifest(_manifest(tmp_path, []))
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="line 2: cannot read image .*junk.png"):
+        load_csv_manifest(_manifest(tmp_path, ["junk.png,0,g"]))
+    with pytest.raises(DataError, match="field 'y' holds the negative label -2"):
+        load_csv_manifest(_manifest(tmp_path, ["a.png,-2,g"]))
+    with pytest.raises(DataError, match="absent.csv: file not found"):
+        load_csv_manifest(tmp_path / "absent.csv")
+
+
+def test_load_csv_manifest_without_pillow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now fails
+    path = _manifest(tmp_path, ["a.png,0,g"])
+    with pytest.raises(DataError, match=r'pip install "fqexport\[images\]"'):
+        load_csv_manifest(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,147 @@ def check_model_on_data(model: nn.Module, data: GroupData) -> int:
     return int(out.shape[1])
 
 
+@dataclass
+class _LayerPass:
+    """What quantizing one layer needs from the linear pass: the models' modules, the activation
+    cache, the float targets of bias correction, the group weights α and the MACs."""
+
+    config: QuantConfig
+    modules: dict[str, nn.Module]
+    cache: ActivationCache | None
+    index: dict[str, int]  # layer -> its node in the cache's graph order
+    targets: dict[str, ChannelStats]
+    alpha: torch.Tensor
+    macs: dict[str, int]
+    num_groups: int
+
+    def quantize(self, info: LayerInfo) -> QuantizedLayer:
+        """1. the layer's inputs from the final prefix; 2. H (and C) → float-output retarget;
+        3. the layout, decided once; 4. solve (or round); 5. bias correction / BN re-estimation."""
+        config, module, k = self.config, self.modules[info.name], self.index[info.name]
+        bits = config.bits_for(info.name)
+        if self.cache is not None:
+            self.cache.advance(k)  # the layer's inputs: every earlier layer is final
+        hessian = None
+        # Embedding rows are looked up, never mixed: per-row round to nearest is their
+        # least-squares optimum (the Hessian of a one-hot input is diagonal), no solver.
+        if config.method == "solver" and info.kind != "embedding":
+            cross = config.solver_target == "float-output"
+            hessian, c = _layer_moments(module, info, self.cache, k, self.num_groups, self.alpha, cross)
+            if c is not None:
+                _retarget_to_float_output(module, info, hessian, c, config.damp)
+        macs = self.macs.get(info.name, 0)
+        cols = weight_rows(info.kind, module.weight.detach()).shape[1]
+        layout = layer_layout(info.kind, bits, config.storage, cols, macs, module.weight.numel())
+        codes, grid = _quantize_weight(module, info, bits, config, hessian, layout)
+        layer = QuantizedLayer(info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(),
+                               grid.scale.float().cpu(), info.params, layout.container, macs, block_size=grid.block)
+        with torch.no_grad():
+            module.weight.copy_(layer.dequantized().to(module.weight.dtype))
+        if info.name in self.targets:
+            _correct_layer(module, info, layer, self.targets[info.name], self.cache, k, self.num_groups, self.alpha,
+                           rescale=info.had_batchnorm and config.bn_reestimate)
+        return layer
+
+
+def _check_layer_bits(config: QuantConfig, names: list[str]) -> None:
+    unknown = sorted(set(config.layer_bits) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"layer_bits names {', '.join(repr(u) for u in unknown)}, not a quantizable layer of the "
+            f"model (layers: {', '.join(names)})"
+        )
+
+
+def _quantize_layers(folded: torch.fx.GraphModule, float_model: torch.fx.GraphModule, layers: list[LayerInfo],
+                     sub: GroupData, config: QuantConfig, alpha: torch.Tensor, device: torch.device,
+                     progress: bool) -> dict[str, QuantizedLayer]:
+    """Quantize every layer of ``folded`` in place, in one linear pass: the cache runs the
+    quantized graph (and the float copy for the cross moment) node by node, each layer on the
+    calibration inputs of the final prefix."""
+    example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
+    macs = count_macs(folded, example, [l.name for l in layers])
+    # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
+    # layer's output statistics on the calibration data.
+    # An Embedding (a row lookup, no bias) has neither: its rows are rounded to nearest.
+    corrected = [l for l in layers if l.kind != "embedding"
+                 and (config.bias_correction or (config.bn_reestimate and l.had_batchnorm))]
+    folded.to(device)
+    float_model.to(device)
+    targets = _float_targets(float_model, corrected, sub, config.batch_size, device) if corrected else {}
+    solver = config.method == "solver"
+    cross = solver and config.solver_target == "float-output"
+    streams = [GraphStream(folded)] + ([GraphStream(float_model)] if cross else [])
+    cache = None
+    if solver or targets:
+        cache = ActivationCache(streams, _batches(sub, config.batch_size, torch.device("cpu")), device,
+                                max_bytes=int(config.max_activation_memory_mb * 2**20))
+    step = _LayerPass(config, dict(folded.named_modules()), cache,
+                      {l.name: streams[0].module_node(l.name) for l in layers}, targets, alpha, macs, sub.num_groups)
+    quantized: dict[str, QuantizedLayer] = {}
+    bar = tqdm(layers, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
+    try:
+        for info in bar:
+            bar.set_postfix_str(info.name)
+            quantized[info.name] = step.quantize(info)
+    finally:
+        if cache is not None:
+            cache.close()
+            log.info(
+                "activation cache on %s: peak %.1f MB in memory, %.1f MB spilled (%d batches)",
+                device, cache.peak_bytes / 2**20, cache.peak_spilled_bytes / 2**20, cache.spilled_batches,
+            )
+        folded.cpu()
+        float_model.cpu()
+    return quantized
+
+
+def _calibrate_activations(folded: torch.fx.GraphModule, names: list[str], sub: GroupData, config: QuantConfig,
+                           progress: bool) -> torch.fx.GraphModule:
+    """The fake-quant reference: a copy of ``folded`` with an activation quantizer at every point
+    the export places a Q/DQ pair, ranges observed on the weight-quantized model so every group
+    counts (``config.calibration``'s observer per group)."""
+    reference = copy.deepcopy(folded)
+    context, quantizers = insert_act_quantizers(
+        reference,
+        lambda: make_observer(config.calibration, sub.num_groups, percentile=config.percentile),
+        set(names),
+    )
+    batches = _batches(sub, config.batch_size, torch.device("cpu"))
+    with torch.no_grad():
+        for x, g in tqdm(batches, desc="calibrate activations", unit="batch", disable=not progress):
+            context.group = g
+            reference(x)
+    for q in quantizers.values():
+        q.freeze()
+    context.group = None
+    return reference.eval()
+
+
+def _metadata(config: QuantConfig, sub: GroupData, data: GroupData, alpha: torch.Tensor, skipped: set[str],
+              quantized: dict[str, QuantizedLayer], num_classes: int) -> ExportMetadata:
+    params = sum(l.params for l in quantized.values())
+    avg_bits = sum(l.bits * l.params for l in quantized.values()) / max(params, 1)
+    solver = config.method == "solver"
+    return ExportMetadata(
+        fqexport_version=__version__,
+        method=config.method,
+        order=config.order if solver else None,
+        solver_target=config.solver_target if solver else None,
+        calibration=config.calibration,
+        weight_range=config.weight_range,
+        target=config.target,
+        num_calib=len(sub),
+        group_names=tuple(sub.group_names),
+        group_weights=tuple(round(float(a), 6) for a in alpha),
+        skipped_layers=tuple(sorted(skipped)),
+        layers=layer_records(quantized),
+        input_shape=tuple(int(d) for d in data.x.shape[1:]),
+        num_classes=num_classes,
+        avg_weight_bits=round(avg_bits, 4),
+    )
+
+
 def compress(
     model: nn.Module,
     calib: GroupData | str | Path | Any,
@@ -278,127 +420,23 @@ def compress(
     data = load_data(calib)
     device = resolve_device(config.device)
     model = copy.deepcopy(model).eval().cpu()
-
+    # 1. load & check: trace, fold BN, find the layers; the data fits the model
     prepared = prepare_model(model, config.skip_unsupported)
-    folded, layers, skip = prepared.folded, list(prepared.layers), prepared.skipped
     _check_token_ids(prepared.folded, data)  # before a lookup runs: a clear error, not an IndexError
     num_classes = check_model_on_data(model, data)
     check_labels(data, num_classes)
-    float_model = copy.deepcopy(folded)
-    names = prepared.names
-    unknown = sorted(set(config.layer_bits) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"layer_bits names {', '.join(repr(u) for u in unknown)}, not a quantizable layer of the "
-            f"model (layers: {', '.join(names)})"
-        )
-
+    _check_layer_bits(config, prepared.names)
+    float_model = copy.deepcopy(prepared.folded)
+    # 2. a group-balanced calibration subset; 'samples' weights groups by their share of the
+    #    user's data, not of the balanced subset
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
-    # 'samples' weights groups by their share of the user's data, not of the balanced subset.
     alpha = _resolve_group_weights(config, data)
-    bs = config.batch_size
-    modules = dict(folded.named_modules())
-    example = torch.from_numpy(np.ascontiguousarray(sub.x[:1]))
-    macs = count_macs(folded, example, names)
-    # BN re-estimation (conv+BN layers) and bias correction (the others) both match the float
-    # layer's output statistics on the calibration data.
-    # An Embedding (a row lookup, no bias) has neither: its rows are rounded to nearest.
-    corrected = [l for l in layers if l.kind != "embedding"
-                 and (config.bias_correction or (config.bn_reestimate and l.had_batchnorm))]
-    folded.to(device)
-    float_model.to(device)
-    targets = _float_targets(float_model, corrected, sub, bs, device) if corrected else {}
-
-    # One linear pass: the cache runs the quantized graph (and the float copy for the cross
-    # moment) node by node, each layer on the calibration inputs of the final prefix.
-    solver = config.method == "solver"
-    cross = solver and config.solver_target == "float-output"
-    streams = [GraphStream(folded)] + ([GraphStream(float_model)] if cross else [])
-    index = {l.name: streams[0].module_node(l.name) for l in layers}
-    cache = None
-    if solver or targets:
-        cache = ActivationCache(
-            streams, _batches(sub, bs, torch.device("cpu")), device,
-            max_bytes=int(config.max_activation_memory_mb * 2**20),
-        )
-    quantized: dict[str, QuantizedLayer] = {}
-    bar = tqdm(layers, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
-    try:
-        for info in bar:
-            bar.set_postfix_str(info.name)
-            module = modules[info.name]
-            bits = config.bits_for(info.name)
-            k = index[info.name]
-            if cache is not None:
-                cache.advance(k)  # the layer's inputs: every earlier layer is final
-            hessian = None
-            # Embedding rows are looked up, never mixed: per-row round to nearest is their
-            # least-squares optimum (the Hessian of a one-hot input is diagonal), no solver.
-            if solver and info.kind != "embedding":
-                hessian, c = _layer_moments(module, info, cache, k, sub.num_groups, alpha, cross)
-                if c is not None:
-                    _retarget_to_float_output(module, info, hessian, c, config.damp)
-            # the file's container and scale blocking, decided here once (quant/layout.py)
-            cols = weight_rows(info.kind, module.weight.detach()).shape[1]
-            layout = layer_layout(info.kind, bits, config.storage, cols, macs.get(info.name, 0), module.weight.numel())
-            codes, grid = _quantize_weight(module, info, bits, config, hessian, layout)
-            layer = QuantizedLayer(
-                info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(), grid.scale.float().cpu(),
-                info.params, layout.container, macs.get(info.name, 0), block_size=grid.block,
-            )
-            with torch.no_grad():
-                module.weight.copy_(layer.dequantized().to(module.weight.dtype))
-            if info.name in targets:
-                _correct_layer(
-                    module, info, layer, targets[info.name], cache, k, sub.num_groups, alpha,
-                    rescale=info.had_batchnorm and config.bn_reestimate,
-                )
-            quantized[info.name] = layer
-    finally:
-        if cache is not None:
-            cache.close()
-            log.info(
-                "activation cache on %s: peak %.1f MB in memory, %.1f MB spilled (%d batches)",
-                device, cache.peak_bytes / 2**20, cache.peak_spilled_bytes / 2**20, cache.spilled_batches,
-            )
-    folded.cpu()
-    float_model.cpu()
-
-    # Activation ranges, observed on the weight-quantized model so every group counts.
-    reference = copy.deepcopy(folded)
-    context, quantizers = insert_act_quantizers(
-        reference,
-        lambda: make_observer(config.calibration, sub.num_groups, percentile=config.percentile),
-        set(names),
-    )
-    with torch.no_grad():
-        for x, g in tqdm(_batches(sub, bs, torch.device("cpu")), desc="calibrate activations", unit="batch", disable=not progress):
-            context.group = g
-            reference(x)
-    for q in quantizers.values():
-        q.freeze()
-    context.group = None
-
-    avg_bits = sum(l.bits * l.params for l in quantized.values()) / max(sum(l.params for l in quantized.values()), 1)
-    metadata = ExportMetadata(
-        fqexport_version=__version__,
-        method=config.method,
-        order=config.order if config.method == "solver" else None,
-        solver_target=config.solver_target if config.method == "solver" else None,
-        calibration=config.calibration,
-        weight_range=config.weight_range,
-        target=config.target,
-        num_calib=len(sub),
-        group_names=tuple(sub.group_names),
-        group_weights=tuple(round(float(a), 6) for a in alpha),
-        skipped_layers=tuple(sorted(skip)),
-        layers=layer_records(quantized),
-        input_shape=tuple(int(d) for d in data.x.shape[1:]),
-        num_classes=num_classes,
-        avg_weight_bits=round(avg_bits, 4),
-    )
+    # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
+    quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
+                                 progress)
+    reference = _calibrate_activations(prepared.folded, prepared.names, sub, config, progress)
     return CompressedModel(
-        reference=reference.eval(),
+        reference=reference,
         float_model=float_model.eval(),
         layers=quantized,
         config=config,
@@ -406,5 +444,5 @@ def compress(
         input_shape=tuple(int(d) for d in data.x.shape[1:]),
         num_classes=num_classes,
         calib=sub,
-        metadata=metadata,
+        metadata=_metadata(config, sub, data, alpha, prepared.skipped, quantized, num_classes),
     )

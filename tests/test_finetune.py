@@ -227,6 +227,15 @@ def test_group_mismatch_is_a_data_error(mlp_cm2, mlp_data):
     assert str(err.value).startswith("train.npz: the training data's groups (x, y) do not match the calibration")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA")
+def test_cuda_without_a_gpu_names_finetune_configs_device(mlp_cm2, mlp_data):
+    with pytest.raises(ConfigError) as err:
+        finetune(mlp_cm2, mlp_data, FinetuneConfig(device="cuda", **FAST), progress=False)
+    assert str(err.value) == (
+        "FinetuneConfig.device='cuda' (CLI: --device cuda) but torch.cuda.is_available() is False: this "
+        "torch build or machine has no usable CUDA GPU; use FinetuneConfig.device='auto' or 'cpu'")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(mlp_cm2, mlp_data, monkeypatch):
     real = ft_run.per_sample_loss
     calls = {"n": 0}

@@ -40,6 +40,7 @@ from fqexport.calibration.sampling import (
     split_holdout,
 )
 from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig
+from fqexport.device import resolve_device
 from fqexport.errors import ConfigError, DataError
 from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.finetune.baq import (
@@ -95,18 +96,9 @@ MSG_NAN_BITS = (
     "learning bit widths diverged: the loss became {value} at epoch {epoch}; nothing was written. Lower "
     "FinetuneConfig.lr (now {lr:g}) or bits_lr (now {bits_lr:g})"
 )
-MSG_CUDA = "FinetuneConfig.device='cuda' but torch.cuda.is_available() is False; use device='cpu' or 'auto'"
 
 # Steps, biases and activation steps learn at this fraction of ``lr`` (latent weights at ``lr``).
 _AUX_LR = 0.1
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(MSG_CUDA)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _start(model_or_cm: Any, data: TrainStream, config: FinetuneConfig, calib: Any,
@@ -310,7 +302,7 @@ def _train(model_or_cm, train, config: FinetuneConfig | None, calib, quant_confi
     if config.loss == "group-weighted":
         vec = group_weight_vector(config.group_weights, names, MSG_GROUP_WEIGHT_UNKNOWN)
         fixed_weights = torch.as_tensor(vec / vec.sum(), dtype=torch.float32)
-    device = _device(config.device)
+    device = resolve_device(config.device, "FinetuneConfig.device")
     torch.manual_seed(config.seed)
     ptq, baq, rounding = cm, None, None
     if config.rounding == "adaptive":

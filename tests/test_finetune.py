@@ -27,7 +27,6 @@ from fqexport.finetune.data import open_train
 from fqexport.finetune.losses import (
     combine,
     exponentiated_gradient,
-    group_means,
     per_sample_loss,
 )
 from fqexport.finetune.qat import build_student, lsq_fake_quant, requantize, write_back
@@ -39,6 +38,7 @@ from fqexport.finetune.samplers import (
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
 from fqexport.quant.grid import choose_weight_grid
+from fqexport.quant.per_group import group_means
 
 FAST = dict(epochs=1, batch_size=32)
 

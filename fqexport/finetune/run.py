@@ -54,7 +54,6 @@ from fqexport.finetune.data import TrainStream, open_train
 from fqexport.finetune.losses import (
     combine,
     exponentiated_gradient,
-    group_means,
     per_sample_loss,
 )
 from fqexport.finetune.qat import build_student, write_back
@@ -67,6 +66,7 @@ from fqexport.metadata import layer_records
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
+from fqexport.quant.per_group import group_means
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
-from fqexport.finetune import run as ft_run
+from fqexport.finetune import objective as ft_objective
 from fqexport.finetune.baq import (
     clip_shrinks,
     grid_fake_quant,
@@ -24,11 +24,9 @@ from fqexport.finetune.baq import (
     neighbours,
     project_to_budget,
 )
-from fqexport.finetune.data import open_train
 from fqexport.finetune.losses import (
     combine,
     exponentiated_gradient,
-    group_means,
     per_sample_loss,
 )
 from fqexport.finetune.qat import build_student, lsq_fake_quant, requantize, write_back
@@ -40,6 +38,7 @@ from fqexport.finetune.samplers import (
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
 from fqexport.quant.grid import choose_weight_grid
+from fqexport.quant.per_group import group_means
 
 FAST = dict(epochs=1, batch_size=32)
 
@@ -228,8 +227,17 @@ def test_group_mismatch_is_a_data_error(mlp_cm2, mlp_data):
     assert str(err.value).startswith("train.npz: the training data's groups (x, y) do not match the calibration")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA")
+def test_cuda_without_a_gpu_names_finetune_configs_device(mlp_cm2, mlp_data):
+    with pytest.raises(ConfigError) as err:
+        finetune(mlp_cm2, mlp_data, FinetuneConfig(device="cuda", **FAST), progress=False)
+    assert str(err.value) == (
+        "FinetuneConfig.device='cuda' (CLI: --device cuda) but torch.cuda.is_available() is False: this "
+        "torch build or machine has no usable CUDA GPU; use FinetuneConfig.device='auto' or 'cpu'")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(mlp_cm2, mlp_data, monkeypatch):
-    real = ft_run.per_sample_loss
+    real = ft_objective.per_sample_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -237,7 +245,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(mlp_cm2, mlp_data, monkeyp
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] >= 3 else out
 
-    monkeypatch.setattr(ft_run, "per_sample_loss", poisoned)
+    monkeypatch.setattr(ft_objective, "per_sample_loss", poisoned)
     with pytest.raises(ConfigError) as err:
         finetune(mlp_cm2, mlp_data, FinetuneConfig(**FAST), progress=False)
     assert "fine-tuning diverged: the loss became nan at epoch 1, step 2" in str(err.value)
@@ -256,31 +264,6 @@ def test_coreset_sees_less_data(mlp_cm2, mlp_data):
     cfg = FinetuneConfig(epochs=1, batch_size=32, sampler="core-set", coreset_fraction=0.25, coreset_min_per_group=8)
     rec = finetune(mlp_cm2, mlp_data, cfg, progress=False).metadata.finetune
     assert rec["samples_seen"] < 0.3 * rec["num_fit"]
-
-
-def test_coreset_keeps_where_quantization_moved_the_model_in_group_balanced_batches():
-    # student == teacher except on 5 samples; the labels are ones neither model predicts, so
-    # label cross-entropy is high everywhere and says nothing about what quantization broke
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(80, 4)).astype(np.float32)
-    group = np.array([0] * 60 + [1] * 20)
-    student = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        teacher = student(torch.from_numpy(x))
-    y = teacher.argmin(1)
-    moved = [1, 5, 9, 61, 65]
-    teacher = teacher.clone()
-    teacher[moved] += torch.tensor([4.0, -4.0, 0.0])
-    fit = GroupData(x, y.numpy(), group, ("a", "b"))
-    cfg = FinetuneConfig(batch_size=4, sampler="core-set", coreset_fraction=0.05, coreset_min_per_group=2,
-                         coreset_score="disagreement")
-    fixed = type("Fixed", (torch.nn.Module,), {"forward": lambda self, xb: teacher})()  # the logits above
-    fit = ft_run._Fit(open_train(fit), fixed, torch.device("cpu"), 0)
-    batches = ft_run._epoch_batches(student, fit, cfg, np.random.default_rng(0), 2)
-    assert sorted(set(np.concatenate(batches).tolist())) == moved  # 3 of a (5% of 60), 2 of b (the floor)
-    # ceil(5 / 4) batches, each with as many samples of a as of b (b's two are revisited)
-    assert [sorted(group[b].tolist()) for b in batches] == [[0, 0, 1, 1], [0, 0, 1, 1]]
-    assert ft_run._steps_per_epoch(group, cfg) == len(batches)
 
 
 def test_finetune_from_a_float_model_runs_the_ptq_start(mlp_model, mlp_data):
@@ -458,3 +441,22 @@ def test_baq_export_honours_the_budget(mlp_model, mlp_data, tmp_path):
     meta = read_metadata(tmp_path / "baq.onnx")
     assert meta.avg_weight_bits <= 2.5
     assert {r.name: r.bits for r in meta.layers} == baq["bits"]
+
+
+def test_baq_nan_loss_stops_before_writing_and_keeps_the_start(mlp_cm2, mlp_data, monkeypatch):
+    real = ft_objective.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] >= 2 else out
+
+    monkeypatch.setattr(ft_objective, "per_sample_loss", poisoned)
+    cfg = FinetuneConfig(lr=0.03, bits_lr=0.05, learn_bits=True, budget_bits=3.0, **FAST)
+    with pytest.raises(ConfigError) as err:
+        finetune(mlp_cm2, mlp_data, cfg, progress=False)
+    assert str(err.value) == (
+        "learning bit widths diverged: the loss became nan at epoch 1; nothing was written. Lower "
+        "FinetuneConfig.lr (now 0.03) or bits_lr (now 0.05)")
+    assert err.value.last_good is mlp_cm2

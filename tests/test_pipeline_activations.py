@@ -18,7 +18,7 @@ from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.graph.prepare import fold_batchnorm, trace
 from fqexport.pipeline.activations import ActivationCache, GraphStream
-from fqexport.pipeline.compress import MSG_NO_CUDA, compress
+from fqexport.pipeline.compress import compress
 from fqexport.quant.hessian import HessianAccumulator
 
 CUDA = torch.cuda.is_available()
@@ -220,7 +220,9 @@ def test_max_activation_memory_is_checked():
 def test_cuda_without_a_gpu_is_a_config_error(mlp_data):
     with pytest.raises(ConfigError) as err:
         _compress(fm.tiny_mlp(), mlp_data, device="cuda")
-    assert str(err.value) == MSG_NO_CUDA
+    assert str(err.value) == (
+        "QuantConfig.device='cuda' (CLI: --device cuda) but torch.cuda.is_available() is False: this "
+        "torch build or machine has no usable CUDA GPU; use QuantConfig.device='auto' or 'cpu'")
 
 
 @pytest.mark.skipif(CUDA, reason="'auto' picks CUDA on this machine")

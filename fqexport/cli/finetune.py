@@ -21,7 +21,8 @@ from fqexport.finetune.config import (
     Sampler,
 )
 from fqexport.finetune.data import TrainStream, open_train
-from fqexport.finetune.run import MSG_GROUPS, finetune, finetune_widths
+from fqexport.finetune.api import finetune, finetune_widths
+from fqexport.finetune.start import MSG_GROUPS
 from fqexport.model import CompressedModel
 
 _F = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}

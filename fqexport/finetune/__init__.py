@@ -3,6 +3,6 @@ export's grids, natural / group-balanced / core-set sampling, distillation from 
 with plain, group-weighted or worst-group (group DRO) objectives."""
 
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.run import finetune, finetune_widths
+from fqexport.finetune.api import finetune, finetune_widths
 
 __all__ = ["FinetuneConfig", "finetune", "finetune_widths"]

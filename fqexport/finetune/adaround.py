@@ -38,6 +38,7 @@ from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.finetune.qat import LearnableWeight, build_student, write_back
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
+from fqexport.quant.per_group import group_means
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,8 @@ def group_weighted_mse(out: torch.Tensor, target: torch.Tensor, group: torch.Ten
     """Σ_g (1/G') · mean_{i∈g} ‖out_i − target_i‖², over the G' groups present (each group
     counts equally, however many samples it has)."""
     err = (out - target).pow(2).flatten(1).sum(1)
-    counts = torch.bincount(group, minlength=num_groups).to(err.dtype)
-    sums = torch.zeros(num_groups, dtype=err.dtype, device=err.device).index_add(0, group, err)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    means, counts = group_means(err, group, num_groups)
+    return means[counts > 0].mean()
 
 
 def _layer_out(module: LearnableWeight, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

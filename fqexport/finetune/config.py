@@ -39,7 +39,7 @@ def _finite(value: object) -> bool:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """How to fine-tune a compressed model (see ``fqexport.finetune.run.finetune``).
+    """How to fine-tune a compressed model (see ``fqexport.finetune.api.finetune``).
 
     Attributes:
         epochs: passes over the (sampled) training data.

@@ -1,5 +1,5 @@
-"""Fine-tuning losses: per-sample distillation + cross-entropy, per-group means, and the group
-weights of the three objectives (pure tensor math).
+"""Fine-tuning losses: per-sample distillation + cross-entropy and the group weights of the three
+objectives (pure tensor math; the per-group means L_g are ``fqexport.quant.per_group.group_means``).
 
 Per sample i with student logits s_i, teacher logits t_i, label y_i, temperature T:
 
@@ -29,13 +29,6 @@ def per_sample_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tenso
         kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
         loss = loss + kd_weight * t * t * kl
     return loss
-
-
-def group_means(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(means [G], counts [G])`` of ``values`` per group id (0 where a group is absent)."""
-    counts = torch.bincount(group, minlength=num_groups).to(values.dtype)
-    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group, values)
-    return sums / counts.clamp_min(1), counts
 
 
 def exponentiated_gradient(q: torch.Tensor, excess: torch.Tensor, present: torch.Tensor, eta: float) -> torch.Tensor:

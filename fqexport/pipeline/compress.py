@@ -35,6 +35,7 @@ from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import QuantConfig
+from fqexport.device import resolve_device
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
@@ -59,21 +60,6 @@ log = logging.getLogger(__name__)
 
 # Limits of the per-channel rescale applied by BN re-estimation (σ_float / σ_quant).
 _RESCALE_MIN, _RESCALE_MAX = 0.5, 2.0
-
-
-MSG_NO_CUDA = (
-    "device='cuda' (CLI: --device cuda) but torch.cuda.is_available() is False: this torch build "
-    "or machine has no usable CUDA GPU; use device='auto' or 'cpu'"
-)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``QuantConfig.device`` as a torch device: ``auto`` → CUDA when available, else CPU."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(MSG_NO_CUDA)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor:
@@ -418,7 +404,7 @@ def compress(
     """
     config = config or QuantConfig()
     data = load_data(calib)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, "QuantConfig.device")
     model = copy.deepcopy(model).eval().cpu()
     # 1. load & check: trace, fold BN, find the layers; the data fits the model
     prepared = prepare_model(model, config.skip_unsupported)

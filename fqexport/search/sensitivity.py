@@ -43,6 +43,7 @@ from fqexport.engine.base import Engine, SerialEngine, Task
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
 from fqexport.model import rows_to_weight, weight_rows
+from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,6 @@ class SensitivityTable:
 # ---------------------------------------------------------------------------------------------
 # pure math
 # ---------------------------------------------------------------------------------------------
-
-
-def per_group_mean(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``(1/N_g) Σ_{i∈g} v_i`` per group (0 for an empty group), float64 ``[G]``."""
-    v = values.double()
-    sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, v)
-    counts = torch.bincount(group, minlength=num_groups).double()
-    return sums / counts.clamp_min(1.0)
 
 
 def rtn_weight(weight: torch.Tensor, bits: int, weight_range: str = "x86-safe", clip_search: bool = True,
@@ -283,7 +276,7 @@ def _measure_one(ctx: _MeasuredContext, task: Task) -> np.ndarray:
     finally:
         with torch.no_grad():
             weight.copy_(original)
-    return per_group_mean(loss - base, ctx.g, ctx.num_groups).numpy()
+    return group_means((loss - base).double(), ctx.g, ctx.num_groups)[0].numpy()
 
 
 def sensitivity_tasks(names: Sequence[str], bits: Sequence[int]) -> list[Task]:
@@ -402,7 +395,7 @@ def measure_sensitivity(
     fisher_bs = min(batch_size, 32)
     delta = run(folded, names, bits, x, y, g, G, batch_size if method == "measured" else fisher_bs,
                 weight_range, clip_search, progress, engine or SerialEngine(), model, skip_unsupported)
-    float_loss = per_group_mean(_per_sample_loss(folded, x, y, batch_size), g, G).numpy()
+    float_loss = group_means(_per_sample_loss(folded, x, y, batch_size).double(), g, G)[0].numpy()
     table = SensitivityTable(
         tuple(names), bits, tuple(sub.group_names), delta, method, float_loss,
         np.bincount(sub.group, minlength=G).astype(np.int64), key,

@@ -1,0 +1,111 @@
+"""``finetune``: fairness-aware fine-tuning after PTQ, returning a CompressedModel like any other.
+
+1. Start: a CompressedModel (its solver codes, steps and calibrated activation ranges) or a
+   float model, which is first compressed at ``weight_bits`` on a group-balanced subset of the
+   training data (or ``calib``).
+2. Hold out ``holdout_fraction`` of each group of the training data (at most ``holdout_max``
+   samples, read into memory); the rest is streamed batch by batch (``fqexport.finetune.data``:
+   a Dataset or CSV manifest through a DataLoader with ``num_workers``, an ``.npz`` memory-mapped).
+   The float model (BN folded) is the teacher: its logits are computed once for in-memory data,
+   else per batch; the core-set's per-sample scores come from one streaming pass per epoch.
+3. Train the student (``fqexport.finetune.qat``: learned codes within each layer's grid,
+   per-channel steps, biases, activation steps) with Adam and a cosine schedule on
+   ``fqexport.finetune.losses`` under the chosen sampler and group objective.
+4. After every epoch (and at the start) measure each group's cross-entropy on the hold-out;
+   keep the state with the lowest worst-group loss. ``max_minutes`` stops at the end of a step.
+5. Write the kept state back as integer codes, steps, biases and activation qparams into a new
+   reference and layer table, so ``export`` and ``validate`` run unchanged; the metadata records
+   the settings, the training data's group counts and the hold-out figures before/after.
+
+The loop is ``fqexport.finetune.loop``; learnable widths (BAQ) ``fqexport.finetune.learn_bits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig
+from fqexport.errors import ConfigError
+from fqexport.finetune.config import FinetuneConfig
+from fqexport.finetune.loop import Trained, train_student
+from fqexport.finetune.qat import write_back
+from fqexport.metadata import layer_records
+from fqexport.model import CompressedModel
+
+MSG_WIDTH = "finetune_widths: width {value!r} is not supported: give integers from 2 to 8, e.g. (3, 4, 8)"
+
+
+def finetune(
+    model_or_cm: CompressedModel | nn.Module,
+    train: GroupData | Any,
+    config: FinetuneConfig | None = None,
+    *,
+    calib: Any = None,
+    quant_config: QuantConfig | None = None,
+    progress: bool = True,
+) -> CompressedModel:
+    """Fine-tune a compressed model (or compress a float model and fine-tune it) on ``train``.
+
+    Args:
+        model_or_cm: a CompressedModel (not modified) or a float classifier.
+        train: group-labeled training data: a GroupData, an ``.npz``/``.csv`` path or a Dataset
+            yielding ``(x, y, group)``; its groups must be the calibration data's.
+        config: a FinetuneConfig (default: 2 epochs, natural sampling, plain loss).
+        calib: calibration data for the PTQ start of a float model (default: a group-balanced
+            subset of ``train``); ignored for a CompressedModel.
+        quant_config: QuantConfig of that PTQ start (default ``QuantConfig(weight_bits=config.weight_bits)``).
+        progress: a tqdm bar per epoch with the running per-group loss.
+
+    Returns:
+        A new CompressedModel holding the best checkpoint (lowest hold-out worst-group loss).
+
+    Raises:
+        DataError: the training data's groups, shape or labels do not fit the model.
+        ConfigError: a bad option, or the loss became NaN/Inf (``err.last_good`` holds the
+            CompressedModel of the last good checkpoint; nothing is written).
+    """
+    return train_student(model_or_cm, train, config, calib, quant_config, progress).result
+
+
+def finetune_widths(
+    model_or_cm: CompressedModel | nn.Module,
+    train: GroupData | Any,
+    config: FinetuneConfig | None = None,
+    widths: tuple[int, ...] = (3, 4, 5, 6, 8),
+    *,
+    calib: Any = None,
+    quant_config: QuantConfig | None = None,
+    progress: bool = True,
+) -> dict[int, CompressedModel]:
+    """Fine-tune once (as :func:`finetune`), then return the model at each width in ``widths``.
+
+    A layer whose trained width is the requested one keeps its trained codes; every other layer's
+    latent weights are re-quantized at that width (fresh per-channel grid, no further training),
+    with the learned biases and activation steps. Pair with ``FinetuneConfig(oscillation=λ)``
+    so the latent weights sit on the trained grid. Each model's metadata records
+    ``finetune["requantized_to"]``.
+    """
+    widths = tuple(widths)
+    for b in widths:
+        if isinstance(b, bool) or not isinstance(b, int) or b not in SUPPORTED_WEIGHT_BITS:
+            raise ConfigError(MSG_WIDTH.format(value=b))
+    if not widths:
+        raise ConfigError(MSG_WIDTH.format(value="()"))
+    trained = train_student(model_or_cm, train, config, calib, quant_config, progress)
+    return {b: _at_width(trained, b) for b in widths}
+
+
+def _at_width(trained: Trained, bits: int) -> CompressedModel:
+    """The trained model with every layer's latent weights re-quantized at ``bits``."""
+    cm, result = trained.start, trained.result
+    reference, layers = write_back(cm.reference, cm.layers, trained.weights, trained.acts, bits=bits,
+                                   weight_range=cm.config.weight_range, storage=cm.config.storage)
+    total = sum(l.params for l in layers.values())
+    meta = replace(result.metadata, layers=layer_records(layers),
+                   avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4),
+                   finetune={**result.metadata.finetune, "requantized_to": bits})
+    return replace(result, reference=reference, layers=layers, metadata=meta)

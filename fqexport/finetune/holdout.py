@@ -1,0 +1,82 @@
+"""The hold-out's side of fine-tuning: each group's cross-entropy on the held-out samples at the
+start and after every epoch, the history of those figures, and the checkpoint with the lowest
+worst-group loss (the one fine-tuning keeps)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.finetune.fit_data import logits
+from fqexport.metrics.group_metrics import GroupMetrics, group_metrics
+from fqexport.model import CompressedModel
+
+log = logging.getLogger(__name__)
+
+
+def per_group(metrics: GroupMetrics) -> dict[str, dict[str, float]]:
+    """Each group's accuracy, loss and count, rounded for the metadata record."""
+    return {g: {"accuracy": round(r["accuracy"], 6), "loss": round(r["loss"], 6), "count": int(r["count"])}
+            for g, r in metrics.by_group.items()}
+
+
+def worst_loss(metrics: GroupMetrics) -> float:
+    """The largest loss of a group with samples (inf when none has any)."""
+    losses = [r["loss"] for r in metrics.by_group.values() if r["count"]]
+    return max(losses) if losses else float("inf")
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Holdout:
+    """The hold-out data, the per-epoch history on it and the best checkpoint so far.
+
+    ``start(student)`` records epoch 0; after every epoch ``measure`` then ``keep``."""
+
+    def __init__(self, data: GroupData, names: Sequence[str], device: torch.device) -> None:
+        self.data, self.names, self.device = data, tuple(names), device
+        self.history: list[dict] = []
+        self.best_loss, self.best_state, self.best_epoch = float("inf"), {}, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def measure(self, student: nn.Module) -> tuple[GroupMetrics, float]:
+        """``(per-group metrics, worst-group loss)`` of ``student`` on the hold-out."""
+        d = self.data
+        metrics = group_metrics(logits(student, d.x, self.device).cpu().numpy(), d.y, d.group, self.names)
+        return metrics, worst_loss(metrics)
+
+    def start(self, student: nn.Module) -> None:
+        """Epoch 0: the start's figures, and the start as the best checkpoint."""
+        metrics, worst = self.measure(student)
+        self.best_loss, self.best_state, self.best_epoch = worst, snapshot(student), 0
+        self._append(0, metrics, worst)
+
+    def keep(self, epoch: int, student: nn.Module, metrics: GroupMetrics, worst: float) -> None:
+        """Record ``epoch``'s figures (from ``measure``); ``student`` becomes the best checkpoint
+        when its worst-group loss is lower than the best so far."""
+        self._append(epoch, metrics, worst)
+        log.info("finetune epoch %d: hold-out per-group loss %s", epoch,
+                 {g: r["loss"] for g, r in metrics.by_group.items()})
+        if worst < self.best_loss:
+            self.best_loss, self.best_state, self.best_epoch = worst, snapshot(student), epoch
+
+    def restore_best(self, student: nn.Module) -> None:
+        """Load the best checkpoint into ``student``."""
+        student.load_state_dict(self.best_state)
+
+    def metrics_of(self, cm: CompressedModel) -> GroupMetrics:
+        """Per-group metrics of a CompressedModel's predictions on the hold-out."""
+        return group_metrics(cm.predict(self.data.x), self.data.y, self.data.group, self.names)
+
+    def _append(self, epoch: int, metrics: GroupMetrics, worst: float) -> None:
+        self.history.append({"epoch": epoch, "holdout_worst_group_loss": round(worst, 6),
+                             "holdout": per_group(metrics)})

@@ -1,0 +1,58 @@
+"""Where fine-tuning starts: the CompressedModel it is given, or the PTQ start of a float model
+(compressed on a group-balanced subset of the training data, or ``calib``), and the checks that
+the training data fits that model (groups, sample shape, labels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.checks import check_labels
+from fqexport.calibration.sampling import group_balanced_indices
+from fqexport.config import QuantConfig
+from fqexport.errors import ConfigError, DataError
+from fqexport.finetune.config import FinetuneConfig
+from fqexport.finetune.data import TrainStream
+from fqexport.model import CompressedModel
+from fqexport.pipeline.compress import compress
+
+MSG_GROUPS = (
+    "{source}: the training data's groups ({train}) do not match the calibration data's groups "
+    "({calib}); give training data with the same group names in the same order"
+)
+MSG_SHAPE = (
+    "{source}: field 'x' has sample shape {got}, but the model was compressed for {want}; "
+    "give training data of the calibration data's shape"
+)
+MSG_START = (
+    "finetune needs a CompressedModel (from fqexport.compress) or a float torch.nn.Module, "
+    "not a {kind}"
+)
+
+
+def start_model(model_or_cm: Any, data: TrainStream, config: FinetuneConfig, calib: Any,
+                quant_config: QuantConfig | None, progress: bool) -> CompressedModel:
+    """``model_or_cm`` when it is a CompressedModel, else its compression by ``quant_config``
+    (default ``QuantConfig(weight_bits=config.weight_bits)``) on ``calib`` or on a group-balanced
+    subset of ``data``."""
+    if isinstance(model_or_cm, CompressedModel):
+        return model_or_cm
+    if not isinstance(model_or_cm, nn.Module):
+        raise ConfigError(MSG_START.format(kind=type(model_or_cm).__name__))
+    qc = quant_config or QuantConfig(weight_bits=config.weight_bits, seed=config.seed)
+    calib_data = calib if calib is not None else data.take(group_balanced_indices(data, qc.num_calib, seed=config.seed),
+                                                           config.num_workers)
+    return compress(model_or_cm, calib_data, qc, progress=progress)
+
+
+def check_train_data(data: GroupData | TrainStream, cm: CompressedModel) -> None:
+    """Raise DataError unless ``data`` has the calibration's groups, sample shape and labels."""
+    if tuple(data.group_names) != tuple(cm.group_names):
+        raise DataError(MSG_GROUPS.format(source=data.source, train=", ".join(data.group_names),
+                                          calib=", ".join(cm.group_names)))
+    shape = tuple(data.sample_shape if isinstance(data, TrainStream) else data.x.shape[1:])
+    if shape != tuple(cm.input_shape):
+        raise DataError(MSG_SHAPE.format(source=data.source, got=shape, want=tuple(cm.input_shape)))
+    check_labels(data, cm.num_classes)

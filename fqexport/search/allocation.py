@@ -27,8 +27,9 @@ Budgets (``Budget.kind``) count what the written file stores:
   (:data:`fqexport.metadata.ACTIVATION_BITS`, 8).
 
 The container of a width follows :meth:`fqexport.model.QuantizedLayer.storage` for the
-storage mode (``"auto"``, ``"int8"``, ``"packed"``); ``"ideal"`` counts b bits per weight and no
-scales (nominal bits; the budgets of papers, not of files).
+storage mode (``"auto"``, ``"int8"``, ``"packed"``; by default ``QuantConfig``'s,
+:data:`fqexport.config.DEFAULT_STORAGE`); ``"ideal"`` counts b bits per weight and no scales
+(nominal bits; the budgets of papers, not of files).
 
 Pinned layers (name patterns, ``fnmatch``) have a single option.
 """
@@ -45,6 +46,7 @@ import numpy as np
 
 from fqexport.calibration.group_data import group_weight_vector
 from fqexport.config import (
+    DEFAULT_STORAGE,
     MSG_BUDGET_KIND,
     SUPPORTED_WEIGHT_BITS,
     BudgetKind,
@@ -158,7 +160,7 @@ def stored_bits(info: LayerCost, bits: int, storage: str) -> float:
     return 8.0 * stored_bytes(info, bits, storage) / max(int(info.params), 1)
 
 
-def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = "packed") -> float:
+def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = DEFAULT_STORAGE) -> float:
     """The budget resource one layer uses at ``bits``: stored bit·params (``ideal``: nominal),
     stored bytes or BOPs."""
     if kind == "bits":
@@ -180,7 +182,7 @@ def budget_capacity(infos: Sequence[LayerCost], budget: Budget, overhead: float 
     return float(budget.value)
 
 
-def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = "packed") -> float:
+def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = DEFAULT_STORAGE) -> float:
     """Resource of a whole allocation, in the budget's unit (average stored bits for ``"bits"``;
     with ``storage="ideal"`` the nominal average width)."""
     total = sum(layer_resource(i, bits[i.name], kind, storage) for i in infos)
@@ -295,7 +297,7 @@ class _Problem:
     capacity: float
     groups: tuple[str, ...]
     overhead: float = 0.0
-    storage: str = "auto"
+    storage: str = DEFAULT_STORAGE
 
 
 def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
@@ -352,7 +354,7 @@ def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -
     if budget.kind == "bytes":
         used += p.overhead
     avg = resource_used(bits, infos, "bits", "ideal")
-    real = "auto" if storage == "ideal" else storage
+    real = DEFAULT_STORAGE if storage == "ideal" else storage  # the bytes of the file the export writes
     return Allocation(
         bits, {g: float(v) for g, v in zip(p.groups, d)}, objective, float(score_fn(d)), budget,
         float(used), float(avg), {g: float(v) for g, v in zip(p.groups, w)},
@@ -381,7 +383,7 @@ def candidate_allocations(
     mean_weight: float = 0.1,
     steps: int = 60,
     eta: float = 0.5,
-    storage: BudgetStorage = "packed",
+    storage: BudgetStorage = DEFAULT_STORAGE,
     max_cells: int = ALLOC_MAX_CELLS,
     overhead: float = 0.0,
 ) -> list[Allocation]:
@@ -452,7 +454,7 @@ def uniform_allocations(
     *,
     group_weights: Mapping[str, float] | None = None,
     mean_weight: float = 0.1,
-    storage: BudgetStorage = "packed",
+    storage: BudgetStorage = DEFAULT_STORAGE,
     overhead: float = 0.0,
 ) -> list[Allocation]:
     """Every free layer at one measured width (pins kept), for every width that fits the
@@ -473,14 +475,3 @@ def uniform_allocations(
     return out
 
 
-def uniform_allocation(
-    table: SensitivityTable,
-    layer_info: Sequence[LayerCost],
-    budget: Budget,
-    objective: MixedObjective = "worst-group",
-    pins: Mapping[str, int] | None = None,
-    **kw: Any,
-) -> Allocation | None:
-    """The widest of :func:`uniform_allocations`; ``None`` when even the narrowest does not fit."""
-    found = uniform_allocations(table, layer_info, budget, objective, pins, **kw)
-    return found[0] if found else None

@@ -13,6 +13,7 @@ from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.search import allocation
 from fqexport.search.allocation import (
+    AllocationOptions,
     Budget,
     LayerCost,
     container_bits,
@@ -251,6 +252,18 @@ def test_the_allocator_counts_in_quant_configs_default_storage():
     for fn in (allocation.candidate_allocations, allocation.uniform_allocations, allocation.layer_resource,
                allocation.resource_used):
         assert inspect.signature(fn).parameters["storage"].default == default, fn.__name__
+    assert AllocationOptions(Budget("bits", 4.0)).storage == default
     t, infos = minority_layer_case()
     assert allocation.candidate_allocations(t, infos, Budget("bits", 4.0))[0].storage == default
 
+
+def test_allocation_options_ask_the_allocator_with_their_options():
+    t, infos = minority_layer_case()
+    options = AllocationOptions(Budget("bits", 4.0), "worst-group", {"shared": 8}, mean_weight=0.5, steps=10,
+                                storage="ideal")
+    assert options.candidates(t, infos) == candidate_allocations(t, infos, Budget("bits", 4.0), "worst-group",
+                                                                 {"shared": 8}, mean_weight=0.5, steps=10)
+    assert options.uniforms(t, infos) == allocation.uniform_allocations(
+        t, infos, Budget("bits", 4.0), "worst-group", {"shared": 8}, mean_weight=0.5, storage="ideal")
+    mean = candidate_allocations(t, infos, Budget("bits", 4.0), "mean", {"shared": 8})[0]
+    assert options.rescore(mean) == rescore(mean, "worst-group", mean_weight=0.5)

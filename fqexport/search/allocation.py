@@ -32,6 +32,9 @@ storage mode (``"auto"``, ``"int8"``, ``"packed"``; by default ``QuantConfig``'s
 (nominal bits; the budgets of papers, not of files).
 
 Pinned layers (name patterns, ``fnmatch``) have a single option.
+
+The functions take their options as arguments, for use on their own; a search fixes them once in
+an :class:`AllocationOptions` and asks it for candidates.
 """
 
 from __future__ import annotations
@@ -475,3 +478,49 @@ def uniform_allocations(
     return out
 
 
+
+@dataclass(frozen=True)
+class AllocationOptions:
+    """The allocator's options besides the table and the layer costs, fixed once per search
+    (:func:`fqexport.search.candidate_pool.allocation_options` builds them from the configs).
+
+    Attributes:
+        budget: the resource limit.
+        objective: ``"worst-group"``, ``"mean"`` or ``"weighted"``.
+        pins: layer-name patterns -> width (the first/last-layer pins merged in).
+        group_weights: the inner problem's group weights (``None``: equal).
+        mean_weight: λ of the mean term of the worst-group objective.
+        steps: multiplicative-weights steps of the worst-group search.
+        eta: step size of the multiplicative-weights update.
+        storage: the storage mode the sizes are counted in.
+        overhead: the file's bytes outside the layers' weights (``"bytes"`` budgets).
+    """
+
+    budget: Budget
+    objective: MixedObjective = "worst-group"
+    pins: Mapping[str, int] = field(default_factory=dict)
+    group_weights: Mapping[str, float] | None = None
+    mean_weight: float = 0.1
+    steps: int = 60
+    eta: float = 0.5
+    storage: BudgetStorage = DEFAULT_STORAGE
+    overhead: float = 0.0
+
+    def candidates(self, table: SensitivityTable, layer_info: Sequence[LayerCost]) -> list[Allocation]:
+        """:func:`candidate_allocations` under these options."""
+        return candidate_allocations(
+            table, layer_info, self.budget, self.objective, self.pins, group_weights=self.group_weights,
+            mean_weight=self.mean_weight, steps=self.steps, eta=self.eta, storage=self.storage,
+            overhead=self.overhead,
+        )
+
+    def uniforms(self, table: SensitivityTable, layer_info: Sequence[LayerCost]) -> list[Allocation]:
+        """:func:`uniform_allocations` under these options."""
+        return uniform_allocations(
+            table, layer_info, self.budget, self.objective, self.pins, group_weights=self.group_weights,
+            mean_weight=self.mean_weight, storage=self.storage, overhead=self.overhead,
+        )
+
+    def rescore(self, alloc: Allocation) -> Allocation:
+        """``alloc`` scored like these options' objective (:func:`rescore`)."""
+        return rescore(alloc, self.objective, group_weights=self.group_weights, mean_weight=self.mean_weight)

@@ -28,7 +28,8 @@ from fqexport.cli.paths import Output, check_paths
 from fqexport.config import QuantConfig
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
-from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_precision
+from fqexport.search.candidates import MixedPrecisionResult
+from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import write_json_data
 
 

@@ -42,7 +42,8 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig, SensitivityMethod
 from fqexport.demo.models import MLP, SmallResNet
 from fqexport.demo.task import make_image_task, make_tabular_task
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.search.mixed_precision import layer_costs, search_mixed_precision
+from fqexport.search.costs import layer_costs
+from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.pipeline.compress import compress
 
 CALIB_POOL = 2000

@@ -38,11 +38,11 @@ from fqexport.demo.run import DEMO_NUM_CALIB
 from fqexport.demo.task import make_image_task
 from fqexport.engine import LocalEngine, SerialEngine, Task, make_engine
 from fqexport.graph.prepare import prepare_model
-from fqexport.search.mixed_precision import (
-    _fit_one,
-    _verification_splits,
-    _VerifyContext,
-    search_mixed_precision,
+from fqexport.search.mixed_precision import search_mixed_precision
+from fqexport.search.verification import (
+    VerifyContext,
+    fit_candidate,
+    verification_splits,
     verification_tasks,
 )
 from fqexport.search.sensitivity import DEFAULT_CACHE, measure_sensitivity
@@ -128,15 +128,16 @@ def resnet_projection(num_calib: int, overhead: dict, workers=(1, 8, 32, 128)) -
     t_sens, c_sens = (time.perf_counter() - t0) / 2, (time.process_time() - c0) / 2
     n_layers = len(prepare_model(model).names)
     mp = MixedPrecisionConfig(budget_bits=2.25)
-    held_out, splits = _verification_splits(calib, mp)
-    ctx = _VerifyContext(model, held_out, splits, QuantConfig(num_calib=num_calib))
+    base = QuantConfig(num_calib=num_calib)
+    held_out, splits, _ = verification_splits(calib, mp, base)
+    ctx = VerifyContext(model, held_out, splits, base)
 
     class _A:  # an allocation stand-in: 4 bits everywhere
         bits = {n: 4 for n in table.layers}
         avg_bits = 4.0
 
     t0, c0 = time.perf_counter(), time.process_time()
-    SerialEngine().map(_fit_one, verification_tasks([_A()], 3)[:1], ctx, "fit")
+    SerialEngine().map(fit_candidate, verification_tasks([_A()], 3)[:1], ctx, "fit")
     t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
     n_sens = n_layers * len(mp.bit_choices)
     n_fit = 3 * (mp.num_candidates + 2)  # candidates + uniform + mean, 3 folds

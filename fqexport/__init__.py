@@ -28,7 +28,8 @@ from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics, group_metrics
 from fqexport.model import CompressedModel, QuantizedLayer
 from fqexport.pipeline.compress import compress
-from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_precision
+from fqexport.search.candidates import MixedPrecisionResult
+from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.search.pareto import pareto_sweep
 from fqexport.validation.gate import validate
 from fqexport.validation.thresholds import Thresholds

@@ -25,6 +25,9 @@ WeightRange = Literal["x86-safe", "full"]
 # kernels (exporters/kernel_emulation.py); ``gpu`` has no emulated CPU kernels.
 ExportTarget = Literal["portable", "x86-avx2", "x86-vnni", "arm64", "gpu"]
 Storage = Literal["auto", "int8", "packed"]
+# The storage of QuantConfig and of the allocator when none is given: one default, so what the
+# allocator counts by default is what compress stores by default.
+DEFAULT_STORAGE: Storage = "auto"
 # Storage modes a bytes budget can be counted in: the export's, or "ideal" (b bits per weight).
 BudgetStorage = Literal[Storage, "ideal"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -174,7 +177,7 @@ class QuantConfig:
     batch_size: int = 64
     weight_range: WeightRange = "x86-safe"
     target: ExportTarget = "portable"
-    storage: Storage = "auto"
+    storage: Storage = DEFAULT_STORAGE
     clip_search: bool | None = None
     bias_correction: bool = True
     bn_reestimate: bool = True

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 
 import numpy as np
 import pytest
 
+from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.search import allocation
 from fqexport.search.allocation import (
+    AllocationOptions,
     Budget,
     LayerCost,
     container_bits,
@@ -231,7 +234,8 @@ def test_noisy_negative_or_non_monotone_deltas_do_not_buy_fewer_bits():
 
 def test_stored_bits_count_containers_and_scales_and_uniform_candidates_cover_every_fitting_width():
     t, infos = minority_layer_case()
-    # packed: 2 bits = (250 + 40) B, 4 bits (and 3, in INT4) = (500 + 40) B, 8 bits = 1040 B
+    # packed (and the default, auto, for convs): 2 bits = (250 + 40) B, 4 bits (and 3, in INT4)
+    # = (500 + 40) B, 8 bits = 1040 B
     assert allocation.stored_bits(infos[0], 3, "packed") == allocation.stored_bits(infos[0], 4, "packed") == 8 * 540 / 1000
     found = allocation.uniform_allocations(t, infos, Budget("bits", 4.5))
     assert [a.uniform_width for a in found] == [4, 3, 2]  # 8 bits (8.32 stored) does not fit
@@ -241,3 +245,25 @@ def test_stored_bits_count_containers_and_scales_and_uniform_candidates_cover_ev
     assert a.stored_bits <= 3.5 and a.used == pytest.approx(a.stored_bits)
     with pytest.raises(ConfigError, match=r"needs 8\.32.*storage='int8' stores every width in an 8-bit container"):
         allocation.candidate_allocations(t, infos, Budget("bits", 4.0), storage="int8")
+
+
+def test_the_allocator_counts_in_quant_configs_default_storage():
+    default = QuantConfig().storage
+    for fn in (allocation.candidate_allocations, allocation.uniform_allocations, allocation.layer_resource,
+               allocation.resource_used):
+        assert inspect.signature(fn).parameters["storage"].default == default, fn.__name__
+    assert AllocationOptions(Budget("bits", 4.0)).storage == default
+    t, infos = minority_layer_case()
+    assert allocation.candidate_allocations(t, infos, Budget("bits", 4.0))[0].storage == default
+
+
+def test_allocation_options_ask_the_allocator_with_their_options():
+    t, infos = minority_layer_case()
+    options = AllocationOptions(Budget("bits", 4.0), "worst-group", {"shared": 8}, mean_weight=0.5, steps=10,
+                                storage="ideal")
+    assert options.candidates(t, infos) == candidate_allocations(t, infos, Budget("bits", 4.0), "worst-group",
+                                                                 {"shared": 8}, mean_weight=0.5, steps=10)
+    assert options.uniforms(t, infos) == allocation.uniform_allocations(
+        t, infos, Budget("bits", 4.0), "worst-group", {"shared": 8}, mean_weight=0.5, storage="ideal")
+    mean = candidate_allocations(t, infos, Budget("bits", 4.0), "mean", {"shared": 8})[0]
+    assert options.rescore(mean) == rescore(mean, "worst-group", mean_weight=0.5)

@@ -13,6 +13,7 @@ import torch
 
 import fqexport.search.mixed_precision as mp_module
 import fqexport.search.pareto as pareto_module
+import fqexport.search.selection as selection_module
 from fqexport.calibration.sampling import (
     group_balanced_indices,
     split_holdout,
@@ -24,20 +25,15 @@ from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import (
-    Allocation,
     Budget,
     candidate_allocations,
     layer_container,
     resource_used,
     stored_bytes,
 )
-from fqexport.search.mixed_precision import (
-    Candidate,
-    _never_worse_than_uniform,
-    _selection_key,
-    layer_costs,
-    search_mixed_precision,
-)
+from fqexport.search.byte_budget import file_overhead_estimate
+from fqexport.search.costs import layer_costs
+from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.search.pareto import (
     PARETO_FIELDS,
     ParetoPoint,
@@ -170,73 +166,6 @@ def test_export_stores_the_allocation_and_int4_for_narrow_layers(search, tmp_pat
     assert len(int2) + len(nbits) >= 1
 
 
-def _candidate(correct: list[int], confidence: float, float_loss: float, groups=("a", "b")) -> Candidate:
-    """A verified candidate on 2 classes: per sample of group 'b' (ten of them) right with
-    probability ``confidence`` on the label or wrong with 0.4 on it; group 'a' (ten samples)
-    always right with 0.9."""
-    y = np.zeros(20, dtype=np.int64)
-    group = np.repeat([0, 1], 10)
-    p = np.concatenate([np.full(10, 0.9), np.where(np.array(correct) == 1, confidence, 0.4)])
-    logits = np.stack([np.log(p), np.log(1 - p)], axis=1)
-    m = group_metrics(logits, y, group, groups)
-    inc = {g: m.by_group[g]["loss"] - float_loss for g in groups}
-    alloc = Allocation({"fc1": 2}, {g: 0.0 for g in groups}, "worst-group", 0.0, Budget("bits", 2.0), 2.0, 2.0)
-    return Candidate(alloc, metrics=m, measured_loss_increase=inc)
-
-
-def test_worst_group_selection_key_uses_the_measured_loss_increase():
-    groups = ("a", "b")
-    # A: one more sample right in the worst group, but far less confident on the others
-    a = _candidate([1] * 8 + [0] * 2, 0.55, 0.3)
-    b = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
-    assert a.worst_group_acc > b.worst_group_acc
-    assert a.measured_worst > b.measured_worst
-    key = lambda c: _selection_key(c, "worst-group", None, groups, 0.1)  # noqa: E731
-    assert max([a, b], key=key) is b
-    # equal loss increases: the worst-group accuracy decides
-    c = _candidate([1] * 7 + [0] * 3, 0.8, 0.3)
-    c.measured_loss_increase = dict(a.measured_loss_increase)
-    assert max([a, c], key=key) is a and max([c, a], key=key) is a
-    # the largest increase of any group counts (not only the lowest-accuracy group's) ...
-    d = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
-    d.measured_loss_increase = {"a": b.measured_loss_increase["b"] + 0.5, "b": b.measured_loss_increase["b"]}
-    assert max([d, b], key=key) is b
-    # ... and so does λ × the mean increase, at an equal largest one
-    e = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
-    e.measured_loss_increase = {"a": b.measured_loss_increase["a"] - 0.1, "b": b.measured_loss_increase["b"]}
-    assert max([b, e], key=key) is e
-    # mean objective: still the overall accuracy
-    assert max([a, b], key=lambda c: _selection_key(c, "mean", None, groups)) is a
-
-
-def _with_losses(c: Candidate, losses: np.ndarray, score: float) -> Candidate:
-    c.sample_loss = losses
-    c.allocation = replace(c.allocation, score=score)
-    return c
-
-
-def test_measured_best_must_beat_the_predicted_best_beyond_noise():
-    from fqexport.search.mixed_precision import _significantly_better
-
-    groups = ("a", "b")
-    group = np.repeat([0, 1], 10)
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0.1, 1.0, 20)
-    pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.1)
-    pred.measured_loss_increase = {"a": 0.0, "b": 0.2}
-    # measured J lower by 0.01, with per-sample differences of ±0.3 in group b: noise
-    noisy = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3),
-                         base - np.where(group == 1, 0.01 + 0.3 * rng.choice([-1, 1], 20), 0.0), score=0.2)
-    noisy.measured_loss_increase = {"a": 0.0, "b": 0.19}
-    assert _significantly_better([pred, noisy], noisy, group, groups, 0.1) is pred
-    # lower by 0.15 on every sample of group b: a real improvement
-    clear = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base - np.where(group == 1, 0.15, 0.0), score=0.2)
-    clear.measured_loss_increase = {"a": 0.0, "b": 0.05}
-    assert _significantly_better([pred, clear], clear, group, groups, 0.1) is clear
-    # the predicted best measured best: nothing to decide
-    assert _significantly_better([pred, clear], pred, group, groups, 0.1) is pred
-
-
 def test_default_verification_fit_is_the_refit_without_an_extra_fit(mlp_model, mlp_data, search):
     # default verify_folds=1 and more data than num_calib (>= 50 of each group unused): every
     # candidate is fitted once, exactly as compress fits it, and measured on the unused samples
@@ -327,7 +256,7 @@ def test_bytes_budget_is_respected(mlp_model, mlp_data, tmp_path):
     mp = MixedPrecisionConfig(budget_bytes=60_000, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
                               sensitivity_samples=128)
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False)
-    overhead = mp_module.file_overhead_estimate(res.layers)
+    overhead = file_overhead_estimate(res.layers)
     for c in res.candidates:
         assert resource_used(c.allocation.bits, res.layers, "bytes", "packed") + overhead <= 60_000
     assert export_qdq(res.compressed, tmp_path / "b.onnx").size_bytes <= 60_000
@@ -357,22 +286,22 @@ def test_stored_bytes_predict_the_written_initializers_per_layer(cnn_model, cnn_
 
 
 def _penalize_mixed(real_verify, pinned=("fc3",)):
-    """A _verify whose mixed candidates (free layers at different widths) measured a much larger
+    """A verify whose mixed candidates (free layers at different widths) measured a much larger
     held-out loss increase."""
     def verify(*args, **kwargs):
-        candidates, *rest = real_verify(*args, **kwargs)
-        for c in candidates:
+        found = real_verify(*args, **kwargs)
+        for c in found.candidates:
             if len({b for n, b in c.allocation.bits.items() if n not in pinned}) > 1:
                 c.measured_loss_increase = {g: v + 5.0 for g, v in c.measured_loss_increase.items()}
                 c.sample_loss = c.sample_loss + 5.0
-        return (candidates, *rest)
+        return found
     return verify
 
 
 def test_search_returns_the_uniform_candidate_when_it_measured_better(mlp_model, mlp_data, search, monkeypatch):
     # the selection keeps the predicted best (mixed) allocation; the uniform guard overrides it
-    monkeypatch.setattr(mp_module, "_verify", _penalize_mixed(mp_module._verify))
-    monkeypatch.setattr(mp_module, "_significantly_better",
+    monkeypatch.setattr(mp_module, "verify", _penalize_mixed(mp_module.verify))
+    monkeypatch.setattr(selection_module, "significantly_better",
                         lambda cands, best, *a, **k: min(cands, key=lambda c: c.allocation.score))
     mp = replace(search.config, verify_mean=False)
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
@@ -385,24 +314,6 @@ def test_search_returns_the_uniform_candidate_when_it_measured_better(mlp_model,
     assert res.compressed.metadata.allocation["fallback"] == res.fallback
     # unpatched, the same search keeps its selection and says nothing
     assert search.fallback is None or search.chosen.origin == "uniform"
-
-
-def test_never_worse_than_uniform_picks_the_smaller_file_among_equal_uniforms():
-    groups = ("a", "b")
-    mixed = _candidate([1] * 7 + [0] * 3, 0.9, 0.3)
-    mixed.origin = "search"
-    mixed.measured_loss_increase = {"a": 0.0, "b": 0.30}
-    u4, u2 = _candidate([1] * 8 + [0] * 2, 0.9, 0.3), _candidate([1] * 8 + [0] * 2, 0.9, 0.3)
-    for c, w, nbytes in ((u4, 4, 5000), (u2, 2, 3000)):
-        c.origin = "uniform"
-        c.allocation = replace(c.allocation, bits={"fc1": w, "fc2": w}, weight_bytes=nbytes)
-        c.measured_loss_increase = {"a": 0.0, "b": 0.10}
-    best, note = _never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1)
-    assert best is u2 and note == ("returning uniform 2-bit: it measured a held-out worst-group loss increase of "
-                                   "0.1000, the selected mixed allocation 0.3000")
-    # a mixed allocation that measured no worse stands
-    mixed.measured_loss_increase = {"a": 0.0, "b": 0.10}
-    assert _never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1) == (mixed, None)
 
 
 def test_pareto_sweep_is_monotone_and_says_which_result_it_reused(mlp_model, mlp_data, monkeypatch):

@@ -17,7 +17,7 @@ from fqexport.exporters.weight_nbits import NBITS_ACCURACY_LEVEL
 from fqexport.pipeline.compress import compress
 from fqexport.quant.solver import choose_solver_grid, layer_error, solve_layer
 from fqexport.search.allocation import layer_container, stored_bytes
-from fqexport.search.mixed_precision import layer_costs
+from fqexport.search.costs import layer_costs
 
 
 def _blockwise_weight(out: int = 32, cols: int = 192, block: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,8 @@ from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
-from fqexport.search.mixed_precision import MixedPrecisionResult, search_mixed_precision
+from fqexport.search.candidates import MixedPrecisionResult
+from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import write_json_data
 
 

@@ -27,10 +27,14 @@ Budgets (``Budget.kind``) count what the written file stores:
   (:data:`fqexport.metadata.ACTIVATION_BITS`, 8).
 
 The container of a width follows :meth:`fqexport.model.QuantizedLayer.storage` for the
-storage mode (``"auto"``, ``"int8"``, ``"packed"``); ``"ideal"`` counts b bits per weight and no
-scales (nominal bits; the budgets of papers, not of files).
+storage mode (``"auto"``, ``"int8"``, ``"packed"``; by default ``QuantConfig``'s,
+:data:`fqexport.config.DEFAULT_STORAGE`); ``"ideal"`` counts b bits per weight and no scales
+(nominal bits; the budgets of papers, not of files).
 
 Pinned layers (name patterns, ``fnmatch``) have a single option.
+
+The functions take their options as arguments, for use on their own; a search fixes them once in
+an :class:`AllocationOptions` and asks it for candidates.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 
 from fqexport.calibration.group_data import group_weight_vector
 from fqexport.config import (
+    DEFAULT_STORAGE,
     MSG_BUDGET_KIND,
     SUPPORTED_WEIGHT_BITS,
     BudgetKind,
@@ -131,7 +136,7 @@ def stored_bytes(info: LayerCost, bits: int, storage: str) -> int:
 
     int8: one byte per code and an fp32 scale per channel (a Linear also an int8 zero point per
     channel: ORT fuses QGemm only with it); int4 / int2: two / four codes per byte behind a Cast
-    to int8 (:func:`fqexport.exporters.qdq_onnx._cast_weight`), the same scales and zero points
+    to int8 (:mod:`fqexport.exporters.weight_packed`), the same scales and zero points
     (a conv's zero point 0 is left out); nbits (MatMulNBits): rows padded to whole blocks of
     ``nbits_block_size(K)``, two codes per byte, one fp32 scale per block; ``ideal``: ``b`` bits
     per weight and :data:`BYTES_PER_CHANNEL` per channel.
@@ -157,7 +162,7 @@ def stored_bits(info: LayerCost, bits: int, storage: str) -> float:
     return 8.0 * stored_bytes(info, bits, storage) / max(int(info.params), 1)
 
 
-def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = "packed") -> float:
+def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = DEFAULT_STORAGE) -> float:
     """The budget resource one layer uses at ``bits``: stored bit·params (``ideal``: nominal),
     stored bytes or BOPs."""
     if kind == "bits":
@@ -179,7 +184,7 @@ def budget_capacity(infos: Sequence[LayerCost], budget: Budget, overhead: float 
     return float(budget.value)
 
 
-def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = "packed") -> float:
+def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = DEFAULT_STORAGE) -> float:
     """Resource of a whole allocation, in the budget's unit (average stored bits for ``"bits"``;
     with ``storage="ideal"`` the nominal average width)."""
     total = sum(layer_resource(i, bits[i.name], kind, storage) for i in infos)
@@ -294,7 +299,7 @@ class _Problem:
     capacity: float
     groups: tuple[str, ...]
     overhead: float = 0.0
-    storage: str = "auto"
+    storage: str = DEFAULT_STORAGE
 
 
 def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
@@ -351,7 +356,7 @@ def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -
     if budget.kind == "bytes":
         used += p.overhead
     avg = resource_used(bits, infos, "bits", "ideal")
-    real = "auto" if storage == "ideal" else storage
+    real = DEFAULT_STORAGE if storage == "ideal" else storage  # the bytes of the file the export writes
     return Allocation(
         bits, {g: float(v) for g, v in zip(p.groups, d)}, objective, float(score_fn(d)), budget,
         float(used), float(avg), {g: float(v) for g, v in zip(p.groups, w)},
@@ -380,7 +385,7 @@ def candidate_allocations(
     mean_weight: float = 0.1,
     steps: int = 60,
     eta: float = 0.5,
-    storage: BudgetStorage = "packed",
+    storage: BudgetStorage = DEFAULT_STORAGE,
     max_cells: int = ALLOC_MAX_CELLS,
     overhead: float = 0.0,
 ) -> list[Allocation]:
@@ -451,7 +456,7 @@ def uniform_allocations(
     *,
     group_weights: Mapping[str, float] | None = None,
     mean_weight: float = 0.1,
-    storage: BudgetStorage = "packed",
+    storage: BudgetStorage = DEFAULT_STORAGE,
     overhead: float = 0.0,
 ) -> list[Allocation]:
     """Every free layer at one measured width (pins kept), for every width that fits the
@@ -472,14 +477,49 @@ def uniform_allocations(
     return out
 
 
-def uniform_allocation(
-    table: SensitivityTable,
-    layer_info: Sequence[LayerCost],
-    budget: Budget,
-    objective: MixedObjective = "worst-group",
-    pins: Mapping[str, int] | None = None,
-    **kw: Any,
-) -> Allocation | None:
-    """The widest of :func:`uniform_allocations`; ``None`` when even the narrowest does not fit."""
-    found = uniform_allocations(table, layer_info, budget, objective, pins, **kw)
-    return found[0] if found else None
+
+@dataclass(frozen=True)
+class AllocationOptions:
+    """The allocator's options besides the table and the layer costs, fixed once per search
+    (:func:`fqexport.search.candidate_pool.allocation_options` builds them from the configs).
+
+    Attributes:
+        budget: the resource limit.
+        objective: ``"worst-group"``, ``"mean"`` or ``"weighted"``.
+        pins: layer-name patterns -> width (the first/last-layer pins merged in).
+        group_weights: the inner problem's group weights (``None``: equal).
+        mean_weight: λ of the mean term of the worst-group objective.
+        steps: multiplicative-weights steps of the worst-group search.
+        eta: step size of the multiplicative-weights update.
+        storage: the storage mode the sizes are counted in.
+        overhead: the file's bytes outside the layers' weights (``"bytes"`` budgets).
+    """
+
+    budget: Budget
+    objective: MixedObjective = "worst-group"
+    pins: Mapping[str, int] = field(default_factory=dict)
+    group_weights: Mapping[str, float] | None = None
+    mean_weight: float = 0.1
+    steps: int = 60
+    eta: float = 0.5
+    storage: BudgetStorage = DEFAULT_STORAGE
+    overhead: float = 0.0
+
+    def candidates(self, table: SensitivityTable, layer_info: Sequence[LayerCost]) -> list[Allocation]:
+        """:func:`candidate_allocations` under these options."""
+        return candidate_allocations(
+            table, layer_info, self.budget, self.objective, self.pins, group_weights=self.group_weights,
+            mean_weight=self.mean_weight, steps=self.steps, eta=self.eta, storage=self.storage,
+            overhead=self.overhead,
+        )
+
+    def uniforms(self, table: SensitivityTable, layer_info: Sequence[LayerCost]) -> list[Allocation]:
+        """:func:`uniform_allocations` under these options."""
+        return uniform_allocations(
+            table, layer_info, self.budget, self.objective, self.pins, group_weights=self.group_weights,
+            mean_weight=self.mean_weight, storage=self.storage, overhead=self.overhead,
+        )
+
+    def rescore(self, alloc: Allocation) -> Allocation:
+        """``alloc`` scored like these options' objective (:func:`rescore`)."""
+        return rescore(alloc, self.objective, group_weights=self.group_weights, mean_weight=self.mean_weight)

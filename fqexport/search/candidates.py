@@ -1,0 +1,176 @@
+"""The search's results: a verified :class:`Candidate` (predicted vs measured) and the
+:class:`MixedPrecisionResult` of :func:`fqexport.search.mixed_precision.search_mixed_precision`,
+with the views a report, the ONNX metadata and a test read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from fqexport.config import DEFAULT_STORAGE, MixedPrecisionConfig
+from fqexport.metrics.group_metrics import GroupMetrics
+from fqexport.search.allocation import Allocation, LayerCost, layer_container, stored_bits
+from fqexport.search.sensitivity import SensitivityTable
+
+
+def metrics_summary(m: GroupMetrics) -> dict[str, Any]:
+    """Per-group accuracy and loss, the worst group and its accuracy, the mean accuracy."""
+    worst, worst_acc = m.group_min("accuracy")
+    return {
+        "accuracy": {g: float(r["accuracy"]) for g, r in m.by_group.items()},
+        "loss": {g: float(r["loss"]) for g, r in m.by_group.items()},
+        "worst_group": worst,
+        "worst_group_acc": float(worst_acc),
+        "mean_acc": float(m.overall["accuracy"]),
+    }
+
+
+@dataclass
+class Candidate:
+    """One allocation: predicted per-group loss increase vs what verification measured.
+
+    ``measured_loss_increase`` is the held-out per-group loss of the quantized model minus the
+    float model's; ``metrics`` the quantized model's held-out per-group metrics.
+    """
+
+    allocation: Allocation
+    origin: str = "search"  # "search" (knapsack), "uniform", "mean" or "bytes-refit"
+    metrics: GroupMetrics | None = None
+    measured_loss_increase: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    sample_loss: np.ndarray | None = field(default=None, repr=False)  # held-out, per sample
+
+    @property
+    def worst_group_acc(self) -> float:
+        return float(self.metrics.group_min("accuracy")[1]) if self.metrics else float("nan")
+
+    @property
+    def mean_acc(self) -> float:
+        return float(self.metrics.overall["accuracy"]) if self.metrics else float("nan")
+
+    @property
+    def measured_worst(self) -> float:
+        """The largest measured held-out loss increase over the groups."""
+        return max(self.measured_loss_increase.values()) if self.measured_loss_increase else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "bits": dict(self.allocation.bits),
+            "origin": self.origin,
+            "avg_bits": self.allocation.avg_bits,
+            "stored_bits": self.allocation.stored_bits,
+            "weight_bytes": self.allocation.weight_bytes,
+            "used": self.allocation.used,
+            "predicted_score": self.allocation.score,
+            "predicted_loss_increase": dict(self.allocation.predicted),
+            "measured_loss_increase": dict(self.measured_loss_increase),
+            "verify_seconds": self.seconds,
+        }
+        if self.metrics is not None:
+            d["measured"] = metrics_summary(self.metrics)
+        return d
+
+
+@dataclass
+class MixedPrecisionResult:
+    """The outcome of :func:`fqexport.search.mixed_precision.search_mixed_precision`.
+
+    Attributes:
+        config: the MixedPrecisionConfig.
+        allocation: the chosen allocation.
+        candidates: every verified candidate (predicted vs measured): the best ``num_candidates``
+            in predicted order, then the uniform allocation (``verify_uniform``), then the
+            mean-objective allocation (``verify_mean``), each once.
+        compressed: the winner's CompressedModel (``fqexport.export(cm, path)`` writes the ONNX file):
+            quantized on all the calibration data with ``refit``, else the verified held-in fit.
+        sensitivity: the Δ_g(l, b) table.
+        layers: the layer costs (params, MACs, channels).
+        float_metrics: the float model's metrics on the held-out samples (with folds: every
+            calibration sample but a one-sample group's).
+        seconds: wall time of sensitivity, allocation, verification and refit.
+        fallback: why the search returned a uniform allocation instead of the one it selected
+            (the selected one measured a larger held-out worst-group loss increase than a uniform
+            candidate within the budget); ``None`` when the selection stood.
+        fits: ``compress`` fits the search ran (verification fits per candidate × fold, the
+            refit, refits for a bytes budget); ``fit_seconds`` their summed time.
+        storage: the storage mode the returned model exports with (the base config's).
+        verification: how the candidates were measured, in words (the held-out samples).
+    """
+
+    config: MixedPrecisionConfig
+    allocation: Allocation
+    candidates: list[Candidate]
+    compressed: Any  # pipeline.CompressedModel
+    sensitivity: SensitivityTable
+    layers: list[LayerCost]
+    float_metrics: GroupMetrics
+    seconds: dict[str, float] = field(default_factory=dict)
+    fallback: str | None = None
+    fits: int = 0
+    fit_seconds: float = 0.0
+    storage: str = DEFAULT_STORAGE
+    verification: str = ""
+
+    @property
+    def chosen(self) -> Candidate:
+        return next(c for c in self.candidates if c.allocation is self.allocation)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per layer: name, params, bits, sensitivity (max over groups of Δ_g at the
+        chosen width) and the group it hurts most."""
+        rows = []
+        for info in self.layers:
+            if info.name not in self.allocation.bits:
+                continue
+            b = self.allocation.bits[info.name]
+            if b in self.sensitivity.bits:
+                d = self.sensitivity.at(info.name, b)
+                k = int(np.argmax(d))
+                sens, worst = float(d[k]), self.sensitivity.groups[k]
+            else:
+                sens, worst = float("nan"), ""
+            rows.append({"name": info.name, "params": info.params, "bits": b,
+                         "stored_bits": round(stored_bits(info, b, self.storage), 3),
+                         "container": layer_container(info, b, self.storage),
+                         "sensitivity": sens, "most_sensitive_group": worst})
+        return rows
+
+    def allocation_info(self) -> dict[str, Any]:
+        """What goes into the ONNX metadata under ``fqexport.search.allocation``."""
+        c = self.chosen
+        return {
+            "objective": self.config.objective,
+            "budget": {"kind": self.config.budget_kind, "value": self.config.budget_value},
+            "avg_bits": round(self.allocation.avg_bits, 4),
+            "stored_bits": round(self.allocation.stored_bits, 4),
+            "weight_bytes": self.allocation.weight_bytes,
+            "storage": self.storage,
+            "used": self.allocation.used,
+            "origin": c.origin,
+            "fallback": self.fallback,
+            "fits": self.fits,
+            "sensitivity_method": self.sensitivity.method,
+            "table": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in self.table()],
+            "predicted_loss_increase": dict(self.allocation.predicted),
+            "measured_holdout": metrics_summary(c.metrics) if c.metrics else None,
+            "refit": self.config.refit,
+        }
+
+    def record_allocation(self) -> "MixedPrecisionResult":
+        """Put :meth:`allocation_info` into the returned model's metadata (the ONNX file's); ``self``."""
+        self.compressed.metadata = replace(self.compressed.metadata, allocation=self.allocation_info())
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allocation": self.allocation_info(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "float_holdout": metrics_summary(self.float_metrics),
+            "sensitivity": self.sensitivity.to_dict(),
+            "seconds": dict(self.seconds),
+            "fits": self.fits,
+            "fit_seconds": self.fit_seconds,
+            "verification": self.verification,
+        }

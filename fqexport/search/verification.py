@@ -1,0 +1,213 @@
+"""Verification: each candidate allocation quantized with the real pipeline (``compress``) and
+measured on samples its fit did not see.
+
+:func:`verification_splits` chooses the held-out samples (the module docstring of
+:mod:`fqexport.search.mixed_precision` says when each kind is used); :func:`verify` runs one
+(candidate, fold) fit per task of an engine and turns the held-out logits into
+:class:`~fqexport.search.candidates.Candidate` objects. A search keeps one :class:`FitCache` in
+its :class:`VerifyContext`: the serial engine fits in the search's own process, so the returned
+model is taken from the cache instead of being fitted twice; on a process pool or Ray it is
+rebuilt in the search's process (a fitted fx graph does not pickle back from a worker). Either
+way it is the same model: ``compress`` is deterministic and every engine seeds a task from its key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.sampling import (
+    group_balanced_indices,
+    split_holdout,
+    stratified_folds,
+)
+from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.engine.base import Engine, Task, run_task
+from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
+from fqexport.pipeline.compress import compress
+from fqexport.search.allocation import Allocation
+from fqexport.search.candidates import Candidate
+
+log = logging.getLogger(__name__)
+
+# Unused samples per group (beyond compress's num_calib) that make the hold-out without a split.
+MIN_UNUSED_PER_GROUP = 50
+# Fits a FitCache keeps (the oldest dropped first).
+MAX_FITTED = 16
+
+Split = tuple[GroupData, np.ndarray]  # (held-in part, positions of its held-out samples in the held-out set)
+
+
+def verification_splits(data: GroupData, mp: MixedPrecisionConfig, base: QuantConfig,
+                        ) -> tuple[GroupData, list[Split], bool]:
+    """The held-out set and, per verification fit, (held-in part, positions of its held-out
+    samples in the held-out set), and whether the fits are the refit itself.
+
+    ``verify_folds=1``: when the data has more samples than ``compress`` draws (``num_calib``)
+    and at least :data:`MIN_UNUSED_PER_GROUP` of each group are left over, each fit is
+    ``compress`` on all the data (which quantizes on the group-balanced subset it draws), and
+    the held-out set is the samples it leaves unused: each verification fit is then also the refit (no extra
+    fit). Else one stratified hold-out split of ``holdout_fraction``. ``k >= 2``: cross-fitting
+    folds whose held-out parts together are every sample (in data order)."""
+    if mp.verify_folds == 1:
+        used = group_balanced_indices(data, base.num_calib, seed=base.seed)
+        rest = np.setdiff1d(np.arange(len(data)), used)
+        left = np.bincount(data.group[rest], minlength=len(data.group_names))
+        if rest.size and left.min() >= MIN_UNUSED_PER_GROUP:
+            # the fit gets all the data: compress draws exactly ``used`` from it (same order, same
+            # group shares for 'samples' weights), so the fit *is* the refit, bit for bit
+            held_out = data.subset(rest)
+            return held_out, [(data, np.arange(len(held_out)))], True
+        held_in, held_out = split_holdout(data, mp.holdout_fraction, seed=mp.seed)
+        return held_out, [(held_in, np.arange(len(held_out)))], False
+    folds = stratified_folds(data, mp.verify_folds, seed=mp.seed)
+    out_index = np.sort(np.concatenate(folds))  # all samples but a one-sample group's
+    everything = np.arange(len(data))
+    return data.subset(out_index), [
+        (data.subset(np.setdiff1d(everything, f)), np.searchsorted(out_index, f)) for f in folds
+    ], False
+
+
+def verification_words(mp: MixedPrecisionConfig, held_out: GroupData, fits_are_refit: bool) -> str:
+    """How :func:`verification_splits` measured the candidates, for the console and reports."""
+    if mp.verify_folds > 1:
+        return f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once"
+    if fits_are_refit:
+        return (f"the {len(held_out)} calibration samples compress does not draw; each fit is the compress "
+                "fit itself, no refit")
+    return f"a {mp.holdout_fraction:.0%} hold-out split"
+
+
+class FitCache:
+    """Verification fits (CompressedModels) of one search by task key, kept in the process that
+    runs the search, at most ``limit`` of them (the oldest dropped first).
+
+    A copy sent to a worker with the task context (pickled) is empty and keeps nothing: a
+    worker's fits are never asked for, and a fitted fx graph does not pickle."""
+
+    def __init__(self, limit: int = MAX_FITTED) -> None:
+        self.limit = int(limit)
+        self._fits: dict[tuple, Any] = {}
+        self._keeps = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.limit = state["limit"]
+        self._fits = {}
+        self._keeps = False
+
+    def __len__(self) -> int:
+        return len(self._fits)
+
+    def put(self, key: tuple, fitted: Any) -> None:
+        if not self._keeps:
+            return
+        self._fits[key] = fitted
+        while len(self._fits) > self.limit:
+            self._fits.pop(next(iter(self._fits)))
+
+    def get(self, key: tuple) -> Any | None:
+        return self._fits.get(key)
+
+    def clear(self) -> None:
+        self._fits.clear()
+
+
+@dataclass
+class VerifyContext:
+    """What every verification fit needs (shipped to each worker once per map)."""
+
+    model: nn.Module
+    held_out: GroupData
+    splits: list[Split]
+    base: QuantConfig
+    cache: FitCache = field(default_factory=FitCache)
+
+
+def verification_tasks(allocations: Sequence[Allocation], folds: int) -> list[Task]:
+    """One task per (candidate, fold), candidates in order, folds inside."""
+    return [
+        Task(("fit", k, f), f"verification fit of candidate {k} ({a.avg_bits:.3f} avg bits), fold {f + 1}/{folds}",
+             (dict(a.bits), f, k == 0 and f == 0))
+        for k, a in enumerate(allocations) for f in range(folds)
+    ]
+
+
+def fit_candidate(ctx: VerifyContext, task: Task) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """One (candidate, fold) fit: quantize on the fold's held-in part, predict its held-out
+    samples. Returns the logits, the seconds and the float logits of every held-out sample (the
+    first task only: the float model is the same in every fit)."""
+    bits, fold, first = task.payload
+    held_in, where = ctx.splits[fold]
+    t0 = time.perf_counter()
+    cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False)
+    ctx.cache.put(task.key, cm)  # found by fitted_model when it runs in this process (serial engine)
+    out = cm.predict(ctx.held_out.x[where])
+    float_logits = cm.predict(ctx.held_out.x, quantized=False) if first else None
+    return out, time.perf_counter() - t0, float_logits
+
+
+def fitted_model(ctx: VerifyContext, task: Task) -> Any:
+    """The CompressedModel of a verification task: the cached fit when it ran in this process,
+    else fitted again (compress is deterministic: the same model)."""
+    cached = ctx.cache.get(task.key)
+    if cached is not None:
+        return cached
+    bits, fold, _ = task.payload
+    return compress(ctx.model, ctx.splits[fold][0], replace(ctx.base, layer_bits=dict(bits)), progress=False)
+
+
+@dataclass
+class Verification:
+    """One round of :func:`verify`: the measured candidates (in the order of the allocations),
+    the float model's held-out metrics, and the context and tasks that rebuild a fit."""
+
+    candidates: list[Candidate]
+    float_metrics: GroupMetrics
+    context: VerifyContext
+    tasks: list[Task]
+
+    @property
+    def fits(self) -> int:
+        """``compress`` fits the round ran: one per (candidate, fold)."""
+        return len(self.tasks)
+
+    def fitted_model(self, candidate: Candidate) -> Any:
+        """The CompressedModel of ``candidate``'s fit on the first held-in part (the only one
+        with ``verify_folds=1``), seeded like its task."""
+        k = next(i for i, c in enumerate(self.candidates) if c is candidate)
+        return run_task(fitted_model, self.context, self.tasks[k * len(self.context.splits)])
+
+
+def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: bool, engine: Engine) -> Verification:
+    """Quantize every allocation on each split's held-in part and measure it on that split's
+    held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
+    (every calibration sample once). Each (candidate, fold) fit is one task of ``engine``.
+    Task keys repeat from one round to the next, so the round starts with an empty cache."""
+    ctx.cache.clear()
+    held_out, splits = ctx.held_out, ctx.splits
+    groups = tuple(held_out.group_names)
+    tasks = verification_tasks(allocations, len(splits))
+    outs = engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress)
+    float_metrics = group_metrics(outs[0][2], held_out.y, held_out.group, groups)
+    candidates = []
+    for k, alloc in enumerate(allocations):
+        mine = outs[k * len(splits):(k + 1) * len(splits)]
+        logits = np.empty((len(held_out), mine[0][0].shape[1]), dtype=np.float32)
+        for (_, where), (out, _, _) in zip(splits, mine):
+            logits[where] = out
+        m = group_metrics(logits, held_out.y, held_out.group, groups)
+        inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
+        candidates.append(Candidate(alloc, metrics=m, measured_loss_increase=inc, seconds=float(sum(o[1] for o in mine)),
+                                    sample_loss=cross_entropy(logits, held_out.y)))
+        log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
+                 k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
+    return Verification(candidates, float_metrics, ctx, tasks)

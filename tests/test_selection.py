@@ -1,0 +1,131 @@
+"""The selection rules of the search: the measured objective, the significance test against the
+predicted best, the uniform guard, and :func:`select` over all three."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.metrics.group_metrics import group_metrics
+from fqexport.search.allocation import Allocation, AllocationOptions, Budget
+from fqexport.search.candidates import Candidate
+from fqexport.search.selection import (
+    never_worse_than_uniform,
+    select,
+    selection_key,
+    significantly_better,
+)
+
+
+def _candidate(correct: list[int], confidence: float, float_loss: float, groups=("a", "b")) -> Candidate:
+    """A verified candidate on 2 classes: per sample of group 'b' (ten of them) right with
+    probability ``confidence`` on the label or wrong with 0.4 on it; group 'a' (ten samples)
+    always right with 0.9."""
+    y = np.zeros(20, dtype=np.int64)
+    group = np.repeat([0, 1], 10)
+    p = np.concatenate([np.full(10, 0.9), np.where(np.array(correct) == 1, confidence, 0.4)])
+    logits = np.stack([np.log(p), np.log(1 - p)], axis=1)
+    m = group_metrics(logits, y, group, groups)
+    inc = {g: m.by_group[g]["loss"] - float_loss for g in groups}
+    alloc = Allocation({"fc1": 2}, {g: 0.0 for g in groups}, "worst-group", 0.0, Budget("bits", 2.0), 2.0, 2.0)
+    return Candidate(alloc, metrics=m, measured_loss_increase=inc)
+
+
+def test_worst_groupselection_key_uses_the_measured_loss_increase():
+    groups = ("a", "b")
+    # A: one more sample right in the worst group, but far less confident on the others
+    a = _candidate([1] * 8 + [0] * 2, 0.55, 0.3)
+    b = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
+    assert a.worst_group_acc > b.worst_group_acc
+    assert a.measured_worst > b.measured_worst
+    key = lambda c: selection_key(c, "worst-group", None, groups, 0.1)  # noqa: E731
+    assert max([a, b], key=key) is b
+    # equal loss increases: the worst-group accuracy decides
+    c = _candidate([1] * 7 + [0] * 3, 0.8, 0.3)
+    c.measured_loss_increase = dict(a.measured_loss_increase)
+    assert max([a, c], key=key) is a and max([c, a], key=key) is a
+    # the largest increase of any group counts (not only the lowest-accuracy group's) ...
+    d = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
+    d.measured_loss_increase = {"a": b.measured_loss_increase["b"] + 0.5, "b": b.measured_loss_increase["b"]}
+    assert max([d, b], key=key) is b
+    # ... and so does λ × the mean increase, at an equal largest one
+    e = _candidate([1] * 7 + [0] * 3, 0.95, 0.3)
+    e.measured_loss_increase = {"a": b.measured_loss_increase["a"] - 0.1, "b": b.measured_loss_increase["b"]}
+    assert max([b, e], key=key) is e
+    # mean objective: still the overall accuracy
+    assert max([a, b], key=lambda c: selection_key(c, "mean", None, groups)) is a
+
+
+def _with_losses(c: Candidate, losses: np.ndarray, score: float) -> Candidate:
+    c.sample_loss = losses
+    c.allocation = replace(c.allocation, score=score)
+    return c
+
+
+def test_measured_best_must_beat_the_predicted_best_beyond_noise():
+    groups = ("a", "b")
+    group = np.repeat([0, 1], 10)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 1.0, 20)
+    pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.1)
+    pred.measured_loss_increase = {"a": 0.0, "b": 0.2}
+    # measured J lower by 0.01, with per-sample differences of ±0.3 in group b: noise
+    noisy = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3),
+                         base - np.where(group == 1, 0.01 + 0.3 * rng.choice([-1, 1], 20), 0.0), score=0.2)
+    noisy.measured_loss_increase = {"a": 0.0, "b": 0.19}
+    assert significantly_better([pred, noisy], noisy, group, groups, 0.1) is pred
+    # lower by 0.15 on every sample of group b: a real improvement
+    clear = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base - np.where(group == 1, 0.15, 0.0), score=0.2)
+    clear.measured_loss_increase = {"a": 0.0, "b": 0.05}
+    assert significantly_better([pred, clear], clear, group, groups, 0.1) is clear
+    # the predicted best measured best: nothing to decide
+    assert significantly_better([pred, clear], pred, group, groups, 0.1) is pred
+
+
+def testnever_worse_than_uniform_picks_the_smaller_file_among_equal_uniforms():
+    groups = ("a", "b")
+    mixed = _candidate([1] * 7 + [0] * 3, 0.9, 0.3)
+    mixed.origin = "search"
+    mixed.measured_loss_increase = {"a": 0.0, "b": 0.30}
+    u4, u2 = _candidate([1] * 8 + [0] * 2, 0.9, 0.3), _candidate([1] * 8 + [0] * 2, 0.9, 0.3)
+    for c, w, nbytes in ((u4, 4, 5000), (u2, 2, 3000)):
+        c.origin = "uniform"
+        c.allocation = replace(c.allocation, bits={"fc1": w, "fc2": w}, weight_bytes=nbytes)
+        c.measured_loss_increase = {"a": 0.0, "b": 0.10}
+    best, note = never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1)
+    assert best is u2 and note == ("returning uniform 2-bit: it measured a held-out worst-group loss increase of "
+                                   "0.1000, the selected mixed allocation 0.3000")
+    # a mixed allocation that measured no worse stands
+    mixed.measured_loss_increase = {"a": 0.0, "b": 0.10}
+    assert never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1) == (mixed, None)
+
+
+def _held_out(correct_a: list[int], correct_b: list[int]) -> tuple[GroupData, np.ndarray]:
+    """Ten samples of group 'a', ten of 'b' (label 0) and logits right (0.9) or wrong (0.2) per sample."""
+    y = np.zeros(20, dtype=np.int64)
+    group = np.repeat([0, 1], 10)
+    p = np.where(np.array(correct_a + correct_b) == 1, 0.9, 0.2)
+    data = GroupData(np.zeros((20, 1), dtype=np.float32), y, group, ("a", "b"), "test")
+    return data, np.stack([np.log(p), np.log(1 - p)], axis=1)
+
+
+def _measured(data: GroupData, logits: np.ndarray, score: float) -> Candidate:
+    m = group_metrics(logits, data.y, data.group, data.group_names)
+    alloc = Allocation({"fc1": 2}, {"a": 0.0, "b": 0.0}, "weighted", score, Budget("bits", 2.0), 2.0, 2.0)
+    return Candidate(alloc, metrics=m, measured_loss_increase={g: 0.0 for g in data.group_names})
+
+
+def test_select_weighs_groups_like_the_weighted_objective():
+    # A: 9 of group a right, 6 of b; B: 6 of a right, 8 of b — A has the higher overall accuracy
+    data, logits_a = _held_out([1] * 9 + [0], [1] * 6 + [0] * 4)
+    _, logits_b = _held_out([1] * 6 + [0] * 4, [1] * 8 + [0] * 2)
+    a, b = _measured(data, logits_a, 0.1), _measured(data, logits_b, 0.2)
+    weighted = AllocationOptions(Budget("bits", 2.0), "weighted", group_weights={"a": 1.0, "b": 3.0})
+    # 0.25 · 0.9 + 0.75 · 0.6 = 0.675 for A, 0.25 · 0.6 + 0.75 · 0.8 = 0.75 for B
+    best, note = select([a, b], weighted, data)
+    assert best is b and note is None
+    assert select([a, b], replace(weighted, group_weights={"a": 3.0, "b": 1.0}), data)[0] is a
+    # the mean objective: the overall accuracy (A: 15 of 20 right, B: 14)
+    assert select([a, b], replace(weighted, objective="mean", group_weights=None), data)[0] is a

@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fqexport.config import QuantConfig
+from fqexport.config import DEFAULT_STORAGE
 from fqexport.finetune.baq import clip_shrinks, interpolated_weight
 from fqexport.graph.act_quant import ActQuantizer
 from fqexport.model import QuantizedLayer, rows_to_weight, weight_rows, weight_scale
@@ -231,7 +231,7 @@ def build_student(
 
 @torch.no_grad()
 def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str,
-               storage: str = QuantConfig.storage) -> QuantizedLayer:
+               storage: str = DEFAULT_STORAGE) -> QuantizedLayer:
     """``layer`` with the latent weights of ``learned`` rounded onto a fresh ``bits``-wide grid
     (per output channel — per block where the layout rule gives the layer per-block scales under
     ``storage``, :func:`fqexport.quant.layout.layer_layout` — clipping search, round to nearest;
@@ -253,7 +253,7 @@ def write_back(
     acts: dict[str, LearnableActQuant],
     bits: int | Mapping[str, int] | None = None,
     weight_range: str = "x86-safe",
-    storage: str = QuantConfig.storage,
+    storage: str = DEFAULT_STORAGE,
 ) -> tuple[torch.fx.GraphModule, dict[str, QuantizedLayer]]:
     """A new PTQ-style reference and layer table holding the learned codes, steps, biases and
     activation steps (the export path reads exactly these). With ``bits`` (other than a layer's

@@ -77,7 +77,8 @@ def qdq_model(cm: "CompressedModel") -> onnx.ModelProto:
     set_opset(model, opset)
     write_metadata(model, replace(cm.metadata, storage=cm.config.storage, opset=opset,
                                   layers=layer_records(cm.layers, used), target=cm.config.target))
-    compact_graph(model, cm.layers)
+    # names of every weight layer are kept (quantized or float): readers look layers up by them
+    compact_graph(model, [*cm.layers, *(f.name for f in cm.metadata.float_layers)])
     return model
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Literal, Mapping, get_args
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Mapping, get_args
 
 import numpy as np
 
@@ -90,9 +91,160 @@ def check_budget(kind: object, value: object) -> float:
     return float(value)
 
 
+MSG_KEEP_FLOAT = (
+    "keep_float[{i}]={value!r} must be a module name or regex (a str), 'type:ClassName', or an "
+    "nn.Module subclass, e.g. keep_float=('fc', r'layer4\\..*', 'type:Conv1d'); CLI: --keep-float fc"
+)
+MSG_KEEP_FLOAT_REGEX = "keep_float[{i}]={value!r} is not a valid regular expression: {err}"
+MSG_UNKNOWN_OPTION = "QuantConfig got an unexpected keyword argument {name!r} (options: {options})"
+
+
+def _check_keep_float(patterns: object) -> tuple:
+    """``keep_float`` as a tuple of str patterns and module types, each checked."""
+    if isinstance(patterns, (str, type)):
+        patterns = (patterns,)
+    out = []
+    for i, value in enumerate(patterns):  # type: ignore[union-attr]
+        if isinstance(value, type):
+            out.append(value)
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(MSG_KEEP_FLOAT.format(i=i, value=value))
+        if not value.startswith("type:"):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ConfigError(MSG_KEEP_FLOAT_REGEX.format(i=i, value=value, err=err)) from err
+        out.append(value)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
+class WeightSpec:
+    """How the weights are quantized, and which weight layers are: see :class:`QuantConfig`."""
+
+    weight_bits: int = 8
+    layer_bits: Mapping[str, int] = field(default_factory=dict)
+    method: Method = "solver"
+    order: Order = "sensitivity"
+    damp: float = 0.01
+    solver_target: SolverTarget = "float-output"
+    block_size: int = 128
+    weight_range: WeightRange = "x86-safe"
+    clip_search: bool | None = None
+    bias_correction: bool = True
+    bn_reestimate: bool = True
+    keep_float: tuple = ()
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        for name, bits in dict(self.layer_bits).items():
+            check_bits(bits, f"layer_bits[{name!r}]")
+        check_choice(self.method, get_args(Method), "method")
+        check_choice(self.order, get_args(Order), "order")
+        check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
+        check_choice(self.weight_range, get_args(WeightRange), "weight_range")
+        if not (0.0 <= float(self.damp) < 10.0):
+            raise ConfigError(f"damp={self.damp!r} must be in [0, 10)")
+        if int(self.block_size) < 1:
+            raise ConfigError(f"block_size={self.block_size!r} must be >= 1")
+        object.__setattr__(self, "keep_float", _check_keep_float(self.keep_float))
+
+    @property
+    def skip_unsupported(self) -> bool:
+        """Leave layers fqexport cannot quantize in float (with a warning) unless ``strict``."""
+        return not self.strict
+
+    def use_clip_search(self, bits: int) -> bool:
+        """``clip_search`` resolved for a ``bits``-wide layer (see :class:`QuantConfig`)."""
+        if self.clip_search is not None:
+            return bool(self.clip_search)
+        return self.method == "rtn" or bits <= 2
+
+    def bits_for(self, layer: str) -> int:
+        """Weight width of ``layer`` (its ``layer_bits`` entry, else ``weight_bits``)."""
+        return int(self.layer_bits.get(layer, self.weight_bits))
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """The calibration data and the activation ranges observed on it: see :class:`QuantConfig`."""
+
+    calibration: Calibration = "minmax"
+    percentile: float = 99.99
+    num_calib: int = 512
+    batch_size: int = 64
+    group_weights: Mapping[str, float] | Literal["samples"] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.calibration, get_args(Calibration), "calibration")
+        if not (50.0 < float(self.percentile) <= 100.0):
+            raise ConfigError(f"percentile={self.percentile!r} must be in (50, 100]")
+        if int(self.num_calib) < 1:
+            raise ConfigError(f"num_calib={self.num_calib!r} must be >= 1")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
+        gw = self.group_weights
+        if gw is not None and gw != "samples":
+            if not isinstance(gw, Mapping) or not gw:
+                raise ConfigError(
+                    "group_weights must be None (equal per group), 'samples', "
+                    "or a non-empty mapping of group name/id to weight"
+                )
+            for g, w in gw.items():
+                if not (float(w) >= 0.0):
+                    raise ConfigError(f"group_weights[{g!r}]={w!r} must be >= 0")
+            if sum(float(w) for w in gw.values()) <= 0:
+                raise ConfigError("group_weights must not all be zero")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What the file is for and how it stores codes: see :class:`QuantConfig`."""
+
+    target: ExportTarget = "portable"
+    storage: Storage = DEFAULT_STORAGE
+
+    def __post_init__(self) -> None:
+        check_choice(self.target, get_args(ExportTarget), "target")
+        check_choice(self.storage, get_args(Storage), "storage")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Where compress runs and how much memory it may hold: see :class:`QuantConfig`."""
+
+    device: Device = "auto"
+    max_activation_memory_mb: float = 6144.0
+
+    def __post_init__(self) -> None:
+        check_choice(self.device, get_args(Device), "device")
+        if not (float(self.max_activation_memory_mb) >= 0.0):
+            raise ConfigError(
+                f"max_activation_memory_mb={self.max_activation_memory_mb!r} must be >= 0 "
+                "(0 spills every cached activation to disk)"
+            )
+
+
+# QuantConfig's concerns: its attribute -> the spec class holding those options.
+_SPECS: dict[str, type] = {"weights": WeightSpec, "activations": ActivationSpec, "export": ExportSpec,
+                           "runtime": RuntimeSpec}
+# Every flat option name -> the concern that holds it (``QuantConfig(weight_bits=4)``).
+_OPTION_SPEC: dict[str, str] = {f.name: attr for attr, spec in _SPECS.items() for f in fields(spec)}
+
+
+@dataclass(frozen=True, init=False)
 class QuantConfig:
-    """How to quantize a model.
+    """How to quantize a model: four concerns, each a frozen spec passed whole to the stage
+    that uses it — ``weights`` (:class:`WeightSpec`: widths, method, solver, range, corrections,
+    which layers stay float), ``activations`` (:class:`ActivationSpec`: observers, calibration
+    subset, group weights), ``export`` (:class:`ExportSpec`: target, storage) and ``runtime``
+    (:class:`RuntimeSpec`: device, memory). Options are given flat, ``QuantConfig(weight_bits=4,
+    target="x86-vnni")``, or by concern, ``QuantConfig(weights=WeightSpec(weight_bits=4))``, and
+    read flat (``config.weight_bits``) or by concern (``config.weights``); each is checked once,
+    when its spec is built.
 
     Attributes:
         weight_bits: default weight width for every Conv/Linear layer (2..8).
@@ -148,12 +300,17 @@ class QuantConfig:
         bias_correction: correct each layer's bias for the mean output shift on calibration data.
         bn_reestimate: for convs that absorbed a BatchNorm, also re-estimate the BN statistics
             after quantization (a per-channel rescale of the weight scales; codes stay).
-        skip_unsupported: leave weight layers fqexport cannot quantize (LSTM, Embedding, an
-            unsupported attention variant) in float with a warning that lists them all (default);
-            they are recorded in the metadata (``float_layers``) and count at 32 bits in the
-            average weight bits. Normalisation layers are float ops by design, not listed.
-        strict: refuse any float weight layer (UnsupportedLayerError naming all of them);
-            sets ``skip_unsupported`` to False. CLI: ``--strict``.
+        keep_float: weight layers to leave in float (NNCF's ``ignored_scope``, ORT's
+            ``nodes_to_exclude``): module names or regular expressions matched against the full
+            module name (``"fc"``, ``"layer4\\..*"``), ``"type:ClassName"`` or an ``nn.Module``
+            subclass (every such layer). They are listed in the metadata (``float_layers``, with
+            the pattern that matched) and the report, and count at 32 bits in the average weight
+            bits and in a mixed-precision budget. CLI: ``--keep-float PATTERN`` (repeatable).
+        strict: refuse any weight layer fqexport cannot quantize (UnsupportedLayerError naming
+            all of them); by default (``skip_unsupported``) such layers (LSTM, GRU, grouped
+            ConvTranspose2d) stay float with one warning listing them all, recorded in the
+            metadata and counted at 32 bits. Normalisation layers are float ops by design, not
+            listed. CLI: ``--strict``.
         device: where Hessian collection, the float-output retarget and the solver run:
             ``"auto"`` (CUDA when ``torch.cuda.is_available()``, else CPU), ``"cpu"`` or ``"cuda"``.
             Results are written back to CPU tensors either way.
@@ -163,82 +320,45 @@ class QuantConfig:
         seed: seed of the calibration subset draw.
     """
 
-    weight_bits: int = 8
-    layer_bits: Mapping[str, int] = field(default_factory=dict)
-    method: Method = "solver"
-    order: Order = "sensitivity"
-    damp: float = 0.01
-    solver_target: SolverTarget = "float-output"
-    block_size: int = 128
-    group_weights: Mapping[str, float] | Literal["samples"] | None = None
-    calibration: Calibration = "minmax"
-    percentile: float = 99.99
-    num_calib: int = 512
-    batch_size: int = 64
-    weight_range: WeightRange = "x86-safe"
-    target: ExportTarget = "portable"
-    storage: Storage = DEFAULT_STORAGE
-    clip_search: bool | None = None
-    bias_correction: bool = True
-    bn_reestimate: bool = True
-    skip_unsupported: bool = True
-    strict: bool = False
-    device: Device = "auto"
-    max_activation_memory_mb: float = 6144.0
-    seed: int = 0
+    weights: WeightSpec
+    activations: ActivationSpec
+    export: ExportSpec
+    runtime: RuntimeSpec
 
-    def __post_init__(self) -> None:
-        if self.strict:
-            object.__setattr__(self, "skip_unsupported", False)
-        check_bits(self.weight_bits, "weight_bits")
-        for name, bits in dict(self.layer_bits).items():
-            check_bits(bits, f"layer_bits[{name!r}]")
-        check_choice(self.method, get_args(Method), "method")
-        check_choice(self.order, get_args(Order), "order")
-        check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
-        check_choice(self.calibration, get_args(Calibration), "calibration")
-        check_choice(self.weight_range, get_args(WeightRange), "weight_range")
-        check_choice(self.target, get_args(ExportTarget), "target")
-        check_choice(self.storage, get_args(Storage), "storage")
-        check_choice(self.device, get_args(Device), "device")
-        if not (0.0 <= float(self.damp) < 10.0):
-            raise ConfigError(f"damp={self.damp!r} must be in [0, 10)")
-        if int(self.block_size) < 1:
-            raise ConfigError(f"block_size={self.block_size!r} must be >= 1")
-        if not (50.0 < float(self.percentile) <= 100.0):
-            raise ConfigError(f"percentile={self.percentile!r} must be in (50, 100]")
-        if int(self.num_calib) < 1:
-            raise ConfigError(f"num_calib={self.num_calib!r} must be >= 1")
-        if int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
-        if not (float(self.max_activation_memory_mb) >= 0.0):
-            raise ConfigError(
-                f"max_activation_memory_mb={self.max_activation_memory_mb!r} must be >= 0 "
-                "(0 spills every cached activation to disk)"
-            )
-        gw = self.group_weights
-        if gw is not None and gw != "samples":
-            if not isinstance(gw, Mapping) or not gw:
-                raise ConfigError(
-                    "group_weights must be None (equal per group), 'samples', "
-                    "or a non-empty mapping of group name/id to weight"
-                )
-            for g, w in gw.items():
-                if not (float(w) >= 0.0):
-                    raise ConfigError(f"group_weights[{g!r}]={w!r} must be >= 0")
-            if sum(float(w) for w in gw.values()) <= 0:
-                raise ConfigError("group_weights must not all be zero")
+    def __init__(self, *, weights: WeightSpec | None = None, activations: ActivationSpec | None = None,
+                 export: ExportSpec | None = None, runtime: RuntimeSpec | None = None, **options: Any) -> None:
+        given = {"weights": weights, "activations": activations, "export": export, "runtime": runtime}
+        flat: dict[str, dict[str, Any]] = {attr: {} for attr in _SPECS}
+        for name, value in options.items():
+            if name not in _OPTION_SPEC:
+                raise TypeError(MSG_UNKNOWN_OPTION.format(name=name, options=", ".join(_OPTION_SPEC)))
+            flat[_OPTION_SPEC[name]][name] = value
+        for attr, spec in _SPECS.items():
+            base = given[attr]
+            if base is not None and not isinstance(base, spec):
+                raise ConfigError(f"{attr}={base!r} must be a {spec.__name__}")
+            # flat options override the spec given for the same concern (dataclasses.replace passes both)
+            value = replace(base, **flat[attr]) if base is not None else spec(**flat[attr])
+            object.__setattr__(self, attr, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # flat reads: config.weight_bits is config.weights.weight_bits
+        concern = _OPTION_SPEC.get(name)
+        if concern is None:
+            raise AttributeError(f"'QuantConfig' object has no attribute {name!r}")
+        return getattr(object.__getattribute__(self, concern), name)
+
+    @property
+    def skip_unsupported(self) -> bool:
+        return self.weights.skip_unsupported
 
     def use_clip_search(self, bits: int) -> bool:
-        """``clip_search`` resolved for a ``bits``-wide layer (see the class docstring)."""
-        if self.clip_search is not None:
-            return bool(self.clip_search)
-        return self.method == "rtn" or bits <= 2
+        """``clip_search`` resolved for a ``bits``-wide layer (see above)."""
+        return self.weights.use_clip_search(bits)
 
     def bits_for(self, layer: str) -> int:
         """Weight width of ``layer`` (its ``layer_bits`` entry, else ``weight_bits``)."""
-        return int(self.layer_bits.get(layer, self.weight_bits))
-
+        return self.weights.bits_for(layer)
 
 
 MSG_ENGINE_WORKERS = "workers={value!r} must be an integer >= 1 (default: the machine's cores); CLI: --workers 4"

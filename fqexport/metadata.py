@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from fqexport.errors import ModelLoadError
 
 METADATA_KEY = "fqexport"
-METADATA_VERSION = 1
+# 2: LayerRecord.reason (why a float layer stays float). Version-1 files are read as before.
+METADATA_VERSION = 2
 # Activations are quantized to uint8 everywhere (ORT's fused integer kernels need 8 bits).
 ACTIVATION_BITS = 8
 # Width at which weight layers left in float count (avg_weight_bits, float_layers).
@@ -40,6 +41,7 @@ class LayerRecord:
     params: int
     macs: int = 0
     storage: str | None = None  # int8 | int4 | int2 | nbits once exported; float32 for a float layer
+    reason: str | None = None  # a float layer's: "unsupported" or "keep_float: <pattern>"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch.fx
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.graph.act_quant import round_biases_to_int32_grid
-from fqexport.graph.prepare import float_layers
+from fqexport.graph.prepare import float_layers, kept_float_layers
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
@@ -114,10 +114,12 @@ class CompressedModel:
         #    A layer with per-block scales goes to MatMulNBits, which adds its bias in float.
         round_biases_to_int32_grid(
             self.reference, {n: l.scale for n, l in self.layers.items() if l.block_size is None})
-        # 2. Weight layers left in float, counted at 32 bits beside the quantized ones.
+        # 2. Weight layers left in float (unsupported, or kept by keep_float), counted at 32
+        #    bits beside the quantized ones.
+        left = [*float_layers(self.reference), *kept_float_layers(self.reference, self.config.keep_float)]
         floats = tuple(
-            LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, storage="float32")
-            for f in float_layers(self.reference) if f.name not in self.layers
+            LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, storage="float32", reason=f.reason)
+            for f in left if f.name not in self.layers
         )
         self.metadata = replace(
             self.metadata, float_layers=floats, quantized_fraction=round(self.quantized_fraction_of(floats), 6),
@@ -146,14 +148,16 @@ class CompressedModel:
 
     def layer_table(self) -> list[dict[str, Any]]:
         """One row per quantized layer (name, kind, bits, params, MACs, storage), then one per
-        weight layer left in float (bits 32, storage ``float32``)."""
+        weight layer left in float (bits 32, storage ``float32``, ``reason``: unsupported or the
+        ``keep_float`` pattern)."""
         rows = [
             {"name": l.name, "kind": l.kind, "bits": l.bits, "params": l.params, "macs": l.macs,
-             "storage": l.container}
+             "storage": l.container, "reason": ""}
             for l in self.layers.values()
         ]
         return rows + [
-            {"name": f.name, "kind": f.kind, "bits": f.bits, "params": f.params, "macs": 0, "storage": "float32"}
+            {"name": f.name, "kind": f.kind, "bits": f.bits, "params": f.params, "macs": 0, "storage": "float32",
+             "reason": f.reason or "unsupported"}
             for f in self.metadata.float_layers
         ]
 

@@ -252,7 +252,7 @@ def test_float_layers_are_warned_recorded_and_counted_at_32_bits(tabular_data, t
     assert cm.metadata.avg_weight_bits == pytest.approx(cm.avg_weight_bits, abs=1e-4)
     assert ExportMetadata.from_json(cm.metadata.to_json()).float_layers == cm.metadata.float_layers
     assert cm.layer_table()[-1] == {"name": "rnn", "kind": "GRU", "bits": 32, "params": gru, "macs": 0,
-                                    "storage": "float32"}
+                                    "storage": "float32", "reason": "unsupported"}
     # a file written before these fields reads as "nothing recorded"
     old = {k: v for k, v in cm.metadata.to_dict().items() if k not in ("float_layers", "quantized_fraction")}
     assert ExportMetadata.from_dict(old).float_layers == () and ExportMetadata.from_dict(old).quantized_fraction is None

@@ -145,6 +145,10 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="per-channel clipping search for weight scales (default: on for rtn and 2-bit layers, off for the solver at 3+ bits)")
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-bn-reestimate", action="store_true")
+    p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                   help="keep matching weight layers in float (repeatable): a module name or a regex over the full "
+                   "name ('fc', 'layer4\\..*'), or 'type:ClassName' (e.g. type:Conv1d); listed in the report with the "
+                   "pattern, counted at 32 bits (also in a --budget-bits budget)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) when any weight layer would stay in float, naming all of them")
     p.add_argument("--device", choices=get_args(Device), default=_Q.device,
@@ -162,7 +166,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
         group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
         percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
         weight_range=args.weight_range, target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,
-        bn_reestimate=not args.no_bn_reestimate, strict=args.strict, seed=args.seed,
+        bn_reestimate=not args.no_bn_reestimate, keep_float=tuple(args.keep_float), strict=args.strict, seed=args.seed,
         clip_search=args.clip_search, device=args.device,
         max_activation_memory_mb=args.max_activation_memory_mb,
     )

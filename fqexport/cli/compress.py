@@ -84,10 +84,14 @@ def run_compress(args: argparse.Namespace) -> int:
         cm = run_finetune(plan, cm, quiet=args.quiet)
     result = export_qdq(cm, args.out)
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
-    print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"])
-    if cm.metadata.float_layers:
-        print(f"\nwarning: {len(cm.metadata.float_layers)} weight layer(s) stay in float (storage float32 above; "
-              "--strict refuses them)")
+    floats = cm.metadata.float_layers
+    print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"] + (["reason"] if floats else []))
+    kept = sum(1 for f in floats if (f.reason or "").startswith("keep_float"))
+    if kept:
+        print(f"\n{kept} weight layer(s) stay in float by --keep-float (reason above)")
+    if len(floats) > kept:
+        print(f"\nwarning: {len(floats) - kept} weight layer(s) fqexport cannot quantize stay in float (storage "
+              "float32 above; --strict refuses them)")
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
           f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")

@@ -17,6 +17,7 @@ import copy
 import inspect
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +76,45 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class FloatLayer:
-    """A layer with a weight that fqexport leaves in float (it cannot quantize it)."""
+    """A layer with a weight that stays in float: fqexport cannot quantize it, or the user kept it
+    float (``QuantConfig.keep_float``; ``reason`` names the pattern that matched)."""
 
     name: str
     kind: str  # module type, e.g. "LSTM", "Conv2d(padding_mode='reflect')", "F.linear"
     params: int  # weight elements (parameters with >= 2 dims)
+    reason: str = "unsupported"  # or "keep_float: <pattern>"
 
     def describe(self) -> str:
         return f"'{self.name}' ({self.kind}, {self.params} params)"
+
+
+def keep_float_match(name: str, module: nn.Module, patterns: tuple) -> str | None:
+    """The first ``keep_float`` pattern that selects the layer ``name`` (``module``): a regular
+    expression matching the whole name (a plain name matches itself), ``"type:ClassName"`` (the
+    module's class or a base class by name) or an ``nn.Module`` subclass; ``None`` when none does."""
+    for p in patterns:
+        if isinstance(p, type):
+            hit = isinstance(module, p)
+        elif p.startswith("type:"):
+            hit = p[5:] in {c.__name__ for c in type(module).__mro__}
+        else:
+            hit = re.fullmatch(p, name) is not None
+        if hit:
+            return p if isinstance(p, str) else f"type:{p.__name__}"
+    return None
+
+
+def kept_float_layers(gm: torch.fx.GraphModule, patterns: tuple) -> list[FloatLayer]:
+    """The quantizable layers of ``gm`` that ``keep_float`` patterns keep in float."""
+    if not patterns:
+        return []
+    modules = dict(gm.named_modules())
+    out = []
+    for info in quantizable_layers(gm):
+        match = keep_float_match(info.name, modules[info.name], patterns)
+        if match is not None:
+            out.append(FloatLayer(info.name, type(modules[info.name]).__name__, info.params, f"keep_float: {match}"))
+    return out
 
 
 class _Tracer(torch.fx.Tracer):
@@ -303,6 +335,11 @@ def quantizable_layers(
 
 
 MSG_NO_LAYERS = "the model has no Conv2d, Conv1d, ConvTranspose2d or Linear layer to quantize"
+MSG_ALL_KEPT_FLOAT = (
+    "keep_float {patterns} keeps every quantizable layer of the model in float ({layers}): nothing is "
+    "left to quantize; narrow the patterns (--keep-float)"
+)
+MSG_KEPT_FLOAT = "keep_float: %d layer(s) stay in float by request: %s"
 
 
 @dataclass(frozen=True)
@@ -311,10 +348,10 @@ class PreparedModel:
 
     Attributes:
         folded: the BN-folded graph, a copy of the model in eval mode on the CPU.
-        layers: its quantizable layers in execution order (unsupported ones left out).
-        skipped: names of the weight layers left in float (fqexport cannot quantize them).
+        layers: its quantizable layers in execution order (unsupported and kept-float ones left out).
+        skipped: names of the weight layers left in float (unsupported, or kept by ``keep_float``).
         bn_convs: names of the convs that absorbed a BatchNorm.
-        float_layers: the layers of ``skipped`` with their kind and weight parameters.
+        float_layers: the layers of ``skipped`` with their kind, weight parameters and reason.
     """
 
     folded: torch.fx.GraphModule
@@ -324,30 +361,44 @@ class PreparedModel:
     float_layers: tuple[FloatLayer, ...] = ()
 
     @property
+    def float_params(self) -> int:
+        """Weight parameters that stay in float (counted at 32 bits in budgets and averages)."""
+        return sum(f.params for f in self.float_layers)
+
+    @property
     def names(self) -> list[str]:
         return [l.name for l in self.layers]
 
 
-def prepare_model(model: nn.Module, skip_unsupported: bool = True) -> PreparedModel:
+def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: tuple = ()) -> PreparedModel:
     """Trace → support check → fold BN → quantizable layers: the one model preparation of
     compress, sensitivity and the search's layer costs. ``model`` is not modified.
 
     A weight layer fqexport cannot quantize stays in float with a warning listing every such
     layer; with ``skip_unsupported=False`` (``QuantConfig.strict``) it raises an
-    UnsupportedLayerError naming all of them. Also raises UnsupportedLayerError when no layer is
-    left to quantize, and ModelLoadError when the model cannot be traced.
+    UnsupportedLayerError naming all of them. Layers ``keep_float`` selects
+    (:func:`keep_float_match`) stay float too, logged with the pattern that matched. Also raises
+    UnsupportedLayerError when no layer is left to quantize, and ModelLoadError when the model
+    cannot be traced.
     """
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
         model = copy.deepcopy(model).eval()
     raw = trace(model)
     skipped = check_supported(raw, skip_unsupported)
-    floats = tuple(float_layers(raw))
+    kept = kept_float_layers(raw, tuple(keep_float))
+    if kept:
+        log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
+    floats = (*float_layers(raw), *kept)
     folded, bn_convs = fold_batchnorm(raw)
     folded = folded.eval().cpu()
-    layers = quantizable_layers(folded, skipped, bn_convs)
+    layers = quantizable_layers(folded, skipped | {k.name for k in kept}, bn_convs)
     if not layers:
+        if kept:
+            raise UnsupportedLayerError(MSG_ALL_KEPT_FLOAT.format(
+                patterns=list(keep_float), layers=", ".join(k.name for k in kept)))
         raise UnsupportedLayerError(MSG_NO_LAYERS)
-    return PreparedModel(folded, tuple(layers), frozenset(skipped), frozenset(bn_convs), floats)
+    return PreparedModel(folded, tuple(layers), frozenset(skipped) | {k.name for k in kept}, frozenset(bn_convs),
+                         floats)
 
 
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:

@@ -407,7 +407,7 @@ def compress(
     device = resolve_device(config.device, "QuantConfig.device")
     model = copy.deepcopy(model).eval().cpu()
     # 1. load & check: trace, fold BN, find the layers; the data fits the model
-    prepared = prepare_model(model, config.skip_unsupported)
+    prepared = prepare_model(model, config.skip_unsupported, config.keep_float)
     _check_token_ids(prepared.folded, data)  # before a lookup runs: a clear error, not an IndexError
     num_classes = check_model_on_data(model, data)
     check_labels(data, num_classes)

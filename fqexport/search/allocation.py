@@ -59,7 +59,7 @@ from fqexport.config import (
     check_choice,
 )
 from fqexport.errors import ConfigError
-from fqexport.metadata import ACTIVATION_BITS
+from fqexport.metadata import ACTIVATION_BITS, FLOAT_BITS
 from fqexport.quant.knapsack import solve_real
 from fqexport.quant.layout import layer_container as model_layer_container
 from fqexport.quant.layout import nbits_block_size, token_linear
@@ -107,10 +107,14 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class Budget:
-    """A resource limit: ``kind`` ``"bits"`` (average weight bits), ``"bytes"`` or ``"bops"``."""
+    """A resource limit: ``kind`` ``"bits"`` (average weight bits), ``"bytes"`` or ``"bops"``.
+
+    ``float_params``: weights that stay in float (unsupported layers, ``keep_float``); a bits
+    budget averages over them too, at 32 bits each."""
 
     kind: BudgetKind
     value: float
+    float_params: int = 0
 
     def __post_init__(self) -> None:
         check_budget(self.kind, self.value)
@@ -175,10 +179,12 @@ def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage
 
 
 def budget_capacity(infos: Sequence[LayerCost], budget: Budget, overhead: float = 0.0) -> float:
-    """The capacity in resource units: ``B · Σ p`` for bits, ``B − overhead`` for bytes (the
-    file's bytes outside the layers' weights), the value itself for BOPs."""
+    """The capacity in resource units: ``B · (Σ p + F) − 32 · F`` for bits (``F`` float weights
+    counted at 32 bits), ``B − overhead`` for bytes (the file's bytes outside the layers'
+    weights), the value itself for BOPs."""
     if budget.kind == "bits":
-        return float(budget.value) * sum(i.params for i in infos)
+        floats = int(budget.float_params)
+        return float(budget.value) * (sum(i.params for i in infos) + floats) - FLOAT_BITS * floats
     if budget.kind == "bytes":
         return float(budget.value) - float(overhead)
     return float(budget.value)

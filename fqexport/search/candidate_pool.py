@@ -37,13 +37,14 @@ def search_group_weights(mp: MixedPrecisionConfig, data: GroupData) -> dict[str,
 
 
 def allocation_options(mp: MixedPrecisionConfig, base: QuantConfig, data: GroupData, layers: Sequence[str],
-                       overhead: float = 0.0) -> AllocationOptions:
-    """The allocator's options for a search: ``mp``'s budget, objective, pins (the first/last
+                       overhead: float = 0.0, float_params: int = 0) -> AllocationOptions:
+    """The allocator's options for a search: ``mp``'s budget (a bits budget also covers the
+    ``float_params`` weights that stay float, at 32 bits), objective, pins (the first/last
     pins resolved on ``layers``), λ and multiplicative-weights steps, the group weights
     (:func:`search_group_weights`), ``base``'s storage, and the file's estimated bytes outside
     the weights (``overhead``, bytes budgets)."""
     return AllocationOptions(
-        budget=Budget(mp.budget_kind, mp.budget_value),
+        budget=Budget(mp.budget_kind, mp.budget_value, float_params),
         objective=mp.objective,
         pins=search_pins(mp.pins, layers, mp.pin_first_last),
         group_weights=search_group_weights(mp, data),

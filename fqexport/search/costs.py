@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fqexport.config import WeightSpec
 from fqexport.graph.prepare import count_macs, prepare_model
 from fqexport.search.allocation import LayerCost
 
 
-def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool = False) -> list[LayerCost]:
-    """Params, MACs per sample and output channels of each quantizable layer (BN folded;
-    ``skip_unsupported`` as in ``QuantConfig``)."""
-    prepared = prepare_model(model, skip_unsupported)
+def model_costs(model: nn.Module, example: torch.Tensor, weights: WeightSpec) -> tuple[list[LayerCost], int]:
+    """Params, MACs per sample and output channels of each layer ``weights`` quantizes (BN
+    folded; unsupported and ``keep_float`` layers left out), and the weight parameters that
+    stay float."""
+    prepared = prepare_model(model, weights.skip_unsupported, weights.keep_float)
     macs = count_macs(prepared.folded, example, prepared.names)
     modules = dict(prepared.folded.named_modules())
-    return [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]), i.kind)
-            for i in prepared.layers]
+    costs = [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]), i.kind)
+             for i in prepared.layers]
+    return costs, prepared.float_params
+
+
+def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool = False) -> list[LayerCost]:
+    """:func:`model_costs` of every quantizable layer (``skip_unsupported`` as in ``QuantConfig``)."""
+    return model_costs(model, example, WeightSpec(strict=not skip_unsupported))[0]

@@ -69,7 +69,7 @@ from fqexport.search.allocation import Allocation, AllocationOptions
 from fqexport.search.byte_budget import file_overhead_estimate, fit_file_budget, written_size
 from fqexport.search.candidate_pool import allocation_options, candidate_pool
 from fqexport.search.candidates import Candidate, MixedPrecisionResult
-from fqexport.search.costs import layer_costs
+from fqexport.search.costs import model_costs
 from fqexport.search.selection import select
 from fqexport.search.sensitivity import SensitivityTable, search_sensitivity
 from fqexport.search.verification import (
@@ -121,13 +121,13 @@ def search_mixed_precision(
         # with a single split the table sees only the held-in part; with folds, every sample is
         # held out once anyway, so the table uses them all (it only ranks candidates: the
         # verification below still measures every fit on samples it was not fitted on)
+        layers, float_params = model_costs(model, torch.from_numpy(np.ascontiguousarray(data.x[:1])), base.weights)
         table = sensitivity or search_sensitivity(model, splits[0][0] if len(splits) == 1 else data, mp, base,
-                                                  progress=progress, engine=engine)
+                                                  progress=progress, engine=engine, layers=[l.name for l in layers])
 
     with _timed(seconds, "allocation"):
-        layers = layer_costs(model, torch.from_numpy(np.ascontiguousarray(data.x[:1])), base.skip_unsupported)
         overhead = file_overhead_estimate(layers) if mp.budget_kind == "bytes" else 0.0
-        options = allocation_options(mp, base, data, table.layers, overhead)
+        options = allocation_options(mp, base, data, table.layers, overhead, float_params)
         pool = candidate_pool(table, layers, options, mp, data)
 
     with _timed(seconds, "verification"):

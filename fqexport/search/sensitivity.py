@@ -410,13 +410,14 @@ def measure_sensitivity(
 
 
 def search_sensitivity(model: nn.Module, calib: GroupData, mp: MixedPrecisionConfig, base: QuantConfig, *,
-                       progress: bool = False, engine: Engine | None = None) -> SensitivityTable:
-    """Δ_g(l, b) as the mixed-precision search measures it (:func:`measure_sensitivity`):
-    ``mp``'s widths, method, sample count, seed and cache file; ``base``'s weight range, clipping
-    search (on unless ``base`` turns it off: the proxy is RTN, which wants it) and
-    ``skip_unsupported``."""
+                       progress: bool = False, engine: Engine | None = None,
+                       layers: Sequence[str] | None = None) -> SensitivityTable:
+    """Δ_g(l, b) as the mixed-precision search measures it (:func:`measure_sensitivity`) on
+    ``layers`` (default: every quantizable layer): ``mp``'s widths, method, sample count, seed
+    and cache file; ``base``'s weight range, clipping search (on unless ``base`` turns it off: the
+    proxy is RTN, which wants it) and ``skip_unsupported``."""
     return measure_sensitivity(
-        model, calib, bit_choices=mp.bit_choices, method=mp.sensitivity, num_samples=mp.sensitivity_samples,
+        model, calib, layers=layers, bit_choices=mp.bit_choices, method=mp.sensitivity, num_samples=mp.sensitivity_samples,
         weight_range=base.weight_range, clip_search=True if base.clip_search is None else bool(base.clip_search),
         seed=mp.seed, cache_path=mp.cache_path, skip_unsupported=base.skip_unsupported, progress=progress,
         engine=engine,

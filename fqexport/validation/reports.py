@@ -200,6 +200,7 @@ def to_markdown(report: Any) -> str:
         f"- MACs per sample: {report.macs if report.macs is not None else 'n/a'}; "
         f"BOPs per sample: {_num(report.bops, '.4g')}",
         f"- PePR = P / (1 + bits/32): {_num(report.pepr, '.4f')} (overall), {_num(report.pepr_worst_group, '.4f')} (worst group)",
+        *_float_layer_lines(report),
         "",
         "## Checks",
         "",
@@ -216,6 +217,15 @@ def to_markdown(report: Any) -> str:
     else:
         out.append("No thresholds set.")
     return "\n".join(out) + "\n"
+
+
+def _float_layer_lines(report: Any) -> list[str]:
+    """The weight layers the file keeps in float, with why (from its fqexport metadata)."""
+    floats = getattr(getattr(report, "metadata", None), "float_layers", ())
+    if not floats:
+        return []
+    return ["- weight layers in float (counted at 32 bits): " + ", ".join(
+        f"`{f.name}` ({f.kind}, {f.params} params; {f.reason or 'unsupported'})" for f in floats)]
 
 
 def write_markdown(report: Any, path: str | Path) -> Path:

@@ -1,0 +1,111 @@
+"""Tests of QuantConfig.keep_float / --keep-float: layers kept in float by name, regex or type,
+listed with their reason, counted at 32 bits (also in a mixed-precision bits budget)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from fqexport.cli import main
+from fqexport.config import MixedPrecisionConfig, QuantConfig, WeightSpec
+from fqexport.errors import ConfigError, UnsupportedLayerError
+from fqexport.exporters.metadata import read_metadata
+from fqexport.exporters.ort_session import fused_kernels
+from fqexport.exporters.qdq_onnx import export_qdq
+from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match
+from fqexport.pipeline.compress import compress
+from fqexport.search.allocation import Budget, LayerCost, budget_capacity
+from fqexport.search.mixed_precision import search_mixed_precision
+
+
+@pytest.mark.parametrize("patterns, name, module, hit", [
+    (("fc",), "fc", nn.Linear(2, 2), "fc"),
+    (("fc",), "fc2", nn.Linear(2, 2), None),  # a name matches whole, not as a prefix
+    ((r"conv_.*",), "conv_a", nn.Conv2d(1, 1, 1), r"conv_.*"),
+    (("type:Conv2d",), "stem", nn.Conv2d(1, 1, 1), "type:Conv2d"),
+    (("type:_ConvNd",), "stem", nn.Conv2d(1, 1, 1), "type:_ConvNd"),  # a base class by name
+    ((nn.Linear,), "head", nn.Linear(2, 2), "type:Linear"),
+    ((nn.Linear,), "stem", nn.Conv2d(1, 1, 1), None),
+])
+def test_patterns_match_names_regexes_and_types(patterns, name, module, hit):
+    spec = WeightSpec(keep_float=patterns)
+    assert keep_float_match(name, module, spec.keep_float) == hit
+
+
+@pytest.mark.parametrize("value, message", [
+    ((3,), "keep_float[0]=3 must be a module name or regex (a str), 'type:ClassName', or an nn.Module subclass"),
+    (("fc", ""), "keep_float[1]='' must be a module name or regex"),
+    (("layer[",), "keep_float[0]='layer[' is not a valid regular expression"),
+])
+def test_bad_patterns_are_config_errors_naming_the_entry(value, message):
+    with pytest.raises(ConfigError) as err:
+        QuantConfig(keep_float=value)
+    assert str(err.value).startswith(message)
+    assert QuantConfig(keep_float="fc").keep_float == ("fc",)  # one pattern given as a string
+
+
+def test_kept_layers_stay_float_listed_with_their_reason_and_count_32_bits(cnn_model, cnn_data, tmp_path):
+    cm = compress(cnn_model, cnn_data, QuantConfig(num_calib=128, keep_float=("fc", r"conv_[ab]")), progress=False)
+    assert sorted(cm.layers) == ["dw", "pw", "stem"]
+    floats = {f.name: f for f in cm.metadata.float_layers}
+    assert floats["fc"].reason == "keep_float: fc" and floats["conv_a"].reason == "keep_float: conv_[ab]"
+    assert floats["fc"].bits == 32 and floats["fc"].storage == "float32"
+    q = sum(l.params for l in cm.layers.values())
+    f = sum(x.params for x in floats.values())
+    assert cm.avg_weight_bits == pytest.approx((8 * q + 32 * f) / (q + f))
+    assert {r["name"]: r["reason"] for r in cm.layer_table()}["conv_b"] == "keep_float: conv_[ab]"
+    res = export_qdq(cm, tmp_path / "kept.onnx")  # the export check still holds
+    assert res.storage == {"stem": "int8", "dw": "int8", "pw": "int8"}
+    inits = {i.name for i in onnx.load(str(res.path)).graph.initializer}
+    assert "fc.weight" in inits and "fc.weight_quantized" not in inits  # the weight stays a float initializer
+    assert [r.reason for r in read_metadata(res.path).float_layers if r.name == "fc"] == ["keep_float: fc"]
+    assert fused_kernels(res.path)["QLinearConv"] == 3
+
+
+def test_keeping_every_layer_float_is_refused(cnn_model, cnn_data):
+    with pytest.raises(UnsupportedLayerError) as err:
+        compress(cnn_model, cnn_data, QuantConfig(num_calib=64, keep_float=("type:Conv2d", "type:Linear")),
+                 progress=False)
+    assert str(err.value) == MSG_ALL_KEPT_FLOAT.format(patterns=["type:Conv2d", "type:Linear"],
+                                                       layers="stem, conv_a, conv_b, dw, pw, fc")
+
+
+def test_a_bits_budget_counts_float_weights_at_32_bits():
+    infos = [LayerCost("a", 1000, 0, 10), LayerCost("b", 3000, 0, 10)]
+    assert budget_capacity(infos, Budget("bits", 4.0)) == 4.0 * 4000
+    # 1000 float weights at 32 bits leave B·(4000 + 1000) − 32·1000 for the quantized ones
+    assert budget_capacity(infos, Budget("bits", 8.0, float_params=1000)) == 8.0 * 5000 - 32 * 1000
+
+
+def test_the_search_leaves_kept_layers_out_and_pays_for_them(mlp_model, mlp_data):
+    base = QuantConfig(num_calib=128, batch_size=128, keep_float=("fc3",))
+    mp = MixedPrecisionConfig(budget_bits=4.0, sensitivity_samples=128, mw_steps=10, num_candidates=1,
+                              verify_mean=False)
+    res = search_mixed_precision(mlp_model, mlp_data, mp, base, progress=False)
+    assert set(res.allocation.bits) == {"fc1", "fc2"} and "fc3" not in res.compressed.layers
+    fc3 = mlp_model.fc3.weight.numel()
+    q = {n: l for n, l in res.compressed.layers.items()}
+    stored = res.allocation.stored_bits * sum(l.params for l in q.values())
+    # the quantized layers' stored bits plus fc3 at 32 bits stay within 4 bits per weight overall
+    assert (stored + 32 * fc3) / (sum(l.params for l in q.values()) + fc3) <= 4.0 + 1e-9
+
+
+def test_cli_keep_float_is_repeatable_and_reported(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)  # 'fixtures_models:tiny_mlp' resolves from the working directory
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compress", "--model", "fixtures_models:tiny_mlp", "--weights", str(mlp_files / "mlp.pt"),
+                     "--calib", str(mlp_files / "calib.npz"), "--num-calib", "128", "--keep-float", "fc1",
+                     "--keep-float", "type:Linear_never", "--out", str(tmp_path / "m.onnx"),
+                     "--report", str(tmp_path / "r.json")])
+    assert code == 0, err.getvalue()
+    assert "1 weight layer(s) stay in float by --keep-float (reason above)" in out.getvalue()
+    layers = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert {r["name"]: r["reason"] for r in layers} == {"fc2": "", "fc3": "", "fc1": "keep_float: fc1"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -53,6 +54,39 @@ class GroupData:
 MSG_UNKNOWN_GROUP = (
     "group_weights names group {name!r}, which is not in the calibration data (groups: {groups})"
 )
+MSG_ZERO_WEIGHTS = "group_weights {weights!r} give every group of {groups} weight 0: at least one must be > 0"
+MSG_NEEDS_COUNTS = "group_weights='samples' needs the groups' sample counts"
+
+
+@dataclass(frozen=True)
+class GroupWeights:
+    """How much each group counts, as one normalised vector α (Σ_g α_g = 1) — the one place the
+    Hessian's α (compress), the allocator's weights (search), the group-weighted fine-tuning loss
+    and their defaults are resolved.
+
+    ``spec``: ``None`` — every group alike, whatever its size (fqexport's default: a minority is
+    not outvoted); ``"samples"`` — each group's share of the data (plain GPTQ, HAWQ); a mapping of
+    group name or id to weight (``{"minority": 2.0}``; unnamed groups 0).
+    """
+
+    spec: Mapping[Any, float] | str | None = None
+
+    def vector(self, group_names: Sequence[str], counts: Sequence[int] | np.ndarray | None = None,
+               unknown: str = MSG_UNKNOWN_GROUP) -> np.ndarray:
+        """α over ``group_names`` (float64, sums to 1); ``counts`` (per group) for ``"samples"``;
+        ``unknown`` is the ConfigError template for a key that is not a group."""
+        n = len(group_names)
+        if self.spec is None:
+            return np.full(n, 1.0 / n)
+        if self.spec == "samples":
+            if counts is None:
+                raise ConfigError(MSG_NEEDS_COUNTS)
+            v = np.asarray(counts, dtype=np.float64)
+        else:
+            v = group_weight_vector(self.spec, group_names, unknown)
+        if not v.sum() > 0:
+            raise ConfigError(MSG_ZERO_WEIGHTS.format(weights=self.spec, groups=list(group_names)))
+        return v / v.sum()
 
 
 def group_weight_vector(weights, group_names, unknown: str = MSG_UNKNOWN_GROUP) -> np.ndarray:

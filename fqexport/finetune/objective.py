@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from fqexport.calibration.group_data import group_weight_vector
+from fqexport.calibration.group_data import GroupWeights
 from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.losses import combine, exponentiated_gradient, per_sample_loss
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight
@@ -37,8 +37,8 @@ def fixed_group_weights(config: FinetuneConfig, names: Sequence[str]) -> torch.T
     raises ConfigError when ``config.group_weights`` names a group not in ``names``."""
     if config.loss != "group-weighted":
         return None
-    vec = group_weight_vector(config.group_weights, names, MSG_GROUP_WEIGHT_UNKNOWN)
-    return torch.as_tensor(vec / vec.sum(), dtype=torch.float32)
+    return torch.as_tensor(GroupWeights(config.group_weights).vector(names, unknown=MSG_GROUP_WEIGHT_UNKNOWN),
+                           dtype=torch.float32)
 
 
 class GroupObjective:

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fqexport.calibration.checks import check_labels, check_vocabulary
-from fqexport.calibration.group_data import GroupData, group_weight_vector
+from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_subset
@@ -60,19 +60,6 @@ log = logging.getLogger(__name__)
 
 # Limits of the per-channel rescale applied by BN re-estimation (σ_float / σ_quant).
 _RESCALE_MIN, _RESCALE_MAX = 0.5, 2.0
-
-
-def _resolve_group_weights(config: QuantConfig, data: GroupData) -> torch.Tensor:
-    """α per group id: equal per group (default), by sample count, or as the user gave."""
-    g = data.num_groups
-    gw = config.group_weights
-    if gw is None:
-        return torch.full((g,), 1.0 / g, dtype=torch.float64)
-    if gw == "samples":
-        counts = torch.as_tensor(data.group_counts(), dtype=torch.float64)
-        return counts / counts.sum()
-    alpha = torch.from_numpy(group_weight_vector(gw, data.group_names))
-    return alpha / alpha.sum()
 
 
 def _batches(data: GroupData, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -416,7 +403,7 @@ def compress(
     # 2. a group-balanced calibration subset; 'samples' weights groups by their share of the
     #    user's data, not of the balanced subset
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
-    alpha = _resolve_group_weights(config, data)
+    alpha = torch.from_numpy(GroupWeights(config.group_weights).vector(data.group_names, data.group_counts()))
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
     quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
                                  progress)

@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence, get_args
 
 import numpy as np
 
-from fqexport.calibration.group_data import group_weight_vector
+from fqexport.calibration.group_data import GroupWeights
 from fqexport.config import (
     DEFAULT_STORAGE,
     MSG_BUDGET_KIND,
@@ -232,12 +232,9 @@ def search_pins(pins: Mapping[str, int] | None, layers: Sequence[str], first_las
 
 
 def _group_vector(weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray:
-    if weights is None:
-        return np.full(len(groups), 1.0 / len(groups))
-    v = group_weight_vector(weights, groups, unknown=MSG_GROUP)
-    if (v < 0).any() or v.sum() <= 0:
+    if weights is not None and (any(float(w) < 0 for w in weights.values()) or not sum(map(float, weights.values())) > 0):
         raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(groups)))
-    return v / v.sum()
+    return GroupWeights(weights).vector(groups, unknown=MSG_GROUP)
 
 
 @dataclass(frozen=True)

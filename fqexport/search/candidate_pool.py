@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-import numpy as np
 
-from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.search.allocation import (
     Allocation,
@@ -21,9 +20,9 @@ from fqexport.search.sensitivity import SensitivityTable
 
 
 def population_weights(data: GroupData) -> dict[str, float]:
-    """The calibration data's group proportions."""
-    counts = data.group_counts().astype(np.float64)
-    return {g: float(c / counts.sum()) for g, c in zip(data.group_names, counts)}
+    """The calibration data's group proportions (``GroupWeights("samples")``)."""
+    alpha = GroupWeights("samples").vector(data.group_names, data.group_counts())
+    return {g: float(a) for g, a in zip(data.group_names, alpha)}
 
 
 def search_group_weights(mp: MixedPrecisionConfig, data: GroupData) -> dict[str, float] | None:

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fqexport import FinetuneConfig, finetune, finetune_widths
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
 from fqexport.demo.models import SmallResNet
@@ -52,7 +53,6 @@ from fqexport.demo.training import DEMO_TRAIN, train_classifier
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
-from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
 from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.pipeline.compress import compress

@@ -22,7 +22,8 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.cli.main import main
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError
-from fqexport.finetune import FinetuneConfig, finetune
+from fqexport.finetune.api import finetune
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.data import open_train
 from fqexport.pipeline.compress import compress
 
@@ -164,7 +165,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import fixtures_models as fm
     from fqexport.config import QuantConfig
-    from fqexport.finetune import FinetuneConfig, finetune
+    from fqexport.finetune.api import finetune
+    from fqexport.finetune.config import FinetuneConfig
     from fqexport.pipeline.compress import compress
 
     class Big(torch.utils.data.Dataset):

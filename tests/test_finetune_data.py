@@ -152,7 +152,7 @@ def test_cli_compress_finetune_from_npz_with_workers(mlp_files, tmp_path, capsys
     rc = main(["compress", "--model", "fixtures_models:tiny_mlp", "--weights", str(mlp_files / "mlp.pt"),
                "--calib", str(mlp_files / "calib.npz"), "--out", str(out), "--num-calib", "200",
                "--weight-bits", "2", "--finetune", "--train", str(mlp_files / "calib.npz"), "--epochs", "1",
-               "--workers", "2"])
+               "--workers", "2", "--loss", "ce", "--sampler", "natural"])
     assert rc == 0 and out.is_file()
     assert "fine-tuning (ce, natural sampling): 1 epoch(s)" in capsys.readouterr().out
 

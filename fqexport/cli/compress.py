@@ -8,10 +8,11 @@ import argparse
 from pathlib import Path
 
 from fqexport.calibration.readers import load_data
-from fqexport.cli.common import EXIT_OK, print_table, quant_config, search_config
+from fqexport.cli.common import EXIT_OK, print_table
 from fqexport.cli.finetune import finetune_plan, run_finetune, run_finetune_widths
 from fqexport.cli.flags.compress import search_budget
 from fqexport.cli.flags.finetune import parse_export_bits, width_paths
+from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model

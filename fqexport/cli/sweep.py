@@ -8,7 +8,8 @@ import argparse
 from pathlib import Path
 
 from fqexport.calibration.readers import load_data
-from fqexport.cli.common import EXIT_OK, print_table, quant_config, search_config
+from fqexport.cli.common import EXIT_OK, print_table
+from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.cli.flags.sweep import parse_budgets
 from fqexport.graph.loading import load_model
 from fqexport.search.pareto import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fqexport.cli.common import HelpFormatter, add_model_options, common_options, int_at_least
+from fqexport.cli.common import HelpFormatter, common_options, int_at_least
+from fqexport.cli.flags.shared import add_model_options
 from fqexport.cli.paths import Output, check_paths
 
 DESCRIPTION = (

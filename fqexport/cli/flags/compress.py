@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from fqexport.cli.common import (
-    HelpFormatter,
+from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.flags.finetune import add_finetune_options, finetune_config, parse_export_bits, width_paths
+from fqexport.cli.flags.shared import (
     SEARCH_ONLY_FLAGS,
     add_model_and_quant_options,
     add_search_options,
-    common_options,
     given_flags,
     quant_config,
     search_config,
 )
-from fqexport.cli.flags.finetune import add_finetune_options, finetune_config, parse_export_bits, width_paths
 from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
 

@@ -8,7 +8,8 @@ import dataclasses
 from pathlib import Path
 from typing import get_args
 
-from fqexport.cli.common import SEARCH_ONLY_FLAGS, given_flags, parse_assignments, parse_bit_choices
+from fqexport.cli.common import parse_assignments
+from fqexport.cli.flags.shared import SEARCH_ONLY_FLAGS, given_flags, parse_bit_choices
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError
 from fqexport.finetune.config import CoresetScore, FinetuneConfig, GroupLoss, Rounding, Sampler

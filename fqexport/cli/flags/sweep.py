@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from fqexport.cli.common import (
-    HelpFormatter,
-    add_model_and_quant_options,
-    add_search_options,
-    common_options,
-    quant_config,
-    search_config,
-)
+from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.flags.shared import add_model_and_quant_options, add_search_options, quant_config, search_config
 from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
 

@@ -44,13 +44,14 @@ def main() -> None:
     ap.add_argument("--out-dir", default="bench-out/export")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-test", type=int, default=3000, help="test images (10 %% minority)")
     ap.add_argument("--cache", default=None, help="folder caching the trained demo model")
     ap.add_argument("--wide", action="store_true", help="also time a width-64 SmallResNet (random weights)")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    model, train, test, how = demo_cnn(Path(args.cache) if args.cache else None, args.seed)
+    model, train, test, how = demo_cnn(Path(args.cache) if args.cache else None, args.seed, args.n_test)
     print(f"demo SmallResNet: {how}")
     calib = group_balanced_subset(train, 512, seed=args.seed)
     paths = {"float (fp32)": out / "float.onnx"}

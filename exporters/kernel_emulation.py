@@ -30,18 +30,19 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError, ModelLoadError
 from fqexport.exporters.ort_session import build_session
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("native", "x86-avx2", "x86-vnni", "arm64")
+TARGETS: tuple[str, ...] = get_args(KernelTarget)
 EMULATED_TARGETS = TARGETS[1:]
 
 MSG_TARGET = "target {target!r} is not one of {choices} (--target)"

@@ -4,68 +4,93 @@
     cm = fqexport.compress(model, "calib.npz", fqexport.QuantConfig(weight_bits=4))
     fqexport.export(cm, "model.onnx")
     report = fqexport.validate("model.onnx", "test.npz")
+
+The public names are resolved on first use (``__getattr__`` below), so ``import fqexport`` and
+the CLI's ``--help`` and argument errors do not wait for torch, onnx and onnxruntime to load.
+``_PUBLIC`` is the one place where a project module is imported lazily (by name, through
+:mod:`importlib`); ``tests/test_import_graph.py`` checks it is exactly that and nothing else,
+and treats each entry as an import edge of this package.
 """
 
 from __future__ import annotations
 
-from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import load_data
-from fqexport.config import MixedPrecisionConfig, QuantConfig
-from fqexport.errors import (
-    ConfigError,
-    DataError,
-    ExportError,
-    FqexportError,
-    ModelLoadError,
-    UnsupportedLayerError,
-    ValidationFailed,
-)
-from fqexport.exporters.qdq_onnx import ExportResult, export_float
-from fqexport.exporters.qdq_onnx import export_qdq as export
-from fqexport.finetune import FinetuneConfig, finetune
-from fqexport.graph.loading import load_model
-from fqexport.metadata import ExportMetadata
-from fqexport.metrics.group_metrics import GroupMetrics, group_metrics
-from fqexport.model import CompressedModel, QuantizedLayer
-from fqexport.pipeline.compress import compress
-from fqexport.search.candidates import MixedPrecisionResult
-from fqexport.search.mixed_precision import search_mixed_precision
-from fqexport.search.pareto import pareto_sweep
-from fqexport.validation.gate import validate
-from fqexport.validation.thresholds import Thresholds
-from fqexport.validation.validation_report import ValidationReport
+import importlib
+import sys
+import types
+from typing import Any
+
 from fqexport.version import __version__
 
+# public name -> "defining module:attribute" (resolved on first use, then cached in globals())
+_PUBLIC: dict[str, str] = {
+    "compress": "fqexport.pipeline.compress:compress",
+    "finetune": "fqexport.finetune.api:finetune",
+    "finetune_widths": "fqexport.finetune.api:finetune_widths",
+    "export": "fqexport.exporters.qdq_onnx:export_qdq",
+    "export_float": "fqexport.exporters.qdq_onnx:export_float",
+    "validate": "fqexport.validation.gate:validate",
+    "search_mixed_precision": "fqexport.search.mixed_precision:search_mixed_precision",
+    "pareto_sweep": "fqexport.search.pareto:pareto_sweep",
+    "load_model": "fqexport.graph.loading:load_model",
+    "load_data": "fqexport.calibration.readers:load_data",
+    "group_metrics": "fqexport.metrics.group_metrics:group_metrics",
+    "CompressedModel": "fqexport.model:CompressedModel",
+    "QuantizedLayer": "fqexport.model:QuantizedLayer",
+    "ExportMetadata": "fqexport.metadata:ExportMetadata",
+    "ExportResult": "fqexport.exporters.qdq_onnx:ExportResult",
+    "MixedPrecisionResult": "fqexport.search.candidates:MixedPrecisionResult",
+    "GroupData": "fqexport.calibration.group_data:GroupData",
+    "GroupMetrics": "fqexport.metrics.group_metrics:GroupMetrics",
+    "QuantConfig": "fqexport.config:QuantConfig",
+    "MixedPrecisionConfig": "fqexport.config:MixedPrecisionConfig",
+    "EngineConfig": "fqexport.config:EngineConfig",
+    "FinetuneConfig": "fqexport.finetune.config:FinetuneConfig",
+    "Thresholds": "fqexport.validation.thresholds:Thresholds",
+    "ValidationReport": "fqexport.validation.validation_report:ValidationReport",
+    "FqexportError": "fqexport.errors:FqexportError",
+    "ConfigError": "fqexport.errors:ConfigError",
+    "DataError": "fqexport.errors:DataError",
+    "ModelLoadError": "fqexport.errors:ModelLoadError",
+    "UnsupportedLayerError": "fqexport.errors:UnsupportedLayerError",
+    "ExportError": "fqexport.errors:ExportError",
+    "OutputPathError": "fqexport.errors:OutputPathError",
+    "EngineError": "fqexport.errors:EngineError",
+    "ValidationFailed": "fqexport.errors:ValidationFailed",
+}
 
-__all__ = [
-    "__version__",
-    "compress",
-    "finetune",
-    "export",
-    "export_float",
-    "validate",
-    "search_mixed_precision",
-    "pareto_sweep",
-    "load_model",
-    "load_data",
-    "group_metrics",
-    "CompressedModel",
-    "QuantizedLayer",
-    "ExportMetadata",
-    "ExportResult",
-    "MixedPrecisionResult",
-    "GroupData",
-    "GroupMetrics",
-    "QuantConfig",
-    "MixedPrecisionConfig",
-    "FinetuneConfig",
-    "Thresholds",
-    "ValidationReport",
-    "FqexportError",
-    "ConfigError",
-    "DataError",
-    "ModelLoadError",
-    "UnsupportedLayerError",
-    "ExportError",
-    "ValidationFailed",
-]
+__all__ = ["__version__", *_PUBLIC]
+
+
+def _resolve(name: str) -> Any:
+    """The object ``_PUBLIC[name]`` names, imported now and cached as a module global."""
+    module, _, attr = _PUBLIC[name].partition(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return _resolve(name)
+    raise AttributeError(f"module 'fqexport' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+class _Package(types.ModuleType):
+    """``fqexport.finetune`` is the function, also after the subpackage of the same name has been
+    imported (the import system then binds the subpackage on its parent; this keeps the public
+    name, and the subpackage stays in ``sys.modules["fqexport.finetune"]``)."""
+
+    @property
+    def finetune(self):
+        return _resolve("finetune")
+
+    @finetune.setter
+    def finetune(self, subpackage: types.ModuleType) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

@@ -25,6 +25,9 @@ WeightRange = Literal["x86-safe", "full"]
 # checked like the most restrictive one (x86-avx2). The export check emulates the target's int8
 # kernels (exporters/kernel_emulation.py); ``gpu`` has no emulated CPU kernels.
 ExportTarget = Literal["portable", "x86-avx2", "x86-vnni", "arm64", "gpu"]
+# The int8 kernel families validate gates (exporters/kernel_emulation.py): "native" (this CPU) and
+# the emulated ones.
+KernelTarget = Literal["native", "x86-avx2", "x86-vnni", "arm64"]
 Storage = Literal["auto", "int8", "packed"]
 # The storage of QuantConfig and of the allocator when none is given: one default, so what the
 # allocator counts by default is what compress stores by default.

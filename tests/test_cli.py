@@ -255,6 +255,15 @@ def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_search_options_without_a_budget_are_bad_input(tmp_path, mlp_files):
+    out = tmp_path / "x.onnx"
+    code, stdout, err = _run(_compress_args(mlp_files, out, "--objective", "mean", "--bit-choices", "2,4"))
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.strip() == ("error: --objective, --bit-choices: options of the mixed-precision search, which runs only "
+                           "with a budget, so they would be ignored; add --budget-bits, --budget-bytes or "
+                           "--budget-bops, or drop them")
+
+
 def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir, monkeypatch):
 
     monkeypatch.chdir(tests_dir)

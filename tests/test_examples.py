@@ -163,8 +163,12 @@ def test_workflow_structure_and_commands_parse_with_the_real_cli():
     uses = [s.get("uses", "") for s in steps]
     assert uses[0].startswith("actions/checkout@") and uses[1].startswith("actions/setup-python@")
     assert steps[1]["with.python-version"] == "3.11"
-    assert "pip install -c constraints.txt" in steps[2]["run"] and steps[2]["run"].rstrip().endswith(" .")
-    assert (ROOT / "constraints.txt").is_file()
+    # the install step installs fqexport itself, pinned to this version, not the user's repository ("pip install .")
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    install = steps[2]["run"]
+    assert f'pip install --extra-index-url https://download.pytorch.org/whl/cpu "fqexport=={version}"' in install
+    assert not re.search(r"pip install[^\n]* \.$", install, re.MULTILINE) and "constraints.txt" not in install
+    assert (ROOT / "constraints.txt").is_file()  # README's install and test commands use it
     upload = steps[-1]
     assert upload["uses"].startswith("actions/upload-artifact@") and upload["if"] == "always()"
     assert "junit.xml" in upload["with.path"] and "report/" in upload["with.path"]

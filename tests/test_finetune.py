@@ -15,7 +15,8 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
-from fqexport.finetune import FinetuneConfig, finetune, finetune_widths
+from fqexport.finetune.api import finetune, finetune_widths
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune import objective as ft_objective
 from fqexport.finetune.baq import (
     clip_shrinks,

@@ -7,7 +7,8 @@ import torch
 
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError
-from fqexport.finetune import FinetuneConfig, finetune
+from fqexport.finetune.api import finetune
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.adaround import (
     adaptive_rounding,
     group_weighted_mse,

@@ -8,10 +8,11 @@ import io
 import numpy as np
 
 from fqexport.cli import main
-from fqexport.cli.finetune import (
+from fqexport.cli.flags.finetune import (
     MSG_EXPORT_BITS,
     MSG_EXPORT_BITS_WITHOUT,
     MSG_LEARN_BITS_BUDGET,
+    MSG_LEARN_BITS_SEARCH,
     MSG_LEARN_BITS_WITHOUT,
     MSG_NO_TRAIN,
     MSG_TRAIN_WITHOUT,
@@ -98,10 +99,38 @@ def test_compress_learn_bits_meets_the_budget(mlp_files, tmp_path):
     assert meta.avg_weight_bits <= 2.5 and meta.finetune["baq"]["bits"] == {r.name: r.bits for r in meta.layers}
 
 
+def test_learn_bits_refuses_the_search_options_it_would_ignore(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    base = ("--finetune", "--train", mlp_files / "calib.npz", "--learn-bits", "--budget-bits", "2.5")
+    for extra, named in ((("--objective", "mean"), "--objective"), (("--pin", "fc1=8"), "--pin"),
+                         (("--objective", "worst-group", "--pin", "fc1=8", "--engine", "serial"),
+                          "--objective, --pin, --engine"),
+                         (("--candidates", "3", "--verify-folds", "2"), "--candidates, --verify-folds")):
+        code, stdout, err = _run(_args(mlp_files, out, *base, *extra))
+        assert code == 2 and f"error: {MSG_LEARN_BITS_SEARCH.format(flags=named)}" in err, err
+        assert "fine-tuning" not in stdout and not out.exists()
+
+
+def test_learn_bits_uses_bit_choices(mlp_files, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+                                   "--learn-bits", "--budget-bits", "3", "--bit-choices", "2,4",
+                                   "--weight-bits", "4"))
+    assert code == 0, err
+    assert "budget 3 bits" in stdout and "nominal bits" in stdout
+    meta = read_metadata(out)
+    assert meta.finetune["settings"]["bit_choices"] == [2, 4]
+    assert {r.bits for r in meta.layers} <= {2, 4} and meta.avg_weight_bits <= 3
+    # a budget outside the given widths is refused before any compute
+    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits",
+                              "--budget-bits", "5", "--bit-choices", "2,4"))
+    assert code == 2 and "FinetuneConfig.budget_bits=5.0 is outside the candidate widths [2, 4]" in err
+
+
 def test_export_bits_writes_one_file_per_width_from_one_run(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
     code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
-                                   "--oscillation", "0.1", "--export-bits", "3,8"))
+                                   "--oscillation", "0.1", "--export-bits", "3,8", "--loss", "ce", "--sampler", "natural"))
     assert code == 0, err
     assert not out.exists() and stdout.count("fine-tuning (ce, natural sampling): 1 epoch(s)") == 1
     metas = {b: read_metadata(tmp_path / f"m.w{b}.onnx") for b in (3, 8)}

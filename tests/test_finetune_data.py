@@ -22,7 +22,8 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.cli.main import main
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError
-from fqexport.finetune import FinetuneConfig, finetune
+from fqexport.finetune.api import finetune
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.data import open_train
 from fqexport.pipeline.compress import compress
 
@@ -151,7 +152,7 @@ def test_cli_compress_finetune_from_npz_with_workers(mlp_files, tmp_path, capsys
     rc = main(["compress", "--model", "fixtures_models:tiny_mlp", "--weights", str(mlp_files / "mlp.pt"),
                "--calib", str(mlp_files / "calib.npz"), "--out", str(out), "--num-calib", "200",
                "--weight-bits", "2", "--finetune", "--train", str(mlp_files / "calib.npz"), "--epochs", "1",
-               "--workers", "2"])
+               "--workers", "2", "--loss", "ce", "--sampler", "natural"])
     assert rc == 0 and out.is_file()
     assert "fine-tuning (ce, natural sampling): 1 epoch(s)" in capsys.readouterr().out
 
@@ -164,7 +165,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import fixtures_models as fm
     from fqexport.config import QuantConfig
-    from fqexport.finetune import FinetuneConfig, finetune
+    from fqexport.finetune.api import finetune
+    from fqexport.finetune.config import FinetuneConfig
     from fqexport.pipeline.compress import compress
 
     class Big(torch.utils.data.Dataset):

@@ -15,7 +15,8 @@ import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
-from fqexport.finetune import FinetuneConfig, finetune
+from fqexport.finetune.api import finetune
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.qat import build_student, layer_qmin, requantize
 from fqexport.pipeline.compress import compress
 from fqexport.quant.grid import choose_weight_grid, quantize

@@ -1,8 +1,17 @@
 """The package's import graph, read from the source with ``ast`` (nothing is imported):
 
 1. no import of a project module inside a function or method (optional extras aside);
-2. no cycle between the project's modules (top-level imports);
+2. no cycle between the project's modules (top-level imports, plus the lazy tables' edges);
 3. the layering: ``fqexport.quant`` is pure math, only the CLI imports the CLI, only the CLI prints.
+
+The one exception to 1, the lazy boundary: ``fqexport/__init__.py`` resolves its public names
+from one module-level table (``_PUBLIC``: name -> "module:attr") in ``_resolve``, and the CLI
+runs each subcommand from one table (``fqexport.cli.main.COMMANDS``) in ``command`` — both
+through ``importlib.import_module``, so that ``import fqexport``, ``--help`` and every flag error
+load no stage. The tests below check that these are the only lazy imports of the project, that
+every entry names a real module and attribute, and that the CLI's parsers import no stage.
+(``fqexport.graph.loading._import_factory`` imports the *user's* ``--model pkg:factory`` module:
+user code, not a project module; see docs/safety.md.)
 
 And the public API: ``import fqexport`` exposes the names the README uses.
 """
@@ -24,6 +33,15 @@ QUANT_MUST_NOT_IMPORT = ("graph", "pipeline", "search", "cli", "demo", "validati
 # The names README.md and examples/api_example.py use as ``fqexport.<name>``.
 README_API = ("compress", "QuantConfig", "MixedPrecisionConfig", "search_mixed_precision", "export_float",
               "validate", "Thresholds", "ValidationReport", "GroupMetrics", "load_model", "export", "load_data")
+# The lazy boundary: module -> (its table of "module:attr" targets, the function that imports them).
+LAZY_TABLES = {"fqexport": ("_PUBLIC", "_resolve"), "fqexport.cli.main": ("COMMANDS", "command")}
+# Where a module is imported by a name known only at run time: the lazy tables, and the user's model factory.
+DYNAMIC_IMPORTS = {("fqexport", "_resolve"), ("fqexport.cli.main", "command"),
+                   ("fqexport.graph.loading", "_import_factory")}
+_IMPORT_CALLS = ("import_module", "__import__", "spec_from_file_location", "module_from_spec", "exec_module",
+                 "load_module", "run_module", "run_path")
+# What a stage imports and the CLI's parsers must not (each costs seconds at start-up).
+HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "ml_dtypes", "onnx_ir", "tqdm")
 
 
 @dataclass(frozen=True)
@@ -113,15 +131,69 @@ def _module_of(target: str) -> str | None:
     return None
 
 
-def _graph() -> dict[str, dict[str, str]]:
-    """module → {imported project module: file:line}, from top-level imports only."""
+def _lazy_table(module: str) -> dict[str, str]:
+    """The lazy table of ``module`` (``LAZY_TABLES``) as written: a module-level dict literal of strings."""
+    table_name, _ = LAZY_TABLES[module]
+    for node in TREES[module].body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == table_name for t in targets):
+            assert isinstance(node.value, ast.Dict), f"{module}.{table_name} must be a dict literal"
+            return {ast.literal_eval(k): ast.literal_eval(v) for k, v in zip(node.value.keys, node.value.values)}
+    raise AssertionError(f"{module} has no module-level table {table_name}")
+
+
+def _lazy_edges() -> list[Import]:
+    """The lazy tables' entries as import edges (not top level: they run on first use)."""
+    edges = []
+    for module, (table_name, _) in LAZY_TABLES.items():
+        where = f"{FILES[module].relative_to(ROOT)}:{table_name}"
+        edges.extend(Import(module, target.partition(":")[0], where, True, True)
+                     for target in _lazy_table(module).values())
+    return edges
+
+
+def _graph(lazy: bool = False) -> dict[str, dict[str, str]]:
+    """module → {imported project module: file:line}, from top-level imports only (and, with
+    ``lazy``, the lazy tables' edges)."""
     graph: dict[str, dict[str, str]] = {m: {} for m in MODULES}
-    for imp in ALL_IMPORTS:
+    for imp in ALL_IMPORTS + (_lazy_edges() if lazy else []):
         if imp.top_level and imp.runtime and _is_project(imp.target):
             target = _module_of(imp.target)
             if target is not None and target != imp.importer:
                 graph[imp.importer].setdefault(target, imp.where)
     return graph
+
+
+def _loaded_with(module: str, graph: dict[str, dict[str, str]]) -> set[str]:
+    """Every project module importing ``module`` loads: its top-level imports and their packages, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES)
+        todo.extend(graph[m])
+    return seen
+
+
+def _dynamic_imports() -> set[tuple[str, str]]:
+    """(module, enclosing function) of every call that imports a module by a name held in a variable."""
+    found = set()
+
+    def visit(module: str, node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Call):
+                name = getattr(child.func, "attr", getattr(child.func, "id", None))
+                if name in _IMPORT_CALLS:
+                    found.add((module, function))
+            is_function = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            visit(module, child, child.name if is_function else function)
+
+    for module in MODULES:
+        visit(module, TREES[module], "<module>")
+    return found
 
 
 def _cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
@@ -238,7 +310,7 @@ def test_no_module_imports_the_package_root():
 
 
 def test_no_import_cycle():
-    graph = _graph()
+    graph = _graph(lazy=True)
     graph["fqexport"] = {}  # the root's re-exports are no node others may depend on (checked above)
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(_describe_cycle(c, graph) for c in cycles)
@@ -253,9 +325,9 @@ def test_quant_is_pure_math():
 
 
 def test_only_the_cli_imports_the_cli():
-    bad = [f"{imp.where}: {imp.target}" for imp in ALL_IMPORTS
+    bad = [f"{imp.where}: {imp.target}" for imp in ALL_IMPORTS + _lazy_edges()
            if (imp.target == "fqexport.cli" or imp.target.startswith("fqexport.cli."))
-           and not imp.importer.startswith("fqexport.cli") and imp.importer != "fqexport"]
+           and not imp.importer.startswith("fqexport.cli")]
     assert not bad, "only fqexport.cli may import fqexport.cli:\n" + "\n".join(bad)
 
 
@@ -268,6 +340,57 @@ def test_library_code_never_prints():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not bad, "print() outside fqexport/cli/ (log with logging.getLogger(__name__)):\n" + "\n".join(bad)
+
+
+# ------------------------------------------------------------------ the lazy boundary
+
+
+def test_the_lazy_tables_are_the_only_imports_by_name():
+    assert _dynamic_imports() == DYNAMIC_IMPORTS
+
+
+def test_each_lazy_resolver_imports_only_from_its_table():
+    for module, (table_name, function) in LAZY_TABLES.items():
+        (fn,) = [n for n in TREES[module].body if isinstance(n, ast.FunctionDef) and n.name == function]
+        names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        assert table_name in names, f"{module}.{function} must look its target up in {table_name}"
+        assert not [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def _top_level_names(module: str) -> set[str]:
+    names = set()
+    for node in TREES[module].body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_every_lazy_entry_names_a_module_and_an_attribute_defined_there():
+    for module in LAZY_TABLES:
+        for name, target in _lazy_table(module).items():
+            target_module, sep, attr = target.partition(":")
+            assert sep and target_module in MODULES, f"{module}: {name} -> {target}: no such module"
+            assert attr in _top_level_names(target_module), f"{module}: {name} -> {target}: no such attribute"
+    assert set(_lazy_table("fqexport.cli.main")) == {"compress", "validate", "analyze", "sweep", "demo"}
+    assert all(t.startswith("fqexport.cli.") for t in _lazy_table("fqexport.cli.main").values())
+    assert not [t for t in _lazy_table("fqexport").values() if t.startswith("fqexport.cli")]
+
+
+def test_the_cli_parsers_and_the_package_root_import_no_stage():
+    """What ``fqexport --help`` and a flag error load: no torch, onnx or onnxruntime (statically)."""
+    graph = _graph()
+    for start in ("fqexport", "fqexport.cli.main"):
+        loaded = _loaded_with(start, graph)
+        assert not [m for m in loaded if m.startswith(("fqexport.cli.compress", "fqexport.pipeline"))]
+        bad = [f"{imp.where}: {imp.target}" for imp in ALL_IMPORTS
+               if imp.importer in loaded and imp.top_level and imp.runtime
+               and imp.target.split(".")[0] in HEAVY]
+        assert not bad, f"importing {start} loads a stage:\n" + "\n".join(bad)
 
 
 # ------------------------------------------------------------------ the public API

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fqexport.errors import ValidationFailed
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.validation.validation_report import ValidationReport, group_drop, kernel_deviation, pepr_score
+from fqexport.validation.checks import run_checks
+from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.validation_report import (
+    MSG_FAILED,
+    ValidationReport,
+    group_drop,
+    kernel_deviation,
+    pepr_score,
+)
 
 Y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
 GROUP = np.array([0, 0, 0, 0, 1, 1, 1, 1])
@@ -41,3 +50,17 @@ def test_report_views():
     assert d["reference"]["group_drop"] == {"a": -0.25, "b": 0.5} and d["kernel"]["fused_kernels"] is None
     assert d["targets"] == {"native": {"emulated": False, "metrics": m.to_dict(), "kernel_deviation_by_group": None,
                                        "agreement_with_native": 1.0}}
+
+
+def test_raise_for_failures_is_the_gate():
+    m = _metrics([0, 1, 0, 1, 1, 0, 0, 1])  # a 100 %, b 50 %
+    passing = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m)
+    passing.raise_for_failures()  # no limit: nothing raised
+    checks = run_checks(passing, Thresholds(min_worst_group_acc=60, max_acc_gap=60))
+    report = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, checks=checks)
+    with pytest.raises(ValidationFailed) as info:
+        report.raise_for_failures()
+    (broken,) = report.failures()
+    assert broken.name == "min_worst_group_acc"
+    assert info.value.failures == [f"min_worst_group_acc: {broken.message}"]
+    assert str(info.value) == MSG_FAILED.format(model="m.onnx", count=1, checks=f"min_worst_group_acc: {broken.message}")

@@ -1,4 +1,5 @@
-"""``fqexport compress``: quantize a float model (uniform or by the mixed-precision search) and
+"""``fqexport compress``, run after its flags and paths passed (``fqexport.cli.flags.compress``):
+quantize a float model (uniform or by the mixed-precision search), optionally fine-tune it, and
 write a QDQ ONNX file checked against the PyTorch fake-quant reference."""
 
 from __future__ import annotations
@@ -7,24 +8,11 @@ import argparse
 from pathlib import Path
 
 from fqexport.calibration.readers import load_data
-from fqexport.cli.common import (
-    EXIT_OK,
-    add_model_and_quant_options,
-    add_search_options,
-    common_options,
-    print_table,
-    quant_config,
-    search_config,
-)
-from fqexport.cli.finetune import (
-    add_finetune_options,
-    finetune_plan,
-    parse_export_bits,
-    run_finetune,
-    run_finetune_widths,
-    width_paths,
-)
-from fqexport.cli.paths import Output, check_paths
+from fqexport.cli.common import EXIT_OK, print_table
+from fqexport.cli.finetune import finetune_plan, run_finetune, run_finetune_widths
+from fqexport.cli.flags.compress import search_budget
+from fqexport.cli.flags.finetune import parse_export_bits, width_paths
+from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model
@@ -34,47 +22,16 @@ from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import write_json_data
 
 
-def add_compress_parser(sub) -> None:
-    """Register ``compress`` on an ``argparse`` subparsers object."""
-    p = sub.add_parser("compress", parents=[common_options()], help="quantize a float model and export QDQ ONNX",
-                       description="Quantize a float PyTorch model with group-labeled calibration data "
-                       "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
-    add_model_and_quant_options(p)
-    p.add_argument("--out", required=True, help="output ONNX file")
-    p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
-    mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
-    budget = mp.add_mutually_exclusive_group()
-    budget.add_argument("--budget-bits", type=float,
-                        help="stored bits per weight, e.g. 3.0: codes in the containers the file holds (INT2, INT4 / "
-                             "MatMulNBits, int8) plus their scales and zero points, over all weights; 3 and 5-7 "
-                             "bits (only with --bit-choices) count at their container's width")
-    budget.add_argument("--budget-bytes", type=float,
-                        help="size of the written ONNX file in bytes (weights, scales, graph, metadata): checked "
-                             "against a real export; an allocation that does not fit is replaced by the next "
-                             "smaller one and refitted")
-    budget.add_argument("--budget-bops", type=float, help="bit operations per sample: sum of w_bits * 8 * MACs")
-    add_search_options(mp)
-    add_finetune_options(p)
-    p.set_defaults(func=run_compress)
-
-
 def run_compress(args: argparse.Namespace) -> int:
-    """Run ``compress`` from parsed args: quantize, export, print the layer table; return 0."""
+    """Run ``compress`` from parsed, checked args: quantize, export, print the layer table; return 0."""
     widths = width_paths(args.out, parse_export_bits(args.export_bits))
-    check_paths(
-        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--train", args.train)],
-        [Output("--out", args.out) if not args.export_bits else None,
-         *(Output(f"--export-bits ({b} bits)", path) for b, path in widths.items()),
-         Output("--report", args.report) if args.report else None,
-         Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
-    )
     config = quant_config(args)
     plan = finetune_plan(args, load_data(args.calib).group_names if args.finetune else None)
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     search = None
-    budget = args.budget_bits is not None or args.budget_bytes is not None or args.budget_bops is not None
-    if budget and not args.learn_bits:  # with --learn-bits, --budget-bits is BAQ's budget
-        search = _run_search(args, model, config)
+    budget = search_budget(args)
+    if budget is not None:
+        search = _run_search(args, model, config, budget)
         cm = search.compressed
     else:
         cm = compress(model, args.calib, config, progress=not args.quiet)
@@ -124,10 +81,9 @@ def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
     return EXIT_OK
 
 
-def _run_search(args: argparse.Namespace, model, config: QuantConfig) -> MixedPrecisionResult:
+def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: dict[str, float]) -> MixedPrecisionResult:
     """The fairness-aware mixed-precision search of ``fqexport compress --budget-*``."""
-    mp = search_config(args, budget_bits=args.budget_bits, budget_bytes=args.budget_bytes,
-                       budget_bops=args.budget_bops)
+    mp = search_config(args, **budget)
     res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet)
     print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
     print_table(res.table(), ["name", "params", "bits", "stored_bits", "container", "sensitivity",

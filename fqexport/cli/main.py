@@ -1,29 +1,47 @@
-"""Command line: ``fqexport compress | validate | analyze | sweep | demo``.
+"""Command line: fqexport compress | validate | analyze | sweep | demo.
 
-The CLI only parses arguments and calls the API. Exit codes: 0 ok, 1 a validation limit
-broken (and only that), 2 bad input (any other fqexport error, a bad flag, an output path that
-collides or cannot be written), 3 an internal error (a bug: please report it; ``--debug`` prints
-the traceback), 128+n stopped by signal n (130 SIGINT / Ctrl-C, 143 SIGTERM; temp files removed).
+The CLI only parses arguments and calls the API. Each subcommand runs in two steps: its checks
+(``fqexport.cli.flags``: every flag, flag combination and output path, before any stage is
+imported, so a typo costs well under a second) and then its run (``COMMANDS``: the module that
+imports the stage, loaded by name only now).
+
+Exit codes: 0 ok; 1 a validation limit broken (and only that); 2 bad input: any other fqexport
+error, a bad flag, an output path that collides or cannot be written (all before any compute),
+and also errors found while running: a data or model file that does not load or fit, or an
+export whose check against the PyTorch reference fails (no file is written then); 3 an internal
+error (a bug: please report it; ``--debug`` prints the traceback); 128+n stopped by signal n
+(130 SIGINT / Ctrl-C, 143 SIGTERM; temp files removed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 import threading
 import traceback
-from typing import Sequence
+from typing import Callable, Sequence
 
-from fqexport.cli.analyze import add_analyze_parser
-from fqexport.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL
-from fqexport.cli.compress import add_compress_parser
-from fqexport.cli.demo import add_demo_parser
-from fqexport.cli.sweep import add_sweep_parser
-from fqexport.cli.validate import add_validate_parser
+from fqexport.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, HelpFormatter
+from fqexport.cli.flags.analyze import add_analyze_parser
+from fqexport.cli.flags.compress import add_compress_parser
+from fqexport.cli.flags.demo import add_demo_parser
+from fqexport.cli.flags.sweep import add_sweep_parser
+from fqexport.cli.flags.validate import add_validate_parser
 from fqexport.errors import FqexportError, ValidationFailed
 from fqexport.version import __version__
+
+# subcommand -> "module:function" that runs it, imported by name when the subcommand runs (after
+# its checks passed); the one lazy import of the CLI (tests/test_import_graph.py checks it).
+COMMANDS: dict[str, str] = {
+    "compress": "fqexport.cli.compress:run_compress",
+    "validate": "fqexport.cli.validate:run_validate",
+    "analyze": "fqexport.cli.analyze:run_analyze",
+    "sweep": "fqexport.cli.sweep:run_sweep",
+    "demo": "fqexport.cli.demo:run_demo_command",
+}
 
 MSG_INTERNAL = (
     "internal error: {kind}: {err} — this is a bug in fqexport, please report it with the command "
@@ -47,7 +65,8 @@ def _raise_signalled(signum, frame) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fqexport`` parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="fqexport", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fqexport", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fqexport {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -61,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs subcommand ``name`` (``COMMANDS``), importing its module now."""
+    module, _, function = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        return int(args.func(args))
+        args.check(args)
+        return int(command(args.command)(args))
     except ValidationFailed as err:
         print(f"FAIL: {err}", file=sys.stderr)
         return EXIT_FAILED
@@ -87,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the subcommand, map errors and signals to exit codes."""
+    """Parse ``argv``, check and run the subcommand, map errors and signals to exit codes."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -1,22 +1,16 @@
-"""``fqexport sweep``: the mixed-precision search over several stored-bits budgets, written
-as a Pareto report (JSON, CSV and, with matplotlib, a PNG)."""
+"""``fqexport sweep``, run after its flags and paths passed (``fqexport.cli.flags.sweep``): the
+mixed-precision search over several stored-bits budgets, written as a Pareto report (JSON, CSV
+and, with matplotlib, a PNG)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from fqexport.calibration.readers import load_data
-from fqexport.cli.common import (
-    EXIT_OK,
-    add_model_and_quant_options,
-    add_search_options,
-    common_options,
-    print_table,
-    quant_config,
-    search_config,
-)
-from fqexport.cli.paths import Output, check_paths
-from fqexport.errors import ConfigError
+from fqexport.cli.common import EXIT_OK, print_table
+from fqexport.cli.flags.shared import quant_config, search_config
+from fqexport.cli.flags.sweep import parse_budgets
 from fqexport.graph.loading import load_model
 from fqexport.search.pareto import (
     pareto_sweep,
@@ -25,49 +19,12 @@ from fqexport.search.pareto import (
     write_pareto_json,
 )
 
-PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png")
 
-
-def _parse_budgets(text: str) -> list[float]:
-    message = f"--budgets {text!r}: expected stored bits per weight like 2.5,3,3.5,4"
-    try:
-        budgets = [float(b) for b in text.split(",") if b.strip()]
-    except ValueError as err:
-        raise ConfigError(message) from err
-    if not budgets:
-        raise ConfigError(message)
-    return budgets
-
-
-def add_sweep_parser(sub) -> None:
-    """Register ``sweep`` on an ``argparse`` subparsers object."""
-    p = sub.add_parser(
-        "sweep", parents=[common_options()], help="mixed-precision search over budgets: a Pareto report",
-        description="Run the fairness-aware mixed-precision search at each average-bits budget (the "
-        "per-group sensitivity table is measured once) and write budget, average bits, weight bytes, "
-        "worst-group and mean accuracy per budget to pareto.json, pareto.csv and pareto.png (the plot "
-        "needs matplotlib).",
-    )
-    add_model_and_quant_options(p)
-    p.add_argument("--budgets", required=True, help="stored bits per weight (codes in their containers + scales, as --budget-bits "
-                        "of compress), comma separated, e.g. 2.5,3,3.5,4; more budget never returns a worse "
-                        "measured worst group (a point reuses a smaller budget's result, see reused_from)")
-    p.add_argument("--out-dir", required=True, help="folder for pareto.json, pareto.csv, pareto.png")
-    p.add_argument("--test", help="measure each point on this labeled data (.npz/CSV) instead of the "
-                   "held-out calibration data")
-    add_search_options(p.add_argument_group("search"))
-    p.set_defaults(func=run_sweep)
-
-
-def run_sweep(args) -> int:
-    check_paths(
-        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--test", args.test)],
-        [Output("--out-dir", args.out_dir, PARETO_FILES),
-         Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
-    )
-    budgets = _parse_budgets(args.budgets)
+def run_sweep(args: argparse.Namespace) -> int:
+    """Run ``sweep`` from parsed, checked args: the search at every budget, the Pareto files; return 0."""
+    budgets = parse_budgets(args.budgets)
     config = quant_config(args)
-    configs = [search_config(args, budget_bits=b) for b in budgets]  # all checked before any search
+    configs = [search_config(args, budget_bits=b) for b in budgets]
     template = configs[0]
     test = load_data(args.test) if args.test else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)

@@ -1,20 +1,18 @@
-"""``fqexport validate``: run an ONNX model per group in ONNX Runtime and gate on limits.
+"""``fqexport validate``, run after its flags and paths passed (``fqexport.cli.flags.validate``):
+run an ONNX model per group in ONNX Runtime, print the summary, write the reports, and gate.
 
-Exit codes: 0 every limit holds, 1 a limit is broken (each named with its value and group),
-2 bad input (raised as :class:`~fqexport.errors.FqexportError`; ``fqexport.cli:main`` prints
-``error: <message>`` and exits 2). Accuracy limits are in percent (``--min-worst-group-acc 85``).
+Exit codes: 0 every limit holds, 1 a limit is broken (``ValidationReport.raise_for_failures``
+raises :class:`~fqexport.errors.ValidationFailed`, which ``fqexport.cli.main`` maps to 1 with
+one ``FAIL:`` line on stderr), 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from fqexport.cli.common import EXIT_FAILED, EXIT_OK, common_options, int_at_least
-from fqexport.cli.paths import Output, check_paths
-from fqexport.errors import ConfigError
+from fqexport.cli.common import EXIT_OK
+from fqexport.cli.flags.validate import thresholds
 from fqexport.exporters.cpu_isa import kernel_family
-from fqexport.exporters.kernel_emulation import TARGETS
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
     write_json,
@@ -22,59 +20,6 @@ from fqexport.validation.reports import (
     write_markdown,
     write_plots,
 )
-from fqexport.validation.thresholds import Thresholds
-
-EPILOG = (
-    "accuracy limits, gaps, drops and kernel deviation are in percent points "
-    "(--min-worst-group-acc 85 means 85 %%). Exit 0: all limits hold; 1: a limit is broken; "
-    "2: bad input."
-)
-
-
-REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
-
-
-def _batch_list(text: str) -> tuple[int, ...]:
-    return tuple(int_at_least(1)(t) for t in text.split(",") if t.strip())
-
-
-def add_validate_parser(subparsers) -> None:
-    """Register ``validate`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "validate",
-        parents=[common_options()],
-        help="validate an ONNX model per group in ONNX Runtime (CI gate)",
-        description=__doc__.splitlines()[0],
-        epilog=EPILOG,
-    )
-    p.add_argument("model", type=Path, help="the ONNX model to validate")
-    p.add_argument("--data", required=True, help="group-labeled test data (.npz with x, y, group[, group_names], ...)")
-    p.add_argument("--reference", type=Path, default=None, help="float ONNX model to compare with (per-group drop, agreement)")
-    g = p.add_argument_group("thresholds (accuracies in percent points)")
-    g.add_argument("--min-acc", type=float, help="minimum overall accuracy, %%")
-    g.add_argument("--min-worst-group-acc", type=float, help="minimum accuracy of every group, %%")
-    g.add_argument("--max-acc-gap", type=float, help="maximum accuracy gap between groups (max - min), pp")
-    g.add_argument("--max-group-drop", type=float, help="maximum per-group accuracy drop vs --reference, pp")
-    g.add_argument("--max-latency-ms", type=float, help="maximum p95 latency per batch, ms (each --latency-batch-sizes)")
-    g.add_argument("--max-size-mb", type=float, help="maximum file size incl. external data, MB (10^6 bytes)")
-    g.add_argument("--max-kernel-deviation", type=float,
-                   help="maximum per-group accuracy difference optimized vs unoptimized session, pp")
-    p.add_argument("--target", dest="targets", action="append", choices=TARGETS, default=None,
-                   help="int8 kernel target to gate (repeatable; default native = this CPU). x86-avx2, "
-                        "x86-vnni and arm64: that CPU family's integer accumulation — this CPU's own session "
-                        "when it is of that family, else the bit-exact emulation; every limit applies to each target")
-    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
-    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size of the accuracy runs")
-    p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), help="comma list, e.g. 1,32")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed latency runs")
-    p.add_argument("--repeats", type=int_at_least(1), default=30, help="timed latency runs")
-    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")
-    p.add_argument("--report-dir", type=Path, default=None, help="write report.json, report.md, plots here")
-    p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here (one test case per threshold)")
-    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots into --report-dir")
-    p.set_defaults(func=run_validate)
 
 
 def _pct(x: float | None) -> str:
@@ -134,29 +79,13 @@ def print_summary(report) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    """Run ``validate`` from parsed args; print, write reports; 0 pass, 1 a limit broken."""
-    check_paths(
-        [("model", args.model), ("--data", args.data), ("--reference", args.reference),
-         ("model's external data", Path(f"{args.model}.data"))],
-        [Output("--report-dir", args.report_dir, REPORT_FILES) if args.report_dir is not None else None,
-         Output("--junit", args.junit) if args.junit is not None else None],
-    )
-    if args.threads is not None and args.threads < 0:
-        raise ConfigError(f"--threads {args.threads} must be >= 0")
-    thresholds = Thresholds(
-        min_acc=args.min_acc,
-        min_worst_group_acc=args.min_worst_group_acc,
-        max_acc_gap=args.max_acc_gap,
-        max_group_drop=args.max_group_drop,
-        max_latency_ms=args.max_latency_ms,
-        max_size_mb=args.max_size_mb,
-        max_kernel_deviation=args.max_kernel_deviation,
-    )
+    """Run ``validate`` from parsed, checked args; print, write reports; 0 when every limit holds,
+    else raise ValidationFailed (exit 1)."""
     report = validate(
         args.model,
         args.data,
         reference=args.reference,
-        thresholds=thresholds,
+        thresholds=thresholds(args),
         provider=args.provider,
         batch_size=args.batch_size,
         latency_batch_sizes=args.latency_batch_sizes,
@@ -176,4 +105,5 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"reports written to {args.report_dir}")
     if args.junit is not None:
         write_junit(report, args.junit)
-    return EXIT_OK if report.passed else EXIT_FAILED
+    report.raise_for_failures()
+    return EXIT_OK

@@ -54,7 +54,7 @@ def finetune(
         model_or_cm: a CompressedModel (not modified) or a float classifier.
         train: group-labeled training data: a GroupData, an ``.npz``/``.csv`` path or a Dataset
             yielding ``(x, y, group)``; its groups must be the calibration data's.
-        config: a FinetuneConfig (default: 2 epochs, natural sampling, plain loss).
+        config: a FinetuneConfig (default: 2 epochs, worst-group loss, group-balanced sampling).
         calib: calibration data for the PTQ start of a float model (default: a group-balanced
             subset of ``train``); ignored for a CompressedModel.
         quant_config: QuantConfig of that PTQ start (default ``QuantConfig(weight_bits=config.weight_bits)``).

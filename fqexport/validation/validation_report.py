@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from fqexport.errors import ValidationFailed
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics, json_safe
 from fqexport.validation.latency import LatencyResult
 from fqexport.validation.thresholds import CheckResult, Thresholds
+
+MSG_FAILED = "{model}: {count} limit(s) broken: {checks}"
 
 
 def pepr_score(performance: float, avg_weight_bits: float) -> float:
@@ -89,6 +92,15 @@ class ValidationReport:
 
     def failures(self) -> list[CheckResult]:
         return [c for c in self.checks if not c.passed]
+
+    def raise_for_failures(self) -> None:
+        """The gate: raise :class:`~fqexport.errors.ValidationFailed` naming every broken limit
+        (``err.failures``: one ``"name: message"`` per broken check), else return. The CLI maps it
+        to exit code 1."""
+        failed = [f"{c.name}: {c.message}" for c in self.failures()]
+        if failed:
+            raise ValidationFailed(MSG_FAILED.format(model=self.model, count=len(failed), checks="; ".join(failed)),
+                                   failures=failed)
 
     @property
     def max_group_drop(self) -> tuple[str, float] | None:

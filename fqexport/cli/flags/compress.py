@@ -1,0 +1,81 @@
+"""The flags of ``fqexport compress`` and their checks before any compute: every output path,
+the QuantConfig, the search's MixedPrecisionConfig and the FinetuneConfig."""
+
+from __future__ import annotations
+
+import argparse
+
+from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.flags.finetune import add_finetune_options, finetune_config, parse_export_bits, width_paths
+from fqexport.cli.flags.shared import (
+    SEARCH_ONLY_FLAGS,
+    add_model_and_quant_options,
+    add_search_options,
+    given_flags,
+    quant_config,
+    search_config,
+)
+from fqexport.cli.paths import Output, check_paths
+from fqexport.errors import ConfigError
+
+MSG_SEARCH_WITHOUT_BUDGET = (
+    "{flags}: options of the mixed-precision search, which runs only with a budget, so they would be "
+    "ignored; add --budget-bits, --budget-bytes or --budget-bops, or drop them"
+)
+
+
+def add_compress_parser(sub) -> None:
+    """Register ``compress`` on an ``argparse`` subparsers object."""
+    p = sub.add_parser("compress", parents=[common_options()], formatter_class=HelpFormatter,
+                       help="quantize a float model and export QDQ ONNX",
+                       description="Quantize a float PyTorch model with group-labeled calibration data "
+                       "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
+    add_model_and_quant_options(p)
+    p.add_argument("--out", required=True, help="output ONNX file")
+    p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
+    mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
+    budget = mp.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bits", type=float,
+                        help="stored bits per weight, e.g. 3.0: codes in the containers the file holds (INT2, INT4 / "
+                             "MatMulNBits, int8) plus their scales and zero points, over all weights; 3 and 5-7 "
+                             "bits (only with --bit-choices) count at their container's width. With --learn-bits: "
+                             "nominal bits instead (the parameter-weighted average code width BAQ learns under)")
+    budget.add_argument("--budget-bytes", type=float,
+                        help="size of the written ONNX file in bytes (weights, scales, graph, metadata): checked "
+                             "against a real export; an allocation that does not fit is replaced by the next "
+                             "smaller one and refitted")
+    budget.add_argument("--budget-bops", type=float, help="bit operations per sample: sum of w_bits * 8 * MACs")
+    add_search_options(mp)
+    add_finetune_options(p)
+    p.set_defaults(check=check_compress)
+
+
+def search_budget(args: argparse.Namespace) -> dict[str, float] | None:
+    """The budget of the mixed-precision search (``budget_bits=3.0``), or None when no search runs:
+    no budget, or ``--learn-bits`` (then ``--budget-bits`` is BAQ's)."""
+    given = {f"budget_{k}": getattr(args, f"budget_{k}") for k in ("bits", "bytes", "bops")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given or args.learn_bits:
+        return None
+    return given
+
+
+def check_compress(args: argparse.Namespace) -> None:
+    """Every check of ``compress`` that needs no data and no model: paths and flags (exit 2)."""
+    widths = width_paths(args.out, parse_export_bits(args.export_bits))
+    check_paths(
+        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--train", args.train)],
+        [Output("--out", args.out) if not args.export_bits else None,
+         *(Output(f"--export-bits ({b} bits)", path) for b, path in widths.items()),
+         Output("--report", args.report) if args.report else None,
+         Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
+    )
+    quant_config(args)
+    finetune_config(args)
+    budget = search_budget(args)
+    if budget is not None:
+        search_config(args, **budget)
+    elif not args.learn_bits:
+        unused = given_flags(args, {**SEARCH_ONLY_FLAGS, "bit_choices": "--bit-choices"})
+        if unused:
+            raise ConfigError(MSG_SEARCH_WITHOUT_BUDGET.format(flags=", ".join(unused)))

@@ -1,0 +1,26 @@
+"""The flags of ``fqexport demo`` and their check before any compute."""
+
+from __future__ import annotations
+
+import argparse
+
+from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.paths import Output, check_paths
+
+
+def add_demo_parser(sub) -> None:
+    """Register ``demo`` on an ``argparse`` subparsers object."""
+    p = sub.add_parser("demo", parents=[common_options()], formatter_class=HelpFormatter,
+                       help="run the whole pipeline on an embedded synthetic task",
+                       description="Generate a group-labeled image task (90 percent majority, 10 percent "
+                       "inverted-contrast minority), train a small ResNet on CPU, compress it (ORT quantize_static "
+                       "W8A8, fqexport W8A8, RTN W4A8, fqexport W4A8, the worst-group mixed-precision search at "
+                       "3 stored bits per weight), export QDQ ONNX, validate every model per group in ONNX Runtime.")
+    p.add_argument("--out-dir", default="fqexport-demo", help="folder for checkpoint, data, ONNX files, reports")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task, the training and the calibration draw")
+    p.set_defaults(check=check_demo)
+
+
+def check_demo(args: argparse.Namespace) -> None:
+    """The output folder, before any compute (exit 2)."""
+    check_paths([], [Output("--out-dir", args.out_dir, ())])

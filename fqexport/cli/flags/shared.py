@@ -1,0 +1,219 @@
+"""The option groups several subcommands share, built from the config dataclasses (choices and
+defaults are defined once, in ``fqexport.config``), and the configs of their parsed flags: the
+model (compress, sweep, analyze), ``QuantConfig`` (compress, sweep) and the search's
+``MixedPrecisionConfig`` (compress, sweep)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import get_args
+
+from fqexport.cli.common import int_at_least, parse_assignments, parse_group_weights, parse_layer_bits
+from fqexport.config import (
+    DEFAULT_BIT_CHOICES,
+    Calibration,
+    Device,
+    EngineConfig,
+    EngineKind,
+    ExportTarget,
+    Method,
+    MixedObjective,
+    MixedPrecisionConfig,
+    Order,
+    QuantConfig,
+    SensitivityMethod,
+    SolverTarget,
+    Storage,
+    WeightRange,
+)
+from fqexport.errors import ConfigError
+
+_Q = QuantConfig()
+_MP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MixedPrecisionConfig)}
+_ENGINE = EngineConfig()
+
+# The options only the mixed-precision search reads (dest -> flag). They default to None (or [])
+# so that "given" can be told from "left at its default": --learn-bits refuses them by name.
+SEARCH_ONLY_FLAGS = {
+    "objective": "--objective", "pin": "--pin", "pin_first_last": "--pin-first-last",
+    "sensitivity": "--sensitivity", "candidates": "--candidates", "verify_folds": "--verify-folds",
+    "objective_weights": "--objective-weights", "sensitivity_cache": "--sensitivity-cache",
+    "engine": "--engine", "ray_address": "--ray-address", "task_cpus": "--task-cpus", "task_gpus": "--task-gpus",
+}
+
+
+def given_flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The flags of ``flags`` (dest -> flag) given on the command line (their value is not None / [])."""
+    return [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, [])]
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--weights``, ``--trust-pickle`` (compress, sweep, analyze)."""
+    p.add_argument("--model", required=True,
+                   help="'package.module:factory' (imports and runs that Python module, from the working directory "
+                   "or sys.path: see docs/safety.md), a torch.export .pt2 file, or a pickled module file "
+                   "(with --trust-pickle)")
+    p.add_argument("--weights", help="state_dict file for the factory, read with torch.load(weights_only=True)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled whole module (and a .pt2 that torch would unpickle); runs its code")
+
+
+def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
+    """The model, calibration data and QuantConfig options (``compress`` and ``sweep``)."""
+    add_model_options(p)
+    p.add_argument("--calib", required=True, help="calibration data: .npz (x, y, group[, group_names]) or CSV manifest")
+    p.add_argument("--weight-bits", type=int, default=_Q.weight_bits, help="weight width of every layer, 2..8")
+    p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
+                   help="per-layer width, overriding --weight-bits (repeatable)")
+    p.add_argument("--method", choices=get_args(Method), default=_Q.method,
+                   help="weight quantizer: solver (sensitivity-guided, error compensated) or rtn (round to nearest)")
+    p.add_argument("--order", choices=get_args(Order), default=_Q.order,
+                   help="column order of the solver: sensitivity (sum_i w_ij^2 H_jj), hessian-diag (H_jj), "
+                   "natural, or obs (the OBS cost of rounding each column alone)")
+    p.add_argument("--damp", type=float, default=_Q.damp, help="Hessian dampening relative to mean(diag H)")
+    p.add_argument("--solver-target", choices=get_args(SolverTarget), default=_Q.solver_target,
+                   help="float-output: fit each layer to the float model's output (also corrects the error its "
+                   "quantized inputs carry); layer: to its own float weights on those inputs (plain GPTQ)")
+    p.add_argument("--block-size", type=int, default=_Q.block_size,
+                   help="columns per lazy block update of the solver (speed only)")
+    p.add_argument("--group-weights", metavar="equal|samples|NAME=W,...",
+                   help="weight of each group in the Hessian: equal (the default: each group counts the same "
+                   "whatever its size), samples (by sample count, plain GPTQ) or NAME=W,NAME=W")
+    p.add_argument("--calibration", choices=get_args(Calibration), default=_Q.calibration,
+                   help="activation range observer; minmax never clips a group's tail")
+    p.add_argument("--percentile", type=float, default=_Q.percentile,
+                   help="percentile of each group's activations kept by --calibration percentile")
+    p.add_argument("--num-calib", type=int, default=_Q.num_calib, help="calibration samples, drawn group-balanced")
+    p.add_argument("--batch-size", type=int, default=_Q.batch_size,
+                   help="samples per forward pass while collecting calibration statistics")
+    p.add_argument("--weight-range", choices=get_args(WeightRange), default=_Q.weight_range,
+                   help="x86-safe: 8-bit weights in |q|<=63 so AVX2 u8*s8 kernels cannot saturate; "
+                   "full: |q|<=127 for VNNI CPUs and GPUs")
+    p.add_argument("--target", choices=get_args(ExportTarget), default=_Q.target,
+                   help="where the export runs: the export check judges the file under the int8 kernels of every "
+                   "CPU family the target covers (portable: all of them), with this CPU's own session for its own "
+                   "family and the emulation for the others; gpu: the graph's math. --weight-range full needs "
+                   "x86-vnni, arm64 or gpu")
+    p.add_argument("--storage", choices=get_args(Storage), default=_Q.storage,
+                   help="auto: 2-bit codes INT2 and 3-4-bit codes INT4 behind a Cast that ONNX Runtime folds at load "
+                   "(the fused int8 kernels run), 3-4-bit vector Linears as MatMulNBits, wider layers int8; "
+                   "packed: also Linears over tokens as MatMulNBits (fp32 speed there); int8: every layer int8")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=_Q.clip_search,
+                   help="per-channel clipping search for weight scales (default: on for rtn and 2-bit layers, "
+                   "off for the solver at 3+ bits)")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="skip the bias correction after each layer is quantized (default: corrected)")
+    p.add_argument("--no-bn-reestimate", action="store_true",
+                   help="skip re-estimating BatchNorm statistics on calibration data before folding "
+                   "(default: re-estimated)")
+    p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                   help="keep matching weight layers in float (repeatable): a module name or a regex over the full "
+                   "name ('fc', 'layer4\\..*'), or 'type:ClassName' (e.g. type:Conv1d); listed in the report with the "
+                   "pattern, counted at 32 bits (also in a --budget-bits budget)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when any weight layer would stay in float, naming all of them "
+                   "(default: such layers stay float with one warning)")
+    p.add_argument("--device", choices=get_args(Device), default=_Q.device,
+                   help="where the Hessians and the solver run; auto: CUDA when available")
+    p.add_argument("--max-activation-memory-mb", type=float, default=_Q.max_activation_memory_mb,
+                   help="cap on cached calibration activations; beyond it they spill to a temp dir")
+    p.add_argument("--seed", type=int, default=_Q.seed,
+                   help="seed of the calibration draw, the search's splits and fine-tuning's sampling")
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The QuantConfig of the parsed ``add_model_and_quant_options`` flags."""
+    return QuantConfig(
+        weight_bits=args.weight_bits, layer_bits=parse_layer_bits(args.layer_bits), method=args.method,
+        order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
+        group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
+        percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
+        weight_range=args.weight_range, target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,
+        bn_reestimate=not args.no_bn_reestimate, keep_float=tuple(args.keep_float), strict=args.strict, seed=args.seed,
+        clip_search=args.clip_search, device=args.device,
+        max_activation_memory_mb=args.max_activation_memory_mb,
+    )
+
+
+def _widths(bits) -> str:
+    return ",".join(str(b) for b in bits)
+
+
+def add_search_options(mp) -> None:
+    """The MixedPrecisionConfig options but the budget (``compress`` and ``sweep``).
+
+    The options of :data:`SEARCH_ONLY_FLAGS` and ``--bit-choices`` default to None: their help
+    names the dataclass default, :func:`search_config` fills it in."""
+    d, e = _MP_DEFAULTS, _ENGINE
+    mp.add_argument("--objective", choices=get_args(MixedObjective), default=None,
+                    help=f"what the allocation minimises: worst-group (the largest group loss increase), mean "
+                    f"(population-weighted, HAWQ-like) or weighted (--objective-weights) (default: {d['objective']})")
+    mp.add_argument("--bit-choices", default=None, metavar="B,B,...",
+                    help=f"candidate widths, comma separated (default: {_widths(d['bit_choices'])} for the search: "
+                    "the containers ONNX Runtime loads; with --learn-bits "
+                    f"{_widths(DEFAULT_BIT_CHOICES)})")
+    mp.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
+                    help="fix layers matching a name pattern (fnmatch) to a width, e.g. 'stem.*=8' "
+                    "(repeatable; default: none pinned)")
+    mp.add_argument("--pin-first-last", type=int, default=None, metavar="BITS",
+                    help="fix the first and the last quantizable layer to this width, e.g. 8 (default: free)")
+    mp.add_argument("--sensitivity", choices=get_args(SensitivityMethod), default=None,
+                    help="per-group sensitivity: measured (quantize one layer at one width, measure each group's "
+                    f"loss) or fisher (a second-order proxy, one pass) (default: {d['sensitivity']})")
+    mp.add_argument("--candidates", type=int, default=None, metavar="N",
+                    help=f"allocations verified on held-out calibration data (default: {d['num_candidates']})")
+    mp.add_argument("--verify-folds", type=int, default=None, metavar="K",
+                    help="cross-fitting folds of the verification: each candidate is quantized on all folds but "
+                    "one and measured on the one left out, for every fold; 1: the samples compress does not "
+                    f"draw, else a single 30 percent hold-out split (default: {d['verify_folds']})")
+    mp.add_argument("--objective-weights", metavar="NAME=W,...", help="group weights of --objective weighted")
+    mp.add_argument("--sensitivity-cache", metavar="FILE",
+                    help="JSON file caching the sensitivity table across runs (default: no cache)")
+    mp.add_argument("--engine", choices=get_args(EngineKind), default=None,
+                    help="where the search's independent tasks run: serial, local (a process pool), ray "
+                    "(pip install 'fqexport[ray]'); auto: local with more than one core. Results do not "
+                    f"depend on it (default: {e.engine})")
+    mp.add_argument("--workers", type=int_at_least(1), default=e.workers, metavar="N",
+                    help="worker processes of --engine local, CPUs of a local Ray cluster (default: all cores); "
+                    "with --finetune also the DataLoader workers reading --train batch by batch (default there: "
+                    "0, in process)")
+    mp.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                    help="a running Ray cluster: auto (on its head node) or ray://HEAD:10001 "
+                    "(default: start a local one)")
+    mp.add_argument("--task-cpus", type=float, default=None, metavar="N",
+                    help=f"Ray CPUs per task (default: {e.task_cpus:g})")
+    mp.add_argument("--task-gpus", type=float, default=None, metavar="N",
+                    help=f"Ray GPUs per task; a fraction shares a GPU (default: {e.task_gpus:g})")
+
+
+def parse_bit_choices(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``--bit-choices "2,4,8"`` -> ``(2, 4, 8)``; ``default`` when not given; ConfigError when malformed."""
+    if text is None:
+        return tuple(default)
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError as err:
+        raise ConfigError(f"--bit-choices {text!r}: expected integers like 2,3,4,8") from err
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
+    """The MixedPrecisionConfig of the parsed ``add_search_options`` flags and ``budget`` (the
+    dataclass defaults for the options not given)."""
+    d, e = _MP_DEFAULTS, _ENGINE
+    return MixedPrecisionConfig(
+        **budget, objective=_or(args.objective, d["objective"]),
+        bit_choices=parse_bit_choices(args.bit_choices, d["bit_choices"]),
+        pins=parse_layer_bits(args.pin, "--pin"), pin_first_last=args.pin_first_last,
+        sensitivity=_or(args.sensitivity, d["sensitivity"]), num_candidates=_or(args.candidates, d["num_candidates"]),
+        verify_folds=_or(args.verify_folds, d["verify_folds"]),
+        group_weights=parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
+                                         "minority=2") if args.objective_weights else None,
+        cache_path=args.sensitivity_cache, seed=args.seed,
+        engine=EngineConfig(engine=_or(args.engine, e.engine), workers=args.workers, ray_address=args.ray_address,
+                            task_cpus=_or(args.task_cpus, e.task_cpus), task_gpus=_or(args.task_gpus, e.task_gpus)),
+    )

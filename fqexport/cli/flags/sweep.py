@@ -1,0 +1,58 @@
+"""The flags of ``fqexport sweep`` and their checks before any compute."""
+
+from __future__ import annotations
+
+import argparse
+
+from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.flags.shared import add_model_and_quant_options, add_search_options, quant_config, search_config
+from fqexport.cli.paths import Output, check_paths
+from fqexport.errors import ConfigError
+
+PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png")
+
+
+def parse_budgets(text: str) -> list[float]:
+    """``--budgets 2.5,3`` -> ``[2.5, 3.0]``; ConfigError when malformed or empty."""
+    message = f"--budgets {text!r}: expected stored bits per weight like 2.5,3,3.5,4"
+    try:
+        budgets = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError as err:
+        raise ConfigError(message) from err
+    if not budgets:
+        raise ConfigError(message)
+    return budgets
+
+
+def add_sweep_parser(sub) -> None:
+    """Register ``sweep`` on an ``argparse`` subparsers object."""
+    p = sub.add_parser(
+        "sweep", parents=[common_options()], formatter_class=HelpFormatter,
+        help="mixed-precision search over budgets: a Pareto report",
+        description="Run the fairness-aware mixed-precision search at each average-bits budget (the "
+        "per-group sensitivity table is measured once) and write budget, average bits, weight bytes, "
+        "worst-group and mean accuracy per budget to pareto.json, pareto.csv and pareto.png (the plot "
+        "needs matplotlib).",
+    )
+    add_model_and_quant_options(p)
+    p.add_argument("--budgets", required=True, help="stored bits per weight (codes in their containers + scales, "
+                   "as --budget-bits of compress), comma separated, e.g. 2.5,3,3.5,4; more budget never returns "
+                   "a worse measured worst group (a point reuses a smaller budget's result, see reused_from)")
+    p.add_argument("--out-dir", required=True, help="folder for pareto.json, pareto.csv, pareto.png")
+    p.add_argument("--test", help="measure each point on this labeled data (.npz/CSV) instead of the "
+                   "held-out calibration data")
+    add_search_options(p.add_argument_group("search"))
+    p.set_defaults(check=check_sweep)
+
+
+def check_sweep(args: argparse.Namespace) -> None:
+    """Paths, budgets and every config, before any compute (exit 2)."""
+    check_paths(
+        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--test", args.test)],
+        [Output("--out-dir", args.out_dir, PARETO_FILES),
+         Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
+    )
+    budgets = parse_budgets(args.budgets)
+    quant_config(args)
+    for b in budgets:
+        search_config(args, budget_bits=b)

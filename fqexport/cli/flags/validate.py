@@ -1,0 +1,90 @@
+"""The flags of ``fqexport validate`` and their checks before any compute.
+
+Exit codes: 0 every limit holds, 1 a limit is broken (each named with its value and group),
+2 bad input. Accuracy limits are in percent (``--min-worst-group-acc 85``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import get_args
+
+from fqexport.cli.common import HelpFormatter, common_options, int_at_least
+from fqexport.cli.paths import Output, check_paths
+from fqexport.config import KernelTarget
+from fqexport.errors import ConfigError
+from fqexport.validation.thresholds import Thresholds
+
+DESCRIPTION = "Run an ONNX model per group in ONNX Runtime and gate on limits (the CI gate)."
+EPILOG = (
+    "Accuracy limits, gaps, drops and kernel deviation are in percent points "
+    "(--min-worst-group-acc 85 means 85 percent). Exit 0: all limits hold; 1: a limit is broken; "
+    "2: bad input."
+)
+REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
+
+
+def _batch_list(text: str) -> tuple[int, ...]:
+    return tuple(int_at_least(1)(t) for t in text.split(",") if t.strip())
+
+
+def add_validate_parser(subparsers) -> None:
+    """Register ``validate`` on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "validate", parents=[common_options()], formatter_class=HelpFormatter,
+        help="validate an ONNX model per group in ONNX Runtime (CI gate)",
+        description=DESCRIPTION, epilog=EPILOG,
+    )
+    p.add_argument("model", type=Path, help="the ONNX model to validate")
+    p.add_argument("--data", required=True, help="group-labeled test data (.npz with x, y, group[, group_names], ...)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="float ONNX model to compare with (per-group drop, agreement)")
+    g = p.add_argument_group("thresholds (accuracies in percent points; default: no limit)")
+    g.add_argument("--min-acc", type=float, help="minimum overall accuracy, %%")
+    g.add_argument("--min-worst-group-acc", type=float, help="minimum accuracy of every group, %%")
+    g.add_argument("--max-acc-gap", type=float, help="maximum accuracy gap between groups (max - min), pp")
+    g.add_argument("--max-group-drop", type=float, help="maximum per-group accuracy drop vs --reference, pp")
+    g.add_argument("--max-latency-ms", type=float, help="maximum p95 latency per batch, ms (each --latency-batch-sizes)")
+    g.add_argument("--max-size-mb", type=float, help="maximum file size incl. external data, MB (10^6 bytes)")
+    g.add_argument("--max-kernel-deviation", type=float,
+                   help="maximum per-group accuracy difference optimized vs unoptimized session, pp")
+    p.add_argument("--target", dest="targets", action="append", choices=get_args(KernelTarget), default=None,
+                   help="int8 kernel target to gate (repeatable; default: native = this CPU). x86-avx2, "
+                        "x86-vnni and arm64: that CPU family's integer accumulation, this CPU's own session "
+                        "when it is of that family, else the bit-exact emulation; every limit applies to each target")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size of the accuracy runs")
+    p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), metavar="B,B,...",
+                   help="batch sizes of the latency runs, e.g. 1,32 (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed latency runs")
+    p.add_argument("--repeats", type=int_at_least(1), default=30, help="timed latency runs")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")
+    p.add_argument("--report-dir", type=Path, default=None, help="write report.json, report.md, plots here")
+    p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here (one test case per threshold)")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots into --report-dir")
+    p.set_defaults(check=check_validate)
+
+
+def thresholds(args: argparse.Namespace) -> Thresholds:
+    """The limits of the parsed flags (percent points)."""
+    return Thresholds(
+        min_acc=args.min_acc, min_worst_group_acc=args.min_worst_group_acc, max_acc_gap=args.max_acc_gap,
+        max_group_drop=args.max_group_drop, max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb,
+        max_kernel_deviation=args.max_kernel_deviation,
+    )
+
+
+def check_validate(args: argparse.Namespace) -> None:
+    """Paths, ``--threads`` and the limits, before ONNX Runtime is imported (exit 2)."""
+    check_paths(
+        [("model", args.model), ("--data", args.data), ("--reference", args.reference),
+         ("model's external data", Path(f"{args.model}.data"))],
+        [Output("--report-dir", args.report_dir, REPORT_FILES) if args.report_dir is not None else None,
+         Output("--junit", args.junit) if args.junit is not None else None],
+    )
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads {args.threads} must be >= 0")
+    thresholds(args)

@@ -1,0 +1,73 @@
+"""Start-up of the CLI: ``--help`` and every flag or path error come before any stage (torch,
+onnx, onnxruntime) is imported, so they appear in well under a second; a subcommand imports
+its stage only when it runs (``fqexport.cli.main.COMMANDS``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fqexport.cli.demo as demo_cli
+from fqexport.cli import main
+from fqexport.cli.main import COMMANDS, command
+
+HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "ml_dtypes")
+
+# Run main(argv) in a fresh interpreter; print the exit code and the heavy modules it loaded.
+SCRIPT = textwrap.dedent("""
+    import sys
+    from fqexport.cli import main
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exit:
+        code = exit.code
+    print("EXIT", code, "LOADED", ",".join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+""").format(heavy=HEAVY)
+
+def _fresh(argv, cwd) -> tuple[str, str]:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    return proc.stdout, proc.stderr
+
+@pytest.mark.parametrize("argv, code, first_line", [
+    (["--help"], 0, None),
+    (["compress", "--help"], 0, None),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "missing/x.onnx"], 2,
+     "error: --out missing/x.onnx: folder {cwd}/missing does not exist; create it first"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--weight-bits", "9"], 2,
+     "error: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--learn-bits"], 2,
+     "error: --learn-bits is a fine-tuning option: add --finetune --train train.npz"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--objective", "mean"], 2,
+     "error: --objective: options of the mixed-precision search"),
+    (["validate", "m.onnx", "--data", "d.npz", "--junit", "nowhere/j.xml"], 2,
+     "error: --junit nowhere/j.xml: folder {cwd}/nowhere does not exist; create it first"),
+    (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,
+     "error: --budgets 'x': expected stored bits per weight like 2.5,3,3.5,4"),
+    (["demo", "--seed", "x"], 2, None),
+])
+def test_help_and_flag_errors_load_no_stage(tmp_path, argv, code, first_line):
+    _, err = _fresh(argv, tmp_path)
+    status = err.strip().splitlines()[-1]
+    assert status == f"EXIT {code} LOADED", err
+    if first_line is not None:
+        assert err.startswith(first_line.format(cwd=tmp_path)), err
+
+def test_a_subcommand_imports_its_stage_when_it_runs(tmp_path):
+    (tmp_path / "calib.npz").touch()
+    _, err = _fresh(["compress", "--model", "nosuchpkg.models:f", "--calib", "calib.npz", "--out", "x.onnx"], tmp_path)
+    assert "EXIT 2" in err and "torch" in err.strip().splitlines()[-1]
+
+def test_commands_table_names_each_runner():
+    assert set(COMMANDS) == {"compress", "validate", "analyze", "sweep", "demo"}
+    for name in COMMANDS:
+        assert callable(command(name)) and command(name).__name__.startswith("run_")
+
+def test_a_runner_replaced_on_its_module_is_the_one_main_runs(monkeypatch, tmp_path):
+    """The table is read when the command runs (tests and tools patch the runner's module)."""
+
+    monkeypatch.setattr(demo_cli, "run_demo_command", lambda args: 0 if args.seed == 7 else 5)
+    assert main(["demo", "--out-dir", str(tmp_path / "d"), "--seed", "7"]) == 0

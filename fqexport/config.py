@@ -211,6 +211,12 @@ class ExportSpec:
         check_choice(self.target, get_args(ExportTarget), "target")
         check_choice(self.storage, get_args(Storage), "storage")
 
+    @property
+    def symmetric_activations(self) -> bool:
+        """int8 activations with zero point 0 (S8S8: what TensorRT's importer and ORT's CUDA EP
+        accept) for the ``gpu`` target; uint8 asymmetric (what ORT's CPU kernels fuse) otherwise."""
+        return self.target == "gpu"
+
 
 @dataclass(frozen=True)
 class RuntimeSpec:

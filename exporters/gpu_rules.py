@@ -12,7 +12,7 @@ uint8 pair there runs as float. The rules (:data:`RULES`):
 - ``weight-per-channel``: a DequantizeLinear of a weight initializer is per channel on its op's
   output axis — Conv axis 0, ConvTranspose axis 1, Gemm axis 0 with transB=1 (1 without), MatMul
   ``[K, N]`` axis 1, Gather (an embedding table) axis 0 — with int8 codes and zero point 0, or
-  blocked INT4 along K (``axis=0``, ``block_size``) read by a MatMul;
+  INT4 blocked along K (``axis=0``, ``block_size``) read by a MatMul;
 - ``weight-only-int4``: a MatMul over blocked INT4 weights reads a float activation and feeds no
   QuantizeLinear — the weight-only pattern the CUDA EP fuses into MatMulNBits (it takes a MatMul
   whose only DequantizeLinear input is the weight and whose output is not quantized);
@@ -50,7 +50,7 @@ MSG_ACT_SCALE = "activation {op} has a scale of shape {shape}: activations take 
 MSG_WEIGHT_CONSUMER = "weight DequantizeLinear of '{weight}' feeds {ops}: not the weight input of a Conv, ConvTranspose, Gemm, MatMul or Gather"
 MSG_WEIGHT_AXIS = "weight DequantizeLinear of '{weight}' ({op} weight) is per-channel on axis {axis}: the output axis is {want}"
 MSG_WEIGHT_SCALE = "weight DequantizeLinear of '{weight}' has a scale of shape {shape}: one scale per output channel ({channels}) on axis {axis}"
-MSG_WEIGHT_TYPE = "weight DequantizeLinear of '{weight}' has {dtype} codes: TensorRT takes int8 (INT4 only blocked, for a MatMul)"
+MSG_WEIGHT_TYPE = "weight DequantizeLinear of '{weight}' has {dtype} codes: TensorRT takes int8 per channel, INT4 only blocked (for a MatMul)"
 MSG_WEIGHT_ZERO_POINT = "weight DequantizeLinear of '{weight}' has a non-zero zero point: weights are symmetric"
 MSG_BLOCKED = "blocked DequantizeLinear of '{weight}' feeds {op} with axis={axis}: blocks run along K (axis 0) of a MatMul's [K, N] weight"
 MSG_WEIGHT_ONLY_INPUT = "MatMul over blocked INT4 weights '{weight}' reads a quantized activation: the CUDA EP fuses weight-only MatMulNBits only on a float input"
@@ -187,9 +187,10 @@ def _weight_violations(g: _Graph, dq: NodeProto) -> list[Violation]:
     if block:
         if user.op_type != "MatMul" or axis != 0:
             out.append(_violation(RULE_WEIGHT, dq, MSG_BLOCKED.format(weight=weight, op=user.op_type, axis=axis)))
-        if codes[1] not in (TensorProto.INT4, TensorProto.INT8):
+        if codes[1] != TensorProto.INT4:
             out.append(_violation(RULE_WEIGHT, dq, MSG_WEIGHT_TYPE.format(weight=weight, dtype=_dtype(codes[1]))))
-        out += _weight_only_violations(g, user, weight)
+        if user.op_type == "MatMul":
+            out += _weight_only_violations(g, user, weight)
     else:
         want = _weight_axis(user, list(user.input).index(dq.output[0]))
         scale = g.constant(dq.input[1])

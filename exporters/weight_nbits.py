@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fqexport.errors import ExportError
 from fqexport.exporters.linear_consumer import bias_add, consumers, linear_consumer

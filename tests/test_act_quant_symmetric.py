@@ -151,3 +151,20 @@ def test_weight_only_layers_get_no_pairs_and_read_the_float_tensor():
     assert all(str(a.target).startswith("act_quant") for a in add.args[:2])
     fc3 = next(n for n in gm.graph.nodes if n.name == "fc3")
     assert fc3.args[0].name == "add"
+
+
+def test_fine_tuning_keeps_the_quantizers_int8_codes():
+    from fqexport.finetune.qat import LearnableActQuant
+
+    q = ActQuantizer(_minmax, GroupContext(), symmetric=True)
+    q(torch.tensor([[-1.0, 2.54]]))
+    q.freeze()
+    learned = LearnableActQuant(q)
+    assert (learned.qmin, learned.qmax, learned.zero_point) == (-128, 127, 0)
+    x = torch.linspace(-4.0, 4.0, 33).reshape(1, -1)
+    with torch.no_grad():
+        assert torch.allclose(learned(x), q(x), atol=1e-7)  # the untrained student computes what PTQ computes
+    u8 = ActQuantizer(_minmax, GroupContext())
+    u8(torch.tensor([[-1.0, 2.54]]))
+    u8.freeze()
+    assert (LearnableActQuant(u8).qmin, LearnableActQuant(u8).qmax) == (0, 255)

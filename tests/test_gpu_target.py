@@ -16,7 +16,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
+from fqexport.cli import main
 from fqexport.config import QuantConfig
 from fqexport.exporters.export_check import GRAPH, top1_agreement
 from fqexport.exporters.gpu_rules import MSG_PAD, check_gpu_qdq
@@ -273,6 +275,20 @@ def test_validate_reports_the_gpu_rules_of_gpu_files_only(gpu_exports, cnn_expor
     assert bad.failures()[0].value == len(bad.gpu_rule_violations) > 0
     assert any(v.startswith("[no-uint8] initializer 'fc.weight_nbits'") for v in bad.gpu_rule_violations)
     assert any(v.startswith("[int8-activations] QuantizeLinear") for v in bad.gpu_rule_violations)
+
+
+def test_cli_validate_gates_a_gpu_file_on_the_rules(gpu_exports, cnn_exports, cnn_data, tmp_path, capsys):
+    fm.save_npz(cnn_data, tmp_path / "test.npz")
+    args = ["--data", str(tmp_path / "test.npz"), "--no-latency", "--no-kernel-check"]
+    assert main(["validate", str(gpu_exports["cnn8"].path), *args]) == 0
+    assert "PASS gpu_rules: what TensorRT and ORT's CUDA EP take (target gpu): 0 violation(s)" in capsys.readouterr().out
+    model = onnx.load(str(cnn_exports["auto"].path))
+    write_metadata(model, dataclasses.replace(metadata_of(model), target="gpu"))
+    onnx.save(model, str(tmp_path / "claims_gpu.onnx"))
+    assert main(["validate", str(tmp_path / "claims_gpu.onnx"), *args]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL gpu_rules: what TensorRT and ORT's CUDA EP take (target gpu): " in out
+    assert "[no-uint8] initializer 'fc.weight_nbits'" in out
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDAExecutionProvider not available: the S8S8 file runs on CUDA only "

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coverage_bench import DeiTTiny, task  # noqa: E402
 
 import fqexport.pipeline.compress as compress_mod  # noqa: E402
-from fqexport.config import QuantConfig  # noqa: E402
+from fqexport.config import ExportSpec, QuantConfig  # noqa: E402
 from fqexport.demo.models import mlp  # noqa: E402
 from fqexport.demo.task import make_tabular_task  # noqa: E402
 from fqexport.exporters.cpu_isa import cpu_isa  # noqa: E402
@@ -47,18 +47,18 @@ def latency_ms(path: Path, x: np.ndarray, batch: int, threads: int, repeats: int
     return measure_latency(sess, x[:batch], batch, warmup=3, repeats=repeats).p50_ms
 
 
-def per_row(kind: str, bits: int, storage: str, cols: int, macs: int, params: int) -> LayerLayout:
+def per_row(kind: str, bits: int, export: ExportSpec, cols: int, macs: int, params: int) -> LayerLayout:
     """The default container with one scale per row."""
-    return LayerLayout(layer_layout(kind, bits, storage, cols, macs, params).container)
+    return LayerLayout(layer_layout(kind, bits, export, cols, macs, params).container)
 
 
-def per_block(kind: str, bits: int, storage: str, cols: int, macs: int, params: int) -> LayerLayout:
+def per_block(kind: str, bits: int, export: ExportSpec, cols: int, macs: int, params: int) -> LayerLayout:
     """MatMulNBits with per-block scales for every <=4-bit Linear spanning more than one block
     (2-bit codes too: they fit its 4-bit container)."""
     bs = nbits_block_size(cols)
     if kind == "linear" and bits <= 4 and num_blocks(cols, bs) > 1:
         return LayerLayout("nbits", bs)
-    return layer_layout(kind, bits, storage, cols, macs, params)
+    return layer_layout(kind, bits, export, cols, macs, params)
 
 
 def compress_with(model, data, cfg, blocks: str):

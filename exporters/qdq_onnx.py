@@ -1,13 +1,16 @@
 """The QDQ ONNX export of a :class:`~fqexport.model.CompressedModel`, as small passes:
 
 1. :mod:`.torch_export` — ``torch.onnx.export`` of the fake-quant reference (opset 21): every
-   activation quantization point becomes a uint8 ``QuantizeLinear → DequantizeLinear`` pair;
+   activation quantization point becomes a ``QuantizeLinear → DequantizeLinear`` pair (uint8;
+   int8 with zero point 0 for the ``gpu`` target);
 2. :mod:`.weight_pass` — each layer's float weight → the container the layer holds (decided
    once in compress): :mod:`.weight_int8`, :mod:`.weight_packed` (INT4/INT2 + Cast),
-   :mod:`.weight_nbits` (MatMulNBits); the metadata is written;
+   :mod:`.weight_nbits` (MatMulNBits), :mod:`.weight_blocked` (the GPU's blocked INT4); the
+   metadata is written;
 3. :mod:`.compact` — the file's fixed bytes shrink, numerics untouched;
-4. ``onnx.checker``, then :mod:`.export_check` — the file must match the reference under the
-   kernels of ``config.target``. Only then is it written, atomically.
+4. ``onnx.checker``; for the ``gpu`` target :mod:`.gpu_rules` (what TensorRT and ORT's CUDA EP
+   take); then :mod:`.export_check` — the file must match the reference under the kernels of
+   ``config.target``. Only then is it written, atomically.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fqexport.atomic import atomic_write
 from fqexport.errors import ExportError
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import Verdict, check_export
+from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
@@ -36,6 +40,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 MSG_CHECKER = "{path}: onnx.checker rejected the exported model: {err}"
+MSG_GPU_RULES = (
+    "{path}: the export for target='gpu' breaks {n} rule(s) of what TensorRT's ONNX importer and ONNX "
+    "Runtime's CUDA EP take (exporters/gpu_rules.py); the file was not written:\n  {violations}"
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class ExportResult:
     opset: int
     agreement: float | None
     max_abs_diff: float | None
-    storage: dict[str, str]  # layer name -> int8 | int4 | int2 | nbits
+    storage: dict[str, str]  # layer name -> int8 | int4 | int2 | nbits | int4-blocked
     checks: tuple[Verdict, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +95,9 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
 
     With ``check`` (default) the file is judged against the PyTorch reference under the kernels
     of ``cm.config.target`` (:func:`~fqexport.exporters.export_check.check_export`) and written
-    only if every judge passes; ExportError otherwise, nothing written.
+    only if every judge passes; ExportError otherwise, nothing written. A ``gpu`` target's graph
+    must also follow TensorRT's and the CUDA EP's rules (:func:`~fqexport.exporters.gpu_rules.
+    check_gpu_qdq`, with or without ``check``): ExportError naming every violation otherwise.
     """
     path = Path(path)
     model = qdq_model(cm)
@@ -95,6 +105,11 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise ExportError(MSG_CHECKER.format(path=path, err=err)) from err
+    if cm.config.target == "gpu":
+        violations = check_gpu_qdq(model)
+        if violations:
+            raise ExportError(MSG_GPU_RULES.format(path=path, n=len(violations),
+                                                   violations="\n  ".join(map(str, violations))))
     verdicts: tuple[Verdict, ...] = ()
     if check:
         verdicts = check_export(model, cm.predict(cm.calib.x), cm.calib.x, np.asarray(cm.calib.group),

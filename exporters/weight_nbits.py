@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fqexport.errors import ExportError
+from fqexport.exporters.linear_consumer import bias_add, consumers, linear_consumer
 from fqexport.quant.layout import nbits_block_size
 
 NBITS = 4  # MatMulNBits' container width: 2-4-bit codes
@@ -54,25 +55,6 @@ def pack_nbits(codes: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[n
     return packed, np.repeat(scale.astype(np.float32), blocks)
 
 
-def _attrs(node: NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _linear_node(layer: str, weight: str, consumers: dict[str, list[NodeProto]]) -> tuple[NodeProto, bool]:
-    """The one ``Gemm(transB=1)`` or ``MatMul`` reading ``weight`` as B, and whether it is a Gemm;
-    ExportError saying what reads it otherwise."""
-    users = consumers.get(weight, [])
-    node = users[0] if len(users) == 1 else None
-    if node is not None and list(node.input).index(weight) == 1:
-        a = _attrs(node)
-        if node.op_type == "Gemm" and a.get("transA", 0) == 0 and a.get("transB", 0) == 1 \
-                and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0:
-            return node, True
-        if node.op_type == "MatMul":
-            return node, False
-    raise ExportError(MSG_NBITS_CONSUMER.format(name=layer, ops=", ".join(u.op_type for u in users) or "nothing"))
-
-
 def matmul_nbits(graph: onnx.GraphProto, layer: str, weight: str, codes: np.ndarray,
                  scale: np.ndarray) -> list[TensorProto]:
     """Replace the Gemm/MatMul(+Add) reading the float initializer ``weight`` by MatMulNBits, in
@@ -80,11 +62,8 @@ def matmul_nbits(graph: onnx.GraphProto, layer: str, weight: str, codes: np.ndar
 
     ``codes`` ``[N, K]`` (signed, 2-4 bits), ``scale`` ``[N]`` or per block ``[N, blocks]``.
     """
-    consumers: dict[str, list[NodeProto]] = {}
-    for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    node, gemm = _linear_node(layer, weight, consumers)
+    users_of = consumers(graph)
+    node, gemm = linear_consumer(layer, weight, users_of, MSG_NBITS_CONSUMER)
     n, k = codes.shape
     bs = nbits_block_size(k)
     packed, scales = pack_nbits(codes, scale, bs)
@@ -94,13 +73,11 @@ def matmul_nbits(graph: onnx.GraphProto, layer: str, weight: str, codes: np.ndar
     if gemm and len(node.input) > 2:
         bias = node.input[2]
     elif not gemm:  # MatMul + Add(bias initializer) → one MatMulNBits with bias
-        add = consumers.get(node.output[0], [])
-        inits = {i.name for i in graph.initializer}
-        if len(add) == 1 and add[0].op_type == "Add":
-            other = [x for x in add[0].input if x != node.output[0]]
-            if len(other) == 1 and other[0] in inits:
-                bias, output = other[0], add[0].output[0]
-                remove.append(add[0])
+        add = bias_add(graph, node, users_of)
+        if add is not None:
+            bias = next(x for x in add.input if x != node.output[0])
+            output = add.output[0]
+            remove.append(add)
     new = helper.make_node(
         "MatMulNBits", [node.input[0], b.name, sc.name, "", "", bias] if bias else [node.input[0], b.name, sc.name],
         [output], name=f"{layer}_MatMulNBits", domain="com.microsoft", K=k, N=n, bits=NBITS, block_size=bs,

@@ -4,8 +4,9 @@ For each :class:`~fqexport.model.QuantizedLayer` the pass finds the float initia
 exported for its weight (by name, else by value — torch may have transposed it), checks that it
 holds the layer's dequantized weight, and applies the rule of the container the layer holds
 (decided once in compress, :mod:`fqexport.quant.layout`): :mod:`.weight_int8`,
-:mod:`.weight_packed` or :mod:`.weight_nbits`. The new ``DequantizeLinear`` outputs the old
-initializer's name, so the layer's op is unchanged (MatMulNBits replaces it).
+:mod:`.weight_packed`, :mod:`.weight_nbits` or :mod:`.weight_blocked` (the GPU's INT4). The new
+``DequantizeLinear`` outputs the old initializer's name, so the layer's op is unchanged
+(MatMulNBits replaces it; a Gemm over blocked INT4 becomes MatMul + Add).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from fqexport.errors import ExportError
+from fqexport.exporters.weight_blocked import blocked_int4_weight
 from fqexport.exporters.weight_int8 import int8_weight
 from fqexport.exporters.weight_nbits import matmul_nbits
 from fqexport.exporters.weight_packed import packed_weight
@@ -83,8 +85,9 @@ def quantize_weight_initializers(model: onnx.ModelProto, layers: Mapping[str, "Q
         graph.initializer.remove(init)
         del inits[init.name]
         used[layer.name] = layer.container
-        if layer.container == "nbits":
-            graph.initializer.extend(matmul_nbits(graph, layer.name, init.name, codes.reshape(codes.shape[0], -1), scale))
+        if layer.container in ("nbits", "int4-blocked"):  # rules that replace the Linear's op
+            rule = matmul_nbits if layer.container == "nbits" else blocked_int4_weight
+            graph.initializer.extend(rule(graph, layer.name, init.name, codes.reshape(codes.shape[0], -1), scale))
             continue
         if transposed:  # MatMul(A, W[K, N]): codes [N, K] → [K, N], channels on axis 1
             codes, dq_axis = codes.reshape(codes.shape[0], -1).T, 1

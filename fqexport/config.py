@@ -214,6 +214,12 @@ class ExportSpec:
         check_choice(self.target, get_args(ExportTarget), "target")
         check_choice(self.storage, get_args(Storage), "storage")
 
+    @property
+    def symmetric_activations(self) -> bool:
+        """int8 activations with zero point 0 (S8S8: what TensorRT's importer and ORT's CUDA EP
+        accept) for the ``gpu`` target; uint8 asymmetric (what ORT's CPU kernels fuse) otherwise."""
+        return self.target == "gpu"
+
 
 @dataclass(frozen=True)
 class RuntimeSpec:
@@ -280,14 +286,19 @@ class QuantConfig:
         weight_range: ``"x86-safe"`` keeps 8-bit weights in |q| <= 63 so the u8 x s8 kernels
             of AVX2 CPUs without VNNI cannot saturate; ``"full"`` uses |q| <= 127 (VNNI, GPU).
             Never resolved from ``target``: choosing a target does not change the weights.
-        target: where the export will run (CLI ``--target``): ``"portable"`` (default: any CPU
-            or GPU), ``"x86-avx2"`` (AVX2 without VNNI), ``"x86-vnni"``, ``"arm64"`` or ``"gpu"``.
+        target: where the export will run (CLI ``--target``): ``"portable"`` (default: any CPU;
+            its uint8 pairs run as float on ORT's CUDA EP), ``"x86-avx2"`` (AVX2 without VNNI), ``"x86-vnni"``, ``"arm64"`` or ``"gpu"``.
             The export check also runs the QDQ file under the emulated int8 kernels of the
             target (``portable`` and ``x86-avx2``: the saturating AVX2 kernels; ``gpu``: no
             emulation) and refuses a file whose emulated logits disagree with the reference.
             ``weight_range="full"`` is accepted for every target, but on ``portable`` /
             ``x86-avx2`` such an export is refused when the AVX2 kernels saturate on the
             calibration data; ``weight_range="full"`` needs ``x86-vnni``, ``arm64`` or ``gpu``.
+            ``"gpu"`` also changes the file: S8S8 activations (int8, zero point 0, scale
+            max|x|/127: what TensorRT's importer and ORT's CUDA EP accept; the CPU targets keep
+            uint8 asymmetric pairs), 2-4-bit Linears as blocked INT4 weight-only MatMuls, every
+            other layer in int8, and the export checks the graph against TensorRT's rules
+            (docs/kernel-targets.md).
         storage: ``"auto"`` stores 2-bit codes as INT2 (opset 25) and 3-4-bit codes as INT4,
             both behind a ``Cast`` to int8 that ONNX Runtime folds at load (so the fused int8
             kernels run, bit-identical to an int8 container), 3-4-bit vector Linears as

@@ -40,7 +40,7 @@ class LayerRecord:
     bits: int
     params: int
     macs: int = 0
-    storage: str | None = None  # int8 | int4 | int2 | nbits once exported; float32 for a float layer
+    storage: str | None = None  # int8 | int4 | int2 | nbits | int4-blocked once exported; float32 for a float layer
     reason: str | None = None  # a float layer's: "unsupported" or "keep_float: <pattern>"
 
 

@@ -65,7 +65,7 @@ class QuantizedLayer:
     codes: torch.Tensor  # int8
     scale: torch.Tensor  # float32 [out], or [out, blocks] with block_size
     params: int
-    container: str  # int8 | int4 | int2 | nbits: what the exporter writes
+    container: str  # int8 | int4 | int2 | nbits | int4-blocked: what the exporter writes
     macs: int = 0
     block_size: int | None = None
 

@@ -101,6 +101,26 @@ def cnn_exports(tmp_path_factory, cnn_cm_mixed, cnn_cm_mixed_int8):
 
 
 @pytest.fixture(scope="session")
+def gpu_cms(cnn_model, cnn_data, mlp_model, mlp_data):
+    """Models compressed for target 'gpu' (S8S8; 4-bit Linears as blocked INT4, weight-only): the
+    CNN at 8 bits and with MIXED_BITS (conv_a stays in an int8 container, fc blocked INT4), the MLP
+    at 8 and 4 bits."""
+    return {
+        "cnn8": _compress(cnn_model, cnn_data, target="gpu"),
+        "cnn_mixed": _compress(cnn_model, cnn_data, layer_bits=MIXED_BITS, target="gpu"),
+        "mlp8": _compress(mlp_model, mlp_data, target="gpu"),
+        "mlp4": _compress(mlp_model, mlp_data, weight_bits=4, target="gpu"),
+    }
+
+
+@pytest.fixture(scope="session")
+def gpu_exports(tmp_path_factory, gpu_cms):
+    """The ``gpu_cms`` exported (ExportResults by the same keys)."""
+    d = tmp_path_factory.mktemp("gpu_exports")
+    return {name: export_qdq(cm, d / f"{name}.onnx") for name, cm in gpu_cms.items()}
+
+
+@pytest.fixture(scope="session")
 def mlp_data():
     return fm.tabular_task()
 

@@ -267,3 +267,33 @@ def test_allocation_options_ask_the_allocator_with_their_options():
         t, infos, Budget("bits", 4.0), "worst-group", {"shared": 8}, mean_weight=0.5, storage="ideal")
     mean = candidate_allocations(t, infos, Budget("bits", 4.0), "mean", {"shared": 8})[0]
     assert options.rescore(mean) == rescore(mean, "worst-group", mean_weight=0.5)
+
+
+def test_the_gpu_target_counts_its_own_containers():
+    linear = LayerCost("fc", params=192 * 24, macs=192 * 24, channels=24, kind="linear")  # K = 192: blocks of 64
+    conv = LayerCost("conv", params=1000, macs=50_000, channels=16)
+    # a 2-4-bit Linear: INT4 codes two per byte (unpadded) + one fp32 scale per (block, channel)
+    assert allocation.layer_container(linear, 4, "auto", target="gpu") == "int4-blocked"
+    assert allocation.stored_bytes(linear, 4, "auto", target="gpu") == 192 * 24 // 2 + 4 * 24 * 3
+    assert allocation.stored_bytes(linear, 2, "packed", target="gpu") == 192 * 24 // 2 + 4 * 24 * 3
+    assert container_bits(3, "auto", kind="linear", target="gpu") == 4
+    # every other layer, and any width above 4, in int8 (no INT4/INT2 behind a Cast on the GPU)
+    assert allocation.layer_container(conv, 2, "packed", target="gpu") == "int8"
+    assert layer_resource(conv, 2, "bytes", "packed", target="gpu") == 1000 + 64
+    assert layer_resource(linear, 8, "bytes", "auto", target="gpu") == 192 * 24 + 5 * 24
+    # the CPU targets count what they did before
+    for target in ("portable", "x86-avx2", "x86-vnni", "arm64"):
+        assert allocation.stored_bytes(linear, 4, "auto", target=target) == allocation.stored_bytes(linear, 4, "auto")
+    assert allocation.layer_container(linear, 4, "auto") == "nbits"
+
+
+def test_allocation_options_count_bytes_for_their_target():
+    t, infos = minority_layer_case()  # convs: INT4/INT2 behind a Cast on a CPU, int8 on the GPU
+    gpu = AllocationOptions(Budget("bytes", 10_000.0), target="gpu")
+    assert {a.uniform_width: a.weight_bytes for a in gpu.uniforms(t, infos)} == {w: 3 * 1040 for w in BITS}
+    cpu = AllocationOptions(Budget("bytes", 10_000.0))
+    assert {a.uniform_width: a.weight_bytes for a in cpu.uniforms(t, infos)} == {8: 3 * 1040, 4: 3 * 540, 3: 3 * 540,
+                                                                                2: 3 * 290}
+    # a budget only the CPU's narrow containers meet is infeasible for the GPU
+    assert AllocationOptions(Budget("bytes", 2000.0), target="gpu").uniforms(t, infos) == []
+    assert [a.uniform_width for a in AllocationOptions(Budget("bytes", 2000.0)).uniforms(t, infos)] == [4, 3, 2]

@@ -122,11 +122,16 @@ def test_full_range_export_for_avx2_is_refused_on_any_machine(cm_full, sat_data,
     assert float(match.group(1)) == pytest.approx(100 * decided, abs=0.005)
 
 
-def test_gpu_target_is_judged_by_the_graphs_math_not_a_cpus_kernels(cm_full, tmp_path):
+def test_gpu_target_is_judged_by_the_graphs_math_not_a_cpus_kernels(sat_data, cm_full, tmp_path):
     path = tmp_path / "gpu.onnx"
-    result = export_qdq(_retarget(cm_full, "gpu"), path)
+    # compressed for the GPU: S8S8 activations (a model compressed for a CPU target has uint8
+    # pairs, which the gpu export refuses: tests/test_gpu_target.py)
+    result = export_qdq(_compress(sat_data, "full", "gpu"), path)
     assert read_metadata(path).target == "gpu"
     assert [v.judge.family for v in result.checks] == [GRAPH] and result.agreement == 1.0
+    with pytest.raises(ExportError, match=r"the export for target='gpu' breaks \d+ rule\(s\)"):
+        export_qdq(_retarget(cm_full, "gpu"), tmp_path / "retargeted.onnx")
+    assert not (tmp_path / "retargeted.onnx").exists()
 
 
 def test_default_portable_export_passes_and_cannot_saturate(sat_data, tmp_path):

@@ -186,7 +186,7 @@ def test_requantize_keeps_the_kinds_channel_axis_and_blocks(case):
     _, weights, _ = build_student(cm.reference, cm.layers)
     layer = cm.layers[name]
     other = 8 if layer.bits != 8 else 4
-    new = requantize(weights[name], layer, other, cm.config.weight_range, cm.config.storage)
+    new = requantize(weights[name], layer, other, cm.config.weight_range, cm.config.export)
     assert new.codes.shape == layer.codes.shape and new.bits == other
     assert new.scale.shape[0] == layer.scale.shape[0]  # one scale (row) per output channel
     assert int(new.codes.abs().max()) <= new.qmax

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fqexport.config import ExportSpec
 from fqexport.errors import ConfigError
 from fqexport.quant.layout import (
     LayerLayout,
@@ -17,9 +18,9 @@ from fqexport.quant.layout import (
 K, N = 192, 24  # a Linear(192, 24): 4608 weights
 
 
-def _layout(kind: str, bits: int, storage: str, cols: int = K, tokens: int = 1) -> LayerLayout:
+def _layout(kind: str, bits: int, storage: str, cols: int = K, tokens: int = 1, target: str = "portable") -> LayerLayout:
     params = cols * N
-    return layer_layout(kind, bits, storage, cols, macs=tokens * params, params=params)
+    return layer_layout(kind, bits, ExportSpec(target=target, storage=storage), cols, macs=tokens * params, params=params)
 
 
 def test_nbits_block_size_minimises_bytes():
@@ -62,8 +63,40 @@ def test_block_size_only_for_multi_block_nbits_linears():
 
 
 def test_a_layout_that_cannot_be_written_is_refused_naming_the_layer():
-    with pytest.raises(ConfigError, match=r"^layer 'fc': container='int3' is not one of int8, int4, int2, nbits$"):
+    with pytest.raises(ConfigError, match=r"^layer 'fc': container='int3' is not one of int8, int4, int2, nbits, "
+                                          r"int4-blocked$"):
         LayerLayout("int3").check("fc")
-    with pytest.raises(ConfigError, match=r"^layer 'fc': per-block scales \(block_size=64\) need the 'nbits' "
-                                          r"container, not 'int8'$"):
+    with pytest.raises(ConfigError, match=r"^layer 'fc': per-block scales \(block_size=64\) need the 'nbits' or "
+                                          r"'int4-blocked' container, not 'int8'$"):
         LayerLayout("int8", 64).check("fc")
+
+
+@pytest.mark.parametrize("storage", ["auto", "packed"])
+def test_gpu_target_stores_narrow_linears_blocked_int4_and_everything_else_int8(storage):
+    # TensorRT takes INT4 only as blocked weights of a MatMul; neither it nor the CUDA EP runs a Cast of packed codes
+    assert layer_container("linear", 4, storage, target="gpu") == "int4-blocked"
+    assert layer_container("linear", 2, storage, target="gpu") == "int4-blocked"  # 2-bit codes in INT4
+    assert layer_container("linear", 4, storage, tokens=True, target="gpu") == "int4-blocked"
+    assert layer_container("linear", 8, storage, target="gpu") == "int8"
+    for kind in ("conv", "conv_transpose", "embedding"):
+        assert layer_container(kind, 4, storage, target="gpu") == "int8"
+        assert layer_container(kind, 2, storage, target="gpu") == "int8"
+    assert layer_container("linear", 4, "int8", target="gpu") == "int8"
+    # per-block scales as for MatMulNBits (the kernel the CUDA EP fuses the pattern into)
+    assert _layout("linear", 4, storage, target="gpu") == LayerLayout("int4-blocked", 64)
+    assert _layout("linear", 4, storage, tokens=8, target="gpu") == LayerLayout("int4-blocked", 64)
+    assert _layout("linear", 4, storage, cols=16, target="gpu") == LayerLayout("int4-blocked")  # one block
+    assert _layout("linear", 2, storage, cols=768, target="gpu") == LayerLayout("int4-blocked")  # 2 bits: per row
+    assert _layout("conv", 4, storage, target="gpu") == LayerLayout("int8")
+    assert LayerLayout("int4-blocked").weight_only and not LayerLayout("nbits").weight_only
+    LayerLayout("int4-blocked", 64).check("fc")  # blocks allowed
+
+
+@pytest.mark.parametrize("target", ["portable", "x86-avx2", "x86-vnni", "arm64"])
+def test_cpu_targets_keep_their_containers(target):
+    for kind in ("conv", "linear"):
+        for bits in (2, 3, 4, 8):
+            for tokens in (False, True):
+                for storage in ("auto", "packed", "int8"):
+                    assert layer_container(kind, bits, storage, tokens, target=target) == \
+                        layer_container(kind, bits, storage, tokens)

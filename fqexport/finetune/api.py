@@ -103,7 +103,7 @@ def _at_width(trained: Trained, bits: int) -> CompressedModel:
     """The trained model with every layer's latent weights re-quantized at ``bits``."""
     cm, result = trained.start, trained.result
     reference, layers = write_back(cm.reference, cm.layers, trained.weights, trained.acts, bits=bits,
-                                   weight_range=cm.config.weight_range, storage=cm.config.storage)
+                                   weight_range=cm.config.weight_range, export=cm.config.export)
     total = sum(l.params for l in layers.values())
     meta = replace(result.metadata, layers=layer_records(layers),
                    avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4),

@@ -116,7 +116,7 @@ def _fix_widths(cm: CompressedModel, weights: Mapping[str, LearnableWeight], act
     for m in weights.values():
         m.bit = None
     reference, layers = write_back(cm.reference, cm.layers, weights, acts, bits=chosen,
-                                   weight_range=cm.config.weight_range, storage=cm.config.storage)
+                                   weight_range=cm.config.weight_range, export=cm.config.export)
     total = sum(l.params for l in layers.values())
     avg = sum(l.bits * l.params for l in layers.values()) / max(total, 1)
     log.info("BAQ: learned widths %s -> %s (avg %.3f bits, budget %g)", learned, chosen, avg, config.budget_bits)

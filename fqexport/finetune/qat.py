@@ -11,7 +11,8 @@ layer's grid all along ([-63, 63] for x86-safe 8 bits, {-2, -1, 0, 1} with a sig
 bits), so what training sees is exactly what the export stores. The step's gradient is LSQ's,
 scaled by g = 1/sqrt(n · qmax) (n: weights per scale) so that steps and weights learn at a
 comparable pace. Activations: the PTQ zero point z stays, the step s = s0 · r is learned,
-x_q = s · clamp(round(x/s), -z, 255 - z) — the math of the ``ActQuantizer`` it replaces.
+x_q = s · clamp(round(x/s), qmin - z, qmax - z) with the quantizer's codes ([0, 255], or
+[-128, 127] with z = 0 for the GPU's symmetric int8) — the math of the ``ActQuantizer`` it replaces.
 
 Everything starts at the PTQ solution (u = codes, r = 1), so the untrained student computes
 what the PTQ reference computes.
@@ -29,16 +30,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fqexport.config import DEFAULT_STORAGE
+from fqexport.config import ExportSpec
 from fqexport.finetune.baq import clip_shrinks, interpolated_weight
 from fqexport.graph.act_quant import ActQuantizer
 from fqexport.model import QuantizedLayer, rows_to_weight, weight_rows, weight_scale
-from fqexport.quant.grid import (
-    ACT_QMAX,
-    ACT_QMIN,
-    choose_weight_grid,
-    quantize,
-)
+from fqexport.quant.grid import choose_weight_grid, quantize
 from fqexport.quant.layout import layer_layout
 
 _MIN_RATIO = 1e-3
@@ -178,20 +174,22 @@ class LearnableWeight(nn.Module):
 
 
 class LearnableActQuant(nn.Module):
-    """uint8 per-tensor fake quantization with a learned step and the PTQ zero point."""
+    """Per-tensor fake quantization (the quantizer's uint8 or symmetric int8 codes) with a learned
+    step and the PTQ zero point."""
 
     def __init__(self, quantizer: ActQuantizer, learn: bool = True) -> None:
         super().__init__()
         self.zero_point = int(quantizer.zero_point)
+        self.qmin, self.qmax = quantizer.codes
         self.register_buffer("s0", torch.tensor(float(quantizer.scale), dtype=torch.float32))
         self.ratio = nn.Parameter(torch.ones(()), requires_grad=learn)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        g = 1.0 / math.sqrt(max(x[0].numel(), 1) * ACT_QMAX)
+        g = 1.0 / math.sqrt(max(x[0].numel(), 1) * self.qmax)
         return self.s0 * grad_scale(self.ratio, g).clamp_min(_MIN_RATIO)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lsq_fake_quant(x, self.step(x), ACT_QMIN - self.zero_point, ACT_QMAX - self.zero_point)
+        return lsq_fake_quant(x, self.step(x), self.qmin - self.zero_point, self.qmax - self.zero_point)
 
     @torch.no_grad()
     def scale(self) -> float:
@@ -231,13 +229,13 @@ def build_student(
 
 @torch.no_grad()
 def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str,
-               storage: str = DEFAULT_STORAGE) -> QuantizedLayer:
+               export: ExportSpec = ExportSpec()) -> QuantizedLayer:
     """``layer`` with the latent weights of ``learned`` rounded onto a fresh ``bits``-wide grid
-    (per output channel — per block where the layout rule gives the layer per-block scales under
-    ``storage``, :func:`fqexport.quant.layout.layer_layout` — clipping search, round to nearest;
+    (per output channel — per block where the layout rule gives the layer per-block scales for
+    ``export``, :func:`fqexport.quant.layout.layer_layout` — clipping search, round to nearest;
     no training at that width); its container decided by the same rule."""
     rows = weight_rows(layer.kind, learned.latent_weight().cpu().float())
-    layout = layer_layout(layer.kind, int(bits), storage, rows.shape[1], layer.macs, layer.codes.numel())
+    layout = layer_layout(layer.kind, int(bits), export, rows.shape[1], layer.macs, layer.codes.numel())
     grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=True, block=layout.block_size)
     codes = quantize(rows, grid.column_scales(rows.shape[1]), grid.qmax, grid.qmin)
     codes = rows_to_weight(layer.kind, codes, layer.codes.shape).to(torch.int8)
@@ -253,7 +251,7 @@ def write_back(
     acts: dict[str, LearnableActQuant],
     bits: int | Mapping[str, int] | None = None,
     weight_range: str = "x86-safe",
-    storage: str = DEFAULT_STORAGE,
+    export: ExportSpec = ExportSpec(),
 ) -> tuple[torch.fx.GraphModule, dict[str, QuantizedLayer]]:
     """A new PTQ-style reference and layer table holding the learned codes, steps, biases and
     activation steps (the export path reads exactly these). With ``bits`` (other than a layer's
@@ -266,7 +264,7 @@ def write_back(
         if width is None or int(width) == layer.bits:
             new = replace(layer, codes=learned.codes().cpu(), scale=learned.scale().cpu())
         else:
-            new = requantize(learned, layer, int(width), weight_range, storage)
+            new = requantize(learned, layer, int(width), weight_range, export)
         module = new_ref.get_submodule(name)
         module.weight.copy_(new.dequantized().to(module.weight.dtype))
         if learned.bias is not None:  # an Embedding has none

@@ -8,6 +8,14 @@ float. A residual add is an add of two activations that both depend on the model
 of a parameter, buffer or constant (``x + self.pos_embedding``) is not one and stays float.
 Attention's activation MatMuls (Q·Kᵀ, softmax·V) and normalisation layers stay float.
 
+Two schemes (chosen in compress from ``QuantConfig.target``): CPU targets get uint8 asymmetric
+pairs; ``symmetric`` (the GPU target) gets int8 pairs with zero point 0 (S8S8, what TensorRT's
+importer and ORT's CUDA EP accept), and there a conv reading an explicit Pad (``F.pad``,
+``nn.ZeroPad2d``, …) gets its pair before the Pad, not between Pad and Conv (a zero point of 0
+pads with code 0, so the two orders compute the same). Layers in ``weight_only`` (INT4 blocked
+weights that ORT's CUDA EP runs as MatMulNBits, a weight-only kernel with float activations) get
+no pairs of their own and read their input in float.
+
 ONNX Runtime's optimized session stores each quantized Conv/Linear bias as int32 in steps of
 s_x·s_w[c] (``WeightBiasQuantization``, what lets it fuse QLinearConv/QGemm): the reference
 rounds its biases the same way (:func:`round_biases_to_int32_grid`), so the reference, the
@@ -17,13 +25,13 @@ exported graph and every ORT kernel compute with the same bias.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 import torch.fx
 from torch import nn
 
-from fqexport.quant.grid import act_qparams, fake_quantize_act
+from fqexport.quant.grid import act_code_range, act_qparams, fake_quantize_act
 
 # Modules whose input gets a Q/DQ pair when quantized (ORT fuses QLinearConv / QGemm /
 # MatMulInteger on them); Conv1d exports as a 1-D ONNX Conv. ConvTranspose2d gets its pairs the
@@ -33,29 +41,32 @@ _WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d, nn.Linear)
 
 
 @torch.library.custom_op("fqexport::act_qdq", mutates_args=())
-def act_qdq(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """uint8 per-tensor fake quantization; exported as QuantizeLinear→DequantizeLinear."""
-    return fake_quantize_act(x, scale, zero_point)
+def act_qdq(x: torch.Tensor, scale: float, zero_point: int, symmetric: bool = False) -> torch.Tensor:
+    """Per-tensor fake quantization, uint8 (or with ``symmetric`` int8, zero point 0); exported as
+    QuantizeLinear→DequantizeLinear."""
+    return fake_quantize_act(x, scale, zero_point, symmetric)
 
 
 @act_qdq.register_fake
-def _act_qdq_fake(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+def _act_qdq_fake(x: torch.Tensor, scale: float, zero_point: int, symmetric: bool = False) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 def _ste_setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    x, scale, zero_point = inputs
+    x, scale, zero_point = inputs[:3]
     ctx.save_for_backward(x)
     ctx.scale = float(scale)
     ctx.zero_point = int(zero_point)
+    ctx.codes = act_code_range(bool(inputs[3]) if len(inputs) > 3 else False)
 
 
 def _ste_backward(ctx, grad: torch.Tensor):
     # Clipped straight-through estimator, torch.fake_quantize's rule:
-    # d qdq(x)/dx = 1[0 <= round(x/s) + z <= 255].
+    # d qdq(x)/dx = 1[qmin <= round(x/s) + z <= qmax].
     (x,) = ctx.saved_tensors
     q = torch.round(x / ctx.scale) + ctx.zero_point
-    return grad * ((q >= 0) & (q <= 255)).to(grad.dtype), None, None
+    qmin, qmax = ctx.codes
+    return grad * ((q >= qmin) & (q <= qmax)).to(grad.dtype), None, None, None
 
 
 act_qdq.register_autograd(_ste_backward, setup_context=_ste_setup_context)
@@ -71,13 +82,19 @@ class GroupContext:
 class ActQuantizer(nn.Module):
     """A quantization point: observes ranges while calibrating, fake-quantizes afterwards."""
 
-    def __init__(self, make_observer: Callable[[], object], context: GroupContext) -> None:
+    def __init__(self, make_observer: Callable[[], object], context: GroupContext, symmetric: bool = False) -> None:
         super().__init__()
         self.observer = make_observer()
         self.context = context
         self.observing = True
         self.scale = 1.0
         self.zero_point = 0
+        self.symmetric = symmetric  # int8 with zero point 0 (GPU), else uint8 asymmetric
+
+    @property
+    def codes(self) -> tuple[int, int]:
+        """``(qmin, qmax)`` of the codes: uint8 ``(0, 255)`` or symmetric int8 ``(-128, 127)``."""
+        return act_code_range(self.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -86,16 +103,20 @@ class ActQuantizer(nn.Module):
                 group = torch.zeros(x.shape[0], dtype=torch.long)
             self.observer.observe(*_batch_first(x.detach(), group))
             return x
+        if self.symmetric:
+            return act_qdq(x, self.scale, self.zero_point, True)
         return act_qdq(x, self.scale, self.zero_point)
 
     def freeze(self) -> None:
         """Fix (scale, zero point) from the observed range and switch to fake quantization."""
         lo, hi = self.observer.range()
-        self.scale, self.zero_point = act_qparams(lo, hi)
+        self.scale, self.zero_point = act_qparams(lo, hi, self.symmetric)
         self.observing = False
 
     def extra_repr(self) -> str:
-        return "observing" if self.observing else f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+        if self.observing:
+            return "observing"
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}" + (", int8 symmetric" if self.symmetric else "")
 
 
 def _batch_first(x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +143,13 @@ _RELU_FUNCS = {
 _RELU6_FUNCS = {torch.nn.functional.relu6, torch.ops.aten.relu6.default}
 _HARDTANH_FUNCS = {torch.nn.functional.hardtanh, torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+# Explicit padding (exported as an ONNX Pad): its conv's pair goes before it on the GPU target.
+_PAD_MODULES = (
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+)
+_PAD_FUNCS = {torch.nn.functional.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -140,6 +168,13 @@ def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
             return lo == 0.0
         return False
     return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_pad(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An explicit pad of its first argument (``F.pad``, ``nn.ZeroPad2d``, reflection, …)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _PAD_MODULES)
+    return node.op == "call_function" and node.target in _PAD_FUNCS and isinstance(node.args[0], torch.fx.Node)
 
 
 def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -165,10 +200,15 @@ def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None) ->
     return dependent is None or all(a in dependent for a in args)
 
 
-def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], dependent: set[torch.fx.Node]) -> list[torch.fx.Node]:
-    """Tensor inputs of ``node`` that must arrive quantized (empty for other ops)."""
+def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], dependent: set[torch.fx.Node],
+                      before_pad: bool = False) -> list[torch.fx.Node]:
+    """Tensor inputs of ``node`` that must arrive quantized (empty for other ops); with
+    ``before_pad`` a weight layer reading explicit pads has the pads' input quantized instead."""
     if node.op == "call_module" and isinstance(modules.get(node.target), _WEIGHT_LAYERS):
-        return [node.args[0]] if isinstance(node.args[0], torch.fx.Node) else []
+        src = node.args[0]
+        while before_pad and isinstance(src, torch.fx.Node) and _is_pad(src, modules):
+            src = src.args[0]
+        return [src] if isinstance(src, torch.fx.Node) else []
     if _is_add(node, dependent):
         return [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
     return []
@@ -178,22 +218,32 @@ def insert_act_quantizers(
     gm: torch.fx.GraphModule,
     make_observer: Callable[[], object],
     layers: set[str],
+    *,
+    symmetric: bool = False,
+    weight_only: Collection[str] = (),
 ) -> tuple[GroupContext, dict[str, ActQuantizer]]:
     """Insert ``ActQuantizer`` modules into ``gm`` (in place) at the ORT fusion points.
 
     ``layers`` names the Conv/Linear modules that are quantized (others stay float and get no
-    pairs). Returns the shared group context and the inserted quantizers by module name.
+    pairs). ``symmetric``: int8 pairs with zero point 0, a conv's pair before its explicit Pad
+    (the GPU target); else uint8 pairs. ``weight_only``: quantized layers that read and write
+    float activations (no pairs of their own; a pair another op needs on their input is not
+    theirs). Returns the shared group context and the inserted quantizers by module name.
     """
     modules = dict(gm.named_modules())
     context = GroupContext()
     quantizers: dict[str, ActQuantizer] = {}
     dependent = input_dependent(gm)
+    weight_only = set(weight_only)
 
     def quantized_op(node: torch.fx.Node) -> bool:
         if node.op == "call_module" and node.target in layers:
             # an Embedding's Gather gets no pair: its float rows feed the next quantized op's input pair
-            return isinstance(modules.get(node.target), _WEIGHT_LAYERS)
+            return isinstance(modules.get(node.target), _WEIGHT_LAYERS) and node.target not in weight_only
         return _is_add(node, dependent) and bool(layers)
+
+    def reads_float(user: torch.fx.Node) -> bool:
+        return user.op == "call_module" and user.target in weight_only
 
     # 1. Tensors to quantize: outputs of quantized ops (after a sole ReLU user), and inputs.
     targets: list[torch.fx.Node] = []
@@ -209,19 +259,19 @@ def insert_act_quantizers(
         # 2 pt at W8A8 from this pair alone); ORT runs the last Gemm with a float output.
         if not any(u.op == "output" for u in out.users):
             targets.append(out)
-        targets.extend(_quantized_inputs(node, modules, dependent))
+        targets.extend(_quantized_inputs(node, modules, dependent, before_pad=symmetric))
 
     done: set[torch.fx.Node] = set()
     for target in targets:
-        if target in done:
-            continue
+        if target in done or (weight_only and all(reads_float(u) for u in target.users)):
+            continue  # (a pair that only weight-only layers would read is not placed)
         done.add(target)
         name = f"act_quant_{len(quantizers)}"
-        quantizer = ActQuantizer(make_observer, context)
+        quantizer = ActQuantizer(make_observer, context, symmetric)
         gm.add_submodule(name, quantizer)
         with gm.graph.inserting_after(target):
             qnode = gm.graph.call_module(name, (target,))
-        target.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+        target.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode and not reads_float(user))
         quantizers[name] = quantizer
     gm.graph.lint()
     gm.recompile()

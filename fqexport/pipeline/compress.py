@@ -261,7 +261,7 @@ class _LayerPass:
                 _retarget_to_float_output(module, info, hessian, c, config.damp)
         macs = self.macs.get(info.name, 0)
         cols = weight_rows(info.kind, module.weight.detach()).shape[1]
-        layout = layer_layout(info.kind, bits, config.storage, cols, macs, module.weight.numel())
+        layout = layer_layout(info.kind, bits, config.export, cols, macs, module.weight.numel())
         codes, grid = _quantize_weight(module, info, bits, config, hessian, layout)
         layer = QuantizedLayer(info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(),
                                grid.scale.float().cpu(), info.params, layout.container, macs, block_size=grid.block)
@@ -325,16 +325,19 @@ def _quantize_layers(folded: torch.fx.GraphModule, float_model: torch.fx.GraphMo
     return quantized
 
 
-def _calibrate_activations(folded: torch.fx.GraphModule, names: list[str], sub: GroupData, config: QuantConfig,
-                           progress: bool) -> torch.fx.GraphModule:
+def _calibrate_activations(folded: torch.fx.GraphModule, quantized: dict[str, QuantizedLayer], sub: GroupData,
+                           config: QuantConfig, progress: bool) -> torch.fx.GraphModule:
     """The fake-quant reference: a copy of ``folded`` with an activation quantizer at every point
     the export places a Q/DQ pair, ranges observed on the weight-quantized model so every group
-    counts (``config.calibration``'s observer per group)."""
+    counts (``config.calibration``'s observer per group). The target picks the scheme (uint8, or
+    int8 symmetric for the GPU); layers whose container runs weight-only read float inputs."""
     reference = copy.deepcopy(folded)
     context, quantizers = insert_act_quantizers(
         reference,
         lambda: make_observer(config.calibration, sub.num_groups, percentile=config.percentile),
-        set(names),
+        set(quantized),
+        symmetric=config.export.symmetric_activations,
+        weight_only={n for n, l in quantized.items() if l.layout.weight_only},
     )
     batches = _batches(sub, config.batch_size, torch.device("cpu"))
     with torch.no_grad():
@@ -407,7 +410,7 @@ def compress(
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
     quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
                                  progress)
-    reference = _calibrate_activations(prepared.folded, prepared.names, sub, config, progress)
+    reference = _calibrate_activations(prepared.folded, quantized, sub, config, progress)
     return CompressedModel(
         reference=reference,
         float_model=float_model.eval(),

@@ -6,7 +6,9 @@ q ∈ {-2, -1, 0, 1}, and the row's scale carries a sign: s_c > 0 puts the extra
 negative side, s_c < 0 on the positive side (whichever side holds the row's largest |w|).
 A ternary grid {-1, 0, 1} would waste a quarter of the 2-bit codes.
 Activations: asymmetric uint8 per tensor, x ≈ s · (q - z), q in [0, 255], range contains 0
-(what ONNX Runtime fuses into integer kernels; see ORT-NOTES.md).
+(what ONNX Runtime fuses into integer kernels on CPUs; see ORT-NOTES.md); or, for a GPU target,
+symmetric int8, x ≈ s · q, z = 0, s = max|x| / 127, q in [-128, 127] (what TensorRT's importer
+and ORT's CUDA EP accept: S8S8).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from fqexport.metadata import ACTIVATION_BITS
 DEFAULT_SHRINKS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
 
 ACT_QMIN, ACT_QMAX = 0, 2**ACTIVATION_BITS - 1  # uint8: 0..255
+# Symmetric int8 (zero point 0): codes -128..127 (QuantizeLinear's saturation), the calibrated
+# range max|x| maps to 127.
+ACT_SYM_QMIN, ACT_SYM_QMAX = -(2 ** (ACTIVATION_BITS - 1)), 2 ** (ACTIVATION_BITS - 1) - 1
 _EPS = 1e-12
 
 
@@ -184,9 +189,13 @@ def _block_grid(
     return WeightGrid(scale=g.scale.reshape(c, nb), qmax=g.qmax, low=g.low, block=block)
 
 
-def act_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """uint8 asymmetric (scale, zero point) for the range [lo, hi], widened to contain 0."""
+def act_qparams(lo: float, hi: float, symmetric: bool = False) -> tuple[float, int]:
+    """(scale, zero point) for the range [lo, hi], widened to contain 0: uint8 asymmetric, or with
+    ``symmetric`` int8 with zero point 0 and ``scale = max(|lo|, |hi|) / 127``."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        top = max(-lo, hi)
+        return (top / ACT_SYM_QMAX if top >= 1e-8 else 1e-8), 0
     if hi - lo < 1e-8:
         return 1e-8 if hi == lo else (hi - lo) / ACT_QMAX, 0
     scale = (hi - lo) / (ACT_QMAX - ACT_QMIN)
@@ -194,6 +203,12 @@ def act_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, max(ACT_QMIN, min(ACT_QMAX, zero_point))
 
 
-def fake_quantize_act(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """``s · (clamp(round(x/s) + z, 0, 255) - z)``, the math of QuantizeLinear→DequantizeLinear."""
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+def act_code_range(symmetric: bool = False) -> tuple[int, int]:
+    """The activation codes' ``(qmin, qmax)``: uint8 ``(0, 255)``, symmetric int8 ``(-128, 127)``."""
+    return (ACT_SYM_QMIN, ACT_SYM_QMAX) if symmetric else (ACT_QMIN, ACT_QMAX)
+
+
+def fake_quantize_act(x: torch.Tensor, scale: float, zero_point: int, symmetric: bool = False) -> torch.Tensor:
+    """``s · (clamp(round(x/s) + z, qmin, qmax) - z)`` on the codes of :func:`act_code_range`, the
+    math of QuantizeLinear→DequantizeLinear."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, *act_code_range(symmetric))

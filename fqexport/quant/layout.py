@@ -12,7 +12,12 @@ Containers (ORT-NOTES.md, docs/ort-kernels.md):
 - ``"int4"`` / ``"int2"``: packed INT4 / INT2 codes behind a ``Cast`` to int8 that ORT folds at
   load, so the same fused int8 kernel runs from a 2-4x smaller file;
 - ``"nbits"``: ORT's ``com.microsoft.MatMulNBits`` (4-bit codes in blocks of ``block_size``
-  along K, one scale per block) for a Linear that maps one vector per sample.
+  along K, one scale per block) for a Linear that maps one vector per sample;
+- ``"int4-blocked"`` (the ``gpu`` target): INT4 codes ``[K, N]`` + a blocked ``DequantizeLinear``
+  (opset 21 ``block_size`` along K, one scale per block) → ``MatMul``, the weight-only pattern
+  ORT's CUDA EP fuses into MatMulNBits and TensorRT imports as INT4 weights. TensorRT takes INT4
+  only there, and neither it nor the CUDA EP runs packed codes behind a ``Cast``: on the GPU
+  every other layer is ``"int8"``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from fqexport.config import ExportSpec
 from fqexport.errors import ConfigError
 
-Container = Literal["int8", "int4", "int2", "nbits"]
+Container = Literal["int8", "int4", "int2", "nbits", "int4-blocked"]
 CONTAINERS: tuple[str, ...] = get_args(Container)
+# Containers with one scale per block of K (``LayerLayout.block_size``) when a row spans blocks.
+BLOCKED_CONTAINERS = ("nbits", "int4-blocked")
+# Containers whose layer runs weight-only (float activations in and out, no Q/DQ pairs of its own).
+WEIGHT_ONLY_CONTAINERS = ("int4-blocked",)
 
 # MatMulNBits: blocks of a power of 2 >= 16 along K.
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
@@ -34,7 +44,8 @@ NBITS_BLOCKS = (16, 32, 64, 128, 256)
 MIN_BLOCK_SCALE_BITS = 3
 
 MSG_CONTAINER = "layer '{name}': container={container!r} is not one of " + ", ".join(CONTAINERS)
-MSG_BLOCKS = "layer '{name}': per-block scales (block_size={block}) need the 'nbits' container, not {container!r}"
+MSG_BLOCKS = ("layer '{name}': per-block scales (block_size={block}) need the 'nbits' or 'int4-blocked' "
+              "container, not {container!r}")
 
 
 def token_linear(kind: str, macs: int, params: int) -> bool:
@@ -49,27 +60,31 @@ def nbits_block_size(k: int) -> int:
     return min(NBITS_BLOCKS, key=lambda bs: (-(-k // bs)) * (bs // 2 + 4))
 
 
-def layer_container(kind: str, bits: int, storage: str, tokens: bool = False) -> str:
-    """Container of a ``kind`` layer's ``bits``-wide codes under ``storage``.
+def layer_container(kind: str, bits: int, storage: str, tokens: bool = False, target: str = "portable") -> str:
+    """Container of a ``kind`` layer's ``bits``-wide codes under ``storage`` for ``target``.
 
     ``"int8"`` storage: every layer in int8. ``"auto"`` / ``"packed"``: the narrowest — 2-bit
     codes INT2, 3-4-bit codes INT4 (both behind a Cast, int8 kernel), 3-4-bit Linears
     MatMulNBits; ``"auto"`` keeps a Linear over tokens (``tokens``, :func:`token_linear`) out of
     MatMulNBits (fp32 speed there, the int8 kernel 3-8x faster) and stores it INT4.
+    The ``"gpu"`` target: 2-4-bit Linears ``"int4-blocked"`` (tokens or not: the GPU's
+    weight-only kernel serves both), every other layer ``"int8"``.
     """
     if storage == "int8" or bits > 4:
         return "int8"
+    if target == "gpu":
+        return "int4-blocked" if kind == "linear" else "int8"
     if bits <= 2:
         return "int2"
     return "nbits" if kind == "linear" and not (tokens and storage == "auto") else "int4"
 
 
 def scale_block_size(container: str, bits: int, cols: int) -> int | None:
-    """Columns per weight scale: the MatMulNBits block when the codes go to MatMulNBits at 3-4
-    bits and a row spans more than one block (MatMulNBits stores one scale per block anyway, so
-    the solver may choose each — GPTQ's groupsize — at no cost in bytes); ``None`` (one scale
-    per row) otherwise."""
-    if container != "nbits" or bits < MIN_BLOCK_SCALE_BITS:
+    """Columns per weight scale: the MatMulNBits block when the codes go to MatMulNBits (or the
+    GPU's blocked INT4 ``DequantizeLinear``) at 3-4 bits and a row spans more than one block
+    (one scale per block is stored anyway, so the solver may choose each — GPTQ's groupsize — at
+    no cost in bytes); ``None`` (one scale per row) otherwise."""
+    if container not in BLOCKED_CONTAINERS or bits < MIN_BLOCK_SCALE_BITS:
         return None
     block = nbits_block_size(cols)
     return block if -(-cols // block) > 1 else None
@@ -82,16 +97,22 @@ class LayerLayout:
     container: str
     block_size: int | None = None  # columns per scale; None: one scale per output channel
 
+    @property
+    def weight_only(self) -> bool:
+        """Whether the layer runs weight-only: float activations, no Q/DQ pairs of its own."""
+        return self.container in WEIGHT_ONLY_CONTAINERS
+
     def check(self, name: str) -> None:
-        """ConfigError naming ``name`` when the container is unknown or blocks lack MatMulNBits."""
+        """ConfigError naming ``name`` when the container is unknown or blocks lack a blocked container."""
         if self.container not in CONTAINERS:
             raise ConfigError(MSG_CONTAINER.format(name=name, container=self.container))
-        if self.block_size is not None and self.container != "nbits":
+        if self.block_size is not None and self.container not in BLOCKED_CONTAINERS:
             raise ConfigError(MSG_BLOCKS.format(name=name, block=self.block_size, container=self.container))
 
 
-def layer_layout(kind: str, bits: int, storage: str, cols: int, macs: int, params: int) -> LayerLayout:
+def layer_layout(kind: str, bits: int, export: ExportSpec, cols: int, macs: int, params: int) -> LayerLayout:
     """The layout of a ``kind`` layer with ``cols`` inputs per output channel, ``macs``
-    multiply-accumulates per sample and ``params`` weights, at ``bits`` under ``storage``."""
-    container = layer_container(kind, bits, storage, token_linear(kind, macs, params))
+    multiply-accumulates per sample and ``params`` weights, at ``bits`` for ``export`` (its
+    storage and target)."""
+    container = layer_container(kind, bits, export.storage, token_linear(kind, macs, params), export.target)
     return LayerLayout(container, scale_block_size(container, bits, cols))

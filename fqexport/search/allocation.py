@@ -17,18 +17,19 @@ Budgets (``Budget.kind``) count what the written file stores:
 
 * ``"bits"``: stored bits per weight, scales included: ``Σ_l 8·S_l(b_l) <= B · Σ_l p_l``, with
   ``S_l(b)`` the bytes the exporter writes for layer l at width b (:func:`stored_bytes`): the
-  codes in their container (int8; packed INT4 or INT2; MatMulNBits' blocked INT4 for Linear)
-  plus the per-channel fp32 scales (and an int8 Linear's zero points; per-block scales for
-  MatMulNBits). A
+  codes in their container (int8; packed INT4 or INT2; MatMulNBits' blocked INT4 for Linear; the
+  GPU target's blocked INT4 DequantizeLinear for Linear) plus the per-channel fp32 scales (and an
+  int8 Linear's zero points; per-block scales for MatMulNBits and blocked INT4). A
   3-bit layer costs what its INT4 container holds, a 5-7-bit layer an int8 one.
 * ``"bytes"``: ``Σ_l S_l(b_l) + overhead <= B``, ``overhead`` the rest of the file (graph,
   biases, activation scales, metadata): passed in by the search, which checks the written size.
 * ``"bops"``: ``Σ_l b_l · a · MACs_l`` with the activation width a
   (:data:`fqexport.metadata.ACTIVATION_BITS`, 8).
 
-The container of a width follows :meth:`fqexport.model.QuantizedLayer.storage` for the
+The container of a width follows :func:`fqexport.quant.layout.layer_container` for the
 storage mode (``"auto"``, ``"int8"``, ``"packed"``; by default ``QuantConfig``'s,
-:data:`fqexport.config.DEFAULT_STORAGE`); ``"ideal"`` counts b bits per weight and no scales
+:data:`fqexport.config.DEFAULT_STORAGE`) and the export target (``"gpu"`` has its own
+containers; every CPU target the same); ``"ideal"`` counts b bits per weight and no scales
 (nominal bits; the budgets of papers, not of files).
 
 Pinned layers (name patterns, ``fnmatch``) have a single option.
@@ -54,6 +55,7 @@ from fqexport.config import (
     SUPPORTED_WEIGHT_BITS,
     BudgetKind,
     BudgetStorage,
+    ExportTarget,
     MixedObjective,
     check_budget,
     check_choice,
@@ -120,32 +122,36 @@ class Budget:
         check_budget(self.kind, self.value)
 
 
-def layer_container(info: LayerCost, bits: int, storage: str) -> str:
-    """The container the exporter writes ``info`` in at ``bits`` under ``storage``: ``int8``,
-    ``int4``, ``int2``, ``nbits`` (:func:`fqexport.quant.layout.layer_container`) or ``ideal``."""
+def layer_container(info: LayerCost, bits: int, storage: str, target: ExportTarget = "portable") -> str:
+    """The container the exporter writes ``info`` in at ``bits`` under ``storage`` for ``target``:
+    ``int8``, ``int4``, ``int2``, ``nbits``, ``int4-blocked``
+    (:func:`fqexport.quant.layout.layer_container`) or ``ideal``."""
     check_choice(storage, get_args(BudgetStorage), "storage")
     if storage == "ideal":
         return "ideal"
-    return model_layer_container(info.kind, int(bits), storage, token_linear(info.kind, info.macs, info.params))
+    tokens = token_linear(info.kind, info.macs, info.params)
+    return model_layer_container(info.kind, int(bits), storage, tokens, target)
 
 
-def container_bits(bits: int, storage: str, kind: str = "conv") -> int:
+def container_bits(bits: int, storage: str, kind: str = "conv", target: ExportTarget = "portable") -> int:
     """Bits per weight code on disk under a storage mode (see the module docstring)."""
-    c = layer_container(LayerCost("", 0, kind=kind), bits, storage)
-    return {"int8": 8, "int4": 4, "int2": 2, "nbits": 4}.get(c, int(bits))
+    c = layer_container(LayerCost("", 0, kind=kind), bits, storage, target)
+    return {"int8": 8, "int4": 4, "int2": 2, "nbits": 4, "int4-blocked": 4}.get(c, int(bits))
 
 
-def stored_bytes(info: LayerCost, bits: int, storage: str) -> int:
-    """Bytes the exporter writes for the layer's weight at ``bits``: codes + scales.
+def stored_bytes(info: LayerCost, bits: int, storage: str, target: ExportTarget = "portable") -> int:
+    """Bytes the exporter writes for the layer's weight at ``bits`` for ``target``: codes + scales.
 
     int8: one byte per code and an fp32 scale per channel (a Linear also an int8 zero point per
     channel: ORT fuses QGemm only with it); int4 / int2: two / four codes per byte behind a Cast
     to int8 (:mod:`fqexport.exporters.weight_packed`), the same scales and zero points
     (a conv's zero point 0 is left out); nbits (MatMulNBits): rows padded to whole blocks of
-    ``nbits_block_size(K)``, two codes per byte, one fp32 scale per block; ``ideal``: ``b`` bits
+    ``nbits_block_size(K)``, two codes per byte, one fp32 scale per block; int4-blocked (the GPU,
+    :mod:`fqexport.exporters.weight_blocked`): the INT4 codes two per byte, unpadded, one fp32
+    scale per (block of ``nbits_block_size(K)``, channel), no zero point; ``ideal``: ``b`` bits
     per weight and :data:`BYTES_PER_CHANNEL` per channel.
     """
-    c = layer_container(info, bits, storage)
+    c = layer_container(info, bits, storage, target)
     n, p = max(int(info.channels), 1), int(info.params)
     if c == "ideal":
         return math.ceil(int(bits) * p / 8) + BYTES_PER_CHANNEL * n
@@ -153,26 +159,29 @@ def stored_bytes(info: LayerCost, bits: int, storage: str) -> int:
         return p + (SCALE_BYTES + (info.kind == "linear")) * n
     if c in ("int4", "int2"):  # packed codes + fp32 scales (+ a Linear's int8 zero points)
         return math.ceil(p * (4 if c == "int4" else 2) / 8) + (SCALE_BYTES + (info.kind == "linear")) * n
-    k = p // n  # nbits
+    k = p // n  # nbits, int4-blocked: blocks along K
     bs = nbits_block_size(k)
     blocks = -(-k // bs)
+    if c == "int4-blocked":
+        return math.ceil(p / 2) + SCALE_BYTES * n * blocks
     return n * blocks * (bs // 2 + SCALE_BYTES)
 
 
-def stored_bits(info: LayerCost, bits: int, storage: str) -> float:
+def stored_bits(info: LayerCost, bits: int, storage: str, target: ExportTarget = "portable") -> float:
     """Stored bits per weight of the layer at ``bits``, scales included (``ideal``: ``bits``)."""
     if storage == "ideal":
         return float(bits)
-    return 8.0 * stored_bytes(info, bits, storage) / max(int(info.params), 1)
+    return 8.0 * stored_bytes(info, bits, storage, target) / max(int(info.params), 1)
 
 
-def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = DEFAULT_STORAGE) -> float:
+def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage = DEFAULT_STORAGE,
+                   target: ExportTarget = "portable") -> float:
     """The budget resource one layer uses at ``bits``: stored bit·params (``ideal``: nominal),
     stored bytes or BOPs."""
     if kind == "bits":
-        return stored_bits(info, bits, storage) * info.params
+        return stored_bits(info, bits, storage, target) * info.params
     if kind == "bytes":
-        return float(stored_bytes(info, bits, storage))
+        return float(stored_bytes(info, bits, storage, target))
     if kind == "bops":
         return float(bits * ACTIVATION_BITS * info.macs)
     raise ConfigError(MSG_BUDGET_KIND.format(kind=kind))
@@ -190,10 +199,11 @@ def budget_capacity(infos: Sequence[LayerCost], budget: Budget, overhead: float 
     return float(budget.value)
 
 
-def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = DEFAULT_STORAGE) -> float:
+def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str, storage: BudgetStorage = DEFAULT_STORAGE,
+                  target: ExportTarget = "portable") -> float:
     """Resource of a whole allocation, in the budget's unit (average stored bits for ``"bits"``;
     with ``storage="ideal"`` the nominal average width)."""
-    total = sum(layer_resource(i, bits[i.name], kind, storage) for i in infos)
+    total = sum(layer_resource(i, bits[i.name], kind, storage, target) for i in infos)
     if kind == "bits":
         return total / max(sum(i.params for i in infos), 1)
     return total
@@ -303,6 +313,7 @@ class _Problem:
     groups: tuple[str, ...]
     overhead: float = 0.0
     storage: str = DEFAULT_STORAGE
+    target: str = "portable"
 
 
 def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
@@ -319,7 +330,7 @@ def _delta_for(table: SensitivityTable, layer: str, bits: int) -> np.ndarray:
     return np.maximum(envelope, 0.0)
 
 
-def _problem(table, infos, budget, pins, storage, overhead: float = 0.0) -> _Problem:
+def _problem(table, infos, budget, pins, storage, overhead: float = 0.0, target: str = "portable") -> _Problem:
     by_name = {i.name: i for i in infos}
     for l in table.layers:
         if l not in by_name:
@@ -330,11 +341,11 @@ def _problem(table, infos, budget, pins, storage, overhead: float = 0.0) -> _Pro
         opts = (pinned[l],) if l in pinned else tuple(table.bits)
         options.append(opts)
         delta.append(np.stack([_delta_for(table, l, b) for b in opts]))
-        res.append(tuple(layer_resource(by_name[l], b, budget.kind, storage) for b in opts))
+        res.append(tuple(layer_resource(by_name[l], b, budget.kind, storage, target) for b in opts))
     layer_infos = [by_name[l] for l in table.layers]
     return _Problem(tuple(table.layers), tuple(options), tuple(delta), tuple(res),
                     budget_capacity(layer_infos, budget, overhead), tuple(table.groups), float(overhead),
-                    storage)
+                    storage, target)
 
 
 def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: int, budget: Budget, bmin: int) -> tuple[int, ...]:
@@ -355,7 +366,7 @@ def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: i
 def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -> Allocation:
     bits = {l: p.options[i][k] for i, (l, k) in enumerate(zip(p.layers, choice))}
     d = sum(p.delta[i][k] for i, k in enumerate(choice))
-    used = resource_used(bits, infos, budget.kind, storage)
+    used = resource_used(bits, infos, budget.kind, storage, p.target)
     if budget.kind == "bytes":
         used += p.overhead
     avg = resource_used(bits, infos, "bits", "ideal")
@@ -363,8 +374,8 @@ def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -
     return Allocation(
         bits, {g: float(v) for g, v in zip(p.groups, d)}, objective, float(score_fn(d)), budget,
         float(used), float(avg), {g: float(v) for g, v in zip(p.groups, w)},
-        float(resource_used(bits, infos, "bits", storage)),
-        int(resource_used(bits, infos, "bytes", real)), storage,
+        float(resource_used(bits, infos, "bits", storage, p.target)),
+        int(resource_used(bits, infos, "bytes", real, p.target)), storage,
     )
 
 
@@ -391,19 +402,21 @@ def candidate_allocations(
     storage: BudgetStorage = DEFAULT_STORAGE,
     max_cells: int = ALLOC_MAX_CELLS,
     overhead: float = 0.0,
+    target: ExportTarget = "portable",
 ) -> list[Allocation]:
     """Distinct allocations within the budget, best predicted objective first.
 
     ``"mean"`` and ``"weighted"`` give one allocation (the knapsack optimum). ``"worst-group"``
     gives every distinct iterate of the multiplicative-weights loop (plus the uniform-weight and
     the single-group optima), ranked by ``J = max_g D_g + λ · mean_g D_g``. ``overhead``: the
-    file's bytes outside the layers' weights (``"bytes"`` budgets).
+    file's bytes outside the layers' weights (``"bytes"`` budgets); ``target``: the export target
+    whose containers the sizes count.
     """
     check_choice(objective, get_args(MixedObjective), "objective")
     if objective == "weighted" and not group_weights:
         raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(table.groups)))
     layer_info = [i for i in layer_info if i.name in table.layers]
-    p = _problem(table, layer_info, budget, pins, storage, overhead)
+    p = _problem(table, layer_info, budget, pins, storage, overhead, target)
     bmin = min(table.bits)
     G = len(p.groups)
     if objective in ("mean", "weighted"):
@@ -461,11 +474,12 @@ def uniform_allocations(
     mean_weight: float = 0.1,
     storage: BudgetStorage = DEFAULT_STORAGE,
     overhead: float = 0.0,
+    target: ExportTarget = "portable",
 ) -> list[Allocation]:
     """Every free layer at one measured width (pins kept), for every width that fits the
     budget, widest first, scored like the objective; empty when none fits."""
     layer_info = [i for i in layer_info if i.name in table.layers]
-    p = _problem(table, layer_info, budget, pins, storage, overhead)
+    p = _problem(table, layer_info, budget, pins, storage, overhead, target)
     pinned = resolve_pins(pins, table.layers)
     if objective == "worst-group":
         w = np.full(len(p.groups), 1.0 / len(p.groups))
@@ -496,6 +510,7 @@ class AllocationOptions:
         eta: step size of the multiplicative-weights update.
         storage: the storage mode the sizes are counted in.
         overhead: the file's bytes outside the layers' weights (``"bytes"`` budgets).
+        target: the export target whose containers the sizes count (``"gpu"`` has its own).
     """
 
     budget: Budget
@@ -507,20 +522,21 @@ class AllocationOptions:
     eta: float = 0.5
     storage: BudgetStorage = DEFAULT_STORAGE
     overhead: float = 0.0
+    target: ExportTarget = "portable"
 
     def candidates(self, table: SensitivityTable, layer_info: Sequence[LayerCost]) -> list[Allocation]:
         """:func:`candidate_allocations` under these options."""
         return candidate_allocations(
             table, layer_info, self.budget, self.objective, self.pins, group_weights=self.group_weights,
             mean_weight=self.mean_weight, steps=self.steps, eta=self.eta, storage=self.storage,
-            overhead=self.overhead,
+            overhead=self.overhead, target=self.target,
         )
 
     def uniforms(self, table: SensitivityTable, layer_info: Sequence[LayerCost]) -> list[Allocation]:
         """:func:`uniform_allocations` under these options."""
         return uniform_allocations(
             table, layer_info, self.budget, self.objective, self.pins, group_weights=self.group_weights,
-            mean_weight=self.mean_weight, storage=self.storage, overhead=self.overhead,
+            mean_weight=self.mean_weight, storage=self.storage, overhead=self.overhead, target=self.target,
         )
 
     def rescore(self, alloc: Allocation) -> Allocation:

@@ -40,8 +40,8 @@ def allocation_options(mp: MixedPrecisionConfig, base: QuantConfig, data: GroupD
     """The allocator's options for a search: ``mp``'s budget (a bits budget also covers the
     ``float_params`` weights that stay float, at 32 bits), objective, pins (the first/last
     pins resolved on ``layers``), λ and multiplicative-weights steps, the group weights
-    (:func:`search_group_weights`), ``base``'s storage, and the file's estimated bytes outside
-    the weights (``overhead``, bytes budgets)."""
+    (:func:`search_group_weights`), ``base``'s storage and target, and the file's estimated bytes
+    outside the weights (``overhead``, bytes budgets)."""
     return AllocationOptions(
         budget=Budget(mp.budget_kind, mp.budget_value, float_params),
         objective=mp.objective,
@@ -52,6 +52,7 @@ def allocation_options(mp: MixedPrecisionConfig, base: QuantConfig, data: GroupD
         eta=mp.mw_eta,
         storage=base.storage,
         overhead=overhead,
+        target=base.target,
     )
 
 

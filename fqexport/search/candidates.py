@@ -96,6 +96,7 @@ class MixedPrecisionResult:
         fits: ``compress`` fits the search ran (verification fits per candidate × fold, the
             refit, refits for a bytes budget); ``fit_seconds`` their summed time.
         storage: the storage mode the returned model exports with (the base config's).
+        target: the export target the returned model was compressed for (the base config's).
         verification: how the candidates were measured, in words (the held-out samples).
     """
 
@@ -112,6 +113,7 @@ class MixedPrecisionResult:
     fit_seconds: float = 0.0
     storage: str = DEFAULT_STORAGE
     verification: str = ""
+    target: str = "portable"
 
     @property
     def chosen(self) -> Candidate:
@@ -132,8 +134,8 @@ class MixedPrecisionResult:
             else:
                 sens, worst = float("nan"), ""
             rows.append({"name": info.name, "params": info.params, "bits": b,
-                         "stored_bits": round(stored_bits(info, b, self.storage), 3),
-                         "container": layer_container(info, b, self.storage),
+                         "stored_bits": round(stored_bits(info, b, self.storage, self.target), 3),
+                         "container": layer_container(info, b, self.storage, self.target),
                          "sensitivity": sens, "most_sensitive_group": worst})
         return rows
 

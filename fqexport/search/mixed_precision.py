@@ -152,6 +152,7 @@ def search_mixed_precision(
         config=mp, allocation=best.allocation, candidates=found.candidates, compressed=chosen, sensitivity=table,
         layers=layers, float_metrics=found.float_metrics, seconds=seconds, fallback=fallback, fits=fits,
         fit_seconds=fit_seconds, storage=base.storage, verification=verification_words(mp, held_out, fits_are_refit),
+        target=base.target,
     )
     if mp.budget_kind == "bytes":
         result = _meet_file_budget(result, data, context, options, engine)

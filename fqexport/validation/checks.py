@@ -12,6 +12,8 @@ from fqexport.validation.thresholds import MB, CheckResult, Thresholds, flag, pc
 from fqexport.validation.validation_report import ValidationReport, group_drop
 
 _TOL = 1e-9  # a value this close to its limit passes (float round-off of the percent conversion)
+GPU_RULES = "gpu_rules"  # the check of a gpu-target file's structure (no threshold: always on)
+MSG_GPU_RULES = "what TensorRT and ORT's CUDA EP take (target gpu): {n} violation(s){details}"
 
 
 def _at_least(t: Thresholds, name: str, value: float, group: str | None, what: str) -> CheckResult:
@@ -75,6 +77,17 @@ def target_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult,
     return tuple(out)
 
 
+def gpu_rule_checks(report: ValidationReport) -> tuple[CheckResult, ...]:
+    """For a file exported for the ``gpu`` target: one check, passed when the graph breaks none of
+    the TensorRT / CUDA EP rules (value: the number of violations, limit 0); none otherwise."""
+    found = report.gpu_rule_violations
+    if found is None:
+        return ()
+    details = "".join(f"; {v}" for v in found)
+    return (CheckResult(GPU_RULES, 0.0, float(len(found)), not found, None,
+                        MSG_GPU_RULES.format(n=len(found), details=details)),)
+
+
 def all_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
-    """The native session's checks, then every emulated target's."""
-    return run_checks(report, t) + target_checks(report, t)
+    """The native session's checks, then every emulated target's, then a gpu file's structure."""
+    return run_checks(report, t) + target_checks(report, t) + gpu_rule_checks(report)

@@ -4,8 +4,10 @@
 per-group accuracy/loss, gaps, fairness differences, agreement with a reference model, kernel
 deviation (optimized vs the same graph unoptimized), the kernels ORT fused, latency, size,
 average weight bits, BOPs and a performance-per-resource (PePR) score, then checks
-:class:`~fqexport.validation.thresholds.Thresholds`. A broken limit never raises: the report
-says ``passed == False``.
+:class:`~fqexport.validation.thresholds.Thresholds`. A file exported for the ``gpu`` target
+(its metadata says so) is also checked for what TensorRT and ORT's CUDA EP take
+(:mod:`~fqexport.exporters.gpu_rules`). A broken limit never raises: the report says
+``passed == False``.
 
 The steps live beside it: :mod:`~fqexport.validation.measure` runs the sessions,
 :mod:`~fqexport.validation.validation_report` holds what they measured,
@@ -20,9 +22,12 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import onnx
+
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError
 from fqexport.exporters.cpu_isa import cpu_isa
+from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import model_files_size
@@ -98,7 +103,7 @@ def validate(
         model=str(model), data_source=gd.source, provider=provider, metrics=native.metrics, latency=latency,
         thresholds=t, metadata=meta, cpu_isa=cpu_isa(), targets=target_list,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),
-        **_target_fields(emulated, with_deviation=kernels is not None),
+        **_target_fields(emulated, with_deviation=kernels is not None), **_gpu_rule_fields(model, meta),
     )
     return _with_checks(report, t)
 
@@ -163,6 +168,13 @@ def _target_fields(emulated: Mapping[str, TargetResult], *, with_deviation: bool
         target_agreement={x: r.agreement for x, r in emulated.items()},
         target_native=tuple(x for x, r in emulated.items() if r.native),
     )
+
+
+def _gpu_rule_fields(model: str | Path, meta: ExportMetadata | None) -> dict[str, Any]:
+    """The TensorRT / CUDA EP rules' violations of a file exported for the ``gpu`` target."""
+    if meta is None or meta.target != "gpu":
+        return {}
+    return dict(gpu_rule_violations=tuple(str(v) for v in check_gpu_qdq(onnx.load(str(model)))))
 
 
 def _with_checks(report: ValidationReport, t: Thresholds) -> ValidationReport:

@@ -183,6 +183,11 @@ def to_markdown(report: Any) -> str:
             f"- ops ORT runs: {kernels}",
             f"- Conv/Gemm/MatMul in float: {', '.join(report.float_fallbacks) if report.float_fallbacks else 'none'}",
         ]
+    if getattr(report, "gpu_rule_violations", None) is not None:
+        found = report.gpu_rule_violations
+        out += ["", "## GPU rules (TensorRT importer, ONNX Runtime CUDA EP)", "",
+                f"- target gpu: {len(found)} violation(s)" + ("" if found else " (S8S8, int8 zero points 0)")]
+        out += [f"- {v}" for v in found]
     if report.latency:
         out += ["", "## Latency", "", f"Measured on {isa_line(report)}.", "", "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -51,6 +51,10 @@ class ValidationReport:
     top-1 agreement with the native session in ``target_agreement``. A family is judged by this
     CPU's own session when this CPU is of that family (``target_native``), else by its emulation
     (:mod:`fqexport.exporters.kernel_emulation`).
+
+    ``gpu_rule_violations``: for a file exported for the ``gpu`` target (its metadata says so),
+    every break of what TensorRT's importer and ORT's CUDA EP take
+    (:func:`~fqexport.exporters.gpu_rules.check_gpu_qdq`; empty: none); ``None`` for other files.
     """
 
     model: str
@@ -85,6 +89,7 @@ class ValidationReport:
     target_kernel_deviation_by_group: Mapping[str, Mapping[str, float]] | None = None
     target_agreement: Mapping[str, float] | None = None
     target_native: tuple[str, ...] = ()  # targets judged by this CPU's own session (its family), not emulated
+    gpu_rule_violations: tuple[str, ...] | None = None
 
     @property
     def passed(self) -> bool:
@@ -111,6 +116,8 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         worst = self.metrics.group_min("accuracy")
+        gpu = {} if self.gpu_rule_violations is None else {
+            "gpu_rules": {"passed": not self.gpu_rule_violations, "violations": list(self.gpu_rule_violations)}}
         return {
             "model": self.model,
             "data": self.data_source,
@@ -138,6 +145,7 @@ class ValidationReport:
             "checks": [c.to_dict() for c in self.checks],
             "metadata": self.metadata.to_dict() if self.metadata is not None else None,
             "targets": {name: self.target_dict(name) for name in self.targets},
+            **gpu,
         }
 
     def _kernel_dict(self) -> dict[str, Any]:

@@ -82,6 +82,51 @@ def check_target(target: str) -> str:
 # ------------------------------------------------------------------------------ integer math
 
 
+def _risky_pairs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(m, j, w_even, w_odd)`` of the weight pairs (rows m, pair columns j) that can leave int16:
+    both weights of one sign and |w_a| + |w_b| >= 129; ``m`` sorted. ``w`` ``[M, K]``, K even."""
+    we = w[:, 0::2].astype(np.int32)
+    wo = w[:, 1::2].astype(np.int32)
+    risky = (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
+    mi, ji = np.nonzero(risky)
+    return mi, ji, we[mi, ji], wo[mi, ji]
+
+
+def _even(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``w`` padded with a zero column when K is odd (MLAS pads K to pairs)."""
+    if a.shape[1] % 2:
+        a = np.concatenate([a, np.zeros((a.shape[0], 1), a.dtype)], axis=1)
+        w = np.concatenate([w, np.zeros((w.shape[0], 1), w.dtype)], axis=1)
+    return a, w
+
+
+def _saturation(a: np.ndarray, pairs: tuple[np.ndarray, ...], m: int) -> np.ndarray:
+    """Σ_pairs (sat16(p) − p) ``[rows, m]`` over the risky ``pairs`` (:func:`_risky_pairs`)."""
+    rows = a.shape[0]
+    out = np.zeros((rows, m), dtype=np.int64)
+    mi, ji, we, wo = pairs
+    if mi.size == 0:
+        return out
+    # p = a_e·w_e + a_o·w_o with |w| <= 128 can leave int16 only where a_e + a_o >= 32768/128 = 256:
+    # rows below that at every pair are skipped
+    ae = a[:, 0::2].astype(np.int32)
+    ao = a[:, 1::2].astype(np.int32)
+    hot = np.flatnonzero(((ae + ao) >= 256).any(axis=1))
+    if hot.size == 0:
+        return out
+    ae, ao = ae[hot], ao[hot]
+    step = max(1, _CHUNK // hot.size)
+    for s in range(0, mi.size, step):
+        mm, jj = mi[s : s + step], ji[s : s + step]
+        p = ae[:, jj] * we[s : s + step] + ao[:, jj] * wo[s : s + step]  # [hot rows, R], |p| <= 64770
+        corr = np.clip(p, INT16_MIN, INT16_MAX) - p
+        if not corr.any():
+            continue
+        starts = np.flatnonzero(np.r_[True, mm[1:] != mm[:-1]])  # each output channel's run
+        out[np.ix_(hot, mm[starts])] += np.add.reduceat(corr, starts, axis=1, dtype=np.int64)
+    return out
+
+
 def pair_saturation_correction(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Σ_pairs (sat16(p) − p) with p = a[:, 2j]·w[m, 2j] + a[:, 2j+1]·w[m, 2j+1]: ``[rows, M]`` int64.
 
@@ -89,31 +134,8 @@ def pair_saturation_correction(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     packed order (padded with a zero column when odd). Only weight pairs that can leave int16
     are evaluated, so weights with |q| <= 64 cost nothing and give a zero correction.
     """
-    rows, k = a.shape
-    m = w.shape[0]
-    out = np.zeros((rows, m), dtype=np.int64)
-    if k % 2:
-        a = np.concatenate([a, np.zeros((rows, 1), a.dtype)], axis=1)
-        w = np.concatenate([w, np.zeros((m, 1), w.dtype)], axis=1)
-    we = w[:, 0::2].astype(np.int64)
-    wo = w[:, 1::2].astype(np.int64)
-    risky = (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
-    mi, ji = np.nonzero(risky)
-    if mi.size == 0:
-        return out
-    ae = a[:, 0::2]
-    ao = a[:, 1::2]
-    step = max(1, _CHUNK // max(1, rows))
-    for s in range(0, mi.size, step):
-        mm, jj = mi[s : s + step], ji[s : s + step]
-        p = ae[:, jj].astype(np.int64) * we[mm, jj] + ao[:, jj].astype(np.int64) * wo[mm, jj]
-        corr = np.clip(p, INT16_MIN, INT16_MAX) - p  # [rows, R]
-        if not corr.any():
-            continue
-        onehot = np.zeros((mm.size, m), dtype=np.float64)
-        onehot[np.arange(mm.size), mm] = 1.0
-        out += np.rint(corr.astype(np.float64) @ onehot).astype(np.int64)
-    return out
+    a, w = _even(a, w)
+    return _saturation(a, _risky_pairs(w), w.shape[0])
 
 
 def accumulate(a: np.ndarray, w: np.ndarray, za: int, target: str) -> np.ndarray:
@@ -123,18 +145,25 @@ def accumulate(a: np.ndarray, w: np.ndarray, za: int, target: str) -> np.ndarray
     """
     rows, k = a.shape
     # Integers add exactly in floating point while every partial sum stays below 2^mantissa:
-    # |a − za| <= 255, so float32 is exact when K·255·max|w| < 2^24, float64 below 2^53.
+    # Σ a·w and za·Σ w are each at most K·255·max|w|, so float32 is exact below 2^24, float64
+    # below 2^53. Σ (a − za)·w = Σ a·w − za·Σ_k w.
     bound = k * 255 * int(np.abs(w.astype(np.int32)).max(initial=0))
     ftype = np.float32 if bound < 2**24 else np.float64
     wf = w.astype(ftype).T
+    offset = ftype(za) * wf.sum(axis=0, dtype=np.float64).astype(ftype)
+    pairs = None
+    if target == "x86-avx2":
+        a_even, w_even = _even(a[:1], w)
+        pairs = _risky_pairs(w_even)
     acc = np.empty((rows, w.shape[0]), dtype=np.int64)
     step = max(1, _CHUNK // max(1, k))
     for s in range(0, rows, step):  # row chunks bound the temporaries
         part = a[s : s + step]
-        exact = (part.astype(ftype) - ftype(za)) @ wf
+        exact = part.astype(ftype) @ wf
+        exact -= offset
         acc[s : s + step] = np.rint(exact).astype(np.int64)
-        if target == "x86-avx2":
-            acc[s : s + step] += pair_saturation_correction(part, w)
+        if pairs is not None:
+            acc[s : s + step] += _saturation(_even(part, w)[0], pairs, w.shape[0])
     return acc
 
 

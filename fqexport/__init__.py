@@ -4,12 +4,17 @@
     cm = fqexport.compress(model, "calib.npz", fqexport.QuantConfig(weight_bits=4))
     fqexport.export(cm, "model.onnx")
     report = fqexport.validate("model.onnx", "test.npz")
+
+Your own data: ``fqexport.load_data(dataset_or_loader, groups=..., transform=...)`` (docs/your-own-model.md).
 """
 
 from __future__ import annotations
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.groups import GroupsFromCSV
+from fqexport.calibration.npz import save_npz
 from fqexport.calibration.readers import load_data
+from fqexport.calibration.stream import DataStream
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.errors import (
     ConfigError,
@@ -48,6 +53,9 @@ __all__ = [
     "pareto_sweep",
     "load_model",
     "load_data",
+    "save_npz",
+    "GroupsFromCSV",
+    "DataStream",
     "group_metrics",
     "CompressedModel",
     "QuantizedLayer",

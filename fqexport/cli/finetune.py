@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
+from fqexport.calibration.checks import require_labels
+from fqexport.calibration.readers import open_stream
+from fqexport.calibration.stream import DataStream
 from fqexport.cli.common import parse_assignments, print_table
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError, DataError
@@ -20,7 +23,6 @@ from fqexport.finetune.config import (
     Rounding,
     Sampler,
 )
-from fqexport.finetune.data import TrainStream, open_train
 from fqexport.finetune.api import finetune, finetune_widths
 from fqexport.finetune.start import MSG_GROUPS
 from fqexport.model import CompressedModel
@@ -48,7 +50,7 @@ class FinetunePlan:
     groups read; x streamed batch by batch during training)."""
 
     config: FinetuneConfig
-    train: TrainStream
+    train: DataStream
     export_bits: tuple[int, ...] = ()  # --export-bits: one file per width instead of --out
 
 
@@ -148,7 +150,8 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
         # manifest's images batch by batch; not given: in this process (an .npz is memory-mapped)
         num_workers=_F["num_workers"] if args.workers is None else args.workers,
     )
-    train = open_train(args.train, config.num_workers)
+    train = open_stream(args.train, num_workers=config.num_workers)
+    require_labels(train, "finetune")
     if calib_groups is not None and tuple(train.group_names) != tuple(calib_groups):
         raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
                                           calib=", ".join(calib_groups)))

@@ -4,7 +4,7 @@
    float model, which is first compressed at ``weight_bits`` on a group-balanced subset of the
    training data (or ``calib``).
 2. Hold out ``holdout_fraction`` of each group of the training data (at most ``holdout_max``
-   samples, read into memory); the rest is streamed batch by batch (``fqexport.finetune.data``:
+   samples, read into memory); the rest is streamed batch by batch (``fqexport.calibration.stream``:
    a Dataset or CSV manifest through a DataLoader with ``num_workers``, an ``.npz`` memory-mapped).
    The float model (BN folded) is the teacher: its logits are computed once for in-memory data,
    else per batch; the core-set's per-sample scores come from one streaming pass per epoch.

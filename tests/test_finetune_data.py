@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fixtures_models import ItemsDataset
+from fqexport.calibration.readers import load_data
 from fqexport.cli.main import main
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError
@@ -129,3 +130,10 @@ def test_streaming_50k_items_keeps_memory_far_below_the_materialized_size():
     grew_mb, steps = int(line[1]) / 1024, int(line[3])
     assert steps == 20
     assert grew_mb < 40, f"peak RSS grew {grew_mb:.1f} MB; x materialized would be 153.6 MB"
+
+
+def test_finetune_without_labels_says_so_before_any_step(mlp_cm2, mlp_data):
+    x_alone = load_data([torch.from_numpy(x) for x in mlp_data.x], groups=np.array(mlp_data.group_names)[mlp_data.group])
+    with pytest.raises(DataError) as info:
+        finetune(mlp_cm2, x_alone, FinetuneConfig(epochs=1), progress=False)
+    assert str(info.value) == "finetune needs labels: <list> yields no y; give (x, y) or (x, y, group) samples"

@@ -72,9 +72,10 @@ class GroupsFromCSV:
             raise ConfigError(MSG_COLUMN.format(column=self.column))
 
 
-def _resolved(path: str | os.PathLike, root: Path) -> str:
+def _resolved(path: str | os.PathLike, root: Path | None = None) -> str:
+    """``path`` (relative to ``root``) as a normalised absolute path, the key two paths match on."""
     p = Path(path)
-    return os.path.normpath(str(p if p.is_absolute() else root / p))
+    return os.path.normpath(os.path.abspath(p if p.is_absolute() or root is None else root / p))
 
 
 def read_groups_csv(spec: GroupsFromCSV) -> dict[Any, str]:
@@ -123,7 +124,7 @@ def csv_groups(spec: GroupsFromCSV, n: int, source: str, paths: Sequence[str] | 
     if spec.key == "path":
         if paths is None:
             raise data_error(source, MSG_NO_PATHS)
-        keys: Sequence[Any] = [os.path.normpath(os.path.abspath(p)) for p in paths]
+        keys: Sequence[Any] = [_resolved(p) for p in paths]
     else:
         keys = range(n)
     out = []

@@ -19,6 +19,7 @@ the file (or source) and names the field or the first bad sample.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,8 @@ from .npz import load_npz
 from .stream import DataStream, dataset_stream, in_memory_stream, iterable_stream, npz_stream
 from .transform import apply_transform
 
+log = logging.getLogger(__name__)
+
 MSG_UNSUPPORTED = (
     "cannot load data from a {kind}; give a GroupData, an .npz or .csv path, or a torch Dataset, "
     "DataLoader or iterable yielding x, (x, y) or (x, y, group)"
@@ -50,6 +53,10 @@ MSG_SUFFIX = (
 MSG_ONE_SHOT = (
     "{source}: an iterator can be read only once, and the data is read in several passes; give a "
     "re-iterable (a list, a Dataset, a DataLoader, an IterableDataset)"
+)
+MSG_RAW_IMAGES = (
+    "%s: images as CHW float in [0, 1], no resize, no normalisation; a model trained on normalised or "
+    "resized inputs needs load_data(..., transform=...)"
 )
 MSG_LOADED = "load_data: {source} is already loaded; give groups= and transform= when it is first loaded"
 # Samples per call of a transform on in-memory data.
@@ -73,6 +80,8 @@ def load_data(source: Any, groups: Any = None, transform: Callable[[torch.Tensor
             return _with_options(load_npz(source), groups, transform)
         if suffix == ".csv":
             rows, folder, name = read_manifest_rows(source)
+            if transform is None:
+                log.info(MSG_RAW_IMAGES, name)
             return dataset_stream(ManifestDataset(rows, folder, name), name, groups, transform, num_workers)
         raise DataError(MSG_SUFFIX.format(source=source, suffix=suffix or "(no suffix)"))
     return _stream_of(source, groups, transform, num_workers)

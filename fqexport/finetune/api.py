@@ -52,8 +52,10 @@ def finetune(
 
     Args:
         model_or_cm: a CompressedModel (not modified) or a float classifier.
-        train: group-labeled training data: a GroupData, an ``.npz``/``.csv`` path or a Dataset
-            yielding ``(x, y, group)``; its groups must be the calibration data's.
+        train: group-labeled training data with labels: what ``fqexport.load_data`` accepts or
+            returns (a GroupData, an ``.npz``/``.csv`` path, a Dataset, DataLoader or iterable
+            yielding ``(x, y)`` or ``(x, y, group)``, a DataStream); its groups must be the
+            calibration data's.
         config: a FinetuneConfig (default: 2 epochs, natural sampling, plain loss).
         calib: calibration data for the PTQ start of a float model (default: a group-balanced
             subset of ``train``); ignored for a CompressedModel.

@@ -37,7 +37,9 @@ from .group_data import GroupData
 from .groups import call_group_function, groups_up_front
 from .manifest import ManifestDataset, read_manifest_rows
 from .npz import load_npz
-from .stream import DataStream, dataset_stream, in_memory_stream, iterable_stream, npz_stream
+from .dataset_stream import dataset_stream
+from .iterable_stream import iterable_stream
+from .stream import DataStream, in_memory_stream, npz_stream
 from .transform import apply_transform
 
 log = logging.getLogger(__name__)

@@ -120,17 +120,18 @@ def _ids_of_ids(
     when no names are given."""
     ids = _as_int_array(group, "group", source)
     if ids.size and ids.min() < 0:
+        k = int(np.argmax(ids < 0))  # the first offending sample
         raise data_error(
-            source, f"field 'group' holds the negative id {int(ids.min())}; ids start at 0"
+            source, f"sample {_sample(index, k)}: field 'group' holds the negative id {int(ids[k])}; ids start at 0"
         )
     if names is None:
         n = int(ids.max()) + 1 if ids.size else 1
         names = tuple(f"group{i}" for i in range(n))
     elif ids.size and ids.max() >= len(names):
-        where = "" if index is None else f"sample {_sample(index, int(np.argmax(ids)))}: "
+        k = int(np.argmax(ids >= len(names)))
         raise data_error(
             source,
-            f"{where}field 'group' holds the id {int(ids.max())} but group_names has only "
+            f"sample {_sample(index, k)}: field 'group' holds the id {int(ids[k])} but group_names has only "
             f"{len(names)} names (ids 0..{len(names) - 1})",
         )
     return ids, names

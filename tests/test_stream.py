@@ -166,8 +166,13 @@ def test_bad_samples_are_named_by_index_before_anything_is_returned(mlp_data):
                     transform=lambda x: (_ for _ in ()).throw(ValueError("no")) if x[0, 0] == mlp_data.x[12, 0] else x)
     with pytest.raises(DataError, match=r"^<list>: sample 0: field 'x' contains NaN or Inf"):
         open_stream(items, groups=mlp_data.group[:300], transform=lambda x: x * float("nan"))
-    with pytest.raises(DataError, match=r"^<list>: field 'group' holds the negative id -1; ids start at 0"):
+    with pytest.raises(DataError, match=r"^<list>: sample 0: field 'group' holds the negative id -1; ids start at 0"):
         open_stream(items, groups=np.full(300, -1))
+    class Named(list):  # a dataset naming its group ids: an id beyond them is unknown
+        group_names = ("a", "b")
+
+    with pytest.raises(DataError, match=r"^<Named>: sample 7: field 'group' holds the id 5 but group_names has only 2"):
+        open_stream(Named([(x, 0, 5 if i == 7 else 1) for i, (x, _) in enumerate(items)]))
     with pytest.raises(DataError, match=r"^<generator>: an iterator can be read only once"):
         open_stream(x for x in items)
 

@@ -106,15 +106,15 @@ def _unpack(batch):
 class _DatasetX:
     """x of a map-style Dataset, read through a DataLoader per pass."""
 
-    def __init__(self, dataset: Any, known: FirstRead, shape: tuple[int, ...], transform: Callable | None) -> None:
-        self.dataset, self.known, self.shape, self.transform = dataset, known, shape, transform
+    def __init__(self, dataset: Any, first: FirstRead, shape: tuple[int, ...], transform: Callable | None) -> None:
+        self.dataset, self.first, self.shape, self.transform = dataset, first, shape, transform
 
     def read(self, index_lists: Iterable[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
         lists = [[int(i) for i in idx] for idx in index_lists]
-        collate = _Collate(self.known.source, self.shape, True, self.transform, fields=self.known.fields)
-        for batch in _loader(self.dataset, self.known.source, lists, num_workers, collate):
+        collate = _Collate(self.first.source, self.shape, True, self.transform, fields=self.first.fields)
+        for batch in _loader(self.dataset, self.first.source, lists, num_workers, collate):
             idx, x, ys, gs, _, dtype, _ = _unpack(batch)
-            self.known.check(idx, dtype, ys, gs)
+            self.first.check(idx, dtype, ys, gs)
             yield x.numpy()
 
 
@@ -180,8 +180,8 @@ def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Cal
     if declared is not None and (given is not None or declared[1] is not None):
         y_raw, g_raw = declared[0], given if given is not None else declared[1]
         # the first item gives x's shape, dtype and fields (and is checked like every other)
-        first = _loader(dataset, source, [[0]], 0, _Collate(source, None, False, transform))
-        _, _, _, _, shape, dtype, fields = _unpack(next(iter(first)))
+        loader = _loader(dataset, source, [[0]], 0, _Collate(source, None, False, transform))
+        _, _, _, _, shape, dtype, fields = _unpack(next(iter(loader)))
     else:
         ys, gs, shape, dtype, fields = _light_pass(dataset, source, n, num_workers, transform, group_fn)
         y_raw = np.asarray(ys) if fields >= 2 else None
@@ -192,5 +192,5 @@ def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Cal
     if not shape:
         raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
     y, group, names = validate_targets(y_raw, g_raw, names, n, source)
-    known = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
-    return DataStream(_DatasetX(dataset, known, tuple(shape), transform), y, group, names, source, tuple(shape))
+    first = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
+    return DataStream(_DatasetX(dataset, first, tuple(shape), transform), y, group, names, source, tuple(shape))

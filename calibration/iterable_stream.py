@@ -71,8 +71,8 @@ class _IterableX:
     """x of a re-iterable source, read in passes: each :meth:`read` iterates it once, keeping only
     the samples of the index lists not yet yielded (a list is yielded as soon as it is complete)."""
 
-    def __init__(self, walk: _Walk, known: FirstRead, shape: tuple[int, ...], n: int) -> None:
-        self.walk, self.known, self.shape, self.n = walk, known, shape, n
+    def __init__(self, walk: _Walk, first: FirstRead, shape: tuple[int, ...], n: int) -> None:
+        self.walk, self.first, self.shape, self.n = walk, first, shape, n
 
     def read(self, index_lists: Iterable[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
         lists = [np.asarray(idx, dtype=np.int64) for idx in index_lists]
@@ -80,18 +80,18 @@ class _IterableX:
         held: dict[int, np.ndarray] = {}
         k = 0
         seen = 0
-        source = self.known.source
+        source = self.first.source
         for pos, x, y, g, fields, _ in self.walk.samples(set(needed)):
             seen = pos + 1
             if pos not in needed:
                 continue
             if x.shape != self.shape:
                 raise DataError(f"{source}: " + MSG_ITEM_SHAPE.format(index=pos, shape=x.shape, first=self.shape))
-            self.known.check(np.array([pos]), str(x.dtype), None if y is None else [y], None if g is None else [g])
+            self.first.check(np.array([pos]), str(x.dtype), None if y is None else [y], None if g is None else [g])
             held[pos] = x
             while k < len(lists) and all(int(i) in held for i in lists[k]):
                 yield np.stack([held[int(i)] for i in lists[k]]) if len(lists[k]) else \
-                    np.zeros((0, *self.shape), dtype=self.known.dtype)
+                    np.zeros((0, *self.shape), dtype=self.first.dtype)
                 for i in lists[k]:
                     needed[int(i)] -= 1
                     if needed[int(i)] == 0:
@@ -100,7 +100,7 @@ class _IterableX:
             if k == len(lists):
                 return
         while k < len(lists) and len(lists[k]) == 0:
-            yield np.zeros((0, *self.shape), dtype=self.known.dtype)
+            yield np.zeros((0, *self.shape), dtype=self.first.dtype)
             k += 1
         if k < len(lists):
             raise DataError(MSG_PASS_SHORT.format(source=source, got=seen, n=self.n))
@@ -136,5 +136,5 @@ def iterable_stream(iterable: Any, source: str, batched: bool, groups: Any = Non
         raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
     y, group, names = validate_targets(np.asarray(ys) if fields >= 2 else None, g_raw, None, n, source)
     log.info("%s: read the labels and groups of %d samples (one pass, x not kept)", source, n)
-    known = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
-    return DataStream(_IterableX(walk, known, tuple(shape), n), y, group, names, source, tuple(shape))
+    first = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
+    return DataStream(_IterableX(walk, first, tuple(shape), n), y, group, names, source, tuple(shape))

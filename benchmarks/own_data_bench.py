@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/own_data_bench.py --part codes         # identical codes?
     .venv/bin/python benchmarks/own_data_bench.py --part memory --n 20000 --size 96 --input 64
 
-Part ``codes``: the demo's SmallResNet trained on its image task (``make_image_task``), compressed
+Part ``codes``: the demo's SmallResNet trained on its image task (``make_image_task``, the demo's
+recipe ``DEMO_TRAIN`` at ``--image-size`` pixels), compressed
 (W8 solver, then W4 solver) from the calibration data given three ways — an ``.npz`` (arrays), a
 ``DataLoader`` of ``(x, y)`` with the groups as an array, and x alone (no labels: a DataLoader of
 x with the groups as an array) — each exported and validated per group in ONNX Runtime on the
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ from torch import nn
 import fqexport
 from fqexport.demo.models import small_resnet
 from fqexport.demo.task import make_image_task
-from fqexport.demo.training import TrainConfig, train_classifier
+from fqexport.demo.training import DEMO_TRAIN, train_classifier
 from fqexport.exporters.cpu_isa import cpu_isa
 
 # ------------------------------------------------------------------------- part 1: identical codes
@@ -54,23 +56,25 @@ def _codes_equal(a: fqexport.CompressedModel, b: fqexport.CompressedModel) -> bo
 
 
 def part_codes(args: argparse.Namespace, out: Path) -> list[dict]:
-    train, test = make_image_task(args.n_train, args.n_test, 16, 0.2, seed=0)
+    train, test = make_image_task(args.n_train, args.n_test, args.image_size, 0.2, seed=0)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = train_classifier(small_resnet(num_classes=10, in_channels=3), train,
-                             TrainConfig(epochs=args.epochs, batch_size=64, lr=0.1, seed=0), progress=False)
-    print(f"trained SmallResNet on {len(train)} images in {time.perf_counter() - t0:.0f} s")
+                             replace(DEMO_TRAIN, epochs=args.epochs), progress=False)
+    print(f"trained SmallResNet on {len(train)} images of {args.image_size}x{args.image_size} in "
+          f"{time.perf_counter() - t0:.0f} s")
     fqexport.save_npz(train, out / "calib.npz")
     fqexport.save_npz(test, out / "test.npz")
     fqexport.export_float(model, torch.from_numpy(test.x[:2]), out / "float.onnx")
-    names = np.array(train.group_names)[train.group]
+    # the group ids as the array: names given as an array become ids in sorted order of the names,
+    # which would number the groups otherwise than the .npz (and draw another balanced subset)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     sources = {
         ".npz": lambda: out / "calib.npz",
         "DataLoader (x, y), groups array": lambda: fqexport.load_data(
-            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64), groups=names),
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64), groups=train.group),
         "DataLoader x alone (no labels)": lambda: fqexport.load_data(
-            torch.utils.data.DataLoader(x, batch_size=64), groups=names),
+            torch.utils.data.DataLoader(x, batch_size=64), groups=train.group),
     }
     rows = []
     for bits in (8, 4):
@@ -85,9 +89,10 @@ def part_codes(args: argparse.Namespace, out: Path) -> list[dict]:
             fqexport.export(cm, path)
             report = fqexport.validate(path, out / "test.npz", reference=out / "float.onnx", measure_latency=False)
             acc = {g: round(100 * r["accuracy"], 2) for g, r in report.metrics.by_group.items()}
-            rows.append({"bits": bits, "calibration data": label, "codes equal .npz": _codes_equal(cm, ref),
-                         "ORT acc %": acc, "float acc %": {g: round(100 * r["accuracy"], 2) for g, r in
-                                                          report.reference_metrics.by_group.items()},
+            rows.append({"bits": bits, "calibration data": label, "calib labels": cm.calib.y is not None,
+                         "codes equal .npz": _codes_equal(cm, ref), "ORT acc % on test.npz": acc,
+                         "float acc %": {g: round(100 * r["accuracy"], 2) for g, r in
+                                         report.reference_metrics.by_group.items()},
                          "compress s": round(seconds, 1)})
             print(json.dumps(rows[-1]))
     return rows
@@ -214,9 +219,10 @@ def part_memory(args: argparse.Namespace, out: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("codes", "memory", "both"), default="both")
-    p.add_argument("--n-train", type=int, default=2000, help="part codes: training (and calibration) images")
+    p.add_argument("--n-train", type=int, default=4000, help="part codes: training (and calibration) images")
     p.add_argument("--n-test", type=int, default=1000, help="part codes: test images")
-    p.add_argument("--epochs", type=int, default=4, help="part codes: training epochs")
+    p.add_argument("--image-size", type=int, default=16, help="part codes: image side in pixels")
+    p.add_argument("--epochs", type=int, default=10, help="part codes: training epochs (the demo's recipe)")
     p.add_argument("--n", type=int, default=20000, help="part memory: images in the ImageFolder")
     p.add_argument("--size", type=int, default=96, help="part memory: PNG side in pixels")
     p.add_argument("--input", type=int, default=64, help="part memory: the model's input side (the transform resizes)")

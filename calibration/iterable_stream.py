@@ -52,7 +52,8 @@ class _Walk:
                         x = apply_transform(self.transform, x, pos, self.source)
                     x = check_x_values(x, self.source, np.arange(pos, pos + n))
                 for k, p in enumerate(rows):
-                    row = (x[k],) + ((ys[k],) if ys is not None else ()) + ((gs[k],) if gs is not None else ())
+                    row = x[k] if fields == 1 else (x[k],) + ((ys[k],) if ys is not None else ()) + (
+                        (gs[k],) if gs is not None else ())  # the sample as an item of its own
                     yield p, x[k] if keep else None, None if ys is None else ys[k], None if gs is None else gs[k], \
                         fields, row
                 pos += n

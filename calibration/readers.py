@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from fqexport.errors import ConfigError, DataError
@@ -59,6 +59,11 @@ MSG_ONE_SHOT = (
 MSG_RAW_IMAGES = (
     "%s: images as CHW float in [0, 1], no resize, no normalisation; a model trained on normalised or "
     "resized inputs needs load_data(..., transform=...)"
+)
+MSG_SHUFFLED = (
+    "{source}: a DataLoader with shuffle=True and its own collate_fn yields its samples in another order "
+    "every pass, and the data is read in several passes; give shuffle=False (with the default collate_fn "
+    "its dataset is read by index, and shuffling does not matter)"
 )
 MSG_LOADED = "load_data: {source} is already loaded; give groups= and transform= when it is first loaded"
 # Samples per call of a transform on in-memory data.
@@ -110,8 +115,11 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
         if not isinstance(ds, IterableDataset) and items:
             return dataset_stream(ds, f"<DataLoader of {type(ds).__name__}>", groups, transform,
                                   num_workers or source.num_workers)
-        return iterable_stream(source, f"<DataLoader of {type(ds).__name__}>", source.batch_sampler is not None
-                               or source.batch_size is not None, groups, transform)
+        name = f"<DataLoader of {type(ds).__name__}>"
+        if isinstance(source.sampler, RandomSampler):
+            raise DataError(MSG_SHUFFLED.format(source=name))
+        return iterable_stream(source, name, source.batch_sampler is not None or source.batch_size is not None,
+                               groups, transform)
     name = f"<{type(source).__name__}>"
     if isinstance(source, IterableDataset):
         return iterable_stream(source, name, False, groups, transform)

@@ -130,6 +130,20 @@ def test_iterable_of_batches_is_read_in_passes_in_any_order(mlp_data, labels):
         np.testing.assert_array_equal(x, mlp_data.x[idx])
 
 
+def test_a_shuffled_dataloader_with_its_own_collate_is_refused(mlp_data):
+    loader = torch.utils.data.DataLoader(PairsDataset(mlp_data), batch_size=32, shuffle=True,
+                                         collate_fn=lambda items: torch.utils.data.default_collate(items))
+    with pytest.raises(DataError, match=r"^<DataLoader of PairsDataset>: a DataLoader with shuffle=True and its "
+                                        r"own collate_fn yields its samples in another order every pass"):
+        open_stream(loader, groups=mlp_data.group)
+
+
+def test_a_group_function_sees_each_sample_of_a_batch_as_an_item(mlp_data):
+    seen = []
+    stream = open_stream(_x_only_loader(mlp_data), groups=lambda i, x: seen.append(tuple(x.shape)) or i % 2)
+    assert seen == [mlp_data.x.shape[1:]] * len(mlp_data) and stream.group.tolist() == [i % 2 for i in range(400)]
+
+
 def test_x_alone_has_no_labels_and_needs_groups(mlp_data):
     xs = [torch.from_numpy(x) for x in mlp_data.x[:10]]
     stream = open_stream(xs, groups=lambda i, x: "odd" if i % 2 else "even")

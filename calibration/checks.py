@@ -28,6 +28,7 @@ MSG_NEGATIVE_IDS = (
     "field 'x' holds signed integers, read as token ids (kept int64 for an Embedding), but has the "
     "negative id {value}; ids must be >= 0 — store float features as float32, or fix the ids"
 )
+MSG_NEEDS_LABELS = "{stage} needs labels: {source} yields no y; give (x, y) or (x, y, group) samples"
 MSG_VOCABULARY = (
     "field 'x' holds the token id {value} outside the vocabulary [0, {vocab}) of the model's "
     "Embedding '{layer}' (num_embeddings={vocab}); check the tokenizer or the model"
@@ -119,17 +120,18 @@ def _ids_of_ids(
     when no names are given."""
     ids = _as_int_array(group, "group", source)
     if ids.size and ids.min() < 0:
+        k = int(np.argmax(ids < 0))  # the first offending sample
         raise data_error(
-            source, f"field 'group' holds the negative id {int(ids.min())}; ids start at 0"
+            source, f"sample {_sample(index, k)}: field 'group' holds the negative id {int(ids[k])}; ids start at 0"
         )
     if names is None:
         n = int(ids.max()) + 1 if ids.size else 1
         names = tuple(f"group{i}" for i in range(n))
     elif ids.size and ids.max() >= len(names):
-        where = "" if index is None else f"sample {_sample(index, int(np.argmax(ids)))}: "
+        k = int(np.argmax(ids >= len(names)))
         raise data_error(
             source,
-            f"{where}field 'group' holds the id {int(ids.max())} but group_names has only "
+            f"sample {_sample(index, k)}: field 'group' holds the id {int(ids[k])} but group_names has only "
             f"{len(names)} names (ids 0..{len(names) - 1})",
         )
     return ids, names
@@ -179,26 +181,31 @@ def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.n
 
 def validate_targets(
     y: Any, group: Any, group_names: Sequence[str] | np.ndarray | None, n: int, source: str
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+) -> tuple[np.ndarray | None, np.ndarray, tuple[str, ...]]:
     """The labels and groups of ``n`` samples checked and converted: ``(y int64, group ids int64,
-    names)`` (the rules of :func:`validate_group_data` for fields y and group)."""
-    y = np.asarray(y)
+    names)`` (the rules of :func:`validate_group_data` for fields y and group); ``y=None`` (data
+    without labels) stays None."""
     group = np.asarray(group)
-    if y.ndim != 1:
-        raise data_error(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
-    for field, arr in (("y", y), ("group", group)):
+    fields = [("group", group)]
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise data_error(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
+        fields.insert(0, ("y", y))
+    for field, arr in fields:
         if arr.ndim >= 1 and arr.shape[0] != n:
             raise data_error(
                 source,
                 f"length mismatch: field 'x' has {n} samples but field '{field}' has "
                 f"{arr.shape[0]}",
             )
-    y = _as_int_array(y, "y", source)
-    if y.min() < 0:
-        raise data_error(
-            source,
-            f"field 'y' holds the negative label {int(y.min())}; labels must be class ids >= 0",
-        )
+    if y is not None:
+        y = _as_int_array(y, "y", source)
+        if y.size and y.min() < 0:
+            raise data_error(
+                source,
+                f"field 'y' holds the negative label {int(y.min())}; labels must be class ids >= 0",
+            )
     ids, names = _group_ids(group, group_names, source)
     counts = np.bincount(ids, minlength=len(names))
     empty = [names[i] for i in np.flatnonzero(counts == 0)]
@@ -218,7 +225,8 @@ def validate_group_data(
     group_names: Sequence[str] | np.ndarray | None = None,
     source: str = "<memory>",
 ) -> GroupData:
-    """Check and convert raw arrays into a :class:`GroupData` (x float32, y/group int64).
+    """Check and convert raw arrays into a :class:`GroupData` (x float32, y/group int64; ``y=None``
+    for data without labels).
 
     ``x`` of a signed integer dtype (int8…int64) holds token ids: it is kept as int64 (never cast
     to float, so an Embedding front end sees its ids) and must be >= 0. Unsigned integers and
@@ -230,7 +238,6 @@ def validate_group_data(
             length mismatch, a group id outside ``group_names`` or a group with no samples.
     """
     x = np.asarray(x)
-    y = np.asarray(y)
     group = np.asarray(group)
     _check_x_dtype(x, source)
     if x.ndim < 2:
@@ -262,9 +269,17 @@ def check_vocabulary(data: GroupData, vocab: int, layer: str) -> None:
         raise data_error(data.source, MSG_VOCABULARY.format(value=lo if lo < 0 else hi, vocab=vocab, layer=layer))
 
 
+def require_labels(data: Any, stage: str) -> None:
+    """Raise :class:`DataError` (:data:`MSG_NEEDS_LABELS`) when ``data`` (a GroupData or a
+    DataStream) has no labels and ``stage`` needs them."""
+    if data.y is None:
+        raise DataError(MSG_NEEDS_LABELS.format(stage=stage, source=data.source))
+
+
 def check_labels(data: GroupData, num_classes: int) -> None:
-    """Raise :class:`DataError` unless every label is in ``[0, num_classes)``."""
-    if data.y.size == 0:
+    """Raise :class:`DataError` unless every label is in ``[0, num_classes)`` (nothing to check
+    for data without labels)."""
+    if data.y is None or data.y.size == 0:
         return
     lo, hi = int(data.y.min()), int(data.y.max())
     if lo < 0 or hi >= num_classes:

@@ -1,20 +1,43 @@
-"""Reader of torch Datasets (any indexable with ``__len__``) yielding ``(x, y, group)`` items."""
+"""The items of a Dataset or an iterable, and the batches of a DataLoader, as numpy arrays.
+
+An item is ``x`` (a tensor or numpy array), or a tuple/list ``(x,)``, ``(x, y)`` or
+``(x, y, group)``: y a class id, group an id or a name (tensors, numpy values or Python numbers).
+A batch (what a DataLoader yields) is the same with every field batch-first: ``x [B, ...]``,
+``y [B]``, ``group [B]`` (or a list of names, as ``default_collate`` makes them). A tuple item is
+always read as fields, never as an x of numbers: give an x-only sample as a tensor or array.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .checks import data_error, validate_group_data
-from .group_data import GroupData
-from .progress import reading_bar
+from .checks import data_error
 
 MSG_ITEM_SHAPE = "sample {index}: field 'x' has shape {shape} but sample 0 has {first}; all samples must share a shape"
+MSG_ITEM_KIND = (
+    "sample {index} must be x (a tensor or array), (x, y) or (x, y, group), got {kind}"
+)
+MSG_ITEM_FIELDS = "sample {index} has the fields {got} but sample 0 has {first}; every sample must have the same fields"
+MSG_BATCH_LENGTH = "batch of samples {first}..: field '{field}' has {got} entries but x has {n}"
+FIELDS = {1: "(x)", 2: "(x, y)", 3: "(x, y, group)"}
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+@dataclass(frozen=True)
+class Item:
+    """One sample: x as an array, y a number or None, group an id, a name or None; ``fields``
+    counts what the item held (1: x, 2: x and y, 3: x, y and group)."""
+
+    x: np.ndarray
+    y: Any
+    group: Any
+    fields: int
+
+
+def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
@@ -25,7 +48,7 @@ def _scalar(value: Any, field: str, index: int, source: str) -> Any:
         if field != "group":
             raise data_error(source, f"sample {index}: field '{field}' is the string {value!r}")
         return value.decode() if isinstance(value, bytes) else value
-    arr = _to_numpy(value)
+    arr = to_numpy(value)
     if arr.size != 1:
         raise data_error(
             source, f"sample {index}: field '{field}' must be a single number, got shape {arr.shape}"
@@ -33,48 +56,58 @@ def _scalar(value: Any, field: str, index: int, source: str) -> Any:
     return arr.reshape(()).item()
 
 
-def dataset_item(item: Any, index: int, source: str) -> tuple[np.ndarray, Any, Any]:
-    """One Dataset item ``(x, y, group)`` as ``(x array, y number, group id or name)``."""
-    if not isinstance(item, (tuple, list)) or len(item) != 3:
-        raise data_error(
-            source,
-            f"sample {index} must be a tuple (x, y, group), got {type(item).__name__}"
-            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""),
-        )
-    return _to_numpy(item[0]), _scalar(item[1], "y", index, source), _scalar(item[2], "group", index, source)
+def _kind(item: Any) -> str:
+    if isinstance(item, (tuple, list)):
+        return f"{type(item).__name__} of length {len(item)}"
+    return type(item).__name__
 
 
-def from_dataset(dataset: Any, source: str = "<Dataset>") -> GroupData:
-    """Stack a Dataset (any indexable with ``__len__``) yielding ``(x, y, group)`` items.
+def dataset_item(item: Any, index: int, source: str) -> Item:
+    """One item (see the module docstring) as an :class:`Item`."""
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return Item(to_numpy(item), None, None, 1)
+    if not isinstance(item, (tuple, list)) or not 1 <= len(item) <= 3:
+        raise data_error(source, MSG_ITEM_KIND.format(index=index, kind=_kind(item)))
+    y = _scalar(item[1], "y", index, source) if len(item) >= 2 else None
+    g = _scalar(item[2], "group", index, source) if len(item) == 3 else None
+    return Item(to_numpy(item[0]), y, g, len(item))
 
-    Items may be tensors, numpy arrays or Python numbers; group may be an id or a name. A
-    ``group_names`` attribute on the dataset, when present, fixes the names of the ids.
-    """
-    try:
-        n = len(dataset)
-    except TypeError as err:
-        raise data_error(source, "the dataset has no len(); give an indexable Dataset") from err
-    if n == 0:
-        raise data_error(source, "the dataset is empty")
-    xs: list[np.ndarray] = []
-    ys: list[Any] = []
-    gs: list[Any] = []
-    shape: tuple[int, ...] | None = None
-    for i in reading_bar(range(n), n, "reading dataset"):
-        try:
-            item = dataset[i]
-        except Exception as err:  # the dataset's own failure, wrapped with its index
-            raise data_error(source, f"sample {i} cannot be read: {type(err).__name__}: {err}") from err
-        x, y, g = dataset_item(item, i, source)
-        if shape is None:
-            shape = x.shape
-        elif x.shape != shape:
-            raise data_error(source, MSG_ITEM_SHAPE.format(index=i, shape=x.shape, first=shape))
-        xs.append(x)
-        ys.append(y)
-        gs.append(g)
-    names = getattr(dataset, "group_names", None)
-    return validate_group_data(np.stack(xs), np.asarray(ys), dataset_groups(gs, source), names, source)
+
+def check_fields(item: Item, first: int, index: int, source: str) -> None:
+    """DataError unless ``item`` has the fields of sample 0 (``first``)."""
+    if item.fields != first:
+        raise data_error(source, MSG_ITEM_FIELDS.format(index=index, got=FIELDS[item.fields], first=FIELDS[first]))
+
+
+def _column(value: Any, field: str, n: int, first: int, source: str) -> list[Any]:
+    """A batch's y or group column as a list of ``n`` plain values."""
+    if isinstance(value, (list, tuple)):
+        values = [_scalar(v, field, first + i, source) for i, v in enumerate(value)]
+    else:
+        arr = to_numpy(value).reshape(-1)
+        values = arr.tolist()
+        if arr.dtype.kind in "SU":
+            values = [v.decode() if isinstance(v, bytes) else v for v in values]
+    if len(values) != n:
+        raise data_error(source, MSG_BATCH_LENGTH.format(first=first, field=field, got=len(values), n=n))
+    return values
+
+
+def batch_items(batch: Any, first: int, source: str) -> tuple[np.ndarray, list[Any] | None, list[Any] | None, int]:
+    """A DataLoader batch (see the module docstring) as ``(x [B, ...], y list or None, group list
+    or None, fields)``; ``first`` is the position of its first sample (for the messages)."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        x = to_numpy(batch)
+        return x, None, None, 1
+    if not isinstance(batch, (tuple, list)) or not 1 <= len(batch) <= 3:
+        raise data_error(source, MSG_ITEM_KIND.format(index=first, kind=_kind(batch)))
+    x = to_numpy(batch[0])
+    if x.ndim < 1:
+        raise data_error(source, f"batch of samples {first}..: field 'x' must be batch-first [B, ...], got a scalar")
+    n = x.shape[0]
+    y = _column(batch[1], "y", n, first, source) if len(batch) >= 2 else None
+    g = _column(batch[2], "group", n, first, source) if len(batch) == 3 else None
+    return x, y, g, len(batch)
 
 
 def dataset_groups(gs: Sequence[Any], source: str) -> np.ndarray:

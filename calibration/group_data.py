@@ -1,4 +1,6 @@
-"""Group-labeled arrays: the one in-memory form every reader produces."""
+"""Group-labeled arrays: the in-memory form of the readers (a :class:`~.stream.DataStream` is the
+streamed form; both have ``group``, ``y``, ``group_names``, ``source``, ``sample_shape`` and
+``take``)."""
 
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ class GroupData:
 
     Attributes:
         x: inputs, float32, ``[N, ...]``.
-        y: class labels, int64, ``[N]`` (-1 nowhere: every sample is labeled).
+        y: class labels, int64, ``[N]``; None when the data has no labels (a stage that needs
+            them says so, :func:`~.checks.require_labels`).
         group: group ids, int64, ``[N]``, each in ``range(len(group_names))``.
         group_names: a name per group id.
         source: where the data came from (a path or a description), used in messages.
     """
 
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     group: np.ndarray
     group_names: tuple[str, ...]
     source: str = "<memory>"
@@ -35,6 +38,15 @@ class GroupData:
     def num_groups(self) -> int:
         return len(self.group_names)
 
+    @property
+    def has_labels(self) -> bool:
+        return self.y is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one x."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
     def group_counts(self) -> np.ndarray:
         """Samples per group id, ``[num_groups]``."""
         return np.bincount(self.group, minlength=self.num_groups)
@@ -42,13 +54,21 @@ class GroupData:
     def subset(self, index: np.ndarray) -> "GroupData":
         """The samples at ``index`` (same group names and source)."""
         index = np.asarray(index)
-        return GroupData(self.x[index], self.y[index], self.group[index], self.group_names, self.source)
+        y = None if self.y is None else self.y[index]
+        return GroupData(self.x[index], y, self.group[index], self.group_names, self.source)
+
+    def take(self, index: np.ndarray | None = None, num_workers: int = 0, batch_size: int = 256) -> "GroupData":
+        """The samples at ``index`` (all when None): :meth:`subset` — the in-memory form of
+        :meth:`DataStream.take <fqexport.calibration.stream.DataStream.take>`."""
+        return self if index is None else self.subset(index)
 
     def batches(self, batch_size: int):
-        """Yield ``(x, y, group)`` numpy slices of at most ``batch_size`` samples, in order."""
+        """Yield ``(x, y, group)`` numpy slices of at most ``batch_size`` samples, in order
+        (y None when the data has no labels)."""
         for start in range(0, len(self), batch_size):
             stop = start + batch_size
-            yield self.x[start:stop], self.y[start:stop], self.group[start:stop]
+            y = None if self.y is None else self.y[start:stop]
+            yield self.x[start:stop], y, self.group[start:stop]
 
 
 MSG_UNKNOWN_GROUP = (

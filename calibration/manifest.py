@@ -1,8 +1,12 @@
 """Reader of CSV image manifests: a header ``path,label,group``, one image per row.
 
 Image paths are relative to the CSV's folder; images are read by :func:`read_image` (Pillow).
+Without a ``transform`` an image becomes float32 CHW in [0, 1] — no resize, no normalisation:
+a model trained on normalised inputs (mean/std) or another size needs ``transform=`` (see
+:mod:`.transform`), else every number it gives is silently wrong.
 :func:`read_manifest_rows` and :func:`manifest_targets` read the rows and labels without any image,
-:func:`manifest_item` one row's image, so a stream can read images batch by batch.
+:func:`manifest_item` one row's image, and :class:`ManifestDataset` is the rows as a Dataset, so
+a stream can read images batch by batch.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -20,6 +24,7 @@ from .checks import data_error, validate_group_data
 from .group_data import GroupData
 from .images import read_image
 from .progress import reading_bar
+from .transform import apply_transform
 
 CSV_COLUMNS = ("path", "label", "group")
 
@@ -34,28 +39,31 @@ def _parse_label(value: str, where: str) -> int:
     return int(f)
 
 
-def load_csv_manifest(path: str | os.PathLike) -> GroupData:
+def load_csv_manifest(path: str | os.PathLike, transform: Callable[[Any], Any] | None = None) -> GroupData:
     """Read a CSV with header ``path,label,group`` (image paths relative to the CSV's folder).
 
-    Images become float32 CHW in [0, 1] (grayscale → 1 channel, RGB → 3) and must all share
-    one shape. Column ``group`` holds names, or integer ids when every entry is an integer.
-    Needs Pillow (``pip install "fqexport[images]"``).
+    Images become float32 CHW in [0, 1] (grayscale → 1 channel, RGB → 3) — no resize, no
+    normalisation — then ``transform`` (each image as a batch of one, :mod:`.transform`) when
+    given; they must all share one shape after it. Column ``group`` holds names, or integer ids
+    when every entry is an integer. Needs Pillow (``pip install "fqexport[images]"``).
     """
     rows, folder, source = read_manifest_rows(path)
     xs: list[np.ndarray] = []
     ys: list[int] = []
     gs: list[str] = []
     first: tuple[str, tuple[int, ...]] | None = None
-    for line, row in reading_bar(rows, len(rows), "reading images"):
+    for i, (line, row) in enumerate(reading_bar(rows, len(rows), "reading images")):
         where = f"{source} line {line}"
         arr, label, group_name = manifest_item(row, where, folder)
+        if transform is not None:
+            arr = apply_transform(transform, arr[None], i, where)[0]
         if first is None:
             first = (row["path"], arr.shape)
         elif arr.shape != first[1]:
             raise DataError(
                 f"{where}: image {row['path']} is {'x'.join(map(str, arr.shape))} (CHW) but "
                 f"{first[0]} is {'x'.join(map(str, first[1]))}; all images must share one "
-                "size and channel count"
+                "size and channel count (resize them with transform=, e.g. to the model's input size)"
             )
         xs.append(arr)
         ys.append(label)
@@ -89,11 +97,34 @@ def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.nda
         raise DataError(f"{where}: column 'path' is empty")
     if not row.get("group"):
         raise DataError(f"{where}: column 'group' is empty")
-    image_path = Path(row["path"])
-    if not image_path.is_absolute():
-        image_path = folder / image_path
-    arr = read_image(image_path, where)
+    arr = read_image(_image_path(row["path"], folder), where)
     return arr, _parse_label(row["label"], where), row["group"]
+
+
+class ManifestDataset:
+    """A CSV manifest's rows as a map-style Dataset of ``(image float32 CHW in [0, 1], label,
+    group text)`` items, the image read when the item is. ``samples`` lists ``(image path,
+    label text)`` like torchvision's ImageFolder (``GroupsFromCSV(key="path")`` matches it)."""
+
+    def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str) -> None:
+        self.rows, self.folder, self.source = rows, folder, source
+        self.samples = [(str(_image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        line, row = self.rows[i]
+        return manifest_item(row, f"{self.source} line {line}", self.folder)
+
+    def labels_and_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and groups from the CSV alone (no image read)."""
+        return manifest_targets(self.rows, self.source)
+
+
+def _image_path(text: str, folder: Path) -> Path:
+    path = Path(text)
+    return path if path.is_absolute() else folder / path
 
 
 def read_manifest_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, str]]], Path, str]:

@@ -1,18 +1,31 @@
-"""Reader of ``.npz`` files holding arrays ``x``, ``y``, ``group`` (and optional ``group_names``).
+"""``.npz`` files holding arrays ``x``, ``group``, optional ``y`` (labels) and ``group_names``:
+:func:`load_npz` reads one, :func:`save_npz` writes one, :func:`map_npz_x` memory-maps its x.
 
 Each member's ``.npy`` header is read before its data: a declared size larger than the memory
 available, or than the bytes the archive holds, is refused before any allocation. Object arrays
-are refused (``allow_pickle=False``).
+are refused (``allow_pickle=False``). An archive without ``y`` holds data without labels.
+
+:func:`map_npz_x` maps x without reading it: a member stored uncompressed (``numpy.savez``,
+``save_npz``'s default) is the plain ``.npy`` bytes at an offset of the archive file and is mapped
+in place; a compressed one (``numpy.savez_compressed``) is inflated once, in 1 MiB chunks, into an
+anonymous temporary file (already deleted; the mapping keeps it) and mapped from there: disk, not
+memory, holds x.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from fqexport.atomic import atomic_write
+from fqexport.errors import DataError
 
 from .checks import data_error, validate_group_data
 from .group_data import GroupData
@@ -20,6 +33,13 @@ from .group_data import GroupData
 logger = logging.getLogger(__name__)
 
 NPZ_FIELDS = ("x", "y", "group")
+# Arrays an archive must hold (y is optional: data without labels).
+NPZ_REQUIRED = ("x", "group")
+MSG_X_MAP = "{source}: field 'x' cannot be memory-mapped ({err}); write the file again with numpy.savez"
+MSG_INFLATE = (
+    "{source}: field 'x' is compressed and could not be inflated into a temporary file in {tmp} ({err}); "
+    "free disk space there (or set TMPDIR), or write the file with numpy.savez (uncompressed)"
+)
 MSG_ARRAY_TOO_LARGE = (
     "field '{field}' declares shape {shape} {dtype} = {size:.3g} GB, more than the {avail:.3g} GB of "
     "memory available; use fewer samples or a smaller dtype"
@@ -75,7 +95,7 @@ def _check_npz_member(zf: zipfile.ZipFile, field: str, source: str) -> None:
 
 
 def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
-    """Open an ``.npz`` (no array read yet) that holds arrays ``x``, ``y`` and ``group``."""
+    """Open an ``.npz`` (no array read yet) that holds arrays ``x`` and ``group`` (``y`` optional)."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -92,13 +112,13 @@ def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
         raise data_error(
             source, "is a single .npy array, not an .npz archive; write it with numpy.savez"
         )
-    missing = [f for f in NPZ_FIELDS if f not in archive.files]
+    missing = [f for f in NPZ_REQUIRED if f not in archive.files]
     if missing:
         archive.close()
         raise data_error(
             source,
             f"missing array '{missing[0]}' (found {sorted(archive.files)}); "
-            "the file needs arrays x, y, group",
+            "the file needs arrays x, y, group (y may be left out for data without labels)",
         )
     return archive
 
@@ -113,13 +133,86 @@ def read_npz_field(archive: np.lib.npyio.NpzFile, field: str, source: str) -> np
 
 
 def load_npz(path: str | os.PathLike) -> GroupData:
-    """Read an ``.npz`` with arrays ``x``, ``y``, ``group`` and optional ``group_names``."""
+    """Read an ``.npz`` with arrays ``x``, ``group``, optional ``y`` and ``group_names``."""
     source = str(Path(path))
     with open_npz(path) as archive:
         arrays = {field: read_npz_field(archive, field, source)
                   for field in (*NPZ_FIELDS, "group_names") if field in archive.files}
     data = validate_group_data(
-        arrays["x"], arrays["y"], arrays["group"], arrays.get("group_names"), source
+        arrays["x"], arrays.get("y"), arrays["group"], arrays.get("group_names"), source
     )
     logger.info("read %d samples in %d groups from %s", len(data), data.num_groups, source)
     return data
+
+
+def save_npz(data: GroupData, path: str | os.PathLike, *, compressed: bool = False) -> Path:
+    """Write ``data`` as an ``.npz`` that :func:`load_npz` (and ``fqexport.load_data``) reads back:
+    arrays x, y (left out for data without labels), group and group_names.
+
+    ``compressed=False`` (``numpy.savez``) lets a stream memory-map x in place; ``True``
+    (``numpy.savez_compressed``) is smaller on disk. The file is written to a temporary name
+    and renamed (no half-written file). Returns the path.
+    """
+    arrays = {"x": data.x, "group": data.group, "group_names": np.array(data.group_names)}
+    if data.y is not None:
+        arrays["y"] = data.y
+    save = np.savez_compressed if compressed else np.savez
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz" to the temporary name
+            save(fh, **arrays)
+
+    return atomic_write(path, write)
+
+
+def _member_file(path: Path, zf: zipfile.ZipFile, source: str):
+    """``(open file, offset of x.npy in it, its stored size)``: the archive itself for a member
+    stored uncompressed, else an anonymous temporary file holding the inflated member."""
+    info = zf.getinfo("x.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        fh = open(path, "rb")
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            fh.close()
+            raise ValueError("bad local header of member x.npy")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        return fh, start, info.file_size
+    fh = tempfile.TemporaryFile()
+    try:
+        with zf.open(info) as member:
+            shutil.copyfileobj(member, fh, 1 << 20)
+        fh.flush()
+    except OSError as err:
+        fh.close()
+        raise DataError(MSG_INFLATE.format(source=source, tmp=tempfile.gettempdir(), err=err)) from err
+    stored = fh.tell()
+    fh.seek(0)
+    return fh, 0, stored
+
+
+def map_npz_x(path: Path, zf: zipfile.ZipFile, source: str) -> np.ndarray:
+    """x of the archive as a read-only memmap (see the module docstring)."""
+    try:
+        fh, start, stored = _member_file(path, zf, source)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(MSG_X_MAP.format(source=source, err=err)) from err
+    with fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+            if dtype.hasobject:
+                raise ValueError("object arrays cannot be mapped; store plain arrays")
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if nbytes > stored - (offset - start):
+                raise ValueError(f"it declares {nbytes:,} bytes but the archive holds {stored - (offset - start):,}")
+            if nbytes == 0:
+                return np.zeros(shape, dtype=dtype)
+            return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        except (ValueError, OSError, EOFError, SyntaxError) as err:
+            raise DataError(MSG_X_MAP.format(source=source, err=err)) from err

@@ -1,45 +1,164 @@
-"""Readers of group-labeled data: one entry point, :func:`load_data`, over the format readers.
+"""Readers of group-labeled data: :func:`load_data`, the one entry point, and :func:`open_stream`.
 
-A :class:`GroupData` is re-checked (:mod:`.checks`), an ``.npz`` path read by :mod:`.npz`, a
-``.csv`` path by :mod:`.manifest` (CSV image manifest) and a torch Dataset by :mod:`.dataset`.
-Every reader returns a validated :class:`GroupData`; bad input raises one :class:`DataError`
-whose message starts with the file (or source) and names the field.
+``load_data(source, groups=None, transform=None)`` gives what every API function accepts:
+
+- a :class:`GroupData` (re-checked, :mod:`.checks`) or an ``.npz`` path (:mod:`.npz`): a
+  GroupData in memory;
+- a ``.csv`` image manifest (:mod:`.manifest`), a torch Dataset, a DataLoader or another
+  re-iterable yielding ``x``, ``(x, y)`` or ``(x, y, group)``: a :class:`~.stream.DataStream`,
+  whose x is read batch by batch (:mod:`.stream`). A DataLoader yields batches; another iterable
+  yields batches when its first element's y is 1-D with x's length, else samples;
+- a DataStream: itself.
+
+``groups`` (:mod:`.groups`: an array, a function ``(index, sample) -> group`` or
+:class:`~.groups.GroupsFromCSV`) gives the groups when the samples do not carry them (and replaces
+them when they do); ``transform`` (:mod:`.transform`) is applied to x. Labels are optional: a
+stage that needs them says so. Bad input raises one :class:`DataError` whose message starts with
+the file (or source) and names the field or the first bad sample.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data._utils.collate import default_collate, default_convert
 
-from fqexport.errors import DataError
+from fqexport.errors import ConfigError, DataError
 
-from .checks import validate
-from .dataset import from_dataset
+from .checks import validate, validate_group_data
+from .dataset import dataset_groups, to_numpy
 from .group_data import GroupData
-from .manifest import load_csv_manifest
+from .groups import call_group_function, groups_up_front
+from .manifest import ManifestDataset, read_manifest_rows
 from .npz import load_npz
+from .dataset_stream import dataset_stream
+from .iterable_stream import iterable_stream
+from .stream import DataStream, in_memory_stream, npz_stream
+from .transform import apply_transform
+
+log = logging.getLogger(__name__)
+
+MSG_UNSUPPORTED = (
+    "cannot load data from a {kind}; give a GroupData, an .npz or .csv path, or a torch Dataset, "
+    "DataLoader or iterable yielding x, (x, y) or (x, y, group)"
+)
+MSG_SUFFIX = (
+    "{source}: unsupported data file type {suffix!r}; give an .npz (arrays x, y, group) or a .csv "
+    "manifest (path,label,group)"
+)
+MSG_ONE_SHOT = (
+    "{source}: an iterator can be read only once, and the data is read in several passes; give a "
+    "re-iterable (a list, a Dataset, a DataLoader, an IterableDataset)"
+)
+MSG_RAW_IMAGES = (
+    "%s: images as CHW float in [0, 1], no resize, no normalisation; a model trained on normalised or "
+    "resized inputs needs load_data(..., transform=...)"
+)
+MSG_SHUFFLED = (
+    "{source}: a DataLoader with shuffle=True and its own collate_fn yields its samples in another order "
+    "every pass, and the data is read in several passes; give shuffle=False (with the default collate_fn "
+    "its dataset is read by index, and shuffling does not matter)"
+)
+MSG_LOADED = "load_data: {source} is already loaded; give groups= and transform= when it is first loaded"
+# Samples per call of a transform on in-memory data.
+_TRANSFORM_BATCH = 256
 
 
-def load_data(spec: Any) -> GroupData:
-    """Load group-labeled data from a GroupData, an ``.npz``/``.csv`` path or a torch Dataset."""
-    if isinstance(spec, GroupData):
-        return validate(spec)
-    if isinstance(spec, (str, os.PathLike)):
-        suffix = Path(spec).suffix.lower()
+def load_data(source: Any, groups: Any = None, transform: Callable[[torch.Tensor], Any] | None = None, *,
+              num_workers: int = 0) -> GroupData | DataStream:
+    """Group-labeled data from ``source`` (see the module docstring): a GroupData in memory for
+    a GroupData or an ``.npz`` path, else a DataStream. ``num_workers``: DataLoader worker
+    processes that read a Dataset's or a CSV manifest's items (0: in this process)."""
+    if isinstance(source, DataStream):
+        if groups is not None or transform is not None:
+            raise ConfigError(MSG_LOADED.format(source=source.source))
+        return source
+    if isinstance(source, GroupData):
+        return _with_options(validate(source), groups, transform)
+    if isinstance(source, (str, os.PathLike)):
+        suffix = Path(source).suffix.lower()
         if suffix == ".npz":
-            return load_npz(spec)
+            return _with_options(load_npz(source), groups, transform)
         if suffix == ".csv":
-            return load_csv_manifest(spec)
-        raise DataError(
-            f"{spec}: unsupported data file type {suffix or '(no suffix)'!r}; give an .npz "
-            "(arrays x, y, group) or a .csv manifest (path,label,group)"
-        )
-    if isinstance(spec, torch.utils.data.Dataset):
-        return from_dataset(spec, source=f"<{type(spec).__name__}>")
-    raise DataError(
-        f"cannot load data from a {type(spec).__name__}; give a GroupData, an .npz or .csv "
-        "path, or a torch Dataset yielding (x, y, group)"
-    )
+            rows, folder, name = read_manifest_rows(source)
+            if transform is None:
+                log.info(MSG_RAW_IMAGES, name)
+            return dataset_stream(ManifestDataset(rows, folder, name), name, groups, transform, num_workers)
+        raise DataError(MSG_SUFFIX.format(source=source, suffix=suffix or "(no suffix)"))
+    return _stream_of(source, groups, transform, num_workers)
+
+
+def open_stream(source: Any, groups: Any = None, transform: Callable[[torch.Tensor], Any] | None = None,
+                num_workers: int = 0) -> DataStream:
+    """``load_data``'s data as a DataStream always (fine-tuning reads its training data so): a
+    GroupData is wrapped, an ``.npz`` (without groups or transform) memory-mapped, not read."""
+    if (isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz"
+            and groups is None and transform is None):
+        return npz_stream(Path(source))
+    data = load_data(source, groups, transform, num_workers=num_workers)
+    return data if isinstance(data, DataStream) else in_memory_stream(data)
+
+
+def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers: int) -> DataStream:
+    """A stream over a Dataset, a DataLoader or a re-iterable (module docstring of :mod:`.stream`)."""
+    if isinstance(source, (dict, str, bytes, np.ndarray, torch.Tensor)):
+        raise DataError(MSG_UNSUPPORTED.format(kind=type(source).__name__))
+    if isinstance(source, DataLoader):
+        ds = source.dataset
+        items = source.collate_fn in (default_collate, default_convert)
+        if not isinstance(ds, IterableDataset) and items:
+            return dataset_stream(ds, f"<DataLoader of {type(ds).__name__}>", groups, transform,
+                                  num_workers or source.num_workers)
+        name = f"<DataLoader of {type(ds).__name__}>"
+        if isinstance(source.sampler, RandomSampler):
+            raise DataError(MSG_SHUFFLED.format(source=name))
+        return iterable_stream(source, name, source.batch_sampler is not None or source.batch_size is not None,
+                               groups, transform)
+    name = f"<{type(source).__name__}>"
+    if isinstance(source, IterableDataset):
+        return iterable_stream(source, name, False, groups, transform)
+    if isinstance(source, (Dataset, list, tuple)):
+        return dataset_stream(source, name, groups, transform, num_workers)
+    if hasattr(source, "__iter__"):
+        if iter(source) is source:
+            raise DataError(MSG_ONE_SHOT.format(source=name))
+        return iterable_stream(source, name, _yields_batches(source), groups, transform)
+    raise DataError(MSG_UNSUPPORTED.format(kind=type(source).__name__))
+
+
+def _yields_batches(iterable: Any) -> bool:
+    """True when the first element is a batch ``(x [B, ...], y [B], ...)``: its y is 1-D with x's
+    length (a sample's label is one number). An x-only iterable yields samples."""
+    first = next(iter(iterable), None)
+    if not isinstance(first, (tuple, list)) or len(first) < 2 or isinstance(first[1], (str, bytes)):
+        return False
+    y = to_numpy(first[1]) if not isinstance(first[1], (list, tuple)) else np.asarray(first[1], dtype=object)
+    return y.ndim == 1 and np.ndim(first[0]) >= 1 and len(y) == len(first[0])
+
+
+def _with_options(data: GroupData, groups: Any, transform: Callable | None) -> GroupData:
+    """In-memory ``data`` with ``transform`` applied to x (a batch at a time) and its groups
+    replaced by ``groups`` (a function is called with ``(index, (x, y, group name))``)."""
+    if groups is None and transform is None:
+        return data
+    n, source = len(data), data.source
+    x = data.x
+    if transform is not None:
+        x = np.concatenate([apply_transform(transform, data.x[s:s + _TRANSFORM_BATCH], s, source)
+                            for s in range(0, n, _TRANSFORM_BATCH)])
+    group, names = data.group, data.group_names
+    if groups is not None:
+        names = None
+        group = groups_up_front(groups, n, source, lambda: None)
+        if group is None:
+            group = dataset_groups([
+                call_group_function(groups, i, (data.x[i], None if data.y is None else data.y[i],
+                                                 data.group_names[data.group[i]]), source)
+                for i in range(n)], source)
+    return validate_group_data(x, data.y, group, names, source)

@@ -1,8 +1,13 @@
-"""Group-balanced sampling and stratified hold-out splits (deterministic for a seed)."""
+"""Group-balanced sampling and stratified hold-out splits (deterministic for a seed).
+
+Each function reads only ``group``, ``group_counts()``, ``group_names`` and ``source``, so it
+works alike on a :class:`GroupData` and on a :class:`~.stream.DataStream` (whose ``subset`` reads
+nothing)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -38,9 +43,10 @@ def _check_n(n: object) -> int:
     return int(n)
 
 
-def group_balanced_subset(data: GroupData, n: int, seed: int = 0) -> GroupData:
-    """The samples :func:`group_balanced_indices` picks, in its order."""
-    return data.subset(group_balanced_indices(data, n, seed))
+def group_balanced_subset(data: Any, n: int, seed: int = 0) -> GroupData:
+    """The samples :func:`group_balanced_indices` picks, in its order, in memory (of a
+    :class:`~.stream.DataStream`, only these samples are read)."""
+    return data.take(group_balanced_indices(data, n, seed))
 
 
 def group_balanced_indices(data: GroupData, n: int, seed: int = 0) -> np.ndarray:

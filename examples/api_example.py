@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 import fqexport
-from fqexport import GroupData, QuantConfig, Thresholds
+from fqexport import GroupData, QuantConfig, Thresholds, save_npz
 from fqexport.demo.models import small_resnet
-from fqexport.demo.run import save_npz
 from fqexport.demo.task import make_image_task
 from fqexport.demo.training import TrainConfig, train_classifier
 

@@ -10,6 +10,8 @@ the CLI's ``--help`` and argument errors do not wait for torch, onnx and onnxrun
 ``_PUBLIC`` is the one place where a project module is imported lazily (by name, through
 :mod:`importlib`); ``tests/test_import_graph.py`` checks it is exactly that and nothing else,
 and treats each entry as an import edge of this package.
+Your own data: ``fqexport.load_data(dataset_or_loader, groups=..., transform=...)``
+(docs/your-own-model.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ _PUBLIC: dict[str, str] = {
     "pareto_sweep": "fqexport.search.pareto:pareto_sweep",
     "load_model": "fqexport.graph.loading:load_model",
     "load_data": "fqexport.calibration.readers:load_data",
+    "save_npz": "fqexport.calibration.npz:save_npz",
+    "GroupsFromCSV": "fqexport.calibration.groups:GroupsFromCSV",
+    "DataStream": "fqexport.calibration.stream:DataStream",
     "group_metrics": "fqexport.metrics.group_metrics:group_metrics",
     "CompressedModel": "fqexport.model:CompressedModel",
     "QuantizedLayer": "fqexport.model:QuantizedLayer",

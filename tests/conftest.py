@@ -20,6 +20,7 @@ if str(TESTS_DIR) not in sys.path:  # 'fixtures_models:tiny_cnn' resolves like a
     sys.path.insert(0, str(TESTS_DIR))
 
 import fixtures_models as fm  # noqa: E402
+from fqexport.calibration.npz import save_npz  # noqa: E402
 from fqexport.config import QuantConfig  # noqa: E402
 from fqexport.exporters import qdq_onnx  # noqa: E402
 from fqexport.exporters.qdq_onnx import export_qdq  # noqa: E402
@@ -50,7 +51,7 @@ def cnn_files(tmp_path_factory, cnn_model, cnn_data):
     """Folder with the CNN's state_dict (``cnn.pt``) and the task as ``calib.npz``."""
     d = tmp_path_factory.mktemp("cnn_files")
     torch.save(cnn_model.state_dict(), d / "cnn.pt")
-    fm.save_npz(cnn_data, d / "calib.npz")
+    save_npz(cnn_data, d / "calib.npz")
     return d
 
 
@@ -134,5 +135,5 @@ def mlp_model(mlp_data):
 def mlp_files(tmp_path_factory, mlp_model, mlp_data):
     d = tmp_path_factory.mktemp("mlp_files")
     torch.save(mlp_model.state_dict(), d / "mlp.pt")
-    fm.save_npz(mlp_data, d / "calib.npz")
+    save_npz(mlp_data, d / "calib.npz")
     return d

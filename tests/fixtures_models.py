@@ -122,10 +122,6 @@ def accuracy(model: nn.Module, data: GroupData) -> float:
     return float((pred == data.y).mean())
 
 
-def save_npz(data: GroupData, path) -> None:
-    np.savez(path, x=data.x, y=data.y, group=data.group, group_names=np.array(data.group_names))
-
-
 def saturating_qdq_gemm(path) -> GroupData:
     """A 2-class QDQ Gemm (K=4) whose minority is right with exact int32 sums, wrong on AVX2.
 
@@ -207,3 +203,24 @@ def saturating_task(n: int = 200, seed: int = 0) -> GroupData:
         y = saturating_mlp()(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)
     group = (np.arange(n) % 4 == 0).astype(np.int64)
     return GroupData(x, y, group, ("majority", "minority"), "saturating-mlp-task")
+
+
+class ItemsDataset(torch.utils.data.Dataset):
+    """The items of a GroupData, group as a name; ``bad`` maps an index to a replacement item."""
+
+    def __init__(self, data: GroupData, bad: dict | None = None, declare: bool = False) -> None:
+        self.data, self.bad, self.declare = data, bad or {}, declare
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            return self.bad[i]
+        d = self.data
+        return torch.from_numpy(d.x[i]), int(d.y[i]), d.group_names[d.group[i]]
+
+    def __getattr__(self, name):
+        if name == "labels_and_groups" and self.__dict__.get("declare"):
+            return lambda: (self.data.y, np.array(self.data.group_names)[self.data.group])
+        raise AttributeError(name)

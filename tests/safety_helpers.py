@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fqexport.calibration.npz import save_npz
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 
@@ -129,7 +131,7 @@ def make_inputs(folder: Path) -> Path:
     import fixtures_models as fm
 
     torch.save(fm.tiny_mlp().state_dict(), folder / "mlp.pt")
-    fm.save_npz(fm.tabular_task(n=120), folder / "calib.npz")
+    save_npz(fm.tabular_task(n=120), folder / "calib.npz")
     tiny_onnx(folder / "model.onnx")
     return folder
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from fixtures_models import saturating_mlp, saturating_task, save_npz
+from fixtures_models import saturating_mlp, saturating_task
+from fqexport.calibration.npz import save_npz
 from fqexport.cli import main
 from fqexport.config import ExportTarget, QuantConfig
 from fqexport.errors import ConfigError, ExportError

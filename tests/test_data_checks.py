@@ -14,7 +14,7 @@ from fqexport.validation.data_checks import (
     MSG_OUTPUT,
     MSG_RANK,
     MSG_SHAPE,
-    as_group_data,
+    as_test_data,
     check_data,
     check_logits,
 )
@@ -59,9 +59,9 @@ def test_check_logits_names_output_shape_and_label_range():
         source="d.npz", label=2, model="m.onnx", num_classes=2, last=1)
 
 
-def test_as_group_data_passes_group_data_through_and_reads_a_path(tmp_path):
+def test_as_test_data_passes_group_data_through_and_reads_a_path(tmp_path):
     data = _data(np.zeros((4, 3)))
-    assert as_group_data(data) is data
+    assert as_test_data(data) is data
     np.savez(tmp_path / "t.npz", x=data.x, y=data.y, group=data.group, group_names=np.array(NAMES))
-    read = as_group_data(tmp_path / "t.npz")
+    read = as_test_data(tmp_path / "t.npz")
     assert read.source.endswith("t.npz") and len(read) == 4 and tuple(read.group_names) == NAMES

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import load_data
 from fqexport.metrics.diagnostics import (
     FLOAT_VARIANT,
     ROW_COLUMNS,
@@ -155,3 +156,16 @@ def test_analyze_float_vs_quantized_on_tiny_mlp():
     assert any(line.startswith("W4A8: most hurt group") for line in d["summary"])
     with pytest.raises(ConfigError, match="weight_bits=9 is not supported"):
         analyze(model, data, bits=(9,))
+
+
+def test_analyze_of_a_stream_matches_the_group_data_and_needs_labels():
+    data = _logistic_task(n=96, d=6, k=3, scale_minority=3.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    items = [(torch.from_numpy(x), int(y), data.group_names[g]) for x, y, g in zip(data.x, data.y, data.group)]
+    want = group_diagnostics(model, data, hessian_iters=5, max_samples_per_group=32)
+    got = group_diagnostics(model, load_data(items), hessian_iters=5, max_samples_per_group=32)
+    assert {g: d.to_dict() for g, d in got.items()} == {g: d.to_dict() for g, d in want.items()}
+    x_alone = load_data([torch.from_numpy(x) for x in data.x], groups=data.group)
+    with pytest.raises(DataError, match=r"^analyze needs labels: <list> yields no y; give \(x, y\) or \(x, y, group\)"):
+        analyze(model, x_alone, bits=(4,))

@@ -1,5 +1,5 @@
-"""Tests of fqexport/finetune/data.py: the training stream (GroupData, memory-mapped .npz,
-Dataset through a DataLoader with workers) and fine-tuning from it.
+"""Fine-tuning from a stream (fqexport.calibration.stream: GroupData, memory-mapped .npz, Dataset
+through a DataLoader with workers; the stream itself is tested in test_stream.py).
 
 What is guaranteed: a Dataset (any num_workers) or an .npz gives the same labels, groups, hold-out
 split and sampled batches as the equivalent GroupData, so the same x per step; the teacher's
@@ -18,37 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from fqexport.calibration.group_data import GroupData
+from fixtures_models import ItemsDataset
+from fqexport.calibration.readers import load_data
 from fqexport.cli.main import main
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError
 from fqexport.finetune.api import finetune
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import open_train
 from fqexport.pipeline.compress import compress
 
 TESTS = Path(__file__).parent
-
-
-class ItemsDataset(torch.utils.data.Dataset):
-    """The items of a GroupData, group as a name; ``bad`` maps an index to a replacement item."""
-
-    def __init__(self, data: GroupData, bad: dict | None = None, declare: bool = False) -> None:
-        self.data, self.bad, self.declare = data, bad or {}, declare
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        if i in self.bad:
-            return self.bad[i]
-        d = self.data
-        return torch.from_numpy(d.x[i]), int(d.y[i]), d.group_names[d.group[i]]
-
-    def __getattr__(self, name):
-        if name == "labels_and_groups" and self.__dict__.get("declare"):
-            return lambda: (self.data.y, np.array(self.data.group_names)[self.data.group])
-        raise AttributeError(name)
 
 
 @pytest.fixture(scope="module")
@@ -58,55 +37,6 @@ def mlp_cm2(mlp_model, mlp_data):
 
 def _weights(cm):
     return {k: v.detach().clone() for k, v in cm.reference.state_dict().items()}
-
-
-# ------------------------------------------------------------------------- the stream
-
-
-@pytest.mark.parametrize("compressed", [False, True])
-def test_npz_x_is_memory_mapped_and_batches_match_the_arrays(tmp_path, mlp_data, compressed):
-    path = tmp_path / "t.npz"
-    (np.savez_compressed if compressed else np.savez)(path, x=mlp_data.x, y=mlp_data.y, group=mlp_data.group)
-    stream = open_train(path)
-    assert isinstance(stream._reader.x, np.memmap)
-    assert not stream.in_memory and stream.sample_shape == mlp_data.x.shape[1:]
-    np.testing.assert_array_equal(stream.y, mlp_data.y)
-    sub = stream.subset(np.arange(100, 300))
-    (x, y, g), = sub.batches([np.array([7, 0, 199])])
-    np.testing.assert_array_equal(x, mlp_data.x[[107, 100, 299]])
-    np.testing.assert_array_equal(g, mlp_data.group[[107, 100, 299]])
-
-
-def test_npz_with_nan_fails_at_open_naming_the_sample(tmp_path, mlp_data):
-    x = mlp_data.x.copy()
-    x[123, 0] = np.nan
-    path = tmp_path / "bad.npz"
-    np.savez(path, x=x, y=mlp_data.y, group=mlp_data.group)
-    with pytest.raises(DataError, match=r"bad\.npz: sample 123: field 'x' contains NaN or Inf \(1 values\)"):
-        open_train(path)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_dataset_light_pass_gives_the_readers_labels_and_groups(mlp_data, workers):
-    stream = open_train(ItemsDataset(mlp_data), num_workers=workers)
-    assert stream.group_names == mlp_data.group_names
-    np.testing.assert_array_equal(stream.y, mlp_data.y)
-    np.testing.assert_array_equal(stream.group, mlp_data.group)
-    batches = [np.array([5, 1]), np.array([399, 0, 17])]
-    for (x, _, _), idx in zip(stream.batches(batches, workers), batches):
-        np.testing.assert_array_equal(x, mlp_data.x[idx])
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_bad_item_in_a_streamed_batch_names_its_index(mlp_data, workers):
-    nan_x = torch.full(mlp_data.x.shape[1:], float("nan"))
-    stream = open_train(ItemsDataset(mlp_data, bad={250: (nan_x, 0, "group0")}, declare=True))
-    with pytest.raises(DataError, match=r"<ItemsDataset>: sample 250: field 'x' contains NaN or Inf"):
-        list(stream.batches([np.arange(0, 64), np.arange(240, 260)], workers))
-    unknown = (torch.zeros(mlp_data.x.shape[1:]), int(mlp_data.y[301]), "martians")
-    stream = open_train(ItemsDataset(mlp_data, bad={301: unknown}, declare=True))
-    with pytest.raises(DataError, match=r"holds the name 'martians' \(sample 301\) that is not in group_names"):
-        list(stream.batches([np.arange(290, 310)], workers))
 
 
 # ------------------------------------------------------------------------- fine-tuning from a stream
@@ -202,3 +132,10 @@ def test_streaming_50k_items_keeps_memory_far_below_the_materialized_size():
     grew_mb, steps = int(line[1]) / 1024, int(line[3])
     assert steps == 20
     assert grew_mb < 40, f"peak RSS grew {grew_mb:.1f} MB; x materialized would be 153.6 MB"
+
+
+def test_finetune_without_labels_says_so_before_any_step(mlp_cm2, mlp_data):
+    x_alone = load_data([torch.from_numpy(x) for x in mlp_data.x], groups=np.array(mlp_data.group_names)[mlp_data.group])
+    with pytest.raises(DataError) as info:
+        finetune(mlp_cm2, x_alone, FinetuneConfig(epochs=1), progress=False)
+    assert str(info.value) == "finetune needs labels: <list> yields no y; give (x, y) or (x, y, group) samples"

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import open_stream
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import open_train
 from fqexport.finetune.fit_data import FitData, epoch_batches, steps_per_epoch
 
 
@@ -28,7 +28,7 @@ def test_coreset_keeps_where_quantization_moved_the_model_in_group_balanced_batc
     cfg = FinetuneConfig(batch_size=4, sampler="core-set", coreset_fraction=0.05, coreset_min_per_group=2,
                          coreset_score="disagreement")
     fixed = type("Fixed", (torch.nn.Module,), {"forward": lambda self, xb: teacher})()  # the logits above
-    fit = FitData(open_train(fit), fixed, torch.device("cpu"), 0)
+    fit = FitData(open_stream(fit), fixed, torch.device("cpu"), 0)
     batches = epoch_batches(student, fit, cfg, np.random.default_rng(0), 2)
     assert sorted(set(np.concatenate(batches).tolist())) == moved  # 3 of a (5% of 60), 2 of b (the floor)
     # ceil(5 / 4) batches, each with as many samples of a as of b (b's two are revisited)

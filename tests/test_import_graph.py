@@ -32,7 +32,8 @@ PACKAGES = {"fqexport": "fqexport", "calibration": "fqexport.calibration", "expo
 QUANT_MUST_NOT_IMPORT = ("graph", "pipeline", "search", "cli", "demo", "validation", "exporters")
 # The names README.md and examples/api_example.py use as ``fqexport.<name>``.
 README_API = ("compress", "QuantConfig", "MixedPrecisionConfig", "search_mixed_precision", "export_float",
-              "validate", "Thresholds", "ValidationReport", "GroupMetrics", "load_model", "export", "load_data")
+              "validate", "Thresholds", "ValidationReport", "GroupMetrics", "load_model", "export", "load_data",
+              "save_npz", "GroupsFromCSV")
 # The lazy boundary: module -> (its table of "module:attr" targets, the function that imports them).
 LAZY_TABLES = {"fqexport": ("_PUBLIC", "_resolve"), "fqexport.cli.main": ("COMMANDS", "command")}
 # Where a module is imported by a name known only at run time: the lazy tables, and the user's model factory.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fqexport.calibration.manifest import load_csv_manifest
+from fqexport.calibration.readers import load_data
 from fqexport.errors import DataError
 
 
@@ -84,3 +85,26 @@ def test_load_csv_manifest_without_pillow(tmp_path, monkeypatch):
     path = _manifest(tmp_path, ["a.png,0,g"])
     with pytest.raises(DataError, match=r'pip install "fqexport\[images\]"'):
         load_csv_manifest(path)
+
+
+def test_transform_resizes_and_normalises_each_image_before_they_are_stacked(tmp_path):
+    pytest.importorskip("PIL")
+    import torch
+
+    _write_png(tmp_path / "big.png", np.full((4, 6, 3), 255, np.uint8), "RGB")
+    _write_png(tmp_path / "small.png", np.zeros((2, 2, 3), np.uint8), "RGB")
+    path = _manifest(tmp_path, ["big.png,0,a", "small.png,1,b"])
+    with pytest.raises(DataError, match=r"all images must share one size and channel count \(resize them with transform="):
+        load_csv_manifest(path)
+
+    def transform(x):  # [1, 3, H, W] in [0, 1]
+        assert x.shape[0] == 1
+        return (torch.nn.functional.interpolate(x, size=(3, 3)) - 0.5) / 0.25
+
+    data = load_csv_manifest(path, transform=transform)
+    assert data.x.shape == (2, 3, 3, 3)
+    np.testing.assert_allclose(data.x[0], 2.0)  # white, normalised
+    np.testing.assert_allclose(data.x[1], -2.0)  # black
+    stream = load_data(path, transform=transform)  # the same images read batch by batch
+    np.testing.assert_array_equal(stream.take().x, data.x)
+    assert stream.y.tolist() == [0, 1] and stream.group_names == ("a", "b")

@@ -14,6 +14,8 @@ import torch
 import fqexport.search.mixed_precision as mp_module
 import fqexport.search.pareto as pareto_module
 import fqexport.search.selection as selection_module
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import (
     group_balanced_indices,
     split_holdout,
@@ -43,6 +45,7 @@ from fqexport.search.pareto import (
     write_pareto_json,
 )
 from fqexport.search.sensitivity import DEFAULT_CACHE
+from fqexport.search.verification import NO_LABELS
 
 BASE = QuantConfig(num_calib=128, batch_size=128)
 
@@ -130,6 +133,29 @@ def test_candidates_report_predicted_and_measured(search, mlp_data):
     for g in groups:
         want = c.metrics.by_group[g]["loss"] - search.float_metrics.by_group[g]["loss"]
         assert c.measured_loss_increase[g] == pytest.approx(want)
+
+
+def test_search_without_labels_distils_the_float_model_from_a_stream(mlp_model, mlp_data):
+    # labels = the float model's top-1 in memory, vs no labels streamed from a DataLoader of x alone
+    with torch.no_grad():
+        top1 = mlp_model(torch.from_numpy(mlp_data.x)).argmax(1).numpy()
+    labeled = GroupData(mlp_data.x, top1, mlp_data.group, mlp_data.group_names, mlp_data.source)
+    loader = torch.utils.data.DataLoader(torch.from_numpy(mlp_data.x), batch_size=64)
+    stream = load_data(loader, groups=np.array(mlp_data.group_names)[mlp_data.group])
+    assert stream.y is None
+    mp = MixedPrecisionConfig(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=96)
+    want = search_mixed_precision(mlp_model, labeled, mp, BASE, progress=False)
+    got = search_mixed_precision(mlp_model, stream, mp, BASE, progress=False)
+    np.testing.assert_allclose(got.sensitivity.delta, want.sensitivity.delta, rtol=1e-5, atol=1e-8)
+    assert got.allocation.bits == want.allocation.bits
+    assert [c.allocation.bits for c in got.candidates] == [c.allocation.bits for c in want.candidates]
+    for a, b in zip(got.candidates, want.candidates):
+        assert a.metrics.to_dict() == b.metrics.to_dict()
+    assert got.float_metrics.overall["accuracy"] == 1.0  # the float model agrees with its own top-1
+    assert got.verification.endswith(NO_LABELS) and not want.verification.endswith(NO_LABELS)
+    for name, layer in want.compressed.layers.items():
+        assert torch.equal(got.compressed.layers[name].codes, layer.codes)
 
 
 def test_table_and_metadata(search):

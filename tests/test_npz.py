@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fqexport.calibration.npz import load_npz
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import load_npz, save_npz
 from fqexport.errors import DataError
 
 
@@ -125,3 +126,18 @@ def test_load_npz_object_array_refused_without_pickle(tmp_path):
     path = _save(tmp_path, x=x, y=y, group=np.array([0, 1, 0, 1, 0, {}], dtype=object))
     with pytest.raises(DataError, match="field 'group' cannot be read"):
         load_npz(path)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_save_npz_round_trips_with_and_without_labels(tmp_path, compressed):
+    x, y, group = _arrays()
+    data = GroupData(x.astype(np.float32), y, group, ("a", "b"), "mem")
+    path = save_npz(data, tmp_path / "d.npz", compressed=compressed)
+    assert path == tmp_path / "d.npz" and sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]
+    back = load_npz(path)
+    np.testing.assert_array_equal(back.x, data.x)
+    np.testing.assert_array_equal(back.y, y)
+    assert back.group.tolist() == group.tolist() and back.group_names == ("a", "b")
+    unlabeled = save_npz(GroupData(data.x, None, group, ("a", "b")), tmp_path / "u.npz", compressed=compressed)
+    assert sorted(np.load(unlabeled).files) == ["group", "group_names", "x"]
+    assert load_npz(unlabeled).y is None

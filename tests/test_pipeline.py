@@ -13,6 +13,8 @@ from torch import nn
 
 from conftest import MIXED_BITS
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.readers import load_data
+from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError
 from fqexport.model import CompressedModel
@@ -205,3 +207,56 @@ def test_compress_reads_npz_path(mlp_files, mlp_model, mlp_data):
     assert cm.group_names == ("a", "b") and cm.calib.source.endswith("calib.npz")
     agree = np.mean(cm.predict(mlp_data.x).argmax(1) == _logits(mlp_model, mlp_data.x).argmax(1))
     assert agree >= 0.97
+
+
+# ------------------------------------------------------------------------- your own data, streamed
+
+
+def _same_codes(a: CompressedModel, b: CompressedModel) -> None:
+    assert list(a.layers) == list(b.layers)
+    for name in a.layers:
+        assert torch.equal(a.layers[name].codes, b.layers[name].codes), name
+        assert torch.equal(a.layers[name].scale, b.layers[name].scale), name
+
+
+def test_compress_from_a_dataloader_or_x_alone_gives_the_npz_codes(cnn_cm8, cnn_model, cnn_data, tmp_path):
+    # cnn_cm8: the same data as a GroupData (what an .npz loads to), QuantConfig(num_calib=256)
+    names = np.array(cnn_data.group_names)[cnn_data.group]
+    pairs = torch.utils.data.TensorDataset(torch.from_numpy(cnn_data.x), torch.from_numpy(cnn_data.y))
+    loader = torch.utils.data.DataLoader(pairs, batch_size=50)
+    from_loader = compress(cnn_model, load_data(loader, groups=names), QuantConfig(num_calib=256), progress=False)
+    _same_codes(from_loader, cnn_cm8)
+    assert from_loader.group_names == cnn_data.group_names and from_loader.calib.source == "<DataLoader of TensorDataset>"
+    x_alone = load_data([torch.from_numpy(x) for x in cnn_data.x], groups=names)
+    assert x_alone.y is None
+    unlabeled = compress(cnn_model, x_alone, QuantConfig(num_calib=256), progress=False)
+    _same_codes(unlabeled, cnn_cm8)
+    assert unlabeled.calib.y is None
+
+
+def test_compress_reads_only_the_calibration_subset_of_a_dataset(cnn_model, cnn_data):
+    class Counting(torch.utils.data.Dataset):
+        targets = cnn_data.y.tolist()  # as torchvision's ImageFolder: labels without reading an image
+
+        def __init__(self):
+            self.read = set()
+
+        def __len__(self):
+            return len(cnn_data)
+
+        def __getitem__(self, i):
+            self.read.add(i)
+            return torch.from_numpy(cnn_data.x[i]), int(cnn_data.y[i])
+
+    ds = Counting()
+    stream = load_data(ds, groups=cnn_data.group)
+    assert ds.read == {0}  # its shape, when the stream is opened: labels from targets, groups given
+    cm = compress(cnn_model, stream, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    assert len(cm.calib) == 64
+    assert ds.read == {0} | set(group_balanced_indices(stream, 64, seed=0).tolist())
+
+
+def test_compress_checks_labels_of_a_stream_before_quantizing(cnn_model, cnn_data):
+    bad = [(torch.from_numpy(x), 9) for x in cnn_data.x[:40]]
+    with pytest.raises(DataError, match=r"<list>: field 'y' holds the label 9 outside \[0, 4\)"):
+        compress(cnn_model, load_data(bad, groups=cnn_data.group[:40]), QuantConfig(num_calib=16), progress=False)

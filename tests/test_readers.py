@@ -45,7 +45,7 @@ def test_load_data_dispatch(tmp_path):
     assert load_data(gd).group_names == ("a", "b")
     ds = _Tuples([(np.zeros(2), 0, 0), (np.ones(2), 1, 1)])
     loaded = load_data(ds)
-    assert loaded.x.shape == (2, 2) and loaded.source == "<_Tuples>"
+    assert loaded.take().x.shape == (2, 2) and loaded.source == "<_Tuples>"
     with pytest.raises(DataError, match=r"d.txt: unsupported data file type '.txt'"):
         load_data(tmp_path / "d.txt")
     with pytest.raises(DataError, match="cannot load data from a dict"):

@@ -90,6 +90,17 @@ def test_fisher_proxy_isolates_groups_and_ranks_widths():
     assert t.at("path_b", 2)[1] > t.at("path_b", 8)[1] > 0
 
 
+@pytest.mark.parametrize("method", ["measured", "fisher"])
+def test_without_labels_the_float_models_top1_is_the_label(method):
+    model, data = two_path_case()  # its labels are the float model's top-1
+    unlabeled = GroupData(data.x, None, data.group, data.group_names, data.source)
+    want = measure_sensitivity(model, data, bit_choices=(2, 8), method=method, cache=False)
+    got = measure_sensitivity(model, unlabeled, bit_choices=(2, 8), method=method, cache=False)
+    np.testing.assert_allclose(got.delta, want.delta, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.float_loss, want.float_loss, rtol=1e-6)
+    assert got.key != want.key  # the cache tells labeled from unlabeled data
+
+
 def test_fisher_delta_equation():
     fisher = torch.tensor([[[1.0, 2.0]], [[0.0, 4.0]]])  # [G=2, 1, 2]
     w = torch.tensor([[1.0, 1.0]])

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import fqexport
 from fixtures_models import saturating_qdq_gemm
 from fqexport.calibration.group_data import GroupData
 from fqexport.exporters.cpu_isa import cpu_isa, runs_natively
@@ -193,6 +194,27 @@ def test_npz_path_is_read(setup, tmp_path):
     r = validate(d / "float.onnx", tmp_path / "t.npz", measure_latency=False, kernel_check=False)
     assert r.data_source.endswith("t.npz") and r.metrics.overall["count"] == 240
     assert r.metrics.by_group["minority"]["count"] == 48
+
+
+def test_a_streamed_dataloader_gives_the_group_datas_report(setup):
+    d, data = setup
+    ref = validate(d / "qdq.onnx", data, reference=d / "float.onnx", measure_latency=False)
+    names = np.array(data.group_names)[data.group]
+    loader = torch.utils.data.DataLoader(
+        [(torch.from_numpy(x), int(y), g) for x, y, g in zip(data.x, data.y, names)], batch_size=32)
+    r = validate(d / "qdq.onnx", loader, reference=d / "float.onnx", latency_batch_sizes=(4,), repeats=2, warmup=1)
+    assert r.data_source == "<DataLoader of list>"
+    assert r.metrics.to_dict() == ref.metrics.to_dict()
+    assert r.kernel_deviation_by_group == ref.kernel_deviation_by_group and r.agreement == ref.agreement
+    assert r.latency[0].batch_size == 4
+
+
+def test_data_without_labels_is_named_before_any_session_runs(setup):
+    d, data = setup
+    x_alone = fqexport.load_data([torch.from_numpy(x) for x in data.x], groups=data.group)
+    with pytest.raises(DataError) as info:
+        validate(d / "qdq.onnx", x_alone)
+    assert str(info.value) == ("validate needs labels: <list> yields no y; give (x, y) or (x, y, group) samples")
 
 
 # ------------------------------------------------------------- kernel targets (issue 16)

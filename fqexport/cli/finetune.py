@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from fqexport.calibration.checks import require_labels
+from fqexport.calibration.readers import open_stream
+from fqexport.calibration.stream import DataStream
 from fqexport.cli.common import print_table
 from fqexport.cli.flags.finetune import finetune_config, parse_export_bits
 from fqexport.errors import DataError
 from fqexport.finetune.api import finetune, finetune_widths
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import TrainStream, open_train
 from fqexport.finetune.start import MSG_GROUPS
 from fqexport.model import CompressedModel
 
@@ -22,7 +24,7 @@ class FinetunePlan:
     groups read; x streamed batch by batch during training)."""
 
     config: FinetuneConfig
-    train: TrainStream
+    train: DataStream
     export_bits: tuple[int, ...] = ()  # --export-bits: one file per width instead of --out
 
 
@@ -35,7 +37,8 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
     config = finetune_config(args)
     if config is None:
         return None
-    train = open_train(args.train, config.num_workers)
+    train = open_stream(args.train, num_workers=config.num_workers)
+    require_labels(train, "finetune")
     if calib_groups is not None and tuple(train.group_names) != tuple(calib_groups):
         raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
                                           calib=", ".join(calib_groups)))

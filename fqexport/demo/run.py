@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import save_npz
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.demo.models import SmallResNet
@@ -80,11 +80,6 @@ class DemoResult:
 def _quiet(message: str) -> None:
     """The default ``on_step``: library code reports its steps only to a caller that asks."""
     log.info(message)
-
-
-def save_npz(data: GroupData, path: Path) -> None:
-    """Write ``data`` in fqexport's .npz format (x, y, group, group_names)."""
-    np.savez_compressed(path, x=data.x, y=data.y, group=data.group, group_names=np.array(data.group_names))
 
 
 def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path) -> Path:
@@ -214,8 +209,8 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
     model, train, test, t_train = prepare_demo_model(seed=seed, progress=progress, on_step=on_step,
                                                      sizes=sizes, train_config=train_config, cache_dir=out_dir)
     calib = group_balanced_subset(train, 2 * num_calib, seed=seed)
-    save_npz(calib, out_dir / "calib.npz")
-    save_npz(test, out_dir / "test.npz")
+    save_npz(calib, out_dir / "calib.npz", compressed=True)
+    save_npz(test, out_dir / "test.npz", compressed=True)
 
     on_step("[3/4] compressing and exporting")
     rows: list[DemoRow] = []

@@ -4,7 +4,7 @@
    float model, which is first compressed at ``weight_bits`` on a group-balanced subset of the
    training data (or ``calib``).
 2. Hold out ``holdout_fraction`` of each group of the training data (at most ``holdout_max``
-   samples, read into memory); the rest is streamed batch by batch (``fqexport.finetune.data``:
+   samples, read into memory); the rest is streamed batch by batch (``fqexport.calibration.stream``:
    a Dataset or CSV manifest through a DataLoader with ``num_workers``, an ``.npz`` memory-mapped).
    The float model (BN folded) is the teacher: its logits are computed once for in-memory data,
    else per batch; the core-set's per-sample scores come from one streaming pass per epoch.
@@ -52,8 +52,10 @@ def finetune(
 
     Args:
         model_or_cm: a CompressedModel (not modified) or a float classifier.
-        train: group-labeled training data: a GroupData, an ``.npz``/``.csv`` path or a Dataset
-            yielding ``(x, y, group)``; its groups must be the calibration data's.
+        train: group-labeled training data with labels: what ``fqexport.load_data`` accepts or
+            returns (a GroupData, an ``.npz``/``.csv`` path, a Dataset, DataLoader or iterable
+            yielding ``(x, y)`` or ``(x, y, group)``, a DataStream); its groups must be the
+            calibration data's.
         config: a FinetuneConfig (default: 2 epochs, worst-group loss, group-balanced sampling).
         calib: calibration data for the PTQ start of a float model (default: a group-balanced
             subset of ``train``); ignored for a CompressedModel.

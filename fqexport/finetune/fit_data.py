@@ -16,8 +16,8 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.sampling import balanced_allocation, split_holdout
+from fqexport.calibration.stream import DataStream
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import TrainStream
 from fqexport.finetune.losses import per_sample_loss
 from fqexport.finetune.samplers import (
     coreset_indices,
@@ -27,7 +27,7 @@ from fqexport.finetune.samplers import (
 from fqexport.quant.per_group import group_means
 
 
-def split_fit_holdout(data: TrainStream, config: FinetuneConfig) -> tuple[TrainStream, GroupData]:
+def split_fit_holdout(data: DataStream, config: FinetuneConfig) -> tuple[DataStream, GroupData]:
     """``(fit stream, hold-out in memory)``: ``split_holdout``'s stratified split, the hold-out
     capped at ``config.holdout_max`` samples (as equal per group as possible; the rest is fitted)."""
     positions = GroupData(np.arange(len(data), dtype=np.int64)[:, None], data.y, data.group, data.group_names,
@@ -58,7 +58,7 @@ class FitData:
     """The fitted slice: its stream, labels and groups on the device, and the teacher's logits —
     computed once when x is in memory (as before streaming), else per batch."""
 
-    def __init__(self, stream: TrainStream, teacher: nn.Module, device: torch.device, num_workers: int) -> None:
+    def __init__(self, stream: DataStream, teacher: nn.Module, device: torch.device, num_workers: int) -> None:
         self.stream, self.teacher, self.device, self.num_workers = stream, teacher, device, num_workers
         self.y = torch.from_numpy(stream.y).to(device)
         self.g = torch.from_numpy(stream.group).to(device)

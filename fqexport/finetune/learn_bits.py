@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fqexport.calibration.stream import DataStream
 from fqexport.errors import ConfigError
 from fqexport.finetune.baq import (
     average_bits,
@@ -29,7 +30,6 @@ from fqexport.finetune.baq import (
     project_to_budget,
 )
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import TrainStream
 from fqexport.finetune.fit_data import FitData, epoch_batches, split_fit_holdout
 from fqexport.finetune.objective import GroupObjective, optimizer
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight, build_student, write_back
@@ -44,7 +44,7 @@ MSG_NAN_BITS = (
 )
 
 
-def learn_bits(cm: CompressedModel, data: TrainStream, config: FinetuneConfig, device: torch.device,
+def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, device: torch.device,
                fixed_weights: torch.Tensor | None, progress: bool) -> tuple[CompressedModel, dict[str, Any]]:
     """Steps 1-3 of the module docstring. Returns the fixed-width CompressedModel and the record
     of the learned and chosen widths; raises ConfigError (``err.last_good = cm``) when the loss

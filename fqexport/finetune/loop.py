@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fqexport.calibration.checks import require_labels
+from fqexport.calibration.readers import open_stream
 from fqexport.calibration.sampling import group_balanced_indices
+from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.device import resolve_device
 from fqexport.errors import ConfigError
 from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import TrainStream, open_train
 from fqexport.finetune.fit_data import FitData, epoch_batches, split_fit_holdout, steps_per_epoch
 from fqexport.finetune.holdout import Holdout, per_group
 from fqexport.finetune.learn_bits import learn_bits
@@ -65,7 +67,8 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
                   quant_config: QuantConfig | None, progress: bool) -> Trained:
     """Steps 1-5 of the module docstring (the arguments are :func:`~fqexport.finetune.api.finetune`'s)."""
     config = config or FinetuneConfig()
-    data = open_train(train_data, config.num_workers)
+    data = open_stream(train_data, num_workers=config.num_workers)
+    require_labels(data, "finetune")  # cross-entropy and the hold-out's accuracy; before any compress
     ptq = start_model(model_or_cm, data, config, calib, quant_config, progress)
     check_train_data(data, ptq)
     fixed_weights = fixed_group_weights(config, tuple(ptq.group_names))
@@ -79,7 +82,7 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
     return Trained(cm, replace(result, metadata=replace(result.metadata, finetune=record)), run.weights, run.acts)
 
 
-def _fix_grids(cm: CompressedModel, data: TrainStream, config: FinetuneConfig, device: torch.device,
+def _fix_grids(cm: CompressedModel, data: DataStream, config: FinetuneConfig, device: torch.device,
                fixed_weights: torch.Tensor | None, progress: bool) -> tuple[CompressedModel, dict | None, dict | None]:
     """Step 2: ``(cm, adaptive rounding record, BAQ record)``, each record None when not asked for."""
     rounding = baq = None
@@ -103,7 +106,7 @@ def _running_loss(running: torch.Tensor, lg: torch.Tensor, present: torch.Tensor
 class _Run:
     """Steps 3-5: the student, its optimiser and schedule, the step count and the hold-out."""
 
-    def __init__(self, cm: CompressedModel, data: TrainStream, config: FinetuneConfig, device: torch.device,
+    def __init__(self, cm: CompressedModel, data: DataStream, config: FinetuneConfig, device: torch.device,
                  fixed_weights: torch.Tensor | None, progress: bool) -> None:
         self.cm, self.config, self.device, self.progress = cm, config, device, progress
         self.names = tuple(cm.group_names)
@@ -206,7 +209,7 @@ class _Run:
         metadata = replace(self.cm.metadata, layers=layer_records(layers))
         return replace(self.cm, reference=reference, layers=layers, metadata=metadata)
 
-    def record(self, data: TrainStream, ptq: CompressedModel, result: CompressedModel, *, baq: Any,
+    def record(self, data: DataStream, ptq: CompressedModel, result: CompressedModel, *, baq: Any,
                rounding: Any) -> dict[str, Any]:
         """The metadata's ``finetune`` record: settings, data, the run's figures, the hold-out
         before (``ptq``) and after (``result``), and step 2's BAQ and AdaRound records."""

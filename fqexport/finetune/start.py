@@ -11,10 +11,10 @@ from torch import nn
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.checks import check_labels
 from fqexport.calibration.sampling import group_balanced_indices
+from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.data import TrainStream
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
 
@@ -32,7 +32,7 @@ MSG_START = (
 )
 
 
-def start_model(model_or_cm: Any, data: TrainStream, config: FinetuneConfig, calib: Any,
+def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, calib: Any,
                 quant_config: QuantConfig | None, progress: bool) -> CompressedModel:
     """``model_or_cm`` when it is a CompressedModel, else its compression by ``quant_config``
     (default ``QuantConfig(weight_bits=config.weight_bits)``) on ``calib`` or on a group-balanced
@@ -47,12 +47,12 @@ def start_model(model_or_cm: Any, data: TrainStream, config: FinetuneConfig, cal
     return compress(model_or_cm, calib_data, qc, progress=progress)
 
 
-def check_train_data(data: GroupData | TrainStream, cm: CompressedModel) -> None:
+def check_train_data(data: GroupData | DataStream, cm: CompressedModel) -> None:
     """Raise DataError unless ``data`` has the calibration's groups, sample shape and labels."""
     if tuple(data.group_names) != tuple(cm.group_names):
         raise DataError(MSG_GROUPS.format(source=data.source, train=", ".join(data.group_names),
                                           calib=", ".join(cm.group_names)))
-    shape = tuple(data.sample_shape if isinstance(data, TrainStream) else data.x.shape[1:])
+    shape = tuple(data.sample_shape)
     if shape != tuple(cm.input_shape):
         raise DataError(MSG_SHAPE.format(source=data.source, got=shape, want=tuple(cm.input_shape)))
     check_labels(data, cm.num_classes)

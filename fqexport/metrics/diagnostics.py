@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fqexport.calibration.checks import check_labels
+from fqexport.calibration.checks import check_labels, require_labels
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
+from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.graph.prepare import fold_batchnorm
@@ -102,7 +103,7 @@ def _check_positive(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-def _sample_indices(data: GroupData, max_per_group: int, seed: int) -> dict[int, np.ndarray]:
+def _sample_indices(data: GroupData | DataStream, max_per_group: int, seed: int) -> dict[int, np.ndarray]:
     """Sorted sample indices per group id, at most ``max_per_group`` each (seeded draw)."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -189,7 +190,7 @@ def power_iteration(
 
 def group_diagnostics(
     model: nn.Module,
-    data: GroupData,
+    data: GroupData | DataStream,
     *,
     batch_size: int = 128,
     hessian_iters: int = 20,
@@ -220,6 +221,7 @@ def group_diagnostics(
     if not (float(tol) > 0):
         raise ConfigError(f"tol={tol!r} must be > 0")
     model = copy.deepcopy(model).eval()
+    require_labels(data, "analyze")
     num_classes = check_model_on_data(model, data)
     check_labels(data, num_classes)
     params = _params(model)
@@ -235,8 +237,9 @@ def group_diagnostics(
         n = int(idx.size)
         if n == 0:
             continue
-        x = torch.from_numpy(np.ascontiguousarray(data.x[idx], dtype=np.float32))
-        y = torch.from_numpy(np.ascontiguousarray(data.y[idx], dtype=np.int64))
+        part = data.take(idx)  # of a stream, only the group's sampled samples are read
+        x = torch.from_numpy(np.ascontiguousarray(part.x, dtype=np.float32))
+        y = torch.from_numpy(np.ascontiguousarray(part.y, dtype=np.int64))
         batches = _batches(x, y, batch_size)
         # One pass: logits, logit variance, and ∇_θ L_g accumulated as Σ_b ∇(Σ CE_b / n).
         grad = [torch.zeros_like(p) for p in params]
@@ -415,7 +418,8 @@ def analyze(
 
     Args:
         model: the float classifier.
-        data: data to diagnose (GroupData, .npz/.csv path or Dataset).
+        data: data to diagnose, with labels (what ``fqexport.load_data`` accepts or returns;
+            of a stream only the sampled samples are read).
         bits: weight widths to compare (activations 8-bit); duplicates are dropped.
         method: ``"rtn"`` (fast) or ``"solver"``.
         calib: calibration data for compress (default: ``data``).
@@ -425,6 +429,7 @@ def analyze(
     """
 
     data = load_data(data)
+    require_labels(data, "analyze")  # accuracy, loss and gradients per group, before any compress
     calib_data = data if calib is None else load_data(calib)
     base = config or QuantConfig(method=method)
     widths: list[int] = []

@@ -34,6 +34,7 @@ from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.device import resolve_device
 from fqexport.errors import ConfigError, DataError
@@ -213,20 +214,20 @@ MSG_NOT_LOGITS = (
 )
 
 
-def check_model_on_data(model: nn.Module, data: GroupData) -> int:
-    """Run two samples; return the number of classes. Bad shapes become a DataError."""
-    x = torch.from_numpy(np.ascontiguousarray(data.x[:2]))
+def check_model_on_data(model: nn.Module, data: GroupData | DataStream) -> int:
+    """Run the first two samples; return the number of classes. Bad shapes become a DataError."""
+    x = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x))
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as err:
         raise DataError(
-            f"{data.source}: field 'x' with sample shape {tuple(data.x.shape[1:])} does not fit the "
+            f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "
             f"model ({type(err).__name__}: {err})"
         ) from err
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=tuple(data.x.shape[1:]), shape=shape))
+        raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
     return int(out.shape[1])
 
 
@@ -350,7 +351,7 @@ def _calibrate_activations(folded: torch.fx.GraphModule, quantized: dict[str, Qu
     return reference.eval()
 
 
-def _metadata(config: QuantConfig, sub: GroupData, data: GroupData, alpha: torch.Tensor, skipped: set[str],
+def _metadata(config: QuantConfig, sub: GroupData, data: GroupData | DataStream, alpha: torch.Tensor, skipped: set[str],
               quantized: dict[str, QuantizedLayer], num_classes: int) -> ExportMetadata:
     params = sum(l.params for l in quantized.values())
     avg_bits = sum(l.bits * l.params for l in quantized.values()) / max(params, 1)
@@ -368,7 +369,7 @@ def _metadata(config: QuantConfig, sub: GroupData, data: GroupData, alpha: torch
         group_weights=tuple(round(float(a), 6) for a in alpha),
         skipped_layers=tuple(sorted(skipped)),
         layers=layer_records(quantized),
-        input_shape=tuple(int(d) for d in data.x.shape[1:]),
+        input_shape=data.sample_shape,
         num_classes=num_classes,
         avg_weight_bits=round(avg_bits, 4),
     )
@@ -385,7 +386,10 @@ def compress(
 
     Args:
         model: a float PyTorch classifier (returns logits ``[batch, classes]``); not modified.
-        calib: a GroupData, a ``.npz``/``.csv`` path or a torch Dataset yielding (x, y, group).
+        calib: what ``fqexport.load_data`` accepts or returns: a GroupData, an ``.npz``/``.csv``
+            path, a torch Dataset, DataLoader or iterable yielding x, (x, y) or (x, y, group), a
+            DataStream. Labels are optional (with them, each is checked against the model's
+            classes); of streamed data only the calibration subset is read.
         config: a QuantConfig (default: 8-bit weights, solver, x86-safe range).
         progress: show tqdm progress bars.
 
@@ -396,16 +400,18 @@ def compress(
     data = load_data(calib)
     device = resolve_device(config.device, "QuantConfig.device")
     model = copy.deepcopy(model).eval().cpu()
-    # 1. load & check: trace, fold BN, find the layers; the data fits the model
+    # 1. load & check: trace, fold BN, find the layers; 2. a group-balanced calibration subset
+    #    (of streamed data, only these samples are read); the data fits the model: every sample
+    #    in memory, the subset of a stream
     prepared = prepare_model(model, config.skip_unsupported, config.keep_float)
-    _check_token_ids(prepared.folded, data)  # before a lookup runs: a clear error, not an IndexError
-    num_classes = check_model_on_data(model, data)
+    sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    checked = data if isinstance(data, GroupData) else sub
+    _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError
+    num_classes = check_model_on_data(model, checked)
     check_labels(data, num_classes)
     _check_layer_bits(config, prepared.names)
     float_model = copy.deepcopy(prepared.folded)
-    # 2. a group-balanced calibration subset; 'samples' weights groups by their share of the
-    #    user's data, not of the balanced subset
-    sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    # 'samples' weights groups by their share of the user's data, not of the balanced subset
     alpha = torch.from_numpy(GroupWeights(config.group_weights).vector(data.group_names, data.group_counts()))
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
     quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
@@ -417,7 +423,7 @@ def compress(
         layers=quantized,
         config=config,
         group_names=tuple(data.group_names),
-        input_shape=tuple(int(d) for d in data.x.shape[1:]),
+        input_shape=data.sample_shape,
         num_classes=num_classes,
         calib=sub,
         metadata=_metadata(config, sub, data, alpha, prepared.skipped, quantized, num_classes),

@@ -61,6 +61,7 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
+from fqexport.calibration.stream import DataStream
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
@@ -97,8 +98,10 @@ def search_mixed_precision(
 
     Args:
         model: the float classifier (not modified).
-        calib: group-labeled calibration data (GroupData or a path); split into held-in
-            (sensitivity, quantization) and held-out (verification).
+        calib: group-labeled calibration data (what ``fqexport.load_data`` accepts or returns);
+            split into held-in (sensitivity, quantization) and held-out (verification). A stream
+            is read batch by batch; without labels the search distils the float model: its top-1
+            is the label of the sensitivity and of the verification.
         mp_config: budget, objective, widths, pins, verification options.
         base_config: the QuantConfig every candidate is quantized with (``layer_bits`` is set
             by the search; default: the solver with its defaults).
@@ -121,7 +124,8 @@ def search_mixed_precision(
         # with a single split the table sees only the held-in part; with folds, every sample is
         # held out once anyway, so the table uses them all (it only ranks candidates: the
         # verification below still measures every fit on samples it was not fitted on)
-        layers, float_params = model_costs(model, torch.from_numpy(np.ascontiguousarray(data.x[:1])), base.weights)
+        layers, float_params = model_costs(model, torch.from_numpy(np.ascontiguousarray(data.take(np.arange(1)).x)),
+                                           base.weights)
         table = sensitivity or search_sensitivity(model, splits[0][0] if len(splits) == 1 else data, mp, base,
                                                   progress=progress, engine=engine, layers=[l.name for l in layers])
 
@@ -167,12 +171,12 @@ def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
     seconds[phase] = time.perf_counter() - t0
 
 
-def _refit(model: nn.Module, data: GroupData, base: QuantConfig, alloc: Allocation) -> Any:
+def _refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, alloc: Allocation) -> Any:
     """``alloc`` quantized on all the calibration data, as ``compress`` would."""
     return compress(model, data, replace(base, layer_bits=dict(alloc.bits)), progress=False)
 
 
-def _meet_file_budget(result: MixedPrecisionResult, data: GroupData, context: VerifyContext,
+def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream, context: VerifyContext,
                       options: AllocationOptions, engine: Engine) -> MixedPrecisionResult:
     """``result`` with a written file within the bytes budget
     (:func:`fqexport.search.byte_budget.fit_file_budget`): new allocations are verified like the

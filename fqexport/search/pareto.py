@@ -13,8 +13,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from fqexport.atomic import atomic_write
+from fqexport.calibration.checks import require_labels
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
+from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
@@ -57,11 +59,12 @@ def pareto_sweep(
     mp_config: MixedPrecisionConfig | None = None,
     base_config: QuantConfig | None = None,
     *,
-    test: GroupData | None = None,
+    test: GroupData | DataStream | Any | None = None,
     progress: bool = True,
 ) -> list[ParetoPoint]:
-    """Search at each average-bits budget; accuracies on ``test`` (else on the held-out
-    calibration samples, as measured for the verified held-in fits of the chosen allocation).
+    """Search at each average-bits budget; accuracies on ``test`` (anything ``load_data`` takes,
+    with labels; else on the held-out calibration samples, as measured for the verified held-in
+    fits of the chosen allocation).
 
     ``mp_config`` is the template (its budget is replaced by each value of ``budgets``); the
     sensitivity table is measured once and shared, and one engine (``mp_config.engine``: its
@@ -73,6 +76,9 @@ def pareto_sweep(
         check_budget("bits", b)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
+    if test is not None:
+        test = load_data(test)
+        require_labels(test, "pareto_sweep's test accuracy")
     with make_engine(template.engine, preload=[search_mixed_precision.__module__]) as engine:
         return _sweep(model, data, budgets, template, base_config, test, progress, engine)
 
@@ -98,8 +104,9 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             kept = (float(b), res)
         if test is not None:
             cm = res.compressed
-            m = group_metrics(cm.predict(test.x), test.y, test.group, test.group_names)
-            f = group_metrics(cm.predict(test.x, quantized=False), test.y, test.group, test.group_names)
+            m = group_metrics(map_x(cm.predict, test), test.y, test.group, test.group_names)
+            f = group_metrics(map_x(lambda x: cm.predict(x, quantized=False), test), test.y, test.group,
+                              test.group_names)
         else:
             m, f = res.chosen.metrics, res.float_metrics
         worst, worst_acc = m.group_min("accuracy")

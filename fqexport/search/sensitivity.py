@@ -11,7 +11,10 @@ a b-bit grid (per output channel, clipping-searched round to nearest: ``rtn_laye
   ``Δ_g(l, b) ≈ ½ Σ_j F_g,j (W_l,j − Q_b(W_l)_j)²``.
 
 Both run on the BN-folded model (the weights the pipeline quantizes) and on a group-balanced
-subset of the calibration data, so a minority group weighs as much as the majority.
+subset of the calibration data, so a minority group weighs as much as the majority. Data without
+labels is distilled: ℓ_i is the cross-entropy against the float model's top-1 prediction (the
+label of :func:`float_labels`), so Δ_g measures how far quantizing moves group g away from the
+float model.
 Results are cached in memory by a fingerprint of the folded weights, the data and the options,
 and optionally in a JSON file, so a budget sweep measures once.
 """
@@ -33,6 +36,7 @@ from tqdm.auto import tqdm
 from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.calibration.stream import DataStream
 from fqexport.config import (
     DEFAULT_BIT_CHOICES,
     MixedPrecisionConfig,
@@ -169,7 +173,7 @@ def _fingerprint(model: nn.Module, data: GroupData, options: dict[str, Any]) -> 
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     for arr in (data.x, data.y, data.group):
-        h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(b"no labels" if arr is None else np.ascontiguousarray(arr).tobytes())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -224,6 +228,15 @@ def _write_cache_file(path: Path, table: SensitivityTable) -> None:
 # ---------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------
+
+
+def float_labels(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The top-1 class of ``model`` per sample: the labels of data that has none (distillation)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            out.append(model(x[s:s + batch_size]).argmax(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -331,7 +344,7 @@ def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_searc
 
 def measure_sensitivity(
     model: nn.Module,
-    calib: GroupData,
+    calib: GroupData | DataStream,
     layers: Sequence[str] | None = None,
     bit_choices: Iterable[int] = DEFAULT_BIT_CHOICES,
     method: SensitivityMethod = "measured",
@@ -351,7 +364,9 @@ def measure_sensitivity(
 
     Args:
         model: the float classifier (not modified; BN is folded in a copy).
-        calib: group-labeled calibration data; a group-balanced subset of ``num_samples`` is used.
+        calib: group-labeled calibration data (a GroupData or a DataStream); a group-balanced
+            subset of ``num_samples`` is used (of a stream, only it is read). Without labels the
+            float model's top-1 is the label (module docstring).
         layers: layer names to measure (default: every quantizable Conv2d/Linear).
         bit_choices: widths to measure (2..8).
         method: ``"measured"`` (one layer quantized at a time, loss measured) or ``"fisher"``.
@@ -390,7 +405,8 @@ def measure_sensitivity(
         return table
 
     x = torch.from_numpy(np.ascontiguousarray(sub.x))
-    y = torch.from_numpy(np.ascontiguousarray(sub.y)).long()
+    y = (torch.from_numpy(np.ascontiguousarray(sub.y)).long() if sub.y is not None
+         else float_labels(folded, x, batch_size))
     g = torch.from_numpy(np.ascontiguousarray(sub.group)).long()
     G = sub.num_groups
     run = _measured if method == "measured" else _fisher
@@ -409,7 +425,7 @@ def measure_sensitivity(
     return table
 
 
-def search_sensitivity(model: nn.Module, calib: GroupData, mp: MixedPrecisionConfig, base: QuantConfig, *,
+def search_sensitivity(model: nn.Module, calib: GroupData | DataStream, mp: MixedPrecisionConfig, base: QuantConfig, *,
                        progress: bool = False, engine: Engine | None = None,
                        layers: Sequence[str] | None = None) -> SensitivityTable:
     """Δ_g(l, b) as the mixed-precision search measures it (:func:`measure_sensitivity`) on

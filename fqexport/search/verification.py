@@ -27,6 +27,7 @@ from fqexport.calibration.sampling import (
     split_holdout,
     stratified_folds,
 )
+from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine.base import Engine, Task, run_task
 from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
@@ -41,11 +42,14 @@ MIN_UNUSED_PER_GROUP = 50
 # Fits a FitCache keeps (the oldest dropped first).
 MAX_FITTED = 16
 
-Split = tuple[GroupData, np.ndarray]  # (held-in part, positions of its held-out samples in the held-out set)
+Data = GroupData | DataStream  # of a stream, the parts are streams too: x is read when a fit or a prediction needs it
+Split = tuple[Data, np.ndarray]  # (held-in part, positions of its held-out samples in the held-out set)
+NO_LABELS = ("; the data has no labels: accuracy is top-1 agreement with the float model and the loss "
+             "cross-entropy against its top-1")
 
 
-def verification_splits(data: GroupData, mp: MixedPrecisionConfig, base: QuantConfig,
-                        ) -> tuple[GroupData, list[Split], bool]:
+def verification_splits(data: Data, mp: MixedPrecisionConfig, base: QuantConfig,
+                        ) -> tuple[Data, list[Split], bool]:
     """The held-out set and, per verification fit, (held-in part, positions of its held-out
     samples in the held-out set), and whether the fits are the refit itself.
 
@@ -74,14 +78,15 @@ def verification_splits(data: GroupData, mp: MixedPrecisionConfig, base: QuantCo
     ], False
 
 
-def verification_words(mp: MixedPrecisionConfig, held_out: GroupData, fits_are_refit: bool) -> str:
+def verification_words(mp: MixedPrecisionConfig, held_out: Data, fits_are_refit: bool) -> str:
     """How :func:`verification_splits` measured the candidates, for the console and reports."""
+    note = "" if held_out.y is not None else NO_LABELS
     if mp.verify_folds > 1:
-        return f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once"
+        return f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once" + note
     if fits_are_refit:
         return (f"the {len(held_out)} calibration samples compress does not draw; each fit is the compress "
-                "fit itself, no refit")
-    return f"a {mp.holdout_fraction:.0%} hold-out split"
+                "fit itself, no refit" + note)
+    return f"a {mp.holdout_fraction:.0%} hold-out split" + note
 
 
 class FitCache:
@@ -126,7 +131,7 @@ class VerifyContext:
     """What every verification fit needs (shipped to each worker once per map)."""
 
     model: nn.Module
-    held_out: GroupData
+    held_out: Data
     splits: list[Split]
     base: QuantConfig
     cache: FitCache = field(default_factory=FitCache)
@@ -143,15 +148,15 @@ def verification_tasks(allocations: Sequence[Allocation], folds: int) -> list[Ta
 
 def fit_candidate(ctx: VerifyContext, task: Task) -> tuple[np.ndarray, float, np.ndarray | None]:
     """One (candidate, fold) fit: quantize on the fold's held-in part, predict its held-out
-    samples. Returns the logits, the seconds and the float logits of every held-out sample (the
-    first task only: the float model is the same in every fit)."""
+    samples (streamed ones batch by batch). Returns the logits, the seconds and the float logits
+    of every held-out sample (the first task only: the float model is the same in every fit)."""
     bits, fold, first = task.payload
     held_in, where = ctx.splits[fold]
     t0 = time.perf_counter()
     cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False)
     ctx.cache.put(task.key, cm)  # found by fitted_model when it runs in this process (serial engine)
-    out = cm.predict(ctx.held_out.x[where])
-    float_logits = cm.predict(ctx.held_out.x, quantized=False) if first else None
+    out = map_x(cm.predict, ctx.held_out.subset(where))
+    float_logits = map_x(lambda x: cm.predict(x, quantized=False), ctx.held_out) if first else None
     return out, time.perf_counter() - t0, float_logits
 
 
@@ -191,23 +196,25 @@ def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: b
     """Quantize every allocation on each split's held-in part and measure it on that split's
     held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
     (every calibration sample once). Each (candidate, fold) fit is one task of ``engine``.
-    Task keys repeat from one round to the next, so the round starts with an empty cache."""
+    Task keys repeat from one round to the next, so the round starts with an empty cache.
+    Without labels, the float model's top-1 is the label (:data:`NO_LABELS`)."""
     ctx.cache.clear()
     held_out, splits = ctx.held_out, ctx.splits
     groups = tuple(held_out.group_names)
     tasks = verification_tasks(allocations, len(splits))
     outs = engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress)
-    float_metrics = group_metrics(outs[0][2], held_out.y, held_out.group, groups)
+    y = held_out.y if held_out.y is not None else outs[0][2].argmax(1)
+    float_metrics = group_metrics(outs[0][2], y, held_out.group, groups)
     candidates = []
     for k, alloc in enumerate(allocations):
         mine = outs[k * len(splits):(k + 1) * len(splits)]
         logits = np.empty((len(held_out), mine[0][0].shape[1]), dtype=np.float32)
         for (_, where), (out, _, _) in zip(splits, mine):
             logits[where] = out
-        m = group_metrics(logits, held_out.y, held_out.group, groups)
+        m = group_metrics(logits, y, held_out.group, groups)
         inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
         candidates.append(Candidate(alloc, metrics=m, measured_loss_increase=inc, seconds=float(sum(o[1] for o in mine)),
-                                    sample_loss=cross_entropy(logits, held_out.y)))
+                                    sample_loss=cross_entropy(logits, y)))
         log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
                  k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
     return Verification(candidates, float_metrics, ctx, tasks)

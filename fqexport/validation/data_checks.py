@@ -11,8 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fqexport.calibration.checks import require_labels
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
+from fqexport.calibration.stream import DataStream
 from fqexport.errors import DataError, ModelLoadError
 
 MSG_SHAPE = (
@@ -34,11 +36,14 @@ MSG_LABELS = (
 MSG_OUTPUT = "model {model} returns output of shape {shape}; fqexport validates classifiers with logits [N, C]"
 
 
-def as_group_data(data: GroupData | str | Path) -> GroupData:
-    """``data`` itself, or the group-labeled data read from the file or source it names."""
-    if isinstance(data, GroupData):
-        return data
-    return load_data(str(data))
+def as_test_data(data: GroupData | DataStream | str | Path | Any) -> GroupData | DataStream:
+    """``data`` itself (a GroupData or a DataStream), or what ``load_data`` reads from the file or
+    source it names (a CSV manifest, a Dataset or a DataLoader stream batch by batch); DataError
+    when it has no labels: the gate measures accuracy."""
+    if not isinstance(data, (GroupData, DataStream)):
+        data = load_data(str(data) if isinstance(data, Path) else data)
+    require_labels(data, "validate")
+    return data
 
 
 def _shape_text(expected: Sequence[Any]) -> str:
@@ -46,11 +51,11 @@ def _shape_text(expected: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in expected) + "]"
 
 
-def check_data(data: GroupData, model: str, expected: Sequence[Any]) -> None:
+def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]) -> None:
     """DataError when ``data`` cannot be fed to a model with input shape ``expected``."""
     if len(data) == 0:
         raise DataError(MSG_EMPTY.format(source=data.source))
-    got = tuple(data.x.shape[1:])
+    got = tuple(data.sample_shape)
     exp = tuple(expected[1:])
     if len(got) != len(exp):
         raise DataError(MSG_RANK.format(source=data.source, got=len(got), model=model, expected=_shape_text(expected)))
@@ -63,7 +68,7 @@ def check_data(data: GroupData, model: str, expected: Sequence[Any]) -> None:
             raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
 
 
-def check_logits(logits: np.ndarray, model: str, data: GroupData) -> None:
+def check_logits(logits: np.ndarray, model: str, data: GroupData | DataStream) -> None:
     """ModelLoadError unless ``logits`` are ``[N, C]``; DataError for a label outside ``0..C-1``."""
     if logits.ndim != 2:
         raise ModelLoadError(MSG_OUTPUT.format(model=model, shape=list(logits.shape)))

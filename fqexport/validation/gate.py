@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import onnx
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.stream import DataStream
 from fqexport.errors import ConfigError
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.gpu_rules import check_gpu_qdq
@@ -34,7 +35,7 @@ from fqexport.exporters.ort_session import model_files_size
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.validation.checks import all_checks
-from fqexport.validation.data_checks import as_group_data
+from fqexport.validation.data_checks import as_test_data
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -59,7 +60,7 @@ MSG_NEEDS_LATENCY = "--max-latency-ms (max_latency_ms) needs latency measurement
 
 def validate(
     model: str | Path,
-    data: GroupData | str | Path,
+    data: GroupData | DataStream | str | Path | Any,
     *,
     reference: str | Path | None = None,
     thresholds: Thresholds | None = None,
@@ -74,6 +75,10 @@ def validate(
     targets: Sequence[str] = ("native",),
 ) -> ValidationReport:
     """Measure ``model`` on ``data`` and check ``thresholds``; never raises for a broken limit.
+
+    ``data``: what ``fqexport.load_data`` accepts or returns, with labels; a stream (a CSV
+    manifest, a Dataset, a DataLoader) is run through each session batch by batch, only the
+    logits ``[N, C]`` are kept.
 
     Raises ModelLoadError (unreadable ONNX), DataError (data not matching the model's input,
     labels out of range, an empty group), ConfigError (bad options, CUDA asked for and absent,
@@ -92,7 +97,7 @@ def validate(
     # 2. the sessions, each measured per group
     meta = read_metadata(model)
     session = runner.open(model)
-    gd = as_group_data(data)
+    gd = as_test_data(data)
     native = measure_native(session, gd, str(model), runner)
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
     ref = compare_reference(reference, gd, native, str(model), runner) if reference is not None else None

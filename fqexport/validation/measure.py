@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.stream import DataStream, map_x
 from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.cpu_isa import runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
@@ -27,6 +28,9 @@ from fqexport.validation.validation_report import group_drop, kernel_deviation
 
 log = logging.getLogger(__name__)
 
+# About the samples read from a stream per step of a session's pass (rounded to whole batches):
+# 1024 held ~200 MB more at 3x64x64 than 256 for no speed.
+_STREAM_SAMPLES = 256
 MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}: they must be the same task"
 
 
@@ -54,17 +58,19 @@ class Runner:
         """The ORT session of ``model``: optimized (what deploys) or not (what the graph means)."""
         return make_session(model, provider=self.provider, optimized=optimized, threads=self.threads)
 
-    def measure(self, session: Any, data: GroupData, model: str) -> Measured:
-        """Logits of ``session`` on ``data`` and their per-group metrics; ``model`` names it in errors."""
+    def measure(self, session: Any, data: GroupData | DataStream, model: str) -> Measured:
+        """Logits of ``session`` on ``data`` (a stream read batch by batch) and their per-group
+        metrics; ``model`` names it in errors."""
         try:
-            logits = run_batches(session, data.x, self.batch_size)
+            chunk = self.batch_size * max(1, _STREAM_SAMPLES // self.batch_size)  # whole batches, as in memory
+            logits = map_x(lambda x: run_batches(session, x, self.batch_size), data, chunk)
         except DataError as err:
             raise DataError(f"model {model} on data {data.source}: {err}") from err
         check_logits(logits, model, data)
         return Measured(logits, group_metrics(logits, data.y, data.group, data.group_names))
 
 
-def measure_native(session: Any, data: GroupData, model: str, runner: Runner) -> Measured:
+def measure_native(session: Any, data: GroupData | DataStream, model: str, runner: Runner) -> Measured:
     """The optimized session on ``data``, after checking that the data fits its input."""
     check_data(data, model, input_shape(session))
     native = runner.measure(session, data, model)
@@ -83,7 +89,7 @@ class KernelCheck:
     float_fallbacks: tuple[str, ...]
 
 
-def check_kernels(model: str | Path, data: GroupData, native: Measured, runner: Runner) -> KernelCheck:
+def check_kernels(model: str | Path, data: GroupData | DataStream, native: Measured, runner: Runner) -> KernelCheck:
     """Run ``model`` unoptimized and dump its optimized graph: what the kernels changed, per group."""
     raw = runner.measure(runner.open(model, optimized=False), data, str(model))
     counts, floats = kernel_summary(model, provider=runner.provider)
@@ -106,7 +112,7 @@ class ReferenceComparison:
     agreement: float  # top-1 agreement with the model
 
 
-def compare_reference(reference: str | Path, data: GroupData, native: Measured, model: str,
+def compare_reference(reference: str | Path, data: GroupData | DataStream, native: Measured, model: str,
                       runner: Runner) -> ReferenceComparison:
     """Run the reference's optimized session; DataError when it is not the same task (class count)."""
     ref_name = str(reference)
@@ -130,7 +136,7 @@ class TargetResult:
     native: bool  # judged by this CPU's own session (this CPU is of the target's family), else emulated
 
 
-def measure_target(model: str | Path, target: str, data: GroupData, native: Measured,
+def measure_target(model: str | Path, target: str, data: GroupData | DataStream, native: Measured,
                    kernels: KernelCheck | None, runner: Runner) -> TargetResult:
     """``target``'s integer kernels on ``data``: this CPU's own optimized session when this CPU is
     of that family (:func:`~fqexport.exporters.cpu_isa.runs_natively`; the emulation was measured
@@ -150,12 +156,13 @@ def measure_target(model: str | Path, target: str, data: GroupData, native: Meas
     return result
 
 
-def measure_latencies(session: Any, data: GroupData, batch_sizes: Sequence[int], *, warmup: int,
+def measure_latencies(session: Any, data: GroupData | DataStream, batch_sizes: Sequence[int], *, warmup: int,
                       repeats: int) -> tuple[LatencyResult, ...]:
     """Latency of ``session`` at each batch size, on the first samples of ``data``."""
     out = []
     for bs in batch_sizes:
-        lat = measure_latency(session, data.x[: int(bs)], int(bs), warmup=warmup, repeats=repeats)
+        lat = measure_latency(session, data.take(np.arange(min(int(bs), len(data)))).x, int(bs), warmup=warmup,
+                              repeats=repeats)
         log.info("latency batch %d: p50 %.3f ms, p95 %.3f ms", lat.batch_size, lat.p50_ms, lat.p95_ms)
         out.append(lat)
     return tuple(out)

@@ -62,7 +62,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
     """The model, calibration data and QuantConfig options (``compress`` and ``sweep``)."""
     add_model_options(p)
-    p.add_argument("--calib", required=True, help="calibration data: .npz (x, y, group[, group_names]) or CSV manifest")
+    p.add_argument("--calib", required=True, help="calibration data: .npz (x, group[, y, group_names]) or CSV manifest "
+                   "(path,label,group; images as CHW float in [0, 1], no resize, no normalisation: "
+                   "save normalised data with fqexport.save_npz)")
     p.add_argument("--weight-bits", type=int, default=_Q.weight_bits, help="weight width of every layer, 2..8")
     p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
                    help="per-layer width, overriding --weight-bits (repeatable)")

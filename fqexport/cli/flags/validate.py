@@ -37,7 +37,8 @@ def add_validate_parser(subparsers) -> None:
         description=DESCRIPTION, epilog=EPILOG,
     )
     p.add_argument("model", type=Path, help="the ONNX model to validate")
-    p.add_argument("--data", required=True, help="group-labeled test data (.npz with x, y, group[, group_names], ...)")
+    p.add_argument("--data", required=True, help="group-labeled test data: .npz (x, y, group[, group_names]) or CSV "
+                   "manifest (images as CHW float in [0, 1], no resize, no normalisation)")
     p.add_argument("--reference", type=Path, default=None,
                    help="float ONNX model to compare with (per-group drop, agreement)")
     g = p.add_argument_group("thresholds (accuracies in percent points; default: no limit)")

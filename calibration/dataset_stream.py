@@ -1,0 +1,196 @@
+"""A stream over a map-style Dataset: :func:`dataset_stream` (:mod:`.stream` says what a stream is).
+
+Items are ``x``, ``(x, y)`` or ``(x, y, group)`` (:mod:`.dataset`); a CSV manifest is such a
+Dataset (:class:`~.manifest.ManifestDataset`), and so is a DataLoader's dataset. Labels and groups
+come from the dataset's ``labels_and_groups()`` method (two arrays of length N) or, with the groups
+known up front (``groups=`` an array or a CSV column), its ``targets`` (the labels, as
+torchvision's ImageFolder has them) — else from one light pass through a
+``DataLoader(num_workers=...)`` that checks every item and keeps only its label and group. Batches
+are read through ``DataLoader(dataset, batch_sampler=<the index lists>, num_workers=...)``, each
+item transformed and checked in the workers; a failing item reaches the main process as the text
+of its error, so the message is ours and names its index.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fqexport.errors import DataError
+
+from .checks import check_x_values, validate_targets
+from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, check_fields, dataset_groups, dataset_item
+from .groups import call_group_function, groups_up_front, is_group_function
+from .stream import MSG_ITEM_DTYPE, MSG_NO_GROUPS, MSG_X_NDIM, DataStream, FirstRead
+from .transform import apply_transform
+
+log = logging.getLogger(__name__)
+
+MSG_ITEM_READ = "{source}: sample {index} cannot be read: {kind}: {err}"
+MSG_EMPTY = "{source}: the dataset is empty"
+MSG_NO_LEN = "{source}: the dataset has no len(); give an indexable Dataset"
+# Items per batch of the light pass over a Dataset (labels and groups only).
+_LIGHT_BATCH = 256
+
+
+class _Indexed(Dataset):
+    """``dataset[i]`` as ``(i, item, error text or None)``: a failing item reaches the main
+    process as text, so its message is ours (DataLoader would wrap a worker's exception)."""
+
+    def __init__(self, dataset: Any, source: str) -> None:
+        self.dataset, self.source = dataset, source
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        try:
+            return i, self.dataset[i], None
+        except DataError as err:
+            return i, None, str(err)
+        except Exception as err:  # the dataset's own failure, named by its index
+            return i, None, MSG_ITEM_READ.format(source=self.source, index=i, kind=type(err).__name__, err=err)
+
+
+class _Collate:
+    """Items -> ``(indices, x or None, y list, group list, x shape, x dtype, fields)``, x transformed
+    and checked (finite, one shape, the fields of sample 0), the groups from ``group_fn`` when
+    given; or the error text of the first bad item. Runs in the DataLoader's workers."""
+
+    def __init__(self, source: str, shape: tuple[int, ...] | None, keep_x: bool,
+                 transform: Callable | None = None, group_fn: Callable | None = None,
+                 fields: int | None = None) -> None:
+        self.source, self.shape, self.keep_x = source, shape, keep_x
+        self.transform, self.group_fn, self.fields = transform, group_fn, fields
+
+    def __call__(self, items: list[tuple[int, Any, str | None]]):
+        try:
+            for _, _, err in items:
+                if err is not None:
+                    return err
+            idx = np.array([i for i, _, _ in items], dtype=np.int64)
+            parsed = [dataset_item(item, i, self.source) for i, item, _ in items]
+            fields = self.fields or parsed[0].fields
+            xs = []
+            for i, p in zip(idx, parsed):
+                check_fields(p, fields, int(i), self.source)
+                xs.append(p.x if self.transform is None
+                          else apply_transform(self.transform, p.x[None], int(i), self.source)[0])
+            shape = self.shape if self.shape is not None else xs[0].shape
+            for i, x in zip(idx, xs):
+                if x.shape != shape:
+                    raise DataError(f"{self.source}: " + MSG_ITEM_SHAPE.format(index=int(i), shape=x.shape, first=shape))
+            x = check_x_values(np.stack(xs), self.source, idx)
+            gs = ([call_group_function(self.group_fn, int(i), item, self.source) for i, item, _ in items]
+                  if self.group_fn is not None else [p.group for p in parsed])
+            return (idx, torch.from_numpy(x) if self.keep_x else None, [p.y for p in parsed], gs,
+                    tuple(shape), str(x.dtype), fields)
+        except DataError as err:
+            return str(err)
+
+
+def _loader(dataset: Any, source: str, lists: list[list[int]], num_workers: int, collate: _Collate) -> DataLoader:
+    return DataLoader(_Indexed(dataset, source), batch_sampler=lists, num_workers=num_workers, collate_fn=collate)
+
+
+def _unpack(batch):
+    if isinstance(batch, str):
+        raise DataError(batch)
+    return batch
+
+
+class _DatasetX:
+    """x of a map-style Dataset, read through a DataLoader per pass."""
+
+    def __init__(self, dataset: Any, first: FirstRead, shape: tuple[int, ...], transform: Callable | None) -> None:
+        self.dataset, self.first, self.shape, self.transform = dataset, first, shape, transform
+
+    def read(self, index_lists: Iterable[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
+        lists = [[int(i) for i in idx] for idx in index_lists]
+        collate = _Collate(self.first.source, self.shape, True, self.transform, fields=self.first.fields)
+        for batch in _loader(self.dataset, self.first.source, lists, num_workers, collate):
+            idx, x, ys, gs, _, dtype, _ = _unpack(batch)
+            self.first.check(idx, dtype, ys, gs)
+            yield x.numpy()
+
+
+def sample_paths(dataset: Any) -> list[str] | None:
+    """The samples' file paths of an ImageFolder-like dataset (``samples`` or ``imgs``: a list of
+    ``(path, label)``), else None."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        samples = getattr(dataset, "imgs", None)
+    if samples is None:
+        return None
+    return [str(s[0]) if isinstance(s, (tuple, list)) else str(s) for s in samples]
+
+
+def _declared(dataset: Any, groups_known: bool) -> tuple[Any, Any] | None:
+    """``(labels, groups or None)`` a dataset states without reading an item: its
+    ``labels_and_groups()``, or — when the groups are known anyway — its ``targets``."""
+    declared = getattr(dataset, "labels_and_groups", None)
+    if callable(declared):
+        return declared()
+    targets = getattr(dataset, "targets", None)
+    if groups_known and targets is not None:
+        return np.asarray(targets.detach().cpu().numpy() if hasattr(targets, "detach") else targets), None
+    return None
+
+
+def _light_pass(dataset: Any, source: str, n: int, num_workers: int, transform: Callable | None,
+                group_fn: Callable | None) -> tuple[list, list, tuple[int, ...], str, int]:
+    """Every item read once and checked (x kept nowhere): ``(labels, groups, x shape, dtype, fields)``."""
+    ys, gs, shape, dtype, fields = [], [], None, None, None
+    lists = [list(range(i, min(i + _LIGHT_BATCH, n))) for i in range(0, n, _LIGHT_BATCH)]
+    for batch in _loader(dataset, source, lists, num_workers, _Collate(source, None, False, transform, group_fn)):
+        idx, _, by, bg, bshape, bdtype, bfields = _unpack(batch)
+        if shape is None:
+            shape, dtype, fields = bshape, bdtype, bfields
+        elif bfields != fields:
+            raise DataError(f"{source}: " + MSG_ITEM_FIELDS.format(index=int(idx[0]), got=FIELDS[bfields],
+                                                                   first=FIELDS[fields]))
+        elif bshape != shape:
+            raise DataError(f"{source}: " + MSG_ITEM_SHAPE.format(index=int(idx[0]), shape=bshape, first=shape))
+        elif bdtype != dtype:
+            raise DataError(MSG_ITEM_DTYPE.format(source=source, index=int(idx[0]), dtype=bdtype, first=dtype))
+        ys.extend(by)
+        gs.extend(bg)
+    log.info("%s: read the labels and groups of %d items (one pass, x not kept)", source, n)
+    return ys, gs, shape, dtype, fields
+
+
+def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Callable | None = None,
+                   num_workers: int = 0) -> DataStream:
+    """A stream over a map-style Dataset (module docstring); ``groups`` and ``transform`` as
+    ``load_data`` takes them."""
+    try:
+        n = len(dataset)
+    except TypeError as err:
+        raise DataError(MSG_NO_LEN.format(source=source)) from err
+    if n == 0:
+        raise DataError(MSG_EMPTY.format(source=source))
+    group_fn = groups if is_group_function(groups) else None
+    given = groups_up_front(groups, n, source, lambda: sample_paths(dataset))
+    names = getattr(dataset, "group_names", None) if groups is None else None
+    declared = None if group_fn is not None else _declared(dataset, given is not None)
+    if declared is not None and (given is not None or declared[1] is not None):
+        y_raw, g_raw = declared[0], given if given is not None else declared[1]
+        # the first item gives x's shape, dtype and fields (and is checked like every other)
+        loader = _loader(dataset, source, [[0]], 0, _Collate(source, None, False, transform))
+        _, _, _, _, shape, dtype, fields = _unpack(next(iter(loader)))
+    else:
+        ys, gs, shape, dtype, fields = _light_pass(dataset, source, n, num_workers, transform, group_fn)
+        y_raw = np.asarray(ys) if fields >= 2 else None
+        g_raw = given if given is not None else (
+            dataset_groups(gs, source) if group_fn is not None or fields == 3 else None)
+    if g_raw is None:
+        raise DataError(MSG_NO_GROUPS.format(source=source))
+    if not shape:
+        raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
+    y, group, names = validate_targets(y_raw, g_raw, names, n, source)
+    first = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
+    return DataStream(_DatasetX(dataset, first, tuple(shape), transform), y, group, names, source, tuple(shape))

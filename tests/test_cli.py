@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 
@@ -54,6 +55,9 @@ def test_compress_end_to_end(compressed):
     assert rows["fc3"] == ["fc3", "linear", "4", "1,024", "1,024", "nbits"]
     assert "wrote " in out and "mlp.onnx" in out and "opset 21" in out
     assert "top-1 agreement" in out and "on 200 calibration samples" in out
+    # the file against its float model on this CPU: speed or only size
+    assert re.search(r"speed vs the float model, .*: batch 1 [0-9.]+ vs [0-9.]+, batch 32 [0-9.]+ vs [0-9.]+", out)
+    assert f"on this CPU ({cpu_isa()}) the file buys " in out
 
 
 def test_compress_writes_report(compressed):
@@ -61,6 +65,7 @@ def test_compress_writes_report(compressed):
     report = json.loads((d / "report.json").read_text())
     assert [r["bits"] for r in report["layers"]] == [8, 8, 4]
     assert report["export"]["agreement"] >= 0.99
+    assert report["speed"].startswith(f"on this CPU ({cpu_isa()}) the file buys ")
     assert report["avg_weight_bits"] == pytest.approx((8 * 16384 + 8 * 65536 + 4 * 1024) / (16384 + 65536 + 1024))
 
 

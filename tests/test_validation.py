@@ -262,3 +262,16 @@ def test_native_only_report_has_no_target_checks(setup):
                  thresholds=Thresholds(min_worst_group_acc=1))
     assert r.targets == ("native",) and r.target_metrics is None
     assert [c.name for c in r.checks] == ["min_worst_group_acc"]
+
+
+def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(setup):
+    d, data = setup
+    r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", latency_batch_sizes=(1, 8), repeats=5, warmup=1,
+                 kernel_check=False)
+    assert [l.batch_size for l in r.reference_latency] == [1, 8] and [l.repeats for l in r.reference_latency] == [5, 5]
+    assert r.speedups() == pytest.approx({l.batch_size: f.p50_ms / l.p50_ms for l, f in zip(r.latency, r.reference_latency)})
+    assert r.speed_verdict().startswith(f"on this CPU ({cpu_isa()}) the file buys ")
+    assert set(r.to_dict()["speedup_vs_reference"]) == {"1", "8"}
+    # without a reference nothing is compared
+    assert validate(d / "qdq.onnx", data, latency_batch_sizes=(1,), repeats=2, warmup=0,
+                    kernel_check=False).speed_verdict() is None

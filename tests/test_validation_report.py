@@ -8,6 +8,7 @@ import pytest
 from fqexport.errors import ValidationFailed
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.validation.checks import run_checks
+from fqexport.validation.latency import LatencyResult
 from fqexport.validation.thresholds import Thresholds
 from fqexport.validation.validation_report import (
     MSG_FAILED,
@@ -64,3 +65,22 @@ def test_raise_for_failures_is_the_gate():
     assert broken.name == "min_worst_group_acc"
     assert info.value.failures == [f"min_worst_group_acc: {broken.message}"]
     assert str(info.value) == MSG_FAILED.format(model="m.onnx", count=1, checks=f"min_worst_group_acc: {broken.message}")
+
+
+def _lat(bs, p50):
+    return LatencyResult(p50_ms=p50, p95_ms=p50, mean_ms=p50, throughput_per_s=bs / p50 * 1e3, batch_size=bs,
+                         threads=2, warmup=1, repeats=5)
+
+
+def test_speed_verdict_says_whether_the_file_buys_speed_or_only_size():
+    m = _metrics([0, 1, 0, 1, 0, 1, 0, 1])
+    base = dict(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, cpu_isa="x86-avx2")
+    assert ValidationReport(**base, latency=(_lat(1, 1.0),)).speed_verdict() is None  # no reference timed
+    r = ValidationReport(**base, latency=(_lat(1, 0.126), _lat(32, 2.0)), reference_latency=(_lat(1, 0.120), _lat(32, 3.5)))
+    assert r.speedups() == pytest.approx({1: 0.120 / 0.126, 32: 1.75})
+    assert r.speed_verdict() == ("on this CPU (x86-avx2) the file buys speed and size at batch 32: batch 1: 0.95x the "
+                                 "reference's speed (same speed); batch 32: 1.75x the reference's speed (faster)")
+    slow = ValidationReport(**base, latency=(_lat(1, 1.5),), reference_latency=(_lat(1, 1.0),))
+    assert slow.speed_verdict() == ("on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.67x the "
+                                    "reference's speed (slower)")
+    assert slow.to_dict()["speedup_vs_reference"] == {"1": pytest.approx(1 / 1.5)}

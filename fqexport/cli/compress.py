@@ -20,6 +20,7 @@ from fqexport.pipeline.compress import compress
 from fqexport.search.candidates import MixedPrecisionResult
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import write_json_data
+from fqexport.validation.speed import speed_vs_float
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -54,9 +55,15 @@ def run_compress(args: argparse.Namespace) -> int:
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
     for verdict in result.checks:
         print(f"  {verdict.line()}")
+    speed = None
+    if not args.no_speed_check:
+        latency, float_latency, speed = speed_vs_float(cm, result.path)
+        print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, interleaved): "
+              + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}" for q, f in zip(latency, float_latency)))
+        print(speed)
     if args.report:
         summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": cm.metadata.to_dict(),
-                   "avg_weight_bits": cm.avg_weight_bits}
+                   "avg_weight_bits": cm.avg_weight_bits, "speed": speed}
         if search is not None:
             summary["mixed_precision"] = search.to_dict()
         write_json_data(summary, Path(args.report))

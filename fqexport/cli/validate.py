@@ -70,6 +70,10 @@ def print_summary(report) -> None:
     for lat in report.latency:
         print(f"latency on {isa} batch {lat.batch_size}: p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, "
               f"{lat.throughput_per_s:.1f} samples/s ({lat.threads} threads, {lat.warmup} warm-up, {lat.repeats} runs)")
+    for ref in report.reference_latency:
+        print(f"reference latency batch {ref.batch_size}: p50 {ref.p50_ms:.3f} ms (timed interleaved with the model)")
+    if report.speed_verdict():
+        print(report.speed_verdict())
     bops = f"{report.bops:.4g}" if report.bops is not None else "n/a"
     print(f"size {report.size_bytes} B; avg weight bits {report.avg_weight_bits:.2f}; BOPs {bops}; "
           f"PePR {report.pepr:.4f} (worst group {report.pepr_worst_group:.4f})")

@@ -102,10 +102,13 @@ def validate(
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
     ref = compare_reference(reference, gd, native, str(model), runner) if reference is not None else None
     emulated = {x: measure_target(model, x, gd, native, kernels, runner) for x in target_list if x != "native"}
-    latency = measure_latencies(session, gd, latency_batch_sizes, warmup=warmup, repeats=repeats) if measure_latency else ()
+    latency, ref_latency = (measure_latencies(session, gd, latency_batch_sizes, warmup=warmup, repeats=repeats,
+                                              reference=runner.open(reference) if reference is not None else None)
+                            if measure_latency else ((), ()))
     # 3. the report, then its checks against the limits
     report = ValidationReport(
         model=str(model), data_source=gd.source, provider=provider, metrics=native.metrics, latency=latency,
+        reference_latency=ref_latency,
         thresholds=t, metadata=meta, cpu_isa=cpu_isa(), targets=target_list,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),
         **_target_fields(emulated, with_deviation=kernels is not None), **_gpu_rule_fields(model, meta),

@@ -63,15 +63,27 @@ def measure_latency(
     if fixed is not None and fixed != batch_size:
         log.info("model input has a fixed batch of %d; timing batch %d instead of %d", fixed, fixed, batch_size)
         batch_size = fixed
+    feed = _feed(session, sample, batch_size)
+    _runs(session, feed, int(warmup))
+    return _result(session, _runs(session, feed, int(repeats)), batch_size, warmup, repeats)
+
+
+def _feed(session: Any, sample: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     batch = make_batch(np.asarray(sample), int(batch_size)).astype(_input_dtype(session), copy=False)
-    feed = {session.get_inputs()[0].name: batch}
-    for _ in range(int(warmup)):
-        session.run(None, feed)
-    times = np.empty(int(repeats))
-    for i in range(int(repeats)):
+    return {session.get_inputs()[0].name: batch}
+
+
+def _runs(session: Any, feed: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Milliseconds of ``n`` timed runs."""
+    times = np.empty(n)
+    for i in range(n):
         t0 = time.perf_counter()
         session.run(None, feed)
         times[i] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
+def _result(session: Any, times: np.ndarray, batch_size: int, warmup: int, repeats: int) -> LatencyResult:
     mean = float(times.mean())
     return LatencyResult(
         p50_ms=float(np.percentile(times, 50)),
@@ -83,3 +95,31 @@ def measure_latency(
         warmup=int(warmup),
         repeats=int(repeats),
     )
+
+
+# Rounds the repeats of two sessions are interleaved in: load that comes and goes on a shared
+# machine hits both alike, so their ratio means something.
+PAIR_ROUNDS = 5
+
+
+def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch_size: int, warmup: int = 5,
+                         repeats: int = 30) -> tuple[LatencyResult, LatencyResult]:
+    """Latency of ``session`` and of ``reference`` on the same batch, their ``repeats`` timed in
+    :data:`PAIR_ROUNDS` interleaved rounds (after ``warmup`` untimed runs each)."""
+    if int(batch_size) < 1 or int(warmup) < 0 or int(repeats) < 1:
+        raise ConfigError(f"latency batch_size={batch_size!r}, warmup={warmup!r}, repeats={repeats!r}: need "
+                          ">= 1, >= 0, >= 1")
+    if fixed_batch(session) is not None or fixed_batch(reference) is not None:  # each at its own fixed batch
+        return (measure_latency(session, sample, batch_size, warmup, repeats),
+                measure_latency(reference, sample, batch_size, warmup, repeats))
+    feeds = [_feed(s, sample, batch_size) for s in (session, reference)]
+    for s, f in zip((session, reference), feeds):
+        _runs(s, f, int(warmup))
+    rounds = min(PAIR_ROUNDS, int(repeats))
+    chunks: list[list[np.ndarray]] = [[], []]
+    for r in range(rounds):
+        n = int(repeats) // rounds + (1 if r < int(repeats) % rounds else 0)
+        for i, (s, f) in enumerate(zip((session, reference), feeds)):
+            chunks[i].append(_runs(s, f, n))
+    return (_result(session, np.concatenate(chunks[0]), batch_size, warmup, repeats),
+            _result(reference, np.concatenate(chunks[1]), batch_size, warmup, repeats))

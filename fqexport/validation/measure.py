@@ -22,7 +22,7 @@ from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
 from fqexport.metrics.group_metrics import GroupMetrics, agreement, group_metrics
 from fqexport.validation.data_checks import check_data, check_logits
-from fqexport.validation.latency import LatencyResult, measure_latency
+from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair
 from fqexport.validation.thresholds import pct
 from fqexport.validation.validation_report import group_drop, kernel_deviation
 
@@ -157,12 +157,19 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
 
 
 def measure_latencies(session: Any, data: GroupData | DataStream, batch_sizes: Sequence[int], *, warmup: int,
-                      repeats: int) -> tuple[LatencyResult, ...]:
-    """Latency of ``session`` at each batch size, on the first samples of ``data``."""
-    out = []
+                      repeats: int, reference: Any = None) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...]]:
+    """Latency of ``session`` at each batch size, on the first samples of ``data``; with a
+    ``reference`` session, its latency too, the two timed in interleaved rounds
+    (:func:`~fqexport.validation.latency.measure_latency_pair`). Returns ``(model's, reference's)``."""
+    out, ref = [], []
     for bs in batch_sizes:
-        lat = measure_latency(session, data.take(np.arange(min(int(bs), len(data)))).x, int(bs), warmup=warmup,
-                              repeats=repeats)
+        sample = data.take(np.arange(min(int(bs), len(data)))).x
+        if reference is None:
+            lat = measure_latency(session, sample, int(bs), warmup=warmup, repeats=repeats)
+        else:
+            lat, ref_lat = measure_latency_pair(session, reference, sample, int(bs), warmup=warmup, repeats=repeats)
+            ref.append(ref_lat)
+            log.info("reference latency batch %d: p50 %.3f ms", ref_lat.batch_size, ref_lat.p50_ms)
         log.info("latency batch %d: p50 %.3f ms, p95 %.3f ms", lat.batch_size, lat.p50_ms, lat.p95_ms)
         out.append(lat)
-    return tuple(out)
+    return tuple(out), tuple(ref)

@@ -189,13 +189,19 @@ def to_markdown(report: Any) -> str:
                 f"- target gpu: {len(found)} violation(s)" + ("" if found else " (S8S8, int8 zero points 0)")]
         out += [f"- {v}" for v in found]
     if report.latency:
-        out += ["", "## Latency", "", f"Measured on {isa_line(report)}.", "", "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ref = {r.batch_size: r for r in report.reference_latency}
+        out += ["", "## Latency", "", f"Measured on {isa_line(report)}.", "",
+                "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats | reference p50 ms | speed-up |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for lat in report.latency:
+            r = ref.get(lat.batch_size)
             out.append(
                 f"| {lat.batch_size} | {lat.p50_ms:.3f} | {lat.p95_ms:.3f} | {lat.mean_ms:.3f} | "
-                f"{lat.throughput_per_s:.1f} | {lat.threads} | {lat.warmup} | {lat.repeats} |"
+                f"{lat.throughput_per_s:.1f} | {lat.threads} | {lat.warmup} | {lat.repeats} | "
+                f"{f'{r.p50_ms:.3f}' if r else '-'} | {f'{r.p50_ms / lat.p50_ms:.2f}x' if r and lat.p50_ms > 0 else '-'} |"
             )
+        if report.speed_verdict():
+            out += ["", f"- {report.speed_verdict()} (other CPU families: docs/ort-kernels.md)"]
     out += [
         "",
         "## Resources",

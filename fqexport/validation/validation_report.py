@@ -7,7 +7,7 @@ writers of this report (JSON, Markdown, JUnit, plots) are in :mod:`fqexport.vali
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from fqexport.errors import ValidationFailed
 from fqexport.exporters.cpu_isa import kernel_family
@@ -32,6 +32,34 @@ def group_drop(reference: GroupMetrics, model: GroupMetrics) -> dict[str, float]
 def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, float]:
     """dev_g = |acc_g(kernels) − acc_g(graph)|, fraction: what the kernels changed, per group."""
     return {g: abs(float(row["accuracy"]) - float(graph.by_group[g]["accuracy"])) for g, row in kernels.by_group.items()}
+
+
+# A speed-up of at least 10 % (at most 10 % slower) counts as faster (slower); between, the same:
+# latencies on a shared machine move by a few percent from run to run.
+FASTER, SLOWER = 1.10, 0.90
+
+
+def speed_word(speedup: float) -> str:
+    """``"faster"``, ``"slower"`` or ``"same speed"`` for a speed-up over the reference."""
+    return "faster" if speedup >= FASTER else "slower" if speedup <= SLOWER else "same speed"
+
+
+def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
+    """Batch size -> the reference's p50 latency over the model's (> 1: the model is faster)."""
+    return {m.batch_size: r.p50_ms / m.p50_ms for m, r in zip(latency, reference) if m.p50_ms > 0}
+
+
+def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult], isa: str,
+                  noun: str = "the reference") -> str | None:
+    """``"on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.95x the
+    reference's speed (same speed)"``; ``None`` when nothing was compared."""
+    ratio = speedups(latency, reference)
+    if not ratio:
+        return None
+    parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
+    fast = [bs for bs, x in ratio.items() if x >= FASTER]
+    buys = f"speed and size at batch {', '.join(map(str, fast))}" if fast else "size only, no speed"
+    return f"on this CPU ({isa}) the file buys {buys}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -72,6 +100,7 @@ class ValidationReport:
     fused_kernels: Mapping[str, int] | None = None
     float_fallbacks: tuple[str, ...] | None = None
     latency: tuple[LatencyResult, ...] = ()
+    reference_latency: tuple[LatencyResult, ...] = ()  # the reference's, timed interleaved with ``latency``
     size_bytes: int = 0
     avg_weight_bits: float = 32.0
     params: int = 0
@@ -107,6 +136,15 @@ class ValidationReport:
             raise ValidationFailed(MSG_FAILED.format(model=self.model, count=len(failed), checks="; ".join(failed)),
                                    failures=failed)
 
+    def speedups(self) -> dict[int, float]:
+        """Batch size -> the reference's p50 latency over the model's on this CPU (> 1: faster)."""
+        return speedups(self.latency, self.reference_latency)
+
+    def speed_verdict(self) -> str | None:
+        """Whether the file buys speed on this CPU or only size, per measured batch size
+        (``None`` without the reference's latency)."""
+        return speed_verdict(self.latency, self.reference_latency, self.cpu_isa)
+
     @property
     def max_group_drop(self) -> tuple[str, float] | None:
         """(group, drop) of the largest per-group drop vs the reference, fraction."""
@@ -133,6 +171,9 @@ class ValidationReport:
             "kernel": self._kernel_dict(),
             "reference": self._reference_dict(),
             "latency": [lat.to_dict() for lat in self.latency],
+            "reference_latency": [lat.to_dict() for lat in self.reference_latency],
+            "speedup_vs_reference": {str(bs): x for bs, x in self.speedups().items()},
+            "speed_verdict": self.speed_verdict(),
             "size_bytes": self.size_bytes,
             "avg_weight_bits": self.avg_weight_bits,
             "params": self.params,

@@ -32,7 +32,10 @@ def add_compress_parser(sub) -> None:
                        "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
     add_model_and_quant_options(p)
     p.add_argument("--out", required=True, help="output ONNX file")
-    p.add_argument("--report", help="write a JSON summary (layers, export checks) to this file")
+    p.add_argument("--report", help="write a JSON summary (layers, export checks, speed) to this file")
+    p.add_argument("--no-speed-check", action="store_true",
+                   help="skip timing the file against its float model on this CPU at batch 1 and 32 (default: "
+                   "timed, and the summary says whether the file buys speed or only size here)")
     mp = p.add_argument_group("fairness-aware mixed precision (any budget turns the search on)")
     budget = mp.add_mutually_exclusive_group()
     budget.add_argument("--budget-bits", type=float,

@@ -1,0 +1,40 @@
+"""Does a compressed file buy speed on this CPU, or only size? The file against its own float
+model, timed in interleaved rounds at a few batch sizes (what ``compress`` prints; ``validate``
+does the same against ``--reference``)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from fqexport.exporters.cpu_isa import cpu_isa
+from fqexport.exporters.ort_session import make_session
+from fqexport.exporters.qdq_onnx import export_float
+from fqexport.validation.latency import LatencyResult, measure_latency_pair
+from fqexport.validation.validation_report import speed_verdict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fqexport.model import CompressedModel
+
+# What compress times: one sample and a batch of 32, few repeats (it is a summary, not a benchmark).
+SPEED_BATCHES = (1, 32)
+
+
+def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequence[int] = SPEED_BATCHES,
+                   warmup: int = 3, repeats: int = 10, threads: int | None = None
+                   ) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...], str | None]:
+    """``(file's latency, float model's latency, verdict)`` on this CPU: ``cm.float_model`` is
+    exported to a temporary file and both optimized sessions are timed in interleaved rounds on
+    calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`)."""
+    x = np.ascontiguousarray(cm.calib.x)
+    with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:
+        float_path = export_float(cm.float_model, torch.from_numpy(x[:2]), Path(tmp) / "float.onnx").path
+        model, reference = make_session(path, threads=threads), make_session(float_path, threads=threads)
+        pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats)
+                 for bs in batch_sizes]
+    latency, ref = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    return latency, ref, speed_verdict(latency, ref, cpu_isa(), noun="the float model")

@@ -390,3 +390,12 @@ def test_solver_equals_the_two_factorisation_algorithm(order):
     assert torch.equal(res.order, perm)
     assert torch.equal(res.codes, ref)
     assert torch.all(res.codes[:, [3, 17]] == 0)
+
+
+def test_solve_without_the_loss_gives_the_same_codes():
+    W, H = _layer(cols=40)
+    grid = choose_solver_grid(W, H, 4)
+    full = solve_layer(W, H, grid)
+    fast = solve_layer(W, H, grid, compute_loss=False)
+    assert torch.equal(fast.codes, full.codes) and torch.equal(fast.order, full.order)
+    assert fast.loss != fast.loss and full.loss == pytest.approx(layer_error(W, full.qweight, H))  # NaN

@@ -157,7 +157,8 @@ def _quantize_weight(
     )
     if hessian is None:
         return rows_to_weight(info.kind, rtn_layer(rows, grid).codes, module.weight.shape), grid
-    options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
+    # the solver's loss tr((W-Q)H(W-Q)ᵀ) is not read here: skip its out·cols² GEMM
+    options = dict(order=config.order, damp=config.damp, block_size=config.block_size, compute_loss=False)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DampingIncreasedWarning)
@@ -166,7 +167,7 @@ def _quantize_weight(
         else:
             result = solve_layer(rows, hessian, grid, **options)
     out_per_group = rows.shape[0] // _conv_groups(hessian)
-    _log_work(info.name, "solve", hessian, solve_flops(out_per_group, rows.shape[1], config.order),
+    _log_work(info.name, "solve", hessian, solve_flops(out_per_group, rows.shape[1], config.order, False),
               time.perf_counter() - t0)
     if result.retries:
         log.warning(

@@ -11,10 +11,10 @@ loss ``tr((W - Q) H (W - Q)ᵀ)``. Following the GPTQ construction:
    ``J B J = L Lᵀ`` (lower Cholesky), so ``B = R Rᵀ`` with ``R = J L J`` upper triangular.
    GPTQ's factor, the upper Cholesky ``U`` of ``B⁻¹`` (``B⁻¹ = Uᵀ U``), is ``U = R⁻¹``
    (``B⁻¹ = R⁻ᵀ R⁻¹``), so neither ``H⁻¹`` nor a second Cholesky is ever formed;
-5. column by column, all rows in parallel: ``q_j = round(w'_j)`` on the fixed per-row grid,
-   ``e_j = w_j - q_j`` (the ORIGINAL column), ``w'_k = w_k + Σ_{j<k} e_j N_jk`` for the later
+5. column by column, all rows in parallel: ``q_j = round(w'_j / s)`` on the fixed per-row grid,
+   ``e_j = w_j - s·q_j`` (the ORIGINAL column), ``w'_k = w_k + Σ_{j<k} e_j N_jk`` for the later
    columns, ``N = R D_R⁻¹ - I`` (``R``'s columns divided by its diagonal) — GPTQ's update
-   ``w'_k -= r_j U_jk / U_jj`` with ``r_j = w'_j - q_j``, rewritten without ``R⁻¹``
+   ``w'_k -= r_j U_jk / U_jj`` with ``r_j = w'_j - s·q_j``, rewritten without ``R⁻¹``
    (:func:`solve_layer` derives it; QuIP's LDL form of GPTQ). Inside a block at once, for the
    columns after the block lazily as one GEMM ``W'[:, after] += E @ N[block, after]``.
 
@@ -108,7 +108,7 @@ class SolverResult:
         damp_used: the relative damping λ that made the Cholesky succeed (0 for RTN).
         order: the column permutation used (``order[0]`` was quantized first).
         loss: ``tr((W - Q) H (W - Q)ᵀ)`` with the undampened input ``H`` (``Σ (W-Q)²`` for RTN
-            without a Hessian).
+            without a Hessian; NaN when :func:`solve_layer` ran with ``compute_loss=False``).
         retries: how many times the damping was raised (the flag behind
             :class:`DampingIncreasedWarning`).
     """
@@ -261,7 +261,9 @@ def _inverse_diagonal(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False).pow(2).sum(dim=0)
 
 
-def _reversed_factor(H: torch.Tensor, perm: torch.Tensor, lam: float, mean_diag: torch.Tensor) -> torch.Tensor | None:
+def _reversed_factor(
+    H: torch.Tensor, perm: torch.Tensor, lam: float, mean_diag: torch.Tensor
+) -> torch.Tensor | None:
     """``R`` upper triangular with ``B = R Rᵀ``, ``B = P (H + λ·mean(diag H)·I) Pᵀ`` the damped
     Hessian in solve order; ``None`` when the Cholesky fails.
 
@@ -318,6 +320,7 @@ def solve_layer(
     damp: float = 0.01,
     block_size: int = 128,
     max_retries: int = 4,
+    compute_loss: bool = True,
 ) -> SolverResult:
     """Quantize ``W [out, cols]`` onto ``grid`` minimising ``tr((W - Q) H (W - Q)ᵀ)``.
 
@@ -326,6 +329,8 @@ def solve_layer(
     If the Cholesky of the dampened H fails, ``damp`` is raised ×10 up to ``max_retries`` times
     (a :class:`DampingIncreasedWarning` each time), then :class:`HessianNotPositiveDefinite` is
     raised. Computed in float32 on ``W``'s device, on all of torch's threads.
+    ``compute_loss=False`` skips the result's ``loss`` (NaN; it costs ``2·out·cols²``, a third
+    of the solve's arithmetic, and ``compress`` does not read it).
 
     The update without an inverse (module docstring, step 5). GPTQ, in solve order: with
     ``B⁻¹ = Uᵀ U`` and ``V = D_U⁻¹ U`` (rows of ``U`` over their diagonal, unit upper
@@ -398,16 +403,16 @@ def solve_layer(
     qweight = dequantize(codes, scale, block)
     return SolverResult(
         codes=codes, qweight=qweight, damp_used=lam, order=perm,
-        loss=layer_error(W0, qweight, H0), retries=retries,
+        loss=layer_error(W0, qweight, H0) if compute_loss else float("nan"), retries=retries,
     )
 
 
-def solve_flops(out: int, cols: int, order: str = "sensitivity") -> float:
+def solve_flops(out: int, cols: int, order: str = "sensitivity", compute_loss: bool = True) -> float:
     """Floating-point operations of :func:`solve_layer` on ``W [out, cols]`` (one damping try):
     the factor (``cols³/3``), the column updates (``out·cols²``: a multiply-add per row and pair
-    of columns), the loss (``2·out·cols²``); ``"obs"`` adds the unpermuted Cholesky and its
-    triangular solve for ``diag(A⁻¹)`` (``cols³/3 + cols³``)."""
-    flops = cols**3 / 3 + 3.0 * out * cols**2
+    of columns), the loss (``2·out·cols²``, with ``compute_loss``); ``"obs"`` adds the unpermuted
+    Cholesky and its triangular solve for ``diag(A⁻¹)`` (``cols³/3 + cols³``)."""
+    flops = cols**3 / 3 + (3.0 if compute_loss else 1.0) * out * cols**2
     return flops + 4 * cols**3 / 3 if order == "obs" else flops
 
 

@@ -229,11 +229,10 @@ def _raised_damp(lam: float, stacklevel: int) -> float:
     return new
 
 
-def _damped(H: torch.Tensor, lam: float, mean_diag: torch.Tensor | None = None) -> torch.Tensor:
-    """``H + λ·mean(diag H)·I`` (a new tensor); ``mean_diag``: ``mean(diag H)`` when ``H`` is a
-    permuted copy of the matrix whose mean it should be (the same float, whatever the order)."""
+def _damped(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """``H + λ·mean(diag H)·I`` (a new tensor)."""
     A = H.clone()
-    A.diagonal().add_(lam * (torch.diagonal(H).mean() if mean_diag is None else mean_diag))
+    A.diagonal().add_(lam * torch.diagonal(H).mean())
     return A
 
 
@@ -271,11 +270,39 @@ def _reversed_factor(
     solve order: ``J B J = L Lᵀ`` (lower Cholesky) ⇒ ``B = (J L J)(J L J)ᵀ``, ``R = J L J``.
     """
     rev = perm.flip(0)
-    JBJ = _damped(H.index_select(0, rev).index_select(1, rev), lam, mean_diag)
+    JBJ = H.index_select(0, rev).index_select(1, rev)
+    JBJ.diagonal().add_(lam * mean_diag)  # J P keeps the diagonal a diagonal: + λ·mean(diag H)·I
     L, info = torch.linalg.cholesky_ex(JBJ)
     if int(info) != 0 or not bool(torch.isfinite(torch.diagonal(L)).all()):
         return None
     return L.flip(0, 1)
+
+
+def _order_and_factor(
+    W: torch.Tensor, H: torch.Tensor, order: str, grid: WeightGrid, damp: float, max_retries: int
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Steps 2-4 of the module docstring: the column order ``perm`` (most sensitive first) and
+    ``R`` with ``P A Pᵀ = R Rᵀ``, ``A = H + λ·mean(diag H)·I``; λ ×10 while a Cholesky fails
+    (at most ``max_retries`` times). Returns ``(perm, R, λ, retries)``."""
+    mean_diag = torch.diagonal(H).mean()
+    lam, retries = damp, 0
+    while True:
+        hinv_diag = None
+        if order == "obs":  # [A⁻¹]_jj before the order exists: from the unpermuted factor
+            L, lam, tries = _damped_cholesky(H, lam, max_retries - retries)
+            retries += tries
+            hinv_diag = _inverse_diagonal(L)
+        if order == "natural":
+            perm = torch.arange(H.shape[0], device=H.device)
+        else:
+            score = column_sensitivity(W, H, order, grid=grid, hinv_diag=hinv_diag)
+            perm = torch.argsort(score, descending=True, stable=True)
+        R = _reversed_factor(H, perm, lam, mean_diag)
+        if R is not None:
+            return perm, R, lam, retries
+        if retries >= max_retries:
+            raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
+        lam, retries = _raised_damp(lam, stacklevel=3), retries + 1
 
 
 def _quantize_columns(
@@ -334,8 +361,8 @@ def solve_layer(
 
     The update without an inverse (module docstring, step 5). GPTQ, in solve order: with
     ``B⁻¹ = Uᵀ U`` and ``V = D_U⁻¹ U`` (rows of ``U`` over their diagonal, unit upper
-    triangular), ``w'_k = w_k - Σ_{j<k} r_j V_jk`` with the residual ``r_j = w'_j - q_j``. Write
-    ``e_j = w_j - q_j`` (the original column): then ``r (I + (V - I)) = e``, i.e. ``r = e V⁻¹``,
+    triangular), ``w'_k = w_k - Σ_{j<k} r_j V_jk`` with the residual ``r_j = w'_j - s·q_j``.
+    Write ``e_j = w_j - s·q_j`` (the original column): then ``r (I + (V - I)) = e``, i.e. ``r = e V⁻¹``,
     and ``w' = w - r (V - I) = w - e (I - V⁻¹) = w + e (V⁻¹ - I)``. With ``U = R⁻¹`` (step 4),
     ``diag U = 1 / diag R`` and ``V⁻¹ = U⁻¹ D_U = R D_R⁻¹``, so
     ``w'_k = w_k + Σ_{j<k} e_j N_jk`` with ``N = R D_R⁻¹ - I``: the factor ``R`` itself, columns
@@ -351,44 +378,25 @@ def solve_layer(
     device = W.device
     W0 = W.detach().float()
     H0 = H.detach().to(device=device, dtype=torch.float32)
-    out, cols = W0.shape
+    cols = W0.shape[1]
     block = grid.block
     scale = grid.scale.detach().to(device=device, dtype=torch.float32)
     scale = scale.reshape(-1) if block is None else scale
     qmax, qmin = int(grid.qmax), int(grid.qmin)
 
     # 1. Dead columns: no input reaches them, so any value is free; GPTQ sets them to 0.
-    Wk = W0.clone()
-    Hk = H0.clone()
+    Wk, Hk = W0, H0  # read only; copied where dead columns change them
     dead = torch.diagonal(Hk) == 0
     if bool(dead.any()):
+        Wk, Hk = W0.clone(), H0.clone()
         Hk[dead, :] = 0
         Hk[:, dead] = 0
         Hk[dead, dead] = 1
         Wk[:, dead] = 0
 
     # 2.-4. Order, then the one factor B = P A Pᵀ = R Rᵀ (retry with more damping if needed).
-    mean_diag = torch.diagonal(Hk).mean()
-    lam, retries = float(damp), 0
-    while True:
-        hinv_diag = None
-        if order == "obs":  # [A⁻¹]_jj before the order exists: from the unpermuted factor
-            L, lam, tries = _damped_cholesky(Hk, lam, max_retries - retries)
-            retries += tries
-            hinv_diag = _inverse_diagonal(L)
-        if order == "natural":
-            perm = torch.arange(cols, device=device)
-        else:
-            score = column_sensitivity(
-                Wk, Hk, order, grid=WeightGrid(scale, qmax, grid.low, block), hinv_diag=hinv_diag
-            )
-            perm = torch.argsort(score, descending=True, stable=True)
-        R = _reversed_factor(Hk, perm, lam, mean_diag)
-        if R is not None:
-            break
-        if retries >= max_retries:
-            raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
-        lam, retries = _raised_damp(lam, stacklevel=2), retries + 1
+    perm, R, lam, retries = _order_and_factor(Wk, Hk, order, WeightGrid(scale, qmax, grid.low, block), float(damp),
+                                              int(max_retries))
 
     # 5. N = R D_R⁻¹ - I (only its strict upper triangle is read); solve on Wᵀ, permuted.
     N = R / torch.diagonal(R).unsqueeze(0)

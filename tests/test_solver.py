@@ -379,11 +379,12 @@ def test_one_factor_is_gptq_factor_of_the_inverse():
     torch.testing.assert_close((R / torch.diagonal(R)).double(), torch.linalg.inv(V), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cols, seed", [(48, 11), (37, 12)])
 @pytest.mark.parametrize("order", ["natural", "sensitivity", "hessian-diag", "obs"])
-def test_solver_equals_the_two_factorisation_algorithm(order):
+def test_solver_equals_the_two_factorisation_algorithm(order, cols, seed):
     """The one-factorisation solver (float32, blocks) quantizes like the old construction (U from
     the Cholesky of H⁻¹, float64, column by column): the same order, the same codes."""
-    W, H = _spd_with_dead_columns(cols=48, seed=11)
+    W, H = _spd_with_dead_columns(cols=cols, seed=seed)
     grid = choose_solver_grid(W, H, 3)
     ref, perm = _old_gptq(W, H, grid, order)
     res = solve_layer(W, H, grid, order=order, block_size=16)
@@ -399,3 +400,14 @@ def test_solve_without_the_loss_gives_the_same_codes():
     fast = solve_layer(W, H, grid, compute_loss=False)
     assert torch.equal(fast.codes, full.codes) and torch.equal(fast.order, full.order)
     assert fast.loss != fast.loss and full.loss == pytest.approx(layer_error(W, full.qweight, H))  # NaN
+
+
+def test_obs_order_retries_with_more_damping_like_the_others():
+    W, _ = _layer(cols=16)
+    X = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))  # rank 4 < 16: singular
+    H = 2 * X.T @ X / 4
+    grid = choose_weight_grid(W, 4)
+    with pytest.warns(DampingIncreasedWarning, match="Cholesky failed with damp=0"):
+        res = solve_layer(W, H, grid, damp=0.0, order="obs")
+    assert res.retries >= 1 and res.damp_used >= 1e-3
+    assert torch.isfinite(res.qweight).all()

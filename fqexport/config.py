@@ -383,7 +383,7 @@ MSG_ENGINE_ADDRESS = "ray_address={value!r} is only used by engine='ray' (got en
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Where the search's independent tasks run (sensitivity per layer × width, verification
+    """Where the search's independent tasks run (sensitivity per layer (all its widths), verification
     fits per candidate × fold, sweep points); see :mod:`fqexport.engine`. Every engine gives
     identical results: each task is seeded from its key and runs on one intra-op thread.
 

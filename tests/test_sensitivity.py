@@ -82,6 +82,52 @@ def test_measured_delta_is_the_per_group_loss_increase():
     np.testing.assert_allclose(t.at("path_a", 3), want, rtol=1e-5, atol=1e-7)
 
 
+class InPlaceAfter(nn.Module):
+    """``fc2`` reads ``h``, then ``h`` is overwritten in place (ReLU, inplace) and joins again:
+    the activations cached at ``fc2`` must not carry one width's in-place write to the next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = self.fc2(h)
+        z = self.relu(h)
+        return self.fc3(y + z)
+
+
+def test_measured_delta_from_cached_prefix_equals_full_forwards():
+    """Per layer the prefix runs once and the rest once per width: every width's Δ_g equals a
+    full forward of the model with that layer alone quantized (bit for bit)."""
+    torch.manual_seed(3)
+    model = InPlaceAfter().eval()
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 2.0, (70, 8)).astype(np.float32)
+    group = np.arange(70) % 2
+    y = rng.integers(0, 3, 70).astype(np.int64)
+    data = GroupData(x, y, group.astype(np.int64), ("a", "b"), "in-place")
+    t = measure_sensitivity(model, data, bit_choices=(2, 3, 8), batch_size=32, cache=False)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        base = torch.cat([nn.functional.cross_entropy(model(xs[s:s + 32]), ys[s:s + 32], reduction="none")
+                          for s in range(0, 70, 32)])
+        for name in ("fc1", "fc2", "fc3"):
+            for bits in (2, 3, 8):
+                q = InPlaceAfter().eval()
+                q.load_state_dict(model.state_dict())
+                layer = getattr(q, name)
+                layer.weight.copy_(rtn_weight(layer.weight, bits))
+                loss = torch.cat([nn.functional.cross_entropy(q(xs[s:s + 32]), ys[s:s + 32], reduction="none")
+                                  for s in range(0, 70, 32)])
+                inc = (loss.double() - base.double()).numpy()
+                want = np.array([inc[group == k].mean() for k in range(2)])
+                np.testing.assert_allclose(t.at(name, bits), want, rtol=1e-6, atol=1e-9)
+
+
 def test_fisher_proxy_isolates_groups_and_ranks_widths():
     model, data = two_path_case()
     t = measure_sensitivity(model, data, bit_choices=(2, 8), method="fisher", cache=False)

@@ -304,3 +304,110 @@ def test_float_output_target_per_conv_group_and_bad_shapes():
     torch.testing.assert_close(both[2:], compensate_input_error(W[2:], 2 * H, 2 * C))
     with pytest.raises(ConfigError, match=r"weight \(4, 12\), Hessian \(12, 12\) and cross moment \(11, 11\)"):
         compensate_input_error(W, H, C[:11, :11])
+
+
+# ------------------------------------------------------------------ one factorisation
+
+
+def _spd_with_dead_columns(cols=40, seed=5, dead=(3, 17)):
+    """A correlated SPD-but-for-dead-columns H (as _layer) with rows/columns ``dead`` zeroed."""
+    W, H = _layer(out=12, cols=cols, seed=seed)
+    for j in dead:
+        H[j, :] = 0
+        H[:, j] = 0
+    return W, H
+
+
+def _old_factor(H, perm, damp=0.01):
+    """GPTQ's construction, as the solver did before: dead columns, damping, H⁻¹ (float64), then
+    the upper Cholesky U of P H⁻¹ Pᵀ."""
+    Hd = H.double().clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, :] = 0
+    Hd[:, dead] = 0
+    Hd[dead, dead] = 1
+    Hd += damp * torch.diagonal(Hd).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    Hinv = torch.linalg.inv(Hd)
+    return torch.linalg.cholesky(Hinv[perm][:, perm], upper=True), Hd, Hinv
+
+
+def _old_gptq(W, H, grid, order):
+    """The old solver's two-factorisation algorithm in float64, column by column (no blocks):
+    U from the Cholesky of P H⁻¹ Pᵀ, ``w_k -= r_j U_jk / U_jj`` with ``r_j = w'_j - s q_j``."""
+    Hf = H.clone()
+    dead = torch.diagonal(Hf) == 0
+    Wd = W.double().clone()
+    Wd[:, dead] = 0
+    Hf[dead, :] = 0
+    Hf[:, dead] = 0
+    Hf[dead, dead] = 1
+    _, _, Hinv = _old_factor(H, torch.arange(H.shape[0]))
+    if order == "natural":
+        perm = torch.arange(H.shape[0])
+    else:
+        score = column_sensitivity(Wd.float(), Hf, order, grid=grid, hinv_diag=torch.diagonal(Hinv).float())
+        perm = torch.argsort(score, descending=True, stable=True)
+    U, _, _ = _old_factor(H, perm)
+    s = grid.scale.double().reshape(-1)
+    Wp = Wd[:, perm].clone()
+    Q = torch.empty_like(Wp)
+    for j in range(Wp.shape[1]):
+        Q[:, j] = torch.clamp(torch.round(Wp[:, j] / s), grid.qmin, grid.qmax)
+        r = Wp[:, j] - s * Q[:, j]
+        Wp[:, j + 1:] -= torch.outer(r, U[j, j + 1:] / U[j, j])
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    return codes.float(), perm
+
+
+def test_one_factor_is_gptq_factor_of_the_inverse():
+    """R from ONE Cholesky (of the reversed, permuted, damped H) gives GPTQ's U = R⁻¹ and the
+    update matrix N + I = R D_R⁻¹ = V⁻¹ (V = U / diag U), dead columns included."""
+    from fqexport.quant.solver import _reversed_factor
+
+    W, H = _spd_with_dead_columns()
+    perm = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(0))
+    U_old, Hd, _ = _old_factor(H, perm)       # Hd: dead columns fixed, damped (float64)
+    Hk = H.clone()                              # dead columns fixed as the solver does, undamped
+    dead = torch.diagonal(H) == 0
+    Hk[dead, dead] = 1
+    R = _reversed_factor(Hk, perm, 0.01, torch.diagonal(Hk).mean())
+    assert torch.equal(R, torch.triu(R))                                   # upper triangular
+    torch.testing.assert_close(R.double() @ R.double().T, Hd[perm][:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.linalg.inv(R.double()), U_old, rtol=1e-4, atol=1e-4)
+    V = U_old / torch.diagonal(U_old).unsqueeze(1)
+    torch.testing.assert_close((R / torch.diagonal(R)).double(), torch.linalg.inv(V), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cols, seed", [(48, 11), (37, 12)])
+@pytest.mark.parametrize("order", ["natural", "sensitivity", "hessian-diag", "obs"])
+def test_solver_equals_the_two_factorisation_algorithm(order, cols, seed):
+    """The one-factorisation solver (float32, blocks) quantizes like the old construction (U from
+    the Cholesky of H⁻¹, float64, column by column): the same order, the same codes."""
+    W, H = _spd_with_dead_columns(cols=cols, seed=seed)
+    grid = choose_solver_grid(W, H, 3)
+    ref, perm = _old_gptq(W, H, grid, order)
+    res = solve_layer(W, H, grid, order=order, block_size=16)
+    assert torch.equal(res.order, perm)
+    assert torch.equal(res.codes, ref)
+    assert torch.all(res.codes[:, [3, 17]] == 0)
+
+
+def test_solve_without_the_loss_gives_the_same_codes():
+    W, H = _layer(cols=40)
+    grid = choose_solver_grid(W, H, 4)
+    full = solve_layer(W, H, grid)
+    fast = solve_layer(W, H, grid, compute_loss=False)
+    assert torch.equal(fast.codes, full.codes) and torch.equal(fast.order, full.order)
+    assert fast.loss != fast.loss and full.loss == pytest.approx(layer_error(W, full.qweight, H))  # NaN
+
+
+def test_obs_order_retries_with_more_damping_like_the_others():
+    W, _ = _layer(cols=16)
+    X = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))  # rank 4 < 16: singular
+    H = 2 * X.T @ X / 4
+    grid = choose_weight_grid(W, 4)
+    with pytest.warns(DampingIncreasedWarning, match="Cholesky failed with damp=0"):
+        res = solve_layer(W, H, grid, damp=0.0, order="obs")
+    assert res.retries >= 1 and res.damp_used >= 1e-3
+    assert torch.isfinite(res.qweight).all()

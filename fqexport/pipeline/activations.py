@@ -83,6 +83,11 @@ class GraphStream:
         """The value table of a batch before any node ran (the model's one input)."""
         return {self.placeholders[0]: x}
 
+    def output(self, env: dict[torch.fx.Node, Any]) -> Any:
+        """The graph's output from a value table that ran every node (the output node's
+        arguments are kept: :meth:`run` skips the output node, so nothing frees them)."""
+        return map_arg(self.nodes[-1].args[0], env.__getitem__)
+
     def run(self, env: dict[torch.fx.Node, Any], start: int, stop: int) -> None:
         interp = self._interpreter
         for i in range(start, stop):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,10 @@ from fqexport.quant.solver import (
     DampingIncreasedWarning,
     choose_solver_grid,
     compensate_input_error,
+    retarget_flops,
     rtn_layer,
     solve_conv_groups,
+    solve_flops,
     solve_layer,
 )
 from fqexport.version import __version__
@@ -111,6 +114,20 @@ def _layer_moments(
     return acc.hessian(alpha.float()), c
 
 
+def _conv_groups(hessian: torch.Tensor) -> int:
+    """Conv groups of a layer's Hessian (``[G, cols, cols]``; 1 for ``[cols, cols]``)."""
+    return hessian.shape[0] if hessian.dim() == 3 else 1
+
+
+def _log_work(layer: str, step: str, hessian: torch.Tensor, flops_per_group: float, seconds: float) -> None:
+    """A debug line with the arithmetic of one solver step (``step``: ``"solve"`` or
+    ``"retarget"``); the record carries it as ``record.solver_work`` (a dict) for a profiler."""
+    flops = flops_per_group * _conv_groups(hessian)
+    work = {"layer": layer, "step": step, "cols": int(hessian.shape[-1]), "flops": flops, "seconds": seconds}
+    log.debug("layer '%s': %s %.3g GFLOP in %.3f s (%.1f GFLOP/s)", layer, step, flops / 1e9, seconds,
+              flops / 1e9 / max(seconds, 1e-9), extra={"solver_work": work})
+
+
 def _quantize_weight(
     module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None,
     layout: LayerLayout,
@@ -128,13 +145,18 @@ def _quantize_weight(
     )
     if hessian is None:
         return rows_to_weight(info.kind, rtn_layer(rows, grid).codes, module.weight.shape), grid
-    options = dict(order=config.order, damp=config.damp, block_size=config.block_size)
+    # the solver's loss tr((W-Q)H(W-Q)ᵀ) is not read here: skip its out·cols² GEMM
+    options = dict(order=config.order, damp=config.damp, block_size=config.block_size, compute_loss=False)
+    t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DampingIncreasedWarning)
         if hessian.dim() == 3:
             result = solve_conv_groups(rows, hessian, grid, **options)
         else:
             result = solve_layer(rows, hessian, grid, **options)
+    out_per_group = rows.shape[0] // _conv_groups(hessian)
+    _log_work(info.name, "solve", hessian, solve_flops(out_per_group, rows.shape[1], config.order, False),
+              time.perf_counter() - t0)
     if result.retries:
         log.warning(
             "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
@@ -153,9 +175,12 @@ def _retarget_to_float_output(
     fits the float model's output rather than W's output on the already-quantized inputs."""
     w = module.weight.detach()
     rows = weight_rows(info.kind, module.weight.detach()).float()
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         target = compensate_input_error(rows, hessian, cross, damp=damp)
+    _log_work(info.name, "retarget", hessian, retarget_flops(rows.shape[0] // _conv_groups(hessian), rows.shape[1]),
+              time.perf_counter() - t0)
     change = float((target - rows).norm() / rows.norm().clamp_min(1e-12))
     log.debug("layer '%s': float-output target moves the weight by %.3g (relative)", info.name, change)
     with torch.no_grad():

@@ -187,6 +187,7 @@ class HessianAccumulator:
         self.num_groups = int(num_groups)
         self.accum_dtype = accum_dtype
         self._sums: torch.Tensor | None = None  # [num_groups, conv_groups, cols, cols]
+        self._started = [False] * self.num_groups  # group g's sums hold data (else unset memory)
         self.cross = bool(cross)
         self._cross_sums: torch.Tensor | None = None  # Σ x_f xᵀ, same shape
         self.counts = torch.zeros(self.num_groups, dtype=torch.int64)   # rows per group
@@ -268,9 +269,10 @@ class HessianAccumulator:
         device = inputs.device
         if self._sums is None:
             shape = (self.num_groups, self.conv_groups, self.cols, self.cols)
-            self._sums = torch.zeros(shape, dtype=self.accum_dtype, device=device)
+            # no zero fill: a group's first product is copied in (_add_product)
+            self._sums = torch.empty(shape, dtype=self.accum_dtype, device=device)
             if self.cross:
-                self._cross_sums = torch.zeros(shape, dtype=self.accum_dtype, device=device)
+                self._cross_sums = torch.empty(shape, dtype=self.accum_dtype, device=device)
         step = self._chunk(inputs)
         for s in range(0, B, step):
             g_chunk = group[s:s + step]
@@ -290,14 +292,32 @@ class HessianAccumulator:
             for g, n in zip(groups.tolist(), counts.tolist()):
                 Xg = self._group_rows(rows[start:start + n])
                 # Σ x xᵀ for this group's rows, per conv group: [G, cols, cols]
-                self._sums[g] += (Xg.transpose(1, 2) @ Xg).to(self.accum_dtype)
+                first = not self._started[g]
+                self._add_product(self._sums[g], Xg.transpose(1, 2) @ Xg, first)
                 if rows_f is not None:
                     # Σ x_f xᵀ: float-model rows against quantized-prefix rows
                     Xf = self._group_rows(rows_f[start:start + n])
-                    self._cross_sums[g] += (Xf.transpose(1, 2) @ Xg).to(self.accum_dtype)
+                    self._add_product(self._cross_sums[g], Xf.transpose(1, 2) @ Xg, first)
+                self._started[g] = True
                 self.counts[g] += Xg.shape[1]
                 self.samples[g] += n
                 start += n
+
+    @staticmethod
+    def _add_product(sums: torch.Tensor, product: torch.Tensor, first: bool) -> None:
+        """``sums += product`` in the accumulation dtype; the first product is copied in
+        (``0 + x = x``: the same sums without a zero fill and an add)."""
+        if first:
+            sums.copy_(product)
+        else:
+            sums += product.to(sums.dtype)
+
+    def _sums_of(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sums`` with the groups that never got a row set to 0 (their memory is unset)."""
+        for g, started in enumerate(self._started):
+            if not started:
+                sums[g] = 0
+        return sums
 
     def _group_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``[b, G, L, cols]`` rows of one group's items → ``[G, rows, cols]`` (contiguous)."""
@@ -339,7 +359,7 @@ class HessianAccumulator:
         every group present. Groups with ``N_g = 0`` are skipped and α renormalised without them.
         """
         coef = self._coefficients(group_weights)
-        return self._finish(torch.einsum("g,gkij->kij", coef, self._sums))
+        return self._finish(torch.einsum("g,gkij->kij", coef, self._sums_of(self._sums)))
 
     def cross_moment(self, group_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``C = Σ_g α_g · 2 X_{f,g} X_gᵀ / N_g`` (float-model rows × quantized-prefix rows),
@@ -347,11 +367,11 @@ class HessianAccumulator:
         if not self.cross:
             raise ConfigError(f"hessian: layer {self.name!r}: cross_moment needs an accumulator made with cross=True")
         coef = self._coefficients(group_weights)
-        return self._finish(torch.einsum("g,gkij->kij", coef, self._cross_sums))
+        return self._finish(torch.einsum("g,gkij->kij", coef, self._sums_of(self._cross_sums)))
 
     def hessian_sample_weighted(self) -> torch.Tensor:
         """Plain GPTQ Hessian ``2 X Xᵀ / N`` over all rows (a majority group dominates)."""
         n = int(self.counts.sum())
         if self._sums is None or n == 0:
             raise DataError(_MSG_EMPTY.format(name=self.name, extra=""))
-        return self._finish(2.0 * self._sums.sum(dim=0) / n)
+        return self._finish(2.0 * self._sums_of(self._sums).sum(dim=0) / n)

@@ -4,14 +4,19 @@ One layer ``W [out, cols]`` with its (group-weighted) Hessian ``H [cols, cols]``
 loss ``tr((W - Q) H (W - Q)ᵀ)``. Following the GPTQ construction:
 
 1. dead columns (``H_jj == 0``): ``H_jj := 1``, ``W[:, j] := 0`` (no input ever reaches them);
-2. dampen: ``H += λ · mean(diag H) · I``;
-3. ``H⁻¹ = cholesky_inverse(cholesky(H))`` — one inverse shared by every row;
-4. order the columns, most sensitive first (``sensitivity``: ``Σ_i w_ij² H_jj``), so their
+2. dampen: ``A = H + λ · mean(diag H) · I``;
+3. order the columns, most sensitive first (``sensitivity``: ``Σ_i w_ij² H_jj``), so their
    rounding error is absorbed by the less sensitive columns still unquantized;
-5. ``U = upper Cholesky of P H⁻¹ Pᵀ``; column by column, all rows in parallel:
-   ``q = round(w_j)`` on the fixed per-row grid, ``e = (w_j - q) / U_jj``,
-   ``W[:, k] -= e · U_jk`` for the later columns ``k > j`` — inside a block at once, for the
-   columns after the block lazily as ``W[:, after] -= E @ U[block, after]``.
+4. ONE factorisation, of the permuted ``B = P A Pᵀ``, upside down (``J`` reverses the order):
+   ``J B J = L Lᵀ`` (lower Cholesky), so ``B = R Rᵀ`` with ``R = J L J`` upper triangular.
+   GPTQ's factor, the upper Cholesky ``U`` of ``B⁻¹`` (``B⁻¹ = Uᵀ U``), is ``U = R⁻¹``
+   (``B⁻¹ = R⁻ᵀ R⁻¹``), so neither ``H⁻¹`` nor a second Cholesky is ever formed;
+5. column by column, all rows in parallel: ``q_j = round(w'_j / s)`` on the fixed per-row grid,
+   ``e_j = w_j - s·q_j`` (the ORIGINAL column), ``w'_k = w_k + Σ_{j<k} e_j N_jk`` for the later
+   columns, ``N = R D_R⁻¹ - I`` (``R``'s columns divided by its diagonal) — GPTQ's update
+   ``w'_k -= r_j U_jk / U_jj`` with ``r_j = w'_j - s·q_j``, rewritten without ``R⁻¹``
+   (:func:`solve_layer` derives it; QuIP's LDL form of GPTQ). Inside a block at once, for the
+   columns after the block lazily as one GEMM ``W'[:, after] += E @ N[block, after]``.
 
 The per-row scales are fixed before the solve (:func:`choose_solver_grid` or any
 :class:`~fqexport.quant.grid.WeightGrid`). Per-block scales (GPTQ's groupsize, for a layer
@@ -103,7 +108,7 @@ class SolverResult:
         damp_used: the relative damping λ that made the Cholesky succeed (0 for RTN).
         order: the column permutation used (``order[0]`` was quantized first).
         loss: ``tr((W - Q) H (W - Q)ᵀ)`` with the undampened input ``H`` (``Σ (W-Q)²`` for RTN
-            without a Hessian).
+            without a Hessian; NaN when :func:`solve_layer` ran with ``compute_loss=False``).
         retries: how many times the damping was raised (the flag behind
             :class:`DampingIncreasedWarning`).
     """
@@ -189,8 +194,7 @@ def column_sensitivity(
     if grid is None:
         raise ConfigError(_MSG_NEEDS_GRID)
     if hinv_diag is None:
-        Hd = H.float() + damp * hdiag.mean() * torch.eye(H.shape[0], device=H.device)
-        hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
+        hinv_diag = _inverse_diagonal(torch.linalg.cholesky(_damped(H.float(), damp)))
     scale = grid.column_scales(W.shape[1]).to(W.device, torch.float32)
     err = W - fake_quantize(W, scale, grid.qmax, grid.qmin)
     return err.pow(2).sum(dim=0) / hinv_diag.float()
@@ -225,17 +229,23 @@ def _raised_damp(lam: float, stacklevel: int) -> float:
     return new
 
 
+def _damped(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """``H + λ·mean(diag H)·I`` (a new tensor)."""
+    A = H.clone()
+    A.diagonal().add_(lam * torch.diagonal(H).mean())
+    return A
+
+
 def _damped_cholesky(
     H: torch.Tensor, damp: float, max_retries: int
 ) -> tuple[torch.Tensor, float, int]:
     """Lower Cholesky factor of ``H + λ·mean(diag H)·I``; λ ×10 on failure (at most
     max_retries, a :class:`DampingIncreasedWarning` each time). Returns (L, λ, retries)."""
-    mean_diag = torch.diagonal(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     lam = float(damp)
     for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + lam * mean_diag * eye)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
+        L, info = torch.linalg.cholesky_ex(_damped(H, lam))
+        # H is finite (checked), so a successful factor is too: |L_ij| <= sqrt(A_ii)
+        if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
             return L, lam, attempt
         if attempt == max_retries:
             break
@@ -243,25 +253,89 @@ def _damped_cholesky(
     raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=max_retries + 1))
 
 
-def _damped_inverse(
-    H: torch.Tensor, damp: float, max_retries: int
-) -> tuple[torch.Tensor, float, int]:
-    """``(H + λ·mean(diag H)·I)⁻¹`` via Cholesky; λ ×10 on failure (at most max_retries)."""
-    lam, retries = float(damp), 0
+def _inverse_diagonal(L: torch.Tensor) -> torch.Tensor:
+    """``diag(A⁻¹)`` from ``A = L Lᵀ``: ``A⁻¹ = L⁻ᵀ L⁻¹``, so ``[A⁻¹]_jj = Σ_i (L⁻¹)_ij²``, the
+    squared norm of column ``j`` of ``L⁻¹`` (one triangular solve, no full inverse)."""
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).pow(2).sum(dim=0)
+
+
+def _reversed_factor(
+    H: torch.Tensor, perm: torch.Tensor, lam: float, mean_diag: torch.Tensor
+) -> torch.Tensor | None:
+    """``R`` upper triangular with ``B = R Rᵀ``, ``B = P (H + λ·mean(diag H)·I) Pᵀ`` the damped
+    Hessian in solve order; ``None`` when the Cholesky fails.
+
+    ``J`` reverses the order (``J = Jᵀ = J⁻¹``), so ``J B J`` is ``H`` gathered in the reversed
+    solve order: ``J B J = L Lᵀ`` (lower Cholesky) ⇒ ``B = (J L J)(J L J)ᵀ``, ``R = J L J``.
+    """
+    rev = perm.flip(0)
+    JBJ = H.index_select(0, rev).index_select(1, rev)
+    JBJ.diagonal().add_(lam * mean_diag)  # J P keeps the diagonal a diagonal: + λ·mean(diag H)·I
+    L, info = torch.linalg.cholesky_ex(JBJ)
+    if int(info) != 0 or not bool(torch.isfinite(torch.diagonal(L)).all()):
+        return None
+    return L.flip(0, 1)
+
+
+def _order_and_factor(
+    W: torch.Tensor, H: torch.Tensor, order: str, grid: WeightGrid, damp: float, max_retries: int
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Steps 2-4 of the module docstring: the column order ``perm`` (most sensitive first) and
+    ``R`` with ``P A Pᵀ = R Rᵀ``, ``A = H + λ·mean(diag H)·I``; λ ×10 while a Cholesky fails
+    (at most ``max_retries`` times). Returns ``(perm, R, λ, retries)``."""
+    mean_diag = torch.diagonal(H).mean()
+    lam, retries = damp, 0
     while True:
-        L, lam, tries = _damped_cholesky(H, lam, max_retries - retries)
-        retries += tries
-        Hinv = torch.cholesky_inverse(L)
-        if bool(torch.isfinite(Hinv).all()):
-            return Hinv, lam, retries
+        hinv_diag = None
+        if order == "obs":  # [A⁻¹]_jj before the order exists: from the unpermuted factor
+            L, lam, tries = _damped_cholesky(H, lam, max_retries - retries)
+            retries += tries
+            hinv_diag = _inverse_diagonal(L)
+        if order == "natural":
+            perm = torch.arange(H.shape[0], device=H.device)
+        else:
+            score = column_sensitivity(W, H, order, grid=grid, hinv_diag=hinv_diag)
+            perm = torch.argsort(score, descending=True, stable=True)
+        R = _reversed_factor(H, perm, lam, mean_diag)
+        if R is not None:
+            return perm, R, lam, retries
         if retries >= max_retries:
             raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
         lam, retries = _raised_damp(lam, stacklevel=3), retries + 1
 
 
-def _upper_cholesky(Hinv: torch.Tensor) -> torch.Tensor | None:
-    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-    return U if int(info) == 0 else None
+def _quantize_columns(
+    Wt: torch.Tensor, N: torch.Tensor, scale: torch.Tensor, St: torch.Tensor | None, qmin: int, qmax: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Codes ``[cols, out]`` (solve order) of ``Wt = Wᵀ`` (column ``j`` of ``W`` is the
+    contiguous row ``Wt[j]``; overwritten by ``W'ᵀ``), all rows at once, column by column:
+
+        w'_j = w_j + Σ_{i<j} e_i N_ij,   q_j = clamp(round(w'_j / s)),   e_j = w_j - s·q_j.
+
+    Blocked: the terms from earlier blocks arrive as one GEMM after each block
+    (``W'[:, after] += E[:, block] N[block, after]``), the terms inside the block as one
+    matrix-vector product per column. ``scale [out]`` per row, or ``St [cols, out]`` the scale of each
+    (column, row) for per-block grids.
+    """
+    W0t = Wt.clone()                                           # the original columns w_j
+    Qt = torch.empty_like(Wt)                                  # codes q_j
+    Et = torch.empty_like(Wt)                                  # errors e_j = w_j - s·q_j
+    w_, w0_, q_, e_ = Wt.unbind(0), W0t.unbind(0), Qt.unbind(0), Et.unbind(0)
+    cols = Wt.shape[0]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        n_ = N[i1:i2, i1:i2].t().contiguous().unbind(0)        # n_[j - i1] = N[i1:i2, j]
+        for j in range(i1, i2):
+            s = scale if St is None else St[j]
+            if j > i1:
+                w_[j].addmv_(Et[i1:j].t(), n_[j - i1][:j - i1])             # w'_j += Σ_i e_i N_ij
+            q = torch.div(w_[j], s, out=q_[j]).round_().clamp_(qmin, qmax)  # q_j = clamp(round(w'_j/s))
+            torch.addcmul(w0_[j], q, s, value=-1.0, out=e_[j])               # e_j = w_j - s·q_j
+        if i2 < cols:
+            Wt[i2:].addmm_(N[i1:i2, i2:].t(), Et[i1:i2])                      # W'_after += E N
+    return Qt
 
 
 def solve_layer(
@@ -273,14 +347,26 @@ def solve_layer(
     damp: float = 0.01,
     block_size: int = 128,
     max_retries: int = 4,
+    compute_loss: bool = True,
 ) -> SolverResult:
     """Quantize ``W [out, cols]`` onto ``grid`` minimising ``tr((W - Q) H (W - Q)ᵀ)``.
 
     ``order``: ``"sensitivity"`` (``Σ_i w_ij² H_jj``, default), ``"hessian-diag"`` (``H_jj``),
     ``"obs"`` (``Σ_i (w - q)² / [H⁻¹]_jj``) or ``"natural"``; most sensitive column first.
-    If the Cholesky of the dampened H (or of H⁻¹) fails, ``damp`` is raised ×10 up to
-    ``max_retries`` times (a :class:`DampingIncreasedWarning` each time), then
-    :class:`HessianNotPositiveDefinite` is raised. Computed in float32 on ``W``'s device.
+    If the Cholesky of the dampened H fails, ``damp`` is raised ×10 up to ``max_retries`` times
+    (a :class:`DampingIncreasedWarning` each time), then :class:`HessianNotPositiveDefinite` is
+    raised. Computed in float32 on ``W``'s device, on all of torch's threads.
+    ``compute_loss=False`` skips the result's ``loss`` (NaN; it costs ``2·out·cols²``, a third
+    of the solve's arithmetic, and ``compress`` does not read it).
+
+    The update without an inverse (module docstring, step 5). GPTQ, in solve order: with
+    ``B⁻¹ = Uᵀ U`` and ``V = D_U⁻¹ U`` (rows of ``U`` over their diagonal, unit upper
+    triangular), ``w'_k = w_k - Σ_{j<k} r_j V_jk`` with the residual ``r_j = w'_j - s·q_j``.
+    Write ``e_j = w_j - s·q_j`` (the original column): then ``r (I + (V - I)) = e``, i.e. ``r = e V⁻¹``,
+    and ``w' = w - r (V - I) = w - e (I - V⁻¹) = w + e (V⁻¹ - I)``. With ``U = R⁻¹`` (step 4),
+    ``diag U = 1 / diag R`` and ``V⁻¹ = U⁻¹ D_U = R D_R⁻¹``, so
+    ``w'_k = w_k + Σ_{j<k} e_j N_jk`` with ``N = R D_R⁻¹ - I``: the factor ``R`` itself, columns
+    over their diagonal (``B = (I + N) D_R² (I + N)ᵀ``, the LDL form of QuIP, Chee et al. 2023).
     """
     if order not in ORDERS:
         raise ConfigError(_MSG_ORDER.format(order=order))
@@ -292,73 +378,56 @@ def solve_layer(
     device = W.device
     W0 = W.detach().float()
     H0 = H.detach().to(device=device, dtype=torch.float32)
-    out, cols = W0.shape
+    cols = W0.shape[1]
     block = grid.block
     scale = grid.scale.detach().to(device=device, dtype=torch.float32)
     scale = scale.reshape(-1) if block is None else scale
     qmax, qmin = int(grid.qmax), int(grid.qmin)
 
     # 1. Dead columns: no input reaches them, so any value is free; GPTQ sets them to 0.
-    Wk = W0.clone()
-    Hk = H0.clone()
+    Wk, Hk = W0, H0  # read only; copied where dead columns change them
     dead = torch.diagonal(Hk) == 0
     if bool(dead.any()):
+        Wk, Hk = W0.clone(), H0.clone()
         Hk[dead, :] = 0
         Hk[:, dead] = 0
         Hk[dead, dead] = 1
         Wk[:, dead] = 0
 
-    # 2.-3. Damped inverse, shared by every row (retry with more damping if needed).
-    lam, retries = float(damp), 0
-    while True:
-        Hinv, lam, tries = _damped_inverse(Hk, lam, max_retries - retries)
-        retries += tries
-        # 4. Column order, most sensitive first.
-        if order == "natural":
-            perm = torch.arange(cols, device=device)
-        else:
-            score = column_sensitivity(
-                Wk, Hk, order, grid=WeightGrid(scale, qmax, grid.low, block), hinv_diag=torch.diagonal(Hinv)
-            )
-            perm = torch.argsort(score, descending=True, stable=True)
-        # 5. U = upper Cholesky of P H⁻¹ Pᵀ  (= the rows of the successive OBS inverses).
-        U = _upper_cholesky(Hinv[perm][:, perm])
-        if U is not None:
-            break
-        if retries >= max_retries:
-            raise HessianNotPositiveDefinite(_MSG_NOT_PD.format(damp=lam, tries=retries + 1))
-        lam, retries = _raised_damp(lam, stacklevel=2), retries + 1
+    # 2.-4. Order, then the one factor B = P A Pᵀ = R Rᵀ (retry with more damping if needed).
+    perm, R, lam, retries = _order_and_factor(Wk, Hk, order, WeightGrid(scale, qmax, grid.low, block), float(damp),
+                                              int(max_retries))
 
-    # Rows of V = U / diag(U): with the residual r_j = w_j - s·q_j (all rows of W at once),
-    # e_j · U_jk = r_j · V_jk. Work on Wᵀ so that column j of W is the contiguous row Wt[j].
-    V = U / torch.diagonal(U).unsqueeze(1)
+    # 5. N = R D_R⁻¹ - I (only its strict upper triangle is read); solve on Wᵀ, permuted.
+    N = R / torch.diagonal(R).unsqueeze(0)
     Wt = Wk[:, perm].t().contiguous()                          # [cols, out]
-    Qt = torch.empty_like(Wt)                                  # codes, permuted order
-    Rt = torch.empty_like(Wt)                                  # residuals r_j
     # Scale of each (column, row), permuted order: per row, the same [out] for every column;
     # per block, column j (original index perm[j]) uses its block's scales.
     St = None if block is None else column_scales(scale, cols, block)[:, perm].t().contiguous()
-    bs = int(block_size)
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        for j in range(i1, i2):
-            q = Qt[j]
-            s = scale if St is None else St[j]
-            torch.div(Wt[j], s, out=q).round_().clamp_(qmin, qmax)       # q = clamp(round(w/s))
-            r = torch.addcmul(Wt[j], q, s, value=-1.0, out=Rt[j])        # r = w - s·q
-            if j + 1 < i2:
-                Wt[j + 1:i2].addr_(V[j, j + 1:i2], r, alpha=-1.0)        # w_k -= r · U_jk/U_jj
-        if i2 < cols:
-            Wt[i2:].addmm_(V[i1:i2, i2:].t(), Rt[i1:i2], alpha=-1.0)     # lazy: W_after -= R·V
-    codes_p = Qt.t()
+    codes_p = _quantize_columns(Wt, N, scale, St, qmin, qmax, int(block_size)).t()
 
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
     qweight = dequantize(codes, scale, block)
     return SolverResult(
         codes=codes, qweight=qweight, damp_used=lam, order=perm,
-        loss=layer_error(W0, qweight, H0), retries=retries,
+        loss=layer_error(W0, qweight, H0) if compute_loss else float("nan"), retries=retries,
     )
+
+
+def solve_flops(out: int, cols: int, order: str = "sensitivity", compute_loss: bool = True) -> float:
+    """Floating-point operations of :func:`solve_layer` on ``W [out, cols]`` (one damping try):
+    the factor (``cols³/3``), the column updates (``out·cols²``: a multiply-add per row and pair
+    of columns), the loss (``2·out·cols²``, with ``compute_loss``); ``"obs"`` adds the unpermuted
+    Cholesky and its triangular solve for ``diag(A⁻¹)`` (``cols³/3 + cols³``)."""
+    flops = cols**3 / 3 + (3.0 if compute_loss else 1.0) * out * cols**2
+    return flops + 4 * cols**3 / 3 if order == "obs" else flops
+
+
+def retarget_flops(out: int, cols: int) -> float:
+    """Floating-point operations of :func:`compensate_input_error` on ``W [out, cols]``: the
+    Cholesky (``cols³/3``), ``W (C − H)`` and the two triangular solves (``2·out·cols²`` each)."""
+    return cols**3 / 3 + 4.0 * out * cols**2
 
 
 def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) -> SolverResult:

@@ -5,7 +5,9 @@ a b-bit grid (per output channel, clipping-searched round to nearest: ``rtn_laye
 ``choose_solver_grid`` of :mod:`fqexport.quant.solver`, the RTN that ``compress`` runs):
 
 * ``"measured"``: quantize layer l alone, run the calibration samples, and take
-  ``Δ_g(l, b) = (1/N_g) Σ_{i∈g} [ℓ_i(W with W_l ← Q_b(W_l)) − ℓ_i(W)]``.
+  ``Δ_g(l, b) = (1/N_g) Σ_{i∈g} [ℓ_i(W with W_l ← Q_b(W_l)) − ℓ_i(W)]``. One task per layer:
+  the float graph up to layer l runs once per batch (its live activations cached), then only
+  the rest of the graph from layer l once per width, on a copy of those activations.
 * ``"fisher"``: the second-order proxy with the per-group empirical Fisher diagonal
   ``F_g = (1/N_g) Σ_{i∈g} (∂ℓ_i/∂W_l)²`` (per-sample gradients):
   ``Δ_g(l, b) ≈ ½ Σ_j F_g,j (W_l,j − Q_b(W_l)_j)²``.
@@ -49,6 +51,7 @@ from fqexport.engine.base import Engine, SerialEngine, Task
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
 from fqexport.model import rows_to_weight, weight_rows
+from fqexport.pipeline.activations import GraphStream
 from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
 
@@ -260,15 +263,22 @@ class _MeasuredContext:
         self.x, self.y, self.g, self.num_groups = x, y, g, num_groups
         self.batch_size, self.weight_range, self.clip_search = batch_size, weight_range, clip_search
         self._folded: nn.Module | None = folded
+        self._stream: GraphStream | None = None
         self._base: torch.Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_folded": None, "_base": None}
+        return {**self.__dict__, "_folded": None, "_stream": None, "_base": None}
 
     def folded(self) -> nn.Module:
         if self._folded is None:
             self._folded = prepare_model(self.model, self.skip_unsupported).folded
         return self._folded
+
+    def stream(self) -> GraphStream:
+        """The folded graph, run node range by node range."""
+        if self._stream is None:
+            self._stream = GraphStream(self.folded())
+        return self._stream
 
     def base_loss(self) -> torch.Tensor:
         if self._base is None:
@@ -276,34 +286,62 @@ class _MeasuredContext:
         return self._base
 
 
-def _measure_one(ctx: _MeasuredContext, task: Task) -> np.ndarray:
-    """One (layer, width) task: Δ_g with only that layer on the b-bit grid, ``[groups]``."""
-    name, bits = task.payload
+def _copy_values(value: Any) -> Any:
+    """A copy of a cached activation (tensors cloned, containers rebuilt): the rest of the graph
+    may write into its inputs in place, and the cache serves every width."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy_values(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy_values(v) for k, v in value.items()}
+    return value
+
+
+def _measure_layer(ctx: _MeasuredContext, task: Task) -> np.ndarray:
+    """One layer's task: Δ_g at every width with only that layer on the b-bit grid,
+    ``[widths, groups]``. Per batch the float graph runs up to the layer once; from the layer on
+    it runs once per width on a copy of the cached values (the same numbers as a full forward)."""
+    name, widths = task.payload
     base = ctx.base_loss()
-    model = ctx.folded()
-    module = dict(model.named_modules())[name]
+    stream = ctx.stream()
+    module = dict(ctx.folded().named_modules())[name]
+    k, end = stream.module_node(name), len(stream.nodes)
     weight = module.weight
     original = weight.detach().clone()
+    kind = layer_kind(module)
+    quantized = [rtn_weight(original, b, ctx.weight_range, ctx.clip_search, kind) for b in widths]
+    losses: list[list[torch.Tensor]] = [[] for _ in widths]
     try:
         with torch.no_grad():
-            weight.copy_(rtn_weight(original, bits, ctx.weight_range, ctx.clip_search, layer_kind(module)))
-        loss = _per_sample_loss(model, ctx.x, ctx.y, ctx.batch_size)
+            for s in range(0, ctx.x.shape[0], ctx.batch_size):
+                env = stream.start(ctx.x[s:s + ctx.batch_size])
+                stream.run(env, 0, k)  # the float prefix: once for every width
+                for i, q in enumerate(quantized):
+                    weight.copy_(q)
+                    rest = {n: _copy_values(v) for n, v in env.items()}
+                    stream.run(rest, k, end)
+                    logits = stream.output(rest)
+                    losses[i].append(nn.functional.cross_entropy(logits, ctx.y[s:s + ctx.batch_size],
+                                                                 reduction="none"))
     finally:
         with torch.no_grad():
             weight.copy_(original)
-    return group_means((loss - base).double(), ctx.g, ctx.num_groups)[0].numpy()
+    return np.stack([group_means(torch.cat(l).double() - base, ctx.g, ctx.num_groups)[0].numpy()
+                     for l in losses])
 
 
 def sensitivity_tasks(names: Sequence[str], bits: Sequence[int]) -> list[Task]:
-    """One task per (layer, width), in table order."""
-    return [Task(("sensitivity", n, int(b)), f"sensitivity of layer {n!r} at {b} bits", (n, int(b)))
-            for n in names for b in bits]
+    """One task per layer, for all its widths (the layer's float prefix runs once), in table order."""
+    widths = tuple(int(b) for b in bits)
+    text = ", ".join(str(b) for b in widths)
+    return [Task(("sensitivity", n), f"sensitivity of layer {n!r} at {text} bits", (n, widths)) for n in names]
 
 
 def _measured(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
               engine: Engine, source: nn.Module, skip_unsupported: bool) -> np.ndarray:
     ctx = _MeasuredContext(source, model, skip_unsupported, x, y, g, G, batch_size, weight_range, clip_search)
-    rows = engine.map(_measure_one, sensitivity_tasks(names, bits), ctx, "sensitivity (measured)",
+    rows = engine.map(_measure_layer, sensitivity_tasks(names, bits), ctx, "sensitivity (measured)",
                       progress=progress)
     return np.stack(rows).reshape(len(names), len(bits), G).astype(np.float64)
 
@@ -374,8 +412,8 @@ def measure_sensitivity(
         cache_path: optional JSON file read if its fingerprint matches, else (re)written.
         skip_unsupported: leave unsupported layers in float (as ``QuantConfig.skip_unsupported``)
             instead of raising UnsupportedLayerError.
-        engine: runs the ``"measured"`` tasks, one per (layer, width) (default: serial); the
-            table does not depend on it.
+        engine: runs the ``"measured"`` tasks, one per layer (all widths) (default: serial);
+            the table does not depend on it.
     """
     check_choice(method, get_args(SensitivityMethod), "method")
     bits = check_bit_choices(bit_choices)

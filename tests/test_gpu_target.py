@@ -18,6 +18,7 @@ from torch import nn
 
 import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import save_npz
 from fqexport.cli import main
 from fqexport.config import QuantConfig
 from fqexport.exporters.export_check import GRAPH, top1_agreement
@@ -278,7 +279,7 @@ def test_validate_reports_the_gpu_rules_of_gpu_files_only(gpu_exports, cnn_expor
 
 
 def test_cli_validate_gates_a_gpu_file_on_the_rules(gpu_exports, cnn_exports, cnn_data, tmp_path, capsys):
-    fm.save_npz(cnn_data, tmp_path / "test.npz")
+    save_npz(cnn_data, tmp_path / "test.npz")
     args = ["--data", str(tmp_path / "test.npz"), "--no-latency", "--no-kernel-check"]
     assert main(["validate", str(gpu_exports["cnn8"].path), *args]) == 0
     assert "PASS gpu_rules: what TensorRT and ORT's CUDA EP take (target gpu): 0 violation(s)" in capsys.readouterr().out

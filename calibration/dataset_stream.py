@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fqexport.errors import DataError
 
-from .checks import check_x_values, validate_targets
-from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, check_fields, dataset_groups, dataset_item
+from .checks import check_x_values
+from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, check_fields, dataset_item
 from .groups import call_group_function, groups_up_front, is_group_function
-from .stream import MSG_ITEM_DTYPE, MSG_NO_GROUPS, MSG_X_NDIM, DataStream, FirstRead
+from .stream import MSG_ITEM_DTYPE, DataStream, FirstRead
 from .transform import apply_transform
 
 log = logging.getLogger(__name__)
@@ -178,19 +178,14 @@ def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Cal
     names = getattr(dataset, "group_names", None) if groups is None else None
     declared = None if group_fn is not None else _declared(dataset, given is not None)
     if declared is not None and (given is not None or declared[1] is not None):
-        y_raw, g_raw = declared[0], given if given is not None else declared[1]
+        y_raw, given, gs = declared[0], given if given is not None else declared[1], []
         # the first item gives x's shape, dtype and fields (and is checked like every other)
         loader = _loader(dataset, source, [[0]], 0, _Collate(source, None, False, transform))
         _, _, _, _, shape, dtype, fields = _unpack(next(iter(loader)))
     else:
         ys, gs, shape, dtype, fields = _light_pass(dataset, source, n, num_workers, transform, group_fn)
         y_raw = np.asarray(ys) if fields >= 2 else None
-        g_raw = given if given is not None else (
-            dataset_groups(gs, source) if group_fn is not None or fields == 3 else None)
-    if g_raw is None:
-        raise DataError(MSG_NO_GROUPS.format(source=source))
-    if not shape:
-        raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
-    y, group, names = validate_targets(y_raw, g_raw, names, n, source)
-    first = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
-    return DataStream(_DatasetX(dataset, first, tuple(shape), transform), y, group, names, source, tuple(shape))
+    first = FirstRead.establish(source, n, shape, dtype, fields, y_raw, given, gs, group_fn, names,
+                                groups_from_items=groups is None)
+    return DataStream(_DatasetX(dataset, first, tuple(shape), transform), first.y, first.group, first.names, source,
+                      tuple(shape))

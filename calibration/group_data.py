@@ -12,8 +12,29 @@ import numpy as np
 from fqexport.errors import ConfigError
 
 
+class GroupViews:
+    """What the in-memory and the streamed form both derive from ``group``, ``y`` and
+    ``group_names``: group count, whether labels are present, samples per group."""
+
+    group: np.ndarray
+    y: np.ndarray | None
+    group_names: tuple[str, ...]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y is not None
+
+    def group_counts(self) -> np.ndarray:
+        """Samples per group id, ``[num_groups]``."""
+        return np.bincount(self.group, minlength=self.num_groups)
+
+
 @dataclass(frozen=True)
-class GroupData:
+class GroupData(GroupViews):
     """Samples with class labels and group labels.
 
     Attributes:
@@ -35,21 +56,9 @@ class GroupData:
         return int(self.x.shape[0])
 
     @property
-    def num_groups(self) -> int:
-        return len(self.group_names)
-
-    @property
-    def has_labels(self) -> bool:
-        return self.y is not None
-
-    @property
     def sample_shape(self) -> tuple[int, ...]:
         """The shape of one x."""
         return tuple(int(d) for d in self.x.shape[1:])
-
-    def group_counts(self) -> np.ndarray:
-        """Samples per group id, ``[num_groups]``."""
-        return np.bincount(self.group, minlength=self.num_groups)
 
     def subset(self, index: np.ndarray) -> "GroupData":
         """The samples at ``index`` (same group names and source)."""

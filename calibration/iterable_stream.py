@@ -17,11 +17,11 @@ import numpy as np
 
 from fqexport.errors import DataError
 
-from .checks import check_x_values, validate_targets
-from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, batch_items, dataset_groups, dataset_item
+from .checks import check_x_values
+from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, batch_items, dataset_item
 from .dataset_stream import MSG_EMPTY
 from .groups import call_group_function, groups_up_front, is_group_function
-from .stream import MSG_ITEM_DTYPE, MSG_NO_GROUPS, MSG_X_NDIM, DataStream, FirstRead
+from .stream import MSG_ITEM_DTYPE, DataStream, FirstRead
 from .transform import apply_transform
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,8 @@ def iterable_stream(iterable: Any, source: str, batched: bool, groups: Any = Non
     if n == 0:
         raise DataError(MSG_EMPTY.format(source=source))
     given = groups_up_front(groups, n, source, lambda: None)
-    g_raw = given if given is not None else (
-        dataset_groups(gs, source) if group_fn is not None or fields == 3 else None)
-    if g_raw is None:
-        raise DataError(MSG_NO_GROUPS.format(source=source))
-    if not shape:
-        raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
-    y, group, names = validate_targets(np.asarray(ys) if fields >= 2 else None, g_raw, None, n, source)
+    first = FirstRead.establish(source, n, shape, dtype, fields, np.asarray(ys) if fields >= 2 else None, given, gs,
+                                group_fn, None, groups_from_items=groups is None)
     log.info("%s: read the labels and groups of %d samples (one pass, x not kept)", source, n)
-    first = FirstRead(source, y, group, names, dtype, fields, check_groups=groups is None and fields == 3)
-    return DataStream(_IterableX(walk, first, tuple(shape), n), y, group, names, source, tuple(shape))
+    return DataStream(_IterableX(walk, first, tuple(shape), n), first.y, first.group, first.names, source,
+                      tuple(shape))

@@ -31,7 +31,7 @@ from fqexport.errors import DataError
 
 from .checks import check_x_values, group_ids, validate_targets
 from .dataset import dataset_groups
-from .group_data import GroupData
+from .group_data import GroupData, GroupViews
 from .npz import map_npz_x, open_npz, read_npz_field
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,22 @@ class FirstRead:
         self.source, self.y, self.group, self.names = source, y, group, tuple(names)
         self.dtype, self.fields, self.check_groups = dtype, fields, check_groups
 
+    @classmethod
+    def establish(cls, source: str, n: int, shape: Sequence[int], dtype: str, fields: int, y_raw: Any,
+                  given: Any, item_groups: Sequence[Any], group_fn: Any, names: Sequence[str] | None,
+                  groups_from_items: bool) -> "FirstRead":
+        """The first read of ``n`` items of ``shape`` (``fields`` per item): labels ``y_raw``,
+        groups ``given`` up front, else from the group function or the items (``item_groups``);
+        DataError without groups or with scalar samples; labels and groups checked."""
+        g_raw = given if given is not None else (
+            dataset_groups(item_groups, source) if group_fn is not None or fields == 3 else None)
+        if g_raw is None:
+            raise DataError(MSG_NO_GROUPS.format(source=source))
+        if not shape:
+            raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
+        y, group, names = validate_targets(y_raw, g_raw, names, n, source)
+        return cls(source, y, group, names, dtype, fields, check_groups=groups_from_items and fields == 3)
+
     def check(self, idx: np.ndarray, dtype: str, ys: Sequence[Any] | None, gs: Sequence[Any] | None) -> None:
         if dtype != self.dtype:
             raise DataError(MSG_ITEM_DTYPE.format(source=self.source, index=int(idx[0]), dtype=dtype, first=self.dtype))
@@ -96,7 +112,7 @@ class FirstRead:
 # --------------------------------------------------------------------------- the stream
 
 
-class DataStream:
+class DataStream(GroupViews):
     """Group-labeled data whose x is read per batch (see the module docstring).
 
     Attributes:
@@ -126,21 +142,9 @@ class DataStream:
                 f"groups {dict(zip(self.group_names, self.group_counts().tolist()))})")
 
     @property
-    def num_groups(self) -> int:
-        return len(self.group_names)
-
-    @property
-    def has_labels(self) -> bool:
-        return self.y is not None
-
-    @property
     def in_memory(self) -> bool:
         """True when x is an in-memory array (a GroupData), not a file or a Dataset."""
         return isinstance(self._reader, _ArrayX) and not self._reader.check
-
-    def group_counts(self) -> np.ndarray:
-        """Samples per group id, ``[num_groups]``."""
-        return np.bincount(self.group, minlength=self.num_groups)
 
     def subset(self, index: np.ndarray) -> "DataStream":
         """The samples at ``index`` (nothing is read): a stream over the same source."""

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import npz_arrays
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.npz import load_npz, save_npz
 from fqexport.errors import DataError
 
 
-def _arrays(n: int = 6):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 2, 3)).astype(np.float64)
-    y = np.arange(n) % 3
-    group = np.array([0, 1] * (n // 2))
-    return x, y, group
-
-
-def _save(tmp_path, name="d.npz", **arrays):
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return path
-
-
 def test_load_npz_converts_dtypes_and_default_names(tmp_path):
-    x, y, group = _arrays()
-    data = load_npz(_save(tmp_path, x=x, y=y.astype(np.int32), group=group.astype(np.uint8)))
+    x, y, group = npz_arrays.arrays()
+    data = load_npz(npz_arrays.save(tmp_path, x=x, y=y.astype(np.int32), group=group.astype(np.uint8)))
     assert data.x.dtype == np.float32 and data.x.shape == (6, 2, 3)
     assert data.y.dtype == np.int64 and data.group.dtype == np.int64
     np.testing.assert_allclose(data.x, x.astype(np.float32))
@@ -37,33 +24,33 @@ def test_load_npz_converts_dtypes_and_default_names(tmp_path):
 
 
 def test_load_npz_explicit_group_names(tmp_path):
-    x, y, group = _arrays()
-    data = load_npz(_save(tmp_path, x=x, y=y, group=group, group_names=np.array(["light", "dark"])))
+    x, y, group = npz_arrays.arrays()
+    data = load_npz(npz_arrays.save(tmp_path, x=x, y=y, group=group, group_names=np.array(["light", "dark"])))
     assert data.group_names == ("light", "dark")
     assert data.group.tolist() == [0, 1, 0, 1, 0, 1]
 
 
 def test_load_npz_string_groups_sorted_unique(tmp_path):
-    x, y, _ = _arrays()
+    x, y, _ = npz_arrays.arrays()
     group = np.array(["m", "f", "m", "x", "f", "m"])
-    data = load_npz(_save(tmp_path, x=x, y=y, group=group))
+    data = load_npz(npz_arrays.save(tmp_path, x=x, y=y, group=group))
     assert data.group_names == ("f", "m", "x")
     assert data.group.tolist() == [1, 0, 1, 2, 0, 1]
 
 
 def test_load_npz_string_groups_follow_given_names(tmp_path):
-    x, y, _ = _arrays(4)
+    x, y, _ = npz_arrays.arrays(4)
     group = np.array(["b", "a", "b", "a"])
-    data = load_npz(_save(tmp_path, x=x, y=y, group=group, group_names=np.array(["b", "a"])))
+    data = load_npz(npz_arrays.save(tmp_path, x=x, y=y, group=group, group_names=np.array(["b", "a"])))
     assert data.group_names == ("b", "a")
     assert data.group.tolist() == [0, 1, 0, 1]
     with pytest.raises(DataError, match=r"holds the name 'b' \(sample 0\) that is not in group_names"):
-        load_npz(_save(tmp_path, "e.npz", x=x, y=y, group=group, group_names=np.array(["a", "c"])))
+        load_npz(npz_arrays.save(tmp_path, "e.npz", x=x, y=y, group=group, group_names=np.array(["a", "c"])))
 
 
 def test_load_npz_whole_number_float_labels_accepted(tmp_path):
-    x, y, group = _arrays()
-    data = load_npz(_save(tmp_path, x=x, y=y.astype(np.float32), group=group.astype(np.float64)))
+    x, y, group = npz_arrays.arrays()
+    data = load_npz(npz_arrays.save(tmp_path, x=x, y=y.astype(np.float32), group=group.astype(np.float64)))
     assert data.y.dtype == np.int64 and data.y.tolist() == [0, 1, 2, 0, 1, 2]
 
 
@@ -91,10 +78,10 @@ def test_load_npz_whole_number_float_labels_accepted(tmp_path):
     ],
 )
 def test_load_npz_rejects_bad_fields(tmp_path, change, fragment):
-    x, y, group = _arrays()
+    x, y, group = npz_arrays.arrays()
     arrays = {"x": x, "y": y, "group": group}
     change(arrays)
-    path = _save(tmp_path, **arrays)
+    path = npz_arrays.save(tmp_path, **arrays)
     with pytest.raises(DataError) as info:
         load_npz(path)
     assert fragment in str(info.value)
@@ -122,15 +109,15 @@ def test_load_npz_unreadable_files(tmp_path):
 
 
 def test_load_npz_object_array_refused_without_pickle(tmp_path):
-    x, y, _ = _arrays()
-    path = _save(tmp_path, x=x, y=y, group=np.array([0, 1, 0, 1, 0, {}], dtype=object))
+    x, y, _ = npz_arrays.arrays()
+    path = npz_arrays.save(tmp_path, x=x, y=y, group=np.array([0, 1, 0, 1, 0, {}], dtype=object))
     with pytest.raises(DataError, match="field 'group' cannot be read"):
         load_npz(path)
 
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_save_npz_round_trips_with_and_without_labels(tmp_path, compressed):
-    x, y, group = _arrays()
+    x, y, group = npz_arrays.arrays()
     data = GroupData(x.astype(np.float32), y, group, ("a", "b"), "mem")
     path = save_npz(data, tmp_path / "d.npz", compressed=compressed)
     assert path == tmp_path / "d.npz" and sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import npz_arrays
 import torch
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.errors import DataError
-
-
-def _arrays(n: int = 6):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 2, 3)).astype(np.float64)
-    y = np.arange(n) % 3
-    group = np.array([0, 1] * (n // 2))
-    return x, y, group
-
-
-def _save(tmp_path, name="d.npz", **arrays):
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return path
 
 
 class _Tuples(torch.utils.data.Dataset):
@@ -37,8 +24,8 @@ class _Tuples(torch.utils.data.Dataset):
 
 
 def test_load_data_dispatch(tmp_path):
-    x, y, group = _arrays()
-    npz = _save(tmp_path, x=x, y=y, group=group)
+    x, y, group = npz_arrays.arrays()
+    npz = npz_arrays.save(tmp_path, x=x, y=y, group=group)
     assert len(load_data(npz)) == 6
     assert len(load_data(str(npz))) == 6
     gd = GroupData(x.astype(np.float32), y, group, ("a", "b"), "mem")

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_args
+from typing import Any, Callable, Mapping, Sequence, get_args
 
 import numpy as np
 import onnx
@@ -69,7 +70,9 @@ INT16_MIN, INT16_MAX = -32768, 32767
 # |x·w_a + x'·w_b| <= 255·(|w_a| + |w_b|) for uint8 x: a pair can leave int16 only when both
 # weights have the same sign and |w_a| + |w_b| >= 129 (255·128 = 32640 <= 32767).
 _SAFE_PAIR_SUM = 128
-_CHUNK = 1 << 22  # elements per temporary in the saturation correction
+# Integers add exactly in float32 while every partial sum stays below 2^24 (its mantissa).
+_F32_EXACT = 1 << 24
+_CHUNK = 1 << 22  # elements per temporary (activation rows, saturation products)
 
 
 def check_target(target: str) -> str:
@@ -82,48 +85,85 @@ def check_target(target: str) -> str:
 # ------------------------------------------------------------------------------ integer math
 
 
-def _risky_pairs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(m, j, w_even, w_odd)`` of the weight pairs (rows m, pair columns j) that can leave int16:
-    both weights of one sign and |w_a| + |w_b| >= 129; ``m`` sorted. ``w`` ``[M, K]``, K even."""
-    we = w[:, 0::2].astype(np.int32)
-    wo = w[:, 1::2].astype(np.int32)
+@dataclass(frozen=True)
+class RiskyPairs:
+    """The weight pairs of ``w`` ``[M, K]`` that can leave int16 on x86-avx2: pair column j is
+    weights (2j, 2j+1) of a row; a pair is risky when both have one sign and |w_a| + |w_b| >= 129.
+
+    ``m``, ``w_even``, ``w_odd``: the risky pairs' row and weights, grouped by column (column j's
+    are ``start[j]:start[j + 1]``); ``max_even`` / ``max_odd``: per column, the largest |w| of its
+    risky pairs (0 where it has none) — what bounds |p| for any activation.
+    """
+
+    m: np.ndarray
+    w_even: np.ndarray
+    w_odd: np.ndarray
+    start: np.ndarray
+    max_even: np.ndarray
+    max_odd: np.ndarray
+
+
+def risky_pairs(w: np.ndarray) -> RiskyPairs:
+    """:class:`RiskyPairs` of int8 ``w`` ``[M, K]`` (K in MLAS's packed order; an odd last column
+    pairs with MLAS's zero padding and cannot saturate: 255·128 < 2^15)."""
+    cols = w.shape[1] // 2
+    we = w[:, 0 : 2 * cols : 2].astype(np.int32)
+    wo = w[:, 1 : 2 * cols : 2].astype(np.int32)
     risky = (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
-    mi, ji = np.nonzero(risky)
-    return mi, ji, we[mi, ji], wo[mi, ji]
+    ji, mi = np.nonzero(risky.T)  # ordered by column
+    w_even, w_odd = we[mi, ji].astype(np.float32), wo[mi, ji].astype(np.float32)
+    max_even, max_odd = np.zeros(cols, np.float32), np.zeros(cols, np.float32)
+    np.maximum.at(max_even, ji, np.abs(w_even))
+    np.maximum.at(max_odd, ji, np.abs(w_odd))
+    return RiskyPairs(mi, w_even, w_odd, np.searchsorted(ji, np.arange(cols + 1)), max_even, max_odd)
 
 
-def _even(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``a`` and ``w`` padded with a zero column when K is odd (MLAS pads K to pairs)."""
-    if a.shape[1] % 2:
-        a = np.concatenate([a, np.zeros((a.shape[0], 1), a.dtype)], axis=1)
-        w = np.concatenate([w, np.zeros((w.shape[0], 1), w.dtype)], axis=1)
-    return a, w
+def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, columns)`` of the activation pairs that may saturate against some risky pair.
+
+    |p| = a_e·|w_e| + a_o·|w_o| <= a_e·max_even[j] + a_o·max_odd[j]: only (row, column) entries
+    where that bound leaves int16 can saturate. That needs a_e or a_o above 32767 / (2·max|w|)
+    (>= 128): activations that large are rare (a few % after a ReLU), so they are found first
+    and only their pairs are bounded; where they are common (an image stem) every pair is.
+    """
+    cols = pairs.max_even.size
+    reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
+    large = np.flatnonzero(a > INT16_MAX / (2 * reach))
+    if 8 * large.size >= a.size:
+        bound = np.multiply(a[:, 0 : 2 * cols : 2], pairs.max_even)
+        bound += np.multiply(a[:, 1 : 2 * cols : 2], pairs.max_odd)
+        return np.divmod(np.flatnonzero(bound > INT16_MAX), cols)  # (flat: far faster than 2-D)
+    rows, k = np.divmod(large, a.shape[1])
+    paired = k < 2 * cols  # (an odd K's last column pairs with MLAS's zero padding)
+    keys = rows[paired] * cols + k[paired] // 2  # (row, pair column), ascending
+    rows, columns = np.divmod(keys[np.r_[True, keys[1:] != keys[:-1]]], cols)
+    bound = a[rows, 2 * columns] * pairs.max_even[columns] + a[rows, 2 * columns + 1] * pairs.max_odd[columns]
+    hot = bound > INT16_MAX
+    return rows[hot], columns[hot]
 
 
-def _saturation(a: np.ndarray, pairs: tuple[np.ndarray, ...], m: int) -> np.ndarray:
-    """Σ_pairs (sat16(p) − p) ``[rows, m]`` over the risky ``pairs`` (:func:`_risky_pairs`)."""
-    rows = a.shape[0]
-    out = np.zeros((rows, m), dtype=np.int64)
-    mi, ji, we, wo = pairs
-    if mi.size == 0:
+def _saturation(a: np.ndarray, pairs: RiskyPairs, m: int) -> np.ndarray:
+    """Σ_pairs (sat16(p) − p) ``[rows, m]`` int64 over the risky ``pairs``; ``a`` ``[rows, K]``
+    float32 holding the stored uint8 activations."""
+    out = np.zeros((a.shape[0], m), dtype=np.int64)
+    if pairs.m.size == 0:
         return out
-    # p = a_e·w_e + a_o·w_o with |w| <= 128 can leave int16 only where a_e + a_o >= 32768/128 = 256:
-    # rows below that at every pair are skipped
-    ae = a[:, 0::2].astype(np.int32)
-    ao = a[:, 1::2].astype(np.int32)
-    hot = np.flatnonzero(((ae + ao) >= 256).any(axis=1))
-    if hot.size == 0:
-        return out
-    ae, ao = ae[hot], ao[hot]
-    step = max(1, _CHUNK // hot.size)
-    for s in range(0, mi.size, step):
-        mm, jj = mi[s : s + step], ji[s : s + step]
-        p = ae[:, jj] * we[s : s + step] + ao[:, jj] * wo[s : s + step]  # [hot rows, R], |p| <= 64770
+    rows, cols_hot = _hot_entries(a, pairs)
+    counts = pairs.start[cols_hot + 1] - pairs.start[cols_hot]
+    ends = np.cumsum(counts)
+    s = 0
+    while s < rows.size:  # each hot entry meets its column's risky pairs, _CHUNK products at a time
+        done = ends[s - 1] if s else 0
+        e = max(s + 1, int(np.searchsorted(ends, done + _CHUNK, side="right")))
+        r, j, c = rows[s:e], cols_hot[s:e], counts[s:e]
+        first = pairs.start[j] - (np.cumsum(c) - c)  # pair index = first + position in the run
+        idx = np.repeat(first, c) + np.arange(int(c.sum()))
+        rr, jj = np.repeat(r, c), 2 * np.repeat(j, c)
+        p = a[rr, jj] * pairs.w_even[idx] + a[rr, jj + 1] * pairs.w_odd[idx]  # exact: |p| <= 65280
         corr = np.clip(p, INT16_MIN, INT16_MAX) - p
-        if not corr.any():
-            continue
-        starts = np.flatnonzero(np.r_[True, mm[1:] != mm[:-1]])  # each output channel's run
-        out[np.ix_(hot, mm[starts])] += np.add.reduceat(corr, starts, axis=1, dtype=np.int64)
+        nz = np.flatnonzero(corr)
+        np.add.at(out, (rr[nz], pairs.m[idx[nz]]), corr[nz].astype(np.int64))
+        s = e
     return out
 
 
@@ -131,39 +171,119 @@ def pair_saturation_correction(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Σ_pairs (sat16(p) − p) with p = a[:, 2j]·w[m, 2j] + a[:, 2j+1]·w[m, 2j+1]: ``[rows, M]`` int64.
 
     ``a`` ``[rows, K]`` stored uint8 activations, ``w`` ``[M, K]`` int8 weights, K in MLAS's
-    packed order (padded with a zero column when odd). Only weight pairs that can leave int16
-    are evaluated, so weights with |q| <= 64 cost nothing and give a zero correction.
+    packed order (an odd K is padded with zeros). Only weight pairs that can leave int16 are
+    evaluated, so weights with |q| <= 64 cost nothing and give a zero correction.
     """
-    a, w = _even(a, w)
-    return _saturation(a, _risky_pairs(w), w.shape[0])
+    return _saturation(np.asarray(a, dtype=np.float32), risky_pairs(w), w.shape[0])
 
 
-def accumulate(a: np.ndarray, w: np.ndarray, za: int, target: str) -> np.ndarray:
+@dataclass(frozen=True)
+class PackedWeights:
+    """int8 weights ``w`` ``[M, K]`` (K in MLAS's packed order) prepared once for :func:`accumulate`.
+
+    ``products``: an ONNX Runtime session computing Σ_k a·w of float32 ``a`` ``[rows, K]`` exactly
+    (:func:`_products_session`); ``row_sums``: Σ_k w per row (int64, for the zero point);
+    ``pairs``: the pairs that can saturate (x86-avx2 only, else None).
+    """
+
+    products: Any
+    row_sums: np.ndarray
+    pairs: RiskyPairs | None
+
+
+def exact_runs(w: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Runs ``(start, stop)`` covering K of ``w`` ``[M, K]``, each as long as it can be while
+    255·Σ_{k in run} |w[m, k]| < 2^24 for every row m (a single column always fits: 255·128):
+    over such a run every partial sum of Σ a·w (uint8 ``a``) is an integer float32 holds exactly,
+    whatever order a GEMM adds the products in."""
+    cum = np.cumsum(np.abs(w.astype(np.int64)), axis=1)
+    cum = np.concatenate([np.zeros((w.shape[0], 1), np.int64), cum], axis=1)  # cum[:, k] = Σ_{<k}
+    limit = (_F32_EXACT - 1) // 255
+    runs, start, k = [], 0, w.shape[1]
+    while start < k:
+        reach = (cum[:, start + 1 :] - cum[:, start : start + 1]).max(axis=0)  # nondecreasing in stop
+        stop = start + max(1, int(np.searchsorted(reach, limit, side="right")))
+        runs.append((start, stop))
+        start = stop
+    return tuple(runs)
+
+
+def _products_session(w: np.ndarray, threads: int | None) -> Any:
+    """An ORT session ``a [rows, K] float32 → Σ_k a·w [rows, M]``, exact: one float32 MatMul
+    (MLAS's SGEMM: multiply-adds only) per run of :func:`exact_runs`, the runs added in float64
+    (exact below 2^53). ORT's SGEMM is the fastest exact integer GEMM at hand, and keeps its
+    speed on a loaded machine."""
+    runs = exact_runs(w)
+    k, m = w.shape[1], w.shape[0]
+    wt = np.ascontiguousarray(w.T, dtype=np.float32)
+    a = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [None, k])
+    if len(runs) == 1:
+        nodes = [helper.make_node("MatMul", ["a", "w"], ["y"])]
+        inits = [numpy_helper.from_array(wt, "w")]
+        out_type = onnx.TensorProto.FLOAT
+    else:
+        nodes, inits = [], []
+        for i, (start, stop) in enumerate(runs):
+            inits += [numpy_helper.from_array(wt[start:stop], f"w{i}"),
+                      numpy_helper.from_array(np.array([start], np.int64), f"s{i}"),
+                      numpy_helper.from_array(np.array([stop], np.int64), f"e{i}")]
+            nodes += [helper.make_node("Slice", ["a", f"s{i}", f"e{i}", "axis1"], [f"a{i}"]),
+                      helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"p{i}"]),
+                      helper.make_node("Cast", [f"p{i}"], [f"d{i}"], to=onnx.TensorProto.DOUBLE)]
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+        nodes.append(helper.make_node("Sum", [f"d{i}" for i in range(len(runs))], ["y"]))
+        out_type = onnx.TensorProto.DOUBLE
+    graph = helper.make_graph(nodes, "exact_products", [a], [helper.make_tensor_value_info("y", out_type, [None, m])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=threads,
+                         label="the emulation's exact GEMM")
+
+
+def pack_weights(w: np.ndarray, target: str, threads: int | None = None) -> PackedWeights:
+    """:class:`PackedWeights` of int8 ``w`` ``[M, K]`` for ``target``'s accumulation."""
+    return PackedWeights(products=_products_session(w, threads), row_sums=w.sum(axis=1, dtype=np.int64),
+                         pairs=risky_pairs(w) if target == "x86-avx2" else None)
+
+
+def _exact_products(a: np.ndarray, packed: PackedWeights) -> np.ndarray:
+    """Σ_k a·w ``[rows, M]`` int64, exactly (``a`` float32 holding integers in [0, 255])."""
+    return packed.products.run(None, {"a": a})[0].astype(np.int64)
+
+
+class WeightCache:
+    """One node's :class:`PackedWeights`, packed on first use (weights are constants): key ``g``
+    is a conv's group ``g`` (0 for a Gemm / MatMul). ``threads``: the GEMM sessions' threads."""
+
+    def __init__(self, target: str, threads: int | None = None) -> None:
+        self.target, self.threads = target, threads
+        self._packed: dict[int, PackedWeights] = {}
+
+    def get(self, key: int, weights: Callable[[], np.ndarray], target: str | None = None) -> PackedWeights:
+        """The packed ``weights()`` ``[M, K]`` of ``key`` (``target`` overrides the node's: a
+        depthwise conv accumulates exactly)."""
+        if key not in self._packed:
+            self._packed[key] = pack_weights(weights(), target or self.target, self.threads)
+        return self._packed[key]
+
+
+def accumulate(a: np.ndarray, w: np.ndarray | PackedWeights, za: int, target: str) -> np.ndarray:
     """int64 ``[rows, M]``: Σ_k (a − za)·w with ``target``'s accumulation (no bias).
 
-    ``a`` ``[rows, K]`` uint8 (stored values), ``w`` ``[M, K]`` int8, K in packed order.
+    ``a`` ``[rows, K]``: the stored uint8 activations (as uint8, or float32 holding them);
+    ``w``: int8 ``[M, K]`` or its :func:`pack_weights`; K in packed order.
+    Σ (a − za)·w = Σ a·w − za·Σ_k w; x86-avx2 adds each saturating pair's correction.
     """
-    rows, k = a.shape
-    # Integers add exactly in floating point while every partial sum stays below 2^mantissa:
-    # Σ a·w and za·Σ w are each at most K·255·max|w|, so float32 is exact below 2^24, float64
-    # below 2^53. Σ (a − za)·w = Σ a·w − za·Σ_k w.
-    bound = k * 255 * int(np.abs(w.astype(np.int32)).max(initial=0))
-    ftype = np.float32 if bound < 2**24 else np.float64
-    wf = w.astype(ftype).T
-    offset = ftype(za) * wf.sum(axis=0, dtype=np.float64).astype(ftype)
-    pairs = None
-    if target == "x86-avx2":
-        a_even, w_even = _even(a[:1], w)
-        pairs = _risky_pairs(w_even)
-    acc = np.empty((rows, w.shape[0]), dtype=np.int64)
-    step = max(1, _CHUNK // max(1, k))
-    for s in range(0, rows, step):  # row chunks bound the temporaries
+    packed = w if isinstance(w, PackedWeights) else pack_weights(w, target)
+    a = np.asarray(a, dtype=np.float32)
+    acc = np.empty((a.shape[0], packed.row_sums.size), dtype=np.int64)
+    step = max(1, _CHUNK // max(1, a.shape[1]))
+    for s in range(0, a.shape[0], step):  # row chunks bound the temporaries
         part = a[s : s + step]
-        exact = part.astype(ftype) @ wf
-        exact -= offset
-        acc[s : s + step] = np.rint(exact).astype(np.int64)
-        if pairs is not None:
-            acc[s : s + step] += _saturation(_even(part, w)[0], pairs, w.shape[0])
+        acc[s : s + step] = _exact_products(part, packed)
+        if packed.pairs is not None:
+            acc[s : s + step] += _saturation(part, packed.pairs, acc.shape[1])
+    acc -= int(za) * packed.row_sums
     return acc
 
 
@@ -194,14 +314,14 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _im2col_nhwc(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
-                 dilations: Sequence[int], pad_value: int) -> tuple[np.ndarray, int, int]:
-    """``[N, OH, OW, kh, kw, C]`` patches of NCHW ``x`` (padding holds ``pad_value``)."""
+def _patches_nhwc(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+                  dilations: Sequence[int], pad_value: int) -> tuple[np.ndarray, int, int]:
+    """``[N, OH, OW, kh, kw, C]`` float32 patches (a strided view) of uint8 NCHW ``x``, padded
+    with ``pad_value``: ``x`` is converted and laid out NHWC once, the im2col copy comes later."""
     n, c, h, w = x.shape
     kh, kw = kernel
-    xp = np.full((n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]), pad_value, dtype=x.dtype)
-    xp[:, :, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x
-    xp = np.ascontiguousarray(xp.transpose(0, 2, 3, 1))  # NHWC
+    xp = np.full((n, h + pads[0] + pads[2], w + pads[1] + pads[3], c), pad_value, dtype=np.float32)
+    xp[:, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x.transpose(0, 2, 3, 1)
     oh = (xp.shape[1] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
     ow = (xp.shape[2] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
     sn, sh, sw, sc = xp.strides
@@ -214,8 +334,32 @@ def _im2col_nhwc(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], p
     return patches, oh, ow
 
 
-def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str) -> np.ndarray:
-    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation."""
+def _depthwise_sum(patches: np.ndarray, w: np.ndarray, za: int) -> np.ndarray:
+    """Σ_taps (a − za)·w ``[rows, M]`` int64 of a depthwise conv (one input channel per group,
+    ``M / C`` outputs each), exactly: MLAS's depthwise kernel does not pair products. ``patches``
+    ``[n, oh, ow, kh, kw, C]``, ``w`` ``[M, 1, kh, kw]``."""
+    n, oh, ow, kh, kw, c = patches.shape
+    taps, mult = kh * kw, w.shape[0] // c
+    wt = w.reshape(c, mult, taps).transpose(2, 0, 1).astype(np.float32)  # [taps, C, mult]
+    a = patches.reshape(n * oh * ow, taps, c)
+    acc = np.zeros((a.shape[0], c, mult), dtype=np.float32)  # exact: taps·255·128 < 2^24
+    for t in range(taps):
+        acc += a[:, t, :, None] * wt[t]
+    return acc.reshape(a.shape[0], -1).astype(np.int64) - int(za) * w.reshape(w.shape[0], -1).sum(axis=1, dtype=np.int64)
+
+
+def conv_weight_rows(w: np.ndarray, group: int) -> list[np.ndarray]:
+    """Per group, the conv weights ``[M/group, K]`` with K in MLAS's NHWC order (kernel row,
+    kernel column, input channel); a 1-D conv's ``[M, C, k]`` as ``[M, C, 1, k]``."""
+    w = w[:, :, None, :] if w.ndim == 3 else w
+    mg = w.shape[0] // group
+    return [w[g * mg : (g + 1) * mg].transpose(0, 2, 3, 1).reshape(mg, -1) for g in range(group)]
+
+
+def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                 cache: WeightCache | None = None) -> np.ndarray:
+    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation; ``cache`` keeps the node's
+    packed weights between calls."""
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
     if x.ndim == 3 and np.ndim(w) == 3:
@@ -230,7 +374,7 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
         if "kernel_shape" in a1:
             a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
         args = [x[:, :, None, :], sx, zx, np.asarray(w)[:, :, None, :], sw, zw, sy, zy]
-        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target)[:, :, 0, :]
+        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target, cache)[:, :, 0, :]
     if x.ndim != 4:
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
@@ -239,41 +383,57 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
     group = int(attrs.get("group", 1))
     strides = list(attrs.get("strides", [1, 1]))
     dil = list(attrs.get("dilations", [1, 1]))
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        h, wd = x.shape[2:]
-        pads = []
-        for size, k, s, d in ((h, kh, strides[0], dil[0]), (wd, kw, strides[1], dil[1])):
-            out = -(-size // s)
-            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-            pads.append((total // 2, total - total // 2) if auto_pad == "SAME_UPPER" else (total - total // 2, total // 2))
-        pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+    pads = _conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)
     zx_i = int(_scalar(zx))
-    patches, oh, ow = _im2col_nhwc(x, (kh, kw), strides, pads, dil, zx_i)
+    patches, oh, ow = _patches_nhwc(x, (kh, kw), strides, pads, dil, zx_i)
     n = x.shape[0]
     mg = m // group
-    depthwise = cg == 1 and group > 1
-    acc = np.empty((n * oh * ow, m), dtype=np.int64)
-    for g in range(group):
-        a = patches[..., g * cg : (g + 1) * cg].reshape(n * oh * ow, kh * kw * cg)
-        wg = w[g * mg : (g + 1) * mg].transpose(0, 2, 3, 1).reshape(mg, kh * kw * cg)  # (kh, kw, c)
-        acc[:, g * mg : (g + 1) * mg] = accumulate(a, wg, zx_i, "x86-vnni" if depthwise else target)
+    cache = cache or WeightCache(target)
+    if cg == 1 and group > 1 and kh * kw * 255 * 128 < _F32_EXACT:  # depthwise: exact, no pairs
+        acc = _depthwise_sum(patches, w, zx_i)
+    else:
+        acc = np.empty((n * oh * ow, m), dtype=np.int64)
+        k = kh * kw * cg
+        images = max(1, _CHUNK // max(1, oh * ow * k))  # images per im2col copy
+        exact = "x86-vnni" if cg == 1 and group > 1 else None  # (a depthwise conv too large for the above)
+        for g in range(group):
+            packed = cache.get(g, lambda: conv_weight_rows(w, group)[g], exact)
+            for i in range(0, n, images):
+                a = patches[i : i + images, ..., g * cg : (g + 1) * cg].reshape(-1, k)
+                rows = slice(i * oh * ow, min(n, i + images) * oh * ow)
+                acc[rows, g * mg : (g + 1) * mg] = accumulate(a, packed, zx_i, target)
     if bias is not None:
         acc += bias.astype(np.int64)
     y = requantize(acc, _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy)), int(_scalar(zy)), zy.dtype)
     return y.reshape(n, oh, ow, m).transpose(0, 3, 1, 2).copy()
 
 
-def _matmul_2d(a: np.ndarray, b_kn: np.ndarray, za: int, target: str) -> np.ndarray:
+def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               dil: Sequence[int]) -> list[int]:
+    """``[top, left, bottom, right]`` padding of a 2-D conv (``pads``, or from ``auto_pad``)."""
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", "VALID"):
+        return list(attrs.get("pads", [0, 0, 0, 0]))
+    pads = []
+    for length, k, s, d in zip(size, kernel, strides, dil):
+        out = -(-length // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - length)
+        pads.append((total // 2, total - total // 2) if auto_pad == "SAME_UPPER" else (total - total // 2, total // 2))
+    return [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+
+
+def _matmul_2d(a: np.ndarray, b_kn: np.ndarray, za: int, target: str, cache: WeightCache | None) -> np.ndarray:
+    packed = (cache or WeightCache(target)).get(0, lambda: b_kn.T)
     lead = a.shape[:-1]
-    acc = accumulate(a.reshape(-1, a.shape[-1]), b_kn.T, za, target)
+    acc = accumulate(a.reshape(-1, a.shape[-1]), packed, za, target)
     return acc.reshape(*lead, b_kn.shape[1])
 
 
-def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str) -> np.ndarray:
-    """com.microsoft QGemm (A uint8, B int8) with ``target``'s accumulation."""
+def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+          cache: WeightCache | None = None) -> np.ndarray:
+    """com.microsoft QGemm (A uint8, B int8) with ``target``'s accumulation (``cache``: as
+    :func:`qlinear_conv`'s)."""
     a, sa, za, b, sb, zb = inputs[:6]
     c = inputs[6] if len(inputs) > 6 else None
     sy = inputs[7] if len(inputs) > 7 else None
@@ -284,7 +444,7 @@ def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target:
         a = a.T
     b_kn = b.T if int(attrs.get("transB", 0)) else b
     alpha = np.float32(attrs.get("alpha", 1.0))
-    acc = _matmul_2d(a, b_kn, int(_scalar(za)), target)
+    acc = _matmul_2d(a, b_kn, int(_scalar(za)), target, cache)
     if c is not None and c.dtype == np.int32:
         acc = acc + c.astype(np.int64)
     scale = np.float32(_scalar(sa)) * np.asarray(sb, np.float32).reshape(-1) * alpha
@@ -297,12 +457,13 @@ def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target:
     return requantize(acc, scale / np.float32(_scalar(sy)), int(_scalar(zy_v)), zy_v.dtype)
 
 
-def qlinear_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str) -> np.ndarray:
+def qlinear_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                   cache: WeightCache | None = None) -> np.ndarray:
     """ONNX QLinearMatMul (A uint8, B int8 [K, N] constant) with ``target``'s accumulation."""
     a, sa, za, b, sb, zb, sy, zy = inputs[:8]
     if b.ndim != 2 or np.any(np.asarray(zb) != 0):
         raise _Unsupported(_MATMUL_B)
-    acc = _matmul_2d(a, b, int(_scalar(za)), target)
+    acc = _matmul_2d(a, b, int(_scalar(za)), target, cache)
     scale = _output_scale(_scalar(sa), np.asarray(sb), _scalar(sy))
     return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
 
@@ -318,6 +479,28 @@ def _emulable(node: onnx.NodeProto, values: Mapping[str, np.ndarray]) -> bool:
     x = values.get(node.input[0])
     wt = values.get(node.input[3])
     return x is not None and wt is not None and x.dtype == np.uint8 and wt.dtype == np.int8
+
+
+def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray]) -> bool:
+    """Whether a fused u8×s8 node (QLinearConv, QGemm, QLinearMatMul) may compute differently on
+    different kernel families: its weights are not a constant symmetric int8 tensor, or two of
+    them form a pair that can leave int16 (:func:`risky_pairs`, in MLAS's order). Otherwise every
+    family accumulates exactly (a depthwise conv always does: MLAS's depthwise kernel does not
+    pair products) and ORT's own kernel computes what any target would."""
+    w, zw = initializers.get(node.input[3]), initializers.get(node.input[5])
+    if w is None or (zw is not None and np.any(zw != 0)):
+        return True
+    attrs = _attrs(node)
+    if node.op_type == "QLinearConv":
+        group = int(attrs.get("group", 1))
+        if w.shape[1] == 1 and group > 1:
+            return False
+        rows = conv_weight_rows(w, group)
+    elif w.ndim != 2:
+        return True
+    else:  # QGemm B [K, N] (or [N, K] with transB), QLinearMatMul B [K, N]
+        rows = [w if int(attrs.get("transB", 0)) else w.T]
+    return any(risky_pairs(r).m.size for r in rows)
 
 
 # ------------------------------------------------------------------------------ the session
@@ -355,8 +538,14 @@ class EmulatedSession:
         self._inputs = [i for i in g.input if i.name not in self.initializers]
         self.output_names = [o.name for o in g.output]
         self._sessions: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._weights: dict[int, WeightCache] = {}  # per emulated node
         fused = [n for n in g.node if (n.domain if n.domain != "ai.onnx" else "", n.op_type) in _KERNELS]
-        self.emulated_nodes = [f"{n.op_type}:{n.name}" for n in fused if self._u8s8(n)]
+        # fused nodes whose weights compute alike on every family run with ORT's own kernel: only
+        # the others are emulated (for fqexport's x86-safe weights: none)
+        u8s8 = {i: n for i, n in enumerate(g.node) if n in fused and self._u8s8(n)}
+        self._emulated = {i for i, n in u8s8.items() if kernel_dependent(n, self.initializers)}
+        self.emulated_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i in self._emulated]
+        self.exact_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i not in self._emulated]
         self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
                              if (n in fused and not self._u8s8(n)) or n.op_type in _OTHER_INTEGER_OPS]
         if self.native_nodes:
@@ -411,10 +600,11 @@ class EmulatedSession:
         values.update(feeds)
         for idx, node in enumerate(self.model.graph.node):
             try:
-                if _emulable(node, values):
+                if idx in self._emulated and _emulable(node, values):
                     fn = _KERNELS[(node.domain if node.domain != "ai.onnx" else "", node.op_type)]
                     args = [values[i] if i else None for i in node.input]
-                    values[node.output[0]] = fn(args, _attrs(node), self.target)
+                    cache = self._weights.setdefault(idx, WeightCache(self.target, self._threads))
+                    values[node.output[0]] = fn(args, _attrs(node), self.target, cache)
                 else:
                     sess = self._node_session(idx, node, values)
                     dyn = [i for i in node.input if i and i not in self.initializers]

@@ -28,7 +28,10 @@ output range, rounded half to even, plus the output zero point.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, get_args
@@ -142,28 +145,42 @@ def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarr
     return rows[hot], columns[hot]
 
 
+def _pair_corrections(rows: np.ndarray, columns: np.ndarray, a_even: np.ndarray, a_odd: np.ndarray,
+                      pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, m, sat16(p) − p)`` of every risky pair of the activation pairs ``(rows, columns)``
+    (values ``a_even``, ``a_odd``) whose sum p leaves int16; the same (row, m) may repeat."""
+    out_r, out_m, out_c = [], [], []
+    counts = pairs.start[columns + 1] - pairs.start[columns]
+    ends = np.cumsum(counts)
+    s = 0
+    while s < rows.size:  # each entry meets its column's risky pairs, _CHUNK products at a time
+        done = ends[s - 1] if s else 0
+        e = max(s + 1, int(np.searchsorted(ends, done + _CHUNK, side="right")))
+        c = counts[s:e]
+        first = pairs.start[columns[s:e]] - (np.cumsum(c) - c)  # pair index = first + position in the run
+        idx = np.repeat(first, c) + np.arange(int(c.sum()))
+        entry = np.repeat(np.arange(s, e), c)
+        p = a_even[entry] * pairs.w_even[idx] + a_odd[entry] * pairs.w_odd[idx]  # exact: |p| <= 65280
+        corr = np.clip(p, INT16_MIN, INT16_MAX) - p
+        nz = np.flatnonzero(corr)
+        out_r.append(rows[entry[nz]])
+        out_m.append(pairs.m[idx[nz]])
+        out_c.append(corr[nz].astype(np.int64))
+        s = e
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_r), np.concatenate(out_m), np.concatenate(out_c)
+
+
 def _saturation(a: np.ndarray, pairs: RiskyPairs, m: int) -> np.ndarray:
     """Σ_pairs (sat16(p) − p) ``[rows, m]`` int64 over the risky ``pairs``; ``a`` ``[rows, K]``
     float32 holding the stored uint8 activations."""
     out = np.zeros((a.shape[0], m), dtype=np.int64)
     if pairs.m.size == 0:
         return out
-    rows, cols_hot = _hot_entries(a, pairs)
-    counts = pairs.start[cols_hot + 1] - pairs.start[cols_hot]
-    ends = np.cumsum(counts)
-    s = 0
-    while s < rows.size:  # each hot entry meets its column's risky pairs, _CHUNK products at a time
-        done = ends[s - 1] if s else 0
-        e = max(s + 1, int(np.searchsorted(ends, done + _CHUNK, side="right")))
-        r, j, c = rows[s:e], cols_hot[s:e], counts[s:e]
-        first = pairs.start[j] - (np.cumsum(c) - c)  # pair index = first + position in the run
-        idx = np.repeat(first, c) + np.arange(int(c.sum()))
-        rr, jj = np.repeat(r, c), 2 * np.repeat(j, c)
-        p = a[rr, jj] * pairs.w_even[idx] + a[rr, jj + 1] * pairs.w_odd[idx]  # exact: |p| <= 65280
-        corr = np.clip(p, INT16_MIN, INT16_MAX) - p
-        nz = np.flatnonzero(corr)
-        np.add.at(out, (rr[nz], pairs.m[idx[nz]]), corr[nz].astype(np.int64))
-        s = e
+    rows, columns = _hot_entries(a, pairs)
+    r, mm, corr = _pair_corrections(rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1], pairs)
+    np.add.at(out, (r, mm), corr)
     return out
 
 
@@ -252,19 +269,21 @@ def _exact_products(a: np.ndarray, packed: PackedWeights) -> np.ndarray:
 
 
 class WeightCache:
-    """One node's :class:`PackedWeights`, packed on first use (weights are constants): key ``g``
-    is a conv's group ``g`` (0 for a Gemm / MatMul). ``threads``: the GEMM sessions' threads."""
+    """What one node prepares from its constant weights, built on first use and kept: a
+    :class:`PackedWeights` or a :class:`ConvKernel`. ``threads``: their sessions' threads."""
 
     def __init__(self, target: str, threads: int | None = None) -> None:
         self.target, self.threads = target, threads
-        self._packed: dict[int, PackedWeights] = {}
+        self._items: dict[Any, Any] = {}
+        self._lock = threading.Lock()
 
-    def get(self, key: int, weights: Callable[[], np.ndarray], target: str | None = None) -> PackedWeights:
-        """The packed ``weights()`` ``[M, K]`` of ``key`` (``target`` overrides the node's: a
-        depthwise conv accumulates exactly)."""
-        if key not in self._packed:
-            self._packed[key] = pack_weights(weights(), target or self.target, self.threads)
-        return self._packed[key]
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The item of ``key``, built by ``build()`` the first time (once, whatever the threads)."""
+        if key not in self._items:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = build()
+        return self._items[key]
 
 
 def accumulate(a: np.ndarray, w: np.ndarray | PackedWeights, za: int, target: str) -> np.ndarray:
@@ -288,7 +307,8 @@ def accumulate(a: np.ndarray, w: np.ndarray | PackedWeights, za: int, target: st
 
 
 def requantize(acc: np.ndarray, scale: np.ndarray, zero_point: int, dtype: np.dtype) -> np.ndarray:
-    """MLAS requantization of int32 ``acc`` (bias included), ``scale`` broadcast on the last axis."""
+    """MLAS requantization of int32 ``acc`` (bias included), ``scale`` broadcast against it (per
+    output channel: the last axis of ``[rows, M]``, or ``[M, 1, 1]`` for NCHW)."""
     info = np.iinfo(dtype)
     y = acc.astype(np.int32).astype(np.float32) * scale.astype(np.float32)
     y = np.clip(y, np.float32(info.min - zero_point), np.float32(info.max - zero_point))
@@ -314,38 +334,23 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _patches_nhwc(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
-                  dilations: Sequence[int], pad_value: int) -> tuple[np.ndarray, int, int]:
-    """``[N, OH, OW, kh, kw, C]`` float32 patches (a strided view) of uint8 NCHW ``x``, padded
-    with ``pad_value``: ``x`` is converted and laid out NHWC once, the im2col copy comes later."""
+def _padded_nhwc(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
+    """uint8 NCHW ``x`` as float32 NHWC with its padding holding ``pad_value`` (MLAS pads with the
+    input zero point)."""
     n, c, h, w = x.shape
-    kh, kw = kernel
     xp = np.full((n, h + pads[0] + pads[2], w + pads[1] + pads[3], c), pad_value, dtype=np.float32)
     xp[:, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x.transpose(0, 2, 3, 1)
-    oh = (xp.shape[1] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    ow = (xp.shape[2] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    return xp
+
+
+def _patches(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+             out: Sequence[int]) -> np.ndarray:
+    """``[N·OH·OW, kh·kw·C]`` im2col rows of padded NHWC ``xp``, K in MLAS's order (a copy)."""
     sn, sh, sw, sc = xp.strides
     patches = np.lib.stride_tricks.as_strided(
-        xp,
-        shape=(n, oh, ow, kh, kw, c),
-        strides=(sn, sh * strides[0], sw * strides[1], sh * dilations[0], sw * dilations[1], sc),
-        writeable=False,
-    )
-    return patches, oh, ow
-
-
-def _depthwise_sum(patches: np.ndarray, w: np.ndarray, za: int) -> np.ndarray:
-    """Σ_taps (a − za)·w ``[rows, M]`` int64 of a depthwise conv (one input channel per group,
-    ``M / C`` outputs each), exactly: MLAS's depthwise kernel does not pair products. ``patches``
-    ``[n, oh, ow, kh, kw, C]``, ``w`` ``[M, 1, kh, kw]``."""
-    n, oh, ow, kh, kw, c = patches.shape
-    taps, mult = kh * kw, w.shape[0] // c
-    wt = w.reshape(c, mult, taps).transpose(2, 0, 1).astype(np.float32)  # [taps, C, mult]
-    a = patches.reshape(n * oh * ow, taps, c)
-    acc = np.zeros((a.shape[0], c, mult), dtype=np.float32)  # exact: taps·255·128 < 2^24
-    for t in range(taps):
-        acc += a[:, t, :, None] * wt[t]
-    return acc.reshape(a.shape[0], -1).astype(np.int64) - int(za) * w.reshape(w.shape[0], -1).sum(axis=1, dtype=np.int64)
+        xp, shape=(xp.shape[0], out[0], out[1], kernel[0], kernel[1], xp.shape[3]),
+        strides=(sn, sh * strides[0], sw * strides[1], sh * dilations[0], sw * dilations[1], sc), writeable=False)
+    return patches.reshape(-1, kernel[0] * kernel[1] * xp.shape[3])
 
 
 def conv_weight_rows(w: np.ndarray, group: int) -> list[np.ndarray]:
@@ -356,10 +361,149 @@ def conv_weight_rows(w: np.ndarray, group: int) -> list[np.ndarray]:
     return [w[g * mg : (g + 1) * mg].transpose(0, 2, 3, 1).reshape(mg, -1) for g in range(group)]
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D conv's kernel, strides, dilations and ``[top, left, bottom, right]`` pads."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ConvKernel:
+    """A QLinearConv's weights prepared once for :func:`qlinear_conv`.
+
+    ``session``: ONNX Runtime float Conv(s) taking ``x − z_x`` (NCHW float32: its zero padding is
+    the zero point's) and returning Σ (a − z_x)·w exactly: one output ``[N, M, OH, OW]`` when every
+    group's channels fit one run of :func:`exact_runs`, else one output per (group, channel run),
+    ``parts`` giving each one's group. ``pairs``: per group, the weight pairs that can saturate
+    (x86-avx2, in MLAS's order), else None.
+    """
+
+    session: Any
+    parts: tuple[int, ...] | None
+    pairs: tuple[RiskyPairs, ...] | None
+
+
+def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, target: str, threads: int | None) -> ConvKernel:
+    """:class:`ConvKernel` of int8 weights ``w`` ``[M, C/group, kh, kw]``.
+
+    ORT's float Conv (MLAS's NCHWc convolution: multiply-adds only) sums integers exactly while
+    every partial sum stays below 2^24: a group's input channels are split into runs with
+    255·Σ_{c in run, taps} |w| < 2^24 per output channel, and the runs are added in float64.
+    """
+    m, cg = w.shape[:2]
+    mg = m // group
+    per_channel = np.abs(w.astype(np.int64)).sum(axis=(2, 3))  # [M, C/group]: Σ_taps |w|
+    runs = [exact_runs(per_channel[g * mg : (g + 1) * mg]) for g in range(group)]
+    attrs = {"kernel_shape": list(geometry.kernel), "strides": list(geometry.strides),
+             "dilations": list(geometry.dilations), "pads": list(geometry.pads)}
+    wf = w.astype(np.float32)
+    if all(len(r) == 1 for r in runs):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y0"], group=group, **attrs)]
+        inits, parts = [numpy_helper.from_array(wf, "w")], None
+    else:
+        nodes, inits, owner = [], [numpy_helper.from_array(np.array([1], np.int64), "axis1")], []
+        for g, group_runs in enumerate(runs):
+            for start, stop in group_runs:
+                i = len(owner)
+                inits += [numpy_helper.from_array(wf[g * mg : (g + 1) * mg, start:stop], f"w{i}"),
+                          numpy_helper.from_array(np.array([g * cg + start], np.int64), f"s{i}"),
+                          numpy_helper.from_array(np.array([g * cg + stop], np.int64), f"e{i}")]
+                nodes += [helper.make_node("Slice", ["x", f"s{i}", f"e{i}", "axis1"], [f"x{i}"]),
+                          helper.make_node("Conv", [f"x{i}", f"w{i}"], [f"y{i}"], **attrs)]
+                owner.append(g)
+        parts = tuple(owner)
+    outputs = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in range(len(parts or [0]))]
+    graph = helper.make_graph(nodes, "exact_conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = build_session(model.SerializeToString(), threads=threads, label="the emulation's exact conv")
+    pairs = None
+    if target == "x86-avx2" and not (cg == 1 and group > 1):  # (MLAS's depthwise kernel adds exactly)
+        found = tuple(risky_pairs(r) for r in conv_weight_rows(w, group))
+        pairs = found if any(p.m.size for p in found) else None
+    return ConvKernel(session, parts, pairs)
+
+
+def _conv_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(rows, columns, a_even, a_odd)`` of the im2col activation pairs (row n·OH·OW + oh·OW + ow,
+    pair column j along MLAS's K) that may saturate, found from the padded input ``xp``
+    ``[N, Hp, Wp, C]`` without building the im2col matrix: such a pair holds an activation above
+    32767 / (2·max|w|), and each of those (a few % after a ReLU) is followed to the (output, tap)s
+    that read it. None when those activations are too many for that to pay (an image stem)."""
+    (kh, kw), (s0, s1), (d0, d1) = geometry.kernel, geometry.strides, geometry.dilations
+    cg, cols = xp.shape[3], pairs.max_even.size
+    reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
+    large = np.flatnonzero(xp > INT16_MAX / (2 * reach))
+    if 4 * large.size * kh * kw > xp.shape[0] * out[0] * out[1] * kh * kw * cg:
+        return None
+    nb, ih, iw, c = np.unravel_index(large, xp.shape)
+    value = xp[nb, ih, iw, c]
+    keys, a_even, a_odd = [], [], []
+    for ti in range(kh):
+        for tj in range(kw):
+            dh, dw = ih - ti * d0, iw - tj * d1
+            ok = (dh >= 0) & (dw >= 0) & (dh % s0 == 0) & (dw % s1 == 0) & (dh < s0 * out[0]) & (dw < s1 * out[1])
+            idx = np.flatnonzero(ok)
+            k = (ti * kw + tj) * cg + c[idx]
+            even = k % 2 == 0
+            j = np.minimum(k // 2, cols - 1)
+            mine_max = np.where(even, pairs.max_even[j], pairs.max_odd[j])
+            other_max = np.where(even, pairs.max_odd[j], pairs.max_even[j])
+            # (an odd K's last column pairs with zero padding: never; the other activation <= 255)
+            may = (k < 2 * cols) & (value[idx] * mine_max + 255 * other_max > INT16_MAX)
+            idx, k, even = idx[may], k[may], even[may]
+            n_, oh, ow = nb[idx], dh[idx] // s0, dw[idx] // s1
+            pt, pc = np.divmod(k ^ 1, cg)  # the other activation of the pair: its tap and channel
+            pti, ptj = np.divmod(pt, kw)
+            other = xp[n_, oh * s0 + pti * d0, ow * s1 + ptj * d1, pc]
+            mine = value[idx]
+            keys.append(((n_ * out[0] + oh) * out[1] + ow) * cols + k // 2)
+            a_even.append(np.where(even, mine, other))
+            a_odd.append(np.where(even, other, mine))
+    key = np.concatenate(keys)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.r_[True, key[1:] != key[:-1]] if key.size else np.zeros(0, bool)  # both large: listed twice
+    key, ae, ao = key[first], np.concatenate(a_even)[order][first], np.concatenate(a_odd)[order][first]
+    rows, columns = np.divmod(key, cols)
+    hot = ae * pairs.max_even[columns] + ao * pairs.max_odd[columns] > INT16_MAX
+    return rows[hot], columns[hot], ae[hot], ao[hot]
+
+
+def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel, geometry: ConvGeometry) -> None:
+    """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place)."""
+    xp = _padded_nhwc(x, geometry.pads, za)
+    out = acc.shape[2:]
+    cg, mg = xp.shape[3] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    for g, pairs in enumerate(kernel.pairs):
+        if pairs.m.size == 0:
+            continue
+        xg = xp[..., g * cg : (g + 1) * cg]
+        found = _conv_hot_entries(xg, pairs, geometry, out)
+        if found is None:  # large activations everywhere: bound every pair of the im2col rows
+            a = _patches(xg, geometry.kernel, geometry.strides, geometry.dilations, out)
+            rows, columns = _hot_entries(a, pairs)
+            found = rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1]
+        r, m, corr = _pair_corrections(*found, pairs)
+        n, rest = np.divmod(r, out[0] * out[1])
+        oh, ow = np.divmod(rest, out[1])
+        np.add.at(acc, (n, g * mg + m, oh, ow), corr)
+
+
 def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
                  cache: WeightCache | None = None) -> np.ndarray:
     """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation; ``cache`` keeps the node's
-    packed weights between calls."""
+    prepared weights between calls.
+
+    Σ (a − z_x)·w is ORT's float Conv on ``x − z_x`` (exact, :func:`conv_kernel`); on x86-avx2
+    each pair of products that leaves int16 adds its saturation (sat16(p) − p); then the int32
+    bias and MLAS's requantization.
+    """
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
     if x.ndim == 3 and np.ndim(w) == 3:
@@ -379,33 +523,31 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
         raise _Unsupported(_WEIGHT_ZP)
-    m, cg, kh, kw = w.shape
+    m, _, kh, kw = w.shape
     group = int(attrs.get("group", 1))
-    strides = list(attrs.get("strides", [1, 1]))
-    dil = list(attrs.get("dilations", [1, 1]))
-    pads = _conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)
-    zx_i = int(_scalar(zx))
-    patches, oh, ow = _patches_nhwc(x, (kh, kw), strides, pads, dil, zx_i)
-    n = x.shape[0]
-    mg = m // group
+    strides = tuple(int(v) for v in attrs.get("strides", [1, 1]))
+    dil = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
+    geometry = ConvGeometry((kh, kw), strides, dil, tuple(_conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)))
     cache = cache or WeightCache(target)
-    if cg == 1 and group > 1 and kh * kw * 255 * 128 < _F32_EXACT:  # depthwise: exact, no pairs
-        acc = _depthwise_sum(patches, w, zx_i)
+    kernel = cache.get(geometry, lambda: conv_kernel(w, group, geometry, target, cache.threads))
+    za = int(_scalar(zx))
+    xs = x.astype(np.float32)
+    xs -= za
+    outs = kernel.session.run(None, {"x": xs})
+    if kernel.parts is None:
+        acc = outs[0].astype(np.int64)
     else:
-        acc = np.empty((n * oh * ow, m), dtype=np.int64)
-        k = kh * kw * cg
-        images = max(1, _CHUNK // max(1, oh * ow * k))  # images per im2col copy
-        exact = "x86-vnni" if cg == 1 and group > 1 else None  # (a depthwise conv too large for the above)
-        for g in range(group):
-            packed = cache.get(g, lambda: conv_weight_rows(w, group)[g], exact)
-            for i in range(0, n, images):
-                a = patches[i : i + images, ..., g * cg : (g + 1) * cg].reshape(-1, k)
-                rows = slice(i * oh * ow, min(n, i + images) * oh * ow)
-                acc[rows, g * mg : (g + 1) * mg] = accumulate(a, packed, zx_i, target)
+        total = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
+        mg = m // group
+        for g, y in zip(kernel.parts, outs):
+            total[:, g * mg : (g + 1) * mg] += y
+        acc = total.astype(np.int64)
+    if kernel.pairs is not None:
+        _conv_saturation(acc, x, za, kernel, geometry)
     if bias is not None:
-        acc += bias.astype(np.int64)
-    y = requantize(acc, _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy)), int(_scalar(zy)), zy.dtype)
-    return y.reshape(n, oh, ow, m).transpose(0, 3, 1, 2).copy()
+        acc += bias.astype(np.int64)[:, None, None]
+    scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy))[:, None, None]
+    return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
 
 
 def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
@@ -424,7 +566,8 @@ def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[i
 
 
 def _matmul_2d(a: np.ndarray, b_kn: np.ndarray, za: int, target: str, cache: WeightCache | None) -> np.ndarray:
-    packed = (cache or WeightCache(target)).get(0, lambda: b_kn.T)
+    cache = cache or WeightCache(target)
+    packed = cache.get("gemm", lambda: pack_weights(b_kn.T, target, cache.threads))
     lead = a.shape[:-1]
     acc = accumulate(a.reshape(-1, a.shape[-1]), packed, za, target)
     return acc.reshape(*lead, b_kn.shape[1])
@@ -517,7 +660,9 @@ class EmulatedSession:
     Args:
         path: the QDQ ONNX file.
         target: one of :data:`EMULATED_TARGETS`.
-        threads: intra-op threads of the one-node ORT sessions.
+        threads: how many parts of a batch run at once (default: one per CPU), each through
+            single-threaded ORT sessions: many small sessions with their own spinning thread
+            pools fight over the cores, and numpy's share of the work runs in one thread.
         label: how log lines name the model (default: its path).
         native_log_level: level of the line listing the fused nodes that run natively (the
             export check, which cannot act on it, logs it at INFO; ``validate`` warns).
@@ -530,7 +675,10 @@ class EmulatedSession:
             raise ConfigError(MSG_NOT_EMULATED)
         self.path = Path(path)
         self.target = target
-        self._threads = threads
+        self._workers = max(1, int(threads) if threads else (os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._split = True  # whether a batch may be split along axis 0 (outputs batch-first)
+        self._lock = threading.Lock()
         self.model = self._optimized(self.path)
         g = self.model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -584,18 +732,42 @@ class EmulatedSession:
         sess = self._sessions.get(key)
         if sess is not None:
             return sess
+        with self._lock:
+            if key not in self._sessions:
+                self._sessions[key] = self._build_node_session(idx, node, values, dyn)
+        return self._sessions[key]
+
+    def _build_node_session(self, idx: int, node: onnx.NodeProto, values: Mapping[str, np.ndarray],
+                            dyn: Sequence[str]) -> Any:
         inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None) for i in dyn]
         outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
         inits = [self._init_protos[i] for i in dict.fromkeys(node.input) if i in self._init_protos]
         graph = helper.make_graph([node], f"node{idx}", inputs, outputs, initializer=inits)
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         model.ir_version = self.model.ir_version
-        sess = build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=self._threads,
+        return build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=1,
                              label=f"node {node.name} of {self.path}")
-        self._sessions[key] = sess
-        return sess
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs ``output_names`` (default: all) on ``feeds``; a batch is split along axis 0
+        into ``threads`` parts run at once (when every output is batch-first, else run whole)."""
+        names = list(output_names) if output_names else self.output_names
+        sizes = {int(v.shape[0]) if np.ndim(v) else -1 for v in feeds.values()}
+        n = sizes.pop() if len(sizes) == 1 else -1
+        parts = min(self._workers, n)
+        if not self._split or parts < 2:
+            return self._run_graph(names, feeds)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        chunks = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fqexport-emu")
+        results = list(self._pool.map(lambda f: self._run_graph(names, f), chunks))
+        if not all(np.ndim(y) and y.shape[0] == b - a for r, a, b in zip(results, bounds[:-1], bounds[1:]) for y in r):
+            self._split = False  # an output that is not batch-first: run whole batches from now on
+            return self._run_graph(names, feeds)
+        return [np.concatenate([r[i] for r in results]) for i in range(len(names))]
+
+    def _run_graph(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         values: dict[str, np.ndarray] = dict(self.initializers)
         values.update(feeds)
         for idx, node in enumerate(self.model.graph.node):
@@ -603,7 +775,8 @@ class EmulatedSession:
                 if idx in self._emulated and _emulable(node, values):
                     fn = _KERNELS[(node.domain if node.domain != "ai.onnx" else "", node.op_type)]
                     args = [values[i] if i else None for i in node.input]
-                    cache = self._weights.setdefault(idx, WeightCache(self.target, self._threads))
+                    with self._lock:
+                        cache = self._weights.setdefault(idx, WeightCache(self.target, threads=1))
                     values[node.output[0]] = fn(args, _attrs(node), self.target, cache)
                 else:
                     sess = self._node_session(idx, node, values)
@@ -617,5 +790,4 @@ class EmulatedSession:
             except Exception as err:
                 raise ModelLoadError(MSG_NODE.format(target=self.target, node=node.name, op=node.op_type,
                                                      path=self.path, err=str(err).strip())) from err
-        names = list(output_names) if output_names else self.output_names
         return [values[n] for n in names]

@@ -495,15 +495,36 @@ def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel
         np.add.at(acc, (n, g * mg + m, oh, ow), corr)
 
 
+def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
+                    cache: WeightCache | None = None) -> np.ndarray:
+    """int64 ``[N, M, OH, OW]``: Σ (a − za)·w of a 2-D conv with ``target``'s accumulation (no
+    bias). ``x`` uint8 NCHW, ``w`` int8 ``[M, C/group, kh, kw]``.
+
+    Σ (a − za)·w is ORT's float Conv on ``x − za`` (exact, :func:`conv_kernel`); on x86-avx2 each
+    pair of products that leaves int16 then adds its sat16(p) − p.
+    """
+    cache = cache or WeightCache(target)
+    kernel = cache.get(geometry, lambda: conv_kernel(w, group, geometry, target, cache.threads))
+    xs = x.astype(np.float32)
+    xs -= za
+    outs = kernel.session.run(None, {"x": xs})
+    if kernel.parts is None:
+        acc = outs[0].astype(np.int64)
+    else:
+        m, mg = w.shape[0], w.shape[0] // group
+        total = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
+        for g, y in zip(kernel.parts, outs):
+            total[:, g * mg : (g + 1) * mg] += y
+        acc = total.astype(np.int64)
+    if kernel.pairs is not None:
+        _conv_saturation(acc, x, za, kernel, geometry)
+    return acc
+
+
 def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
                  cache: WeightCache | None = None) -> np.ndarray:
-    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation; ``cache`` keeps the node's
-    prepared weights between calls.
-
-    Σ (a − z_x)·w is ORT's float Conv on ``x − z_x`` (exact, :func:`conv_kernel`); on x86-avx2
-    each pair of products that leaves int16 adds its saturation (sat16(p) − p); then the int32
-    bias and MLAS's requantization.
-    """
+    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_accumulate`), the
+    int32 bias and MLAS's requantization; ``cache`` keeps the node's prepared weights."""
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
     if x.ndim == 3 and np.ndim(w) == 3:
@@ -523,27 +544,12 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
         raise _Unsupported(_WEIGHT_ZP)
-    m, _, kh, kw = w.shape
+    kh, kw = w.shape[2:]
     group = int(attrs.get("group", 1))
     strides = tuple(int(v) for v in attrs.get("strides", [1, 1]))
     dil = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
     geometry = ConvGeometry((kh, kw), strides, dil, tuple(_conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)))
-    cache = cache or WeightCache(target)
-    kernel = cache.get(geometry, lambda: conv_kernel(w, group, geometry, target, cache.threads))
-    za = int(_scalar(zx))
-    xs = x.astype(np.float32)
-    xs -= za
-    outs = kernel.session.run(None, {"x": xs})
-    if kernel.parts is None:
-        acc = outs[0].astype(np.int64)
-    else:
-        total = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
-        mg = m // group
-        for g, y in zip(kernel.parts, outs):
-            total[:, g * mg : (g + 1) * mg] += y
-        acc = total.astype(np.int64)
-    if kernel.pairs is not None:
-        _conv_saturation(acc, x, za, kernel, geometry)
+    acc = conv_accumulate(x, w, int(_scalar(zx)), group, geometry, target, cache)
     if bias is not None:
         acc += bias.astype(np.int64)[:, None, None]
     scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy))[:, None, None]

@@ -28,9 +28,13 @@ output range, rounded half to even, plus the output zero point.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_args
+from typing import Any, Callable, Mapping, Sequence, get_args
 
 import numpy as np
 import onnx
@@ -69,7 +73,9 @@ INT16_MIN, INT16_MAX = -32768, 32767
 # |x·w_a + x'·w_b| <= 255·(|w_a| + |w_b|) for uint8 x: a pair can leave int16 only when both
 # weights have the same sign and |w_a| + |w_b| >= 129 (255·128 = 32640 <= 32767).
 _SAFE_PAIR_SUM = 128
-_CHUNK = 1 << 22  # elements per temporary in the saturation correction
+# Integers add exactly in float32 while every partial sum stays below 2^24 (its mantissa).
+_F32_EXACT = 1 << 24
+_CHUNK = 1 << 22  # elements per temporary (activation rows, saturation products)
 
 
 def check_target(target: str) -> str:
@@ -82,48 +88,99 @@ def check_target(target: str) -> str:
 # ------------------------------------------------------------------------------ integer math
 
 
-def _risky_pairs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(m, j, w_even, w_odd)`` of the weight pairs (rows m, pair columns j) that can leave int16:
-    both weights of one sign and |w_a| + |w_b| >= 129; ``m`` sorted. ``w`` ``[M, K]``, K even."""
-    we = w[:, 0::2].astype(np.int32)
-    wo = w[:, 1::2].astype(np.int32)
+@dataclass(frozen=True)
+class RiskyPairs:
+    """The weight pairs of ``w`` ``[M, K]`` that can leave int16 on x86-avx2: pair column j is
+    weights (2j, 2j+1) of a row; a pair is risky when both have one sign and |w_a| + |w_b| >= 129.
+
+    ``m``, ``w_even``, ``w_odd``: the risky pairs' row and weights, grouped by column (column j's
+    are ``start[j]:start[j + 1]``); ``max_even`` / ``max_odd``: per column, the largest |w| of its
+    risky pairs (0 where it has none) — what bounds |p| for any activation.
+    """
+
+    m: np.ndarray
+    w_even: np.ndarray
+    w_odd: np.ndarray
+    start: np.ndarray
+    max_even: np.ndarray
+    max_odd: np.ndarray
+
+
+def risky_pairs(w: np.ndarray) -> RiskyPairs:
+    """:class:`RiskyPairs` of int8 ``w`` ``[M, K]`` (K in MLAS's packed order; an odd last column
+    pairs with MLAS's zero padding and cannot saturate: 255·128 < 2^15)."""
+    cols = w.shape[1] // 2
+    we = w[:, 0 : 2 * cols : 2].astype(np.int32)
+    wo = w[:, 1 : 2 * cols : 2].astype(np.int32)
     risky = (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
-    mi, ji = np.nonzero(risky)
-    return mi, ji, we[mi, ji], wo[mi, ji]
+    ji, mi = np.nonzero(risky.T)  # ordered by column
+    w_even, w_odd = we[mi, ji].astype(np.float32), wo[mi, ji].astype(np.float32)
+    max_even, max_odd = np.zeros(cols, np.float32), np.zeros(cols, np.float32)
+    np.maximum.at(max_even, ji, np.abs(w_even))
+    np.maximum.at(max_odd, ji, np.abs(w_odd))
+    return RiskyPairs(mi, w_even, w_odd, np.searchsorted(ji, np.arange(cols + 1)), max_even, max_odd)
 
 
-def _even(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``a`` and ``w`` padded with a zero column when K is odd (MLAS pads K to pairs)."""
-    if a.shape[1] % 2:
-        a = np.concatenate([a, np.zeros((a.shape[0], 1), a.dtype)], axis=1)
-        w = np.concatenate([w, np.zeros((w.shape[0], 1), w.dtype)], axis=1)
-    return a, w
+def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, columns)`` of the activation pairs that may saturate against some risky pair.
+
+    |p| = a_e·|w_e| + a_o·|w_o| <= a_e·max_even[j] + a_o·max_odd[j]: only (row, column) entries
+    where that bound leaves int16 can saturate. That needs a_e or a_o above 32767 / (2·max|w|)
+    (>= 128): activations that large are rare (a few % after a ReLU), so they are found first
+    and only their pairs are bounded; where they are common (an image stem) every pair is.
+    """
+    cols = pairs.max_even.size
+    reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
+    large = np.flatnonzero(a > INT16_MAX / (2 * reach))
+    if 8 * large.size >= a.size:
+        bound = np.multiply(a[:, 0 : 2 * cols : 2], pairs.max_even)
+        bound += np.multiply(a[:, 1 : 2 * cols : 2], pairs.max_odd)
+        return np.divmod(np.flatnonzero(bound > INT16_MAX), cols)  # (flat: far faster than 2-D)
+    rows, k = np.divmod(large, a.shape[1])
+    paired = k < 2 * cols  # (an odd K's last column pairs with MLAS's zero padding)
+    keys = rows[paired] * cols + k[paired] // 2  # (row, pair column), ascending
+    rows, columns = np.divmod(keys[np.r_[True, keys[1:] != keys[:-1]]], cols)
+    bound = a[rows, 2 * columns] * pairs.max_even[columns] + a[rows, 2 * columns + 1] * pairs.max_odd[columns]
+    hot = bound > INT16_MAX
+    return rows[hot], columns[hot]
 
 
-def _saturation(a: np.ndarray, pairs: tuple[np.ndarray, ...], m: int) -> np.ndarray:
-    """Σ_pairs (sat16(p) − p) ``[rows, m]`` over the risky ``pairs`` (:func:`_risky_pairs`)."""
-    rows = a.shape[0]
-    out = np.zeros((rows, m), dtype=np.int64)
-    mi, ji, we, wo = pairs
-    if mi.size == 0:
-        return out
-    # p = a_e·w_e + a_o·w_o with |w| <= 128 can leave int16 only where a_e + a_o >= 32768/128 = 256:
-    # rows below that at every pair are skipped
-    ae = a[:, 0::2].astype(np.int32)
-    ao = a[:, 1::2].astype(np.int32)
-    hot = np.flatnonzero(((ae + ao) >= 256).any(axis=1))
-    if hot.size == 0:
-        return out
-    ae, ao = ae[hot], ao[hot]
-    step = max(1, _CHUNK // hot.size)
-    for s in range(0, mi.size, step):
-        mm, jj = mi[s : s + step], ji[s : s + step]
-        p = ae[:, jj] * we[s : s + step] + ao[:, jj] * wo[s : s + step]  # [hot rows, R], |p| <= 64770
+def _pair_corrections(rows: np.ndarray, columns: np.ndarray, a_even: np.ndarray, a_odd: np.ndarray,
+                      pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, m, sat16(p) − p)`` of every risky pair of the activation pairs ``(rows, columns)``
+    (values ``a_even``, ``a_odd``) whose sum p leaves int16; the same (row, m) may repeat."""
+    out_r, out_m, out_c = [], [], []
+    counts = pairs.start[columns + 1] - pairs.start[columns]
+    ends = np.cumsum(counts)
+    s = 0
+    while s < rows.size:  # each entry meets its column's risky pairs, _CHUNK products at a time
+        done = ends[s - 1] if s else 0
+        e = max(s + 1, int(np.searchsorted(ends, done + _CHUNK, side="right")))
+        c = counts[s:e]
+        first = pairs.start[columns[s:e]] - (np.cumsum(c) - c)  # pair index = first + position in the run
+        idx = np.repeat(first, c) + np.arange(int(c.sum()))
+        entry = np.repeat(np.arange(s, e), c)
+        p = a_even[entry] * pairs.w_even[idx] + a_odd[entry] * pairs.w_odd[idx]  # exact: |p| <= 65280
         corr = np.clip(p, INT16_MIN, INT16_MAX) - p
-        if not corr.any():
-            continue
-        starts = np.flatnonzero(np.r_[True, mm[1:] != mm[:-1]])  # each output channel's run
-        out[np.ix_(hot, mm[starts])] += np.add.reduceat(corr, starts, axis=1, dtype=np.int64)
+        nz = np.flatnonzero(corr)
+        out_r.append(rows[entry[nz]])
+        out_m.append(pairs.m[idx[nz]])
+        out_c.append(corr[nz].astype(np.int64))
+        s = e
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_r), np.concatenate(out_m), np.concatenate(out_c)
+
+
+def _saturation(a: np.ndarray, pairs: RiskyPairs, m: int) -> np.ndarray:
+    """Σ_pairs (sat16(p) − p) ``[rows, m]`` int64 over the risky ``pairs``; ``a`` ``[rows, K]``
+    float32 holding the stored uint8 activations."""
+    out = np.zeros((a.shape[0], m), dtype=np.int64)
+    if pairs.m.size == 0:
+        return out
+    rows, columns = _hot_entries(a, pairs)
+    r, mm, corr = _pair_corrections(rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1], pairs)
+    np.add.at(out, (r, mm), corr)
     return out
 
 
@@ -131,44 +188,127 @@ def pair_saturation_correction(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Σ_pairs (sat16(p) − p) with p = a[:, 2j]·w[m, 2j] + a[:, 2j+1]·w[m, 2j+1]: ``[rows, M]`` int64.
 
     ``a`` ``[rows, K]`` stored uint8 activations, ``w`` ``[M, K]`` int8 weights, K in MLAS's
-    packed order (padded with a zero column when odd). Only weight pairs that can leave int16
-    are evaluated, so weights with |q| <= 64 cost nothing and give a zero correction.
+    packed order (an odd K is padded with zeros). Only weight pairs that can leave int16 are
+    evaluated, so weights with |q| <= 64 cost nothing and give a zero correction.
     """
-    a, w = _even(a, w)
-    return _saturation(a, _risky_pairs(w), w.shape[0])
+    return _saturation(np.asarray(a, dtype=np.float32), risky_pairs(w), w.shape[0])
 
 
-def accumulate(a: np.ndarray, w: np.ndarray, za: int, target: str) -> np.ndarray:
+@dataclass(frozen=True)
+class PackedWeights:
+    """int8 weights ``w`` ``[M, K]`` (K in MLAS's packed order) prepared once for :func:`accumulate`.
+
+    ``products``: an ONNX Runtime session computing Σ_k a·w of float32 ``a`` ``[rows, K]`` exactly
+    (:func:`_products_session`); ``row_sums``: Σ_k w per row (int64, for the zero point);
+    ``pairs``: the pairs that can saturate (x86-avx2 only, else None).
+    """
+
+    products: Any
+    row_sums: np.ndarray
+    pairs: RiskyPairs | None
+
+
+def exact_runs(w: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Runs ``(start, stop)`` covering K of ``w`` ``[M, K]``, each as long as it can be while
+    255·Σ_{k in run} |w[m, k]| < 2^24 for every row m (a single column always fits: 255·128):
+    over such a run every partial sum of Σ a·w (uint8 ``a``) is an integer float32 holds exactly,
+    whatever order a GEMM adds the products in."""
+    cum = np.cumsum(np.abs(w.astype(np.int64)), axis=1)
+    cum = np.concatenate([np.zeros((w.shape[0], 1), np.int64), cum], axis=1)  # cum[:, k] = Σ_{<k}
+    limit = (_F32_EXACT - 1) // 255
+    runs, start, k = [], 0, w.shape[1]
+    while start < k:
+        reach = (cum[:, start + 1 :] - cum[:, start : start + 1]).max(axis=0)  # nondecreasing in stop
+        stop = start + max(1, int(np.searchsorted(reach, limit, side="right")))
+        runs.append((start, stop))
+        start = stop
+    return tuple(runs)
+
+
+def _products_session(w: np.ndarray, threads: int | None) -> Any:
+    """An ORT session ``a [rows, K] float32 → Σ_k a·w [rows, M]``, exact: one float32 MatMul
+    (MLAS's SGEMM: multiply-adds only) per run of :func:`exact_runs`, the runs added in float64
+    (exact below 2^53). ORT's SGEMM is the fastest exact integer GEMM at hand, and keeps its
+    speed on a loaded machine."""
+    runs = exact_runs(w)
+    k, m = w.shape[1], w.shape[0]
+    wt = np.ascontiguousarray(w.T, dtype=np.float32)
+    a = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [None, k])
+    if len(runs) == 1:
+        nodes = [helper.make_node("MatMul", ["a", "w"], ["y"])]
+        inits = [numpy_helper.from_array(wt, "w")]
+        out_type = onnx.TensorProto.FLOAT
+    else:
+        nodes, inits = [], []
+        for i, (start, stop) in enumerate(runs):
+            inits += [numpy_helper.from_array(wt[start:stop], f"w{i}"),
+                      numpy_helper.from_array(np.array([start], np.int64), f"s{i}"),
+                      numpy_helper.from_array(np.array([stop], np.int64), f"e{i}")]
+            nodes += [helper.make_node("Slice", ["a", f"s{i}", f"e{i}", "axis1"], [f"a{i}"]),
+                      helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"p{i}"]),
+                      helper.make_node("Cast", [f"p{i}"], [f"d{i}"], to=onnx.TensorProto.DOUBLE)]
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+        nodes.append(helper.make_node("Sum", [f"d{i}" for i in range(len(runs))], ["y"]))
+        out_type = onnx.TensorProto.DOUBLE
+    graph = helper.make_graph(nodes, "exact_products", [a], [helper.make_tensor_value_info("y", out_type, [None, m])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=threads,
+                         label="the emulation's exact GEMM")
+
+
+def pack_weights(w: np.ndarray, target: str, threads: int | None = None) -> PackedWeights:
+    """:class:`PackedWeights` of int8 ``w`` ``[M, K]`` for ``target``'s accumulation."""
+    return PackedWeights(products=_products_session(w, threads), row_sums=w.sum(axis=1, dtype=np.int64),
+                         pairs=risky_pairs(w) if target == "x86-avx2" else None)
+
+
+def _exact_products(a: np.ndarray, packed: PackedWeights) -> np.ndarray:
+    """Σ_k a·w ``[rows, M]`` int64, exactly (``a`` float32 holding integers in [0, 255])."""
+    return packed.products.run(None, {"a": a})[0].astype(np.int64)
+
+
+class WeightCache:
+    """What one node prepares from its constant weights, built on first use and kept: a
+    :class:`PackedWeights` or a :class:`ConvKernel`. ``threads``: their sessions' threads."""
+
+    def __init__(self, target: str, threads: int | None = None) -> None:
+        self.target, self.threads = target, threads
+        self._items: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The item of ``key``, built by ``build()`` the first time (once, whatever the threads)."""
+        if key not in self._items:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = build()
+        return self._items[key]
+
+
+def accumulate(a: np.ndarray, w: np.ndarray | PackedWeights, za: int, target: str) -> np.ndarray:
     """int64 ``[rows, M]``: Σ_k (a − za)·w with ``target``'s accumulation (no bias).
 
-    ``a`` ``[rows, K]`` uint8 (stored values), ``w`` ``[M, K]`` int8, K in packed order.
+    ``a`` ``[rows, K]``: the stored uint8 activations (as uint8, or float32 holding them);
+    ``w``: int8 ``[M, K]`` or its :func:`pack_weights`; K in packed order.
+    Σ (a − za)·w = Σ a·w − za·Σ_k w; x86-avx2 adds each saturating pair's correction.
     """
-    rows, k = a.shape
-    # Integers add exactly in floating point while every partial sum stays below 2^mantissa:
-    # Σ a·w and za·Σ w are each at most K·255·max|w|, so float32 is exact below 2^24, float64
-    # below 2^53. Σ (a − za)·w = Σ a·w − za·Σ_k w.
-    bound = k * 255 * int(np.abs(w.astype(np.int32)).max(initial=0))
-    ftype = np.float32 if bound < 2**24 else np.float64
-    wf = w.astype(ftype).T
-    offset = ftype(za) * wf.sum(axis=0, dtype=np.float64).astype(ftype)
-    pairs = None
-    if target == "x86-avx2":
-        a_even, w_even = _even(a[:1], w)
-        pairs = _risky_pairs(w_even)
-    acc = np.empty((rows, w.shape[0]), dtype=np.int64)
-    step = max(1, _CHUNK // max(1, k))
-    for s in range(0, rows, step):  # row chunks bound the temporaries
+    packed = w if isinstance(w, PackedWeights) else pack_weights(w, target)
+    a = np.asarray(a, dtype=np.float32)
+    acc = np.empty((a.shape[0], packed.row_sums.size), dtype=np.int64)
+    step = max(1, _CHUNK // max(1, a.shape[1]))
+    for s in range(0, a.shape[0], step):  # row chunks bound the temporaries
         part = a[s : s + step]
-        exact = part.astype(ftype) @ wf
-        exact -= offset
-        acc[s : s + step] = np.rint(exact).astype(np.int64)
-        if pairs is not None:
-            acc[s : s + step] += _saturation(_even(part, w)[0], pairs, w.shape[0])
+        acc[s : s + step] = _exact_products(part, packed)
+        if packed.pairs is not None:
+            acc[s : s + step] += _saturation(part, packed.pairs, acc.shape[1])
+    acc -= int(za) * packed.row_sums
     return acc
 
 
 def requantize(acc: np.ndarray, scale: np.ndarray, zero_point: int, dtype: np.dtype) -> np.ndarray:
-    """MLAS requantization of int32 ``acc`` (bias included), ``scale`` broadcast on the last axis."""
+    """MLAS requantization of int32 ``acc`` (bias included), ``scale`` broadcast against it (per
+    output channel: the last axis of ``[rows, M]``, or ``[M, 1, 1]`` for NCHW)."""
     info = np.iinfo(dtype)
     y = acc.astype(np.int32).astype(np.float32) * scale.astype(np.float32)
     y = np.clip(y, np.float32(info.min - zero_point), np.float32(info.max - zero_point))
@@ -194,28 +334,197 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _im2col_nhwc(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
-                 dilations: Sequence[int], pad_value: int) -> tuple[np.ndarray, int, int]:
-    """``[N, OH, OW, kh, kw, C]`` patches of NCHW ``x`` (padding holds ``pad_value``)."""
+def _padded_nhwc(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
+    """uint8 NCHW ``x`` as float32 NHWC with its padding holding ``pad_value`` (MLAS pads with the
+    input zero point)."""
     n, c, h, w = x.shape
-    kh, kw = kernel
-    xp = np.full((n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]), pad_value, dtype=x.dtype)
-    xp[:, :, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x
-    xp = np.ascontiguousarray(xp.transpose(0, 2, 3, 1))  # NHWC
-    oh = (xp.shape[1] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    ow = (xp.shape[2] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    xp = np.full((n, h + pads[0] + pads[2], w + pads[1] + pads[3], c), pad_value, dtype=np.float32)
+    xp[:, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x.transpose(0, 2, 3, 1)
+    return xp
+
+
+def _patches(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+             out: Sequence[int]) -> np.ndarray:
+    """``[N·OH·OW, kh·kw·C]`` im2col rows of padded NHWC ``xp``, K in MLAS's order (a copy)."""
     sn, sh, sw, sc = xp.strides
     patches = np.lib.stride_tricks.as_strided(
-        xp,
-        shape=(n, oh, ow, kh, kw, c),
-        strides=(sn, sh * strides[0], sw * strides[1], sh * dilations[0], sw * dilations[1], sc),
-        writeable=False,
-    )
-    return patches, oh, ow
+        xp, shape=(xp.shape[0], out[0], out[1], kernel[0], kernel[1], xp.shape[3]),
+        strides=(sn, sh * strides[0], sw * strides[1], sh * dilations[0], sw * dilations[1], sc), writeable=False)
+    return patches.reshape(-1, kernel[0] * kernel[1] * xp.shape[3])
 
 
-def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str) -> np.ndarray:
-    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation."""
+def conv_weight_rows(w: np.ndarray, group: int) -> list[np.ndarray]:
+    """Per group, the conv weights ``[M/group, K]`` with K in MLAS's NHWC order (kernel row,
+    kernel column, input channel); a 1-D conv's ``[M, C, k]`` as ``[M, C, 1, k]``."""
+    w = w[:, :, None, :] if w.ndim == 3 else w
+    mg = w.shape[0] // group
+    return [w[g * mg : (g + 1) * mg].transpose(0, 2, 3, 1).reshape(mg, -1) for g in range(group)]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D conv's kernel, strides, dilations and ``[top, left, bottom, right]`` pads."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ConvKernel:
+    """A QLinearConv's weights prepared once for :func:`qlinear_conv`.
+
+    ``session``: ONNX Runtime float Conv(s) taking ``x − z_x`` (NCHW float32: its zero padding is
+    the zero point's) and returning Σ (a − z_x)·w exactly: one output ``[N, M, OH, OW]`` when every
+    group's channels fit one run of :func:`exact_runs`, else one output per (group, channel run),
+    ``parts`` giving each one's group. ``pairs``: per group, the weight pairs that can saturate
+    (x86-avx2, in MLAS's order), else None.
+    """
+
+    session: Any
+    parts: tuple[int, ...] | None
+    pairs: tuple[RiskyPairs, ...] | None
+
+
+def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, target: str, threads: int | None) -> ConvKernel:
+    """:class:`ConvKernel` of int8 weights ``w`` ``[M, C/group, kh, kw]``.
+
+    ORT's float Conv (MLAS's NCHWc convolution: multiply-adds only) sums integers exactly while
+    every partial sum stays below 2^24: a group's input channels are split into runs with
+    255·Σ_{c in run, taps} |w| < 2^24 per output channel, and the runs are added in float64.
+    """
+    m, cg = w.shape[:2]
+    mg = m // group
+    per_channel = np.abs(w.astype(np.int64)).sum(axis=(2, 3))  # [M, C/group]: Σ_taps |w|
+    runs = [exact_runs(per_channel[g * mg : (g + 1) * mg]) for g in range(group)]
+    attrs = {"kernel_shape": list(geometry.kernel), "strides": list(geometry.strides),
+             "dilations": list(geometry.dilations), "pads": list(geometry.pads)}
+    wf = w.astype(np.float32)
+    if all(len(r) == 1 for r in runs):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y0"], group=group, **attrs)]
+        inits, parts = [numpy_helper.from_array(wf, "w")], None
+    else:
+        nodes, inits, owner = [], [numpy_helper.from_array(np.array([1], np.int64), "axis1")], []
+        for g, group_runs in enumerate(runs):
+            for start, stop in group_runs:
+                i = len(owner)
+                inits += [numpy_helper.from_array(wf[g * mg : (g + 1) * mg, start:stop], f"w{i}"),
+                          numpy_helper.from_array(np.array([g * cg + start], np.int64), f"s{i}"),
+                          numpy_helper.from_array(np.array([g * cg + stop], np.int64), f"e{i}")]
+                nodes += [helper.make_node("Slice", ["x", f"s{i}", f"e{i}", "axis1"], [f"x{i}"]),
+                          helper.make_node("Conv", [f"x{i}", f"w{i}"], [f"y{i}"], **attrs)]
+                owner.append(g)
+        parts = tuple(owner)
+    outputs = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in range(len(parts or [0]))]
+    graph = helper.make_graph(nodes, "exact_conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = build_session(model.SerializeToString(), threads=threads, label="the emulation's exact conv")
+    pairs = None
+    if target == "x86-avx2" and not (cg == 1 and group > 1):  # (MLAS's depthwise kernel adds exactly)
+        found = tuple(risky_pairs(r) for r in conv_weight_rows(w, group))
+        pairs = found if any(p.m.size for p in found) else None
+    return ConvKernel(session, parts, pairs)
+
+
+def _conv_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(rows, columns, a_even, a_odd)`` of the im2col activation pairs (row n·OH·OW + oh·OW + ow,
+    pair column j along MLAS's K) that may saturate, found from the padded input ``xp``
+    ``[N, Hp, Wp, C]`` without building the im2col matrix: such a pair holds an activation above
+    32767 / (2·max|w|), and each of those (a few % after a ReLU) is followed to the (output, tap)s
+    that read it. None when those activations are too many for that to pay (an image stem)."""
+    (kh, kw), (s0, s1), (d0, d1) = geometry.kernel, geometry.strides, geometry.dilations
+    cg, cols = xp.shape[3], pairs.max_even.size
+    reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
+    large = np.flatnonzero(xp > INT16_MAX / (2 * reach))
+    if 4 * large.size * kh * kw > xp.shape[0] * out[0] * out[1] * kh * kw * cg:
+        return None
+    nb, ih, iw, c = np.unravel_index(large, xp.shape)
+    value = xp[nb, ih, iw, c]
+    keys, a_even, a_odd = [], [], []
+    for ti in range(kh):
+        for tj in range(kw):
+            dh, dw = ih - ti * d0, iw - tj * d1
+            ok = (dh >= 0) & (dw >= 0) & (dh % s0 == 0) & (dw % s1 == 0) & (dh < s0 * out[0]) & (dw < s1 * out[1])
+            idx = np.flatnonzero(ok)
+            k = (ti * kw + tj) * cg + c[idx]
+            even = k % 2 == 0
+            j = np.minimum(k // 2, cols - 1)
+            mine_max = np.where(even, pairs.max_even[j], pairs.max_odd[j])
+            other_max = np.where(even, pairs.max_odd[j], pairs.max_even[j])
+            # (an odd K's last column pairs with zero padding: never; the other activation <= 255)
+            may = (k < 2 * cols) & (value[idx] * mine_max + 255 * other_max > INT16_MAX)
+            idx, k, even = idx[may], k[may], even[may]
+            n_, oh, ow = nb[idx], dh[idx] // s0, dw[idx] // s1
+            pt, pc = np.divmod(k ^ 1, cg)  # the other activation of the pair: its tap and channel
+            pti, ptj = np.divmod(pt, kw)
+            other = xp[n_, oh * s0 + pti * d0, ow * s1 + ptj * d1, pc]
+            mine = value[idx]
+            keys.append(((n_ * out[0] + oh) * out[1] + ow) * cols + k // 2)
+            a_even.append(np.where(even, mine, other))
+            a_odd.append(np.where(even, other, mine))
+    key = np.concatenate(keys)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.r_[True, key[1:] != key[:-1]] if key.size else np.zeros(0, bool)  # both large: listed twice
+    key, ae, ao = key[first], np.concatenate(a_even)[order][first], np.concatenate(a_odd)[order][first]
+    rows, columns = np.divmod(key, cols)
+    hot = ae * pairs.max_even[columns] + ao * pairs.max_odd[columns] > INT16_MAX
+    return rows[hot], columns[hot], ae[hot], ao[hot]
+
+
+def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel, geometry: ConvGeometry) -> None:
+    """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place)."""
+    xp = _padded_nhwc(x, geometry.pads, za)
+    out = acc.shape[2:]
+    cg, mg = xp.shape[3] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    for g, pairs in enumerate(kernel.pairs):
+        if pairs.m.size == 0:
+            continue
+        xg = xp[..., g * cg : (g + 1) * cg]
+        found = _conv_hot_entries(xg, pairs, geometry, out)
+        if found is None:  # large activations everywhere: bound every pair of the im2col rows
+            a = _patches(xg, geometry.kernel, geometry.strides, geometry.dilations, out)
+            rows, columns = _hot_entries(a, pairs)
+            found = rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1]
+        r, m, corr = _pair_corrections(*found, pairs)
+        n, rest = np.divmod(r, out[0] * out[1])
+        oh, ow = np.divmod(rest, out[1])
+        np.add.at(acc, (n, g * mg + m, oh, ow), corr)
+
+
+def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
+                    cache: WeightCache | None = None) -> np.ndarray:
+    """int64 ``[N, M, OH, OW]``: Σ (a − za)·w of a 2-D conv with ``target``'s accumulation (no
+    bias). ``x`` uint8 NCHW, ``w`` int8 ``[M, C/group, kh, kw]``.
+
+    Σ (a − za)·w is ORT's float Conv on ``x − za`` (exact, :func:`conv_kernel`); on x86-avx2 each
+    pair of products that leaves int16 then adds its sat16(p) − p.
+    """
+    cache = cache or WeightCache(target)
+    kernel = cache.get(geometry, lambda: conv_kernel(w, group, geometry, target, cache.threads))
+    xs = x.astype(np.float32)
+    xs -= za
+    outs = kernel.session.run(None, {"x": xs})
+    if kernel.parts is None:
+        acc = outs[0].astype(np.int64)
+    else:
+        m, mg = w.shape[0], w.shape[0] // group
+        total = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
+        for g, y in zip(kernel.parts, outs):
+            total[:, g * mg : (g + 1) * mg] += y
+        acc = total.astype(np.int64)
+    if kernel.pairs is not None:
+        _conv_saturation(acc, x, za, kernel, geometry)
+    return acc
+
+
+def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                 cache: WeightCache | None = None) -> np.ndarray:
+    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_accumulate`), the
+    int32 bias and MLAS's requantization; ``cache`` keeps the node's prepared weights."""
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
     if x.ndim == 3 and np.ndim(w) == 3:
@@ -230,50 +539,50 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
         if "kernel_shape" in a1:
             a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
         args = [x[:, :, None, :], sx, zx, np.asarray(w)[:, :, None, :], sw, zw, sy, zy]
-        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target)[:, :, 0, :]
+        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target, cache)[:, :, 0, :]
     if x.ndim != 4:
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
         raise _Unsupported(_WEIGHT_ZP)
-    m, cg, kh, kw = w.shape
+    kh, kw = w.shape[2:]
     group = int(attrs.get("group", 1))
-    strides = list(attrs.get("strides", [1, 1]))
-    dil = list(attrs.get("dilations", [1, 1]))
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    strides = tuple(int(v) for v in attrs.get("strides", [1, 1]))
+    dil = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
+    geometry = ConvGeometry((kh, kw), strides, dil, tuple(_conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)))
+    acc = conv_accumulate(x, w, int(_scalar(zx)), group, geometry, target, cache)
+    if bias is not None:
+        acc += bias.astype(np.int64)[:, None, None]
+    scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy))[:, None, None]
+    return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
+
+
+def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               dil: Sequence[int]) -> list[int]:
+    """``[top, left, bottom, right]`` padding of a 2-D conv (``pads``, or from ``auto_pad``)."""
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        h, wd = x.shape[2:]
-        pads = []
-        for size, k, s, d in ((h, kh, strides[0], dil[0]), (wd, kw, strides[1], dil[1])):
-            out = -(-size // s)
-            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-            pads.append((total // 2, total - total // 2) if auto_pad == "SAME_UPPER" else (total - total // 2, total // 2))
-        pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
-    zx_i = int(_scalar(zx))
-    patches, oh, ow = _im2col_nhwc(x, (kh, kw), strides, pads, dil, zx_i)
-    n = x.shape[0]
-    mg = m // group
-    depthwise = cg == 1 and group > 1
-    acc = np.empty((n * oh * ow, m), dtype=np.int64)
-    for g in range(group):
-        a = patches[..., g * cg : (g + 1) * cg].reshape(n * oh * ow, kh * kw * cg)
-        wg = w[g * mg : (g + 1) * mg].transpose(0, 2, 3, 1).reshape(mg, kh * kw * cg)  # (kh, kw, c)
-        acc[:, g * mg : (g + 1) * mg] = accumulate(a, wg, zx_i, "x86-vnni" if depthwise else target)
-    if bias is not None:
-        acc += bias.astype(np.int64)
-    y = requantize(acc, _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy)), int(_scalar(zy)), zy.dtype)
-    return y.reshape(n, oh, ow, m).transpose(0, 3, 1, 2).copy()
+    if auto_pad in ("NOTSET", "VALID"):
+        return list(attrs.get("pads", [0, 0, 0, 0]))
+    pads = []
+    for length, k, s, d in zip(size, kernel, strides, dil):
+        out = -(-length // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - length)
+        pads.append((total // 2, total - total // 2) if auto_pad == "SAME_UPPER" else (total - total // 2, total // 2))
+    return [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
 
 
-def _matmul_2d(a: np.ndarray, b_kn: np.ndarray, za: int, target: str) -> np.ndarray:
+def _matmul_2d(a: np.ndarray, b_kn: np.ndarray, za: int, target: str, cache: WeightCache | None) -> np.ndarray:
+    cache = cache or WeightCache(target)
+    packed = cache.get("gemm", lambda: pack_weights(b_kn.T, target, cache.threads))
     lead = a.shape[:-1]
-    acc = accumulate(a.reshape(-1, a.shape[-1]), b_kn.T, za, target)
+    acc = accumulate(a.reshape(-1, a.shape[-1]), packed, za, target)
     return acc.reshape(*lead, b_kn.shape[1])
 
 
-def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str) -> np.ndarray:
-    """com.microsoft QGemm (A uint8, B int8) with ``target``'s accumulation."""
+def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+          cache: WeightCache | None = None) -> np.ndarray:
+    """com.microsoft QGemm (A uint8, B int8) with ``target``'s accumulation (``cache``: as
+    :func:`qlinear_conv`'s)."""
     a, sa, za, b, sb, zb = inputs[:6]
     c = inputs[6] if len(inputs) > 6 else None
     sy = inputs[7] if len(inputs) > 7 else None
@@ -284,7 +593,7 @@ def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target:
         a = a.T
     b_kn = b.T if int(attrs.get("transB", 0)) else b
     alpha = np.float32(attrs.get("alpha", 1.0))
-    acc = _matmul_2d(a, b_kn, int(_scalar(za)), target)
+    acc = _matmul_2d(a, b_kn, int(_scalar(za)), target, cache)
     if c is not None and c.dtype == np.int32:
         acc = acc + c.astype(np.int64)
     scale = np.float32(_scalar(sa)) * np.asarray(sb, np.float32).reshape(-1) * alpha
@@ -297,12 +606,13 @@ def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target:
     return requantize(acc, scale / np.float32(_scalar(sy)), int(_scalar(zy_v)), zy_v.dtype)
 
 
-def qlinear_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str) -> np.ndarray:
+def qlinear_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                   cache: WeightCache | None = None) -> np.ndarray:
     """ONNX QLinearMatMul (A uint8, B int8 [K, N] constant) with ``target``'s accumulation."""
     a, sa, za, b, sb, zb, sy, zy = inputs[:8]
     if b.ndim != 2 or np.any(np.asarray(zb) != 0):
         raise _Unsupported(_MATMUL_B)
-    acc = _matmul_2d(a, b, int(_scalar(za)), target)
+    acc = _matmul_2d(a, b, int(_scalar(za)), target, cache)
     scale = _output_scale(_scalar(sa), np.asarray(sb), _scalar(sy))
     return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
 
@@ -320,6 +630,28 @@ def _emulable(node: onnx.NodeProto, values: Mapping[str, np.ndarray]) -> bool:
     return x is not None and wt is not None and x.dtype == np.uint8 and wt.dtype == np.int8
 
 
+def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray]) -> bool:
+    """Whether a fused u8×s8 node (QLinearConv, QGemm, QLinearMatMul) may compute differently on
+    different kernel families: its weights are not a constant symmetric int8 tensor, or two of
+    them form a pair that can leave int16 (:func:`risky_pairs`, in MLAS's order). Otherwise every
+    family accumulates exactly (a depthwise conv always does: MLAS's depthwise kernel does not
+    pair products) and ORT's own kernel computes what any target would."""
+    w, zw = initializers.get(node.input[3]), initializers.get(node.input[5])
+    if w is None or (zw is not None and np.any(zw != 0)):
+        return True
+    attrs = _attrs(node)
+    if node.op_type == "QLinearConv":
+        group = int(attrs.get("group", 1))
+        if w.shape[1] == 1 and group > 1:
+            return False
+        rows = conv_weight_rows(w, group)
+    elif w.ndim != 2:
+        return True
+    else:  # QGemm B [K, N] (or [N, K] with transB), QLinearMatMul B [K, N]
+        rows = [w if int(attrs.get("transB", 0)) else w.T]
+    return any(risky_pairs(r).m.size for r in rows)
+
+
 # ------------------------------------------------------------------------------ the session
 
 
@@ -334,7 +666,9 @@ class EmulatedSession:
     Args:
         path: the QDQ ONNX file.
         target: one of :data:`EMULATED_TARGETS`.
-        threads: intra-op threads of the one-node ORT sessions.
+        threads: how many parts of a batch run at once (default: one per CPU), each through
+            single-threaded ORT sessions: many small sessions with their own spinning thread
+            pools fight over the cores, and numpy's share of the work runs in one thread.
         label: how log lines name the model (default: its path).
         native_log_level: level of the line listing the fused nodes that run natively (the
             export check, which cannot act on it, logs it at INFO; ``validate`` warns).
@@ -347,7 +681,10 @@ class EmulatedSession:
             raise ConfigError(MSG_NOT_EMULATED)
         self.path = Path(path)
         self.target = target
-        self._threads = threads
+        self._workers = max(1, int(threads) if threads else (os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._split = True  # whether a batch may be split along axis 0 (outputs batch-first)
+        self._lock = threading.Lock()
         self.model = self._optimized(self.path)
         g = self.model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -355,8 +692,14 @@ class EmulatedSession:
         self._inputs = [i for i in g.input if i.name not in self.initializers]
         self.output_names = [o.name for o in g.output]
         self._sessions: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._weights: dict[int, WeightCache] = {}  # per emulated node
         fused = [n for n in g.node if (n.domain if n.domain != "ai.onnx" else "", n.op_type) in _KERNELS]
-        self.emulated_nodes = [f"{n.op_type}:{n.name}" for n in fused if self._u8s8(n)]
+        # fused nodes whose weights compute alike on every family run with ORT's own kernel: only
+        # the others are emulated (for fqexport's x86-safe weights: none)
+        u8s8 = {i: n for i, n in enumerate(g.node) if n in fused and self._u8s8(n)}
+        self._emulated = {i for i, n in u8s8.items() if kernel_dependent(n, self.initializers)}
+        self.emulated_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i in self._emulated]
+        self.exact_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i not in self._emulated]
         self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
                              if (n in fused and not self._u8s8(n)) or n.op_type in _OTHER_INTEGER_OPS]
         if self.native_nodes:
@@ -395,26 +738,52 @@ class EmulatedSession:
         sess = self._sessions.get(key)
         if sess is not None:
             return sess
+        with self._lock:
+            if key not in self._sessions:
+                self._sessions[key] = self._build_node_session(idx, node, values, dyn)
+        return self._sessions[key]
+
+    def _build_node_session(self, idx: int, node: onnx.NodeProto, values: Mapping[str, np.ndarray],
+                            dyn: Sequence[str]) -> Any:
         inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None) for i in dyn]
         outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
         inits = [self._init_protos[i] for i in dict.fromkeys(node.input) if i in self._init_protos]
         graph = helper.make_graph([node], f"node{idx}", inputs, outputs, initializer=inits)
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         model.ir_version = self.model.ir_version
-        sess = build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=self._threads,
+        return build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=1,
                              label=f"node {node.name} of {self.path}")
-        self._sessions[key] = sess
-        return sess
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs ``output_names`` (default: all) on ``feeds``; a batch is split along axis 0
+        into ``threads`` parts run at once (when every output is batch-first, else run whole)."""
+        names = list(output_names) if output_names else self.output_names
+        sizes = {int(v.shape[0]) if np.ndim(v) else -1 for v in feeds.values()}
+        n = sizes.pop() if len(sizes) == 1 else -1
+        parts = min(self._workers, n)
+        if not self._split or parts < 2:
+            return self._run_graph(names, feeds)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        chunks = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fqexport-emu")
+        results = list(self._pool.map(lambda f: self._run_graph(names, f), chunks))
+        if not all(np.ndim(y) and y.shape[0] == b - a for r, a, b in zip(results, bounds[:-1], bounds[1:]) for y in r):
+            self._split = False  # an output that is not batch-first: run whole batches from now on
+            return self._run_graph(names, feeds)
+        return [np.concatenate([r[i] for r in results]) for i in range(len(names))]
+
+    def _run_graph(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         values: dict[str, np.ndarray] = dict(self.initializers)
         values.update(feeds)
         for idx, node in enumerate(self.model.graph.node):
             try:
-                if _emulable(node, values):
+                if idx in self._emulated and _emulable(node, values):
                     fn = _KERNELS[(node.domain if node.domain != "ai.onnx" else "", node.op_type)]
                     args = [values[i] if i else None for i in node.input]
-                    values[node.output[0]] = fn(args, _attrs(node), self.target)
+                    with self._lock:
+                        cache = self._weights.setdefault(idx, WeightCache(self.target, threads=1))
+                    values[node.output[0]] = fn(args, _attrs(node), self.target, cache)
                 else:
                     sess = self._node_session(idx, node, values)
                     dyn = [i for i in node.input if i and i not in self.initializers]
@@ -427,5 +796,4 @@ class EmulatedSession:
             except Exception as err:
                 raise ModelLoadError(MSG_NODE.format(target=self.target, node=node.name, op=node.op_type,
                                                      path=self.path, err=str(err).strip())) from err
-        names = list(output_names) if output_names else self.output_names
         return [values[n] for n in names]

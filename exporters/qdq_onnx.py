@@ -7,8 +7,10 @@
    once in compress): :mod:`.weight_int8`, :mod:`.weight_packed` (INT4/INT2 + Cast),
    :mod:`.weight_nbits` (MatMulNBits), :mod:`.weight_blocked` (the GPU's blocked INT4); the
    metadata is written;
-3. :mod:`.compact` — the file's fixed bytes shrink, numerics untouched;
-4. ``onnx.checker``; for the ``gpu`` target :mod:`.gpu_rules` (what TensorRT and ORT's CUDA EP
+3. :mod:`.ort_fusions` (CPU targets) — rewrites after which ORT fuses more integer kernels
+   (a global average pool, the float-output Gemm's int32 bias), the graph's math unchanged;
+4. :mod:`.compact` — the file's fixed bytes shrink, numerics untouched;
+5. ``onnx.checker``; for the ``gpu`` target :mod:`.gpu_rules` (what TensorRT and ORT's CUDA EP
    take); then :mod:`.export_check` — the file must match the reference under the kernels of
    ``config.target``. Only then is it written, atomically.
 """
@@ -30,6 +32,7 @@ from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import Verdict, check_export
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.metadata import write_metadata
+from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
 from fqexport.metadata import layer_records
@@ -77,12 +80,14 @@ def write_atomic(model: onnx.ModelProto, path: Path) -> int:
 
 
 def qdq_model(cm: "CompressedModel") -> onnx.ModelProto:
-    """Passes 1-3: the QDQ ONNX proto of ``cm`` with its metadata, compacted (not checked)."""
+    """Passes 1-4: the QDQ ONNX proto of ``cm`` with its metadata, compacted (not checked)."""
     example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
     model = torch_to_onnx(cm.reference, example, what="quantized")
     used = quantize_weight_initializers(model, cm.layers)
     opset = OPSET_INT2 if "int2" in used.values() else OPSET
     set_opset(model, opset)
+    if cm.config.target != "gpu":  # (TensorRT's importer takes the graph as torch wrote it)
+        fuse_for_ort(model)
     write_metadata(model, replace(cm.metadata, storage=cm.config.storage, opset=opset,
                                   layers=layer_records(cm.layers, used), target=cm.config.target))
     # names of every weight layer are kept (quantized or float): readers look layers up by them

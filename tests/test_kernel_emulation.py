@@ -11,9 +11,12 @@ from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.kernel_emulation import (
+    ConvGeometry,
     EmulatedSession,
     accumulate,
     check_target,
+    conv_accumulate,
+    exact_runs,
     pair_saturation_correction,
     qlinear_conv,
     requantize,
@@ -213,3 +216,94 @@ def test_native_is_not_an_emulated_target(tmp_path):
     with pytest.raises(ConfigError, match=r"target 'native' runs ONNX Runtime's own session"):
         EmulatedSession(path, "native")
     assert EmulatedSession(path, "x86-avx2").native_nodes == []
+
+
+# ----------------------------------------------------------------- the fast paths stay exact
+
+
+def _conv_reference(x, w, zx, group, stride, dil, pad, saturate):
+    """Independent int64 loop: per output, K in NHWC order (tap, channel), pairs (k, k+1)."""
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    mg = m // group
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=zx)
+    oh = (h + 2 * pad - dil * (kh - 1) - 1) // stride + 1
+    ow = (wd + 2 * pad - dil * (kw - 1) - 1) // stride + 1
+    out = np.zeros((n, m, oh, ow), np.int64)
+    for b in range(n):
+        for o in range(m):
+            g = o // mg
+            wk = w[o].transpose(1, 2, 0).reshape(-1).astype(np.int64)  # (kh, kw, c)
+            for i in range(oh):
+                for j in range(ow):
+                    patch = xp[b, g * cg : (g + 1) * cg, i * stride : i * stride + dil * (kh - 1) + 1 : dil,
+                               j * stride : j * stride + dil * (kw - 1) + 1 : dil]
+                    a = list(patch.transpose(1, 2, 0).reshape(-1)) + [0]
+                    wl = list(wk) + [0]
+                    acc = 0
+                    for k in range(0, len(wk), 2):
+                        p = a[k] * wl[k] + a[k + 1] * wl[k + 1]
+                        acc += min(max(p, -32768), 32767) if saturate else p
+                    out[b, o, i, j] = acc - zx * int(wk.sum())
+    return out
+
+
+@pytest.mark.parametrize("cg,group,stride,dil,large", [(4, 1, 1, 1, 0.04), (3, 1, 2, 1, 0.04), (4, 2, 1, 2, 0.04),
+                                                     (5, 1, 1, 1, 0.04), (4, 1, 1, 1, 0.9)],
+                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large"])
+def test_conv_accumulation_matches_an_int64_loop(cg, group, stride, dil, large):
+    """Few large activations (found from the input) or mostly large ones (every im2col pair
+    bounded): each pair that leaves int16 saturates, across taps, groups, strides, dilations, odd
+    channel counts and a padding that holds the zero point."""
+    rng = np.random.default_rng(cg * 10 + group)
+    x = rng.integers(0, 60, size=(2, cg * group, 7, 7)).astype(np.uint8)
+    x[rng.random(x.shape) < large] = 255
+    w = rng.integers(-127, 128, size=(3 * group, cg, 3, 3)).astype(np.int8)
+    geometry = ConvGeometry((3, 3), (stride, stride), (dil, dil), (1, 1, 1, 1))
+    for target, saturate in (("x86-avx2", True), ("x86-vnni", False)):
+        want = _conv_reference(x, w, 5, group, stride, dil, 1, saturate)
+        np.testing.assert_array_equal(conv_accumulate(x, w, 5, group, geometry, target), want)
+    assert (_conv_reference(x, w, 5, group, stride, dil, 1, True) != _conv_reference(x, w, 5, group, stride, dil, 1,
+                                                                                      False)).any()
+
+
+def test_conv_over_many_channels_is_split_into_exact_runs():
+    """1024 channels of ±127 weights: Σ a·w leaves float32's exact range, so the conv runs over
+    channel runs added in float64 — still the int64 result."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(2, 1024, 3, 3)).astype(np.uint8)
+    w = np.where(rng.random((2, 1024, 3, 3)) < 0.5, -127, 127).astype(np.int8)
+    per_channel = np.abs(w.astype(np.int64)).sum(axis=(2, 3))
+    runs = exact_runs(per_channel)
+    assert len(runs) > 1 and all(255 * per_channel[:, a:b].sum(axis=1).max() < 2**24 for a, b in runs)
+    want = np.einsum("nchw,mchw->nm", x.astype(np.int64) - 3, w.astype(np.int64))
+    got = conv_accumulate(x, w, 3, 1, ConvGeometry((3, 3), (1, 1), (1, 1), (0, 0, 0, 0)), "x86-vnni")
+    np.testing.assert_array_equal(got[:, :, 0, 0], want)
+
+
+def test_nodes_that_cannot_saturate_run_with_ort_and_the_rest_are_emulated(exports):
+    safe = EmulatedSession(exports["cnn_safe"][0], "x86-avx2")
+    assert safe.emulated_nodes == [] and safe.exact_nodes
+    full = EmulatedSession(exports["cnn_full"][0], "x86-avx2")
+    assert full.emulated_nodes and all(n.startswith(("QLinearConv", "QGemm")) for n in full.emulated_nodes)
+
+
+def test_a_batch_split_over_threads_gives_the_single_thread_result(exports):
+    path, data = exports["cnn_full"]
+    one = EmulatedSession(path, "x86-avx2", threads=1).run(None, {"input": data.x[:37]})
+    two = EmulatedSession(path, "x86-avx2", threads=2).run(None, {"input": data.x[:37]})
+    np.testing.assert_array_equal(one[0], two[0])
+
+
+def test_gemm_accumulation_over_long_k_is_exact():
+    """K = 2048 of ±127 weights (Σ a·w beyond float32's exact range: runs of K added in float64),
+    a few large activations: exact on x86-vnni, pairwise-saturated on x86-avx2."""
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 100, size=(6, 2048)).astype(np.uint8)
+    a[rng.random(a.shape) < 0.05] = 255
+    w = np.where(rng.random((5, 2048)) < 0.5, -127, 127).astype(np.int8)
+    pairs = a[:, None, 0::2].astype(np.int64) * w[None, :, 0::2] + a[:, None, 1::2].astype(np.int64) * w[None, :, 1::2]
+    offset = 7 * w.sum(axis=1, dtype=np.int64)
+    np.testing.assert_array_equal(accumulate(a, w, 7, "x86-vnni"), pairs.sum(axis=2) - offset)
+    np.testing.assert_array_equal(accumulate(a, w, 7, "x86-avx2"), np.clip(pairs, -32768, 32767).sum(axis=2) - offset)
+    assert (np.clip(pairs, -32768, 32767) != pairs).any()

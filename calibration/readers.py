@@ -161,4 +161,4 @@ def _with_options(data: GroupData, groups: Any, transform: Callable | None) -> G
                 call_group_function(groups, i, (data.x[i], None if data.y is None else data.y[i],
                                                  data.group_names[data.group[i]]), source)
                 for i in range(n)], source)
-    return validate_group_data(x, data.y, group, names, source)
+    return validate_group_data(x, data.y, group, names, source, data.annotations)

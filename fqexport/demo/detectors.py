@@ -93,7 +93,7 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat((x, y1, y2, self.pool(y2)), 1))
 
 
-class _Backbone(nn.Module):
+class Backbone(nn.Module):
     """Stem → stride 8 (P3) → stride 16 (P4, SPPF) and a PAN neck: outputs at strides 8 and 16."""
 
     def __init__(self, block: type, w: int) -> None:
@@ -128,7 +128,7 @@ class YoloV5(nn.Module):
     def __init__(self, num_classes: int = 3, width: int = 16, image_size: int = 64) -> None:
         super().__init__()
         self.nc, self.no, self.na = num_classes, num_classes + 5, len(V5_ANCHORS[0])
-        self.body = _Backbone(C3, width)
+        self.body = Backbone(C3, width)
         self.head = nn.ModuleList(nn.Conv2d(c, self.na * self.no, 1) for c in self.body.channels)
         self.sizes = [(image_size // s, image_size // s) for s in STRIDES]
         for i, ((ny, nx), anchors) in enumerate(zip(self.sizes, V5_ANCHORS)):
@@ -166,7 +166,7 @@ class YoloV8(nn.Module):
     def __init__(self, num_classes: int = 3, width: int = 16, image_size: int = 64, reg_max: int = 8) -> None:
         super().__init__()
         self.nc, self.reg_max = num_classes, reg_max
-        self.body = _Backbone(C2f, width)
+        self.body = Backbone(C2f, width)
         self.box = nn.ModuleList(_Branch(c, 2 * width, 4 * reg_max) for c in self.body.channels)
         self.cls = nn.ModuleList(_Branch(c, 2 * width, num_classes) for c in self.body.channels)
         self.cells = [(image_size // s) ** 2 for s in STRIDES]

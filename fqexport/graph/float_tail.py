@@ -6,6 +6,12 @@ every path to the output. Quantizing them costs the results (ONNX Runtime's own 
 on a YOLOv5s gives every box zero confidence unless the final Mul/Concat are excluded by hand), so
 they stay float: a node is in the tail when it depends on the input, is not a weight layer and
 no weight layer is reachable from it. :func:`tail_ops` names the tail's ops for the report.
+
+The head convs' own outputs, read only by the tail, stay float too (like a classifier's logits).
+Measured on the demo's YOLOv5-style detector (scene task, 400 test images, per-group COCO
+mAP@[.5:.95] daylight / low-light, float 39.14 / 18.13; ORT on an AVX2 CPU without VNNI):
+outputs float W8A8 38.81 / 17.59, W4A8 37.19 / 16.33; with a uint8 pair on them W8A8 37.95 /
+18.31, W4A8 35.82 / 15.78 — a mean over the four of 27.48 vs 26.97 points.
 """
 
 from __future__ import annotations

@@ -66,6 +66,9 @@ class Task(ABC):
     # how the search measures data without the task's labels / boxes / masks (appended to its words)
     without_annotations: ClassVar[str] = ""
     annotation_fields: ClassVar[str] = "labels (field y)"  # what validate needs, in words
+    # fine-tuning's loss: a classifier's distillation + cross-entropy on its labels (fqexport.finetune.losses),
+    # else the task's label-free distillation loss (sample_loss against the float model's outputs)
+    distills_in_finetune: ClassVar[bool] = True
 
     # ---------------------------------------------------------------------------- compress
     @abstractmethod

@@ -99,6 +99,7 @@ class Classification(Task):
     search_metric = "accuracy"
     agreement_name = "top-1 agreement"
     diff_name = "logit diff"
+    distills_in_finetune = False
     without_annotations = ("; the data has no labels: accuracy is top-1 agreement with the float model and the "
                            "loss cross-entropy against its top-1")
 

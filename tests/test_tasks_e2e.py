@@ -26,6 +26,7 @@ from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.graph.act_quant import ActQuantizer
 from fqexport.graph.float_tail import float_tail
 from fqexport.pipeline.compress import compress
+from fqexport.search.sensitivity import measure_sensitivity
 from fqexport.tasks import Detection, Segmentation
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import to_markdown
@@ -143,3 +144,12 @@ def test_cli_compress_and_validate_a_detector(tmp_path, scenes, tests_dir, monke
     code, _, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--task", "segmentation",
                          "--layout", "v8"])
     assert code == 2 and "--layout v8 is an option of --task detection" in err
+
+
+def test_sensitivity_of_a_detector_is_its_distillation_loss(scenes):
+    data = scenes.train.detection("calib.npz")
+    table = measure_sensitivity(fm.yolov5_test(), data, layers=["head.0", "body.stem.conv"], bit_choices=(2, 8),
+                                num_samples=16, cache=False)
+    assert table.layers == ("head.0", "body.stem.conv") and table.groups == ("daylight", "low-light")
+    assert (table.delta[:, 0] > table.delta[:, 1]).all()  # 2 bits move the outputs more than 8 bits
+    np.testing.assert_allclose(table.float_loss, 0.0, atol=1e-6)  # the float model is its own target

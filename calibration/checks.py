@@ -22,6 +22,7 @@ import numpy as np
 
 from fqexport.errors import DataError
 
+from .annotations import Boxes, Masks, check_boxes, check_masks
 from .group_data import GroupData
 
 MSG_NEGATIVE_IDS = (
@@ -224,6 +225,7 @@ def validate_group_data(
     group: Any,
     group_names: Sequence[str] | np.ndarray | None = None,
     source: str = "<memory>",
+    annotations: Boxes | Masks | None = None,
 ) -> GroupData:
     """Check and convert raw arrays into a :class:`GroupData` (x float32, y/group int64; ``y=None``
     for data without labels).
@@ -251,12 +253,25 @@ def validate_group_data(
         raise data_error(source, "the dataset is empty (field 'x' has 0 samples)")
     y, ids, names = validate_targets(y, group, group_names, n, source)
     x = check_x_values(x, source)
-    return GroupData(x=x, y=y, group=ids, group_names=tuple(names), source=str(source))
+    return GroupData(x=x, y=y, group=ids, group_names=tuple(names), source=str(source),
+                     annotations=check_annotations(annotations, x.shape[1:], source, n))
+
+
+def check_annotations(annotations: Boxes | Masks | None, sample_shape: tuple[int, ...], source: str,
+                      n: int) -> Boxes | Masks | None:
+    """``annotations`` checked against ``n`` samples of ``sample_shape`` (:mod:`.annotations`)."""
+    if isinstance(annotations, Boxes):
+        return check_boxes(annotations.boxes, annotations.labels, annotations.image, sample_shape, source, n)
+    if isinstance(annotations, Masks):
+        return check_masks(annotations.masks, sample_shape, source, n, annotations.ignore_index)
+    if annotations is not None:
+        raise data_error(source, f"annotations must be Boxes or Masks, got {type(annotations).__name__}")
+    return None
 
 
 def validate(data: GroupData) -> GroupData:
     """Re-check a :class:`GroupData` built elsewhere (same rules as the readers)."""
-    return validate_group_data(data.x, data.y, data.group, list(data.group_names), data.source)
+    return validate_group_data(data.x, data.y, data.group, list(data.group_names), data.source, data.annotations)
 
 
 def check_vocabulary(data: GroupData, vocab: int, layer: str) -> None:

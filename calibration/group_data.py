@@ -44,6 +44,8 @@ class GroupData(GroupViews):
         group: group ids, int64, ``[N]``, each in ``range(len(group_names))``.
         group_names: a name per group id.
         source: where the data came from (a path or a description), used in messages.
+        annotations: the boxes of a detection set or the masks of a segmentation set
+            (:mod:`~.annotations`), following every subset; None for class labels only.
     """
 
     x: np.ndarray
@@ -51,6 +53,7 @@ class GroupData(GroupViews):
     group: np.ndarray
     group_names: tuple[str, ...]
     source: str = "<memory>"
+    annotations: Any = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -64,7 +67,8 @@ class GroupData(GroupViews):
         """The samples at ``index`` (same group names and source)."""
         index = np.asarray(index)
         y = None if self.y is None else self.y[index]
-        return GroupData(self.x[index], y, self.group[index], self.group_names, self.source)
+        notes = None if self.annotations is None else self.annotations.subset(index)
+        return GroupData(self.x[index], y, self.group[index], self.group_names, self.source, notes)
 
     def take(self, index: np.ndarray | None = None, num_workers: int = 0, batch_size: int = 256) -> "GroupData":
         """The samples at ``index`` (all when None): :meth:`subset` — the in-memory form of

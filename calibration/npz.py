@@ -1,4 +1,5 @@
-"""``.npz`` files holding arrays ``x``, ``group``, optional ``y`` (labels) and ``group_names``:
+"""``.npz`` files holding arrays ``x``, ``group``, optional ``y`` (labels), ``group_names`` and the
+annotations of detection (``boxes``, ``box_labels``, ``box_image``) or segmentation (``masks``):
 :func:`load_npz` reads one, :func:`save_npz` writes one, :func:`map_npz_x` memory-maps its x.
 
 Each member's ``.npy`` header is read before its data: a declared size larger than the memory
@@ -27,12 +28,21 @@ import numpy as np
 from fqexport.atomic import atomic_write
 from fqexport.errors import DataError
 
+from .annotations import Boxes, Masks
 from .checks import data_error, validate_group_data
 from .group_data import GroupData
 
 logger = logging.getLogger(__name__)
 
 NPZ_FIELDS = ("x", "y", "group")
+# Annotations beyond labels (:mod:`.annotations`): detection boxes as COCO-like flat arrays, or
+# segmentation masks (with an optional scalar ``ignore_index``).
+BOX_FIELDS = ("boxes", "box_labels", "box_image")
+MASK_FIELDS = ("masks", "ignore_index")
+MSG_BOX_FIELDS = (
+    "field 'boxes' needs fields {missing} beside it (boxes [M, 4] xyxy pixels, box_labels [M] class "
+    "ids, box_image [M] index into x)"
+)
 # Arrays an archive must hold (y is optional: data without labels).
 NPZ_REQUIRED = ("x", "group")
 MSG_X_MAP = "{source}: field 'x' cannot be memory-mapped ({err}); write the file again with numpy.savez"
@@ -137,12 +147,26 @@ def load_npz(path: str | os.PathLike) -> GroupData:
     source = str(Path(path))
     with open_npz(path) as archive:
         arrays = {field: read_npz_field(archive, field, source)
-                  for field in (*NPZ_FIELDS, "group_names") if field in archive.files}
+                  for field in (*NPZ_FIELDS, "group_names", *BOX_FIELDS, *MASK_FIELDS) if field in archive.files}
     data = validate_group_data(
-        arrays["x"], arrays.get("y"), arrays["group"], arrays.get("group_names"), source
+        arrays["x"], arrays.get("y"), arrays["group"], arrays.get("group_names"), source,
+        npz_annotations(arrays, source),
     )
     logger.info("read %d samples in %d groups from %s", len(data), data.num_groups, source)
     return data
+
+
+def npz_annotations(arrays: dict[str, np.ndarray], source: str) -> Boxes | Masks | None:
+    """The boxes or masks among an archive's ``arrays`` (unchecked; the readers check them)."""
+    if "boxes" in arrays:
+        missing = [f for f in BOX_FIELDS[1:] if f not in arrays]
+        if missing:
+            raise data_error(source, MSG_BOX_FIELDS.format(missing=", ".join(repr(m) for m in missing)))
+        return Boxes(arrays["boxes"], arrays["box_labels"], arrays["box_image"])
+    if "masks" in arrays:
+        ignore = arrays.get("ignore_index")
+        return Masks(arrays["masks"], 255 if ignore is None else int(np.asarray(ignore).reshape(-1)[0]))
+    return None
 
 
 def save_npz(data: GroupData, path: str | os.PathLike, *, compressed: bool = False) -> Path:
@@ -156,6 +180,11 @@ def save_npz(data: GroupData, path: str | os.PathLike, *, compressed: bool = Fal
     arrays = {"x": data.x, "group": data.group, "group_names": np.array(data.group_names)}
     if data.y is not None:
         arrays["y"] = data.y
+    if isinstance(data.annotations, Boxes):
+        a = data.annotations
+        arrays.update(boxes=a.boxes, box_labels=a.labels, box_image=a.image)
+    elif isinstance(data.annotations, Masks):
+        arrays.update(masks=data.annotations.masks, ignore_index=np.array(data.annotations.ignore_index))
     save = np.savez_compressed if compressed else np.savez
 
     def write(tmp: Path) -> None:

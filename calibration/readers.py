@@ -2,8 +2,8 @@
 
 ``load_data(source, groups=None, transform=None)`` gives what every API function accepts:
 
-- a :class:`GroupData` (re-checked, :mod:`.checks`) or an ``.npz`` path (:mod:`.npz`): a
-  GroupData in memory;
+- a :class:`GroupData` (re-checked, :mod:`.checks`), an ``.npz`` path (:mod:`.npz`) or a COCO
+  ``.json`` of a detection set and its images (:mod:`.coco`): a GroupData in memory;
 - a ``.csv`` image manifest (:mod:`.manifest`), a torch Dataset, a DataLoader or another
   re-iterable yielding ``x``, ``(x, y)`` or ``(x, y, group)``: a :class:`~.stream.DataStream`,
   whose x is read batch by batch (:mod:`.stream`). A DataLoader yields batches; another iterable
@@ -32,6 +32,7 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 from fqexport.errors import ConfigError, DataError
 
 from .checks import validate, validate_group_data
+from .coco import load_coco
 from .dataset import dataset_groups, to_numpy
 from .group_data import GroupData
 from .groups import call_group_function, groups_up_front
@@ -50,7 +51,7 @@ MSG_UNSUPPORTED = (
 )
 MSG_SUFFIX = (
     "{source}: unsupported data file type {suffix!r}; give an .npz (arrays x, y, group) or a .csv "
-    "manifest (path,label,group)"
+    "manifest (path,label,group), or a COCO .json of a detection set"
 )
 MSG_ONE_SHOT = (
     "{source}: an iterator can be read only once, and the data is read in several passes; give a "
@@ -85,6 +86,8 @@ def load_data(source: Any, groups: Any = None, transform: Callable[[torch.Tensor
         suffix = Path(source).suffix.lower()
         if suffix == ".npz":
             return _with_options(load_npz(source), groups, transform)
+        if suffix == ".json":  # COCO: boxes, images beside it, a group per image (or groups=)
+            return _with_options(load_coco(source, groups), None, transform)
         if suffix == ".csv":
             rows, folder, name = read_manifest_rows(source)
             if transform is None:
@@ -161,4 +164,4 @@ def _with_options(data: GroupData, groups: Any, transform: Callable | None) -> G
                 call_group_function(groups, i, (data.x[i], None if data.y is None else data.y[i],
                                                  data.group_names[data.group[i]]), source)
                 for i in range(n)], source)
-    return validate_group_data(x, data.y, group, names, source)
+    return validate_group_data(x, data.y, group, names, source, data.annotations)

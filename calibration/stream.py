@@ -29,10 +29,10 @@ import numpy as np
 
 from fqexport.errors import DataError
 
-from .checks import check_x_values, group_ids, validate_targets
+from .checks import check_annotations, check_x_values, group_ids, validate_targets
 from .dataset import dataset_groups
 from .group_data import GroupData, GroupViews
-from .npz import map_npz_x, open_npz, read_npz_field
+from .npz import BOX_FIELDS, MASK_FIELDS, map_npz_x, npz_annotations, open_npz, read_npz_field
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ class DataStream(GroupViews):
 
     def __init__(self, reader: Any, y: np.ndarray | None, group: np.ndarray,
                  group_names: Sequence[str], source: str, sample_shape: tuple[int, ...],
-                 index: np.ndarray | None = None) -> None:
+                 index: np.ndarray | None = None, annotations: Any = None) -> None:
         self._reader = reader
+        self.annotations = annotations  # boxes or masks of these samples (.annotations), or None
         self.y, self.group = y, group
         self.group_names = tuple(group_names)
         self.source = source
@@ -151,7 +152,7 @@ class DataStream(GroupViews):
         index = np.asarray(index, dtype=np.int64)
         y = None if self.y is None else self.y[index]
         return DataStream(self._reader, y, self.group[index], self.group_names, self.source,
-                          self.sample_shape, self._index[index])
+                          self.sample_shape, self._index[index], self._notes(index))
 
     def batches(self, index_lists: Iterable[np.ndarray], num_workers: int = 0
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
@@ -170,11 +171,15 @@ class DataStream(GroupViews):
         index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
         y = None if self.y is None else self.y[index]
         if self.in_memory:
-            return GroupData(self._reader.x[self._index[index]], y, self.group[index], self.group_names, self.source)
+            return GroupData(self._reader.x[self._index[index]], y, self.group[index], self.group_names, self.source,
+                             self._notes(index))
         chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
         xs = [x for x, _, _ in self.batches(chunks, num_workers)]
         x = np.concatenate(xs) if xs else np.zeros((0, *self.sample_shape), dtype=np.float32)
-        return GroupData(x, y, self.group[index], self.group_names, self.source)
+        return GroupData(x, y, self.group[index], self.group_names, self.source, self._notes(index))
+
+    def _notes(self, index: np.ndarray) -> Any:
+        return None if self.annotations is None else self.annotations.subset(index)
 
     def x_array(self) -> np.ndarray | None:
         """This stream's x as one array when it is in memory (a copy of the slice), else None."""
@@ -205,7 +210,7 @@ def map_x(fn: Callable[[np.ndarray], np.ndarray], data: GroupData | DataStream, 
 def in_memory_stream(data: GroupData) -> DataStream:
     """A stream over an (already checked) GroupData: batches are slices of it."""
     return DataStream(_ArrayX(data.x, data.source, check=False), data.y, data.group, data.group_names,
-                      data.source, tuple(data.x.shape[1:]))
+                      data.source, tuple(data.x.shape[1:]), annotations=data.annotations)
 
 
 # --------------------------------------------------------------------------- .npz
@@ -215,7 +220,8 @@ def npz_stream(path: Path) -> DataStream:
     """An ``.npz`` whose x is memory-mapped and checked chunk by chunk now (module docstring)."""
     source = str(path)
     with open_npz(path) as archive:
-        fields = {f: read_npz_field(archive, f, source) for f in ("y", "group", "group_names") if f in archive.files}
+        fields = {f: read_npz_field(archive, f, source)
+                  for f in ("y", "group", "group_names", *BOX_FIELDS, *MASK_FIELDS) if f in archive.files}
         x = map_npz_x(path, archive.zip, source)
     if x.ndim < 2:
         raise DataError(MSG_X_NDIM.format(source=source, shape=x.shape))
@@ -226,4 +232,5 @@ def npz_stream(path: Path) -> DataStream:
     for start in range(0, x.shape[0], rows):  # one sequential pass: NaN/Inf, negative ids
         check_x_values(x[start:start + rows], source, np.arange(start, min(start + rows, x.shape[0])))
     log.info("%s: x memory-mapped, %d samples of %s %s", source, x.shape[0], x.shape[1:], x.dtype)
-    return DataStream(_ArrayX(x, source, check=True), y, group, names, source, tuple(x.shape[1:]))
+    notes = check_annotations(npz_annotations(fields, source), tuple(x.shape[1:]), source, x.shape[0])
+    return DataStream(_ArrayX(x, source, check=True), y, group, names, source, tuple(x.shape[1:]), annotations=notes)

@@ -13,9 +13,11 @@ What deploys is ONNX Runtime's fused integer kernels, whose arithmetic depends o
   :data:`MAX_EMULATED_SAMPLES`;
 - ``gpu`` has no CPU kernels: the graph's own math (ORT with optimizations off) judges it.
 
-A judge passes when top-1 agreement with the reference on decided samples (top-2 logits more
-than :data:`TIE_FRACTION` of the logit spread apart) is at least :data:`MIN_AGREEMENT`, or a
-single sample flipped.
+What a judge compares comes from the model's task (:meth:`fqexport.tasks.base.Task.compare`):
+for a classifier, top-1 agreement with the reference on decided samples (top-2 logits more than
+``TIE_FRACTION`` of the logit spread apart) of at least ``MIN_AGREEMENT``, or a single sample
+flipped (:mod:`fqexport.tasks.classification`); for a detector, the boxes kept after NMS matched
+by class and IoU; for a segmenter, per-pixel agreement.
 """
 
 from __future__ import annotations
@@ -32,17 +34,11 @@ from fqexport.errors import ExportError, FqexportError
 from fqexport.exporters.cpu_isa import EXACT_FAMILIES, host_family, runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
 
 log = logging.getLogger(__name__)
 
-MIN_AGREEMENT = 0.99
-# Samples whose reference top-2 logits are closer than this fraction of the typical logit
-# spread (median over samples of max - min logit) are near-ties: ORT's kernels round
-# intermediate activations slightly differently from PyTorch (a one-step flip of a uint8 code
-# now and then), which can flip them. A broken export (wrong weights, saturating u8×s8
-# kernels) moves logits by far more: on the demo CNN, full-range 8-bit weights on an AVX2 CPU
-# gave max |logit diff| 10.9 and 95% agreement on decided samples.
-TIE_FRACTION = 0.02
 # The emulated kernels are numpy (slower than ORT's): they judge at most this many calibration
 # samples, an equal share per group.
 MAX_EMULATED_SAMPLES = 256
@@ -55,10 +51,8 @@ TARGET_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 MSG_AGREEMENT = (
-    "{path}: for target={target!r}, the exported model run with {kernels} agrees with the PyTorch "
-    "fake-quant reference on only {agree:.2%} of {n} calibration samples whose top-2 logits are more "
-    "than {tie:g}% of the logit spread apart (need >= {need:.0%}, or a single flipped sample; max "
-    "|logit diff| {diff:.4g}); the file was not written. {cause}"
+    "{path}: for target={target!r}, the exported model run with {kernels} {summary}; the file was not "
+    "written. {cause}"
 )
 # The cause named by MSG_AGREEMENT. The reference already models ORT's int32 bias rounding
 # (s_x·s_w[c] steps, WeightBiasQuantization) and its uint8 activations, so what is left is a
@@ -137,54 +131,23 @@ class Verdict:
 
     judge: Judge
     samples: int
-    agreement: float  # top-1 agreement, all judged samples
-    decided_agreement: float  # top-1 agreement on samples that are not near-ties
+    agreement: float  # top-1 agreement (the task's agreement), all judged samples
+    decided_agreement: float  # on samples that are not near-ties
     max_abs_diff: float
     passed: bool
+    what: str = "top-1 agreement"  # the task's agreement_name
+    diff: str = "logit diff"  # the task's diff_name
 
     def line(self) -> str:
         """One console line: who judged, on how many samples, with what result."""
-        return (f"{self.judge.describe()}: top-1 agreement {self.agreement:.2%} on {self.samples} calibration "
-                f"samples ({self.decided_agreement:.2%} of the decided ones), max |logit diff| "
+        return (f"{self.judge.describe()}: {self.what} {self.agreement:.2%} on {self.samples} calibration "
+                f"samples ({self.decided_agreement:.2%} of the decided ones), max |{self.diff}| "
                 f"{self.max_abs_diff:.4g} — {'passed' if self.passed else 'FAILED'}")
 
     def to_dict(self) -> dict:
         return {"kernels": self.judge.describe(), "families": list(self.judge.families), "native": self.judge.native,
                 "samples": self.samples, "agreement": self.agreement, "decided_agreement": self.decided_agreement,
                 "max_abs_diff": self.max_abs_diff, "passed": self.passed}
-
-
-def decided(want: np.ndarray, tie: float) -> np.ndarray:
-    """Samples whose reference top-2 logits differ by more than ``tie`` (not near-ties)."""
-    if want.shape[1] < 2:
-        return np.ones(want.shape[0], dtype=bool)
-    top2 = np.sort(want, axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]) > tie
-
-
-def top1_agreement(got: np.ndarray, want: np.ndarray, tie: float = 0.0) -> tuple[float, float]:
-    """``(agreement, agreement on decided samples)`` of the argmax of ``got`` vs ``want``.
-
-    A sample whose reference top-2 logits differ by <= ``tie`` is a near-tie at the export's
-    resolution; kernel rounding may flip it either way.
-    """
-    same = got.argmax(1) == want.argmax(1)
-    ok = decided(want, tie)
-    return float(same.mean()), float(same[ok].mean()) if ok.any() else 1.0
-
-
-def agreement_failed(got: np.ndarray, want: np.ndarray, tie: float) -> bool:
-    """The verdict: top-1 agreement on decided samples below MIN_AGREEMENT, with more than one
-    flipped sample (on fewer than 100 samples one flip is already > 1%)."""
-    ok = decided(want, tie)
-    flips = int(((got.argmax(1) != want.argmax(1)) & ok).sum())
-    return flips > 1 and flips > (1.0 - MIN_AGREEMENT) * int(ok.sum())
-
-
-def tie_threshold(want: np.ndarray) -> float:
-    """:data:`TIE_FRACTION` of the median logit spread of the reference."""
-    spread = float(np.median(want.max(axis=1) - want.min(axis=1))) if want.size else 0.0
-    return TIE_FRACTION * spread
 
 
 def check_subset(group: np.ndarray, cap: int) -> np.ndarray:
@@ -210,14 +173,15 @@ def _judge_logits(judge: Judge, file: Path, x: np.ndarray) -> np.ndarray:
 
 
 def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group: np.ndarray, *, target: str,
-                 full_range: bool, path: Path) -> tuple[Verdict, ...]:
-    """Judge ``model`` (about to be written to ``path``) against the reference logits ``want`` on
-    the calibration inputs ``x`` (groups ``group``) under every judge of ``target``.
+                 full_range: bool, path: Path, task: Task | None = None) -> tuple[Verdict, ...]:
+    """Judge ``model`` (about to be written to ``path``) against the reference outputs ``want`` on
+    the calibration inputs ``x`` (groups ``group``) under every judge of ``target``, each by
+    ``task``'s comparison (default: a classifier's top-1 agreement).
 
     Raises ExportError naming the judge, the agreement and the cause at the first failing judge.
     ``full_range``: the weights use the full 8-bit range (names the saturation as the cause).
     """
-    tie = tie_threshold(want)
+    task = task or Classification()
     verdicts = []
     with tempfile.TemporaryDirectory(prefix="fqexport-check-") as tmp:
         file = Path(tmp) / path.name
@@ -228,10 +192,9 @@ def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group:
                 got = _judge_logits(judge, file, x[idx])
             except FqexportError as err:
                 raise ExportError(MSG_RUN.format(path=path, kernels=judge.describe(), err=err)) from err
-            ref = want[idx]
-            agree, agree_decided = top1_agreement(got, ref, tie)
-            verdict = Verdict(judge, len(idx), agree, agree_decided, float(np.abs(got - ref).max(initial=0.0)),
-                              not agreement_failed(got, ref, tie))
+            c = task.compare(got, want[idx])
+            verdict = Verdict(judge, len(idx), c.agreement, c.decided_agreement, c.max_abs_diff, c.passed,
+                              task.agreement_name, task.diff_name)
             verdicts.append(verdict)
             log.info("export check of %s for target=%s: %s", path, target, verdict.line())
             if not verdict.passed:
@@ -241,7 +204,6 @@ def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group:
                     cause = CAUSE_GRAPH
                 else:
                     cause = CAUSE_KERNELS.format(family=judge.family)
-                raise ExportError(MSG_AGREEMENT.format(
-                    path=path, target=target, kernels=judge.describe(), agree=agree_decided, n=len(idx),
-                    tie=100 * TIE_FRACTION, need=MIN_AGREEMENT, diff=verdict.max_abs_diff, cause=cause))
+                raise ExportError(MSG_AGREEMENT.format(path=path, target=target, kernels=judge.describe(),
+                                                       summary=c.summary, cause=cause))
     return tuple(verdicts)

@@ -53,8 +53,9 @@ MSG_GPU_RULES = (
 class ExportResult:
     """What an export wrote and how well it matches the PyTorch reference.
 
-    ``agreement`` / ``max_abs_diff``: the lowest top-1 agreement and the largest logit
-    difference over the judges in ``checks`` (``None`` with ``check=False``).
+    ``agreement`` / ``max_abs_diff``: the lowest agreement (top-1 for a classifier, matched boxes
+    for a detector, pixels for a segmenter) and the largest output difference over the judges in
+    ``checks`` (``None`` with ``check=False``).
     """
 
     path: Path
@@ -82,7 +83,7 @@ def write_atomic(model: onnx.ModelProto, path: Path) -> int:
 def qdq_model(cm: "CompressedModel") -> onnx.ModelProto:
     """Passes 1-4: the QDQ ONNX proto of ``cm`` with its metadata, compacted (not checked)."""
     example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
-    model = torch_to_onnx(cm.reference, example, what="quantized")
+    model = torch_to_onnx(cm.reference, example, what="quantized", output_name=cm.task.output_name)
     used = quantize_weight_initializers(model, cm.layers)
     opset = OPSET_INT2 if "int2" in used.values() else OPSET
     set_opset(model, opset)
@@ -118,7 +119,8 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     verdicts: tuple[Verdict, ...] = ()
     if check:
         verdicts = check_export(model, cm.predict(cm.calib.x), cm.calib.x, np.asarray(cm.calib.group),
-                                target=cm.config.target, full_range=cm.config.weight_range == "full", path=path)
+                                target=cm.config.target, full_range=cm.config.weight_range == "full", path=path,
+                                task=cm.task)
     size = write_atomic(model, path)
     agreement = min(v.agreement for v in verdicts) if verdicts else None
     max_diff = max(v.max_abs_diff for v in verdicts) if verdicts else None
@@ -131,10 +133,12 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
 
 
-def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> ExportResult:
-    """Write the float model (e.g. the BN-folded one) as ONNX, for reference validation."""
+def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
+                 output_name: str = "logits") -> ExportResult:
+    """Write the float model (e.g. the BN-folded one) as ONNX, for reference validation; its
+    output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector)."""
     path = Path(path)
-    proto = torch_to_onnx(model.eval(), example, what="float")
+    proto = torch_to_onnx(model.eval(), example, what="float", output_name=output_name)
     onnx.checker.check_model(proto)
     size = write_atomic(proto, path)
     return ExportResult(path, size, OPSET, None, None, {})

@@ -25,9 +25,11 @@ OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
 MSG_TORCH_EXPORT = "torch.onnx.export failed for the {what} model: {err}"
 
 
-def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "float") -> onnx.ModelProto:
+def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "float",
+                  output_name: str = "logits") -> onnx.ModelProto:
     """Export ``model`` with a dynamic batch dimension at opset 21, weights inline, without
-    per-node debug metadata."""
+    per-node debug metadata; its one output is named ``output_name`` (a classifier's ``logits``,
+    a detector's ``output0`` as YOLO exports name it)."""
     table = {torch.ops.fqexport.act_qdq.default: act_qdq_onnx}
     sink = io.StringIO()
     # torch.onnx warns once per process that torchvision ops are not registered: not ours.
@@ -38,7 +40,7 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=OPSET,
                 dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), input_names=["input"],
-                output_names=["logits"], custom_translation_table=table, verbose=False,
+                output_names=[output_name], custom_translation_table=table, verbose=False,
             )
     except Exception as err:
         raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=f"{type(err).__name__}: {err}")) from err

@@ -79,6 +79,10 @@ class ExportMetadata:
     # QuantConfig.target the export was checked for (portable, x86-avx2, x86-vnni, arm64, gpu);
     # None in files written before the field
     target: str | None = None
+    # the task (fqexport.tasks: name, options, how it was chosen); None: a classifier (files before tasks)
+    task: Mapping[str, Any] | None = None
+    # ops after the last weight layers kept float (a detector's box decode), "name (op)"
+    float_ops: tuple[str, ...] = ()
     schema_version: int = METADATA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,8 +90,9 @@ class ExportMetadata:
         d = asdict(self)
         d["layers"] = [asdict(l) for l in self.layers]
         d["float_layers"] = [asdict(l) for l in self.float_layers]
-        for k in ("group_names", "group_weights", "skipped_layers", "input_shape"):
+        for k in ("group_names", "group_weights", "skipped_layers", "input_shape", "float_ops"):
             d[k] = list(d[k])
+        d["task"] = dict(self.task) if self.task is not None else None
         d["allocation"] = dict(self.allocation) if self.allocation is not None else None
         d["finetune"] = dict(self.finetune) if self.finetune is not None else None
         return d
@@ -114,7 +119,7 @@ class ExportMetadata:
         try:
             kw["layers"] = tuple(LayerRecord(**l) for l in kw.get("layers") or ())
             kw["float_layers"] = tuple(LayerRecord(**l) for l in kw.get("float_layers") or ())
-            for k in ("group_names", "skipped_layers"):
+            for k in ("group_names", "skipped_layers", "float_ops"):
                 kw[k] = tuple(str(v) for v in kw.get(k) or ())
             kw["group_weights"] = tuple(float(v) for v in kw.get("group_weights") or ())
             kw["input_shape"] = tuple(int(v) for v in kw.get("input_shape") or ())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
 from fqexport.quant.layout import LayerLayout
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
 
 
 def weight_scale(kind: str, scale: torch.Tensor, shape: tuple[int, ...] | torch.Size,
@@ -96,6 +98,7 @@ class CompressedModel:
         num_classes: width of the model output.
         calib: the group-balanced calibration subset used (export checks run on it).
         metadata: provenance and resources, written into the ONNX file by the exporter.
+        task: what the model does (:mod:`fqexport.tasks`): its output, metric and export check.
     """
 
     reference: torch.fx.GraphModule
@@ -107,6 +110,7 @@ class CompressedModel:
     num_classes: int
     calib: GroupData
     metadata: ExportMetadata
+    task: Task = field(default_factory=Classification)
 
     def __post_init__(self) -> None:
         # 1. Biases on ORT's int32 grid (s_x·s_w[c]): the reference then computes what the
@@ -162,7 +166,7 @@ class CompressedModel:
         ]
 
     def predict(self, x: np.ndarray, batch_size: int = 256, quantized: bool = True) -> np.ndarray:
-        """Logits of the fake-quant reference (or the float model) on ``x``."""
+        """Outputs (a classifier's logits) of the fake-quant reference (or the float model) on ``x``."""
         model = self.reference if quantized else self.float_model
         outs = []
         with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.demo.detectors import UNet, YoloV5, YoloV8
 
 IMAGE_SHAPE = (3, 16, 16)
 NUM_CLASSES = 4
@@ -224,3 +225,22 @@ class ItemsDataset(torch.utils.data.Dataset):
         if name == "labels_and_groups" and self.__dict__.get("declare"):
             return lambda: (self.data.y, np.array(self.data.group_names)[self.data.group])
         raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------------- tasks
+# Small detectors and a segmenter (fqexport.demo.detectors) for the end-to-end tests of the tasks.
+
+
+def yolov5_test():
+    torch.manual_seed(0)
+    return YoloV5(num_classes=3, width=4, image_size=64).eval()
+
+
+def yolov8_test():
+    torch.manual_seed(0)
+    return YoloV8(num_classes=3, width=4, image_size=64).eval()
+
+
+def unet_test():
+    torch.manual_seed(0)
+    return UNet(num_classes=4, width=4).eval()

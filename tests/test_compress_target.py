@@ -33,13 +33,13 @@ from fqexport.exporters.export_check import (
     GRAPH,
     TARGET_FAMILIES,
     kernel_judges,
-    top1_agreement,
 )
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
+from fqexport.tasks.classification import top1_agreement
 
 # what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
 # (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)

@@ -7,16 +7,14 @@ import pytest
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import DataError, ModelLoadError
+from fqexport.tasks.classification import MSG_LABELS, MSG_OUTPUT, check_logits
 from fqexport.validation.data_checks import (
     MSG_EMPTY,
     MSG_EMPTY_GROUP,
-    MSG_LABELS,
-    MSG_OUTPUT,
     MSG_RANK,
     MSG_SHAPE,
     as_test_data,
     check_data,
-    check_logits,
 )
 
 NAMES = ("majority", "minority")

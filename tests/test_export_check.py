@@ -14,11 +14,10 @@ from fqexport.exporters.export_check import (
     MAX_EMULATED_SAMPLES,
     TARGET_FAMILIES,
     Judge,
-    agreement_failed,
     check_subset,
     kernel_judges,
-    top1_agreement,
 )
+from fqexport.tasks.classification import agreement_failed, top1_agreement
 
 # what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
 # (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)

@@ -13,6 +13,7 @@ from fqexport.cli.finetune import finetune_plan, run_finetune, run_finetune_widt
 from fqexport.cli.flags.compress import search_budget
 from fqexport.cli.flags.finetune import parse_export_bits, width_paths
 from fqexport.cli.flags.shared import quant_config, search_config
+from fqexport.cli.tasks import task_line, task_of
 from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model
@@ -30,12 +31,13 @@ def run_compress(args: argparse.Namespace) -> int:
     plan = finetune_plan(args, load_data(args.calib).group_names if args.finetune else None)
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     search = None
+    task = task_of(args)
     budget = search_budget(args)
     if budget is not None:
-        search = _run_search(args, model, config, budget)
+        search = _run_search(args, model, config, budget, task)
         cm = search.compressed
     else:
-        cm = compress(model, args.calib, config, progress=not args.quiet)
+        cm = compress(model, args.calib, config, progress=not args.quiet, task=task)
     if plan is not None and plan.export_bits:
         return _export_widths(args, run_finetune_widths(plan, cm, quiet=args.quiet), widths)
     if plan is not None:
@@ -50,6 +52,10 @@ def run_compress(args: argparse.Namespace) -> int:
     if len(floats) > kept:
         print(f"\nwarning: {len(floats) - kept} weight layer(s) fqexport cannot quantize stay in float (storage "
               "float32 above; --strict refuses them)")
+    print(f"\n{task_line(cm.metadata.task)}")
+    if cm.metadata.float_ops:
+        print(f"{len(cm.metadata.float_ops)} ops after the last weight layers stay float (the decode): "
+              + ", ".join(cm.metadata.float_ops))
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
           f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
@@ -88,10 +94,12 @@ def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
     return EXIT_OK
 
 
-def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: dict[str, float]) -> MixedPrecisionResult:
+def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: dict[str, float],
+                task) -> MixedPrecisionResult:
     """The fairness-aware mixed-precision search of ``fqexport compress --budget-*``."""
     mp = search_config(args, **budget)
-    res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet)
+    res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet, task=task)
+    metric = "" if res.compressed.task.search_metric == "accuracy" else f" {res.compressed.task.search_metric}"
     print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
     print_table(res.table(), ["name", "params", "bits", "stored_bits", "container", "sensitivity",
                               "most_sensitive_group"])
@@ -103,8 +111,8 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
                       "weight bytes": f"{c.allocation.weight_bytes:,}",
                       "predicted worst Δloss": f"{c.allocation.predicted_worst:.4f}",
                       "held-out worst Δloss": f"{c.measured_worst:.4f}",
-                      "held-out worst-group %": f"{100 * c.worst_group_acc:.2f}",
-                      "held-out mean %": f"{100 * c.mean_acc:.2f}"})
+                      f"held-out worst-group{metric} %": f"{100 * c.worst_group_acc:.2f}",
+                      f"held-out mean{metric} %": f"{100 * c.mean_acc:.2f}"})
     print(f"\ncandidates verified on held-out calibration data ({res.verification}; predicted vs measured):")
     print_table(cands, list(cands[0].keys()))
     print(f"\n{res.fits} compress fits in {res.fit_seconds:.1f} s; search {sum(res.seconds.values()):.1f} s; "

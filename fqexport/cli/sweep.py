@@ -11,6 +11,7 @@ from fqexport.calibration.readers import load_data
 from fqexport.cli.common import EXIT_OK, print_table
 from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.cli.flags.sweep import parse_budgets
+from fqexport.cli.tasks import task_of
 from fqexport.graph.loading import load_model
 from fqexport.search.pareto import (
     pareto_sweep,
@@ -28,7 +29,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     template = configs[0]
     test = load_data(args.test) if args.test else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
-    points = pareto_sweep(model, args.calib, budgets, template, config, test=test, progress=not args.quiet)
+    points = pareto_sweep(model, args.calib, budgets, template, config, test=test, progress=not args.quiet,
+                          task=task_of(args))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_pareto_json(points, out / "pareto.json"), write_pareto_csv(points, out / "pareto.csv")]

@@ -12,6 +12,7 @@ import argparse
 
 from fqexport.cli.common import EXIT_OK
 from fqexport.cli.flags.validate import thresholds
+from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
@@ -26,37 +27,52 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100.0 * x:6.2f}"
 
 
+# Column heads of each task's metrics in the console table (fqexport.tasks metric_names).
+HEADS = {"accuracy": "acc %", "loss": "loss", "map": "mAP %", "map50": "mAP50 %", "miou": "mIoU %", "dice": "Dice %",
+         "pixel_accuracy": "pix %"}
+
+
+def _cells(row, names) -> str:
+    return " ".join(f"{row[k]:>8.4f}" if k == "loss" else f"{_pct(row[k]):>7}" for k in names)
+
+
 def print_summary(report) -> None:
     """The per-group table and one PASS/FAIL line per check, on stdout."""
     m = report.metrics
+    p = m.primary
     has_ref = report.reference_metrics is not None
     has_k = report.unoptimized_metrics is not None
-    header = f"{'group':<16} {'n':>7} {'acc %':>7} {'loss':>8}"
+    header = f"{'group':<16} {'n':>7} " + " ".join(f"{HEADS.get(k, k):>{8 if k == 'loss' else 7}}"
+                                                  for k in m.metric_names)
     header += f" {'ref %':>7} {'drop':>7}" if has_ref else ""
     header += f" {'unopt %':>7} {'k.dev':>7}" if has_k else ""
     isa = report.cpu_isa
     print(f"model {report.model}  data {report.data_source}  provider {report.provider}  "
           f"cpu {isa} (int8 kernel family {kernel_family(isa)})")
+    if p != "accuracy":
+        print(task_line(report.task))
     print(header)
     for name, r in m.by_group.items():
-        line = f"{name:<16} {r['count']:>7} {_pct(r['accuracy']):>7} {r['loss']:>8.4f}"
+        line = f"{name:<16} {r['count']:>7} {_cells(r, m.metric_names)}"
         if has_ref:
-            line += f" {_pct(report.reference_metrics.by_group[name]['accuracy']):>7} {_pct(report.group_drop[name]):>7}"
+            line += f" {_pct(report.reference_metrics.by_group[name][p]):>7} {_pct(report.group_drop[name]):>7}"
         if has_k:
-            line += f" {_pct(report.unoptimized_metrics.by_group[name]['accuracy']):>7} {_pct(report.kernel_deviation_by_group[name]):>7}"
+            line += f" {_pct(report.unoptimized_metrics.by_group[name][p]):>7} {_pct(report.kernel_deviation_by_group[name]):>7}"
         print(line)
-    print(f"{'overall':<16} {m.overall['count']:>7} {_pct(m.overall['accuracy']):>7} {m.overall['loss']:>8.4f}")
-    worst, acc = m.group_min("accuracy")
-    print(f"worst group {worst}: {_pct(acc).strip()} %; gap {_pct(m.difference('accuracy')).strip()} pp")
+    print(f"{'overall':<16} {m.overall['count']:>7} {_cells(m.overall, m.metric_names)}")
+    worst, acc = m.group_min()
+    print(f"worst group {worst}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp")
     if m.equalized_odds_difference is not None:
         print(f"equalized-odds diff {m.equalized_odds_difference:.4f}; demographic-parity diff {m.demographic_parity_difference:.4f}")
     if report.agreement is not None:
-        print(f"top-1 agreement with reference: {_pct(report.agreement).strip()} %")
+        print(f"{report.agreement_name} with reference: {_pct(report.agreement).strip()} %")
+    if report.metadata is not None and report.metadata.float_ops:
+        print(f"kept float after the last weight layers (the decode): {', '.join(report.metadata.float_ops)}")
     for target in report.targets[1:]:
         tm = report.target_metrics[target]
         dev = (report.target_kernel_deviation_by_group or {}).get(target)
         accs = ", ".join(
-            f"{g} {_pct(r['accuracy']).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
+            f"{g} {_pct(r[p]).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
             for g, r in tm.by_group.items()
         )
         how = "this CPU's own kernels" if target in report.target_native else "emulated"
@@ -99,6 +115,7 @@ def run_validate(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         targets=tuple(args.targets or ("native",)),
+        task=task_of(args),
     )
     print_summary(report)
     if args.report_dir is not None:

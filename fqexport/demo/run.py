@@ -82,8 +82,10 @@ def _quiet(message: str) -> None:
     log.info(message)
 
 
-def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path) -> Path:
-    """ONNX Runtime's own W8A8 QDQ quantizer (per-channel, u8 activations, s8 weights)."""
+def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path,
+                                 exclude: Callable[[Path], list[str]] | None = None) -> Path:
+    """ONNX Runtime's own W8A8 QDQ quantizer (per-channel, u8 activations, s8 weights); ``exclude``
+    names the nodes of the pre-processed file it leaves float (its ``nodes_to_exclude``)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -102,7 +104,7 @@ def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path) 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(float_onnx), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude(pre) if exclude else [])
     pre.unlink(missing_ok=True)
     return out
 

@@ -8,6 +8,7 @@ core-set's per-sample scores come from one streaming pass (forward only) per epo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -18,13 +19,15 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.sampling import balanced_allocation, split_holdout
 from fqexport.calibration.stream import DataStream
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.losses import per_sample_loss
+from fqexport.finetune.objective import sample_losses
 from fqexport.finetune.samplers import (
     coreset_indices,
     group_balanced_batches,
     natural_batches,
 )
 from fqexport.quant.per_group import group_means
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
 
 
 def split_fit_holdout(data: DataStream, config: FinetuneConfig) -> tuple[DataStream, GroupData]:
@@ -58,9 +61,13 @@ class FitData:
     """The fitted slice: its stream, labels and groups on the device, and the teacher's logits —
     computed once when x is in memory (as before streaming), else per batch."""
 
-    def __init__(self, stream: DataStream, teacher: nn.Module, device: torch.device, num_workers: int) -> None:
+    def __init__(self, stream: DataStream, teacher: nn.Module, device: torch.device, num_workers: int,
+                 task: Task | None = None) -> None:
         self.stream, self.teacher, self.device, self.num_workers = stream, teacher, device, num_workers
-        self.y = torch.from_numpy(stream.y).to(device)
+        self.task = task or Classification()
+        # a task that distils needs no labels: zeros stand in for them
+        y = stream.y if stream.y is not None else np.zeros(len(stream), np.int64)
+        self.y = torch.from_numpy(y).to(device)
         self.g = torch.from_numpy(stream.group).to(device)
         self.x = stream.x_array()
         self.cache = None if self.x is None else logits(teacher, self.x, device)
@@ -90,7 +97,10 @@ class FitData:
             yield idx_t, out, t
 
     def teacher_ce(self, num_groups: int) -> torch.Tensor:
-        """The float model's cross-entropy per group (the baseline of the DRO excess)."""
+        """The float model's cross-entropy per group (the baseline of the DRO excess; 0 for a task
+        that distils: the float model is its own target)."""
+        if self.task.distills_in_finetune:
+            return torch.zeros(num_groups, device=self.device)
         if self.cache is not None:
             ce = nn.functional.cross_entropy(self.cache, self.y, reduction="none")
         else:
@@ -101,11 +111,12 @@ class FitData:
     def scores(self, student: nn.Module, config: FinetuneConfig) -> np.ndarray:
         """The core-set's per-sample score of every fitted sample (only the scores are kept)."""
         disagreement = config.coreset_score == "disagreement" and config.kd_weight > 0
-        kw = dict(temperature=config.temperature, kd_weight=config.kd_weight,
-                  ce_weight=0.0 if disagreement else config.ce_weight)
+        scoring = replace(config, ce_weight=0.0) if disagreement else config
         if self.cache is not None:
-            return per_sample_loss(logits(student, self.x, self.device), self.cache, self.y, **kw).cpu().numpy()
-        return torch.cat([per_sample_loss(s, t, self.y[i], **kw) for i, s, t in self._pass(student)]).cpu().numpy()
+            return sample_losses(self.task, logits(student, self.x, self.device), self.cache, self.y,
+                                 scoring).cpu().numpy()
+        return torch.cat([sample_losses(self.task, s, t, self.y[i], scoring)
+                          for i, s, t in self._pass(student)]).cpu().numpy()
 
 
 def steps_per_epoch(group: np.ndarray, config: FinetuneConfig) -> int:

@@ -12,15 +12,17 @@ from torch import nn
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.finetune.fit_data import logits
-from fqexport.metrics.group_metrics import GroupMetrics, group_metrics
+from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.model import CompressedModel
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
 
 log = logging.getLogger(__name__)
 
 
 def per_group(metrics: GroupMetrics) -> dict[str, dict[str, float]]:
-    """Each group's accuracy, loss and count, rounded for the metadata record."""
-    return {g: {"accuracy": round(r["accuracy"], 6), "loss": round(r["loss"], 6), "count": int(r["count"])}
+    """Each group's accuracy (the task's metrics), loss and count, rounded for the metadata record."""
+    return {g: {**{k: round(r[k], 6) for k in metrics.metric_names}, "count": int(r["count"])}
             for g, r in metrics.by_group.items()}
 
 
@@ -40,8 +42,13 @@ class Holdout:
 
     ``start(student)`` records epoch 0; after every epoch ``measure`` then ``keep``."""
 
-    def __init__(self, data: GroupData, names: Sequence[str], device: torch.device) -> None:
+    def __init__(self, data: GroupData, names: Sequence[str], device: torch.device, task: Task | None = None,
+                 teacher: nn.Module | None = None) -> None:
         self.data, self.names, self.device = data, tuple(names), device
+        self.task = task or Classification()
+        # a task that distils measures its loss against the float model's outputs
+        self.reference = (logits(teacher, data.x, device).cpu().numpy()
+                          if self.task.distills_in_finetune and teacher is not None else None)
         self.history: list[dict] = []
         self.best_loss, self.best_state, self.best_epoch = float("inf"), {}, 0
 
@@ -50,8 +57,7 @@ class Holdout:
 
     def measure(self, student: nn.Module) -> tuple[GroupMetrics, float]:
         """``(per-group metrics, worst-group loss)`` of ``student`` on the hold-out."""
-        d = self.data
-        metrics = group_metrics(logits(student, d.x, self.device).cpu().numpy(), d.y, d.group, self.names)
+        metrics = self.task.evaluate(logits(student, self.data.x, self.device).cpu().numpy(), self.data, self.reference)
         return metrics, worst_loss(metrics)
 
     def start(self, student: nn.Module) -> None:
@@ -75,7 +81,7 @@ class Holdout:
 
     def metrics_of(self, cm: CompressedModel) -> GroupMetrics:
         """Per-group metrics of a CompressedModel's predictions on the hold-out."""
-        return group_metrics(cm.predict(self.data.x), self.data.y, self.data.group, self.names)
+        return self.task.evaluate(cm.predict(self.data.x), self.data, self.reference)
 
     def _append(self, epoch: int, metrics: GroupMetrics, worst: float) -> None:
         self.history.append({"epoch": epoch, "holdout_worst_group_loss": round(worst, 6),

@@ -52,8 +52,8 @@ def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, de
     num_groups = len(cm.group_names)
     fit_stream, _ = split_fit_holdout(data, config)
     teacher = copy.deepcopy(cm.float_model).to(device).eval()
-    fit = FitData(fit_stream, teacher, device, config.num_workers)
-    objective = GroupObjective(config, num_groups, fit.teacher_ce(num_groups), fixed_weights, device)
+    fit = FitData(fit_stream, teacher, device, config.num_workers, cm.task)
+    objective = GroupObjective(config, num_groups, fit.teacher_ce(num_groups), fixed_weights, device, cm.task)
     student, weights, acts = build_student(cm.reference, cm.layers, config.learn_act_scales)
     student = student.to(device).eval()
     bits = {n: m.learn_bits(tuple(config.bit_choices), cm.config.weight_range) for n, m in weights.items()}

@@ -41,6 +41,7 @@ from fqexport.finetune.qat import LearnableActQuant, LearnableWeight, build_stud
 from fqexport.finetune.start import check_train_data, start_model
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
+from fqexport.pipeline.compress import model_task
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
     """Steps 1-5 of the module docstring (the arguments are :func:`~fqexport.finetune.api.finetune`'s)."""
     config = config or FinetuneConfig()
     data = open_stream(train_data, num_workers=config.num_workers)
-    require_labels(data, "finetune")  # cross-entropy and the hold-out's accuracy; before any compress
-    ptq = start_model(model_or_cm, data, config, calib, quant_config, progress)
+    task = model_or_cm.task if isinstance(model_or_cm, CompressedModel) else (
+        model_task(model_or_cm, data, None) if isinstance(model_or_cm, torch.nn.Module) else None)
+    if task is None or not task.distills_in_finetune:  # a detector or segmenter distils: no labels needed
+        require_labels(data, "finetune")  # cross-entropy and the hold-out's accuracy; before any compress
+    ptq = start_model(model_or_cm, data, config, calib, quant_config, progress, task)
     check_train_data(data, ptq)
     fixed_weights = fixed_group_weights(config, tuple(ptq.group_names))
     device = resolve_device(config.device, "FinetuneConfig.device")
@@ -116,14 +120,14 @@ class _Run:
         student, self.weights, self.acts = build_student(cm.reference, cm.layers, config.learn_act_scales)
         self.student = student.to(device).eval()  # eval: BN is folded; nothing should switch modes
         self.t0 = time.monotonic()
-        self.fit = FitData(fit_stream, teacher, device, config.num_workers)
+        self.fit = FitData(fit_stream, teacher, device, config.num_workers, cm.task)
         # the float model's cross-entropy per group on the fit data: the baseline of the DRO excess
         teacher_ce = self.fit.teacher_ce(len(self.names))
-        self.objective = GroupObjective(config, len(self.names), teacher_ce, fixed_weights, device)
+        self.objective = GroupObjective(config, len(self.names), teacher_ce, fixed_weights, device, cm.task)
         self.opt = optimizer(self.weights, self.acts, config)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.total_steps = max(1, steps_per_epoch(fit_stream.group, config) * config.epochs)
-        self.holdout = Holdout(hold, self.names, device)
+        self.holdout = Holdout(hold, self.names, device, cm.task, teacher)
         self.holdout.start(self.student)
         self.num_steps, self.used, self.stopped = 0, 0, "completed"
         self.deadline = None if config.max_minutes is None else self.t0 + 60.0 * float(config.max_minutes)

@@ -2,7 +2,8 @@
 ``fqexport.finetune.losses`` (plain, group-weighted or worst-group, whose group weights q are
 carried from step to step) and the Adam optimiser over the student's parameters.
 
-Per batch: ℓ_i per sample, L_g and N_g per group (``group_means``), then
+Per batch: ℓ_i per sample (:func:`sample_losses`: a detector or segmenter distils the float model's
+outputs, :meth:`fqexport.tasks.base.Task.sample_loss`), L_g and N_g per group (``group_means``), then
 
     ``ce``: Σ_g N_g L_g / N;   ``group-weighted``: Σ_g w_g L_g / Σ_g w_g;
     ``worst-group``: q ← EG(q, L − ce · CE(teacher)), then Σ_g q_g L_g / Σ_g q_g,
@@ -22,6 +23,8 @@ from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.losses import combine, exponentiated_gradient, per_sample_loss
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight
 from fqexport.quant.per_group import group_means
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
 
 MSG_GROUP_WEIGHT_UNKNOWN = (
     "FinetuneConfig.group_weights names group {name!r}, which is not in the training data "
@@ -46,8 +49,9 @@ class GroupObjective:
     weights after the last step (uniform at the start)."""
 
     def __init__(self, config: FinetuneConfig, num_groups: int, teacher_ce: torch.Tensor,
-                 fixed_weights: torch.Tensor | None, device: torch.device) -> None:
+                 fixed_weights: torch.Tensor | None, device: torch.device, task: Task | None = None) -> None:
         self.config, self.num_groups, self.teacher_ce = config, num_groups, teacher_ce
+        self.task = task or Classification()
         self.fixed = None if fixed_weights is None else fixed_weights.to(device)
         self.q = torch.full((num_groups,), 1.0 / num_groups, device=device)
 
@@ -55,14 +59,23 @@ class GroupObjective:
                  group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(objective, L [G], N [G])`` of a batch from the student's and teacher's logits."""
         c = self.config
-        losses = per_sample_loss(student, teacher, y, temperature=c.temperature, kd_weight=c.kd_weight,
-                                 ce_weight=c.ce_weight)
+        losses = sample_losses(self.task, student, teacher, y, c)
         lg, counts = group_means(losses, group, self.num_groups)
         if c.loss != "worst-group":
             return combine(lg, counts, self.fixed), lg, counts
         excess = lg.detach() - c.ce_weight * self.teacher_ce
         self.q = exponentiated_gradient(self.q, excess, counts > 0, c.dro_eta)
         return combine(lg, counts, self.q), lg, counts
+
+
+def sample_losses(task: Task, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
+                  config: FinetuneConfig) -> torch.Tensor:
+    """ℓ_i of a batch: a classifier's distillation + cross-entropy (:func:`per_sample_loss`), another
+    task's label-free distillation to the float model (``kd_weight`` × ``task.sample_loss``)."""
+    if task.distills_in_finetune:
+        return config.kd_weight * task.sample_loss(student, task.loss_targets(teacher, None))
+    return per_sample_loss(student, teacher, y, temperature=config.temperature, kd_weight=config.kd_weight,
+                           ce_weight=config.ce_weight)
 
 
 def optimizer(weights: Mapping[str, LearnableWeight], acts: Mapping[str, LearnableActQuant],

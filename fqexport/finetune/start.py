@@ -9,7 +9,6 @@ from typing import Any
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.checks import check_labels
 from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
@@ -17,6 +16,7 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.finetune.config import FinetuneConfig
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
+from fqexport.tasks.base import Task
 
 MSG_GROUPS = (
     "{source}: the training data's groups ({train}) do not match the calibration data's groups "
@@ -33,10 +33,10 @@ MSG_START = (
 
 
 def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, calib: Any,
-                quant_config: QuantConfig | None, progress: bool) -> CompressedModel:
+                quant_config: QuantConfig | None, progress: bool, task: Task | None = None) -> CompressedModel:
     """``model_or_cm`` when it is a CompressedModel, else its compression by ``quant_config``
     (default ``QuantConfig(weight_bits=config.weight_bits)``) on ``calib`` or on a group-balanced
-    subset of ``data``."""
+    subset of ``data``, as ``task`` (None: inferred)."""
     if isinstance(model_or_cm, CompressedModel):
         return model_or_cm
     if not isinstance(model_or_cm, nn.Module):
@@ -44,15 +44,16 @@ def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, cali
     qc = quant_config or QuantConfig(weight_bits=config.weight_bits, seed=config.seed)
     calib_data = calib if calib is not None else data.take(group_balanced_indices(data, qc.num_calib, seed=config.seed),
                                                            config.num_workers)
-    return compress(model_or_cm, calib_data, qc, progress=progress)
+    return compress(model_or_cm, calib_data, qc, progress=progress, task=task)
 
 
 def check_train_data(data: GroupData | DataStream, cm: CompressedModel) -> None:
-    """Raise DataError unless ``data`` has the calibration's groups, sample shape and labels."""
+    """Raise DataError unless ``data`` has the calibration's groups, sample shape and labels (boxes,
+    masks) in the model's classes."""
     if tuple(data.group_names) != tuple(cm.group_names):
         raise DataError(MSG_GROUPS.format(source=data.source, train=", ".join(data.group_names),
                                           calib=", ".join(cm.group_names)))
     shape = tuple(data.sample_shape)
     if shape != tuple(cm.input_shape):
         raise DataError(MSG_SHAPE.format(source=data.source, got=shape, want=tuple(cm.input_shape)))
-    check_labels(data, cm.num_classes)
+    cm.task.check_annotations(data, cm.num_classes)

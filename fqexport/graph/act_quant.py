@@ -221,6 +221,7 @@ def insert_act_quantizers(
     *,
     symmetric: bool = False,
     weight_only: Collection[str] = (),
+    float_tail: Collection[torch.fx.Node] | None = None,
 ) -> tuple[GroupContext, dict[str, ActQuantizer]]:
     """Insert ``ActQuantizer`` modules into ``gm`` (in place) at the ORT fusion points.
 
@@ -228,22 +229,34 @@ def insert_act_quantizers(
     pairs). ``symmetric``: int8 pairs with zero point 0, a conv's pair before its explicit Pad
     (the GPU target); else uint8 pairs. ``weight_only``: quantized layers that read and write
     float activations (no pairs of their own; a pair another op needs on their input is not
-    theirs). Returns the shared group context and the inserted quantizers by module name.
+    theirs). ``float_tail``: the ops after the last weight layers that stay float
+    (:func:`fqexport.graph.float_tail.float_tail`, a detector's box decode): none of them is
+    quantized, they read their inputs float, and a weight layer's output that only they read gets
+    no pair (None: only the model's own output stays float). Returns the shared group context and
+    the inserted quantizers by module name.
     """
     modules = dict(gm.named_modules())
     context = GroupContext()
     quantizers: dict[str, ActQuantizer] = {}
     dependent = input_dependent(gm)
     weight_only = set(weight_only)
+    tail = set(float_tail) if float_tail is not None else set()
 
     def quantized_op(node: torch.fx.Node) -> bool:
+        if node in tail:
+            return False
         if node.op == "call_module" and node.target in layers:
             # an Embedding's Gather gets no pair: its float rows feed the next quantized op's input pair
             return isinstance(modules.get(node.target), _WEIGHT_LAYERS) and node.target not in weight_only
         return _is_add(node, dependent) and bool(layers)
 
     def reads_float(user: torch.fx.Node) -> bool:
-        return user.op == "call_module" and user.target in weight_only
+        return (user.op == "call_module" and user.target in weight_only) or user in tail
+
+    def stays_float(out: torch.fx.Node) -> bool:
+        if float_tail is not None:
+            return all(u in tail for u in out.users)
+        return any(u.op == "output" for u in out.users)
 
     # 1. Tensors to quantize: outputs of quantized ops (after a sole ReLU user), and inputs.
     targets: list[torch.fx.Node] = []
@@ -257,13 +270,13 @@ def insert_act_quantizers(
         # The model's own output (the logits) stays float: a uint8 grid over the logit range
         # ties close logits and flips top-1 decisions (measured on the demo: the minority lost
         # 2 pt at W8A8 from this pair alone); ORT runs the last Gemm with a float output.
-        if not any(u.op == "output" for u in out.users):
+        if not stays_float(out):
             targets.append(out)
         targets.extend(_quantized_inputs(node, modules, dependent, before_pad=symmetric))
 
     done: set[torch.fx.Node] = set()
     for target in targets:
-        if target in done or (weight_only and all(reads_float(u) for u in target.users)):
+        if target in done or ((weight_only or tail) and all(reads_float(u) for u in target.users)):
             continue  # (a pair that only weight-only layers would read is not placed)
         done.add(target)
         name = f"act_quant_{len(quantizers)}"

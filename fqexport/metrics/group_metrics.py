@@ -86,7 +86,8 @@ def json_safe(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class GroupMetrics:
-    """Classification metrics overall and per group.
+    """Metrics overall and per group: a classifier's accuracy and loss (:func:`group_metrics`),
+    or another task's own (``metric_names``, e.g. mAP for a detector; ``fqexport.tasks``).
 
     Attributes:
         overall: ``{"count": int, "accuracy": float, "loss": float}``.
@@ -97,6 +98,8 @@ class GroupMetrics:
         equalized_odds_difference: binary tasks (C == 2) only, else ``None``:
             ``max(max_g TPR_g − min_g TPR_g, max_g FPR_g − min_g FPR_g)`` with class 1 positive.
         demographic_parity_difference: binary tasks only: ``max_g P(ŷ=1|g) − min_g P(ŷ=1|g)``.
+        metric_names: the metrics of each row besides ``count`` (``("accuracy", "loss")``).
+        primary: the metric a worst group is judged by (``group_min()``'s default): accuracy.
     """
 
     overall: Mapping[str, float]
@@ -105,12 +108,15 @@ class GroupMetrics:
     equalized_odds_difference: float | None = None
     demographic_parity_difference: float | None = None
     group_names: tuple[str, ...] = field(default=())
+    metric_names: tuple[str, ...] = METRICS
+    primary: str = "accuracy"
 
     def _check_metric(self, metric: str) -> None:
-        if metric not in METRICS:
-            raise KeyError(MSG_METRIC.format(metric=metric, choices=", ".join(METRICS)))
+        if metric not in self.metric_names:
+            raise KeyError(MSG_METRIC.format(metric=metric, choices=", ".join(self.metric_names)))
 
-    def _defined(self, metric: str) -> list[tuple[str, float]]:
+    def _defined(self, metric: str | None) -> list[tuple[str, float]]:
+        metric = metric or self.primary
         self._check_metric(metric)
         return [
             (name, float(row[metric]))
@@ -118,21 +124,21 @@ class GroupMetrics:
             if row["count"] > 0 and not math.isnan(float(row[metric]))
         ]
 
-    def group_min(self, metric: str = "accuracy") -> tuple[str, float]:
-        """(group name, value) of the smallest ``metric`` over non-empty groups."""
+    def group_min(self, metric: str | None = None) -> tuple[str, float]:
+        """(group name, value) of the smallest ``metric`` (default: ``primary``) over non-empty groups."""
         rows = self._defined(metric)
         if not rows:
             return ("", float("nan"))
         return min(rows, key=lambda r: r[1])
 
-    def group_max(self, metric: str = "accuracy") -> tuple[str, float]:
+    def group_max(self, metric: str | None = None) -> tuple[str, float]:
         """(group name, value) of the largest ``metric`` over non-empty groups."""
         rows = self._defined(metric)
         if not rows:
             return ("", float("nan"))
         return max(rows, key=lambda r: r[1])
 
-    def difference(self, metric: str = "accuracy") -> float:
+    def difference(self, metric: str | None = None) -> float:
         """``max_g metric_g − min_g metric_g`` over non-empty groups (0 for a single group)."""
         rows = self._defined(metric)
         if not rows:
@@ -141,25 +147,25 @@ class GroupMetrics:
         return max(values) - min(values)
 
     def worst_group(self) -> tuple[str, float]:
-        """The group with the lowest accuracy (alias of ``group_min("accuracy")``)."""
-        return self.group_min("accuracy")
+        """The group with the lowest primary metric (accuracy: alias of ``group_min("accuracy")``)."""
+        return self.group_min()
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything as JSON-safe Python (NaN → None), accuracies as fractions."""
-        worst, worst_acc = self.group_min("accuracy")
-        return json_safe(
-            {
-                "num_classes": self.num_classes,
-                "overall": dict(self.overall),
-                "by_group": {k: dict(v) for k, v in self.by_group.items()},
-                "worst_group": worst,
-                "worst_group_accuracy": worst_acc,
-                "accuracy_difference": self.difference("accuracy"),
-                "loss_difference": self.difference("loss"),
-                "equalized_odds_difference": self.equalized_odds_difference,
-                "demographic_parity_difference": self.demographic_parity_difference,
-            }
-        )
+        """Everything as JSON-safe Python (NaN → None), accuracies as fractions; another task's
+        metrics under their own names (``worst_group_map``, ``map_difference``, …)."""
+        worst, worst_value = self.group_min()
+        d: dict[str, Any] = {} if self.primary == "accuracy" else {"metric": self.primary}
+        d.update({
+            "num_classes": self.num_classes,
+            "overall": dict(self.overall),
+            "by_group": {k: dict(v) for k, v in self.by_group.items()},
+            "worst_group": worst,
+            f"worst_group_{self.primary}": worst_value,
+            **{f"{m}_difference": self.difference(m) for m in self.metric_names},
+            "equalized_odds_difference": self.equalized_odds_difference,
+            "demographic_parity_difference": self.demographic_parity_difference,
+        })
+        return json_safe(d)
 
 
 def group_metrics(

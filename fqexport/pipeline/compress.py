@@ -30,7 +30,7 @@ import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from fqexport.calibration.checks import check_labels, check_vocabulary
+from fqexport.calibration.checks import check_vocabulary
 from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
@@ -40,6 +40,7 @@ from fqexport.config import QuantConfig
 from fqexport.device import resolve_device
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.act_quant import insert_act_quantizers
+from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
@@ -58,6 +59,9 @@ from fqexport.quant.solver import (
     solve_flops,
     solve_layer,
 )
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
+from fqexport.tasks.resolve import resolve_task
 from fqexport.version import __version__
 
 log = logging.getLogger(__name__)
@@ -232,28 +236,32 @@ def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
             check_vocabulary(data, int(mod.num_embeddings), str(node.target))
 
 
-MSG_NOT_LOGITS = (
-    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not class "
-    "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
-    "quantizes classifiers that return logits [batch, classes])"
-)
-
-
-def check_model_on_data(model: nn.Module, data: GroupData | DataStream) -> int:
-    """Run the first two samples; return the number of classes. Bad shapes become a DataError."""
+def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
+    """The model's output on the first two samples; a DataError when they do not fit it."""
     x = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x))
     try:
         with torch.no_grad():
-            out = model(x)
+            return model(x)
     except Exception as err:
         raise DataError(
             f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "
             f"model ({type(err).__name__}: {err})"
         ) from err
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
-    return int(out.shape[1])
+
+
+def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task | None) -> Task:
+    """``task`` as a Task object, inferred from ``data`` and ``model``'s output when None (as
+    :func:`compress` does): how the search and the sweep learn the task before any fit."""
+    if isinstance(task, Task):
+        return task
+    evaluated = copy.deepcopy(model).eval() if model.training else model
+    return resolve_task(task, data, model_output(evaluated, data))[0]
+
+
+def check_model_on_data(model: nn.Module, data: GroupData | DataStream, task: Task | None = None) -> int:
+    """Run the first two samples; return the number of classes. Bad shapes (not ``task``'s
+    output, default a classifier's logits) become a DataError."""
+    return (task or Classification()).check_output(model_output(model, data), data)
 
 
 @dataclass
@@ -352,11 +360,12 @@ def _quantize_layers(folded: torch.fx.GraphModule, float_model: torch.fx.GraphMo
 
 
 def _calibrate_activations(folded: torch.fx.GraphModule, quantized: dict[str, QuantizedLayer], sub: GroupData,
-                           config: QuantConfig, progress: bool) -> torch.fx.GraphModule:
+                           config: QuantConfig, progress: bool, task: Task) -> torch.fx.GraphModule:
     """The fake-quant reference: a copy of ``folded`` with an activation quantizer at every point
     the export places a Q/DQ pair, ranges observed on the weight-quantized model so every group
     counts (``config.calibration``'s observer per group). The target picks the scheme (uint8, or
-    int8 symmetric for the GPU); layers whose container runs weight-only read float inputs."""
+    int8 symmetric for the GPU); layers whose container runs weight-only read float inputs; the
+    task's float tail (a detector's box decode) stays float."""
     reference = copy.deepcopy(folded)
     context, quantizers = insert_act_quantizers(
         reference,
@@ -364,6 +373,7 @@ def _calibrate_activations(folded: torch.fx.GraphModule, quantized: dict[str, Qu
         set(quantized),
         symmetric=config.export.symmetric_activations,
         weight_only={n for n, l in quantized.items() if l.layout.weight_only},
+        float_tail=task.float_tail(reference, set(quantized)),
     )
     batches = _batches(sub, config.batch_size, torch.device("cpu"))
     with torch.no_grad():
@@ -377,7 +387,8 @@ def _calibrate_activations(folded: torch.fx.GraphModule, quantized: dict[str, Qu
 
 
 def _metadata(config: QuantConfig, sub: GroupData, data: GroupData | DataStream, alpha: torch.Tensor, skipped: set[str],
-              quantized: dict[str, QuantizedLayer], num_classes: int) -> ExportMetadata:
+              quantized: dict[str, QuantizedLayer], num_classes: int, task: dict[str, Any] | None,
+              float_ops: tuple[str, ...]) -> ExportMetadata:
     params = sum(l.params for l in quantized.values())
     avg_bits = sum(l.bits * l.params for l in quantized.values()) / max(params, 1)
     solver = config.method == "solver"
@@ -397,6 +408,8 @@ def _metadata(config: QuantConfig, sub: GroupData, data: GroupData | DataStream,
         input_shape=data.sample_shape,
         num_classes=num_classes,
         avg_weight_bits=round(avg_bits, 4),
+        task=task,
+        float_ops=float_ops,
     )
 
 
@@ -406,17 +419,24 @@ def compress(
     config: QuantConfig | None = None,
     *,
     progress: bool = True,
+    task: str | Task | None = None,
 ) -> CompressedModel:
     """Quantize ``model`` with group-labeled calibration data.
 
     Args:
-        model: a float PyTorch classifier (returns logits ``[batch, classes]``); not modified.
+        model: a float PyTorch model (not modified): a classifier returning logits ``[batch,
+            classes]``, a detector (``task="detection"``: YOLOv5 ``[batch, anchors, 5 + classes]``
+            or YOLOv8 ``[batch, 4 + classes, anchors]``) or a segmenter (logits ``[batch, classes, H, W]``).
         calib: what ``fqexport.load_data`` accepts or returns: a GroupData, an ``.npz``/``.csv``
             path, a torch Dataset, DataLoader or iterable yielding x, (x, y) or (x, y, group), a
             DataStream. Labels are optional (with them, each is checked against the model's
             classes); of streamed data only the calibration subset is read.
         config: a QuantConfig (default: 8-bit weights, solver, x86-safe range).
         progress: show tqdm progress bars.
+        task: ``"classification"``, ``"detection"``, ``"segmentation"`` or a Task object
+            (:mod:`fqexport.tasks`, e.g. ``Detection(layout="v8")``); None infers it from the data's
+            fields and the model's output (:func:`~fqexport.tasks.resolve.infer_task`). A
+            detector's box decode after its head convs stays float (``metadata.float_ops``).
 
     Returns:
         A CompressedModel; ``fqexport.export(cm, path)`` writes the QDQ ONNX file.
@@ -432,8 +452,11 @@ def compress(
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
     checked = data if isinstance(data, GroupData) else sub
     _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError
-    num_classes = check_model_on_data(model, checked)
-    check_labels(data, num_classes)
+    out = model_output(model, checked)
+    task, chosen = resolve_task(task, data, out)
+    num_classes = task.check_output(out, checked)
+    task.check_annotations(data, num_classes)
+    log.info("task %s (%s)", task.name, chosen)
     _check_layer_bits(config, prepared.names)
     float_model = copy.deepcopy(prepared.folded)
     # 'samples' weights groups by their share of the user's data, not of the balanced subset
@@ -441,7 +464,10 @@ def compress(
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
     quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
                                  progress)
-    reference = _calibrate_activations(prepared.folded, quantized, sub, config, progress)
+    reference = _calibrate_activations(prepared.folded, quantized, sub, config, progress, task)
+    tail = task.float_tail(prepared.folded, set(quantized))
+    float_ops = tail_ops(prepared.folded, tail) if tail is not None else ()
+    record = {**task.to_dict(), "chosen": chosen}
     return CompressedModel(
         reference=reference,
         float_model=float_model.eval(),
@@ -451,5 +477,6 @@ def compress(
         input_shape=data.sample_shape,
         num_classes=num_classes,
         calib=sub,
-        metadata=_metadata(config, sub, data, alpha, prepared.skipped, quantized, num_classes),
+        metadata=_metadata(config, sub, data, alpha, prepared.skipped, quantized, num_classes, record, float_ops),
+        task=task,
     )

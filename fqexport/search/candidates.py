@@ -16,14 +16,16 @@ from fqexport.search.sensitivity import SensitivityTable
 
 
 def metrics_summary(m: GroupMetrics) -> dict[str, Any]:
-    """Per-group accuracy and loss, the worst group and its accuracy, the mean accuracy."""
-    worst, worst_acc = m.group_min("accuracy")
+    """Per-group accuracy (the primary metric: a detector's mAP@.5) and loss, the worst group and
+    its value, the mean."""
+    worst, worst_acc = m.group_min()
+    short = "acc" if m.primary == "accuracy" else m.primary
     return {
-        "accuracy": {g: float(r["accuracy"]) for g, r in m.by_group.items()},
+        m.primary: {g: float(r[m.primary]) for g, r in m.by_group.items()},
         "loss": {g: float(r["loss"]) for g, r in m.by_group.items()},
         "worst_group": worst,
-        "worst_group_acc": float(worst_acc),
-        "mean_acc": float(m.overall["accuracy"]),
+        f"worst_group_{short}": float(worst_acc),
+        f"mean_{short}": float(m.overall[m.primary]),
     }
 
 
@@ -44,11 +46,12 @@ class Candidate:
 
     @property
     def worst_group_acc(self) -> float:
-        return float(self.metrics.group_min("accuracy")[1]) if self.metrics else float("nan")
+        """The worst group's accuracy (the metrics' primary one: a detector's mAP@.5)."""
+        return float(self.metrics.group_min()[1]) if self.metrics else float("nan")
 
     @property
     def mean_acc(self) -> float:
-        return float(self.metrics.overall["accuracy"]) if self.metrics else float("nan")
+        return float(self.metrics.overall[self.metrics.primary]) if self.metrics else float("nan")
 
     @property
     def measured_worst(self) -> float:

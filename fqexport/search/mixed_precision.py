@@ -65,7 +65,7 @@ from fqexport.calibration.stream import DataStream
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
-from fqexport.pipeline.compress import compress
+from fqexport.pipeline.compress import compress, model_task
 from fqexport.search.allocation import Allocation, AllocationOptions
 from fqexport.search.byte_budget import file_overhead_estimate, fit_file_budget, written_size
 from fqexport.search.candidate_pool import allocation_options, candidate_pool
@@ -80,6 +80,7 @@ from fqexport.search.verification import (
     verification_words,
     verify,
 )
+from fqexport.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def search_mixed_precision(
     progress: bool = True,
     sensitivity: SensitivityTable | None = None,
     engine: Engine | None = None,
+    task: str | Task | None = None,
 ) -> MixedPrecisionResult:
     """Search a per-layer bit allocation under the budget of ``mp_config``; see the module docstring.
 
@@ -109,14 +111,18 @@ def search_mixed_precision(
         sensitivity: a precomputed table (skips the measurement).
         engine: runs the sensitivity and verification tasks (default: one made from
             ``mp_config.engine`` for this search, closed at the end); results do not depend on it.
+        task: the model's task (:mod:`fqexport.tasks`; None: inferred as ``compress`` does): its
+            distillation loss gives the sensitivity, its metric (``search_metric``: accuracy,
+            mAP@.5, mIoU) and loss the verification.
     """
     if engine is None:
         with make_engine(mp_config.engine, preload=[__name__]) as own:
             return search_mixed_precision(model, calib, mp_config, base_config, progress=progress,
-                                          sensitivity=sensitivity, engine=own)
+                                          sensitivity=sensitivity, engine=own, task=task)
 
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
+    task = model_task(model, data, task)
     held_out, splits, fits_are_refit = verification_splits(data, mp, base)
     seconds: dict[str, float] = {}
 
@@ -127,7 +133,8 @@ def search_mixed_precision(
         layers, float_params = model_costs(model, torch.from_numpy(np.ascontiguousarray(data.take(np.arange(1)).x)),
                                            base.weights)
         table = sensitivity or search_sensitivity(model, splits[0][0] if len(splits) == 1 else data, mp, base,
-                                                  progress=progress, engine=engine, layers=[l.name for l in layers])
+                                                  progress=progress, engine=engine, layers=[l.name for l in layers],
+                                                  task=task)
 
     with _timed(seconds, "allocation"):
         overhead = file_overhead_estimate(layers) if mp.budget_kind == "bytes" else 0.0
@@ -135,7 +142,7 @@ def search_mixed_precision(
         pool = candidate_pool(table, layers, options, mp, data)
 
     with _timed(seconds, "verification"):
-        context = VerifyContext(model, held_out, splits, base, FitCache())
+        context = VerifyContext(model, held_out, splits, base, FitCache(), task)
         found = verify(context, [a for a, _ in pool], progress=progress, engine=engine)
         for c, (_, origin) in zip(found.candidates, pool):
             c.origin = origin
@@ -148,14 +155,14 @@ def search_mixed_precision(
         chosen = found.fitted_model(best)
     else:
         with _timed(seconds, "refit"):
-            chosen = _refit(model, data, base, best.allocation)
+            chosen = _refit(model, data, base, best.allocation, task)
         fits, fit_seconds = fits + 1, fit_seconds + seconds["refit"]
     context.cache.clear()
 
     result = MixedPrecisionResult(
         config=mp, allocation=best.allocation, candidates=found.candidates, compressed=chosen, sensitivity=table,
         layers=layers, float_metrics=found.float_metrics, seconds=seconds, fallback=fallback, fits=fits,
-        fit_seconds=fit_seconds, storage=base.storage, verification=verification_words(mp, held_out, fits_are_refit),
+        fit_seconds=fit_seconds, storage=base.storage, verification=verification_words(mp, held_out, fits_are_refit, task),
         target=base.target,
     )
     if mp.budget_kind == "bytes":
@@ -171,9 +178,10 @@ def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
     seconds[phase] = time.perf_counter() - t0
 
 
-def _refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, alloc: Allocation) -> Any:
+def _refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, alloc: Allocation,
+           task: Task | None = None) -> Any:
     """``alloc`` quantized on all the calibration data, as ``compress`` would."""
-    return compress(model, data, replace(base, layer_bits=dict(alloc.bits)), progress=False)
+    return compress(model, data, replace(base, layer_bits=dict(alloc.bits)), progress=False, task=task)
 
 
 def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream, context: VerifyContext,
@@ -198,7 +206,8 @@ def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream
         fit = fit_file_budget(
             result.chosen, result.compressed, result.candidates, result.config,
             propose=lambda overhead: replace(options, overhead=overhead).candidates(result.sensitivity, result.layers)[0],
-            verify=verify_one, refit=lambda alloc: _refit(context.model, data, context.base, alloc), measure=measure,
+            verify=verify_one, refit=lambda alloc: _refit(context.model, data, context.base, alloc, context.task),
+            measure=measure,
         )
     extra = fit.refits + len(verified) * folds
     return replace(result, allocation=fit.candidate.allocation, compressed=fit.model,

@@ -21,8 +21,9 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
-from fqexport.metrics.group_metrics import group_metrics
+from fqexport.pipeline.compress import model_task
 from fqexport.search.mixed_precision import search_mixed_precision
+from fqexport.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def pareto_sweep(
     *,
     test: GroupData | DataStream | Any | None = None,
     progress: bool = True,
+    task: str | Task | None = None,
 ) -> list[ParetoPoint]:
     """Search at each average-bits budget; accuracies on ``test`` (anything ``load_data`` takes,
     with labels; else on the held-out calibration samples, as measured for the verified held-in
@@ -68,7 +70,8 @@ def pareto_sweep(
 
     ``mp_config`` is the template (its budget is replaced by each value of ``budgets``); the
     sensitivity table is measured once and shared, and one engine (``mp_config.engine``: its
-    workers start once) runs every search's tasks.
+    workers start once) runs every search's tasks. ``task``: the model's (:mod:`fqexport.tasks`;
+    None: inferred as ``compress`` does); its metric is the one reported (accuracy, mAP@.5, mIoU).
     """
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)
@@ -76,14 +79,16 @@ def pareto_sweep(
         check_budget("bits", b)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
+    task = model_task(model, data, task)
     if test is not None:
         test = load_data(test)
-        require_labels(test, "pareto_sweep's test accuracy")
+        if task.needs_annotations(test):
+            require_labels(test, "pareto_sweep's test accuracy")
     with make_engine(template.engine, preload=[search_mixed_precision.__module__]) as engine:
-        return _sweep(model, data, budgets, template, base_config, test, progress, engine)
+        return _sweep(model, data, budgets, template, base_config, test, progress, engine, task)
 
 
-def _sweep(model, data, budgets, template, base_config, test, progress, engine: Engine) -> list[ParetoPoint]:
+def _sweep(model, data, budgets, template, base_config, test, progress, engine: Engine, task: Task) -> list[ParetoPoint]:
     """Budgets in increasing order; a budget whose result measured a larger held-out worst-group
     loss increase than a smaller budget's (same held-out samples: same data and seed) reuses
     that result, so more budget never returns a worse measured worst group."""
@@ -93,7 +98,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
     for b in sorted(budgets):
         mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
         res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table,
-                                     engine=engine)
+                                     engine=engine, task=task)
         table = res.sensitivity
         reused = None
         if kept is not None and kept[1].chosen.measured_worst < res.chosen.measured_worst:
@@ -104,16 +109,16 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             kept = (float(b), res)
         if test is not None:
             cm = res.compressed
-            m = group_metrics(map_x(cm.predict, test), test.y, test.group, test.group_names)
-            f = group_metrics(map_x(lambda x: cm.predict(x, quantized=False), test), test.y, test.group,
-                              test.group_names)
+            reference = map_x(lambda x: cm.predict(x, quantized=False), test)
+            m = replace(task.evaluate(map_x(cm.predict, test), test, reference), primary=task.search_metric)
+            f = replace(task.evaluate(reference, test, reference), primary=task.search_metric)
         else:
             m, f = res.chosen.metrics, res.float_metrics
-        worst, worst_acc = m.group_min("accuracy")
+        worst, worst_acc = m.group_min()
         points.append(ParetoPoint(
             float(b), res.allocation.avg_bits, res.allocation.weight_bytes,
-            worst, float(worst_acc), float(m.overall["accuracy"]),
-            float(f.group_min("accuracy")[1]), float(f.overall["accuracy"]), dict(res.allocation.bits),
+            worst, float(worst_acc), float(m.overall[m.primary]),
+            float(f.group_min()[1]), float(f.overall[f.primary]), dict(res.allocation.bits),
             res.allocation.stored_bits, res.chosen.measured_worst, reused,
         ))
     return points

@@ -45,14 +45,14 @@ def selection_key(c: Candidate, objective: str, weights: np.ndarray | None, grou
     like the evaluation in 68 % of pairs (57-83 % per model and solver version), the held-out
     worst-group accuracy in 57 % (39-67 %, ties counted as half).
     """
-    m = c.metrics
-    acc = np.array([m.by_group[g]["accuracy"] for g in groups], dtype=np.float64)
+    m = c.metrics  # its primary metric: accuracy (a detector: mAP@.5, a segmenter: mIoU)
+    acc = np.array([m.by_group[g][m.primary] for g in groups], dtype=np.float64)
     loss = np.array([m.by_group[g]["loss"] for g in groups], dtype=np.float64)
     if objective == "worst-group":
         return (-measured_j(c, groups, mean_weight), float(np.nanmin(acc)), float(np.nanmean(acc)),
                 -c.allocation.score)
     if objective == "mean":
-        return (float(m.overall["accuracy"]), -float(m.overall["loss"]), -c.allocation.score)
+        return (float(m.overall[m.primary]), -float(m.overall["loss"]), -c.allocation.score)
     return (float(np.nansum(acc * weights)), -float(np.nansum(loss * weights)), -c.allocation.score)
 
 

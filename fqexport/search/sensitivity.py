@@ -13,9 +13,11 @@ a b-bit grid (per output channel, clipping-searched round to nearest: ``rtn_laye
   ``Δ_g(l, b) ≈ ½ Σ_j F_g,j (W_l,j − Q_b(W_l)_j)²``.
 
 Both run on the BN-folded model (the weights the pipeline quantizes) and on a group-balanced
-subset of the calibration data, so a minority group weighs as much as the majority. Data without
-labels is distilled: ℓ_i is the cross-entropy against the float model's top-1 prediction (the
-label of :func:`float_labels`), so Δ_g measures how far quantizing moves group g away from the
+subset of the calibration data, so a minority group weighs as much as the majority. ℓ_i is the
+task's per-sample loss (:meth:`fqexport.tasks.base.Task.sample_loss`): a classifier's
+cross-entropy against its label, or, for data without labels, against the float model's top-1
+prediction (the label of :func:`float_labels`); a detector's or segmenter's distillation loss
+to the float model's outputs. Δ_g then measures how far quantizing moves group g away from the
 float model.
 Results are cached in memory by a fingerprint of the folded weights, the data and the options,
 and optionally in a JSON file, so a budget sweep measures once.
@@ -52,8 +54,11 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
 from fqexport.model import rows_to_weight, weight_rows
 from fqexport.pipeline.activations import GraphStream
+from fqexport.pipeline.compress import model_output
 from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
+from fqexport.tasks.base import Task as ModelTask
+from fqexport.tasks.resolve import resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -235,18 +240,23 @@ def _write_cache_file(path: Path, table: SensitivityTable) -> None:
 
 def float_labels(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The top-1 class of ``model`` per sample: the labels of data that has none (distillation)."""
+    return float_outputs(model, x, batch_size).argmax(1)
+
+
+def float_outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model``'s outputs on ``x``, batch by batch without gradients."""
     out = []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            out.append(model(x[s:s + batch_size]).argmax(1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+            out.append(model(x[s:s + batch_size]))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, task: ModelTask) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            out.append(nn.functional.cross_entropy(model(x[s:s + batch_size]), y[s:s + batch_size], reduction="none"))
+            out.append(task.sample_loss(model(x[s:s + batch_size]), y[s:s + batch_size]))
     return torch.cat(out).double()
 
 
@@ -258,8 +268,8 @@ class _MeasuredContext:
 
     def __init__(self, model: nn.Module, folded: nn.Module, skip_unsupported: bool, x: torch.Tensor,
                  y: torch.Tensor, g: torch.Tensor, num_groups: int, batch_size: int, weight_range: str,
-                 clip_search: bool) -> None:
-        self.model, self.skip_unsupported = model, skip_unsupported
+                 clip_search: bool, task: ModelTask) -> None:
+        self.model, self.skip_unsupported, self.task = model, skip_unsupported, task
         self.x, self.y, self.g, self.num_groups = x, y, g, num_groups
         self.batch_size, self.weight_range, self.clip_search = batch_size, weight_range, clip_search
         self._folded: nn.Module | None = folded
@@ -282,7 +292,7 @@ class _MeasuredContext:
 
     def base_loss(self) -> torch.Tensor:
         if self._base is None:
-            self._base = _per_sample_loss(self.folded(), self.x, self.y, self.batch_size)
+            self._base = _per_sample_loss(self.folded(), self.x, self.y, self.batch_size, self.task)
         return self._base
 
 
@@ -321,9 +331,7 @@ def _measure_layer(ctx: _MeasuredContext, task: Task) -> np.ndarray:
                     weight.copy_(q)
                     rest = {n: _copy_values(v) for n, v in env.items()}
                     stream.run(rest, k, end)
-                    logits = stream.output(rest)
-                    losses[i].append(nn.functional.cross_entropy(logits, ctx.y[s:s + ctx.batch_size],
-                                                                 reduction="none"))
+                    losses[i].append(ctx.task.sample_loss(stream.output(rest), ctx.y[s:s + ctx.batch_size]))
     finally:
         with torch.no_grad():
             weight.copy_(original)
@@ -339,15 +347,15 @@ def sensitivity_tasks(names: Sequence[str], bits: Sequence[int]) -> list[Task]:
 
 
 def _measured(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
-              engine: Engine, source: nn.Module, skip_unsupported: bool) -> np.ndarray:
-    ctx = _MeasuredContext(source, model, skip_unsupported, x, y, g, G, batch_size, weight_range, clip_search)
+              engine: Engine, source: nn.Module, skip_unsupported: bool, task: ModelTask) -> np.ndarray:
+    ctx = _MeasuredContext(source, model, skip_unsupported, x, y, g, G, batch_size, weight_range, clip_search, task)
     rows = engine.map(_measure_layer, sensitivity_tasks(names, bits), ctx, "sensitivity (measured)",
                       progress=progress)
     return np.stack(rows).reshape(len(names), len(bits), G).astype(np.float64)
 
 
 def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
-            engine: Engine, source: nn.Module, skip_unsupported: bool) -> np.ndarray:
+            engine: Engine, source: nn.Module, skip_unsupported: bool, task: ModelTask) -> np.ndarray:
     """Per-group empirical Fisher diagonals by per-sample gradients (torch.func.vmap): one
     pass over the samples for all layers at once, run here whatever the engine."""
     from torch.func import functional_call, grad, vmap
@@ -359,7 +367,7 @@ def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_searc
 
     def sample_loss(w, xi, yi):
         out = functional_call(model, {**others, **w, **buffers}, (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+        return task.sample_loss(out, yi.unsqueeze(0)).sum()
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     fisher = {k: torch.zeros((G, *w.shape), dtype=torch.float64) for k, w in weights.items()}
@@ -397,11 +405,12 @@ def measure_sensitivity(
     skip_unsupported: bool = False,
     progress: bool = False,
     engine: Engine | None = None,
+    task: str | ModelTask | None = None,
 ) -> SensitivityTable:
     """Δ_g(l, b) for the quantizable layers of ``model`` (see the module docstring).
 
     Args:
-        model: the float classifier (not modified; BN is folded in a copy).
+        model: the float model (not modified; BN is folded in a copy).
         calib: group-labeled calibration data (a GroupData or a DataStream); a group-balanced
             subset of ``num_samples`` is used (of a stream, only it is read). Without labels the
             float model's top-1 is the label (module docstring).
@@ -414,6 +423,8 @@ def measure_sensitivity(
             instead of raising UnsupportedLayerError.
         engine: runs the ``"measured"`` tasks, one per layer (all widths) (default: serial);
             the table does not depend on it.
+        task: the model's task (:mod:`fqexport.tasks`; None: inferred as ``compress`` does),
+            whose per-sample loss Δ_g measures.
     """
     check_choice(method, get_args(SensitivityMethod), "method")
     bits = check_bit_choices(bit_choices)
@@ -427,8 +438,10 @@ def measure_sensitivity(
     if unknown:
         raise ConfigError(MSG_LAYERS.format(names=", ".join(repr(u) for u in unknown), known=", ".join(known)))
     sub = group_balanced_subset(calib, num_samples, seed=seed)
+    task, _ = resolve_task(task, calib, model_output(folded, sub))
     options = {"method": method, "bits": bits, "layers": names, "weight_range": weight_range,
-               "clip_search": bool(clip_search), "num_samples": int(num_samples), "seed": int(seed)}
+               "clip_search": bool(clip_search), "num_samples": int(num_samples), "seed": int(seed),
+               "task": task.to_dict()}
     key = _fingerprint(folded, sub, options)
 
     store = DEFAULT_CACHE if cache is True else (cache or None)
@@ -443,15 +456,15 @@ def measure_sensitivity(
         return table
 
     x = torch.from_numpy(np.ascontiguousarray(sub.x))
-    y = (torch.from_numpy(np.ascontiguousarray(sub.y)).long() if sub.y is not None
-         else float_labels(folded, x, batch_size))
+    labels = torch.from_numpy(np.ascontiguousarray(sub.y)).long() if sub.y is not None else None
+    y = task.loss_targets(float_outputs(folded, x, batch_size), labels)
     g = torch.from_numpy(np.ascontiguousarray(sub.group)).long()
     G = sub.num_groups
     run = _measured if method == "measured" else _fisher
     fisher_bs = min(batch_size, 32)
     delta = run(folded, names, bits, x, y, g, G, batch_size if method == "measured" else fisher_bs,
-                weight_range, clip_search, progress, engine or SerialEngine(), model, skip_unsupported)
-    float_loss = group_means(_per_sample_loss(folded, x, y, batch_size).double(), g, G)[0].numpy()
+                weight_range, clip_search, progress, engine or SerialEngine(), model, skip_unsupported, task)
+    float_loss = group_means(_per_sample_loss(folded, x, y, batch_size, task).double(), g, G)[0].numpy()
     table = SensitivityTable(
         tuple(names), bits, tuple(sub.group_names), delta, method, float_loss,
         np.bincount(sub.group, minlength=G).astype(np.int64), key,
@@ -465,7 +478,7 @@ def measure_sensitivity(
 
 def search_sensitivity(model: nn.Module, calib: GroupData | DataStream, mp: MixedPrecisionConfig, base: QuantConfig, *,
                        progress: bool = False, engine: Engine | None = None,
-                       layers: Sequence[str] | None = None) -> SensitivityTable:
+                       layers: Sequence[str] | None = None, task: str | ModelTask | None = None) -> SensitivityTable:
     """Δ_g(l, b) as the mixed-precision search measures it (:func:`measure_sensitivity`) on
     ``layers`` (default: every quantizable layer): ``mp``'s widths, method, sample count, seed
     and cache file; ``base``'s weight range, clipping search (on unless ``base`` turns it off: the
@@ -474,5 +487,5 @@ def search_sensitivity(model: nn.Module, calib: GroupData | DataStream, mp: Mixe
         model, calib, layers=layers, bit_choices=mp.bit_choices, method=mp.sensitivity, num_samples=mp.sensitivity_samples,
         weight_range=base.weight_range, clip_search=True if base.clip_search is None else bool(base.clip_search),
         seed=mp.seed, cache_path=mp.cache_path, skip_unsupported=base.skip_unsupported, progress=progress,
-        engine=engine,
+        engine=engine, task=task,
     )

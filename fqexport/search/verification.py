@@ -30,10 +30,12 @@ from fqexport.calibration.sampling import (
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine.base import Engine, Task, run_task
-from fqexport.metrics.group_metrics import GroupMetrics, cross_entropy, group_metrics
+from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import Allocation
 from fqexport.search.candidates import Candidate
+from fqexport.tasks.base import Task as ModelTask
+from fqexport.tasks.classification import Classification
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,7 @@ MAX_FITTED = 16
 
 Data = GroupData | DataStream  # of a stream, the parts are streams too: x is read when a fit or a prediction needs it
 Split = tuple[Data, np.ndarray]  # (held-in part, positions of its held-out samples in the held-out set)
-NO_LABELS = ("; the data has no labels: accuracy is top-1 agreement with the float model and the loss "
-             "cross-entropy against its top-1")
+NO_LABELS = Classification.without_annotations
 
 
 def verification_splits(data: Data, mp: MixedPrecisionConfig, base: QuantConfig,
@@ -78,9 +79,11 @@ def verification_splits(data: Data, mp: MixedPrecisionConfig, base: QuantConfig,
     ], False
 
 
-def verification_words(mp: MixedPrecisionConfig, held_out: Data, fits_are_refit: bool) -> str:
+def verification_words(mp: MixedPrecisionConfig, held_out: Data, fits_are_refit: bool,
+                       task: ModelTask | None = None) -> str:
     """How :func:`verification_splits` measured the candidates, for the console and reports."""
-    note = "" if held_out.y is not None else NO_LABELS
+    task = task or Classification()
+    note = task.without_annotations if task.needs_annotations(held_out) else ""
     if mp.verify_folds > 1:
         return f"{mp.verify_folds}-fold cross-fitted: every calibration sample held out once" + note
     if fits_are_refit:
@@ -135,6 +138,7 @@ class VerifyContext:
     splits: list[Split]
     base: QuantConfig
     cache: FitCache = field(default_factory=FitCache)
+    task: ModelTask = field(default_factory=Classification)
 
 
 def verification_tasks(allocations: Sequence[Allocation], folds: int) -> list[Task]:
@@ -153,7 +157,7 @@ def fit_candidate(ctx: VerifyContext, task: Task) -> tuple[np.ndarray, float, np
     bits, fold, first = task.payload
     held_in, where = ctx.splits[fold]
     t0 = time.perf_counter()
-    cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False)
+    cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False, task=ctx.task)
     ctx.cache.put(task.key, cm)  # found by fitted_model when it runs in this process (serial engine)
     out = map_x(cm.predict, ctx.held_out.subset(where))
     float_logits = map_x(lambda x: cm.predict(x, quantized=False), ctx.held_out) if first else None
@@ -167,7 +171,8 @@ def fitted_model(ctx: VerifyContext, task: Task) -> Any:
     if cached is not None:
         return cached
     bits, fold, _ = task.payload
-    return compress(ctx.model, ctx.splits[fold][0], replace(ctx.base, layer_bits=dict(bits)), progress=False)
+    return compress(ctx.model, ctx.splits[fold][0], replace(ctx.base, layer_bits=dict(bits)), progress=False,
+                    task=ctx.task)
 
 
 @dataclass
@@ -197,24 +202,25 @@ def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: b
     held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
     (every calibration sample once). Each (candidate, fold) fit is one task of ``engine``.
     Task keys repeat from one round to the next, so the round starts with an empty cache.
-    Without labels, the float model's top-1 is the label (:data:`NO_LABELS`)."""
+    The metrics are the task's (``ctx.task.evaluate``), ranked by its ``search_metric``; without
+    labels (boxes, masks) the float model's outputs stand in for them (:data:`NO_LABELS`)."""
     ctx.cache.clear()
-    held_out, splits = ctx.held_out, ctx.splits
+    held_out, splits, task = ctx.held_out, ctx.splits, ctx.task
     groups = tuple(held_out.group_names)
     tasks = verification_tasks(allocations, len(splits))
     outs = engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress)
-    y = held_out.y if held_out.y is not None else outs[0][2].argmax(1)
-    float_metrics = group_metrics(outs[0][2], y, held_out.group, groups)
+    reference = outs[0][2]
+    float_metrics = replace(task.evaluate(reference, held_out, reference), primary=task.search_metric)
     candidates = []
     for k, alloc in enumerate(allocations):
         mine = outs[k * len(splits):(k + 1) * len(splits)]
-        logits = np.empty((len(held_out), mine[0][0].shape[1]), dtype=np.float32)
+        logits = np.empty((len(held_out), *mine[0][0].shape[1:]), dtype=np.float32)
         for (_, where), (out, _, _) in zip(splits, mine):
             logits[where] = out
-        m = group_metrics(logits, y, held_out.group, groups)
+        m = replace(task.evaluate(logits, held_out, reference), primary=task.search_metric)
         inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
         candidates.append(Candidate(alloc, metrics=m, measured_loss_increase=inc, seconds=float(sum(o[1] for o in mine)),
-                                    sample_loss=cross_entropy(logits, y)))
-        log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group acc %.4f",
-                 k, alloc.avg_bits, alloc.predicted_worst, candidates[-1].worst_group_acc)
+                                    sample_loss=task.sample_losses(logits, held_out, reference)))
+        log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group %s %.4f",
+                 k, alloc.avg_bits, alloc.predicted_worst, task.search_metric, candidates[-1].worst_group_acc)
     return Verification(candidates, float_metrics, ctx, tasks)

@@ -9,6 +9,14 @@ from __future__ import annotations
 import dataclasses
 
 from fqexport.validation.thresholds import MB, CheckResult, Thresholds, flag, pct
+
+# The worst-group and drop limits of each task's metric: limit -> (metric, words).
+WORST_GROUP_LIMITS = {"min_worst_group_acc": ("accuracy", "worst-group accuracy"),
+                      "min_worst_group_map": ("map", "worst-group mAP@[.5:.95]"),
+                      "min_worst_group_miou": ("miou", "worst-group mIoU")}
+DROP_LIMITS = {"max_group_drop": ("accuracy", "accuracy drop vs reference"),
+               "max_group_map_drop": ("map", "mAP@[.5:.95] drop vs reference"),
+               "max_group_miou_drop": ("miou", "mIoU drop vs reference")}
 from fqexport.validation.validation_report import ValidationReport, group_drop
 
 _TOL = 1e-9  # a value this close to its limit passes (float round-off of the percent conversion)
@@ -40,15 +48,17 @@ def run_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ..
     m = report.metrics
     if t.min_acc is not None:
         out.append(_at_least(t, "min_acc", pct(m.overall["accuracy"]), None, "overall accuracy"))
-    if t.min_worst_group_acc is not None:
-        g, acc = m.group_min("accuracy")
-        out.append(_at_least(t, "min_worst_group_acc", pct(acc), g, "worst-group accuracy"))
+    for name, (metric, what) in WORST_GROUP_LIMITS.items():
+        if getattr(t, name) is not None and metric in m.metric_names:
+            g, value = m.group_min(metric)
+            out.append(_at_least(t, name, pct(value), g, what))
     if t.max_acc_gap is not None:
         lo, hi = m.group_min("accuracy"), m.group_max("accuracy")
         out.append(_at_most(t, "max_acc_gap", pct(m.difference("accuracy")), lo[0], f"accuracy gap to group {hi[0]!r}", "pp"))
-    if t.max_group_drop is not None and report.max_group_drop is not None:
-        g, drop = report.max_group_drop
-        out.append(_at_most(t, "max_group_drop", pct(drop), g, "accuracy drop vs reference", "pp"))
+    for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric
+        if getattr(t, name) is not None and report.max_group_drop is not None and m.primary == metric:
+            g, drop = report.max_group_drop
+            out.append(_at_most(t, name, pct(drop), g, what, "pp"))
     if t.max_kernel_deviation is not None and report.kernel_deviation_by_group is not None:
         g, dev = max(report.kernel_deviation_by_group.items(), key=lambda kv: kv[1])
         out.append(_at_most(t, "max_kernel_deviation", pct(dev), g, "kernel deviation (optimized vs unoptimized)", "pp"))

@@ -1,7 +1,8 @@
 """The gate's test data: read it, and check that it fits the model before any number is trusted.
 
-Each mismatch is a :class:`~fqexport.errors.DataError` (or ModelLoadError for a model that is
-not a classifier) naming the data source, the model and the fix.
+Each mismatch is a :class:`~fqexport.errors.DataError` naming the data source, the model and the
+fix; what a session's outputs must look like is the task's
+(:meth:`fqexport.tasks.base.Task.check_outputs`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from fqexport.calibration.checks import require_labels
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
-from fqexport.errors import DataError, ModelLoadError
+from fqexport.errors import DataError
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
 
 MSG_SHAPE = (
     "data {source}: x has shape {got} per sample but model {model} expects input {expected} "
@@ -29,20 +29,21 @@ MSG_EMPTY_GROUP = (
     "data {source}: group {name!r} (id {gid}) has no samples; every group must be present to "
     "validate per group (drop it from group_names or add samples)"
 )
-MSG_LABELS = (
-    "data {source}: label {label} is out of range for model {model}, which has {num_classes} "
-    "outputs (labels must be in 0..{last})"
-)
-MSG_OUTPUT = "model {model} returns output of shape {shape}; fqexport validates classifiers with logits [N, C]"
 
 
-def as_test_data(data: GroupData | DataStream | str | Path | Any) -> GroupData | DataStream:
+def read_test_data(data: GroupData | DataStream | str | Path | Any) -> GroupData | DataStream:
     """``data`` itself (a GroupData or a DataStream), or what ``load_data`` reads from the file or
-    source it names (a CSV manifest, a Dataset or a DataLoader stream batch by batch); DataError
-    when it has no labels: the gate measures accuracy."""
+    source it names (a CSV manifest, a Dataset or a DataLoader stream batch by batch)."""
     if not isinstance(data, (GroupData, DataStream)):
         data = load_data(str(data) if isinstance(data, Path) else data)
-    require_labels(data, "validate")
+    return data
+
+
+def as_test_data(data: GroupData | DataStream | str | Path | Any, task: Task | None = None) -> GroupData | DataStream:
+    """:func:`read_test_data`; DataError when it lacks what ``task`` measures against (a
+    classifier's labels: the gate measures accuracy; a detector's boxes, a segmenter's masks)."""
+    data = read_test_data(data)
+    (task or Classification()).require_annotations(data, "validate")
     return data
 
 
@@ -66,15 +67,3 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:
             raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
-
-
-def check_logits(logits: np.ndarray, model: str, data: GroupData | DataStream) -> None:
-    """ModelLoadError unless ``logits`` are ``[N, C]``; DataError for a label outside ``0..C-1``."""
-    if logits.ndim != 2:
-        raise ModelLoadError(MSG_OUTPUT.format(model=model, shape=list(logits.shape)))
-    c = logits.shape[1]
-    bad = (data.y < 0) | (data.y >= c)
-    if bad.any():
-        raise DataError(
-            MSG_LABELS.format(source=data.source, label=int(data.y[bad][0]), model=model, num_classes=c, last=c - 1)
-        )

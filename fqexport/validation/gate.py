@@ -22,7 +22,9 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import onnx
+import torch
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream
@@ -31,11 +33,13 @@ from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
 from fqexport.exporters.metadata import read_metadata
-from fqexport.exporters.ort_session import model_files_size
+from fqexport.exporters.ort_session import input_shape, model_files_size, run_batches
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
+from fqexport.tasks.base import Task
+from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks
-from fqexport.validation.data_checks import as_test_data
+from fqexport.validation.data_checks import as_test_data, check_data, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -48,14 +52,20 @@ from fqexport.validation.measure import (
     measure_target,
 )
 from fqexport.validation.resources import model_resources
-from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.thresholds import DROP_LIMITS, LIMIT_METRICS, Thresholds, flag
 from fqexport.validation.validation_report import ValidationReport, pepr_score
 
 log = logging.getLogger(__name__)
 
-MSG_NEEDS_REFERENCE = "--max-group-drop (max_group_drop) needs a reference model: pass --reference float.onnx"
+MSG_NEEDS_REFERENCE_FOR = "{flag} ({name}) needs a reference model: pass --reference float.onnx"
+MSG_NEEDS_REFERENCE = MSG_NEEDS_REFERENCE_FOR.format(flag="--max-group-drop", name="max_group_drop")
 MSG_NEEDS_KERNEL = "--max-kernel-deviation (max_kernel_deviation) needs the kernel check; do not disable it"
 MSG_NEEDS_LATENCY = "--max-latency-ms (max_latency_ms) needs latency measurement; do not disable it"
+MSG_LIMIT_TASK = (
+    "{flag} ({name}) limits the {metric} of a {want} model, but {model} is validated as a {task} model "
+    "({why}); use the {task}'s limits or --task"
+)
+_METRIC_TASK = {"accuracy": "classification", "map": "detection", "miou": "segmentation"}
 
 
 def validate(
@@ -73,6 +83,7 @@ def validate(
     warmup: int = 5,
     repeats: int = 30,
     targets: Sequence[str] = ("native",),
+    task: str | Task | None = None,
 ) -> ValidationReport:
     """Measure ``model`` on ``data`` and check ``thresholds``; never raises for a broken limit.
 
@@ -87,17 +98,26 @@ def validate(
     ``targets``: kernel targets to gate (:data:`~fqexport.exporters.kernel_emulation.TARGETS`).
     ``native`` (ORT's optimized session on this CPU) is always measured and gated; each other
     target is emulated and gated by the same accuracy, gap, drop and kernel-deviation limits.
+
+    ``task``: what the model does (:mod:`fqexport.tasks`): its metric per group (accuracy, COCO
+    mAP, mIoU), agreement and limits. None: the task the file's fqexport metadata records, else
+    inferred from the data's fields and the model's output (``compress``'s rule).
     """
     # 1. options, checked before any session opens
     t = thresholds or Thresholds()
     target_list = _target_list(targets)
-    runner = Runner(provider=provider, threads=threads, batch_size=batch_size)
     _check_options(t, reference=reference, kernel_check=kernel_check,
                    latency=measure_latency and bool(latency_batch_sizes))
-    # 2. the sessions, each measured per group
+    # 2. the task, then the sessions, each measured per group
     meta = read_metadata(model)
-    session = runner.open(model)
-    gd = as_test_data(data)
+    plain = Runner(provider=provider, threads=threads, batch_size=batch_size)
+    session = plain.open(model)
+    gd = read_test_data(data)
+    check_data(gd, str(model), input_shape(session))
+    chosen, why = _task(task, meta, gd, session)
+    _check_limits(t, chosen, why, str(model))
+    runner = dataclasses.replace(plain, task=chosen)
+    gd = as_test_data(gd, chosen)
     native = measure_native(session, gd, str(model), runner)
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
     ref = compare_reference(reference, gd, native, str(model), runner) if reference is not None else None
@@ -110,6 +130,7 @@ def validate(
         model=str(model), data_source=gd.source, provider=provider, metrics=native.metrics, latency=latency,
         reference_latency=ref_latency,
         thresholds=t, metadata=meta, cpu_isa=cpu_isa(), targets=target_list,
+        task={**chosen.to_dict(), "chosen": why}, agreement_name=chosen.agreement_name,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),
         **_target_fields(emulated, with_deviation=kernels is not None), **_gpu_rule_fields(model, meta),
     )
@@ -122,10 +143,31 @@ def _target_list(targets: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["native", *(check_target(x) for x in asked)]))
 
 
+def _task(task: str | Task | None, meta: ExportMetadata | None, data, session) -> tuple[Task, str]:
+    """The task of the validation and how it was chosen: given, the file's metadata, or inferred."""
+    if task is None and meta is not None and meta.task:
+        return task_from_dict(meta.task), "recorded in the file's fqexport metadata"
+    if task is not None and not isinstance(task, str):
+        return task, "given"
+    sample = data.take(np.arange(min(2, len(data))))
+    out = torch.from_numpy(run_batches(session, sample.x, 2)) if len(sample) else None
+    return resolve_task(task, data, out)
+
+
+def _check_limits(t: Thresholds, task: Task, why: str, model: str) -> None:
+    """ConfigError for a limit on a metric the task does not measure (``--min-worst-group-map`` on
+    a classifier)."""
+    for name, metric in LIMIT_METRICS.items():
+        if getattr(t, name) is not None and metric not in task.metric_names:
+            raise ConfigError(MSG_LIMIT_TASK.format(flag=flag(name), name=name, metric=metric,
+                                                    want=_METRIC_TASK[metric], model=model, task=task.name, why=why))
+
+
 def _check_options(t: Thresholds, *, reference: str | Path | None, kernel_check: bool, latency: bool) -> None:
     """ConfigError for a threshold whose measurement is switched off or missing its input."""
-    if t.max_group_drop is not None and reference is None:
-        raise ConfigError(MSG_NEEDS_REFERENCE)
+    for name in DROP_LIMITS:
+        if getattr(t, name) is not None and reference is None:
+            raise ConfigError(MSG_NEEDS_REFERENCE_FOR.format(flag=flag(name), name=name))
     if t.max_kernel_deviation is not None and not kernel_check:
         raise ConfigError(MSG_NEEDS_KERNEL)
     if t.max_latency_ms is not None and not latency:
@@ -142,8 +184,8 @@ def _resource_fields(model: str | Path, meta: ExportMetadata | None, metrics: Gr
         macs=res.macs,
         bops=res.bops,
         resource_source=res.source,
-        pepr=pepr_score(metrics.overall["accuracy"], res.avg_weight_bits),
-        pepr_worst_group=pepr_score(metrics.group_min("accuracy")[1], res.avg_weight_bits),
+        pepr=pepr_score(metrics.overall[metrics.primary], res.avg_weight_bits),
+        pepr_worst_group=pepr_score(metrics.group_min()[1], res.avg_weight_bits),
     )
 
 

@@ -8,7 +8,7 @@ a small frozen result; :mod:`fqexport.validation.gate` puts them into the report
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,8 +20,10 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.cpu_isa import runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
-from fqexport.metrics.group_metrics import GroupMetrics, agreement, group_metrics
-from fqexport.validation.data_checks import check_data, check_logits
+from fqexport.metrics.group_metrics import GroupMetrics
+from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification
+from fqexport.validation.data_checks import check_data
 from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair
 from fqexport.validation.thresholds import pct
 from fqexport.validation.validation_report import group_drop, kernel_deviation
@@ -36,7 +38,8 @@ MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}
 
 @dataclass(frozen=True)
 class Measured:
-    """One session's logits ``[N, C]`` on the data and their per-group metrics."""
+    """One session's outputs on the data (a classifier's logits ``[N, C]``) and their per-group
+    metrics (the task's)."""
 
     logits: np.ndarray
     metrics: GroupMetrics
@@ -44,11 +47,13 @@ class Measured:
 
 @dataclass(frozen=True)
 class Runner:
-    """How every session of one validation is opened and fed: provider, threads, batch size."""
+    """How every session of one validation is opened and fed: provider, threads, batch size, and
+    the task whose outputs, metrics and agreement it measures."""
 
     provider: str = "cpu"
     threads: int | None = None
     batch_size: int = 64
+    task: Task = field(default_factory=Classification)
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -59,22 +64,23 @@ class Runner:
         return make_session(model, provider=self.provider, optimized=optimized, threads=self.threads)
 
     def measure(self, session: Any, data: GroupData | DataStream, model: str) -> Measured:
-        """Logits of ``session`` on ``data`` (a stream read batch by batch) and their per-group
-        metrics; ``model`` names it in errors."""
+        """Outputs of ``session`` on ``data`` (a stream read batch by batch) and their per-group
+        metrics (``task.evaluate``); ``model`` names it in errors."""
         try:
             chunk = self.batch_size * max(1, _STREAM_SAMPLES // self.batch_size)  # whole batches, as in memory
             logits = map_x(lambda x: run_batches(session, x, self.batch_size), data, chunk)
         except DataError as err:
             raise DataError(f"model {model} on data {data.source}: {err}") from err
-        check_logits(logits, model, data)
-        return Measured(logits, group_metrics(logits, data.y, data.group, data.group_names))
+        self.task.check_outputs(logits, model, data)
+        return Measured(logits, self.task.evaluate(logits, data))
 
 
 def measure_native(session: Any, data: GroupData | DataStream, model: str, runner: Runner) -> Measured:
     """The optimized session on ``data``, after checking that the data fits its input."""
     check_data(data, model, input_shape(session))
     native = runner.measure(session, data, model)
-    log.info("%s: overall accuracy %.2f %%", model, pct(native.metrics.overall["accuracy"]))
+    m = native.metrics
+    log.info("%s: overall %s %.2f %%", model, m.primary, pct(m.overall[m.primary]))
     return native
 
 
@@ -83,8 +89,8 @@ class KernelCheck:
     """The optimized session against the same graph unoptimized, and the kernels ORT chose."""
 
     unoptimized: GroupMetrics
-    deviation_by_group: Mapping[str, float]  # |acc_g(optimized) − acc_g(unoptimized)|, fraction
-    agreement: float  # top-1 agreement of the two sessions
+    deviation_by_group: Mapping[str, float]  # |acc_g(optimized) − acc_g(unoptimized)|, fraction (the primary metric)
+    agreement: float  # top-1 agreement of the two sessions (the task's agreement)
     fused_kernels: Mapping[str, int]
     float_fallbacks: tuple[str, ...]
 
@@ -96,7 +102,7 @@ def check_kernels(model: str | Path, data: GroupData | DataStream, native: Measu
     return KernelCheck(
         unoptimized=raw.metrics,
         deviation_by_group=kernel_deviation(native.metrics, raw.metrics),
-        agreement=agreement(native.logits, raw.logits),
+        agreement=runner.task.agreement(native.logits, raw.logits),
         fused_kernels=counts,
         float_fallbacks=tuple(floats),
     )
@@ -119,11 +125,11 @@ def compare_reference(reference: str | Path, data: GroupData | DataStream, nativ
     session = runner.open(reference)
     check_data(data, ref_name, input_shape(session))
     ref = runner.measure(session, data, ref_name)
-    ref_c, c = ref.logits.shape[1], native.logits.shape[1]
+    ref_c, c = ref.metrics.num_classes, native.metrics.num_classes
     if ref_c != c:
         raise DataError(MSG_REF_CLASSES.format(ref=reference, ref_c=ref_c, model=model, c=c))
     return ReferenceComparison(ref_name, ref.metrics, group_drop(ref.metrics, native.metrics),
-                               agreement(native.logits, ref.logits))
+                               runner.task.agreement(native.logits, ref.logits))
 
 
 @dataclass(frozen=True)
@@ -146,12 +152,13 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
                                                   data, str(model))
     result = TargetResult(
         metrics=measured.metrics,
-        agreement=agreement(measured.logits, native.logits),
+        agreement=runner.task.agreement(measured.logits, native.logits),
         kernel_deviation_by_group=kernel_deviation(measured.metrics, kernels.unoptimized) if kernels else None,
         native=own,
     )
-    log.info("%s (%s): overall accuracy %.2f %%, agreement with native %.2f %%", target,
-             "this CPU's own kernels" if own else "emulated", pct(result.metrics.overall["accuracy"]),
+    m = result.metrics
+    log.info("%s (%s): overall %s %.2f %%, agreement with native %.2f %%", target,
+             "this CPU's own kernels" if own else "emulated", m.primary, pct(m.overall[m.primary]),
              pct(result.agreement))
     return result
 

@@ -20,6 +20,9 @@ from fqexport.metrics.group_metrics import json_safe
 log = logging.getLogger(__name__)
 
 MSG_NO_MATPLOTLIB = "matplotlib is not installed: skipping plots (pip install matplotlib)"
+# How reports name each task's per-group metrics (fqexport.tasks); the fractions show in percent.
+METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5", "miou": "mIoU", "dice": "Dice",
+                 "pixel_accuracy": "pixel accuracy"}
 
 
 def _write_text(path: str | Path, text: str) -> Path:
@@ -61,20 +64,22 @@ def write_markdown_table(rows: list[dict[str, Any]], path: str | Path, title: st
 
 
 def group_rows(report: Any) -> list[dict[str, Any]]:
-    """One row per group: name, count, accuracy/loss, reference accuracy, drop, kernel deviation."""
+    """One row per group: name, count, the task's metrics (accuracy/loss; mAP, mAP@.5; mIoU, Dice),
+    the reference's primary metric, drop, unoptimized, kernel deviation."""
+    m = report.metrics
+    p = m.primary
     rows = []
-    for name, r in report.metrics.by_group.items():
-        ref = report.reference_metrics.by_group[name]["accuracy"] if report.reference_metrics else None
-        unopt = report.unoptimized_metrics.by_group[name]["accuracy"] if report.unoptimized_metrics else None
+    for name, r in m.by_group.items():
+        ref = report.reference_metrics.by_group[name][p] if report.reference_metrics else None
+        unopt = report.unoptimized_metrics.by_group[name][p] if report.unoptimized_metrics else None
         rows.append(
             {
                 "group": name,
                 "count": int(r["count"]),
-                "accuracy": r["accuracy"],
-                "loss": r["loss"],
-                "reference_accuracy": ref,
+                **{k: r[k] for k in m.metric_names},
+                f"reference_{p}": ref,
                 "drop": report.group_drop[name] if report.group_drop is not None else None,
-                "unoptimized_accuracy": unopt,
+                f"unoptimized_{p}": unopt,
                 "kernel_deviation": report.kernel_deviation_by_group[name]
                 if report.kernel_deviation_by_group is not None
                 else None,
@@ -83,23 +88,31 @@ def group_rows(report: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(metric: str, value: Any) -> str:
+    return _num(value, ".4f") if metric == "loss" else _pct(value)
+
+
 def format_group_table(report: Any) -> str:
-    """A Markdown table of the per-group metrics (percent)."""
+    """A Markdown table of the per-group metrics (percent; the loss as it is)."""
+    m = report.metrics
+    p = m.primary
+    heads = " | ".join("loss" if k == "loss" else f"{METRIC_LABELS.get(k, k)} %" for k in m.metric_names)
     lines = [
-        "| group | n | accuracy % | loss | reference % | drop pp | unoptimized % | kernel dev pp |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| group | n | {heads} | reference % | drop pp | unoptimized % | kernel dev pp |",
+        "|---|---:|" + "---:|" * len(m.metric_names) + "---:|---:|---:|---:|",
     ]
     for r in group_rows(report):
+        cells = " | ".join(_cell(k, r[k]) for k in m.metric_names)
         lines.append(
-            f"| {r['group']} | {r['count']} | {_pct(r['accuracy'])} | {_num(r['loss'], '.4f')} | "
-            f"{_pct(r['reference_accuracy'])} | {_pct(r['drop'])} | {_pct(r['unoptimized_accuracy'])} | "
+            f"| {r['group']} | {r['count']} | {cells} | "
+            f"{_pct(r[f'reference_{p}'])} | {_pct(r['drop'])} | {_pct(r[f'unoptimized_{p}'])} | "
             f"{_pct(r['kernel_deviation'])} |"
         )
-    m = report.metrics
+    overall = " | ".join(_cell(k, m.overall[k]) for k in m.metric_names)
     lines.append(
-        f"| **overall** | {m.overall['count']} | {_pct(m.overall['accuracy'])} | {_num(m.overall['loss'], '.4f')} | "
-        f"{_pct(report.reference_metrics.overall['accuracy']) if report.reference_metrics else 'n/a'} | | "
-        f"{_pct(report.unoptimized_metrics.overall['accuracy']) if report.unoptimized_metrics else 'n/a'} | |"
+        f"| **overall** | {m.overall['count']} | {overall} | "
+        f"{_pct(report.reference_metrics.overall[p]) if report.reference_metrics else 'n/a'} | | "
+        f"{_pct(report.unoptimized_metrics.overall[p]) if report.unoptimized_metrics else 'n/a'} | |"
     )
     return "\n".join(lines)
 
@@ -117,21 +130,24 @@ def target_rows(report: Any) -> list[dict[str, Any]]:
         d = report.target_dict(target)
         dev = d["kernel_deviation_by_group"]
         for name, r in d["metrics"]["by_group"].items():
-            rows.append({"target": target, "emulated": d["emulated"], "group": name, "accuracy": r["accuracy"],
+            p = report.metrics.primary
+            rows.append({"target": target, "emulated": d["emulated"], "group": name, p: r[p],
                          "kernel_deviation": dev[name] if dev is not None else None,
                          "agreement_with_native": d["agreement_with_native"]})
     return rows
 
 
 def format_target_table(report: Any) -> str:
-    """A Markdown table of the per-group accuracy under every kernel target (percent)."""
-    lines = ["| target | group | accuracy % | kernel dev pp | top-1 agreement with native % |",
+    """A Markdown table of the per-group accuracy (the primary metric) under every kernel target (percent)."""
+    p = report.metrics.primary
+    agree = getattr(report, "agreement_name", "top-1 agreement")
+    lines = [f"| target | group | {METRIC_LABELS.get(p, p)} % | kernel dev pp | {agree} with native % |",
              "|---|---|---:|---:|---:|"]
     for r in target_rows(report):
         isa = getattr(report, "cpu_isa", "unknown")
         label = (f"{r['target']} (emulated)" if r["emulated"] else f"native ({isa})" if r["target"] == "native"
                  else f"{r['target']} (this CPU's own kernels, {isa})")
-        lines.append(f"| {label} | {r['group']} | {_pct(r['accuracy'])} | {_pct(r['kernel_deviation'])} | "
+        lines.append(f"| {label} | {r['group']} | {_pct(r[p])} | {_pct(r['kernel_deviation'])} | "
                      f"{_pct(r['agreement_with_native'])} |")
     return "\n".join(lines)
 
@@ -139,7 +155,9 @@ def format_target_table(report: Any) -> str:
 def to_markdown(report: Any) -> str:
     """The human report: summary, per-group table, kernels, latency, resources, checks."""
     m = report.metrics
-    worst, worst_acc = m.group_min("accuracy")
+    label = METRIC_LABELS.get(m.primary, m.primary)
+    agree = getattr(report, "agreement_name", "top-1 agreement")
+    worst, worst_acc = m.group_min()
     out = [
         f"# fqexport validation: {'PASS' if report.passed else 'FAIL'}",
         "",
@@ -148,15 +166,22 @@ def to_markdown(report: Any) -> str:
         f"- provider: {report.provider}; CPU instruction set: {isa_line(report)}",
     ]
     if report.reference:
-        out.append(f"- reference: `{report.reference}` (top-1 agreement {_pct(report.agreement)} %)")
+        out.append(f"- reference: `{report.reference}` ({agree} {_pct(report.agreement)} %)")
     out += [
         "",
         "## Per group",
         "",
         format_group_table(report),
         "",
-        f"- worst group: **{worst}** {_pct(worst_acc)} %; accuracy gap (max − min) {_pct(m.difference('accuracy'))} pp",
+        f"- worst group: **{worst}** {_pct(worst_acc)} %; {label} gap (max − min) {_pct(m.difference())} pp",
     ]
+    task = getattr(report, "task", None)
+    if task and task.get("name") != "classification":
+        out.append(f"- task: {task['name']} ({task.get('chosen', 'given')}); per-group {label}")
+    floats = getattr(getattr(report, "metadata", None), "float_ops", ())
+    if floats:
+        out.append(f"- kept float after the last weight layers ({len(floats)} ops: the decode): "
+                   + ", ".join(f"`{f}`" for f in floats))
     if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
         out.append(
             f"- equalized-odds difference {_num(m.equalized_odds_difference)}; "
@@ -179,7 +204,7 @@ def to_markdown(report: Any) -> str:
             "",
             f"- measured on: {isa_line(report)}",
             f"- kernel deviation (optimized vs unoptimized, max over groups): {_pct(report.kernel_deviation)} pp; "
-            f"top-1 agreement {_pct(report.kernel_agreement)} %",
+            f"{agree} {_pct(report.kernel_agreement)} %",
             f"- ops ORT runs: {kernels}",
             f"- Conv/Gemm/MatMul in float: {', '.join(report.float_fallbacks) if report.float_fallbacks else 'none'}",
         ]
@@ -301,19 +326,20 @@ def write_plots(report: Any, dir: str | Path) -> list[Path]:
     written: list[Path] = []
     rows = group_rows(report)
     names = [r["group"] for r in rows]
-    series = [("model (optimized)", [r["accuracy"] for r in rows])]
+    p = report.metrics.primary
+    series = [("model (optimized)", [r[p] for r in rows])]
     if report.unoptimized_metrics is not None:
-        series.append(("model (unoptimized)", [r["unoptimized_accuracy"] for r in rows]))
+        series.append(("model (unoptimized)", [r[f"unoptimized_{p}"] for r in rows]))
     if report.reference_metrics is not None:
-        series.insert(0, ("reference", [r["reference_accuracy"] for r in rows]))
+        series.insert(0, ("reference", [r[f"reference_{p}"] for r in rows]))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.5))
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
         ax.bar(xs, [100.0 * v for v in values], width, label=label)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("accuracy %")
-    ax.set_title("per-group accuracy")
+    ax.set_ylabel(f"{METRIC_LABELS.get(p, p)} %")
+    ax.set_title(f"per-group {METRIC_LABELS.get(p, p)}")
     ax.legend(fontsize="small")
     fig.tight_layout()
     written.append(atomic_write(dir / "group_accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))

@@ -22,7 +22,16 @@ MSG_THRESHOLD = "threshold {name}={value!r} must be a finite number {rule}"
 PCT = 100.0  # percent points per fraction
 MB = 1e6  # bytes per MB
 # Limits read as percent points in [0, 100] (a drop may be negative: the model better than its reference).
-PERCENT_LIMITS = ("min_acc", "min_worst_group_acc", "max_acc_gap", "max_group_drop", "max_kernel_deviation")
+PERCENT_LIMITS = ("min_acc", "min_worst_group_acc", "max_acc_gap", "max_group_drop", "max_kernel_deviation",
+                  "min_worst_group_map", "max_group_map_drop", "min_worst_group_miou", "max_group_miou_drop")
+DROP_LIMITS = ("max_group_drop", "max_group_map_drop", "max_group_miou_drop")
+# The per-group metric (fqexport.tasks) each task-specific limit reads; the others read any task's
+# primary metric (max_kernel_deviation) or none.
+LIMIT_METRICS = {
+    "min_acc": "accuracy", "min_worst_group_acc": "accuracy", "max_acc_gap": "accuracy", "max_group_drop": "accuracy",
+    "min_worst_group_map": "map", "max_group_map_drop": "map", "min_worst_group_miou": "miou",
+    "max_group_miou_drop": "miou",
+}
 
 
 def pct(fraction: float) -> float:
@@ -51,6 +60,10 @@ class Thresholds:
     max_latency_ms: float | None = None
     max_size_mb: float | None = None
     max_kernel_deviation: float | None = None
+    min_worst_group_map: float | None = None
+    max_group_map_drop: float | None = None
+    min_worst_group_miou: float | None = None
+    max_group_miou_drop: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -73,7 +86,7 @@ class Thresholds:
 
 def _check_percent(name: str, value: float, given: Any) -> None:
     """A percent-point limit lies in [0, 100] ([-100, 100] for a drop); warn when it looks like a fraction."""
-    lo = -100.0 if name == "max_group_drop" else 0.0
+    lo = -100.0 if name in DROP_LIMITS else 0.0
     if not (lo <= value <= 100.0):
         raise ConfigError(
             MSG_THRESHOLD.format(name=name, value=given, rule=f"in [{lo:g}, 100] (percent points, e.g. 85 for 85 %)")

@@ -25,13 +25,17 @@ def pepr_score(performance: float, avg_weight_bits: float) -> float:
 
 
 def group_drop(reference: GroupMetrics, model: GroupMetrics) -> dict[str, float]:
-    """drop_g = acc_g(reference) − acc_g(model), fraction; positive = the model is worse."""
-    return {g: float(reference.by_group[g]["accuracy"]) - float(row["accuracy"]) for g, row in model.by_group.items()}
+    """drop_g = acc_g(reference) − acc_g(model), fraction; positive = the model is worse (acc:
+    the primary metric, a detector's mAP@[.5:.95], a segmenter's mIoU)."""
+    p = model.primary
+    return {g: float(reference.by_group[g][p]) - float(row[p]) for g, row in model.by_group.items()}
 
 
 def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, float]:
-    """dev_g = |acc_g(kernels) − acc_g(graph)|, fraction: what the kernels changed, per group."""
-    return {g: abs(float(row["accuracy"]) - float(graph.by_group[g]["accuracy"])) for g, row in kernels.by_group.items()}
+    """dev_g = |acc_g(kernels) − acc_g(graph)|, fraction: what the kernels changed, per group (the
+    primary metric)."""
+    p = kernels.primary
+    return {g: abs(float(row[p]) - float(graph.by_group[g][p])) for g, row in kernels.by_group.items()}
 
 
 # A speed-up of at least 10 % (at most 10 % slower) counts as faster (slower); between, the same:
@@ -119,6 +123,8 @@ class ValidationReport:
     target_agreement: Mapping[str, float] | None = None
     target_native: tuple[str, ...] = ()  # targets judged by this CPU's own session (its family), not emulated
     gpu_rule_violations: tuple[str, ...] | None = None
+    task: Mapping[str, Any] | None = None  # the task measured (fqexport.tasks: name, options, how chosen)
+    agreement_name: str = "top-1 agreement"  # what agreement and kernel_agreement count
 
     @property
     def passed(self) -> bool:
@@ -153,7 +159,8 @@ class ValidationReport:
         return max(self.group_drop.items(), key=lambda kv: kv[1])
 
     def to_dict(self) -> dict[str, Any]:
-        worst = self.metrics.group_min("accuracy")
+        m = self.metrics
+        worst = m.group_min()
         gpu = {} if self.gpu_rule_violations is None else {
             "gpu_rules": {"passed": not self.gpu_rule_violations, "violations": list(self.gpu_rule_violations)}}
         return {
@@ -166,8 +173,8 @@ class ValidationReport:
             "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},
             "metrics": self.metrics.to_dict(),
             "worst_group": worst[0],
-            "worst_group_accuracy": json_safe(worst[1]),
-            "accuracy_gap": json_safe(self.metrics.difference("accuracy")),
+            f"worst_group_{m.primary}": json_safe(worst[1]),
+            f"{m.primary}_gap": json_safe(m.difference()),
             "kernel": self._kernel_dict(),
             "reference": self._reference_dict(),
             "latency": [lat.to_dict() for lat in self.latency],
@@ -186,6 +193,7 @@ class ValidationReport:
             "checks": [c.to_dict() for c in self.checks],
             "metadata": self.metadata.to_dict() if self.metadata is not None else None,
             "targets": {name: self.target_dict(name) for name in self.targets},
+            "task": dict(self.task) if self.task is not None else {"name": "classification"},
             **gpu,
         }
 

@@ -6,8 +6,16 @@ import argparse
 from pathlib import Path
 
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
-from fqexport.cli.flags.shared import add_model_options
+from fqexport.cli.flags.shared import add_model_options, add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
+from fqexport.errors import ConfigError
+
+MSG_TASK = (
+    "analyze diagnoses classifiers (accuracy, cross-entropy, its gradients and Hessian per group); for a "
+    "{task} model use validate --task {task} (per-group {metric}) or compress --budget-bits (per-group sensitivity "
+    "from the distillation loss)"
+)
+_METRIC = {"detection": "COCO mAP", "segmentation": "mIoU and Dice"}
 
 DESCRIPTION = (
     "Per-group disparity diagnostics of a float model and its quantized variants: one row per "
@@ -32,6 +40,7 @@ def add_analyze_parser(subparsers) -> None:
         description=DESCRIPTION, epilog=EPILOG,
     )
     add_model_options(p)
+    add_task_options(p)
     p.add_argument("--data", required=True, help="group-labeled data to diagnose (.npz or CSV manifest)")
     p.add_argument("--calib", help="calibration data for the quantized variants (default: --data)")
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4], metavar="B",
@@ -54,3 +63,6 @@ def check_analyze(args: argparse.Namespace) -> None:
         [("--model", args.model), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
         [Output("--json", args.json) if args.json is not None else None],
     )
+    task, _ = task_spec(args)
+    if task not in (None, "classification"):
+        raise ConfigError(MSG_TASK.format(task=task, metric=_METRIC[task]))

@@ -14,6 +14,7 @@ from fqexport.cli.flags.shared import (
     given_flags,
     quant_config,
     search_config,
+    task_spec,
 )
 from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
@@ -74,6 +75,7 @@ def check_compress(args: argparse.Namespace) -> None:
          Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
     )
     quant_config(args)
+    task_spec(args)
     finetune_config(args)
     budget = search_budget(args)
     if budget is not None:

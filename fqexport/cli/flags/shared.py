@@ -43,6 +43,35 @@ SEARCH_ONLY_FLAGS = {
 }
 
 
+# The tasks (fqexport.tasks.resolve.TASK_NAMES; not imported here: the parsers load no stage) and
+# the detection layouts (fqexport.tasks.detection.LAYOUTS). tests/test_tasks_cli.py checks both lists.
+TASKS = ("classification", "detection", "segmentation")
+LAYOUTS = ("v5", "v8")
+MSG_LAYOUT = "--layout {layout} is an option of --task detection (got --task {task})"
+
+
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    """``--task`` and ``--layout`` (compress, sweep, analyze, validate)."""
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="what the model does: classification (logits [N, C]), detection (YOLOv5 [N, K, 5+C] or "
+                   "YOLOv8 [N, 4+C, K], NMS after the model, per-group COCO mAP) or segmentation (logits [N, C, H, W], "
+                   "per-group mIoU). Default: inferred from the data's fields (boxes, masks) and the model's output, "
+                   "and stated in the console")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="a detector's output layout: v5 [N, K, 5+C] (cx, cy, w, h, objectness, classes) or v8 "
+                   "[N, 4+C, K] (default: inferred from the output's shape)")
+
+
+def task_spec(args: argparse.Namespace) -> tuple[str | None, dict]:
+    """``(task name or None, its options)`` of ``--task`` / ``--layout`` (checked, nothing imported)."""
+    task, layout = getattr(args, "task", None), getattr(args, "layout", None)
+    if layout is not None and task not in (None, "detection"):
+        raise ConfigError(MSG_LAYOUT.format(layout=layout, task=task))
+    if layout is not None:
+        return "detection", {"layout": layout}
+    return task, {}
+
+
 def given_flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     """The flags of ``flags`` (dest -> flag) given on the command line (their value is not None / [])."""
     return [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, [])]
@@ -60,8 +89,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
-    """The model, calibration data and QuantConfig options (``compress`` and ``sweep``)."""
+    """The model, calibration data, task and QuantConfig options (``compress`` and ``sweep``)."""
     add_model_options(p)
+    add_task_options(p)
     p.add_argument("--calib", required=True, help="calibration data: .npz (x, group[, y, group_names]) or CSV manifest "
                    "(path,label,group; images as CHW float in [0, 1], no resize, no normalisation: "
                    "save normalised data with fqexport.save_npz)")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from fqexport.cli.common import HelpFormatter, common_options
-from fqexport.cli.flags.shared import add_model_and_quant_options, add_search_options, quant_config, search_config
+from fqexport.cli.flags.shared import (
+    add_model_and_quant_options,
+    add_search_options,
+    quant_config,
+    search_config,
+    task_spec,
+)
 from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
 
@@ -54,5 +60,6 @@ def check_sweep(args: argparse.Namespace) -> None:
     )
     budgets = parse_budgets(args.budgets)
     quant_config(args)
+    task_spec(args)
     for b in budgets:
         search_config(args, budget_bits=b)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
+from fqexport.cli.flags.shared import add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError
@@ -19,7 +20,8 @@ from fqexport.validation.thresholds import Thresholds
 DESCRIPTION = "Run an ONNX model per group in ONNX Runtime and gate on limits (the CI gate)."
 EPILOG = (
     "Accuracy limits, gaps, drops and kernel deviation are in percent points "
-    "(--min-worst-group-acc 85 means 85 percent). Exit 0: all limits hold; 1: a limit is broken; "
+    "(--min-worst-group-acc 85 means 85 percent); a detector's COCO mAP@[.5:.95] and a segmenter's mIoU "
+    "in points too (--min-worst-group-map 40 means mAP 0.40). Exit 0: all limits hold; 1: a limit is broken; "
     "2: bad input."
 )
 REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
@@ -37,8 +39,10 @@ def add_validate_parser(subparsers) -> None:
         description=DESCRIPTION, epilog=EPILOG,
     )
     p.add_argument("model", type=Path, help="the ONNX model to validate")
-    p.add_argument("--data", required=True, help="group-labeled test data: .npz (x, y, group[, group_names]) or CSV "
-                   "manifest (images as CHW float in [0, 1], no resize, no normalisation)")
+    p.add_argument("--data", required=True, help="group-labeled test data: .npz (x, y, group[, group_names]; a "
+                   "detector's boxes, box_labels, box_image; a segmenter's masks) or CSV manifest (images as CHW float "
+                   "in [0, 1], no resize, no normalisation)")
+    add_task_options(p)
     p.add_argument("--reference", type=Path, default=None,
                    help="float ONNX model to compare with (per-group drop, agreement)")
     g = p.add_argument_group("thresholds (accuracies in percent points; default: no limit)")
@@ -49,7 +53,15 @@ def add_validate_parser(subparsers) -> None:
     g.add_argument("--max-latency-ms", type=float, help="maximum p95 latency per batch, ms (each --latency-batch-sizes)")
     g.add_argument("--max-size-mb", type=float, help="maximum file size incl. external data, MB (10^6 bytes)")
     g.add_argument("--max-kernel-deviation", type=float,
-                   help="maximum per-group accuracy difference optimized vs unoptimized session, pp")
+                   help="maximum per-group accuracy difference optimized vs unoptimized session, pp (a detector: mAP, "
+                   "a segmenter: mIoU)")
+    g.add_argument("--min-worst-group-map", type=float,
+                   help="detection: minimum COCO mAP@[.5:.95] of every group, points (40 = 0.40)")
+    g.add_argument("--max-group-map-drop", type=float,
+                   help="detection: maximum per-group mAP@[.5:.95] drop vs --reference, points")
+    g.add_argument("--min-worst-group-miou", type=float, help="segmentation: minimum mIoU of every group, points")
+    g.add_argument("--max-group-miou-drop", type=float,
+                   help="segmentation: maximum per-group mIoU drop vs --reference, points")
     p.add_argument("--target", dest="targets", action="append", choices=get_args(KernelTarget), default=None,
                    help="int8 kernel target to gate (repeatable; default: native = this CPU). x86-avx2, "
                         "x86-vnni and arm64: that CPU family's integer accumulation, this CPU's own session "
@@ -74,7 +86,9 @@ def thresholds(args: argparse.Namespace) -> Thresholds:
     return Thresholds(
         min_acc=args.min_acc, min_worst_group_acc=args.min_worst_group_acc, max_acc_gap=args.max_acc_gap,
         max_group_drop=args.max_group_drop, max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb,
-        max_kernel_deviation=args.max_kernel_deviation,
+        max_kernel_deviation=args.max_kernel_deviation, min_worst_group_map=args.min_worst_group_map,
+        max_group_map_drop=args.max_group_map_drop, min_worst_group_miou=args.min_worst_group_miou,
+        max_group_miou_drop=args.max_group_miou_drop,
     )
 
 
@@ -89,3 +103,4 @@ def check_validate(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 0:
         raise ConfigError(f"--threads {args.threads} must be >= 0")
     thresholds(args)
+    task_spec(args)

@@ -1,0 +1,152 @@
+"""Detectors and a segmenter compressed and validated per group (issue 22's figures).
+
+    .venv/bin/python benchmarks/detection_bench.py                     # every part
+    .venv/bin/python benchmarks/detection_bench.py --part detection --kinds yolov5
+    .venv/bin/python benchmarks/detection_bench.py --part segmentation
+    .venv/bin/python benchmarks/detection_bench.py --part compress-time
+
+Part ``detection``: the YOLOv5-style and the YOLOv8-style detector trained on the scene task
+(:mod:`fqexport.demo.scenes`: 10% low-light minority), each run through
+``fqexport.demo.detection_run.run_detection_demo``: float, ORT ``quantize_static`` W8A8 (as a
+user runs it; and with the box decode in ``nodes_to_exclude``), fqexport W8A8, W4A8 and the
+worst-group mixed-precision search at 3 stored bits per weight; per group COCO mAP@[.5:.95] and
+mAP@.5 (pycocotools, NMS after the model) in ONNX Runtime's optimized session, the largest
+per-group drop vs float, file size, p50 latency at batch 1 and 8.
+
+Part ``segmentation``: the UNet-style segmenter on the same scenes (masks): float, ORT
+``quantize_static`` W8A8, fqexport W8A8, W4A8, mixed avg-3-bit; mIoU and Dice per group.
+
+Part ``compress-time``: wall time of ``compress`` (W8, solver, 256 calibration samples) of the
+YOLOv5-style detector vs a classifier of the same size (its backbone and neck, global pooling,
+a Linear), one thread, three runs each (the median).
+
+The CPU's instruction set heads the output; models are trained once and cached in ``--dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.cli.common import print_table
+from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.demo.detection_run import run_detection_demo
+from fqexport.demo.detectors import C3, Backbone
+from fqexport.demo.run import ort_quantize_static_baseline
+from fqexport.demo.scene_models import SCENE_SIZES, trained_scene_model
+from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
+from fqexport.pipeline.compress import compress
+from fqexport.search.mixed_precision import search_mixed_precision
+from fqexport.tasks import Segmentation
+from fqexport.validation.gate import validate
+
+
+def detection(out: Path, kinds: list[str]) -> None:
+    for kind in kinds:
+        result = run_detection_demo(out / kind, kind=kind, progress=False, on_step=print)
+        print(f"\n{kind}: per-group COCO mAP@[.5:.95] / mAP@.5 (points), ORT optimized session on {cpu_isa()}; "
+              f"whole run {result.total_seconds:.0f} s (training {result.train_seconds:.0f} s)")
+        print_table(result.table, list(result.table[0].keys()))
+        print()
+
+
+def segmentation(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model, scenes, seconds = trained_scene_model("unet", cache_dir=out, on_step=print)
+    calib = group_balanced_subset(scenes.train.segmentation("calib"), 512, seed=0)
+    test = scenes.test.segmentation("test")
+    task = Segmentation()
+    float_path = out / "float.onnx"
+    export_float(model, torch.from_numpy(test.x[:2]), float_path)
+    paths = [("float", float_path),
+             ("ORT quantize_static W8A8", ort_quantize_static_baseline(float_path, calib, out / "ort_w8a8.onnx"))]
+    for label, bits in (("fqexport W8A8", 8), ("fqexport W4A8", 4)):
+        cm = compress(model, calib, QuantConfig(weight_bits=bits, num_calib=256), progress=False, task=task)
+        paths.append((label, export_qdq(cm, out / f"w{bits}a8.onnx").path))
+    search = search_mixed_precision(model, calib, MixedPrecisionConfig(budget_bits=3.0), QuantConfig(num_calib=256),
+                                    progress=False, task=task)
+    paths.append((f"fqexport mixed avg-3-bit A8 ({search.allocation.avg_bits:.2f} avg bits)",
+                  export_qdq(search.compressed, out / "mixed.onnx").path))
+    rows = []
+    for label, path in paths:
+        r = validate(path, test, reference=None if label == "float" else float_path, task=task,
+                     latency_batch_sizes=(1, 8), repeats=20, warmup=3)
+        row = {"model": label}
+        for g, m in r.metrics.by_group.items():
+            row[f"{g} mIoU"] = f"{100 * m['miou']:.2f}"
+            row[f"{g} Dice"] = f"{100 * m['dice']:.2f}"
+        row["worst drop pt"] = f"{100 * r.max_group_drop[1]:.2f} ({r.max_group_drop[0]})" if r.group_drop else "-"
+        row["size KB"] = f"{r.size_bytes / 1e3:.0f}"
+        for lat in r.latency:
+            row[f"p50 ms b{lat.batch_size}"] = f"{lat.p50_ms:.2f}"
+        rows.append(row)
+    print(f"\nUNet-style segmenter: per-group mIoU / Dice (points), ORT optimized session on {cpu_isa()}")
+    print_table(rows, list(rows[0].keys()))
+
+
+class SameSizeClassifier(nn.Module):
+    """The YOLOv5-style detector's backbone and neck, global average pooling of both outputs, a Linear."""
+
+    def __init__(self, num_classes: int = 3, width: int = SCENE_SIZES.width) -> None:
+        super().__init__()
+        self.body = Backbone(C3, width)
+        self.fc = nn.Linear(sum(self.body.channels), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n3, n4 = self.body(x)
+        return self.fc(torch.cat((n3.mean((2, 3)), n4.mean((2, 3))), 1))
+
+
+def compress_time(out: Path) -> None:
+    torch.set_num_threads(1)
+    detector, scenes, _ = trained_scene_model("yolov5", cache_dir=out / "yolov5", on_step=print)
+    calib = group_balanced_subset(scenes.train.detection("calib"), 256, seed=0)
+    labels = np.zeros(len(scenes.train.x), np.int64)
+    labels[scenes.train.boxes.image] = scenes.train.boxes.labels  # the class of each image's last object
+    cls_data = group_balanced_subset(GroupData(scenes.train.x, labels, scenes.train.group,
+                                               ("daylight", "low-light"), "scenes"), 256, seed=0)
+    torch.manual_seed(0)
+    classifier = SameSizeClassifier().eval()
+    config = QuantConfig(weight_bits=8, num_calib=256)
+    rows = []
+    for label, model, data in (("YOLOv5-style detector", detector, calib), ("same-size classifier", classifier, cls_data)):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            compress(model, data, config, progress=False)
+            times.append(time.perf_counter() - t)
+        params = sum(p.numel() for p in model.parameters())
+        rows.append({"model": label, "params": f"{params:,}", "compress s (median of 3)": f"{statistics.median(times):.2f}",
+                     "runs s": ", ".join(f"{t:.2f}" for t in times)})
+    print(f"\ncompress wall time (W8 solver, 256 calibration images 3x64x64, 1 thread) on {cpu_isa()}")
+    print_table(rows, list(rows[0].keys()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("all", "detection", "segmentation", "compress-time"), default="all")
+    p.add_argument("--kinds", nargs="+", default=["yolov5", "yolov8"], choices=["yolov5", "yolov8"])
+    p.add_argument("--dir", type=Path, default=Path("bench-detection"), help="models, data and ONNX files")
+    args = p.parse_args()
+    isa = cpu_isa()
+    print(f"CPU instruction set: {isa} (int8 kernel family {kernel_family(isa)}); torch threads "
+          f"{torch.get_num_threads()}")
+    if args.part in ("all", "detection"):
+        detection(args.dir, args.kinds)
+    if args.part in ("all", "segmentation"):
+        segmentation(args.dir / "unet")
+    if args.part in ("all", "compress-time"):
+        compress_time(args.dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Classification: logits ``[N, C]``, top-1 accuracy and cross-entropy per group, top-1 agreement
+in the export check. fqexport's default task, and its behaviour before tasks existed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fqexport.calibration.checks import check_labels, require_labels
+from fqexport.errors import DataError, ModelLoadError
+from fqexport.metrics.group_metrics import GroupMetrics, agreement, cross_entropy, group_metrics
+from fqexport.tasks.base import Comparison, Task
+
+MSG_NOT_LOGITS = (
+    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not class "
+    "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
+    "quantizes classifiers that return logits [batch, classes])"
+)
+
+# the session outputs validate measures (checked before any number is trusted)
+MSG_LABELS = (
+    "data {source}: label {label} is out of range for model {model}, which has {num_classes} "
+    "outputs (labels must be in 0..{last})"
+)
+MSG_OUTPUT = "model {model} returns output of shape {shape}; fqexport validates classifiers with logits [N, C]"
+
+MIN_AGREEMENT = 0.99
+# Samples whose reference top-2 logits are closer than this fraction of the typical logit
+# spread (median over samples of max - min logit) are near-ties: ORT's kernels round
+# intermediate activations slightly differently from PyTorch (a one-step flip of a uint8 code
+# now and then), which can flip them. A broken export (wrong weights, saturating u8×s8
+# kernels) moves logits by far more: on the demo CNN, full-range 8-bit weights on an AVX2 CPU
+# gave max |logit diff| 10.9 and 95% agreement on decided samples.
+TIE_FRACTION = 0.02
+SUMMARY = (
+    "agrees with the PyTorch fake-quant reference on only {agree:.2%} of {n} calibration samples whose "
+    "top-2 logits are more than {tie:g}% of the logit spread apart (need >= {need:.0%}, or a single "
+    "flipped sample; max |logit diff| {diff:.4g})"
+)
+
+
+def check_logits(logits: np.ndarray, model: str, data: Any) -> None:
+    """ModelLoadError unless ``logits`` are ``[N, C]``; DataError for a label outside ``0..C-1``."""
+    if logits.ndim != 2:
+        raise ModelLoadError(MSG_OUTPUT.format(model=model, shape=list(logits.shape)))
+    c = logits.shape[1]
+    bad = (data.y < 0) | (data.y >= c)
+    if bad.any():
+        raise DataError(
+            MSG_LABELS.format(source=data.source, label=int(data.y[bad][0]), model=model, num_classes=c, last=c - 1)
+        )
+
+
+def decided(want: np.ndarray, tie: float) -> np.ndarray:
+    """Samples whose reference top-2 logits differ by more than ``tie`` (not near-ties)."""
+    if want.shape[1] < 2:
+        return np.ones(want.shape[0], dtype=bool)
+    top2 = np.sort(want, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) > tie
+
+
+def top1_agreement(got: np.ndarray, want: np.ndarray, tie: float = 0.0) -> tuple[float, float]:
+    """``(agreement, agreement on decided samples)`` of the argmax of ``got`` vs ``want``.
+
+    A sample whose reference top-2 logits differ by <= ``tie`` is a near-tie at the export's
+    resolution; kernel rounding may flip it either way.
+    """
+    same = got.argmax(1) == want.argmax(1)
+    ok = decided(want, tie)
+    return float(same.mean()), float(same[ok].mean()) if ok.any() else 1.0
+
+
+def agreement_failed(got: np.ndarray, want: np.ndarray, tie: float) -> bool:
+    """The verdict: top-1 agreement on decided samples below MIN_AGREEMENT, with more than one
+    flipped sample (on fewer than 100 samples one flip is already > 1%)."""
+    ok = decided(want, tie)
+    flips = int(((got.argmax(1) != want.argmax(1)) & ok).sum())
+    return flips > 1 and flips > (1.0 - MIN_AGREEMENT) * int(ok.sum())
+
+
+def tie_threshold(want: np.ndarray) -> float:
+    """:data:`TIE_FRACTION` of the median logit spread of the reference."""
+    spread = float(np.median(want.max(axis=1) - want.min(axis=1))) if want.size else 0.0
+    return TIE_FRACTION * spread
+
+
+@dataclass(frozen=True)
+class Classification(Task):
+    """A classifier returning logits ``[batch, classes]``."""
+
+    name = "classification"
+    output_name = "logits"
+    metric_names = ("accuracy", "loss")
+    primary = "accuracy"
+    search_metric = "accuracy"
+    agreement_name = "top-1 agreement"
+    diff_name = "logit diff"
+    distills_in_finetune = False
+    without_annotations = ("; the data has no labels: accuracy is top-1 agreement with the float model and the "
+                           "loss cross-entropy against its top-1")
+
+    def check_output(self, out: Any, data: Any) -> int:
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
+        return int(out.shape[1])
+
+    def check_annotations(self, data: Any, num_classes: int) -> None:
+        check_labels(data, num_classes)
+
+    def require_annotations(self, data: Any, stage: str) -> None:
+        require_labels(data, stage)
+
+    def check_outputs(self, outputs: np.ndarray, model: str, data: Any) -> None:
+        check_logits(outputs, model, data)
+
+    def loss_targets(self, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The labels, else the float model's top-1 (distillation)."""
+        return labels if labels is not None else teacher.argmax(1)
+
+    def sample_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per sample against ``target`` class ids."""
+        return nn.functional.cross_entropy(out, target, reduction="none")
+
+    def _labels(self, data: Any, reference: np.ndarray | None) -> np.ndarray:
+        return data.y if data.y is not None else np.asarray(reference).argmax(1)
+
+    def evaluate(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None = None) -> GroupMetrics:
+        """Accuracy and cross-entropy per group; without labels against the reference's top-1."""
+        return group_metrics(outputs, self._labels(data, reference), data.group, data.group_names)
+
+    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
+        return cross_entropy(outputs, self._labels(data, reference))
+
+    def agreement(self, a: np.ndarray, b: np.ndarray) -> float:
+        return agreement(a, b)
+
+    def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
+        """Top-1 agreement on the samples whose reference top-2 logits are not near-ties
+        (:data:`TIE_FRACTION`); fails below :data:`MIN_AGREEMENT` with more than one flip."""
+        tie = tie_threshold(want)
+        agree, agree_decided = top1_agreement(got, want, tie)
+        diff = float(np.abs(got - want).max(initial=0.0))
+        return Comparison(len(want), agree, agree_decided, diff, not agreement_failed(got, want, tie),
+                          SUMMARY.format(agree=agree_decided, n=len(want), tie=100 * TIE_FRACTION,
+                                         need=MIN_AGREEMENT, diff=diff))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name}

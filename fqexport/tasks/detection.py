@@ -1,0 +1,280 @@
+"""Object detection: the model's output as users export it, NMS after the model, COCO mAP per group.
+
+Layouts (:data:`LAYOUTS`):
+
+- ``"v5"``: ``[N, K, 5 + C]`` per anchor: cx, cy, w, h in pixels, objectness, class
+  probabilities (what YOLOv5's ``export.py --include onnx`` writes); score = obj · p_c;
+- ``"v8"``: ``[N, 4 + C, K]``: cx, cy, w, h in pixels, then class probabilities (YOLOv8); score = p_c.
+
+NMS (:mod:`fqexport.metrics.boxes`, class-aware, ``iou`` and ``conf`` thresholds) runs on the
+outputs, outside the ONNX file. Per group, COCO mAP@[.5:.95] and mAP@.5 with pycocotools on that
+group's images (:mod:`fqexport.metrics.coco_map`); without the data's own boxes the float model's
+detections at the deploy threshold stand in for them (distillation, like a classifier's top-1).
+
+The label-free loss per sample compares the decoded outputs of the quantized (s) and float (t)
+model, which the float decode makes a loss on the raw head maps:
+
+    ℓ = (1/K) Σ_k Σ_c KL(t_kc ‖ s_kc) + Σ_k w_k (1 − IoU(b^s_k, b^t_k)) / Σ_k w_k,
+
+KL of Bernoulli probabilities over the objectness and class channels, w_k the float model's
+score of anchor k (its best class), so boxes count where the float model sees an object.
+
+The export check (:meth:`Detection.compare`) compares the boxes each image keeps after NMS at the
+deploy threshold: a decided reference box (score >= deploy_conf + margin) must be proposed by the
+session (an anchor of its class with IoU >= ``match_iou`` and a score within ``margin`` of its
+score, before the session's NMS: of near-duplicates with near-equal scores NMS may keep either),
+and every decided box of the session must be proposed by the reference; agreement is the matched
+share of decided boxes (>= 99%, or one unmatched box). Boxes within the margin of the threshold
+may cross it at the export's resolution and are not counted. A correct export differs from its
+reference by kernel rounding (the demo's detectors: max |output diff| below 1e-2 at W8A8 and
+W4A8, every decided box matched); a broken one (scores quantized with the pixel coordinates, as
+ORT's quantize_static does to the decode) proposes no box at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+import torch.fx
+
+from fqexport.calibration.annotations import Boxes, check_box_labels
+from fqexport.config import check_choice
+from fqexport.errors import ConfigError, DataError, ModelLoadError
+from fqexport.graph.float_tail import float_tail
+from fqexport.metrics.boxes import Detections, box_iou, select_boxes, xywh_to_xyxy
+from fqexport.metrics.coco_map import coco_map
+from fqexport.metrics.group_metrics import GroupMetrics
+from fqexport.tasks.base import Comparison, Task
+
+Layout = Literal["v5", "v8"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+MIN_BOX_AGREEMENT = 0.99
+_EPS = 1e-6
+
+MSG_OUTPUT = (
+    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not a detector's "
+    "{want} (layout {layout!r}); check the model and --task/--layout"
+)
+MSG_SESSION_OUTPUT = "model {model} returns output of shape {shape}, not a detector's {want} (layout {layout!r})"
+MSG_THRESHOLD = "Detection.{name}={value!r} must be in [0, 1]"
+MSG_MAX_DET = "Detection.max_det={value!r} must be an integer >= 1"
+SUMMARY = (
+    "agrees with the PyTorch fake-quant reference on only {agree:.2%} of {n} boxes kept after NMS at "
+    "confidence {conf:g} ± {margin:g} (same class, IoU >= {iou:g}; need >= {need:.0%}, or a single "
+    "unmatched box; mean IoU of matched boxes {mean_iou:.3f}, max |output diff| {diff:.4g})"
+)
+_WANT = {"v5": "[batch, anchors, 5 + classes] (cx, cy, w, h, objectness, classes)",
+         "v8": "[batch, 4 + classes, anchors] (cx, cy, w, h, classes)"}
+
+
+def _kl_bernoulli(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    t = t.clamp(_EPS, 1 - _EPS)
+    s = s.clamp(_EPS, 1 - _EPS)
+    return t * (t / s).log() + (1 - t) * ((1 - t) / (1 - s)).log()
+
+
+def _iou_xywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of paired boxes ``[..., 4]`` given as centre, width, height."""
+    a1, a2 = a[..., :2] - a[..., 2:4] / 2, a[..., :2] + a[..., 2:4] / 2
+    b1, b2 = b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2
+    inter = (torch.minimum(a2, b2) - torch.maximum(a1, b1)).clamp_min(0).prod(-1)
+    union = a[..., 2:4].clamp_min(0).prod(-1) + b[..., 2:4].clamp_min(0).prod(-1) - inter
+    return inter / union.clamp_min(_EPS)
+
+
+@dataclass(frozen=True)
+class Detection(Task):
+    """A detector whose output keeps its own layout (module docstring).
+
+    Attributes:
+        layout: ``"v5"`` (``[N, K, 5 + C]``) or ``"v8"`` (``[N, 4 + C, K]``).
+        conf: the lowest score NMS keeps for evaluation (COCO evaluates the ranking: 0.001).
+        iou: NMS IoU threshold.
+        max_det: boxes kept per image.
+        deploy_conf: the confidence a deployment keeps (the export check, pseudo ground truth).
+        match_iou: IoU of a matched pair in the export check.
+        margin: scores within this of ``deploy_conf`` are not decided in the export check.
+    """
+
+    layout: Layout = "v5"
+    conf: float = 0.001
+    iou: float = 0.6
+    max_det: int = 300
+    deploy_conf: float = 0.25
+    match_iou: float = 0.5
+    margin: float = 0.05
+
+    name = "detection"
+    output_name = "output0"
+    metric_names = ("map", "map50", "loss")
+    primary = "map"
+    search_metric = "map50"
+    agreement_name = "box agreement"
+    annotation_fields = "boxes (fields boxes, box_labels, box_image)"
+    without_annotations = ("; the data has no boxes: mAP@.5 against the float model's detections at the deploy "
+                           "confidence and the loss the distillation to its outputs")
+
+    def __post_init__(self) -> None:
+        check_choice(self.layout, LAYOUTS, "Detection.layout")
+        for name in ("conf", "iou", "deploy_conf", "match_iou", "margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(MSG_THRESHOLD.format(name=name, value=value))
+        if isinstance(self.max_det, bool) or not isinstance(self.max_det, int) or self.max_det < 1:
+            raise ConfigError(MSG_MAX_DET.format(value=self.max_det))
+
+    # ---------------------------------------------------------------------------- layout
+    def _rows(self, out: torch.Tensor | np.ndarray):
+        """The output as ``[N, K, 4 + …]`` rows per anchor."""
+        if self.layout == "v8":
+            return out.transpose(1, 2) if isinstance(out, torch.Tensor) else np.swapaxes(out, 1, 2)
+        return out
+
+    def num_classes_of(self, shape: tuple[int, ...]) -> int:
+        return int(shape[2] - 5) if self.layout == "v5" else int(shape[1] - 4)
+
+    def decode(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(boxes [N, K, 4] xyxy, class scores [N, K, C])`` of outputs in the layout."""
+        rows = np.asarray(self._rows(np.asarray(outputs, dtype=np.float32)))
+        scores = rows[..., 5:] * rows[..., 4:5] if self.layout == "v5" else rows[..., 4:]
+        return xywh_to_xyxy(rows[..., :4]), scores
+
+    def detections(self, outputs: np.ndarray, conf: float | None = None) -> list[Detections]:
+        """Each image's detections after class-aware NMS at ``conf`` (default ``self.conf``)."""
+        boxes, scores = self.decode(outputs)
+        c = self.conf if conf is None else conf
+        return [select_boxes(b, s, c, self.iou, self.max_det) for b, s in zip(boxes, scores)]
+
+    # ---------------------------------------------------------------------------- compress
+    def check_output(self, out: Any, data: Any) -> int:
+        ok = isinstance(out, torch.Tensor) and out.dim() == 3 and self.num_classes_of(tuple(out.shape)) >= 1
+        if not ok:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(MSG_OUTPUT.format(source=data.source, sample=data.sample_shape, shape=shape,
+                                              want=_WANT[self.layout], layout=self.layout))
+        return self.num_classes_of(tuple(out.shape))
+
+    def check_annotations(self, data: Any, num_classes: int) -> None:
+        if isinstance(data.annotations, Boxes):
+            check_box_labels(data.annotations, num_classes, data.source)
+
+    def check_outputs(self, outputs: np.ndarray, model: str, data: Any) -> None:
+        if np.ndim(outputs) != 3 or self.num_classes_of(tuple(np.shape(outputs))) < 1:
+            raise ModelLoadError(MSG_SESSION_OUTPUT.format(model=model, shape=list(np.shape(outputs)),
+                                                           want=_WANT[self.layout], layout=self.layout))
+        self.check_annotations(data, self.num_classes_of(tuple(np.shape(outputs))))
+
+    def float_tail(self, gm: torch.fx.GraphModule, layers: set[str]) -> set[torch.fx.Node]:
+        """The box decode after the head convs."""
+        return float_tail(gm)
+
+    # ---------------------------------------------------------------------------- losses
+    def loss_targets(self, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return teacher
+
+    def sample_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """ℓ per image (module docstring), ``[N]``."""
+        s, t = self._rows(out).float(), self._rows(target).float()
+        scores = (t[..., 4:5] * t[..., 5:]).amax(-1) if self.layout == "v5" else t[..., 4:].amax(-1)
+        kl = _kl_bernoulli(t[..., 4:], s[..., 4:]).sum(-1).mean(-1)
+        w = scores.detach()
+        box = (w * (1 - _iou_xywh(s[..., :4], t[..., :4]))).sum(-1) / (w.sum(-1) + _EPS)
+        return kl + box
+
+    # ---------------------------------------------------------------------------- evaluation
+    def needs_annotations(self, data: Any) -> bool:
+        return not isinstance(data.annotations, Boxes)
+
+    def truth(self, data: Any, reference: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image ``(boxes, labels)``: the data's own, else the reference's detections at
+        ``deploy_conf``."""
+        if isinstance(data.annotations, Boxes):
+            return [data.annotations.of_image(i) for i in range(len(data))]
+        if reference is None:
+            raise DataError(f"{data.source}: no boxes (fields boxes, box_labels, box_image) to measure mAP against")
+        return [(d.boxes, d.labels) for d in self.detections(reference, self.deploy_conf)]
+
+    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
+        if reference is None:
+            return np.full(len(outputs), np.nan)
+        with torch.no_grad():
+            loss = self.sample_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
+                                    torch.from_numpy(np.asarray(reference, np.float32)))
+        return loss.double().numpy()
+
+    def evaluate(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None = None) -> GroupMetrics:
+        """COCO mAP@[.5:.95] and mAP@.5 per group and overall, and the loss vs ``reference``."""
+        num_classes = self.num_classes_of(tuple(np.shape(outputs)))
+        found, truth = self.detections(outputs), self.truth(data, reference)
+        loss = self.sample_losses(outputs, data, reference)
+        group = np.asarray(data.group)
+        names = tuple(data.group_names)
+
+        def row(images: np.ndarray) -> dict[str, float]:
+            m, m50 = coco_map(truth, found, num_classes, images)
+            return {"count": int(images.size), "map": m, "map50": m50,
+                    "loss": float(loss[images].mean()) if images.size else float("nan")}
+
+        by_group = {name: row(np.flatnonzero(group == g)) for g, name in enumerate(names)}
+        return GroupMetrics(row(np.arange(len(group))), by_group, num_classes, group_names=names,
+                            metric_names=self.metric_names, primary=self.primary)
+
+    def _candidates(self, outputs: np.ndarray, conf: float) -> list[Detections]:
+        """Every anchor's best class with score >= ``conf``, before NMS, per image."""
+        boxes, scores = self.decode(outputs)
+        out = []
+        for b, s in zip(boxes, scores):
+            labels = s.argmax(axis=1)
+            best = s[np.arange(len(s)), labels]
+            keep = np.flatnonzero(best >= conf)
+            out.append(Detections(b[keep], best[keep], labels[keep].astype(np.int64)))
+        return out
+
+    def _decided_matches(self, got: np.ndarray, want: np.ndarray) -> tuple[int, int, np.ndarray]:
+        """``(decided boxes, matched ones, IoU of each match)`` over all images, both ways: each box one
+        side keeps after NMS at ``deploy_conf + margin`` must be proposed by the other side (an anchor of
+        the same class with IoU >= ``match_iou`` and a score within ``margin``, before NMS, which may pick
+        another of near-equal duplicates)."""
+        hi, lo = self.deploy_conf + self.margin, max(self.deploy_conf - 2 * self.margin, 0.0)
+        total, matched, ious = 0, 0, []
+        for kept_of, proposed_of in ((want, got), (got, want)):
+            kept_all = self.detections(kept_of, hi)
+            proposed_all = self._candidates(proposed_of, lo)
+            for kept, proposed in zip(kept_all, proposed_all):
+                total += len(kept)
+                if not len(kept) or not len(proposed):
+                    continue
+                overlap = box_iou(kept.boxes, proposed.boxes)
+                ok = ((kept.labels[:, None] == proposed.labels[None, :])
+                      & (np.abs(kept.scores[:, None] - proposed.scores[None, :]) <= self.margin))
+                best = np.where(ok, overlap, 0.0).max(axis=1)
+                hit = best >= self.match_iou
+                matched += int(hit.sum())
+                ious.append(best[hit])
+        return total, matched, np.concatenate(ious) if ious else np.zeros(0)
+
+    def agreement(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Share of the decided boxes (after NMS at the deploy confidence) of either that the other
+        proposes (:meth:`_decided_matches`)."""
+        total, matched, _ = self._decided_matches(a, b)
+        return matched / total if total else 1.0
+
+    def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
+        """Matched boxes after NMS (module docstring): fails below :data:`MIN_BOX_AGREEMENT` with
+        more than one unmatched box."""
+        total, matched, ious = self._decided_matches(got, want)
+        agree = matched / total if total else 1.0
+        missed = total - matched
+        passed = not (missed > 1 and missed > (1.0 - MIN_BOX_AGREEMENT) * total)
+        diff = float(np.abs(np.asarray(got) - np.asarray(want)).max(initial=0.0))
+        return Comparison(total, agree, agree, diff, passed, SUMMARY.format(
+            agree=agree, n=total, conf=self.deploy_conf, margin=self.margin, iou=self.match_iou,
+            need=MIN_BOX_AGREEMENT, mean_iou=float(ious.mean()) if ious.size else float("nan"), diff=diff))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "layout": self.layout, "conf": self.conf, "iou": self.iou, "max_det": self.max_det,
+                "deploy_conf": self.deploy_conf, "match_iou": self.match_iou, "margin": self.margin}
+

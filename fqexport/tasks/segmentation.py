@@ -1,0 +1,147 @@
+"""Semantic segmentation: logits ``[N, C, H, W]`` at the input's size, masks ``[N, H, W]``.
+
+Per group: mIoU, Dice and pixel accuracy from the confusion matrix of that group's images
+(:mod:`fqexport.metrics.segmentation_metrics`); without masks the float model's argmax stands in
+(distillation). The label-free loss per image is the mean over pixels of
+``KL(softmax(t) ‖ softmax(s))`` between the float (t) and quantized (s) logits. The export check
+counts per-pixel argmax agreement on the pixels whose reference top-2 logits are more than
+``TIE_FRACTION`` of the logit spread apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from fqexport.calibration.annotations import Masks, check_mask_labels
+from fqexport.errors import DataError, ModelLoadError
+from fqexport.graph.float_tail import float_tail
+from fqexport.metrics.group_metrics import GroupMetrics
+from fqexport.metrics.segmentation_metrics import confusion, segmentation_scores
+from fqexport.tasks.base import Comparison, Task
+from fqexport.tasks.classification import MIN_AGREEMENT, TIE_FRACTION
+
+MSG_OUTPUT = (
+    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not per-pixel "
+    "logits [batch, classes, {h}, {w}] at the input's size"
+)
+MSG_SESSION_OUTPUT = "model {model} returns output of shape {shape}, not per-pixel logits [N, C, {h}, {w}]"
+SUMMARY = (
+    "agrees with the PyTorch fake-quant reference on only {agree:.2%} of {n} pixels whose top-2 logits "
+    "are more than {tie:g}% of the logit spread apart (need >= {need:.0%}; max |logit diff| {diff:.4g})"
+)
+_NO_IGNORE = -1
+
+
+def _pixels_last(logits: np.ndarray) -> np.ndarray:
+    """``[N, C, H, W]`` → ``[N·H·W, C]``."""
+    c = logits.shape[1]
+    return np.moveaxis(np.asarray(logits), 1, -1).reshape(-1, c)
+
+
+@dataclass(frozen=True)
+class Segmentation(Task):
+    """A segmenter returning logits ``[N, C, H, W]`` (module docstring)."""
+
+    name = "segmentation"
+    output_name = "logits"
+    metric_names = ("miou", "dice", "pixel_accuracy", "loss")
+    primary = "miou"
+    search_metric = "miou"
+    agreement_name = "pixel agreement"
+    annotation_fields = "masks (field masks)"
+    without_annotations = ("; the data has no masks: mIoU against the float model's argmax and the loss the "
+                           "distillation to its logits")
+    diff_name = "logit diff"
+
+    def check_output(self, out: Any, data: Any) -> int:
+        h, w = data.sample_shape[-2:]
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[2:]) != (h, w):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(MSG_OUTPUT.format(source=data.source, sample=data.sample_shape, shape=shape, h=h, w=w))
+        return int(out.shape[1])
+
+    def check_annotations(self, data: Any, num_classes: int) -> None:
+        if isinstance(data.annotations, Masks):
+            check_mask_labels(data.annotations, num_classes, data.source)
+
+    def check_outputs(self, outputs: np.ndarray, model: str, data: Any) -> None:
+        h, w = data.sample_shape[-2:]
+        if np.ndim(outputs) != 4 or tuple(np.shape(outputs)[2:]) != (h, w):
+            raise ModelLoadError(MSG_SESSION_OUTPUT.format(model=model, shape=list(np.shape(outputs)), h=h, w=w))
+        self.check_annotations(data, int(np.shape(outputs)[1]))
+
+    def float_tail(self, gm: torch.fx.GraphModule, layers: set[str]) -> set[torch.fx.Node]:
+        """The ops after the last conv (an upsampling of the logits): float, like the logits."""
+        return float_tail(gm)
+
+    def loss_targets(self, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return teacher
+
+    def sample_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over pixels of KL(softmax(target) ‖ softmax(out)), ``[N]``."""
+        log_p = torch.log_softmax(out.float(), dim=1)
+        log_q = torch.log_softmax(target.float(), dim=1)
+        return (log_q.exp() * (log_q - log_p)).sum(dim=1).flatten(1).mean(dim=1)
+
+    def needs_annotations(self, data: Any) -> bool:
+        return not isinstance(data.annotations, Masks)
+
+    def _truth(self, data: Any, reference: np.ndarray | None) -> tuple[np.ndarray, int]:
+        if isinstance(data.annotations, Masks):
+            return data.annotations.masks, data.annotations.ignore_index
+        if reference is None:
+            raise DataError(f"{data.source}: no masks (field 'masks') to measure mIoU against")
+        return np.asarray(reference).argmax(1), _NO_IGNORE
+
+    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
+        if reference is None:
+            return np.full(len(outputs), np.nan)
+        with torch.no_grad():
+            loss = self.sample_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
+                                    torch.from_numpy(np.asarray(reference, np.float32)))
+        return loss.double().numpy()
+
+    def evaluate(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None = None) -> GroupMetrics:
+        """mIoU, Dice and pixel accuracy per group and overall, and the loss vs ``reference``."""
+        outputs = np.asarray(outputs)
+        c = outputs.shape[1]
+        pred = outputs.argmax(1)
+        truth, ignore = self._truth(data, reference)
+        loss = self.sample_losses(outputs, data, reference)
+        group = np.asarray(data.group)
+        names = tuple(data.group_names)
+
+        def row(images: np.ndarray) -> dict[str, float]:
+            scores = segmentation_scores(confusion(pred[images], truth[images], c, ignore))
+            return {"count": int(images.size), **scores,
+                    "loss": float(loss[images].mean()) if images.size else float("nan")}
+
+        by_group = {name: row(np.flatnonzero(group == g)) for g, name in enumerate(names)}
+        return GroupMetrics(row(np.arange(len(group))), by_group, c, group_names=names,
+                            metric_names=self.metric_names, primary=self.primary)
+
+    def agreement(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Share of pixels whose argmax class agrees."""
+        return float((np.asarray(a).argmax(1) == np.asarray(b).argmax(1)).mean()) if len(a) else float("nan")
+
+    def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
+        """Per-pixel agreement on decided pixels; fails below MIN_AGREEMENT with more than one flip."""
+        g, w = _pixels_last(got), _pixels_last(want)
+        spread = float(np.median(w.max(1) - w.min(1))) if w.size else 0.0
+        top2 = np.sort(w, axis=1)[:, -2:] if w.shape[1] > 1 else np.zeros((len(w), 2))
+        ok = (top2[:, 1] - top2[:, 0]) > TIE_FRACTION * spread if w.shape[1] > 1 else np.ones(len(w), bool)
+        same = g.argmax(1) == w.argmax(1)
+        flips = int((~same & ok).sum())
+        agree_decided = float(same[ok].mean()) if ok.any() else 1.0
+        diff = float(np.abs(np.asarray(got) - np.asarray(want)).max(initial=0.0))
+        passed = not (flips > 1 and flips > (1.0 - MIN_AGREEMENT) * int(ok.sum()))
+        return Comparison(len(g), float(same.mean()) if len(g) else 1.0, agree_decided, diff, passed, SUMMARY.format(
+            agree=agree_decided, n=int(ok.sum()), tie=100 * TIE_FRACTION, need=MIN_AGREEMENT, diff=diff))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name}

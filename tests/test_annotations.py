@@ -1,0 +1,86 @@
+"""Tests of calibration/annotations.py and the .npz fields of detection and segmentation data:
+boxes and masks follow every subset, and bad input names the file, the field and the first
+offending index."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from fqexport.calibration.annotations import Boxes, Masks, check_box_labels, check_mask_labels
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import save_npz
+from fqexport.calibration.readers import load_data, open_stream
+from fqexport.errors import DataError
+
+X = np.zeros((4, 3, 8, 10), np.float32)  # height 8, width 10
+GROUP = np.array([0, 1, 0, 1])
+BOXES = np.array([[0, 0, 4, 4], [1, 1, 10, 8], [2, 2, 3, 3]], np.float32)
+
+
+def _npz(tmp_path, **fields) -> str:
+    path = tmp_path / "det.npz"
+    np.savez(path, x=X, group=GROUP, **fields)
+    return str(path)
+
+
+def _error(path) -> str:
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    return str(info.value)
+
+
+def test_npz_boxes_load_and_follow_a_subset(tmp_path):
+    data = load_data(_npz(tmp_path, boxes=BOXES, box_labels=[0, 2, 1], box_image=[0, 2, 2]))
+    assert isinstance(data.annotations, Boxes) and len(data.annotations) == 3
+    part = data.subset(np.array([2, 1]))
+    assert part.annotations.image.tolist() == [0, 0] and part.annotations.labels.tolist() == [2, 1]
+    boxes, labels = part.annotations.of_image(1)
+    assert boxes.shape == (0, 4) and labels.size == 0
+    back = load_data(save_npz(data, tmp_path / "again.npz"))
+    np.testing.assert_array_equal(back.annotations.boxes, BOXES)
+    stream = open_stream(str(tmp_path / "again.npz"))  # memory-mapped: the boxes come along
+    assert stream.subset(np.array([2])).take().annotations.labels.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(boxes=BOXES, box_labels=[0, 2, 1]), "field 'boxes' needs fields 'box_image' beside it"),
+    (dict(boxes=BOXES, box_labels=[0, 2, 1], box_image=[0, 4, 2]),
+     "field 'box_image' index 1 is 4, not an image of x (0..3)"),
+    (dict(boxes=BOXES + [[0, 0, 1, 0]], box_labels=[0, 2, 1], box_image=[0, 1, 2]),
+     "field 'boxes' index 1 is [1.0, 1.0, 11.0, 8.0], outside its image (field 'box_image' 1) of width 10 "
+     "and height 8 pixels"),
+    (dict(boxes=BOXES[::-1].copy() * [1, 1, 0, 1], box_labels=[0, 2, 1], box_image=[0, 1, 2]),
+     "field 'boxes' index 0 is [2.0, 2.0, 0.0, 3.0]: not x1 <= x2 and y1 <= y2"),
+    (dict(boxes=BOXES, box_labels=[0, -2, 1], box_image=[0, 1, 2]), "field 'box_labels' index 1 is -2"),
+    (dict(masks=np.zeros((4, 8, 9), np.int64)), "field 'masks' has masks of (8, 9) (H, W) but the images of x "
+     "are (8, 10)"),
+    (dict(masks=np.zeros((3, 8, 10), np.int64)), "field 'masks' has 3 masks but field 'x' has 4 samples"),
+])
+def test_bad_annotations_name_file_field_and_first_index(tmp_path, fields, message):
+    path = _npz(tmp_path, **fields)
+    assert _error(path).startswith(f"{path}: ") and message in _error(path)
+
+
+def test_class_ids_beyond_the_model_name_the_first_index():
+    boxes = Boxes(BOXES, np.array([0, 3, 5]), np.array([0, 1, 2]))
+    with pytest.raises(DataError, match=re.escape("d.npz: field 'box_labels' index 1 is 3, outside the model's 3 "
+                                                  "classes (0..2)")):
+        check_box_labels(boxes, 3, "d.npz")
+    masks = np.zeros((3, 2, 2), np.int64)
+    masks[2, 1, 0] = 4
+    masks[1, 0, 0] = 255  # ignored
+    with pytest.raises(DataError, match=re.escape("d.npz: field 'masks' sample 2 holds the class 4, outside the "
+                                                  "model's 4 classes (0..3; 255 is ignored)")):
+        check_mask_labels(Masks(masks), 4, "d.npz")
+    check_mask_labels(Masks(masks), 5, "d.npz")
+
+
+def test_group_data_with_masks_round_trips(tmp_path):
+    masks = np.arange(4 * 8 * 10).reshape(4, 8, 10) % 3
+    data = load_data(GroupData(X, None, GROUP, ("a", "b"), "mem", Masks(masks)))
+    back = load_data(save_npz(data, tmp_path / "seg.npz"))
+    np.testing.assert_array_equal(back.annotations.masks, masks)
+    np.testing.assert_array_equal(back.subset(np.array([3])).annotations.masks[0], masks[3])

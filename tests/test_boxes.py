@@ -1,0 +1,43 @@
+"""Tests of fqexport/metrics/boxes.py: IoU, NMS and per-image box selection on hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fqexport.metrics.boxes import box_iou, class_nms, nms, select_boxes, xywh_to_xyxy
+
+A = [0.0, 0.0, 10.0, 10.0]
+B = [1.0, 1.0, 11.0, 11.0]  # overlaps A by 9x9 = 81 of 100 + 100 - 81 = 119
+C = [20.0, 20.0, 30.0, 30.0]
+
+
+def test_box_iou_by_hand():
+    iou = box_iou(np.array([A, B]), np.array([B, C]))
+    assert iou[0, 0] == pytest.approx(81 / 119)
+    assert iou[0, 1] == 0.0 and iou[1, 0] == pytest.approx(1.0)
+    assert box_iou(np.array([[0, 0, 0, 0.0]]), np.array([[0, 0, 0, 0.0]]))[0, 0] == 0.0  # empty union
+
+
+def test_xywh_to_xyxy():
+    np.testing.assert_allclose(xywh_to_xyxy(np.array([[5.0, 6.0, 4.0, 2.0]])), [[3.0, 5.0, 7.0, 7.0]])
+
+
+def test_nms_suppresses_the_overlapping_lower_score():
+    boxes, scores = np.array([A, B, C]), np.array([0.9, 0.8, 0.7])
+    assert nms(boxes, scores, 0.5).tolist() == [0, 2]
+    assert nms(boxes, scores, 0.7).tolist() == [0, 1, 2]  # 0.68 <= 0.7: kept
+
+
+def test_class_nms_keeps_overlapping_boxes_of_other_classes_and_caps_max_det():
+    boxes, scores = np.array([A, B, C]), np.array([0.9, 0.8, 0.7])
+    assert class_nms(boxes, scores, np.array([0, 1, 0]), 0.5, 10).tolist() == [0, 1, 2]
+    assert class_nms(boxes, scores, np.array([0, 0, 0]), 0.5, 10).tolist() == [0, 2]
+    assert class_nms(boxes, scores, np.array([0, 1, 0]), 0.5, 2).tolist() == [0, 1]
+
+
+def test_select_boxes_takes_each_anchors_best_class_above_conf():
+    scores = np.array([[0.1, 0.9], [0.85, 0.2], [0.05, 0.1]])
+    d = select_boxes(np.array([A, B, C]), scores, conf=0.25, iou=0.5, max_det=10)
+    assert d.labels.tolist() == [1, 0] and d.scores.tolist() == pytest.approx([0.9, 0.85])
+    assert len(d.above(0.88)) == 1

@@ -1,0 +1,136 @@
+"""Tests of fqexport/tasks: each task's output check, losses, per-group metrics and export-check
+comparison, and how a run's task is given, read back or inferred."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fqexport.calibration.annotations import Boxes, Masks
+from fqexport.calibration.group_data import GroupData
+from fqexport.errors import ConfigError, DataError, ModelLoadError
+from fqexport.tasks import Classification, Detection, Segmentation, make_task, resolve_task, task_from_dict
+
+pytest.importorskip("pycocotools")
+
+
+def _v5(boxes_xywh, obj, cls):
+    """A YOLOv5-layout output [1, K, 5 + C] from per-anchor rows."""
+    return np.concatenate([np.asarray(boxes_xywh, np.float32), np.asarray(obj, np.float32)[:, None],
+                           np.asarray(cls, np.float32)], 1)[None]
+
+
+TWO = _v5([[5, 5, 10, 10], [25, 25, 10, 10], [5.2, 5, 10, 10]], [0.9, 0.8, 0.5], [[1, 0], [0, 1], [1, 0]])
+
+
+def test_detection_decodes_both_layouts_to_the_same_boxes():
+    v5 = Detection(layout="v5")
+    boxes, scores = v5.decode(TWO)
+    np.testing.assert_allclose(boxes[0, 0], [0, 0, 10, 10])
+    np.testing.assert_allclose(scores[0, :, :], [[0.9, 0], [0, 0.8], [0.5, 0]])
+    rows = TWO[0]
+    v8_out = np.concatenate([rows[:, :4], rows[:, 5:] * rows[:, 4:5]], 1).T[None]  # [1, 4 + C, K]
+    b8, s8 = Detection(layout="v8").decode(v8_out)
+    np.testing.assert_allclose(b8, boxes)
+    np.testing.assert_allclose(s8, scores)
+    d = v5.detections(TWO, 0.25)[0]  # the third box overlaps the first (IoU 0.96): suppressed
+    assert d.labels.tolist() == [0, 1] and d.scores.tolist() == pytest.approx([0.9, 0.8])
+
+
+def test_detection_compare_passes_rounding_and_fails_collapsed_scores():
+    det = Detection()
+    want = np.repeat(TWO, 4, axis=0)
+    ok = det.compare(want + np.float32(0.01), want)
+    assert ok.passed and ok.agreement == 1.0 and ok.samples == 16  # 2 decided boxes per image, both ways
+    collapsed = want.copy()
+    collapsed[..., 4] = 0.0  # what ORT's quantize_static does to the decoded objectness
+    bad = det.compare(collapsed, want)
+    assert not bad.passed and bad.agreement == 0.0
+    assert bad.summary.startswith("agrees with the PyTorch fake-quant reference on only 0.00% of 8 boxes kept "
+                                  "after NMS at confidence 0.25 ± 0.05")
+    moved = want.copy()
+    moved[..., 0] += 8.0  # every box 8 pixels to the right: IoU 0.11
+    assert not det.compare(moved, want).passed
+
+
+def test_detection_loss_is_zero_on_the_teacher_and_grows_with_the_error():
+    det = Detection()
+    t = torch.from_numpy(np.repeat(TWO, 2, 0))
+    assert det.sample_loss(t, t).abs().max() < 1e-4
+    s = t.clone()
+    s[1, :, 0] += 3.0
+    loss = det.sample_loss(s, t)
+    assert loss[0] < 1e-4 < loss[1]
+
+
+def test_detection_metrics_per_group_with_and_without_boxes():
+    det = Detection()
+    out = np.repeat(TWO, 2, 0)
+    truth = Boxes(np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10]], np.float32), np.array([0, 1, 1]),
+                  np.array([0, 0, 1]))
+    data = GroupData(np.zeros((2, 3, 32, 32), np.float32), None, np.array([0, 1]), ("a", "b"), "d", truth)
+    m = det.evaluate(out, data)
+    assert m.primary == "map" and m.metric_names == ("map", "map50", "loss")
+    assert m.by_group["a"]["map"] == pytest.approx(1.0)
+    assert m.by_group["b"]["map50"] < 0.5  # its box is class 1, the detector says 0 there
+    assert m.group_min() == ("b", m.by_group["b"]["map"])
+    bare = GroupData(data.x, None, data.group, data.group_names, "d")
+    pseudo = det.evaluate(out, bare, reference=out)  # the float model's detections as ground truth
+    assert pseudo.overall["map"] == pytest.approx(1.0) and pseudo.overall["loss"] == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(DataError, match="no boxes"):
+        det.evaluate(out, bare)
+
+
+def test_detection_output_checks_name_the_layout():
+    data = GroupData(np.zeros((2, 3, 8, 8), np.float32), None, np.array([0, 1]), ("a", "b"), "d.npz")
+    assert Detection().check_output(torch.zeros(2, 10, 8), data) == 3
+    assert Detection(layout="v8").check_output(torch.zeros(2, 7, 10), data) == 3
+    with pytest.raises(DataError, match=r"d.npz: .*not a detector's \[batch, anchors, 5 \+ classes\]"):
+        Detection().check_output(torch.zeros(2, 10), data)
+    with pytest.raises(ModelLoadError, match="not a detector's"):
+        Detection().check_outputs(np.zeros((2, 5)), "m.onnx", data)
+    with pytest.raises(ConfigError, match=r"Detection.iou=1.5 must be in \[0, 1\]"):
+        Detection(iou=1.5)
+
+
+def test_segmentation_metrics_loss_and_compare():
+    seg = Segmentation()
+    logits = np.zeros((2, 3, 2, 2), np.float32)
+    logits[:, 1] = 1.0  # everything class 1
+    masks = np.array([[[1, 1], [1, 1]], [[0, 1], [2, 255]]])
+    data = GroupData(np.zeros((2, 3, 2, 2), np.float32), None, np.array([0, 1]), ("a", "b"), "s", Masks(masks))
+    m = seg.evaluate(logits, data)
+    assert m.by_group["a"]["miou"] == pytest.approx(1.0)
+    # group b: 3 counted pixels, class 1 right once; classes 0 and 2 IoU 0, class 1 IoU 1/3
+    assert m.by_group["b"]["miou"] == pytest.approx((0 + 1 / 3 + 0) / 3)
+    assert m.by_group["b"]["pixel_accuracy"] == pytest.approx(1 / 3)
+    t = torch.from_numpy(logits)
+    assert seg.sample_loss(t, t).abs().max() < 1e-6
+    flipped = logits.copy()
+    flipped[:, 2] = 2.0
+    assert not seg.compare(flipped, logits).passed and seg.compare(logits + 0.001, logits).passed
+    with pytest.raises(DataError, match=r"not per-pixel logits \[batch, classes, 2, 2\]"):
+        seg.check_output(torch.zeros(2, 3, 4, 4), data)
+
+
+def test_classification_is_the_default_and_its_comparison_is_top1():
+    data = GroupData(np.zeros((4, 5), np.float32), np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]), ("a", "b"), "c")
+    task, why = resolve_task(None, data, torch.zeros(4, 2))
+    assert task == Classification() and why == "inferred: the data holds no boxes or masks"
+    c = task.compare(np.eye(2)[[0, 1, 0, 1]], np.eye(2)[[0, 1, 0, 1]])
+    assert c.passed and c.agreement == 1.0
+
+
+def test_tasks_are_inferred_given_and_read_back():
+    img = GroupData(np.zeros((2, 3, 8, 8), np.float32), None, np.array([0, 1]), ("a", "b"), "d")
+    assert resolve_task(None, img, torch.zeros(2, 4, 8, 8))[0] == Segmentation()
+    assert resolve_task(None, img, torch.zeros(2, 240, 8))[0] == Detection(layout="v5")
+    assert resolve_task(None, img, torch.zeros(2, 7, 80))[0] == Detection(layout="v8")
+    assert resolve_task("detection", img, torch.zeros(2, 7, 80)) == (Detection(layout="v8"), "given")
+    assert resolve_task(None, img, torch.zeros(2, 4, 6, 6))[0] == Classification()  # not the input's size
+    det = Detection(layout="v8", iou=0.7)
+    assert task_from_dict({**det.to_dict(), "chosen": "given"}) == det
+    assert task_from_dict(None) is None
+    with pytest.raises(ConfigError, match="task='pose' is not one of classification, detection, segmentation"):
+        make_task("pose")

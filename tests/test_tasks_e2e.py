@@ -1,0 +1,155 @@
+"""Each task end to end: a YOLOv5-style and a YOLOv8-style detector and a UNet-style segmenter
+(small, seeded) compressed, exported and run per group in ONNX Runtime, through the API and the
+CLI; the box decode stays float and the file keeps the model's own output layout."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import fixtures_models as fm
+from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import save_npz
+from fqexport.cli import main
+from fqexport.config import QuantConfig
+from fqexport.demo.scenes import make_scene_task
+from fqexport.errors import ConfigError
+from fqexport.exporters.metadata import read_metadata
+from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.exporters.qdq_onnx import export_float, export_qdq
+from fqexport.graph.act_quant import ActQuantizer
+from fqexport.graph.float_tail import float_tail
+from fqexport.pipeline.compress import compress
+from fqexport.search.sensitivity import measure_sensitivity
+from fqexport.tasks import Detection, Segmentation
+from fqexport.validation.gate import validate
+from fqexport.validation.reports import to_markdown
+from fqexport.validation.thresholds import Thresholds
+
+pytest.importorskip("pycocotools")
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_scene_task(n_train=32, n_test=24, minority_fraction=0.25, seed=3)
+
+
+def _config(**kw):
+    return QuantConfig(num_calib=32, target="x86-avx2", **kw)
+
+
+def _reads_quantized(node: torch.fx.Node, modules) -> bool:
+    return any(a.op == "call_module" and isinstance(modules.get(str(a.target)), ActQuantizer)
+               for a in node.all_input_nodes)
+
+
+def _check_decode_float(cm) -> None:
+    """No op of the decode reads a fake-quantized tensor, and the metadata names the decode ops."""
+    ref = cm.reference
+    modules = dict(ref.named_modules())
+    tail = float_tail(ref)
+    assert tail and not any(_reads_quantized(n, modules) for n in tail)
+    assert cm.metadata.float_ops and any("sigmoid" in op for op in cm.metadata.float_ops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory, layout, shape", [(fm.yolov5_test, "v5", (24, 240, 8)),
+                                                    (fm.yolov8_test, "v8", (24, 7, 80))])
+def test_detector_compress_export_validate(tmp_path, scenes, factory, layout, shape):
+    model = factory()
+    calib = scenes.train.detection("calib.npz")
+    cm = compress(model, calib, _config(), progress=False)
+    assert cm.task == Detection(layout=layout) and cm.metadata.task["chosen"] == "inferred: the data holds boxes"
+    assert len(cm.layers) == len(list(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
+    _check_decode_float(cm)
+    result = export_qdq(cm, tmp_path / "q.onnx")
+    assert result.agreement == 1.0 and "box agreement" in result.checks[0].line()
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    assert [o.name for o in proto.graph.output] == ["output0"]
+    test = scenes.test.detection("test.npz")
+    got = run_batches(make_session(tmp_path / "q.onnx"), test.x, 16)
+    assert got.shape == shape
+    want = cm.predict(test.x)
+    assert np.abs(got - want).max() < 1e-2  # the file computes what the reference computes
+    export_float(cm.float_model, torch.from_numpy(test.x[:2]), tmp_path / "f.onnx", output_name="output0")
+    report = validate(tmp_path / "q.onnx", test, reference=tmp_path / "f.onnx", measure_latency=False,
+                      thresholds=Thresholds(min_worst_group_map=0.0, max_group_map_drop=100.0))
+    assert report.passed and report.task["name"] == "detection"
+    assert [c.name for c in report.checks] == ["min_worst_group_map", "max_group_map_drop"]
+    assert set(report.metrics.by_group) == {"daylight", "low-light"}
+    assert report.metrics.by_group["low-light"]["count"] == int((test.group == 1).sum())
+    recomputed = Detection(layout=layout).evaluate(got, test)
+    assert report.metrics.by_group["low-light"]["map"] == pytest.approx(recomputed.by_group["low-light"]["map"])
+    d = report.to_dict()
+    assert "worst_group_map" in d and d["metrics"]["metric"] == "map"
+    assert "mAP@[.5:.95] %" in to_markdown(report) and "ops: the decode)" in to_markdown(report)
+
+
+def test_detector_without_boxes_distills_and_infers_the_layout(scenes):
+    bare = scenes.train.detection("calib.npz")
+    bare = GroupData(bare.x, None, bare.group, bare.group_names, "bare.npz")
+    cm = compress(fm.yolov8_test(), bare, _config(weight_bits=4), progress=False)
+    assert cm.task == Detection(layout="v8")
+    assert cm.metadata.task["chosen"].startswith("inferred: the model's output (2, 7, 80) is a detector's")
+
+
+def test_segmenter_compress_export_validate(tmp_path, scenes):
+    calib = scenes.train.segmentation("calib.npz")
+    cm = compress(fm.unet_test(), calib, _config(), progress=False)
+    assert cm.task == Segmentation()
+    export_qdq(cm, tmp_path / "s.onnx")
+    test = scenes.test.segmentation("test.npz")
+    report = validate(tmp_path / "s.onnx", test, measure_latency=False, thresholds=Thresholds(min_worst_group_miou=0))
+    assert report.passed and report.metrics.primary == "miou"
+    got = run_batches(make_session(tmp_path / "s.onnx"), test.x, 16)
+    assert report.metrics.overall["miou"] == pytest.approx(Segmentation().evaluate(got, test).overall["miou"])
+    with pytest.raises(ConfigError, match="--min-worst-group-map .* limits the map of a detection model"):
+        validate(tmp_path / "s.onnx", test, measure_latency=False, thresholds=Thresholds(min_worst_group_map=1))
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_compress_and_validate_a_detector(tmp_path, scenes, tests_dir, monkeypatch):
+    torch.save(fm.yolov5_test().state_dict(), tmp_path / "det.pt")
+    save_npz(scenes.train.detection("calib"), tmp_path / "calib.npz")
+    save_npz(scenes.test.detection("test"), tmp_path / "test.npz")
+    monkeypatch.chdir(tests_dir)
+    code, out, err = _run(["-q", "compress", "--task", "detection", "--model", "fixtures_models:yolov5_test",
+                           "--weights", tmp_path / "det.pt", "--calib", tmp_path / "calib.npz", "--num-calib", 32,
+                           "--target", "x86-avx2", "--weight-bits", 8, "--out", tmp_path / "det.onnx"])
+    assert code == 0, err
+    assert "task: detection (layout v5; given)" in out and "stay float (the decode)" in out
+    assert read_metadata(tmp_path / "det.onnx").task["layout"] == "v5"
+    code, out, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
+                           "--min-worst-group-map", 0, "--report-dir", tmp_path / "r", "--junit", tmp_path / "j.xml"])
+    assert code == 0, err
+    assert "task: detection (layout v5; recorded in the file's fqexport metadata)" in out
+    assert "mAP %" in out.splitlines()[2]
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["checks"][0]["name"] == "min_worst_group_map"
+    assert 'name="min_worst_group_map"' in (tmp_path / "j.xml").read_text()
+    code, _, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
+                         "--min-worst-group-acc", 50])
+    assert code == 2 and "--min-worst-group-acc (min_worst_group_acc) limits the accuracy of a classification" in err
+    code, _, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--task", "segmentation",
+                         "--layout", "v8"])
+    assert code == 2 and "--layout v8 is an option of --task detection" in err
+
+
+def test_sensitivity_of_a_detector_is_its_distillation_loss(scenes):
+    data = scenes.train.detection("calib.npz")
+    table = measure_sensitivity(fm.yolov5_test(), data, layers=["head.0", "body.stem.conv"], bit_choices=(2, 8),
+                                num_samples=16, cache=False)
+    assert table.layers == ("head.0", "body.stem.conv") and table.groups == ("daylight", "low-light")
+    assert (table.delta[:, 0] > table.delta[:, 1]).all()  # 2 bits move the outputs more than 8 bits
+    np.testing.assert_allclose(table.float_loss, 0.0, atol=1e-6)  # the float model is its own target

@@ -28,7 +28,7 @@ import torch
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream
-from fqexport.errors import ConfigError
+from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
@@ -114,7 +114,7 @@ def validate(
     session = plain.open(model)
     gd = read_test_data(data)
     check_data(gd, str(model), input_shape(session))
-    chosen, why = _task(task, meta, gd, session)
+    chosen, why = _task(task, meta, gd, session, str(model))
     _check_limits(t, chosen, why, str(model))
     runner = dataclasses.replace(plain, task=chosen)
     gd = as_test_data(gd, chosen)
@@ -143,14 +143,17 @@ def _target_list(targets: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["native", *(check_target(x) for x in asked)]))
 
 
-def _task(task: str | Task | None, meta: ExportMetadata | None, data, session) -> tuple[Task, str]:
+def _task(task: str | Task | None, meta: ExportMetadata | None, data, session, model: str) -> tuple[Task, str]:
     """The task of the validation and how it was chosen: given, the file's metadata, or inferred."""
     if task is None and meta is not None and meta.task:
         return task_from_dict(meta.task), "recorded in the file's fqexport metadata"
     if task is not None and not isinstance(task, str):
         return task, "given"
     sample = data.take(np.arange(min(2, len(data))))
-    out = torch.from_numpy(run_batches(session, sample.x, 2)) if len(sample) else None
+    try:
+        out = torch.from_numpy(run_batches(session, sample.x, 2)) if len(sample) else None
+    except DataError as err:  # (named as Runner.measure names it)
+        raise DataError(f"model {model} on data {data.source}: {err}") from err
     return resolve_task(task, data, out)
 
 

@@ -102,9 +102,15 @@ class Task(ABC):
         """Per-group metrics of ``outputs`` on ``data`` (a GroupData or DataStream); without the
         data's own labels or annotations the float ``reference`` outputs stand in for them."""
 
-    @abstractmethod
     def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
-        """:meth:`evaluate`'s loss per sample, ``[N]`` float64."""
+        """:meth:`evaluate`'s loss per sample, ``[N]`` float64: by default the distillation loss
+        (:meth:`sample_loss`) against the float ``reference`` outputs, NaN without them."""
+        if reference is None:
+            return np.full(len(outputs), np.nan)
+        with torch.no_grad():
+            loss = self.sample_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
+                                    torch.from_numpy(np.asarray(reference, np.float32)))
+        return loss.double().numpy()
 
     @abstractmethod
     def agreement(self, a: np.ndarray, b: np.ndarray) -> float:

@@ -197,14 +197,6 @@ class Detection(Task):
             raise DataError(f"{data.source}: no boxes (fields boxes, box_labels, box_image) to measure mAP against")
         return [(d.boxes, d.labels) for d in self.detections(reference, self.deploy_conf)]
 
-    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
-        if reference is None:
-            return np.full(len(outputs), np.nan)
-        with torch.no_grad():
-            loss = self.sample_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
-                                    torch.from_numpy(np.asarray(reference, np.float32)))
-        return loss.double().numpy()
-
     def evaluate(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None = None) -> GroupMetrics:
         """COCO mAP@[.5:.95] and mAP@.5 per group and overall, and the loss vs ``reference``."""
         num_classes = self.num_classes_of(tuple(np.shape(outputs)))

@@ -98,14 +98,6 @@ class Segmentation(Task):
             raise DataError(f"{data.source}: no masks (field 'masks') to measure mIoU against")
         return np.asarray(reference).argmax(1), _NO_IGNORE
 
-    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
-        if reference is None:
-            return np.full(len(outputs), np.nan)
-        with torch.no_grad():
-            loss = self.sample_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
-                                    torch.from_numpy(np.asarray(reference, np.float32)))
-        return loss.double().numpy()
-
     def evaluate(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None = None) -> GroupMetrics:
         """mIoU, Dice and pixel accuracy per group and overall, and the loss vs ``reference``."""
         outputs = np.asarray(outputs)

@@ -23,12 +23,11 @@ import torch
 from fqexport.calibration.npz import save_npz
 from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.config import MixedPrecisionConfig, QuantConfig
-from fqexport.demo.run import ort_quantize_static_baseline
+from fqexport.demo.run import ort_quantize_static_baseline, search_and_export
 from fqexport.demo.scene_models import SCENE_SIZES, SCENE_TRAIN, trained_scene_model
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.qdq_onnx import export_float, export_qdq
 from fqexport.pipeline.compress import compress
-from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.tasks.detection import Detection
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import write_json_data, write_markdown_table
@@ -122,14 +121,8 @@ def run_detection_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, k
         export_qdq(cm, path)
         paths.append((label, path))
     if with_search:
-        label, mp = DET_MIXED
-        search = search_mixed_precision(model, calib, replace(mp, seed=seed),
-                                        QuantConfig(num_calib=num_calib, seed=seed), progress=progress, task=task)
-        path = out_dir / "fqexport_mixed_avg3bit.onnx"
-        export_qdq(search.compressed, path)
-        on_step(f"mixed precision ({mp.objective}, {search.allocation.avg_bits:.2f} avg bits): "
-                + ", ".join(f"{r['name']}={r['bits']}" for r in search.table()))
-        paths.append((label, path))
+        paths.append(search_and_export(model, calib, DET_MIXED, out_dir, num_calib=num_calib, seed=seed,
+                                       progress=progress, on_step=on_step, task=task))
 
     isa = cpu_isa()
     on_step(f"[4/4] validating every model in ONNX Runtime (optimized session) on the test scenes, per group "

@@ -83,9 +83,10 @@ def _quiet(message: str) -> None:
 
 
 def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path,
-                                 exclude: Callable[[Path], list[str]] | None = None) -> Path:
+                                 exclude: Callable[[Path], list[str]] | None = None, reduce_range: bool = False) -> Path:
     """ONNX Runtime's own W8A8 QDQ quantizer (per-channel, u8 activations, s8 weights); ``exclude``
-    names the nodes of the pre-processed file it leaves float (its ``nodes_to_exclude``)."""
+    names the nodes of the pre-processed file it leaves float (its ``nodes_to_exclude``);
+    ``reduce_range``: 7-bit weights (ORT's advice for CPUs without VNNI)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -104,9 +105,25 @@ def ort_quantize_static_baseline(float_onnx: Path, calib: GroupData, out: Path,
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(float_onnx), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude(pre) if exclude else [])
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude(pre) if exclude else [],
+                    reduce_range=reduce_range)
     pre.unlink(missing_ok=True)
     return out
+
+
+def search_and_export(model: torch.nn.Module, calib: GroupData, mixed: tuple[str, MixedPrecisionConfig], out_dir: Path,
+                      *, num_calib: int, seed: int, progress: bool, on_step: Callable[[str], None],
+                      task: Any = None) -> tuple[str, Path]:
+    """A demo's mixed-precision row: the search ``mixed`` = (label, config) on ``calib``, its file
+    ``fqexport_mixed_avg3bit.onnx`` in ``out_dir``, the chosen widths told to ``on_step``."""
+    label, mp = mixed
+    search = search_mixed_precision(model, calib, replace(mp, seed=seed), QuantConfig(num_calib=num_calib, seed=seed),
+                                    progress=progress, task=task)
+    path = out_dir / "fqexport_mixed_avg3bit.onnx"
+    export_qdq(search.compressed, path)
+    on_step(f"mixed precision ({mp.objective}, {search.allocation.avg_bits:.2f} avg bits): "
+            + ", ".join(f"{r['name']}={r['bits']}" for r in search.table()))
+    return label, path
 
 
 def _row(label: str, report) -> dict[str, Any]:
@@ -227,14 +244,8 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
         result = export_qdq(cm, path)
         log.info("%s: agreement with fake-quant reference %.4f", label, result.agreement)
         paths.append((label, path))
-    label, mp = DEMO_MIXED
-    search = search_mixed_precision(model, calib, replace(mp, seed=seed), QuantConfig(num_calib=num_calib, seed=seed),
-                                    progress=progress)
-    path = out_dir / "fqexport_mixed_avg3bit.onnx"
-    export_qdq(search.compressed, path)
-    on_step(f"mixed precision ({mp.objective}, {search.allocation.avg_bits:.2f} avg bits): "
-            + ", ".join(f"{r['name']}={r['bits']}" for r in search.table()))
-    paths.append((label, path))
+    paths.append(search_and_export(model, calib, DEMO_MIXED, out_dir, num_calib=num_calib, seed=seed,
+                                   progress=progress, on_step=on_step))
 
     isa = cpu_isa()
     # an AVX2 CPU measures the x86-avx2 columns with its own kernels; any other emulates them

@@ -153,3 +153,29 @@ def test_sensitivity_of_a_detector_is_its_distillation_loss(scenes):
     assert table.layers == ("head.0", "body.stem.conv") and table.groups == ("daylight", "low-light")
     assert (table.delta[:, 0] > table.delta[:, 1]).all()  # 2 bits move the outputs more than 8 bits
     np.testing.assert_allclose(table.float_loss, 0.0, atol=1e-6)  # the float model is its own target
+
+
+class _TupleYolo(fm.YoloV5):
+    """A YOLOv5 as Ultralytics' runs in eval mode: ``(decoded, raw maps)``."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y, [y[:, :4]]
+
+
+def test_a_tuple_output_is_cut_to_its_first(tmp_path, scenes, caplog):
+    plain = fm.yolov5_test()
+    tupled = _TupleYolo(num_classes=3, width=4, image_size=64).eval()
+    tupled.load_state_dict(plain.state_dict())
+    calib = scenes.train.detection("calib.npz")
+    with caplog.at_level("INFO", logger="fqexport"):
+        cm = compress(tupled, calib, _config(), progress=False)
+    assert "the model returns a tuple of 2 outputs: fqexport measures, compresses and exports the first" in caplog.text
+    want = compress(plain, calib, _config(), progress=False)
+    assert cm.task == Detection(layout="v5") and set(cm.layers) == set(want.layers)
+    for name, layer in want.layers.items():
+        assert torch.equal(cm.layers[name].codes, layer.codes), name
+    export_qdq(cm, tmp_path / "t.onnx")
+    proto = onnx.load(str(tmp_path / "t.onnx"))
+    assert len(proto.graph.output) == 1
+    assert run_batches(make_session(tmp_path / "t.onnx"), scenes.test.x[:3], 3).shape == (3, 240, 8)

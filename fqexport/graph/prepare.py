@@ -19,6 +19,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -39,6 +40,9 @@ _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers with parameters that stay float ops between quantized layers, by design.
 NORMS = _BATCHNORM + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                       nn.InstanceNorm3d, nn.RMSNorm, nn.PReLU)
+MSG_FIRST_OUTPUT = ("the model returns a {kind} of {n} outputs: fqexport measures, compresses and exports the "
+                    "first (the others are left out of the file)")
+
 # Subclasses of these that keep the base forward are traced as leaves, like their base.
 _LEAF_BASES = QUANTIZABLE + NORMS
 # Functional weight ops on parameters (a module traced through): float weight layers.
@@ -145,7 +149,30 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as err:  # fx raises many kinds of errors for untraceable code
         raise ModelLoadError(MSG_TRACE.format(err=f"{type(err).__name__}: {err}")) from err
-    return torch.fx.GraphModule(model, graph, type(model).__name__)
+    gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    _keep_first_output(gm)
+    return gm
+
+
+def first_output(out: Any) -> Any:
+    """The output fqexport measures: the first of a tuple or list whose first item is a tensor
+    (e.g. a YOLO model in eval mode returns ``(decoded, raw_maps)``), else ``out`` itself."""
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
+def _keep_first_output(gm: torch.fx.GraphModule) -> None:
+    """Cut a traced tuple/list output down to its first item (:func:`first_output`), so the
+    reference and the ONNX file return what a deployment of the model reads (Ultralytics' and
+    torchvision's ONNX exports keep the first output alike)."""
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    value = node.args[0]
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.fx.Node):
+        log.info(MSG_FIRST_OUTPUT.format(kind=type(value).__name__, n=len(value)))
+        node.args = (value[0],)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
 
 def decompose_attention_needed(m: nn.Module) -> bool:

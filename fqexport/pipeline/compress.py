@@ -41,7 +41,7 @@ from fqexport.device import resolve_device
 from fqexport.errors import ConfigError, DataError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.float_tail import tail_ops
-from fqexport.graph.prepare import LayerInfo, count_macs, prepare_model
+from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
@@ -237,11 +237,12 @@ def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
 
 
 def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
-    """The model's output on the first two samples; a DataError when they do not fit it."""
+    """The model's output on the first two samples (its first output: :func:`first_output`); a
+    DataError when they do not fit it."""
     x = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x))
     try:
         with torch.no_grad():
-            return model(x)
+            return first_output(model(x))
     except Exception as err:
         raise DataError(
             f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "

@@ -179,3 +179,17 @@ def test_a_tuple_output_is_cut_to_its_first(tmp_path, scenes, caplog):
     proto = onnx.load(str(tmp_path / "t.onnx"))
     assert len(proto.graph.output) == 1
     assert run_batches(make_session(tmp_path / "t.onnx"), scenes.test.x[:3], 3).shape == (3, 240, 8)
+
+
+def test_cli_finetunes_a_detector_without_labels(tmp_path, scenes, tests_dir, monkeypatch):
+    torch.save(fm.yolov5_test().state_dict(), tmp_path / "det.pt")
+    save_npz(scenes.train.detection("calib"), tmp_path / "calib.npz")
+    monkeypatch.chdir(tests_dir)
+    code, out, err = _run(["-q", "compress", "--task", "detection", "--model", "fixtures_models:yolov5_test",
+                           "--weights", tmp_path / "det.pt", "--calib", tmp_path / "calib.npz",
+                           "--train", tmp_path / "calib.npz", "--num-calib", 32, "--target", "x86-avx2",
+                           "--weight-bits", 4, "--finetune", "--epochs", 1, "--out", tmp_path / "ft.onnx"])
+    assert code == 0, err  # the data has boxes and no y: a detector distils, no labels needed
+    header = next(line for line in out.splitlines() if line.startswith("group "))
+    assert "mAP@[.5:.95] before %" in header and "mAP@[.5:.95] after %" in header
+    assert read_metadata(tmp_path / "ft.onnx").finetune["holdout_after"]["low-light"]["map"] >= 0.0

@@ -12,6 +12,7 @@ from fqexport.calibration.stream import DataStream
 from fqexport.cli.common import print_table
 from fqexport.cli.flags.finetune import finetune_config, parse_export_bits
 from fqexport.errors import DataError
+from fqexport.validation.reports import METRIC_LABELS
 from fqexport.finetune.api import finetune, finetune_widths
 from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.start import MSG_GROUPS
@@ -38,7 +39,10 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
     if config is None:
         return None
     train = open_stream(args.train, num_workers=config.num_workers)
-    require_labels(train, "finetune")
+    # a classifier needs labels (fail before any compress); a detector or segmenter distils its
+    # float model and needs none (fqexport.finetune checks again once the task is known)
+    if getattr(args, "task", None) in (None, "classification") and getattr(train, "annotations", None) is None:
+        require_labels(train, "finetune")
     if calib_groups is not None and tuple(train.group_names) != tuple(calib_groups):
         raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
                                           calib=", ".join(calib_groups)))
@@ -62,11 +66,13 @@ def run_finetune_widths(plan: FinetunePlan, cm: CompressedModel, quiet: bool = F
 
 def _print_summary(plan: FinetunePlan, out: CompressedModel) -> None:
     rec = out.metadata.finetune
+    key = out.task.primary  # accuracy, mAP@[.5:.95] or mIoU: the task's metric
+    head = "acc" if key == "accuracy" else METRIC_LABELS.get(key, key)
     rows = []
     for g in out.group_names:
         b, a = rec["holdout_before"][g], rec["holdout_after"][g]
         rows.append({"group": g, "n": b["count"],
-                     "acc before %": f"{100 * b['accuracy']:.2f}", "acc after %": f"{100 * a['accuracy']:.2f}",
+                     f"{head} before %": f"{100 * b[key]:.2f}", f"{head} after %": f"{100 * a[key]:.2f}",
                      "loss before": f"{b['loss']:.4f}", "loss after": f"{a['loss']:.4f}"})
     cfg = plan.config
     print(f"fine-tuning ({cfg.loss}, {cfg.sampler} sampling): {rec['epochs_run']} epoch(s), {rec['steps']} steps, "

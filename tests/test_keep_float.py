@@ -109,3 +109,25 @@ def test_cli_keep_float_is_repeatable_and_reported(tmp_path, mlp_files, tests_di
     assert "1 weight layer(s) stay in float by --keep-float (reason above)" in out.getvalue()
     layers = json.loads((tmp_path / "r.json").read_text())["layers"]
     assert {r["name"]: r["reason"] for r in layers} == {"fc2": "", "fc3": "", "fc1": "keep_float: fc1"}
+
+
+class _SharedHidden(nn.Module):
+    """A layer called twice (weight sharing, as a DFL conv applied per scale): quantizable only when kept float."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(features, 16)
+        self.shared = nn.Linear(16, 16)
+        self.out = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.out(self.shared(torch.relu(self.shared(torch.relu(self.inp(x))))))
+
+
+def test_a_layer_called_twice_can_be_kept_float(mlp_data):
+    model = _SharedHidden(mlp_data.x.shape[1], int(mlp_data.y.max()) + 1).eval()
+    with pytest.raises(UnsupportedLayerError, match="called more than once"):
+        compress(model, mlp_data, QuantConfig(num_calib=64), progress=False)
+    cm = compress(model, mlp_data, QuantConfig(num_calib=64, keep_float=("shared",)), progress=False)
+    assert sorted(cm.layers) == ["inp", "out"]
+    assert [(f.name, f.reason) for f in cm.metadata.float_layers] == [("shared", "keep_float: shared")]

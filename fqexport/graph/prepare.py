@@ -114,10 +114,13 @@ def kept_float_layers(gm: torch.fx.GraphModule, patterns: tuple) -> list[FloatLa
         return []
     modules = dict(gm.named_modules())
     out = []
-    for info in quantizable_layers(gm):
-        match = keep_float_match(info.name, modules[info.name], patterns)
+    # each layer once, by its call sites: a kept layer may be called more than once (a DFL conv per scale)
+    called = dict.fromkeys(str(n.target) for n in gm.graph.nodes
+                           if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE))
+    for name in called:
+        match = keep_float_match(name, modules[name], patterns)
         if match is not None:
-            out.append(FloatLayer(info.name, type(modules[info.name]).__name__, info.params, f"keep_float: {match}"))
+            out.append(FloatLayer(name, type(modules[name]).__name__, modules[name].weight.numel(), f"keep_float: {match}"))
     return out
 
 

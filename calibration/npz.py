@@ -43,6 +43,10 @@ MSG_BOX_FIELDS = (
     "field 'boxes' needs fields {missing} beside it (boxes [M, 4] xyxy pixels, box_labels [M] class "
     "ids, box_image [M] index into x)"
 )
+MSG_BOXES_AND_MASKS = (
+    "fields 'boxes' and 'masks' are both present: a file holds one task's ground truth (boxes for a detector, "
+    "masks for a segmenter); drop the other fields"
+)
 # Arrays an archive must hold (y is optional: data without labels).
 NPZ_REQUIRED = ("x", "group")
 MSG_X_MAP = "{source}: field 'x' cannot be memory-mapped ({err}); write the file again with numpy.savez"
@@ -158,6 +162,8 @@ def load_npz(path: str | os.PathLike) -> GroupData:
 
 def npz_annotations(arrays: dict[str, np.ndarray], source: str) -> Boxes | Masks | None:
     """The boxes or masks among an archive's ``arrays`` (unchecked; the readers check them)."""
+    if "boxes" in arrays and "masks" in arrays:
+        raise data_error(source, MSG_BOXES_AND_MASKS)
     if "boxes" in arrays:
         missing = [f for f in BOX_FIELDS[1:] if f not in arrays]
         if missing:

@@ -11,7 +11,7 @@ import pytest
 
 from fqexport.calibration.annotations import Boxes, Masks, check_box_labels, check_mask_labels
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.npz import save_npz
+from fqexport.calibration.npz import MSG_BOXES_AND_MASKS, save_npz
 from fqexport.calibration.readers import load_data, open_stream
 from fqexport.errors import DataError
 
@@ -58,6 +58,8 @@ def test_npz_boxes_load_and_follow_a_subset(tmp_path):
     (dict(masks=np.zeros((4, 8, 9), np.int64)), "field 'masks' has masks of (8, 9) (H, W) but the images of x "
      "are (8, 10)"),
     (dict(masks=np.zeros((3, 8, 10), np.int64)), "field 'masks' has 3 masks but field 'x' has 4 samples"),
+    (dict(boxes=BOXES, box_labels=[0, 2, 1], box_image=[0, 1, 2], masks=np.zeros((4, 8, 10), np.int64)),
+     MSG_BOXES_AND_MASKS),  # was read as a detector's data, its masks dropped
 ])
 def test_bad_annotations_name_file_field_and_first_index(tmp_path, fields, message):
     path = _npz(tmp_path, **fields)

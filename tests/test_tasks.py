@@ -11,6 +11,7 @@ from fqexport.calibration.annotations import Boxes, Masks
 from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.tasks import Classification, Detection, Segmentation, make_task, resolve_task, task_from_dict
+from fqexport.tasks.segmentation import MSG_ONE_CHANNEL
 
 pytest.importorskip("pycocotools")
 
@@ -112,6 +113,12 @@ def test_segmentation_metrics_loss_and_compare():
     assert not seg.compare(flipped, logits).passed and seg.compare(logits + 0.001, logits).passed
     with pytest.raises(DataError, match=r"not per-pixel logits \[batch, classes, 2, 2\]"):
         seg.check_output(torch.zeros(2, 3, 4, 4), data)
+    # a single (sigmoid) logit per pixel: every argmax is 0, nothing would be measured
+    with pytest.raises(ModelLoadError) as err:
+        seg.check_output(torch.zeros(2, 1, 2, 2), data)
+    assert str(err.value) == MSG_ONE_CHANNEL.format(model="the model", channels=1, shape=(2, 1, 2, 2))
+    with pytest.raises(ModelLoadError, match=r"model m.onnx returns 1 channel\(s\) per pixel"):
+        seg.check_outputs(np.zeros((2, 1, 2, 2)), "m.onnx", data)
 
 
 def test_classification_is_the_default_and_its_comparison_is_top1():

@@ -30,6 +30,11 @@ MSG_OUTPUT = (
     "logits [batch, classes, {h}, {w}] at the input's size"
 )
 MSG_SESSION_OUTPUT = "model {model} returns output of shape {shape}, not per-pixel logits [N, C, {h}, {w}]"
+MSG_ONE_CHANNEL = (
+    "{model} returns {channels} channel(s) per pixel ({shape}): a segmenter needs a logit per class, 2 or more (a "
+    "single sigmoid logit z is the softmax of [0, z]: return torch.cat([torch.zeros_like(z), z], 1)); with one "
+    "channel every argmax is class 0 and the export check, the search's loss and mIoU measure nothing"
+)
 SUMMARY = (
     "agrees with the PyTorch fake-quant reference on only {agree:.2%} of {n} pixels whose top-2 logits "
     "are more than {tie:g}% of the logit spread apart (need >= {need:.0%}; max |logit diff| {diff:.4g})"
@@ -63,6 +68,9 @@ class Segmentation(Task):
         if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[2:]) != (h, w):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_OUTPUT.format(source=data.source, sample=data.sample_shape, shape=shape, h=h, w=w))
+        if out.shape[1] < 2:
+            raise ModelLoadError(MSG_ONE_CHANNEL.format(model="the model", channels=int(out.shape[1]),
+                                                        shape=tuple(out.shape)))
         return int(out.shape[1])
 
     def check_annotations(self, data: Any, num_classes: int) -> None:
@@ -73,6 +81,9 @@ class Segmentation(Task):
         h, w = data.sample_shape[-2:]
         if np.ndim(outputs) != 4 or tuple(np.shape(outputs)[2:]) != (h, w):
             raise ModelLoadError(MSG_SESSION_OUTPUT.format(model=model, shape=list(np.shape(outputs)), h=h, w=w))
+        if np.shape(outputs)[1] < 2:
+            raise ModelLoadError(MSG_ONE_CHANNEL.format(model=f"model {model}", channels=int(np.shape(outputs)[1]),
+                                                        shape=list(np.shape(outputs))))
         self.check_annotations(data, int(np.shape(outputs)[1]))
 
     def float_tail(self, gm: torch.fx.GraphModule, layers: set[str]) -> set[torch.fx.Node]:

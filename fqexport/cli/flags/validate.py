@@ -15,7 +15,7 @@ from fqexport.cli.flags.shared import add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError
-from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.thresholds import Thresholds, check_measurements
 
 DESCRIPTION = "Run an ONNX model per group in ONNX Runtime and gate on limits (the CI gate)."
 EPILOG = (
@@ -93,7 +93,7 @@ def thresholds(args: argparse.Namespace) -> Thresholds:
 
 
 def check_validate(args: argparse.Namespace) -> None:
-    """Paths, ``--threads`` and the limits, before ONNX Runtime is imported (exit 2)."""
+    """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is imported (exit 2)."""
     check_paths(
         [("model", args.model), ("--data", args.data), ("--reference", args.reference),
          ("model's external data", Path(f"{args.model}.data"))],
@@ -102,5 +102,6 @@ def check_validate(args: argparse.Namespace) -> None:
     )
     if args.threads is not None and args.threads < 0:
         raise ConfigError(f"--threads {args.threads} must be >= 0")
-    thresholds(args)
+    check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
+                       latency=not args.no_latency and bool(args.latency_batch_sizes))
     task_spec(args)

@@ -7,6 +7,8 @@ Exit codes: 0 every limit holds, 1 a limit is broken (each named with its value 
 from __future__ import annotations
 
 import argparse
+import functools
+from dataclasses import fields
 from pathlib import Path
 from typing import get_args
 
@@ -82,14 +84,14 @@ def add_validate_parser(subparsers) -> None:
 
 
 def thresholds(args: argparse.Namespace) -> Thresholds:
-    """The limits of the parsed flags (percent points)."""
-    return Thresholds(
-        min_acc=args.min_acc, min_worst_group_acc=args.min_worst_group_acc, max_acc_gap=args.max_acc_gap,
-        max_group_drop=args.max_group_drop, max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb,
-        max_kernel_deviation=args.max_kernel_deviation, min_worst_group_map=args.min_worst_group_map,
-        max_group_map_drop=args.max_group_map_drop, min_worst_group_miou=args.min_worst_group_miou,
-        max_group_miou_drop=args.max_group_miou_drop,
-    )
+    """The limits of the parsed flags (percent points); built once per set of values, so that a
+    limit that looks like a fraction is warned about once (the check and the run both ask)."""
+    return _thresholds(tuple(getattr(args, f.name) for f in fields(Thresholds)))
+
+
+@functools.lru_cache(maxsize=8)
+def _thresholds(values: tuple) -> Thresholds:
+    return Thresholds(*values)
 
 
 def check_validate(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import fused_kernels
 from fqexport.exporters.qdq_onnx import export_qdq
-from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match
+from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match, prepare_model
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import Budget, LayerCost, budget_capacity
 from fqexport.search.mixed_precision import search_mixed_precision
@@ -109,3 +109,14 @@ def test_cli_keep_float_is_repeatable_and_reported(tmp_path, mlp_files, tests_di
     assert "1 weight layer(s) stay in float by --keep-float (reason above)" in out.getvalue()
     layers = json.loads((tmp_path / "r.json").read_text())["layers"]
     assert {r["name"]: r["reason"] for r in layers} == {"fc2": "", "fc3": "", "fc1": "keep_float: fc1"}
+
+
+def test_a_pattern_that_matches_no_layer_is_warned_about_naming_the_layers(caplog):
+    """A typo in --keep-float would otherwise quantize the layer the user meant to keep float."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        prepared = prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
+    assert prepared.skipped == frozenset({"2"})
+    assert ("keep_float pattern 'fcc' matches no quantizable layer of the model, so nothing stays float by it "
+            "(layers: 0, 2); check its spelling (--keep-float)") in caplog.text
+    assert "pattern 'type:LSTM' matches no" in caplog.text and "pattern '2' matches" not in caplog.text

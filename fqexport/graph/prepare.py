@@ -121,6 +121,15 @@ def kept_float_layers(gm: torch.fx.GraphModule, patterns: tuple) -> list[FloatLa
     return out
 
 
+def unmatched_keep_float(gm: torch.fx.GraphModule, patterns: tuple) -> list[str]:
+    """The ``keep_float`` patterns, each as :func:`keep_float_match` names it, that select no
+    quantizable layer of ``gm`` (a typo would otherwise quantize the layer silently)."""
+    modules = dict(gm.named_modules())
+    names = [info.name for info in quantizable_layers(gm)]
+    return [p if isinstance(p, str) else f"type:{p.__name__}" for p in patterns
+            if not any(keep_float_match(n, modules[n], (p,)) for n in names)]
+
+
 class _Tracer(torch.fx.Tracer):
     """fx's tracer, with subclasses of Conv2d/Linear/norm layers that keep their base's forward
     as leaves too (fx would trace into a non-``torch.nn`` subclass and fail on its input check)."""
@@ -367,6 +376,10 @@ MSG_ALL_KEPT_FLOAT = (
     "left to quantize; narrow the patterns (--keep-float)"
 )
 MSG_KEPT_FLOAT = "keep_float: %d layer(s) stay in float by request: %s"
+MSG_KEEP_FLOAT_UNMATCHED = (
+    "keep_float pattern %r matches no quantizable layer of the model, so nothing stays float by it "
+    "(layers: %s); check its spelling (--keep-float)"
+)
 
 
 @dataclass(frozen=True)
@@ -413,6 +426,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     raw = trace(model)
     skipped = check_supported(raw, skip_unsupported)
     kept = kept_float_layers(raw, tuple(keep_float))
+    for pattern in unmatched_keep_float(raw, tuple(keep_float)):
+        known = [info.name for info in quantizable_layers(raw)]
+        log.warning(MSG_KEEP_FLOAT_UNMATCHED, pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else ""))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     floats = (*float_layers(raw), *kept)

@@ -111,7 +111,8 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="columns per lazy block update of the solver (speed only)")
     p.add_argument("--group-weights", metavar="equal|samples|NAME=W,...",
                    help="weight of each group in the Hessian: equal (the default: each group counts the same "
-                   "whatever its size), samples (by sample count, plain GPTQ) or NAME=W,NAME=W")
+                   "whatever its size), samples (by sample count, plain GPTQ) or NAME=W,NAME=W (a group not named "
+                   "gets weight 0: name every group, e.g. majority=1,minority=2)")
     p.add_argument("--calibration", choices=get_args(Calibration), default=_Q.calibration,
                    help="activation range observer; minmax never clips a group's tail")
     p.add_argument("--percentile", type=float, default=_Q.percentile,

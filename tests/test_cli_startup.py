@@ -49,6 +49,8 @@ def _fresh(argv, cwd) -> tuple[str, str]:
      "error: --max-group-drop (max_group_drop) needs a reference model: pass --reference float.onnx"),
     (["validate", "m.onnx", "--data", "d.npz", "--max-latency-ms", "5", "--no-latency"], 2,
      "error: --max-latency-ms (max_latency_ms) needs latency measurement; do not disable it"),
+    (["validate", "m.onnx", "--data", "d.npz", "--warmup", "-3"], 2, None),
+    (["validate", "m.onnx", "--data", "d.npz", "--latency-batch-sizes", ","], 2, None),
     (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,
      "error: --budgets 'x': expected stored bits per weight like 2.5,3,3.5,4"),
     (["demo", "--seed", "x"], 2, None),

@@ -30,7 +30,10 @@ REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
-    return tuple(int_at_least(1)(t) for t in text.split(",") if t.strip())
+    sizes = tuple(int_at_least(1)(t) for t in text.split(",") if t.strip())
+    if not sizes:  # an empty list would switch latency off without --no-latency
+        raise argparse.ArgumentTypeError(f"{text!r}: expected batch sizes like 1,32 (no latency: --no-latency)")
+    return sizes
 
 
 def add_validate_parser(subparsers) -> None:
@@ -73,7 +76,7 @@ def add_validate_parser(subparsers) -> None:
     p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), metavar="B,B,...",
                    help="batch sizes of the latency runs, e.g. 1,32 (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed latency runs")
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed latency runs")
     p.add_argument("--repeats", type=int_at_least(1), default=30, help="timed latency runs")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")

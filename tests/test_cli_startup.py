@@ -53,6 +53,8 @@ def _fresh(argv, cwd) -> tuple[str, str]:
     (["validate", "m.onnx", "--data", "d.npz", "--latency-batch-sizes", ","], 2, None),
     (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,
      "error: --budgets 'x': expected stored bits per weight like 2.5,3,3.5,4"),
+    (["analyze", "--model", "m:f", "--data", "d.npz", "--bits", "8", "9"], 2,
+     "error: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
     (["demo", "--seed", "x"], 2, None),
 ])
 def test_help_and_flag_errors_load_no_stage(tmp_path, argv, code, first_line):

@@ -43,6 +43,10 @@ def _fresh(argv, cwd) -> tuple[str, str]:
      "error: --learn-bits is a fine-tuning option: add --finetune --train train.npz"),
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--objective", "mean"], 2,
      "error: --objective: options of the mixed-precision search"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--budget-bits", "3",
+      "--objective-weights", "minority=2"], 2,
+     "error: --objective-weights: group weights of --objective weighted, which --objective worst-group would "
+     "ignore; add --objective weighted or drop them"),
     (["validate", "m.onnx", "--data", "d.npz", "--junit", "nowhere/j.xml"], 2,
      "error: --junit nowhere/j.xml: folder {cwd}/nowhere does not exist; create it first"),
     (["validate", "m.onnx", "--data", "d.npz", "--max-group-drop", "1"], 2,

@@ -120,3 +120,7 @@ def test_a_pattern_that_matches_no_layer_is_warned_about_naming_the_layers(caplo
     assert ("keep_float pattern 'fcc' matches no quantizable layer of the model, so nothing stays float by it "
             "(layers: 0, 2); check its spelling (--keep-float)") in caplog.text
     assert "pattern 'type:LSTM' matches no" in caplog.text and "pattern '2' matches" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):  # the search prepares it per fit: once
+        prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
+    assert "fcc" not in caplog.text

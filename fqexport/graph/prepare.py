@@ -14,6 +14,7 @@ error.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -128,6 +129,12 @@ def unmatched_keep_float(gm: torch.fx.GraphModule, patterns: tuple) -> list[str]
     names = [info.name for info in quantizable_layers(gm)]
     return [p if isinstance(p, str) else f"type:{p.__name__}" for p in patterns
             if not any(keep_float_match(n, modules[n], (p,)) for n in names)]
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unmatched(pattern: str, layers: str) -> None:
+    """Once per process: the search prepares the model for every fit."""
+    log.warning(MSG_KEEP_FLOAT_UNMATCHED, pattern, layers)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -428,7 +435,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     kept = kept_float_layers(raw, tuple(keep_float))
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):
         known = [info.name for info in quantizable_layers(raw)]
-        log.warning(MSG_KEEP_FLOAT_UNMATCHED, pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else ""))
+        _warn_unmatched(pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else ""))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     floats = (*float_layers(raw), *kept)

@@ -58,6 +58,11 @@ class GroupData(GroupViews):
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def __repr__(self) -> str:  # a summary, like DataStream's (the default printed every array)
+        labels = "labels" if self.y is not None else "no labels"
+        return (f"GroupData({self.source}: {len(self)} samples of {self.sample_shape}, {labels}, "
+                f"groups {dict(zip(self.group_names, self.group_counts().tolist()))})")
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """The shape of one x."""

@@ -31,6 +31,9 @@ GROUP_KEYS = ("path", "index")
 MSG_KEY = "GroupsFromCSV.key={key!r} must be one of {keys}"
 MSG_COLUMN = "GroupsFromCSV.column must name a column of the CSV, got {column!r}"
 MSG_CSV_COLUMN = "missing column '{column}' in the header {header}; GroupsFromCSV(column={column!r}) names it"
+MSG_CSV_KEY_COLUMN = (
+    "missing column '{column}' in the header {header}; GroupsFromCSV(key={column!r}) matches the samples by it"
+)
 MSG_CSV_DUPLICATE = "line {line}: {key} {value!r} appears twice (first on line {first}); give each sample one group"
 MSG_CSV_EMPTY = "line {line}: column '{column}' is empty"
 MSG_CSV_INDEX = "line {line}: column 'index' must hold a sample index >= 0, got {value!r}"
@@ -90,9 +93,10 @@ def read_groups_csv(spec: GroupsFromCSV) -> dict[Any, str]:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            for column in (spec.key, spec.column):
-                if column not in header:
-                    raise data_error(source, MSG_CSV_COLUMN.format(column=column, header=header))
+            if spec.key not in header:
+                raise data_error(source, MSG_CSV_KEY_COLUMN.format(column=spec.key, header=header))
+            if spec.column not in header:
+                raise data_error(source, MSG_CSV_COLUMN.format(column=spec.column, header=header))
             reader.fieldnames = header
             for row in reader:
                 line = reader.line_num

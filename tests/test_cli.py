@@ -214,6 +214,9 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
         "--pin-first-last", "8", "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
     assert code == 0, err
     assert "mixed precision (worst-group, budget bits 4)" in stdout
+    table = stdout.split("mixed precision (worst-group, budget bits 4):\n")[1].split("\n\n")[0]
+    sensitivities = [line.split()[5] for line in table.splitlines()[2:]]  # 4 significant digits
+    assert sensitivities and all(len(s.split("e")[0].lstrip("-0.").replace(".", "")) <= 4 for s in sensitivities), table
     # 200 of 400 calibration samples drawn leave too few of group 'b' unused: a hold-out split
     assert "candidates verified on held-out calibration data (a 30% hold-out split" in stdout
     # the fits, their time and the stored size are printed next to the nominal bits

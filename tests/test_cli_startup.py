@@ -43,10 +43,22 @@ def _fresh(argv, cwd) -> tuple[str, str]:
      "error: --learn-bits is a fine-tuning option: add --finetune --train train.npz"),
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--objective", "mean"], 2,
      "error: --objective: options of the mixed-precision search"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--budget-bits", "3",
+      "--objective-weights", "minority=2"], 2,
+     "error: --objective-weights: group weights of --objective weighted, which --objective worst-group would "
+     "ignore; add --objective weighted or drop them"),
     (["validate", "m.onnx", "--data", "d.npz", "--junit", "nowhere/j.xml"], 2,
      "error: --junit nowhere/j.xml: folder {cwd}/nowhere does not exist; create it first"),
+    (["validate", "m.onnx", "--data", "d.npz", "--max-group-drop", "1"], 2,
+     "error: --max-group-drop (max_group_drop) needs a reference model: pass --reference float.onnx"),
+    (["validate", "m.onnx", "--data", "d.npz", "--max-latency-ms", "5", "--no-latency"], 2,
+     "error: --max-latency-ms (max_latency_ms) needs latency measurement; do not disable it"),
+    (["validate", "m.onnx", "--data", "d.npz", "--warmup", "-3"], 2, None),
+    (["validate", "m.onnx", "--data", "d.npz", "--latency-batch-sizes", ","], 2, None),
     (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,
      "error: --budgets 'x': expected stored bits per weight like 2.5,3,3.5,4"),
+    (["analyze", "--model", "m:f", "--data", "d.npz", "--bits", "8", "9"], 2,
+     "error: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
     (["demo", "--seed", "x"], 2, None),
 ])
 def test_help_and_flag_errors_load_no_stage(tmp_path, argv, code, first_line):

@@ -176,3 +176,11 @@ def test_unknown_target_is_a_usage_error(files, capsys):
         _run([files / "qdq.onnx", "--data", files / "test.npz", "--target", "x86-sse"])
     assert exc.value.code == 2
     assert "invalid choice: 'x86-sse'" in capsys.readouterr().err
+
+
+def test_a_limit_that_looks_like_a_fraction_is_warned_about_once(files, caplog):
+    """The flags' check, the run and every --target's checks read the same limits: one warning."""
+    rc = _run([files / "qdq.onnx", "--data", files / "test.npz", "--min-worst-group-acc", "0.37",
+               "--target", "x86-vnni", "--no-latency", "--no-kernel-check"])
+    assert rc == 0
+    assert caplog.text.count("min_worst_group_acc=0.37 is read as 0.37 %") == 1

@@ -16,6 +16,8 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.metrics.diagnostics import (
     FLOAT_VARIANT,
+    AnalysisReport,
+    GroupDiagnostics,
     ROW_COLUMNS,
     analyze,
     group_diagnostics,
@@ -169,3 +171,10 @@ def test_analyze_of_a_stream_matches_the_group_data_and_needs_labels():
     x_alone = load_data([torch.from_numpy(x) for x in data.x], groups=data.group)
     with pytest.raises(DataError, match=r"^analyze needs labels: <list> yields no y; give \(x, y\) or \(x, y, group\)"):
         analyze(model, x_alone, bits=(4,))
+
+
+def test_summary_of_an_unchanged_accuracy_says_plus_zero_not_minus_zero():
+    same = GroupDiagnostics(count=4, total=4, accuracy=1.0, loss=0.1, logit_variance=1.0, grad_norm=1.0,
+                            top_hessian_eigenvalue=1.0, hessian_iterations=3, hessian_converged=True)
+    report = AnalysisReport(("a",), (FLOAT_VARIANT, "W8A8"), {FLOAT_VARIANT: {"a": same}, "W8A8": {"a": same}})
+    assert report.summary()[-1].startswith("W8A8: most hurt group 'a': accuracy +0.00 pp, loss +0.0000")

@@ -69,6 +69,10 @@ def test_csv_errors_name_the_file_and_the_first_sample(tmp_path):
         index=2, what=str(tmp_path / "dog" / "2.png"), csv=csv, key="path")
     with pytest.raises(DataError, match=r"g\.csv: missing column 'tone' in the header \['path', 'skin'\]"):
         load_data(ds, groups=GroupsFromCSV(csv, "tone"))
+    with pytest.raises(DataError) as info:  # the key's column missing: named as the key, not as column=
+        load_data(ds, groups=GroupsFromCSV(csv, "skin", key="index"))
+    assert str(info.value).endswith("g.csv: missing column 'index' in the header ['path', 'skin']; "
+                                    "GroupsFromCSV(key='index') matches the samples by it")
     dup = _csv(tmp_path / "d.csv", "path,skin\ndog/0.png,a\ndog/0.png,b\n")
     with pytest.raises(DataError, match=r"d\.csv: line 3: path 'dog/0\.png' appears twice \(first on line 2\)"):
         load_data(ds, groups=GroupsFromCSV(dup, "skin"))

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -19,7 +18,7 @@ from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import fused_kernels
 from fqexport.exporters.qdq_onnx import export_qdq
-from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match
+from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match, prepare_model
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import Budget, LayerCost, budget_capacity
 from fqexport.search.mixed_precision import search_mixed_precision
@@ -131,3 +130,18 @@ def test_a_layer_called_twice_can_be_kept_float(mlp_data):
     cm = compress(model, mlp_data, QuantConfig(num_calib=64, keep_float=("shared",)), progress=False)
     assert sorted(cm.layers) == ["inp", "out"]
     assert [(f.name, f.reason) for f in cm.metadata.float_layers] == [("shared", "keep_float: shared")]
+
+
+def test_a_pattern_that_matches_no_layer_is_warned_about_naming_the_layers(caplog):
+    """A typo in --keep-float would otherwise quantize the layer the user meant to keep float."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        prepared = prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
+    assert prepared.skipped == frozenset({"2"})
+    assert ("keep_float pattern 'fcc' matches no quantizable layer of the model, so nothing stays float by it "
+            "(layers: 0, 2); check its spelling (--keep-float)") in caplog.text
+    assert "pattern 'type:LSTM' matches no" in caplog.text and "pattern '2' matches" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):  # the search prepares it per fit: once
+        prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
+    assert "fcc" not in caplog.text

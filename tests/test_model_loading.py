@@ -143,3 +143,12 @@ def test_trusted_pickle_of_non_module(tmp_path):
 def test_load_state_dict_file_returns_tensors(cnn_files):
     state = load_state_dict_file(cnn_files / "cnn.pt")
     assert "stem.weight" in state and tuple(state["fc.weight"].shape) == (4, 16)
+
+
+def test_a_whole_pickled_model_given_as_weights_names_its_class(tmp_path):
+    """torch's message names the class only inside the advice fqexport drops: keep the name."""
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
+    msg = _load_error("fixtures_models:tiny_cnn", tmp_path / "whole.pt")
+    assert msg.endswith(": cannot read checkpoint with torch.load(weights_only=True): it pickles "
+                        "torch.nn.modules.linear.Linear, not only tensors (a whole model? save its state_dict "
+                        "instead) (only plain tensors are read from an untrusted file)")

@@ -40,3 +40,10 @@ def test_load_data_dispatch(tmp_path):
     bad = GroupData(np.full((2, 1), np.nan, np.float32), np.zeros(2, np.int64), np.zeros(2, np.int64), ("a",), "mem")
     with pytest.raises(DataError, match="mem: field 'x' contains NaN or Inf \\(2 values\\)"):
         load_data(bad)
+
+
+def test_group_data_prints_a_summary_not_its_arrays():
+    data = GroupData(np.zeros((5, 3, 4, 4), np.float32), np.arange(5) % 2, np.array([0, 0, 0, 1, 1]),
+                     ("light", "dark"), "calib.npz")
+    assert repr(data) == "GroupData(calib.npz: 5 samples of (3, 4, 4), labels, groups {'light': 3, 'dark': 2})"
+    assert "no labels" in repr(GroupData(data.x, None, data.group, data.group_names))

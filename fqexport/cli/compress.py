@@ -101,8 +101,8 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
     res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet, task=task)
     metric = "" if res.compressed.task.search_metric == "accuracy" else f" {res.compressed.task.search_metric}"
     print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
-    print_table(res.table(), ["name", "params", "bits", "stored_bits", "container", "sensitivity",
-                              "most_sensitive_group"])
+    rows = [dict(r, sensitivity=f"{r['sensitivity']:.4g}") for r in res.table()]  # was every digit of a float
+    print_table(rows, ["name", "params", "bits", "stored_bits", "container", "sensitivity", "most_sensitive_group"])
     cands = []
     for c in res.candidates:
         cands.append({"chosen": "*" if c.allocation is res.allocation else "", "origin": c.origin,

@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +35,8 @@ MSG_PICKLE = (
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
 )
 
+MSG_PICKLED_GLOBAL = "it pickles {name}, not only tensors (a whole model? save its state_dict instead)"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 _TORCH_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
 
@@ -44,6 +47,9 @@ def _clean(err: BaseException) -> str:
     parts = [p.strip() for p in str(err).split("\n\n")]
     kept = [p for p in parts if p and "weights_only" not in p and "Weights only load failed" not in p]
     text = " ".join(" ".join(kept).split())[:500]
+    pickled = _UNSUPPORTED_GLOBAL.search(str(err))
+    if pickled is not None and pickled.group(1) not in text:  # torch's advice dropped above named it
+        text = (text + " " if text else "") + MSG_PICKLED_GLOBAL.format(name=pickled.group(1))
     if len(kept) < len(parts):
         text = (text + " " if text else "") + "(only plain tensors are read from an untrusted file)"
     return text or type(err).__name__

@@ -14,6 +14,7 @@ error.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -114,14 +115,34 @@ def kept_float_layers(gm: torch.fx.GraphModule, patterns: tuple) -> list[FloatLa
         return []
     modules = dict(gm.named_modules())
     out = []
-    # each layer once, by its call sites: a kept layer may be called more than once (a DFL conv per scale)
-    called = dict.fromkeys(str(n.target) for n in gm.graph.nodes
-                           if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE))
-    for name in called:
+    for name in called_layers(gm):
         match = keep_float_match(name, modules[name], patterns)
         if match is not None:
             out.append(FloatLayer(name, type(modules[name]).__name__, modules[name].weight.numel(), f"keep_float: {match}"))
     return out
+
+
+def called_layers(gm: torch.fx.GraphModule) -> list[str]:
+    """The quantizable layer modules ``gm`` calls, each once in call order (a layer a
+    ``keep_float`` pattern keeps may be called more than once: a DFL conv per scale)."""
+    modules = dict(gm.named_modules())
+    return list(dict.fromkeys(str(n.target) for n in gm.graph.nodes
+                              if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE)))
+
+
+def unmatched_keep_float(gm: torch.fx.GraphModule, patterns: tuple) -> list[str]:
+    """The ``keep_float`` patterns, each as :func:`keep_float_match` names it, that select no
+    quantizable layer of ``gm`` (a typo would otherwise quantize the layer silently)."""
+    modules = dict(gm.named_modules())
+    names = called_layers(gm)
+    return [p if isinstance(p, str) else f"type:{p.__name__}" for p in patterns
+            if not any(keep_float_match(n, modules[n], (p,)) for n in names)]
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unmatched(pattern: str, layers: str) -> None:
+    """Once per process: the search prepares the model for every fit."""
+    log.warning(MSG_KEEP_FLOAT_UNMATCHED, pattern, layers)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -370,6 +391,10 @@ MSG_ALL_KEPT_FLOAT = (
     "left to quantize; narrow the patterns (--keep-float)"
 )
 MSG_KEPT_FLOAT = "keep_float: %d layer(s) stay in float by request: %s"
+MSG_KEEP_FLOAT_UNMATCHED = (
+    "keep_float pattern %r matches no quantizable layer of the model, so nothing stays float by it "
+    "(layers: %s); check its spelling (--keep-float)"
+)
 
 
 @dataclass(frozen=True)
@@ -416,6 +441,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     raw = trace(model)
     skipped = check_supported(raw, skip_unsupported)
     kept = kept_float_layers(raw, tuple(keep_float))
+    for pattern in unmatched_keep_float(raw, tuple(keep_float)):
+        known = called_layers(raw)
+        _warn_unmatched(pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else ""))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     floats = (*float_layers(raw), *kept)

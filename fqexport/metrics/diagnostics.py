@@ -357,7 +357,7 @@ class AnalysisReport:
             worst = max(valid, key=lambda g: (valid[g]["acc_drop_pp"], valid[g]["loss_increase"]))
             c = valid[worst]
             lines.append(
-                f"{variant}: most hurt group '{worst}': accuracy {-c['acc_drop_pp']:+.2f} pp, "
+                f"{variant}: most hurt group '{worst}': accuracy {0.0 - c['acc_drop_pp']:+.2f} pp, "  # 0.0 - x: never -0.00
                 f"loss {c['loss_increase']:+.4f}, λ_max ×{_fmt(c['hessian_ratio'], '.3g')}, "
                 f"grad norm ×{_fmt(c['grad_norm_ratio'], '.3g')}"
             )

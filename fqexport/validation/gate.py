@@ -52,15 +52,11 @@ from fqexport.validation.measure import (
     measure_target,
 )
 from fqexport.validation.resources import model_resources
-from fqexport.validation.thresholds import DROP_LIMITS, LIMIT_METRICS, Thresholds, flag
+from fqexport.validation.thresholds import LIMIT_METRICS, Thresholds, check_measurements, flag
 from fqexport.validation.validation_report import ValidationReport, pepr_score
 
 log = logging.getLogger(__name__)
 
-MSG_NEEDS_REFERENCE_FOR = "{flag} ({name}) needs a reference model: pass --reference float.onnx"
-MSG_NEEDS_REFERENCE = MSG_NEEDS_REFERENCE_FOR.format(flag="--max-group-drop", name="max_group_drop")
-MSG_NEEDS_KERNEL = "--max-kernel-deviation (max_kernel_deviation) needs the kernel check; do not disable it"
-MSG_NEEDS_LATENCY = "--max-latency-ms (max_latency_ms) needs latency measurement; do not disable it"
 MSG_LIMIT_TASK = (
     "{flag} ({name}) limits the {metric} of a {want} model, but {model} is validated as a {task} model "
     "({why}); use the {task}'s limits or --task"
@@ -106,7 +102,7 @@ def validate(
     # 1. options, checked before any session opens
     t = thresholds or Thresholds()
     target_list = _target_list(targets)
-    _check_options(t, reference=reference, kernel_check=kernel_check,
+    check_measurements(t, reference=reference, kernel_check=kernel_check,
                    latency=measure_latency and bool(latency_batch_sizes))
     # 2. the task, then the sessions, each measured per group
     meta = read_metadata(model)
@@ -164,17 +160,6 @@ def _check_limits(t: Thresholds, task: Task, why: str, model: str) -> None:
         if getattr(t, name) is not None and metric not in task.metric_names:
             raise ConfigError(MSG_LIMIT_TASK.format(flag=flag(name), name=name, metric=metric,
                                                     want=_METRIC_TASK[metric], model=model, task=task.name, why=why))
-
-
-def _check_options(t: Thresholds, *, reference: str | Path | None, kernel_check: bool, latency: bool) -> None:
-    """ConfigError for a threshold whose measurement is switched off or missing its input."""
-    for name in DROP_LIMITS:
-        if getattr(t, name) is not None and reference is None:
-            raise ConfigError(MSG_NEEDS_REFERENCE_FOR.format(flag=flag(name), name=name))
-    if t.max_kernel_deviation is not None and not kernel_check:
-        raise ConfigError(MSG_NEEDS_KERNEL)
-    if t.max_latency_ms is not None and not latency:
-        raise ConfigError(MSG_NEEDS_LATENCY)
 
 
 def _resource_fields(model: str | Path, meta: ExportMetadata | None, metrics: GroupMetrics) -> dict[str, Any]:

@@ -18,6 +18,9 @@ from fqexport.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MSG_THRESHOLD = "threshold {name}={value!r} must be a finite number {rule}"
+MSG_NEEDS_REFERENCE_FOR = "{flag} ({name}) needs a reference model: pass --reference float.onnx"
+MSG_NEEDS_KERNEL = "--max-kernel-deviation (max_kernel_deviation) needs the kernel check; do not disable it"
+MSG_NEEDS_LATENCY = "--max-latency-ms (max_latency_ms) needs latency measurement; do not disable it"
 
 PCT = 100.0  # percent points per fraction
 MB = 1e6  # bytes per MB
@@ -82,6 +85,18 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
+
+
+def check_measurements(t: Thresholds, *, reference: object, kernel_check: bool, latency: bool) -> None:
+    """ConfigError for a threshold whose measurement is switched off or missing its input (the
+    reference model a drop limit needs): checked by the CLI before any stage is imported."""
+    for name in DROP_LIMITS:
+        if getattr(t, name) is not None and reference is None:
+            raise ConfigError(MSG_NEEDS_REFERENCE_FOR.format(flag=flag(name), name=name))
+    if t.max_kernel_deviation is not None and not kernel_check:
+        raise ConfigError(MSG_NEEDS_KERNEL)
+    if t.max_latency_ms is not None and not latency:
+        raise ConfigError(MSG_NEEDS_LATENCY)
 
 
 def _check_percent(name: str, value: float, given: Any) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
 from fqexport.cli.flags.shared import add_model_options, add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
+from fqexport.config import check_bits
 from fqexport.errors import ConfigError
 
 MSG_TASK = (
@@ -58,11 +59,13 @@ def add_analyze_parser(subparsers) -> None:
 
 
 def check_analyze(args: argparse.Namespace) -> None:
-    """The output path, before any compute (exit 2)."""
+    """The output path, the widths and the task, before any compute (exit 2)."""
     check_paths(
         [("--model", args.model), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
         [Output("--json", args.json) if args.json is not None else None],
     )
+    for bits in args.bits:
+        check_bits(bits, "weight_bits")
     task, _ = task_spec(args)
     if task not in (None, "classification"):
         raise ConfigError(MSG_TASK.format(task=task, metric=_METRIC[task]))

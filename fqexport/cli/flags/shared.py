@@ -47,6 +47,10 @@ SEARCH_ONLY_FLAGS = {
 # the detection layouts (fqexport.tasks.detection.LAYOUTS). tests/test_tasks_cli.py checks both lists.
 TASKS = ("classification", "detection", "segmentation")
 LAYOUTS = ("v5", "v8")
+MSG_OBJECTIVE_WEIGHTS = (
+    "--objective-weights: group weights of --objective weighted, which --objective {objective} would ignore; "
+    "add --objective weighted or drop them"
+)
 MSG_LAYOUT = "--layout {layout} is an option of --task detection (got --task {task})"
 
 
@@ -111,7 +115,8 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="columns per lazy block update of the solver (speed only)")
     p.add_argument("--group-weights", metavar="equal|samples|NAME=W,...",
                    help="weight of each group in the Hessian: equal (the default: each group counts the same "
-                   "whatever its size), samples (by sample count, plain GPTQ) or NAME=W,NAME=W")
+                   "whatever its size), samples (by sample count, plain GPTQ) or NAME=W,NAME=W (a group not named "
+                   "gets weight 0: name every group, e.g. majority=1,minority=2)")
     p.add_argument("--calibration", choices=get_args(Calibration), default=_Q.calibration,
                    help="activation range observer; minmax never clips a group's tail")
     p.add_argument("--percentile", type=float, default=_Q.percentile,
@@ -238,8 +243,11 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
     """The MixedPrecisionConfig of the parsed ``add_search_options`` flags and ``budget`` (the
     dataclass defaults for the options not given)."""
     d, e = _MP_DEFAULTS, _ENGINE
+    objective = _or(args.objective, d["objective"])
+    if args.objective_weights and objective != "weighted":
+        raise ConfigError(MSG_OBJECTIVE_WEIGHTS.format(objective=objective))
     return MixedPrecisionConfig(
-        **budget, objective=_or(args.objective, d["objective"]),
+        **budget, objective=objective,
         bit_choices=parse_bit_choices(args.bit_choices, d["bit_choices"]),
         pins=parse_layer_bits(args.pin, "--pin"), pin_first_last=args.pin_first_last,
         sensitivity=_or(args.sensitivity, d["sensitivity"]), num_candidates=_or(args.candidates, d["num_candidates"]),

@@ -7,6 +7,8 @@ Exit codes: 0 every limit holds, 1 a limit is broken (each named with its value 
 from __future__ import annotations
 
 import argparse
+import functools
+from dataclasses import fields
 from pathlib import Path
 from typing import get_args
 
@@ -15,7 +17,7 @@ from fqexport.cli.flags.shared import add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError
-from fqexport.validation.thresholds import Thresholds
+from fqexport.validation.thresholds import Thresholds, check_measurements
 
 DESCRIPTION = "Run an ONNX model per group in ONNX Runtime and gate on limits (the CI gate)."
 EPILOG = (
@@ -28,7 +30,10 @@ REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
-    return tuple(int_at_least(1)(t) for t in text.split(",") if t.strip())
+    sizes = tuple(int_at_least(1)(t) for t in text.split(",") if t.strip())
+    if not sizes:  # an empty list would switch latency off without --no-latency
+        raise argparse.ArgumentTypeError(f"{text!r}: expected batch sizes like 1,32 (no latency: --no-latency)")
+    return sizes
 
 
 def add_validate_parser(subparsers) -> None:
@@ -71,7 +76,7 @@ def add_validate_parser(subparsers) -> None:
     p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), metavar="B,B,...",
                    help="batch sizes of the latency runs, e.g. 1,32 (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed latency runs")
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed latency runs")
     p.add_argument("--repeats", type=int_at_least(1), default=30, help="timed latency runs")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")
@@ -82,18 +87,18 @@ def add_validate_parser(subparsers) -> None:
 
 
 def thresholds(args: argparse.Namespace) -> Thresholds:
-    """The limits of the parsed flags (percent points)."""
-    return Thresholds(
-        min_acc=args.min_acc, min_worst_group_acc=args.min_worst_group_acc, max_acc_gap=args.max_acc_gap,
-        max_group_drop=args.max_group_drop, max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb,
-        max_kernel_deviation=args.max_kernel_deviation, min_worst_group_map=args.min_worst_group_map,
-        max_group_map_drop=args.max_group_map_drop, min_worst_group_miou=args.min_worst_group_miou,
-        max_group_miou_drop=args.max_group_miou_drop,
-    )
+    """The limits of the parsed flags (percent points); built once per set of values, so that a
+    limit that looks like a fraction is warned about once (the check and the run both ask)."""
+    return _thresholds(tuple(getattr(args, f.name) for f in fields(Thresholds)))
+
+
+@functools.lru_cache(maxsize=8)
+def _thresholds(values: tuple) -> Thresholds:
+    return Thresholds(*values)
 
 
 def check_validate(args: argparse.Namespace) -> None:
-    """Paths, ``--threads`` and the limits, before ONNX Runtime is imported (exit 2)."""
+    """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is imported (exit 2)."""
     check_paths(
         [("model", args.model), ("--data", args.data), ("--reference", args.reference),
          ("model's external data", Path(f"{args.model}.data"))],
@@ -102,5 +107,6 @@ def check_validate(args: argparse.Namespace) -> None:
     )
     if args.threads is not None and args.threads < 0:
         raise ConfigError(f"--threads {args.threads} must be >= 0")
-    thresholds(args)
+    check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
+                       latency=not args.no_latency and bool(args.latency_batch_sizes))
     task_spec(args)

@@ -230,6 +230,9 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     avg = sum(bits[n] * params[n] for n in bits) / sum(params.values())
     assert avg <= 4.0 + 1e-9
     assert "allocation" in meta
+    # no --task: inferred before the fits, and said so (each fit was handed the Task object)
+    assert "task: classification (inferred: the data holds no boxes or masks)" in stdout
+    assert meta["task"]["chosen"] == "inferred: the data holds no boxes or masks"
     report = json.loads((tmp_path / "report.json").read_text())
     table = report["mixed_precision"]["allocation"]["table"]
     assert {r["name"]: r["bits"] for r in table} == bits

@@ -70,7 +70,7 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
     config = config or FinetuneConfig()
     data = open_stream(train_data, num_workers=config.num_workers)
     task = model_or_cm.task if isinstance(model_or_cm, CompressedModel) else (
-        model_task(model_or_cm, data, None) if isinstance(model_or_cm, torch.nn.Module) else None)
+        model_task(model_or_cm, data, None)[0] if isinstance(model_or_cm, torch.nn.Module) else None)
     if task is None or not task.distills_in_finetune:  # a detector or segmenter distils: no labels needed
         require_labels(data, "finetune")  # cross-entropy and the hold-out's accuracy; before any compress
     ptq = start_model(model_or_cm, data, config, calib, quant_config, progress, task)

@@ -250,13 +250,15 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
         ) from err
 
 
-def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task | None) -> Task:
-    """``task`` as a Task object, inferred from ``data`` and ``model``'s output when None (as
-    :func:`compress` does): how the search and the sweep learn the task before any fit."""
+def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task | None) -> tuple[Task, str]:
+    """``task`` as a Task object and how it was chosen (``"given"`` or ``"inferred: …"``), inferred
+    from ``data`` and ``model``'s output when None (as :func:`compress` does): how the search and
+    the sweep learn the task before any fit (they hand the object to every fit, and put the
+    reason back into the returned model's metadata)."""
     if isinstance(task, Task):
-        return task
+        return task, "given"
     evaluated = copy.deepcopy(model).eval() if model.training else model
-    return resolve_task(task, data, model_output(evaluated, data))[0]
+    return resolve_task(task, data, model_output(evaluated, data))
 
 
 def check_model_on_data(model: nn.Module, data: GroupData | DataStream, task: Task | None = None) -> int:

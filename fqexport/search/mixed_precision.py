@@ -122,7 +122,7 @@ def search_mixed_precision(
 
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
-    task = model_task(model, data, task)
+    task, why = model_task(model, data, task)
     held_out, splits, fits_are_refit = verification_splits(data, mp, base)
     seconds: dict[str, float] = {}
 
@@ -167,6 +167,9 @@ def search_mixed_precision(
     )
     if mp.budget_kind == "bytes":
         result = _meet_file_budget(result, data, context, options, engine)
+    meta = result.compressed.metadata  # each fit was handed the Task object: say how it was chosen
+    if meta.task:
+        result.compressed.metadata = replace(meta, task={**meta.task, "chosen": why})
     return result.record_allocation()
 
 

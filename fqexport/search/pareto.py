@@ -79,7 +79,7 @@ def pareto_sweep(
         check_budget("bits", b)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
-    task = model_task(model, data, task)
+    task = model_task(model, data, task)[0]
     if test is not None:
         test = load_data(test)
         if task.needs_annotations(test):

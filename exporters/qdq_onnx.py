@@ -133,6 +133,13 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
 
 
+def export_float_reference(cm: "CompressedModel", path: str | Path) -> ExportResult:
+    """``cm``'s float model (BatchNorm folded, the same output as the QDQ file) as ONNX: the
+    ``--reference`` of ``fqexport validate``."""
+    example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
+    return export_float(cm.float_model, example, path, output_name=cm.task.output_name)
+
+
 def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
                  output_name: str = "logits") -> ExportResult:
     """Write the float model (e.g. the BN-folded one) as ONNX, for reference validation; its

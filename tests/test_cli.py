@@ -290,3 +290,21 @@ def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir,
     with pytest.raises(SystemExit) as info:
         _run(_compress_args(mlp_files, tmp_path / "x.onnx", "--solver-target", "output"))
     assert info.value.code == 2
+
+
+def test_float_out_writes_the_reference_validate_takes(tmp_path, mlp_files, mlp_model, mlp_data, tests_dir,
+                                                        monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "q.onnx", "--float-out", tmp_path / "f.onnx",
+                                            "--no-speed-check"))
+    assert code == 0, err
+    assert f"wrote the float reference {tmp_path / 'f.onnx'}" in stdout
+    with torch.no_grad():
+        want = mlp_model.eval()(torch.from_numpy(mlp_data.x[:50])).numpy()
+    got = run_batches(make_session(tmp_path / "f.onnx"), mlp_data.x[:50], 50)
+    np.testing.assert_allclose(got, want, atol=1e-4)  # the float model, not the quantized one
+    code, stdout, err = _run(["validate", tmp_path / "q.onnx", "--data", mlp_files / "calib.npz", "--reference",
+                              tmp_path / "f.onnx", "--no-latency", "--max-group-drop", 5])
+    assert code == 0, err
+    code, _, err = _run(_compress_args(mlp_files, tmp_path / "q2.onnx", "--float-out", mlp_files / "calib.npz"))
+    assert code == 2 and "--float-out" in err

@@ -15,7 +15,7 @@ from fqexport.cli.flags.finetune import parse_export_bits, width_paths
 from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.config import QuantConfig
-from fqexport.exporters.qdq_onnx import export_qdq
+from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
 from fqexport.search.candidates import MixedPrecisionResult
@@ -43,6 +43,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if plan is not None:
         cm = run_finetune(plan, cm, quiet=args.quiet)
     result = export_qdq(cm, args.out)
+    reference = export_float_reference(cm, args.float_out) if args.float_out else None
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
     floats = cm.metadata.float_layers
     print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"] + (["reason"] if floats else []))
@@ -58,6 +59,9 @@ def run_compress(args: argparse.Namespace) -> int:
               + ", ".join(cm.metadata.float_ops))
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
           f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
+    if reference is not None:
+        print(f"wrote the float reference {reference.path} ({reference.size_bytes / 1e6:.2f} MB): "
+              f"fqexport validate {result.path} --reference {reference.path} ...")
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
     for verdict in result.checks:
         print(f"  {verdict.line()}")
@@ -79,6 +83,8 @@ def run_compress(args: argparse.Namespace) -> int:
 def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
     """``--export-bits``: one ONNX file per width of one fine-tuning run (and the --report)."""
     rows, exports = [], {}
+    if args.float_out:  # one float model behind every width
+        print(f"wrote the float reference {export_float_reference(next(iter(models.values())), args.float_out).path}")
     for b, m in models.items():
         result = export_qdq(m, paths[b])
         exports[b] = result.to_dict()

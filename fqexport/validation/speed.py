@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import make_session
-from fqexport.exporters.qdq_onnx import export_float
+from fqexport.exporters.qdq_onnx import export_float_reference
 from fqexport.validation.latency import LatencyResult, measure_latency_pair
 from fqexport.validation.validation_report import speed_verdict
 
@@ -32,7 +31,7 @@ def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequenc
     calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`)."""
     x = np.ascontiguousarray(cm.calib.x)
     with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:
-        float_path = export_float(cm.float_model, torch.from_numpy(x[:2]), Path(tmp) / "float.onnx").path
+        float_path = export_float_reference(cm, Path(tmp) / "float.onnx").path
         model, reference = make_session(path, threads=threads), make_session(float_path, threads=threads)
         pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats)
                  for bs in batch_sizes]

@@ -33,6 +33,9 @@ def add_compress_parser(sub) -> None:
                        "and write a QDQ ONNX file (checked against the PyTorch fake-quant reference).")
     add_model_and_quant_options(p)
     p.add_argument("--out", required=True, help="output ONNX file")
+    p.add_argument("--float-out", metavar="FLOAT.onnx",
+                   help="also write the float model (BatchNorm folded, the same output as --out) as ONNX here: "
+                   "the --reference of fqexport validate (per-group drop, speed vs float)")
     p.add_argument("--report", help="write a JSON summary (layers, export checks, speed) to this file")
     p.add_argument("--no-speed-check", action="store_true",
                    help="skip timing the file against its float model on this CPU at batch 1 and 32 (default: "
@@ -72,6 +75,7 @@ def check_compress(args: argparse.Namespace) -> None:
         [Output("--out", args.out) if not args.export_bits else None,
          *(Output(f"--export-bits ({b} bits)", path) for b, path in widths.items()),
          Output("--report", args.report) if args.report else None,
+         Output("--float-out", args.float_out) if args.float_out else None,
          Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
     )
     quant_config(args)

@@ -16,6 +16,8 @@ the unique names (``["f", "m", "f"]`` → names ``("f", "m")``, ids ``[0, 1, 0]`
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,6 +27,13 @@ from fqexport.errors import DataError
 from .annotations import Boxes, Masks, check_boxes, check_masks
 from .group_data import GroupData
 
+log = logging.getLogger(__name__)
+
+MSG_UINT8_X = (
+    "%s: field 'x' is uint8: the model gets its values as floats 0-255, not scaled to [0, 1] as the "
+    "CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, save x / 255 "
+    "(or pass transform=) instead"
+)
 MSG_NEGATIVE_IDS = (
     "field 'x' holds signed integers, read as token ids (kept int64 for an Embedding), but has the "
     "negative id {value}; ids must be >= 0 — store float features as float32, or fix the ids"
@@ -156,6 +165,12 @@ def group_ids(group: Any, group_names: Sequence[str], source: str, index: np.nda
     return _group_ids(np.asarray(group), list(group_names), source, np.asarray(index))[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _warn_uint8(source: str) -> None:
+    """Once per source (a stream checks every batch)."""
+    log.warning(MSG_UINT8_X, source)
+
+
 def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.ndarray:
     """``x`` as float32 (int64 for signed-integer token ids), checked: numeric, ids >= 0, no NaN/Inf.
 
@@ -172,6 +187,8 @@ def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.n
         if x.size and int(x.min()) < 0:
             raise data_error(source, first(x < 0) + MSG_NEGATIVE_IDS.format(value=int(x.min())))
     else:
+        if x.dtype == np.uint8:
+            _warn_uint8(source)
         x = x.astype(np.float32, copy=False)
         finite = np.isfinite(x)
         bad = int(x.size - np.count_nonzero(finite))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fqexport.calibration.checks import check_labels, group_ids, validate_group_data
+from fqexport.calibration.checks import check_labels, check_x_values, group_ids, validate_group_data
 from fqexport.errors import DataError
 
 
@@ -27,3 +27,17 @@ def test_group_ids_of_a_batch_name_the_sample_by_its_position_in_the_source():
     with pytest.raises(DataError) as info:
         group_ids(np.array(["a", "c"]), ["a", "b"], "train.npz", index)
     assert str(info.value) == "train.npz: field 'group' holds the name 'c' (sample 11) that is not in group_names ['a', 'b']"
+
+
+
+def test_uint8_x_is_warned_about_once_per_source(caplog):
+    x = np.full((4, 1, 2, 2), 200, np.uint8)
+    with caplog.at_level("WARNING", logger="fqexport.calibration.checks"):
+        got = check_x_values(x, "u8.npz")
+        check_x_values(x, "u8.npz", np.arange(4))  # the next batch of the same stream: no repeat
+    assert got.dtype == np.float32 and got.max() == 200.0  # the values are not rescaled
+    assert caplog.text.count("u8.npz: field 'x' is uint8: the model gets its values as floats 0-255") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fqexport.calibration.checks"):
+        check_x_values(x.astype(np.float32) / 255, "f.npz")
+    assert "uint8" not in caplog.text

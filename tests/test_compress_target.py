@@ -184,3 +184,14 @@ def test_cli_target(tmp_path, sat_data, tests_dir, monkeypatch):
     (judge,) = kernel_judges("x86-vnni")
     assert re.search(rf"export check for target x86-vnni.*\n  {re.escape(judge.describe())}: top-1 agreement 100\.00% "
                      r"on 200 calibration samples", out), out
+
+
+def test_cli_gpu_target_is_not_timed_on_this_cpu(tmp_path, sat_data, tests_dir, monkeypatch):
+    torch.save(saturating_mlp().state_dict(), tmp_path / "sat.pt")
+    save_npz(sat_data, tmp_path / "calib.npz")
+    monkeypatch.chdir(tests_dir)
+    code, out, err = _run(["-q", "compress", "--model", "fixtures_models:saturating_mlp", "--weights",
+                           tmp_path / "sat.pt", "--calib", tmp_path / "calib.npz", "--num-calib", "200",
+                           "--method", "rtn", "--target", "gpu", "--out", tmp_path / "gpu.onnx"])
+    assert code == 0, err
+    assert "speed: not timed here (--target gpu" in out and "speed vs the float model" not in out

@@ -66,7 +66,10 @@ def run_compress(args: argparse.Namespace) -> int:
     for verdict in result.checks:
         print(f"  {verdict.line()}")
     speed = None
-    if not args.no_speed_check:
+    if cm.config.target == "gpu" and not args.no_speed_check:
+        print("speed: not timed here (--target gpu writes S8S8 for TensorRT / ORT's CUDA EP, which this CPU's "
+              "timing says nothing about: fqexport validate --provider cuda on the GPU)")
+    elif not args.no_speed_check:
         latency, float_latency, speed = speed_vs_float(cm, result.path)
         print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, interleaved): "
               + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}" for q, f in zip(latency, float_latency)))

@@ -95,6 +95,19 @@ def test_detection_output_checks_name_the_layout():
         Detection(iou=1.5)
 
 
+def test_a_layout_that_reads_more_classes_than_anchors_is_warned_about(caplog):
+    data = GroupData(np.zeros((2, 3, 8, 8), np.float32), None, np.array([0, 1]), ("a", "b"), "d.npz")
+    with caplog.at_level("WARNING", logger="fqexport.tasks.detection"):
+        assert Detection(layout="v8").check_output(torch.zeros(2, 567, 10), data) == 563  # a v5 output read as v8
+    assert ("layout 'v8' reads the model's output (2, 567, 10) as 563 classes over 10 anchors; a detector has more "
+            "anchors than classes: check --layout (layout 'v5' would read 567 anchors and 5 classes)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fqexport.tasks.detection"):
+        Detection().check_output(torch.zeros(2, 567, 10), data)
+        Detection(layout="v8").check_output(torch.zeros(2, 9, 567), data)
+    assert caplog.text == ""
+
+
 def test_segmentation_metrics_loss_and_compare():
     seg = Segmentation()
     logits = np.zeros((2, 3, 2, 2), np.float32)

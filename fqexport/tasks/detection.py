@@ -33,6 +33,7 @@ ORT's quantize_static does to the decode) proposes no box at all.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -49,6 +50,8 @@ from fqexport.metrics.coco_map import coco_map
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Comparison, Task
 
+log = logging.getLogger(__name__)
+
 Layout = Literal["v5", "v8"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 MIN_BOX_AGREEMENT = 0.99
@@ -59,6 +62,10 @@ MSG_OUTPUT = (
     "{want} (layout {layout!r}); check the model and --task/--layout"
 )
 MSG_SESSION_OUTPUT = "model {model} returns output of shape {shape}, not a detector's {want} (layout {layout!r})"
+MSG_FEW_ANCHORS = (
+    "layout %r reads the model's output %s as %d classes over %d anchors; a detector has more anchors than "
+    "classes: check --layout (layout %r would read %d anchors and %d classes)"
+)
 MSG_THRESHOLD = "Detection.{name}={value!r} must be in [0, 1]"
 MSG_MAX_DET = "Detection.max_det={value!r} must be an integer >= 1"
 SUMMARY = (
@@ -155,7 +162,13 @@ class Detection(Task):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_OUTPUT.format(source=data.source, sample=data.sample_shape, shape=shape,
                                               want=_WANT[self.layout], layout=self.layout))
-        return self.num_classes_of(tuple(out.shape))
+        shape = tuple(out.shape)
+        classes, anchors = self.num_classes_of(shape), shape[1] if self.layout == "v5" else shape[2]
+        if anchors < classes:  # a wrong --layout is otherwise caught only by the export check, after compress
+            other = Detection(layout="v8" if self.layout == "v5" else "v5")
+            log.warning(MSG_FEW_ANCHORS, self.layout, shape, classes, anchors, other.layout,
+                        shape[1] if other.layout == "v5" else shape[2], other.num_classes_of(shape))
+        return classes
 
     def check_annotations(self, data: Any, num_classes: int) -> None:
         if isinstance(data.annotations, Boxes):

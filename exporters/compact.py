@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fqexport.exporters.onnx_graph import remove_unused_initializers
+
 log = logging.getLogger(__name__)
 
 # Initializers with at most this many elements are merged when their type and bytes are equal.
@@ -86,14 +88,8 @@ def _drop_zero_points(graph: onnx.GraphProto) -> int:
             continue
         del node.input[2]
         dropped += 1
-    _remove_unused(graph)
+    remove_unused_initializers(graph)
     return dropped
-
-
-def _remove_unused(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
 
 
 def _merge_scalars(graph: onnx.GraphProto) -> int:
@@ -114,7 +110,7 @@ def _merge_scalars(graph: onnx.GraphProto) -> int:
         for k, name in enumerate(node.input):
             if name in alias:
                 node.input[k] = alias[name]
-    _remove_unused(graph)
+    remove_unused_initializers(graph)
     return len(alias)
 
 

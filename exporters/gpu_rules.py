@@ -26,11 +26,12 @@ uint8 pair there runs as float. The rules (:data:`RULES`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import NodeProto, TensorProto, numpy_helper
+
+from fqexport.exporters.onnx_graph import attributes, producers
 
 RULE_INT8 = "int8-activations"
 RULE_PER_TENSOR = "per-tensor-activations"
@@ -93,10 +94,6 @@ def _violation(rule: str, node: NodeProto, message: str) -> Violation:
     return Violation(rule, _node_name(node), node.op_type, message)
 
 
-def _attrs(node: NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 class _Graph:
     """The main graph's producers, consumers and constant values (initializers, Constant nodes,
     Casts of constants)."""
@@ -104,7 +101,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.inits = {t.name: t for t in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
+        self.producer = producers(graph)
         self.users: dict[str, list[NodeProto]] = {}
         for n in graph.node:
             for name in n.input:
@@ -118,11 +115,11 @@ class _Graph:
             return numpy_helper.to_array(t), t.data_type
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
-            value = _attrs(node).get("value")
+            value = attributes(node).get("value")
             return (numpy_helper.to_array(value), value.data_type) if isinstance(value, TensorProto) else None
         if node is not None and node.op_type == "Cast":
             src = self.constant(node.input[0])
-            return (src[0], int(_attrs(node)["to"])) if src is not None else None
+            return (src[0], int(attributes(node)["to"])) if src is not None else None
         return None
 
     def is_constant(self, name: str) -> bool:
@@ -167,7 +164,7 @@ def _weight_axis(user: NodeProto, position: int) -> int | None:
     if user.op_type in _WEIGHT_AXIS:
         return _WEIGHT_AXIS[user.op_type] if position == (0 if user.op_type == "Gather" else 1) else None
     if user.op_type == "Gemm" and position == 1:
-        return 0 if _attrs(user).get("transB", 0) == 1 else 1
+        return 0 if attributes(user).get("transB", 0) == 1 else 1
     if user.op_type == "MatMul" and position == 1:
         return 1
     return None
@@ -181,7 +178,7 @@ def _weight_violations(g: _Graph, dq: NodeProto) -> list[Violation]:
     if len(users) != 1 or _weight_axis(users[0], list(users[0].input).index(dq.output[0])) is None:
         return [_violation(RULE_WEIGHT, dq, MSG_WEIGHT_CONSUMER.format(weight=weight, ops=", ".join(u.op_type for u in users) or "nothing"))]
     user = users[0]
-    a = _attrs(dq)
+    a = attributes(dq)
     axis, block = int(a.get("axis", 1)), int(a.get("block_size", 0))
     out = []
     if block:
@@ -245,7 +242,7 @@ def _uint8_violations(model: onnx.ModelProto, g: _Graph) -> list[Violation]:
         if vi.type.tensor_type.elem_type == TensorProto.UINT8:
             out.append(Violation(RULE_UINT8, vi.name, "graph input/output", MSG_UINT8.format(what=f"'{vi.name}'")))
     for node in graph.node:
-        a = _attrs(node)
+        a = attributes(node)
         value = a.get("value")
         if node.op_type == "Constant" and isinstance(value, TensorProto) and value.data_type == TensorProto.UINT8:
             out.append(_violation(RULE_UINT8, node, MSG_UINT8.format(what="its value")))

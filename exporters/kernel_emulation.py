@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError, ModelLoadError
+from fqexport.exporters.onnx_graph import attributes
 from fqexport.exporters.ort_session import build_session
 
 log = logging.getLogger(__name__)
@@ -328,10 +329,6 @@ def _scalar(v: np.ndarray) -> Any:
 
 class _Unsupported(Exception):
     """A fused node outside what the emulation covers (re-raised as ConfigError naming the node)."""
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _padded_nhwc(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
@@ -639,7 +636,7 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
     w, zw = initializers.get(node.input[3]), initializers.get(node.input[5])
     if w is None or (zw is not None and np.any(zw != 0)):
         return True
-    attrs = _attrs(node)
+    attrs = attributes(node)
     if node.op_type == "QLinearConv":
         group = int(attrs.get("group", 1))
         if w.shape[1] == 1 and group > 1:
@@ -783,7 +780,7 @@ class EmulatedSession:
                     args = [values[i] if i else None for i in node.input]
                     with self._lock:
                         cache = self._weights.setdefault(idx, WeightCache(self.target, threads=1))
-                    values[node.output[0]] = fn(args, _attrs(node), self.target, cache)
+                    values[node.output[0]] = fn(args, attributes(node), self.target, cache)
                 else:
                     sess = self._node_session(idx, node, values)
                     dyn = [i for i in node.input if i and i not in self.initializers]

@@ -7,23 +7,10 @@
 from __future__ import annotations
 
 import onnx
-from onnx import NodeProto, helper
+from onnx import NodeProto
 
 from fqexport.errors import ExportError
-
-
-def attributes(node: NodeProto) -> dict:
-    """``node``'s attributes by name."""
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[NodeProto]]:
-    """Value name -> the nodes that read it."""
-    out: dict[str, list[NodeProto]] = {}
-    for n in graph.node:
-        for name in n.input:
-            out.setdefault(name, []).append(n)
-    return out
+from fqexport.exporters.onnx_graph import attributes
 
 
 def linear_consumer(layer: str, weight: str, users_of: dict[str, list[NodeProto]], message: str) -> tuple[NodeProto, bool]:

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fqexport.exporters.onnx_graph import attributes, producers, remove_unused_initializers
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,7 @@ def global_average_pools(model: onnx.ModelProto) -> list[str]:
     for node in graph.node:
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         rank = ranks.get(node.input[0])
         axes = consts.get(node.input[1])
         if rank is None or rank < 3 or axes is None or attrs.get("keepdims", 1) != 1 or attrs.get("noop_with_empty_axes", 0):
@@ -74,23 +76,19 @@ def global_average_pools(model: onnx.ModelProto) -> list[str]:
     return done
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
-
-
-def _float_output_gemm(node: onnx.NodeProto, graph: onnx.GraphProto, producers: Mapping[str, onnx.NodeProto],
+def _float_output_gemm(node: onnx.NodeProto, graph: onnx.GraphProto, made_by: Mapping[str, onnx.NodeProto],
                        consts: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(bias, s_x, s_w)`` of a Gemm that ORT would leave in float for want of an int32 bias:
     A = DequantizeLinear(uint8, per tensor), B = DequantizeLinear(int8 codes, per output channel,
     ``transB=1``), C a float initializer, alpha = beta = 1, no QuantizeLinear reading the output."""
     if node.op_type != "Gemm" or len(node.input) != 3:
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
         return None
     if any(node.output[0] in n.input and n.op_type == "QuantizeLinear" for n in graph.node):
         return None
-    dq_a, dq_b = producers.get(node.input[0]), producers.get(node.input[1])
+    dq_a, dq_b = made_by.get(node.input[0]), made_by.get(node.input[1])
     bias = consts.get(node.input[2])
     if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
         return None
@@ -107,9 +105,9 @@ def int32_gemm_biases(model: onnx.ModelProto) -> list[str]:
     """Rewrite 2 (in place): the float bias of each float-output Gemm as int32 behind a
     DequantizeLinear (scale s_x·s_w[c]) when it lies on that grid; returns the Gemms' names."""
     graph = model.graph
-    producers, consts, done, new_nodes = _producers(graph), _constants(graph), [], []
+    made_by, consts, done, new_nodes = producers(graph), _constants(graph), [], []
     for node in graph.node:
-        found = _float_output_gemm(node, graph, producers, consts)
+        found = _float_output_gemm(node, graph, made_by, consts)
         if found is None:
             continue
         bias, s_x, s_w = found
@@ -130,9 +128,7 @@ def int32_gemm_biases(model: onnx.ModelProto) -> list[str]:
     nodes = new_nodes + list(graph.node)  # (a DequantizeLinear of initializers depends on nothing)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    remove_unused_initializers(graph)
     return done
 
 

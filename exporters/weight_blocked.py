@@ -21,7 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fqexport.errors import ExportError
-from fqexport.exporters.linear_consumer import consumers, linear_consumer
+from fqexport.exporters.linear_consumer import linear_consumer
+from fqexport.exporters.onnx_graph import consumers
 from fqexport.quant.layout import nbits_block_size
 
 MSG_BLOCKED_CONSUMER = (

@@ -14,7 +14,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fqexport.errors import ExportError
-from fqexport.exporters.linear_consumer import bias_add, consumers, linear_consumer
+from fqexport.exporters.linear_consumer import bias_add, linear_consumer
+from fqexport.exporters.onnx_graph import consumers
 from fqexport.quant.layout import nbits_block_size
 
 NBITS = 4  # MatMulNBits' container width: 2-4-bit codes

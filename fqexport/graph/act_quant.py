@@ -37,7 +37,7 @@ from fqexport.quant.grid import act_code_range, act_qparams, fake_quantize_act
 # MatMulInteger on them); Conv1d exports as a 1-D ONNX Conv. ConvTranspose2d gets its pairs the
 # same way (ORT 1.32 CPU fuses no QLinearConvTranspose: it runs a float ConvTranspose on the
 # dequantized tensors, with the bias still rounded to int32 by WeightBiasQuantization).
-_WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d, nn.Linear)
+INTEGER_KERNEL_LAYERS = (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d, nn.Linear)
 
 
 @torch.library.custom_op("fqexport::act_qdq", mutates_args=())
@@ -204,7 +204,7 @@ def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], depend
                       before_pad: bool = False) -> list[torch.fx.Node]:
     """Tensor inputs of ``node`` that must arrive quantized (empty for other ops); with
     ``before_pad`` a weight layer reading explicit pads has the pads' input quantized instead."""
-    if node.op == "call_module" and isinstance(modules.get(node.target), _WEIGHT_LAYERS):
+    if node.op == "call_module" and isinstance(modules.get(node.target), INTEGER_KERNEL_LAYERS):
         src = node.args[0]
         while before_pad and isinstance(src, torch.fx.Node) and _is_pad(src, modules):
             src = src.args[0]
@@ -247,7 +247,7 @@ def insert_act_quantizers(
             return False
         if node.op == "call_module" and node.target in layers:
             # an Embedding's Gather gets no pair: its float rows feed the next quantized op's input pair
-            return isinstance(modules.get(node.target), _WEIGHT_LAYERS) and node.target not in weight_only
+            return isinstance(modules.get(node.target), INTEGER_KERNEL_LAYERS) and node.target not in weight_only
         return _is_add(node, dependent) and bool(layers)
 
     def reads_float(user: torch.fx.Node) -> bool:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import torch.fx
 from torch import nn
 
-# What counts as a weight layer here: every module the export can run with integer kernels.
-_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+from fqexport.graph.act_quant import INTEGER_KERNEL_LAYERS
 
 
 def _is_weight_layer(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and isinstance(modules.get(str(node.target)), _WEIGHT_LAYERS)
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), INTEGER_KERNEL_LAYERS)
 
 
 def float_tail(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:

@@ -23,7 +23,14 @@ from fqexport.graph.float_tail import float_tail
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.metrics.segmentation_metrics import confusion, segmentation_scores
 from fqexport.tasks.base import Comparison, Task
-from fqexport.tasks.classification import MIN_AGREEMENT, TIE_FRACTION
+from fqexport.tasks.classification import (
+    MIN_AGREEMENT,
+    TIE_FRACTION,
+    agreement_failed,
+    decided,
+    tie_threshold,
+    top1_agreement,
+)
 
 MSG_OUTPUT = (
     "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not per-pixel "
@@ -134,17 +141,12 @@ class Segmentation(Task):
 
     def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
         """Per-pixel agreement on decided pixels; fails below MIN_AGREEMENT with more than one flip."""
-        g, w = _pixels_last(got), _pixels_last(want)
-        spread = float(np.median(w.max(1) - w.min(1))) if w.size else 0.0
-        top2 = np.sort(w, axis=1)[:, -2:] if w.shape[1] > 1 else np.zeros((len(w), 2))
-        ok = (top2[:, 1] - top2[:, 0]) > TIE_FRACTION * spread if w.shape[1] > 1 else np.ones(len(w), bool)
-        same = g.argmax(1) == w.argmax(1)
-        flips = int((~same & ok).sum())
-        agree_decided = float(same[ok].mean()) if ok.any() else 1.0
+        g, w = _pixels_last(got), _pixels_last(want)  # every pixel a sample of the classifier's check
+        tie = tie_threshold(w)
+        agree, agree_decided = top1_agreement(g, w, tie) if len(g) else (1.0, 1.0)
         diff = float(np.abs(np.asarray(got) - np.asarray(want)).max(initial=0.0))
-        passed = not (flips > 1 and flips > (1.0 - MIN_AGREEMENT) * int(ok.sum()))
-        return Comparison(len(g), float(same.mean()) if len(g) else 1.0, agree_decided, diff, passed, SUMMARY.format(
-            agree=agree_decided, n=int(ok.sum()), tie=100 * TIE_FRACTION, need=MIN_AGREEMENT, diff=diff))
+        return Comparison(len(g), agree, agree_decided, diff, not agreement_failed(g, w, tie), SUMMARY.format(
+            agree=agree_decided, n=int(decided(w, tie).sum()), tie=100 * TIE_FRACTION, need=MIN_AGREEMENT, diff=diff))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}

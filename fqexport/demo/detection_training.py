@@ -31,6 +31,7 @@ from torch import nn
 from fqexport.calibration.annotations import Boxes
 from fqexport.demo.detectors import STRIDES, V5_ANCHORS, YoloV5
 from fqexport.errors import ConfigError
+from fqexport.metrics.boxes import paired_iou_xywh
 
 _EPS = 1e-6
 
@@ -113,14 +114,6 @@ def _assigned(rows: list[tuple[int, int, int]], gt: Boxes, xywh: np.ndarray) -> 
     return Assigned(img, k, xywh[b].astype(np.float32), gt.labels[b])
 
 
-def _iou_xywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a1, a2 = a[:, :2] - a[:, 2:] / 2, a[:, :2] + a[:, 2:] / 2
-    b1, b2 = b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2
-    inter = (torch.minimum(a2, b2) - torch.maximum(a1, b1)).clamp_min(0).prod(1)
-    union = a[:, 2:].clamp_min(0).prod(1) + b[:, 2:].clamp_min(0).prod(1) - inter
-    return inter / union.clamp_min(_EPS)
-
-
 def _bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), target, reduction="sum")
 
@@ -144,7 +137,7 @@ def detection_loss(out: torch.Tensor, targets: Assigned, image_ids: np.ndarray, 
     else:
         loss = _bce(rows[..., cls_first:], cls_t) / positives
     if len(sel):
-        loss = loss + 5.0 * (1 - _iou_xywh(rows[b, k, :4], box_t)).mean()
+        loss = loss + 5.0 * (1 - paired_iou_xywh(rows[b, k, :4], box_t)).mean()
     return loss
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 MAX_CANDIDATES = 3000
 
@@ -38,6 +39,16 @@ def xywh_to_xyxy(b: np.ndarray) -> np.ndarray:
     """Centre, width, height → corners: ``(cx − w/2, cy − h/2, cx + w/2, cy + h/2)``."""
     half = b[..., 2:4] / 2.0
     return np.concatenate([b[..., 0:2] - half, b[..., 0:2] + half], axis=-1)
+
+
+def paired_iou_xywh(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """IoU of paired boxes ``[..., 4]`` given as centre, width, height (differentiable: the
+    detectors' losses)."""
+    a1, a2 = a[..., :2] - a[..., 2:4] / 2, a[..., :2] + a[..., 2:4] / 2
+    b1, b2 = b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2
+    inter = (torch.minimum(a2, b2) - torch.maximum(a1, b1)).clamp_min(0).prod(-1)
+    union = a[..., 2:4].clamp_min(0).prod(-1) + b[..., 2:4].clamp_min(0).prod(-1) - inter
+    return inter / union.clamp_min(eps)
 
 
 def box_area(b: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from fqexport.calibration.annotations import Boxes, check_box_labels
 from fqexport.config import check_choice
 from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.graph.float_tail import float_tail
-from fqexport.metrics.boxes import Detections, box_iou, select_boxes, xywh_to_xyxy
+from fqexport.metrics.boxes import Detections, box_iou, paired_iou_xywh, select_boxes, xywh_to_xyxy
 from fqexport.metrics.coco_map import coco_map
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Comparison, Task
@@ -81,15 +81,6 @@ def _kl_bernoulli(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     t = t.clamp(_EPS, 1 - _EPS)
     s = s.clamp(_EPS, 1 - _EPS)
     return t * (t / s).log() + (1 - t) * ((1 - t) / (1 - s)).log()
-
-
-def _iou_xywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of paired boxes ``[..., 4]`` given as centre, width, height."""
-    a1, a2 = a[..., :2] - a[..., 2:4] / 2, a[..., :2] + a[..., 2:4] / 2
-    b1, b2 = b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2
-    inter = (torch.minimum(a2, b2) - torch.maximum(a1, b1)).clamp_min(0).prod(-1)
-    union = a[..., 2:4].clamp_min(0).prod(-1) + b[..., 2:4].clamp_min(0).prod(-1) - inter
-    return inter / union.clamp_min(_EPS)
 
 
 @dataclass(frozen=True)
@@ -194,7 +185,7 @@ class Detection(Task):
         scores = (t[..., 4:5] * t[..., 5:]).amax(-1) if self.layout == "v5" else t[..., 4:].amax(-1)
         kl = _kl_bernoulli(t[..., 4:], s[..., 4:]).sum(-1).mean(-1)
         w = scores.detach()
-        box = (w * (1 - _iou_xywh(s[..., :4], t[..., :4]))).sum(-1) / (w.sum(-1) + _EPS)
+        box = (w * (1 - paired_iou_xywh(s[..., :4], t[..., :4]))).sum(-1) / (w.sum(-1) + _EPS)
         return kl + box
 
     # ---------------------------------------------------------------------------- evaluation

@@ -116,10 +116,11 @@ def validate(
     gd = as_test_data(gd, chosen)
     native = measure_native(session, gd, str(model), runner)
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
-    ref = compare_reference(reference, gd, native, str(model), runner) if reference is not None else None
+    ref_session = runner.open(reference) if reference is not None else None
+    ref = compare_reference(reference, ref_session, gd, native, str(model), runner) if reference is not None else None
     emulated = {x: measure_target(model, x, gd, native, kernels, runner) for x in target_list if x != "native"}
     latency, ref_latency = (measure_latencies(session, gd, latency_batch_sizes, warmup=warmup, repeats=repeats,
-                                              reference=runner.open(reference) if reference is not None else None)
+                                              reference=ref_session)
                             if measure_latency else ((), ()))
     # 3. the report, then its checks against the limits
     report = ValidationReport(

@@ -118,11 +118,11 @@ class ReferenceComparison:
     agreement: float  # top-1 agreement with the model
 
 
-def compare_reference(reference: str | Path, data: GroupData | DataStream, native: Measured, model: str,
-                      runner: Runner) -> ReferenceComparison:
-    """Run the reference's optimized session; DataError when it is not the same task (class count)."""
+def compare_reference(reference: str | Path, session: Any, data: GroupData | DataStream, native: Measured,
+                      model: str, runner: Runner) -> ReferenceComparison:
+    """Run the reference's optimized ``session`` (opened once by the caller, who times it too);
+    DataError when it is not the same task (class count)."""
     ref_name = str(reference)
-    session = runner.open(reference)
     check_data(data, ref_name, input_shape(session))
     ref = runner.measure(session, data, ref_name)
     ref_c, c = ref.metrics.num_classes, native.metrics.num_classes

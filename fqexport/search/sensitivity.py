@@ -268,13 +268,13 @@ class _MeasuredContext:
 
     def __init__(self, model: nn.Module, folded: nn.Module, skip_unsupported: bool, x: torch.Tensor,
                  y: torch.Tensor, g: torch.Tensor, num_groups: int, batch_size: int, weight_range: str,
-                 clip_search: bool, task: ModelTask) -> None:
+                 clip_search: bool, task: ModelTask, base: torch.Tensor | None = None) -> None:
         self.model, self.skip_unsupported, self.task = model, skip_unsupported, task
         self.x, self.y, self.g, self.num_groups = x, y, g, num_groups
         self.batch_size, self.weight_range, self.clip_search = batch_size, weight_range, clip_search
         self._folded: nn.Module | None = folded
         self._stream: GraphStream | None = None
-        self._base: torch.Tensor | None = None
+        self._base: torch.Tensor | None = base  # the float per-sample loss, when the caller has it
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_folded": None, "_stream": None, "_base": None}
@@ -347,8 +347,10 @@ def sensitivity_tasks(names: Sequence[str], bits: Sequence[int]) -> list[Task]:
 
 
 def _measured(model, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
-              engine: Engine, source: nn.Module, skip_unsupported: bool, task: ModelTask) -> np.ndarray:
-    ctx = _MeasuredContext(source, model, skip_unsupported, x, y, g, G, batch_size, weight_range, clip_search, task)
+              engine: Engine, source: nn.Module, skip_unsupported: bool, task: ModelTask,
+              base: torch.Tensor | None = None) -> np.ndarray:
+    ctx = _MeasuredContext(source, model, skip_unsupported, x, y, g, G, batch_size, weight_range, clip_search, task,
+                           base)
     rows = engine.map(_measure_layer, sensitivity_tasks(names, bits), ctx, "sensitivity (measured)",
                       progress=progress)
     return np.stack(rows).reshape(len(names), len(bits), G).astype(np.float64)
@@ -460,11 +462,14 @@ def measure_sensitivity(
     y = task.loss_targets(float_outputs(folded, x, batch_size), labels)
     g = torch.from_numpy(np.ascontiguousarray(sub.group)).long()
     G = sub.num_groups
-    run = _measured if method == "measured" else _fisher
-    fisher_bs = min(batch_size, 32)
-    delta = run(folded, names, bits, x, y, g, G, batch_size if method == "measured" else fisher_bs,
-                weight_range, clip_search, progress, engine or SerialEngine(), model, skip_unsupported, task)
-    float_loss = group_means(_per_sample_loss(folded, x, y, batch_size, task).double(), g, G)[0].numpy()
+    base = _per_sample_loss(folded, x, y, batch_size, task)  # the float loss: Δ's baseline and the table's
+    if method == "measured":
+        delta = _measured(folded, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
+                          engine or SerialEngine(), model, skip_unsupported, task, base)
+    else:
+        delta = _fisher(folded, names, bits, x, y, g, G, min(batch_size, 32), weight_range, clip_search, progress,
+                        engine or SerialEngine(), model, skip_unsupported, task)
+    float_loss = group_means(base, g, G)[0].numpy()
     table = SensitivityTable(
         tuple(names), bits, tuple(sub.group_names), delta, method, float_loss,
         np.bincount(sub.group, minlength=G).astype(np.int64), key,

@@ -244,6 +244,18 @@ def task(model: nn.Module, shape: tuple[int, ...], n: int = 256, seed: int = 0) 
     return GroupData(x, y.astype(np.int64), group, ("majority", "minority"), "coverage-task")
 
 
+def bench_models(only=None, n: int = 256):
+    """``(name, model, data)`` of each bench model (``only``: those names), seeded by its position:
+    random weights, BatchNorm statistics randomized, the minority task labelled by the model."""
+    for mi, (name, (make, shape)) in enumerate(MODELS.items()):
+        if only and name not in only:
+            continue
+        torch.manual_seed(mi)
+        model = make().eval()
+        _randomize_bn(model, mi)
+        yield name, model, task(model, shape, n=n)
+
+
 def latency_ms(path: Path, sample: np.ndarray, batch: int, threads: int, repeats: int) -> float:
     sess = make_session(path, threads=threads)
     x = np.repeat(sample[:1], batch, axis=0) if len(sample) < batch else sample[:batch]
@@ -326,13 +338,7 @@ def run(args) -> None:
     rows = []
     deit_paths: dict[str, Path] = {}
     deit_sample = None
-    for mi, (name, (make, shape)) in enumerate(MODELS.items()):
-        if args.only and name not in args.only:
-            continue
-        torch.manual_seed(mi)
-        model = make().eval()
-        _randomize_bn(model, mi)
-        data = task(model, shape)
+    for name, model, data in bench_models(args.only):
         stem = name.split()[0].replace("-", "").lower()
         fp32 = out / f"{stem}_fp32.onnx"
         export_float(model, torch.from_numpy(data.x[:2]), fp32)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from coverage_bench import MODELS, VARIANTS, _randomize_bn, task  # noqa: E402
+from coverage_bench import VARIANTS, bench_models  # noqa: E402
 
 from fqexport.calibration.sampling import group_balanced_subset  # noqa: E402
 from fqexport.cli.common import print_table  # noqa: E402
@@ -72,13 +72,7 @@ def rules(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for mi, (name, (make, shape)) in enumerate(MODELS.items()):
-        if args.only and name not in args.only:
-            continue
-        torch.manual_seed(mi)
-        model = make().eval()
-        _randomize_bn(model, mi)
-        data = task(model, shape, n=args.n)
+    for name, model, data in bench_models(args.only, n=args.n):
         for variant in args.variants:
             row = _rules_row(name, variant, model, data, out, args.method)
             print(row, flush=True)

@@ -244,3 +244,17 @@ def yolov8_test():
 def unet_test():
     torch.manual_seed(0)
     return UNet(num_classes=4, width=4).eval()
+
+
+class TokenMLP(nn.Module):
+    """[B, 8·24] → 8 tokens of 24 → Linear(24, 192) → GELU → Linear(192, 24) → mean → head: two
+    token Linears (MatMul over [B, T, K]; fc1 over K = 192, three blocks of 64) and a vector head
+    (Gemm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(24, 192), nn.Linear(192, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        t = x.unflatten(1, (8, 24))
+        return self.head(self.fc2(nn.functional.gelu(self.fc1(t))).mean(1))

@@ -115,22 +115,9 @@ def test_gpu_blocked_layers_fuse_into_matmulnbits_and_match_the_reference(gpu_cm
     np.testing.assert_allclose(got, gpu_cms["mlp4"].predict(mlp_data.x), rtol=1e-4, atol=1e-4)
 
 
-class _Tokens(nn.Module):
-    """[B, 8·24] → 8 tokens of 24 → Linear(24, 192) → GELU → Linear(192, 24) → mean → head: a
-    Linear over K = 192 (three blocks of 64), two Linears of one block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(24, 192), nn.Linear(192, 24), nn.Linear(24, 3)
-
-    def forward(self, x):
-        t = x.unflatten(1, (8, 24))
-        return self.head(self.fc2(nn.functional.gelu(self.fc1(t))).mean(1))
-
-
 def _tokens_model() -> nn.Module:
     torch.manual_seed(0)
-    return _Tokens().eval()
+    return fm.TokenMLP().eval()
 
 
 def _tokens_cm():

@@ -9,6 +9,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+import fixtures_models as fm
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.exporters.ort_session import fused_kernels
@@ -47,19 +48,6 @@ def test_block_scales_follow_the_blocks_and_cut_the_layer_error():
     assert abs(layer_error(w, block.qweight, h) - block.loss) <= 1e-3 * block.loss
 
 
-class _Tokens(nn.Module):
-    """[B, 8·24] → 8 tokens of 24 → Linear(24, 192) → GELU → Linear(192, 24) → mean → head:
-    two token Linears (MatMul over [B, T, K]) and a vector head (Gemm)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(24, 192), nn.Linear(192, 24), nn.Linear(24, 3)
-
-    def forward(self, x):
-        t = x.unflatten(1, (8, 24))
-        return self.head(self.fc2(nn.functional.gelu(self.fc1(t))).mean(1))
-
-
 def _token_task(model: nn.Module, n: int = 256, seed: int = 0) -> GroupData:
     rng = np.random.default_rng(seed)
     group = (rng.random(n) < 0.25).astype(np.int64)
@@ -72,7 +60,7 @@ def _token_task(model: nn.Module, n: int = 256, seed: int = 0) -> GroupData:
 
 def test_packed_token_linears_export_as_matmulnbits_with_the_solvers_block_scales(tmp_path):
     torch.manual_seed(0)
-    model = _Tokens().eval()
+    model = fm.TokenMLP().eval()
     data = _token_task(model)
     cfg = QuantConfig(weight_bits=4, num_calib=128, batch_size=64, storage="packed")
     cm = compress(model, data, cfg, progress=False)
@@ -97,7 +85,7 @@ def test_packed_token_linears_export_as_matmulnbits_with_the_solvers_block_scale
 
 def test_auto_keeps_token_linears_per_row_int4_cast_and_packed_blocks_them_for_matmulnbits(tmp_path):
     torch.manual_seed(0)
-    model = _Tokens().eval()
+    model = fm.TokenMLP().eval()
     data = _token_task(model, n=128)
     auto = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn"), progress=False)
     # a token Linear: auto stores it per row in INT4 behind a Cast (the int8 kernel), not MatMulNBits
@@ -119,7 +107,7 @@ def test_allocator_predicts_the_token_linears_container_and_bytes(tmp_path, stor
     # one heuristic (model.token_linear: more MACs per sample than weights) decides, for the
     # allocator and the exporter alike, that a Linear over tokens is INT4 + Cast under "auto"
     torch.manual_seed(0)
-    model = _Tokens().eval()
+    model = fm.TokenMLP().eval()
     data = _token_task(model, n=128)
     costs = {c.name: c for c in layer_costs(model, torch.from_numpy(data.x[:1]))}
     cm = compress(model, data, QuantConfig(weight_bits=4, num_calib=64, batch_size=64, method="rtn", storage=storage),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from fqexport.metrics.boxes import box_iou, class_nms, nms, select_boxes, xywh_to_xyxy
+from fqexport.metrics.boxes import box_iou, class_nms, nms, paired_diou_xywh, select_boxes, xywh_to_xyxy
 
 A = [0.0, 0.0, 10.0, 10.0]
 B = [1.0, 1.0, 11.0, 11.0]  # overlaps A by 9x9 = 81 of 100 + 100 - 81 = 119
@@ -41,3 +42,13 @@ def test_select_boxes_takes_each_anchors_best_class_above_conf():
     d = select_boxes(np.array([A, B, C]), scores, conf=0.25, iou=0.5, max_det=10)
     assert d.labels.tolist() == [1, 0] and d.scores.tolist() == pytest.approx([0.9, 0.85])
     assert len(d.above(0.88)) == 1
+
+
+def test_diou_is_iou_for_concentric_boxes_and_moves_boxes_that_do_not_overlap():
+    a = torch.tensor([[10.0, 10.0, 4.0, 4.0]])
+    np.testing.assert_allclose(paired_diou_xywh(a, torch.tensor([[10.0, 10.0, 2.0, 4.0]])).numpy(), [0.5], rtol=1e-6)
+    # apart: IoU 0 (no gradient), DIoU = -rho^2 / c^2 = -(10^2) / (14^2 + 4^2)
+    far = torch.tensor([[20.0, 10.0, 4.0, 4.0]], requires_grad=True)
+    np.testing.assert_allclose(paired_diou_xywh(a, far).detach().numpy(), [-100 / 212], rtol=1e-6)
+    paired_diou_xywh(a, far).sum().backward()
+    assert far.grad[0, 0] < 0  # raising DIoU moves the far box's centre towards a

@@ -20,6 +20,8 @@ from fqexport.cli import main
 from fqexport.config import QuantConfig
 from fqexport.demo.scenes import make_scene_task
 from fqexport.errors import ConfigError
+from fqexport.finetune.api import finetune
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_float, export_qdq
@@ -97,6 +99,36 @@ def test_detector_without_boxes_distills_and_infers_the_layout(scenes):
     cm = compress(fm.yolov8_test(), bare, _config(weight_bits=4), progress=False)
     assert cm.task == Detection(layout="v8")
     assert cm.metadata.task["chosen"].startswith("inferred: the model's output (2, 7, 80) is a detector's")
+
+
+def test_finetune_with_boxes_adds_the_detectors_own_loss_and_without_them_distils(scenes):
+    data = scenes.train.detection("calib.npz")
+    cm = compress(fm.yolov5_test(), data, _config(weight_bits=4), progress=False)
+    own_only = finetune(cm, data, FinetuneConfig(epochs=1, kd_weight=0.0, max_steps=2), progress=False)
+    assert own_only.metadata.finetune["loss_terms"] == "the YOLO box and class loss on the data's boxes"
+    bare = GroupData(data.x, None, data.group, data.group_names, "bare.npz")
+    both = finetune(cm, bare, FinetuneConfig(epochs=1, max_steps=2), progress=False)
+    assert both.metadata.finetune["loss_terms"] == ("distillation (the data has no boxes (fields boxes, box_labels, "
+                                                    "box_image))")
+    with pytest.raises(ConfigError, match=r"kd_weight=0 leaves the detection model nothing to learn from: bare.npz "
+                                          r"has no boxes \(fields boxes, box_labels, box_image\)"):
+        finetune(cm, bare, FinetuneConfig(epochs=1, kd_weight=0.0), progress=False)
+
+
+def test_report_loss_is_the_training_loss_with_boxes_and_the_distillation_without(scenes):
+    task, data = Detection(layout="v5"), scenes.test.detection("test.npz")
+    model = fm.yolov5_test()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(data.x)).numpy()
+    noisy = ref + np.float32(0.05) * np.random.default_rng(0).standard_normal(ref.shape).astype(np.float32)
+    with_boxes = task.sample_losses(noisy, data, ref)
+    want = task.train_loss(torch.from_numpy(noisy), task.train_targets(data, torch.from_numpy(ref))).numpy()
+    np.testing.assert_allclose(with_boxes, want, rtol=1e-6)
+    bare = GroupData(data.x, None, data.group, data.group_names, "bare.npz")
+    np.testing.assert_allclose(task.sample_losses(noisy, bare, ref),
+                               task.sample_loss(torch.from_numpy(noisy), torch.from_numpy(ref)).numpy(), rtol=1e-6)
+    assert np.isfinite(task.sample_losses(noisy, data, None)).all()  # with boxes, no reference needed
+    assert np.isnan(task.sample_losses(noisy, bare, None)).all()
 
 
 def test_segmenter_compress_export_validate(tmp_path, scenes):
@@ -190,6 +222,7 @@ def test_cli_finetunes_a_detector_without_labels(tmp_path, scenes, tests_dir, mo
                            "--train", tmp_path / "calib.npz", "--num-calib", 32, "--target", "x86-avx2",
                            "--weight-bits", 4, "--finetune", "--epochs", 1, "--out", tmp_path / "ft.onnx"])
     assert code == 0, err  # the data has boxes and no y: a detector distils, no labels needed
+    assert "loss: distillation + the YOLO box and class loss on the data's boxes;" in out
     header = next(line for line in out.splitlines() if line.startswith("group "))
     assert "mAP@[.5:.95] before %" in header and "mAP@[.5:.95] after %" in header
     assert read_metadata(tmp_path / "ft.onnx").finetune["holdout_after"]["low-light"]["map"] >= 0.0

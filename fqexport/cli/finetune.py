@@ -77,7 +77,7 @@ def _print_summary(plan: FinetunePlan, out: CompressedModel) -> None:
     cfg = plan.config
     print(f"fine-tuning ({cfg.loss}, {cfg.sampler} sampling): {rec['epochs_run']} epoch(s), {rec['steps']} steps, "
           f"{rec['seconds']:.1f} s, stopped: {rec['stopped']}, kept epoch {rec['best_epoch']}; "
-          f"hold-out slice of --train ({rec['num_holdout']} samples):")
+          f"loss: {rec['loss_terms']}; hold-out slice of --train ({rec['num_holdout']} samples):")
     print_table(rows, list(rows[0].keys()))
     if rec.get("baq"):
         baq = rec["baq"]

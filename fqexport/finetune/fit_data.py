@@ -58,19 +58,40 @@ def logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: in
 
 
 class FitData:
-    """The fitted slice: its stream, labels and groups on the device, and the teacher's logits —
-    computed once when x is in memory (as before streaming), else per batch."""
+    """The fitted slice: its stream, targets and groups on the device, and the teacher's logits —
+    computed once when x is in memory (as before streaming), else per batch.
+
+    ``y``: a classifier's labels; another task's training targets from its boxes or masks
+    (:meth:`~fqexport.tasks.base.Task.train_targets`, from one pass of the teacher), else None:
+    fine-tuning then distils only."""
 
     def __init__(self, stream: DataStream, teacher: nn.Module, device: torch.device, num_workers: int,
                  task: Task | None = None) -> None:
         self.stream, self.teacher, self.device, self.num_workers = stream, teacher, device, num_workers
         self.task = task or Classification()
-        # a task that distils needs no labels: zeros stand in for them
-        y = stream.y if stream.y is not None else np.zeros(len(stream), np.int64)
-        self.y = torch.from_numpy(y).to(device)
         self.g = torch.from_numpy(stream.group).to(device)
         self.x = stream.x_array()
         self.cache = None if self.x is None else logits(teacher, self.x, device)
+        self.y: torch.Tensor | None = None
+        if not self.task.distills_in_finetune:  # labels are required before (zeros keep a label-free caller going)
+            y = stream.y if stream.y is not None else np.zeros(len(stream), np.int64)
+            self.y = torch.from_numpy(y).to(device)
+        elif not self.task.needs_annotations(stream):
+            teacher_out = self.cache if self.cache is not None else torch.cat([t for _, _, t in self._pass(None)])
+            targets = self.task.train_targets(stream, teacher_out)
+            self.y = None if targets is None else targets.to(device)
+
+    def loss_words(self, config: FinetuneConfig) -> str:
+        """What the fine-tuning loss is made of, for the record and the console."""
+        terms = [name for name, weight in (("distillation", config.kd_weight),
+                                           (self.task.train_loss_words, config.ce_weight if self.y is not None else 0))
+                 if weight]
+        missing = "" if self.y is not None else f" (the data has no {self.task.annotation_fields})"
+        return " + ".join(terms) + missing
+
+    def targets(self, idx_t: torch.Tensor) -> torch.Tensor | None:
+        """The training targets of the samples ``idx_t`` (None when the fit has none)."""
+        return None if self.y is None else self.y[idx_t]
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -97,16 +118,18 @@ class FitData:
             yield idx_t, out, t
 
     def teacher_ce(self, num_groups: int) -> torch.Tensor:
-        """The float model's cross-entropy per group (the baseline of the DRO excess; 0 for a task
-        that distils: the float model is its own target)."""
-        if self.task.distills_in_finetune:
+        """The float model's own loss per group on the fit data, the baseline of the DRO excess: a
+        classifier's cross-entropy, another task's training loss on its ground truth (0 without it:
+        the float model is its own distillation target)."""
+        if self.y is None:
             return torch.zeros(num_groups, device=self.device)
+        own = (self.task.train_loss if self.task.distills_in_finetune
+               else lambda t, y: nn.functional.cross_entropy(t, y, reduction="none"))
         if self.cache is not None:
-            ce = nn.functional.cross_entropy(self.cache, self.y, reduction="none")
+            loss = own(self.cache, self.y)
         else:
-            ce = torch.cat([nn.functional.cross_entropy(t, self.y[i], reduction="none")
-                            for i, _, t in self._pass(None)])
-        return group_means(ce, self.g, num_groups)[0]
+            loss = torch.cat([own(t, self.y[i]) for i, _, t in self._pass(None)])
+        return group_means(loss, self.g, num_groups)[0]
 
     def scores(self, student: nn.Module, config: FinetuneConfig) -> np.ndarray:
         """The core-set's per-sample score of every fitted sample (only the scores are kept)."""
@@ -115,7 +138,7 @@ class FitData:
         if self.cache is not None:
             return sample_losses(self.task, logits(student, self.x, self.device), self.cache, self.y,
                                  scoring).cpu().numpy()
-        return torch.cat([sample_losses(self.task, s, t, self.y[i], scoring)
+        return torch.cat([sample_losses(self.task, s, t, self.targets(i), scoring)
                           for i, s, t in self._pass(student)]).cpu().numpy()
 
 

@@ -67,7 +67,7 @@ def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, de
         stream = fit.steps(batches)
         for idx_t, xb, tb in stream:
             bar.update(1)
-            loss, bvec = _objective(student(xb), tb, fit.y[idx_t], fit.g[idx_t], objective, bits, params, config)
+            loss, bvec = _objective(student(xb), tb, fit.targets(idx_t), fit.g[idx_t], objective, bits, params, config)
             value = float(loss.detach())
             if not math.isfinite(value):
                 bar.close()
@@ -83,7 +83,7 @@ def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, de
     return _fix_widths(cm, weights, acts, bits, config)
 
 
-def _objective(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, group: torch.Tensor,
+def _objective(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor,
                objective: GroupObjective, bits: Mapping[str, torch.Tensor], params: torch.Tensor,
                config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(the batch's objective with the width penalties, the widths b [layers])``."""

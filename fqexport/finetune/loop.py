@@ -45,6 +45,10 @@ from fqexport.pipeline.compress import model_task
 
 log = logging.getLogger(__name__)
 
+MSG_NOTHING_TO_LEARN = (
+    "FinetuneConfig.kd_weight=0 leaves the {task} model nothing to learn from: {source} has no {fields} for its "
+    "own training loss; set kd_weight > 0 (distillation to the float model) or give data with them"
+)
 MSG_NAN = (
     "fine-tuning diverged: the loss became {value} at epoch {epoch}, step {step}; the last good "
     "state (hold-out worst-group loss {best:.4f}, epoch {best_epoch}) is kept on this error's "
@@ -73,6 +77,9 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
         model_task(model_or_cm, data, None)[0] if isinstance(model_or_cm, torch.nn.Module) else None)
     if task is None or not task.distills_in_finetune:  # a detector or segmenter distils: no labels needed
         require_labels(data, "finetune")  # cross-entropy and the hold-out's accuracy; before any compress
+    elif not config.kd_weight and task.needs_annotations(data):
+        raise ConfigError(MSG_NOTHING_TO_LEARN.format(task=task.name, source=data.source,
+                                                      fields=task.annotation_fields))
     ptq = start_model(model_or_cm, data, config, calib, quant_config, progress, task)
     check_train_data(data, ptq)
     fixed_weights = fixed_group_weights(config, tuple(ptq.group_names))
@@ -176,7 +183,7 @@ class _Run:
     def _step(self, idx_t: torch.Tensor, xb: torch.Tensor, tb: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One batch: ``(objective value, L [G], groups present)``, and an Adam step at the cosine
         schedule's learning rate unless the value is NaN/Inf."""
-        objective, lg, counts = self.objective(self.student(xb), tb, self.fit.y[idx_t], self.fit.g[idx_t])
+        objective, lg, counts = self.objective(self.student(xb), tb, self.fit.targets(idx_t), self.fit.g[idx_t])
         if self.config.oscillation:
             objective = objective + self.config.oscillation * sum(m.dampening() for m in self.weights.values())
         value = float(objective.detach())
@@ -226,6 +233,7 @@ class _Run:
             "num_fit": len(self.fit), "num_holdout": len(self.holdout),
             "steps": self.num_steps, "samples_seen": int(self.used), "epochs_run": len(self.holdout.history) - 1,
             "stopped": self.stopped, "best_epoch": self.holdout.best_epoch,
+            "loss_terms": self.fit.loss_words(config),
             "seconds": round(time.monotonic() - self.t0, 3),
             "holdout_before": per_group(before), "holdout_after": per_group(after),
             "history": self.holdout.history,

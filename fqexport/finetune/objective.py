@@ -3,7 +3,8 @@
 carried from step to step) and the Adam optimiser over the student's parameters.
 
 Per batch: ℓ_i per sample (:func:`sample_losses`: a detector or segmenter distils the float model's
-outputs, :meth:`fqexport.tasks.base.Task.sample_loss`), L_g and N_g per group (``group_means``), then
+outputs, :meth:`fqexport.tasks.base.Task.sample_loss`, and adds its own training loss where the data
+has boxes or masks), L_g and N_g per group (``group_means``), then
 
     ``ce``: Σ_g N_g L_g / N;   ``group-weighted``: Σ_g w_g L_g / Σ_g w_g;
     ``worst-group``: q ← EG(q, L − ce · CE(teacher)), then Σ_g q_g L_g / Σ_g q_g,
@@ -55,7 +56,7 @@ class GroupObjective:
         self.fixed = None if fixed_weights is None else fixed_weights.to(device)
         self.q = torch.full((num_groups,), 1.0 / num_groups, device=device)
 
-    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None,
                  group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(objective, L [G], N [G])`` of a batch from the student's and teacher's logits."""
         c = self.config
@@ -68,14 +69,19 @@ class GroupObjective:
         return combine(lg, counts, self.q), lg, counts
 
 
-def sample_losses(task: Task, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
+def sample_losses(task: Task, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None,
                   config: FinetuneConfig) -> torch.Tensor:
-    """ℓ_i of a batch: a classifier's distillation + cross-entropy (:func:`per_sample_loss`), another
-    task's label-free distillation to the float model (``kd_weight`` × ``task.sample_loss``)."""
-    if task.distills_in_finetune:
-        return config.kd_weight * task.sample_loss(student, task.loss_targets(teacher, None))
-    return per_sample_loss(student, teacher, y, temperature=config.temperature, kd_weight=config.kd_weight,
-                           ce_weight=config.ce_weight)
+    """ℓ_i of a batch: a classifier's distillation + cross-entropy on its labels (:func:`per_sample_loss`);
+    another task's label-free distillation to the float model (``kd_weight`` × ``task.sample_loss``)
+    plus, where the data has its ground truth (``y``: :meth:`~fqexport.tasks.base.Task.train_targets`),
+    ``ce_weight`` × its own training loss (a detector's on its boxes, a segmenter's on its masks)."""
+    if not task.distills_in_finetune:
+        return per_sample_loss(student, teacher, y, temperature=config.temperature, kd_weight=config.kd_weight,
+                               ce_weight=config.ce_weight)
+    loss = config.kd_weight * task.sample_loss(student, task.loss_targets(teacher, None))
+    if y is not None and config.ce_weight:
+        loss = loss + config.ce_weight * task.train_loss(student, y)
+    return loss
 
 
 def optimizer(weights: Mapping[str, LearnableWeight], acts: Mapping[str, LearnableActQuant],

@@ -51,6 +51,17 @@ def paired_iou_xywh(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torc
     return inter / union.clamp_min(eps)
 
 
+def paired_diou_xywh(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Distance-IoU of paired boxes (cx, cy, w, h): IoU − ρ²/c², ρ the distance of the centres and c
+    the diagonal of the smallest box holding both (Zheng et al., 2020): its gradient moves boxes
+    that do not overlap, where IoU's is zero."""
+    a1, a2 = a[..., :2] - a[..., 2:4] / 2, a[..., :2] + a[..., 2:4] / 2
+    b1, b2 = b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2
+    rho2 = (a[..., :2] - b[..., :2]).pow(2).sum(-1)
+    c2 = (torch.maximum(a2, b2) - torch.minimum(a1, b1)).pow(2).sum(-1)
+    return paired_iou_xywh(a, b, eps) - rho2 / c2.clamp_min(eps)
+
+
 def box_area(b: np.ndarray) -> np.ndarray:
     return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
 

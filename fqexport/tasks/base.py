@@ -7,7 +7,9 @@ A :class:`Task` supplies each stage what it cannot know by itself, so no stage k
   :meth:`Task.check_annotations` (labels, boxes or masks in range) and :meth:`Task.float_tail`
   (the ops after the last weight layers that stay float: a detector's box decode);
 - the search and fine-tuning: :meth:`Task.loss_targets` and :meth:`Task.sample_loss`, the per-sample
-  loss (label-free: distillation to the float model), so groups can be weighted;
+  loss (label-free: distillation to the float model), so groups can be weighted; fine-tuning adds
+  the task's own training loss where the data has its ground truth (:meth:`Task.train_targets`,
+  :meth:`Task.train_loss`: a detector's on its boxes, a segmenter's on its masks);
 - the export check: :meth:`Task.compare` (top-1 agreement, matched boxes after NMS, per-pixel
   agreement) between the ONNX session and the PyTorch reference;
 - verification and validate: :meth:`Task.evaluate`, the task's own metric per group (accuracy,
@@ -69,6 +71,8 @@ class Task(ABC):
     # fine-tuning's loss: a classifier's distillation + cross-entropy on its labels (fqexport.finetune.losses),
     # else the task's label-free distillation loss (sample_loss against the float model's outputs)
     distills_in_finetune: ClassVar[bool] = True
+    # the task's own training loss (fine-tuning with the data's ground truth), in words
+    train_loss_words: ClassVar[str] = ""
 
     # ---------------------------------------------------------------------------- compress
     @abstractmethod
@@ -95,6 +99,16 @@ class Task(ABC):
     @abstractmethod
     def sample_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of each sample, ``[N]`` (differentiable in ``out``)."""
+
+    def train_targets(self, data: Any, teacher: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample targets of :meth:`train_loss` (indexed like labels: ``targets[i]`` is sample
+        i's) from ``data``'s ground truth and the float model's outputs ``teacher`` on it; None when
+        the data has none (fine-tuning then distils only). Tasks that distil only return None."""
+        return None
+
+    def train_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task's own training loss of each sample, ``[N]``, against :meth:`train_targets`."""
+        raise NotImplementedError(f"the {self.name} task has no training loss of its own")
 
     # ---------------------------------------------------------------------------- evaluation
     @abstractmethod

@@ -100,6 +100,7 @@ class Classification(Task):
     agreement_name = "top-1 agreement"
     diff_name = "logit diff"
     distills_in_finetune = False
+    train_loss_words = "cross-entropy on the labels"
     without_annotations = ("; the data has no labels: accuracy is top-1 agreement with the float model and the "
                            "loss cross-entropy against its top-1")
 

@@ -19,6 +19,10 @@ model, which the float decode makes a loss on the raw head maps:
 KL of Bernoulli probabilities over the objectness and class channels, w_k the float model's
 score of anchor k (its best class), so boxes count where the float model sees an object.
 
+With the data's boxes, the report's loss and fine-tuning's own term are the detector's training
+loss on them (:mod:`fqexport.tasks.detection_loss`: positives assigned from the float model's
+decoded boxes, DIoU box loss, BCE of classes and objectness).
+
 The export check (:meth:`Detection.compare`) compares the boxes each image keeps after NMS at the
 deploy threshold: a decided reference box (score >= deploy_conf + margin) must be proposed by the
 session (an anchor of its class with IoU >= ``match_iou`` and a score within ``margin`` of its
@@ -49,6 +53,7 @@ from fqexport.metrics.boxes import Detections, box_iou, paired_iou_xywh, select_
 from fqexport.metrics.coco_map import coco_map
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Comparison, Task
+from fqexport.tasks.detection_loss import assign, train_loss
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,7 @@ class Detection(Task):
     search_metric = "map50"
     agreement_name = "box agreement"
     annotation_fields = "boxes (fields boxes, box_labels, box_image)"
+    train_loss_words = "the YOLO box and class loss on the data's boxes"
     without_annotations = ("; the data has no boxes: mAP@.5 against the float model's detections at the deploy "
                            "confidence and the loss the distillation to its outputs")
 
@@ -137,8 +143,7 @@ class Detection(Task):
     def decode(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(boxes [N, K, 4] xyxy, class scores [N, K, C])`` of outputs in the layout."""
         rows = np.asarray(self._rows(np.asarray(outputs, dtype=np.float32)))
-        scores = rows[..., 5:] * rows[..., 4:5] if self.layout == "v5" else rows[..., 4:]
-        return xywh_to_xyxy(rows[..., :4]), scores
+        return xywh_to_xyxy(rows[..., :4]), self._scores(rows)
 
     def detections(self, outputs: np.ndarray, conf: float | None = None) -> list[Detections]:
         """Each image's detections after class-aware NMS at ``conf`` (default ``self.conf``)."""
@@ -182,11 +187,44 @@ class Detection(Task):
     def sample_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """ℓ per image (module docstring), ``[N]``."""
         s, t = self._rows(out).float(), self._rows(target).float()
-        scores = (t[..., 4:5] * t[..., 5:]).amax(-1) if self.layout == "v5" else t[..., 4:].amax(-1)
+        scores = self._scores(t).amax(-1)
         kl = _kl_bernoulli(t[..., 4:], s[..., 4:]).sum(-1).mean(-1)
         w = scores.detach()
         box = (w * (1 - paired_iou_xywh(s[..., :4], t[..., :4]))).sum(-1) / (w.sum(-1) + _EPS)
         return kl + box
+
+    def _scores(self, rows: Any) -> Any:
+        """Class scores ``[…, K, C]`` of rows: objectness · p_c (v5), p_c (v8)."""
+        return rows[..., 5:] * rows[..., 4:5] if self.layout == "v5" else rows[..., 4:]
+
+    def train_targets(self, data: Any, teacher: torch.Tensor) -> torch.Tensor | None:
+        """``[N, K, 5]`` positives of each image's boxes, assigned from the float model's detections
+        (:func:`~fqexport.tasks.detection_loss.assign`); None without boxes."""
+        if not isinstance(data.annotations, Boxes):
+            return None
+        rows = self._rows(teacher).float().cpu()
+        scores = self._scores(rows)
+        out = []
+        for i in range(len(rows)):
+            boxes, labels = data.annotations.of_image(i)
+            out.append(assign(rows[i, :, :4], scores[i], torch.as_tensor(boxes, dtype=torch.float32),
+                              torch.as_tensor(labels, dtype=torch.long)))
+        return torch.stack(out) if out else torch.zeros((0, rows.shape[1], 5))
+
+    def train_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The YOLO-style loss per image on its boxes (:func:`~fqexport.tasks.detection_loss.train_loss`)."""
+        return train_loss(self._rows(out).float(), targets, objectness=self.layout == "v5")
+
+    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
+        """With the data's boxes, the training loss per image (positives assigned from ``reference``'s
+        detections, else from ``outputs``' own, as YOLOv8 assigns from the model it trains); without
+        them the distillation loss to ``reference`` (NaN without one)."""
+        if not isinstance(data.annotations, Boxes):
+            return super().sample_losses(outputs, data, reference)
+        out = torch.from_numpy(np.asarray(outputs, np.float32))
+        assign_from = out if reference is None else torch.from_numpy(np.asarray(reference, np.float32))
+        with torch.no_grad():
+            return self.train_loss(out, self.train_targets(data, assign_from)).double().numpy()
 
     # ---------------------------------------------------------------------------- evaluation
     def needs_annotations(self, data: Any) -> bool:

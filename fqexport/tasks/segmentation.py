@@ -3,7 +3,8 @@
 Per group: mIoU, Dice and pixel accuracy from the confusion matrix of that group's images
 (:mod:`fqexport.metrics.segmentation_metrics`); without masks the float model's argmax stands in
 (distillation). The label-free loss per image is the mean over pixels of
-``KL(softmax(t) ‖ softmax(s))`` between the float (t) and quantized (s) logits. The export check
+``KL(softmax(t) ‖ softmax(s))`` between the float (t) and quantized (s) logits; with masks, the
+report's loss and fine-tuning's own term are the per-pixel cross-entropy on them. The export check
 counts per-pixel argmax agreement on the pixels whose reference top-2 logits are more than
 ``TIE_FRACTION`` of the logit spread apart.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from fqexport.calibration.annotations import Masks, check_mask_labels
 from fqexport.errors import DataError, ModelLoadError
@@ -47,6 +49,7 @@ SUMMARY = (
     "are more than {tie:g}% of the logit spread apart (need >= {need:.0%}; max |logit diff| {diff:.4g})"
 )
 _NO_IGNORE = -1
+IGNORED = -100  # a mask's ignored pixels in the training targets (cross-entropy's ignore_index)
 
 
 def _pixels_last(logits: np.ndarray) -> np.ndarray:
@@ -66,6 +69,7 @@ class Segmentation(Task):
     search_metric = "miou"
     agreement_name = "pixel agreement"
     annotation_fields = "masks (field masks)"
+    train_loss_words = "per-pixel cross-entropy on the masks"
     without_annotations = ("; the data has no masks: mIoU against the float model's argmax and the loss the "
                            "distillation to its logits")
     diff_name = "logit diff"
@@ -105,6 +109,28 @@ class Segmentation(Task):
         log_p = torch.log_softmax(out.float(), dim=1)
         log_q = torch.log_softmax(target.float(), dim=1)
         return (log_q.exp() * (log_q - log_p)).sum(dim=1).flatten(1).mean(dim=1)
+
+    def train_targets(self, data: Any, teacher: torch.Tensor) -> torch.Tensor | None:
+        """The masks ``[N, H, W]`` (ignored pixels as ``IGNORED``); None without masks."""
+        if not isinstance(data.annotations, Masks):
+            return None
+        masks = torch.as_tensor(np.asarray(data.annotations.masks, dtype=np.int64))
+        return torch.where(masks == data.annotations.ignore_index, torch.full_like(masks, IGNORED), masks)
+
+    def train_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cross-entropy on the masks, averaged over each image's counted pixels, ``[N]``."""
+        ce = F.cross_entropy(out.float(), targets, ignore_index=IGNORED, reduction="none").flatten(1)
+        counted = (targets != IGNORED).flatten(1).sum(1).clamp_min(1)
+        return ce.sum(1) / counted
+
+    def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
+        """With the data's masks, the per-pixel cross-entropy on them per image; else the
+        distillation loss to ``reference`` (NaN without one)."""
+        if not isinstance(data.annotations, Masks):
+            return super().sample_losses(outputs, data, reference)
+        with torch.no_grad():
+            return self.train_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
+                                   self.train_targets(data, None)).double().numpy()
 
     def needs_annotations(self, data: Any) -> bool:
         return not isinstance(data.annotations, Masks)

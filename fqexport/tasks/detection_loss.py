@@ -1,0 +1,107 @@
+"""A detector's own training loss on its decoded output, for fine-tuning when the data has boxes.
+
+Any model whose output is in a :mod:`~fqexport.tasks.detection` layout is trained the same way,
+without knowing its anchors or strides: the positives are assigned once, from the float model's
+own detections of the fitted images (task-aligned, as YOLOv8's assigner, but on decoded boxes).
+
+Assignment, per image and ground-truth box g of class c (xyxy pixels), over the anchors k of the
+float model's output with box b_k and class-c score s_kc (YOLOv5: objectness · p_c):
+
+    candidates: anchors whose box centre lies inside g;
+    alignment:  a_kg = s_kc^α · IoU(b_k, g)^β        (α = 0.5, β = 6, YOLOv8's);
+    positives:  the ``topk`` candidates of largest a_kg > 0 (the anchor of largest IoU when
+                none is a candidate); an anchor positive for two boxes keeps the larger IoU.
+
+Loss per image with P positives (k ∈ P assigned box g_k of class c_k), on the student's output
+(box b_k, class probabilities p_kc, YOLOv5's objectness o_k), BCE of probabilities:
+
+    ℓ = 5 · mean_{k∈P} (1 − DIoU(b_k, g_k))
+        + [v8] Σ_k Σ_c BCE(p_kc, 1[k∈P, c=c_k]) / max(P, 1)
+        + [v5] (Σ_{k∈P} Σ_c BCE(p_kc, 1[c=c_k]) + Σ_k BCE(o_k, 1[k∈P])) / max(P, 1),
+
+DIoU = IoU − ρ²/c² (centre distance over the enclosing box's diagonal: it still moves a box that
+no longer overlaps its target). Classes at the positives and objectness everywhere for YOLOv5's
+layout, classes everywhere for YOLOv8's: the simplified YOLO loss the demo's detectors are trained
+with (:mod:`fqexport.demo.detection_training`, with IoU there).
+
+The targets of an image are one ``[K, 5]`` array (class or −1, then the assigned box's cx, cy, w,
+h in pixels), so a batch's are ``targets[index]`` like a classifier's labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fqexport.metrics.boxes import paired_diou_xywh
+
+ALPHA, BETA = 0.5, 6.0  # the alignment's exponents (YOLOv8's task-aligned assigner)
+TOPK = 10
+BOX_GAIN = 5.0
+_EPS = 1e-6
+
+
+def _xyxy(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat((b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2), -1)
+
+
+def _xywh(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat(((b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]), -1)
+
+
+def _iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes ``a [G, 4]`` with ``b [K, 4]``, ``[G, K]``."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter + _EPS)
+
+
+def assign(pred_xywh: torch.Tensor, pred_scores: torch.Tensor, gt_xyxy: torch.Tensor, gt_labels: torch.Tensor,
+           topk: int = TOPK) -> torch.Tensor:
+    """One image's targets ``[K, 5]`` (module docstring) from the float model's boxes ``[K, 4]``
+    (cx, cy, w, h) and class scores ``[K, C]`` and the ground truth ``[G, 4]`` xyxy, ``[G]``."""
+    k = pred_xywh.shape[0]
+    targets = torch.full((k, 5), -1.0)
+    if gt_xyxy.numel() == 0 or k == 0:
+        return targets
+    iou = _iou_matrix(gt_xyxy, _xyxy(pred_xywh))  # [G, K]
+    cx, cy = pred_xywh[:, 0], pred_xywh[:, 1]
+    inside = ((cx[None] > gt_xyxy[:, 0:1]) & (cx[None] < gt_xyxy[:, 2:3])
+              & (cy[None] > gt_xyxy[:, 1:2]) & (cy[None] < gt_xyxy[:, 3:4]))
+    score = pred_scores[:, gt_labels].T.clamp_min(0)  # [G, K]: s_kc of each box's class
+    align = torch.where(inside & (iou > 0), score.pow(ALPHA) * iou.pow(BETA), torch.zeros_like(iou))
+    top = align.topk(min(topk, k), dim=1)
+    positive = torch.zeros_like(iou, dtype=torch.bool)
+    positive.scatter_(1, top.indices, top.values > 0)
+    lonely = ~positive.any(1)  # no candidate: the anchor of largest IoU
+    positive[lonely, iou[lonely].argmax(1)] = True
+    # an anchor positive for several boxes keeps the one it overlaps most
+    owner = torch.where(positive, iou, torch.full_like(iou, -1.0)).argmax(0)  # [K]
+    taken = positive.any(0)
+    targets[taken, 0] = gt_labels[owner[taken]].float()
+    targets[taken, 1:] = _xywh(gt_xyxy[owner[taken]])
+    return targets
+
+
+def _bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), target, reduction="none")
+
+
+def train_loss(rows: torch.Tensor, targets: torch.Tensor, objectness: bool) -> torch.Tensor:
+    """ℓ per image, ``[B]`` (module docstring), of outputs as rows ``[B, K, 4 + …]`` (cx, cy, w,
+    h, [objectness,] classes) and targets ``[B, K, 5]``; ``objectness``: YOLOv5's layout."""
+    label = targets[..., 0]
+    pos = label >= 0
+    npos = pos.sum(-1).clamp_min(1).float()
+    box = ((1 - paired_diou_xywh(rows[..., :4], targets[..., 1:])) * pos).sum(-1) / npos
+    probs = rows[..., 5:] if objectness else rows[..., 4:]
+    onehot = F.one_hot(label.clamp_min(0).long(), probs.shape[-1]).to(probs.dtype) * pos[..., None]
+    cls = _bce(probs, onehot).sum(-1)  # [B, K]
+    if objectness:
+        cls = (cls * pos).sum(-1) + _bce(rows[..., 4], pos.to(rows.dtype)).sum(-1)
+    else:
+        cls = cls.sum(-1)
+    return BOX_GAIN * box + cls / npos

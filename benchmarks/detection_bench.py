@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/detection_bench.py --part detection --kinds yolov5
     .venv/bin/python benchmarks/detection_bench.py --part segmentation
     .venv/bin/python benchmarks/detection_bench.py --part compress-time
+    .venv/bin/python benchmarks/detection_bench.py --part finetune --kinds yolov5 yolov8
 
 Part ``detection``: the YOLOv5-style and the YOLOv8-style detector trained on the scene task
 (:mod:`fqexport.demo.scenes`: 10% low-light minority), each run through
@@ -15,6 +16,12 @@ per-group drop vs float, file size, p50 latency at batch 1 and 8.
 
 Part ``segmentation``: the UNet-style segmenter on the same scenes (masks): float, ORT
 ``quantize_static`` W8A8, fqexport W8A8, W4A8, mixed avg-3-bit; mIoU and Dice per group.
+
+Part ``finetune``: each detector at W3A8 (uniform 3-bit weights: a drop fine-tuning can recover),
+then fine-tuned (``fqexport.finetune``, worst-group loss, 4 epochs) on the training scenes once
+without their boxes (distillation to the float model only) and once with them (distillation + the
+detector's own training loss, :mod:`fqexport.tasks.detection_loss`); per-group mAP on the test
+scenes, and the fine-tuning seconds.
 
 Part ``compress-time``: wall time of ``compress`` (W8, solver, 256 calibration samples) of the
 YOLOv5-style detector vs a classifier of the same size (its backbone and neck, global pooling,
@@ -44,9 +51,11 @@ from fqexport.demo.run import ort_quantize_static_baseline
 from fqexport.demo.scene_models import SCENE_SIZES, trained_scene_model
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.qdq_onnx import export_float, export_qdq
+from fqexport.finetune.api import finetune
+from fqexport.finetune.config import FinetuneConfig
 from fqexport.pipeline.compress import compress
 from fqexport.search.mixed_precision import search_mixed_precision
-from fqexport.tasks import Segmentation
+from fqexport.tasks import Detection, Segmentation
 from fqexport.validation.gate import validate
 
 
@@ -93,6 +102,40 @@ def segmentation(out: Path) -> None:
     print_table(rows, list(rows[0].keys()))
 
 
+def finetune_rows(out: Path, kinds: list[str], bits: int = 3, epochs: int = 4) -> None:
+    for kind in kinds:
+        model, scenes, _ = trained_scene_model(kind, cache_dir=out / kind, on_step=print)
+        with_boxes = scenes.train.detection("train")
+        bare = GroupData(with_boxes.x, None, with_boxes.group, with_boxes.group_names, "train (no boxes)")
+        test = scenes.test.detection("test")
+        task = Detection(layout="v5" if kind == "yolov5" else "v8")
+        ptq = compress(model, with_boxes, QuantConfig(weight_bits=bits, num_calib=256), progress=False, task=task)
+        float_path = export_float(model, torch.from_numpy(test.x[:2]), out / kind / "ft_float.onnx",
+                                  output_name=task.output_name).path
+        runs = [("float", float_path, None), (f"fqexport W{bits}A8 (PTQ)", export_qdq(ptq, out / kind / "ft_ptq.onnx").path,
+                                               None)]
+        for label, data in (("+ fine-tune, distillation only (no boxes)", bare),
+                            ("+ fine-tune, distillation + own loss (boxes)", with_boxes)):
+            t = time.perf_counter()
+            tuned = finetune(ptq, data, FinetuneConfig(epochs=epochs, seed=0), progress=False)
+            seconds = time.perf_counter() - t
+            runs.append((label, export_qdq(tuned, out / kind / f"ft_{len(runs)}.onnx").path, seconds))
+        rows = []
+        for label, path, seconds in runs:
+            r = validate(path, test, reference=None if label == "float" else float_path, task=task,
+                         measure_latency=False)
+            row = {"model": label}
+            for g, m in r.metrics.by_group.items():
+                row[f"{g} mAP"] = f"{100 * m['map']:.1f}"
+                row[f"{g} mAP@.5"] = f"{100 * m['map50']:.1f}"
+            row["worst drop pt"] = f"{100 * r.max_group_drop[1]:.1f} ({r.max_group_drop[0]})" if r.group_drop else "-"
+            row["fine-tune s"] = "-" if seconds is None else f"{seconds:.0f}"
+            rows.append(row)
+        print(f"\n{kind}: W{bits}A8 fine-tuned {epochs} epochs on {len(with_boxes)} scenes, per-group COCO mAP (points) "
+              f"on {len(test)} test scenes, ORT on {cpu_isa()}")
+        print_table(rows, list(rows[0].keys()))
+
+
 class SameSizeClassifier(nn.Module):
     """The YOLOv5-style detector's backbone and neck, global average pooling of both outputs, a Linear."""
 
@@ -133,7 +176,7 @@ def compress_time(out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "detection", "segmentation", "compress-time"), default="all")
+    p.add_argument("--part", choices=("all", "detection", "segmentation", "finetune", "compress-time"), default="all")
     p.add_argument("--kinds", nargs="+", default=["yolov5", "yolov8"], choices=["yolov5", "yolov8"])
     p.add_argument("--dir", type=Path, default=Path("bench-detection"), help="models, data and ONNX files")
     args = p.parse_args()
@@ -144,6 +187,8 @@ def main() -> None:
         detection(args.dir, args.kinds)
     if args.part in ("all", "segmentation"):
         segmentation(args.dir / "unet")
+    if args.part in ("all", "finetune"):
+        finetune_rows(args.dir, args.kinds)
     if args.part in ("all", "compress-time"):
         compress_time(args.dir)
 

@@ -34,6 +34,7 @@ _PUBLIC: dict[str, str] = {
     "search_mixed_precision": "fqexport.search.mixed_precision:search_mixed_precision",
     "pareto_sweep": "fqexport.search.pareto:pareto_sweep",
     "load_model": "fqexport.graph.loading:load_model",
+    "with_decode": "fqexport.graph.decode:with_decode",
     "load_data": "fqexport.calibration.readers:load_data",
     "save_npz": "fqexport.calibration.npz:save_npz",
     "GroupsFromCSV": "fqexport.calibration.groups:GroupsFromCSV",

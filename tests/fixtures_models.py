@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.demo.detectors import UNet, YoloV5, YoloV8
+from fqexport.demo.detectors import STRIDES, UNet, YoloV5, YoloV8
 
 IMAGE_SHAPE = (3, 16, 16)
 NUM_CLASSES = 4
@@ -239,6 +239,76 @@ def yolov5_test():
 def yolov8_test():
     torch.manual_seed(0)
     return YoloV8(num_classes=3, width=4, image_size=64).eval()
+
+
+class RawYoloV5(YoloV5):
+    """:class:`YoloV5` returning its raw head maps ``[N, A·(5 + C), H, W]`` per stride (what a
+    training-mode YOLO returns); :class:`YoloV5Decode` turns them into the v5 layout."""
+
+    def forward(self, x):
+        return [head(feat) for head, feat in zip(self.head, self.body(x))]
+
+
+def yolov5_raw_test():
+    torch.manual_seed(0)
+    return RawYoloV5(num_classes=3, width=4, image_size=64).eval()
+
+
+class YoloV5Decode(nn.Module):
+    """YoloV5's decode of 3 classes on 64×64 inputs as a module of its own (grids and anchors
+    as buffers): a decode a user names with ``--decode fixtures_models:YoloV5Decode``."""
+
+    def __init__(self):
+        super().__init__()
+        src = YoloV5(num_classes=3, width=4, image_size=64)
+        self.na, self.no, self.sizes = src.na, src.no, src.sizes
+        for i in range(len(self.sizes)):
+            self.register_buffer(f"grid{i}", getattr(src, f"grid{i}").clone())
+            self.register_buffer(f"anchor_grid{i}", getattr(src, f"anchor_grid{i}").clone())
+
+    def forward(self, maps):
+        out = []
+        for i, p in enumerate(maps):
+            ny, nx = self.sizes[i]
+            y = p.view(-1, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).sigmoid()
+            xy = (y[..., 0:2] * 2 - 0.5 + getattr(self, f"grid{i}")) * STRIDES[i]
+            wh = (y[..., 2:4] * 2) ** 2 * getattr(self, f"anchor_grid{i}")
+            out.append(torch.cat((xy, wh, y[..., 4:]), -1).reshape(-1, self.na * ny * nx, self.no))
+        return torch.cat(out, 1)
+
+
+class RawYoloV8(YoloV8):
+    """:class:`YoloV8` returning per stride ``(box maps [N, 4·reg_max, H, W], class maps [N, C, H, W])``;
+    :func:`decode_yolov8_test` turns them into the v8 layout."""
+
+    def forward(self, x):
+        return [(box(f), cls(f)) for box, cls, f in zip(self.box, self.cls, self.body(x))]
+
+
+def yolov8_raw_test():
+    torch.manual_seed(0)
+    return RawYoloV8(num_classes=3, width=4, image_size=64).eval()
+
+
+def decode_yolov8_test(levels):
+    """YoloV8's DFL decode as a plain function (its anchor centres and strides made inside, from the
+    fixed 64×64 input size: tensor constants of the traced graph)."""
+    reg_max, boxes, classes, centres, strides = 8, [], [], [], []
+    for (box, cls), s in zip(levels, STRIDES):
+        n = 64 // s
+        boxes.append(box.flatten(2))
+        classes.append(cls.flatten(2))
+        yv, xv = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        centres.append(torch.stack((xv, yv), 0).reshape(2, -1).float() + 0.5)
+        strides.append(torch.full((1, n * n), float(s)))
+    box, cls = torch.cat(boxes, 2), torch.cat(classes, 2)
+    k = box.shape[2]
+    proj = torch.arange(reg_max, dtype=torch.float32).view(1, 1, reg_max, 1)
+    dist = (box.view(-1, 4, reg_max, k).softmax(2) * proj).sum(2)
+    anchors = torch.cat(centres, 1).unsqueeze(0)
+    x1y1, x2y2 = anchors - dist[:, :2], anchors + dist[:, 2:]
+    xywh = torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1) * torch.cat(strides, 1).unsqueeze(0)
+    return torch.cat((xywh, cls.sigmoid()), 1)
 
 
 def unet_test():

@@ -10,7 +10,7 @@ runs each subcommand from one table (``fqexport.cli.main.COMMANDS``) in ``comman
 through ``importlib.import_module``, so that ``import fqexport``, ``--help`` and every flag error
 load no stage. The tests below check that these are the only lazy imports of the project, that
 every entry names a real module and attribute, and that the CLI's parsers import no stage.
-(``fqexport.graph.loading._import_factory`` imports the *user's* ``--model pkg:factory`` module:
+(``fqexport.graph.loading._import_object`` imports the *user's* ``--model pkg:factory`` (and ``--decode``) module:
 user code, not a project module; see docs/safety.md.)
 
 And the public API: ``import fqexport`` exposes the names the README uses.
@@ -38,7 +38,7 @@ README_API = ("compress", "QuantConfig", "MixedPrecisionConfig", "search_mixed_p
 LAZY_TABLES = {"fqexport": ("_PUBLIC", "_resolve"), "fqexport.cli.main": ("COMMANDS", "command")}
 # Where a module is imported by a name known only at run time: the lazy tables, and the user's model factory.
 DYNAMIC_IMPORTS = {("fqexport", "_resolve"), ("fqexport.cli.main", "command"),
-                   ("fqexport.graph.loading", "_import_factory")}
+                   ("fqexport.graph.loading", "_import_object")}
 _IMPORT_CALLS = ("import_module", "__import__", "spec_from_file_location", "module_from_spec", "exec_module",
                  "load_module", "run_module", "run_path")
 # What a stage imports and the CLI's parsers must not (each costs seconds at start-up).

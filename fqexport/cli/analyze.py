@@ -14,7 +14,7 @@ from fqexport.validation.reports import write_json_data
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``analyze`` from parsed, checked args: print the table and summary, write JSON; return 0."""
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle, decode=args.decode)
     report = analyze(
         model, args.data, bits=tuple(args.bits), method=args.method, calib=args.calib,
         batch_size=args.batch_size, hessian_iters=args.hessian_iters,

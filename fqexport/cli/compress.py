@@ -29,7 +29,7 @@ def run_compress(args: argparse.Namespace) -> int:
     widths = width_paths(args.out, parse_export_bits(args.export_bits))
     config = quant_config(args)
     plan = finetune_plan(args, load_data(args.calib).group_names if args.finetune else None)
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle, decode=args.decode)
     search = None
     task = task_of(args)
     budget = search_budget(args)
@@ -55,7 +55,9 @@ def run_compress(args: argparse.Namespace) -> int:
               "float32 above; --strict refuses them)")
     print(f"\n{task_line(cm.metadata.task)}")
     if cm.metadata.float_ops:
-        print(f"{len(cm.metadata.float_ops)} ops after the last weight layers stay float (the decode): "
+        decode = (cm.metadata.task or {}).get("decode")
+        named = f"the decode, {decode}" if decode else "the decode"
+        print(f"{len(cm.metadata.float_ops)} ops after the last weight layers stay float ({named}): "
               + ", ".join(cm.metadata.float_ops))
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
           f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")

@@ -28,7 +28,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     configs = [search_config(args, budget_bits=b) for b in budgets]
     template = configs[0]
     test = load_data(args.test) if args.test else None
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle, decode=args.decode)
     points = pareto_sweep(model, args.calib, budgets, template, config, test=test, progress=not args.quiet,
                           task=task_of(args))
     out = Path(args.out_dir)

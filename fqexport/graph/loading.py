@@ -12,12 +12,13 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from fqexport.errors import ModelLoadError
+from fqexport.graph.decode import with_decode
 from fqexport.graph.exported_program import (
     MSG_PT2_UNSAFE,
     lift_exported_modules,
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 MSG_SPEC = (
     "model spec {spec!r} is neither 'package.module:factory' nor a .pt2 file "
     "(a pickled module needs trust_pickle=True / --trust-pickle)"
+)
+MSG_DECODE_SPEC = (
+    "decode spec {spec!r} must be 'package.module:name' naming a function of the model's outputs or an nn.Module "
+    "(instance or class)"
 )
 MSG_PICKLE = (
     "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
@@ -89,24 +94,38 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     return lift_exported_modules(model)
 
 
-def _import_factory(spec: str):
+def _import_object(spec: str, what: str = "model", malformed: str = MSG_SPEC) -> Any:
+    """The object ``package.module:attr`` names (``what``: model or decode, for the messages)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ModelLoadError(MSG_SPEC.format(spec=spec))
+        raise ModelLoadError(malformed.format(spec=spec))
     cwd = os.getcwd()
     if cwd not in sys.path:  # let users name modules of their working directory
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
-        raise ModelLoadError(f"cannot import module '{module_name}' of model spec {spec!r}: {err}") from err
+        raise ModelLoadError(f"cannot import module '{module_name}' of {what} spec {spec!r}: {err}") from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ModelLoadError(f"module '{module_name}' has no attribute '{attr}' (model spec {spec!r})")
+            raise ModelLoadError(f"module '{module_name}' has no attribute '{attr}' ({what} spec {spec!r})")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelLoadError(f"'{spec}' is not callable; it must be a factory returning an nn.Module")
+    return obj
+
+
+def load_decode(spec: str) -> Callable[[Any], torch.Tensor] | nn.Module:
+    """The decode ``package.module:name`` names: a function of the model's outputs, an
+    ``nn.Module`` instance, or an ``nn.Module`` class (instantiated without arguments)."""
+    obj = _import_object(str(spec), "decode", MSG_DECODE_SPEC)
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        try:
+            obj = obj()
+        except Exception as err:
+            raise ModelLoadError(f"decode '{spec}' (an nn.Module class) failed to construct without arguments: "
+                                 f"{type(err).__name__}: {err}") from err
+    elif isinstance(obj, type) or not callable(obj):
+        raise ModelLoadError(MSG_DECODE_SPEC.format(spec=spec) + f"; it names a {type(obj).__name__}")
     return obj
 
 
@@ -160,6 +179,7 @@ def load_model(
     *,
     trust_pickle: bool = False,
     factory_kwargs: dict[str, Any] | None = None,
+    decode: str | None = None,
 ) -> nn.Module:
     """Load a float model in eval mode.
 
@@ -169,13 +189,17 @@ def load_model(
         weights: a state_dict file for the factory (``torch.load(weights_only=True)``).
         trust_pickle: allow unpickling a whole module (runs code from the file).
         factory_kwargs: keyword arguments of the factory.
+        decode: ``"package.module:name"`` of the decode to compose after a model that returns raw
+            head maps (:func:`~fqexport.graph.decode.with_decode`; loaded by :func:`load_decode`).
     """
     if isinstance(spec, nn.Module):
         model = spec
     elif str(spec).endswith(".pt2"):
         model = load_pt2(spec, trust_pickle=trust_pickle)
     elif ":" in str(spec) and not Path(str(spec)).is_file():
-        factory = _import_factory(str(spec))
+        factory = _import_object(str(spec))
+        if not callable(factory):
+            raise ModelLoadError(f"'{spec}' is not callable; it must be a factory returning an nn.Module")
         try:
             model = factory(**(factory_kwargs or {}))
         except Exception as err:
@@ -202,4 +226,6 @@ def load_model(
         except RuntimeError as err:
             detail = _describe_mismatch(model, state) or str(err)
             raise ModelLoadError(f"{weights}: state_dict does not match the model from {spec!r}: {detail}") from err
+    if decode is not None:
+        model = with_decode(model.eval(), load_decode(decode), name=str(decode))
     return model.eval()

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
+from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as err:  # fx raises many kinds of errors for untraceable code
         raise ModelLoadError(MSG_TRACE.format(err=f"{type(err).__name__}: {err}")) from err
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
+        gm = strip_wrapper(gm, type(model.model).__name__)
     _keep_first_output(gm)
     return gm
 

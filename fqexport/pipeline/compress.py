@@ -38,8 +38,9 @@ from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.device import resolve_device
-from fqexport.errors import ConfigError, DataError
+from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.graph.act_quant import insert_act_quantizers
+from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model
 from fqexport.metadata import ExportMetadata, layer_records
@@ -242,12 +243,16 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     x = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x))
     try:
         with torch.no_grad():
-            return first_output(model(x))
+            out = model(x)
     except Exception as err:
         raise DataError(
             f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "
             f"model ({type(err).__name__}: {err})"
         ) from err
+    if is_head_maps(out, tuple(x.shape[2:])):
+        maps = leaves(out)
+        raise ModelLoadError(MSG_HEAD_MAPS.format(n=len(maps), shapes=", ".join(str(list(t.shape)) for t in maps)))
+    return first_output(out)
 
 
 def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task | None) -> tuple[Task, str]:
@@ -471,6 +476,8 @@ def compress(
     tail = task.float_tail(prepared.folded, set(quantized))
     float_ops = tail_ops(prepared.folded, tail) if tail is not None else ()
     record = {**task.to_dict(), "chosen": chosen}
+    if isinstance(model, DecodedModel):  # the head maps' decode the user named (compiled into the graph)
+        record["decode"] = model.decode_name
     return CompressedModel(
         reference=reference,
         float_model=float_model.eval(),

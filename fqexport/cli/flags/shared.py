@@ -88,6 +88,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "or sys.path: see docs/safety.md), a torch.export .pt2 file, or a pickled module file "
                    "(with --trust-pickle)")
     p.add_argument("--weights", help="state_dict file for the factory, read with torch.load(weights_only=True)")
+    p.add_argument("--decode", metavar="package.module:name",
+                   help="for a model that returns raw head maps: the decode (a function of the model's outputs, or "
+                   "an nn.Module or its class) composed after it into one graph, e.g. to YOLOv5's [N, K, 5 + C]; "
+                   "it stays float like any detector's decode (docs/tasks.md)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled whole module (and a .pt2 that torch would unpickle); runs its code")
 

@@ -22,9 +22,21 @@ if str(TESTS_DIR) not in sys.path:  # 'fixtures_models:tiny_cnn' resolves like a
 import fixtures_models as fm  # noqa: E402
 from fqexport.calibration.npz import save_npz  # noqa: E402
 from fqexport.config import QuantConfig  # noqa: E402
+from fqexport.demo.scenes import make_scene_task  # noqa: E402
 from fqexport.exporters import qdq_onnx  # noqa: E402
 from fqexport.exporters.qdq_onnx import export_qdq  # noqa: E402
 from fqexport.pipeline.compress import compress  # noqa: E402
+
+@pytest.fixture(scope="session")
+def scenes():
+    """The small seeded scene task (boxes and masks, 25% low-light) of the detector/segmenter tests."""
+    return make_scene_task(n_train=32, n_test=24, minority_fraction=0.25, seed=3)
+
+
+def scene_config(**kw) -> QuantConfig:
+    """The detector/segmenter tests' QuantConfig: all 32 training scenes, judged as x86-avx2."""
+    return QuantConfig(num_calib=32, target="x86-avx2", **kw)
+
 
 # Layer widths of the mixed-precision CNN used by the export tests.
 MIXED_BITS = {"conv_a": 4, "dw": 6, "fc": 4}

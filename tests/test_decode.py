@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import fixtures_models as fm
+from conftest import scene_config
 from fqexport.calibration.npz import save_npz
 from fqexport.cli import main
-from fqexport.config import QuantConfig
-from fqexport.demo.scenes import make_scene_task
 from fqexport.errors import ModelLoadError
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
@@ -27,15 +26,6 @@ from fqexport.pipeline.compress import compress
 from fqexport.tasks import Detection
 
 pytest.importorskip("pycocotools")
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    return make_scene_task(n_train=32, n_test=24, minority_fraction=0.25, seed=3)
-
-
-def _config(**kw):
-    return QuantConfig(num_calib=32, target="x86-avx2", **kw)
 
 
 @pytest.mark.parametrize("raw, decode, plain", [(fm.yolov5_raw_test, fm.YoloV5Decode, fm.yolov5_test),
@@ -53,8 +43,8 @@ def test_the_traced_graph_is_the_decoded_model_under_the_models_own_layer_names(
 def test_compress_of_a_raw_head_model_with_its_decode_exports_the_layout_like_the_whole_model(tmp_path, scenes):
     calib = scenes.train.detection("calib.npz")
     composed = with_decode(fm.yolov5_raw_test(), fm.YoloV5Decode(), name="fixtures_models:YoloV5Decode")
-    cm = compress(composed, calib, _config(weight_bits=4), progress=False)
-    whole = compress(fm.yolov5_test(), calib, _config(weight_bits=4), progress=False)
+    cm = compress(composed, calib, scene_config(weight_bits=4), progress=False)
+    whole = compress(fm.yolov5_test(), calib, scene_config(weight_bits=4), progress=False)
     assert cm.task == Detection(layout="v5") and cm.metadata.task["decode"] == "fixtures_models:YoloV5Decode"
     assert list(cm.layers) == list(whole.layers) and "head.0" in cm.layers  # every head conv is solved
     for name in cm.layers:
@@ -71,7 +61,7 @@ def test_compress_of_a_raw_head_model_with_its_decode_exports_the_layout_like_th
 
 def test_raw_head_maps_without_a_decode_are_refused_naming_the_flag(scenes):
     with pytest.raises(ModelLoadError) as err:
-        compress(fm.yolov5_raw_test(), scenes.train.detection("calib.npz"), _config(), progress=False)
+        compress(fm.yolov5_raw_test(), scenes.train.detection("calib.npz"), scene_config(), progress=False)
     assert str(err.value) == MSG_HEAD_MAPS.format(n=2, shapes="[2, 24, 8, 8], [2, 24, 4, 4]")
     assert "--decode package.module:name" in str(err.value)
 

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import fixtures_models as fm
+from conftest import scene_config
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.npz import save_npz
 from fqexport.cli import main
-from fqexport.config import QuantConfig
-from fqexport.demo.scenes import make_scene_task
 from fqexport.errors import ConfigError
 from fqexport.finetune.api import finetune
 from fqexport.finetune.config import FinetuneConfig
@@ -35,15 +34,6 @@ from fqexport.validation.reports import to_markdown
 from fqexport.validation.thresholds import Thresholds
 
 pytest.importorskip("pycocotools")
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    return make_scene_task(n_train=32, n_test=24, minority_fraction=0.25, seed=3)
-
-
-def _config(**kw):
-    return QuantConfig(num_calib=32, target="x86-avx2", **kw)
 
 
 def _reads_quantized(node: torch.fx.Node, modules) -> bool:
@@ -66,7 +56,7 @@ def _check_decode_float(cm) -> None:
 def test_detector_compress_export_validate(tmp_path, scenes, factory, layout, shape):
     model = factory()
     calib = scenes.train.detection("calib.npz")
-    cm = compress(model, calib, _config(), progress=False)
+    cm = compress(model, calib, scene_config(), progress=False)
     assert cm.task == Detection(layout=layout) and cm.metadata.task["chosen"] == "inferred: the data holds boxes"
     assert len(cm.layers) == len(list(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
     _check_decode_float(cm)
@@ -96,14 +86,14 @@ def test_detector_compress_export_validate(tmp_path, scenes, factory, layout, sh
 def test_detector_without_boxes_distills_and_infers_the_layout(scenes):
     bare = scenes.train.detection("calib.npz")
     bare = GroupData(bare.x, None, bare.group, bare.group_names, "bare.npz")
-    cm = compress(fm.yolov8_test(), bare, _config(weight_bits=4), progress=False)
+    cm = compress(fm.yolov8_test(), bare, scene_config(weight_bits=4), progress=False)
     assert cm.task == Detection(layout="v8")
     assert cm.metadata.task["chosen"].startswith("inferred: the model's output (2, 7, 80) is a detector's")
 
 
 def test_finetune_with_boxes_adds_the_detectors_own_loss_and_without_them_distils(scenes):
     data = scenes.train.detection("calib.npz")
-    cm = compress(fm.yolov5_test(), data, _config(weight_bits=4), progress=False)
+    cm = compress(fm.yolov5_test(), data, scene_config(weight_bits=4), progress=False)
     own_only = finetune(cm, data, FinetuneConfig(epochs=1, kd_weight=0.0, max_steps=2), progress=False)
     assert own_only.metadata.finetune["loss_terms"] == "the YOLO box and class loss on the data's boxes"
     bare = GroupData(data.x, None, data.group, data.group_names, "bare.npz")
@@ -133,7 +123,7 @@ def test_report_loss_is_the_training_loss_with_boxes_and_the_distillation_withou
 
 def test_segmenter_compress_export_validate(tmp_path, scenes):
     calib = scenes.train.segmentation("calib.npz")
-    cm = compress(fm.unet_test(), calib, _config(), progress=False)
+    cm = compress(fm.unet_test(), calib, scene_config(), progress=False)
     assert cm.task == Segmentation()
     export_qdq(cm, tmp_path / "s.onnx")
     test = scenes.test.segmentation("test.npz")
@@ -201,9 +191,9 @@ def test_a_tuple_output_is_cut_to_its_first(tmp_path, scenes, caplog):
     tupled.load_state_dict(plain.state_dict())
     calib = scenes.train.detection("calib.npz")
     with caplog.at_level("INFO", logger="fqexport"):
-        cm = compress(tupled, calib, _config(), progress=False)
+        cm = compress(tupled, calib, scene_config(), progress=False)
     assert "the model returns a tuple of 2 outputs: fqexport measures, compresses and exports the first" in caplog.text
-    want = compress(plain, calib, _config(), progress=False)
+    want = compress(plain, calib, scene_config(), progress=False)
     assert cm.task == Detection(layout="v5") and set(cm.layers) == set(want.layers)
     for name, layer in want.layers.items():
         assert torch.equal(cm.layers[name].codes, layer.codes), name

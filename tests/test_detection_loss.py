@@ -27,10 +27,16 @@ def test_assign_takes_the_aligned_anchors_of_each_box_and_leaves_background_nega
     gt = torch.tensor([[6.0, 6.0, 14.0, 14.0], [35.0, 35.0, 45.0, 45.0]])
     t = assign(boxes, scores, gt, torch.tensor([0, 1]), topk=1)
     assert t[:, 0].tolist() == [0.0, -1.0, 1.0, -1.0]  # top-1: the better aligned anchor of A
-    np.testing.assert_allclose(t[0, 1:].numpy(), [10, 10, 8, 8])
-    np.testing.assert_allclose(t[2, 1:].numpy(), [40, 40, 10, 10])
+    np.testing.assert_allclose(t[0, 2:].numpy(), [10, 10, 8, 8])
+    np.testing.assert_allclose(t[2, 2:].numpy(), [40, 40, 10, 10])
+    assert t[:, 1].tolist() == [1.0, 0.0, 1.0, 0.0]  # each box's best anchor aims at its IoU (1 here)
     t2 = assign(boxes, scores, gt, torch.tensor([0, 1]), topk=10)
     assert t2[:, 0].tolist() == [0.0, 0.0, 1.0, -1.0]  # both anchors inside A
+    # anchor 1 (IoU 7·8 / (64 + 64 − 56) = 7/9, score 0.3) aims at its alignment over the best's
+    iou1 = 7 / 9
+    np.testing.assert_allclose(float(t2[1, 1]), (0.3 ** 0.5 * iou1 ** 6) / 0.9 ** 0.5, rtol=1e-5)
+    v5 = assign(boxes, scores, gt, torch.tensor([0, 1]), topk=10, objectness=True)
+    np.testing.assert_allclose(v5[:, 1].numpy(), [1.0, iou1, 1.0, 0.0], rtol=1e-5)  # YOLOv5: its own IoU
 
 
 def test_assign_gives_a_box_without_candidates_its_best_overlap_and_no_box_no_positive():
@@ -53,16 +59,17 @@ def test_an_anchor_positive_for_two_boxes_keeps_the_larger_overlap():
 def test_loss_is_smallest_for_the_truth_and_falls_with_gradient_steps(objectness):
     torch.manual_seed(0)
     k, c = 6, 3
-    targets = torch.full((2, k, 5), -1.0)
-    targets[0, 1] = torch.tensor([2.0, 20.0, 20.0, 10.0, 10.0])
-    targets[1, 4] = torch.tensor([0.0, 30.0, 12.0, 6.0, 8.0])
+    targets = torch.full((2, k, 6), -1.0)
+    targets[:, :, 1] = 0.0
+    targets[0, 1] = torch.tensor([2.0, 1.0, 20.0, 20.0, 10.0, 10.0])
+    targets[1, 4] = torch.tensor([0.0, 1.0, 30.0, 12.0, 6.0, 8.0])
     extra = 1 if objectness else 0
 
     def perfect():
         rows = torch.zeros(2, k, 4 + extra + c)
         rows[..., :4] = torch.tensor([5.0, 5.0, 2.0, 2.0])
         for b, a in ((0, 1), (1, 4)):
-            rows[b, a, :4] = targets[b, a, 1:]
+            rows[b, a, :4] = targets[b, a, 2:]
             rows[b, a, 4 + extra + int(targets[b, a, 0])] = 1.0
             if objectness:
                 rows[b, a, 4] = 1.0
@@ -95,7 +102,7 @@ def test_detection_targets_come_from_the_data_boxes_and_are_none_without_them():
         annotations = Boxes(np.array([[15.0, 15.0, 25.0, 25.0]], np.float32), np.array([1]), np.array([0]))
 
     t = task.train_targets(Data, out)
-    assert t.shape == (1, 3, 5) and t[0, :, 0].tolist() == [-1.0, -1.0, 1.0]
+    assert t.shape == (1, 3, 6) and t[0, :, 0].tolist() == [-1.0, -1.0, 1.0]
     assert float(task.train_loss(out, t)[0]) < float(task.train_loss(out.flip(2), t)[0])
 
     class NoBoxes:

@@ -198,7 +198,7 @@ class Detection(Task):
         return rows[..., 5:] * rows[..., 4:5] if self.layout == "v5" else rows[..., 4:]
 
     def train_targets(self, data: Any, teacher: torch.Tensor) -> torch.Tensor | None:
-        """``[N, K, 5]`` positives of each image's boxes, assigned from the float model's detections
+        """``[N, K, 6]`` positives of each image's boxes, assigned from the float model's detections
         (:func:`~fqexport.tasks.detection_loss.assign`); None without boxes."""
         if not isinstance(data.annotations, Boxes):
             return None
@@ -208,7 +208,7 @@ class Detection(Task):
         for i in range(len(rows)):
             boxes, labels = data.annotations.of_image(i)
             out.append(assign(rows[i, :, :4], scores[i], torch.as_tensor(boxes, dtype=torch.float32),
-                              torch.as_tensor(labels, dtype=torch.long)))
+                              torch.as_tensor(labels, dtype=torch.long), objectness=self.layout == "v5"))
         return torch.stack(out) if out else torch.zeros((0, rows.shape[1], 5))
 
     def train_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

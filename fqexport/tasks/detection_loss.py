@@ -1,8 +1,9 @@
 """A detector's own training loss on its decoded output, for fine-tuning when the data has boxes.
 
 Any model whose output is in a :mod:`~fqexport.tasks.detection` layout is trained the same way,
-without knowing its anchors or strides: the positives are assigned once, from the float model's
-own detections of the fitted images (task-aligned, as YOLOv8's assigner, but on decoded boxes).
+without knowing its anchors or strides: positives and their soft targets are assigned once, from
+the float model's own detections of the fitted images (YOLOv8's task-aligned assigner, on decoded
+boxes).
 
 Assignment, per image and ground-truth box g of class c (xyxy pixels), over the anchors k of the
 float model's output with box b_k and class-c score s_kc (YOLOv5: objectness · p_c):
@@ -10,22 +11,27 @@ float model's output with box b_k and class-c score s_kc (YOLOv5: objectness · 
     candidates: anchors whose box centre lies inside g;
     alignment:  a_kg = s_kc^α · IoU(b_k, g)^β        (α = 0.5, β = 6, YOLOv8's);
     positives:  the ``topk`` candidates of largest a_kg > 0 (the anchor of largest IoU when
-                none is a candidate); an anchor positive for two boxes keeps the larger IoU.
+                none is a candidate); an anchor positive for two boxes keeps the larger IoU;
+    target:     YOLOv8 layout: t_k = a_kg / max_j a_jg · max_j IoU(b_j, g) (over g's positives j);
+                YOLOv5 layout: t_k = IoU(b_k, g) (YOLOv5's objectness target),
 
-Loss per image with P positives (k ∈ P assigned box g_k of class c_k), on the student's output
-(box b_k, class probabilities p_kc, YOLOv5's objectness o_k), BCE of probabilities:
+so the float model's positives aim at what it already does well (its best anchor of a box at
+that box's IoU), not at a new assignment to learn: fine-tuning the float model itself with this
+loss keeps its mAP (``benchmarks/detection_bench.py --part finetune``).
 
-    ℓ = 5 · mean_{k∈P} (1 − DIoU(b_k, g_k))
-        + [v8] Σ_k Σ_c BCE(p_kc, 1[k∈P, c=c_k]) / max(P, 1)
-        + [v5] (Σ_{k∈P} Σ_c BCE(p_kc, 1[c=c_k]) + Σ_k BCE(o_k, 1[k∈P])) / max(P, 1),
+Loss per image, over positives P (box g_k of class c_k, target t_k) and the student's output
+(box b_k, class probabilities p_kc, YOLOv5's objectness o_k), BCE of probabilities, T = max(Σ_P t_k, 1):
+
+    ℓ = 5 · Σ_{k∈P} t_k (1 − DIoU(b_k, g_k)) / Σ_{k∈P} t_k
+        + [v8] Σ_k Σ_c BCE(p_kc, t_k · 1[k∈P, c=c_k]) / T
+        + [v5] (Σ_{k∈P} t_k Σ_c BCE(p_kc, 1[c=c_k]) + Σ_k BCE(o_k, t_k · 1[k∈P])) / T,
 
 DIoU = IoU − ρ²/c² (centre distance over the enclosing box's diagonal: it still moves a box that
-no longer overlaps its target). Classes at the positives and objectness everywhere for YOLOv5's
-layout, classes everywhere for YOLOv8's: the simplified YOLO loss the demo's detectors are trained
-with (:mod:`fqexport.demo.detection_training`, with IoU there).
+no longer overlaps its target): YOLOv8's loss with DIoU for CIoU and without its DFL term (the
+decoded output has no bin distribution), and YOLOv5's with its objectness target t_k.
 
-The targets of an image are one ``[K, 5]`` array (class or −1, then the assigned box's cx, cy, w,
-h in pixels), so a batch's are ``targets[index]`` like a classifier's labels.
+The targets of an image are one ``[K, 6]`` array (class or −1, t_k, then the assigned box's cx,
+cy, w, h in pixels), so a batch's are ``targets[index]`` like a classifier's labels.
 """
 
 from __future__ import annotations
@@ -60,11 +66,12 @@ def _iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def assign(pred_xywh: torch.Tensor, pred_scores: torch.Tensor, gt_xyxy: torch.Tensor, gt_labels: torch.Tensor,
-           topk: int = TOPK) -> torch.Tensor:
-    """One image's targets ``[K, 5]`` (module docstring) from the float model's boxes ``[K, 4]``
+           topk: int = TOPK, objectness: bool = False) -> torch.Tensor:
+    """One image's targets ``[K, 6]`` (module docstring) from the float model's boxes ``[K, 4]``
     (cx, cy, w, h) and class scores ``[K, C]`` and the ground truth ``[G, 4]`` xyxy, ``[G]``."""
     k = pred_xywh.shape[0]
-    targets = torch.full((k, 5), -1.0)
+    targets = torch.full((k, 6), -1.0)
+    targets[:, 1] = 0.0
     if gt_xyxy.numel() == 0 or k == 0:
         return targets
     iou = _iou_matrix(gt_xyxy, _xyxy(pred_xywh))  # [G, K]
@@ -81,8 +88,17 @@ def assign(pred_xywh: torch.Tensor, pred_scores: torch.Tensor, gt_xyxy: torch.Te
     # an anchor positive for several boxes keeps the one it overlaps most
     owner = torch.where(positive, iou, torch.full_like(iou, -1.0)).argmax(0)  # [K]
     taken = positive.any(0)
+    positive &= torch.arange(len(gt_xyxy))[:, None] == owner[None, :]
+    # t_k = a_kg / max_j a_jg · max_j IoU_jg over g's positives (a lonely box's anchor: its IoU)
+    a = torch.where(positive, align, torch.zeros_like(align))
+    best_iou = torch.where(positive, iou, torch.zeros_like(iou)).amax(1, keepdim=True)
+    soft = torch.where(a.amax(1, keepdim=True) > 0, a / a.amax(1, keepdim=True).clamp_min(1e-12), positive.float())
+    # YOLOv5's objectness aims at each positive's own IoU; YOLOv8's scores at the aligned target
+    t = torch.where(positive, iou, torch.zeros_like(iou)) if objectness else soft * best_iou
+    t = t.amax(0)  # [K]: each positive anchor has one owner
     targets[taken, 0] = gt_labels[owner[taken]].float()
-    targets[taken, 1:] = _xywh(gt_xyxy[owner[taken]])
+    targets[taken, 1] = t[taken]
+    targets[taken, 2:] = _xywh(gt_xyxy[owner[taken]])
     return targets
 
 
@@ -92,16 +108,16 @@ def _bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_loss(rows: torch.Tensor, targets: torch.Tensor, objectness: bool) -> torch.Tensor:
     """ℓ per image, ``[B]`` (module docstring), of outputs as rows ``[B, K, 4 + …]`` (cx, cy, w,
-    h, [objectness,] classes) and targets ``[B, K, 5]``; ``objectness``: YOLOv5's layout."""
+    h, [objectness,] classes) and targets ``[B, K, 6]``; ``objectness``: YOLOv5's layout."""
     label = targets[..., 0]
     pos = label >= 0
-    npos = pos.sum(-1).clamp_min(1).float()
-    box = ((1 - paired_diou_xywh(rows[..., :4], targets[..., 1:])) * pos).sum(-1) / npos
+    t = torch.where(pos, targets[..., 1], torch.zeros_like(targets[..., 1]))  # t_k, 0 off the positives
+    total = t.sum(-1)
+    box = (t * (1 - paired_diou_xywh(rows[..., :4], targets[..., 2:]))).sum(-1) / total.clamp_min(_EPS)
     probs = rows[..., 5:] if objectness else rows[..., 4:]
     onehot = F.one_hot(label.clamp_min(0).long(), probs.shape[-1]).to(probs.dtype) * pos[..., None]
-    cls = _bce(probs, onehot).sum(-1)  # [B, K]
-    if objectness:
-        cls = (cls * pos).sum(-1) + _bce(rows[..., 4], pos.to(rows.dtype)).sum(-1)
-    else:
-        cls = cls.sum(-1)
-    return BOX_GAIN * box + cls / npos
+    if objectness:  # classes at the positives (one-hot, weighted by t_k), objectness everywhere (t_k)
+        cls = (_bce(probs, onehot).sum(-1) * t).sum(-1) + _bce(rows[..., 4], t).sum(-1)
+    else:  # classes everywhere (t_k at the positive's class)
+        cls = _bce(probs, onehot * t[..., None]).sum((-1, -2))
+    return BOX_GAIN * box + cls / total.clamp_min(1.0)

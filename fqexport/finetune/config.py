@@ -61,8 +61,8 @@ class FinetuneConfig:
         temperature: distillation temperature T; the distillation term is T²·KL(teacher‖student).
         kd_weight: weight of the distillation term (the float model is the teacher).
         ce_weight: weight of the labels' cross-entropy (a detector's: of its own training loss on
-            the data's boxes; a segmenter's: of the per-pixel cross-entropy on its masks; without
-            them, a detector or segmenter distils only).
+            the data's boxes, at 0.3 × ce_weight, ``Detection.train_loss_scale``; a segmenter's: of
+            the per-pixel cross-entropy on its masks; without them, a detector or segmenter distils only).
         sampler: ``"group-balanced"`` (default: each batch has the same number of samples from
             every group), ``"natural"`` (shuffled data) or ``"core-set"`` (each epoch keeps, per group,
             the ``coreset_fraction`` hardest samples by current loss, at least

@@ -123,13 +123,17 @@ class FitData:
         the float model is its own distillation target)."""
         if self.y is None:
             return torch.zeros(num_groups, device=self.device)
-        own = (self.task.train_loss if self.task.distills_in_finetune
-               else lambda t, y: nn.functional.cross_entropy(t, y, reduction="none"))
         if self.cache is not None:
-            loss = own(self.cache, self.y)
+            loss = self._own_loss(self.cache, self.y)
         else:
-            loss = torch.cat([own(t, self.y[i]) for i, _, t in self._pass(None)])
+            loss = torch.cat([self._own_loss(t, self.y[i]) for i, _, t in self._pass(None)])
         return group_means(loss, self.g, num_groups)[0]
+
+    def _own_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The task's own loss per sample as the objective weighs it (a classifier's cross-entropy)."""
+        if not self.task.distills_in_finetune:
+            return nn.functional.cross_entropy(out, y, reduction="none")
+        return self.task.train_loss_scale * self.task.train_loss(out, y)
 
     def scores(self, student: nn.Module, config: FinetuneConfig) -> np.ndarray:
         """The core-set's per-sample score of every fitted sample (only the scores are kept)."""

@@ -74,13 +74,14 @@ def sample_losses(task: Task, student: torch.Tensor, teacher: torch.Tensor, y: t
     """ℓ_i of a batch: a classifier's distillation + cross-entropy on its labels (:func:`per_sample_loss`);
     another task's label-free distillation to the float model (``kd_weight`` × ``task.sample_loss``)
     plus, where the data has its ground truth (``y``: :meth:`~fqexport.tasks.base.Task.train_targets`),
-    ``ce_weight`` × its own training loss (a detector's on its boxes, a segmenter's on its masks)."""
+    ``ce_weight`` × ``task.train_loss_scale`` × its own training loss (a detector's on its boxes, at
+    0.3; a segmenter's on its masks)."""
     if not task.distills_in_finetune:
         return per_sample_loss(student, teacher, y, temperature=config.temperature, kd_weight=config.kd_weight,
                                ce_weight=config.ce_weight)
     loss = config.kd_weight * task.sample_loss(student, task.loss_targets(teacher, None))
     if y is not None and config.ce_weight:
-        loss = loss + config.ce_weight * task.train_loss(student, y)
+        loss = loss + config.ce_weight * task.train_loss_scale * task.train_loss(student, y)
     return loss
 
 

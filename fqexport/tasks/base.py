@@ -71,8 +71,10 @@ class Task(ABC):
     # fine-tuning's loss: a classifier's distillation + cross-entropy on its labels (fqexport.finetune.losses),
     # else the task's label-free distillation loss (sample_loss against the float model's outputs)
     distills_in_finetune: ClassVar[bool] = True
-    # the task's own training loss (fine-tuning with the data's ground truth), in words
+    # the task's own training loss (fine-tuning with the data's ground truth), in words, and its scale
+    # against the distillation at FinetuneConfig.ce_weight=1
     train_loss_words: ClassVar[str] = ""
+    train_loss_scale: ClassVar[float] = 1.0
 
     # ---------------------------------------------------------------------------- compress
     @abstractmethod

@@ -140,7 +140,7 @@ def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarr
     rows, k = np.divmod(large, a.shape[1])
     paired = k < 2 * cols  # (an odd K's last column pairs with MLAS's zero padding)
     keys = rows[paired] * cols + k[paired] // 2  # (row, pair column), ascending
-    rows, columns = np.divmod(keys[np.r_[True, keys[1:] != keys[:-1]]], cols)
+    rows, columns = np.divmod(keys[np.diff(keys, prepend=-1) != 0], cols)
     bound = a[rows, 2 * columns] * pairs.max_even[columns] + a[rows, 2 * columns + 1] * pairs.max_odd[columns]
     hot = bound > INT16_MAX
     return rows[hot], columns[hot]
@@ -331,15 +331,6 @@ class _Unsupported(Exception):
     """A fused node outside what the emulation covers (re-raised as ConfigError naming the node)."""
 
 
-def _padded_nhwc(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
-    """uint8 NCHW ``x`` as float32 NHWC with its padding holding ``pad_value`` (MLAS pads with the
-    input zero point)."""
-    n, c, h, w = x.shape
-    xp = np.full((n, h + pads[0] + pads[2], w + pads[1] + pads[3], c), pad_value, dtype=np.float32)
-    xp[:, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x.transpose(0, 2, 3, 1)
-    return xp
-
-
 def _patches(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
              out: Sequence[int]) -> np.ndarray:
     """``[N·OH·OW, kh·kw·C]`` im2col rows of padded NHWC ``xp``, K in MLAS's order (a copy)."""
@@ -425,65 +416,62 @@ def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, target: str, 
     return ConvKernel(session, parts, pairs)
 
 
-def _conv_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+def _padded(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
+    """uint8 NCHW ``x`` with its padding holding ``pad_value`` (MLAS pads with the input zero point)."""
+    n, c, h, w = x.shape
+    xp = np.full((n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]), pad_value, dtype=x.dtype)
+    xp[:, :, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x
+    return xp
+
+
+def _channel_pair_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int]
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, columns, a_even, a_odd)`` of the im2col activation pairs (row n·OH·OW + oh·OW + ow,
-    pair column j along MLAS's K) that may saturate, found from the padded input ``xp``
-    ``[N, Hp, Wp, C]`` without building the im2col matrix: such a pair holds an activation above
-    32767 / (2·max|w|), and each of those (a few % after a ReLU) is followed to the (output, tap)s
-    that read it. None when those activations are too many for that to pay (an image stem)."""
+    pair column j along MLAS's K) that may saturate, for an even channel count, from the padded
+    uint8 input ``xp`` ``[N, C, Hp, Wp]`` without building the im2col matrix.
+
+    With C even, K = (tap, channel) pairs never straddle taps: pair column j = t·C/2 + c/2 holds
+    channels (c, c+1) of the one input pixel that tap t reads, and a pixel's pair meets every tap.
+    |p| <= a_c·max_even[j] + a_{c+1}·max_odd[j] <= a_c·max_t max_even + a_{c+1}·max_t max_odd: the
+    (pixel, channel pair)s whose tap-wide bound leaves int16 are found first (a few % after a
+    ReLU), then each is followed to the (output, tap)s that read it and bounded per tap. Each
+    (output, tap, channel pair) reads one pixel, so no entry is listed twice.
+    """
     (kh, kw), (s0, s1), (d0, d1) = geometry.kernel, geometry.strides, geometry.dilations
-    cg, cols = xp.shape[3], pairs.max_even.size
-    reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
-    large = np.flatnonzero(xp > INT16_MAX / (2 * reach))
-    if 4 * large.size * kh * kw > xp.shape[0] * out[0] * out[1] * kh * kw * cg:
-        return None
-    nb, ih, iw, c = np.unravel_index(large, xp.shape)
-    value = xp[nb, ih, iw, c]
-    keys, a_even, a_odd = [], [], []
-    for ti in range(kh):
-        for tj in range(kw):
-            dh, dw = ih - ti * d0, iw - tj * d1
-            ok = (dh >= 0) & (dw >= 0) & (dh % s0 == 0) & (dw % s1 == 0) & (dh < s0 * out[0]) & (dw < s1 * out[1])
-            idx = np.flatnonzero(ok)
-            k = (ti * kw + tj) * cg + c[idx]
-            even = k % 2 == 0
-            j = np.minimum(k // 2, cols - 1)
-            mine_max = np.where(even, pairs.max_even[j], pairs.max_odd[j])
-            other_max = np.where(even, pairs.max_odd[j], pairs.max_even[j])
-            # (an odd K's last column pairs with zero padding: never; the other activation <= 255)
-            may = (k < 2 * cols) & (value[idx] * mine_max + 255 * other_max > INT16_MAX)
-            idx, k, even = idx[may], k[may], even[may]
-            n_, oh, ow = nb[idx], dh[idx] // s0, dw[idx] // s1
-            pt, pc = np.divmod(k ^ 1, cg)  # the other activation of the pair: its tap and channel
-            pti, ptj = np.divmod(pt, kw)
-            other = xp[n_, oh * s0 + pti * d0, ow * s1 + ptj * d1, pc]
-            mine = value[idx]
-            keys.append(((n_ * out[0] + oh) * out[1] + ow) * cols + k // 2)
-            a_even.append(np.where(even, mine, other))
-            a_odd.append(np.where(even, other, mine))
-    key = np.concatenate(keys)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    first = np.r_[True, key[1:] != key[:-1]] if key.size else np.zeros(0, bool)  # both large: listed twice
-    key, ae, ao = key[first], np.concatenate(a_even)[order][first], np.concatenate(a_odd)[order][first]
-    rows, columns = np.divmod(key, cols)
-    hot = ae * pairs.max_even[columns] + ao * pairs.max_odd[columns] > INT16_MAX
-    return rows[hot], columns[hot], ae[hot], ao[hot]
+    taps, half = kh * kw, xp.shape[1] // 2
+    max_even, max_odd = pairs.max_even.reshape(taps, half), pairs.max_odd.reshape(taps, half)
+    a_even, a_odd = xp[:, 0::2], xp[:, 1::2]
+    bound = a_even * max_even.max(axis=0)[:, None, None]
+    bound += a_odd * max_odd.max(axis=0)[:, None, None]
+    n, c2, ih, iw = np.unravel_index(np.flatnonzero(bound > INT16_MAX), bound.shape)
+    ae = a_even[n, c2, ih, iw].astype(np.float32)
+    ao = a_odd[n, c2, ih, iw].astype(np.float32)
+    ti, tj = np.divmod(np.arange(taps), kw)
+    oh, off_h = np.divmod(ih[:, None] - ti * d0, s0)  # [candidates, taps]: the output that tap reads it for
+    ow, off_w = np.divmod(iw[:, None] - tj * d1, s1)
+    hot = (off_h == 0) & (off_w == 0) & (oh >= 0) & (oh < out[0]) & (ow >= 0) & (ow < out[1])
+    hot &= ae[:, None] * max_even[:, c2].T + ao[:, None] * max_odd[:, c2].T > INT16_MAX
+    i, t = np.nonzero(hot)
+    return (n[i] * out[0] + oh[i, t]) * out[1] + ow[i, t], t * half + c2[i], ae[i], ao[i]
 
 
 def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel, geometry: ConvGeometry) -> None:
-    """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place)."""
-    xp = _padded_nhwc(x, geometry.pads, za)
+    """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place).
+
+    An even channel count per group is searched from the input (:func:`_channel_pair_hot_entries`);
+    an odd one (an image stem: pairs straddle taps) bounds every pair of the im2col rows."""
+    xp = _padded(x, geometry.pads, za)
     out = acc.shape[2:]
-    cg, mg = xp.shape[3] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    cg, mg = xp.shape[1] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
     for g, pairs in enumerate(kernel.pairs):
         if pairs.m.size == 0:
             continue
-        xg = xp[..., g * cg : (g + 1) * cg]
-        found = _conv_hot_entries(xg, pairs, geometry, out)
-        if found is None:  # large activations everywhere: bound every pair of the im2col rows
-            a = _patches(xg, geometry.kernel, geometry.strides, geometry.dilations, out)
+        xg = xp[:, g * cg : (g + 1) * cg]
+        if cg % 2 == 0:
+            found = _channel_pair_hot_entries(xg, pairs, geometry, out)
+        else:
+            a = _patches(np.ascontiguousarray(xg.transpose(0, 2, 3, 1)), geometry.kernel, geometry.strides,
+                         geometry.dilations, out)
             rows, columns = _hot_entries(a, pairs)
             found = rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1]
         r, m, corr = _pair_corrections(*found, pairs)

@@ -249,8 +249,8 @@ def _conv_reference(x, w, zx, group, stride, dil, pad, saturate):
 
 
 @pytest.mark.parametrize("cg,group,stride,dil,large", [(4, 1, 1, 1, 0.04), (3, 1, 2, 1, 0.04), (4, 2, 1, 2, 0.04),
-                                                     (5, 1, 1, 1, 0.04), (4, 1, 1, 1, 0.9)],
-                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large"])
+                                                     (5, 1, 1, 1, 0.04), (4, 1, 1, 1, 0.9), (6, 1, 2, 1, 0.2)],
+                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large", "even-c-stride2"])
 def test_conv_accumulation_matches_an_int64_loop(cg, group, stride, dil, large):
     """Few large activations (found from the input) or mostly large ones (every im2col pair
     bounded): each pair that leaves int16 saturates, across taps, groups, strides, dilations, odd
@@ -307,3 +307,12 @@ def test_gemm_accumulation_over_long_k_is_exact():
     np.testing.assert_array_equal(accumulate(a, w, 7, "x86-vnni"), pairs.sum(axis=2) - offset)
     np.testing.assert_array_equal(accumulate(a, w, 7, "x86-avx2"), np.clip(pairs, -32768, 32767).sum(axis=2) - offset)
     assert (np.clip(pairs, -32768, 32767) != pairs).any()
+
+
+def test_avx2_accumulation_without_large_activations_is_the_exact_sum():
+    """Activations <= 128 against +127 weights: no pair reaches 2·128·127 = 32512 > 32767, so
+    nothing saturates (and finding no candidate is not an error)."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 129, size=(4, 16)).astype(np.uint8)
+    w = np.full((3, 16), 127, np.int8)
+    np.testing.assert_array_equal(accumulate(a, w, 0, "x86-avx2"), a.astype(np.int64) @ w.T.astype(np.int64))

@@ -77,6 +77,7 @@ _SAFE_PAIR_SUM = 128
 # Integers add exactly in float32 while every partial sum stays below 2^24 (its mantissa).
 _F32_EXACT = 1 << 24
 _CHUNK = 1 << 22  # elements per temporary (activation rows, saturation products)
+_RUN_ALIGN = 16  # channels per block of MLAS's NCHWc layout (8 on AVX2, 16 on AVX-512)
 
 
 def check_target(target: str) -> str:
@@ -209,18 +210,30 @@ class PackedWeights:
     pairs: RiskyPairs | None
 
 
-def exact_runs(w: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Runs ``(start, stop)`` covering K of ``w`` ``[M, K]``, each as long as it can be while
-    255·Σ_{k in run} |w[m, k]| < 2^24 for every row m (a single column always fits: 255·128):
-    over such a run every partial sum of Σ a·w (uint8 ``a``) is an integer float32 holds exactly,
-    whatever order a GEMM adds the products in."""
-    cum = np.cumsum(np.abs(w.astype(np.int64)), axis=1)
-    cum = np.concatenate([np.zeros((w.shape[0], 1), np.int64), cum], axis=1)  # cum[:, k] = Σ_{<k}
-    limit = (_F32_EXACT - 1) // 255
+def exact_runs(w: np.ndarray, zero_point: int = 0) -> tuple[tuple[int, int], ...]:
+    """Runs ``(start, stop)`` covering axis 1 of int ``w`` ``[M, K]`` (or ``[M, K, T]``: a conv's
+    input channels and their taps), each as long as it can be while every partial sum of
+    Σ (a − z)·w over the run stays an integer float32 holds exactly, whatever order a GEMM or a conv
+    adds the products in (uint8 ``a``, ``z`` = ``zero_point``; a single column always fits:
+    255·127·T < 2^24 for any kernel of fewer than 518 taps T).
+
+    Any partial sum adds a subset of the products, and (a − z)·w lies in [−z·w, (255 − z)·w] for
+    w > 0, in [(255 − z)·w, −z·w] for w < 0. So with P = Σ w⁺ and N = Σ w⁻ over a row's run, every
+    partial sum lies in [−(z·P + (255 − z)·N), (255 − z)·P + z·N], and both bounds are kept
+    below 2^24 for every row (for z = 0: 255·max(P, N), about half of 255·Σ|w|). A run longer
+    than :data:`_RUN_ALIGN` columns is cut to a multiple of it: ORT's float Conv takes its fast
+    blocked (NCHWc) path only for channel counts in whole blocks, and runs 2.5x slower otherwise.
+    """
+    w = w.astype(np.int64).reshape(w.shape[0], w.shape[1], -1)
+    pos, neg = np.maximum(w, 0).sum(axis=2), np.maximum(-w, 0).sum(axis=2)
+    hi, lo = 255 - int(zero_point), int(zero_point)
+    reach = np.concatenate([hi * pos + lo * neg, lo * pos + hi * neg])  # per row: the largest partial sum, −the least
+    cum = np.concatenate([np.zeros((reach.shape[0], 1), np.int64), np.cumsum(reach, axis=1)], axis=1)
     runs, start, k = [], 0, w.shape[1]
     while start < k:
-        reach = (cum[:, start + 1 :] - cum[:, start : start + 1]).max(axis=0)  # nondecreasing in stop
-        stop = start + max(1, int(np.searchsorted(reach, limit, side="right")))
+        most = (cum[:, start + 1 :] - cum[:, start : start + 1]).max(axis=0)  # nondecreasing in stop
+        fits = max(1, int(np.searchsorted(most, _F32_EXACT - 1, side="right")))
+        stop = start + (fits if fits == k - start or fits < _RUN_ALIGN else fits - fits % _RUN_ALIGN)
         runs.append((start, stop))
         start = stop
     return tuple(runs)
@@ -375,17 +388,18 @@ class ConvKernel:
     pairs: tuple[RiskyPairs, ...] | None
 
 
-def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, target: str, threads: int | None) -> ConvKernel:
-    """:class:`ConvKernel` of int8 weights ``w`` ``[M, C/group, kh, kw]``.
+def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, za: int, target: str,
+                threads: int | None) -> ConvKernel:
+    """:class:`ConvKernel` of int8 weights ``w`` ``[M, C/group, kh, kw]`` for inputs of zero point ``za``.
 
     ORT's float Conv (MLAS's NCHWc convolution: multiply-adds only) sums integers exactly while
-    every partial sum stays below 2^24: a group's input channels are split into runs with
-    255·Σ_{c in run, taps} |w| < 2^24 per output channel, and the runs are added in float64.
+    every partial sum stays below 2^24: a group's input channels are split into the runs of
+    :func:`exact_runs` (over its channels' taps), and the runs are added in float64.
     """
     m, cg = w.shape[:2]
     mg = m // group
-    per_channel = np.abs(w.astype(np.int64)).sum(axis=(2, 3))  # [M, C/group]: Σ_taps |w|
-    runs = [exact_runs(per_channel[g * mg : (g + 1) * mg]) for g in range(group)]
+    taps = w.reshape(m, cg, -1)  # [M, C/group, kh·kw]
+    runs = [exact_runs(taps[g * mg : (g + 1) * mg], za) for g in range(group)]
     attrs = {"kernel_shape": list(geometry.kernel), "strides": list(geometry.strides),
              "dilations": list(geometry.dilations), "pads": list(geometry.pads)}
     wf = w.astype(np.float32)
@@ -489,7 +503,7 @@ def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry:
     pair of products that leaves int16 then adds its sat16(p) − p.
     """
     cache = cache or WeightCache(target)
-    kernel = cache.get(geometry, lambda: conv_kernel(w, group, geometry, target, cache.threads))
+    kernel = cache.get((geometry, za), lambda: conv_kernel(w, group, geometry, za, target, cache.threads))
     xs = x.astype(np.float32)
     xs -= za
     outs = kernel.session.run(None, {"x": xs})

@@ -281,6 +281,24 @@ def test_conv_over_many_channels_is_split_into_exact_runs():
     np.testing.assert_array_equal(got[:, :, 0, 0], want)
 
 
+@pytest.mark.parametrize("zx", [0, 255])
+def test_conv_runs_reach_their_bound_and_stay_exact(zx):
+    """One-signed weights of |q| >= 120 and every activation within 5 of the end of [−z, 255 − z]
+    that the bound allows for: each run's sum comes near 2^24 (where float32 starts rounding:
+    runs twice as long give wrong sums), runs come in whole NCHWc blocks, and the float64 sum of
+    the runs is exact."""
+    rng = np.random.default_rng(0)
+    x = (rng.integers(250, 256, (2, 1024, 3, 3)) if zx == 0 else rng.integers(0, 6, (2, 1024, 3, 3))).astype(np.uint8)
+    w = rng.integers(120, 128, (2, 1024, 3, 3)).astype(np.int8)
+    w[1] *= -1
+    runs = exact_runs(w.reshape(2, 1024, 9), zx)
+    assert len(runs) > 1 and all((b - a) % 16 == 0 for a, b in runs[:-1])
+    assert 255 * np.abs(w[0, : runs[0][1]].astype(np.int64)).sum() > 2**24 - 255 * 127 * 9 * 16
+    want = np.einsum("nchw,mchw->nm", x.astype(np.int64) - zx, w.astype(np.int64))
+    got = conv_accumulate(x, w, zx, 1, ConvGeometry((3, 3), (1, 1), (1, 1), (0, 0, 0, 0)), "x86-vnni")
+    np.testing.assert_array_equal(got[:, :, 0, 0], want)
+
+
 def test_nodes_that_cannot_saturate_run_with_ort_and_the_rest_are_emulated(exports):
     safe = EmulatedSession(exports["cnn_safe"][0], "x86-avx2")
     assert safe.emulated_nodes == [] and safe.exact_nodes

@@ -133,12 +133,12 @@ def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarr
     """
     cols = pairs.max_even.size
     reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
-    large = np.flatnonzero(a > INT16_MAX / (2 * reach))
-    if 8 * large.size >= a.size:
+    large = a > INT16_MAX / (2 * reach)
+    if 8 * np.count_nonzero(large) >= a.size:
         bound = np.multiply(a[:, 0 : 2 * cols : 2], pairs.max_even)
         bound += np.multiply(a[:, 1 : 2 * cols : 2], pairs.max_odd)
         return np.divmod(np.flatnonzero(bound > INT16_MAX), cols)  # (flat: far faster than 2-D)
-    rows, k = np.divmod(large, a.shape[1])
+    rows, k = np.divmod(np.flatnonzero(large), a.shape[1])
     paired = k < 2 * cols  # (an odd K's last column pairs with MLAS's zero padding)
     keys = rows[paired] * cols + k[paired] // 2  # (row, pair column), ascending
     rows, columns = np.divmod(keys[np.diff(keys, prepend=-1) != 0], cols)

@@ -438,11 +438,13 @@ def _padded(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
     return xp
 
 
-def _channel_pair_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int]
-                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _channel_pair_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int],
+                              offset: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, columns, a_even, a_odd)`` of the im2col activation pairs (row n·OH·OW + oh·OW + ow,
-    pair column j along MLAS's K) that may saturate, for an even channel count, from the padded
-    uint8 input ``xp`` ``[N, C, Hp, Wp]`` without building the im2col matrix.
+    pair column j along MLAS's K) that may saturate, for an even channel count, from the uint8
+    input ``xp`` ``[N, C, H, W]`` without building the im2col matrix. ``xp`` is the padded input
+    (``offset`` (0, 0)), or the input itself when no pair of the padding can saturate (``offset``:
+    the top and left pads, where its pixels sit in the padded input).
 
     With C even, K = (tap, channel) pairs never straddle taps: pair column j = t·C/2 + c/2 holds
     channels (c, c+1) of the one input pixel that tap t reads, and a pixel's pair meets every tap.
@@ -461,8 +463,8 @@ def _channel_pair_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvG
     ae = a_even[n, c2, ih, iw].astype(np.float32)
     ao = a_odd[n, c2, ih, iw].astype(np.float32)
     ti, tj = np.divmod(np.arange(taps), kw)
-    oh, off_h = np.divmod(ih[:, None] - ti * d0, s0)  # [candidates, taps]: the output that tap reads it for
-    ow, off_w = np.divmod(iw[:, None] - tj * d1, s1)
+    oh, off_h = np.divmod(ih[:, None] + (offset[0] - ti * d0), s0)  # [candidates, taps]: the output that tap reads it for
+    ow, off_w = np.divmod(iw[:, None] + (offset[1] - tj * d1), s1)
     hot = (off_h == 0) & (off_w == 0) & (oh >= 0) & (oh < out[0]) & (ow >= 0) & (ow < out[1])
     hot &= ae[:, None] * max_even[:, c2].T + ao[:, None] * max_odd[:, c2].T > INT16_MAX
     i, t = np.nonzero(hot)
@@ -472,20 +474,24 @@ def _channel_pair_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvG
 def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel, geometry: ConvGeometry) -> None:
     """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place).
 
-    An even channel count per group is searched from the input (:func:`_channel_pair_hot_entries`);
-    an odd one (an image stem: pairs straddle taps) bounds every pair of the im2col rows."""
-    xp = _padded(x, geometry.pads, za)
+    An even channel count per group is searched from the input (:func:`_channel_pair_hot_entries`;
+    unpadded when a pair of the padding, za·max_even + za·max_odd, cannot leave int16); an odd one
+    (an image stem: pairs straddle taps) bounds every pair of the im2col rows."""
     out = acc.shape[2:]
-    cg, mg = xp.shape[1] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    cg, mg = x.shape[1] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    xp = None
     for g, pairs in enumerate(kernel.pairs):
         if pairs.m.size == 0:
             continue
-        xg = xp[:, g * cg : (g + 1) * cg]
+        cold_pads = za * (float(pairs.max_even.max()) + float(pairs.max_odd.max())) <= INT16_MAX
+        if xp is None and (cg % 2 or not cold_pads):
+            xp = _padded(x, geometry.pads, za)
         if cg % 2 == 0:
-            found = _channel_pair_hot_entries(xg, pairs, geometry, out)
+            src, offset = (x, geometry.pads[:2]) if cold_pads else (xp, (0, 0))
+            found = _channel_pair_hot_entries(src[:, g * cg : (g + 1) * cg], pairs, geometry, out, offset)
         else:
-            a = _patches(np.ascontiguousarray(xg.transpose(0, 2, 3, 1)), geometry.kernel, geometry.strides,
-                         geometry.dilations, out)
+            a = _patches(np.ascontiguousarray(xp[:, g * cg : (g + 1) * cg].transpose(0, 2, 3, 1)), geometry.kernel,
+                         geometry.strides, geometry.dilations, out)
             rows, columns = _hot_entries(a, pairs)
             found = rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1]
         r, m, corr = _pair_corrections(*found, pairs)
@@ -494,51 +500,85 @@ def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel
         np.add.at(acc, (n, g * mg + m, oh, ow), corr)
 
 
-def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
-                    cache: WeightCache | None = None) -> np.ndarray:
-    """int64 ``[N, M, OH, OW]``: Σ (a − za)·w of a 2-D conv with ``target``'s accumulation (no
-    bias). ``x`` uint8 NCHW, ``w`` int8 ``[M, C/group, kh, kw]``.
+def conv_sums(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
+              cache: WeightCache | None = None) -> np.ndarray:
+    """Σ (a − za)·w ``[N, M, OH, OW]`` of a 2-D conv with ``target``'s accumulation (no bias), as
+    exact integers in float32 (the conv ran in one run per group: every value below 2^24) or
+    float64 (runs added). ``x`` uint8 NCHW, ``w`` int8 ``[M, C/group, kh, kw]``.
 
     Σ (a − za)·w is ORT's float Conv on ``x − za`` (exact, :func:`conv_kernel`); on x86-avx2 each
-    pair of products that leaves int16 then adds its sat16(p) − p.
+    pair of products that leaves int16 then adds its sat16(p) − p. Those additions stay exact in
+    float32: each partial result is a sum of the run's products with some pairs shrunk toward
+    zero, inside the same bound as the products' own partial sums.
     """
     cache = cache or WeightCache(target)
     kernel = cache.get((geometry, za), lambda: conv_kernel(w, group, geometry, za, target, cache.threads))
-    xs = x.astype(np.float32)
-    xs -= za
-    outs = kernel.session.run(None, {"x": xs})
+    outs = kernel.session.run(None, {"x": np.subtract(x, np.float32(za), dtype=np.float32)})
     if kernel.parts is None:
-        acc = outs[0].astype(np.int64)
+        acc = outs[0]
     else:
         m, mg = w.shape[0], w.shape[0] // group
-        total = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
+        acc = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
         for g, y in zip(kernel.parts, outs):
-            total[:, g * mg : (g + 1) * mg] += y
-        acc = total.astype(np.int64)
+            acc[:, g * mg : (g + 1) * mg] += y
     if kernel.pairs is not None:
         _conv_saturation(acc, x, za, kernel, geometry)
     return acc
 
 
+def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
+                    cache: WeightCache | None = None) -> np.ndarray:
+    """int64 ``[N, M, OH, OW]``: Σ (a − za)·w of a 2-D conv with ``target``'s accumulation (no
+    bias): :func:`conv_sums` as integers."""
+    return conv_sums(x, w, za, group, geometry, target, cache).astype(np.int64)
+
+
+def requantize_sums(acc: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, zero_point: int,
+                    dtype: np.dtype) -> np.ndarray:
+    """:func:`requantize` of ``acc`` + ``bias`` for exact integer sums in float (:func:`conv_sums`)
+    and int32 ``bias`` broadcast against them, without an integer copy where floats give MLAS's
+    result: float32(acc + bias) is then one correctly rounded addition (float32 ``acc`` below 2^24
+    and |bias| <= 2^24, both exact in float32; or the float64 sum converted once), and no int32
+    sum wraps (|acc + bias| < 2^31). Else through int64 like MLAS's int32."""
+    b = np.zeros(1, np.int64) if bias is None else np.asarray(bias).astype(np.int64)
+    if acc.dtype == np.float32 and np.abs(b).max() <= 1 << 24:
+        y = acc + b.astype(np.float32)
+    else:
+        y = acc.astype(np.float64) + b
+        if np.abs(y).max(initial=0) >= 1 << 31:
+            return requantize(acc.astype(np.int64) + b, scale, zero_point, dtype)
+        y = y.astype(np.float32)
+    info = np.iinfo(dtype)
+    y *= scale.astype(np.float32)
+    np.clip(y, np.float32(info.min - zero_point), np.float32(info.max - zero_point), out=y)
+    np.rint(y, out=y)
+    y += np.float32(zero_point)
+    return y.astype(dtype)
+
+
+def _conv_1d_as_2d(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A 1-D conv's attributes for the 2-D conv ORT runs it as: ``[N, C, 1, L]``, kernel (1, k)."""
+    a1 = dict(attrs)
+    for key, pre in (("strides", [1]), ("dilations", [1])):
+        if key in a1:
+            a1[key] = pre + list(a1[key])
+    if "pads" in a1:
+        p0, p1 = list(a1["pads"])
+        a1["pads"] = [0, p0, 0, p1]
+    if "kernel_shape" in a1:
+        a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
+    return a1
+
+
 def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
                  cache: WeightCache | None = None) -> np.ndarray:
-    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_accumulate`), the
+    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_sums`), the
     int32 bias and MLAS's requantization; ``cache`` keeps the node's prepared weights."""
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
-    if x.ndim == 3 and np.ndim(w) == 3:
-        # 1-D conv (Conv1d): ORT runs it as a 2-D conv over [N, C, 1, L] with kernel (1, k)
-        a1 = dict(attrs)
-        for key, pre in (("strides", [1]), ("dilations", [1])):
-            if key in a1:
-                a1[key] = pre + list(a1[key])
-        if "pads" in a1:
-            p0, p1 = list(a1["pads"])
-            a1["pads"] = [0, p0, 0, p1]
-        if "kernel_shape" in a1:
-            a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
+    if x.ndim == 3 and np.ndim(w) == 3:  # 1-D conv (Conv1d)
         args = [x[:, :, None, :], sx, zx, np.asarray(w)[:, :, None, :], sw, zw, sy, zy]
-        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target, cache)[:, :, 0, :]
+        return qlinear_conv(args + ([bias] if bias is not None else []), _conv_1d_as_2d(attrs), target, cache)[:, :, 0, :]
     if x.ndim != 4:
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
@@ -548,11 +588,9 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
     strides = tuple(int(v) for v in attrs.get("strides", [1, 1]))
     dil = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
     geometry = ConvGeometry((kh, kw), strides, dil, tuple(_conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)))
-    acc = conv_accumulate(x, w, int(_scalar(zx)), group, geometry, target, cache)
-    if bias is not None:
-        acc += bias.astype(np.int64)[:, None, None]
+    acc = conv_sums(x, w, int(_scalar(zx)), group, geometry, target, cache)
     scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy))[:, None, None]
-    return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
+    return requantize_sums(acc, None if bias is None else bias[:, None, None], scale, int(_scalar(zy)), zy.dtype)
 
 
 def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],

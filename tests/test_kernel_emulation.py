@@ -20,6 +20,7 @@ from fqexport.exporters.kernel_emulation import (
     pair_saturation_correction,
     qlinear_conv,
     requantize,
+    requantize_sums,
 )
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
@@ -127,6 +128,24 @@ def test_requantize_rounds_half_to_even_and_clips():
     acc = np.array([[1, 3, 5, 1000, -1000]], dtype=np.int64)
     y = requantize(acc, np.full(5, 0.5, np.float32), 10, np.dtype(np.uint8))
     np.testing.assert_array_equal(y, [[10, 12, 12, 255, 0]])  # 0.5->0, 1.5->2, 2.5->2
+
+
+def test_requantize_of_float_sums_is_the_integer_requantize():
+    """Exact sums in float32 or float64 (up to 2^24, where float32(acc + bias) rounds) plus int32
+    biases — small, beyond 2^24 (inexact in float32), and ones whose int32 sum wraps — requantize
+    like the int64 route (MLAS's int32 accumulator)."""
+    rng = np.random.default_rng(4)
+    acc = rng.integers(-(1 << 24) + 1, 1 << 24, size=(2, 3, 5, 5))
+    scale = np.array([1e-5, 3e-7, 0.01], np.float32)[:, None, None]
+    for bias in (rng.integers(-1000, 1000, 3), rng.integers(1 << 24, 1 << 30, 3) | 1, np.array([2**31 - 10, -2**31 + 5, 7])):
+        bias = bias.astype(np.int32)
+        for zy, dtype in ((3, np.uint8), (-2, np.int8)):
+            want = requantize(acc + bias.astype(np.int64)[:, None, None], scale, zy, np.dtype(dtype))
+            for float_type in (np.float32, np.float64):
+                got = requantize_sums(acc.astype(float_type), bias[:, None, None], scale, zy, np.dtype(dtype))
+                np.testing.assert_array_equal(got, want)
+    assert (requantize(acc, scale, 3, np.dtype(np.uint8)) == requantize_sums(acc.astype(np.float32), None, scale, 3,
+                                                                            np.dtype(np.uint8))).all()
 
 
 def test_unknown_target_is_a_config_error():
@@ -248,23 +267,26 @@ def _conv_reference(x, w, zx, group, stride, dil, pad, saturate):
     return out
 
 
-@pytest.mark.parametrize("cg,group,stride,dil,large", [(4, 1, 1, 1, 0.04), (3, 1, 2, 1, 0.04), (4, 2, 1, 2, 0.04),
-                                                     (5, 1, 1, 1, 0.04), (4, 1, 1, 1, 0.9), (6, 1, 2, 1, 0.2)],
-                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large", "even-c-stride2"])
-def test_conv_accumulation_matches_an_int64_loop(cg, group, stride, dil, large):
+@pytest.mark.parametrize("cg,group,stride,dil,large,zx", [(4, 1, 1, 1, 0.04, 5), (3, 1, 2, 1, 0.04, 5),
+                                                        (4, 2, 1, 2, 0.04, 5), (5, 1, 1, 1, 0.04, 5),
+                                                        (4, 1, 1, 1, 0.9, 5), (6, 1, 2, 1, 0.2, 5),
+                                                        (4, 1, 1, 1, 0.04, 250)],
+                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large", "even-c-stride2",
+                              "even-c-hot-padding"])
+def test_conv_accumulation_matches_an_int64_loop(cg, group, stride, dil, large, zx):
     """Few large activations (found from the input) or mostly large ones (every im2col pair
     bounded): each pair that leaves int16 saturates, across taps, groups, strides, dilations, odd
-    channel counts and a padding that holds the zero point."""
+    channel counts and a padding that holds the zero point (one that saturates too: 250)."""
     rng = np.random.default_rng(cg * 10 + group)
     x = rng.integers(0, 60, size=(2, cg * group, 7, 7)).astype(np.uint8)
     x[rng.random(x.shape) < large] = 255
     w = rng.integers(-127, 128, size=(3 * group, cg, 3, 3)).astype(np.int8)
     geometry = ConvGeometry((3, 3), (stride, stride), (dil, dil), (1, 1, 1, 1))
     for target, saturate in (("x86-avx2", True), ("x86-vnni", False)):
-        want = _conv_reference(x, w, 5, group, stride, dil, 1, saturate)
-        np.testing.assert_array_equal(conv_accumulate(x, w, 5, group, geometry, target), want)
-    assert (_conv_reference(x, w, 5, group, stride, dil, 1, True) != _conv_reference(x, w, 5, group, stride, dil, 1,
-                                                                                      False)).any()
+        want = _conv_reference(x, w, zx, group, stride, dil, 1, saturate)
+        np.testing.assert_array_equal(conv_accumulate(x, w, zx, group, geometry, target), want)
+    assert (_conv_reference(x, w, zx, group, stride, dil, 1, True) != _conv_reference(x, w, zx, group, stride, dil, 1,
+                                                                                       False)).any()
 
 
 def test_conv_over_many_channels_is_split_into_exact_runs():

@@ -97,7 +97,9 @@ class RiskyPairs:
 
     ``m``, ``w_even``, ``w_odd``: the risky pairs' row and weights, grouped by column (column j's
     are ``start[j]:start[j + 1]``); ``max_even`` / ``max_odd``: per column, the largest |w| of its
-    risky pairs (0 where it has none) — what bounds |p| for any activation.
+    risky pairs (0 where it has none) — what bounds |p| for any activation; ``first_hot``
+    ``[columns, 256]``: per column and even activation a_e, the least odd activation a_o at which
+    one of the column's risky pairs leaves int16 (256: none) — the exact test.
     """
 
     m: np.ndarray
@@ -106,6 +108,7 @@ class RiskyPairs:
     start: np.ndarray
     max_even: np.ndarray
     max_odd: np.ndarray
+    first_hot: np.ndarray
 
 
 def risky_pairs(w: np.ndarray) -> RiskyPairs:
@@ -120,7 +123,14 @@ def risky_pairs(w: np.ndarray) -> RiskyPairs:
     max_even, max_odd = np.zeros(cols, np.float32), np.zeros(cols, np.float32)
     np.maximum.at(max_even, ji, np.abs(w_even))
     np.maximum.at(max_odd, ji, np.abs(w_odd))
-    return RiskyPairs(mi, w_even, w_odd, np.searchsorted(ji, np.arange(cols + 1)), max_even, max_odd)
+    # a pair of one sign leaves int16 when a_e·|w_e| + a_o·|w_o| > L (L = 32767 above, 32768 below):
+    # a_o >= floor((L − a_e·|w_e|) / |w_o|) + 1
+    limit = np.where(we[mi, ji] > 0, INT16_MAX, -INT16_MIN)[:, None]
+    need = (limit - np.arange(256) * np.abs(we[mi, ji])[:, None]) // np.abs(wo[mi, ji])[:, None] + 1
+    first_hot = np.full((cols, 256), 256, np.int32)
+    np.minimum.at(first_hot, ji, np.clip(need, 0, 256))
+    return RiskyPairs(mi, w_even, w_odd, np.searchsorted(ji, np.arange(cols + 1)), max_even, max_odd,
+                      first_hot.astype(np.uint16))
 
 
 def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +160,10 @@ def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarr
 def _pair_corrections(rows: np.ndarray, columns: np.ndarray, a_even: np.ndarray, a_odd: np.ndarray,
                       pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, m, sat16(p) − p)`` of every risky pair of the activation pairs ``(rows, columns)``
-    (values ``a_even``, ``a_odd``) whose sum p leaves int16; the same (row, m) may repeat."""
+    (values ``a_even``, ``a_odd``) whose sum p leaves int16; the same (row, m) may repeat. Entries
+    where no risky pair of the column leaves int16 (``first_hot``) are dropped first."""
+    hot = a_odd >= pairs.first_hot[columns, a_even.astype(np.intp)]
+    rows, columns, a_even, a_odd = rows[hot], columns[hot], a_even[hot], a_odd[hot]
     out_r, out_m, out_c = [], [], []
     counts = pairs.start[columns + 1] - pairs.start[columns]
     ends = np.cumsum(counts)

@@ -118,6 +118,17 @@ def test_pair_correction_is_zero_for_7bit_weights():
     assert not corr[:, 1:].any()
 
 
+def test_pair_correction_over_every_activation_pair():
+    """Every (a_e, a_o) in [0, 255]² against one-signed pairs up to −128: each pair saturates
+    exactly where its sum leaves [−32768, 32767] (the boundaries 32767 / −32768 stay)."""
+    a_e, a_o = np.divmod(np.arange(256 * 256), 256)
+    a = np.stack([a_e, a_o], axis=1).astype(np.uint8)
+    w = np.array([[127, 127], [-128, -128], [127, 2], [-128, -1], [100, 29], [-3, -126], [64, 65], [64, 64]], np.int8)
+    p = a_e[:, None] * w[:, 0].astype(np.int64) + a_o[:, None] * w[:, 1].astype(np.int64)
+    np.testing.assert_array_equal(pair_saturation_correction(a, w), np.clip(p, -32768, 32767) - p)
+    assert (p == 32767).any() and (p == -32768).any() and (p == -32769).any()
+
+
 def test_accumulate_subtracts_zero_point_exactly():
     a = np.array([[10, 20, 30]], dtype=np.uint8)
     w = np.array([[1, -2, 3]], dtype=np.int8)

@@ -111,26 +111,35 @@ class RiskyPairs:
     first_hot: np.ndarray
 
 
-def risky_pairs(w: np.ndarray) -> RiskyPairs:
-    """:class:`RiskyPairs` of int8 ``w`` ``[M, K]`` (K in MLAS's packed order; an odd last column
-    pairs with MLAS's zero padding and cannot saturate: 255·128 < 2^15)."""
+def _risky(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(w_even, w_odd, risky)`` ``[M, K // 2]`` of int8 ``w`` ``[M, K]``: each pair's weights (int32)
+    and whether it can leave int16 (one sign, |w_a| + |w_b| > 128)."""
     cols = w.shape[1] // 2
     we = w[:, 0 : 2 * cols : 2].astype(np.int32)
     wo = w[:, 1 : 2 * cols : 2].astype(np.int32)
-    risky = (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
+    return we, wo, (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
+
+
+def risky_pairs(w: np.ndarray) -> RiskyPairs:
+    """:class:`RiskyPairs` of int8 ``w`` ``[M, K]`` (K in MLAS's packed order; an odd last column
+    pairs with MLAS's zero padding and cannot saturate: 255·128 < 2^15)."""
+    we, wo, risky = _risky(w)
+    cols = risky.shape[1]
     ji, mi = np.nonzero(risky.T)  # ordered by column
-    w_even, w_odd = we[mi, ji].astype(np.float32), wo[mi, ji].astype(np.float32)
+    we, wo = we[mi, ji], wo[mi, ji]
     max_even, max_odd = np.zeros(cols, np.float32), np.zeros(cols, np.float32)
-    np.maximum.at(max_even, ji, np.abs(w_even))
-    np.maximum.at(max_odd, ji, np.abs(w_odd))
+    np.maximum.at(max_even, ji, np.abs(we).astype(np.float32))
+    np.maximum.at(max_odd, ji, np.abs(wo).astype(np.float32))
     # a pair of one sign leaves int16 when a_e·|w_e| + a_o·|w_o| > L (L = 32767 above, 32768 below):
-    # a_o >= floor((L − a_e·|w_e|) / |w_o|) + 1
-    limit = np.where(we[mi, ji] > 0, INT16_MAX, -INT16_MIN)[:, None]
-    need = (limit - np.arange(256) * np.abs(we[mi, ji])[:, None]) // np.abs(wo[mi, ji])[:, None] + 1
-    first_hot = np.full((cols, 256), 256, np.int32)
-    np.minimum.at(first_hot, ji, np.clip(need, 0, 256))
-    return RiskyPairs(mi, w_even, w_odd, np.searchsorted(ji, np.arange(cols + 1)), max_even, max_odd,
-                      first_hot.astype(np.uint16))
+    # a_o >= floor((L − a_e·|w_e|) / |w_o|) + 1; a column's least over its pairs
+    limit = np.where(we > 0, INT16_MAX, -INT16_MIN).astype(np.int32)[:, None]
+    need = np.clip((limit - np.arange(256, dtype=np.int32) * np.abs(we)[:, None]) // np.abs(wo)[:, None] + 1, 0, 256)
+    first_hot = np.full((cols, 256), 256, np.uint16)
+    if ji.size:
+        runs = np.flatnonzero(np.diff(ji, prepend=-1))  # where each column's pairs start
+        first_hot[ji[runs]] = np.minimum.reduceat(need, runs, axis=0)
+    return RiskyPairs(mi, we.astype(np.float32), wo.astype(np.float32), np.searchsorted(ji, np.arange(cols + 1)),
+                      max_even, max_odd, first_hot)
 
 
 def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray]:
@@ -699,7 +708,7 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
         return True
     else:  # QGemm B [K, N] (or [N, K] with transB), QLinearMatMul B [K, N]
         rows = [w if int(attrs.get("transB", 0)) else w.T]
-    return any(risky_pairs(r).m.size for r in rows)
+    return any(_risky(r)[2].any() for r in rows)
 
 
 # ------------------------------------------------------------------------------ the session

@@ -77,6 +77,7 @@ _SAFE_PAIR_SUM = 128
 # Integers add exactly in float32 while every partial sum stays below 2^24 (its mantissa).
 _F32_EXACT = 1 << 24
 _CHUNK = 1 << 22  # elements per temporary (activation rows, saturation products)
+_RUN_ALIGN = 16  # channels per block of MLAS's NCHWc layout (8 on AVX2, 16 on AVX-512)
 
 
 def check_target(target: str) -> str:
@@ -96,7 +97,9 @@ class RiskyPairs:
 
     ``m``, ``w_even``, ``w_odd``: the risky pairs' row and weights, grouped by column (column j's
     are ``start[j]:start[j + 1]``); ``max_even`` / ``max_odd``: per column, the largest |w| of its
-    risky pairs (0 where it has none) — what bounds |p| for any activation.
+    risky pairs (0 where it has none) — what bounds |p| for any activation; ``first_hot``
+    ``[columns, 256]``: per column and even activation a_e, the least odd activation a_o at which
+    one of the column's risky pairs leaves int16 (256: none) — the exact test.
     """
 
     m: np.ndarray
@@ -105,21 +108,38 @@ class RiskyPairs:
     start: np.ndarray
     max_even: np.ndarray
     max_odd: np.ndarray
+    first_hot: np.ndarray
+
+
+def _risky(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(w_even, w_odd, risky)`` ``[M, K // 2]`` of int8 ``w`` ``[M, K]``: each pair's weights (int32)
+    and whether it can leave int16 (one sign, |w_a| + |w_b| > 128)."""
+    cols = w.shape[1] // 2
+    we = w[:, 0 : 2 * cols : 2].astype(np.int32)
+    wo = w[:, 1 : 2 * cols : 2].astype(np.int32)
+    return we, wo, (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
 
 
 def risky_pairs(w: np.ndarray) -> RiskyPairs:
     """:class:`RiskyPairs` of int8 ``w`` ``[M, K]`` (K in MLAS's packed order; an odd last column
     pairs with MLAS's zero padding and cannot saturate: 255·128 < 2^15)."""
-    cols = w.shape[1] // 2
-    we = w[:, 0 : 2 * cols : 2].astype(np.int32)
-    wo = w[:, 1 : 2 * cols : 2].astype(np.int32)
-    risky = (np.sign(we) * np.sign(wo) > 0) & (np.abs(we) + np.abs(wo) > _SAFE_PAIR_SUM)
+    we, wo, risky = _risky(w)
+    cols = risky.shape[1]
     ji, mi = np.nonzero(risky.T)  # ordered by column
-    w_even, w_odd = we[mi, ji].astype(np.float32), wo[mi, ji].astype(np.float32)
+    we, wo = we[mi, ji], wo[mi, ji]
     max_even, max_odd = np.zeros(cols, np.float32), np.zeros(cols, np.float32)
-    np.maximum.at(max_even, ji, np.abs(w_even))
-    np.maximum.at(max_odd, ji, np.abs(w_odd))
-    return RiskyPairs(mi, w_even, w_odd, np.searchsorted(ji, np.arange(cols + 1)), max_even, max_odd)
+    np.maximum.at(max_even, ji, np.abs(we).astype(np.float32))
+    np.maximum.at(max_odd, ji, np.abs(wo).astype(np.float32))
+    # a pair of one sign leaves int16 when a_e·|w_e| + a_o·|w_o| > L (L = 32767 above, 32768 below):
+    # a_o >= floor((L − a_e·|w_e|) / |w_o|) + 1; a column's least over its pairs
+    limit = np.where(we > 0, INT16_MAX, -INT16_MIN).astype(np.int32)[:, None]
+    need = np.clip((limit - np.arange(256, dtype=np.int32) * np.abs(we)[:, None]) // np.abs(wo)[:, None] + 1, 0, 256)
+    first_hot = np.full((cols, 256), 256, np.uint16)
+    if ji.size:
+        runs = np.flatnonzero(np.diff(ji, prepend=-1))  # where each column's pairs start
+        first_hot[ji[runs]] = np.minimum.reduceat(need, runs, axis=0)
+    return RiskyPairs(mi, we.astype(np.float32), wo.astype(np.float32), np.searchsorted(ji, np.arange(cols + 1)),
+                      max_even, max_odd, first_hot)
 
 
 def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray]:
@@ -132,15 +152,15 @@ def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarr
     """
     cols = pairs.max_even.size
     reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
-    large = np.flatnonzero(a > INT16_MAX / (2 * reach))
-    if 8 * large.size >= a.size:
+    large = a > INT16_MAX / (2 * reach)
+    if 8 * np.count_nonzero(large) >= a.size:
         bound = np.multiply(a[:, 0 : 2 * cols : 2], pairs.max_even)
         bound += np.multiply(a[:, 1 : 2 * cols : 2], pairs.max_odd)
         return np.divmod(np.flatnonzero(bound > INT16_MAX), cols)  # (flat: far faster than 2-D)
-    rows, k = np.divmod(large, a.shape[1])
+    rows, k = np.divmod(np.flatnonzero(large), a.shape[1])
     paired = k < 2 * cols  # (an odd K's last column pairs with MLAS's zero padding)
     keys = rows[paired] * cols + k[paired] // 2  # (row, pair column), ascending
-    rows, columns = np.divmod(keys[np.r_[True, keys[1:] != keys[:-1]]], cols)
+    rows, columns = np.divmod(keys[np.diff(keys, prepend=-1) != 0], cols)
     bound = a[rows, 2 * columns] * pairs.max_even[columns] + a[rows, 2 * columns + 1] * pairs.max_odd[columns]
     hot = bound > INT16_MAX
     return rows[hot], columns[hot]
@@ -149,7 +169,10 @@ def _hot_entries(a: np.ndarray, pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarr
 def _pair_corrections(rows: np.ndarray, columns: np.ndarray, a_even: np.ndarray, a_odd: np.ndarray,
                       pairs: RiskyPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, m, sat16(p) − p)`` of every risky pair of the activation pairs ``(rows, columns)``
-    (values ``a_even``, ``a_odd``) whose sum p leaves int16; the same (row, m) may repeat."""
+    (values ``a_even``, ``a_odd``) whose sum p leaves int16; the same (row, m) may repeat. Entries
+    where no risky pair of the column leaves int16 (``first_hot``) are dropped first."""
+    hot = a_odd >= pairs.first_hot[columns, a_even.astype(np.intp)]
+    rows, columns, a_even, a_odd = rows[hot], columns[hot], a_even[hot], a_odd[hot]
     out_r, out_m, out_c = [], [], []
     counts = pairs.start[columns + 1] - pairs.start[columns]
     ends = np.cumsum(counts)
@@ -209,18 +232,30 @@ class PackedWeights:
     pairs: RiskyPairs | None
 
 
-def exact_runs(w: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Runs ``(start, stop)`` covering K of ``w`` ``[M, K]``, each as long as it can be while
-    255·Σ_{k in run} |w[m, k]| < 2^24 for every row m (a single column always fits: 255·128):
-    over such a run every partial sum of Σ a·w (uint8 ``a``) is an integer float32 holds exactly,
-    whatever order a GEMM adds the products in."""
-    cum = np.cumsum(np.abs(w.astype(np.int64)), axis=1)
-    cum = np.concatenate([np.zeros((w.shape[0], 1), np.int64), cum], axis=1)  # cum[:, k] = Σ_{<k}
-    limit = (_F32_EXACT - 1) // 255
+def exact_runs(w: np.ndarray, zero_point: int = 0) -> tuple[tuple[int, int], ...]:
+    """Runs ``(start, stop)`` covering axis 1 of int ``w`` ``[M, K]`` (or ``[M, K, T]``: a conv's
+    input channels and their taps), each as long as it can be while every partial sum of
+    Σ (a − z)·w over the run stays an integer float32 holds exactly, whatever order a GEMM or a conv
+    adds the products in (uint8 ``a``, ``z`` = ``zero_point``; a single column always fits:
+    255·127·T < 2^24 for any kernel of fewer than 518 taps T).
+
+    Any partial sum adds a subset of the products, and (a − z)·w lies in [−z·w, (255 − z)·w] for
+    w > 0, in [(255 − z)·w, −z·w] for w < 0. So with P = Σ w⁺ and N = Σ w⁻ over a row's run, every
+    partial sum lies in [−(z·P + (255 − z)·N), (255 − z)·P + z·N], and both bounds are kept
+    below 2^24 for every row (for z = 0: 255·max(P, N), about half of 255·Σ|w|). A run longer
+    than :data:`_RUN_ALIGN` columns is cut to a multiple of it: ORT's float Conv takes its fast
+    blocked (NCHWc) path only for channel counts in whole blocks, and runs 2.5x slower otherwise.
+    """
+    w = w.astype(np.int64).reshape(w.shape[0], w.shape[1], -1)
+    pos, neg = np.maximum(w, 0).sum(axis=2), np.maximum(-w, 0).sum(axis=2)
+    hi, lo = 255 - int(zero_point), int(zero_point)
+    reach = np.concatenate([hi * pos + lo * neg, lo * pos + hi * neg])  # per row: the largest partial sum, −the least
+    cum = np.concatenate([np.zeros((reach.shape[0], 1), np.int64), np.cumsum(reach, axis=1)], axis=1)
     runs, start, k = [], 0, w.shape[1]
     while start < k:
-        reach = (cum[:, start + 1 :] - cum[:, start : start + 1]).max(axis=0)  # nondecreasing in stop
-        stop = start + max(1, int(np.searchsorted(reach, limit, side="right")))
+        most = (cum[:, start + 1 :] - cum[:, start : start + 1]).max(axis=0)  # nondecreasing in stop
+        fits = max(1, int(np.searchsorted(most, _F32_EXACT - 1, side="right")))
+        stop = start + (fits if fits == k - start or fits < _RUN_ALIGN else fits - fits % _RUN_ALIGN)
         runs.append((start, stop))
         start = stop
     return tuple(runs)
@@ -331,15 +366,6 @@ class _Unsupported(Exception):
     """A fused node outside what the emulation covers (re-raised as ConfigError naming the node)."""
 
 
-def _padded_nhwc(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
-    """uint8 NCHW ``x`` as float32 NHWC with its padding holding ``pad_value`` (MLAS pads with the
-    input zero point)."""
-    n, c, h, w = x.shape
-    xp = np.full((n, h + pads[0] + pads[2], w + pads[1] + pads[3], c), pad_value, dtype=np.float32)
-    xp[:, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x.transpose(0, 2, 3, 1)
-    return xp
-
-
 def _patches(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
              out: Sequence[int]) -> np.ndarray:
     """``[N·OH·OW, kh·kw·C]`` im2col rows of padded NHWC ``xp``, K in MLAS's order (a copy)."""
@@ -384,17 +410,18 @@ class ConvKernel:
     pairs: tuple[RiskyPairs, ...] | None
 
 
-def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, target: str, threads: int | None) -> ConvKernel:
-    """:class:`ConvKernel` of int8 weights ``w`` ``[M, C/group, kh, kw]``.
+def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, za: int, target: str,
+                threads: int | None) -> ConvKernel:
+    """:class:`ConvKernel` of int8 weights ``w`` ``[M, C/group, kh, kw]`` for inputs of zero point ``za``.
 
     ORT's float Conv (MLAS's NCHWc convolution: multiply-adds only) sums integers exactly while
-    every partial sum stays below 2^24: a group's input channels are split into runs with
-    255·Σ_{c in run, taps} |w| < 2^24 per output channel, and the runs are added in float64.
+    every partial sum stays below 2^24: a group's input channels are split into the runs of
+    :func:`exact_runs` (over its channels' taps), and the runs are added in float64.
     """
     m, cg = w.shape[:2]
     mg = m // group
-    per_channel = np.abs(w.astype(np.int64)).sum(axis=(2, 3))  # [M, C/group]: Σ_taps |w|
-    runs = [exact_runs(per_channel[g * mg : (g + 1) * mg]) for g in range(group)]
+    taps = w.reshape(m, cg, -1)  # [M, C/group, kh·kw]
+    runs = [exact_runs(taps[g * mg : (g + 1) * mg], za) for g in range(group)]
     attrs = {"kernel_shape": list(geometry.kernel), "strides": list(geometry.strides),
              "dilations": list(geometry.dilations), "pads": list(geometry.pads)}
     wf = w.astype(np.float32)
@@ -425,65 +452,68 @@ def conv_kernel(w: np.ndarray, group: int, geometry: ConvGeometry, target: str, 
     return ConvKernel(session, parts, pairs)
 
 
-def _conv_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+def _padded(x: np.ndarray, pads: Sequence[int], pad_value: int) -> np.ndarray:
+    """uint8 NCHW ``x`` with its padding holding ``pad_value`` (MLAS pads with the input zero point)."""
+    n, c, h, w = x.shape
+    xp = np.full((n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]), pad_value, dtype=x.dtype)
+    xp[:, :, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x
+    return xp
+
+
+def _channel_pair_hot_entries(xp: np.ndarray, pairs: RiskyPairs, geometry: ConvGeometry, out: Sequence[int],
+                              offset: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, columns, a_even, a_odd)`` of the im2col activation pairs (row n·OH·OW + oh·OW + ow,
-    pair column j along MLAS's K) that may saturate, found from the padded input ``xp``
-    ``[N, Hp, Wp, C]`` without building the im2col matrix: such a pair holds an activation above
-    32767 / (2·max|w|), and each of those (a few % after a ReLU) is followed to the (output, tap)s
-    that read it. None when those activations are too many for that to pay (an image stem)."""
+    pair column j along MLAS's K) that may saturate, for an even channel count, from the uint8
+    input ``xp`` ``[N, C, H, W]`` without building the im2col matrix. ``xp`` is the padded input
+    (``offset`` (0, 0)), or the input itself when no pair of the padding can saturate (``offset``:
+    the top and left pads, where its pixels sit in the padded input).
+
+    With C even, K = (tap, channel) pairs never straddle taps: pair column j = t·C/2 + c/2 holds
+    channels (c, c+1) of the one input pixel that tap t reads, and a pixel's pair meets every tap.
+    |p| <= a_c·max_even[j] + a_{c+1}·max_odd[j] <= a_c·max_t max_even + a_{c+1}·max_t max_odd: the
+    (pixel, channel pair)s whose tap-wide bound leaves int16 are found first (a few % after a
+    ReLU), then each is followed to the (output, tap)s that read it and bounded per tap. Each
+    (output, tap, channel pair) reads one pixel, so no entry is listed twice.
+    """
     (kh, kw), (s0, s1), (d0, d1) = geometry.kernel, geometry.strides, geometry.dilations
-    cg, cols = xp.shape[3], pairs.max_even.size
-    reach = max(float(pairs.max_even.max()), float(pairs.max_odd.max()))
-    large = np.flatnonzero(xp > INT16_MAX / (2 * reach))
-    if 4 * large.size * kh * kw > xp.shape[0] * out[0] * out[1] * kh * kw * cg:
-        return None
-    nb, ih, iw, c = np.unravel_index(large, xp.shape)
-    value = xp[nb, ih, iw, c]
-    keys, a_even, a_odd = [], [], []
-    for ti in range(kh):
-        for tj in range(kw):
-            dh, dw = ih - ti * d0, iw - tj * d1
-            ok = (dh >= 0) & (dw >= 0) & (dh % s0 == 0) & (dw % s1 == 0) & (dh < s0 * out[0]) & (dw < s1 * out[1])
-            idx = np.flatnonzero(ok)
-            k = (ti * kw + tj) * cg + c[idx]
-            even = k % 2 == 0
-            j = np.minimum(k // 2, cols - 1)
-            mine_max = np.where(even, pairs.max_even[j], pairs.max_odd[j])
-            other_max = np.where(even, pairs.max_odd[j], pairs.max_even[j])
-            # (an odd K's last column pairs with zero padding: never; the other activation <= 255)
-            may = (k < 2 * cols) & (value[idx] * mine_max + 255 * other_max > INT16_MAX)
-            idx, k, even = idx[may], k[may], even[may]
-            n_, oh, ow = nb[idx], dh[idx] // s0, dw[idx] // s1
-            pt, pc = np.divmod(k ^ 1, cg)  # the other activation of the pair: its tap and channel
-            pti, ptj = np.divmod(pt, kw)
-            other = xp[n_, oh * s0 + pti * d0, ow * s1 + ptj * d1, pc]
-            mine = value[idx]
-            keys.append(((n_ * out[0] + oh) * out[1] + ow) * cols + k // 2)
-            a_even.append(np.where(even, mine, other))
-            a_odd.append(np.where(even, other, mine))
-    key = np.concatenate(keys)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    first = np.r_[True, key[1:] != key[:-1]] if key.size else np.zeros(0, bool)  # both large: listed twice
-    key, ae, ao = key[first], np.concatenate(a_even)[order][first], np.concatenate(a_odd)[order][first]
-    rows, columns = np.divmod(key, cols)
-    hot = ae * pairs.max_even[columns] + ao * pairs.max_odd[columns] > INT16_MAX
-    return rows[hot], columns[hot], ae[hot], ao[hot]
+    taps, half = kh * kw, xp.shape[1] // 2
+    max_even, max_odd = pairs.max_even.reshape(taps, half), pairs.max_odd.reshape(taps, half)
+    a_even, a_odd = xp[:, 0::2], xp[:, 1::2]
+    bound = a_even * max_even.max(axis=0)[:, None, None]
+    bound += a_odd * max_odd.max(axis=0)[:, None, None]
+    n, c2, ih, iw = np.unravel_index(np.flatnonzero(bound > INT16_MAX), bound.shape)
+    ae = a_even[n, c2, ih, iw].astype(np.float32)
+    ao = a_odd[n, c2, ih, iw].astype(np.float32)
+    ti, tj = np.divmod(np.arange(taps), kw)
+    oh, off_h = np.divmod(ih[:, None] + (offset[0] - ti * d0), s0)  # [candidates, taps]: the output that tap reads it for
+    ow, off_w = np.divmod(iw[:, None] + (offset[1] - tj * d1), s1)
+    hot = (off_h == 0) & (off_w == 0) & (oh >= 0) & (oh < out[0]) & (ow >= 0) & (ow < out[1])
+    hot &= ae[:, None] * max_even[:, c2].T + ao[:, None] * max_odd[:, c2].T > INT16_MAX
+    i, t = np.nonzero(hot)
+    return (n[i] * out[0] + oh[i, t]) * out[1] + ow[i, t], t * half + c2[i], ae[i], ao[i]
 
 
 def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel, geometry: ConvGeometry) -> None:
-    """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place)."""
-    xp = _padded_nhwc(x, geometry.pads, za)
+    """Add each saturating pair's sat16(p) − p to ``acc`` ``[N, M, OH, OW]`` (in place).
+
+    An even channel count per group is searched from the input (:func:`_channel_pair_hot_entries`;
+    unpadded when a pair of the padding, za·max_even + za·max_odd, cannot leave int16); an odd one
+    (an image stem: pairs straddle taps) bounds every pair of the im2col rows."""
     out = acc.shape[2:]
-    cg, mg = xp.shape[3] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    cg, mg = x.shape[1] // len(kernel.pairs), acc.shape[1] // len(kernel.pairs)
+    xp = None
     for g, pairs in enumerate(kernel.pairs):
         if pairs.m.size == 0:
             continue
-        xg = xp[..., g * cg : (g + 1) * cg]
-        found = _conv_hot_entries(xg, pairs, geometry, out)
-        if found is None:  # large activations everywhere: bound every pair of the im2col rows
-            a = _patches(xg, geometry.kernel, geometry.strides, geometry.dilations, out)
+        cold_pads = za * (float(pairs.max_even.max()) + float(pairs.max_odd.max())) <= INT16_MAX
+        if xp is None and (cg % 2 or not cold_pads):
+            xp = _padded(x, geometry.pads, za)
+        if cg % 2 == 0:
+            src, offset = (x, geometry.pads[:2]) if cold_pads else (xp, (0, 0))
+            found = _channel_pair_hot_entries(src[:, g * cg : (g + 1) * cg], pairs, geometry, out, offset)
+        else:
+            a = _patches(np.ascontiguousarray(xp[:, g * cg : (g + 1) * cg].transpose(0, 2, 3, 1)), geometry.kernel,
+                         geometry.strides, geometry.dilations, out)
             rows, columns = _hot_entries(a, pairs)
             found = rows, columns, a[rows, 2 * columns], a[rows, 2 * columns + 1]
         r, m, corr = _pair_corrections(*found, pairs)
@@ -492,51 +522,85 @@ def _conv_saturation(acc: np.ndarray, x: np.ndarray, za: int, kernel: ConvKernel
         np.add.at(acc, (n, g * mg + m, oh, ow), corr)
 
 
-def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
-                    cache: WeightCache | None = None) -> np.ndarray:
-    """int64 ``[N, M, OH, OW]``: Σ (a − za)·w of a 2-D conv with ``target``'s accumulation (no
-    bias). ``x`` uint8 NCHW, ``w`` int8 ``[M, C/group, kh, kw]``.
+def conv_sums(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
+              cache: WeightCache | None = None) -> np.ndarray:
+    """Σ (a − za)·w ``[N, M, OH, OW]`` of a 2-D conv with ``target``'s accumulation (no bias), as
+    exact integers in float32 (the conv ran in one run per group: every value below 2^24) or
+    float64 (runs added). ``x`` uint8 NCHW, ``w`` int8 ``[M, C/group, kh, kw]``.
 
     Σ (a − za)·w is ORT's float Conv on ``x − za`` (exact, :func:`conv_kernel`); on x86-avx2 each
-    pair of products that leaves int16 then adds its sat16(p) − p.
+    pair of products that leaves int16 then adds its sat16(p) − p. Those additions stay exact in
+    float32: each partial result is a sum of the run's products with some pairs shrunk toward
+    zero, inside the same bound as the products' own partial sums.
     """
     cache = cache or WeightCache(target)
-    kernel = cache.get(geometry, lambda: conv_kernel(w, group, geometry, target, cache.threads))
-    xs = x.astype(np.float32)
-    xs -= za
-    outs = kernel.session.run(None, {"x": xs})
+    kernel = cache.get((geometry, za), lambda: conv_kernel(w, group, geometry, za, target, cache.threads))
+    outs = kernel.session.run(None, {"x": np.subtract(x, np.float32(za), dtype=np.float32)})
     if kernel.parts is None:
-        acc = outs[0].astype(np.int64)
+        acc = outs[0]
     else:
         m, mg = w.shape[0], w.shape[0] // group
-        total = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
+        acc = np.zeros((x.shape[0], m, *outs[0].shape[2:]), dtype=np.float64)  # exact below 2^53
         for g, y in zip(kernel.parts, outs):
-            total[:, g * mg : (g + 1) * mg] += y
-        acc = total.astype(np.int64)
+            acc[:, g * mg : (g + 1) * mg] += y
     if kernel.pairs is not None:
         _conv_saturation(acc, x, za, kernel, geometry)
     return acc
 
 
+def conv_accumulate(x: np.ndarray, w: np.ndarray, za: int, group: int, geometry: ConvGeometry, target: str,
+                    cache: WeightCache | None = None) -> np.ndarray:
+    """int64 ``[N, M, OH, OW]``: Σ (a − za)·w of a 2-D conv with ``target``'s accumulation (no
+    bias): :func:`conv_sums` as integers."""
+    return conv_sums(x, w, za, group, geometry, target, cache).astype(np.int64)
+
+
+def requantize_sums(acc: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, zero_point: int,
+                    dtype: np.dtype) -> np.ndarray:
+    """:func:`requantize` of ``acc`` + ``bias`` for exact integer sums in float (:func:`conv_sums`)
+    and int32 ``bias`` broadcast against them, without an integer copy where floats give MLAS's
+    result: float32(acc + bias) is then one correctly rounded addition (float32 ``acc`` below 2^24
+    and |bias| <= 2^24, both exact in float32; or the float64 sum converted once), and no int32
+    sum wraps (|acc + bias| < 2^31). Else through int64 like MLAS's int32."""
+    b = np.zeros(1, np.int64) if bias is None else np.asarray(bias).astype(np.int64)
+    if acc.dtype == np.float32 and np.abs(b).max() <= 1 << 24:
+        y = acc + b.astype(np.float32)
+    else:
+        y = acc.astype(np.float64) + b
+        if np.abs(y).max(initial=0) >= 1 << 31:
+            return requantize(acc.astype(np.int64) + b, scale, zero_point, dtype)
+        y = y.astype(np.float32)
+    info = np.iinfo(dtype)
+    y *= scale.astype(np.float32)
+    np.clip(y, np.float32(info.min - zero_point), np.float32(info.max - zero_point), out=y)
+    np.rint(y, out=y)
+    y += np.float32(zero_point)
+    return y.astype(dtype)
+
+
+def _conv_1d_as_2d(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A 1-D conv's attributes for the 2-D conv ORT runs it as: ``[N, C, 1, L]``, kernel (1, k)."""
+    a1 = dict(attrs)
+    for key, pre in (("strides", [1]), ("dilations", [1])):
+        if key in a1:
+            a1[key] = pre + list(a1[key])
+    if "pads" in a1:
+        p0, p1 = list(a1["pads"])
+        a1["pads"] = [0, p0, 0, p1]
+    if "kernel_shape" in a1:
+        a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
+    return a1
+
+
 def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
                  cache: WeightCache | None = None) -> np.ndarray:
-    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_accumulate`), the
+    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_sums`), the
     int32 bias and MLAS's requantization; ``cache`` keeps the node's prepared weights."""
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
-    if x.ndim == 3 and np.ndim(w) == 3:
-        # 1-D conv (Conv1d): ORT runs it as a 2-D conv over [N, C, 1, L] with kernel (1, k)
-        a1 = dict(attrs)
-        for key, pre in (("strides", [1]), ("dilations", [1])):
-            if key in a1:
-                a1[key] = pre + list(a1[key])
-        if "pads" in a1:
-            p0, p1 = list(a1["pads"])
-            a1["pads"] = [0, p0, 0, p1]
-        if "kernel_shape" in a1:
-            a1["kernel_shape"] = [1] + list(a1["kernel_shape"])
+    if x.ndim == 3 and np.ndim(w) == 3:  # 1-D conv (Conv1d)
         args = [x[:, :, None, :], sx, zx, np.asarray(w)[:, :, None, :], sw, zw, sy, zy]
-        return qlinear_conv(args + ([bias] if bias is not None else []), a1, target, cache)[:, :, 0, :]
+        return qlinear_conv(args + ([bias] if bias is not None else []), _conv_1d_as_2d(attrs), target, cache)[:, :, 0, :]
     if x.ndim != 4:
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
     if np.any(np.asarray(zw) != 0):
@@ -546,11 +610,9 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
     strides = tuple(int(v) for v in attrs.get("strides", [1, 1]))
     dil = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
     geometry = ConvGeometry((kh, kw), strides, dil, tuple(_conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)))
-    acc = conv_accumulate(x, w, int(_scalar(zx)), group, geometry, target, cache)
-    if bias is not None:
-        acc += bias.astype(np.int64)[:, None, None]
+    acc = conv_sums(x, w, int(_scalar(zx)), group, geometry, target, cache)
     scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy))[:, None, None]
-    return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
+    return requantize_sums(acc, None if bias is None else bias[:, None, None], scale, int(_scalar(zy)), zy.dtype)
 
 
 def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
@@ -646,7 +708,7 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
         return True
     else:  # QGemm B [K, N] (or [N, K] with transB), QLinearMatMul B [K, N]
         rows = [w if int(attrs.get("transB", 0)) else w.T]
-    return any(risky_pairs(r).m.size for r in rows)
+    return any(_risky(r)[2].any() for r in rows)
 
 
 # ------------------------------------------------------------------------------ the session

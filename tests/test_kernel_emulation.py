@@ -20,6 +20,7 @@ from fqexport.exporters.kernel_emulation import (
     pair_saturation_correction,
     qlinear_conv,
     requantize,
+    requantize_sums,
 )
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.exporters.qdq_onnx import export_qdq
@@ -117,6 +118,17 @@ def test_pair_correction_is_zero_for_7bit_weights():
     assert not corr[:, 1:].any()
 
 
+def test_pair_correction_over_every_activation_pair():
+    """Every (a_e, a_o) in [0, 255]² against one-signed pairs up to −128: each pair saturates
+    exactly where its sum leaves [−32768, 32767] (the boundaries 32767 / −32768 stay)."""
+    a_e, a_o = np.divmod(np.arange(256 * 256), 256)
+    a = np.stack([a_e, a_o], axis=1).astype(np.uint8)
+    w = np.array([[127, 127], [-128, -128], [127, 2], [-128, -1], [100, 29], [-3, -126], [64, 65], [64, 64]], np.int8)
+    p = a_e[:, None] * w[:, 0].astype(np.int64) + a_o[:, None] * w[:, 1].astype(np.int64)
+    np.testing.assert_array_equal(pair_saturation_correction(a, w), np.clip(p, -32768, 32767) - p)
+    assert (p == 32767).any() and (p == -32768).any() and (p == -32769).any()
+
+
 def test_accumulate_subtracts_zero_point_exactly():
     a = np.array([[10, 20, 30]], dtype=np.uint8)
     w = np.array([[1, -2, 3]], dtype=np.int8)
@@ -127,6 +139,24 @@ def test_requantize_rounds_half_to_even_and_clips():
     acc = np.array([[1, 3, 5, 1000, -1000]], dtype=np.int64)
     y = requantize(acc, np.full(5, 0.5, np.float32), 10, np.dtype(np.uint8))
     np.testing.assert_array_equal(y, [[10, 12, 12, 255, 0]])  # 0.5->0, 1.5->2, 2.5->2
+
+
+def test_requantize_of_float_sums_is_the_integer_requantize():
+    """Exact sums in float32 or float64 (up to 2^24, where float32(acc + bias) rounds) plus int32
+    biases — small, beyond 2^24 (inexact in float32), and ones whose int32 sum wraps — requantize
+    like the int64 route (MLAS's int32 accumulator)."""
+    rng = np.random.default_rng(4)
+    acc = rng.integers(-(1 << 24) + 1, 1 << 24, size=(2, 3, 5, 5))
+    scale = np.array([1e-5, 3e-7, 0.01], np.float32)[:, None, None]
+    for bias in (rng.integers(-1000, 1000, 3), rng.integers(1 << 24, 1 << 30, 3) | 1, np.array([2**31 - 10, -2**31 + 5, 7])):
+        bias = bias.astype(np.int32)
+        for zy, dtype in ((3, np.uint8), (-2, np.int8)):
+            want = requantize(acc + bias.astype(np.int64)[:, None, None], scale, zy, np.dtype(dtype))
+            for float_type in (np.float32, np.float64):
+                got = requantize_sums(acc.astype(float_type), bias[:, None, None], scale, zy, np.dtype(dtype))
+                np.testing.assert_array_equal(got, want)
+    assert (requantize(acc, scale, 3, np.dtype(np.uint8)) == requantize_sums(acc.astype(np.float32), None, scale, 3,
+                                                                            np.dtype(np.uint8))).all()
 
 
 def test_unknown_target_is_a_config_error():
@@ -248,23 +278,26 @@ def _conv_reference(x, w, zx, group, stride, dil, pad, saturate):
     return out
 
 
-@pytest.mark.parametrize("cg,group,stride,dil,large", [(4, 1, 1, 1, 0.04), (3, 1, 2, 1, 0.04), (4, 2, 1, 2, 0.04),
-                                                     (5, 1, 1, 1, 0.04), (4, 1, 1, 1, 0.9)],
-                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large"])
-def test_conv_accumulation_matches_an_int64_loop(cg, group, stride, dil, large):
+@pytest.mark.parametrize("cg,group,stride,dil,large,zx", [(4, 1, 1, 1, 0.04, 5), (3, 1, 2, 1, 0.04, 5),
+                                                        (4, 2, 1, 2, 0.04, 5), (5, 1, 1, 1, 0.04, 5),
+                                                        (4, 1, 1, 1, 0.9, 5), (6, 1, 2, 1, 0.2, 5),
+                                                        (4, 1, 1, 1, 0.04, 250)],
+                         ids=["even-c", "odd-c-stride2", "groups-dilation", "odd-c", "mostly-large", "even-c-stride2",
+                              "even-c-hot-padding"])
+def test_conv_accumulation_matches_an_int64_loop(cg, group, stride, dil, large, zx):
     """Few large activations (found from the input) or mostly large ones (every im2col pair
     bounded): each pair that leaves int16 saturates, across taps, groups, strides, dilations, odd
-    channel counts and a padding that holds the zero point."""
+    channel counts and a padding that holds the zero point (one that saturates too: 250)."""
     rng = np.random.default_rng(cg * 10 + group)
     x = rng.integers(0, 60, size=(2, cg * group, 7, 7)).astype(np.uint8)
     x[rng.random(x.shape) < large] = 255
     w = rng.integers(-127, 128, size=(3 * group, cg, 3, 3)).astype(np.int8)
     geometry = ConvGeometry((3, 3), (stride, stride), (dil, dil), (1, 1, 1, 1))
     for target, saturate in (("x86-avx2", True), ("x86-vnni", False)):
-        want = _conv_reference(x, w, 5, group, stride, dil, 1, saturate)
-        np.testing.assert_array_equal(conv_accumulate(x, w, 5, group, geometry, target), want)
-    assert (_conv_reference(x, w, 5, group, stride, dil, 1, True) != _conv_reference(x, w, 5, group, stride, dil, 1,
-                                                                                      False)).any()
+        want = _conv_reference(x, w, zx, group, stride, dil, 1, saturate)
+        np.testing.assert_array_equal(conv_accumulate(x, w, zx, group, geometry, target), want)
+    assert (_conv_reference(x, w, zx, group, stride, dil, 1, True) != _conv_reference(x, w, zx, group, stride, dil, 1,
+                                                                                       False)).any()
 
 
 def test_conv_over_many_channels_is_split_into_exact_runs():
@@ -278,6 +311,24 @@ def test_conv_over_many_channels_is_split_into_exact_runs():
     assert len(runs) > 1 and all(255 * per_channel[:, a:b].sum(axis=1).max() < 2**24 for a, b in runs)
     want = np.einsum("nchw,mchw->nm", x.astype(np.int64) - 3, w.astype(np.int64))
     got = conv_accumulate(x, w, 3, 1, ConvGeometry((3, 3), (1, 1), (1, 1), (0, 0, 0, 0)), "x86-vnni")
+    np.testing.assert_array_equal(got[:, :, 0, 0], want)
+
+
+@pytest.mark.parametrize("zx", [0, 255])
+def test_conv_runs_reach_their_bound_and_stay_exact(zx):
+    """One-signed weights of |q| >= 120 and every activation within 5 of the end of [−z, 255 − z]
+    that the bound allows for: each run's sum comes near 2^24 (where float32 starts rounding:
+    runs twice as long give wrong sums), runs come in whole NCHWc blocks, and the float64 sum of
+    the runs is exact."""
+    rng = np.random.default_rng(0)
+    x = (rng.integers(250, 256, (2, 1024, 3, 3)) if zx == 0 else rng.integers(0, 6, (2, 1024, 3, 3))).astype(np.uint8)
+    w = rng.integers(120, 128, (2, 1024, 3, 3)).astype(np.int8)
+    w[1] *= -1
+    runs = exact_runs(w.reshape(2, 1024, 9), zx)
+    assert len(runs) > 1 and all((b - a) % 16 == 0 for a, b in runs[:-1])
+    assert 255 * np.abs(w[0, : runs[0][1]].astype(np.int64)).sum() > 2**24 - 255 * 127 * 9 * 16
+    want = np.einsum("nchw,mchw->nm", x.astype(np.int64) - zx, w.astype(np.int64))
+    got = conv_accumulate(x, w, zx, 1, ConvGeometry((3, 3), (1, 1), (1, 1), (0, 0, 0, 0)), "x86-vnni")
     np.testing.assert_array_equal(got[:, :, 0, 0], want)
 
 
@@ -307,3 +358,12 @@ def test_gemm_accumulation_over_long_k_is_exact():
     np.testing.assert_array_equal(accumulate(a, w, 7, "x86-vnni"), pairs.sum(axis=2) - offset)
     np.testing.assert_array_equal(accumulate(a, w, 7, "x86-avx2"), np.clip(pairs, -32768, 32767).sum(axis=2) - offset)
     assert (np.clip(pairs, -32768, 32767) != pairs).any()
+
+
+def test_avx2_accumulation_without_large_activations_is_the_exact_sum():
+    """Activations <= 128 against +127 weights: no pair reaches 2·128·127 = 32512 > 32767, so
+    nothing saturates (and finding no candidate is not an error)."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 129, size=(4, 16)).astype(np.uint8)
+    w = np.full((3, 16), 127, np.int8)
+    np.testing.assert_array_equal(accumulate(a, w, 0, "x86-avx2"), a.astype(np.int64) @ w.T.astype(np.int64))

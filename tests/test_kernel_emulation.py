@@ -17,12 +17,12 @@ from fqexport.exporters.kernel_emulation import (
     check_target,
     conv_accumulate,
     exact_runs,
-    pair_saturation_correction,
     qlinear_conv,
     requantize,
     requantize_sums,
 )
 from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.exporters.pair_saturation import pair_saturation_correction
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.pipeline.compress import compress
 

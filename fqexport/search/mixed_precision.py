@@ -34,11 +34,17 @@ the budget bought is on disk and runs the int8 kernels. Default widths (2, 4, 8)
    worst-group loss increase than the winner, return that uniform one and say so
    (``MixedPrecisionResult.fallback``);
 6. the returned CompressedModel: the winner's verified fit (default), or the winner quantized
-   again on all the calibration data (``refit`` after a split or folds); for a bytes budget, the
+   again on all the calibration data (``refit`` after a split or folds). On an engine of several
+   workers the search's own process works on the predicted-best allocation (the one selection
+   keeps unless a measured one beats it) while the workers verify: it runs that candidate's fit
+   itself (kept, so a winning one is not fitted again here), or, with a refit, refits it as soon
+   as a worker has no fit left to take (used when the guess holds, else discarded and counted in
+   ``fits``; ``result.refit_overlapped``); the same models either way. For a bytes budget, the
    file is written to a temporary path and, while it is larger than the budget, the next
    smaller allocation is refitted (:mod:`~fqexport.search.byte_budget`). The allocation table
    goes into ``metadata.allocation`` (the ONNX metadata); ``result.fits`` /
-   ``result.fit_seconds`` count every ``compress`` fit.
+   ``result.fit_seconds`` count every ``compress`` fit, ``result.wall_seconds`` is the search's
+   wall time and ``result.one_compress()`` one of its fits, to price the search against.
 
 :func:`fqexport.search.pareto.pareto_sweep` repeats the search over budgets (the sensitivity
 table is measured once), keeps the best-so-far so that more budget never returns a worse
@@ -50,10 +56,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,7 +78,7 @@ from fqexport.search.byte_budget import file_overhead_estimate, fit_file_budget,
 from fqexport.search.candidate_pool import allocation_options, candidate_pool
 from fqexport.search.candidates import Candidate, MixedPrecisionResult
 from fqexport.search.costs import model_costs
-from fqexport.search.selection import select
+from fqexport.search.selection import predicted_best, select
 from fqexport.search.sensitivity import SensitivityTable, search_sensitivity
 from fqexport.search.verification import (
     FitCache,
@@ -120,6 +127,7 @@ def search_mixed_precision(
             return search_mixed_precision(model, calib, mp_config, base_config, progress=progress,
                                           sensitivity=sensitivity, engine=own, task=task)
 
+    start = time.perf_counter()
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
     task, why = model_task(model, data, task)
@@ -141,22 +149,40 @@ def search_mixed_precision(
         options = allocation_options(mp, base, data, table.layers, overhead, float_params)
         pool = candidate_pool(table, layers, options, mp, data)
 
-    with _timed(seconds, "verification"):
-        context = VerifyContext(model, held_out, splits, base, FitCache(), task)
-        found = verify(context, [a for a, _ in pool], progress=progress, engine=engine)
-        for c, (_, origin) in zip(found.candidates, pool):
-            c.origin = origin
-    fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
+    refits, overlapped = mp.refit and not fits_are_refit, False
+    # On an engine of several workers this process would only wait for them: it works on the
+    # predicted-best allocation (the one selection keeps unless a measured one beats it) beside
+    # them. Without a refit it runs that candidate's verification fit itself, which then stays
+    # in its cache (returned without fitting it again when it wins). With a refit (compress of
+    # the winner on all the data), as soon as a worker is left without a fit to take, it refits
+    # that allocation: the search's refit when the guess holds, else discarded (and counted in
+    # ``fits``).
+    allocations = [a for a, _ in pool]
+    guess = predicted_best(allocations) if engine.workers > 1 else None
+    early: list[Future] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="fqexport-refit") as here:
+        def refit_guess() -> None:
+            early.append(here.submit(_timed_refit, model, data, base, guess, task))
 
-    best, fallback = select(found.candidates, options, held_out)
-    if fallback:
-        log.info(fallback)
-    if fits_are_refit or not mp.refit:  # the verified fit itself, rebuilt where it ran elsewhere
-        chosen = found.fitted_model(best)
-    else:
-        with _timed(seconds, "refit"):
-            chosen = _refit(model, data, base, best.allocation, task)
-        fits, fit_seconds = fits + 1, fit_seconds + seconds["refit"]
+        with _timed(seconds, "verification"):
+            context = VerifyContext(model, held_out, splits, base, FitCache(), task)
+            mine = None if refits or guess is None else next(i for i, a in enumerate(allocations) if a is guess)
+            found = verify(context, allocations, progress=progress, engine=engine, here=mine,
+                           on_idle=refit_guess if refits and guess is not None else None)
+            for c, (_, origin) in zip(found.candidates, pool):
+                c.origin = origin
+        fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
+
+        best, fallback = select(found.candidates, options, held_out)
+        if fallback:
+            log.info(fallback)
+        if not refits:  # the verified fit itself, rebuilt where it ran elsewhere
+            chosen = found.fitted_model(best)
+        else:
+            chosen, refit_fits, refit_seconds, overlapped = _winner_refit(
+                early[0] if early else None, guess, best.allocation, seconds,
+                lambda a: _timed_refit(model, data, base, a, task))
+            fits, fit_seconds = fits + refit_fits, fit_seconds + refit_seconds
     context.cache.clear()
 
     result = MixedPrecisionResult(
@@ -170,6 +196,8 @@ def search_mixed_precision(
     meta = result.compressed.metadata  # each fit was handed the Task object: say how it was chosen
     if meta.task:
         result.compressed.metadata = replace(meta, task={**meta.task, "chosen": why})
+    result.wall_seconds = time.perf_counter() - start
+    result.refit_overlapped = overlapped
     return result.record_allocation()
 
 
@@ -185,6 +213,32 @@ def _refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, al
            task: Task | None = None) -> Any:
     """``alloc`` quantized on all the calibration data, as ``compress`` would."""
     return compress(model, data, replace(base, layer_bits=dict(alloc.bits)), progress=False, task=task)
+
+
+def _timed_refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, alloc: Allocation,
+                 task: Task | None = None) -> tuple[Any, float]:
+    """:func:`_refit` and its wall time in seconds."""
+    t0 = time.perf_counter()
+    fitted = _refit(model, data, base, alloc, task)
+    return fitted, time.perf_counter() - t0
+
+
+def _winner_refit(early: Future | None, guess: Allocation | None, winner: Allocation, seconds: dict[str, float],
+                  refit: Callable[[Allocation], tuple[Any, float]]) -> tuple[Any, int, float, bool]:
+    """The winner quantized on all the data: the early refit of ``guess`` when it is the winner's
+    allocation, else ``refit(winner)`` now. Returns (model, fits, their seconds, whether the
+    returned refit ran beside the verification); sets ``seconds["refit"]`` (and
+    ``seconds["discarded_refit"]`` for a wrong guess)."""
+    fits, spent = 0, 0.0
+    if early is not None:
+        fitted, s = early.result()
+        if guess is not None and guess.bits == winner.bits:
+            seconds["refit"] = s
+            return fitted, 1, s, True
+        seconds["discarded_refit"], fits, spent = s, 1, s
+    fitted, s = refit(winner)
+    seconds["refit"] = s
+    return fitted, fits + 1, spent + s, False
 
 
 def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream, context: VerifyContext,

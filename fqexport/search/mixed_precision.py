@@ -149,26 +149,15 @@ def search_mixed_precision(
         options = allocation_options(mp, base, data, table.layers, overhead, float_params)
         pool = candidate_pool(table, layers, options, mp, data)
 
-    refits, overlapped = mp.refit and not fits_are_refit, False
-    # On an engine of several workers this process would only wait for them: it works on the
-    # predicted-best allocation (the one selection keeps unless a measured one beats it) beside
-    # them. Without a refit it runs that candidate's verification fit itself, which then stays
-    # in its cache (returned without fitting it again when it wins). With a refit (compress of
-    # the winner on all the data), as soon as a worker is left without a fit to take, it refits
-    # that allocation: the search's refit when the guess holds, else discarded (and counted in
-    # ``fits``).
-    allocations = [a for a, _ in pool]
+    # the search's own process works on the predicted-best allocation while workers verify:
+    # its fit (without a refit) or its refit (module docstring, step 6)
+    allocations, refits, overlapped = [a for a, _ in pool], mp.refit and not fits_are_refit, False
     guess = predicted_best(allocations) if engine.workers > 1 else None
-    early: list[Future] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="fqexport-refit") as here:
-        def refit_guess() -> None:
-            early.append(here.submit(_timed_refit, model, data, base, guess, task))
-
+    with _RefitBeside(lambda a: _timed_refit(model, data, base, a, task), guess if refits else None) as beside:
         with _timed(seconds, "verification"):
             context = VerifyContext(model, held_out, splits, base, FitCache(), task)
             mine = None if refits or guess is None else next(i for i, a in enumerate(allocations) if a is guess)
-            found = verify(context, allocations, progress=progress, engine=engine, here=mine,
-                           on_idle=refit_guess if refits and guess is not None else None)
+            found = verify(context, allocations, progress=progress, engine=engine, here=mine, on_idle=beside.on_idle)
             for c, (_, origin) in zip(found.candidates, pool):
                 c.origin = origin
         fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
@@ -179,9 +168,7 @@ def search_mixed_precision(
         if not refits:  # the verified fit itself, rebuilt where it ran elsewhere
             chosen = found.fitted_model(best)
         else:
-            chosen, refit_fits, refit_seconds, overlapped = _winner_refit(
-                early[0] if early else None, guess, best.allocation, seconds,
-                lambda a: _timed_refit(model, data, base, a, task))
+            chosen, refit_fits, refit_seconds, overlapped = beside.winner(best.allocation, seconds)
             fits, fit_seconds = fits + refit_fits, fit_seconds + refit_seconds
     context.cache.clear()
 
@@ -223,22 +210,44 @@ def _timed_refit(model: nn.Module, data: GroupData | DataStream, base: QuantConf
     return fitted, time.perf_counter() - t0
 
 
-def _winner_refit(early: Future | None, guess: Allocation | None, winner: Allocation, seconds: dict[str, float],
-                  refit: Callable[[Allocation], tuple[Any, float]]) -> tuple[Any, int, float, bool]:
-    """The winner quantized on all the data: the early refit of ``guess`` when it is the winner's
-    allocation, else ``refit(winner)`` now. Returns (model, fits, their seconds, whether the
-    returned refit ran beside the verification); sets ``seconds["refit"]`` (and
-    ``seconds["discarded_refit"]`` for a wrong guess)."""
-    fits, spent = 0, 0.0
-    if early is not None:
-        fitted, s = early.result()
-        if guess is not None and guess.bits == winner.bits:
-            seconds["refit"] = s
-            return fitted, 1, s, True
-        seconds["discarded_refit"], fits, spent = s, 1, s
-    fitted, s = refit(winner)
-    seconds["refit"] = s
-    return fitted, fits + 1, spent + s, False
+class _RefitBeside:
+    """The refit of ``guess`` (the predicted-best allocation; ``None``: no early refit) in a
+    thread of this process, started by :attr:`on_idle` when the verification's engine has a
+    worker left without a fit to take; :meth:`winner` uses it when ``guess`` won, else refits."""
+
+    def __init__(self, refit: Callable[[Allocation], tuple[Any, float]], guess: Allocation | None) -> None:
+        self.refit, self.guess = refit, guess
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fqexport-refit")
+        self._early: Future | None = None
+
+    def __enter__(self) -> "_RefitBeside":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.shutdown(wait=True)
+
+    @property
+    def on_idle(self) -> Callable[[], None] | None:
+        return None if self.guess is None else self._start
+
+    def _start(self) -> None:
+        self._early = self._thread.submit(self.refit, self.guess)
+
+    def winner(self, alloc: Allocation, seconds: dict[str, float]) -> tuple[Any, int, float, bool]:
+        """``alloc`` quantized on all the data: the early refit when ``alloc`` is the guess, else
+        refitted now. Returns (model, fits, their seconds, whether the returned refit ran beside
+        the verification); sets ``seconds["refit"]`` (and ``seconds["discarded_refit"]`` for a
+        wrong guess)."""
+        fits, spent = 0, 0.0
+        if self._early is not None:
+            fitted, s = self._early.result()
+            if self.guess.bits == alloc.bits:
+                seconds["refit"] = s
+                return fitted, 1, s, True
+            seconds["discarded_refit"], fits, spent = s, 1, s
+        fitted, s = self.refit(alloc)
+        seconds["refit"] = s
+        return fitted, fits + 1, spent + s, False
 
 
 def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream, context: VerifyContext,

@@ -32,7 +32,9 @@ Sections:
   whether the tables are equal bit for bit); then ``search_mixed_precision`` at
   ``budget_bits=3.0`` on the ResNet-18 size data
   (after), serial and with ``EngineConfig(engine="local", workers=2)``, beside one compress of
-  the same data in the same run (``--search-base`` also runs the serial search of before).
+  the same data in the same run (``--search-base`` also runs the searches of before, alternating
+  with after's). The phases of a run on 2 workers overlap: the refit of the predicted best runs
+  beside the last verification fits (``discarded_refit``: the guess was wrong).
 """
 
 from __future__ import annotations
@@ -262,8 +264,8 @@ def section_search(args, tmp: Path) -> None:
     print(f"{'tree':<7} {'engine':<10} {'compress s':>10} {'search s':>9} {'search/compress':>15} {'fits':>4} "
           f"{'sens tasks':>10}  phases")
     runs = [("after", ROOT, "serial", 1), ("after", ROOT, "local", 2)]
-    if args.search_base:
-        runs.insert(0, ("before", args.base_tree, "serial", 1))
+    if args.search_base:  # before and after alternate: serial, then 2 workers
+        runs = [("before", args.base_tree, "serial", 1), runs[0], ("before", args.base_tree, "local", 2), runs[1]]
     for label, tree, engine, workers in runs:
         r = _run(tree, ["search", "resnet18", engine, str(workers)])
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
@@ -281,7 +283,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="before/after pairs per compress case")
     p.add_argument("--per-layer", action="store_true", help="every layer's solver arithmetic")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-speed-bench-models")
-    p.add_argument("--search-base", action="store_true", help="also the serial search of the base commit")
+    p.add_argument("--search-base", action="store_true", help="also the searches of the base commit")
     p.add_argument("--base-commit", default=BASE_COMMIT)
     p.add_argument("--base-tree", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-speed-bench-base")
     args = p.parse_args()

@@ -222,6 +222,9 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     # the fits, their time and the stored size are printed next to the nominal bits
     assert re.search(r"\n\d+ compress fits in [\d.]+ s; search [\d.]+ s; storage auto: nominal [\d.]+ bits, "
                      r"stored [\d.]+ bits/weight with scales, [\d,]+ weight bytes", stdout)
+    # and the search's wall time beside one compress fit of it (the refit after the hold-out split)
+    assert re.search(r"\nsearch wall time [\d.]+ s = [\d.]+x one compress \([\d.]+ s: the refit of the winner on "
+                     r"all the data(, beside the verification fits)?\)\n", stdout)
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
     bits = {l["name"]: l["bits"] for l in meta["layers"]}
     assert bits["fc1"] == 8 and bits["fc3"] == 8  # pinned: --pin and --pin-first-last

@@ -95,6 +95,24 @@ def test_serial_and_local_give_the_same_results_in_task_order(local2):
     assert all(r[4] == 1 for r in local + serial)                 # one torch thread per task
 
 
+def _sleep(ctx, task):
+    time.sleep(task.payload)
+    return time.time()
+
+
+def test_local_engine_says_once_when_a_worker_is_left_without_a_task(local2):
+    # 3 tasks on 2 workers, the last one the longest: called once its worker has nothing left,
+    # while it still runs; 1 task: at once
+    for seconds in ([0.0, 0.5, 2.0], [0.5]):
+        called = []
+        tasks = [Task(("sleep", i), f"task {i}", s) for i, s in enumerate(seconds)]
+        ends = local2.map(_sleep, tasks, None, "sleep", on_idle=lambda: called.append(time.time()))
+        assert len(called) == 1 and called[0] < ends[-1]
+    called = []
+    SerialEngine().map(_draw, _tasks(3), _Counted(0), "draw", on_idle=lambda: called.append(1))
+    assert called == []  # this process runs every task: never idle
+
+
 def test_context_is_unpickled_once_per_worker_not_per_task(local2):
     ctx = _Counted(0)
     out = local2.map(_draw, _tasks(8), ctx, "draw")

@@ -439,6 +439,57 @@ def test_pareto_sweep_is_the_same_on_one_local_pool_as_serial(mlp_model, mlp_dat
     assert points["serial"] == points["local"]
 
 
+def _same_search(a, b):
+    """Two results of one search agree: allocation, every candidate's held-out metrics, the model."""
+    assert a.allocation.bits == b.allocation.bits
+    assert [c.allocation.bits for c in a.candidates] == [c.allocation.bits for c in b.candidates]
+    assert [c.metrics.by_group for c in a.candidates] == [c.metrics.by_group for c in b.candidates]
+
+
+def test_on_a_pool_the_search_refits_the_predicted_best_while_the_workers_verify(mlp_model, mlp_data, search):
+    # num_calib=256 leaves too few samples unused: a split, then a refit. On 2 workers this process
+    # refits the predicted best as soon as a worker has no fit left to take: the same search as
+    # serial, the same model as compress, one fit more only when the guess was wrong
+    base = replace(BASE, num_calib=256)
+    mp = MixedPrecisionConfig(budget_bits=3.0, pins={"fc3": 8}, bit_choices=(2, 3, 4, 8), num_candidates=2,
+                              mw_steps=20, verify_mean=False)
+    res = {}
+    for engine in (EngineConfig(engine="serial"), EngineConfig(engine="local", workers=2)):
+        res[engine.engine] = search_mixed_precision(mlp_model, mlp_data, replace(mp, engine=engine), base,
+                                                    progress=False, sensitivity=search.sensitivity)
+    serial, pool = res["serial"], res["local"]
+    _same_search(serial, pool)
+    assert len(pool.candidates) >= 2 and not serial.refit_overlapped
+    plain = compress(mlp_model, mlp_data, replace(base, layer_bits=dict(pool.allocation.bits)), progress=False)
+    np.testing.assert_array_equal(pool.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+    np.testing.assert_array_equal(serial.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+    guessed = min(pool.candidates, key=lambda c: c.allocation.score)
+    assert pool.refit_overlapped == (guessed is pool.chosen)
+    assert ("discarded_refit" in pool.seconds) == (not pool.refit_overlapped)
+    assert serial.fits == len(serial.candidates) + 1
+    assert pool.fits == serial.fits + (0 if pool.refit_overlapped else 1)
+    assert 0 < pool.one_compress()[0] == pool.seconds["refit"] and pool.wall_seconds > 0
+
+
+def test_on_a_pool_the_search_process_fits_the_predicted_best_and_returns_it(mlp_model, mlp_data, search,
+                                                                            monkeypatch):
+    # default verification (each fit is compress itself): on 2 workers this process runs the
+    # predicted best's fit and keeps it; when it wins it is returned without fitting it again
+    import fqexport.search.verification as verification_module
+
+    calls = []
+    real = verification_module.compress
+    monkeypatch.setattr(verification_module, "compress", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mp = replace(search.config, engine=EngineConfig(engine="local", workers=2))
+    pool = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)
+    _same_search(search, pool)
+    guessed = min(pool.candidates, key=lambda c: c.allocation.score)
+    assert len(calls) == (1 if guessed is pool.chosen else 2)  # its fit here (+ the winner's, rebuilt)
+    assert pool.fits == len(pool.candidates) and "refit" not in pool.seconds
+    plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(pool.allocation.bits)), progress=False)
+    np.testing.assert_array_equal(pool.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+
+
 def test_writers_on_given_points(tmp_path):
     p = ParetoPoint(budget=3.0, avg_bits=2.9, weight_bytes=1234.0, worst_group="b", worst_group_acc=0.8,
                     mean_acc=0.9, float_worst_group_acc=0.85, float_mean_acc=0.93, bits={"fc1": 3},

@@ -129,8 +129,14 @@ class Engine(ABC):
         """``"local ×4"``: the engine and its worker count (the progress bar shows it)."""
         return f"{self.name} ×{self.workers}"
 
-    def map(self, fn: TaskFn, tasks: Sequence[Task], context: Any, desc: str, *, progress: bool = False) -> list:
-        """``[fn(context, t) for t in tasks]``, run by this engine, with one progress bar."""
+    def map(self, fn: TaskFn, tasks: Sequence[Task], context: Any, desc: str, *, progress: bool = False,
+            on_idle: Callable[[], None] | None = None) -> list:
+        """``[fn(context, t) for t in tasks]``, run by this engine, with one progress bar.
+
+        ``on_idle``: called once, in this process, as soon as a worker has no task left to take
+        while others still run (the map's last tasks), so the caller can use that capacity
+        meanwhile; not called when the last tasks end together, nor by an engine that cannot tell
+        (serial: never idle; Ray)."""
         tasks = list(tasks)
         seen: set = set()
         dup = [t.key for t in tasks if t.key in seen or seen.add(t.key)]
@@ -140,14 +146,15 @@ class Engine(ABC):
             return []
         bar = tqdm(total=len(tasks), desc=f"{desc} [{self.label}]", unit="task", disable=not progress)
         try:
-            results = self._run(fn, tasks, context, bar)
+            results = self._run(fn, tasks, context, bar, on_idle)
         finally:
             bar.close()
         return [results[i] for i in range(len(tasks))]
 
     @abstractmethod
-    def _run(self, fn: TaskFn, tasks: list[Task], context: Any, bar) -> dict[int, Any]:
-        """Results by task index; ``bar.update(1)`` per finished task."""
+    def _run(self, fn: TaskFn, tasks: list[Task], context: Any, bar,
+             on_idle: Callable[[], None] | None = None) -> dict[int, Any]:
+        """Results by task index; ``bar.update(1)`` per finished task; ``on_idle`` as :meth:`map` says."""
 
     def close(self) -> None:
         """Stop what this engine started (worker processes, a local Ray cluster)."""
@@ -167,7 +174,7 @@ class SerialEngine(Engine):
     def __init__(self) -> None:
         super().__init__(workers=1, retries=0)
 
-    def _run(self, fn, tasks, context, bar):
+    def _run(self, fn, tasks, context, bar, on_idle=None):
         results = {}
         for i, task in enumerate(tasks):
             try:

@@ -110,7 +110,7 @@ class LocalEngine(Engine):
             raise EngineError(MSG_PICKLE.format(kind=type(err).__name__, err=err)) from err
         return path
 
-    def _run(self, fn, tasks, context, bar):
+    def _run(self, fn, tasks, context, bar, on_idle=None):
         path = self._write_context(context)
         kill = kill_spec()
         if self._pool is None:
@@ -126,6 +126,9 @@ class LocalEngine(Engine):
                 while pending and len(inflight) < limit:
                     i = pending.popleft()
                     inflight[self._pool.submit(_call, fn, path, tasks[i], kill)] = i
+                if on_idle is not None and not pending and len(inflight) < self.workers:
+                    on_idle()  # a worker has nothing left to take
+                    on_idle = None
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 broken = []
                 for f in done:

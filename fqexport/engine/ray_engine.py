@@ -83,7 +83,7 @@ class RayEngine(Engine):
             self.ray.shutdown()
         self._started = False
 
-    def _run(self, fn, tasks, context, bar):
+    def _run(self, fn, tasks, context, bar, on_idle=None):
         ray = self.ray
         ref = ray.put(context)
         kill = kill_spec()

@@ -92,7 +92,10 @@ class MixedPrecisionResult:
         layers: the layer costs (params, MACs, channels).
         float_metrics: the float model's metrics on the held-out samples (with folds: every
             calibration sample but a one-sample group's).
-        seconds: wall time of sensitivity, allocation, verification and refit.
+        seconds: wall time of each phase: sensitivity, allocation, verification, refit (and
+            ``discarded_refit``, ``bytes_check``). On an engine of several workers the refit of
+            the predicted-best candidate runs in this process while the workers verify, so the
+            phases overlap; ``wall_seconds`` is the search's own.
         fallback: why the search returned a uniform allocation instead of the one it selected
             (the selected one measured a larger held-out worst-group loss increase than a uniform
             candidate within the budget); ``None`` when the selection stood.
@@ -101,6 +104,8 @@ class MixedPrecisionResult:
         storage: the storage mode the returned model exports with (the base config's).
         target: the export target the returned model was compressed for (the base config's).
         verification: how the candidates were measured, in words (the held-out samples).
+        wall_seconds: the search's wall time, start to end.
+        refit_overlapped: the refit ran beside the verification fits (sharing the CPUs with them).
     """
 
     config: MixedPrecisionConfig
@@ -117,10 +122,23 @@ class MixedPrecisionResult:
     storage: str = DEFAULT_STORAGE
     verification: str = ""
     target: str = "portable"
+    wall_seconds: float = 0.0
+    refit_overlapped: bool = False
 
     @property
     def chosen(self) -> Candidate:
         return next(c for c in self.candidates if c.allocation is self.allocation)
+
+    def one_compress(self) -> tuple[float, str]:
+        """The seconds of one ``compress`` fit of this search, to price the search against, and
+        which fit it was: the refit (``compress`` of the winner on all the data), else the
+        winner's verification fit (its held-out predictions included; with folds, one fold's
+        share)."""
+        if "refit" in self.seconds:
+            beside = ", beside the verification fits" if self.refit_overlapped else ""
+            return self.seconds["refit"], "the refit of the winner on all the data" + beside
+        folds = max(1, self.config.verify_folds)
+        return self.chosen.seconds / folds, "the winner's verification fit"
 
     def table(self) -> list[dict[str, Any]]:
         """One row per layer: name, params, bits, sensitivity (max over groups of Δ_g at the
@@ -177,5 +195,6 @@ class MixedPrecisionResult:
             "seconds": dict(self.seconds),
             "fits": self.fits,
             "fit_seconds": self.fit_seconds,
+            "wall_seconds": self.wall_seconds,
             "verification": self.verification,
         }

@@ -34,11 +34,17 @@ the budget bought is on disk and runs the int8 kernels. Default widths (2, 4, 8)
    worst-group loss increase than the winner, return that uniform one and say so
    (``MixedPrecisionResult.fallback``);
 6. the returned CompressedModel: the winner's verified fit (default), or the winner quantized
-   again on all the calibration data (``refit`` after a split or folds); for a bytes budget, the
+   again on all the calibration data (``refit`` after a split or folds). On an engine of several
+   workers the search's own process works on the predicted-best allocation (the one selection
+   keeps unless a measured one beats it) while the workers verify: it runs that candidate's fit
+   itself (kept, so a winning one is not fitted again here), or, with a refit, refits it as soon
+   as a worker has no fit left to take (used when the guess holds, else discarded and counted in
+   ``fits``; ``result.refit_overlapped``); the same models either way. For a bytes budget, the
    file is written to a temporary path and, while it is larger than the budget, the next
    smaller allocation is refitted (:mod:`~fqexport.search.byte_budget`). The allocation table
    goes into ``metadata.allocation`` (the ONNX metadata); ``result.fits`` /
-   ``result.fit_seconds`` count every ``compress`` fit.
+   ``result.fit_seconds`` count every ``compress`` fit, ``result.wall_seconds`` is the search's
+   wall time and ``result.one_compress()`` one of its fits, to price the search against.
 
 :func:`fqexport.search.pareto.pareto_sweep` repeats the search over budgets (the sensitivity
 table is measured once), keeps the best-so-far so that more budget never returns a worse
@@ -50,10 +56,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,7 +78,7 @@ from fqexport.search.byte_budget import file_overhead_estimate, fit_file_budget,
 from fqexport.search.candidate_pool import allocation_options, candidate_pool
 from fqexport.search.candidates import Candidate, MixedPrecisionResult
 from fqexport.search.costs import model_costs
-from fqexport.search.selection import select
+from fqexport.search.selection import predicted_best, select
 from fqexport.search.sensitivity import SensitivityTable, search_sensitivity
 from fqexport.search.verification import (
     FitCache,
@@ -120,6 +127,7 @@ def search_mixed_precision(
             return search_mixed_precision(model, calib, mp_config, base_config, progress=progress,
                                           sensitivity=sensitivity, engine=own, task=task)
 
+    start = time.perf_counter()
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
     task, why = model_task(model, data, task)
@@ -141,22 +149,27 @@ def search_mixed_precision(
         options = allocation_options(mp, base, data, table.layers, overhead, float_params)
         pool = candidate_pool(table, layers, options, mp, data)
 
-    with _timed(seconds, "verification"):
-        context = VerifyContext(model, held_out, splits, base, FitCache(), task)
-        found = verify(context, [a for a, _ in pool], progress=progress, engine=engine)
-        for c, (_, origin) in zip(found.candidates, pool):
-            c.origin = origin
-    fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
+    # the search's own process works on the predicted-best allocation while workers verify:
+    # its fit (without a refit) or its refit (module docstring, step 6)
+    allocations, refits, overlapped = [a for a, _ in pool], mp.refit and not fits_are_refit, False
+    guess = predicted_best(allocations) if engine.workers > 1 else None
+    with _RefitBeside(lambda a: _timed_refit(model, data, base, a, task), guess if refits else None) as beside:
+        with _timed(seconds, "verification"):
+            context = VerifyContext(model, held_out, splits, base, FitCache(), task)
+            mine = None if refits or guess is None else next(i for i, a in enumerate(allocations) if a is guess)
+            found = verify(context, allocations, progress=progress, engine=engine, here=mine, on_idle=beside.on_idle)
+            for c, (_, origin) in zip(found.candidates, pool):
+                c.origin = origin
+        fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
 
-    best, fallback = select(found.candidates, options, held_out)
-    if fallback:
-        log.info(fallback)
-    if fits_are_refit or not mp.refit:  # the verified fit itself, rebuilt where it ran elsewhere
-        chosen = found.fitted_model(best)
-    else:
-        with _timed(seconds, "refit"):
-            chosen = _refit(model, data, base, best.allocation, task)
-        fits, fit_seconds = fits + 1, fit_seconds + seconds["refit"]
+        best, fallback = select(found.candidates, options, held_out)
+        if fallback:
+            log.info(fallback)
+        if not refits:  # the verified fit itself, rebuilt where it ran elsewhere
+            chosen = found.fitted_model(best)
+        else:
+            chosen, refit_fits, refit_seconds, overlapped = beside.winner(best.allocation, seconds)
+            fits, fit_seconds = fits + refit_fits, fit_seconds + refit_seconds
     context.cache.clear()
 
     result = MixedPrecisionResult(
@@ -170,6 +183,8 @@ def search_mixed_precision(
     meta = result.compressed.metadata  # each fit was handed the Task object: say how it was chosen
     if meta.task:
         result.compressed.metadata = replace(meta, task={**meta.task, "chosen": why})
+    result.wall_seconds = time.perf_counter() - start
+    result.refit_overlapped = overlapped
     return result.record_allocation()
 
 
@@ -185,6 +200,54 @@ def _refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, al
            task: Task | None = None) -> Any:
     """``alloc`` quantized on all the calibration data, as ``compress`` would."""
     return compress(model, data, replace(base, layer_bits=dict(alloc.bits)), progress=False, task=task)
+
+
+def _timed_refit(model: nn.Module, data: GroupData | DataStream, base: QuantConfig, alloc: Allocation,
+                 task: Task | None = None) -> tuple[Any, float]:
+    """:func:`_refit` and its wall time in seconds."""
+    t0 = time.perf_counter()
+    fitted = _refit(model, data, base, alloc, task)
+    return fitted, time.perf_counter() - t0
+
+
+class _RefitBeside:
+    """The refit of ``guess`` (the predicted-best allocation; ``None``: no early refit) in a
+    thread of this process, started by :attr:`on_idle` when the verification's engine has a
+    worker left without a fit to take; :meth:`winner` uses it when ``guess`` won, else refits."""
+
+    def __init__(self, refit: Callable[[Allocation], tuple[Any, float]], guess: Allocation | None) -> None:
+        self.refit, self.guess = refit, guess
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fqexport-refit")
+        self._early: Future | None = None
+
+    def __enter__(self) -> "_RefitBeside":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.shutdown(wait=True)
+
+    @property
+    def on_idle(self) -> Callable[[], None] | None:
+        return None if self.guess is None else self._start
+
+    def _start(self) -> None:
+        self._early = self._thread.submit(self.refit, self.guess)
+
+    def winner(self, alloc: Allocation, seconds: dict[str, float]) -> tuple[Any, int, float, bool]:
+        """``alloc`` quantized on all the data: the early refit when ``alloc`` is the guess, else
+        refitted now. Returns (model, fits, their seconds, whether the returned refit ran beside
+        the verification); sets ``seconds["refit"]`` (and ``seconds["discarded_refit"]`` for a
+        wrong guess)."""
+        fits, spent = 0, 0.0
+        if self._early is not None:
+            fitted, s = self._early.result()
+            if self.guess.bits == alloc.bits:
+                seconds["refit"] = s
+                return fitted, 1, s, True
+            seconds["discarded_refit"], fits, spent = s, 1, s
+        fitted, s = self.refit(alloc)
+        seconds["refit"] = s
+        return fitted, fits + 1, spent + s, False
 
 
 def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream, context: VerifyContext,

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.search.allocation import AllocationOptions
+from fqexport.search.allocation import Allocation, AllocationOptions
 from fqexport.search.candidates import Candidate
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ def selection_key(c: Candidate, objective: str, weights: np.ndarray | None, grou
     return (float(np.nansum(acc * weights)), -float(np.nansum(loss * weights)), -c.allocation.score)
 
 
+def predicted_best(allocations: Sequence[Allocation]) -> Allocation:
+    """The allocation with the lowest predicted score (the first of equal ones): the one
+    :func:`significantly_better` keeps unless a measured one beats it."""
+    return min(allocations, key=lambda a: a.score)
+
+
 def significantly_better(
     candidates: Sequence[Candidate], measured_best: Candidate, group: np.ndarray,
     groups: Sequence[str], mean_weight: float, z: float = 2.0,
@@ -69,7 +75,8 @@ def significantly_better(
     smallest group, most measured differences between allocations are within that error, and
     the prediction (a per-group sensitivity table over all layers) is then the better guide.
     """
-    predicted = min(candidates, key=lambda c: c.allocation.score)
+    lowest = predicted_best([c.allocation for c in candidates])
+    predicted = next(c for c in candidates if c.allocation is lowest)
     if predicted is measured_best or predicted.sample_loss is None or measured_best.sample_loss is None:
         return measured_best
     gap = measured_j(predicted, groups, mean_weight) - measured_j(measured_best, groups, mean_weight)

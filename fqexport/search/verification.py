@@ -6,17 +6,20 @@ measured on samples its fit did not see.
 (candidate, fold) fit per task of an engine and turns the held-out logits into
 :class:`~fqexport.search.candidates.Candidate` objects. A search keeps one :class:`FitCache` in
 its :class:`VerifyContext`: the serial engine fits in the search's own process, so the returned
-model is taken from the cache instead of being fitted twice; on a process pool or Ray it is
-rebuilt in the search's process (a fitted fx graph does not pickle back from a worker). Either
-way it is the same model: ``compress`` is deterministic and every engine seeds a task from its key.
+model is taken from the cache instead of being fitted twice; on a process pool or Ray the search's
+process runs one fit itself beside the workers (:func:`map_fits`, the predicted best), and any
+other returned model is rebuilt there (a fitted fx graph does not pickle back from a worker).
+Either way it is the same model: ``compress`` is deterministic and every engine seeds a task from
+its key and runs it on one thread.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -29,7 +32,7 @@ from fqexport.calibration.sampling import (
 )
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig
-from fqexport.engine.base import Engine, Task, run_task
+from fqexport.engine.base import Engine, Task, run_task, task_error
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import Allocation
@@ -197,10 +200,35 @@ class Verification:
         return run_task(fitted_model, self.context, self.tasks[k * len(self.context.splits)])
 
 
-def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: bool, engine: Engine) -> Verification:
+def map_fits(engine: Engine, tasks: Sequence[Task], ctx: VerifyContext, progress: bool,
+             here: int | None = None, on_idle: Callable[[], None] | None = None) -> list:
+    """``fit_candidate`` of every task on ``engine``, results in task order (``on_idle``: as
+    :meth:`~fqexport.engine.base.Engine.map` says). ``here``: on an engine of several workers,
+    the index of a task that runs in this process instead (a thread, through :func:`run_task`
+    like any task, while the workers run the others), so its fit stays in ``ctx.cache``: the
+    search's own process would otherwise wait idle, and then fit that model again when it is the
+    one returned (:meth:`Verification.fitted_model`)."""
+    if here is None or engine.workers < 2:
+        return engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress, on_idle=on_idle)
+    others = [t for i, t in enumerate(tasks) if i != here]
+    with ThreadPoolExecutor(1, thread_name_prefix="fqexport-fit") as local:
+        mine = local.submit(run_task, fit_candidate, ctx, tasks[here])
+        outs = engine.map(fit_candidate, others, ctx, "verify candidates", progress=progress,
+                          on_idle=on_idle) if others else []
+        try:
+            outs.insert(here, mine.result())
+        except Exception as err:
+            raise task_error(engine.name, tasks[here], err) from err
+    return outs
+
+
+def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: bool, engine: Engine,
+           here: int | None = None, on_idle: Callable[[], None] | None = None) -> Verification:
     """Quantize every allocation on each split's held-in part and measure it on that split's
     held-out samples; with folds, the out-of-fold logits of all fits make up ``held_out``
-    (every calibration sample once). Each (candidate, fold) fit is one task of ``engine``.
+    (every calibration sample once). Each (candidate, fold) fit is one task of ``engine``; the
+    first-fold fit of candidate ``here`` runs in this process (:func:`map_fits`; ``on_idle``:
+    called when a worker is left without a fit to take).
     Task keys repeat from one round to the next, so the round starts with an empty cache.
     The metrics are the task's (``ctx.task.evaluate``), ranked by its ``search_metric``; without
     labels (boxes, masks) the float model's outputs stand in for them (:data:`NO_LABELS`)."""
@@ -208,7 +236,7 @@ def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: b
     held_out, splits, task = ctx.held_out, ctx.splits, ctx.task
     groups = tuple(held_out.group_names)
     tasks = verification_tasks(allocations, len(splits))
-    outs = engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress)
+    outs = map_fits(engine, tasks, ctx, progress, None if here is None else here * len(splits), on_idle)
     reference = outs[0][2]
     float_metrics = replace(task.evaluate(reference, held_out, reference), primary=task.search_metric)
     candidates = []

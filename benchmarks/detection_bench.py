@@ -149,6 +149,7 @@ def finetune_rows(out: Path, kinds: list[str], bits: int = 3, epochs: int = 4) -
             t = time.perf_counter()
             tuned = finetune(ptq, data, FinetuneConfig(epochs=epochs, seed=0), progress=False)
             seconds = time.perf_counter() - t
+            label = f"{label}, kept epoch {tuned.metadata.finetune['best_epoch']}"
             runs.append((label, export_qdq(tuned, out / kind / f"ft_{len(runs)}.onnx").path, seconds))
         rows = []
         for label, path, seconds in runs:

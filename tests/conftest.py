@@ -4,7 +4,9 @@ compressed versions and exports (each built once per test session, on first use)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ if str(TESTS_DIR) not in sys.path:  # 'fixtures_models:tiny_cnn' resolves like a
 
 import fixtures_models as fm  # noqa: E402
 from fqexport.calibration.npz import save_npz  # noqa: E402
+from fqexport.cli import main  # noqa: E402
 from fqexport.config import QuantConfig  # noqa: E402
 from fqexport.demo.scenes import make_scene_task  # noqa: E402
 from fqexport.exporters import qdq_onnx  # noqa: E402
@@ -36,6 +39,14 @@ def scenes():
 def scene_config(**kw) -> QuantConfig:
     """The detector/segmenter tests' QuantConfig: all 32 training scenes, judged as x86-avx2."""
     return QuantConfig(num_calib=32, target="x86-avx2", **kw)
+
+
+def run_main(argv) -> tuple[int, str, str]:
+    """``fqexport`` with ``argv`` (any items, as strings) in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
 
 
 # Layer widths of the mixed-precision CNN used by the export tests.

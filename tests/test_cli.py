@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import subprocess
@@ -14,18 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import run_main
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 
 from fqexport.cli import main
-
-
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _compress_args(files, out, *extra, calib=None, weights=None):
@@ -38,7 +30,7 @@ def compressed(tmp_path_factory, mlp_files, tests_dir):
     out_dir = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tests_dir)  # 'fixtures_models:tiny_mlp' resolves from the working directory
-        code, out, err = _run(_compress_args(mlp_files, out_dir / "mlp.onnx", "--layer-bits", "fc3=4",
+        code, out, err = run_main(_compress_args(mlp_files, out_dir / "mlp.onnx", "--layer-bits", "fc3=4",
                                              "--report", out_dir / "report.json"))
     return code, out, err, out_dir
 
@@ -80,10 +72,10 @@ def test_validate_passes_then_fails_a_too_high_limit(compressed, mlp_files, mlp_
     worst = 100.0 * _worst_group_acc(d / "mlp.onnx", mlp_data)
     assert 60.0 < worst < 99.9  # the limit below is reachable and breakable
     base = ["validate", d / "mlp.onnx", "--data", mlp_files / "calib.npz", "--no-latency", "--no-kernel-check"]
-    code, out, err = _run([*base, "--min-worst-group-acc", f"{worst - 0.05:.2f}"])
+    code, out, err = run_main([*base, "--min-worst-group-acc", f"{worst - 0.05:.2f}"])
     assert code == 0, err
     assert out.rstrip().endswith("PASS")
-    code, out, err = _run([*base, "--min-worst-group-acc", f"{worst + 0.05:.2f}"])
+    code, out, err = run_main([*base, "--min-worst-group-acc", f"{worst + 0.05:.2f}"])
     assert code == 1
     assert "FAIL: 1 limit(s) broken" in out and "FAIL min_worst_group_acc" in out
 
@@ -108,7 +100,7 @@ def bad_npz(tmp_path, mlp_data):
 
 
 def _bad_input(argv) -> str:
-    code, out, err = _run(argv)
+    code, out, err = run_main(argv)
     assert code == 2, (out, err)
     assert err.startswith("error: ")
     return err
@@ -209,7 +201,7 @@ def test_every_subcommand_help_exits_0(command, capsys):
 def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
     out = tmp_path / "mp.onnx"
-    code, stdout, err = _run(_compress_args(
+    code, stdout, err = run_main(_compress_args(
         mlp_files, out, "--budget-bits", "4", "--bit-choices", "2,4,8", "--pin", "fc1=8",
         "--pin-first-last", "8", "--candidates", "2", "--report", tmp_path / "report.json", "--method", "rtn"))
     assert code == 0, err
@@ -245,25 +237,25 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
 def test_compress_verify_folds_flag(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
     base = ("--budget-bits", "4", "--bit-choices", "2,4,8", "--candidates", "1", "--method", "rtn")
-    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "a.onnx", *base, "--verify-folds", "1"))
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "a.onnx", *base, "--verify-folds", "1"))
     assert code == 0, err
     assert "(a 30% hold-out split; predicted vs measured)" in stdout
-    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "c.onnx", *base, "--verify-folds", "3"))
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "c.onnx", *base, "--verify-folds", "3"))
     assert code == 0, err
     assert "(3-fold cross-fitted: every calibration sample held out once; predicted vs measured)" in stdout
     # 128 drawn of 400: the fits are compress's own, measured on the 272 samples it leaves unused
-    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "d.onnx", *base, "--num-calib", "128"))
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "d.onnx", *base, "--num-calib", "128"))
     assert code == 0, err
     assert ("(the 272 calibration samples compress does not draw; each fit is the compress fit itself, no refit; "
             "predicted vs measured)") in stdout
-    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "b.onnx", *base, "--verify-folds", "0"))
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "b.onnx", *base, "--verify-folds", "0"))
     assert code == 2 and "verify_folds=0 must be an integer >= 1" in err
     assert not (tmp_path / "b.onnx").exists()
 
 
 def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
-    code, _, err = _run(_compress_args(mlp_files, tmp_path / "x.onnx", "--budget-bits", "4", "--bit-choices", "2,four"))
+    code, _, err = run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--budget-bits", "4", "--bit-choices", "2,four"))
     assert code == 2
     assert "--bit-choices '2,four'" in err
     assert not (tmp_path / "x.onnx").exists()
@@ -271,7 +263,7 @@ def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
 
 def test_search_options_without_a_budget_are_bad_input(tmp_path, mlp_files):
     out = tmp_path / "x.onnx"
-    code, stdout, err = _run(_compress_args(mlp_files, out, "--objective", "mean", "--bit-choices", "2,4"))
+    code, stdout, err = run_main(_compress_args(mlp_files, out, "--objective", "mean", "--bit-choices", "2,4"))
     assert code == 2 and stdout == "" and not out.exists()
     assert err.strip() == ("error: --objective, --bit-choices: options of the mixed-precision search, which runs only "
                            "with a budget, so they would be ignored; add --budget-bits, --budget-bytes or "
@@ -285,20 +277,20 @@ def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir,
     for target in ("layer", None):
         out = tmp_path / f"{target}.onnx"
         extra = ["--solver-target", target] if target else []
-        code, _, err = _run(_compress_args(mlp_files, out, "--weight-bits", "4", *extra))
+        code, _, err = run_main(_compress_args(mlp_files, out, "--weight-bits", "4", *extra))
         assert code == 0, err
         metas[target] = read_metadata(str(out))
     assert metas["layer"].solver_target == "layer"
     assert metas[None].solver_target == "float-output"
     with pytest.raises(SystemExit) as info:
-        _run(_compress_args(mlp_files, tmp_path / "x.onnx", "--solver-target", "output"))
+        run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--solver-target", "output"))
     assert info.value.code == 2
 
 
 def test_float_out_writes_the_reference_validate_takes(tmp_path, mlp_files, mlp_model, mlp_data, tests_dir,
                                                         monkeypatch):
     monkeypatch.chdir(tests_dir)
-    code, stdout, err = _run(_compress_args(mlp_files, tmp_path / "q.onnx", "--float-out", tmp_path / "f.onnx",
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "q.onnx", "--float-out", tmp_path / "f.onnx",
                                             "--no-speed-check"))
     assert code == 0, err
     assert f"wrote the float reference {tmp_path / 'f.onnx'}" in stdout
@@ -306,8 +298,8 @@ def test_float_out_writes_the_reference_validate_takes(tmp_path, mlp_files, mlp_
         want = mlp_model.eval()(torch.from_numpy(mlp_data.x[:50])).numpy()
     got = run_batches(make_session(tmp_path / "f.onnx"), mlp_data.x[:50], 50)
     np.testing.assert_allclose(got, want, atol=1e-4)  # the float model, not the quantized one
-    code, stdout, err = _run(["validate", tmp_path / "q.onnx", "--data", mlp_files / "calib.npz", "--reference",
+    code, stdout, err = run_main(["validate", tmp_path / "q.onnx", "--data", mlp_files / "calib.npz", "--reference",
                               tmp_path / "f.onnx", "--no-latency", "--max-group-drop", 5])
     assert code == 0, err
-    code, _, err = _run(_compress_args(mlp_files, tmp_path / "q2.onnx", "--float-out", mlp_files / "calib.npz"))
+    code, _, err = run_main(_compress_args(mlp_files, tmp_path / "q2.onnx", "--float-out", mlp_files / "calib.npz"))
     assert code == 2 and "--float-out" in err

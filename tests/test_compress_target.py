@@ -11,9 +11,7 @@ checked by hand in tests/test_export_check.py). Run them as if on another family
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import re
 from typing import get_args
 
@@ -24,8 +22,8 @@ import torch
 from onnx import numpy_helper
 
 from fixtures_models import saturating_mlp, saturating_task
+from conftest import run_main
 from fqexport.calibration.npz import save_npz
-from fqexport.cli import main
 from fqexport.config import ExportTarget, QuantConfig
 from fqexport.errors import ConfigError, ExportError
 from fqexport.exporters.export_check import (
@@ -158,13 +156,6 @@ def test_every_target_names_the_kernel_families_it_must_hold_on():
     assert TARGET_FAMILIES["portable"] == ("x86-avx2", "x86-vnni", "arm64") and TARGET_FAMILIES["gpu"] == ()
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_cli_target(tmp_path, sat_data, tests_dir, monkeypatch):
     torch.save(saturating_mlp().state_dict(), tmp_path / "sat.pt")
     save_npz(sat_data, tmp_path / "calib.npz")
@@ -172,12 +163,12 @@ def test_cli_target(tmp_path, sat_data, tests_dir, monkeypatch):
     args = ["-q", "compress", "--model", "fixtures_models:saturating_mlp", "--weights", tmp_path / "sat.pt",
             "--calib", tmp_path / "calib.npz", "--num-calib", "200", "--method", "rtn", "--no-clip-search",
             "--no-bias-correction", "--weight-range", "full"]
-    code, _, err = _run([*args, "--out", tmp_path / "portable.onnx"])
+    code, _, err = run_main([*args, "--out", tmp_path / "portable.onnx"])
     assert code == 2
     assert f"for target='portable', the exported model run with {_avx2_judge('portable').describe()} agrees" in err
     assert "use weight_range='x86-safe' (the default, --weight-range x86-safe)" in err
     assert not (tmp_path / "portable.onnx").exists()
-    code, out, err = _run([*args, "--target", "x86-vnni", "--out", tmp_path / "vnni.onnx"])
+    code, out, err = run_main([*args, "--target", "x86-vnni", "--out", tmp_path / "vnni.onnx"])
     assert code == 0, err
     assert read_metadata(tmp_path / "vnni.onnx").target == "x86-vnni"
     # the console says which kernels judged the file
@@ -190,7 +181,7 @@ def test_cli_gpu_target_is_not_timed_on_this_cpu(tmp_path, sat_data, tests_dir, 
     torch.save(saturating_mlp().state_dict(), tmp_path / "sat.pt")
     save_npz(sat_data, tmp_path / "calib.npz")
     monkeypatch.chdir(tests_dir)
-    code, out, err = _run(["-q", "compress", "--model", "fixtures_models:saturating_mlp", "--weights",
+    code, out, err = run_main(["-q", "compress", "--model", "fixtures_models:saturating_mlp", "--weights",
                            tmp_path / "sat.pt", "--calib", tmp_path / "calib.npz", "--num-calib", "200",
                            "--method", "rtn", "--target", "gpu", "--out", tmp_path / "gpu.onnx"])
     assert code == 0, err

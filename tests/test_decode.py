@@ -4,17 +4,13 @@ reads, whose decode stays float and whose layers keep the model's own names."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 import torch
 
 import fixtures_models as fm
-from conftest import scene_config
+from conftest import run_main, scene_config
 from fqexport.calibration.npz import save_npz
-from fqexport.cli import main
 from fqexport.errors import ModelLoadError
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
@@ -82,24 +78,17 @@ def test_load_decode_takes_a_function_a_module_or_its_class_and_names_what_is_wr
         with_decode(fm.yolov5_raw_test(), 3)
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_cli_compress_with_decode_writes_the_layout_and_names_the_decode(tmp_path, scenes, tests_dir, monkeypatch):
     torch.save(fm.yolov8_raw_test().state_dict(), tmp_path / "raw.pt")
     save_npz(scenes.train.detection("calib"), tmp_path / "calib.npz")
     monkeypatch.chdir(tests_dir)
     base = ["compress", "--model", "fixtures_models:yolov8_raw_test", "--weights", tmp_path / "raw.pt",
             "--calib", tmp_path / "calib.npz", "--num-calib", 32, "--target", "x86-avx2", "--no-speed-check"]
-    code, out, err = _run(base + ["--decode", "fixtures_models:decode_yolov8_test", "--out", tmp_path / "d.onnx"])
+    code, out, err = run_main(base + ["--decode", "fixtures_models:decode_yolov8_test", "--out", tmp_path / "d.onnx"])
     assert code == 0, err
     assert "stay float (the decode, fixtures_models:decode_yolov8_test):" in out
     assert run_batches(make_session(tmp_path / "d.onnx"), scenes.test.x[:2], 2).shape == (2, 7, 80)
-    code, out, err = _run(base + ["--out", tmp_path / "raw.onnx"])
+    code, out, err = run_main(base + ["--out", tmp_path / "raw.onnx"])
     assert code == 2 and "a detector's raw head outputs: name the decode" in err
-    code, out, err = _run(base + ["--decode", "fixtures_models:no_such", "--out", tmp_path / "x.onnx"])
+    code, out, err = run_main(base + ["--decode", "fixtures_models:no_such", "--out", tmp_path / "x.onnx"])
     assert code == 2 and "module 'fixtures_models' has no attribute 'no_such' (decode spec" in err

@@ -5,8 +5,6 @@ sensitivity table, exported bytes) with the serial, local and Ray engines."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 import fqexport.engine.ray_engine as ray_engine
-from fqexport.cli import main
+from conftest import run_main
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.engine import (
@@ -247,13 +245,6 @@ def test_ray_engine_names_the_address_no_cluster_answers_at():
 # ---------------------------------------------------------------------------------------------
 
 
-def _cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 def _search_args(mlp_files, out, *extra):
     return ["-q", "compress", "--model", "fixtures_models:tiny_mlp", "--weights", mlp_files / "mlp.pt",
             "--calib", mlp_files / "calib.npz", "--out", out, "--num-calib", "128", "--budget-bits", "4",
@@ -264,7 +255,7 @@ def test_cli_a_worker_that_dies_twice_exits_2_and_writes_nothing(tmp_path, mlp_f
     monkeypatch.chdir(tests_dir)
     monkeypatch.setenv(KILL_ENV, "fold 2/3")
     out, report = tmp_path / "mp.onnx", tmp_path / "report.json"
-    code, _, err = _cli(_search_args(mlp_files, out, "--verify-folds", "3", "--engine", "local", "--workers", "2",
+    code, _, err = run_main(_search_args(mlp_files, out, "--verify-folds", "3", "--engine", "local", "--workers", "2",
                                      "--report", report))
     assert code == 2, err
     assert "local engine: the worker running verification fit of candidate 0" in err
@@ -274,11 +265,11 @@ def test_cli_a_worker_that_dies_twice_exits_2_and_writes_nothing(tmp_path, mlp_f
 
 def test_cli_engine_flags(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
-    code, _, err = _cli(_search_args(mlp_files, tmp_path / "a.onnx", "--engine", "serial"))
+    code, _, err = run_main(_search_args(mlp_files, tmp_path / "a.onnx", "--engine", "serial"))
     assert code == 0, err
-    code, _, err = _cli(_search_args(mlp_files, tmp_path / "b.onnx", "--engine", "local", "--ray-address", "auto"))
+    code, _, err = run_main(_search_args(mlp_files, tmp_path / "b.onnx", "--engine", "local", "--ray-address", "auto"))
     assert code == 2 and "ray_address='auto' is only used by engine='ray'" in err
     monkeypatch.setitem(sys.modules, "ray", None)
-    code, _, err = _cli(_search_args(mlp_files, tmp_path / "c.onnx", "--engine", "ray"))
+    code, _, err = run_main(_search_args(mlp_files, tmp_path / "c.onnx", "--engine", "ray"))
     assert code == 2 and "pip install 'fqexport[ray]'" in err
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "c.onnx").exists()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 
-from fqexport.cli import main
+from conftest import run_main
 from fqexport.cli.flags.finetune import (
     MSG_EXPORT_BITS,
     MSG_EXPORT_BITS_WITHOUT,
@@ -20,13 +17,6 @@ from fqexport.cli.flags.finetune import (
 from fqexport.exporters.metadata import read_metadata
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 def _args(files, out, *extra):
     return ["-q", "compress", "--model", "fixtures_models:tiny_mlp", "--weights", files / "mlp.pt",
             "--calib", files / "calib.npz", "--out", out, "--num-calib", "200", "--weight-bits", "2", *extra]
@@ -34,13 +24,13 @@ def _args(files, out, *extra):
 
 def test_finetune_without_train_is_bad_input(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, _, err = _run(_args(mlp_files, out, "--finetune"))
+    code, _, err = run_main(_args(mlp_files, out, "--finetune"))
     assert code == 2 and MSG_NO_TRAIN in err and not out.exists()
 
 
 def test_train_without_finetune_is_bad_input(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, _, err = _run(_args(mlp_files, out, "--train", mlp_files / "calib.npz"))
+    code, _, err = run_main(_args(mlp_files, out, "--train", mlp_files / "calib.npz"))
     assert code == 2 and MSG_TRAIN_WITHOUT in err and not out.exists()
 
 
@@ -48,21 +38,21 @@ def test_train_groups_not_matching_calibration_is_bad_input(mlp_files, mlp_data,
     train = tmp_path / "train.npz"
     np.savez(train, x=mlp_data.x, y=mlp_data.y, group=mlp_data.group, group_names=np.array(["young", "old"]))
     out = tmp_path / "m.onnx"
-    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", train))
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", train))
     assert code == 2 and not out.exists()
     assert f"{train}: the training data's groups (young, old) do not match the calibration data's groups (a, b)" in err
 
 
 def test_bad_sampler_option_value_is_bad_input(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
                               "--coreset-fraction", "1.5"))
     assert code == 2 and "FinetuneConfig.coreset_fraction=1.5 must be in (0, 1]" in err and not out.exists()
 
 
 def test_compress_finetune_prints_groups_before_after_and_records_metadata(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+    code, stdout, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
                                    "--epochs", "1", "--loss", "worst-group", "--sampler", "group-balanced"))
     assert code == 0, err
     assert "fine-tuning (worst-group, group-balanced sampling): 1 epoch(s)" in stdout
@@ -80,18 +70,18 @@ def test_compress_finetune_prints_groups_before_after_and_records_metadata(mlp_f
 
 def test_learn_bits_needs_finetune_and_a_bits_budget(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, _, err = _run(_args(mlp_files, out, "--learn-bits", "--budget-bits", "2.5"))
+    code, _, err = run_main(_args(mlp_files, out, "--learn-bits", "--budget-bits", "2.5"))
     assert code == 2 and MSG_LEARN_BITS_WITHOUT in err and not out.exists()
-    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits"))
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits"))
     assert code == 2 and MSG_LEARN_BITS_BUDGET in err and not out.exists()
-    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits",
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits",
                               "--budget-bits", "1.5"))
     assert code == 2 and "a budget below the smallest width cannot be met" in err and not out.exists()
 
 
 def test_compress_learn_bits_meets_the_budget(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+    code, stdout, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
                                    "--learn-bits", "--budget-bits", "2.5", "--weight-bits", "4"))
     assert code == 0, err
     assert "learned widths (BAQ, budget 2.5 bits" in stdout
@@ -106,14 +96,14 @@ def test_learn_bits_refuses_the_search_options_it_would_ignore(mlp_files, tmp_pa
                          (("--objective", "worst-group", "--pin", "fc1=8", "--engine", "serial"),
                           "--objective, --pin, --engine"),
                          (("--candidates", "3", "--verify-folds", "2"), "--candidates, --verify-folds")):
-        code, stdout, err = _run(_args(mlp_files, out, *base, *extra))
+        code, stdout, err = run_main(_args(mlp_files, out, *base, *extra))
         assert code == 2 and f"error: {MSG_LEARN_BITS_SEARCH.format(flags=named)}" in err, err
         assert "fine-tuning" not in stdout and not out.exists()
 
 
 def test_learn_bits_uses_bit_choices(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+    code, stdout, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
                                    "--learn-bits", "--budget-bits", "3", "--bit-choices", "2,4",
                                    "--weight-bits", "4"))
     assert code == 0, err
@@ -122,14 +112,14 @@ def test_learn_bits_uses_bit_choices(mlp_files, tmp_path):
     assert meta.finetune["settings"]["bit_choices"] == [2, 4]
     assert {r.bits for r in meta.layers} <= {2, 4} and meta.avg_weight_bits <= 3
     # a budget outside the given widths is refused before any compute
-    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits",
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--learn-bits",
                               "--budget-bits", "5", "--bit-choices", "2,4"))
     assert code == 2 and "FinetuneConfig.budget_bits=5.0 is outside the candidate widths [2, 4]" in err
 
 
 def test_export_bits_writes_one_file_per_width_from_one_run(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+    code, stdout, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
                                    "--oscillation", "0.1", "--export-bits", "3,8", "--loss", "ce", "--sampler", "natural"))
     assert code == 0, err
     assert not out.exists() and stdout.count("fine-tuning (ce, natural sampling): 1 epoch(s)") == 1
@@ -145,7 +135,7 @@ def test_export_bits_writes_one_file_per_width_from_one_run(mlp_files, tmp_path)
 def test_export_bits_collision_is_caught_before_compute(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
     report = tmp_path / "m.w4.onnx"
-    code, stdout, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+    code, stdout, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
                                    "--export-bits", "4,8", "--report", report))
     assert code == 2 and "--report" in err and "--export-bits (4 bits)" in err and "fine-tuning" not in stdout
     assert not report.exists() and not (tmp_path / "m.w8.onnx").exists()
@@ -154,17 +144,17 @@ def test_export_bits_collision_is_caught_before_compute(mlp_files, tmp_path):
 def test_export_bits_bad_values_and_without_finetune_are_bad_input(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
     for bad in ("3,3", "1,4", "four"):
-        code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
+        code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
                                   "--export-bits", bad))
         assert code == 2 and MSG_EXPORT_BITS.format(value=bad) in err
-    code, _, err = _run(_args(mlp_files, out, "--export-bits", "3,4"))
+    code, _, err = run_main(_args(mlp_files, out, "--export-bits", "3,4"))
     assert code == 2 and MSG_EXPORT_BITS_WITHOUT in err
     assert not list(tmp_path.glob("*.onnx"))
 
 
 def test_rounding_adaptive_is_recorded_in_the_exported_metadata(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
-    code, _, err = _run(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--epochs", "1",
                               "--rounding", "adaptive"))
     assert code == 0, err
     rec = read_metadata(out).finetune

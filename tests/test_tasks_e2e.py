@@ -4,8 +4,6 @@ CLI; the box decode stays float and the file keeps the model's own output layout
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
@@ -14,10 +12,9 @@ import pytest
 import torch
 
 import fixtures_models as fm
-from conftest import scene_config
+from conftest import run_main, scene_config
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.npz import save_npz
-from fqexport.cli import main
 from fqexport.errors import ConfigError
 from fqexport.finetune.api import finetune
 from fqexport.finetune.config import FinetuneConfig
@@ -135,35 +132,28 @@ def test_segmenter_compress_export_validate(tmp_path, scenes):
         validate(tmp_path / "s.onnx", test, measure_latency=False, thresholds=Thresholds(min_worst_group_map=1))
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_cli_compress_and_validate_a_detector(tmp_path, scenes, tests_dir, monkeypatch):
     torch.save(fm.yolov5_test().state_dict(), tmp_path / "det.pt")
     save_npz(scenes.train.detection("calib"), tmp_path / "calib.npz")
     save_npz(scenes.test.detection("test"), tmp_path / "test.npz")
     monkeypatch.chdir(tests_dir)
-    code, out, err = _run(["-q", "compress", "--task", "detection", "--model", "fixtures_models:yolov5_test",
+    code, out, err = run_main(["-q", "compress", "--task", "detection", "--model", "fixtures_models:yolov5_test",
                            "--weights", tmp_path / "det.pt", "--calib", tmp_path / "calib.npz", "--num-calib", 32,
                            "--target", "x86-avx2", "--weight-bits", 8, "--out", tmp_path / "det.onnx"])
     assert code == 0, err
     assert "task: detection (layout v5; given)" in out and "stay float (the decode)" in out
     assert read_metadata(tmp_path / "det.onnx").task["layout"] == "v5"
-    code, out, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
+    code, out, err = run_main(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
                            "--min-worst-group-map", 0, "--report-dir", tmp_path / "r", "--junit", tmp_path / "j.xml"])
     assert code == 0, err
     assert "task: detection (layout v5; recorded in the file's fqexport metadata)" in out
     assert "mAP %" in out.splitlines()[2]
     assert json.loads((tmp_path / "r" / "report.json").read_text())["checks"][0]["name"] == "min_worst_group_map"
     assert 'name="min_worst_group_map"' in (tmp_path / "j.xml").read_text()
-    code, _, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
+    code, _, err = run_main(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
                          "--min-worst-group-acc", 50])
     assert code == 2 and "--min-worst-group-acc (min_worst_group_acc) limits the accuracy of a classification" in err
-    code, _, err = _run(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--task", "segmentation",
+    code, _, err = run_main(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--task", "segmentation",
                          "--layout", "v8"])
     assert code == 2 and "--layout v8 is an option of --task detection" in err
 
@@ -207,7 +197,7 @@ def test_cli_finetunes_a_detector_without_labels(tmp_path, scenes, tests_dir, mo
     torch.save(fm.yolov5_test().state_dict(), tmp_path / "det.pt")
     save_npz(scenes.train.detection("calib"), tmp_path / "calib.npz")
     monkeypatch.chdir(tests_dir)
-    code, out, err = _run(["-q", "compress", "--task", "detection", "--model", "fixtures_models:yolov5_test",
+    code, out, err = run_main(["-q", "compress", "--task", "detection", "--model", "fixtures_models:yolov5_test",
                            "--weights", tmp_path / "det.pt", "--calib", tmp_path / "calib.npz",
                            "--train", tmp_path / "calib.npz", "--num-calib", 32, "--target", "x86-avx2",
                            "--weight-bits", 4, "--finetune", "--epochs", 1, "--out", tmp_path / "ft.onnx"])

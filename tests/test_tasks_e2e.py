@@ -102,6 +102,14 @@ def test_finetune_with_boxes_adds_the_detectors_own_loss_and_without_them_distil
         finetune(cm, bare, FinetuneConfig(epochs=1, kd_weight=0.0), progress=False)
 
 
+def test_finetune_of_a_segmenter_with_masks_adds_their_cross_entropy(scenes):
+    data = scenes.train.segmentation("seg.npz")
+    cm = compress(fm.unet_test(), data, scene_config(weight_bits=4), progress=False)
+    tuned = finetune(cm, data, FinetuneConfig(epochs=1, max_steps=2), progress=False)
+    assert tuned.metadata.finetune["loss_terms"] == "distillation + per-pixel cross-entropy on the masks"
+    assert tuned.metadata.finetune["steps"] >= 1
+
+
 def test_report_loss_is_the_training_loss_with_boxes_and_the_distillation_without(scenes):
     task, data = Detection(layout="v5"), scenes.test.detection("test.npz")
     model = fm.yolov5_test()

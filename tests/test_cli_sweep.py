@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from test_cli import _run
+from conftest import run_main
 
 
 def _sweep_args(files, out_dir, *extra):
@@ -18,7 +18,7 @@ def _sweep_args(files, out_dir, *extra):
 
 def test_sweep_writes_the_pareto_report(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
-    code, stdout, err = _run(_sweep_args(mlp_files, tmp_path / "p", "--budgets", "2.5,6",
+    code, stdout, err = run_main(_sweep_args(mlp_files, tmp_path / "p", "--budgets", "2.5,6",
                                          "--test", mlp_files / "calib.npz"))
     assert code == 0, err
     points = json.loads((tmp_path / "p" / "pareto.json").read_text())
@@ -39,7 +39,7 @@ def test_sweep_writes_the_pareto_report(tmp_path, mlp_files, tests_dir, monkeypa
 ])
 def test_sweep_rejects_bad_budgets_before_searching(tmp_path, mlp_files, tests_dir, monkeypatch, budgets, message):
     monkeypatch.chdir(tests_dir)
-    code, stdout, err = _run(_sweep_args(mlp_files, tmp_path / "p", "--budgets", budgets))
+    code, stdout, err = run_main(_sweep_args(mlp_files, tmp_path / "p", "--budgets", budgets))
     assert code == 2
     assert re.search(message, err), err
     assert not (tmp_path / "p").exists()

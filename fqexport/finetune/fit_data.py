@@ -19,7 +19,7 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.sampling import balanced_allocation, split_holdout
 from fqexport.calibration.stream import DataStream
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.objective import sample_losses
+from fqexport.finetune.objective import own_loss, sample_losses
 from fqexport.finetune.samplers import (
     coreset_indices,
     group_balanced_batches,
@@ -124,16 +124,10 @@ class FitData:
         if self.y is None:
             return torch.zeros(num_groups, device=self.device)
         if self.cache is not None:
-            loss = self._own_loss(self.cache, self.y)
+            loss = own_loss(self.task, self.cache, self.y)
         else:
-            loss = torch.cat([self._own_loss(t, self.y[i]) for i, _, t in self._pass(None)])
+            loss = torch.cat([own_loss(self.task, t, self.y[i]) for i, _, t in self._pass(None)])
         return group_means(loss, self.g, num_groups)[0]
-
-    def _own_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The task's own loss per sample as the objective weighs it (a classifier's cross-entropy)."""
-        if not self.task.distills_in_finetune:
-            return nn.functional.cross_entropy(out, y, reduction="none")
-        return self.task.train_loss_scale * self.task.train_loss(out, y)
 
     def scores(self, student: nn.Module, config: FinetuneConfig) -> np.ndarray:
         """The core-set's per-sample score of every fitted sample (only the scores are kept)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fqexport.calibration.group_data import GroupWeights
 from fqexport.finetune.config import FinetuneConfig
@@ -81,8 +82,16 @@ def sample_losses(task: Task, student: torch.Tensor, teacher: torch.Tensor, y: t
                                ce_weight=config.ce_weight)
     loss = config.kd_weight * task.sample_loss(student, task.loss_targets(teacher, None))
     if y is not None and config.ce_weight:
-        loss = loss + config.ce_weight * task.train_loss_scale * task.train_loss(student, y)
+        loss = loss + config.ce_weight * own_loss(task, student, y)
     return loss
+
+
+def own_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The task's own loss per sample as the objective weighs it (before ``ce_weight``): a
+    classifier's cross-entropy on its labels, another task's ``train_loss_scale`` × ``train_loss``."""
+    if not task.distills_in_finetune:
+        return F.cross_entropy(out, y, reduction="none")
+    return task.train_loss_scale * task.train_loss(out, y)
 
 
 def optimizer(weights: Mapping[str, LearnableWeight], acts: Mapping[str, LearnableActQuant],

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fqexport.metrics.boxes import paired_diou_xywh
+from fqexport.metrics.boxes import box_iou, paired_diou_xywh, xywh_to_xyxy
 
 ALPHA, BETA = 0.5, 6.0  # the alignment's exponents (YOLOv8's task-aligned assigner)
 TOPK = 10
@@ -47,22 +47,8 @@ BOX_GAIN = 5.0
 _EPS = 1e-6
 
 
-def _xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.cat((b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2), -1)
-
-
 def _xywh(b: torch.Tensor) -> torch.Tensor:
     return torch.cat(((b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]), -1)
-
-
-def _iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of xyxy boxes ``a [G, 4]`` with ``b [K, 4]``, ``[G, K]``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter + _EPS)
 
 
 def assign(pred_xywh: torch.Tensor, pred_scores: torch.Tensor, gt_xyxy: torch.Tensor, gt_labels: torch.Tensor,
@@ -74,7 +60,7 @@ def assign(pred_xywh: torch.Tensor, pred_scores: torch.Tensor, gt_xyxy: torch.Te
     targets[:, 1] = 0.0
     if gt_xyxy.numel() == 0 or k == 0:
         return targets
-    iou = _iou_matrix(gt_xyxy, _xyxy(pred_xywh))  # [G, K]
+    iou = torch.from_numpy(box_iou(gt_xyxy.numpy(), xywh_to_xyxy(pred_xywh.numpy()))).float()  # [G, K]
     cx, cy = pred_xywh[:, 0], pred_xywh[:, 1]
     inside = ((cx[None] > gt_xyxy[:, 0:1]) & (cx[None] < gt_xyxy[:, 2:3])
               & (cy[None] > gt_xyxy[:, 1:2]) & (cy[None] < gt_xyxy[:, 3:4]))

@@ -262,7 +262,9 @@ class QuantConfig:
             (round to nearest on a clipping-searched grid).
         order: column order of the solver: ``"sensitivity"`` (Σ_i w_ij² H_jj, default),
             ``"hessian-diag"`` (H_jj), ``"obs"`` (Σ_i (w_ij − q(w_ij))² / [H⁻¹]_jj, the OBS cost of
-            rounding column j alone) or ``"natural"``.
+            rounding column j alone) or ``"natural"``. ``"sensitivity"`` scores the layer's weight
+            before the float-output retarget, so that one Cholesky of H serves the retarget and
+            the solve; ``"obs"`` needs the grid of the retargeted weight and factors H twice.
         damp: Hessian dampening relative to mean(diag H).
         solver_target: what the solver fits each layer to. ``"float-output"`` (default): the
             float model's layer output, ``min_Q ||W X_f − Q X||²`` with ``X`` the inputs from

@@ -260,3 +260,35 @@ def test_compress_checks_labels_of_a_stream_before_quantizing(cnn_model, cnn_dat
     bad = [(torch.from_numpy(x), 9) for x in cnn_data.x[:40]]
     with pytest.raises(DataError, match=r"<list>: field 'y' holds the label 9 outside \[0, 4\)"):
         compress(cnn_model, load_data(bad, groups=cnn_data.group[:40]), QuantConfig(num_calib=16), progress=False)
+
+
+@pytest.mark.parametrize("order", ["sensitivity", "obs"])
+def test_the_retarget_and_the_solve_share_one_factorisation(cnn_model, cnn_data, caplog, order):
+    """The solver's debug records: per layer one ``factor`` step (one Cholesky per conv group),
+    and a retarget without a Cholesky of its own; the ``obs`` order scores columns on the grid of
+    the retargeted weight, so it factors after the retarget (inside its retarget and solve)."""
+    import logging
+
+    from fqexport.quant.solver import factor_flops, retarget_flops, solve_flops
+
+    caplog.set_level(logging.DEBUG, logger="fqexport.pipeline.compress")
+    cm = _compress(cnn_model, cnn_data, weight_bits=4, order=order, num_calib=64)
+    steps: dict[str, dict[str, float]] = {}
+    for r in caplog.records:
+        w = getattr(r, "solver_work", None)
+        if w is not None:
+            assert w["step"] not in steps.setdefault(w["layer"], {})
+            steps[w["layer"]][w["step"]] = w["flops"]
+    assert set(steps) == set(ALL_LAYERS)
+    mods = dict(cm.float_model.named_modules())
+    for name, flops in steps.items():
+        m = mods[name]
+        groups = getattr(m, "groups", 1)
+        out, cols = m.weight.shape[0] // groups, m.weight[0].numel()
+        shared = order != "obs"
+        assert set(flops) == ({"factor", "retarget", "solve"} if shared else {"retarget", "solve"}), name
+        assert flops["retarget"] == pytest.approx(groups * retarget_flops(out, cols, factored=shared))
+        assert flops["solve"] == pytest.approx(groups * solve_flops(out, cols, order, False, factored=shared))
+        if shared:
+            assert flops["factor"] == pytest.approx(groups * factor_flops(cols))
+    assert getattr(mods["dw"], "groups", 1) > 1  # the depthwise conv: a factor per conv group

@@ -14,7 +14,12 @@ from fqexport.quant.solver import (
     HessianNotPositiveDefinite,
     choose_solver_grid,
     column_sensitivity,
+    _NUMPY_OPS,
+    _TORCH_OPS,
+    _quantize_columns,
     compensate_input_error,
+    factor_conv_groups,
+    factor_layer,
     layer_error,
     rtn_layer,
     solve_conv_groups,
@@ -411,3 +416,92 @@ def test_obs_order_retries_with_more_damping_like_the_others():
         res = solve_layer(W, H, grid, damp=0.0, order="obs")
     assert res.retries >= 1 and res.damp_used >= 1e-3
     assert torch.isfinite(res.qweight).all()
+
+
+# ------------------------------------------------------------------ one factor for retarget and solve
+
+
+@pytest.mark.parametrize("order", ["natural", "sensitivity", "hessian-diag", "obs"])
+def test_a_given_factor_solves_like_the_solver_own(order):
+    W, H = _spd_with_dead_columns(cols=44, seed=21)
+    grid = choose_solver_grid(W, H, 3)
+    own = solve_layer(W, H, grid, order=order, block_size=16)
+    factor = factor_layer(W, H, order=order, grid=grid)
+    given = solve_layer(W, H, grid, order="natural", damp=5.0, block_size=16, factor=factor)  # not read
+    assert torch.equal(given.order, own.order) and torch.equal(given.codes, own.codes)
+    assert given.damp_used == own.damp_used == 0.01
+    with pytest.raises(ConfigError, match="the factor is \\(44, 44\\) but the weight has 40 columns"):
+        solve_layer(W[:, :40], H[:40, :40], choose_solver_grid(W[:, :40], H[:40, :40], 3), factor=factor)
+    with pytest.raises(ConfigError, match="kind='obs' needs the weight grid"):
+        factor_layer(W, H, order="obs")
+
+
+def test_the_retarget_from_the_solver_factor_equals_its_own_cholesky():
+    """W* = W + W (C − H) A⁻¹ through the solver's permuted factor (two triangular solves) is the
+    Cholesky solve of the unpermuted A, per conv group too."""
+    X, Xf = _noisy_inputs(cols=40)
+    W = torch.randn(10, 40, generator=torch.Generator().manual_seed(4)) * 0.2
+    n = X.shape[0]
+    H, C = 2 * X.T @ X / n, 2 * Xf.T @ X / n
+    own = compensate_input_error(W, H, C, damp=0.01)
+    factor = factor_layer(W, H, damp=0.01)
+    assert not torch.equal(factor.perm, torch.arange(40))  # a real permutation is undone
+    shared = compensate_input_error(W, H, C, factors=[factor])
+    torch.testing.assert_close(shared, own, rtol=1e-4, atol=1e-5)
+    assert float((own - W).norm()) > 0.05 * float(W.norm())  # the retarget moves the weight
+    H2, C2 = torch.stack([H, 2 * H]), torch.stack([C, 2 * C])
+    factors = factor_conv_groups(W, H2, damp=0.01)
+    torch.testing.assert_close(compensate_input_error(W, H2, C2, factors=factors),
+                               compensate_input_error(W, H2, C2), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="1 factors for 2 conv groups"):
+        compensate_input_error(W, H2, C2, factors=[factor])
+
+
+def test_the_retarget_leaves_a_dead_column_to_the_solver():
+    X, Xf = _noisy_inputs(cols=24)
+    X[:, 5] = 0  # the quantized prefix never reaches input 5; the float model does
+    n = X.shape[0]
+    H, C = 2 * X.T @ X / n, 2 * Xf.T @ X / n
+    W = torch.randn(6, 24, generator=torch.Generator().manual_seed(8))
+    target = compensate_input_error(W, H, C, factors=factor_conv_groups(W, H))
+    assert torch.isfinite(target).all()
+    torch.testing.assert_close(target[:, 5], W[:, 5])  # Δ[:, 5] = 0: column 5 of C − H is 0
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_column_loop_numpy_and_torch_ops_agree(per_block):
+    """The CPU loop (numpy's vector ops) and the loop other devices run (torch's) give the
+    same codes; checked here on CPU since the torch ops are device-agnostic."""
+    W, H = _layer(out=24, cols=70, seed=9)
+    factor = factor_layer(W, H)
+    N = factor.R / torch.diagonal(factor.R).unsqueeze(0)
+    grid = choose_solver_grid(W, H, 3, block=32 if per_block else None)
+    Wt = W[:, factor.perm].t().contiguous()
+    if per_block:
+        from fqexport.quant.grid import column_scales
+        St = column_scales(grid.scale, 70, 32)[:, factor.perm].t().contiguous()
+    else:
+        St, Wt = None, Wt / grid.scale.reshape(1, -1)
+    a = _quantize_columns(Wt.clone(), N, St, grid.qmin, grid.qmax, 16, _NUMPY_OPS)
+    b = _quantize_columns(Wt.clone(), N, St, grid.qmin, grid.qmax, 16, _TORCH_OPS)
+    assert torch.equal(a, b)
+    assert int(a.abs().max()) == grid.qmax and len(a.unique()) > 4
+
+
+def test_nan_or_inf_anywhere_in_the_hessian_is_named():
+    W, H = _layer(cols=16)
+    grid = choose_weight_grid(W, 4)
+    for bad in (float("nan"), float("inf")):
+        Hb = H.clone()
+        Hb[3, 7] = bad
+        with pytest.raises(ConfigError, match="Hessian holds NaN or Inf"):
+            solve_layer(W, Hb, grid)
+        with pytest.raises(ConfigError, match="Hessian holds NaN or Inf"):
+            factor_layer(W, Hb)
+    # a sum that overflows float32 is not an Inf entry: the entries are checked one by one
+    from fqexport.quant.solver import _all_finite
+
+    huge = H / float(H.max()) * 3e38
+    assert not torch.isfinite(huge.sum()) and _all_finite(huge)
+    huge[0, 0] = float("inf")
+    assert not _all_finite(huge)

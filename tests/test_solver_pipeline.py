@@ -124,16 +124,16 @@ class _HessianSpy:
     """Records the Hessian the pipeline hands to the solver, layer by layer."""
 
     def __init__(self, monkeypatch) -> None:
-        import fqexport.pipeline.compress as solver  # the layer loop's binding of solve_layer
+        import fqexport.pipeline.compress as solver  # the layer loop's binding of solve_conv_groups
 
         self.hessians: list[torch.Tensor] = []
-        real = solver.solve_layer
+        real = solver.solve_conv_groups
 
         def spy(W, H, grid, **kw):
             self.hessians.append(H.detach().double().clone())
             return real(W, H, grid, **kw)
 
-        monkeypatch.setattr(solver, "solve_layer", spy)
+        monkeypatch.setattr(solver, "solve_conv_groups", spy)
 
 
 def _group_hessian(x: np.ndarray) -> torch.Tensor:

@@ -52,13 +52,15 @@ from fqexport.quant.hessian import HessianAccumulator
 from fqexport.quant.layout import LayerLayout, layer_layout
 from fqexport.quant.solver import (
     DampingIncreasedWarning,
+    LayerFactor,
     choose_solver_grid,
     compensate_input_error,
+    factor_conv_groups,
+    factor_flops,
     retarget_flops,
     rtn_layer,
     solve_conv_groups,
     solve_flops,
-    solve_layer,
 )
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
@@ -133,15 +135,47 @@ def _log_work(layer: str, step: str, hessian: torch.Tensor, flops_per_group: flo
               flops / 1e9 / max(seconds, 1e-9), extra={"solver_work": work})
 
 
+def _factor_weight(module: nn.Module, info: LayerInfo, config: QuantConfig,
+                   hessian: torch.Tensor) -> list[LayerFactor] | None:
+    """The solver's one factorisation of ``hessian`` per conv group (column order scored on the
+    layer's weight as it is now), shared by the float-output retarget and the solve; ``None``
+    for the ``"obs"`` order, whose score needs the grid of the retargeted weight (the solve then
+    factors after the retarget)."""
+    if config.order == "obs":
+        return None
+    rows = weight_rows(info.kind, module.weight.detach()).float()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DampingIncreasedWarning)
+        factors = factor_conv_groups(rows, hessian, order=config.order, damp=config.damp)
+    _log_work(info.name, "factor", hessian, factor_flops(rows.shape[1], config.order), time.perf_counter() - t0)
+    retries = max(f.retries for f in factors)
+    if retries:
+        log.warning(
+            "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
+            "(consider more calibration samples)", info.name, config.damp, max(f.damp for f in factors),
+        )
+    _rewarn(caught)
+    return factors
+
+
+def _rewarn(caught: list[warnings.WarningMessage]) -> None:
+    """Re-issue the caught warnings but the :class:`DampingIncreasedWarning` (logged instead)."""
+    for w_ in caught:
+        if not issubclass(w_.category, DampingIncreasedWarning):
+            warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
+
+
 def _quantize_weight(
     module: nn.Module, info: LayerInfo, bits: int, config: QuantConfig, hessian: torch.Tensor | None,
-    layout: LayerLayout,
+    layout: LayerLayout, factors: list[LayerFactor] | None = None,
 ) -> tuple[torch.Tensor, WeightGrid]:
     """Integer codes (weight shape) and the grid (per-channel scales; per-block scales of
     ``layout.block_size`` columns for a Linear stored as MatMulNBits) of one layer's weight.
 
     ``hessian`` is ``[cols, cols]`` (or ``[conv groups, cols, cols]`` for grouped convs);
-    ``None`` means round to nearest.
+    ``None`` means round to nearest. ``factors``: the solver's factor of each conv group
+    (:func:`_factor_weight`), made here when not given.
     """
     rows = weight_rows(info.kind, module.weight.detach()).float()
     grid = choose_solver_grid(
@@ -155,36 +189,35 @@ def _quantize_weight(
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DampingIncreasedWarning)
-        if hessian.dim() == 3:
-            result = solve_conv_groups(rows, hessian, grid, **options)
-        else:
-            result = solve_layer(rows, hessian, grid, **options)
+        result = solve_conv_groups(rows, hessian, grid, factors=factors, **options)
     out_per_group = rows.shape[0] // _conv_groups(hessian)
-    _log_work(info.name, "solve", hessian, solve_flops(out_per_group, rows.shape[1], config.order, False),
+    _log_work(info.name, "solve", hessian,
+              solve_flops(out_per_group, rows.shape[1], config.order, False, factored=factors is not None),
               time.perf_counter() - t0)
-    if result.retries:
+    if result.retries and factors is None:
         log.warning(
             "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
             "(consider more calibration samples)", info.name, config.damp, result.damp_used,
         )
-    for w_ in caught:
-        if not issubclass(w_.category, DampingIncreasedWarning):
-            warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
+    _rewarn(caught)
     return rows_to_weight(info.kind, result.codes, module.weight.shape), grid
 
 
 def _retarget_to_float_output(
-    module: nn.Module, info: LayerInfo, hessian: torch.Tensor, cross: torch.Tensor, damp: float
+    module: nn.Module, info: LayerInfo, hessian: torch.Tensor, cross: torch.Tensor, damp: float,
+    factors: list[LayerFactor] | None,
 ) -> None:
     """Replace ``module``'s weight by W* = W C H⁻¹ (ridge toward W): solving W* with H then
-    fits the float model's output rather than W's output on the already-quantized inputs."""
+    fits the float model's output rather than W's output on the already-quantized inputs.
+    ``factors``: the solver's factor of each conv group (no Cholesky of its own)."""
     w = module.weight.detach()
     rows = weight_rows(info.kind, module.weight.detach()).float()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        target = compensate_input_error(rows, hessian, cross, damp=damp)
-    _log_work(info.name, "retarget", hessian, retarget_flops(rows.shape[0] // _conv_groups(hessian), rows.shape[1]),
+        target = compensate_input_error(rows, hessian, cross, damp=damp, factors=factors)
+    _log_work(info.name, "retarget", hessian,
+              retarget_flops(rows.shape[0] // _conv_groups(hessian), rows.shape[1], factored=factors is not None),
               time.perf_counter() - t0)
     change = float((target - rows).norm() / rows.norm().clamp_min(1e-12))
     log.debug("layer '%s': float-output target moves the weight by %.3g (relative)", info.name, change)
@@ -293,18 +326,19 @@ class _LayerPass:
         bits = config.bits_for(info.name)
         if self.cache is not None:
             self.cache.advance(k)  # the layer's inputs: every earlier layer is final
-        hessian = None
+        hessian, factors = None, None
         # Embedding rows are looked up, never mixed: per-row round to nearest is their
         # least-squares optimum (the Hessian of a one-hot input is diagonal), no solver.
         if config.method == "solver" and info.kind != "embedding":
             cross = config.solver_target == "float-output"
             hessian, c = _layer_moments(module, info, self.cache, k, self.num_groups, self.alpha, cross)
+            factors = _factor_weight(module, info, config, hessian)  # one Cholesky per conv group
             if c is not None:
-                _retarget_to_float_output(module, info, hessian, c, config.damp)
+                _retarget_to_float_output(module, info, hessian, c, config.damp, factors)
         macs = self.macs.get(info.name, 0)
         cols = weight_rows(info.kind, module.weight.detach()).shape[1]
         layout = layer_layout(info.kind, bits, config.export, cols, macs, module.weight.numel())
-        codes, grid = _quantize_weight(module, info, bits, config, hessian, layout)
+        codes, grid = _quantize_weight(module, info, bits, config, hessian, layout, factors)
         layer = QuantizedLayer(info.name, info.kind, bits, grid.qmax, codes.to(torch.int8).cpu(),
                                grid.scale.float().cpu(), info.params, layout.container, macs, block_size=grid.block)
         with torch.no_grad():

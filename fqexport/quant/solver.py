@@ -10,12 +10,14 @@ loss ``tr((W - Q) H (W - Q)ᵀ)``. Following the GPTQ construction:
 4. ONE factorisation, of the permuted ``B = P A Pᵀ``, upside down (``J`` reverses the order):
    ``J B J = L Lᵀ`` (lower Cholesky), so ``B = R Rᵀ`` with ``R = J L J`` upper triangular.
    GPTQ's factor, the upper Cholesky ``U`` of ``B⁻¹`` (``B⁻¹ = Uᵀ U``), is ``U = R⁻¹``
-   (``B⁻¹ = R⁻ᵀ R⁻¹``), so neither ``H⁻¹`` nor a second Cholesky is ever formed;
+   (``B⁻¹ = R⁻ᵀ R⁻¹``), so neither ``H⁻¹`` nor a second Cholesky is ever formed.
+   :func:`factor_layer` makes steps 1-4 once per layer: the float-output target
+   (:func:`compensate_input_error`, ``A⁻¹ = Pᵀ R⁻ᵀ R⁻¹ P``) and the solve share that factor;
 5. column by column, all rows in parallel: ``q_j = round(w'_j / s)`` on the fixed per-row grid,
    ``e_j = w_j - s·q_j`` (the ORIGINAL column), ``w'_k = w_k + Σ_{j<k} e_j N_jk`` for the later
    columns, ``N = R D_R⁻¹ - I`` (``R``'s columns divided by its diagonal) — GPTQ's update
    ``w'_k -= r_j U_jk / U_jj`` with ``r_j = w'_j - s·q_j``, rewritten without ``R⁻¹``
-   (:func:`solve_layer` derives it; QuIP's LDL form of GPTQ). Inside a block at once, for the
+   (:func:`solve_layer` derives it; QuIP's LDL form of GPTQ). Inside a block column by column, for the
    columns after the block lazily as one GEMM ``W'[:, after] += E @ N[block, after]``.
 
 The per-row scales are fixed before the solve (:func:`choose_solver_grid` or any
@@ -37,8 +39,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, Callable, NamedTuple, get_args
 
+import numpy as np
 import torch
 
 from fqexport.config import Order
@@ -121,6 +124,26 @@ class SolverResult:
     retries: int = 0
 
 
+@dataclass(frozen=True)
+class LayerFactor:
+    """The one factorisation of a layer's damped Hessian in solve order (module docstring,
+    steps 1-4), made once by :func:`factor_layer` and shared by :func:`compensate_input_error`
+    (the float-output target) and :func:`solve_layer`.
+
+    Attributes:
+        perm: the column order ``[cols]`` (``perm[0]`` is quantized first).
+        R: upper triangular ``[cols, cols]`` with ``P (H + λ·mean(diag H)·I) Pᵀ = R Rᵀ`` (``H``
+            with its dead columns fixed).
+        damp: the relative damping λ that made the Cholesky succeed.
+        retries: how many times λ was raised.
+    """
+
+    perm: torch.Tensor
+    R: torch.Tensor
+    damp: float
+    retries: int = 0
+
+
 def _hessian_column_weight(rows: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """``diag H`` as the clipping search's column weight: ``[cols]`` for ``H [cols, cols]``;
     ``[out, cols]`` for a grouped conv's ``H [G, cols, cols]`` (rows ``k·out/G … (k+1)·out/G``
@@ -200,13 +223,20 @@ def column_sensitivity(
     return err.pow(2).sum(dim=0) / hinv_diag.float()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A finite sum proves it (a NaN or an Inf reaches the sum) at a
+    fraction of ``isfinite(t).all()``'s cost on a large Hessian; only a sum that overflows is
+    checked entry by entry."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid) -> None:
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
     _check_scale(grid, W.shape[0], W.shape[1])
-    if not bool(torch.isfinite(W).all()):
+    if not _all_finite(W):
         raise ConfigError(_MSG_NONFINITE.format(what="weight"))
-    if not bool(torch.isfinite(H).all()):
+    if not _all_finite(H):
         raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
 
 
@@ -279,7 +309,7 @@ def _reversed_factor(
 
 
 def _order_and_factor(
-    W: torch.Tensor, H: torch.Tensor, order: str, grid: WeightGrid, damp: float, max_retries: int
+    W: torch.Tensor, H: torch.Tensor, order: str, grid: WeightGrid | None, damp: float, max_retries: int
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """Steps 2-4 of the module docstring: the column order ``perm`` (most sensitive first) and
     ``R`` with ``P A Pᵀ = R Rᵀ``, ``A = H + λ·mean(diag H)·I``; λ ×10 while a Cholesky fails
@@ -305,37 +335,126 @@ def _order_and_factor(
         lam, retries = _raised_damp(lam, stacklevel=3), retries + 1
 
 
+class _ColumnOps(NamedTuple):
+    """The vector operations of :func:`_quantize_columns`'s sequential column loop: numpy's on
+    CPU (on vectors of a few hundred rows a numpy call costs a third of a torch call, and the loop
+    makes six per column), torch's on other devices."""
+
+    matvec: Callable[..., Any]  # matvec(A [k, out], x [k], out) -> xᵀ A
+    add: Callable[..., Any]
+    sub: Callable[..., Any]
+    mul: Callable[..., Any]
+    div: Callable[..., Any]
+    rint: Callable[..., Any]
+    clip: Callable[..., Any]  # clip(x, lo, hi, out)
+
+
+_NUMPY_OPS = _ColumnOps(
+    lambda A, x, out: np.matmul(x, A, out=out), np.add, np.subtract, np.multiply, np.divide, np.rint,
+    lambda x, lo, hi, out: np.minimum(np.maximum(x, lo, out=out), hi, out=out),
+)
+_TORCH_OPS = _ColumnOps(
+    lambda A, x, out: torch.mv(A.t(), x, out=out), torch.add, torch.sub, torch.mul, torch.div, torch.round,
+    lambda x, lo, hi, out: torch.clamp(x, lo, hi, out=out),
+)
+
+
 def _quantize_columns(
-    Wt: torch.Tensor, N: torch.Tensor, scale: torch.Tensor, St: torch.Tensor | None, qmin: int, qmax: int,
-    block_size: int,
+    Wt: torch.Tensor, N: torch.Tensor, St: torch.Tensor | None, qmin: int, qmax: int, block_size: int,
+    ops: _ColumnOps | None = None,
 ) -> torch.Tensor:
     """Codes ``[cols, out]`` (solve order) of ``Wt = Wᵀ`` (column ``j`` of ``W`` is the
     contiguous row ``Wt[j]``; overwritten by ``W'ᵀ``), all rows at once, column by column:
 
-        w'_j = w_j + Σ_{i<j} e_i N_ij,   q_j = clamp(round(w'_j / s)),   e_j = w_j - s·q_j.
+        w'_j = w_j + Σ_{i<j} e_i N_ij,   q_j = clamp(round(w'_j / s_j)),   e_j = w_j - s_j·q_j.
 
-    Blocked: the terms from earlier blocks arrive as one GEMM after each block
-    (``W'[:, after] += E[:, block] N[block, after]``), the terms inside the block as one
-    matrix-vector product per column. ``scale [out]`` per row, or ``St [cols, out]`` the scale of each
-    (column, row) for per-block grids.
+    ``St [cols, out]``: the scale of each (column, row), for per-block grids; ``None``: ``Wt``
+    is in units of a per-row scale already (``w / s``; the update is linear in the columns, so it
+    commutes with scaling rows), ``s_j = 1``. Blocked: the terms from earlier blocks arrive as one
+    GEMM after each block (``W'[:, after] += E[:, block] N[block, after]``), the terms inside the
+    block as one vector-matrix product per column. ``ops``: :data:`_NUMPY_OPS` (CPU tensors
+    only) or :data:`_TORCH_OPS`; by default numpy's on CPU.
     """
     W0t = Wt.clone()                                           # the original columns w_j
     Qt = torch.empty_like(Wt)                                  # codes q_j
-    Et = torch.empty_like(Wt)                                  # errors e_j = w_j - s·q_j
-    w_, w0_, q_, e_ = Wt.unbind(0), W0t.unbind(0), Qt.unbind(0), Et.unbind(0)
+    Et = torch.empty_like(Wt)                                  # errors e_j = w_j - s_j·q_j
+    op = ops or (_NUMPY_OPS if Wt.device.type == "cpu" else _TORCH_OPS)
+    cpu = op is _NUMPY_OPS
+    w_, w0_, q_, e_ = (T.numpy() if cpu else T for T in (Wt, W0t, Qt, Et))
+    s_ = None if St is None else (St.numpy() if cpu else St)
+    tmp = w_[0].copy() if cpu else w_[0].clone()
     cols = Wt.shape[0]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        n_ = N[i1:i2, i1:i2].t().contiguous().unbind(0)        # n_[j - i1] = N[i1:i2, j]
+        n_ = N[i1:i2, i1:i2].t().contiguous()                  # n_[j - i1] = N[i1:i2, j]
+        n_ = n_.numpy() if cpu else n_
+        e_block = e_[i1:i2]
         for j in range(i1, i2):
-            s = scale if St is None else St[j]
-            if j > i1:
-                w_[j].addmv_(Et[i1:j].t(), n_[j - i1][:j - i1])             # w'_j += Σ_i e_i N_ij
-            q = torch.div(w_[j], s, out=q_[j]).round_().clamp_(qmin, qmax)  # q_j = clamp(round(w'_j/s))
-            torch.addcmul(w0_[j], q, s, value=-1.0, out=e_[j])               # e_j = w_j - s·q_j
+            w, q, k = w_[j], q_[j], j - i1
+            if k:
+                op.add(w, op.matvec(e_block[:k], n_[k, :k], tmp), out=w)  # w'_j += Σ_i e_i N_ij
+            if s_ is None:
+                op.rint(w, out=q)
+            else:
+                op.rint(op.div(w, s_[j], out=q), out=q)
+            op.clip(q, qmin, qmax, q)                                       # q_j = clamp(round(w'_j/s_j))
+            if s_ is None:
+                op.sub(w0_[j], q, out=e_[j])                                # e_j = w_j - q_j
+            else:
+                op.sub(w0_[j], op.mul(q, s_[j], out=tmp), out=e_[j])        # e_j = w_j - s_j·q_j
         if i2 < cols:
-            Wt[i2:].addmm_(N[i1:i2, i2:].t(), Et[i1:i2])                      # W'_after += E N
+            Wt[i2:].addmm_(N[i1:i2, i2:].t(), Et[i1:i2])                    # W'_after += E N
     return Qt
+
+
+def _check_options(order: str, damp: float, max_retries: int) -> None:
+    if order not in ORDERS:
+        raise ConfigError(_MSG_ORDER.format(order=order))
+    if not (float(damp) >= 0.0) or int(max_retries) < 0:
+        raise ConfigError(_MSG_DAMP.format(damp=damp, r=max_retries))
+
+
+def _without_dead_columns(
+    W: torch.Tensor, H: torch.Tensor, fix_hessian: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: a dead column (``H_jj == 0``: no input reaches it) is free, GPTQ sets it to 0:
+    ``W[:, j] := 0``, ``H_jj := 1`` (row and column ``j`` of ``H`` zero otherwise; not done
+    without ``fix_hessian``). Copies only what changes, and only when a column is dead."""
+    dead = torch.nonzero(torch.diagonal(H) == 0).flatten()
+    if dead.numel() == 0:
+        return W, H
+    Wk = W.index_fill(1, dead, 0.0)
+    if not fix_hessian:
+        return Wk, H
+    Hk = H.index_fill(0, dead, 0.0).index_fill_(1, dead, 0.0)
+    Hk[dead, dead] = 1
+    return Wk, Hk
+
+
+def factor_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    order: str = "sensitivity",
+    grid: WeightGrid | None = None,
+    damp: float = 0.01,
+    max_retries: int = 4,
+) -> LayerFactor:
+    """Steps 1-4 of the module docstring for ``W [out, cols]`` and ``H [cols, cols]``: the
+    column order (scored on ``W``; ``"obs"`` needs ``grid``) and the one Cholesky of the damped
+    Hessian in that order. Pass the result to :func:`compensate_input_error` and
+    :func:`solve_layer` (``factor=``) so that a layer is factored once.
+    """
+    _check_options(order, damp, max_retries)
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
+    if not _all_finite(H):
+        raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
+    if order == "obs" and grid is None:
+        raise ConfigError(_MSG_NEEDS_GRID)
+    Wk, Hk = _without_dead_columns(W.detach().float(), H.detach().to(device=W.device, dtype=torch.float32))
+    perm, R, lam, retries = _order_and_factor(Wk, Hk, order, grid, float(damp), int(max_retries))
+    return LayerFactor(perm=perm, R=R, damp=lam, retries=retries)
 
 
 def solve_layer(
@@ -348,6 +467,7 @@ def solve_layer(
     block_size: int = 128,
     max_retries: int = 4,
     compute_loss: bool = True,
+    factor: LayerFactor | None = None,
 ) -> SolverResult:
     """Quantize ``W [out, cols]`` onto ``grid`` minimising ``tr((W - Q) H (W - Q)ᵀ)``.
 
@@ -355,9 +475,10 @@ def solve_layer(
     ``"obs"`` (``Σ_i (w - q)² / [H⁻¹]_jj``) or ``"natural"``; most sensitive column first.
     If the Cholesky of the dampened H fails, ``damp`` is raised ×10 up to ``max_retries`` times
     (a :class:`DampingIncreasedWarning` each time), then :class:`HessianNotPositiveDefinite` is
-    raised. Computed in float32 on ``W``'s device, on all of torch's threads.
-    ``compute_loss=False`` skips the result's ``loss`` (NaN; it costs ``2·out·cols²``, a third
-    of the solve's arithmetic, and ``compress`` does not read it).
+    raised. ``factor``: the order and factor already made by :func:`factor_layer` (``order``,
+    ``damp`` and ``max_retries`` are then not read). Computed in float32 on ``W``'s device, on
+    all of torch's threads. ``compute_loss=False`` skips the result's ``loss`` (NaN; it costs
+    ``2·out·cols²``, a third of the solve's arithmetic, and ``compress`` does not read it).
 
     The update without an inverse (module docstring, step 5). GPTQ, in solve order: with
     ``B⁻¹ = Uᵀ U`` and ``V = D_U⁻¹ U`` (rows of ``U`` over their diagonal, unit upper
@@ -368,12 +489,9 @@ def solve_layer(
     ``w'_k = w_k + Σ_{j<k} e_j N_jk`` with ``N = R D_R⁻¹ - I``: the factor ``R`` itself, columns
     over their diagonal (``B = (I + N) D_R² (I + N)ᵀ``, the LDL form of QuIP, Chee et al. 2023).
     """
-    if order not in ORDERS:
-        raise ConfigError(_MSG_ORDER.format(order=order))
+    _check_options(order, damp, max_retries)
     if int(block_size) < 1:
         raise ConfigError(_MSG_BLOCK.format(bs=block_size))
-    if not (float(damp) >= 0.0) or int(max_retries) < 0:
-        raise ConfigError(_MSG_DAMP.format(damp=damp, r=max_retries))
     _check_inputs(W, H, grid)
     device = W.device
     W0 = W.detach().float()
@@ -384,19 +502,14 @@ def solve_layer(
     scale = scale.reshape(-1) if block is None else scale
     qmax, qmin = int(grid.qmax), int(grid.qmin)
 
-    # 1. Dead columns: no input reaches them, so any value is free; GPTQ sets them to 0.
-    Wk, Hk = W0, H0  # read only; copied where dead columns change them
-    dead = torch.diagonal(Hk) == 0
-    if bool(dead.any()):
-        Wk, Hk = W0.clone(), H0.clone()
-        Hk[dead, :] = 0
-        Hk[:, dead] = 0
-        Hk[dead, dead] = 1
-        Wk[:, dead] = 0
-
-    # 2.-4. Order, then the one factor B = P A Pᵀ = R Rᵀ (retry with more damping if needed).
-    perm, R, lam, retries = _order_and_factor(Wk, Hk, order, WeightGrid(scale, qmax, grid.low, block), float(damp),
-                                              int(max_retries))
+    Wk, Hk = _without_dead_columns(W0, H0, fix_hessian=factor is None)  # 1. (H only for a factor)
+    if factor is None:  # 2.-4. order, then the one factor B = P A Pᵀ = R Rᵀ (more damping if needed)
+        perm, R, lam, retries = _order_and_factor(Wk, Hk, order, WeightGrid(scale, qmax, grid.low, block),
+                                                  float(damp), int(max_retries))
+    elif tuple(factor.R.shape) != (cols, cols):
+        raise ConfigError(f"solver: the factor is {tuple(factor.R.shape)} but the weight has {cols} columns")
+    else:
+        perm, R, lam, retries = factor.perm, factor.R, factor.damp, factor.retries
 
     # 5. N = R D_R⁻¹ - I (only its strict upper triangle is read); solve on Wᵀ, permuted.
     N = R / torch.diagonal(R).unsqueeze(0)
@@ -404,7 +517,9 @@ def solve_layer(
     # Scale of each (column, row), permuted order: per row, the same [out] for every column;
     # per block, column j (original index perm[j]) uses its block's scales.
     St = None if block is None else column_scales(scale, cols, block)[:, perm].t().contiguous()
-    codes_p = _quantize_columns(Wt, N, scale, St, qmin, qmax, int(block_size)).t()
+    if St is None:
+        Wt /= scale                                            # per-row scale: solve in units of s
+    codes_p = _quantize_columns(Wt, N, St, qmin, qmax, int(block_size)).t()
 
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
@@ -415,19 +530,28 @@ def solve_layer(
     )
 
 
-def solve_flops(out: int, cols: int, order: str = "sensitivity", compute_loss: bool = True) -> float:
-    """Floating-point operations of :func:`solve_layer` on ``W [out, cols]`` (one damping try):
-    the factor (``cols³/3``), the column updates (``out·cols²``: a multiply-add per row and pair
-    of columns), the loss (``2·out·cols²``, with ``compute_loss``); ``"obs"`` adds the unpermuted
-    Cholesky and its triangular solve for ``diag(A⁻¹)`` (``cols³/3 + cols³``)."""
-    flops = cols**3 / 3 + (3.0 if compute_loss else 1.0) * out * cols**2
-    return flops + 4 * cols**3 / 3 if order == "obs" else flops
+def factor_flops(cols: int, order: str = "sensitivity") -> float:
+    """Floating-point operations of :func:`factor_layer` (one damping try): the Cholesky
+    (``cols³/3``); ``"obs"`` adds the unpermuted Cholesky and its triangular solve for
+    ``diag(A⁻¹)`` (``cols³/3 + cols³``)."""
+    return cols**3 / 3 + (4 * cols**3 / 3 if order == "obs" else 0.0)
 
 
-def retarget_flops(out: int, cols: int) -> float:
-    """Floating-point operations of :func:`compensate_input_error` on ``W [out, cols]``: the
-    Cholesky (``cols³/3``), ``W (C − H)`` and the two triangular solves (``2·out·cols²`` each)."""
-    return cols**3 / 3 + 4.0 * out * cols**2
+def solve_flops(out: int, cols: int, order: str = "sensitivity", compute_loss: bool = True,
+                factored: bool = False) -> float:
+    """Floating-point operations of :func:`solve_layer` on ``W [out, cols]``: the factor
+    (:func:`factor_flops`, unless ``factored``: given as ``factor=``), the column updates
+    (``out·cols²``: a multiply-add per row and pair of columns) and the loss (``2·out·cols²``,
+    with ``compute_loss``)."""
+    flops = (3.0 if compute_loss else 1.0) * out * cols**2
+    return flops if factored else flops + factor_flops(cols, order)
+
+
+def retarget_flops(out: int, cols: int, factored: bool = False) -> float:
+    """Floating-point operations of :func:`compensate_input_error` on ``W [out, cols]``:
+    ``W (C − H)`` and the two triangular solves (``2·out·cols²`` each), plus the Cholesky
+    (``cols³/3``) unless ``factored`` (the solver's factor given as ``factors=``)."""
+    return 4.0 * out * cols**2 + (0.0 if factored else cols**3 / 3)
 
 
 def rtn_layer(W: torch.Tensor, grid: WeightGrid, H: torch.Tensor | None = None) -> SolverResult:
@@ -456,6 +580,7 @@ def compensate_input_error(
     *,
     damp: float = 0.01,
     max_retries: int = 4,
+    factors: list[LayerFactor] | None = None,
 ) -> torch.Tensor:
     """The float target for a layer whose inputs already carry the prefix's quantization error.
 
@@ -467,10 +592,15 @@ def compensate_input_error(
     so solving toward ``W*`` with ``H`` minimises the error against the *float* output
     (the asymmetric target of GPTAQ). Written as a ridge step that shrinks toward ``W``:
 
-        W* = W + W (C − H) (H + λ·mean(diag H)·I)⁻¹
+        W* = W + W (C − H) A⁻¹,   A = H + λ·mean(diag H)·I
 
     (exactly ``W`` when ``X = X_f``). ``H``, ``C``: ``[cols, cols]``, or ``[G, cols, cols]``
     for grouped convs (rows ``k·out/G … (k+1)·out/G`` use conv group ``k``).
+
+    ``factors``: the solver's :class:`LayerFactor` of each conv group (:func:`factor_layer`),
+    so the solve that follows reuses the one Cholesky: ``P A Pᵀ = R Rᵀ`` gives
+    ``A⁻¹ = Pᵀ R⁻ᵀ R⁻¹ P``, two triangular solves in solve order (``A`` is then the solver's
+    Hessian: dead columns fixed, its damping). Without them, a Cholesky of ``A`` of its own.
     """
     H3 = H if H.dim() == 3 else H.unsqueeze(0)
     C3 = C if C.dim() == 3 else C.unsqueeze(0)
@@ -479,21 +609,30 @@ def compensate_input_error(
             f"compensate_input_error: weight {tuple(W.shape)}, Hessian {tuple(H.shape)} and cross "
             f"moment {tuple(C.shape)} do not match"
         )
+    if factors is not None and len(factors) != H3.shape[0]:
+        raise ConfigError(f"compensate_input_error: {len(factors)} factors for {H3.shape[0]} conv groups")
     W0 = W.detach().float()
     rows = W0.shape[0] // H3.shape[0]
     parts = []
     for k in range(H3.shape[0]):
         Hk = H3[k].to(device=W0.device, dtype=torch.float32)
         Ck = C3[k].to(device=W0.device, dtype=torch.float32)
-        if not (bool(torch.isfinite(Hk).all()) and bool(torch.isfinite(Ck).all())):
+        if not (_all_finite(Hk) and _all_finite(Ck)):
             raise ConfigError(_MSG_NONFINITE.format(what="Hessian or cross moment"))
         Wk = W0[k * rows:(k + 1) * rows]
         if torch.equal(Ck, Hk):  # inputs without upstream error (e.g. the first layer)
             parts.append(Wk.clone())
             continue
-        L, _, _ = _damped_cholesky(Hk, damp, max_retries)
-        # (H + λI) Δᵀ = (W (C − H))ᵀ: a Cholesky solve, no explicit inverse
-        delta_t = torch.cholesky_solve((Wk @ (Ck - Hk)).t(), L)
+        M = Wk @ (Ck - Hk)                                      # W (C − H)
+        if factors is None:
+            L, _, _ = _damped_cholesky(Hk, damp, max_retries)
+            delta_t = torch.cholesky_solve(M.t(), L)            # A Δᵀ = Mᵀ, A = L Lᵀ
+        else:
+            perm, R = factors[k].perm, factors[k].R
+            # (R Rᵀ) Δ_Pᵀ = M_Pᵀ in solve order: R Y = M_Pᵀ, then Rᵀ Δ_Pᵀ = Y
+            Y = torch.linalg.solve_triangular(R, M[:, perm].t(), upper=True)
+            delta_t = torch.empty_like(Y)
+            delta_t[perm] = torch.linalg.solve_triangular(R.t(), Y, upper=False)
         parts.append(Wk + delta_t.t())
     return torch.cat(parts)
 
@@ -502,10 +641,13 @@ def solve_conv_groups(
     W: torch.Tensor,
     H: torch.Tensor,
     grid: WeightGrid,
+    *,
+    factors: list[LayerFactor] | None = None,
     **options: object,
 ) -> SolverResult:
     """Solve a grouped/depthwise conv: ``W [out, cols]``, ``H [G, cols, cols]`` (one per conv
-    group); rows ``k·out/G … (k+1)·out/G`` use ``H[k]``. ``options`` go to :func:`solve_layer`.
+    group); rows ``k·out/G … (k+1)·out/G`` use ``H[k]`` (and ``factors[k]``, from
+    :func:`factor_conv_groups`, when given). ``options`` go to :func:`solve_layer`.
 
     ``order`` of the result is ``[G, cols]`` (one permutation per conv group), ``damp_used``
     the largest damping any group needed, ``loss`` the sum over groups.
@@ -525,7 +667,8 @@ def solve_conv_groups(
         sl = slice(k * rows, (k + 1) * rows)
         rows_scale = grid.scale.reshape(-1)[sl] if grid.block is None else grid.scale[sl]
         sub = WeightGrid(scale=rows_scale, qmax=grid.qmax, low=grid.low, block=grid.block)
-        parts.append(solve_layer(W[sl], H[k], sub, **options))  # type: ignore[arg-type]
+        factor = None if factors is None else factors[k]
+        parts.append(solve_layer(W[sl], H[k], sub, factor=factor, **options))  # type: ignore[arg-type]
     return SolverResult(
         codes=torch.cat([p.codes for p in parts]),
         qweight=torch.cat([p.qweight for p in parts]),
@@ -534,3 +677,14 @@ def solve_conv_groups(
         loss=sum(p.loss for p in parts),
         retries=max(p.retries for p in parts),
     )
+
+
+def factor_conv_groups(W: torch.Tensor, H: torch.Tensor, **options: object) -> list[LayerFactor]:
+    """:func:`factor_layer` of each conv group: ``W [out, cols]``, ``H [cols, cols]`` or
+    ``[G, cols, cols]`` (rows ``k·out/G … (k+1)·out/G`` use ``H[k]``)."""
+    H3 = H if H.dim() == 3 else H.unsqueeze(0)
+    if W.shape[0] % H3.shape[0]:
+        raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
+    rows = W.shape[0] // H3.shape[0]
+    return [factor_layer(W[k * rows:(k + 1) * rows], H3[k], **options)  # type: ignore[arg-type]
+            for k in range(H3.shape[0])]

@@ -91,16 +91,18 @@ def cpu_flags() -> str:
 
 
 # ---------------------------------------------------------------------------------- worker
-def _build(case: str):
+def _build(case: str, images: int = 64):
+    """(model, data, num_calib): for the ResNet sizes ``images`` random images 3x64x64 (two
+    random groups) and num_calib 64."""
     if case in ("resnet18", "resnet50"):
-        n, size = 64, 64
+        n, size = images, 64
         factory = resnet18 if case == "resnet18" else resnet50
         model = factory(num_classes=10, seed=0).eval()
         rng = np.random.default_rng(0)
         x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
         y = rng.integers(0, 10, n).astype(np.int64)
         group = rng.integers(0, 2, n).astype(np.int64)
-        return model, GroupData(x, y, group, ("a", "b"), f"random {size}x{size}"), n
+        return model, GroupData(x, y, group, ("a", "b"), f"random {size}x{size}"), 64
     train, _ = make_image_task(n_train=512, n_test=64, size=32, seed=0)
     torch.manual_seed(0)
     model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1]).eval()

@@ -30,7 +30,8 @@ Sections:
   and obs, before vs after, in PyTorch fake-quant, with the codes that differ.
 - ``search``: the measured sensitivity table (serial, widths 2/4/8) before vs after (time, and
   whether the tables are equal bit for bit); then ``search_mixed_precision`` at
-  ``budget_bits=3.0`` on the ResNet-18 size data
+  ``budget_bits=3.0`` on the ResNet-18 size data, 64 images (num_calib: a hold-out split and a
+  refit) and 192 images (num_calib 64: the verification fits are the refit; ``--search-images``)
   (after), serial and with ``EngineConfig(engine="local", workers=2)``, beside one compress of
   the same data in the same run (``--search-base`` also runs the searches of before, alternating
   with after's). The phases of a run on 2 workers overlap: the refit of the predicted best runs
@@ -93,18 +94,24 @@ class _WorkRecords(logging.Handler):
 
 
 # ------------------------------------------------------------------------------ workers
-def worker_compress(case: str, out: Path, perturb: bool = False) -> dict:
-    """One compress; ``perturb``: the calibration images times ``1 + u·2⁻²³`` (u uniform in
-    [-1, 1]), a change at float32's rounding level, to see how far rounding alone moves the codes."""
+def _perturbed(data):
+    """``data`` with its images times ``1 + u·2⁻²³`` (u uniform in [-1, 1]): a change at float32's
+    rounding level, to see how far rounding alone moves the codes."""
     from fqexport.calibration.group_data import GroupData
+
+    u = np.random.default_rng(1).uniform(-1, 1, data.x.shape).astype(np.float32)
+    x = (data.x * (1 + u * np.float32(2.0**-23))).astype(np.float32)
+    return GroupData(x, data.y, data.group, data.group_names, data.source)
+
+
+def worker_compress(case: str, out: Path, perturb: bool = False) -> dict:
+    """One compress; ``perturb``: on :func:`_perturbed` images."""
     from fqexport.config import QuantConfig
     from fqexport.pipeline.compress import compress
 
     model, data, n = _build(case)
     if perturb:
-        u = np.random.default_rng(1).uniform(-1, 1, data.x.shape).astype(np.float32)
-        x = (data.x * (1 + u * np.float32(2.0**-23))).astype(np.float32)
-        data = GroupData(x, data.y, data.group, data.group_names, data.source)
+        data = _perturbed(data)
     handler = _WorkRecords()
     logger = logging.getLogger("fqexport.pipeline.compress")
     logger.addHandler(handler)
@@ -118,7 +125,7 @@ def worker_compress(case: str, out: Path, perturb: bool = False) -> dict:
             "layers": len(cm.layers)}
 
 
-def worker_accuracy(model_name: str, bits: int, variant: str, cache: Path, out: Path) -> dict:
+def worker_accuracy(model_name: str, bits: int, variant: str, cache: Path, out: Path, perturb: bool = False) -> dict:
     from solver_models_bench import NUM_CALIB, demo_cnn, metrics_of, tabular_mlp
 
     from fqexport.calibration.sampling import group_balanced_subset
@@ -128,6 +135,7 @@ def worker_accuracy(model_name: str, bits: int, variant: str, cache: Path, out: 
     build = demo_cnn if model_name == "cnn" else tabular_mlp
     model, train, test, _ = build(cache, 0, 15000)
     calib = group_balanced_subset(train, NUM_CALIB, seed=0)
+    calib = _perturbed(calib) if perturb else calib
     over = dict(ACCURACY_VARIANTS)[variant]
     t0 = time.perf_counter()
     cm = compress(model, calib, QuantConfig(weight_bits=bits, num_calib=NUM_CALIB, seed=0, **over), progress=False)
@@ -151,12 +159,12 @@ def worker_sensitivity(case: str, out: Path) -> dict:
     return {"wall_s": wall, "layers": len(table.layers), "bits": list(table.bits)}
 
 
-def worker_search(case: str, engine: str, workers: int) -> dict:
+def worker_search(case: str, engine: str, workers: int, images: int) -> dict:
     from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
     from fqexport.pipeline.compress import compress
     from fqexport.search.mixed_precision import search_mixed_precision
 
-    model, data, n = _build(case)
+    model, data, n = _build(case, images)
     base = QuantConfig(weight_bits=4, num_calib=n, device="cpu")
     t0 = time.perf_counter()
     compress(model, data, base, progress=False)
@@ -234,21 +242,25 @@ def section_compress(args, tmp: Path) -> None:
 
 
 def section_accuracy(args, tmp: Path) -> None:
-    print("\n## per-group test accuracy (PyTorch fake-quant), before vs after\n")
-    print(f"{'model':<6} {'bits':>4} {'variant':<30} {'group':<18} {'before':>7} {'after':>7} {'codes changed':>22}")
+    print("\n## per-group test accuracy (PyTorch fake-quant), before vs after; 'before ±ulp': before on calibration")
+    print("## images changed by <= 1 float32 ulp, the spread that rounding alone gives\n")
+    print(f"{'model':<6} {'bits':>4} {'variant':<30} {'group':<18} {'before':>7} {'±ulp':>7} {'after':>7} "
+          f"{'codes changed':>22} {'±ulp codes':>22}")
     for model_name in ("cnn", "mlp"):
         for bits in (4, 3):
-            for variant, _ in ACCURACY_VARIANTS:
-                fb, fa = tmp / "acc_b.pt", tmp / "acc_a.pt"
+            for variant, _ in ACCURACY_VARIANTS[:args.accuracy_variants]:
+                fb, fa, fp = tmp / "acc_b.pt", tmp / "acc_a.pt", tmp / "acc_p.pt"
                 job = ["accuracy", model_name, str(bits), variant, str(args.cache)]
                 b = _run(args.base_tree, job + [str(fb)])
+                p = _run(args.base_tree, job + [str(fp), "perturb"])
                 a = _run(ROOT, job + [str(fa)])
                 d, n = codes_changed(fb, fa)
+                dp, _ = codes_changed(fb, fp)
                 for g in ["overall", *b["by_group"]]:
-                    vb = b["overall"] if g == "overall" else b["by_group"][g]
-                    va = a["overall"] if g == "overall" else a["by_group"][g]
-                    print(f"{model_name:<6} {bits:>4} {variant:<30} {g:<18} {100 * vb:>7.2f} {100 * va:>7.2f} "
-                          f"{d:>10}/{n} ({100 * d / n:.2f}%)", flush=True)
+                    v = [r["overall"] if g == "overall" else r["by_group"][g] for r in (b, p, a)]
+                    print(f"{model_name:<6} {bits:>4} {variant:<30} {g:<18} {100 * v[0]:>7.2f} {100 * v[1]:>7.2f} "
+                          f"{100 * v[2]:>7.2f} {d:>10}/{n} ({100 * d / n:.2f}%) {dp:>10}/{n} ({100 * dp / n:.2f}%)",
+                          flush=True)
 
 
 def section_search(args, tmp: Path) -> None:
@@ -261,17 +273,21 @@ def section_search(args, tmp: Path) -> None:
           f"(after/before {a['wall_s'] / b['wall_s']:.2f}); tables bit for bit equal: {np.array_equal(db, da)} "
           f"(max |diff| {np.abs(db - da).max():.2e})", flush=True)
     print("\n## avg-3-bit search (budget_bits=3.0) on the resnet18-size data, beside one compress in the same run\n")
-    print(f"{'tree':<7} {'engine':<10} {'compress s':>10} {'search s':>9} {'search/compress':>15} {'fits':>4} "
-          f"{'sens tasks':>10}  phases")
+    print("64 images = num_calib: a stratified hold-out split, each verification fit sees 70 % of the data, then the")
+    print("winner is refitted on all; 192 images: 64 per fit and >= 50 unused per group, so each verification fit is")
+    print("the refit (the held-out set is the unused images) -- what a calibration set larger than num_calib gives.\n")
+    print(f"{'tree':<7} {'images':>6} {'engine':<10} {'compress s':>10} {'search s':>9} {'search/compress':>15} "
+          f"{'fits':>4} {'sens tasks':>10}  phases")
     runs = [("after", ROOT, "serial", 1), ("after", ROOT, "local", 2)]
     if args.search_base:  # before and after alternate: serial, then 2 workers
         runs = [("before", args.base_tree, "serial", 1), runs[0], ("before", args.base_tree, "local", 2), runs[1]]
-    for label, tree, engine, workers in runs:
-        r = _run(tree, ["search", "resnet18", engine, str(workers)])
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
-        print(f"{label:<7} {engine + ' x' + str(workers):<10} {r['compress_s']:>10.1f} {r['search_s']:>9.1f} "
-              f"{r['search_s'] / r['compress_s']:>15.2f} {r['fits']:>4} {r['sensitivity_tasks']:>10}  {phases}",
-              flush=True)
+    for images in args.search_images:
+        for label, tree, engine, workers in runs:
+            r = _run(tree, ["search", "resnet18", engine, str(workers), str(images)])
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
+            print(f"{label:<7} {images:>6} {engine + ' x' + str(workers):<10} {r['compress_s']:>10.1f} "
+                  f"{r['search_s']:>9.1f} {r['search_s'] / r['compress_s']:>15.2f} {r['fits']:>4} "
+                  f"{r['sensitivity_tasks']:>10}  {phases}", flush=True)
 
 
 def main() -> None:
@@ -283,7 +299,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="before/after pairs per compress case")
     p.add_argument("--per-layer", action="store_true", help="every layer's solver arithmetic")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-speed-bench-models")
+    p.add_argument("--accuracy-variants", type=int, default=len(ACCURACY_VARIANTS),
+                   help="the first K solver variants of the accuracy section (1: the default order only)")
     p.add_argument("--search-base", action="store_true", help="also the searches of the base commit")
+    p.add_argument("--search-images", type=int, nargs="+", default=[64, 192],
+                   help="calibration set sizes of the search runs (num_calib stays 64)")
     p.add_argument("--base-commit", default=BASE_COMMIT)
     p.add_argument("--base-tree", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-speed-bench-base")
     args = p.parse_args()
@@ -292,11 +312,12 @@ def main() -> None:
         if kind == "compress":
             result = worker_compress(rest[0], Path(rest[1]), perturb=rest[2:] == ["perturb"])
         elif kind == "accuracy":
-            result = worker_accuracy(rest[0], int(rest[1]), rest[2], Path(rest[3]), Path(rest[4]))
+            result = worker_accuracy(rest[0], int(rest[1]), rest[2], Path(rest[3]), Path(rest[4]),
+                                     perturb=rest[5:] == ["perturb"])
         elif kind == "sensitivity":
             result = worker_sensitivity(rest[0], Path(rest[1]))
         else:
-            result = worker_search(rest[0], rest[1], int(rest[2]))
+            result = worker_search(rest[0], rest[1], int(rest[2]), int(rest[3]))
         print(json.dumps(result))
         return
     _ensure_worktree(args.base_tree, args.base_commit)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -80,6 +81,8 @@ def rules(args) -> None:
     print(f"\n## TensorRT / CUDA EP rules on the coverage models (target gpu, method {args.method}, "
           f"{args.n} samples, CPU {cpu_isa()})\n")
     print_table(rows, ["model", "variant", "export", "violations", "agreement", "pairs", "layers", "seconds", "cpu file"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def _demo_model(args):
@@ -139,6 +142,7 @@ def main() -> None:
     r.add_argument("--variants", nargs="*", default=["W8A8", "W4"], choices=list(VARIANTS))
     r.add_argument("--method", default="solver", choices=("solver", "rtn"))
     r.add_argument("--n", type=int, default=128, help="task samples per model")
+    r.add_argument("--json", help="also write the rows here")
     d = sub.add_parser("demo", help="per-group accuracy of S8S8 vs U8S8 on the demo task")
     d.add_argument("--epochs", type=int, default=10, help="training epochs (the demo's schedule: 10)")
     d.add_argument("--n-test", type=int, default=6000)

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet18 import resnet18  # noqa: E402
 
 FILES = ("fp32", "fqexport W8A8", "quantize_static", "quantize_static reduce_range")
+RESULTS: dict[str, list[dict]] = {"latency": [], "emulation": []}  # --json: the key figures
 
 
 def _models(names: list[str], demo_cache: Path) -> dict[str, tuple[torch.nn.Module, GroupData]]:
@@ -95,6 +96,7 @@ def latency(models, files, threads: int, repeats: int) -> None:
                                                 repeats=repeats)
                 row[f"fp32 ms ({k})"] = ref.p50_ms
                 row[k] = f"{got.p50_ms:.3f} ms = {got.p50_ms / ref.p50_ms:.2f}x"
+                RESULTS["latency"].append({"model": name, "batch": b, "file": k, "ratio_vs_fp32": got.p50_ms / ref.p50_ms})
             fp32 = [v for c, v in row.items() if c.startswith("fp32 ms")]
             row = {"model": name, "batch": b, "fp32 ms": f"{np.median(fp32):.3f}",
                    **{k: row[k] for k in FILES[1:]}}
@@ -165,6 +167,7 @@ def emulation(files, images: int, targets: list[str], d: Path) -> None:
         secs, out = _validate_seconds(path, data, [t], declared)
         rows.append({"validate": f"--target {t}" + (f" (host declared {declared})" if declared else ""),
                      "wall s": f"{secs:.1f}", "x native-only": f"{secs / base:.2f}"})
+        RESULTS["emulation"].append({"target": t, "images": images, "native_s": base, "emulated_s": secs})
         print(out.strip().splitlines()[-1] if out.strip() else "", flush=True)
     print(f"\n== validate of resnet18's quantize_static (full-range) file on {images} images, --no-latency "
           "--no-kernel-check, a fresh process each (import and reading included)")
@@ -182,6 +185,7 @@ def main(argv=None) -> None:
     p.add_argument("--targets", nargs="+", default=["x86-avx2"])
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-latency-bench")
     p.add_argument("--demo-cache", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-latency-bench" / "demo")
+    p.add_argument("--json", type=Path, help="also write the key figures here")
     a = p.parse_args(argv)
     print(f"CPU instruction set: {cpu_isa()} (int8 kernel family {kernel_family(cpu_isa())}); "
           f"onnxruntime {ort.__version__}; {os.cpu_count()} CPUs", flush=True)
@@ -195,6 +199,8 @@ def main(argv=None) -> None:
         profile(shown, files, a.threads)
     if "emulation" in a.sections:
         emulation(files, a.images, a.targets, a.dir)
+    if a.json:
+        a.json.write_text(json.dumps(RESULTS, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ Sections:
   weights, 64 images 3x64x64, two random groups); wall time, the codes that differ between
   before and after (beside the rounding floor: after vs after on images changed by at most one
   float32 ulp), and (after) the solver's arithmetic from ``fqexport.pipeline.compress``'s
-  debug records: per step (``solve``: factor + column updates + loss; ``retarget``: the
-  float-output target) the flops, seconds and GFLOP/s, against ``torch.mm``'s rate measured in
-  the same process just before (``--per-layer`` prints every layer).
+  debug records: per step (``factor``: the one Cholesky per layer and conv group, with the
+  column order; ``retarget``: the float-output target through that factor; ``solve``: the column
+  updates) the flops, seconds and GFLOP/s, against ``torch.mm``'s rate measured in the same
+  process just before, and the whole solver's time over its floor (all its flops at that rate);
+  ``--per-layer`` prints every layer.
 - ``accuracy``: per-group test accuracy of the solver benchmark models
   (``benchmarks/solver_models_bench.py``: the demo CNN and the tabular MLP, trained once and
   cached in ``--cache``) at W4A8 and W3A8, solver variants default (sensitivity order), natural
@@ -54,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BASE_COMMIT = "4944494"
 CASES = ("resnet18", "resnet50")
+RESULTS: dict[str, list[dict]] = {"compress": [], "search": []}  # --json: the key figures of each section
 ACCURACY_VARIANTS = (("solver sensitivity (default)", {}), ("solver natural", {"order": "natural"}),
                      ("solver obs", {"order": "obs"}))
 
@@ -159,7 +162,7 @@ def worker_sensitivity(case: str, out: Path) -> dict:
     return {"wall_s": wall, "layers": len(table.layers), "bits": list(table.bits)}
 
 
-def worker_search(case: str, engine: str, workers: int, images: int) -> dict:
+def worker_search(case: str, engine: str, workers: int, images: int, sensitivity: str = "measured") -> dict:
     from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
     from fqexport.pipeline.compress import compress
     from fqexport.search.mixed_precision import search_mixed_precision
@@ -169,7 +172,8 @@ def worker_search(case: str, engine: str, workers: int, images: int) -> dict:
     t0 = time.perf_counter()
     compress(model, data, base, progress=False)
     one = time.perf_counter() - t0
-    mp = MixedPrecisionConfig(budget_bits=3.0, engine=EngineConfig(engine=engine, workers=workers))
+    mp = MixedPrecisionConfig(budget_bits=3.0, engine=EngineConfig(engine=engine, workers=workers),
+                              sensitivity=sensitivity)
     t0 = time.perf_counter()
     res = search_mixed_precision(model, data, mp, base, progress=False)
     wall = time.perf_counter() - t0
@@ -219,6 +223,7 @@ def section_compress(args, tmp: Path) -> None:
             b = _run(args.base_tree, ["compress", case, str(fb)])
             a = _run(ROOT, ["compress", case, str(fa)])
             d, n = codes_changed(fb, fa)
+            d0, n0 = d, n
             print(f"{case:<9} {r + 1:>4} {b['wall_s']:>9.1f} {a['wall_s']:>8.1f} {a['wall_s'] / b['wall_s']:>12.3f} "
                   f"{d:>9}/{n} ({100 * d / n:.2f}%)", flush=True)
             last = a
@@ -229,9 +234,17 @@ def section_compress(args, tmp: Path) -> None:
               f"{d}/{n} codes ({100 * d / n:.2f}%)")
         rate = last["gemm_gflops"]
         print(f"\n{case} (after, last pair): torch.mm {rate:.1f} GFLOP/s on {last['threads']} threads")
-        for step, (f, s) in _steps(last["work"]).items():
+        steps = _steps(last["work"])
+        for step, (f, s) in steps.items():
             print(f"  {step:<9} {f / 1e9:8.1f} GFLOP in {s:6.2f} s = {f / 1e9 / s:6.1f} GFLOP/s "
                   f"({100 * f / 1e9 / s / rate:.0f}% of torch.mm)")
+        flops, seconds = sum(f for f, _ in steps.values()), sum(s for _, s in steps.values())
+        floor = flops / 1e9 / rate
+        print(f"  solver    {flops / 1e9:8.1f} GFLOP in {seconds:6.2f} s; floor at torch.mm's rate {floor:.2f} s: "
+              f"{seconds / floor:.2f}x the floor")
+        RESULTS["compress"].append({"case": case, "before_s": b["wall_s"], "after_s": last["wall_s"],
+                                    "solver_s": seconds, "floor_s": floor, "gemm_gflops": rate,
+                                    "codes_changed": d0 / n0, "rounding_floor": d / n})
         if args.per_layer:
             print(f"  {'layer':<28} {'step':<9} {'cols':>5} {'GFLOP':>7} {'s':>6} {'GFLOP/s':>8} {'% mm':>5}")
             for w in last["work"]:
@@ -276,16 +289,18 @@ def section_search(args, tmp: Path) -> None:
     print("64 images = num_calib: a stratified hold-out split, each verification fit sees 70 % of the data, then the")
     print("winner is refitted on all; 192 images: 64 per fit and >= 50 unused per group, so each verification fit is")
     print("the refit (the held-out set is the unused images) -- what a calibration set larger than num_calib gives.\n")
-    print(f"{'tree':<7} {'images':>6} {'engine':<10} {'compress s':>10} {'search s':>9} {'search/compress':>15} "
-          f"{'fits':>4} {'sens tasks':>10}  phases")
+    print(f"{'tree':<7} {'images':>6} {'sensitivity':<11} {'engine':<10} {'compress s':>10} {'search s':>9} "
+          f"{'search/compress':>15} {'fits':>4} {'sens tasks':>10}  phases")
     runs = [("after", ROOT, "serial", 1), ("after", ROOT, "local", 2)]
     if args.search_base:  # before and after alternate: serial, then 2 workers
         runs = [("before", args.base_tree, "serial", 1), runs[0], ("before", args.base_tree, "local", 2), runs[1]]
-    for images in args.search_images:
+    for sens, images in ((s, i) for s in args.search_sensitivity for i in args.search_images):
         for label, tree, engine, workers in runs:
-            r = _run(tree, ["search", "resnet18", engine, str(workers), str(images)])
+            r = _run(tree, ["search", "resnet18", engine, str(workers), str(images), sens])
             phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
-            print(f"{label:<7} {images:>6} {engine + ' x' + str(workers):<10} {r['compress_s']:>10.1f} "
+            RESULTS["search"].append({"tree": label, "images": images, "sensitivity": sens, "workers": workers,
+                                      "compress_s": r["compress_s"], "search_s": r["search_s"]})
+            print(f"{label:<7} {images:>6} {sens:<11} {engine + ' x' + str(workers):<10} {r['compress_s']:>10.1f} "
                   f"{r['search_s']:>9.1f} {r['search_s'] / r['compress_s']:>15.2f} {r['fits']:>4} "
                   f"{r['sensitivity_tasks']:>10}  {phases}", flush=True)
 
@@ -304,6 +319,9 @@ def main() -> None:
     p.add_argument("--search-base", action="store_true", help="also the searches of the base commit")
     p.add_argument("--search-images", type=int, nargs="+", default=[64, 192],
                    help="calibration set sizes of the search runs (num_calib stays 64)")
+    p.add_argument("--search-sensitivity", nargs="+", choices=("measured", "fisher"), default=["measured"],
+                   help="the sensitivity methods of the search runs")
+    p.add_argument("--json", type=Path, help="also write the key figures of each section here")
     p.add_argument("--base-commit", default=BASE_COMMIT)
     p.add_argument("--base-tree", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-speed-bench-base")
     args = p.parse_args()
@@ -317,7 +335,7 @@ def main() -> None:
         elif kind == "sensitivity":
             result = worker_sensitivity(rest[0], Path(rest[1]))
         else:
-            result = worker_search(rest[0], rest[1], int(rest[2]), int(rest[3]))
+            result = worker_search(rest[0], rest[1], int(rest[2]), int(rest[3]), *rest[4:])
         print(json.dumps(result))
         return
     _ensure_worktree(args.base_tree, args.base_commit)
@@ -329,6 +347,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for section in args.sections:
             globals()[f"section_{section}"](args, Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=1))
 
 
 if __name__ == "__main__":

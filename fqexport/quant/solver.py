@@ -383,6 +383,8 @@ def _quantize_columns(
     w_, w0_, q_, e_ = (T.numpy() if cpu else T for T in (Wt, W0t, Qt, Et))
     s_ = None if St is None else (St.numpy() if cpu else St)
     tmp = w_[0].copy() if cpu else w_[0].clone()
+    # numpy's maximum/minimum take a third of the time with array bounds than with Python numbers
+    lo, hi = (np.full_like(tmp, qmin), np.full_like(tmp, qmax)) if cpu else (qmin, qmax)
     cols = Wt.shape[0]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -397,7 +399,7 @@ def _quantize_columns(
                 op.rint(w, out=q)
             else:
                 op.rint(op.div(w, s_[j], out=q), out=q)
-            op.clip(q, qmin, qmax, q)                                       # q_j = clamp(round(w'_j/s_j))
+            op.clip(q, lo, hi, q)                                           # q_j = clamp(round(w'_j/s_j))
             if s_ is None:
                 op.sub(w0_[j], q, out=e_[j])                                # e_j = w_j - q_j
             else:

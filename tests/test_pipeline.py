@@ -292,3 +292,23 @@ def test_the_retarget_and_the_solve_share_one_factorisation(cnn_model, cnn_data,
         if shared:
             assert flops["factor"] == pytest.approx(groups * factor_flops(cols))
     assert getattr(mods["dw"], "groups", 1) > 1  # the depthwise conv: a factor per conv group
+
+
+def test_a_raised_damping_is_logged_once_per_layer_and_the_warning_kept_back(mlp_model, mlp_data, caplog):
+    """damp=0 on 8 samples: every Hessian wider than 8 columns is singular, the one factor of
+    each such layer raises the damping, and compress says so once per layer in its log (the
+    DampingIncreasedWarning itself does not reach the caller)."""
+    import logging
+    import warnings
+
+    from fqexport.quant.solver import DampingIncreasedWarning
+
+    caplog.set_level(logging.WARNING, logger="fqexport.pipeline.compress")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cm = _compress(mlp_model, mlp_data, weight_bits=4, damp=0.0, num_calib=8)
+    assert not [w for w in seen if issubclass(w.category, DampingIncreasedWarning)]
+    raised = [r.getMessage() for r in caplog.records if "not positive definite" in r.getMessage()]
+    wide = [n for n, l in cm.layers.items() if dict(cm.float_model.named_modules())[n].weight.shape[1] > 8]
+    assert wide and len(raised) == len(wide), raised
+    assert all("at damp=0; solved with damp=0.001" in m for m in raised), raised

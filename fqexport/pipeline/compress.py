@@ -149,18 +149,16 @@ def _factor_weight(module: nn.Module, info: LayerInfo, config: QuantConfig,
         warnings.simplefilter("always", DampingIncreasedWarning)
         factors = factor_conv_groups(rows, hessian, order=config.order, damp=config.damp)
     _log_work(info.name, "factor", hessian, factor_flops(rows.shape[1], config.order), time.perf_counter() - t0)
-    retries = max(f.retries for f in factors)
-    if retries:
-        log.warning(
-            "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
-            "(consider more calibration samples)", info.name, config.damp, max(f.damp for f in factors),
-        )
-    _rewarn(caught)
+    _rewarn(caught, info.name, config.damp, max(f.damp for f in factors) if any(f.retries for f in factors) else None)
     return factors
 
 
-def _rewarn(caught: list[warnings.WarningMessage]) -> None:
-    """Re-issue the caught warnings but the :class:`DampingIncreasedWarning` (logged instead)."""
+def _rewarn(caught: list[warnings.WarningMessage], layer: str, damp: float, raised: float | None) -> None:
+    """Re-issue the caught warnings but the :class:`DampingIncreasedWarning`s: one log line
+    instead when the damping had to be raised (to ``raised``)."""
+    if raised is not None:
+        log.warning("layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
+                    "(consider more calibration samples)", layer, damp, raised)
     for w_ in caught:
         if not issubclass(w_.category, DampingIncreasedWarning):
             warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
@@ -194,12 +192,7 @@ def _quantize_weight(
     _log_work(info.name, "solve", hessian,
               solve_flops(out_per_group, rows.shape[1], config.order, False, factored=factors is not None),
               time.perf_counter() - t0)
-    if result.retries and factors is None:
-        log.warning(
-            "layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
-            "(consider more calibration samples)", info.name, config.damp, result.damp_used,
-        )
-    _rewarn(caught)
+    _rewarn(caught, info.name, config.damp, result.damp_used if result.retries and factors is None else None)
     return rows_to_weight(info.kind, result.codes, module.weight.shape), grid
 
 

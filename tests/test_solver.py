@@ -10,13 +10,13 @@ import torch
 from fqexport.errors import ConfigError
 from fqexport.quant.grid import WeightGrid, choose_weight_grid, weight_qmax
 from fqexport.quant.solver import (
-    DampingIncreasedWarning,
-    HessianNotPositiveDefinite,
-    choose_solver_grid,
-    column_sensitivity,
     _NUMPY_OPS,
     _TORCH_OPS,
+    DampingIncreasedWarning,
+    HessianNotPositiveDefinite,
     _quantize_columns,
+    choose_solver_grid,
+    column_sensitivity,
     compensate_input_error,
     factor_conv_groups,
     factor_layer,

@@ -38,8 +38,9 @@ Hessian (``H`` of shape ``[G, cols, cols]`` from :class:`fqexport.quant.hessian.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -230,10 +231,12 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid) -> None:
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, grid: WeightGrid | None = None) -> None:
+    """Shapes (and the grid's scales, when given) match, and W and H are finite."""
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
-    _check_scale(grid, W.shape[0], W.shape[1])
+    if grid is not None:
+        _check_scale(grid, W.shape[0], W.shape[1])
     if not _all_finite(W):
         raise ConfigError(_MSG_NONFINITE.format(what="weight"))
     if not _all_finite(H):
@@ -448,10 +451,7 @@ def factor_layer(
     :func:`solve_layer` (``factor=``) so that a layer is factored once.
     """
     _check_options(order, damp, max_retries)
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ConfigError(_MSG_SHAPE.format(w=tuple(W.shape), h=tuple(H.shape)))
-    if not _all_finite(H):
-        raise ConfigError(_MSG_NONFINITE.format(what="Hessian"))
+    _check_inputs(W, H)
     if order == "obs" and grid is None:
         raise ConfigError(_MSG_NEEDS_GRID)
     Wk, Hk = _without_dead_columns(W.detach().float(), H.detach().to(device=W.device, dtype=torch.float32))

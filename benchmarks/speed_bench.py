@@ -223,15 +223,14 @@ def section_compress(args, tmp: Path) -> None:
             b = _run(args.base_tree, ["compress", case, str(fb)])
             a = _run(ROOT, ["compress", case, str(fa)])
             d, n = codes_changed(fb, fa)
-            d0, n0 = d, n
             print(f"{case:<9} {r + 1:>4} {b['wall_s']:>9.1f} {a['wall_s']:>8.1f} {a['wall_s'] / b['wall_s']:>12.3f} "
                   f"{d:>9}/{n} ({100 * d / n:.2f}%)", flush=True)
             last = a
         fp = tmp / f"{case}_perturbed.pt"
         _run(ROOT, ["compress", case, str(fp), "perturb"])
-        d, n = codes_changed(fa, fp)
+        d_ulp, _ = codes_changed(fa, fp)
         print(f"{case:<9} rounding floor: after vs after on images changed by <= 1 ulp (x·(1 + u·2⁻²³)): "
-              f"{d}/{n} codes ({100 * d / n:.2f}%)")
+              f"{d_ulp}/{n} codes ({100 * d_ulp / n:.2f}%)")
         rate = last["gemm_gflops"]
         print(f"\n{case} (after, last pair): torch.mm {rate:.1f} GFLOP/s on {last['threads']} threads")
         steps = _steps(last["work"])
@@ -244,7 +243,7 @@ def section_compress(args, tmp: Path) -> None:
               f"{seconds / floor:.2f}x the floor")
         RESULTS["compress"].append({"case": case, "before_s": b["wall_s"], "after_s": last["wall_s"],
                                     "solver_s": seconds, "floor_s": floor, "gemm_gflops": rate,
-                                    "codes_changed": d0 / n0, "rounding_floor": d / n})
+                                    "codes_changed": d / n, "rounding_floor": d_ulp / n})
         if args.per_layer:
             print(f"  {'layer':<28} {'step':<9} {'cols':>5} {'GFLOP':>7} {'s':>6} {'GFLOP/s':>8} {'% mm':>5}")
             for w in last["work"]:

@@ -318,7 +318,7 @@ def main() -> None:
     p.add_argument("--search-base", action="store_true", help="also the searches of the base commit")
     p.add_argument("--search-images", type=int, nargs="+", default=[64, 192],
                    help="calibration set sizes of the search runs (num_calib stays 64)")
-    p.add_argument("--search-sensitivity", nargs="+", choices=("measured", "fisher"), default=["measured"],
+    p.add_argument("--search-sensitivity", nargs="+", choices=("measured", "fisher", "output-fisher"), default=["measured"],
                    help="the sensitivity methods of the search runs")
     p.add_argument("--json", type=Path, help="also write the key figures of each section here")
     p.add_argument("--base-commit", default=BASE_COMMIT)

@@ -36,7 +36,7 @@ DEFAULT_STORAGE: Storage = "auto"
 BudgetStorage = Literal[Storage, "ideal"]
 Device = Literal["auto", "cpu", "cuda"]
 MixedObjective = Literal["worst-group", "mean", "weighted"]
-SensitivityMethod = Literal["measured", "fisher"]
+SensitivityMethod = Literal["measured", "fisher", "output-fisher"]
 BudgetKind = Literal["bits", "bytes", "bops"]
 DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
 # Widths of the mixed-precision search by default: the containers ONNX Runtime loads (INT2, INT4,
@@ -463,7 +463,10 @@ class MixedPrecisionConfig:
         pin_first_last: pin the first and the last quantizable layer (execution order) to this
             width; ``None`` (default) leaves them free. ``pins`` naming the same layer with
             another width is an error.
-        sensitivity: ``"measured"`` (quantize one layer, measure group losses) or ``"fisher"``.
+        sensitivity: ``"measured"`` (quantize one layer, measure group losses), ``"fisher"``
+            (the weight's Fisher diagonal) or ``"output-fisher"`` (the output's Fisher diagonal
+            times the output error of the solver's codes: one float pass, one backward pass,
+            one factorisation per layer; :mod:`fqexport.search.output_fisher`).
         group_weights: per-group weights for ``"weighted"`` (group name -> weight).
         mean_weight: λ of the mean term in the worst-group objective.
         num_candidates: allocations actually quantized and measured on the held-out split.

@@ -234,6 +234,25 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     assert any(c["bits"] == bits for c in report["mixed_precision"]["candidates"])
 
 
+def test_compress_with_the_output_fisher_sensitivity(tmp_path, mlp_files, tests_dir, monkeypatch):
+    """``--sensitivity output-fisher``: the table the search ranks with is the solver's codes priced
+    by the output Fisher (its method in the report), and the budget holds."""
+    monkeypatch.chdir(tests_dir)
+    out = tmp_path / "of.onnx"
+    code, stdout, err = run_main(_compress_args(
+        mlp_files, out, "--budget-bits", "4", "--bit-choices", "2,4,8", "--candidates", "1",
+        "--sensitivity", "output-fisher", "--report", tmp_path / "report.json"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())["mixed_precision"]
+    assert report["sensitivity"]["method"] == "output-fisher"
+    delta = report["sensitivity"]["delta"]
+    assert all(delta[l]["2"][g] >= delta[l]["8"][g] >= 0 for l in delta for g in delta[l]["2"])
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fqexport"])
+    bits = {l["name"]: l["bits"] for l in meta["layers"]}
+    params = {l["name"]: l["params"] for l in meta["layers"]}
+    assert sum(bits[n] * params[n] for n in bits) / sum(params.values()) <= 4.0 + 1e-9
+
+
 def test_compress_verify_folds_flag(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
     base = ("--budget-bits", "4", "--bit-choices", "2,4,8", "--candidates", "1", "--method", "rtn")

@@ -11,8 +11,17 @@ a b-bit grid (per output channel, clipping-searched round to nearest: ``rtn_laye
 * ``"fisher"``: the second-order proxy with the per-group empirical Fisher diagonal
   ``F_g = (1/N_g) Σ_{i∈g} (∂ℓ_i/∂W_l)²`` (per-sample gradients):
   ``Δ_g(l, b) ≈ ½ Σ_j F_g,j (W_l,j − Q_b(W_l)_j)²``.
+* ``"output-fisher"``: the same second order in the layer's *output*, for the solver's codes
+  rather than RTN's: ``Δ_g(l, b) ≈ ½ (1/N_g) Σ_{i∈g} Σ_c mean_p(∂ℓ_i/∂y_icp)² Σ_p δy_icp²`` with
+  δy the layer's output error; one float pass, one backward pass and one factorisation per
+  layer for every width (:mod:`~fqexport.search.output_fisher`; an Embedding is measured).
 
-Both run on the BN-folded model (the weights the pipeline quantizes) and on a group-balanced
+The two Fisher methods read the loss's gradient at the float model, so they need a loss that
+has one there: a classifier's cross-entropy (against its labels or the float top-1). A
+detector's or segmenter's distillation loss is minimal at the float model; they are refused
+for those tasks with a ConfigError that names ``"measured"``.
+
+All three run on the BN-folded model (the weights the pipeline quantizes) and on a group-balanced
 subset of the calibration data, so a minority group weighs as much as the majority. ℓ_i is the
 task's per-sample loss (:meth:`fqexport.tasks.base.Task.sample_loss`): a classifier's
 cross-entropy against its label, or, for data without labels, against the float model's top-1
@@ -57,7 +66,9 @@ from fqexport.pipeline.activations import GraphStream
 from fqexport.pipeline.compress import model_output
 from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
+from fqexport.search.output_fisher import output_fisher_sensitivity
 from fqexport.tasks.base import Task as ModelTask
+from fqexport.tasks.classification import Classification
 from fqexport.tasks.resolve import resolve_task
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,11 @@ MSG_LAYERS = "sensitivity: {names} not a quantizable layer of the model (layers:
 MSG_SHAPE = "SensitivityTable: delta has shape {shape}, expected [layers={l}, bits={b}, groups={g}]"
 MSG_LOOKUP = "SensitivityTable has no entry for layer {layer!r} at {bits} bits (layers: {layers}; bits: {allbits})"
 MSG_EMPTY = "{source}: no calibration samples to measure sensitivity on"
+MSG_NO_FISHER = (
+    "sensitivity {method!r} needs a loss whose gradient at the float model says how much it rises: "
+    "a classifier's cross-entropy; the {task} task's loss is a distillation to the float model's "
+    "own outputs (minimal there, gradient 0); use sensitivity 'measured'"
+)
 MSG_CACHE_FILE = "sensitivity cache file {path}: cannot read it ({err}); delete it or pass another path"
 
 
@@ -253,11 +269,14 @@ def float_outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.T
 
 
 def _per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, task: ModelTask) -> torch.Tensor:
-    out = []
+    return _loss_of(float_outputs(model, x, batch_size), y, batch_size, task)
+
+
+def _loss_of(outputs: torch.Tensor, y: torch.Tensor, batch_size: int, task: ModelTask) -> torch.Tensor:
+    """The task's per-sample loss of ``outputs`` (a batch's model outputs, in order) against ``y``."""
     with torch.no_grad():
-        for s in range(0, x.shape[0], batch_size):
-            out.append(task.sample_loss(model(x[s:s + batch_size]), y[s:s + batch_size]))
-    return torch.cat(out).double()
+        return torch.cat([task.sample_loss(outputs[s:s + batch_size], y[s:s + batch_size])
+                          for s in range(0, outputs.shape[0], batch_size)]).double()
 
 
 class _MeasuredContext:
@@ -408,6 +427,7 @@ def measure_sensitivity(
     progress: bool = False,
     engine: Engine | None = None,
     task: str | ModelTask | None = None,
+    solver: QuantConfig | None = None,
 ) -> SensitivityTable:
     """Δ_g(l, b) for the quantizable layers of ``model`` (see the module docstring).
 
@@ -418,7 +438,8 @@ def measure_sensitivity(
             float model's top-1 is the label (module docstring).
         layers: layer names to measure (default: every quantizable Conv2d/Linear).
         bit_choices: widths to measure (2..8).
-        method: ``"measured"`` (one layer quantized at a time, loss measured) or ``"fisher"``.
+        method: ``"measured"`` (one layer quantized at a time, loss measured), ``"fisher"`` or
+            ``"output-fisher"`` (:mod:`fqexport.search.output_fisher`).
         cache: ``True`` for the process-wide in-memory cache, a SensitivityCache, or ``False``.
         cache_path: optional JSON file read if its fingerprint matches, else (re)written.
         skip_unsupported: leave unsupported layers in float (as ``QuantConfig.skip_unsupported``)
@@ -427,6 +448,9 @@ def measure_sensitivity(
             the table does not depend on it.
         task: the model's task (:mod:`fqexport.tasks`; None: inferred as ``compress`` does),
             whose per-sample loss Δ_g measures.
+        solver: for ``"output-fisher"``, the QuantConfig whose codes are priced (its ``method``,
+            ``order``, ``damp``, ``block_size``, and ``num_calib``: the samples of the solver's
+            Hessian; default ``QuantConfig()``: the solver).
     """
     check_choice(method, get_args(SensitivityMethod), "method")
     bits = check_bit_choices(bit_choices)
@@ -444,6 +468,10 @@ def measure_sensitivity(
     options = {"method": method, "bits": bits, "layers": names, "weight_range": weight_range,
                "clip_search": bool(clip_search), "num_samples": int(num_samples), "seed": int(seed),
                "task": task.to_dict()}
+    solver = solver or QuantConfig()
+    if method == "output-fisher":  # the codes it prices
+        options["solver"] = {"method": solver.method, "order": solver.order, "damp": solver.damp,
+                             "block_size": solver.block_size, "num_calib": solver.num_calib}
     key = _fingerprint(folded, sub, options)
 
     store = DEFAULT_CACHE if cache is True else (cache or None)
@@ -457,15 +485,32 @@ def measure_sensitivity(
             store.put(table)
         return table
 
+    if method != "measured" and not isinstance(task, Classification):
+        raise ConfigError(MSG_NO_FISHER.format(method=method, task=task.name))
     x = torch.from_numpy(np.ascontiguousarray(sub.x))
     labels = torch.from_numpy(np.ascontiguousarray(sub.y)).long() if sub.y is not None else None
-    y = task.loss_targets(float_outputs(folded, x, batch_size), labels)
+    outputs = float_outputs(folded, x, batch_size)
+    y = task.loss_targets(outputs, labels)
     g = torch.from_numpy(np.ascontiguousarray(sub.group)).long()
     G = sub.num_groups
-    base = _per_sample_loss(folded, x, y, batch_size, task)  # the float loss: Δ's baseline and the table's
+    base = _loss_of(outputs, y, batch_size, task)  # the float loss: Δ's baseline and the table's
     if method == "measured":
         delta = _measured(folded, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
                           engine or SerialEngine(), model, skip_unsupported, task, base)
+    elif method == "output-fisher":
+        delta = np.zeros((len(names), len(bits), G))
+        kinds = {l.name: l.kind for l in prepared.layers}
+        lookups = [i for i, n in enumerate(names) if kinds[n] == "embedding"]  # no Hessian: measured
+        rest = [i for i in range(len(names)) if i not in lookups]
+        if rest:
+            delta[rest] = output_fisher_sensitivity(
+                folded, {names[i]: kinds[names[i]] for i in rest}, bits, x, y, g, G, batch_size, task, weight_range=weight_range,
+                clip_search=clip_search, solve=solver.method == "solver", order=solver.order, damp=solver.damp,
+                block_size=solver.block_size, hessian_samples=solver.num_calib, progress=progress)
+        if lookups:
+            delta[lookups] = _measured(folded, [names[i] for i in lookups], bits, x, y, g, G, batch_size, weight_range,
+                                       clip_search, progress, engine or SerialEngine(), model, skip_unsupported, task,
+                                       base)
     else:
         delta = _fisher(folded, names, bits, x, y, g, G, min(batch_size, 32), weight_range, clip_search, progress,
                         engine or SerialEngine(), model, skip_unsupported, task)
@@ -492,5 +537,5 @@ def search_sensitivity(model: nn.Module, calib: GroupData | DataStream, mp: Mixe
         model, calib, layers=layers, bit_choices=mp.bit_choices, method=mp.sensitivity, num_samples=mp.sensitivity_samples,
         weight_range=base.weight_range, clip_search=True if base.clip_search is None else bool(base.clip_search),
         seed=mp.seed, cache_path=mp.cache_path, skip_unsupported=base.skip_unsupported, progress=progress,
-        engine=engine, task=task,
+        engine=engine, task=task, solver=base,
     )

@@ -202,7 +202,9 @@ def add_search_options(mp) -> None:
                     help="fix the first and the last quantizable layer to this width, e.g. 8 (default: free)")
     mp.add_argument("--sensitivity", choices=get_args(SensitivityMethod), default=None,
                     help="per-group sensitivity: measured (quantize one layer at one width, measure each group's "
-                    f"loss) or fisher (a second-order proxy, one pass) (default: {d['sensitivity']})")
+                    "loss), fisher (the weights' Fisher diagonal, one pass) or output-fisher (each layer's output "
+                    "error under the solver's codes, weighted by the output's Fisher diagonal: one float pass, one "
+                    f"backward pass, one factorisation per layer; classifiers) (default: {d['sensitivity']})")
     mp.add_argument("--candidates", type=int, default=None, metavar="N",
                     help=f"allocations verified on held-out calibration data (default: {d['num_candidates']})")
     mp.add_argument("--verify-folds", type=int, default=None, metavar="K",

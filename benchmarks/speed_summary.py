@@ -8,7 +8,8 @@ Runs, each in its own process and with its own detailed tables printed as it goe
 - ``speed_bench.py --sections compress search``: compress W4 wall time (ResNet-18 / ResNet-50
   size, before = ``--base-commit``), the solver's time over its floor (all its flops at the
   machine's ``torch.mm`` rate), the codes changed beside the 1-ulp rounding floor, and the
-  avg-3-bit search beside one compress (2 workers; 64 and 192 calibration images);
+  avg-3-bit search beside one compress (2 workers; 64 and 192 calibration images; measured and
+  output-fisher sensitivity);
 - ``latency_bench.py --sections latency emulation`` (the demo model from ``fqexport-demo/`` when
   ``fqexport demo`` trained it there, else trained first): fp32 vs fqexport W8A8 vs ORT
   ``quantize_static`` (full range and ``reduce_range``) at batch 1 and 32, and ``validate
@@ -61,7 +62,8 @@ def search_rows(speed: dict) -> list[dict[str, str]]:
     rows = []
     for s in speed["search"]:
         ratio = s["search_s"] / s["compress_s"]
-        rows.append(_row(f"avg-3-bit search, {s['images']} images, {s['workers']} worker(s)",
+        rows.append(_row(f"avg-3-bit search, {s['images']} images, {s['sensitivity']} sensitivity, "
+                         f"{s['workers']} worker(s)",
                          f"{s['search_s']:.1f} s = {ratio:.2f}x one compress", "<= 2x (2 workers)",
                          ratio <= 2.0 if s["workers"] == 2 else None))
     return rows
@@ -114,6 +116,7 @@ def main() -> None:
     if sections:
         base = ["--base-commit", args.base_commit, "--base-tree", str(out / "base")] if args.base_commit else []
         _run("speed_bench.py", ["--sections", *sections, "--repeats", "1", "--search-images", "64", "192",
+                                "--search-sensitivity", "measured", "output-fisher",
                                 "--json", str(out / "speed.json"), *base])
         speed = json.loads((out / "speed.json").read_text())
     lat = {"latency": [], "emulation": []}

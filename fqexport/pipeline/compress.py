@@ -43,6 +43,7 @@ from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model
+from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
@@ -497,8 +498,9 @@ def compress(
     # 'samples' weights groups by their share of the user's data, not of the balanced subset
     alpha = torch.from_numpy(GroupWeights(config.group_weights).vector(data.group_names, data.group_counts()))
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
-    quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
-                                 progress)
+    with reuse_freed_memory():  # the Hessian-sized tensors of one layer are reused by the next
+        quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
+                                     progress)
     reference = _calibrate_activations(prepared.folded, quantized, sub, config, progress, task)
     tail = task.float_tail(prepared.folded, set(quantized))
     float_ops = tail_ops(prepared.folded, tail) if tail is not None else ()

@@ -37,6 +37,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from fqexport.errors import ConfigError
+from fqexport.heap import reuse_freed_memory
 from fqexport.model import rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.hessian import HessianAccumulator
@@ -175,7 +176,7 @@ def output_fisher_sensitivity(
     modules = dict(model.named_modules())
     delta = np.zeros((len(names), len(bits), num_groups))
     cache = ActivationCache([stream], batches, torch.device("cpu"), max_bytes=_CACHE_BYTES)
-    with cache, torch.no_grad(), warnings.catch_warnings():
+    with cache, torch.no_grad(), warnings.catch_warnings(), reuse_freed_memory():
         warnings.simplefilter("ignore", DampingIncreasedWarning)  # a raised damping changes no table entry's meaning
         for name in tqdm(sorted(names, key=index.__getitem__), desc="sensitivity (output-fisher)", unit="layer",
                          disable=not progress):

@@ -95,6 +95,12 @@ def test_solver_codes_one_factorisation_per_layer_for_every_width(monkeypatch):
     rtn = measure_sensitivity(model, data, bit_choices=(2, 3, 4), method="output-fisher", cache=False,
                               solver=QuantConfig(method="rtn"))
     assert len(calls) == 3 and solved.key != rtn.key  # RTN factors nothing; the key tells them apart
+    # the grid is what compress would pick: clip-searched at 2 bits only, unless the config says so
+    clipped = measure_sensitivity(model, data, bit_choices=(2, 3, 4), method="output-fisher", cache=False,
+                                  solver=QuantConfig(clip_search=True))
+    assert clipped.key != solved.key
+    np.testing.assert_array_equal(clipped.delta[:, 0], solved.delta[:, 0])
+    assert not np.array_equal(clipped.delta[:, 1:], solved.delta[:, 1:])
     # the solver's codes move each layer's output less than round to nearest at 2 bits, for the
     # group-mean of Δ (the solver minimises the output error; Δ weighs it by the gradients)
     assert (solved.delta[:, 0].mean(axis=1) < rtn.delta[:, 0].mean(axis=1)).all()

@@ -160,13 +160,15 @@ def _hessian(module: nn.Module, name: str, cache: ActivationCache, index: int, n
 def output_fisher_sensitivity(
     model: nn.Module, kinds: Mapping[str, str], bits: Sequence[int], x: torch.Tensor, y: torch.Tensor,
     g: torch.Tensor, num_groups: int, batch_size: int, task: ModelTask, *, weight_range: str,
-    clip_search: bool, solve: bool = True, order: str = "sensitivity", damp: float = 0.01,
+    clip_search: Callable[[int], bool], solve: bool = True, order: str = "sensitivity", damp: float = 0.01,
     block_size: int = 128, hessian_samples: int | None = None, progress: bool = False,
 ) -> np.ndarray:
     """Δ_g(l, b) ``[layers, widths, groups]`` for the Hessian layers ``kinds`` (name →
-    ``LayerInfo.kind``, in table order) of the traced, BN-folded ``model`` (module docstring). ``solve``: the solver's codes (``order``, ``damp``,
-    ``block_size`` as in :class:`~fqexport.config.QuantConfig`; its Hessian on the first
-    ``hessian_samples``, default all), else round to nearest."""
+    ``LayerInfo.kind``, in table order) of the traced, BN-folded ``model`` (module docstring).
+    ``solve``: the solver's codes (``order``, ``damp``, ``block_size`` as in
+    :class:`~fqexport.config.QuantConfig`; its Hessian on the first ``hessian_samples``, default
+    all), else round to nearest; ``clip_search(bits)``: whether a width's grid is clip-searched
+    (``QuantConfig.use_clip_search``)."""
     names = list(kinds)
     energy = output_gradient_energy(model, kinds, x, y, batch_size, task)
     stream = GraphStream(model)
@@ -187,7 +189,7 @@ def output_fisher_sensitivity(
             factors = factor_conv_groups(rows, H, order=order, damp=damp) if solve and order != "obs" else None
             errors = []
             for b in bits:
-                grid = choose_solver_grid(rows, H, b, weight_range=weight_range, clip_search=clip_search)
+                grid = choose_solver_grid(rows, H, b, weight_range=weight_range, clip_search=clip_search(b))
                 q = (solve_conv_groups(rows, H, grid, factors=factors, order=order, damp=damp, block_size=block_size,
                                        compute_loss=False) if solve else rtn_layer(rows, grid)).qweight
                 errors.append(rows_to_weight(kind, q - rows, module.weight.shape))

@@ -449,8 +449,9 @@ def measure_sensitivity(
         task: the model's task (:mod:`fqexport.tasks`; None: inferred as ``compress`` does),
             whose per-sample loss Δ_g measures.
         solver: for ``"output-fisher"``, the QuantConfig whose codes are priced (its ``method``,
-            ``order``, ``damp``, ``block_size``, and ``num_calib``: the samples of the solver's
-            Hessian; default ``QuantConfig()``: the solver).
+            ``order``, ``damp``, ``block_size``, clip search per width in place of
+            ``clip_search``, and ``num_calib``: the samples of the solver's Hessian; default
+            ``QuantConfig()``: the solver).
     """
     check_choice(method, get_args(SensitivityMethod), "method")
     bits = check_bit_choices(bit_choices)
@@ -471,7 +472,8 @@ def measure_sensitivity(
     solver = solver or QuantConfig()
     if method == "output-fisher":  # the codes it prices
         options["solver"] = {"method": solver.method, "order": solver.order, "damp": solver.damp,
-                             "block_size": solver.block_size, "num_calib": solver.num_calib}
+                             "block_size": solver.block_size, "num_calib": solver.num_calib,
+                             "clip_search": [solver.use_clip_search(b) for b in bits]}
     key = _fingerprint(folded, sub, options)
 
     store = DEFAULT_CACHE if cache is True else (cache or None)
@@ -505,7 +507,7 @@ def measure_sensitivity(
         if rest:
             delta[rest] = output_fisher_sensitivity(
                 folded, {names[i]: kinds[names[i]] for i in rest}, bits, x, y, g, G, batch_size, task, weight_range=weight_range,
-                clip_search=clip_search, solve=solver.method == "solver", order=solver.order, damp=solver.damp,
+                clip_search=solver.use_clip_search, solve=solver.method == "solver", order=solver.order, damp=solver.damp,
                 block_size=solver.block_size, hessian_samples=solver.num_calib, progress=progress)
         if lookups:
             delta[lookups] = _measured(folded, [names[i] for i in lookups], bits, x, y, g, G, batch_size, weight_range,

@@ -409,6 +409,26 @@ def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_searc
     return delta
 
 
+def _output_fisher(model, names, kinds, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
+                   engine: Engine, source: nn.Module, skip_unsupported: bool, task: ModelTask, base: torch.Tensor,
+                   solver: QuantConfig) -> np.ndarray:
+    """``"output-fisher"`` for the layers with a Hessian (the solver's codes of ``solver``); an
+    Embedding (a lookup, no Hessian) is measured."""
+    delta = np.zeros((len(names), len(bits), G))
+    lookups = [i for i, n in enumerate(names) if kinds[n] == "embedding"]
+    rest = [i for i in range(len(names)) if i not in lookups]
+    if rest:
+        delta[rest] = output_fisher_sensitivity(
+            model, {names[i]: kinds[names[i]] for i in rest}, bits, x, y, g, G, batch_size, task,
+            weight_range=weight_range, clip_search=solver.use_clip_search, solve=solver.method == "solver",
+            order=solver.order, damp=solver.damp, block_size=solver.block_size, hessian_samples=solver.num_calib,
+            progress=progress)
+    if lookups:
+        delta[lookups] = _measured(model, [names[i] for i in lookups], bits, x, y, g, G, batch_size, weight_range,
+                                   clip_search, progress, engine, source, skip_unsupported, task, base)
+    return delta
+
+
 def measure_sensitivity(
     model: nn.Module,
     calib: GroupData | DataStream,
@@ -500,19 +520,9 @@ def measure_sensitivity(
         delta = _measured(folded, names, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
                           engine or SerialEngine(), model, skip_unsupported, task, base)
     elif method == "output-fisher":
-        delta = np.zeros((len(names), len(bits), G))
         kinds = {l.name: l.kind for l in prepared.layers}
-        lookups = [i for i, n in enumerate(names) if kinds[n] == "embedding"]  # no Hessian: measured
-        rest = [i for i in range(len(names)) if i not in lookups]
-        if rest:
-            delta[rest] = output_fisher_sensitivity(
-                folded, {names[i]: kinds[names[i]] for i in rest}, bits, x, y, g, G, batch_size, task, weight_range=weight_range,
-                clip_search=solver.use_clip_search, solve=solver.method == "solver", order=solver.order, damp=solver.damp,
-                block_size=solver.block_size, hessian_samples=solver.num_calib, progress=progress)
-        if lookups:
-            delta[lookups] = _measured(folded, [names[i] for i in lookups], bits, x, y, g, G, batch_size, weight_range,
-                                       clip_search, progress, engine or SerialEngine(), model, skip_unsupported, task,
-                                       base)
+        delta = _output_fisher(folded, names, kinds, bits, x, y, g, G, batch_size, weight_range, clip_search,
+                               progress, engine or SerialEngine(), model, skip_unsupported, task, base, solver)
     else:
         delta = _fisher(folded, names, bits, x, y, g, G, min(batch_size, 32), weight_range, clip_search, progress,
                         engine or SerialEngine(), model, skip_unsupported, task)

@@ -41,6 +41,7 @@ from fqexport.heap import reuse_freed_memory
 from fqexport.model import rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.hessian import HessianAccumulator
+from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import (
     DampingIncreasedWarning,
     choose_solver_grid,
@@ -135,12 +136,6 @@ def output_error_energy(module: nn.Module, kind: str, errors: Sequence[torch.Ten
     return energy.reshape(energy.shape[0], len(errors), -1).transpose(0, 1)
 
 
-def group_delta(per_sample: torch.Tensor, g: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``½ (1/N_g) Σ_{i∈g} per_sample_i`` ``[num_groups]`` (0 for a group without samples)."""
-    sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, per_sample.double())
-    return 0.5 * sums / torch.bincount(g, minlength=num_groups).double().clamp_min(1.0)
-
-
 def _hessian(module: nn.Module, name: str, cache: ActivationCache, index: int, num_groups: int,
              samples: int) -> torch.Tensor:
     """The solver's H of ``module`` on the float inputs of the cache's first ``samples`` samples
@@ -180,8 +175,8 @@ def output_fisher_sensitivity(
     cache = ActivationCache([stream], batches, torch.device("cpu"), max_bytes=_CACHE_BYTES)
     with cache, torch.no_grad(), warnings.catch_warnings(), reuse_freed_memory():
         warnings.simplefilter("ignore", DampingIncreasedWarning)  # a raised damping changes no table entry's meaning
-        for name in tqdm(sorted(names, key=index.__getitem__), desc="sensitivity (output-fisher)", unit="layer",
-                         disable=not progress):
+        for row, name in tqdm(sorted(enumerate(names), key=lambda item: index[item[1]]),
+                              desc="sensitivity (output-fisher)", unit="layer", disable=not progress):
             module, k, kind = modules[name], index[name], kinds[name]
             cache.advance(k)
             rows = weight_rows(kind, module.weight.detach()).float()
@@ -201,6 +196,6 @@ def output_fisher_sensitivity(
                 per_sample[:, start:stop] = (energy[name][start:stop] * output_error_energy(module, kind, errors,
                                                                                           inputs[0])).sum(2)
                 start = stop
-            for j in range(len(bits)):
-                delta[names.index(name), j] = group_delta(per_sample[j], g, num_groups).numpy()
+            for j in range(len(bits)):  # Δ_g = ½ (1/N_g) Σ_{i∈g} per_sample_i
+                delta[row, j] = 0.5 * group_means(per_sample[j], g, num_groups)[0].numpy()
     return delta

@@ -178,3 +178,45 @@ def test_summary_of_an_unchanged_accuracy_says_plus_zero_not_minus_zero():
                             top_hessian_eigenvalue=1.0, hessian_iterations=3, hessian_converged=True)
     report = AnalysisReport(("a",), (FLOAT_VARIANT, "W8A8"), {FLOAT_VARIANT: {"a": same}, "W8A8": {"a": same}})
     assert report.summary()[-1].startswith("W8A8: most hurt group 'a': accuracy +0.00 pp, loss +0.0000")
+
+
+class _TokenBag(nn.Module):
+    """Embedding over int64 token ids, mean-pooled, then a Linear head."""
+
+    def __init__(self, vocab: int = 30, dim: int = 8, k: int = 3) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, k)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(dim=1))
+
+
+class _Attention(nn.Module):
+    """One self-attention block through F.scaled_dot_product_attention (fused on CPU)."""
+
+    def __init__(self, d: int = 8, k: int = 3) -> None:
+        super().__init__()
+        self.qkv, self.head = nn.Linear(d, 3 * d), nn.Linear(d, k)
+
+    def forward(self, x):
+        q, kk, v = self.qkv(x).chunk(3, dim=-1)
+        return self.head(F.scaled_dot_product_attention(q, kk, v).mean(dim=1))
+
+
+def test_analyze_keeps_token_ids_integer_and_differentiates_attention_twice():
+    """An Embedding's token ids reach it as integers (not cast to float), and the Hessian-vector
+    products go through scaled_dot_product_attention (math backend): λ_max is finite for both,
+    float and quantized."""
+    rng = np.random.default_rng(0)
+    n = 48
+    group = (np.arange(n) % 3 == 0).astype(np.int64)
+    y = rng.integers(0, 3, n).astype(np.int64)
+    tokens = GroupData(rng.integers(0, 30, (n, 5)).astype(np.int64), y, group, ("a", "b"), "tokens")
+    seqs = GroupData(rng.standard_normal((n, 6, 8)).astype(np.float32), y, group, ("a", "b"), "seqs")
+    for model, data in ((_TokenBag(), tokens), (_Attention(), seqs)):
+        torch.manual_seed(0)
+        report = analyze(model.eval(), data, bits=(8,), hessian_iters=3, max_samples_per_group=16)
+        for variant in report.variants:
+            for g in ("a", "b"):
+                d = report.diagnostics[variant][g]
+                assert d.count == 16 and math.isfinite(d.top_hessian_eigenvalue) and d.top_hessian_eigenvalue != 0

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from fqexport.calibration.checks import check_labels, require_labels
@@ -148,11 +149,14 @@ def hessian_vector_product(
     """``H v`` with ``H = ∇²_θ L``, ``L = 1/n Σ_i CE_i`` summed over ``batches``.
 
     Per batch: ``g = ∇_θ (Σ_b CE / n)`` with ``create_graph=True``, then ``∇_θ (gᵀv)``.
+    Attention runs as its math formula (``SDPBackend.MATH``): the fused CPU kernels of
+    ``scaled_dot_product_attention`` have no double backward.
     """
     out = [torch.zeros_like(p) for p in params]
     for xb, yb in batches:
-        loss = F.cross_entropy(model(xb), yb, reduction="sum") / n
-        gs = _grads(loss, params, create_graph=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = F.cross_entropy(model(xb), yb, reduction="sum") / n
+            gs = _grads(loss, params, create_graph=True)
         gv = _dot(gs, v)
         if not gv.requires_grad:  # the gradient does not depend on θ: H = 0 on this batch
             continue
@@ -238,7 +242,9 @@ def group_diagnostics(
         if n == 0:
             continue
         part = data.take(idx)  # of a stream, only the group's sampled samples are read
-        x = torch.from_numpy(np.ascontiguousarray(part.x, dtype=np.float32))
+        # token ids (an Embedding's input) stay integers; anything else is float32
+        x = torch.from_numpy(np.ascontiguousarray(
+            part.x, dtype=np.int64 if np.issubdtype(part.x.dtype, np.integer) else np.float32))
         y = torch.from_numpy(np.ascontiguousarray(part.y, dtype=np.int64))
         batches = _batches(x, y, batch_size)
         # One pass: logits, logit variance, and ∇_θ L_g accumulated as Σ_b ∇(Σ CE_b / n).

@@ -137,7 +137,22 @@ def test_pickled_module_accepted_with_trust(tmp_path, cnn_model, cnn_data):
 
 def test_trusted_pickle_of_non_module(tmp_path):
     torch.save({"a": 1}, tmp_path / "dict.pth")
-    assert "dict.pth: holds dict, not an nn.Module" in _load_error(str(tmp_path / "dict.pth"), trust_pickle=True)
+    assert "dict.pth: holds a dict, not a model" in _load_error(str(tmp_path / "dict.pth"), trust_pickle=True)
+    torch.save([1, object], tmp_path / "list.pth")  # not readable with weights_only: unpickled when trusted
+    assert "list.pth: holds list, not an nn.Module" in _load_error(str(tmp_path / "list.pth"), trust_pickle=True)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_state_dict_given_as_the_model_says_to_pass_it_as_weights(tmp_path, cnn_model, trust):
+    """A state_dict (or a checkpoint dict around one) is read safely and named as such, with or
+    without --trust-pickle: the advice is a factory plus --weights, never --trust-pickle."""
+    torch.save(cnn_model.state_dict(), tmp_path / "sd.pt")
+    torch.save({"state_dict": cnn_model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    n = len(cnn_model.state_dict())
+    for name in ("sd.pt", "ckpt.pt"):
+        msg = _load_error(str(tmp_path / name), trust_pickle=trust)
+        assert f"{name}: holds a state_dict of {n} tensors, not a model" in msg
+        assert "--weights" in msg and "--trust-pickle" not in msg
 
 
 def test_load_state_dict_file_returns_tensors(cnn_files):

@@ -40,6 +40,10 @@ MSG_PICKLE = (
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
 )
 
+MSG_WEIGHTS_AS_MODEL = (
+    "{path}: holds {what}, not a model; give the model as 'package.module:factory' (a function "
+    "returning the nn.Module) and this file as its weights (CLI: --model pkg.mod:factory --weights {path})"
+)
 MSG_PICKLED_GLOBAL = "it pickles {name}, not only tensors (a whole model? save its state_dict instead)"
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
@@ -155,6 +159,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return _state_dict_of(obj, path)
 
 
+def _refuse_weights_only(path: Path) -> None:
+    """A model file that ``torch.load(weights_only=True)`` reads holds tensors only (a state_dict
+    or a checkpoint dict), never a module: say so, instead of asking for ``--trust-pickle``."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return  # a pickled module (or not a torch file): the caller's checks say which
+    if isinstance(obj, nn.Module):
+        return
+    try:
+        n = len(_state_dict_of(obj, path))
+        what = f"a state_dict of {n} tensors"
+    except ModelLoadError:
+        what = f"a {type(obj).__name__}"
+    raise ModelLoadError(MSG_WEIGHTS_AS_MODEL.format(path=path, what=what))
+
+
 def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -208,6 +229,7 @@ def load_model(
             raise ModelLoadError(f"factory '{spec}' returned {type(model).__name__}, not an nn.Module")
     elif Path(str(spec)).is_file():
         path = Path(str(spec))
+        _refuse_weights_only(path)
         if not trust_pickle:
             raise ModelLoadError(MSG_PICKLE.format(path=path))
         try:

@@ -354,6 +354,14 @@ def test_embedding_rows_are_quantized_and_token_ids_stay_int64(tmp_path):
     report = validate(result.path, data, measure_latency=False)
     assert report.metrics.group_min("accuracy")[1] == pytest.approx(
         min(float((got.argmax(1) == data.y)[data.group == g].mean()) for g in range(2)))
+    # BOPs count the Linears (the lookup has no MACs, and no longer hides the figure)
+    assert report.bops == pytest.approx(8 * 8 * (cm.layers["fc"].macs + cm.layers["head"].macs))
+    # an id past the table: a data error naming the Embedding, not ONNX Runtime's Gather error
+    bad = validate_group_data(np.where(np.arange(data.x.size).reshape(data.x.shape) == 5, VOCAB + 3, data.x),
+                              data.y, data.group, ["a", "b"], "oov.npz")
+    with pytest.raises(DataError, match=rf"oov.npz: field 'x' holds the token id {VOCAB + 3} outside the vocabulary "
+                                        rf"\[0, {VOCAB}\) of the model's Embedding 'embed'"):
+        validate(result.path, bad, measure_latency=False)
 
 
 def test_token_ids_are_range_checked(tmp_path):

@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import onnx
+
+from fqexport.calibration.checks import check_vocabulary
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
@@ -67,3 +71,25 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:
             raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
+    if isinstance(data, GroupData) and np.issubdtype(data.x.dtype, np.integer) and Path(model).is_file():
+        for node, vocab in embedding_vocabularies(model):
+            check_vocabulary(data, vocab, node)
+
+
+def embedding_vocabularies(path: str | Path) -> list[tuple[str, int]]:
+    """(table, rows) of each Gather that looks the model input up in a table (``emb`` for the
+    table ``emb.weight`` an exported Embedding keeps its layer's name in): its indices
+    are the input (through Casts), its table an initializer, or the Cast / DequantizeLinear of
+    one (an exported Embedding, int8 or INT4). ONNX Runtime rejects an index outside [-rows, rows) with a bare
+    INVALID_ARGUMENT; checked first, the data error names the table and the bound."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims)}
+    ids = {graph.input[0].name} if len(graph.input) else set()
+    for node in graph.node:  # topological order: a table's Cast/DequantizeLinear come before its Gather
+        if node.op_type in ("Cast", "Identity", "DequantizeLinear") and node.input[0] in rows:
+            rows[node.output[0]] = rows[node.input[0]]
+        if node.op_type in ("Cast", "Identity") and node.input[0] in ids:
+            ids.add(node.output[0])
+    axis = lambda n: next((a.i for a in n.attribute if a.name == "axis"), 0)  # noqa: E731
+    return [(n.input[0].removesuffix(".weight"), rows[n.input[0]]) for n in graph.node
+            if n.op_type == "Gather" and n.input[1] in ids and n.input[0] in rows and axis(n) == 0]

@@ -43,7 +43,7 @@ def from_metadata(meta: ExportMetadata | None) -> Resources | None:
     # weight layers left in float count at their 32 bits (and params); MACs/BOPs: quantized layers
     params = sum(l.params for l in layers + meta.float_layers)
     bit_params = sum(float(l.bits) * l.params for l in layers + meta.float_layers)
-    macs_known = all(l.macs > 0 for l in layers)
+    macs_known = all(l.macs > 0 for l in layers if l.kind != "embedding")  # a row lookup: no MACs
     macs = sum(l.macs for l in layers) if macs_known else None
     bops = sum(float(l.bits) * a_bits * l.macs for l in layers) if macs_known else None
     return Resources(

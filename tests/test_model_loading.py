@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -31,6 +33,19 @@ def test_factory_and_weights(cnn_files, cnn_model, cnn_data):
 def test_factory_kwargs():
     model = load_model("fixtures_models:tiny_cnn", factory_kwargs={"num_classes": 7})
     assert model.fc.out_features == 7
+
+
+def test_a_factory_without_weights_is_loaded_with_a_warning(caplog, cnn_files):
+    """A factory's own parameters may be random: a model without weights is said to be one
+    (a CI gate would otherwise pass a random model in silence); with weights, nothing is said."""
+    with caplog.at_level(logging.WARNING, logger="fqexport.graph.loading"):
+        load_model("fixtures_models:tiny_cnn")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "factory 'fixtures_models:tiny_cnn' was given no weights" in caplog.text and "--weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fqexport.graph.loading"):
+        load_model("fixtures_models:tiny_cnn", cnn_files / "cnn.pt")
+    assert not caplog.records
 
 
 def test_nested_state_dict_accepted(tmp_path, cnn_model, cnn_data):

@@ -40,6 +40,10 @@ MSG_PICKLE = (
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
 )
 
+MSG_NO_WEIGHTS = (
+    "factory '{spec}' was given no weights: the model keeps the parameters the factory sets "
+    "(random unless it loads a checkpoint itself); pass weights= (CLI: --weights FILE) to load a state_dict"
+)
 MSG_WEIGHTS_AS_MODEL = (
     "{path}: holds {what}, not a model; give the model as 'package.module:factory' (a function "
     "returning the nn.Module) and this file as its weights (CLI: --model pkg.mod:factory --weights {path})"
@@ -227,6 +231,8 @@ def load_model(
             raise ModelLoadError(f"factory '{spec}' failed: {type(err).__name__}: {err}") from err
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"factory '{spec}' returned {type(model).__name__}, not an nn.Module")
+        if weights is None:
+            log.warning(MSG_NO_WEIGHTS.format(spec=spec))
     elif Path(str(spec)).is_file():
         path = Path(str(spec))
         _refuse_weights_only(path)

@@ -497,8 +497,8 @@ class MixedPrecisionConfig:
         mw_eta: step size of the multiplicative-weights update.
         cache_path: optional JSON file caching the sensitivity table across runs.
         seed: seed of the hold-out split and the sample draws.
-        engine: where the independent tasks run (:class:`EngineConfig`; results do not depend
-            on it).
+        engine: where the independent tasks run (:class:`EngineConfig`, or its kind alone:
+            ``"serial"``; results do not depend on it).
     """
 
     budget_bits: float | None = None
@@ -525,8 +525,11 @@ class MixedPrecisionConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.engine, str):  # a kind alone: engine="serial" is EngineConfig(engine="serial")
+            object.__setattr__(self, "engine", EngineConfig(engine=self.engine))
         if not isinstance(self.engine, EngineConfig):
-            raise ConfigError(f"engine={self.engine!r} must be an EngineConfig, e.g. EngineConfig(engine='local', workers=4)")
+            raise ConfigError(f"engine={self.engine!r} must be an EngineConfig, e.g. EngineConfig(engine='local', workers=4), "
+                              "or an engine kind ('auto', 'serial', 'local', 'ray')")
         budgets = {f"budget_{k}": getattr(self, f"budget_{k}") for k in get_args(BudgetKind)}
         given = {k: v for k, v in budgets.items() if v is not None}
         if len(given) != 1:

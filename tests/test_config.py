@@ -108,3 +108,16 @@ def test_check_budget_and_bit_choices_accept_good_values():
     for bad in ([], [2, 9], [True], ["4"], 4):
         with pytest.raises(ConfigError, match="must be a non-empty set of integers from 2 to 8"):
             check_bit_choices(bad)
+
+
+def test_mixed_precision_engine_given_by_its_kind():
+    """engine="serial" is EngineConfig(engine="serial"); a kind that does not exist, or another
+    type, is named with what the field takes."""
+    from fqexport.config import EngineConfig, MixedPrecisionConfig
+
+    assert MixedPrecisionConfig(budget_bits=4.5, engine="serial").engine == EngineConfig(engine="serial")
+    assert MixedPrecisionConfig(budget_bits=4.5).engine == EngineConfig()
+    with pytest.raises(ConfigError, match="engine"):
+        MixedPrecisionConfig(budget_bits=4.5, engine="threads")
+    with pytest.raises(ConfigError, match=r"engine=4 must be an EngineConfig.*or an engine kind"):
+        MixedPrecisionConfig(budget_bits=4.5, engine=4)

@@ -311,3 +311,24 @@ def test_a_raised_damping_is_logged_once_per_layer_and_the_warning_kept_back(mlp
     wide = [n for n, l in cm.layers.items() if dict(cm.float_model.named_modules())[n].weight.shape[1] > 8]
     assert wide and len(raised) == len(wide), raised
     assert all("at damp=0; solved with damp=0.001" in m for m in raised), raised
+
+
+def test_a_group_with_few_calibration_samples_is_warned_about_once(caplog, mlp_model, mlp_data):
+    """A draw that leaves a group fewer than 8 samples says which groups and how many, once per
+    data and draw; an ample draw says nothing."""
+    import logging
+
+    from fqexport.pipeline import compress as pipeline
+
+    pipeline._warned_few.clear()
+    with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
+        for _ in range(2):
+            compress(mlp_model, mlp_data, QuantConfig(num_calib=6, method="rtn"), progress=False)
+    few = [r for r in caplog.records if "hold few of some groups" in r.getMessage()]
+    counts = ", ".join(f"'{g}' 3" for g in mlp_data.group_names)
+    assert len(few) == 1 and f"the 6 calibration samples drawn (num_calib=6) hold few of some groups ({counts}" in \
+        few[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
+        compress(mlp_model, mlp_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    assert not [r for r in caplog.records if "hold few" in r.getMessage()]

@@ -37,6 +37,12 @@ KILL_ENV = "FQEXPORT_TEST_KILL_TASK"
 _in_worker = False  # set by the worker initializers of the local and Ray engines
 
 
+def in_worker() -> bool:
+    """Whether this process is a worker of the local or Ray engine (its warnings would repeat
+    the caller's)."""
+    return _in_worker
+
+
 @dataclass(frozen=True)
 class Task:
     """One independent work unit.

@@ -38,6 +38,7 @@ from fqexport.calibration.sampling import group_balanced_subset
 from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.device import resolve_device
+from fqexport.engine.base import in_worker
 from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
@@ -250,6 +251,27 @@ def _correct_layer(
             module.bias = nn.Parameter(new_bias.to(module.weight.device, module.weight.dtype))
         else:
             module.bias.copy_(new_bias.to(module.bias.dtype))
+
+
+# Fewer calibration samples of a group than this: its activation ranges and statistics are guesses.
+MIN_GROUP_SAMPLES = 8
+MSG_FEW_GROUP_SAMPLES = (
+    "{source}: the {n} calibration samples drawn (num_calib={num_calib}) hold few of some groups ({few}; fewer "
+    "than {min}): their activation ranges and statistics rest on those; give more samples of them or a larger num_calib"
+)
+_warned_few: set[tuple] = set()
+
+
+def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
+    """Warn (once per data and draw in a process, never in an engine's worker) when a group has
+    fewer than :data:`MIN_GROUP_SAMPLES` calibration samples."""
+    counts = sub.group_counts()
+    few = [f"'{name}' {int(k)}" for name, k in zip(sub.group_names, counts) if k < MIN_GROUP_SAMPLES]
+    key = (sub.source, num_calib, tuple(int(k) for k in counts))
+    if few and key not in _warned_few and not in_worker():
+        _warned_few.add(key)
+        log.warning(MSG_FEW_GROUP_SAMPLES.format(source=sub.source, n=len(sub), num_calib=num_calib,
+                                                 few=", ".join(few), min=MIN_GROUP_SAMPLES))
 
 
 def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
@@ -486,6 +508,7 @@ def compress(
     #    in memory, the subset of a stream
     prepared = prepare_model(model, config.skip_unsupported, config.keep_float)
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    _warn_few_group_samples(sub, config.num_calib)
     checked = data if isinstance(data, GroupData) else sub
     _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError
     out = model_output(model, checked)

@@ -45,7 +45,7 @@ def add_analyze_parser(subparsers) -> None:
     p.add_argument("--data", required=True, help="group-labeled data to diagnose (.npz or CSV manifest)")
     p.add_argument("--calib", help="calibration data for the quantized variants (default: --data)")
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4], metavar="B",
-                   help="weight widths to compare with float (default: 8 4; none: float only)")
+                   help="weight widths to compare with float (default: 8 4; a bare --bits with no width: float only)")
     p.add_argument("--method", choices=["rtn", "solver"], default="rtn", help="weight quantizer")
     p.add_argument("--hessian-iters", type=int_at_least(0), default=20,
                    help="max Hessian-vector products of the power iteration (0: skip λ_max)")

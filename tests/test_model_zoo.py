@@ -373,6 +373,10 @@ def test_token_ids_are_range_checked(tmp_path):
     with pytest.raises(DataError, match=r"token-task: field 'x' holds the token id 4\d outside the vocabulary "
                                         r"\[0, 10\) of the model's Embedding 'embed'"):
         compress(small, data, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    floats = validate_group_data(data.x.astype(np.float32), data.y, data.group, ["a", "b"], "float-ids.npz")
+    with pytest.raises(DataError, match=r"float-ids.npz: field 'x' holds float32 values, but the model input is read "
+                                        r"by the Embedding 'embed' \(token ids\): store the ids as integers"):
+        compress(TextClassifier(), floats, QuantConfig(num_calib=64, method="rtn"), progress=False)
 
 
 class UNetClassifier(nn.Module):

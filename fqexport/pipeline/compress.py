@@ -30,7 +30,7 @@ import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from fqexport.calibration.checks import check_vocabulary
+from fqexport.calibration.checks import check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
@@ -253,6 +253,10 @@ def _correct_layer(
             module.bias.copy_(new_bias.to(module.bias.dtype))
 
 
+MSG_FLOAT_TOKENS = (
+    "field 'x' holds {dtype} values, but the model input is read by the Embedding '{layer}' (token ids): "
+    "store the ids as integers (e.g. x.astype(np.int64))"
+)
 # Fewer calibration samples of a group than this: its activation ranges and statistics are guesses.
 MIN_GROUP_SAMPLES = 8
 MSG_FEW_GROUP_SAMPLES = (
@@ -275,14 +279,16 @@ def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
 
 
 def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
-    """Integer ``x`` read by an Embedding straight from the model input: every id in its vocabulary."""
-    if not np.issubdtype(data.x.dtype, np.integer):
-        return
+    """``x`` read by an Embedding straight from the model input: integer ids (not floats), every
+    one in its vocabulary."""
+    integer = np.issubdtype(data.x.dtype, np.integer)
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
         src = node.args[0] if node.args else None
         if isinstance(mod, nn.Embedding) and isinstance(src, torch.fx.Node) and src.op == "placeholder":
+            if not integer:
+                raise data_error(data.source, MSG_FLOAT_TOKENS.format(dtype=data.x.dtype, layer=node.target))
             check_vocabulary(data, int(mod.num_embeddings), str(node.target))
 
 

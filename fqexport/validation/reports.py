@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -321,7 +322,14 @@ def write_plots(report: Any, dir: str | Path) -> list[Path]:
     except ImportError:
         log.info(MSG_NO_MATPLOTLIB)
         return []
-    dir = Path(dir)
+    # a group name in a script the default font lacks (CJK) is drawn as boxes: a figure
+    # matter, not a warning about the user's data on the console
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+        return _draw_plots(plt, report, Path(dir))
+
+
+def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
     dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     rows = group_rows(report)

@@ -322,3 +322,14 @@ def test_float_out_writes_the_reference_validate_takes(tmp_path, mlp_files, mlp_
     assert code == 0, err
     code, _, err = run_main(_compress_args(mlp_files, tmp_path / "q2.onnx", "--float-out", mlp_files / "calib.npz"))
     assert code == 2 and "--float-out" in err
+
+
+def test_tables_align_group_names_in_any_script(capsys):
+    """Columns are padded by terminal width: a CJK character takes two columns, a combining
+    mark none, so the next column starts at the same place on every row."""
+    from fqexport.cli.common import display_width, print_table
+
+    assert display_width("群") == 2 and display_width("e\u0301") == 1 and display_width("Ünïcødé 群") == 10
+    print_table([{"group": "Ünïcødé 群", "acc": "1.0"}, {"group": "b", "acc": "0.5"}], ["group", "acc"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [display_width(line[:line.rindex(" ") + 1]) for line in (lines[0], lines[2], lines[3])] == [12, 12, 12]

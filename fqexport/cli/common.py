@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 from typing import Sequence
 
 from fqexport.errors import ConfigError
@@ -76,15 +77,28 @@ def int_at_least(low: int):
     return parse
 
 
+def display_width(text: str) -> int:
+    """Terminal columns of ``text``: wide (CJK) characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (:func:`display_width`)."""
+    return text + " " * (width - display_width(text))
+
+
 def print_table(rows: list[dict], columns: list[str], file=None) -> None:
-    """Print ``rows`` as an aligned text table."""
+    """Print ``rows`` as an aligned text table (aligned by terminal columns, so group names in
+    any script line up)."""
     file = file or sys.stdout
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
+    widths = [max([display_width(c)] + [display_width(row[i]) for row in cells]) for i, c in enumerate(columns)]
+
+    print("  ".join(pad(c, w) for c, w in zip(columns, widths)), file=file)
     print("  ".join("-" * w for w in widths), file=file)
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+        print("  ".join(pad(v, w) for v, w in zip(row, widths)), file=file)
 
 
 def common_options() -> argparse.ArgumentParser:

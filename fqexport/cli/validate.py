@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from fqexport.cli.common import EXIT_OK
+from fqexport.cli.common import EXIT_OK, display_width, pad
 from fqexport.cli.flags.validate import thresholds
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
@@ -42,7 +42,8 @@ def print_summary(report) -> None:
     p = m.primary
     has_ref = report.reference_metrics is not None
     has_k = report.unoptimized_metrics is not None
-    header = f"{'group':<16} {'n':>7} " + " ".join(f"{HEADS.get(k, k):>{8 if k == 'loss' else 7}}"
+    w = max([16] + [display_width(str(g)) for g in m.by_group])  # group names in any script line up
+    header = f"{pad('group', w)} {'n':>7} " + " ".join(f"{HEADS.get(k, k):>{8 if k == 'loss' else 7}}"
                                                   for k in m.metric_names)
     header += f" {'ref %':>7} {'drop':>7}" if has_ref else ""
     header += f" {'unopt %':>7} {'k.dev':>7}" if has_k else ""
@@ -53,13 +54,13 @@ def print_summary(report) -> None:
         print(task_line(report.task))
     print(header)
     for name, r in m.by_group.items():
-        line = f"{name:<16} {r['count']:>7} {_cells(r, m.metric_names)}"
+        line = f"{pad(str(name), w)} {r['count']:>7} {_cells(r, m.metric_names)}"
         if has_ref:
             line += f" {_pct(report.reference_metrics.by_group[name][p]):>7} {_pct(report.group_drop[name]):>7}"
         if has_k:
             line += f" {_pct(report.unoptimized_metrics.by_group[name][p]):>7} {_pct(report.kernel_deviation_by_group[name]):>7}"
         print(line)
-    print(f"{'overall':<16} {m.overall['count']:>7} {_cells(m.overall, m.metric_names)}")
+    print(f"{pad('overall', w)} {m.overall['count']:>7} {_cells(m.overall, m.metric_names)}")
     worst, acc = m.group_min()
     print(f"worst group {worst}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp")
     if m.equalized_odds_difference is not None:

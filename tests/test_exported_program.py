@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
+from conftest import run_main
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import save_npz
 from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.loading import load_model
@@ -150,3 +155,287 @@ def test_inplace_aten_relu_and_add_get_the_eager_quantizers(cnn_data, tmp_path):
     assert quantized_tensors(from_pt2) == quantized_tensors(eager) == ["input", "relu", "conv2", "relu", "mean"]
     res = export_qdq(from_pt2, tmp_path / "inplace.onnx")
     assert res.agreement >= 0.99
+
+
+# --------------------------------------------------------------------------- BatchNorm1d, Conv1d, Embedding
+# A .pt2 of a Linear+BatchNorm1d MLP or a Conv1d+BatchNorm1d sequence net was refused with a data
+# error ("expected 4D input (got 2D input)": every aten.batch_norm became an nn.BatchNorm2d), its
+# Conv1d layers and Embeddings stayed float F.conv1d/F.embedding. They now get the modules, BN folding,
+# layer kinds, bits and codes of the factory path.
+
+
+class TabMLP(nn.Module):
+    """Tabular MLP on [N, 12]: Linear → BatchNorm1d → ReLU → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32, eps=1e-3), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Seq1D(nn.Module):
+    """Sequence net on [N, 4, 32]: Conv1d(stride 2) → BatchNorm1d → ReLU → dilated grouped Conv1d → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 5, stride=2, padding=2, bias=False)
+        self.b1 = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        return self.fc(torch.relu(self.c2(x)).mean(2))
+
+
+class EmbBag(nn.Module):
+    """Bag of words over int64 token ids [N, 10]: Embedding(padding_idx=0) → mean → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, padding_idx=0)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def _randomize_bn(net: nn.Module) -> nn.Module:
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def _inputs(kind: str, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "tab":
+        return rng.standard_normal((n, 12)).astype(np.float32)
+    if kind == "seq":
+        return rng.standard_normal((n, 4, 32)).astype(np.float32)
+    return rng.integers(0, 50, (n, 10)).astype(np.int64)
+
+
+_NETS = {"tab": TabMLP, "seq": Seq1D, "emb": EmbBag}
+
+
+@pytest.fixture(scope="module")
+def small_pt2s(tmp_path_factory):
+    """kind -> (eager model, its .pt2 with a dynamic batch, data labelled by the float model)."""
+    d = tmp_path_factory.mktemp("pt2_small")
+    out = {}
+    for kind, cls in _NETS.items():
+        torch.manual_seed(0)
+        net = _randomize_bn(cls())
+        x = _inputs(kind, 240)
+        ep = torch.export.export(net, (torch.from_numpy(x[:4]),),
+                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+        torch.export.save(ep, str(d / f"{kind}.pt2"))
+        with torch.no_grad():
+            y = net(torch.from_numpy(x)).argmax(1).numpy()
+        group = (np.random.default_rng(1).random(len(x)) < 0.3).astype(np.int64)
+        out[kind] = (net, d / f"{kind}.pt2", GroupData(x, y, group, ("a", "b"), f"pt2-{kind}"))
+    return out
+
+
+def _lifted_types(gm) -> dict[str, type]:
+    """Each named layer module of ``gm`` (the plain containers of torch.export's unflattening left out)."""
+    return {name: type(m) for name, m in gm.named_modules() if name and type(m) is not nn.Module}
+
+
+def _aten_weight_calls(gm) -> set:
+    aten = torch.ops.aten
+    weight_ops = {aten.conv1d.default, aten.conv2d.default, aten.linear.default, aten.embedding.default,
+                  aten.batch_norm.default, aten.conv1d.padding, aten.conv2d.padding, aten.conv_transpose2d.input}
+    return {n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in weight_ops}
+
+
+def test_batchnorm_on_a_2d_input_is_lifted_as_batchnorm1d(small_pt2s):
+    net, path, data = small_pt2s["tab"]
+    gm = load_model(str(path))
+    assert _lifted_types(gm) == {"body.0": nn.Linear, "body.1": nn.BatchNorm1d, "head": nn.Linear}
+    bn = gm.get_submodule("body.1")
+    assert bn.eps == pytest.approx(1e-3) and not bn.training
+    assert torch.equal(bn.running_var, net.body[1].running_var) and torch.equal(bn.weight, net.body[1].weight)
+    assert not _aten_weight_calls(gm)
+    x = torch.from_numpy(data.x)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), net(x), atol=1e-6)
+        assert gm(x[:1]).shape == (1, 3)  # BatchNorm1d on [N, C]: any batch, even 1 (eval statistics)
+
+
+def test_conv1d_and_its_batchnorm_are_lifted_as_1d_modules(small_pt2s):
+    net, path, data = small_pt2s["seq"]
+    gm = load_model(str(path))
+    assert _lifted_types(gm) == {"c1": nn.Conv1d, "b1": nn.BatchNorm1d, "c2": nn.Conv1d, "fc": nn.Linear}
+    c1, c2 = gm.get_submodule("c1"), gm.get_submodule("c2")
+    assert (c1.kernel_size, c1.stride, c1.padding, c1.dilation, c1.groups, c1.bias) == ((5,), (2,), (2,), (1,), 1, None)
+    assert (c2.kernel_size, c2.stride, c2.padding, c2.dilation, c2.groups) == ((3,), (1,), (2,), (2,), 2)
+    assert torch.equal(c2.weight, net.c2.weight) and torch.equal(c2.bias, net.c2.bias)
+    assert not _aten_weight_calls(gm)
+    x = torch.from_numpy(data.x)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), net(x), atol=1e-6)
+
+
+def test_embedding_is_lifted_with_its_padding_idx(small_pt2s):
+    net, path, data = small_pt2s["emb"]
+    gm = load_model(str(path))
+    assert _lifted_types(gm) == {"emb": nn.Embedding, "fc": nn.Linear}
+    emb = gm.get_submodule("emb")
+    assert (emb.num_embeddings, emb.embedding_dim, emb.padding_idx) == (50, 16, 0)
+    assert emb.max_norm is None and not emb.sparse
+    assert torch.equal(emb.weight, net.emb.weight)  # row 0 as trained, not re-zeroed
+    assert not _aten_weight_calls(gm)
+    ids = torch.from_numpy(data.x)
+    with torch.no_grad():
+        assert torch.equal(gm(ids), net(ids))
+
+
+@pytest.mark.parametrize("kind, folded_convs", [("tab", set()), ("seq", {"c1"})])
+def test_batchnorm1d_folds_like_on_the_factory_path(small_pt2s, kind, folded_convs):
+    net, path, data = small_pt2s[kind]
+    folded, had_bn = fold_batchnorm(load_model(str(path)))
+    eager_folded, eager_had_bn = fold_batchnorm(net)
+    assert had_bn == eager_had_bn == folded_convs
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = torch.from_numpy(data.x)
+    with torch.no_grad():
+        assert (folded(x) - net(x)).abs().max().item() < 1e-5
+    layers = quantizable_layers(folded, had_batchnorm=had_bn)
+    assert [(l.name, l.kind) for l in layers] == [(l.name, l.kind) for l in quantizable_layers(eager_folded)]
+
+
+@pytest.mark.parametrize("kind, layers", [
+    ("tab", {"body.0": "linear", "head": "linear"}),
+    ("seq", {"c1": "conv", "c2": "conv", "fc": "linear"}),
+    ("emb", {"emb": "embedding", "fc": "linear"}),
+])
+def test_pt2_compresses_and_exports_like_the_factory_model(small_pt2s, tmp_path, kind, layers):
+    net, path, data = small_pt2s[kind]
+    cfg = QuantConfig(method="rtn", num_calib=128)
+    from_pt2 = compress(load_model(str(path)), data, cfg, progress=False)
+    eager = compress(net, data, cfg, progress=False)
+    assert {n: l.kind for n, l in from_pt2.layers.items()} == layers
+    assert list(from_pt2.layers) == list(eager.layers)
+    assert all(l.bits == 8 for l in from_pt2.layers.values())
+    assert from_pt2.metadata.float_layers == eager.metadata.float_layers == ()  # nothing left in float
+    for name in eager.layers:  # same folded weights, same grid
+        assert torch.equal(from_pt2.layers[name].codes, eager.layers[name].codes), name
+        assert torch.allclose(from_pt2.layers[name].scale, eager.layers[name].scale), name
+    x = torch.from_numpy(data.x)
+    with torch.no_grad():
+        ref, fl = from_pt2.reference(x), net(x)
+        assert torch.allclose(ref, eager.reference(x), atol=1e-5)
+    assert (ref - fl).abs().max().item() < 0.1 * fl.abs().max().item()
+    assert np.mean(ref.argmax(1).numpy() == data.y) >= 0.95
+    res = export_qdq(from_pt2, tmp_path / f"{kind}.onnx")
+    assert res.path.is_file() and res.agreement >= 0.99
+    assert res.storage == {name: "int8" for name in layers}
+
+
+@pytest.mark.parametrize("kind, kinds", [("tab", ["linear", "linear"]), ("seq", ["conv", "conv", "linear"]),
+                                         ("emb", ["embedding", "linear"])])
+def test_cli_compresses_a_pt2(small_pt2s, tmp_path, kind, kinds):
+    """``fqexport compress --model X.pt2 --calib calib.npz --out out.onnx``: the survey's failing command."""
+    net, path, data = small_pt2s[kind]
+    save_npz(data, tmp_path / "calib.npz")
+    code, _, err = run_main(["-q", "compress", "--model", path, "--calib", tmp_path / "calib.npz",
+                             "--out", tmp_path / "out.onnx", "--no-speed-check", "--report", tmp_path / "r.json"])
+    assert code == 0, err
+    assert "does not fit the model" not in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["kind"], r["bits"]) for r in report["layers"]] == [(k, 8) for k in kinds]
+    assert report["export"]["agreement"] >= 0.99
+    sess = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: data.x})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(data.x)).numpy()
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.95
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+# --------------------------------------------------------------------------- what stays an aten call
+
+
+class Edge(nn.Module):
+    """ConvTranspose2d, padding="same", BatchNorm3d after a Conv3d, a BatchNorm without affine
+    parameters, one with batch statistics, and a conv with a computed (standardised) weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)
+        self.same = nn.Conv2d(4, 4, 3, padding="same")
+        self.c3 = nn.Conv3d(1, 2, 1)
+        self.bn3 = nn.BatchNorm3d(2)
+        self.plain = nn.BatchNorm1d(4, affine=False)
+        self.batch_stats = nn.BatchNorm1d(4, track_running_stats=False)
+        self.std = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        u = self.same(self.up(x)).mean((2, 3))
+        v = self.bn3(self.c3(x[:, :1, None])).mean((1, 2, 3, 4))
+        w = self.std.weight - self.std.weight.mean((1, 2, 3), keepdim=True)
+        s = torch.nn.functional.conv2d(x, w, self.std.bias, padding=1).mean((2, 3))
+        return self.plain(u) + self.batch_stats(s) + v[:, None]
+
+
+def test_other_lifted_kinds_and_calls_that_stay_aten(tmp_path):
+    torch.manual_seed(0)
+    net = _randomize_bn(Edge())
+    x = torch.randn(6, 3, 8, 8)
+    torch.export.save(torch.export.export(net, (x[:2],)), str(tmp_path / "edge.pt2"))
+    gm = load_model(str(tmp_path / "edge.pt2"))  # a computed weight used to raise "expected a parameter"
+    types = _lifted_types(gm)
+    assert types["up"] is nn.ConvTranspose2d and gm.get_submodule("up").output_padding == (1, 1)
+    assert types["same"] is nn.Conv2d and gm.get_submodule("same").padding == "same"
+    assert types["bn3"] is nn.BatchNorm3d and types["plain"] is nn.BatchNorm1d
+    assert not gm.get_submodule("plain").affine
+    assert not any(isinstance(m, (nn.Conv3d, nn.modules.batchnorm._BatchNorm)) for n, m in gm.named_modules()
+                   if n in ("c3", "batch_stats", "std"))  # Conv3d is not quantizable; batch statistics; computed weight
+    left = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"aten.conv3d.default", "aten.batch_norm.default", "aten.conv2d.default"} <= left
+    with torch.no_grad():
+        assert torch.allclose(gm(x), net(x), atol=1e-5)
+    eager_layers = [(l.name, l.kind) for l in quantizable_layers(fold_batchnorm(net)[0])]
+    assert [(l.name, l.kind) for l in quantizable_layers(fold_batchnorm(gm)[0])] == eager_layers
+    assert eager_layers == [("up", "conv_transpose"), ("same", "conv")]
+
+
+class Tied(nn.Module):
+    """A weight tied between an Embedding and a Linear head, and an Embedding with max_norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.renorm = nn.Embedding(20, 8, max_norm=1.0)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.fc(self.emb(ids).mean(1) + self.renorm(ids).mean(1))
+        return torch.nn.functional.linear(h, self.emb.weight)
+
+
+def test_shared_or_renormalised_weights_stay_aten_calls(tmp_path):
+    torch.manual_seed(0)
+    net = Tied().eval()
+    ids = torch.randint(0, 20, (5, 6))
+    torch.export.save(torch.export.export(net, (ids[:2],)), str(tmp_path / "tied.pt2"))
+    gm = load_model(str(tmp_path / "tied.pt2"))
+    types = _lifted_types(gm)
+    assert types["fc"] is nn.Linear
+    assert not isinstance(getattr(gm, "emb", None), (nn.Embedding, nn.Linear))  # one module cannot be both
+    assert not isinstance(getattr(gm, "renorm", None), nn.Embedding)  # max_norm rewrites its rows: float
+    left = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert left.count("aten.embedding.default") == 2 and "aten.linear.default" in left
+    with torch.no_grad():
+        assert torch.allclose(gm(ids), net(ids), atol=1e-6)
+    assert [l.name for l in quantizable_layers(fold_batchnorm(gm)[0])] == ["fc"]

@@ -505,3 +505,22 @@ def test_nan_or_inf_anywhere_in_the_hessian_is_named():
     assert not torch.isfinite(huge.sum()) and _all_finite(huge)
     huge[0, 0] = float("inf")
     assert not _all_finite(huge)
+
+
+@pytest.mark.parametrize("n", [1024, 1536])
+def test_padded_cholesky_of_a_power_of_two_size_is_the_factor(n):
+    """A size that is a multiple of 512 is factored inside [[A, 0], [0, I]] (a faster leading
+    dimension for MKL): the result is A's lower factor, and a failure still says where."""
+    from fqexport.quant.solver import _cholesky
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, n + 8, generator=g)
+    A = X @ X.T / n + 0.1 * torch.eye(n)
+    L, info = _cholesky(A)
+    assert int(info) == 0 and L.shape == (n, n)
+    assert torch.equal(L, torch.tril(L))
+    torch.testing.assert_close(L @ L.T, A, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(L, torch.linalg.cholesky(A), rtol=1e-4, atol=1e-4)
+    A[7, 7] = -1.0  # not positive definite: the first failing minor is reported, as unpadded
+    _, info = _cholesky(A)
+    assert int(info) == int(torch.linalg.cholesky_ex(A)[1]) == 8

@@ -43,3 +43,37 @@ def test_sweep_rejects_bad_budgets_before_searching(tmp_path, mlp_files, tests_d
     assert code == 2
     assert re.search(message, err), err
     assert not (tmp_path / "p").exists()
+
+
+def test_sweep_skips_an_infeasible_budget_and_reports_it(tmp_path, mlp_files, tests_dir, monkeypatch):
+    # 2 stored bits per weight is below the smallest allocation (every layer at 2 bits + its scales):
+    # that budget is reported as infeasible with the minimum, the feasible one runs
+    monkeypatch.chdir(tests_dir)
+    code, stdout, err = run_main(_sweep_args(mlp_files, tmp_path / "p", "--budgets", "2.5,2"))
+    assert code == 0, err
+    points = json.loads((tmp_path / "p" / "pareto.json").read_text(), parse_constant=pytest.fail)
+    assert [(p["budget"], p["status"]) for p in points] == [(2.0, "infeasible"), (2.5, "ok")]
+    minimum = points[0]["min_feasible_budget"]
+    assert 2.0 < minimum <= points[1]["stored_bits"] + 1e-4 <= 2.5 + 1e-4
+    assert points[0]["avg_bits"] is None and points[0]["worst_group_acc"] is None and points[0]["bits"] == {}
+    assert points[1]["min_feasible_budget"] == minimum and points[1]["worst_group_acc"] is not None
+    rows = list(csv.DictReader((tmp_path / "p" / "pareto.csv").open()))
+    assert [(r["budget"], r["status"], r["min_feasible_budget"]) for r in rows] == [
+        ("2.0", "infeasible", str(minimum)), ("2.5", "ok", str(minimum))]
+    assert rows[0]["avg_bits"] == rows[0]["worst_group_acc"] == rows[0]["bits"] == ""
+    assert re.search(rf"^2 +infeasible +- +needs a budget >= {minimum:g} ", stdout, re.MULTILINE), stdout
+    assert re.search(r"^2\.5 +\d\.\d{3} ", stdout, re.MULTILINE), stdout
+    assert (f"note: budget 2 skipped: below the minimum feasible budget {minimum:g} stored bits per weight"
+            in stdout)
+    assert "pareto.json" in stdout and "pareto.csv" in stdout
+
+
+def test_sweep_with_no_feasible_budget_exits_2_naming_the_minimum(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    code, _, err = run_main(_sweep_args(mlp_files, tmp_path / "p", "--budgets", "2,2.1"))
+    assert code == 2
+    m = re.search(r"no budget of 2, 2\.1 can be met: the smallest allocation \(every free layer at 2 bits, pinned "
+                  r"layers at their widths\) stores ([\d.]+) bits per weight, the minimum feasible budget; give "
+                  r"budgets of at least ([\d.]+)", err)
+    assert m and m.group(1) == m.group(2) and float(m.group(1)) > 2.1, err
+    assert not (tmp_path / "p").exists()

@@ -38,6 +38,7 @@ from fqexport.search.costs import layer_costs
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.search.pareto import (
     PARETO_FIELDS,
+    BudgetFloor,
     ParetoPoint,
     pareto_sweep,
     plot_pareto,
@@ -366,6 +367,42 @@ def test_pareto_sweep_is_monotone_and_says_which_result_it_reused(mlp_model, mlp
         assert hi.heldout_worst_loss_increase <= lo.heldout_worst_loss_increase or hi.reused_from == lo.budget
 
 
+def test_budget_floor_says_what_the_allocator_can_meet(mlp_model, mlp_data, search):
+    # fc3 pinned at 8, fc1 and fc2 at 2 bits: the smallest allocation the allocator can return
+    floor = BudgetFloor.of(mlp_model, mlp_data, search.config, BASE)
+    smallest = resource_used({"fc1": 2, "fc2": 2, "fc3": 8}, search.layers, "bits", BASE.storage)
+    assert floor.value == pytest.approx(smallest, abs=1e-4) and floor.value >= smallest and floor.bmin == 2
+    for budget in (floor.value, floor.value + 0.1):
+        assert floor.feasible(budget)
+        candidate_allocations(search.sensitivity, search.layers, Budget("bits", budget), pins={"fc3": 8})
+    for budget in (floor.value - 1e-4, 2.0):
+        assert not floor.feasible(budget)
+        with pytest.raises(ConfigError, match="the budget bits=.* cannot be met"):
+            candidate_allocations(search.sensitivity, search.layers, Budget("bits", budget), pins={"fc3": 8})
+
+
+def test_pareto_sweep_skips_and_reports_infeasible_budgets(mlp_model, mlp_data, search, monkeypatch):
+    calls = []
+    real = pareto_module.search_mixed_precision
+    monkeypatch.setattr(pareto_module, "search_mixed_precision",
+                        lambda model, data, mp, *a, **k: calls.append(mp.budget_bits) or real(model, data, mp, *a, **k))
+    mp = replace(search.config, num_candidates=1, verify_mean=False)
+    floor = BudgetFloor.of(mlp_model, mlp_data, mp, BASE)
+    points = pareto_sweep(mlp_model, mlp_data, [3.0, 2.0], mp, BASE, progress=False)
+    assert calls == [3.0]  # no search for the infeasible budget
+    assert [(p.budget, p.status) for p in points] == [(2.0, "infeasible"), (3.0, "ok")]
+    assert not points[0].feasible and points[0].bits == {} and np.isnan(points[0].avg_bits)
+    assert points[0].min_feasible_budget == points[1].min_feasible_budget == floor.value
+    assert points[1].stored_bits <= 3.0 and points[1].reused_from is None
+    # no budget feasible: an error that names the minimum, before any search
+    with pytest.raises(ConfigError, match=rf"pareto_sweep: no budget of 2, 2.1 can be met: the smallest allocation "
+                                          rf"\(every free layer at 2 bits, pinned layers at their widths\) stores "
+                                          rf"{floor.value:g} bits per weight, the minimum feasible budget; give budgets "
+                                          rf"of at least {floor.value:g}"):
+        pareto_sweep(mlp_model, mlp_data, [2.1, 2.0], mp, BASE, progress=False)
+    assert calls == [3.0]
+
+
 def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, search, tmp_path, monkeypatch):
     # with no estimate of the graph's bytes the knapsack fills the budget with weights alone, so
     # the written file is larger: the search measures it and refits a smaller allocation
@@ -379,11 +416,10 @@ def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, se
     assert res.fallback.startswith("the written file took ") and "> budget_bytes=40000: refitted" in res.fallback
     assert res.seconds["bytes_check"] > 0 and res.fits >= 2  # the verification fit + at least one refit
     assert {n: l.bits for n, l in res.compressed.layers.items()} == res.allocation.bits
-    # a budget below the smallest file the search can write: the error gives the sizes
-    with pytest.raises(ConfigError, match=r"budget_bytes=24000 cannot be met: the file written took \d+ bytes "
-                                          r"\(weights \d+ \+ graph and metadata \d+\), and no allocation of "
-                                          r"bit_choices=2,4,8 fits its weights in the -?\d+ bytes left; "
-                                          r"raise --budget-bytes$"):
+    # a budget below the smallest file the search can write: the error gives that file's measured size
+    with pytest.raises(ConfigError, match=r"budget_bytes=24000 cannot be met: the smallest allocation the search "
+                                          r"verified \([^;]+; weights \d+ \+ graph and metadata \d+ bytes\) writes "
+                                          r"a file of (\d+) bytes, measured; raise --budget-bytes to at least \1$"):
         search_mixed_precision(mlp_model, mlp_data, replace(mp, budget_bytes=24_000), BASE, progress=False,
                                sensitivity=res.sensitivity)
 
@@ -498,7 +534,16 @@ def test_writers_on_given_points(tmp_path):
     text = (tmp_path / "x.csv").read_text().splitlines()
     assert text[0] == ",".join(PARETO_FIELDS) + ",bits"
     assert text[0].startswith("budget,avg_bits,stored_bits,weight_bytes,")
-    assert text[1] == "3.0,2.9,2.95,1234.0,b,0.8,0.9,0.85,0.93,0.05,2.5,fc1=3"
+    assert text[1] == "3.0,2.9,2.95,1234.0,b,0.8,0.9,0.85,0.93,0.05,2.5,ok,,fc1=3"
+    # an infeasible budget: its figures are empty cells in the CSV, null in the JSON
+    nan = float("nan")
+    q = ParetoPoint(2.0, nan, nan, "", nan, nan, nan, nan, {}, status="infeasible", min_feasible_budget=2.2489)
+    write_pareto_csv([q], tmp_path / "q.csv")
+    assert (tmp_path / "q.csv").read_text().splitlines()[1] == "2.0,,,,,,,,,,,infeasible,2.2489,"
+    write_pareto_json([q, p], tmp_path / "q.json")
+    doc = json.loads((tmp_path / "q.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert doc[0]["avg_bits"] is None and doc[0]["status"] == "infeasible" and doc[0]["min_feasible_budget"] == 2.2489
+    assert doc[1]["status"] == "ok" and doc[1]["avg_bits"] == 2.9
     with pytest.raises(ConfigError, match="budgets must be a non-empty list"):
         pareto_sweep(None, None, [])
     # a bad budget anywhere in the list fails before the first (slow) search runs

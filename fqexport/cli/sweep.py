@@ -1,6 +1,8 @@
 """``fqexport sweep``, run after its flags and paths passed (``fqexport.cli.flags.sweep``): the
 mixed-precision search over several stored-bits budgets, written as a Pareto report (JSON, CSV
-and, with matplotlib, a PNG)."""
+and, with matplotlib, a PNG). A budget below the minimum feasible one is skipped and shown as
+``infeasible`` (in the table, pareto.json and pareto.csv); when no budget is feasible the sweep
+exits 2 naming the minimum, and writes nothing."""
 
 from __future__ import annotations
 
@@ -14,15 +16,20 @@ from fqexport.cli.flags.sweep import parse_budgets
 from fqexport.cli.tasks import task_of
 from fqexport.graph.loading import load_model
 from fqexport.search.pareto import (
+    ParetoPoint,
     pareto_sweep,
     plot_pareto,
+    skipped_budgets,
     write_pareto_csv,
     write_pareto_json,
 )
 
+COLUMNS = ["budget", "avg bits", "weight bytes", "worst group", "worst-group %", "mean %", "float worst-group %"]
+
 
 def run_sweep(args: argparse.Namespace) -> int:
-    """Run ``sweep`` from parsed, checked args: the search at every budget, the Pareto files; return 0."""
+    """Run ``sweep`` from parsed, checked args: the search at every feasible budget, the Pareto
+    files (infeasible budgets reported in them and in the table); return 0."""
     budgets = parse_budgets(args.budgets)
     config = quant_config(args)
     configs = [search_config(args, budget_bits=b) for b in budgets]
@@ -39,10 +46,20 @@ def run_sweep(args: argparse.Namespace) -> int:
         written.append(png)
     where = f"on {args.test}" if test is not None else "on held-out calibration data"
     print(f"Pareto sweep ({template.objective}), accuracies {where}:")
-    print_table([{"budget": f"{p.budget:g}", "avg bits": f"{p.avg_bits:.3f}", "weight bytes": f"{p.weight_bytes:,.0f}",
-                  "worst group": p.worst_group, "worst-group %": f"{100 * p.worst_group_acc:.2f}",
-                  "mean %": f"{100 * p.mean_acc:.2f}", "float worst-group %": f"{100 * p.float_worst_group_acc:.2f}"}
-                 for p in points],
-                ["budget", "avg bits", "weight bytes", "worst group", "worst-group %", "mean %", "float worst-group %"])
+    print_table([_row(p) for p in points], COLUMNS)
+    skipped = skipped_budgets(points)
+    if skipped:
+        print(f"note: {skipped}")
     print("wrote " + ", ".join(str(w) for w in written) + ("" if png else " (no plot: matplotlib is not installed)"))
     return EXIT_OK
+
+
+def _row(p: ParetoPoint) -> dict[str, str]:
+    """A point as a row of the console table; an infeasible budget says so and gives the minimum."""
+    if not p.feasible:
+        return {"budget": f"{p.budget:g}", "avg bits": "infeasible", "weight bytes": "-",
+                "worst group": f"needs a budget >= {p.min_feasible_budget:g}", "worst-group %": "-", "mean %": "-",
+                "float worst-group %": "-"}
+    return {"budget": f"{p.budget:g}", "avg bits": f"{p.avg_bits:.3f}", "weight bytes": f"{p.weight_bytes:,.0f}",
+            "worst group": p.worst_group, "worst-group %": f"{100 * p.worst_group_acc:.2f}",
+            "mean %": f"{100 * p.mean_acc:.2f}", "float worst-group %": f"{100 * p.float_worst_group_acc:.2f}"}

@@ -86,7 +86,7 @@ MSG_PIN_BITS = "pin {pattern!r}={bits!r}: pinned widths must be integers from 2 
 MSG_LAYER_INFO = "layer_info has no entry for layer {layer!r} of the sensitivity table"
 MSG_INFEASIBLE = (
     "the budget {kind}={value:g} cannot be met: the smallest allocation (every free layer at "
-    "{bmin} bits, pinned layers at their widths) needs {need:g}. Raise the budget, add a smaller "
+    "{bmin} bits, pinned layers at their widths) needs {at_least}{need:g}. Raise the budget, add a smaller "
     "width to bit_choices or unpin layers"
 )
 HINT_INT8 = (
@@ -360,7 +360,10 @@ def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: i
         if budget.kind == "bytes":
             need += p.overhead
         hint = HINT_INT8 if p.storage == "int8" and budget.kind != "bops" else ""
-        raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need) + hint) from err
+        # a file's bytes outside the weights are a floor here (measured once a file is written)
+        at_least = "at least " if budget.kind == "bytes" else ""
+        raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need,
+                                                at_least=at_least) + hint) from err
 
 
 def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -> Allocation:

@@ -1,15 +1,23 @@
 """The Pareto sweep: the mixed-precision search at several average-bits budgets (one shared
-sensitivity table), written as JSON, CSV and — with matplotlib — a PNG."""
+sensitivity table), written as JSON, CSV and — with matplotlib — a PNG.
+
+A budget below the smallest allocation's stored bits (every free layer at its smallest width,
+pinned layers at theirs: :class:`BudgetFloor`) cannot be met: the sweep skips it (no search) and
+reports it as an ``"infeasible"`` point with that minimum; only when no budget can be met does it
+raise, naming the minimum."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
 from torch import nn
 
 from fqexport.atomic import atomic_write
@@ -21,20 +29,47 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
+from fqexport.metadata import FLOAT_BITS
 from fqexport.pipeline.compress import model_task
+from fqexport.search.allocation import (
+    HINT_INT8,
+    Budget,
+    LayerCost,
+    budget_capacity,
+    layer_resource,
+    resolve_pins,
+    search_pins,
+)
+from fqexport.search.costs import model_costs
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 MSG_NO_BUDGETS = "pareto_sweep: budgets must be a non-empty list of stored bits per weight (e.g. [2.5, 3, 4])"
+MSG_NONE_FEASIBLE = (
+    "pareto_sweep: no budget of {budgets} can be met: the smallest allocation (every free layer at {bmin} bits, "
+    "pinned layers at their widths) stores {need} bits per weight, the minimum feasible budget; {fix}"
+)
+FIX_RAISE = "give budgets of at least {need}, add a smaller width to bit_choices or unpin layers"
+FIX_NONE = "no budget_bits (at most 8) reaches it: unpin layers or add a smaller width to bit_choices"
+MSG_SKIPPED = (
+    "budget {budget:g} skipped: below the minimum feasible budget {need} stored bits per weight (every free "
+    "layer at {bmin} bits, pinned layers at their widths)"
+)
+INFEASIBLE = "infeasible"
 PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
-                 "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from")
+                 "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from", "status",
+                 "min_feasible_budget")
 
 
 @dataclass(frozen=True)
 class ParetoPoint:
-    """One budget of a sweep: resources and measured accuracies of the chosen allocation."""
+    """One budget of a sweep: resources and measured accuracies of the chosen allocation.
+
+    ``status``: ``"ok"``, or ``"infeasible"`` for a budget below ``min_feasible_budget`` (the
+    smallest allocation's stored bits per weight; no search ran: its figures are NaN, ``None`` in
+    the JSON, empty in the CSV)."""
 
     budget: float
     avg_bits: float
@@ -48,9 +83,59 @@ class ParetoPoint:
     stored_bits: float = float("nan")
     heldout_worst_loss_increase: float = float("nan")
     reused_from: float | None = None  # a smaller budget whose result this point reuses
+    status: str = "ok"
+    min_feasible_budget: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.status != INFEASIBLE
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in PARETO_FIELDS} | {"bits": dict(self.bits)}
+        """The fields as JSON values (NaN as ``None``) and the allocation."""
+        return {k: _json_value(getattr(self, k)) for k in PARETO_FIELDS} | {"bits": dict(self.bits)}
+
+
+def _json_value(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+@dataclass(frozen=True)
+class BudgetFloor:
+    """The smallest allocation of a search, in stored bits: every free layer at its smallest
+    width of ``bit_choices``, pinned layers at theirs, counted as the allocator counts them
+    (:func:`~fqexport.search.allocation.layer_resource`, ``float_params`` at 32 bits), so that
+    :meth:`feasible` says exactly whether the allocator can meet a budget."""
+
+    mins: tuple[float, ...]  # per layer: the smallest stored bit·params of its options
+    layers: tuple[LayerCost, ...]
+    float_params: int
+    bmin: int
+
+    @classmethod
+    def of(cls, model: nn.Module, data: GroupData | DataStream, mp: MixedPrecisionConfig,
+           base: QuantConfig) -> BudgetFloor:
+        """The floor of searching ``model`` with ``mp``'s widths and pins and ``base``'s storage and target."""
+        example = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(1)).x))
+        layers, float_params = model_costs(model, example, base.weights)
+        pinned = resolve_pins(search_pins(mp.pins, [l.name for l in layers], mp.pin_first_last),
+                              [l.name for l in layers])
+        mins = tuple(min(layer_resource(l, b, "bits", base.storage, base.target)
+                         for b in ((pinned[l.name],) if l.name in pinned else tuple(mp.bit_choices)))
+                     for l in layers)
+        return cls(mins, tuple(layers), int(float_params), min(mp.bit_choices))
+
+    def feasible(self, budget: float) -> bool:
+        """Whether the allocator can meet ``budget`` stored bits per weight (its capacity holds
+        the smallest allocation)."""
+        return budget_capacity(self.layers, Budget("bits", float(budget), self.float_params)) - sum(self.mins) >= 0
+
+    @property
+    def value(self) -> float:
+        """The minimum feasible budget in stored bits per weight, rounded up to 4 decimals (that
+        budget is feasible)."""
+        params = sum(l.params for l in self.layers) + self.float_params
+        exact = (sum(self.mins) + FLOAT_BITS * self.float_params) / max(params, 1)
+        return math.ceil(exact * 1e4 * (1 + 1e-12)) / 1e4
 
 
 def pareto_sweep(
@@ -72,6 +157,10 @@ def pareto_sweep(
     sensitivity table is measured once and shared, and one engine (``mp_config.engine``: its
     workers start once) runs every search's tasks. ``task``: the model's (:mod:`fqexport.tasks`;
     None: inferred as ``compress`` does); its metric is the one reported (accuracy, mAP@.5, mIoU).
+
+    A budget below the minimum feasible one (:class:`BudgetFloor`) is not searched: its point has
+    ``status="infeasible"`` and the ``min_feasible_budget`` (every point carries it); ConfigError,
+    naming the minimum, when no budget is feasible.
     """
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)
@@ -89,13 +178,28 @@ def pareto_sweep(
 
 
 def _sweep(model, data, budgets, template, base_config, test, progress, engine: Engine, task: Task) -> list[ParetoPoint]:
-    """Budgets in increasing order; a budget whose result measured a larger held-out worst-group
+    """Budgets in increasing order; one below the minimum feasible budget is skipped and reported
+    (ConfigError when all are); a budget whose result measured a larger held-out worst-group
     loss increase than a smaller budget's (same held-out samples: same data and seed) reuses
     that result, so more budget never returns a worse measured worst group."""
+    floor = BudgetFloor.of(model, data, template, base_config or QuantConfig())
+    need = f"{floor.value:g}"
+    if not any(floor.feasible(b) for b in budgets):
+        storage = (base_config or QuantConfig()).storage
+        fix = FIX_RAISE.format(need=need) if floor.value <= 8 else FIX_NONE
+        raise ConfigError(MSG_NONE_FEASIBLE.format(budgets=", ".join(f"{b:g}" for b in sorted(budgets)),
+                                                   bmin=floor.bmin, need=need, fix=fix)
+                          + (HINT_INT8 if storage == "int8" else ""))
     points: list[ParetoPoint] = []
     table = None
     kept = None  # (budget, result) with the smallest held-out worst-group loss increase so far
     for b in sorted(budgets):
+        if not floor.feasible(b):
+            log.info(MSG_SKIPPED.format(budget=b, need=need, bmin=floor.bmin))
+            nan = float("nan")
+            points.append(ParetoPoint(float(b), nan, nan, "", nan, nan, nan, nan, {}, status=INFEASIBLE,
+                                      min_feasible_budget=floor.value))
+            continue
         mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
         res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table,
                                      engine=engine, task=task)
@@ -119,32 +223,46 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             float(b), res.allocation.avg_bits, res.allocation.weight_bytes,
             worst, float(worst_acc), float(m.overall[m.primary]),
             float(f.group_min()[1]), float(f.overall[f.primary]), dict(res.allocation.bits),
-            res.allocation.stored_bits, res.chosen.measured_worst, reused,
+            res.allocation.stored_bits, res.chosen.measured_worst, reused, min_feasible_budget=floor.value,
         ))
     return points
 
 
+def skipped_budgets(points: Sequence[ParetoPoint]) -> str | None:
+    """The infeasible points of a sweep in words (``None`` when every budget ran)."""
+    skipped = [p for p in points if not p.feasible]
+    if not skipped:
+        return None
+    need = f"{skipped[0].min_feasible_budget:g}"
+    return (f"budget{'s' if len(skipped) > 1 else ''} {', '.join(f'{p.budget:g}' for p in skipped)} skipped: below "
+            f"the minimum feasible budget {need} stored bits per weight (the smallest allocation: every free layer "
+            f"at its smallest width, pinned layers at theirs)")
+
+
 def write_pareto_json(points: Sequence[ParetoPoint], path: str | Path) -> Path:
-    """The points as a JSON list (atomic write)."""
+    """The points as a JSON list (atomic write; NaN as ``null``)."""
     text = json.dumps([p.to_dict() for p in points], indent=1)
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_pareto_csv(points: Sequence[ParetoPoint], path: str | Path) -> Path:
-    """One CSV row per point with :data:`PARETO_FIELDS` and the allocation as ``name=bits;…``."""
+    """One CSV row per point with :data:`PARETO_FIELDS` and the allocation as ``name=bits;…``
+    (NaN and ``None`` as empty cells)."""
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow([*PARETO_FIELDS, "bits"])
-            for p in points:
-                w.writerow([getattr(p, k) for k in PARETO_FIELDS] + [";".join(f"{k}={v}" for k, v in p.bits.items())])
+            for p in points:  # NaN (an infeasible budget's figures) and None as empty cells
+                w.writerow([_json_value(getattr(p, k)) for k in PARETO_FIELDS]
+                           + [";".join(f"{k}={v}" for k, v in p.bits.items())])
 
     return atomic_write(path, write)
 
 
 def plot_pareto(points: Sequence[ParetoPoint], path: str | Path) -> Path | None:
-    """Worst-group and mean accuracy against average bits as a PNG; ``None`` without matplotlib."""
+    """Worst-group and mean accuracy against average bits as a PNG (infeasible budgets left out);
+    ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -153,7 +271,7 @@ def plot_pareto(points: Sequence[ParetoPoint], path: str | Path) -> Path | None:
     except ImportError:
         log.info("matplotlib is not installed; no Pareto plot")
         return None
-    pts = sorted(points, key=lambda p: p.avg_bits)
+    pts = sorted((p for p in points if p.feasible), key=lambda p: p.avg_bits)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([p.avg_bits for p in pts], [100 * p.worst_group_acc for p in pts], "o-", label="worst group")
     ax.plot([p.avg_bits for p in pts], [100 * p.mean_acc for p in pts], "s--", label="mean")

@@ -181,7 +181,8 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
     """Budgets in increasing order; one below the minimum feasible budget is skipped and reported
     (ConfigError when all are); a budget whose result measured a larger held-out worst-group
     loss increase than a smaller budget's (same held-out samples: same data and seed) reuses
-    that result, so more budget never returns a worse measured worst group."""
+    that result, so more budget never returns a larger held-out worst-group loss increase (the
+    ``--test`` figures are measured afterwards and may still dip)."""
     floor = BudgetFloor.of(model, data, template, base_config or QuantConfig())
     need = f"{floor.value:g}"
     if not any(floor.feasible(b) for b in budgets):

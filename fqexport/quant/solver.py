@@ -269,9 +269,10 @@ def _damped(H: torch.Tensor, lam: float) -> torch.Tensor:
     return A
 
 
-# MKL's CPU Cholesky slows down by a quarter when the leading dimension is a multiple of 512
-# (cache-set aliasing): n = 1024, 1536, 2048 took 1.28-1.37x as long as the same matrix padded with
-# 16 rows and columns of the identity (interleaved, 2 AVX2 cores); 4608 or 2304 gain nothing.
+# MKL's CPU Cholesky slows down when the leading dimension is a multiple of 512 (cache-set
+# aliasing): n = 1024, 1536, 2048 took 1.92x, 1.35x, 1.48x as long as the same matrix padded with
+# 16 rows and columns of the identity (best of 7, 2 quiet AVX2 cores); 3072 and 4096 took the same
+# time either way, 2304 and 4608 are not padded.
 _PAD_MULTIPLE, _PAD_FROM, _PAD = 512, 1024, 16
 
 

@@ -142,6 +142,34 @@ def test_output_that_is_not_logits_names_the_data_file_and_field(cnn_data):
         _compress(net, cnn_data)
 
 
+def test_a_one_logit_binary_classifier_is_refused_with_the_two_logit_wrapper_that_works():
+    """One logit per sample leaves softmax cross-entropy constant: refused, naming the fix; the
+    suggested cat([0, z]) model compresses, and its argmax is the sigmoid decision z > 0."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    data = GroupData(x, y, np.arange(96) % 2, ("a", "b"), "binary.npz")
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    with pytest.raises(DataError, match=r"binary.npz: the model returns one logit per sample \(a sigmoid / BCE "
+                                        r"binary classifier\).*torch.cat\(\[torch.zeros_like\(z\), z\], dim=1\)"):
+        compress(one, data, QuantConfig(num_calib=64), progress=False)
+
+    class TwoLogits(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            z = self.net(x)
+            return torch.cat([torch.zeros_like(z), z], dim=1)
+
+    cm = compress(TwoLogits(one), data, QuantConfig(num_calib=64), progress=False)
+    z = cm.predict(data.x)
+    assert z.shape == (96, 2) and np.all(z[:, 0] == 0)
+    assert np.array_equal(z.argmax(1), (z[:, 1] > 0).astype(np.int64))
+
+
 def test_bias_correction_reduces_mean_output_shift(cnn_model, cnn_data):
     def shift(cm):
         return float(np.linalg.norm((cm.predict(cnn_data.x) - cm.predict(cnn_data.x, quantized=False)).mean(0)))

@@ -15,6 +15,13 @@ from fqexport.errors import DataError, ModelLoadError
 from fqexport.metrics.group_metrics import GroupMetrics, agreement, cross_entropy, group_metrics
 from fqexport.tasks.base import Comparison, Task
 
+MSG_ONE_LOGIT = (
+    "{source}: the model returns one logit per sample (a sigmoid / BCE binary classifier); fqexport "
+    "measures a classifier by softmax cross-entropy over one logit per class, which one logit leaves "
+    "constant. Return two instead, e.g. torch.cat([torch.zeros_like(z), z], dim=1): softmax([0, z]) is "
+    "[1 - sigmoid(z), sigmoid(z)], the same probabilities, loss and decisions (labels 0/1); column 1 of "
+    "the exported model's output is then your logit"
+)
 MSG_NOT_LOGITS = (
     "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not class "
     "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
@@ -108,6 +115,8 @@ class Classification(Task):
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
+        if out.shape[1] == 1:
+            raise DataError(MSG_ONE_LOGIT.format(source=data.source))
         return int(out.shape[1])
 
     def check_annotations(self, data: Any, num_classes: int) -> None:

@@ -168,6 +168,12 @@ def test_a_one_logit_binary_classifier_is_refused_with_the_two_logit_wrapper_tha
     z = cm.predict(data.x)
     assert z.shape == (96, 2) and np.all(z[:, 0] == 0)
     assert np.array_equal(z.argmax(1), (z[:, 1] > 0).astype(np.int64))
+    # an ONNX file with one logit, at validate: the same advice, naming the file
+    from fqexport.errors import ModelLoadError
+    from fqexport.tasks.classification import check_logits
+
+    with pytest.raises(ModelLoadError, match=r"one.onnx: the model returns one logit per sample"):
+        check_logits(np.zeros((96, 1), np.float32), "one.onnx", data)
 
 
 def test_bias_correction_reduces_mean_output_shift(cnn_model, cnn_data):

@@ -55,6 +55,8 @@ def check_logits(logits: np.ndarray, model: str, data: Any) -> None:
     if logits.ndim != 2:
         raise ModelLoadError(MSG_OUTPUT.format(model=model, shape=list(logits.shape)))
     c = logits.shape[1]
+    if c == 1:
+        raise ModelLoadError(MSG_ONE_LOGIT.format(source=model))
     bad = (data.y < 0) | (data.y >= c)
     if bad.any():
         raise DataError(

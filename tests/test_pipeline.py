@@ -366,3 +366,40 @@ def test_a_group_with_few_calibration_samples_is_warned_about_once(caplog, mlp_m
     with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
         compress(mlp_model, mlp_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
     assert not [r for r in caplog.records if "hold few" in r.getMessage()]
+
+
+class _TokensLinearBN(nn.Module):
+    """A Linear over [N, T, C] then BatchNorm1d: it normalises the T axis (T = out_features = 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.fc(x)).flatten(1))
+
+
+def test_a_batchnorm1d_over_a_sequence_is_not_folded_into_the_linear_before_it():
+    """Folding it into the Linear's features would scale the wrong axis (the output changed by
+    1.24 before); with the calibration samples' shapes it stays, and compress's float model is
+    the user's."""
+    from fqexport.graph.prepare import prepare_model
+
+    torch.manual_seed(0)
+    m = _TokensLinearBN().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 2), m.bn.bias.uniform_(-1, 1)
+    x = torch.randn(64, 8, 6)
+    prepared = prepare_model(m, False, example=x[:2])
+    assert any(isinstance(mod, nn.BatchNorm1d) for mod in prepared.folded.modules())
+    torch.testing.assert_close(prepared.folded(x), m(x))
+    with torch.no_grad():
+        y = m(x).argmax(1).numpy()
+    cm = compress(m, GroupData(x.numpy(), y, np.arange(64) % 2, ("a", "b"), "seq"), QuantConfig(num_calib=64),
+                  progress=False)
+    np.testing.assert_allclose(cm.predict(x.numpy(), quantized=False), m(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    # a Linear on [N, features] still absorbs its BatchNorm1d
+    flat = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    folded = prepare_model(flat, False, example=torch.randn(2, 6)).folded
+    assert not any(isinstance(mod, nn.BatchNorm1d) for mod in folded.modules())

@@ -26,6 +26,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
@@ -308,7 +309,9 @@ def _batchnorm_params(gm: torch.fx.GraphModule, node: torch.fx.Node, modules: di
 
 def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     """``(layer node, BN node, BN params)`` of every Conv2d→BatchNorm / Linear→BatchNorm1d
-    pair where the BN is the layer's only user."""
+    pair where the BN is the layer's only user. A Linear's output must be ``[N, features]``
+    when its shape is known: on ``[N, T, features]`` a BatchNorm1d normalises the T axis, and
+    folding it into the features would be wrong whenever T happens to equal their count."""
     pairs = []
     for node in gm.graph.nodes:
         params = _batchnorm_params(gm, node, modules)
@@ -321,19 +324,34 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
             pairs.append((src, node, params))
         elif isinstance(layer, nn.Linear) and layer.out_features == channels and not (
             node.op == "call_module" and not isinstance(modules[node.target], nn.BatchNorm1d)
-        ):
+        ) and _rank(src) in (None, 2):
             pairs.append((src, node, params))
     return pairs
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
+def _rank(node: torch.fx.Node) -> int | None:
+    """The rank of ``node``'s output as :class:`~torch.fx.passes.shape_prop.ShapeProp` recorded
+    it; ``None`` when unknown."""
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tuple[torch.fx.GraphModule, set[str]]:
     """Fold every Conv2d/ConvTranspose2d→BatchNorm (module, subclass or traced ``F.batch_norm``) and
-    Linear→BatchNorm1d pair (eval statistics) into the layer.
+    Linear→BatchNorm1d pair (eval statistics) into the layer. ``example`` (a batch of model
+    inputs): the shapes that tell a Linear on ``[N, features]`` (folded) from one on a sequence
+    (its BatchNorm1d stays).
 
     Returns the folded graph (a copy) and the names of the convs that absorbed a BN.
     """
     # symbolic_trace shares submodules with ``model``: copy so eval() and folding leave it alone.
     gm = copy.deepcopy(trace(model)).eval()
+    if example is not None:
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example)
+        except Exception as err:  # shapes stay unknown: every pair folds as without an example
+            log.debug("shape propagation for BatchNorm folding failed: %s", err)
     modules = dict(gm.named_modules())
     folded = set()
     for src, bn_node, (mean, var, weight, bias, eps) in _foldable(gm, modules):
@@ -428,7 +446,8 @@ class PreparedModel:
         return [l.name for l in self.layers]
 
 
-def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: tuple = ()) -> PreparedModel:
+def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: tuple = (),
+                  example: torch.Tensor | None = None) -> PreparedModel:
     """Trace → support check → fold BN → quantizable layers: the one model preparation of
     compress, sensitivity and the search's layer costs. ``model`` is not modified.
 
@@ -437,7 +456,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     UnsupportedLayerError naming all of them. Layers ``keep_float`` selects
     (:func:`keep_float_match`) stay float too, logged with the pattern that matched. Also raises
     UnsupportedLayerError when no layer is left to quantize, and ModelLoadError when the model
-    cannot be traced.
+    cannot be traced. ``example``: a batch of inputs for :func:`fold_batchnorm`'s shapes.
     """
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
         model = copy.deepcopy(model).eval()
@@ -450,7 +469,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     floats = (*float_layers(raw), *kept)
-    folded, bn_convs = fold_batchnorm(raw)
+    folded, bn_convs = fold_batchnorm(raw, example)
     folded = folded.eval().cpu()
     layers = quantizable_layers(folded, skipped | {k.name for k in kept}, bn_convs)
     if not layers:

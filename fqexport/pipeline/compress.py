@@ -81,6 +81,11 @@ def _batches(data: GroupData, batch_size: int, device: torch.device) -> list[tup
             for x, _, g in data.batches(batch_size)]
 
 
+def _example(data: GroupData) -> torch.Tensor:
+    """The first two samples of ``data``, a batch for shape propagation."""
+    return torch.from_numpy(np.ascontiguousarray(data.x[:2]))
+
+
 def _channel_dim(kind: str) -> int:
     return 1 if kind in ("conv", "conv_transpose") else -1
 
@@ -512,8 +517,8 @@ def compress(
     # 1. load & check: trace, fold BN, find the layers; 2. a group-balanced calibration subset
     #    (of streamed data, only these samples are read); the data fits the model: every sample
     #    in memory, the subset of a stream
-    prepared = prepare_model(model, config.skip_unsupported, config.keep_float)
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=_example(sub))
     _warn_few_group_samples(sub, config.num_calib)
     checked = data if isinstance(data, GroupData) else sub
     _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError

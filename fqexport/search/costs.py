@@ -14,7 +14,7 @@ def model_costs(model: nn.Module, example: torch.Tensor, weights: WeightSpec) ->
     """Params, MACs per sample and output channels of each layer ``weights`` quantizes (BN
     folded; unsupported and ``keep_float`` layers left out), and the weight parameters that
     stay float."""
-    prepared = prepare_model(model, weights.skip_unsupported, weights.keep_float)
+    prepared = prepare_model(model, weights.skip_unsupported, weights.keep_float, example=example)
     macs = count_macs(prepared.folded, example, prepared.names)
     modules = dict(prepared.folded.named_modules())
     costs = [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]), i.kind)

@@ -300,7 +300,7 @@ class _MeasuredContext:
 
     def folded(self) -> nn.Module:
         if self._folded is None:
-            self._folded = prepare_model(self.model, self.skip_unsupported).folded
+            self._folded = prepare_model(self.model, self.skip_unsupported, example=self.x[:2]).folded
         return self._folded
 
     def stream(self) -> GraphStream:
@@ -477,7 +477,8 @@ def measure_sensitivity(
     bits = check_bit_choices(bit_choices)
     if len(calib) == 0:
         raise DataError(MSG_EMPTY.format(source=calib.source))
-    prepared = prepare_model(model, skip_unsupported)
+    prepared = prepare_model(model, skip_unsupported,
+                             example=torch.from_numpy(np.ascontiguousarray(calib.take(np.arange(min(2, len(calib)))).x)))
     folded = prepared.folded
     known = prepared.names
     names = known if layers is None else list(layers)

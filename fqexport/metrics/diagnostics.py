@@ -450,7 +450,7 @@ def analyze(
 
     model = copy.deepcopy(model).eval().cpu()
     check_model_on_data(model, data)
-    folded, _ = fold_batchnorm(model)
+    folded, _ = fold_batchnorm(model, torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x)))
     diagnostics = {FLOAT_VARIANT: group_diagnostics(folded, data, **kwargs)}
     for cfg in configs:
         cm = compress(model, calib_data, cfg, progress=progress)

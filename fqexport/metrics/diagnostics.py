@@ -57,7 +57,7 @@ from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.graph.prepare import fold_batchnorm
 from fqexport.metadata import ACTIVATION_BITS
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.pipeline.compress import check_model_on_data, compress
+from fqexport.pipeline.compress import check_model_on_data, compress, example_batch
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def analyze(
 
     model = copy.deepcopy(model).eval().cpu()
     check_model_on_data(model, data)
-    folded, _ = fold_batchnorm(model, torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x)))
+    folded, _ = fold_batchnorm(model, example_batch(data))
     diagnostics = {FLOAT_VARIANT: group_diagnostics(folded, data, **kwargs)}
     for cfg in configs:
         cm = compress(model, calib_data, cfg, progress=progress)

@@ -81,9 +81,10 @@ def _batches(data: GroupData, batch_size: int, device: torch.device) -> list[tup
             for x, _, g in data.batches(batch_size)]
 
 
-def _example(data: GroupData) -> torch.Tensor:
-    """The first two samples of ``data``, a batch for shape propagation."""
-    return torch.from_numpy(np.ascontiguousarray(data.x[:2]))
+def example_batch(data: GroupData | DataStream, n: int = 2) -> torch.Tensor:
+    """The first ``n`` samples of ``data`` (fewer when it has fewer) as one input batch: what a
+    shape check or shape propagation runs (of a stream, only these are read)."""
+    return torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(n, len(data)))).x))
 
 
 def _channel_dim(kind: str) -> int:
@@ -300,7 +301,7 @@ def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
 def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     """The model's output on the first two samples (its first output: :func:`first_output`); a
     DataError when they do not fit it."""
-    x = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(min(2, len(data)))).x))
+    x = example_batch(data)
     try:
         with torch.no_grad():
             out = model(x)
@@ -518,7 +519,7 @@ def compress(
     #    (of streamed data, only these samples are read); the data fits the model: every sample
     #    in memory, the subset of a stream
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
-    prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=_example(sub))
+    prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=example_batch(sub))
     _warn_few_group_samples(sub, config.num_calib)
     checked = data if isinstance(data, GroupData) else sub
     _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError

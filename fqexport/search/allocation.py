@@ -187,6 +187,15 @@ def layer_resource(info: LayerCost, bits: int, kind: str, storage: BudgetStorage
     raise ConfigError(MSG_BUDGET_KIND.format(kind=kind))
 
 
+def layer_options(infos: Sequence[LayerCost], widths: Sequence[int], pinned: Mapping[str, int], kind: str,
+                  storage: BudgetStorage = DEFAULT_STORAGE, target: ExportTarget = "portable",
+                  ) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
+    """Per layer, the widths the allocator may give it (its pin, else ``widths``) and the
+    resource of each (:func:`layer_resource`)."""
+    options = [(pinned[i.name],) if i.name in pinned else tuple(widths) for i in infos]
+    return options, [tuple(layer_resource(i, b, kind, storage, target) for b in opts) for i, opts in zip(infos, options)]
+
+
 def budget_capacity(infos: Sequence[LayerCost], budget: Budget, overhead: float = 0.0) -> float:
     """The capacity in resource units: ``B · (Σ p + F) − 32 · F`` for bits (``F`` float weights
     counted at 32 bits), ``B − overhead`` for bytes (the file's bytes outside the layers'
@@ -335,14 +344,9 @@ def _problem(table, infos, budget, pins, storage, overhead: float = 0.0, target:
     for l in table.layers:
         if l not in by_name:
             raise ConfigError(MSG_LAYER_INFO.format(layer=l))
-    pinned = resolve_pins(pins, table.layers)
-    options, delta, res = [], [], []
-    for l in table.layers:
-        opts = (pinned[l],) if l in pinned else tuple(table.bits)
-        options.append(opts)
-        delta.append(np.stack([_delta_for(table, l, b) for b in opts]))
-        res.append(tuple(layer_resource(by_name[l], b, budget.kind, storage, target) for b in opts))
     layer_infos = [by_name[l] for l in table.layers]
+    options, res = layer_options(layer_infos, table.bits, resolve_pins(pins, table.layers), budget.kind, storage, target)
+    delta = [np.stack([_delta_for(table, l, b) for b in opts]) for l, opts in zip(table.layers, options)]
     return _Problem(tuple(table.layers), tuple(options), tuple(delta), tuple(res),
                     budget_capacity(layer_infos, budget, overhead), tuple(table.groups), float(overhead),
                     storage, target)

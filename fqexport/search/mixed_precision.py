@@ -62,8 +62,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
@@ -72,7 +70,7 @@ from fqexport.calibration.stream import DataStream
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
-from fqexport.pipeline.compress import compress, model_task
+from fqexport.pipeline.compress import compress, example_batch, model_task
 from fqexport.search.allocation import Allocation, AllocationOptions
 from fqexport.search.byte_budget import file_overhead_estimate, fit_file_budget, written_size
 from fqexport.search.candidate_pool import allocation_options, candidate_pool
@@ -138,8 +136,7 @@ def search_mixed_precision(
         # with a single split the table sees only the held-in part; with folds, every sample is
         # held out once anyway, so the table uses them all (it only ranks candidates: the
         # verification below still measures every fit on samples it was not fitted on)
-        layers, float_params = model_costs(model, torch.from_numpy(np.ascontiguousarray(data.take(np.arange(1)).x)),
-                                           base.weights)
+        layers, float_params = model_costs(model, example_batch(data, 1), base.weights)
         table = sensitivity or search_sensitivity(model, splits[0][0] if len(splits) == 1 else data, mp, base,
                                                   progress=progress, engine=engine, layers=[l.name for l in layers],
                                                   task=task)

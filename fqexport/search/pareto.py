@@ -16,8 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
 from torch import nn
 
 from fqexport.atomic import atomic_write
@@ -30,13 +28,13 @@ from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
 from fqexport.metadata import FLOAT_BITS
-from fqexport.pipeline.compress import model_task
+from fqexport.pipeline.compress import example_batch, model_task
 from fqexport.search.allocation import (
     HINT_INT8,
     Budget,
     LayerCost,
     budget_capacity,
-    layer_resource,
+    layer_options,
     resolve_pins,
     search_pins,
 )
@@ -115,13 +113,11 @@ class BudgetFloor:
     def of(cls, model: nn.Module, data: GroupData | DataStream, mp: MixedPrecisionConfig,
            base: QuantConfig) -> BudgetFloor:
         """The floor of searching ``model`` with ``mp``'s widths and pins and ``base``'s storage and target."""
-        example = torch.from_numpy(np.ascontiguousarray(data.take(np.arange(1)).x))
-        layers, float_params = model_costs(model, example, base.weights)
+        layers, float_params = model_costs(model, example_batch(data, 1), base.weights)
         pinned = resolve_pins(search_pins(mp.pins, [l.name for l in layers], mp.pin_first_last),
                               [l.name for l in layers])
-        mins = tuple(min(layer_resource(l, b, "bits", base.storage, base.target)
-                         for b in ((pinned[l.name],) if l.name in pinned else tuple(mp.bit_choices)))
-                     for l in layers)
+        _, resources = layer_options(layers, mp.bit_choices, pinned, "bits", base.storage, base.target)
+        mins = tuple(min(r) for r in resources)
         return cls(mins, tuple(layers), int(float_params), min(mp.bit_choices))
 
     def feasible(self, budget: float) -> bool:

@@ -63,7 +63,7 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
 from fqexport.model import rows_to_weight, weight_rows
 from fqexport.pipeline.activations import GraphStream
-from fqexport.pipeline.compress import model_output
+from fqexport.pipeline.compress import example_batch, model_output
 from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
 from fqexport.search.output_fisher import output_fisher_sensitivity
@@ -477,8 +477,7 @@ def measure_sensitivity(
     bits = check_bit_choices(bit_choices)
     if len(calib) == 0:
         raise DataError(MSG_EMPTY.format(source=calib.source))
-    prepared = prepare_model(model, skip_unsupported,
-                             example=torch.from_numpy(np.ascontiguousarray(calib.take(np.arange(min(2, len(calib)))).x)))
+    prepared = prepare_model(model, skip_unsupported, example=example_batch(calib))
     folded = prepared.folded
     known = prepared.names
     names = known if layers is None else list(layers)

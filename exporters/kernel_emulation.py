@@ -558,6 +558,12 @@ _KERNELS = {("", "QLinearConv"): qlinear_conv, ("com.microsoft", "QGemm"): qgemm
             ("", "QLinearMatMul"): qlinear_matmul}
 
 
+def _dynamic_inputs(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """The names of ``node``'s inputs that are not initializers, each once (``Mul(x, x)`` reads
+    ``x`` twice; a one-node graph declares an input once)."""
+    return tuple(dict.fromkeys(i for i in node.input if i and i not in initializers))
+
+
 def _emulable(node: onnx.NodeProto, values: Mapping[str, np.ndarray]) -> bool:
     key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
     if key not in _KERNELS:
@@ -670,7 +676,7 @@ class EmulatedSession:
         return out
 
     def _node_session(self, idx: int, node: onnx.NodeProto, values: Mapping[str, np.ndarray]) -> Any:
-        dyn = tuple(i for i in node.input if i and i not in self.initializers)
+        dyn = _dynamic_inputs(node, self.initializers)
         key = (idx, tuple(str(values[i].dtype) for i in dyn))
         sess = self._sessions.get(key)
         if sess is not None:
@@ -723,8 +729,7 @@ class EmulatedSession:
                     values[node.output[0]] = fn(args, attributes(node), self.target, cache)
                 else:
                     sess = self._node_session(idx, node, values)
-                    dyn = [i for i in node.input if i and i not in self.initializers]
-                    outs = sess.run(None, {i: values[i] for i in dict.fromkeys(dyn)})
+                    outs = sess.run(None, {i: values[i] for i in _dynamic_inputs(node, self.initializers)})
                     for name, v in zip([o for o in node.output if o], outs):
                         values[name] = v
             except _Unsupported as err:

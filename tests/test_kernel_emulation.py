@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
+from torch import nn
 from onnx import TensorProto, helper, numpy_helper
 
+from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
@@ -367,3 +370,36 @@ def test_avx2_accumulation_without_large_activations_is_the_exact_sum():
     a = rng.integers(0, 129, size=(4, 16)).astype(np.uint8)
     w = np.full((3, 16), 127, np.int8)
     np.testing.assert_array_equal(accumulate(a, w, 0, "x86-avx2"), a.astype(np.int64) @ w.T.astype(np.int64))
+
+
+class _SquareAndGroupNorm(nn.Module):
+    """``h * h`` (a Mul reading one tensor twice) and GroupNorm (exported as a function whose
+    inlined body reads its input twice): one-node graphs must declare such an input once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x)))
+        h = h.mean(dim=(2, 3))
+        return self.fc(h * h)
+
+
+def test_nodes_reading_one_input_twice_export_and_emulate_on_every_family(tmp_path):
+    torch.manual_seed(0)
+    model = _SquareAndGroupNorm().eval()
+    x = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    data = GroupData(x, y, np.arange(64) % 2, ("a", "b"), "square")
+    cm = compress(model, data, QuantConfig(weight_bits=8, num_calib=64), progress=False)
+    path = export_qdq(cm, tmp_path / "m.onnx").path  # the default target's check emulates x86-vnni and arm64
+    native = run_batches(make_session(path, threads=1), x, 64)
+    for family in ("x86-avx2", "x86-vnni", "arm64"):
+        emu = run_batches(EmulatedSession(path, family, threads=1), x, 64)
+        assert emu.shape == native.shape == (64, 3)
+        if family == kernel_family(cpu_isa()):
+            np.testing.assert_array_equal(emu, native)

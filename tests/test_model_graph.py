@@ -250,13 +250,16 @@ class PlainSubclassBN(nn.BatchNorm2d):
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
-    """timm-style: its own forward calls F.batch_norm on its parameters, then an activation."""
+    """timm-style (timm 1.0's ``BatchNormAct2d``): it asserts its input's rank, then calls
+    F.batch_norm on its parameters, then an activation. The rank read is a second user of the
+    conv's output in the traced graph, which must not keep the BN from folding."""
 
     def __init__(self, c: int) -> None:
         super().__init__(c)
         self.act = nn.ReLU()
 
     def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
         x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                            self.training, self.momentum, self.eps)
         return self.act(x)

@@ -135,6 +135,17 @@ def test_data_shape_not_fitting_the_model(cnn_model):
         _compress(cnn_model, data)
 
 
+def test_data_that_fails_the_shape_pass_prints_no_traceback(cnn_model, capfd):
+    """NHWC images for an NCHW CNN with BatchNorm: BN folding's shape pass fails on them first,
+    quietly; the data check then names the field (fx's ShapeProp printed a traceback here)."""
+    data = GroupData(np.zeros((8, 16, 16, 3), np.float32), np.zeros(8, np.int64), np.arange(8) % 2, ("a", "b"),
+                     "nhwc.npz")
+    with pytest.raises(DataError, match=r"nhwc.npz: field 'x' with sample shape \(16, 16, 3\) does not fit"):
+        _compress(cnn_model, data)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+
+
 def test_output_that_is_not_logits_names_the_data_file_and_field(cnn_data):
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(DataError, match=rf"{re.escape(cnn_data.source)}: field 'x' with sample shape \(3, 16, 16\) "

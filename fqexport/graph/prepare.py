@@ -26,7 +26,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
@@ -316,7 +315,9 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     for node in gm.graph.nodes:
         params = _batchnorm_params(gm, node, modules)
         src = node.args[0] if node.args else None
-        if params is None or not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+        if params is None or not isinstance(src, torch.fx.Node) or src.op != "call_module":
+            continue
+        if any(u is not node and not _reads_metadata_only(u) for u in src.users):
             continue
         layer = modules.get(src.target)
         channels = params[0].shape[0]
@@ -329,11 +330,36 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     return pairs
 
 
+# What a use of a tensor may read without depending on its values: folding a BN into the layer
+# before it changes the layer output's values, never these (timm's BatchNormAct2d asserts
+# ``x.ndim == 4`` on its input, which fx records as a second user of the conv's output).
+_METADATA_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
+_METADATA_METHODS = frozenset({"dim", "size", "ndimension", "numel", "type", "get_device"})
+
+
+def _reads_metadata_only(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads only its input tensor's rank, shape, dtype or device."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS and not (
+        node.target == "type" and (len(node.args) > 1 or node.kwargs))  # x.type(dtype) converts
+
+
+class _OutputShapes(torch.fx.Interpreter):
+    """Runs the graph once and records each tensor output's shape in ``node.meta["shape"]``
+    (fx's ShapeProp prints a traceback to stderr on a failure; the caller reports its own)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["shape"] = tuple(result.shape)
+        return result
+
+
 def _rank(node: torch.fx.Node) -> int | None:
-    """The rank of ``node``'s output as :class:`~torch.fx.passes.shape_prop.ShapeProp` recorded
-    it; ``None`` when unknown."""
-    meta = node.meta.get("tensor_meta")
-    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    """The rank of ``node``'s output as :class:`_OutputShapes` recorded it; ``None`` when unknown."""
+    shape = node.meta.get("shape")
+    return None if shape is None else len(shape)
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tuple[torch.fx.GraphModule, set[str]]:
@@ -349,7 +375,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tup
     if example is not None:
         try:
             with torch.no_grad():
-                ShapeProp(gm).propagate(example)
+                _OutputShapes(gm).run(example)
         except Exception as err:  # shapes stay unknown: every pair folds as without an example
             log.debug("shape propagation for BatchNorm folding failed: %s", err)
     modules = dict(gm.named_modules())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,24 @@ def test_raise_for_failures_is_the_gate():
     assert broken.name == "min_worst_group_acc"
     assert info.value.failures == [f"min_worst_group_acc: {broken.message}"]
     assert str(info.value) == MSG_FAILED.format(model="m.onnx", count=1, checks=f"min_worst_group_acc: {broken.message}")
+
+
+def test_a_group_without_a_value_fails_the_worst_group_and_drop_checks():
+    """A group with samples but a NaN metric (a detector's images without boxes) is left out of
+    group_min and the drops: the gate must not pass on the other groups alone."""
+    m = _metrics(Y)
+    by_group = {"a": dict(m.by_group["a"]), "b": {**m.by_group["b"], "accuracy": float("nan")}}
+    m = dataclasses.replace(m, by_group=by_group)
+    assert m.group_min() == ("a", 1.0)
+    report = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m,
+                              group_drop={"a": 0.0, "b": float("nan")})
+    checks = {c.name: c for c in run_checks(report, Thresholds(min_worst_group_acc=10, max_group_drop=5))}
+    for name in ("min_worst_group_acc", "max_group_drop"):
+        assert not checks[name].passed and checks[name].group == "b"
+        assert "group 'b' cannot be measured (its 4 sample(s) give no value" in checks[name].message
+    ok = run_checks(dataclasses.replace(report, metrics=_metrics(Y), group_drop={"a": 0.0, "b": 0.0}),
+                    Thresholds(min_worst_group_acc=10, max_group_drop=5))
+    assert all(c.passed for c in ok)
 
 
 def _lat(bs, p50):

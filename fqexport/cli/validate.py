@@ -9,6 +9,7 @@ one ``FAIL:`` line on stderr), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import math
 
 from fqexport.cli.common import EXIT_OK, display_width, pad
 from fqexport.cli.flags.validate import thresholds
@@ -62,7 +63,9 @@ def print_summary(report) -> None:
         print(line)
     print(f"{pad('overall', w)} {m.overall['count']:>7} {_cells(m.overall, m.metric_names)}")
     worst, acc = m.group_min()
-    print(f"worst group {worst}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp")
+    unmeasured = [str(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
+    among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
+    print(f"worst group {worst}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp{among}")
     if m.equalized_odds_difference is not None:
         print(f"equalized-odds diff {m.equalized_odds_difference:.4f}; demographic-parity diff {m.demographic_parity_difference:.4f}")
     if report.agreement is not None:

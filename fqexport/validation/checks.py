@@ -7,6 +7,7 @@ threshold's unit (percent points, ms, MB) before comparing.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from fqexport.validation.thresholds import MB, CheckResult, Thresholds, flag, pct
 
@@ -22,6 +23,19 @@ from fqexport.validation.validation_report import ValidationReport, group_drop
 _TOL = 1e-9  # a value this close to its limit passes (float round-off of the percent conversion)
 GPU_RULES = "gpu_rules"  # the check of a gpu-target file's structure (no threshold: always on)
 MSG_GPU_RULES = "what TensorRT and ORT's CUDA EP take (target gpu): {n} violation(s){details}"
+MSG_UNMEASURED = ("{what}: group {group!r} cannot be measured (its {count} sample(s) give no value: a "
+                  "detector's images without ground-truth boxes, or masks without labelled pixels); the check "
+                  "fails rather than pass without the group")
+
+
+def _unmeasured(t: Thresholds, name: str, m, metric: str, what: str) -> CheckResult | None:
+    """A failed check for the first group that has samples but no value of ``metric`` (else
+    None): ``group_min`` and the drops skip such a group, and a gate would pass without it."""
+    for group, row in m.by_group.items():
+        if row["count"] > 0 and math.isnan(float(row[metric])):
+            return CheckResult(name, float(getattr(t, name)), float("nan"), False, group,
+                               MSG_UNMEASURED.format(what=what, group=group, count=int(row["count"])))
+    return None
 
 
 def _at_least(t: Thresholds, name: str, value: float, group: str | None, what: str) -> CheckResult:
@@ -51,6 +65,9 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
         out.append(_at_least(t, "min_acc", pct(m.overall["accuracy"]), None, "overall accuracy"))
     for name, (metric, what) in WORST_GROUP_LIMITS.items():
         if getattr(t, name) is not None and metric in m.metric_names:
+            if (missing := _unmeasured(t, name, m, metric, what)) is not None:
+                out.append(missing)
+                continue
             g, value = m.group_min(metric)
             out.append(_at_least(t, name, pct(value), g, what))
     if t.max_acc_gap is not None:
@@ -58,6 +75,9 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
         out.append(_at_most(t, "max_acc_gap", pct(m.difference("accuracy")), lo[0], f"accuracy gap to group {hi[0]!r}", "pp"))
     for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric
         if getattr(t, name) is not None and report.max_group_drop is not None and m.primary == metric:
+            if (missing := _unmeasured(t, name, m, metric, what)) is not None:
+                out.append(missing)
+                continue
             g, drop = report.max_group_drop
             out.append(_at_most(t, name, pct(drop), g, what, "pp"))
     if t.max_kernel_deviation is not None and report.kernel_deviation_by_group is not None:

@@ -111,9 +111,11 @@ def int32_gemm_biases(model: onnx.ModelProto) -> list[str]:
         if found is None:
             continue
         bias, s_x, s_w = found
-        step = s_x * s_w  # float32, as ORT computes the bias scale
-        q = np.rint(bias / np.where(step > 0, step, 1)).astype(np.int64)
-        if np.any(step <= 0) or np.any(np.abs(q) >= 2**31) or not np.array_equal(q.astype(np.float32) * step, bias):
+        # float32, as ORT computes the bias scale; an INT2 row's s_w may be negative (levels
+        # mirrored): q = rint(b / step) has the sign that keeps q·step = b
+        step = s_x * s_w
+        q = np.rint(bias / np.where(step != 0, step, 1)).astype(np.int64)
+        if np.any(step == 0) or np.any(np.abs(q) >= 2**31) or not np.array_equal(q.astype(np.float32) * step, bias):
             log.debug("Gemm %s keeps its float bias: not on the int32 grid s_x*s_w", node.name)
             continue
         base = f"{node.input[2]}_int32"

@@ -111,3 +111,19 @@ def test_a_bias_off_the_int32_grid_stays_float():
     model = _pool_gemm_model(bias_off_grid=True)
     assert int32_gemm_biases(model) == []
     assert "b" in {t.name for t in model.graph.initializer}
+
+
+def test_a_2bit_logits_layer_with_mirrored_rows_fuses_into_qgemm(cnn_model, cnn_data, tmp_path):
+    """At 2 bits a row's scale is negative when its largest |w| is positive (levels mirrored);
+    the int32 bias then has the sign of b / (s_x·s_w) and the head still runs as a QGemm, with
+    ORT's output equal to the PyTorch reference's."""
+    from fqexport.config import QuantConfig
+    from fqexport.pipeline.compress import compress
+
+    cm = compress(cnn_model, cnn_data, QuantConfig(weight_bits=2, num_calib=128, target="x86-avx2"), progress=False)
+    assert bool((cm.layers["fc"].scale < 0).any())
+    path = export_qdq(cm, tmp_path / "w2.onnx").path
+    x = cnn_data.x[:64]
+    y, ops = _run(path, x, True, tmp_path / "w2_opt.onnx")
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0
+    np.testing.assert_allclose(y, cm.predict(x), rtol=1e-5, atol=1e-5)

@@ -150,6 +150,33 @@ def test_pickled_module_accepted_with_trust(tmp_path, cnn_model, cnn_data):
     assert _same_outputs(model, cnn_model, cnn_data)
 
 
+def test_a_pickled_model_finds_its_module_in_the_working_directory(tmp_path, monkeypatch):
+    """Like a factory spec, a pickle's class may live in a module of the folder fqexport runs
+    from; from elsewhere the message says where the class must be importable from."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "pickled_net_m7.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x)\n")
+    subprocess.run([sys.executable, "-c", "import torch, pickled_net_m7; torch.save(pickled_net_m7.Net(), 'whole.pt')"],
+                   cwd=folder, check=True)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    msg = _load_error(str(folder / "whole.pt"), trust_pickle=True)
+    assert "whole.pt: the pickled model's class lives in module 'pickled_net_m7', which cannot be imported" in msg
+    monkeypatch.chdir(folder)
+    model = load_model("whole.pt", trust_pickle=True)
+    assert type(model).__name__ == "Net" and not model.training
+
+
 def test_trusted_pickle_of_non_module(tmp_path):
     torch.save({"a": 1}, tmp_path / "dict.pth")
     assert "dict.pth: holds a dict, not a model" in _load_error(str(tmp_path / "dict.pth"), trust_pickle=True)

@@ -39,6 +39,11 @@ MSG_PICKLE = (
     "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
 )
+MSG_PICKLE_MODULE = (
+    "{path}: the pickled model's class lives in module '{module}', which cannot be imported: run "
+    "from the folder that holds it or add that folder to PYTHONPATH (a pickle stores the class by "
+    "its module name, not its code)"
+)
 
 MSG_NO_WEIGHTS = (
     "factory '{spec}' was given no weights: the model keeps the parameters the factory sets "
@@ -102,14 +107,20 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     return lift_exported_modules(model)
 
 
+def _working_directory_importable() -> None:
+    """Put the working directory on ``sys.path``, as ``python`` does for a script: a factory
+    spec or a pickled model may name a module of the folder the user runs fqexport from."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _import_object(spec: str, what: str = "model", malformed: str = MSG_SPEC) -> Any:
     """The object ``package.module:attr`` names (``what``: model or decode, for the messages)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelLoadError(malformed.format(spec=spec))
-    cwd = os.getcwd()
-    if cwd not in sys.path:  # let users name modules of their working directory
-        sys.path.insert(0, cwd)
+    _working_directory_importable()
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
@@ -238,8 +249,11 @@ def load_model(
         _refuse_weights_only(path)
         if not trust_pickle:
             raise ModelLoadError(MSG_PICKLE.format(path=path))
+        _working_directory_importable()
         try:
             model = torch.load(path, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as err:
+            raise ModelLoadError(MSG_PICKLE_MODULE.format(path=path, module=err.name)) from err
         except Exception as err:
             raise ModelLoadError(f"{path}: cannot unpickle a model: {err}") from err
         if not isinstance(model, nn.Module):

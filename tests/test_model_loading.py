@@ -177,6 +177,15 @@ def test_a_pickled_model_finds_its_module_in_the_working_directory(tmp_path, mon
     assert type(model).__name__ == "Net" and not model.training
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_torchscript_file_is_named_as_such(tmp_path, trust):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), tmp_path / "ts.pt")
+    msg = _load_error(str(tmp_path / "ts.pt"), trust_pickle=trust)
+    assert "ts.pt: a TorchScript archive (torch.jit.save)" in msg and "--weights" in msg
+    torch.save(torch.nn.Linear(4, 2), tmp_path / "whole.pt")  # a pickled module is not taken for one
+    assert "TorchScript" not in _load_error(str(tmp_path / "whole.pt"))
+
+
 def test_trusted_pickle_of_non_module(tmp_path):
     torch.save({"a": 1}, tmp_path / "dict.pth")
     assert "dict.pth: holds a dict, not a model" in _load_error(str(tmp_path / "dict.pth"), trust_pickle=True)

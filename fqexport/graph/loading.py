@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,11 @@ MSG_DECODE_SPEC = (
 MSG_PICKLE = (
     "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
+)
+MSG_TORCHSCRIPT = (
+    "{path}: a TorchScript archive (torch.jit.save): fqexport quantizes the Python nn.Module, whose "
+    "graph torch.fx traces; give the model as 'package.module:factory' with its state_dict "
+    "(CLI: --model pkg.mod:factory --weights FILE), or a torch.export .pt2"
 )
 MSG_PICKLE_MODULE = (
     "{path}: the pickled model's class lives in module '{module}', which cannot be imported: run "
@@ -105,6 +111,16 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     except Exception as err:
         raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}") from err
     return lift_exported_modules(model)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript zip archive (it holds the scripted ``code/``; a
+    ``torch.save`` file holds ``data.pkl`` and tensors only)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _working_directory_importable() -> None:
@@ -246,6 +262,8 @@ def load_model(
             log.warning(MSG_NO_WEIGHTS.format(spec=spec))
     elif Path(str(spec)).is_file():
         path = Path(str(spec))
+        if _is_torchscript(path):
+            raise ModelLoadError(MSG_TORCHSCRIPT.format(path=path))
         _refuse_weights_only(path)
         if not trust_pickle:
             raise ModelLoadError(MSG_PICKLE.format(path=path))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
@@ -189,6 +190,9 @@ def first_output(out: Any) -> Any:
     return out
 
 
+_warned_first_output: set[tuple] = set()
+
+
 def _keep_first_output(gm: torch.fx.GraphModule) -> None:
     """Cut a traced tuple/list output down to its first item (:func:`first_output`), so the
     reference and the ONNX file return what a deployment of the model reads (Ultralytics' and
@@ -196,7 +200,10 @@ def _keep_first_output(gm: torch.fx.GraphModule) -> None:
     node = next(n for n in gm.graph.nodes if n.op == "output")
     value = node.args[0]
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.fx.Node):
-        log.info(MSG_FIRST_OUTPUT.format(kind=type(value).__name__, n=len(value)))
+        key = (gm.__class__.__name__, type(value).__name__, len(value))
+        if key not in _warned_first_output and not in_worker():  # once per model kind, not per trace
+            _warned_first_output.add(key)
+            log.warning(MSG_FIRST_OUTPUT.format(kind=type(value).__name__, n=len(value)))
         node.args = (value[0],)
         gm.graph.eliminate_dead_code()
         gm.recompile()

@@ -15,7 +15,7 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.config import QuantConfig
-from fqexport.errors import ConfigError, DataError
+from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import compress
 
@@ -144,6 +144,24 @@ def test_data_that_fails_the_shape_pass_prints_no_traceback(cnn_model, capfd):
         _compress(cnn_model, data)
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err + captured.out
+
+
+class _DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        z = self.fc(x)
+        return {"logits": z, "probs": z.softmax(1)}
+
+
+def test_a_dict_output_is_named_with_the_wrapper_advice():
+    data = GroupData(np.zeros((8, 5), np.float32), np.zeros(8, np.int64), np.arange(8) % 2, ("a", "b"), "d.npz")
+    with pytest.raises(ModelLoadError) as info:
+        _compress(_DictOutput().eval(), data)
+    assert str(info.value).startswith("the model returns a dict (keys 'logits', 'probs'), not a tensor")
+    assert "returns model(x)['logits']" in str(info.value)
 
 
 def test_output_that_is_not_logits_names_the_data_file_and_field(cnn_data):

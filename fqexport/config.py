@@ -51,7 +51,8 @@ MSG_CHOICE = "{where}={value!r} is not one of {choices}"
 MSG_BIT_CHOICES = "bit_choices={bits!r} must be a non-empty set of integers from 2 to 8"
 MSG_BUDGET_KIND = "budget kind={kind!r} is not one of " + ", ".join(get_args(BudgetKind))
 MSG_BUDGET_VALUE = "budget_{kind}={value!r} must be a finite number > 0"
-MSG_BUDGET_BITS = "budget_bits={value!r} must be in [2, 8] (average weight bits)"
+MSG_BUDGET_BITS = ("budget_bits={value!r} must be in [2, 32] (stored bits per weight, scales included: a uniform "
+                   "8-bit file stores a little over 8)")
 
 
 def check_bits(bits: object, where: str) -> int:
@@ -83,13 +84,13 @@ def check_bit_choices(bits: object) -> tuple[int, ...]:
 
 def check_budget(kind: object, value: object) -> float:
     """The one check of a budget (config, allocation, sweep): ``kind`` one of
-    :data:`BudgetKind`, ``value`` a finite number > 0, and in [2, 8] for average weight bits."""
+    :data:`BudgetKind`, ``value`` a finite number > 0, and in [2, 32] for stored bits per weight."""
     if kind not in get_args(BudgetKind):
         raise ConfigError(MSG_BUDGET_KIND.format(kind=kind))
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(float(value)) or not float(value) > 0:
         raise ConfigError(MSG_BUDGET_VALUE.format(kind=kind, value=value))
-    if kind == "bits" and not 2.0 <= float(value) <= 8.0:
+    if kind == "bits" and not 2.0 <= float(value) <= 32.0:
         raise ConfigError(MSG_BUDGET_BITS.format(value=value))
     return float(value)
 

@@ -94,7 +94,7 @@ def test_budget_storage_extends_the_export_storages():
     ("bytes", 0, "budget_bytes=0 must be a finite number > 0"),
     ("bops", float("nan"), "budget_bops=nan must be a finite number > 0"),
     ("bits", True, "budget_bits=True must be a finite number > 0"),
-    ("bits", 1.5, "budget_bits=1.5 must be in [2, 8] (average weight bits)"),
+    ("bits", 1.5, "budget_bits=1.5 must be in [2, 32] (stored bits per weight, scales included"),
 ])
 def test_check_budget_errors(kind, value, fragment):
     with pytest.raises(ConfigError) as info:

@@ -20,3 +20,46 @@ def test_the_file_is_timed_against_its_float_model_at_each_batch(cnn_cm8, tmp_pa
     assert verdict.startswith(f"on this CPU ({cpu_isa()}) the file buys ")
     assert f"batch 4: {ratio[4]:.2f}x the float model's speed" in verdict
     assert list(tmp_path.iterdir()) == [path]  # the float model went to a temporary folder
+
+
+def _fixed_and_dynamic(tmp_path):
+    """The same small CNN exported with a fixed batch of 1 (torch.onnx.export's default) and with
+    a dynamic batch."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.onnx.export(m, (x,), str(tmp_path / "b1.onnx"), dynamo=False)
+    torch.onnx.export(m, (x,), str(tmp_path / "dyn.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "N"}})
+    return tmp_path / "b1.onnx", tmp_path / "dyn.onnx"
+
+
+def test_a_fixed_batch_file_and_its_reference_are_timed_at_that_batch(tmp_path):
+    """A file with a fixed batch of 1 runs only batch 1: the reference is timed at batch 1 too
+    (its ratio at batch 16 compared batch 1 with batch 16), and once for every requested size."""
+    import numpy as np
+
+    from fqexport.calibration.group_data import GroupData
+    from fqexport.exporters.ort_session import make_session
+    from fqexport.validation.latency import LatencyResult
+    from fqexport.validation.measure import measure_latencies
+    from fqexport.validation.validation_report import speed_verdict
+
+    fixed, dynamic = (make_session(p, threads=1) for p in _fixed_and_dynamic(tmp_path))
+    x = np.random.default_rng(0).normal(size=(32, 3, 8, 8)).astype(np.float32)
+    data = GroupData(x, np.zeros(32, np.int64), np.arange(32) % 2, ("a", "b"), "t.npz")
+    lat, ref = measure_latencies(fixed, data, (1, 16), warmup=1, repeats=3, reference=dynamic)
+    assert [l.batch_size for l in lat] == [1] == [r.batch_size for r in ref]
+    lat, ref = measure_latencies(dynamic, data, (1, 16), warmup=1, repeats=3, reference=fixed)
+    assert [l.batch_size for l in lat] == [1] == [r.batch_size for r in ref]
+    # two different fixed batches are not compared
+    one = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3)
+    eight = LatencyResult(4.0, 4.0, 4.0, 2e3, 8, 1, 1, 3)
+    assert speedups([one], [eight]) == {}
+    assert speed_verdict([one], [eight], "x86-avx2") == (
+        "on this CPU (x86-avx2) the speed is not compared: the file runs batch 1 and the reference batch 8 "
+        "(fixed batch sizes)")

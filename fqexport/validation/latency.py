@@ -102,6 +102,19 @@ def _result(session: Any, times: np.ndarray, batch_size: int, warmup: int, repea
 PAIR_ROUNDS = 5
 
 
+def paired_batch(session: Any, reference: Any | None, batch_size: int) -> int | None:
+    """The batch both sessions are timed at for a requested ``batch_size``: a file's fixed batch
+    when one has it (torch.onnx.export's default), else ``batch_size``; None when the two have
+    different fixed batches."""
+    fixed = {b for b in (fixed_batch(session), None if reference is None else fixed_batch(reference)) if b is not None}
+    if len(fixed) > 1:
+        return None
+    batch = fixed.pop() if fixed else int(batch_size)
+    if batch != int(batch_size):
+        log.info("a model input has a fixed batch of %d; timing batch %d instead of %d", batch, batch, batch_size)
+    return batch
+
+
 def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch_size: int, warmup: int = 5,
                          repeats: int = 30) -> tuple[LatencyResult, LatencyResult]:
     """Latency of ``session`` and of ``reference`` on the same batch, their ``repeats`` timed in
@@ -109,9 +122,11 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
     if int(batch_size) < 1 or int(warmup) < 0 or int(repeats) < 1:
         raise ConfigError(f"latency batch_size={batch_size!r}, warmup={warmup!r}, repeats={repeats!r}: need "
                           ">= 1, >= 0, >= 1")
-    if fixed_batch(session) is not None or fixed_batch(reference) is not None:  # each at its own fixed batch
+    batch = paired_batch(session, reference, batch_size)
+    if batch is None:  # two different fixed batches: each at its own (speedups does not pair them)
         return (measure_latency(session, sample, batch_size, warmup, repeats),
                 measure_latency(reference, sample, batch_size, warmup, repeats))
+    batch_size = batch
     feeds = [_feed(s, sample, batch_size) for s in (session, reference)]
     for s, f in zip((session, reference), feeds):
         _runs(s, f, int(warmup))

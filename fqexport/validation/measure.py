@@ -24,7 +24,7 @@ from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 from fqexport.validation.data_checks import check_data
-from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair
+from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair, paired_batch
 from fqexport.validation.thresholds import pct
 from fqexport.validation.validation_report import group_drop, kernel_deviation
 
@@ -168,8 +168,12 @@ def measure_latencies(session: Any, data: GroupData | DataStream, batch_sizes: S
     """Latency of ``session`` at each batch size, on the first samples of ``data``; with a
     ``reference`` session, its latency too, the two timed in interleaved rounds
     (:func:`~fqexport.validation.latency.measure_latency_pair`). Returns ``(model's, reference's)``."""
-    out, ref = [], []
+    out, ref, timed = [], [], set()
     for bs in batch_sizes:
+        batch = paired_batch(session, reference, bs)  # None: each file at its own fixed batch
+        if batch in timed:  # a fixed batch: one timing, not one per requested size
+            continue
+        timed.add(batch)
         sample = data.take(np.arange(min(int(bs), len(data)))).x
         if reference is None:
             lat = measure_latency(session, sample, int(bs), warmup=warmup, repeats=repeats)

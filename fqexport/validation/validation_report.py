@@ -49,8 +49,10 @@ def speed_word(speedup: float) -> str:
 
 
 def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
-    """Batch size -> the reference's p50 latency over the model's (> 1: the model is faster)."""
-    return {m.batch_size: r.p50_ms / m.p50_ms for m, r in zip(latency, reference) if m.p50_ms > 0}
+    """Batch size -> the reference's p50 latency over the model's (> 1: the model is faster), for
+    the pairs timed at one batch size (a file with a fixed batch runs only that one)."""
+    return {m.batch_size: r.p50_ms / m.p50_ms for m, r in zip(latency, reference)
+            if m.p50_ms > 0 and m.batch_size == r.batch_size}
 
 
 def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult], isa: str,
@@ -59,7 +61,12 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
     reference's speed (same speed)"``; ``None`` when nothing was compared."""
     ratio = speedups(latency, reference)
     if not ratio:
-        return None
+        if not latency or not reference:
+            return None
+        mine = sorted({m.batch_size for m in latency})
+        theirs = sorted({r.batch_size for r in reference})
+        return (f"on this CPU ({isa}) the speed is not compared: the file runs batch "
+                f"{', '.join(map(str, mine))} and {noun} batch {', '.join(map(str, theirs))} (fixed batch sizes)")
     parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
     fast = [bs for bs, x in ratio.items() if x >= FASTER]
     buys = f"speed and size at batch {', '.join(map(str, fast))}" if fast else "size only, no speed"

@@ -34,7 +34,7 @@ def test_sweep_writes_the_pareto_report(tmp_path, mlp_files, tests_dir, monkeypa
 
 @pytest.mark.parametrize("budgets, message", [
     ("2.5,x", "--budgets '2.5,x': expected stored bits per weight"),
-    ("3,9", "budget_bits=9.0 must be in \\[2, 8\\]"),
+    ("3,40", "budget_bits=40.0 must be in \\[2, 32\\]"),
     (",", "--budgets ',': expected stored bits per weight"),
 ])
 def test_sweep_rejects_bad_budgets_before_searching(tmp_path, mlp_files, tests_dir, monkeypatch, budgets, message):

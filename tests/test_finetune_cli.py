@@ -160,3 +160,21 @@ def test_rounding_adaptive_is_recorded_in_the_exported_metadata(mlp_files, tmp_p
     rec = read_metadata(out).finetune
     assert rec["settings"]["rounding"] == "adaptive"
     assert {r["kept"] for r in rec["adaptive_rounding"]["layers"].values()} <= {"solver", "adaptive"}
+
+
+def test_finetune_options_without_finetune_are_refused(mlp_files, tmp_path):
+    """Every fine-tuning option is used only with --finetune; given alone it would be ignored."""
+    out = tmp_path / "m.onnx"
+    for extra, named in ((("--epochs", "5"), "--epochs"), (("--lr", "0.1", "--sampler", "natural"), "--sampler, --lr"),
+                         (("--max-minutes", "1"), "--max-minutes")):
+        code, _, err = run_main(_args(mlp_files, out, *extra))
+        assert code == 2 and f"error: {named}: fine-tuning options, used only with --finetune" in err, err
+        assert not out.exists()
+
+
+def test_fixed_widths_with_a_search_budget_are_refused(mlp_files, tmp_path):
+    """_args gives --weight-bits 2: with a budget the search sets every width, so it is refused."""
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(_args(mlp_files, out, "--budget-bits", "4"))
+    assert code == 2 and "error: --weight-bits: a budget lets the search choose every layer's width" in err
+    assert "--pin NAME=BITS" in err and not out.exists()

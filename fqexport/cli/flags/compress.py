@@ -8,6 +8,8 @@ import argparse
 from fqexport.cli.common import HelpFormatter, common_options
 from fqexport.cli.flags.finetune import add_finetune_options, finetune_config, parse_export_bits, width_paths
 from fqexport.cli.flags.shared import (
+    FIXED_WIDTH_FLAGS,
+    MSG_WIDTHS_WITH_BUDGET,
     SEARCH_ONLY_FLAGS,
     add_model_and_quant_options,
     add_search_options,
@@ -82,7 +84,10 @@ def check_compress(args: argparse.Namespace) -> None:
     task_spec(args)
     finetune_config(args)
     budget = search_budget(args)
-    if budget is not None:
+    if budget is not None:  # (--learn-bits starts from the PTQ widths: they are used)
+        fixed = given_flags(args, FIXED_WIDTH_FLAGS)
+        if fixed:
+            raise ConfigError(MSG_WIDTHS_WITH_BUDGET.format(flags=", ".join(fixed)))
         search_config(args, **budget)
     elif not args.learn_bits:
         unused = given_flags(args, {**SEARCH_ONLY_FLAGS, "bit_choices": "--bit-choices"})

@@ -23,6 +23,7 @@ MSG_LEARN_BITS_SEARCH = (
     "--learn-bits learns the widths by fine-tuning instead of running the mixed-precision search, so "
     "{flags} (options of the search) would be ignored: drop them, or drop --learn-bits to run the search"
 )
+MSG_FINETUNE_WITHOUT = "{flags}: fine-tuning options, used only with --finetune, so they would be ignored: add --finetune --train train.npz, or drop them"
 MSG_TRAIN_WITHOUT = "--train is only used with --finetune: add --finetune, or drop --train"
 MSG_EXPORT_BITS_WITHOUT = "--export-bits exports several widths of one fine-tuning run: add --finetune --train train.npz"
 MSG_EXPORT_BITS = (
@@ -35,44 +36,60 @@ MSG_EXPORT_BITS_LEARN = (
 )
 
 
+# The fine-tuning flags whose parse default is None (their FinetuneConfig field's default when not
+# given), so that one given without --finetune is refused: dest -> FinetuneConfig field.
+FINETUNE_FIELDS = {"epochs": "epochs", "sampler": "sampler", "loss": "loss", "dro_eta": "dro_eta", "lr": "lr",
+                   "ft_batch_size": "batch_size", "temperature": "temperature",
+                   "coreset_fraction": "coreset_fraction", "coreset_score": "coreset_score",
+                   "oscillation": "oscillation", "bit_epochs": "bit_epochs", "lambda_fair": "lambda_fair",
+                   "rounding": "rounding"}
+FINETUNE_ONLY_FLAGS = {**{dest: "--" + dest.replace("_", "-") for dest in FINETUNE_FIELDS},
+                       "group_loss_weights": "--group-loss-weights", "max_minutes": "--max-minutes"}
+
+
+def _default(key: str) -> str:
+    """`` (default: X)`` of a fine-tuning flag whose parse default is None (None: not given)."""
+    return f" (default: {_F[key]})"
+
+
 def add_finetune_options(p: argparse.ArgumentParser) -> None:
     """``--finetune`` and its options (a group of ``compress``)."""
     ft = p.add_argument_group("fairness-aware fine-tuning after PTQ (--finetune)")
     ft.add_argument("--finetune", action="store_true", help="fine-tune the compressed model on --train data")
     ft.add_argument("--train", help="training data: .npz (x, y, group[, group_names]) or CSV manifest, "
                     "same groups as --calib")
-    ft.add_argument("--epochs", type=int, default=_F["epochs"], help="fine-tuning epochs")
-    ft.add_argument("--sampler", choices=get_args(Sampler), default=_F["sampler"],
+    ft.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs" + _default("epochs"))
+    ft.add_argument("--sampler", choices=get_args(Sampler), default=None,
                     help="group-balanced (equal mass per group in each batch), natural (shuffled) or core-set "
                     "(per epoch the hardest samples of each group); with --loss worst-group it beat plain "
-                    "natural/ce on the worst group (docs/finetune.md)")
-    ft.add_argument("--loss", choices=get_args(GroupLoss), default=_F["loss"],
+                    "natural/ce on the worst group (docs/finetune.md)" + _default("sampler"))
+    ft.add_argument("--loss", choices=get_args(GroupLoss), default=None,
                     help="worst-group (group DRO), group-weighted (--group-loss-weights) or ce (plain mean: "
-                    "plain QAT is --loss ce --sampler natural)")
+                    "plain QAT is --loss ce --sampler natural)" + _default("loss"))
     ft.add_argument("--group-loss-weights", metavar="NAME=W,...", help="group weights of --loss group-weighted")
-    ft.add_argument("--dro-eta", type=float, default=_F["dro_eta"],
-                    help="step size of the worst-group weights (--loss worst-group)")
-    ft.add_argument("--lr", type=float, default=_F["lr"], help="Adam step size of the latent weights")
-    ft.add_argument("--ft-batch-size", type=int, default=_F["batch_size"], help="fine-tuning batch size")
-    ft.add_argument("--temperature", type=float, default=_F["temperature"], help="distillation temperature")
-    ft.add_argument("--coreset-fraction", type=float, default=_F["coreset_fraction"],
-                    help="share of each group the core-set keeps per epoch (--sampler core-set)")
-    ft.add_argument("--coreset-score", choices=get_args(CoresetScore), default=_F["coreset_score"],
+    ft.add_argument("--dro-eta", type=float, default=None,
+                    help="step size of the worst-group weights (--loss worst-group)" + _default("dro_eta"))
+    ft.add_argument("--lr", type=float, default=None, help="Adam step size of the latent weights" + _default("lr"))
+    ft.add_argument("--ft-batch-size", type=int, default=None, help="fine-tuning batch size" + _default("batch_size"))
+    ft.add_argument("--temperature", type=float, default=None, help="distillation temperature" + _default("temperature"))
+    ft.add_argument("--coreset-fraction", type=float, default=None,
+                    help="share of each group the core-set keeps per epoch (--sampler core-set)" + _default("coreset_fraction"))
+    ft.add_argument("--coreset-score", choices=get_args(CoresetScore), default=None,
                     help="what the core-set ranks by: loss (distillation + label cross-entropy) or disagreement "
-                    "(the distillation term alone: where quantization moved the model)")
-    ft.add_argument("--oscillation", type=float, default=_F["oscillation"], metavar="LAMBDA",
-                    help="oscillation (dampening) regulariser weight, e.g. 0.1; 0: off")
+                    "(the distillation term alone: where quantization moved the model)" + _default("coreset_score"))
+    ft.add_argument("--oscillation", type=float, default=None, metavar="LAMBDA",
+                    help="oscillation (dampening) regulariser weight, e.g. 0.1; 0: off" + _default("oscillation"))
     ft.add_argument("--learn-bits", action="store_true",
                     help="BAQ: learn a width per layer under --budget-bits instead of running the mixed-precision "
                     "search (so --objective, --pin and the other search options are refused; --bit-choices is "
                     "used), project onto the budget, then fine-tune at the fixed widths. The budget is then "
                     "nominal bits: the parameter-weighted average code width, containers and scales not counted")
-    ft.add_argument("--bit-epochs", type=int, default=_F["bit_epochs"], help="epochs of the width-learning phase")
-    ft.add_argument("--lambda-fair", type=float, default=_F["lambda_fair"],
-                    help="BAQ fairness penalty on max_g L_g - mean_g L_g")
-    ft.add_argument("--rounding", choices=get_args(Rounding), default=_F["rounding"],
+    ft.add_argument("--bit-epochs", type=int, default=None, help="epochs of the width-learning phase" + _default("bit_epochs"))
+    ft.add_argument("--lambda-fair", type=float, default=None,
+                    help="BAQ fairness penalty on max_g L_g - mean_g L_g" + _default("lambda_fair"))
+    ft.add_argument("--rounding", choices=get_args(Rounding), default=None,
                     help="solver (start from the solver's codes) or adaptive (group-weighted AdaRound per "
-                    "layer first, keeping the solver's codes where they reconstruct better)")
+                    "layer first, keeping the solver's codes where they reconstruct better)" + _default("rounding"))
     ft.add_argument("--export-bits", metavar="B,B,...",
                     help="export the fine-tuned model at each of these widths (re-quantized, no further "
                     "training; pair with --oscillation): --out m.onnx writes m.w3.onnx, m.w4.onnx, ... "
@@ -108,6 +125,9 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
     if not args.finetune:
         if args.train is not None:
             raise ConfigError(MSG_TRAIN_WITHOUT)
+        ignored = given_flags(args, FINETUNE_ONLY_FLAGS)
+        if ignored:
+            raise ConfigError(MSG_FINETUNE_WITHOUT.format(flags=", ".join(ignored)))
         if args.learn_bits:
             raise ConfigError(MSG_LEARN_BITS_WITHOUT)
         if export_bits:
@@ -126,14 +146,12 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
     if args.group_loss_weights:
         weights = parse_assignments(args.group_loss_weights.split(","), "--group-loss-weights", "W", float,
                                      "minority=3,majority=1")
+    given = {key: getattr(args, dest) for dest, key in FINETUNE_FIELDS.items() if getattr(args, dest) is not None}
     return FinetuneConfig(
-        epochs=args.epochs, batch_size=args.ft_batch_size, lr=args.lr, temperature=args.temperature,
-        sampler=args.sampler, loss=args.loss, group_weights=weights, dro_eta=args.dro_eta,
-        coreset_fraction=args.coreset_fraction, coreset_score=args.coreset_score, oscillation=args.oscillation,
-        learn_bits=args.learn_bits, rounding=args.rounding,
+        **given, group_weights=weights, learn_bits=args.learn_bits,
         budget_bits=args.budget_bits if args.learn_bits else None,
         bit_choices=parse_bit_choices(args.bit_choices, _F["bit_choices"]) if args.learn_bits else _F["bit_choices"],
-        bit_epochs=args.bit_epochs, lambda_fair=args.lambda_fair, max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes,
         device=args.device, seed=args.seed,
         # --workers (shared with the search's engine): the DataLoader workers that read a CSV
         # manifest's images batch by batch; not given: in this process (an .npz is memory-mapped)

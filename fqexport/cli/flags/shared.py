@@ -76,6 +76,14 @@ def task_spec(args: argparse.Namespace) -> tuple[str | None, dict]:
     return task, {}
 
 
+# Widths set by hand, which a budget's search (or --learn-bits) replaces with its own.
+FIXED_WIDTH_FLAGS = {"weight_bits": "--weight-bits", "layer_bits": "--layer-bits"}
+MSG_WIDTHS_WITH_BUDGET = (
+    "{flags}: a budget lets the search choose every layer's width (from --bit-choices), so they would be "
+    "ignored; fix a layer's width with --pin NAME=BITS, or drop the budget"
+)
+
+
 def given_flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     """The flags of ``flags`` (dest -> flag) given on the command line (their value is not None / [])."""
     return [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, [])]
@@ -103,7 +111,8 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", required=True, help="calibration data: .npz (x, group[, y, group_names]) or CSV manifest "
                    "(path,label,group; images as CHW float in [0, 1], no resize, no normalisation: "
                    "save normalised data with fqexport.save_npz)")
-    p.add_argument("--weight-bits", type=int, default=_Q.weight_bits, help="weight width of every layer, 2..8")
+    p.add_argument("--weight-bits", type=int, default=None,
+                   help=f"weight width of every layer, 2..8 (default: {_Q.weight_bits})")
     p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
                    help="per-layer width, overriding --weight-bits (repeatable)")
     p.add_argument("--method", choices=get_args(Method), default=_Q.method,
@@ -167,7 +176,7 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     """The QuantConfig of the parsed ``add_model_and_quant_options`` flags."""
     return QuantConfig(
-        weight_bits=args.weight_bits, layer_bits=parse_layer_bits(args.layer_bits), method=args.method,
+        weight_bits=_Q.weight_bits if args.weight_bits is None else args.weight_bits, layer_bits=parse_layer_bits(args.layer_bits), method=args.method,
         order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
         group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
         percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,

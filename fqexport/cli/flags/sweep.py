@@ -6,8 +6,11 @@ import argparse
 
 from fqexport.cli.common import HelpFormatter, common_options
 from fqexport.cli.flags.shared import (
+    FIXED_WIDTH_FLAGS,
+    MSG_WIDTHS_WITH_BUDGET,
     add_model_and_quant_options,
     add_search_options,
+    given_flags,
     quant_config,
     search_config,
     task_spec,
@@ -60,6 +63,9 @@ def check_sweep(args: argparse.Namespace) -> None:
          Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
     )
     budgets = parse_budgets(args.budgets)
+    fixed = given_flags(args, FIXED_WIDTH_FLAGS)
+    if fixed:
+        raise ConfigError(MSG_WIDTHS_WITH_BUDGET.format(flags=", ".join(fixed)))
     quant_config(args)
     task_spec(args)
     for b in budgets:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 
 import onnx
@@ -23,6 +24,25 @@ OPSET = 21
 OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
 
 MSG_TORCH_EXPORT = "torch.onnx.export failed for the {what} model: {err}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FAILED_NODE = re.compile(r"Error when translating node (%\S+)")
+
+
+def _root_cause(err: BaseException) -> str:
+    """torch.onnx's error in one line: the innermost cause (e.g. ``AssertionError: only 4D
+    query, key, and value are supported``) and the graph node it failed on, without the
+    exporter's report-filing advice and colour codes."""
+    chain, seen = [err], {id(err)}
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+        chain.append(nxt)
+        seen.add(id(nxt))
+    node = next((m.group(1) for e in chain if (m := _FAILED_NODE.search(str(e)))), None)
+    inner = chain[-1]
+    text = _ANSI.sub("", str(inner)).strip().splitlines()
+    where = f" (at node {node})" if node else ""
+    return f"{type(inner).__name__}: {text[0] if text else ''}{where}"
 
 
 def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "float",
@@ -43,7 +63,7 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
                 output_names=[output_name], custom_translation_table=table, verbose=False,
             )
     except Exception as err:
-        raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=f"{type(err).__name__}: {err}")) from err
+        raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=_root_cause(err))) from err
     proto = program.model_proto
     strip_debug_info(proto)
     return proto

@@ -458,3 +458,65 @@ def test_unet_conv_transpose2d_packs_to_int2_and_int4_with_channel_scales_on_axi
     got = sess.run(None, {sess.get_inputs()[0].name: image_data.x})[0]
     assert float((got.argmax(1) == cm.predict(image_data.x).argmax(1)).mean()) >= 0.99
     assert "ConvTranspose" in ops
+
+
+class MaskableAttentionMLP(nn.Module):
+    """timm's ViT style: ``forward(x, attn_mask=None, is_causal=False)``, an ``if`` on the mask,
+    the mask handed to SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, fm.NUM_CLASSES)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        h = torch.relu(self.fc1(x)).reshape(x.shape[0], 2, 4, 4)  # [B, heads, tokens, dim]
+        if attn_mask is not None:
+            h = h * 2.0
+        h = F.scaled_dot_product_attention(h, h, h, attn_mask=attn_mask, is_causal=is_causal)
+        return self.fc2(h.reshape(x.shape[0], 32))
+
+
+def test_a_forward_with_defaulted_extra_arguments_runs_at_their_defaults(tabular_data, tmp_path):
+    """fqexport feeds one input: the other parameters are traced at their defaults (the mask
+    branch not taken), compress / export / ORT agree; a required second input is named."""
+    torch.manual_seed(0)
+    model = fm.train(MaskableAttentionMLP(), tabular_data, epochs=3)
+    cm, result, ops, per_group = _run(model, tabular_data, tmp_path)
+    assert set(cm.layers) == {"fc1", "fc2"} and result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+    np.testing.assert_allclose(cm.predict(tabular_data.x[:16], quantized=False),
+                               model(torch.from_numpy(tabular_data.x[:16])).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 4)
+
+        def forward(self, x, mask):
+            return self.fc(x * mask)
+
+    from fqexport.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"forward takes required inputs beyond 'x': mask; fqexport feeds one"):
+        compress(TwoInputs(), tabular_data, QuantConfig(num_calib=64), progress=False)
+
+
+def test_a_failed_torch_onnx_export_names_its_root_cause(tmp_path):
+    """torch.onnx converts 4-D SDPA only: its error is one line with the cause and the node."""
+    from fqexport.errors import ExportError
+
+    class Sdpa3d(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc(x).unsqueeze(1)
+            return F.scaled_dot_product_attention(h, h, h).squeeze(1)
+
+    data = validate_group_data(np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32),
+                               np.arange(64) % 8, np.arange(64) % 2, source="t.npz")
+    cm = compress(Sdpa3d().eval(), data, QuantConfig(num_calib=64), progress=False)
+    with pytest.raises(ExportError) as info:
+        export_qdq(cm, tmp_path / "m.onnx")
+    assert str(info.value) == ("torch.onnx.export failed for the quantized model: AssertionError: only 4D query, "
+                               "key, and value are supported (at node %scaled_dot_product_attention)")

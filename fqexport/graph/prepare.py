@@ -43,6 +43,10 @@ _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers with parameters that stay float ops between quantized layers, by design.
 NORMS = _BATCHNORM + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                       nn.InstanceNorm3d, nn.RMSNorm, nn.PReLU)
+MSG_MORE_INPUTS = (
+    "the model's forward takes required inputs beyond {first!r}: {names}; fqexport feeds one input "
+    "(the data's 'x'): give the others defaults, or wrap the model in a module whose forward(x) supplies them"
+)
 MSG_FIRST_OUTPUT = ("the model returns a {kind} of {n} outputs: fqexport measures, compresses and exports the "
                     "first (the others are left out of the file)")
 
@@ -160,6 +164,23 @@ class _Tracer(torch.fx.Tracer):
         return False
 
 
+def _defaulted_arguments(model: nn.Module) -> dict[str, Any] | None:
+    """``forward``'s parameters after its input, at their defaults, as fx's ``concrete_args``
+    (timm's ViTs take ``forward(x, attn_mask=None, ...)``): fqexport feeds the one input, and an
+    ``if attn_mask is not None`` must see None while tracing, not a placeholder. A ModelLoadError
+    for a further parameter without a default."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: trace as fx does
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    extra = [p for p in params[1:] if p.kind in named]
+    required = [p.name for p in extra if p.default is inspect.Parameter.empty]
+    if params and required:
+        raise ModelLoadError(MSG_MORE_INPUTS.format(first=params[0].name, names=", ".join(required)))
+    return {p.name: p.default for p in extra} or None
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a GraphModule: returned as is).
 
@@ -172,7 +193,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         model, swapped = decompose_attention(copy.deepcopy(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=_defaulted_arguments(model))
     except Exception as err:  # fx raises many kinds of errors for untraceable code
         raise ModelLoadError(MSG_TRACE.format(err=f"{type(err).__name__}: {err}")) from err
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)

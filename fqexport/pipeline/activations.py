@@ -80,8 +80,12 @@ class GraphStream:
         raise KeyError(_MSG_NOT_LAYER.format(name=name))
 
     def start(self, x: torch.Tensor) -> dict[torch.fx.Node, Any]:
-        """The value table of a batch before any node ran (the model's one input)."""
-        return {self.placeholders[0]: x}
+        """The value table of a batch before any node ran: the model's one input, and any further
+        ``forward`` parameter at its default (traced as a constant: ``trace``'s concrete args)."""
+        env: dict[torch.fx.Node, Any] = {self.placeholders[0]: x}
+        for p in self.placeholders[1:]:
+            env[p] = p.args[0] if p.args else None
+        return env
 
     def output(self, env: dict[torch.fx.Node, Any]) -> Any:
         """The graph's output from a value table that ran every node (the output node's

@@ -177,6 +177,18 @@ def test_infeasible_budget_says_what_is_needed():
         candidate_allocations(t, infos, Budget("bits", 3.0), "worst-group", pins={"shared": 8})[0]
 
 
+def test_infeasible_bits_budget_counts_the_float_weights_in_its_minimum():
+    """The smallest allocation's average runs over the float weights too, at 32 bits each."""
+    t, infos = minority_layer_case()
+    floats = 3 * sum(i.params for i in infos)  # three times the quantized weights stay float
+    smallest = sum(layer_resource(i, 2, "bits", "ideal") for i in infos)  # nominal: 2 bits per weight
+    need = (smallest + 32 * floats) / (sum(i.params for i in infos) + floats)  # = (2 + 96) / 4 = 24.5
+    with pytest.raises(ConfigError) as info:
+        candidate_allocations(t, infos, Budget("bits", 12.0, float_params=floats), "mean", storage="ideal")
+    assert f"needs {need:g}. " in str(info.value) and need == 24.5
+    assert f"with the {floats:,} weights of the layers that stay float, counted at 32 bits" in str(info.value)
+
+
 def test_resources_bytes_and_bops():
     info = LayerCost("conv", params=1000, macs=50_000, channels=16)
     # auto: 3 bits in INT4 behind a Cast (500 B + fp32 scales), 6 bits in int8 (1000 B + fp32
@@ -197,9 +209,9 @@ def test_resources_bytes_and_bops():
         Budget("bits", -1)
     with pytest.raises(ConfigError, match="budget_bytes=inf must be a finite number > 0"):
         Budget("bytes", float("inf"))
-    # the same check as MixedPrecisionConfig: average bits lie in [2, 8]
-    with pytest.raises(ConfigError, match=r"budget_bits=9 must be in \[2, 8\]"):
-        Budget("bits", 9)
+    # the same check as MixedPrecisionConfig: stored bits per weight lie in [2, 32]
+    with pytest.raises(ConfigError, match=r"budget_bits=33 must be in \[2, 32\]"):
+        Budget("bits", 33)
     with pytest.raises(ConfigError, match="storage='int3' is not one of auto, int8, packed, ideal"):
         container_bits(4, "int3")
 

@@ -89,6 +89,8 @@ MSG_INFEASIBLE = (
     "{bmin} bits, pinned layers at their widths) needs {at_least}{need:g}. Raise the budget, add a smaller "
     "width to bit_choices or unpin layers"
 )
+HINT_FLOAT = (" (with the {n:,} weights of the layers that stay float, counted at 32 bits: keep fewer "
+              "layers float to go lower)")
 HINT_INT8 = (
     " (storage='int8' stores every width in an 8-bit container: a bits budget below ~8 stored bits "
     "needs storage='auto' or 'packed')"
@@ -360,10 +362,14 @@ def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: i
     except ConfigError as err:
         need = sum(min(r) for r in p.resources)
         if budget.kind == "bits":
-            need /= max(p.capacity / budget.value, 1)
+            # average stored bits over every weight, float ones at 32: capacity = B·(P + F) − 32·F
+            floats = FLOAT_BITS * float(budget.float_params)
+            need = (need + floats) / max((p.capacity + floats) / budget.value, 1)
         if budget.kind == "bytes":
             need += p.overhead
         hint = HINT_INT8 if p.storage == "int8" and budget.kind != "bops" else ""
+        if budget.kind == "bits" and budget.float_params:
+            hint += HINT_FLOAT.format(n=int(budget.float_params))
         # a file's bytes outside the weights are a floor here (measured once a file is written)
         at_least = "at least " if budget.kind == "bytes" else ""
         raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need,

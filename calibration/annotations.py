@@ -166,10 +166,12 @@ def check_masks(masks: np.ndarray, sample_shape: tuple[int, ...], source: str, n
     if tuple(a.shape[1:]) != want:
         raise DataError(MSG_MASK_SIZE.format(source=source, got=tuple(a.shape[1:]), want=want))
     a = _int_field(a, "masks", source)
-    neg = np.flatnonzero((a < 0).reshape(a.shape[0], -1).any(axis=1))
+    bad = (a < 0) & (a != int(ignore_index))  # a negative ignore_index (-1, -100) is allowed
+    neg = np.flatnonzero(bad.reshape(a.shape[0], -1).any(axis=1))
     if neg.size:
         i = int(neg[0])
-        raise DataError(MSG_NEGATIVE_LABEL.format(source=source, field="masks", index=i, value=int(a[i].min())))
+        raise DataError(MSG_NEGATIVE_LABEL.format(source=source, field="masks", index=i, value=int(a[i][bad[i]].min()))
+                        + f" (or the ignore_index, {int(ignore_index)})")
     return Masks(a, int(ignore_index))
 
 

@@ -86,3 +86,18 @@ def test_group_data_with_masks_round_trips(tmp_path):
     back = load_data(save_npz(data, tmp_path / "seg.npz"))
     np.testing.assert_array_equal(back.annotations.masks, masks)
     np.testing.assert_array_equal(back.subset(np.array([3])).annotations.masks[0], masks[3])
+
+
+def test_a_negative_ignore_index_is_accepted_and_other_negatives_named():
+    """PyTorch's cross-entropy ignores -100 by default: masks may mark their ignored pixels so."""
+    from fqexport.calibration.annotations import check_masks
+
+    masks = np.zeros((3, 4, 5), np.int64)
+    masks[:, 0] = -100
+    got = check_masks(masks, (3, 4, 5), "seg.npz", 3, ignore_index=-100)
+    assert got.ignore_index == -100 and int(got.masks.min()) == -100
+    masks[1, 2, 2] = -1
+    with pytest.raises(DataError) as info:
+        check_masks(masks, (3, 4, 5), "seg.npz", 3, ignore_index=-100)
+    assert str(info.value) == ("seg.npz: field 'masks' index 1 is -1; class ids must be >= 0 (or the ignore_index, "
+                               "-100)")

@@ -23,7 +23,10 @@ MSG_LEARN_BITS_SEARCH = (
     "--learn-bits learns the widths by fine-tuning instead of running the mixed-precision search, so "
     "{flags} (options of the search) would be ignored: drop them, or drop --learn-bits to run the search"
 )
-MSG_FINETUNE_WITHOUT = "{flags}: fine-tuning options, used only with --finetune, so they would be ignored: add --finetune --train train.npz, or drop them"
+MSG_FINETUNE_WITHOUT = (
+    "{flags}: fine-tuning options, used only with --finetune, so they would be ignored: add --finetune "
+    "--train train.npz, or drop them"
+)
 MSG_TRAIN_WITHOUT = "--train is only used with --finetune: add --finetune, or drop --train"
 MSG_EXPORT_BITS_WITHOUT = "--export-bits exports several widths of one fine-tuning run: add --finetune --train train.npz"
 MSG_EXPORT_BITS = (

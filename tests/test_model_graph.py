@@ -141,6 +141,21 @@ def test_skip_unsupported_returns_names_and_warns_once(caplog):
     assert len(caplog.records) == 1
 
 
+def test_the_float_layer_warning_comes_once_per_model_however_often_it_is_prepared(caplog):
+    """compress, the sensitivity and each verification fit of a search prepare the user's model
+    (compress on a copy): the warning is given once per model object, again for another one."""
+    from fqexport.graph.prepare import prepare_model
+
+    model, other = WithLSTM().eval(), WithLSTM().eval()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        for _ in range(3):
+            prepare_model(model)
+        prepare_model(copy.deepcopy(model), owner=model)  # compress prepares a copy on the model's behalf
+        assert sum("stay in float" in r.getMessage() for r in caplog.records) == 1
+        prepare_model(other)
+    assert sum("stay in float" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_supported_model_has_no_unsupported_layers(cnn_model):
     assert unsupported_layers(trace(cnn_model)) == []
 

@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,14 +182,15 @@ def _defaulted_arguments(model: nn.Module) -> dict[str, Any] | None:
     return {p.name: p.default for p in extra} or None
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
+def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a GraphModule: returned as is).
 
     Attention modules are replaced by traceable stand-ins first (on a copy when there are any:
-    ``model`` itself is not modified).
+    ``model`` itself is not modified). ``owner``: whose warnings these are (default ``model``).
     """
     if isinstance(model, torch.fx.GraphModule):
         return model
+    source = model if owner is None else owner  # warnings are given once per user model
     if any(decompose_attention_needed(m) for m in model.modules()):
         model, swapped = decompose_attention(copy.deepcopy(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
@@ -199,7 +201,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)
     if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
         gm = strip_wrapper(gm, type(model.model).__name__)
-    _keep_first_output(gm)
+    _keep_first_output(gm, owner=source)
     return gm
 
 
@@ -211,20 +213,30 @@ def first_output(out: Any) -> Any:
     return out
 
 
-_warned_first_output: set[tuple] = set()
+# The warnings already given per model object: a model is prepared by compress, the sensitivity
+# and each verification fit of a search, and each would repeat them.
+_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _keep_first_output(gm: torch.fx.GraphModule) -> None:
+def _warn_once(owner: nn.Module | None, message: str) -> None:
+    """``log.warning(message)`` once per ``owner`` (None: every time), never in an engine's
+    worker (the search's own process says it)."""
+    if in_worker():
+        return
+    seen = _warned.setdefault(owner, set()) if owner is not None else set()
+    if message not in seen:
+        seen.add(message)
+        log.warning(message)
+
+
+def _keep_first_output(gm: torch.fx.GraphModule, owner: nn.Module | None = None) -> None:
     """Cut a traced tuple/list output down to its first item (:func:`first_output`), so the
     reference and the ONNX file return what a deployment of the model reads (Ultralytics' and
     torchvision's ONNX exports keep the first output alike)."""
     node = next(n for n in gm.graph.nodes if n.op == "output")
     value = node.args[0]
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.fx.Node):
-        key = (gm.__class__.__name__, type(value).__name__, len(value))
-        if key not in _warned_first_output and not in_worker():  # once per model kind, not per trace
-            _warned_first_output.add(key)
-            log.warning(MSG_FIRST_OUTPUT.format(kind=type(value).__name__, n=len(value)))
+        _warn_once(owner, MSG_FIRST_OUTPUT.format(kind=type(value).__name__, n=len(value)))
         node.args = (value[0],)
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -279,9 +291,10 @@ def unsupported_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
     return [(l.name, l.kind) for l in float_layers(gm)]
 
 
-def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True) -> set[str]:
-    """Names of the weight layers that stay in float (each logged in one warning), or an
-    UnsupportedLayerError naming all of them when ``skip_unsupported`` is False (``strict``)."""
+def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True, owner: nn.Module | None = None) -> set[str]:
+    """Names of the weight layers that stay in float (each logged in one warning, once per
+    ``owner``: the user's model, which compress, the sensitivity and the search each prepare),
+    or an UnsupportedLayerError naming all of them when ``skip_unsupported`` is False (``strict``)."""
     bad = float_layers(gm)
     if not bad:
         return set()
@@ -290,7 +303,7 @@ def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True) -> 
         raise UnsupportedLayerError(MSG_UNSUPPORTED.format(count=len(bad), layers=listing))
     total = _weight_params(gm, recurse=True)
     fl = sum(l.params for l in bad)
-    log.warning(MSG_FLOAT_LAYERS, len(bad), fl, total, 100.0 * fl / max(total, 1), listing)
+    _warn_once(owner, MSG_FLOAT_LAYERS % (len(bad), fl, total, 100.0 * fl / max(total, 1), listing))
     return {l.name for l in bad}
 
 
@@ -501,7 +514,7 @@ class PreparedModel:
 
 
 def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: tuple = (),
-                  example: torch.Tensor | None = None) -> PreparedModel:
+                  example: torch.Tensor | None = None, owner: nn.Module | None = None) -> PreparedModel:
     """Trace → support check → fold BN → quantizable layers: the one model preparation of
     compress, sensitivity and the search's layer costs. ``model`` is not modified.
 
@@ -511,11 +524,14 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     (:func:`keep_float_match`) stay float too, logged with the pattern that matched. Also raises
     UnsupportedLayerError when no layer is left to quantize, and ModelLoadError when the model
     cannot be traced. ``example``: a batch of inputs for :func:`fold_batchnorm`'s shapes.
+    ``owner``: the user's model when ``model`` is a copy of it (its warnings are given once per
+    owner; default ``model``).
     """
+    owner = model if owner is None else owner
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
         model = copy.deepcopy(model).eval()
-    raw = trace(model)
-    skipped = check_supported(raw, skip_unsupported)
+    raw = trace(model, owner=owner)
+    skipped = check_supported(raw, skip_unsupported, owner=owner)
     kept = kept_float_layers(raw, tuple(keep_float))
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):
         known = called_layers(raw)

@@ -525,12 +525,13 @@ def compress(
     config = config or QuantConfig()
     data = load_data(calib)
     device = resolve_device(config.device, "QuantConfig.device")
-    model = copy.deepcopy(model).eval().cpu()
+    source, model = model, copy.deepcopy(model).eval().cpu()
     # 1. load & check: trace, fold BN, find the layers; 2. a group-balanced calibration subset
     #    (of streamed data, only these samples are read); the data fits the model: every sample
     #    in memory, the subset of a stream
     sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
-    prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=example_batch(sub))
+    prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=example_batch(sub),
+                             owner=source)
     _warn_few_group_samples(sub, config.num_calib)
     checked = data if isinstance(data, GroupData) else sub
     _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError

@@ -4,6 +4,7 @@ streamed form; both have ``group``, ``y``, ``group_names``, ``source``, ``sample
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +32,22 @@ class GroupViews:
     def group_counts(self) -> np.ndarray:
         """Samples per group id, ``[num_groups]``."""
         return np.bincount(self.group, minlength=self.num_groups)
+
+    def in_group_order(self, names: Sequence[str]):
+        """The same samples with their group ids renumbered so that ``group_names`` is ``names``
+        (the same names in another order: string groups are sorted, a calibration file may state
+        its own order); ``self`` when the order is already ``names``. Nothing is read or copied
+        but the ids."""
+        names = tuple(str(n) for n in names)
+        if names == self.group_names:
+            return self
+        if sorted(names) != sorted(self.group_names):
+            raise ValueError(f"in_group_order: {names} are not the groups {self.group_names}")
+        new_id = np.array([names.index(n) for n in self.group_names], dtype=np.int64)
+        other = copy.copy(self)
+        object.__setattr__(other, "group", new_id[self.group])  # (GroupData is a frozen dataclass)
+        object.__setattr__(other, "group_names", names)
+        return other
 
 
 @dataclass(frozen=True)

@@ -139,3 +139,27 @@ def test_finetune_without_labels_says_so_before_any_step(mlp_cm2, mlp_data):
     with pytest.raises(DataError) as info:
         finetune(mlp_cm2, x_alone, FinetuneConfig(epochs=1), progress=False)
     assert str(info.value) == "finetune needs labels: <list> yields no y; give (x, y) or (x, y, group) samples"
+
+
+def test_training_data_with_the_calibrations_groups_in_another_order_is_renumbered(mlp_data):
+    """String groups come sorted and a CSV manifest states no order: the same names in another
+    order than the calibration file's are renumbered by name, other names refused."""
+    from types import SimpleNamespace
+
+    from fqexport.calibration.group_data import GroupData
+    from fqexport.calibration.stream import in_memory_stream
+    from fqexport.errors import DataError
+    from fqexport.finetune.start import check_train_data
+    from fqexport.tasks.classification import Classification
+
+    names = tuple(mlp_data.group_names)
+    flipped = GroupData(mlp_data.x, mlp_data.y, (mlp_data.num_groups - 1) - mlp_data.group, names[::-1], "t.npz")
+    cm = SimpleNamespace(group_names=names, input_shape=mlp_data.sample_shape, task=Classification(), num_classes=4)
+    for data in (flipped, in_memory_stream(flipped)):
+        got = check_train_data(data, cm)
+        assert got.group_names == names and type(got) is type(data)
+        np.testing.assert_array_equal(got.group, mlp_data.group)  # each sample keeps its group's name
+        assert data.group_names == names[::-1]  # the caller's data is not modified
+    other = GroupData(mlp_data.x, mlp_data.y, mlp_data.group, ("x", "y"), "o.npz")
+    with pytest.raises(DataError, match=r"o.npz: the training data's groups \(x, y\) do not match"):
+        check_train_data(other, cm)

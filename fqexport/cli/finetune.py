@@ -43,7 +43,7 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
     # float model and needs none (fqexport.finetune checks again once the task is known)
     if getattr(args, "task", None) in (None, "classification") and getattr(train, "annotations", None) is None:
         require_labels(train, "finetune")
-    if calib_groups is not None and tuple(train.group_names) != tuple(calib_groups):
+    if calib_groups is not None and sorted(train.group_names) != sorted(calib_groups):  # any order: renumbered
         raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
                                           calib=", ".join(calib_groups)))
     return FinetunePlan(config, train, parse_export_bits(args.export_bits))

@@ -81,7 +81,7 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
         raise ConfigError(MSG_NOTHING_TO_LEARN.format(task=task.name, source=data.source,
                                                       fields=task.annotation_fields))
     ptq = start_model(model_or_cm, data, config, calib, quant_config, progress, task)
-    check_train_data(data, ptq)
+    data = check_train_data(data, ptq)
     fixed_weights = fixed_group_weights(config, tuple(ptq.group_names))
     device = resolve_device(config.device, "FinetuneConfig.device")
     torch.manual_seed(config.seed)

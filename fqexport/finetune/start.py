@@ -20,7 +20,7 @@ from fqexport.tasks.base import Task
 
 MSG_GROUPS = (
     "{source}: the training data's groups ({train}) do not match the calibration data's groups "
-    "({calib}); give training data with the same group names in the same order"
+    "({calib}); give training data with the same group names"
 )
 MSG_SHAPE = (
     "{source}: field 'x' has sample shape {got}, but the model was compressed for {want}; "
@@ -47,13 +47,16 @@ def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, cali
     return compress(model_or_cm, calib_data, qc, progress=progress, task=task)
 
 
-def check_train_data(data: GroupData | DataStream, cm: CompressedModel) -> None:
-    """Raise DataError unless ``data`` has the calibration's groups, sample shape and labels (boxes,
-    masks) in the model's classes."""
-    if tuple(data.group_names) != tuple(cm.group_names):
+def check_train_data(data: GroupData | DataStream, cm: CompressedModel) -> GroupData | DataStream:
+    """``data`` with its group ids in the calibration's order (the same names in any order:
+    string groups come sorted); a DataError unless it has the calibration's groups, sample shape
+    and labels (boxes, masks) in the model's classes."""
+    if sorted(data.group_names) != sorted(cm.group_names):
         raise DataError(MSG_GROUPS.format(source=data.source, train=", ".join(data.group_names),
                                           calib=", ".join(cm.group_names)))
+    data = data.in_group_order(cm.group_names)
     shape = tuple(data.sample_shape)
     if shape != tuple(cm.input_shape):
         raise DataError(MSG_SHAPE.format(source=data.source, got=shape, want=tuple(cm.input_shape)))
     cm.task.check_annotations(data, cm.num_classes)
+    return data

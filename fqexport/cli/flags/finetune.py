@@ -60,7 +60,7 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     ft = p.add_argument_group("fairness-aware fine-tuning after PTQ (--finetune)")
     ft.add_argument("--finetune", action="store_true", help="fine-tune the compressed model on --train data")
     ft.add_argument("--train", help="training data: .npz (x, y, group[, group_names]) or CSV manifest, "
-                    "same groups as --calib")
+                    "same groups as --calib (in any order)")
     ft.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs" + _default("epochs"))
     ft.add_argument("--sampler", choices=get_args(Sampler), default=None,
                     help="group-balanced (equal mass per group in each batch), natural (shuffled) or core-set "

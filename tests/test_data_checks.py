@@ -63,3 +63,24 @@ def test_as_test_data_passes_group_data_through_and_reads_a_path(tmp_path):
     np.savez(tmp_path / "t.npz", x=data.x, y=data.y, group=data.group, group_names=np.array(NAMES))
     read = as_test_data(tmp_path / "t.npz")
     assert read.source.endswith("t.npz") and len(read) == 4 and tuple(read.group_names) == NAMES
+
+
+def test_integer_pixels_are_named_as_token_ids_in_compress_and_warned_in_validate(tmp_path, caplog):
+    """Images stored as int32 are read as token ids (an Embedding's input): compress's error
+    and validate's warning say so, with the fix."""
+    import torch
+    from torch import nn
+
+    import fqexport
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    pix = np.random.default_rng(0).integers(0, 256, (32, 3, 8, 8)).astype(np.int32)
+    np.savez(tmp_path / "d.npz", x=pix, y=np.arange(32) % 2, group=np.arange(32) % 2)
+    with pytest.raises(DataError, match=r"x holds integers, which fqexport keeps as token ids .* save x as float32"):
+        fqexport.compress(model, str(tmp_path / "d.npz"), fqexport.QuantConfig(method="rtn"), progress=False)
+    fqexport.export_float(model, torch.zeros(2, 3, 8, 8), tmp_path / "f.onnx")
+    with caplog.at_level("WARNING", logger="fqexport.validation"):
+        fqexport.validate(tmp_path / "f.onnx", str(tmp_path / "d.npz"), measure_latency=False, kernel_check=False)
+    assert caplog.text.count("field 'x' holds integers (int64), which fqexport keeps as token ids") == 1
+    assert "takes tensor(float)" in caplog.text

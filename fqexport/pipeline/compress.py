@@ -312,9 +312,12 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
         with torch.no_grad():
             out = model(x)
     except Exception as err:
+        ids = (" x holds integers, which fqexport keeps as token ids (an Embedding's input): if they are "
+               "pixels or features, save x as float32 (scaled as the model was trained)"
+               if not x.is_floating_point() else "")
         raise DataError(
             f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "
-            f"model ({type(err).__name__}: {err})"
+            f"model ({type(err).__name__}: {err}).{ids}"
         ) from err
     if is_head_maps(out, tuple(x.shape[2:])):
         maps = leaves(out)

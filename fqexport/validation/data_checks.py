@@ -7,6 +7,7 @@ fix; what a session's outputs must look like is the task's
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ from fqexport.errors import DataError
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 
+log = logging.getLogger(__name__)
+
 MSG_SHAPE = (
     "data {source}: x has shape {got} per sample but model {model} expects input {expected} "
     "(batch first); give data matching the model's input"
@@ -29,6 +32,11 @@ MSG_RANK = (
     "data {source}: x has {got} dims per sample but model {model} expects input {expected}"
 )
 MSG_EMPTY = "data {source} holds no samples"
+MSG_INT_X_FLOAT_INPUT = (
+    "{source}: field 'x' holds integers ({dtype}), which fqexport keeps as token ids, but {model} takes "
+    "{input_type}: the values go in as floats unscaled; if they are pixels or features, save x as float32 "
+    "(scaled as the model was trained)"
+)
 MSG_EMPTY_GROUP = (
     "data {source}: group {name!r} (id {gid}) has no samples; every group must be present to "
     "validate per group (drop it from group_names or add samples)"
@@ -56,10 +64,17 @@ def _shape_text(expected: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in expected) + "]"
 
 
-def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]) -> None:
-    """DataError when ``data`` cannot be fed to a model with input shape ``expected``."""
+def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any], input_type: str | None = None) -> None:
+    """DataError when ``data`` cannot be fed to a model with input shape ``expected``; a warning
+    when integer x (read as token ids) goes to a float input (``input_type``, ORT's
+    ``"tensor(float)"``): those are pixel values or features that were stored as integers."""
     if len(data) == 0:
         raise DataError(MSG_EMPTY.format(source=data.source))
+    if input_type is not None and input_type.startswith(("tensor(float", "tensor(double")):
+        first = data.take(np.arange(1)).x
+        if np.issubdtype(first.dtype, np.signedinteger):
+            log.warning(MSG_INT_X_FLOAT_INPUT.format(source=data.source, model=model, dtype=first.dtype,
+                                                     input_type=input_type))
     got = tuple(data.sample_shape)
     exp = tuple(expected[1:])
     if len(got) != len(exp):

@@ -109,7 +109,7 @@ def validate(
     plain = Runner(provider=provider, threads=threads, batch_size=batch_size)
     session = plain.open(model)
     gd = read_test_data(data)
-    check_data(gd, str(model), input_shape(session))
+    check_data(gd, str(model), input_shape(session), session.get_inputs()[0].type)
     chosen, why = _task(task, meta, gd, session, str(model))
     _check_limits(t, chosen, why, str(model))
     runner = dataclasses.replace(plain, task=chosen)

@@ -341,3 +341,34 @@ def test_transformer_encoder_linears_become_layers_with_the_same_outputs():
     x = torch.randn(5, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+class TimmLinear(nn.Linear):
+    """timm.layers.Linear (1.0.x): a TorchScript branch, then the plain F.linear."""
+
+    def forward(self, input):
+        if torch.jit.is_scripting():
+            bias = self.bias.to(dtype=input.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(input, self.weight.to(dtype=input.dtype), bias=bias)
+        return torch.nn.functional.linear(input, self.weight, self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass whose forward does more than F.linear: traced into (not a layer fqexport quantizes)."""
+
+    def forward(self, input):
+        return torch.nn.functional.linear(input, self.weight * 2.0, self.bias)
+
+
+def test_a_linear_subclass_whose_forward_is_f_linear_is_quantized_like_nn_linear():
+    from fqexport.graph.prepare import prepare_model
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), TimmLinear(8, 3, bias=bias)).eval()
+        p = prepare_model(net, skip_unsupported=False)
+        assert p.names == ["0", "2"] and p.float_layers == ()
+        x = torch.randn(4, 6)
+        torch.testing.assert_close(p.folded(x), net(x))
+    other = prepare_model(nn.Sequential(nn.Linear(6, 8), ScaledLinear(8, 3)).eval())
+    assert other.names == ["0"]

@@ -161,8 +161,30 @@ class _Tracer(torch.fx.Tracer):
             return True
         for base in _LEAF_BASES:
             if isinstance(m, base):
-                return type(m).forward is base.forward
+                return type(m).forward is base.forward or (base is nn.Linear and _plain_linear(m))
         return False
+
+
+def _plain_linear(m: nn.Linear) -> bool:
+    """Whether a Linear subclass's own forward traces to exactly ``F.linear(input, self.weight,
+    self.bias)`` (timm's ``Linear``, the classifier of its MobileNetV3, GhostNet, LCNet: a
+    TorchScript branch fx never takes, then the plain call): a leaf, quantized like nn.Linear."""
+    try:
+        graph = torch.fx.Tracer().trace(m)
+    except Exception:  # noqa: BLE001 (a forward fx cannot trace on its own: traced into, as before)
+        return False
+    calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    if len(calls) != 1 or calls[0].target is not F.linear:
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    args = [*calls[0].args, *calls[0].kwargs.values()]  # (input, weight[, bias])
+
+    def attr(a: Any) -> str | None:
+        return a.target if isinstance(a, torch.fx.Node) and a.op == "get_attr" else None
+
+    bias_ok = (len(args) == 3 and attr(args[2]) == "bias") if m.bias is not None else (
+        len(args) == 2 or (len(args) == 3 and args[2] is None))
+    return len(inputs) == 1 and len(args) >= 2 and args[0] is inputs[0] and attr(args[1]) == "weight" and bias_ok
 
 
 def _defaulted_arguments(model: nn.Module) -> dict[str, Any] | None:

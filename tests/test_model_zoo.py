@@ -520,3 +520,33 @@ def test_a_failed_torch_onnx_export_names_its_root_cause(tmp_path):
         export_qdq(cm, tmp_path / "m.onnx")
     assert str(info.value) == ("torch.onnx.export failed for the quantized model: AssertionError: only 4D query, "
                                "key, and value are supported (at node %scaled_dot_product_attention)")
+
+
+class WindowNet(nn.Module):
+    """Swin / MobileViT style: 2x2 windows folded into the batch, a Linear on [B*4, tokens, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        z = torch.relu(self.stem(x))
+        b, c, h, w = z.shape
+        win = z.reshape(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, (h // 2) * (w // 2), c)
+        return self.head(torch.relu(self.mix(win)).reshape(b, -1, c).mean(1))
+
+
+def test_a_linear_on_windows_folded_into_the_batch_is_quantized(image_data, tmp_path):
+    """Its rows are 4 per sample: each window row counts toward its sample's group (the Hessian,
+    bias correction), and compress / export / ORT agree."""
+    from fqexport.quant.per_group import row_groups
+
+    assert row_groups(torch.tensor([0, 1]), 6).tolist() == [0, 0, 0, 1, 1, 1]
+    assert row_groups(torch.tensor([0, 1]), 2).tolist() == [0, 1]
+    torch.manual_seed(0)
+    model = fm.train(WindowNet(), image_data, epochs=3, lr=0.01)
+    cm, result, ops, per_group = _run(model, image_data, tmp_path)
+    assert set(cm.layers) == {"stem", "mix", "head"}
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fqexport.quant.per_group import row_groups
+
 
 class ChannelStats:
     """Σ z, Σ z² and counts per (group, channel) of a layer output ``z``.
@@ -33,7 +35,7 @@ class ChannelStats:
             c = z.shape[-1]
             self.sum = torch.zeros(self.num_groups, c, dtype=torch.float64)
             self.sumsq = torch.zeros(self.num_groups, c, dtype=torch.float64)
-        group = group.to(torch.long).cpu()
+        group = row_groups(group.to(torch.long).cpu(), z.shape[0])  # k rows per sample folded in the batch
         self.sum.index_add_(0, group, per_sample_sum.cpu())
         self.sumsq.index_add_(0, group, per_sample_sq.cpu())
         self.count.index_add_(0, group, torch.full((z.shape[0],), float(z.shape[1]), dtype=torch.float64))

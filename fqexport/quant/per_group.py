@@ -16,3 +16,15 @@ def group_means(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> t
     counts = torch.bincount(group, minlength=num_groups).to(values.dtype)
     sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group, values)
     return sums / counts.clamp_min(1), counts
+
+
+def row_groups(group: torch.Tensor, rows: int) -> torch.Tensor:
+    """The group id of each of ``rows`` leading-dim rows of a layer's input or output in a batch
+    of ``len(group)`` samples: ``group`` itself, or, for a model that folds k rows per sample into
+    the batch (windows or patches as a batch, ``[B·k, N, C]``: Swin, MobileViT), each sample's
+    id repeated k times, sample-major as ``reshape(B·k, …)`` of ``[B, k, …]`` lays them out.
+    Unchanged when ``rows`` is not a multiple of the batch (the caller's check names it)."""
+    n = group.numel()
+    if n == 0 or rows == n or rows % n:
+        return group
+    return group.reshape(-1).repeat_interleave(rows // n)

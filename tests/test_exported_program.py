@@ -439,3 +439,31 @@ def test_shared_or_renormalised_weights_stay_aten_calls(tmp_path):
     with torch.no_grad():
         assert torch.allclose(gm(ids), net(ids), atol=1e-6)
     assert [l.name for l in quantizable_layers(fold_batchnorm(gm)[0])] == ["fc"]
+
+
+class _BatchReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        z = torch.relu(self.conv(x))
+        return self.fc(z.reshape(z.shape[0], -1))  # the batch size is baked in by a static export
+
+
+def test_a_pt2_with_a_fixed_batch_that_breaks_says_how_to_export_it(tmp_path):
+    from fqexport.errors import ModelLoadError
+
+    torch.manual_seed(0)
+    model = _BatchReshape().eval()
+    torch.export.save(torch.export.export(model, (torch.randn(4, 3, 4, 4),)), str(tmp_path / "m.pt2"))
+    x = np.random.default_rng(0).normal(size=(64, 3, 4, 4)).astype(np.float32)
+    data = GroupData(x, np.arange(64) % 3, np.arange(64) % 2, ("a", "b"), "c.npz")
+    with pytest.raises(ModelLoadError) as info:
+        compress(load_model(str(tmp_path / "m.pt2")), data, QuantConfig(num_calib=64), progress=False)
+    assert "m.pt2 was exported with a fixed batch of 4" in str(info.value)
+    assert "dynamic_shapes=({0: torch.export.Dim('batch')},)" in str(info.value)
+    dynamic = torch.export.export(model, (torch.randn(4, 3, 4, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(dynamic, str(tmp_path / "d.pt2"))
+    cm = compress(load_model(str(tmp_path / "d.pt2")), data, QuantConfig(num_calib=64), progress=False)
+    assert set(cm.layers) == {"conv", "fc"}

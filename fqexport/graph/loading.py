@@ -40,6 +40,12 @@ MSG_PICKLE = (
     "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
 )
+MSG_PT2_STATIC_BATCH = (
+    "{path} was exported with a fixed batch of {batch} (torch.export.export specialises every dimension "
+    "it is not told is dynamic) and fqexport runs it on batches of other sizes: export it with "
+    "torch.export.export(model, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},))"
+)
+STATIC_BATCH_KEY = "fqexport_static_batch"  # GraphModule.meta of a .pt2 with a fixed batch: its message
 MSG_TORCHSCRIPT = (
     "{path}: a TorchScript archive (torch.jit.save): fqexport quantizes the Python nn.Module, whose "
     "graph torch.fx traces; give the model as 'package.module:factory' with its state_dict "
@@ -107,10 +113,28 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
             raise ModelLoadError(MSG_PT2_UNSAFE.format(path=path, reason=reason))
     try:
         with _quiet_torch():
-            model = torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
+            model = program.module()
     except Exception as err:
         raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}") from err
-    return lift_exported_modules(model)
+    lifted = lift_exported_modules(model)
+    batch = _static_batch(program)
+    if batch is not None:  # many graphs run on any batch all the same; one that does not says why
+        lifted.meta[STATIC_BATCH_KEY] = MSG_PT2_STATIC_BATCH.format(path=path, batch=batch)
+    return lifted
+
+
+def _static_batch(program: Any) -> int | None:
+    """The batch size a program's first input is fixed at (``torch.export.export(model, (x,))``
+    without ``dynamic_shapes`` specialises it to x's), None when its batch is symbolic."""
+    user_inputs = list(program.graph_signature.user_inputs)
+    first = next((n for n in program.graph.nodes if n.op == "placeholder" and user_inputs and n.name == user_inputs[0]),
+                 None)
+    val = None if first is None else first.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if not shape:
+        return None
+    return int(shape[0]) if isinstance(shape[0], int) else None
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -43,6 +43,7 @@ from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
+from fqexport.graph.loading import STATIC_BATCH_KEY
 from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model
 from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
@@ -315,6 +316,9 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
         ids = (" x holds integers, which fqexport keeps as token ids (an Embedding's input): if they are "
                "pixels or features, save x as float32 (scaled as the model was trained)"
                if not x.is_floating_point() else "")
+        static = getattr(model, "meta", {}).get(STATIC_BATCH_KEY) if isinstance(model, torch.fx.GraphModule) else None
+        if static is not None:
+            raise ModelLoadError(f"{static} ({type(err).__name__}: {err})") from err
         raise DataError(
             f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "
             f"model ({type(err).__name__}: {err}).{ids}"

@@ -220,3 +220,16 @@ def test_analyze_keeps_token_ids_integer_and_differentiates_attention_twice():
             for g in ("a", "b"):
                 d = report.diagnostics[variant][g]
                 assert d.count == 16 and math.isfinite(d.top_hessian_eigenvalue) and d.top_hessian_eigenvalue != 0
+
+
+def test_an_op_without_a_second_derivative_skips_lambda_max_with_one_note(caplog):
+    """torch has no double backward of hardsigmoid (timm's MobileNetV3 / GhostNet gates): λ_max
+    is n/a for every group, named once, and the rest is measured."""
+    data = _logistic_task(n=60, d=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Hardsigmoid(), nn.Linear(8, 3))
+    with caplog.at_level("WARNING", logger="fqexport.metrics.diagnostics"):
+        diag = group_diagnostics(model, data, hessian_iters=5)
+    assert all(math.isnan(d.top_hessian_eigenvalue) and d.hessian_iterations == 0 for d in diag.values())
+    assert all(d.grad_norm > 0 and 0 <= d.accuracy <= 1 for d in diag.values())
+    assert caplog.text.count("derivative for aten::hardsigmoid_backward is not implemented") <= 1

@@ -65,6 +65,11 @@ FLOAT_VARIANT = "float"
 DEFAULT_TOL = 1e-3
 
 MSG_POSITIVE = "{name}={value!r} must be an integer >= {low}"
+_said: set[str] = set()  # the ops without a second derivative already named
+MSG_NO_SECOND_DERIVATIVE = (
+    "top Hessian eigenvalue skipped (n/a): the model has an op torch cannot differentiate twice ({err}); "
+    "the other diagnostics are measured (--hessian-iters 0 skips it without this note)"
+)
 MSG_NO_PARAMS = "the model has no floating-point parameters: nothing to differentiate for diagnostics"
 
 # Columns of AnalysisReport.rows(), in table order.
@@ -235,6 +240,7 @@ def group_diagnostics(
     nan = float("nan")
     # per group id: (logit variance, gradient norm, (λ_max, iterations, converged)), logits
     curvature: dict[int, tuple[float, float, tuple[float, int, bool]]] = {}
+    no_second_derivative: str | None = None  # why λ_max cannot be computed for this model
     logits_of: dict[int, np.ndarray] = {}
     for g in tqdm(range(data.num_groups), desc="diagnostics", unit="group", disable=not progress):
         idx = index[g]
@@ -261,13 +267,20 @@ def group_diagnostics(
                 var_sum += float(logits.var(dim=1, unbiased=False).sum())
         logits_of[g] = np.concatenate(chunks)
         grad_norm = float(torch.sqrt(_dot(grad, grad)))
-        if hessian_iters > 0:
-            eig = power_iteration(
-                lambda v: hessian_vector_product(model, params, batches, n, v),
-                [p.detach() for p in params], hessian_iters, tol=tol, seed=seed,
-            )
-        else:
-            eig = (nan, 0, False)
+        eig = (nan, 0, False)
+        if hessian_iters > 0 and no_second_derivative is None:
+            try:
+                eig = power_iteration(
+                    lambda v: hessian_vector_product(model, params, batches, n, v),
+                    [p.detach() for p in params], hessian_iters, tol=tol, seed=seed,
+                )
+            except RuntimeError as err:  # an op torch cannot differentiate twice: no λ_max for any group
+                if "not implemented" not in str(err):
+                    raise
+                no_second_derivative = str(err).strip().splitlines()[0]
+                if no_second_derivative not in _said:  # once, not per variant of analyze
+                    _said.add(no_second_derivative)
+                    log.warning(MSG_NO_SECOND_DERIVATIVE.format(err=no_second_derivative))
         curvature[g] = (var_sum / n, grad_norm, eig)
 
     # accuracy and loss: the one per-group metrics object, on the sampled samples' logits

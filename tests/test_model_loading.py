@@ -177,6 +177,7 @@ def test_a_pickled_model_finds_its_module_in_the_working_directory(tmp_path, mon
     assert type(model).__name__ == "Net" and not model.training
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # a user's TorchScript file, made here
 @pytest.mark.parametrize("trust", [False, True])
 def test_a_torchscript_file_is_named_as_such(tmp_path, trust):
     torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), tmp_path / "ts.pt")

@@ -51,6 +51,10 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
     per-node debug metadata; its one output is named ``output_name`` (a classifier's ``logits``,
     a detector's ``output0`` as YOLO exports name it)."""
     table = {torch.ops.fqexport.act_qdq.default: act_qdq_onnx}
+    if example.dim() > 0 and example.shape[0] == 1:
+        # torch.export specialises a dimension whose example size is 1: a batch-1 example would
+        # bake batch 1 into reshapes while the input still declares a dynamic batch
+        example = torch.cat([example, example])
     sink = io.StringIO()
     # torch.onnx warns once per process that torchvision ops are not registered: not ours.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

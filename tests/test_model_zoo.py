@@ -550,3 +550,33 @@ def test_a_linear_on_windows_folded_into_the_batch_is_quantized(image_data, tmp_
     cm, result, ops, per_group = _run(model, image_data, tmp_path)
     assert set(cm.layers) == {"stem", "mix", "head"}
     assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+
+
+class FixedGridProjection(nn.Module):
+    """XCiT's positional encoding: a conv on a fixed coordinate grid (batch 1, no input in it),
+    repeated over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos_proj = nn.Conv2d(2, 8, 1)
+        self.head = nn.Linear(8, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        z = self.stem(x)
+        b, _, h, w = z.shape
+        ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(1, 1, h, w)
+        xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(1, 1, h, w)
+        pos = self.pos_proj(torch.cat([ys, xs], 1) / h)
+        return self.head(torch.relu(z + pos.repeat(b, 1, 1, 1)).mean((2, 3)))
+
+
+def test_a_layer_on_a_batch_independent_tensor_counts_for_every_sample(image_data, tmp_path):
+    from fqexport.quant.per_group import per_sample
+
+    assert per_sample(torch.ones(1, 3), 4).shape == (4, 3) and per_sample(torch.ones(2, 3), 4).shape == (2, 3)
+    torch.manual_seed(0)
+    model = fm.train(FixedGridProjection(), image_data, epochs=3, lr=0.01)
+    cm, result, ops, per_group = _run(model, image_data, tmp_path)
+    assert set(cm.layers) == {"stem", "pos_proj", "head"}
+    assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99

@@ -293,3 +293,26 @@ def test_failed_write_leaves_no_partial_file(monkeypatch, cnn_exports, cnn_cm_mi
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp file left
 
 
+
+
+def test_a_batch_1_example_is_not_what_torch_export_traces(monkeypatch, tmp_path):
+    """torch.export specialises a size-1 dimension: exported from a batch-1 example (README's
+    ``x[:1]``), a model such as timm's pvt_v2 bakes batch 1 into a Reshape behind a dynamic
+    input. The exporter traces two copies of such an example; the file runs at any batch."""
+    import onnxruntime as ort
+
+    import fqexport
+    from fqexport.exporters import torch_export
+
+    seen = []
+    real = torch_export.torch.onnx.export
+    monkeypatch.setattr(torch_export.torch.onnx, "export",
+                        lambda model, args, **kw: seen.append(args[0].shape[0]) or real(model, args, **kw))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    fqexport.export_float(model, torch.randn(1, 3, 8, 8), tmp_path / "f.onnx")
+    assert seen == [2]
+    sess = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0],
+                               model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fqexport.quant.per_group import row_groups
+from fqexport.quant.per_group import per_sample, row_groups
 
 
 class ChannelStats:
@@ -26,7 +26,7 @@ class ChannelStats:
         self.count = torch.zeros(num_groups, dtype=torch.float64)
 
     def add(self, z: torch.Tensor, group: torch.Tensor) -> None:
-        z = z.detach().double()
+        z = per_sample(z.detach(), group.numel()).double()  # a batch-independent output: every sample's
         z = z.movedim(self.channel_dim, -1)
         z = z.reshape(z.shape[0], -1, z.shape[-1])  # [B, positions, C]
         per_sample_sum = z.sum(dim=1)

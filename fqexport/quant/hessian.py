@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqexport.errors import ConfigError, DataError, UnsupportedLayerError
-from fqexport.quant.per_group import row_groups
+from fqexport.quant.per_group import per_sample, row_groups
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +254,12 @@ class HessianAccumulator:
         ``float_inputs``: the float model's input of the same layer for the same batch
         (required when the accumulator was made with ``cross=True``).
         """
-        inputs = inputs.detach()
+        group = torch.as_tensor(group).reshape(-1)
+        inputs = per_sample(inputs.detach(), group.numel())  # a batch-independent input: every sample's
+        if float_inputs is not None:
+            float_inputs = per_sample(float_inputs, group.numel())
         B = inputs.shape[0] if inputs.dim() > 0 else 0
-        group = row_groups(torch.as_tensor(group).reshape(-1), B)  # k rows per sample folded in the batch
+        group = row_groups(group, B)  # k rows per sample folded in the batch
         lo = int(group.min()) if group.numel() else 0
         hi = int(group.max()) if group.numel() else 0
         if (group.numel() != B or group.dtype.is_floating_point or group.dtype == torch.bool

@@ -28,3 +28,12 @@ def row_groups(group: torch.Tensor, rows: int) -> torch.Tensor:
     if n == 0 or rows == n or rows % n:
         return group
     return group.reshape(-1).repeat_interleave(rows // n)
+
+
+def per_sample(t: torch.Tensor, samples: int) -> torch.Tensor:
+    """A layer's batch-independent tensor (leading dim 1 in a batch of ``samples``: XCiT's
+    positional projection of a fixed grid, later repeated over the batch) seen by every sample:
+    expanded to ``samples`` rows, so that it counts once for each sample's group; else ``t``."""
+    if t.dim() > 0 and t.shape[0] == 1 and samples > 1:
+        return t.expand(samples, *t.shape[1:])
+    return t

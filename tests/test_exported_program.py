@@ -400,14 +400,18 @@ def test_other_lifted_kinds_and_calls_that_stay_aten(tmp_path):
     assert types["bn3"] is nn.BatchNorm3d and types["plain"] is nn.BatchNorm1d
     assert not gm.get_submodule("plain").affine
     assert not any(isinstance(m, (nn.Conv3d, nn.modules.batchnorm._BatchNorm)) for n, m in gm.named_modules()
-                   if n in ("c3", "batch_stats", "std"))  # Conv3d is not quantizable; batch statistics; computed weight
+                   if n in ("c3", "batch_stats"))  # Conv3d is not quantizable; batch statistics
+    # the computed (standardised) weight is folded to its value: a Conv2d named after its parameters
+    assert types["std"] is nn.Conv2d
+    w = net.std.weight - net.std.weight.mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(gm.get_submodule("std").weight.detach(), w.detach())
     left = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-    assert {"aten.conv3d.default", "aten.batch_norm.default", "aten.conv2d.default"} <= left
+    assert {"aten.conv3d.default", "aten.batch_norm.default"} <= left and "aten.conv2d.default" not in left
     with torch.no_grad():
         assert torch.allclose(gm(x), net(x), atol=1e-5)
     eager_layers = [(l.name, l.kind) for l in quantizable_layers(fold_batchnorm(net)[0])]
     assert [(l.name, l.kind) for l in quantizable_layers(fold_batchnorm(gm)[0])] == eager_layers
-    assert eager_layers == [("up", "conv_transpose"), ("same", "conv")]
+    assert eager_layers == [("up", "conv_transpose"), ("same", "conv"), ("std", "conv")]
 
 
 class Tied(nn.Module):

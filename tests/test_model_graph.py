@@ -81,14 +81,14 @@ def test_grouped_conv_transpose_is_unsupported_and_named():
 
 
 class OwnProjection(nn.Module):
-    """Not a torch.nn class: fx traces into it and sees F.linear on a parameter."""
+    """Not a torch.nn class: fx traces into it and sees torch.matmul on a parameter."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(4, 4))
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight)
+        return torch.matmul(x, self.weight)
 
 
 class TwoUnsupported(nn.Module):
@@ -108,7 +108,7 @@ def test_strict_error_names_every_unsupported_layer():
         check_supported(trace(TwoUnsupported()), skip_unsupported=False)
     msg = str(info.value)
     assert msg.startswith("2 layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: ")
-    assert "'rnn' (LSTM, 128 params)" in msg and "'proj' (F.linear, 16 params)" in msg
+    assert "'rnn' (LSTM, 128 params)" in msg and "'proj' (F.matmul, 16 params)" in msg
 
 
 class WithLSTM(nn.Module):
@@ -354,7 +354,7 @@ class TimmLinear(nn.Linear):
 
 
 class ScaledLinear(nn.Linear):
-    """A subclass whose forward does more than F.linear: traced into (not a layer fqexport quantizes)."""
+    """A subclass whose forward does more than F.linear: traced into, its weight computed from its parameter."""
 
     def forward(self, input):
         return torch.nn.functional.linear(input, self.weight * 2.0, self.bias)
@@ -370,5 +370,9 @@ def test_a_linear_subclass_whose_forward_is_f_linear_is_quantized_like_nn_linear
         assert p.names == ["0", "2"] and p.float_layers == ()
         x = torch.randn(4, 6)
         torch.testing.assert_close(p.folded(x), net(x))
-    other = prepare_model(nn.Sequential(nn.Linear(6, 8), ScaledLinear(8, 3)).eval())
-    assert other.names == ["0"]
+    scaled = nn.Sequential(nn.Linear(6, 8), ScaledLinear(8, 3)).eval()
+    other = prepare_model(scaled, skip_unsupported=False)
+    # the weight it computes (2·W) is folded to its value: a Linear named after the subclass's parameters
+    assert other.names == ["0", "1"] and other.float_layers == ()
+    torch.testing.assert_close(other.folded.get_submodule("1").weight.detach(), 2.0 * scaled[1].weight.detach())
+    torch.testing.assert_close(other.folded(x), scaled(x))

@@ -6,9 +6,10 @@ traced ``F.batch_norm`` on parameters, e.g. timm's ``BatchNormAct2d``) or a Line
 (``BatchNorm1d``) is folded into it. Normalisation layers (LayerNorm, GroupNorm, InstanceNorm,
 RMSNorm, BatchNorm that cannot be folded) stay float ops between the quantized layers.
 Attention modules are first swapped for traceable stand-ins (graph/decompose.py) so their
-projections are Linear layers. Any other layer with a weight (LSTM, Embedding, a ``F.linear``
-on a parameter) stays float with a warning naming every such layer; ``strict`` makes it an
-error.
+projections are Linear layers. ``F.conv2d``/``F.linear``... on a parameter, or on a weight computed
+from parameters alone (timm's ``StdConv2d``), become those layers (graph/lift.py). Any other layer
+with a weight (LSTM, an Embedding with max_norm, a ``torch.matmul`` on a parameter) stays float
+with a warning naming every such layer; ``strict`` makes it an error.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
+from fqexport.graph.lift import fold_computed_weights, lift_weight_calls, parameter_weight_leaves
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,10 @@ def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphMod
     if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
         gm = strip_wrapper(gm, type(model.model).__name__)
     _keep_first_output(gm, owner=source)
+    # F.conv2d/F.linear on a parameter, or on a weight computed from parameters (timm's StdConv2d)
+    fold_computed_weights(gm)
+    if lift_weight_calls(gm):
+        gm.recompile()
     return gm
 
 
@@ -275,7 +281,8 @@ def _weight_params(mod: nn.Module, recurse: bool = False) -> int:
 def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     """Layers of ``gm`` with a weight that fqexport cannot quantize, in graph order: leaf
     modules with parameters that are neither quantizable nor normalisation, Conv2d with a
-    non-zero padding mode, and functional weight ops (``F.linear``…) on parameters."""
+    non-zero padding mode, and functional weight ops (``F.linear``, ``torch.matmul``…) on a
+    parameter or on a weight computed from parameters alone that no layer took (graph/lift.py)."""
     modules = dict(gm.named_modules())
     out: dict[str, FloatLayer] = {}
     for node in gm.graph.nodes:
@@ -298,13 +305,15 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
             ):
                 out[name] = FloatLayer(name, type(mod).__name__, _weight_params(mod, recurse=True))
         elif node.op == "call_function" and node.target in _WEIGHT_FUNCS:
+            # a weight fetched, or computed from parameters alone (one that stayed a call: tied...)
             for arg in node.args[:2]:
-                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                    param = _get_attr(gm, str(arg.target))
-                    if isinstance(param, torch.Tensor) and param.dim() >= 2:
-                        name = str(arg.target).rsplit(".", 1)[0] if "." in str(arg.target) else str(arg.target)
-                        out[name] = FloatLayer(name, f"F.{_WEIGHT_FUNCS[node.target]}", int(param.numel()))
-                        break
+                found = [(t, p) for t in parameter_weight_leaves(arg)
+                         if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+                if found:
+                    target, param = found[0]
+                    name = target.rsplit(".", 1)[0] if "." in target else target
+                    out[name] = FloatLayer(name, f"F.{_WEIGHT_FUNCS[node.target]}", int(param.numel()))
+                    break
     return list(out.values())
 
 

@@ -1,0 +1,169 @@
+"""Tests of fqexport/graph/lift.py on traced eager models: functional weight calls on parameters,
+and weights computed from parameters alone (timm's weight-standardised convs), become layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fqexport.config import QuantConfig
+from fqexport.errors import UnsupportedLayerError
+from fqexport.graph.prepare import prepare_model, trace
+from fqexport.pipeline.compress import compress
+
+
+class StdConv2d(nn.Conv2d):
+    """timm.layers.StdConv2d (1.0.x): the weight standardised per output channel in forward."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm.layers.ScaledStdConv2d (NF-ResNet/NF-RegNet): standardised, times a learned gain."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 1.5))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _standardised(conv: nn.Conv2d, eps: float = 1e-6) -> torch.Tensor:
+    w = conv.weight.detach().reshape(conv.out_channels, -1)
+    w = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + eps)
+    return w.reshape_as(conv.weight)
+
+
+def _ws_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(StdConv2d(3, 8, 3, padding=1), nn.ReLU()),
+        ScaledStdConv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()
+
+
+def test_weight_standardised_convs_become_conv2d_layers_named_after_their_parameters():
+    net = _ws_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    p = prepare_model(net, skip_unsupported=False)  # strict: nothing may stay float
+    assert p.names == ["0.0", "1", "5"] and p.float_layers == ()
+    conv = p.folded.get_submodule("0.0")
+    assert type(conv) is nn.Conv2d and conv.padding == (1, 1)
+    torch.testing.assert_close(conv.weight.detach(), _standardised(net[0][0]), rtol=1e-5, atol=1e-5)
+    scaled = p.folded.get_submodule("1")
+    assert type(scaled) is nn.Conv2d and scaled.bias is None
+    gain = 1.5 * net[1].weight[0].numel() ** -0.5
+    torch.testing.assert_close(scaled.weight.detach(), gain * _standardised(net[1], 1e-5), rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(p.folded(x), net(x), rtol=1e-5, atol=1e-5)
+    # the user's model keeps its classes, parameters and attributes
+    assert type(net[0][0]) is StdConv2d and type(net[1]) is ScaledStdConv2d
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any("folded" in n for n, _ in net.named_buffers())
+
+
+def test_compress_quantizes_weight_standardised_convs(tmp_path):
+    net = _ws_net()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x, y=y.astype(np.int64), group=(np.arange(48) % 2).astype(np.int64))
+    cm = compress(net, str(path), QuantConfig(weight_bits=4, num_calib=48), progress=False)
+    assert sorted(cm.layers) == ["0.0", "1", "5"]
+    assert cm.metadata.float_layers == () and cm.metadata.avg_weight_bits == pytest.approx(4.0)
+    layer = cm.layers["0.0"]
+    assert layer.bits == 4 and int(layer.codes.abs().max()) <= 8
+    # the codes quantize the standardised weight, not the raw parameter
+    err = (layer.dequantized() - _standardised(net[0][0])).abs().max() / _standardised(net[0][0]).abs().max()
+    assert err < 0.2
+
+
+class LeafAndComputed(nn.Module):
+    """A conv called as a layer, whose weight also feeds a computed functional conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.conv(x) + F.conv2d(x, self.conv.weight * 0.5, padding=1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_leaf_layer_whose_weight_also_feeds_a_computed_conv_is_left_alone():
+    torch.manual_seed(0)
+    net = LeafAndComputed().eval()
+    p = prepare_model(net, skip_unsupported=False)
+    lifted = [n for n in p.names if n not in ("conv", "head")]
+    assert len(lifted) == 1 and p.names[0] == "conv"
+    torch.testing.assert_close(p.folded.get_submodule(lifted[0]).weight.detach(), 0.5 * net.conv.weight.detach())
+    assert set(dict(net.conv.named_buffers())) == set()  # nothing registered on the user's layer
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(p.folded(x), net(x))
+
+
+class Functional(nn.Module):
+    """F.linear on a parameter, a weight tied to an Embedding, a conv whose weight depends on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.k = nn.Parameter(torch.randn(2, 1, 3))
+
+    def forward(self, ids):
+        h = F.linear(self.emb(ids), self.w)  # (N, T, 4)
+        dyn = F.conv1d(h.transpose(1, 2)[:1, :1], self.k * h.mean())  # weight scaled by the input
+        return F.linear(h, self.emb.weight).mean(1) + dyn.mean()
+
+
+def test_functional_calls_are_lifted_unless_tied_or_input_dependent():
+    torch.manual_seed(0)
+    net = Functional().eval()
+    gm = trace(net)
+    kinds = {n: type(m) for n, m in gm.named_modules() if n}
+    assert kinds["emb"] is nn.Embedding
+    lifted = [n for n, t in kinds.items() if t is nn.Linear]
+    assert len(lifted) == 1 and torch.equal(gm.get_submodule(lifted[0]).weight, net.w)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert F.conv1d in calls and calls.count(F.linear) == 1  # input-dependent weight; the tied head
+    ids = torch.randint(0, 10, (3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), net(ids))
+    with pytest.raises(UnsupportedLayerError, match=r"1 layer\(s\) .*'emb' \(F\.linear, 40 params\)"):
+        prepare_model(net, skip_unsupported=False)
+
+
+class ComputedMatmul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.proj = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return torch.matmul(self.fc(x), self.proj * 2.0)
+
+
+def test_a_computed_weight_no_layer_takes_is_named_as_a_float_layer():
+    net = ComputedMatmul().eval()
+    p = prepare_model(net)
+    assert p.names == ["fc"] and [(f.name, f.kind, f.params) for f in p.float_layers] == [("proj", "F.matmul", 12)]
+    with pytest.raises(UnsupportedLayerError, match=r"'proj' \(F\.matmul, 12 params\)"):
+        prepare_model(net, skip_unsupported=False)

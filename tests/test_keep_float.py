@@ -125,8 +125,9 @@ class _SharedHidden(nn.Module):
 
 def test_a_layer_called_twice_can_be_kept_float(mlp_data):
     model = _SharedHidden(mlp_data.x.shape[1], int(mlp_data.y.max()) + 1).eval()
-    with pytest.raises(UnsupportedLayerError, match="called more than once"):
+    with pytest.raises(UnsupportedLayerError, match="called more than once") as info:
         compress(model, mlp_data, QuantConfig(num_calib=64), progress=False)
+    assert "keep it float with --keep-float 'shared' (API: QuantConfig(keep_float=('shared',)))" in str(info.value)
     cm = compress(model, mlp_data, QuantConfig(num_calib=64, keep_float=("shared",)), progress=False)
     assert sorted(cm.layers) == ["inp", "out"]
     assert [(f.name, f.reason) for f in cm.metadata.float_layers] == [("shared", "keep_float: shared")]

@@ -493,7 +493,8 @@ def quantizable_layers(
         if name in names:
             raise UnsupportedLayerError(
                 f"layer '{name}' is called more than once in forward(); fqexport quantizes each "
-                "layer for one call site (weight sharing is not supported)"
+                "layer for one call site (weight sharing is not supported): keep it float with "
+                f"--keep-float {name!r} (API: QuantConfig(keep_float=({name!r},)))"
             )
         names.add(name)
         # Conv1d is a "conv" like Conv2d: per-output-channel rows (axis 0), channels on dim 1.

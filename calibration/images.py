@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ PILLOW_MISSING = (
     'install it with: pip install "fqexport[images]"'
 )
 # Largest image (width x height) a CSV manifest may name; Pillow's own bomb limit is 89.5M.
+log = logging.getLogger(__name__)
+MSG_ALPHA_DROPPED = ("%s: image %s has an alpha channel (mode %s); fqexport reads its colour "
+                     "channels and drops the alpha (warned once per data source)")
+_alpha_warned: set[str] = set()
 MAX_IMAGE_PIXELS = 50_000_000
 MSG_IMAGE_TOO_LARGE = (
     "{where}: image {path} is {w}x{h} = {pixels:,} pixels, more than the limit of {limit:,} "
@@ -42,6 +47,10 @@ def read_image(image_path: Path, where: str) -> np.ndarray:
                     f"{where}: image {image_path} has 32-bit float mode 'F' with no known "
                     "range; save it as 8- or 16-bit"
                 )
+            source = where.split(" line ")[0]  # a manifest's "file line N": once per file
+            if "A" in bands and source not in _alpha_warned:  # RGBA, LA, PA: not a model input channel
+                _alpha_warned.add(source)
+                log.warning(MSG_ALPHA_DROPPED, where, image_path, mode)
             if len(bands) == 1 and mode.startswith("I"):
                 arr = np.asarray(img, dtype=np.float32) / 65535.0  # 16-bit grayscale
             elif len(bands) == 1 or mode == "LA":

@@ -39,7 +39,7 @@ def test_load_csv_manifest_grayscale(tmp_path):
     assert data.group.tolist() == [0, 1, 0]
 
 
-def test_load_csv_manifest_rgb_chw_and_integer_groups(tmp_path):
+def test_load_csv_manifest_rgb_chw_and_integer_groups(tmp_path, caplog):
     pytest.importorskip("PIL")
     rgb = np.zeros((2, 3, 3), np.uint8)
     rgb[..., 0] = 255  # red channel
@@ -47,11 +47,14 @@ def test_load_csv_manifest_rgb_chw_and_integer_groups(tmp_path):
     _write_png(tmp_path / "r.png", rgb, "RGB")
     rgba = np.concatenate([rgb, np.full((2, 3, 1), 7, np.uint8)], axis=2)
     _write_png(tmp_path / "q.png", rgba, "RGBA")
-    data = load_csv_manifest(_manifest(tmp_path, ["r.png,0,1", "q.png,1,0"]))
-    assert data.x.shape == (2, 3, 2, 3)  # CHW, alpha dropped
+    with caplog.at_level("WARNING", logger="fqexport.calibration.images"):
+        data = load_csv_manifest(_manifest(tmp_path, ["r.png,0,1", "q.png,1,0", "q.png,1,0"]))
+    assert data.x.shape == (3, 3, 2, 3)  # CHW, alpha dropped, said once for the file
+    alpha = [r.getMessage() for r in caplog.records if "alpha channel" in r.getMessage()]
+    assert len(alpha) == 1 and "line 3: image" in alpha[0] and "q.png has an alpha channel (mode RGBA)" in alpha[0]
     assert data.x[0, 0].min() == 1.0 and data.x[0, 1].max() == 0.0
     assert data.x[0, 2, 0, 0] == pytest.approx(0.2)
-    assert data.group.tolist() == [1, 0] and data.group_names == ("group0", "group1")
+    assert data.group.tolist() == [1, 0, 0] and data.group_names == ("group0", "group1")
 
 
 def test_load_csv_manifest_errors(tmp_path):

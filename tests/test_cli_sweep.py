@@ -27,7 +27,7 @@ def test_sweep_writes_the_pareto_report(tmp_path, mlp_files, tests_dir, monkeypa
     assert all(0.0 <= p["worst_group_acc"] <= p["float_worst_group_acc"] + 0.2 for p in points)
     rows = list(csv.DictReader((tmp_path / "p" / "pareto.csv").open()))
     assert [float(r["budget"]) for r in rows] == [2.5, 6.0]
-    assert "Pareto sweep (worst-group), accuracies on" in stdout
+    assert "Pareto sweep (worst-group), accuracies on" in stdout and points[0]["metric"] == "accuracy"
     assert f"{100 * points[1]['worst_group_acc']:.2f}" in stdout
     assert "pareto.json" in stdout and "pareto.csv" in stdout
 

@@ -45,7 +45,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     if png is not None:
         written.append(png)
     where = f"on {args.test}" if test is not None else "on held-out calibration data"
-    print(f"Pareto sweep ({template.objective}), accuracies {where}:")
+    metric = points[0].metric if points else "accuracy"
+    print(f"Pareto sweep ({template.objective}), {'accuracies' if metric == 'accuracy' else metric} {where} "
+          f"(the % columns):")
     print_table([_row(p) for p in points], COLUMNS)
     skipped = skipped_budgets(points)
     if skipped:

@@ -58,7 +58,7 @@ MSG_SKIPPED = (
 INFEASIBLE = "infeasible"
 PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
                  "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from", "status",
-                 "min_feasible_budget")
+                 "min_feasible_budget", "metric")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class ParetoPoint:
     reused_from: float | None = None  # a smaller budget whose result this point reuses
     status: str = "ok"
     min_feasible_budget: float | None = None
+    metric: str = "accuracy"  # what the *_acc figures measure: the task's search metric (map50, miou)
 
     @property
     def feasible(self) -> bool:
@@ -195,7 +196,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             log.info(MSG_SKIPPED.format(budget=b, need=need, bmin=floor.bmin))
             nan = float("nan")
             points.append(ParetoPoint(float(b), nan, nan, "", nan, nan, nan, nan, {}, status=INFEASIBLE,
-                                      min_feasible_budget=floor.value))
+                                      min_feasible_budget=floor.value, metric=task.search_metric))
             continue
         mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
         res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table,
@@ -221,6 +222,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             worst, float(worst_acc), float(m.overall[m.primary]),
             float(f.group_min()[1]), float(f.overall[f.primary]), dict(res.allocation.bits),
             res.allocation.stored_bits, res.chosen.measured_worst, reused, min_feasible_budget=floor.value,
+            metric=task.search_metric,
         ))
     return points
 

@@ -167,3 +167,34 @@ def test_a_computed_weight_no_layer_takes_is_named_as_a_float_layer():
     assert p.names == ["fc"] and [(f.name, f.kind, f.params) for f in p.float_layers] == [("proj", "F.matmul", 12)]
     with pytest.raises(UnsupportedLayerError, match=r"'proj' \(F\.matmul, 12 params\)"):
         prepare_model(net, skip_unsupported=False)
+
+
+class QkvWithComputedBias(nn.Module):
+    """timm's BEiT attention: F.linear by keywords on the qkv weight, with a bias computed from
+    its q and v biases (no k bias); then a keyword F.linear on the weight of a layer also called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(4))
+        self.v_bias = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(12, 12)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        h = F.linear(input=x, weight=self.qkv.weight, bias=bias)
+        return F.linear(input=h, weight=self.head.weight) + self.head(h)
+
+
+def test_a_bias_computed_from_parameters_is_folded_and_keyword_calls_are_seen():
+    torch.manual_seed(0)
+    net = QkvWithComputedBias().eval()
+    p = prepare_model(net)
+    assert p.names == ["qkv"]
+    bias = p.folded.get_submodule("qkv").bias.detach()
+    torch.testing.assert_close(bias, torch.cat((net.q_bias, torch.zeros(4), net.v_bias)).detach())
+    # the keyword F.linear on the weight of a called layer stays a call; the layer stays float, named once
+    assert [(f.name, f.kind, f.params) for f in p.float_layers] == [("head", "F.linear", 144)]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(p.folded(x), net(x))

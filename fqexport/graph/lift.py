@@ -236,20 +236,17 @@ def _lift_name(gm: torch.fx.GraphModule, graph: torch.fx.Graph, nodes: list, tar
 
 
 
-def _weight_index(node: torch.fx.Node) -> int | None:
-    """The position of a liftable weight call's weight argument (None: not such a call)."""
+def _parameter_args(node: torch.fx.Node) -> list[tuple[int, str, Any]]:
+    """``(position, name, value)`` of the parameter arguments (weight, bias) of a liftable conv/
+    linear/embedding call; empty for anything else (a BatchNorm's statistics are not folded)."""
     if node.op != "call_function" or node.target not in _LIFT or node.target is aten.batch_norm.default:
-        return None
-    return _LIFT[node.target][2][0]
-
-
-def _weight_arg(node: torch.fx.Node) -> Any:
-    index = _weight_index(node)
-    if index is None:
-        return None
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get("weight")
+        return []
+    schema = _TORCH_SCHEMA.get(node.target, node.target)._schema.arguments
+    out = []
+    for i in _LIFT[node.target][2]:
+        name = schema[i].name
+        out.append((i, name, node.args[i] if i < len(node.args) else node.kwargs.get(name)))
+    return out
 
 
 def _parameter_ancestry(node: torch.fx.Node) -> list[torch.fx.Node] | None:
@@ -291,8 +288,8 @@ def _free_name(gm: nn.Module, base: str) -> str:
 
 
 def fold_computed_weights(gm: torch.fx.GraphModule) -> list[str]:
-    """Replace each weight computed from parameters alone (``F.conv2d(x, standardise(self.weight))``)
-    by a constant holding its value, fetched with ``get_attr``; return the weights' owners.
+    """Replace each weight or bias computed from parameters alone (``F.conv2d(x, standardise(self.weight))``)
+    by a constant holding its value, fetched with ``get_attr``; return their names (``owner.weight``).
 
     The constant sits in the parameter's owner when that is a container fx made (``layer1.0.conv1``),
     so :func:`lift_weight_calls` names the layer after it; at the graph's top level otherwise (a
@@ -303,41 +300,51 @@ def fold_computed_weights(gm: torch.fx.GraphModule) -> list[str]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     folded: list[str] = []
     for node in list(graph.nodes):
-        weight = _weight_arg(node)
-        if not isinstance(weight, torch.fx.Node) or weight.op == "get_attr":
+        args = _parameter_args(node)
+        if not args or not isinstance(args[0][2], torch.fx.Node):
             continue
-        nodes = _parameter_ancestry(weight)
-        if nodes is None:
+        weight_leaves = parameter_weight_leaves(args[0][2])
+        if not weight_leaves:  # the weight depends on the input (a dynamic conv): the model's op
             continue
-        nodes.sort(key=order.__getitem__)
-        try:
-            with torch.no_grad():
-                for n in nodes:
-                    if n not in interp.env:
-                        interp.env[n] = interp.run_node(n)
-        except Exception as err:  # noqa: BLE001 (not computable on its own: the call stays, a float layer)
-            log.debug("weight of %s not folded: %s", node.name, err)
-            continue
-        value = interp.env[weight]
-        if not isinstance(value, torch.Tensor):
-            continue
-        leaves = [str(n.target) for n in nodes if n.op == "get_attr"]
-        leaf = next((t for t in leaves if t.rsplit(".", 1)[-1] == "weight"), leaves[0])
+        leaf = next((t for t in weight_leaves if t.rsplit(".", 1)[-1] == "weight"), weight_leaves[0])
         owner = leaf.rsplit(".", 1)[0] if "." in leaf else ""
         container = gm.get_submodule(owner) if owner else None
-        if type(container) is nn.Module:  # a path fx created: the user's modules are elsewhere
-            target = f"{owner}.{_free_name(container, 'weight_folded')}"
-            container.register_buffer(target.rsplit(".", 1)[1], value.detach().clone())
-        else:
-            target = _free_name(gm, re.sub(r"\W", "_", owner or leaf) + "_weight_folded")
-            gm.register_buffer(target, value.detach().clone())
-        with graph.inserting_before(node):
-            fetched = graph.get_attr(target)
-        node.replace_input_with(weight, fetched)
-        folded.append(owner or leaf)
+        for _, name, arg in args:  # the weight, then the bias (BEiT's cat(q_bias, 0, v_bias))
+            if not isinstance(arg, torch.fx.Node) or arg.op == "get_attr":
+                continue
+            value = _evaluate(interp, arg, order)
+            if value is None:
+                continue
+            if type(container) is nn.Module:  # a path fx created: the user's modules are elsewhere
+                target = f"{owner}.{_free_name(container, name + '_folded')}"
+                container.register_buffer(target.rsplit(".", 1)[1], value)
+            else:
+                target = _free_name(gm, re.sub(r"\W", "_", owner or leaf) + f"_{name}_folded")
+                gm.register_buffer(target, value)
+            with graph.inserting_before(node):
+                fetched = graph.get_attr(target)
+            node.replace_input_with(arg, fetched)
+            folded.append(f"{owner or leaf}.{name}")
     if folded:
         graph.eliminate_dead_code()
     return folded
+
+
+def _evaluate(interp: torch.fx.Interpreter, node: torch.fx.Node, order: dict) -> torch.Tensor | None:
+    """The value of ``node`` when it is computed from parameters alone; None otherwise."""
+    nodes = _parameter_ancestry(node)
+    if nodes is None:
+        return None
+    try:
+        with torch.no_grad():
+            for n in sorted(nodes, key=order.__getitem__):
+                if n not in interp.env:
+                    interp.env[n] = interp.run_node(n)
+    except Exception as err:  # noqa: BLE001 (not computable on its own: the call stays, a float layer)
+        log.debug("%s not folded: %s", node.name, err)
+        return None
+    value = interp.env[node]
+    return value.detach().clone() if isinstance(value, torch.Tensor) else None
 
 
 def lift_weight_calls(gm: torch.fx.GraphModule) -> list[str]:

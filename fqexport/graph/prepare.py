@@ -306,7 +306,8 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                 out[name] = FloatLayer(name, type(mod).__name__, _weight_params(mod, recurse=True))
         elif node.op == "call_function" and node.target in _WEIGHT_FUNCS:
             # a weight fetched, or computed from parameters alone (one that stayed a call: tied...)
-            for arg in node.args[:2]:
+            operands = [*node.args[:2], *(node.kwargs[k] for k in ("input", "weight", "other") if k in node.kwargs)]
+            for arg in operands:
                 found = [(t, p) for t in parameter_weight_leaves(arg)
                          if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
                 if found:

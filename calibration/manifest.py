@@ -73,9 +73,13 @@ def load_csv_manifest(path: str | os.PathLike, transform: Callable[[Any], Any] |
 
 def manifest_groups(gs: Sequence[str]) -> np.ndarray:
     """Column ``group`` as int64 ids when every entry is an integer, else as names."""
-    if all(g.lstrip("-").isdigit() for g in gs):
+    if _integers(gs):
         return np.array([int(g) for g in gs], dtype=np.int64)
     return np.array(gs)
+
+
+def _integers(texts) -> bool:
+    return all(t.lstrip("-").isdigit() for t in texts)
 
 
 def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,19 +107,22 @@ def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.nda
 
 class ManifestDataset:
     """A CSV manifest's rows as a map-style Dataset of ``(image float32 CHW in [0, 1], label,
-    group text)`` items, the image read when the item is. ``samples`` lists ``(image path,
+    group text, or int id when the column holds integers)`` items, the image read when the item is. ``samples`` lists ``(image path,
     label text)`` like torchvision's ImageFolder (``GroupsFromCSV(key="path")`` matches it)."""
 
     def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str) -> None:
         self.rows, self.folder, self.source = rows, folder, source
         self.samples = [(str(_image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
+        # a column of integers is ids for every item (as labels_and_groups gives them), not names
+        self._int_groups = _integers(row.get("group", "") for _, row in rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         line, row = self.rows[i]
-        return manifest_item(row, f"{self.source} line {line}", self.folder)
+        image, label, group = manifest_item(row, f"{self.source} line {line}", self.folder)
+        return image, label, int(group) if self._int_groups else group
 
     def labels_and_groups(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels and groups from the CSV alone (no image read)."""

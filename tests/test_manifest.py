@@ -111,3 +111,16 @@ def test_transform_resizes_and_normalises_each_image_before_they_are_stacked(tmp
     stream = load_data(path, transform=transform)  # the same images read batch by batch
     np.testing.assert_array_equal(stream.take().x, data.x)
     assert stream.y.tolist() == [0, 1] and stream.group_names == ("a", "b")
+
+
+def test_a_streamed_manifest_with_integer_group_ids_reads(tmp_path):
+    """load_data streams a manifest: each item's group must be the id the column's ids give."""
+    pytest.importorskip("PIL")
+    for i in range(6):
+        _write_png(tmp_path / f"{i}.png", np.full((4, 4, 3), 40 * i, np.uint8), "RGB")
+    path = _manifest(tmp_path, [f"{i}.png,{i % 3},{i % 2}" for i in range(6)])
+    data = load_data(path)
+    assert data.group_names == ("group0", "group1")
+    full = data.take()
+    assert full.x.shape == (6, 3, 4, 4) and full.group.tolist() == [0, 1, 0, 1, 0, 1]
+    np.testing.assert_allclose(full.x[:, 0, 0, 0], [40 * i / 255 for i in range(6)], atol=1e-6)

@@ -534,7 +534,7 @@ def test_writers_on_given_points(tmp_path):
     text = (tmp_path / "x.csv").read_text().splitlines()
     assert text[0] == ",".join(PARETO_FIELDS) + ",bits"
     assert text[0].startswith("budget,avg_bits,stored_bits,weight_bytes,")
-    assert text[1] == "3.0,2.9,2.95,1234.0,b,0.8,0.9,0.85,0.93,0.05,2.5,ok,,fc1=3"
+    assert text[1] == "3.0,2.9,2.95,1234.0,b,0.8,0.9,0.85,0.93,0.05,2.5,ok,,accuracy,fc1=3"
     # an infeasible budget: its figures are empty cells in the CSV, null in the JSON
     nan = float("nan")
     q = ParetoPoint(2.0, nan, nan, "", nan, nan, nan, nan, {}, status="infeasible", min_feasible_budget=2.2489)

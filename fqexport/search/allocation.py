@@ -123,6 +123,12 @@ class Budget:
     def __post_init__(self) -> None:
         check_budget(self.kind, self.value)
 
+    def with_floats(self, avg_bits: float, params: int) -> float:
+        """An average over ``params`` quantized weights as one over every weight, the float ones
+        at 32 bits: ``(avg·P + 32·F) / (P + F)``."""
+        floats = int(self.float_params)
+        return (avg_bits * params + FLOAT_BITS * floats) / max(params + floats, 1)
+
 
 def layer_container(info: LayerCost, bits: int, storage: str, target: ExportTarget = "portable") -> str:
     """The container the exporter writes ``info`` in at ``bits`` under ``storage`` for ``target``:
@@ -268,10 +274,12 @@ class Allocation:
         objective: the objective it was chosen for.
         score: the objective's value (J for worst-group, the weighted mean otherwise).
         budget: the budget it satisfies.
-        used: resource used, in the budget's unit (average stored bits, bytes or BOPs).
-        avg_bits: parameter-weighted average nominal width.
+        used: resource used, in the budget's unit (average stored bits, bytes or BOPs); an
+            average counts the budget's float weights at 32 bits, as the budget does.
+        avg_bits: parameter-weighted average nominal width (float weights at 32 bits).
         group_weights: the group weights of the inner problem that produced it.
-        stored_bits: parameter-weighted stored bits per weight, scales included, in ``storage``.
+        stored_bits: parameter-weighted stored bits per weight, scales included, in ``storage``
+            (float weights at 32 bits).
         weight_bytes: bytes of the layers' codes, scales (and written zero points) in ``storage``.
         storage: the storage mode the sizes are counted in.
     """
@@ -379,15 +387,18 @@ def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: i
 def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -> Allocation:
     bits = {l: p.options[i][k] for i, (l, k) in enumerate(zip(p.layers, choice))}
     d = sum(p.delta[i][k] for i, k in enumerate(choice))
+    params = sum(i.params for i in infos)
     used = resource_used(bits, infos, budget.kind, storage, p.target)
     if budget.kind == "bytes":
         used += p.overhead
-    avg = resource_used(bits, infos, "bits", "ideal")
+    elif budget.kind == "bits":  # what the budget averages: float weights too, at 32 bits
+        used = budget.with_floats(used, params)
+    avg = budget.with_floats(resource_used(bits, infos, "bits", "ideal"), params)
     real = DEFAULT_STORAGE if storage == "ideal" else storage  # the bytes of the file the export writes
     return Allocation(
         bits, {g: float(v) for g, v in zip(p.groups, d)}, objective, float(score_fn(d)), budget,
         float(used), float(avg), {g: float(v) for g, v in zip(p.groups, w)},
-        float(resource_used(bits, infos, "bits", storage, p.target)),
+        float(budget.with_floats(resource_used(bits, infos, "bits", storage, p.target), params)),
         int(resource_used(bits, infos, "bytes", real, p.target)), storage,
     )
 

@@ -539,7 +539,7 @@ def test_writers_on_given_points(tmp_path):
     nan = float("nan")
     q = ParetoPoint(2.0, nan, nan, "", nan, nan, nan, nan, {}, status="infeasible", min_feasible_budget=2.2489)
     write_pareto_csv([q], tmp_path / "q.csv")
-    assert (tmp_path / "q.csv").read_text().splitlines()[1] == "2.0,,,,,,,,,,,infeasible,2.2489,"
+    assert (tmp_path / "q.csv").read_text().splitlines()[1] == "2.0,,,,,,,,,,,infeasible,2.2489,accuracy,"
     write_pareto_json([q, p], tmp_path / "q.json")
     doc = json.loads((tmp_path / "q.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert doc[0]["avg_bits"] is None and doc[0]["status"] == "infeasible" and doc[0]["min_feasible_budget"] == 2.2489

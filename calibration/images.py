@@ -26,7 +26,8 @@ MSG_IMAGE_TOO_LARGE = (
 
 
 def read_image(image_path: Path, where: str) -> np.ndarray:
-    """One image as float32 CHW in [0, 1]: grayscale → 1 channel, colour → 3 (alpha dropped)."""
+    """One image as float32 CHW in [0, 1]: grayscale (or a grey palette) → 1 channel, colour (or a
+    colour palette) → 3 (alpha dropped, with a warning once per source)."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as err:
@@ -51,6 +52,11 @@ def read_image(image_path: Path, where: str) -> np.ndarray:
             if "A" in bands and source not in _alpha_warned:  # RGBA, LA, PA: not a model input channel
                 _alpha_warned.add(source)
                 log.warning(MSG_ALPHA_DROPPED, where, image_path, mode)
+            if mode in ("P", "PA"):  # a palette: its colours (3 channels), 1 when every entry is grey
+                entries = np.asarray(img.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
+                gray = bool((entries == entries[:, :1]).all())
+                img = img.convert("L" if gray else "RGB")
+                bands, mode = img.getbands(), img.mode
             if len(bands) == 1 and mode.startswith("I"):
                 arr = np.asarray(img, dtype=np.float32) / 65535.0  # 16-bit grayscale
             elif len(bands) == 1 or mode == "LA":

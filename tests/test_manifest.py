@@ -124,3 +124,23 @@ def test_a_streamed_manifest_with_integer_group_ids_reads(tmp_path):
     full = data.take()
     assert full.x.shape == (6, 3, 4, 4) and full.group.tolist() == [0, 1, 0, 1, 0, 1]
     np.testing.assert_allclose(full.x[:, 0, 0, 0], [40 * i / 255 for i in range(6)], atol=1e-6)
+
+
+def test_palette_images_keep_their_colours(tmp_path):
+    """A palette PNG (mode P) is colour unless every palette entry is grey."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    colour = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    colour.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    colour.save(tmp_path / "c.png")
+    grey = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    grey.putpalette([51, 51, 51, 204, 204, 204] + [0] * 762)
+    grey.save(tmp_path / "g.png")
+    data = load_csv_manifest(_manifest(tmp_path, ["c.png,0,a", "c.png,1,b"]))
+    assert data.x.shape == (2, 3, 2, 2)
+    np.testing.assert_allclose(data.x[0, :, 0, 0], [1.0, 0.0, 0.0])  # red, not its luminance
+    np.testing.assert_allclose(data.x[0, :, 0, 1], [0.0, 0.0, 1.0])
+    data = load_csv_manifest(_manifest(tmp_path, ["g.png,0,a"]))
+    assert data.x.shape == (1, 1, 2, 2)
+    np.testing.assert_allclose(data.x[0, 0], [[0.2, 0.8], [0.8, 0.2]], atol=1e-6)

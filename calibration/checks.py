@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fqexport.errors import DataError
+from fqexport.errors import ConfigError, DataError
 
 from .annotations import Boxes, Masks, check_boxes, check_masks
 from .group_data import GroupData
@@ -39,6 +39,12 @@ MSG_NEGATIVE_IDS = (
     "negative id {value}; ids must be >= 0 — store float features as float32, or fix the ids"
 )
 MSG_NEEDS_LABELS = "{stage} needs labels: {source} yields no y; give (x, y) or (x, y, group) samples"
+MSG_NOT_CLASSIFIER = (
+    "analyze diagnoses classifiers (accuracy, cross-entropy, its gradients and Hessian per group); for a "
+    "{task} model use validate --task {task} (per-group {metric}) or compress --budget-bits (per-group sensitivity "
+    "from the distillation loss)"
+)
+TASK_METRICS = {"detection": "COCO mAP", "segmentation": "mIoU and Dice"}
 MSG_VOCABULARY = (
     "field 'x' holds the token id {value} outside the vocabulary [0, {vocab}) of the model's "
     "Embedding '{layer}' (num_embeddings={vocab}); check the tokenizer or the model"
@@ -306,6 +312,15 @@ def require_labels(data: Any, stage: str) -> None:
     DataStream) has no labels and ``stage`` needs them."""
     if data.y is None:
         raise DataError(MSG_NEEDS_LABELS.format(stage=stage, source=data.source))
+
+
+def require_classification(data: Any) -> None:
+    """Raise :class:`ConfigError` (:data:`MSG_NOT_CLASSIFIER`) when ``data`` holds boxes or masks:
+    a detector's or segmenter's data, which ``analyze`` does not diagnose."""
+    notes = getattr(data, "annotations", None)
+    if isinstance(notes, (Boxes, Masks)):
+        task = "detection" if isinstance(notes, Boxes) else "segmentation"
+        raise ConfigError(MSG_NOT_CLASSIFIER.format(task=task, metric=TASK_METRICS[task]))
 
 
 def check_labels(data: GroupData, num_classes: int) -> None:

@@ -90,3 +90,18 @@ def test_quiet_and_verbose_are_accepted_after_the_subcommand(main, files, capsys
     assert rc == 0
     assert [r.split()[:3] for r in capsys.readouterr().out.splitlines()[2:4]] == [["a", "float", "4"],
                                                                                ["b", "float", "4"]]
+
+
+@pytest.mark.parametrize("field, task", [("masks", "segmentation"), ("boxes", "detection")])
+def test_a_segmenters_or_detectors_data_is_refused_without_task(main, tmp_path, capsys, field, task):
+    """analyze infers the task from the data, as --task's default says, instead of asking for labels."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    notes = ({"masks": rng.integers(0, 2, size=(8, 8, 8)).astype(np.int64)} if field == "masks" else
+             {"boxes": np.array([[1, 1, 5, 5]] * 8, np.float32), "box_labels": np.zeros(8, np.int64),
+              "box_image": np.arange(8, dtype=np.int64)})
+    np.savez(tmp_path / "d.npz", x=x, group=(np.arange(8) % 2).astype(np.int64), **notes)
+    rc = main(["--quiet", "analyze", "--model", "fixtures_models:tiny_mlp", "--data", tmp_path / "d.npz", "--bits", 8])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error: analyze diagnoses classifiers" in err and f"for a {task} model use validate --task {task}" in err

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from fqexport.calibration.checks import check_labels, require_labels
+from fqexport.calibration.checks import check_labels, require_classification, require_labels
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
@@ -448,6 +448,7 @@ def analyze(
     """
 
     data = load_data(data)
+    require_classification(data)  # boxes or masks: the task's own figures are validate's
     require_labels(data, "analyze")  # accuracy, loss and gradients per group, before any compress
     calib_data = data if calib is None else load_data(calib)
     base = config or QuantConfig(method=method)

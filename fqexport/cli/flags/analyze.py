@@ -9,14 +9,9 @@ from fqexport.cli.common import HelpFormatter, common_options, int_at_least
 from fqexport.cli.flags.shared import add_model_options, add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import check_bits
+from fqexport.calibration.checks import MSG_NOT_CLASSIFIER, TASK_METRICS
 from fqexport.errors import ConfigError
 
-MSG_TASK = (
-    "analyze diagnoses classifiers (accuracy, cross-entropy, its gradients and Hessian per group); for a "
-    "{task} model use validate --task {task} (per-group {metric}) or compress --budget-bits (per-group sensitivity "
-    "from the distillation loss)"
-)
-_METRIC = {"detection": "COCO mAP", "segmentation": "mIoU and Dice"}
 
 DESCRIPTION = (
     "Per-group disparity diagnostics of a float model and its quantized variants: one row per "
@@ -68,4 +63,4 @@ def check_analyze(args: argparse.Namespace) -> None:
         check_bits(bits, "weight_bits")
     task, _ = task_spec(args)
     if task not in (None, "classification"):
-        raise ConfigError(MSG_TASK.format(task=task, metric=_METRIC[task]))
+        raise ConfigError(MSG_NOT_CLASSIFIER.format(task=task, metric=TASK_METRICS[task]))

@@ -47,6 +47,10 @@ def _fresh(argv, cwd) -> tuple[str, str]:
       "--objective-weights", "minority=2"], 2,
      "error: --objective-weights: group weights of --objective weighted, which --objective worst-group would "
      "ignore; add --objective weighted or drop them"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--budget-bits", "3",
+      "--objective", "weighted", "--group-weights", "a=1,b=5"], 2,
+     "error: --objective weighted needs --objective-weights NAME=W,... (one weight per group, e.g. "
+     "minority=2,majority=1); --group-weights weights the Hessians, not the objective"),
     (["validate", "m.onnx", "--data", "d.npz", "--junit", "nowhere/j.xml"], 2,
      "error: --junit nowhere/j.xml: folder {cwd}/nowhere does not exist; create it first"),
     (["validate", "m.onnx", "--data", "d.npz", "--max-group-drop", "1"], 2,

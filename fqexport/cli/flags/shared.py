@@ -47,6 +47,10 @@ SEARCH_ONLY_FLAGS = {
 # the detection layouts (fqexport.tasks.detection.LAYOUTS). tests/test_tasks_cli.py checks both lists.
 TASKS = ("classification", "detection", "segmentation")
 LAYOUTS = ("v5", "v8")
+MSG_WEIGHTED_NEEDS_WEIGHTS = (
+    "--objective weighted needs --objective-weights NAME=W,... (one weight per group, e.g. minority=2,majority=1); "
+    "--group-weights weights the Hessians, not the objective"
+)
 MSG_OBJECTIVE_WEIGHTS = (
     "--objective-weights: group weights of --objective weighted, which --objective {objective} would ignore; "
     "add --objective weighted or drop them"
@@ -261,6 +265,8 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
     objective = _or(args.objective, d["objective"])
     if args.objective_weights and objective != "weighted":
         raise ConfigError(MSG_OBJECTIVE_WEIGHTS.format(objective=objective))
+    if objective == "weighted" and not args.objective_weights:
+        raise ConfigError(MSG_WEIGHTED_NEEDS_WEIGHTS)
     return MixedPrecisionConfig(
         **budget, objective=objective,
         bit_choices=parse_bit_choices(args.bit_choices, d["bit_choices"]),

@@ -126,6 +126,8 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
     name = f"<{type(source).__name__}>"
     if isinstance(source, IterableDataset):
         return iterable_stream(source, name, False, groups, transform)
+    if isinstance(source, (list, tuple)) and _yields_batches(source):  # a list of batches, like any iterable's
+        return iterable_stream(source, name, True, groups, transform)
     if isinstance(source, (Dataset, list, tuple)):
         return dataset_stream(source, name, groups, transform, num_workers)
     if hasattr(source, "__iter__"):

@@ -204,3 +204,17 @@ def test_an_iterable_that_changes_between_passes_is_named(mlp_data):
     stream = open_stream(Shrinking())
     with pytest.raises(DataError, match=r"^<Shrinking>: this pass yielded 50 samples but the first pass yielded 100"):
         stream.take([80])
+
+
+def test_a_list_of_batches_is_read_like_any_iterable_of_batches(mlp_data):
+    """A plain list is the simplest re-iterable: its (x [B], y [B], group [B]) items are batches."""
+    batches = [(mlp_data.x[s:s + 32], mlp_data.y[s:s + 32], mlp_data.group[s:s + 32])
+               for s in range(0, len(mlp_data.y), 32)]
+    stream = open_stream(batches)
+    assert len(stream.y) == len(mlp_data.y)
+    np.testing.assert_array_equal(stream.y, mlp_data.y)
+    np.testing.assert_array_equal(stream.group, mlp_data.group)
+    np.testing.assert_array_equal(stream.take([40, 3]).x, mlp_data.x[[40, 3]])
+    # a list of samples stays a list of samples
+    samples = [(mlp_data.x[i], int(mlp_data.y[i]), int(mlp_data.group[i])) for i in range(10)]
+    assert len(open_stream(samples).y) == 10

@@ -233,6 +233,15 @@ def validate_targets(
     ids, names = _group_ids(group, group_names, source)
     counts = np.bincount(ids, minlength=len(names))
     empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty and group_names is None and np.issubdtype(np.asarray(group).dtype, np.integer):
+        present = np.flatnonzero(counts)
+        shown = ", ".join(str(i) for i in present[:8]) + (", ..." if len(present) > 8 else "")
+        raise data_error(
+            source,
+            f"field 'group' holds the integer ids {shown}, but integer group ids must run 0..K-1 without a gap "
+            f"(no sample has id {int(np.flatnonzero(counts == 0)[0])}); renumber them, or give the groups as "
+            "names (strings)",
+        )
     if empty:
         raise data_error(
             source,

@@ -73,6 +73,9 @@ def test_load_npz_whole_number_float_labels_accepted(tmp_path):
          "field 'group' holds the id 1 but group_names has only 1 names"),
         (lambda a: a.update(group_names=np.array(["a", "minority", "b"]), group=np.array([0, 2] * 3)),
          "group 'minority' has no samples"),
+        (lambda a: a.update(group=a["group"] + 1),  # ids 1, 2 as many data sets code them
+         "field 'group' holds the integer ids 1, 2, but integer group ids must run 0..K-1 without a gap "
+         "(no sample has id 0); renumber them, or give the groups as names (strings)"),
         (lambda a: a.update(x=a["x"][:0], y=a["y"][:0], group=a["group"][:0]), "the dataset is empty"),
         (lambda a: a.update(group_names=np.array(["a", "a"])), "names the group 'a' twice"),
     ],

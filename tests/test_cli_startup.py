@@ -4,6 +4,7 @@ its stage only when it runs (``fqexport.cli.main.COMMANDS``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -87,3 +88,21 @@ def test_a_runner_replaced_on_its_module_is_the_one_main_runs(monkeypatch, tmp_p
 
     monkeypatch.setattr(demo_cli, "run_demo_command", lambda args: 0 if args.seed == 7 else 5)
     assert main(["demo", "--out-dir", str(tmp_path / "d"), "--seed", "7"]) == 0
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_cli_sets_a_passive_openmp_wait_policy_before_torch_unless_the_user_chose(tmp_path, given, expected):
+    """A spinning OpenMP pool starves on a shared CPU (README); the user's own setting wins."""
+    (tmp_path / "calib.npz").touch()
+    script = SCRIPT + textwrap.dedent("""
+        import os, torch
+        print("POLICY", os.environ.get("OMP_WAIT_POLICY"), file=sys.stderr)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    proc = subprocess.run([sys.executable, "-c", script, "compress", "--model", "nosuchpkg.models:f", "--calib",
+                           "calib.npz", "--out", "x.onnx"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert "EXIT 2" in proc.stderr and "torch" in proc.stderr  # torch came after the policy was set
+    assert f"POLICY {expected}" in proc.stderr.splitlines()[-1]

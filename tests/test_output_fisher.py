@@ -148,3 +148,62 @@ def test_a_distillation_task_is_refused(method):
     with pytest.raises(ConfigError, match=f"sensitivity '{method}' needs .*segmentation task's loss is a "
                                           "distillation.*use sensitivity 'measured'"):
         measure_sensitivity(model, data, bit_choices=(2,), method=method, cache=False, task=Segmentation())
+
+
+class Windows(nn.Module):
+    """A Linear over 2x2 windows folded into the batch ([B·4, tokens, C]: Swin, MobileViT), or,
+    ``folded=False``, the same Linear over all the sample's tokens at once ([B, 4·tokens, C])."""
+
+    def __init__(self, folded: bool) -> None:
+        super().__init__()
+        self.folded = folded
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = torch.relu(self.stem(x))
+        b, c, h, w = z.shape
+        win = z.reshape(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 3, 5, 1)
+        win = win.reshape(b * 4, -1, c) if self.folded else win.reshape(b, -1, c)
+        return self.head(torch.relu(self.mix(win)).reshape(b, -1, c).mean(1))
+
+
+@pytest.mark.parametrize("solver", [QuantConfig(method="rtn"), QuantConfig()])
+def test_rows_folded_into_the_batch_count_for_their_sample(solver):
+    """Each sample's windows are its positions: the folded model's table equals the unfolded one's."""
+    _, data = conv_case(48)
+    torch.manual_seed(0)
+    folded = Windows(True).eval()
+    flat = Windows(False).eval()
+    flat.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(torch.from_numpy(data.x)), flat(torch.from_numpy(data.x)))
+    t = [measure_sensitivity(m, data, bit_choices=(2, 4), method="output-fisher", batch_size=16, cache=False,
+                             solver=solver) for m in (folded, flat)]
+    assert t[0].layers == t[1].layers == ("stem", "mix", "head")
+    np.testing.assert_allclose(t[0].delta, t[1].delta, rtol=1e-4)
+    assert (t[0].delta[1] > 0).all()
+
+
+class FixedGrid(nn.Module):
+    """A conv on a fixed coordinate grid (batch 1, XCiT's positional encoding) added to every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.pos = nn.Conv2d(2, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = self.stem(x)
+        grid = torch.stack(torch.meshgrid(torch.linspace(0, 1, 6), torch.linspace(0, 1, 6), indexing="ij"))[None]
+        return self.head(torch.relu(z + self.pos(grid)).mean((2, 3)))
+
+
+def test_a_layer_the_batch_shares_is_named_instead_of_misattributed():
+    _, data = conv_case(32)
+    with pytest.raises(ConfigError, match=r"layer 'pos' computes 1 rows for a batch of 16 samples .* use sensitivity "
+                                          r"'measured'"):
+        measure_sensitivity(FixedGrid().eval(), data, bit_choices=(2, 4), method="output-fisher", batch_size=16,
+                            cache=False)

@@ -56,6 +56,10 @@ MSG_NO_GRADIENT = (
     "samples (every layer's output gradient is 0: each prediction is certain and right); use "
     "sensitivity 'measured'"
 )
+MSG_ROWS = (
+    "sensitivity 'output-fisher': layer {name!r} computes {rows} rows for a batch of {samples} samples "
+    "(a tensor the batch shares), so its output has no per-sample gradient; use sensitivity 'measured'"
+)
 # activations the float pass keeps in memory before spilling to disk
 _CACHE_BYTES = 2 * 2**30
 
@@ -66,6 +70,20 @@ def _position_sums(t: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "linear":
         return t.reshape(t.shape[0], -1, t.shape[-1]).pow(2).sum(dim=1).double()
     return t.reshape(t.shape[0], t.shape[1], -1).pow(2).sum(dim=2).double()
+
+
+def _by_sample(sums: torch.Tensor, samples: int, name: str, reduce: str) -> torch.Tensor:
+    """Per-row figures ``[rows, channels]`` of a layer output as per-sample ones ``[samples,
+    channels]``: a model that folds k rows per sample into the batch (``[B·k, N, C]`` windows:
+    Swin, MobileViT; sample-major like :func:`~fqexport.quant.per_group.row_groups`) has each
+    sample's k rows summed (``"sum"``: Σ_p over all its positions) or averaged (``"mean"``)."""
+    rows = sums.shape[0]
+    if rows == samples:
+        return sums
+    if rows % samples:
+        raise ConfigError(MSG_ROWS.format(name=name, rows=rows, samples=samples))
+    folded = sums.reshape(samples, rows // samples, *sums.shape[1:])
+    return folded.sum(1) if reduce == "sum" else folded.mean(1)
 
 
 def _positions(t: torch.Tensor, kind: str) -> int:
@@ -82,6 +100,7 @@ def output_gradient_energy(
     (:data:`MSG_NO_GRADIENT`)."""
     modules = dict(model.named_modules())
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in kinds}
+    batch = [0]  # samples in the batch being run
 
     def hook(name: str) -> Callable:
         kind = kinds[name]
@@ -90,8 +109,9 @@ def output_gradient_energy(
             replaced = None
             if not output.requires_grad:  # the first layer: gradients start here (the weights are frozen)
                 output = replaced = output.detach().requires_grad_().clone()
+            samples = batch[0]
             output.register_hook(lambda grad: parts[name].append(
-                _position_sums(grad.detach(), kind) / _positions(grad, kind)))
+                _by_sample(_position_sums(grad.detach(), kind) / _positions(grad, kind), samples, name, "mean")))
             return replaced
 
         return on_output
@@ -102,6 +122,7 @@ def output_gradient_energy(
         for p in model.parameters():
             p.requires_grad_(False)  # the gradients of the outputs only
         for s in range(0, x.shape[0], batch_size):
+            batch[0] = x[s:s + batch_size].shape[0]
             loss = task.sample_loss(model(x[s:s + batch_size]), y[s:s + batch_size]).sum()
             if loss.requires_grad:
                 loss.backward()
@@ -117,10 +138,11 @@ def output_gradient_energy(
 
 
 def output_error_energy(module: nn.Module, kind: str, errors: Sequence[torch.Tensor],
-                        inputs: torch.Tensor) -> torch.Tensor:
+                        inputs: torch.Tensor, samples: int | None = None, name: str = "") -> torch.Tensor:
     """``Σ_p δy_icp²`` per error, sample and output channel ``[errors, B, channels]``: ``module``
     (a ``kind`` layer) run on ``inputs`` with each error (its weight's layout) as the weight and
-    no bias. Without conv groups the errors run as one layer of stacked output channels."""
+    no bias. Without conv groups the errors run as one layer of stacked output channels.
+    ``samples``: the batch's samples when ``inputs`` folds several rows per sample (default: its rows)."""
     dtype = inputs.dtype if inputs.is_floating_point() else errors[0].dtype
     axis = 1 if kind == "conv_transpose" else 0  # the weight's output channels
     stacked = getattr(module, "groups", 1) == 1
@@ -131,7 +153,7 @@ def output_error_energy(module: nn.Module, kind: str, errors: Sequence[torch.Ten
         if getattr(module, "bias", None) is not None:
             params["bias"] = torch.zeros(weight.shape[axis], dtype=module.bias.dtype)
         dy = functional_call(module, params, (inputs,))
-        out.append(_position_sums(dy, kind))
+        out.append(_by_sample(_position_sums(dy, kind), samples or dy.shape[0], name, "sum"))
     energy = torch.cat(out, dim=1)                                        # [B, errors · channels]
     return energy.reshape(energy.shape[0], len(errors), -1).transpose(0, 1)
 
@@ -147,7 +169,8 @@ def _hessian(module: nn.Module, name: str, cache: ActivationCache, index: int, n
         n = min(gb.numel(), samples - taken)
         if n <= 0:
             break
-        acc.add(inputs[0][:n], gb[:n])
+        per = max(inputs[0].shape[0] // max(gb.numel(), 1), 1)  # rows per sample (k folded rows)
+        acc.add(inputs[0][:n * per], gb[:n])
         taken += n
     return acc.hessian()
 
@@ -193,8 +216,8 @@ def output_fisher_sensitivity(
             for inputs, gb in cache.layer_inputs(k):
                 stop = start + gb.numel()
                 # Σ_c Ḡ_ic Σ_p δy_icp², every width at once
-                per_sample[:, start:stop] = (energy[name][start:stop] * output_error_energy(module, kind, errors,
-                                                                                          inputs[0])).sum(2)
+                per_sample[:, start:stop] = (energy[name][start:stop] * output_error_energy(
+                    module, kind, errors, inputs[0], gb.numel(), name)).sum(2)
                 start = stop
             for j in range(len(bits)):  # Δ_g = ½ (1/N_g) Σ_{i∈g} per_sample_i
                 delta[row, j] = 0.5 * group_means(per_sample[j], g, num_groups)[0].numpy()

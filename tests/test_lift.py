@@ -141,7 +141,7 @@ def test_functional_calls_are_lifted_unless_tied_or_input_dependent():
     kinds = {n: type(m) for n, m in gm.named_modules() if n}
     assert kinds["emb"] is nn.Embedding
     lifted = [n for n, t in kinds.items() if t is nn.Linear]
-    assert len(lifted) == 1 and torch.equal(gm.get_submodule(lifted[0]).weight, net.w)
+    assert lifted == ["w"] and torch.equal(gm.get_submodule("w").weight, net.w)  # named after its parameter
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert F.conv1d in calls and calls.count(F.linear) == 1  # input-dependent weight; the tied head
     ids = torch.randint(0, 10, (3, 5))
@@ -196,5 +196,30 @@ def test_a_bias_computed_from_parameters_is_folded_and_keyword_calls_are_seen():
     # the keyword F.linear on the weight of a called layer stays a call; the layer stays float, named once
     assert [(f.name, f.kind, f.params) for f in p.float_layers] == [("head", "F.linear", 144)]
     x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(p.folded(x), net(x))
+
+
+class FunctionalAttention(nn.Module):
+    """Projections written as F.linear on the module's own parameters (q, k, v, out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_q, self.w_k, self.w_v, self.w_o = (nn.Parameter(torch.randn(8, 8) / 3) for _ in range(4))
+        self.b_o = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        q, k, v = F.linear(x, self.w_q), F.linear(x, self.w_k), F.linear(x, self.w_v)
+        return F.linear(F.scaled_dot_product_attention(q, k, v), self.w_o, self.b_o)
+
+
+def test_several_functional_projections_of_one_module_are_named_after_their_parameters():
+    torch.manual_seed(0)
+    net = nn.Sequential(FunctionalAttention(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    p = prepare_model(net, skip_unsupported=False)
+    assert p.names == ["0.w_q", "0.w_k", "0.w_v", "0.w_o", "2"]
+    assert torch.equal(p.folded.get_submodule("0.w_o").bias, net[0].b_o)
+    assert isinstance(net[0].w_q, nn.Parameter)  # the user's module keeps its parameters
+    x = torch.randn(2, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(p.folded(x), net(x))

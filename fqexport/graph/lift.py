@@ -56,6 +56,8 @@ def _set_module(gm: torch.fx.GraphModule, name: str, module: nn.Module) -> str:
     parts = name.split(".")
     for part in parts[:-1]:
         parent = getattr(parent, part)
+    if isinstance(getattr(parent, parts[-1], None), torch.Tensor):  # the parameter the module takes over
+        delattr(parent, parts[-1])
     setattr(parent, parts[-1], module)
     return name
 
@@ -217,23 +219,22 @@ def _param_targets(node: torch.fx.Node, indices: tuple[int, ...]) -> tuple[str |
 
 def _lift_name(gm: torch.fx.GraphModule, graph: torch.fx.Graph, nodes: list, targets: set[str], taken: set[str]) -> str:
     """The module's name: the parameters' owner (``layer1.0.conv1``) when the program reads nothing
-    else of it, else a fresh one after the first call (``linear_1``)."""
+    else of it, else the weight parameter's own path (``blocks.0.attn.w_q``: one of several
+    functional projections of a module), else a fresh one after the first call (``linear_1``)."""
     first = next(t for t in _param_targets(nodes[0], _LIFT[nodes[0].target][2]) if t is not None)
-    owner = _owner(first)
-    if "." in first and owner not in taken:
-        group = set(nodes)
-        others = {str(n.target) for n in graph.nodes
-                  if (n.op == "get_attr" and any(u not in group for u in n.users)) or n.op == "call_module"}
-        if not any(t == owner or t.startswith(owner + ".") for t in others - targets):
-            return owner
+    names = ([_owner(first)] if "." in first else []) + ([] if first.endswith("_folded") else [first])
+    group = set(nodes)
+    others = {str(n.target) for n in graph.nodes
+              if (n.op == "get_attr" and any(u not in group for u in n.users)) or n.op == "call_module"} - targets
+    for name in names:
+        if name not in taken and not any(t == name or t.startswith(name + ".") for t in others):
+            return name
     base = re.sub(r"\W", "_", nodes[0].name)
     name, i = base, 0
     while hasattr(gm, name) or name in taken:
         i += 1
         name = f"{base}_{i}"
     return name
-
-
 
 
 def _parameter_args(node: torch.fx.Node) -> list[tuple[int, str, Any]]:

@@ -471,3 +471,19 @@ def test_a_pt2_with_a_fixed_batch_that_breaks_says_how_to_export_it(tmp_path):
     torch.export.save(dynamic, str(tmp_path / "d.pt2"))
     cm = compress(load_model(str(tmp_path / "d.pt2")), data, QuantConfig(num_calib=64), progress=False)
     assert set(cm.layers) == {"conv", "fc"}
+
+
+def test_a_parametrized_layer_in_a_pt2_keeps_the_users_name(tmp_path):
+    """weight_norm's weight is computed from parametrizations.weight.original0/1: folded, and the
+    layer is named after the user's module, as on the eager path (--keep-float / --layer-bits names)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    x = torch.randn(3, 3, 6, 6)
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), str(tmp_path / "wn.pt2"))
+    gm = load_model(str(tmp_path / "wn.pt2"))
+    assert [l.name for l in quantizable_layers(fold_batchnorm(gm)[0])] == ["0", "3"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm.get_submodule("0").weight, net[0].weight)
+        torch.testing.assert_close(gm(x), net(x))

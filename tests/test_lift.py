@@ -147,7 +147,8 @@ def test_functional_calls_are_lifted_unless_tied_or_input_dependent():
     ids = torch.randint(0, 10, (3, 5))
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), net(ids))
-    with pytest.raises(UnsupportedLayerError, match=r"1 layer\(s\) .*'emb' \(F\.linear, 40 params\)"):
+    with pytest.raises(UnsupportedLayerError, match=r"2 layer\(s\) .*'k' \(F\.conv1d with a weight computed from "
+                                                    r"the input, 6 params\), 'emb' \(F\.linear, 40 params\)"):
         prepare_model(net, skip_unsupported=False)
 
 
@@ -223,3 +224,85 @@ def test_several_functional_projections_of_one_module_are_named_after_their_para
     x = torch.randn(2, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(p.folded(x), net(x))
+
+
+class CondConv(nn.Module):
+    """CondConv: the conv's weight mixes expert kernels by routing weights computed from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.route = nn.Linear(4, 3)
+        self.experts = nn.Parameter(torch.randn(3, 4 * 4 * 3 * 3) / 6)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        z = torch.relu(self.stem(x))
+        a = torch.sigmoid(self.route(z.mean((2, 3))))[:1]  # one routing for the batch, as timm's batch-1 path
+        w = (a @ self.experts).reshape(4, 4, 3, 3)
+        return self.head(F.conv2d(z, w, padding=1).mean((2, 3)))
+
+
+def test_a_weight_built_from_the_input_is_named_as_a_float_layer():
+    torch.manual_seed(0)
+    p = prepare_model(CondConv().eval())
+    assert p.names == ["stem", "route", "head"]
+    assert [(f.name, f.kind, f.params) for f in p.float_layers] == [
+        ("experts", "F.conv2d with a weight computed from the input", 3 * 144)]
+    with pytest.raises(UnsupportedLayerError, match=r"'experts' \(F\.conv2d with a weight computed from the input"):
+        prepare_model(CondConv().eval(), skip_unsupported=False)
+
+
+class TwiceCalled(nn.Module):
+    """One functional conv weight called twice; one computed weight (weight_norm by hand) fed to two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3, 3, 3) / 5)
+        self.g = nn.Parameter(torch.ones(3, 1, 1, 1))
+        self.v = nn.Parameter(torch.randn(3, 3, 1, 1))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = F.conv2d(F.conv2d(x, self.w, padding=1), self.w, padding=1)
+        k = self.g * self.v / self.v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return self.head((F.conv2d(y, k) + F.conv2d(x, k)).mean((2, 3)))
+
+
+def test_a_functional_weight_called_twice_stays_float_and_a_shared_computed_one_is_named_after_it():
+    torch.manual_seed(0)
+    net = TwiceCalled().eval()
+    p = prepare_model(net)
+    assert p.names == ["v", "v_1", "head"]  # the computed weight's copies: named after its parameter
+    assert [(f.name, f.kind) for f in p.float_layers] == [("w", "F.conv2d")]  # not refused as called twice
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(p.folded(x), net(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # a user's legacy wrapper
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm"])
+def test_a_parametrized_layer_is_quantized_with_the_weight_it_computes(wrap, tmp_path):
+    from fqexport.exporters.qdq_onnx import export_qdq
+
+    torch.manual_seed(0)
+    wrapper = {"weight_norm": torch.nn.utils.parametrizations.weight_norm,
+               "spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
+               "hook_weight_norm": torch.nn.utils.weight_norm}[wrap]
+    net = nn.Sequential(wrapper(nn.Conv2d(3, 6, 3, padding=1)), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 3)).eval()
+    x = np.random.default_rng(0).normal(size=(48, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = net[0].weight.detach().clone()
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    p = prepare_model(net, skip_unsupported=False)
+    conv = p.folded.get_submodule("0")
+    assert type(conv) is nn.Conv2d and not conv._forward_pre_hooks
+    torch.testing.assert_close(conv.weight.detach(), want)
+    assert type(net[0]) is not nn.Conv2d or net[0]._forward_pre_hooks  # the user's layer keeps its wrapper
+    np.savez(tmp_path / "c.npz", x=x, y=y.astype(np.int64), group=(np.arange(48) % 2).astype(np.int64))
+    cm = compress(net, str(tmp_path / "c.npz"), QuantConfig(num_calib=48), progress=False)
+    export_qdq(cm, tmp_path / "m.onnx")  # its check: the file agrees with the reference on this CPU's kernels
+    assert sorted(cm.layers) == ["0", "4"] and (tmp_path / "m.onnx").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(net[0].weight, want)

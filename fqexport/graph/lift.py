@@ -218,20 +218,27 @@ def _param_targets(node: torch.fx.Node, indices: tuple[int, ...]) -> tuple[str |
 
 
 def _lift_name(gm: torch.fx.GraphModule, graph: torch.fx.Graph, nodes: list, targets: set[str], taken: set[str]) -> str:
-    """The module's name: the parameters' owner (``layer1.0.conv1``) when the program reads nothing
-    else of it, else the weight parameter's own path (``blocks.0.attn.w_q``: one of several
-    functional projections of a module), else a fresh one after the first call (``linear_1``)."""
+    """The module's name: the layer its parameters belong to (``layer1.0.conv1``, :func:`layer_owner`)
+    when the graph reads nothing else of it, else the weight parameter's own path
+    (``blocks.0.attn.w_q``: one of several functional projections of a module), else a fresh one
+    after the first of those (``w_1``) or after the call (``linear_1``). A folded weight asks for
+    the name of the layer it was computed from."""
     first = next(t for t in _param_targets(nodes[0], _LIFT[nodes[0].target][2]) if t is not None)
-    names = ([_owner(first)] if "." in first else []) + ([] if first.endswith("_folded") else [first])
+    hint = getattr(gm, _HINTS, {}).get(first)
+    names = [hint] if hint is not None else ([layer_owner(first)] if "." in first else []) + [first]
     group = set(nodes)
     others = {str(n.target) for n in graph.nodes
               if (n.op == "get_attr" and any(u not in group for u in n.users)) or n.op == "call_module"} - targets
+
+    def free(name: str) -> bool:
+        return name not in taken and not any(t == name or t.startswith(name + ".") for t in others)
+
     for name in names:
-        if name not in taken and not any(t == name or t.startswith(name + ".") for t in others):
+        if free(name):
             return name
-    base = re.sub(r"\W", "_", nodes[0].name)
+    base = re.sub(r"\W", "_", names[0] if hint is not None else nodes[0].name)
     name, i = base, 0
-    while hasattr(gm, name) or name in taken:
+    while hasattr(gm, name) or name in taken or not free(name):
         i += 1
         name = f"{base}_{i}"
     return name
@@ -288,17 +295,29 @@ def _free_name(gm: nn.Module, base: str) -> str:
     return name
 
 
+FOLDED_PREFIX = "_fqexport_folded_"  # the top-level buffers a folded weight or bias is kept in
+_HINTS = "_fqexport_layer_names"  # GraphModule attribute: folded buffer -> the layer name it asks for
+
+
+def layer_owner(target: str) -> str:
+    """The layer a parameter belongs to: its owner (``blocks.0.proj`` of ``blocks.0.proj.weight``),
+    above a parametrization's container (``c1`` of ``c1.parametrizations.weight.original0``); the
+    parameter itself at the top level."""
+    target = target.split(".parametrizations.")[0] if ".parametrizations." in target else _owner(target)
+    return target
+
+
 def fold_computed_weights(gm: torch.fx.GraphModule) -> list[str]:
     """Replace each weight or bias computed from parameters alone (``F.conv2d(x, standardise(self.weight))``)
-    by a constant holding its value, fetched with ``get_attr``; return their names (``owner.weight``).
+    by a constant holding its value, fetched with ``get_attr``; return the layers' names.
 
-    The constant sits in the parameter's owner when that is a container fx made (``layer1.0.conv1``),
-    so :func:`lift_weight_calls` names the layer after it; at the graph's top level otherwise (a
-    leaf module of the user's is shared with the user's model and is not written to).
-    """
+    The constants are top-level buffers (the user's modules, which fx shares, are not written to),
+    each with the layer name :func:`lift_weight_calls` should give its call: the owner of the
+    weight's parameter (``layer1.0.conv1``; ``c1`` above a parametrization)."""
     graph = gm.graph
     interp = torch.fx.Interpreter(gm)
     order = {n: i for i, n in enumerate(graph.nodes)}
+    hints: dict[str, str] = getattr(gm, _HINTS, {})
     folded: list[str] = []
     for node in list(graph.nodes):
         args = _parameter_args(node)
@@ -308,25 +327,22 @@ def fold_computed_weights(gm: torch.fx.GraphModule) -> list[str]:
         if not weight_leaves:  # the weight depends on the input (a dynamic conv): the model's op
             continue
         leaf = next((t for t in weight_leaves if t.rsplit(".", 1)[-1] == "weight"), weight_leaves[0])
-        owner = leaf.rsplit(".", 1)[0] if "." in leaf else ""
-        container = gm.get_submodule(owner) if owner else None
+        layer = layer_owner(leaf)
         for _, name, arg in args:  # the weight, then the bias (BEiT's cat(q_bias, 0, v_bias))
             if not isinstance(arg, torch.fx.Node) or arg.op == "get_attr":
                 continue
             value = _evaluate(interp, arg, order)
             if value is None:
                 continue
-            if type(container) is nn.Module:  # a path fx created: the user's modules are elsewhere
-                target = f"{owner}.{_free_name(container, name + '_folded')}"
-                container.register_buffer(target.rsplit(".", 1)[1], value)
-            else:
-                target = _free_name(gm, re.sub(r"\W", "_", owner or leaf) + f"_{name}_folded")
-                gm.register_buffer(target, value)
+            target = _free_name(gm, f"{FOLDED_PREFIX}{len(hints)}")
+            gm.register_buffer(target, value)
+            hints[target] = layer
             with graph.inserting_before(node):
                 fetched = graph.get_attr(target)
             node.replace_input_with(arg, fetched)
-            folded.append(f"{owner or leaf}.{name}")
+            folded.append(f"{layer}.{name}")
     if folded:
+        setattr(gm, _HINTS, hints)
         graph.eliminate_dead_code()
     return folded
 
@@ -386,6 +402,8 @@ def lift_weight_calls(gm: torch.fx.GraphModule) -> list[str]:
         targets = {t for t in key[2] if t is not None}
         if not targets or any(readers.get(t, set()) - set(nodes) for t in targets):
             continue
+        if len(nodes) > 1 and nodes[0].target in _TORCH_SCHEMA:
+            continue  # one functional weight called twice: a float layer (a module called twice is refused)
         name = _lift_name(gm, graph, nodes, targets, taken)
         taken.add(name)
         _set_module(gm, name, built[nodes[0]][0])
@@ -402,3 +420,24 @@ def lift_weight_calls(gm: torch.fx.GraphModule) -> list[str]:
         graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
     return sorted(taken)
+
+
+def dynamic_weight_params(node: Any) -> list[str]:
+    """The parameters an input-dependent weight argument is built from by arithmetic (CondConv's
+    ``Σ_k a_k(x)·W_k``): the ``get_attr`` targets reached back from ``node`` without passing
+    through a layer (a module call, a weight op), which stay float inside the model's op."""
+    if not isinstance(node, torch.fx.Node):
+        return []
+    found: list[str] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            found.append(str(n.target))
+        elif n.op in ("call_function", "call_method") and n.target not in _LIFT:
+            stack.extend(n.all_input_nodes)
+    return found

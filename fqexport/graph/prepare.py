@@ -34,7 +34,13 @@ from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
-from fqexport.graph.lift import fold_computed_weights, lift_weight_calls, parameter_weight_leaves
+from fqexport.graph.lift import (
+    dynamic_weight_params,
+    fold_computed_weights,
+    layer_owner,
+    lift_weight_calls,
+    parameter_weight_leaves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,9 @@ _WEIGHT_FUNCS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.c
                  _aten.linear.default: "linear", _aten.conv1d.default: "conv1d",
                  _aten.conv2d.default: "conv2d", _aten.embedding.default: "embedding",
                  _aten.matmul.default: "matmul", _aten.conv_transpose2d.input: "conv_transpose2d"}
+
+# weight ops whose second argument is a layer's weight (a dynamic one is built from the input)
+_OPS_WITH_WEIGHT = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d"})
 
 MSG_TRACE = (
     "cannot trace the model with torch.fx ({err}). fqexport needs a model whose forward has no "
@@ -226,11 +235,55 @@ def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphMod
     if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
         gm = strip_wrapper(gm, type(model.model).__name__)
     _keep_first_output(gm, owner=source)
+    _plain_parametrized_layers(gm)
     # F.conv2d/F.linear on a parameter, or on a weight computed from parameters (timm's StdConv2d)
     fold_computed_weights(gm)
     if lift_weight_calls(gm):
         gm.recompile()
     return gm
+
+
+def _plain_parametrized_layers(gm: torch.fx.GraphModule) -> None:
+    """Give each called layer whose weight is computed when it runs (``parametrizations.weight_norm``
+    / ``spectral_norm``, the hook-based ``weight_norm`` / ``spectral_norm``) a plain copy holding
+    that weight as inference sees it (eval mode: spectral_norm's power iteration is frozen), so
+    the quantized weight is the one the layer uses and the exporter writes it as an initializer.
+    The user's layer (shared by the trace) is not touched."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = gm.get_submodule(str(node.target))
+        hooks = [h for h in layer._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+        if not (parametrize.is_parametrized(layer) or hooks) or not isinstance(layer, QUANTIZABLE):
+            continue
+        with torch.no_grad():
+            values = {name: getattr(layer, name).detach().clone() for name in
+                      (layer.parametrizations if parametrize.is_parametrized(layer) else ())}
+            plain = copy.deepcopy(layer)
+            if values:  # not remove_parametrizations: the copy shares its class, whose properties it would delete
+                plain.__class__ = type(layer).__bases__[0]  # parametrize's class derives from the layer's own
+                del plain._modules["parametrizations"]
+                for name, value in values.items():
+                    setattr(plain, name, nn.Parameter(value))
+            for key, hook in list(plain._forward_pre_hooks.items()):
+                if isinstance(hook, (WeightNorm, SpectralNorm)):
+                    value = hook.compute_weight(plain) if isinstance(hook, WeightNorm) else getattr(plain, hook.name)
+                    hook.remove(plain)
+                    setattr(plain, hook.name, nn.Parameter(value.detach().clone()))
+                    del plain._forward_pre_hooks[key]
+        _set_attr_path(gm, str(node.target), plain)
+
+
+def _set_attr_path(root: nn.Module, target: str, module: nn.Module) -> None:
+    *parents, last = target.split(".")
+    owner = root
+    for part in parents:
+        owner = getattr(owner, part)
+    setattr(owner, last, module)
 
 
 def first_output(out: Any) -> Any:
@@ -306,15 +359,24 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                 out[name] = FloatLayer(name, type(mod).__name__, _weight_params(mod, recurse=True))
         elif node.op == "call_function" and node.target in _WEIGHT_FUNCS:
             # a weight fetched, or computed from parameters alone (one that stayed a call: tied...)
+            op = _WEIGHT_FUNCS[node.target]
             operands = [*node.args[:2], *(node.kwargs[k] for k in ("input", "weight", "other") if k in node.kwargs)]
             for arg in operands:
                 found = [(t, p) for t in parameter_weight_leaves(arg)
                          if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
                 if found:
                     target, param = found[0]
-                    name = target.rsplit(".", 1)[0] if "." in target else target
-                    out[name] = FloatLayer(name, f"F.{_WEIGHT_FUNCS[node.target]}", int(param.numel()))
+                    out[layer_owner(target)] = FloatLayer(layer_owner(target), f"F.{op}", int(param.numel()))
                     break
+            else:
+                if op in _OPS_WITH_WEIGHT:  # a weight built from the input and parameters (CondConv)
+                    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                    params = [(t, p) for t in dynamic_weight_params(weight)
+                              if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+                    if params:
+                        name = layer_owner(params[0][0])
+                        out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
+                                               sum(int(p.numel()) for _, p in params))
     return list(out.values())
 
 

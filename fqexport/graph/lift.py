@@ -303,8 +303,7 @@ def layer_owner(target: str) -> str:
     """The layer a parameter belongs to: its owner (``blocks.0.proj`` of ``blocks.0.proj.weight``),
     above a parametrization's container (``c1`` of ``c1.parametrizations.weight.original0``); the
     parameter itself at the top level."""
-    target = target.split(".parametrizations.")[0] if ".parametrizations." in target else _owner(target)
-    return target
+    return target.split(".parametrizations.")[0] if ".parametrizations." in target else _owner(target)
 
 
 def fold_computed_weights(gm: torch.fx.GraphModule) -> list[str]:

@@ -99,7 +99,7 @@ def test_accuracy_loss_logit_variance_and_grad_norm_match_independent_computatio
         assert d.grad_norm == pytest.approx(norm, rel=1e-5)
         assert d.loss == pytest.approx(float(loss.detach()), rel=1e-5)
         assert d.accuracy == pytest.approx(float((logits.argmax(1) == y).float().mean()))
-        assert d.logit_variance == pytest.approx(float(logits.var(dim=1, unbiased=False).mean()), rel=1e-5)
+        assert d.logit_variance == pytest.approx(float(logits.detach().var(dim=1, unbiased=False).mean()), rel=1e-5)
         assert math.isnan(d.top_hessian_eigenvalue) and d.hessian_iterations == 0
 
 

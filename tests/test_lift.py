@@ -281,20 +281,20 @@ def test_a_functional_weight_called_twice_stays_float_and_a_shared_computed_one_
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # a user's legacy wrapper
-@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm"])
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "hook_weight_norm", "hook_spectral_norm"])
 def test_a_parametrized_layer_is_quantized_with_the_weight_it_computes(wrap, tmp_path):
     from fqexport.exporters.qdq_onnx import export_qdq
 
     torch.manual_seed(0)
     wrapper = {"weight_norm": torch.nn.utils.parametrizations.weight_norm,
                "spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
-               "hook_weight_norm": torch.nn.utils.weight_norm}[wrap]
+               "hook_weight_norm": torch.nn.utils.weight_norm, "hook_spectral_norm": torch.nn.utils.spectral_norm}[wrap]
     net = nn.Sequential(wrapper(nn.Conv2d(3, 6, 3, padding=1)), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(6, 3)).eval()
     x = np.random.default_rng(0).normal(size=(48, 3, 6, 6)).astype(np.float32)
-    with torch.no_grad():
-        want = net[0].weight.detach().clone()
+    with torch.no_grad():  # the forward first: hook-based spectral_norm sets its weight when it runs
         y = net(torch.from_numpy(x)).argmax(1).numpy()
+        want = net[0].weight.detach().clone()
     p = prepare_model(net, skip_unsupported=False)
     conv = p.folded.get_submodule("0")
     assert type(conv) is nn.Conv2d and not conv._forward_pre_hooks

@@ -271,9 +271,7 @@ def _plain_parametrized_layers(gm: torch.fx.GraphModule) -> None:
                     setattr(plain, name, nn.Parameter(value))
             for key, hook in list(plain._forward_pre_hooks.items()):
                 if isinstance(hook, (WeightNorm, SpectralNorm)):
-                    value = hook.compute_weight(plain) if isinstance(hook, WeightNorm) else getattr(plain, hook.name)
-                    hook.remove(plain)
-                    setattr(plain, hook.name, nn.Parameter(value.detach().clone()))
+                    hook.remove(plain)  # the weight as a parameter (spectral_norm: no power-iteration step)
                     del plain._forward_pre_hooks[key]
         _set_attr_path(gm, str(node.target), plain)
 

@@ -219,3 +219,77 @@ def test_a_whole_pickled_model_given_as_weights_names_its_class(tmp_path):
     assert msg.endswith(": cannot read checkpoint with torch.load(weights_only=True): it pickles "
                         "torch.nn.modules.linear.Linear, not only tensors (a whole model? save its state_dict "
                         "instead) (only plain tensors are read from an untrusted file)")
+
+
+def _trained_mlp_state() -> dict:
+    torch.manual_seed(1)
+    return {k: v.clone() for k, v in fm.TinyMLP().state_dict().items()}
+
+
+@pytest.mark.parametrize("form", ["DataParallel", "torch.compile", "Lightning", "AveragedModel"])
+def test_a_training_wrappers_key_prefix_is_removed(tmp_path, caplog, form):
+    state = _trained_mlp_state()
+    saved = {"DataParallel": {f"module.{k}": v for k, v in state.items()},
+             "torch.compile": {f"_orig_mod.{k}": v for k, v in state.items()},
+             "Lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3},
+             "AveragedModel": {**{f"module.{k}": v for k, v in state.items()}, "n_averaged": torch.tensor(5)}}[form]
+    torch.save(saved, tmp_path / "w.pt")
+    with caplog.at_level(logging.INFO, logger="fqexport.graph.loading"):
+        model = load_model("fixtures_models:tiny_mlp", tmp_path / "w.pt")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert any("(a training wrapper's); loaded without it" in r.getMessage() for r in caplog.records)
+
+
+def test_a_prefix_that_does_not_make_the_models_keys_is_a_mismatch(tmp_path):
+    state = _trained_mlp_state()
+    torch.save({f"module.{k}": v for k, v in list(state.items())[1:]}, tmp_path / "w.pt")
+    assert "missing keys" in _load_error("fixtures_models:tiny_mlp", tmp_path / "w.pt")
+
+
+def test_a_state_dict_with_a_modules_extra_state_loads(tmp_path):
+    class WithExtra(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"calibrated": True}
+
+        def set_extra_state(self, state):
+            self.extra = state
+
+    torch.save(WithExtra(2, 2).state_dict(), tmp_path / "w.pt")
+    state = load_state_dict_file(tmp_path / "w.pt")
+    assert state["_extra_state"] == {"calibrated": True} and set(state) == {"weight", "bias", "_extra_state"}
+
+
+def test_unreadable_checkpoints_say_what_they_are(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello world\n")
+    torch.save({"ema": {"fc.weight": 1}, "epoch": 3}, tmp_path / "other.pt")
+    assert _load_error("fixtures_models:tiny_mlp", tmp_path / "empty.pt").endswith(
+        "empty.pt: cannot read checkpoint with torch.load(weights_only=True): EOFError (not a file torch.save "
+        "wrote, or a truncated one)")
+    assert _load_error("fixtures_models:tiny_mlp", tmp_path / "text.pt").endswith(
+        "KeyError: 101 (not a file torch.save wrote, or a truncated one)")
+    assert _load_error("fixtures_models:tiny_mlp", tmp_path / "other.pt").endswith(
+        "other.pt: not a state_dict (expected a dict of parameter name -> tensor, or one under "
+        "'state_dict'/'model_state_dict'/'model'); it holds the keys 'ema', 'epoch'")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # the test scripts a model, as a user would
+def test_wrapped_half_and_scripted_models_given_to_compress(mlp_model, mlp_data):
+    """DataParallel and torch.compile add no computation: their model is compressed; a float16 model
+    is calibrated in float32 (not a data error); a TorchScript module is named as such."""
+    import copy
+
+    from fqexport.config import QuantConfig
+    from fqexport.pipeline.compress import compress
+
+    config = QuantConfig(num_calib=64)
+    plain = compress(mlp_model, mlp_data, config, progress=False)
+    for wrapped in (torch.nn.DataParallel(mlp_model), torch.compile(mlp_model)):
+        cm = compress(wrapped, mlp_data, config, progress=False)
+        assert sorted(cm.layers) == sorted(plain.layers)
+        assert all(torch.equal(cm.layers[n].codes, plain.layers[n].codes) for n in plain.layers)
+    half = copy.deepcopy(mlp_model).half()
+    cm = compress(half, mlp_data, config, progress=False)
+    assert sorted(cm.layers) == sorted(plain.layers) and next(half.parameters()).dtype == torch.float16
+    with pytest.raises(ModelLoadError, match=r"^the model is a TorchScript module \(RecursiveScriptModule\): "):
+        compress(torch.jit.script(mlp_model), mlp_data, config, progress=False)

@@ -74,15 +74,17 @@ _TORCH_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._e
 def _clean(err: BaseException) -> str:
     """``err`` as one line, without torch's advice to re-run ``torch.load`` with
     ``weights_only=False`` (never suggest that for a file fqexport did not make)."""
-    parts = [p.strip() for p in str(err).split("\n\n")]
-    kept = [p for p in parts if p and "weights_only" not in p and "Weights only load failed" not in p]
+    parts = [p.strip() for p in str(err).split("\n\n") if p.strip()]
+    kept = [p for p in parts if "weights_only" not in p and "Weights only load failed" not in p]
     text = " ".join(" ".join(kept).split())[:500]
     pickled = _UNSUPPORTED_GLOBAL.search(str(err))
     if pickled is not None and pickled.group(1) not in text:  # torch's advice dropped above named it
         text = (text + " " if text else "") + MSG_PICKLED_GLOBAL.format(name=pickled.group(1))
     if len(kept) < len(parts):
         text = (text + " " if text else "") + "(only plain tensors are read from an untrusted file)"
-    return text or type(err).__name__
+    if not re.search(r"[A-Za-z]{3}", text):  # torch's bare KeyError('101'), an empty EOFError
+        text = f"{type(err).__name__}{': ' + text if text else ''} (not a file torch.save wrote, or a truncated one)"
+    return text
 
 
 @contextlib.contextmanager
@@ -188,18 +190,47 @@ def load_decode(spec: str) -> Callable[[Any], torch.Tensor] | nn.Module:
     return obj
 
 
+_STATE_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoint dicts keep the model's
+_EXTRA_STATE = "_extra_state"  # a module's get_extra_state(): any value, in a state_dict too
+
+
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    found = obj
     if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-        if all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+        key = next((k for k in _STATE_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is not None:
+            found = obj[key]
+            if len(obj) > 1:
+                log.info("%s: the model's weights are its '%s' entry (of %s)", path, key, ", ".join(map(repr, obj)))
+        if all(isinstance(k, str) for k in found) and all(
+                isinstance(v, torch.Tensor) or k.endswith(_EXTRA_STATE) for k, v in found.items()):
+            return found
+    keys = f"; it holds the keys {', '.join(repr(k) for k in list(obj)[:8])}" if isinstance(obj, dict) else ""
     raise ModelLoadError(
         f"{path}: not a state_dict (expected a dict of parameter name -> tensor, "
-        f"or one under 'state_dict'/'model_state_dict')"
+        f"or one under {'/'.join(repr(k) for k in _STATE_KEYS)}){keys}"
     )
+
+
+# What wrappers and trainers put before every key: DataParallel/DDP and AveragedModel ("module."),
+# torch.compile ("_orig_mod."), a LightningModule holding the model as self.model ("model.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "module._orig_mod.", "_orig_mod.module.", "model.module.")
+_WRAPPER_EXTRAS = frozenset({"n_averaged"})  # AveragedModel's own buffer beside the wrapped module's
+
+
+def _without_wrapper_prefix(state: dict, model: nn.Module, path: Path) -> dict:
+    """``state`` with the prefix a training wrapper put before every key removed, when that makes it
+    the model's keys exactly (else ``state`` as it is, for the mismatch message)."""
+    own = set(model.state_dict())
+    if own <= set(state):
+        return state
+    for prefix in _WRAPPER_PREFIXES:
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        rest = {k for k in state if not k.startswith(prefix)}
+        if inner and set(inner) == own and rest <= _WRAPPER_EXTRAS:
+            log.info("%s: every key starts with %r (a training wrapper's); loaded without it", path, prefix)
+            return inner
+    return state
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -304,7 +335,7 @@ def load_model(
         raise ModelLoadError(MSG_SPEC.format(spec=spec))
 
     if weights is not None:
-        state = load_state_dict_file(weights)
+        state = _without_wrapper_prefix(load_state_dict_file(weights), model, Path(weights))
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:

@@ -215,6 +215,39 @@ def _defaulted_arguments(model: nn.Module) -> dict[str, Any] | None:
     return {p.name: p.default for p in extra} or None
 
 
+MSG_SCRIPTED = (
+    "the model is a TorchScript module ({kind}): fqexport quantizes the Python nn.Module, whose graph "
+    "torch.fx traces; pass the module before torch.jit.script/trace (or a factory with its state_dict, "
+    "CLI: --model pkg.mod:factory --weights FILE)"
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers that add no computation: ``nn.DataParallel`` /
+    ``DistributedDataParallel`` (``.module``) and ``torch.compile``'s ``OptimizedModule``
+    (``._orig_mod``), which torch.fx cannot trace; a TorchScript module is refused (ModelLoadError)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, torch.jit.ScriptModule):
+            raise ModelLoadError(MSG_SCRIPTED.format(kind=type(model).__name__))
+        else:
+            return model
+
+
+def float32(model: nn.Module) -> nn.Module:
+    """``model`` with float32 parameters and buffers (what fqexport calibrates, quantizes and
+    exports against): a float32 copy of a float16/bfloat16/float64 model, else ``model`` itself."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
+        return model
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()} - {"float32"})
+    log.info("the model's %s weights are computed in float32 (a float32 copy)", "/".join(dtypes))
+    return copy.deepcopy(model).float()
+
+
 def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a GraphModule: returned as is).
 
@@ -224,6 +257,7 @@ def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphMod
     if isinstance(model, torch.fx.GraphModule):
         return model
     source = model if owner is None else owner  # warnings are given once per user model
+    model = unwrap_model(model)
     if any(decompose_attention_needed(m) for m in model.modules()):
         model, swapped = decompose_attention(copy.deepcopy(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
@@ -621,6 +655,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     owner; default ``model``).
     """
     owner = model if owner is None else owner
+    model = float32(unwrap_model(model))
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
         model = copy.deepcopy(model).eval()
     raw = trace(model, owner=owner)

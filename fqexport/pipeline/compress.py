@@ -44,7 +44,7 @@ from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.loading import STATIC_BATCH_KEY
-from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model
+from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model, unwrap_model
 from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
@@ -532,7 +532,8 @@ def compress(
     config = config or QuantConfig()
     data = load_data(calib)
     device = resolve_device(config.device, "QuantConfig.device")
-    source, model = model, copy.deepcopy(model).eval().cpu()
+    # a copy without wrappers (DataParallel, torch.compile), in float32 (a float16/bfloat16 model too)
+    source, model = model, copy.deepcopy(unwrap_model(model)).eval().cpu().float()
     # 1. load & check: trace, fold BN, find the layers; 2. a group-balanced calibration subset
     #    (of streamed data, only these samples are read); the data fits the model: every sample
     #    in memory, the subset of a stream

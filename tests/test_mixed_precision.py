@@ -500,10 +500,13 @@ def test_on_a_pool_the_search_refits_the_predicted_best_while_the_workers_verify
     np.testing.assert_array_equal(pool.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
     np.testing.assert_array_equal(serial.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
     guessed = min(pool.candidates, key=lambda c: c.allocation.score)
-    assert pool.refit_overlapped == (guessed is pool.chosen)
-    assert ("discarded_refit" in pool.seconds) == (not pool.refit_overlapped)
+    # the early refit starts when a worker has no fit left while another still fits; when both
+    # finish in the same instant (a loaded machine) none starts and the winner is refitted after
+    early = pool.refit_overlapped or "discarded_refit" in pool.seconds
+    assert pool.refit_overlapped == (early and guessed is pool.chosen)
+    assert ("discarded_refit" in pool.seconds) == (early and guessed is not pool.chosen)
     assert serial.fits == len(serial.candidates) + 1
-    assert pool.fits == serial.fits + (0 if pool.refit_overlapped else 1)
+    assert pool.fits == serial.fits + (1 if "discarded_refit" in pool.seconds else 0)
     assert 0 < pool.one_compress()[0] == pool.seconds["refit"] and pool.wall_seconds > 0
 
 

@@ -13,11 +13,11 @@ PILLOW_MISSING = (
     "reading a CSV image manifest needs Pillow, which is not installed; "
     'install it with: pip install "fqexport[images]"'
 )
-# Largest image (width x height) a CSV manifest may name; Pillow's own bomb limit is 89.5M.
 log = logging.getLogger(__name__)
 MSG_ALPHA_DROPPED = ("%s: image %s has an alpha channel (mode %s); fqexport reads its colour "
                      "channels and drops the alpha (warned once per data source)")
 _alpha_warned: set[str] = set()
+# Largest image (width x height) a CSV manifest may name; Pillow's own bomb limit is 89.5M.
 MAX_IMAGE_PIXELS = 50_000_000
 MSG_IMAGE_TOO_LARGE = (
     "{where}: image {path} is {w}x{h} = {pixels:,} pixels, more than the limit of {limit:,} "

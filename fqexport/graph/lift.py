@@ -385,10 +385,12 @@ def lift_weight_calls(gm: torch.fx.GraphModule) -> list[str]:
         built[node] = (module, (type(module), repr(module), _param_targets(node, params)))
     # Group calls by (module, parameters); a group is lifted only when it is every reader of them.
     readers: dict[str, set[torch.fx.Node]] = {}
+    fetches: dict[str, list[torch.fx.Node]] = {}
     called: list[torch.fx.Node] = []
     for n in graph.nodes:
         if n.op == "get_attr":
             readers.setdefault(str(n.target), set()).update(n.users)
+            fetches.setdefault(str(n.target), []).append(n)
         elif n.op == "call_module":
             called.append(n)
     for target, users in readers.items():  # a called layer reads its own parameters (an Embedding tied to a head)
@@ -412,8 +414,8 @@ def lift_weight_calls(gm: torch.fx.GraphModule) -> list[str]:
             new.meta.update(node.meta)  # the recorded output (meta["val"]) for later passes
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-        for n in list(graph.nodes):  # the parameters' fetches: the module may have replaced their owner
-            if n.op == "get_attr" and str(n.target) in targets and not n.users:
+        for n in (n for t in targets for n in fetches.get(t, ())):  # the module may have replaced their owner
+            if not n.users:
                 graph.erase_node(n)
     if taken:
         graph.eliminate_dead_code()

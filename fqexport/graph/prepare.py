@@ -307,15 +307,7 @@ def _plain_parametrized_layers(gm: torch.fx.GraphModule) -> None:
                 if isinstance(hook, (WeightNorm, SpectralNorm)):
                     hook.remove(plain)  # the weight as a parameter (spectral_norm: no power-iteration step)
                     del plain._forward_pre_hooks[key]
-        _set_attr_path(gm, str(node.target), plain)
-
-
-def _set_attr_path(root: nn.Module, target: str, module: nn.Module) -> None:
-    *parents, last = target.split(".")
-    owner = root
-    for part in parents:
-        owner = getattr(owner, part)
-    setattr(owner, last, module)
+        gm.set_submodule(str(node.target), plain)
 
 
 def first_output(out: Any) -> Any:

@@ -143,13 +143,14 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="samples per forward pass while collecting calibration statistics")
     p.add_argument("--weight-range", choices=get_args(WeightRange), default=_Q.weight_range,
                    help="x86-safe: 8-bit weights in |q|<=63 so AVX2 u8*s8 kernels cannot saturate; "
-                   "full: |q|<=127 for VNNI CPUs and GPUs")
+                   "full: |q|<=127 (one more bit of resolution) for VNNI, arm64 and GPU kernels; accepted with any "
+                   "--target, whose export check refuses the file where AVX2's pair sums change predictions")
     p.add_argument("--target", choices=get_args(ExportTarget), default=_Q.target,
                    help="where the export runs: the export check judges the file under the int8 kernels of every "
                    "CPU family the target covers (portable: all of them), with this CPU's own session for its own "
                    "family and the emulation for the others; gpu: the graph's math, and the file is S8S8 (int8 "
                    "activations, zero point 0) with 2-4-bit Linears as blocked INT4, what TensorRT and ORT's CUDA EP "
-                   "take. --weight-range full needs x86-vnni, arm64 or gpu")
+                   "take. --weight-range full is safe on x86-vnni, arm64 and gpu; the other targets measure it")
     p.add_argument("--storage", choices=get_args(Storage), default=_Q.storage,
                    help="auto: 2-bit codes INT2 and 3-4-bit codes INT4 behind a Cast that ONNX Runtime folds at load "
                    "(the fused int8 kernels run), 3-4-bit vector Linears as MatMulNBits, wider layers int8; "

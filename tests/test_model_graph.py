@@ -343,6 +343,41 @@ def test_transformer_encoder_linears_become_layers_with_the_same_outputs():
         torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+class MaskedText(nn.Module):
+    """Token ids → embeddings → attention whose padding mask is built from the ids in the forward."""
+
+    def __init__(self, encoder: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.encoder = encoder
+        if encoder:
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.attn = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        else:
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.encoder:
+            return self.fc(self.attn(h, src_key_padding_mask=ids == 0)[:, 0])
+        a, _ = self.attn(h, h, h, key_padding_mask=ids == 0, need_weights=False)
+        return self.fc((h + a)[:, 0])
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+def test_a_padding_mask_built_from_the_token_ids_traces_with_the_same_outputs(encoder):
+    torch.manual_seed(0)
+    net = MaskedText(encoder).eval()
+    ids = torch.randint(1, 20, (4, 6))
+    ids[:, 4:] = 0  # padding
+    prepared = prepare_model(net, example=ids, skip_unsupported=False)
+    q = "attn.layers.0.self_attn.q_proj" if encoder else "attn.q_proj"
+    assert q in prepared.names and prepared.names[-1] == "fc"
+    with torch.no_grad():
+        torch.testing.assert_close(prepared.folded(ids), net(ids), rtol=1e-4, atol=1e-5)
+
+
 class TimmLinear(nn.Linear):
     """timm.layers.Linear (1.0.x): a TorchScript branch, then the plain F.linear."""
 

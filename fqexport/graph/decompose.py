@@ -22,7 +22,10 @@ from torch import nn
 
 def _additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, dtype):
     """``attn_mask`` [L, S] / [B·H, L, S] and ``key_padding_mask`` [B, S] (True/nonzero = ignore)
-    as one additive float mask broadcastable to [B, H, L, S]; None when both are None."""
+    as one additive float mask broadcastable to [B, H, L, S]; None when both are None.
+
+    A leaf of the fx trace (``torch.fx.wrap`` below): it branches on the masks' dtype, which a
+    traced mask (``ids == pad``, built in the forward) does not have yet."""
     mask = None
     if attn_mask is not None:
         mask = attn_mask
@@ -35,6 +38,9 @@ def _additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tenso
         pad = pad[:, None, None, :]
         mask = pad if mask is None else mask + pad
     return mask
+
+
+torch.fx.wrap("_additive_mask")
 
 
 class SplitAttention(nn.Module):

@@ -261,8 +261,9 @@ def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphMod
     if any(decompose_attention_needed(m) for m in model.modules()):
         model, swapped = decompose_attention(copy.deepcopy(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
+    concrete = _defaulted_arguments(model)  # its own ModelLoadError, not the trace's advice
     try:
-        graph = _Tracer().trace(model, concrete_args=_defaulted_arguments(model))
+        graph = _Tracer().trace(model, concrete_args=concrete)
     except Exception as err:  # fx raises many kinds of errors for untraceable code
         raise ModelLoadError(MSG_TRACE.format(err=f"{type(err).__name__}: {err}")) from err
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)

@@ -207,3 +207,34 @@ def test_a_layer_the_batch_shares_is_named_instead_of_misattributed():
                                           r"'measured'"):
         measure_sensitivity(FixedGrid().eval(), data, bit_choices=(2, 4), method="output-fisher", batch_size=16,
                             cache=False)
+
+
+class SeqFirst(nn.Module):
+    """Token features through a Linear on ``[B, T, C]`` or, ``seq_first``, on ``[T, B, C]``."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.mix = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.seq_first:
+            return self.head(torch.relu(self.mix(x.transpose(0, 1))).mean(0))
+        return self.head(torch.relu(self.mix(x)).mean(1))
+
+
+@pytest.mark.parametrize("solver", [QuantConfig(method="rtn"), QuantConfig()])
+def test_a_sequence_first_layer_prices_each_samples_rows(solver):
+    """Rows of a Linear on [T, B, C] belong to the sample on dim 1: the table equals the batch-first one's
+    (T = 16 = the batch size used to give token t's rows to sample t)."""
+    rng = np.random.default_rng(0)
+    g = np.arange(48) % 2
+    data = GroupData((rng.normal(size=(48, 16, 6)) + g[:, None, None]).astype(np.float32), rng.integers(0, 3, 48), g,
+                     ("a", "b"), "tokens")
+    torch.manual_seed(0)
+    seq, flat = SeqFirst(True).eval(), SeqFirst(False).eval()
+    flat.load_state_dict(seq.state_dict())
+    t = [measure_sensitivity(m, data, bit_choices=(2, 4), method="output-fisher", batch_size=16, cache=False,
+                             solver=solver) for m in (seq, flat)]
+    np.testing.assert_allclose(t[0].delta, t[1].delta, rtol=1e-4)

@@ -432,3 +432,41 @@ def test_a_batchnorm1d_over_a_sequence_is_not_folded_into_the_linear_before_it()
     flat = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
     folded = prepare_model(flat, False, example=torch.randn(2, 6)).folded
     assert not any(isinstance(mod, nn.BatchNorm1d) for mod in folded.modules())
+
+
+class _SeqNet(nn.Module):
+    """Token features → two Linears → mean over tokens; ``seq_first`` runs them on ``[T, B, E]``."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):  # x [B, T, 8]
+        if self.seq_first:
+            return self.head(self.fc2(torch.relu(self.fc1(x.transpose(0, 1)))).mean(0))
+        return self.head(self.fc2(torch.relu(self.fc1(x))).mean(1))
+
+
+@pytest.mark.parametrize("tokens", [16, 32])
+def test_a_sequence_first_linear_gives_each_row_its_samples_group(tokens):
+    """The same weights batch-first and sequence-first give the same codes under weights that
+    favour one group: the Hessian and bias correction find the samples on dim 1 (with T = 32 =
+    the batch, rows used to take token t's position as sample t's group; T = 16 failed in
+    index_add)."""
+    from fqexport.graph.prepare import prepare_model
+
+    torch.manual_seed(0)
+    bf, sf = _SeqNet(False).eval(), _SeqNet(True).eval()
+    sf.load_state_dict(bf.state_dict())
+    rng = np.random.default_rng(0)
+    g = (np.arange(96) % 4 == 0).astype(np.int64)
+    x = (rng.normal(size=(96, tokens, 8)) + 2.0 * g[:, None, None]).astype(np.float32)
+    data = GroupData(x, rng.integers(0, 2, 96), g, ("majority", "minority"), "tokens")
+    dims = {l.name: l.batch_dim for l in prepare_model(sf, example=torch.from_numpy(x[:2])).layers}
+    assert dims == {"fc1": 1, "fc2": 1, "head": 0}
+    cfg = QuantConfig(weight_bits=3, batch_size=32, num_calib=96, group_weights={"majority": 0.05, "minority": 1.0})
+    a, b = compress(bf, data, cfg, progress=False), compress(sf, data, cfg, progress=False)
+    for name in ("fc1", "fc2", "head"):
+        assert torch.equal(a.layers[name].codes, b.layers[name].codes), name
+    np.testing.assert_allclose(a.predict(x), b.predict(x), rtol=1e-4, atol=1e-5)  # the corrected biases too

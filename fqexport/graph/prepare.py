@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -95,6 +95,7 @@ class LayerInfo:
     kind: str  # "conv" | "conv_transpose" | "linear" | "embedding"
     params: int  # weight elements
     had_batchnorm: bool
+    batch_dim: int = 0  # the dim of its input and output that holds the samples (1: [T, B, E] sequence-first)
 
 
 @dataclass(frozen=True)
@@ -593,6 +594,37 @@ def quantizable_layers(
     return seen
 
 
+def layer_batch_dims(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
+    """The batch dim of each named layer's input, where it is not 0: the one dim whose size
+    follows the batch's (2k for 2 samples, 3k for 3) when the model runs one sample repeated 2 and
+    3 times. A sequence-first Linear (``[T, B, E]``) gets 1; a layer whose leading dim folds k rows
+    per sample (Swin's windows), or whose input does not follow the batch, keeps 0. A model that
+    does not run at those batch sizes keeps 0 everywhere (logged)."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
+    hooks = [modules[n].register_forward_hook(
+        lambda mod, inputs, output, n=n: shapes[n].append(tuple(inputs[0].shape))) for n in names]
+    one = example[:1]
+    try:
+        with torch.no_grad():
+            for b in (2, 3):
+                model(one.expand(b, *one.shape[1:]).contiguous())
+    except Exception as err:  # noqa: BLE001 (a model tied to one batch size: dim 0 as before)
+        log.debug("batch dims not probed (%s: %s): dim 0 for every layer", type(err).__name__, err)
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    dims: dict[str, int] = {}
+    for name, seen in shapes.items():
+        if len(seen) != 2 or len(seen[0]) != len(seen[1]):
+            continue
+        moved = [d for d, (a, b) in enumerate(zip(*seen)) if a != b]
+        if len(moved) == 1 and moved[0] > 0 and seen[0][moved[0]] * 3 == seen[1][moved[0]] * 2:
+            dims[name] = moved[0]
+    return dims
+
+
 MSG_NO_LAYERS = "the model has no Conv2d, Conv1d, ConvTranspose2d or Linear layer to quantize"
 MSG_ALL_KEPT_FLOAT = (
     "keep_float {patterns} keeps every quantizable layer of the model in float ({layers}): nothing is "
@@ -663,6 +695,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     folded, bn_convs = fold_batchnorm(raw, example)
     folded = folded.eval().cpu()
     layers = quantizable_layers(folded, skipped | {k.name for k in kept}, bn_convs)
+    if example is not None:
+        dims = layer_batch_dims(folded, example, [l.name for l in layers])
+        layers = [replace(l, batch_dim=dims.get(l.name, 0)) for l in layers]
     if not layers:
         if kept:
             raise UnsupportedLayerError(MSG_ALL_KEPT_FLOAT.format(

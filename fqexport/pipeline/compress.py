@@ -107,8 +107,8 @@ def _float_targets(
     current: dict[str, torch.Tensor] = {}
     handles = []
     for l in layers:
-        def hook(mod, inputs, output, name=l.name):
-            stats[name].add(output, current["group"])
+        def hook(mod, inputs, output, name=l.name, batch_dim=l.batch_dim):
+            stats[name].add(output.movedim(batch_dim, 0), current["group"])
 
         handles.append(modules[l.name].register_forward_hook(hook))
     try:
@@ -130,8 +130,9 @@ def _layer_moments(
     quantized prefix (the cache's first stream), and with ``cross`` also the cross moment
     C = Σ_g α_g 2 X_{f,g} X_gᵀ / N_g against the float model's inputs (its second stream)."""
     acc = HessianAccumulator(module, num_groups, name=info.name, cross=cross)
+    d = info.batch_dim  # samples first: each row's group is its sample's
     for inputs, g in cache.layer_inputs(index):
-        acc.add(inputs[0], g, inputs[1] if cross else None)
+        acc.add(inputs[0].movedim(d, 0), g, inputs[1].movedim(d, 0) if cross else None)
     c = acc.cross_moment(alpha.float()) if cross else None
     return acc.hessian(alpha.float()), c
 
@@ -247,7 +248,7 @@ def _correct_layer(
     stats = ChannelStats(num_groups, _channel_dim(info.kind))
     with torch.no_grad():
         for inputs, g in cache.layer_inputs(index):
-            stats.add(module(inputs[0]), g)
+            stats.add(module(inputs[0]).movedim(info.batch_dim, 0), g)
     m_q, v_q = stats.moments(alpha)
     m_f, v_f = target.moments(alpha)
     bias = module.bias.detach().float().cpu() if module.bias is not None else torch.zeros_like(m_q)

@@ -93,25 +93,28 @@ def _positions(t: torch.Tensor, kind: str) -> int:
 
 def output_gradient_energy(
     model: nn.Module, kinds: Mapping[str, str], x: torch.Tensor, y: torch.Tensor, batch_size: int, task: ModelTask,
+    batch_dims: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``Ḡ_ic = mean_p (∂ℓ_i/∂y_icp)²`` of each layer's output, ``[samples, channels]``
     (float64) of the layers ``kinds`` (name → ``LayerInfo.kind``): one forward and backward pass
-    of Σ_i ℓ_i, batch by batch. A ConfigError when the loss has no gradient at all
+    of Σ_i ℓ_i, batch by batch. ``batch_dims``: a layer's sample dim where it is not 0
+    (``LayerInfo.batch_dim``). A ConfigError when the loss has no gradient at all
     (:data:`MSG_NO_GRADIENT`)."""
     modules = dict(model.named_modules())
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in kinds}
     batch = [0]  # samples in the batch being run
 
     def hook(name: str) -> Callable:
-        kind = kinds[name]
+        kind, d = kinds[name], (batch_dims or {}).get(name, 0)
 
         def on_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             replaced = None
             if not output.requires_grad:  # the first layer: gradients start here (the weights are frozen)
                 output = replaced = output.detach().requires_grad_().clone()
             samples = batch[0]
-            output.register_hook(lambda grad: parts[name].append(
-                _by_sample(_position_sums(grad.detach(), kind) / _positions(grad, kind), samples, name, "mean")))
+            output.register_hook(lambda grad: parts[name].append(_by_sample(
+                _position_sums(grad.detach().movedim(d, 0), kind) / _positions(grad.movedim(d, 0), kind), samples,
+                name, "mean")))
             return replaced
 
         return on_output
@@ -138,11 +141,13 @@ def output_gradient_energy(
 
 
 def output_error_energy(module: nn.Module, kind: str, errors: Sequence[torch.Tensor],
-                        inputs: torch.Tensor, samples: int | None = None, name: str = "") -> torch.Tensor:
+                        inputs: torch.Tensor, samples: int | None = None, name: str = "",
+                        batch_dim: int = 0) -> torch.Tensor:
     """``Σ_p δy_icp²`` per error, sample and output channel ``[errors, B, channels]``: ``module``
     (a ``kind`` layer) run on ``inputs`` with each error (its weight's layout) as the weight and
     no bias. Without conv groups the errors run as one layer of stacked output channels.
-    ``samples``: the batch's samples when ``inputs`` folds several rows per sample (default: its rows)."""
+    ``samples``: the batch's samples when ``inputs`` folds several rows per sample (default: its
+    rows); ``batch_dim``: the dim of the samples (``LayerInfo.batch_dim``)."""
     dtype = inputs.dtype if inputs.is_floating_point() else errors[0].dtype
     axis = 1 if kind == "conv_transpose" else 0  # the weight's output channels
     stacked = getattr(module, "groups", 1) == 1
@@ -152,14 +157,14 @@ def output_error_energy(module: nn.Module, kind: str, errors: Sequence[torch.Ten
         params = {"weight": weight.to(dtype)}
         if getattr(module, "bias", None) is not None:
             params["bias"] = torch.zeros(weight.shape[axis], dtype=module.bias.dtype)
-        dy = functional_call(module, params, (inputs,))
+        dy = functional_call(module, params, (inputs,)).movedim(batch_dim, 0)
         out.append(_by_sample(_position_sums(dy, kind), samples or dy.shape[0], name, "sum"))
     energy = torch.cat(out, dim=1)                                        # [B, errors · channels]
     return energy.reshape(energy.shape[0], len(errors), -1).transpose(0, 1)
 
 
 def _hessian(module: nn.Module, name: str, cache: ActivationCache, index: int, num_groups: int,
-             samples: int) -> torch.Tensor:
+             samples: int, batch_dim: int = 0) -> torch.Tensor:
     """The solver's H of ``module`` on the float inputs of the cache's first ``samples`` samples
     (as many as ``compress`` calibrates on), groups weighted equally (the samples are
     group-balanced already)."""
@@ -169,8 +174,9 @@ def _hessian(module: nn.Module, name: str, cache: ActivationCache, index: int, n
         n = min(gb.numel(), samples - taken)
         if n <= 0:
             break
-        per = max(inputs[0].shape[0] // max(gb.numel(), 1), 1)  # rows per sample (k folded rows)
-        acc.add(inputs[0][:n * per], gb[:n])
+        rows = inputs[0].movedim(batch_dim, 0)
+        per = max(rows.shape[0] // max(gb.numel(), 1), 1)  # rows per sample (k folded rows)
+        acc.add(rows[:n * per], gb[:n])
         taken += n
     return acc.hessian()
 
@@ -180,15 +186,16 @@ def output_fisher_sensitivity(
     g: torch.Tensor, num_groups: int, batch_size: int, task: ModelTask, *, weight_range: str,
     clip_search: Callable[[int], bool], solve: bool = True, order: str = "sensitivity", damp: float = 0.01,
     block_size: int = 128, hessian_samples: int | None = None, progress: bool = False,
+    batch_dims: Mapping[str, int] | None = None,
 ) -> np.ndarray:
     """Δ_g(l, b) ``[layers, widths, groups]`` for the Hessian layers ``kinds`` (name →
     ``LayerInfo.kind``, in table order) of the traced, BN-folded ``model`` (module docstring).
     ``solve``: the solver's codes (``order``, ``damp``, ``block_size`` as in
     :class:`~fqexport.config.QuantConfig`; its Hessian on the first ``hessian_samples``, default
     all), else round to nearest; ``clip_search(bits)``: whether a width's grid is clip-searched
-    (``QuantConfig.use_clip_search``)."""
-    names = list(kinds)
-    energy = output_gradient_energy(model, kinds, x, y, batch_size, task)
+    (``QuantConfig.use_clip_search``); ``batch_dims``: a layer's sample dim where it is not 0."""
+    names, batch_dims = list(kinds), batch_dims or {}
+    energy = output_gradient_energy(model, kinds, x, y, batch_size, task, batch_dims)
     stream = GraphStream(model)
     index = {n: stream.module_node(n) for n in names}
     starts = range(0, x.shape[0], batch_size)
@@ -200,10 +207,10 @@ def output_fisher_sensitivity(
         warnings.simplefilter("ignore", DampingIncreasedWarning)  # a raised damping changes no table entry's meaning
         for row, name in tqdm(sorted(enumerate(names), key=lambda item: index[item[1]]),
                               desc="sensitivity (output-fisher)", unit="layer", disable=not progress):
-            module, k, kind = modules[name], index[name], kinds[name]
+            module, k, kind, d = modules[name], index[name], kinds[name], batch_dims.get(name, 0)
             cache.advance(k)
             rows = weight_rows(kind, module.weight.detach()).float()
-            H = _hessian(module, name, cache, k, num_groups, hessian_samples or x.shape[0]) if solve else None
+            H = _hessian(module, name, cache, k, num_groups, hessian_samples or x.shape[0], d) if solve else None
             factors = factor_conv_groups(rows, H, order=order, damp=damp) if solve and order != "obs" else None
             errors = []
             for b in bits:
@@ -217,7 +224,7 @@ def output_fisher_sensitivity(
                 stop = start + gb.numel()
                 # Σ_c Ḡ_ic Σ_p δy_icp², every width at once
                 per_sample[:, start:stop] = (energy[name][start:stop] * output_error_energy(
-                    module, kind, errors, inputs[0], gb.numel(), name)).sum(2)
+                    module, kind, errors, inputs[0], gb.numel(), name, d)).sum(2)
                 start = stop
             for j in range(len(bits)):  # Δ_g = ½ (1/N_g) Σ_{i∈g} per_sample_i
                 delta[row, j] = 0.5 * group_means(per_sample[j], g, num_groups)[0].numpy()

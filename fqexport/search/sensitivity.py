@@ -411,7 +411,7 @@ def _fisher(model, names, bits, x, y, g, G, batch_size, weight_range, clip_searc
 
 def _output_fisher(model, names, kinds, bits, x, y, g, G, batch_size, weight_range, clip_search, progress,
                    engine: Engine, source: nn.Module, skip_unsupported: bool, task: ModelTask, base: torch.Tensor,
-                   solver: QuantConfig) -> np.ndarray:
+                   solver: QuantConfig, batch_dims: dict[str, int]) -> np.ndarray:
     """``"output-fisher"`` for the layers with a Hessian (the solver's codes of ``solver``); an
     Embedding (a lookup, no Hessian) is measured."""
     delta = np.zeros((len(names), len(bits), G))
@@ -422,7 +422,7 @@ def _output_fisher(model, names, kinds, bits, x, y, g, G, batch_size, weight_ran
             model, {names[i]: kinds[names[i]] for i in rest}, bits, x, y, g, G, batch_size, task,
             weight_range=weight_range, clip_search=solver.use_clip_search, solve=solver.method == "solver",
             order=solver.order, damp=solver.damp, block_size=solver.block_size, hessian_samples=solver.num_calib,
-            progress=progress)
+            progress=progress, batch_dims=batch_dims)
     if lookups:
         delta[lookups] = _measured(model, [names[i] for i in lookups], bits, x, y, g, G, batch_size, weight_range,
                                    clip_search, progress, engine, source, skip_unsupported, task, base)
@@ -522,7 +522,8 @@ def measure_sensitivity(
     elif method == "output-fisher":
         kinds = {l.name: l.kind for l in prepared.layers}
         delta = _output_fisher(folded, names, kinds, bits, x, y, g, G, batch_size, weight_range, clip_search,
-                               progress, engine or SerialEngine(), model, skip_unsupported, task, base, solver)
+                               progress, engine or SerialEngine(), model, skip_unsupported, task, base, solver,
+                               {l.name: l.batch_dim for l in prepared.layers})
     else:
         delta = _fisher(folded, names, bits, x, y, g, G, min(batch_size, 32), weight_range, clip_search, progress,
                         engine or SerialEngine(), model, skip_unsupported, task)

@@ -111,6 +111,32 @@ def test_strict_error_names_every_unsupported_layer():
     assert "'rnn' (LSTM, 128 params)" in msg and "'proj' (F.matmul, 16 params)" in msg
 
 
+class Products(nn.Module):
+    """Parameters read by every kind of matrix product, beside one Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        for name in ("at", "method", "mm", "ein", "addmm"):
+            setattr(self, name, nn.Parameter(torch.randn(4, 4)))
+        self.bias = nn.Parameter(torch.zeros(4))  # one dim: not a weight
+        self.pair = nn.Bilinear(4, 4, 4)  # a torch.nn module: a leaf, reported by its class
+
+    def forward(self, x):
+        h = self.fc(x) @ self.at
+        h = h.matmul(self.method) + torch.mm(h, self.mm)
+        h = torch.einsum("nk,kj->nj", h, self.ein.t())
+        return self.pair(torch.addmm(self.bias, h, self.addmm), h)
+
+
+def test_a_parameter_in_any_matrix_product_is_a_float_layer():
+    assert unsupported_layers(trace(Products())) == [
+        ("at", "torch.matmul"), ("method", "torch.matmul"), ("mm", "torch.mm"), ("ein", "torch.einsum"),
+        ("addmm", "torch.addmm"), ("pair", "Bilinear")]
+    with pytest.raises(UnsupportedLayerError, match=r"6 layer\(s\) cannot be quantized"):
+        check_supported(trace(Products()), skip_unsupported=False)
+
+
 class WithLSTM(nn.Module):
     def __init__(self) -> None:
         super().__init__()

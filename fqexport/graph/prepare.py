@@ -19,6 +19,7 @@ import functools
 import inspect
 import logging
 import math
+import operator
 import re
 import weakref
 from dataclasses import dataclass, replace
@@ -69,6 +70,15 @@ _WEIGHT_FUNCS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.c
                  _aten.linear.default: "linear", _aten.conv1d.default: "conv1d",
                  _aten.conv2d.default: "conv2d", _aten.embedding.default: "embedding",
                  _aten.matmul.default: "matmul", _aten.conv_transpose2d.input: "conv_transpose2d"}
+
+# Matrix products that read a weight among any of their operands (``x @ self.W``,
+# ``torch.einsum("nk,kj->nj", x, self.W)``, ``torch.addmm(b, x, W)``): float weight layers too.
+_PRODUCT_FUNCS = {operator.matmul: "matmul", torch.mm: "mm", torch.bmm: "bmm", torch.einsum: "einsum",
+                  torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.tensordot: "tensordot",
+                  F.bilinear: "bilinear", _aten.mm.default: "mm", _aten.bmm.default: "bmm",
+                  _aten.einsum.default: "einsum", _aten.addmm.default: "addmm"}
+_PRODUCT_METHODS = {"matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "mm": "mm", "bmm": "bmm",
+                    "addmm": "addmm"}
 
 # weight ops whose second argument is a layer's weight (a dynamic one is built from the input)
 _OPS_WITH_WEIGHT = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d"})
@@ -383,17 +393,16 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                 not isinstance(mod, QUANTIZABLE) and _weight_params(mod, recurse=True)
             ):
                 out[name] = FloatLayer(name, type(mod).__name__, _weight_params(mod, recurse=True))
+        elif (op := _product_op(node)) is not None:
+            operands = [n for a in (*node.args, *node.kwargs.values()) for n in (a if isinstance(a, (list, tuple)) else [a])]
+            if (layer := _float_weight_operand(gm, operands, f"torch.{op}")) is not None:
+                out[layer.name] = layer
         elif node.op == "call_function" and node.target in _WEIGHT_FUNCS:
             # a weight fetched, or computed from parameters alone (one that stayed a call: tied...)
             op = _WEIGHT_FUNCS[node.target]
             operands = [*node.args[:2], *(node.kwargs[k] for k in ("input", "weight", "other") if k in node.kwargs)]
-            for arg in operands:
-                found = [(t, p) for t in parameter_weight_leaves(arg)
-                         if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
-                if found:
-                    target, param = found[0]
-                    out[layer_owner(target)] = FloatLayer(layer_owner(target), f"F.{op}", int(param.numel()))
-                    break
+            if (layer := _float_weight_operand(gm, operands, f"F.{op}")) is not None:
+                out[layer.name] = layer
             else:
                 if op in _OPS_WITH_WEIGHT:  # a weight built from the input and parameters (CondConv)
                     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -404,6 +413,25 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                         out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
                                                sum(int(p.numel()) for _, p in params))
     return list(out.values())
+
+
+def _product_op(node: torch.fx.Node) -> str | None:
+    """The name of a matrix product node (:data:`_PRODUCT_FUNCS`, :data:`_PRODUCT_METHODS`), else None."""
+    if node.op == "call_function":
+        return _PRODUCT_FUNCS.get(node.target)
+    return _PRODUCT_METHODS.get(node.target) if node.op == "call_method" else None
+
+
+def _float_weight_operand(gm: torch.fx.GraphModule, operands: list, op: str) -> FloatLayer | None:
+    """The float layer of the first operand that is a weight (a parameter or buffer of >= 2 dims,
+    fetched or computed from parameters alone), named after its owner; None when no operand is."""
+    for arg in operands:
+        found = [(t, p) for t in parameter_weight_leaves(arg)
+                 if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+        if found:
+            target, param = found[0]
+            return FloatLayer(layer_owner(target), op, int(param.numel()))
+    return None
 
 
 def unsupported_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:

@@ -84,6 +84,22 @@ def test_measured_best_must_beat_the_predicted_best_beyond_noise():
     assert significantly_better([pred, clear], pred, group, groups, 0.1) is pred
 
 
+def test_a_group_without_a_measured_loss_is_left_out_of_the_noise_test():
+    """A group whose loss is NaN (a segmentation group without a counted pixel) neither decides the
+    worst group nor makes the standard error NaN; the worst measured group still does."""
+    groups = ("a", "b")
+    group = np.repeat([0, 1], 10)
+    base = np.random.default_rng(0).uniform(0.1, 1.0, 20)
+    pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), np.where(group == 0, np.nan, base), score=0.1)
+    pred.measured_loss_increase = {"a": float("nan"), "b": 0.2}
+    clear = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), np.where(group == 0, np.nan, base - 0.15), score=0.2)
+    clear.measured_loss_increase = {"a": float("nan"), "b": 0.05}
+    assert pred.measured_worst == 0.2
+    assert significantly_better([pred, clear], clear, group, groups, 0.1) is clear
+    pred.measured_loss_increase = {"a": float("nan"), "b": float("nan")}  # nothing measured: the measured best
+    assert significantly_better([pred, clear], clear, group, groups, 0.1) is clear
+
+
 def testnever_worse_than_uniform_picks_the_smaller_file_among_equal_uniforms():
     groups = ("a", "b")
     mixed = _candidate([1] * 7 + [0] * 3, 0.9, 0.3)

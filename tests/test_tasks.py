@@ -134,6 +134,19 @@ def test_segmentation_metrics_loss_and_compare():
         seg.check_outputs(np.zeros((2, 1, 2, 2)), "m.onnx", data)
 
 
+def test_a_segmentation_image_without_a_counted_pixel_has_no_loss():
+    """Not 0 (a perfect score): NaN, left out of its group's and the overall mean, like its mIoU."""
+    seg = Segmentation()
+    logits = np.random.default_rng(0).normal(size=(3, 3, 2, 2)).astype(np.float32)
+    masks = np.array([[[0, 1], [2, 1]], [[1, 1], [0, 255]], [[255, 255], [255, 255]]])
+    data = GroupData(np.zeros((3, 3, 2, 2), np.float32), None, np.array([0, 0, 1]), ("a", "b"), "s", Masks(masks))
+    losses = seg.sample_losses(logits, data, None)
+    assert np.isfinite(losses[:2]).all() and (losses[:2] > 0).all() and np.isnan(losses[2])
+    m = seg.evaluate(logits, data)
+    assert np.isnan(m.by_group["b"]["loss"]) and np.isnan(m.by_group["b"]["miou"])
+    assert m.overall["loss"] == pytest.approx(losses[:2].mean()) == m.by_group["a"]["loss"]
+
+
 def test_classification_is_the_default_and_its_comparison_is_top1():
     data = GroupData(np.zeros((4, 5), np.float32), np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]), ("a", "b"), "c")
     task, why = resolve_task(None, data, torch.zeros(4, 2))

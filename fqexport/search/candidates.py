@@ -4,6 +4,7 @@ with the views a report, the ONNX metadata and a test read."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,8 +56,9 @@ class Candidate:
 
     @property
     def measured_worst(self) -> float:
-        """The largest measured held-out loss increase over the groups."""
-        return max(self.measured_loss_increase.values()) if self.measured_loss_increase else float("nan")
+        """The largest measured held-out loss increase over the groups (those without a loss left out)."""
+        values = [v for v in self.measured_loss_increase.values() if not math.isnan(v)]
+        return max(values) if values else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         d = {

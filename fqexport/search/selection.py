@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def measured_j(c: Candidate, groups: Sequence[str], mean_weight: float) -> float:
     """The worst-group objective measured on held-out data: ``max_g ΔL_g + λ · mean_g ΔL_g``."""
     inc = np.array([c.measured_loss_increase[g] for g in groups], dtype=np.float64)
-    return float(np.nanmax(inc) + mean_weight * np.nanmean(inc))
+    inc = inc[~np.isnan(inc)]  # groups without a measured loss
+    return float(inc.max() + mean_weight * inc.mean()) if inc.size else float("nan")
 
 
 def selection_key(c: Candidate, objective: str, weights: np.ndarray | None, groups: Sequence[str],
@@ -80,9 +81,13 @@ def significantly_better(
     if predicted is measured_best or predicted.sample_loss is None or measured_best.sample_loss is None:
         return measured_best
     gap = measured_j(predicted, groups, mean_weight) - measured_j(measured_best, groups, mean_weight)
-    worst = int(np.argmax([predicted.measured_loss_increase[g] for g in groups]))
+    increase = np.array([predicted.measured_loss_increase[g] for g in groups], dtype=np.float64)
+    if np.isnan(increase).all():
+        return measured_best
+    worst = int(np.nanargmax(increase))  # a group without a measured loss is left out
     mask = group == worst
     d = predicted.sample_loss[mask] - measured_best.sample_loss[mask]
+    d = d[~np.isnan(d)]  # samples without a loss (no counted pixel)
     se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
     if gap > z * se:
         return measured_best

@@ -124,13 +124,16 @@ class Segmentation(Task):
         return ce.sum(1) / counted
 
     def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
-        """With the data's masks, the per-pixel cross-entropy on them per image; else the
-        distillation loss to ``reference`` (NaN without one)."""
+        """With the data's masks, the per-pixel cross-entropy on them per image (NaN for an image
+        without a counted pixel: it has no loss, as it has no mIoU); else the distillation loss
+        to ``reference`` (NaN without one)."""
         if not isinstance(data.annotations, Masks):
             return super().sample_losses(outputs, data, reference)
+        targets = self.train_targets(data, None)
         with torch.no_grad():
-            return self.train_loss(torch.from_numpy(np.asarray(outputs, np.float32)),
-                                   self.train_targets(data, None)).double().numpy()
+            loss = self.train_loss(torch.from_numpy(np.asarray(outputs, np.float32)), targets).double().numpy()
+        loss[~(targets != IGNORED).flatten(1).any(1).numpy()] = np.nan
+        return loss
 
     def needs_annotations(self, data: Any) -> bool:
         return not isinstance(data.annotations, Masks)
@@ -154,8 +157,8 @@ class Segmentation(Task):
 
         def row(images: np.ndarray) -> dict[str, float]:
             scores = segmentation_scores(confusion(pred[images], truth[images], c, ignore))
-            return {"count": int(images.size), **scores,
-                    "loss": float(loss[images].mean()) if images.size else float("nan")}
+            counted = loss[images][~np.isnan(loss[images])]  # images without a counted pixel have none
+            return {"count": int(images.size), **scores, "loss": float(counted.mean()) if counted.size else float("nan")}
 
         by_group = {name: row(np.flatnonzero(group == g)) for g, name in enumerate(names)}
         return GroupMetrics(row(np.arange(len(group))), by_group, c, group_names=names,

@@ -22,6 +22,7 @@ from fqexport.errors import DataError, UnsupportedLayerError
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metadata import ExportMetadata
 from fqexport.pipeline.compress import compress
+from fqexport.search.sensitivity import measure_sensitivity
 from fqexport.validation.gate import validate
 
 
@@ -377,6 +378,38 @@ def test_token_ids_are_range_checked(tmp_path):
     with pytest.raises(DataError, match=r"float-ids.npz: field 'x' holds float32 values, but the model input is read "
                                         r"by the Embedding 'embed' \(token ids\): store the ids as integers"):
         compress(TextClassifier(), floats, QuantConfig(num_calib=64, method="rtn"), progress=False)
+
+
+class Categorical(nn.Module):
+    """The categorical-embedding MLP: two code columns of x looked up, beside the numeric ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e0, self.e1 = nn.Embedding(5, 4), nn.Embedding(7, 4)
+        self.fc = nn.Linear(10, 2)
+
+    def forward(self, x):
+        codes = x[:, :2].long()
+        return self.fc(torch.cat([self.e0(codes[:, 0]), self.e1(codes[:, 1]), x[:, 2:]], 1))
+
+
+def test_an_id_the_model_computes_is_range_checked_on_the_calibration_samples():
+    """Not an internal IndexError: a data error naming the Embedding, the id and the sample (its index in
+    the user's data), from compress and from the search's sensitivity alike."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(0, 5, (64, 1)), rng.integers(0, 7, (64, 1)), rng.normal(size=(64, 2))], 1)
+    x[40, 0] = 7  # a category the table has not seen
+    data = validate_group_data(x.astype(np.float32), rng.integers(0, 2, 64), np.arange(64) % 2, ["a", "b"], "tab.npz")
+    want = (r"tab.npz: the model's Embedding 'e0' \(num_embeddings=5\) looks up the id 7, which the model computes "
+            r"from field 'x' of sample 40: outside \[0, 5\); check the categorical codes in x or the model")
+    with pytest.raises(DataError, match=want):
+        compress(Categorical(), data, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    with pytest.raises(DataError, match=want):
+        measure_sensitivity(Categorical(), data, bit_choices=(4,), cache=False)
+    x[40, 0] = 4
+    ok = validate_group_data(x.astype(np.float32), data.y, data.group, ["a", "b"], "tab.npz")
+    assert set(compress(Categorical(), ok, QuantConfig(num_calib=64, method="rtn"), progress=False).layers) == {
+        "e0", "e1", "fc"}
 
 
 class UNetClassifier(nn.Module):

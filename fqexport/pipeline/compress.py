@@ -34,7 +34,7 @@ from fqexport.calibration.checks import check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
-from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.device import resolve_device
@@ -271,6 +271,10 @@ MSG_FLOAT_TOKENS = (
     "field 'x' holds {dtype} values, but the model input is read by the Embedding '{layer}' (token ids): "
     "store the ids as integers (e.g. x.astype(np.int64))"
 )
+MSG_COMPUTED_IDS = (
+    "the model's Embedding '{layer}' (num_embeddings={vocab}) looks up the id {value}, which the model computes "
+    "from field 'x' of sample {sample}: outside [0, {vocab}); check the categorical codes in x or the model"
+)
 # Fewer calibration samples of a group than this: its activation ranges and statistics are guesses.
 MIN_GROUP_SAMPLES = 8
 MSG_FEW_GROUP_SAMPLES = (
@@ -292,11 +296,15 @@ def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
                                                  few=", ".join(few), min=MIN_GROUP_SAMPLES))
 
 
-def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
+def check_token_ids(gm: torch.fx.GraphModule, data: GroupData, sub: GroupData, drawn: np.ndarray,
+                     batch_size: int) -> None:
     """``x`` read by an Embedding straight from the model input: integer ids (not floats), every
-    one in its vocabulary."""
+    one in its vocabulary. An Embedding whose ids the model computes (``x[:, :2].long()``): every
+    id it looks up on the calibration samples ``sub`` (the samples ``drawn`` of the data) is in
+    its table (one forward pass)."""
     integer = np.issubdtype(data.x.dtype, np.integer)
     modules = dict(gm.named_modules())
+    computed: list[str] = []
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
         src = node.args[0] if node.args else None
@@ -304,6 +312,37 @@ def _check_token_ids(gm: torch.fx.GraphModule, data: GroupData) -> None:
             if not integer:
                 raise data_error(data.source, MSG_FLOAT_TOKENS.format(dtype=data.x.dtype, layer=node.target))
             check_vocabulary(data, int(mod.num_embeddings), str(node.target))
+        elif isinstance(mod, nn.Embedding):
+            computed.append(str(node.target))
+    if computed:
+        _check_computed_ids(gm, computed, sub, drawn, batch_size)
+
+
+def _check_computed_ids(gm: torch.fx.GraphModule, names: list[str], data: GroupData, drawn: np.ndarray,
+                        batch_size: int) -> None:
+    """Every id the Embeddings ``names`` look up on ``data`` (the samples ``drawn`` of the user's
+    data) in ``[0, num_embeddings)``, else a DataError naming the layer, the id and the sample's
+    index in the user's data (:data:`MSG_COMPUTED_IDS`)."""
+    start = [0]
+
+    def check(name: str, mod: nn.Embedding, args: tuple) -> None:
+        ids = args[0]
+        bad = (ids < 0) | (ids >= mod.num_embeddings)
+        if bool(bad.any()):
+            row = int(bad.reshape(ids.shape[0], -1).any(1).int().argmax()) if ids.dim() else 0
+            raise data_error(data.source, MSG_COMPUTED_IDS.format(
+                layer=name, vocab=mod.num_embeddings, value=int(ids[bad][0]), sample=int(drawn[start[0] + row])))
+
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: check(n, mod, args)) for n in names]
+    try:
+        with torch.no_grad():
+            for x, _ in _batches(data, batch_size, torch.device("cpu")):
+                gm(x)
+                start[0] += x.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
@@ -538,12 +577,13 @@ def compress(
     # 1. load & check: trace, fold BN, find the layers; 2. a group-balanced calibration subset
     #    (of streamed data, only these samples are read); the data fits the model: every sample
     #    in memory, the subset of a stream
-    sub = group_balanced_subset(data, config.num_calib, seed=config.seed)
+    drawn = group_balanced_indices(data, config.num_calib, seed=config.seed)
+    sub = data.take(drawn)
     prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=example_batch(sub),
                              owner=source)
     _warn_few_group_samples(sub, config.num_calib)
     checked = data if isinstance(data, GroupData) else sub
-    _check_token_ids(prepared.folded, checked)  # before a lookup runs: a clear error, not an IndexError
+    check_token_ids(prepared.folded, checked, sub, drawn, config.batch_size)  # a clear error, not an IndexError
     out = model_output(model, checked)
     task, chosen = resolve_task(task, data, out)
     num_classes = task.check_output(out, checked)

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.sampling import group_balanced_subset
+from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.calibration.stream import DataStream
 from fqexport.config import (
     DEFAULT_BIT_CHOICES,
@@ -63,7 +63,7 @@ from fqexport.errors import ConfigError, DataError
 from fqexport.graph.prepare import prepare_model
 from fqexport.model import rows_to_weight, weight_rows
 from fqexport.pipeline.activations import GraphStream
-from fqexport.pipeline.compress import example_batch, model_output
+from fqexport.pipeline.compress import check_token_ids, example_batch, model_output
 from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import choose_solver_grid, rtn_layer
 from fqexport.search.output_fisher import output_fisher_sensitivity
@@ -484,7 +484,9 @@ def measure_sensitivity(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(MSG_LAYERS.format(names=", ".join(repr(u) for u in unknown), known=", ".join(known)))
-    sub = group_balanced_subset(calib, num_samples, seed=seed)
+    drawn = group_balanced_indices(calib, num_samples, seed=seed)
+    sub = calib.take(drawn)
+    check_token_ids(folded, sub, sub, drawn, batch_size)
     task, _ = resolve_task(task, calib, model_output(folded, sub))
     options = {"method": method, "bits": bits, "layers": names, "weight_range": weight_range,
                "clip_search": bool(clip_search), "num_samples": int(num_samples), "seed": int(seed),

@@ -30,9 +30,9 @@ from .group_data import GroupData
 log = logging.getLogger(__name__)
 
 MSG_UINT8_X = (
-    "%s: field 'x' is uint8: the model gets its values as floats 0-255, not scaled to [0, 1] as the "
-    "CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, save x / 255 "
-    "(or pass transform=) instead"
+    "%s: field 'x' is uint8, read as pixels: the model gets its values as floats 0-255, not scaled to [0, 1] "
+    "as the CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, save x / 255 "
+    "(or pass transform=) instead; token ids belong in a signed integer x (int64)"
 )
 MSG_NEGATIVE_IDS = (
     "field 'x' holds signed integers, read as token ids (kept int64 for an Embedding), but has the "

@@ -36,7 +36,9 @@ def test_uint8_x_is_warned_about_once_per_source(caplog):
         got = check_x_values(x, "u8.npz")
         check_x_values(x, "u8.npz", np.arange(4))  # the next batch of the same stream: no repeat
     assert got.dtype == np.float32 and got.max() == 200.0  # the values are not rescaled
-    assert caplog.text.count("u8.npz: field 'x' is uint8: the model gets its values as floats 0-255") == 1
+    assert caplog.text.count("u8.npz: field 'x' is uint8, read as pixels: the model gets its values as floats "
+                             "0-255") == 1
+    assert "token ids belong in a signed integer x (int64)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="fqexport.calibration.checks"):
         check_x_values(x.astype(np.float32) / 255, "f.npz")

@@ -363,6 +363,14 @@ def test_embedding_rows_are_quantized_and_token_ids_stay_int64(tmp_path):
     with pytest.raises(DataError, match=rf"oov.npz: field 'x' holds the token id {VOCAB + 3} outside the vocabulary "
                                         rf"\[0, {VOCAB}\) of the model's Embedding 'embed'"):
         validate(result.path, bad, measure_latency=False)
+    # float ids: whole numbers are fed as the ids they are; a fractional one would be truncated
+    whole = validate_group_data(data.x.astype(np.float32), data.y, data.group, ["a", "b"], "whole.npz")
+    assert validate(result.path, whole, measure_latency=False).metrics.by_group == report.metrics.by_group
+    frac = validate_group_data(data.x + np.where(np.arange(data.x.size).reshape(data.x.shape) == 7, 0.6, 0.0),
+                               data.y, data.group, ["a", "b"], "frac.npz")
+    with pytest.raises(DataError, match=r"frac.npz: field 'x' holds the non-integer value \d+\.6 \(float32\), but "
+                                        r".* takes tensor\(int64\): token ids, which ONNX Runtime would get truncated"):
+        validate(result.path, frac, measure_latency=False)
 
 
 def test_token_ids_are_range_checked(tmp_path):

@@ -37,6 +37,10 @@ MSG_INT_X_FLOAT_INPUT = (
     "{input_type}: the values go in as floats unscaled; if they are pixels or features, save x as float32 "
     "(scaled as the model was trained)"
 )
+MSG_FRACTIONAL_IDS = (
+    "{source}: field 'x' holds the non-integer value {value} ({dtype}), but {model} takes {input_type}: token "
+    "ids, which ONNX Runtime would get truncated; store the ids as integers (e.g. x.astype(np.int64))"
+)
 MSG_EMPTY_GROUP = (
     "data {source}: group {name!r} (id {gid}) has no samples; every group must be present to "
     "validate per group (drop it from group_names or add samples)"
@@ -75,6 +79,13 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
         if np.issubdtype(first.dtype, np.signedinteger):
             log.warning(MSG_INT_X_FLOAT_INPUT.format(source=data.source, model=model, dtype=first.dtype,
                                                      input_type=input_type))
+    elif input_type is not None and input_type.startswith("tensor(int"):
+        # the values checked: all of them in memory, the first sample of a stream
+        x = data.x if isinstance(data, GroupData) else data.take(np.arange(1)).x
+        if np.issubdtype(x.dtype, np.floating) and x.size and not np.array_equal(x, np.round(x)):
+            value = f"{x[x != np.round(x)].flat[0].item():.6g}"
+            raise DataError(MSG_FRACTIONAL_IDS.format(source=data.source, value=value, dtype=x.dtype, model=model,
+                                                      input_type=input_type))
     got = tuple(data.sample_shape)
     exp = tuple(expected[1:])
     if len(got) != len(exp):

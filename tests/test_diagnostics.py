@@ -22,6 +22,7 @@ from fqexport.metrics.diagnostics import (
     analyze,
     group_diagnostics,
     power_iteration,
+    top_eigenvalue,
 )
 from fqexport.errors import ConfigError, DataError
 
@@ -80,6 +81,17 @@ def test_power_iteration_on_a_known_matrix_reports_iterations():
     assert iters == 2 and not converged
     lam, iters, converged = power_iteration(lambda v: [torch.zeros(4)], [torch.zeros(4)], 10)
     assert (lam, iters, converged) == (0.0, 1, True)
+
+
+def test_the_top_eigenvalue_is_the_largest_not_the_largest_in_magnitude():
+    """Power iteration alone returns -6 here (the dominant one); the shifted second iteration gives 0.4."""
+    a = torch.diag(torch.tensor([-6.0, 0.4, 0.1, -1.0]))
+    lam, iters, converged = top_eigenvalue(lambda v: [a @ v[0]], [torch.zeros(4)], 500, tol=1e-12)
+    assert lam == pytest.approx(0.4, abs=1e-4) and converged and iters > 2  # float32 after a shift of 6
+    assert power_iteration(lambda v: [a @ v[0]], [torch.zeros(4)], 500, tol=1e-12)[0] == pytest.approx(-6.0)
+    b = torch.diag(torch.tensor([5.0, 2.0, -0.5]))  # a positive dominant one: one iteration, as before
+    assert top_eigenvalue(lambda v: [b @ v[0]], [torch.zeros(3)], 500, tol=1e-10) == power_iteration(
+        lambda v: [b @ v[0]], [torch.zeros(3)], 500, tol=1e-10)
 
 
 def test_accuracy_loss_logit_variance_and_grad_norm_match_independent_computation():

@@ -189,6 +189,40 @@ def test_supported_model_has_no_unsupported_layers(cnn_model):
 def test_untraceable_model_raises_model_load_error():
     with pytest.raises(ModelLoadError, match="cannot trace the model with torch.fx"):
         trace(DataDependent())
+    # with a batch to export on, torch.export is tried too: both reasons are named
+    with pytest.raises(ModelLoadError, match=r"cannot trace the model: torch.fx failed \(TraceError: .*\), and so did "
+                                             r"torch.export on a batch of the data with a dynamic batch size \("):
+        trace(DataDependent(), example=torch.randn(2, 4))
+
+
+class SplitIntoList(nn.Module):
+    """Ultralytics' C2f forward, verbatim: ``list(x.chunk(2, 1))`` iterates a tensor, which fx cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.SiLU())
+        self.m = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1)])
+        self.cv2 = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.fc(self.cv2(torch.cat(y, 1)).mean((2, 3)))
+
+
+def test_a_model_fx_cannot_trace_is_traced_by_torch_export_with_its_layer_names(caplog):
+    torch.manual_seed(0)
+    net = SplitIntoList().eval()
+    with torch.no_grad():
+        net.cv1[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(5, 3, 6, 6)
+    with caplog.at_level("INFO", logger="fqexport.graph.prepare"):
+        prepared = prepare_model(net, example=x[:2])
+    assert "torch.fx cannot trace the model (TraceError: " in caplog.text and "traced with torch.export" in caplog.text
+    assert prepared.names == ["cv1.0", "m.0", "cv2", "fc"] and prepared.bn_convs == {"cv1.0"}
+    with torch.no_grad():  # the batch stays dynamic: 5 samples through a graph exported on 2
+        torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-4, atol=1e-5)
 
 
 def test_bn_folding_preserves_outputs_and_reports_convs(cnn_model, cnn_data):

@@ -21,6 +21,7 @@ import logging
 import math
 import operator
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,6 +36,7 @@ from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
+from fqexport.graph.exported_program import lift_exported_modules
 from fqexport.graph.lift import (
     dynamic_weight_params,
     fold_computed_weights,
@@ -87,6 +89,16 @@ MSG_TRACE = (
     "cannot trace the model with torch.fx ({err}). fqexport needs a model whose forward has no "
     "data-dependent Python control flow; export it with torch.export to a .pt2 file or simplify "
     "the forward"
+)
+MSG_TRACE_BOTH = (
+    "cannot trace the model: torch.fx failed ({err}), and so did torch.export on a batch of the data with a "
+    "dynamic batch size ({export_err}). fqexport needs a graph of the forward: write it without Python control "
+    "flow on tensor values (if x.sum() > 0, iterating over a tensor), or export it yourself with torch.export "
+    "to a .pt2 file"
+)
+MSG_TRACED_BY_EXPORT = (
+    "torch.fx cannot trace the model (%s); it was traced with torch.export instead (layer names are the "
+    "modules' own)"
 )
 MSG_UNSUPPORTED = (
     "{count} layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: "
@@ -259,11 +271,14 @@ def float32(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
-def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphModule:
+def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a GraphModule: returned as is).
 
     Attention modules are replaced by traceable stand-ins first (on a copy when there are any:
     ``model`` itself is not modified). ``owner``: whose warnings these are (default ``model``).
+    Where torch.fx fails (``list(x.chunk(2, 1))``: a tensor iterated) and ``example`` (a batch of
+    inputs) is given, the model is traced with ``torch.export`` instead, its batch dim dynamic,
+    as a ``.pt2`` program of it would be loaded (:func:`_exported`).
     """
     if isinstance(model, torch.fx.GraphModule):
         return model
@@ -276,7 +291,12 @@ def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphMod
     try:
         graph = _Tracer().trace(model, concrete_args=concrete)
     except Exception as err:  # fx raises many kinds of errors for untraceable code
-        raise ModelLoadError(MSG_TRACE.format(err=f"{type(err).__name__}: {err}")) from err
+        why = f"{type(err).__name__}: {_first_line(err)}"
+        if example is None:
+            raise ModelLoadError(MSG_TRACE.format(err=why)) from err
+        gm = _exported(model, example, why)
+        _keep_first_output(gm, owner=source)
+        return gm
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)
     if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
         gm = strip_wrapper(gm, type(model.model).__name__)
@@ -287,6 +307,27 @@ def trace(model: nn.Module, owner: nn.Module | None = None) -> torch.fx.GraphMod
     if lift_weight_calls(gm):
         gm.recompile()
     return gm
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _exported(model: nn.Module, example: torch.Tensor, fx_error: str) -> torch.fx.GraphModule:
+    """``model`` traced by ``torch.export`` on ``example`` with a dynamic batch dim, its conv/linear
+    calls lifted back to modules (graph/exported_program.py, as a loaded ``.pt2``); a
+    ModelLoadError naming both failures when export fails too."""
+    batch = torch.export.Dim("batch")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+            gm = program.module()
+    except Exception as err:  # noqa: BLE001 (export fails in many ways; both reasons go to the user)
+        raise ModelLoadError(MSG_TRACE_BOTH.format(err=fx_error, export_err=f"{type(err).__name__}: "
+                                                   f"{_first_line(err)}")) from err
+    log.info(MSG_TRACED_BY_EXPORT, fx_error)
+    return lift_exported_modules(gm)
 
 
 def _plain_parametrized_layers(gm: torch.fx.GraphModule) -> None:
@@ -711,7 +752,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     model = float32(unwrap_model(model))
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
         model = copy.deepcopy(model).eval()
-    raw = trace(model, owner=owner)
+    raw = trace(model, owner=owner, example=example)
     skipped = check_supported(raw, skip_unsupported, owner=owner)
     kept = kept_float_layers(raw, tuple(keep_float))
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):

@@ -507,6 +507,9 @@ def test_on_a_pool_the_search_refits_the_predicted_best_while_the_workers_verify
     assert ("discarded_refit" in pool.seconds) == (early and guessed is not pool.chosen)
     assert serial.fits == len(serial.candidates) + 1
     assert pool.fits == serial.fits + (1 if "discarded_refit" in pool.seconds else 0)
+    assert pool.discarded_fits == (1 if "discarded_refit" in pool.seconds else 0) and serial.discarded_fits == 0
+    # the file's metadata counts the fits the result was made of: the same on every engine
+    assert pool.compressed.metadata.allocation == serial.compressed.metadata.allocation
     assert 0 < pool.one_compress()[0] == pool.seconds["refit"] and pool.wall_seconds > 0
 
 

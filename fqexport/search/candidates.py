@@ -108,6 +108,9 @@ class MixedPrecisionResult:
         verification: how the candidates were measured, in words (the held-out samples).
         wall_seconds: the search's wall time, start to end.
         refit_overlapped: the refit ran beside the verification fits (sharing the CPUs with them).
+        discarded_fits: of ``fits``, the early refits of a wrong guess on an engine of several
+            workers (step 6); the file's metadata counts the fits without them, so that every
+            engine writes the same file.
     """
 
     config: MixedPrecisionConfig
@@ -126,6 +129,7 @@ class MixedPrecisionResult:
     target: str = "portable"
     wall_seconds: float = 0.0
     refit_overlapped: bool = False
+    discarded_fits: int = 0
 
     @property
     def chosen(self) -> Candidate:
@@ -175,7 +179,7 @@ class MixedPrecisionResult:
             "used": self.allocation.used,
             "origin": c.origin,
             "fallback": self.fallback,
-            "fits": self.fits,
+            "fits": self.fits - self.discarded_fits,  # the same on every engine
             "sensitivity_method": self.sensitivity.method,
             "table": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in self.table()],
             "predicted_loss_increase": dict(self.allocation.predicted),

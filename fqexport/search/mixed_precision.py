@@ -162,18 +162,19 @@ def search_mixed_precision(
         best, fallback = select(found.candidates, options, held_out)
         if fallback:
             log.info(fallback)
+        discarded = 0
         if not refits:  # the verified fit itself, rebuilt where it ran elsewhere
             chosen = found.fitted_model(best)
         else:
             chosen, refit_fits, refit_seconds, overlapped = beside.winner(best.allocation, seconds)
-            fits, fit_seconds = fits + refit_fits, fit_seconds + refit_seconds
+            fits, fit_seconds, discarded = fits + refit_fits, fit_seconds + refit_seconds, refit_fits - 1
     context.cache.clear()
 
     result = MixedPrecisionResult(
         config=mp, allocation=best.allocation, candidates=found.candidates, compressed=chosen, sensitivity=table,
         layers=layers, float_metrics=found.float_metrics, seconds=seconds, fallback=fallback, fits=fits,
         fit_seconds=fit_seconds, storage=base.storage, verification=verification_words(mp, held_out, fits_are_refit, task),
-        target=base.target,
+        target=base.target, discarded_fits=discarded,
     )
     if mp.budget_kind == "bytes":
         result = _meet_file_budget(result, data, context, options, engine)

@@ -55,14 +55,16 @@ class Holdout:
     def __len__(self) -> int:
         return len(self.data)
 
-    def measure(self, student: nn.Module) -> tuple[GroupMetrics, float]:
-        """``(per-group metrics, worst-group loss)`` of ``student`` on the hold-out."""
-        metrics = self.task.evaluate(logits(student, self.data.x, self.device).cpu().numpy(), self.data, self.reference)
+    def measure(self, cm: CompressedModel) -> tuple[GroupMetrics, float]:
+        """``(per-group metrics, worst-group loss)`` on the hold-out of ``cm``: the student written
+        back, the model fine-tuning would return (its biases on ORT's int32 grid, which the
+        student's are not), so the kept checkpoint is chosen on what is exported."""
+        metrics = self.metrics_of(cm)
         return metrics, worst_loss(metrics)
 
-    def start(self, student: nn.Module) -> None:
-        """Epoch 0: the start's figures, and the start as the best checkpoint."""
-        metrics, worst = self.measure(student)
+    def start(self, student: nn.Module, cm: CompressedModel) -> None:
+        """Epoch 0: the start's figures (``cm``: ``student`` written back), and the start as the best checkpoint."""
+        metrics, worst = self.measure(cm)
         self.best_loss, self.best_state, self.best_epoch = worst, snapshot(student), 0
         self._append(0, metrics, worst)
 

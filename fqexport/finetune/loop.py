@@ -135,7 +135,7 @@ class _Run:
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.total_steps = max(1, steps_per_epoch(fit_stream.group, config) * config.epochs)
         self.holdout = Holdout(hold, self.names, device, cm.task, teacher)
-        self.holdout.start(self.student)
+        self.holdout.start(self.student, self.result())
         self.num_steps, self.used, self.stopped = 0, 0, "completed"
         self.deadline = None if config.max_minutes is None else self.t0 + 60.0 * float(config.max_minutes)
 
@@ -146,7 +146,7 @@ class _Run:
             bad = self._epoch(epoch)
             if bad is not None:
                 self._fail(bad, epoch)
-            metrics, worst = self.holdout.measure(self.student)
+            metrics, worst = self.holdout.measure(self.result())
             if not math.isfinite(worst):
                 self._fail(worst, epoch)
             self.holdout.keep(epoch, self.student, metrics, worst)

@@ -47,4 +47,9 @@ def test_the_walkthrough_runs(tmp_path, monkeypatch, capsys):
                              timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "unopt %" in res.stdout and "k.dev" in res.stdout and "dark" in res.stdout
+        # the page shows what validate prints of the kernels (the first line is this CPU's family's)
+        kernels = next(l for l in res.stdout.splitlines() if l.startswith("kernels: "))
+        if "on x86-avx2)" in kernels:
+            assert kernels in _blocks("text")[-1]
+        assert ("float Conv/Gemm/MatMul" in res.stdout) == ("float Conv/Gemm/MatMul" in _blocks("text")[-1])
     assert time.perf_counter() - t0 < 120  # the page promises well under a minute on an idle machine

@@ -45,7 +45,7 @@ MACS = 36 * 4 * 9 + 36 * 4 * 36 + 144 * 3
 PARAMS = 4 * 9 + 4 * 36 + 144 * 3  # weights only (biases are not weights)
 
 
-def _quantize(src, dst, x):
+def _quantize(src, dst, x, quant_format=QuantFormat.QDQ):
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.it = iter({"x": x[i : i + 32]} for i in range(0, len(x), 32))
@@ -53,7 +53,7 @@ def _quantize(src, dst, x):
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(src), str(dst), Reader(), quant_format=quant_format, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
@@ -120,6 +120,24 @@ def test_float_model_has_32_bits_and_float_bops(setup):
     assert r.kernel_deviation < 1e-9
     assert r.fused_kernels["QLinearConv"] == 0 and len(r.float_fallbacks) == 3
     assert r.pepr == pytest.approx(0.5)  # 1 / (1 + 32/32)
+
+
+def test_qoperator_and_dynamic_files_count_their_int8_weights(setup):
+    """ORT's QOperator (QLinearConv/QGemm) and quantize_dynamic (ConvInteger/MatMulInteger) files: 8-bit
+    weights and activations, not an fp32 model (they had 32 bits, 0 params and a float PePR)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from fqexport.validation.resources import from_graph
+
+    d, data = setup
+    _quantize(d / "float.onnx", d / "qop.onnx", data.x, QuantFormat.QOperator)
+    quantize_dynamic(str(d / "float.onnx"), str(d / "dyn.onnx"), weight_type=QuantType.QInt8)
+    for name in ("qop", "dyn", "qdq"):
+        res = from_graph(onnx.load(str(d / f"{name}.onnx")))
+        assert (res.avg_weight_bits, res.params) == (8.0, PARAMS), name
+        assert res.bops in (None, 8 * 8 * MACS), name  # None: shape inference knows no com.microsoft output
+    dyn = from_graph(onnx.load(str(d / "dyn.onnx")))
+    assert dyn.macs == MACS
 
 
 def test_thresholds_fail_and_name_group_value(setup):

@@ -1,6 +1,7 @@
 """Resources of an ONNX model: average weight bits, parameters, MACs and BOPs per sample —
-from the fqexport metadata when present, else from the graph (every Conv/Gemm/MatMul with a
-constant weight, possibly behind DequantizeLinear)."""
+from the fqexport metadata when present, else from the graph: every weight op
+(:data:`WEIGHT_OPS`: Conv/Gemm/MatMul with a constant weight, possibly behind DequantizeLinear;
+ONNX Runtime's QOperator and dynamic-quantization kernels; MatMulNBits) at its weight's width."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ log = logging.getLogger(__name__)
 
 _BITS = {"FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "DOUBLE": 64, "INT8": 8, "UINT8": 8, "INT4": 4, "UINT4": 4, "INT2": 2, "UINT2": 2}
 
+
+
+# op -> (activation input, weight input, MAC rule, whether the activation input is integer)
+WEIGHT_OPS = {
+    "Conv": (0, 1, "conv", False), "ConvTranspose": (0, 1, "conv", False), "Gemm": (0, 1, "gemm", False),
+    "MatMul": (0, 1, "matmul", False),
+    # QOperator format (quantize_static(..., QuantFormat.QOperator)); com.microsoft's QGemm
+    "QLinearConv": (0, 3, "conv", True), "QLinearMatMul": (0, 3, "matmul", True), "QGemm": (0, 3, "gemm", True),
+    # quantize_dynamic: integer kernels on activations quantized at run time
+    "ConvInteger": (0, 1, "conv", True), "MatMulInteger": (0, 1, "matmul", True),
+}
 
 
 @dataclass(frozen=True)
@@ -87,17 +99,26 @@ def from_graph(model) -> Resources:
     bops = 0.0
     macs_known = True
     for node in g.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":  # B packed [N, blocks, blob]: K·N weights of `bits` bits
+            if not {"K", "N"} <= attrs.keys():
+                continue
+            n_params, bits, wshape, rule = int(attrs["K"]) * int(attrs["N"]), int(attrs.get("bits", 4)), \
+                [int(attrs["K"]), int(attrs["N"])], "matmul"
+            integer_input = False
+        elif node.op_type in WEIGHT_OPS:
+            x_at, w_at, rule, integer_input = WEIGHT_OPS[node.op_type]
+            w = weight_of(node.input[w_at]) if len(node.input) > w_at else None
+            if w is None:
+                continue
+            tensor, _ = w
+            wshape = list(tensor.dims)
+            n_params = int(np.prod(wshape)) if wshape else 1
+            bits = _BITS.get(onnx.TensorProto.DataType.Name(tensor.data_type), 32)
+        else:
             continue
-        w = weight_of(node.input[1]) if len(node.input) > 1 else None
-        if w is None:
-            continue
-        tensor, _ = w
-        wshape = list(tensor.dims)
-        n_params = int(np.prod(wshape)) if wshape else 1
-        bits = _BITS.get(onnx.TensorProto.DataType.Name(tensor.data_type), 32)
         xprod = producers.get(node.input[0])
-        a_bits = ACTIVATION_BITS if xprod is not None and xprod.op_type == "DequantizeLinear" else 32
+        a_bits = ACTIVATION_BITS if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear") else 32
         params += n_params
         bit_params += bits * n_params
         out = shapes.get(node.output[0])
@@ -105,11 +126,10 @@ def from_graph(model) -> Resources:
             macs_known = False
             continue
         per_out = int(np.prod(out[1:])) if len(out) > 1 else 1
-        if node.op_type in ("Conv", "ConvTranspose"):
+        if rule == "conv":
             k = int(np.prod(wshape[1:]))  # Cin/groups · kh · kw
-        elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            k = wshape[1] if trans_b else wshape[0]
+        elif rule == "gemm":
+            k = wshape[1] if attrs.get("transB", 0) else wshape[0]
         else:
             k = wshape[-2] if len(wshape) >= 2 else wshape[0]
         macs = per_out * k

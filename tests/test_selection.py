@@ -118,6 +118,28 @@ def testnever_worse_than_uniform_picks_the_smaller_file_among_equal_uniforms():
     assert never_worse_than_uniform(mixed, [mixed, u4, u2], "worst-group", None, groups, 0.1) == (mixed, None)
 
 
+def test_when_uniform_beats_the_kept_predicted_best_the_measured_best_that_beats_both_is_returned():
+    """The noise gate keeps the predicted best over a candidate that measured better; when a uniform one
+    then beats the predicted best by a hair, the measured best (better than both) is returned, not uniform."""
+    groups = ("a", "b")
+    group = np.repeat([0, 1], 10)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 1.0, 20)
+    pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.1)
+    pred.origin, pred.measured_loss_increase = "search", {"a": 0.0, "b": 0.0945}
+    noisy = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3),
+                         base - np.where(group == 1, 0.08 + 2.0 * rng.choice([-1, 1], 20), 0.0), score=0.2)
+    noisy.origin, noisy.measured_loss_increase = "search", {"a": 0.0, "b": 0.0101}
+    uniform = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.3)
+    uniform.origin, uniform.measured_loss_increase = "uniform", {"a": 0.0, "b": 0.0944}
+    assert significantly_better([pred, noisy, uniform], noisy, group, groups, 0.1) is pred  # within the noise
+    data = GroupData(np.zeros((20, 1), np.float32), np.zeros(20, np.int64), group, groups, "held-out")
+    options = AllocationOptions(Budget("bits", 2.0), "worst-group")
+    assert select([pred, noisy, uniform], options, data) == (noisy, None)
+    uniform.measured_loss_increase = {"a": 0.0, "b": 0.0050}  # better than both: the uniform one
+    assert select([pred, noisy, uniform], options, data)[0] is uniform
+
+
 def _held_out(correct_a: list[int], correct_b: list[int]) -> tuple[GroupData, np.ndarray]:
     """Ten samples of group 'a', ten of 'b' (label 0) and logits right (0.9) or wrong (0.2) per sample."""
     y = np.zeros(20, dtype=np.int64)

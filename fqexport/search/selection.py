@@ -138,7 +138,15 @@ def select(candidates: Sequence[Candidate], options: AllocationOptions, held_out
     groups = tuple(held_out.group_names)
     objective, lam = options.objective, options.mean_weight
     w = objective_weights(options, groups)
-    best = max(candidates, key=lambda c: selection_key(c, objective, w, groups, lam))
+    measured = max(candidates, key=lambda c: selection_key(c, objective, w, groups, lam))
+    best = measured
     if objective == "worst-group":
-        best = significantly_better(candidates, best, held_out.group, groups, lam)
-    return never_worse_than_uniform(best, candidates, objective, w, groups, lam)
+        best = significantly_better(candidates, measured, held_out.group, groups, lam)
+    chosen, why = never_worse_than_uniform(best, candidates, objective, w, groups, lam)
+    if why is not None and best is not measured and measured.origin != "uniform" and never_worse_than_uniform(
+            measured, candidates, objective, w, groups, lam)[1] is None:
+        # the noise gate kept the predicted best, which a uniform one then beat: the measured
+        # best, which beats both, is returned rather than the uniform one
+        log.info("the predicted best measured worse than a uniform allocation: returning the measured best")
+        return measured, None
+    return chosen, why

@@ -87,6 +87,12 @@ def test_compress_learn_bits_meets_the_budget(mlp_files, tmp_path):
     assert "learned widths (BAQ, budget 2.5 bits" in stdout
     meta = read_metadata(out)
     assert meta.avg_weight_bits <= 2.5 and meta.finetune["baq"]["bits"] == {r.name: r.bits for r in meta.layers}
+    # the model given (4-bit) and the start after learning the widths (epoch 0) are both shown
+    assert "before: the model given to fine-tuning; start: after the widths learned (BAQ), epoch 0" in stdout
+    lines = [l.split() for l in stdout.splitlines() if l.startswith(("a ", "b "))]
+    assert [l[0] for l in lines] == ["a", "b"] and all(len(l) == 8 for l in lines)
+    for l in lines:
+        assert float(l[3]) == round(100 * meta.finetune["history"][0]["holdout"][l[0]]["accuracy"], 2)
 
 
 def test_learn_bits_refuses_the_search_options_it_would_ignore(mlp_files, tmp_path):

@@ -68,17 +68,27 @@ def _print_summary(plan: FinetunePlan, out: CompressedModel) -> None:
     rec = out.metadata.finetune
     key = out.task.primary  # accuracy, mAP@[.5:.95] or mIoU: the task's metric
     head = "acc" if key == "accuracy" else METRIC_LABELS.get(key, key)
+    # with BAQ or AdaRound the training starts from another model than the one given: its epoch-0
+    # figures are the checkpoint the result never measures worse than
+    regridded = bool(rec.get("baq") or rec.get("adaptive_rounding"))
     rows = []
     for g in out.group_names:
-        b, a = rec["holdout_before"][g], rec["holdout_after"][g]
-        rows.append({"group": g, "n": b["count"],
-                     f"{head} before %": f"{100 * b[key]:.2f}", f"{head} after %": f"{100 * a[key]:.2f}",
-                     "loss before": f"{b['loss']:.4f}", "loss after": f"{a['loss']:.4f}"})
+        b, a, s = rec["holdout_before"][g], rec["holdout_after"][g], rec["history"][0]["holdout"][g]
+        row = {"group": g, "n": b["count"], f"{head} before %": f"{100 * b[key]:.2f}"}
+        row.update({f"{head} start %": f"{100 * s[key]:.2f}"} if regridded else {})
+        row.update({f"{head} after %": f"{100 * a[key]:.2f}", "loss before": f"{b['loss']:.4f}"})
+        row.update({"loss start": f"{s['loss']:.4f}"} if regridded else {})
+        row["loss after"] = f"{a['loss']:.4f}"
+        rows.append(row)
     cfg = plan.config
     print(f"fine-tuning ({cfg.loss}, {cfg.sampler} sampling): {rec['epochs_run']} epoch(s), {rec['steps']} steps, "
           f"{rec['seconds']:.1f} s, stopped: {rec['stopped']}, kept epoch {rec['best_epoch']}; "
           f"loss: {rec['loss_terms']}; hold-out slice of --train ({rec['num_holdout']} samples):")
     print_table(rows, list(rows[0].keys()))
+    if regridded:
+        step = "the widths learned (BAQ)" if rec.get("baq") else "adaptive rounding"
+        print(f"before: the model given to fine-tuning; start: after {step}, epoch 0 (the kept epoch measured no "
+              "worse than it on the worst group)")
     if rec.get("baq"):
         baq = rec["baq"]
         print(f"\nlearned widths (BAQ, budget {baq['budget_bits']:g} bits, exported avg {baq['avg_bits']:.3f}; nominal "

@@ -53,15 +53,16 @@ FINETUNE_ONLY_FLAGS = {**{dest: "--" + dest.replace("_", "-") for dest in FINETU
 # as fqexport.finetune reads them: FinetuneConfig refuses the same fields set away from their default.
 FINETUNE_ONLY_WITH = (
     OnlyWith({"group_loss_weights": "--group-loss-weights"}, "--loss group-weighted",
-             lambda a: _or(a.loss, "loss") == "group-weighted"),
-    OnlyWith({"dro_eta": "--dro-eta"}, "--loss worst-group", lambda a: _or(a.loss, "loss") == "worst-group"),
+             lambda a: _given_or_default(a.loss, "loss") == "group-weighted"),
+    OnlyWith({"dro_eta": "--dro-eta"}, "--loss worst-group",
+             lambda a: _given_or_default(a.loss, "loss") == "worst-group"),
     OnlyWith({"coreset_fraction": "--coreset-fraction", "coreset_score": "--coreset-score"}, "--sampler core-set",
-             lambda a: _or(a.sampler, "sampler") == "core-set"),
+             lambda a: _given_or_default(a.sampler, "sampler") == "core-set"),
     OnlyWith({"bit_epochs": "--bit-epochs", "lambda_fair": "--lambda-fair"}, "--learn-bits", lambda a: a.learn_bits),
 )
 
 
-def _or(value, key: str):
+def _given_or_default(value, key: str):
     """A fine-tuning flag's value, its FinetuneConfig default when not given."""
     return _F[key] if value is None else value
 

@@ -1,7 +1,8 @@
 """The option groups several subcommands share, built from the config dataclasses (choices and
 defaults are defined once, in ``fqexport.config``), and the configs of their parsed flags: the
 model (compress, sweep, analyze), ``QuantConfig`` (compress, sweep) and the search's
-``MixedPrecisionConfig`` (compress, sweep)."""
+``MixedPrecisionConfig`` (compress, sweep). A flag that counts only with another option is
+refused without it (:class:`OnlyWith` tables, :func:`refuse_ignored`), before any compute."""
 
 from __future__ import annotations
 

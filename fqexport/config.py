@@ -381,7 +381,9 @@ class QuantConfig:
 MSG_ENGINE_WORKERS = "workers={value!r} must be an integer >= 1 (default: the machine's cores); CLI: --workers 4"
 MSG_ENGINE_RESOURCES = "task_cpus={cpus!r} must be > 0 and task_gpus={gpus!r} >= 0 (Ray resources of one task)"
 MSG_ENGINE_RETRIES = "retries={value!r} must be an integer >= 0 (tries of a task whose worker died, after the first)"
-MSG_ENGINE_ADDRESS = "ray_address={value!r} is only used by engine='ray' (got engine={engine!r}); CLI: --engine ray"
+MSG_ENGINE_RAY_ONLY = "{field}={value!r} is only used by engine='ray' (got engine={engine!r}); CLI: --engine ray"
+# The fields only the Ray engine reads; set away from their default with another engine, they are refused.
+RAY_ONLY_FIELDS = ("ray_address", "task_cpus", "task_gpus")
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,9 @@ class EngineConfig:
         ray_address: ``"auto"``, ``"ray://host:10001"`` or ``"host:6379"`` of a running cluster;
             ``None`` starts a local one.
         task_cpus: Ray CPUs per task.
-        task_gpus: Ray GPUs per task (a fraction shares a GPU).
+        task_gpus: Ray GPUs per task (a fraction shares a GPU). ``ray_address``, ``task_cpus`` and
+            ``task_gpus`` are read by the Ray engine alone: away from their default with another
+            engine they are refused.
         retries: tries of a task after its worker died, before the search stops.
         start_method: how the local pool starts its workers; not ``fork`` (a forked copy of a
             process with torch threads can deadlock).
@@ -424,8 +428,11 @@ class EngineConfig:
         r = self.retries
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ConfigError(MSG_ENGINE_RETRIES.format(value=r))
-        if self.ray_address is not None and self.engine != "ray":
-            raise ConfigError(MSG_ENGINE_ADDRESS.format(value=self.ray_address, engine=self.engine))
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in RAY_ONLY_FIELDS:
+            value = getattr(self, name)
+            if value != defaults[name] and self.engine != "ray":
+                raise ConfigError(MSG_ENGINE_RAY_ONLY.format(field=name, value=value, engine=self.engine))
 
     @property
     def num_workers(self) -> int:
@@ -438,6 +445,12 @@ class EngineConfig:
         if self.engine != "auto":
             return self.engine
         return "local" if self.num_workers > 1 else "serial"
+
+
+MSG_MP_GROUP_WEIGHTS = (
+    "group_weights={value!r} is only used by objective='weighted' (got objective={objective!r}); "
+    "CLI: --objective weighted --objective-weights NAME=W,..."
+)
 
 
 @dataclass(frozen=True)
@@ -468,7 +481,8 @@ class MixedPrecisionConfig:
             (the weight's Fisher diagonal) or ``"output-fisher"`` (the output's Fisher diagonal
             times the output error of the solver's codes: one float pass, one backward pass,
             one factorisation per layer; :mod:`fqexport.search.output_fisher`).
-        group_weights: per-group weights for ``"weighted"`` (group name -> weight).
+        group_weights: per-group weights for ``"weighted"`` (group name -> weight); refused with
+            the other objectives, which would ignore them.
         mean_weight: λ of the mean term in the worst-group objective.
         num_candidates: allocations actually quantized and measured on the held-out split.
         verify_uniform: also verify the uniform allocation at every width of ``bit_choices``
@@ -549,6 +563,8 @@ class MixedPrecisionConfig:
             check_bits(self.pin_first_last, "pin_first_last")
         if self.objective == "weighted" and not self.group_weights:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
+        if self.group_weights is not None and self.objective != "weighted":
+            raise ConfigError(MSG_MP_GROUP_WEIGHTS.format(value=self.group_weights, objective=self.objective))
         if not (float(self.mean_weight) >= 0.0):
             raise ConfigError(f"mean_weight={self.mean_weight!r} must be >= 0")
         if int(self.num_candidates) < 1:

@@ -18,6 +18,9 @@ from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 
 from fqexport.cli import main
+from fqexport.cli.flags.compress import COMPRESS_ONLY_WITH
+from fqexport.cli.flags.shared import MSG_ONLY_WITH
+from fqexport.cli.main import build_parser
 
 
 def _compress_args(files, out, *extra, calib=None, weights=None):
@@ -287,6 +290,52 @@ def test_search_options_without_a_budget_are_bad_input(tmp_path, mlp_files):
     assert err.strip() == ("error: --objective, --bit-choices: options of the mixed-precision search, which runs only "
                            "with a budget, so they would be ignored; add --budget-bits, --budget-bytes or "
                            "--budget-bops, or drop them")
+
+
+WORKERS_NEEDS = COMPRESS_ONLY_WITH[0].needs  # "--finetune, or a budget with --engine local, ray or auto"
+
+
+@pytest.mark.parametrize("extra, flags, needs", [
+    (("--calibration", "minmax", "--percentile", "90"), "--percentile", "--calibration percentile"),
+    (("--percentile", "99.99"), "--percentile", "--calibration percentile"),  # given at its default: given
+    (("--calibration", "mse", "--percentile", "99"), "--percentile", "--calibration percentile"),
+    (("--budget-bits", "4", "--engine", "local", "--task-cpus", "2"), "--task-cpus", "--engine ray"),
+    (("--budget-bits", "4", "--engine", "serial", "--task-cpus", "1", "--task-gpus", "1"), "--task-cpus, --task-gpus",
+     "--engine ray"),
+    (("--budget-bits", "4", "--task-gpus", "0"), "--task-gpus", "--engine ray"),  # auto is local or serial
+    (("--workers", "2"), "--workers", WORKERS_NEEDS),  # nothing runs on an engine
+    (("--budget-bits", "4", "--engine", "serial", "--workers", "2"), "--workers", WORKERS_NEEDS),
+])
+def test_flags_that_would_be_ignored_are_refused_before_compute(tmp_path, mlp_files, extra, flags, needs):
+    out = tmp_path / "x.onnx"
+    code, stdout, err = run_main(_compress_args(mlp_files, out, *extra))
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.strip() == f"error: {MSG_ONLY_WITH.format(flags=flags, needs=needs)}"
+
+
+def test_an_ignored_flag_error_names_the_flag_and_the_option_that_reads_it(tmp_path, mlp_files):
+    code, _, err = run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--percentile", "90"))
+    assert code == 2 and err.strip() == ("error: --percentile: used only with --calibration percentile, so they would "
+                                         "be ignored here; use --calibration percentile, or drop them")
+    code, _, err = run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--workers", "2"))
+    assert code == 2 and err.strip() == ("error: --workers: used only with --finetune, or a budget with --engine "
+                                         "local, ray or auto, so they would be ignored here; use --finetune, or a "
+                                         "budget with --engine local, ray or auto, or drop them")
+
+
+@pytest.mark.parametrize("extra", [
+    ("--calibration", "percentile", "--percentile", "99.9"),
+    ("--budget-bits", "4", "--engine", "ray", "--task-cpus", "2", "--task-gpus", "0.5"),
+    ("--budget-bits", "4", "--workers", "2"),
+    ("--budget-bits", "4", "--engine", "local", "--workers", "2"),
+    ("--finetune", "--train", "train.npz", "--workers", "2"),  # the DataLoader's workers
+    ("--finetune", "--train", "train.npz", "--budget-bits", "4", "--engine", "serial", "--workers", "2"),
+    ("--finetune", "--train", "train.npz", "--learn-bits", "--budget-bits", "3", "--workers", "2"),
+])
+def test_flags_that_count_pass_the_checks(tmp_path, extra):
+    args = build_parser().parse_args(["compress", "--model", "m:f", "--calib", "c.npz",
+                                      "--out", str(tmp_path / "x.onnx"), *extra])
+    args.check(args)  # no ConfigError
 
 
 def test_solver_target_flag_reaches_the_metadata(tmp_path, mlp_files, tests_dir, monkeypatch):

@@ -8,6 +8,8 @@ import re
 
 import pytest
 from conftest import run_main
+from fqexport.cli.flags.shared import MSG_ONLY_WITH
+from fqexport.cli.main import build_parser
 
 
 def _sweep_args(files, out_dir, *extra):
@@ -77,3 +79,25 @@ def test_sweep_with_no_feasible_budget_exits_2_naming_the_minimum(tmp_path, mlp_
                   r"budgets of at least ([\d.]+)", err)
     assert m and m.group(1) == m.group(2) and float(m.group(1)) > 2.1, err
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("extra, flags, needs", [
+    (("--engine", "serial", "--workers", "2"), "--workers", "--engine local, ray or auto"),
+    (("--engine", "local", "--task-cpus", "2"), "--task-cpus", "--engine ray"),
+    (("--task-gpus", "1"), "--task-gpus", "--engine ray"),
+    (("--percentile", "90"), "--percentile", "--calibration percentile"),
+])
+def test_sweep_refuses_flags_that_would_be_ignored_before_searching(tmp_path, mlp_files, extra, flags, needs):
+    code, stdout, err = run_main(_sweep_args(mlp_files, tmp_path / "p", "--budgets", "3,4", *extra))
+    assert code == 2 and stdout == "" and not (tmp_path / "p").exists()
+    assert err.strip() == f"error: {MSG_ONLY_WITH.format(flags=flags, needs=needs)}"
+
+
+@pytest.mark.parametrize("extra", [
+    ("--workers", "2"), ("--engine", "local", "--workers", "2"), ("--engine", "ray", "--task-cpus", "2"),
+    ("--calibration", "percentile", "--percentile", "99.9"),
+])
+def test_sweep_flags_that_count_pass_the_checks(tmp_path, extra):
+    args = build_parser().parse_args(["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", str(tmp_path / "p"),
+                                      "--budgets", "3,4", *extra])
+    args.check(args)  # no ConfigError

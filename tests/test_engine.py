@@ -180,6 +180,28 @@ def test_make_engine_and_engine_config():
         EngineConfig(task_cpus=0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"engine": "local", "task_cpus": 2}, "task_cpus=2 is only used by engine='ray' (got engine='local')"),
+    ({"engine": "serial", "task_gpus": 0.5}, "task_gpus=0.5 is only used by engine='ray' (got engine='serial')"),
+    ({"task_gpus": 1}, "task_gpus=1 is only used by engine='ray' (got engine='auto')"),  # auto: local or serial
+])
+def test_engine_config_refuses_ray_resources_another_engine_would_ignore(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_engine_config_ray_only_error_names_the_field_and_the_engine():
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(engine="local", task_cpus=2)
+    assert str(err.value) == "task_cpus=2 is only used by engine='ray' (got engine='local'); CLI: --engine ray"
+
+
+def test_engine_config_takes_ray_resources_for_ray_and_defaults_for_any_engine():
+    assert EngineConfig(engine="ray", task_cpus=2, task_gpus=0.5).task_gpus == 0.5
+    assert EngineConfig(engine="local", task_cpus=1.0, task_gpus=0.0).kind == "local"  # the defaults: nothing ignored
+
+
 def test_ray_engine_without_ray_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'fqexport\[ray\]'"):

@@ -172,6 +172,34 @@ def test_config_errors_name_the_field(kw, text):
     assert text in str(err.value)
 
 
+@pytest.mark.parametrize(("kw", "text"), [
+    (dict(group_weights={"a": 3}), "FinetuneConfig.group_weights={'a': 3} is only used with loss='group-weighted' "
+     "(got loss='worst-group'), so it would be ignored: set loss='group-weighted', or leave group_weights at its "
+     "default (None)"),
+    (dict(loss="ce", group_weights={"a": 3}), "group_weights={'a': 3} is only used with loss='group-weighted' (got loss='ce')"),
+    (dict(loss="ce", dro_eta=0.1), "FinetuneConfig.dro_eta=0.1 is only used with loss='worst-group' (got loss='ce')"),
+    (dict(loss="group-weighted", group_weights={"a": 1}, dro_eta=1.0), "dro_eta=1.0 is only used with loss='worst-group'"),
+    (dict(coreset_fraction=0.2), "coreset_fraction=0.2 is only used with sampler='core-set' (got sampler='group-balanced')"),
+    (dict(sampler="natural", coreset_score="disagreement"), "coreset_score='disagreement' is only used with sampler='core-set'"),
+    (dict(coreset_min_per_group=8), "coreset_min_per_group=8 is only used with sampler='core-set'"),
+    (dict(bit_epochs=3), "FinetuneConfig.bit_epochs=3 is only used with learn_bits=True (got learn_bits=False)"),
+    (dict(lambda_fair=0.5), "lambda_fair=0.5 is only used with learn_bits=True (got learn_bits=False)"),
+    (dict(budget_bits=3.0), "budget_bits=3.0 is only used with learn_bits=True (got learn_bits=False)"),
+])
+def test_config_refuses_a_field_its_settings_would_ignore(kw, text):
+    with pytest.raises(ConfigError) as err:
+        FinetuneConfig(**kw)
+    assert text in str(err.value)
+
+
+def test_config_takes_a_field_its_settings_read_and_any_field_at_its_default():
+    assert FinetuneConfig(loss="group-weighted", group_weights={"a": 3}).group_weights == {"a": 3}
+    assert FinetuneConfig(dro_eta=0.1).dro_eta == 0.1  # the default loss is worst-group
+    assert FinetuneConfig(sampler="core-set", coreset_fraction=0.2, coreset_score="disagreement").coreset_fraction == 0.2
+    assert FinetuneConfig(learn_bits=True, budget_bits=3.0, bit_epochs=2, lambda_fair=0.5).lambda_fair == 0.5
+    assert FinetuneConfig(loss="ce", dro_eta=0.5, coreset_fraction=0.5, bit_epochs=1).loss == "ce"  # the defaults
+
+
 # ------------------------------------------------------------------------- finetune()
 
 

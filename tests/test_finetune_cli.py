@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import run_main
 from fqexport.cli.flags.finetune import (
@@ -14,6 +15,9 @@ from fqexport.cli.flags.finetune import (
     MSG_NO_TRAIN,
     MSG_TRAIN_WITHOUT,
 )
+from fqexport.cli.flags.shared import MSG_ONLY_WITH
+from fqexport.cli.main import build_parser
+from fqexport.errors import ConfigError
 from fqexport.exporters.metadata import read_metadata
 
 
@@ -46,7 +50,7 @@ def test_train_groups_not_matching_calibration_is_bad_input(mlp_files, mlp_data,
 def test_bad_sampler_option_value_is_bad_input(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
     code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
-                              "--coreset-fraction", "1.5"))
+                              "--sampler", "core-set", "--coreset-fraction", "1.5"))
     assert code == 2 and "FinetuneConfig.coreset_fraction=1.5 must be in (0, 1]" in err and not out.exists()
 
 
@@ -184,3 +188,46 @@ def test_fixed_widths_with_a_search_budget_are_refused(mlp_files, tmp_path):
     code, _, err = run_main(_args(mlp_files, out, "--budget-bits", "4"))
     assert code == 2 and "error: --weight-bits: a budget lets the search choose every layer's width" in err
     assert "--pin NAME=BITS" in err and not out.exists()
+
+
+@pytest.mark.parametrize("extra, flags, needs", [
+    (("--group-loss-weights", "a=1,b=5"), "--group-loss-weights", "--loss group-weighted"),
+    (("--loss", "ce", "--group-loss-weights", "a=1,b=5"), "--group-loss-weights", "--loss group-weighted"),
+    (("--loss", "ce", "--dro-eta", "0.1"), "--dro-eta", "--loss worst-group"),
+    (("--loss", "group-weighted", "--group-loss-weights", "a=1", "--dro-eta", "0.5"), "--dro-eta",
+     "--loss worst-group"),  # given at its default: given
+    (("--coreset-fraction", "0.2", "--coreset-score", "disagreement"), "--coreset-fraction, --coreset-score",
+     "--sampler core-set"),
+    (("--sampler", "natural", "--coreset-score", "loss"), "--coreset-score", "--sampler core-set"),
+    (("--bit-epochs", "3"), "--bit-epochs", "--learn-bits"),
+    (("--budget-bits", "4", "--bit-epochs", "1", "--lambda-fair", "0.5"), "--bit-epochs, --lambda-fair",
+     "--learn-bits"),  # a budget without --learn-bits runs the search, not BAQ
+])
+def test_finetune_options_their_settings_would_ignore_are_refused(mlp_files, tmp_path, extra, flags, needs):
+    """A fine-tuning option read only under another option's value: without it, exit 2 naming both."""
+    out = tmp_path / "m.onnx"
+    code, stdout, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", *extra))
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.strip() == f"error: {MSG_ONLY_WITH.format(flags=flags, needs=needs)}"
+
+
+def test_an_ignored_finetune_option_error_is_one_line_naming_both(tmp_path):
+    args = build_parser().parse_args(["compress", "--model", "m:f", "--calib", "c.npz", "--out", str(tmp_path / "m.onnx"),
+                                      "--finetune", "--train", "t.npz", "--loss", "ce", "--dro-eta", "0.1"])
+    with pytest.raises(ConfigError) as err:
+        args.check(args)
+    assert str(err.value) == ("--dro-eta: used only with --loss worst-group, so they would be ignored here; "
+                              "use --loss worst-group, or drop them")
+
+
+@pytest.mark.parametrize("extra", [
+    ("--loss", "group-weighted", "--group-loss-weights", "a=1,b=5"),
+    ("--dro-eta", "0.1"),  # the default loss is worst-group
+    ("--loss", "worst-group", "--dro-eta", "0.1"),
+    ("--sampler", "core-set", "--coreset-fraction", "0.2", "--coreset-score", "disagreement"),
+    ("--learn-bits", "--budget-bits", "3", "--bit-epochs", "2", "--lambda-fair", "0.5"),
+])
+def test_finetune_options_their_settings_read_pass_the_checks(tmp_path, extra):
+    args = build_parser().parse_args(["compress", "--model", "m:f", "--calib", "c.npz", "--out",
+                                      str(tmp_path / "m.onnx"), "--finetune", "--train", "t.npz", *extra])
+    args.check(args)  # no ConfigError

@@ -570,6 +570,11 @@ def test_writers_on_given_points(tmp_path):
         ({"budget_bits": 4, "pin_first_last": 16}, "pin_first_last=16 is not supported"),
         ({"budget_bits": 4, "pins": {"fc": 1}}, "pins['fc']=1 is not supported"),
         ({"budget_bits": 4, "objective": "weighted"}, "objective='weighted' needs group_weights"),
+        ({"budget_bits": 4, "group_weights": {"a": 2.0}},
+         "group_weights={'a': 2.0} is only used by objective='weighted' (got objective='worst-group'); "
+         "CLI: --objective weighted --objective-weights NAME=W,..."),
+        ({"budget_bits": 4, "objective": "mean", "group_weights": {"a": 2.0, "b": 1.0}},
+         "group_weights={'a': 2.0, 'b': 1.0} is only used by objective='weighted' (got objective='mean')"),
         ({"budget_bits": 4, "num_candidates": 0}, "num_candidates=0 must be >= 1"),
         ({"budget_bits": 4, "holdout_fraction": 1.0}, "holdout_fraction=1.0 must be in (0, 1)"),
     ],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Mapping, get_args
 
 from fqexport.config import DEFAULT_BIT_CHOICES, SUPPORTED_WEIGHT_BITS, Device
@@ -21,6 +21,24 @@ MSG_GROUP_WEIGHTS = (
     "FinetuneConfig.group_weights is required with loss='group-weighted': give a mapping of group "
     "name to weight, e.g. {{'minority': 3, 'majority': 1}} (CLI: --group-loss-weights minority=3)"
 )
+MSG_ONLY_WITH = (
+    "FinetuneConfig.{field}={value!r} is only used with {key}={wanted!r} (got {key}={got!r}), so it would be "
+    "ignored: set {key}={wanted!r}, or leave {field} at its default ({default!r})"
+)
+# The fields read only under another field's value (field -> (that field, the value that reads
+# it)): set away from their default otherwise, they would be ignored, so they are refused.
+ONLY_WITH = {
+    "group_weights": ("loss", "group-weighted"),
+    "dro_eta": ("loss", "worst-group"),
+    "coreset_fraction": ("sampler", "core-set"),
+    "coreset_min_per_group": ("sampler", "core-set"),
+    "coreset_score": ("sampler", "core-set"),
+    "budget_bits": ("learn_bits", True),
+    "bit_epochs": ("learn_bits", True),
+    "lambda_bits": ("learn_bits", True),
+    "lambda_fair": ("learn_bits", True),
+    "bits_lr": ("learn_bits", True),
+}
 MSG_BIT_CHOICES = "FinetuneConfig.bit_choices={value!r} must be a non-empty tuple of integers from 2 to 8"
 MSG_BUDGET = (
     "FinetuneConfig.budget_bits={value!r} is outside the candidate widths [{lo}, {hi}]: a budget below "
@@ -51,6 +69,11 @@ class FinetuneConfig:
     vs 76.99 % at equal other groups. ``sampler="core-set"`` won on the demo (92.00 %) but kept
     the PTQ start on the two-minority task, so it is not the default. Plain QAT:
     ``FinetuneConfig(loss="ce", sampler="natural")``.
+
+    A field read only under another field's value (:data:`ONLY_WITH`: ``group_weights`` with
+    ``loss="group-weighted"``, ``dro_eta`` with ``"worst-group"``, the ``coreset_*`` fields with
+    ``sampler="core-set"``, the BAQ fields with ``learn_bits=True``) is refused when set away from
+    its default without it: it would be ignored.
 
     Attributes:
         epochs: passes over the (sampled) training data.
@@ -215,6 +238,12 @@ class FinetuneConfig:
                     raise ConfigError(MSG_RANGE.format(field=f"group_weights[{g!r}]", value=w, rule="a finite number >= 0"))
             if sum(float(w) for w in gw.values()) <= 0:
                 raise ConfigError(MSG_RANGE.format(field="group_weights", value=dict(gw), rule="not all zero"))
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, (key, wanted) in ONLY_WITH.items():
+            value, got = getattr(self, name), getattr(self, key)
+            if value != defaults[name] and got != wanted:
+                raise ConfigError(MSG_ONLY_WITH.format(field=name, value=value, key=key, wanted=wanted, got=got,
+                                                       default=defaults[name]))
 
     def to_dict(self) -> dict[str, object]:
         """The settings recorded in the export metadata."""

@@ -11,10 +11,12 @@ from fqexport.cli.flags.shared import (
     FIXED_WIDTH_FLAGS,
     MSG_WIDTHS_WITH_BUDGET,
     SEARCH_ONLY_FLAGS,
+    OnlyWith,
     add_model_and_quant_options,
     add_search_options,
     given_flags,
     quant_config,
+    refuse_ignored,
     search_config,
     task_spec,
 )
@@ -69,6 +71,14 @@ def search_budget(args: argparse.Namespace) -> dict[str, float] | None:
     return given
 
 
+# The flags of compress alone that count only with another option (shared.refuse_ignored):
+# --workers is read by fine-tuning's DataLoader and by the search's engine, unless it is serial.
+COMPRESS_ONLY_WITH = (
+    OnlyWith({"workers": "--workers"}, "--finetune, or a budget with --engine local, ray or auto",
+             lambda a: a.finetune or (search_budget(a) is not None and a.engine != "serial")),
+)
+
+
 def check_compress(args: argparse.Namespace) -> None:
     """Every check of ``compress`` that needs no data and no model: paths and flags (exit 2)."""
     widths = width_paths(args.out, parse_export_bits(args.export_bits))
@@ -93,3 +103,4 @@ def check_compress(args: argparse.Namespace) -> None:
         unused = given_flags(args, {**SEARCH_ONLY_FLAGS, "bit_choices": "--bit-choices"})
         if unused:
             raise ConfigError(MSG_SEARCH_WITHOUT_BUDGET.format(flags=", ".join(unused)))
+    refuse_ignored(args, COMPRESS_ONLY_WITH)

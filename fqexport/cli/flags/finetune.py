@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 from fqexport.cli.common import parse_assignments
-from fqexport.cli.flags.shared import SEARCH_ONLY_FLAGS, given_flags, parse_bit_choices
+from fqexport.cli.flags.shared import SEARCH_ONLY_FLAGS, OnlyWith, given_flags, parse_bit_choices, refuse_ignored
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError
 from fqexport.finetune.config import CoresetScore, FinetuneConfig, GroupLoss, Rounding, Sampler
@@ -48,6 +48,23 @@ FINETUNE_FIELDS = {"epochs": "epochs", "sampler": "sampler", "loss": "loss", "dr
                    "rounding": "rounding"}
 FINETUNE_ONLY_FLAGS = {**{dest: "--" + dest.replace("_", "-") for dest in FINETUNE_FIELDS},
                        "group_loss_weights": "--group-loss-weights", "max_minutes": "--max-minutes"}
+
+# The fine-tuning flags that count only with another fine-tuning option (shared.refuse_ignored),
+# as fqexport.finetune reads them: FinetuneConfig refuses the same fields set away from their default.
+FINETUNE_ONLY_WITH = (
+    OnlyWith({"group_loss_weights": "--group-loss-weights"}, "--loss group-weighted",
+             lambda a: _given_or_default(a.loss, "loss") == "group-weighted"),
+    OnlyWith({"dro_eta": "--dro-eta"}, "--loss worst-group",
+             lambda a: _given_or_default(a.loss, "loss") == "worst-group"),
+    OnlyWith({"coreset_fraction": "--coreset-fraction", "coreset_score": "--coreset-score"}, "--sampler core-set",
+             lambda a: _given_or_default(a.sampler, "sampler") == "core-set"),
+    OnlyWith({"bit_epochs": "--bit-epochs", "lambda_fair": "--lambda-fair"}, "--learn-bits", lambda a: a.learn_bits),
+)
+
+
+def _given_or_default(value, key: str):
+    """A fine-tuning flag's value, its FinetuneConfig default when not given."""
+    return _F[key] if value is None else value
 
 
 def _default(key: str) -> str:
@@ -145,6 +162,7 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
         raise ConfigError(MSG_LEARN_BITS_SEARCH.format(flags=", ".join(ignored)))
     if args.train is None:
         raise ConfigError(MSG_NO_TRAIN)
+    refuse_ignored(args, FINETUNE_ONLY_WITH)
     weights = None
     if args.group_loss_weights:
         weights = parse_assignments(args.group_loss_weights.split(","), "--group-loss-weights", "W", float,

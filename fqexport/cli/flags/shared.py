@@ -1,13 +1,14 @@
 """The option groups several subcommands share, built from the config dataclasses (choices and
 defaults are defined once, in ``fqexport.config``), and the configs of their parsed flags: the
 model (compress, sweep, analyze), ``QuantConfig`` (compress, sweep) and the search's
-``MixedPrecisionConfig`` (compress, sweep)."""
+``MixedPrecisionConfig`` (compress, sweep). A flag that counts only with another option is
+refused without it (:class:`OnlyWith` tables, :func:`refuse_ignored`), before any compute."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import get_args
+from typing import Callable, Mapping, Sequence, get_args
 
 from fqexport.cli.common import int_at_least, parse_assignments, parse_group_weights, parse_layer_bits
 from fqexport.config import (
@@ -88,9 +89,41 @@ MSG_WIDTHS_WITH_BUDGET = (
 )
 
 
-def given_flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+def given_flags(args: argparse.Namespace, flags: Mapping[str, str]) -> list[str]:
     """The flags of ``flags`` (dest -> flag) given on the command line (their value is not None / [])."""
     return [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, [])]
+
+
+MSG_ONLY_WITH = "{flags}: used only with {needs}, so they would be ignored here; use {needs}, or drop them"
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlyWith:
+    """Flags (dest -> flag, parse default None) that count only with another option: ``needs``
+    names it as typed, ``counts`` tells whether the parsed flags set it."""
+
+    flags: Mapping[str, str]
+    needs: str
+    counts: Callable[[argparse.Namespace], bool]
+
+
+def refuse_ignored(args: argparse.Namespace, rules: Sequence[OnlyWith]) -> None:
+    """ConfigError (exit 2) naming the flags of the first rule given without its option: they would
+    be ignored. Given: any value, the default too (:func:`given_flags`)."""
+    for rule in rules:
+        ignored = given_flags(args, rule.flags)
+        if ignored and not rule.counts(args):
+            raise ConfigError(MSG_ONLY_WITH.format(flags=", ".join(ignored), needs=rule.needs))
+
+
+# The flags of this module that count only with another option (the tables of the fine-tuning
+# flags and of each subcommand's own are beside them): quant_config and search_config refuse them.
+QUANT_ONLY_WITH = (
+    OnlyWith({"percentile": "--percentile"}, "--calibration percentile", lambda a: a.calibration == "percentile"),
+)
+SEARCH_ONLY_WITH = (
+    OnlyWith({"task_cpus": "--task-cpus", "task_gpus": "--task-gpus"}, "--engine ray", lambda a: a.engine == "ray"),
+)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -136,8 +169,9 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    "gets weight 0: name every group, e.g. majority=1,minority=2)")
     p.add_argument("--calibration", choices=get_args(Calibration), default=_Q.calibration,
                    help="activation range observer; minmax never clips a group's tail")
-    p.add_argument("--percentile", type=float, default=_Q.percentile,
-                   help="percentile of each group's activations kept by --calibration percentile")
+    p.add_argument("--percentile", type=float, default=None,
+                   help=f"percentile of each group's activations kept by --calibration percentile "
+                   f"(default: {_Q.percentile:g})")
     p.add_argument("--num-calib", type=int, default=_Q.num_calib, help="calibration samples, drawn group-balanced")
     p.add_argument("--batch-size", type=int, default=_Q.batch_size,
                    help="samples per forward pass while collecting calibration statistics")
@@ -179,12 +213,14 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
-    """The QuantConfig of the parsed ``add_model_and_quant_options`` flags."""
+    """The QuantConfig of the parsed ``add_model_and_quant_options`` flags (ConfigError naming a
+    flag that would be ignored, :data:`QUANT_ONLY_WITH`)."""
+    refuse_ignored(args, QUANT_ONLY_WITH)
     return QuantConfig(
         weight_bits=_Q.weight_bits if args.weight_bits is None else args.weight_bits, layer_bits=parse_layer_bits(args.layer_bits), method=args.method,
         order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
         group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
-        percentile=args.percentile, num_calib=args.num_calib, batch_size=args.batch_size,
+        percentile=_or(args.percentile, _Q.percentile), num_calib=args.num_calib, batch_size=args.batch_size,
         weight_range=args.weight_range, target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,
         bn_reestimate=not args.no_bn_reestimate, keep_float=tuple(args.keep_float), strict=args.strict, seed=args.seed,
         clip_search=args.clip_search, device=args.device,
@@ -261,8 +297,10 @@ def _or(value, default):
 
 def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
     """The MixedPrecisionConfig of the parsed ``add_search_options`` flags and ``budget`` (the
-    dataclass defaults for the options not given)."""
+    dataclass defaults for the options not given; ConfigError naming a flag that would be ignored,
+    :data:`SEARCH_ONLY_WITH`)."""
     d, e = _MP_DEFAULTS, _ENGINE
+    refuse_ignored(args, SEARCH_ONLY_WITH)
     objective = _or(args.objective, d["objective"])
     if args.objective_weights and objective != "weighted":
         raise ConfigError(MSG_OBJECTIVE_WEIGHTS.format(objective=objective))

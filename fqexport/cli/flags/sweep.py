@@ -8,10 +8,12 @@ from fqexport.cli.common import HelpFormatter, common_options
 from fqexport.cli.flags.shared import (
     FIXED_WIDTH_FLAGS,
     MSG_WIDTHS_WITH_BUDGET,
+    OnlyWith,
     add_model_and_quant_options,
     add_search_options,
     given_flags,
     quant_config,
+    refuse_ignored,
     search_config,
     task_spec,
 )
@@ -19,6 +21,12 @@ from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
 
 PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png")
+
+# The flags of sweep alone that count only with another option (shared.refuse_ignored): the
+# search's serial engine runs one task after another, whatever --workers says.
+SWEEP_ONLY_WITH = (
+    OnlyWith({"workers": "--workers"}, "--engine local, ray or auto", lambda a: a.engine != "serial"),
+)
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -70,3 +78,4 @@ def check_sweep(args: argparse.Namespace) -> None:
     task_spec(args)
     for b in budgets:
         search_config(args, budget_bits=b)
+    refuse_ignored(args, SWEEP_ONLY_WITH)

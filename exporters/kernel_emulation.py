@@ -659,7 +659,8 @@ class EmulatedSession:
         with tempfile.TemporaryDirectory(prefix="fqexport-emu-") as tmp:
             dump = Path(tmp) / "extended.onnx"
             try:
-                build_session(path, level="ORT_ENABLE_EXTENDED", dump_path=dump)
+                # the dump's own data file: the model's external data stays beside the model
+                build_session(path, level="ORT_ENABLE_EXTENDED", dump_path=dump, dump_data_file=f"{dump.name}.data")
                 return onnx.load(str(dump), load_external_data=True)
             except Exception as err:
                 raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err

@@ -349,6 +349,21 @@ def test_a_batch_split_over_threads_gives_the_single_thread_result(exports):
     np.testing.assert_array_equal(one[0], two[0])
 
 
+def test_a_model_with_external_data_emulates_like_the_same_model_inline(exports, tmp_path):
+    """ORT's optimized dump of a model whose weights are in <name>.onnx.data writes its own data file
+    (the model's relative location does not resolve in the dump's folder)."""
+    path, data = exports["cnn_full"]
+    onnx.save(onnx.load(str(path)), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=256)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 1024  # the weights (ORT wants shapes inline)
+    for target in ("x86-avx2", "x86-vnni", "arm64"):
+        inline = EmulatedSession(path, target, threads=1)
+        external = EmulatedSession(tmp_path / "ext.onnx", target, threads=1)
+        assert external.emulated_nodes == inline.emulated_nodes
+        np.testing.assert_array_equal(external.run(None, {"input": data.x[:16]})[0],
+                                      inline.run(None, {"input": data.x[:16]})[0])
+
+
 def test_gemm_accumulation_over_long_k_is_exact():
     """K = 2048 of ±127 weights (Σ a·w beyond float32's exact range: runs of K added in float64),
     a few large activations: exact on x86-vnni, pairwise-saturated on x86-avx2."""

@@ -14,6 +14,7 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.thresholds import Thresholds
 from fqexport.validation.validation_report import (
     MSG_FAILED,
+    MSG_NOT_COMPARED,
     ValidationReport,
     group_drop,
     kernel_deviation,
@@ -104,3 +105,11 @@ def test_speed_verdict_says_whether_the_file_buys_speed_or_only_size():
     assert slow.speed_verdict() == ("on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.67x the "
                                     "reference's speed (slower)")
     assert slow.to_dict()["speedup_vs_reference"] == {"1": pytest.approx(1 / 1.5)}
+    # a reference with a fixed batch of 1: the model's batch 8 is not compared, and the verdict says so
+    part = ValidationReport(**base, latency=(_lat(8, 2.0), _lat(1, 0.5)), reference_latency=(_lat(1, 1.0),))
+    assert part.speedups() == {1: 2.0}
+    assert part.speed_verdict() == ("on this CPU (x86-avx2) the file buys speed and size at batch 1: batch 1: 2.00x "
+                                    "the reference's speed (faster); " + MSG_NOT_COMPARED.format(
+                                        batches="8", noun="the reference", theirs="1"))
+    assert MSG_NOT_COMPARED.format(batches="8", noun="the reference", theirs="1") == (
+        "batch 8: not compared (the reference runs batch 1 only: a fixed batch)")

@@ -90,8 +90,10 @@ def print_summary(report) -> None:
     for lat in report.latency:
         print(f"latency on {isa} batch {lat.batch_size}: p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, "
               f"{lat.throughput_per_s:.1f} samples/s ({lat.threads} threads, {lat.warmup} warm-up, {lat.repeats} runs)")
+    paired = {lat.batch_size for lat in report.latency}
     for ref in report.reference_latency:
-        print(f"reference latency batch {ref.batch_size}: p50 {ref.p50_ms:.3f} ms (timed interleaved with the model)")
+        how = "timed interleaved with the model" if ref.batch_size in paired else "its fixed batch, not compared"
+        print(f"reference latency batch {ref.batch_size}: p50 {ref.p50_ms:.3f} ms ({how})")
     if report.speed_verdict():
         print(report.speed_verdict())
     bops = f"{report.bops:.4g}" if report.bops is not None else "n/a"

@@ -17,6 +17,7 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.thresholds import CheckResult, Thresholds
 
 MSG_FAILED = "{model}: {count} limit(s) broken: {checks}"
+MSG_NOT_COMPARED = "batch {batches}: not compared ({noun} runs batch {theirs} only: a fixed batch)"
 
 
 def pepr_score(performance: float, avg_weight_bits: float) -> float:
@@ -50,26 +51,32 @@ def speed_word(speedup: float) -> str:
 
 def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
     """Batch size -> the reference's p50 latency over the model's (> 1: the model is faster), for
-    the pairs timed at one batch size (a file with a fixed batch runs only that one)."""
-    return {m.batch_size: r.p50_ms / m.p50_ms for m, r in zip(latency, reference)
-            if m.p50_ms > 0 and m.batch_size == r.batch_size}
+    the batch sizes both were timed at (a file with a fixed batch runs only that one)."""
+    theirs = {r.batch_size: r for r in reference}
+    return {m.batch_size: theirs[m.batch_size].p50_ms / m.p50_ms for m in latency
+            if m.p50_ms > 0 and m.batch_size in theirs}
 
 
 def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult], isa: str,
                   noun: str = "the reference") -> str | None:
     """``"on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.95x the
-    reference's speed (same speed)"``; ``None`` when nothing was compared."""
+    reference's speed (same speed)"``, and the batch sizes not compared (the reference has another
+    fixed batch); ``None`` when nothing was compared."""
     ratio = speedups(latency, reference)
+    if not latency or not reference:
+        return None
+    mine = sorted({m.batch_size for m in latency})
+    theirs = sorted({r.batch_size for r in reference})
     if not ratio:
-        if not latency or not reference:
-            return None
-        mine = sorted({m.batch_size for m in latency})
-        theirs = sorted({r.batch_size for r in reference})
         return (f"on this CPU ({isa}) the speed is not compared: the file runs batch "
                 f"{', '.join(map(str, mine))} and {noun} batch {', '.join(map(str, theirs))} (fixed batch sizes)")
     parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
     fast = [bs for bs, x in ratio.items() if x >= FASTER]
     buys = f"speed and size at batch {', '.join(map(str, fast))}" if fast else "size only, no speed"
+    unpaired = [bs for bs in mine if bs not in ratio]
+    if unpaired:
+        parts.append(MSG_NOT_COMPARED.format(batches=", ".join(map(str, unpaired)), noun=noun,
+                                             theirs=", ".join(map(str, theirs))))
     return f"on this CPU ({isa}) the file buys {buys}: " + "; ".join(parts)
 
 
@@ -111,7 +118,9 @@ class ValidationReport:
     fused_kernels: Mapping[str, int] | None = None
     float_fallbacks: tuple[str, ...] | None = None
     latency: tuple[LatencyResult, ...] = ()
-    reference_latency: tuple[LatencyResult, ...] = ()  # the reference's, timed interleaved with ``latency``
+    # the reference's: at the model's batch sizes, timed interleaved with ``latency``; at its own
+    # fixed batch where it has another one (not compared)
+    reference_latency: tuple[LatencyResult, ...] = ()
     size_bytes: int = 0
     avg_weight_bits: float = 32.0
     params: int = 0

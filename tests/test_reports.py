@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -11,7 +12,15 @@ import pytest
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.validation.checks import run_checks, target_checks
 from fqexport.validation.latency import LatencyResult
-from fqexport.validation.reports import write_json, write_junit, write_markdown, write_plots
+from fqexport.validation.reports import (
+    markdown_table,
+    md_text,
+    write_json,
+    write_junit,
+    write_markdown,
+    write_plots,
+    xml_text,
+)
 from fqexport.validation.thresholds import Thresholds
 from fqexport.validation.validation_report import ValidationReport
 
@@ -67,6 +76,38 @@ def test_junit_parses_with_one_case_per_check(report, tmp_path):
     fail = cases["min_worst_group_acc"].find("failure")
     assert fail is not None and "(group 'b') 50.00 % below --min-worst-group-acc 80" in fail.get("message")
     assert cases["max_size_mb"].find("failure") is None
+
+
+def _named_groups_report(names):
+    """The fixture's numbers with other group names (worst group second)."""
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    group = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    m = group_metrics(np.eye(2)[np.array([0, 1, 0, 1, 1, 0, 0, 1])] * 3.0, y, group, names)
+    t = Thresholds(min_worst_group_acc=80)
+    base = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, thresholds=t)
+    return dataclasses.replace(base, checks=run_checks(base, t))
+
+
+def test_group_names_with_pipes_and_line_breaks_keep_the_markdown_table(tmp_path):
+    r = _named_groups_report(("age|65+", "rural\nnorth"))
+    text = write_markdown(r, tmp_path / "report.md").read_text()
+    table = text.split("## Per group\n\n")[1].split("\n\n")[0].splitlines()  # header, rule, groups, overall
+    assert len(table) == 5
+    assert len({len(line.replace("\\|", "").split("|")) for line in table}) == 1  # one column count
+    assert "| age\\|65+ | 4 | 100.00 |" in text and "| rural north | 4 | 50.00 |" in text
+    assert "- worst group: **rural north** 50.00 %" in text
+    assert "| min_worst_group_acc | 80 | 50.000 | rural north | **FAIL** |" in text
+    assert md_text("a|b\r\nc\rd") == "a\\|b c d"
+    assert markdown_table([{"group": "a|b", "n": 1}]) == "| group | n |\n|---|---|\n| a\\|b | 1 |\n"
+
+
+def test_group_names_with_control_characters_keep_the_junit_well_formed(tmp_path):
+    r = _named_groups_report(("a", "\x1b[1mrural\x07"))
+    root = ET.parse(write_junit(r, tmp_path / "junit.xml")).getroot()
+    fail = root.find("testcase/failure")
+    assert "(group '\\x1b[1mrural\\x07') 50.00 % below --min-worst-group-acc 80" in fail.get("message")
+    assert fail.text.endswith("group \\x1b[1mrural\\x07")
+    assert xml_text("tab\tnl\nok\x00\ufffe\U0001f600") == "tab\tnl\nok\\x00\\ufffe\U0001f600"
 
 
 def test_plots_written_as_png(report, tmp_path):

@@ -15,6 +15,7 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.reports import (
     markdown_table,
     md_text,
+    to_markdown,
     write_json,
     write_junit,
     write_markdown,
@@ -99,6 +100,19 @@ def test_group_names_with_pipes_and_line_breaks_keep_the_markdown_table(tmp_path
     assert "| min_worst_group_acc | 80 | 50.000 | rural north | **FAIL** |" in text
     assert md_text("a|b\r\nc\rd") == "a\\|b c d"
     assert markdown_table([{"group": "a|b", "n": 1}]) == "| group | n |\n|---|---|\n| a\\|b | 1 |\n"
+
+
+def test_a_group_without_a_value_is_null_in_report_json_and_named_in_report_md(report, tmp_path):
+    nan = float("nan")
+    by_group = {"a": dict(report.metrics.by_group["a"]), "b": {**report.metrics.by_group["b"], "accuracy": nan}}
+    unmeasured = dataclasses.replace(report, metrics=dataclasses.replace(report.metrics, by_group=by_group),
+                                     group_drop={"b": nan, "a": 0.0})
+    d = json.loads(write_json(unmeasured, tmp_path / "report.json").read_text())
+    assert d["reference"]["group_drop"] == {"b": None, "a": 0.0} and d["reference"]["max_group_drop"] == ["a", 0.0]
+    text = write_markdown(unmeasured, tmp_path / "report.md").read_text()
+    assert "- largest drop vs reference: 0.00 pp (group a) (without b: not measured)" in text
+    none = dataclasses.replace(unmeasured, group_drop={"a": nan, "b": nan})
+    assert "- largest drop vs reference: n/a (without a, b: not measured)" in to_markdown(none)
 
 
 def test_group_names_with_control_characters_keep_the_junit_well_formed(tmp_path):

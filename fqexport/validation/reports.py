@@ -18,6 +18,7 @@ from typing import Any
 from fqexport.atomic import atomic_write
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.metrics.group_metrics import json_safe
+from fqexport.validation.validation_report import not_measured
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,11 @@ def to_markdown(report: Any) -> str:
             f"demographic-parity difference {_num(m.demographic_parity_difference)}"
         )
     if report.group_drop is not None:
-        g, d = report.max_group_drop
-        out.append(f"- largest drop vs reference: {_pct(d)} pp (group {md_text(g)})")
+        unmeasured = not_measured(report.group_drop)
+        among = f" (without {md_text(', '.join(unmeasured))}: not measured)" if unmeasured else ""
+        worst = report.max_group_drop
+        drop = f"{_pct(worst[1])} pp (group {md_text(worst[0])})" if worst is not None else "n/a"
+        out.append(f"- largest drop vs reference: {drop}{among}")
     if len(getattr(report, "targets", ("native",))) > 1:
         out += ["", "## Kernel targets", "",
                 "Emulated targets compute the fused int8 kernels with that CPU family's integer "

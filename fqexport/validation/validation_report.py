@@ -6,6 +6,7 @@ writers of this report (JSON, Markdown, JUnit, plots) are in :mod:`fqexport.vali
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +31,18 @@ def group_drop(reference: GroupMetrics, model: GroupMetrics) -> dict[str, float]
     the primary metric, a detector's mAP@[.5:.95], a segmenter's mIoU)."""
     p = model.primary
     return {g: float(reference.by_group[g][p]) - float(row[p]) for g, row in model.by_group.items()}
+
+
+def measured_max(values: Mapping[str, float]) -> tuple[str, float] | None:
+    """``(group, value)`` of the largest value that is not NaN (a group whose metric cannot be
+    measured: a detector's images without boxes, masks without labelled pixels); None when none is."""
+    measured = [(g, float(v)) for g, v in values.items() if not math.isnan(float(v))]
+    return max(measured, key=lambda kv: kv[1]) if measured else None
+
+
+def not_measured(values: Mapping[str, float]) -> list[str]:
+    """The groups whose value is NaN (their metric cannot be measured)."""
+    return [str(g) for g, v in values.items() if math.isnan(float(v))]
 
 
 def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, float]:
@@ -169,10 +182,9 @@ class ValidationReport:
 
     @property
     def max_group_drop(self) -> tuple[str, float] | None:
-        """(group, drop) of the largest per-group drop vs the reference, fraction."""
-        if not self.group_drop:
-            return None
-        return max(self.group_drop.items(), key=lambda kv: kv[1])
+        """(group, drop) of the largest per-group drop vs the reference, fraction, over the groups
+        whose drop was measured (:func:`measured_max`); None without a reference or a measured drop."""
+        return measured_max(self.group_drop) if self.group_drop else None
 
     def to_dict(self) -> dict[str, Any]:
         m = self.metrics
@@ -215,35 +227,35 @@ class ValidationReport:
 
     def _kernel_dict(self) -> dict[str, Any]:
         """The kernel check: what ORT fused and how far the optimized session moved from the graph."""
-        return {
+        return json_safe({
             "fused_kernels": _dict_or_none(self.fused_kernels),
             "float_fallbacks": list(self.float_fallbacks) if self.float_fallbacks is not None else None,
             "unoptimized_metrics": self.unoptimized_metrics.to_dict() if self.unoptimized_metrics else None,
             "kernel_deviation": self.kernel_deviation,
             "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
             "kernel_agreement": self.kernel_agreement,
-        }
+        })
 
     def _reference_dict(self) -> dict[str, Any]:
-        """The comparison with the reference model."""
-        return {
+        """The comparison with the reference model (a group's drop that cannot be measured: null)."""
+        return json_safe({
             "model": self.reference,
             "metrics": self.reference_metrics.to_dict() if self.reference_metrics else None,
             "group_drop": _dict_or_none(self.group_drop),
             "max_group_drop": list(self.max_group_drop) if self.max_group_drop else None,
             "agreement": self.agreement,
-        }
+        })
 
     def target_dict(self, target: str) -> dict[str, Any]:
         """Metrics, kernel deviation and agreement with native of one kernel target."""
         if target == "native":
-            return {"emulated": False, "metrics": self.metrics.to_dict(),
-                    "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
-                    "agreement_with_native": 1.0}
+            return json_safe({"emulated": False, "metrics": self.metrics.to_dict(),
+                              "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
+                              "agreement_with_native": 1.0})
         dev = (self.target_kernel_deviation_by_group or {}).get(target)
-        return {"emulated": target not in self.target_native, "metrics": self.target_metrics[target].to_dict(),
-                "kernel_deviation_by_group": _dict_or_none(dev),
-                "agreement_with_native": (self.target_agreement or {}).get(target)}
+        return json_safe({"emulated": target not in self.target_native, "metrics": self.target_metrics[target].to_dict(),
+                          "kernel_deviation_by_group": _dict_or_none(dev),
+                          "agreement_with_native": (self.target_agreement or {}).get(target)})
 
 
 def _dict_or_none(mapping: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
+MSG_IS_DIR = "ONNX model {path} is a directory, not an .onnx file: give the model's .onnx file"
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
 MSG_PROVIDER = "provider={provider!r} is not one of {choices}"
 MSG_NO_CUDA = (
@@ -88,7 +89,11 @@ def _ort():
     return ort
 
 
-def _check_exists(path: Path) -> None:
+def check_model_file(path: str | Path) -> None:
+    """ModelLoadError unless ``path`` is a file: a directory and a missing path each say so."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(MSG_IS_DIR.format(path=path))
     if not path.is_file():
         raise ModelLoadError(MSG_NO_FILE.format(path=path))
 
@@ -151,7 +156,7 @@ def build_session(
     source = model if isinstance(model, bytes) else str(Path(model))
     name_in_errors = label or (IN_MEMORY if isinstance(model, bytes) else Path(model))
     if not isinstance(model, bytes):
-        _check_exists(Path(model))
+        check_model_file(model)
     provider_name = resolve_provider(provider)
     so = ort.SessionOptions()
     so.graph_optimization_level = _optimization_level(ort, level)
@@ -317,7 +322,7 @@ def model_files_size(path: str | Path) -> int:
     from onnx.external_data_helper import uses_external_data
 
     path = Path(path)
-    _check_exists(path)
+    check_model_file(path)
     total = path.stat().st_size
     try:
         model = onnx.load(str(path), load_external_data=False)

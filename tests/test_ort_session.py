@@ -11,9 +11,11 @@ import torch
 from fixtures_models import saturating_qdq_gemm
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.kernel_emulation import EmulatedSession
+from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import (
     IN_MEMORY,
     MSG_INPUTS,
+    MSG_IS_DIR,
     MSG_LEVEL,
     OPT_LEVELS,
     build_session,
@@ -177,6 +179,16 @@ def test_build_session_errors_name_the_level_and_the_model(models, tmp_path):
         build_session(tmp_path / "nope.onnx")
     with pytest.raises(ConfigError, match=r"threads=-1 must be >= 0"):
         build_session(models[0] / "float.onnx", threads=-1)
+
+
+def test_a_directory_is_not_an_onnx_file(tmp_path):
+    (tmp_path / "dirmodel.onnx").mkdir()
+    for load in (make_session, build_session, read_metadata, model_files_size):
+        with pytest.raises(ModelLoadError) as err:
+            load(tmp_path / "dirmodel.onnx")
+        assert str(err.value) == MSG_IS_DIR.format(path=tmp_path / "dirmodel.onnx")
+    assert str(err.value) == (f"ONNX model {tmp_path / 'dirmodel.onnx'} is a directory, not an .onnx file: give the "
+                              "model's .onnx file")
 
 
 def test_corrupt_and_missing_files_name_the_file(tmp_path):

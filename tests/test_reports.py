@@ -15,6 +15,7 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.reports import (
     markdown_table,
     md_text,
+    remove_stale_plots,
     to_markdown,
     write_json,
     write_junit,
@@ -130,6 +131,16 @@ def test_plots_written_as_png(report, tmp_path):
     assert [p.name for p in paths] == ["group_accuracy.png", "latency.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stale_plots_of_an_earlier_run_are_removed_and_nothing_else(tmp_path):
+    for name in ("group_accuracy.png", "latency.png", "mine.png"):
+        (tmp_path / name).write_bytes(b"old")
+    (tmp_path / "sub").mkdir()
+    assert remove_stale_plots(tmp_path, [tmp_path / "group_accuracy.png"]) == [tmp_path / "latency.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["group_accuracy.png", "mine.png", "sub"]
+    assert remove_stale_plots(tmp_path, []) == [tmp_path / "group_accuracy.png"]  # --no-plots
+    assert remove_stale_plots(tmp_path / "sub", []) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "sub"]
 
 
 def test_plots_skipped_without_matplotlib(report, tmp_path, monkeypatch, caplog):

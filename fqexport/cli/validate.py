@@ -17,6 +17,7 @@ from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
+    remove_stale_plots,
     write_json,
     write_junit,
     write_markdown,
@@ -127,8 +128,7 @@ def run_validate(args: argparse.Namespace) -> int:
     if args.report_dir is not None:
         write_json(report, args.report_dir / "report.json")
         write_markdown(report, args.report_dir / "report.md")
-        if not args.no_plots:
-            write_plots(report, args.report_dir)
+        remove_stale_plots(args.report_dir, [] if args.no_plots else write_plots(report, args.report_dir))
         print(f"reports written to {args.report_dir}")
     if args.junit is not None:
         write_junit(report, args.junit)

@@ -23,6 +23,8 @@ from fqexport.validation.validation_report import not_measured
 log = logging.getLogger(__name__)
 
 MSG_NO_MATPLOTLIB = "matplotlib is not installed: skipping plots (pip install matplotlib)"
+MSG_STALE_PLOT = "removed %s: a plot of an earlier run that this run did not draw"
+GROUP_PLOT, LATENCY_PLOT = "group_accuracy.png", "latency.png"  # what write_plots writes
 # How reports name each task's per-group metrics (fqexport.tasks); the fractions show in percent.
 METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5", "miou": "mIoU", "dice": "Dice",
                  "pixel_accuracy": "pixel accuracy"}
@@ -374,7 +376,7 @@ def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
     ax.set_title(f"per-group {METRIC_LABELS.get(p, p)}")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    written.append(atomic_write(dir / "group_accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+    written.append(atomic_write(dir / GROUP_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
     plt.close(fig)
     if report.latency:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
@@ -387,6 +389,22 @@ def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
         ax.set_title(f"latency ({report.latency[0].threads} threads)")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        written.append(atomic_write(dir / "latency.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+        written.append(atomic_write(dir / LATENCY_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
         plt.close(fig)
     return written
+
+
+def remove_stale_plots(dir: str | Path, written: list[Path]) -> list[Path]:
+    """Remove the plots :func:`write_plots` writes (by their names, regular files only) that are in
+    ``dir`` but not in ``written`` (this run's: none with ``--no-plots`` or without matplotlib,
+    no latency plot without latency), so that no plot of an earlier run sits beside this run's
+    report. Returns the removed paths."""
+    keep = {Path(p).resolve() for p in written}
+    removed = []
+    for name in (GROUP_PLOT, LATENCY_PLOT):
+        path = Path(dir) / name
+        if path.is_file() and not path.is_symlink() and path.resolve() not in keep:
+            path.unlink()
+            log.info(MSG_STALE_PLOT, path)
+            removed.append(path)
+    return removed

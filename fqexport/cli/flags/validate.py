@@ -28,6 +28,7 @@ EPILOG = (
     "2: bad input."
 )
 REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
+MSG_MODEL_DIR = "{flag} {path} is a directory; validate takes an .onnx file (the model's file, not its folder)"
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
@@ -100,6 +101,9 @@ def _thresholds(values: tuple) -> Thresholds:
 
 def check_validate(args: argparse.Namespace) -> None:
     """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is imported (exit 2)."""
+    for flag, model in (("model", args.model), ("--reference", args.reference)):
+        if model is not None and Path(model).is_dir():
+            raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
     external = [("model's external data", p) for p in (Path(f"{args.model}.data"), *external_data_paths(args.model))]
     if args.reference is not None:
         external += [("--reference's external data", p) for p in external_data_paths(args.reference)]

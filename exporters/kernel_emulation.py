@@ -43,6 +43,7 @@ from onnx import helper, numpy_helper
 
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError, ModelLoadError
+from fqexport.exporters.batch_coupling import batch_coupled_nodes
 from fqexport.exporters.onnx_graph import attributes
 from fqexport.exporters.ort_session import build_session
 from fqexport.exporters.pair_saturation import (
@@ -611,7 +612,9 @@ class EmulatedSession:
         target: one of :data:`EMULATED_TARGETS`.
         threads: how many parts of a batch run at once (default: one per CPU), each through
             single-threaded ORT sessions: many small sessions with their own spinning thread
-            pools fight over the cores, and numpy's share of the work runs in one thread.
+            pools fight over the cores, and numpy's share of the work runs in one thread. A graph
+            with a node that mixes the samples of a batch (:mod:`~fqexport.exporters.batch_coupling`:
+            quantize_dynamic's DynamicQuantizeLinear) runs whole batches.
         label: how log lines name the model (default: its path).
         native_log_level: level of the line listing the fused nodes that run natively (the
             export check, which cannot act on it, logs it at INFO; ``validate`` warns).
@@ -626,11 +629,13 @@ class EmulatedSession:
         self.target = target
         self._workers = max(1, int(threads) if threads else (os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
-        self._split = True  # whether a batch may be split along axis 0 (outputs batch-first)
         self._lock = threading.Lock()
         self.model = self._optimized(self.path)
         g = self.model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        # nodes that mix the samples of a batch (DynamicQuantizeLinear's one range): whole batches only
+        self.batch_coupled_nodes = [f"{n.op_type}:{n.name}" for n in batch_coupled_nodes(g, self.initializers)]
+        self._split = not self.batch_coupled_nodes  # whether a batch may be split along axis 0 (outputs batch-first)
         self._init_protos = {t.name: t for t in g.initializer}
         self._inputs = [i for i in g.input if i.name not in self.initializers]
         self.output_names = [o.name for o in g.output]
@@ -659,7 +664,8 @@ class EmulatedSession:
         with tempfile.TemporaryDirectory(prefix="fqexport-emu-") as tmp:
             dump = Path(tmp) / "extended.onnx"
             try:
-                build_session(path, level="ORT_ENABLE_EXTENDED", dump_path=dump)
+                # the dump's own data file: the model's external data stays beside the model
+                build_session(path, level="ORT_ENABLE_EXTENDED", dump_path=dump, dump_data_file=f"{dump.name}.data")
                 return onnx.load(str(dump), load_external_data=True)
             except Exception as err:
                 raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
@@ -699,7 +705,8 @@ class EmulatedSession:
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs ``output_names`` (default: all) on ``feeds``; a batch is split along axis 0
-        into ``threads`` parts run at once (when every output is batch-first, else run whole)."""
+        into ``threads`` parts run at once (when every output is batch-first and no node mixes the
+        samples of a batch, :attr:`batch_coupled_nodes`; else run whole)."""
         names = list(output_names) if output_names else self.output_names
         sizes = {int(v.shape[0]) if np.ndim(v) else -1 for v in feeds.values()}
         n = sizes.pop() if len(sizes) == 1 else -1

@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 
 from fqexport.errors import ModelLoadError
+from fqexport.exporters.ort_session import check_model_file
 from fqexport.metadata import METADATA_KEY, ExportMetadata
 
-MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
 
 
@@ -40,8 +40,7 @@ def read_metadata(path: str | Path) -> ExportMetadata | None:
     Raises ModelLoadError for a missing or unreadable file and for malformed or newer metadata.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(MSG_NO_FILE.format(path=path))
+    check_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
+MSG_IS_DIR = "ONNX model {path} is a directory, not an .onnx file: give the model's .onnx file"
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
 MSG_PROVIDER = "provider={provider!r} is not one of {choices}"
 MSG_NO_CUDA = (
@@ -57,6 +58,9 @@ MSG_LEVEL = "level={level!r} is not one of {choices} (onnxruntime.GraphOptimizat
 # Graph optimization levels a session can be built at, by their onnxruntime names.
 OPT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 IN_MEMORY = "<in-memory model>"  # the name of a model given as bytes, in error messages
+# ORT's session options that make a dump of the optimized graph write its initializers (those of
+# 1024 bytes or more: ORT's default) into a file beside it
+_DUMP_DATA_FILE = "session.optimized_model_external_initializers_file_name"
 
 # Op types that do the heavy lifting. Integer kernels (what a quantized model should reach)
 # and float ones (a Conv/Gemm/MatMul that fell back to float math).
@@ -85,7 +89,11 @@ def _ort():
     return ort
 
 
-def _check_exists(path: Path) -> None:
+def check_model_file(path: str | Path) -> None:
+    """ModelLoadError unless ``path`` is a file: a directory and a missing path each say so."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(MSG_IS_DIR.format(path=path))
     if not path.is_file():
         raise ModelLoadError(MSG_NO_FILE.format(path=path))
 
@@ -119,6 +127,7 @@ def build_session(
     threads: int | None = None,
     disable: tuple[str, ...] = (),
     dump_path: str | Path | None = None,
+    dump_data_file: str | None = None,
     label: str | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` of an ONNX file or of a serialized model: the one builder.
@@ -134,6 +143,10 @@ def build_session(
         threads: intra-op threads; ``None`` keeps ORT's default (one per physical core).
         disable: optimizer names to switch off (e.g. ``("MatMulAddFusion",)``).
         dump_path: where ORT writes the graph it runs, after its optimizations.
+        dump_data_file: a file name in ``dump_path``'s folder where ORT writes the dump's large
+            initializers, so that the dump loads from its own folder: without it the initializers
+            of a model with external data keep the model's relative location, which does not
+            resolve beside the dump.
         label: the model's name in error messages (default: the path, or ``<in-memory model>``).
 
     Any number of inputs is allowed (:func:`make_session` asks for one). Raises ModelLoadError
@@ -143,7 +156,7 @@ def build_session(
     source = model if isinstance(model, bytes) else str(Path(model))
     name_in_errors = label or (IN_MEMORY if isinstance(model, bytes) else Path(model))
     if not isinstance(model, bytes):
-        _check_exists(Path(model))
+        check_model_file(model)
     provider_name = resolve_provider(provider)
     so = ort.SessionOptions()
     so.graph_optimization_level = _optimization_level(ort, level)
@@ -154,6 +167,8 @@ def build_session(
     so.log_severity_level = 3
     if dump_path is not None:
         so.optimized_model_filepath = str(dump_path)
+        if dump_data_file is not None:
+            so.add_session_config_entry(_DUMP_DATA_FILE, str(dump_data_file))
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name, "CPUExecutionProvider"]
     kwargs: dict[str, Any] = {"sess_options": so, "providers": providers}
     if disable:
@@ -188,10 +203,14 @@ def make_session(
     path = Path(path)
     session = build_session(path, level="ORT_ENABLE_ALL" if optimized else "ORT_DISABLE_ALL", provider=provider,
                             threads=threads, disable=disable, dump_path=optimized_model_filepath)
+    _check_one_input(session, path)
+    return session
+
+
+def _check_one_input(session: Any, path: Path) -> None:
     if len(session.get_inputs()) != 1:
         names = ", ".join(i.name for i in session.get_inputs())
         raise ModelLoadError(MSG_INPUTS.format(path=path, n=len(session.get_inputs()), names=names))
-    return session
 
 
 def input_shape(session: Any) -> tuple[int | str | None, ...]:
@@ -252,14 +271,22 @@ def _count_ops(model: Any) -> Counter:
     return counts
 
 
-def optimized_graph(path: str | Path, provider: str = "cpu", threads: int | None = None, disable: tuple[str, ...] = ()) -> Any:
-    """The ``onnx.ModelProto`` ORT runs after its optimizations (dumped, then re-loaded)."""
+def optimized_graph(path: str | Path, provider: str = "cpu", threads: int | None = None, disable: tuple[str, ...] = (),
+                    *, weights: bool = True) -> Any:
+    """The ``onnx.ModelProto`` ORT runs after its optimizations (dumped, then re-loaded).
+
+    ``weights``: load the initializers' data (False: the graph's structure only, enough to count
+    its nodes; its large initializers then name a data file that no longer exists). A model
+    with external data works either way: the dump writes its own data file.
+    """
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="fqexport-opt-") as tmp:
         dump = Path(tmp) / "optimized.onnx"
-        make_session(path, provider=provider, optimized=True, threads=threads, disable=disable, optimized_model_filepath=dump)
-        return onnx.load(str(dump), load_external_data=True)
+        session = build_session(path, provider=provider, threads=threads, disable=disable, dump_path=dump,
+                                dump_data_file=f"{dump.name}.data")
+        _check_one_input(session, Path(path))
+        return onnx.load(str(dump), load_external_data=weights)
 
 
 def fused_kernels(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> dict[str, int]:
@@ -268,7 +295,7 @@ def fused_kernels(path: str | Path, provider: str = "cpu", disable: tuple[str, .
     Every op in :data:`INTEGER_KERNELS` and :data:`FLOAT_KERNELS` is present (0 when absent), so
     ``{"QLinearConv": 11, "QGemm": 1, "Conv": 0, ...}`` reads directly.
     """
-    counts = _count_ops(optimized_graph(path, provider, disable=disable))
+    counts = _count_ops(optimized_graph(path, provider, disable=disable, weights=False))
     out = {k: 0 for k in (*INTEGER_KERNELS, *FLOAT_KERNELS)}
     out.update(counts)
     return dict(sorted(out.items()))
@@ -276,13 +303,13 @@ def fused_kernels(path: str | Path, provider: str = "cpu", disable: tuple[str, .
 
 def float_fallbacks(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> list[str]:
     """Names (``op_type:name``) of Conv/Gemm/MatMul nodes that ORT runs in float."""
-    model = optimized_graph(path, provider, disable=disable)
+    model = optimized_graph(path, provider, disable=disable, weights=False)
     return [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
 
 
 def kernel_summary(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> tuple[dict[str, int], list[str]]:
     """``(fused_kernels(path), float_fallbacks(path))`` from a single optimized-graph dump."""
-    model = optimized_graph(path, provider, disable=disable)
+    model = optimized_graph(path, provider, disable=disable, weights=False)
     counts = {k: 0 for k in (*INTEGER_KERNELS, *FLOAT_KERNELS)}
     counts.update(_count_ops(model))
     floats = [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
@@ -295,7 +322,7 @@ def model_files_size(path: str | Path) -> int:
     from onnx.external_data_helper import uses_external_data
 
     path = Path(path)
-    _check_exists(path)
+    check_model_file(path)
     total = path.stat().st_size
     try:
         model = onnx.load(str(path), load_external_data=False)

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 
+import onnx
 import pytest
+from safety_helpers import tiny_onnx
 
 import fqexport.cli.demo as demo_cli
 from fqexport.cli import main
@@ -72,6 +74,15 @@ def test_help_and_flag_errors_load_no_stage(tmp_path, argv, code, first_line):
     assert status == f"EXIT {code} LOADED", err
     if first_line is not None:
         assert err.startswith(first_line.format(cwd=tmp_path)), err
+
+def test_validate_reads_the_external_data_it_protects_without_loading_onnx(tmp_path):
+    """The files an ONNX model's tensors name are inputs (docs/safety.md), read without onnx."""
+    tiny_onnx(tmp_path / "m.onnx")
+    onnx.save(onnx.load(str(tmp_path / "m.onnx")), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="weights.bin", size_threshold=0)
+    _, err = _fresh(["validate", "m.onnx", "--data", "d.npz", "--junit", "weights.bin"], tmp_path)
+    assert err.startswith("error: --junit weights.bin is the same file as model's external data weights.bin"), err
+    assert err.strip().splitlines()[-1] == "EXIT 2 LOADED", err
 
 def test_a_subcommand_imports_its_stage_when_it_runs(tmp_path):
     (tmp_path / "calib.npz").touch()

@@ -19,6 +19,7 @@ from onnxruntime.quantization import (
 )
 
 from fqexport.cli import main
+from fqexport.cli.flags.validate import MSG_MODEL_DIR
 
 # what these tests expect depends on the int8 kernels: CI also runs them as if on each CPU family
 # (FQEXPORT_HOST_KERNELS=x86-avx2|x86-vnni|arm64 pytest -m isa)
@@ -137,6 +138,33 @@ def test_bad_inputs_exit_2_with_the_message(files, capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and message.format(d=files) in captured.err
     assert "PASS" not in captured.out and "FAIL" not in captured.out
+
+
+def test_a_directory_as_the_model_says_validate_takes_an_onnx_file(files, tmp_path, capsys):
+    (tmp_path / "dirmodel.onnx").mkdir()
+    for argv, flag in (([tmp_path / "dirmodel.onnx"], "model"),
+                       ([files / "float.onnx", "--reference", tmp_path / "dirmodel.onnx"], "--reference")):
+        assert _run([*argv, "--data", files / "test.npz"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {MSG_MODEL_DIR.format(flag=flag, path=tmp_path / 'dirmodel.onnx')}\n"
+        assert err == (f"error: {flag} {tmp_path / 'dirmodel.onnx'} is a directory; validate takes an .onnx file (the "
+                       "model's file, not its folder)\n")
+
+
+def test_a_rerun_into_the_same_report_dir_leaves_no_plot_it_did_not_draw(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed: no plots drawn")
+    rep = tmp_path / "rep"
+    assert _run([files / "float.onnx", "--data", files / "test.npz", "--repeats", 2, "--warmup", 0,
+                 "--no-kernel-check", "--report-dir", rep]) == 0
+    assert {p.name for p in rep.iterdir()} == {"report.json", "report.md", "group_accuracy.png", "latency.png"}
+    (rep / "notes.png").write_bytes(b"mine")
+    assert _run([files / "float.onnx", "--data", files / "test.npz", "--no-latency", "--no-kernel-check",
+                 "--report-dir", rep]) == 0
+    assert {p.name for p in rep.iterdir()} == {"report.json", "report.md", "group_accuracy.png", "notes.png"}
+    assert _run([files / "float.onnx", "--data", files / "test.npz", "--no-latency", "--no-kernel-check",
+                 "--report-dir", rep, "--no-plots"]) == 0
+    assert {p.name for p in rep.iterdir()} == {"report.json", "report.md", "notes.png"}
+    capsys.readouterr()
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),

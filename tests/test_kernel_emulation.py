@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
@@ -347,6 +348,51 @@ def test_a_batch_split_over_threads_gives_the_single_thread_result(exports):
     one = EmulatedSession(path, "x86-avx2", threads=1).run(None, {"input": data.x[:37]})
     two = EmulatedSession(path, "x86-avx2", threads=2).run(None, {"input": data.x[:37]})
     np.testing.assert_array_equal(one[0], two[0])
+
+
+def test_a_model_with_external_data_emulates_like_the_same_model_inline(exports, tmp_path):
+    """ORT's optimized dump of a model whose weights are in <name>.onnx.data writes its own data file
+    (the model's relative location does not resolve in the dump's folder)."""
+    path, data = exports["cnn_full"]
+    onnx.save(onnx.load(str(path)), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=256)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 1024  # the weights (ORT wants shapes inline)
+    for target in ("x86-avx2", "x86-vnni", "arm64"):
+        inline = EmulatedSession(path, target, threads=1)
+        external = EmulatedSession(tmp_path / "ext.onnx", target, threads=1)
+        assert external.emulated_nodes == inline.emulated_nodes
+        np.testing.assert_array_equal(external.run(None, {"input": data.x[:16]})[0],
+                                      inline.run(None, {"input": data.x[:16]})[0])
+
+
+def test_a_quantize_dynamic_file_gives_the_native_outputs_under_every_target(tmp_path):
+    """DynamicQuantizeLinear takes its range over the whole batch: a batch split over threads would
+    change it. Every node of such a file runs natively, so every target computes the native outputs."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((10, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1)], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    x = rng.standard_normal((128, 32)).astype(np.float32)
+    x[::64] *= 20.0  # one wide sample per batch of 64: it sets the range of the half it falls in only
+    native = run_batches(make_session(tmp_path / "dynamic.onnx", threads=1), x, 64)
+    for target in ("x86-avx2", "x86-vnni", "arm64"):
+        emulated = EmulatedSession(tmp_path / "dynamic.onnx", target, threads=2)
+        assert emulated.batch_coupled_nodes and emulated.emulated_nodes == []
+        np.testing.assert_array_equal(run_batches(emulated, x, 64), native)
+
+
+def test_fqexport_exports_have_no_batch_coupled_node(exports):
+    """Their batches are split over the threads (the emulation's speed)."""
+    for name in ("cnn_full", "mlp_full", "cnn_safe"):
+        assert EmulatedSession(exports[name][0], "x86-avx2").batch_coupled_nodes == [], name
 
 
 def test_gemm_accumulation_over_long_k_is_exact():

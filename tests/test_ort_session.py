@@ -6,13 +6,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 import torch
 from fixtures_models import saturating_qdq_gemm
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.kernel_emulation import EmulatedSession
+from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import (
     IN_MEMORY,
     MSG_INPUTS,
+    MSG_IS_DIR,
     MSG_LEVEL,
     OPT_LEVELS,
     build_session,
@@ -21,6 +24,7 @@ from fqexport.exporters.ort_session import (
     kernel_summary,
     make_session,
     model_files_size,
+    optimized_graph,
     run_batches,
 )
 from onnxruntime.quantization import (
@@ -177,6 +181,16 @@ def test_build_session_errors_name_the_level_and_the_model(models, tmp_path):
         build_session(models[0] / "float.onnx", threads=-1)
 
 
+def test_a_directory_is_not_an_onnx_file(tmp_path):
+    (tmp_path / "dirmodel.onnx").mkdir()
+    for load in (make_session, build_session, read_metadata, model_files_size):
+        with pytest.raises(ModelLoadError) as err:
+            load(tmp_path / "dirmodel.onnx")
+        assert str(err.value) == MSG_IS_DIR.format(path=tmp_path / "dirmodel.onnx")
+    assert str(err.value) == (f"ONNX model {tmp_path / 'dirmodel.onnx'} is a directory, not an .onnx file: give the "
+                              "model's .onnx file")
+
+
 def test_corrupt_and_missing_files_name_the_file(tmp_path):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"this is not a protobuf")
@@ -215,6 +229,22 @@ def test_model_files_size_counts_external_data(models, tmp_path):
     assert data > 16 * 32 * 4  # fc1 weight alone
     assert model_files_size(tmp_path / "ext.onnx") == main + data
     assert model_files_size(d / "float.onnx") == (d / "float.onnx").stat().st_size
+
+
+def test_kernel_summary_and_optimized_graph_of_a_model_with_external_data(models, tmp_path):
+    """torch.onnx.export(dynamo=True) keeps weights in <name>.onnx.data: ORT's dump of the optimized
+    graph writes its own data file beside it (the model's relative location does not resolve there)."""
+    d, _, _ = models
+    for name in ("float", "qdq"):
+        onnx.save(onnx.load(str(d / f"{name}.onnx")), str(tmp_path / f"{name}.onnx"), save_as_external_data=True,
+                  all_tensors_to_one_file=True, location=f"{name}.onnx.data", size_threshold=0)
+        assert kernel_summary(tmp_path / f"{name}.onnx") == kernel_summary(d / f"{name}.onnx")
+    with_data = optimized_graph(tmp_path / "float.onnx")
+    inline = optimized_graph(d / "float.onnx")
+    weights = {t.name: numpy_helper.to_array(t) for t in with_data.graph.initializer}
+    assert weights and weights.keys() == {t.name for t in inline.graph.initializer}
+    for t in inline.graph.initializer:
+        np.testing.assert_array_equal(weights[t.name], numpy_helper.to_array(t))
 
 
 def test_measure_latency_reports_settings(models):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -11,7 +12,17 @@ import pytest
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.validation.checks import run_checks, target_checks
 from fqexport.validation.latency import LatencyResult
-from fqexport.validation.reports import write_json, write_junit, write_markdown, write_plots
+from fqexport.validation.reports import (
+    markdown_table,
+    md_text,
+    remove_stale_plots,
+    to_markdown,
+    write_json,
+    write_junit,
+    write_markdown,
+    write_plots,
+    xml_text,
+)
 from fqexport.validation.thresholds import Thresholds
 from fqexport.validation.validation_report import ValidationReport
 
@@ -69,12 +80,67 @@ def test_junit_parses_with_one_case_per_check(report, tmp_path):
     assert cases["max_size_mb"].find("failure") is None
 
 
+def _named_groups_report(names):
+    """The fixture's numbers with other group names (worst group second)."""
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    group = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    m = group_metrics(np.eye(2)[np.array([0, 1, 0, 1, 1, 0, 0, 1])] * 3.0, y, group, names)
+    t = Thresholds(min_worst_group_acc=80)
+    base = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, thresholds=t)
+    return dataclasses.replace(base, checks=run_checks(base, t))
+
+
+def test_group_names_with_pipes_and_line_breaks_keep_the_markdown_table(tmp_path):
+    r = _named_groups_report(("age|65+", "rural\nnorth"))
+    text = write_markdown(r, tmp_path / "report.md").read_text()
+    table = text.split("## Per group\n\n")[1].split("\n\n")[0].splitlines()  # header, rule, groups, overall
+    assert len(table) == 5
+    assert len({len(line.replace("\\|", "").split("|")) for line in table}) == 1  # one column count
+    assert "| age\\|65+ | 4 | 100.00 |" in text and "| rural north | 4 | 50.00 |" in text
+    assert "- worst group: **rural north** 50.00 %" in text
+    assert "| min_worst_group_acc | 80 | 50.000 | rural north | **FAIL** |" in text
+    assert md_text("a|b\r\nc\rd") == "a\\|b c d"
+    assert markdown_table([{"group": "a|b", "n": 1}]) == "| group | n |\n|---|---|\n| a\\|b | 1 |\n"
+
+
+def test_a_group_without_a_value_is_null_in_report_json_and_named_in_report_md(report, tmp_path):
+    nan = float("nan")
+    by_group = {"a": dict(report.metrics.by_group["a"]), "b": {**report.metrics.by_group["b"], "accuracy": nan}}
+    unmeasured = dataclasses.replace(report, metrics=dataclasses.replace(report.metrics, by_group=by_group),
+                                     group_drop={"b": nan, "a": 0.0})
+    d = json.loads(write_json(unmeasured, tmp_path / "report.json").read_text())
+    assert d["reference"]["group_drop"] == {"b": None, "a": 0.0} and d["reference"]["max_group_drop"] == ["a", 0.0]
+    text = write_markdown(unmeasured, tmp_path / "report.md").read_text()
+    assert "- largest drop vs reference: 0.00 pp (group a) (without b: not measured)" in text
+    none = dataclasses.replace(unmeasured, group_drop={"a": nan, "b": nan})
+    assert "- largest drop vs reference: n/a (without a, b: not measured)" in to_markdown(none)
+
+
+def test_group_names_with_control_characters_keep_the_junit_well_formed(tmp_path):
+    r = _named_groups_report(("a", "\x1b[1mrural\x07"))
+    root = ET.parse(write_junit(r, tmp_path / "junit.xml")).getroot()
+    fail = root.find("testcase/failure")
+    assert "(group '\\x1b[1mrural\\x07') 50.00 % below --min-worst-group-acc 80" in fail.get("message")
+    assert fail.text.endswith("group \\x1b[1mrural\\x07")
+    assert xml_text("tab\tnl\nok\x00\ufffe\U0001f600") == "tab\tnl\nok\\x00\\ufffe\U0001f600"
+
+
 def test_plots_written_as_png(report, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib not installed")
     paths = write_plots(report, tmp_path / "plots")
     assert [p.name for p in paths] == ["group_accuracy.png", "latency.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stale_plots_of_an_earlier_run_are_removed_and_nothing_else(tmp_path):
+    for name in ("group_accuracy.png", "latency.png", "mine.png"):
+        (tmp_path / name).write_bytes(b"old")
+    (tmp_path / "sub").mkdir()
+    assert remove_stale_plots(tmp_path, [tmp_path / "group_accuracy.png"]) == [tmp_path / "latency.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["group_accuracy.png", "mine.png", "sub"]
+    assert remove_stale_plots(tmp_path, []) == [tmp_path / "group_accuracy.png"]  # --no-plots
+    assert remove_stale_plots(tmp_path / "sub", []) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "sub"]
 
 
 def test_plots_skipped_without_matplotlib(report, tmp_path, monkeypatch, caplog):

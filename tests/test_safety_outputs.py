@@ -10,7 +10,7 @@ import pytest
 from safety_helpers import compress_args, first_line, make_inputs, run_cli, snapshot
 
 from fqexport.atomic import atomic_write
-from fqexport.cli.paths import Output, check_paths
+from fqexport.cli.paths import MSG_FOLDER_OF_OUTPUT, MSG_NO_FOLDER, Output, check_paths
 from fqexport.errors import OutputPathError
 
 
@@ -54,6 +54,33 @@ def test_missing_output_folder_passes_the_check_and_is_created_by_the_write(work
     assert not (work / "new").exists()  # the check runs before any compute and writes nothing
     atomic_write(folder / "report.json", lambda tmp: tmp.write_text("{}"))
     assert (folder / "report.json").read_text() == "{}" and [p.name for p in folder.iterdir()] == ["report.json"]
+
+
+def test_a_file_output_inside_an_output_folder_the_command_creates_passes(work):
+    """docs/validation.md's CI example: --junit reports/validate.xml --report-dir reports, reports/ missing."""
+    for junit, report_dir in (("reports/validate.xml", "reports"), ("new/validate.xml", "new/reports"),
+                              ("reports/ci/validate.xml", "reports/ci")):
+        outputs = [Output("--junit", work / junit), Output("--report-dir", work / report_dir, ("report.json",))]
+        assert check_paths([], outputs) is None and check_paths([], outputs[::-1]) is None
+    assert not (work / "reports").exists() and not (work / "new").exists()
+    # a folder nothing creates still fails first, and a file cannot take the place of a folder to create
+    with pytest.raises(OutputPathError) as info:
+        check_paths([], [Output("--junit", work / "other" / "j.xml"), Output("--report-dir", work / "reports", ("r",))])
+    assert str(info.value) == MSG_NO_FOLDER.format(flag="--junit", path=work / "other" / "j.xml",
+                                                   parent=work / "other")
+    with pytest.raises(OutputPathError) as info:
+        check_paths([], [Output("--junit", work / "new"), Output("--report-dir", work / "new" / "reports", ("r",))])
+    assert str(info.value) == MSG_FOLDER_OF_OUTPUT.format(flag="--junit", path=work / "new", other="--report-dir",
+                                                          other_path=work / "new" / "reports")
+    assert str(info.value) == (f"--junit {work / 'new'}: --report-dir {work / 'new' / 'reports'} creates a folder "
+                               "there; choose another --junit")
+
+
+def test_the_ci_example_writes_its_junit_into_the_report_dir_it_creates(work):
+    code, out, err = run_cli(["validate", "model.onnx", "--data", "calib.npz", "--no-latency", "--no-plots",
+                              "--no-kernel-check", "--junit", "reports/validate.xml", "--report-dir", "reports"], work)
+    assert code == 0, err
+    assert sorted(p.name for p in (work / "reports").iterdir()) == ["report.json", "report.md", "validate.xml"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 from safety_helpers import compress_args, first_line, make_inputs, run_cli, snapshot
 
@@ -27,6 +28,29 @@ def test_cli_refuses_an_output_equal_to_an_input(work, args, line):
     code, out, err = run_cli(args, work)
     assert (code, first_line(err)) == (2, line)
     assert snapshot(work) == before  # nothing new, inputs unchanged byte for byte
+
+
+@pytest.mark.parametrize("args, line", [
+    (["validate", "model.onnx", "--data", "calib.npz", "--reference", "float.onnx", "--junit", "float.onnx.data"],
+     "error: --junit float.onnx.data is the same file as --reference's external data float.onnx.data: it would "
+     "overwrite the input; choose another --junit"),
+    (["validate", "ext.onnx", "--data", "calib.npz", "--report-dir", ".", "--junit", "weights.bin"],
+     "error: --junit weights.bin is the same file as model's external data weights.bin: it would overwrite the "
+     "input; choose another --junit"),
+    (["validate", "md.onnx", "--data", "calib.npz", "--report-dir", "."],
+     "error: --report-dir (report.md) report.md is the same file as model's external data report.md: it would "
+     "overwrite the input; choose another --report-dir (report.md)"),
+])
+def test_cli_refuses_an_output_equal_to_a_models_external_data(work, args, line):
+    """Any location an ONNX file's tensors name (torch.onnx.export's <name>.onnx.data, 'weights.bin'),
+    of the model and of --reference, is an input."""
+    for name, location in (("float.onnx", "float.onnx.data"), ("ext.onnx", "weights.bin"), ("md.onnx", "report.md")):
+        onnx.save(onnx.load(str(work / "model.onnx")), str(work / name), save_as_external_data=True,
+                  location=location, size_threshold=0)
+    before = snapshot(work)
+    code, out, err = run_cli(args, work)
+    assert (code, first_line(err)) == (2, line)
+    assert snapshot(work) == before
 
 
 def test_report_equal_to_out(work):

@@ -41,7 +41,8 @@ def _fixed_and_dynamic(tmp_path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter makes the fixed-batch file users get
 def test_a_fixed_batch_file_and_its_reference_are_timed_at_that_batch(tmp_path):
     """A file with a fixed batch of 1 runs only batch 1: the reference is timed at batch 1 too
-    (its ratio at batch 16 compared batch 1 with batch 16), and once for every requested size."""
+    (its ratio at batch 16 compared batch 1 with batch 16), and once for every requested size. A
+    reference with a fixed batch of 1 is timed at batch 1 only, the model at every requested size."""
     import numpy as np
 
     from fqexport.calibration.group_data import GroupData
@@ -55,8 +56,18 @@ def test_a_fixed_batch_file_and_its_reference_are_timed_at_that_batch(tmp_path):
     data = GroupData(x, np.zeros(32, np.int64), np.arange(32) % 2, ("a", "b"), "t.npz")
     lat, ref = measure_latencies(fixed, data, (1, 16), warmup=1, repeats=3, reference=dynamic)
     assert [l.batch_size for l in lat] == [1] == [r.batch_size for r in ref]
-    lat, ref = measure_latencies(dynamic, data, (1, 16), warmup=1, repeats=3, reference=fixed)
-    assert [l.batch_size for l in lat] == [1] == [r.batch_size for r in ref]
+    # a fixed-batch reference does not change what the model is timed (and gated) at: batch 16 too,
+    # the reference at its own batch 1 only, the speed compared at batch 1 only
+    lat, ref = measure_latencies(dynamic, data, (16, 1, 16), warmup=1, repeats=3, reference=fixed)
+    assert [l.batch_size for l in lat] == [16, 1] and [r.batch_size for r in ref] == [1]
+    assert set(speedups(lat, ref)) == {1}
+    assert speed_verdict(lat, ref, "x86-avx2").endswith(
+        "; batch 16: not compared (the reference runs batch 1 only: a fixed batch)")
+    lat, ref = measure_latencies(dynamic, data, (16,), warmup=1, repeats=3, reference=fixed)
+    assert [l.batch_size for l in lat] == [16] and [r.batch_size for r in ref] == [1]
+    assert speed_verdict(lat, ref, "x86-avx2") == (
+        "on this CPU (x86-avx2) the speed is not compared: the file runs batch 16 and the reference batch 1 "
+        "(fixed batch sizes)")
     # two different fixed batches are not compared
     one = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3)
     eight = LatencyResult(4.0, 4.0, 4.0, 2e3, 8, 1, 1, 3)

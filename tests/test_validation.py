@@ -282,6 +282,21 @@ def test_native_only_report_has_no_target_checks(setup):
     assert [c.name for c in r.checks] == ["min_worst_group_acc"]
 
 
+def test_a_fixed_batch_reference_leaves_every_latency_check_of_the_model(setup, tmp_path):
+    """docs/validation.md: one --max-latency-ms check per --latency-batch-sizes entry, with or without
+    a reference; a reference fixed to batch 1 is timed at batch 1 only (batch 8 is not compared)."""
+    d, data = setup
+    float_model = onnx.load(str(d / "float.onnx"))
+    float_model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(float_model, str(tmp_path / "float_b1.onnx"))
+    r = validate(d / "qdq.onnx", data, reference=tmp_path / "float_b1.onnx", latency_batch_sizes=(1, 8), repeats=3,
+                 warmup=1, kernel_check=False, thresholds=Thresholds(max_latency_ms=1e4))
+    assert [l.batch_size for l in r.latency] == [1, 8] and [l.batch_size for l in r.reference_latency] == [1]
+    assert [c.name for c in r.checks] == ["max_latency_ms[batch=1]", "max_latency_ms[batch=8]"]
+    assert set(r.speedups()) == {1}
+    assert r.speed_verdict().endswith("; batch 8: not compared (the reference runs batch 1 only: a fixed batch)")
+
+
 def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(setup):
     d, data = setup
     r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", latency_batch_sizes=(1, 8), repeats=5, warmup=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -14,9 +15,12 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.thresholds import Thresholds
 from fqexport.validation.validation_report import (
     MSG_FAILED,
+    MSG_NOT_COMPARED,
     ValidationReport,
     group_drop,
     kernel_deviation,
+    measured_max,
+    not_measured,
     pepr_score,
 )
 
@@ -87,6 +91,36 @@ def test_a_group_without_a_value_fails_the_worst_group_and_drop_checks():
     assert all(c.passed for c in ok)
 
 
+def test_a_group_without_a_value_is_null_in_the_json_and_left_out_of_the_largest_drop():
+    """docs/validation.md: report.json has NaN -> null; the largest drop is over the measured groups,
+    whatever order the groups come in."""
+    m = _metrics(Y)
+    m = dataclasses.replace(m, by_group={"a": dict(m.by_group["a"]), "b": {**m.by_group["b"], "accuracy": float("nan")}})
+    nan = float("nan")
+    for drops in ({"a": 0.1, "b": nan}, {"b": nan, "a": 0.1}):
+        report = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, reference_metrics=m,
+                                  group_drop=drops, kernel_deviation_by_group={"b": nan, "a": 0.0},
+                                  kernel_deviation=nan, agreement=1.0)
+        assert report.max_group_drop == ("a", 0.1)
+        d = report.to_dict()
+        json.dumps(d, allow_nan=False)  # raised "Out of range float values are not JSON compliant: nan"
+        assert d["reference"]["group_drop"] == {"a": 0.1, "b": None} and d["reference"]["max_group_drop"] == ["a", 0.1]
+        assert d["kernel"]["kernel_deviation_by_group"] == {"b": None, "a": 0.0} and d["kernel"]["kernel_deviation"] is None
+        assert d["targets"]["native"]["kernel_deviation_by_group"] == {"b": None, "a": 0.0}
+    assert measured_max({"b": nan, "a": 0.1, "c": -0.2}) == ("a", 0.1) == measured_max({"a": 0.1, "b": nan})
+    assert measured_max({"b": nan}) is None and not_measured({"a": 0.1, "b": nan}) == ["b"]
+    everything_unmeasured = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m,
+                                             group_drop={"b": nan})
+    assert everything_unmeasured.max_group_drop is None and everything_unmeasured.to_dict()["reference"][
+        "max_group_drop"] is None
+    # the gate: the drop and kernel-deviation checks fail naming the group, in any order
+    for dev in ({"b": nan, "a": 0.0}, {"a": 0.0, "b": nan}):
+        view = dataclasses.replace(report, kernel_deviation_by_group=dev)
+        checks = {c.name: c for c in run_checks(view, Thresholds(max_group_drop=50, max_kernel_deviation=50))}
+        for name in ("max_group_drop", "max_kernel_deviation"):
+            assert not checks[name].passed and checks[name].group == "b", name
+
+
 def _lat(bs, p50):
     return LatencyResult(p50_ms=p50, p95_ms=p50, mean_ms=p50, throughput_per_s=bs / p50 * 1e3, batch_size=bs,
                          threads=2, warmup=1, repeats=5)
@@ -104,3 +138,11 @@ def test_speed_verdict_says_whether_the_file_buys_speed_or_only_size():
     assert slow.speed_verdict() == ("on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.67x the "
                                     "reference's speed (slower)")
     assert slow.to_dict()["speedup_vs_reference"] == {"1": pytest.approx(1 / 1.5)}
+    # a reference with a fixed batch of 1: the model's batch 8 is not compared, and the verdict says so
+    part = ValidationReport(**base, latency=(_lat(8, 2.0), _lat(1, 0.5)), reference_latency=(_lat(1, 1.0),))
+    assert part.speedups() == {1: 2.0}
+    assert part.speed_verdict() == ("on this CPU (x86-avx2) the file buys speed and size at batch 1: batch 1: 2.00x "
+                                    "the reference's speed (faster); " + MSG_NOT_COMPARED.format(
+                                        batches="8", noun="the reference", theirs="1"))
+    assert MSG_NOT_COMPARED.format(batches="8", noun="the reference", theirs="1") == (
+        "batch 8: not compared (the reference runs batch 1 only: a fixed batch)")

@@ -8,8 +8,9 @@ with one line naming the flag when an output:
 - is the same file as an input or as another output (both flags are named);
 - is an existing directory (for a file output), a special file, or under ``/proc``, ``/sys``
   or ``/dev``;
-- lies under a regular file, in a folder that does not exist (file outputs; output folders
-  are created when their parent exists), or in a folder this process cannot write.
+- lies under a regular file, in a folder that does not exist (file outputs, unless an output
+  folder of the same command creates it: ``--junit reports/j.xml --report-dir reports``; output
+  folders are created when an ancestor exists), or in a folder this process cannot write.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from fqexport.errors import OutputPathError
 
@@ -30,6 +31,7 @@ MSG_SPECIAL = "{flag} {path} is not a regular file (a device, pipe or socket); g
 MSG_SYSTEM = "{flag} {path} is under {root}, which holds no user files; choose another {flag}"
 MSG_UNDER_FILE = "{flag} {path}: {parent} is a file, not a folder; choose another {flag}"
 MSG_NO_FOLDER = "{flag} {path}: folder {parent} does not exist; create it first"
+MSG_FOLDER_OF_OUTPUT = "{flag} {path}: {other} {other_path} creates a folder there; choose another {flag}"
 MSG_NOT_WRITABLE = "{flag} {path}: folder {parent} is not writable; choose another {flag}"
 _SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
 
@@ -63,7 +65,20 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_location(flag: str, path: Path, is_dir: bool) -> None:
+def _created_folders(outputs: Sequence[Output]) -> dict[Path, Output]:
+    """The folders the folder outputs create (real paths; each missing one and its missing
+    ancestors) and the output that creates each."""
+    made: dict[Path, Output] = {}
+    for out in outputs:
+        folder = _real(Path(out.path)) if out.inside is not None else None
+        while folder is not None and not folder.exists() and folder != folder.parent:
+            made.setdefault(folder, out)
+            folder = folder.parent
+    return made
+
+
+def _check_location(flag: str, path: Path, is_dir: bool, created: Mapping[Path, Output]) -> None:
+    """``created``: the folders the output folders create (a file output's missing folder may be one)."""
     real = _real(path)
     for root in _SYSTEM_ROOTS:
         if real == Path(root) or Path(root) in real.parents:
@@ -83,6 +98,8 @@ def _check_location(flag: str, path: Path, is_dir: bool) -> None:
     parent = real.parent
     while not parent.exists():
         if not is_dir:
+            if parent in created:  # the output folder that creates it checks its location
+                return
             raise OutputPathError(MSG_NO_FOLDER.format(flag=flag, path=path, parent=real.parent))
         parent = parent.parent
     if not parent.is_dir():
@@ -109,12 +126,17 @@ def check_paths(
     are skipped: their loaders report them); ``outputs`` are :class:`Output` (``None`` skipped).
     """
     outs = [o for o in outputs if o is not None and o.path is not None]
+    created = _created_folders(outs)
     for out in outs:
         base = Path(out.path)
         parent = _under_file(base)
         if parent is not None:
             raise OutputPathError(MSG_UNDER_FILE.format(flag=out.flag, path=base, parent=parent))
-        _check_location(out.flag, base, is_dir=out.inside is not None)
+        maker = created.get(_real(base)) if out.inside is None else None
+        if maker is not None:
+            raise OutputPathError(MSG_FOLDER_OF_OUTPUT.format(flag=out.flag, path=base, other=maker.flag,
+                                                              other_path=maker.path))
+        _check_location(out.flag, base, is_dir=out.inside is not None, created=created)
         if out.inside is not None:
             for label, f in out.files():
                 if f.is_dir():

@@ -17,6 +17,7 @@ from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
+    remove_stale_plots,
     write_json,
     write_junit,
     write_markdown,
@@ -90,8 +91,10 @@ def print_summary(report) -> None:
     for lat in report.latency:
         print(f"latency on {isa} batch {lat.batch_size}: p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, "
               f"{lat.throughput_per_s:.1f} samples/s ({lat.threads} threads, {lat.warmup} warm-up, {lat.repeats} runs)")
+    paired = {lat.batch_size for lat in report.latency}
     for ref in report.reference_latency:
-        print(f"reference latency batch {ref.batch_size}: p50 {ref.p50_ms:.3f} ms (timed interleaved with the model)")
+        how = "timed interleaved with the model" if ref.batch_size in paired else "its fixed batch, not compared"
+        print(f"reference latency batch {ref.batch_size}: p50 {ref.p50_ms:.3f} ms ({how})")
     if report.speed_verdict():
         print(report.speed_verdict())
     bops = f"{report.bops:.4g}" if report.bops is not None else "n/a"
@@ -125,8 +128,7 @@ def run_validate(args: argparse.Namespace) -> int:
     if args.report_dir is not None:
         write_json(report, args.report_dir / "report.json")
         write_markdown(report, args.report_dir / "report.md")
-        if not args.no_plots:
-            write_plots(report, args.report_dir)
+        remove_stale_plots(args.report_dir, [] if args.no_plots else write_plots(report, args.report_dir))
         print(f"reports written to {args.report_dir}")
     if args.junit is not None:
         write_junit(report, args.junit)

@@ -77,7 +77,7 @@ def _row(label: str, report) -> dict[str, str]:
     for name, g in m.by_group.items():
         row[f"{name} mAP"] = f"{100 * g['map']:.1f}"
         row[f"{name} mAP50"] = f"{100 * g['map50']:.1f}"
-    if report.group_drop is not None:
+    if report.max_group_drop is not None:
         g, drop = report.max_group_drop
         row["worst drop pt"] = f"{100 * drop:.1f} ({g})"
     else:

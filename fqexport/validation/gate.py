@@ -53,7 +53,7 @@ from fqexport.validation.measure import (
 )
 from fqexport.validation.resources import model_resources
 from fqexport.validation.thresholds import LIMIT_METRICS, Thresholds, check_measurements, flag
-from fqexport.validation.validation_report import ValidationReport, pepr_score
+from fqexport.validation.validation_report import ValidationReport, measured_max, pepr_score
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _kernel_fields(k: KernelCheck | None) -> dict[str, Any]:
         return {}
     return dict(
         unoptimized_metrics=k.unoptimized,
-        kernel_deviation=max(k.deviation_by_group.values()),
+        kernel_deviation=(measured_max(k.deviation_by_group) or ("", float("nan")))[1],
         kernel_deviation_by_group=k.deviation_by_group,
         kernel_agreement=k.agreement,
         fused_kernels=k.fused_kernels,

@@ -102,17 +102,22 @@ def _result(session: Any, times: np.ndarray, batch_size: int, warmup: int, repea
 PAIR_ROUNDS = 5
 
 
+def timed_batches(session: Any, reference: Any | None, batch_size: int) -> tuple[int, int | None]:
+    """``(model's batch, reference's batch)`` timed for a requested ``batch_size``: a file's fixed
+    batch when it has one (torch.onnx.export's default), else ``batch_size`` for the model and the
+    model's batch for the reference; the reference's is None without a reference. The two differ
+    only where the reference is fixed to another batch: its speed is not compared there."""
+    mine = fixed_batch(session) or int(batch_size)
+    if mine != int(batch_size):
+        log.info("the model input has a fixed batch of %d; timing batch %d instead of %d", mine, mine, batch_size)
+    return mine, None if reference is None else (fixed_batch(reference) or mine)
+
+
 def paired_batch(session: Any, reference: Any | None, batch_size: int) -> int | None:
-    """The batch both sessions are timed at for a requested ``batch_size``: a file's fixed batch
-    when one has it (torch.onnx.export's default), else ``batch_size``; None when the two have
-    different fixed batches."""
-    fixed = {b for b in (fixed_batch(session), None if reference is None else fixed_batch(reference)) if b is not None}
-    if len(fixed) > 1:
-        return None
-    batch = fixed.pop() if fixed else int(batch_size)
-    if batch != int(batch_size):
-        log.info("a model input has a fixed batch of %d; timing batch %d instead of %d", batch, batch, batch_size)
-    return batch
+    """The batch both sessions are timed at for a requested ``batch_size`` (:func:`timed_batches`);
+    None when they run different batches (the reference is fixed to another one)."""
+    mine, theirs = timed_batches(session, reference, batch_size)
+    return mine if theirs is None or theirs == mine else None
 
 
 def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch_size: int, warmup: int = 5,
@@ -123,7 +128,7 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
         raise ConfigError(f"latency batch_size={batch_size!r}, warmup={warmup!r}, repeats={repeats!r}: need "
                           ">= 1, >= 0, >= 1")
     batch = paired_batch(session, reference, batch_size)
-    if batch is None:  # two different fixed batches: each at its own (speedups does not pair them)
+    if batch is None:  # the reference is fixed to another batch: each at its own (speedups does not pair them)
         return (measure_latency(session, sample, batch_size, warmup, repeats),
                 measure_latency(reference, sample, batch_size, warmup, repeats))
     batch_size = batch

@@ -24,7 +24,7 @@ from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 from fqexport.validation.data_checks import check_data
-from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair, paired_batch
+from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair, timed_batches
 from fqexport.validation.thresholds import pct
 from fqexport.validation.validation_report import group_drop, kernel_deviation
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # 1024 held ~200 MB more at 3x64x64 than 256 for no speed.
 _STREAM_SAMPLES = 256
 MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}: they must be the same task"
+MSG_NOT_COMPARED = "latency batch {batch}: the reference runs batch {theirs} only (a fixed batch); speed not compared"
 
 
 @dataclass(frozen=True)
@@ -165,22 +166,29 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
 
 def measure_latencies(session: Any, data: GroupData | DataStream, batch_sizes: Sequence[int], *, warmup: int,
                       repeats: int, reference: Any = None) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...]]:
-    """Latency of ``session`` at each batch size, on the first samples of ``data``; with a
-    ``reference`` session, its latency too, the two timed in interleaved rounds
-    (:func:`~fqexport.validation.latency.measure_latency_pair`). Returns ``(model's, reference's)``."""
-    out, ref, timed = [], [], set()
-    for bs in batch_sizes:
-        batch = paired_batch(session, reference, bs)  # None: each file at its own fixed batch
-        if batch in timed:  # a fixed batch: one timing, not one per requested size
-            continue
-        timed.add(batch)
-        sample = data.take(np.arange(min(int(bs), len(data)))).x
-        if reference is None:
-            lat = measure_latency(session, sample, int(bs), warmup=warmup, repeats=repeats)
-        else:
-            lat, ref_lat = measure_latency_pair(session, reference, sample, int(bs), warmup=warmup, repeats=repeats)
+    """Latency of ``session`` at each batch size (once per batch it runs: a fixed batch is timed
+    once), on the first samples of ``data``; with a ``reference`` session, its latency too: at the
+    model's batch, the two timed in interleaved rounds
+    (:func:`~fqexport.validation.latency.measure_latency_pair`), or alone at its own fixed batch
+    where it has another one (the speeds are not compared there). Returns ``(model's, reference's)``."""
+    plan = list(dict.fromkeys(timed_batches(session, reference, bs) for bs in batch_sizes))
+    paired = {mine for mine, theirs in plan if theirs == mine}
+    out, ref = [], []
+    for mine, theirs in plan:
+        sample = data.take(np.arange(min(mine, len(data)))).x
+        if theirs == mine:
+            lat, ref_lat = measure_latency_pair(session, reference, sample, mine, warmup=warmup, repeats=repeats)
             ref.append(ref_lat)
-            log.info("reference latency batch %d: p50 %.3f ms", ref_lat.batch_size, ref_lat.p50_ms)
+        else:
+            lat = measure_latency(session, sample, mine, warmup=warmup, repeats=repeats)
+            if theirs is not None:
+                log.info(MSG_NOT_COMPARED.format(batch=mine, theirs=theirs))
         log.info("latency batch %d: p50 %.3f ms, p95 %.3f ms", lat.batch_size, lat.p50_ms, lat.p95_ms)
         out.append(lat)
+    own = dict.fromkeys(theirs for mine, theirs in plan if theirs is not None and theirs not in paired)
+    for theirs in own:  # the reference's fixed batch, which the model does not run
+        sample = data.take(np.arange(min(theirs, len(data)))).x
+        ref.append(measure_latency(reference, sample, theirs, warmup=warmup, repeats=repeats))
+    for r in ref:
+        log.info("reference latency batch %d: p50 %.3f ms", r.batch_size, r.p50_ms)
     return tuple(out), tuple(ref)

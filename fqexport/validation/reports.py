@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -17,13 +18,34 @@ from typing import Any
 from fqexport.atomic import atomic_write
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.metrics.group_metrics import json_safe
+from fqexport.validation.validation_report import not_measured
 
 log = logging.getLogger(__name__)
 
 MSG_NO_MATPLOTLIB = "matplotlib is not installed: skipping plots (pip install matplotlib)"
+MSG_STALE_PLOT = "removed %s: a plot of an earlier run that this run did not draw"
+GROUP_PLOT, LATENCY_PLOT = "group_accuracy.png", "latency.png"  # what write_plots writes
 # How reports name each task's per-group metrics (fqexport.tasks); the fractions show in percent.
 METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5", "miou": "mIoU", "dice": "Dice",
                  "pixel_accuracy": "pixel accuracy"}
+
+
+# What XML 1.0 allows (https://www.w3.org/TR/xml/#charsets): anything else makes the file not well-formed.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_NEWLINES = re.compile(r"\r\n|\r|\n")
+
+
+def md_text(value: Any) -> str:
+    """``value`` as text for a Markdown table cell or list line: ``|`` escaped (it would split the
+    cell), each line break a space (it would end the row)."""
+    return _NEWLINES.sub(" ", str(value)).replace("|", "\\|")
+
+
+def xml_text(value: Any) -> str:
+    """``value`` as text for XML 1.0: each character XML does not allow (control characters but
+    tab and line breaks, lone surrogates, U+FFFE/U+FFFF) written as its escape, ``\\x1b``."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        str(value))
 
 
 def _write_text(path: str | Path, text: str) -> Path:
@@ -53,8 +75,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     cols = list(rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines = ["| " + " | ".join(md_text(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(md_text(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +127,7 @@ def format_group_table(report: Any) -> str:
     for r in group_rows(report):
         cells = " | ".join(_cell(k, r[k]) for k in m.metric_names)
         lines.append(
-            f"| {r['group']} | {r['count']} | {cells} | "
+            f"| {md_text(r['group'])} | {r['count']} | {cells} | "
             f"{_pct(r[f'reference_{p}'])} | {_pct(r['drop'])} | {_pct(r[f'unoptimized_{p}'])} | "
             f"{_pct(r['kernel_deviation'])} |"
         )
@@ -148,7 +170,7 @@ def format_target_table(report: Any) -> str:
         isa = getattr(report, "cpu_isa", "unknown")
         label = (f"{r['target']} (emulated)" if r["emulated"] else f"native ({isa})" if r["target"] == "native"
                  else f"{r['target']} (this CPU's own kernels, {isa})")
-        lines.append(f"| {label} | {r['group']} | {_pct(r[p])} | {_pct(r['kernel_deviation'])} | "
+        lines.append(f"| {label} | {md_text(r['group'])} | {_pct(r[p])} | {_pct(r['kernel_deviation'])} | "
                      f"{_pct(r['agreement_with_native'])} |")
     return "\n".join(lines)
 
@@ -174,7 +196,7 @@ def to_markdown(report: Any) -> str:
         "",
         format_group_table(report),
         "",
-        f"- worst group: **{worst}** {_pct(worst_acc)} %; {label} gap (max − min) {_pct(m.difference())} pp",
+        f"- worst group: **{md_text(worst)}** {_pct(worst_acc)} %; {label} gap (max − min) {_pct(m.difference())} pp",
     ]
     task = getattr(report, "task", None)
     if task and task.get("name") != "classification":
@@ -189,8 +211,11 @@ def to_markdown(report: Any) -> str:
             f"demographic-parity difference {_num(m.demographic_parity_difference)}"
         )
     if report.group_drop is not None:
-        g, d = report.max_group_drop
-        out.append(f"- largest drop vs reference: {_pct(d)} pp (group {g})")
+        unmeasured = not_measured(report.group_drop)
+        among = f" (without {md_text(', '.join(unmeasured))}: not measured)" if unmeasured else ""
+        worst = report.max_group_drop
+        drop = f"{_pct(worst[1])} pp (group {md_text(worst[0])})" if worst is not None else "n/a"
+        out.append(f"- largest drop vs reference: {drop}{among}")
     if len(getattr(report, "targets", ("native",))) > 1:
         out += ["", "## Kernel targets", "",
                 "Emulated targets compute the fused int8 kernels with that CPU family's integer "
@@ -246,11 +271,11 @@ def to_markdown(report: Any) -> str:
         out += ["| check | limit | value | group | result |", "|---|---:|---:|---|---|"]
         for c in report.checks:
             out.append(
-                f"| {c.name} | {c.limit:g} | {_num(c.value, '.3f')} | {c.group or ''} | {'PASS' if c.passed else '**FAIL**'} |"
+                f"| {c.name} | {c.limit:g} | {_num(c.value, '.3f')} | {md_text(c.group or '')} | {'PASS' if c.passed else '**FAIL**'} |"
             )
         fails = report.failures()
         if fails:
-            out += [""] + [f"- FAIL: {c.message}" for c in fails]
+            out += [""] + [f"- FAIL: {md_text(c.message)}" for c in fails]
     else:
         out.append("No thresholds set.")
     return "\n".join(out) + "\n"
@@ -271,7 +296,8 @@ def write_markdown(report: Any, path: str | Path) -> Path:
 
 
 def to_junit(report: Any) -> ET.Element:
-    """``<testsuite>`` with one ``<testcase>`` per check (a failed check has a ``<failure>``).
+    """``<testsuite>`` with one ``<testcase>`` per check (a failed check has a ``<failure>``); text
+    XML 1.0 does not allow (a group name's control characters) is escaped (:func:`xml_text`).
 
     With no thresholds set, one passing ``validate`` case records that the model ran.
     """
@@ -291,17 +317,17 @@ def to_junit(report: Any) -> ET.Element:
                  ("cpu_isa", getattr(report, "cpu_isa", "unknown")),
                  ("cpu_kernel_family", kernel_family(getattr(report, "cpu_isa", "unknown"))),
                  ("targets", ",".join(getattr(report, "targets", ("native",))))):
-        ET.SubElement(props, "property", {"name": k, "value": str(v)})
+        ET.SubElement(props, "property", {"name": k, "value": xml_text(v)})
     if not checks:
         ET.SubElement(suite, "testcase", {"classname": "fqexport.validate", "name": "validate"})
     for c in checks:
-        case = ET.SubElement(suite, "testcase", {"classname": "fqexport.validate", "name": c.name})
+        case = ET.SubElement(suite, "testcase", {"classname": "fqexport.validate", "name": xml_text(c.name)})
         if not c.passed:
-            fail = ET.SubElement(case, "failure", {"message": c.message, "type": "ThresholdExceeded"})
-            fail.text = f"{c.name}: value {c.value} limit {c.limit} group {c.group or '-'}"
+            fail = ET.SubElement(case, "failure", {"message": xml_text(c.message), "type": "ThresholdExceeded"})
+            fail.text = xml_text(f"{c.name}: value {c.value} limit {c.limit} group {c.group or '-'}")
         else:
             out = ET.SubElement(case, "system-out")
-            out.text = c.message
+            out.text = xml_text(c.message)
     return suite
 
 
@@ -350,7 +376,7 @@ def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
     ax.set_title(f"per-group {METRIC_LABELS.get(p, p)}")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    written.append(atomic_write(dir / "group_accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+    written.append(atomic_write(dir / GROUP_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
     plt.close(fig)
     if report.latency:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
@@ -363,6 +389,22 @@ def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
         ax.set_title(f"latency ({report.latency[0].threads} threads)")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        written.append(atomic_write(dir / "latency.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+        written.append(atomic_write(dir / LATENCY_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
         plt.close(fig)
     return written
+
+
+def remove_stale_plots(dir: str | Path, written: list[Path]) -> list[Path]:
+    """Remove the plots :func:`write_plots` writes (by their names, regular files only) that are in
+    ``dir`` but not in ``written`` (this run's: none with ``--no-plots`` or without matplotlib,
+    no latency plot without latency), so that no plot of an earlier run sits beside this run's
+    report. Returns the removed paths."""
+    keep = {Path(p).resolve() for p in written}
+    removed = []
+    for name in (GROUP_PLOT, LATENCY_PLOT):
+        path = Path(dir) / name
+        if path.is_file() and not path.is_symlink() and path.resolve() not in keep:
+            path.unlink()
+            log.info(MSG_STALE_PLOT, path)
+            removed.append(path)
+    return removed

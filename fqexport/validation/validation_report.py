@@ -6,6 +6,7 @@ writers of this report (JSON, Markdown, JUnit, plots) are in :mod:`fqexport.vali
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +18,7 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.thresholds import CheckResult, Thresholds
 
 MSG_FAILED = "{model}: {count} limit(s) broken: {checks}"
+MSG_NOT_COMPARED = "batch {batches}: not compared ({noun} runs batch {theirs} only: a fixed batch)"
 
 
 def pepr_score(performance: float, avg_weight_bits: float) -> float:
@@ -29,6 +31,18 @@ def group_drop(reference: GroupMetrics, model: GroupMetrics) -> dict[str, float]
     the primary metric, a detector's mAP@[.5:.95], a segmenter's mIoU)."""
     p = model.primary
     return {g: float(reference.by_group[g][p]) - float(row[p]) for g, row in model.by_group.items()}
+
+
+def measured_max(values: Mapping[str, float]) -> tuple[str, float] | None:
+    """``(group, value)`` of the largest value that is not NaN (a group whose metric cannot be
+    measured: a detector's images without boxes, masks without labelled pixels); None when none is."""
+    measured = [(g, float(v)) for g, v in values.items() if not math.isnan(float(v))]
+    return max(measured, key=lambda kv: kv[1]) if measured else None
+
+
+def not_measured(values: Mapping[str, float]) -> list[str]:
+    """The groups whose value is NaN (their metric cannot be measured)."""
+    return [str(g) for g, v in values.items() if math.isnan(float(v))]
 
 
 def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, float]:
@@ -50,26 +64,32 @@ def speed_word(speedup: float) -> str:
 
 def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
     """Batch size -> the reference's p50 latency over the model's (> 1: the model is faster), for
-    the pairs timed at one batch size (a file with a fixed batch runs only that one)."""
-    return {m.batch_size: r.p50_ms / m.p50_ms for m, r in zip(latency, reference)
-            if m.p50_ms > 0 and m.batch_size == r.batch_size}
+    the batch sizes both were timed at (a file with a fixed batch runs only that one)."""
+    theirs = {r.batch_size: r for r in reference}
+    return {m.batch_size: theirs[m.batch_size].p50_ms / m.p50_ms for m in latency
+            if m.p50_ms > 0 and m.batch_size in theirs}
 
 
 def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult], isa: str,
                   noun: str = "the reference") -> str | None:
     """``"on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.95x the
-    reference's speed (same speed)"``; ``None`` when nothing was compared."""
+    reference's speed (same speed)"``, and the batch sizes not compared (the reference has another
+    fixed batch); ``None`` when nothing was compared."""
     ratio = speedups(latency, reference)
+    if not latency or not reference:
+        return None
+    mine = sorted({m.batch_size for m in latency})
+    theirs = sorted({r.batch_size for r in reference})
     if not ratio:
-        if not latency or not reference:
-            return None
-        mine = sorted({m.batch_size for m in latency})
-        theirs = sorted({r.batch_size for r in reference})
         return (f"on this CPU ({isa}) the speed is not compared: the file runs batch "
                 f"{', '.join(map(str, mine))} and {noun} batch {', '.join(map(str, theirs))} (fixed batch sizes)")
     parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
     fast = [bs for bs, x in ratio.items() if x >= FASTER]
     buys = f"speed and size at batch {', '.join(map(str, fast))}" if fast else "size only, no speed"
+    unpaired = [bs for bs in mine if bs not in ratio]
+    if unpaired:
+        parts.append(MSG_NOT_COMPARED.format(batches=", ".join(map(str, unpaired)), noun=noun,
+                                             theirs=", ".join(map(str, theirs))))
     return f"on this CPU ({isa}) the file buys {buys}: " + "; ".join(parts)
 
 
@@ -111,7 +131,9 @@ class ValidationReport:
     fused_kernels: Mapping[str, int] | None = None
     float_fallbacks: tuple[str, ...] | None = None
     latency: tuple[LatencyResult, ...] = ()
-    reference_latency: tuple[LatencyResult, ...] = ()  # the reference's, timed interleaved with ``latency``
+    # the reference's: at the model's batch sizes, timed interleaved with ``latency``; at its own
+    # fixed batch where it has another one (not compared)
+    reference_latency: tuple[LatencyResult, ...] = ()
     size_bytes: int = 0
     avg_weight_bits: float = 32.0
     params: int = 0
@@ -160,10 +182,9 @@ class ValidationReport:
 
     @property
     def max_group_drop(self) -> tuple[str, float] | None:
-        """(group, drop) of the largest per-group drop vs the reference, fraction."""
-        if not self.group_drop:
-            return None
-        return max(self.group_drop.items(), key=lambda kv: kv[1])
+        """(group, drop) of the largest per-group drop vs the reference, fraction, over the groups
+        whose drop was measured (:func:`measured_max`); None without a reference or a measured drop."""
+        return measured_max(self.group_drop) if self.group_drop else None
 
     def to_dict(self) -> dict[str, Any]:
         m = self.metrics
@@ -206,35 +227,35 @@ class ValidationReport:
 
     def _kernel_dict(self) -> dict[str, Any]:
         """The kernel check: what ORT fused and how far the optimized session moved from the graph."""
-        return {
+        return json_safe({
             "fused_kernels": _dict_or_none(self.fused_kernels),
             "float_fallbacks": list(self.float_fallbacks) if self.float_fallbacks is not None else None,
             "unoptimized_metrics": self.unoptimized_metrics.to_dict() if self.unoptimized_metrics else None,
             "kernel_deviation": self.kernel_deviation,
             "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
             "kernel_agreement": self.kernel_agreement,
-        }
+        })
 
     def _reference_dict(self) -> dict[str, Any]:
-        """The comparison with the reference model."""
-        return {
+        """The comparison with the reference model (a group's drop that cannot be measured: null)."""
+        return json_safe({
             "model": self.reference,
             "metrics": self.reference_metrics.to_dict() if self.reference_metrics else None,
             "group_drop": _dict_or_none(self.group_drop),
             "max_group_drop": list(self.max_group_drop) if self.max_group_drop else None,
             "agreement": self.agreement,
-        }
+        })
 
     def target_dict(self, target: str) -> dict[str, Any]:
         """Metrics, kernel deviation and agreement with native of one kernel target."""
         if target == "native":
-            return {"emulated": False, "metrics": self.metrics.to_dict(),
-                    "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
-                    "agreement_with_native": 1.0}
+            return json_safe({"emulated": False, "metrics": self.metrics.to_dict(),
+                              "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
+                              "agreement_with_native": 1.0})
         dev = (self.target_kernel_deviation_by_group or {}).get(target)
-        return {"emulated": target not in self.target_native, "metrics": self.target_metrics[target].to_dict(),
-                "kernel_deviation_by_group": _dict_or_none(dev),
-                "agreement_with_native": (self.target_agreement or {}).get(target)}
+        return json_safe({"emulated": target not in self.target_native, "metrics": self.target_metrics[target].to_dict(),
+                          "kernel_deviation_by_group": _dict_or_none(dev),
+                          "agreement_with_native": (self.target_agreement or {}).get(target)})
 
 
 def _dict_or_none(mapping: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from fqexport.cli.flags.shared import add_task_options, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError
+from fqexport.exporters.external_data import external_data_paths
 from fqexport.validation.thresholds import Thresholds, check_measurements
 
 DESCRIPTION = "Run an ONNX model per group in ONNX Runtime and gate on limits (the CI gate)."
@@ -27,6 +28,7 @@ EPILOG = (
     "2: bad input."
 )
 REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
+MSG_MODEL_DIR = "{flag} {path} is a directory; validate takes an .onnx file (the model's file, not its folder)"
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
@@ -99,9 +101,14 @@ def _thresholds(values: tuple) -> Thresholds:
 
 def check_validate(args: argparse.Namespace) -> None:
     """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is imported (exit 2)."""
+    for flag, model in (("model", args.model), ("--reference", args.reference)):
+        if model is not None and Path(model).is_dir():
+            raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
+    external = [("model's external data", p) for p in (Path(f"{args.model}.data"), *external_data_paths(args.model))]
+    if args.reference is not None:
+        external += [("--reference's external data", p) for p in external_data_paths(args.reference)]
     check_paths(
-        [("model", args.model), ("--data", args.data), ("--reference", args.reference),
-         ("model's external data", Path(f"{args.model}.data"))],
+        [("model", args.model), ("--data", args.data), ("--reference", args.reference), *external],
         [Output("--report-dir", args.report_dir, REPORT_FILES) if args.report_dir is not None else None,
          Output("--junit", args.junit) if args.junit is not None else None],
     )

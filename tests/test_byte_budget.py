@@ -212,8 +212,8 @@ def test_fit_shrinks_with_the_measured_bytes():
     fake = Fake({2: 3000, 4: 3000, 8: 3500})
     fit = fake.fit(big, cands, 6000)  # 7500 > 6000: 4 bits (5000) fits the 2500 bytes left
     assert (fit.candidate.allocation.bits, fit.refits, fake.verified) == ({"fc": 4}, 1, [])
-    assert fit.note == ("the written file took 7500 bytes > budget_bytes=6000: refitted a smaller allocation "
-                        "(2000 weight bytes + 3500 of graph and metadata)")
+    assert fit.note == ("the written file took 7500 bytes > budget_bytes=6000: refitted a smaller allocation of "
+                        "2000 weight bytes (file <= 5000 bytes)")  # the refitted file's size, measured
     assert fit.sizes == [7500, 5000] and [r for _, _, r in fake.measured] == [0, 1]
 
 

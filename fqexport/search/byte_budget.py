@@ -16,6 +16,7 @@ weights (graph, fp32 biases, activation Q/DQ parameters, metadata) serve it:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -79,12 +80,12 @@ MSG_BYTES_REFITS = (
 )
 # (at most NOTE_BYTES with 8-digit sizes)
 NOTE_SHRINK = (
-    "the written file took {size} bytes > budget_bytes={budget}: refitted a smaller allocation ({weights} "
-    "weight bytes + {overhead} of graph and metadata)"
+    "the written file took {size} bytes > budget_bytes={budget}: refitted a smaller allocation of {weights} "
+    "weight bytes (file <= {written} bytes)"
 )
 NOTE_GROW = (
-    "the written file took {size} bytes, {unused} under budget_bytes={budget}: refitted a larger allocation "
-    "({weights} weight bytes + {overhead} of graph and metadata)"
+    "the written file took {size} bytes, {unused} under budget_bytes={budget}: refitted a larger allocation of "
+    "{weights} weight bytes (file <= {written} bytes)"
 )
 
 
@@ -250,17 +251,21 @@ def fit_file_budget(
         if not pool:
             break
         nxt = min(pool, key=lambda c: (c.measured_worst, c.allocation.weight_bytes))
+        # the note bounds the refitted file's size: the measured size (written_size: the metadata's
+        # variable fields at their longest, an upper bound) does not depend on the note, so it is
+        # measured first with a placeholder
         if kept is None:
-            note = NOTE_SHRINK.format(size=size, budget=_num(budget), weights=nxt.allocation.weight_bytes,
-                                      overhead=overhead)
+            note = functools.partial(NOTE_SHRINK.format, size=size, budget=_num(budget),
+                                     weights=nxt.allocation.weight_bytes)
         else:
-            note = NOTE_GROW.format(size=kept.size, unused=_num(budget - kept.size), budget=_num(budget),
-                                    weights=nxt.allocation.weight_bytes, overhead=overhead)
+            note = functools.partial(NOTE_GROW.format, size=kept.size, unused=_num(budget - kept.size),
+                                     budget=_num(budget), weights=nxt.allocation.weight_bytes)
             grew = True
-        log.info(note)
         model = refit(nxt.allocation)
         refits += 1
-        size = measure(nxt, model, note, refits)
+        size = measure(nxt, model, "", refits)
+        note = note(written=size)
+        log.info(note)
         sizes.append(size)
         overheads.append(size - nxt.allocation.weight_bytes)
         last = nxt

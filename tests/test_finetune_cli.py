@@ -8,6 +8,7 @@ import pytest
 from conftest import run_main
 from fqexport.cli.flags.finetune import (
     MSG_EXPORT_BITS,
+    MSG_EXPORT_BITS_BUDGET,
     MSG_EXPORT_BITS_WITHOUT,
     MSG_LEARN_BITS_BUDGET,
     MSG_LEARN_BITS_SEARCH,
@@ -149,6 +150,16 @@ def test_export_bits_collision_is_caught_before_compute(mlp_files, tmp_path):
                                    "--export-bits", "4,8", "--report", report))
     assert code == 2 and "--report" in err and "--export-bits (4 bits)" in err and "fine-tuning" not in stdout
     assert not report.exists() and not (tmp_path / "m.w8.onnx").exists()
+
+
+@pytest.mark.parametrize("budget", [("--budget-bits", "4"), ("--budget-bytes", "9000")])
+def test_export_bits_with_a_search_budget_is_refused_before_compute(mlp_files, tmp_path, budget):
+    """Each width re-quantizes every layer: the search's allocation (and its budget) would be thrown away."""
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--export-bits",
+                                  "4,8", *budget))
+    assert code == 2 and MSG_EXPORT_BITS_BUDGET.format(flag=budget[0]) in err
+    assert not list(tmp_path.glob("m*.onnx"))
 
 
 def test_export_bits_bad_values_and_without_finetune_are_bad_input(mlp_files, tmp_path):

@@ -33,6 +33,10 @@ MSG_EXPORT_BITS = (
     "--export-bits {value!r}: give comma-separated distinct widths from 2 to 8, e.g. --export-bits 3,4,8 "
     "(writes OUT.w3.onnx, OUT.w4.onnx, OUT.w8.onnx next to --out)"
 )
+MSG_EXPORT_BITS_BUDGET = (
+    "--export-bits re-quantizes every layer at each width, which would discard the allocation the {flag} "
+    "search finds (and exceed its budget): use one of them"
+)
 MSG_EXPORT_BITS_LEARN = (
     "--export-bits re-quantizes every layer at each width, which would discard the widths --learn-bits "
     "learns: use one of them"
@@ -155,6 +159,9 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
         return None
     if export_bits and args.learn_bits:
         raise ConfigError(MSG_EXPORT_BITS_LEARN)
+    budgets = [f"--budget-{k}" for k in ("bits", "bytes", "bops") if getattr(args, f"budget_{k}", None) is not None]
+    if export_bits and budgets:
+        raise ConfigError(MSG_EXPORT_BITS_BUDGET.format(flag=budgets[0]))
     if args.learn_bits and args.budget_bits is None:
         raise ConfigError(MSG_LEARN_BITS_BUDGET)
     ignored = given_flags(args, SEARCH_ONLY_FLAGS) if args.learn_bits else []

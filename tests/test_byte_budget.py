@@ -245,3 +245,19 @@ def test_fit_measures_the_smallest_allocation_before_giving_up():
                                           r"writes a file of 5300 bytes, measured; raise --budget-bytes to at least "
                                           r"5300$"):
         Fake({2: 4300, 4: 4400, 8: 4500}).fit(big, list(cands), 5200)
+
+
+def test_a_fine_tuning_record_that_breaks_the_bytes_budget_is_refused_with_the_size_it_needs(tab, mlp_data, tmp_path):
+    """compress --budget-bytes N --finetune: fine-tuning adds its record to the metadata after the search
+    met N; a file that no longer fits is refused (exit 2 on the CLI) naming its exact size."""
+    cm = compress(tab[0], mlp_data, replace(BASE, weight_bits=4), progress=False)
+    size = int(export_qdq(cm, tmp_path / "plain.onnx", check=False).size_bytes)
+    assert byte_budget.check_finetuned_size(cm, size) == size
+    record = {"history": [{"epoch": e, "holdout": {"a": {"accuracy": 0.5, "loss": 1.0}}} for e in range(20)]}
+    tuned = replace(cm, metadata=replace(cm.metadata, finetune=record))
+    grown = int(export_qdq(tuned, tmp_path / "tuned.onnx", check=False).size_bytes)
+    with pytest.raises(ConfigError) as err:
+        byte_budget.check_finetuned_size(tuned, size + 10)
+    assert str(err.value) == byte_budget.MSG_FINETUNED_BYTES.format(
+        budget=size + 10, size=grown, record=byte_budget._json_bytes(record))
+    assert byte_budget.check_finetuned_size(tuned, grown) == grown

@@ -491,3 +491,14 @@ def test_baq_nan_loss_stops_before_writing_and_keeps_the_start(mlp_cm2, mlp_data
         "learning bit widths diverged: the loss became nan at epoch 1; nothing was written. Lower "
         "FinetuneConfig.lr (now 0.03) or bits_lr (now 0.05)")
     assert err.value.last_good is mlp_cm2
+
+
+def test_a_searched_models_holdout_figures_are_marked_as_measured_before_finetuning(mlp_cm2, mlp_data):
+    """The search's held-out figures describe its fit, not the fine-tuned model the file holds."""
+    from dataclasses import replace as swap
+
+    figures = {"by_group": {"a": {"accuracy": 0.5}}}
+    searched = swap(mlp_cm2, metadata=swap(mlp_cm2.metadata, allocation={"avg_bits": 2.0, "measured_holdout": figures}))
+    out = finetune(searched, mlp_data, FinetuneConfig(epochs=1, batch_size=64, max_steps=2), progress=False)
+    assert out.metadata.allocation == {"avg_bits": 2.0, "measured_holdout_before_finetune": figures}
+    assert searched.metadata.allocation["measured_holdout"] is figures  # the input is not modified

@@ -18,6 +18,7 @@ from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
+from fqexport.search.byte_budget import check_finetuned_size
 from fqexport.search.candidates import MixedPrecisionResult
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import write_json_data
@@ -42,6 +43,8 @@ def run_compress(args: argparse.Namespace) -> int:
         return _export_widths(args, run_finetune_widths(plan, cm, quiet=args.quiet), widths)
     if plan is not None:
         cm = run_finetune(plan, cm, quiet=args.quiet)
+        if budget is not None and "budget_bytes" in budget:  # its record grew the metadata the search measured
+            check_finetuned_size(cm, budget["budget_bytes"])
     result = export_qdq(cm, args.out)
     reference = export_float_reference(cm, args.float_out) if args.float_out else None
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]

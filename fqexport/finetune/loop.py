@@ -90,7 +90,19 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
     run.epochs()
     result = run.result()
     record = run.record(data, ptq, result, baq=baq, rounding=rounding)
-    return Trained(cm, replace(result, metadata=replace(result.metadata, finetune=record)), run.weights, run.acts)
+    meta = replace(result.metadata, finetune=record, allocation=_before_finetune(result.metadata.allocation))
+    return Trained(cm, replace(result, metadata=meta), run.weights, run.acts)
+
+
+def _before_finetune(allocation: dict | None) -> dict | None:
+    """A search's allocation record carried into a fine-tuned model: its held-out figures were
+    measured on the search's fit, not on the fine-tuned model the file holds, and say so
+    (``measured_holdout_before_finetune``; the fine-tuned figures are the finetune record's)."""
+    if not allocation or "measured_holdout" not in allocation:
+        return allocation
+    out = {k: v for k, v in allocation.items() if k != "measured_holdout"}
+    out["measured_holdout_before_finetune"] = allocation["measured_holdout"]
+    return out
 
 
 def _fix_grids(cm: CompressedModel, data: DataStream, config: FinetuneConfig, device: torch.device,

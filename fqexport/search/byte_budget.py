@@ -134,6 +134,25 @@ def file_overhead_estimate(layers: Sequence[LayerCost]) -> float:
     return float(GRAPH_BASE_BYTES + sum(layer_overhead_floor(l) for l in layers) + metadata_floor(layers))
 
 
+MSG_FINETUNED_BYTES = (
+    "budget_bytes={budget}: the fine-tuned model's file takes {size} bytes, over the budget the search met; the "
+    "fine-tuning record in its metadata adds {record} bytes. Nothing was written: raise --budget-bytes to at least "
+    "{size}"
+)
+
+
+def check_finetuned_size(cm: Any, budget: float) -> int:
+    """The exact size of the file a fine-tuned searched model writes (a temporary export), or a
+    ConfigError (:data:`MSG_FINETUNED_BYTES`) when it exceeds ``budget``: fine-tuning adds its
+    record to the metadata after the search met the budget."""
+    with tempfile.TemporaryDirectory(prefix="fqexport-size-") as tmp:
+        size = int(export_qdq(cm, Path(tmp) / "size.onnx", check=False).size_bytes)
+    if size > budget:
+        record = _json_bytes((getattr(cm.metadata, "finetune", None) or {}))
+        raise ConfigError(MSG_FINETUNED_BYTES.format(budget=_num(budget), size=size, record=record))
+    return size
+
+
 def written_size(cm: Any) -> int:
     """Bytes of ``cm``'s ONNX file as the export writes it (a temporary export, unchecked), with the
     metadata's task reason, note, fits count, origin and budget value counted at

@@ -245,6 +245,7 @@ def ort_parity(cm: CompressedModel, model, calib: GroupData, test: GroupData, ou
                storages: list[str]) -> tuple[dict[str, GroupMetrics], dict[str, Any]]:
     """Export ``cm`` — for another storage, the same compress with that storage (the container is
     decided in compress) — and validate each file in ONNX Runtime (optimized)."""
+    from fqexport.exporters.qdq_onnx import export_qdq
     from fqexport.validation.gate import validate
 
     metrics, info = {}, {}
@@ -273,7 +274,7 @@ def compare_model(name: str, model, train: GroupData, test: GroupData, out_dir: 
     print(f"\n## {name}\n")
     print(f"calibration: group_balanced_subset(train, {NUM_CALIB}): "
           + ", ".join(f"{n}={c}" for n, c in zip(calib.group_names, calib.group_counts())))
-    print(f"test split: " + ", ".join(f"{n}={c}" for n, c in zip(test.group_names, test.group_counts())))
+    print("test split: " + ", ".join(f"{n}={c}" for n, c in zip(test.group_names, test.group_counts())))
     results: list[Result] = []
     float_m: GroupMetrics | None = None
     for bits in BITS:

@@ -15,6 +15,8 @@ import warnings
 
 import onnx
 import torch
+import torch.fx
+import torch.nn.functional as F
 
 import fqexport.graph.act_quant  # noqa: F401  (registers torch.ops.fqexport.act_qdq)
 from fqexport.errors import ExportError
@@ -45,11 +47,53 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(inner).__name__}: {text[0] if text else ''}{where}"
 
 
+def attention_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` run as the 4-D call torch.onnx exports: inputs
+    ``[*lead, L, E]`` of another rank are made 4-D, more leading dims flattened into the batch
+    (windowed attention: Twins, NesT), fewer given leading 1s, and the output reshaped back; the
+    mask is broadcast to the scores' shape first. Same values as the plain call."""
+    if query.dim() == 4 or key.dim() != query.dim() or value.dim() != query.dim():
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    def as_4d(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t.reshape(*(1,) * (4 - t.dim()), *t.shape)
+
+    mask = attn_mask
+    if mask is not None:
+        mask = as_4d(mask.expand(*query.shape[:-1], key.shape[-2]))
+    out = F.scaled_dot_product_attention(as_4d(query), as_4d(key), as_4d(value), attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out.reshape(*query.shape[:-1], out.shape[-1])
+
+
+def _with_4d_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """A traced ``model`` whose attention calls go through :func:`attention_4d` (a copy; ``model``
+    itself when it has none, or is not an fx graph)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    calls = [n for n in model.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    if not calls:
+        return model
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(model.graph, {}))
+    rewritten = torch.fx.GraphModule(model, graph)  # shares the modules and weights: no copy of them
+    for node in rewritten.graph.nodes:
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            node.target = attention_4d
+    rewritten.recompile()
+    return rewritten.train(model.training)
+
+
 def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "float",
                   output_name: str = "logits") -> onnx.ModelProto:
     """Export ``model`` with a dynamic batch dimension at opset 21, weights inline, without
     per-node debug metadata; its one output is named ``output_name`` (a classifier's ``logits``,
-    a detector's ``output0`` as YOLO exports name it)."""
+    a detector's ``output0`` as YOLO exports name it). Attention on more than 4 dims is exported
+    as its 4-D equivalent (:func:`attention_4d`)."""
+    model = _with_4d_attention(model)
     table = {torch.ops.fqexport.act_qdq.default: act_qdq_onnx}
     if example.dim() > 0 and example.shape[0] == 1:
         # torch.export specialises a dimension whose example size is 1: a batch-1 example would

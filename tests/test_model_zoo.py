@@ -542,26 +542,61 @@ def test_a_forward_with_defaulted_extra_arguments_runs_at_their_defaults(tabular
     assert "cannot trace" not in str(err.value) and "torch.export" not in str(err.value)  # not the trace's advice
 
 
-def test_a_failed_torch_onnx_export_names_its_root_cause(tmp_path):
-    """torch.onnx converts 4-D SDPA only: its error is one line with the cause and the node."""
-    from fqexport.errors import ExportError
+def test_a_failed_torch_onnx_export_names_its_root_cause():
+    """torch.onnx's error chain in one line: the innermost cause and the node it failed on."""
+    from exporters.torch_export import _root_cause
 
-    class Sdpa3d(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
+    try:
+        try:
+            raise AssertionError("only 4D query, key, and value are supported\nmore lines")
+        except AssertionError as inner:
+            raise RuntimeError("\x1b[1mError when translating node %scaled_dot_product_attention (aten op).") from inner
+    except RuntimeError as err:
+        assert _root_cause(err) == ("AssertionError: only 4D query, key, and value are supported "
+                                    "(at node %scaled_dot_product_attention)")
 
-        def forward(self, x):
-            h = self.fc(x).unsqueeze(1)
-            return F.scaled_dot_product_attention(h, h, h).squeeze(1)
 
-    data = validate_group_data(np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32),
-                               np.arange(64) % 8, np.arange(64) % 2, source="t.npz")
-    cm = compress(Sdpa3d().eval(), data, QuantConfig(num_calib=64), progress=False)
-    with pytest.raises(ExportError) as info:
-        export_qdq(cm, tmp_path / "m.onnx")
-    assert str(info.value) == ("torch.onnx.export failed for the quantized model: AssertionError: only 4D query, "
-                               "key, and value are supported (at node %scaled_dot_product_attention)")
+class Attention(nn.Module):
+    """Attention on 3-D ``[B, L, E]`` or, windowed (Twins, NesT), 5-D ``[B, G, H, L, E]`` inputs, with an
+    optional additive mask: torch.onnx exports 4-D attention only."""
+
+    def __init__(self, rank: int, masked: bool = False) -> None:
+        super().__init__()
+        self.rank, self.masked = rank, masked
+        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, x):  # x [B, 4, 6, 8]: 4 windows of 6 tokens
+        b, g, n, c = x.shape
+        if self.rank == 3:
+            q, k, v = self.qkv(x.reshape(b, g * n, c)).chunk(3, -1)
+            mask = torch.linspace(-1.0, 0.0, g * n)  # [S], broadcast over queries
+        else:
+            q, k, v = self.qkv(x).reshape(b, g, n, 3, 2, 4).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            mask = torch.linspace(-1.0, 0.0, n)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if self.masked else None)
+        if self.rank == 5:
+            a = a.transpose(2, 3).reshape(b, g, n, c)
+        return self.head(a.reshape(b, -1, c).mean(1))
+
+
+@pytest.mark.parametrize("rank,masked", [(3, False), (5, False), (5, True)])
+def test_attention_on_other_than_4_dims_is_exported_as_its_4d_equivalent(rank, masked, tmp_path):
+    from exporters.torch_export import attention_4d
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 5, 4), torch.randn(3, 2, 2, 7, 4), torch.randn(3, 2, 2, 7, 4)
+    mask = torch.randn(7)
+    torch.testing.assert_close(attention_4d(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, mask))
+    torch.testing.assert_close(attention_4d(q[0, 0], k[0, 0], v[0, 0]), F.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]))
+    x = np.random.default_rng(0).normal(size=(64, 4, 6, 8)).astype(np.float32)
+    model = Attention(rank, masked).eval()
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    cm = compress(model, validate_group_data(x, y, np.arange(64) % 2, source="t.npz"), QuantConfig(num_calib=64),
+                  progress=False)
+    result = export_qdq(cm, tmp_path / "m.onnx")  # torch.onnx refused these: "only 4D query, key, and value"
+    assert result.agreement >= 0.99
+    assert any(n.op_type == "Softmax" or "Attention" in n.op_type for n in onnx.load(result.path).graph.node)
 
 
 class WindowNet(nn.Module):

@@ -764,8 +764,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     folded, bn_convs = fold_batchnorm(raw, example)
     folded = folded.eval().cpu()
     layers = quantizable_layers(folded, skipped | {k.name for k in kept}, bn_convs)
-    if example is not None:
-        dims = layer_batch_dims(folded, example, [l.name for l in layers])
+    tokens = [l.name for l in layers if l.kind in ("linear", "embedding")]  # a conv's batch is dim 0
+    if example is not None and tokens:
+        dims = layer_batch_dims(folded, example, tokens)
         layers = [replace(l, batch_dim=dims.get(l.name, 0)) for l in layers]
     if not layers:
         if kept:

@@ -69,19 +69,23 @@ def attention_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     return out.reshape(*query.shape[:-1], out.shape[-1])
 
 
+# an eager trace calls F's; a graph torch.export made (a .pt2, or the fallback of a forward fx cannot trace) the aten op
+_ATTENTION = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+
+
 def _with_4d_attention(model: torch.nn.Module) -> torch.nn.Module:
     """A traced ``model`` whose attention calls go through :func:`attention_4d` (a copy; ``model``
     itself when it has none, or is not an fx graph)."""
     if not isinstance(model, torch.fx.GraphModule):
         return model
-    calls = [n for n in model.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    calls = [n for n in model.graph.nodes if n.op == "call_function" and n.target in _ATTENTION]
     if not calls:
         return model
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(model.graph, {}))
     rewritten = torch.fx.GraphModule(model, graph)  # shares the modules and weights: no copy of them
     for node in rewritten.graph.nodes:
-        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        if node.op == "call_function" and node.target in _ATTENTION:
             node.target = attention_4d
     rewritten.recompile()
     return rewritten.train(model.training)

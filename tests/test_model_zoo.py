@@ -560,12 +560,14 @@ class Attention(nn.Module):
     """Attention on 3-D ``[B, L, E]`` or, windowed (Twins, NesT), 5-D ``[B, G, H, L, E]`` inputs, with an
     optional additive mask: torch.onnx exports 4-D attention only."""
 
-    def __init__(self, rank: int, masked: bool = False) -> None:
+    def __init__(self, rank: int, masked: bool = False, iterates: bool = False) -> None:
         super().__init__()
-        self.rank, self.masked = rank, masked
+        self.rank, self.masked, self.iterates = rank, masked, iterates
         self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, 3)
 
     def forward(self, x):  # x [B, 4, 6, 8]: 4 windows of 6 tokens
+        if self.iterates:  # fx cannot trace this: torch.export's graph, with the aten attention op
+            x = torch.stack(list(x.unbind(1)), 1)
         b, g, n, c = x.shape
         if self.rank == 3:
             q, k, v = self.qkv(x.reshape(b, g * n, c)).chunk(3, -1)
@@ -579,8 +581,9 @@ class Attention(nn.Module):
         return self.head(a.reshape(b, -1, c).mean(1))
 
 
-@pytest.mark.parametrize("rank,masked", [(3, False), (5, False), (5, True)])
-def test_attention_on_other_than_4_dims_is_exported_as_its_4d_equivalent(rank, masked, tmp_path):
+@pytest.mark.parametrize("rank,masked,iterates", [(3, False, False), (5, False, False), (5, True, False),
+                                                   (5, False, True)])
+def test_attention_on_other_than_4_dims_is_exported_as_its_4d_equivalent(rank, masked, iterates, tmp_path):
     from exporters.torch_export import attention_4d
 
     torch.manual_seed(0)
@@ -589,7 +592,7 @@ def test_attention_on_other_than_4_dims_is_exported_as_its_4d_equivalent(rank, m
     torch.testing.assert_close(attention_4d(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, mask))
     torch.testing.assert_close(attention_4d(q[0, 0], k[0, 0], v[0, 0]), F.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]))
     x = np.random.default_rng(0).normal(size=(64, 4, 6, 8)).astype(np.float32)
-    model = Attention(rank, masked).eval()
+    model = Attention(rank, masked, iterates).eval()
     with torch.no_grad():
         y = model(torch.from_numpy(x)).argmax(1).numpy()
     cm = compress(model, validate_group_data(x, y, np.arange(64) % 2, source="t.npz"), QuantConfig(num_calib=64),

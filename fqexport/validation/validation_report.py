@@ -191,7 +191,8 @@ class ValidationReport:
         worst = m.group_min()
         gpu = {} if self.gpu_rule_violations is None else {
             "gpu_rules": {"passed": not self.gpu_rule_violations, "violations": list(self.gpu_rule_violations)}}
-        return {
+        # one pass makes the whole report JSON-safe (NaN -> null: a group whose metric cannot be measured)
+        return json_safe({
             "model": self.model,
             "data": self.data_source,
             "provider": self.provider,
@@ -201,8 +202,8 @@ class ValidationReport:
             "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},
             "metrics": self.metrics.to_dict(),
             "worst_group": worst[0],
-            f"worst_group_{m.primary}": json_safe(worst[1]),
-            f"{m.primary}_gap": json_safe(m.difference()),
+            f"worst_group_{m.primary}": worst[1],
+            f"{m.primary}_gap": m.difference(),
             "kernel": self._kernel_dict(),
             "reference": self._reference_dict(),
             "latency": [lat.to_dict() for lat in self.latency],
@@ -215,36 +216,36 @@ class ValidationReport:
             "macs_per_sample": self.macs,
             "bops_per_sample": self.bops,
             "resource_source": self.resource_source,
-            "pepr": json_safe(self.pepr),
-            "pepr_worst_group": json_safe(self.pepr_worst_group),
+            "pepr": self.pepr,
+            "pepr_worst_group": self.pepr_worst_group,
             "thresholds": self.thresholds.to_dict(),
             "checks": [c.to_dict() for c in self.checks],
             "metadata": self.metadata.to_dict() if self.metadata is not None else None,
             "targets": {name: self.target_dict(name) for name in self.targets},
             "task": dict(self.task) if self.task is not None else {"name": "classification"},
             **gpu,
-        }
+        })
 
     def _kernel_dict(self) -> dict[str, Any]:
         """The kernel check: what ORT fused and how far the optimized session moved from the graph."""
-        return json_safe({
+        return {
             "fused_kernels": _dict_or_none(self.fused_kernels),
             "float_fallbacks": list(self.float_fallbacks) if self.float_fallbacks is not None else None,
             "unoptimized_metrics": self.unoptimized_metrics.to_dict() if self.unoptimized_metrics else None,
             "kernel_deviation": self.kernel_deviation,
             "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
             "kernel_agreement": self.kernel_agreement,
-        })
+        }
 
     def _reference_dict(self) -> dict[str, Any]:
-        """The comparison with the reference model (a group's drop that cannot be measured: null)."""
-        return json_safe({
+        """The comparison with the reference model."""
+        return {
             "model": self.reference,
             "metrics": self.reference_metrics.to_dict() if self.reference_metrics else None,
             "group_drop": _dict_or_none(self.group_drop),
             "max_group_drop": list(self.max_group_drop) if self.max_group_drop else None,
             "agreement": self.agreement,
-        })
+        }
 
     def target_dict(self, target: str) -> dict[str, Any]:
         """Metrics, kernel deviation and agreement with native of one kernel target."""

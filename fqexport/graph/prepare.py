@@ -444,15 +444,14 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
             operands = [*node.args[:2], *(node.kwargs[k] for k in ("input", "weight", "other") if k in node.kwargs)]
             if (layer := _float_weight_operand(gm, operands, f"F.{op}")) is not None:
                 out[layer.name] = layer
-            else:
-                if op in _OPS_WITH_WEIGHT:  # a weight built from the input and parameters (CondConv)
-                    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-                    params = [(t, p) for t in dynamic_weight_params(weight)
-                              if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
-                    if params:
-                        name = layer_owner(params[0][0])
-                        out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
-                                               sum(int(p.numel()) for _, p in params))
+            elif op in _OPS_WITH_WEIGHT:  # a weight built from the input and parameters (CondConv)
+                weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                params = [(t, p) for t in dynamic_weight_params(weight)
+                          if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+                if params:
+                    name = layer_owner(params[0][0])
+                    out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
+                                           sum(int(p.numel()) for _, p in params))
     return list(out.values())
 
 

@@ -112,9 +112,12 @@ def output_gradient_energy(
             if not output.requires_grad:  # the first layer: gradients start here (the weights are frozen)
                 output = replaced = output.detach().requires_grad_().clone()
             samples = batch[0]
-            output.register_hook(lambda grad: parts[name].append(_by_sample(
-                _position_sums(grad.detach().movedim(d, 0), kind) / _positions(grad.movedim(d, 0), kind), samples,
-                name, "mean")))
+
+            def on_grad(grad: torch.Tensor) -> None:
+                g = grad.detach().movedim(d, 0)  # samples first
+                parts[name].append(_by_sample(_position_sums(g, kind) / _positions(g, kind), samples, name, "mean"))
+
+            output.register_hook(on_grad)
             return replaced
 
         return on_output

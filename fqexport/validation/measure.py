@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # 1024 held ~200 MB more at 3x64x64 than 256 for no speed.
 _STREAM_SAMPLES = 256
 MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}: they must be the same task"
-MSG_NOT_COMPARED = "latency batch {batch}: the reference runs batch {theirs} only (a fixed batch); speed not compared"
+LOG_REFERENCE_OTHER_BATCH = "latency batch {batch}: the reference runs batch {theirs} only (a fixed batch); speed not compared"
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def measure_latencies(session: Any, data: GroupData | DataStream, batch_sizes: S
         else:
             lat = measure_latency(session, sample, mine, warmup=warmup, repeats=repeats)
             if theirs is not None:
-                log.info(MSG_NOT_COMPARED.format(batch=mine, theirs=theirs))
+                log.info(LOG_REFERENCE_OTHER_BATCH.format(batch=mine, theirs=theirs))
         log.info("latency batch %d: p50 %.3f ms, p95 %.3f ms", lat.batch_size, lat.p50_ms, lat.p95_ms)
         out.append(lat)
     own = dict.fromkeys(theirs for mine, theirs in plan if theirs is not None and theirs not in paired)

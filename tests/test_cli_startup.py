@@ -60,6 +60,9 @@ def _fresh(argv, cwd) -> tuple[str, str]:
      "error: --max-group-drop (max_group_drop) needs a reference model: pass --reference float.onnx"),
     (["validate", "m.onnx", "--data", "d.npz", "--max-latency-ms", "5", "--no-latency"], 2,
      "error: --max-latency-ms (max_latency_ms) needs latency measurement; do not disable it"),
+    (["validate", "m.onnx", "--data", "d.npz", "--no-latency", "--repeats", "3", "--latency-batch-sizes", "1,4"], 2,
+     "error: --latency-batch-sizes, --repeats: used only with latency measurement (without --no-latency), so they "
+     "would be ignored here; use latency measurement (without --no-latency), or drop them"),
     (["validate", "m.onnx", "--data", "d.npz", "--warmup", "-3"], 2, None),
     (["validate", "m.onnx", "--data", "d.npz", "--latency-batch-sizes", ","], 2, None),
     (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,

@@ -12,7 +12,7 @@ import argparse
 import math
 
 from fqexport.cli.common import EXIT_OK, display_width, pad
-from fqexport.cli.flags.validate import thresholds
+from fqexport.cli.flags.validate import latency_options, thresholds
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.validation.gate import validate
@@ -115,12 +115,10 @@ def run_validate(args: argparse.Namespace) -> int:
         thresholds=thresholds(args),
         provider=args.provider,
         batch_size=args.batch_size,
-        latency_batch_sizes=args.latency_batch_sizes,
         measure_latency=not args.no_latency,
         kernel_check=not args.no_kernel_check,
         threads=args.threads,
-        warmup=args.warmup,
-        repeats=args.repeats,
+        **latency_options(args),
         targets=tuple(args.targets or ("native",)),
         task=task_of(args),
     )

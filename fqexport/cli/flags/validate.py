@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import get_args
 
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
-from fqexport.cli.flags.shared import add_task_options, task_spec
+from fqexport.cli.flags.shared import OnlyWith, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError
@@ -75,17 +75,30 @@ def add_validate_parser(subparsers) -> None:
                         "when it is of that family, else the bit-exact emulation; every limit applies to each target")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size of the accuracy runs")
-    p.add_argument("--latency-batch-sizes", type=_batch_list, default=(1,), metavar="B,B,...",
+    p.add_argument("--latency-batch-sizes", type=_batch_list, default=None, metavar="B,B,...",
                    help="batch sizes of the latency runs, e.g. 1,32 (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed latency runs")
-    p.add_argument("--repeats", type=int_at_least(1), default=30, help="timed latency runs")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed latency runs (default: 5)")
+    p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed latency runs (default: 30)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")
     p.add_argument("--report-dir", type=Path, default=None, help="write report.json, report.md, plots here")
     p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here (one test case per threshold)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots into --report-dir")
     p.set_defaults(check=check_validate)
+
+
+# The latency flags count only when latency is measured (shared.refuse_ignored); their parse
+# default is None so that a given one is seen: validate() holds the defaults.
+LATENCY_FLAGS = {"latency_batch_sizes": "--latency-batch-sizes", "warmup": "--warmup", "repeats": "--repeats"}
+VALIDATE_ONLY_WITH = (
+    OnlyWith(LATENCY_FLAGS, "latency measurement (without --no-latency)", lambda a: not a.no_latency),
+)
+
+
+def latency_options(args: argparse.Namespace) -> dict[str, object]:
+    """The latency flags given, as ``validate()``'s keyword arguments (the others keep its defaults)."""
+    return {dest: getattr(args, dest) for dest in LATENCY_FLAGS if getattr(args, dest) is not None}
 
 
 def thresholds(args: argparse.Namespace) -> Thresholds:
@@ -114,6 +127,7 @@ def check_validate(args: argparse.Namespace) -> None:
     )
     if args.threads is not None and args.threads < 0:
         raise ConfigError(f"--threads {args.threads} must be >= 0")
+    refuse_ignored(args, VALIDATE_ONLY_WITH)
     check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
-                       latency=not args.no_latency and bool(args.latency_batch_sizes))
+                       latency=not args.no_latency)
     task_spec(args)

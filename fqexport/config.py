@@ -382,6 +382,10 @@ MSG_ENGINE_WORKERS = "workers={value!r} must be an integer >= 1 (default: the ma
 MSG_ENGINE_RESOURCES = "task_cpus={cpus!r} must be > 0 and task_gpus={gpus!r} >= 0 (Ray resources of one task)"
 MSG_ENGINE_RETRIES = "retries={value!r} must be an integer >= 0 (tries of a task whose worker died, after the first)"
 MSG_ENGINE_RAY_ONLY = "{field}={value!r} is only used by engine='ray' (got engine={engine!r}); CLI: --engine ray"
+MSG_ENGINE_SERIAL_WORKERS = (
+    "workers={value!r} would be ignored by engine='serial' (one task after another in this process); use "
+    "engine='local' (or 'auto') for a pool of {value} processes, or drop workers; CLI: --engine local --workers {value}"
+)
 # The fields only the Ray engine reads; set away from their default with another engine, they are refused.
 RAY_ONLY_FIELDS = ("ray_address", "task_cpus", "task_gpus")
 
@@ -397,7 +401,8 @@ class EngineConfig:
             pool on this machine), ``"ray"`` (Ray tasks; ``pip install 'fqexport[ray]'``) or
             ``"auto"`` (default: local when ``workers`` > 1, else serial).
         workers: processes of the local pool (default ``os.cpu_count()``); with Ray, the CPUs of
-            the local cluster started when ``ray_address`` is None.
+            the local cluster started when ``ray_address`` is None; more than 1 with ``"serial"``
+            is refused (it would be ignored).
         ray_address: ``"auto"``, ``"ray://host:10001"`` or ``"host:6379"`` of a running cluster;
             ``None`` starts a local one.
         task_cpus: Ray CPUs per task.
@@ -423,6 +428,8 @@ class EngineConfig:
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             raise ConfigError(MSG_ENGINE_WORKERS.format(value=w))
+        if self.engine == "serial" and w is not None and w > 1:
+            raise ConfigError(MSG_ENGINE_SERIAL_WORKERS.format(value=w))
         if not float(self.task_cpus) > 0 or not float(self.task_gpus) >= 0:
             raise ConfigError(MSG_ENGINE_RESOURCES.format(cpus=self.task_cpus, gpus=self.task_gpus))
         r = self.retries

@@ -170,6 +170,9 @@ def test_make_engine_and_engine_config():
         assert e.label == "local ×2"
     with pytest.raises(ConfigError, match=r"workers=0 must be an integer >= 1"):
         EngineConfig(workers=0)
+    assert EngineConfig(engine="serial", workers=1).kind == "serial"
+    with pytest.raises(ConfigError, match=r"workers=3 would be ignored by engine='serial'.*--engine local --workers 3"):
+        EngineConfig(engine="serial", workers=3)
     with pytest.raises(ConfigError, match=r"engine='dask' is not one of auto, serial, local, ray"):
         EngineConfig(engine="dask")
     with pytest.raises(ConfigError, match=r"ray_address='auto' is only used by engine='ray'"):

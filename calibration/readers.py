@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, Subset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from fqexport.errors import ConfigError, DataError
@@ -65,6 +65,11 @@ MSG_SHUFFLED = (
     "{source}: a DataLoader with shuffle=True and its own collate_fn yields its samples in another order "
     "every pass, and the data is read in several passes; give shuffle=False (with the default collate_fn "
     "its dataset is read by index, and shuffling does not matter)"
+)
+MSG_RANDOM_DRAW = (
+    "{source}: its sampler ({sampler}) draws another set of samples every pass, and the data is read in "
+    "several passes; give the samples to use as a fixed set (a Subset of the dataset, or "
+    "SubsetRandomSampler(indices))"
 )
 MSG_LOADED = "load_data: {source} is already loaded; give groups= and transform= when it is first loaded"
 # Samples per call of a transform on in-memory data.
@@ -116,8 +121,11 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
         ds = source.dataset
         items = source.collate_fn in (default_collate, default_convert)
         if not isinstance(ds, IterableDataset) and items:
-            return dataset_stream(ds, f"<DataLoader of {type(ds).__name__}>", groups, transform,
-                                  num_workers or source.num_workers)
+            name = f"<DataLoader of {type(ds).__name__}>"
+            indices = _loader_indices(source, name)
+            if indices is not None:
+                ds, name = Subset(ds, indices), f"<DataLoader of {type(ds).__name__}: {len(indices)} samples its sampler reads>"
+            return dataset_stream(ds, name, groups, transform, num_workers or source.num_workers)
         name = f"<DataLoader of {type(ds).__name__}>"
         if isinstance(source.sampler, RandomSampler):
             raise DataError(MSG_SHUFFLED.format(source=name))
@@ -135,6 +143,30 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
             raise DataError(MSG_ONE_SHOT.format(source=name))
         return iterable_stream(source, name, _yields_batches(source), groups, transform)
     raise DataError(MSG_UNSUPPORTED.format(kind=type(source).__name__))
+
+
+def _loader_indices(loader: DataLoader, name: str) -> list[int] | None:
+    """The dataset indices a map-style DataLoader reads (its sampler's, or its batch sampler's:
+    one of the user's own, or one that drops the last partial batch), in data order; None when it
+    reads every index once (sequential or shuffled): the dataset is then read by index as it is.
+    A sampler that draws another set each pass is a DataError."""
+    n, sampler, batches = len(loader.dataset), loader.sampler, loader.batch_sampler
+    own_batches = batches is not None and getattr(batches, "sampler", None) is not sampler
+    drops = batches is not None and getattr(batches, "drop_last", False) and n % max(loader.batch_size or 1, 1)
+    if own_batches or drops:
+        sampler = batches  # its batches name the indices
+    elif isinstance(sampler, SequentialSampler) or (
+            isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n):
+        return None
+    first = _sampled(sampler)
+    if first != _sampled(sampler):
+        raise DataError(MSG_RANDOM_DRAW.format(source=name, sampler=type(sampler).__name__))
+    return None if first == list(range(n)) else first
+
+
+def _sampled(sampler: Any) -> list[int]:
+    """The indices one pass of a sampler (or a batch sampler: its batches) yields, sorted."""
+    return sorted(int(i) for item in sampler for i in (item if isinstance(item, (list, tuple)) else [item]))
 
 
 def _yields_batches(iterable: Any) -> bool:

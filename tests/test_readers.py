@@ -47,3 +47,31 @@ def test_group_data_prints_a_summary_not_its_arrays():
                      ("light", "dark"), "calib.npz")
     assert repr(data) == "GroupData(calib.npz: 5 samples of (3, 4, 4), labels, groups {'light': 3, 'dark': 2})"
     assert "no labels" in repr(GroupData(data.x, None, data.group, data.group_names))
+
+
+def _loader_data(loader) -> tuple[np.ndarray, str]:
+    """The first feature of every sample load_data reads from ``loader``, and the source name."""
+    data = load_data(loader).take()
+    return data.x[:, 0].astype(int), data.source
+
+
+def test_a_dataloader_is_read_through_its_sampler():
+    """Only the samples a DataLoader's sampler (or batch sampler) reads are the data (the survey:
+    a SubsetRandomSampler's 100 of 300 samples were validated as all 300)."""
+    from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, WeightedRandomSampler
+
+    ds = _Tuples([(np.full(2, i, np.float32), i % 3, i % 2) for i in range(30)])
+    picked = [25, 3, 7, 11, 4]
+    values, source = _loader_data(DataLoader(ds, batch_size=2, sampler=SubsetRandomSampler(picked)))
+    assert values.tolist() == sorted(picked) and source == "<DataLoader of _Tuples: 5 samples its sampler reads>"
+    assert _loader_data(DataLoader(ds, batch_size=4, sampler=picked))[0].tolist() == sorted(picked)
+    batches = BatchSampler(SubsetRandomSampler(picked), batch_size=2, drop_last=False)
+    assert _loader_data(DataLoader(ds, batch_sampler=batches))[0].tolist() == sorted(picked)
+    # every sample once, in order or shuffled: the dataset as it is
+    assert _loader_data(DataLoader(ds, batch_size=4, shuffle=True))[0].tolist() == list(range(30))
+    # the last partial batch dropped: 28 samples, in order
+    assert _loader_data(DataLoader(ds, batch_size=4, drop_last=True))[0].tolist() == list(range(28))
+    with pytest.raises(DataError, match=r"its sampler \(WeightedRandomSampler\) draws another set of samples every pass"):
+        load_data(DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler(np.ones(30), 10)))
+    with pytest.raises(DataError, match=r"its sampler \(BatchSampler\) draws another set"):
+        load_data(DataLoader(ds, batch_size=8, shuffle=True, drop_last=True))  # 6 of 30 dropped at random

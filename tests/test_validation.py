@@ -194,7 +194,7 @@ def test_bad_data_raises_specific_errors(setup):
     with pytest.raises(DataError, match=r"data lab\.npz: label 7 is out of range .* 3 outputs"):
         validate(d / "qdq.onnx", labels, measure_latency=False, kernel_check=False)
     empty = GroupData(data.x[:4], data.y[:4], np.zeros(4, np.int64), data.group_names, "e.npz")
-    with pytest.raises(DataError, match=r"group 'minority' \(id 1\) has no samples"):
+    with pytest.raises(DataError, match=r"e\.npz: group 'minority' has no samples"):
         validate(d / "qdq.onnx", empty, measure_latency=False)
 
 
@@ -308,3 +308,35 @@ def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(s
     # without a reference nothing is compared
     assert validate(d / "qdq.onnx", data, latency_batch_sizes=(1,), repeats=2, warmup=0,
                     kernel_check=False).speed_verdict() is None
+
+
+def test_a_calibrated_group_missing_from_the_test_data_fails_every_per_group_limit(setup, tmp_path, caplog):
+    """The file's metadata names the groups it was calibrated on; a test set without one of them
+    cannot pass a per-group limit (the survey: exit 0, "worst group majority", the minority never
+    measured). Test groups named otherwise are another grouping: a warning, no failure."""
+    from fqexport.validation.reports import to_markdown
+
+    d, data = setup
+    m = onnx.load(str(d / "qdq.onnx"))
+    meta = {"fqexport_version": "0.1.0", "method": "solver", "layers": [],
+            "group_names": ["majority", "minority", "rare"]}
+    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
+    onnx.save(m, str(tmp_path / "meta.onnx"))
+    limits = Thresholds(min_acc=0, min_worst_group_acc=0, max_acc_gap=100)
+    with caplog.at_level("WARNING"):
+        r = validate(tmp_path / "meta.onnx", data, thresholds=limits, measure_latency=False, kernel_check=False)
+    assert r.absent_groups == ("rare",) and "no samples of group(s) 'rare'" in caplog.text
+    assert [(c.name, c.passed, c.group) for c in r.checks] == [
+        ("min_acc", True, None), ("min_worst_group_acc", False, "rare"), ("max_acc_gap", False, "rare")]
+    assert "the test data holds no samples of group(s) 'rare'" in r.checks[1].message
+    assert r.to_dict()["absent_groups"] == ["rare"]
+    assert "- not in the test data: group(s) rare, which the model was calibrated on" in to_markdown(r)
+    # without per-group limits: said, not failed
+    r = validate(tmp_path / "meta.onnx", data, measure_latency=False, kernel_check=False)
+    assert r.passed and r.absent_groups == ("rare",)
+    # another grouping (no name shared): a warning only
+    other = GroupData(data.x, data.y, data.group, ("young", "old"), "ages")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        r = validate(tmp_path / "meta.onnx", other, thresholds=limits, measure_latency=False, kernel_check=False)
+    assert r.passed and r.absent_groups == () and "share no name with those" in caplog.text

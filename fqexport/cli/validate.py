@@ -67,6 +67,8 @@ def print_summary(report) -> None:
     unmeasured = [str(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
     among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
     print(f"worst group {worst}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp{among}")
+    if report.absent_line():
+        print(report.absent_line())
     if m.equalized_odds_difference is not None:
         print(f"equalized-odds diff {m.equalized_odds_difference:.4f}; demographic-parity diff {m.demographic_parity_difference:.4f}")
     if report.agreement is not None:

@@ -27,10 +27,25 @@ MSG_UNMEASURED = ("{what}: group {group!r} cannot be measured (its {count} sampl
                   "detector's images without ground-truth boxes, or masks without labelled pixels); the check "
                   "fails rather than pass without the group")
 
+MSG_ABSENT = ("{what}: the test data holds no samples of group(s) {groups}, which the model was calibrated on (its "
+              "metadata's group_names); the check fails rather than pass without them")
 
-def _unmeasured(t: Thresholds, name: str, m, metric: str, what: str) -> CheckResult | None:
-    """A failed check for the first group that has samples but no value of ``metric`` (else
-    None): ``group_min`` and the drops skip such a group, and a gate would pass without it."""
+
+def _absent(t: Thresholds, name: str, report: ValidationReport, what: str) -> CheckResult | None:
+    """A failed check for the first calibrated group the test data lacks (``report.absent_groups``), else None."""
+    if not report.absent_groups:
+        return None
+    groups = ", ".join(repr(g) for g in report.absent_groups)
+    return CheckResult(name, float(getattr(t, name)), float("nan"), False, report.absent_groups[0],
+                       MSG_ABSENT.format(what=what, groups=groups))
+
+
+def _unmeasured(t: Thresholds, name: str, report: ValidationReport, m, metric: str, what: str) -> CheckResult | None:
+    """:func:`_absent`, else a failed check for the first group that has samples but no value of
+    ``metric`` (else None): ``group_min`` and the drops skip such a group, and a gate would pass
+    without it."""
+    if (absent := _absent(t, name, report, what)) is not None:
+        return absent
     for group, row in m.by_group.items():
         if row["count"] > 0 and math.isnan(float(row[metric])):
             return CheckResult(name, float(getattr(t, name)), float("nan"), False, group,
@@ -65,17 +80,18 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
         out.append(_at_least(t, "min_acc", pct(m.overall["accuracy"]), None, "overall accuracy"))
     for name, (metric, what) in WORST_GROUP_LIMITS.items():
         if getattr(t, name) is not None and metric in m.metric_names:
-            if (missing := _unmeasured(t, name, m, metric, what)) is not None:
+            if (missing := _unmeasured(t, name, report, m, metric, what)) is not None:
                 out.append(missing)
                 continue
             g, value = m.group_min(metric)
             out.append(_at_least(t, name, pct(value), g, what))
     if t.max_acc_gap is not None:
         lo, hi = m.group_min("accuracy"), m.group_max("accuracy")
-        out.append(_at_most(t, "max_acc_gap", pct(m.difference("accuracy")), lo[0], f"accuracy gap to group {hi[0]!r}", "pp"))
+        what = f"accuracy gap to group {hi[0]!r}"
+        out.append(_absent(t, "max_acc_gap", report, what) or _at_most(t, "max_acc_gap", pct(m.difference("accuracy")), lo[0], what, "pp"))
     for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric
         if getattr(t, name) is not None and report.group_drop is not None and m.primary == metric:
-            if (missing := _unmeasured(t, name, m, metric, what)) is not None:
+            if (missing := _unmeasured(t, name, report, m, metric, what)) is not None:
                 out.append(missing)
             elif report.max_group_drop is not None:
                 g, drop = report.max_group_drop
@@ -83,7 +99,7 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
     if t.max_kernel_deviation is not None and report.kernel_deviation_by_group is not None:
         what = "kernel deviation (optimized vs unoptimized)"
         worst = measured_max(report.kernel_deviation_by_group)  # max over groups in any order
-        if (missing := _unmeasured(t, "max_kernel_deviation", m, m.primary, what)) is not None:
+        if (missing := _unmeasured(t, "max_kernel_deviation", report, m, m.primary, what)) is not None:
             out.append(missing)
         elif worst is not None:
             out.append(_at_most(t, "max_kernel_deviation", pct(worst[1]), worst[0], what, "pp"))

@@ -46,13 +46,42 @@ MSG_EMPTY_GROUP = (
     "validate per group (drop it from group_names or add samples)"
 )
 
+MSG_ABSENT_GROUPS = (
+    "data {source}: no samples of group(s) {absent}, which {model} was calibrated on (its metadata's group_names: "
+    "{calibrated}): no per-group figure covers them, and every per-group limit fails; add their test samples"
+)
+MSG_OTHER_GROUPS = (
+    "data {source}: its groups ({test}) share no name with those {model} was calibrated on ({calibrated}); the "
+    "per-group figures are the test data's groups (to compare with the calibration's, name them alike: group_names)"
+)
+
 
 def read_test_data(data: GroupData | DataStream | str | Path | Any) -> GroupData | DataStream:
-    """``data`` itself (a GroupData or a DataStream), or what ``load_data`` reads from the file or
-    source it names (a CSV manifest, a Dataset or a DataLoader stream batch by batch)."""
-    if not isinstance(data, (GroupData, DataStream)):
-        data = load_data(str(data) if isinstance(data, Path) else data)
-    return data
+    """What ``load_data`` reads from ``data``: a GroupData re-checked (NaN/inf, group names, labels)
+    as ``compress`` checks it, a DataStream itself, or the file or source it names (a CSV
+    manifest, a Dataset or a DataLoader stream batch by batch)."""
+    if isinstance(data, DataStream):
+        return data
+    return load_data(str(data) if isinstance(data, Path) else data)
+
+
+def absent_groups(data: GroupData | DataStream, calibrated: Sequence[str], model: str) -> tuple[str, ...]:
+    """The groups ``model`` was calibrated on (``calibrated``: its metadata's group_names) that the
+    test data lacks, each warned about; () when it lacks none, or when the two name their groups
+    differently (another grouping, or ids without names: warned about too)."""
+    if not calibrated:
+        return ()
+    test = [str(n) for n in data.group_names]
+    names = lambda groups: ", ".join(repr(g) for g in groups)  # noqa: E731
+    if not set(test) & set(calibrated):
+        log.warning(MSG_OTHER_GROUPS.format(source=data.source, test=names(test), model=model,
+                                            calibrated=names(calibrated)))
+        return ()
+    absent = tuple(g for g in calibrated if g not in test)
+    if absent:
+        log.warning(MSG_ABSENT_GROUPS.format(source=data.source, absent=names(absent), model=model,
+                                             calibrated=names(calibrated)))
+    return absent
 
 
 def as_test_data(data: GroupData | DataStream | str | Path | Any, task: Task | None = None) -> GroupData | DataStream:

@@ -39,7 +39,7 @@ from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks
-from fqexport.validation.data_checks import as_test_data, check_data, read_test_data
+from fqexport.validation.data_checks import absent_groups, as_test_data, check_data, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -110,6 +110,7 @@ def validate(
     session = plain.open(model)
     gd = read_test_data(data)
     check_data(gd, str(model), input_shape(session), session.get_inputs()[0].type)
+    absent = absent_groups(gd, meta.group_names if meta is not None else (), str(model))
     chosen, why = _task(task, meta, gd, session, str(model))
     _check_limits(t, chosen, why, str(model))
     runner = dataclasses.replace(plain, task=chosen)
@@ -128,6 +129,7 @@ def validate(
         reference_latency=ref_latency,
         thresholds=t, metadata=meta, cpu_isa=cpu_isa(), targets=target_list,
         task={**chosen.to_dict(), "chosen": why}, agreement_name=chosen.agreement_name,
+        absent_groups=absent,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),
         **_target_fields(emulated, with_deviation=kernels is not None), **_gpu_rule_fields(model, meta),
     )

@@ -198,6 +198,9 @@ def to_markdown(report: Any) -> str:
         "",
         f"- worst group: **{md_text(worst)}** {_pct(worst_acc)} %; {label} gap (max − min) {_pct(m.difference())} pp",
     ]
+    absent = report.absent_line() if hasattr(report, "absent_line") else None
+    if absent:
+        out.append(f"- {md_text(absent)}")
     task = getattr(report, "task", None)
     if task and task.get("name") != "classification":
         out.append(f"- task: {task['name']} ({task.get('chosen', 'given')}); per-group {label}")

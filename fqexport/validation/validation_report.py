@@ -154,6 +154,16 @@ class ValidationReport:
     gpu_rule_violations: tuple[str, ...] | None = None
     task: Mapping[str, Any] | None = None  # the task measured (fqexport.tasks: name, options, how chosen)
     agreement_name: str = "top-1 agreement"  # what agreement and kernel_agreement count
+    # groups the file was calibrated on (its metadata's group_names) that the test data lacks, when
+    # the two share group names at all (:func:`absent_groups`); the per-group limits fail on them
+    absent_groups: tuple[str, ...] = ()
+
+    def absent_line(self) -> str | None:
+        """The sentence naming :attr:`absent_groups` (console and report.md), None without any."""
+        if not self.absent_groups:
+            return None
+        return (f"not in the test data: group(s) {', '.join(self.absent_groups)}, which the model was calibrated on "
+                f"(its metadata's group_names): no per-group figure covers them")
 
     @property
     def passed(self) -> bool:
@@ -223,6 +233,7 @@ class ValidationReport:
             "metadata": self.metadata.to_dict() if self.metadata is not None else None,
             "targets": {name: self.target_dict(name) for name in self.targets},
             "task": dict(self.task) if self.task is not None else {"name": "classification"},
+            "absent_groups": list(self.absent_groups),
             **gpu,
         })
 

@@ -438,6 +438,34 @@ def test_a_padding_mask_built_from_the_token_ids_traces_with_the_same_outputs(en
         torch.testing.assert_close(prepared.folded(ids), net(ids), rtol=1e-4, atol=1e-5)
 
 
+class DefaultAttention(nn.Module):
+    """``nn.MultiheadAttention`` called as PyTorch's docs call it (need_weights=True by default)."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.masked = masked
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        pad = x[..., 0] > 1.0 if self.masked else None
+        a, weights = self.attn(x, x, x, key_padding_mask=pad)
+        return self.fc((x + a)[:, 0]) + weights[:, 0, :3]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_called_with_its_default_need_weights_traces_with_the_same_outputs(masked):
+    """The survey: ``a, _ = mha(h, h, h)`` without a mask crashed compress (the traced graph added
+    the mask leaf's None to the scores)."""
+    torch.manual_seed(0)
+    net = DefaultAttention(masked).eval()
+    x = torch.randn(4, 6, 8)
+    prepared = prepare_model(net, example=x, skip_unsupported=False)
+    assert "attn.q_proj" in prepared.names
+    with torch.no_grad():
+        torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
 class TimmLinear(nn.Linear):
     """timm.layers.Linear (1.0.x): a TorchScript branch, then the plain F.linear."""
 

@@ -74,17 +74,19 @@ class SplitAttention(nn.Module):
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        mask = _additive_mask(attn_mask, key_padding_mask, q.dtype)
+        # decided on the masks given, not on ``mask``: traced, the leaf's output is a Proxy, never None
+        masked = attn_mask is not None or key_padding_mask is not None
+        mask = _additive_mask(attn_mask, key_padding_mask, q.dtype) if masked else None
         weights = None
         if need_weights:
             scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-            if mask is not None:
+            if masked:
                 scores = scores + mask
             probs = torch.softmax(scores, dim=-1)
             out = torch.matmul(probs, v)
             weights = probs.mean(dim=1) if average_attn_weights else probs
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and not masked)
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         if not self.batch_first:
             out = out.transpose(0, 1)

@@ -120,10 +120,13 @@ class CompressedModel:
             self.reference, {n: l.scale for n, l in self.layers.items() if l.block_size is None})
         # 2. Weight layers left in float (unsupported, or kept by keep_float), counted at 32
         #    bits beside the quantized ones.
-        left = [*float_layers(self.reference), *kept_float_layers(self.reference, self.config.keep_float)]
+        #    A layer both unsupported and named by keep_float is counted once (its first reason).
+        left = {}
+        for f in (*float_layers(self.reference), *kept_float_layers(self.reference, self.config.keep_float)):
+            left.setdefault(f.name, f)
         floats = tuple(
             LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, storage="float32", reason=f.reason)
-            for f in left if f.name not in self.layers
+            for f in left.values() if f.name not in self.layers
         )
         self.metadata = replace(
             self.metadata, float_layers=floats, quantized_fraction=round(self.quantized_fraction_of(floats), 6),

@@ -151,3 +151,46 @@ def test_a_pattern_that_matches_no_layer_is_warned_about_naming_the_layers(caplo
     with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):  # the search prepares it per fit: once
         prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
     assert "fcc" not in caplog.text
+
+
+class _PaddedCNN(nn.Module):
+    """Two circular-padded convs (left float: unsupported) and a plain one, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1, padding_mode="circular")
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular")
+        self.c3 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+def test_a_layer_both_unsupported_and_kept_float_is_counted_once():
+    """The survey: float_layers listed c1 and c2 twice (unsupported, then keep_float), and the
+    quantized fraction and average bits counted their parameters twice."""
+    from fqexport.calibration.group_data import GroupData
+
+    torch.manual_seed(0)
+    net = _PaddedCNN().eval()
+    x = torch.randn(32, 2, 8, 8)
+    data = GroupData(x.numpy(), net(x).argmax(1).numpy(), (torch.arange(32) % 2).numpy(), ("a", "b"), "mem")
+    cm = compress(net, data, QuantConfig(weight_bits=8, num_calib=32, keep_float=("type:Conv2d",)), progress=False)
+    meta = cm.metadata
+    assert [f.name for f in meta.float_layers] == ["c1", "c2", "c3"]
+    conv = sum(m.weight.numel() for m in (net.c1, net.c2, net.c3))
+    fc = net.fc.weight.numel()
+    assert meta.quantized_fraction == pytest.approx(fc / (fc + conv), abs=1e-6)
+    assert meta.avg_weight_bits == pytest.approx((8 * fc + 32 * conv) / (fc + conv), abs=1e-4)
+
+
+def test_a_conv_transpose_costs_one_scale_per_output_channel():
+    """The search priced a ConvTranspose2d's scales per input channel (its weight's axis 0);
+    the exporter writes one per output channel (axis 1)."""
+    from fqexport.search.costs import layer_costs
+
+    net = nn.Sequential(nn.Conv2d(2, 16, 3), nn.ConvTranspose2d(16, 4, 2, stride=2), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.randn(1, 2, 6, 6))
+    costs = {c.name: c for c in layer_costs(net.eval(), torch.randn(1, 2, 6, 6))}
+    assert (costs["0"].channels, costs["1"].channels, costs["3"].channels) == (16, 4, 3)

@@ -7,6 +7,7 @@ from torch import nn
 
 from fqexport.config import WeightSpec
 from fqexport.graph.prepare import count_macs, prepare_model
+from fqexport.model import weight_rows
 from fqexport.search.allocation import LayerCost
 
 
@@ -17,8 +18,9 @@ def model_costs(model: nn.Module, example: torch.Tensor, weights: WeightSpec) ->
     prepared = prepare_model(model, weights.skip_unsupported, weights.keep_float, example=example)
     macs = count_macs(prepared.folded, example, prepared.names)
     modules = dict(prepared.folded.named_modules())
-    costs = [LayerCost(i.name, i.params, macs.get(i.name, 0), int(modules[i.name].weight.shape[0]), i.kind)
-             for i in prepared.layers]
+    # output channels: one scale each (a ConvTranspose2d's are on its weight's axis 1)
+    costs = [LayerCost(i.name, i.params, macs.get(i.name, 0), weight_rows(i.kind, modules[i.name].weight).shape[0],
+                       i.kind) for i in prepared.layers]
     return costs, prepared.float_params
 
 

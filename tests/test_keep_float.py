@@ -194,3 +194,36 @@ def test_a_conv_transpose_costs_one_scale_per_output_channel():
     net(torch.randn(1, 2, 6, 6))
     costs = {c.name: c for c in layer_costs(net.eval(), torch.randn(1, 2, 6, 6))}
     assert (costs["0"].channels, costs["1"].channels, costs["3"].channels) == (16, 4, 3)
+
+
+class _Siamese(nn.Module):
+    """Two convs sharing one weight Parameter (``b.weight = a.weight``), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(3, 8, 3)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.a(x).mean((2, 3)), self.b(x.flip(-1)).mean((2, 3))], 1))
+
+
+def test_layers_sharing_one_weight_stay_float_and_export(tmp_path):
+    """The survey: tied modules were quantized twice (the second grid overwrote the first in the
+    one tensor the reference holds) and export then failed. One tensor cannot hold two grids:
+    both stay float, the tensor counted once."""
+    from fqexport.calibration.group_data import GroupData
+
+    torch.manual_seed(0)
+    net = _Siamese().eval()
+    x = torch.randn(32, 3, 8, 8)
+    data = GroupData(x.numpy(), net(x).argmax(1).numpy(), (torch.arange(32) % 2).numpy(), ("a", "b"), "mem")
+    cm = compress(net, data, QuantConfig(weight_bits=8, num_calib=32), progress=False)
+    assert list(cm.layers) == ["fc"]
+    floats = {f.name: (f.params, f.reason) for f in cm.metadata.float_layers}
+    assert floats == {"a": (216, "unsupported"), "b": (0, "unsupported")}
+    assert cm.metadata.avg_weight_bits == pytest.approx((8 * 48 + 32 * 216) / 264, abs=1e-4)
+    export_qdq(cm, tmp_path / "m.onnx")
+    assert read_metadata(tmp_path / "m.onnx").float_layers[0].kind == "Conv2d with its weight tied to 'b'"

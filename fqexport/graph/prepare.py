@@ -415,11 +415,14 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     parameter or on a weight computed from parameters alone that no layer took (graph/lift.py)."""
     modules = dict(gm.named_modules())
     out: dict[str, FloatLayer] = {}
+    tied = _tied_layers(gm, modules)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = modules.get(node.target)
             name = str(node.target)
-            if isinstance(mod, _CONVS) and mod.padding_mode != "zeros":
+            if name in tied:
+                out[name] = tied[name]
+            elif isinstance(mod, _CONVS) and mod.padding_mode != "zeros":
                 kind = f"{type(mod).__name__}(padding_mode={mod.padding_mode!r})"
                 out[name] = FloatLayer(name, kind, _weight_params(mod))
             elif isinstance(mod, nn.ConvTranspose2d) and mod.groups > 1:
@@ -453,6 +456,27 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                     out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
                                            sum(int(p.numel()) for _, p in params))
     return list(out.values())
+
+
+def _tied_layers(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, FloatLayer]:
+    """The quantizable layers called in ``gm`` whose weight is one Parameter with another's (a
+    tied ``self.out.weight = self.emb.weight``, a siamese pair): one tensor cannot hold two grids,
+    so each stays float, the tensor's parameters counted at the first of them."""
+    by_weight: dict[int, list[str]] = {}
+    for node in gm.graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, QUANTIZABLE) and isinstance(getattr(mod, "weight", None), torch.Tensor):
+            names = by_weight.setdefault(id(mod.weight), [])
+            if str(node.target) not in names:
+                names.append(str(node.target))
+    out: dict[str, FloatLayer] = {}
+    for names in (n for n in by_weight.values() if len(n) > 1):
+        for i, name in enumerate(names):
+            others = ", ".join(repr(o) for o in names if o != name)
+            mod = modules[name]
+            out[name] = FloatLayer(name, f"{type(mod).__name__} with its weight tied to {others}",
+                                   _weight_params(mod) if i == 0 else 0)
+    return out
 
 
 def _product_op(node: torch.fx.Node) -> str | None:

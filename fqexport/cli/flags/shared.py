@@ -301,7 +301,7 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
     :data:`SEARCH_ONLY_WITH`)."""
     d, e = _MP_DEFAULTS, _ENGINE
     refuse_ignored(args, SEARCH_ONLY_WITH)
-    objective = _or(args.objective, d["objective"])
+    objective, engine = _or(args.objective, d["objective"]), _or(args.engine, e.engine)
     if args.objective_weights and objective != "weighted":
         raise ConfigError(MSG_OBJECTIVE_WEIGHTS.format(objective=objective))
     if objective == "weighted" and not args.objective_weights:
@@ -315,6 +315,8 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         group_weights=parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
                                          "minority=2") if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
-        engine=EngineConfig(engine=_or(args.engine, e.engine), workers=args.workers, ray_address=args.ray_address,
-                            task_cpus=_or(args.task_cpus, e.task_cpus), task_gpus=_or(args.task_gpus, e.task_gpus)),
+        # with --engine serial, --workers can only be the fine-tuning DataLoader's (COMPRESS_ONLY_WITH)
+        engine=EngineConfig(engine=engine, workers=None if engine == "serial" else args.workers,
+                            ray_address=args.ray_address, task_cpus=_or(args.task_cpus, e.task_cpus),
+                            task_gpus=_or(args.task_gpus, e.task_gpus)),
     )

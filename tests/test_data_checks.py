@@ -13,8 +13,8 @@ from fqexport.validation.data_checks import (
     MSG_EMPTY_GROUP,
     MSG_RANK,
     MSG_SHAPE,
-    as_test_data,
     check_data,
+    read_test_data,
 )
 
 NAMES = ("majority", "minority")
@@ -57,20 +57,20 @@ def test_check_logits_names_output_shape_and_label_range():
         source="d.npz", label=2, model="m.onnx", num_classes=2, last=1)
 
 
-def test_as_test_data_rechecks_group_data_and_reads_a_path(tmp_path):
+def test_read_test_data_rechecks_group_data_and_reads_a_path(tmp_path):
     """A GroupData is checked as load_data checks it (validate's survey: NaN features and a
     duplicated group name were scored), a path is read."""
     data = _data(np.zeros((4, 3)))
-    same = as_test_data(data)
+    same = read_test_data(data)
     assert np.array_equal(same.x, data.x) and np.array_equal(same.group, data.group) and same.group_names == NAMES
     nan = _data(np.array([[0.0, np.nan, 0.0]] * 4))
     with pytest.raises(DataError, match=r"d\.npz: field 'x' contains NaN or Inf \(4 values\)"):
-        as_test_data(nan)
+        read_test_data(nan)
     twice = GroupData(data.x, data.y, data.group, ("A", "A"), "d.npz")
     with pytest.raises(DataError, match=r"d\.npz: field 'group_names' names the group 'A' twice"):
-        as_test_data(twice)
+        read_test_data(twice)
     np.savez(tmp_path / "t.npz", x=data.x, y=data.y, group=data.group, group_names=np.array(NAMES))
-    read = as_test_data(tmp_path / "t.npz")
+    read = read_test_data(tmp_path / "t.npz")
     assert read.source.endswith("t.npz") and len(read) == 4 and tuple(read.group_names) == NAMES
 
 

@@ -19,8 +19,6 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
 from fqexport.errors import DataError
-from fqexport.tasks.base import Task
-from fqexport.tasks.classification import Classification
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +80,6 @@ def absent_groups(data: GroupData | DataStream, calibrated: Sequence[str], model
         log.warning(MSG_ABSENT_GROUPS.format(source=data.source, absent=names(absent), model=model,
                                              calibrated=names(calibrated)))
     return absent
-
-
-def as_test_data(data: GroupData | DataStream | str | Path | Any, task: Task | None = None) -> GroupData | DataStream:
-    """:func:`read_test_data`; DataError when it lacks what ``task`` measures against (a
-    classifier's labels: the gate measures accuracy; a detector's boxes, a segmenter's masks)."""
-    data = read_test_data(data)
-    (task or Classification()).require_annotations(data, "validate")
-    return data
 
 
 def _shape_text(expected: Sequence[Any]) -> str:

@@ -39,7 +39,7 @@ from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks
-from fqexport.validation.data_checks import absent_groups, as_test_data, check_data, read_test_data
+from fqexport.validation.data_checks import absent_groups, check_data, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -114,7 +114,7 @@ def validate(
     chosen, why = _task(task, meta, gd, session, str(model))
     _check_limits(t, chosen, why, str(model))
     runner = dataclasses.replace(plain, task=chosen)
-    gd = as_test_data(gd, chosen)
+    chosen.require_annotations(gd, "validate")  # a classifier's labels, a detector's boxes...
     native = measure_native(session, gd, str(model), runner)
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
     ref_session = runner.open(reference) if reference is not None else None

@@ -7,10 +7,12 @@ machine of one kind measure what a machine of another kind would compute:
 1. ORT optimizes the model at ``ORT_ENABLE_EXTENDED`` (the QDQ fusions, no hardware layout
    transforms) and the optimized graph is dumped: QLinearConv, QGemm, QLinearMatMul, QLinearAdd,
    … with ORT's own int32 biases, scales and zero points.
-2. The graph is evaluated node by node. QLinearConv / QGemm / QLinearMatMul with uint8
-   activations and int8 weights are computed here, in numpy, with the target's accumulation
-   (:func:`accumulate`) and MLAS's requantization (:func:`requantize`). Every other node runs
-   in ONNX Runtime on its own (a one-node session), so it matches the native kernels exactly.
+2. The graph is evaluated node by node. The integer GEMMs and convs with uint8 activations and
+   int8 weights (QLinearConv, QGemm, QLinearMatMul; MatMulIntegerToFloat, a token Linear's fused
+   QDQ MatMul; quantize_dynamic's MatMulInteger, DynamicQuantizeMatMul and ConvInteger) are
+   computed here, in numpy, with the target's accumulation (:func:`accumulate`) and MLAS's
+   requantization (:func:`requantize`) or float scaling. Every other node runs in ONNX Runtime
+   on its own (a one-node session), so it matches the native kernels exactly.
 
 Accumulation per target (``K`` ordered like the packed weights MLAS uses on x86: for a conv,
 kernel tap by tap and input channels inside a tap, i.e. NHWC im2col order):
@@ -68,15 +70,22 @@ MSG_NATIVE = (
     "kernel emulation ({target}) of {path}: {nodes} run with this CPU's own kernels (only uint8 x "
     "int8 QLinearConv/QGemm/QLinearMatMul are emulated); their results are native, not {target}"
 )
-# Integer kernels ORT may fuse that the emulation does not model (they run natively).
-_OTHER_INTEGER_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                      "QAttention", "DynamicQuantizeLSTM")
+# Integer kernels ORT may fuse that the emulation does not model: they run natively, which
+# x86-vnni and arm64 compute alike (exact sums); for x86-avx2 a file holding them is refused.
+_OTHER_INTEGER_OPS = ("QAttention", "DynamicQuantizeLSTM")
+MSG_UNMODELLED = (
+    "kernel emulation (x86-avx2) does not model node(s) {nodes} of {path}: an AVX2 CPU's saturating pairs in "
+    "ONNX Runtime's {ops} (weights that can saturate); validate this model with --target native, x86-vnni or "
+    "arm64 (exact sums)"
+)
 MSG_NODE = "kernel emulation ({target}) failed at node {node} ({op}) of {path}: {err}"
 MSG_UNSUPPORTED = (
-    "kernel emulation ({target}) does not cover node {node} ({op}) of {path}: {what}. It covers 2-D "
-    "QLinearConv, QGemm and 2-D QLinearMatMul with uint8 activations and symmetric int8 weights "
-    "(what fqexport and quantize_static export); validate this model with --target native only"
+    "kernel emulation ({target}) does not cover node {node} ({op}) of {path}: {what}. It covers 1-D and 2-D "
+    "QLinearConv, QGemm, QLinearMatMul, MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul and (but "
+    "for x86-avx2) ConvInteger with uint8 activations and symmetric int8 constant weights (what fqexport, "
+    "quantize_static and quantize_dynamic export); validate this model with --target native only"
 )
+_ACTIVATIONS = "activations that are not uint8"
 _CONV_RANK = "a {rank}-D input (2-D convs only)"
 _WEIGHT_ZP = "a non-zero weight zero point (symmetric weights only)"
 _MATMUL_B = "B is not a 2-D symmetric int8 constant"
@@ -471,27 +480,45 @@ def _conv_1d_as_2d(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return a1
 
 
-def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
-                 cache: WeightCache | None = None) -> np.ndarray:
-    """ONNX QLinearConv (2-D, NCHW) with ``target``'s accumulation (:func:`conv_sums`), the
-    int32 bias and MLAS's requantization; ``cache`` keeps the node's prepared weights."""
-    x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
-    bias = inputs[8] if len(inputs) > 8 else None
+def _conv_node_sums(x: np.ndarray, zx: Any, w: np.ndarray, zw: Any, attrs: Mapping[str, Any], target: str,
+                    cache: WeightCache | None) -> np.ndarray:
+    """:func:`conv_sums` of a conv node (QLinearConv, ConvInteger) on uint8 ``x`` NCHW (or a 1-D
+    conv's ``[N, C, L]``, run as ``[N, C, 1, L]``: its sums come back ``[N, M, L']``)."""
     if x.ndim == 3 and np.ndim(w) == 3:  # 1-D conv (Conv1d)
-        args = [x[:, :, None, :], sx, zx, np.asarray(w)[:, :, None, :], sw, zw, sy, zy]
-        return qlinear_conv(args + ([bias] if bias is not None else []), _conv_1d_as_2d(attrs), target, cache)[:, :, 0, :]
-    if x.ndim != 4:
+        return _conv_node_sums(x[:, :, None, :], zx, np.asarray(w)[:, :, None, :], zw, _conv_1d_as_2d(attrs), target,
+                               cache)[:, :, 0, :]
+    if x.ndim != 4 or np.ndim(w) != 4:
         raise _Unsupported(_CONV_RANK.format(rank=x.ndim - 2))
-    if np.any(np.asarray(zw) != 0):
+    if zw is not None and np.any(np.asarray(zw) != 0):
         raise _Unsupported(_WEIGHT_ZP)
     kh, kw = w.shape[2:]
     group = int(attrs.get("group", 1))
     strides = tuple(int(v) for v in attrs.get("strides", [1, 1]))
     dil = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
     geometry = ConvGeometry((kh, kw), strides, dil, tuple(_conv_pads(attrs, x.shape[2:], (kh, kw), strides, dil)))
-    acc = conv_sums(x, w, int(_scalar(zx)), group, geometry, target, cache)
-    scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy))[:, None, None]
-    return requantize_sums(acc, None if bias is None else bias[:, None, None], scale, int(_scalar(zy)), zy.dtype)
+    return conv_sums(x, w, 0 if zx is None else int(_scalar(zx)), group, geometry, target, cache)
+
+
+def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                 cache: WeightCache | None = None) -> np.ndarray:
+    """ONNX QLinearConv (2-D or 1-D, NCHW) with ``target``'s accumulation (:func:`conv_sums`), the
+    int32 bias and MLAS's requantization; ``cache`` keeps the node's prepared weights."""
+    x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
+    bias = inputs[8] if len(inputs) > 8 else None
+    acc = _conv_node_sums(x, zx, w, zw, attrs, target, cache)
+    shape = (-1,) + (1,) * (acc.ndim - 2)  # per output channel
+    scale = _output_scale(_scalar(sx), np.asarray(sw), _scalar(sy)).reshape(shape)
+    return requantize_sums(acc, None if bias is None else bias.reshape(shape), scale, int(_scalar(zy)), zy.dtype)
+
+
+def conv_integer(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                 cache: WeightCache | None = None) -> np.ndarray:
+    """ONNX ConvInteger (x uint8, w int8 constant, symmetric): int32 Σ (x − z_x)·w with
+    ``target``'s accumulation (quantize_dynamic's convs)."""
+    x, w = inputs[0], inputs[1]
+    zx = inputs[2] if len(inputs) > 2 else None
+    zw = inputs[3] if len(inputs) > 3 else None
+    return _conv_node_sums(x, zx, w, zw, attrs, target, cache).astype(np.int32)
 
 
 def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
@@ -555,8 +582,93 @@ def qlinear_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any]
     return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
 
 
-_KERNELS = {("", "QLinearConv"): qlinear_conv, ("com.microsoft", "QGemm"): qgemm,
-            ("", "QLinearMatMul"): qlinear_matmul}
+def _scaled_float(acc: np.ndarray, a_scale: Any, b_scale: Any, bias: np.ndarray | None) -> np.ndarray:
+    """MLAS's float output of an integer GEMM: float32(acc) · (s_a · s_b[n]) + bias[n] (a product,
+    then a sum, each rounded to float32)."""
+    y = acc.astype(np.int32).astype(np.float32) * (np.float32(_scalar(a_scale)) * np.asarray(b_scale, np.float32).reshape(-1))
+    return y if bias is None else y + np.asarray(bias, np.float32)
+
+
+def _symmetric_b(b: np.ndarray, zb: Any) -> np.ndarray:
+    """``b`` ``[K, N]`` when it is a 2-D int8 constant with zero points 0, else _Unsupported."""
+    if b is None or b.ndim != 2 or b.dtype != np.int8 or (zb is not None and np.any(np.asarray(zb) != 0)):
+        raise _Unsupported(_MATMUL_B)
+    return b
+
+
+def matmul_integer_to_float(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                            cache: WeightCache | None = None) -> np.ndarray:
+    """com.microsoft MatMulIntegerToFloat (A uint8 ``[..., K]``, B int8 ``[K, N]`` constant,
+    symmetric): (Σ (a − z_a)·b) · s_a·s_b + bias with ``target``'s accumulation (the fused kernel
+    of a token Linear's QDQ MatMul, and of quantize_dynamic's)."""
+    a, b, sa, sb = inputs[:4]
+    za, zb, bias = (inputs[i] if len(inputs) > i else None for i in (4, 5, 6))
+    acc = _matmul_2d(a, _symmetric_b(b, zb), 0 if za is None else int(_scalar(za)), target, cache)
+    return _scaled_float(acc, sa, sb, bias)
+
+
+def matmul_integer(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                   cache: WeightCache | None = None) -> np.ndarray:
+    """ONNX MatMulInteger (A uint8, B int8 ``[K, N]`` constant, symmetric): int32 Σ (a − z_a)·b."""
+    a, b = inputs[:2]
+    za, zb = (inputs[i] if len(inputs) > i else None for i in (2, 3))
+    return _matmul_2d(a, _symmetric_b(b, zb), 0 if za is None else int(_scalar(za)), target, cache).astype(np.int32)
+
+
+def dynamic_quantize_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
+                            cache: WeightCache | None = None) -> np.ndarray:
+    """com.microsoft DynamicQuantizeMatMul (A float, B int8 ``[K, N]`` constant, symmetric): A
+    quantized to uint8 over the whole tensor as ONNX Runtime's DynamicQuantizeLinear does (run
+    by it), then :func:`matmul_integer_to_float`'s arithmetic."""
+    a, b, sb = inputs[:3]
+    zb, bias = (inputs[i] if len(inputs) > i else None for i in (3, 4))
+    cache = cache or WeightCache(target)
+    quantize = cache.get("dynamic-quantize", _dynamic_quantize_session)
+    aq, sa, za = quantize.run(None, {"a": np.ascontiguousarray(a, dtype=np.float32)})
+    acc = _matmul_2d(aq, _symmetric_b(b, zb), int(_scalar(za)), target, cache)
+    return _scaled_float(acc, sa, sb, bias)
+
+
+def _dynamic_quantize_session() -> Any:
+    """A one-node ONNX Runtime session of DynamicQuantizeLinear (a float tensor of any shape)."""
+    node = helper.make_node("DynamicQuantizeLinear", ["a"], ["q", "s", "z"])
+    graph = helper.make_graph([node], "dynamic_quantize", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_empty_tensor_value_info(o) for o in ("q", "s", "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return build_session(model.SerializeToString(), level="ORT_DISABLE_ALL", threads=1, label="DynamicQuantizeLinear")
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """An integer node the emulation computes: its function and where its inputs are: the
+    constant int8 weight, the weight's zero point and the activation's zero point (None: a
+    float activation the node quantizes itself)."""
+
+    fn: Callable[..., np.ndarray]
+    weight: int
+    weight_zp: int
+    act_zp: int | None
+    conv: bool = False
+
+
+_KERNELS = {
+    ("", "QLinearConv"): _Kernel(qlinear_conv, 3, 5, 2, conv=True),
+    ("com.microsoft", "QGemm"): _Kernel(qgemm, 3, 5, 2),
+    ("", "QLinearMatMul"): _Kernel(qlinear_matmul, 3, 5, 2),
+    ("com.microsoft", "MatMulIntegerToFloat"): _Kernel(matmul_integer_to_float, 1, 5, 4),
+    ("", "MatMulInteger"): _Kernel(matmul_integer, 1, 3, 2),
+    ("com.microsoft", "DynamicQuantizeMatMul"): _Kernel(dynamic_quantize_matmul, 1, 3, None),
+    ("", "ConvInteger"): _Kernel(conv_integer, 1, 3, 2, conv=True),
+}
+
+
+def _kernel(node: onnx.NodeProto) -> _Kernel | None:
+    return _KERNELS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+
+
+def _input(node: onnx.NodeProto, index: int | None) -> str | None:
+    """The name of ``node``'s input ``index`` (None: absent or not given)."""
+    return node.input[index] if index is not None and index < len(node.input) and node.input[index] else None
 
 
 def _dynamic_inputs(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray]) -> tuple[str, ...]:
@@ -566,12 +678,15 @@ def _dynamic_inputs(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray]
 
 
 def _emulable(node: onnx.NodeProto, values: Mapping[str, np.ndarray]) -> bool:
-    key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
-    if key not in _KERNELS:
+    """Whether ``node``'s inputs are what its kernel computes on: uint8 activations (float for a
+    node that quantizes them itself) and int8 weights."""
+    kernel = _kernel(node)
+    if kernel is None:
         return False
     x = values.get(node.input[0])
-    wt = values.get(node.input[3])
-    return x is not None and wt is not None and x.dtype == np.uint8 and wt.dtype == np.int8
+    wt = values.get(_input(node, kernel.weight) or "")
+    want = np.uint8 if kernel.act_zp is not None else np.float32
+    return x is not None and wt is not None and x.dtype == want and wt.dtype == np.int8
 
 
 def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray]) -> bool:
@@ -580,18 +695,25 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
     them form a pair that can leave int16 (:func:`risky_pairs`, in MLAS's order). Otherwise every
     family accumulates exactly (a depthwise conv always does: MLAS's depthwise kernel does not
     pair products) and ORT's own kernel computes what any target would."""
-    w, zw = initializers.get(node.input[3]), initializers.get(node.input[5])
+    kernel = _kernel(node) or _KERNELS[("", "QLinearConv")]
+    w, zw = initializers.get(_input(node, kernel.weight) or ""), initializers.get(_input(node, kernel.weight_zp) or "")
     if w is None or (zw is not None and np.any(zw != 0)):
         return True
     attrs = attributes(node)
-    if node.op_type == "QLinearConv":
+    if kernel.conv:
+        if w.ndim not in (3, 4):  # a 3-D conv: not modelled (emulating it is refused)
+            return True
         group = int(attrs.get("group", 1))
-        if w.shape[1] == 1 and group > 1:
+        mg = w.shape[0] // group
+        if kernel.fn is conv_integer:  # im2col + GEMM, K in NCHW order (c, kh, kw), depthwise too
+            rows = [w[g * mg:(g + 1) * mg].reshape(mg, -1) for g in range(group)]
+        elif w.shape[1] == 1 and group > 1:
             return False
-        rows = conv_weight_rows(w, group)
+        else:
+            rows = conv_weight_rows(w, group)
     elif w.ndim != 2:
         return True
-    else:  # QGemm B [K, N] (or [N, K] with transB), QLinearMatMul B [K, N]
+    else:  # QGemm B [K, N] (or [N, K] with transB), the MatMuls' B [K, N]
         rows = [w if int(attrs.get("transB", 0)) else w.T]
     return any(risky_mask(r)[2].any() for r in rows)
 
@@ -641,7 +763,7 @@ class EmulatedSession:
         self.output_names = [o.name for o in g.output]
         self._sessions: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._weights: dict[int, WeightCache] = {}  # per emulated node
-        fused = [n for n in g.node if (n.domain if n.domain != "ai.onnx" else "", n.op_type) in _KERNELS]
+        fused = [n for n in g.node if _kernel(n) is not None]
         # fused nodes whose weights compute alike on every family run with ORT's own kernel: only
         # the others are emulated (for fqexport's x86-safe weights: none)
         u8s8 = {i: n for i, n in enumerate(g.node) if n in fused and self._u8s8(n)}
@@ -650,14 +772,26 @@ class EmulatedSession:
         self.exact_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i not in self._emulated]
         self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
                              if (n in fused and not self._u8s8(n)) or n.op_type in _OTHER_INTEGER_OPS]
+        # on x86-avx2 also a ConvInteger whose pairs can saturate: its GEMM pairs neighbours in NCHW
+        # im2col order (c, kh, kw), which conv_sums (MLAS QLinearConv's NHWC pairs) does not model
+        unmodelled = [n for i, n in enumerate(g.node) if n.op_type in _OTHER_INTEGER_OPS
+                      or (n.op_type == "ConvInteger" and i in self._emulated)]
+        if target == "x86-avx2" and unmodelled:
+            raise ConfigError(MSG_UNMODELLED.format(nodes=", ".join(f"{n.op_type}:{n.name}" for n in unmodelled),
+                                                    path=label or self.path,
+                                                    ops=", ".join(sorted({n.op_type for n in unmodelled}))))
         if self.native_nodes:
             log.log(native_log_level, MSG_NATIVE.format(target=target, path=label or self.path,
                                                          nodes=", ".join(self.native_nodes)))
 
     def _u8s8(self, node: onnx.NodeProto) -> bool:
-        """Whether a fused node has uint8 activations and int8 weights (by its zero points / weights)."""
-        za, w = self.initializers.get(node.input[2]), self.initializers.get(node.input[3])
-        return za is not None and za.dtype == np.uint8 and (w is None or w.dtype == np.int8)
+        """Whether a fused node has uint8 activations and int8 weights (by its zero points and
+        weights; a node without an activation zero point: uint8 unless its input says otherwise
+        at run time, a float input it quantizes to uint8 itself)."""
+        kernel = _kernel(node)
+        za = self.initializers.get(_input(node, kernel.act_zp) or "")
+        w = self.initializers.get(_input(node, kernel.weight) or "")
+        return (za is None or za.dtype == np.uint8) and (w is None or w.dtype == np.int8)
 
     @staticmethod
     def _optimized(path: Path) -> onnx.ModelProto:
@@ -728,12 +862,13 @@ class EmulatedSession:
         values.update(feeds)
         for idx, node in enumerate(self.model.graph.node):
             try:
-                if idx in self._emulated and _emulable(node, values):
-                    fn = _KERNELS[(node.domain if node.domain != "ai.onnx" else "", node.op_type)]
+                if idx in self._emulated:
+                    if not _emulable(node, values):
+                        raise _Unsupported(_ACTIVATIONS)
                     args = [values[i] if i else None for i in node.input]
                     with self._lock:
                         cache = self._weights.setdefault(idx, WeightCache(self.target, threads=1))
-                    values[node.output[0]] = fn(args, attributes(node), self.target, cache)
+                    values[node.output[0]] = _kernel(node).fn(args, attributes(node), self.target, cache)
                 else:
                     sess = self._node_session(idx, node, values)
                     outs = sess.run(None, {i: values[i] for i in _dynamic_inputs(node, self.initializers)})

@@ -212,7 +212,7 @@ def test_asymmetric_weights_are_refused_naming_the_node(tmp_path):
     if not s.emulated_nodes:
         pytest.skip("this onnxruntime does not fuse an asymmetric-weight Gemm")
     with pytest.raises(ConfigError, match=r"does not cover node .* \(QGemm\) of .*m\.onnx: a non-zero weight zero "
-                                          r"point \(symmetric weights only\)\. It covers 2-D"):
+                                          r"point \(symmetric weights only\)\. It covers 1-D and 2-D"):
         s.run(None, {"x": np.ones((2, 8), np.float32)})
 
 
@@ -365,10 +365,8 @@ def test_a_model_with_external_data_emulates_like_the_same_model_inline(exports,
                                       inline.run(None, {"input": data.x[:16]})[0])
 
 
-def test_a_quantize_dynamic_file_gives_the_native_outputs_under_every_target(tmp_path):
-    """DynamicQuantizeLinear takes its range over the whole batch: a batch split over threads would
-    change it. Every node of such a file runs natively, so every target computes the native outputs."""
-    rng = np.random.default_rng(0)
+def _dynamic_mlp(tmp_path, rng) -> str:
+    """ORT quantize_dynamic of a float MLP (full-range int8 weights): DynamicQuantizeMatMul after fusion."""
     w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((10, 64)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
@@ -380,13 +378,128 @@ def test_a_quantize_dynamic_file_gives_the_native_outputs_under_every_target(tmp
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "float.onnx"))
     quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
-    x = rng.standard_normal((128, 32)).astype(np.float32)
-    x[::64] *= 20.0  # one wide sample per batch of 64: it sets the range of the half it falls in only
-    native = run_batches(make_session(tmp_path / "dynamic.onnx", threads=1), x, 64)
+    return str(tmp_path / "dynamic.onnx")
+
+
+def _per_target(path, x, batch: int, threads: int = 1) -> dict[str, tuple[EmulatedSession, np.ndarray]]:
+    """Each emulated target's session and outputs on ``x``."""
+    out = {}
     for target in ("x86-avx2", "x86-vnni", "arm64"):
-        emulated = EmulatedSession(tmp_path / "dynamic.onnx", target, threads=2)
-        assert emulated.batch_coupled_nodes and emulated.emulated_nodes == []
-        np.testing.assert_array_equal(run_batches(emulated, x, 64), native)
+        session = EmulatedSession(path, target, threads=threads)
+        out[target] = (session, run_batches(session, x, batch))
+    return out
+
+
+def _assert_host_family_is_native(path, x, outs, batch: int) -> None:
+    """The exact-sum targets agree; this CPU's family is what its own session computes."""
+    np.testing.assert_array_equal(outs["x86-vnni"][1], outs["arm64"][1])
+    family = kernel_family(cpu_isa())
+    if family != "unknown":
+        np.testing.assert_array_equal(outs[family][1], run_batches(make_session(path, threads=1), x, batch))
+
+
+def test_a_quantize_dynamic_file_is_emulated_under_every_target(tmp_path):
+    """quantize_dynamic's DynamicQuantizeMatMul is a u8×s8 GEMM like any other: emulated (the survey:
+    it ran natively under x86-avx2, reported as emulated). DynamicQuantizeLinear takes its range over
+    the whole batch: a batch split over threads would change it, so the batch runs whole."""
+    rng = np.random.default_rng(0)
+    path = _dynamic_mlp(tmp_path, rng)
+    x = rng.uniform(0, 1, (128, 32)).astype(np.float32)  # non-negative: stored near 255, pairs leave int16
+    x[::64] *= 3.0  # one wide sample per batch of 64: it sets the range of the half it falls in only
+    outs = _per_target(path, x, 64, threads=2)
+    for session, _ in outs.values():
+        assert session.batch_coupled_nodes and session.native_nodes == []
+        assert [n.split(":")[0] for n in session.emulated_nodes] == ["DynamicQuantizeMatMul"] * 2
+    _assert_host_family_is_native(path, x, outs, 64)
+    assert not np.array_equal(outs["x86-avx2"][1], outs["x86-vnni"][1])  # full-range pairs saturate
+
+
+def _token_matmul(path, w_q: np.ndarray) -> None:
+    """A QDQ token Linear, x [N, T, K] uint8-quantized, W int8 per column, float output: ORT fuses
+    it into MatMulIntegerToFloat."""
+    k, n = w_q.shape
+    inits = [numpy_helper.from_array(np.array(SX, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(np.full(n, SW, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+             numpy_helper.from_array(np.linspace(-1, 1, n).astype(np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "token_linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_token_linear_fused_into_matmul_integer_to_float_is_emulated(tmp_path):
+    """The survey: fqexport's token Linears (MatMulIntegerToFloat) ran with this CPU's exact sums
+    under x86-avx2; full-range weights with large activations saturate there."""
+    rng = np.random.default_rng(1)
+    w_q = rng.integers(-127, 128, size=(16, 6)).astype(np.int8)
+    _token_matmul(tmp_path / "t.onnx", w_q)
+    x = rng.uniform(0, 1, (32, 5, 16)).astype(np.float32)
+    outs = _per_target(tmp_path / "t.onnx", x, 32)
+    assert all([n.split(":")[0] for n in s.emulated_nodes] == ["MatMulIntegerToFloat"] for s, _ in outs.values())
+    _assert_host_family_is_native(tmp_path / "t.onnx", x, outs, 32)
+    # x86-avx2: the stored activations' pairs added in int16 with saturation, then float(acc)·s_x·s_w + b
+    x_q = np.clip(np.rint(x / np.float32(SX)), 0, 255).astype(np.int64).reshape(-1, 16)
+    products = x_q[:, :, None] * w_q.astype(np.int64)[None]  # [rows, K, N]
+    acc = np.clip(products[:, 0::2] + products[:, 1::2], -32768, 32767).sum(1)
+    want = (acc.astype(np.int32).astype(np.float32) * (np.float32(SX) * np.float32(SW))
+            + np.linspace(-1, 1, 6).astype(np.float32)).reshape(32, 5, 6)
+    np.testing.assert_array_equal(outs["x86-avx2"][1], want)
+    assert not np.array_equal(outs["x86-avx2"][1], outs["x86-vnni"][1])
+
+
+def test_conv_integer_is_exact_on_exact_targets_and_refused_for_avx2(tmp_path):
+    """quantize_dynamic's convs (ConvInteger): its GEMM pairs taps in NCHW im2col order, which the
+    AVX2 model does not cover: refused for x86-avx2 when its weights can saturate; exact elsewhere."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "conv.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["Conv"])
+    x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    exact = {t: run_batches(EmulatedSession(tmp_path / "conv.onnx", t, threads=1), x, 16) for t in ("x86-vnni", "arm64")}
+    np.testing.assert_array_equal(exact["x86-vnni"], exact["arm64"])
+    if kernel_family(cpu_isa()) in exact:
+        np.testing.assert_array_equal(exact[kernel_family(cpu_isa())],
+                                      run_batches(make_session(tmp_path / "conv.onnx", threads=1), x, 16))
+    with pytest.raises(ConfigError, match=r"kernel emulation \(x86-avx2\) does not model node\(s\) ConvInteger"):
+        EmulatedSession(tmp_path / "conv.onnx", "x86-avx2")
+
+
+def test_a_3d_conv_is_refused_naming_the_node(tmp_path):
+    """The survey: a Conv3d's QLinearConv crashed the risk check (a 5-D weight) with ValueError."""
+    w_q = np.random.default_rng(3).integers(-127, 128, size=(4, 2, 3, 3, 3)).astype(np.int8)
+    inits = [numpy_helper.from_array(np.array(SX, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(np.full(4, SW, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "zw"),
+             numpy_helper.from_array(np.array(SY, np.float32), "sy"), numpy_helper.from_array(np.array(0, np.uint8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv3d"),
+             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "c3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 2, 2, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "c3d.onnx"))
+    x = np.random.default_rng(4).uniform(0, 1, (2, 2, 4, 4, 4)).astype(np.float32)
+    for target in ("x86-avx2", "x86-vnni", "arm64"):
+        session = EmulatedSession(tmp_path / "c3d.onnx", target, threads=1)
+        with pytest.raises(ConfigError, match=r"does not cover node .*\(QLinearConv\) .* a 3-D input"):
+            session.run(None, {"x": x})
 
 
 def test_fqexport_exports_have_no_batch_coupled_node(exports):

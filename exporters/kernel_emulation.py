@@ -85,7 +85,6 @@ MSG_UNSUPPORTED = (
     "for x86-avx2) ConvInteger with uint8 activations and symmetric int8 constant weights (what fqexport, "
     "quantize_static and quantize_dynamic export); validate this model with --target native only"
 )
-_ACTIVATIONS = "activations that are not uint8"
 _CONV_RANK = "a {rank}-D input (2-D convs only)"
 _WEIGHT_ZP = "a non-zero weight zero point (symmetric weights only)"
 _MATMUL_B = "B is not a 2-D symmetric int8 constant"
@@ -785,13 +784,14 @@ class EmulatedSession:
                                                          nodes=", ".join(self.native_nodes)))
 
     def _u8s8(self, node: onnx.NodeProto) -> bool:
-        """Whether a fused node has uint8 activations and int8 weights (by its zero points and
-        weights; a node without an activation zero point: uint8 unless its input says otherwise
-        at run time, a float input it quantizes to uint8 itself)."""
+        """Whether a fused node has uint8 activations and constant int8 weights (by its zero
+        points and weights; a node without an activation zero point: uint8, or a float input it
+        quantizes to uint8 itself). A product of two activations (attention's QLinearMatMul)
+        is not: it runs natively (u8×u8 adds exactly on every family)."""
         kernel = _kernel(node)
         za = self.initializers.get(_input(node, kernel.act_zp) or "")
         w = self.initializers.get(_input(node, kernel.weight) or "")
-        return (za is None or za.dtype == np.uint8) and (w is None or w.dtype == np.int8)
+        return (za is None or za.dtype == np.uint8) and w is not None and w.dtype == np.int8
 
     @staticmethod
     def _optimized(path: Path) -> onnx.ModelProto:
@@ -862,9 +862,7 @@ class EmulatedSession:
         values.update(feeds)
         for idx, node in enumerate(self.model.graph.node):
             try:
-                if idx in self._emulated:
-                    if not _emulable(node, values):
-                        raise _Unsupported(_ACTIVATIONS)
+                if idx in self._emulated and _emulable(node, values):
                     args = [values[i] if i else None for i in node.input]
                     with self._lock:
                         cache = self._weights.setdefault(idx, WeightCache(self.target, threads=1))

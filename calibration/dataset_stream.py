@@ -37,6 +37,31 @@ MSG_NO_LEN = "{source}: the dataset has no len(); give an indexable Dataset"
 _LIGHT_BATCH = 256
 
 
+class Picked(Dataset):
+    """The samples ``indices`` of ``dataset``, in that order (a DataLoader's sampler's): the
+    stream reads position i as ``dataset[indices[i]]``; messages and a group function name the
+    dataset's own index (:meth:`index_of`), and what the dataset declares (labels and groups,
+    ``targets``, file paths) is taken at ``indices``."""
+
+    def __init__(self, dataset: Any, indices: Any) -> None:
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.group_names = getattr(dataset, "group_names", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.indices[i])]
+
+    def index_of(self, i: int) -> int:
+        return int(self.indices[i])
+
+
+def _index_of(dataset: Any) -> Callable[[int], int]:
+    """A stream position -> the dataset's own index (the same but for a :class:`Picked`)."""
+    return dataset.index_of if isinstance(dataset, Picked) else int
+
+
 class _Indexed(Dataset):
     """``dataset[i]`` as ``(i, item, error text or None)``: a failing item reaches the main
     process as text, so its message is ours (DataLoader would wrap a worker's exception)."""
@@ -53,7 +78,8 @@ class _Indexed(Dataset):
         except DataError as err:
             return i, None, str(err)
         except Exception as err:  # the dataset's own failure, named by its index
-            return i, None, MSG_ITEM_READ.format(source=self.source, index=i, kind=type(err).__name__, err=err)
+            return i, None, MSG_ITEM_READ.format(source=self.source, index=_index_of(self.dataset)(i),
+                                                 kind=type(err).__name__, err=err)
 
 
 class _Collate:
@@ -63,17 +89,20 @@ class _Collate:
 
     def __init__(self, source: str, shape: tuple[int, ...] | None, keep_x: bool,
                  transform: Callable | None = None, group_fn: Callable | None = None,
-                 fields: int | None = None) -> None:
+                 fields: int | None = None, index_of: Callable[[int], int] = int) -> None:
         self.source, self.shape, self.keep_x = source, shape, keep_x
         self.transform, self.group_fn, self.fields = transform, group_fn, fields
+        self.index_of = index_of
 
     def __call__(self, items: list[tuple[int, Any, str | None]]):
         try:
             for _, _, err in items:
                 if err is not None:
                     return err
-            idx = np.array([i for i, _, _ in items], dtype=np.int64)
-            parsed = [dataset_item(item, i, self.source) for i, item, _ in items]
+            positions = np.array([i for i, _, _ in items], dtype=np.int64)
+            # the dataset's own indices name the samples (in messages, to a group function)
+            idx = np.array([self.index_of(int(i)) for i in positions], dtype=np.int64)
+            parsed = [dataset_item(item, int(i), self.source) for i, (_, item, _) in zip(idx, items)]
             fields = self.fields or parsed[0].fields
             xs = []
             for i, p in zip(idx, parsed):
@@ -85,9 +114,9 @@ class _Collate:
                 if x.shape != shape:
                     raise DataError(f"{self.source}: " + MSG_ITEM_SHAPE.format(index=int(i), shape=x.shape, first=shape))
             x = check_x_values(np.stack(xs), self.source, idx)
-            gs = ([call_group_function(self.group_fn, int(i), item, self.source) for i, item, _ in items]
+            gs = ([call_group_function(self.group_fn, int(i), item, self.source) for i, (_, item, _) in zip(idx, items)]
                   if self.group_fn is not None else [p.group for p in parsed])
-            return (idx, torch.from_numpy(x) if self.keep_x else None, [p.y for p in parsed], gs,
+            return (positions, torch.from_numpy(x) if self.keep_x else None, [p.y for p in parsed], gs,
                     tuple(shape), str(x.dtype), fields)
         except DataError as err:
             return str(err)
@@ -111,7 +140,8 @@ class _DatasetX:
 
     def read(self, index_lists: Iterable[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
         lists = [[int(i) for i in idx] for idx in index_lists]
-        collate = _Collate(self.first.source, self.shape, True, self.transform, fields=self.first.fields)
+        collate = _Collate(self.first.source, self.shape, True, self.transform, fields=self.first.fields,
+                           index_of=_index_of(self.dataset))
         for batch in _loader(self.dataset, self.first.source, lists, num_workers, collate):
             idx, x, ys, gs, _, dtype, _ = _unpack(batch)
             self.first.check(idx, dtype, ys, gs)
@@ -121,6 +151,9 @@ class _DatasetX:
 def sample_paths(dataset: Any) -> list[str] | None:
     """The samples' file paths of an ImageFolder-like dataset (``samples`` or ``imgs``: a list of
     ``(path, label)``), else None."""
+    if isinstance(dataset, Picked):
+        paths = sample_paths(dataset.dataset)
+        return None if paths is None else [paths[i] for i in dataset.indices]
     samples = getattr(dataset, "samples", None)
     if samples is None:
         samples = getattr(dataset, "imgs", None)
@@ -132,6 +165,10 @@ def sample_paths(dataset: Any) -> list[str] | None:
 def _declared(dataset: Any, groups_known: bool) -> tuple[Any, Any] | None:
     """``(labels, groups or None)`` a dataset states without reading an item: its
     ``labels_and_groups()``, or — when the groups are known anyway — its ``targets``."""
+    if isinstance(dataset, Picked):
+        whole = _declared(dataset.dataset, groups_known)
+        pick = dataset.indices
+        return None if whole is None else tuple(None if a is None else np.asarray(a)[pick] for a in whole)
     declared = getattr(dataset, "labels_and_groups", None)
     if callable(declared):
         return declared()
@@ -146,8 +183,11 @@ def _light_pass(dataset: Any, source: str, n: int, num_workers: int, transform: 
     """Every item read once and checked (x kept nowhere): ``(labels, groups, x shape, dtype, fields)``."""
     ys, gs, shape, dtype, fields = [], [], None, None, None
     lists = [list(range(i, min(i + _LIGHT_BATCH, n))) for i in range(0, n, _LIGHT_BATCH)]
-    for batch in _loader(dataset, source, lists, num_workers, _Collate(source, None, False, transform, group_fn)):
-        idx, _, by, bg, bshape, bdtype, bfields = _unpack(batch)
+    index_of = _index_of(dataset)
+    collate = _Collate(source, None, False, transform, group_fn, index_of=index_of)
+    for batch in _loader(dataset, source, lists, num_workers, collate):
+        positions, _, by, bg, bshape, bdtype, bfields = _unpack(batch)
+        idx = [index_of(int(positions[0]))]  # the first sample's own index, for the messages below
         if shape is None:
             shape, dtype, fields = bshape, bdtype, bfields
         elif bfields != fields:
@@ -164,23 +204,29 @@ def _light_pass(dataset: Any, source: str, n: int, num_workers: int, transform: 
 
 
 def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Callable | None = None,
-                   num_workers: int = 0) -> DataStream:
+                   num_workers: int = 0, indices: Callable[[int], Any] | None = None) -> DataStream:
     """A stream over a map-style Dataset (module docstring); ``groups`` and ``transform`` as
-    ``load_data`` takes them."""
+    ``load_data`` takes them. ``indices(len(dataset))``: the dataset indices to read (a
+    DataLoader's sampler's; None: all), each sample still named by its own index, a ``groups``
+    array or CSV column still given per dataset sample."""
     try:
         n = len(dataset)
     except TypeError as err:
         raise DataError(MSG_NO_LEN.format(source=source)) from err
-    if n == 0:
-        raise DataError(MSG_EMPTY.format(source=source))
     group_fn = groups if is_group_function(groups) else None
     given = groups_up_front(groups, n, source, lambda: sample_paths(dataset))
+    picked = indices(n) if indices is not None else None
+    if picked is not None:
+        dataset, n = Picked(dataset, picked), len(picked)
+        given = None if given is None else given[dataset.indices]
+    if n == 0:
+        raise DataError(MSG_EMPTY.format(source=source))
     names = getattr(dataset, "group_names", None) if groups is None else None
     declared = None if group_fn is not None else _declared(dataset, given is not None)
     if declared is not None and (given is not None or declared[1] is not None):
         y_raw, given, gs = declared[0], given if given is not None else declared[1], []
         # the first item gives x's shape, dtype and fields (and is checked like every other)
-        loader = _loader(dataset, source, [[0]], 0, _Collate(source, None, False, transform))
+        loader = _loader(dataset, source, [[0]], 0, _Collate(source, None, False, transform, index_of=_index_of(dataset)))
         _, _, _, _, shape, dtype, fields = _unpack(next(iter(loader)))
     else:
         ys, gs, shape, dtype, fields = _light_pass(dataset, source, n, num_workers, transform, group_fn)

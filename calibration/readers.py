@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from fqexport.errors import ConfigError, DataError
@@ -120,15 +120,14 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
     if isinstance(source, DataLoader):
         ds = source.dataset
         items = source.collate_fn in (default_collate, default_convert)
-        if not isinstance(ds, IterableDataset) and items:
-            name = f"<DataLoader of {type(ds).__name__}>"
-            indices = _loader_indices(source, name)
-            if indices is not None:
-                ds, name = Subset(ds, indices), f"<DataLoader of {type(ds).__name__}: {len(indices)} samples its sampler reads>"
-            return dataset_stream(ds, name, groups, transform, num_workers or source.num_workers)
         name = f"<DataLoader of {type(ds).__name__}>"
+        if not isinstance(ds, IterableDataset) and items:
+            return dataset_stream(ds, name, groups, transform, num_workers or source.num_workers,
+                                  indices=lambda n: _loader_indices(source, name, n))
         if isinstance(source.sampler, RandomSampler):
             raise DataError(MSG_SHUFFLED.format(source=name))
+        if not isinstance(ds, IterableDataset):  # read batch by batch: its sampler must read one set
+            _loader_indices(source, name, len(ds))
         return iterable_stream(source, name, source.batch_sampler is not None or source.batch_size is not None,
                                groups, transform)
     name = f"<{type(source).__name__}>"
@@ -145,15 +144,14 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
     raise DataError(MSG_UNSUPPORTED.format(kind=type(source).__name__))
 
 
-def _loader_indices(loader: DataLoader, name: str) -> list[int] | None:
-    """The dataset indices a map-style DataLoader reads (its sampler's, or its batch sampler's:
-    one of the user's own, or one that drops the last partial batch), in data order; None when it
-    reads every index once (sequential or shuffled): the dataset is then read by index as it is.
-    A sampler that draws another set each pass is a DataError."""
-    n, sampler, batches = len(loader.dataset), loader.sampler, loader.batch_sampler
+def _loader_indices(loader: DataLoader, name: str, n: int) -> list[int] | None:
+    """The indices of its ``n``-sample map-style dataset that a DataLoader reads (its sampler's, or
+    its batch sampler's: one of the user's own, or one that drops a last partial batch), in data
+    order; None when it reads every index once (sequential or shuffled): the dataset is then
+    read by index as it is. A sampler that draws another set each pass is a DataError."""
+    sampler, batches = loader.sampler, loader.batch_sampler
     own_batches = batches is not None and getattr(batches, "sampler", None) is not sampler
-    drops = batches is not None and getattr(batches, "drop_last", False) and n % max(loader.batch_size or 1, 1)
-    if own_batches or drops:
+    if own_batches or (batches is not None and getattr(batches, "drop_last", False)):
         sampler = batches  # its batches name the indices
     elif isinstance(sampler, SequentialSampler) or (
             isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n):
@@ -165,8 +163,9 @@ def _loader_indices(loader: DataLoader, name: str) -> list[int] | None:
 
 
 def _sampled(sampler: Any) -> list[int]:
-    """The indices one pass of a sampler (or a batch sampler: its batches) yields, sorted."""
-    return sorted(int(i) for item in sampler for i in (item if isinstance(item, (list, tuple)) else [item]))
+    """The indices one pass of a sampler (or a batch sampler: its batches, lists, arrays or
+    tensors) yields, sorted."""
+    return sorted(int(i) for item in sampler for i in np.asarray(item).reshape(-1))
 
 
 def _yields_batches(iterable: Any) -> bool:

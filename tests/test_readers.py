@@ -63,7 +63,7 @@ def test_a_dataloader_is_read_through_its_sampler():
     ds = _Tuples([(np.full(2, i, np.float32), i % 3, i % 2) for i in range(30)])
     picked = [25, 3, 7, 11, 4]
     values, source = _loader_data(DataLoader(ds, batch_size=2, sampler=SubsetRandomSampler(picked)))
-    assert values.tolist() == sorted(picked) and source == "<DataLoader of _Tuples: 5 samples its sampler reads>"
+    assert values.tolist() == sorted(picked) and source == "<DataLoader of _Tuples>"
     assert _loader_data(DataLoader(ds, batch_size=4, sampler=picked))[0].tolist() == sorted(picked)
     batches = BatchSampler(SubsetRandomSampler(picked), batch_size=2, drop_last=False)
     assert _loader_data(DataLoader(ds, batch_sampler=batches))[0].tolist() == sorted(picked)
@@ -75,3 +75,34 @@ def test_a_dataloader_is_read_through_its_sampler():
         load_data(DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler(np.ones(30), 10)))
     with pytest.raises(DataError, match=r"its sampler \(BatchSampler\) draws another set"):
         load_data(DataLoader(ds, batch_size=8, shuffle=True, drop_last=True))  # 6 of 30 dropped at random
+
+
+class _Named(torch.utils.data.Dataset):
+    group_names = ("light", "dark")
+
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        if i == 25:
+            raise OSError("unreadable")
+        return np.full(2, i, np.float32), i % 3, i % 2
+
+
+def test_a_sampler_keeps_the_dataset_its_indices_and_names():
+    """Read through a sampler, a sample is still the dataset's: its group names, a groups array
+    per dataset sample, a group function and an error all see the dataset's own index (review)."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+
+    picked = [11, 3, 7, 4]
+    loader = lambda: DataLoader(_Named(), batch_size=2, sampler=SubsetRandomSampler(picked))  # noqa: E731
+    data = load_data(loader()).take()
+    assert data.group_names == ("light", "dark") and data.group.tolist() == [1, 0, 1, 1]  # samples 3, 4, 7, 11
+    by_array = load_data(loader(), groups=np.array(["a" if i < 5 else "b" for i in range(30)])).take()
+    assert [by_array.group_names[g] for g in by_array.group] == ["a", "a", "b", "b"]
+    seen = []
+    by_function = load_data(loader(), groups=lambda i, sample: seen.append(i) or ("odd" if i % 2 else "even")).take()
+    assert sorted(seen) == [3, 4, 7, 11] and [by_function.group_names[g] for g in by_function.group] == [
+        "odd", "even", "odd", "odd"]
+    with pytest.raises(DataError, match=r"sample 25 cannot be read: OSError: unreadable"):
+        load_data(DataLoader(_Named(), batch_size=2, sampler=[3, 25])).take()

@@ -67,27 +67,29 @@ MSG_TARGET = "target {target!r} is not one of {choices} (--target)"
 MSG_NOT_EMULATED = "target 'native' runs ONNX Runtime's own session (make_session), not an emulation"
 MSG_UNREADABLE = "cannot optimize ONNX model {path} for kernel emulation: {err}"
 MSG_NATIVE = (
-    "kernel emulation ({target}) of {path}: {nodes} run with this CPU's own kernels (only uint8 x "
-    "int8 QLinearConv/QGemm/QLinearMatMul are emulated); their results are native, not {target}"
+    "kernel emulation ({target}) of {path}: {nodes} run with this CPU's own kernels (only integer GEMMs and "
+    "convs of uint8 activations and constant int8 weights are emulated); their results are native, not {target}"
 )
 # Integer kernels ORT may fuse that the emulation does not model: they run natively, which
 # x86-vnni and arm64 compute alike (exact sums); for x86-avx2 a file holding them is refused.
+# (ConvInteger, quantize_dynamic's conv, is an S8U8 GEMM in ORT — the weights as A — whose x86
+# kernel without AVX-VNNI-INT8 is MLAS's portable one, exact: native is every target's result.)
 _OTHER_INTEGER_OPS = ("QAttention", "DynamicQuantizeLSTM")
 MSG_UNMODELLED = (
-    "kernel emulation (x86-avx2) does not model node(s) {nodes} of {path}: an AVX2 CPU's saturating pairs in "
-    "ONNX Runtime's {ops} (weights that can saturate); validate this model with --target native, x86-vnni or "
-    "arm64 (exact sums)"
+    "kernel emulation (x86-avx2) does not model node(s) {nodes} of {path}: how an AVX2 CPU adds the u8 x s8 "
+    "products of ONNX Runtime's {ops}; validate this model with --target native, x86-vnni or arm64 (exact sums)"
 )
 MSG_NODE = "kernel emulation ({target}) failed at node {node} ({op}) of {path}: {err}"
 MSG_UNSUPPORTED = (
     "kernel emulation ({target}) does not cover node {node} ({op}) of {path}: {what}. It covers 1-D and 2-D "
-    "QLinearConv, QGemm, QLinearMatMul, MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul and (but "
-    "for x86-avx2) ConvInteger with uint8 activations and symmetric int8 constant weights (what fqexport, "
-    "quantize_static and quantize_dynamic export); validate this model with --target native only"
+    "QLinearConv, QGemm, QLinearMatMul, MatMulInteger, MatMulIntegerToFloat and DynamicQuantizeMatMul with "
+    "uint8 activations and symmetric int8 constant weights (what fqexport, quantize_static and quantize_dynamic "
+    "export); validate this model with --target native only"
 )
 _CONV_RANK = "a {rank}-D input (2-D convs only)"
 _WEIGHT_ZP = "a non-zero weight zero point (symmetric weights only)"
 _MATMUL_B = "B is not a 2-D symmetric int8 constant"
+_A_SCALE = "a per-row scale of A (a scalar only)"
 
 # Integers add exactly in float32 while every partial sum stays below 2^24 (its mantissa).
 _F32_EXACT = 1 << 24
@@ -510,16 +512,6 @@ def qlinear_conv(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], 
     return requantize_sums(acc, None if bias is None else bias.reshape(shape), scale, int(_scalar(zy)), zy.dtype)
 
 
-def conv_integer(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target: str,
-                 cache: WeightCache | None = None) -> np.ndarray:
-    """ONNX ConvInteger (x uint8, w int8 constant, symmetric): int32 Σ (x − z_x)·w with
-    ``target``'s accumulation (quantize_dynamic's convs)."""
-    x, w = inputs[0], inputs[1]
-    zx = inputs[2] if len(inputs) > 2 else None
-    zw = inputs[3] if len(inputs) > 3 else None
-    return _conv_node_sums(x, zx, w, zw, attrs, target, cache).astype(np.int32)
-
-
 def _conv_pads(attrs: Mapping[str, Any], size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
                dil: Sequence[int]) -> list[int]:
     """``[top, left, bottom, right]`` padding of a 2-D conv (``pads``, or from ``auto_pad``)."""
@@ -548,9 +540,7 @@ def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target:
     """com.microsoft QGemm (A uint8, B int8) with ``target``'s accumulation (``cache``: as
     :func:`qlinear_conv`'s)."""
     a, sa, za, b, sb, zb = inputs[:6]
-    c = inputs[6] if len(inputs) > 6 else None
-    sy = inputs[7] if len(inputs) > 7 else None
-    zy = inputs[8] if len(inputs) > 8 else None
+    c, sy, zy = _optional(inputs, 6), _optional(inputs, 7), _optional(inputs, 8)
     if np.any(np.asarray(zb) != 0):
         raise _Unsupported(_WEIGHT_ZP)
     if int(attrs.get("transA", 0)):
@@ -560,12 +550,9 @@ def qgemm(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any], target:
     acc = _matmul_2d(a, b_kn, int(_scalar(za)), target, cache)
     if c is not None and c.dtype == np.int32:
         acc = acc + c.astype(np.int64)
-    scale = np.float32(_scalar(sa)) * np.asarray(sb, np.float32).reshape(-1) * alpha
     if sy is None:  # float output
-        y = acc.astype(np.int32).astype(np.float32) * scale
-        if c is not None and c.dtype != np.int32:
-            y = y + c.astype(np.float32)
-        return y
+        return _scaled_float(acc, sa, sb, c if c is not None and c.dtype != np.int32 else None, alpha)
+    scale = np.float32(_scalar(sa)) * np.asarray(sb, np.float32).reshape(-1) * alpha
     zy_v = zy if zy is not None else np.zeros((), np.uint8)
     return requantize(acc, scale / np.float32(_scalar(sy)), int(_scalar(zy_v)), zy_v.dtype)
 
@@ -574,17 +561,22 @@ def qlinear_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any]
                    cache: WeightCache | None = None) -> np.ndarray:
     """ONNX QLinearMatMul (A uint8, B int8 [K, N] constant) with ``target``'s accumulation."""
     a, sa, za, b, sb, zb, sy, zy = inputs[:8]
-    if b.ndim != 2 or np.any(np.asarray(zb) != 0):
-        raise _Unsupported(_MATMUL_B)
-    acc = _matmul_2d(a, b, int(_scalar(za)), target, cache)
+    acc = _matmul_2d(a, _symmetric_b(b, zb), int(_scalar(za)), target, cache)
     scale = _output_scale(_scalar(sa), np.asarray(sb), _scalar(sy))
     return requantize(acc, scale, int(_scalar(zy)), zy.dtype)
 
 
-def _scaled_float(acc: np.ndarray, a_scale: Any, b_scale: Any, bias: np.ndarray | None) -> np.ndarray:
-    """MLAS's float output of an integer GEMM: float32(acc) · (s_a · s_b[n]) + bias[n] (a product,
-    then a sum, each rounded to float32)."""
-    y = acc.astype(np.int32).astype(np.float32) * (np.float32(_scalar(a_scale)) * np.asarray(b_scale, np.float32).reshape(-1))
+def _optional(inputs: Sequence[np.ndarray | None], i: int) -> np.ndarray | None:
+    """Input ``i`` of a node, None when it is absent."""
+    return inputs[i] if len(inputs) > i else None
+
+
+def _scaled_float(acc: np.ndarray, a_scale: Any, b_scale: Any, bias: np.ndarray | None,
+                  alpha: float = 1.0) -> np.ndarray:
+    """MLAS's float output of an integer GEMM: float32(acc) · (s_a · s_b[n] · α) + bias[n] (a
+    product, then a sum, each rounded to float32)."""
+    scale = np.float32(_scalar(a_scale)) * np.asarray(b_scale, np.float32).reshape(-1) * np.float32(alpha)
+    y = acc.astype(np.int32).astype(np.float32) * scale
     return y if bias is None else y + np.asarray(bias, np.float32)
 
 
@@ -601,7 +593,11 @@ def matmul_integer_to_float(inputs: Sequence[np.ndarray | None], attrs: Mapping[
     symmetric): (Σ (a − z_a)·b) · s_a·s_b + bias with ``target``'s accumulation (the fused kernel
     of a token Linear's QDQ MatMul, and of quantize_dynamic's)."""
     a, b, sa, sb = inputs[:4]
-    za, zb, bias = (inputs[i] if len(inputs) > i else None for i in (4, 5, 6))
+    za, zb, bias = (_optional(inputs, i) for i in (4, 5, 6))
+    if np.size(sa) != 1:  # ORT's fusion may hand the scales over swapped; its kernel swaps them back
+        sa, sb = sb, sa
+    if np.size(sa) != 1:
+        raise _Unsupported(_A_SCALE)
     acc = _matmul_2d(a, _symmetric_b(b, zb), 0 if za is None else int(_scalar(za)), target, cache)
     return _scaled_float(acc, sa, sb, bias)
 
@@ -610,7 +606,7 @@ def matmul_integer(inputs: Sequence[np.ndarray | None], attrs: Mapping[str, Any]
                    cache: WeightCache | None = None) -> np.ndarray:
     """ONNX MatMulInteger (A uint8, B int8 ``[K, N]`` constant, symmetric): int32 Σ (a − z_a)·b."""
     a, b = inputs[:2]
-    za, zb = (inputs[i] if len(inputs) > i else None for i in (2, 3))
+    za, zb = _optional(inputs, 2), _optional(inputs, 3)
     return _matmul_2d(a, _symmetric_b(b, zb), 0 if za is None else int(_scalar(za)), target, cache).astype(np.int32)
 
 
@@ -620,7 +616,7 @@ def dynamic_quantize_matmul(inputs: Sequence[np.ndarray | None], attrs: Mapping[
     quantized to uint8 over the whole tensor as ONNX Runtime's DynamicQuantizeLinear does (run
     by it), then :func:`matmul_integer_to_float`'s arithmetic."""
     a, b, sb = inputs[:3]
-    zb, bias = (inputs[i] if len(inputs) > i else None for i in (3, 4))
+    zb, bias = _optional(inputs, 3), _optional(inputs, 4)
     cache = cache or WeightCache(target)
     quantize = cache.get("dynamic-quantize", _dynamic_quantize_session)
     aq, sa, za = quantize.run(None, {"a": np.ascontiguousarray(a, dtype=np.float32)})
@@ -657,7 +653,6 @@ _KERNELS = {
     ("com.microsoft", "MatMulIntegerToFloat"): _Kernel(matmul_integer_to_float, 1, 5, 4),
     ("", "MatMulInteger"): _Kernel(matmul_integer, 1, 3, 2),
     ("com.microsoft", "DynamicQuantizeMatMul"): _Kernel(dynamic_quantize_matmul, 1, 3, None),
-    ("", "ConvInteger"): _Kernel(conv_integer, 1, 3, 2, conv=True),
 }
 
 
@@ -694,7 +689,9 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
     them form a pair that can leave int16 (:func:`risky_pairs`, in MLAS's order). Otherwise every
     family accumulates exactly (a depthwise conv always does: MLAS's depthwise kernel does not
     pair products) and ORT's own kernel computes what any target would."""
-    kernel = _kernel(node) or _KERNELS[("", "QLinearConv")]
+    kernel = _kernel(node)
+    if kernel is None:
+        return True
     w, zw = initializers.get(_input(node, kernel.weight) or ""), initializers.get(_input(node, kernel.weight_zp) or "")
     if w is None or (zw is not None and np.any(zw != 0)):
         return True
@@ -703,13 +700,9 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
         if w.ndim not in (3, 4):  # a 3-D conv: not modelled (emulating it is refused)
             return True
         group = int(attrs.get("group", 1))
-        mg = w.shape[0] // group
-        if kernel.fn is conv_integer:  # im2col + GEMM, K in NCHW order (c, kh, kw), depthwise too
-            rows = [w[g * mg:(g + 1) * mg].reshape(mg, -1) for g in range(group)]
-        elif w.shape[1] == 1 and group > 1:
+        if w.shape[1] == 1 and group > 1:
             return False
-        else:
-            rows = conv_weight_rows(w, group)
+        rows = conv_weight_rows(w, group)
     elif w.ndim != 2:
         return True
     else:  # QGemm B [K, N] (or [N, K] with transB), the MatMuls' B [K, N]
@@ -758,6 +751,8 @@ class EmulatedSession:
         self.batch_coupled_nodes = [f"{n.op_type}:{n.name}" for n in batch_coupled_nodes(g, self.initializers)]
         self._split = not self.batch_coupled_nodes  # whether a batch may be split along axis 0 (outputs batch-first)
         self._init_protos = {t.name: t for t in g.initializer}
+        self._types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)
+                       if v.type.tensor_type.elem_type}
         self._inputs = [i for i in g.input if i.name not in self.initializers]
         self.output_names = [o.name for o in g.output]
         self._sessions: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -771,10 +766,7 @@ class EmulatedSession:
         self.exact_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i not in self._emulated]
         self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
                              if (n in fused and not self._u8s8(n)) or n.op_type in _OTHER_INTEGER_OPS]
-        # on x86-avx2 also a ConvInteger whose pairs can saturate: its GEMM pairs neighbours in NCHW
-        # im2col order (c, kh, kw), which conv_sums (MLAS QLinearConv's NHWC pairs) does not model
-        unmodelled = [n for i, n in enumerate(g.node) if n.op_type in _OTHER_INTEGER_OPS
-                      or (n.op_type == "ConvInteger" and i in self._emulated)]
+        unmodelled = [n for n in g.node if n.op_type in _OTHER_INTEGER_OPS]
         if target == "x86-avx2" and unmodelled:
             raise ConfigError(MSG_UNMODELLED.format(nodes=", ".join(f"{n.op_type}:{n.name}" for n in unmodelled),
                                                     path=label or self.path,
@@ -791,6 +783,8 @@ class EmulatedSession:
         kernel = _kernel(node)
         za = self.initializers.get(_input(node, kernel.act_zp) or "")
         w = self.initializers.get(_input(node, kernel.weight) or "")
+        if za is None and kernel.act_zp is not None:  # no zero point: the activation's declared type
+            za = np.zeros((), helper.tensor_dtype_to_np_dtype(self._types.get(node.input[0], onnx.TensorProto.UINT8)))
         return (za is None or za.dtype == np.uint8) and w is not None and w.dtype == np.int8
 
     @staticmethod

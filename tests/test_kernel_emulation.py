@@ -414,12 +414,20 @@ def test_a_quantize_dynamic_file_is_emulated_under_every_target(tmp_path):
     assert not np.array_equal(outs["x86-avx2"][1], outs["x86-vnni"][1])  # full-range pairs saturate
 
 
+TOKEN_ZX = 7  # the token Linear's activation zero point
+
+
+def _token_scales(n: int) -> np.ndarray:
+    return (SW * np.linspace(0.5, 2.0, n)).astype(np.float32)  # one per output column
+
+
 def _token_matmul(path, w_q: np.ndarray) -> None:
-    """A QDQ token Linear, x [N, T, K] uint8-quantized, W int8 per column, float output: ORT fuses
-    it into MatMulIntegerToFloat."""
+    """A QDQ token Linear, x [N, T, K] uint8-quantized (zero point :data:`TOKEN_ZX`), W int8 with a
+    scale per column, float output: ORT fuses it into MatMulIntegerToFloat."""
     k, n = w_q.shape
-    inits = [numpy_helper.from_array(np.array(SX, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
-             numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(np.full(n, SW, np.float32), "sw"),
+    inits = [numpy_helper.from_array(np.array(SX, np.float32), "sx"),
+             numpy_helper.from_array(np.array(TOKEN_ZX, np.uint8), "zx"),
+             numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(_token_scales(n), "sw"),
              numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
              numpy_helper.from_array(np.linspace(-1, 1, n).astype(np.float32), "b")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
@@ -444,18 +452,20 @@ def test_a_token_linear_fused_into_matmul_integer_to_float_is_emulated(tmp_path)
     assert all([n.split(":")[0] for n in s.emulated_nodes] == ["MatMulIntegerToFloat"] for s, _ in outs.values())
     _assert_host_family_is_native(tmp_path / "t.onnx", x, outs, 32)
     # x86-avx2: the stored activations' pairs added in int16 with saturation, then float(acc)·s_x·s_w + b
-    x_q = np.clip(np.rint(x / np.float32(SX)), 0, 255).astype(np.int64).reshape(-1, 16)
+    # MLAS: the stored uint8 a (zero point inside) times w, pairs saturated, then −z_x·Σ_k w exactly
+    x_q = np.clip(np.rint(x / np.float32(SX)) + TOKEN_ZX, 0, 255).astype(np.int64).reshape(-1, 16)
     products = x_q[:, :, None] * w_q.astype(np.int64)[None]  # [rows, K, N]
-    acc = np.clip(products[:, 0::2] + products[:, 1::2], -32768, 32767).sum(1)
-    want = (acc.astype(np.int32).astype(np.float32) * (np.float32(SX) * np.float32(SW))
+    acc = np.clip(products[:, 0::2] + products[:, 1::2], -32768, 32767).sum(1) - TOKEN_ZX * w_q.astype(np.int64).sum(0)
+    want = (acc.astype(np.int32).astype(np.float32) * (np.float32(SX) * _token_scales(6))
             + np.linspace(-1, 1, 6).astype(np.float32)).reshape(32, 5, 6)
     np.testing.assert_array_equal(outs["x86-avx2"][1], want)
     assert not np.array_equal(outs["x86-avx2"][1], outs["x86-vnni"][1])
 
 
-def test_conv_integer_is_exact_on_exact_targets_and_refused_for_avx2(tmp_path):
-    """quantize_dynamic's convs (ConvInteger): its GEMM pairs taps in NCHW im2col order, which the
-    AVX2 model does not cover: refused for x86-avx2 when its weights can saturate; exact elsewhere."""
+def test_conv_integer_runs_natively_on_every_target(tmp_path):
+    """quantize_dynamic's convs (ConvInteger) are an S8U8 GEMM in ORT (the weights as A), whose x86
+    kernel without AVX-VNNI-INT8 is MLAS's portable, exact one (ORT's source): not emulated, not
+    refused, every target's result is the native one."""
     rng = np.random.default_rng(2)
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
@@ -468,13 +478,11 @@ def test_conv_integer_is_exact_on_exact_targets_and_refused_for_avx2(tmp_path):
     quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "conv.onnx"), weight_type=QuantType.QInt8,
                      op_types_to_quantize=["Conv"])
     x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
-    exact = {t: run_batches(EmulatedSession(tmp_path / "conv.onnx", t, threads=1), x, 16) for t in ("x86-vnni", "arm64")}
-    np.testing.assert_array_equal(exact["x86-vnni"], exact["arm64"])
-    if kernel_family(cpu_isa()) in exact:
-        np.testing.assert_array_equal(exact[kernel_family(cpu_isa())],
-                                      run_batches(make_session(tmp_path / "conv.onnx", threads=1), x, 16))
-    with pytest.raises(ConfigError, match=r"kernel emulation \(x86-avx2\) does not model node\(s\) ConvInteger"):
-        EmulatedSession(tmp_path / "conv.onnx", "x86-avx2")
+    native = run_batches(make_session(tmp_path / "conv.onnx", threads=1), x, 16)
+    for target in ("x86-avx2", "x86-vnni", "arm64"):
+        session = EmulatedSession(tmp_path / "conv.onnx", target, threads=1)
+        assert session.emulated_nodes == []
+        np.testing.assert_array_equal(run_batches(session, x, 16), native)
 
 
 def test_a_3d_conv_is_refused_naming_the_node(tmp_path):
@@ -562,3 +570,32 @@ def test_nodes_reading_one_input_twice_export_and_emulate_on_every_family(tmp_pa
         assert emu.shape == native.shape == (64, 3)
         if family == kernel_family(cpu_isa()):
             np.testing.assert_array_equal(emu, native)
+
+
+def test_matmul_integer_to_float_with_its_scales_swapped_is_read_like_onnxruntime(tmp_path):
+    """ORT's fusion may put the per-column scale at input 2 and A's at input 3; its kernel swaps
+    them back (review: the emulation scaled every column by the first one)."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(16, 6)).astype(np.int8)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(_token_scales(6), "s_col"),
+             numpy_helper.from_array(np.array(SX, np.float32), "s_a"), numpy_helper.from_array(np.array(3, np.uint8), "za")]
+    node = helper.make_node("MatMulIntegerToFloat", ["x", "w", "s_col", "s_a", "za"], ["y"], domain="com.microsoft",
+                            name="mm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = rng.integers(0, 256, size=(8, 16)).astype(np.uint8)  # the node's uint8 input, fed as it is
+    outs = {}
+    for target in ("x86-vnni", "arm64", "x86-avx2"):
+        session = EmulatedSession(tmp_path / "m.onnx", target, threads=1)
+        assert session.emulated_nodes == ["MatMulIntegerToFloat:mm"]
+        outs[target] = session.run(None, {"x": x})[0]
+    exact = (x.astype(np.int64) - 3) @ w.astype(np.int64)
+    want = exact.astype(np.int32).astype(np.float32) * (np.float32(SX) * _token_scales(6))
+    np.testing.assert_array_equal(outs["x86-vnni"], want)
+    np.testing.assert_array_equal(outs["arm64"], want)
+    family = kernel_family(cpu_isa())
+    if family != "unknown":
+        np.testing.assert_array_equal(outs[family], make_session(tmp_path / "m.onnx", threads=1).run(None, {"x": x})[0])

@@ -330,7 +330,7 @@ def test_a_calibrated_group_missing_from_the_test_data_fails_every_per_group_lim
         ("min_acc", True, None), ("min_worst_group_acc", False, "rare"), ("max_acc_gap", False, "rare")]
     assert "the test data holds no samples of group(s) 'rare'" in r.checks[1].message
     assert r.to_dict()["absent_groups"] == ["rare"]
-    assert "- not in the test data: group(s) rare, which the model was calibrated on" in to_markdown(r)
+    assert "- not in the test data: group(s) 'rare', which the model was calibrated on" in to_markdown(r)
     # without per-group limits: said, not failed
     r = validate(tmp_path / "meta.onnx", data, measure_latency=False, kernel_check=False)
     assert r.passed and r.absent_groups == ("rare",)

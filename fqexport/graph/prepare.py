@@ -462,11 +462,12 @@ def _tied_layers(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dic
     """The quantizable layers called in ``gm`` whose weight is one Parameter with another's (a
     tied ``self.out.weight = self.emb.weight``, a siamese pair): one tensor cannot hold two grids,
     so each stays float, the tensor's parameters counted at the first of them."""
-    by_weight: dict[int, list[str]] = {}
+    by_weight: dict[int, list[str]] = {}  # id of a Parameter (each alive in its module) -> its layers
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(mod, QUANTIZABLE) and isinstance(getattr(mod, "weight", None), torch.Tensor):
-            names = by_weight.setdefault(id(mod.weight), [])
+        # a parametrized weight is a new tensor per access (never shared): only Parameters count
+        if isinstance(mod, QUANTIZABLE) and isinstance(mod._parameters.get("weight"), nn.Parameter):
+            names = by_weight.setdefault(id(mod._parameters["weight"]), [])
             if str(node.target) not in names:
                 names.append(str(node.target))
     out: dict[str, FloatLayer] = {}

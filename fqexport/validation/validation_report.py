@@ -162,7 +162,8 @@ class ValidationReport:
         """The sentence naming :attr:`absent_groups` (console and report.md), None without any."""
         if not self.absent_groups:
             return None
-        return (f"not in the test data: group(s) {', '.join(self.absent_groups)}, which the model was calibrated on "
+        return (f"not in the test data: group(s) {', '.join(repr(g) for g in self.absent_groups)}, which the model "
+                f"was calibrated on "
                 f"(its metadata's group_names): no per-group figure covers them")
 
     @property

@@ -315,7 +315,8 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         group_weights=parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
                                          "minority=2") if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
-        # with --engine serial, --workers can only be the fine-tuning DataLoader's (COMPRESS_ONLY_WITH)
+        # with --engine serial, --workers can only be the fine-tuning DataLoader's: compress's and
+        # sweep's OnlyWith tables refuse it otherwise (COMPRESS_ONLY_WITH, SWEEP_ONLY_WITH)
         engine=EngineConfig(engine=engine, workers=None if engine == "serial" else args.workers,
                             ray_address=args.ray_address, task_cpus=_or(args.task_cpus, e.task_cpus),
                             task_gpus=_or(args.task_gpus, e.task_gpus)),

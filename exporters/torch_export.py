@@ -32,14 +32,29 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _FAILED_NODE = re.compile(r"Error when translating node (%\S+)")
 
 
-def _root_cause(err: BaseException) -> str:
-    """torch.onnx's error in one line: the innermost cause (e.g. ``AssertionError: only 4D
-    query, key, and value are supported``) and the graph node it failed on, without the
-    exporter's report-filing advice and colour codes."""
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes (``__cause__``, else ``__context__``), outermost first."""
     chain, seen = [err], {id(err)}
     while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
         chain.append(nxt)
         seen.add(id(nxt))
+    return chain
+
+
+def _reraise_interrupt(err: Exception) -> None:
+    """Re-raise an interrupt (Ctrl-C's KeyboardInterrupt, the CLI's signal exception: not an
+    Exception) that torch.onnx caught and wrapped in an error of its own: the run was stopped,
+    the model is not at fault."""
+    for cause in _chain(err):
+        if not isinstance(cause, Exception):
+            raise cause
+
+
+def _root_cause(err: BaseException) -> str:
+    """torch.onnx's error in one line: the innermost cause (e.g. ``AssertionError: only 4D
+    query, key, and value are supported``) and the graph node it failed on, without the
+    exporter's report-filing advice and colour codes."""
+    chain = _chain(err)
     node = next((m.group(1) for e in chain if (m := _FAILED_NODE.search(str(e)))), None)
     inner = chain[-1]
     text = _ANSI.sub("", str(inner)).strip().splitlines()
@@ -115,6 +130,7 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
                 output_names=[output_name], custom_translation_table=table, verbose=False,
             )
     except Exception as err:
+        _reraise_interrupt(err)
         raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=_root_cause(err))) from err
     proto = program.model_proto
     strip_debug_info(proto)

@@ -70,6 +70,9 @@ def _fresh(argv, cwd) -> tuple[str, str]:
     (["analyze", "--model", "m:f", "--data", "d.npz", "--bits", "8", "9"], 2,
      "error: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
     (["demo", "--seed", "x"], 2, None),
+    (["demo", "--layout", "v8"], 2, "error: --layout v8 is an option of --task detection (got --task classification)"),
+    (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--layer-bits", "fc=2", "--layer-bits",
+      "fc=8"], 2, "error: --layer-bits names 'fc' twice with different values (2 and 8); give it once"),
 ])
 def test_help_and_flag_errors_load_no_stage(tmp_path, argv, code, first_line):
     _, err = _fresh(argv, tmp_path)

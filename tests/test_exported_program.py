@@ -487,3 +487,19 @@ def test_a_parametrized_layer_in_a_pt2_keeps_the_users_name(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gm.get_submodule("0").weight, net[0].weight)
         torch.testing.assert_close(gm(x), net(x))
+
+
+def test_an_interrupt_that_torch_onnx_wrapped_is_raised_again():
+    """Ctrl-C or the CLI's signal landing inside torch.onnx.export comes back wrapped in torch's
+    own error; it is an interrupt (exit 130/143), not a failed export (survey: exit 2)."""
+    from fqexport.exporters.torch_export import _reraise_interrupt
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as inner:
+            raise RuntimeError("torch.onnx: export failed") from inner
+    except RuntimeError as wrapped:
+        with pytest.raises(KeyboardInterrupt):
+            _reraise_interrupt(wrapped)
+    _reraise_interrupt(RuntimeError("a model error"))  # nothing to re-raise

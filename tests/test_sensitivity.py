@@ -202,3 +202,16 @@ def test_errors_name_the_bad_value():
         t.at("path_a", 5)
     with pytest.raises(ConfigError, match=r"delta has shape \(1, 1, 1\), expected \[layers=2"):
         SensitivityTable(("a", "b"), (2,), ("g",), np.zeros((1, 1, 1)), "measured")
+
+
+def test_the_cache_key_includes_the_group_names():
+    """A table holds its groups by name: the same arrays with other group names are another
+    table (survey: a cached group0/group1 table was reused for majority/minority data)."""
+    from fqexport.search.sensitivity import _fingerprint
+
+    model = torch.nn.Linear(3, 2)
+    x, y, g = np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    ids = GroupData(x, y, g, ("group0", "group1"), "a")
+    named = GroupData(x, y, g, ("majority", "minority"), "a")
+    assert _fingerprint(model, ids, {}) == _fingerprint(model, GroupData(x, y, g, ("group0", "group1"), "b"), {})
+    assert _fingerprint(model, ids, {}) != _fingerprint(model, named, {})

@@ -36,16 +36,19 @@ def parse_assignments(items: Sequence[str], flag: str, value: str, convert, exam
 
     ``value`` names the right-hand side in messages: "BITS" (an integer) or "W" (a number).
     """
-    out = {}
+    out, given = {}, {}
     for item in items:
         name, sep, raw = item.rpartition("=")
         if not sep or not name:
             raise ConfigError(f"{flag} {item!r}: expected NAME={value}, e.g. {example}")
         try:
-            out[name] = convert(raw)
+            parsed = convert(raw)
         except ValueError as err:
             kind = "an integer" if convert is int else "a number"
             raise ConfigError(f"{flag} {item!r}: {value} must be {kind}") from err
+        if name in out and out[name] != parsed:  # a later repeat would silently win
+            raise ConfigError(f"{flag} names {name!r} twice with different values ({given[name]} and {raw}); give it once")
+        out[name], given[name] = parsed, raw
     return out
 
 

@@ -5,6 +5,7 @@ write a QDQ ONNX file checked against the PyTorch fake-quant reference."""
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from fqexport.calibration.readers import load_data
@@ -66,7 +67,7 @@ def run_compress(args: argparse.Namespace) -> int:
           f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
     if reference is not None:
         print(f"wrote the float reference {reference.path} ({reference.size_bytes / 1e6:.2f} MB): "
-              f"fqexport validate {result.path} --reference {reference.path} ...")
+              f"fqexport validate {shlex.quote(str(result.path))} --reference {shlex.quote(str(reference.path))} ...")
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
     for verdict in result.checks:
         print(f"  {verdict.line()}")

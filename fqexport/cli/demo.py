@@ -14,7 +14,7 @@ from fqexport.demo.run import run_demo
 def run_demo_command(args: argparse.Namespace) -> int:
     """Run the demo (``--task``); print each step and the per-group table; return 0."""
     if args.task == "detection":
-        kind = "yolov5" if args.layout == "v5" else "yolov8"
+        kind = "yolov8" if args.layout == "v8" else "yolov5"  # --layout default: v5
         found = run_detection_demo(Path(args.out_dir), seed=args.seed, progress=not args.quiet, kind=kind,
                                    on_step=print)
         print()

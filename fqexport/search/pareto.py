@@ -50,7 +50,6 @@ MSG_NONE_FEASIBLE = (
     "pinned layers at their widths) stores {need} bits per weight, the minimum feasible budget; {fix}"
 )
 FIX_RAISE = "give budgets of at least {need}, add a smaller width to bit_choices or unpin layers"
-FIX_NONE = "no budget_bits (at most 8) reaches it: unpin layers or add a smaller width to bit_choices"
 MSG_SKIPPED = (
     "budget {budget:g} skipped: below the minimum feasible budget {need} stored bits per weight (every free "
     "layer at {bmin} bits, pinned layers at their widths)"
@@ -184,7 +183,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
     need = f"{floor.value:g}"
     if not any(floor.feasible(b) for b in budgets):
         storage = (base_config or QuantConfig()).storage
-        fix = FIX_RAISE.format(need=need) if floor.value <= 8 else FIX_NONE
+        fix = FIX_RAISE.format(need=need)
         raise ConfigError(MSG_NONE_FEASIBLE.format(budgets=", ".join(f"{b:g}" for b in sorted(budgets)),
                                                    bmin=floor.bmin, need=need, fix=fix)
                           + (HINT_INT8 if storage == "int8" else ""))

@@ -191,14 +191,15 @@ def fisher_delta(fisher: torch.Tensor, weight: torch.Tensor, quantized: torch.Te
 
 
 def _fingerprint(model: nn.Module, data: GroupData, options: dict[str, Any]) -> str:
-    """sha1 over the model's parameters and buffers, the data arrays and the options."""
+    """sha1 over the model's parameters and buffers, the data arrays, the group names and the
+    options (a table holds its groups by name: the same ids named otherwise are another table)."""
     h = hashlib.sha1()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     for arr in (data.x, data.y, data.group):
         h.update(b"no labels" if arr is None else np.ascontiguousarray(arr).tobytes())
-    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    h.update(json.dumps([list(map(str, data.group_names)), options], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.flags.shared import MSG_LAYOUT
 from fqexport.cli.paths import Output, check_paths
+from fqexport.errors import ConfigError
 
 
 def add_demo_parser(sub) -> None:
@@ -23,10 +25,13 @@ def add_demo_parser(sub) -> None:
                    "10 percent low-light minority, a YOLOv5-style detector (--layout v8: YOLOv8-style), float vs ORT "
                    "quantize_static (as a user runs it, and with the box decode excluded) vs fqexport W8A8 / W4A8 / "
                    "mixed at 3 bits, per-group COCO mAP after NMS, file size, latency at batch 1 and 8")
-    p.add_argument("--layout", choices=("v5", "v8"), default="v5", help="the detector of --task detection")
+    p.add_argument("--layout", choices=("v5", "v8"), default=None,
+                   help="the detector of --task detection (default: v5)")
     p.set_defaults(check=check_demo)
 
 
 def check_demo(args: argparse.Namespace) -> None:
-    """The output folder, before any compute (exit 2)."""
+    """The output folder and ``--layout`` (an option of ``--task detection``), before any compute (exit 2)."""
+    if args.layout is not None and args.task != "detection":
+        raise ConfigError(MSG_LAYOUT.format(layout=args.layout, task=args.task))
     check_paths([], [Output("--out-dir", args.out_dir, ())])

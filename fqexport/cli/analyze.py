@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from fqexport.cli.common import EXIT_OK, print_table
+from fqexport.cli.flags.analyze import analyze_options
 from fqexport.graph.loading import load_model
 from fqexport.metrics.diagnostics import ROW_COLUMNS, analyze
 from fqexport.validation.reports import write_json_data
@@ -16,10 +17,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     """Run ``analyze`` from parsed, checked args: print the table and summary, write JSON; return 0."""
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle, decode=args.decode)
     report = analyze(
-        model, args.data, bits=tuple(args.bits), method=args.method, calib=args.calib,
-        batch_size=args.batch_size, hessian_iters=args.hessian_iters,
-        max_samples_per_group=args.max_samples_per_group, seed=args.seed, tol=args.tol,
-        progress=not args.quiet,
+        model, args.data, bits=tuple(args.bits), calib=args.calib, batch_size=args.batch_size,
+        hessian_iters=args.hessian_iters, max_samples_per_group=args.max_samples_per_group, seed=args.seed,
+        progress=not args.quiet, **analyze_options(args),
     )
     print_table(report.rows(), ROW_COLUMNS)
     print()

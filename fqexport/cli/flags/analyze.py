@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
-from fqexport.cli.flags.shared import add_model_options, add_task_options, task_spec
+from fqexport.cli.flags.shared import OnlyWith, add_model_options, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import check_bits
 from fqexport.calibration.checks import MSG_NOT_CLASSIFIER, TASK_METRICS
@@ -41,10 +41,11 @@ def add_analyze_parser(subparsers) -> None:
     p.add_argument("--calib", help="calibration data for the quantized variants (default: --data)")
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4], metavar="B",
                    help="weight widths to compare with float (default: 8 4; a bare --bits with no width: float only)")
-    p.add_argument("--method", choices=["rtn", "solver"], default="rtn", help="weight quantizer")
+    p.add_argument("--method", choices=["rtn", "solver"], default=None, help="weight quantizer (default: rtn)")
     p.add_argument("--hessian-iters", type=int_at_least(0), default=20,
                    help="max Hessian-vector products of the power iteration (0: skip λ_max)")
-    p.add_argument("--tol", type=float, default=1e-3, help="relative convergence tolerance of the power iteration")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative convergence tolerance of the power iteration (default: 0.001)")
     p.add_argument("--max-samples-per-group", type=int_at_least(1), default=512,
                    help="samples per group used (seeded random subset when larger)")
     p.add_argument("--batch-size", type=int_at_least(1), default=128, help="samples per forward/backward pass")
@@ -53,8 +54,23 @@ def add_analyze_parser(subparsers) -> None:
     p.set_defaults(check=check_analyze)
 
 
+# The flags that count only with another option (shared.refuse_ignored); their parse default is
+# None so that a given one is seen (analyze() holds the defaults).
+ANALYZE_ONLY_WITH = (
+    OnlyWith({"calib": "--calib", "method": "--method"}, "quantized variants (--bits with a width)",
+             lambda a: bool(a.bits)),
+    OnlyWith({"tol": "--tol"}, "the power iteration (--hessian-iters above 0)", lambda a: a.hessian_iters > 0),
+)
+
+
+def analyze_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--method`` and ``--tol`` as given, as ``analyze()``'s keyword arguments (the others keep its defaults)."""
+    return {k: getattr(args, k) for k in ("method", "tol") if getattr(args, k) is not None}
+
+
 def check_analyze(args: argparse.Namespace) -> None:
-    """The output path, the widths and the task, before any compute (exit 2)."""
+    """The output path, the widths, the task and flags that would be ignored, before any compute (exit 2)."""
+    refuse_ignored(args, ANALYZE_ONLY_WITH)
     check_paths(
         [("--model", args.model), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
         [Output("--json", args.json) if args.json is not None else None],

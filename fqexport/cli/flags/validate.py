@@ -84,15 +84,17 @@ def add_validate_parser(subparsers) -> None:
     p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")
     p.add_argument("--report-dir", type=Path, default=None, help="write report.json, report.md, plots here")
     p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here (one test case per threshold)")
-    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots into --report-dir")
+    p.add_argument("--no-plots", action="store_true", default=None, help="do not write PNG plots into --report-dir")
     p.set_defaults(check=check_validate)
 
 
-# The latency flags count only when latency is measured (shared.refuse_ignored); their parse
-# default is None so that a given one is seen: validate() holds the defaults.
+# The latency flags count only when latency is measured, --no-plots only with --report-dir
+# (shared.refuse_ignored); their parse default is None so that a given one is seen: validate()
+# holds the latency defaults.
 LATENCY_FLAGS = {"latency_batch_sizes": "--latency-batch-sizes", "warmup": "--warmup", "repeats": "--repeats"}
 VALIDATE_ONLY_WITH = (
     OnlyWith(LATENCY_FLAGS, "latency measurement (without --no-latency)", lambda a: not a.no_latency),
+    OnlyWith({"no_plots": "--no-plots"}, "--report-dir", lambda a: a.report_dir is not None),
 )
 
 

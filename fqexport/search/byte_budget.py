@@ -70,9 +70,10 @@ GROW_FRACTION = 0.02
 MAX_PROPOSALS = 3
 
 MSG_BYTES_BUDGET = (
-    "budget_bytes={budget} cannot be met: the smallest allocation the search verified ({allocation}; weights "
-    "{weights} + graph and metadata {overhead} bytes) writes a file of {size} bytes, measured; raise "
-    "--budget-bytes to at least {size}{hint}"
+    "budget_bytes={budget} cannot be met by the allocations the search tried: the one with the fewest weight bytes "
+    "({allocation}; weights {weights} + graph and metadata {overhead} bytes) writes a file of {size} bytes, "
+    "measured (the graph bytes change with the containers: another allocation's file may be smaller); raise "
+    "--budget-bytes ({size} fits this one){hint}"
 )
 MSG_BYTES_REFITS = (
     "budget_bytes={budget}: after {refits} refits the file written still took {size} bytes (weights "

@@ -30,3 +30,22 @@ def test_unknown_group_and_all_zero_weights_are_config_errors():
     with pytest.raises(ConfigError) as err:
         GroupWeights({"rare": 0.0}).vector(NAMES)
     assert str(err.value) == MSG_ZERO_WEIGHTS.format(weights={"rare": 0.0}, groups=list(NAMES))
+
+
+def test_a_group_without_a_calibration_sample_is_recorded_with_weight_zero():
+    """num_calib below the number of groups draws none of a group: its Hessian term and statistics
+    are empty, and the metadata says so instead of recording equal weights (survey 13)."""
+    import torch
+
+    import fqexport
+    from fqexport.calibration.group_data import GroupData
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    y = net(torch.from_numpy(x)).argmax(1).numpy()
+    data = GroupData(x, y, (np.arange(40) % 5 == 0).astype(np.int64), ("majority", "minority"), "m")
+    assert fqexport.compress(net, data, fqexport.QuantConfig(num_calib=1), progress=False).metadata.group_weights == (
+        1.0, 0.0)
+    assert fqexport.compress(net, data, fqexport.QuantConfig(num_calib=4), progress=False).metadata.group_weights == (
+        0.5, 0.5)

@@ -593,6 +593,12 @@ def compress(
     float_model = copy.deepcopy(prepared.folded)
     # 'samples' weights groups by their share of the user's data, not of the balanced subset
     alpha = torch.from_numpy(GroupWeights(config.group_weights).vector(data.group_names, data.group_counts()))
+    drawn_counts = torch.from_numpy(sub.group_counts())
+    if (drawn_counts == 0).any() and (drawn_counts > 0).any():
+        # a group without a calibration sample (num_calib below the number of groups) weighs
+        # nothing in the Hessians and statistics: the recorded weights say what was used
+        alpha = torch.where(drawn_counts > 0, alpha, torch.zeros_like(alpha))
+        alpha = alpha / alpha.sum()
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
     with reuse_freed_memory():  # the Hessian-sized tensors of one layer are reused by the next
         quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,

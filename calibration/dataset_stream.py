@@ -62,6 +62,12 @@ def _index_of(dataset: Any) -> Callable[[int], int]:
     return dataset.index_of if isinstance(dataset, Picked) else int
 
 
+def _describe(dataset: Any) -> Callable[[int], str] | None:
+    """The dataset's ``describe_item(index)`` (where a sample comes from: a manifest's line and
+    image), else None."""
+    return getattr(dataset.dataset if isinstance(dataset, Picked) else dataset, "describe_item", None)
+
+
 class _Indexed(Dataset):
     """``dataset[i]`` as ``(i, item, error text or None)``: a failing item reaches the main
     process as text, so its message is ours (DataLoader would wrap a worker's exception)."""
@@ -89,10 +95,11 @@ class _Collate:
 
     def __init__(self, source: str, shape: tuple[int, ...] | None, keep_x: bool,
                  transform: Callable | None = None, group_fn: Callable | None = None,
-                 fields: int | None = None, index_of: Callable[[int], int] = int) -> None:
+                 fields: int | None = None, index_of: Callable[[int], int] = int,
+                 describe: Callable[[int], str] | None = None) -> None:
         self.source, self.shape, self.keep_x = source, shape, keep_x
         self.transform, self.group_fn, self.fields = transform, group_fn, fields
-        self.index_of = index_of
+        self.index_of, self.describe = index_of, describe
 
     def __call__(self, items: list[tuple[int, Any, str | None]]):
         try:
@@ -112,7 +119,9 @@ class _Collate:
             shape = self.shape if self.shape is not None else xs[0].shape
             for i, x in zip(idx, xs):
                 if x.shape != shape:
-                    raise DataError(f"{self.source}: " + MSG_ITEM_SHAPE.format(index=int(i), shape=x.shape, first=shape))
+                    where = f" ({self.describe(int(i))})" if self.describe is not None else ""
+                    raise DataError(f"{self.source}: " + MSG_ITEM_SHAPE.format(index=int(i), shape=x.shape, first=shape)
+                                    + where)
             x = check_x_values(np.stack(xs), self.source, idx)
             gs = ([call_group_function(self.group_fn, int(i), item, self.source) for i, (_, item, _) in zip(idx, items)]
                   if self.group_fn is not None else [p.group for p in parsed])
@@ -135,13 +144,16 @@ def _unpack(batch):
 class _DatasetX:
     """x of a map-style Dataset, read through a DataLoader per pass."""
 
-    def __init__(self, dataset: Any, first: FirstRead, shape: tuple[int, ...], transform: Callable | None) -> None:
+    def __init__(self, dataset: Any, first: FirstRead, shape: tuple[int, ...], transform: Callable | None,
+                 num_workers: int = 0) -> None:
         self.dataset, self.first, self.shape, self.transform = dataset, first, shape, transform
+        self.num_workers = num_workers  # the source's own (a DataLoader's, load_data's): every pass uses them
 
     def read(self, index_lists: Iterable[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
+        num_workers = max(num_workers, self.num_workers)
         lists = [[int(i) for i in idx] for idx in index_lists]
         collate = _Collate(self.first.source, self.shape, True, self.transform, fields=self.first.fields,
-                           index_of=_index_of(self.dataset))
+                           index_of=_index_of(self.dataset), describe=_describe(self.dataset))
         for batch in _loader(self.dataset, self.first.source, lists, num_workers, collate):
             idx, x, ys, gs, _, dtype, _ = _unpack(batch)
             self.first.check(idx, dtype, ys, gs)
@@ -184,7 +196,7 @@ def _light_pass(dataset: Any, source: str, n: int, num_workers: int, transform: 
     ys, gs, shape, dtype, fields = [], [], None, None, None
     lists = [list(range(i, min(i + _LIGHT_BATCH, n))) for i in range(0, n, _LIGHT_BATCH)]
     index_of = _index_of(dataset)
-    collate = _Collate(source, None, False, transform, group_fn, index_of=index_of)
+    collate = _Collate(source, None, False, transform, group_fn, index_of=index_of, describe=_describe(dataset))
     for batch in _loader(dataset, source, lists, num_workers, collate):
         positions, _, by, bg, bshape, bdtype, bfields = _unpack(batch)
         idx = [index_of(int(positions[0]))]  # the first sample's own index, for the messages below
@@ -194,7 +206,8 @@ def _light_pass(dataset: Any, source: str, n: int, num_workers: int, transform: 
             raise DataError(f"{source}: " + MSG_ITEM_FIELDS.format(index=int(idx[0]), got=FIELDS[bfields],
                                                                    first=FIELDS[fields]))
         elif bshape != shape:
-            raise DataError(f"{source}: " + MSG_ITEM_SHAPE.format(index=int(idx[0]), shape=bshape, first=shape))
+            where = f" ({collate.describe(int(idx[0]))})" if collate.describe is not None else ""
+            raise DataError(f"{source}: " + MSG_ITEM_SHAPE.format(index=int(idx[0]), shape=bshape, first=shape) + where)
         elif bdtype != dtype:
             raise DataError(MSG_ITEM_DTYPE.format(source=source, index=int(idx[0]), dtype=bdtype, first=dtype))
         ys.extend(by)
@@ -233,5 +246,5 @@ def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Cal
         y_raw = np.asarray(ys) if fields >= 2 else None
     first = FirstRead.establish(source, n, shape, dtype, fields, y_raw, given, gs, group_fn, names,
                                 groups_from_items=groups is None)
-    return DataStream(_DatasetX(dataset, first, tuple(shape), transform), first.y, first.group, first.names, source,
-                      tuple(shape))
+    return DataStream(_DatasetX(dataset, first, tuple(shape), transform, num_workers), first.y, first.group,
+                      first.names, source, tuple(shape))

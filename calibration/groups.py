@@ -141,9 +141,12 @@ def csv_groups(spec: GroupsFromCSV, n: int, source: str, paths: Sequence[str] | 
 
 
 def text_groups(texts: Sequence[str]) -> np.ndarray:
-    """A CSV column's groups: int64 ids when every entry is an integer, else names."""
+    """A CSV column's groups: int64 ids when the entries are the integers 0 .. K−1, else names
+    (years, site numbers: every CSV cell is text, so "2019" and "2020" name two groups)."""
     if all(t.lstrip("-").isdigit() for t in texts):
-        return np.array([int(t) for t in texts], dtype=np.int64)
+        ids = np.array([int(t) for t in texts], dtype=np.int64)
+        if np.array_equal(np.unique(ids), np.arange(len(np.unique(ids)))):
+            return ids
     return np.array(texts)
 
 

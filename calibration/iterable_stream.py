@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from fqexport.errors import DataError
 
 from .checks import check_x_values
 from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, batch_items, dataset_item
-from .dataset_stream import MSG_EMPTY
+from .dataset_stream import MSG_EMPTY, sample_paths
 from .groups import call_group_function, groups_up_front, is_group_function
 from .stream import MSG_ITEM_DTYPE, DataStream, FirstRead
 from .transform import apply_transform
@@ -108,11 +108,15 @@ class _IterableX:
 
 
 def iterable_stream(iterable: Any, source: str, batched: bool, groups: Any = None,
-                    transform: Callable | None = None) -> DataStream:
+                    transform: Callable | None = None, *, dataset: Any = None,
+                    order: Sequence[int] | None = None) -> DataStream:
     """A stream over a re-iterable of items (or of batches when ``batched``), read in passes
-    (module docstring)."""
+    (module docstring). ``dataset``, ``order``: a DataLoader's dataset and the indices of it that
+    the loader yields, in that order (its sampler's): a ``groups`` array or CSV column is then
+    given per dataset sample, and a group function gets each sample's dataset index."""
     walk = _Walk(iterable, source, batched, transform)
     group_fn = groups if is_group_function(groups) else None
+    index_of = (lambda pos: int(order[pos])) if order is not None else (lambda pos: pos)  # noqa: E731
     ys, gs, shape, dtype, fields, n = [], [], None, None, None, 0
     for pos, x, y, g, f, item in walk.samples(None):
         if shape is None:
@@ -124,11 +128,15 @@ def iterable_stream(iterable: Any, source: str, batched: bool, groups: Any = Non
         elif str(x.dtype) != dtype:
             raise DataError(MSG_ITEM_DTYPE.format(source=source, index=pos, dtype=x.dtype, first=dtype))
         ys.append(y)
-        gs.append(call_group_function(group_fn, pos, item, source) if group_fn is not None else g)
+        gs.append(call_group_function(group_fn, index_of(pos), item, source) if group_fn is not None else g)
         n = pos + 1
     if n == 0:
         raise DataError(MSG_EMPTY.format(source=source))
-    given = groups_up_front(groups, n, source, lambda: None)
+    if order is not None:  # per dataset sample, taken in the order the loader yields them
+        given = groups_up_front(groups, len(dataset), source, lambda: sample_paths(dataset))
+        given = None if given is None else given[np.asarray(order[:n], dtype=np.int64)]
+    else:
+        given = groups_up_front(groups, n, source, lambda: None)
     first = FirstRead.establish(source, n, shape, dtype, fields, np.asarray(ys) if fields >= 2 else None, given, gs,
                                 group_fn, None, groups_from_items=groups is None)
     log.info("%s: read the labels and groups of %d samples (one pass, x not kept)", source, n)

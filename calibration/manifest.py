@@ -22,6 +22,7 @@ from fqexport.errors import DataError
 
 from .checks import data_error, validate_group_data
 from .group_data import GroupData
+from .groups import text_groups
 from .images import read_image
 from .progress import reading_bar
 from .transform import apply_transform
@@ -68,23 +69,14 @@ def load_csv_manifest(path: str | os.PathLike, transform: Callable[[Any], Any] |
         xs.append(arr)
         ys.append(label)
         gs.append(group_name)
-    return validate_group_data(np.stack(xs), np.asarray(ys, dtype=np.int64), manifest_groups(gs), None, source)
+    return validate_group_data(np.stack(xs), np.asarray(ys, dtype=np.int64), text_groups(gs), None, source)
 
 
-def manifest_groups(gs: Sequence[str]) -> np.ndarray:
-    """Column ``group`` as int64 ids when every entry is an integer, else as names."""
-    if _integers(gs):
-        return np.array([int(g) for g in gs], dtype=np.int64)
-    return np.array(gs)
-
-
-def _integers(texts) -> bool:
-    return all(t.lstrip("-").isdigit() for t in texts)
 
 
 def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str) -> tuple[np.ndarray, np.ndarray]:
     """Labels and groups of a manifest's rows (no image read): int64 labels, groups as
-    :func:`manifest_groups` gives them."""
+    :func:`~.groups.text_groups` gives them."""
     ys, gs = [], []
     for line, row in rows:
         where = f"{source} line {line}"
@@ -92,7 +84,7 @@ def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str) ->
             raise DataError(f"{where}: column 'group' is empty")
         ys.append(_parse_label(row.get("label", ""), where))
         gs.append(row["group"])
-    return np.asarray(ys, dtype=np.int64), manifest_groups(gs)
+    return np.asarray(ys, dtype=np.int64), text_groups(gs)
 
 
 def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.ndarray, int, str]:
@@ -107,14 +99,14 @@ def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.nda
 
 class ManifestDataset:
     """A CSV manifest's rows as a map-style Dataset of ``(image float32 CHW in [0, 1], label,
-    group text, or int id when the column holds integers)`` items, the image read when the item is. ``samples`` lists ``(image path,
+    group text, or int id when the column holds the ids 0..K-1)`` items, the image read when the item is. ``samples`` lists ``(image path,
     label text)`` like torchvision's ImageFolder (``GroupsFromCSV(key="path")`` matches it)."""
 
     def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str) -> None:
         self.rows, self.folder, self.source = rows, folder, source
         self.samples = [(str(_image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
-        # a column of integers is ids for every item (as labels_and_groups gives them), not names
-        self._int_groups = _integers(row.get("group", "") for _, row in rows)
+        # a column of ids 0..K-1 is ids for every item (as labels_and_groups gives them), not names
+        self._int_groups = text_groups([row.get("group", "") for _, row in rows]).dtype == np.int64
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -123,6 +115,10 @@ class ManifestDataset:
         line, row = self.rows[i]
         image, label, group = manifest_item(row, f"{self.source} line {line}", self.folder)
         return image, label, int(group) if self._int_groups else group
+
+    def describe_item(self, i: int) -> str:
+        """Where sample ``i`` comes from, for a message: its CSV line and image file."""
+        return f"line {self.rows[i][0]}, image {self.samples[i][0]}"
 
     def labels_and_groups(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels and groups from the CSV alone (no image read)."""

@@ -71,6 +71,11 @@ MSG_RANDOM_DRAW = (
     "several passes; give the samples to use as a fixed set (a Subset of the dataset, or "
     "SubsetRandomSampler(indices))"
 )
+MSG_REORDERED = (
+    "{source}: with its own collate_fn, a DataLoader is read as it yields its batches, in several passes, but "
+    "its sampler ({sampler}) yields the samples in another order (or another set) every pass; give a sampler "
+    "with a fixed order (e.g. a list of indices), or the default collate_fn (the dataset is then read by index)"
+)
 MSG_LOADED = "load_data: {source} is already loaded; give groups= and transform= when it is first loaded"
 # Samples per call of a transform on in-memory data.
 _TRANSFORM_BATCH = 256
@@ -126,10 +131,11 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
                                   indices=lambda n: _loader_indices(source, name, n))
         if isinstance(source.sampler, RandomSampler):
             raise DataError(MSG_SHUFFLED.format(source=name))
-        if not isinstance(ds, IterableDataset):  # read batch by batch: its sampler must read one set
-            _loader_indices(source, name, len(ds))
+        # read batch by batch as it yields them: the same samples in the same order on every pass,
+        # each named by its dataset index
+        order = None if isinstance(ds, IterableDataset) else _read_order(source, name, len(ds))
         return iterable_stream(source, name, source.batch_sampler is not None or source.batch_size is not None,
-                               groups, transform)
+                               groups, transform, dataset=None if order is None else ds, order=order)
     name = f"<{type(source).__name__}>"
     if isinstance(source, IterableDataset):
         return iterable_stream(source, name, False, groups, transform)
@@ -162,10 +168,28 @@ def _loader_indices(loader: DataLoader, name: str, n: int) -> list[int] | None:
     return None if first == list(range(n)) else first
 
 
+def _read_order(loader: DataLoader, name: str, n: int) -> list[int] | None:
+    """The dataset indices a DataLoader over an ``n``-sample map-style dataset yields, in the order
+    it yields them (None: 0, 1, ..., n − 1); a DataError when another pass yields another order."""
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    if isinstance(sampler, SequentialSampler):
+        return None
+    order = _yielded(sampler)
+    if order != _yielded(sampler):
+        raise DataError(MSG_REORDERED.format(source=name, sampler=type(getattr(sampler, "sampler", sampler)).__name__))
+    return None if order == list(range(n)) else order
+
+
+def _yielded(sampler: Any) -> list[int]:
+    """The indices one pass of a sampler (or a batch sampler: its batches, lists, arrays or
+    tensors) yields, in its order."""
+    return [int(i) for item in sampler for i in np.asarray(item).reshape(-1)]
+
+
 def _sampled(sampler: Any) -> list[int]:
     """The indices one pass of a sampler (or a batch sampler: its batches, lists, arrays or
     tensors) yields, sorted."""
-    return sorted(int(i) for item in sampler for i in np.asarray(item).reshape(-1))
+    return sorted(_yielded(sampler))
 
 
 def _yields_batches(iterable: Any) -> bool:

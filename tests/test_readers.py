@@ -106,3 +106,46 @@ def test_a_sampler_keeps_the_dataset_its_indices_and_names():
         "odd", "even", "odd", "odd"]
     with pytest.raises(DataError, match=r"sample 25 cannot be read: OSError: unreadable"):
         load_data(DataLoader(_Named(), batch_size=2, sampler=[3, 25])).take()
+
+
+def _collate(items):
+    """A collate_fn of the user's own (the loader is then read as it yields its batches)."""
+    x, y, g = zip(*items)
+    return torch.from_numpy(np.stack(x)), torch.tensor(y), list(g)
+
+
+def test_a_loader_with_its_own_collate_reads_its_sampler_in_a_fixed_order():
+    """With its own collate_fn, a DataLoader is read as it yields its batches: a sampler that
+    reorders every pass is refused (survey 17: groups were paired with other samples' images),
+    and a groups array per dataset sample is taken at the indices the sampler yields."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+
+    ds = _Tuples([(np.full(2, i, np.float32), i % 3, "x") for i in range(30)])
+    with pytest.raises(DataError, match=r"its sampler \(SubsetRandomSampler\) yields the samples in another order"):
+        load_data(DataLoader(ds, batch_size=4, sampler=SubsetRandomSampler(range(10, 20)), collate_fn=_collate))
+    order = [21, 4, 17, 8]
+    data = load_data(DataLoader(ds, batch_size=2, sampler=order, collate_fn=_collate),
+                     groups=np.array(["low" if i < 10 else "high" for i in range(30)])).take()
+    assert data.x[:, 0].astype(int).tolist() == order
+    assert [data.group_names[g] for g in data.group] == ["high", "low", "high", "low"]
+
+
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import os
+
+        return np.full(2, os.getpid(), np.float32), i % 2, i % 2
+
+
+def test_a_dataloaders_workers_read_every_pass():
+    """A DataLoader's num_workers read the samples of every pass, not only the first (survey 17:
+    compress and validate decoded every image in the main process)."""
+    import os
+
+    from torch.utils.data import DataLoader
+
+    data = load_data(DataLoader(_Pids(), batch_size=4, num_workers=2)).take()
+    assert (data.x[:, 0] != np.float32(os.getpid())).all()

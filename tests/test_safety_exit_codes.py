@@ -55,6 +55,17 @@ def test_an_unexpected_exception_is_internal_error_3(work, monkeypatch):
     assert code == 3 and err.startswith("Traceback (most recent call last):")
 
 
+def test_a_closed_stdout_ends_quietly_with_sigpipes_code(work, monkeypatch):
+    """`fqexport validate ... | head`: the reader went away; 141 like any Unix tool, not an
+    "internal error" (survey 17)."""
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", closed)
+    code, _, err = _main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", work / "calib.npz"])
+    assert code == 141 and err == ""
+
+
 @pytest.mark.parametrize("command", ["compress", "validate", "analyze", "sweep", "demo"])
 def test_quiet_and_debug_accepted_after_every_subcommand(command):
     parser = build_parser()

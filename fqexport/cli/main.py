@@ -105,6 +105,12 @@ def _run(args: argparse.Namespace) -> int:
     except _Signalled as sig:
         print(MSG_SIGNAL.format(name=signal.Signals(sig.signum).name), file=sys.stderr)
         return 128 + sig.signum
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a Unix tool does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError, AttributeError):  # stdout is not a file (captured)
+            pass
+        return 128 + signal.SIGPIPE
     except MemoryError as err:
         print(f"error: {MSG_INTERNAL_MEMORY.format(err=err or 'an allocation failed')}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -502,3 +502,69 @@ def test_a_searched_models_holdout_figures_are_marked_as_measured_before_finetun
     out = finetune(searched, mlp_data, FinetuneConfig(epochs=1, batch_size=64, max_steps=2), progress=False)
     assert out.metadata.allocation == {"avg_bits": 2.0, "measured_holdout_before_finetune": figures}
     assert searched.metadata.allocation["measured_holdout"] is figures  # the input is not modified
+
+
+def test_learned_widths_drop_the_searchs_allocation_record(mlp_cm2, mlp_data):
+    """BAQ replaces the searched widths: the search's record (its widths, budget, bytes) no longer
+    describes the file, and is kept in the fine-tuning record instead (survey 16)."""
+    from dataclasses import replace as swap
+
+    searched = swap(mlp_cm2, metadata=swap(mlp_cm2.metadata, allocation={"avg_bits": 2.5, "bits": {"fc": 8}}))
+    out = finetune(searched, mlp_data, FinetuneConfig(learn_bits=True, budget_bits=2.0, bit_epochs=1, **FAST),
+                   progress=False)
+    assert out.metadata.allocation is None
+    assert out.metadata.finetune["allocation_before_learn_bits"] == {"avg_bits": 2.5, "bits": {"fc": 8}}
+
+
+def test_learned_widths_count_the_float_layers_in_the_budget(mlp_model, mlp_data):
+    """A layer kept float counts 32 bits in budget_bits, as in compress's budgets (survey 16: BAQ
+    met 3 bits on the quantized layers alone, the file averaged 3.81); a budget they leave no room
+    for is refused."""
+    from fqexport.finetune.learn_bits import MSG_FLOAT_BUDGET
+
+    names = list(compress(mlp_model, mlp_data, QuantConfig(num_calib=64), progress=False).layers)
+    cm = compress(mlp_model, mlp_data, QuantConfig(weight_bits=4, num_calib=200, keep_float=(names[-1],)), progress=False)
+    out = finetune(cm, mlp_data, FinetuneConfig(learn_bits=True, budget_bits=4.0, bit_epochs=1, **FAST), progress=False)
+    assert out.metadata.avg_weight_bits <= 4.0 + 1e-9
+    floats = sum(f.params for f in cm.metadata.float_layers)
+    quantized = sum(l.params for l in cm.layers.values())
+    left = (2.0 * (quantized + floats) - 32.0 * floats) / quantized
+    if left < 2:  # the float head leaves less than 2 bits a weight at budget 2
+        with pytest.raises(ConfigError, match="cannot be met: the weight layers kept float"):
+            finetune(cm, mlp_data, FinetuneConfig(learn_bits=True, budget_bits=2.0, bit_epochs=1, **FAST),
+                     progress=False)
+    assert MSG_FLOAT_BUDGET.startswith("FinetuneConfig.budget_bits=")
+
+
+def test_each_requantized_width_records_its_own_holdout_figures(mlp_cm2, mlp_data):
+    """finetune_widths: each width's file is measured on the run's held-out samples; the trained
+    model's figures stay beside them (survey 16: every file carried the W2 model's)."""
+    models = finetune_widths(mlp_cm2, mlp_data, FinetuneConfig(**FAST), (2, 8), progress=False)
+    r2, r8 = models[2].metadata.finetune, models[8].metadata.finetune
+    assert r2["holdout_after_training"] == r8["holdout_after_training"]
+    assert r2["holdout_after"] != r8["holdout_after"]
+    assert set(r8["holdout_after"]) == set(mlp_data.group_names)
+
+
+def test_adaptive_rounding_never_returns_worse_than_the_ptq_model(mlp_cm2, mlp_data, monkeypatch):
+    """The run starts from AdaRound's model; if it measures worse on the held-out worst group than
+    the PTQ model given, that model is returned (survey 16)."""
+    import importlib
+
+    loop = importlib.import_module("fqexport.finetune.loop")  # fqexport.finetune is also the function's name
+
+    def worse(cm, sub, iters, seed):  # an AdaRound whose model is far off
+        import copy
+        from dataclasses import replace as swap
+
+        bad = swap(cm, reference=copy.deepcopy(cm.reference))
+        with torch.no_grad():
+            for p in bad.reference.parameters():
+                p.mul_(-1.0)
+        return bad, {"iters": iters}
+
+    monkeypatch.setattr(loop, "adaptive_rounding", worse)
+    out = finetune(mlp_cm2, mlp_data, FinetuneConfig(rounding="adaptive", epochs=1, batch_size=32, max_steps=1),
+                   progress=False)
+    assert out.metadata.finetune["kept"] == "ptq"
+    np.testing.assert_array_equal(out.predict(mlp_data.x), mlp_cm2.predict(mlp_data.x))

@@ -31,6 +31,7 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig
 from fqexport.errors import ConfigError
 from fqexport.finetune.config import FinetuneConfig
+from fqexport.finetune.holdout import per_group
 from fqexport.finetune.loop import Trained, train_student
 from fqexport.finetune.qat import write_back
 from fqexport.metadata import layer_records
@@ -107,7 +108,12 @@ def _at_width(trained: Trained, bits: int) -> CompressedModel:
     reference, layers = write_back(cm.reference, cm.layers, trained.weights, trained.acts, bits=bits,
                                    weight_range=cm.config.weight_range, export=cm.config.export)
     total = sum(l.params for l in layers.values())
+    record = {**result.metadata.finetune, "requantized_to": bits}
     meta = replace(result.metadata, layers=layer_records(layers),
-                   avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4),
-                   finetune={**result.metadata.finetune, "requantized_to": bits})
-    return replace(result, reference=reference, layers=layers, metadata=meta)
+                   avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4))
+    out = replace(result, reference=reference, layers=layers, metadata=meta)
+    if trained.holdout is not None:  # this width's own held-out figures; the trained model's kept beside them
+        record["holdout_after_training"] = record.get("holdout_after")
+        record["holdout_after"] = per_group(trained.holdout.metrics_of(out))
+    out.metadata = replace(meta, finetune=record)
+    return out

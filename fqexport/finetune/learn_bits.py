@@ -44,11 +44,31 @@ MSG_NAN_BITS = (
 )
 
 
+MSG_FLOAT_BUDGET = (
+    "FinetuneConfig.budget_bits={budget:g} cannot be met: the weight layers kept float ({floats} params at 32 "
+    "bits, counted in the budget as compress counts them) leave {left:.3f} bits per quantized weight, below the "
+    "narrowest width {low}; raise budget_bits or quantize those layers"
+)
+
+
+def quantized_budget(cm: CompressedModel, budget: float, low: int) -> float:
+    """The average bits the quantized layers may take so that every weight, the float layers' at
+    32 bits included, averages ``budget``: (B·(N_q + N_f) − 32·N_f) / N_q; ConfigError when that is
+    below ``low`` (the narrowest width)."""
+    n_q = sum(l.params for l in cm.layers.values())
+    n_f = sum(f.params for f in cm.metadata.float_layers)
+    left = (float(budget) * (n_q + n_f) - 32.0 * n_f) / max(n_q, 1)
+    if left < low:
+        raise ConfigError(MSG_FLOAT_BUDGET.format(budget=float(budget), floats=n_f, left=left, low=low))
+    return left
+
+
 def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, device: torch.device,
                fixed_weights: torch.Tensor | None, progress: bool) -> tuple[CompressedModel, dict[str, Any]]:
     """Steps 1-3 of the module docstring. Returns the fixed-width CompressedModel and the record
     of the learned and chosen widths; raises ConfigError (``err.last_good = cm``) when the loss
-    becomes NaN/Inf."""
+    becomes NaN/Inf. The budget counts the float layers at 32 bits (:func:`quantized_budget`)."""
+    budget = quantized_budget(cm, config.budget_bits, min(config.bit_choices))
     num_groups = len(cm.group_names)
     fit_stream, _ = split_fit_holdout(data, config)
     teacher = copy.deepcopy(cm.float_model).to(device).eval()
@@ -67,7 +87,8 @@ def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, de
         stream = fit.steps(batches)
         for idx_t, xb, tb in stream:
             bar.update(1)
-            loss, bvec = _objective(student(xb), tb, fit.targets(idx_t), fit.g[idx_t], objective, bits, params, config)
+            loss, bvec = _objective(student(xb), tb, fit.targets(idx_t), fit.g[idx_t], objective, bits, params, config,
+                                    budget)
             value = float(loss.detach())
             if not math.isfinite(value):
                 bar.close()
@@ -80,16 +101,17 @@ def learn_bits(cm: CompressedModel, data: DataStream, config: FinetuneConfig, de
                 bar.set_postfix({"avg bits": f"{float(average_bits(bvec.detach(), params)):.3f}"})
         stream.close()
         bar.close()
-    return _fix_widths(cm, weights, acts, bits, config)
+    return _fix_widths(cm, weights, acts, bits, config, budget)
 
 
 def _objective(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None, group: torch.Tensor,
                objective: GroupObjective, bits: Mapping[str, torch.Tensor], params: torch.Tensor,
-               config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(the batch's objective with the width penalties, the widths b [layers])``."""
+               config: FinetuneConfig, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(the batch's objective with the width penalties, the widths b [layers])``; ``budget``: the
+    quantized layers' average bits (:func:`quantized_budget`)."""
     value, lg, counts = objective(student, teacher, y, group)
     bvec = torch.stack(list(bits.values()))
-    value = value + config.lambda_bits * budget_penalty(bvec, params, config.budget_bits)
+    value = value + config.lambda_bits * budget_penalty(bvec, params, budget)
     if config.lambda_fair:
         value = value + config.lambda_fair * fairness_penalty(lg, counts > 0)
     return value, bvec
@@ -108,20 +130,22 @@ def _step(opt: torch.optim.Optimizer, objective: torch.Tensor, bits: Mapping[str
 
 
 def _fix_widths(cm: CompressedModel, weights: Mapping[str, LearnableWeight], acts: Mapping[str, LearnableActQuant],
-                bits: Mapping[str, torch.Tensor], config: FinetuneConfig) -> tuple[CompressedModel, dict[str, Any]]:
-    """Step 3: project the learned widths onto the budget and re-quantize each layer at its width."""
+                bits: Mapping[str, torch.Tensor], config: FinetuneConfig,
+                budget: float) -> tuple[CompressedModel, dict[str, Any]]:
+    """Step 3: project the learned widths onto the budget (``budget``: the quantized layers'
+    average, :func:`quantized_budget`) and re-quantize each layer at its width."""
     learned = {n: float(b.detach()) for n, b in bits.items()}
-    chosen = project_to_budget(learned, {n: cm.layers[n].params for n in weights}, config.bit_choices,
-                               float(config.budget_bits))
+    chosen = project_to_budget(learned, {n: cm.layers[n].params for n in weights}, config.bit_choices, budget)
     for m in weights.values():
         m.bit = None
     reference, layers = write_back(cm.reference, cm.layers, weights, acts, bits=chosen,
                                    weight_range=cm.config.weight_range, export=cm.config.export)
     total = sum(l.params for l in layers.values())
     avg = sum(l.bits * l.params for l in layers.values()) / max(total, 1)
-    log.info("BAQ: learned widths %s -> %s (avg %.3f bits, budget %g)", learned, chosen, avg, config.budget_bits)
-    fixed_cm = replace(cm, reference=reference, layers=layers,
-                       metadata=replace(cm.metadata, layers=layer_records(layers), avg_weight_bits=round(avg, 4)))
+    log.info("BAQ: learned widths %s -> %s (avg %.3f bits of the quantized layers, budget %g)", learned, chosen, avg,
+             config.budget_bits)
+    fixed_cm = replace(cm, reference=reference, layers=layers, metadata=replace(cm.metadata, layers=layer_records(layers)))
     record = {"budget_bits": float(config.budget_bits), "learned_bits": {n: round(v, 4) for n, v in learned.items()},
-              "bits": dict(chosen), "avg_bits": round(avg, 4)}
+              "bits": dict(chosen), "avg_bits": round(avg, 4),  # of the quantized layers
+              "quantized_budget_bits": round(budget, 4)}  # what the float layers at 32 bits leave them
     return fixed_cm, record

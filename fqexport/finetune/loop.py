@@ -34,7 +34,7 @@ from fqexport.errors import ConfigError
 from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.fit_data import FitData, epoch_batches, split_fit_holdout, steps_per_epoch
-from fqexport.finetune.holdout import Holdout, per_group
+from fqexport.finetune.holdout import Holdout, per_group, worst_loss
 from fqexport.finetune.learn_bits import learn_bits
 from fqexport.finetune.objective import GroupObjective, fixed_group_weights, optimizer
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight, build_student, write_back
@@ -66,6 +66,7 @@ class Trained:
     result: CompressedModel
     weights: dict[str, LearnableWeight]
     acts: dict[str, LearnableActQuant]
+    holdout: Holdout | None = None  # the run's held-out samples (a model re-quantized at another width is measured on them)
 
 
 def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | None, calib: Any,
@@ -90,8 +91,18 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
     run.epochs()
     result = run.result()
     record = run.record(data, ptq, result, baq=baq, rounding=rounding)
-    meta = replace(result.metadata, finetune=record, allocation=_before_finetune(result.metadata.allocation))
-    return Trained(cm, replace(result, metadata=meta), run.weights, run.acts)
+    if rounding is not None and baq is None and worst_loss(run.holdout.metrics_of(ptq)) < worst_loss(
+            run.holdout.metrics_of(result)):
+        # the run started from AdaRound's model: never return worse than the PTQ model given
+        record = {**record, "kept": "ptq", "holdout_after": record["holdout_before"]}
+        log.info("fine-tuning from adaptive rounding measured a larger held-out worst-group loss than the PTQ "
+                 "model: returning the PTQ model")
+        result = ptq
+    allocation = _before_finetune(result.metadata.allocation)
+    if baq is not None and allocation:  # learned widths replaced the search's: its record no longer describes the file
+        record, allocation = {**record, "allocation_before_learn_bits": allocation}, None
+    meta = replace(result.metadata, finetune=record, allocation=allocation)
+    return Trained(cm, replace(result, metadata=meta), run.weights, run.acts, run.holdout)
 
 
 def _before_finetune(allocation: dict | None) -> dict | None:

@@ -108,7 +108,9 @@ def _at_width(trained: Trained, bits: int) -> CompressedModel:
     reference, layers = write_back(cm.reference, cm.layers, trained.weights, trained.acts, bits=bits,
                                    weight_range=cm.config.weight_range, export=cm.config.export)
     total = sum(l.params for l in layers.values())
-    record = {**result.metadata.finetune, "requantized_to": bits}
+    # built from the trained latent weights, whichever model the run returned ("kept")
+    record = {k: v for k, v in result.metadata.finetune.items() if k != "kept"}
+    record["requantized_to"] = bits
     meta = replace(result.metadata, layers=layer_records(layers),
                    avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4))
     out = replace(result, reference=reference, layers=layers, metadata=meta)

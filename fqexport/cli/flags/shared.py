@@ -202,8 +202,8 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    "name ('fc', 'layer4\\..*'), or 'type:ClassName' (e.g. type:Conv1d); listed in the report with the "
                    "pattern, counted at 32 bits (also in a --budget-bits budget)")
     p.add_argument("--strict", action="store_true",
-                   help="fail (exit 2) when any weight layer would stay in float, naming all of them "
-                   "(default: such layers stay float with one warning)")
+                   help="fail (exit 2) when a weight layer fqexport cannot quantize would stay in float, naming all "
+                   "of them (default: such layers stay float with one warning); layers --keep-float names stay float")
     p.add_argument("--device", choices=get_args(Device), default=_Q.device,
                    help="where the Hessians and the solver run; auto: CUDA when available")
     p.add_argument("--max-activation-memory-mb", type=float, default=_Q.max_activation_memory_mb,

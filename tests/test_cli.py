@@ -382,3 +382,16 @@ def test_tables_align_group_names_in_any_script(capsys):
     print_table([{"group": "Ünïcødé 群", "acc": "1.0"}, {"group": "b", "acc": "0.5"}], ["group", "acc"])
     lines = capsys.readouterr().out.splitlines()
     assert [display_width(line[:line.rindex(" ") + 1]) for line in (lines[0], lines[2], lines[3])] == [12, 12, 12]
+
+
+def test_a_pinned_width_outside_the_measured_ones_shows_not_measured(tmp_path, mlp_files, tests_dir, monkeypatch):
+    """A layer pinned at a width the sensitivity did not measure has no entry: the table says so
+    instead of "nan" (survey 14)."""
+    monkeypatch.chdir(tests_dir)
+    code, stdout, err = run_main(_compress_args(
+        mlp_files, tmp_path / "mp.onnx", "--budget-bits", "6", "--bit-choices", "4,8", "--pin", "fc1=5",
+        "--candidates", "1", "--method", "rtn"))
+    assert code == 0, err
+    table = stdout.split("mixed precision (worst-group, budget bits 6):\n")[1].split("\n\n")[0]
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert "not measured" in rows["fc1"] and "nan" not in table

@@ -5,6 +5,7 @@ write a QDQ ONNX file checked against the PyTorch fake-quant reference."""
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
     res = search_mixed_precision(model, args.calib, mp, config, progress=not args.quiet, task=task)
     metric = "" if res.compressed.task.search_metric == "accuracy" else f" {res.compressed.task.search_metric}"
     print(f"mixed precision ({mp.objective}, budget {mp.budget_kind} {mp.budget_value:g}):")
-    rows = [dict(r, sensitivity=f"{r['sensitivity']:.4g}") for r in res.table()]  # was every digit of a float
+    # a pinned width outside the measured ones has no sensitivity entry: said, not "nan"
+    rows = [dict(r, sensitivity="not measured" if math.isnan(r["sensitivity"]) else f"{r['sensitivity']:.4g}")
+            for r in res.table()]
     print_table(rows, ["name", "params", "bits", "stored_bits", "container", "sensitivity", "most_sensitive_group"])
     cands = []
     for c in res.candidates:

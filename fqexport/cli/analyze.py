@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from fqexport.cli.common import EXIT_OK, print_table
-from fqexport.cli.flags.analyze import analyze_options
+from fqexport.cli.flags.shared import given_values
 from fqexport.graph.loading import load_model
 from fqexport.metrics.diagnostics import ROW_COLUMNS, analyze
 from fqexport.validation.reports import write_json_data
@@ -19,7 +19,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     report = analyze(
         model, args.data, bits=tuple(args.bits), calib=args.calib, batch_size=args.batch_size,
         hessian_iters=args.hessian_iters, max_samples_per_group=args.max_samples_per_group, seed=args.seed,
-        progress=not args.quiet, **analyze_options(args),
+        progress=not args.quiet, **given_values(args, ("method", "tol")),
     )
     print_table(report.rows(), ROW_COLUMNS)
     print()

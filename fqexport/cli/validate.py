@@ -12,7 +12,8 @@ import argparse
 import math
 
 from fqexport.cli.common import EXIT_OK, display_width, pad
-from fqexport.cli.flags.validate import latency_options, thresholds
+from fqexport.cli.flags.shared import given_values
+from fqexport.cli.flags.validate import LATENCY_FLAGS, thresholds
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.validation.gate import validate
@@ -127,7 +128,7 @@ def run_validate(args: argparse.Namespace) -> int:
         measure_latency=not args.no_latency,
         kernel_check=not args.no_kernel_check,
         threads=args.threads,
-        **latency_options(args),
+        **given_values(args, LATENCY_FLAGS),
         targets=tuple(args.targets or ("native",)),
         task=task_of(args),
     )

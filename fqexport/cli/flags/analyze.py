@@ -63,11 +63,6 @@ ANALYZE_ONLY_WITH = (
 )
 
 
-def analyze_options(args: argparse.Namespace) -> dict[str, object]:
-    """``--method`` and ``--tol`` as given, as ``analyze()``'s keyword arguments (the others keep its defaults)."""
-    return {k: getattr(args, k) for k in ("method", "tol") if getattr(args, k) is not None}
-
-
 def check_analyze(args: argparse.Namespace) -> None:
     """The output path, the widths, the task and flags that would be ignored, before any compute (exit 2)."""
     refuse_ignored(args, ANALYZE_ONLY_WITH)

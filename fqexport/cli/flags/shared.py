@@ -89,6 +89,12 @@ MSG_WIDTHS_WITH_BUDGET = (
 )
 
 
+def given_values(args: argparse.Namespace, dests) -> dict[str, object]:
+    """The flags of ``dests`` given on the command line (parse default None), as keyword arguments
+    of the function they configure: the others keep that function's defaults."""
+    return {dest: getattr(args, dest) for dest in dests if getattr(args, dest) is not None}
+
+
 def given_flags(args: argparse.Namespace, flags: Mapping[str, str]) -> list[str]:
     """The flags of ``flags`` (dest -> flag) given on the command line (their value is not None / [])."""
     return [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, [])]

@@ -98,11 +98,6 @@ VALIDATE_ONLY_WITH = (
 )
 
 
-def latency_options(args: argparse.Namespace) -> dict[str, object]:
-    """The latency flags given, as ``validate()``'s keyword arguments (the others keep its defaults)."""
-    return {dest: getattr(args, dest) for dest in LATENCY_FLAGS if getattr(args, dest) is not None}
-
-
 def thresholds(args: argparse.Namespace) -> Thresholds:
     """The limits of the parsed flags (percent points); built once per set of values, so that a
     limit that looks like a fraction is warned about once (the check and the run both ask)."""

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 MSG_WRITE = "cannot write {path}: {err}"
 _TMP = ".{name}.fqexport-{pid}.tmp"
+_written: list[Path] = []  # every output this process moved into place, in order
+
+
+def outputs_written() -> tuple[Path, ...]:
+    """Every output :func:`atomic_write` finished in this process, in order (the CLI names them
+    when a run is interrupted after some were written)."""
+    return tuple(_written)
 
 
 def temp_path(path: str | Path, pid: int | None = None) -> Path:
@@ -89,6 +96,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+        _written.append(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err

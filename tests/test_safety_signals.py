@@ -81,3 +81,24 @@ def test_a_live_writers_temp_file_is_left_alone(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_late_interrupt_names_the_outputs_already_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after ``--out`` was written and before ``--float-out``: the message names the file
+    that was finished, rather than claiming nothing was left."""
+    import fqexport.cli.compress as c
+    from fqexport.cli import main
+
+    def late(args):
+        atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c, "run_compress", late)
+    (tmp_path / "mlp.pt").touch()
+    (tmp_path / "calib.npz").touch()
+    monkeypatch.chdir(tmp_path)
+    assert main(compress_args("--out", "o.onnx")) == 130
+    err = capsys.readouterr().err
+    assert first_line(err) == ("interrupted by SIGINT; no half-written file was left, but these outputs were "
+                               f"finished before it: {tmp_path / 'o.onnx'}")
+    assert sorted(os.listdir(tmp_path)) == ["calib.npz", "mlp.pt", "o.onnx"]

@@ -31,6 +31,7 @@ from fqexport.cli.flags.compress import add_compress_parser
 from fqexport.cli.flags.demo import add_demo_parser
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
+from fqexport.atomic import outputs_written
 from fqexport.errors import FqexportError, ValidationFailed
 from fqexport.version import __version__
 
@@ -52,6 +53,7 @@ MSG_INTERNAL = (
 )
 MSG_INTERNAL_MEMORY = "out of memory: {err}; use fewer samples (--num-calib, --batch-size) or a smaller model"
 MSG_SIGNAL = "interrupted by {name}; no partial output was left"
+MSG_SIGNAL_WRITTEN = "interrupted by {name}; no half-written file was left, but these outputs were finished before it: {paths}"
 
 
 class _Signalled(BaseException):
@@ -89,7 +91,17 @@ def command(name: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), function)
 
 
+def _interrupted(name: str, before: int) -> str:
+    """The interrupt message: the outputs this run finished before the signal, if any (a late
+    interrupt may leave ``--out`` written and ``--float-out`` or ``--report`` not)."""
+    done = outputs_written()[before:]
+    if not done:
+        return MSG_SIGNAL.format(name=name)
+    return MSG_SIGNAL_WRITTEN.format(name=name, paths=", ".join(dict.fromkeys(str(p) for p in done)))
+
+
 def _run(args: argparse.Namespace) -> int:
+    before = len(outputs_written())
     try:
         args.check(args)
         return int(command(args.command)(args))
@@ -100,10 +112,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(MSG_SIGNAL.format(name="SIGINT"), file=sys.stderr)
+        print(_interrupted("SIGINT", before), file=sys.stderr)
         return 128 + signal.SIGINT
     except _Signalled as sig:
-        print(MSG_SIGNAL.format(name=signal.Signals(sig.signum).name), file=sys.stderr)
+        print(_interrupted(signal.Signals(sig.signum).name, before), file=sys.stderr)
         return 128 + sig.signum
     except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a Unix tool does
         try:

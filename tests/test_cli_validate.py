@@ -212,3 +212,24 @@ def test_a_limit_that_looks_like_a_fraction_is_warned_about_once(files, caplog):
                "--target", "x86-vnni", "--no-latency", "--no-kernel-check"])
     assert rc == 0
     assert caplog.text.count("min_worst_group_acc=0.37 is read as 0.37 %") == 1
+
+
+def test_a_host_kernels_stand_in_is_recorded(files, tmp_path, monkeypatch, capsys):
+    """FQEXPORT_HOST_KERNELS makes every target emulated: the console, JSON and markdown say so."""
+    import json
+
+    monkeypatch.setenv("FQEXPORT_HOST_KERNELS", "arm64")
+    rc = _run([files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--target", "arm64",
+               "--report-dir", tmp_path, "--no-plots"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "; standing in for arm64 (FQEXPORT_HOST_KERNELS: every target emulated)" in out
+    assert "target arm64 (emulated)" in out
+    d = json.loads((tmp_path / "report.json").read_text())
+    assert d["host_kernels_stand_in"] == "arm64" and d["targets"]["arm64"]["emulated"] is True
+    assert "- standing in for the arm64 int8 kernels (`FQEXPORT_HOST_KERNELS`)" in (tmp_path / "report.md").read_text()
+    monkeypatch.delenv("FQEXPORT_HOST_KERNELS")
+    assert _run([files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--report-dir", tmp_path,
+                 "--no-plots"]) == 0
+    assert "standing in" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["host_kernels_stand_in"] is None

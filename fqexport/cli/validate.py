@@ -59,7 +59,9 @@ def print_summary(report) -> None:
     header += f" {'unopt %':>7} {'k.dev':>7}" if has_k else ""
     isa = report.cpu_isa
     print(f"model {report.model}  data {report.data_source}  provider {report.provider}  "
-          f"cpu {isa} (int8 kernel family {kernel_family(isa)})")
+          f"cpu {isa} (int8 kernel family {kernel_family(isa)})"
+          + (f"; standing in for {report.host_kernels} (FQEXPORT_HOST_KERNELS: every target emulated)"
+             if report.host_kernels else ""))
     if p != "accuracy":
         print(task_line(report.task))
     print(header)

@@ -29,7 +29,7 @@ import torch
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream
 from fqexport.errors import ConfigError, DataError
-from fqexport.exporters.cpu_isa import cpu_isa
+from fqexport.exporters.cpu_isa import cpu_isa, emulated_host
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
 from fqexport.exporters.metadata import read_metadata
@@ -127,7 +127,7 @@ def validate(
     report = ValidationReport(
         model=str(model), data_source=gd.source, provider=provider, metrics=native.metrics, latency=latency,
         reference_latency=ref_latency,
-        thresholds=t, metadata=meta, cpu_isa=cpu_isa(), targets=target_list,
+        thresholds=t, metadata=meta, cpu_isa=cpu_isa(), host_kernels=emulated_host(), targets=target_list,
         task={**chosen.to_dict(), "chosen": why}, agreement_name=chosen.agreement_name,
         absent_groups=absent,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),

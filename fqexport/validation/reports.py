@@ -188,6 +188,9 @@ def to_markdown(report: Any) -> str:
         f"- data: `{report.data_source}`",
         f"- provider: {report.provider}; CPU instruction set: {isa_line(report)}",
     ]
+    if getattr(report, "host_kernels", None):
+        out.append(f"- standing in for the {report.host_kernels} int8 kernels (`FQEXPORT_HOST_KERNELS`): "
+                   "every target is emulated, none judged by this CPU's own session")
     if report.reference:
         out.append(f"- reference: `{report.reference}` ({agree} {_pct(report.agreement)} %)")
     out += [
@@ -319,6 +322,7 @@ def to_junit(report: Any) -> ET.Element:
     for k, v in (("model", report.model), ("data", report.data_source), ("provider", report.provider),
                  ("cpu_isa", getattr(report, "cpu_isa", "unknown")),
                  ("cpu_kernel_family", kernel_family(getattr(report, "cpu_isa", "unknown"))),
+                 ("host_kernels_stand_in", getattr(report, "host_kernels", None) or ""),
                  ("targets", ",".join(getattr(report, "targets", ("native",))))):
         ET.SubElement(props, "property", {"name": k, "value": xml_text(v)})
     if not checks:

@@ -146,6 +146,8 @@ class ValidationReport:
     checks: tuple[CheckResult, ...] = ()
     metadata: ExportMetadata | None = None
     cpu_isa: str = "unknown"
+    # the family FQEXPORT_HOST_KERNELS made this machine stand in for (every target then emulated)
+    host_kernels: str | None = None
     targets: tuple[str, ...] = ("native",)
     target_metrics: Mapping[str, GroupMetrics] | None = None
     target_kernel_deviation_by_group: Mapping[str, Mapping[str, float]] | None = None
@@ -209,6 +211,7 @@ class ValidationReport:
             "provider": self.provider,
             "cpu_isa": self.cpu_isa,
             "cpu_kernel_family": kernel_family(self.cpu_isa),
+            "host_kernels_stand_in": self.host_kernels,
             "passed": self.passed,
             "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},
             "metrics": self.metrics.to_dict(),

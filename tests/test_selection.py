@@ -12,6 +12,7 @@ from fqexport.metrics.group_metrics import group_metrics
 from fqexport.search.allocation import Allocation, AllocationOptions, Budget
 from fqexport.search.candidates import Candidate
 from fqexport.search.selection import (
+    Selection,
     never_worse_than_uniform,
     select,
     selection_key,
@@ -135,9 +136,9 @@ def test_when_uniform_beats_the_kept_predicted_best_the_measured_best_that_beats
     assert significantly_better([pred, noisy, uniform], noisy, group, groups, 0.1) is pred  # within the noise
     data = GroupData(np.zeros((20, 1), np.float32), np.zeros(20, np.int64), group, groups, "held-out")
     options = AllocationOptions(Budget("bits", 2.0), "worst-group")
-    assert select([pred, noisy, uniform], options, data) == (noisy, None)
+    assert select([pred, noisy, uniform], options, data) == Selection(noisy)
     uniform.measured_loss_increase = {"a": 0.0, "b": 0.0050}  # better than both: the uniform one
-    assert select([pred, noisy, uniform], options, data)[0] is uniform
+    assert select([pred, noisy, uniform], options, data).chosen is uniform
 
 
 def _held_out(correct_a: list[int], correct_b: list[int]) -> tuple[GroupData, np.ndarray]:
@@ -162,8 +163,33 @@ def test_select_weighs_groups_like_the_weighted_objective():
     a, b = _measured(data, logits_a, 0.1), _measured(data, logits_b, 0.2)
     weighted = AllocationOptions(Budget("bits", 2.0), "weighted", group_weights={"a": 1.0, "b": 3.0})
     # 0.25 · 0.9 + 0.75 · 0.6 = 0.675 for A, 0.25 · 0.6 + 0.75 · 0.8 = 0.75 for B
-    best, note = select([a, b], weighted, data)
-    assert best is b and note is None
-    assert select([a, b], replace(weighted, group_weights={"a": 3.0, "b": 1.0}), data)[0] is a
+    assert select([a, b], weighted, data) == Selection(b)
+    assert select([a, b], replace(weighted, group_weights={"a": 3.0, "b": 1.0}), data).chosen is a
     # the mean objective: the overall accuracy (A: 15 of 20 right, B: 14)
-    assert select([a, b], replace(weighted, objective="mean", group_weights=None), data)[0] is a
+    assert select([a, b], replace(weighted, objective="mean", group_weights=None), data).chosen is a
+
+
+def test_the_noise_gate_says_why_it_kept_the_predicted_best_with_its_figures():
+    groups = ("a", "b")
+    group = np.repeat([0, 1], 10)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 1.0, 20)
+    pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.1)
+    pred.origin, pred.measured_loss_increase = "search", {"a": 0.0, "b": 0.2}
+    noisy = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3),
+                         base - np.where(group == 1, 0.01 + 0.3 * rng.choice([-1, 1], 20), 0.0), score=0.2)
+    noisy.origin, noisy.measured_loss_increase = "mean", {"a": 0.0, "b": 0.19}
+    data = GroupData(np.zeros((20, 1), np.float32), np.zeros(20, np.int64), group, groups, "held-out")
+    options = AllocationOptions(Budget("bits", 2.0), "worst-group", mean_weight=0.1)
+    s = select([pred, noisy], options, data)
+    assert s.chosen is pred and s.fallback is None
+    d = (pred.sample_loss - noisy.sample_loss)[group == 1]
+    se = d.std(ddof=1) / np.sqrt(10)
+    gap = (0.2 + 0.1 * 0.1) - (0.19 + 0.1 * 0.095)
+    assert s.note == (f"kept the predicted-best search allocation: the measured best (mean) beat its held-out "
+                      f"objective by {gap:.4f}, within 2 standard errors (2 x {se:.4f}) of the paired loss "
+                      "differences on group 'b' (10 held-out samples), i.e. within the noise")
+    # a clear win: the measured best, no note
+    clear = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base - np.where(group == 1, 0.15, 0.0), score=0.2)
+    clear.origin, clear.measured_loss_increase = "mean", {"a": 0.0, "b": 0.05}
+    assert select([pred, clear], options, data) == Selection(clear)

@@ -141,5 +141,7 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
           f"({one:.1f} s: {which})")
     if res.fallback:
         print(f"note: {res.fallback}")
+    if res.selection_note:
+        print(f"note: {res.selection_note}")
     print()
     return res

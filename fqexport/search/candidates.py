@@ -101,6 +101,9 @@ class MixedPrecisionResult:
         fallback: why the search returned a uniform allocation instead of the one it selected
             (the selected one measured a larger held-out worst-group loss increase than a uniform
             candidate within the budget); ``None`` when the selection stood.
+        selection_note: why the returned candidate is not the one that measured best, when that
+            is not the uniform fallback: the noise gate kept the predicted best because the
+            measured best beat it by less than 2 standard errors (with the figures); else ``None``.
         fits: ``compress`` fits the search ran (verification fits per candidate × fold, the
             refit, refits for a bytes budget); ``fit_seconds`` their summed time.
         storage: the storage mode the returned model exports with (the base config's).
@@ -122,6 +125,7 @@ class MixedPrecisionResult:
     float_metrics: GroupMetrics
     seconds: dict[str, float] = field(default_factory=dict)
     fallback: str | None = None
+    selection_note: str | None = None
     fits: int = 0
     fit_seconds: float = 0.0
     storage: str = DEFAULT_STORAGE
@@ -203,4 +207,5 @@ class MixedPrecisionResult:
             "fit_seconds": self.fit_seconds,
             "wall_seconds": self.wall_seconds,
             "verification": self.verification,
+            "selection_note": self.selection_note,
         }

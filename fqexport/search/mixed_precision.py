@@ -159,7 +159,8 @@ def search_mixed_precision(
                 c.origin = origin
         fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
 
-        best, fallback = select(found.candidates, options, held_out)
+        selection = select(found.candidates, options, held_out)
+        best, fallback = selection.chosen, selection.fallback
         if fallback:
             log.info(fallback)
         discarded = 0
@@ -172,7 +173,7 @@ def search_mixed_precision(
 
     result = MixedPrecisionResult(
         config=mp, allocation=best.allocation, candidates=found.candidates, compressed=chosen, sensitivity=table,
-        layers=layers, float_metrics=found.float_metrics, seconds=seconds, fallback=fallback, fits=fits,
+        layers=layers, float_metrics=found.float_metrics, seconds=seconds, fallback=fallback, selection_note=selection.note, fits=fits,
         fit_seconds=fit_seconds, storage=base.storage, verification=verification_words(mp, held_out, fits_are_refit, task),
         target=base.target, discarded_fits=discarded,
     )
@@ -276,4 +277,6 @@ def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream
     extra = fit.refits + len(verified) * folds
     return replace(result, allocation=fit.candidate.allocation, compressed=fit.model,
                    fallback=fit.note or result.fallback, fits=result.fits + extra,
+                   # the noise gate's note is about the selection; a bytes refit of another allocation replaced it
+                   selection_note=result.selection_note if fit.candidate.allocation is result.allocation else None,
                    fit_seconds=result.fit_seconds + (result.seconds["bytes_check"] if extra else 0.0))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -63,6 +64,24 @@ def predicted_best(allocations: Sequence[Allocation]) -> Allocation:
     return min(allocations, key=lambda a: a.score)
 
 
+def _gate_statistics(predicted: Candidate, measured_best: Candidate, group: np.ndarray, groups: Sequence[str],
+                     mean_weight: float) -> tuple[float, float, int] | None:
+    """``(J_pred − J_best, its standard error, g*)`` of :func:`significantly_better`; ``None``
+    when the two cannot be compared (no per-sample losses, no measured group)."""
+    if predicted.sample_loss is None or measured_best.sample_loss is None:
+        return None
+    gap = measured_j(predicted, groups, mean_weight) - measured_j(measured_best, groups, mean_weight)
+    increase = np.array([predicted.measured_loss_increase[g] for g in groups], dtype=np.float64)
+    if np.isnan(increase).all():
+        return None
+    worst = int(np.nanargmax(increase))  # a group without a measured loss is left out
+    mask = group == worst
+    d = predicted.sample_loss[mask] - measured_best.sample_loss[mask]
+    d = d[~np.isnan(d)]  # samples without a loss (no counted pixel)
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
+    return gap, se, worst
+
+
 def significantly_better(
     candidates: Sequence[Candidate], measured_best: Candidate, group: np.ndarray,
     groups: Sequence[str], mean_weight: float, z: float = 2.0,
@@ -78,22 +97,25 @@ def significantly_better(
     """
     lowest = predicted_best([c.allocation for c in candidates])
     predicted = next(c for c in candidates if c.allocation is lowest)
-    if predicted is measured_best or predicted.sample_loss is None or measured_best.sample_loss is None:
+    stats = None if predicted is measured_best else _gate_statistics(predicted, measured_best, group, groups,
+                                                                       mean_weight)
+    if stats is None or stats[0] > z * stats[1]:
         return measured_best
-    gap = measured_j(predicted, groups, mean_weight) - measured_j(measured_best, groups, mean_weight)
-    increase = np.array([predicted.measured_loss_increase[g] for g in groups], dtype=np.float64)
-    if np.isnan(increase).all():
-        return measured_best
-    worst = int(np.nanargmax(increase))  # a group without a measured loss is left out
-    mask = group == worst
-    d = predicted.sample_loss[mask] - measured_best.sample_loss[mask]
-    d = d[~np.isnan(d)]  # samples without a loss (no counted pixel)
-    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
-    if gap > z * se:
-        return measured_best
-    log.info("measured best candidate beats the predicted best by %.4f (< %g standard errors of %.4f): "
-             "keeping the predicted best", gap, z, se)
     return predicted
+
+
+def gate_note(kept: Candidate, measured_best: Candidate, group: np.ndarray, groups: Sequence[str],
+              mean_weight: float, z: float = 2.0) -> str:
+    """Why :func:`significantly_better` kept ``kept`` (the predicted best) over the measured best,
+    in words with the figures (the search's ``selection_note``)."""
+    stats = _gate_statistics(kept, measured_best, group, groups, mean_weight)
+    if stats is None:
+        return f"kept the predicted-best {kept.origin} allocation over the measured best ({measured_best.origin})"
+    gap, se, worst = stats
+    n = int((group == worst).sum())
+    return (f"kept the predicted-best {kept.origin} allocation: the measured best ({measured_best.origin}) beat its "
+            f"held-out objective by {gap:.4f}, within {z:g} standard errors ({z:g} x {se:.4f}) of the paired "
+            f"loss differences on group {groups[worst]!r} ({n} held-out samples), i.e. within the noise")
 
 
 def _guard_value(c: Candidate, objective: str, w, groups, mean_weight: float):
@@ -131,10 +153,25 @@ def objective_weights(options: AllocationOptions, groups: Sequence[str]) -> np.n
     return w / w.sum()
 
 
-def select(candidates: Sequence[Candidate], options: AllocationOptions, held_out: GroupData,
-           ) -> tuple[Candidate, str | None]:
-    """The candidate the search returns (see the module docstring) and, when a uniform one
-    replaced the selection, why."""
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select` decided.
+
+    Attributes:
+        chosen: the candidate the search returns.
+        fallback: why a uniform candidate replaced the selection (rule 3), else ``None``.
+        note: why the returned candidate is not the one that measured best, when it is not for
+            a reason ``fallback`` gives (the noise gate of rule 2), else ``None``.
+    """
+
+    chosen: Candidate
+    fallback: str | None = None
+    note: str | None = None
+
+
+def select(candidates: Sequence[Candidate], options: AllocationOptions, held_out: GroupData) -> Selection:
+    """The candidate the search returns (see the module docstring), with why when it is not
+    simply the measured best."""
     groups = tuple(held_out.group_names)
     objective, lam = options.objective, options.mean_weight
     w = objective_weights(options, groups)
@@ -148,5 +185,9 @@ def select(candidates: Sequence[Candidate], options: AllocationOptions, held_out
         # the noise gate kept the predicted best, which a uniform one then beat: the measured
         # best, which beats both, is returned rather than the uniform one
         log.info("the predicted best measured worse than a uniform allocation: returning the measured best")
-        return measured, None
-    return chosen, why
+        return Selection(measured)
+    note = None
+    if why is None and chosen is not measured:
+        note = gate_note(chosen, measured, held_out.group, groups, lam)
+        log.info(note)
+    return Selection(chosen, why, note)

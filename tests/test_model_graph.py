@@ -499,3 +499,64 @@ def test_a_linear_subclass_whose_forward_is_f_linear_is_quantized_like_nn_linear
     assert other.names == ["0", "1"] and other.float_layers == ()
     torch.testing.assert_close(other.folded.get_submodule("1").weight.detach(), 2.0 * scaled[1].weight.detach())
     torch.testing.assert_close(other.folded(x), scaled(x))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = _Block()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def _hooked_model(where: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = _Hooked()
+    with torch.no_grad():
+        m.block.bn.running_mean.uniform_(-0.5, 0.5)
+        m.block.bn.running_var.uniform_(0.5, 2.0)
+    m.eval()
+    target = m if where == "" else m.get_submodule(where)
+    if where in ("", "block"):
+        target.register_forward_pre_hook(lambda mod, args: (args[0] * 3.0 + 1.0,))
+    else:
+        target.register_forward_hook(lambda mod, args, out: out * 2.0 + 0.3)
+    return m
+
+
+@pytest.mark.parametrize("where", ["", "block", "block.bn", "block.conv", "fc"])
+def test_forward_hooks_are_part_of_the_prepared_model(where):
+    """A hook on the model itself makes it traced by torch.export (fx leaves it out); a hook on a
+    conv or its BN keeps the two unfolded: the prepared model computes what model(x) does."""
+    model = _hooked_model(where)
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        unhooked = copy.deepcopy(model)
+        for m in unhooked.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        assert float((unhooked(x) - want).abs().max()) > 0.05  # the hook matters
+        got = prepare_model(model, example=x).folded(x)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_hooks_fx_would_drop_without_an_example_are_refused():
+    with pytest.raises(ModelLoadError, match=r"^the model has forward hooks on the model itself, which a "
+                                             r"torch.fx trace leaves out .*Give an example batch"):
+        trace(_hooked_model(""))
+    for where in ("block", "fc"):  # a submodule's hook is traced, a leaf's runs: no refusal
+        trace(_hooked_model(where))

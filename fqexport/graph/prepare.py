@@ -96,6 +96,12 @@ MSG_TRACE_BOTH = (
     "flow on tensor values (if x.sum() > 0, iterating over a tensor), or export it yourself with torch.export "
     "to a .pt2 file"
 )
+MSG_HOOKS = "forward hooks on {modules}, which a torch.fx trace leaves out (it runs the model's forward)"
+MSG_HOOKS_NO_EXAMPLE = (
+    "the model has " + MSG_HOOKS + ": the traced model would compute something else than model(x). Give an "
+    "example batch (compress does) so that torch.export traces it with its hooks, or fold what the hooks do "
+    "into forward()"
+)
 MSG_TRACED_BY_EXPORT = (
     "torch.fx cannot trace the model (%s); it was traced with torch.export instead (layer names are the "
     "modules' own)"
@@ -271,6 +277,23 @@ def float32(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
+def user_hooks(m: nn.Module) -> int:
+    """Forward and forward-pre hooks on ``m``, the hook-based ``weight_norm`` / ``spectral_norm``
+    aside (their weight becomes a plain one: :func:`_plain_parametrized_layers`)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    pre = [h for h in m._forward_pre_hooks.values() if not isinstance(h, (WeightNorm, SpectralNorm))]
+    return len(pre) + len(m._forward_hooks)
+
+
+def _hooks_traced_through(model: nn.Module) -> list[str]:
+    """The modules whose forward hooks a torch.fx trace would drop: the model itself (fx runs its
+    ``forward``; a submodule is called through ``Module.__call__``, its hooks traced, and a leaf
+    is called as a module when the graph runs)."""
+    return ["the model itself"] if user_hooks(model) else []
+
+
 def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a GraphModule: returned as is).
 
@@ -287,6 +310,14 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
     if any(decompose_attention_needed(m) for m in model.modules()):
         model, swapped = decompose_attention(copy.deepcopy(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
+    hooked = _hooks_traced_through(model)
+    if hooked:  # torch.export runs the model as a call, hooks included; fx would drop them
+        why = MSG_HOOKS.format(modules=", ".join(hooked))
+        if example is None:
+            raise ModelLoadError(MSG_HOOKS_NO_EXAMPLE.format(modules=", ".join(hooked)))
+        gm = _exported(model, example, why)
+        _keep_first_output(gm, owner=source)
+        return gm
     concrete = _defaulted_arguments(model)  # its own ModelLoadError, not the trace's advice
     try:
         graph = _Tracer().trace(model, concrete_args=concrete)
@@ -574,6 +605,8 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
         if any(u is not node and not _reads_metadata_only(u) for u in src.users):
             continue
         layer = modules.get(src.target)
+        if user_hooks(layer) or (node.op == "call_module" and user_hooks(modules[node.target])):
+            continue  # a hook on either sees the tensor between the two, which folding removes
         channels = params[0].shape[0]
         if isinstance(layer, _ALL_CONVS) and layer.out_channels == channels:
             pairs.append((src, node, params))

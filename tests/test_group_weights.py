@@ -49,3 +49,8 @@ def test_a_group_without_a_calibration_sample_is_recorded_with_weight_zero():
         1.0, 0.0)
     assert fqexport.compress(net, data, fqexport.QuantConfig(num_calib=4), progress=False).metadata.group_weights == (
         0.5, 0.5)
+    # weight only on the group the draw missed: said, not a NaN weight vector from 0 / 0 (survey 19)
+    with pytest.raises(ConfigError, match=r"^group_weights weigh only groups that have no calibration sample: "
+                                          r"num_calib=1 draws fewer samples than the 2 groups, and none of "
+                                          r"'minority'; raise num_calib to at least 2"):
+        fqexport.compress(net, data, fqexport.QuantConfig(num_calib=1, group_weights={"minority": 1.0}), progress=False)

@@ -316,3 +316,30 @@ def test_a_batch_1_example_is_not_what_torch_export_traces(monkeypatch, tmp_path
     x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0],
                                model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_export_float_leaves_the_callers_model_in_its_own_modes(tmp_path):
+    import fqexport
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3))
+    model.train()
+    model[1].eval()  # a frozen BN inside a training model, as fine-tuning recipes do
+    before = [m.training for m in model.modules()]
+    fqexport.export_float(model, torch.randn(4, 4), tmp_path / "f.onnx")
+    assert [m.training for m in model.modules()] == before == [True, True, False, True, True]
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
+    import fqexport
+    from fqexport.calibration.group_data import GroupData
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = GroupData(np.zeros((8, 4), np.float32), np.zeros(8, np.int64), np.arange(8) % 2, ("a", "b"), "m")
+    msg = r"^the model's parameter '0.weight' is on the 'meta' device \(a shape without data\): load the weights first"
+    with pytest.raises(fqexport.ModelLoadError, match=msg):
+        fqexport.compress(model, data, progress=False)
+    with pytest.raises(fqexport.ModelLoadError, match=msg):
+        fqexport.export_float(model, torch.zeros(2, 4), tmp_path / "f.onnx")
+    assert not (tmp_path / "f.onnx").exists()

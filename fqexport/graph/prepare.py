@@ -251,10 +251,26 @@ MSG_SCRIPTED = (
 )
 
 
+MSG_META = (
+    "the model's {what} {name!r} is on the 'meta' device (a shape without data): load the weights first "
+    "(model.to_empty(device='cpu') then load_state_dict, or load_state_dict(..., assign=True))"
+)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """ModelLoadError naming the first parameter or buffer on the ``meta`` device (one built under
+    ``torch.device('meta')`` and never loaded), rather than torch's "Cannot copy out of meta tensor"."""
+    for what, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_meta:
+                raise ModelLoadError(MSG_META.format(what=what, name=name))
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside the wrappers that add no computation: ``nn.DataParallel`` /
     ``DistributedDataParallel`` (``.module``) and ``torch.compile``'s ``OptimizedModule``
-    (``._orig_mod``), which torch.fx cannot trace; a TorchScript module is refused (ModelLoadError)."""
+    (``._orig_mod``), which torch.fx cannot trace; a TorchScript module or one whose weights are
+    on the ``meta`` device is refused (ModelLoadError)."""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
@@ -263,6 +279,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         elif isinstance(model, torch.jit.ScriptModule):
             raise ModelLoadError(MSG_SCRIPTED.format(kind=type(model).__name__))
         else:
+            check_materialized(model)
             return model
 
 

@@ -282,6 +282,10 @@ MSG_FEW_GROUP_SAMPLES = (
     "than {min}): their activation ranges and statistics rest on those; give more samples of them or a larger num_calib"
 )
 _warned_few: set[tuple] = set()
+MSG_WEIGHTS_UNDRAWN = (
+    "group_weights weigh only groups that have no calibration sample: num_calib={n} draws fewer samples than "
+    "the {k} groups, and none of {groups}; raise num_calib to at least {k}, or give weight to a drawn group"
+)
 
 
 def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
@@ -598,6 +602,10 @@ def compress(
         # a group without a calibration sample (num_calib below the number of groups) weighs
         # nothing in the Hessians and statistics: the recorded weights say what was used
         alpha = torch.where(drawn_counts > 0, alpha, torch.zeros_like(alpha))
+        if float(alpha.sum()) <= 0:
+            undrawn = [g for g, n in zip(data.group_names, drawn_counts.tolist()) if n == 0]
+            raise ConfigError(MSG_WEIGHTS_UNDRAWN.format(n=config.num_calib, k=len(data.group_names),
+                                                         groups=", ".join(map(repr, undrawn))))
         alpha = alpha / alpha.sum()
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
     with reuse_freed_memory():  # the Hessian-sized tensors of one layer are reused by the next

@@ -85,12 +85,14 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
     data = check_train_data(data, ptq)
     fixed_weights = fixed_group_weights(config, tuple(ptq.group_names))
     device = resolve_device(config.device, "FinetuneConfig.device")
-    torch.manual_seed(config.seed)
-    cm, rounding, baq = _fix_grids(ptq, data, config, device, fixed_weights, progress)
-    run = _Run(cm, data, config, device, fixed_weights, progress)
-    run.epochs()
-    result = run.result()
-    record = run.record(data, ptq, result, baq=baq, rounding=rounding)
+    # seeded on a fork of torch's generators: the caller's random stream is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(config.seed)
+        cm, rounding, baq = _fix_grids(ptq, data, config, device, fixed_weights, progress)
+        run = _Run(cm, data, config, device, fixed_weights, progress)
+        run.epochs()
+        result = run.result()
+        record = run.record(data, ptq, result, baq=baq, rounding=rounding)
     if rounding is not None and baq is None and worst_loss(run.holdout.metrics_of(ptq)) < worst_loss(
             run.holdout.metrics_of(result)):
         # the run started from AdaRound's model: never return worse than the PTQ model given

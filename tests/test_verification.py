@@ -15,6 +15,7 @@ from fqexport.search.verification import (
     VerifyContext,
     verification_splits,
     verification_tasks,
+    verification_words,
     verify,
 )
 
@@ -69,3 +70,28 @@ def test_the_serial_engine_returns_the_cached_fit_and_a_rebuilt_fit_is_the_same(
     rebuilt = found.fitted_model(found.candidates[0])  # as on a pool: fitted again, the same model
     assert rebuilt is not cached
     np.testing.assert_array_equal(rebuilt.predict(mlp_data.x), cached.predict(mlp_data.x))
+
+
+def test_an_empty_hold_out_is_refused_and_a_group_without_one_is_named(caplog):
+    """One sample per group leaves nothing to verify on: a DataError, not NaN measurements reported
+    as 'a 30% hold-out split' (survey 19); a single-sample group beside larger ones is warned about."""
+    import pytest
+
+    from fqexport.calibration.group_data import GroupData
+    from fqexport.errors import DataError
+
+    def data(group):
+        n = len(group)
+        return GroupData(np.zeros((n, 4), np.float32), np.zeros(n, np.int64), np.array(group), ("a", "b", "c"), "tiny")
+
+    mp, base = MixedPrecisionConfig(budget_bits=3.0), QuantConfig(num_calib=64)
+    with pytest.raises(DataError, match=r"^tiny: the search has no sample to verify its candidates on: the hold-out "
+                                        r"split of 3 calibration samples is empty .*groups: 'a' 1, 'b' 1, 'c' 1\)"):
+        verification_splits(data([0, 1, 2]), mp, base)
+    with pytest.raises(DataError, match="the search has no sample to verify"):
+        verification_splits(data([0, 1, 2]), MixedPrecisionConfig(budget_bits=3.0, verify_folds=2), base)
+    caplog.set_level("WARNING", logger="fqexport.search.verification")
+    held_out, _, _ = verification_splits(data([0] * 10 + [1] * 10 + [2]), mp, base)
+    assert set(held_out.group.tolist()) == {0, 1}
+    assert "tiny: group(s) 'c' have no held-out sample (a single calibration sample each)" in caplog.text
+    assert verification_words(mp, held_out, False) == f"a 30% hold-out split of {len(held_out)} samples"

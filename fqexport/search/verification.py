@@ -33,6 +33,7 @@ from fqexport.calibration.sampling import (
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine.base import Engine, Task, run_task, task_error
+from fqexport.errors import DataError
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import Allocation
@@ -47,9 +48,32 @@ MIN_UNUSED_PER_GROUP = 50
 # Fits a FitCache keeps (the oldest dropped first).
 MAX_FITTED = 16
 
+MSG_NO_HOLDOUT = (
+    "{source}: the search has no sample to verify its candidates on: the hold-out split of {n} calibration "
+    "samples is empty (a group needs at least 2 samples to give one to the hold-out; groups: {counts}); give "
+    "more samples per group"
+)
+MSG_UNVERIFIED_GROUPS = (
+    "{source}: group(s) {groups} have no held-out sample (a single calibration sample each): the search "
+    "verifies its candidates, and the uniform guard compares them, on the other groups only"
+)
+
 Data = GroupData | DataStream  # of a stream, the parts are streams too: x is read when a fit or a prediction needs it
 Split = tuple[Data, np.ndarray]  # (held-in part, positions of its held-out samples in the held-out set)
 NO_LABELS = Classification.without_annotations
+
+
+def _checked(data: Data, held_out: Data) -> Data:
+    """``held_out``; a DataError when it is empty, a warning naming the groups it lacks."""
+    counts = data.group_counts()
+    if len(held_out) == 0:
+        raise DataError(MSG_NO_HOLDOUT.format(source=data.source, n=len(data), counts=", ".join(
+            f"{g!r} {int(n)}" for g, n in zip(data.group_names, counts))))
+    held = np.bincount(held_out.group, minlength=len(data.group_names))
+    missing = [repr(g) for g, n, h in zip(data.group_names, counts, held) if n > 0 and h == 0]
+    if missing:
+        log.warning(MSG_UNVERIFIED_GROUPS.format(source=data.source, groups=", ".join(missing)))
+    return held_out
 
 
 def verification_splits(data: Data, mp: MixedPrecisionConfig, base: QuantConfig,
@@ -73,11 +97,11 @@ def verification_splits(data: Data, mp: MixedPrecisionConfig, base: QuantConfig,
             held_out = data.subset(rest)
             return held_out, [(data, np.arange(len(held_out)))], True
         held_in, held_out = split_holdout(data, mp.holdout_fraction, seed=mp.seed)
-        return held_out, [(held_in, np.arange(len(held_out)))], False
+        return _checked(data, held_out), [(held_in, np.arange(len(held_out)))], False
     folds = stratified_folds(data, mp.verify_folds, seed=mp.seed)
     out_index = np.sort(np.concatenate(folds))  # all samples but a one-sample group's
     everything = np.arange(len(data))
-    return data.subset(out_index), [
+    return _checked(data, data.subset(out_index)), [
         (data.subset(np.setdiff1d(everything, f)), np.searchsorted(out_index, f)) for f in folds
     ], False
 
@@ -92,7 +116,7 @@ def verification_words(mp: MixedPrecisionConfig, held_out: Data, fits_are_refit:
     if fits_are_refit:
         return (f"the {len(held_out)} calibration samples compress does not draw; each fit is the compress "
                 "fit itself, no refit" + note)
-    return f"a {mp.holdout_fraction:.0%} hold-out split" + note
+    return f"a {mp.holdout_fraction:.0%} hold-out split of {len(held_out)} samples" + note
 
 
 class FitCache:

@@ -298,3 +298,50 @@ def test_cli_engine_flags(tmp_path, mlp_files, tests_dir, monkeypatch):
     code, _, err = run_main(_search_args(mlp_files, tmp_path / "c.onnx", "--engine", "ray"))
     assert code == 2 and "pip install 'fqexport[ray]'" in err
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "c.onnx").exists()
+
+
+
+SLOW_IMPORT = """
+import os, time
+open(os.path.join(os.environ["NAP_DIR"], "importing"), "w").close()
+time.sleep(120)
+def nap(ctx, task):
+    return task.payload
+"""
+CTRL_C = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C (not a background job's)
+from fqexport.engine import LocalEngine, Task
+if __name__ == "__main__":
+    try:
+        with LocalEngine(2, preload=["slowmod"]) as engine:
+            engine.map(print, [Task(("nap", i), f"nap {i}", i) for i in range(2)], None, "naps")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_the_workers_start_prints_only_the_callers_line(tmp_path):
+    """A terminal's Ctrl-C signals every process of the group, the forkserver too, which may be
+    importing the preload modules (torch: seconds): it ignores SIGINT (its traceback was printed
+    beside the caller's message, survey 14), and the caller stops it with the pool, so it starts
+    no queued worker after the caller is gone (each would print a traceback). stderr is read to
+    its end: every process that held it has exited."""
+    import signal
+
+    (tmp_path / "slowmod.py").write_text(SLOW_IMPORT)
+    (tmp_path / "main.py").write_text(CTRL_C)
+    env = dict(os.environ, NAP_DIR=str(tmp_path), OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "main.py"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "importing").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    rc, err = proc.wait(60), proc.stderr.read()
+    assert rc == 130 and err.strip() == "interrupted", err[-3000:]
+    assert time.time() - t0 < 30

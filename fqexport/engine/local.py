@@ -21,7 +21,9 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -48,6 +50,41 @@ _context: tuple[str, Any] = ("", None)  # (file, context) this worker last loade
 def _init_worker() -> None:
     torch.set_num_threads(1)
     base._in_worker = True
+    # Ctrl-C reaches the whole process group: the caller stops the pool (its map terminates the
+    # workers), so a worker need not raise KeyboardInterrupt and print its own traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_forkserver() -> None:
+    """Start multiprocessing's forkserver (once per process) with SIGINT ignored, which it keeps
+    across its exec: a Ctrl-C to the process group while it imports the preload modules would
+    otherwise print its traceback beside the caller's message. The caller ignores SIGINT only
+    while the server process is spawned (milliseconds; only the main thread may set it)."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_forkserver() -> None:
+    """Kill the forkserver after an interrupt. It ignores SIGINT (:func:`_start_forkserver`), so
+    one still importing the preload modules would then start the workers the pool had asked
+    for, after the caller is gone, each printing a traceback (their queues no longer exist); the
+    next pool's ``ensure_running`` finds it dead and starts a new one."""
+    from multiprocessing import forkserver
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
 
 
 def _call(fn: TaskFn, context_file: str, task: Task, kill: str | None) -> Any:
@@ -80,6 +117,7 @@ class LocalEngine(Engine):
         ctx = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(self.preload)  # read when the server starts (once per process)
+            _start_forkserver()
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
 
     def _stop_pool(self, kill: bool = False) -> None:
@@ -160,8 +198,10 @@ class LocalEngine(Engine):
                 pending.extendleft(reversed(victims))
                 self._stop_pool(kill=True)
                 self._pool = self._new_pool()
-        except BaseException:
+        except BaseException as err:
             self._stop_pool(kill=True)
+            if not isinstance(err, Exception) and self.start_method == "forkserver":
+                _stop_forkserver()  # interrupted: no worker start it still has queued may run
             raise
         finally:
             os.unlink(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -240,3 +241,53 @@ def test_biases_are_rounded_to_the_int32_grid_of_s_x_times_s_w():
     before = gm.fc.bias.detach().clone()
     round_biases_to_int32_grid(gm, {"fc": s_w})  # idempotent
     assert torch.equal(gm.fc.bias.detach(), before)
+
+
+class _MaskedScores(nn.Module):
+    """Hand-written attention with a BERT-style additive padding mask (``s + pad * -1e4``), or
+    ``nn.MultiheadAttention`` with a key padding mask and its default ``need_weights=True``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        with torch.no_grad():
+            self.q.weight.mul_(4)
+            self.k.weight.mul_(4)  # peaky attention, as trained models have
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        pad = x[..., 0] > 0.8
+        if self.kind == "additive":
+            s = self.q(x) @ self.k(x).transpose(-1, -2) / 8 ** 0.5
+            s = s + pad[:, None, :].float() * -10000.0
+            h = x + self.o(s.softmax(-1) @ self.v(x))
+        else:
+            a, _ = self.mha(x, x, x, key_padding_mask=pad)
+            h = x + a
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["additive", "mha"])
+def test_a_mask_added_to_attention_scores_keeps_them_float(kind):
+    """The scores + mask add is not a residual add: quantized, a uint8 grid over [-1e4, max] zeroed
+    every score (attention went uniform) and a -inf mask raised 'activation contains NaN or Inf'
+    (survey 20). The residual add after the attention keeps its pairs."""
+    from fqexport.graph.act_quant import ActQuantizer
+
+    import fqexport
+    from fqexport.calibration.group_data import GroupData
+
+    torch.manual_seed(0)
+    net = _MaskedScores(kind).eval()
+    x = torch.randn(256, 6, 8)
+    x[:, 0, 0] = -1.0  # at least one key unmasked per sample
+    with torch.no_grad():
+        want = net(x)
+    data = GroupData(x.numpy(), want.argmax(1).numpy(), np.arange(256) % 2, ("a", "b"), "m")
+    cm = fqexport.compress(net, data, fqexport.QuantConfig(weight_bits=8), progress=False)
+    got = torch.as_tensor(np.asarray(cm.predict(x.numpy())))
+    assert float((got.argmax(1) == want.argmax(1)).float().mean()) >= 0.97
+    scales = [float(m.scale) for m in cm.reference.modules() if isinstance(m, ActQuantizer)]
+    assert len(scales) >= 2 and max(scales) < 0.1  # a pair over the -1e4 mask had a scale near 39

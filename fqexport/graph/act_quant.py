@@ -29,6 +29,7 @@ from typing import Callable, Collection, Mapping
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from fqexport.quant.grid import act_code_range, act_qparams, fake_quantize_act
@@ -187,8 +188,39 @@ def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     return dep
 
 
-def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None) -> bool:
-    """A residual add: two activations (both input-dependent when ``dependent`` is given)."""
+_SOFTMAX_FUNCS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
+# ops between attention scores and their softmax that keep them scores (scaling, more masks, casts)
+_SCORE_FUNCS = {*_ADD_FUNCS, operator.sub, operator.mul, operator.truediv, torch.mul, torch.div,
+                torch.masked_fill, F.dropout}
+_SCORE_METHODS = {"add", "add_", "sub", "mul", "div", "masked_fill", "masked_fill_", "float", "to", "type"}
+
+
+def _is_softmax(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), (nn.Softmax, nn.LogSoftmax))
+    return (node.op == "call_function" and node.target in _SOFTMAX_FUNCS) or (
+        node.op == "call_method" and node.target in ("softmax", "log_softmax"))
+
+
+def _feeds_softmax(node: torch.fx.Node, modules: dict[str, nn.Module], depth: int = 4) -> bool:
+    """Whether ``node`` reaches a softmax through at most ``depth`` score-preserving ops (scaling,
+    mask adds, casts, dropout): attention scores, which stay float (docs/model-support.md)."""
+    for user in node.users:
+        if _is_softmax(user, modules):
+            return True
+        passes = (user.op == "call_function" and user.target in _SCORE_FUNCS) or (
+            user.op == "call_method" and user.target in _SCORE_METHODS) or (
+            user.op == "call_module" and isinstance(modules.get(user.target), nn.Dropout))
+        if passes and depth > 1 and _feeds_softmax(user, modules, depth - 1):
+            return True
+    return False
+
+
+def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None,
+            modules: dict[str, nn.Module] | None = None) -> bool:
+    """A residual add: two activations (both input-dependent when ``dependent`` is given). With
+    ``modules``, an add on the way to a softmax is not one: a mask added to attention scores
+    (``s + pad * -1e4``), which stay float — a uint8 grid over [-1e4, max] zeroes every score."""
     if node.op == "call_function" and node.target in _ADD_FUNCS:
         args = node.args[:2]
     elif node.op == "call_method" and node.target in ("add", "add_") and len(node.args) >= 2:
@@ -197,7 +229,9 @@ def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None) ->
         return False
     if len(args) < 2 or not all(isinstance(a, torch.fx.Node) for a in args):
         return False
-    return dependent is None or all(a in dependent for a in args)
+    if dependent is not None and not all(a in dependent for a in args):
+        return False
+    return modules is None or not _feeds_softmax(node, modules)
 
 
 def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], dependent: set[torch.fx.Node],
@@ -209,7 +243,7 @@ def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], depend
         while before_pad and isinstance(src, torch.fx.Node) and _is_pad(src, modules):
             src = src.args[0]
         return [src] if isinstance(src, torch.fx.Node) else []
-    if _is_add(node, dependent):
+    if _is_add(node, dependent, modules):
         return [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
     return []
 
@@ -248,7 +282,7 @@ def insert_act_quantizers(
         if node.op == "call_module" and node.target in layers:
             # an Embedding's Gather gets no pair: its float rows feed the next quantized op's input pair
             return isinstance(modules.get(node.target), INTEGER_KERNEL_LAYERS) and node.target not in weight_only
-        return _is_add(node, dependent) and bool(layers)
+        return _is_add(node, dependent, modules) and bool(layers)
 
     def reads_float(user: torch.fx.Node) -> bool:
         return (user.op == "call_module" and user.target in weight_only) or user in tail

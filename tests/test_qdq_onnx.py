@@ -343,3 +343,40 @@ def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
     with pytest.raises(fqexport.ModelLoadError, match=msg):
         fqexport.export_float(model, torch.zeros(2, 4), tmp_path / "f.onnx")
     assert not (tmp_path / "f.onnx").exists()
+
+
+class _PositionTable(torch.nn.Module):
+    """Token embedding plus a learned position table read at ``arange(L)`` (BERT-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.word = torch.nn.Embedding(30, 16)
+        self.pos = torch.nn.Embedding(32, 16)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = self.word(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.fc(h.mean(1))
+
+
+def test_a_position_table_read_at_constant_indices_stays_float_and_exports(tmp_path):
+    """``pos(arange(L))`` depends on the input's shape only: the ONNX exporter folds it into a
+    constant, so it stays float with its reason; it was quantized, then export failed with 'weight
+    not found' (survey 20). The token table, read at the input's values, is quantized."""
+    import onnxruntime as ort
+
+    import fqexport
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 30, (96, 8)).astype(np.int64)
+    data = fqexport.load_data(torch.utils.data.TensorDataset(torch.from_numpy(ids)),
+                              groups=np.arange(96) % 2)
+    model = _PositionTable().eval()
+    cm = fqexport.compress(model, data, fqexport.QuantConfig(num_calib=64), progress=False)
+    assert set(cm.layers) == {"word", "fc"}
+    assert [(f.name, f.kind, f.reason) for f in cm.metadata.float_layers] == [
+        ("pos", "Embedding(constant indices)", "unsupported")]
+    path = fqexport.export(cm, tmp_path / "m.onnx").path
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: ids[:16]})[0]
+    np.testing.assert_allclose(got, np.asarray(cm.predict(ids[:16])), atol=1e-4)

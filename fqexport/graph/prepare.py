@@ -456,6 +456,16 @@ def _weight_params(mod: nn.Module, recurse: bool = False) -> int:
     return sum(p.numel() for p in mod.parameters(recurse=recurse) if p.dim() >= 2)
 
 
+def _value_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose values depend on the model input's values; a read of its shape, rank or dtype
+    (``torch.arange(ids.shape[1])``) depends on its shape only."""
+    dep: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (not _reads_metadata_only(node) and any(a in dep for a in node.all_input_nodes)):
+            dep.add(node)
+    return dep
+
+
 def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     """Layers of ``gm`` with a weight that fqexport cannot quantize, in graph order: leaf
     modules with parameters that are neither quantizable nor normalisation, Conv2d with a
@@ -464,6 +474,7 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     modules = dict(gm.named_modules())
     out: dict[str, FloatLayer] = {}
     tied = _tied_layers(gm, modules)
+    dependent = _value_dependent(gm)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = modules.get(node.target)
@@ -477,6 +488,10 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                 # per output channel is the weight's axis 1, only C_out/groups long: no
                 # per-axis DequantizeLinear holds C_out scales
                 out[name] = FloatLayer(name, f"ConvTranspose2d(groups={mod.groups})", _weight_params(mod))
+            elif isinstance(mod, nn.Embedding) and node.args and node.args[0] not in dependent:
+                # indices that do not depend on the input's values (``pos(torch.arange(L))``): the ONNX
+                # exporter folds the lookup into a constant, leaving no table to store in integers
+                out[name] = FloatLayer(name, "Embedding(constant indices)", _weight_params(mod))
             elif isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse):
                 # max_norm renormalises rows in place at every lookup: not a fixed integer table
                 out[name] = FloatLayer(name, "Embedding(max_norm)" if mod.max_norm is not None

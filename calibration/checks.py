@@ -307,9 +307,11 @@ def validate(data: GroupData) -> GroupData:
 
 
 def check_vocabulary(data: GroupData, vocab: int, layer: str) -> None:
-    """Raise :class:`DataError` unless every token id of an integer ``x`` is in ``[0, vocab)``
-    (``vocab``: the ``num_embeddings`` of the Embedding ``layer`` that reads ``x``)."""
-    if data.x.size == 0 or not np.issubdtype(data.x.dtype, np.integer):
+    """Raise :class:`DataError` unless every token id of ``x`` is in ``[0, vocab)`` (``vocab``: the
+    ``num_embeddings`` of the Embedding ``layer`` that reads ``x``); ``x`` holds integers, or whole
+    numbers stored as floats (which ONNX Runtime casts to its integer input: -1 would then read
+    the table's last row)."""
+    if data.x.size == 0 or not (np.issubdtype(data.x.dtype, np.integer) or np.issubdtype(data.x.dtype, np.floating)):
         return
     lo, hi = int(data.x.min()), int(data.x.max())
     if lo < 0 or hi >= vocab:

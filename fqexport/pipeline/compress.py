@@ -269,7 +269,12 @@ def _correct_layer(
 
 MSG_FLOAT_TOKENS = (
     "field 'x' holds {dtype} values, but the model input is read by the Embedding '{layer}' (token ids): "
-    "store the ids as integers (e.g. x.astype(np.int64))"
+    "store the ids as integers (e.g. x.astype(np.int64)){unsigned}"
+)
+# whole non-negative float x: unsigned ids, which fqexport reads as pixel values
+MSG_UNSIGNED_TOKENS = (
+    "; its values are whole numbers: unsigned integers (uint8, uint16) are read as pixel values and "
+    "become float32, so store token ids as a signed integer type"
 )
 MSG_COMPUTED_IDS = (
     "the model's Embedding '{layer}' (num_embeddings={vocab}) looks up the id {value}, which the model computes "
@@ -314,7 +319,10 @@ def check_token_ids(gm: torch.fx.GraphModule, data: GroupData, sub: GroupData, d
         src = node.args[0] if node.args else None
         if isinstance(mod, nn.Embedding) and isinstance(src, torch.fx.Node) and src.op == "placeholder":
             if not integer:
-                raise data_error(data.source, MSG_FLOAT_TOKENS.format(dtype=data.x.dtype, layer=node.target))
+                x = data.x
+                whole = x.size and float(x.min()) >= 0 and np.array_equal(x, np.round(x))
+                raise data_error(data.source, MSG_FLOAT_TOKENS.format(dtype=x.dtype, layer=node.target,
+                                                                      unsigned=MSG_UNSIGNED_TOKENS if whole else ""))
             check_vocabulary(data, int(mod.num_embeddings), str(node.target))
         elif isinstance(mod, nn.Embedding):
             computed.append(str(node.target))

@@ -116,7 +116,9 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:
             raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
-    if isinstance(data, GroupData) and np.issubdtype(data.x.dtype, np.integer) and Path(model).is_file():
+    ids = np.issubdtype(data.x.dtype, np.integer) if isinstance(data, GroupData) else False
+    ids = ids or (input_type is not None and input_type.startswith("tensor(int"))  # whole floats, checked above
+    if isinstance(data, GroupData) and ids and Path(model).is_file():
         for node, vocab in embedding_vocabularies(model):
             check_vocabulary(data, vocab, node)
 

@@ -94,6 +94,22 @@ def test_the_top_eigenvalue_is_the_largest_not_the_largest_in_magnitude():
         lambda v: [b @ v[0]], [torch.zeros(3)], 500, tol=1e-10)
 
 
+def test_the_shifted_iteration_judges_convergence_on_the_eigenvalue_it_reports():
+    """λ_d = -538, λ_max = 110 among 400 eigenvalues near 0 (a trained GRU's spectrum, survey 20):
+    judged relative to the shifted value the second iteration stopped after a few products and
+    reported -0.03 as converged; now it is either near 110 and converged or flagged as not."""
+    n = 400
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.empty(n, dtype=torch.float64).uniform_(-0.5, 0.5, generator=gen)
+    eig[0], eig[1] = -538.0, 110.0
+    h = (q * eig) @ q.T
+    for iters in (20, 400):
+        lam, _, converged = top_eigenvalue(lambda v: [h @ v[0]], [torch.zeros(n, dtype=torch.float64)], iters)
+        assert not converged or lam == pytest.approx(110.0, rel=0.01), (iters, lam)
+    assert converged and lam > 0  # given the products it needs, it gets there
+
+
 def test_accuracy_loss_logit_variance_and_grad_norm_match_independent_computation():
     data = _logistic_task(n=90, d=4, k=3)
     torch.manual_seed(3)

@@ -305,6 +305,10 @@ WORKERS_NEEDS = COMPRESS_ONLY_WITH[0].needs  # "--finetune, or a budget with --e
     (("--budget-bits", "4", "--task-gpus", "0"), "--task-gpus", "--engine ray"),  # auto is local or serial
     (("--workers", "2"), "--workers", WORKERS_NEEDS),  # nothing runs on an engine
     (("--budget-bits", "4", "--engine", "serial", "--workers", "2"), "--workers", WORKERS_NEEDS),
+    # rtn rounds each weight alone: the solver's options were accepted and ignored (survey 18)
+    (("--method", "rtn", "--damp", "0.5", "--order", "natural", "--solver-target", "layer", "--block-size", "16"),
+     "--order, --damp, --solver-target, --block-size", "--method solver"),
+    (("--method", "rtn", "--damp", "0.01"), "--damp", "--method solver"),  # given at its default: given
 ])
 def test_flags_that_would_be_ignored_are_refused_before_compute(tmp_path, mlp_files, extra, flags, needs):
     out = tmp_path / "x.onnx"

@@ -126,6 +126,9 @@ def refuse_ignored(args: argparse.Namespace, rules: Sequence[OnlyWith]) -> None:
 # flags and of each subcommand's own are beside them): quant_config and search_config refuse them.
 QUANT_ONLY_WITH = (
     OnlyWith({"percentile": "--percentile"}, "--calibration percentile", lambda a: a.calibration == "percentile"),
+    OnlyWith({"order": "--order", "damp": "--damp", "solver_target": "--solver-target", "block_size": "--block-size"},
+             "--method solver",
+             lambda a: a.method == "solver"),
 )
 SEARCH_ONLY_WITH = (
     OnlyWith({"task_cpus": "--task-cpus", "task_gpus": "--task-gpus"}, "--engine ray", lambda a: a.engine == "ray"),
@@ -160,15 +163,17 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="per-layer width, overriding --weight-bits (repeatable)")
     p.add_argument("--method", choices=get_args(Method), default=_Q.method,
                    help="weight quantizer: solver (sensitivity-guided, error compensated) or rtn (round to nearest)")
-    p.add_argument("--order", choices=get_args(Order), default=_Q.order,
+    p.add_argument("--order", choices=get_args(Order), default=None,
                    help="column order of the solver: sensitivity (sum_i w_ij^2 H_jj), hessian-diag (H_jj), "
-                   "natural, or obs (the OBS cost of rounding each column alone)")
-    p.add_argument("--damp", type=float, default=_Q.damp, help="Hessian dampening relative to mean(diag H)")
-    p.add_argument("--solver-target", choices=get_args(SolverTarget), default=_Q.solver_target,
+                   f"natural, or obs (the OBS cost of rounding each column alone) (default: {_Q.order})")
+    p.add_argument("--damp", type=float, default=None,
+                   help=f"Hessian dampening of the solver, relative to mean(diag H) (default: {_Q.damp:g})")
+    p.add_argument("--solver-target", choices=get_args(SolverTarget), default=None,
                    help="float-output: fit each layer to the float model's output (also corrects the error its "
-                   "quantized inputs carry); layer: to its own float weights on those inputs (plain GPTQ)")
-    p.add_argument("--block-size", type=int, default=_Q.block_size,
-                   help="columns per lazy block update of the solver (speed only)")
+                   "quantized inputs carry); layer: to its own float weights on those inputs (plain GPTQ) "
+                   f"(default: {_Q.solver_target})")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"columns per lazy block update of the solver (speed only) (default: {_Q.block_size})")
     p.add_argument("--group-weights", metavar="equal|samples|NAME=W,...",
                    help="weight of each group in the Hessian: equal (the default: each group counts the same "
                    "whatever its size), samples (by sample count, plain GPTQ) or NAME=W,NAME=W (a group not named "
@@ -224,7 +229,8 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
     refuse_ignored(args, QUANT_ONLY_WITH)
     return QuantConfig(
         weight_bits=_Q.weight_bits if args.weight_bits is None else args.weight_bits, layer_bits=parse_layer_bits(args.layer_bits), method=args.method,
-        order=args.order, damp=args.damp, solver_target=args.solver_target, block_size=args.block_size,
+        order=_or(args.order, _Q.order), damp=_or(args.damp, _Q.damp),
+        solver_target=_or(args.solver_target, _Q.solver_target), block_size=_or(args.block_size, _Q.block_size),
         group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
         percentile=_or(args.percentile, _Q.percentile), num_calib=args.num_calib, batch_size=args.batch_size,
         weight_range=args.weight_range, target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,

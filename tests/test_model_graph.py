@@ -560,3 +560,29 @@ def test_hooks_fx_would_drop_without_an_example_are_refused():
         trace(_hooked_model(""))
     for where in ("block", "fc"):  # a submodule's hook is traced, a leaf's runs: no refusal
         trace(_hooked_model(where))
+
+
+class _ConvTwice(nn.Module):
+    """One conv called twice, a BatchNorm after its first call only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc((self.bn(self.conv(x)) + self.conv(x)).mean((2, 3)))
+
+
+def test_a_layer_called_twice_stays_float_and_its_bn_unfolded():
+    torch.manual_seed(0)
+    net = _ConvTwice().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 4, 6, 6)
+    prepared = prepare_model(net, example=x)
+    assert list(prepared.names) == ["fc"] and "conv" in prepared.skipped
+    with torch.no_grad():  # folding the BN into the shared conv would change its second call too
+        torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-5, atol=1e-5)

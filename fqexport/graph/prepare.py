@@ -456,6 +456,15 @@ def _weight_params(mod: nn.Module, recurse: bool = False) -> int:
     return sum(p.numel() for p in mod.parameters(recurse=recurse) if p.dim() >= 2)
 
 
+def _call_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How many times each module is called in the graph (by its qualified name)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
 def _value_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """Nodes whose values depend on the model input's values; a read of its shape, rank or dtype
     (``torch.arange(ids.shape[1])``) depends on its shape only."""
@@ -475,12 +484,19 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     out: dict[str, FloatLayer] = {}
     tied = _tied_layers(gm, modules)
     dependent = _value_dependent(gm)
+    calls = _call_counts(gm)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = modules.get(node.target)
             name = str(node.target)
             if name in tied:
                 out[name] = tied[name]
+            elif isinstance(mod, QUANTIZABLE) and calls[name] > 1:
+                # one module, several call sites (a shared conv position encoding, a siamese branch
+                # called twice): its codes are fitted for one input distribution, its activation pairs
+                # placed per call; it stays float, as a weight tied between modules does
+                out[name] = FloatLayer(name, f"{type(mod).__name__} called {calls[name]} times in forward()",
+                                       _weight_params(mod))
             elif isinstance(mod, _CONVS) and mod.padding_mode != "zeros":
                 kind = f"{type(mod).__name__}(padding_mode={mod.padding_mode!r})"
                 out[name] = FloatLayer(name, kind, _weight_params(mod))
@@ -629,6 +645,7 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     when its shape is known: on ``[N, T, features]`` a BatchNorm1d normalises the T axis, and
     folding it into the features would be wrong whenever T happens to equal their count."""
     pairs = []
+    calls = _call_counts(gm)
     for node in gm.graph.nodes:
         params = _batchnorm_params(gm, node, modules)
         src = node.args[0] if node.args else None
@@ -637,6 +654,8 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
         if any(u is not node and not _reads_metadata_only(u) for u in src.users):
             continue
         layer = modules.get(src.target)
+        if calls.get(str(src.target), 0) > 1 or (node.op == "call_module" and calls.get(str(node.target), 0) > 1):
+            continue  # a layer (or BN) called at another site too: folding would change that call as well
         if user_hooks(layer) or (node.op == "call_module" and user_hooks(modules[node.target])):
             continue  # a hook on either sees the tensor between the two, which folding removes
         channels = params[0].shape[0]

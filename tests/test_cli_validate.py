@@ -233,3 +233,28 @@ def test_a_host_kernels_stand_in_is_recorded(files, tmp_path, monkeypatch, capsy
                  "--no-plots"]) == 0
     assert "standing in" not in capsys.readouterr().out
     assert json.loads((tmp_path / "report.json").read_text())["host_kernels_stand_in"] is None
+
+
+def test_nan_outputs_are_refused_naming_the_samples_by_group(files, tmp_path, capsys):
+    """A model returning NaN on some samples passed --min-acc: argmax counts a NaN row as class 0
+    (survey 22). The gate now stops with exit 2, counting them per group."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = np.load(files / "test.npz")["x"]
+    # logits = [log(x0), -log(x0)]: NaN where x0 < 0
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s", "e", "a"], ["x0"]), helper.make_node("Log", ["x0"], ["l"]),
+         helper.make_node("Neg", ["l"], ["n"]), helper.make_node("Concat", ["l", "n"], ["logits"], axis=1)],
+        "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", 0), ("e", 1), ("a", 1))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "nan.onnx")
+    assert _run([tmp_path / "nan.onnx", "--data", files / "test.npz", "--no-latency", "--min-acc", 1]) == 2
+    err = capsys.readouterr().err
+    group = np.load(files / "test.npz")["group"]
+    neg = x[:, 0] < 0
+    counts = ", ".join(f"{g!r} {int((neg & (group == g)).sum())}" for g in ("majority", "minority"))
+    assert err.startswith(f"error: model {tmp_path / 'nan.onnx'} returns NaN or Inf on {int(neg.sum())} of 120 "
+                          f"samples of {files / 'test.npz'} (by group: {counts}; the first is sample "
+                          f"{int(np.flatnonzero(neg)[0])}): its outputs cannot be scored")

@@ -16,7 +16,7 @@ import numpy as np
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream, map_x
-from fqexport.errors import ConfigError, DataError
+from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.exporters.cpu_isa import runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 # 1024 held ~200 MB more at 3x64x64 than 256 for no speed.
 _STREAM_SAMPLES = 256
 MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}: they must be the same task"
+MSG_NONFINITE = (
+    "model {model} returns NaN or Inf on {n} of {total} samples of {source} (by group: {groups}; the first is "
+    "sample {first}): its outputs cannot be scored (argmax would count them as class 0); check the model"
+)
 LOG_REFERENCE_OTHER_BATCH = "latency batch {batch}: the reference runs batch {theirs} only (a fixed batch); speed not compared"
 
 
@@ -72,8 +76,19 @@ class Runner:
             logits = map_x(lambda x: run_batches(session, x, self.batch_size), data, chunk)
         except DataError as err:
             raise DataError(f"model {model} on data {data.source}: {err}") from err
+        check_finite(logits, model, data)
         self.task.check_outputs(logits, model, data)
         return Measured(logits, self.task.evaluate(logits, data))
+
+
+def check_finite(outputs: np.ndarray, model: str, data: GroupData | DataStream) -> None:
+    """ModelLoadError naming the samples (by group) whose outputs hold NaN or Inf."""
+    bad = ~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1) if len(outputs) else np.zeros(0, bool)
+    if bad.any():
+        counts = np.bincount(data.group[bad], minlength=len(data.group_names))
+        groups = ", ".join(f"{g!r} {int(c)}" for g, c in zip(data.group_names, counts) if c)
+        raise ModelLoadError(MSG_NONFINITE.format(model=model, n=int(bad.sum()), total=len(outputs),
+                                                  source=data.source, groups=groups, first=int(np.flatnonzero(bad)[0])))
 
 
 def measure_native(session: Any, data: GroupData | DataStream, model: str, runner: Runner) -> Measured:

@@ -43,6 +43,10 @@ MSG_BATCH = "batch_size={batch_size!r} must be >= 1"
 MSG_INPUTS = (
     "{path}: the model has {n} inputs ({names}); fqexport validates single-input classifiers"
 )
+MSG_OUTPUTS = (
+    "{path}: the model has {n} outputs ({names}); fqexport measures a model's one output (the logits, "
+    "boxes or masks): export the model with that output only"
+)
 MSG_EXTERNAL_ESCAPES = (
     "ONNX model {path}: external data location {loc!r} points outside the model's folder {folder}; "
     "keep the .onnx and its data files in one folder"
@@ -208,9 +212,14 @@ def make_session(
 
 
 def _check_one_input(session: Any, path: Path) -> None:
+    """ModelLoadError unless the model has one input and one output (a second output was
+    ignored: the first one, whatever it held, was measured)."""
     if len(session.get_inputs()) != 1:
         names = ", ".join(i.name for i in session.get_inputs())
         raise ModelLoadError(MSG_INPUTS.format(path=path, n=len(session.get_inputs()), names=names))
+    if len(session.get_outputs()) != 1:
+        names = ", ".join(f"{o.name!r} {list(o.shape)}" for o in session.get_outputs())
+        raise ModelLoadError(MSG_OUTPUTS.format(path=path, n=len(session.get_outputs()), names=names))
 
 
 def input_shape(session: Any) -> tuple[int | str | None, ...]:

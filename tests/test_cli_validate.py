@@ -258,3 +258,21 @@ def test_nan_outputs_are_refused_naming_the_samples_by_group(files, tmp_path, ca
     assert err.startswith(f"error: model {tmp_path / 'nan.onnx'} returns NaN or Inf on {int(neg.sum())} of 120 "
                           f"samples of {files / 'test.npz'} (by group: {counts}; the first is sample "
                           f"{int(np.flatnonzero(neg)[0])}): its outputs cannot be scored")
+
+
+def test_a_model_with_two_outputs_is_refused_naming_them(files, tmp_path, capsys):
+    """The first output was measured whatever it held (features: 6 % 'accuracy', exit 1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 2], np.ones(16, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["feat"]), helper.make_node("MatMul", ["feat", "w"], ["logits"])], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "two.onnx")
+    assert _run([tmp_path / "two.onnx", "--data", files / "test.npz", "--no-latency"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'two.onnx'}: the model has 2 outputs ('feat' ['N', 8], 'logits' ['N', 2]); fqexport "
+        "measures a model's one output (the logits, boxes or masks): export the model with that output only")

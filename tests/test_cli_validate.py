@@ -276,3 +276,16 @@ def test_a_model_with_two_outputs_is_refused_naming_them(files, tmp_path, capsys
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path / 'two.onnx'}: the model has 2 outputs ('feat' ['N', 8], 'logits' ['N', 2]); fqexport "
         "measures a model's one output (the logits, boxes or masks): export the model with that output only")
+
+
+def test_a_run_that_errors_leaves_no_earlier_pass_report(files, tmp_path, capsys):
+    """Run 1 passes and writes its reports; run 2 stops on bad data (exit 2): run 1's PASS
+    report.json / report.md / JUnit were left for CI to read (survey 22)."""
+    rep, junit = tmp_path / "rep", tmp_path / "rep" / "junit.xml"
+    assert _run([files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--report-dir", rep,
+                 "--junit", junit, "--no-plots"]) == 0
+    assert sorted(p.name for p in rep.iterdir()) == ["junit.xml", "report.json", "report.md"]
+    (rep / "notes.txt").write_text("the user's own file")
+    assert _run([files / "qdq.onnx", "--data", files / "wrong.npz", "--no-latency", "--report-dir", rep,
+                 "--junit", junit, "--no-plots"]) == 2
+    assert sorted(p.name for p in rep.iterdir()) == ["notes.txt"]

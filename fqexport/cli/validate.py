@@ -18,6 +18,9 @@ from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
+    REPORT_JSON,
+    REPORT_MD,
+    remove_earlier_reports,
     remove_stale_plots,
     write_json,
     write_junit,
@@ -119,7 +122,9 @@ def print_summary(report) -> None:
 
 def run_validate(args: argparse.Namespace) -> int:
     """Run ``validate`` from parsed, checked args; print, write reports; 0 when every limit holds,
-    else raise ValidationFailed (exit 1)."""
+    else raise ValidationFailed (exit 1). An earlier run's reports at the same paths are removed
+    first: a run that stops with an error leaves none of them behind."""
+    remove_earlier_reports(args.report_dir, args.junit)
     report = validate(
         args.model,
         args.data,
@@ -136,8 +141,8 @@ def run_validate(args: argparse.Namespace) -> int:
     )
     print_summary(report)
     if args.report_dir is not None:
-        write_json(report, args.report_dir / "report.json")
-        write_markdown(report, args.report_dir / "report.md")
+        write_json(report, args.report_dir / REPORT_JSON)
+        write_markdown(report, args.report_dir / REPORT_MD)
         remove_stale_plots(args.report_dir, [] if args.no_plots else write_plots(report, args.report_dir))
         print(f"reports written to {args.report_dir}")
     if args.junit is not None:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MSG_NO_MATPLOTLIB = "matplotlib is not installed: skipping plots (pip install matplotlib)"
 MSG_STALE_PLOT = "removed %s: a plot of an earlier run that this run did not draw"
+MSG_EARLIER_REPORT = "removed %s, an earlier run's report, before measuring"
 GROUP_PLOT, LATENCY_PLOT = "group_accuracy.png", "latency.png"  # what write_plots writes
 # How reports name each task's per-group metrics (fqexport.tasks); the fractions show in percent.
 METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5", "miou": "mIoU", "dice": "Dice",
@@ -399,6 +400,25 @@ def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
         written.append(atomic_write(dir / LATENCY_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
         plt.close(fig)
     return written
+
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def remove_earlier_reports(dir: str | Path | None, junit: str | Path | None) -> list[Path]:
+    """Remove what an earlier run wrote where this one will write (``dir``'s report.json,
+    report.md and plots, the ``junit`` file; regular files only), before this run measures: a
+    run that stops with an error then leaves no earlier PASS report for CI to read. Returns the
+    removed paths."""
+    paths = [Path(dir) / n for n in (REPORT_JSON, REPORT_MD, GROUP_PLOT, LATENCY_PLOT)] if dir is not None else []
+    paths += [Path(junit)] if junit is not None else []
+    removed = []
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            log.info(MSG_EARLIER_REPORT, path)
+            removed.append(path)
+    return removed
 
 
 def remove_stale_plots(dir: str | Path, written: list[Path]) -> list[Path]:

@@ -289,3 +289,26 @@ def test_a_run_that_errors_leaves_no_earlier_pass_report(files, tmp_path, capsys
     assert _run([files / "qdq.onnx", "--data", files / "wrong.npz", "--no-latency", "--report-dir", rep,
                  "--junit", junit, "--no-plots"]) == 2
     assert sorted(p.name for p in rep.iterdir()) == ["notes.txt"]
+
+
+def test_a_latency_limit_at_a_batch_a_fixed_batch_model_cannot_run_is_refused(files, tmp_path, capsys, caplog):
+    """A batch-1 model was timed at batch 1 for --latency-batch-sizes 1,32: the limit at 32 was
+    silently never checked (survey 22)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 2], np.linspace(-1, 1, 16, dtype=np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "fixed1.onnx")
+    base = [tmp_path / "fixed1.onnx", "--data", files / "test.npz", "--latency-batch-sizes", "1,32", "--repeats", 2]
+    assert _run([*base, "--max-latency-ms", 1000]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --max-latency-ms (max_latency_ms) at --latency-batch-sizes 1,32: model {tmp_path / 'fixed1.onnx'} "
+        "runs batch 1 only (its input's batch dim is fixed), so the limit could not be checked at 32; time batch 1 "
+        "(--latency-batch-sizes 1) or export the model with a dynamic batch")
+    with caplog.at_level("WARNING", logger="fqexport.validation.gate"):
+        assert _run(base) == 0  # no limit: measured at batch 1, and said
+    assert "runs batch 1 only (a fixed batch dim): latency is timed at batch 1, not at 32" in caplog.text
+    assert _run([*base[:3], "--latency-batch-sizes", "1", "--max-latency-ms", 1000, "--repeats", 2]) == 0

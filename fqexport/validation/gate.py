@@ -33,7 +33,7 @@ from fqexport.exporters.cpu_isa import cpu_isa, emulated_host
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
 from fqexport.exporters.metadata import read_metadata
-from fqexport.exporters.ort_session import input_shape, model_files_size, run_batches
+from fqexport.exporters.ort_session import fixed_batch, input_shape, model_files_size, run_batches
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
@@ -62,6 +62,27 @@ MSG_LIMIT_TASK = (
     "({why}); use the {task}'s limits or --task"
 )
 _METRIC_TASK = {"accuracy": "classification", "map": "detection", "miou": "segmentation"}
+
+
+MSG_FIXED_BATCH_LIMIT = (
+    "--max-latency-ms (max_latency_ms) at --latency-batch-sizes {asked}: model {model} runs batch {fixed} only "
+    "(its input's batch dim is fixed), so the limit could not be checked at {other}; time batch {fixed} "
+    "(--latency-batch-sizes {fixed}) or export the model with a dynamic batch"
+)
+MSG_FIXED_BATCH = "model %s runs batch %d only (a fixed batch dim): latency is timed at batch %d, not at %s"
+
+
+def _check_latency_batches(session: Any, batch_sizes: Sequence[int], t: Thresholds, model: str) -> None:
+    """A model fixed to one batch is timed at it whatever batch was asked: with a latency limit
+    that would leave the limit unchecked at the other batches (a ConfigError), else a warning."""
+    fixed = fixed_batch(session)
+    other = [int(b) for b in batch_sizes if fixed is not None and int(b) != fixed]
+    if not other:
+        return
+    if t.max_latency_ms is not None:
+        raise ConfigError(MSG_FIXED_BATCH_LIMIT.format(asked=",".join(str(int(b)) for b in batch_sizes), model=model,
+                                                       fixed=fixed, other=", ".join(map(str, other))))
+    log.warning(MSG_FIXED_BATCH, model, fixed, fixed, ", ".join(map(str, other)))
 
 
 def validate(
@@ -108,6 +129,8 @@ def validate(
     meta = read_metadata(model)
     plain = Runner(provider=provider, threads=threads, batch_size=batch_size)
     session = plain.open(model)
+    if measure_latency:
+        _check_latency_batches(session, latency_batch_sizes, t, str(model))
     gd = read_test_data(data)
     check_data(gd, str(model), input_shape(session), session.get_inputs()[0].type)
     absent = absent_groups(gd, meta.group_names if meta is not None else (), str(model))

@@ -43,3 +43,14 @@ def test_uint8_x_is_warned_about_once_per_source(caplog):
     with caplog.at_level("WARNING", logger="fqexport.calibration.checks"):
         check_x_values(x.astype(np.float32) / 255, "f.npz")
     assert "uint8" not in caplog.text
+
+
+def test_a_broken_limit_shows_the_value_on_its_side_of_the_limit():
+    """2 decimals printed "0.00 MB exceeds 0.0001" and "0.50 pp exceeds 0.5" (survey 22)."""
+    from fqexport.validation.checks import _shown
+
+    assert _shown(0.000187, 0.0001, ok=False, above=True) == "0.000187"
+    assert _shown(100 / 199, 0.5, ok=False, above=True) == "0.502513"
+    assert _shown(84.996, 85.0, ok=False, above=False) == "84.996"
+    assert _shown(3.14159, 5.0, ok=True, above=True) == "3.14"  # plainly on its side: 2 decimals
+    assert _shown(85.0, 85.0, ok=True, above=False) == "85.00"  # at the limit: passes, as shown

@@ -53,12 +53,22 @@ def _unmeasured(t: Thresholds, name: str, report: ValidationReport, m, metric: s
     return None
 
 
+def _shown(value: float, limit: float, ok: bool, above: bool) -> str:
+    """``value`` with 2 decimals, or with 6 significant digits where 2 decimals would hide which
+    side of ``limit`` it is on ("0.00 MB exceeds 0.0001", "0.50 pp exceeds 0.5")."""
+    text = f"{value:.2f}"
+    shown = float(text)
+    hides = (shown > limit if above else shown < limit) != (not ok) or shown == limit
+    return f"{value:.6g}" if hides and value != limit else text
+
+
 def _at_least(t: Thresholds, name: str, value: float, group: str | None, what: str) -> CheckResult:
     limit = float(getattr(t, name))
     ok = value >= limit - _TOL
     where = f" (group {group!r})" if group else ""
     verdict = "ok" if ok else "below"
-    return CheckResult(name, limit, value, ok, group, f"{what}{where} {value:.2f} % {verdict} {flag(name)} {limit:g}")
+    shown = _shown(value, limit, ok, above=False)
+    return CheckResult(name, limit, value, ok, group, f"{what}{where} {shown} % {verdict} {flag(name)} {limit:g}")
 
 
 def _at_most(t: Thresholds, name: str, value: float, group: str | None, what: str, unit: str,
@@ -67,7 +77,7 @@ def _at_most(t: Thresholds, name: str, value: float, group: str | None, what: st
     ok = value <= limit + _TOL
     where = f" (group {group!r})" if group else ""
     verdict = "within" if ok else "exceeds"
-    message = f"{what}{where} {value:.2f} {unit} {verdict} {flag(name)} {limit:g}"
+    message = f"{what}{where} {_shown(value, limit, ok, above=True)} {unit} {verdict} {flag(name)} {limit:g}"
     return CheckResult(check_name or name, limit, value, ok, group, message)
 
 

@@ -97,7 +97,7 @@ def test_exit_1_names_broken_limit_value_and_group(files, tmp_path, capsys):
     assert failed == ["max_size_mb"]
 
 
-def test_exit_1_for_worst_group_gap_and_drop(files, capsys):
+def test_exit_1_for_worst_group_gap_and_drop(files, tmp_path, capsys):
     rc = _run([files / "float.onnx", "--data", files / "test.npz", "--min-worst-group-acc", 100.0,
                "--max-acc-gap", 0, "--no-latency", "--no-kernel-check"])
     assert rc == 0  # float labels its own data perfectly: 100 % everywhere, gap 0
@@ -117,9 +117,19 @@ def test_exit_1_for_worst_group_gap_and_drop(files, capsys):
     out = capsys.readouterr().out
     assert rc == 1 and "FAIL max_group_drop: accuracy drop vs reference (group '" in out
     assert "100.00 pp exceeds --max-group-drop 5" in out
-    rc = _run([files / "float.onnx", "--data", files / "test.npz", "--reference", files / "float.onnx",
+    # a copy of the model as its reference: every drop 0, passes (and a warning says why)
+    import shutil
+
+    shutil.copy(files / "float.onnx", tmp_path / "copy.onnx")
+    rc = _run([files / "float.onnx", "--data", files / "test.npz", "--reference", tmp_path / "copy.onnx",
                "--max-group-drop", 0, "--no-latency", "--no-kernel-check"])
     assert rc == 0 and "PASS max_group_drop: accuracy drop vs reference" in capsys.readouterr().out
+    # the model's own file as its reference: a gate that cannot fail, refused (survey 22)
+    rc = _run([files / "float.onnx", "--data", files / "test.npz", "--reference", files / "float.onnx",
+               "--max-group-drop", 0, "--no-latency", "--no-kernel-check"])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        f"error: --reference {files / 'float.onnx'} is the model itself: its drops would be 0 and its agreement "
+        "100 % whatever the model does; give the float model (compress --float-out) as the reference")
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,24 @@ MSG_FIXED_BATCH_LIMIT = (
 MSG_FIXED_BATCH = "model %s runs batch %d only (a fixed batch dim): latency is timed at batch %d, not at %s"
 
 
+MSG_REFERENCE_IS_MODEL = (
+    "--reference {ref} is the model itself: its drops would be 0 and its agreement 100 % whatever the model "
+    "does; give the float model (compress --float-out) as the reference"
+)
+MSG_REFERENCE_SAME_BYTES = (
+    "reference %s holds the same bytes as model %s: the drops are 0 and the agreement 100 %% by construction"
+)
+
+
+def _check_reference(model: str | Path, reference: str | Path) -> None:
+    """ConfigError when ``reference`` is ``model``'s own file; a warning when it is a copy."""
+    m, r = Path(model), Path(reference)
+    if m.exists() and r.exists() and m.resolve() == r.resolve():
+        raise ConfigError(MSG_REFERENCE_IS_MODEL.format(ref=reference))
+    if m.is_file() and r.is_file() and m.stat().st_size == r.stat().st_size and m.read_bytes() == r.read_bytes():
+        log.warning(MSG_REFERENCE_SAME_BYTES, reference, model)
+
+
 def _check_latency_batches(session: Any, batch_sizes: Sequence[int], t: Thresholds, model: str) -> None:
     """A model fixed to one batch is timed at it whatever batch was asked: with a latency limit
     that would leave the limit unchecked at the other batches (a ConfigError), else a warning."""
@@ -125,6 +143,8 @@ def validate(
     target_list = _target_list(targets)
     check_measurements(t, reference=reference, kernel_check=kernel_check,
                    latency=measure_latency and bool(latency_batch_sizes))
+    if reference is not None:
+        _check_reference(model, reference)
     # 2. the task, then the sessions, each measured per group
     meta = read_metadata(model)
     plain = Runner(provider=provider, threads=threads, batch_size=batch_size)

@@ -53,3 +53,12 @@ def test_check_result_to_dict_is_json_safe():
     c = CheckResult("min_acc", 80.0, math.nan, False, None, "overall accuracy nan % below --min-acc 80")
     assert c.to_dict() == {"name": "min_acc", "limit": 80.0, "value": None, "passed": False, "group": None,
                            "message": "overall accuracy nan % below --min-acc 80"}
+
+
+def test_numpy_numbers_are_limits_too():
+    """np.int64(85) from a config file was refused as "must be a finite number" (survey 22)."""
+    import numpy as np
+
+    assert Thresholds(min_worst_group_acc=np.int64(85), max_size_mb=np.float32(2.5)).min_worst_group_acc == 85
+    with pytest.raises(ConfigError):
+        Thresholds(min_acc=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -73,7 +74,8 @@ class Thresholds:
             v = getattr(self, f.name)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            # any real number (numpy's too: np.int64(85) from a config file), never a bool
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
                 raise ConfigError(MSG_THRESHOLD.format(name=f.name, value=v, rule="(or None)"))
             if f.name in PERCENT_LIMITS:
                 _check_percent(f.name, float(v), v)

@@ -242,3 +242,25 @@ def test_finetune_options_their_settings_read_pass_the_checks(tmp_path, extra):
     args = build_parser().parse_args(["compress", "--model", "m:f", "--calib", "c.npz", "--out",
                                       str(tmp_path / "m.onnx"), "--finetune", "--train", "t.npz", *extra])
     args.check(args)  # no ConfigError
+
+
+def test_a_label_free_segmenter_fine_tunes_without_task(tmp_path, scenes, tests_dir, monkeypatch):
+    """Without --task the task is inferred during compress: label-free data of a segmenter is
+    valid (distillation); it was refused up front with the classifier's "needs labels" (survey 21)."""
+    import torch
+
+    import fixtures_models as fm
+    from fqexport.calibration.group_data import GroupData
+    from fqexport.calibration.npz import save_npz
+
+    monkeypatch.chdir(tests_dir)
+    seg = scenes.train.segmentation("seg.npz")
+    save_npz(GroupData(seg.x, None, seg.group, seg.group_names, "free"), tmp_path / "free.npz")
+    torch.save(fm.unet_test().state_dict(), tmp_path / "unet.pt")
+    code, _, err = run_main(["-q", "compress", "--model", "fixtures_models:unet_test", "--weights", tmp_path / "unet.pt",
+                             "--calib", tmp_path / "free.npz", "--out", tmp_path / "u.onnx", "--num-calib", "32",
+                             "--target", "x86-avx2", "--finetune", "--train", tmp_path / "free.npz", "--epochs", "1",
+                             "--no-speed-check"])
+    assert code == 0, err
+    meta = read_metadata(tmp_path / "u.onnx")
+    assert meta.task["name"] == "segmentation" and meta.finetune["loss_terms"].startswith("distillation")

@@ -40,8 +40,9 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
         return None
     train = open_stream(args.train, num_workers=config.num_workers)
     # a classifier needs labels (fail before any compress); a detector or segmenter distils its
-    # float model and needs none (fqexport.finetune checks again once the task is known)
-    if getattr(args, "task", None) in (None, "classification") and getattr(train, "annotations", None) is None:
+    # float model and needs none. Without --task the task is inferred from the model's output
+    # during compress: fqexport.finetune checks then (a label-free segmenter's data is valid)
+    if getattr(args, "task", None) == "classification" and getattr(train, "annotations", None) is None:
         require_labels(train, "finetune")
     if calib_groups is not None and sorted(train.group_names) != sorted(calib_groups):  # any order: renumbered
         raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),

@@ -215,3 +215,17 @@ def test_cli_finetunes_a_detector_without_labels(tmp_path, scenes, tests_dir, mo
     header = next(line for line in out.splitlines() if line.startswith("group "))
     assert "mAP@[.5:.95] before %" in header and "mAP@[.5:.95] after %" in header
     assert read_metadata(tmp_path / "ft.onnx").finetune["holdout_after"]["low-light"]["map"] >= 0.0
+
+
+def test_validate_given_the_recorded_task_name_keeps_its_recorded_options(tmp_path, scenes):
+    """task="detection" (--task detection) on a file that records a detector with its own NMS
+    settings: those settings, not Detection()'s defaults (survey 21: mAP 56.3 became 72.7)."""
+    task = Detection(layout="v5", conf=0.3, iou=0.2, max_det=1)
+    cm = compress(fm.yolov5_test(), scenes.train.detection("calib.npz"), scene_config(), progress=False, task=task)
+    export_qdq(cm, tmp_path / "d.onnx")
+    test = scenes.test.detection("test.npz")
+    given = validate(tmp_path / "d.onnx", test, measure_latency=False, kernel_check=False, task="detection")
+    recorded = validate(tmp_path / "d.onnx", test, measure_latency=False, kernel_check=False)
+    assert {k: given.task[k] for k in ("conf", "iou", "max_det")} == {"conf": 0.3, "iou": 0.2, "max_det": 1}
+    assert given.task["chosen"] == "given, with the options recorded in the file's fqexport metadata"
+    assert given.metrics.by_group == recorded.metrics.by_group

@@ -189,6 +189,9 @@ def _task(task: str | Task | None, meta: ExportMetadata | None, data, session, m
     """The task of the validation and how it was chosen: given, the file's metadata, or inferred."""
     if task is None and meta is not None and meta.task:
         return task_from_dict(meta.task), "recorded in the file's fqexport metadata"
+    if isinstance(task, str) and meta is not None and meta.task and meta.task.get("name") == task:
+        # the name of the task the file records: its options too (a detector's NMS settings)
+        return task_from_dict(meta.task), "given, with the options recorded in the file's fqexport metadata"
     if task is not None and not isinstance(task, str):
         return task, "given"
     sample = data.take(np.arange(min(2, len(data))))

@@ -24,7 +24,10 @@ from fqexport.errors import DataError
 MSG_FIELD_SHAPE = "{source}: field '{field}' must be {want}, got shape {shape}"
 MSG_FIELD_LENGTH = "{source}: field '{field}' has {got} entries but field 'boxes' has {want}"
 MSG_NOT_FINITE = "{source}: field 'boxes' holds NaN or Inf at index {index}"
-MSG_BOX_ORDER = "{source}: field 'boxes' index {index} is {box}: not x1 <= x2 and y1 <= y2 (xyxy pixels)"
+MSG_BOX_ORDER = (
+    "{source}: field 'boxes' index {index} is {box}: not x1 < x2 and y1 < y2 (xyxy pixels; a box of zero width or "
+    "height can never be matched, so it would count as a missed object whatever the model does)"
+)
 MSG_BOX_OUTSIDE = (
     "{source}: field 'boxes' index {index} is {box}, outside its image (field 'box_image' {image}) of "
     "width {width} and height {height} pixels; boxes are xyxy pixels of x"
@@ -141,7 +144,7 @@ def check_boxes(boxes: np.ndarray, labels: np.ndarray, image: np.ndarray, sample
     if bad.size:
         raise DataError(MSG_NEGATIVE_LABEL.format(source=source, field="box_labels", index=int(bad[0]),
                                                   value=int(lab[bad[0]])))
-    bad = np.flatnonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
+    bad = np.flatnonzero((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))
     if bad.size:
         raise DataError(MSG_BOX_ORDER.format(source=source, index=int(bad[0]), box=b[bad[0]].tolist()))
     height, width = (int(sample_shape[-2]), int(sample_shape[-1])) if len(sample_shape) >= 2 else (0, 0)

@@ -53,7 +53,10 @@ def test_npz_boxes_load_and_follow_a_subset(tmp_path):
      "field 'boxes' index 1 is [1.0, 1.0, 11.0, 8.0], outside its image (field 'box_image' 1) of width 10 "
      "and height 8 pixels"),
     (dict(boxes=BOXES[::-1].copy() * [1, 1, 0, 1], box_labels=[0, 2, 1], box_image=[0, 1, 2]),
-     "field 'boxes' index 0 is [2.0, 2.0, 0.0, 3.0]: not x1 <= x2 and y1 <= y2"),
+     "field 'boxes' index 0 is [2.0, 2.0, 0.0, 3.0]: not x1 < x2 and y1 < y2"),
+    # zero width: never matched, a missed object whatever the model does (survey 21)
+    (dict(boxes=np.concatenate([[[1.0, 1.0, 1.0, 5.0]], BOXES[1:]]), box_labels=[0, 2, 1], box_image=[0, 1, 2]),
+     "field 'boxes' index 0 is [1.0, 1.0, 1.0, 5.0]: not x1 < x2 and y1 < y2 (xyxy pixels; a box of zero width"),
     (dict(boxes=BOXES, box_labels=[0, -2, 1], box_image=[0, 1, 2]), "field 'box_labels' index 1 is -2"),
     (dict(masks=np.zeros((4, 8, 9), np.int64)), "field 'masks' has masks of (8, 9) (H, W) but the images of x "
      "are (8, 10)"),

@@ -8,12 +8,15 @@ the categories' positions in ascending id order. The groups may instead come fro
 (``groups=GroupsFromCSV("groups.csv")``, a row per image file) or an array. Every image must
 have one size (CHW float in [0, 1], no resize: resize the files first, or save an ``.npz``).
 Boxes become the flat arrays of :class:`~.annotations.Boxes` in annotation order, so a bad box
-is named by its index in ``annotations`` (``field 'boxes' index j`` is ``annotations[j]``).
+is named by its index in ``annotations`` (``field 'boxes' index j`` is ``annotations[j]``, counting
+only the annotations kept: crowd annotations, ``iscrowd=1``, are left out with a warning, since
+pycocotools ignores them rather than asking for their detection).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,14 @@ from .group_data import GroupData
 from .groups import groups_up_front
 from .images import read_image
 
+log = logging.getLogger(__name__)
+
 MSG_JSON = "cannot read COCO JSON ({err}); write it with json.dump"
+MSG_CROWD = (
+    "%s: %d crowd annotation(s) (iscrowd=1, the first is field 'annotations' index %d) left out: fqexport scores "
+    "every box it keeps as an object to detect, while pycocotools treats a crowd region as one to ignore; a "
+    "detection on a crowd region counts as a false positive here"
+)
 MSG_KEY = "field '{field}' index {index} has no {key!r}{hint}"
 MSG_IMAGE_ID = "field 'annotations' index {index} names image_id {value}, not an id of field 'images'"
 MSG_CATEGORY = "field 'annotations' index {index} names category_id {value}, not an id of field 'categories'"
@@ -63,8 +73,11 @@ def load_coco(path: str | os.PathLike, groups: Any = None, group_field: str = "g
         group = np.asarray([_field(im, group_field, "images", i, source, _GROUP_HINT) for i, im in enumerate(images)])
     categories = sorted(_field(c, "id", "categories", i, source) for i, c in enumerate(doc.get("categories") or []))
     label_of = {c: k for k, c in enumerate(categories)}
-    boxes, labels, image = [], [], []
+    boxes, labels, image, crowd = [], [], [], []
     for j, a in enumerate(doc.get("annotations") or []):
+        if isinstance(a, dict) and a.get("iscrowd"):
+            crowd.append(j)  # a region to ignore, not an object to detect (counted as one it was missed)
+            continue
         image_id, category = _field(a, "image_id", "annotations", j, source), _field(a, "category_id", "annotations", j, source)
         if image_id not in index:
             raise data_error(source, MSG_IMAGE_ID.format(index=j, value=image_id))
@@ -74,5 +87,7 @@ def load_coco(path: str | os.PathLike, groups: Any = None, group_field: str = "g
         boxes.append([x0, y0, x0 + w, y0 + h])
         labels.append(label_of[category])
         image.append(index[image_id])
+    if crowd:
+        log.warning(MSG_CROWD, source, len(crowd), crowd[0])
     found = Boxes(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(image, np.int64))
     return validate_group_data(np.stack(xs), None, group, None, source, found)

@@ -52,3 +52,20 @@ def test_diou_is_iou_for_concentric_boxes_and_moves_boxes_that_do_not_overlap():
     np.testing.assert_allclose(paired_diou_xywh(a, far).detach().numpy(), [-100 / 212], rtol=1e-6)
     paired_diou_xywh(a, far).sum().backward()
     assert far.grad[0, 0] < 0  # raising DIoU moves the far box's centre towards a
+
+
+def test_the_detection_check_compares_boxes_when_none_reaches_the_deploy_confidence():
+    """Every score 0.25 (below deploy_conf + margin): "100 % of 0 boxes" passed a file whose boxes
+    had all moved (survey 21); now boxes at half the reference's top score are compared."""
+    from fqexport.tasks import Detection
+
+    rng = np.random.default_rng(0)
+    want = np.zeros((8, 16, 7), np.float32)  # YOLOv5 [N, K, 5 + 2]
+    want[..., :4] = rng.random((8, 16, 4)) * 16
+    want[..., 4:6] = 0.5
+    moved = want.copy()
+    moved[..., :4] = rng.random((8, 16, 4)) * 16
+    c = Detection(layout="v5").compare(moved, want)
+    assert c.samples > 0 and not c.passed and "at confidence 0.125" in c.summary
+    same = Detection(layout="v5").compare(want.copy(), want)
+    assert same.samples > 0 and same.passed and same.agreement == 1.0

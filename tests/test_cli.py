@@ -303,6 +303,7 @@ WORKERS_NEEDS = COMPRESS_ONLY_WITH[0].needs  # "--finetune, or a budget with --e
     (("--budget-bits", "4", "--engine", "serial", "--task-cpus", "1", "--task-gpus", "1"), "--task-cpus, --task-gpus",
      "--engine ray"),
     (("--budget-bits", "4", "--task-gpus", "0"), "--task-gpus", "--engine ray"),  # auto is local or serial
+    (("--budget-bits", "4", "--ray-address", "auto"), "--ray-address", "--engine ray"),  # named the Python field
     (("--workers", "2"), "--workers", WORKERS_NEEDS),  # nothing runs on an engine
     (("--budget-bits", "4", "--engine", "serial", "--workers", "2"), "--workers", WORKERS_NEEDS),
     # rtn rounds each weight alone: the solver's options were accepted and ignored (survey 18)

@@ -26,6 +26,7 @@ from fqexport.engine import (
     make_engine,
     task_seed,
 )
+from fqexport.cli.flags.shared import MSG_ONLY_WITH
 from fqexport.errors import ConfigError, DataError, EngineError
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.search.sensitivity import DEFAULT_CACHE
@@ -293,7 +294,7 @@ def test_cli_engine_flags(tmp_path, mlp_files, tests_dir, monkeypatch):
     code, _, err = run_main(_search_args(mlp_files, tmp_path / "a.onnx", "--engine", "serial"))
     assert code == 0, err
     code, _, err = run_main(_search_args(mlp_files, tmp_path / "b.onnx", "--engine", "local", "--ray-address", "auto"))
-    assert code == 2 and "ray_address='auto' is only used by engine='ray'" in err
+    assert code == 2 and err.strip() == f"error: {MSG_ONLY_WITH.format(flags='--ray-address', needs='--engine ray')}"
     monkeypatch.setitem(sys.modules, "ray", None)
     code, _, err = run_main(_search_args(mlp_files, tmp_path / "c.onnx", "--engine", "ray"))
     assert code == 2 and "pip install 'fqexport[ray]'" in err

@@ -131,7 +131,8 @@ QUANT_ONLY_WITH = (
              lambda a: a.method == "solver"),
 )
 SEARCH_ONLY_WITH = (
-    OnlyWith({"task_cpus": "--task-cpus", "task_gpus": "--task-gpus"}, "--engine ray", lambda a: a.engine == "ray"),
+    OnlyWith({"ray_address": "--ray-address", "task_cpus": "--task-cpus", "task_gpus": "--task-gpus"}, "--engine ray",
+             lambda a: a.engine == "ray"),
 )
 
 

@@ -29,7 +29,7 @@ import torch
 from fqexport.atomic import atomic_write
 from fqexport.errors import ExportError
 from fqexport.exporters.compact import compact_graph
-from fqexport.exporters.export_check import Verdict, check_export
+from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_export
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_fusions import fuse_for_ort
@@ -121,7 +121,7 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     if check:
         verdicts = check_export(model, cm.predict(cm.calib.x), cm.calib.x, np.asarray(cm.calib.group),
                                 target=cm.config.target, full_range=cm.config.weight_range == "full", path=path,
-                                task=cm.task)
+                                task=cm.task, shaken=cm.predict(cm.calib.x, jitter=TIE_JITTER_STEPS))
     size = write_atomic(model, path)
     agreement = min(v.agreement for v in verdicts) if verdicts else None
     max_diff = max(v.max_abs_diff for v in verdicts) if verdicts else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,7 +13,7 @@ import torch.fx
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.graph.act_quant import round_biases_to_int32_grid
+from fqexport.graph.act_quant import round_biases_to_int32_grid, rounding_jitter
 from fqexport.graph.prepare import float_layers, kept_float_layers
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
@@ -168,11 +169,14 @@ class CompressedModel:
             for f in self.metadata.float_layers
         ]
 
-    def predict(self, x: np.ndarray, batch_size: int = 256, quantized: bool = True) -> np.ndarray:
-        """Outputs (a classifier's logits) of the fake-quant reference (or the float model) on ``x``."""
+    def predict(self, x: np.ndarray, batch_size: int = 256, quantized: bool = True, jitter: float = 0.0) -> np.ndarray:
+        """Outputs (a classifier's logits) of the fake-quant reference (or the float model) on ``x``.
+        ``jitter``: move every activation by up to ± that many quantization steps before it rounds
+        (:func:`~fqexport.graph.act_quant.rounding_jitter`; the export check's near-tie test)."""
         model = self.reference if quantized else self.float_model
         outs = []
-        with torch.no_grad():
+        shaken = rounding_jitter(model, jitter) if jitter else contextlib.nullcontext()
+        with torch.no_grad(), shaken:
             for start in range(0, len(x), batch_size):
                 outs.append(model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))).numpy())
         return np.concatenate(outs) if outs else np.zeros((0, self.num_classes), np.float32)

@@ -80,8 +80,9 @@ def _refusal_pattern(path, target: str) -> str:
     return (
         re.escape(f"{path}: for target='{target}', the exported model run with {_avx2_judge(target).describe()} "
                   "agrees with the PyTorch fake-quant reference on only ")
-        + r"(\d+\.\d\d)% of 200 calibration samples whose top-2 logits are more than 2% of the logit spread "
-        r"apart \(need >= 99%, or a single flipped sample; max \|logit diff\| [0-9.]+\); the file was not written\. "
+        + r"(\d+\.\d\d)% of the \d+ calibration samples whose top-2 logits are more than 2% of the logit spread "
+        r"apart and keep their top-1 when the reference's rounding ties move \(need >= 99%, or a single flipped "
+        r"sample; max \|logit diff\| [0-9.]+\); the file was not written\. "
         + re.escape(CAUSE_FULL_RANGE.format(target=target))
     )
 

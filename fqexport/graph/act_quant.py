@@ -25,7 +25,8 @@ exported graph and every ORT kernel compute with the same bias.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Collection, Mapping
+from contextlib import contextmanager
+from typing import Callable, Collection, Iterator, Mapping
 
 import torch
 import torch.fx
@@ -104,6 +105,9 @@ class ActQuantizer(nn.Module):
                 group = torch.zeros(x.shape[0], dtype=torch.long)
             self.observer.observe(*_batch_first(x.detach(), group))
             return x
+        jitter = getattr(self, "jitter", 0.0)  # (modules pickled before it have none)
+        if jitter:  # move each value by up to ±jitter steps: what rounds at a tie may round the other way
+            x = x + (torch.rand_like(x) * 2 - 1) * (jitter * float(self.scale))
         if self.symmetric:
             return act_qdq(x, self.scale, self.zero_point, True)
         return act_qdq(x, self.scale, self.zero_point)
@@ -118,6 +122,26 @@ class ActQuantizer(nn.Module):
         if self.observing:
             return "observing"
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}" + (", int8 symmetric" if self.symmetric else "")
+
+
+@contextmanager
+def rounding_jitter(model: nn.Module, steps: float, seed: int = 0) -> Iterator[None]:
+    """While the block runs, every :class:`ActQuantizer` of ``model`` moves its input by a uniform
+    ±``steps`` quantization steps before rounding (seeded on a fork of torch's generator, so the
+    caller's random stream is untouched): only values within ``steps`` of a rounding tie change
+    code. ONNX Runtime's kernels and the reference differ exactly there (the requantization's
+    float rounding, ~1e-5 step), so an output that moves under this jitter is one the file may
+    compute differently without any op being wrong."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for q in quantizers:
+            q.jitter = float(steps)
+        try:
+            yield
+        finally:
+            for q in quantizers:
+                q.jitter = 0.0
 
 
 def _batch_first(x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,8 +133,10 @@ class Task(ABC):
         """How often two models' outputs decide the same (top-1, boxes, pixels), in [0, 1]."""
 
     @abstractmethod
-    def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
-        """The export check: a session's outputs ``got`` against the reference's ``want``."""
+    def compare(self, got: np.ndarray, want: np.ndarray, shaken: np.ndarray | None = None) -> Comparison:
+        """The export check: a session's outputs ``got`` against the reference's ``want``;
+        ``shaken``: the reference's outputs with its rounding ties jittered, whose moves mark the
+        outputs a file may compute differently without any op being wrong (near-ties)."""
 
     def needs_annotations(self, data: Any) -> bool:
         """Whether ``data`` lacks what :meth:`evaluate` measures against (labels, boxes, masks)."""

@@ -299,12 +299,13 @@ class Detection(Task):
         total, matched, _ = self._decided_matches(a, b)
         return matched / total if total else 1.0
 
-    def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
+    def compare(self, got: np.ndarray, want: np.ndarray, shaken: np.ndarray | None = None) -> Comparison:
         """Matched boxes after NMS (module docstring): fails below :data:`MIN_BOX_AGREEMENT` with
         more than one unmatched box. When no box of either side reaches ``deploy_conf`` (an
         untrained or low-confidence detector) the boxes at half the reference's highest score are
         compared instead: "100 % of 0 boxes" compared nothing (a file whose boxes had all moved
-        passed)."""
+        passed). ``shaken`` is not used: a box is matched within a score margin and an IoU, which
+        a rounding tie does not cross."""
         judge = self
         total, matched, ious = self._decided_matches(got, want)
         if total == 0:

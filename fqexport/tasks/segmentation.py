@@ -168,14 +168,17 @@ class Segmentation(Task):
         """Share of pixels whose argmax class agrees."""
         return float((np.asarray(a).argmax(1) == np.asarray(b).argmax(1)).mean()) if len(a) else float("nan")
 
-    def compare(self, got: np.ndarray, want: np.ndarray) -> Comparison:
-        """Per-pixel agreement on decided pixels; fails below MIN_AGREEMENT with more than one flip."""
+    def compare(self, got: np.ndarray, want: np.ndarray, shaken: np.ndarray | None = None) -> Comparison:
+        """Per-pixel agreement on decided pixels (``shaken``: as a classifier's, per pixel); fails
+        below MIN_AGREEMENT with more than one flip."""
         g, w = _pixels_last(got), _pixels_last(want)  # every pixel a sample of the classifier's check
+        sh = _pixels_last(shaken) if shaken is not None else None
         tie = tie_threshold(w)
-        agree, agree_decided = top1_agreement(g, w, tie) if len(g) else (1.0, 1.0)
+        agree, agree_decided = top1_agreement(g, w, tie, sh) if len(g) else (1.0, 1.0)
         diff = float(np.abs(np.asarray(got) - np.asarray(want)).max(initial=0.0))
-        return Comparison(len(g), agree, agree_decided, diff, not agreement_failed(g, w, tie), SUMMARY.format(
-            agree=agree_decided, n=int(decided(w, tie).sum()), tie=100 * TIE_FRACTION, need=MIN_AGREEMENT, diff=diff))
+        return Comparison(len(g), agree, agree_decided, diff, not agreement_failed(g, w, tie, sh), SUMMARY.format(
+            agree=agree_decided, n=int(decided(w, tie, sh).sum()), tie=100 * TIE_FRACTION, need=MIN_AGREEMENT,
+            diff=diff))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -65,17 +65,23 @@ def _with_losses(c: Candidate, losses: np.ndarray, score: float) -> Candidate:
     return c
 
 
-def test_measured_best_must_beat_the_predicted_best_beyond_noise():
+def _predicted_and_noisy():
+    """Ten held-out samples of groups 'a' and 'b'; the predicted best (knapsack) candidate and
+    one whose measured J is lower by 0.01, with per-sample differences of ±0.3 in group b: noise."""
     groups = ("a", "b")
     group = np.repeat([0, 1], 10)
     rng = np.random.default_rng(0)
     base = rng.uniform(0.1, 1.0, 20)
     pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.1)
-    pred.measured_loss_increase = {"a": 0.0, "b": 0.2}
-    # measured J lower by 0.01, with per-sample differences of ±0.3 in group b: noise
+    pred.origin, pred.measured_loss_increase = "search", {"a": 0.0, "b": 0.2}
     noisy = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3),
                          base - np.where(group == 1, 0.01 + 0.3 * rng.choice([-1, 1], 20), 0.0), score=0.2)
-    noisy.measured_loss_increase = {"a": 0.0, "b": 0.19}
+    noisy.origin, noisy.measured_loss_increase = "mean", {"a": 0.0, "b": 0.19}
+    return groups, group, base, pred, noisy
+
+
+def test_measured_best_must_beat_the_predicted_best_beyond_noise():
+    groups, group, base, pred, noisy = _predicted_and_noisy()
     assert significantly_better([pred, noisy], noisy, group, groups, 0.1) is pred
     # lower by 0.15 on every sample of group b: a real improvement
     clear = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base - np.where(group == 1, 0.15, 0.0), score=0.2)
@@ -170,15 +176,7 @@ def test_select_weighs_groups_like_the_weighted_objective():
 
 
 def test_the_noise_gate_says_why_it_kept_the_predicted_best_with_its_figures():
-    groups = ("a", "b")
-    group = np.repeat([0, 1], 10)
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0.1, 1.0, 20)
-    pred = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base.copy(), score=0.1)
-    pred.origin, pred.measured_loss_increase = "search", {"a": 0.0, "b": 0.2}
-    noisy = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3),
-                         base - np.where(group == 1, 0.01 + 0.3 * rng.choice([-1, 1], 20), 0.0), score=0.2)
-    noisy.origin, noisy.measured_loss_increase = "mean", {"a": 0.0, "b": 0.19}
+    groups, group, base, pred, noisy = _predicted_and_noisy()
     data = GroupData(np.zeros((20, 1), np.float32), np.zeros(20, np.int64), group, groups, "held-out")
     options = AllocationOptions(Budget("bits", 2.0), "worst-group", mean_weight=0.1)
     s = select([pred, noisy], options, data)

@@ -16,7 +16,7 @@ from fqexport.cli import main
 from fqexport.config import MixedPrecisionConfig, QuantConfig, WeightSpec
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.exporters.metadata import read_metadata
-from fqexport.exporters.ort_session import fused_kernels
+from fqexport.exporters.ort_session import fused_kernels, optimized_graph
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match, prepare_model
 from fqexport.pipeline.compress import compress
@@ -65,7 +65,13 @@ def test_kept_layers_stay_float_listed_with_their_reason_and_count_32_bits(cnn_m
     inits = {i.name for i in onnx.load(str(res.path)).graph.initializer}
     assert "fc.weight" in inits and "fc.weight_quantized" not in inits  # the weight stays a float initializer
     assert [r.reason for r in read_metadata(res.path).float_layers if r.name == "fc"] == ["keep_float: fc"]
-    assert fused_kernels(res.path)["QLinearConv"] == 3
+    # conv_a and conv_b read float tensors: ORT's WeightBiasQuantization, which quantizes a float
+    # Conv's weights itself (per tensor) when its input comes from a DequantizeLinear, leaves them
+    # float; the stem's output, read by conv_a too, runs as a float Conv over its int8 weights
+    assert fused_kernels(res.path)["QLinearConv"] == 2  # dw, pw
+    ort_made = [t.name for t in optimized_graph(res.path, "cpu", weights=False).graph.initializer
+                if t.name.endswith("_weight_q")]
+    assert ort_made == []
 
 
 def test_keeping_every_layer_float_is_refused(cnn_model, cnn_data):

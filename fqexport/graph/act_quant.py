@@ -258,6 +258,22 @@ def _is_add(node: torch.fx.Node, dependent: set[torch.fx.Node] | None = None,
     return modules is None or not _feeds_softmax(node, modules)
 
 
+# Weight ops ORT's WeightBiasQuantization quantizes itself when their input comes from a
+# DequantizeLinear (per-tensor int8 weights; MatMul is not among them): a layer fqexport keeps
+# float (keep_float, a layer called twice, a tied weight) must read the float tensor, not a pair.
+_FLOAT_WEIGHT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                         nn.ConvTranspose3d, nn.Linear)
+_FLOAT_WEIGHT_FUNCS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                       torch.addmm}
+
+
+def _float_weight_op(node: torch.fx.Node, modules: dict[str, nn.Module], layers: Collection[str]) -> bool:
+    """A Conv/ConvTranspose/Linear that stays float: a module not in ``layers``, or the function."""
+    if node.op == "call_module":
+        return node.target not in layers and isinstance(modules.get(node.target), _FLOAT_WEIGHT_MODULES)
+    return node.op == "call_function" and node.target in _FLOAT_WEIGHT_FUNCS
+
+
 def _quantized_inputs(node: torch.fx.Node, modules: dict[str, nn.Module], dependent: set[torch.fx.Node],
                       before_pad: bool = False) -> list[torch.fx.Node]:
     """Tensor inputs of ``node`` that must arrive quantized (empty for other ops); with
@@ -309,7 +325,8 @@ def insert_act_quantizers(
         return _is_add(node, dependent, modules) and bool(layers)
 
     def reads_float(user: torch.fx.Node) -> bool:
-        return (user.op == "call_module" and user.target in weight_only) or user in tail
+        return (user.op == "call_module" and user.target in weight_only) or user in tail or _float_weight_op(
+            user, modules, layers)
 
     def stays_float(out: torch.fx.Node) -> bool:
         if float_tail is not None:
@@ -334,8 +351,8 @@ def insert_act_quantizers(
 
     done: set[torch.fx.Node] = set()
     for target in targets:
-        if target in done or ((weight_only or tail) and all(reads_float(u) for u in target.users)):
-            continue  # (a pair that only weight-only layers would read is not placed)
+        if target in done or all(reads_float(u) for u in target.users):
+            continue  # (a pair that only float readers would read is not placed)
         done.add(target)
         name = f"act_quant_{len(quantizers)}"
         quantizer = ActQuantizer(make_observer, context, symmetric)

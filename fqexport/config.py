@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -54,6 +55,15 @@ MSG_BUDGET_VALUE = "budget_{kind}={value!r} must be a finite number > 0"
 MSG_BUDGET_BITS = ("budget_bits={value!r} must be in [2, 32] (stored bits per weight, scales included: a uniform "
                    "8-bit file stores a little over 8)")
 
+
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """ConfigError unless ``seed`` is an integer in [0, 2**32 - 1] (a negative one failed deep in numpy)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError(f"{name}={seed!r} must be an integer in [0, {MAX_SEED}]")
 
 def check_bits(bits: object, where: str) -> int:
     """``bits`` if it is a supported weight width (an int from 2 to 8), else ConfigError."""
@@ -190,6 +200,7 @@ class ActivationSpec:
             raise ConfigError(f"num_calib={self.num_calib!r} must be >= 1")
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
+        check_seed(self.seed)
         gw = self.group_weights
         if gw is not None and gw != "samples":
             if not isinstance(gw, Mapping) or not gw:
@@ -576,6 +587,7 @@ class MixedPrecisionConfig:
             raise ConfigError(f"mean_weight={self.mean_weight!r} must be >= 0")
         if int(self.num_candidates) < 1:
             raise ConfigError(f"num_candidates={self.num_candidates!r} must be >= 1")
+        check_seed(self.seed)
         if isinstance(self.verify_folds, bool) or not isinstance(self.verify_folds, int) or self.verify_folds < 1:
             raise ConfigError(f"verify_folds={self.verify_folds!r} must be an integer >= 1 (1: a single hold-out split)")
         if not self.refit and self.verify_folds != 1:

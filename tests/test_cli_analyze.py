@@ -62,7 +62,9 @@ def test_no_bits_gives_float_only(main, files, capsys):
         (["--data", "{d}/wrong.npz"], "field 'x' with sample shape (5,) does not fit the model"),
         (["--data", "{d}/missing.npz"], "missing.npz"),
         (["--data", "{d}/data.npz", "--bits", "9"], "weight_bits=9 is not supported"),
-        (["--data", "{d}/data.npz", "--tol", "0"], "tol=0.0 must be > 0"),
+        (["--data", "{d}/data.npz", "--tol", "0"], "tol=0.0 must be a finite number > 0"),
+        # inf stopped the power iteration after 2 products, "converged" (survey 25)
+        (["--data", "{d}/data.npz", "--tol", "inf"], "tol=inf must be a finite number > 0"),
     ],
 )
 def test_bad_input_exits_2_without_json(main, files, tmp_path, capsys, extra, message):
@@ -105,3 +107,24 @@ def test_a_segmenters_or_detectors_data_is_refused_without_task(main, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "error: analyze diagnoses classifiers" in err and f"for a {task} model use validate --task {task}" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_outside_the_generators_range_is_a_usage_error(main, files, capsys, seed):
+    """--seed -1 ended in "internal error: ValueError: expected non-negative integer", exit 3 (survey 25)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", f"{files}/data.npz", "--seed", seed])
+    assert exit_.value.code == 2
+    assert f"argument --seed: '{seed}' must be >= 0 and <= 4294967295" in capsys.readouterr().err
+
+
+def test_configs_refuse_a_seed_outside_the_generators_range():
+    from fqexport.config import MixedPrecisionConfig, QuantConfig
+    from fqexport.errors import ConfigError
+    from fqexport.finetune.config import FinetuneConfig
+
+    for make in (lambda s: QuantConfig(seed=s), lambda s: MixedPrecisionConfig(budget_bits=4, seed=s),
+                 lambda s: FinetuneConfig(seed=s)):
+        with pytest.raises(ConfigError, match=r"^seed=-1 must be an integer in \[0, 4294967295\]"):
+            make(-1)
+        assert make(2**32 - 1).seed == 2**32 - 1

@@ -66,18 +66,21 @@ def parse_group_weights(text: str | None):
     return parse_assignments(text.split(","), "--group-weights", "W", float, "minority=2,majority=1")
 
 
-def int_at_least(low: int):
-    """An argparse ``type`` accepting integers >= ``low``."""
+def int_at_least(low: int, high: int | None = None):
+    """An argparse ``type`` accepting integers >= ``low`` (and <= ``high`` when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}" + (f" and <= {high}" if high is not None else ""))
         return value
 
     return parse
+
+
+SEED = int_at_least(0, 2**32 - 1)  # every --seed: numpy's and torch's generators take [0, 2**32)
 
 
 def display_width(text: str) -> int:

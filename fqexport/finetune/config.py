@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal, Mapping, get_args
 
-from fqexport.config import DEFAULT_BIT_CHOICES, SUPPORTED_WEIGHT_BITS, Device
+from fqexport.config import DEFAULT_BIT_CHOICES, SUPPORTED_WEIGHT_BITS, Device, check_seed
 from fqexport.errors import ConfigError
 
 Sampler = Literal["natural", "group-balanced", "core-set"]
@@ -175,6 +175,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         for name, low in (("epochs", 1), ("batch_size", 1), ("coreset_min_per_group", 1), ("seed", 0),
                           ("bit_epochs", 1), ("adaround_iters", 1),
                           ("holdout_max", 1), ("num_workers", 0)):

@@ -207,15 +207,17 @@ def top_eigenvalue(
 
     Power iteration finds the eigenvalue of largest magnitude λ_d. When λ_d < 0 (a saddle or a
     maximum along some direction), the shifted operator H − λ_d·I has eigenvalues λ_i − λ_d ≥ 0
-    and its dominant one is λ_max − λ_d: a second iteration gives λ_max. Returns
-    ``(λ_max, products used, converged)``."""
+    and its dominant one is λ_max − λ_d: a second iteration gives λ_max, with the products the
+    first left of ``iters`` (NaN when it left none). Returns ``(λ_max, products used, converged)``."""
     lam, k, ok = power_iteration(hvp, like, iters, tol, seed)
     if not lam < 0:
         return lam, k, ok
     shifted = lambda v: [hv - lam * t for hv, t in zip(hvp(v), v)]  # noqa: E731
     # judged on μ + λ_d: relative to the shifted μ ≈ |λ_d| a slow iteration stopped at once (survey
     # 20: -0.03 reported "converged" for a λ_max of 110 beside λ_d = -538)
-    mu, k2, ok2 = power_iteration(shifted, like, iters, tol, seed + 1, offset=lam)
+    if k >= iters:  # no product left for the shifted iteration: λ_max unknown (λ_d < 0 is not it)
+        return float("nan"), k, False
+    mu, k2, ok2 = power_iteration(shifted, like, iters - k, tol, seed + 1, offset=lam)  # iters products in all
     return mu + lam, k + k2, ok and ok2
 
 
@@ -249,8 +251,8 @@ def group_diagnostics(
     batch_size = _check_positive("batch_size", batch_size, 1)
     hessian_iters = _check_positive("hessian_iters", hessian_iters, 0)
     max_samples_per_group = _check_positive("max_samples_per_group", max_samples_per_group, 1)
-    if not (float(tol) > 0):
-        raise ConfigError(f"tol={tol!r} must be > 0")
+    if not (math.isfinite(float(tol)) and float(tol) > 0):  # inf stopped the iteration after 2 products
+        raise ConfigError(f"tol={tol!r} must be a finite number > 0")
     model = copy.deepcopy(model).eval()
     require_labels(data, "analyze")
     num_classes = check_model_on_data(model, data)

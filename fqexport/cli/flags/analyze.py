@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fqexport.cli.common import HelpFormatter, common_options, int_at_least
+from fqexport.cli.common import SEED, HelpFormatter, common_options, int_at_least
 from fqexport.cli.flags.shared import OnlyWith, add_model_options, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import check_bits
@@ -49,7 +49,7 @@ def add_analyze_parser(subparsers) -> None:
     p.add_argument("--max-samples-per-group", type=int_at_least(1), default=512,
                    help="samples per group used (seeded random subset when larger)")
     p.add_argument("--batch-size", type=int_at_least(1), default=128, help="samples per forward/backward pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-group subsets and the power iteration")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the per-group subsets and the power iteration")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report as JSON here")
     p.set_defaults(check=check_analyze)
 

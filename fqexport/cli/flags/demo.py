@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fqexport.cli.common import HelpFormatter, common_options
+from fqexport.cli.common import SEED, HelpFormatter, common_options
 from fqexport.cli.flags.shared import MSG_LAYOUT
 from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
@@ -19,7 +19,7 @@ def add_demo_parser(sub) -> None:
                        "W8A8, fqexport W8A8, RTN W4A8, fqexport W4A8, the worst-group mixed-precision search at "
                        "3 stored bits per weight), export QDQ ONNX, validate every model per group in ONNX Runtime.")
     p.add_argument("--out-dir", default="fqexport-demo", help="folder for checkpoint, data, ONNX files, reports")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task, the training and the calibration draw")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the task, the training and the calibration draw")
     p.add_argument("--task", choices=("classification", "detection"), default="classification",
                    help="classification: the image task above; detection: scenes of shapes with known boxes and a "
                    "10 percent low-light minority, a YOLOv5-style detector (--layout v8: YOLOv8-style), float vs ORT "

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from typing import Callable, Mapping, Sequence, get_args
 
-from fqexport.cli.common import int_at_least, parse_assignments, parse_group_weights, parse_layer_bits
+from fqexport.cli.common import SEED, int_at_least, parse_assignments, parse_group_weights, parse_layer_bits
 from fqexport.config import (
     DEFAULT_BIT_CHOICES,
     Calibration,
@@ -220,7 +220,7 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="where the Hessians and the solver run; auto: CUDA when available")
     p.add_argument("--max-activation-memory-mb", type=float, default=_Q.max_activation_memory_mb,
                    help="cap on cached calibration activations; beyond it they spill to a temp dir")
-    p.add_argument("--seed", type=int, default=_Q.seed,
+    p.add_argument("--seed", type=SEED, default=_Q.seed,
                    help="seed of the calibration draw, the search's splits and fine-tuning's sampling")
 
 

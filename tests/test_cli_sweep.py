@@ -101,3 +101,16 @@ def test_sweep_flags_that_count_pass_the_checks(tmp_path, extra):
     args = build_parser().parse_args(["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", str(tmp_path / "p"),
                                       "--budgets", "3,4", *extra])
     args.check(args)  # no ConfigError
+
+
+def test_test_data_that_does_not_fit_the_model_is_refused_before_searching(tmp_path, mlp_files, tests_dir, monkeypatch):
+    """--test with 5 features for a model of more: "internal error", exit 3, after every search (survey 25)."""
+    import numpy as np
+
+    monkeypatch.chdir(tests_dir)
+    calib = np.load(mlp_files / "calib.npz")
+    np.savez(tmp_path / "narrow.npz", x=calib["x"][:, :5], y=calib["y"], group=calib["group"])
+    code, stdout, err = run_main(_sweep_args(mlp_files, tmp_path / "p", "--budgets", "3,4", "--test",
+                                             tmp_path / "narrow.npz"))
+    assert code == 2 and not (tmp_path / "p").exists() and "mixed precision" not in stdout
+    assert err.startswith(f"error: {tmp_path / 'narrow.npz'}: field 'x' with sample shape (5,) does not fit the model")

@@ -28,7 +28,7 @@ from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
 from fqexport.metadata import FLOAT_BITS
-from fqexport.pipeline.compress import example_batch, model_task
+from fqexport.pipeline.compress import check_model_on_data, example_batch, model_task
 from fqexport.search.allocation import (
     HINT_INT8,
     Budget,
@@ -165,10 +165,11 @@ def pareto_sweep(
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
     task = model_task(model, data, task)[0]
-    if test is not None:
+    if test is not None:  # checked like the calibration data, before the first search
         test = load_data(test)
         if task.needs_annotations(test):
             require_labels(test, "pareto_sweep's test accuracy")
+        task.check_annotations(test, check_model_on_data(model, test, task))
     with make_engine(template.engine, preload=[search_mixed_precision.__module__]) as engine:
         return _sweep(model, data, budgets, template, base_config, test, progress, engine, task)
 

@@ -245,7 +245,7 @@ class RuntimeSpec:
         if not (float(self.max_activation_memory_mb) >= 0.0):
             raise ConfigError(
                 f"max_activation_memory_mb={self.max_activation_memory_mb!r} must be >= 0 "
-                "(0 spills every cached activation to disk)"
+                "(0 spills every cached activation to disk, inf keeps every one in memory)"
             )
 
 

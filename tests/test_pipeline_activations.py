@@ -178,13 +178,15 @@ def test_memory_cap_spills_to_disk_and_changes_nothing(cnn_model, cnn_data, capl
     with caplog.at_level(logging.INFO, logger="fqexport.pipeline.compress"):
         held = _compress(cnn_model, cnn_data, **kw)
         spilled = _compress(cnn_model, cnn_data, max_activation_memory_mb=0.1, **kw)
+        uncapped = _compress(cnn_model, cnn_data, max_activation_memory_mb=float("inf"), **kw)  # crashed (survey 24)
     logs = [r.getMessage() for r in caplog.records if "activation cache" in r.getMessage()]
-    assert "0.0 MB spilled (0 batches)" in logs[0]
+    assert "0.0 MB spilled (0 batches)" in logs[0] and "0.0 MB spilled (0 batches)" in logs[2]
     assert "0.0 MB spilled" not in logs[1] and "(0 batches)" not in logs[1], logs[1]
-    for name, layer in held.layers.items():
-        assert torch.equal(layer.codes, spilled.layers[name].codes), name
-        assert torch.equal(layer.scale, spilled.layers[name].scale), name
-    np.testing.assert_array_equal(held.predict(cnn_data.x[:64]), spilled.predict(cnn_data.x[:64]))
+    for other in (spilled, uncapped):
+        for name, layer in held.layers.items():
+            assert torch.equal(layer.codes, other.layers[name].codes), name
+            assert torch.equal(layer.scale, other.layers[name].scale), name
+        np.testing.assert_array_equal(held.predict(cnn_data.x[:64]), other.predict(cnn_data.x[:64]))
 
 
 def test_cache_holds_the_cap_and_returns_the_same_inputs(cnn_model, cnn_data):

@@ -55,6 +55,21 @@ def test_an_unexpected_exception_is_internal_error_3(work, monkeypatch):
     assert code == 3 and err.startswith("Traceback (most recent call last):")
 
 
+def test_torchs_out_of_memory_is_bad_input_with_advice(work, monkeypatch):
+    """torch raises RuntimeError (DefaultCPUAllocator), not MemoryError: it was "a bug in fqexport",
+    exit 3 (survey 24)."""
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 268435456 bytes")
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", oom)
+    code, _, err = _main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", work / "calib.npz"])
+    assert code == 2
+    assert err.startswith("error: out of memory: [enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                          "allocate memory") and err.strip().endswith("use fewer samples (--num-calib, --batch-size) "
+                                                                       "or a smaller model")
+
+
 def test_a_closed_stdout_ends_quietly_with_sigpipes_code(work, monkeypatch):
     """`fqexport validate ... | head`: the reader went away; 141 like any Unix tool, not an
     "internal error" (survey 17)."""

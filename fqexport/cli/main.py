@@ -100,6 +100,15 @@ def _interrupted(name: str, before: int) -> str:
     return MSG_SIGNAL_WRITTEN.format(name=name, paths=", ".join(dict.fromkeys(str(p) for p in done)))
 
 
+# What torch's CPU and CUDA allocators say when an allocation fails (a RuntimeError, or
+# torch.OutOfMemoryError, a RuntimeError subclass)
+_OOM_TEXTS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "out of memory")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
+
+
 def _run(args: argparse.Namespace) -> int:
     before = len(outputs_written())
     try:
@@ -127,6 +136,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {MSG_INTERNAL_MEMORY.format(err=err or 'an allocation failed')}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # the last resort: never exit 1 (a broken limit) or with a bare traceback
+        if _out_of_memory(err):  # torch's allocators raise RuntimeError, not MemoryError
+            print(f"error: {MSG_INTERNAL_MEMORY.format(err=' '.join(str(err).split())[:300])}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if args.debug:
             traceback.print_exc()
         print(MSG_INTERNAL.format(kind=type(err).__name__, err=" ".join(str(err).split())[:300]), file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -478,7 +479,8 @@ def _quantize_layers(folded: torch.fx.GraphModule, float_model: torch.fx.GraphMo
     cache = None
     if solver or targets:
         cache = ActivationCache(streams, _batches(sub, config.batch_size, torch.device("cpu")), device,
-                                max_bytes=int(config.max_activation_memory_mb * 2**20))
+                                max_bytes=None if math.isinf(config.max_activation_memory_mb)  # no cap
+                                else int(config.max_activation_memory_mb * 2**20))
     step = _LayerPass(config, dict(folded.named_modules()), cache,
                       {l.name: streams[0].module_node(l.name) for l in layers}, targets, alpha, macs, sub.num_groups)
     quantized: dict[str, QuantizedLayer] = {}

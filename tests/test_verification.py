@@ -95,3 +95,23 @@ def test_an_empty_hold_out_is_refused_and_a_group_without_one_is_named(caplog):
     assert set(held_out.group.tolist()) == {0, 1}
     assert "tiny: group(s) 'c' have no held-out sample (a single calibration sample each)" in caplog.text
     assert verification_words(mp, held_out, False) == f"a 30% hold-out split of {len(held_out)} samples"
+
+
+def test_a_candidates_fit_seconds_leave_its_held_out_predictions_out(mlp_model, mlp_data, monkeypatch):
+    """The search priced itself against 'one compress' = the winner's fit *and* its predictions
+    over the whole held-out set (which grows with the data given): 94x real showed as 4x (survey 24)."""
+    import time
+
+    from fqexport.model import CompressedModel
+
+    real = CompressedModel.predict
+    monkeypatch.setattr(CompressedModel, "predict", lambda self, x, *a, **k: time.sleep(0.4) or real(self, x, *a, **k))
+    base = QuantConfig(num_calib=128, batch_size=128)
+    held_out, splits, _ = verification_splits(mlp_data, MixedPrecisionConfig(budget_bits=3.0), base)
+    alloc = Allocation({"fc1": 4, "fc2": 2, "fc3": 8}, {}, "worst-group", 0.0, Budget("bits", 3.0), 3.0, 3.0)
+    t0 = time.perf_counter()
+    found = verify(VerifyContext(mlp_model, held_out, splits, base), [alloc], progress=False, engine=SerialEngine())
+    wall = time.perf_counter() - t0
+    c = found.candidates[0]
+    assert c.predict_seconds >= 0.8  # its own and the float model's predictions, 0.4 s each at least
+    assert c.seconds + c.predict_seconds <= wall and c.to_dict()["predict_seconds"] == c.predict_seconds

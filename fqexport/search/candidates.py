@@ -42,7 +42,8 @@ class Candidate:
     origin: str = "search"  # "search" (knapsack), "uniform", "mean" or "bytes-refit"
     metrics: GroupMetrics | None = None
     measured_loss_increase: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # its compress fit(s)
+    predict_seconds: float = 0.0  # its held-out predictions (and the float model's, for the first)
     sample_loss: np.ndarray | None = field(default=None, repr=False)  # held-out, per sample
 
     @property
@@ -72,6 +73,7 @@ class Candidate:
             "predicted_loss_increase": dict(self.allocation.predicted),
             "measured_loss_increase": dict(self.measured_loss_increase),
             "verify_seconds": self.seconds,
+            "predict_seconds": self.predict_seconds,
         }
         if self.metrics is not None:
             d["measured"] = metrics_summary(self.metrics)
@@ -142,7 +144,8 @@ class MixedPrecisionResult:
     def one_compress(self) -> tuple[float, str]:
         """The seconds of one ``compress`` fit of this search, to price the search against, and
         which fit it was: the refit (``compress`` of the winner on all the data), else the
-        winner's verification fit (its held-out predictions included; with folds, one fold's
+        winner's verification fit (its ``compress`` alone: the held-out predictions, which grow
+        with the data given, are the candidate's ``predict_seconds``; with folds, one fold's
         share)."""
         if "refit" in self.seconds:
             beside = ", beside the verification fits" if self.refit_overlapped else ""

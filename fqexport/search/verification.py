@@ -177,18 +177,21 @@ def verification_tasks(allocations: Sequence[Allocation], folds: int) -> list[Ta
     ]
 
 
-def fit_candidate(ctx: VerifyContext, task: Task) -> tuple[np.ndarray, float, np.ndarray | None]:
+def fit_candidate(ctx: VerifyContext, task: Task) -> tuple[np.ndarray, float, np.ndarray | None, float]:
     """One (candidate, fold) fit: quantize on the fold's held-in part, predict its held-out
-    samples (streamed ones batch by batch). Returns the logits, the seconds and the float logits
-    of every held-out sample (the first task only: the float model is the same in every fit)."""
+    samples (streamed ones batch by batch). Returns the logits, the seconds of the ``compress``
+    fit, the float logits of every held-out sample (the first task only: the float model is the
+    same in every fit) and the seconds of those predictions (which grow with the held-out set,
+    not with ``num_calib``)."""
     bits, fold, first = task.payload
     held_in, where = ctx.splits[fold]
     t0 = time.perf_counter()
     cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False, task=ctx.task)
+    fitted = time.perf_counter()
     ctx.cache.put(task.key, cm)  # found by fitted_model when it runs in this process (serial engine)
     out = map_x(cm.predict, ctx.held_out.subset(where))
     float_logits = map_x(lambda x: cm.predict(x, quantized=False), ctx.held_out) if first else None
-    return out, time.perf_counter() - t0, float_logits
+    return out, fitted - t0, float_logits, time.perf_counter() - fitted
 
 
 def fitted_model(ctx: VerifyContext, task: Task) -> Any:
@@ -267,11 +270,12 @@ def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: b
     for k, alloc in enumerate(allocations):
         mine = outs[k * len(splits):(k + 1) * len(splits)]
         logits = np.empty((len(held_out), *mine[0][0].shape[1:]), dtype=np.float32)
-        for (_, where), (out, _, _) in zip(splits, mine):
+        for (_, where), (out, *_) in zip(splits, mine):
             logits[where] = out
         m = replace(task.evaluate(logits, held_out, reference), primary=task.search_metric)
         inc = {g: float(m.by_group[g]["loss"] - float_metrics.by_group[g]["loss"]) for g in groups}
         candidates.append(Candidate(alloc, metrics=m, measured_loss_increase=inc, seconds=float(sum(o[1] for o in mine)),
+                                    predict_seconds=float(sum(o[3] for o in mine)),
                                     sample_loss=task.sample_losses(logits, held_out, reference)))
         log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group %s %.4f",
                  k, alloc.avg_bits, alloc.predicted_worst, task.search_metric, candidates[-1].worst_group_acc)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.isa
 
 
 def _run(argv):
-    return main(["validate", *map(str, argv)])
+    return main(["-q", "validate", *map(str, argv)])  # no progress bars on the stderr the tests read
 
 
 def _export(net, x, path):

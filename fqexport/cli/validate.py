@@ -138,6 +138,7 @@ def run_validate(args: argparse.Namespace) -> int:
         **given_values(args, LATENCY_FLAGS),
         targets=tuple(args.targets or ("native",)),
         task=task_of(args),
+        progress=not args.quiet,
     )
     print_summary(report)
     if args.report_dir is not None:

@@ -119,6 +119,7 @@ def validate(
     repeats: int = 30,
     targets: Sequence[str] = ("native",),
     task: str | Task | None = None,
+    progress: bool = True,
 ) -> ValidationReport:
     """Measure ``model`` on ``data`` and check ``thresholds``; never raises for a broken limit.
 
@@ -137,6 +138,9 @@ def validate(
     ``task``: what the model does (:mod:`fqexport.tasks`): its metric per group (accuracy, COCO
     mAP, mIoU), agreement and limits. None: the task the file's fqexport metadata records, else
     inferred from the data's fields and the model's output (``compress``'s rule).
+
+    ``progress``: a tqdm bar per pass over the data (the model, the unoptimized session, the
+    reference, each emulated target); the CLI's ``-q`` turns them off.
     """
     # 1. options, checked before any session opens
     t = thresholds or Thresholds()
@@ -147,7 +151,7 @@ def validate(
         _check_reference(model, reference)
     # 2. the task, then the sessions, each measured per group
     meta = read_metadata(model)
-    plain = Runner(provider=provider, threads=threads, batch_size=batch_size)
+    plain = Runner(provider=provider, threads=threads, batch_size=batch_size, progress=progress)
     session = plain.open(model)
     if measure_latency:
         _check_latency_batches(session, latency_batch_sizes, t, str(model))

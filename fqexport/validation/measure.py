@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream, map_x
@@ -59,6 +60,7 @@ class Runner:
     threads: int | None = None
     batch_size: int = 64
     task: Task = field(default_factory=Classification)
+    progress: bool = False  # a bar per pass over the data
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -68,12 +70,24 @@ class Runner:
         """The ORT session of ``model``: optimized (what deploys) or not (what the graph means)."""
         return make_session(model, provider=self.provider, optimized=optimized, threads=self.threads)
 
-    def measure(self, session: Any, data: GroupData | DataStream, model: str) -> Measured:
+    def measure(self, session: Any, data: GroupData | DataStream, model: str, what: str = "model") -> Measured:
         """Outputs of ``session`` on ``data`` (a stream read batch by batch) and their per-group
-        metrics (``task.evaluate``); ``model`` names it in errors."""
+        metrics (``task.evaluate``); ``model`` names it in errors, ``what`` in the progress bar."""
+        chunk = self.batch_size * max(1, _STREAM_SAMPLES // self.batch_size)  # whole batches, as in memory
+        bar = tqdm(total=len(data), desc=f"validate: {what}", unit="sample", disable=not self.progress, leave=False)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            out = run_batches(session, x, self.batch_size)
+            bar.update(len(x))
+            return out
+
         try:
-            chunk = self.batch_size * max(1, _STREAM_SAMPLES // self.batch_size)  # whole batches, as in memory
-            logits = map_x(lambda x: run_batches(session, x, self.batch_size), data, chunk)
+            with bar:
+                if isinstance(data, GroupData):  # in chunks of whole batches too: the bar moves, the outputs are the same
+                    parts = [run(data.x[i:i + chunk]) for i in range(0, len(data), chunk)]
+                    logits = np.concatenate(parts) if parts else run(data.x[:0])
+                else:
+                    logits = map_x(run, data, chunk)
         except DataError as err:
             raise DataError(f"model {model} on data {data.source}: {err}") from err
         check_finite(logits, model, data)
@@ -113,7 +127,7 @@ class KernelCheck:
 
 def check_kernels(model: str | Path, data: GroupData | DataStream, native: Measured, runner: Runner) -> KernelCheck:
     """Run ``model`` unoptimized and dump its optimized graph: what the kernels changed, per group."""
-    raw = runner.measure(runner.open(model, optimized=False), data, str(model))
+    raw = runner.measure(runner.open(model, optimized=False), data, str(model), "unoptimized session")
     counts, floats = kernel_summary(model, provider=runner.provider)
     return KernelCheck(
         unoptimized=raw.metrics,
@@ -140,7 +154,7 @@ def compare_reference(reference: str | Path, session: Any, data: GroupData | Dat
     DataError when it is not the same task (class count)."""
     ref_name = str(reference)
     check_data(data, ref_name, input_shape(session))
-    ref = runner.measure(session, data, ref_name)
+    ref = runner.measure(session, data, ref_name, "reference")
     ref_c, c = ref.metrics.num_classes, native.metrics.num_classes
     if ref_c != c:
         raise DataError(MSG_REF_CLASSES.format(ref=reference, ref_c=ref_c, model=model, c=c))
@@ -165,7 +179,7 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
     equal to it), else the bit-exact emulation (:mod:`fqexport.exporters.kernel_emulation`)."""
     own = runner.provider == "cpu" and runs_natively(target)
     measured = native if own else runner.measure(EmulatedSession(model, target, threads=runner.threads),
-                                                  data, str(model))
+                                                  data, str(model), f"{target} (emulated)")
     result = TargetResult(
         metrics=measured.metrics,
         agreement=runner.task.agreement(measured.logits, native.logits),

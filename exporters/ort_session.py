@@ -313,7 +313,7 @@ def fused_kernels(path: str | Path, provider: str = "cpu", disable: tuple[str, .
 def float_fallbacks(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> list[str]:
     """Names (``op_type:name``) of Conv/Gemm/MatMul nodes that ORT runs in float."""
     model = optimized_graph(path, provider, disable=disable, weights=False)
-    return [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
+    return [f"{n.op_type}:{n.name or '(unnamed)'}" for n in model.graph.node if n.op_type in FLOAT_KERNELS]
 
 
 def kernel_summary(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> tuple[dict[str, int], list[str]]:

@@ -322,3 +322,19 @@ def test_a_latency_limit_at_a_batch_a_fixed_batch_model_cannot_run_is_refused(fi
         assert _run(base) == 0  # no limit: measured at batch 1, and said
     assert "runs batch 1 only (a fixed batch dim): latency is timed at batch 1, not at 32" in caplog.text
     assert _run([*base[:3], "--latency-batch-sizes", "1", "--max-latency-ms", 1000, "--repeats", 2]) == 0
+
+
+def test_a_reader_closing_stdout_early_still_gets_the_reports(files, tmp_path, monkeypatch):
+    """`validate ... --junit j.xml | head -1` exited 141 before writing the reports (survey 22):
+    they are written before the console summary now."""
+    import fqexport.cli.validate as validate_cli
+
+    def closed(report):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(validate_cli, "print_summary", closed)
+    rc = _run([files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--report-dir", tmp_path / "r",
+               "--junit", tmp_path / "j.xml", "--no-plots"])
+    assert rc == 141
+    assert (tmp_path / "r" / "report.json").is_file() and (tmp_path / "r" / "report.md").is_file()
+    assert (tmp_path / "j.xml").is_file()

@@ -279,3 +279,18 @@ def test_this_cpus_kernels_saturate_full_range_weights_exactly_when_its_family_d
     if KERNELS == "unknown":
         pytest.skip(f"CPU instruction set {cpu_isa()!r} has no known int8 kernel family")
     assert _minority_accuracy(make_session(path, optimized=True), data) == expected[KERNELS]
+
+
+def test_an_unnamed_float_node_is_listed_as_unnamed(tmp_path):
+    """Unnamed nodes printed as "Gemm:, Gemm:" (survey 22)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fqexport.exporters.ort_session import float_fallbacks
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 2], np.ones(8, np.float32))
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "g.onnx")
+    assert float_fallbacks(tmp_path / "g.onnx") in (["Gemm:(unnamed)"], ["MatMul:(unnamed)"])

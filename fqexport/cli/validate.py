@@ -140,13 +140,15 @@ def run_validate(args: argparse.Namespace) -> int:
         task=task_of(args),
         progress=not args.quiet,
     )
-    print_summary(report)
+    # the files first: a reader that closes stdout early (`| head`) stops the run at a print
     if args.report_dir is not None:
         write_json(report, args.report_dir / REPORT_JSON)
         write_markdown(report, args.report_dir / REPORT_MD)
         remove_stale_plots(args.report_dir, [] if args.no_plots else write_plots(report, args.report_dir))
-        print(f"reports written to {args.report_dir}")
     if args.junit is not None:
         write_junit(report, args.junit)
+    print_summary(report)
+    if args.report_dir is not None:
+        print(f"reports written to {args.report_dir}")
     report.raise_for_failures()
     return EXIT_OK

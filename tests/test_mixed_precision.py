@@ -367,6 +367,28 @@ def test_pareto_sweep_is_monotone_and_says_which_result_it_reused(mlp_model, mlp
         assert hi.heldout_worst_loss_increase <= lo.heldout_worst_loss_increase or hi.reused_from == lo.budget
 
 
+def test_a_mean_objective_sweep_keeps_what_measured_best_by_the_mean(mlp_model, mlp_data, monkeypatch):
+    """The 4-bit result measured a larger worst-group loss increase but a higher overall accuracy:
+    under --objective mean it stands; the sweep reused the 2.5-bit one by the worst-group rule
+    whatever the objective (survey 25)."""
+    real = pareto_module.search_mixed_precision
+
+    def better_mean_worse_worst(model, data, mp, *args, **kwargs):
+        res = real(model, data, mp, *args, **kwargs)
+        if mp.budget_bits == 4.0:
+            res.chosen.measured_loss_increase = {g: v + 1.0 for g, v in res.chosen.measured_loss_increase.items()}
+            res.chosen.metrics.overall["accuracy"] = 1.0
+        return res
+
+    monkeypatch.setattr(pareto_module, "search_mixed_precision", better_mean_worse_worst)
+    kw = dict(budget_bits=4.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5, sensitivity_samples=128)
+    mean = pareto_sweep(mlp_model, mlp_data, [2.5, 4.0], MixedPrecisionConfig(objective="mean", **kw), BASE,
+                        progress=False)
+    assert mean[1].reused_from is None and mean[1].bits != mean[0].bits
+    worst = pareto_sweep(mlp_model, mlp_data, [2.5, 4.0], MixedPrecisionConfig(**kw), BASE, progress=False)
+    assert worst[1].reused_from == 2.5  # the worst-group objective still reuses by its own measure
+
+
 def test_budget_floor_says_what_the_allocator_can_meet(mlp_model, mlp_data, search):
     # fc3 pinned at 8, fc1 and fc2 at 2 bits: the smallest allocation the allocator can return
     floor = BudgetFloor.of(mlp_model, mlp_data, search.config, BASE)

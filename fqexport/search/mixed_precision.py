@@ -47,8 +47,8 @@ the budget bought is on disk and runs the int8 kernels. Default widths (2, 4, 8)
    wall time and ``result.one_compress()`` one of its fits, to price the search against.
 
 :func:`fqexport.search.pareto.pareto_sweep` repeats the search over budgets (the sensitivity
-table is measured once), keeps the best-so-far so that more budget never returns a worse
-measured worst group (``reused_from``), and writes (budget, avg and stored bits, bytes,
+table is measured once), keeps the best-so-far so that more budget never returns a result that
+measured worse by the objective (``reused_from``), and writes (budget, avg and stored bits, bytes,
 worst-group accuracy, mean accuracy) as JSON, CSV and PNG.
 """
 

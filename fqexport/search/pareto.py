@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from torch import nn
 
 from fqexport.atomic import atomic_write
@@ -40,6 +41,7 @@ from fqexport.search.allocation import (
 )
 from fqexport.search.costs import model_costs
 from fqexport.search.mixed_precision import search_mixed_precision
+from fqexport.search.selection import guard_value
 from fqexport.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -176,10 +178,11 @@ def pareto_sweep(
 
 def _sweep(model, data, budgets, template, base_config, test, progress, engine: Engine, task: Task) -> list[ParetoPoint]:
     """Budgets in increasing order; one below the minimum feasible budget is skipped and reported
-    (ConfigError when all are); a budget whose result measured a larger held-out worst-group
-    loss increase than a smaller budget's (same held-out samples: same data and seed) reuses
-    that result, so more budget never returns a larger held-out worst-group loss increase (the
-    ``--test`` figures are measured afterwards and may still dip)."""
+    (ConfigError when all are); a budget whose result measured worse by the objective than a
+    smaller budget's (same held-out samples: same data and seed; worst-group: a larger held-out
+    worst-group loss increase; mean / weighted: a lower (weighted) accuracy) reuses that result,
+    so more budget never returns a worse measured result (the ``--test`` figures are measured
+    afterwards and may still dip)."""
     floor = BudgetFloor.of(model, data, template, base_config or QuantConfig())
     need = f"{floor.value:g}"
     if not any(floor.feasible(b) for b in budgets):
@@ -190,7 +193,19 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
                           + (HINT_INT8 if storage == "int8" else ""))
     points: list[ParetoPoint] = []
     table = None
-    kept = None  # (budget, result) with the smallest held-out worst-group loss increase so far
+    kept = None  # (budget, result) that measured best by the objective so far
+    groups = tuple(data.group_names)
+    w = None
+    if template.objective == "weighted":
+        gw = template.group_weights or {}
+        w = np.array([gw.get(g, 0.0) for g in groups], dtype=np.float64)
+        w = w / w.sum()
+
+    def measured(r) -> tuple:
+        """Smaller is better: the held-out worst-group loss increase (worst-group), else the
+        objective's negated measured key (the selection's own order, :func:`guard_value`)."""
+        return guard_value(r.chosen, template.objective, w, groups, template.mean_weight)
+
     for b in sorted(budgets):
         if not floor.feasible(b):
             log.info(MSG_SKIPPED.format(budget=b, need=need, bmin=floor.bmin))
@@ -203,10 +218,10 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
                                      engine=engine, task=task)
         table = res.sensitivity
         reused = None
-        if kept is not None and kept[1].chosen.measured_worst < res.chosen.measured_worst:
+        if kept is not None and measured(kept[1]) < measured(res):
             reused, res = kept
-            log.info("budget %g: the result of budget %g measured a smaller held-out worst-group loss increase; "
-                     "reusing it", b, reused)
+            log.info("budget %g: the result of budget %g measured better by the %s objective on the held-out "
+                     "samples; reusing it", b, reused, template.objective)
         else:
             kept = (float(b), res)
         if test is not None:

@@ -118,7 +118,7 @@ def gate_note(kept: Candidate, measured_best: Candidate, group: np.ndarray, grou
             f"loss differences on group {groups[worst]!r} ({n} held-out samples), i.e. within the noise")
 
 
-def _guard_value(c: Candidate, objective: str, w, groups, mean_weight: float):
+def guard_value(c: Candidate, objective: str, w, groups, mean_weight: float):
     """Smaller is better: the measured held-out worst-group loss increase for ``"worst-group"``,
     the negated selection key otherwise."""
     if objective == "worst-group":
@@ -133,8 +133,8 @@ def never_worse_than_uniform(best: Candidate, candidates: Sequence[Candidate], o
     uniforms = [c for c in candidates if c.origin == "uniform"]
     if not uniforms or best.origin == "uniform":
         return best, None
-    top = min(uniforms, key=lambda c: (_guard_value(c, objective, w, groups, mean_weight), c.allocation.weight_bytes))
-    if _guard_value(top, objective, w, groups, mean_weight) < _guard_value(best, objective, w, groups, mean_weight):
+    top = min(uniforms, key=lambda c: (guard_value(c, objective, w, groups, mean_weight), c.allocation.weight_bytes))
+    if guard_value(top, objective, w, groups, mean_weight) < guard_value(best, objective, w, groups, mean_weight):
         widths = list(top.allocation.bits.values())  # pinned layers aside, one width
         width = top.allocation.uniform_width or min(set(widths), key=lambda b: (-widths.count(b), b))
         return top, (

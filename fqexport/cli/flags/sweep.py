@@ -54,8 +54,9 @@ def add_sweep_parser(sub) -> None:
     add_model_and_quant_options(p)
     p.add_argument("--budgets", required=True, help="stored bits per weight (codes in their containers + scales, "
                    "as --budget-bits of compress), comma separated, e.g. 2.5,3,3.5,4; more budget never returns "
-                   "a larger held-out worst-group loss increase (a point reuses a smaller budget's result, see "
-                   "reused_from; --test accuracy is measured after, and may still dip)")
+                   "a result that measured worse on the held-out samples by --objective (worst-group: a larger "
+                   "worst-group loss increase; a point reuses a smaller budget's result, see reused_from; --test "
+                   "accuracy is measured after, and may still dip)")
     p.add_argument("--out-dir", required=True, help="folder for pareto.json, pareto.csv, pareto.png")
     p.add_argument("--test", help="measure each point on this labeled data (.npz/CSV) instead of the "
                    "held-out calibration data")

@@ -15,15 +15,23 @@ naming the source, the field and the first offending index.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from fqexport.errors import DataError
 
+log = logging.getLogger(__name__)
+
 MSG_FIELD_SHAPE = "{source}: field '{field}' must be {want}, got shape {shape}"
 MSG_FIELD_LENGTH = "{source}: field '{field}' has {got} entries but field 'boxes' has {want}"
 MSG_NOT_FINITE = "{source}: field 'boxes' holds NaN or Inf at index {index}"
+MSG_NORMALISED = (
+    "%s: every one of the %d boxes lies within [0, 1] while the images are %dx%d pixels: boxes are xyxy "
+    "*pixels* (a YOLO label file's normalised coordinates must be multiplied by the width and height), else "
+    "no detection can match them and mAP is 0"
+)
 MSG_BOX_ORDER = (
     "{source}: field 'boxes' index {index} is {box}: not x1 < x2 and y1 < y2 (xyxy pixels; a box of zero width or "
     "height can never be matched, so it would count as a missed object whatever the model does)"
@@ -153,6 +161,8 @@ def check_boxes(boxes: np.ndarray, labels: np.ndarray, image: np.ndarray, sample
         i = int(bad[0])
         raise DataError(MSG_BOX_OUTSIDE.format(source=source, index=i, box=b[i].tolist(), image=int(img[i]),
                                                width=width, height=height))
+    if len(b) and min(width, height) > 4 and float(b.max()) <= 1.0:
+        log.warning(MSG_NORMALISED, source, len(b), width, height)
     return Boxes(b, lab, img)
 
 

@@ -104,3 +104,15 @@ def test_a_negative_ignore_index_is_accepted_and_other_negatives_named():
         check_masks(masks, (3, 4, 5), "seg.npz", 3, ignore_index=-100)
     assert str(info.value) == ("seg.npz: field 'masks' index 1 is -1; class ids must be >= 0 (or the ignore_index, "
                                "-100)")
+
+
+def test_boxes_that_all_look_normalised_are_warned_about(tmp_path, caplog):
+    """Boxes in 0-1 (a YOLO label file's coordinates) gave mAP 0 with no hint (survey 21)."""
+    with caplog.at_level("WARNING"):
+        load_data(_npz(tmp_path, boxes=[[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.8]], box_labels=[0, 1],
+                       box_image=[0, 1]))
+    assert "every one of the 2 boxes lies within [0, 1] while the images are 10x8 pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_data(_npz(tmp_path, boxes=BOXES, box_labels=[0, 2, 1], box_image=[0, 1, 2]))
+    assert "lies within [0, 1]" not in caplog.text

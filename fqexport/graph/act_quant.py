@@ -202,12 +202,15 @@ def _is_pad(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_function" and node.target in _PAD_FUNCS and isinstance(node.args[0], torch.fx.Node)
 
 
-def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+def input_dependent(gm: torch.fx.GraphModule,
+                    cuts: Callable[[torch.fx.Node], bool] | None = None) -> set[torch.fx.Node]:
     """Nodes whose value depends on the model input (a placeholder); parameters, buffers,
-    constants and anything computed only from them are not."""
+    constants and anything computed only from them are not, nor (given ``cuts``) a node it
+    marks and what only such nodes feed (a read of the input's shape: a value that follows the
+    input's shape, not its values)."""
     dep: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in dep for a in node.all_input_nodes):
+        if node.op == "placeholder" or (not (cuts and cuts(node)) and any(a in dep for a in node.all_input_nodes)):
             dep.add(node)
     return dep
 

@@ -34,6 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
+from fqexport.graph.act_quant import input_dependent
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
 from fqexport.graph.exported_program import lift_exported_modules
@@ -304,13 +305,6 @@ def user_hooks(m: nn.Module) -> int:
     return len(pre) + len(m._forward_hooks)
 
 
-def _hooks_traced_through(model: nn.Module) -> list[str]:
-    """The modules whose forward hooks a torch.fx trace would drop: the model itself (fx runs its
-    ``forward``; a submodule is called through ``Module.__call__``, its hooks traced, and a leaf
-    is called as a module when the graph runs)."""
-    return ["the model itself"] if user_hooks(model) else []
-
-
 def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a GraphModule: returned as is).
 
@@ -327,11 +321,12 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
     if any(decompose_attention_needed(m) for m in model.modules()):
         model, swapped = decompose_attention(copy.deepcopy(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
-    hooked = _hooks_traced_through(model)
-    if hooked:  # torch.export runs the model as a call, hooks included; fx would drop them
-        why = MSG_HOOKS.format(modules=", ".join(hooked))
+    # a hook on the model itself: fx runs its forward and drops it (a submodule is called through
+    # Module.__call__, its hooks traced; a leaf runs as a module); torch.export calls the model
+    if user_hooks(model):
+        why = MSG_HOOKS.format(modules="the model itself")
         if example is None:
-            raise ModelLoadError(MSG_HOOKS_NO_EXAMPLE.format(modules=", ".join(hooked)))
+            raise ModelLoadError(MSG_HOOKS_NO_EXAMPLE.format(modules="the model itself"))
         gm = _exported(model, example, why)
         _keep_first_output(gm, owner=source)
         return gm
@@ -465,16 +460,6 @@ def _call_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def _value_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """Nodes whose values depend on the model input's values; a read of its shape, rank or dtype
-    (``torch.arange(ids.shape[1])``) depends on its shape only."""
-    dep: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or (not _reads_metadata_only(node) and any(a in dep for a in node.all_input_nodes)):
-            dep.add(node)
-    return dep
-
-
 def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     """Layers of ``gm`` with a weight that fqexport cannot quantize, in graph order: leaf
     modules with parameters that are neither quantizable nor normalisation, Conv2d with a
@@ -483,7 +468,7 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     modules = dict(gm.named_modules())
     out: dict[str, FloatLayer] = {}
     tied = _tied_layers(gm, modules)
-    dependent = _value_dependent(gm)
+    dependent = input_dependent(gm, cuts=_reads_metadata_only)  # pos(arange(ids.shape[1])): the shape only
     calls = _call_counts(gm)
     for node in gm.graph.nodes:
         if node.op == "call_module":

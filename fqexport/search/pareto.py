@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from torch import nn
 
 from fqexport.atomic import atomic_write
@@ -41,7 +40,7 @@ from fqexport.search.allocation import (
 )
 from fqexport.search.costs import model_costs
 from fqexport.search.mixed_precision import search_mixed_precision
-from fqexport.search.selection import guard_value
+from fqexport.search.selection import guard_value, weight_vector
 from fqexport.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -195,11 +194,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
     table = None
     kept = None  # (budget, result) that measured best by the objective so far
     groups = tuple(data.group_names)
-    w = None
-    if template.objective == "weighted":
-        gw = template.group_weights or {}
-        w = np.array([gw.get(g, 0.0) for g in groups], dtype=np.float64)
-        w = w / w.sum()
+    w = weight_vector(template.objective, template.group_weights, groups)
 
     def measured(r) -> tuple:
         """Smaller is better: the held-out worst-group loss increase (worst-group), else the

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -146,10 +146,15 @@ def never_worse_than_uniform(best: Candidate, candidates: Sequence[Candidate], o
 
 def objective_weights(options: AllocationOptions, groups: Sequence[str]) -> np.ndarray | None:
     """The normalised group weights of the ``"weighted"`` objective (``None`` for the others)."""
-    if options.objective != "weighted":
+    return weight_vector(options.objective, options.group_weights, groups)
+
+
+def weight_vector(objective: str, group_weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray | None:
+    """:func:`objective_weights` from the objective and its group weights (a config's fields)."""
+    if objective != "weighted":
         return None
-    gw = options.group_weights or {}
-    w = np.array([gw.get(g, 0.0) for g in groups])
+    gw = group_weights or {}
+    w = np.array([gw.get(g, 0.0) for g in groups], dtype=np.float64)
     return w / w.sum()
 
 

@@ -116,9 +116,8 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:
             raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
-    ids = np.issubdtype(data.x.dtype, np.integer) if isinstance(data, GroupData) else False
-    ids = ids or (input_type is not None and input_type.startswith("tensor(int"))  # whole floats, checked above
-    if isinstance(data, GroupData) and ids and Path(model).is_file():
+    if isinstance(data, GroupData) and Path(model).is_file() and (
+            np.issubdtype(data.x.dtype, np.integer) or (input_type or "").startswith("tensor(int")):  # whole floats, checked above
         for node, vocab in embedding_vocabularies(model):
             check_vocabulary(data, vocab, node)
 

@@ -447,6 +447,18 @@ def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, se
                                sensitivity=res.sensitivity)
 
 
+def test_pareto_weight_bytes_count_float_layers_like_stored_bits(mlp_model, mlp_data):
+    # a --keep-float layer is in stored_bits at 32 bits; the row's weight bytes count it too
+    mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
+                              sensitivity_samples=128)
+    base = replace(BASE, keep_float=("fc3",))
+    (point,) = pareto_sweep(mlp_model, mlp_data, [6.0], mp, base, progress=False)
+    weights = sum(m.weight.numel() for m in mlp_model.modules() if isinstance(m, torch.nn.Linear))
+    floats = mlp_model.fc3.weight.numel()
+    assert point.weight_bytes == pytest.approx(point.stored_bits * weights / 8, abs=1)
+    assert point.weight_bytes >= 4 * floats
+
+
 def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search):
     mp = MixedPrecisionConfig(budget_bits=3.0, objective="mean", pins={"fc3": 8}, bit_choices=(2, 3, 4, 8))
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)

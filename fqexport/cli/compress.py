@@ -126,7 +126,7 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
         cands.append({"chosen": "*" if c.allocation is res.allocation else "", "origin": c.origin,
                       "avg bits": f"{c.allocation.avg_bits:.3f}",
                       "stored bits": f"{c.allocation.stored_bits:.3f}",
-                      "weight bytes": f"{c.allocation.weight_bytes:,}",
+                      "weight bytes": f"{c.allocation.file_weight_bytes:,}",
                       "predicted worst Δloss": f"{c.allocation.predicted_worst:.4f}",
                       "held-out worst Δloss": f"{c.measured_worst:.4f}",
                       f"held-out worst-group{metric} %": f"{100 * c.worst_group_acc:.2f}",
@@ -135,7 +135,7 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
     print_table(cands, list(cands[0].keys()))
     print(f"\n{res.fits} compress fits in {res.fit_seconds:.1f} s; search {res.wall_seconds:.1f} s; "
           f"storage {res.storage}: nominal {res.allocation.avg_bits:.3f} bits, stored "
-          f"{res.allocation.stored_bits:.3f} bits/weight with scales, {res.allocation.weight_bytes:,} weight bytes")
+          f"{res.allocation.stored_bits:.3f} bits/weight with scales, {res.allocation.file_weight_bytes:,} weight bytes")
     one, which = res.one_compress()
     print(f"search wall time {res.wall_seconds:.1f} s = {res.wall_seconds / max(one, 1e-9):.2f}x one compress "
           f"({one:.1f} s: {which})")

@@ -280,7 +280,8 @@ class Allocation:
         group_weights: the group weights of the inner problem that produced it.
         stored_bits: parameter-weighted stored bits per weight, scales included, in ``storage``
             (float weights at 32 bits).
-        weight_bytes: bytes of the layers' codes, scales (and written zero points) in ``storage``.
+        weight_bytes: bytes of the searched layers' codes, scales (and written zero points) in
+            ``storage``; the float weights are not in it (:attr:`file_weight_bytes` adds them).
         storage: the storage mode the sizes are counted in.
     """
 
@@ -303,6 +304,12 @@ class Allocation:
         return next(iter(widths)) if len(widths) == 1 else None
 
     @property
+    def file_weight_bytes(self) -> int:
+        """Every weight the file stores, as :attr:`stored_bits` counts them: :attr:`weight_bytes`
+        plus the budget's float weights at 4 bytes each."""
+        return int(self.weight_bytes + FLOAT_BITS // 8 * int(self.budget.float_params))
+
+    @property
     def predicted_worst(self) -> float:
         return max(self.predicted.values()) if self.predicted else 0.0
 
@@ -317,6 +324,7 @@ class Allocation:
             "avg_bits": self.avg_bits,
             "stored_bits": self.stored_bits,
             "weight_bytes": self.weight_bytes,
+            "file_weight_bytes": self.file_weight_bytes,
             "storage": self.storage,
             "group_weights": dict(self.group_weights),
         }

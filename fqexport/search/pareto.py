@@ -71,7 +71,7 @@ class ParetoPoint:
 
     budget: float
     avg_bits: float
-    weight_bytes: float
+    weight_bytes: float  # every weight the file stores, float layers at 4 bytes (Allocation.file_weight_bytes)
     worst_group: str
     worst_group_acc: float
     mean_acc: float
@@ -228,7 +228,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             m, f = res.chosen.metrics, res.float_metrics
         worst, worst_acc = m.group_min()
         points.append(ParetoPoint(
-            float(b), res.allocation.avg_bits, res.allocation.weight_bytes,
+            float(b), res.allocation.avg_bits, res.allocation.file_weight_bytes,
             worst, float(worst_acc), float(m.overall[m.primary]),
             float(f.group_min()[1]), float(f.overall[f.primary]), dict(res.allocation.bits),
             res.allocation.stored_bits, res.chosen.measured_worst, reused, min_feasible_budget=floor.value,

@@ -45,6 +45,10 @@ MSG_NOT_CLASSIFIER = (
     "from the distillation loss)"
 )
 TASK_METRICS = {"detection": "COCO mAP", "segmentation": "mIoU and Dice"}
+MSG_COMPUTED_IDS = (
+    "the model's Embedding '{layer}' (num_embeddings={vocab}) looks up the id {value}, which the model computes "
+    "from field 'x' of sample {sample}: outside [0, {vocab}); check the categorical codes in x or the model"
+)
 MSG_VOCABULARY = (
     "field 'x' holds the token id {value} outside the vocabulary [0, {vocab}) of the model's "
     "Embedding '{layer}' (num_embeddings={vocab}); check the tokenizer or the model"

@@ -227,7 +227,8 @@ def input_shape(session: Any) -> tuple[int | str | None, ...]:
     return tuple(session.get_inputs()[0].shape)
 
 
-def _input_dtype(session: Any) -> np.dtype:
+def input_dtype(session: Any) -> np.dtype:
+    """The numpy dtype the session's (first) input is fed as."""
     t = session.get_inputs()[0].type  # "tensor(float)"
     return {"tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64),
             # token ids of an Embedding front end: fed as ids, never through float
@@ -253,7 +254,7 @@ def run_batches(session: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     fixed = fixed_batch(session)
     bs = fixed or int(batch_size)
     inp = session.get_inputs()[0].name
-    dtype = _input_dtype(session)
+    dtype = input_dtype(session)
     outs = []
     for start in range(0, x.shape[0], bs):
         chunk = np.ascontiguousarray(x[start : start + bs], dtype=dtype)

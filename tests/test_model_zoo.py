@@ -401,9 +401,9 @@ class Categorical(nn.Module):
         return self.fc(torch.cat([self.e0(codes[:, 0]), self.e1(codes[:, 1]), x[:, 2:]], 1))
 
 
-def test_an_id_the_model_computes_is_range_checked_on_the_calibration_samples():
+def test_an_id_the_model_computes_is_range_checked_on_the_calibration_samples(tmp_path):
     """Not an internal IndexError: a data error naming the Embedding, the id and the sample (its index in
-    the user's data), from compress and from the search's sensitivity alike."""
+    the user's data), from compress, the search's sensitivity and validate alike."""
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.integers(0, 5, (64, 1)), rng.integers(0, 7, (64, 1)), rng.normal(size=(64, 2))], 1)
     x[40, 0] = 7  # a category the table has not seen
@@ -416,8 +416,16 @@ def test_an_id_the_model_computes_is_range_checked_on_the_calibration_samples():
         measure_sensitivity(Categorical(), data, bit_choices=(4,), cache=False)
     x[40, 0] = 4
     ok = validate_group_data(x.astype(np.float32), data.y, data.group, ["a", "b"], "tab.npz")
-    assert set(compress(Categorical(), ok, QuantConfig(num_calib=64, method="rtn"), progress=False).layers) == {
-        "e0", "e1", "fc"}
+    cm = compress(Categorical(), ok, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    assert set(cm.layers) == {"e0", "e1", "fc"}
+    # the file: ONNX Runtime's Gather reads -1 as the last row of the (int8) table; validate refuses it
+    path = export_qdq(cm, tmp_path / "tab.onnx").path
+    assert validate(path, ok, measure_latency=False).metrics.by_group
+    x[9, 1] = -1  # an unseen category coded -1
+    unseen = validate_group_data(x.astype(np.float32), data.y, data.group, ["a", "b"], "test.npz")
+    with pytest.raises(DataError, match=r"test.npz: the model's Embedding 'e1' \(num_embeddings=7\) looks up the id -1, "
+                                        r"which the model computes from field 'x' of sample 9: outside \[0, 7\)"):
+        validate(path, unseen, measure_latency=False)
 
 
 class UNetClassifier(nn.Module):

@@ -31,7 +31,7 @@ import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from fqexport.calibration.checks import check_vocabulary, data_error
+from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
@@ -276,10 +276,6 @@ MSG_FLOAT_TOKENS = (
 MSG_UNSIGNED_TOKENS = (
     "; its values are whole numbers: unsigned integers (uint8, uint16) are read as pixel values and "
     "become float32, so store token ids as a signed integer type"
-)
-MSG_COMPUTED_IDS = (
-    "the model's Embedding '{layer}' (num_embeddings={vocab}) looks up the id {value}, which the model computes "
-    "from field 'x' of sample {sample}: outside [0, {vocab}); check the categorical codes in x or the model"
 )
 # Fewer calibration samples of a group than this: its activation ranges and statistics are guesses.
 MIN_GROUP_SAMPLES = 8

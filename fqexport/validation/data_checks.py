@@ -8,17 +8,19 @@ fix; what a session's outputs must look like is the task's
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import onnx
 
-from fqexport.calibration.checks import check_vocabulary
+from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
 from fqexport.errors import DataError
+from fqexport.exporters.ort_session import fixed_batch, input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,8 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
             np.issubdtype(data.x.dtype, np.integer) or (input_type or "").startswith("tensor(int")):  # whole floats, checked above
         for node, vocab in embedding_vocabularies(model):
             check_vocabulary(data, vocab, node)
+    if isinstance(data, GroupData) and Path(model).is_file():
+        check_computed_ids(data, model)
 
 
 def embedding_vocabularies(path: str | Path) -> list[tuple[str, int]]:
@@ -129,13 +133,102 @@ def embedding_vocabularies(path: str | Path) -> list[tuple[str, int]]:
     one (an exported Embedding, int8 or INT4). ONNX Runtime rejects an index outside [-rows, rows) with a bare
     INVALID_ARGUMENT; checked first, the data error names the table and the bound."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims)}
+    return [(lookup.table, lookup.rows) for lookup in _table_lookups(graph) if lookup.direct]
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """A Gather (axis 0) of rows of a weight table at indices that depend on the model input."""
+
+    table: str  # the layer: the table's initializer name without ".weight"
+    rows: int
+    indices: str  # the tensor of ids
+    direct: bool  # the ids are the model input itself (through Cast/Identity)
+
+
+def _table_lookups(graph: onnx.GraphProto) -> list[_Lookup]:
+    """Every Gather on axis 0 of an initializer table (or its Cast / DequantizeLinear) whose
+    indices the model input determines: the input itself (token ids) or computed from it
+    (``emb(x[:, 0].long())``); a computed lookup counts only for a ``*.weight`` table (an Embedding's)."""
+    rows = {t.name: (t.name, int(t.dims[0])) for t in graph.initializer if len(t.dims)}  # tensor → (initializer, rows)
     ids = {graph.input[0].name} if len(graph.input) else set()
+    dependent = set(ids)
     for node in graph.node:  # topological order: a table's Cast/DequantizeLinear come before its Gather
         if node.op_type in ("Cast", "Identity", "DequantizeLinear") and node.input[0] in rows:
             rows[node.output[0]] = rows[node.input[0]]
         if node.op_type in ("Cast", "Identity") and node.input[0] in ids:
             ids.add(node.output[0])
+        if any(i in dependent for i in node.input):
+            dependent.update(node.output)
     axis = lambda n: next((a.i for a in n.attribute if a.name == "axis"), 0)  # noqa: E731
-    return [(n.input[0].removesuffix(".weight"), rows[n.input[0]]) for n in graph.node
-            if n.op_type == "Gather" and n.input[1] in ids and n.input[0] in rows and axis(n) == 0]
+    found = []
+    for n in graph.node:
+        if n.op_type != "Gather" or axis(n) != 0 or n.input[0] not in rows or n.input[1] not in dependent:
+            continue
+        root, count = rows[n.input[0]]  # an int8 table: "emb.weight_quantized" → DequantizeLinear → "emb.weight"
+        direct = n.input[1] in ids
+        if direct or n.input[0].endswith(".weight") or root.endswith(".weight"):
+            found.append(_Lookup(n.input[0].removesuffix(".weight"), count, n.input[1], direct))
+    return found
+
+
+def check_computed_ids(data: GroupData, path: str | Path, batch_size: int = 256) -> None:
+    """DataError (:data:`~fqexport.calibration.checks.MSG_COMPUTED_IDS`) when an Embedding of the
+    file looks up, on a sample of ``data``, an id the graph computes from the input
+    (``emb(x[:, 0].long())``) outside ``[0, rows)``: ONNX Runtime reads ``[-rows, 0)`` as rows
+    from the end with no error (PyTorch raises). Runs only the nodes the ids depend on."""
+    lookups = [lk for lk in _table_lookups(onnx.load(str(path), load_external_data=False).graph) if not lk.direct]
+    sub = _ids_model(onnx.load(str(path)), [lk.indices for lk in lookups]) if lookups else None
+    if sub is None:
+        return
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    name, dtype, fixed = session.get_inputs()[0].name, input_dtype(session), fixed_batch(session)
+    bs = fixed or int(batch_size)
+    for start in range(0, len(data), bs):
+        chunk = np.ascontiguousarray(data.x[start:start + bs], dtype=dtype)
+        n = len(chunk)
+        if fixed and n < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype)])
+        for lk, ids in zip(lookups, session.run(None, {name: chunk})):
+            ids = np.asarray(ids)
+            per_sample = ids.ndim >= 1 and ids.shape[0] == len(chunk)
+            ids = ids[:n] if per_sample else ids
+            bad = (ids < 0) | (ids >= lk.rows)
+            if bad.any():
+                row = int(np.argmax(bad.reshape(n, -1).any(1))) if per_sample else 0
+                raise data_error(data.source, MSG_COMPUTED_IDS.format(
+                    layer=lk.table, vocab=lk.rows, value=int(ids[bad].flat[0]), sample=start + row))
+
+
+def _ids_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto | None:
+    """The part of ``model`` that computes ``tensors`` from its input, with them as its outputs;
+    ``None`` when a node there holds a subgraph (If/Loop) or an output's type is unknown."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    keep: set[int] = set()
+    stack = list(tensors)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(graph.node[i].input)
+    nodes = [graph.node[i] for i in sorted(keep)]
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return None
+    types = {}
+    for t in tensors:
+        node = graph.node[producer[t]]
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        types[t] = to
+    if None in types.values():
+        inferred = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        types = {t: to or inferred.get(t) for t, to in types.items()}
+        if not all(types.values()):
+            return None
+    needed = {i for n in nodes for i in n.input}
+    g = onnx.helper.make_graph(nodes, "fqexport-lookup-ids", [graph.input[0]],
+                               [onnx.helper.make_tensor_value_info(t, types[t], None) for t in dict.fromkeys(tensors)],
+                               [t for t in graph.initializer if t.name in needed])
+    return onnx.helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fqexport.errors import ConfigError, DataError
-from fqexport.exporters.ort_session import _input_dtype, fixed_batch, session_threads
+from fqexport.exporters.ort_session import input_dtype, fixed_batch, session_threads
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def measure_latency(
 
 
 def _feed(session: Any, sample: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-    batch = make_batch(np.asarray(sample), int(batch_size)).astype(_input_dtype(session), copy=False)
+    batch = make_batch(np.asarray(sample), int(batch_size)).astype(input_dtype(session), copy=False)
     return {session.get_inputs()[0].name: batch}
 
 

@@ -134,7 +134,26 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
         raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=_root_cause(err))) from err
     proto = program.model_proto
     strip_debug_info(proto)
+    name_batch_dim(proto)
     return proto
+
+
+BATCH_DIM = "batch"
+
+
+def name_batch_dim(model: onnx.ModelProto, name: str = BATCH_DIM) -> None:
+    """Call the input's dynamic first dimension ``name`` wherever it appears (inputs, outputs,
+    value_info; in expressions such as ``2*s77`` too) instead of torch.export's symbol
+    (``s77``), which a user would see in the file, in Netron and in shape errors."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim if len(model.graph.input) else []
+    symbol = dims[0].dim_param if len(dims) and dims[0].HasField("dim_param") else ""
+    if not symbol or symbol == name:
+        return
+    word = re.compile(rf"\b{re.escape(symbol)}\b")
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for d in info.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and word.search(d.dim_param):
+                d.dim_param = word.sub(name, d.dim_param)
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:

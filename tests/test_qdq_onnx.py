@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import onnx
@@ -60,6 +61,11 @@ def test_auto_storage_packs_4bit_convs_behind_a_cast_and_4bit_linear_as_matmulnb
     onnx.checker.check_model(str(res.path))
     assert res.path.stat().st_size == res.size_bytes and res.opset == 21
     model, inits, weights = _weights(res.path)
+    # the dynamic batch dimension is called "batch" in the file, not torch.export's symbol (s77)
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(model.graph.input[0]) == ["batch", 3, 16, 16] and dims(model.graph.output[0])[0] == "batch"
+    assert all(not re.search(r"\bs\d+\b", d.dim_param) for v in model.graph.value_info
+               for d in v.type.tensor_type.shape.dim)
     convs = [n for n in ALL_LAYERS if n != "fc"]
     assert sorted(weights) == sorted(convs)
     casts = {n.input[0]: n for n in model.graph.node if n.op_type == "Cast"}

@@ -10,6 +10,7 @@ import onnx
 from fqexport.errors import ModelLoadError
 from fqexport.exporters.ort_session import check_model_file
 from fqexport.metadata import METADATA_KEY, ExportMetadata
+from fqexport.version import __version__
 
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
 
@@ -23,7 +24,7 @@ def write_metadata(model: onnx.ModelProto, meta: ExportMetadata) -> None:
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
     entry.value = json.dumps(json.loads(meta.to_json()), sort_keys=True, separators=(",", ":"))
-    model.producer_name = "fqexport"
+    model.producer_name, model.producer_version = "fqexport", __version__
 
 
 def metadata_of(model: onnx.ModelProto, source: str = "<model>") -> ExportMetadata | None:

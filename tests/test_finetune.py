@@ -251,6 +251,15 @@ def test_finetuned_w2_exports_and_runs_per_group_in_ort(tuned, mlp_data, tmp_pat
         assert abs(acc_ort - acc_ref) <= 2.0 / m.sum()  # at most a near-tie or two per group
 
 
+def test_the_same_finetune_twice_writes_byte_identical_files(tuned, mlp_cm2, mlp_data, tmp_path):
+    # no wall time in the file's record: an artifact can be hashed (survey 27)
+    again = finetune(mlp_cm2, mlp_data, FinetuneConfig(epochs=2, batch_size=16, lr=0.03, loss="worst-group",
+                                                       sampler="group-balanced"), progress=False)
+    a, b = export_qdq(tuned, tmp_path / "a.onnx").path, export_qdq(again, tmp_path / "b.onnx").path
+    assert a.read_bytes() == b.read_bytes()
+    assert "seconds" not in tuned.metadata.finetune
+
+
 def test_group_mismatch_is_a_data_error(mlp_cm2, mlp_data):
     other = GroupData(mlp_data.x, mlp_data.y, mlp_data.group, ("x", "y"), "train.npz")
     with pytest.raises(DataError) as err:

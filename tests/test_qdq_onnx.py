@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
+import fqexport
 from conftest import MIXED_BITS
 from fqexport.config import QuantConfig
 from fqexport.errors import ExportError
@@ -125,7 +126,7 @@ def test_metadata_lists_layers_with_bits(cnn_exports, cnn_cm_mixed):
     model = onnx.load(str(cnn_exports["auto"].path))
     props = {p.key: p.value for p in model.metadata_props}
     meta = json.loads(props["fqexport"])
-    assert model.producer_name == "fqexport"
+    assert (model.producer_name, model.producer_version) == ("fqexport", fqexport.__version__)  # not torch's version
     assert {r["name"]: r["bits"] for r in meta["layers"]} == {n: MIXED_BITS.get(n, 8) for n in ALL_LAYERS}
     storage = {r["name"]: r["storage"] for r in meta["layers"]}
     assert storage["conv_a"] == "int4" and storage["fc"] == "nbits" and storage["dw"] == "int8"

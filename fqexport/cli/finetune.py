@@ -4,6 +4,7 @@ training data, fine-tune, print the per-group table before/after."""
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 
 from fqexport.calibration.checks import require_labels
@@ -52,20 +53,22 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
 
 def run_finetune(plan: FinetunePlan, cm: CompressedModel, quiet: bool = False) -> CompressedModel:
     """Fine-tune ``cm`` and print the hold-out per-group table before/after."""
+    t0 = time.perf_counter()
     out = finetune(cm, plan.train, plan.config, progress=not quiet)
-    _print_summary(plan, out)
+    _print_summary(plan, out, time.perf_counter() - t0)
     return out
 
 
 def run_finetune_widths(plan: FinetunePlan, cm: CompressedModel, quiet: bool = False) -> dict[int, CompressedModel]:
     """Fine-tune ``cm`` once and return it re-quantized at each of ``plan.export_bits``
     (``finetune_widths``); prints the same table as :func:`run_finetune`."""
+    t0 = time.perf_counter()
     models = finetune_widths(cm, plan.train, plan.config, plan.export_bits, progress=not quiet)
-    _print_summary(plan, next(iter(models.values())))
+    _print_summary(plan, next(iter(models.values())), time.perf_counter() - t0)
     return models
 
 
-def _print_summary(plan: FinetunePlan, out: CompressedModel) -> None:
+def _print_summary(plan: FinetunePlan, out: CompressedModel, seconds: float) -> None:
     rec = out.metadata.finetune
     key = out.task.primary  # accuracy, mAP@[.5:.95] or mIoU: the task's metric
     head = "acc" if key == "accuracy" else METRIC_LABELS.get(key, key)
@@ -83,7 +86,7 @@ def _print_summary(plan: FinetunePlan, out: CompressedModel) -> None:
         rows.append(row)
     cfg = plan.config
     print(f"fine-tuning ({cfg.loss}, {cfg.sampler} sampling): {rec['epochs_run']} epoch(s), {rec['steps']} steps, "
-          f"{rec['seconds']:.1f} s, stopped: {rec['stopped']}, kept epoch {rec['best_epoch']}; "
+          f"{seconds:.1f} s, stopped: {rec['stopped']}, kept epoch {rec['best_epoch']}; "
           f"loss: {rec['loss_terms']}; hold-out slice of --train ({rec['num_holdout']} samples):")
     print_table(rows, list(rows[0].keys()))
     if regridded:

@@ -259,7 +259,6 @@ class _Run:
             "steps": self.num_steps, "samples_seen": int(self.used), "epochs_run": len(self.holdout.history) - 1,
             "stopped": self.stopped, "best_epoch": self.holdout.best_epoch,
             "loss_terms": self.fit.loss_words(config),
-            "seconds": round(time.monotonic() - self.t0, 3),
             "holdout_before": per_group(before), "holdout_after": per_group(after),
             "history": self.holdout.history,
             # mean over the latent weights of (v - round(v))^2, v = clamp(w / s): how far they sit

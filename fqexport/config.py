@@ -388,6 +388,22 @@ class QuantConfig:
         """Weight width of ``layer`` (its ``layer_bits`` entry, else ``weight_bits``)."""
         return self.weights.bits_for(layer)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The options that decide the file (every one but the runtime's device and memory cap),
+        flat and JSON-ready: ``QuantConfig(**config.to_dict())`` rebuilds them; the export
+        metadata records them (``settings``). A module type in ``keep_float`` becomes
+        ``"type:ClassName"``."""
+        out: dict[str, Any] = {}
+        for attr in ("weights", "activations", "export"):
+            spec = getattr(self, attr)
+            for f in fields(spec):
+                out[f.name] = getattr(spec, f.name)
+        out["layer_bits"] = {str(k): int(v) for k, v in dict(out["layer_bits"]).items()}
+        out["keep_float"] = [f"type:{v.__name__}" if isinstance(v, type) else v for v in out["keep_float"]]
+        gw = out["group_weights"]
+        out["group_weights"] = {str(k): float(v) for k, v in gw.items()} if isinstance(gw, Mapping) else gw
+        return out
+
 
 MSG_ENGINE_WORKERS = "workers={value!r} must be an integer >= 1 (default: the machine's cores); CLI: --workers 4"
 MSG_ENGINE_RESOURCES = "task_cpus={cpus!r} must be > 0 and task_gpus={gpus!r} >= 0 (Ray resources of one task)"

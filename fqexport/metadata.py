@@ -83,6 +83,9 @@ class ExportMetadata:
     task: Mapping[str, Any] | None = None
     # ops after the last weight layers kept float (a detector's box decode), "name (op)"
     float_ops: tuple[str, ...] = ()
+    # QuantConfig.to_dict(): every option that decided the file (seed, damp, block_size, ...), so
+    # that QuantConfig(**settings) reruns it; None in files written before the field
+    settings: Mapping[str, Any] | None = None
     schema_version: int = METADATA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +98,7 @@ class ExportMetadata:
         d["task"] = dict(self.task) if self.task is not None else None
         d["allocation"] = dict(self.allocation) if self.allocation is not None else None
         d["finetune"] = dict(self.finetune) if self.finetune is not None else None
+        d["settings"] = dict(self.settings) if self.settings is not None else None
         return d
 
     def to_json(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import onnx
+import torch
 import pytest
 
 from fqexport.errors import ModelLoadError
@@ -75,3 +76,21 @@ def test_unreadable_file_names_the_file(tmp_path):
     bad.write_bytes(b"this is not a protobuf")
     with pytest.raises(ModelLoadError, match=r"cannot load ONNX model .*broken\.onnx"):
         read_metadata(bad)
+
+
+def test_the_file_records_every_option_that_decided_it(mlp_model, mlp_data, tmp_path):
+    """seed, damp, block size... are in the metadata: QuantConfig(**settings) reruns the file (survey 27)."""
+    from fqexport.config import QuantConfig
+    from fqexport.exporters.qdq_onnx import export_qdq
+    from fqexport.pipeline.compress import compress
+
+    config = QuantConfig(weight_bits=4, seed=7, damp=0.05, block_size=32, num_calib=100,
+                         keep_float=("fc3", torch.nn.LayerNorm), group_weights={"a": 2, "b": 1})
+    cm = compress(mlp_model, mlp_data, config, progress=False)
+    path = export_qdq(cm, tmp_path / "m.onnx").path
+    settings = read_metadata(path).settings
+    assert settings["seed"] == 7 and settings["damp"] == 0.05 and settings["block_size"] == 32
+    assert settings["keep_float"] == ["fc3", "type:LayerNorm"] and settings["group_weights"] == {"a": 2.0, "b": 1.0}
+    assert "device" not in settings and "max_activation_memory_mb" not in settings
+    again = compress(mlp_model, mlp_data, QuantConfig(**settings), progress=False)
+    assert export_qdq(again, tmp_path / "again.onnx").path.read_bytes() == path.read_bytes()

@@ -548,6 +548,7 @@ def _metadata(config: QuantConfig, sub: GroupData, data: GroupData | DataStream,
         avg_weight_bits=round(avg_bits, 4),
         task=task,
         float_ops=float_ops,
+        settings=config.to_dict(),
     )
 
 

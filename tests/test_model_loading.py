@@ -127,6 +127,40 @@ def test_pt2_round_trip_gives_identical_outputs(tmp_path, cnn_model, cnn_data):
     assert _same_outputs(model, cnn_model, cnn_data)
 
 
+class _LogitsAndFeatures(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(f), f
+
+
+def test_a_pt2_returning_several_outputs_is_compressed_on_its_first(tmp_path, caplog):
+    """As a factory's model is: the first output (warned), not an internal error in the export check
+    (survey 26); the loaded program itself still returns both."""
+    from fqexport.calibration.checks import validate_group_data
+    from fqexport.config import QuantConfig
+    from fqexport.exporters.qdq_onnx import export_qdq
+    from fqexport.pipeline.compress import compress
+
+    torch.manual_seed(0)
+    net = _LogitsAndFeatures().eval()
+    x = torch.randn(64, 3, 8, 8)
+    program = torch.export.export(net, (x[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "two.pt2"))
+    model = load_model(str(tmp_path / "two.pt2"))
+    data = validate_group_data(x.numpy(), net(x)[0].argmax(1).numpy(), (torch.arange(64) % 2).numpy(), ["a", "b"],
+                               "calib.npz")
+    with caplog.at_level(logging.WARNING):
+        cm = compress(model, data, QuantConfig(num_calib=64), progress=False)
+    assert "returns a tuple of 2 outputs" in caplog.text
+    assert cm.predict(data.x).shape == (64, 3)
+    assert export_qdq(cm, tmp_path / "two.onnx").agreement >= 0.99
+    assert isinstance(model(x[:2]), tuple)
+
+
 def test_missing_pt2(tmp_path):
     assert "missing.pt2: .pt2 file not found" in _load_error(str(tmp_path / "missing.pt2"))
 

@@ -306,7 +306,8 @@ def user_hooks(m: nn.Module) -> int:
 
 
 def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` (already a GraphModule: returned as is).
+    """Symbolically trace ``model`` (already a GraphModule: returned as is, or a copy cut to its
+    first output when it returns several).
 
     Attention modules are replaced by traceable stand-ins first (on a copy when there are any:
     ``model`` itself is not modified). ``owner``: whose warnings these are (default ``model``).
@@ -315,6 +316,12 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
     as a ``.pt2`` program of it would be loaded (:func:`_exported`).
     """
     if isinstance(model, torch.fx.GraphModule):
+        out = next(n for n in model.graph.nodes if n.op == "output").args[0]
+        if isinstance(out, (tuple, list)) and len(out) > 1:  # a .pt2 returning (logits, features)
+            cut = torch.fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)  # the caller's graph stays
+            cut.meta.update(model.meta)
+            _keep_first_output(cut, owner=model if owner is None else owner)
+            return cut
         return model
     source = model if owner is None else owner  # warnings are given once per user model
     model = unwrap_model(model)

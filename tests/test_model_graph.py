@@ -586,3 +586,27 @@ def test_a_layer_called_twice_stays_float_and_its_bn_unfolded():
     assert list(prepared.names) == ["fc"] and "conv" in prepared.skipped
     with torch.no_grad():  # folding the BN into the shared conv would change its second call too
         torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+class _VarArgs(nn.Module):
+    """A wrapper's ``forward(self, *inputs)``; ``both`` reads a second input too."""
+
+    def __init__(self, both: bool = False) -> None:
+        super().__init__()
+        self.conv, self.fc, self.both = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2), both
+
+    def forward(self, *inputs):
+        h = torch.relu(self.conv(inputs[0])).mean((2, 3))
+        return self.fc(h + inputs[1] if self.both else h)
+
+
+def test_a_varargs_forward_takes_the_batch_as_its_first_input():
+    """The traced graph takes the tensor itself: fed the batch where it wanted (x,), inputs[0] was one
+    sample and the conv ran unbatched (survey 26: a 'group labels' error blamed the data)."""
+    model = _VarArgs().eval()
+    prepared = prepare_model(model, example=torch.randn(2, 3, 8, 8))
+    x = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(prepared.folded(x), model(x))
+    assert [n.target for n in prepared.folded.graph.nodes if n.op == "placeholder"] == ["x"]
+    with pytest.raises(ModelLoadError, match=r"forward takes \*inputs and uses more than its first item: .* wrap it"):
+        prepare_model(_VarArgs(both=True).eval())

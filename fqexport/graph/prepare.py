@@ -91,6 +91,10 @@ MSG_TRACE = (
     "data-dependent Python control flow; export it with torch.export to a .pt2 file or simplify "
     "the forward"
 )
+MSG_VARARGS = (
+    "the model's forward takes {name} and uses more than its first item: fqexport feeds the model one "
+    "tensor; wrap it in a module whose forward(self, x) calls it"
+)
 MSG_TRACE_BOTH = (
     "cannot trace the model: torch.fx failed ({err}), and so did torch.export on a batch of the data with a "
     "dynamic batch size ({export_err}). fqexport needs a graph of the forward: write it without Python control "
@@ -350,6 +354,7 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)
     if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
         gm = strip_wrapper(gm, type(model.model).__name__)
+    _plain_varargs(gm)
     _keep_first_output(gm, owner=source)
     _plain_parametrized_layers(gm)
     # F.conv2d/F.linear on a parameter, or on a weight computed from parameters (timm's StdConv2d)
@@ -435,6 +440,25 @@ def _warn_once(owner: nn.Module | None, message: str) -> None:
     if message not in seen:
         seen.add(message)
         log.warning(message)
+
+
+def _plain_varargs(gm: torch.fx.GraphModule) -> None:
+    """``forward(self, *inputs)`` reading ``inputs[0]``: the graph takes that one tensor instead
+    (fqexport feeds a batch where the traced graph wants the tuple); any other use of the
+    tuple is refused (:data:`MSG_VARARGS`)."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    if first is None or not str(first.target).startswith("*"):
+        return
+    users = list(first.users)
+    if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1:] == (0,) for u in users):
+        raise ModelLoadError(MSG_VARARGS.format(name=str(first.target)))
+    with gm.graph.inserting_before(first):
+        x = gm.graph.placeholder("x")
+    for u in users:
+        u.replace_all_uses_with(x)
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(first)
+    gm.recompile()
 
 
 def _keep_first_output(gm: torch.fx.GraphModule, owner: nn.Module | None = None) -> None:

@@ -21,6 +21,11 @@ MSG_ITEM_SHAPE = "sample {index}: field 'x' has shape {shape} but sample 0 has {
 MSG_ITEM_KIND = (
     "sample {index} must be x (a tensor or array), (x, y) or (x, y, group), got {kind}"
 )
+MSG_MULTI_INPUT = (
+    "{where}: field 'x' is a {kind} of {n} tensors (a model with several inputs); fqexport feeds the model one "
+    "tensor: wrap the model in a module whose forward takes one tensor (e.g. the inputs flattened and "
+    "concatenated, split again in forward)"
+)
 MSG_ITEM_FIELDS = "sample {index} has the fields {got} but sample 0 has {first}; every sample must have the same fields"
 MSG_BATCH_LENGTH = "batch of samples {first}..: field '{field}' has {got} entries but x has {n}"
 FIELDS = {1: "(x)", 2: "(x, y)", 3: "(x, y, group)"}
@@ -38,9 +43,23 @@ class Item:
 
 
 def to_numpy(value: Any) -> np.ndarray:
+    """``value`` as a numpy array; a tensor numpy has no dtype for (bfloat16, float8) as float32."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        try:
+            return value.numpy()
+        except TypeError:
+            return value.float().numpy()
     return np.asarray(value)
+
+
+def x_array(value: Any, where: str, source: str) -> np.ndarray:
+    """Field x of a sample or batch (``where`` names it) as an array; several tensors (a model
+    with several inputs) are a DataError (:data:`MSG_MULTI_INPUT`)."""
+    if isinstance(value, (tuple, list, dict)) and any(
+            isinstance(v, (torch.Tensor, np.ndarray)) for v in (value.values() if isinstance(value, dict) else value)):
+        raise data_error(source, MSG_MULTI_INPUT.format(where=where, kind=type(value).__name__, n=len(value)))
+    return to_numpy(value)
 
 
 def _scalar(value: Any, field: str, index: int, source: str) -> Any:
@@ -70,7 +89,7 @@ def dataset_item(item: Any, index: int, source: str) -> Item:
         raise data_error(source, MSG_ITEM_KIND.format(index=index, kind=_kind(item)))
     y = _scalar(item[1], "y", index, source) if len(item) >= 2 else None
     g = _scalar(item[2], "group", index, source) if len(item) == 3 else None
-    return Item(to_numpy(item[0]), y, g, len(item))
+    return Item(x_array(item[0], f"sample {index}", source), y, g, len(item))
 
 
 def check_fields(item: Item, first: int, index: int, source: str) -> None:
@@ -101,7 +120,7 @@ def batch_items(batch: Any, first: int, source: str) -> tuple[np.ndarray, list[A
         return x, None, None, 1
     if not isinstance(batch, (tuple, list)) or not 1 <= len(batch) <= 3:
         raise data_error(source, MSG_ITEM_KIND.format(index=first, kind=_kind(batch)))
-    x = to_numpy(batch[0])
+    x = x_array(batch[0], f"batch of samples {first}..", source)
     if x.ndim < 1:
         raise data_error(source, f"batch of samples {first}..: field 'x' must be batch-first [B, ...], got a scalar")
     n = x.shape[0]

@@ -199,6 +199,8 @@ def _yields_batches(iterable: Any) -> bool:
     if not isinstance(first, (tuple, list)) or len(first) < 2 or isinstance(first[1], (str, bytes)):
         return False
     y = to_numpy(first[1]) if not isinstance(first[1], (list, tuple)) else np.asarray(first[1], dtype=object)
+    if isinstance(first[0], (tuple, list, dict)):  # several inputs: refused by name (dataset.x_array) either way
+        return y.ndim == 1
     return y.ndim == 1 and np.ndim(first[0]) >= 1 and len(y) == len(first[0])
 
 

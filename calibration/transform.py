@@ -17,6 +17,7 @@ import torch
 from fqexport.errors import DataError
 
 from .checks import data_error
+from .dataset import to_numpy
 
 MSG_TRANSFORM = "sample {index}: transform failed: {kind}: {err}"
 MSG_TRANSFORM_SHAPE = (
@@ -34,7 +35,7 @@ def apply_transform(transform: Callable[[torch.Tensor], Any], x: np.ndarray, ind
         raise
     except Exception as err:  # the user's transform, named by the sample it failed on
         raise data_error(source, MSG_TRANSFORM.format(index=index, kind=type(err).__name__, err=err)) from err
-    arr = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    arr = to_numpy(out)
     if arr.ndim < 1 or arr.shape[0] != x.shape[0]:
         raise data_error(source, MSG_TRANSFORM_SHAPE.format(index=index, got=arr.shape, n=x.shape[0]))
     return arr

@@ -102,3 +102,23 @@ def test_batch_forms():
     assert y == [0, 1, 0] and g == ["a", "b", "a"] and fields == 3
     with pytest.raises(DataError, match=r"^s: batch of samples 10\.\.: field 'y' has 2 entries but x has 3$"):
         batch_items([xb, torch.tensor([0, 1])], 10, "s")
+
+
+def test_bfloat16_samples_and_transforms_read_as_float32():
+    """numpy has no bfloat16: a Dataset or transform giving it was a raw TypeError (survey 26)."""
+    x = torch.randn(6, 2, 3)
+    items = [(x[i].bfloat16(), i % 2, i % 2) for i in range(6)]
+    data = _stacked(items)
+    assert data.x.dtype == np.float32
+    np.testing.assert_array_equal(data.x, x.bfloat16().float().numpy())
+    moved = _stacked(items, transform=lambda t: t.bfloat16() * 2)
+    np.testing.assert_array_equal(moved.x, (x.bfloat16().float() * 2).bfloat16().float().numpy())
+
+
+def test_several_inputs_per_sample_are_refused_by_name():
+    img, meta = torch.randn(4, 3, 8, 8), torch.randn(4, 5)
+    with pytest.raises(DataError, match=r"sample 0: field 'x' is a tuple of 2 tensors \(a model with several "
+                                        r"inputs\); fqexport feeds the model one tensor: wrap the model"):
+        load_data([((img[i], meta[i]), 0, 0) for i in range(4)])
+    with pytest.raises(DataError, match=r"batch of samples 0\.\.: field 'x' is a tuple of 2 tensors"):
+        _stacked([((img, meta), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))])

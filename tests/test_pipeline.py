@@ -470,3 +470,23 @@ def test_a_sequence_first_linear_gives_each_row_its_samples_group(tokens):
     for name in ("fc1", "fc2", "head"):
         assert torch.equal(a.layers[name].codes, b.layers[name].codes), name
     np.testing.assert_allclose(a.predict(x), b.predict(x), rtol=1e-4, atol=1e-5)  # the corrected biases too
+
+
+class _Flatten768(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(768, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(x.size(0), 768))
+
+
+def test_data_that_does_not_fit_a_traced_op_is_one_error_line_without_fx_code(capfd):
+    """torch.fx printed the generated forward's code to stderr before the DataError (survey 26)."""
+    data = GroupData(np.zeros((8, 1, 16, 16), np.float32), np.zeros(8, np.int64), np.arange(8) % 2, ("a", "b"),
+                     "bad.npz")
+    with pytest.raises(DataError, match=r"bad.npz: field 'x' with sample shape \(1, 16, 16\) does not fit the model "
+                                        r"\(RuntimeError: shape '\[2, 768\]' is invalid"):
+        compress(_Flatten768(), data, QuantConfig(num_calib=8), progress=False)
+    err = capfd.readouterr().err
+    assert "FX-traced Module" not in err and "Traceback" not in err

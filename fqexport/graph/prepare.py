@@ -787,6 +787,15 @@ def quantizable_layers(
     return seen
 
 
+def run_model(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)``; a GraphModule's generated ``forward`` is called directly, so that a failure
+    is only raised: torch.fx's call wrapper prints the generated code to stderr first (a
+    traceback where fqexport reports the error in one line). Hooks on submodules still run."""
+    if isinstance(model, torch.fx.GraphModule) and not user_hooks(model):
+        return model.forward(x)
+    return model(x)
+
+
 def layer_batch_dims(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
     """The batch dim of each named layer's input, where it is not 0: the one dim whose size
     follows the batch's (2k for 2 samples, 3k for 3) when the model runs one sample repeated 2 and
@@ -801,7 +810,7 @@ def layer_batch_dims(model: nn.Module, example: torch.Tensor, names: list[str]) 
     try:
         with torch.no_grad():
             for b in (2, 3):
-                model(one.expand(b, *one.shape[1:]).contiguous())
+                run_model(model, one.expand(b, *one.shape[1:]).contiguous())
     except Exception as err:  # noqa: BLE001 (a model tied to one batch size: dim 0 as before)
         log.debug("batch dims not probed (%s: %s): dim 0 for every layer", type(err).__name__, err)
         return {}

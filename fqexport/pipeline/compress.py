@@ -45,7 +45,7 @@ from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.loading import STATIC_BATCH_KEY
-from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model, unwrap_model
+from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model, run_model, unwrap_model
 from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
@@ -360,7 +360,7 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     x = example_batch(data)
     try:
         with torch.no_grad():
-            out = model(x)
+            out = run_model(model, x)
     except Exception as err:
         ids = (" x holds integers, which fqexport keeps as token ids (an Embedding's input): if they are "
                "pixels or features, save x as float32 (scaled as the model was trained)"

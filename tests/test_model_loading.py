@@ -327,3 +327,18 @@ def test_wrapped_half_and_scripted_models_given_to_compress(mlp_model, mlp_data)
     assert sorted(cm.layers) == sorted(plain.layers) and next(half.parameters()).dtype == torch.float16
     with pytest.raises(ModelLoadError, match=r"^the model is a TorchScript module \(RecursiveScriptModule\): "):
         compress(torch.jit.script(mlp_model), mlp_data, config, progress=False)
+
+
+def test_a_pickled_model_whose_class_lived_in_the_saving_script_gets_the_way_out(tmp_path):
+    """torch.save(model) from train.py stores the class as __main__.Net, which no other process has (survey 26)."""
+    ScriptNet = type("ScriptNet", (torch.nn.Sequential,), {"__module__": "__main__"})
+    import __main__
+    __main__.ScriptNet = ScriptNet
+    try:
+        torch.save(ScriptNet(torch.nn.Linear(4, 2)), tmp_path / "model.pt")
+    finally:
+        del __main__.ScriptNet
+    assert _load_error(str(tmp_path / "model.pt"), trust_pickle=True) == (
+        f"{tmp_path / 'model.pt'}: the pickled model's class 'ScriptNet' was defined in the script that saved it "
+        "(module '__main__'), which fqexport cannot import: move the class into a module (e.g. net.py) and save "
+        "again, or save model.state_dict() and load it with --model net:ScriptNet --weights <file>")

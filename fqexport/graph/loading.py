@@ -57,6 +57,12 @@ MSG_PICKLE_MODULE = (
     "its module name, not its code)"
 )
 
+MSG_PICKLE_MAIN = (
+    "{path}: the pickled model's class {name!r} was defined in the script that saved it (module "
+    "'__main__'), which fqexport cannot import: move the class into a module (e.g. net.py) and save "
+    "again, or save model.state_dict() and load it with --model net:{name} --weights <file>"
+)
+
 MSG_NO_WEIGHTS = (
     "factory '{spec}' was given no weights: the model keeps the parameters the factory sets "
     "(random unless it loads a checkpoint itself); pass weights= (CLI: --weights FILE) to load a state_dict"
@@ -327,6 +333,11 @@ def load_model(
             model = torch.load(path, map_location="cpu", weights_only=False)
         except ModuleNotFoundError as err:
             raise ModelLoadError(MSG_PICKLE_MODULE.format(path=path, module=err.name)) from err
+        except AttributeError as err:  # "Can't get attribute 'Net' on <module '__main__' ...>"
+            found = re.search(r"Can't get attribute '([^']+)' on <module '(?:[\w.]+\.)?__main__'", str(err))
+            if found is None:
+                raise ModelLoadError(f"{path}: cannot unpickle a model: {err}") from err
+            raise ModelLoadError(MSG_PICKLE_MAIN.format(path=path, name=found.group(1))) from err
         except Exception as err:
             raise ModelLoadError(f"{path}: cannot unpickle a model: {err}") from err
         if not isinstance(model, nn.Module):

@@ -209,6 +209,30 @@ def test_int8_file_is_at_least_3x_smaller_than_fp32(mlp_exports, mlp_data):
     np.testing.assert_allclose(got, cm.predict(mlp_data.x, quantized=False), atol=1e-4)
 
 
+def test_validate_reads_resources_from_the_graph_when_the_file_was_edited_after_export(mlp_exports, mlp_data,
+                                                                                       tmp_path, caplog):
+    """A tool that folds the weights' DequantizeLinear into float initializers keeps metadata_props: the
+    report said 8.00 bits from the stale metadata (survey 27)."""
+    from fqexport.validation.gate import validate
+
+    _, q, _ = mlp_exports
+    assert validate(q.path, mlp_data, measure_latency=False, kernel_check=False).resource_source == "metadata"
+    model = onnx.load(str(q.path))
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]:
+        codes, scale = (numpy_helper.to_array(inits[i]).astype(np.float32) for i in node.input[:2])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [-1 if d == axis else 1 for d in range(codes.ndim)]
+        model.graph.initializer.append(numpy_helper.from_array(codes * scale.reshape(shape), node.output[0]))
+        model.graph.node.remove(node)
+    edited = tmp_path / "folded.onnx"
+    onnx.save(model, str(edited))
+    with caplog.at_level("WARNING"):
+        report = validate(edited, mlp_data, measure_latency=False, kernel_check=False)
+    assert report.resource_source == "graph" and report.avg_weight_bits == 32.0
+    assert "the file was edited after export" in caplog.text
+
+
 def test_packed_storage_writes_int2_at_opset_25(tmp_path, mlp_model, mlp_data):
     cm = compress(mlp_model, mlp_data, QuantConfig(layer_bits={"fc2": 2, "fc3": 4}, storage="packed",
                                                    num_calib=64, method="rtn", bias_correction=False), progress=False)

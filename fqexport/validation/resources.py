@@ -44,6 +44,7 @@ class Resources:
     macs: int | None
     bops: float | None
     source: str  # "metadata" | "graph"
+    float_params: int = 0  # weight elements stored in float (the graph's count; the metadata's float layers)
 
 
 def from_metadata(meta: ExportMetadata | None) -> Resources | None:
@@ -64,6 +65,7 @@ def from_metadata(meta: ExportMetadata | None) -> Resources | None:
         macs=macs,
         bops=bops,
         source="metadata",
+        float_params=int(sum(l.params for l in meta.float_layers)),
     )
 
 
@@ -71,14 +73,16 @@ def _shape_of(vi) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
 
 
-def from_graph(model) -> Resources:
-    """Estimate from a loaded ``onnx.ModelProto`` (shapes from ONNX shape inference)."""
+def from_graph(model, *, macs: bool = True) -> Resources:
+    """Estimate from a loaded ``onnx.ModelProto`` (shapes from ONNX shape inference; ``macs=False``:
+    weights only, no inference, MACs and BOPs unknown)."""
 
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as err:  # shape inference is best effort
-        log.info("shape inference failed (%s); MACs unknown", err)
-        inferred = model
+    inferred = model
+    if macs:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception as err:  # shape inference is best effort
+            log.info("shape inference failed (%s); MACs unknown", err)
     g = inferred.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
@@ -93,11 +97,11 @@ def from_graph(model) -> Resources:
             return inits[p.input[0]], p.op_type == "DequantizeLinear"
         return None
 
-    params = 0
+    params = floats = 0
     bit_params = 0.0
     macs_total = 0
     bops = 0.0
-    macs_known = True
+    macs_known = macs
     for node in g.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "MatMulNBits":  # B packed [N, blocks, blob]: K·N weights of `bits` bits
@@ -120,6 +124,7 @@ def from_graph(model) -> Resources:
         xprod = producers.get(node.input[0])
         a_bits = ACTIVATION_BITS if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear") else 32
         params += n_params
+        floats += n_params if bits >= 16 else 0
         bit_params += bits * n_params
         out = shapes.get(node.output[0])
         if not out or any(d is None for d in out[1:]):
@@ -141,12 +146,28 @@ def from_graph(model) -> Resources:
         macs=int(macs_total) if macs_known and params else None,
         bops=float(bops) if macs_known and params else None,
         source="graph",
+        float_params=int(floats),
     )
 
 
+MSG_STALE_METADATA = (
+    "%s: its fqexport metadata lists %d quantized weights, but the graph stores %d more weights in float "
+    "than the metadata's float layers (the file was edited after export: e.g. a tool folded its "
+    "DequantizeLinear nodes); resources are read from the graph"
+)
+
+
 def model_resources(path: str | Path, meta: ExportMetadata | None = None) -> Resources:
-    """Resources of the ONNX file at ``path``: the metadata's numbers, else the graph's."""
+    """Resources of the ONNX file at ``path``: the metadata's numbers, else the graph's — also when
+    the graph stores in float more than half of the weights the metadata lists as quantized (a
+    file edited after export; warned)."""
+    model = onnx.load(str(path), load_external_data=False)
     res = from_metadata(meta)
-    if res is not None:
-        return res
-    return from_graph(onnx.load(str(path), load_external_data=False))
+    if res is None:
+        return from_graph(model)
+    quantized = res.params - res.float_params
+    extra = from_graph(model, macs=False).float_params - res.float_params
+    if extra > 0.5 * quantized:
+        log.warning(MSG_STALE_METADATA, path, quantized, extra)
+        return from_graph(model)
+    return res

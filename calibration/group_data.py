@@ -109,6 +109,7 @@ class GroupData(GroupViews):
 MSG_UNKNOWN_GROUP = (
     "group_weights names group {name!r}, which is not in the calibration data (groups: {groups})"
 )
+MSG_WEIGHED_TWICE = "group_weights weigh the group {name!r} twice (as {first!r} and as {second!r}): give each group once"
 MSG_ZERO_WEIGHTS = "group_weights {weights!r} give every group of {groups} weight 0: at least one must be > 0"
 MSG_NEEDS_COUNTS = "group_weights='samples' needs the groups' sample counts"
 
@@ -153,13 +154,17 @@ def group_weight_vector(weights, group_names, unknown: str = MSG_UNKNOWN_GROUP) 
     """
     names = list(group_names)
     v = np.zeros(len(names), dtype=np.float64)
+    given: dict[int, Any] = {}  # group index -> the key that weighed it
     for key, w in weights.items():
         if str(key) in names:
-            v[names.index(str(key))] = float(w)
+            i = names.index(str(key))
         elif isinstance(key, (int, np.integer)) and 0 <= int(key) < len(names):
-            v[int(key)] = float(w)
-        elif isinstance(key, str) and key.isdigit() and int(key) < len(names):
-            v[int(key)] = float(w)
+            i = int(key)
+        elif isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < len(names):
+            i = int(key)
         else:
             raise ConfigError(unknown.format(name=key, groups=", ".join(names)))
+        if i in given:  # by name and by id: whichever came last would win
+            raise ConfigError(MSG_WEIGHED_TWICE.format(name=names[i], first=given[i], second=key))
+        given[i], v[i] = key, float(w)
     return v

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -105,7 +106,7 @@ def read_groups_csv(spec: GroupsFromCSV) -> dict[Any, str]:
                 if not group:
                     raise data_error(source, MSG_CSV_EMPTY.format(line=line, column=spec.column))
                 if spec.key == "index":
-                    if not value.isdigit():
+                    if not (value.isascii() and value.isdigit()):
                         raise data_error(source, MSG_CSV_INDEX.format(line=line, value=value))
                     key: Any = int(value)
                 else:
@@ -141,13 +142,18 @@ def csv_groups(spec: GroupsFromCSV, n: int, source: str, paths: Sequence[str] | 
 
 
 def text_groups(texts: Sequence[str]) -> np.ndarray:
-    """A CSV column's groups: int64 ids when the entries are the integers 0 .. K−1, else names
-    (years, site numbers: every CSV cell is text, so "2019" and "2020" name two groups)."""
-    if all(t.lstrip("-").isdigit() for t in texts):
+    """A CSV column's groups: int64 ids when the entries are the integers 0 .. K−1 written plainly,
+    else names (years, site numbers: every CSV cell is text, so "2019" and "2020" name two groups;
+    "1" and "01" two groups too)."""
+    # ids only when each text is how its integer is written ("01" and "1", "²" are names)
+    if all(_ASCII_INT.fullmatch(t) and t == str(int(t)) for t in texts):
         ids = np.array([int(t) for t in texts], dtype=np.int64)
         if np.array_equal(np.unique(ids), np.arange(len(np.unique(ids)))):
             return ids
     return np.array(texts)
+
+
+_ASCII_INT = re.compile(r"-?[0-9]+")
 
 
 def groups_up_front(groups: Any, n: int, source: str, paths: Callable[[], Sequence[str] | None]

@@ -32,6 +32,15 @@ def test_unknown_group_and_all_zero_weights_are_config_errors():
     assert str(err.value) == MSG_ZERO_WEIGHTS.format(weights={"rare": 0.0}, groups=list(NAMES))
 
 
+def test_a_group_weighed_twice_by_name_and_by_id_is_refused():
+    """The later entry won silently (survey 29)."""
+    with pytest.raises(ConfigError, match=r"group_weights weigh the group 'majority' twice \(as 'majority' and as "
+                                          r"'0'\): give each group once"):
+        GroupWeights({"majority": 1.0, "minority": 1.0, "0": 5.0}).vector(NAMES)
+    with pytest.raises(ConfigError, match=r"group_weights names group '²'"):  # a digit, not an id
+        GroupWeights({"²": 1.0}).vector(NAMES)
+
+
 def test_a_group_without_a_calibration_sample_is_recorded_with_weight_zero():
     """num_calib below the number of groups draws none of a group: its Hessian term and statistics
     are empty, and the metadata says so instead of recording equal weights (survey 13)."""

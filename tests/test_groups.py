@@ -60,6 +60,16 @@ def test_csv_by_index_and_integer_ids(tmp_path):
     assert stream.y is None
 
 
+def test_csv_codes_that_are_not_plain_integers_are_names(tmp_path):
+    """"01" and "1" are two groups (they were merged into id 1); "²" is a name (int() raised: exit 3) (survey 29)."""
+    csv = _csv(tmp_path / "g.csv", "index,g\n0,0\n1,01\n2,1\n3,²\n")
+    stream = load_data([torch.zeros(2)] * 4, groups=GroupsFromCSV(csv, "g", key="index"))
+    assert stream.group_names == ("0", "01", "1", "²") and stream.group.tolist() == [0, 1, 2, 3]
+    with pytest.raises(DataError, match=r"index"):
+        load_data([torch.zeros(2)] * 1, groups=GroupsFromCSV(_csv(tmp_path / "h.csv", "index,g\n²,a\n"), "g",
+                                                             key="index"))
+
+
 def test_csv_errors_name_the_file_and_the_first_sample(tmp_path):
     ds = FolderLike(tmp_path)
     csv = _csv(tmp_path / "g.csv", "path,skin\ndog/0.png,dark\ncat/1.png,dark\n")

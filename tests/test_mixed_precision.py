@@ -459,6 +459,18 @@ def test_pareto_weight_bytes_count_float_layers_like_stored_bits(mlp_model, mlp_
     assert point.weight_bytes >= 4 * floats
 
 
+def test_pareto_sweep_warns_when_the_test_data_lacks_a_calibrated_group(mlp_model, mlp_data, caplog):
+    """Its worst-group column would silently cover the other groups only (survey 29)."""
+    mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(4, 8), num_candidates=1, mw_steps=2,
+                              sensitivity_samples=64)
+    keep = mlp_data.group == 0
+    only_a = GroupData(mlp_data.x[keep], mlp_data.y[keep], mlp_data.group[keep], ("a",), "only_a.npz")
+    with caplog.at_level("WARNING"):
+        (point,) = pareto_sweep(mlp_model, mlp_data, [6.0], mp, BASE, test=only_a, progress=False)
+    assert point.worst_group == "a"
+    assert f"no samples of group(s) 'b' of the calibration data {mlp_data.source}" in caplog.text
+
+
 def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search):
     mp = MixedPrecisionConfig(budget_bits=3.0, objective="mean", pins={"fc3": 8}, bit_choices=(2, 3, 4, 8))
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)

@@ -55,6 +55,10 @@ MSG_SKIPPED = (
     "budget {budget:g} skipped: below the minimum feasible budget {need} stored bits per weight (every free "
     "layer at {bmin} bits, pinned layers at their widths)"
 )
+MSG_TEST_ABSENT = (
+    "test data %s: no samples of group(s) %s of the calibration data %s: the worst-group figures of the sweep "
+    "leave them out; add their test samples"
+)
 INFEASIBLE = "infeasible"
 PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
                  "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from", "status",
@@ -171,6 +175,10 @@ def pareto_sweep(
         if task.needs_annotations(test):
             require_labels(test, "pareto_sweep's test accuracy")
         task.check_annotations(test, check_model_on_data(model, test, task))
+        present = {g for g, k in zip(test.group_names, test.group_counts()) if k > 0}
+        absent = [g for g in data.group_names if g not in present]
+        if absent and present & set(data.group_names):
+            log.warning(MSG_TEST_ABSENT, test.source, ", ".join(map(repr, absent)), data.source)
     with make_engine(template.engine, preload=[search_mixed_precision.__module__]) as engine:
         return _sweep(model, data, budgets, template, base_config, test, progress, engine, task)
 

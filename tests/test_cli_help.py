@@ -101,3 +101,15 @@ def test_docs_cli_md_lists_every_option_with_its_shown_help():
             row = f"| `{', '.join(a.option_strings)}` |"
             assert row in text, f"{name}: {row}"
             assert _shown_help(parser, a).replace("|", "\\|") in text
+
+
+def test_console_tables_keep_a_group_name_with_a_line_break_on_one_row(capsys):
+    """analyze, sweep and the fine-tuning tables printed the raw newline (survey 29)."""
+    from fqexport.cli.common import cell_text, display_width, print_table
+
+    print_table([{"group": "new\nline", "n": 1}, {"group": "tab\there\x1b[31m", "n": 2}, {"group": "東京", "n": 3}],
+                ["group", "n"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:4] == ["new\\nline          1", "tab\\there\\x1b[31m  2"]
+    assert lines[4].startswith("東京 ") and display_width(lines[4]) == display_width(lines[3])  # aligned
+    assert cell_text("a\u2028b\x85") == "a\\u2028b\\x85"

@@ -96,10 +96,17 @@ def test_group_names_with_pipes_and_line_breaks_keep_the_markdown_table(tmp_path
     table = text.split("## Per group\n\n")[1].split("\n\n")[0].splitlines()  # header, rule, groups, overall
     assert len(table) == 5
     assert len({len(line.replace("\\|", "").split("|")) for line in table}) == 1  # one column count
-    assert "| age\\|65+ | 4 | 100.00 |" in text and "| rural north | 4 | 50.00 |" in text
-    assert "- worst group: **rural north** 50.00 %" in text
-    assert "| min_worst_group_acc | 80 | 50.000 | rural north | **FAIL** |" in text
-    assert md_text("a|b\r\nc\rd") == "a\\|b c d"
+    # a line break is written \n: a space would read as another group, "rural north" (survey 29)
+    assert "| age\\|65+ | 4 | 100.00 |" in text and "| rural\\nnorth | 4 | 50.00 |" in text
+    assert "- worst group: **rural\\nnorth** 50.00 %" in text
+    assert "| min_worst_group_acc | 80 | 50.000 | rural\\nnorth | **FAIL** |" in text
+    assert md_text("a|b\r\nc\rd") == "a\\|b\\r\\nc\\rd"
+
+
+def test_group_names_are_literal_text_in_the_markdown_report():
+    """Names were live Markdown/HTML: <b>&amp; rendered as "&", *x* in italics, [a](b) a link (survey 29)."""
+    assert md_text("<b>&amp;") == "&lt;b&gt;&amp;amp;"
+    assert md_text("*star* [link](x) `code` a_b \\") == "\\*star\\* \\[link\\](x) \\`code\\` a\\_b \\\\"
     assert markdown_table([{"group": "a|b", "n": 1}]) == "| group | n |\n|---|---|\n| a\\|b | 1 |\n"
 
 

@@ -9,9 +9,10 @@ dataclasses and ``fqexport.errors``, so ``--help`` and every flag error appear b
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import unicodedata
-from typing import Sequence
+from typing import Any, Sequence
 
 from fqexport.errors import ConfigError
 
@@ -94,11 +95,22 @@ def pad(text: str, width: int) -> str:
     return text + " " * (width - display_width(text))
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, the Unicode line breaks
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def cell_text(value: Any) -> str:
+    """``value`` for one table cell: control characters (a group name's line break or tab) as
+    their escapes, ``\\n``, so that the row stays one line."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}" if ord(m.group()) > 0xFF
+                                               else f"\\x{ord(m.group()):02x}"), str(value))
+
+
 def print_table(rows: list[dict], columns: list[str], file=None) -> None:
     """Print ``rows`` as an aligned text table (aligned by terminal columns, so group names in
-    any script line up)."""
+    any script line up; control characters escaped: :func:`cell_text`)."""
     file = file or sys.stdout
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[cell_text(r.get(c, "")) for c in columns] for r in rows]
     widths = [max([display_width(c)] + [display_width(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
     print("  ".join(pad(c, w) for c, w in zip(columns, widths)), file=file)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from fqexport.cli.common import EXIT_OK, display_width, pad
+from fqexport.cli.common import EXIT_OK, cell_text, display_width, pad
 from fqexport.cli.flags.shared import given_values
 from fqexport.cli.flags.validate import LATENCY_FLAGS, thresholds
 from fqexport.cli.tasks import task_line, task_of
@@ -42,20 +42,13 @@ def _cells(row, names) -> str:
     return " ".join(f"{row[k]:>8.4f}" if k == "loss" else f"{_pct(row[k]):>7}" for k in names)
 
 
-def _shown(name) -> str:
-    """A group name for the console: as it is, or quoted with escapes when it holds a control
-    character (a newline or a terminal escape would break the table or the terminal)."""
-    text = str(name)
-    return text if text.isprintable() else repr(text)
-
-
 def print_summary(report) -> None:
     """The per-group table and one PASS/FAIL line per check, on stdout."""
     m = report.metrics
     p = m.primary
     has_ref = report.reference_metrics is not None
     has_k = report.unoptimized_metrics is not None
-    w = max([16] + [display_width(_shown(g)) for g in m.by_group])  # group names in any script line up
+    w = max([16] + [display_width(cell_text(g)) for g in m.by_group])  # group names in any script line up
     header = f"{pad('group', w)} {'n':>7} " + " ".join(f"{HEADS.get(k, k):>{8 if k == 'loss' else 7}}"
                                                   for k in m.metric_names)
     header += f" {'ref %':>7} {'drop':>7}" if has_ref else ""
@@ -69,7 +62,7 @@ def print_summary(report) -> None:
         print(task_line(report.task))
     print(header)
     for name, r in m.by_group.items():
-        line = f"{pad(_shown(name), w)} {r['count']:>7} {_cells(r, m.metric_names)}"
+        line = f"{pad(cell_text(name), w)} {r['count']:>7} {_cells(r, m.metric_names)}"
         if has_ref:
             line += f" {_pct(report.reference_metrics.by_group[name][p]):>7} {_pct(report.group_drop[name]):>7}"
         if has_k:
@@ -77,9 +70,9 @@ def print_summary(report) -> None:
         print(line)
     print(f"{pad('overall', w)} {m.overall['count']:>7} {_cells(m.overall, m.metric_names)}")
     worst, acc = m.group_min()
-    unmeasured = [_shown(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
+    unmeasured = [cell_text(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
     among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
-    print(f"worst group {_shown(worst)}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp{among}")
+    print(f"worst group {cell_text(worst)}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp{among}")
     if report.absent_line():
         print(report.absent_line())
     if m.equalized_odds_difference is not None:
@@ -92,7 +85,7 @@ def print_summary(report) -> None:
         tm = report.target_metrics[target]
         dev = (report.target_kernel_deviation_by_group or {}).get(target)
         accs = ", ".join(
-            f"{_shown(g)} {_pct(r[p]).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
+            f"{cell_text(g)} {_pct(r[p]).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
             for g, r in tm.by_group.items()
         )
         how = "this CPU's own kernels" if target in report.target_native else "emulated"

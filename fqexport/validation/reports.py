@@ -37,9 +37,16 @@ _NEWLINES = re.compile(r"\r\n|\r|\n")
 
 
 def md_text(value: Any) -> str:
-    """``value`` as text for a Markdown table cell or list line: ``|`` escaped (it would split the
-    cell), each line break a space (it would end the row)."""
-    return _NEWLINES.sub(" ", str(value)).replace("|", "\\|")
+    """``value`` as literal text in a Markdown table cell or list line: Markdown's emphasis, code
+    and link marks and ``|`` (it would split the cell) backslash-escaped, ``<``/``>``/``&`` as
+    HTML entities (a group named ``<b>`` is not markup), a line break as ``\\n`` (it would end
+    the row; a space would make ``new\\nline`` read as the group ``new line``)."""
+    text = _MD_MARKS.sub(r"\\\g<0>", str(value))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _NEWLINES.sub(lambda m: m.group().replace("\r", "\\r").replace("\n", "\\n"), text)
+
+
+_MD_MARKS = re.compile(r"[\\`*_\[\]|]")
 
 
 def xml_text(value: Any) -> str:

@@ -264,7 +264,8 @@ def test_group_mismatch_is_a_data_error(mlp_cm2, mlp_data):
     other = GroupData(mlp_data.x, mlp_data.y, mlp_data.group, ("x", "y"), "train.npz")
     with pytest.raises(DataError) as err:
         finetune(mlp_cm2, other, FinetuneConfig(**FAST), progress=False)
-    assert str(err.value).startswith("train.npz: the training data's groups (x, y) do not match the calibration")
+    assert str(err.value).startswith("train.npz: the training data's groups do not match the calibration data's "
+                                     "(missing from the training data: 'a', 'b'; not in the calibration data: 'x', 'y')")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA")

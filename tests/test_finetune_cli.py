@@ -45,7 +45,8 @@ def test_train_groups_not_matching_calibration_is_bad_input(mlp_files, mlp_data,
     out = tmp_path / "m.onnx"
     code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", train))
     assert code == 2 and not out.exists()
-    assert f"{train}: the training data's groups (young, old) do not match the calibration data's groups (a, b)" in err
+    assert (f"{train}: the training data's groups do not match the calibration data's (missing from the training "
+            "data: 'a', 'b'; not in the calibration data: 'young', 'old')") in err
 
 
 def test_bad_sampler_option_value_is_bad_input(mlp_files, tmp_path):

@@ -16,7 +16,7 @@ from fqexport.errors import DataError
 from fqexport.validation.reports import METRIC_LABELS
 from fqexport.finetune.api import finetune, finetune_widths
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.start import MSG_GROUPS
+from fqexport.finetune.start import group_mismatch
 from fqexport.model import CompressedModel
 
 
@@ -46,8 +46,7 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
     if getattr(args, "task", None) == "classification" and getattr(train, "annotations", None) is None:
         require_labels(train, "finetune")
     if calib_groups is not None and sorted(train.group_names) != sorted(calib_groups):  # any order: renumbered
-        raise DataError(MSG_GROUPS.format(source=train.source, train=", ".join(train.group_names),
-                                          calib=", ".join(calib_groups)))
+        raise DataError(group_mismatch(train.source, train.group_names, calib_groups))
     return FinetunePlan(config, train, parse_export_bits(args.export_bits))
 
 

@@ -4,7 +4,7 @@ the training data fits that model (groups, sample shape, labels)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -19,9 +19,19 @@ from fqexport.pipeline.compress import compress
 from fqexport.tasks.base import Task
 
 MSG_GROUPS = (
-    "{source}: the training data's groups ({train}) do not match the calibration data's groups "
-    "({calib}); give training data with the same group names"
+    "{source}: the training data's groups do not match the calibration data's ({diff}); give training data "
+    "with the same group names"
 )
+
+
+def group_mismatch(source: str, train: Sequence[str], calib: Sequence[str]) -> str:
+    """:data:`MSG_GROUPS` naming the groups each side lacks (not two lists to compare by eye)."""
+    quoted = lambda names: ", ".join(repr(str(n)) for n in names)  # noqa: E731
+    missing = [g for g in calib if g not in train]
+    extra = [g for g in train if g not in calib]
+    diff = "; ".join(part for part in (f"missing from the training data: {quoted(missing)}" if missing else "",
+                                       f"not in the calibration data: {quoted(extra)}" if extra else "") if part)
+    return MSG_GROUPS.format(source=source, diff=diff)
 MSG_SHAPE = (
     "{source}: field 'x' has sample shape {got}, but the model was compressed for {want}; "
     "give training data of the calibration data's shape"
@@ -52,8 +62,7 @@ def check_train_data(data: GroupData | DataStream, cm: CompressedModel) -> Group
     string groups come sorted); a DataError unless it has the calibration's groups, sample shape
     and labels (boxes, masks) in the model's classes."""
     if sorted(data.group_names) != sorted(cm.group_names):
-        raise DataError(MSG_GROUPS.format(source=data.source, train=", ".join(data.group_names),
-                                          calib=", ".join(cm.group_names)))
+        raise DataError(group_mismatch(data.source, data.group_names, cm.group_names))
     data = data.in_group_order(cm.group_names)
     shape = tuple(data.sample_shape)
     if shape != tuple(cm.input_shape):

@@ -140,6 +140,21 @@ def test_qoperator_and_dynamic_files_count_their_int8_weights(setup):
     assert dyn.macs == MACS
 
 
+def test_a_weight_two_nodes_share_counts_once_in_params_and_twice_in_macs():
+    """A layer called twice is one stored weight: counted twice, validate took an untouched file for
+    one edited after export (survey 28)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    res = from_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert (res.params, res.float_params, res.macs) == (16, 16, 32)
+
+
 def test_thresholds_fail_and_name_group_value(setup):
     d, data = setup
     # The float model's labels with a quarter of the minority relabelled: no model can score 100 % on

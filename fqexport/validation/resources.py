@@ -36,7 +36,8 @@ WEIGHT_OPS = {
 class Resources:
     """Σ over weight layers; ``macs``/``bops`` per sample, ``None`` when unknown.
 
-    avg_weight_bits = Σ bits·params / Σ params;  BOPs = Σ bits_w · bits_a · MACs.
+    avg_weight_bits = Σ bits·params / Σ params (each stored weight once);  BOPs = Σ bits_w · bits_a · MACs
+    (per node: a layer called twice computes twice).
     """
 
     avg_weight_bits: float
@@ -98,6 +99,7 @@ def from_graph(model, *, macs: bool = True) -> Resources:
         return None
 
     params = floats = 0
+    counted: set[str] = set()
     bit_params = 0.0
     macs_total = 0
     bops = 0.0
@@ -109,13 +111,14 @@ def from_graph(model, *, macs: bool = True) -> Resources:
                 continue
             n_params, bits, wshape, rule = int(attrs["K"]) * int(attrs["N"]), int(attrs.get("bits", 4)), \
                 [int(attrs["K"]), int(attrs["N"])], "matmul"
-            integer_input = False
+            integer_input, stored = False, node.input[1]
         elif node.op_type in WEIGHT_OPS:
             x_at, w_at, rule, integer_input = WEIGHT_OPS[node.op_type]
             w = weight_of(node.input[w_at]) if len(node.input) > w_at else None
             if w is None:
                 continue
             tensor, _ = w
+            stored = tensor.name
             wshape = list(tensor.dims)
             n_params = int(np.prod(wshape)) if wshape else 1
             bits = _BITS.get(onnx.TensorProto.DataType.Name(tensor.data_type), 32)
@@ -123,9 +126,11 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             continue
         xprod = producers.get(node.input[0])
         a_bits = ACTIVATION_BITS if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear") else 32
-        params += n_params
-        floats += n_params if bits >= 16 else 0
-        bit_params += bits * n_params
+        if stored not in counted:  # a weight two nodes share (a layer called twice) is stored once
+            counted.add(stored)
+            params += n_params
+            floats += n_params if bits >= 16 else 0
+            bit_params += bits * n_params
         out = shapes.get(node.output[0])
         if not out or any(d is None for d in out[1:]):
             macs_known = False

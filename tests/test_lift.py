@@ -306,3 +306,19 @@ def test_a_parametrized_layer_is_quantized_with_the_weight_it_computes(wrap, tmp
     assert sorted(cm.layers) == ["0", "4"] and (tmp_path / "m.onnx").is_file()
     with torch.no_grad():
         torch.testing.assert_close(net[0].weight, want)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch: the hook-based weight_norm is deprecated
+def test_a_hook_weight_norm_model_compresses_without_a_forward_first(tmp_path):
+    """torch.nn.utils.weight_norm leaves a non-leaf `weight` that copy.deepcopy refused: exit 3 (survey 28)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(3, 6, 3, padding=1)), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(6, 3)).eval()
+    assert not net[0].weight.is_leaf  # the state a freshly wrapped layer is in
+    x = np.random.default_rng(0).normal(size=(48, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, y=(np.arange(48) % 3).astype(np.int64), group=(np.arange(48) % 2).astype(np.int64))
+    cm = compress(net, str(tmp_path / "c.npz"), QuantConfig(num_calib=48), progress=False)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(cm.predict(x, quantized=False), want, atol=1e-5)
+    assert sorted(cm.layers) == ["0", "4"]

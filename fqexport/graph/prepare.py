@@ -288,6 +288,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of the user's ``model``. A tensor attribute computed with autograd on (the
+    hook-based ``weight_norm``'s ``weight = g · v / ||v||``, set when the hook is installed) is
+    not a graph leaf, which ``copy.deepcopy`` refuses: the copy holds it detached (its hook
+    recomputes it from the copied ``g`` and ``v`` at the next forward)."""
+    memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
+            if isinstance(t, torch.Tensor) and not t.is_leaf}
+    return copy.deepcopy(model, memo)
+
+
 def float32(model: nn.Module) -> nn.Module:
     """``model`` with float32 parameters and buffers (what fqexport calibrates, quantizes and
     exports against): a float32 copy of a float16/bfloat16/float64 model, else ``model`` itself."""
@@ -296,7 +306,7 @@ def float32(model: nn.Module) -> nn.Module:
         return model
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()} - {"float32"})
     log.info("the model's %s weights are computed in float32 (a float32 copy)", "/".join(dtypes))
-    return copy.deepcopy(model).float()
+    return copy_model(model).float()
 
 
 def user_hooks(m: nn.Module) -> int:
@@ -330,7 +340,7 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
     source = model if owner is None else owner  # warnings are given once per user model
     model = unwrap_model(model)
     if any(decompose_attention_needed(m) for m in model.modules()):
-        model, swapped = decompose_attention(copy.deepcopy(model))
+        model, swapped = decompose_attention(copy_model(model))
         log.info("traced through attention modules: %s", ", ".join(swapped))
     # a hook on the model itself: fx runs its forward and drops it (a submodule is called through
     # Module.__call__, its hooks traced; a leaf runs as a module); torch.export calls the model
@@ -405,7 +415,7 @@ def _plain_parametrized_layers(gm: torch.fx.GraphModule) -> None:
         with torch.no_grad():
             values = {name: getattr(layer, name).detach().clone() for name in
                       (layer.parametrizations if parametrize.is_parametrized(layer) else ())}
-            plain = copy.deepcopy(layer)
+            plain = copy_model(layer)
             if values:  # not remove_parametrizations: the copy shares its class, whose properties it would delete
                 plain.__class__ = type(layer).__bases__[0]  # parametrize's class derives from the layer's own
                 del plain._modules["parametrizations"]
@@ -884,7 +894,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     owner = model if owner is None else owner
     model = float32(unwrap_model(model))
     if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
-        model = copy.deepcopy(model).eval()
+        model = copy_model(model).eval()
     raw = trace(model, owner=owner, example=example)
     skipped = check_supported(raw, skip_unsupported, owner=owner)
     kept = kept_float_layers(raw, tuple(keep_float))

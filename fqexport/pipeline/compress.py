@@ -45,7 +45,8 @@ from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.loading import STATIC_BATCH_KEY
-from fqexport.graph.prepare import LayerInfo, count_macs, first_output, prepare_model, run_model, unwrap_model
+from fqexport.graph.prepare import (LayerInfo, copy_model, count_macs, first_output, prepare_model, run_model,
+                                    unwrap_model)
 from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
@@ -390,7 +391,7 @@ def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task 
     reason back into the returned model's metadata)."""
     if isinstance(task, Task):
         return task, "given"
-    evaluated = copy.deepcopy(model).eval() if model.training else model
+    evaluated = copy_model(model).eval() if model.training else model
     return resolve_task(task, data, model_output(evaluated, data))
 
 
@@ -584,7 +585,7 @@ def compress(
     data = load_data(calib)
     device = resolve_device(config.device, "QuantConfig.device")
     # a copy without wrappers (DataParallel, torch.compile), in float32 (a float16/bfloat16 model too)
-    source, model = model, copy.deepcopy(unwrap_model(model)).eval().cpu().float()
+    source, model = model, copy_model(unwrap_model(model)).eval().cpu().float()
     # 1. load & check: trace, fold BN, find the layers; 2. a group-balanced calibration subset
     #    (of streamed data, only these samples are read); the data fits the model: every sample
     #    in memory, the subset of a stream

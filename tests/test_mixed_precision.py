@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from dataclasses import replace
@@ -469,6 +470,30 @@ def test_pareto_sweep_warns_when_the_test_data_lacks_a_calibrated_group(mlp_mode
         (point,) = pareto_sweep(mlp_model, mlp_data, [6.0], mp, BASE, test=only_a, progress=False)
     assert point.worst_group == "a"
     assert f"no samples of group(s) 'b' of the calibration data {mlp_data.source}" in caplog.text
+
+
+class _Counting(torch.nn.Module):
+    """The trained MLP behind a forward that counts its calls in a buffer (monitoring code)."""
+
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.mlp(x)
+
+
+def test_the_search_leaves_the_callers_model_as_it_was(mlp_model, mlp_data):
+    """It ran the caller's eval-mode model (its buffers moved); compress copies first (survey 28)."""
+    model = _Counting(copy.deepcopy(mlp_model)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(4, 8), num_candidates=1, mw_steps=2,
+                              sensitivity_samples=64)
+    search_mixed_precision(model, mlp_data, mp, BASE, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and int(model.calls) == 0
 
 
 def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search):

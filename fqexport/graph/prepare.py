@@ -889,12 +889,14 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     UnsupportedLayerError when no layer is left to quantize, and ModelLoadError when the model
     cannot be traced. ``example``: a batch of inputs for :func:`fold_batchnorm`'s shapes.
     ``owner``: the user's model when ``model`` is a copy of it (its warnings are given once per
-    owner; default ``model``).
+    owner; default ``model``, which is then copied first).
     """
+    mine = owner is not None and owner is not model  # the caller's own copy of the user's model
     owner = model if owner is None else owner
     model = float32(unwrap_model(model))
-    if model.training:  # trace in eval mode: `self.training` is baked into the traced graph
-        model = copy_model(model).eval()
+    if not mine:  # the traced graph shares its modules: folding BN on it ran the user's buffers
+        model = copy_model(model)
+    model = model.eval()  # trace in eval mode: `self.training` is baked into the traced graph
     raw = trace(model, owner=owner, example=example)
     skipped = check_supported(raw, skip_unsupported, owner=owner)
     kept = kept_float_layers(raw, tuple(keep_float))

@@ -391,8 +391,8 @@ def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task 
     reason back into the returned model's metadata)."""
     if isinstance(task, Task):
         return task, "given"
-    evaluated = copy_model(model).eval() if model.training else model
-    return resolve_task(task, data, model_output(evaluated, data))
+    # a copy: running the user's model would move the state its forward keeps (counters, caches)
+    return resolve_task(task, data, model_output(copy_model(unwrap_model(model)).eval(), data))
 
 
 def check_model_on_data(model: nn.Module, data: GroupData | DataStream, task: Task | None = None) -> int:

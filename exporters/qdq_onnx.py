@@ -35,7 +35,7 @@ from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
-from fqexport.graph.prepare import check_materialized
+from fqexport.graph.prepare import check_materialized, unwrap_model
 from fqexport.metadata import layer_records
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,6 +147,7 @@ def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path
     output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector)."""
     path = Path(path)
     check_materialized(model)
+    model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     modes = {m: m.training for m in model.modules()}  # the caller's model comes back in its own modes
     try:
         proto = torch_to_onnx(model.eval(), example, what="float", output_name=output_name)

@@ -328,3 +328,8 @@ class TokenMLP(nn.Module):
     def forward(self, x):
         t = x.unflatten(1, (8, 24))
         return self.head(self.fc2(nn.functional.gelu(self.fc1(t))).mean(1))
+
+
+def compiled_tiny_mlp() -> nn.Module:
+    """A training script's factory: the model behind torch.compile (compiled only when first called)."""
+    return torch.compile(tiny_mlp())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -342,3 +343,26 @@ def test_a_pickled_model_whose_class_lived_in_the_saving_script_gets_the_way_out
         f"{tmp_path / 'model.pt'}: the pickled model's class 'ScriptNet' was defined in the script that saved it "
         "(module '__main__'), which fqexport cannot import: move the class into a module (e.g. net.py) and save "
         "again, or save model.state_dict() and load it with --model net:ScriptNet --weights <file>")
+
+
+def test_plain_weights_load_into_a_factory_that_returns_a_compiled_model(tmp_path):
+    """The loader matched the checkpoint against the wrapper's _orig_mod.* keys: exit 2 (survey 28)."""
+    trained = fm.tiny_mlp()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    torch.save(trained.state_dict(), tmp_path / "plain.pt")
+    model = load_model("fixtures_models:compiled_tiny_mlp", weights=str(tmp_path / "plain.pt"))
+    inner = model._orig_mod
+    assert all(torch.equal(a, b) for a, b in zip(inner.state_dict().values(), trained.state_dict().values()))
+
+
+def test_export_float_takes_a_compiled_model(tmp_path, mlp_model, mlp_data):
+    """torch.onnx failed on the wrapper with an IndexError (survey 28)."""
+    from fqexport.exporters.ort_session import make_session, run_batches
+    from fqexport.exporters.qdq_onnx import export_float
+
+    res = export_float(torch.compile(mlp_model), torch.from_numpy(mlp_data.x[:2]), tmp_path / "f.onnx")
+    with torch.no_grad():
+        want = mlp_model(torch.from_numpy(mlp_data.x[:50])).numpy()
+    np.testing.assert_allclose(run_batches(make_session(res.path), mlp_data.x[:50], 50), want, atol=1e-5)

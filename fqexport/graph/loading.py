@@ -20,6 +20,7 @@ from torch import nn
 
 from fqexport.errors import ModelLoadError
 from fqexport.graph.decode import with_decode
+from fqexport.graph.prepare import unwrap_model
 from fqexport.graph.exported_program import (
     MSG_PT2_UNSAFE,
     lift_exported_modules,
@@ -346,11 +347,14 @@ def load_model(
         raise ModelLoadError(MSG_SPEC.format(spec=spec))
 
     if weights is not None:
-        state = _without_wrapper_prefix(load_state_dict_file(weights), model, Path(weights))
+        # into the module a torch.compile / DataParallel factory wraps: it shares the wrapper's weights,
+        # and a checkpoint holds its keys (any wrapper's prefix is stripped to match them)
+        target = unwrap_model(model)
+        state = _without_wrapper_prefix(load_state_dict_file(weights), target, Path(weights))
         try:
-            model.load_state_dict(state, strict=True)
+            target.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            detail = _describe_mismatch(model, state) or str(err)
+            detail = _describe_mismatch(target, state) or str(err)
             raise ModelLoadError(f"{weights}: state_dict does not match the model from {spec!r}: {detail}") from err
     if decode is not None:
         model = with_decode(model.eval(), load_decode(decode), name=str(decode))

@@ -610,3 +610,17 @@ def test_a_varargs_forward_takes_the_batch_as_its_first_input():
     assert [n.target for n in prepared.folded.graph.nodes if n.op == "placeholder"] == ["x"]
     with pytest.raises(ModelLoadError, match=r"forward takes \*inputs and uses more than its first item: .* wrap it"):
         prepare_model(_VarArgs(both=True).eval())
+
+
+def test_a_batchnorm_without_running_statistics_is_warned_about(caplog):
+    """It normalises each batch by its own statistics: per-group figures depend on the batch size (survey 28)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    with caplog.at_level("WARNING"):
+        prepare_model(model, example=torch.randn(2, 3, 8, 8))
+    assert "BatchNorm '1' keeps no running statistics (track_running_stats=False)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 2)).eval(),
+                      example=torch.randn(2, 3, 8, 8))
+    assert "running statistics" not in caplog.text

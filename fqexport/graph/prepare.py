@@ -91,6 +91,12 @@ MSG_TRACE = (
     "data-dependent Python control flow; export it with torch.export to a .pt2 file or simplify "
     "the forward"
 )
+MSG_BATCH_STATS = (
+    "BatchNorm {layers} keeps no running statistics (track_running_stats=False): at inference it normalises "
+    "each batch with that batch's own mean and variance, so a sample's output depends on the samples it is "
+    "batched with (the file does the same; validate's per-group figures change with --batch-size). Train "
+    "with running statistics, or replace it (e.g. GroupNorm) to get outputs that do not"
+)
 MSG_VARARGS = (
     "the model's forward takes {name} and uses more than its first item: fqexport feeds the model one "
     "tensor; wrap it in a module whose forward(self, x) calls it"
@@ -906,6 +912,11 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     floats = (*float_layers(raw), *kept)
+    batch_stats = [str(n.target) for n in raw.graph.nodes if n.op == "call_module"
+                   and isinstance(raw.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm)
+                   and raw.get_submodule(str(n.target)).running_mean is None]
+    if batch_stats:
+        _warn_once(owner, MSG_BATCH_STATS.format(layers=", ".join(f"'{b}'" for b in batch_stats)))
     folded, bn_convs = fold_batchnorm(raw, example)
     folded = folded.eval().cpu()
     layers = quantizable_layers(folded, skipped | {k.name for k in kept}, bn_convs)

@@ -161,5 +161,7 @@ def test_training_data_with_the_calibrations_groups_in_another_order_is_renumber
         np.testing.assert_array_equal(got.group, mlp_data.group)  # each sample keeps its group's name
         assert data.group_names == names[::-1]  # the caller's data is not modified
     other = GroupData(mlp_data.x, mlp_data.y, mlp_data.group, ("x", "y"), "o.npz")
-    with pytest.raises(DataError, match=r"o.npz: the training data's groups \(x, y\) do not match"):
+    with pytest.raises(DataError, match=r"o.npz: the training data's groups do not match the calibration data's "
+                                        r"\(missing from the training data: 'a', 'b'; not in the calibration data: "
+                                        r"'x', 'y'\)"):
         check_train_data(other, cm)

@@ -72,7 +72,9 @@ def _as_int_array(a: np.ndarray, field: str, source: str) -> np.ndarray:
         raise data_error(
             source,
             f"field '{field}' must hold integers, found the non-integer value {bad.flat[0].item()!r} "
-            f"(dtype {a.dtype}); store {field} as integer ids",
+            f"(dtype {a.dtype}); store {field} as integer ids"
+            + (" (class labels: fqexport measures classifiers, detectors and segmenters; regression targets are "
+               "not supported)" if field == "y" else ""),
         )
     raise data_error(
         source,

@@ -167,8 +167,40 @@ def test_a_dict_output_is_named_with_the_wrapper_advice():
 def test_output_that_is_not_logits_names_the_data_file_and_field(cnn_data):
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(DataError, match=rf"{re.escape(cnn_data.source)}: field 'x' with sample shape \(3, 16, 16\) "
-                       r"gives a model output of shape \(2, 4, 14, 14\), not class logits \[batch, classes\]"):
+                       r"gives a model output of shape \(4, 14, 14\) per sample, not class logits \[batch, classes\]"):
         _compress(net, cnn_data)
+
+
+def test_a_one_value_or_unflattened_output_gets_its_own_advice(cnn_data):
+    """[N] and [N, C, 1, 1] were told to check x's shape (survey 31)."""
+    class OneValue(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 16 * 16, 1)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)).squeeze(1)
+
+    with pytest.raises(DataError, match=r"the model returns one value per sample \(output \[batch\]\).* a regressor "
+                                        r"is not supported"):
+        _compress(OneValue(), cnn_data)
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(DataError, match=r"the model returns \[batch, 4, 1, 1\] \(a conv head without a flatten\).*"
+                                        r"\.flatten\(1\)"):
+        _compress(head, cnn_data)
+
+
+def test_the_search_checks_the_output_and_labels_before_any_loss(mlp_model, mlp_data):
+    """compress --budget-bits on a 4-class model with labels 0..9 was an IndexError in the
+    sensitivity's cross-entropy: exit 3 (survey 31)."""
+    from fqexport.config import MixedPrecisionConfig
+    from fqexport.search.mixed_precision import search_mixed_precision
+
+    y = mlp_data.y.copy()
+    y[5] = 9
+    bad = GroupData(mlp_data.x, y, mlp_data.group, mlp_data.group_names, "y10.npz")
+    with pytest.raises(DataError, match=r"y10.npz: field 'y' holds the label 9 outside \[0, 4\)"):
+        search_mixed_precision(mlp_model, bad, MixedPrecisionConfig(budget_bits=6.0), progress=False)
 
 
 def test_a_one_logit_binary_classifier_is_refused_with_the_two_logit_wrapper_that_works():

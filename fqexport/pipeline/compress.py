@@ -388,11 +388,14 @@ def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task 
     """``task`` as a Task object and how it was chosen (``"given"`` or ``"inferred: …"``), inferred
     from ``data`` and ``model``'s output when None (as :func:`compress` does): how the search and
     the sweep learn the task before any fit (they hand the object to every fit, and put the
-    reason back into the returned model's metadata)."""
-    if isinstance(task, Task):
-        return task, "given"
+    reason back into the returned model's metadata). The model's output and the data's labels
+    are checked for the task (a DataError, as :func:`compress` gives)."""
     # a copy: running the user's model would move the state its forward keeps (counters, caches)
-    return resolve_task(task, data, model_output(copy_model(unwrap_model(model)).eval(), data))
+    out = model_output(copy_model(unwrap_model(model)).eval(), data)
+    chosen, why = (task, "given") if isinstance(task, Task) else resolve_task(task, data, out)
+    # the output and the labels checked as compress checks them, before any loss is computed on them
+    chosen.check_annotations(data, chosen.check_output(out, data))
+    return chosen, why
 
 
 def check_model_on_data(model: nn.Module, data: GroupData | DataStream, task: Task | None = None) -> int:

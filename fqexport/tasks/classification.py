@@ -23,9 +23,19 @@ MSG_ONE_LOGIT = (
     "the exported model's output is then your logit"
 )
 MSG_NOT_LOGITS = (
-    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape}, not class "
+    "{source}: field 'x' with sample shape {sample} gives a model output of shape {shape} per sample, not class "
     "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
     "quantizes classifiers that return logits [batch, classes])"
+)
+MSG_ONE_VALUE = (
+    "{source}: the model returns one value per sample (output [batch]), not class logits [batch, classes]. A "
+    "binary classifier's logit z: return torch.stack([torch.zeros_like(z), z], dim=1) (softmax([0, z]) is "
+    "[1 - sigmoid(z), sigmoid(z)]); a regressor is not supported (fqexport measures classifiers, detectors and "
+    "segmenters)"
+)
+MSG_UNFLATTENED = (
+    "{source}: the model returns [batch, {c}, 1, 1] (a conv head without a flatten), not class logits "
+    "[batch, classes]: end its forward with .flatten(1)"
 )
 
 # the session outputs validate measures (checked before any number is trusted)
@@ -124,8 +134,12 @@ class Classification(Task):
                            "loss cross-entropy against its top-1")
 
     def check_output(self, out: Any, data: Any) -> int:
+        if isinstance(out, torch.Tensor) and out.dim() == 1:
+            raise DataError(MSG_ONE_VALUE.format(source=data.source))
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and tuple(out.shape[2:]) == (1, 1):
+            raise DataError(MSG_UNFLATTENED.format(source=data.source, c=out.shape[1]))
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
         if out.shape[1] == 1:
             raise DataError(MSG_ONE_LOGIT.format(source=data.source))

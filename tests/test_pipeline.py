@@ -522,3 +522,31 @@ def test_data_that_does_not_fit_a_traced_op_is_one_error_line_without_fx_code(ca
         compress(_Flatten768(), data, QuantConfig(num_calib=8), progress=False)
     err = capfd.readouterr().err
     assert "FX-traced Module" not in err and "Traceback" not in err
+
+
+class _SoftmaxHead(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return torch.softmax(self.mlp(x), dim=1)
+
+
+def test_a_classifier_returning_probabilities_keeps_its_logits_float_and_is_warned_about(mlp_model, mlp_data,
+                                                                                         tmp_path, caplog):
+    """The logits went through a uint8 pair before the softmax; the losses read probabilities as logits
+    without a word (survey 31)."""
+    import onnx
+
+    from fqexport.exporters.qdq_onnx import export_qdq
+
+    with caplog.at_level("WARNING"):
+        cm = compress(_SoftmaxHead(copy.deepcopy(mlp_model)).eval(), mlp_data, QuantConfig(num_calib=128),
+                      progress=False)
+    assert "the model returns probabilities (every output row lies in [0, 1] and sums to 1" in caplog.text
+    graph = onnx.load(str(export_qdq(cm, tmp_path / "p.onnx").path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    (softmax,) = [n for n in graph.node if n.op_type == "Softmax"]
+    assert producer[softmax.input[0]].op_type in ("Gemm", "MatMul", "Add")  # the logits, not a DequantizeLinear
+    assert any("softmax" in op for op in cm.metadata.float_ops)

@@ -55,3 +55,24 @@ def tail_ops(gm: torch.fx.GraphModule, tail: set[torch.fx.Node]) -> tuple[str, .
     """``"name (op)"`` of each op of ``tail`` in graph order (the output node left out)."""
     modules = dict(gm.named_modules())
     return tuple(f"{n.name} ({_op_name(n, modules)})" for n in gm.graph.nodes if n in tail and n.op != "output")
+
+
+# A classifier head that normalises its logits inside the model (probabilities, log-probabilities)
+_NORMALISERS = {"softmax", "log_softmax", "sigmoid"}
+_NORMALISER_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
+
+
+def normalised_output_tail(gm: torch.fx.GraphModule) -> set[torch.fx.Node] | None:
+    """The float tail (:func:`float_tail`) when it holds a softmax, log_softmax or sigmoid (a
+    classifier that returns probabilities): its logits then stay float before it, as a plain
+    classifier's do; else None (the output alone stays float)."""
+    tail = float_tail(gm)
+    modules = dict(gm.named_modules())
+
+    def normalises(n: torch.fx.Node) -> bool:
+        if n.op == "call_module":
+            return isinstance(modules.get(str(n.target)), _NORMALISER_MODULES)
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        return n.op in ("call_method", "call_function") and name in _NORMALISERS
+
+    return tail if any(normalises(n) for n in tail) else None

@@ -3,6 +3,7 @@ in the export check. fqexport's default task, and its behaviour before tasks exi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +13,11 @@ from torch import nn
 
 from fqexport.calibration.checks import check_labels, require_labels
 from fqexport.errors import DataError, ModelLoadError
+from fqexport.graph.float_tail import normalised_output_tail
 from fqexport.metrics.group_metrics import GroupMetrics, agreement, cross_entropy, group_metrics
 from fqexport.tasks.base import Comparison, Task
+
+log = logging.getLogger(__name__)
 
 MSG_ONE_LOGIT = (
     "{source}: the model returns one logit per sample (a sigmoid / BCE binary classifier); fqexport "
@@ -45,6 +49,24 @@ MSG_LABELS = (
 )
 MSG_OUTPUT = "model {model} returns output of shape {shape}; fqexport validates classifiers with logits [N, C]"
 
+MSG_PROBABILITIES = (
+    "%s: the model returns probabilities (every output row lies in [0, 1] and sums to 1: a softmax inside the "
+    "model); fqexport reads its output as logits: accuracy and agreement are right, but the losses (validate's "
+    "per-group loss, the search's objective, analyze) are the cross-entropy of softmax(probabilities), not of "
+    "the model. Return the logits (drop the final softmax; log_softmax is fine) for true losses"
+)
+_warned_probabilities: set[str] = set()
+
+
+def warn_if_probabilities(rows: np.ndarray, where: str) -> None:
+    """Warn (once per ``where``) when ``rows`` ``[N, C]`` look like probabilities, not logits."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if (where not in _warned_probabilities and rows.size and np.isfinite(rows).all() and rows.min() >= 0
+            and rows.max() <= 1 and np.allclose(rows.sum(axis=1), 1.0, atol=1e-4)):
+        _warned_probabilities.add(where)
+        log.warning(MSG_PROBABILITIES, where)
+
+
 MIN_AGREEMENT = 0.99
 # Samples whose reference top-2 logits are closer than this fraction of the typical logit
 # spread (median over samples of max - min logit) are near-ties: ORT's kernels round
@@ -67,6 +89,7 @@ def check_logits(logits: np.ndarray, model: str, data: Any) -> None:
     c = logits.shape[1]
     if c == 1:
         raise ModelLoadError(MSG_ONE_LOGIT.format(source=model))
+    warn_if_probabilities(logits, f"model {model}")
     bad = (data.y < 0) | (data.y >= c)
     if bad.any():
         raise DataError(
@@ -133,6 +156,10 @@ class Classification(Task):
     without_annotations = ("; the data has no labels: accuracy is top-1 agreement with the float model and the "
                            "loss cross-entropy against its top-1")
 
+    def float_tail(self, gm: torch.fx.GraphModule, layers: set[str]) -> set[torch.fx.Node] | None:
+        """A softmax / log_softmax / sigmoid after the logits and the logits before it stay float."""
+        return normalised_output_tail(gm)
+
     def check_output(self, out: Any, data: Any) -> int:
         if isinstance(out, torch.Tensor) and out.dim() == 1:
             raise DataError(MSG_ONE_VALUE.format(source=data.source))
@@ -143,6 +170,7 @@ class Classification(Task):
             raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
         if out.shape[1] == 1:
             raise DataError(MSG_ONE_LOGIT.format(source=data.source))
+        warn_if_probabilities(out.detach().float().numpy(), "the model")
         return int(out.shape[1])
 
     def check_annotations(self, data: Any, num_classes: int) -> None:

@@ -496,6 +496,16 @@ def test_the_search_leaves_the_callers_model_as_it_was(mlp_model, mlp_data):
     assert all(torch.equal(before[k], after[k]) for k in before) and int(model.calls) == 0
 
 
+def test_a_sweep_on_unlabelled_data_says_its_figures_compare_with_the_float_model(mlp_model, mlp_data):
+    """"accuracy" was top-1 agreement with the float model, unsaid (survey 31)."""
+    mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(4, 8), num_candidates=1, mw_steps=2,
+                              sensitivity_samples=64)
+    unlabelled = GroupData(mlp_data.x, None, mlp_data.group, mlp_data.group_names, "nolabels.npz")
+    (point,) = pareto_sweep(mlp_model, unlabelled, [6.0], mp, BASE, progress=False)
+    assert point.metric == "accuracy against the float model's outputs (the data has no labels)"
+    assert point.float_worst_group_acc == 1.0
+
+
 def test_mean_objective_selects_by_overall_accuracy(mlp_model, mlp_data, search):
     mp = MixedPrecisionConfig(budget_bits=3.0, objective="mean", pins={"fc3": 8}, bit_choices=(2, 3, 4, 8))
     res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, sensitivity=search.sensitivity)

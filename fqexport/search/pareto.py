@@ -59,6 +59,7 @@ MSG_TEST_ABSENT = (
     "test data %s: no samples of group(s) %s of the calibration data %s: the worst-group figures of the sweep "
     "leave them out; add their test samples"
 )
+UNLABELLED = " against the float model's outputs (the data has no labels)"
 INFEASIBLE = "infeasible"
 PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
                  "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from", "status",
@@ -87,7 +88,7 @@ class ParetoPoint:
     reused_from: float | None = None  # a smaller budget whose result this point reuses
     status: str = "ok"
     min_feasible_budget: float | None = None
-    metric: str = "accuracy"  # what the *_acc figures measure: the task's search metric (map50, miou)
+    metric: str = "accuracy"  # what the *_acc figures measure: the task's search metric (map50, miou), + UNLABELLED
 
     @property
     def feasible(self) -> bool:
@@ -192,6 +193,9 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
     afterwards and may still dip)."""
     floor = BudgetFloor.of(model, data, template, base_config or QuantConfig())
     need = f"{floor.value:g}"
+    metric = task.search_metric
+    if test is None and data.y is None and getattr(data, "annotations", None) is None:
+        metric += UNLABELLED  # the search distils: its figures compare with the float model's outputs
     if not any(floor.feasible(b) for b in budgets):
         storage = (base_config or QuantConfig()).storage
         fix = FIX_RAISE.format(need=need)
@@ -214,7 +218,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             log.info(MSG_SKIPPED.format(budget=b, need=need, bmin=floor.bmin))
             nan = float("nan")
             points.append(ParetoPoint(float(b), nan, nan, "", nan, nan, nan, nan, {}, status=INFEASIBLE,
-                                      min_feasible_budget=floor.value, metric=task.search_metric))
+                                      min_feasible_budget=floor.value, metric=metric))
             continue
         mp = replace(template, budget_bits=float(b), budget_bytes=None, budget_bops=None)
         res = search_mixed_precision(model, data, mp, base_config, progress=progress, sensitivity=table,
@@ -240,7 +244,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             worst, float(worst_acc), float(m.overall[m.primary]),
             float(f.group_min()[1]), float(f.overall[f.primary]), dict(res.allocation.bits),
             res.allocation.stored_bits, res.chosen.measured_worst, reused, min_feasible_budget=floor.value,
-            metric=task.search_metric,
+            metric=metric,
         ))
     return points
 

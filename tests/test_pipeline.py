@@ -190,6 +190,16 @@ def test_a_one_value_or_unflattened_output_gets_its_own_advice(cnn_data):
         _compress(head, cnn_data)
 
 
+def test_one_output_with_labels_beyond_one_is_refused_as_a_regressor():
+    """The binary-classifier advice (cat([0, z])) would then fail on labels 2..5 (survey 31)."""
+    rng = np.random.default_rng(0)
+    data = GroupData(rng.standard_normal((32, 6)).astype(np.float32), np.arange(32) % 6, np.arange(32) % 2,
+                     ("a", "b"), "counts.npz")
+    with pytest.raises(DataError, match=r"counts.npz: the model returns one value per sample \(\[batch, 1\]\) and the "
+                                        r"labels go up to 5: a regressor \(or a count model\) is not supported"):
+        compress(nn.Sequential(nn.Linear(6, 1)).eval(), data, QuantConfig(num_calib=32), progress=False)
+
+
 def test_the_search_checks_the_output_and_labels_before_any_loss(mlp_model, mlp_data):
     """compress --budget-bits on a 4-class model with labels 0..9 was an IndexError in the
     sensitivity's cross-entropy: exit 3 (survey 31)."""

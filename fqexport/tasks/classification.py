@@ -31,6 +31,11 @@ MSG_NOT_LOGITS = (
     "logits [batch, classes]: check that 'x' holds samples of the model's input shape (fqexport "
     "quantizes classifiers that return logits [batch, classes])"
 )
+MSG_ONE_OUTPUT = (
+    "{source}: the model returns one value per sample ([batch, 1]) and the labels go up to {top}: a regressor "
+    "(or a count model) is not supported: fqexport measures classifiers that return one logit per class "
+    "([batch, classes]), detectors and segmenters"
+)
 MSG_ONE_VALUE = (
     "{source}: the model returns one value per sample (output [batch]), not class logits [batch, classes]. A "
     "binary classifier's logit z: return torch.stack([torch.zeros_like(z), z], dim=1) (softmax([0, z]) is "
@@ -169,6 +174,10 @@ class Classification(Task):
             shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_NOT_LOGITS.format(source=data.source, sample=data.sample_shape, shape=shape))
         if out.shape[1] == 1:
+            y = getattr(data, "y", None)
+            top = int(np.max(y)) if y is not None and len(y) else None
+            if top is not None and top > 1:  # not a binary classifier's labels
+                raise DataError(MSG_ONE_OUTPUT.format(source=data.source, top=top))
             raise DataError(MSG_ONE_LOGIT.format(source=data.source))
         warn_if_probabilities(out.detach().float().numpy(), "the model")
         return int(out.shape[1])

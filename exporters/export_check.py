@@ -178,6 +178,12 @@ def _judge_logits(judge: Judge, file: Path, x: np.ndarray) -> np.ndarray:
     return run_batches(session, x, 128)
 
 
+MSG_NONFINITE_REFERENCE = (
+    "{path}: the PyTorch reference outputs NaN or Inf on {n} of the {total} calibration samples: the model "
+    "does not compute finite outputs, so no file can be checked against it; nothing was written"
+)
+
+
 def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group: np.ndarray, *, target: str,
                  full_range: bool, path: Path, task: Task | None = None,
                  shaken: np.ndarray | None = None) -> tuple[Verdict, ...]:
@@ -191,6 +197,9 @@ def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group:
     ``full_range``: the weights use the full 8-bit range (names the saturation as the cause).
     """
     task = task or Classification()
+    if not np.isfinite(want).all():  # NaN agrees with NaN under argmax: the check would pass a broken file
+        bad = int((~np.isfinite(want.reshape(len(want), -1))).any(axis=1).sum())
+        raise ExportError(MSG_NONFINITE_REFERENCE.format(path=path, n=bad, total=len(want)))
     verdicts = []
     with tempfile.TemporaryDirectory(prefix="fqexport-check-") as tmp:
         file = Path(tmp) / path.name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fqexport.errors import ConfigError
+from fqexport.errors import ConfigError, ExportError
 from fqexport.exporters import cpu_isa as cpu_isa_mod
 from fqexport.exporters.cpu_isa import HOST_KERNELS_ENV, host_family, runs_natively
 from fqexport.exporters.export_check import (
@@ -14,6 +14,7 @@ from fqexport.exporters.export_check import (
     MAX_EMULATED_SAMPLES,
     TARGET_FAMILIES,
     Judge,
+    check_export,
     check_subset,
     kernel_judges,
 )
@@ -136,3 +137,15 @@ def test_agreement_check_allows_one_flip_but_not_two_on_small_sets():
     for i in range(2, 11):
         got[i, want[i].argmax()] = want[i].min() - 1.0
     assert agreement_failed(got, want, tie=0.05)
+
+
+def test_a_reference_with_nan_outputs_fails_the_check_before_any_judge():
+    """NaN logits agree with NaN logits under argmax: the check passed a file that outputs NaN (survey 30)."""
+    import pathlib
+
+    want = np.zeros((6, 3), np.float32)
+    want[4, 0] = np.nan
+    with pytest.raises(ExportError, match=r"m.onnx: the PyTorch reference outputs NaN or Inf on 1 of the 6 "
+                                          r"calibration samples"):
+        check_export(None, want, np.zeros((6, 2), np.float32), np.zeros(6, np.int64), target="portable",
+                     full_range=False, path=pathlib.Path("m.onnx"))

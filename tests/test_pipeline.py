@@ -560,3 +560,26 @@ def test_a_classifier_returning_probabilities_keeps_its_logits_float_and_is_warn
     (softmax,) = [n for n in graph.node if n.op_type == "Softmax"]
     assert producer[softmax.input[0]].op_type in ("Gemm", "MatMul", "Add")  # the logits, not a DequantizeLinear
     assert any("softmax" in op for op in cm.metadata.float_ops)
+
+
+def test_a_parameter_holding_nan_is_refused_by_name_and_a_mask_buffer_of_minus_inf_is_not(mlp_model, mlp_data):
+    """A NaN bias was exported, and the export check passed it (NaN agrees with NaN under argmax) (survey 30)."""
+    broken = copy.deepcopy(mlp_model)
+    with torch.no_grad():
+        broken.fc3.bias[1] = float("nan")
+    with pytest.raises(ModelLoadError, match=r"the model's parameter 'fc3.bias' holds NaN or Inf \(1 of its 4 "
+                                             r"values\)"):
+        compress(broken, mlp_data, QuantConfig(num_calib=64), progress=False)
+    masked = copy.deepcopy(mlp_model)
+    masked.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))
+    assert compress(masked, mlp_data, QuantConfig(num_calib=64), progress=False).layers
+
+
+def test_group_metrics_refuse_nan_logits():
+    """argmax counted a NaN row as class 0: analyze printed accuracies for an all-NaN model (survey 30)."""
+    from fqexport.metrics.group_metrics import group_metrics
+
+    logits = np.zeros((4, 3), np.float32)
+    logits[2, 1] = np.nan
+    with pytest.raises(DataError, match=r"the logits hold NaN or Inf on 1 of the 4 samples"):
+        group_metrics(logits, np.zeros(4), np.zeros(4), ("a",))

@@ -268,13 +268,24 @@ MSG_META = (
 )
 
 
+MSG_NONFINITE = (
+    "the model's {what} '{name}' holds NaN or Inf ({n} of its {total} values), so its outputs are not finite "
+    "(nothing to quantize or measure them against); check the checkpoint (a diverged training run, a failed conversion)"
+)
+
+
 def check_materialized(model: nn.Module) -> None:
     """ModelLoadError naming the first parameter or buffer on the ``meta`` device (one built under
-    ``torch.device('meta')`` and never loaded), rather than torch's "Cannot copy out of meta tensor"."""
+    ``torch.device('meta')`` and never loaded), rather than torch's "Cannot copy out of meta tensor",
+    and the first parameter holding NaN or Inf (a buffer holding NaN)."""
     for what, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
             if t.is_meta:
                 raise ModelLoadError(MSG_META.format(what=what, name=name))
+            # a parameter must be finite; a buffer may hold -inf (an attention mask), not NaN
+            bad = (~torch.isfinite(t) if what == "parameter" else torch.isnan(t)) if t.is_floating_point() else None
+            if bad is not None and bool(bad.any()):
+                raise ModelLoadError(MSG_NONFINITE.format(what=what, name=name, n=int(bad.sum()), total=t.numel()))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

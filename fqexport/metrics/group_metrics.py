@@ -18,6 +18,10 @@ import numpy as np
 from fqexport.errors import DataError
 
 METRICS = ("accuracy", "loss")
+MSG_NONFINITE = (
+    "the logits hold NaN or Inf on {n} of the {total} samples: no accuracy or loss can be computed (argmax would "
+    "count those samples as class 0); check the model"
+)
 MSG_SHAPES = (
     "group_metrics: logits must be [N, C] with C >= 1 and y, group must be [N]; "
     "got logits {logits}, y {y}, group {group}"
@@ -191,6 +195,9 @@ def group_metrics(
     ):
         raise DataError(MSG_SHAPES.format(logits=logits.shape, y=y.shape, group=group.shape))
     n, num_classes = logits.shape
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.all():  # argmax would count a NaN row as class 0
+        raise DataError(MSG_NONFINITE.format(n=int((~finite).sum()), total=n))
     if n and (y.min() < 0 or y.max() >= num_classes):
         bad = int(y[(y < 0) | (y >= num_classes)][0])
         raise DataError(MSG_LABEL_RANGE.format(label=bad, num_classes=num_classes, last=num_classes - 1))

@@ -583,3 +583,18 @@ def test_group_metrics_refuse_nan_logits():
     logits[2, 1] = np.nan
     with pytest.raises(DataError, match=r"the logits hold NaN or Inf on 1 of the 4 samples"):
         group_metrics(logits, np.zeros(4), np.zeros(4), ("a",))
+
+
+def test_a_dead_relu_layer_exports_and_matches_the_float_model(mlp_model, mlp_data, tmp_path):
+    """An activation that is always 0 on the calibration data got scale 1e-8: the next layer's int32 bias
+    (steps of s_x·s_w) overflowed in ORT and the export check failed, blaming the kernels (survey 30)."""
+    from fqexport.exporters.ort_session import make_session, run_batches
+    from fqexport.exporters.qdq_onnx import export_qdq
+
+    dead = copy.deepcopy(mlp_model)
+    with torch.no_grad():
+        dead.fc1.bias.fill_(-1000.0)  # relu(fc1(x)) == 0 for every sample
+    cm = compress(dead, mlp_data, QuantConfig(num_calib=128), progress=False)
+    got = run_batches(make_session(export_qdq(cm, tmp_path / "dead.onnx").path), mlp_data.x[:64], 64)
+    np.testing.assert_allclose(got, cm.predict(mlp_data.x[:64]), atol=1e-4)  # the reference, to rounding
+    np.testing.assert_allclose(got, cm.predict(mlp_data.x[:64], quantized=False), atol=1e-2)

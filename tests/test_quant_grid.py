@@ -47,7 +47,9 @@ def test_act_qparams_range_is_widened_to_contain_zero():
 
 
 def test_act_qparams_degenerate_range():
-    assert act_qparams(0.0, 0.0) == (1e-8, 0)
+    # scale 1 (ORT's quantizer's choice): a 1e-8 scale made the next layer's int32 bias overflow in ORT (survey 30)
+    assert act_qparams(0.0, 0.0) == (1.0, 0) and act_qparams(0.0, 0.0, symmetric=True) == (1.0, 0)
+    assert act_qparams(0.0, 5e-9) == (1.0, 0)
 
 
 def test_act_qparams_zero_is_exactly_representable():

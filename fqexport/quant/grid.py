@@ -193,11 +193,13 @@ def act_qparams(lo: float, hi: float, symmetric: bool = False) -> tuple[float, i
     """(scale, zero point) for the range [lo, hi], widened to contain 0: uint8 asymmetric, or with
     ``symmetric`` int8 with zero point 0 and ``scale = max(|lo|, |hi|) / 127``."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    # a range under 1e-8 (a dead ReLU, constant-zero inputs): scale 1, as ORT's quantizer gives it;
+    # a tiny scale put the next layer's int32 bias (steps of s_x·s_w) beyond int32 in ORT's kernels
     if symmetric:
         top = max(-lo, hi)
-        return (top / ACT_SYM_QMAX if top >= 1e-8 else 1e-8), 0
+        return (top / ACT_SYM_QMAX if top >= 1e-8 else 1.0), 0
     if hi - lo < 1e-8:
-        return 1e-8 if hi == lo else (hi - lo) / ACT_QMAX, 0
+        return 1.0, 0
     scale = (hi - lo) / (ACT_QMAX - ACT_QMIN)
     zero_point = int(round(ACT_QMIN - lo / scale))
     return scale, max(ACT_QMIN, min(ACT_QMAX, zero_point))

@@ -32,7 +32,7 @@ def test_symmetric_qparams_map_the_largest_magnitude_to_127_with_zero_point_0():
     assert act_qparams(-1.0, 3.0, symmetric=True) == (pytest.approx(3.0 / 127), 0)
     assert act_qparams(-5.0, 2.0, symmetric=True) == (pytest.approx(5.0 / 127), 0)
     assert act_qparams(0.0, 6.0, symmetric=True) == (pytest.approx(6.0 / 127), 0)  # after a ReLU: half the codes
-    assert act_qparams(0.0, 0.0, symmetric=True) == (1e-8, 0)
+    assert act_qparams(0.0, 0.0, symmetric=True) == (1.0, 0)  # a zero range: scale 1, as ORT's quantizer
     assert act_qparams(-1.0, 3.0) == (pytest.approx(4.0 / 255), 64)  # the uint8 scheme unchanged
     assert act_code_range(True) == (-128, 127) and act_code_range(False) == (0, 255)
 

@@ -309,3 +309,16 @@ def test_allocation_options_count_bytes_for_their_target():
     # a budget only the CPU's narrow containers meet is infeasible for the GPU
     assert AllocationOptions(Budget("bytes", 2000.0), target="gpu").uniforms(t, infos) == []
     assert [a.uniform_width for a in AllocationOptions(Budget("bytes", 2000.0)).uniforms(t, infos)] == [4, 3, 2]
+
+
+def test_a_nan_or_all_infinite_sensitivity_is_named_not_reported_as_a_budget():
+    """It read "the budget bits=5 cannot be met ... needs 3.63" (survey 30)."""
+    t, infos = minority_layer_case()
+    t.delta[1, 2, 1] = np.nan
+    with pytest.raises(ConfigError, match=r"the sensitivity of layer 'minority_path' at 4 bits for group 'minority' "
+                                          r"is nan"):
+        candidate_allocations(t, infos, Budget("bits", 5.0))
+    t, infos = minority_layer_case()
+    t.delta[0, :, 0] = np.inf
+    with pytest.raises(ConfigError, match=r"the sensitivity of layer 'shared' at 2 bits for group 'majority' is inf"):
+        candidate_allocations(t, infos, Budget("bits", 5.0))

@@ -363,11 +363,24 @@ def _problem(table, infos, budget, pins, storage, overhead: float = 0.0, target:
         if l not in by_name:
             raise ConfigError(MSG_LAYER_INFO.format(layer=l))
     layer_infos = [by_name[l] for l in table.layers]
+    for i, layer in enumerate(table.layers):  # not a budget question: said as what it is
+        d = table.delta[i]  # [bits, groups]
+        bad = np.isnan(d) | np.isposinf(d).all(axis=0, keepdims=True)
+        if bad.any():
+            k, g = np.argwhere(bad)[0]
+            raise ConfigError(MSG_NONFINITE_SENSITIVITY.format(layer=layer, bits=table.bits[k], group=table.groups[g],
+                                                               value=d[k, g]))
     options, res = layer_options(layer_infos, table.bits, resolve_pins(pins, table.layers), budget.kind, storage, target)
     delta = [np.stack([_delta_for(table, l, b) for b in opts]) for l, opts in zip(table.layers, options)]
     return _Problem(tuple(table.layers), tuple(options), tuple(delta), tuple(res),
                     budget_capacity(layer_infos, budget, overhead), tuple(table.groups), float(overhead),
                     storage, target)
+
+
+MSG_NONFINITE_SENSITIVITY = (
+    "the sensitivity of layer '{layer}' at {bits} bits for group '{group}' is {value} (and no width of it is "
+    "finite where that is inf): the model's loss is not finite there; check the model and the calibration data"
+)
 
 
 def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: int, budget: Budget, bmin: int) -> tuple[int, ...]:

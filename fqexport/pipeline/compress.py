@@ -291,6 +291,21 @@ MSG_WEIGHTS_UNDRAWN = (
 )
 
 
+MSG_IDENTICAL_SAMPLES = (
+    "%s: the %d calibration samples drawn are all the same input (%s): every "
+    "activation range is fitted to that one point, and the file will be wrong on real inputs; check the data "
+    "(an unfilled buffer, a normalisation that zeroes it)"
+)
+
+
+def _warn_identical_samples(sub: GroupData) -> None:
+    """Warn when every calibration sample drawn is the same input (never in an engine's worker)."""
+    x = sub.x
+    if len(x) > 1 and not in_worker() and bool((x == x[:1]).all()):
+        value = "all zeros" if not np.any(x[:1]) else "one repeated input"
+        log.warning(MSG_IDENTICAL_SAMPLES, sub.source, len(x), value)
+
+
 def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
     """Warn (once per data and draw in a process, never in an engine's worker) when a group has
     fewer than :data:`MIN_GROUP_SAMPLES` calibration samples."""
@@ -597,6 +612,7 @@ def compress(
     prepared = prepare_model(model, config.skip_unsupported, config.keep_float, example=example_batch(sub),
                              owner=source)
     _warn_few_group_samples(sub, config.num_calib)
+    _warn_identical_samples(sub)
     checked = data if isinstance(data, GroupData) else sub
     check_token_ids(prepared.folded, checked, sub, drawn, config.batch_size)  # a clear error, not an IndexError
     out = model_output(model, checked)

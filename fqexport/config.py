@@ -66,10 +66,46 @@ def check_seed(seed: object, name: str = "seed") -> None:
         raise ConfigError(f"{name}={seed!r} must be an integer in [0, {MAX_SEED}]")
 
 def check_bits(bits: object, where: str) -> int:
-    """``bits`` if it is a supported weight width (an int from 2 to 8), else ConfigError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_WEIGHT_BITS:
+    """``bits`` as an int if it is a supported weight width (an integer from 2 to 8, numpy's
+    too), else ConfigError."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or int(bits) not in SUPPORTED_WEIGHT_BITS:
         raise ConfigError(MSG_BITS.format(where=where, bits=bits))
-    return bits
+    return int(bits)
+
+
+MSG_TYPE = "{where}={value!r} must be {kind}"
+
+
+def as_int(value: object, where: str) -> int:
+    """``value`` as a Python int (numpy integers too), else ConfigError naming ``where`` (a bool,
+    a float, a string or None is not an integer here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(MSG_TYPE.format(where=where, value=value, kind="an integer"))
+    return int(value)
+
+
+def as_real(value: object, where: str) -> float:
+    """``value`` as a Python float (ints and numpy numbers too), else ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(MSG_TYPE.format(where=where, value=value, kind="a number"))
+    return float(value)
+
+
+def as_bool(value: object, where: str, optional: bool = False) -> bool | None:
+    """``value`` as a bool (numpy's too; ``None`` when ``optional``), else ConfigError: the string
+    "False" would count as true."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        kind = "True, False or None" if optional else "True or False"
+        raise ConfigError(MSG_TYPE.format(where=where, value=value, kind=kind))
+    return bool(value)
+
+
+def _set(spec: object, **values: object) -> None:
+    """Store normalised values on a frozen spec (plain Python numbers: the metadata is JSON)."""
+    for name, value in values.items():
+        object.__setattr__(spec, name, value)
 
 
 def check_choice(value: object, choices: tuple[str, ...], where: str) -> None:
@@ -152,17 +188,25 @@ class WeightSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_bits(self.weight_bits, "weight_bits")
-        for name, bits in dict(self.layer_bits).items():
-            check_bits(bits, f"layer_bits[{name!r}]")
+        if not isinstance(self.layer_bits, Mapping):
+            raise ConfigError(MSG_TYPE.format(where="layer_bits", value=self.layer_bits,
+                                              kind="a mapping of layer name to width, e.g. {'fc': 8}"))
+        _set(self, weight_bits=check_bits(self.weight_bits, "weight_bits"),
+             layer_bits={name: check_bits(bits, f"layer_bits[{name!r}]") for name, bits in self.layer_bits.items()})
         check_choice(self.method, get_args(Method), "method")
         check_choice(self.order, get_args(Order), "order")
         check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
         check_choice(self.weight_range, get_args(WeightRange), "weight_range")
-        if not (0.0 <= float(self.damp) < 10.0):
+        _set(self, damp=as_real(self.damp, "damp"), block_size=as_int(self.block_size, "block_size"),
+             clip_search=as_bool(self.clip_search, "clip_search", optional=True),
+             bias_correction=as_bool(self.bias_correction, "bias_correction"),
+             bn_reestimate=as_bool(self.bn_reestimate, "bn_reestimate"), strict=as_bool(self.strict, "strict"))
+        if not (0.0 <= self.damp < 10.0):
             raise ConfigError(f"damp={self.damp!r} must be in [0, 10)")
-        if int(self.block_size) < 1:
+        if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size!r} must be >= 1")
+        if self.keep_float is None:
+            raise ConfigError(MSG_TYPE.format(where="keep_float", value=None, kind="a pattern or a tuple of them"))
         object.__setattr__(self, "keep_float", _check_keep_float(self.keep_float))
 
     @property
@@ -194,13 +238,16 @@ class ActivationSpec:
 
     def __post_init__(self) -> None:
         check_choice(self.calibration, get_args(Calibration), "calibration")
-        if not (50.0 < float(self.percentile) <= 100.0):
+        _set(self, percentile=as_real(self.percentile, "percentile"), num_calib=as_int(self.num_calib, "num_calib"),
+             batch_size=as_int(self.batch_size, "batch_size"))
+        if not (50.0 < self.percentile <= 100.0):
             raise ConfigError(f"percentile={self.percentile!r} must be in (50, 100]")
-        if int(self.num_calib) < 1:
+        if self.num_calib < 1:
             raise ConfigError(f"num_calib={self.num_calib!r} must be >= 1")
-        if int(self.batch_size) < 1:
+        if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
         check_seed(self.seed)
+        _set(self, seed=int(self.seed))
         gw = self.group_weights
         if gw is not None and gw != "samples":
             if not isinstance(gw, Mapping) or not gw:
@@ -208,8 +255,10 @@ class ActivationSpec:
                     "group_weights must be None (equal per group), 'samples', "
                     "or a non-empty mapping of group name/id to weight"
                 )
+            gw = {g: as_real(w, f"group_weights[{g!r}]") for g, w in gw.items()}
+            _set(self, group_weights=gw)
             for g, w in gw.items():
-                if not (float(w) >= 0.0):
+                if not (w >= 0.0):
                     raise ConfigError(f"group_weights[{g!r}]={w!r} must be >= 0")
             if sum(float(w) for w in gw.values()) <= 0:
                 raise ConfigError("group_weights must not all be zero")
@@ -242,7 +291,8 @@ class RuntimeSpec:
 
     def __post_init__(self) -> None:
         check_choice(self.device, get_args(Device), "device")
-        if not (float(self.max_activation_memory_mb) >= 0.0):
+        _set(self, max_activation_memory_mb=as_real(self.max_activation_memory_mb, "max_activation_memory_mb"))
+        if not (self.max_activation_memory_mb >= 0.0):
             raise ConfigError(
                 f"max_activation_memory_mb={self.max_activation_memory_mb!r} must be >= 0 "
                 "(0 spills every cached activation to disk, inf keeps every one in memory)"

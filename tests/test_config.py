@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import get_args
 
+import numpy as np
 import pytest
 
 from fqexport.config import (
@@ -121,3 +122,35 @@ def test_mixed_precision_engine_given_by_its_kind():
         MixedPrecisionConfig(budget_bits=4.5, engine="threads")
     with pytest.raises(ConfigError, match=r"engine=4 must be an EngineConfig.*or an engine kind"):
         MixedPrecisionConfig(budget_bits=4.5, engine=4)
+
+
+def test_numpy_numbers_are_stored_as_python_numbers_and_the_settings_are_json():
+    """np.int64 seed passed the checks, then json.dumps of the file's metadata failed: exit 3 (survey 32)."""
+    import json
+
+    c = QuantConfig(seed=np.int64(1), damp=np.float32(0.02), block_size=np.int64(64), num_calib=np.int32(100),
+                    percentile=np.float64(99.9), weight_bits=np.int64(4), layer_bits={"fc": np.int8(8)},
+                    group_weights={"a": np.float32(2)}, max_activation_memory_mb=np.float64(10))
+    d = json.loads(json.dumps(c.to_dict()))
+    assert (d["seed"], d["block_size"], d["weight_bits"], d["layer_bits"], d["group_weights"]) == (1, 64, 4, {"fc": 8},
+                                                                                                    {"a": 2.0})
+    assert type(c.seed) is int and type(c.damp) is float and type(c.weight_bits) is int
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(strict="False"), "strict='False' must be True or False"),  # a truthy string turned strict mode on
+    (dict(bias_correction="no"), "bias_correction='no' must be True or False"),
+    (dict(clip_search="no"), "clip_search='no' must be True, False or None"),
+    (dict(damp=None), "damp=None must be a number"),
+    (dict(block_size="64"), "block_size='64' must be an integer"),
+    (dict(batch_size=16.5), "batch_size=16.5 must be an integer"),
+    (dict(num_calib=True), "num_calib=True must be an integer"),
+    (dict(layer_bits="fc=8"), "layer_bits='fc=8' must be a mapping of layer name to width"),
+    (dict(keep_float=None), "keep_float=None must be a pattern or a tuple of them"),
+    (dict(group_weights={"a": None}), "group_weights['a']=None must be a number"),
+])
+def test_a_wrong_type_is_a_config_error_naming_the_field(kw, text):
+    """Raw TypeErrors from float()/int() deep inside, or silently accepted (survey 32)."""
+    with pytest.raises(ConfigError) as err:
+        QuantConfig(**kw)
+    assert str(err.value).startswith(text)

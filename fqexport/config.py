@@ -640,11 +640,25 @@ class MixedPrecisionConfig:
         check_budget(name.removeprefix("budget_"), value)
         check_choice(self.objective, get_args(MixedObjective), "objective")
         check_choice(self.sensitivity, get_args(SensitivityMethod), "sensitivity")
-        check_bit_choices(self.bit_choices)
-        for pattern, bits in dict(self.pins).items():
-            check_bits(bits, f"pins[{pattern!r}]")
+        _set(self, bit_choices=check_bit_choices(self.bit_choices))  # sorted: (8, 4, 2) == (2, 4, 8)
+        if not isinstance(self.pins, Mapping):
+            raise ConfigError(MSG_TYPE.format(where="pins", value=self.pins,
+                                              kind="a mapping of layer pattern to width, e.g. {'fc': 8}"))
+        _set(self, pins={pattern: check_bits(bits, f"pins[{pattern!r}]") for pattern, bits in self.pins.items()})
         if self.pin_first_last is not None:
-            check_bits(self.pin_first_last, "pin_first_last")
+            _set(self, pin_first_last=check_bits(self.pin_first_last, "pin_first_last"))
+        _set(self, mean_weight=as_real(self.mean_weight, "mean_weight"),
+             num_candidates=as_int(self.num_candidates, "num_candidates"),
+             verify_folds=as_int(self.verify_folds, "verify_folds"), refit=as_bool(self.refit, "refit"),
+             verify_uniform=as_bool(self.verify_uniform, "verify_uniform"),
+             verify_mean=as_bool(self.verify_mean, "verify_mean"),
+             holdout_fraction=as_real(self.holdout_fraction, "holdout_fraction"),
+             sensitivity_samples=as_int(self.sensitivity_samples, "sensitivity_samples"),
+             mw_steps=as_int(self.mw_steps, "mw_steps"), mw_eta=as_real(self.mw_eta, "mw_eta"))
+        if self.cache_path is not None and not isinstance(self.cache_path, (str, os.PathLike)):
+            raise ConfigError(MSG_TYPE.format(where="cache_path", value=self.cache_path, kind="a file path or None"))
+        if self.group_weights is not None and isinstance(self.group_weights, Mapping):
+            _set(self, group_weights={g: as_real(w, f"group_weights[{g!r}]") for g, w in self.group_weights.items()})
         if self.objective == "weighted" and not self.group_weights:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
         if self.group_weights is not None and self.objective != "weighted":
@@ -654,7 +668,8 @@ class MixedPrecisionConfig:
         if int(self.num_candidates) < 1:
             raise ConfigError(f"num_candidates={self.num_candidates!r} must be >= 1")
         check_seed(self.seed)
-        if isinstance(self.verify_folds, bool) or not isinstance(self.verify_folds, int) or self.verify_folds < 1:
+        _set(self, seed=int(self.seed))
+        if self.verify_folds < 1:
             raise ConfigError(f"verify_folds={self.verify_folds!r} must be an integer >= 1 (1: a single hold-out split)")
         if not self.refit and self.verify_folds != 1:
             raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import get_args
 
 import numpy as np
@@ -154,3 +155,17 @@ def test_a_wrong_type_is_a_config_error_naming_the_field(kw, text):
     with pytest.raises(ConfigError) as err:
         QuantConfig(**kw)
     assert str(err.value).startswith(text)
+
+
+def test_mixed_precision_config_checks_types_and_sorts_the_widths():
+    """(8, 4, 2) compared unequal to the default and None/2.5 raised raw errors (survey 32)."""
+    from fqexport.config import MixedPrecisionConfig
+
+    assert MixedPrecisionConfig(budget_bits=3, bit_choices=[8, 4, 2]) == MixedPrecisionConfig(budget_bits=3)
+    c = MixedPrecisionConfig(budget_bits=3, pins={"fc": np.int64(8)}, verify_folds=np.int64(1))
+    assert type(c.pins["fc"]) is int and type(c.verify_folds) is int
+    for kw, text in [(dict(num_candidates=None), "num_candidates=None must be an integer"),
+                     (dict(pins=None), "pins=None must be a mapping"), (dict(cache_path=5), "cache_path=5 must be a file"),
+                     (dict(refit="no"), "refit='no' must be True or False")]:
+        with pytest.raises(ConfigError, match=re.escape(text)):
+            MixedPrecisionConfig(budget_bits=3, **kw)

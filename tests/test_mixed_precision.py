@@ -270,7 +270,7 @@ def test_cross_fitted_verification_holds_out_every_sample_once(mlp_model, mlp_da
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"verify_folds": 0}, "verify_folds=0 must be an integer >= 1"),
-    ({"verify_folds": 2.5}, "verify_folds=2.5 must be an integer >= 1"),
+    ({"verify_folds": 2.5}, "verify_folds=2.5 must be an integer"),
     ({"refit": False, "verify_folds": 3}, "refit=False needs verify_folds=1 .got 3."),
 ])
 def test_verify_folds_config_errors(kwargs, message):

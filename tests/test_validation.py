@@ -135,7 +135,7 @@ def test_qoperator_and_dynamic_files_count_their_int8_weights(setup):
     for name in ("qop", "dyn", "qdq"):
         res = from_graph(onnx.load(str(d / f"{name}.onnx")))
         assert (res.avg_weight_bits, res.params) == (8.0, PARAMS), name
-        assert res.bops in (None, 8 * 8 * MACS), name  # None: shape inference knows no com.microsoft output
+        assert res.bops == 8 * 8 * MACS, name  # a QGemm: K·N per sample without shape inference (survey 33)
     dyn = from_graph(onnx.load(str(d / "dyn.onnx")))
     assert dyn.macs == MACS
 
@@ -153,6 +153,31 @@ def test_a_weight_two_nodes_share_counts_once_in_params_and_twice_in_macs():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
     res = from_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
     assert (res.params, res.float_params, res.macs) == (16, 16, 32)
+
+
+def _graph_model(nodes, inits, x_shape, y_shape, opsets=(("", 21),)):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+
+
+def test_graph_resources_of_float16_cast_weights_conv_transpose_and_qgemm():
+    """float16 weights behind a Cast were 0 params at 32 bits; ConvTranspose MACs were Cout·s²/Cin off;
+    a QGemm (no shape inference rule) made every MAC unknown (survey 33)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    w16 = numpy_helper.from_array(np.ones((4, 3), np.float16), "w16")
+    cast = [helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT), helper.make_node("Gemm", ["x", "w"], ["y"])]
+    res = from_graph(_graph_model(cast, [w16], [1, 4], [1, 3]))
+    assert (res.params, res.avg_weight_bits, res.macs) == (12, 16.0, 12)
+    wt = numpy_helper.from_array(np.ones((16, 8, 2, 2), np.float32), "wt")
+    up = [helper.make_node("ConvTranspose", ["x", "wt"], ["y"], strides=[2, 2])]
+    res = from_graph(_graph_model(up, [wt], [1, 16, 4, 4], [1, 8, 8, 8]))
+    assert res.macs == 4 * 4 * 16 * 8 * 2 * 2  # each of the 16 input pixels meets the whole 16·8·2·2 kernel
 
 
 def test_thresholds_fail_and_name_group_value(setup):

@@ -23,7 +23,7 @@ _BITS = {"FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "DOUBLE": 64, "INT8": 8, "U
 
 # op -> (activation input, weight input, MAC rule, whether the activation input is integer)
 WEIGHT_OPS = {
-    "Conv": (0, 1, "conv", False), "ConvTranspose": (0, 1, "conv", False), "Gemm": (0, 1, "gemm", False),
+    "Conv": (0, 1, "conv", False), "ConvTranspose": (0, 1, "conv_transpose", False), "Gemm": (0, 1, "gemm", False),
     "MatMul": (0, 1, "matmul", False),
     # QOperator format (quantize_static(..., QuantFormat.QOperator)); com.microsoft's QGemm
     "QLinearConv": (0, 3, "conv", True), "QLinearMatMul": (0, 3, "matmul", True), "QGemm": (0, 3, "gemm", True),
@@ -90,12 +90,18 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     shapes = {vi.name: _shape_of(vi) for vi in (*g.value_info, *g.output, *g.input)}
 
     def weight_of(name: str):
-        """(initializer, came through DequantizeLinear) behind a node input, else None."""
-        if name in inits:
-            return inits[name], False
-        p = producers.get(name)
-        if p is not None and p.op_type in ("DequantizeLinear", "Transpose", "Identity", "Reshape") and p.input[0] in inits:
-            return inits[p.input[0]], p.op_type == "DequantizeLinear"
+        """(initializer, came through DequantizeLinear) behind a node input — through up to three
+        DequantizeLinear / Cast / Transpose / Identity / Reshape nodes (INT4 codes → Cast →
+        DequantizeLinear; float16 weights → Cast) — else None."""
+        dequantized = False
+        for _ in range(4):
+            if name in inits:
+                return inits[name], dequantized
+            p = producers.get(name)
+            if p is None or p.op_type not in ("DequantizeLinear", "Cast", "Transpose", "Identity", "Reshape"):
+                return None
+            dequantized |= p.op_type == "DequantizeLinear"
+            name = p.input[0]
         return None
 
     params = floats = 0
@@ -131,18 +137,22 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             params += n_params
             floats += n_params if bits >= 16 else 0
             bit_params += bits * n_params
-        out = shapes.get(node.output[0])
-        if not out or any(d is None for d in out[1:]):
-            macs_known = False
-            continue
-        per_out = int(np.prod(out[1:])) if len(out) > 1 else 1
-        if rule == "conv":
-            k = int(np.prod(wshape[1:]))  # Cin/groups · kh · kw
-        elif rule == "gemm":
-            k = wshape[1] if attrs.get("transB", 0) else wshape[0]
+        if rule == "gemm":  # A is [batch, K] by the op's definition: K·N per sample, whatever shape inference knows
+            macs = int(np.prod(wshape))
+        elif rule == "conv_transpose":  # every input pixel meets the whole kernel: H_in·W_in · Cin · Cout/g · kh · kw
+            inp = shapes.get(node.input[0])
+            if not inp or len(inp) < 3 or any(d is None for d in inp[2:]):
+                macs_known = False
+                continue
+            macs = int(np.prod(inp[2:])) * int(np.prod(wshape))
         else:
-            k = wshape[-2] if len(wshape) >= 2 else wshape[0]
-        macs = per_out * k
+            out = shapes.get(node.output[0])
+            if not out or any(d is None for d in out[1:]):
+                macs_known = False
+                continue
+            per_out = int(np.prod(out[1:])) if len(out) > 1 else 1
+            k = int(np.prod(wshape[1:])) if rule == "conv" else (wshape[-2] if len(wshape) >= 2 else wshape[0])
+            macs = per_out * k  # conv: Cin/groups · kh · kw per output value
         macs_total += macs
         bops += bits * a_bits * macs
     return Resources(

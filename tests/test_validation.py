@@ -155,6 +155,21 @@ def test_a_weight_two_nodes_share_counts_once_in_params_and_twice_in_macs():
     assert (res.params, res.float_params, res.macs) == (16, 16, 32)
 
 
+def test_a_dynamically_quantized_file_is_warned_to_depend_on_the_batch(setup, caplog):
+    """quantize_dynamic's per-batch ranges made per-group accuracy change with --batch-size, unsaid (survey 33)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    d, data = setup
+    quantize_dynamic(str(d / "float.onnx"), str(d / "dyn_b.onnx"), weight_type=QuantType.QInt8)
+    with caplog.at_level("WARNING"):
+        validate(d / "dyn_b.onnx", data, measure_latency=False, kernel_check=False, batch_size=32)
+    assert "quantizes its activations with one range per batch (DynamicQuantizeLinear" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        validate(d / "dyn_b.onnx", data, measure_latency=False, kernel_check=False, batch_size=1)
+    assert "one range per batch" not in caplog.text
+
+
 def _graph_model(nodes, inits, x_shape, y_shape, opsets=(("", 21),)):
     from onnx import TensorProto, helper
 

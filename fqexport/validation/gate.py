@@ -90,6 +90,25 @@ def _check_reference(model: str | Path, reference: str | Path) -> None:
         log.warning(MSG_REFERENCE_SAME_BYTES, reference, model)
 
 
+# ops whose result for one sample depends on the rest of its batch: one activation range per batch
+_PER_BATCH_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
+MSG_PER_BATCH = (
+    "%s quantizes its activations with one range per batch (%s, quantize_dynamic's ops): a sample's output "
+    "depends on the other samples of its batch, so the per-group figures are those of batches of %d in the "
+    "data's order (at batch 1, as often deployed, they differ); pass --batch-size 1 to measure one sample at a time"
+)
+
+
+def _warn_per_batch_ops(model: str | Path, batch_size: int) -> None:
+    """Warn when ``model`` holds ops that quantize activations per batch and batches hold > 1 sample."""
+    if int(batch_size) <= 1:
+        return
+    graph = onnx.load(str(model), load_external_data=False).graph
+    ops = sorted({n.op_type for n in graph.node if n.op_type in _PER_BATCH_OPS})
+    if ops:
+        log.warning(MSG_PER_BATCH, model, ", ".join(ops), int(batch_size))
+
+
 def _check_latency_batches(session: Any, batch_sizes: Sequence[int], t: Thresholds, model: str) -> None:
     """A model fixed to one batch is timed at it whatever batch was asked: with a latency limit
     that would leave the limit unchecked at the other batches (a ConfigError), else a warning."""
@@ -153,6 +172,7 @@ def validate(
     meta = read_metadata(model)
     plain = Runner(provider=provider, threads=threads, batch_size=batch_size, progress=progress)
     session = plain.open(model)
+    _warn_per_batch_ops(model, batch_size)
     if measure_latency:
         _check_latency_batches(session, latency_batch_sizes, t, str(model))
     gd = read_test_data(data)

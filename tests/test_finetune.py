@@ -593,3 +593,10 @@ def test_finetune_leaves_the_callers_random_stream_alone_and_is_seeded_by_its_co
     b = finetune(mlp_cm2, mlp_data, cfg, progress=False)
     for name in a.layers:
         assert torch.equal(a.layers[name].codes, b.layers[name].codes)
+
+
+def test_two_ptq_widths_for_the_start_are_refused(mlp_model, mlp_data):
+    """FinetuneConfig.weight_bits=8 with quant_config.weight_bits=4 gave a 4-bit model silently (survey 32)."""
+    with pytest.raises(ConfigError, match=r"FinetuneConfig.weight_bits=8 and quant_config.weight_bits=4 both give"):
+        finetune(mlp_model, mlp_data, FinetuneConfig(**{**FAST, "weight_bits": 8}), quant_config=QuantConfig(weight_bits=4),
+                 progress=False)

@@ -96,3 +96,13 @@ def test_unknown_metric_names_choices():
     gm = group_metrics(np.eye(2), np.array([0, 1]), np.array([0, 0]), ("a",))
     with pytest.raises(KeyError, match="choose one of accuracy, loss"):
         gm.difference("f1")
+
+
+def test_duplicate_group_names_and_fractional_labels_are_refused():
+    """["a", "a"] merged two groups into one row; y + 0.7 was truncated (survey 32)."""
+    logits, y, g = np.eye(3)[[0, 1, 2, 0]], np.array([0, 1, 2, 0]), np.array([0, 0, 1, 1])
+    with pytest.raises(DataError, match=r"group_names \['a', 'a'\] name a group twice"):
+        group_metrics(logits, y, g, ["a", "a"])
+    with pytest.raises(DataError, match=r"y holds the non-integer label 0.7"):
+        group_metrics(logits, y + 0.7, g, ["a", "b"])
+    assert group_metrics(logits, y.astype(np.float32), g, ["a", "b"]).by_group["a"]["accuracy"] == 1.0

@@ -680,3 +680,12 @@ def test_a_budget_above_the_stored_bits_of_uniform_8_gets_every_layer_at_8(mlp_m
 def test_config_budget_views():
     assert MixedPrecisionConfig(budget_bops=2e6).budget_kind == "bops"
     assert MixedPrecisionConfig(budget_bytes=1000).budget_value == 1000.0
+
+
+def test_pareto_budgets_as_a_numpy_array_or_a_string(mlp_model, mlp_data):
+    """np.array budgets: "truth value of an array is ambiguous"; "3,4" was read digit by digit (survey 32)."""
+    with pytest.raises(ConfigError, match=r"budgets='3,4' must be a sequence of numbers"):
+        pareto_sweep(mlp_model, mlp_data, "3,4", MixedPrecisionConfig(budget_bits=3.0), BASE, progress=False)
+    mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(4, 8), num_candidates=1, mw_steps=2, sensitivity_samples=64)
+    (point,) = pareto_sweep(mlp_model, mlp_data, np.array([6.0]), mp, BASE, progress=False)
+    assert point.budget == 6.0 and type(point.budget) is float

@@ -4,6 +4,7 @@ the training data fits that model (groups, sample shape, labels)."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Sequence
 
 from torch import nn
@@ -42,6 +43,12 @@ MSG_START = (
 )
 
 
+MSG_TWO_WIDTHS = (
+    "FinetuneConfig.weight_bits={ft} and quant_config.weight_bits={qc} both give the PTQ start's width; the "
+    "quant_config compresses the float model: set the width there (and leave FinetuneConfig.weight_bits out)"
+)
+
+
 def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, calib: Any,
                 quant_config: QuantConfig | None, progress: bool, task: Task | None = None) -> CompressedModel:
     """``model_or_cm`` when it is a CompressedModel, else its compression by ``quant_config``
@@ -51,6 +58,9 @@ def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, cali
         return model_or_cm
     if not isinstance(model_or_cm, nn.Module):
         raise ConfigError(MSG_START.format(kind=type(model_or_cm).__name__))
+    default = next(f.default for f in fields(FinetuneConfig) if f.name == "weight_bits")
+    if quant_config is not None and config.weight_bits not in (default, quant_config.weight_bits):
+        raise ConfigError(MSG_TWO_WIDTHS.format(ft=config.weight_bits, qc=quant_config.weight_bits))
     qc = quant_config or QuantConfig(weight_bits=config.weight_bits, seed=config.seed)
     calib_data = calib if calib is not None else data.take(group_balanced_indices(data, qc.num_calib, seed=config.seed),
                                                            config.num_workers)

@@ -22,6 +22,8 @@ MSG_NONFINITE = (
     "the logits hold NaN or Inf on {n} of the {total} samples: no accuracy or loss can be computed (argmax would "
     "count those samples as class 0); check the model"
 )
+MSG_LABEL_INTEGER = "group_metrics: y holds the non-integer label {value!r}; labels are class ids"
+MSG_DUPLICATE_NAMES = "group_metrics: group_names {names} name a group twice; each id needs its own name"
 MSG_SHAPES = (
     "group_metrics: logits must be [N, C] with C >= 1 and y, group must be [N]; "
     "got logits {logits}, y {y}, group {group}"
@@ -184,9 +186,14 @@ def group_metrics(
     For C == 2 also the equalized-odds and demographic-parity differences (class 1 positive).
     """
     logits = np.asarray(logits)
-    y = np.asarray(y).astype(np.int64, copy=False)
+    y = np.asarray(y)
+    if y.size and np.issubdtype(y.dtype, np.floating) and not np.array_equal(y, np.round(y)):
+        raise DataError(MSG_LABEL_INTEGER.format(value=y[y != np.round(y)].flat[0].item()))
+    y = y.astype(np.int64, copy=False)
     group = np.asarray(group).astype(np.int64, copy=False)
     names = tuple(str(n) for n in group_names)
+    if len(set(names)) != len(names):  # two ids under one name would be merged into one row
+        raise DataError(MSG_DUPLICATE_NAMES.format(names=list(names)))
     if (
         logits.ndim != 2
         or logits.shape[1] < 1

@@ -60,6 +60,7 @@ MSG_TEST_ABSENT = (
     "leave them out; add their test samples"
 )
 UNLABELLED = " against the float model's outputs (the data has no labels)"
+MSG_BUDGETS_KIND = "budgets={budgets!r} must be a sequence of numbers, e.g. [3.0, 4.5] (CLI: --budgets 3,4.5)"
 INFEASIBLE = "infeasible"
 PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
                  "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from", "status",
@@ -164,10 +165,11 @@ def pareto_sweep(
     ``status="infeasible"`` and the ``min_feasible_budget`` (every point carries it); ConfigError,
     naming the minimum, when no budget is feasible.
     """
+    if isinstance(budgets, (str, bytes)):  # "3,4" would be read digit by digit
+        raise ConfigError(MSG_BUDGETS_KIND.format(budgets=budgets))
+    budgets = [check_budget("bits", b) for b in budgets]  # every budget checked before the first search
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)
-    for b in budgets:  # every budget checked before the first search
-        check_budget("bits", b)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
     task = model_task(model, data, task)[0]

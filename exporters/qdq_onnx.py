@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from fqexport.atomic import atomic_write
-from fqexport.errors import ExportError
+from fqexport.errors import ConfigError, ExportError
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_export
 from fqexport.exporters.gpu_rules import check_gpu_qdq
@@ -97,6 +97,12 @@ def qdq_model(cm: "CompressedModel") -> onnx.ModelProto:
     return model
 
 
+MSG_NOT_COMPRESSED = (
+    "export: cm must be a CompressedModel (from fqexport.compress), not a {got}; a float model is written with "
+    "fqexport.exporters.qdq_onnx.export_float"
+)
+
+
 def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -> ExportResult:
     """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring.
 
@@ -106,6 +112,10 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     must also follow TensorRT's and the CUDA EP's rules (:func:`~fqexport.exporters.gpu_rules.
     check_gpu_qdq`, with or without ``check``): ExportError naming every violation otherwise.
     """
+    from fqexport.model import CompressedModel  # here: fqexport.model imports this package
+
+    if not isinstance(cm, CompressedModel):  # an nn.Module: compress it first
+        raise ConfigError(MSG_NOT_COMPRESSED.format(got=type(cm).__name__))
     path = Path(path)
     model = qdq_model(cm)
     try:

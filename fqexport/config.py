@@ -102,6 +102,19 @@ def as_bool(value: object, where: str, optional: bool = False) -> bool | None:
     return bool(value)
 
 
+MSG_ARGUMENT = "{where} must be {kind}, not {got}{hint}"
+
+
+def check_argument(value: object, kind: type | tuple[type, ...], where: str, hint: str = "") -> None:
+    """ConfigError naming the argument ``where`` unless ``value`` is a ``kind`` (``None`` passes:
+    a default), so that a dict where a config goes is said at the call, not an AttributeError
+    deep inside."""
+    if value is not None and not isinstance(value, kind):
+        names = " or ".join(("torch.nn." if k.__module__.startswith("torch.nn") else "") + k.__name__
+                            for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ConfigError(MSG_ARGUMENT.format(where=where, kind=f"a {names}", got=type(value).__name__, hint=hint))
+
+
 def _set(spec: object, **values: object) -> None:
     """Store normalised values on a frozen spec (plain Python numbers: the metadata is JSON)."""
     for name, value in values.items():

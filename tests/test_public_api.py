@@ -62,3 +62,28 @@ def test_import_fqexport_loads_no_stage_and_first_use_does():
         print("ok")
     """)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_a_wrong_object_where_a_config_or_model_goes_is_a_config_error_naming_it(mlp_model, mlp_data, tmp_path):
+    """A dict config, a spec string for the model, a QuantConfig for the search, an nn.Module for export:
+    AttributeErrors deep inside before (survey 32)."""
+    import fqexport
+    from fqexport.errors import ConfigError
+
+    cases = [
+        (lambda: fqexport.compress(mlp_model, mlp_data, {"weight_bits": 4}, progress=False),
+         "compress: config must be a QuantConfig, not dict"),
+        (lambda: fqexport.compress("pkg.models:net", mlp_data, progress=False),
+         "compress: model must be a torch.nn.Module, not str; load a checkpoint with fqexport.load_model"),
+        (lambda: fqexport.search_mixed_precision(mlp_model, mlp_data, fqexport.QuantConfig(), progress=False),
+         "search_mixed_precision: mp_config must be a MixedPrecisionConfig, not QuantConfig"),
+        (lambda: fqexport.finetune(mlp_model, mlp_data, fqexport.QuantConfig(), progress=False),
+         "finetune: config must be a FinetuneConfig, not QuantConfig"),
+        (lambda: fqexport.export(mlp_model, tmp_path / "m.onnx"), "export: cm must be a CompressedModel"),
+        (lambda: fqexport.validate(tmp_path / "m.onnx", mlp_data, thresholds={"min_worst_group_acc": 85}),
+         "validate: thresholds must be a Thresholds, not dict"),
+    ]
+    for call, text in cases:
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value).startswith(text), str(err.value)

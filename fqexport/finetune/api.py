@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig
+from fqexport.config import SUPPORTED_WEIGHT_BITS, QuantConfig, check_argument
 from fqexport.errors import ConfigError
 from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.holdout import per_group
@@ -71,6 +71,8 @@ def finetune(
         ConfigError: a bad option, or the loss became NaN/Inf (``err.last_good`` holds the
             CompressedModel of the last good checkpoint; nothing is written).
     """
+    check_argument(config, FinetuneConfig, "finetune: config", "; e.g. FinetuneConfig(epochs=2)")
+    check_argument(quant_config, QuantConfig, "finetune: quant_config")
     return train_student(model_or_cm, train, config, calib, quant_config, progress).result
 
 

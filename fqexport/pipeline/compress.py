@@ -37,7 +37,7 @@ from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.calibration.stream import DataStream
-from fqexport.config import QuantConfig
+from fqexport.config import QuantConfig, check_argument
 from fqexport.device import resolve_device
 from fqexport.engine.base import in_worker
 from fqexport.errors import ConfigError, DataError, ModelLoadError
@@ -599,6 +599,9 @@ def compress(
     Returns:
         A CompressedModel; ``fqexport.export(cm, path)`` writes the QDQ ONNX file.
     """
+    check_argument(model, nn.Module, "compress: model", "; load a checkpoint with fqexport.load_model('pkg.mod:factory', "
+                   "weights=...)" if isinstance(model, (str, Path)) else "")
+    check_argument(config, QuantConfig, "compress: config", "; e.g. QuantConfig(**options)")
     config = config or QuantConfig()
     data = load_data(calib)
     device = resolve_device(config.device, "QuantConfig.device")

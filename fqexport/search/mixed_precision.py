@@ -67,7 +67,7 @@ from torch import nn
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
-from fqexport.config import MixedPrecisionConfig, QuantConfig
+from fqexport.config import MixedPrecisionConfig, QuantConfig, check_argument
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.pipeline.compress import compress, example_batch, model_task
@@ -120,6 +120,9 @@ def search_mixed_precision(
             distillation loss gives the sensitivity, its metric (``search_metric``: accuracy,
             mAP@.5, mIoU) and loss the verification.
     """
+    check_argument(mp_config, MixedPrecisionConfig, "search_mixed_precision: mp_config",
+                   "; e.g. MixedPrecisionConfig(budget_bits=3.0)")
+    check_argument(base_config, QuantConfig, "search_mixed_precision: base_config")
     if engine is None:
         with make_engine(mp_config.engine, preload=[__name__]) as own:
             return search_mixed_precision(model, calib, mp_config, base_config, progress=progress,

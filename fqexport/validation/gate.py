@@ -28,6 +28,7 @@ import torch
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream
+from fqexport.config import check_argument
 from fqexport.errors import ConfigError, DataError
 from fqexport.exporters.cpu_isa import cpu_isa, emulated_host
 from fqexport.exporters.gpu_rules import check_gpu_qdq
@@ -162,6 +163,7 @@ def validate(
     reference, each emulated target); the CLI's ``-q`` turns them off.
     """
     # 1. options, checked before any session opens
+    check_argument(thresholds, Thresholds, "validate: thresholds", "; e.g. Thresholds(**limits)")
     t = thresholds or Thresholds()
     target_list = _target_list(targets)
     check_measurements(t, reference=reference, kernel_check=kernel_check,

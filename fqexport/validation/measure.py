@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream, map_x
+from fqexport.config import as_int
 from fqexport.errors import ConfigError, DataError, ModelLoadError
 from fqexport.exporters.cpu_isa import runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
@@ -63,7 +64,8 @@ class Runner:
     progress: bool = False  # a bar per pass over the data
 
     def __post_init__(self) -> None:
-        if int(self.batch_size) < 1:
+        object.__setattr__(self, "batch_size", as_int(self.batch_size, "batch_size"))
+        if self.batch_size < 1:
             raise ConfigError(MSG_BATCH.format(batch_size=self.batch_size))
 
     def open(self, model: str | Path, *, optimized: bool = True) -> Any:

@@ -516,15 +516,19 @@ class EngineConfig:
         check_choice(self.engine, get_args(EngineKind), "engine")
         check_choice(self.start_method, get_args(StartMethod), "start_method")
         w = self.workers
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1):
             raise ConfigError(MSG_ENGINE_WORKERS.format(value=w))
+        if w is not None:
+            _set(self, workers=int(w))
         if self.engine == "serial" and w is not None and w > 1:
             raise ConfigError(MSG_ENGINE_SERIAL_WORKERS.format(value=w))
-        if not float(self.task_cpus) > 0 or not float(self.task_gpus) >= 0:
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (self.task_cpus, self.task_gpus)) \
+                or not float(self.task_cpus) > 0 or not float(self.task_gpus) >= 0:
             raise ConfigError(MSG_ENGINE_RESOURCES.format(cpus=self.task_cpus, gpus=self.task_gpus))
         r = self.retries
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
             raise ConfigError(MSG_ENGINE_RETRIES.format(value=r))
+        _set(self, retries=int(r))
         defaults = {f.name: f.default for f in fields(self)}
         for name in RAY_ONLY_FIELDS:
             value = getattr(self, name)

@@ -169,3 +169,17 @@ def test_mixed_precision_config_checks_types_and_sorts_the_widths():
                      (dict(refit="no"), "refit='no' must be True or False")]:
         with pytest.raises(ConfigError, match=re.escape(text)):
             MixedPrecisionConfig(budget_bits=3, **kw)
+
+
+def test_finetune_and_engine_configs_take_numpy_numbers_as_python_ones():
+    """np.int64 epochs/workers were refused as "not an integer"; FinetuneConfig(bit_choices=4) a raw TypeError (survey 32)."""
+    from fqexport.config import EngineConfig
+    from fqexport.finetune.config import FinetuneConfig
+
+    c = FinetuneConfig(epochs=np.int64(2), lr=np.float32(0.01), weight_bits=np.int64(4), bit_choices=[2, np.int64(4)])
+    assert (type(c.epochs), type(c.lr), type(c.weight_bits), c.bit_choices) == (int, float, int, (2, 4))
+    assert hash(c) == hash(FinetuneConfig(epochs=2, lr=float(np.float32(0.01)), bit_choices=(2, 4)))
+    with pytest.raises(ConfigError, match=r"bit_choices=4 must be a non-empty tuple"):
+        FinetuneConfig(bit_choices=4)
+    e = EngineConfig(engine="local", workers=np.int64(2), retries=np.int32(0))
+    assert (type(e.workers), type(e.retries)) == (int, int)

@@ -22,6 +22,7 @@ The loop is ``fqexport.finetune.loop``; learnable widths (BAQ) ``fqexport.finetu
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import replace
 from typing import Any
 
@@ -96,8 +97,9 @@ def finetune_widths(
     """
     widths = tuple(widths)
     for b in widths:
-        if isinstance(b, bool) or not isinstance(b, int) or b not in SUPPORTED_WEIGHT_BITS:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or int(b) not in SUPPORTED_WEIGHT_BITS:
             raise ConfigError(MSG_WIDTH.format(value=b))
+    widths = tuple(int(b) for b in widths)
     if not widths:
         raise ConfigError(MSG_WIDTH.format(value="()"))
     trained = train_student(model_or_cm, train, config, calib, quant_config, progress)

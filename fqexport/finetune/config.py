@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
-from typing import Literal, Mapping, get_args
+from typing import Iterable, Literal, Mapping, get_args
 
 from fqexport.config import DEFAULT_BIT_CHOICES, SUPPORTED_WEIGHT_BITS, Device, check_seed
 from fqexport.errors import ConfigError
@@ -52,7 +53,11 @@ MSG_BITS = (
 
 
 def _finite(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+
+
+def _integer(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
 @dataclass(frozen=True)
@@ -180,8 +185,9 @@ class FinetuneConfig:
                           ("bit_epochs", 1), ("adaround_iters", 1),
                           ("holdout_max", 1), ("num_workers", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not _integer(value) or value < low:
                 raise ConfigError(MSG_POSITIVE_INT.format(field=name, value=value, low=low))
+            object.__setattr__(self, name, int(value))  # numpy's as a Python int: the metadata is JSON
         for name, choices in (("sampler", get_args(Sampler)), ("loss", get_args(GroupLoss)),
                               ("coreset_score", get_args(CoresetScore)), ("rounding", get_args(Rounding)),
                               ("device", get_args(Device))):
@@ -205,6 +211,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not _finite(value) or not ok(float(value)):
                 raise ConfigError(MSG_RANGE.format(field=name, value=value, rule=rule))
+            object.__setattr__(self, name, float(value))
         if float(self.kd_weight) + float(self.ce_weight) <= 0:
             raise ConfigError(MSG_RANGE.format(field="kd_weight", value=self.kd_weight,
                                                rule="> 0 when ce_weight is 0 (the loss would be zero)"))
@@ -212,16 +219,20 @@ class FinetuneConfig:
             raise ConfigError(MSG_RANGE.format(field="max_minutes", value=self.max_minutes,
                                                rule="a number of minutes > 0, or None (no limit)"))
         steps = self.max_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (not _integer(steps) or steps < 1):
             raise ConfigError(MSG_RANGE.format(field="max_steps", value=steps,
                                                rule="an integer number of steps >= 1, or None (no limit)"))
         bits = self.weight_bits
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_WEIGHT_BITS:
+        if not _integer(bits) or int(bits) not in SUPPORTED_WEIGHT_BITS:
             raise ConfigError(MSG_BITS.format(value=bits))
-        choices = tuple(self.bit_choices)
-        if not choices or any(isinstance(b, bool) or not isinstance(b, int) or b not in SUPPORTED_WEIGHT_BITS
-                              for b in choices):
+        choices = tuple(self.bit_choices) if isinstance(self.bit_choices, Iterable) else ()
+        if not choices or any(not _integer(b) or int(b) not in SUPPORTED_WEIGHT_BITS for b in choices):
             raise ConfigError(MSG_BIT_CHOICES.format(value=self.bit_choices))
+        choices = tuple(int(b) for b in choices)
+        object.__setattr__(self, "weight_bits", int(bits))
+        object.__setattr__(self, "bit_choices", choices)
+        if steps is not None:
+            object.__setattr__(self, "max_steps", int(steps))
         if self.budget_bits is not None:
             if not _finite(self.budget_bits):
                 raise ConfigError(MSG_RANGE.format(field="budget_bits", value=self.budget_bits,

@@ -115,6 +115,21 @@ def check_argument(value: object, kind: type | tuple[type, ...], where: str, hin
         raise ConfigError(MSG_ARGUMENT.format(where=where, kind=f"a {names}", got=type(value).__name__, hint=hint))
 
 
+def _frozen(value: object) -> object:
+    """``value`` with its dicts and lists as tuples, for a hash."""
+    if isinstance(value, Mapping):
+        return tuple(sorted(((str(k), _frozen(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _hash_fields(self: object) -> int:
+    """A frozen config's hash over its fields, its dicts (layer_bits, pins, group weights) included:
+    the generated one raised "unhashable type: 'dict'"."""
+    return hash((type(self).__name__, *(_frozen(getattr(self, f.name)) for f in fields(self))))
+
+
 def _set(spec: object, **values: object) -> None:
     """Store normalised values on a frozen spec (plain Python numbers: the metadata is JSON)."""
     for name, value in values.items():
@@ -166,6 +181,8 @@ def _check_keep_float(patterns: object) -> tuple:
     """``keep_float`` as a tuple of str patterns and module types, each checked."""
     if isinstance(patterns, (str, type)):
         patterns = (patterns,)
+    if not isinstance(patterns, (list, tuple, set, frozenset)):
+        raise ConfigError(MSG_TYPE.format(where="keep_float", value=patterns, kind="a pattern or a tuple of them"))
     out = []
     for i, value in enumerate(patterns):  # type: ignore[union-attr]
         if isinstance(value, type):
@@ -185,6 +202,8 @@ def _check_keep_float(patterns: object) -> tuple:
 @dataclass(frozen=True)
 class WeightSpec:
     """How the weights are quantized, and which weight layers are: see :class:`QuantConfig`."""
+
+    __hash__ = _hash_fields
 
     weight_bits: int = 8
     layer_bits: Mapping[str, int] = field(default_factory=dict)
@@ -241,6 +260,8 @@ class WeightSpec:
 @dataclass(frozen=True)
 class ActivationSpec:
     """The calibration data and the activation ranges observed on it: see :class:`QuantConfig`."""
+
+    __hash__ = _hash_fields
 
     calibration: Calibration = "minmax"
     percentile: float = 99.99
@@ -411,6 +432,8 @@ class QuantConfig:
         seed: seed of the calibration subset draw.
     """
 
+    __hash__ = _hash_fields
+
     weights: WeightSpec
     activations: ActivationSpec
     export: ExportSpec
@@ -514,6 +537,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.engine, get_args(EngineKind), "engine")
+        if self.ray_address is not None and not isinstance(self.ray_address, str):
+            raise ConfigError(MSG_TYPE.format(where="ray_address", value=self.ray_address,
+                                              kind="an address string ('auto', 'ray://host:10001') or None"))
         check_choice(self.start_method, get_args(StartMethod), "start_method")
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1):
@@ -616,6 +642,8 @@ class MixedPrecisionConfig:
         engine: where the independent tasks run (:class:`EngineConfig`, or its kind alone:
             ``"serial"``; results do not depend on it).
     """
+
+    __hash__ = _hash_fields
 
     budget_bits: float | None = None
     budget_bytes: float | None = None

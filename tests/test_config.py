@@ -183,3 +183,20 @@ def test_finetune_and_engine_configs_take_numpy_numbers_as_python_ones():
         FinetuneConfig(bit_choices=4)
     e = EngineConfig(engine="local", workers=np.int64(2), retries=np.int32(0))
     assert (type(e.workers), type(e.retries)) == (int, int)
+
+
+def test_configs_hash_with_their_dict_fields_and_refuse_a_keep_float_or_address_of_the_wrong_kind():
+    """hash(QuantConfig()) raised "unhashable type: 'dict'"; keep_float=5 a raw TypeError; ray_address=5
+    was accepted (survey 32)."""
+    from fqexport.config import EngineConfig, MixedPrecisionConfig
+    from fqexport.finetune.config import FinetuneConfig
+
+    assert hash(QuantConfig(layer_bits={"fc": 8})) == hash(QuantConfig(layer_bits={"fc": 8}))
+    assert hash(QuantConfig(layer_bits={"fc": 8})) != hash(QuantConfig(layer_bits={"fc": 4}))
+    assert len({MixedPrecisionConfig(budget_bits=3.0), MixedPrecisionConfig(budget_bits=3.0, bit_choices=(8, 4, 2))}) == 1
+    with pytest.raises(ConfigError, match=r"keep_float=5 must be a pattern or a tuple of them"):
+        QuantConfig(keep_float=5)
+    with pytest.raises(ConfigError, match=r"ray_address=5 must be an address string"):
+        EngineConfig(engine="ray", ray_address=5)
+    c = FinetuneConfig(weight_bits=2)
+    assert FinetuneConfig(**c.to_dict()) == c

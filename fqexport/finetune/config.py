@@ -272,5 +272,5 @@ class FinetuneConfig:
             "learn_bits": self.learn_bits, "budget_bits": self.budget_bits, "bit_choices": list(self.bit_choices),
             "bit_epochs": self.bit_epochs, "lambda_bits": self.lambda_bits, "lambda_fair": self.lambda_fair,
             "bits_lr": self.bits_lr, "rounding": self.rounding, "adaround_iters": self.adaround_iters,
-            "seed": self.seed,
+            "seed": self.seed, "weight_bits": self.weight_bits, "device": self.device, "num_workers": self.num_workers,
         }

@@ -44,7 +44,7 @@ MAX_SHARED_ELEMENTS = 1
 
 
 # Consumers of a weight DequantizeLinear for which its all-zero zero point is left out.
-ZERO_POINT_FREE_CONSUMERS = ("Conv", "Mul")
+ZERO_POINT_FREE_CONSUMERS = ("Conv", "Mul", "Gather")  # Gather: an int8 Embedding table (its rows are looked up)
 # Nodes the exporter adds next to a layer's op: renamed like torch's nodes.
 HELPER_OPS = ("DequantizeLinear", "Mul")
 

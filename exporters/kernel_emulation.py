@@ -86,6 +86,17 @@ MSG_UNSUPPORTED = (
     "uint8 activations and symmetric int8 constant weights (what fqexport, quantize_static and quantize_dynamic "
     "export); validate this model with --target native only"
 )
+MSG_CONTROL_FLOW = (
+    "kernel emulation ({target}) does not run control flow: node {node} ({op}) of {path} holds a subgraph (an "
+    "nn.EmbeddingBag or a data-dependent loop exports as a Loop); validate this model with --target native, or "
+    "on a CPU of that family"
+)
+
+
+class ControlFlowUnsupported(ConfigError):
+    """The graph holds an If/Loop/Scan, which the emulation's node-by-node evaluation cannot run."""
+
+
 _CONV_RANK = "a {rank}-D input (2-D convs only)"
 _WEIGHT_ZP = "a non-zero weight zero point (symmetric weights only)"
 _MATMUL_B = "B is not a 2-D symmetric int8 constant"
@@ -746,6 +757,11 @@ class EmulatedSession:
         self._lock = threading.Lock()
         self.model = self._optimized(self.path)
         g = self.model.graph
+        nested = next((n for n in g.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                for a in n.attribute)), None)
+        if nested is not None:  # its body reads outer values and sequences: not one-node sessions
+            raise ControlFlowUnsupported(MSG_CONTROL_FLOW.format(target=target, node=nested.name, op=nested.op_type,
+                                                                 path=self.path))
         self.initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         # nodes that mix the samples of a batch (DynamicQuantizeLinear's one range): whole batches only
         self.batch_coupled_nodes = [f"{n.op_type}:{n.name}" for n in batch_coupled_nodes(g, self.initializers)]

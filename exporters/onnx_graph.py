@@ -28,8 +28,20 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[NodeProto]]:
     return out
 
 
-def remove_unused_initializers(graph: onnx.GraphProto) -> None:
-    """Drop the initializers no node reads and no graph output names (in place)."""
+def read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of ``graph`` reads, in its subgraphs (If/Loop/Scan bodies, which read
+    outer values by name) too, and the graph's outputs."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                used |= read_names(sub)
+    return used
+
+
+def remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop the initializers no node reads, in a subgraph neither, and no graph output names (in place)."""
+    used = read_names(graph)
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)

@@ -599,3 +599,27 @@ def test_matmul_integer_to_float_with_its_scales_swapped_is_read_like_onnxruntim
     family = kernel_family(cpu_isa())
     if family != "unknown":
         np.testing.assert_array_equal(outs[family], make_session(tmp_path / "m.onnx", threads=1).run(None, {"x": x})[0])
+
+
+def test_a_graph_with_control_flow_is_refused_by_the_emulation_by_name(tmp_path):
+    """A Loop's body reads outer values and sequences, which one-node sessions cannot feed: it failed with
+    "'list' object has no attribute 'dtype'" (survey 35)."""
+    from onnx import TensorProto, helper
+
+    from fqexport.exporters.kernel_emulation import ControlFlowUnsupported, EmulatedSession
+
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("Identity", ["v_in"], ["v_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    trip, cond = helper.make_tensor("trip", TensorProto.INT64, [], [2]), helper.make_tensor("c", TensorProto.BOOL, [], [1])
+    graph = helper.make_graph([helper.make_node("Loop", ["trip", "c", "x"], ["y"], name="loop", body=body)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [trip, cond])
+    path = tmp_path / "loop.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    with pytest.raises(ControlFlowUnsupported, match=r"does not run control flow: node loop \(Loop\)"):
+        EmulatedSession(path, "x86-avx2")

@@ -668,3 +668,47 @@ def test_a_layer_on_a_batch_independent_tensor_counts_for_every_sample(image_dat
     cm, result, ops, per_group = _run(model, image_data, tmp_path)
     assert set(cm.layers) == {"stem", "pos_proj", "head"}
     assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
+
+
+class _Bag(nn.Module):
+    """A bag-of-ids text classifier: nn.EmbeddingBag (a Loop in ONNX), then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 8, mode="mean")
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.bag(x))
+
+
+def test_an_embedding_bag_model_exports_and_its_ids_are_range_checked(tmp_path, caplog):
+    """The export dropped the initializers its Loop body reads (onnx.checker refused the file), the AVX2
+    emulation could not run the Loop, and an id beyond the bag's table was an exit-3 IndexError (survey 35)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, (96, 6))
+    torch.manual_seed(0)
+    model = _Bag().eval()
+    y = model(torch.from_numpy(x)).argmax(1).numpy()
+    data = validate_group_data(x, y, np.arange(96) % 2, ["a", "b"], "bag.npz")
+    cm = compress(model, data, QuantConfig(num_calib=96), progress=False)
+    with caplog.at_level("WARNING"):
+        res = export_qdq(cm, tmp_path / "bag.onnx")
+    assert "not judged under the emulated x86-avx2" in caplog.text and res.agreement >= 0.99
+    got = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, cm.predict(x), atol=1e-4)
+    x[7, 2] = 50
+    bad = validate_group_data(x, y, np.arange(96) % 2, ["a", "b"], "bad.npz")
+    with pytest.raises(DataError, match=r"the token id 50 outside the vocabulary \[0, 50\) of the model's Embedding 'bag'"):
+        compress(model, bad, QuantConfig(num_calib=96), progress=False)
+
+
+def test_an_int8_embedding_table_uses_the_full_grid_and_stores_no_zero_points(tmp_path):
+    """It was held to x86-safe codes (±63: half the levels, for kernels a lookup never reaches) and kept
+    an all-zero zero point per row the budget did not count (survey 35)."""
+    data = _token_data(n=64)
+    cm = compress(TextClassifier(), data, QuantConfig(num_calib=64), progress=False)
+    assert int(cm.layers["embed"].codes.abs().max()) == 127
+    graph = onnx.load(str(export_qdq(cm, tmp_path / "t.onnx").path)).graph
+    (dq,) = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("embed.")]
+    assert len(dq.input) == 2  # codes and scales: the all-zero zero point left out

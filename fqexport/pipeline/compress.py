@@ -194,8 +194,11 @@ def _quantize_weight(
     (:func:`_factor_weight`), made here when not given.
     """
     rows = weight_rows(info.kind, module.weight.detach()).float()
+    # an Embedding's table is dequantized and looked up, never summed by an integer kernel: the
+    # x86-safe range (±63, against AVX2's 16-bit pair sums) would only halve its 8-bit grid
+    weight_range = "full" if info.kind == "embedding" else config.weight_range
     grid = choose_solver_grid(
-        rows, hessian, bits, weight_range=config.weight_range, clip_search=config.use_clip_search(bits),
+        rows, hessian, bits, weight_range=weight_range, clip_search=config.use_clip_search(bits),
         block=layout.block_size,
     )
     if hessian is None:
@@ -330,14 +333,14 @@ def check_token_ids(gm: torch.fx.GraphModule, data: GroupData, sub: GroupData, d
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
         src = node.args[0] if node.args else None
-        if isinstance(mod, nn.Embedding) and isinstance(src, torch.fx.Node) and src.op == "placeholder":
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and isinstance(src, torch.fx.Node) and src.op == "placeholder":
             if not integer:
                 x = data.x
                 whole = x.size and float(x.min()) >= 0 and np.array_equal(x, np.round(x))
                 raise data_error(data.source, MSG_FLOAT_TOKENS.format(dtype=x.dtype, layer=node.target,
                                                                       unsigned=MSG_UNSIGNED_TOKENS if whole else ""))
             check_vocabulary(data, int(mod.num_embeddings), str(node.target))
-        elif isinstance(mod, nn.Embedding):
+        elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             computed.append(str(node.target))
     if computed:
         _check_computed_ids(gm, computed, sub, drawn, batch_size)
@@ -350,7 +353,7 @@ def _check_computed_ids(gm: torch.fx.GraphModule, names: list[str], data: GroupD
     index in the user's data (:data:`MSG_COMPUTED_IDS`)."""
     start = [0]
 
-    def check(name: str, mod: nn.Embedding, args: tuple) -> None:
+    def check(name: str, mod: nn.Embedding | nn.EmbeddingBag, args: tuple) -> None:
         ids = args[0]
         bad = (ids < 0) | (ids >= mod.num_embeddings)
         if bool(bad.any()):

@@ -712,3 +712,26 @@ def test_an_int8_embedding_table_uses_the_full_grid_and_stores_no_zero_points(tm
     graph = onnx.load(str(export_qdq(cm, tmp_path / "t.onnx").path)).graph
     (dq,) = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("embed.")]
     assert len(dq.input) == 2  # codes and scales: the all-zero zero point left out
+
+
+class _MaxNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cat = nn.Embedding(10, 3, max_norm=1.0)
+        self.fc = nn.Linear(3 + 2, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.cat(x[:, 0].long()), x[:, 1:]], 1))
+
+
+def test_validate_range_checks_the_ids_of_a_max_norm_embedding(tmp_path):
+    """Its lookup reads the renormalised table (a ScatterND output), not an initializer: -1 passed (survey 35)."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(0, 10, (64, 1)), rng.normal(size=(64, 2))], 1).astype(np.float32)
+    data = validate_group_data(x, rng.integers(0, 2, 64), np.arange(64) % 2, ["a", "b"], "tab.npz")
+    cm = compress(_MaxNorm().eval(), data, QuantConfig(num_calib=64), progress=False)
+    path = export_qdq(cm, tmp_path / "mn.onnx").path
+    x[4, 0] = -1
+    bad = validate_group_data(x, data.y, data.group, ["a", "b"], "t.npz")
+    with pytest.raises(DataError, match=r"looks up the id -1, which the model computes from field 'x' of sample 4"):
+        validate(path, bad, measure_latency=False)

@@ -153,9 +153,13 @@ def _table_lookups(graph: onnx.GraphProto) -> list[_Lookup]:
     rows = {t.name: (t.name, int(t.dims[0])) for t in graph.initializer if len(t.dims)}  # tensor → (initializer, rows)
     ids = {graph.input[0].name} if len(graph.input) else set()
     dependent = set(ids)
+    renormed: set[str] = set()  # tables an Embedding(max_norm=…) rewrote: an Embedding's, whatever its name
     for node in graph.node:  # topological order: a table's Cast/DequantizeLinear come before its Gather
-        if node.op_type in ("Cast", "Identity", "DequantizeLinear") and node.input[0] in rows:
+        # ScatterND: Embedding(max_norm=…) renormalises the rows it looks up into a new table
+        if node.op_type in ("Cast", "Identity", "DequantizeLinear", "ScatterND") and node.input[0] in rows:
             rows[node.output[0]] = rows[node.input[0]]
+            if node.op_type == "ScatterND":
+                renormed.add(node.output[0])
         if node.op_type in ("Cast", "Identity") and node.input[0] in ids:
             ids.add(node.output[0])
         if any(i in dependent for i in node.input):
@@ -169,6 +173,9 @@ def _table_lookups(graph: onnx.GraphProto) -> list[_Lookup]:
         direct = n.input[1] in ids
         if direct or n.input[0].endswith(".weight") or root.endswith(".weight"):
             found.append(_Lookup(n.input[0].removesuffix(".weight"), count, n.input[1], direct))
+        elif n.input[0] in renormed:  # its initializer renamed by the export: the layer is unnamed here
+            found.append(_Lookup(root.removesuffix(".weight") if root.endswith(".weight") else f"(max_norm, {count} rows)",
+                                 count, n.input[1], direct))
     return found
 
 
@@ -194,10 +201,11 @@ def check_computed_ids(data: GroupData, path: str | Path, batch_size: int = 256)
         for lk, ids in zip(lookups, session.run(None, {name: chunk})):
             ids = np.asarray(ids)
             per_sample = ids.ndim >= 1 and ids.shape[0] == len(chunk)
-            ids = ids[:n] if per_sample else ids
+            flat_bags = not per_sample and ids.ndim == 1 and ids.size and ids.size % len(chunk) == 0  # [N·L] of a bag
+            ids = ids[:n] if per_sample else ids[:n * (ids.size // len(chunk))] if flat_bags else ids
             bad = (ids < 0) | (ids >= lk.rows)
             if bad.any():
-                row = int(np.argmax(bad.reshape(n, -1).any(1))) if per_sample else 0
+                row = (int(np.argmax(bad.reshape(n, -1).any(1))) if per_sample or flat_bags else 0)
                 raise data_error(data.source, MSG_COMPUTED_IDS.format(
                     layer=lk.table, vocab=lk.rows, value=int(ids[bad].flat[0]), sample=start + row))
 

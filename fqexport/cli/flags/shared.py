@@ -168,7 +168,7 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
                    help="column order of the solver: sensitivity (sum_i w_ij^2 H_jj), hessian-diag (H_jj), "
                    f"natural, or obs (the OBS cost of rounding each column alone) (default: {_Q.order})")
     p.add_argument("--damp", type=float, default=None,
-                   help=f"Hessian dampening of the solver, relative to mean(diag H) (default: {_Q.damp:g})")
+                   help=f"Hessian dampening of the solver, relative to mean(diag H), in [0, 10) (default: {_Q.damp:g})")
     p.add_argument("--solver-target", choices=get_args(SolverTarget), default=None,
                    help="float-output: fit each layer to the float model's output (also corrects the error its "
                    "quantized inputs carry); layer: to its own float weights on those inputs (plain GPTQ) "

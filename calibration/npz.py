@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fqexport.atomic import atomic_write
-from fqexport.errors import DataError
+from fqexport.errors import ConfigError, DataError
 
 from .annotations import Boxes, Masks
 from .checks import data_error, validate_group_data
@@ -183,6 +183,9 @@ def save_npz(data: GroupData, path: str | os.PathLike, *, compressed: bool = Fal
     (``numpy.savez_compressed``) is smaller on disk. The file is written to a temporary name
     and renamed (no half-written file). Returns the path.
     """
+    if not isinstance(data, GroupData):  # an array: say what to build, not an AttributeError on .x
+        raise ConfigError(f"save_npz needs a GroupData (fqexport.load_data(...) or validate_group_data(x, y, group, "
+                          f"names, source)), not a {type(data).__name__}")
     arrays = {"x": data.x, "group": data.group, "group_names": np.array(data.group_names)}
     if data.y is not None:
         arrays["y"] = data.y

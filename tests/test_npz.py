@@ -131,3 +131,12 @@ def test_save_npz_round_trips_with_and_without_labels(tmp_path, compressed):
     unlabeled = save_npz(GroupData(data.x, None, group, ("a", "b")), tmp_path / "u.npz", compressed=compressed)
     assert sorted(np.load(unlabeled).files) == ["group", "group_names", "x"]
     assert load_npz(unlabeled).y is None
+
+
+def test_save_npz_of_an_array_says_what_it_needs(tmp_path):
+    """An ndarray gave AttributeError: 'numpy.ndarray' object has no attribute 'x' (survey 32)."""
+    from fqexport.calibration.npz import save_npz
+    from fqexport.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"save_npz needs a GroupData .* not a ndarray"):
+        save_npz(np.zeros((2, 3)), tmp_path / "a.npz")

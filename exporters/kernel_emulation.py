@@ -97,7 +97,7 @@ class ControlFlowUnsupported(ConfigError):
     """The graph holds an If/Loop/Scan, which the emulation's node-by-node evaluation cannot run."""
 
 
-_CONV_RANK = "a {rank}-D input (2-D convs only)"
+_CONV_RANK = "a {rank}-D convolution (1-D and 2-D only)"
 _WEIGHT_ZP = "a non-zero weight zero point (symmetric weights only)"
 _MATMUL_B = "B is not a 2-D symmetric int8 constant"
 _A_SCALE = "a per-row scale of A (a scalar only)"

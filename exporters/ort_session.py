@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fqexport.errors import ConfigError, DataError, ModelLoadError
+from fqexport.errors import ConfigError, DataError, FqexportError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,8 @@ def run_batches(session: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
             chunk = np.concatenate([chunk, pad])
         try:
             out = session.run(None, {inp: chunk})[0]
+        except FqexportError:  # an emulated session's own refusal names its cause: not ORT's failure
+            raise
         except Exception as err:
             raise DataError(MSG_RUN.format(shape=chunk.shape, err=str(err).strip())) from err
         if np.ndim(out) == 0:

@@ -292,8 +292,8 @@ class ActivationSpec:
             gw = {g: as_real(w, f"group_weights[{g!r}]") for g, w in gw.items()}
             _set(self, group_weights=gw)
             for g, w in gw.items():
-                if not (w >= 0.0):
-                    raise ConfigError(f"group_weights[{g!r}]={w!r} must be >= 0")
+                if not (0.0 <= w < math.inf):
+                    raise ConfigError(f"group_weights[{g!r}]={w!r} must be a finite number >= 0")
             if sum(float(w) for w in gw.values()) <= 0:
                 raise ConfigError("group_weights must not all be zero")
 

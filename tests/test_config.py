@@ -57,7 +57,7 @@ def test_frozen():
         ({"batch_size": 0}, "batch_size=0 must be >= 1"),
         ({"group_weights": {}}, "group_weights must be None (equal per group), 'samples'"),
         ({"group_weights": "equal"}, "group_weights must be None"),
-        ({"group_weights": {"a": -1.0}}, "group_weights['a']=-1.0 must be >= 0"),
+        ({"group_weights": {"a": -1.0}}, "group_weights['a']=-1.0 must be a finite number >= 0"),
         ({"group_weights": {"a": 0.0, "b": 0.0}}, "group_weights must not all be zero"),
     ],
 )
@@ -78,7 +78,7 @@ def test_group_weights_accepted(gw):
 
 
 def test_nan_group_weight_rejected():
-    with pytest.raises(ConfigError, match=r"group_weights\['a'\]=nan must be >= 0"):
+    with pytest.raises(ConfigError, match=r"group_weights\['a'\]=nan must be a finite number >= 0"):
         QuantConfig(group_weights={"a": float("nan")})
 
 

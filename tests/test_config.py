@@ -58,6 +58,7 @@ def test_frozen():
         ({"group_weights": {}}, "group_weights must be None (equal per group), 'samples'"),
         ({"group_weights": "equal"}, "group_weights must be None"),
         ({"group_weights": {"a": -1.0}}, "group_weights['a']=-1.0 must be a finite number >= 0"),
+        ({"group_weights": {"a": float("inf")}}, "group_weights['a']=inf must be a finite number >= 0"),
         ({"group_weights": {"a": 0.0, "b": 0.0}}, "group_weights must not all be zero"),
     ],
 )

@@ -34,7 +34,7 @@ from fqexport.config import ExportSpec
 from fqexport.finetune.baq import clip_shrinks, interpolated_weight
 from fqexport.graph.act_quant import ActQuantizer
 from fqexport.model import QuantizedLayer, rows_to_weight, weight_rows, weight_scale
-from fqexport.quant.grid import choose_weight_grid, quantize
+from fqexport.quant.grid import choose_weight_grid, layer_weight_range, quantize
 from fqexport.quant.layout import layer_layout
 
 _MIN_RATIO = 1e-3
@@ -236,7 +236,8 @@ def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weigh
     no training at that width); its container decided by the same rule."""
     rows = weight_rows(layer.kind, learned.latent_weight().cpu().float())
     layout = layer_layout(layer.kind, int(bits), export, rows.shape[1], layer.macs, layer.codes.numel())
-    grid = choose_weight_grid(rows, bits, weight_range=weight_range, clip_search=True, block=layout.block_size)
+    grid = choose_weight_grid(rows, bits, weight_range=layer_weight_range(layer.kind, weight_range), clip_search=True,
+                              block=layout.block_size)
     codes = quantize(rows, grid.column_scales(rows.shape[1]), grid.qmax, grid.qmin)
     codes = rows_to_weight(layer.kind, codes, layer.codes.shape).to(torch.int8)
     return replace(layer, bits=int(bits), qmax=int(grid.qmax), codes=codes, scale=grid.scale.float(),

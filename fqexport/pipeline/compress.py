@@ -52,7 +52,7 @@ from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.channel_stats import ChannelStats
-from fqexport.quant.grid import WeightGrid
+from fqexport.quant.grid import WeightGrid, layer_weight_range
 from fqexport.quant.hessian import HessianAccumulator
 from fqexport.quant.layout import LayerLayout, layer_layout
 from fqexport.quant.solver import (
@@ -194,11 +194,8 @@ def _quantize_weight(
     (:func:`_factor_weight`), made here when not given.
     """
     rows = weight_rows(info.kind, module.weight.detach()).float()
-    # an Embedding's table is dequantized and looked up, never summed by an integer kernel: the
-    # x86-safe range (±63, against AVX2's 16-bit pair sums) would only halve its 8-bit grid
-    weight_range = "full" if info.kind == "embedding" else config.weight_range
     grid = choose_solver_grid(
-        rows, hessian, bits, weight_range=weight_range, clip_search=config.use_clip_search(bits),
+        rows, hessian, bits, weight_range=layer_weight_range(info.kind, config.weight_range), clip_search=config.use_clip_search(bits),
         block=layout.block_size,
     )
     if hessian is None:

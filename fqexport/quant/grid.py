@@ -40,6 +40,13 @@ def weight_qmax(bits: int, weight_range: str = "x86-safe") -> int:
     return 2 ** (bits - 1) - 1
 
 
+def layer_weight_range(kind: str, weight_range: str) -> str:
+    """The range a layer of ``kind`` is quantized in: an Embedding's table is dequantized and looked
+    up, never summed by an integer kernel, so the x86-safe range (±63, against AVX2's 16-bit pair
+    sums) would only halve its 8-bit grid: ``"full"``; every other layer: ``weight_range``."""
+    return "full" if kind == "embedding" else weight_range
+
+
 def weight_qmin(bits: int, weight_range: str = "x86-safe") -> int:
     """Smallest code of a ``bits``-wide weight grid: ``-2`` at 2 bits (four levels with a signed
     per-row scale), ``-qmax`` otherwise."""

@@ -14,13 +14,16 @@ import torch.fx
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.graph.act_quant import round_biases_to_int32_grid, rounding_jitter
-from fqexport.graph.prepare import float_layers, kept_float_layers
+from fqexport.graph.prepare import count_macs, float_layers, kept_float_layers
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
 from fqexport.quant.layout import LayerLayout
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
+
+# the float layers whose multiply-accumulates count_macs knows
+MAC_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
 
 
 def weight_scale(kind: str, scale: torch.Tensor, shape: tuple[int, ...] | torch.Size,
@@ -125,9 +128,11 @@ class CompressedModel:
         left = {}
         for f in (*float_layers(self.reference), *kept_float_layers(self.reference, self.config.keep_float)):
             left.setdefault(f.name, f)
+        left = {n: f for n, f in left.items() if n not in self.layers}
+        macs = self._float_macs(list(left))
         floats = tuple(
-            LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, storage="float32", reason=f.reason)
-            for f in left.values() if f.name not in self.layers
+            LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, macs.get(f.name, 0), storage="float32", reason=f.reason)
+            for f in left.values()
         )
         self.metadata = replace(
             self.metadata, float_layers=floats, quantized_fraction=round(self.quantized_fraction_of(floats), 6),
@@ -164,10 +169,20 @@ class CompressedModel:
             for l in self.layers.values()
         ]
         return rows + [
-            {"name": f.name, "kind": f.kind, "bits": f.bits, "params": f.params, "macs": 0, "storage": "float32",
+            {"name": f.name, "kind": f.kind, "bits": f.bits, "params": f.params, "macs": f.macs, "storage": "float32",
              "reason": f.reason or "unsupported"}
             for f in self.metadata.float_layers
         ]
+
+    def _float_macs(self, names: list[str]) -> dict[str, int]:
+        """Multiply-accumulates per sample of the float layers ``names`` that are Conv/Linear
+        modules of the reference, on one calibration sample (others: 0, as an Embedding's)."""
+        modules = dict(self.reference.named_modules())
+        names = [n for n in names if isinstance(modules.get(n), MAC_MODULES)]
+        if not names or self.calib is None or not len(self.calib.x):
+            return {}
+        with torch.no_grad():
+            return count_macs(self.reference, torch.from_numpy(np.ascontiguousarray(self.calib.x[:1])), names)
 
     def predict(self, x: np.ndarray, batch_size: int = 256, quantized: bool = True, jitter: float = 0.0) -> np.ndarray:
         """Outputs (a classifier's logits) of the fake-quant reference (or the float model) on ``x``.

@@ -13,9 +13,11 @@ import onnx
 import pytest
 import torch
 from conftest import run_main
+from fqexport.config import QuantConfig
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
+from fqexport.pipeline.compress import compress
 
 from fqexport.cli import main
 from fqexport.cli.flags.compress import COMPRESS_ONLY_WITH
@@ -62,6 +64,16 @@ def test_compress_writes_report(compressed):
     assert report["export"]["agreement"] >= 0.99
     assert report["speed"].startswith(f"on this CPU ({cpu_isa()}) the file buys ")
     assert report["avg_weight_bits"] == pytest.approx((8 * 16384 + 8 * 65536 + 4 * 1024) / (16384 + 65536 + 1024))
+    # the metadata the file holds, containers and opset included (the in-memory record had nulls) (survey 37)
+    assert report["metadata"] == read_metadata(d / "mlp.onnx").to_dict()
+    assert [r["storage"] for r in report["metadata"]["layers"]] == ["int8", "int8", "nbits"]
+
+
+def test_a_float_layer_reports_its_macs(mlp_model, mlp_data):
+    """A --keep-float layer said 0 MACs in the table, the report and the metadata (survey 37)."""
+    cm = compress(mlp_model, mlp_data, QuantConfig(num_calib=64, keep_float=("fc3",), method="rtn"), progress=False)
+    (fc3,) = [r for r in cm.layer_table() if r["name"] == "fc3"]
+    assert fc3["macs"] == 256 * 4 == cm.metadata.float_layers[0].macs
 
 
 def _worst_group_acc(path, data) -> float:

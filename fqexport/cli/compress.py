@@ -17,6 +17,7 @@ from fqexport.cli.flags.finetune import parse_export_bits, width_paths
 from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.config import QuantConfig
+from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
 from fqexport.graph.loading import load_model
 from fqexport.pipeline.compress import compress
@@ -82,7 +83,8 @@ def run_compress(args: argparse.Namespace) -> int:
               + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}" for q, f in zip(latency, float_latency)))
         print(speed)
     if args.report:
-        summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": cm.metadata.to_dict(),
+        # the record the file holds (storage, opset and containers are set by the export), not the model's
+        summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": read_metadata(result.path).to_dict(),
                    "avg_weight_bits": cm.avg_weight_bits, "speed": speed}
         if search is not None:
             summary["mixed_precision"] = search.to_dict()

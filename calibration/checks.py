@@ -331,12 +331,14 @@ def require_labels(data: Any, stage: str) -> None:
         raise DataError(MSG_NEEDS_LABELS.format(stage=stage, source=data.source))
 
 
-def require_classification(data: Any) -> None:
-    """Raise :class:`ConfigError` (:data:`MSG_NOT_CLASSIFIER`) when ``data`` holds boxes or masks:
-    a detector's or segmenter's data, which ``analyze`` does not diagnose."""
+def require_classification(data: Any, task: str | None = None) -> None:
+    """Raise :class:`ConfigError` (:data:`MSG_NOT_CLASSIFIER`) when ``data`` holds boxes or masks,
+    or ``task`` (a task's name, e.g. inferred from the model's output) is detection or
+    segmentation: what ``analyze`` does not diagnose."""
     notes = getattr(data, "annotations", None)
     if isinstance(notes, (Boxes, Masks)):
         task = "detection" if isinstance(notes, Boxes) else "segmentation"
+    if task in TASK_METRICS:
         raise ConfigError(MSG_NOT_CLASSIFIER.format(task=task, metric=TASK_METRICS[task]))
 
 

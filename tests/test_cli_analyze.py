@@ -128,3 +128,12 @@ def test_configs_refuse_a_seed_outside_the_generators_range():
         with pytest.raises(ConfigError, match=r"^seed=-1 must be an integer in \[0, 4294967295\]"):
             make(-1)
         assert make(2**32 - 1).seed == 2**32 - 1
+
+
+def test_a_detector_on_label_free_data_is_refused_as_a_detector(main, tmp_path, capsys):
+    """It asked for labels y, then refused the y the user added (survey 36): the output says detection."""
+    x = np.random.default_rng(0).normal(size=(8, 3, 64, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, group=(np.arange(8) % 2).astype(np.int64))
+    rc = main(["--quiet", "analyze", "--model", "fixtures_models:yolov5_test", "--data", tmp_path / "d.npz", "--bits", 8])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: analyze diagnoses classifiers" in err and "for a detection model" in err, err

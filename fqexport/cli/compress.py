@@ -101,8 +101,8 @@ def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
         result = export_qdq(m, paths[b])
         exports[b] = result.to_dict()
         rows.append({"bits": b, "file": str(result.path), "MB": f"{result.size_bytes / 1e6:.3f}",
-                     "avg weight bits": f"{m.avg_weight_bits:.2f}", "ORT top-1 agreement": f"{result.agreement:.2%}",
-                     "max |logit diff|": f"{result.max_abs_diff:.4g}"})
+                     "avg weight bits": f"{m.avg_weight_bits:.2f}", f"ORT {m.task.agreement_name}": f"{result.agreement:.2%}",
+                     f"max |{m.task.diff_name}|": f"{result.max_abs_diff:.4g}"})
     print("exported widths (re-quantized from the fine-tuned latent weights; ORT vs fake-quant reference "
           "on the calibration samples):")
     print_table(rows, list(rows[0].keys()))

@@ -58,7 +58,7 @@ from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.graph.prepare import fold_batchnorm
 from fqexport.metadata import ACTIVATION_BITS
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.pipeline.compress import check_model_on_data, compress, example_batch
+from fqexport.pipeline.compress import check_model_on_data, compress, example_batch, model_task
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +473,8 @@ def analyze(
 
     data = load_data(data)
     require_classification(data)  # boxes or masks: the task's own figures are validate's
+    if data.y is None:  # label-free data: a detector's or segmenter's? its output says (as compress infers it)
+        require_classification(data, model_task(model, data, None)[0].name)
     require_labels(data, "analyze")  # accuracy, loss and gradients per group, before any compress
     calib_data = data if calib is None else load_data(calib)
     base = config or QuantConfig(method=method)

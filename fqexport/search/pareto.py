@@ -59,6 +59,10 @@ MSG_TEST_ABSENT = (
     "test data %s: no samples of group(s) %s of the calibration data %s: the worst-group figures of the sweep "
     "leave them out; add their test samples"
 )
+MSG_UNMEASURED = (
+    "group(s) %s have no %s in the sweep's data (e.g. no ground-truth box): the worst-group column leaves them "
+    "out, and validate fails every per-group limit for them; give them annotated samples"
+)
 UNLABELLED = " against the float model's outputs (the data has no labels)"
 MSG_BUDGETS_KIND = "budgets={budgets!r} must be a sequence of numbers, e.g. [3.0, 4.5] (CLI: --budgets 3,4.5)"
 INFEASIBLE = "infeasible"
@@ -195,6 +199,7 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
     afterwards and may still dip)."""
     floor = BudgetFloor.of(model, data, template, base_config or QuantConfig())
     need = f"{floor.value:g}"
+    said: tuple[str, ...] = ()
     metric = task.search_metric
     if test is None and data.y is None and getattr(data, "annotations", None) is None:
         metric += UNLABELLED  # the search distils: its figures compare with the float model's outputs
@@ -240,6 +245,10 @@ def _sweep(model, data, budgets, template, base_config, test, progress, engine: 
             f = replace(task.evaluate(reference, test, reference), primary=task.search_metric)
         else:
             m, f = res.chosen.metrics, res.float_metrics
+        unmeasured = tuple(g for g, r in m.by_group.items() if r["count"] and math.isnan(float(r[m.primary])))
+        if unmeasured and unmeasured != said:  # e.g. a group with no ground-truth box: no mAP
+            said = unmeasured
+            log.warning(MSG_UNMEASURED, ", ".join(map(repr, unmeasured)), task.search_metric)
         worst, worst_acc = m.group_min()
         points.append(ParetoPoint(
             float(b), res.allocation.avg_bits, res.allocation.file_weight_bytes,

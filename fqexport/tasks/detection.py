@@ -161,13 +161,16 @@ class Detection(Task):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_OUTPUT.format(source=data.source, sample=data.sample_shape, shape=shape,
                                               want=_WANT[self.layout], layout=self.layout))
-        shape = tuple(out.shape)
+        self._warn_if_few_anchors(tuple(out.shape))  # a wrong --layout is otherwise caught only by the export check
+        return self.num_classes_of(tuple(out.shape))
+
+    def _warn_if_few_anchors(self, shape: tuple[int, ...]) -> None:
+        """Warn when the layout reads fewer anchors than classes: a detector has more (a wrong --layout)."""
         classes, anchors = self.num_classes_of(shape), shape[1] if self.layout == "v5" else shape[2]
-        if anchors < classes:  # a wrong --layout is otherwise caught only by the export check, after compress
+        if anchors < classes:
             other = Detection(layout="v8" if self.layout == "v5" else "v5")
             log.warning(MSG_FEW_ANCHORS, self.layout, shape, classes, anchors, other.layout,
                         shape[1] if other.layout == "v5" else shape[2], other.num_classes_of(shape))
-        return classes
 
     def check_annotations(self, data: Any, num_classes: int) -> None:
         if isinstance(data.annotations, Boxes):
@@ -177,6 +180,7 @@ class Detection(Task):
         if np.ndim(outputs) != 3 or self.num_classes_of(tuple(np.shape(outputs))) < 1:
             raise ModelLoadError(MSG_SESSION_OUTPUT.format(model=model, shape=list(np.shape(outputs)),
                                                            want=_WANT[self.layout], layout=self.layout))
+        self._warn_if_few_anchors(tuple(np.shape(outputs)))  # validate --layout v5 on a v8 file: 0.3 % mAP, silently
         self.check_annotations(data, self.num_classes_of(tuple(np.shape(outputs))))
 
     def float_tail(self, gm: torch.fx.GraphModule, layers: set[str]) -> set[torch.fx.Node]:

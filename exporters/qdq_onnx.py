@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,9 +37,8 @@ from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_
 from fqexport.exporters.weight_pass import quantize_weight_initializers
 from fqexport.graph.prepare import check_materialized, unwrap_model
 from fqexport.metadata import layer_records
+from fqexport.model import CompressedModel
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fqexport.model import CompressedModel
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +111,6 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     must also follow TensorRT's and the CUDA EP's rules (:func:`~fqexport.exporters.gpu_rules.
     check_gpu_qdq`, with or without ``check``): ExportError naming every violation otherwise.
     """
-    from fqexport.model import CompressedModel  # here: fqexport.model imports this package
-
     if not isinstance(cm, CompressedModel):  # an nn.Module: compress it first
         raise ConfigError(MSG_NOT_COMPRESSED.format(got=type(cm).__name__))
     path = Path(path)

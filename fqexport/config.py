@@ -325,12 +325,12 @@ class RuntimeSpec:
 
     def __post_init__(self) -> None:
         check_choice(self.device, get_args(Device), "device")
-        _set(self, max_activation_memory_mb=as_real(self.max_activation_memory_mb, "max_activation_memory_mb"))
-        if not (self.max_activation_memory_mb >= 0.0):
+        if not (as_real(self.max_activation_memory_mb, "max_activation_memory_mb") >= 0.0):
             raise ConfigError(
                 f"max_activation_memory_mb={self.max_activation_memory_mb!r} must be >= 0 "
                 "(0 spills every cached activation to disk, inf keeps every one in memory)"
             )
+        _set(self, max_activation_memory_mb=float(self.max_activation_memory_mb))
 
 
 # QuantConfig's concerns: its attribute -> the spec class holding those options.

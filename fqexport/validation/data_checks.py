@@ -198,8 +198,9 @@ def check_computed_ids(data: GroupData, path: str | Path, batch_size: int = 256)
         n = len(chunk)
         if fixed and n < fixed:
             chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype)])
-        for lk, ids in zip(lookups, session.run(None, {name: chunk})):
-            ids = np.asarray(ids)
+        outs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {name: chunk})))
+        for lk in lookups:  # by name: two lookups of one id tensor share one output
+            ids = np.asarray(outs[lk.indices])
             per_sample = ids.ndim >= 1 and ids.shape[0] == len(chunk)
             flat_bags = not per_sample and ids.ndim == 1 and ids.size and ids.size % len(chunk) == 0  # [N·L] of a bag
             ids = ids[:n] if per_sample else ids[:n * (ids.size // len(chunk))] if flat_bags else ids

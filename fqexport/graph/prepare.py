@@ -910,8 +910,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     """
     mine = owner is not None and owner is not model  # the caller's own copy of the user's model
     owner = model if owner is None else owner
-    model = float32(unwrap_model(model))
-    if not mine:  # the traced graph shares its modules: folding BN on it ran the user's buffers
+    unwrapped = unwrap_model(model)
+    model = float32(unwrapped)  # a copy already when the model was not float32
+    if not mine and model is unwrapped:  # the traced graph shares its modules: folding BN ran the user's buffers
         model = copy_model(model)
     model = model.eval()  # trace in eval mode: `self.training` is baked into the traced graph
     raw = trace(model, owner=owner, example=example)

@@ -71,6 +71,7 @@ MSG_FEW_ANCHORS = (
     "layout %r reads the model's output %s as %d classes over %d anchors; a detector has more anchors than "
     "classes: check --layout (layout %r would read %d anchors and %d classes)"
 )
+_warned_layouts: set[tuple[str, tuple[int, ...]]] = set()
 MSG_THRESHOLD = "Detection.{name}={value!r} must be in [0, 1]"
 MSG_MAX_DET = "Detection.max_det={value!r} must be an integer >= 1"
 SUMMARY = (
@@ -167,7 +168,8 @@ class Detection(Task):
     def _warn_if_few_anchors(self, shape: tuple[int, ...]) -> None:
         """Warn when the layout reads fewer anchors than classes: a detector has more (a wrong --layout)."""
         classes, anchors = self.num_classes_of(shape), shape[1] if self.layout == "v5" else shape[2]
-        if anchors < classes:
+        if anchors < classes and (self.layout, shape[1:]) not in _warned_layouts:  # once, not per session measured
+            _warned_layouts.add((self.layout, shape[1:]))
             other = Detection(layout="v8" if self.layout == "v5" else "v5")
             log.warning(MSG_FEW_ANCHORS, self.layout, shape, classes, anchors, other.layout,
                         shape[1] if other.layout == "v5" else shape[2], other.num_classes_of(shape))

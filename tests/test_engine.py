@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -110,6 +111,31 @@ def test_local_engine_says_once_when_a_worker_is_left_without_a_task(local2):
     called = []
     SerialEngine().map(_draw, _tasks(3), _Counted(0), "draw", on_idle=lambda: called.append(1))
     assert called == []  # this process runs every task: never idle
+
+
+def test_beside_runs_on_this_thread_while_the_workers_run_the_tasks(local2):
+    # the search's own fit: on the calling thread (a helper thread's arena page-faults every
+    # large tensor), started once the tasks are out, so it overlaps them
+    seen = []
+
+    def beside():
+        seen.append((threading.current_thread() is threading.main_thread(), time.time()))
+        time.sleep(0.5)
+
+    tasks = [Task(("sleep", i), f"task {i}", 1.0) for i in range(2)]
+    ends = local2.map(_sleep, tasks, None, "sleep", beside=beside)
+    assert len(seen) == 1 and seen[0][0] and seen[0][1] < min(ends)
+    assert SerialEngine().map(_sleep, tasks[:1], None, "sleep", beside=beside) and len(seen) == 2
+    assert local2.map(_sleep, [], None, "sleep", beside=beside) == [] and len(seen) == 3
+
+    def boom():
+        raise RuntimeError("boom beside")
+
+    for engine in (SerialEngine(), local2):
+        with pytest.raises(RuntimeError, match="boom beside"):
+            engine.map(_sleep, tasks, None, "sleep", beside=boom)
+    # the pool stopped for the error is started again by the next map
+    assert [r[5] for r in local2.map(_draw, _tasks(2), _Counted(0), "draw")] == [0, 1]
 
 
 def test_context_is_unpickled_once_per_worker_not_per_task(local2):

@@ -136,31 +136,46 @@ class Engine(ABC):
         return f"{self.name} ×{self.workers}"
 
     def map(self, fn: TaskFn, tasks: Sequence[Task], context: Any, desc: str, *, progress: bool = False,
-            on_idle: Callable[[], None] | None = None) -> list:
+            on_idle: Callable[[], None] | None = None, beside: Callable[[], None] | None = None) -> list:
         """``[fn(context, t) for t in tasks]``, run by this engine, with one progress bar.
 
-        ``on_idle``: called once, in this process, as soon as a worker has no task left to take
-        while others still run (the map's last tasks), so the caller can use that capacity
-        meanwhile; not called when the last tasks end together, nor by an engine that cannot tell
-        (serial: never idle; Ray)."""
+        ``on_idle``: called once, in this process and on this thread, as soon as a worker has no
+        task left to take while others still run (the map's last tasks), so the caller can use
+        that capacity meanwhile (it may block: the map collects the results when it returns); not
+        called when the last tasks end together, nor by an engine that cannot tell (serial: never
+        idle; Ray).
+
+        ``beside``: called once on this thread as soon as the tasks are handed to the workers,
+        which run them meanwhile (the serial engine calls it first). On this thread, not a helper
+        one: glibc serves a helper thread's large tensors from fresh mmaps (its arena heaps
+        are 64 MB at most), which cost a solver fit a quarter more time in page faults. An
+        exception from it stops the map (its workers are stopped as for a failed task)."""
         tasks = list(tasks)
         seen: set = set()
         dup = [t.key for t in tasks if t.key in seen or seen.add(t.key)]
         if dup:
             raise ConfigError(MSG_DUPLICATE_KEYS.format(keys=", ".join(map(repr, dup[:5]))))
         if not tasks:
+            if beside is not None:
+                beside()
             return []
         bar = tqdm(total=len(tasks), desc=f"{desc} [{self.label}]", unit="task", disable=not progress)
         try:
-            results = self._run(fn, tasks, context, bar, on_idle)
+            results = self._run(fn, tasks, context, bar, on_idle, beside)
         finally:
             bar.close()
         return [results[i] for i in range(len(tasks))]
 
     @abstractmethod
-    def _run(self, fn: TaskFn, tasks: list[Task], context: Any, bar,
-             on_idle: Callable[[], None] | None = None) -> dict[int, Any]:
-        """Results by task index; ``bar.update(1)`` per finished task; ``on_idle`` as :meth:`map` says."""
+    def _run(self, fn: TaskFn, tasks: list[Task], context: Any, bar, on_idle: Callable[[], None] | None = None,
+             beside: Callable[[], None] | None = None) -> dict[int, Any]:
+        """Results by task index; ``bar.update(1)`` per finished task; ``on_idle`` and ``beside``
+        as :meth:`map` says."""
+
+    def prepare(self) -> None:
+        """Start what the first map would start and can start in the background now (the local
+        engine's forkserver, which imports torch: seconds of CPU), so that it overlaps the
+        caller's own work instead of delaying the first map's tasks. Idempotent; nothing here."""
 
     def close(self) -> None:
         """Stop what this engine started (worker processes, a local Ray cluster)."""
@@ -180,7 +195,9 @@ class SerialEngine(Engine):
     def __init__(self) -> None:
         super().__init__(workers=1, retries=0)
 
-    def _run(self, fn, tasks, context, bar, on_idle=None):
+    def _run(self, fn, tasks, context, bar, on_idle=None, beside=None):
+        if beside is not None:
+            beside()
         results = {}
         for i, task in enumerate(tasks):
             try:

@@ -114,11 +114,21 @@ class LocalEngine(Engine):
         self._maps = 0
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        ctx = self._server_context()
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+
+    def _server_context(self) -> Any:
+        """The multiprocessing context, its forkserver started (once per process; the call
+        returns at once, the server imports the preload modules meanwhile)."""
         ctx = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(self.preload)  # read when the server starts (once per process)
             _start_forkserver()
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+        return ctx
+
+    def prepare(self) -> None:
+        if self._pool is None:
+            self._server_context()
 
     def _stop_pool(self, kill: bool = False) -> None:
         pool, self._pool = self._pool, None
@@ -148,7 +158,7 @@ class LocalEngine(Engine):
             raise EngineError(MSG_PICKLE.format(kind=type(err).__name__, err=err)) from err
         return path
 
-    def _run(self, fn, tasks, context, bar, on_idle=None):
+    def _run(self, fn, tasks, context, bar, on_idle=None, beside=None):
         path = self._write_context(context)
         kill = kill_spec()
         if self._pool is None:
@@ -164,6 +174,9 @@ class LocalEngine(Engine):
                 while pending and len(inflight) < limit:
                     i = pending.popleft()
                     inflight[self._pool.submit(_call, fn, path, tasks[i], kill)] = i
+                if beside is not None:
+                    beside()  # the workers run their tasks meanwhile
+                    beside = None
                 if on_idle is not None and not pending and len(inflight) < self.workers:
                     on_idle()  # a worker has nothing left to take
                     on_idle = None

@@ -83,7 +83,7 @@ class RayEngine(Engine):
             self.ray.shutdown()
         self._started = False
 
-    def _run(self, fn, tasks, context, bar, on_idle=None):
+    def _run(self, fn, tasks, context, bar, on_idle=None, beside=None):
         ray = self.ray
         ref = ray.put(context)
         kill = kill_spec()
@@ -91,6 +91,8 @@ class RayEngine(Engine):
         results: dict[int, Any] = {}
         waiting = list(refs)
         try:
+            if beside is not None:
+                beside()
             while waiting:
                 done, waiting = ray.wait(waiting, num_returns=1)
                 for r in done:

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +128,7 @@ def search_mixed_precision(
                                           sensitivity=sensitivity, engine=own, task=task)
 
     start = time.perf_counter()
+    engine.prepare()  # a local engine's forkserver imports torch while the sensitivity runs
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
     task, why = model_task(model, data, task)
@@ -153,25 +153,25 @@ def search_mixed_precision(
     # its fit (without a refit) or its refit (module docstring, step 6)
     allocations, refits, overlapped = [a for a, _ in pool], mp.refit and not fits_are_refit, False
     guess = predicted_best(allocations) if engine.workers > 1 else None
-    with _RefitBeside(lambda a: _timed_refit(model, data, base, a, task), guess if refits else None) as beside:
-        with _timed(seconds, "verification"):
-            context = VerifyContext(model, held_out, splits, base, FitCache(), task)
-            mine = None if refits or guess is None else next(i for i, a in enumerate(allocations) if a is guess)
-            found = verify(context, allocations, progress=progress, engine=engine, here=mine, on_idle=beside.on_idle)
-            for c, (_, origin) in zip(found.candidates, pool):
-                c.origin = origin
-        fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
+    beside = _RefitBeside(lambda a: _timed_refit(model, data, base, a, task), guess if refits else None)
+    with _timed(seconds, "verification"):
+        context = VerifyContext(model, held_out, splits, base, FitCache(), task)
+        mine = None if refits or guess is None else next(i for i, a in enumerate(allocations) if a is guess)
+        found = verify(context, allocations, progress=progress, engine=engine, here=mine, on_idle=beside.on_idle)
+        for c, (_, origin) in zip(found.candidates, pool):
+            c.origin = origin
+    fits, fit_seconds = found.fits, float(sum(c.seconds for c in found.candidates))
 
-        selection = select(found.candidates, options, held_out)
-        best, fallback = selection.chosen, selection.fallback
-        if fallback:
-            log.info(fallback)
-        discarded = 0
-        if not refits:  # the verified fit itself, rebuilt where it ran elsewhere
-            chosen = found.fitted_model(best)
-        else:
-            chosen, refit_fits, refit_seconds, overlapped = beside.winner(best.allocation, seconds)
-            fits, fit_seconds, discarded = fits + refit_fits, fit_seconds + refit_seconds, refit_fits - 1
+    selection = select(found.candidates, options, held_out)
+    best, fallback = selection.chosen, selection.fallback
+    if fallback:
+        log.info(fallback)
+    discarded = 0
+    if not refits:  # the verified fit itself, rebuilt where it ran elsewhere
+        chosen = found.fitted_model(best)
+    else:
+        chosen, refit_fits, refit_seconds, overlapped = beside.winner(best.allocation, seconds)
+        fits, fit_seconds, discarded = fits + refit_fits, fit_seconds + refit_seconds, refit_fits - 1
     context.cache.clear()
 
     result = MixedPrecisionResult(
@@ -213,27 +213,21 @@ def _timed_refit(model: nn.Module, data: GroupData | DataStream, base: QuantConf
 
 
 class _RefitBeside:
-    """The refit of ``guess`` (the predicted-best allocation; ``None``: no early refit) in a
-    thread of this process, started by :attr:`on_idle` when the verification's engine has a
-    worker left without a fit to take; :meth:`winner` uses it when ``guess`` won, else refits."""
+    """The refit of ``guess`` (the predicted-best allocation; ``None``: no early refit), run by
+    :attr:`on_idle` on this thread when the verification's engine has a worker left without a
+    fit to take (the other workers finish theirs meanwhile); :meth:`winner` uses it when
+    ``guess`` won, else refits."""
 
     def __init__(self, refit: Callable[[Allocation], tuple[Any, float]], guess: Allocation | None) -> None:
         self.refit, self.guess = refit, guess
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fqexport-refit")
-        self._early: Future | None = None
-
-    def __enter__(self) -> "_RefitBeside":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._thread.shutdown(wait=True)
+        self._early: tuple[Any, float] | None = None
 
     @property
     def on_idle(self) -> Callable[[], None] | None:
         return None if self.guess is None else self._start
 
     def _start(self) -> None:
-        self._early = self._thread.submit(self.refit, self.guess)
+        self._early = self.refit(self.guess)
 
     def winner(self, alloc: Allocation, seconds: dict[str, float]) -> tuple[Any, int, float, bool]:
         """``alloc`` quantized on all the data: the early refit when ``alloc`` is the guess, else
@@ -242,7 +236,7 @@ class _RefitBeside:
         wrong guess)."""
         fits, spent = 0, 0.0
         if self._early is not None:
-            fitted, s = self._early.result()
+            fitted, s = self._early
             if self.guess.bits == alloc.bits:
                 seconds["refit"] = s
                 return fitted, 1, s, True

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -231,21 +230,24 @@ def map_fits(engine: Engine, tasks: Sequence[Task], ctx: VerifyContext, progress
              here: int | None = None, on_idle: Callable[[], None] | None = None) -> list:
     """``fit_candidate`` of every task on ``engine``, results in task order (``on_idle``: as
     :meth:`~fqexport.engine.base.Engine.map` says). ``here``: on an engine of several workers,
-    the index of a task that runs in this process instead (a thread, through :func:`run_task`
-    like any task, while the workers run the others), so its fit stays in ``ctx.cache``: the
-    search's own process would otherwise wait idle, and then fit that model again when it is the
-    one returned (:meth:`Verification.fitted_model`)."""
+    the index of a task that runs in this process instead (on this thread, through
+    :func:`run_task` like any task, while the workers run the others: ``beside`` of
+    :meth:`~fqexport.engine.base.Engine.map`), so its fit stays in ``ctx.cache``: the search's
+    own process would otherwise wait idle, and then fit that model again when it is the one
+    returned (:meth:`Verification.fitted_model`)."""
     if here is None or engine.workers < 2:
         return engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress, on_idle=on_idle)
-    others = [t for i, t in enumerate(tasks) if i != here]
-    with ThreadPoolExecutor(1, thread_name_prefix="fqexport-fit") as local:
-        mine = local.submit(run_task, fit_candidate, ctx, tasks[here])
-        outs = engine.map(fit_candidate, others, ctx, "verify candidates", progress=progress,
-                          on_idle=on_idle) if others else []
+    mine: list = []
+
+    def fit_here() -> None:
         try:
-            outs.insert(here, mine.result())
+            mine.append(run_task(fit_candidate, ctx, tasks[here]))
         except Exception as err:
             raise task_error(engine.name, tasks[here], err) from err
+
+    outs = engine.map(fit_candidate, [t for i, t in enumerate(tasks) if i != here], ctx, "verify candidates",
+                      progress=progress, on_idle=on_idle, beside=fit_here)
+    outs.insert(here, mine[0])
     return outs
 
 

@@ -714,6 +714,17 @@ def test_an_int8_embedding_table_uses_the_full_grid_and_stores_no_zero_points(tm
     assert len(dq.input) == 2  # codes and scales: the all-zero zero point left out
 
 
+def test_a_sparse_embedding_is_quantized_like_any(tmp_path):
+    """``sparse=True`` only changes how the table's gradients are stored; it was kept float (survey 35)."""
+    model = TextClassifier()
+    model.embed.sparse = True
+    data = _token_data(n=64)
+    cm = compress(model, data, QuantConfig(weight_bits=4, num_calib=64), progress=False)
+    assert not cm.metadata.float_layers and "embed" in cm.layers and cm.metadata.avg_weight_bits == 4.0
+    graph = onnx.load(str(export_qdq(cm, tmp_path / "s.onnx").path)).graph
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("embed.") for n in graph.node)
+
+
 class _MaxNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

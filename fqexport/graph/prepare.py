@@ -551,10 +551,10 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                 # indices that do not depend on the input's values (``pos(torch.arange(L))``): the ONNX
                 # exporter folds the lookup into a constant, leaving no table to store in integers
                 out[name] = FloatLayer(name, "Embedding(constant indices)", _weight_params(mod))
-            elif isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse):
+            elif isinstance(mod, nn.Embedding) and mod.max_norm is not None:
                 # max_norm renormalises rows in place at every lookup: not a fixed integer table
-                out[name] = FloatLayer(name, "Embedding(max_norm)" if mod.max_norm is not None
-                                       else "Embedding(sparse)", _weight_params(mod))
+                # (``sparse`` only changes how the table's gradients are stored: quantized as any)
+                out[name] = FloatLayer(name, "Embedding(max_norm)", _weight_params(mod))
             elif (not isinstance(mod, QUANTIZABLE + NORMS) and any(True for _ in mod.parameters(recurse=False))) or (
                 not isinstance(mod, QUANTIZABLE) and _weight_params(mod, recurse=True)
             ):

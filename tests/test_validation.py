@@ -195,6 +195,23 @@ def test_graph_resources_of_float16_cast_weights_conv_transpose_and_qgemm():
     assert res.macs == 4 * 4 * 16 * 8 * 2 * 2  # each of the 16 input pixels meets the whole 16·8·2·2 kernel
 
 
+def test_graph_bops_count_a_float16_activation_at_16_bits():
+    """A float16 model's BOPs counted its activations at 32 bits (16 · 32 · MACs): they are 16 wide."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3])], [w])
+    res = from_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert (res.avg_weight_bits, res.macs, res.bops) == (16.0, 12, 16 * 16 * 12)
+    fp32 = from_graph(_graph_model([helper.make_node("Gemm", ["x", "w32"], ["y"])],
+                                   [numpy_helper.from_array(np.ones((4, 3), np.float32), "w32")], [1, 4], [1, 3]))
+    assert fp32.bops == 32 * 32 * 12
+
+
 def test_thresholds_fail_and_name_group_value(setup):
     d, data = setup
     # The float model's labels with a quarter of the minority relabelled: no model can score 100 % on

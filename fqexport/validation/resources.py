@@ -88,6 +88,7 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     shapes = {vi.name: _shape_of(vi) for vi in (*g.value_info, *g.output, *g.input)}
+    elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.value_info, *g.output, *g.input)}
 
     def weight_of(name: str):
         """(initializer, came through DequantizeLinear) behind a node input — through up to three
@@ -131,7 +132,10 @@ def from_graph(model, *, macs: bool = True) -> Resources:
         else:
             continue
         xprod = producers.get(node.input[0])
-        a_bits = ACTIVATION_BITS if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear") else 32
+        if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear"):
+            a_bits = ACTIVATION_BITS
+        else:  # a float input at its element type's width (float16: 16); unknown: 32
+            a_bits = _BITS.get(onnx.TensorProto.DataType.Name(elem_types.get(node.input[0], 1)), 32)
         if stored not in counted:  # a weight two nodes share (a layer called twice) is stored once
             counted.add(stored)
             params += n_params

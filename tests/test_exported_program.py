@@ -473,6 +473,28 @@ def test_a_pt2_with_a_fixed_batch_that_breaks_says_how_to_export_it(tmp_path):
     assert set(cm.layers) == {"conv", "fc"}
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x, z):
+        return self.head(torch.relu(self.a(x) + self.b(z)))
+
+
+def test_a_pt2_of_two_inputs_is_refused_at_load_naming_them(tmp_path):
+    """It was refused with the fixed-batch message (the run on one input failed), which blamed the batch (survey 26)."""
+    from fqexport.errors import ModelLoadError
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_TwoInputs().eval(), (torch.randn(2, 4), torch.randn(2, 3)),
+                                  dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, str(tmp_path / "two.pt2"))
+    with pytest.raises(ModelLoadError, match=r"two.pt2: the exported program takes 2 inputs \(x, z\); fqexport "
+                                             r"feeds one input \(the data's 'x'\): export a wrapper"):
+        load_model(str(tmp_path / "two.pt2"))
+
+
 def test_a_parametrized_layer_in_a_pt2_keeps_the_users_name(tmp_path):
     """weight_norm's weight is computed from parametrizations.weight.original0/1: folded, and the
     layer is named after the user's module, as on the eager path (--keep-float / --layer-bits names)."""

@@ -46,6 +46,11 @@ MSG_PT2_STATIC_BATCH = (
     "it is not told is dynamic) and fqexport runs it on batches of other sizes: export it with "
     "torch.export.export(model, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},))"
 )
+MSG_PT2_INPUTS = (
+    "{path}: the exported program takes {n} inputs ({names}); fqexport feeds one input (the data's 'x'): "
+    "export a wrapper whose forward(x) supplies the others, e.g. torch.export.export(Wrapper(model), (x,), "
+    "dynamic_shapes=({{0: torch.export.Dim('batch')}},))"
+)
 STATIC_BATCH_KEY = "fqexport_static_batch"  # GraphModule.meta of a .pt2 with a fixed batch: its message
 MSG_TORCHSCRIPT = (
     "{path}: a TorchScript archive (torch.jit.save): fqexport quantizes the Python nn.Module, whose "
@@ -126,6 +131,9 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
             model = program.module()
     except Exception as err:
         raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}") from err
+    user_inputs = list(program.graph_signature.user_inputs)
+    if len(user_inputs) > 1:  # checked here: running it on one input would blame its batch or the data
+        raise ModelLoadError(MSG_PT2_INPUTS.format(path=path, n=len(user_inputs), names=", ".join(user_inputs)))
     lifted = lift_exported_modules(model)
     batch = _static_batch(program)
     if batch is not None:  # many graphs run on any batch all the same; one that does not says why

@@ -412,3 +412,22 @@ def test_a_pinned_width_outside_the_measured_ones_shows_not_measured(tmp_path, m
     table = stdout.split("mixed precision (worst-group, budget bits 6):\n")[1].split("\n\n")[0]
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert "not measured" in rows["fc1"] and "nan" not in table
+
+
+def test_group_weights_name_a_group_whose_name_holds_a_comma(mlp_files, mlp_data, tests_dir, tmp_path, monkeypatch):
+    """'--group-weights "I,II=2,III=1"' was split at every comma: "I" had no '=' (survey 29)."""
+    from fqexport.calibration.npz import save_npz
+    from fqexport.cli.common import parse_group_assignments
+    from fqexport.errors import ConfigError
+
+    assert parse_group_assignments("I,II=2,III=1", "--group-weights") == {"I,II": 2.0, "III": 1.0}
+    assert parse_group_assignments("a=1.5", "--group-weights") == {"a": 1.5}
+    with pytest.raises(ConfigError, match=r"--group-weights 'c': expected NAME=W"):
+        parse_group_assignments("a=1,c", "--group-weights")
+    named = type(mlp_data)(mlp_data.x, mlp_data.y, mlp_data.group, ("I,II", "III"), "calib.npz")
+    save_npz(named, tmp_path / "named.npz")
+    monkeypatch.chdir(tests_dir)
+    code, _, err = run_main(_compress_args(mlp_files, tmp_path / "m.onnx", "--group-weights", "I,II=2,III=1",
+                                           "--no-speed-check", calib=tmp_path / "named.npz"))
+    assert code == 0, err
+    assert read_metadata(str(tmp_path / "m.onnx")).settings["group_weights"] == {"I,II": 2.0, "III": 1.0}

@@ -53,6 +53,20 @@ def parse_assignments(items: Sequence[str], flag: str, value: str, convert, exam
     return out
 
 
+def parse_group_assignments(text: str, flag: str, example: str = "minority=2,majority=1") -> dict[str, float]:
+    """``"a=2,b=1"`` → ``{"a": 2.0, "b": 1.0}``; a group name may hold commas (``"I,II=2,III=1"``:
+    a piece without ``=`` belongs to the next piece's name, the values being numbers)."""
+    items, name = [], []
+    for piece in text.split(","):
+        name.append(piece)
+        if "=" in piece:
+            items.append(",".join(name))
+            name = []
+    if name:  # a tail without "=": reported as the malformed item it is
+        items.append(",".join(name))
+    return parse_assignments(items, flag, "W", float, example)
+
+
 def parse_layer_bits(items: Sequence[str], flag: str = "--layer-bits") -> dict[str, int]:
     """``["fc=8"]`` → ``{"fc": 8}``; errors name ``flag``."""
     return parse_assignments(items, flag, "BITS", int, "fc=8")
@@ -64,7 +78,7 @@ def parse_group_weights(text: str | None):
         return None
     if text == "samples":
         return "samples"
-    return parse_assignments(text.split(","), "--group-weights", "W", float, "minority=2,majority=1")
+    return parse_group_assignments(text, "--group-weights")
 
 
 def int_at_least(low: int, high: int | None = None):

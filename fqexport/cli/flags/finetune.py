@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import get_args
 
-from fqexport.cli.common import parse_assignments
+from fqexport.cli.common import parse_group_assignments
 from fqexport.cli.flags.shared import SEARCH_ONLY_FLAGS, OnlyWith, given_flags, parse_bit_choices, refuse_ignored
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError
@@ -172,8 +172,7 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
     refuse_ignored(args, FINETUNE_ONLY_WITH)
     weights = None
     if args.group_loss_weights:
-        weights = parse_assignments(args.group_loss_weights.split(","), "--group-loss-weights", "W", float,
-                                     "minority=3,majority=1")
+        weights = parse_group_assignments(args.group_loss_weights, "--group-loss-weights", "minority=3,majority=1")
     given = {key: getattr(args, dest) for dest, key in FINETUNE_FIELDS.items() if getattr(args, dest) is not None}
     return FinetuneConfig(
         **given, group_weights=weights, learn_bits=args.learn_bits,

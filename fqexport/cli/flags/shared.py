@@ -10,7 +10,13 @@ import argparse
 import dataclasses
 from typing import Callable, Mapping, Sequence, get_args
 
-from fqexport.cli.common import SEED, int_at_least, parse_assignments, parse_group_weights, parse_layer_bits
+from fqexport.cli.common import (
+    SEED,
+    int_at_least,
+    parse_group_assignments,
+    parse_group_weights,
+    parse_layer_bits,
+)
 from fqexport.config import (
     DEFAULT_BIT_CHOICES,
     Calibration,
@@ -325,8 +331,8 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         pins=parse_layer_bits(args.pin, "--pin"), pin_first_last=args.pin_first_last,
         sensitivity=_or(args.sensitivity, d["sensitivity"]), num_candidates=_or(args.candidates, d["num_candidates"]),
         verify_folds=_or(args.verify_folds, d["verify_folds"]),
-        group_weights=parse_assignments(args.objective_weights.split(","), "--objective-weights", "W", float,
-                                         "minority=2") if args.objective_weights else None,
+        group_weights=parse_group_assignments(args.objective_weights, "--objective-weights", "minority=2")
+        if args.objective_weights else None,
         cache_path=args.sensitivity_cache, seed=args.seed,
         # with --engine serial, --workers can only be the fine-tuning DataLoader's: compress's and
         # sweep's OnlyWith tables refuse it otherwise (COMPRESS_ONLY_WITH, SWEEP_ONLY_WITH)

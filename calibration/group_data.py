@@ -5,12 +5,15 @@ streamed form; both have ``group``, ``y``, ``group_names``, ``source``, ``sample
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fqexport.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class GroupViews:
@@ -112,6 +115,10 @@ MSG_UNKNOWN_GROUP = (
 MSG_WEIGHED_TWICE = "group_weights weigh the group {name!r} twice (as {first!r} and as {second!r}): give each group once"
 MSG_ZERO_WEIGHTS = "group_weights {weights!r} give every group of {groups} weight 0: at least one must be > 0"
 MSG_NEEDS_COUNTS = "group_weights='samples' needs the groups' sample counts"
+MSG_UNNAMED_GROUPS = (
+    "group_weights %s do not name group(s) %s: they get weight 0, so their samples count for nothing "
+    "here; name every group to weigh it (e.g. %s)"
+)
 
 
 @dataclass(frozen=True)
@@ -139,21 +146,30 @@ class GroupWeights:
                 raise ConfigError(MSG_NEEDS_COUNTS)
             v = np.asarray(counts, dtype=np.float64)
         else:
-            v = group_weight_vector(self.spec, group_names, unknown)
+            given = _weights_by_index(self.spec, group_names, unknown)
+            v = _as_vector(given, len(group_names))
+            unnamed = [repr(g) for i, g in enumerate(group_names) if i not in given]
+            if unnamed and v.sum() > 0:
+                example = ",".join(f"{g}={given.get(i, 1.0):g}" for i, g in enumerate(group_names))
+                log.warning(MSG_UNNAMED_GROUPS, dict(self.spec), ", ".join(unnamed), example)
         if not v.sum() > 0:
             raise ConfigError(MSG_ZERO_WEIGHTS.format(weights=self.spec, groups=list(group_names)))
         return v / v.sum()
 
 
-def group_weight_vector(weights, group_names, unknown: str = MSG_UNKNOWN_GROUP) -> np.ndarray:
-    """Weights given by group name or id (``{"minority": 2}``, ``{1: 2}``, ``{"1": 2}``) as a
-    vector over ``group_names`` (unnamed groups 0), not normalised.
+def _as_vector(by_index: Mapping[int, float], n: int) -> np.ndarray:
+    v = np.zeros(n, dtype=np.float64)
+    for i, w in by_index.items():
+        v[i] = w
+    return v
 
-    Raises ConfigError with ``unknown`` (a template of {name} and {groups}) for a key that is
-    not a group.
-    """
+
+def _weights_by_index(weights, group_names, unknown: str) -> dict[int, float]:
+    """``{group index: weight}`` of the groups ``weights`` names, by name or id (``{"minority": 2}``,
+    ``{1: 2}``, ``{"1": 2}``); a ConfigError with ``unknown`` (a template of {name} and {groups}) for
+    a key that is not a group, or a group named twice."""
     names = list(group_names)
-    v = np.zeros(len(names), dtype=np.float64)
+    out: dict[int, float] = {}
     given: dict[int, Any] = {}  # group index -> the key that weighed it
     for key, w in weights.items():
         if str(key) in names:
@@ -166,5 +182,5 @@ def group_weight_vector(weights, group_names, unknown: str = MSG_UNKNOWN_GROUP) 
             raise ConfigError(unknown.format(name=key, groups=", ".join(names)))
         if i in given:  # by name and by id: whichever came last would win
             raise ConfigError(MSG_WEIGHED_TWICE.format(name=names[i], first=given[i], second=key))
-        given[i], v[i] = key, float(w)
-    return v
+        given[i], out[i] = key, float(w)
+    return out

@@ -24,6 +24,21 @@ def test_explicit_weights_by_name_or_id_normalised_unnamed_groups_zero():
     np.testing.assert_allclose(GroupWeights({"2": 1.0}).vector(NAMES), [0.0, 0.0, 1.0])
 
 
+def test_groups_a_mapping_leaves_out_are_warned_about(caplog):
+    """``--group-loss-weights minority=3`` (the old hint's example) gave the other groups weight 0
+    without a word: fine-tuning then trained on the minority alone (survey 38)."""
+    with caplog.at_level("WARNING"):
+        GroupWeights({"minority": 3.0}).vector(NAMES)
+    assert ("group_weights {'minority': 3.0} do not name group(s) 'majority', 'rare': they get weight 0, so their "
+            "samples count for nothing here; name every group to weigh it (e.g. majority=1,minority=3,rare=1)"
+            ) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        GroupWeights({"minority": 3.0, "majority": 1, "rare": 0.5}).vector(NAMES)
+        GroupWeights("samples").vector(NAMES, [1, 2, 3])
+    assert caplog.text == ""
+
+
 def test_unknown_group_and_all_zero_weights_are_config_errors():
     with pytest.raises(ConfigError, match=r"group_weights names group 'other', which is not in the calibration data"):
         GroupWeights({"other": 1.0}).vector(NAMES)

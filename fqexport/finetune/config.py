@@ -20,7 +20,7 @@ MSG_POSITIVE_INT = "FinetuneConfig.{field}={value!r} must be an integer >= {low}
 MSG_RANGE = "FinetuneConfig.{field}={value!r} must be {rule}"
 MSG_GROUP_WEIGHTS = (
     "FinetuneConfig.group_weights is required with loss='group-weighted': give a mapping of group "
-    "name to weight, e.g. {'minority': 3, 'majority': 1} (CLI: --group-loss-weights minority=3)"
+    "name to weight, e.g. {'minority': 3, 'majority': 1} (CLI: --group-loss-weights minority=3,majority=1; a group not named gets weight 0)"
 )
 MSG_ONLY_WITH = (
     "FinetuneConfig.{field}={value!r} is only used with {key}={wanted!r} (got {key}={got!r}), so it would be "

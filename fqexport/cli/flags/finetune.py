@@ -90,7 +90,7 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--loss", choices=get_args(GroupLoss), default=None,
                     help="worst-group (group DRO), group-weighted (--group-loss-weights) or ce (plain mean: "
                     "plain QAT is --loss ce --sampler natural)" + _default("loss"))
-    ft.add_argument("--group-loss-weights", metavar="NAME=W,...", help="group weights of --loss group-weighted")
+    ft.add_argument("--group-loss-weights", metavar="NAME=W,...", help="group weights of --loss group-weighted (a group not named gets weight 0: name every group, e.g. minority=3,majority=1)")
     ft.add_argument("--dro-eta", type=float, default=None,
                     help="step size of the worst-group weights (--loss worst-group)" + _default("dro_eta"))
     ft.add_argument("--lr", type=float, default=None, help="Adam step size of the latent weights" + _default("lr"))

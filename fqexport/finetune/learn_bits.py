@@ -138,8 +138,12 @@ def _fix_widths(cm: CompressedModel, weights: Mapping[str, LearnableWeight], act
     chosen = project_to_budget(learned, {n: cm.layers[n].params for n in weights}, config.bit_choices, budget)
     for m in weights.values():
         m.bit = None
+    # a layer whose width changes is re-quantized from its float weight: the latent weights of the
+    # width-learning epoch sit between the codes of fractional widths, and rounded onto another grid
+    # they lost most of the accuracy (survey 38: a W2 MLP at chance after a 3-bit projection)
+    floats = {n: w for n in weights if isinstance(w := getattr(_submodule(cm.float_model, n), "weight", None), torch.Tensor)}
     reference, layers = write_back(cm.reference, cm.layers, weights, acts, bits=chosen,
-                                   weight_range=cm.config.weight_range, export=cm.config.export)
+                                   weight_range=cm.config.weight_range, export=cm.config.export, sources=floats)
     total = sum(l.params for l in layers.values())
     avg = sum(l.bits * l.params for l in layers.values()) / max(total, 1)
     log.info("BAQ: learned widths %s -> %s (avg %.3f bits of the quantized layers, budget %g)", learned, chosen, avg,
@@ -149,3 +153,10 @@ def _fix_widths(cm: CompressedModel, weights: Mapping[str, LearnableWeight], act
               "bits": dict(chosen), "avg_bits": round(avg, 4),  # of the quantized layers
               "quantized_budget_bits": round(budget, 4)}  # what the float layers at 32 bits leave them
     return fixed_cm, record
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -93,15 +93,18 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
         run.epochs()
         result = run.result()
         record = run.record(data, ptq, result, baq=baq, rounding=rounding)
-    if rounding is not None and baq is None and worst_loss(run.holdout.metrics_of(ptq)) < worst_loss(
-            run.holdout.metrics_of(result)):
-        # the run started from AdaRound's model: never return worse than the PTQ model given
+    # the run started from AdaRound's or BAQ's model, not the PTQ model given: never return worse
+    # than that one (BAQ: when it meets the budget itself)
+    kept_ptq = ((rounding is not None or baq is not None)
+                and (baq is None or ptq.metadata.avg_weight_bits <= config.budget_bits + 1e-9)
+                and worst_loss(run.holdout.metrics_of(ptq)) < worst_loss(run.holdout.metrics_of(result)))
+    if kept_ptq:
         record = {**record, "kept": "ptq", "holdout_after": record["holdout_before"]}
-        log.info("fine-tuning from adaptive rounding measured a larger held-out worst-group loss than the PTQ "
-                 "model: returning the PTQ model")
+        log.info("fine-tuning from %s measured a larger held-out worst-group loss than the PTQ model: returning the "
+                 "PTQ model", "learned bit widths" if baq is not None else "adaptive rounding")
         result = ptq
     allocation = _before_finetune(result.metadata.allocation)
-    if baq is not None and allocation:  # learned widths replaced the search's: its record no longer describes the file
+    if baq is not None and allocation and not kept_ptq:  # learned widths replaced the search's record
         record, allocation = {**record, "allocation_before_learn_bits": allocation}, None
     meta = replace(result.metadata, finetune=record, allocation=allocation)
     return Trained(cm, replace(result, metadata=meta), run.weights, run.acts, run.holdout)

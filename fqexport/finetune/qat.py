@@ -229,12 +229,14 @@ def build_student(
 
 @torch.no_grad()
 def requantize(learned: LearnableWeight, layer: QuantizedLayer, bits: int, weight_range: str,
-               export: ExportSpec = ExportSpec()) -> QuantizedLayer:
-    """``layer`` with the latent weights of ``learned`` rounded onto a fresh ``bits``-wide grid
-    (per output channel — per block where the layout rule gives the layer per-block scales for
-    ``export``, :func:`fqexport.quant.layout.layer_layout` — clipping search, round to nearest;
-    no training at that width); its container decided by the same rule."""
-    rows = weight_rows(layer.kind, learned.latent_weight().cpu().float())
+               export: ExportSpec = ExportSpec(), source: torch.Tensor | None = None) -> QuantizedLayer:
+    """``layer`` with the latent weights of ``learned`` (or ``source``, a weight of the layer's
+    shape) rounded onto a fresh ``bits``-wide grid (per output channel — per block where the
+    layout rule gives the layer per-block scales for ``export``,
+    :func:`fqexport.quant.layout.layer_layout` — clipping search, round to nearest; no training at
+    that width); its container decided by the same rule."""
+    weight = learned.latent_weight() if source is None else source
+    rows = weight_rows(layer.kind, weight.detach().cpu().float())
     layout = layer_layout(layer.kind, int(bits), export, rows.shape[1], layer.macs, layer.codes.numel())
     grid = choose_weight_grid(rows, bits, weight_range=layer_weight_range(layer.kind, weight_range), clip_search=True,
                               block=layout.block_size)
@@ -253,10 +255,12 @@ def write_back(
     bits: int | Mapping[str, int] | None = None,
     weight_range: str = "x86-safe",
     export: ExportSpec = ExportSpec(),
+    sources: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.fx.GraphModule, dict[str, QuantizedLayer]]:
     """A new PTQ-style reference and layer table holding the learned codes, steps, biases and
     activation steps (the export path reads exactly these). With ``bits`` (other than a layer's
-    trained width) the layer's latent weights are re-quantized at that width instead."""
+    trained width) the layer's latent weights — or its weight in ``sources`` — are re-quantized at
+    that width instead."""
     new_ref = copy.deepcopy(reference)
     new_layers: dict[str, QuantizedLayer] = {}
     for name, layer in layers.items():
@@ -265,7 +269,7 @@ def write_back(
         if width is None or int(width) == layer.bits:
             new = replace(layer, codes=learned.codes().cpu(), scale=learned.scale().cpu())
         else:
-            new = requantize(learned, layer, int(width), weight_range, export)
+            new = requantize(learned, layer, int(width), weight_range, export, (sources or {}).get(name))
         module = new_ref.get_submodule(name)
         module.weight.copy_(new.dequantized().to(module.weight.dtype))
         if learned.bias is not None:  # an Embedding has none

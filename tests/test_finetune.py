@@ -580,6 +580,35 @@ def test_adaptive_rounding_never_returns_worse_than_the_ptq_model(mlp_cm2, mlp_d
     np.testing.assert_array_equal(out.predict(mlp_data.x), mlp_cm2.predict(mlp_data.x))
 
 
+def test_widths_of_a_run_that_kept_the_ptq_model_return_it_at_its_width(mlp_cm2, mlp_data, monkeypatch):
+    """finetune returned the PTQ model (the AdaRound start measured worse), but finetune_widths
+    built its trained width from the AdaRound run anyway, and recorded the PTQ figures as the
+    trained model's (survey 38)."""
+    import importlib
+
+    loop = importlib.import_module("fqexport.finetune.loop")
+
+    def worse(cm, sub, iters, seed):
+        import copy
+        from dataclasses import replace as swap
+
+        bad = swap(cm, reference=copy.deepcopy(cm.reference))
+        with torch.no_grad():
+            for p in bad.reference.parameters():
+                p.mul_(-1.0)
+        return bad, {"iters": iters}
+
+    monkeypatch.setattr(loop, "adaptive_rounding", worse)
+    cfg = FinetuneConfig(rounding="adaptive", epochs=1, batch_size=32, max_steps=1)
+    models = finetune_widths(mlp_cm2, mlp_data, cfg, (2, 8), progress=False)
+    r2, r8 = models[2].metadata.finetune, models[8].metadata.finetune
+    assert r2["kept"] == "ptq" and "kept" not in r8 and "holdout_trained" not in r2
+    np.testing.assert_array_equal(models[2].predict(mlp_data.x), mlp_cm2.predict(mlp_data.x))
+    assert r2["holdout_after"] == r2["holdout_before"]  # the file's own figures: the PTQ model's
+    trained = r2["holdout_after_training"]
+    assert trained == r8["holdout_after_training"] and _worst(trained) > _worst(r2["holdout_before"])
+
+
 def _worst(record):
     return max(v["loss"] for v in record.values())
 

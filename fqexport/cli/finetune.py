@@ -63,11 +63,14 @@ def run_finetune_widths(plan: FinetunePlan, cm: CompressedModel, quiet: bool = F
     (``finetune_widths``); prints the same table as :func:`run_finetune`."""
     t0 = time.perf_counter()
     models = finetune_widths(cm, plan.train, plan.config, plan.export_bits, progress=not quiet)
-    _print_summary(plan, next(iter(models.values())), time.perf_counter() - t0)
+    given = [b for b, m in models.items() if m.metadata.finetune.get("kept") == "ptq"]
+    _print_summary(plan, next(iter(models.values())), time.perf_counter() - t0, given)
     return models
 
 
-def _print_summary(plan: FinetunePlan, out: CompressedModel, seconds: float) -> None:
+def _print_summary(plan: FinetunePlan, out: CompressedModel, seconds: float, given_at: list[int] | None = None) -> None:
+    """The fine-tuning table; ``given_at``: the widths whose file is the model given (the trained
+    one measured worse there), with ``--export-bits``."""
     rec = out.metadata.finetune
     key = out.task.primary  # accuracy, mAP@[.5:.95] or mIoU: the task's metric
     head = "acc" if key == "accuracy" else METRIC_LABELS.get(key, key)
@@ -94,6 +97,13 @@ def _print_summary(plan: FinetunePlan, out: CompressedModel, seconds: float) -> 
         step = "the widths learned (BAQ)" if rec.get("baq") else "adaptive rounding"
         print(f"before: the model given to fine-tuning; start: after {step}, epoch 0 (the kept epoch measured no "
               "worse than it on the worst group)")
+    if given_at:
+        print(f"kept at {'/'.join(map(str, given_at))} bits: the model given to fine-tuning, which measured a lower "
+              "held-out worst-group loss than the trained one (the 'after' columns); the other widths hold the "
+              "trained model re-quantized")
+    elif rec.get("kept") == "ptq":
+        print("kept: the model given to fine-tuning, which measured a lower held-out worst-group loss than the "
+              "trained one")
     if rec.get("baq"):
         baq = rec["baq"]
         print(f"\nlearned widths (BAQ, budget {baq['budget_bits']:g} bits, exported avg {baq['avg_bits']:.3f}; nominal "

@@ -107,13 +107,23 @@ def finetune_widths(
 
 
 def _at_width(trained: Trained, bits: int) -> CompressedModel:
-    """The trained model with every layer's latent weights re-quantized at ``bits``."""
+    """The trained model with every layer's latent weights re-quantized at ``bits``; where the run
+    returned the PTQ model (``kept``: the trained one measured worse) and ``bits`` is its width, that
+    model."""
     cm, result = trained.start, trained.result
+    kept = result.metadata.finetune.get("kept")
+    if kept == "ptq" and all(l.bits == bits for l in result.layers.values()):
+        record = {k: v for k, v in result.metadata.finetune.items() if k != "holdout_trained"}
+        record.update(requantized_to=bits, holdout_after_training=result.metadata.finetune["holdout_trained"])
+        return replace(result, metadata=replace(result.metadata, finetune=record))
     reference, layers = write_back(cm.reference, cm.layers, trained.weights, trained.acts, bits=bits,
                                    weight_range=cm.config.weight_range, export=cm.config.export)
     total = sum(l.params for l in layers.values())
-    # built from the trained latent weights, whichever model the run returned ("kept")
-    record = {k: v for k, v in result.metadata.finetune.items() if k != "kept"}
+    # built from the trained latent weights, whichever model the run returned ("kept"): the
+    # trained model's own figures, not the returned PTQ model's
+    record = {k: v for k, v in result.metadata.finetune.items() if k not in ("kept", "holdout_trained")}
+    if kept == "ptq":
+        record["holdout_after"] = result.metadata.finetune["holdout_trained"]
     record["requantized_to"] = bits
     meta = replace(result.metadata, layers=layer_records(layers),
                    avg_weight_bits=round(sum(l.bits * l.params for l in layers.values()) / max(total, 1), 4))

@@ -99,7 +99,8 @@ def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | No
                 and (baq is None or ptq.metadata.avg_weight_bits <= config.budget_bits + 1e-9)
                 and worst_loss(run.holdout.metrics_of(ptq)) < worst_loss(run.holdout.metrics_of(result)))
     if kept_ptq:
-        record = {**record, "kept": "ptq", "holdout_after": record["holdout_before"]}
+        record = {**record, "kept": "ptq", "holdout_after": record["holdout_before"],
+                  "holdout_trained": record["holdout_after"]}  # the trained model's, returned at other widths
         log.info("fine-tuning from %s measured a larger held-out worst-group loss than the PTQ model: returning the "
                  "PTQ model", "learned bit widths" if baq is not None else "adaptive rounding")
         result = ptq

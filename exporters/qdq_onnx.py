@@ -35,7 +35,7 @@ from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
-from fqexport.graph.prepare import check_materialized, unwrap_model
+from fqexport.graph.prepare import MSG_FIRST_OUTPUT, check_materialized, first_output, unwrap_model
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
 
@@ -141,6 +141,17 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
 
 
+class _FirstOutput(torch.nn.Module):
+    """``model`` returning only the first of its outputs (:func:`~fqexport.graph.prepare.first_output`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return first_output(self.model(x))
+
+
 def export_float_reference(cm: "CompressedModel", path: str | Path) -> ExportResult:
     """``cm``'s float model (BatchNorm folded, the same output as the QDQ file) as ONNX: the
     ``--reference`` of ``fqexport validate``."""
@@ -151,13 +162,25 @@ def export_float_reference(cm: "CompressedModel", path: str | Path) -> ExportRes
 def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
                  output_name: str = "logits") -> ExportResult:
     """Write the float model (e.g. the BN-folded one) as ONNX, for reference validation; its
-    output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector)."""
+    output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector). A model
+    returning a tuple (a namedtuple, a list) is written with its first output, the one ``compress``
+    measures and exports."""
     path = Path(path)
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     modes = {m: m.training for m in model.modules()}  # the caller's model comes back in its own modes
     try:
-        proto = torch_to_onnx(model.eval(), example, what="float", output_name=output_name)
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(example)
+        except Exception:  # torch.onnx.export runs it again and says why it fails
+            out = None
+        if out is not None and first_output(out) is not out:
+            kind = f"namedtuple {type(out).__name__}" if hasattr(type(out), "_fields") else type(out).__name__
+            log.warning(MSG_FIRST_OUTPUT.format(kind=kind, n=len(out)))
+            model = _FirstOutput(model)
+        proto = torch_to_onnx(model, example, what="float", output_name=output_name)
     finally:
         for m, training in modes.items():
             m.training = training

@@ -467,6 +467,11 @@ def test_a_pt2_with_a_fixed_batch_that_breaks_says_how_to_export_it(tmp_path):
         compress(load_model(str(tmp_path / "m.pt2")), data, QuantConfig(num_calib=64), progress=False)
     assert "m.pt2 was exported with a fixed batch of 4" in str(info.value)
     assert "dynamic_shapes=({0: torch.export.Dim('batch')},)" in str(info.value)
+    # fixed at 2, the batch of the first check: it ran, then compress failed at batch 1 with an
+    # internal error (survey 39)
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 4, 4),)), str(tmp_path / "m2.pt2"))
+    with pytest.raises(ModelLoadError, match="m2.pt2 was exported with a fixed batch of 2"):
+        compress(load_model(str(tmp_path / "m2.pt2")), data, QuantConfig(num_calib=64), progress=False)
     dynamic = torch.export.export(model, (torch.randn(4, 3, 4, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(dynamic, str(tmp_path / "d.pt2"))
     cm = compress(load_model(str(tmp_path / "d.pt2")), data, QuantConfig(num_calib=64), progress=False)

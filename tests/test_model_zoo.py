@@ -725,6 +725,41 @@ def test_a_sparse_embedding_is_quantized_like_any(tmp_path):
     assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("embed.") for n in graph.node)
 
 
+class _NamedOut(nn.Module):
+    """A classifier returning ``Out(logits, feat)``."""
+
+    Out = __import__("collections").namedtuple("Out", ["logits", "feat"])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        feat = torch.relu(self.conv(x)).mean((2, 3))
+        return self.Out(logits=self.fc(feat), feat=feat)
+
+
+def test_a_namedtuple_or_tuple_output_is_measured_exported_and_referenced_by_its_first(tmp_path, caplog):
+    """A namedtuple output passed compress, then export crashed ('Out' has no .numpy, exit 3); a
+    tuple model's export_float wrote both outputs, which validate then refused as a reference (survey 39)."""
+    from fqexport.exporters.qdq_onnx import export_float
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = _NamedOut().eval()
+    x = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    y = model(torch.from_numpy(x)).logits.argmax(1).numpy()
+    data = validate_group_data(x, y, np.arange(64) % 2, ["a", "b"], "n.npz")
+    with caplog.at_level("WARNING"):
+        cm = compress(model, data, QuantConfig(num_calib=64), progress=False)
+    assert "the model returns a namedtuple Out of 2 outputs: fqexport measures, compresses and exports the first" in caplog.text
+    path = export_qdq(cm, tmp_path / "n.onnx").path
+    export_float(model, torch.from_numpy(x[:2]), tmp_path / "float.onnx")
+    assert len(onnx.load(str(tmp_path / "float.onnx")).graph.output) == 1
+    report = validate(path, data, reference=tmp_path / "float.onnx", measure_latency=False)
+    assert report.agreement is not None and report.agreement >= 0.95
+
+
 class _MaxNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -493,9 +493,15 @@ def _keep_first_output(gm: torch.fx.GraphModule, owner: nn.Module | None = None)
     reference and the ONNX file return what a deployment of the model reads (Ultralytics' and
     torchvision's ONNX exports keep the first output alike)."""
     node = next(n for n in gm.graph.nodes if n.op == "output")
-    value = node.args[0]
+    value, kind = node.args[0], None
+    if (isinstance(value, torch.fx.Node) and value.op == "call_function" and isinstance(value.target, type)
+            and issubclass(value.target, tuple) and hasattr(value.target, "_fields")):
+        # a namedtuple: fx records its construction as a call of the class on the items
+        fields = value.target._fields[len(value.args):]
+        kind = f"namedtuple {value.target.__name__}"
+        value = tuple(value.args) + tuple(value.kwargs[f] for f in fields if f in value.kwargs)
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.fx.Node):
-        _warn_once(owner, MSG_FIRST_OUTPUT.format(kind=type(value).__name__, n=len(value)))
+        _warn_once(owner, MSG_FIRST_OUTPUT.format(kind=kind or type(value).__name__, n=len(value)))
         node.args = (value[0],)
         gm.graph.eliminate_dead_code()
         gm.recompile()

@@ -374,14 +374,16 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     """The model's output on the first two samples (its first output: :func:`first_output`); a
     DataError when they do not fit it."""
     x = example_batch(data)
+    static = getattr(model, "meta", {}).get(STATIC_BATCH_KEY) if isinstance(model, torch.fx.GraphModule) else None
     try:
         with torch.no_grad():
             out = run_model(model, x)
+            if static is not None and x.shape[0] > 1:
+                run_model(model, x[:1])  # a program fixed at batch 2 runs the two samples, then fails later
     except Exception as err:
         ids = (" x holds integers, which fqexport keeps as token ids (an Embedding's input): if they are "
                "pixels or features, save x as float32 (scaled as the model was trained)"
                if not x.is_floating_point() else "")
-        static = getattr(model, "meta", {}).get(STATIC_BATCH_KEY) if isinstance(model, torch.fx.GraphModule) else None
         if static is not None:
             raise ModelLoadError(f"{static} ({type(err).__name__}: {err})") from err
         raise DataError(

@@ -78,6 +78,7 @@ def test_exit_0_when_limits_hold_and_reports_written(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "minority" in out and "majority" in out and "\nPASS\n" in out
+    assert "changed predictions vs reference per group (reference right and model wrong / the reverse; " in out
     assert "PASS min_worst_group_acc" in out and "kernels: " in out and "QGemm=2" in out
     assert (tmp_path / "rep" / "report.json").is_file() and (tmp_path / "rep" / "report.md").is_file()
     root = ET.parse(tmp_path / "junit.xml").getroot()

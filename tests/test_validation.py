@@ -425,3 +425,46 @@ def test_a_progress_bar_per_pass_over_the_data_and_none_without_progress(setup, 
                  progress=False)
     assert "validate:" not in capsys.readouterr().err
     assert a.metrics.by_group == b.metrics.by_group  # the chunked passes measure the same
+
+
+def test_mcnemar_exact_p_values():
+    from fqexport.metrics.paired import mcnemar_exact, paired_changes
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # 2 · P[X <= 0], X ~ Bin(5, 1/2)
+    assert mcnemar_exact(3, 1) == pytest.approx(2 * (1 + 4) / 16) == mcnemar_exact(1, 3)
+    assert mcnemar_exact(50, 50) == 1.0 and mcnemar_exact(2000, 1900) < 0.2  # large n: no overflow
+    model = np.array([1, 0, 0, 1, 1, 0], bool)
+    ref = np.array([1, 1, 1, 0, 1, 0], bool)
+    out = paired_changes(model, ref, np.array([0, 0, 0, 1, 1, 1]), ["a", "b"])
+    assert out == {"a": {"count": 3, "worse": 2, "better": 0, "p_value": pytest.approx(0.5)},
+                   "b": {"count": 3, "worse": 0, "better": 1, "p_value": 1.0}}
+
+
+def test_the_paired_changes_explain_each_groups_drop_and_a_limit_finer_than_one_sample_is_warned(
+        setup, tmp_path, caplog):
+    """A per-group drop on few samples can be one or two predictions: the report carries the
+    changed samples per group with McNemar's exact p, and a drop / gap / deviation limit finer
+    than one sample of the smallest group (100 / N_g pp) is warned about."""
+    d, data = setup
+    y = data.y.copy()
+    flipped = np.flatnonzero(data.group == 1)[:12]
+    y[flipped] = (y[flipped] + 1) % 3
+    noisy = GroupData(data.x, y, data.group, data.group_names, "noisy")
+    t = Thresholds(max_group_drop=1.0, max_acc_gap=50.0)
+    with caplog.at_level("WARNING"):
+        r = validate(d / "qdq.onnx", noisy, reference=d / "float.onnx", thresholds=t, measure_latency=False,
+                     kernel_check=False)
+    for g, c in r.group_changes.items():
+        assert c["count"] == r.metrics.by_group[g]["count"]
+        assert (c["worse"] - c["better"]) / c["count"] == pytest.approx(r.group_drop[g])
+        assert 0.0 <= c["p_value"] <= 1.0
+    assert ("--max-group-drop 1 pp is finer than one sample of group 'minority': its 48 test samples make one "
+            "prediction worth 2.08 pp of its accuracy") in caplog.text
+    assert "--max-acc-gap" not in caplog.text  # 50 pp: many samples
+    assert r.to_dict()["reference"]["group_changes"] == {g: dict(c) for g, c in r.group_changes.items()}
+    from fqexport.validation.reports import changes_line
+
+    assert changes_line(r).startswith("changed predictions vs reference per group (reference right and model "
+                                      "wrong / the reverse; exact McNemar p): majority ")
+    assert validate(d / "qdq.onnx", noisy, measure_latency=False, kernel_check=False).group_changes is None

@@ -20,6 +20,7 @@ from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
     REPORT_JSON,
     REPORT_MD,
+    changes_line,
     remove_earlier_reports,
     remove_stale_plots,
     write_json,
@@ -79,6 +80,8 @@ def print_summary(report) -> None:
         print(f"equalized-odds diff {m.equalized_odds_difference:.4f}; demographic-parity diff {m.demographic_parity_difference:.4f}")
     if report.agreement is not None:
         print(f"{report.agreement_name} with reference: {_pct(report.agreement).strip()} %")
+    if (line := changes_line(report, cell_text)) is not None:
+        print(line)
     if report.metadata is not None and report.metadata.float_ops:
         print(f"kept float after the last weight layers (the decode): {', '.join(report.metadata.float_ops)}")
     for target in report.targets[1:]:

@@ -128,6 +128,11 @@ class Task(ABC):
                                     torch.from_numpy(np.asarray(reference, np.float32)))
         return loss.double().numpy()
 
+    def sample_correct(self, outputs: np.ndarray, data: Any) -> np.ndarray | None:
+        """Whether each sample's output is right against the data's own labels, ``[N]`` bool; None
+        for a task whose metric is not a per-sample count (mAP, mIoU) or data without labels."""
+        return None
+
     @abstractmethod
     def agreement(self, a: np.ndarray, b: np.ndarray) -> float:
         """How often two models' outputs decide the same (top-1, boxes, pixels), in [0, 1]."""

@@ -209,6 +209,11 @@ class Classification(Task):
     def sample_losses(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None) -> np.ndarray:
         return cross_entropy(outputs, self._labels(data, reference))
 
+    def sample_correct(self, outputs: np.ndarray, data: Any) -> np.ndarray | None:
+        if data.y is None or len(outputs) == 0:
+            return None if data.y is None else np.zeros(0, bool)
+        return np.asarray(outputs).argmax(axis=1) == np.asarray(data.y)
+
     def agreement(self, a: np.ndarray, b: np.ndarray) -> float:
         return agreement(a, b)
 

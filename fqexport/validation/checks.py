@@ -148,6 +148,29 @@ def gpu_rule_checks(report: ValidationReport) -> tuple[CheckResult, ...]:
                         MSG_GPU_RULES.format(n=len(found), details=details)),)
 
 
+# The limits on a difference of per-group accuracies (percent points), and what they compare.
+DIFFERENCE_LIMITS = {"max_group_drop": "drop vs reference", "max_acc_gap": "gap", "max_kernel_deviation": "deviation"}
+MSG_RESOLUTION = ("{flag} {limit:g} pp is finer than one sample of group {group!r}: its {n} test samples make one "
+                  "prediction worth {step:.2f} pp of its accuracy, so the check cannot tell a real {what} from one "
+                  "sample; give that group more test samples")
+
+
+def resolution_notes(report: ValidationReport, t: Thresholds) -> list[str]:
+    """One note per set limit on an accuracy difference that is finer than one sample
+    (100 / N_g pp) of the smallest measured group: such a check passes or fails on a single
+    prediction (:data:`MSG_RESOLUTION`). Accuracy only: mAP and mIoU are not per-sample counts."""
+    m = report.metrics
+    counts = {g: int(r["count"]) for g, r in m.by_group.items() if int(r["count"]) > 0}
+    if m.primary != "accuracy" or not counts:
+        return []
+    group = min(counts, key=counts.get)
+    step = 100.0 / counts[group]
+    return [MSG_RESOLUTION.format(flag=flag(name), limit=float(getattr(t, name)), group=group, n=counts[group],
+                                  step=step, what=what)
+            for name, what in DIFFERENCE_LIMITS.items()
+            if getattr(t, name) is not None and step > float(getattr(t, name)) + _TOL]
+
+
 def all_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
     """The native session's checks, then every emulated target's, then a gpu file's structure."""
     return run_checks(report, t) + target_checks(report, t) + gpu_rule_checks(report)

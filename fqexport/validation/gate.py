@@ -39,7 +39,7 @@ from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
-from fqexport.validation.checks import all_checks
+from fqexport.validation.checks import all_checks, resolution_notes
 from fqexport.validation.data_checks import absent_groups, check_data, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
@@ -268,7 +268,8 @@ def _kernel_fields(k: KernelCheck | None) -> dict[str, Any]:
 def _reference_fields(ref: ReferenceComparison | None) -> dict[str, Any]:
     if ref is None:
         return {}
-    return dict(reference=ref.model, reference_metrics=ref.metrics, group_drop=ref.group_drop, agreement=ref.agreement)
+    return dict(reference=ref.model, reference_metrics=ref.metrics, group_drop=ref.group_drop,
+                group_changes=ref.group_changes, agreement=ref.agreement)
 
 
 def _target_fields(emulated: Mapping[str, TargetResult], *, with_deviation: bool) -> dict[str, Any]:
@@ -295,4 +296,6 @@ def _with_checks(report: ValidationReport, t: Thresholds) -> ValidationReport:
     checks = all_checks(report, t)
     for c in checks:
         (log.info if c.passed else log.warning)("%s: %s", "PASS" if c.passed else "FAIL", c.message)
+    for note in resolution_notes(report, t):
+        log.warning(note)
     return dataclasses.replace(report, checks=checks)

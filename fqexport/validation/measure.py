@@ -23,6 +23,7 @@ from fqexport.exporters.cpu_isa import runs_natively
 from fqexport.exporters.kernel_emulation import EmulatedSession
 from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
 from fqexport.metrics.group_metrics import GroupMetrics
+from fqexport.metrics.paired import paired_changes
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 from fqexport.validation.data_checks import check_data
@@ -148,6 +149,9 @@ class ReferenceComparison:
     metrics: GroupMetrics
     group_drop: Mapping[str, float]  # acc_g(reference) − acc_g(model), fraction
     agreement: float  # top-1 agreement with the model
+    # per group: samples the reference got right and the model wrong ("worse"), the reverse
+    # ("better"), McNemar's exact p (fqexport.metrics.paired); None where the task has no per-sample correctness
+    group_changes: Mapping[str, Mapping[str, float]] | None = None
 
 
 def compare_reference(reference: str | Path, session: Any, data: GroupData | DataStream, native: Measured,
@@ -160,8 +164,11 @@ def compare_reference(reference: str | Path, session: Any, data: GroupData | Dat
     ref_c, c = ref.metrics.num_classes, native.metrics.num_classes
     if ref_c != c:
         raise DataError(MSG_REF_CLASSES.format(ref=reference, ref_c=ref_c, model=model, c=c))
+    right, ref_right = runner.task.sample_correct(native.logits, data), runner.task.sample_correct(ref.logits, data)
+    changes = (paired_changes(right, ref_right, data.group, data.group_names)
+               if right is not None and ref_right is not None else None)
     return ReferenceComparison(ref_name, ref.metrics, group_drop(ref.metrics, native.metrics),
-                               runner.task.agreement(native.logits, ref.logits))
+                               runner.task.agreement(native.logits, ref.logits), changes)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fqexport.atomic import atomic_write
 from fqexport.exporters.cpu_isa import kernel_family
@@ -117,6 +117,18 @@ def group_rows(report: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def changes_line(report: Any, text: Callable[[str], str] = str) -> str | None:
+    """The paired comparison with the reference per group (``report.group_changes``), one line;
+    None without it. ``text`` escapes a group name for where the line goes."""
+    changes = getattr(report, "group_changes", None)
+    if not changes:
+        return None
+    parts = [f"{text(g)} {int(c['worse'])} worse / {int(c['better'])} better (p {c['p_value']:.2g})"
+             for g, c in changes.items()]
+    return ("changed predictions vs reference per group (reference right and model wrong / the reverse; "
+            "exact McNemar p): " + "; ".join(parts))
 
 
 def _cell(metric: str, value: Any) -> str:
@@ -230,6 +242,8 @@ def to_markdown(report: Any) -> str:
         worst = report.max_group_drop
         drop = f"{_pct(worst[1])} pp (group {md_text(worst[0])})" if worst is not None else "n/a"
         out.append(f"- largest drop vs reference: {drop}{among}")
+        if (line := changes_line(report, md_text)) is not None:
+            out.append(f"- {line}")
     if len(getattr(report, "targets", ("native",))) > 1:
         out += ["", "## Kernel targets", "",
                 "Emulated targets compute the fused int8 kernels with that CPU family's integer "

@@ -127,6 +127,9 @@ class ValidationReport:
     reference: str | None = None
     reference_metrics: GroupMetrics | None = None
     group_drop: Mapping[str, float] | None = None
+    # per group: samples the reference got right and the model wrong (worse), the reverse (better),
+    # McNemar's exact p-value (fqexport.metrics.paired); None without per-sample correctness
+    group_changes: Mapping[str, Mapping[str, float]] | None = None
     agreement: float | None = None
     fused_kernels: Mapping[str, int] | None = None
     float_fallbacks: tuple[str, ...] | None = None
@@ -259,6 +262,8 @@ class ValidationReport:
             "metrics": self.reference_metrics.to_dict() if self.reference_metrics else None,
             "group_drop": _dict_or_none(self.group_drop),
             "max_group_drop": list(self.max_group_drop) if self.max_group_drop else None,
+            "group_changes": ({g: dict(v) for g, v in self.group_changes.items()}
+                              if self.group_changes is not None else None),
             "agreement": self.agreement,
         }
 

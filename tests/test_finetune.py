@@ -556,24 +556,28 @@ def test_each_requantized_width_records_its_own_holdout_figures(mlp_cm2, mlp_dat
     assert set(r8["holdout_after"]) == set(mlp_data.group_names)
 
 
+def _loop():
+    import importlib
+
+    return importlib.import_module("fqexport.finetune.loop")  # fqexport.finetune is also the function's name
+
+
+def _negated(cm):
+    """``cm`` with every reference parameter negated: a model far off the one given."""
+    import copy
+    from dataclasses import replace as swap
+
+    bad = swap(cm, reference=copy.deepcopy(cm.reference))
+    with torch.no_grad():
+        for p in bad.reference.parameters():
+            p.mul_(-1.0)
+    return bad
+
+
 def test_adaptive_rounding_never_returns_worse_than_the_ptq_model(mlp_cm2, mlp_data, monkeypatch):
     """The run starts from AdaRound's model; if it measures worse on the held-out worst group than
     the PTQ model given, that model is returned (survey 16)."""
-    import importlib
-
-    loop = importlib.import_module("fqexport.finetune.loop")  # fqexport.finetune is also the function's name
-
-    def worse(cm, sub, iters, seed):  # an AdaRound whose model is far off
-        import copy
-        from dataclasses import replace as swap
-
-        bad = swap(cm, reference=copy.deepcopy(cm.reference))
-        with torch.no_grad():
-            for p in bad.reference.parameters():
-                p.mul_(-1.0)
-        return bad, {"iters": iters}
-
-    monkeypatch.setattr(loop, "adaptive_rounding", worse)
+    monkeypatch.setattr(_loop(), "adaptive_rounding", lambda cm, sub, iters, seed: (_negated(cm), {"iters": iters}))
     out = finetune(mlp_cm2, mlp_data, FinetuneConfig(rounding="adaptive", epochs=1, batch_size=32, max_steps=1),
                    progress=False)
     assert out.metadata.finetune["kept"] == "ptq"
@@ -584,21 +588,7 @@ def test_widths_of_a_run_that_kept_the_ptq_model_return_it_at_its_width(mlp_cm2,
     """finetune returned the PTQ model (the AdaRound start measured worse), but finetune_widths
     built its trained width from the AdaRound run anyway, and recorded the PTQ figures as the
     trained model's (survey 38)."""
-    import importlib
-
-    loop = importlib.import_module("fqexport.finetune.loop")
-
-    def worse(cm, sub, iters, seed):
-        import copy
-        from dataclasses import replace as swap
-
-        bad = swap(cm, reference=copy.deepcopy(cm.reference))
-        with torch.no_grad():
-            for p in bad.reference.parameters():
-                p.mul_(-1.0)
-        return bad, {"iters": iters}
-
-    monkeypatch.setattr(loop, "adaptive_rounding", worse)
+    monkeypatch.setattr(_loop(), "adaptive_rounding", lambda cm, sub, iters, seed: (_negated(cm), {"iters": iters}))
     cfg = FinetuneConfig(rounding="adaptive", epochs=1, batch_size=32, max_steps=1)
     models = finetune_widths(mlp_cm2, mlp_data, cfg, (2, 8), progress=False)
     r2, r8 = models[2].metadata.finetune, models[8].metadata.finetune
@@ -627,23 +617,13 @@ def test_learned_widths_requantize_from_the_float_weights_and_beat_the_model_giv
 
 def test_learned_widths_never_return_worse_than_a_model_given_within_the_budget(mlp_model, mlp_cm2, mlp_data,
                                                                                     monkeypatch):
-    import importlib
-
-    loop = importlib.import_module("fqexport.finetune.loop")
-    real = loop.learn_bits
+    real = _loop().learn_bits
 
     def worse(cm, *args, **kwargs):  # widths whose model is far off
-        import copy
-        from dataclasses import replace as swap
-
         fixed, record = real(cm, *args, **kwargs)
-        bad = swap(fixed, reference=copy.deepcopy(fixed.reference))
-        with torch.no_grad():
-            for p in bad.reference.parameters():
-                p.mul_(-1.0)
-        return bad, record
+        return _negated(fixed), record
 
-    monkeypatch.setattr(loop, "learn_bits", worse)
+    monkeypatch.setattr(_loop(), "learn_bits", worse)
     cfg = FinetuneConfig(learn_bits=True, budget_bits=3.0, bit_epochs=1, epochs=1, batch_size=32, max_steps=1)
     out = finetune(mlp_cm2, mlp_data, cfg, progress=False)
     assert out.metadata.finetune["kept"] == "ptq"

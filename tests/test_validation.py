@@ -195,6 +195,31 @@ def test_graph_resources_of_float16_cast_weights_conv_transpose_and_qgemm():
     assert res.macs == 4 * 4 * 16 * 8 * 2 * 2  # each of the 16 input pixels meets the whole 16·8·2·2 kernel
 
 
+def test_graph_macs_pass_through_ort_contrib_ops():
+    """ONNX's shape inference knows no com.microsoft op: after a MatMulNBits every shape was
+    unknown, and so were the MACs and BOPs of ORT's own 4-bit files (survey 40)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    # two MatMulNBits (K=16 -> N=8 -> N=4, 4 bits, block 16) behind each other, as ORT's quantizer writes them
+    def nbits(name, k, n, inp, out):
+        blob = numpy_helper.from_array(np.zeros((n, 1, 8), np.uint8), f"{name}.b")
+        scales = numpy_helper.from_array(np.ones(n, np.float32), f"{name}.s")
+        return helper.make_node("MatMulNBits", [inp, blob.name, scales.name], [out], domain="com.microsoft",
+                                K=k, N=n, bits=4, block_size=16), [blob, scales]
+
+    n1, i1 = nbits("a", 16, 8, "x", "h")
+    n2, i2 = nbits("b", 8, 4, "r", "y")
+    graph = helper.make_graph([n1, helper.make_node("Relu", ["h"], ["r"]), n2], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], i1 + i2)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    res = from_graph(model)
+    assert (res.params, res.avg_weight_bits, res.macs) == (16 * 8 + 8 * 4, 4.0, 16 * 8 + 8 * 4)
+    assert res.bops == 4 * 32 * (16 * 8 + 8 * 4)
+
+
 def test_graph_bops_count_a_float16_activation_at_16_bits():
     """A float16 model's BOPs counted its activations at 32 bits (16 · 32 · MACs): they are 16 wide."""
     from onnx import TensorProto, helper, numpy_helper

@@ -84,6 +84,15 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             inferred = onnx.shape_inference.infer_shapes(model)
         except Exception as err:  # shape inference is best effort
             log.info("shape inference failed (%s); MACs unknown", err)
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            # ONNX's inference has no rule for ORT's contrib ops (MatMulNBits, QGemm, ...): the shapes
+            # after them stay unknown; ORT's symbolic inference knows them
+            try:
+                from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+                inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            except Exception as err:
+                log.info("symbolic shape inference failed (%s); MACs after ORT contrib ops may be unknown", err)
     g = inferred.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}

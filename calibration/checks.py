@@ -60,13 +60,24 @@ def data_error(source: str, message: str) -> DataError:
     return DataError(f"{source}: {message}")
 
 
+_INT64_MAX = 2**63 - 1
+MSG_TOO_LARGE = ("field '{field}' holds the value {value!r} (dtype {dtype}), too large for a class or group id; "
+                 "{field} must hold small integer ids")
+
+
 def _as_int_array(a: np.ndarray, field: str, source: str) -> np.ndarray:
-    """int64 view of an integer (or bool, or whole-number float) array, else DataError."""
+    """int64 view of an integer (or bool, or whole-number float) array, else DataError (a value
+    int64 cannot hold is named as stored, not as the wrapped number a cast would give)."""
     if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
+        if a.dtype == np.uint64 and a.size and int(a.max()) > _INT64_MAX:
+            raise data_error(source, MSG_TOO_LARGE.format(field=field, value=int(a.max()), dtype=a.dtype))
         return a.astype(np.int64, copy=False)
     if np.issubdtype(a.dtype, np.floating):
         finite = np.isfinite(a)
         if finite.all() and np.all(a == np.round(a)):
+            if a.size and float(np.abs(a).max()) >= 2.0**63:
+                big = a.flat[int(np.abs(a).argmax())].item()
+                raise data_error(source, MSG_TOO_LARGE.format(field=field, value=big, dtype=a.dtype))
             return a.astype(np.int64)
         bad = a[~finite] if not finite.all() else a[a != np.round(a)]
         raise data_error(

@@ -68,6 +68,11 @@ def test_load_npz_whole_number_float_labels_accepted(tmp_path):
         (lambda a: a.update(y=a["y"] + 0.5), "field 'y' must hold integers, found the non-integer value 0.5"),
         (lambda a: a.update(group=a["group"] + 0.25), "field 'group' must hold integers"),
         (lambda a: a.update(y=a["y"] - 1), "field 'y' holds the negative label -1"),
+        # they were cast to int64 first and reported as the negative label -9223372036854775808 (survey 40)
+        (lambda a: a.update(y=np.where(np.arange(6) == 2, 1e20, a["y"])),
+         "field 'y' holds the value 1e+20 (dtype float64), too large for a class or group id"),
+        (lambda a: a.update(y=np.where(np.arange(6) == 2, np.uint64(2**63 + 5), a["y"].astype(np.uint64))),
+         "field 'y' holds the value 9223372036854775813 (dtype uint64), too large"),
         (lambda a: a.update(group=a["group"] - 1), "field 'group' holds the negative id -1"),
         (lambda a: a.update(group_names=np.array(["only"])),
          "field 'group' holds the id 1 but group_names has only 1 names"),

@@ -77,7 +77,8 @@ def print_summary(report) -> None:
     if report.absent_line():
         print(report.absent_line())
     if m.equalized_odds_difference is not None:
-        print(f"equalized-odds diff {m.equalized_odds_difference:.4f}; demographic-parity diff {m.demographic_parity_difference:.4f}")
+        print(f"equalized-odds diff {_pct(m.equalized_odds_difference).strip()} pp; "
+              f"demographic-parity diff {_pct(m.demographic_parity_difference).strip()} pp")
     if report.agreement is not None:
         print(f"{report.agreement_name} with reference: {_pct(report.agreement).strip()} %")
     if (line := changes_line(report, cell_text)) is not None:

@@ -233,8 +233,8 @@ def to_markdown(report: Any) -> str:
                    + ", ".join(f"`{f}`" for f in floats))
     if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
         out.append(
-            f"- equalized-odds difference {_num(m.equalized_odds_difference)}; "
-            f"demographic-parity difference {_num(m.demographic_parity_difference)}"
+            f"- equalized-odds difference {_pct(m.equalized_odds_difference)} pp; "
+            f"demographic-parity difference {_pct(m.demographic_parity_difference)} pp"
         )
     if report.group_drop is not None:
         unmeasured = not_measured(report.group_drop)

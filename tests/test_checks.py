@@ -49,8 +49,11 @@ def test_a_broken_limit_shows_the_value_on_its_side_of_the_limit():
     """2 decimals printed "0.00 MB exceeds 0.0001" and "0.50 pp exceeds 0.5" (survey 22)."""
     from fqexport.validation.checks import _shown
 
-    assert _shown(0.000187, 0.0001, ok=False, above=True) == "0.000187"
-    assert _shown(100 / 199, 0.5, ok=False, above=True) == "0.502513"
-    assert _shown(84.996, 85.0, ok=False, above=False) == "84.996"
-    assert _shown(3.14159, 5.0, ok=True, above=True) == "3.14"  # plainly on its side: 2 decimals
-    assert _shown(85.0, 85.0, ok=True, above=False) == "85.00"  # at the limit: passes, as shown
+    assert _shown(0.000187, 0.0001, ok=False, above=True) == ("0.000187", "0.0001")
+    assert _shown(100 / 199, 0.5, ok=False, above=True) == ("0.502513", "0.5")
+    assert _shown(84.996, 85.0, ok=False, above=False) == ("84.996", "85")
+    assert _shown(3.14159, 5.0, ok=True, above=True) == ("3.14", "5")  # plainly on its side: 2 decimals
+    assert _shown(85.0, 85.0, ok=True, above=False) == ("85.00", "85")  # at the limit: passes, as shown
+    # a limit of many digits missed by 1e-6: both printed "66.6667" (survey 40)
+    value, limit = 200 / 3 - 1e-6, 200 / 3
+    assert _shown(value, limit, ok=False, above=False) == ("66.666666", "66.666667")

@@ -53,13 +53,21 @@ def _unmeasured(t: Thresholds, name: str, report: ValidationReport, m, metric: s
     return None
 
 
-def _shown(value: float, limit: float, ok: bool, above: bool) -> str:
-    """``value`` with 2 decimals, or with 6 significant digits where 2 decimals would hide which
-    side of ``limit`` it is on ("0.00 MB exceeds 0.0001", "0.50 pp exceeds 0.5")."""
+def _shown(value: float, limit: float, ok: bool, above: bool) -> tuple[str, str]:
+    """``(value, limit)`` as text: the value with 2 decimals and the limit as given (``:g``), or
+    both with as many significant digits as it takes to show which side of the limit the value
+    is on where 2 decimals would hide it ("0.00 MB exceeds 0.0001", "0.50 pp exceeds 0.5",
+    "66.66666 % below 66.66667")."""
     text = f"{value:.2f}"
     shown = float(text)
     hides = (shown > limit if above else shown < limit) != (not ok) or shown == limit
-    return f"{value:.6g}" if hides and value != limit else text
+    if not hides or value == limit:
+        return text, f"{limit:g}"
+    for digits in range(6, 18):
+        v, lim = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        if v != lim:
+            return v, lim
+    return repr(value), repr(limit)
 
 
 def _at_least(t: Thresholds, name: str, value: float, group: str | None, what: str) -> CheckResult:
@@ -67,8 +75,8 @@ def _at_least(t: Thresholds, name: str, value: float, group: str | None, what: s
     ok = value >= limit - _TOL
     where = f" (group {group!r})" if group else ""
     verdict = "ok" if ok else "below"
-    shown = _shown(value, limit, ok, above=False)
-    return CheckResult(name, limit, value, ok, group, f"{what}{where} {shown} % {verdict} {flag(name)} {limit:g}")
+    shown, bound = _shown(value, limit, ok, above=False)
+    return CheckResult(name, limit, value, ok, group, f"{what}{where} {shown} % {verdict} {flag(name)} {bound}")
 
 
 def _at_most(t: Thresholds, name: str, value: float, group: str | None, what: str, unit: str,
@@ -77,7 +85,8 @@ def _at_most(t: Thresholds, name: str, value: float, group: str | None, what: st
     ok = value <= limit + _TOL
     where = f" (group {group!r})" if group else ""
     verdict = "within" if ok else "exceeds"
-    message = f"{what}{where} {_shown(value, limit, ok, above=True)} {unit} {verdict} {flag(name)} {limit:g}"
+    shown, bound = _shown(value, limit, ok, above=True)
+    message = f"{what}{where} {shown} {unit} {verdict} {flag(name)} {bound}"
     return CheckResult(check_name or name, limit, value, ok, group, message)
 
 

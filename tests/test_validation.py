@@ -491,5 +491,5 @@ def test_the_paired_changes_explain_each_groups_drop_and_a_limit_finer_than_one_
     from fqexport.validation.reports import changes_line
 
     assert changes_line(r).startswith("changed predictions vs reference per group (reference right and model "
-                                      "wrong / the reverse; exact McNemar p): majority ")
+                                      "wrong / the reverse; exact McNemar p): majority: ")
     assert validate(d / "qdq.onnx", noisy, measure_latency=False, kernel_check=False).group_changes is None

@@ -125,7 +125,7 @@ def changes_line(report: Any, text: Callable[[str], str] = str) -> str | None:
     changes = getattr(report, "group_changes", None)
     if not changes:
         return None
-    parts = [f"{text(g)} {int(c['worse'])} worse / {int(c['better'])} better (p {c['p_value']:.2g})"
+    parts = [f"{text(g)}: {int(c['worse'])} worse / {int(c['better'])} better (p {c['p_value']:.2g})"
              for g, c in changes.items()]
     return ("changed predictions vs reference per group (reference right and model wrong / the reverse; "
             "exact McNemar p): " + "; ".join(parts))

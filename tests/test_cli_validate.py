@@ -225,8 +225,10 @@ def test_a_limit_that_looks_like_a_fraction_is_warned_about_once(files, caplog):
     assert caplog.text.count("min_worst_group_acc=0.37 is read as 0.37 %") == 1
 
 
-def test_a_host_kernels_stand_in_is_recorded(files, tmp_path, monkeypatch, capsys):
-    """FQEXPORT_HOST_KERNELS makes every target emulated: the console, JSON and markdown say so."""
+def test_a_host_kernels_stand_in_is_recorded(files, tmp_path, monkeypatch, capsys, caplog):
+    """FQEXPORT_HOST_KERNELS makes every --target family emulated (native stays this CPU's own
+    session, which the console and markdown said was emulated too, survey 41): the console, JSON
+    and markdown say so, and a run that gates no stand-in target is warned."""
     import json
 
     monkeypatch.setenv("FQEXPORT_HOST_KERNELS", "arm64")
@@ -234,11 +236,17 @@ def test_a_host_kernels_stand_in_is_recorded(files, tmp_path, monkeypatch, capsy
                "--report-dir", tmp_path, "--no-plots"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "; standing in for arm64 (FQEXPORT_HOST_KERNELS: every target emulated)" in out
+    assert ("; standing in for arm64 (FQEXPORT_HOST_KERNELS: every --target family emulated; native is this CPU's "
+            "own session)") in out
     assert "target arm64 (emulated)" in out
     d = json.loads((tmp_path / "report.json").read_text())
     assert d["host_kernels_stand_in"] == "arm64" and d["targets"]["arm64"]["emulated"] is True
-    assert "- standing in for the arm64 int8 kernels (`FQEXPORT_HOST_KERNELS`)" in (tmp_path / "report.md").read_text()
+    assert ("- standing in for the arm64 int8 kernels (`FQEXPORT_HOST_KERNELS`): every --target family is emulated; "
+            "the native row is still this CPU's own session") in (tmp_path / "report.md").read_text()
+    with caplog.at_level("WARNING"):
+        assert _run([files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--no-kernel-check"]) == 0
+    assert "add --target arm64 (API: targets=...) to gate the stand-in family" in caplog.text
+    capsys.readouterr()
     monkeypatch.delenv("FQEXPORT_HOST_KERNELS")
     assert _run([files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--report-dir", tmp_path,
                  "--no-plots"]) == 0

@@ -57,7 +57,7 @@ def print_summary(report) -> None:
     isa = report.cpu_isa
     print(f"model {report.model}  data {report.data_source}  provider {report.provider}  "
           f"cpu {isa} (int8 kernel family {kernel_family(isa)})"
-          + (f"; standing in for {report.host_kernels} (FQEXPORT_HOST_KERNELS: every target emulated)"
+          + (f"; standing in for {report.host_kernels} (FQEXPORT_HOST_KERNELS: every --target family emulated; native is this CPU's own session)"
              if report.host_kernels else ""))
     if p != "accuracy":
         print(task_line(report.task))

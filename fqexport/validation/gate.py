@@ -82,6 +82,12 @@ MSG_REFERENCE_SAME_BYTES = (
 )
 
 
+MSG_STAND_IN_NOT_GATED = (
+    "FQEXPORT_HOST_KERNELS=%s stands in for that family's kernels, but validate gates the native target, this "
+    "CPU's own session, and no %s target: add --target %s (API: targets=...) to gate the stand-in family"
+)
+
+
 def _check_reference(model: str | Path, reference: str | Path) -> None:
     """ConfigError when ``reference`` is ``model``'s own file; a warning when it is a copy."""
     m, r = Path(model), Path(reference)
@@ -166,6 +172,9 @@ def validate(
     check_argument(thresholds, Thresholds, "validate: thresholds", "; e.g. Thresholds(**limits)")
     t = thresholds or Thresholds()
     target_list = _target_list(targets)
+    stand_in = emulated_host()
+    if stand_in is not None and stand_in not in target_list:
+        log.warning(MSG_STAND_IN_NOT_GATED, stand_in, stand_in, stand_in)
     check_measurements(t, reference=reference, kernel_check=kernel_check,
                    latency=measure_latency and bool(latency_batch_sizes))
     if reference is not None:

@@ -210,7 +210,7 @@ def to_markdown(report: Any) -> str:
     ]
     if getattr(report, "host_kernels", None):
         out.append(f"- standing in for the {report.host_kernels} int8 kernels (`FQEXPORT_HOST_KERNELS`): "
-                   "every target is emulated, none judged by this CPU's own session")
+                   "every --target family is emulated; the native row is still this CPU's own session")
     if report.reference:
         out.append(f"- reference: `{report.reference}` ({agree} {_pct(report.agreement)} %)")
     out += [

@@ -25,10 +25,20 @@ MSG_NO_RAY = ("engine='ray' needs Ray, which is not installed: pip install 'fqex
 MSG_CONNECT = ("ray engine: no Ray cluster answered at {address} ({kind}: {err}); start one with "
                "'ray start --head' and pass its address (--ray-address auto on the head node, "
                "ray://HEAD:10001 elsewhere), or omit --ray-address to start a local cluster")
+MSG_NO_CLIENT = ("ray engine: --ray-address {address} connects through the Ray Client, which this Ray install "
+                 "lacks (its grpcio package): pip install 'fqexport[ray]' (it pulls ray[client]) or "
+                 "pip install 'ray[client]'; on the head node itself --ray-address auto needs no client")
 MSG_WORKER_DIED = ("ray engine: the worker running {task} died {tries} times ({kind}: {err}); the search stopped "
                    "and wrote nothing")
 
 _cache: dict[str, Any] = {}  # context by object id, per Ray worker process
+
+
+def _has_ray_client() -> bool:
+    """Whether the Ray Client's own dependency (grpcio, what ``ray[client]`` adds) is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("grpc") is not None
 
 
 def _import_ray():
@@ -68,6 +78,8 @@ class RayEngine(Engine):
                 # the workers import what this process imports (a user's model module, tests)
                 kwargs.update(num_cpus=self.workers, runtime_env={
                     "env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+            if str(address or "").startswith("ray://") and not _has_ray_client():
+                raise EngineError(MSG_NO_CLIENT.format(address=address))
             try:
                 self.ray.init(address=address, **kwargs)
             except Exception as err:

@@ -739,6 +739,16 @@ class _NamedOut(nn.Module):
         return self.Out(logits=self.fc(feat), feat=feat)
 
 
+class _Listed(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        y = self.body(x)
+        return [y, y * 2]
+
+
 def test_a_namedtuple_or_tuple_output_is_measured_exported_and_referenced_by_its_first(tmp_path, caplog):
     """A namedtuple output passed compress, then export crashed ('Out' has no .numpy, exit 3); a
     tuple model's export_float wrote both outputs, which validate then refused as a reference (survey 39)."""
@@ -755,6 +765,11 @@ def test_a_namedtuple_or_tuple_output_is_measured_exported_and_referenced_by_its
     assert "the model returns a namedtuple Out of 2 outputs: fqexport measures, compresses and exports the first" in caplog.text
     path = export_qdq(cm, tmp_path / "n.onnx").path
     export_float(model, torch.from_numpy(x[:2]), tmp_path / "float.onnx")
+    listed = nn.Sequential(model.conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.fc).eval()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        compress(_Listed(listed), data, QuantConfig(num_calib=64), progress=False)
+    assert "the model returns a list of 2 outputs" in caplog.text  # fx's immutable_list, as the user wrote it
     assert len(onnx.load(str(tmp_path / "float.onnx")).graph.output) == 1
     report = validate(path, data, reference=tmp_path / "float.onnx", measure_latency=False)
     assert report.agreement is not None and report.agreement >= 0.95

@@ -501,7 +501,9 @@ def _keep_first_output(gm: torch.fx.GraphModule, owner: nn.Module | None = None)
         kind = f"namedtuple {value.target.__name__}"
         value = tuple(value.args) + tuple(value.kwargs[f] for f in fields if f in value.kwargs)
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.fx.Node):
-        _warn_once(owner, MSG_FIRST_OUTPUT.format(kind=kind or type(value).__name__, n=len(value)))
+        # fx records a list as its immutable_list: the user wrote a list
+        kind = kind or ("list" if isinstance(value, list) else "tuple")
+        _warn_once(owner, MSG_FIRST_OUTPUT.format(kind=kind, n=len(value)))
         node.args = (value[0],)
         gm.graph.eliminate_dead_code()
         gm.recompile()

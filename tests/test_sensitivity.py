@@ -32,6 +32,11 @@ class TwoPaths(nn.Module):
         return self.path_a(x[:, :4]) + self.path_b(x[:, 4:])
 
 
+class _Subtracted(TwoPaths):
+    def forward(self, x):
+        return self.path_a(x[:, :4]) - self.path_b(x[:, 4:])
+
+
 def two_path_case(n: int = 96):
     """Group 0's inputs are zero on features 4..7 (it never uses path_b); group 1 uses both."""
     torch.manual_seed(0)
@@ -163,6 +168,12 @@ def test_cache_in_memory_and_on_disk(tmp_path):
     assert b is a and cache.hits == 1 and cache.misses == 1
     c = measure_sensitivity(model, data, bit_choices=(2, 4), cache=cache)  # other options: new key
     assert c.key != a.key and cache.misses == 2
+    # the same weights in an edited forward (a notebook's class reloaded with its checkpoint): another
+    # model, whose table it was given before (survey 42)
+    edited = _Subtracted()
+    edited.load_state_dict(model.state_dict())
+    f = measure_sensitivity(edited, data, bit_choices=(2, 8), cache=cache)
+    assert f.key != a.key and cache.misses == 3 and not np.allclose(f.float_loss, a.float_loss)
 
     path = tmp_path / "sens.json"
     d = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=path)

@@ -191,9 +191,12 @@ def fisher_delta(fisher: torch.Tensor, weight: torch.Tensor, quantized: torch.Te
 
 
 def _fingerprint(model: nn.Module, data: GroupData, options: dict[str, Any]) -> str:
-    """sha1 over the model's parameters and buffers, the data arrays, the group names and the
-    options (a table holds its groups by name: the same ids named otherwise are another table)."""
+    """sha1 over the model's graph and modules (``str`` of the traced GraphModule: its modules with
+    their settings, and its code: a class edited and reloaded with the same weights is another
+    model), its parameters and buffers, the data arrays, the group names and the options (a table
+    holds its groups by name: the same ids named otherwise are another table)."""
     h = hashlib.sha1()
+    h.update(str(model).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

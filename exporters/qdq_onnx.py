@@ -35,10 +35,15 @@ from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
-from fqexport.graph.prepare import MSG_FIRST_OUTPUT, check_materialized, first_output, unwrap_model
+from fqexport.global_state import GLOBAL_STATE_LOCK
+from fqexport.graph.prepare import (
+    MSG_FIRST_OUTPUT,
+    check_materialized,
+    first_output,
+    unwrap_model,
+)
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
-
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +118,11 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     """
     if not isinstance(cm, CompressedModel):  # an nn.Module: compress it first
         raise ConfigError(MSG_NOT_COMPRESSED.format(got=type(cm).__name__))
-    path = Path(path)
+    with GLOBAL_STATE_LOCK:  # torch.export's globals, and the eager check runs beside none of it
+        return _export_qdq(cm, Path(path), check)
+
+
+def _export_qdq(cm: "CompressedModel", path: Path, check: bool) -> ExportResult:
     model = qdq_model(cm)
     try:
         onnx.checker.check_model(model)
@@ -165,7 +174,11 @@ def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path
     output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector). A model
     returning a tuple (a namedtuple, a list) is written with its first output, the one ``compress``
     measures and exports."""
-    path = Path(path)
+    with GLOBAL_STATE_LOCK:
+        return _export_float(model, example, Path(path), output_name)
+
+
+def _export_float(model: torch.nn.Module, example: torch.Tensor, path: Path, output_name: str) -> ExportResult:
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     modes = {m: m.training for m in model.modules()}  # the caller's model comes back in its own modes

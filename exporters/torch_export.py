@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import fqexport.graph.act_quant  # noqa: F401  (registers torch.ops.fqexport.act_qdq)
 from fqexport.errors import ExportError
 from fqexport.exporters.act_qdq import act_qdq_onnx
+from fqexport.global_state import GLOBAL_STATE_LOCK
 
 OPSET = 21
 OPSET_INT2 = 25  # ORT runs DequantizeLinear on INT2 only from opset 25 (IR 11)
@@ -122,7 +123,7 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
     # torch.onnx warns once per process that torchvision ops are not registered: not ours.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        with GLOBAL_STATE_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=OPSET,

@@ -190,8 +190,8 @@ class CompressedModel:
         (:func:`~fqexport.graph.act_quant.rounding_jitter`; the export check's near-tie test)."""
         model = self.reference if quantized else self.float_model
         outs = []
-        shaken = rounding_jitter(model, jitter) if jitter else contextlib.nullcontext()
-        with torch.no_grad(), shaken:
+        shaken = rounding_jitter(model, jitter) if jitter else contextlib.nullcontext(model)
+        with torch.no_grad(), shaken as model:
             for start in range(0, len(x), batch_size):
                 outs.append(model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))).numpy())
         return np.concatenate(outs) if outs else np.zeros((0, self.num_classes), np.float32)

@@ -212,10 +212,10 @@ def test_rounding_jitter_moves_only_values_near_a_tie_and_leaves_the_callers_rng
     torch.manual_seed(7)
     expected = torch.rand(2)
     torch.manual_seed(7)
-    with rounding_jitter(q, 1e-4):
-        shaken = [q(x) for _ in range(20)]
+    with rounding_jitter(q, 1e-4) as jittered:
+        assert getattr(q, "jitter", 0.0) == 0.0  # a copy jitters: q itself (another thread's) is untouched
+        shaken = [jittered(x) for _ in range(20)]
     assert torch.equal(torch.rand(2), expected)
     assert {round(float(s[0]), 6) for s in shaken} == {0.0, 0.1}  # the tie goes both ways
     unmoved = q(x)[1:]
     assert all(torch.equal(s[1:], unmoved) for s in shaken)  # the others never move
-    assert getattr(q, "jitter") == 0.0

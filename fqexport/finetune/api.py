@@ -35,12 +35,14 @@ from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.holdout import per_group
 from fqexport.finetune.loop import Trained, train_student
 from fqexport.finetune.qat import write_back
+from fqexport.global_state import one_at_a_time
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
 
 MSG_WIDTH = "finetune_widths: width {value!r} is not supported: give integers from 2 to 8, e.g. (3, 4, 8)"
 
 
+@one_at_a_time
 def finetune(
     model_or_cm: CompressedModel | nn.Module,
     train: GroupData | Any,
@@ -77,6 +79,7 @@ def finetune(
     return train_student(model_or_cm, train, config, calib, quant_config, progress).result
 
 
+@one_at_a_time
 def finetune_widths(
     model_or_cm: CompressedModel | nn.Module,
     train: GroupData | Any,

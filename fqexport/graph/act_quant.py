@@ -24,6 +24,7 @@ exported graph and every ORT kernel compute with the same bias.
 
 from __future__ import annotations
 
+import copy
 import operator
 from contextlib import contextmanager
 from typing import Callable, Collection, Iterator, Mapping
@@ -107,7 +108,10 @@ class ActQuantizer(nn.Module):
             return x
         jitter = getattr(self, "jitter", 0.0)  # (modules pickled before it have none)
         if jitter:  # move each value by up to ±jitter steps: what rounds at a tie may round the other way
-            x = x + (torch.rand_like(x) * 2 - 1) * (jitter * float(self.scale))
+            gen = getattr(self, "jitter_generator", None)
+            noise = torch.rand(x.shape, dtype=x.dtype, generator=gen).to(x.device) if gen is not None else \
+                torch.rand_like(x)
+            x = x + (noise * 2 - 1) * (jitter * float(self.scale))
         if self.symmetric:
             return act_qdq(x, self.scale, self.zero_point, True)
         return act_qdq(x, self.scale, self.zero_point)
@@ -125,23 +129,22 @@ class ActQuantizer(nn.Module):
 
 
 @contextmanager
-def rounding_jitter(model: nn.Module, steps: float, seed: int = 0) -> Iterator[None]:
-    """While the block runs, every :class:`ActQuantizer` of ``model`` moves its input by a uniform
-    ±``steps`` quantization steps before rounding (seeded on a fork of torch's generator, so the
-    caller's random stream is untouched): only values within ``steps`` of a rounding tie change
-    code. ONNX Runtime's kernels and the reference differ exactly there (the requantization's
-    float rounding, ~1e-5 step), so an output that moves under this jitter is one the file may
-    compute differently without any op being wrong."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for q in quantizers:
-            q.jitter = float(steps)
-        try:
-            yield
-        finally:
-            for q in quantizers:
-                q.jitter = 0.0
+def rounding_jitter(model: nn.Module, steps: float, seed: int = 0) -> Iterator[nn.Module]:
+    """A copy of ``model`` in which every :class:`ActQuantizer` moves its input by a uniform
+    ±``steps`` quantization steps before rounding: only values within ``steps`` of a rounding tie
+    change code. ONNX Runtime's kernels and the reference differ exactly there (the
+    requantization's float rounding, ~1e-5 step), so an output that moves under this jitter is one
+    the file may compute differently without any op being wrong. The draws come from one
+    generator seeded with ``seed``, not torch's global one, and ``model`` itself is not touched:
+    the caller's random stream and another thread running ``model`` meanwhile are left alone
+    (setting the jitter on the shared quantizers and reseeding the global generator had moved
+    both)."""
+    shaken = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    for q in shaken.modules():
+        if isinstance(q, ActQuantizer):
+            q.jitter, q.jitter_generator = float(steps), gen
+    yield shaken
 
 
 def _batch_first(x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from fqexport.errors import ModelLoadError
+from fqexport.global_state import GLOBAL_STATE_LOCK, one_at_a_time
 from fqexport.graph.decode import with_decode
-from fqexport.graph.prepare import unwrap_model
 from fqexport.graph.exported_program import (
     MSG_PT2_UNSAFE,
     lift_exported_modules,
     pt2_unsafe_reason,
 )
+from fqexport.graph.prepare import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _quiet_torch():
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with GLOBAL_STATE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -295,6 +296,7 @@ def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     return ", ".join(parts)
 
 
+@one_at_a_time
 def load_model(
     spec: str | nn.Module,
     weights: str | Path | None = None,

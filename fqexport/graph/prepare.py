@@ -34,6 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
+from fqexport.global_state import GLOBAL_STATE_LOCK
 from fqexport.graph.act_quant import input_dependent
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
@@ -401,7 +402,7 @@ def _exported(model: nn.Module, example: torch.Tensor, fx_error: str) -> torch.f
     ModelLoadError naming both failures when export fails too."""
     batch = torch.export.Dim("batch")
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with GLOBAL_STATE_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
             gm = program.module()

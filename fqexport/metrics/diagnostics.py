@@ -49,16 +49,26 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from fqexport.calibration.checks import check_labels, require_classification, require_labels
+from fqexport.calibration.checks import (
+    check_labels,
+    require_classification,
+    require_labels,
+)
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, UnsupportedLayerError
+from fqexport.global_state import one_at_a_time
 from fqexport.graph.prepare import fold_batchnorm
 from fqexport.metadata import ACTIVATION_BITS
 from fqexport.metrics.group_metrics import group_metrics
-from fqexport.pipeline.compress import check_model_on_data, compress, example_batch, model_task
+from fqexport.pipeline.compress import (
+    check_model_on_data,
+    compress,
+    example_batch,
+    model_task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +446,7 @@ class AnalysisReport:
         }
 
 
+@one_at_a_time
 def analyze(
     model: nn.Module,
     data: GroupData | Any,

@@ -20,7 +20,6 @@ import copy
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,12 +40,20 @@ from fqexport.config import QuantConfig, check_argument
 from fqexport.device import resolve_device
 from fqexport.engine.base import in_worker
 from fqexport.errors import ConfigError, DataError, ModelLoadError
+from fqexport.global_state import one_at_a_time
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
 from fqexport.graph.loading import STATIC_BATCH_KEY
-from fqexport.graph.prepare import (LayerInfo, copy_model, count_macs, first_output, prepare_model, run_model,
-                                    unwrap_model)
+from fqexport.graph.prepare import (
+    LayerInfo,
+    copy_model,
+    count_macs,
+    first_output,
+    prepare_model,
+    run_model,
+    unwrap_model,
+)
 from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
@@ -56,12 +63,12 @@ from fqexport.quant.grid import WeightGrid, layer_weight_range
 from fqexport.quant.hessian import HessianAccumulator
 from fqexport.quant.layout import LayerLayout, layer_layout
 from fqexport.quant.solver import (
-    DampingIncreasedWarning,
     LayerFactor,
     choose_solver_grid,
     compensate_input_error,
     factor_conv_groups,
     factor_flops,
+    quiet_damping_retries,
     retarget_flops,
     rtn_layer,
     solve_conv_groups,
@@ -163,23 +170,19 @@ def _factor_weight(module: nn.Module, info: LayerInfo, config: QuantConfig,
         return None
     rows = weight_rows(info.kind, module.weight.detach()).float()
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DampingIncreasedWarning)
+    with quiet_damping_retries():
         factors = factor_conv_groups(rows, hessian, order=config.order, damp=config.damp)
     _log_work(info.name, "factor", hessian, factor_flops(rows.shape[1], config.order), time.perf_counter() - t0)
-    _rewarn(caught, info.name, config.damp, max(f.damp for f in factors) if any(f.retries for f in factors) else None)
+    _say_damping(info.name, config.damp, max(f.damp for f in factors) if any(f.retries for f in factors) else None)
     return factors
 
 
-def _rewarn(caught: list[warnings.WarningMessage], layer: str, damp: float, raised: float | None) -> None:
-    """Re-issue the caught warnings but the :class:`DampingIncreasedWarning`s: one log line
-    instead when the damping had to be raised (to ``raised``)."""
+def _say_damping(layer: str, damp: float, raised: float | None) -> None:
+    """One log line when the damping had to be raised (to ``raised``), in place of the solver's
+    :class:`DampingIncreasedWarning` warnings (quieted by :func:`quiet_damping_retries`)."""
     if raised is not None:
         log.warning("layer '%s': Hessian not positive definite at damp=%g; solved with damp=%g "
                     "(consider more calibration samples)", layer, damp, raised)
-    for w_ in caught:
-        if not issubclass(w_.category, DampingIncreasedWarning):
-            warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
 
 
 def _quantize_weight(
@@ -203,14 +206,13 @@ def _quantize_weight(
     # the solver's loss tr((W-Q)H(W-Q)ᵀ) is not read here: skip its out·cols² GEMM
     options = dict(order=config.order, damp=config.damp, block_size=config.block_size, compute_loss=False)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DampingIncreasedWarning)
+    with quiet_damping_retries():
         result = solve_conv_groups(rows, hessian, grid, factors=factors, **options)
     out_per_group = rows.shape[0] // _conv_groups(hessian)
     _log_work(info.name, "solve", hessian,
               solve_flops(out_per_group, rows.shape[1], config.order, False, factored=factors is not None),
               time.perf_counter() - t0)
-    _rewarn(caught, info.name, config.damp, result.damp_used if result.retries and factors is None else None)
+    _say_damping(info.name, config.damp, result.damp_used if result.retries and factors is None else None)
     return rows_to_weight(info.kind, result.codes, module.weight.shape), grid
 
 
@@ -224,8 +226,7 @@ def _retarget_to_float_output(
     w = module.weight.detach()
     rows = weight_rows(info.kind, module.weight.detach()).float()
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_damping_retries():
         target = compensate_input_error(rows, hessian, cross, damp=damp, factors=factors)
     _log_work(info.name, "retarget", hessian,
               retarget_flops(rows.shape[0] // _conv_groups(hessian), rows.shape[1], factored=factors is not None),
@@ -573,6 +574,7 @@ def _metadata(config: QuantConfig, sub: GroupData, data: GroupData | DataStream,
     )
 
 
+@one_at_a_time
 def compress(
     model: nn.Module,
     calib: GroupData | str | Path | Any,

@@ -37,8 +37,10 @@ Hessian (``H`` of shape ``[G, cols, cols]`` from :class:`fqexport.quant.hessian.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, get_args
 
@@ -254,11 +256,30 @@ def _check_scale(grid: WeightGrid, out: int, cols: int) -> None:
                                                   block=grid.block, nb=nb))
 
 
+# Set by a caller that reports the raised damping itself (compress: one log line per layer); a
+# context variable, not a warnings filter: ``warnings.catch_warnings`` swaps the process's
+# filters, which two threads solving at once left changed for good.
+_QUIET_RETRIES: contextvars.ContextVar[bool] = contextvars.ContextVar("fqexport_quiet_damping", default=False)
+
+
+@contextlib.contextmanager
+def quiet_damping_retries() -> Iterator[None]:
+    """No :class:`DampingIncreasedWarning` from the solver in this thread (or task) while the
+    block runs; the caller reads the raised damping from the results (``retries``, ``damp``)."""
+    token = _QUIET_RETRIES.set(True)
+    try:
+        yield
+    finally:
+        _QUIET_RETRIES.reset(token)
+
+
 def _raised_damp(lam: float, stacklevel: int) -> float:
     """The next damping after a failed Cholesky (λ ×10, or a first λ when it was 0), announced
-    by a :class:`DampingIncreasedWarning` at the caller's ``stacklevel``."""
+    by a :class:`DampingIncreasedWarning` at the caller's ``stacklevel`` (not under
+    :func:`quiet_damping_retries`)."""
     new = lam * 10.0 if lam > 0 else _FIRST_RETRY_DAMP
-    warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=stacklevel + 1)
+    if not _QUIET_RETRIES.get():
+        warnings.warn(_MSG_RETRY.format(old=lam, new=new), DampingIncreasedWarning, stacklevel=stacklevel + 1)
     return new
 
 

@@ -69,9 +69,14 @@ from fqexport.calibration.stream import DataStream
 from fqexport.config import MixedPrecisionConfig, QuantConfig, check_argument
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
+from fqexport.global_state import one_at_a_time
 from fqexport.pipeline.compress import compress, example_batch, model_task
 from fqexport.search.allocation import Allocation, AllocationOptions
-from fqexport.search.byte_budget import file_overhead_estimate, fit_file_budget, written_size
+from fqexport.search.byte_budget import (
+    file_overhead_estimate,
+    fit_file_budget,
+    written_size,
+)
 from fqexport.search.candidate_pool import allocation_options, candidate_pool
 from fqexport.search.candidates import Candidate, MixedPrecisionResult
 from fqexport.search.costs import model_costs
@@ -89,6 +94,7 @@ from fqexport.tasks.base import Task
 log = logging.getLogger(__name__)
 
 
+@one_at_a_time
 def search_mixed_precision(
     model: nn.Module,
     calib: GroupData | str | Path | Any,

@@ -27,7 +27,6 @@ batch; one layer's Hessian in memory at a time), Ḡ from one forward and backwa
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,9 +42,9 @@ from fqexport.pipeline.activations import ActivationCache, GraphStream
 from fqexport.quant.hessian import HessianAccumulator
 from fqexport.quant.per_group import group_means
 from fqexport.quant.solver import (
-    DampingIncreasedWarning,
     choose_solver_grid,
     factor_conv_groups,
+    quiet_damping_retries,
     rtn_layer,
     solve_conv_groups,
 )
@@ -206,8 +205,8 @@ def output_fisher_sensitivity(
     modules = dict(model.named_modules())
     delta = np.zeros((len(names), len(bits), num_groups))
     cache = ActivationCache([stream], batches, torch.device("cpu"), max_bytes=_CACHE_BYTES)
-    with cache, torch.no_grad(), warnings.catch_warnings(), reuse_freed_memory():
-        warnings.simplefilter("ignore", DampingIncreasedWarning)  # a raised damping changes no table entry's meaning
+    # a raised damping changes no table entry's meaning: the solver's warnings about it are quieted
+    with cache, torch.no_grad(), quiet_damping_retries(), reuse_freed_memory():
         for row, name in tqdm(sorted(enumerate(names), key=lambda item: index[item[1]]),
                               desc="sensitivity (output-fisher)", unit="layer", disable=not progress):
             module, k, kind, d = modules[name], index[name], kinds[name], batch_dims.get(name, 0)

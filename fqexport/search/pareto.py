@@ -27,6 +27,7 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
+from fqexport.global_state import one_at_a_time
 from fqexport.metadata import FLOAT_BITS
 from fqexport.pipeline.compress import check_model_on_data, example_batch, model_task
 from fqexport.search.allocation import (
@@ -145,6 +146,7 @@ class BudgetFloor:
         return math.ceil(exact * 1e4 * (1 + 1e-12)) / 1e4
 
 
+@one_at_a_time
 def pareto_sweep(
     model: nn.Module,
     calib: GroupData | str | Path | Any,

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from fqexport.atomic import atomic_write
 from fqexport.exporters.cpu_isa import kernel_family
+from fqexport.global_state import GLOBAL_STATE_LOCK
 from fqexport.metrics.group_metrics import json_safe
 from fqexport.validation.validation_report import not_measured
 
@@ -379,7 +380,7 @@ def write_plots(report: Any, dir: str | Path) -> list[Path]:
         return []
     # a group name in a script the default font lacks (CJK) is drawn as boxes: a figure
     # matter, not a warning about the user's data on the console
-    with warnings.catch_warnings():
+    with GLOBAL_STATE_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
         return _draw_plots(plt, report, Path(dir))
 

@@ -692,3 +692,34 @@ def test_pareto_budgets_as_a_numpy_array_or_a_string(mlp_model, mlp_data):
     mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(4, 8), num_candidates=1, mw_steps=2, sensitivity_samples=64)
     (point,) = pareto_sweep(mlp_model, mlp_data, np.array([6.0]), mp, BASE, progress=False)
     assert point.budget == 6.0 and type(point.budget) is float
+
+
+class _SlicedPositions(torch.nn.Module):
+    """Token ids → embedding + a position buffer sliced by the input's length, which torch.fx
+    cannot trace (a slice by a Proxy of a buffer): fqexport traces it with torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(50, 16)
+        self.register_buffer("pe", torch.randn(32, 16))
+        self.fc, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pe[: ids.shape[1]]
+        return self.head(torch.relu(self.fc(x)).mean(1))
+
+
+def test_the_search_traces_a_model_only_torch_export_traces_as_compress_does():
+    """The search priced the layers on a batch of one sample, which torch.export fixes as a
+    constant: compress worked, the search and the sweep were refused (survey 43)."""
+    from fqexport.calibration.checks import validate_group_data
+
+    torch.manual_seed(0)
+    model = _SlicedPositions().eval()
+    x = np.random.default_rng(0).integers(1, 50, (96, 8)).astype(np.int64)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    data = validate_group_data(x, y, np.arange(96) % 2, ["a", "b"], "ids.npz")
+    res = search_mixed_precision(model, data, MixedPrecisionConfig(budget_bits=6.0, engine=EngineConfig(engine="serial")),
+                                 QuantConfig(num_calib=32), progress=False)
+    assert set(res.allocation.bits) == {"tok", "fc", "head"} and res.compressed.layers.keys() == {"tok", "fc", "head"}

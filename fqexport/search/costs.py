@@ -14,9 +14,11 @@ from fqexport.search.allocation import LayerCost
 def model_costs(model: nn.Module, example: torch.Tensor, weights: WeightSpec) -> tuple[list[LayerCost], int]:
     """Params, MACs per sample and output channels of each layer ``weights`` quantizes (BN
     folded; unsupported and ``keep_float`` layers left out), and the weight parameters that
-    stay float."""
+    stay float. ``example``: a batch of two samples, as ``compress`` traces with (torch.export,
+    the fallback of a model fx cannot trace, fixes a batch of one as a constant); the MACs are
+    counted on its first sample."""
     prepared = prepare_model(model, weights.skip_unsupported, weights.keep_float, example=example)
-    macs = count_macs(prepared.folded, example, prepared.names)
+    macs = count_macs(prepared.folded, example[:1], prepared.names)
     modules = dict(prepared.folded.named_modules())
     # output channels: one scale each (a ConvTranspose2d's are on its weight's axis 1)
     costs = [LayerCost(i.name, i.params, macs.get(i.name, 0), weight_rows(i.kind, modules[i.name].weight).shape[0],

@@ -145,7 +145,7 @@ def search_mixed_precision(
         # with a single split the table sees only the held-in part; with folds, every sample is
         # held out once anyway, so the table uses them all (it only ranks candidates: the
         # verification below still measures every fit on samples it was not fitted on)
-        layers, float_params = model_costs(model, example_batch(data, 1), base.weights)
+        layers, float_params = model_costs(model, example_batch(data), base.weights)
         table = sensitivity or search_sensitivity(model, splits[0][0] if len(splits) == 1 else data, mp, base,
                                                   progress=progress, engine=engine, layers=[l.name for l in layers],
                                                   task=task)

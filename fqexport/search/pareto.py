@@ -125,7 +125,7 @@ class BudgetFloor:
     def of(cls, model: nn.Module, data: GroupData | DataStream, mp: MixedPrecisionConfig,
            base: QuantConfig) -> BudgetFloor:
         """The floor of searching ``model`` with ``mp``'s widths and pins and ``base``'s storage and target."""
-        layers, float_params = model_costs(model, example_batch(data, 1), base.weights)
+        layers, float_params = model_costs(model, example_batch(data), base.weights)
         pinned = resolve_pins(search_pins(mp.pins, [l.name for l in layers], mp.pin_first_last),
                               [l.name for l in layers])
         _, resources = layer_options(layers, mp.bit_choices, pinned, "bits", base.storage, base.target)

@@ -761,7 +761,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tup
     Returns the folded graph (a copy) and the names of the convs that absorbed a BN.
     """
     # symbolic_trace shares submodules with ``model``: copy so eval() and folding leave it alone.
-    gm = copy.deepcopy(trace(model)).eval()
+    gm = copy.deepcopy(trace(model, example=example)).eval()  # the example: torch.export, where fx fails
     if example is not None:
         try:
             with torch.no_grad():

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,9 +37,11 @@ from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
 from fqexport.global_state import GLOBAL_STATE_LOCK
+from fqexport.graph.decompose import decompose_attention
 from fqexport.graph.prepare import (
     MSG_FIRST_OUTPUT,
     check_materialized,
+    decompose_attention_needed,
     first_output,
     unwrap_model,
 )
@@ -181,6 +184,10 @@ def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path
 def _export_float(model: torch.nn.Module, example: torch.Tensor, path: Path, output_name: str) -> ExportResult:
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
+    if any(decompose_attention_needed(m) for m in model.modules()):
+        # torch's own encoder checks its mask's values, which torch.onnx cannot trace: the exact
+        # stand-ins compress quantizes (and --float-out writes), on a copy
+        model = decompose_attention(copy.deepcopy(model))[0]
     modes = {m: m.training for m in model.modules()}  # the caller's model comes back in its own modes
     try:
         model.eval()

@@ -796,3 +796,31 @@ def test_validate_range_checks_the_ids_of_a_max_norm_embedding(tmp_path):
     bad = validate_group_data(x, data.y, data.group, ["a", "b"], "t.npz")
     with pytest.raises(DataError, match=r"looks up the id -1, which the model computes from field 'x' of sample 4"):
         validate(path, bad, measure_latency=False)
+
+
+class _CausalText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        return self.head(self.enc(self.tok(ids), mask=torch.triu(torch.full((t, t), float("-inf")), 1))[:, -1])
+
+
+def test_export_float_writes_an_encoder_with_a_mask_through_the_attention_stand_ins(tmp_path):
+    """torch's encoder checks its mask's values, which torch.onnx cannot trace: export_float of the
+    user's model failed where compress and --float-out (the stand-ins) worked (survey 43)."""
+    from fqexport.exporters.qdq_onnx import export_float
+
+    torch.manual_seed(0)
+    model = _CausalText().eval()
+    ids = torch.randint(1, 50, (8, 12))
+    export_float(model, ids[:2], tmp_path / "f.onnx")
+    got = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, {"input": ids.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(ids).numpy(), atol=1e-4)
+    assert isinstance(model.enc, nn.TransformerEncoder)  # the user's model is left as it was

@@ -266,15 +266,8 @@ def test_an_op_without_a_second_derivative_skips_lambda_max_with_one_note(caplog
 def test_analyze_traces_a_model_only_torch_export_traces():
     """fold_batchnorm traced without the example, so the torch.export fallback that compress uses
     never ran: analyze refused a model compress quantizes (survey 43)."""
-    from test_mixed_precision import _SlicedPositions
+    from test_mixed_precision import sliced_positions_case
 
-    from fqexport.calibration.checks import validate_group_data
-
-    torch.manual_seed(0)
-    model = _SlicedPositions().eval()
-    x = np.random.default_rng(0).integers(1, 50, (64, 8)).astype(np.int64)
-    with torch.no_grad():
-        y = model(torch.from_numpy(x)).argmax(1).numpy()
-    data = validate_group_data(x, y, np.arange(64) % 2, ["a", "b"], "ids.npz")
+    model, data = sliced_positions_case(64)
     report = analyze(model, data, bits=(8,), hessian_iters=0, max_samples_per_group=16)
     assert report.to_dict()["variants"] == ["float", "W8A8"]

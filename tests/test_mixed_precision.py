@@ -709,17 +709,22 @@ class _SlicedPositions(torch.nn.Module):
         return self.head(torch.relu(self.fc(x)).mean(1))
 
 
-def test_the_search_traces_a_model_only_torch_export_traces_as_compress_does():
-    """The search priced the layers on a batch of one sample, which torch.export fixes as a
-    constant: compress worked, the search and the sweep were refused (survey 43)."""
+def sliced_positions_case(n: int = 96):
+    """A :class:`_SlicedPositions` model and token ids labelled by its own top-1, 2 groups."""
     from fqexport.calibration.checks import validate_group_data
 
     torch.manual_seed(0)
     model = _SlicedPositions().eval()
-    x = np.random.default_rng(0).integers(1, 50, (96, 8)).astype(np.int64)
+    x = np.random.default_rng(0).integers(1, 50, (n, 8)).astype(np.int64)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).argmax(1).numpy()
-    data = validate_group_data(x, y, np.arange(96) % 2, ["a", "b"], "ids.npz")
+    return model, validate_group_data(x, y, np.arange(n) % 2, ["a", "b"], "ids.npz")
+
+
+def test_the_search_traces_a_model_only_torch_export_traces_as_compress_does():
+    """The search priced the layers on a batch of one sample, which torch.export fixes as a
+    constant: compress worked, the search and the sweep were refused (survey 43)."""
+    model, data = sliced_positions_case()
     res = search_mixed_precision(model, data, MixedPrecisionConfig(budget_bits=6.0, engine=EngineConfig(engine="serial")),
                                  QuantConfig(num_calib=32), progress=False)
     assert set(res.allocation.bits) == {"tok", "fc", "head"} and res.compressed.layers.keys() == {"tok", "fc", "head"}

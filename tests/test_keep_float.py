@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -168,6 +169,24 @@ def test_a_pattern_that_matches_no_layer_is_warned_about_naming_the_layers(caplo
     with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):  # the search prepares it per fit: once
         prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
     assert "fcc" not in caplog.text
+    # another model of the same layers, the same typo: warned again (it was once per process, survey 42)
+    other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        prepare_model(other, keep_float=("2", "fcc"))
+    assert "keep_float pattern 'fcc' matches no quantizable layer" in caplog.text
+
+
+def test_probabilities_are_warned_about_for_each_model(caplog):
+    """The warning was keyed on 'the model' once per process: a second model returning
+    probabilities was never warned (survey 42)."""
+    from fqexport.tasks.classification import warn_if_probabilities
+
+    rows = np.array([[0.2, 0.8], [0.6, 0.4]])
+    with caplog.at_level("WARNING"):
+        warn_if_probabilities(rows, "the model")
+        warn_if_probabilities(rows, "the model")  # the same outputs read again: once
+        warn_if_probabilities(rows[::-1], "the model")  # another model's
+    assert caplog.text.count("the model returns probabilities") == 2
 
 
 class _PaddedCNN(nn.Module):

@@ -15,7 +15,6 @@ with a warning naming every such layer; ``strict`` makes it an error.
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import logging
 import math
@@ -198,10 +197,6 @@ def unmatched_keep_float(gm: torch.fx.GraphModule, patterns: tuple) -> list[str]
             if not any(keep_float_match(n, modules[n], (p,)) for n in names)]
 
 
-@functools.lru_cache(maxsize=64)
-def _warn_unmatched(pattern: str, layers: str) -> None:
-    """Once per process: the search prepares the model for every fit."""
-    log.warning(MSG_KEEP_FLOAT_UNMATCHED, pattern, layers)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -929,7 +924,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     kept = kept_float_layers(raw, tuple(keep_float))
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):
         known = called_layers(raw)
-        _warn_unmatched(pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else ""))
+        # once per model (the search prepares it for every fit), not once per process: another
+        # model of the same layers with the same typo is warned again
+        _warn_once(owner, MSG_KEEP_FLOAT_UNMATCHED % (pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else "")))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     floats = (*float_layers(raw), *kept)

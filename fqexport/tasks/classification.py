@@ -3,6 +3,7 @@ in the export check. fqexport's default task, and its behaviour before tasks exi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,12 @@ from torch import nn
 from fqexport.calibration.checks import check_labels, require_labels
 from fqexport.errors import DataError, ModelLoadError
 from fqexport.graph.float_tail import normalised_output_tail
-from fqexport.metrics.group_metrics import GroupMetrics, agreement, cross_entropy, group_metrics
+from fqexport.metrics.group_metrics import (
+    GroupMetrics,
+    agreement,
+    cross_entropy,
+    group_metrics,
+)
 from fqexport.tasks.base import Comparison, Task
 
 log = logging.getLogger(__name__)
@@ -60,15 +66,20 @@ MSG_PROBABILITIES = (
     "per-group loss, the search's objective, analyze) are the cross-entropy of softmax(probabilities), not of "
     "the model. Return the logits (drop the final softmax; log_softmax is fine) for true losses"
 )
-_warned_probabilities: set[str] = set()
+_warned_probabilities: set[tuple[str, str]] = set()
 
 
 def warn_if_probabilities(rows: np.ndarray, where: str) -> None:
-    """Warn (once per ``where``) when ``rows`` ``[N, C]`` look like probabilities, not logits."""
+    """Warn when ``rows`` ``[N, C]`` look like probabilities, not logits: once per ``where`` and
+    outputs (compress reads the same outputs several times), so another model, or the same file
+    rewritten, is warned again (keyed on ``where`` alone, a second model was never warned)."""
     rows = np.asarray(rows, dtype=np.float64)
-    if (where not in _warned_probabilities and rows.size and np.isfinite(rows).all() and rows.min() >= 0
-            and rows.max() <= 1 and np.allclose(rows.sum(axis=1), 1.0, atol=1e-4)):
-        _warned_probabilities.add(where)
+    if not (rows.size and np.isfinite(rows).all() and rows.min() >= 0 and rows.max() <= 1
+            and np.allclose(rows.sum(axis=1), 1.0, atol=1e-4)):
+        return
+    key = (where, hashlib.sha1(np.ascontiguousarray(rows[:64]).tobytes()).hexdigest())
+    if key not in _warned_probabilities:
+        _warned_probabilities.add(key)
         log.warning(MSG_PROBABILITIES, where)
 
 

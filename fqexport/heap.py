@@ -10,8 +10,9 @@ goes back to the OS (``malloc_trim``) and the thresholds to 32 MB / 64 MB, where
 adaptation settles. Measured on ``compress`` at W4 (2-core AVX2 machine, 64 images): ResNet-18
 size 11.0–11.6 s → 9.6–10.1 s, peak RSS +4–15 % (``benchmarks/compress_bench.py``).
 
-It does nothing where the C library is not glibc, and nothing when the environment sets
-``FQEXPORT_MALLOC_TUNING=0``. Nested and concurrent uses (a search's fits in threads) count:
+It does nothing where the C library is not glibc, nothing when the environment sets
+``FQEXPORT_MALLOC_TUNING=0``, and nothing when the process was started with its own thresholds
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or their ``GLIBC_TUNABLES``). Nested and concurrent uses (a search's fits in threads) count:
 the first one in sets the thresholds, the last one out restores them.
 """
 
@@ -61,12 +62,24 @@ def _set(lib: Any, mmap: int, trim: int) -> None:
         log.debug("mallopt refused mmap=%d trim=%d", mmap, trim)
 
 
+# The user's own glibc malloc thresholds (environment or tunables): left as they are, since
+# glibc cannot report them and the exit would otherwise set the settled values over them.
+_USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+
+
+def user_tuned() -> bool:
+    """Whether the process was started with its own glibc mmap/trim thresholds."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(os.environ.get(k) for k in _USER_MALLOC_ENV) or any(t in tunables for t in _USER_TUNABLES)
+
+
 @contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """While the block runs, glibc keeps freed blocks of up to 1 GiB in the heap for reuse
     (module docstring); afterwards the free heap is returned to the OS."""
     global _depth
-    lib = _glibc() if os.environ.get(ENV, "1") != "0" else None
+    lib = _glibc() if os.environ.get(ENV, "1") != "0" and not user_tuned() else None
     if lib is None:
         yield
         return

@@ -91,3 +91,18 @@ def test_glibc_accepts_the_thresholds():
     finally:
         lib.mallopt(heap.M_MMAP_THRESHOLD, heap.SETTLED_MMAP)
         lib.mallopt(heap.M_TRIM_THRESHOLD, heap.SETTLED_TRIM)
+
+
+@pytest.mark.parametrize("var, value", [("MALLOC_MMAP_THRESHOLD_", "262144"), ("MALLOC_TRIM_THRESHOLD_", "1"),
+                                        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=262144")])
+def test_a_process_started_with_its_own_thresholds_is_left_alone(fake, monkeypatch, var, value):
+    """The exit set 32 MB / 64 MB over the user's MALLOC_MMAP_THRESHOLD_ for the rest of the process (survey 42)."""
+    monkeypatch.setenv(var, value)
+    with heap.reuse_freed_memory():
+        pass
+    assert fake.calls == []
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")  # other tunables: tuned as usual
+    monkeypatch.delenv(var if var != "GLIBC_TUNABLES" else "MALLOC_MMAP_THRESHOLD_", raising=False)
+    with heap.reuse_freed_memory():
+        pass
+    assert fake.calls == RAISE + SETTLE

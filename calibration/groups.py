@@ -142,14 +142,18 @@ def csv_groups(spec: GroupsFromCSV, n: int, source: str, paths: Sequence[str] | 
 
 
 def text_groups(texts: Sequence[str]) -> np.ndarray:
-    """A CSV column's groups: int64 ids when the entries are the integers 0 .. K−1 written plainly,
-    else names (years, site numbers: every CSV cell is text, so "2019" and "2020" name two groups;
-    "1" and "01" two groups too)."""
+    """A CSV column's groups. Non-negative integers written plainly are group ids, named
+    ``group<N>`` as an ``.npz``'s integer ids without names are, whichever of them are present:
+    int64 ids when they are 0 .. K−1, else the names ``group<N>`` (a test CSV without group 1 is
+    ``group0``, ``group2``, not "0" and "2", which no calibration's ``group<N>`` would match, so a
+    gate could not see group 1 was missing). Other entries are names as written ("01", "-1", "²",
+    "A": "1" and "01" are two groups)."""
     # ids only when each text is how its integer is written ("01" and "1", "²" are names)
-    if all(_ASCII_INT.fullmatch(t) and t == str(int(t)) for t in texts):
+    if all(_ASCII_INT.fullmatch(t) and t == str(int(t)) and int(t) >= 0 for t in texts):
         ids = np.array([int(t) for t in texts], dtype=np.int64)
         if np.array_equal(np.unique(ids), np.arange(len(np.unique(ids)))):
             return ids
+        return np.array([f"group{i}" for i in ids])
     return np.array(texts)
 
 

@@ -105,16 +105,18 @@ class ManifestDataset:
     def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str) -> None:
         self.rows, self.folder, self.source = rows, folder, source
         self.samples = [(str(_image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
-        # a column of ids 0..K-1 is ids for every item (as labels_and_groups gives them), not names
-        self._int_groups = text_groups([row.get("group", "") for _, row in rows]).dtype == np.int64
+        # each item's group as the whole column reads (text_groups, as labels_and_groups gives them):
+        # ids 0..K-1, or names, "group<N>" for integer ids that are not 0..K-1
+        self._groups = text_groups([row.get("group", "") for _, row in rows])
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         line, row = self.rows[i]
-        image, label, group = manifest_item(row, f"{self.source} line {line}", self.folder)
-        return image, label, int(group) if self._int_groups else group
+        image, label, _ = manifest_item(row, f"{self.source} line {line}", self.folder)
+        group = self._groups[i]
+        return image, label, int(group) if self._groups.dtype == np.int64 else str(group)
 
     def describe_item(self, i: int) -> str:
         """Where sample ``i`` comes from, for a message: its CSV line and image file."""

@@ -147,14 +147,21 @@ def test_palette_images_keep_their_colours(tmp_path):
 
 
 def test_numeric_group_columns_that_are_not_ids_are_names_and_a_shape_error_names_the_image(tmp_path):
-    """Years or site numbers in the group column name groups (every CSV cell is text; survey 17:
-    2019/2020 were refused as ids with a gap); an image of another size is named with its line."""
+    """Years or site numbers in the group column name groups, group<N> as an npz's ids are named
+    (survey 17: 2019/2020 were refused as ids with a gap); an image of another size is named with its line."""
     pytest.importorskip("PIL")
     for i in range(4):
         _write_png(tmp_path / f"{i}.png", np.full((4, 4, 3), 40 * i, np.uint8), "RGB")
     _write_png(tmp_path / "small.png", np.zeros((2, 2, 3), np.uint8), "RGB")
     years = load_data(_manifest(tmp_path, [f"{i}.png,0,{2019 + i % 2}" for i in range(4)]))
-    assert years.group_names == ("2019", "2020") and years.take().group.tolist() == [0, 1, 0, 1]
+    assert years.group_names == ("group2019", "group2020") and years.take().group.tolist() == [0, 1, 0, 1]
+    # integer ids name their group group<N> whichever are present: a test CSV without group 1 is
+    # group0 / group2, which a calibration's group0..group2 matches (it was '0' / '2', which none
+    # matched: a gate passed without group 1, survey 45)
+    gap = load_data(_manifest(tmp_path, [f"{i}.png,0,{2 * (i % 2)}" for i in range(4)]))
+    assert gap.group_names == ("group0", "group2") and gap.take().group.tolist() == [0, 1, 0, 1]
+    full = load_data(_manifest(tmp_path, [f"{i}.png,0,{i % 3}" for i in range(4)]))
+    assert full.group_names == ("group0", "group1", "group2")
     bad = _manifest(tmp_path, ["0.png,0,a", "1.png,0,b", "small.png,0,a"])
     with pytest.raises(DataError, match=r"sample 2: field 'x' has shape \(3, 2, 2\) .* \(line 4, image .*small\.png\)"):
         load_data(bad).take()

@@ -58,7 +58,16 @@ def read_image(image_path: Path, where: str) -> np.ndarray:
                 img = img.convert("L" if gray else "RGB")
                 bands, mode = img.getbands(), img.mode
             if len(bands) == 1 and mode.startswith("I"):
-                arr = np.asarray(img, dtype=np.float32) / 65535.0  # 16-bit grayscale
+                raw = np.asarray(img)
+                # "I;16*": 16-bit grayscale; "I" (32-bit integers): older Pillows' 16-bit PNGs, read
+                # alike, but values outside 0..65535 have no known range (they came out up to ~15)
+                if mode == "I" and raw.size and (int(raw.min()) < 0 or int(raw.max()) > 65535):
+                    raise DataError(
+                        f"{where}: image {image_path} has 32-bit integer mode 'I' with values "
+                        f"{int(raw.min())}..{int(raw.max())}, outside the 16-bit range fqexport scales to [0, 1]; "
+                        "save it as 8- or 16-bit"
+                    )
+                arr = raw.astype(np.float32) / 65535.0
             elif len(bands) == 1 or mode == "LA":
                 arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
             else:

@@ -165,3 +165,18 @@ def test_numeric_group_columns_that_are_not_ids_are_names_and_a_shape_error_name
     bad = _manifest(tmp_path, ["0.png,0,a", "1.png,0,b", "small.png,0,a"])
     with pytest.raises(DataError, match=r"sample 2: field 'x' has shape \(3, 2, 2\) .* \(line 4, image .*small\.png\)"):
         load_data(bad).take()
+
+
+def test_a_32_bit_integer_image_outside_16_bits_is_refused_and_inside_is_read_as_16_bit(tmp_path):
+    """Mode 'I' was divided by 65535 whatever its values: an int32 TIFF came out up to ~15 (survey 45)."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    Image.fromarray(np.full((4, 4), 998_067, np.int32)).save(tmp_path / "big.tif")
+    Image.fromarray(np.full((4, 4), 65_535, np.int32)).save(tmp_path / "ok.tif")
+    assert Image.open(tmp_path / "big.tif").mode == "I"
+    with pytest.raises(DataError, match=r"big\.tif has 32-bit integer mode 'I' with values 998067\.\.998067, "
+                                        r"outside the 16-bit range"):
+        load_data(_manifest(tmp_path, ["big.tif,0,a", "ok.tif,1,b"])).take()
+    data = load_data(_manifest(tmp_path, ["ok.tif,0,a", "ok.tif,1,b"])).take()
+    assert data.x.shape == (2, 1, 4, 4) and float(data.x.max()) == 1.0

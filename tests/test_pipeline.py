@@ -255,6 +255,12 @@ def test_bias_correction_reduces_mean_output_shift(cnn_model, cnn_data):
     without = shift(_compress(cnn_model, cnn_data, weight_bits=3, method="rtn", bias_correction=False,
                               bn_reestimate=False))
     assert with_bc < 0.5 * without, (with_bc, without)
+    # with BN re-estimation on, bias_correction=False still corrected every conv+BN bias: their biases
+    # were bit-identical with and without it (survey 44). The rescale alone keeps each layer's own mean
+    on, off = (_compress(cnn_model, cnn_data, weight_bits=3, method="rtn", bias_correction=b) for b in (True, False))
+    assert on.layers["stem"].codes.equal(off.layers["stem"].codes)  # the first conv: the same inputs, codes
+    assert not on.reference.get_submodule("stem").bias.equal(off.reference.get_submodule("stem").bias)
+    assert shift(off) > 2 * with_bc
 
 
 def test_group_weights_by_name(cnn_model, cnn_data):

@@ -240,13 +240,15 @@ def _retarget_to_float_output(
 def _correct_layer(
     module: nn.Module, info: LayerInfo, layer: QuantizedLayer, target: ChannelStats,
     cache: ActivationCache, index: int, num_groups: int, alpha: torch.Tensor, rescale: bool,
+    correct_bias: bool = True,
 ) -> None:
     """Bias correction, plus the per-channel rescale of BN re-estimation for conv+BN layers.
 
     With the quantized layer's output z_q (group-weighted mean m_q, variance v_q) on the cached
     quantized-prefix inputs and the float layer's (m_f, v_f): f = sqrt(v_f / v_q) (1 without BN
     re-estimation), weight scale s ← f·s (codes unchanged), bias b ← m_f − f·(m_q − b), so the
-    output has the float mean and variance.
+    output has the float mean and variance; without ``correct_bias`` (the rescale alone),
+    b ← m_q − f·(m_q − b): the variance rescaled, the layer's own mean kept.
     """
     stats = ChannelStats(num_groups, _channel_dim(info.kind))
     with torch.no_grad():
@@ -259,7 +261,7 @@ def _correct_layer(
     if rescale:
         ok = (v_q > 1e-12) & (v_f > 1e-12)
         f = torch.where(ok, torch.sqrt(v_f / v_q.clamp_min(1e-12)), f).clamp(_RESCALE_MIN, _RESCALE_MAX)
-    new_bias = m_f - f * (m_q - bias)
+    new_bias = (m_f if correct_bias else m_q) - f * (m_q - bias)
     f = f.to(layer.scale.device).reshape(-1, *([1] * (layer.scale.dim() - 1)))  # per row (and block)
     layer.scale = (layer.scale * f).float()
     with torch.no_grad():
@@ -462,7 +464,7 @@ class _LayerPass:
             module.weight.copy_(layer.dequantized().to(module.weight.dtype))
         if info.name in self.targets:
             _correct_layer(module, info, layer, self.targets[info.name], self.cache, k, self.num_groups, self.alpha,
-                           rescale=info.had_batchnorm and config.bn_reestimate)
+                           rescale=info.had_batchnorm and config.bn_reestimate, correct_bias=config.bias_correction)
         return layer
 
 

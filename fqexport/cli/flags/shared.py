@@ -213,8 +213,9 @@ def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="skip the bias correction after each layer is quantized (default: corrected)")
     p.add_argument("--no-bn-reestimate", action="store_true",
-                   help="skip re-estimating BatchNorm statistics on calibration data before folding "
-                   "(default: re-estimated)")
+                   help="skip the BatchNorm re-estimation of a conv that absorbed a BatchNorm: after it is "
+                   "quantized, a per-channel rescale of its weight scales (codes unchanged) that gives its output "
+                   "the float model's variance on the calibration data (default: re-estimated)")
     p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="keep matching weight layers in float (repeatable): a module name or a regex over the full "
                    "name ('fc', 'layer4\\..*'), or 'type:ClassName' (e.g. type:Conv1d); listed in the report with the "

@@ -9,6 +9,7 @@ from conftest import run_main
 from fqexport.cli.flags.finetune import (
     MSG_EXPORT_BITS,
     MSG_EXPORT_BITS_BUDGET,
+    MSG_EXPORT_BITS_LAYER_BITS,
     MSG_EXPORT_BITS_WITHOUT,
     MSG_LEARN_BITS_BUDGET,
     MSG_LEARN_BITS_SEARCH,
@@ -153,13 +154,16 @@ def test_export_bits_collision_is_caught_before_compute(mlp_files, tmp_path):
     assert not report.exists() and not (tmp_path / "m.w8.onnx").exists()
 
 
-@pytest.mark.parametrize("budget", [("--budget-bits", "4"), ("--budget-bytes", "9000")])
+@pytest.mark.parametrize("budget", [("--budget-bits", "4"), ("--budget-bytes", "9000"), ("--layer-bits", "fc3=8")])
 def test_export_bits_with_a_search_budget_is_refused_before_compute(mlp_files, tmp_path, budget):
     """Each width re-quantizes every layer: the search's allocation (and its budget) would be thrown away."""
     out = tmp_path / "m.onnx"
     code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", "--export-bits",
                                   "4,8", *budget))
-    assert code == 2 and MSG_EXPORT_BITS_BUDGET.format(flag=budget[0]) in err
+    # --layer-bits too: its widths were dropped silently while settings still recorded them (survey 44)
+    want = (MSG_EXPORT_BITS_LAYER_BITS.format(layers="fc3=8") if budget[0] == "--layer-bits"
+            else MSG_EXPORT_BITS_BUDGET.format(flag=budget[0]))
+    assert code == 2 and want in err
     assert not list(tmp_path.glob("m*.onnx"))
 
 

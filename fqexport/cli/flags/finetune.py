@@ -37,6 +37,10 @@ MSG_EXPORT_BITS_BUDGET = (
     "--export-bits re-quantizes every layer at each width, which would discard the allocation the {flag} "
     "search finds (and exceed its budget): use one of them"
 )
+MSG_EXPORT_BITS_LAYER_BITS = (
+    "--export-bits re-quantizes every layer at each width, which would discard the widths --layer-bits gives "
+    "({layers}): use one of them"
+)
 MSG_EXPORT_BITS_LEARN = (
     "--export-bits re-quantizes every layer at each width, which would discard the widths --learn-bits "
     "learns: use one of them"
@@ -162,6 +166,8 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
     budgets = [f"--budget-{k}" for k in ("bits", "bytes", "bops") if getattr(args, f"budget_{k}", None) is not None]
     if export_bits and budgets:
         raise ConfigError(MSG_EXPORT_BITS_BUDGET.format(flag=budgets[0]))
+    if export_bits and getattr(args, "layer_bits", None):
+        raise ConfigError(MSG_EXPORT_BITS_LAYER_BITS.format(layers=", ".join(args.layer_bits)))
     if args.learn_bits and args.budget_bits is None:
         raise ConfigError(MSG_LEARN_BITS_BUDGET)
     ignored = given_flags(args, SEARCH_ONLY_FLAGS) if args.learn_bits else []

@@ -263,3 +263,11 @@ def test_layers_sharing_one_weight_stay_float_and_export(tmp_path):
     assert cm.metadata.avg_weight_bits == pytest.approx((8 * 48 + 32 * 216) / 264, abs=1e-4)
     export_qdq(cm, tmp_path / "m.onnx")
     assert read_metadata(tmp_path / "m.onnx").float_layers[0].kind == "Conv2d with its weight tied to 'b'"
+
+
+def test_a_width_for_a_layer_kept_float_names_the_clash(mlp_model, mlp_data):
+    """It said the layer was "not a quantizable layer of the model" (survey 44)."""
+    with pytest.raises(ConfigError, match=r"layer_bits gives a width to 'fc3', which stays float \(keep_float: fc3\): "
+                                          r"drop it from layer_bits or from keep_float"):
+        compress(mlp_model, mlp_data, QuantConfig(num_calib=64, keep_float=("fc3",), layer_bits={"fc3": 4}),
+                 progress=False)

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -468,7 +468,15 @@ class _LayerPass:
         return layer
 
 
-def _check_layer_bits(config: QuantConfig, names: list[str]) -> None:
+def _check_layer_bits(config: QuantConfig, names: list[str], floats: Sequence[Any] = ()) -> None:
+    """ConfigError for a ``layer_bits`` name that is no quantized layer: one left float (by
+    ``keep_float``, or unsupported) is named as such, not as no layer at all."""
+    kept = {f.name: f for f in floats}
+    clash = sorted(n for n in config.layer_bits if n in kept)
+    if clash:
+        raise ConfigError("layer_bits gives a width to " + ", ".join(
+            f"{n!r}, which stays float ({kept[n].reason or kept[n].kind})" for n in clash)
+            + ": drop it from layer_bits or from keep_float")
     unknown = sorted(set(config.layer_bits) - set(names))
     if unknown:
         raise ConfigError(
@@ -629,7 +637,7 @@ def compress(
     num_classes = task.check_output(out, checked)
     task.check_annotations(data, num_classes)
     log.info("task %s (%s)", task.name, chosen)
-    _check_layer_bits(config, prepared.names)
+    _check_layer_bits(config, prepared.names, prepared.float_layers)
     float_model = copy.deepcopy(prepared.folded)
     # 'samples' weights groups by their share of the user's data, not of the balanced subset
     alpha = torch.from_numpy(GroupWeights(config.group_weights).vector(data.group_names, data.group_counts()))

@@ -14,7 +14,7 @@ import torch.fx
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.graph.act_quant import round_biases_to_int32_grid, rounding_jitter
-from fqexport.graph.prepare import count_macs, float_layers, kept_float_layers
+from fqexport.graph.prepare import all_float_layers, count_macs
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
@@ -124,11 +124,9 @@ class CompressedModel:
             self.reference, {n: l.scale for n, l in self.layers.items() if l.block_size is None})
         # 2. Weight layers left in float (unsupported, or kept by keep_float), counted at 32
         #    bits beside the quantized ones.
-        #    A layer both unsupported and named by keep_float is counted once (its first reason).
-        left = {}
-        for f in (*float_layers(self.reference), *kept_float_layers(self.reference, self.config.keep_float)):
-            left.setdefault(f.name, f)
-        left = {n: f for n, f in left.items() if n not in self.layers}
+        #    A layer both unsupported and named by keep_float is counted once, as kept by it.
+        left = {f.name: f for f in all_float_layers(self.reference, tuple(self.config.keep_float))
+                if f.name not in self.layers}
         macs = self._float_macs(list(left))
         floats = tuple(
             LayerRecord(f.name, f.kind, FLOAT_BITS, f.params, macs.get(f.name, 0), storage="float32", reason=f.reason)

@@ -271,3 +271,33 @@ def test_a_width_for_a_layer_kept_float_names_the_clash(mlp_model, mlp_data):
                                           r"drop it from layer_bits or from keep_float"):
         compress(mlp_model, mlp_data, QuantConfig(num_calib=64, keep_float=("fc3",), layer_bits={"fc3": 4}),
                  progress=False)
+
+
+class _GRUHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h, _ = self.gru(self.inp(x.reshape(x.shape[0], 4, 4)))
+        return self.out(h[:, -1])
+
+
+def test_strict_accepts_an_unsupported_layer_that_keep_float_names(caplog):
+    """--strict --keep-float gru was refused ("refuses float layers: 'gru'"): no way to accept one
+    GRU and stay strict about the rest (survey 44). It is recorded as kept by the pattern."""
+    from fqexport.calibration.checks import validate_group_data
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    data = validate_group_data(x, np.arange(64) % 2, np.arange(64) % 2, ["a", "b"], "g.npz")
+    with pytest.raises(UnsupportedLayerError, match="'gru'"):
+        compress(_GRUHead().eval(), data, QuantConfig(num_calib=64, strict=True), progress=False)
+    with caplog.at_level("WARNING"):
+        cm = compress(_GRUHead().eval(), data, QuantConfig(num_calib=64, strict=True, keep_float=("gru",)),
+                      progress=False)
+    assert [(f.name, f.reason) for f in cm.metadata.float_layers] == [("gru", "keep_float: gru")]
+    assert sorted(cm.layers) == ["inp", "out"]
+    assert "matches no quantizable layer" not in caplog.text and "stay in float" not in caplog.text

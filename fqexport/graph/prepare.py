@@ -192,9 +192,9 @@ def unmatched_keep_float(gm: torch.fx.GraphModule, patterns: tuple) -> list[str]
     """The ``keep_float`` patterns, each as :func:`keep_float_match` names it, that select no
     quantizable layer of ``gm`` (a typo would otherwise quantize the layer silently)."""
     modules = dict(gm.named_modules())
-    names = called_layers(gm)
+    names = [*called_layers(gm), *(f.name for f in float_layers(gm))]  # an unsupported layer may be named too
     return [p if isinstance(p, str) else f"type:{p.__name__}" for p in patterns
-            if not any(keep_float_match(n, modules[n], (p,)) for n in names)]
+            if not any(keep_float_match(n, modules.get(n), (p,)) for n in names)]
 
 
 
@@ -630,20 +630,42 @@ def unsupported_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
     return [(l.name, l.kind) for l in float_layers(gm)]
 
 
-def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True, owner: nn.Module | None = None) -> set[str]:
+def all_float_layers(gm: torch.fx.GraphModule, keep_float: tuple = ()) -> list[FloatLayer]:
+    """Every weight layer of ``gm`` that stays float, once each: the unsupported ones
+    (:func:`float_layers`; one a ``keep_float`` pattern names is recorded as kept by it: the user
+    asked for it), then the quantizable ones ``keep_float`` keeps (:func:`kept_float_layers`)."""
+    modules = dict(gm.named_modules())
+    out: dict[str, FloatLayer] = {}
+    for f in float_layers(gm):
+        hit = keep_float_match(f.name, modules.get(f.name), keep_float) if keep_float else None
+        out[f.name] = replace(f, reason=f"keep_float: {hit}") if hit else f
+    for f in kept_float_layers(gm, keep_float):
+        out.setdefault(f.name, f)
+    return list(out.values())
+
+
+def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True, owner: nn.Module | None = None,
+                    keep_float: tuple = ()) -> set[str]:
     """Names of the weight layers that stay in float (each logged in one warning, once per
     ``owner``: the user's model, which compress, the sensitivity and the search each prepare),
-    or an UnsupportedLayerError naming all of them when ``skip_unsupported`` is False (``strict``)."""
-    bad = float_layers(gm)
-    if not bad:
+    or an UnsupportedLayerError naming all of them when ``skip_unsupported`` is False (``strict``)
+    — but those a ``keep_float`` pattern selects, which the user accepts as float (a GRU kept by
+    name under ``--strict``)."""
+    found = float_layers(gm)
+    if not found:
         return set()
+    modules = dict(gm.named_modules())
+    accepted = {l.name for l in found if keep_float and keep_float_match(l.name, modules.get(l.name), keep_float)}
+    bad = [l for l in found if l.name not in accepted]
+    if not bad:
+        return {l.name for l in found}
     listing = ", ".join(l.describe() for l in bad)
     if not skip_unsupported:
         raise UnsupportedLayerError(MSG_UNSUPPORTED.format(count=len(bad), layers=listing))
     total = _weight_params(gm, recurse=True)
     fl = sum(l.params for l in bad)
     _warn_once(owner, MSG_FLOAT_LAYERS % (len(bad), fl, total, 100.0 * fl / max(total, 1), listing))
-    return {l.name for l in bad}
+    return {l.name for l in found}
 
 
 def _get_attr(gm: nn.Module, target: str):
@@ -920,7 +942,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         model = copy_model(model)
     model = model.eval()  # trace in eval mode: `self.training` is baked into the traced graph
     raw = trace(model, owner=owner, example=example)
-    skipped = check_supported(raw, skip_unsupported, owner=owner)
+    skipped = check_supported(raw, skip_unsupported, owner=owner, keep_float=tuple(keep_float))
     kept = kept_float_layers(raw, tuple(keep_float))
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):
         known = called_layers(raw)
@@ -929,7 +951,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         _warn_once(owner, MSG_KEEP_FLOAT_UNMATCHED % (pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else "")))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
-    floats = (*float_layers(raw), *kept)
+    floats = tuple(all_float_layers(raw, tuple(keep_float)))
     batch_stats = [str(n.target) for n in raw.graph.nodes if n.op == "call_module"
                    and isinstance(raw.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm)
                    and raw.get_submodule(str(n.target)).running_mean is None]

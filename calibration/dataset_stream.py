@@ -68,6 +68,14 @@ def _describe(dataset: Any) -> Callable[[int], str] | None:
     return getattr(dataset.dataset if isinstance(dataset, Picked) else dataset, "describe_item", None)
 
 
+def _shape_mismatch(source: str, index: int, shape: Any, first: Any, describe: Callable[[int], str] | None,
+                    first_index: int) -> DataError:
+    """Sample ``index``'s shape is not sample 0's: both named where the dataset can say where
+    they come from (the odd one may be sample 0: a grayscale image first in an RGB manifest)."""
+    where = f" ({describe(index)}; sample 0: {describe(first_index)})" if describe is not None else ""
+    return DataError(f"{source}: " + MSG_ITEM_SHAPE.format(index=index, shape=shape, first=first) + where)
+
+
 class _Indexed(Dataset):
     """``dataset[i]`` as ``(i, item, error text or None)``: a failing item reaches the main
     process as text, so its message is ours (DataLoader would wrap a worker's exception)."""
@@ -119,9 +127,7 @@ class _Collate:
             shape = self.shape if self.shape is not None else xs[0].shape
             for i, x in zip(idx, xs):
                 if x.shape != shape:
-                    where = f" ({self.describe(int(i))})" if self.describe is not None else ""
-                    raise DataError(f"{self.source}: " + MSG_ITEM_SHAPE.format(index=int(i), shape=x.shape, first=shape)
-                                    + where)
+                    raise _shape_mismatch(self.source, int(i), x.shape, shape, self.describe, self.index_of(0))
             x = check_x_values(np.stack(xs), self.source, idx)
             gs = ([call_group_function(self.group_fn, int(i), item, self.source) for i, (_, item, _) in zip(idx, items)]
                   if self.group_fn is not None else [p.group for p in parsed])
@@ -206,8 +212,7 @@ def _light_pass(dataset: Any, source: str, n: int, num_workers: int, transform: 
             raise DataError(f"{source}: " + MSG_ITEM_FIELDS.format(index=int(idx[0]), got=FIELDS[bfields],
                                                                    first=FIELDS[fields]))
         elif bshape != shape:
-            where = f" ({collate.describe(int(idx[0]))})" if collate.describe is not None else ""
-            raise DataError(f"{source}: " + MSG_ITEM_SHAPE.format(index=int(idx[0]), shape=bshape, first=shape) + where)
+            raise _shape_mismatch(source, int(idx[0]), bshape, shape, collate.describe, index_of(0))
         elif bdtype != dtype:
             raise DataError(MSG_ITEM_DTYPE.format(source=source, index=int(idx[0]), dtype=bdtype, first=dtype))
         ys.extend(by)
@@ -246,5 +251,7 @@ def dataset_stream(dataset: Any, source: str, groups: Any = None, transform: Cal
         y_raw = np.asarray(ys) if fields >= 2 else None
     first = FirstRead.establish(source, n, shape, dtype, fields, y_raw, given, gs, group_fn, names,
                                 groups_from_items=groups is None)
+    describe = _describe(dataset)
+    origin = f"sample 0: {describe(_index_of(dataset)(0))}" if describe is not None else None
     return DataStream(_DatasetX(dataset, first, tuple(shape), transform, num_workers), first.y, first.group,
-                      first.names, source, tuple(shape))
+                      first.names, source, tuple(shape), shape_origin=origin)

@@ -125,8 +125,10 @@ class DataStream(GroupViews):
 
     def __init__(self, reader: Any, y: np.ndarray | None, group: np.ndarray,
                  group_names: Sequence[str], source: str, sample_shape: tuple[int, ...],
-                 index: np.ndarray | None = None, annotations: Any = None) -> None:
+                 index: np.ndarray | None = None, annotations: Any = None, shape_origin: str | None = None) -> None:
         self._reader = reader
+        # where sample_shape was read (the first item: a manifest's line and image), for messages
+        self.shape_origin = shape_origin
         self.annotations = annotations  # boxes or masks of these samples (.annotations), or None
         self.y, self.group = y, group
         self.group_names = tuple(group_names)
@@ -152,7 +154,7 @@ class DataStream(GroupViews):
         index = np.asarray(index, dtype=np.int64)
         y = None if self.y is None else self.y[index]
         return DataStream(self._reader, y, self.group[index], self.group_names, self.source,
-                          self.sample_shape, self._index[index], self._notes(index))
+                          self.sample_shape, self._index[index], self._notes(index), self.shape_origin)
 
     def batches(self, index_lists: Iterable[np.ndarray], num_workers: int = 0
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
@@ -234,3 +236,11 @@ def npz_stream(path: Path) -> DataStream:
     log.info("%s: x memory-mapped, %d samples of %s %s", source, x.shape[0], x.shape[1:], x.dtype)
     notes = check_annotations(npz_annotations(fields, source), tuple(x.shape[1:]), source, x.shape[0])
     return DataStream(_ArrayX(x, source, check=True), y, group, names, source, tuple(x.shape[1:]), annotations=notes)
+
+
+def shape_origin_note(data: Any) -> str:
+    """`` (x's shape as read from <where>)`` for a stream that took its sample shape from one item
+    it can name (a manifest's first line and image), else ``""``: a shape error then points at
+    the odd file instead of blaming the whole data set."""
+    origin = getattr(data, "shape_origin", None)
+    return f" (x's shape as read from {origin})" if origin else ""

@@ -163,7 +163,7 @@ def test_numeric_group_columns_that_are_not_ids_are_names_and_a_shape_error_name
     full = load_data(_manifest(tmp_path, [f"{i}.png,0,{i % 3}" for i in range(4)]))
     assert full.group_names == ("group0", "group1", "group2")
     bad = _manifest(tmp_path, ["0.png,0,a", "1.png,0,b", "small.png,0,a"])
-    with pytest.raises(DataError, match=r"sample 2: field 'x' has shape \(3, 2, 2\) .* \(line 4, image .*small\.png\)"):
+    with pytest.raises(DataError, match=r"sample 2: field 'x' has shape \(3, 2, 2\) .* \(line 4, image .*small\.png; sample 0: line 2, image .*0\.png\)"):
         load_data(bad).take()
 
 
@@ -180,3 +180,28 @@ def test_a_32_bit_integer_image_outside_16_bits_is_refused_and_inside_is_read_as
         load_data(_manifest(tmp_path, ["big.tif,0,a", "ok.tif,1,b"])).take()
     data = load_data(_manifest(tmp_path, ["ok.tif,0,a", "ok.tif,1,b"])).take()
     assert data.x.shape == (2, 1, 4, 4) and float(data.x.max()) == 1.0
+
+
+def test_a_shape_error_names_the_first_image_the_shape_was_read_from(tmp_path):
+    """One grayscale image first in an RGB manifest: the error said the data set was 1-channel
+    and named no file (an odd image in a later row is named; survey 45)."""
+    pytest.importorskip("PIL")
+    import torch
+
+    from fqexport.config import QuantConfig
+    from fqexport.pipeline.compress import compress
+
+    _write_png(tmp_path / "g.png", np.zeros((8, 8), np.uint8), "L")
+    for i in range(3):
+        _write_png(tmp_path / f"{i}.png", np.zeros((8, 8, 3), np.uint8), "RGB")
+    data = load_data(_manifest(tmp_path, ["g.png,0,a", "0.png,1,b", "1.png,0,a", "2.png,1,b"]))
+    assert data.shape_origin == f"sample 0: line 2, image {tmp_path / 'g.png'}"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 2)).eval()
+    with pytest.raises(DataError, match=r"sample 1: field 'x' has shape \(3, 8, 8\) but sample 0 has \(1, 8, 8\); "
+                                        r"all samples must share a shape \(line 3, image .*0\.png; sample 0: line 2, "
+                                        r"image .*g\.png\)"):
+        compress(model, data, QuantConfig(num_calib=4), progress=False)
+    # validate's shape check reads the stream's shape from sample 0: it names that image
+    from fqexport.calibration.stream import shape_origin_note
+
+    assert shape_origin_note(data) == f" (x's shape as read from sample 0: line 2, image {tmp_path / 'g.png'})"

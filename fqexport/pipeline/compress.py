@@ -35,7 +35,7 @@ from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.sampling import group_balanced_indices
-from fqexport.calibration.stream import DataStream
+from fqexport.calibration.stream import DataStream, shape_origin_note
 from fqexport.config import QuantConfig, check_argument
 from fqexport.device import resolve_device
 from fqexport.engine.base import in_worker
@@ -390,8 +390,8 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
         if static is not None:
             raise ModelLoadError(f"{static} ({type(err).__name__}: {err})") from err
         raise DataError(
-            f"{data.source}: field 'x' with sample shape {data.sample_shape} does not fit the "
-            f"model ({type(err).__name__}: {err}).{ids}"
+            f"{data.source}: field 'x' with sample shape {data.sample_shape}{shape_origin_note(data)} does not fit "
+            f"the model ({type(err).__name__}: {err}).{ids}"
         ) from err
     if is_head_maps(out, tuple(x.shape[2:])):
         maps = leaves(out)

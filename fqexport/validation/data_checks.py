@@ -18,7 +18,7 @@ import onnx
 from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
-from fqexport.calibration.stream import DataStream
+from fqexport.calibration.stream import DataStream, shape_origin_note
 from fqexport.errors import DataError
 from fqexport.exporters.ort_session import fixed_batch, input_dtype
 
@@ -110,10 +110,12 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     got = tuple(data.sample_shape)
     exp = tuple(expected[1:])
     if len(got) != len(exp):
-        raise DataError(MSG_RANK.format(source=data.source, got=len(got), model=model, expected=_shape_text(expected)))
+        raise DataError(MSG_RANK.format(source=data.source, got=len(got), model=model, expected=_shape_text(expected))
+                        + shape_origin_note(data))
     for g, e in zip(got, exp):
         if isinstance(e, int) and e > 0 and g != e:
-            raise DataError(MSG_SHAPE.format(source=data.source, got=list(got), model=model, expected=_shape_text(expected)))
+            raise DataError(MSG_SHAPE.format(source=data.source, got=list(got), model=model,
+                                             expected=_shape_text(expected)) + shape_origin_note(data))
     counts = data.group_counts()
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:

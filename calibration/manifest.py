@@ -74,27 +74,30 @@ def load_csv_manifest(path: str | os.PathLike, transform: Callable[[Any], Any] |
 
 
 
-def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str) -> tuple[np.ndarray, np.ndarray]:
+def manifest_targets(rows: Sequence[tuple[int, dict[str, str]]], source: str,
+                     need_groups: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels and groups of a manifest's rows (no image read): int64 labels, groups as
-    :func:`~.groups.text_groups` gives them."""
+    :func:`~.groups.text_groups` gives them (None without ``need_groups``: given elsewhere)."""
     ys, gs = [], []
     for line, row in rows:
         where = f"{source} line {line}"
-        if not row.get("group"):
+        if need_groups and not row.get("group"):
             raise DataError(f"{where}: column 'group' is empty")
         ys.append(_parse_label(row.get("label", ""), where))
-        gs.append(row["group"])
-    return np.asarray(ys, dtype=np.int64), text_groups(gs)
+        gs.append(row.get("group", ""))
+    return np.asarray(ys, dtype=np.int64), text_groups(gs) if need_groups else None
 
 
-def manifest_item(row: dict[str, str], where: str, folder: Path) -> tuple[np.ndarray, int, str]:
-    """One manifest row as ``(image float32 CHW, label, group text)``; ``where`` is "file line N"."""
+def manifest_item(row: dict[str, str], where: str, folder: Path,
+                  need_group: bool = True) -> tuple[np.ndarray, int, str]:
+    """One manifest row as ``(image float32 CHW, label, group text)``; ``where`` is "file line N";
+    without ``need_group`` (the groups given elsewhere) the group cell may be empty."""
     if not row.get("path"):
         raise DataError(f"{where}: column 'path' is empty")
-    if not row.get("group"):
+    if need_group and not row.get("group"):
         raise DataError(f"{where}: column 'group' is empty")
     arr = read_image(_image_path(row["path"], folder), where)
-    return arr, _parse_label(row["label"], where), row["group"]
+    return arr, _parse_label(row["label"], where), row.get("group", "")
 
 
 class ManifestDataset:
@@ -102,19 +105,23 @@ class ManifestDataset:
     group text, or int id when the column holds the ids 0..K-1)`` items, the image read when the item is. ``samples`` lists ``(image path,
     label text)`` like torchvision's ImageFolder (``GroupsFromCSV(key="path")`` matches it)."""
 
-    def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str) -> None:
+    def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str,
+                 groups_given: bool = False) -> None:
         self.rows, self.folder, self.source = rows, folder, source
         self.samples = [(str(_image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
         # each item's group as the whole column reads (text_groups, as labels_and_groups gives them):
-        # ids 0..K-1, or names, "group<N>" for integer ids that are not 0..K-1
-        self._groups = text_groups([row.get("group", "") for _, row in rows])
+        # ids 0..K-1, or names, "group<N>" for integer ids that are not 0..K-1; None when
+        # load_data's groups= gives them (the column may then be empty): items are (image, label)
+        self._groups = None if groups_given else text_groups([row.get("group", "") for _, row in rows])
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         line, row = self.rows[i]
-        image, label, _ = manifest_item(row, f"{self.source} line {line}", self.folder)
+        image, label, _ = manifest_item(row, f"{self.source} line {line}", self.folder, self._groups is not None)
+        if self._groups is None:
+            return image, label
         group = self._groups[i]
         return image, label, int(group) if self._groups.dtype == np.int64 else str(group)
 
@@ -124,7 +131,7 @@ class ManifestDataset:
 
     def labels_and_groups(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels and groups from the CSV alone (no image read)."""
-        return manifest_targets(self.rows, self.source)
+        return manifest_targets(self.rows, self.source, need_groups=self._groups is not None)
 
 
 def _image_path(text: str, folder: Path) -> Path:

@@ -102,7 +102,8 @@ def load_data(source: Any, groups: Any = None, transform: Callable[[torch.Tensor
             rows, folder, name = read_manifest_rows(source)
             if transform is None:
                 log.info(MSG_RAW_IMAGES, name)
-            return dataset_stream(ManifestDataset(rows, folder, name), name, groups, transform, num_workers)
+            return dataset_stream(ManifestDataset(rows, folder, name, groups_given=groups is not None), name, groups,
+                                  transform, num_workers)
         raise DataError(MSG_SUFFIX.format(source=source, suffix=suffix or "(no suffix)"))
     return _stream_of(source, groups, transform, num_workers)
 

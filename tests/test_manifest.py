@@ -205,3 +205,16 @@ def test_a_shape_error_names_the_first_image_the_shape_was_read_from(tmp_path):
     from fqexport.calibration.stream import shape_origin_note
 
     assert shape_origin_note(data) == f" (x's shape as read from sample 0: line 2, image {tmp_path / 'g.png'})"
+
+
+def test_groups_given_to_load_data_need_no_group_cells_in_the_manifest(tmp_path):
+    """`groups=` supplies groups the samples do not carry, but every row still needed a group
+    ("line 2: column 'group' is empty", survey 45)."""
+    pytest.importorskip("PIL")
+    for i in range(4):
+        _write_png(tmp_path / f"{i}.png", np.full((4, 4, 3), 40 * i, np.uint8), "RGB")
+    path = _manifest(tmp_path, [f"{i}.png,{i % 2}," for i in range(4)])
+    data = load_data(path, groups=np.array([0, 1, 1, 0])).take()
+    assert data.x.shape == (4, 3, 4, 4) and data.group.tolist() == [0, 1, 1, 0] and data.y.tolist() == [0, 1, 0, 1]
+    with pytest.raises(DataError, match=r"line 2: column 'group' is empty"):  # without groups= they are needed
+        load_data(path)

@@ -36,13 +36,13 @@ from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
-from fqexport.global_state import GLOBAL_STATE_LOCK
+from fqexport.global_state import one_at_a_time
 from fqexport.graph.decompose import decompose_attention
 from fqexport.graph.prepare import (
-    MSG_FIRST_OUTPUT,
     check_materialized,
     decompose_attention_needed,
     first_output,
+    first_output_warning,
     unwrap_model,
 )
 from fqexport.metadata import layer_records
@@ -110,6 +110,7 @@ MSG_NOT_COMPRESSED = (
 )
 
 
+@one_at_a_time
 def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -> ExportResult:
     """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring.
 
@@ -121,11 +122,7 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     """
     if not isinstance(cm, CompressedModel):  # an nn.Module: compress it first
         raise ConfigError(MSG_NOT_COMPRESSED.format(got=type(cm).__name__))
-    with GLOBAL_STATE_LOCK:  # torch.export's globals, and the eager check runs beside none of it
-        return _export_qdq(cm, Path(path), check)
-
-
-def _export_qdq(cm: "CompressedModel", path: Path, check: bool) -> ExportResult:
+    path = Path(path)
     model = qdq_model(cm)
     try:
         onnx.checker.check_model(model)
@@ -171,17 +168,14 @@ def export_float_reference(cm: "CompressedModel", path: str | Path) -> ExportRes
     return export_float(cm.float_model, example, path, output_name=cm.task.output_name)
 
 
+@one_at_a_time
 def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
                  output_name: str = "logits") -> ExportResult:
     """Write the float model (e.g. the BN-folded one) as ONNX, for reference validation; its
     output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector). A model
     returning a tuple (a namedtuple, a list) is written with its first output, the one ``compress``
     measures and exports."""
-    with GLOBAL_STATE_LOCK:
-        return _export_float(model, example, Path(path), output_name)
-
-
-def _export_float(model: torch.nn.Module, example: torch.Tensor, path: Path, output_name: str) -> ExportResult:
+    path = Path(path)
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     if any(decompose_attention_needed(m) for m in model.modules()):
@@ -197,8 +191,7 @@ def _export_float(model: torch.nn.Module, example: torch.Tensor, path: Path, out
         except Exception:  # torch.onnx.export runs it again and says why it fails
             out = None
         if out is not None and first_output(out) is not out:
-            kind = f"namedtuple {type(out).__name__}" if hasattr(type(out), "_fields") else type(out).__name__
-            log.warning(MSG_FIRST_OUTPUT.format(kind=kind, n=len(out)))
+            log.warning(first_output_warning(type(out), len(out)))
             model = _FirstOutput(model)
         proto = torch_to_onnx(model, example, what="float", output_name=output_name)
     finally:

@@ -23,7 +23,7 @@ import re
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -137,6 +137,9 @@ class LayerInfo:
     batch_dim: int = 0  # the dim of its input and output that holds the samples (1: [T, B, E] sequence-first)
 
 
+UNSUPPORTED = "unsupported"  # a FloatLayer's reason when fqexport cannot quantize it
+
+
 @dataclass(frozen=True)
 class FloatLayer:
     """A layer with a weight that stays in float: fqexport cannot quantize it, or the user kept it
@@ -145,7 +148,7 @@ class FloatLayer:
     name: str
     kind: str  # module type, e.g. "LSTM", "Conv2d(padding_mode='reflect')", "F.linear"
     params: int  # weight elements (parameters with >= 2 dims)
-    reason: str = "unsupported"  # or "keep_float: <pattern>"
+    reason: str = UNSUPPORTED  # or "keep_float: <pattern>"
 
     def describe(self) -> str:
         return f"'{self.name}' ({self.kind}, {self.params} params)"
@@ -441,6 +444,14 @@ def _plain_parametrized_layers(gm: torch.fx.GraphModule) -> None:
         gm.set_submodule(str(node.target), plain)
 
 
+def first_output_warning(kind: type, n: int) -> str:
+    """:data:`MSG_FIRST_OUTPUT` for an output of type ``kind`` with ``n`` items: a namedtuple by its
+    name, a list (fx records one as its ``immutable_list``) or a tuple, as the user wrote it."""
+    words = (f"namedtuple {kind.__name__}" if issubclass(kind, tuple) and hasattr(kind, "_fields")
+             else "list" if issubclass(kind, list) else "tuple")
+    return MSG_FIRST_OUTPUT.format(kind=words, n=n)
+
+
 def first_output(out: Any) -> Any:
     """The output fqexport measures: the first of a tuple or list whose first item is a tensor
     (e.g. a YOLO model in eval mode returns ``(decoded, raw_maps)``), else ``out`` itself."""
@@ -489,17 +500,16 @@ def _keep_first_output(gm: torch.fx.GraphModule, owner: nn.Module | None = None)
     reference and the ONNX file return what a deployment of the model reads (Ultralytics' and
     torchvision's ONNX exports keep the first output alike)."""
     node = next(n for n in gm.graph.nodes if n.op == "output")
-    value, kind = node.args[0], None
+    value = node.args[0]
+    kind = type(value)
     if (isinstance(value, torch.fx.Node) and value.op == "call_function" and isinstance(value.target, type)
             and issubclass(value.target, tuple) and hasattr(value.target, "_fields")):
         # a namedtuple: fx records its construction as a call of the class on the items
         fields = value.target._fields[len(value.args):]
-        kind = f"namedtuple {value.target.__name__}"
+        kind = value.target
         value = tuple(value.args) + tuple(value.kwargs[f] for f in fields if f in value.kwargs)
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.fx.Node):
-        # fx records a list as its immutable_list: the user wrote a list
-        kind = kind or ("list" if isinstance(value, list) else "tuple")
-        _warn_once(owner, MSG_FIRST_OUTPUT.format(kind=kind, n=len(value)))
+        _warn_once(owner, first_output_warning(kind, len(value)))
         node.args = (value[0],)
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -646,26 +656,28 @@ def all_float_layers(gm: torch.fx.GraphModule, keep_float: tuple = ()) -> list[F
 
 def check_supported(gm: torch.fx.GraphModule, skip_unsupported: bool = True, owner: nn.Module | None = None,
                     keep_float: tuple = ()) -> set[str]:
-    """Names of the weight layers that stay in float (each logged in one warning, once per
-    ``owner``: the user's model, which compress, the sensitivity and the search each prepare),
-    or an UnsupportedLayerError naming all of them when ``skip_unsupported`` is False (``strict``)
-    — but those a ``keep_float`` pattern selects, which the user accepts as float (a GRU kept by
-    name under ``--strict``)."""
-    found = float_layers(gm)
-    if not found:
-        return set()
-    modules = dict(gm.named_modules())
-    accepted = {l.name for l in found if keep_float and keep_float_match(l.name, modules.get(l.name), keep_float)}
-    bad = [l for l in found if l.name not in accepted]
+    """Names of the weight layers that stay in float (:func:`all_float_layers`). The unsupported
+    ones no ``keep_float`` pattern names (the user accepts those as float: a GRU kept by name
+    under ``--strict``) are logged in one warning, once per ``owner`` (the user's model, which
+    compress, the sensitivity and the search each prepare), or refused together with an
+    UnsupportedLayerError when ``skip_unsupported`` is False (``strict``)."""
+    floats = all_float_layers(gm, keep_float)
+    _refuse_or_warn(gm, floats, skip_unsupported, owner)
+    return {f.name for f in floats}
+
+
+def _refuse_or_warn(gm: torch.fx.GraphModule, floats: Sequence[FloatLayer], skip_unsupported: bool,
+                    owner: nn.Module | None) -> None:
+    """:func:`check_supported`'s warning or refusal of the unsupported layers among ``floats``."""
+    bad = [f for f in floats if f.reason == UNSUPPORTED]
     if not bad:
-        return {l.name for l in found}
+        return
     listing = ", ".join(l.describe() for l in bad)
     if not skip_unsupported:
         raise UnsupportedLayerError(MSG_UNSUPPORTED.format(count=len(bad), layers=listing))
     total = _weight_params(gm, recurse=True)
     fl = sum(l.params for l in bad)
     _warn_once(owner, MSG_FLOAT_LAYERS % (len(bad), fl, total, 100.0 * fl / max(total, 1), listing))
-    return {l.name for l in found}
 
 
 def _get_attr(gm: nn.Module, target: str):
@@ -942,8 +954,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         model = copy_model(model)
     model = model.eval()  # trace in eval mode: `self.training` is baked into the traced graph
     raw = trace(model, owner=owner, example=example)
-    skipped = check_supported(raw, skip_unsupported, owner=owner, keep_float=tuple(keep_float))
-    kept = kept_float_layers(raw, tuple(keep_float))
+    floats = tuple(all_float_layers(raw, tuple(keep_float)))
+    _refuse_or_warn(raw, floats, skip_unsupported, owner)
+    kept = [f for f in floats if f.reason != UNSUPPORTED]  # by keep_float
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):
         known = called_layers(raw)
         # once per model (the search prepares it for every fit), not once per process: another
@@ -951,7 +964,6 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         _warn_once(owner, MSG_KEEP_FLOAT_UNMATCHED % (pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else "")))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
-    floats = tuple(all_float_layers(raw, tuple(keep_float)))
     batch_stats = [str(n.target) for n in raw.graph.nodes if n.op == "call_module"
                    and isinstance(raw.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm)
                    and raw.get_submodule(str(n.target)).running_mean is None]
@@ -959,7 +971,8 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         _warn_once(owner, MSG_BATCH_STATS.format(layers=", ".join(f"'{b}'" for b in batch_stats)))
     folded, bn_convs = fold_batchnorm(raw, example)
     folded = folded.eval().cpu()
-    layers = quantizable_layers(folded, skipped | {k.name for k in kept}, bn_convs)
+    skipped = frozenset(f.name for f in floats)  # unsupported, or kept by keep_float
+    layers = quantizable_layers(folded, skipped, bn_convs)
     tokens = [l.name for l in layers if l.kind in ("linear", "embedding")]  # a conv's batch is dim 0
     if example is not None and tokens:
         dims = layer_batch_dims(folded, example, tokens)
@@ -969,7 +982,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
             raise UnsupportedLayerError(MSG_ALL_KEPT_FLOAT.format(
                 patterns=list(keep_float), layers=", ".join(k.name for k in kept)))
         raise UnsupportedLayerError(MSG_NO_LAYERS)
-    return PreparedModel(folded, tuple(layers), frozenset(skipped) | {k.name for k in kept}, frozenset(bn_convs),
+    return PreparedModel(folded, tuple(layers), skipped, frozenset(bn_convs),
                          floats)
 
 

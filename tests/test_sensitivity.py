@@ -107,7 +107,8 @@ class InPlaceAfter(nn.Module):
 
 def test_measured_delta_from_cached_prefix_equals_full_forwards():
     """Per layer the prefix runs once and the rest once per width: every width's Δ_g equals a
-    full forward of the model with that layer alone quantized (bit for bit)."""
+    full forward of the model with that layer alone quantized (to float32 rounding of the losses:
+    bit for bit on AMD, a few ulp apart on an Intel AVX-512 CPU)."""
     torch.manual_seed(3)
     model = InPlaceAfter().eval()
     rng = np.random.default_rng(1)
@@ -130,7 +131,7 @@ def test_measured_delta_from_cached_prefix_equals_full_forwards():
                                   for s in range(0, 70, 32)])
                 inc = (loss.double() - base.double()).numpy()
                 want = np.array([inc[group == k].mean() for k in range(2)])
-                np.testing.assert_allclose(t.at(name, bits), want, rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(t.at(name, bits), want, rtol=1e-5, atol=1e-7)  # float32 losses ~1
 
 
 def test_fisher_proxy_isolates_groups_and_ranks_widths():

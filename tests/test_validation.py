@@ -220,6 +220,28 @@ def test_graph_macs_pass_through_ort_contrib_ops():
     assert res.bops == 4 * 32 * (16 * 8 + 8 * 4)
 
 
+def test_graph_macs_of_a_graph_whose_shapes_stay_partly_unknown_write_no_file(tmp_path, monkeypatch):
+    """ORT's ``infer_shapes`` saved ``sym_shape_infer_temp.onnx`` into the current directory when some
+    shape stayed unknown (a custom-domain op) and raised, so the MACs before that op were lost too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    monkeypatch.chdir(tmp_path)
+    blob = numpy_helper.from_array(np.zeros((8, 1, 8), np.uint8), "a.b")
+    scales = numpy_helper.from_array(np.ones(8, np.float32), "a.s")
+    nbits = helper.make_node("MatMulNBits", ["x", "a.b", "a.s"], ["h"], domain="com.microsoft",
+                             K=16, N=8, bits=4, block_size=16)
+    graph = helper.make_graph([nbits, helper.make_node("Mystery", ["h"], ["y"], domain="my.ops")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [blob, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid("my.ops", 1)])
+    res = from_graph(model)
+    assert list(tmp_path.iterdir()) == []
+    assert (res.params, res.macs, res.bops) == (16 * 8, 16 * 8, 4 * 32 * 16 * 8)
+
+
 def test_graph_bops_count_a_float16_activation_at_16_bits():
     """A float16 model's BOPs counted its activations at 32 bits (16 · 32 · MACs): they are 16 wide."""
     from onnx import TensorProto, helper, numpy_helper

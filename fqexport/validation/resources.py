@@ -74,6 +74,21 @@ def _shape_of(vi) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
 
 
+def _ort_symbolic_shapes(model):
+    """ORT's symbolic shape inference, run as ``SymbolicShapeInference.infer_shapes`` runs it but
+    without its failure path: when some shape stays unknown, that one saves the model as
+    ``sym_shape_infer_temp.onnx`` (plus external data) into the current directory and raises. Here
+    an incomplete inference returns the shapes it found; nothing is written."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(model)
+    while inference.run_:
+        inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_
+
+
 def _inferred_shapes(model):
     """``model`` with shape inference's value_info (best effort: ``model`` itself when it fails).
     ONNX's inference has no rule for ORT's contrib ops (MatMulNBits, QGemm, ...), so the shapes
@@ -81,9 +96,7 @@ def _inferred_shapes(model):
     which knows them, and ONNX's only when that fails."""
     if any(n.domain == "com.microsoft" for n in model.graph.node):
         try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            return _ort_symbolic_shapes(model)
         except Exception as err:
             log.info("symbolic shape inference failed (%s); MACs after ORT contrib ops may be unknown", err)
     try:

@@ -30,8 +30,8 @@ from .group_data import GroupData
 log = logging.getLogger(__name__)
 
 MSG_UINT8_X = (
-    "%s: field 'x' is uint8, read as pixels: the model gets its values as floats 0-255, not scaled to [0, 1] "
-    "as the CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, save x / 255 "
+    "%s: field 'x' is %s, read as pixels: the model gets its values as floats 0-%d, not scaled to [0, 1] "
+    "as the CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, save x / %d "
     "(or pass transform=) instead; token ids belong in a signed integer x (int64)"
 )
 MSG_NEGATIVE_IDS = (
@@ -189,9 +189,10 @@ def group_ids(group: Any, group_names: Sequence[str], source: str, index: np.nda
 
 
 @functools.lru_cache(maxsize=64)
-def _warn_uint8(source: str) -> None:
-    """Once per source (a stream checks every batch)."""
-    log.warning(MSG_UINT8_X, source)
+def _warn_unsigned(source: str, dtype: np.dtype) -> None:
+    """Once per source and type (a stream checks every batch)."""
+    top = int(np.iinfo(dtype).max)
+    log.warning(MSG_UINT8_X, source, dtype.name, top, top)
 
 
 def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.ndarray:
@@ -210,8 +211,8 @@ def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.n
         if x.size and int(x.min()) < 0:
             raise data_error(source, first(x < 0) + MSG_NEGATIVE_IDS.format(value=int(x.min())))
     else:
-        if x.dtype == np.uint8:
-            _warn_uint8(source)
+        if np.issubdtype(x.dtype, np.unsignedinteger):  # uint8 photos, uint16 DICOM / 16-bit PNG pixels
+            _warn_unsigned(source, x.dtype)
         x = x.astype(np.float32, copy=False)
         finite = np.isfinite(x)
         bad = int(x.size - np.count_nonzero(finite))

@@ -380,7 +380,8 @@ class QuantConfig:
             ``"mse"`` for models with rare huge activations that would waste the uint8 range.
         percentile: upper percentile used by the percentile observer.
         num_calib: calibration samples drawn group-balanced from the calibration data.
-        batch_size: batch size of calibration passes.
+        batch_size: batch size of calibration passes (fewer samples where a batch's largest
+            activation would pass 256 MB: megapixel images; ``fqexport.pipeline.batch_memory``).
         weight_range: ``"x86-safe"`` keeps 8-bit weights in |q| <= 63 so the u8 x s8 kernels
             of AVX2 CPUs without VNNI cannot saturate; ``"full"`` uses |q| <= 127 (VNNI, GPU).
             Never resolved from ``target``: choosing a target does not change the weights.

@@ -23,7 +23,7 @@ from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 
 # the float layers whose multiply-accumulates count_macs knows
-MAC_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+MAC_MODULES = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.RNNBase)  # Conv/ConvTranspose 1-3 d
 
 
 def weight_scale(kind: str, scale: torch.Tensor, shape: tuple[int, ...] | torch.Size,

@@ -45,6 +45,18 @@ def test_uint8_x_is_warned_about_once_per_source(caplog):
     assert "uint8" not in caplog.text
 
 
+def test_uint16_x_is_warned_about_like_uint8_with_its_own_range(caplog):
+    """16-bit pixels (DICOM, 16-bit PNG) in an npz went to the model unscaled without a word, while a
+    manifest's 16-bit images are divided by 65535 (survey 47)."""
+    x = np.full((4, 1, 2, 2), 4000, np.uint16)
+    with caplog.at_level("WARNING", logger="fqexport.calibration.checks"):
+        got = check_x_values(x, "ct.npz")
+    assert got.dtype == np.float32 and got.max() == 4000.0
+    assert ("ct.npz: field 'x' is uint16, read as pixels: the model gets its values as floats 0-65535, not scaled "
+            "to [0, 1] as the CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, "
+            "save x / 65535") in caplog.text
+
+
 def test_a_broken_limit_shows_the_value_on_its_side_of_the_limit():
     """2 decimals printed "0.00 MB exceeds 0.0001" and "0.50 pp exceeds 0.5" (survey 22)."""
     from fqexport.validation.checks import _shown

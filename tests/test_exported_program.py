@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -530,3 +531,30 @@ def test_an_interrupt_that_torch_onnx_wrapped_is_raised_again():
         with pytest.raises(KeyboardInterrupt):
             _reraise_interrupt(wrapped)
     _reraise_interrupt(RuntimeError("a model error"))  # nothing to re-raise
+
+
+class _Signal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(-1))
+
+
+def test_a_pt2_dynamic_beyond_the_batch_is_warned_about(tmp_path, caplog):
+    """The ONNX files fix every dimension but the batch: a .pt2 whose time axis was exported dynamic
+    silently became a fixed-length file (survey 46)."""
+    x = torch.zeros(2, 2, 32)
+    batch, steps = torch.export.Dim("batch"), torch.export.Dim("T", min=4, max=4096)
+    both, only_batch = tmp_path / "both.pt2", tmp_path / "batch.pt2"
+    torch.export.save(torch.export.export(_Signal().eval(), (x,), dynamic_shapes=({0: batch, 2: steps},)), str(both))
+    torch.export.save(torch.export.export(_Signal().eval(), (x,), dynamic_shapes=({0: batch},)), str(only_batch))
+    with caplog.at_level("WARNING", logger="fqexport.graph.loading"):
+        load_model(only_batch)
+        assert "dynamic" not in caplog.text
+        load_model(both)
+    assert re.search(re.escape(f"{both}: the program's input is dynamic in dim 2 (") + r"\w+\), but fqexport's ONNX "
+                     "files keep only the batch dynamic: every other dimension is fixed to the calibration data's",
+                     caplog.text)

@@ -276,6 +276,31 @@ def test_count_macs_conv_stride_padding_groups_and_linear():
     assert not net[0]._forward_hooks  # hooks removed
 
 
+class _Recurrent(nn.Module):
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_count_macs_of_3d_convs_1d_transposed_convs_and_recurrent_layers():
+    """Layers that stay float (Conv3d, ConvTranspose1d, GRU, LSTM) said 0 MACs in the compress table
+    and the metadata (surveys 46, 47)."""
+    conv3d = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1))
+    assert count_macs(conv3d, torch.zeros(2, 1, 4, 6, 6), ["0"]) == {"0": 4 * 4 * 6 * 6 * 27}
+    up = nn.Sequential(nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1))
+    assert count_macs(up, torch.zeros(2, 16, 64), ["0"]) == {"0": 16 * 64 * 8 * 4}  # each input position · C_out · k
+    # per step, layer and direction: gates · H · (input + state); T = 32 steps
+    gru = _Recurrent(nn.GRU(2, 8, batch_first=True))
+    assert count_macs(gru, torch.zeros(2, 32, 2), ["rnn"]) == {"rnn": 32 * 3 * 8 * (2 + 8)}
+    lstm = _Recurrent(nn.LSTM(2, 8, num_layers=2, bidirectional=True))  # time first: [T, B, I]
+    assert count_macs(lstm, torch.zeros(32, 2, 2), ["rnn"]) == {"rnn": 32 * 2 * 4 * 8 * ((2 + 8) + (16 + 8))}
+    proj = _Recurrent(nn.LSTM(2, 8, proj_size=3, batch_first=True))  # the state is the 3-wide projection
+    assert count_macs(proj, torch.zeros(2, 5, 2), ["rnn"]) == {"rnn": 5 * (4 * 8 * (2 + 3) + 8 * 3)}
+
+
 class DropoutByMode(nn.Module):
     def __init__(self) -> None:
         super().__init__()

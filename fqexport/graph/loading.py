@@ -52,6 +52,11 @@ MSG_PT2_INPUTS = (
     "export a wrapper whose forward(x) supplies the others, e.g. torch.export.export(Wrapper(model), (x,), "
     "dynamic_shapes=({{0: torch.export.Dim('batch')}},))"
 )
+MSG_PT2_DYNAMIC_DIMS = (
+    "{path}: the program's input is dynamic in {dims}, but fqexport's ONNX files keep only the batch "
+    "dynamic: every other dimension is fixed to the calibration data's (a sequence length, an image size); "
+    "export one file per size the deployment feeds"
+)
 STATIC_BATCH_KEY = "fqexport_static_batch"  # GraphModule.meta of a .pt2 with a fixed batch: its message
 MSG_TORCHSCRIPT = (
     "{path}: a TorchScript archive (torch.jit.save): fqexport quantizes the Python nn.Module, whose "
@@ -139,20 +144,36 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     batch = _static_batch(program)
     if batch is not None:  # many graphs run on any batch all the same; one that does not says why
         lifted.meta[STATIC_BATCH_KEY] = MSG_PT2_STATIC_BATCH.format(path=path, batch=batch)
+    dynamic = dynamic_sample_dims(program)
+    if dynamic:
+        log.warning(MSG_PT2_DYNAMIC_DIMS.format(path=path, dims=", ".join(dynamic)))
     return lifted
 
 
-def _static_batch(program: Any) -> int | None:
-    """The batch size a program's first input is fixed at (``torch.export.export(model, (x,))``
-    without ``dynamic_shapes`` specialises it to x's), None when its batch is symbolic."""
+def _input_shape(program: Any) -> tuple | None:
+    """The shape of a program's first input: ints, and SymInts where it was exported dynamic."""
     user_inputs = list(program.graph_signature.user_inputs)
     first = next((n for n in program.graph.nodes if n.op == "placeholder" and user_inputs and n.name == user_inputs[0]),
                  None)
     val = None if first is None else first.meta.get("val")
     shape = getattr(val, "shape", None)
+    return tuple(shape) if shape else None
+
+
+def _static_batch(program: Any) -> int | None:
+    """The batch size a program's first input is fixed at (``torch.export.export(model, (x,))``
+    without ``dynamic_shapes`` specialises it to x's), None when its batch is symbolic."""
+    shape = _input_shape(program)
     if not shape:
         return None
     return int(shape[0]) if isinstance(shape[0], int) else None
+
+
+def dynamic_sample_dims(program: Any) -> list[str]:
+    """``"dim 2 (s1)"`` for each dimension after the batch that the program's input was exported
+    dynamic in (a sequence's length, an image's size)."""
+    shape = _input_shape(program) or ()
+    return [f"dim {i} ({d})" for i, d in enumerate(shape) if i > 0 and not isinstance(d, int)]
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -986,8 +986,27 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
                          floats)
 
 
+def _recurrent_macs(mod: nn.RNNBase, x: torch.Tensor) -> int:
+    """Multiply-accumulates per sequence of an RNN / GRU / LSTM on input ``x`` (a packed sequence:
+    0): every step, every layer and direction multiplies its input and its recurrent state by
+    each gate's weights, ``gates · H · (I_l + R)``, then an LSTM's projection ``H · P``."""
+    if not isinstance(x, torch.Tensor):
+        return 0
+    steps = int(x.shape[0] if x.dim() == 2 or not mod.batch_first else x.shape[1])  # [T, I] unbatched
+    gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
+    dirs = 2 if mod.bidirectional else 1
+    state = getattr(mod, "proj_size", 0) or mod.hidden_size  # R: what the recurrent weights multiply
+    per_step = 0
+    for layer in range(mod.num_layers):
+        inputs = mod.input_size if layer == 0 else state * dirs
+        per_step += dirs * (gates * mod.hidden_size * (inputs + state)
+                            + (mod.hidden_size * state if getattr(mod, "proj_size", 0) else 0))
+    return steps * per_step
+
+
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
-    """Multiply-accumulates per sample of each named Conv2d/Conv1d/ConvTranspose2d/Linear layer."""
+    """Multiply-accumulates per sample of each named Conv/ConvTranspose (1-3 d), Linear, RNN/GRU/LSTM or
+    Embedding layer."""
     modules = dict(model.named_modules())
     macs: dict[str, int] = {}
     hooks = []
@@ -995,15 +1014,17 @@ def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
     def make_hook(name: str):
         def hook(mod, inputs, output):
             batch = max(int(inputs[0].shape[0]), 1)
-            if isinstance(mod, _CONVS):
+            if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:  # Conv1d/2d/3d
                 per_out = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
                 macs[name] = int(output.numel() // batch * per_out)
-            elif isinstance(mod, nn.ConvTranspose2d):
+            elif isinstance(mod, nn.modules.conv._ConvNd):  # ConvTranspose1d/2d/3d
                 # every input pixel meets C_out/G · kh · kw weights (zero-inserted pixels cost none)
                 per_in = mod.out_channels // mod.groups * math.prod(mod.kernel_size)
                 macs[name] = int(inputs[0].numel() // batch * per_in)
             elif isinstance(mod, nn.Embedding):
                 macs[name] = 0  # a row lookup, no multiply-accumulate
+            elif isinstance(mod, nn.RNNBase):
+                macs[name] = _recurrent_macs(mod, inputs[0])
             else:
                 macs[name] = int(output.numel() // batch * mod.in_features)
 

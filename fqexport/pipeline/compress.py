@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -58,6 +58,7 @@ from fqexport.heap import reuse_freed_memory
 from fqexport.metadata import ExportMetadata, layer_records
 from fqexport.model import CompressedModel, QuantizedLayer, rows_to_weight, weight_rows
 from fqexport.pipeline.activations import ActivationCache, GraphStream
+from fqexport.pipeline.batch_memory import calibration_batch_size
 from fqexport.quant.channel_stats import ChannelStats
 from fqexport.quant.grid import WeightGrid, layer_weight_range
 from fqexport.quant.hessian import HessianAccumulator
@@ -651,11 +652,13 @@ def compress(
             raise ConfigError(MSG_WEIGHTS_UNDRAWN.format(n=config.num_calib, k=len(data.group_names),
                                                          groups=", ".join(map(repr, undrawn))))
         alpha = alpha / alpha.sum()
-    # 3. weights, layer by layer on the quantized prefix; 4. activation ranges
+    # 3. weights, layer by layer on the quantized prefix; 4. activation ranges; in batches whose
+    #    activations stay bounded (large images get fewer samples per batch than batch_size)
+    passes = replace(config, batch_size=calibration_batch_size(prepared.folded, example_batch(sub, 1), config.batch_size))
     with reuse_freed_memory():  # the Hessian-sized tensors of one layer are reused by the next
-        quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, config, alpha, device,
+        quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, passes, alpha, device,
                                      progress)
-    reference = _calibrate_activations(prepared.folded, quantized, sub, config, progress, task)
+    reference = _calibrate_activations(prepared.folded, quantized, sub, passes, progress, task)
     tail = task.float_tail(prepared.folded, set(quantized))
     float_ops = tail_ops(prepared.folded, tail) if tail is not None else ()
     record = {**task.to_dict(), "chosen": chosen}

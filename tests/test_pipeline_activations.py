@@ -167,10 +167,10 @@ def test_forward_work_does_not_grow_with_depth(target):
         counts[depth] = CALLS["first"]
     assert counts[3] == counts[9]
     n_batches = 128 // 32
-    # shapes for BN folding + the Linears' batch-dim probe (2) + check + MACs (5 one-off calls);
-    # float targets, quantized stream, float stream (float-output only) and activation
-    # calibration: one call per batch each
-    assert counts[9] == 5 + n_batches * (4 if target == "float-output" else 3)
+    # shapes for BN folding + the Linears' batch-dim probe (2) + check + batch-memory probe + MACs
+    # (6 one-off calls); float targets, quantized stream, float stream (float-output only) and
+    # activation calibration: one call per batch each
+    assert counts[9] == 6 + n_batches * (4 if target == "float-output" else 3)
 
 
 def test_memory_cap_spills_to_disk_and_changes_nothing(cnn_model, cnn_data, caplog):

@@ -29,7 +29,7 @@ from .group_data import GroupData
 
 log = logging.getLogger(__name__)
 
-MSG_UINT8_X = (
+MSG_UNSIGNED_X = (
     "%s: field 'x' is %s, read as pixels: the model gets its values as floats 0-%d, not scaled to [0, 1] "
     "as the CSV manifest's images are; if the model was trained on [0, 1] (or normalised) inputs, save x / %d "
     "(or pass transform=) instead; token ids belong in a signed integer x (int64)"
@@ -192,7 +192,7 @@ def group_ids(group: Any, group_names: Sequence[str], source: str, index: np.nda
 def _warn_unsigned(source: str, dtype: np.dtype) -> None:
     """Once per source and type (a stream checks every batch)."""
     top = int(np.iinfo(dtype).max)
-    log.warning(MSG_UINT8_X, source, dtype.name, top, top)
+    log.warning(MSG_UNSIGNED_X, source, dtype.name, top, top)
 
 
 def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.ndarray:

@@ -995,12 +995,12 @@ def _recurrent_macs(mod: nn.RNNBase, x: torch.Tensor) -> int:
     steps = int(x.shape[0] if x.dim() == 2 or not mod.batch_first else x.shape[1])  # [T, I] unbatched
     gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
     dirs = 2 if mod.bidirectional else 1
-    state = getattr(mod, "proj_size", 0) or mod.hidden_size  # R: what the recurrent weights multiply
+    proj = getattr(mod, "proj_size", 0)  # an LSTM's projection of h (0: none)
+    state = proj or mod.hidden_size  # R: what the recurrent weights multiply
     per_step = 0
     for layer in range(mod.num_layers):
         inputs = mod.input_size if layer == 0 else state * dirs
-        per_step += dirs * (gates * mod.hidden_size * (inputs + state)
-                            + (mod.hidden_size * state if getattr(mod, "proj_size", 0) else 0))
+        per_step += dirs * (gates * mod.hidden_size * (inputs + state) + mod.hidden_size * proj)
     return steps * per_step
 
 

@@ -10,10 +10,12 @@ ResNet-50: 3.2 MB per sample at its largest) keep the requested size, and so the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import fx
+
+from fqexport.graph.decode import leaves
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +28,6 @@ MSG_SMALLER_BATCH = (
 )
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 class _LargestOutput(fx.Interpreter):
     """Runs the graph (values freed after their last use) and keeps its largest node output."""
 
@@ -45,7 +37,8 @@ class _LargestOutput(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        size = sum(t.numel() * t.element_size() for t in _tensors(out))
+        items = leaves(list(out.values()) if isinstance(out, Mapping) else out)
+        size = sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
         if n.op != "placeholder" and size > self.largest[0]:
             self.largest = (size, n.name)
         return out

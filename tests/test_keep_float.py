@@ -17,7 +17,7 @@ from fqexport.cli import main
 from fqexport.config import MixedPrecisionConfig, QuantConfig, WeightSpec
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.exporters.metadata import read_metadata
-from fqexport.exporters.ort_session import fused_kernels, optimized_graph
+from fqexport.exporters.ort_session import fused_kernels, kernel_summary, optimized_graph
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.graph.prepare import MSG_ALL_KEPT_FLOAT, keep_float_match, prepare_model
 from fqexport.pipeline.compress import compress
@@ -70,6 +70,9 @@ def test_kept_layers_stay_float_listed_with_their_reason_and_count_32_bits(cnn_m
     # Conv's weights itself (per tensor) when its input comes from a DequantizeLinear, leaves them
     # float; the stem's output, read by conv_a too, runs as a float Conv over its int8 weights
     assert fused_kernels(res.path)["QLinearConv"] == 2  # dw, pw
+    # validate's float line names those layers, not ORT's renamed nodes (FusedConv:n2, t9_nchwc)
+    floats = kernel_summary(res.path)[1]
+    assert sorted(f.split(" (")[0] for f in floats) == ["conv_a", "conv_b", "fc", "stem"], floats
     ort_made = [t.name for t in optimized_graph(res.path, "cpu", weights=False).graph.initializer
                 if t.name.endswith("_weight_q")]
     assert ort_made == []

@@ -294,3 +294,19 @@ def test_an_unnamed_float_node_is_listed_as_unnamed(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "g.onnx")
     assert float_fallbacks(tmp_path / "g.onnx") in (["Gemm:(unnamed)"], ["MatMul:(unnamed)"])
+
+
+def test_float_nodes_are_named_by_their_layer_where_the_file_names_the_weight(tmp_path):
+    """validate's float line printed ORT's node names (``FusedConv:n2``, ``Conv:t9_nchwc``), which
+    name no layer; a weight ``<layer>.weight`` names it, through ORT's renames (the NCHWc conv's
+    weight becomes ``reorder``, the node is named after the fused Relu's output)."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 12 * 12, 4)).eval()
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), tmp_path / "c.onnx", dynamo=True)
+    counts, floats = kernel_summary(tmp_path / "c.onnx")
+    assert sorted(f.split(" (")[0] for f in floats) == ["0", "2", "5"], floats
+    ops = [f.split(" (")[1].rstrip(")") for f in floats]
+    assert sum(counts[op] for op in set(ops)) == len(floats)

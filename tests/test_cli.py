@@ -146,7 +146,17 @@ def test_label_out_of_range(mlp_files, tmp_path, bad_npz):
 
 def test_bits_9(mlp_files, tmp_path):
     err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--weight-bits", "9"))
-    assert "weight_bits=9 is not supported" in err
+    assert "error: --weight-bits: weight_bits=9 is not supported" in err
+
+
+@pytest.mark.parametrize("given, message", [
+    (["--num-calib", "0"], "error: --num-calib: num_calib=0 must be >= 1"),
+    (["--damp=-1"], "error: --damp: damp=-1.0 must be in [0, 10)"),
+    (["--batch-size", "0"], "error: --batch-size: batch_size=0 must be >= 1"),
+])
+def test_a_config_error_names_the_flag_the_user_typed(mlp_files, tmp_path, given, message):
+    """The CLI printed the config field (``num_calib=0 must be >= 1``), a word the user never typed."""
+    assert message in _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", *given))
 
 
 def test_unknown_layer_in_layer_bits(mlp_files, tmp_path):

@@ -19,6 +19,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ from fqexport.cli.flags.demo import add_demo_parser
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
 from fqexport.atomic import outputs_written
-from fqexport.errors import FqexportError, ValidationFailed
+from fqexport.errors import ConfigError, FqexportError, ValidationFailed
 from fqexport.version import __version__
 
 OMP_WAIT_POLICY = "PASSIVE"  # the CLI's default for torch's OpenMP pool (see main)
@@ -109,7 +110,25 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
 
 
-def _run(args: argparse.Namespace) -> int:
+def given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> dict[str, str]:
+    """The options of subcommand ``name`` that ``argv`` gives, by the config field they set
+    (``{"num_calib": "--num-calib"}``)."""
+    words = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return {a.dest: next(o for o in a.option_strings if o in words)
+            for a in sub._actions if any(o in words for o in a.option_strings)}
+
+
+def _with_flag(err: FqexportError, flags: dict[str, str]) -> str:
+    """A config error's message (``num_calib=0 must be >= 1``, the API's words) led by the
+    command-line flag the user typed for that field (``--num-calib: num_calib=0 …``)."""
+    field = re.match(r"(\w+)=", str(err))
+    if isinstance(err, ConfigError) and field and field.group(1) in flags:
+        return f"{flags[field.group(1)]}: {err}"
+    return str(err)
+
+
+def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
     before = len(outputs_written())
     try:
         args.check(args)
@@ -118,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"FAIL: {err}", file=sys.stderr)
         return EXIT_FAILED
     except FqexportError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_with_flag(err, flags or {})}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(_interrupted("SIGINT", before), file=sys.stderr)
@@ -152,14 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Set before any stage imports torch; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    flags = given_flags(parser, args.command, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
-        return _run(args)
+        return _run(args, flags)
     previous = signal.signal(signal.SIGTERM, _raise_signalled)
     try:
-        return _run(args)
+        return _run(args, flags)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -41,7 +41,7 @@ def _fresh(argv, cwd) -> tuple[str, str]:
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "missing/x.onnx"], 2,
      "error: --out missing/x.onnx: folder {cwd}/missing does not exist; create it first"),
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--weight-bits", "9"], 2,
-     "error: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
+     "error: --weight-bits: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--learn-bits"], 2,
      "error: --learn-bits is a fine-tuning option: add --finetune --train train.npz"),
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--objective", "mean"], 2,

@@ -106,8 +106,9 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
             out.append(_at_least(t, name, pct(value), g, what))
     if t.max_acc_gap is not None:
         lo, hi = m.group_min("accuracy"), m.group_max("accuracy")
-        what = f"accuracy gap to group {hi[0]!r}"
-        out.append(_absent(t, "max_acc_gap", report, what) or _at_most(t, "max_acc_gap", pct(m.difference("accuracy")), lo[0], what, "pp"))
+        what = f"accuracy gap of group {lo[0]!r} to the best group {hi[0]!r}"
+        gap = _at_most(t, "max_acc_gap", pct(m.difference("accuracy")), None, what, "pp")
+        out.append(_absent(t, "max_acc_gap", report, what) or dataclasses.replace(gap, group=lo[0]))
     for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric
         if getattr(t, name) is not None and report.group_drop is not None and m.primary == metric:
             if (missing := _unmeasured(t, name, report, m, metric, what)) is not None:

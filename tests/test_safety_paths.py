@@ -84,3 +84,23 @@ def test_distinct_paths_and_a_factory_spec_pass(work):
     # the same outputs, one colliding with an input: the check is live on these paths
     with pytest.raises(OutputPathError, match="is the same file as --calib"):
         check_paths([("--calib", work / "calib.npz")], [Output("--out", work / "calib.npz")])
+
+
+def test_an_output_equal_to_the_module_of_a_factory_or_decode_spec_is_refused(work, monkeypatch):
+    """``compress --model mymodels:mlp --out mymodels.py`` replaced the model's source with ONNX bytes,
+    exit 0 (survey 49): the module a spec imports is an input, found as the loader finds it (the
+    working directory first) without importing it."""
+    source = "from fixtures_models import tiny_mlp\n"
+    (work / "mymodels.py").write_text(source)
+    before = snapshot(work)
+    code, out, err = run_cli(["compress", "--model", "mymodels:tiny_mlp", "--weights", "mlp.pt", "--calib",
+                              "calib.npz", "--num-calib", "64", "--out", "mymodels.py"], work)
+    assert (code, first_line(err)) == (2, f"error: --out mymodels.py is the same file as --model (module mymodels.py) "
+                                          f"{work / 'mymodels.py'}: it would overwrite the input; choose another --out")
+    assert snapshot(work) == before
+    (work / "pkg").mkdir()
+    (work / "pkg" / "__init__.py").write_text("")
+    (work / "pkg" / "heads.py").write_text("def decode(out):\n    return out\n")
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputPathError, match=r"--report .*heads.py is the same file as --decode \(module heads.py\)"):
+        check_paths([("--decode", "pkg.heads:decode")], [Output("--report", work / "pkg" / "heads.py")])

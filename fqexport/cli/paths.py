@@ -16,7 +16,9 @@ with one line naming the flag when an output:
 from __future__ import annotations
 
 import os
+import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -116,6 +118,22 @@ def _under_file(path: Path) -> Path | None:
     return None
 
 
+def spec_module_file(spec: str | os.PathLike) -> Path | None:
+    """The source file of the module a ``package.module:name`` spec imports (looked up the way
+    the loader imports it: the working directory first, then ``sys.path``; nothing is imported),
+    or None for a path or a module not found as a source file."""
+    text = str(spec)
+    module, sep, attr = text.partition(":")
+    if not sep or not attr or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module) or Path(text).exists():
+        return None
+    for root in (os.getcwd(), *sys.path):
+        base = Path(root or os.getcwd()).joinpath(*module.split("."))
+        for source in (base.with_name(base.name + ".py"), base / "__init__.py"):
+            if source.is_file():
+                return source
+    return None
+
+
 def check_paths(
     inputs: Sequence[tuple[str, str | os.PathLike | None]],
     outputs: Sequence[Output | None],
@@ -142,6 +160,8 @@ def check_paths(
                 if f.is_dir():
                     raise OutputPathError(MSG_IS_DIR.format(flag=label, path=f))
     ins = [(flag, Path(p)) for flag, p in inputs if p is not None and Path(p).is_file()]
+    ins += [(f"{flag} (module {source.name})", source) for flag, p in inputs
+            if p is not None and (source := spec_module_file(p)) is not None]
     written: list[tuple[str, Path]] = []
     for out in outs:
         for label, f in out.files():

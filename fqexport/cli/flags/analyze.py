@@ -67,7 +67,7 @@ def check_analyze(args: argparse.Namespace) -> None:
     """The output path, the widths, the task and flags that would be ignored, before any compute (exit 2)."""
     refuse_ignored(args, ANALYZE_ONLY_WITH)
     check_paths(
-        [("--model", args.model), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
+        [("--model", args.model), ("--decode", args.decode), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
         [Output("--json", args.json) if args.json is not None else None],
     )
     for bits in args.bits:

@@ -83,7 +83,7 @@ def check_compress(args: argparse.Namespace) -> None:
     """Every check of ``compress`` that needs no data and no model: paths and flags (exit 2)."""
     widths = width_paths(args.out, parse_export_bits(args.export_bits))
     check_paths(
-        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--train", args.train)],
+        [("--model", args.model), ("--decode", args.decode), ("--weights", args.weights), ("--calib", args.calib), ("--train", args.train)],
         [Output("--out", args.out) if not args.export_bits else None,
          *(Output(f"--export-bits ({b} bits)", path) for b, path in widths.items()),
          Output("--report", args.report) if args.report else None,

@@ -67,7 +67,7 @@ def add_sweep_parser(sub) -> None:
 def check_sweep(args: argparse.Namespace) -> None:
     """Paths, budgets and every config, before any compute (exit 2)."""
     check_paths(
-        [("--model", args.model), ("--weights", args.weights), ("--calib", args.calib), ("--test", args.test)],
+        [("--model", args.model), ("--decode", args.decode), ("--weights", args.weights), ("--calib", args.calib), ("--test", args.test)],
         [Output("--out-dir", args.out_dir, PARETO_FILES),
          Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
     )

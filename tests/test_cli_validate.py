@@ -310,6 +310,17 @@ def test_a_run_that_errors_leaves_no_earlier_pass_report(files, tmp_path, capsys
     assert sorted(p.name for p in rep.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("bad", [["--max-group-drop", "1"], ["--threads", "-1"], ["--min-worst-group-acc", "200"]])
+def test_a_flag_error_leaves_no_earlier_pass_report(files, tmp_path, bad):
+    """A flag error (exit 2 before any data is read) left run 1's PASS reports behind (survey 49)."""
+    rep, junit = tmp_path / "rep", tmp_path / "rep" / "junit.xml"
+    good = [files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--report-dir", rep, "--junit", junit,
+            "--no-plots"]
+    assert _run(good) == 0 and sorted(p.name for p in rep.iterdir()) == ["junit.xml", "report.json", "report.md"]
+    assert _run([*good, *bad]) == 2
+    assert list(rep.iterdir()) == []
+
+
 def test_a_latency_limit_at_a_batch_a_fixed_batch_model_cannot_run_is_refused(files, tmp_path, capsys, caplog):
     """A batch-1 model was timed at batch 1 for --latency-batch-sizes 1,32: the limit at 32 was
     silently never checked (survey 22)."""

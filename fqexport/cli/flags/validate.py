@@ -16,7 +16,7 @@ from fqexport.cli.common import HelpFormatter, common_options, int_at_least
 from fqexport.cli.flags.shared import OnlyWith, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
-from fqexport.errors import ConfigError
+from fqexport.errors import ConfigError, FqexportError
 from fqexport.exporters.external_data import external_data_paths
 from fqexport.validation.thresholds import Thresholds, check_measurements
 
@@ -110,10 +110,9 @@ def _thresholds(values: tuple) -> Thresholds:
 
 
 def check_validate(args: argparse.Namespace) -> None:
-    """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is imported (exit 2)."""
-    for flag, model in (("model", args.model), ("--reference", args.reference)):
-        if model is not None and Path(model).is_dir():
-            raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
+    """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is
+    imported (exit 2). Once the output paths hold, an error removes an earlier run's reports
+    there, as a run that stops later does (``run_validate``): no earlier PASS is left for CI."""
     external = [("model's external data", p) for p in (Path(f"{args.model}.data"), *external_data_paths(args.model))]
     if args.reference is not None:
         external += [("--reference's external data", p) for p in external_data_paths(args.reference)]
@@ -122,9 +121,18 @@ def check_validate(args: argparse.Namespace) -> None:
         [Output("--report-dir", args.report_dir, REPORT_FILES) if args.report_dir is not None else None,
          Output("--junit", args.junit) if args.junit is not None else None],
     )
-    if args.threads is not None and args.threads < 0:
-        raise ConfigError(f"--threads {args.threads} must be >= 0")
-    refuse_ignored(args, VALIDATE_ONLY_WITH)
-    check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
-                       latency=not args.no_latency)
-    task_spec(args)
+    try:
+        for flag, model in (("model", args.model), ("--reference", args.reference)):
+            if model is not None and Path(model).is_dir():
+                raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
+        if args.threads is not None and args.threads < 0:
+            raise ConfigError(f"--threads {args.threads} must be >= 0")
+        refuse_ignored(args, VALIDATE_ONLY_WITH)
+        check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
+                           latency=not args.no_latency)
+        task_spec(args)
+    except FqexportError:
+        from fqexport.validation.reports import remove_earlier_reports
+
+        remove_earlier_reports(args.report_dir, args.junit)
+        raise

@@ -558,3 +558,39 @@ def test_a_pt2_dynamic_beyond_the_batch_is_warned_about(tmp_path, caplog):
     assert re.search(re.escape(f"{both}: the program's input is dynamic in dim 2 (") + r"\w+\), but fqexport's ONNX "
                      "files keep only the batch dynamic: every other dimension is fixed to the calibration data's",
                      caplog.text)
+
+
+class _LengthMean(nn.Module):
+    """A mean written as sum / length: torch.export bakes the example's length in as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(h.sum(2) / h.shape[2])
+
+
+def test_a_pt2_fixed_at_one_length_refuses_data_of_another(tmp_path):
+    """A .pt2 exported at T=32 (batch dynamic only) was calibrated and exported at T=48 without a
+    word: its baked-in /32 made every logit 1.5x off, the --float-out reference too, and validate
+    passed (survey 49). torch itself refuses that input; compress now does, naming both shapes."""
+    from fqexport.errors import DataError
+
+    path = tmp_path / "m.pt2"
+    program = torch.export.export(_LengthMean().eval(), (torch.zeros(2, 2, 32),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    rng = np.random.default_rng(0)
+
+    def data(steps):
+        return GroupData(rng.normal(size=(64, 2, steps)).astype(np.float32), np.arange(64) % 3, np.arange(64) % 2,
+                         ("a", "b"), f"t{steps}.npz")
+
+    with pytest.raises(DataError, match=re.escape(
+            f"t48.npz: field 'x' has sample shape [2, 48] but {path} was exported for samples of shape [2, 32]")):
+        compress(load_model(path), data(48), QuantConfig(num_calib=32), progress=False)
+    cm = compress(load_model(path), data(32), QuantConfig(num_calib=32), progress=False)  # its own length runs
+    assert tuple(cm.metadata.input_shape) == (2, 32)

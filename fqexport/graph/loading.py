@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fqexport.errors import ModelLoadError
+from fqexport.errors import DataError, ModelLoadError
 from fqexport.global_state import GLOBAL_STATE_LOCK, one_at_a_time
 from fqexport.graph.decode import with_decode
 from fqexport.graph.exported_program import (
@@ -58,6 +58,14 @@ MSG_PT2_DYNAMIC_DIMS = (
     "export one file per size the deployment feeds"
 )
 STATIC_BATCH_KEY = "fqexport_static_batch"  # GraphModule.meta of a .pt2 with a fixed batch: its message
+# GraphModule.meta of a .pt2: (its path, its input's sample dims: an int where torch.export fixed it, None where dynamic)
+PT2_SAMPLE_DIMS_KEY = "fqexport_pt2_sample_dims"
+MSG_PT2_SAMPLE_SHAPE = (
+    "{source}: field 'x' has sample shape {data} but {path} was exported for samples of shape {program} "
+    "(torch.export fixes every dimension it is not told is dynamic, and the program may compute with those "
+    "sizes: torch itself refuses other ones); give data of that shape, or export the program at this size or "
+    "with that dimension dynamic (dynamic_shapes)"
+)
 MSG_TORCHSCRIPT = (
     "{path}: a TorchScript archive (torch.jit.save): fqexport quantizes the Python nn.Module, whose "
     "graph torch.fx traces; give the model as 'package.module:factory' with its state_dict "
@@ -144,6 +152,9 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     batch = _static_batch(program)
     if batch is not None:  # many graphs run on any batch all the same; one that does not says why
         lifted.meta[STATIC_BATCH_KEY] = MSG_PT2_STATIC_BATCH.format(path=path, batch=batch)
+    shape = _input_shape(program)
+    if shape:
+        lifted.meta[PT2_SAMPLE_DIMS_KEY] = (str(path), tuple(d if isinstance(d, int) else None for d in shape[1:]))
     dynamic = dynamic_sample_dims(program)
     if dynamic:
         log.warning(MSG_PT2_DYNAMIC_DIMS.format(path=path, dims=", ".join(dynamic)))
@@ -167,6 +178,18 @@ def _static_batch(program: Any) -> int | None:
     if not shape:
         return None
     return int(shape[0]) if isinstance(shape[0], int) else None
+
+
+def check_pt2_sample_shape(model: Any, sample_shape: tuple[int, ...], source: str) -> None:
+    """A DataError when ``model`` is a loaded ``.pt2`` whose fixed sample dims differ from the
+    data's ``sample_shape`` (:data:`MSG_PT2_SAMPLE_SHAPE`); nothing for another model."""
+    path, dims = getattr(model, "meta", {}).get(PT2_SAMPLE_DIMS_KEY, (None, None))
+    if dims is None:
+        return
+    fits = len(dims) == len(sample_shape) and all(d is None or d == n for d, n in zip(dims, sample_shape))
+    if not fits:
+        program = "[" + ", ".join("dynamic" if d is None else str(d) for d in dims) + "]"
+        raise DataError(MSG_PT2_SAMPLE_SHAPE.format(source=source, data=list(sample_shape), path=path, program=program))
 
 
 def dynamic_sample_dims(program: Any) -> list[str]:

@@ -44,7 +44,7 @@ from fqexport.global_state import one_at_a_time
 from fqexport.graph.act_quant import insert_act_quantizers
 from fqexport.graph.decode import MSG_HEAD_MAPS, DecodedModel, is_head_maps, leaves
 from fqexport.graph.float_tail import tail_ops
-from fqexport.graph.loading import STATIC_BATCH_KEY
+from fqexport.graph.loading import STATIC_BATCH_KEY, check_pt2_sample_shape
 from fqexport.graph.prepare import (
     LayerInfo,
     copy_model,
@@ -377,6 +377,7 @@ def _check_computed_ids(gm: torch.fx.GraphModule, names: list[str], data: GroupD
 def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     """The model's output on the first two samples (its first output: :func:`first_output`); a
     DataError when they do not fit it."""
+    check_pt2_sample_shape(model, tuple(data.sample_shape), data.source)
     x = example_batch(data)
     static = getattr(model, "meta", {}).get(STATIC_BATCH_KEY) if isinstance(model, torch.fx.GraphModule) else None
     try:

@@ -443,6 +443,23 @@ def test_a_group_with_few_calibration_samples_is_warned_about_once(caplog, mlp_m
     with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
         compress(mlp_model, mlp_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
     assert not [r for r in caplog.records if "hold few" in r.getMessage()]
+    assert not [r for r in caplog.records if "one group" in r.getMessage()]
+
+
+def test_data_of_one_group_is_warned_about(caplog, mlp_model, mlp_data):
+    """Data whose samples are all in one group compressed without a word (survey 49): a
+    fairness tool then measures nothing per group."""
+    import logging
+
+    from fqexport.calibration.group_data import GroupData
+
+    one = GroupData(mlp_data.x, mlp_data.y, np.zeros(len(mlp_data), np.int64), ("everyone",), "one.npz")
+    with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
+        compress(mlp_model, one, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    said = [r.getMessage() for r in caplog.records if "one group" in r.getMessage()]
+    assert said == ["one.npz: every sample is in one group ('everyone'): the group-weighted calibration and every "
+                    "per-group figure are then the overall ones; label each sample's group (the 'group' field) to "
+                    "see what compression does to each"]
 
 
 class _TokensLinearBN(nn.Module):

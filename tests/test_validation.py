@@ -429,6 +429,22 @@ def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(s
                     kernel_check=False).speed_verdict() is None
 
 
+def test_a_gap_limit_over_test_data_of_one_group_fails_naming_it(setup):
+    """--max-acc-gap on test data holding one group printed 'PASS ... gap of group 'g' to the best
+    group 'g' 0.00 pp', exit 0 (survey 49): a gap between groups needs two."""
+    d, data = setup
+    keep = np.flatnonzero(data.group == 0)
+    one = GroupData(data.x[keep], data.y[keep], data.group[keep], data.group_names[:1], "one-group")
+    r = validate(d / "float.onnx", one, thresholds=Thresholds(max_acc_gap=5, min_worst_group_acc=0),
+                 measure_latency=False, kernel_check=False)
+    gap = next(c for c in r.checks if c.name == "max_acc_gap")
+    assert not r.passed and not gap.passed and gap.group == data.group_names[0]
+    assert gap.message.startswith(f"accuracy gap: the test data holds one group with samples ({data.group_names[0]!r})")
+    assert next(c for c in r.checks if c.name == "min_worst_group_acc").passed  # measurable on one group
+    assert validate(d / "float.onnx", data, thresholds=Thresholds(max_acc_gap=100), measure_latency=False,
+                    kernel_check=False).passed
+
+
 def test_a_calibrated_group_missing_from_the_test_data_fails_every_per_group_limit(setup, tmp_path, caplog):
     """The file's metadata names the groups it was calibrated on; a test set without one of them
     cannot pass a per-group limit (the survey: exit 0, "worst group majority", the minority never

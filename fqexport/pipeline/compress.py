@@ -284,6 +284,11 @@ MSG_UNSIGNED_TOKENS = (
 )
 # Fewer calibration samples of a group than this: its activation ranges and statistics are guesses.
 MIN_GROUP_SAMPLES = 8
+MSG_ONE_GROUP = (
+    "{source}: every sample is in one group ({group!r}): the group-weighted calibration and every "
+    "per-group figure are then the overall ones; label each sample's group (the 'group' field) to see "
+    "what compression does to each"
+)
 MSG_FEW_GROUP_SAMPLES = (
     "{source}: the {n} calibration samples drawn (num_calib={num_calib}) hold few of some groups ({few}; fewer "
     "than {min}): their activation ranges and statistics rest on those; give more samples of them or a larger num_calib"
@@ -312,14 +317,18 @@ def _warn_identical_samples(sub: GroupData) -> None:
 
 def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
     """Warn (once per data and draw in a process, never in an engine's worker) when a group has
-    fewer than :data:`MIN_GROUP_SAMPLES` calibration samples."""
+    fewer than :data:`MIN_GROUP_SAMPLES` calibration samples, and when there is one group."""
     counts = sub.group_counts()
     few = [f"'{name}' {int(k)}" for name, k in zip(sub.group_names, counts) if k < MIN_GROUP_SAMPLES]
     key = (sub.source, num_calib, tuple(int(k) for k in counts))
-    if few and key not in _warned_few and not in_worker():
-        _warned_few.add(key)
+    if key in _warned_few or in_worker():
+        return
+    _warned_few.add(key)
+    if few:
         log.warning(MSG_FEW_GROUP_SAMPLES.format(source=sub.source, n=len(sub), num_calib=num_calib,
                                                  few=", ".join(few), min=MIN_GROUP_SAMPLES))
+    if len(sub.group_names) == 1:
+        log.warning(MSG_ONE_GROUP.format(source=sub.source, group=sub.group_names[0]))
 
 
 def check_token_ids(gm: torch.fx.GraphModule, data: GroupData, sub: GroupData, drawn: np.ndarray,

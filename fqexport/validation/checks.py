@@ -27,6 +27,9 @@ MSG_UNMEASURED = ("{what}: group {group!r} cannot be measured (its {count} sampl
                   "detector's images without ground-truth boxes, or masks without labelled pixels); the check "
                   "fails rather than pass without the group")
 
+MSG_ONE_GROUP = ("accuracy gap: the test data holds one group with samples ({group!r}): a gap between groups "
+                 "needs two; label the groups of the test data (its 'group' field), or drop --max-acc-gap")
+
 MSG_ABSENT = ("{what}: the test data holds no samples of group(s) {groups}, which the model was calibrated on (its "
               "metadata's group_names); the check fails rather than pass without them")
 
@@ -108,7 +111,10 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
         lo, hi = m.group_min("accuracy"), m.group_max("accuracy")
         what = f"accuracy gap of group {lo[0]!r} to the best group {hi[0]!r}"
         gap = _at_most(t, "max_acc_gap", pct(m.difference("accuracy")), None, what, "pp")
-        out.append(_absent(t, "max_acc_gap", report, what) or dataclasses.replace(gap, group=lo[0]))
+        present = [g for g, row in m.by_group.items() if row["count"] > 0]
+        alone = (CheckResult("max_acc_gap", float(t.max_acc_gap), float("nan"), False, present[0],
+                             MSG_ONE_GROUP.format(group=present[0])) if len(present) == 1 else None)
+        out.append(_absent(t, "max_acc_gap", report, what) or alone or dataclasses.replace(gap, group=lo[0]))
     for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric
         if getattr(t, name) is not None and report.group_drop is not None and m.primary == metric:
             if (missing := _unmeasured(t, name, report, m, metric, what)) is not None:

@@ -175,6 +175,23 @@ def test_unreadable_checkpoint(mlp_files, tmp_path):
     assert "broken.pt: cannot read checkpoint" in err
 
 
+def test_a_directory_as_weights_or_model_and_an_onnx_model_are_named_for_what_they_are(mlp_files, tmp_path, compressed):
+    """--weights DIR said 'checkpoint file not found'; --model m.onnx asked for --trust-pickle, and
+    with it 'invalid load key' (survey 49)."""
+    (tmp_path / "ckpt").mkdir()
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", weights=tmp_path / "ckpt"))
+    assert err.strip() == f"error: {tmp_path / 'ckpt'} is a directory, not a checkpoint file: give the file"
+    err = _bad_input(["-q", "compress", "--model", tmp_path / "ckpt", "--calib", mlp_files / "calib.npz", "--out",
+                      tmp_path / "o.onnx"])
+    assert err.strip() == f"error: {tmp_path / 'ckpt'} is a directory, not a model file: give the file"
+    onnx_file = tmp_path / "exported.bin"  # found by its bytes, whatever its name
+    onnx_file.write_bytes((compressed[3] / "mlp.onnx").read_bytes())
+    for path in (compressed[3] / "mlp.onnx", onnx_file):
+        err = _bad_input(["-q", "compress", "--model", path, "--trust-pickle", "--calib", mlp_files / "calib.npz",
+                          "--out", tmp_path / "o.onnx"])
+        assert err.startswith(f"error: {path}: an ONNX file; this takes the float PyTorch model"), err
+
+
 def test_checkpoint_of_another_model(cnn_files, mlp_files, tmp_path):
     err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", weights=cnn_files / "cnn.pt"))
     assert "state_dict does not match the model from 'fixtures_models:tiny_mlp'" in err

@@ -38,6 +38,11 @@ MSG_DECODE_SPEC = (
     "decode spec {spec!r} must be 'package.module:name' naming a function of the model's outputs or an nn.Module "
     "(instance or class)"
 )
+MSG_ONNX_AS_MODEL = (
+    "{path}: an ONNX file; this takes the float PyTorch model ('package.module:factory' with its state_dict, "
+    "a torch.export .pt2, or a pickled module): an ONNX file is what compress writes and validate reads"
+)
+MSG_DIR_AS_FILE = "{path} is a directory, not a {what} file: give the file"
 MSG_PICKLE = (
     "{path}: loading a pickled whole module runs arbitrary code; pass trust_pickle=True "
     "(CLI: --trust-pickle) only for files you trust, or give 'module:factory' + a state_dict"
@@ -199,6 +204,15 @@ def dynamic_sample_dims(program: Any) -> list[str]:
     return [f"dim {i} ({d})" for i, d in enumerate(shape) if i > 0 and not isinstance(d, int)]
 
 
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` looks like an ONNX file: its suffix, or a protobuf opening with field 1
+    (``ir_version``, tag byte 0x08) where a pickle opens with 0x80 and a torch.save zip with 'PK'."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x08"
+
+
 def _is_torchscript(path: Path) -> bool:
     """Whether ``path`` is a TorchScript zip archive (it holds the scripted ``code/``; a
     ``torch.save`` file holds ``data.pkl`` and tensors only)."""
@@ -296,6 +310,8 @@ def _without_wrapper_prefix(state: dict, model: nn.Module, path: Path) -> dict:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """``torch.load(path, weights_only=True)`` with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(MSG_DIR_AS_FILE.format(path=path, what="checkpoint"))
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint file not found")
     try:
@@ -376,8 +392,12 @@ def load_model(
             raise ModelLoadError(f"factory '{spec}' returned {type(model).__name__}, not an nn.Module")
         if weights is None:
             log.warning(MSG_NO_WEIGHTS.format(spec=spec))
+    elif Path(str(spec)).is_dir():
+        raise ModelLoadError(MSG_DIR_AS_FILE.format(path=spec, what="model"))
     elif Path(str(spec)).is_file():
         path = Path(str(spec))
+        if _is_onnx(path):
+            raise ModelLoadError(MSG_ONNX_AS_MODEL.format(path=path))
         if _is_torchscript(path):
             raise ModelLoadError(MSG_TORCHSCRIPT.format(path=path))
         _refuse_weights_only(path)

@@ -358,3 +358,10 @@ def test_a_reader_closing_stdout_early_still_gets_the_reports(files, tmp_path, m
     assert rc == 141
     assert (tmp_path / "r" / "report.json").is_file() and (tmp_path / "r" / "report.md").is_file()
     assert (tmp_path / "j.xml").is_file()
+
+
+def test_a_missing_reference_is_named_by_its_flag(files, tmp_path, capsys):
+    """'ONNX model nope.onnx does not exist' did not say which of the two models (survey 49)."""
+    assert _run([files / "qdq.onnx", "--data", files / "test.npz", "--reference", tmp_path / "nope.onnx"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --reference {tmp_path / 'nope.onnx'}: ONNX model does not "
+                                                "exist: check the path")

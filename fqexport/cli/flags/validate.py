@@ -29,6 +29,7 @@ EPILOG = (
 )
 REPORT_FILES = ("report.json", "report.md", "group_accuracy.png", "latency.png")
 MSG_MODEL_DIR = "{flag} {path} is a directory; validate takes an .onnx file (the model's file, not its folder)"
+MSG_MODEL_MISSING = "{flag} {path}: ONNX model does not exist: check the path"
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
@@ -125,12 +126,15 @@ def check_validate(args: argparse.Namespace) -> None:
         for flag, model in (("model", args.model), ("--reference", args.reference)):
             if model is not None and Path(model).is_dir():
                 raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
+
         if args.threads is not None and args.threads < 0:
             raise ConfigError(f"--threads {args.threads} must be >= 0")
         refuse_ignored(args, VALIDATE_ONLY_WITH)
         check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
                            latency=not args.no_latency)
         task_spec(args)
+        if args.reference is not None and not Path(args.reference).exists():
+            raise ConfigError(MSG_MODEL_MISSING.format(flag="--reference", path=args.reference))
     except FqexportError:
         from fqexport.validation.reports import remove_earlier_reports
 

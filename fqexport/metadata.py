@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from fqexport.errors import ModelLoadError
+from fqexport.metrics.group_metrics import json_safe
 
 METADATA_KEY = "fqexport"
 # 2: LayerRecord.reason (why a float layer stays float). Version-1 files are read as before.
@@ -102,7 +103,8 @@ class ExportMetadata:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """Strict JSON (a hold-out figure of a group without samples, NaN, is written null)."""
+        return json.dumps(json_safe(self.to_dict()), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<metadata>") -> "ExportMetadata":

@@ -4,6 +4,7 @@ finetune() end to end (compress W2 → fine-tune → export → ONNX Runtime per
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -224,6 +225,29 @@ def test_finetune_records_settings_and_never_worsens_the_holdout_worst_group(tun
     assert rec["holdout_after"] == rec["history"][rec["best_epoch"]]["holdout"]
     assert sum(rec["final_group_weights"].values()) == pytest.approx(1.0, abs=1e-5)
     assert mlp_cm2.metadata.finetune is None  # the input is not modified
+    assert rec["settings"]["weight_bits"] == 2  # the start's width, not FinetuneConfig's default of 4 (survey 50)
+
+
+def test_a_width_a_compressed_start_does_not_have_is_refused(mlp_cm2, mlp_data):
+    """FinetuneConfig(weight_bits=4) on a W2 CompressedModel ran at 2 bits and recorded 4 (survey 50)."""
+    with pytest.raises(ConfigError, match=re.escape(
+            "FinetuneConfig.weight_bits=8 is the width a float model is compressed at before fine-tuning; this "
+            "CompressedModel's layers are already at [2] bits")):
+        finetune(mlp_cm2, mlp_data, FinetuneConfig(weight_bits=8, **FAST), progress=False)
+
+
+def test_a_group_without_holdout_samples_writes_strict_json_metadata(mlp_cm2, mlp_data, tmp_path):
+    """A group of one training sample has no hold-out figures (NaN): the file's metadata held a bare
+    NaN, which JSON.parse and strict parsers reject (survey 50); it is null."""
+    import json
+
+    keep = np.concatenate([np.flatnonzero(mlp_data.group == 0), np.flatnonzero(mlp_data.group == 1)[:1]])
+    out = finetune(mlp_cm2, mlp_data.subset(keep), FinetuneConfig(**FAST), progress=False)
+    lonely = mlp_data.group_names[1]
+    assert math.isnan(out.metadata.finetune["holdout_after"][lonely]["loss"])
+    text = out.metadata.to_json()
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the metadata"))
+    assert parsed["finetune"]["holdout_after"][lonely]["loss"] is None
 
 
 def test_finetune_changes_codes_within_the_grid(tuned, mlp_cm2):

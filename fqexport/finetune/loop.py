@@ -38,7 +38,7 @@ from fqexport.finetune.holdout import Holdout, per_group, worst_loss
 from fqexport.finetune.learn_bits import learn_bits
 from fqexport.finetune.objective import GroupObjective, fixed_group_weights, optimizer
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight, build_student, write_back
-from fqexport.finetune.start import check_train_data, start_model
+from fqexport.finetune.start import check_train_data, start_model, start_width
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import model_task
@@ -256,7 +256,8 @@ class _Run:
         after, before = self.holdout.metrics_of(result), self.holdout.metrics_of(ptq)
         names, weights, config = self.names, self.weights.values(), self.config
         return {
-            "settings": config.to_dict(),
+            # the width is the PTQ start's (FinetuneConfig.weight_bits compresses a float model only)
+            "settings": {**config.to_dict(), "weight_bits": start_width(ptq)},
             "train_source": data.source,
             "train_group_counts": {n: int(c) for n, c in zip(names, data.group_counts())},
             "num_fit": len(self.fit), "num_holdout": len(self.holdout),

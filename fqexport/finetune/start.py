@@ -43,6 +43,11 @@ MSG_START = (
 )
 
 
+MSG_COMPRESSED_WIDTH = (
+    "FinetuneConfig.weight_bits={ft} is the width a float model is compressed at before fine-tuning; this "
+    "CompressedModel's layers are already at {widths} bits, which fine-tuning keeps: compress at {ft} bits first "
+    "(QuantConfig(weight_bits={ft})), or leave FinetuneConfig.weight_bits out"
+)
 MSG_TWO_WIDTHS = (
     "FinetuneConfig.weight_bits={ft} and quant_config.weight_bits={qc} both give the PTQ start's width; the "
     "quant_config compresses the float model: set the width there (and leave FinetuneConfig.weight_bits out)"
@@ -54,17 +59,26 @@ def start_model(model_or_cm: Any, data: DataStream, config: FinetuneConfig, cali
     """``model_or_cm`` when it is a CompressedModel, else its compression by ``quant_config``
     (default ``QuantConfig(weight_bits=config.weight_bits)``) on ``calib`` or on a group-balanced
     subset of ``data``, as ``task`` (None: inferred)."""
+    default = next(f.default for f in fields(FinetuneConfig) if f.name == "weight_bits")
     if isinstance(model_or_cm, CompressedModel):
+        widths = sorted({layer.bits for layer in model_or_cm.layers.values()})
+        if config.weight_bits != default and widths != [config.weight_bits]:
+            raise ConfigError(MSG_COMPRESSED_WIDTH.format(ft=config.weight_bits, widths=widths))
         return model_or_cm
     if not isinstance(model_or_cm, nn.Module):
         raise ConfigError(MSG_START.format(kind=type(model_or_cm).__name__))
-    default = next(f.default for f in fields(FinetuneConfig) if f.name == "weight_bits")
     if quant_config is not None and config.weight_bits not in (default, quant_config.weight_bits):
         raise ConfigError(MSG_TWO_WIDTHS.format(ft=config.weight_bits, qc=quant_config.weight_bits))
     qc = quant_config or QuantConfig(weight_bits=config.weight_bits, seed=config.seed)
     calib_data = calib if calib is not None else data.take(group_balanced_indices(data, qc.num_calib, seed=config.seed),
                                                            config.num_workers)
     return compress(model_or_cm, calib_data, qc, progress=progress, task=task)
+
+
+def start_width(cm: CompressedModel) -> int | None:
+    """The weight width of a PTQ start whose layers share one, else None (mixed widths: see its layers)."""
+    widths = {layer.bits for layer in cm.layers.values()}
+    return widths.pop() if len(widths) == 1 else None
 
 
 def check_train_data(data: GroupData | DataStream, cm: CompressedModel) -> GroupData | DataStream:

@@ -77,14 +77,14 @@ def _nan_range(values: list[float]) -> float | None:
 
 
 def json_safe(value: Any) -> Any:
-    """JSON-safe copy: NaN → None, numpy scalars → Python."""
+    """JSON-safe copy: NaN and ±inf → None (JSON has neither), numpy scalars → Python."""
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, float)):
         f = float(value)
-        return None if math.isnan(f) else f
+        return f if math.isfinite(f) else None
     if isinstance(value, np.integer):
         return int(value)
     return value

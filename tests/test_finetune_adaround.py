@@ -64,6 +64,26 @@ def test_adaptive_rounding_never_reconstructs_worse_than_the_solver(mlp_model, m
     assert torch.allclose(torch.from_numpy(out.predict(mlp_data.x[:64])).float(), manual.float(), atol=1e-5)
 
 
+def test_adaptive_rounding_brings_the_model_closer_to_the_float_model(cnn_model, cnn_data):
+    """Each layer is fitted to the float model's own output (AdaRound's asymmetric target). Against
+    the float layer on the quantized input, every layer re-rounded to a lower error of that kind
+    while the model drifted from float: test accuracy 78.5 -> 49.9 % on a user's CNN (survey 50).
+    Here (W2 round to nearest) that target doubled the KL divergence to the float model's
+    predictions (0.034 -> 0.074) and lost accuracy (98.75 -> 97.5 %); the float inputs' target
+    shrinks it (-> 0.021) and gains (-> 99.5 %)."""
+    cm = compress(cnn_model, cnn_data, QuantConfig(weight_bits=2, method="rtn", num_calib=200), progress=False)
+    out, _ = adaptive_rounding(cm, cnn_data, num_samples=128, iters=150)
+    reference = torch.log_softmax(torch.from_numpy(cm.predict(cnn_data.x, quantized=False)), 1)
+
+    def kl_and_accuracy(model):
+        logits = torch.from_numpy(model.predict(cnn_data.x))
+        kl = (reference.exp() * (reference - torch.log_softmax(logits, 1))).sum(1).mean()
+        return float(kl), float((logits.argmax(1).numpy() == cnn_data.y).mean())
+
+    (rtn_kl, rtn_acc), (kl, acc) = kl_and_accuracy(cm), kl_and_accuracy(out)
+    assert kl < 0.8 * rtn_kl and acc >= rtn_acc, (rtn_kl, kl, rtn_acc, acc)
+
+
 def test_finetune_with_adaptive_rounding_records_it_and_starts_from_it(mlp_model, mlp_data):
     cm = compress(mlp_model, mlp_data, QuantConfig(weight_bits=2, method="rtn", num_calib=200), progress=False)
     cfg = FinetuneConfig(epochs=1, batch_size=32, rounding="adaptive", adaround_iters=100)

@@ -236,14 +236,17 @@ def test_a_width_a_compressed_start_does_not_have_is_refused(mlp_cm2, mlp_data):
         finetune(mlp_cm2, mlp_data, FinetuneConfig(weight_bits=8, **FAST), progress=False)
 
 
-def test_a_group_without_holdout_samples_writes_strict_json_metadata(mlp_cm2, mlp_data, tmp_path):
+def test_a_group_without_holdout_samples_writes_strict_json_metadata(mlp_cm2, mlp_data, tmp_path, caplog):
     """A group of one training sample has no hold-out figures (NaN): the file's metadata held a bare
-    NaN, which JSON.parse and strict parsers reject (survey 50); it is null."""
+    NaN, which JSON.parse and strict parsers reject (survey 50); it is null. The checkpoint choice
+    then does not see the group, and says so (as for a group of few held-out samples)."""
     import json
 
     keep = np.concatenate([np.flatnonzero(mlp_data.group == 0), np.flatnonzero(mlp_data.group == 1)[:1]])
-    out = finetune(mlp_cm2, mlp_data.subset(keep), FinetuneConfig(**FAST), progress=False)
+    with caplog.at_level("WARNING", logger="fqexport.finetune.fit_data"):
+        out = finetune(mlp_cm2, mlp_data.subset(keep), FinetuneConfig(**FAST), progress=False)
     lonely = mlp_data.group_names[1]
+    assert f"the fine-tuning hold-out holds 0 sample(s) of group(s) {lonely!r} (fewer than 10)" in caplog.text
     assert math.isnan(out.metadata.finetune["holdout_after"][lonely]["loss"])
     text = out.metadata.to_json()
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the metadata"))

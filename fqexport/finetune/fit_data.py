@@ -7,6 +7,7 @@ core-set's per-sample scores come from one streaming pass (forward only) per epo
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from typing import Iterator
@@ -29,6 +30,16 @@ from fqexport.quant.per_group import group_means
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 
+log = logging.getLogger(__name__)
+
+# fewer held-out samples of a group than this and its figures (which choose the checkpoint) are noise
+MIN_HOLDOUT_PER_GROUP = 10
+MSG_THIN_HOLDOUT = (
+    "{source}: the fine-tuning hold-out holds {counts} sample(s) of group(s) {groups} (fewer than {min}): the "
+    "checkpoint kept by the worst group's held-out loss rests on so few (none: it does not see the group); give "
+    "more training samples of them or a larger holdout_fraction"
+)
+
 
 def split_fit_holdout(data: DataStream, config: FinetuneConfig) -> tuple[DataStream, GroupData]:
     """``(fit stream, hold-out in memory)``: ``split_holdout``'s stratified split, the hold-out
@@ -44,6 +55,12 @@ def split_fit_holdout(data: DataStream, config: FinetuneConfig) -> tuple[DataStr
                                        for g, k in enumerate(take) if k > 0]))
         fit_idx = np.sort(np.concatenate([fit_idx, np.setdiff1d(hold_idx, keep)]))
         hold_idx = keep
+    held = np.bincount(data.group[hold_idx], minlength=len(data.group_names))
+    thin = [(name, int(k)) for name, k, c in zip(data.group_names, held, data.group_counts())
+            if c > 0 and k < MIN_HOLDOUT_PER_GROUP]
+    if thin:
+        log.warning(MSG_THIN_HOLDOUT.format(source=data.source, counts=", ".join(str(k) for _, k in thin),
+                                            groups=", ".join(repr(n) for n, _ in thin), min=MIN_HOLDOUT_PER_GROUP))
     return data.subset(fit_idx), data.take(hold_idx, config.num_workers)
 
 

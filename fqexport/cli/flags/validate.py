@@ -17,6 +17,7 @@ from fqexport.cli.flags.shared import OnlyWith, add_task_options, refuse_ignored
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError, FqexportError
+from fqexport.validation.reports import remove_earlier_reports
 from fqexport.exporters.external_data import external_data_paths
 from fqexport.validation.thresholds import Thresholds, check_measurements
 
@@ -136,7 +137,5 @@ def check_validate(args: argparse.Namespace) -> None:
         if args.reference is not None and not Path(args.reference).exists():
             raise ConfigError(MSG_MODEL_MISSING.format(flag="--reference", path=args.reference))
     except FqexportError:
-        from fqexport.validation.reports import remove_earlier_reports
-
         remove_earlier_reports(args.report_dir, args.junit)
         raise

@@ -68,7 +68,7 @@ def _fresh(argv, cwd) -> tuple[str, str]:
     (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,
      "error: --budgets 'x': expected stored bits per weight like 2.5,3,3.5,4"),
     (["analyze", "--model", "m:f", "--data", "d.npz", "--bits", "8", "9"], 2,
-     "error: weight_bits=9 is not supported: weight bits must be an integer from 2 to 8"),
+     "error: --bits=9 is not supported: weight bits must be an integer from 2 to 8"),
     (["demo", "--seed", "x"], 2, None),
     (["validate", "m.onnx", "--data", "d.npz", "--no-plots"], 2,
      "error: --no-plots: used only with --report-dir, so they would be ignored here; use --report-dir, or drop them"),

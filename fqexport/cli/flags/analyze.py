@@ -71,7 +71,7 @@ def check_analyze(args: argparse.Namespace) -> None:
         [Output("--json", args.json) if args.json is not None else None],
     )
     for bits in args.bits:
-        check_bits(bits, "weight_bits")
+        check_bits(bits, "--bits")
     task, _ = task_spec(args)
     if task not in (None, "classification"):
         raise ConfigError(MSG_NOT_CLASSIFIER.format(task=task, metric=TASK_METRICS[task]))

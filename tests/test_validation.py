@@ -445,6 +445,23 @@ def test_a_gap_limit_over_test_data_of_one_group_fails_naming_it(setup):
                     kernel_check=False).passed
 
 
+def test_group_ids_named_two_ways_are_the_same_groups_to_the_absent_check(setup, tmp_path, caplog):
+    """Calibrated on an .npz of string groups "0", "1", "2"; a CSV test column of integers names
+    them group0, group1: no name was shared, so a missing group 2 passed the gate (survey 52)."""
+    from fqexport.validation.data_checks import absent_groups
+
+    d, data = setup
+    test = GroupData(data.x, data.y, data.group, ("group0", "group1"), "test.csv")
+    with caplog.at_level("WARNING"):
+        assert absent_groups(test, ["0", "1", "2"], "m.onnx") == ("2",)
+        assert absent_groups(test, ["0", "1"], "m.onnx") == ()
+        assert absent_groups(GroupData(data.x, data.y, data.group, ("0", "1"), "t.npz"), ["group0", "group2"],
+                             "m.onnx") == ("group2",)
+    assert "no samples of group(s) '2'" in caplog.text
+    # "01" names no id: another grouping, warned about, nothing failed
+    assert absent_groups(GroupData(data.x, data.y, data.group, ("01", "1x"), "t.npz"), ["0", "1"], "m.onnx") == ()
+
+
 def test_a_calibrated_group_missing_from_the_test_data_fails_every_per_group_limit(setup, tmp_path, caplog):
     """The file's metadata names the groups it was calibrated on; a test set without one of them
     cannot pass a per-group limit (the survey: exit 0, "worst group majority", the minority never

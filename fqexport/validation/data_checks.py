@@ -8,6 +8,7 @@ fix; what a session's outputs must look like is the task's
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,14 +75,25 @@ def absent_groups(data: GroupData | DataStream, calibrated: Sequence[str], model
     test = [str(n) for n in data.group_names]
     names = lambda groups: ", ".join(repr(g) for g in groups)  # noqa: E731
     if not set(test) & set(calibrated):
-        log.warning(MSG_OTHER_GROUPS.format(source=data.source, test=names(test), model=model,
-                                            calibrated=names(calibrated)))
-        return ()
+        ids = {_group_id(g) for g in test}, {_group_id(g) for g in calibrated}
+        if None in ids[0] or None in ids[1] or not ids[0] & ids[1]:
+            log.warning(MSG_OTHER_GROUPS.format(source=data.source, test=names(test), model=model,
+                                                calibrated=names(calibrated)))
+            return ()
+        # the same ids, named two ways ("2" in an .npz of strings, group2 in a CSV column of integers)
+        test = [g for g in calibrated if _group_id(g) in ids[0]]
     absent = tuple(g for g in calibrated if g not in test)
     if absent:
         log.warning(MSG_ABSENT_GROUPS.format(source=data.source, absent=names(absent), model=model,
                                              calibrated=names(calibrated)))
     return absent
+
+
+def _group_id(name: str) -> int | None:
+    """The integer id a group name stands for: ``"2"`` or ``"group2"`` (how a CSV column's or an
+    .npz's unnamed integer ids are named) -> 2; None for another name (``"02"``, ``"A"``)."""
+    found = re.fullmatch(r"(?:group)?(0|[1-9][0-9]*)", name)
+    return int(found.group(1)) if found else None
 
 
 def _shape_text(expected: Sequence[Any]) -> str:

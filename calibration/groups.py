@@ -16,6 +16,7 @@ length raises one :class:`~fqexport.errors.DataError` naming the source and the 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,25 @@ import numpy as np
 from fqexport.errors import ConfigError, DataError
 
 from .checks import data_error
+
+logger = logging.getLogger(__name__)
+
+MSG_SPACED_GROUPS = (
+    "{source}: the group names {variants} differ only by spaces around them and are read as one group "
+    "{name!r} (a CSV's cells are read without surrounding spaces, as in 'a, b'); rename them if they are "
+    "different groups"
+)
+
+
+def warn_spaced_group_names(source: str, raw: Sequence[str]) -> None:
+    """Warn, once per name, about group texts of a CSV that stripping merges into one group."""
+    variants: dict[str, set[str]] = {}
+    for text in raw:
+        variants.setdefault(text.strip(), set()).add(text)
+    for name, seen in variants.items():
+        if len(seen) > 1:
+            logger.warning(MSG_SPACED_GROUPS.format(source=source, variants=", ".join(repr(v) for v in sorted(seen)),
+                                                    name=name))
 
 GROUP_KEYS = ("path", "index")
 MSG_KEY = "GroupsFromCSV.key={key!r} must be one of {keys}"
@@ -99,10 +119,12 @@ def read_groups_csv(spec: GroupsFromCSV) -> dict[Any, str]:
             if spec.column not in header:
                 raise data_error(source, MSG_CSV_COLUMN.format(column=spec.column, header=header))
             reader.fieldnames = header
+            raw: list[str] = []
             for row in reader:
                 line = reader.line_num
                 value = (row.get(spec.key) or "").strip()
-                group = (row.get(spec.column) or "").strip()
+                raw.append(row.get(spec.column) or "")
+                group = raw[-1].strip()
                 if not group:
                     raise data_error(source, MSG_CSV_EMPTY.format(line=line, column=spec.column))
                 if spec.key == "index":
@@ -119,6 +141,7 @@ def read_groups_csv(spec: GroupsFromCSV) -> dict[Any, str]:
                 found[key] = (group, line)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise data_error(source, f"cannot read as CSV: {err}") from err
+    warn_spaced_group_names(source, raw)
     return {k: g for k, (g, _) in found.items()}
 
 

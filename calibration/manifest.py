@@ -22,7 +22,7 @@ from fqexport.errors import DataError
 
 from .checks import data_error, validate_group_data
 from .group_data import GroupData
-from .groups import text_groups
+from .groups import text_groups, warn_spaced_group_names
 from .images import read_image
 from .progress import reading_bar
 from .transform import apply_transform
@@ -158,12 +158,13 @@ def read_manifest_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict[st
                     "the header must be path,label,group",
                 )
             reader.fieldnames = header
-            rows = [
-                (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
-                for row in reader
-            ]
+            rows, raw = [], []
+            for row in reader:
+                raw.append(row.get("group") or "")
+                rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise data_error(source, f"cannot read as CSV: {err}") from err
+    warn_spaced_group_names(source, raw)
     if not rows:
         raise data_error(source, "the dataset is empty (no rows under the header)")
     return rows, path.parent, source

@@ -57,6 +57,16 @@ def test_load_csv_manifest_rgb_chw_and_integer_groups(tmp_path, caplog):
     assert data.group.tolist() == [1, 0, 0] and data.group_names == ("group0", "group1")
 
 
+def test_a_manifest_merging_spaced_group_names_says_so(tmp_path, caplog):
+    """The manifest reader stripped ' leading' and 'leading ' into one group silently (survey 52)."""
+    pytest.importorskip("PIL")
+    _write_png(tmp_path / "r.png", np.zeros((2, 3, 3), np.uint8), "RGB")
+    with caplog.at_level("WARNING", logger="fqexport.calibration.groups"):
+        data = load_csv_manifest(_manifest(tmp_path, ['r.png,0,"a "', "r.png,1,a", "r.png,1,b"]))
+    assert data.group_names == ("a", "b")
+    assert "the group names 'a', 'a ' differ only by spaces around them" in caplog.text
+
+
 def test_load_csv_manifest_errors(tmp_path):
     pytest.importorskip("PIL")
     _write_png(tmp_path / "a.png", np.zeros((2, 2), np.uint8), "L")

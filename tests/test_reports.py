@@ -140,6 +140,24 @@ def test_plots_written_as_png(report, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dollar_signs_in_group_names_draw_as_text_and_a_failed_figure_is_a_warning(tmp_path, monkeypatch, caplog):
+    """A group 'cost $5_$10' raised matplotlib's mathtext ParseException: exit 3 after report.json
+    said PASS (survey 52). Names are escaped; any figure failure is a warning, the verdict stands."""
+    pytest.importorskip("matplotlib", reason="matplotlib not installed")
+    from fqexport.validation import reports
+
+    r = _named_groups_report(("cost $5_$10", "income $25k-$50k"))
+    assert [p.name for p in write_plots(r, tmp_path / "p")] == ["group_accuracy.png"]
+
+    def broken(*args):
+        raise ValueError("a figure bug")
+
+    monkeypatch.setattr(reports, "_draw_plots", broken)
+    with caplog.at_level("WARNING", logger="fqexport.validation.reports"):
+        assert write_plots(r, tmp_path / "q") == []
+    assert f"the plots in {tmp_path / 'q'} were not drawn (ValueError: a figure bug)" in caplog.text
+
+
 def test_stale_plots_of_an_earlier_run_are_removed_and_nothing_else(tmp_path):
     for name in ("group_accuracy.png", "latency.png", "mine.png"):
         (tmp_path / name).write_bytes(b"old")

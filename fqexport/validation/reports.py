@@ -368,6 +368,9 @@ def write_junit(report: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: root.write(tmp, encoding="utf-8", xml_declaration=True))
 
 
+MSG_PLOT_FAILED = "the plots in {dir} were not drawn ({kind}: {err}); the reports and the verdict stand"
+
+
 def write_plots(report: Any, dir: str | Path) -> list[Path]:
     """PNG plots (per-group accuracy reference vs quantized; latency). [] without matplotlib."""
     try:
@@ -382,14 +385,20 @@ def write_plots(report: Any, dir: str | Path) -> list[Path]:
     # matter, not a warning about the user's data on the console
     with GLOBAL_STATE_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
-        return _draw_plots(plt, report, Path(dir))
+        try:
+            return _draw_plots(plt, report, Path(dir))
+        except Exception as err:  # a figure must not turn a gate's verdict into a crash (exit 3)
+            plt.close("all")
+            log.warning(MSG_PLOT_FAILED.format(dir=dir, kind=type(err).__name__, err=" ".join(str(err).split())[:300]))
+            return []
 
 
 def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
     dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     rows = group_rows(report)
-    names = [r["group"] for r in rows]
+    # a name's "$...$" would be parsed as mathtext (drawn in italics, or a ParseException)
+    names = [str(r["group"]).replace("$", r"\$") for r in rows]
     p = report.metrics.primary
     series = [("model (optimized)", [r[p] for r in rows])]
     if report.unoptimized_metrics is not None:

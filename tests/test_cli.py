@@ -451,6 +451,11 @@ def test_group_weights_name_a_group_whose_name_holds_a_comma(mlp_files, mlp_data
     assert parse_group_assignments("a=1.5", "--group-weights") == {"a": 1.5}
     with pytest.raises(ConfigError, match=r"--group-weights 'c': expected NAME=W"):
         parse_group_assignments("a=1,c", "--group-weights")
+    # names holding ',' and '=' (intersectional key=value names) end at a '=NUMBER' (survey 52)
+    assert parse_group_assignments("sex=F,age=60+=3,sex=M,age<60=1", "--group-weights") == {
+        "sex=F,age=60+": 3.0, "sex=M,age<60": 1.0}
+    with pytest.raises(ConfigError, match=r"--group-weights 'b=x': W must be a number"):
+        parse_group_assignments("a=1,b=x", "--group-weights")
     named = type(mlp_data)(mlp_data.x, mlp_data.y, mlp_data.group, ("I,II", "III"), "calib.npz")
     save_npz(named, tmp_path / "named.npz")
     monkeypatch.chdir(tests_dir)

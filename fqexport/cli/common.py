@@ -54,17 +54,26 @@ def parse_assignments(items: Sequence[str], flag: str, value: str, convert, exam
 
 
 def parse_group_assignments(text: str, flag: str, example: str = "minority=2,majority=1") -> dict[str, float]:
-    """``"a=2,b=1"`` → ``{"a": 2.0, "b": 1.0}``; a group name may hold commas (``"I,II=2,III=1"``:
-    a piece without ``=`` belongs to the next piece's name, the values being numbers)."""
+    """``"a=2,b=1"`` → ``{"a": 2.0, "b": 1.0}``; a group name may hold commas and ``=``
+    (``"I,II=2,III=1"``, ``"sex=F,age=60+=3"``): an assignment ends at the first comma-separated
+    piece whose text after its last ``=`` is a number, the rest belongs to the name."""
     items, name = [], []
     for piece in text.split(","):
         name.append(piece)
-        if "=" in piece:
+        if "=" in piece and _is_number(piece.rpartition("=")[2]):
             items.append(",".join(name))
             name = []
     if name:  # a tail without "=": reported as the malformed item it is
         items.append(",".join(name))
     return parse_assignments(items, flag, "W", float, example)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_layer_bits(items: Sequence[str], flag: str = "--layer-bits") -> dict[str, int]:

@@ -110,6 +110,19 @@ def test_group_names_are_literal_text_in_the_markdown_report():
     assert markdown_table([{"group": "a|b", "n": 1}]) == "| group | n |\n|---|---|\n| a\\|b | 1 |\n"
 
 
+def test_group_names_with_edge_spaces_or_control_characters_read_apart_in_report_md_and_the_console(tmp_path):
+    """'trailing' and 'trailing ' were two rows both reading 'trailing' (Markdown trims cells, the
+    console pads them); an ESC in a name ran in `cat report.md` (survey 52)."""
+    from fqexport.cli.common import cell_text
+
+    r = _named_groups_report(("trailing", "trailing "))
+    text = write_markdown(r, tmp_path / "report.md").read_text()
+    assert "| trailing | 4 |" in text and "| 'trailing ' | 4 |" in text
+    assert md_text("\x1b[1mbold\x0b") == "\\x1b\\[1mbold\\x0b" and "\x1b" not in md_text("\x1b")
+    assert [cell_text(v) for v in ("trailing ", " lead", "a b", "tab\t", 3.5)] == [
+        "'trailing '", "' lead'", "a b", "tab\\t", "3.5"]
+
+
 def test_a_group_without_a_value_is_null_in_report_json_and_named_in_report_md(report, tmp_path):
     nan = float("nan")
     by_group = {"a": dict(report.metrics.by_group["a"]), "b": {**report.metrics.by_group["b"], "accuracy": nan}}

@@ -15,6 +15,7 @@ import unicodedata
 from typing import Any, Sequence
 
 from fqexport.errors import ConfigError
+from fqexport.shown_text import shown_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3  # a signal n exits 128 + n (cli/main.py)
 
@@ -118,15 +119,10 @@ def pad(text: str, width: int) -> str:
     return text + " " * (width - display_width(text))
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, the Unicode line breaks
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
 def cell_text(value: Any) -> str:
-    """``value`` for one table cell: control characters (a group name's line break or tab) as
-    their escapes, ``\\n``, so that the row stays one line."""
-    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}" if ord(m.group()) > 0xFF
-                                               else f"\\x{ord(m.group()):02x}"), str(value))
+    """``value`` for one table cell (:func:`~fqexport.shown_text.shown_text`: control characters
+    escaped, edge spaces quoted), so that the row stays one line."""
+    return shown_text(value)
 
 
 def print_table(rows: list[dict], columns: list[str], file=None) -> None:

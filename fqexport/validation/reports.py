@@ -18,6 +18,7 @@ from typing import Any, Callable
 from fqexport.atomic import atomic_write
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.global_state import GLOBAL_STATE_LOCK
+from fqexport.shown_text import shown_text
 from fqexport.metrics.group_metrics import json_safe
 from fqexport.validation.validation_report import not_measured
 
@@ -34,17 +35,16 @@ METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5
 
 # What XML 1.0 allows (https://www.w3.org/TR/xml/#charsets): anything else makes the file not well-formed.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_NEWLINES = re.compile(r"\r\n|\r|\n")
 
 
 def md_text(value: Any) -> str:
     """``value`` as literal text in a Markdown table cell or list line: Markdown's emphasis, code
     and link marks and ``|`` (it would split the cell) backslash-escaped, ``<``/``>``/``&`` as
-    HTML entities (a group named ``<b>`` is not markup), a line break as ``\\n`` (it would end
-    the row; a space would make ``new\\nline`` read as the group ``new line``)."""
+    HTML entities (a group named ``<b>`` is not markup), then as :func:`~fqexport.shown_text.shown_text`
+    shows it: a line break as ``\\n`` (it would end the row; a space would make ``new\\nline``
+    read as the group ``new line``), any other control character escaped, edge spaces quoted."""
     text = _MD_MARKS.sub(r"\\\g<0>", str(value))
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _NEWLINES.sub(lambda m: m.group().replace("\r", "\\r").replace("\n", "\\n"), text)
+    return shown_text(text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
 
 
 _MD_MARKS = re.compile(r"[\\`*_\[\]|]")

@@ -381,3 +381,69 @@ def test_ctrl_c_while_the_workers_start_prints_only_the_callers_line(tmp_path):
     rc, err = proc.wait(60), proc.stderr.read()
     assert rc == 130 and err.strip() == "interrupted", err[-3000:]
     assert time.time() - t0 < 30
+
+
+PIDMOD = """
+import os, time
+def hold(ctx, task):
+    open(os.path.join(os.environ["PID_DIR"], f"worker-{os.getpid()}"), "w").close()
+    time.sleep(120)
+"""
+KILLED_CALLER = """
+from fqexport.engine import LocalEngine, Task
+if __name__ == "__main__":
+    with LocalEngine(1, preload=["pidmod"]) as engine:
+        import pidmod
+        engine.map(pidmod.hold, [Task(("hold", 0), "hold", 0)], None, "holds")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists a session's processes through /proc")
+def test_workers_end_when_the_caller_is_killed_outright(tmp_path, monkeypatch):
+    """A caller SIGKILLed (OOM killer, a CI timeout) left its forkserver, workers and resource
+    tracker running forever, each holding torch and the model (survey 51): a worker watches the
+    caller and ends within a second or two of it; the forkserver then ends with its workers. The
+    next engine removes the context folder (a pickle of the model and data) the caller left."""
+    import signal
+    import tempfile
+
+    from fqexport.engine import local
+
+    (tmp_path / "pidmod.py").write_text(PIDMOD)
+    (tmp_path / "main.py").write_text(KILLED_CALLER)
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, PID_DIR=str(tmp_path), OMP_WAIT_POLICY="PASSIVE", TMPDIR=str(tmp_path / "tmp"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "main.py"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not list(tmp_path.glob("worker-*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    worker = int(next(tmp_path.glob("worker-*")).name.split("-")[1])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _session_pids(proc.pid):
+        time.sleep(0.2)
+    left = _session_pids(proc.pid)
+    for pid in left:  # leave nothing behind, whatever the verdict
+        os.kill(pid, signal.SIGKILL)
+    assert worker not in left and not left, left
+    assert [p.name.split("-")[2] for p in (tmp_path / "tmp").glob("fqexport-engine-*")] == [str(proc.pid)]
+    (tmp_path / "tmp" / f"fqexport-engine-{os.getpid()}-mine").mkdir()  # a live caller's: kept
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    local._remove_dead_callers_dirs()
+    assert [p.name for p in (tmp_path / "tmp").glob("fqexport-engine-*")] == [f"fqexport-engine-{os.getpid()}-mine"]
+
+
+def _session_pids(sid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out

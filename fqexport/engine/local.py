@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -47,12 +48,52 @@ MSG_WORKER_DIED = ("local engine: the worker running {task} died {tries} times (
 _context: tuple[str, Any] = ("", None)  # (file, context) this worker last loaded
 
 
-def _init_worker() -> None:
+def _init_worker(caller: int) -> None:
     torch.set_num_threads(1)
     base._in_worker = True
     # Ctrl-C reaches the whole process group: the caller stops the pool (its map terminates the
     # workers), so a worker need not raise KeyboardInterrupt and print its own traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(caller,), name="fqexport-caller-watch", daemon=True).start()
+
+
+def _exit_with(caller: int) -> None:
+    """End this worker once the process that started the pool is gone: a caller killed outright
+    (SIGKILL, the OOM killer, a CI job's timeout) cannot stop its pool, whose workers (each holding
+    torch and the model) would otherwise idle forever. Polled: a forkserver's worker is not the
+    caller's child, so the kernel's parent-death signal does not reach it."""
+    while _alive(caller):
+        time.sleep(_WATCH_SECONDS)
+    os._exit(1)
+
+
+_WATCH_SECONDS = 1.0
+_DIR_PREFIX = "fqexport-engine-"  # then the caller's pid: fqexport-engine-4242-k3j2x
+
+
+def _remove_dead_callers_dirs() -> None:
+    """Remove the context folders (a pickle of a model and its data) that a caller killed
+    outright could not remove: those in the temporary folder named for a process that is gone."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if name.startswith(_DIR_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): os.kill is the test
 
 
 def _start_forkserver() -> None:
@@ -115,7 +156,7 @@ class LocalEngine(Engine):
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = self._server_context()
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
 
     def _server_context(self) -> Any:
         """The multiprocessing context, its forkserver started (once per process; the call
@@ -148,7 +189,8 @@ class LocalEngine(Engine):
     def _write_context(self, context: Any) -> str:
         """The context pickled once into a file each worker reads once."""
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="fqexport-engine-")
+            _remove_dead_callers_dirs()
+            self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self._maps += 1
         path = os.path.join(self._dir, f"context-{self._maps}.pkl")
         try:

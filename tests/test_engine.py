@@ -301,6 +301,42 @@ def test_ray_engine_names_the_address_no_cluster_answers_at(monkeypatch):
         ray_engine.RayEngine(2, address="ray://h:10001")
 
 
+def test_a_host_port_no_cluster_listens_at_is_refused_at_once():
+    """--ray-address 127.0.0.1:PORT with nothing there hung for minutes in ray.init, printing
+    Ray's own warnings, and ignored SIGTERM (survey 51)."""
+    import socket
+
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fqexport[ray]'")
+    with socket.socket() as s:  # a port just free
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    with pytest.raises(EngineError, match=rf"no Ray cluster answered at 127\.0\.0\.1:{port} \(ConnectionRefusedError"):
+        ray_engine.RayEngine(2, address=f"127.0.0.1:{port}")
+    assert time.time() - t0 < ray_engine.CONNECT_SECONDS + 5
+
+
+def test_the_callers_sigterm_handler_survives_ray_init_and_a_wrapped_signal_is_an_interrupt():
+    """ray.init replaced the CLI's SIGTERM handler (a cancel printed Ray's stack dump and aborted);
+    the handler's exception raised inside Ray's C wait came back as a SystemError, exit 3 (survey 51)."""
+    import signal
+
+    cli_main = importlib.import_module("fqexport.cli.main")
+
+    mine = signal.getsignal(signal.SIGTERM)
+    with ray_engine._own_sigterm():
+        signal.signal(signal.SIGTERM, lambda *a: None)  # what ray.init does
+    assert signal.getsignal(signal.SIGTERM) is mine
+    try:
+        try:
+            raise cli_main._Signalled(signal.SIGTERM)
+        except cli_main._Signalled as inner:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from inner
+    except SystemError as wrapped:
+        assert cli_main._signal_behind(wrapped).signum == signal.SIGTERM
+    assert cli_main._signal_behind(ValueError("x")) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI
 # ---------------------------------------------------------------------------------------------

@@ -128,6 +128,19 @@ def _with_flag(err: FqexportError, flags: dict[str, str]) -> str:
     return str(err)
 
 
+def _signal_behind(err: BaseException) -> BaseException | None:
+    """The interrupt (KeyboardInterrupt, :class:`_Signalled`) an exception was raised from or
+    during: a signal handler's exception raised inside C code comes back wrapped (Ray's
+    ``CoreWorker.wait``: "SystemError: ... returned a result with an exception set")."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (KeyboardInterrupt, _Signalled)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
     before = len(outputs_written())
     try:
@@ -155,6 +168,10 @@ def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
         print(f"error: {MSG_INTERNAL_MEMORY.format(err=err or 'an allocation failed')}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # the last resort: never exit 1 (a broken limit) or with a bare traceback
+        if (signalled := _signal_behind(err)) is not None:  # raised inside C code that wrapped it (Ray's wait)
+            name = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else signal.Signals(signalled.signum).name
+            print(_interrupted(name, before), file=sys.stderr)
+            return 128 + (signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signalled.signum)
         if _out_of_memory(err):  # torch's allocators raise RuntimeError, not MemoryError
             print(f"error: {MSG_INTERNAL_MEMORY.format(err=' '.join(str(err).split())[:300])}", file=sys.stderr)
             return EXIT_BAD_INPUT

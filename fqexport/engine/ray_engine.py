@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import sys
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import fqexport.engine.base as base
 from fqexport.engine.base import Engine, Task, TaskFn, kill_spec, run_task, task_error
@@ -60,6 +64,40 @@ def _ray_call(fn: TaskFn, boxed_ref: list, task: Task, kill: str | None) -> Any:
     return run_task(fn, _cache[key], task, kill)
 
 
+# how long a HOST:PORT address may take to accept a connection before it is said to answer none
+CONNECT_SECONDS = 5.0
+
+
+def _check_reachable(address: str | None) -> None:
+    """EngineError (:data:`MSG_CONNECT`) when a ``HOST:PORT`` address accepts no connection: Ray's
+    ``init`` retries such an address for minutes, printing its own warnings, before it fails
+    (a CI job with a wrong address sat there). ``auto``, ``ray://`` and no address: Ray says."""
+    text = str(address or "")
+    host, sep, port = text.rpartition(":")
+    if not sep or "://" in text or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise EngineError(MSG_CONNECT.format(address=address, kind=type(err).__name__, err=err)) from err
+
+
+@contextmanager
+def _own_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init``, which installs Ray's own: a CI
+    job's cancel then ends the run as the CLI says (exit 143, its message, the engine closed),
+    not in Ray's stack dump and an abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is not previous:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class RayEngine(Engine):
     """Ray tasks (see the module docstring). ``address=None`` starts a local cluster with
     ``workers`` CPUs, stopped by :meth:`close`."""
@@ -80,8 +118,10 @@ class RayEngine(Engine):
                     "env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
             if str(address or "").startswith("ray://") and not _has_ray_client():
                 raise EngineError(MSG_NO_CLIENT.format(address=address))
+            _check_reachable(address)
             try:
-                self.ray.init(address=address, **kwargs)
+                with _own_sigterm():
+                    self.ray.init(address=address, **kwargs)
             except Exception as err:
                 raise EngineError(MSG_CONNECT.format(address=address, kind=type(err).__name__, err=err)) from err
             self._started = True

@@ -360,6 +360,18 @@ def test_cli_a_worker_that_dies_twice_exits_2_and_writes_nothing(tmp_path, mlp_f
     assert not out.exists() and not report.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_cli_a_broken_pool_ends_with_fqexports_line_only(tmp_path, mlp_files, tests_dir):
+    """After a worker died twice, Python's resource tracker printed 'There appear to be 1 leaked
+    semaphore objects to clean up at shutdown' below fqexport's last line (survey 51)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{KILL_ENV: "fold 2/3"},
+               PYTHONPATH=os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")]))
+    args = _search_args(mlp_files, tmp_path / "mp.onnx", "--verify-folds", "3", "--engine", "local", "--workers", "2")
+    proc = subprocess.run([sys.executable, "-m", "fqexport.cli", *map(str, args)], cwd=tests_dir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "leaked" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: local engine: the worker running verification fit")
+
+
 def test_cli_engine_flags(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
     code, _, err = run_main(_search_args(mlp_files, tmp_path / "a.onnx", "--engine", "serial"))

@@ -96,6 +96,25 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): os.kill is the test
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (once per process) told to keep quiet about
+    leaked semaphores: a pool whose workers are terminated (a broken pool restarted, an
+    interrupt) leaves its queue's semaphore to the tracker, which unlinks it at exit, but first
+    printed "There appear to be 1 leaked semaphore objects" after the run's last line. The
+    tracker reads ``PYTHONWARNINGS`` when it starts; this process's own is restored at once."""
+    from multiprocessing import resource_tracker
+
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (before, "ignore:resource_tracker:UserWarning") if w)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = before
+
+
 def _start_forkserver() -> None:
     """Start multiprocessing's forkserver (once per process) with SIGINT ignored, which it keeps
     across its exec: a Ctrl-C to the process group while it imports the preload modules would
@@ -162,6 +181,7 @@ class LocalEngine(Engine):
         """The multiprocessing context, its forkserver started (once per process; the call
         returns at once, the server imports the preload modules meanwhile)."""
         ctx = multiprocessing.get_context(self.start_method)
+        _start_resource_tracker()
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(self.preload)  # read when the server starts (once per process)
             _start_forkserver()

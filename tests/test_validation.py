@@ -45,7 +45,8 @@ MACS = 36 * 4 * 9 + 36 * 4 * 36 + 144 * 3
 PARAMS = 4 * 9 + 4 * 36 + 144 * 3  # weights only (biases are not weights)
 
 
-def _quantize(src, dst, x, quant_format=QuantFormat.QDQ):
+def _quantize(src, dst, x, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+              weight_type=QuantType.QInt8):
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.it = iter({"x": x[i : i + 32]} for i in range(0, len(x), 32))
@@ -54,7 +55,7 @@ def _quantize(src, dst, x, quant_format=QuantFormat.QDQ):
             return next(self.it, None)
 
     quantize_static(str(src), str(dst), Reader(), quant_format=quant_format, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=activation_type, weight_type=weight_type)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,20 @@ def test_qoperator_and_dynamic_files_count_their_int8_weights(setup):
         assert res.bops == 8 * 8 * MACS, name  # a QGemm: K·N per sample without shape inference (survey 33)
     dyn = from_graph(onnx.load(str(d / "dyn.onnx")))
     assert dyn.macs == MACS
+
+
+def test_16_bit_qdq_files_count_16_bit_weights_and_activations(setup):
+    """A W16A16 file counted its int16 weights at 32 bits (float: a PePR of fp32) and a W8A16 file
+    its activations at 8 (half its BOPs) (survey 54): each counts at its codes' width."""
+    from fqexport.validation.resources import from_graph
+
+    d, data = setup
+    for name, a_type, w_type, bits in (("a16w16", QuantType.QUInt16, QuantType.QInt16, 16),
+                                       ("a16w8", QuantType.QUInt16, QuantType.QInt8, 8)):
+        _quantize(d / "float.onnx", d / f"{name}.onnx", data.x, activation_type=a_type, weight_type=w_type)
+        res = from_graph(onnx.load(str(d / f"{name}.onnx")))
+        assert (res.avg_weight_bits, res.params, res.float_params) == (bits, PARAMS, 0), name
+        assert res.bops == bits * 16 * MACS, name
 
 
 def test_a_weight_two_nodes_share_counts_once_in_params_and_twice_in_macs():

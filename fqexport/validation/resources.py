@@ -17,7 +17,9 @@ from fqexport.metadata import ACTIVATION_BITS, ExportMetadata
 log = logging.getLogger(__name__)
 
 
-_BITS = {"FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "DOUBLE": 64, "INT8": 8, "UINT8": 8, "INT4": 4, "UINT4": 4, "INT2": 2, "UINT2": 2}
+_BITS = {"FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "DOUBLE": 64, "INT16": 16, "UINT16": 16, "INT8": 8, "UINT8": 8,
+         "INT4": 4, "UINT4": 4, "INT2": 2, "UINT2": 2}
+_FLOAT_TYPES = ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE")
 
 
 
@@ -157,18 +159,25 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             stored = tensor.name
             wshape = list(tensor.dims)
             n_params = int(np.prod(wshape)) if wshape else 1
-            bits = _BITS.get(onnx.TensorProto.DataType.Name(tensor.data_type), 32)
+            kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+            bits, is_float = _BITS.get(kind, 32), kind in _FLOAT_TYPES
         else:
             continue
+        if node.op_type == "MatMulNBits":
+            is_float = False
         xprod = producers.get(node.input[0])
         if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear"):
-            a_bits = ACTIVATION_BITS
+            # the codes' width: the zero point's type (uint16 in an A16 file), else 8
+            zero = xprod.input[2] if xprod is not None and xprod.op_type == "DequantizeLinear" and len(xprod.input) > 2 \
+                else (node.input[2] if integer_input and len(node.input) > 2 else "")
+            a_bits = _BITS.get(onnx.TensorProto.DataType.Name(inits[zero].data_type), ACTIVATION_BITS) \
+                if zero in inits else ACTIVATION_BITS
         else:  # a float input at its element type's width (float16: 16); unknown: 32
             a_bits = _BITS.get(onnx.TensorProto.DataType.Name(elem_types.get(node.input[0], 1)), 32)
         if stored not in counted:  # a weight two nodes share (a layer called twice) is stored once
             counted.add(stored)
             params += n_params
-            floats += n_params if bits >= 16 else 0
+            floats += n_params if is_float else 0
             bit_params += bits * n_params
         if rule == "gemm":  # A is [batch, K] by the op's definition: K·N per sample, whatever shape inference knows
             macs = int(np.prod(wshape))

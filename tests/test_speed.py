@@ -75,3 +75,20 @@ def test_a_fixed_batch_file_and_its_reference_are_timed_at_that_batch(tmp_path):
     assert speed_verdict([one], [eight], "x86-avx2") == (
         "on this CPU (x86-avx2) the speed is not compared: the file runs batch 1 and the reference batch 8 "
         "(fixed batch sizes)")
+
+
+def test_a_file_not_smaller_than_its_reference_is_not_said_to_buy_size():
+    """A float file gated against an fp16 reference half its size was told it 'buys size only'
+    (survey 54): with both sizes known, size is claimed only for a smaller file."""
+    from fqexport.validation.latency import LatencyResult
+    from fqexport.validation.validation_report import speed_verdict
+
+    same = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3)
+    fast = LatencyResult(0.5, 0.5, 0.5, 2e3, 1, 1, 1, 3)
+    assert speed_verdict([same], [same], "x86-avx2", sizes=(59207, 30902)) == (
+        "on this CPU (x86-avx2) the file buys neither speed nor size: batch 1: 1.00x the reference's speed "
+        "(same speed); the file takes 59207 bytes, the reference 30902")
+    assert speed_verdict([fast], [same], "x86-avx2", sizes=(69298, 59207)).startswith(
+        "on this CPU (x86-avx2) the file buys speed at batch 1, no size: batch 1: 2.00x")
+    assert speed_verdict([same], [same], "x86-avx2", sizes=(100, 400)).startswith(
+        "on this CPU (x86-avx2) the file buys size only, no speed")

@@ -204,7 +204,7 @@ def validate(
     # 3. the report, then its checks against the limits
     report = ValidationReport(
         model=str(model), data_source=gd.source, provider=provider, metrics=native.metrics, latency=latency,
-        reference_latency=ref_latency,
+        reference_latency=ref_latency, reference_size_bytes=model_files_size(reference) if reference is not None else None,
         thresholds=t, metadata=meta, cpu_isa=cpu_isa(), host_kernels=emulated_host(), targets=target_list,
         task={**chosen.to_dict(), "chosen": why}, agreement_name=chosen.agreement_name,
         absent_groups=absent,

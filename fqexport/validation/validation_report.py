@@ -71,10 +71,12 @@ def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult
 
 
 def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult], isa: str,
-                  noun: str = "the reference") -> str | None:
+                  noun: str = "the reference", sizes: tuple[int, int] | None = None) -> str | None:
     """``"on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.95x the
     reference's speed (same speed)"``, and the batch sizes not compared (the reference has another
-    fixed batch); ``None`` when nothing was compared."""
+    fixed batch); ``None`` when nothing was compared. ``sizes``: (the file's bytes, the
+    reference's): a file not smaller buys no size, and says so (without them: a quantized file
+    against its float model, smaller by construction)."""
     ratio = speedups(latency, reference)
     if not latency or not reference:
         return None
@@ -85,7 +87,12 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
                 f"{', '.join(map(str, mine))} and {noun} batch {', '.join(map(str, theirs))} (fixed batch sizes)")
     parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
     fast = [bs for bs, x in ratio.items() if x >= FASTER]
-    buys = f"speed and size at batch {', '.join(map(str, fast))}" if fast else "size only, no speed"
+    smaller = sizes is None or sizes[0] < sizes[1]
+    at = f"at batch {', '.join(map(str, fast))}"
+    buys = (f"speed and size {at}" if fast else "size only, no speed") if smaller else (
+        f"speed {at}, no size" if fast else "neither speed nor size")
+    if not smaller:
+        parts.append(f"the file takes {sizes[0]} bytes, {noun} {sizes[1]}")
     unpaired = [bs for bs in mine if bs not in ratio]
     if unpaired:
         parts.append(MSG_NOT_COMPARED.format(batches=", ".join(map(str, unpaired)), noun=noun,
@@ -138,6 +145,7 @@ class ValidationReport:
     # fixed batch where it has another one (not compared)
     reference_latency: tuple[LatencyResult, ...] = ()
     size_bytes: int = 0
+    reference_size_bytes: int | None = None  # the reference's files, as size_bytes counts them
     avg_weight_bits: float = 32.0
     params: int = 0
     macs: int | None = None
@@ -194,7 +202,8 @@ class ValidationReport:
     def speed_verdict(self) -> str | None:
         """Whether the file buys speed on this CPU or only size, per measured batch size
         (``None`` without the reference's latency)."""
-        return speed_verdict(self.latency, self.reference_latency, self.cpu_isa)
+        sizes = None if self.reference_size_bytes is None else (self.size_bytes, self.reference_size_bytes)
+        return speed_verdict(self.latency, self.reference_latency, self.cpu_isa, sizes=sizes)
 
     @property
     def max_group_drop(self) -> tuple[str, float] | None:
@@ -259,6 +268,7 @@ class ValidationReport:
         """The comparison with the reference model."""
         return {
             "model": self.reference,
+            "size_bytes": self.reference_size_bytes,
             "metrics": self.reference_metrics.to_dict() if self.reference_metrics else None,
             "group_drop": _dict_or_none(self.group_drop),
             "max_group_drop": list(self.max_group_drop) if self.max_group_drop else None,

@@ -382,10 +382,14 @@ def model_files_size(path: str | Path) -> int:
                 if entry.key == "location":
                     locations.add(entry.value)
     folder = path.parent.resolve()
+    seen: set[Path] = set()  # one file named two ways (weights/w.bin, ./weights/w.bin) counts once
     for loc in sorted(locations):
         f = (folder / loc).resolve()
         if f != folder and folder not in f.parents:
             raise ModelLoadError(MSG_EXTERNAL_ESCAPES.format(path=path, loc=loc, folder=folder))
+        if f in seen:
+            continue
+        seen.add(f)
         if f.is_file():
             total += f.stat().st_size
         else:

@@ -229,6 +229,14 @@ def test_model_files_size_counts_external_data(models, tmp_path):
     assert data > 16 * 32 * 4  # fc1 weight alone
     assert model_files_size(tmp_path / "ext.onnx") == main + data
     assert model_files_size(d / "float.onnx") == (d / "float.onnx").stat().st_size
+    # one file its tensors name two ways counts once (it was counted twice: survey 54)
+    from onnx.external_data_helper import uses_external_data
+
+    m = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
+    for t in [t for t in m.graph.initializer if uses_external_data(t)][::2]:
+        next(e for e in t.external_data if e.key == "location").value = "./ext.onnx.data"
+    onnx.save(m, str(tmp_path / "ext.onnx"))
+    assert model_files_size(tmp_path / "ext.onnx") == (tmp_path / "ext.onnx").stat().st_size + data
 
 
 def test_kernel_summary_and_optimized_graph_of_a_model_with_external_data(models, tmp_path):

@@ -495,3 +495,28 @@ def _session_pids(sid: int) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def test_a_model_class_from_an_interactive_session_runs_serially_under_auto(monkeypatch, caplog):
+    """A notebook's model failed the default search: workers cannot import a class of an
+    interactive __main__ ("Can't get attribute 'Net' on <module '__main__'>"), and the error gave no
+    fix (survey 53). 'auto' runs such a search serially, said once; 'local' is refused naming the
+    class and the fix, before any worker starts."""
+    import types
+
+    from fqexport.engine import interactive_class, make_engine
+
+    Net = type("Net", (torch.nn.Sequential,), {"__module__": "__main__"})
+    model = Net(torch.nn.Linear(2, 2))
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no __file__: a notebook
+    assert interactive_class([model]) == ("the model's", "Net")
+    with caplog.at_level("WARNING", logger="fqexport.engine"):
+        engine = make_engine(EngineConfig(engine="auto", workers=2), sent=(model, "calib.npz"))
+    assert isinstance(engine, SerialEngine)
+    assert "engine 'auto': the model's class 'Net' is defined in an interactive session" in caplog.text
+    with pytest.raises(EngineError, match=r"local engine: the model's class 'Net' is defined in an interactive "
+                                          r"session .* EngineConfig\(engine='serial'\)"):
+        make_engine(EngineConfig(engine="local", workers=2), sent=(model,))
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # importable classes: the pool as asked
+    with make_engine(EngineConfig(engine="local", workers=2), sent=(plain,)) as pool:
+        assert isinstance(pool, LocalEngine)

@@ -129,7 +129,7 @@ def search_mixed_precision(
                    "; e.g. MixedPrecisionConfig(budget_bits=3.0)")
     check_argument(base_config, QuantConfig, "search_mixed_precision: base_config")
     if engine is None:
-        with make_engine(mp_config.engine, preload=[__name__]) as own:
+        with make_engine(mp_config.engine, preload=[__name__], sent=(model, calib)) as own:
             return search_mixed_precision(model, calib, mp_config, base_config, progress=progress,
                                           sensitivity=sensitivity, engine=own, task=task)
 

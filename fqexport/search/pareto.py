@@ -188,7 +188,7 @@ def pareto_sweep(
         absent = [g for g in data.group_names if g not in present]
         if absent and present & set(data.group_names):
             log.warning(MSG_TEST_ABSENT, test.source, ", ".join(map(repr, absent)), data.source)
-    with make_engine(template.engine, preload=[search_mixed_precision.__module__]) as engine:
+    with make_engine(template.engine, preload=[search_mixed_precision.__module__], sent=(model, calib)) as engine:
         return _sweep(model, data, budgets, template, base_config, test, progress, engine, task)
 
 

@@ -37,3 +37,18 @@ def one_at_a_time(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return locked  # type: ignore[return-value]
+
+
+def with_gradients(fn: F) -> F:
+    """``fn`` run with autograd on, whatever the caller's mode (``torch.no_grad()``,
+    ``torch.inference_mode()``, ``set_grad_enabled(False)``: a serving process's or an inference
+    notebook's state), which is restored after: training and gradient diagnostics need it."""
+
+    @functools.wraps(fn)
+    def graded(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return graded  # type: ignore[return-value]

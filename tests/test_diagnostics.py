@@ -115,6 +115,9 @@ def test_accuracy_loss_logit_variance_and_grad_norm_match_independent_computatio
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     diag = group_diagnostics(model, data, batch_size=10, hessian_iters=0)
+    with torch.no_grad():  # a caller with gradients off got "element 0 of tensors does not require grad" (survey 53)
+        again = group_diagnostics(model, data, batch_size=10, hessian_iters=0)
+    assert {g: (d.loss, d.grad_norm) for g, d in again.items()} == {g: (d.loss, d.grad_norm) for g, d in diag.items()}
     for g, name in enumerate(data.group_names):
         mask = data.group == g
         x, y = torch.from_numpy(data.x[mask]), torch.from_numpy(data.y[mask])

@@ -681,3 +681,14 @@ def test_two_ptq_widths_for_the_start_are_refused(mlp_model, mlp_data):
     with pytest.raises(ConfigError, match=r"FinetuneConfig.weight_bits=8 and quant_config.weight_bits=4 both give"):
         finetune(mlp_model, mlp_data, FinetuneConfig(**{**FAST, "weight_bits": 8}), quant_config=QuantConfig(weight_bits=4),
                  progress=False)
+
+
+def test_finetune_runs_when_the_caller_has_gradients_off(mlp_cm2, mlp_data):
+    """finetune inside torch.no_grad() (a serving process, an inference notebook) raised 'element 0
+    of tensors does not require grad' (survey 53); the caller's mode is kept."""
+    with torch.no_grad():
+        out = finetune(mlp_cm2, mlp_data, FinetuneConfig(**FAST), progress=False)
+        assert not torch.is_grad_enabled()
+    with torch.inference_mode():
+        finetune(mlp_cm2, mlp_data, FinetuneConfig(**FAST), progress=False)
+    assert out.metadata.finetune["epochs_run"] == 1

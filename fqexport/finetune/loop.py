@@ -39,6 +39,7 @@ from fqexport.finetune.learn_bits import learn_bits
 from fqexport.finetune.objective import GroupObjective, fixed_group_weights, optimizer
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight, build_student, write_back
 from fqexport.finetune.start import check_train_data, start_model, start_width
+from fqexport.global_state import with_gradients
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
 from fqexport.pipeline.compress import model_task
@@ -69,6 +70,7 @@ class Trained:
     holdout: Holdout | None = None  # the run's held-out samples (a model re-quantized at another width is measured on them)
 
 
+@with_gradients
 def train_student(model_or_cm: Any, train_data: Any, config: FinetuneConfig | None, calib: Any,
                   quant_config: QuantConfig | None, progress: bool) -> Trained:
     """Steps 1-5 of the module docstring (the arguments are :func:`~fqexport.finetune.api.finetune`'s)."""

@@ -59,7 +59,7 @@ from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, UnsupportedLayerError
-from fqexport.global_state import one_at_a_time
+from fqexport.global_state import one_at_a_time, with_gradients
 from fqexport.graph.prepare import fold_batchnorm
 from fqexport.metadata import ACTIVATION_BITS
 from fqexport.metrics.group_metrics import group_metrics
@@ -231,6 +231,7 @@ def top_eigenvalue(
     return mu + lam, k + k2, ok and ok2
 
 
+@with_gradients
 def group_diagnostics(
     model: nn.Module,
     data: GroupData | DataStream,

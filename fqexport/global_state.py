@@ -52,3 +52,17 @@ def with_gradients(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return graded  # type: ignore[return-value]
+
+
+def keeps_random_state(fn: F) -> F:
+    """``fn`` run on a fork of torch's CPU random generator: the caller's stream is left as it
+    was (building a layer, ``nn.Linear(...)``, draws its initial weights from it)."""
+
+    @functools.wraps(fn)
+    def forked(*args, **kwargs):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return forked  # type: ignore[return-value]

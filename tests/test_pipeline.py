@@ -633,3 +633,26 @@ def test_calibration_samples_that_are_all_the_same_input_are_warned_about(mlp_mo
     with caplog.at_level("WARNING"):
         compress(mlp_model, mlp_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
     assert "all the same input" not in caplog.text
+
+
+class _FunctionalHead(nn.Module):
+    """A parameter used through F.linear: fqexport lifts it into an nn.Linear it builds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 8)
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(self.fc(x)), self.w)
+
+
+def test_compress_leaves_the_callers_random_stream_as_it_was(mlp_data):
+    """Building the layers it lifts (F.linear on a parameter, attention) drew initial weights from
+    the caller's torch generator: a seeded notebook got other numbers after a compress (survey 53)."""
+    model = _FunctionalHead().eval()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    cm = compress(model, mlp_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
+    assert len(cm.layers) == 2  # fc and the lifted head
+    assert torch.equal(torch.random.get_rng_state(), before)

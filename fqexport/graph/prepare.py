@@ -33,7 +33,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.engine.base import in_worker
 from fqexport.errors import ModelLoadError, UnsupportedLayerError
-from fqexport.global_state import GLOBAL_STATE_LOCK
+from fqexport.global_state import GLOBAL_STATE_LOCK, keeps_random_state
 from fqexport.graph.act_quant import input_dependent
 from fqexport.graph.decode import DecodedModel, strip_wrapper
 from fqexport.graph.decompose import decompose_attention
@@ -932,6 +932,7 @@ class PreparedModel:
         return [l.name for l in self.layers]
 
 
+@keeps_random_state  # the layers it builds (lifted, decomposed) would draw from the caller's generator
 def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: tuple = (),
                   example: torch.Tensor | None = None, owner: nn.Module | None = None) -> PreparedModel:
     """Trace → support check → fold BN → quantizable layers: the one model preparation of

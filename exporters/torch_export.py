@@ -120,8 +120,11 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
         # bake batch 1 into reshapes while the input still declares a dynamic batch
         example = torch.cat([example, example])
     sink = io.StringIO()
-    # torch.onnx warns once per process that torchvision ops are not registered: not ours.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # torch.onnx warns once per process that torchvision ops are not registered: not ours (the
+    # logger's own level is restored after: a caller's logging setup is theirs)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
         with GLOBAL_STATE_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
@@ -133,6 +136,8 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, what: str = "fl
     except Exception as err:
         _reraise_interrupt(err)
         raise ExportError(MSG_TORCH_EXPORT.format(what=what, err=_root_cause(err))) from err
+    finally:
+        registration.setLevel(level)
     proto = program.model_proto
     strip_debug_info(proto)
     name_batch_dim(proto)

@@ -411,3 +411,18 @@ def test_a_position_table_read_at_constant_indices_stays_float_and_exports(tmp_p
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: ids[:16]})[0]
     np.testing.assert_allclose(got, np.asarray(cm.predict(ids[:16])), atol=1e-4)
+
+
+def test_the_export_leaves_torchs_logger_levels_as_the_caller_set_them():
+    """torch_to_onnx quieted torch.onnx's registration logger to ERROR for good (survey 53)."""
+    import logging
+
+    from fqexport.exporters.torch_export import torch_to_onnx
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.setLevel(logging.DEBUG)
+    try:
+        torch_to_onnx(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), torch.zeros(2, 4))
+        assert registration.level == logging.DEBUG
+    finally:
+        registration.setLevel(logging.NOTSET)

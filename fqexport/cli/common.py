@@ -9,7 +9,6 @@ dataclasses and ``fqexport.errors``, so ``--help`` and every flag error appear b
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import unicodedata
 from typing import Any, Sequence

@@ -110,7 +110,7 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
 
 
-def given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> dict[str, str]:
+def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> dict[str, str]:
     """The options of subcommand ``name`` that ``argv`` gives, by the config field they set
     (``{"num_calib": "--num-calib"}``)."""
     words = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    flags = given_flags(parser, args.command, argv)
+    flags = _given_flags(parser, args.command, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread

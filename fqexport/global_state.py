@@ -15,6 +15,11 @@ So the public calls that trace or run torch models (``compress``, ``export``,
 turns, each call runs as it would alone (torch uses every core inside one call). ``validate`` runs
 ONNX Runtime sessions and holds it only for the torch parts it has (none today), so validations
 run side by side. For work in parallel, use processes (the search's ``--engine local``).
+
+Two more guards keep the caller's own torch state as it was: :func:`with_gradients` (training
+and gradient diagnostics under a caller's ``torch.no_grad()``) and :func:`keeps_random_state`
+(work that builds layers, which draw from the caller's random generator). They import torch when
+called: the CLI imports this module before any stage, and torch with it would slow every command.
 """
 
 from __future__ import annotations

@@ -205,6 +205,11 @@ def test_target_flag_gates_the_emulated_cpu_and_prints_the_isa(tmp_path, capsys)
     assert f"target x86-avx2 ({how}): majority 100.00 % (k.dev 0.00), minority 0.00 % (k.dev 100.00)" in out
     assert ("FAIL min_worst_group_acc[target=x86-avx2]: x86-avx2: worst-group accuracy (group 'minority') "
             "0.00 % below --min-worst-group-acc 50") in out
+    # a group name holding the line's separator is quoted: 'minority, rural' read as two groups (survey 52)
+    np.savez(tmp_path / "comma.npz", x=data.x, y=data.y, group=np.where(group == "minority", "minority, rural", group))
+    _run([tmp_path / "sat.onnx", "--data", tmp_path / "comma.npz", "--target", "x86-avx2", "--no-latency",
+          "--no-kernel-check"])
+    assert "majority 100.00 %, 'minority, rural' 0.00 %; agreement" in capsys.readouterr().out
     assert "PASS min_worst_group_acc[target=x86-vnni]" in out
     label = f"x86-avx2 (this CPU's own kernels, {cpu_isa()})" if runs_natively("x86-avx2") else "x86-avx2 (emulated)"
     assert f"| {label} | minority | 0.00 | 100.00 |" in (tmp_path / "rep" / "report.md").read_text()

@@ -89,7 +89,9 @@ def print_summary(report) -> None:
         tm = report.target_metrics[target]
         dev = (report.target_kernel_deviation_by_group or {}).get(target)
         accs = ", ".join(
-            f"{cell_text(g)} {_pct(r[p]).strip()} %" + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
+            # a name holding the separator is quoted ('Zoë, née Müller' would read as two groups)
+            f"{repr(g) if ',' in g else cell_text(g)} {_pct(r[p]).strip()} %"
+            + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
             for g, r in tm.by_group.items()
         )
         how = "this CPU's own kernels" if target in report.target_native else "emulated"

@@ -321,19 +321,19 @@ def float_fallbacks(path: str | Path, provider: str = "cpu", disable: tuple[str,
 
 def kernel_summary(path: str | Path, provider: str = "cpu", disable: tuple[str, ...] = ()) -> tuple[dict[str, int], list[str]]:
     """``(fused_kernels(path), float nodes)`` from a single optimized-graph dump. A float node
-    reads ``"stem.0 (FusedConv)"`` when its layer is found in the file (:func:`_layer_of`), else
+    reads ``"stem.0 (FusedConv)"`` when its layer is found in the file (:class:`_LayerNames`), else
     ``"op:name"`` (``"Gemm:(unnamed)"``): ORT renames the nodes it fuses (``t9_nchwc``)."""
     import onnx
 
     model = optimized_graph(path, provider, disable=disable, weights=False)
     counts = {k: 0 for k in (*INTEGER_KERNELS, *FLOAT_KERNELS)}
     counts.update(_count_ops(model))
-    original = onnx.load(str(path), load_external_data=False).graph
+    nodes = [n for n in model.graph.node if n.op_type in FLOAT_KERNELS]
+    layers = _LayerNames(onnx.load(str(path), load_external_data=False).graph) if nodes else None
     floats = []
-    for n in model.graph.node:
-        if n.op_type in FLOAT_KERNELS:
-            layer = _layer_of(n, original)
-            floats.append(f"{layer} ({n.op_type})" if layer else f"{n.op_type}:{n.name or '(unnamed)'}")
+    for n in nodes:
+        layer = layers.of(n)
+        floats.append(f"{layer} ({n.op_type})" if layer else f"{n.op_type}:{n.name or '(unnamed)'}")
     return dict(sorted(counts.items())), floats
 
 
@@ -342,25 +342,30 @@ _WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 _FUSED_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
 
 
-def _layer_of(node: Any, original: Any) -> str | None:
-    """The layer (``stem.0``) of a float node of ORT's optimized graph, read from its weight's
-    name in the original graph ``original``: the node's own weight input when the original
-    graph has that tensor, else the weight of the original node ORT renamed (its name, or the
-    tensor it is named after, with ORT's ``_nchwc`` / ``_token_N`` suffixes dropped, through a
-    fused activation). None when no weight named ``<layer>.weight`` is found."""
-    tensors = {t.name for t in original.initializer} | {o for n in original.node for o in n.output}
-    weight = node.input[1] if len(node.input) > 1 and node.input[1] in tensors else None
-    if weight is None:
-        by_name = {n.name: n for n in original.node if n.name}
-        producer = {o: n for n in original.node for o in n.output}
-        base = re.sub(r"(_nchwc|_token_\d+)+$", "", node.name)
-        source = by_name.get(base) or producer.get(base)
-        if source is not None and source.op_type in _FUSED_ACTIVATIONS and source.input[0] in producer:
-            source = producer[source.input[0]]
-        if source is not None and source.op_type in _WEIGHT_OPS and len(source.input) > 1:
-            weight = source.input[1]
-    layer = re.fullmatch(r"(.+)\.weight(_quantized)?", weight or "")
-    return layer.group(1) if layer else None
+class _LayerNames:
+    """The layers (``stem.0``) of an optimized graph's nodes, read from the weights' names in the
+    original graph (indexed once)."""
+
+    def __init__(self, original: Any) -> None:
+        self.producer = {o: n for n in original.node for o in n.output}
+        self.tensors = {t.name for t in original.initializer} | set(self.producer)
+        self.by_name = {n.name: n for n in original.node if n.name}
+
+    def of(self, node: Any) -> str | None:
+        """``node``'s layer: its own weight input when the original graph has that tensor, else
+        the weight of the original node ORT renamed (its name, or the tensor it is named after,
+        with ORT's ``_nchwc`` / ``_token_N`` suffixes dropped, through a fused activation). None
+        when no weight named ``<layer>.weight`` is found."""
+        weight = node.input[1] if len(node.input) > 1 and node.input[1] in self.tensors else None
+        if weight is None:
+            base = re.sub(r"(_nchwc|_token_\d+)+$", "", node.name)
+            source = self.by_name.get(base) or self.producer.get(base)
+            if source is not None and source.op_type in _FUSED_ACTIVATIONS and source.input[0] in self.producer:
+                source = self.producer[source.input[0]]
+            if source is not None and source.op_type in _WEIGHT_OPS and len(source.input) > 1:
+                weight = source.input[1]
+        layer = re.fullmatch(r"(.+)\.weight(_quantized)?", weight or "")
+        return layer.group(1) if layer else None
 
 
 def model_files_size(path: str | Path) -> int:

@@ -127,7 +127,6 @@ def check_validate(args: argparse.Namespace) -> None:
         for flag, model in (("model", args.model), ("--reference", args.reference)):
             if model is not None and Path(model).is_dir():
                 raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
-
         if args.threads is not None and args.threads < 0:
             raise ConfigError(f"--threads {args.threads} must be >= 0")
         refuse_ignored(args, VALIDATE_ONLY_WITH)

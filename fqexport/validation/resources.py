@@ -149,7 +149,7 @@ def from_graph(model, *, macs: bool = True) -> Resources:
                 continue
             n_params, bits, wshape, rule = int(attrs["K"]) * int(attrs["N"]), int(attrs.get("bits", 4)), \
                 [int(attrs["K"]), int(attrs["N"])], "matmul"
-            integer_input, stored = False, node.input[1]
+            integer_input, stored, is_float = False, node.input[1], False
         elif node.op_type in WEIGHT_OPS:
             x_at, w_at, rule, integer_input = WEIGHT_OPS[node.op_type]
             w = weight_of(node.input[w_at]) if len(node.input) > w_at else None
@@ -163,13 +163,13 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             bits, is_float = _BITS.get(kind, 32), kind in _FLOAT_TYPES
         else:
             continue
-        if node.op_type == "MatMulNBits":
-            is_float = False
         xprod = producers.get(node.input[0])
-        if integer_input or (xprod is not None and xprod.op_type == "DequantizeLinear"):
-            # the codes' width: the zero point's type (uint16 in an A16 file), else 8
-            zero = xprod.input[2] if xprod is not None and xprod.op_type == "DequantizeLinear" and len(xprod.input) > 2 \
-                else (node.input[2] if integer_input and len(node.input) > 2 else "")
+        dequantized = xprod is not None and xprod.op_type == "DequantizeLinear"
+        if integer_input or dequantized:
+            # the codes' width: the zero point's type (uint16 in an A16 file), else 8; the zero point is
+            # input 2 of both DequantizeLinear(x, s, zp) and the integer ops (QLinearConv(x, s, zp, ...))
+            quantized = xprod if dequantized else node
+            zero = quantized.input[2] if len(quantized.input) > 2 else ""
             a_bits = _BITS.get(onnx.TensorProto.DataType.Name(inits[zero].data_type), ACTIVATION_BITS) \
                 if zero in inits else ACTIVATION_BITS
         else:  # a float input at its element type's width (float16: 16); unknown: 32

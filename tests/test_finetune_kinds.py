@@ -222,3 +222,35 @@ def test_conv_transpose_sensitivity_uses_the_exported_per_output_channel_grid():
     old = rtn_weight(w, 4)
     assert not torch.allclose(old, got)
     assert float((got - w).pow(2).sum()) < float((old - w).pow(2).sum())
+
+
+class _ExpandedGrid(nn.Module):
+    """A constant grid built as YOLO decodes build theirs: ``arange(G).view(...).expand(...)``, which
+    the traced student holds as an expanded view (``_tensor_constant0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        grid = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1).expand(1, 1, 8, 8)
+        return self.fc((self.conv(x) * grid).flatten(1))
+
+
+def test_finetune_restores_its_best_epoch_into_a_student_holding_an_expanded_constant():
+    """Restoring the best checkpoint copied every state entry back, the expanded grid included, which
+    torch refuses ("more than one element of the written-to tensor refers to a single memory location"):
+    an exit-3 crash after the whole fine-tuning had run (survey 55)."""
+    torch.manual_seed(0)
+    model = _ExpandedGrid().eval()
+    x = np.random.default_rng(0).standard_normal((128, 1, 8, 8)).astype(np.float32)
+    y = model(torch.from_numpy(x)).argmax(1).numpy()
+    data = GroupData(x, y, np.arange(128) % 2, ("a", "b"), "grid")
+    cm = compress(model, data, QuantConfig(weight_bits=3, num_calib=64), progress=False)
+    constant = cm.reference.get_buffer("_tensor_constant0")
+    assert constant.stride() != constant.contiguous().stride()  # the expanded view the crash needed
+    out = finetune(cm, data, FinetuneConfig(epochs=2, batch_size=32, lr=1e-2, holdout_fraction=0.25), progress=False)
+    record = out.metadata.finetune
+    assert len(record["history"]) == 3 and record["best_epoch"] in (0, 1, 2)
+    np.testing.assert_allclose(out.predict(x[:16]), out.reference(torch.from_numpy(x[:16])).detach().numpy(), atol=1e-5)

@@ -78,8 +78,12 @@ class Holdout:
             self.best_loss, self.best_state, self.best_epoch = worst, snapshot(student), epoch
 
     def restore_best(self, student: nn.Module) -> None:
-        """Load the best checkpoint into ``student``."""
-        student.load_state_dict(self.best_state)
+        """Load the best checkpoint into ``student``: the entries training changed. The others
+        are left as they are: a traced graph's constants (``_tensor_constant0``) may be expanded
+        views (a YOLO grid's ``arange(G).view(1, G, 1).expand(1, G, G)``), which cannot be copied into."""
+        current = student.state_dict()
+        changed = {k: v for k, v in self.best_state.items() if not torch.equal(current[k], v)}
+        student.load_state_dict(changed, strict=False)
 
     def metrics_of(self, cm: CompressedModel) -> GroupMetrics:
         """Per-group metrics of a CompressedModel's predictions on the hold-out."""

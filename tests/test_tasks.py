@@ -112,6 +112,48 @@ def test_a_layout_that_reads_more_classes_than_anchors_is_warned_about(caplog):
     assert "layout 'v5' reads the model's output (2, 6, 16) as 11 classes over 6 anchors" in caplog.text
 
 
+def _v8_output(classes: int, anchors: int, seed: int = 0) -> torch.Tensor:
+    """A YOLOv8-layout output [2, 4 + C, K]: pixel boxes (up to 64 px), then class probabilities."""
+    gen = torch.Generator().manual_seed(seed)
+    boxes = 64 * torch.rand(2, 4, anchors, generator=gen)
+    return torch.cat([boxes, torch.rand(2, classes, anchors, generator=gen)], 1)
+
+
+def test_the_layout_is_read_from_the_scores_where_the_shape_misleads():
+    """A one-level YOLOv8 head with more classes than anchors ([N, 24, 16]: 20 classes, 16 anchors) was read
+    as YOLOv5 by its shape alone: pixel coordinates became the scores, and every mAP, the export check and
+    the gate measured nothing, exit 0 (survey 55)."""
+    img = GroupData(np.zeros((2, 3, 64, 64), np.float32), None, np.array([0, 1]), ("a", "b"), "d.npz",
+                    Boxes(np.array([[1.0, 1.0, 9.0, 9.0]]), np.array([0]), np.array([0])))
+    v8 = _v8_output(20, 16)
+    assert resolve_task(None, img, v8)[0] == Detection(layout="v8")
+    v5 = v8.transpose(1, 2).contiguous()[..., [0, 1, 2, 3, 4, *range(4, 24)]]  # [2, 16, 25]: obj + 20 classes
+    assert resolve_task(None, img, v5)[0] == Detection(layout="v5")
+    # scores both readings accept (all values in [0, 1]) or neither: the shape decides, as before
+    assert resolve_task(None, img, torch.rand(2, 7, 80))[0] == Detection(layout="v8")
+    assert resolve_task(None, img, torch.rand(2, 24, 16))[0] == Detection(layout="v5")
+    assert resolve_task(None, img, 5 + torch.rand(2, 16, 24))[0] == Detection(layout="v8")
+    # the scores settle it: no "more classes than anchors" warning for the v8 reading
+    assert Detection(layout="v8").check_output(v8, img) == 20
+    assert ("v8", (24, 16)) not in __import__("fqexport.tasks.detection", fromlist=["_"])._warned_layouts
+
+
+def test_a_layout_whose_scores_are_not_probabilities_is_refused_where_the_other_reads_them():
+    """compress --layout v5 on a YOLOv8 model warned about the anchor count, wrote the file, and validate's
+    drop-only gate passed with every group at 0 mAP (survey 55)."""
+    data = GroupData(np.zeros((2, 3, 64, 64), np.float32), None, np.array([0, 1]), ("a", "b"), "d.npz")
+    v8 = _v8_output(2, 64)
+    with pytest.raises(ConfigError, match=r"layout 'v5' reads the model's output \(2, 6, 64\) as scores .* that reach "
+                                          r"6\d\.\d+, outside \[0, 1\], while layout 'v8' reads probabilities there: "
+                                          r"pass --layout v8"):
+        Detection(layout="v5").check_output(v8, data)
+    with pytest.raises(ConfigError, match="pass --layout v8"):
+        Detection(layout="v5").check_outputs(v8.numpy(), "v8.onnx", data)
+    assert Detection(layout="v8").check_output(v8, data) == 2
+    # neither reading holds probabilities (score logits): nothing to tell them apart by, no refusal
+    assert Detection(layout="v5").check_output(v8 * 10 - 5, data) == 59
+
+
 def test_segmentation_metrics_loss_and_compare():
     seg = Segmentation()
     logits = np.zeros((2, 3, 2, 2), np.float32)

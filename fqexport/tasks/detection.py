@@ -67,6 +67,13 @@ MSG_OUTPUT = (
     "{want} (layout {layout!r}); check the model and --task/--layout"
 )
 MSG_SESSION_OUTPUT = "model {model} returns output of shape {shape}, not a detector's {want} (layout {layout!r})"
+MSG_WRONG_LAYOUT = (
+    "layout {layout!r} reads the model's output {shape} as scores (objectness and class probabilities) that reach "
+    "{worst:.4g}, outside [0, 1], while layout {other!r} reads probabilities there: pass --layout {other} "
+    "(API: Detection(layout={other!r})) or leave --layout out"
+)
+# how far a probability may stray from [0, 1] (float rounding of a sigmoid product)
+PROBABILITY_SLACK = 1e-3
 MSG_FEW_ANCHORS = (
     "layout %r reads the model's output %s as %d classes over %d anchors; a detector has more anchors than "
     "classes: check --layout (layout %r would read %d anchors and %d classes)"
@@ -141,6 +148,34 @@ class Detection(Task):
             return out.transpose(1, 2) if isinstance(out, torch.Tensor) else np.swapaxes(out, 1, 2)
         return out
 
+    def scores_beyond_unit(self, out: torch.Tensor | np.ndarray) -> float | None:
+        """The score channels' value farthest outside [0, 1] in this layout's reading of ``out``
+        (None when they are all probabilities, within :data:`PROBABILITY_SLACK`, or when the
+        reading has no score channel)."""
+        rows = self._rows(torch.as_tensor(np.asarray(out)) if isinstance(out, np.ndarray) else out.detach())
+        scores = rows[..., 4:].float()
+        if scores.numel() == 0:
+            return None
+        finite = scores[torch.isfinite(scores)]
+        if finite.numel() < scores.numel():
+            return float("nan")
+        low, high = float(finite.min()), float(finite.max())
+        if low >= -PROBABILITY_SLACK and high <= 1 + PROBABILITY_SLACK:
+            return None
+        return high if high - 1 >= -low else low
+
+    def check_layout(self, out: torch.Tensor | np.ndarray) -> None:
+        """ConfigError when this layout reads ``out``'s score channels as values outside [0, 1]
+        while the other layout reads probabilities there (a wrong ``--layout``: every mAP, the
+        export check and a drop-only gate would compare misread boxes alike)."""
+        other = Detection(layout="v8" if self.layout == "v5" else "v5")
+        if other.num_classes_of(tuple(out.shape)) < 1 or other.scores_beyond_unit(out) is not None:
+            return
+        worst = self.scores_beyond_unit(out)
+        if worst is not None:
+            raise ConfigError(MSG_WRONG_LAYOUT.format(layout=self.layout, shape=tuple(out.shape), worst=worst,
+                                                      other=other.layout))
+
     def num_classes_of(self, shape: tuple[int, ...]) -> int:
         return int(shape[2] - 5) if self.layout == "v5" else int(shape[1] - 4)
 
@@ -162,17 +197,23 @@ class Detection(Task):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DataError(MSG_OUTPUT.format(source=data.source, sample=data.sample_shape, shape=shape,
                                               want=_WANT[self.layout], layout=self.layout))
-        self._warn_if_few_anchors(tuple(out.shape))  # a wrong --layout is otherwise caught only by the export check
+        self.check_layout(out)
+        self._warn_if_few_anchors(out)  # a layout both readings fit: the anchor counts
         return self.num_classes_of(tuple(out.shape))
 
-    def _warn_if_few_anchors(self, shape: tuple[int, ...]) -> None:
-        """Warn when the layout reads fewer anchors than classes: a detector has more (a wrong --layout)."""
+    def _warn_if_few_anchors(self, out: torch.Tensor | np.ndarray) -> None:
+        """Warn when the layout reads fewer anchors than classes: a detector has more (a wrong
+        --layout), unless the scores settle it (the other layout reads values outside [0, 1])."""
+        shape = tuple(out.shape)
         classes, anchors = self.num_classes_of(shape), shape[1] if self.layout == "v5" else shape[2]
-        if anchors < classes and (self.layout, shape[1:]) not in _warned_layouts:  # once, not per session measured
-            _warned_layouts.add((self.layout, shape[1:]))
-            other = Detection(layout="v8" if self.layout == "v5" else "v5")
-            log.warning(MSG_FEW_ANCHORS, self.layout, shape, classes, anchors, other.layout,
-                        shape[1] if other.layout == "v5" else shape[2], other.num_classes_of(shape))
+        if anchors >= classes or (self.layout, shape[1:]) in _warned_layouts:  # once, not per session measured
+            return
+        other = Detection(layout="v8" if self.layout == "v5" else "v5")
+        if other.num_classes_of(shape) >= 1 and other.scores_beyond_unit(out) is not None:
+            return
+        _warned_layouts.add((self.layout, shape[1:]))
+        log.warning(MSG_FEW_ANCHORS, self.layout, shape, classes, anchors, other.layout,
+                    shape[1] if other.layout == "v5" else shape[2], other.num_classes_of(shape))
 
     def check_annotations(self, data: Any, num_classes: int) -> None:
         if isinstance(data.annotations, Boxes):
@@ -182,7 +223,8 @@ class Detection(Task):
         if np.ndim(outputs) != 3 or self.num_classes_of(tuple(np.shape(outputs))) < 1:
             raise ModelLoadError(MSG_SESSION_OUTPUT.format(model=model, shape=list(np.shape(outputs)),
                                                            want=_WANT[self.layout], layout=self.layout))
-        self._warn_if_few_anchors(tuple(np.shape(outputs)))  # validate --layout v5 on a v8 file: 0.3 % mAP, silently
+        self.check_layout(outputs)
+        self._warn_if_few_anchors(outputs)  # validate --layout v5 on a v8 file: 0.3 % mAP, silently
         self.check_annotations(data, self.num_classes_of(tuple(np.shape(outputs))))
 
     def float_tail(self, gm: torch.fx.GraphModule, layers: set[str]) -> set[torch.fx.Node]:

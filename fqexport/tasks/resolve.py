@@ -3,8 +3,9 @@ export's metadata, or inferred from the data's fields and the model's output.
 
 Inference (``task=None``, CLI ``--task`` left out): boxes in the data → detection; masks →
 segmentation; else the model's output on the first samples: ``[N, C]`` → classification,
-``[N, C, H, W]`` at the input's (H, W) → segmentation, a 3-D output → detection (layout v8,
-``[N, 4 + C, K]``, when its second dim is the smaller, else v5 ``[N, K, 5 + C]``); anything else
+``[N, C, H, W]`` at the input's (H, W) → segmentation, a 3-D output → detection (layout v8
+``[N, 4 + C, K]`` or v5 ``[N, K, 5 + C]``: the one whose score channels alone are probabilities in
+[0, 1], else v8 when the second dim is the smaller); anything else
 is classification, whose check names the shape. :func:`inferred_words` says what was chosen and why.
 """
 
@@ -20,7 +21,7 @@ from fqexport.config import check_choice
 from fqexport.errors import ConfigError
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
-from fqexport.tasks.detection import Detection
+from fqexport.tasks.detection import LAYOUTS, Detection
 from fqexport.tasks.segmentation import Segmentation
 
 TASKS: dict[str, type] = {"classification": Classification, "detection": Detection, "segmentation": Segmentation}
@@ -69,9 +70,16 @@ def infer_task(data: Any, output: Any) -> tuple[Task, str]:
 
 
 def _layout(output: Any) -> str:
-    if isinstance(output, torch.Tensor) and output.dim() == 3 and output.shape[1] < output.shape[2]:
-        return "v8"
-    return "v5"
+    """The layout whose score channels alone hold probabilities; where both or neither do, v8 when
+    the second dim is the smaller (a one-level YOLOv8 head with more classes than anchors,
+    ``[N, 24, 16]``, is v8 by its scores though its shape says v5)."""
+    if not (isinstance(output, torch.Tensor) and output.dim() == 3):
+        return "v5"
+    fits = [layout for layout in LAYOUTS if Detection(layout=layout).num_classes_of(tuple(output.shape)) >= 1
+            and Detection(layout=layout).scores_beyond_unit(output) is None]
+    if len(fits) == 1:
+        return fits[0]
+    return "v8" if output.shape[1] < output.shape[2] else "v5"
 
 
 def resolve_task(task: str | Task | None, data: Any, output: Any) -> tuple[Task, str]:

@@ -44,6 +44,24 @@ def test_select_boxes_takes_each_anchors_best_class_above_conf():
     assert len(d.above(0.88)) == 1
 
 
+def test_select_boxes_multi_label_keeps_every_class_above_conf_as_yolo_validators_do():
+    """The mAP kept each anchor's best class only, 8-9 points below the user's own YOLOv5/Ultralytics
+    validation (multi_label=True) on the same outputs, undocumented (survey 55)."""
+    scores = np.array([[0.4, 0.9], [0.85, 0.2], [0.05, 0.1]])
+    d = select_boxes(np.array([A, B, C]), scores, conf=0.25, iou=0.5, max_det=10, multi_label=True)
+    # anchor 0 as class 1 (0.9) and class 0 (0.4); anchor 1's class 0 (0.85) overlaps anchor 0's class 0
+    # by IoU 0.68 > 0.5 and scores higher, so NMS drops anchor 0's class-0 box; anchor 2 is below conf
+    assert sorted(zip(d.labels.tolist(), [round(float(v), 2) for v in d.scores])) == [(0, 0.85), (1, 0.9)]
+    d = select_boxes(np.array([A, C]), np.array([[0.4, 0.9], [0.3, 0.1]]), conf=0.25, iou=0.5, max_det=10,
+                     multi_label=True)
+    assert sorted(zip(d.labels.tolist(), [round(float(v), 2) for v in d.scores])) == [(0, 0.3), (0, 0.4), (1, 0.9)]
+    np.testing.assert_array_equal(d.boxes[np.isclose(d.scores, 0.3)], [C])
+    assert len(select_boxes(np.array([A, C]), np.array([[0.4, 0.9], [0.3, 0.1]]), 0.25, 0.5, 10)) == 2  # best class
+    d = select_boxes(np.array([A, C]), np.array([[0.4, 0.9], [0.3, 0.1]]), conf=0.25, iou=0.5, max_det=2,
+                     multi_label=True)
+    assert [round(float(v), 2) for v in d.scores] == [0.9, 0.4]  # max_det keeps the best
+
+
 def test_diou_is_iou_for_concentric_boxes_and_moves_boxes_that_do_not_overlap():
     a = torch.tensor([[10.0, 10.0, 4.0, 4.0]])
     np.testing.assert_allclose(paired_diou_xywh(a, torch.tensor([[10.0, 10.0, 2.0, 4.0]])).numpy(), [0.5], rtol=1e-6)

@@ -112,6 +112,20 @@ def test_a_layout_that_reads_more_classes_than_anchors_is_warned_about(caplog):
     assert "layout 'v5' reads the model's output (2, 6, 16) as 11 classes over 6 anchors" in caplog.text
 
 
+def test_detection_map_counts_every_class_above_conf_unless_single_label():
+    """An anchor's second class that matches the ground truth counts for the mAP, as the YOLO
+    validators count it (survey 55: fqexport's mAP was 8-9 points below the user's own)."""
+    out = _v5([[10, 10, 10, 10]], [1.0], [[0.4, 0.9]])  # one anchor: class 1 at 0.9, class 0 at 0.4
+    data = GroupData(np.zeros((1, 3, 32, 32), np.float32), None, np.array([0]), ("a",), "d.npz",
+                     Boxes(np.array([[5.0, 5.0, 15.0, 15.0]]), np.array([0]), np.array([0])))
+    multi = Detection().evaluate(out, data).by_group["a"]
+    single = Detection(multi_label=False).evaluate(out, data).by_group["a"]
+    assert multi["map50"] == pytest.approx(1.0) and single["map50"] == 0.0
+    with pytest.raises(ConfigError, match="Detection.multi_label='yes' must be True or False"):
+        Detection(multi_label="yes")
+    assert task_from_dict(Detection(multi_label=False).to_dict()) == Detection(multi_label=False)
+
+
 def _v8_output(classes: int, anchors: int, seed: int = 0) -> torch.Tensor:
     """A YOLOv8-layout output [2, 4 + C, K]: pixel boxes (up to 64 px), then class probabilities."""
     gen = torch.Generator().manual_seed(seed)

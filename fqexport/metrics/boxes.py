@@ -103,13 +103,22 @@ def class_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: fl
 
 
 def select_boxes(boxes: np.ndarray, class_scores: np.ndarray, conf: float, iou: float, max_det: int,
-                 max_candidates: int = MAX_CANDIDATES) -> Detections:
+                 max_candidates: int = MAX_CANDIDATES, multi_label: bool = False) -> Detections:
     """One image's detections: each anchor's best class (``class_scores [K, C]``) with score >=
-    ``conf``, the ``max_candidates`` best of them, then :func:`class_nms`. ``boxes [K, 4]`` xyxy."""
-    labels = class_scores.argmax(axis=1) if class_scores.shape[1] else np.zeros(len(boxes), np.int64)
-    scores = class_scores[np.arange(len(boxes)), labels] if len(boxes) else np.zeros(0, np.float32)
-    cand = np.flatnonzero(scores >= conf)
-    if cand.size > max_candidates:
-        cand = cand[np.argsort(-scores[cand], kind="stable")[:max_candidates]]
-    keep = cand[class_nms(boxes[cand], scores[cand], labels[cand], iou, max_det)]
-    return Detections(boxes[keep].astype(np.float32), scores[keep].astype(np.float32), labels[keep].astype(np.int64))
+    ``conf`` — or, ``multi_label``, every (anchor, class) pair with score >= ``conf``, as YOLOv5's
+    ``val.py`` and Ultralytics' validator evaluate mAP — the ``max_candidates`` best of them, then
+    :func:`class_nms`. ``boxes [K, 4]`` xyxy."""
+    if multi_label and class_scores.shape[1]:
+        anchor, labels = np.nonzero(class_scores >= conf)
+        scores = class_scores[anchor, labels]
+    else:
+        labels = class_scores.argmax(axis=1) if class_scores.shape[1] else np.zeros(len(boxes), np.int64)
+        scores = class_scores[np.arange(len(boxes)), labels] if len(boxes) else np.zeros(0, np.float32)
+        anchor = np.flatnonzero(scores >= conf)
+        labels, scores = labels[anchor], scores[anchor]
+    if anchor.size > max_candidates:
+        top = np.argsort(-scores, kind="stable")[:max_candidates]
+        anchor, labels, scores = anchor[top], labels[top], scores[top]
+    keep = class_nms(boxes[anchor], scores, labels, iou, max_det)
+    return Detections(boxes[anchor[keep]].astype(np.float32), scores[keep].astype(np.float32),
+                      labels[keep].astype(np.int64))

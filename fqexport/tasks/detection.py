@@ -105,6 +105,10 @@ class Detection(Task):
         conf: the lowest score NMS keeps for evaluation (COCO evaluates the ranking: 0.001).
         iou: NMS IoU threshold.
         max_det: boxes kept per image.
+        multi_label: the mAP's detections keep every class of an anchor scoring >= ``conf`` (what
+            YOLOv5's ``val.py`` and Ultralytics' validator evaluate, ``multi_label=True``); ``False``:
+            each anchor's best class only (what a deployment's NMS keeps). The export check and the
+            float model's stand-in boxes always take the best class.
         deploy_conf: the confidence a deployment keeps (the export check, pseudo ground truth).
         match_iou: IoU of a matched pair in the export check.
         margin: scores within this of ``deploy_conf`` are not decided in the export check.
@@ -114,6 +118,7 @@ class Detection(Task):
     conf: float = 0.001
     iou: float = 0.6
     max_det: int = 300
+    multi_label: bool = True
     deploy_conf: float = 0.25
     match_iou: float = 0.5
     margin: float = 0.05
@@ -134,6 +139,8 @@ class Detection(Task):
 
     def __post_init__(self) -> None:
         check_choice(self.layout, LAYOUTS, "Detection.layout")
+        if not isinstance(self.multi_label, (bool, np.bool_)):
+            raise ConfigError(f"Detection.multi_label={self.multi_label!r} must be True or False")
         for name in ("conf", "iou", "deploy_conf", "match_iou", "margin"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
@@ -184,11 +191,12 @@ class Detection(Task):
         rows = np.asarray(self._rows(np.asarray(outputs, dtype=np.float32)))
         return xywh_to_xyxy(rows[..., :4]), self._scores(rows)
 
-    def detections(self, outputs: np.ndarray, conf: float | None = None) -> list[Detections]:
-        """Each image's detections after class-aware NMS at ``conf`` (default ``self.conf``)."""
+    def detections(self, outputs: np.ndarray, conf: float | None = None, multi_label: bool = False) -> list[Detections]:
+        """Each image's detections after class-aware NMS at ``conf`` (default ``self.conf``): each
+        anchor's best class, or every class above ``conf`` (``multi_label``, :func:`select_boxes`)."""
         boxes, scores = self.decode(outputs)
         c = self.conf if conf is None else conf
-        return [select_boxes(b, s, c, self.iou, self.max_det) for b, s in zip(boxes, scores)]
+        return [select_boxes(b, s, c, self.iou, self.max_det, multi_label=multi_label) for b, s in zip(boxes, scores)]
 
     # ---------------------------------------------------------------------------- compress
     def check_output(self, out: Any, data: Any) -> int:
@@ -293,7 +301,7 @@ class Detection(Task):
     def evaluate(self, outputs: np.ndarray, data: Any, reference: np.ndarray | None = None) -> GroupMetrics:
         """COCO mAP@[.5:.95] and mAP@.5 per group and overall, and the loss vs ``reference``."""
         num_classes = self.num_classes_of(tuple(np.shape(outputs)))
-        found, truth = self.detections(outputs), self.truth(data, reference)
+        found, truth = self.detections(outputs, multi_label=self.multi_label), self.truth(data, reference)
         loss = self.sample_losses(outputs, data, reference)
         group = np.asarray(data.group)
         names = tuple(data.group_names)
@@ -369,7 +377,4 @@ class Detection(Task):
             agree=agree, n=total, conf=judge.deploy_conf, margin=judge.margin, iou=self.match_iou,
             need=MIN_BOX_AGREEMENT, mean_iou=float(ious.mean()) if ious.size else float("nan"), diff=diff))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "layout": self.layout, "conf": self.conf, "iou": self.iou, "max_det": self.max_det,
-                "deploy_conf": self.deploy_conf, "match_iou": self.match_iou, "margin": self.margin}
 

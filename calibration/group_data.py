@@ -36,6 +36,15 @@ class GroupViews:
         """Samples per group id, ``[num_groups]``."""
         return np.bincount(self.group, minlength=self.num_groups)
 
+    def _summary(self, kind: str) -> str:
+        """``"GroupData(d.npz: 128 samples of (3, 64, 64), 212 boxes, groups {...})"``: what the
+        data holds to measure against (labels, boxes, masks or nothing), not every array."""
+        notes = getattr(self, "annotations", None)
+        truth = (f"{len(notes)} {notes.kind}" if notes is not None
+                 else "labels" if self.y is not None else "no labels")
+        return (f"{kind}({self.source}: {len(self)} samples of {self.sample_shape}, {truth}, "
+                f"groups {dict(zip(self.group_names, self.group_counts().tolist()))})")
+
     def in_group_order(self, names: Sequence[str]):
         """The same samples with their group ids renumbered so that ``group_names`` is ``names``
         (the same names in another order: string groups are sorted, a calibration file may state
@@ -79,9 +88,7 @@ class GroupData(GroupViews):
         return int(self.x.shape[0])
 
     def __repr__(self) -> str:  # a summary, like DataStream's (the default printed every array)
-        labels = "labels" if self.y is not None else "no labels"
-        return (f"GroupData({self.source}: {len(self)} samples of {self.sample_shape}, {labels}, "
-                f"groups {dict(zip(self.group_names, self.group_counts().tolist()))})")
+        return self._summary("GroupData")
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -140,9 +140,7 @@ class DataStream(GroupViews):
         return int(len(self.group))
 
     def __repr__(self) -> str:
-        labels = "labels" if self.y is not None else "no labels"
-        return (f"DataStream({self.source}: {len(self)} samples of {self.sample_shape}, {labels}, "
-                f"groups {dict(zip(self.group_names, self.group_counts().tolist()))})")
+        return self._summary("DataStream")
 
     @property
     def in_memory(self) -> bool:

@@ -7,6 +7,7 @@ import pytest
 import npz_arrays
 import torch
 
+from fqexport.calibration.annotations import Boxes, Masks
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.errors import DataError
@@ -46,6 +47,12 @@ def test_group_data_prints_a_summary_not_its_arrays():
     data = GroupData(np.zeros((5, 3, 4, 4), np.float32), np.arange(5) % 2, np.array([0, 0, 0, 1, 1]),
                      ("light", "dark"), "calib.npz")
     assert repr(data) == "GroupData(calib.npz: 5 samples of (3, 4, 4), labels, groups {'light': 3, 'dark': 2})"
+    # detection / segmentation data holds its boxes or masks, not "no labels" (survey 55)
+    boxes = GroupData(data.x, None, data.group, data.group_names, "det.npz",
+                      Boxes(np.array([[0.0, 0.0, 2.0, 2.0]] * 3, np.float32), np.zeros(3, np.int64), np.array([0, 0, 4])))
+    assert repr(boxes) == "GroupData(det.npz: 5 samples of (3, 4, 4), 3 boxes, groups {'light': 3, 'dark': 2})"
+    masks = GroupData(data.x, None, data.group, data.group_names, "seg.npz", Masks(np.zeros((5, 4, 4), np.int64)))
+    assert repr(masks) == "GroupData(seg.npz: 5 samples of (3, 4, 4), 5 masks, groups {'light': 3, 'dark': 2})"
     assert "no labels" in repr(GroupData(data.x, None, data.group, data.group_names))
 
 

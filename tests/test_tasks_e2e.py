@@ -77,7 +77,7 @@ def test_detector_compress_export_validate(tmp_path, scenes, factory, layout, sh
     assert report.metrics.by_group["low-light"]["map"] == pytest.approx(recomputed.by_group["low-light"]["map"])
     d = report.to_dict()
     assert "worst_group_map" in d and d["metrics"]["metric"] == "map"
-    assert "mAP@[.5:.95] %" in to_markdown(report) and "ops: the decode)" in to_markdown(report)
+    assert "mAP@[.5:.95] %" in to_markdown(report) and "ops: the box decode)" in to_markdown(report)
 
 
 def test_detector_without_boxes_distills_and_infers_the_layout(scenes):
@@ -149,7 +149,7 @@ def test_cli_compress_and_validate_a_detector(tmp_path, scenes, tests_dir, monke
                            "--weights", tmp_path / "det.pt", "--calib", tmp_path / "calib.npz", "--num-calib", 32,
                            "--target", "x86-avx2", "--weight-bits", 8, "--out", tmp_path / "det.onnx"])
     assert code == 0, err
-    assert "task: detection (layout v5; given)" in out and "stay float (the decode)" in out
+    assert "task: detection (layout v5; given)" in out and "stay float (the box decode)" in out
     assert read_metadata(tmp_path / "det.onnx").task["layout"] == "v5"
     code, out, err = run_main(["validate", tmp_path / "det.onnx", "--data", tmp_path / "test.npz", "--no-latency",
                            "--min-worst-group-map", 0, "--report-dir", tmp_path / "r", "--junit", tmp_path / "j.xml"])

@@ -24,7 +24,7 @@ from fqexport.pipeline.compress import compress
 from fqexport.search.byte_budget import check_finetuned_size
 from fqexport.search.candidates import MixedPrecisionResult
 from fqexport.search.mixed_precision import search_mixed_precision
-from fqexport.validation.reports import write_json_data
+from fqexport.validation.reports import float_tail_words, write_json_data
 from fqexport.validation.speed import speed_vs_float
 
 
@@ -62,7 +62,7 @@ def run_compress(args: argparse.Namespace) -> int:
     print(f"\n{task_line(cm.metadata.task)}")
     if cm.metadata.float_ops:
         decode = (cm.metadata.task or {}).get("decode")
-        named = f"the decode, {decode}" if decode else "the decode"
+        named = f"the box decode, {decode}" if decode else float_tail_words(cm.metadata.task)
         print(f"{len(cm.metadata.float_ops)} ops after the last weight layers stay float ({named}): "
               + ", ".join(cm.metadata.float_ops))
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "

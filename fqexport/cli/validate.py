@@ -21,6 +21,7 @@ from fqexport.validation.reports import (
     REPORT_JSON,
     REPORT_MD,
     changes_line,
+    float_tail_words,
     remove_earlier_reports,
     remove_stale_plots,
     write_json,
@@ -84,7 +85,8 @@ def print_summary(report) -> None:
     if (line := changes_line(report, cell_text)) is not None:
         print(line)
     if report.metadata is not None and report.metadata.float_ops:
-        print(f"kept float after the last weight layers (the decode): {', '.join(report.metadata.float_ops)}")
+        print(f"kept float after the last weight layers ({float_tail_words(report.task)}): "
+              f"{', '.join(report.metadata.float_ops)}")
     for target in report.targets[1:]:
         tm = report.target_metrics[target]
         dev = (report.target_kernel_deviation_by_group or {}).get(target)

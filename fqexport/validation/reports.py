@@ -37,6 +37,11 @@ METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+def float_tail_words(task: Any) -> str:
+    """What the float ops after the last weight layers are, by the metadata's ``task`` dict: a
+    detector's box decode, else the output's tail (a segmenter's upsampling, a classifier's last ops)."""
+    return "the box decode" if (task or {}).get("name") == "detection" else "the output's tail"
+
 def md_text(value: Any) -> str:
     """``value`` as literal text in a Markdown table cell or list line: Markdown's emphasis, code
     and link marks and ``|`` (it would split the cell) backslash-escaped, ``<``/``>``/``&`` as
@@ -230,7 +235,7 @@ def to_markdown(report: Any) -> str:
         out.append(f"- task: {task['name']} ({task.get('chosen', 'given')}); per-group {label}")
     floats = getattr(getattr(report, "metadata", None), "float_ops", ())
     if floats:
-        out.append(f"- kept float after the last weight layers ({len(floats)} ops: the decode): "
+        out.append(f"- kept float after the last weight layers ({len(floats)} ops: {float_tail_words(task)}): "
                    + ", ".join(f"`{f}`" for f in floats))
     if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
         out.append(

@@ -721,6 +721,17 @@ def kernel_dependent(node: onnx.NodeProto, initializers: Mapping[str, np.ndarray
     return any(risky_mask(r)[2].any() for r in rows)
 
 
+def stored_integer_kernels(path: str | Path) -> set[str]:
+    """Names of the fused integer nodes (QLinearConv, QGemm, …) ``path`` holds as written — a
+    QOperator file's, not the ones ORT's optimizer fuses from Q/DQ pairs: an unoptimized session
+    runs these with this CPU's own kernels, so it is not the graph's exact arithmetic there."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
+    return {n.name for n in model.graph.node if _kernel(n) is not None}
+
+
 # ------------------------------------------------------------------------------ the session
 
 

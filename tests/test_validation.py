@@ -565,3 +565,34 @@ def test_the_paired_changes_explain_each_groups_drop_and_a_limit_finer_than_one_
     assert changes_line(r).startswith("changed predictions vs reference per group (reference right and model "
                                       "wrong / the reverse; exact McNemar p): majority: ")
     assert validate(d / "qdq.onnx", noisy, measure_latency=False, kernel_check=False).group_changes is None
+
+
+def test_a_file_holding_fused_integer_kernels_is_judged_against_their_exact_sums(tmp_path, monkeypatch):
+    """A QOperator file (QGemm already in it) was judged against its unoptimized session, which runs the
+    very same saturating kernels on an AVX2 CPU: k.dev 0.00 natively and on x86-avx2, so the gate passed
+    on the CPU that saturates, and the exact x86-vnni target was blamed instead (survey 56)."""
+    from fqexport.exporters.cpu_isa import EXACT_FAMILIES, kernel_family
+    from fqexport.exporters.kernel_emulation import EmulatedSession
+    from fqexport.exporters.ort_session import build_session
+    from fqexport.validation import measure
+    from fqexport.validation.validation_report import UNOPTIMIZED
+
+    data = saturating_qdq_gemm(tmp_path / "qdq.onnx")
+    build_session(tmp_path / "qdq.onnx", level="ORT_ENABLE_EXTENDED", dump_path=tmp_path / "qop.onnx")
+    assert "QGemm" in [n.op_type for n in onnx.load(str(tmp_path / "qop.onnx")).graph.node]
+    limits = Thresholds(max_kernel_deviation=1.0)
+    r = validate(tmp_path / "qop.onnx", data, thresholds=limits, measure_latency=False, targets=("native", "x86-avx2"))
+    exact_cpu = kernel_family(cpu_isa()) in EXACT_FAMILIES  # this CPU's own kernels, whatever stands in for them
+    # the minority is right with exact sums and wrong under x86-avx2's (this CPU's own on an AVX2 CPU)
+    assert r.unoptimized_metrics.by_group["minority"]["accuracy"] == 1.0
+    assert r.target_kernel_deviation_by_group["x86-avx2"]["minority"] == 1.0
+    assert r.metrics.by_group["minority"]["accuracy"] == (1.0 if exact_cpu else 0.0)
+    assert not r.passed and any(c.name == "max_kernel_deviation[target=x86-avx2]" and not c.passed for c in r.checks)
+    assert (r.kernel_reference == UNOPTIMIZED) == exact_cpu
+    assert r.to_dict()["kernel"]["kernel_reference"] == r.kernel_reference
+    # the AVX2 path on any CPU: the exact emulation for the stored QGemm; a QDQ file keeps the unoptimized session
+    monkeypatch.setattr(measure, "cpu_isa", lambda: "x86-avx2")
+    session, words = measure.graph_math_session(tmp_path / "qop.onnx", measure.Runner())
+    assert isinstance(session, EmulatedSession) and words.startswith("the exact integer sums of the 1 fused integer node")
+    session, words = measure.graph_math_session(tmp_path / "qdq.onnx", measure.Runner())
+    assert words == UNOPTIMIZED and not isinstance(session, EmulatedSession)

@@ -29,6 +29,7 @@ from fqexport.validation.reports import (
     write_markdown,
     write_plots,
 )
+from fqexport.validation.validation_report import UNOPTIMIZED
 
 
 def _pct(x: float | None) -> str:
@@ -99,6 +100,8 @@ def print_summary(report) -> None:
         how = "this CPU's own kernels" if target in report.target_native else "emulated"
         print(f"target {target} ({how}): {accs}; agreement with native "
               f"{_pct(report.target_agreement[target]).strip()} %")
+    if report.kernel_reference not in (None, UNOPTIMIZED):
+        print(f"unopt % and k.dev: against {report.kernel_reference}")
     if report.fused_kernels is not None:
         ks = ", ".join(f"{k}={v}" for k, v in report.fused_kernels.items() if v)
         print(f"kernels: {ks} (what ORT fused on {isa})")

@@ -271,6 +271,7 @@ def _kernel_fields(k: KernelCheck | None) -> dict[str, Any]:
         kernel_agreement=k.agreement,
         fused_kernels=k.fused_kernels,
         float_fallbacks=k.float_fallbacks,
+        kernel_reference=k.reference,
     )
 
 

@@ -19,17 +19,37 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import as_int
 from fqexport.errors import ConfigError, DataError, ModelLoadError
-from fqexport.exporters.cpu_isa import runs_natively
-from fqexport.exporters.kernel_emulation import EmulatedSession
-from fqexport.exporters.ort_session import MSG_BATCH, input_shape, kernel_summary, make_session, run_batches
+from fqexport.exporters.cpu_isa import (
+    EXACT_FAMILIES,
+    cpu_isa,
+    kernel_family,
+    runs_natively,
+)
+from fqexport.exporters.kernel_emulation import EmulatedSession, stored_integer_kernels
+from fqexport.exporters.ort_session import (
+    MSG_BATCH,
+    input_shape,
+    kernel_summary,
+    make_session,
+    run_batches,
+)
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.metrics.paired import paired_changes
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 from fqexport.validation.data_checks import check_data
-from fqexport.validation.latency import LatencyResult, measure_latency, measure_latency_pair, timed_batches
+from fqexport.validation.latency import (
+    LatencyResult,
+    measure_latency,
+    measure_latency_pair,
+    timed_batches,
+)
 from fqexport.validation.thresholds import pct
-from fqexport.validation.validation_report import group_drop, kernel_deviation
+from fqexport.validation.validation_report import (
+    UNOPTIMIZED,
+    group_drop,
+    kernel_deviation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +146,41 @@ class KernelCheck:
     agreement: float  # top-1 agreement of the two sessions (the task's agreement)
     fused_kernels: Mapping[str, int]
     float_fallbacks: tuple[str, ...]
+    reference: str = UNOPTIMIZED  # what "unoptimized" ran: the unoptimized session, or EXACT_SUMS
+
+
+EXACT_SUMS = (
+    "the exact integer sums of the {n} fused integer node(s) the file holds ({family} emulation): on this "
+    "{isa} CPU the unoptimized session runs them with the same saturating kernels"
+)
+
+
+def graph_math_session(model: str | Path, runner: Runner) -> tuple[Any, str]:
+    """The session that computes what ``model``'s graph means, and its words: ORT unoptimized —
+    except for a file that already holds fused integer nodes (a QOperator file) whose sums this
+    CPU's kernels may saturate (x86-avx2): unoptimized, they run on those very kernels, so their
+    exact sums come from an exact family's emulation instead."""
+    raw = runner.open(model, optimized=False)
+    isa = cpu_isa()
+    if runner.provider != "cpu" or kernel_family(isa) in EXACT_FAMILIES:
+        return raw, UNOPTIMIZED
+    stored = stored_integer_kernels(model)
+    if not stored:
+        return raw, UNOPTIMIZED
+    exact = EmulatedSession(model, EXACT_FAMILIES[0], threads=runner.threads, native_log_level=logging.DEBUG)
+    fused = [n for n in exact.emulated_nodes if n.split(":", 1)[1] in stored]
+    if not fused:  # their weights sum alike on every family: ORT's own kernels are exact
+        return raw, UNOPTIMIZED
+    words = EXACT_SUMS.format(n=len(fused), family=EXACT_FAMILIES[0], isa=isa)
+    log.info("%s: the kernel deviation is measured against %s", model, words)
+    return exact, words
 
 
 def check_kernels(model: str | Path, data: GroupData | DataStream, native: Measured, runner: Runner) -> KernelCheck:
-    """Run ``model`` unoptimized and dump its optimized graph: what the kernels changed, per group."""
-    raw = runner.measure(runner.open(model, optimized=False), data, str(model), "unoptimized session")
+    """Run ``model`` unoptimized (:func:`graph_math_session`) and dump its optimized graph: what
+    the kernels changed, per group."""
+    session, reference = graph_math_session(model, runner)
+    raw = runner.measure(session, data, str(model), "unoptimized session")
     counts, floats = kernel_summary(model, provider=runner.provider)
     return KernelCheck(
         unoptimized=raw.metrics,
@@ -138,6 +188,7 @@ def check_kernels(model: str | Path, data: GroupData | DataStream, native: Measu
         agreement=runner.task.agreement(native.logits, raw.logits),
         fused_kernels=counts,
         float_fallbacks=tuple(floats),
+        reference=reference,
     )
 
 

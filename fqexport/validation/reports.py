@@ -20,7 +20,7 @@ from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.global_state import GLOBAL_STATE_LOCK
 from fqexport.shown_text import shown_text
 from fqexport.metrics.group_metrics import json_safe
-from fqexport.validation.validation_report import not_measured
+from fqexport.validation.validation_report import UNOPTIMIZED, not_measured
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,8 @@ def to_markdown(report: Any) -> str:
             f"- measured on: {isa_line(report)}",
             f"- kernel deviation (optimized vs unoptimized, max over groups): {_pct(report.kernel_deviation)} pp; "
             f"{agree} {_pct(report.kernel_agreement)} %",
+            *([f"- \"unoptimized\" is {md_text(report.kernel_reference)}"]
+              if report.kernel_reference not in (None, UNOPTIMIZED) else []),
             f"- ops ORT runs: {kernels}",
             f"- Conv/Gemm/MatMul in float: {', '.join(report.float_fallbacks) if report.float_fallbacks else 'none'}",
         ]

@@ -55,6 +55,7 @@ def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, fl
 # A speed-up of at least 10 % (at most 10 % slower) counts as faster (slower); between, the same:
 # latencies on a shared machine move by a few percent from run to run.
 FASTER, SLOWER = 1.10, 0.90
+UNOPTIMIZED = "the unoptimized session"  # the kernel check's usual reference (ValidationReport.kernel_reference)
 
 
 def speed_word(speedup: float) -> str:
@@ -131,6 +132,8 @@ class ValidationReport:
     kernel_deviation: float | None = None
     kernel_deviation_by_group: Mapping[str, float] | None = None
     kernel_agreement: float | None = None
+    # what "unoptimized" ran (fqexport.validation.measure.graph_math_session); None without the kernel check
+    kernel_reference: str | None = None
     reference: str | None = None
     reference_metrics: GroupMetrics | None = None
     group_drop: Mapping[str, float] | None = None
@@ -262,6 +265,7 @@ class ValidationReport:
             "kernel_deviation": self.kernel_deviation,
             "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
             "kernel_agreement": self.kernel_agreement,
+            "kernel_reference": self.kernel_reference,
         }
 
     def _reference_dict(self) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.stream import DataStream
 from fqexport.config import check_argument
 from fqexport.errors import ConfigError, DataError
-from fqexport.exporters.cpu_isa import cpu_isa, emulated_host
+from fqexport.exporters.cpu_isa import cpu_isa, emulated_host, host_family
+from fqexport.exporters.export_check import TARGET_FAMILIES
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
 from fqexport.exporters.metadata import read_metadata
@@ -86,6 +87,26 @@ MSG_STAND_IN_NOT_GATED = (
     "FQEXPORT_HOST_KERNELS=%s stands in for that family's kernels, but validate gates the native target, this "
     "CPU's own session, and no %s target: add --target %s (API: targets=...) to gate the stand-in family"
 )
+
+
+MSG_OTHER_FAMILY = (
+    "%s was exported for --target %s (the %s int8 kernels); this CPU's are %s, so its native figures are this "
+    "CPU's deployment, not the target's%s"
+)
+MSG_OTHER_FAMILY_SATURATES = "; its full-range weights can saturate this CPU's 16-bit pair sums (docs/ort-kernels.md)"
+
+
+def _warn_other_family(model: str | Path, meta: ExportMetadata | None, targets: Sequence[str], provider: str) -> None:
+    """Warn when the file was exported for CPU kernels this machine's family is not among (a file
+    for x86-vnni judged on an AVX2 CPU), and say how to judge it on its own target."""
+    families = TARGET_FAMILIES.get(meta.target, ()) if meta is not None else ()
+    host = host_family()
+    if provider != "cpu" or not families or host in families:
+        return
+    missing = [f for f in families if f not in targets]
+    advice = f": add --target {' --target '.join(missing)} to judge it on its target" if missing else ""
+    saturates = MSG_OTHER_FAMILY_SATURATES if host == "x86-avx2" and meta.weight_range == "full" else ""
+    log.warning(MSG_OTHER_FAMILY, model, meta.target, "/".join(families), host, saturates + advice)
 
 
 def _check_reference(model: str | Path, reference: str | Path) -> None:
@@ -181,6 +202,7 @@ def validate(
         _check_reference(model, reference)
     # 2. the task, then the sessions, each measured per group
     meta = read_metadata(model)
+    _warn_other_family(model, meta, target_list, provider)
     plain = Runner(provider=provider, threads=threads, batch_size=batch_size, progress=progress)
     session = plain.open(model)
     _warn_per_batch_ops(model, batch_size)

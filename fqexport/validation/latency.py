@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ class LatencyResult:
 
     ``throughput_per_s`` = batch_size / mean latency (samples per second); ``threads`` is the
     session's intra-op thread count; ``warmup`` runs are discarded, ``repeats`` are timed.
+    ``speedup``: timed in pairs with a reference (:func:`measure_latency_pair`), the median over
+    the pairs of runs of the reference's time over this one's (> 1: faster); else None.
     """
 
     p50_ms: float
@@ -31,6 +33,7 @@ class LatencyResult:
     threads: int
     warmup: int
     repeats: int
+    speedup: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,11 +100,6 @@ def _result(session: Any, times: np.ndarray, batch_size: int, warmup: int, repea
     )
 
 
-# Rounds the repeats of two sessions are interleaved in: load that comes and goes on a shared
-# machine hits both alike, so their ratio means something.
-PAIR_ROUNDS = 5
-
-
 def timed_batches(session: Any, reference: Any | None, batch_size: int) -> tuple[int, int | None]:
     """``(model's batch, reference's batch)`` timed for a requested ``batch_size``: a file's fixed
     batch when it has one (torch.onnx.export's default), else ``batch_size`` for the model and the
@@ -122,8 +120,12 @@ def paired_batch(session: Any, reference: Any | None, batch_size: int) -> int | 
 
 def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch_size: int, warmup: int = 5,
                          repeats: int = 30) -> tuple[LatencyResult, LatencyResult]:
-    """Latency of ``session`` and of ``reference`` on the same batch, their ``repeats`` timed in
-    :data:`PAIR_ROUNDS` interleaved rounds (after ``warmup`` untimed runs each)."""
+    """Latency of ``session`` and of ``reference`` on the same batch, run alternately (after
+    ``warmup`` untimed runs each): ``repeats`` pairs of one run each, which of the two goes first
+    swapping from pair to pair, so that load which comes and goes on a shared machine hits both
+    runs of a pair alike. The session's ``speedup`` is the median of the pairs' time ratios (the
+    same file against itself measured 0.99-1.00 this way under load where rounds of six runs
+    each measured 0.80-1.27)."""
     if int(batch_size) < 1 or int(warmup) < 0 or int(repeats) < 1:
         raise ConfigError(f"latency batch_size={batch_size!r}, warmup={warmup!r}, repeats={repeats!r}: need "
                           ">= 1, >= 0, >= 1")
@@ -132,14 +134,14 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
         return (measure_latency(session, sample, batch_size, warmup, repeats),
                 measure_latency(reference, sample, batch_size, warmup, repeats))
     batch_size = batch
-    feeds = [_feed(s, sample, batch_size) for s in (session, reference)]
-    for s, f in zip((session, reference), feeds):
+    pair = (session, reference)
+    feeds = [_feed(s, sample, batch_size) for s in pair]
+    for s, f in zip(pair, feeds):
         _runs(s, f, int(warmup))
-    rounds = min(PAIR_ROUNDS, int(repeats))
-    chunks: list[list[np.ndarray]] = [[], []]
-    for r in range(rounds):
-        n = int(repeats) // rounds + (1 if r < int(repeats) % rounds else 0)
-        for i, (s, f) in enumerate(zip((session, reference), feeds)):
-            chunks[i].append(_runs(s, f, n))
-    return (_result(session, np.concatenate(chunks[0]), batch_size, warmup, repeats),
-            _result(reference, np.concatenate(chunks[1]), batch_size, warmup, repeats))
+    times = np.empty((2, int(repeats)))
+    for r in range(int(repeats)):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i, r] = _runs(pair[i], feeds[i], 1)[0]
+    mine = _result(session, times[0], batch_size, warmup, repeats)
+    speedup = float(np.median(times[1] / np.maximum(times[0], 1e-9)))
+    return replace(mine, speedup=speedup), _result(reference, times[1], batch_size, warmup, repeats)

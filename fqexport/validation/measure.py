@@ -257,7 +257,7 @@ def measure_latencies(session: Any, data: GroupData | DataStream, batch_sizes: S
                       repeats: int, reference: Any = None) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...]]:
     """Latency of ``session`` at each batch size (once per batch it runs: a fixed batch is timed
     once), on the first samples of ``data``; with a ``reference`` session, its latency too: at the
-    model's batch, the two timed in interleaved rounds
+    model's batch, the two timed in alternating pairs of runs
     (:func:`~fqexport.validation.latency.measure_latency_pair`), or alone at its own fixed batch
     where it has another one (the speeds are not compared there). Returns ``(model's, reference's)``."""
     plan = list(dict.fromkeys(timed_batches(session, reference, bs) for bs in batch_sizes))

@@ -1,5 +1,5 @@
 """Does a compressed file buy speed on this CPU, or only size? The file against its own float
-model, timed in interleaved rounds at a few batch sizes (what ``compress`` prints; ``validate``
+model, timed in alternating pairs of runs at a few batch sizes (what ``compress`` prints; ``validate``
 does the same against ``--reference``)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequenc
                    warmup: int = 3, repeats: int = 10, threads: int | None = None
                    ) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...], str | None]:
     """``(file's latency, float model's latency, verdict)`` on this CPU: ``cm.float_model`` is
-    exported to a temporary file and both optimized sessions are timed in interleaved rounds on
+    exported to a temporary file and both optimized sessions are timed in alternating pairs of runs on
     calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`)."""
     x = np.ascontiguousarray(cm.calib.x)
     with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:

@@ -55,6 +55,7 @@ def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, fl
 # A speed-up of at least 10 % (at most 10 % slower) counts as faster (slower); between, the same:
 # latencies on a shared machine move by a few percent from run to run.
 FASTER, SLOWER = 1.10, 0.90
+SMALLER = 0.95  # a file buys size when it takes at most this share of the reference's bytes
 UNOPTIMIZED = "the unoptimized session"  # the kernel check's usual reference (ValidationReport.kernel_reference)
 
 
@@ -64,11 +65,12 @@ def speed_word(speedup: float) -> str:
 
 
 def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
-    """Batch size -> the reference's p50 latency over the model's (> 1: the model is faster), for
-    the batch sizes both were timed at (a file with a fixed batch runs only that one)."""
+    """Batch size -> how much faster the model runs than the reference (> 1: faster), for the
+    batch sizes both were timed at (a file with a fixed batch runs only that one): the median
+    ratio of their paired runs (``LatencyResult.speedup``), else the ratio of their p50s."""
     theirs = {r.batch_size: r for r in reference}
-    return {m.batch_size: theirs[m.batch_size].p50_ms / m.p50_ms for m in latency
-            if m.p50_ms > 0 and m.batch_size in theirs}
+    return {m.batch_size: m.speedup if m.speedup is not None else theirs[m.batch_size].p50_ms / m.p50_ms
+            for m in latency if m.p50_ms > 0 and m.batch_size in theirs}
 
 
 def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult], isa: str,
@@ -76,8 +78,8 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
     """``"on this CPU (x86-avx2) the file buys size only, no speed: batch 1: 0.95x the
     reference's speed (same speed)"``, and the batch sizes not compared (the reference has another
     fixed batch); ``None`` when nothing was compared. ``sizes``: (the file's bytes, the
-    reference's): a file not smaller buys no size, and says so (without them: a quantized file
-    against its float model, smaller by construction)."""
+    reference's): a file not at least 5 % smaller (:data:`SMALLER`) buys no size, and says so
+    (without them: a quantized file against its float model, smaller by construction)."""
     ratio = speedups(latency, reference)
     if not latency or not reference:
         return None
@@ -88,7 +90,7 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
                 f"{', '.join(map(str, mine))} and {noun} batch {', '.join(map(str, theirs))} (fixed batch sizes)")
     parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
     fast = [bs for bs, x in ratio.items() if x >= FASTER]
-    smaller = sizes is None or sizes[0] < sizes[1]
+    smaller = sizes is None or sizes[0] <= SMALLER * sizes[1]
     at = f"at batch {', '.join(map(str, fast))}"
     buys = (f"speed and size {at}" if fast else "size only, no speed") if smaller else (
         f"speed {at}, no size" if fast else "neither speed nor size")

@@ -137,7 +137,8 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     if check:
         verdicts = check_export(model, cm.predict(cm.calib.x), cm.calib.x, np.asarray(cm.calib.group),
                                 target=cm.config.target, full_range=cm.config.weight_range == "full", path=path,
-                                task=cm.task, shaken=cm.predict(cm.calib.x, jitter=TIE_JITTER_STEPS))
+                                task=cm.task, shaken=cm.predict(cm.calib.x, jitter=TIE_JITTER_STEPS),
+                                group_names=cm.calib.group_names)
     size = write_atomic(model, path)
     agreement = min(v.agreement for v in verdicts) if verdicts else None
     max_diff = max(v.max_abs_diff for v in verdicts) if verdicts else None

@@ -149,3 +149,37 @@ def test_a_reference_with_nan_outputs_fails_the_check_before_any_judge():
                                           r"calibration samples"):
         check_export(None, want, np.zeros((6, 2), np.float32), np.zeros(6, np.int64), target="portable",
                      full_range=False, path=pathlib.Path("m.onnx"))
+
+
+def _identity_model():
+    """A float ONNX graph y = x·I: what any judge returns is its input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "identity",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                          initializer=[numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")])
+    return onnx.helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_the_rule_holds_within_each_group_not_only_over_all_samples(tmp_path):
+    """Full-range weights on an AVX2 CPU flipped 2 of a 47-sample minority (4.3 %) and none of the
+    majority: 99.61 % overall passed the check, and the file cost the minority 2.69 pt (survey 56)."""
+    x = np.where((np.arange(200) % 2 == 0)[:, None], [5.0, 0.0], [0.0, 5.0]).astype(np.float32)
+    group = (np.arange(200) >= 180).astype(np.int64)  # 180 majority, 20 minority
+    want = x.copy()
+    flipped = [181, 183]  # two decided minority samples the file gets "wrong"
+    want[flipped] = want[flipped][:, ::-1]
+    with pytest.raises(ExportError, match=r"m.onnx: for target='gpu', the exported model run with the graph's own math "
+                                          r".* on group 'minority' agrees with the PyTorch fake-quant reference on "
+                                          r"only 90.00% of the 20 calibration samples"):
+        check_export(_identity_model(), want, x, group, target="gpu", full_range=False, path=tmp_path / "m.onnx",
+                     group_names=("majority", "minority"))
+    # one flip in the minority: within the rule there as over all
+    want[flipped[1]] = x[flipped[1]]
+    verdict, = check_export(_identity_model(), want, x, group, target="gpu", full_range=False,
+                            path=tmp_path / "m.onnx", group_names=("majority", "minority"))
+    assert verdict.passed and verdict.by_group == {"majority": 1.0, "minority": 0.95}
+    assert "worst group 'minority' 95.00%" in verdict.line()
+    assert verdict.to_dict()["decided_agreement_by_group"] == {"majority": 1.0, "minority": 0.95}

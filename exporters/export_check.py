@@ -150,6 +150,7 @@ class Verdict:
     def line(self) -> str:
         """One console line: who judged, on how many samples, with what result (and its worst group)."""
         worst = min(self.by_group.items(), key=lambda kv: kv[1]) if len(self.by_group) > 1 else None
+        worst = worst if worst is not None and worst[1] < 1.0 else None
         return (f"{self.judge.describe()}: {self.what} {self.agreement:.2%} on {self.samples} calibration "
                 f"samples ({self.decided_agreement:.2%} of the decided ones"
                 + (f"; worst group {worst[0]!r} {worst[1]:.2%}" if worst else "")

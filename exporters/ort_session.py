@@ -30,6 +30,17 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
 MSG_IS_DIR = "ONNX model {path} is a directory, not an .onnx file: give the model's .onnx file"
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
+# ORT's CPU optimizers on an opset-21 file with int8 activations (the gpu target's S8S8): QDQ
+# propagation inserts a QuantizeLinear with output_dtype INT8 beside the zero point that the S8->U8
+# conversion made uint8, and the session refuses its own graph (onnxruntime issue 25526's error)
+QDQ_PROPAGATION = "QDQPropagationTransformer"
+QDQ_PROPAGATION_FAILURE = "does not match y_zero_point type"
+MSG_PROPAGATION_OFF = (
+    "ONNX Runtime's optimizers cannot load %s (%s): an ORT bug with int8 activation zero points at opset 21; "
+    "it runs without QDQPropagationTransformer (the Q/DQ pairs stay where the file put them), and a deployment "
+    "on ORT's CPU provider needs the same session option (disabled_optimizers)"
+)
+_PROPAGATION_OFF_SAID: set[str] = set()
 MSG_PROVIDER = "provider={provider!r} is not one of {choices}"
 MSG_NO_CUDA = (
     "provider 'cuda' asked for but CUDAExecutionProvider is not available in this onnxruntime "
@@ -181,7 +192,14 @@ def build_session(
     try:
         session = ort.InferenceSession(source, **kwargs)
     except Exception as err:  # ORT raises its own Fail/InvalidGraph/… types
-        raise ModelLoadError(MSG_UNREADABLE.format(path=name_in_errors, err=str(err).strip())) from err
+        if QDQ_PROPAGATION_FAILURE not in str(err) or QDQ_PROPAGATION in disable:
+            raise ModelLoadError(MSG_UNREADABLE.format(path=name_in_errors, err=str(err).strip())) from err
+        # ORT's own optimizers break the file (QDQ_PROPAGATION_FAILURE): load it without the one that does
+        if str(name_in_errors) not in _PROPAGATION_OFF_SAID:  # once per file, not per session validate opens
+            _PROPAGATION_OFF_SAID.add(str(name_in_errors))
+            log.warning(MSG_PROPAGATION_OFF, name_in_errors, str(err).strip())
+        return build_session(model, level=level, provider=provider, threads=threads, disable=(*disable, QDQ_PROPAGATION),
+                             dump_path=dump_path, dump_data_file=dump_data_file, label=label)
     if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise ConfigError(MSG_CUDA_FELL_BACK.format(path=name_in_errors, providers=session.get_providers()))
     return session

@@ -30,6 +30,14 @@ def _run(argv):
     return main(["-q", "validate", *map(str, argv)])  # no progress bars on the stderr the tests read
 
 
+def _exit_code(argv) -> int:
+    """``_run``'s exit code, argparse's own exit (a usage error) included."""
+    try:
+        return _run(argv)
+    except SystemExit as stop:
+        return int(stop.code)
+
+
 def _export(net, x, path):
     torch.onnx.export(net, (torch.from_numpy(x[:2]),), str(path), dynamo=True, opset_version=21,
                       input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
@@ -315,15 +323,33 @@ def test_a_run_that_errors_leaves_no_earlier_pass_report(files, tmp_path, capsys
     assert sorted(p.name for p in rep.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("bad", [["--max-group-drop", "1"], ["--threads", "-1"], ["--min-worst-group-acc", "200"]])
+@pytest.mark.parametrize("bad", [["--max-group-drop", "1"], ["--threads", "-1"], ["--min-worst-group-acc", "200"],
+                                 # refused by argparse itself (survey 58), and an output path check_paths refuses
+                                 ["--min-worst-grup-acc", "3"], ["--batch-size", "0"], ["--report-dir", "A_FILE"]])
 def test_a_flag_error_leaves_no_earlier_pass_report(files, tmp_path, bad):
     """A flag error (exit 2 before any data is read) left run 1's PASS reports behind (survey 49)."""
     rep, junit = tmp_path / "rep", tmp_path / "rep" / "junit.xml"
     good = [files / "qdq.onnx", "--data", files / "test.npz", "--no-latency", "--report-dir", rep, "--junit", junit,
             "--no-plots"]
     assert _run(good) == 0 and sorted(p.name for p in rep.iterdir()) == ["junit.xml", "report.json", "report.md"]
-    assert _run([*good, *bad]) == 2
-    assert list(rep.iterdir()) == []
+    (tmp_path / "a_file").write_text("not a folder")
+    assert _exit_code([*good, *[str(tmp_path / "a_file") if b == "A_FILE" else b for b in bad]]) == 2
+    left = sorted(p.name for p in rep.iterdir())
+    assert left == ([] if bad[0] != "--report-dir" else ["report.json", "report.md"])  # not this run's outputs
+
+
+def test_an_early_error_never_removes_an_input_nor_another_tools_junit(files, tmp_path):
+    """Removing the earlier reports first must not remove what the run reads (--junit set to the data file
+    is refused, not obeyed) nor a JUnit file fqexport did not write."""
+    import shutil
+
+    data = tmp_path / "test.npz"
+    shutil.copy(files / "test.npz", data)
+    assert _exit_code([files / "qdq.onnx", "--data", data, "--no-latency", "--junit", data]) == 2 and data.is_file()
+    theirs = tmp_path / "pytest.xml"
+    theirs.write_text('<?xml version="1.0"?><testsuite name="pytest" tests="1"/>')
+    assert _exit_code([files / "qdq.onnx", "--data", data, "--no-latency", "--junit", theirs, "--batch-size", "0"]) == 2
+    assert theirs.is_file()
 
 
 def test_a_latency_limit_at_a_batch_a_fixed_batch_model_cannot_run_is_refused(files, tmp_path, capsys, caplog):

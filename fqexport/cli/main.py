@@ -181,6 +181,27 @@ def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def _remove_validate_reports(argv: Sequence[str]) -> None:
+    """A ``validate`` command line argparse refused (a mistyped flag, a bad value: exit 2) removes
+    the earlier reports at its ``--report-dir`` / ``--junit`` too, as every other error does
+    (:func:`~fqexport.cli.flags.validate.check_validate`): no earlier PASS is left for CI. Its
+    other words (the model, the data...) are never removed."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] != "validate":
+        return
+    outputs = argparse.ArgumentParser(add_help=False)
+    outputs.add_argument("--report-dir")
+    outputs.add_argument("--junit")
+    try:
+        known, _ = outputs.parse_known_args(argv)
+    except SystemExit:  # e.g. --junit with no value: nothing named
+        return
+    from fqexport.validation.reports import remove_earlier_reports
+
+    inputs = [w for w in words[1:] if w not in (known.report_dir, known.junit)]
+    remove_earlier_reports(known.report_dir, known.junit, inputs=inputs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, check and run the subcommand, map errors and signals to exit codes."""
     # torch's OpenMP threads spin while they wait for each other; on a shared CPU that starves a
@@ -189,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            _remove_validate_reports(argv)
+        raise
     flags = _given_flags(parser, args.command, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

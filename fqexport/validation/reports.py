@@ -13,7 +13,7 @@ import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fqexport.atomic import atomic_write
 from fqexport.exporters.cpu_isa import kernel_family
@@ -28,6 +28,8 @@ MSG_NO_MATPLOTLIB = "matplotlib is not installed: skipping plots (pip install ma
 MSG_STALE_PLOT = "removed %s: a plot of an earlier run that this run did not draw"
 MSG_EARLIER_REPORT = "removed %s, an earlier run's report, before measuring"
 GROUP_PLOT, LATENCY_PLOT = "group_accuracy.png", "latency.png"  # what write_plots writes
+JUNIT_SUITE_NAME = "fqexport.validate"  # the <testsuite name> of write_junit's files
+JUNIT_SUITE = f'name="{JUNIT_SUITE_NAME}"'
 # How reports name each task's per-group metrics (fqexport.tasks); the fractions show in percent.
 METRIC_LABELS = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map50": "mAP@.5", "miou": "mIoU", "dice": "Dice",
                  "pixel_accuracy": "pixel accuracy"}
@@ -341,7 +343,7 @@ def to_junit(report: Any) -> ET.Element:
     suite = ET.Element(
         "testsuite",
         {
-            "name": "fqexport.validate",
+            "name": JUNIT_SUITE_NAME,
             "tests": str(max(1, len(checks))),
             "failures": str(sum(1 for c in checks if not c.passed)),
             "errors": "0",
@@ -443,20 +445,44 @@ def _draw_plots(plt: Any, report: Any, dir: Path) -> list[Path]:
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
-def remove_earlier_reports(dir: str | Path | None, junit: str | Path | None) -> list[Path]:
+def remove_earlier_reports(dir: str | Path | None, junit: str | Path | None,
+                           inputs: Sequence[str | Path | None] = ()) -> list[Path]:
     """Remove what an earlier run wrote where this one will write (``dir``'s report.json,
-    report.md and plots, the ``junit`` file; regular files only), before this run measures: a
-    run that stops with an error then leaves no earlier PASS report for CI to read. Returns the
-    removed paths."""
+    report.md and plots, the ``junit`` file; regular files only), before anything else can stop
+    this run: a run that stops with an error then leaves no earlier PASS report for CI to read.
+    Only files fqexport wrote (:func:`_written_here`: a file of another tool or of the user that
+    merely has a report's name stays), never one of this run's ``inputs`` (``--junit data.npz``
+    is refused later, not obeyed). Returns the removed paths."""
     paths = [Path(dir) / n for n in (REPORT_JSON, REPORT_MD, GROUP_PLOT, LATENCY_PLOT)] if dir is not None else []
     paths += [Path(junit)] if junit is not None else []
+    kept = {Path(p).resolve() for p in inputs if p is not None}
     removed = []
     for path in paths:
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and path.resolve() not in kept and _written_here(path):
             path.unlink()
             log.info(MSG_EARLIER_REPORT, path)
             removed.append(path)
     return removed
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _written_here(path: Path) -> bool:
+    """Whether ``path`` looks like what this module writes there: a report.md under its title, a
+    report.json holding a validation's keys, a PNG plot, a JUnit file of fqexport's suite."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if path.name == REPORT_MD:
+        return head.startswith(b"# fqexport validation")
+    if path.name == REPORT_JSON:
+        return b'"cpu_kernel_family"' in head or b'"cpu_isa"' in head
+    if path.name in (GROUP_PLOT, LATENCY_PLOT):
+        return head.startswith(_PNG)
+    return JUNIT_SUITE.encode() in head
 
 
 def remove_stale_plots(dir: str | Path, written: list[Path]) -> list[Path]:

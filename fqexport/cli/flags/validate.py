@@ -16,7 +16,7 @@ from fqexport.cli.common import HelpFormatter, common_options, int_at_least
 from fqexport.cli.flags.shared import OnlyWith, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import KernelTarget
-from fqexport.errors import ConfigError, FqexportError
+from fqexport.errors import ConfigError
 from fqexport.validation.reports import remove_earlier_reports
 from fqexport.exporters.external_data import external_data_paths
 from fqexport.validation.thresholds import Thresholds, check_measurements
@@ -113,28 +113,28 @@ def _thresholds(values: tuple) -> Thresholds:
 
 def check_validate(args: argparse.Namespace) -> None:
     """Paths, ``--threads``, the limits and the measurements they need, before ONNX Runtime is
-    imported (exit 2). Once the output paths hold, an error removes an earlier run's reports
-    there, as a run that stops later does (``run_validate``): no earlier PASS is left for CI."""
+    imported (exit 2). An earlier run's reports at the output paths are removed first
+    (:func:`~fqexport.validation.reports.remove_earlier_reports`, never an input): a run that
+    stops with an error, here or later, leaves no earlier PASS for CI."""
     external = [("model's external data", p) for p in (Path(f"{args.model}.data"), *external_data_paths(args.model))]
     if args.reference is not None:
         external += [("--reference's external data", p) for p in external_data_paths(args.reference)]
+    inputs = [("model", args.model), ("--data", args.data), ("--reference", args.reference), *external]
+    # first: any error below (a bad output path, a limit, the flags) leaves no earlier PASS behind
+    remove_earlier_reports(args.report_dir, args.junit, [p for _, p in inputs])
     check_paths(
-        [("model", args.model), ("--data", args.data), ("--reference", args.reference), *external],
+        inputs,
         [Output("--report-dir", args.report_dir, REPORT_FILES) if args.report_dir is not None else None,
          Output("--junit", args.junit) if args.junit is not None else None],
     )
-    try:
-        for flag, model in (("model", args.model), ("--reference", args.reference)):
-            if model is not None and Path(model).is_dir():
-                raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
-        if args.threads is not None and args.threads < 0:
-            raise ConfigError(f"--threads {args.threads} must be >= 0")
-        refuse_ignored(args, VALIDATE_ONLY_WITH)
-        check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
-                           latency=not args.no_latency)
-        task_spec(args)
-        if args.reference is not None and not Path(args.reference).exists():
-            raise ConfigError(MSG_MODEL_MISSING.format(flag="--reference", path=args.reference))
-    except FqexportError:
-        remove_earlier_reports(args.report_dir, args.junit)
-        raise
+    for flag, model in (("model", args.model), ("--reference", args.reference)):
+        if model is not None and Path(model).is_dir():
+            raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads {args.threads} must be >= 0")
+    refuse_ignored(args, VALIDATE_ONLY_WITH)
+    check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
+                       latency=not args.no_latency)
+    task_spec(args)
+    if args.reference is not None and not Path(args.reference).exists():
+        raise ConfigError(MSG_MODEL_MISSING.format(flag="--reference", path=args.reference))

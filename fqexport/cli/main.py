@@ -26,13 +26,18 @@ import threading
 import traceback
 from typing import Callable, Sequence
 
-from fqexport.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, HelpFormatter
+from fqexport.atomic import outputs_written
+from fqexport.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERNAL,
+    HelpFormatter,
+)
 from fqexport.cli.flags.analyze import add_analyze_parser
 from fqexport.cli.flags.compress import add_compress_parser
 from fqexport.cli.flags.demo import add_demo_parser
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
-from fqexport.atomic import outputs_written
 from fqexport.errors import ConfigError, FqexportError, ValidationFailed
 from fqexport.version import __version__
 
@@ -65,8 +70,19 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
+# every SIGTERM/SIGINT the handlers saw: Python swallows an exception raised where the signal
+# landed in a weakref callback or a __del__ ("Exception ignored in: ..."), and the run went on to exit 0
+_SIGNALS_SEEN: list[int] = []
+
+
 def _raise_signalled(signum, frame) -> None:
+    _SIGNALS_SEEN.append(signum)
     raise _Signalled(signum)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    _SIGNALS_SEEN.append(signum)
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +158,18 @@ def _signal_behind(err: BaseException) -> BaseException | None:
 
 
 def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
-    before = len(outputs_written())
+    """:func:`_run_command`'s exit code, unless a signal arrived that it never saw raised (swallowed
+    in a weakref callback or ``__del__``): then the signal's exit code."""
+    seen, before = len(_SIGNALS_SEEN), len(outputs_written())
+    code = _run_command(args, flags, before)
+    if code < 128 and len(_SIGNALS_SEEN) > seen:
+        signum = _SIGNALS_SEEN[seen]
+        print(_interrupted(signal.Signals(signum).name, before), file=sys.stderr)
+        return 128 + signum
+    return code
+
+
+def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before: int) -> int:
     try:
         args.check(args)
         return int(command(args.command)(args))
@@ -222,10 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
         return _run(args, flags)
     previous = signal.signal(signal.SIGTERM, _raise_signalled)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt) if signal.getsignal(
+        signal.SIGINT) is signal.default_int_handler else None  # a host's own SIGINT handler is left alone
     try:
         return _run(args, flags)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,12 @@ def test_compress_writes_report(compressed):
     assert [r["bits"] for r in report["layers"]] == [8, 8, 4]
     assert report["export"]["agreement"] >= 0.99
     assert report["speed"].startswith(f"on this CPU ({cpu_isa()}) the file buys ")
+    # the timings as numbers, not only the verdict's words (survey 58)
+    timings = report["speed_timings"]
+    assert [t["batch_size"] for t in timings["latency"]] == [1, 32] == [t["batch_size"] for t in timings["float_latency"]]
+    assert all(t["p50_ms"] > 0 for t in (*timings["latency"], *timings["float_latency"]))
+    assert set(timings["speedup_vs_float"]) == {"1", "32"}
+    assert f"batch 32: {timings['speedup_vs_float']['32']:.2f}x the float model's speed" in report["speed"]
     assert report["avg_weight_bits"] == pytest.approx((8 * 16384 + 8 * 65536 + 4 * 1024) / (16384 + 65536 + 1024))
     # the metadata the file holds, containers and opset included (the in-memory record had nulls) (survey 37)
     assert report["metadata"] == read_metadata(d / "mlp.onnx").to_dict()

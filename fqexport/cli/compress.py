@@ -73,19 +73,21 @@ def run_compress(args: argparse.Namespace) -> int:
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
     for verdict in result.checks:
         print(f"  {verdict.line()}")
-    speed = None
+    speed, timings = None, None
     if cm.config.target == "gpu" and not args.no_speed_check:
         print("speed: not timed here (--target gpu writes S8S8 for TensorRT / ORT's CUDA EP, which this CPU's "
               "timing says nothing about: fqexport validate --provider cuda on the GPU)")
     elif not args.no_speed_check:
         latency, float_latency, speed = speed_vs_float(cm, result.path)
-        print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, interleaved): "
+        print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, run alternately): "
               + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}" for q, f in zip(latency, float_latency)))
         print(speed)
+        timings = {"latency": [q.to_dict() for q in latency], "float_latency": [f.to_dict() for f in float_latency],
+                   "speedup_vs_float": {str(q.batch_size): q.speedup for q in latency}}
     if args.report:
         # the record the file holds (storage, opset and containers are set by the export), not the model's
         summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": read_metadata(result.path).to_dict(),
-                   "avg_weight_bits": cm.avg_weight_bits, "speed": speed}
+                   "avg_weight_bits": cm.avg_weight_bits, "speed": speed, "speed_timings": timings}
         if search is not None:
             summary["mixed_precision"] = search.to_dict()
         write_json_data(summary, Path(args.report))

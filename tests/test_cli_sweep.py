@@ -36,7 +36,8 @@ def test_sweep_writes_the_pareto_report(tmp_path, mlp_files, tests_dir, monkeypa
 
 @pytest.mark.parametrize("budgets, message", [
     ("2.5,x", "--budgets '2.5,x': expected stored bits per weight"),
-    ("3,40", "budget_bits=40.0 must be in \\[2, 32\\]"),
+    ("3,40", "--budgets '3,40': budget_bits=40.0 must be in \\[2, 32\\]"),  # named by its flag (survey 57)
+    ("1.5,3", "--budgets '1.5,3': budget_bits=1.5 must be in \\[2, 32\\]"),
     (",", "--budgets ',': expected stored bits per weight"),
 ])
 def test_sweep_rejects_bad_budgets_before_searching(tmp_path, mlp_files, tests_dir, monkeypatch, budgets, message):
@@ -45,6 +46,15 @@ def test_sweep_rejects_bad_budgets_before_searching(tmp_path, mlp_files, tests_d
     assert code == 2
     assert re.search(message, err), err
     assert not (tmp_path / "p").exists()
+
+
+def test_each_budget_is_searched_once(caplog):
+    """``--budgets 3,3`` searched budget 3 twice and wrote two identical rows (survey 57)."""
+    from fqexport.cli.flags.sweep import parse_budgets
+
+    with caplog.at_level("WARNING"):
+        assert parse_budgets("3,2.5,3,3.0") == [3.0, 2.5]
+    assert "--budgets '3,2.5,3,3.0': each budget is searched once (3,2.5)" in caplog.text
 
 
 def test_sweep_skips_an_infeasible_budget_and_reports_it(tmp_path, mlp_files, tests_dir, monkeypatch):

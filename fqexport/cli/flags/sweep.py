@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from fqexport.cli.common import HelpFormatter, common_options
 from fqexport.cli.flags.shared import (
@@ -18,7 +19,10 @@ from fqexport.cli.flags.shared import (
     task_spec,
 )
 from fqexport.cli.paths import Output, check_paths
+from fqexport.config import check_budget
 from fqexport.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png")
 
@@ -30,7 +34,8 @@ SWEEP_ONLY_WITH = (
 
 
 def parse_budgets(text: str) -> list[float]:
-    """``--budgets 2.5,3`` -> ``[2.5, 3.0]``; ConfigError when malformed or empty."""
+    """``--budgets 2.5,3`` -> ``[2.5, 3.0]``, each budget once (``3,3`` searched it twice and wrote
+    two identical rows); ConfigError when malformed, empty or out of range, naming ``--budgets``."""
     message = f"--budgets {text!r}: expected stored bits per weight like 2.5,3,3.5,4"
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
@@ -38,7 +43,15 @@ def parse_budgets(text: str) -> list[float]:
         raise ConfigError(message) from err
     if not budgets:
         raise ConfigError(message)
-    return budgets
+    for b in budgets:
+        try:
+            check_budget("bits", b)
+        except ConfigError as err:
+            raise ConfigError(f"--budgets {text!r}: {err}") from err
+    once = list(dict.fromkeys(budgets))
+    if len(once) < len(budgets):
+        log.warning("--budgets %r: each budget is searched once (%s)", text, ",".join(f"{b:g}" for b in once))
+    return once
 
 
 def add_sweep_parser(sub) -> None:

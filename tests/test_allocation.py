@@ -82,7 +82,7 @@ def test_weighted_objective_follows_the_user_weights():
     assert w_min.bits["minority_path"] > w_maj.bits["minority_path"]
     with pytest.raises(ConfigError, match="objective='weighted' needs group_weights"):
         candidate_allocations(t, infos, budget, "weighted")[0]
-    with pytest.raises(ConfigError, match="group_weights names 'nobody'"):
+    with pytest.raises(ConfigError, match=r"group_weights \(the weighted objective's; CLI --objective-weights\) names 'nobody'"):
         candidate_allocations(t, infos, budget, "weighted", group_weights={"nobody": 1.0})[0]
 
 

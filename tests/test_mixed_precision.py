@@ -728,3 +728,20 @@ def test_the_search_traces_a_model_only_torch_export_traces_as_compress_does():
     res = search_mixed_precision(model, data, MixedPrecisionConfig(budget_bits=6.0, engine=EngineConfig(engine="serial")),
                                  QuantConfig(num_calib=32), progress=False)
     assert set(res.allocation.bits) == {"tok", "fc", "head"} and res.compressed.layers.keys() == {"tok", "fc", "head"}
+
+
+def test_a_weighted_objective_naming_no_group_is_refused_before_the_sensitivity(mlp_model, mlp_data, monkeypatch):
+    """A typo in --objective-weights was reported after the whole sensitivity pass (minutes on a large
+    model), under the name of another flag, --group-weights (survey 57)."""
+    def never(*args, **kwargs):
+        raise AssertionError("the sensitivity ran before the weights were checked")
+
+    monkeypatch.setattr(mp_module, "search_sensitivity", never)
+    monkeypatch.setattr(pareto_module, "search_mixed_precision", never)
+    mp = MixedPrecisionConfig(budget_bits=3.0, objective="weighted", group_weights={"a": 1, "bb": 3},
+                              engine="serial")
+    message = r"group_weights \(the weighted objective's; CLI --objective-weights\) names 'bb', which is not a group"
+    with pytest.raises(ConfigError, match=message):
+        mp_module.search_mixed_precision(mlp_model, mlp_data, mp, progress=False)
+    with pytest.raises(ConfigError, match=message):
+        pareto_module.pareto_sweep(mlp_model, mlp_data, [3.0, 4.0], mp_config=mp, progress=False)

@@ -79,7 +79,8 @@ MSG_WEIGHTED = (
     "objective='weighted' needs group_weights (group name -> weight >= 0, not all zero); "
     "groups: {groups}"
 )
-MSG_GROUP = "group_weights names {name!r}, which is not a group of the sensitivity table (groups: {groups})"
+MSG_GROUP = ("group_weights (the weighted objective's; CLI --objective-weights) names {name!r}, which is not a group "
+             "of the calibration data (groups: {groups})")
 MSG_PIN_NONE = "pin {pattern!r} matches no layer (layers: {layers})"
 MSG_PIN_CONFLICT = "layer {layer!r} is pinned twice with different widths ({a} and {b})"
 MSG_PIN_BITS = "pin {pattern!r}={bits!r}: pinned widths must be integers from 2 to 8"
@@ -256,6 +257,13 @@ def search_pins(pins: Mapping[str, int] | None, layers: Sequence[str], first_las
         if merged.setdefault(name, bits) != bits:
             raise ConfigError(MSG_PIN_CONFLICT.format(layer=name, a=merged[name], b=bits))
     return merged
+
+
+def check_group_weights(weights: Mapping[str, float] | None, groups: Sequence[str]) -> None:
+    """ConfigError when the weighted objective's ``weights`` name a group ``groups`` lacks, or are
+    negative or all zero: checked on the data before the sensitivity is measured (the search's
+    first minutes), as the allocation checks them again on the table."""
+    _group_vector(weights, groups)
 
 
 def _group_vector(weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray:

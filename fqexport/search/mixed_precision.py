@@ -71,7 +71,11 @@ from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.global_state import one_at_a_time
 from fqexport.pipeline.compress import compress, example_batch, model_task
-from fqexport.search.allocation import Allocation, AllocationOptions
+from fqexport.search.allocation import (
+    Allocation,
+    AllocationOptions,
+    check_group_weights,
+)
 from fqexport.search.byte_budget import (
     file_overhead_estimate,
     fit_file_budget,
@@ -137,6 +141,7 @@ def search_mixed_precision(
     engine.prepare()  # a local engine's forkserver imports torch while the sensitivity runs
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
+    check_group_weights(mp.group_weights, data.group_names)
     task, why = model_task(model, data, task)
     held_out, splits, fits_are_refit = verification_splits(data, mp, base)
     seconds: dict[str, float] = {}

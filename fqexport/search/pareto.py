@@ -35,6 +35,7 @@ from fqexport.search.allocation import (
     Budget,
     LayerCost,
     budget_capacity,
+    check_group_weights,
     layer_options,
     resolve_pins,
     search_pins,
@@ -178,6 +179,7 @@ def pareto_sweep(
         raise ConfigError(MSG_NO_BUDGETS)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
     data = load_data(calib)
+    check_group_weights(template.group_weights, data.group_names)
     task = model_task(model, data, task)[0]
     if test is not None:  # checked like the calibration data, before the first search
         test = load_data(test)

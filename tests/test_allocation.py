@@ -173,7 +173,7 @@ def test_search_pins_merge_first_last_with_user_pins():
 
 def test_infeasible_budget_says_what_is_needed():
     t, infos = minority_layer_case()
-    with pytest.raises(ConfigError, match=r"budget bits=3 cannot be met.*needs 4\b"):
+    with pytest.raises(ConfigError, match=r"budget_bits=3 cannot be met.*needs 4\b"):
         candidate_allocations(t, infos, Budget("bits", 3.0), "worst-group", pins={"shared": 8})[0]
 
 

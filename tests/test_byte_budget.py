@@ -118,7 +118,7 @@ def test_an_infeasible_budget_errors_with_the_measured_smallest_file(tab, mlp_da
     model, layers, w2, _ = tab
     floor_need = w2 + file_overhead_estimate(layers)
     # below the floor: no file can be that small, the allocator says so before any fit
-    with pytest.raises(ConfigError, match=rf"the budget bytes={int(floor_need) - 1} cannot be met: the smallest "
+    with pytest.raises(ConfigError, match=rf"budget_bytes={int(floor_need) - 1} cannot be met: the smallest "
                                           rf"allocation .* needs at least {floor_need:g}"):
         search_bytes(model, mlp_data, int(floor_need) - 1)
     # above the floor, below the smallest file: the measured size of that file

@@ -159,6 +159,10 @@ def test_bits_9(mlp_files, tmp_path):
     (["--num-calib", "0"], "error: --num-calib: num_calib=0 must be >= 1"),
     (["--damp=-1"], "error: --damp: damp=-1.0 must be in [0, 10)"),
     (["--batch-size", "0"], "error: --batch-size: batch_size=0 must be >= 1"),
+    # the search's own errors (survey 57): a pin's width, a pin naming no layer, a budget no allocation meets
+    (["--budget-bits", "3", "--pin", "fc1=12"], "error: --pin: pins['fc1']=12 is not supported"),
+    (["--budget-bits", "3", "--pin", "nosuch=8"], "error: --pin: pin 'nosuch' matches no layer (layers: fc1, fc2, fc3)"),
+    (["--budget-bops", "1000"], "error: --budget-bops: budget_bops=1000 cannot be met: the smallest allocation"),
 ])
 def test_a_config_error_names_the_flag_the_user_typed(mlp_files, tmp_path, given, message):
     """The CLI printed the config field (``num_calib=0 must be >= 1``), a word the user never typed."""

@@ -401,7 +401,7 @@ def test_budget_floor_says_what_the_allocator_can_meet(mlp_model, mlp_data, sear
         candidate_allocations(search.sensitivity, search.layers, Budget("bits", budget), pins={"fc3": 8})
     for budget in (floor.value - 1e-4, 2.0):
         assert not floor.feasible(budget)
-        with pytest.raises(ConfigError, match="the budget bits=.* cannot be met"):
+        with pytest.raises(ConfigError, match="budget_bits=.* cannot be met"):
             candidate_allocations(search.sensitivity, search.layers, Budget("bits", budget), pins={"fc3": 8})
 
 

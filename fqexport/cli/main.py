@@ -135,12 +135,18 @@ def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]
             for a in sub._actions if any(o in words for o in a.option_strings)}
 
 
+# config fields whose flag's dest is another word (MixedPrecisionConfig.pins <- --pin)
+_FIELD_DESTS = {"pins": "pin"}
+
+
 def _with_flag(err: FqexportError, flags: dict[str, str]) -> str:
-    """A config error's message (``num_calib=0 must be >= 1``, the API's words) led by the
-    command-line flag the user typed for that field (``--num-calib: num_calib=0 …``)."""
-    field = re.match(r"(\w+)=", str(err))
-    if isinstance(err, ConfigError) and field and field.group(1) in flags:
-        return f"{flags[field.group(1)]}: {err}"
+    """A config error's message (``num_calib=0 must be >= 1``, ``pins['fc']=12 …``, ``pin 'x'
+    matches no layer``: the API's words) led by the command-line flag the user typed for that
+    field (``--num-calib: num_calib=0 …``)."""
+    field = re.match(r"(\w+)(?:\[[^\]]*\])?[= ]", str(err))
+    dest = _FIELD_DESTS.get(field.group(1), field.group(1)) if field else None
+    if isinstance(err, ConfigError) and dest in flags:
+        return f"{flags[dest]}: {err}"
     return str(err)
 
 

@@ -86,10 +86,11 @@ MSG_PIN_CONFLICT = "layer {layer!r} is pinned twice with different widths ({a} a
 MSG_PIN_BITS = "pin {pattern!r}={bits!r}: pinned widths must be integers from 2 to 8"
 MSG_LAYER_INFO = "layer_info has no entry for layer {layer!r} of the sensitivity table"
 MSG_INFEASIBLE = (
-    "the budget {kind}={value:g} cannot be met: the smallest allocation (every free layer at "
-    "{bmin} bits, pinned layers at their widths) needs {at_least}{need:g}. Raise the budget, add a smaller "
-    "width to bit_choices or unpin layers"
+    "budget_{kind}={value:g} cannot be met: the smallest allocation (every free layer at "
+    "{bmin} bits, pinned layers at their widths) needs {at_least}{need:g}. Raise the budget{smaller} or "
+    "unpin layers"
 )
+SMALLER_WIDTH = ", add a smaller width to bit_choices"
 HINT_FLOAT = (" (with the {n:,} weights of the layers that stay float, counted at 32 bits: keep fewer "
               "layers float to go lower)")
 HINT_INT8 = (
@@ -409,8 +410,9 @@ def _solve_weighted(p: _Problem, w: np.ndarray, mean_weight: float, max_cells: i
             hint += HINT_FLOAT.format(n=int(budget.float_params))
         # a file's bytes outside the weights are a floor here (measured once a file is written)
         at_least = "at least " if budget.kind == "bytes" else ""
+        smaller = SMALLER_WIDTH if bmin > min(SUPPORTED_WEIGHT_BITS) else ""  # 2 bits is the floor already
         raise ConfigError(MSG_INFEASIBLE.format(kind=budget.kind, value=budget.value, bmin=bmin, need=need,
-                                                at_least=at_least) + hint) from err
+                                                at_least=at_least, smaller=smaller) + hint) from err
 
 
 def _make(p: _Problem, choice, objective, score_fn, budget, infos, storage, w) -> Allocation:

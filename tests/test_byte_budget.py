@@ -219,6 +219,18 @@ def test_fit_shrinks_with_the_measured_bytes():
     assert fit.sizes == [7500, 5000] and [r for _, _, r in fake.measured] == [0, 1]
 
 
+def test_a_note_after_several_refits_names_the_searchs_file_and_every_file_written():
+    """After two shrinking refits the note named only the last trigger ("the written file took 6200
+    bytes"), the size of a refit rather than of the search's choice, and not that two refits ran (survey 57)."""
+    big = _cand(8, 4000, 0.1)
+    cands = [big, _cand(4, 2000, 0.2, "uniform"), _cand(2, 1000, 0.5, "uniform")]
+    fake = Fake({2: 3000, 4: 4200, 8: 3500})  # 7500 > 6000, then 6200 > 6000, then 4000
+    fit = fake.fit(big, cands, 6000)
+    assert (fit.candidate.allocation.bits, fit.refits, fit.sizes) == ({"fc": 2}, 2, [7500, 6200, 4000])
+    assert fit.note == ("the written file took 7500 bytes > budget_bytes=6000: refitted a smaller allocation of "
+                        "1000 weight bytes (file <= 4000 bytes); 2 refits, files of 7500, 6200, 4000 bytes in turn")
+
+
 def test_written_size_does_not_depend_on_the_note_the_fits_or_the_task_reason(tab, mlp_data, tmp_path):
     """What the search writes in the metadata after the check, or differently on each path, is
     counted at a fixed length: the same allocation measures the same, never below its file."""

@@ -57,7 +57,7 @@ METADATA_FRAMING_BYTES = 8
 # detector's output shape...), the note (``fallback``: the refit or the uniform fallback, in
 # words), the number of fits, the candidate's origin ("bytes-refit") and the budget's value.
 TASK_REASON_BYTES = 96
-NOTE_BYTES = 160
+NOTE_BYTES = 240  # NOTE_SHRINK/NOTE_GROW and NOTE_REFITS with 9-digit sizes
 FITS_DIGITS = 4
 ORIGIN_BYTES = 13
 BUDGET_DIGITS = 14
@@ -84,6 +84,7 @@ NOTE_SHRINK = (
     "the written file took {size} bytes > budget_bytes={budget}: refitted a smaller allocation of {weights} "
     "weight bytes (file <= {written} bytes)"
 )
+NOTE_REFITS = "; {refits} refits, files of {sizes} bytes in turn"
 NOTE_GROW = (
     "the written file took {size} bytes, {unused} under budget_bytes={budget}: refitted a larger allocation of "
     "{weights} weight bytes (file <= {written} bytes)"
@@ -275,7 +276,7 @@ def fit_file_budget(
         # variable fields at their longest, an upper bound) does not depend on the note, so it is
         # measured first with a placeholder
         if kept is None:
-            note = functools.partial(NOTE_SHRINK.format, size=size, budget=_num(budget),
+            note = functools.partial(NOTE_SHRINK.format, size=sizes[0], budget=_num(budget),
                                      weights=nxt.allocation.weight_bytes)
         else:
             note = functools.partial(NOTE_GROW.format, size=kept.size, unused=_num(budget - kept.size),
@@ -309,7 +310,10 @@ def fit_file_budget(
     if kept.candidate is not best or refits:
         log.info("bytes budget: files of %s bytes measured; kept %d bytes (%d refits)",
                  ", ".join(map(str, sizes)), kept.size, refits)
-    return BytesFit(kept.candidate, kept.model, refits, kept.note, sizes)
+    note = kept.note
+    if note is not None and refits > 1:  # the last step alone misread a run of several refits
+        note += NOTE_REFITS.format(sizes=", ".join(map(str, sizes)), refits=refits)
+    return BytesFit(kept.candidate, kept.model, refits, note, sizes)
 
 
 def _key(c: Candidate | Allocation) -> tuple[tuple[str, int], ...]:

@@ -473,3 +473,19 @@ def test_group_weights_name_a_group_whose_name_holds_a_comma(mlp_files, mlp_data
                                            "--no-speed-check", calib=tmp_path / "named.npz"))
     assert code == 0, err
     assert read_metadata(str(tmp_path / "m.onnx")).settings["group_weights"] == {"I,II": 2.0, "III": 1.0}
+
+
+def test_a_compress_that_stops_leaves_no_earlier_report_beside_its_outputs(compressed, mlp_files, tmp_path):
+    """Run 2 stopped after writing its --out (Ctrl-C in the speed check) or on an error: run 1's --report,
+    describing another file, was left beside it (survey 58). Only a compress report is removed."""
+    import shutil
+
+    _, _, _, d = compressed
+    report = tmp_path / "report.json"
+    shutil.copy(d / "report.json", report)
+    assert _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--num-calib", "0", "--report", report))
+    assert not report.exists()
+    other = tmp_path / "theirs.json"
+    other.write_text('{"not": "a compress report"}')
+    assert _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--num-calib", "0", "--report", other))
+    assert other.read_text() == '{"not": "a compress report"}'

@@ -4,9 +4,16 @@ the QuantConfig, the search's MixedPrecisionConfig and the FinetuneConfig."""
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 from fqexport.cli.common import HelpFormatter, common_options
-from fqexport.cli.flags.finetune import add_finetune_options, finetune_config, parse_export_bits, width_paths
+from fqexport.cli.flags.finetune import (
+    add_finetune_options,
+    finetune_config,
+    parse_export_bits,
+    width_paths,
+)
 from fqexport.cli.flags.shared import (
     FIXED_WIDTH_FLAGS,
     MSG_WIDTHS_WITH_BUDGET,
@@ -22,6 +29,8 @@ from fqexport.cli.flags.shared import (
 )
 from fqexport.cli.paths import Output, check_paths
 from fqexport.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MSG_SEARCH_WITHOUT_BUDGET = (
     "{flags}: options of the mixed-precision search, which runs only with a budget, so they would be "
@@ -79,6 +88,22 @@ COMPRESS_ONLY_WITH = (
 )
 
 
+def remove_earlier_compress_report(path: Path) -> bool:
+    """Remove the ``--report`` an earlier compress wrote at ``path`` (a JSON file holding its
+    ``"export"`` and ``"layers"`` records; anything else stays): a run stopped after writing ``--out``
+    left the earlier run's report describing another file beside it. Whether it was removed."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if not (head.lstrip().startswith(b"{") and b'"export"' in head and b'"layers"' in head) or path.is_symlink():
+        return False
+    path.unlink()
+    log.info("removed %s, an earlier run's --report, before compressing", path)
+    return True
+
+
 def check_compress(args: argparse.Namespace) -> None:
     """Every check of ``compress`` that needs no data and no model: paths and flags (exit 2)."""
     widths = width_paths(args.out, parse_export_bits(args.export_bits))
@@ -90,6 +115,8 @@ def check_compress(args: argparse.Namespace) -> None:
          Output("--float-out", args.float_out) if args.float_out else None,
          Output("--sensitivity-cache", args.sensitivity_cache) if args.sensitivity_cache else None],
     )
+    if args.report:  # an earlier run's report must not sit beside this run's --out if this run stops
+        remove_earlier_compress_report(Path(args.report))
     quant_config(args)
     task_spec(args)
     finetune_config(args)

@@ -98,3 +98,14 @@ def test_atomic_write_applies_the_umask(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_a_dot_dot_through_a_missing_folder_is_refused_not_created(work):
+    """``--junit nope/../j.xml`` resolved to ``j.xml`` and passed the check; the write then created an
+    empty ``nope/`` (survey 58)."""
+    with pytest.raises(OutputPathError) as info:
+        check_paths([], [Output("--junit", work / "nope" / ".." / "j.xml")])
+    assert str(info.value) == MSG_NO_FOLDER.format(flag="--junit", path=work / "nope" / ".." / "j.xml", parent=work / "nope")
+    assert not (work / "nope").exists()
+    (work / "here").mkdir()
+    check_paths([], [Output("--junit", work / "here" / ".." / "j.xml")])  # an existing folder's ".." is fine

@@ -81,6 +81,10 @@ def _created_folders(outputs: Sequence[Output]) -> dict[Path, Output]:
 
 def _check_location(flag: str, path: Path, is_dir: bool, created: Mapping[Path, Output]) -> None:
     """``created``: the folders the output folders create (a file output's missing folder may be one)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):  # "nope/../x.onnx": resolved away, but the write would create nope/
+        if part == ".." and i and not Path(*parts[:i]).exists():
+            raise OutputPathError(MSG_NO_FOLDER.format(flag=flag, path=path, parent=Path(*parts[:i])))
     real = _real(path)
     for root in _SYSTEM_ROOTS:
         if real == Path(root) or Path(root) in real.parents:

@@ -39,6 +39,7 @@ from fqexport.cli.flags.demo import add_demo_parser
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
 from fqexport.errors import ConfigError, FqexportError, ValidationFailed
+from fqexport.validation.reports import remove_earlier_reports
 from fqexport.version import __version__
 
 OMP_WAIT_POLICY = "PASSIVE"  # the CLI's default for torch's OpenMP pool (see main)
@@ -229,8 +230,6 @@ def _remove_validate_reports(argv: Sequence[str]) -> None:
         known, _ = outputs.parse_known_args(argv)
     except SystemExit:  # e.g. --junit with no value: nothing named
         return
-    from fqexport.validation.reports import remove_earlier_reports
-
     inputs = [w for w in words[1:] if w not in (known.report_dir, known.junit)]
     remove_earlier_reports(known.report_dir, known.junit, inputs=inputs)
 

@@ -209,7 +209,7 @@ def test_target_flag_gates_the_emulated_cpu_and_prints_the_isa(tmp_path, capsys)
     out = capsys.readouterr().out
     assert rc == 1
     assert f"provider cpu  cpu {cpu_isa()} (int8 kernel family " in out
-    how = "this CPU's own kernels" if runs_natively("x86-avx2") else "emulated"
+    how = "this CPU's own kernels" if runs_natively("x86-avx2") else "emulated: 1 kernel-dependent node(s)"
     assert f"target x86-avx2 ({how}): majority 100.00 % (k.dev 0.00), minority 0.00 % (k.dev 100.00)" in out
     assert ("FAIL min_worst_group_acc[target=x86-avx2]: x86-avx2: worst-group accuracy (group 'minority') "
             "0.00 % below --min-worst-group-acc 50") in out
@@ -251,9 +251,11 @@ def test_a_host_kernels_stand_in_is_recorded(files, tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert ("; standing in for arm64 (FQEXPORT_HOST_KERNELS: every --target family emulated; native is this CPU's "
             "own session)") in out
-    assert "target arm64 (emulated)" in out
+    # how many fused nodes the emulation computed, in the console and the report (survey 54)
     d = json.loads((tmp_path / "report.json").read_text())
     assert d["host_kernels_stand_in"] == "arm64" and d["targets"]["arm64"]["emulated"] is True
+    nodes = d["targets"]["arm64"]["emulated_nodes"]
+    assert nodes and f"target arm64 (emulated: {len(nodes)} kernel-dependent node(s))" in out
     assert ("- standing in for the arm64 int8 kernels (`FQEXPORT_HOST_KERNELS`): every --target family is emulated; "
             "the native row is still this CPU's own session") in (tmp_path / "report.md").read_text()
     with caplog.at_level("WARNING"):

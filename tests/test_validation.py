@@ -400,6 +400,10 @@ def test_report_names_this_cpu_and_gates_every_target(tmp_path):
     d = json.loads(json.dumps(r.to_dict()))
     assert d["cpu_isa"] == cpu_isa() and d["targets"]["x86-avx2"]["emulated"] is not runs_natively("x86-avx2")
     assert d["targets"]["x86-avx2"]["metrics"]["by_group"]["minority"]["accuracy"] == 0.0
+    # which nodes the emulation computed: the full-range Gemm, fused (survey 54: "emulated" alone said nothing)
+    for t in ("x86-avx2", "x86-vnni"):
+        nodes = d["targets"][t]["emulated_nodes"]
+        assert nodes is None if runs_natively(t) else (len(nodes) == 1 and nodes[0].startswith("QGemm:"))
 
 
 def test_unknown_target_is_rejected(setup):
@@ -436,7 +440,8 @@ def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(s
     r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", latency_batch_sizes=(1, 8), repeats=5, warmup=1,
                  kernel_check=False)
     assert [l.batch_size for l in r.reference_latency] == [1, 8] and [l.repeats for l in r.reference_latency] == [5, 5]
-    assert r.speedups() == pytest.approx({l.batch_size: f.p50_ms / l.p50_ms for l, f in zip(r.latency, r.reference_latency)})
+    assert r.speedups() == {l.batch_size: l.speedup for l in r.latency}  # the median ratio of the paired runs
+    assert all(l.speedup > 0 for l in r.latency) and all(f.speedup is None for f in r.reference_latency)
     assert r.speed_verdict().startswith(f"on this CPU ({cpu_isa()}) the file buys ")
     assert set(r.to_dict()["speedup_vs_reference"]) == {"1", "8"}
     # without a reference nothing is compared
@@ -629,3 +634,18 @@ def test_a_file_exported_for_another_cpu_family_is_named_with_the_target_to_judg
         with caplog.at_level("WARNING", logger="fqexport.validation.gate"):
             validate(tmp_path / "mine.onnx", data, measure_latency=False, kernel_check=False)
         assert "was exported for --target" not in caplog.text
+
+
+def test_an_emulated_target_says_when_no_node_depends_on_the_kernels(cnn_cm8, cnn_data, tmp_path, capsys):
+    """report.json said "emulated": true for fqexport's x86-safe file, whose every fused node sums alike on
+    every family, so the 'emulated' figures are this CPU's own: only the console said so (survey 54)."""
+    from fqexport.cli.validate import print_summary
+    from fqexport.exporters.qdq_onnx import export_qdq
+
+    path = export_qdq(cnn_cm8, tmp_path / "w8.onnx").path
+    target = next(f for f in ("x86-avx2", "x86-vnni") if not runs_natively(f))
+    r = validate(path, cnn_data, measure_latency=False, kernel_check=False, targets=("native", target))
+    assert r.to_dict()["targets"][target]["emulated_nodes"] == [] and r.to_dict()["targets"]["native"]["emulated_nodes"] is None
+    print_summary(r)
+    line = f"target {target} (emulated: no fused node whose sums depend on the kernels, the same as this CPU's)"
+    assert line in capsys.readouterr().out

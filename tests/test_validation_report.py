@@ -55,7 +55,8 @@ def test_report_views():
     d = r.to_dict()
     assert d["worst_group"] == "b" and d["worst_group_accuracy"] == 0.5 and d["accuracy_gap"] == 0.5
     assert d["reference"]["group_drop"] == {"a": -0.25, "b": 0.5} and d["kernel"]["fused_kernels"] is None
-    assert d["targets"] == {"native": {"emulated": False, "metrics": m.to_dict(), "kernel_deviation_by_group": None,
+    assert d["targets"] == {"native": {"emulated": False, "emulated_nodes": None, "metrics": m.to_dict(),
+                                       "kernel_deviation_by_group": None,
                                        "agreement_with_native": 1.0}}
 
 

@@ -97,7 +97,10 @@ def print_summary(report) -> None:
             + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
             for g, r in tm.by_group.items()
         )
-        how = "this CPU's own kernels" if target in report.target_native else "emulated"
+        nodes = (report.target_emulated_nodes or {}).get(target)
+        how = ("this CPU's own kernels" if target in report.target_native else
+               "emulated: no fused node whose sums depend on the kernels, the same as this CPU's" if nodes == () else
+               f"emulated: {len(nodes)} kernel-dependent node(s)" if nodes else "emulated")
         print(f"target {target} ({how}): {accs}; agreement with native "
               f"{_pct(report.target_agreement[target]).strip()} %")
     if report.kernel_reference not in (None, UNOPTIMIZED):

@@ -313,6 +313,7 @@ def _target_fields(emulated: Mapping[str, TargetResult], *, with_deviation: bool
         if with_deviation else None,
         target_agreement={x: r.agreement for x, r in emulated.items()},
         target_native=tuple(x for x, r in emulated.items() if r.native),
+        target_emulated_nodes={x: r.emulated_nodes for x, r in emulated.items() if r.emulated_nodes is not None},
     )
 
 

@@ -230,6 +230,8 @@ class TargetResult:
     agreement: float  # top-1 agreement with the native session
     kernel_deviation_by_group: Mapping[str, float] | None  # vs unoptimized; None without the kernel check
     native: bool  # judged by this CPU's own session (this CPU is of the target's family), else emulated
+    # the fused nodes whose sums the emulation computed (kernel-dependent); None when judged natively
+    emulated_nodes: tuple[str, ...] | None = None
 
 
 def measure_target(model: str | Path, target: str, data: GroupData | DataStream, native: Measured,
@@ -238,13 +240,14 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
     of that family (:func:`~fqexport.exporters.cpu_isa.runs_natively`; the emulation was measured
     equal to it), else the bit-exact emulation (:mod:`fqexport.exporters.kernel_emulation`)."""
     own = runner.provider == "cpu" and runs_natively(target)
-    measured = native if own else runner.measure(EmulatedSession(model, target, threads=runner.threads),
-                                                  data, str(model), f"{target} (emulated)")
+    session = None if own else EmulatedSession(model, target, threads=runner.threads)
+    measured = native if session is None else runner.measure(session, data, str(model), f"{target} (emulated)")
     result = TargetResult(
         metrics=measured.metrics,
         agreement=runner.task.agreement(measured.logits, native.logits),
         kernel_deviation_by_group=kernel_deviation(measured.metrics, kernels.unoptimized) if kernels else None,
         native=own,
+        emulated_nodes=None if session is None else tuple(session.emulated_nodes),
     )
     m = result.metrics
     log.info("%s (%s): overall %s %.2f %%, agreement with native %.2f %%", target,

@@ -193,7 +193,7 @@ def test_requantize_keeps_the_kinds_channel_axis_and_blocks(case):
     # 8 bits: one scale per output channel (on the kind's axis), no blocks; every weight inside
     # its channel's (clipped) range comes back within half a step
     assert new.block_size is None and new.scale.dim() == 1
-    w = weights[name].latent_weight()
+    w = weights[name].trained_weight()
     shape = [1] * w.dim()
     shape[1 if kind == "conv_transpose" else 0] = -1
     s = new.scale.abs().reshape(shape)

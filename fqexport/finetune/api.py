@@ -93,10 +93,10 @@ def finetune_widths(
     """Fine-tune once (as :func:`finetune`), then return the model at each width in ``widths``.
 
     A layer whose trained width is the requested one keeps its trained codes; every other layer's
-    latent weights are re-quantized at that width (fresh per-channel grid, no further training),
-    with the learned biases and activation steps. Pair with ``FinetuneConfig(oscillation=λ)``
-    so the latent weights sit on the trained grid. Each model's metadata records
-    ``finetune["requantized_to"]``.
+    trained weights (its dequantized codes, what training computed with) are re-quantized at that
+    width (fresh per-channel grid, no further training), with the learned biases and activation
+    steps. Each model's metadata records ``finetune["requantized_to"]`` and that width's own
+    held-out figures.
     """
     widths = tuple(widths)
     for b in widths:

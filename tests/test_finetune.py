@@ -116,6 +116,18 @@ def test_group_balanced_batches_have_equal_mass_per_group():
     assert set(np.concatenate(batches)[group[np.concatenate(batches)] == 1].tolist()) == set(range(90, 100))
 
 
+def test_a_batch_smaller_than_the_group_count_still_draws_every_group():
+    """FinetuneConfig(batch_size=2) over 3 groups drew [0, 1, 1] every batch: group 0 was never trained
+    on (survey 59). The leftover of batch_size % G now rotates over the groups."""
+    group = np.array([0] * 300 + [1] * 60 + [2] * 40)
+    drawn = np.bincount(group[np.concatenate(group_balanced_batches(group, 3, 2, np.random.default_rng(0)))],
+                        minlength=3)
+    assert drawn.tolist() == [134, 133, 133]  # 200 batches of 2: every group within one sample of the others
+    drawn = np.bincount(group[np.concatenate(group_balanced_batches(group, 3, 64, np.random.default_rng(0)))],
+                        minlength=3)
+    assert drawn.max() - drawn.min() <= 1  # 64 = 21 + 21 + 22: the 22 moves from group to group
+
+
 def test_coreset_keeps_the_hardest_fraction_per_group_with_a_floor():
     group = np.array([0] * 10 + [1] * 4)
     losses = np.arange(14, dtype=float)  # later samples are harder

@@ -745,3 +745,15 @@ def test_a_weighted_objective_naming_no_group_is_refused_before_the_sensitivity(
         mp_module.search_mixed_precision(mlp_model, mlp_data, mp, progress=False)
     with pytest.raises(ConfigError, match=message):
         pareto_module.pareto_sweep(mlp_model, mlp_data, [3.0, 4.0], mp_config=mp, progress=False)
+
+
+def test_a_sweep_with_test_data_leaves_a_model_in_train_mode_untouched(mlp_data, monkeypatch):
+    """pareto_sweep(..., test=...) ran the user's own model on the test data to check it, in the train mode
+    the user left it in: its BatchNorm running statistics moved (survey 60)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(mlp_data.x.shape[1], 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, int(mlp_data.y.max()) + 1)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(pareto_module, "_sweep", lambda *args, **kwargs: [])  # the checks before the searches
+    assert pareto_module.pareto_sweep(model, mlp_data, [3.0], test=mlp_data, progress=False) == []
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -431,7 +431,8 @@ def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task 
 
 def check_model_on_data(model: nn.Module, data: GroupData | DataStream, task: Task | None = None) -> int:
     """Run the first two samples; return the number of classes. Bad shapes (not ``task``'s
-    output, default a classifier's logits) become a DataError."""
+    output, default a classifier's logits) become a DataError. ``model`` runs as given: hand it a
+    copy in eval mode of a user's model (a model in train mode moves its BatchNorm statistics)."""
     return (task or Classification()).check_output(model_output(model, data), data)
 
 

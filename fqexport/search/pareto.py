@@ -28,6 +28,7 @@ from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.errors import ConfigError
 from fqexport.global_state import one_at_a_time
+from fqexport.graph.prepare import copy_model, unwrap_model
 from fqexport.metadata import FLOAT_BITS
 from fqexport.pipeline.compress import check_model_on_data, example_batch, model_task
 from fqexport.search.allocation import (
@@ -185,7 +186,8 @@ def pareto_sweep(
         test = load_data(test)
         if task.needs_annotations(test):
             require_labels(test, "pareto_sweep's test accuracy")
-        task.check_annotations(test, check_model_on_data(model, test, task))
+        # on a copy in eval mode: the user's model left in train mode would move its BatchNorm statistics
+        task.check_annotations(test, check_model_on_data(copy_model(unwrap_model(model)).eval(), test, task))
         present = {g for g, k in zip(test.group_names, test.group_counts()) if k > 0}
         absent = [g for g in data.group_names if g not in present]
         if absent and present & set(data.group_names):

@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from fqexport.atomic import atomic_write
-from fqexport.errors import ConfigError, ExportError
+from fqexport.errors import ConfigError, ExportError, OutputPathError
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_export
 from fqexport.exporters.gpu_rules import check_gpu_qdq
@@ -110,6 +110,23 @@ MSG_NOT_COMPRESSED = (
 )
 
 
+MSG_EXPORT_FOLDER = "{what}: path {path!r} names a folder, not a file; give a file name, e.g. model.onnx"
+MSG_EXPORT_INPUT = "{what}: path {path} is the calibration data {source} the model was compressed from; it would overwrite it"
+
+
+def check_export_path(path: str | Path, what: str, calib_source: str | None = None) -> Path:
+    """``path`` as a Path, or OutputPathError when it names a folder (``"."``, ``""``, an existing
+    directory: the write went to a temporary folder's name and failed there) or the calibration
+    file ``calib_source`` (``export(cm, "calib.npz")`` replaced the data with ONNX bytes; the CLI
+    refuses it as an input collision)."""
+    given = Path(path)
+    if str(path) in ("", ".", "..") or given.name in ("", ".", "..") or given.is_dir():
+        raise OutputPathError(MSG_EXPORT_FOLDER.format(what=what, path=str(path)))
+    if calib_source and Path(calib_source).is_file() and given.exists() and given.resolve() == Path(calib_source).resolve():
+        raise OutputPathError(MSG_EXPORT_INPUT.format(what=what, path=path, source=calib_source))
+    return given
+
+
 @one_at_a_time
 def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -> ExportResult:
     """Write the QDQ ONNX model of ``cm`` to ``path``; see the module docstring.
@@ -122,7 +139,7 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
     """
     if not isinstance(cm, CompressedModel):  # an nn.Module: compress it first
         raise ConfigError(MSG_NOT_COMPRESSED.format(got=type(cm).__name__))
-    path = Path(path)
+    path = check_export_path(path, "export", getattr(cm.calib, "source", None))
     model = qdq_model(cm)
     try:
         onnx.checker.check_model(model)
@@ -165,6 +182,7 @@ class _FirstOutput(torch.nn.Module):
 def export_float_reference(cm: "CompressedModel", path: str | Path) -> ExportResult:
     """``cm``'s float model (BatchNorm folded, the same output as the QDQ file) as ONNX: the
     ``--reference`` of ``fqexport validate``."""
+    path = check_export_path(path, "export_float_reference", getattr(cm.calib, "source", None))
     example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
     return export_float(cm.float_model, example, path, output_name=cm.task.output_name)
 
@@ -176,7 +194,7 @@ def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path
     output named ``output_name`` (a task's ``output_name``: ``output0`` for a detector). A model
     returning a tuple (a namedtuple, a list) is written with its first output, the one ``compress``
     measures and exports."""
-    path = Path(path)
+    path = check_export_path(path, "export_float")
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     if any(decompose_attention_needed(m) for m in model.modules()):

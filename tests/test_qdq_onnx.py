@@ -426,3 +426,25 @@ def test_the_export_leaves_torchs_logger_levels_as_the_caller_set_them():
         assert registration.level == logging.DEBUG
     finally:
         registration.setLevel(logging.NOTSET)
+
+
+def test_export_refuses_a_folder_and_the_calibration_file_it_came_from(cnn_cm8, tmp_path, monkeypatch):
+    """export(cm, "calib.npz") replaced the data cm was compressed from with ONNX bytes; export(cm, ".")
+    raised a raw IsADirectoryError naming an internal temporary folder (survey 60)."""
+    from fqexport.errors import OutputPathError
+    from fqexport.exporters.qdq_onnx import export_float_reference
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=cnn_cm8.calib.x[:4])
+    before = calib.read_bytes()
+    cm = dataclasses.replace(cnn_cm8, calib=dataclasses.replace(cnn_cm8.calib, source=str(calib)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputPathError, match=r"export: path calib.npz is the calibration data .*calib.npz the model "
+                                              r"was compressed from; it would overwrite it"):
+        fqexport.export(cm, "calib.npz")
+    assert calib.read_bytes() == before
+    for path in (".", "", tmp_path):
+        with pytest.raises(OutputPathError, match="names a folder, not a file; give a file name, e.g. model.onnx"):
+            fqexport.export(cm, path)
+    with pytest.raises(OutputPathError, match="export_float_reference: path '.' names a folder"):
+        export_float_reference(cm, ".")

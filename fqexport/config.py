@@ -136,6 +136,18 @@ def _set(spec: object, **values: object) -> None:
         object.__setattr__(spec, name, value)
 
 
+def check_group_weight_values(weights: Mapping[Any, Any], where: str) -> dict[Any, float]:
+    """``weights`` (group -> weight) as plain floats, each finite and >= 0, not all zero; ConfigError
+    naming ``where`` and the group otherwise."""
+    out = {g: as_real(w, f"{where}[{g!r}]") for g, w in weights.items()}
+    for g, w in out.items():
+        if not (0.0 <= w < math.inf):
+            raise ConfigError(f"{where}[{g!r}]={w!r} must be a finite number >= 0")
+    if sum(out.values()) <= 0:
+        raise ConfigError(f"{where} must not all be zero")
+    return out
+
+
 def check_choice(value: object, choices: tuple[str, ...], where: str) -> None:
     """ConfigError naming ``where`` unless ``value`` is one of ``choices``."""
     if value not in choices:
@@ -289,13 +301,7 @@ class ActivationSpec:
                     "group_weights must be None (equal per group), 'samples', "
                     "or a non-empty mapping of group name/id to weight"
                 )
-            gw = {g: as_real(w, f"group_weights[{g!r}]") for g, w in gw.items()}
-            _set(self, group_weights=gw)
-            for g, w in gw.items():
-                if not (0.0 <= w < math.inf):
-                    raise ConfigError(f"group_weights[{g!r}]={w!r} must be a finite number >= 0")
-            if sum(float(w) for w in gw.values()) <= 0:
-                raise ConfigError("group_weights must not all be zero")
+            _set(self, group_weights=check_group_weight_values(gw, "group_weights"))
 
 
 @dataclass(frozen=True)
@@ -703,8 +709,11 @@ class MixedPrecisionConfig:
              mw_steps=as_int(self.mw_steps, "mw_steps"), mw_eta=as_real(self.mw_eta, "mw_eta"))
         if self.cache_path is not None and not isinstance(self.cache_path, (str, os.PathLike)):
             raise ConfigError(MSG_TYPE.format(where="cache_path", value=self.cache_path, kind="a file path or None"))
-        if self.group_weights is not None and isinstance(self.group_weights, Mapping):
-            _set(self, group_weights={g: as_real(w, f"group_weights[{g!r}]") for g, w in self.group_weights.items()})
+        if self.group_weights is not None:
+            if not isinstance(self.group_weights, Mapping):
+                raise ConfigError(MSG_TYPE.format(where="group_weights", value=self.group_weights,
+                                                  kind="a mapping of group name to weight, e.g. {'minority': 2.0}"))
+            _set(self, group_weights=check_group_weight_values(self.group_weights, "group_weights"))
         if self.objective == "weighted" and not self.group_weights:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
         if self.group_weights is not None and self.objective != "weighted":

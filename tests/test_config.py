@@ -126,6 +126,23 @@ def test_mixed_precision_engine_given_by_its_kind():
         MixedPrecisionConfig(budget_bits=4.5, engine=4)
 
 
+@pytest.mark.parametrize("weights, message", [
+    ([1, 2], r"group_weights=\[1, 2\] must be a mapping of group name to weight"),
+    ({"a": -1.0}, r"group_weights\['a'\]=-1.0 must be a finite number >= 0"),
+    ({"a": float("nan")}, r"group_weights\['a'\]=nan must be a finite number >= 0"),
+    ({"a": 0, "b": 0}, "group_weights must not all be zero"),
+])
+def test_the_weighted_objectives_group_weights_are_checked_when_the_config_is_built(weights, message):
+    """A list crashed the search with a bare AttributeError and a negative or NaN weight was refused only
+    at search time, unnamed; QuantConfig.group_weights refused all three (survey 60)."""
+    from fqexport.config import MixedPrecisionConfig
+
+    with pytest.raises(ConfigError, match=message):
+        MixedPrecisionConfig(budget_bits=3.0, objective="weighted", group_weights=weights)
+    assert MixedPrecisionConfig(budget_bits=3.0, objective="weighted",
+                                group_weights={"a": np.float32(2), "b": 1}).group_weights == {"a": 2.0, "b": 1.0}
+
+
 def test_numpy_numbers_are_stored_as_python_numbers_and_the_settings_are_json():
     """np.int64 seed passed the checks, then json.dumps of the file's metadata failed: exit 3 (survey 32)."""
     import json

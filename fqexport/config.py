@@ -718,8 +718,8 @@ class MixedPrecisionConfig:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
         if self.group_weights is not None and self.objective != "weighted":
             raise ConfigError(MSG_MP_GROUP_WEIGHTS.format(value=self.group_weights, objective=self.objective))
-        if not (float(self.mean_weight) >= 0.0):
-            raise ConfigError(f"mean_weight={self.mean_weight!r} must be >= 0")
+        if not (0.0 <= float(self.mean_weight) < math.inf):
+            raise ConfigError(f"mean_weight={self.mean_weight!r} must be a finite number >= 0")
         if int(self.num_candidates) < 1:
             raise ConfigError(f"num_candidates={self.num_candidates!r} must be >= 1")
         check_seed(self.seed)
@@ -735,9 +735,9 @@ class MixedPrecisionConfig:
             raise ConfigError(f"holdout_fraction={self.holdout_fraction!r} must be in (0, 1)")
         if int(self.sensitivity_samples) < 1:
             raise ConfigError(f"sensitivity_samples={self.sensitivity_samples!r} must be >= 1")
-        if int(self.mw_steps) < 0 or not (float(self.mw_eta) > 0):
+        if int(self.mw_steps) < 0 or not (0 < float(self.mw_eta) < math.inf):
             raise ConfigError(
-                f"mw_steps={self.mw_steps!r} must be >= 0 and mw_eta={self.mw_eta!r} > 0"
+                f"mw_steps={self.mw_steps!r} must be >= 0 and mw_eta={self.mw_eta!r} a finite number > 0"
             )
 
     @property

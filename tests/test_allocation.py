@@ -322,3 +322,17 @@ def test_a_nan_or_all_infinite_sensitivity_is_named_not_reported_as_a_budget():
     t.delta[0, :, 0] = np.inf
     with pytest.raises(ConfigError, match=r"the sensitivity of layer 'shared' at 2 bits for group 'majority' is inf"):
         candidate_allocations(t, infos, Budget("bits", 5.0))
+
+
+def test_a_large_multiplicative_weights_step_finds_the_same_kind_of_allocation(recwarn):
+    """mw_eta=1000 overflowed exp(η d) to inf: the group weights became NaN and the search called a budget
+    it can meet infeasible, after an 'overflow encountered in exp' warning (survey 60)."""
+    from fqexport.config import MixedPrecisionConfig
+
+    t, infos = minority_layer_case()
+    budget = Budget("bits", 5.0)
+    steep = candidate_allocations(t, infos, budget, "worst-group", eta=1000.0)  # was: "cannot be met"
+    assert steep and all(a.avg_bits <= 5.0 + 1e-9 for a in steep)
+    assert not [w for w in recwarn if "overflow" in str(w.message)]
+    with pytest.raises(ConfigError, match=r"mw_eta=inf a finite number > 0"):
+        MixedPrecisionConfig(budget_bits=3.0, mw_eta=float("inf"))

@@ -495,7 +495,11 @@ def candidate_allocations(
     for _ in range(int(steps)):
         d = visit(w)
         scale = max(float(np.abs(d).max()), 1e-12)
-        w = w * np.exp(float(eta) * d / scale)  # toward the groups that lose most
+        # w ← w · exp(η d / max|d|), normalised: toward the groups that lose most (in logs, shifted
+        # by their maximum: a large η overflowed exp to inf, the weights became NaN, and the
+        # knapsack then called a budget it can meet infeasible)
+        logits = np.log(np.maximum(w, 1e-300)) + float(eta) * d / scale
+        w = np.exp(logits - logits.max())
         w = w / w.sum()
     ranked = sorted(seen.values(), key=lambda a: (a.score, -a.used))
     log.info("worst-group allocation: %d distinct candidates, best J=%.4g", len(ranked), ranked[0].score)

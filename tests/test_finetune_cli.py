@@ -54,7 +54,18 @@ def test_bad_sampler_option_value_is_bad_input(mlp_files, tmp_path):
     out = tmp_path / "m.onnx"
     code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz",
                               "--sampler", "core-set", "--coreset-fraction", "1.5"))
-    assert code == 2 and "FinetuneConfig.coreset_fraction=1.5 must be in (0, 1]" in err and not out.exists()
+    assert code == 2 and "--coreset-fraction: FinetuneConfig.coreset_fraction=1.5 must be in (0, 1]" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value, field", [("--ft-batch-size", "0", "batch_size"), ("--epochs", "0", "epochs"),
+                                                ("--max-minutes", "0", "max_minutes")])
+def test_a_bad_finetune_value_is_named_by_its_flag(mlp_files, tmp_path, flag, value, field):
+    """'FinetuneConfig.batch_size=0 must be …' named a field no flag is called (and compress has its own
+    --batch-size): the error leads with the flag typed (survey 59)."""
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", mlp_files / "calib.npz", flag, value))
+    assert code == 2 and err.startswith(f"error: {flag}: FinetuneConfig.{field}=") and not out.exists()
 
 
 def test_compress_finetune_prints_groups_before_after_and_records_metadata(mlp_files, tmp_path):

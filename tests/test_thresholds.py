@@ -62,3 +62,15 @@ def test_numpy_numbers_are_limits_too():
     assert Thresholds(min_worst_group_acc=np.int64(85), max_size_mb=np.float32(2.5)).min_worst_group_acc == 85
     with pytest.raises(ConfigError):
         Thresholds(min_acc=True)
+
+
+def test_numpy_limits_are_stored_as_python_numbers_and_serialise():
+    """Thresholds(min_worst_group_acc=np.float32(85)) passed its checks and then broke json.dumps of
+    to_dict() (survey 60), as the other configs store plain numbers."""
+    import json
+
+    import numpy as np
+
+    t = Thresholds(min_worst_group_acc=np.float32(85), max_latency_ms=np.int64(5))
+    assert type(t.min_worst_group_acc) is float and type(t.max_latency_ms) is int
+    assert json.loads(json.dumps(t.to_dict()))["min_worst_group_acc"] == 85.0

@@ -81,6 +81,8 @@ class Thresholds:
                 _check_percent(f.name, float(v), v)
             elif float(v) <= 0:
                 raise ConfigError(MSG_THRESHOLD.format(name=f.name, value=v, rule="> 0"))
+            # a plain Python number (np.float32(85) from a config file made to_dict() unserialisable)
+            object.__setattr__(self, f.name, int(v) if isinstance(v, numbers.Integral) else float(v))
 
     def any(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))

@@ -28,6 +28,7 @@ import onnx
 import torch
 
 from fqexport.atomic import atomic_write
+from fqexport.config import check_argument
 from fqexport.errors import ConfigError, ExportError, OutputPathError
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_export
@@ -195,6 +196,10 @@ def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path
     returning a tuple (a namedtuple, a list) is written with its first output, the one ``compress``
     measures and exports."""
     path = check_export_path(path, "export_float")
+    check_argument(model, torch.nn.Module, "export_float: model")
+    if isinstance(example, np.ndarray):  # the calibration data's own rows
+        example = torch.from_numpy(np.ascontiguousarray(example))
+    check_argument(example, torch.Tensor, "export_float: example", "; e.g. torch.from_numpy(data.x[:2])")
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     if any(decompose_attention_needed(m) for m in model.modules()):

@@ -448,3 +448,18 @@ def test_export_refuses_a_folder_and_the_calibration_file_it_came_from(cnn_cm8, 
             fqexport.export(cm, path)
     with pytest.raises(OutputPathError, match="export_float_reference: path '.' names a folder"):
         export_float_reference(cm, ".")
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(cnn_cm8, cnn_data, tmp_path):
+    """validate(cm, data) raised a TypeError from os.fspath, export_float(model, np_array, path) an
+    AttributeError from torch's exporter (survey 60): a ConfigError naming the argument, or the
+    calibration rows taken as they are."""
+    from fqexport.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"validate: model must be a str or PathLike, not CompressedModel; "
+                                          r"write it first with fqexport.export\(cm, 'model.onnx'\)"):
+        fqexport.validate(cnn_cm8, cnn_data)
+    result = fqexport.export_float(cnn_cm8.float_model, cnn_cm8.calib.x[:2], tmp_path / "f.onnx")
+    assert result.path.is_file()
+    with pytest.raises(ConfigError, match="export_float: example must be a Tensor, not list"):
+        fqexport.export_float(cnn_cm8.float_model, [1, 2], tmp_path / "g.onnx")

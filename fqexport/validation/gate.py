@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,7 +36,12 @@ from fqexport.exporters.export_check import TARGET_FAMILIES
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
 from fqexport.exporters.metadata import read_metadata
-from fqexport.exporters.ort_session import fixed_batch, input_shape, model_files_size, run_batches
+from fqexport.exporters.ort_session import (
+    fixed_batch,
+    input_shape,
+    model_files_size,
+    run_batches,
+)
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
@@ -54,8 +60,17 @@ from fqexport.validation.measure import (
     measure_target,
 )
 from fqexport.validation.resources import model_resources
-from fqexport.validation.thresholds import LIMIT_METRICS, Thresholds, check_measurements, flag
-from fqexport.validation.validation_report import ValidationReport, measured_max, pepr_score
+from fqexport.validation.thresholds import (
+    LIMIT_METRICS,
+    Thresholds,
+    check_measurements,
+    flag,
+)
+from fqexport.validation.validation_report import (
+    ValidationReport,
+    measured_max,
+    pepr_score,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +205,10 @@ def validate(
     reference, each emulated target); the CLI's ``-q`` turns them off.
     """
     # 1. options, checked before any session opens
+    for name, path in (("model", model), ("reference", reference)):
+        if name == "model" or path is not None:  # a CompressedModel or a torch module is not a file yet
+            check_argument(path, (str, os.PathLike), f"validate: {name}",
+                           "; write it first with fqexport.export(cm, 'model.onnx') and validate that path")
     check_argument(thresholds, Thresholds, "validate: thresholds", "; e.g. Thresholds(**limits)")
     t = thresholds or Thresholds()
     target_list = _target_list(targets)

@@ -280,3 +280,23 @@ def test_a_label_free_segmenter_fine_tunes_without_task(tmp_path, scenes, tests_
     assert code == 0, err
     meta = read_metadata(tmp_path / "u.onnx")
     assert meta.task["name"] == "segmentation" and meta.finetune["loss_terms"].startswith("distillation")
+
+
+def test_training_data_of_another_shape_is_refused_before_the_compress(mlp_files, tmp_path, monkeypatch):
+    """--train of another sample shape was refused only after the whole PTQ had run (survey 59)."""
+    import numpy as np
+
+    import fqexport.cli.compress as cli_compress
+
+    def never(*args, **kwargs):
+        raise AssertionError("compress ran before the training data was checked")
+
+    monkeypatch.setattr(cli_compress, "compress", never)
+    calib = np.load(mlp_files / "calib.npz")
+    train = tmp_path / "narrow.npz"
+    np.savez(train, **{k: calib[k] for k in calib.files if k != "x"}, x=calib["x"][:, :-1])
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(_args(mlp_files, out, "--finetune", "--train", train))
+    want = (f"{train}: field 'x' has sample shape ({calib['x'].shape[1] - 1},), but the model was compressed for "
+            f"({calib['x'].shape[1]},)")
+    assert code == 2 and want in err and not out.exists()

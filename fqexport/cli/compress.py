@@ -32,7 +32,7 @@ def run_compress(args: argparse.Namespace) -> int:
     """Run ``compress`` from parsed, checked args: quantize, export, print the layer table; return 0."""
     widths = width_paths(args.out, parse_export_bits(args.export_bits))
     config = quant_config(args)
-    plan = finetune_plan(args, load_data(args.calib).group_names if args.finetune else None)
+    plan = finetune_plan(args, load_data(args.calib) if args.finetune else None)
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle, decode=args.decode)
     search = None
     task = task_of(args)

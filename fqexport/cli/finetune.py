@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fqexport.calibration.checks import require_labels
 from fqexport.calibration.readers import open_stream
@@ -16,7 +17,7 @@ from fqexport.errors import DataError
 from fqexport.validation.reports import METRIC_LABELS
 from fqexport.finetune.api import finetune, finetune_widths
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.start import group_mismatch
+from fqexport.finetune.start import MSG_SHAPE, group_mismatch
 from fqexport.model import CompressedModel
 
 
@@ -30,11 +31,12 @@ class FinetunePlan:
     export_bits: tuple[int, ...] = ()  # --export-bits: one file per width instead of --out
 
 
-def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None = None) -> FinetunePlan | None:
+def finetune_plan(args: argparse.Namespace, calib: Any = None) -> FinetunePlan | None:
     """The checked FinetuneConfig and the opened training data; None without ``--finetune``.
 
-    ``calib_groups`` (the calibration data's group names) is compared with the training data's.
-    Raises ConfigError / DataError (exit 2).
+    ``calib`` (the calibration data, loaded) gives the group names and the sample shape the
+    training data must have: checked here, before the compress (a mismatch was an exit 2 after
+    the whole PTQ had run). Raises ConfigError / DataError (exit 2).
     """
     config = finetune_config(args)
     if config is None:
@@ -45,8 +47,11 @@ def finetune_plan(args: argparse.Namespace, calib_groups: tuple[str, ...] | None
     # during compress: fqexport.finetune checks then (a label-free segmenter's data is valid)
     if getattr(args, "task", None) == "classification" and getattr(train, "annotations", None) is None:
         require_labels(train, "finetune")
-    if calib_groups is not None and sorted(train.group_names) != sorted(calib_groups):  # any order: renumbered
-        raise DataError(group_mismatch(train.source, train.group_names, calib_groups))
+    if calib is not None and sorted(train.group_names) != sorted(calib.group_names):  # any order: renumbered
+        raise DataError(group_mismatch(train.source, train.group_names, calib.group_names))
+    if calib is not None and tuple(train.sample_shape) != tuple(calib.sample_shape):
+        raise DataError(MSG_SHAPE.format(source=train.source, got=tuple(train.sample_shape),
+                                         want=tuple(calib.sample_shape)))
     return FinetunePlan(config, train, parse_export_bits(args.export_bits))
 
 

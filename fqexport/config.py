@@ -130,6 +130,21 @@ def _hash_fields(self: object) -> int:
     return hash((type(self).__name__, *(_frozen(getattr(self, f.name)) for f in fields(self))))
 
 
+class FrozenDict(dict):
+    """A dict a frozen config holds (``layer_bits``, ``pins``, ``group_weights``): reading is a
+    dict's, writing raises, so that a stored config keeps its checked values and its hash
+    (``q.layer_bits["fc"] = 99`` changed both after the checks). Pickles, copies and serialises
+    to JSON as a dict does."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a config's mapping is frozen: make a new config with dataclasses.replace(config, field={...})")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self):  # pickle / deepcopy rebuild it whole (not item by item through __setitem__)
+        return FrozenDict, (dict(self),)
+
+
 def _set(spec: object, **values: object) -> None:
     """Store normalised values on a frozen spec (plain Python numbers: the metadata is JSON)."""
     for name, value in values.items():
@@ -236,7 +251,8 @@ class WeightSpec:
             raise ConfigError(MSG_TYPE.format(where="layer_bits", value=self.layer_bits,
                                               kind="a mapping of layer name to width, e.g. {'fc': 8}"))
         _set(self, weight_bits=check_bits(self.weight_bits, "weight_bits"),
-             layer_bits={name: check_bits(bits, f"layer_bits[{name!r}]") for name, bits in self.layer_bits.items()})
+             layer_bits=FrozenDict({name: check_bits(bits, f"layer_bits[{name!r}]")
+                                    for name, bits in self.layer_bits.items()}))
         check_choice(self.method, get_args(Method), "method")
         check_choice(self.order, get_args(Order), "order")
         check_choice(self.solver_target, get_args(SolverTarget), "solver_target")
@@ -301,7 +317,7 @@ class ActivationSpec:
                     "group_weights must be None (equal per group), 'samples', "
                     "or a non-empty mapping of group name/id to weight"
                 )
-            _set(self, group_weights=check_group_weight_values(gw, "group_weights"))
+            _set(self, group_weights=FrozenDict(check_group_weight_values(gw, "group_weights")))
 
 
 @dataclass(frozen=True)
@@ -696,7 +712,7 @@ class MixedPrecisionConfig:
         if not isinstance(self.pins, Mapping):
             raise ConfigError(MSG_TYPE.format(where="pins", value=self.pins,
                                               kind="a mapping of layer pattern to width, e.g. {'fc': 8}"))
-        _set(self, pins={pattern: check_bits(bits, f"pins[{pattern!r}]") for pattern, bits in self.pins.items()})
+        _set(self, pins=FrozenDict({pattern: check_bits(bits, f"pins[{pattern!r}]") for pattern, bits in self.pins.items()}))
         if self.pin_first_last is not None:
             _set(self, pin_first_last=check_bits(self.pin_first_last, "pin_first_last"))
         _set(self, mean_weight=as_real(self.mean_weight, "mean_weight"),
@@ -713,7 +729,7 @@ class MixedPrecisionConfig:
             if not isinstance(self.group_weights, Mapping):
                 raise ConfigError(MSG_TYPE.format(where="group_weights", value=self.group_weights,
                                                   kind="a mapping of group name to weight, e.g. {'minority': 2.0}"))
-            _set(self, group_weights=check_group_weight_values(self.group_weights, "group_weights"))
+            _set(self, group_weights=FrozenDict(check_group_weight_values(self.group_weights, "group_weights")))
         if self.objective == "weighted" and not self.group_weights:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
         if self.group_weights is not None and self.objective != "weighted":

@@ -218,3 +218,25 @@ def test_configs_hash_with_their_dict_fields_and_refuse_a_keep_float_or_address_
         EngineConfig(engine="ray", ray_address=5)
     c = FinetuneConfig(weight_bits=2)
     assert FinetuneConfig(**c.to_dict()) == c
+
+
+def test_a_configs_mappings_are_frozen_and_still_pickle_copy_and_serialise():
+    """q.layer_bits["fc"] = 99 was accepted after the checks: bits_for returned 99 and the hash changed,
+    so a config stored as a dict key was lost (survey 60)."""
+    import copy
+    import json
+    import pickle
+
+    from fqexport.config import MixedPrecisionConfig, QuantConfig
+
+    q = QuantConfig(layer_bits={"fc": 8}, group_weights={"a": 1.0})
+    m = MixedPrecisionConfig(budget_bits=3.0, pins={"fc": 8}, objective="weighted", group_weights={"a": 2})
+    for mapping in (q.layer_bits, q.group_weights, m.pins, m.group_weights):
+        with pytest.raises(TypeError, match="a config's mapping is frozen"):
+            mapping["fc"] = 99
+        with pytest.raises(TypeError):
+            mapping.update({"x": 1})
+    assert q.bits_for("fc") == 8 and hash(q) == hash(QuantConfig(layer_bits={"fc": 8}, group_weights={"a": 1.0}))
+    for config in (q, m):
+        assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config)
+    assert json.loads(json.dumps(q.to_dict()))["layer_bits"] == {"fc": 8}

@@ -160,17 +160,14 @@ def graph_math_session(model: str | Path, runner: Runner) -> tuple[Any, str]:
     except for a file that already holds fused integer nodes (a QOperator file) whose sums this
     CPU's kernels may saturate (x86-avx2): unoptimized, they run on those very kernels, so their
     exact sums come from an exact family's emulation instead."""
-    raw = runner.open(model, optimized=False)
     isa = cpu_isa()
-    if runner.provider != "cpu" or kernel_family(isa) in EXACT_FAMILIES:
-        return raw, UNOPTIMIZED
-    stored = stored_integer_kernels(model)
-    if not stored:
-        return raw, UNOPTIMIZED
-    exact = EmulatedSession(model, EXACT_FAMILIES[0], threads=runner.threads, native_log_level=logging.DEBUG)
-    fused = [n for n in exact.emulated_nodes if n.split(":", 1)[1] in stored]
-    if not fused:  # their weights sum alike on every family: ORT's own kernels are exact
-        return raw, UNOPTIMIZED
+    stored = (stored_integer_kernels(model) if runner.provider == "cpu" and kernel_family(isa) not in EXACT_FAMILIES
+              else set())
+    exact = (EmulatedSession(model, EXACT_FAMILIES[0], threads=runner.threads, native_log_level=logging.DEBUG)
+             if stored else None)
+    fused = [n for n in exact.emulated_nodes if n.split(":", 1)[1] in stored] if exact is not None else []
+    if not fused:  # none stored, or their weights sum alike on every family: ORT's own kernels are exact
+        return runner.open(model, optimized=False), UNOPTIMIZED
     words = EXACT_SUMS.format(n=len(fused), family=EXACT_FAMILIES[0], isa=isa)
     log.info("%s: the kernel deviation is measured against %s", model, words)
     return exact, words

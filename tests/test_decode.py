@@ -86,7 +86,7 @@ def test_cli_compress_with_decode_writes_the_layout_and_names_the_decode(tmp_pat
             "--calib", tmp_path / "calib.npz", "--num-calib", 32, "--target", "x86-avx2", "--no-speed-check"]
     code, out, err = run_main(base + ["--decode", "fixtures_models:decode_yolov8_test", "--out", tmp_path / "d.onnx"])
     assert code == 0, err
-    assert "stay float (the decode, fixtures_models:decode_yolov8_test):" in out
+    assert "stay float (the box decode, fixtures_models:decode_yolov8_test):" in out
     assert run_batches(make_session(tmp_path / "d.onnx"), scenes.test.x[:2], 2).shape == (2, 7, 80)
     code, out, err = run_main(base + ["--out", tmp_path / "raw.onnx"])
     assert code == 2 and "a detector's raw head outputs: name the decode" in err

@@ -186,7 +186,7 @@ def test_analyze_float_vs_quantized_on_tiny_mlp():
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert d["variants"] == ["float", "W4A8"] and d["settings"]["bits"] == [4]
     assert d["diagnostics"]["W4A8"]["minority"]["count"] == 32
-    assert any(line.startswith("W4A8: most hurt group") for line in d["summary"])
+    assert any(line.startswith(("W4A8: most hurt group", "W4A8: no group hurt")) for line in d["summary"])
     with pytest.raises(ConfigError, match="weight_bits=9 is not supported"):
         analyze(model, data, bits=(9,))
 
@@ -208,7 +208,21 @@ def test_summary_of_an_unchanged_accuracy_says_plus_zero_not_minus_zero():
     same = GroupDiagnostics(count=4, total=4, accuracy=1.0, loss=0.1, logit_variance=1.0, grad_norm=1.0,
                             top_hessian_eigenvalue=1.0, hessian_iterations=3, hessian_converged=True)
     report = AnalysisReport(("a",), (FLOAT_VARIANT, "W8A8"), {FLOAT_VARIANT: {"a": same}, "W8A8": {"a": same}})
-    assert report.summary()[-1].startswith("W8A8: most hurt group 'a': accuracy +0.00 pp, loss +0.0000")
+    assert report.summary()[-1].startswith("W8A8: no group hurt; the least helped 'a': accuracy +0.00 pp, loss +0.0000")
+
+
+def test_summary_names_a_hurt_group_only_when_one_was_hurt():
+    """'most hurt group 'majority': accuracy +3.12 pp, loss -0.0436' named a group that gained (survey 61)."""
+    base = dict(count=4, total=4, logit_variance=1.0, grad_norm=1.0, top_hessian_eigenvalue=1.0,
+                hessian_iterations=3, hessian_converged=True)
+    before = {"a": GroupDiagnostics(accuracy=0.75, loss=0.5, **base), "b": GroupDiagnostics(accuracy=0.75, loss=0.5, **base)}
+    better = {"a": GroupDiagnostics(accuracy=1.0, loss=0.4, **base), "b": GroupDiagnostics(accuracy=1.0, loss=0.3, **base)}
+    worse = {"a": GroupDiagnostics(accuracy=1.0, loss=0.4, **base), "b": GroupDiagnostics(accuracy=0.5, loss=0.9, **base)}
+    report = AnalysisReport(("a", "b"), (FLOAT_VARIANT, "W4A8", "W2A8"),
+                            {FLOAT_VARIANT: before, "W4A8": better, "W2A8": worse})
+    lines = report.summary()
+    assert any(line.startswith("W4A8: no group hurt; the least helped 'a': accuracy +25.00 pp") for line in lines)
+    assert any(line.startswith("W2A8: most hurt group 'b': accuracy -25.00 pp, loss +0.4000") for line in lines)
 
 
 class _TokenBag(nn.Module):

@@ -410,8 +410,11 @@ class AnalysisReport:
                 continue
             worst = max(valid, key=lambda g: (valid[g]["acc_drop_pp"], valid[g]["loss_increase"]))
             c = valid[worst]
+            # "most hurt" only where a group lost accuracy or gained loss; else the least helped one
+            hurt = c["acc_drop_pp"] > 0 or (c["acc_drop_pp"] == 0 and c["loss_increase"] > 0)
             lines.append(
-                f"{variant}: most hurt group '{worst}': accuracy {0.0 - c['acc_drop_pp']:+.2f} pp, "  # 0.0 - x: never -0.00
+                f"{variant}: {'most hurt group' if hurt else 'no group hurt; the least helped'} '{worst}': "
+                f"accuracy {0.0 - c['acc_drop_pp']:+.2f} pp, "  # 0.0 - x: never -0.00
                 f"loss {c['loss_increase']:+.4f}, λ_max ×{_fmt(c['hessian_ratio'], '.3g')}, "
                 f"grad norm ×{_fmt(c['grad_norm_ratio'], '.3g')}"
             )

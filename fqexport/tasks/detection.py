@@ -171,12 +171,19 @@ class Detection(Task):
             return None
         return high if high - 1 >= -low else low
 
+    def reads_probabilities(self, out: torch.Tensor | np.ndarray) -> bool:
+        """Whether this layout reads ``out`` with score channels, all of them probabilities."""
+        return self.num_classes_of(tuple(out.shape)) >= 1 and self.scores_beyond_unit(out) is None
+
+    def _other(self) -> "Detection":
+        return Detection(layout="v8" if self.layout == "v5" else "v5")
+
     def check_layout(self, out: torch.Tensor | np.ndarray) -> None:
         """ConfigError when this layout reads ``out``'s score channels as values outside [0, 1]
         while the other layout reads probabilities there (a wrong ``--layout``: every mAP, the
         export check and a drop-only gate would compare misread boxes alike)."""
-        other = Detection(layout="v8" if self.layout == "v5" else "v5")
-        if other.num_classes_of(tuple(out.shape)) < 1 or other.scores_beyond_unit(out) is not None:
+        other = self._other()
+        if not other.reads_probabilities(out):
             return
         worst = self.scores_beyond_unit(out)
         if worst is not None:
@@ -216,8 +223,8 @@ class Detection(Task):
         classes, anchors = self.num_classes_of(shape), shape[1] if self.layout == "v5" else shape[2]
         if anchors >= classes or (self.layout, shape[1:]) in _warned_layouts:  # once, not per session measured
             return
-        other = Detection(layout="v8" if self.layout == "v5" else "v5")
-        if other.num_classes_of(shape) >= 1 and other.scores_beyond_unit(out) is not None:
+        other = self._other()
+        if other.num_classes_of(shape) >= 1 and not other.reads_probabilities(out):
             return
         _warned_layouts.add((self.layout, shape[1:]))
         log.warning(MSG_FEW_ANCHORS, self.layout, shape, classes, anchors, other.layout,
@@ -376,5 +383,3 @@ class Detection(Task):
         return Comparison(total, agree, agree, diff, passed, SUMMARY.format(
             agree=agree, n=total, conf=judge.deploy_conf, margin=judge.margin, iou=self.match_iou,
             need=MIN_BOX_AGREEMENT, mean_iou=float(ious.mean()) if ious.size else float("nan"), diff=diff))
-
-

@@ -75,8 +75,7 @@ def _layout(output: Any) -> str:
     ``[N, 24, 16]``, is v8 by its scores though its shape says v5)."""
     if not (isinstance(output, torch.Tensor) and output.dim() == 3):
         return "v5"
-    fits = [layout for layout in LAYOUTS if Detection(layout=layout).num_classes_of(tuple(output.shape)) >= 1
-            and Detection(layout=layout).scores_beyond_unit(output) is None]
+    fits = [layout for layout in LAYOUTS if Detection(layout=layout).reads_probabilities(output)]
     if len(fits) == 1:
         return fits[0]
     return "v8" if output.shape[1] < output.shape[2] else "v5"

@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from pathlib import Path
 from typing import get_args
 
 from fqexport.cli.common import parse_group_assignments
-from fqexport.cli.flags.shared import (
-    SEARCH_ONLY_FLAGS,
-    OnlyWith,
-    given_flags,
-    parse_bit_choices,
-    refuse_ignored,
-)
+from fqexport.cli.flags.shared import SEARCH_ONLY_FLAGS, OnlyWith, given_flags, parse_bit_choices, refuse_ignored
 from fqexport.config import SUPPORTED_WEIGHT_BITS
 from fqexport.errors import ConfigError
-from fqexport.finetune.config import (
-    CoresetScore,
-    FinetuneConfig,
-    GroupLoss,
-    Rounding,
-    Sampler,
-)
+from fqexport.finetune.config import CoresetScore, FinetuneConfig, GroupLoss, Rounding, Sampler
 
 _F = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
 
@@ -193,23 +180,6 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
     if args.group_loss_weights:
         weights = parse_group_assignments(args.group_loss_weights, "--group-loss-weights", "minority=3,majority=1")
     given = {key: getattr(args, dest) for dest, key in FINETUNE_FIELDS.items() if getattr(args, dest) is not None}
-    try:
-        return _finetune_config(args, given, weights)
-    except ConfigError as err:  # "FinetuneConfig.batch_size=0 …" named by the flag typed: --ft-batch-size
-        field = re.match(r"FinetuneConfig\.(\w+)=", str(err))
-        flag = _FIELD_FLAGS.get(field.group(1)) if field else None
-        if flag is None:
-            raise
-        raise ConfigError(f"{flag}: {err}") from err
-
-
-# FinetuneConfig's fields -> the flag that sets each (compress's --batch-size is not --ft-batch-size)
-_FIELD_FLAGS = {**{field: FINETUNE_ONLY_FLAGS[dest] for dest, field in FINETUNE_FIELDS.items()},
-                "max_minutes": "--max-minutes", "group_weights": "--group-loss-weights", "num_workers": "--workers",
-                "seed": "--seed", "device": "--device", "budget_bits": "--budget-bits", "bit_choices": "--bit-choices"}
-
-
-def _finetune_config(args: argparse.Namespace, given: dict, weights: dict | None) -> FinetuneConfig:
     return FinetuneConfig(
         **given, group_weights=weights, learn_bits=args.learn_bits,
         budget_bits=args.budget_bits if args.learn_bits else None,

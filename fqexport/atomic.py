@@ -76,6 +76,19 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
     return removed
 
 
+def file_head(path: str | Path, size: int = 4096) -> bytes | None:
+    """The first ``size`` bytes of the regular file ``path`` (not through a symlink), to tell an
+    earlier run's output by its content before removing it; None when there is no such file."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
 

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fqexport.atomic import atomic_write
+from fqexport.atomic import atomic_write, file_head
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.global_state import GLOBAL_STATE_LOCK
 from fqexport.shown_text import shown_text
@@ -43,6 +43,7 @@ def float_tail_words(task: Any) -> str:
     """What the float ops after the last weight layers are, by the metadata's ``task`` dict: a
     detector's box decode, else the output's tail (a segmenter's upsampling, a classifier's last ops)."""
     return "the box decode" if (task or {}).get("name") == "detection" else "the output's tail"
+
 
 def md_text(value: Any) -> str:
     """``value`` as literal text in a Markdown table cell or list line: Markdown's emphasis, code
@@ -458,7 +459,7 @@ def remove_earlier_reports(dir: str | Path | None, junit: str | Path | None,
     kept = {Path(p).resolve() for p in inputs if p is not None}
     removed = []
     for path in paths:
-        if path.is_file() and not path.is_symlink() and path.resolve() not in kept and _written_here(path):
+        if path.resolve() not in kept and _written_here(path):
             path.unlink()
             log.info(MSG_EARLIER_REPORT, path)
             removed.append(path)
@@ -469,12 +470,11 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _written_here(path: Path) -> bool:
-    """Whether ``path`` looks like what this module writes there: a report.md under its title, a
-    report.json holding a validation's keys, a PNG plot, a JUnit file of fqexport's suite."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
+    """Whether ``path`` is a regular file that looks like what this module writes there: a
+    report.md under its title, a report.json holding a validation's keys, a PNG plot, a JUnit
+    file of fqexport's suite."""
+    head = file_head(path)
+    if head is None:
         return False
     if path.name == REPORT_MD:
         return head.startswith(b"# fqexport validation")

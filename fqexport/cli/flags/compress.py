@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from fqexport.atomic import file_head
 from fqexport.cli.common import HelpFormatter, common_options
 from fqexport.cli.flags.finetune import (
     add_finetune_options,
@@ -92,12 +93,8 @@ def remove_earlier_compress_report(path: Path) -> bool:
     """Remove the ``--report`` an earlier compress wrote at ``path`` (a JSON file holding its
     ``"export"`` and ``"layers"`` records; anything else stays): a run stopped after writing ``--out``
     left the earlier run's report describing another file beside it. Whether it was removed."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    if not (head.lstrip().startswith(b"{") and b'"export"' in head and b'"layers"' in head) or path.is_symlink():
+    head = file_head(path)
+    if head is None or not (head.lstrip().startswith(b"{") and b'"export"' in head and b'"layers"' in head):
         return False
     path.unlink()
     log.info("removed %s, an earlier run's --report, before compressing", path)

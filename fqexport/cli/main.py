@@ -36,6 +36,7 @@ from fqexport.cli.common import (
 from fqexport.cli.flags.analyze import add_analyze_parser
 from fqexport.cli.flags.compress import add_compress_parser
 from fqexport.cli.flags.demo import add_demo_parser
+from fqexport.cli.flags.finetune import FINETUNE_FIELDS
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
 from fqexport.errors import ConfigError, FqexportError, ValidationFailed
@@ -136,16 +137,20 @@ def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]
             for a in sub._actions if any(o in words for o in a.option_strings)}
 
 
-# config fields whose flag's dest is another word (MixedPrecisionConfig.pins <- --pin)
-_FIELD_DESTS = {"pins": "pin"}
+# config fields whose flag's dest is another word: MixedPrecisionConfig.pins <- --pin, and the
+# fine-tuning fields, named "FinetuneConfig.<field>" (its batch_size <- --ft-batch-size: compress's
+# own --batch-size is another flag)
+_FIELD_DESTS = {"pins": "pin", "FinetuneConfig.group_weights": "group_loss_weights",
+                **{f"FinetuneConfig.{field}": dest for dest, field in FINETUNE_FIELDS.items()}}
 
 
 def _with_flag(err: FqexportError, flags: dict[str, str]) -> str:
     """A config error's message (``num_calib=0 must be >= 1``, ``pins['fc']=12 …``, ``pin 'x'
-    matches no layer``: the API's words) led by the command-line flag the user typed for that
-    field (``--num-calib: num_calib=0 …``)."""
-    field = re.match(r"(\w+)(?:\[[^\]]*\])?[= ]", str(err))
-    dest = _FIELD_DESTS.get(field.group(1), field.group(1)) if field else None
+    matches no layer``, ``FinetuneConfig.batch_size=0 …``: the API's words) led by the
+    command-line flag the user typed for that field (``--num-calib: num_calib=0 …``)."""
+    field = re.match(r"((?:\w+\.)?\w+)(?:\[[^\]]*\])?[= ]", str(err))
+    name = field.group(1) if field else ""
+    dest = _FIELD_DESTS.get(name) or _FIELD_DESTS.get(name.rpartition(".")[2], name.rpartition(".")[2])
     if isinstance(err, ConfigError) and dest in flags:
         return f"{flags[dest]}: {err}"
     return str(err)

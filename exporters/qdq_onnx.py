@@ -121,7 +121,7 @@ def check_export_path(path: str | Path, what: str, calib_source: str | None = No
     file ``calib_source`` (``export(cm, "calib.npz")`` replaced the data with ONNX bytes; the CLI
     refuses it as an input collision)."""
     given = Path(path)
-    if str(path) in ("", ".", "..") or given.name in ("", ".", "..") or given.is_dir():
+    if given.name in ("", "..") or given.is_dir():  # Path("") and Path(".") have no name
         raise OutputPathError(MSG_EXPORT_FOLDER.format(what=what, path=str(path)))
     if calib_source and Path(calib_source).is_file() and given.exists() and given.resolve() == Path(calib_source).resolve():
         raise OutputPathError(MSG_EXPORT_INPUT.format(what=what, path=path, source=calib_source))

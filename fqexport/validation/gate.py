@@ -205,10 +205,9 @@ def validate(
     reference, each emulated target); the CLI's ``-q`` turns them off.
     """
     # 1. options, checked before any session opens
-    for name, path in (("model", model), ("reference", reference)):
-        if name == "model" or path is not None:  # a CompressedModel or a torch module is not a file yet
-            check_argument(path, (str, os.PathLike), f"validate: {name}",
-                           "; write it first with fqexport.export(cm, 'model.onnx') and validate that path")
+    for name, path in (("model", model), ("reference", reference)):  # a CompressedModel is not a file yet
+        check_argument(path, (str, os.PathLike), f"validate: {name}",
+                       "; write it first with fqexport.export(cm, 'model.onnx') and validate that path")
     check_argument(thresholds, Thresholds, "validate: thresholds", "; e.g. Thresholds(**limits)")
     t = thresholds or Thresholds()
     target_list = _target_list(targets)

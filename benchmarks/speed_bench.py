@@ -38,6 +38,9 @@ Sections:
   the same data in the same run (``--search-base`` also runs the searches of before, alternating
   with after's). The phases of a run on 2 workers overlap: the refit of the predicted best runs
   beside the last verification fits (``discarded_refit``: the guess was wrong).
+  ``--search-variants one-fit`` also runs the unguarded one-candidate search
+  (``num_candidates=1, verify_uniform=False, verify_mean=False``; CLI ``--candidates 1
+  --no-guard``): the sensitivity plus one fit, in the search's process on all its threads.
 """
 
 from __future__ import annotations
@@ -162,7 +165,12 @@ def worker_sensitivity(case: str, out: Path) -> dict:
     return {"wall_s": wall, "layers": len(table.layers), "bits": list(table.bits)}
 
 
-def worker_search(case: str, engine: str, workers: int, images: int, sensitivity: str = "measured") -> dict:
+# the searches of the search section: the default (guarded) one, and one candidate without guards
+SEARCH_VARIANTS = {"default": {}, "one-fit": {"num_candidates": 1, "verify_uniform": False, "verify_mean": False}}
+
+
+def worker_search(case: str, engine: str, workers: int, images: int, sensitivity: str = "measured",
+                  variant: str = "default") -> dict:
     from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
     from fqexport.pipeline.compress import compress
     from fqexport.search.mixed_precision import search_mixed_precision
@@ -173,7 +181,7 @@ def worker_search(case: str, engine: str, workers: int, images: int, sensitivity
     compress(model, data, base, progress=False)
     one = time.perf_counter() - t0
     mp = MixedPrecisionConfig(budget_bits=3.0, engine=EngineConfig(engine=engine, workers=workers),
-                              sensitivity=sensitivity)
+                              sensitivity=sensitivity, **SEARCH_VARIANTS[variant])
     t0 = time.perf_counter()
     res = search_mixed_precision(model, data, mp, base, progress=False)
     wall = time.perf_counter() - t0
@@ -288,18 +296,20 @@ def section_search(args, tmp: Path) -> None:
     print("64 images = num_calib: a stratified hold-out split, each verification fit sees 70 % of the data, then the")
     print("winner is refitted on all; 192 images: 64 per fit and >= 50 unused per group, so each verification fit is")
     print("the refit (the held-out set is the unused images) -- what a calibration set larger than num_calib gives.\n")
-    print(f"{'tree':<7} {'images':>6} {'sensitivity':<11} {'engine':<10} {'compress s':>10} {'search s':>9} "
+    print(f"{'tree':<7} {'search':<8} {'images':>6} {'sensitivity':<11} {'engine':<10} {'compress s':>10} {'search s':>9} "
           f"{'search/compress':>15} {'fits':>4} {'sens tasks':>10}  phases")
     runs = [("after", ROOT, "serial", 1), ("after", ROOT, "local", 2)]
     if args.search_base:  # before and after alternate: serial, then 2 workers
         runs = [("before", args.base_tree, "serial", 1), runs[0], ("before", args.base_tree, "local", 2), runs[1]]
-    for sens, images in ((s, i) for s in args.search_sensitivity for i in args.search_images):
+    cases = [(s, i, v) for s in args.search_sensitivity for i in args.search_images for v in args.search_variants]
+    for sens, images, variant in cases:
         for label, tree, engine, workers in runs:
-            r = _run(tree, ["search", "resnet18", engine, str(workers), str(images), sens])
+            extra = [] if variant == "default" else [variant]  # a base tree's worker may not know the variants
+            r = _run(tree, ["search", "resnet18", engine, str(workers), str(images), sens, *extra])
             phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
-            RESULTS["search"].append({"tree": label, "images": images, "sensitivity": sens, "workers": workers,
-                                      "compress_s": r["compress_s"], "search_s": r["search_s"]})
-            print(f"{label:<7} {images:>6} {sens:<11} {engine + ' x' + str(workers):<10} {r['compress_s']:>10.1f} "
+            RESULTS["search"].append({"tree": label, "variant": variant, "images": images, "sensitivity": sens,
+                                      "workers": workers, "compress_s": r["compress_s"], "search_s": r["search_s"]})
+            print(f"{label:<7} {variant:<8} {images:>6} {sens:<11} {engine + ' x' + str(workers):<10} {r['compress_s']:>10.1f} "
                   f"{r['search_s']:>9.1f} {r['search_s'] / r['compress_s']:>15.2f} {r['fits']:>4} "
                   f"{r['sensitivity_tasks']:>10}  {phases}", flush=True)
 
@@ -320,6 +330,8 @@ def main() -> None:
                    help="calibration set sizes of the search runs (num_calib stays 64)")
     p.add_argument("--search-sensitivity", nargs="+", choices=("measured", "fisher", "output-fisher"), default=["measured"],
                    help="the sensitivity methods of the search runs")
+    p.add_argument("--search-variants", nargs="+", choices=tuple(SEARCH_VARIANTS), default=["default"],
+                   help="the searches run: default (guarded), one-fit (--candidates 1 --no-guard)")
     p.add_argument("--json", type=Path, help="also write the key figures of each section here")
     p.add_argument("--base-commit", default=BASE_COMMIT)
     p.add_argument("--base-tree", type=Path, default=Path(tempfile.gettempdir()) / "fqexport-speed-bench-base")

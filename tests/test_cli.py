@@ -324,6 +324,24 @@ def test_compress_verify_folds_flag(tmp_path, mlp_files, tests_dir, monkeypatch)
     assert not (tmp_path / "b.onnx").exists()
 
 
+def test_compress_no_guard_verifies_the_candidates_alone_and_says_so(tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    # 128 drawn of 400: each verification fit is compress's own, so one candidate is one fit
+    base = ("--budget-bits", "4", "--bit-choices", "2,4,8", "--candidates", "1", "--method", "rtn", "--num-calib", "128")
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "g.onnx", *base, "--report", tmp_path / "g.json"))
+    assert code == 0, err
+    guarded = json.loads((tmp_path / "g.json").read_text())["mixed_precision"]
+    assert "uniform" in [c["origin"] for c in guarded["candidates"]] and "--no-guard" not in stdout
+    code, stdout, err = run_main(_compress_args(mlp_files, tmp_path / "n.onnx", *base, "--no-guard",
+                                                "--report", tmp_path / "n.json"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "n.json").read_text())["mixed_precision"]
+    assert [c["origin"] for c in report["candidates"]] == ["search"] and report["fits"] == 1
+    assert report["allocation"]["uniform_guard"] is False and guarded["allocation"]["uniform_guard"] is True
+    assert "note: no uniform allocation was verified (verify_uniform=False; CLI --no-guard)" in stdout
+    assert "\n1 compress fit in " in stdout
+
+
 def test_bad_bit_choices_exit_2(tmp_path, mlp_files, tests_dir, monkeypatch):
     monkeypatch.chdir(tests_dir)
     code, _, err = run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--budget-bits", "4", "--bit-choices", "2,four"))

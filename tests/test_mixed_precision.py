@@ -24,6 +24,7 @@ from fqexport.calibration.sampling import (
     stratified_folds,
 )
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
+from fqexport.engine import make_engine
 from fqexport.errors import ConfigError
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metrics.group_metrics import group_metrics
@@ -615,6 +616,35 @@ def test_on_a_pool_the_search_process_fits_the_predicted_best_and_returns_it(mlp
     assert pool.fits == len(pool.candidates) and "refit" not in pool.seconds
     plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(pool.allocation.bits)), progress=False)
     np.testing.assert_array_equal(pool.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+
+
+def test_a_one_fit_search_fits_here_on_all_threads_and_starts_no_worker(mlp_model, mlp_data, search, monkeypatch):
+    # one candidate and no guard: a single fit, run in this process on its own threads as compress
+    # runs (no worker could run anything beside it), so the local pool is never started
+    import fqexport.search.verification as verification_module
+
+    calls = []
+    real = verification_module.compress
+    monkeypatch.setattr(verification_module, "compress", lambda *a, **k: calls.append(
+        (threading.current_thread() is threading.main_thread(), torch.get_num_threads())) or real(*a, **k))
+    mp = replace(search.config, num_candidates=1, verify_uniform=False, verify_mean=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with make_engine(EngineConfig(engine="local", workers=2)) as engine:
+            res = search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, engine=engine,
+                                         sensitivity=search.sensitivity)
+            assert engine._pool is None  # nothing was handed to a worker
+        plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(res.allocation.bits)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(True, 2)] and res.fits == 1  # fitted once, on both threads, and returned
+    assert [c.origin for c in res.candidates] == ["search"]
+    assert res.allocation.bits == search.candidates[0].allocation.bits
+    np.testing.assert_array_equal(res.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
+    assert res.compressed.metadata.allocation["uniform_guard"] is False
+    assert "no uniform allocation was verified (verify_uniform=False; CLI --no-guard)" in res.unguarded
+    assert search.unguarded is None and search.compressed.metadata.allocation["uniform_guard"] is True
 
 
 def test_writers_on_given_points(tmp_path):

@@ -137,14 +137,15 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
                       f"held-out mean{metric} %": f"{100 * c.mean_acc:.2f}"})
     print(f"\ncandidates verified on held-out calibration data ({res.verification}; predicted vs measured):")
     print_table(cands, list(cands[0].keys()))
-    print(f"\n{res.fits} compress fits in {_secs(res.fit_seconds)} s; search {_secs(res.wall_seconds)} s; "
+    print(f"\n{res.fits} compress fit{'s' if res.fits != 1 else ''} in {_secs(res.fit_seconds)} s; search {_secs(res.wall_seconds)} s; "
           f"storage {res.storage}: nominal {res.allocation.avg_bits:.3f} bits, stored "
           f"{res.allocation.stored_bits:.3f} bits/weight with scales, {res.allocation.file_weight_bytes:,} weight bytes")
     one, which = res.one_compress()
     print(f"search wall time {_secs(res.wall_seconds)} s = {res.wall_seconds / max(one, 1e-9):.2f}x one compress "
           f"({_secs(one)} s: {which})")
-    if res.fallback:
-        print(f"note: {res.fallback}")
+    for note in (res.fallback, res.unguarded):
+        if note:
+            print(f"note: {note}")
     if res.selection_note:
         print(f"note: {res.selection_note}")
     print()

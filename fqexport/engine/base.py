@@ -86,22 +86,23 @@ def _test_kill(task: Task, spec: str | None) -> None:
     os._exit(1)
 
 
-def run_task(fn: TaskFn, context: Any, task: Task, kill: str | None = None) -> Any:
+def run_task(fn: TaskFn, context: Any, task: Task, kill: str | None = None, threads: int | None = 1) -> Any:
     """Run ``fn(context, task)`` as every engine does: seeded from ``task.key`` (torch and
-    numpy; the caller's random state is restored), on one intra-op torch thread. ``kill``: the
-    test hook's :func:`kill_spec`."""
+    numpy; the caller's random state is restored), on ``threads`` intra-op torch threads (one, as
+    every engine runs a task; ``None``: the process's own count, as ``compress`` runs). ``kill``:
+    the test hook's :func:`kill_spec`."""
     _test_kill(task, kill)
-    threads = torch.get_num_threads()
+    own = torch.get_num_threads()
     np_state = np.random.get_state()
     seed = task_seed(task.key)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         np.random.seed(seed)
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads or own)
         try:
             return fn(context, task)
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(own)
             np.random.set_state(np_state)
 
 
@@ -125,6 +126,9 @@ class Engine(ABC):
     clusters it started are stopped on exit)."""
 
     name: str = "engine"
+    # its tasks run on this machine (serial, local); a Ray cluster's may run on other nodes, with
+    # the resources (CPUs, GPUs) the task asked the cluster for
+    on_this_machine: bool = True
 
     def __init__(self, workers: int = 1, retries: int = 1) -> None:
         self.workers = int(workers)

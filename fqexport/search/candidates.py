@@ -154,6 +154,15 @@ class MixedPrecisionResult:
         folds = max(1, self.config.verify_folds)
         return self.chosen.seconds / folds, "the winner's verification fit"
 
+    @property
+    def unguarded(self) -> str | None:
+        """Why the result was not compared with a uniform allocation (``verify_uniform=False``),
+        for the console; ``None`` when the guard ran."""
+        if self.config.verify_uniform:
+            return None
+        return ("no uniform allocation was verified (verify_uniform=False; CLI --no-guard): nothing measured "
+                "this allocation against uniform at the same budget")
+
     def table(self) -> list[dict[str, Any]]:
         """One row per layer: name, params, bits, sensitivity (max over groups of Δ_g at the
         chosen width) and the group it hurts most."""
@@ -188,6 +197,7 @@ class MixedPrecisionResult:
             "used": self.allocation.used,
             "origin": c.origin,
             "fallback": self.fallback,
+            "uniform_guard": self.config.verify_uniform,
             "fits": self.fits - self.discarded_fits,  # the same on every engine
             "sensitivity_method": self.sensitivity.method,
             "table": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in self.table()],

@@ -138,7 +138,11 @@ def search_mixed_precision(
                                           sensitivity=sensitivity, engine=own, task=task)
 
     start = time.perf_counter()
-    engine.prepare()  # a local engine's forkserver imports torch while the sensitivity runs
+    if sensitivity is None and mp_config.sensitivity == "measured":
+        # a local engine's forkserver imports torch while the sensitivity's first tasks are
+        # handed out; the Fisher methods run here on all threads, which the import would slow
+        # (the verification starts the engine when it has more than one fit to hand out)
+        engine.prepare()
     mp, base = mp_config, base_config or QuantConfig()
     data = load_data(calib)
     check_group_weights(mp.group_weights, data.group_names)

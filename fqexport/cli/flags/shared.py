@@ -44,7 +44,7 @@ _ENGINE = EngineConfig()
 # so that "given" can be told from "left at its default": --learn-bits refuses them by name.
 SEARCH_ONLY_FLAGS = {
     "objective": "--objective", "pin": "--pin", "pin_first_last": "--pin-first-last",
-    "sensitivity": "--sensitivity", "candidates": "--candidates", "verify_folds": "--verify-folds",
+    "sensitivity": "--sensitivity", "candidates": "--candidates", "no_guard": "--no-guard", "verify_folds": "--verify-folds",
     "objective_weights": "--objective-weights", "sensitivity_cache": "--sensitivity-cache",
     "engine": "--engine", "ray_address": "--ray-address", "task_cpus": "--task-cpus", "task_gpus": "--task-gpus",
 }
@@ -277,6 +277,10 @@ def add_search_options(mp) -> None:
                     f"backward pass, one factorisation per layer; classifiers) (default: {d['sensitivity']})")
     mp.add_argument("--candidates", type=int, default=None, metavar="N",
                     help=f"allocations verified on held-out calibration data (default: {d['num_candidates']})")
+    mp.add_argument("--no-guard", action="store_const", const=True, default=None,
+                    help="verify only the --candidates allocations: no uniform allocation and no mean-objective "
+                    "optimum beside them, so no never-worse-than-uniform check; with --candidates 1 the search is "
+                    "its sensitivity plus one compress fit (default: both guards verified)")
     mp.add_argument("--verify-folds", type=int, default=None, metavar="K",
                     help="cross-fitting folds of the verification: each candidate is quantized on all folds but "
                     "one and measured on the one left out, for every fold; 1: the samples compress does not "
@@ -331,6 +335,7 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         bit_choices=parse_bit_choices(args.bit_choices, d["bit_choices"]),
         pins=parse_layer_bits(args.pin, "--pin"), pin_first_last=args.pin_first_last,
         sensitivity=_or(args.sensitivity, d["sensitivity"]), num_candidates=_or(args.candidates, d["num_candidates"]),
+        verify_uniform=d["verify_uniform"] and not args.no_guard, verify_mean=d["verify_mean"] and not args.no_guard,
         verify_folds=_or(args.verify_folds, d["verify_folds"]),
         group_weights=parse_group_assignments(args.objective_weights, "--objective-weights", "minority=2")
         if args.objective_weights else None,

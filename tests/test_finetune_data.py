@@ -77,6 +77,16 @@ def test_holdout_is_capped_and_balanced(mlp_cm2, mlp_data):
     assert rec["steps"] == 1 and rec["stopped"] == "max_steps"
 
 
+def test_a_holdout_cap_below_the_group_count_keeps_one_sample_of_each_group(mlp_cm2, mlp_data, caplog):
+    with caplog.at_level("WARNING"):
+        out = finetune(mlp_cm2, mlp_data, FinetuneConfig(epochs=1, batch_size=64, holdout_max=1, max_steps=1),
+                       progress=False)
+    rec = out.metadata.finetune
+    assert [rec["holdout_after"][g]["count"] for g in mlp_data.group_names] == [1, 1]
+    assert rec["num_holdout"] == 2 and rec["num_fit"] == len(mlp_data) - 2
+    assert "holdout_max=1 is below the 2 groups of the fine-tuning hold-out: it keeps one sample of each" in caplog.text
+
+
 def test_cli_compress_finetune_from_npz_with_workers(mlp_files, tmp_path, capsys):
     out = tmp_path / "ft.onnx"
     rc = main(["compress", "--model", "fixtures_models:tiny_mlp", "--weights", str(mlp_files / "mlp.pt"),

@@ -113,7 +113,8 @@ class FinetuneConfig:
         holdout_max: most samples in the hold-out (default 2000): when ``holdout_fraction`` of
             the data is more, the hold-out keeps this many, as equal per group as possible
             (``balanced_allocation``; a smaller group gives all of its share), and the rest goes
-            back to the fitted data. The hold-out is read into memory; the fitted data is streamed.
+            back to the fitted data; never fewer than one sample of each group (with a warning).
+            The hold-out is read into memory; the fitted data is streamed.
         max_minutes: stop at the end of the first step after this wall time (None: no limit).
         max_steps: stop after this many optimizer steps (None: no limit); the epoch ends there
             and its checkpoint is measured like any other.

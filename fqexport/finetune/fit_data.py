@@ -41,6 +41,12 @@ MSG_THIN_HOLDOUT = (
 )
 
 
+MSG_HOLDOUT_MAX = (
+    "holdout_max={cap} is below the {groups} groups of the fine-tuning hold-out: it keeps one sample of each "
+    "({groups}) so that no group goes unseen"
+)
+
+
 def split_fit_holdout(data: DataStream, config: FinetuneConfig) -> tuple[DataStream, GroupData]:
     """``(fit stream, hold-out in memory)``: ``split_holdout``'s stratified split, the hold-out
     capped at ``config.holdout_max`` samples (as equal per group as possible; the rest is fitted)."""
@@ -48,9 +54,14 @@ def split_fit_holdout(data: DataStream, config: FinetuneConfig) -> tuple[DataStr
                           data.source)
     fit, hold = split_holdout(positions, config.holdout_fraction, seed=config.seed)
     fit_idx, hold_idx = fit.x[:, 0], hold.x[:, 0]
-    if len(hold_idx) > config.holdout_max:
+    # never below one sample of each group held out: a smaller cap would leave a group unseen
+    present = int((hold.group_counts() > 0).sum())
+    if config.holdout_max < present < len(hold_idx):
+        log.warning(MSG_HOLDOUT_MAX.format(cap=config.holdout_max, groups=present))
+    cap = max(config.holdout_max, present)
+    if len(hold_idx) > cap:
         rng = np.random.default_rng(config.seed)
-        take = balanced_allocation(hold.group_counts(), config.holdout_max)
+        take = balanced_allocation(hold.group_counts(), cap)
         keep = np.sort(np.concatenate([rng.choice(hold_idx[hold.group == g], size=int(k), replace=False)
                                        for g, k in enumerate(take) if k > 0]))
         fit_idx = np.sort(np.concatenate([fit_idx, np.setdiff1d(hold_idx, keep)]))

@@ -94,6 +94,18 @@ def test_docs_cli_md_is_up_to_date():
         "docs/cli.md is stale: run .venv/bin/python tools/cli_reference.py")
 
 
+def test_a_flag_of_another_meaning_is_credited_only_where_its_command_is_named():
+    reference = _reference()
+    pages = {"a.md": "Gate a file in CI:\n\n    fqexport validate model.onnx --data test.npz --target x86-avx2\n",
+             "b.md": "Write it for a CPU family with `compress --target x86-vnni`.\n\nSee also `validate`.\n"}
+    assert reference._documented_in("--target", pages, "validate") == ["a.md"]
+    assert reference._documented_in("--target", pages, "compress") == ["b.md"]
+    assert reference._documented_in("--target", pages) == ["a.md", "b.md"]
+    shared = reference._shared_flags(dict(reference._subparsers(build_parser())))
+    assert "--target" in shared and "--task" in shared  # demo's --task is another option
+    assert "--model" not in shared and "--debug" not in shared  # the same help everywhere
+
+
 def test_docs_cli_md_lists_every_option_with_its_shown_help():
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     for name, parser in _parsers().items():

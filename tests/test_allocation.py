@@ -154,7 +154,7 @@ def test_pinned_layers_keep_their_width():
 def test_pin_errors_name_the_pattern():
     with pytest.raises(ConfigError, match=r"pin 'fc\*' matches no layer \(layers: a, b\)"):
         resolve_pins({"fc*": 8}, ["a", "b"])
-    with pytest.raises(ConfigError, match="layer 'a' is pinned twice with different widths"):
+    with pytest.raises(ConfigError, match=r"pins\['a'\]=8 and pins\['\*'\]=4 both match layer 'a': it is pinned twice"):
         resolve_pins({"a": 8, "*": 4}, ["a", "b"])
     with pytest.raises(ConfigError, match="pinned widths must be integers from 2 to 8"):
         resolve_pins({"a": 9}, ["a"])
@@ -167,8 +167,14 @@ def test_search_pins_merge_first_last_with_user_pins():
     assert search_pins({"mid": 4}, layers, 8) == {"mid": 4, "stem": 8, "fc": 8}
     assert search_pins({"fc": 8}, layers, 8) == {"fc": 8, "stem": 8}
     assert search_pins(None, layers, None) == {}
-    with pytest.raises(ConfigError, match="layer 'fc' is pinned twice with different widths \\(6 and 8\\)"):
+    with pytest.raises(ConfigError, match=r"pin_first_last=8 pins layer 'fc' \(the last quantizable layer\), "
+                                          r"which pins\['fc'\] pins to 6"):
         search_pins({"fc": 6}, layers, 8)
+    # a pattern that matches the first layer conflicts too (not only the layer's exact name)
+    with pytest.raises(ConfigError, match=r"pin_first_last=8 pins layer 'stem' \(the first quantizable layer\), "
+                                          r"which pins\['s\*'\] pins to 2"):
+        search_pins({"s*": 2}, layers, 8)
+    assert search_pins({"s*": 8}, layers, 8) == {"s*": 8, "stem": 8, "fc": 8}
 
 
 def test_infeasible_budget_says_what_is_needed():

@@ -163,6 +163,15 @@ def test_bits_9(mlp_files, tmp_path):
     (["--budget-bits", "3", "--pin", "fc1=12"], "error: --pin: pins['fc1']=12 is not supported"),
     (["--budget-bits", "3", "--pin", "nosuch=8"], "error: --pin: pin 'nosuch' matches no layer (layers: fc1, fc2, fc3)"),
     (["--budget-bops", "1000"], "error: --budget-bops: budget_bops=1000 cannot be met: the smallest allocation"),
+    # survey 63: the field is num_candidates, the flag --candidates; folds beyond the data; two pins
+    (["--budget-bits", "3", "--candidates", "0"], "error: --candidates: num_candidates=0 must be >= 1"),
+    (["--budget-bits", "3", "--verify-folds", "2000"],
+     "error: --verify-folds: verify_folds=2000: 2000 folds need at least 2000 calibration samples"),
+    (["--budget-bits", "3", "--pin-first-last", "8", "--pin", "fc3=4"],
+     "error: --pin-first-last: pin_first_last=8 pins layer 'fc3' (the last quantizable layer), which pins['fc3'] "
+     "pins to 4"),
+    (["--budget-bits", "3", "--pin", "fc1=8", "--pin", "fc*=2"],
+     "error: --pin: pins['fc1']=8 and pins['fc*']=2 both match layer 'fc1'"),
 ])
 def test_a_config_error_names_the_flag_the_user_typed(mlp_files, tmp_path, given, message):
     """The CLI printed the config field (``num_calib=0 must be >= 1``), a word the user never typed."""

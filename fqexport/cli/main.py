@@ -137,10 +137,11 @@ def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]
             for a in sub._actions if any(o in words for o in a.option_strings)}
 
 
-# config fields whose flag's dest is another word: MixedPrecisionConfig.pins <- --pin, and the
+# config fields whose flag's dest is another word: MixedPrecisionConfig.pins <- --pin, its
+# num_candidates <- --candidates, and the
 # fine-tuning fields, named "FinetuneConfig.<field>" (its batch_size <- --ft-batch-size: compress's
 # own --batch-size is another flag)
-_FIELD_DESTS = {"pins": "pin", "FinetuneConfig.group_weights": "group_loss_weights",
+_FIELD_DESTS = {"pins": "pin", "num_candidates": "candidates", "FinetuneConfig.group_weights": "group_loss_weights",
                 **{f"FinetuneConfig.{field}": dest for dest, field in FINETUNE_FIELDS.items()}}
 
 

@@ -82,7 +82,10 @@ MSG_WEIGHTED = (
 MSG_GROUP = ("group_weights (the weighted objective's; CLI --objective-weights) names {name!r}, which is not a group "
              "of the calibration data (groups: {groups})")
 MSG_PIN_NONE = "pin {pattern!r} matches no layer (layers: {layers})"
-MSG_PIN_CONFLICT = "layer {layer!r} is pinned twice with different widths ({a} and {b})"
+MSG_PIN_CONFLICT = ("pins[{p!r}]={a} and pins[{q!r}]={b} both match layer {layer!r}: it is pinned twice with "
+                    "different widths; give it one")
+MSG_PIN_FIRST_LAST = ("pin_first_last={bits} pins layer {layer!r} (the {which} quantizable layer), which pins[{p!r}] "
+                      "pins to {other}: it is pinned twice with different widths; drop one of the two")
 MSG_PIN_BITS = "pin {pattern!r}={bits!r}: pinned widths must be integers from 2 to 8"
 MSG_LAYER_INFO = "layer_info has no entry for layer {layer!r} of the sensitivity table"
 MSG_INFEASIBLE = (
@@ -231,6 +234,7 @@ def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str
 def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[str, int]:
     """Layer name -> pinned width from name patterns (``fnmatch``; ``"fc"``, ``"layer3.*"``)."""
     out: dict[str, int] = {}
+    by: dict[str, str] = {}  # layer -> the pattern that pinned it
     for pattern, bits in dict(pins or {}).items():
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in SUPPORTED_WEIGHT_BITS:
             raise ConfigError(MSG_PIN_BITS.format(pattern=pattern, bits=bits))
@@ -239,8 +243,8 @@ def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[
             raise ConfigError(MSG_PIN_NONE.format(pattern=pattern, layers=", ".join(layers)))
         for l in hits:
             if l in out and out[l] != int(bits):
-                raise ConfigError(MSG_PIN_CONFLICT.format(layer=l, a=out[l], b=int(bits)))
-            out[l] = int(bits)
+                raise ConfigError(MSG_PIN_CONFLICT.format(layer=l, p=by[l], a=out[l], q=pattern, b=int(bits)))
+            out[l], by[l] = int(bits), by.get(l, pattern)
     return out
 
 
@@ -255,8 +259,11 @@ def search_pins(pins: Mapping[str, int] | None, layers: Sequence[str], first_las
     different widths is an error (:func:`resolve_pins`)."""
     merged = dict(pins or {})
     for name, bits in first_last_pins(layers, first_last).items():
-        if merged.setdefault(name, bits) != bits:
-            raise ConfigError(MSG_PIN_CONFLICT.format(layer=name, a=merged[name], b=bits))
+        for pattern, other in merged.items():  # a user's pattern that also matches the layer
+            if fnmatch.fnmatchcase(name, pattern) and int(other) != bits:
+                raise ConfigError(MSG_PIN_FIRST_LAST.format(bits=bits, layer=name, p=pattern, other=other,
+                                                            which="first" if name == layers[0] else "last"))
+        merged.setdefault(name, bits)
     return merged
 
 

@@ -33,7 +33,7 @@ from fqexport.calibration.sampling import (
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine.base import Engine, Task, run_task, task_error
-from fqexport.errors import DataError
+from fqexport.errors import ConfigError, DataError
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.pipeline.compress import compress
 from fqexport.search.allocation import Allocation
@@ -53,6 +53,7 @@ MSG_NO_HOLDOUT = (
     "samples is empty (a group needs at least 2 samples to give one to the hold-out; groups: {counts}); give "
     "more samples per group"
 )
+MSG_FOLDS = "verify_folds={k}: {k} folds need at least {k} calibration samples ({source} has {n})"
 MSG_UNVERIFIED_GROUPS = (
     "{source}: group(s) {groups} have no held-out sample (a single calibration sample each): the search "
     "verifies its candidates, and the uniform guard compares them, on the other groups only"
@@ -98,6 +99,8 @@ def verification_splits(data: Data, mp: MixedPrecisionConfig, base: QuantConfig,
             return held_out, [(data, np.arange(len(held_out)))], True
         held_in, held_out = split_holdout(data, mp.holdout_fraction, seed=mp.seed)
         return _checked(data, held_out), [(held_in, np.arange(len(held_out)))], False
+    if mp.verify_folds > len(data):
+        raise ConfigError(MSG_FOLDS.format(k=mp.verify_folds, source=data.source, n=len(data)))
     folds = stratified_folds(data, mp.verify_folds, seed=mp.seed)
     out_index = np.sort(np.concatenate(folds))  # all samples but a one-sample group's
     everything = np.arange(len(data))

@@ -280,7 +280,8 @@ def add_search_options(mp) -> None:
     mp.add_argument("--no-guard", action="store_const", const=True, default=None,
                     help="verify only the --candidates allocations: no uniform allocation and no mean-objective "
                     "optimum beside them, so no never-worse-than-uniform check; with --candidates 1 the search is "
-                    "its sensitivity plus one compress fit (default: both guards verified)")
+                    "its sensitivity plus one compress fit when compress leaves 50 samples of each group unused "
+                    "(else a fit on a hold-out split and a refit) (default: both guards verified)")
     mp.add_argument("--verify-folds", type=int, default=None, metavar="K",
                     help="cross-fitting folds of the verification: each candidate is quantized on all folds but "
                     "one and measured on the one left out, for every fold; 1: the samples compress does not "

@@ -431,7 +431,13 @@ def test_pareto_sweep_skips_and_reports_infeasible_budgets(mlp_model, mlp_data, 
 def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, search, tmp_path, monkeypatch):
     # with no estimate of the graph's bytes the knapsack fills the budget with weights alone, so
     # the written file is larger: the search measures it and refits a smaller allocation
+    import fqexport.search.verification as verification_module
+
     monkeypatch.setattr(mp_module, "file_overhead_estimate", lambda layers: 0.0)
+    fitted = []  # the widths of every compress fit, verification or refit
+    for module in (mp_module, verification_module):
+        monkeypatch.setattr(module, "compress", lambda *a, real=module.compress, **k: fitted.append(
+            tuple(sorted(a[2].layer_bits.items()))) or real(*a, **k))
     budget = 40_000
     mp = MixedPrecisionConfig(budget_bytes=budget, bit_choices=(2, 4, 8), num_candidates=1, mw_steps=5,
                               sensitivity_samples=128, verify_uniform=False, verify_mean=False)
@@ -439,8 +445,14 @@ def test_bytes_budget_checks_the_written_file_and_refits(mlp_model, mlp_data, se
     size = export_qdq(res.compressed, tmp_path / "b.onnx").size_bytes
     assert size <= budget
     assert res.fallback.startswith("the written file took ") and "> budget_bytes=40000: refitted" in res.fallback
-    assert res.seconds["bytes_check"] > 0 and res.fits >= 2  # the verification fit + at least one refit
+    assert res.seconds["bytes_check"] > 0 and res.fits >= 2  # the first fit + the smaller allocation's
     assert {n: l.bits for n, l in res.compressed.layers.items()} == res.allocation.bits
+    # each fit is compress on all the data (BASE leaves >= 50 of each group unused): the smaller
+    # allocation's verification fit is its refit, fitted once and counted once
+    assert len(fitted) == res.fits and fitted.count(tuple(sorted(res.allocation.bits.items()))) == 1
+    assert res.chosen.origin == "bytes-refit"
+    plain = compress(mlp_model, mlp_data, replace(BASE, layer_bits=dict(res.allocation.bits)), progress=False)
+    np.testing.assert_array_equal(res.compressed.predict(mlp_data.x), plain.predict(mlp_data.x))
     # a budget below the smallest file the search can write: the error gives that file's measured size
     with pytest.raises(ConfigError, match=r"budget_bytes=24000 cannot be met by the allocations the search tried: "
                                           r"the one with the fewest weight bytes \([^;]+; weights \d+ \+ graph and "

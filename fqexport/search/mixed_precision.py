@@ -196,7 +196,7 @@ def search_mixed_precision(
         target=base.target, discarded_fits=discarded,
     )
     if mp.budget_kind == "bytes":
-        result = _meet_file_budget(result, data, context, options, engine)
+        result = _meet_file_budget(result, data, context, options, engine, fits_are_refit)
     meta = result.compressed.metadata  # each fit was handed the Task object: say how it was chosen
     if meta.task:
         result.compressed.metadata = replace(meta, task={**meta.task, "chosen": why})
@@ -262,17 +262,32 @@ class _RefitBeside:
 
 
 def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream, context: VerifyContext,
-                      options: AllocationOptions, engine: Engine) -> MixedPrecisionResult:
+                      options: AllocationOptions, engine: Engine, fits_are_refit: bool) -> MixedPrecisionResult:
     """``result`` with a written file within the bytes budget
     (:func:`fqexport.search.byte_budget.fit_file_budget`): new allocations are verified like the
-    others, smaller ones refitted on all the data, and their fits counted."""
+    others, smaller ones refitted on all the data, and their fits counted. When the verification
+    fits are ``compress`` on all the data (``fits_are_refit``), a new allocation's verified fit,
+    made in this process, is its refit: not fitted a second time."""
     verified: list[Candidate] = []
     folds = len(context.splits)
+    fitted: dict[tuple, Any] = {}  # allocation -> its verified fit, which is the refit
+    reused = 0
 
     def verify_one(alloc: Allocation) -> Candidate:
-        verified.append(verify(context, [alloc], progress=False, engine=engine).candidates[0])
+        found = verify(context, [alloc], progress=False, engine=engine)
+        verified.append(found.candidates[0])
+        if fits_are_refit and found.threads is None:  # fitted here on all threads: compress itself
+            fitted[tuple(sorted(alloc.bits.items()))] = found.fitted_model(verified[-1])
         context.cache.clear()
         return verified[-1]
+
+    def refit(alloc: Allocation) -> Any:
+        nonlocal reused
+        model = fitted.pop(tuple(sorted(alloc.bits.items())), None)
+        if model is None:
+            return _refit(context.model, data, context.base, alloc, context.task)
+        reused += 1
+        return model
 
     def measure(best: Candidate, model: Any, note: str | None, refits: int) -> int:
         trial = replace(result, allocation=best.allocation, compressed=model, fallback=note or result.fallback,
@@ -283,10 +298,9 @@ def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream
         fit = fit_file_budget(
             result.chosen, result.compressed, result.candidates, result.config,
             propose=lambda overhead: replace(options, overhead=overhead).candidates(result.sensitivity, result.layers)[0],
-            verify=verify_one, refit=lambda alloc: _refit(context.model, data, context.base, alloc, context.task),
-            measure=measure,
+            verify=verify_one, refit=refit, measure=measure,
         )
-    extra = fit.refits + len(verified) * folds
+    extra = fit.refits - reused + len(verified) * folds
     return replace(result, allocation=fit.candidate.allocation, compressed=fit.model,
                    fallback=fit.note or result.fallback, fits=result.fits + extra,
                    # the noise gate's note is about the selection; a bytes refit of another allocation replaced it

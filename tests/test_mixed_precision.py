@@ -727,6 +727,14 @@ def test_config_budget_views():
     assert MixedPrecisionConfig(budget_bytes=1000).budget_value == 1000.0
 
 
+def test_a_pareto_template_with_another_budget_kind_is_refused(mlp_model, mlp_data):
+    # its byte budgets would have been read as bits per weight: every point at 8 bits
+    for template in (MixedPrecisionConfig(budget_bytes=20_000), MixedPrecisionConfig(budget_bops=1e6)):
+        with pytest.raises(ConfigError, match=rf"pareto_sweep sweeps stored bits per weight, but mp_config's budget "
+                                              rf"is budget_{template.budget_kind}="):
+            pareto_sweep(mlp_model, mlp_data, [10_000, 30_000], template, BASE, progress=False)
+
+
 def test_pareto_budgets_as_a_numpy_array_or_a_string(mlp_model, mlp_data):
     """np.array budgets: "truth value of an array is ambiguous"; "3,4" was read digit by digit (survey 32)."""
     with pytest.raises(ConfigError, match=r"budgets='3,4' must be a sequence of numbers"):

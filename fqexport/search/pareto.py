@@ -68,6 +68,10 @@ MSG_UNMEASURED = (
 )
 UNLABELLED = " against the float model's outputs (the data has no labels)"
 MSG_BUDGETS_KIND = "budgets={budgets!r} must be a sequence of numbers, e.g. [3.0, 4.5] (CLI: --budgets 3,4.5)"
+MSG_TEMPLATE_KIND = (
+    "pareto_sweep sweeps stored bits per weight, but mp_config's budget is budget_{kind}={value:g}: its budgets "
+    "would be read as bits; give the template as MixedPrecisionConfig(budget_bits=...) (each budget replaces it)"
+)
 INFEASIBLE = "infeasible"
 PARETO_FIELDS = ("budget", "avg_bits", "stored_bits", "weight_bytes", "worst_group", "worst_group_acc", "mean_acc",
                  "float_worst_group_acc", "float_mean_acc", "heldout_worst_loss_increase", "reused_from", "status",
@@ -175,6 +179,8 @@ def pareto_sweep(
     """
     if isinstance(budgets, (str, bytes)):  # "3,4" would be read digit by digit
         raise ConfigError(MSG_BUDGETS_KIND.format(budgets=budgets))
+    if mp_config is not None and mp_config.budget_kind != "bits":
+        raise ConfigError(MSG_TEMPLATE_KIND.format(kind=mp_config.budget_kind, value=mp_config.budget_value))
     budgets = [check_budget("bits", b) for b in budgets]  # every budget checked before the first search
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)

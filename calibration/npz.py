@@ -43,6 +43,10 @@ MSG_BOX_FIELDS = (
     "field 'boxes' needs fields {missing} beside it (boxes [M, 4] xyxy pixels, box_labels [M] class "
     "ids, box_image [M] index into x)"
 )
+MSG_IGNORE_INDEX = (
+    "field 'ignore_index' must be one integer, the mask value of pixels left out (e.g. 255), got {value!r} "
+    "({dtype})"
+)
 MSG_BOXES_AND_MASKS = (
     "fields 'boxes' and 'masks' are both present: a file holds one task's ground truth (boxes for a detector, "
     "masks for a segmenter); drop the other fields"
@@ -171,8 +175,19 @@ def npz_annotations(arrays: dict[str, np.ndarray], source: str) -> Boxes | Masks
         return Boxes(arrays["boxes"], arrays["box_labels"], arrays["box_image"])
     if "masks" in arrays:
         ignore = arrays.get("ignore_index")
-        return Masks(arrays["masks"], 255 if ignore is None else int(np.asarray(ignore).reshape(-1)[0]))
+        return Masks(arrays["masks"], 255 if ignore is None else _ignore_index(ignore, source))
     return None
+
+
+def _ignore_index(value: np.ndarray, source: str) -> int:
+    """The field ``ignore_index``: one integer (a 0-d or one-element array of an integer dtype, or
+    a float holding a whole number), else a DataError naming the field."""
+    a = np.asarray(value)
+    whole = a.dtype.kind in "iu" or (a.dtype.kind == "f" and a.size == 1 and np.isfinite(a).all()
+                                      and float(a.reshape(-1)[0]).is_integer())
+    if a.size != 1 or not whole:
+        raise data_error(source, MSG_IGNORE_INDEX.format(value=a.tolist(), dtype=a.dtype))
+    return int(a.reshape(-1)[0])
 
 
 def save_npz(data: GroupData, path: str | os.PathLike, *, compressed: bool = False) -> Path:

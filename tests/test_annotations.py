@@ -63,6 +63,11 @@ def test_npz_boxes_load_and_follow_a_subset(tmp_path):
     (dict(masks=np.zeros((3, 8, 10), np.int64)), "field 'masks' has 3 masks but field 'x' has 4 samples"),
     (dict(boxes=BOXES, box_labels=[0, 2, 1], box_image=[0, 1, 2], masks=np.zeros((4, 8, 10), np.int64)),
      MSG_BOXES_AND_MASKS),  # was read as a detector's data, its masks dropped
+    # survey 62: the first element was taken, class 0 scored although the user asked to ignore it
+    (dict(masks=np.zeros((4, 8, 10), np.int64), ignore_index=[255, 0]),
+     "field 'ignore_index' must be one integer, the mask value of pixels left out (e.g. 255), got [255, 0]"),
+    (dict(masks=np.zeros((4, 8, 10), np.int64), ignore_index=255.7),  # was truncated to 255
+     "field 'ignore_index' must be one integer, the mask value of pixels left out (e.g. 255), got 255.7"),
 ])
 def test_bad_annotations_name_file_field_and_first_index(tmp_path, fields, message):
     path = _npz(tmp_path, **fields)
@@ -116,3 +121,9 @@ def test_boxes_that_all_look_normalised_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_data(_npz(tmp_path, boxes=BOXES, box_labels=[0, 2, 1], box_image=[0, 1, 2]))
     assert "lies within [0, 1]" not in caplog.text
+
+
+def test_an_ignore_index_field_of_one_whole_number_is_read_as_it(tmp_path):
+    for value in (0, np.uint8(255), 255.0, [-100]):
+        data = load_data(_npz(tmp_path, masks=np.zeros((4, 8, 10), np.int64), ignore_index=value))
+        assert data.annotations.ignore_index == int(np.asarray(value).reshape(-1)[0])

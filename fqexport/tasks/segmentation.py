@@ -156,7 +156,7 @@ class Segmentation(Task):
         names = tuple(data.group_names)
 
         def row(images: np.ndarray) -> dict[str, float]:
-            scores = segmentation_scores(confusion(pred[images], truth[images], c, ignore))
+            scores = segmentation_scores(confusion(pred[images], truth[images], c, ignore), ignore)
             counted = loss[images][~np.isnan(loss[images])]  # images without a counted pixel have none
             return {"count": int(images.size), **scores, "loss": float(counted.mean()) if counted.size else float("nan")}
 

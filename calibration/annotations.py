@@ -53,6 +53,10 @@ MSG_MASK_SIZE = (
     "{source}: field 'masks' has masks of {got} (H, W) but the images of x are {want}; a mask per "
     "sample, of the image's size"
 )
+MSG_CHANNELS_LAST = (
+    "; x's samples {shape} look channels-last (H, W, C): the model takes [N, C, H, W], so save x as "
+    "x.transpose(0, 3, 1, 2), i.e. samples ({c}, {h}, {w})"
+)
 MSG_MASK_COUNT = "{source}: field 'masks' has {got} masks but field 'x' has {want} samples"
 MSG_MASK_LABEL = (
     "{source}: field 'masks' sample {index} holds the class {value}, outside the model's {num_classes} "
@@ -177,7 +181,11 @@ def check_masks(masks: np.ndarray, sample_shape: tuple[int, ...], source: str, n
         raise DataError(MSG_MASK_COUNT.format(source=source, got=a.shape[0], want=num_images))
     want = tuple(int(d) for d in sample_shape[-2:])
     if tuple(a.shape[1:]) != want:
-        raise DataError(MSG_MASK_SIZE.format(source=source, got=tuple(a.shape[1:]), want=want))
+        hint = ""
+        if len(sample_shape) == 3 and tuple(a.shape[1:]) == tuple(sample_shape[:2]):
+            hint = MSG_CHANNELS_LAST.format(shape=tuple(sample_shape), c=sample_shape[2], h=sample_shape[0],
+                                            w=sample_shape[1])
+        raise DataError(MSG_MASK_SIZE.format(source=source, got=tuple(a.shape[1:]), want=want) + hint)
     a = _int_field(a, "masks", source)
     bad = (a < 0) & (a != int(ignore_index))  # a negative ignore_index (-1, -100) is allowed
     neg = np.flatnonzero(bad.reshape(a.shape[0], -1).any(axis=1))

@@ -53,6 +53,8 @@ MSG_VOCABULARY = (
     "field 'x' holds the token id {value} outside the vocabulary [0, {vocab}) of the model's "
     "Embedding '{layer}' (num_embeddings={vocab}); check the tokenizer or the model"
 )
+MSG_Y_MASKS = ("; per-pixel labels [N, H, W] of a segmenter go into the npz field 'masks' (with 'ignore_index'), "
+               "not 'y' (docs/tasks.md)")
 
 
 def data_error(source: str, message: str) -> DataError:
@@ -232,7 +234,9 @@ def validate_targets(
     if y is not None:
         y = np.asarray(y)
         if y.ndim != 1:
-            raise data_error(source, f"field 'y' must be 1-D [N], got shape {y.shape}")
+            # [N, H, W] labels are a segmenter's masks: they have a field of their own
+            masks = MSG_Y_MASKS if y.ndim == 3 else ""
+            raise data_error(source, f"field 'y' must be 1-D [N], got shape {y.shape}{masks}")
         fields.insert(0, ("y", y))
     for field, arr in fields:
         if arr.ndim >= 1 and arr.shape[0] != n:

@@ -42,6 +42,10 @@ class Item:
     fields: int
 
 
+MSG_DATASET_MASKS = ("; a segmenter's per-pixel masks [H, W] are not read from a Dataset's items: save the data as "
+                     "an .npz with fields x, group and masks (docs/tasks.md)")
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """``value`` as a numpy array; a tensor numpy has no dtype for (bfloat16, float8) as float32."""
     if isinstance(value, torch.Tensor):
@@ -69,8 +73,9 @@ def _scalar(value: Any, field: str, index: int, source: str) -> Any:
         return value.decode() if isinstance(value, bytes) else value
     arr = to_numpy(value)
     if arr.size != 1:
+        masks = MSG_DATASET_MASKS if field == "y" and arr.ndim == 2 else ""
         raise data_error(
-            source, f"sample {index}: field '{field}' must be a single number, got shape {arr.shape}"
+            source, f"sample {index}: field '{field}' must be a single number, got shape {arr.shape}{masks}"
         )
     return arr.reshape(()).item()
 

@@ -127,3 +127,16 @@ def test_an_ignore_index_field_of_one_whole_number_is_read_as_it(tmp_path):
     for value in (0, np.uint8(255), 255.0, [-100]):
         data = load_data(_npz(tmp_path, masks=np.zeros((4, 8, 10), np.int64), ignore_index=value))
         assert data.annotations.ignore_index == int(np.asarray(value).reshape(-1)[0])
+
+
+def test_masks_beside_channels_last_images_or_in_y_say_where_the_mistake_is(tmp_path):
+    # survey 62: the masks were blamed for images saved [N, H, W, C], and masks given as y were
+    # "must be 1-D" with no word of the masks field
+    path = tmp_path / "nhwc.npz"
+    np.savez(path, x=np.zeros((4, 8, 10, 1), np.float32), group=GROUP, masks=np.zeros((4, 8, 10), np.int64))
+    assert ("x's samples (8, 10, 1) look channels-last (H, W, C): the model takes [N, C, H, W], so save x as "
+            "x.transpose(0, 3, 1, 2), i.e. samples (1, 8, 10)") in _error(path)
+    path = tmp_path / "y.npz"
+    np.savez(path, x=X, group=GROUP, y=np.zeros((4, 8, 10), np.int64))
+    assert ("field 'y' must be 1-D [N], got shape (4, 8, 10); per-pixel labels [N, H, W] of a segmenter go into "
+            "the npz field 'masks'") in _error(path)

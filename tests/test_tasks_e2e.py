@@ -138,6 +138,18 @@ def test_segmenter_compress_export_validate(tmp_path, scenes):
     assert report.metrics.overall["miou"] == pytest.approx(Segmentation().evaluate(got, test).overall["miou"])
     with pytest.raises(ConfigError, match="--min-worst-group-map .* limits the map of a detection model"):
         validate(tmp_path / "s.onnx", test, measure_latency=False, thresholds=Thresholds(min_worst_group_map=1))
+    # the gap between groups, gated on the segmenter's own metric (survey 62: only --max-acc-gap existed)
+    by_group = {g: 100 * r["miou"] for g, r in report.metrics.by_group.items()}
+    gap, worst = max(by_group.values()) - min(by_group.values()), min(by_group, key=by_group.get)
+    assert gap > 0
+    for limit, passed in ((gap + 0.01, True), (gap - 0.01, False)):
+        r = validate(tmp_path / "s.onnx", test, measure_latency=False, thresholds=Thresholds(max_miou_gap=limit))
+        (check,) = r.checks
+        assert (check.name, check.passed, check.group) == ("max_miou_gap", passed, worst)
+        assert check.value == pytest.approx(gap) and check.message.startswith(f"mIoU gap of group {worst!r} to the best")
+    with pytest.raises(ConfigError, match=r"--max-acc-gap \(max_acc_gap\) limits the accuracy of a classification model, "
+                                          r"but .* segmentation model .*; use --max-miou-gap, the segmentation's limit"):
+        validate(tmp_path / "s.onnx", test, measure_latency=False, thresholds=Thresholds(max_acc_gap=5))
 
 
 def test_cli_compress_and_validate_a_detector(tmp_path, scenes, tests_dir, monkeypatch):

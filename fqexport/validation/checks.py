@@ -15,6 +15,9 @@ from fqexport.validation.thresholds import MB, CheckResult, Thresholds, flag, pc
 WORST_GROUP_LIMITS = {"min_worst_group_acc": ("accuracy", "worst-group accuracy"),
                       "min_worst_group_map": ("map", "worst-group mAP@[.5:.95]"),
                       "min_worst_group_miou": ("miou", "worst-group mIoU")}
+# The gap limits (largest minus smallest group value) of each task's metric.
+GAP_LIMITS = {"max_acc_gap": ("accuracy", "accuracy"), "max_map_gap": ("map", "mAP@[.5:.95]"),
+              "max_miou_gap": ("miou", "mIoU")}
 DROP_LIMITS = {"max_group_drop": ("accuracy", "accuracy drop vs reference"),
                "max_group_map_drop": ("map", "mAP@[.5:.95] drop vs reference"),
                "max_group_miou_drop": ("miou", "mIoU drop vs reference")}
@@ -27,8 +30,8 @@ MSG_UNMEASURED = ("{what}: group {group!r} cannot be measured (its {count} sampl
                   "detector's images without ground-truth boxes, or masks without labelled pixels); the check "
                   "fails rather than pass without the group")
 
-MSG_ONE_GROUP = ("accuracy gap: the test data holds one group with samples ({group!r}): a gap between groups "
-                 "needs two; label the groups of the test data (its 'group' field), or drop --max-acc-gap")
+MSG_ONE_GROUP = ("{metric} gap: the test data holds one group with samples ({group!r}): a gap between groups "
+                 "needs two; label the groups of the test data (its 'group' field), or drop {flag}")
 
 MSG_ABSENT = ("{what}: the test data holds no samples of group(s) {groups}, which the model was calibrated on (its "
               "metadata's group_names); the check fails rather than pass without them")
@@ -107,14 +110,18 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
                 continue
             g, value = m.group_min(metric)
             out.append(_at_least(t, name, pct(value), g, what))
-    if t.max_acc_gap is not None:
-        lo, hi = m.group_min("accuracy"), m.group_max("accuracy")
-        what = f"accuracy gap of group {lo[0]!r} to the best group {hi[0]!r}"
-        gap = _at_most(t, "max_acc_gap", pct(m.difference("accuracy")), None, what, "pp")
+    for name, (metric, words) in GAP_LIMITS.items():
+        if getattr(t, name) is None or metric not in m.metric_names:
+            continue
+        lo, hi = m.group_min(metric), m.group_max(metric)
+        what = f"{words} gap of group {lo[0]!r} to the best group {hi[0]!r}"
         present = [g for g, row in m.by_group.items() if row["count"] > 0]
-        alone = (CheckResult("max_acc_gap", float(t.max_acc_gap), float("nan"), False, present[0],
-                             MSG_ONE_GROUP.format(group=present[0])) if len(present) == 1 else None)
-        out.append(_absent(t, "max_acc_gap", report, what) or alone or dataclasses.replace(gap, group=lo[0]))
+        alone = (CheckResult(name, float(getattr(t, name)), float("nan"), False, present[0],
+                             MSG_ONE_GROUP.format(metric=words, group=present[0], flag=flag(name)))
+                 if len(present) == 1 else None)
+        missing = _unmeasured(t, name, report, m, metric, what)  # the difference would skip such a group
+        gap = _at_most(t, name, pct(m.difference(metric)), None, what, "pp")
+        out.append(missing or alone or dataclasses.replace(gap, group=lo[0]))
     for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric
         if getattr(t, name) is not None and report.group_drop is not None and m.primary == metric:
             if (missing := _unmeasured(t, name, report, m, metric, what)) is not None:

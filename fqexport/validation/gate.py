@@ -65,6 +65,7 @@ from fqexport.validation.thresholds import (
     Thresholds,
     check_measurements,
     flag,
+    same_kind_limit,
 )
 from fqexport.validation.validation_report import (
     ValidationReport,
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 
 MSG_LIMIT_TASK = (
     "{flag} ({name}) limits the {metric} of a {want} model, but {model} is validated as a {task} model "
-    "({why}); use the {task}'s limits or --task"
+    "({why}); use {instead} or --task"
 )
 _METRIC_TASK = {"accuracy": "classification", "map": "detection", "miou": "segmentation"}
 
@@ -282,7 +283,9 @@ def _check_limits(t: Thresholds, task: Task, why: str, model: str) -> None:
     a classifier)."""
     for name, metric in LIMIT_METRICS.items():
         if getattr(t, name) is not None and metric not in task.metric_names:
-            raise ConfigError(MSG_LIMIT_TASK.format(flag=flag(name), name=name, metric=metric,
+            other = same_kind_limit(name, tuple(task.metric_names))
+            instead = f"{flag(other)}, the {task.name}'s limit of that kind," if other else f"the {task.name}'s limits"
+            raise ConfigError(MSG_LIMIT_TASK.format(flag=flag(name), name=name, metric=metric, instead=instead,
                                                     want=_METRIC_TASK[metric], model=model, task=task.name, why=why))
 
 

@@ -27,15 +27,32 @@ PCT = 100.0  # percent points per fraction
 MB = 1e6  # bytes per MB
 # Limits read as percent points in [0, 100] (a drop may be negative: the model better than its reference).
 PERCENT_LIMITS = ("min_acc", "min_worst_group_acc", "max_acc_gap", "max_group_drop", "max_kernel_deviation",
-                  "min_worst_group_map", "max_group_map_drop", "min_worst_group_miou", "max_group_miou_drop")
+                  "min_worst_group_map", "max_group_map_drop", "min_worst_group_miou", "max_group_miou_drop",
+                  "max_map_gap", "max_miou_gap")
 DROP_LIMITS = ("max_group_drop", "max_group_map_drop", "max_group_miou_drop")
 # The per-group metric (fqexport.tasks) each task-specific limit reads; the others read any task's
 # primary metric (max_kernel_deviation) or none.
 LIMIT_METRICS = {
     "min_acc": "accuracy", "min_worst_group_acc": "accuracy", "max_acc_gap": "accuracy", "max_group_drop": "accuracy",
     "min_worst_group_map": "map", "max_group_map_drop": "map", "min_worst_group_miou": "miou",
-    "max_group_miou_drop": "miou",
+    "max_group_miou_drop": "miou", "max_map_gap": "map", "max_miou_gap": "miou",
 }
+
+
+# The same kind of limit on each task's metric (accuracy, mAP, mIoU): what to use instead of one
+# whose metric the task does not measure.
+LIMIT_KINDS = (("min_worst_group_acc", "min_worst_group_map", "min_worst_group_miou"),
+               ("max_group_drop", "max_group_map_drop", "max_group_miou_drop"),
+               ("max_acc_gap", "max_map_gap", "max_miou_gap"))
+
+
+def same_kind_limit(name: str, metrics: tuple[str, ...]) -> str | None:
+    """The limit of ``name``'s kind on one of ``metrics`` (a task's), e.g. ``max_miou_gap`` for
+    ``max_acc_gap`` on a segmenter; None when there is none."""
+    for kind in LIMIT_KINDS:
+        if name in kind:
+            return next((other for other in kind if LIMIT_METRICS[other] in metrics), None)
+    return None
 
 
 def pct(fraction: float) -> float:
@@ -68,6 +85,8 @@ class Thresholds:
     max_group_map_drop: float | None = None
     min_worst_group_miou: float | None = None
     max_group_miou_drop: float | None = None
+    max_map_gap: float | None = None
+    max_miou_gap: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -17,7 +17,8 @@ DESCRIPTION = (
     "Per-group disparity diagnostics of a float model and its quantized variants: one row per "
     "(group, variant) with sample count, accuracy, loss, logit variance, gradient norm and top Hessian "
     "eigenvalue (power iteration; * after the iteration count: not converged), then which group is "
-    "sharpest and which is hurt most by each width. Exit 0 ok, 2 bad input."
+    "sharpest and which is hurt most by each width. Classifiers only (logits [N, C]): a detector or "
+    "segmenter is refused. Exit 0 ok, 2 bad input."
 )
 EPILOG = (
     "Definitions: loss = mean cross-entropy of the group; logit var = mean over samples of the "
@@ -32,7 +33,7 @@ def add_analyze_parser(subparsers) -> None:
     """Register ``analyze`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "analyze", parents=[common_options()], formatter_class=HelpFormatter,
-        help="per-group diagnostics (loss, gradient norm, Hessian λ_max) float vs quantized",
+        help="per-group diagnostics (loss, gradient norm, Hessian λ_max) float vs quantized (classifiers)",
         description=DESCRIPTION, epilog=EPILOG,
     )
     add_model_options(p)

@@ -71,6 +71,9 @@ def add_validate_parser(subparsers) -> None:
     g.add_argument("--min-worst-group-miou", type=float, help="segmentation: minimum mIoU of every group, points")
     g.add_argument("--max-group-miou-drop", type=float,
                    help="segmentation: maximum per-group mIoU drop vs --reference, points")
+    g.add_argument("--max-map-gap", type=float,
+                   help="detection: maximum mAP@[.5:.95] gap between groups (max - min), points")
+    g.add_argument("--max-miou-gap", type=float, help="segmentation: maximum mIoU gap between groups (max - min), points")
     p.add_argument("--target", dest="targets", action="append", choices=get_args(KernelTarget), default=None,
                    help="int8 kernel target to gate (repeatable; default: native = this CPU). x86-avx2, "
                         "x86-vnni and arm64: that CPU family's integer accumulation, this CPU's own session "

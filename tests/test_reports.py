@@ -15,6 +15,7 @@ from fqexport.validation.latency import LatencyResult
 from fqexport.validation.reports import (
     markdown_table,
     md_text,
+    percent_text,
     remove_stale_plots,
     to_markdown,
     write_json,
@@ -250,3 +251,10 @@ def test_group_names_with_control_characters_are_escaped_on_the_console(capsys):
     assert "\x1b" not in out and "rural\nnorth" not in out
     rows = [line for line in out.splitlines() if line.startswith(("age 65+", "\\x1b[1mrural\\nnorth"))]
     assert len(rows) == 2 and "worst group \\x1b[1mrural\\nnorth: 50.00 %" in out
+
+
+def test_percent_text_never_shows_a_negative_zero():
+    # survey 62: a drop of -0.00001 printed as "-0.00" in the console and the reports
+    assert percent_text(-0.00001) == "0.00" and percent_text(-0.00001, 7) == "   0.00"
+    assert percent_text(-0.0123) == "-1.23" and percent_text(0.85123) == "85.12"
+    assert percent_text(None) == "n/a" and percent_text(float("nan"), 5) == "  n/a"

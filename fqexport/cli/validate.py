@@ -22,6 +22,7 @@ from fqexport.validation.reports import (
     REPORT_MD,
     changes_line,
     float_tail_words,
+    percent_text,
     remove_earlier_reports,
     remove_stale_plots,
     write_json,
@@ -32,17 +33,13 @@ from fqexport.validation.reports import (
 from fqexport.validation.validation_report import UNOPTIMIZED
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{100.0 * x:6.2f}"
-
-
 # Column heads of each task's metrics in the console table (fqexport.tasks metric_names).
 HEADS = {"accuracy": "acc %", "loss": "loss", "map": "mAP %", "map50": "mAP50 %", "miou": "mIoU %", "dice": "Dice %",
          "pixel_accuracy": "pix %"}
 
 
 def _cells(row, names) -> str:
-    return " ".join(f"{row[k]:>8.4f}" if k == "loss" else f"{_pct(row[k]):>7}" for k in names)
+    return " ".join(f"{row[k]:>8.4f}" if k == "loss" else f"{percent_text(row[k]):>7}" for k in names)
 
 
 def print_summary(report) -> None:
@@ -67,22 +64,24 @@ def print_summary(report) -> None:
     for name, r in m.by_group.items():
         line = f"{pad(cell_text(name), w)} {r['count']:>7} {_cells(r, m.metric_names)}"
         if has_ref:
-            line += f" {_pct(report.reference_metrics.by_group[name][p]):>7} {_pct(report.group_drop[name]):>7}"
+            ref, drop = report.reference_metrics.by_group[name][p], report.group_drop[name]
+            line += f" {percent_text(ref):>7} {percent_text(drop):>7}"
         if has_k:
-            line += f" {_pct(report.unoptimized_metrics.by_group[name][p]):>7} {_pct(report.kernel_deviation_by_group[name]):>7}"
+            plain, dev = report.unoptimized_metrics.by_group[name][p], report.kernel_deviation_by_group[name]
+            line += f" {percent_text(plain):>7} {percent_text(dev):>7}"
         print(line)
     print(f"{pad('overall', w)} {m.overall['count']:>7} {_cells(m.overall, m.metric_names)}")
     worst, acc = m.group_min()
     unmeasured = [cell_text(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
     among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
-    print(f"worst group {cell_text(worst)}: {_pct(acc).strip()} %; gap {_pct(m.difference()).strip()} pp{among}")
+    print(f"worst group {cell_text(worst)}: {percent_text(acc).strip()} %; gap {percent_text(m.difference()).strip()} pp{among}")
     if report.absent_line():
         print(report.absent_line())
     if m.equalized_odds_difference is not None:
-        print(f"equalized-odds diff {_pct(m.equalized_odds_difference).strip()} pp; "
-              f"demographic-parity diff {_pct(m.demographic_parity_difference).strip()} pp")
+        print(f"equalized-odds diff {percent_text(m.equalized_odds_difference).strip()} pp; "
+              f"demographic-parity diff {percent_text(m.demographic_parity_difference).strip()} pp")
     if report.agreement is not None:
-        print(f"{report.agreement_name} with reference: {_pct(report.agreement).strip()} %")
+        print(f"{report.agreement_name} with reference: {percent_text(report.agreement).strip()} %")
     if (line := changes_line(report, cell_text)) is not None:
         print(line)
     if report.metadata is not None and report.metadata.float_ops:
@@ -93,8 +92,8 @@ def print_summary(report) -> None:
         dev = (report.target_kernel_deviation_by_group or {}).get(target)
         accs = ", ".join(
             # a name holding the separator is quoted ('Zoë, née Müller' would read as two groups)
-            f"{repr(g) if ',' in g else cell_text(g)} {_pct(r[p]).strip()} %"
-            + (f" (k.dev {_pct(dev[g]).strip()})" if dev else "")
+            f"{repr(g) if ',' in g else cell_text(g)} {percent_text(r[p]).strip()} %"
+            + (f" (k.dev {percent_text(dev[g]).strip()})" if dev else "")
             for g, r in tm.by_group.items()
         )
         nodes = (report.target_emulated_nodes or {}).get(target)
@@ -102,7 +101,7 @@ def print_summary(report) -> None:
                "emulated: no fused node whose sums depend on the kernels, the same as this CPU's" if nodes == () else
                f"emulated: {len(nodes)} kernel-dependent node(s)" if nodes else "emulated")
         print(f"target {target} ({how}): {accs}; agreement with native "
-              f"{_pct(report.target_agreement[target]).strip()} %")
+              f"{percent_text(report.target_agreement[target]).strip()} %")
     if report.kernel_reference not in (None, UNOPTIMIZED):
         print(f"unopt % and k.dev: against {report.kernel_reference}")
     if report.fused_kernels is not None:

@@ -69,8 +69,13 @@ def _write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * float(x):.2f}"
+def percent_text(x: float | None, width: int = 0) -> str:
+    """A fraction as percent points with 2 decimals (``0.8512`` → ``85.12``), right-aligned in
+    ``width``; ``n/a`` for None or NaN; a value that rounds to zero is ``0.00``, never ``-0.00``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return f"{'n/a':>{width}}"
+    return f"{round(100.0 * float(x), 2) + 0.0:{width}.2f}"
+
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
@@ -141,7 +146,7 @@ def changes_line(report: Any, text: Callable[[str], str] = str) -> str | None:
 
 
 def _cell(metric: str, value: Any) -> str:
-    return _num(value, ".4f") if metric == "loss" else _pct(value)
+    return _num(value, ".4f") if metric == "loss" else percent_text(value)
 
 
 def format_group_table(report: Any) -> str:
@@ -157,14 +162,14 @@ def format_group_table(report: Any) -> str:
         cells = " | ".join(_cell(k, r[k]) for k in m.metric_names)
         lines.append(
             f"| {md_text(r['group'])} | {r['count']} | {cells} | "
-            f"{_pct(r[f'reference_{p}'])} | {_pct(r['drop'])} | {_pct(r[f'unoptimized_{p}'])} | "
-            f"{_pct(r['kernel_deviation'])} |"
+            f"{percent_text(r[f'reference_{p}'])} | {percent_text(r['drop'])} | {percent_text(r[f'unoptimized_{p}'])} | "
+            f"{percent_text(r['kernel_deviation'])} |"
         )
     overall = " | ".join(_cell(k, m.overall[k]) for k in m.metric_names)
     lines.append(
         f"| **overall** | {m.overall['count']} | {overall} | "
-        f"{_pct(report.reference_metrics.overall[p]) if report.reference_metrics else 'n/a'} | | "
-        f"{_pct(report.unoptimized_metrics.overall[p]) if report.unoptimized_metrics else 'n/a'} | |"
+        f"{percent_text(report.reference_metrics.overall[p]) if report.reference_metrics else 'n/a'} | | "
+        f"{percent_text(report.unoptimized_metrics.overall[p]) if report.unoptimized_metrics else 'n/a'} | |"
     )
     return "\n".join(lines)
 
@@ -199,8 +204,8 @@ def format_target_table(report: Any) -> str:
         isa = getattr(report, "cpu_isa", "unknown")
         label = (f"{r['target']} (emulated)" if r["emulated"] else f"native ({isa})" if r["target"] == "native"
                  else f"{r['target']} (this CPU's own kernels, {isa})")
-        lines.append(f"| {label} | {md_text(r['group'])} | {_pct(r[p])} | {_pct(r['kernel_deviation'])} | "
-                     f"{_pct(r['agreement_with_native'])} |")
+        lines.append(f"| {label} | {md_text(r['group'])} | {percent_text(r[p])} | {percent_text(r['kernel_deviation'])} | "
+                     f"{percent_text(r['agreement_with_native'])} |")
     return "\n".join(lines)
 
 
@@ -221,14 +226,14 @@ def to_markdown(report: Any) -> str:
         out.append(f"- standing in for the {report.host_kernels} int8 kernels (`FQEXPORT_HOST_KERNELS`): "
                    "every --target family is emulated; the native row is still this CPU's own session")
     if report.reference:
-        out.append(f"- reference: `{report.reference}` ({agree} {_pct(report.agreement)} %)")
+        out.append(f"- reference: `{report.reference}` ({agree} {percent_text(report.agreement)} %)")
     out += [
         "",
         "## Per group",
         "",
         format_group_table(report),
         "",
-        f"- worst group: **{md_text(worst)}** {_pct(worst_acc)} %; {label} gap (max − min) {_pct(m.difference())} pp",
+        f"- worst group: **{md_text(worst)}** {percent_text(worst_acc)} %; {label} gap (max − min) {percent_text(m.difference())} pp",
     ]
     absent = report.absent_line() if hasattr(report, "absent_line") else None
     if absent:
@@ -242,14 +247,14 @@ def to_markdown(report: Any) -> str:
                    + ", ".join(f"`{f}`" for f in floats))
     if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
         out.append(
-            f"- equalized-odds difference {_pct(m.equalized_odds_difference)} pp; "
-            f"demographic-parity difference {_pct(m.demographic_parity_difference)} pp"
+            f"- equalized-odds difference {percent_text(m.equalized_odds_difference)} pp; "
+            f"demographic-parity difference {percent_text(m.demographic_parity_difference)} pp"
         )
     if report.group_drop is not None:
         unmeasured = not_measured(report.group_drop)
         among = f" (without {md_text(', '.join(unmeasured))}: not measured)" if unmeasured else ""
         worst = report.max_group_drop
-        drop = f"{_pct(worst[1])} pp (group {md_text(worst[0])})" if worst is not None else "n/a"
+        drop = f"{percent_text(worst[1])} pp (group {md_text(worst[0])})" if worst is not None else "n/a"
         out.append(f"- largest drop vs reference: {drop}{among}")
         if (line := changes_line(report, md_text)) is not None:
             out.append(f"- {line}")
@@ -266,8 +271,8 @@ def to_markdown(report: Any) -> str:
             "## Kernels",
             "",
             f"- measured on: {isa_line(report)}",
-            f"- kernel deviation (optimized vs unoptimized, max over groups): {_pct(report.kernel_deviation)} pp; "
-            f"{agree} {_pct(report.kernel_agreement)} %",
+            f"- kernel deviation (optimized vs unoptimized, max over groups): {percent_text(report.kernel_deviation)} pp; "
+            f"{agree} {percent_text(report.kernel_agreement)} %",
             *([f"- \"unoptimized\" is {md_text(report.kernel_reference)}"]
               if report.kernel_reference not in (None, UNOPTIMIZED) else []),
             f"- ops ORT runs: {kernels}",

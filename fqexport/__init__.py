@@ -30,6 +30,7 @@ _PUBLIC: dict[str, str] = {
     "finetune_widths": "fqexport.finetune.api:finetune_widths",
     "export": "fqexport.exporters.qdq_onnx:export_qdq",
     "export_float": "fqexport.exporters.qdq_onnx:export_float",
+    "read_metadata": "fqexport.exporters.metadata:read_metadata",
     "validate": "fqexport.validation.gate:validate",
     "search_mixed_precision": "fqexport.search.mixed_precision:search_mixed_precision",
     "pareto_sweep": "fqexport.search.pareto:pareto_sweep",

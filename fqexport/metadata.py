@@ -30,6 +30,7 @@ MSG_NEWER = (
 MSG_BAD_VERSION = "{source}: fqexport metadata schema_version={version!r} is not a positive integer"
 MSG_BAD_FIELD = "{source}: fqexport metadata field {field!r} is invalid: {err}"
 MSG_NOT_OBJECT = "{source}: fqexport metadata is not a JSON object"
+MSG_MISSING = "{source}: fqexport metadata lacks the field {field!r}"
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,13 @@ class ExportMetadata:
             raise ModelLoadError(MSG_NEWER.format(source=source, version=version, known=METADATA_VERSION))
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        try:
-            kw["layers"] = tuple(LayerRecord(**l) for l in kw.get("layers") or ())
-            kw["float_layers"] = tuple(LayerRecord(**l) for l in kw.get("float_layers") or ())
-            for k in ("group_names", "skipped_layers", "float_ops"):
-                kw[k] = tuple(str(v) for v in kw.get(k) or ())
-            kw["group_weights"] = tuple(float(v) for v in kw.get("group_weights") or ())
-            kw["input_shape"] = tuple(int(v) for v in kw.get("input_shape") or ())
-            kw["schema_version"] = version
-            return cls(**kw)
-        except (TypeError, ValueError) as err:
-            bad = next((k for k in ("float_layers", "layers", "group_weights", "input_shape") if k in str(err)), "layers")
-            raise ModelLoadError(MSG_BAD_FIELD.format(source=source, field=bad, err=err)) from err
+        missing = [k for k in ("fqexport_version", "method") if k not in kw]
+        if missing:
+            raise ModelLoadError(MSG_MISSING.format(source=source, field=missing[0]))
+        for k in list(kw):
+            kw[k] = _parsed(k, kw[k], source)
+        kw["schema_version"] = version
+        return cls(**kw)
 
     @classmethod
     def from_json(cls, text: str, source: str = "<metadata>") -> "ExportMetadata":
@@ -143,6 +139,77 @@ class ExportMetadata:
         except json.JSONDecodeError as err:
             raise ModelLoadError(f"{source}: fqexport metadata is not valid JSON: {err}") from err
         return cls.from_dict(d, source)
+
+
+# The type of each scalar field (None: may be null); int is accepted where a float is.
+_SCALARS: dict[str, tuple[type, bool]] = {
+    "fqexport_version": (str, False), "method": (str, False), "order": (str, True), "solver_target": (str, True),
+    "calibration": (str, False), "weight_range": (str, False), "activation_bits": (int, False),
+    "num_calib": (int, False), "num_classes": (int, True), "avg_weight_bits": (float, True), "storage": (str, True),
+    "opset": (int, True), "quantized_fraction": (float, True), "target": (str, True),
+}
+_LAYER_TYPES = {"name": (str, False), "kind": (str, False), "bits": (int, False), "params": (int, False),
+                "macs": (int, False), "storage": (str, True), "reason": (str, True)}
+_RECORDS = ("layers", "float_layers")
+_TEXTS = ("group_names", "skipped_layers", "float_ops")
+_MAPPINGS = ("allocation", "finetune", "task", "settings")
+
+
+def _typed(value: Any, kind: type, nullable: bool) -> bool:
+    if value is None:
+        return nullable
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _layer(value: Any) -> LayerRecord:
+    """A LayerRecord from its JSON object; ValueError naming what is wrong."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a layer record must be an object, got {value!r}")
+    unknown = sorted(set(value) - set(_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"layer record {value.get('name')!r} has unknown key(s) {', '.join(unknown)}")
+    for key, (kind, nullable) in _LAYER_TYPES.items():
+        if key in value and not _typed(value[key], kind, nullable):
+            raise ValueError(f"layer {value.get('name')!r}: {key}={value[key]!r} is not {_kind_words(kind, nullable)}")
+    return LayerRecord(**value)
+
+
+def _kind_words(kind: type, nullable: bool) -> str:
+    words = {str: "a string", int: "an integer", float: "a number"}[kind]
+    return f"{words} or null" if nullable else words
+
+
+def _parsed(key: str, value: Any, source: str) -> Any:
+    """One metadata field checked for its type and converted (tuples of records and texts);
+    ModelLoadError naming the field."""
+    try:
+        if key in _SCALARS:
+            kind, nullable = _SCALARS[key]
+            if not _typed(value, kind, nullable):
+                raise ValueError(f"{value!r} is not {_kind_words(kind, nullable)}")
+            return value
+        if key in _MAPPINGS:
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"{value!r} is not a JSON object or null")
+            return value
+        if key not in _RECORDS + _TEXTS + ("group_weights", "input_shape"):
+            return value
+        if value is not None and (isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__")):
+            raise ValueError(f"{value!r} is not a list")
+        items = list(value or ())
+        if key in _RECORDS:
+            return tuple(_layer(l) for l in items)
+        if key in _TEXTS:
+            return tuple(str(v) for v in items)
+        if key == "group_weights":
+            return tuple(float(v) for v in items)
+        if not all(_typed(v, int, False) for v in items):  # input_shape
+            raise ValueError(f"{items!r} is not a list of integers")
+        return tuple(int(v) for v in items)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(MSG_BAD_FIELD.format(source=source, field=key, err=err)) from err
 
 
 def layer_records(layers: Mapping[str, Any], storage: Mapping[str, str] | None = None) -> tuple[LayerRecord, ...]:

@@ -64,8 +64,16 @@ def test_demo_model_is_trained_once_per_settings_and_reused(tmp_path):
     # another seed, or a checkpoint that is not the one the key describes: trained again
     _, _, _, t3 = prepare_demo_model(seed=1, sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
                                      on_step=steps.append)
+    # and the console says why the checkpoint there was not reused (survey 65: it was replaced without a word)
     assert t3 > 0 and "seed 1" in steps[-1]
+    assert steps[-1].endswith(f"(not reusing {tmp_path / CHECKPOINT}: it was trained with other seed (recorded in "
+                              "model.key.json); it is replaced)")
     (tmp_path / CHECKPOINT).write_bytes(b"not the trained model")
     _, _, _, t4 = prepare_demo_model(seed=1, sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
                                      on_step=steps.append)
     assert t4 > 0 and steps[-1].startswith("[2/4] training")
+    assert "its bytes are not those recorded in model.key.json; it is replaced)" in steps[-1]
+    (tmp_path / "model.key.json").unlink()  # a folder of a release before the key
+    _, _, _, t5 = prepare_demo_model(seed=1, sizes=sizes, train_config=cfg, progress=False, cache_dir=tmp_path,
+                                     on_step=steps.append)
+    assert t5 > 0 and "it has no model.key.json saying how it was trained; it is replaced)" in steps[-1]

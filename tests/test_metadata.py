@@ -4,6 +4,8 @@ exporters/metadata.py)."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import onnx
 import torch
@@ -39,6 +41,19 @@ def test_round_trip_through_json_and_onnx(tmp_path):
     assert back == meta and back.layers[0].storage == "int4" and back.schema_version == METADATA_VERSION
 
 
+def test_the_root_reads_a_files_metadata_and_the_version_that_wrote_it(tmp_path):
+    import fqexport
+    from fqexport.version import __version__
+
+    m = _tiny_onnx()
+    write_metadata(m, _meta(fqexport_version=__version__))
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    meta = fqexport.read_metadata(tmp_path / "m.onnx")
+    assert meta.fqexport_version == __version__ != "0.1.0"  # 0.1.0: every build before the first bump
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert f"## {__version__} " in changelog  # a release names what changed
+
+
 def test_absent_metadata_is_none(tmp_path):
     onnx.save(_tiny_onnx(), str(tmp_path / "plain.onnx"))
     assert read_metadata(tmp_path / "plain.onnx") is None
@@ -69,6 +84,36 @@ def test_malformed_metadata_names_the_file(tmp_path):
     onnx.save(m, str(tmp_path / "badlayer.onnx"))
     with pytest.raises(ModelLoadError, match=r"badlayer\.onnx: fqexport metadata field 'layers' is invalid"):
         read_metadata(tmp_path / "badlayer.onnx")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    # survey 65: a string where an object is crashed validate (exit 3); other fields were blamed on 'layers'
+    ("task", "classification", "'classification' is not a JSON object or null"),
+    ("settings", "seed=0", "'seed=0' is not a JSON object or null"),
+    ("allocation", [1], "[1] is not a JSON object or null"),
+    ("layers", [{"name": "fc1", "kind": "linear", "bits": None, "params": 10}], "layer 'fc1': bits=None is not an integer"),
+    ("layers", ["fc1"], "a layer record must be an object, got 'fc1'"),
+    ("float_layers", [{"name": "fc", "kind": "linear", "bits": 32, "params": 4, "why": "x"}],
+     "layer record 'fc' has unknown key(s) why"),
+    ("input_shape", "1x8", "'1x8' is not a list"),
+    ("input_shape", [1, 2.5], "[1, 2.5] is not a list of integers"),
+    ("group_names", "ab", "'ab' is not a list"),  # was split into the groups 'a', 'b'
+    ("float_ops", 5, "5 is not a list"),
+    ("num_calib", "64", "'64' is not an integer"),
+    ("avg_weight_bits", True, "True is not a number or null"),
+    ("method", None, "None is not a string"),
+])
+def test_a_field_of_the_wrong_type_is_named(field, value, words):
+    d = _meta().to_dict() | {field: value}
+    with pytest.raises(ModelLoadError, match=rf"^m\.onnx: fqexport metadata field '{field}' is invalid: {re.escape(words)}"):
+        ExportMetadata.from_dict(d, "m.onnx")
+
+
+@pytest.mark.parametrize("field", ["fqexport_version", "method"])
+def test_a_missing_required_field_is_named(field):
+    d = {k: v for k, v in _meta().to_dict().items() if k != field}
+    with pytest.raises(ModelLoadError, match=rf"^m\.onnx: fqexport metadata lacks the field '{field}'$"):
+        ExportMetadata.from_dict(d, "m.onnx")
 
 
 def test_unreadable_file_names_the_file(tmp_path):

@@ -14,7 +14,7 @@ from fqexport import config, errors
 from fqexport.finetune import api as finetune_api
 from fqexport.finetune import config as finetune_config
 
-NEW_TOP_LEVEL = ("finetune_widths", "EngineConfig", "EngineError", "FinetuneConfig")
+NEW_TOP_LEVEL = ("finetune_widths", "EngineConfig", "EngineError", "FinetuneConfig", "read_metadata")
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

@@ -161,20 +161,30 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cached_model(cache_dir: Path | None, key: dict[str, Any], model: torch.nn.Module) -> bool:
-    """Load the checkpoint of ``cache_dir`` into ``model`` when it was trained with ``key``."""
+def _cached_model(cache_dir: Path | None, key: dict[str, Any], model: torch.nn.Module) -> tuple[bool, str | None]:
+    """Load the checkpoint of ``cache_dir`` into ``model`` when it was trained with ``key``:
+    ``(loaded, why not)``, the reason a checkpoint that is there was not reused (None: none there)."""
     if cache_dir is None:
-        return False
+        return False, None
     ckpt, key_file = cache_dir / CHECKPOINT, cache_dir / CHECKPOINT_KEY
+    if not ckpt.exists():
+        return False, None
     try:
         saved = json.loads(key_file.read_text(encoding="utf-8"))
-        if saved.get("key") != json.loads(json.dumps(key)) or saved.get("sha256") != _digest(ckpt):
-            return False
+        want = json.loads(json.dumps(key))
+        if not isinstance(saved, dict) or not isinstance(saved.get("key"), dict):
+            return False, f"{key_file.name} does not record how it was trained"
+        if saved["key"] != want:
+            changed = sorted(k for k in set(want) | set(saved["key"]) if saved["key"].get(k) != want.get(k))
+            return False, f"it was trained with other {', '.join(changed)} (recorded in {key_file.name})"
+        if saved.get("sha256") != _digest(ckpt):
+            return False, f"its bytes are not those recorded in {key_file.name}"
         model.load_state_dict(torch.load(ckpt, weights_only=True))
-    except (OSError, ValueError, RuntimeError) as err:  # no cache, or one that does not fit: train
-        log.info("not reusing %s: %s", ckpt, err)
-        return False
-    return True
+    except FileNotFoundError:
+        return False, f"it has no {key_file.name} saying how it was trained"
+    except (OSError, ValueError, RuntimeError) as err:  # a checkpoint that does not load or fit: train
+        return False, f"it does not load ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+    return True, None
 
 
 def _save_checkpoint(cache_dir: Path, key: dict[str, Any], model: torch.nn.Module) -> None:
@@ -201,12 +211,14 @@ def prepare_demo_model(*, seed: int = 0, progress: bool = True, on_step: Callabl
     torch.manual_seed(seed)
     model = SmallResNet(num_classes=int(train.y.max()) + 1, in_channels=train.x.shape[1])
     key = _training_key(seed, sizes, train_config)
-    if _cached_model(cache_dir, key, model):
+    reused, why_not = _cached_model(cache_dir, key, model)
+    if reused:
         on_step(f"[2/4] reusing the SmallResNet an earlier run trained with the same seed and settings "
                 f"({cache_dir / CHECKPOINT}; delete it to train again)")
         return model.eval(), train, test, 0.0
     steps = (len(train) // train_config.batch_size if len(train) > train_config.batch_size else 1) * train_config.epochs
-    on_step(f"[2/4] training SmallResNet on CPU: {steps} steps, seed {seed}")
+    retrain = f" (not reusing {cache_dir / CHECKPOINT}: {why_not}; it is replaced)" if why_not else ""
+    on_step(f"[2/4] training SmallResNet on CPU: {steps} steps, seed {seed}{retrain}")
     t = time.perf_counter()
     model = train_classifier(model, train, train_config, progress=progress)
     if cache_dir is not None:

@@ -236,6 +236,10 @@ class SensitivityCache:
 DEFAULT_CACHE = SensitivityCache()
 
 
+MSG_CACHE_STALE = ("sensitivity cache file %s was written for another model, data or options (or by another "
+                   "fqexport version): recomputing the table and overwriting the file")
+
+
 def _read_cache_file(path: Path, key: str) -> SensitivityTable | None:
     if not path.exists():
         return None
@@ -244,7 +248,7 @@ def _read_cache_file(path: Path, key: str) -> SensitivityTable | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(MSG_CACHE_FILE.format(path=path, err=f"{type(err).__name__}: {err}")) from err
     if table.key != key:
-        log.info("sensitivity cache file %s is for another model/data/options; recomputing", path)
+        log.warning(MSG_CACHE_STALE, path)
         return None
     return table
 

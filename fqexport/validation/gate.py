@@ -109,6 +109,10 @@ MSG_OTHER_FAMILY = (
     "%s was exported for --target %s (the %s int8 kernels); this CPU's are %s, so its native figures are this "
     "CPU's deployment, not the target's%s"
 )
+MSG_NO_TARGET_FULL = (
+    "%s records no --target (written before files recorded one) and holds full-range 8-bit weights; this CPU's "
+    "int8 kernels are %s: %s, so its native figures are this CPU's deployment, saturation included"
+)
 MSG_OTHER_FAMILY_SATURATES = "; its full-range weights can saturate this CPU's 16-bit pair sums (docs/ort-kernels.md)"
 
 
@@ -117,6 +121,10 @@ def _warn_other_family(model: str | Path, meta: ExportMetadata | None, targets: 
     for x86-vnni judged on an AVX2 CPU), and say how to judge it on its own target."""
     families = TARGET_FAMILIES.get(meta.target, ()) if meta is not None else ()
     host = host_family()
+    if provider == "cpu" and meta is not None and meta.target is None and meta.weight_range == "full" \
+            and host == "x86-avx2":  # written before files recorded their target
+        log.warning(MSG_NO_TARGET_FULL, model, host, MSG_OTHER_FAMILY_SATURATES.removeprefix("; "))
+        return
     if provider != "cpu" or not families or host in families:
         return
     missing = [f for f in families if f not in targets]

@@ -126,9 +126,6 @@ class Engine(ABC):
     clusters it started are stopped on exit)."""
 
     name: str = "engine"
-    # its tasks run on this machine (serial, local); a Ray cluster's may run on other nodes, with
-    # the resources (CPUs, GPUs) the task asked the cluster for
-    on_this_machine: bool = True
 
     def __init__(self, workers: int = 1, retries: int = 1) -> None:
         self.workers = int(workers)

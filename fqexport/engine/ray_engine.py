@@ -103,7 +103,6 @@ class RayEngine(Engine):
     ``workers`` CPUs, stopped by :meth:`close`."""
 
     name = "ray"
-    on_this_machine = False
 
     def __init__(self, workers: int, retries: int = 1, address: str | None = None,
                  task_cpus: float = 1.0, task_gpus: float = 0.0) -> None:

@@ -10,8 +10,8 @@ model is taken from the cache instead of being fitted twice; on a process pool o
 process runs one fit itself beside the workers (:func:`map_fits`, the predicted best), and any
 other returned model is rebuilt there (a fitted fx graph does not pickle back from a worker).
 Either way it is the same model: ``compress`` is deterministic and every engine seeds a task from
-its key and runs it on one thread. A round of a single fit on the serial or local engine runs it
-in this process on all its threads instead (:func:`fit_threads`): ``compress`` itself.
+its key and runs it on one thread. A round of a single fit runs it in this process on all its
+threads instead, whatever the engine (:func:`fit_threads`): ``compress`` itself.
 """
 
 from __future__ import annotations
@@ -231,12 +231,12 @@ class Verification:
         return run_task(fitted_model, self.context, self.tasks[k * len(self.context.splits)], threads=self.threads)
 
 
-def fit_threads(tasks: Sequence[Task], engine: Engine) -> int | None:
+def fit_threads(tasks: Sequence[Task]) -> int | None:
     """Intra-op threads of a round's fits: one each, as every engine runs a task, so that no
-    worker count changes a result; a round of a single fit (one candidate, one fold: nothing to
-    run beside it) on an engine of this machine runs in this process on all its threads, as
-    ``compress`` does (``None``). On Ray it stays a cluster task (its node, its resources)."""
-    return None if len(tasks) == 1 and engine.on_this_machine else 1
+    engine or worker count changes a result; a round of a single fit (one candidate, one fold:
+    nothing to run beside it) runs in this process on all its threads, as ``compress`` does
+    (``None``), whatever the engine (as the fit a pool's search runs itself, :func:`map_fits`)."""
+    return None if len(tasks) == 1 else 1
 
 
 def map_fits(engine: Engine, tasks: Sequence[Task], ctx: VerifyContext, progress: bool,
@@ -247,9 +247,9 @@ def map_fits(engine: Engine, tasks: Sequence[Task], ctx: VerifyContext, progress
     :func:`run_task` like any task, while the workers run the others: ``beside`` of
     :meth:`~fqexport.engine.base.Engine.map`), so its fit stays in ``ctx.cache``: the search's
     own process would otherwise wait idle, and then fit that model again when it is the one
-    returned (:meth:`Verification.fitted_model`). A single task on an engine of this machine runs
-    in this process on all its threads (:func:`fit_threads`)."""
-    if fit_threads(tasks, engine) is None:
+    returned (:meth:`Verification.fitted_model`). A single task runs in this process on all its
+    threads, whatever the engine (:func:`fit_threads`)."""
+    if fit_threads(tasks) is None:
         try:
             return [run_task(fit_candidate, ctx, tasks[0], threads=None)]
         except Exception as err:
@@ -300,4 +300,4 @@ def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: b
                                     sample_loss=task.sample_losses(logits, held_out, reference)))
         log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group %s %.4f",
                  k, alloc.avg_bits, alloc.predicted_worst, task.search_metric, candidates[-1].worst_group_acc)
-    return Verification(candidates, float_metrics, ctx, tasks, fit_threads(tasks, engine))
+    return Verification(candidates, float_metrics, ctx, tasks, fit_threads(tasks))

@@ -515,7 +515,12 @@ class QuantConfig:
 
 
 MSG_ENGINE_WORKERS = "workers={value!r} must be an integer >= 1 (default: the machine's cores); CLI: --workers 4"
-MSG_ENGINE_RESOURCES = "task_cpus={cpus!r} must be > 0 and task_gpus={gpus!r} >= 0 (Ray resources of one task)"
+MSG_ENGINE_RESOURCES = ("{field}={value!r} must be a finite number {rule} with at most 4 decimals (the Ray "
+                        "{what} of one task, e.g. {example})")
+MSG_ENGINE_RAY_WORKERS = (
+    "workers={value!r} would be ignored with ray_address={address!r}: the cluster there has its own CPUs (workers "
+    "are the CPUs of the local cluster started without an address); drop workers, or ray_address"
+)
 MSG_ENGINE_RETRIES = "retries={value!r} must be an integer >= 0 (tries of a task whose worker died, after the first)"
 MSG_ENGINE_RAY_ONLY = "{field}={value!r} is only used by engine='ray' (got engine={engine!r}); CLI: --engine ray"
 MSG_ENGINE_SERIAL_WORKERS = (
@@ -571,9 +576,14 @@ class EngineConfig:
             _set(self, workers=int(w))
         if self.engine == "serial" and w is not None and w > 1:
             raise ConfigError(MSG_ENGINE_SERIAL_WORKERS.format(value=w))
-        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (self.task_cpus, self.task_gpus)) \
-                or not float(self.task_cpus) > 0 or not float(self.task_gpus) >= 0:
-            raise ConfigError(MSG_ENGINE_RESOURCES.format(cpus=self.task_cpus, gpus=self.task_gpus))
+        for name, rule, what, example in (("task_cpus", "> 0", "CPUs", "1 or 0.5"), ("task_gpus", ">= 0", "GPUs", "0.25")):
+            v = getattr(self, name)
+            # Ray refuses more than 4 decimals; inf overflowed its integer resource units (exit 3)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) \
+                    or not (float(v) > 0 if name == "task_cpus" else float(v) >= 0) or round(float(v), 4) != float(v):
+                raise ConfigError(MSG_ENGINE_RESOURCES.format(field=name, value=v, rule=rule, what=what, example=example))
+        if self.engine == "ray" and self.ray_address is not None and w is not None:
+            raise ConfigError(MSG_ENGINE_RAY_WORKERS.format(value=w, address=self.ray_address))
         r = self.retries
         if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
             raise ConfigError(MSG_ENGINE_RETRIES.format(value=r))

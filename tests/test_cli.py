@@ -399,9 +399,14 @@ def test_an_ignored_flag_error_names_the_flag_and_the_option_that_reads_it(tmp_p
     assert code == 2 and err.strip() == ("error: --percentile: used only with --calibration percentile, so they would "
                                          "be ignored here; use --calibration percentile, or drop them")
     code, _, err = run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--workers", "2"))
-    assert code == 2 and err.strip() == ("error: --workers: used only with --finetune, or a budget with --engine "
-                                         "local, ray or auto, so they would be ignored here; use --finetune, or a "
-                                         "budget with --engine local, ray or auto, or drop them")
+    needs = ("--finetune, or a budget with --engine local or auto, or --engine ray without --ray-address (a running "
+             "cluster has its own CPUs)")
+    assert code == 2 and err.strip() == (f"error: --workers: used only with {needs}, so they would be ignored here; "
+                                         f"use {needs}, or drop them")
+    # survey 64: a running cluster's own CPUs decide, --workers was ignored without a word
+    code, _, err = run_main(_compress_args(mlp_files, tmp_path / "x.onnx", "--budget-bits", "4", "--engine", "ray",
+                                           "--ray-address", "auto", "--workers", "7"))
+    assert code == 2 and err.startswith("error: --workers: used only with") and not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.parametrize("extra", [

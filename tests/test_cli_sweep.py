@@ -91,8 +91,12 @@ def test_sweep_with_no_feasible_budget_exits_2_naming_the_minimum(tmp_path, mlp_
     assert not (tmp_path / "p").exists()
 
 
+WORKERS_NEED = "--engine local or auto, or --engine ray without --ray-address (a running cluster has its own CPUs)"
+
+
 @pytest.mark.parametrize("extra, flags, needs", [
-    (("--engine", "serial", "--workers", "2"), "--workers", "--engine local, ray or auto"),
+    (("--engine", "serial", "--workers", "2"), "--workers", WORKERS_NEED),
+    (("--engine", "ray", "--ray-address", "auto", "--workers", "2"), "--workers", WORKERS_NEED),
     (("--engine", "local", "--task-cpus", "2"), "--task-cpus", "--engine ray"),
     (("--task-gpus", "1"), "--task-gpus", "--engine ray"),
     (("--percentile", "90"), "--percentile", "--calibration percentile"),

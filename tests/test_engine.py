@@ -207,8 +207,25 @@ def test_make_engine_and_engine_config():
         EngineConfig(engine="local", ray_address="auto")
     with pytest.raises(ConfigError, match=r"retries=-1 must be an integer >= 0"):
         EngineConfig(retries=-1)
-    with pytest.raises(ConfigError, match=r"task_cpus=0 must be > 0"):
+    with pytest.raises(ConfigError, match=r"task_cpus=0 must be a finite number > 0 with at most 4 decimals"):
         EngineConfig(task_cpus=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # survey 64: inf overflowed Ray's resource units and 0.00001 broke its precision, both after the
+    # cluster started (exit 3); a negative GPU count was named with the CPUs' field
+    ({"task_cpus": float("inf")}, "task_cpus=inf must be a finite number > 0 with at most 4 decimals (the Ray CPUs"),
+    ({"task_gpus": float("inf")}, "task_gpus=inf must be a finite number >= 0 with at most 4 decimals (the Ray GPUs"),
+    ({"task_cpus": 0.00001}, "task_cpus=1e-05 must be a finite number > 0 with at most 4 decimals"),
+    ({"task_gpus": -0.5}, "task_gpus=-0.5 must be a finite number >= 0"),
+    ({"ray_address": "auto", "workers": 7}, "workers=7 would be ignored with ray_address='auto': the cluster there "
+                                            "has its own CPUs"),
+])
+def test_engine_config_refuses_ray_resources_ray_would_refuse_late(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(engine="ray", **kwargs)
+    assert str(err.value).startswith(message)
+    assert EngineConfig(engine="ray", task_cpus=0.5, task_gpus=0.0001).task_cpus == 0.5
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -299,6 +316,22 @@ def test_ray_engine_names_the_address_no_cluster_answers_at(monkeypatch):
     with pytest.raises(EngineError, match=r"--ray-address ray://h:10001 connects through the Ray Client, which this "
                                           r"Ray install lacks \(its grpcio package\): pip install 'fqexport\[ray\]'"):
         ray_engine.RayEngine(2, address="ray://h:10001")
+
+
+def test_a_task_no_node_can_run_is_refused_instead_of_waiting_for_ever():
+    """--task-cpus 3 on a 1-CPU local cluster (or --task-gpus 1 without a GPU) sat at 0 % for ever:
+    Ray keeps an infeasible task pending and said so only in its own logs (survey 64)."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fqexport[ray]'")
+    t0 = time.time()
+    for cpus, gpus in ((3.0, 0.0), (1.0, 1.0)):
+        with pytest.raises(EngineError) as err:
+            ray_engine.RayEngine(1, task_cpus=cpus, task_gpus=gpus)
+        more = " or give the local cluster more CPUs (--workers, now 1)" if not gpus else ""  # CPUs give no GPU
+        assert str(err.value) == (
+            f"ray engine: no node of the Ray cluster (1 CPU, 0 GPU) has the resources one task asks for (--task-cpus "
+            f"{cpus:g}, --task-gpus {gpus:g}), so no task could ever start; lower them{more}")
+        assert not ray.is_initialized()  # the cluster it started is stopped
+    assert time.time() - t0 < 120
 
 
 def test_a_host_port_no_cluster_listens_at_is_refused_at_once():

@@ -32,6 +32,10 @@ MSG_CONNECT = ("ray engine: no Ray cluster answered at {address} ({kind}: {err})
 MSG_NO_CLIENT = ("ray engine: --ray-address {address} connects through the Ray Client, which this Ray install "
                  "lacks (its grpcio package): pip install 'fqexport[ray]' (it pulls ray[client]) or "
                  "pip install 'ray[client]'; on the head node itself --ray-address auto needs no client")
+MSG_START = ("ray engine: could not start a local Ray cluster of {workers} CPUs ({kind}: {err}); pass "
+             "--ray-address auto to use the cluster running on this machine")
+MSG_INFEASIBLE = ("ray engine: no node of the Ray cluster ({nodes}) has the resources one task asks for "
+                  "(--task-cpus {cpus:g}, --task-gpus {gpus:g}), so no task could ever start; lower them{local}")
 MSG_WORKER_DIED = ("ray engine: the worker running {task} died {tries} times ({kind}: {err}); the search stopped "
                    "and wrote nothing")
 
@@ -121,14 +125,35 @@ class RayEngine(Engine):
             _check_reachable(address)
             try:
                 with _own_sigterm():
-                    self.ray.init(address=address, **kwargs)
+                    # "local": a new cluster of its own, even where one runs (or RAY_ADDRESS names one);
+                    # None would join that one, which refuses num_cpus
+                    self.ray.init(address=address or "local", **kwargs)
             except Exception as err:
-                raise EngineError(MSG_CONNECT.format(address=address, kind=type(err).__name__, err=err)) from err
+                msg = MSG_CONNECT if address else MSG_START
+                raise EngineError(msg.format(address=address, workers=self.workers, kind=type(err).__name__,
+                                             err=err)) from err
             self._started = True
-        if address is not None:
-            self.workers = max(1, int(self.ray.cluster_resources().get("CPU", 1) // task_cpus))
-        self._remote = self.ray.remote(_ray_call).options(
-            num_cpus=task_cpus, num_gpus=task_gpus, max_retries=self.retries, retry_exceptions=False)
+        try:
+            self._check_feasible(task_cpus, task_gpus)
+            if address is not None:
+                self.workers = max(1, int(self.ray.cluster_resources().get("CPU", 1) // task_cpus))
+            self._remote = self.ray.remote(_ray_call).options(
+                num_cpus=task_cpus, num_gpus=task_gpus, max_retries=self.retries, retry_exceptions=False)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_feasible(self, cpus: float, gpus: float) -> None:
+        """EngineError (:data:`MSG_INFEASIBLE`) when no alive node has ``cpus`` CPUs and ``gpus``
+        GPUs: Ray would keep such a task pending for ever, and say so only in its own logs."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive", True)]
+        if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+            return
+        shown = "; ".join(f"{r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for r in nodes) or "no node"
+        # more CPUs help only where a node has the GPUs
+        more = self.address is None and any(r.get("GPU", 0) >= gpus for r in nodes)
+        local = f" or give the local cluster more CPUs (--workers, now {self.workers})" if more else ""
+        raise EngineError(MSG_INFEASIBLE.format(nodes=shown, cpus=cpus, gpus=gpus, local=local))
 
     def close(self) -> None:
         if self._started and self.ray.is_initialized():
@@ -161,6 +186,11 @@ class RayEngine(Engine):
                     bar.update(1)
         except BaseException:
             for r in waiting:
-                ray.cancel(r, force=True)
+                # not force=True: killing a worker whose result is on its way back made Ray abort
+                # ("Tried to complete task that was not pending") instead of the run ending as an interrupt
+                try:
+                    ray.cancel(r)
+                except Exception:  # already finished, or the cluster is going away
+                    pass
             raise
         return results

@@ -22,6 +22,7 @@ from fqexport.cli.flags.shared import (
     OnlyWith,
     add_model_and_quant_options,
     add_search_options,
+    engine_reads_workers,
     given_flags,
     quant_config,
     refuse_ignored,
@@ -82,10 +83,12 @@ def search_budget(args: argparse.Namespace) -> dict[str, float] | None:
 
 
 # The flags of compress alone that count only with another option (shared.refuse_ignored):
-# --workers is read by fine-tuning's DataLoader and by the search's engine, unless it is serial.
+# --workers is read by fine-tuning's DataLoader and by the search's engine, unless it is serial
+# or a running Ray cluster (shared.engine_reads_workers).
 COMPRESS_ONLY_WITH = (
-    OnlyWith({"workers": "--workers"}, "--finetune, or a budget with --engine local, ray or auto",
-             lambda a: a.finetune or (search_budget(a) is not None and a.engine != "serial")),
+    OnlyWith({"workers": "--workers"}, "--finetune, or a budget with --engine local or auto, or --engine ray "
+             "without --ray-address (a running cluster has its own CPUs)",
+             lambda a: a.finetune or (search_budget(a) is not None and engine_reads_workers(a.engine, a.ray_address))),
 )
 
 

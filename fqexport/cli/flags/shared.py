@@ -306,6 +306,12 @@ def add_search_options(mp) -> None:
                     help=f"Ray GPUs per task; a fraction shares a GPU (default: {e.task_gpus:g})")
 
 
+def engine_reads_workers(engine: str | None, ray_address: str | None) -> bool:
+    """Whether the search's engine reads --workers: a local pool's processes, a local Ray cluster's
+    CPUs; not the serial engine, nor a running Ray cluster (--ray-address: its own CPUs)."""
+    return engine != "serial" and not (engine == "ray" and ray_address)
+
+
 def parse_bit_choices(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     """``--bit-choices "2,4,8"`` -> ``(2, 4, 8)``; ``default`` when not given; ConfigError when malformed."""
     if text is None:
@@ -343,7 +349,7 @@ def search_config(args: argparse.Namespace, **budget) -> MixedPrecisionConfig:
         cache_path=args.sensitivity_cache, seed=args.seed,
         # with --engine serial, --workers can only be the fine-tuning DataLoader's: compress's and
         # sweep's OnlyWith tables refuse it otherwise (COMPRESS_ONLY_WITH, SWEEP_ONLY_WITH)
-        engine=EngineConfig(engine=engine, workers=None if engine == "serial" else args.workers,
+        engine=EngineConfig(engine=engine, workers=args.workers if engine_reads_workers(engine, args.ray_address) else None,
                             ray_address=args.ray_address, task_cpus=_or(args.task_cpus, e.task_cpus),
                             task_gpus=_or(args.task_gpus, e.task_gpus)),
     )

@@ -12,6 +12,7 @@ from fqexport.cli.flags.shared import (
     OnlyWith,
     add_model_and_quant_options,
     add_search_options,
+    engine_reads_workers,
     given_flags,
     quant_config,
     refuse_ignored,
@@ -29,7 +30,8 @@ PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png")
 # The flags of sweep alone that count only with another option (shared.refuse_ignored): the
 # search's serial engine runs one task after another, whatever --workers says.
 SWEEP_ONLY_WITH = (
-    OnlyWith({"workers": "--workers"}, "--engine local, ray or auto", lambda a: a.engine != "serial"),
+    OnlyWith({"workers": "--workers"}, "--engine local or auto, or --engine ray without --ray-address (a running "
+             "cluster has its own CPUs)", lambda a: engine_reads_workers(a.engine, a.ray_address)),
 )
 
 

@@ -185,12 +185,16 @@ class RayEngine(Engine):
                             err=" ".join(str(err).split())[:300])) from err
                     bar.update(1)
         except BaseException:
-            for r in waiting:
-                # not force=True: killing a worker whose result is on its way back made Ray abort
-                # ("Tried to complete task that was not pending") instead of the run ending as an interrupt
-                try:
-                    ray.cancel(r)
-                except Exception:  # already finished, or the cluster is going away
-                    pass
+            # Where this engine started or joined Ray itself, close() shuts the driver down, which
+            # ends its job and the job's tasks: no ray.cancel, which aborted Ray's core worker for a
+            # task whose result was on its way back (a C++ check, "Tried to complete task that was
+            # not pending": exit 1 and a stack dump instead of an interrupt's exit). Ray started by
+            # the caller stays up: its tasks are cancelled.
+            if not self._started:
+                for r in waiting:
+                    try:
+                        ray.cancel(r)
+                    except Exception:  # already finished
+                        pass
             raise
         return results

@@ -791,8 +791,12 @@ class EmulatedSession:
         self._emulated = {i for i, n in u8s8.items() if kernel_dependent(n, self.initializers)}
         self.emulated_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i in self._emulated]
         self.exact_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i not in self._emulated]
+        # a product of two uint8 activations (attention's Q·Kᵀ fused as MatMulIntegerToFloat) runs
+        # natively and adds exactly on every family: native is every target's result
+        u8u8 = [n for n in g.node if n in fused and not self._u8s8(n) and self._u8u8(n)]
+        self.exact_nodes += [f"{n.op_type}:{n.name}" for n in u8u8]
         self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
-                             if (n in fused and not self._u8s8(n)) or n.op_type in _OTHER_INTEGER_OPS]
+                             if (n in fused and not self._u8s8(n) and n not in u8u8) or n.op_type in _OTHER_INTEGER_OPS]
         unmodelled = [n for n in g.node if n.op_type in _OTHER_INTEGER_OPS]
         if target == "x86-avx2" and unmodelled:
             raise ConfigError(MSG_UNMODELLED.format(nodes=", ".join(f"{n.op_type}:{n.name}" for n in unmodelled),
@@ -813,6 +817,18 @@ class EmulatedSession:
         if za is None and kernel.act_zp is not None:  # no zero point: the activation's declared type
             za = np.zeros((), helper.tensor_dtype_to_np_dtype(self._types.get(node.input[0], onnx.TensorProto.UINT8)))
         return (za is None or za.dtype == np.uint8) and w is not None and w.dtype == np.int8
+
+    def _u8u8(self, node: onnx.NodeProto) -> bool:
+        """Whether a fused node multiplies two uint8 activations (its "weight" input computed, not
+        an initializer, with a uint8 zero point): u8×u8 products and their sums fit int32 on
+        every kernel family, so its result is the same on each."""
+        kernel = _kernel(node)
+        if kernel is None or kernel.act_zp is None or (_input(node, kernel.weight) or "") in self.initializers:
+            return False
+        zps = [self.initializers.get(_input(node, i) or "") for i in (kernel.act_zp, kernel.weight_zp)]
+        types = [self._types.get(node.input[0]), self._types.get(_input(node, kernel.weight) or "")]
+        return all((z is not None and z.dtype == np.uint8) or (z is None and t == onnx.TensorProto.UINT8)
+                   for z, t in zip(zps, types))
 
     @staticmethod
     def _optimized(path: Path) -> onnx.ModelProto:

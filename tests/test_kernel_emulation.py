@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -250,6 +251,32 @@ def test_native_is_not_an_emulated_target(tmp_path):
     with pytest.raises(ConfigError, match=r"target 'native' runs ONNX Runtime's own session"):
         EmulatedSession(path, "native")
     assert EmulatedSession(path, "x86-avx2").native_nodes == []
+
+
+def test_a_product_of_two_uint8_activations_is_exact_not_a_native_warning(tmp_path, caplog):
+    """Attention's Q·Kᵀ of a BERT-style model (q @ kᵀ / √d after quantized Linears) fuses into a
+    u8×u8 MatMulIntegerToFloat: it was warned about as "results are native, not x86-avx2" while
+    the target line said no node depends on the kernels (survey 67). u8×u8 sums are exact on every
+    family: it counts among the exact nodes, with no warning, and the outputs equal native."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4, 8])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 8, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", [v, "s", "z"], [f"q{v}"]) for v in "ab"]
+    nodes += [helper.make_node("DequantizeLinear", [f"q{v}", "s", "z"], [f"d{v}"]) for v in "ab"]
+    nodes.append(helper.make_node("MatMul", ["da", "db"], ["y"]))
+    path = tmp_path / "qk.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [a, b], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    with caplog.at_level("INFO", logger="fqexport.exporters.kernel_emulation"):
+        session = EmulatedSession(path, "x86-avx2")
+    assert session.native_nodes == [] and session.emulated_nodes == []
+    assert [n.split(":")[0] for n in session.exact_nodes] == ["MatMulIntegerToFloat"]
+    assert "own kernels" not in caplog.text
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.uniform(-6, 6, (2, 4, 8)).astype(np.float32), "b": rng.uniform(-6, 6, (2, 8, 4)).astype(np.float32)}
+    native = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # two inputs: not make_session's
+    np.testing.assert_array_equal(session.run(None, feeds)[0], native.run(None, feeds)[0])
 
 
 # ----------------------------------------------------------------- the fast paths stay exact

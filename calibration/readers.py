@@ -108,12 +108,16 @@ def load_data(source: Any, groups: Any = None, transform: Callable[[torch.Tensor
     return _stream_of(source, groups, transform, num_workers)
 
 
+def is_npz_path(source: Any) -> bool:
+    """Whether ``source`` is the path of an ``.npz`` file (what :func:`open_stream` memory-maps)."""
+    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz"
+
+
 def open_stream(source: Any, groups: Any = None, transform: Callable[[torch.Tensor], Any] | None = None,
                 num_workers: int = 0) -> DataStream:
     """``load_data``'s data as a DataStream always (fine-tuning reads its training data so): a
     GroupData is wrapped, an ``.npz`` (without groups or transform) memory-mapped, not read."""
-    if (isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz"
-            and groups is None and transform is None):
+    if is_npz_path(source) and groups is None and transform is None:
         return npz_stream(Path(source))
     data = load_data(source, groups, transform, num_workers=num_workers)
     return data if isinstance(data, DataStream) else in_memory_stream(data)

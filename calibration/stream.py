@@ -22,6 +22,7 @@ NaN/Inf, its labels and groups equal to the ones read first, a known group): a b
 from __future__ import annotations
 
 import logging
+import mmap
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -216,6 +217,25 @@ def in_memory_stream(data: GroupData) -> DataStream:
 # --------------------------------------------------------------------------- .npz
 
 
+def _drop_pages(x: np.ndarray, start: int, stop: int) -> None:
+    """Give back the pages of rows ``[start, stop)`` of a memory-mapped C-order ``x``
+    (``MADV_DONTNEED``; they are read again from the file when needed): a pass over every row
+    otherwise leaves the whole file resident in this process, which a stage that then reads only
+    ``num_calib`` rows does not need."""
+    mm = getattr(x, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED") or not x.flags.c_contiguous:
+        return
+    row = int(np.prod(x.shape[1:], dtype=np.int64)) * x.itemsize
+    lead = int(getattr(x, "offset", 0)) % mmap.ALLOCATIONGRANULARITY  # where the array starts in the mapping
+    lo, hi = lead + start * row, min(lead + stop * row, len(mm))
+    lo -= lo % mmap.PAGESIZE
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # a platform without it: the pages stay, as before
+            pass
+
+
 def npz_stream(path: Path) -> DataStream:
     """An ``.npz`` whose x is memory-mapped and checked chunk by chunk now (module docstring)."""
     source = str(path)
@@ -230,7 +250,9 @@ def npz_stream(path: Path) -> DataStream:
     y, group, names = validate_targets(fields.get("y"), fields["group"], fields.get("group_names"), x.shape[0], source)
     rows = max(1, _CHECK_BYTES // max(1, int(np.prod(x.shape[1:])) * 4))
     for start in range(0, x.shape[0], rows):  # one sequential pass: NaN/Inf, negative ids
-        check_x_values(x[start:start + rows], source, np.arange(start, min(start + rows, x.shape[0])))
+        stop = min(start + rows, x.shape[0])
+        check_x_values(x[start:stop], source, np.arange(start, stop))
+        _drop_pages(x, start, stop)
     log.info("%s: x memory-mapped, %d samples of %s %s", source, x.shape[0], x.shape[1:], x.dtype)
     notes = check_annotations(npz_annotations(fields, source), tuple(x.shape[1:]), source, x.shape[0])
     return DataStream(_ArrayX(x, source, check=True), y, group, names, source, tuple(x.shape[1:]), annotations=notes)

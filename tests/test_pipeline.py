@@ -59,6 +59,26 @@ def test_8bit_agrees_with_float_model(cnn_cm8, cnn_model, cnn_data):
     np.testing.assert_allclose(cnn_cm8.predict(cnn_data.x, quantized=False), _logits(cnn_model, cnn_data.x), atol=1e-4)
 
 
+def test_an_npz_path_is_memory_mapped_and_gives_the_same_model(cnn_model, cnn_data, tmp_path, monkeypatch):
+    """compress read a whole .npz into memory to draw num_calib samples (survey 66: 2.7 GB peak for
+    a 2 GB file, 256 samples drawn); its x is now memory-mapped, and only the drawn rows are read."""
+    import fqexport.calibration.readers as readers
+    from fqexport.calibration.npz import save_npz
+
+    path = save_npz(cnn_data, tmp_path / "calib.npz")
+    config = QuantConfig(num_calib=64, batch_size=64)
+    in_memory = compress(cnn_model, load_data(path), config, progress=False)
+
+    def whole(*a, **k):
+        raise AssertionError("the whole .npz was read")
+
+    monkeypatch.setattr(readers, "load_npz", whole)
+    mapped = compress(cnn_model, str(path), config, progress=False)
+    for name, layer in in_memory.layers.items():
+        assert torch.equal(layer.codes, mapped.layers[name].codes) and torch.equal(layer.scale, mapped.layers[name].scale)
+    np.testing.assert_array_equal(in_memory.predict(cnn_data.x), mapped.predict(cnn_data.x))
+
+
 def test_compressed_model_fields(cnn_cm8, cnn_data):
     assert cnn_cm8.group_names == ("majority", "minority")
     assert cnn_cm8.input_shape == (3, 16, 16) and cnn_cm8.num_classes == 4

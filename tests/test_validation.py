@@ -628,12 +628,18 @@ def test_a_file_exported_for_another_cpu_family_is_named_with_the_target_to_judg
     assert "was exported for --target" in caplog.text and "to judge it on its target" not in caplog.text
     # a portable file, or one for this CPU's own family: nothing to say
     for target in ("portable", host_family()):
-        onnx.helper.set_model_props(m, {"fqexport": json.dumps({**meta, "target": target})})
-        onnx.save(m, str(tmp_path / "mine.onnx"))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="fqexport.validation.gate"):
-            validate(tmp_path / "mine.onnx", data, measure_latency=False, kernel_check=False)
-        assert "was exported for --target" not in caplog.text
+        said = _gate_warnings(m, {**meta, "target": target}, tmp_path / "mine.onnx", data, caplog)
+        assert "was exported for --target" not in said
+
+
+def _gate_warnings(m: onnx.ModelProto, meta: dict, path, data, caplog) -> str:
+    """The gate's warnings when ``m`` with the fqexport metadata ``meta``, saved at ``path``, is validated."""
+    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
+    onnx.save(m, str(path))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fqexport.validation.gate"):
+        validate(path, data, measure_latency=False, kernel_check=False)
+    return caplog.text
 
 
 def test_a_full_range_file_from_before_targets_is_warned_about_on_an_avx2_cpu(setup, tmp_path, caplog, monkeypatch):
@@ -642,22 +648,14 @@ def test_a_full_range_file_from_before_targets_is_warned_about_on_an_avx2_cpu(se
     d, data = setup
     m = onnx.load(str(d / "qdq.onnx"))
     meta = {"fqexport_version": "0.1.0", "method": "solver", "layers": [], "weight_range": "full"}  # no target
-    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
-    onnx.save(m, str(tmp_path / "old.onnx"))
     monkeypatch.setenv("FQEXPORT_HOST_KERNELS", "x86-avx2")
-    with caplog.at_level("WARNING", logger="fqexport.validation.gate"):
-        validate(tmp_path / "old.onnx", data, measure_latency=False, kernel_check=False)
     assert ("old.onnx records no --target (written before files recorded one) and holds full-range 8-bit weights; "
             "this CPU's int8 kernels are x86-avx2: its full-range weights can saturate this CPU's 16-bit pair sums") \
-        in caplog.text
+        in _gate_warnings(m, meta, tmp_path / "old.onnx", data, caplog)
     for family, weights in (("x86-vnni", "full"), ("x86-avx2", "x86-safe")):  # exact sums, or weights that cannot saturate
         monkeypatch.setenv("FQEXPORT_HOST_KERNELS", family)
-        onnx.helper.set_model_props(m, {"fqexport": json.dumps({**meta, "weight_range": weights})})
-        onnx.save(m, str(tmp_path / "old.onnx"))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="fqexport.validation.gate"):
-            validate(tmp_path / "old.onnx", data, measure_latency=False, kernel_check=False)
-        assert "records no --target" not in caplog.text
+        assert "records no --target" not in _gate_warnings(m, {**meta, "weight_range": weights}, tmp_path / "old.onnx",
+                                                           data, caplog)
 
 
 def test_an_emulated_target_says_when_no_node_depends_on_the_kernels(cnn_cm8, cnn_data, tmp_path, capsys):

@@ -262,10 +262,14 @@ def map_npz_x(path: Path, zf: zipfile.ZipFile, source: str) -> np.ndarray:
             if dtype.hasobject:
                 raise ValueError("object arrays cannot be mapped; store plain arrays")
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if nbytes > stored - (offset - start):
-                raise ValueError(f"it declares {nbytes:,} bytes but the archive holds {stored - (offset - start):,}")
+            held = max(stored - (offset - start), 0)
+            if nbytes > held:  # a truncated or forged file, said as the whole read says it
+                raise DataError(f"{source}: " + MSG_ARRAY_TRUNCATED.format(
+                    field="x", shape="x".join(map(str, shape)) or "()", dtype=dtype, nbytes=nbytes, stored=held))
             if nbytes == 0:
                 return np.zeros(shape, dtype=dtype)
             return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        except DataError:
+            raise
         except (ValueError, OSError, EOFError, SyntaxError) as err:
             raise DataError(MSG_X_MAP.format(source=source, err=err)) from err

@@ -180,12 +180,13 @@ class _FirstOutput(torch.nn.Module):
         return first_output(self.model(x))
 
 
+@one_at_a_time
 def export_float_reference(cm: "CompressedModel", path: str | Path) -> ExportResult:
     """``cm``'s float model (BatchNorm folded, the same output as the QDQ file) as ONNX: the
     ``--reference`` of ``fqexport validate``."""
     path = check_export_path(path, "export_float_reference", getattr(cm.calib, "source", None))
     example = torch.from_numpy(np.ascontiguousarray(cm.calib.x[:2]))
-    return export_float(cm.float_model, example, path, output_name=cm.task.output_name)
+    return _write_float(cm.float_model, example, path, cm.task.output_name)
 
 
 @one_at_a_time
@@ -200,6 +201,11 @@ def export_float(model: torch.nn.Module, example: torch.Tensor, path: str | Path
     if isinstance(example, np.ndarray):  # the calibration data's own rows
         example = torch.from_numpy(np.ascontiguousarray(example))
     check_argument(example, torch.Tensor, "export_float: example", "; e.g. torch.from_numpy(data.x[:2])")
+    return _write_float(model, example, path, output_name)
+
+
+def _write_float(model: torch.nn.Module, example: torch.Tensor, path: Path, output_name: str) -> ExportResult:
+    """:func:`export_float`'s writing, on a checked path and arguments."""
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
     if any(decompose_attention_needed(m) for m in model.modules()):

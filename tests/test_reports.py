@@ -255,6 +255,6 @@ def test_group_names_with_control_characters_are_escaped_on_the_console(capsys):
 
 def test_percent_text_never_shows_a_negative_zero():
     # survey 62: a drop of -0.00001 printed as "-0.00" in the console and the reports
-    assert percent_text(-0.00001) == "0.00" and percent_text(-0.00001, 7) == "   0.00"
+    assert percent_text(-0.00001) == "0.00" and f"{percent_text(-0.00001):>7}" == "   0.00"
     assert percent_text(-0.0123) == "-1.23" and percent_text(0.85123) == "85.12"
-    assert percent_text(None) == "n/a" and percent_text(float("nan"), 5) == "  n/a"
+    assert percent_text(None) == "n/a" and f"{percent_text(float('nan')):>5}" == "  n/a"

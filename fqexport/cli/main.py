@@ -138,9 +138,8 @@ def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]
 
 
 # config fields whose flag's dest is another word: MixedPrecisionConfig.pins <- --pin, its
-# num_candidates <- --candidates, and the
-# fine-tuning fields, named "FinetuneConfig.<field>" (its batch_size <- --ft-batch-size: compress's
-# own --batch-size is another flag)
+# num_candidates <- --candidates, and the fine-tuning fields, named "FinetuneConfig.<field>" (its
+# batch_size <- --ft-batch-size: compress's own --batch-size is another flag)
 _FIELD_DESTS = {"pins": "pin", "num_candidates": "candidates", "FinetuneConfig.group_weights": "group_loss_weights",
                 **{f"FinetuneConfig.{field}": dest for dest, field in FINETUNE_FIELDS.items()}}
 

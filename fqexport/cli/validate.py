@@ -74,14 +74,14 @@ def print_summary(report) -> None:
     worst, acc = m.group_min()
     unmeasured = [cell_text(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
     among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
-    print(f"worst group {cell_text(worst)}: {percent_text(acc).strip()} %; gap {percent_text(m.difference()).strip()} pp{among}")
+    print(f"worst group {cell_text(worst)}: {percent_text(acc)} %; gap {percent_text(m.difference())} pp{among}")
     if report.absent_line():
         print(report.absent_line())
     if m.equalized_odds_difference is not None:
-        print(f"equalized-odds diff {percent_text(m.equalized_odds_difference).strip()} pp; "
-              f"demographic-parity diff {percent_text(m.demographic_parity_difference).strip()} pp")
+        print(f"equalized-odds diff {percent_text(m.equalized_odds_difference)} pp; "
+              f"demographic-parity diff {percent_text(m.demographic_parity_difference)} pp")
     if report.agreement is not None:
-        print(f"{report.agreement_name} with reference: {percent_text(report.agreement).strip()} %")
+        print(f"{report.agreement_name} with reference: {percent_text(report.agreement)} %")
     if (line := changes_line(report, cell_text)) is not None:
         print(line)
     if report.metadata is not None and report.metadata.float_ops:
@@ -92,8 +92,8 @@ def print_summary(report) -> None:
         dev = (report.target_kernel_deviation_by_group or {}).get(target)
         accs = ", ".join(
             # a name holding the separator is quoted ('Zoë, née Müller' would read as two groups)
-            f"{repr(g) if ',' in g else cell_text(g)} {percent_text(r[p]).strip()} %"
-            + (f" (k.dev {percent_text(dev[g]).strip()})" if dev else "")
+            f"{repr(g) if ',' in g else cell_text(g)} {percent_text(r[p])} %"
+            + (f" (k.dev {percent_text(dev[g])})" if dev else "")
             for g, r in tm.by_group.items()
         )
         nodes = (report.target_emulated_nodes or {}).get(target)
@@ -101,7 +101,7 @@ def print_summary(report) -> None:
                "emulated: no fused node whose sums depend on the kernels, the same as this CPU's" if nodes == () else
                f"emulated: {len(nodes)} kernel-dependent node(s)" if nodes else "emulated")
         print(f"target {target} ({how}): {accs}; agreement with native "
-              f"{percent_text(report.target_agreement[target]).strip()} %")
+              f"{percent_text(report.target_agreement[target])} %")
     if report.kernel_reference not in (None, UNOPTIMIZED):
         print(f"unopt % and k.dev: against {report.kernel_reference}")
     if report.fused_kernels is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def natural_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A shuffled pass over ``range(n)`` in batches of ``batch_size`` (the last may be smaller)."""
     order = rng.permutation(n)

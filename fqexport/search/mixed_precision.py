@@ -276,7 +276,7 @@ def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream
     def verify_one(alloc: Allocation) -> Candidate:
         found = verify(context, [alloc], progress=False, engine=engine)
         verified.append(found.candidates[0])
-        if fits_are_refit and found.threads is None:  # fitted here on all threads: compress itself
+        if fits_are_refit:  # one fit, run here on all threads (fit_threads): compress itself
             fitted[tuple(sorted(alloc.bits.items()))] = found.fitted_model(verified[-1])
         context.cache.clear()
         return verified[-1]

@@ -217,7 +217,6 @@ class Verification:
     float_metrics: GroupMetrics
     context: VerifyContext
     tasks: list[Task]
-    threads: int | None = 1  # of its fits (fit_threads)
 
     @property
     def fits(self) -> int:
@@ -228,7 +227,8 @@ class Verification:
         """The CompressedModel of ``candidate``'s fit on the first held-in part (the only one
         with ``verify_folds=1``), seeded like its task."""
         k = next(i for i, c in enumerate(self.candidates) if c is candidate)
-        return run_task(fitted_model, self.context, self.tasks[k * len(self.context.splits)], threads=self.threads)
+        return run_task(fitted_model, self.context, self.tasks[k * len(self.context.splits)],
+                        threads=fit_threads(self.tasks))
 
 
 def fit_threads(tasks: Sequence[Task]) -> int | None:
@@ -249,23 +249,19 @@ def map_fits(engine: Engine, tasks: Sequence[Task], ctx: VerifyContext, progress
     own process would otherwise wait idle, and then fit that model again when it is the one
     returned (:meth:`Verification.fitted_model`). A single task runs in this process on all its
     threads, whatever the engine (:func:`fit_threads`)."""
-    if fit_threads(tasks) is None:
+    def fit_here(i: int) -> Any:
         try:
-            return [run_task(fit_candidate, ctx, tasks[0], threads=None)]
+            return run_task(fit_candidate, ctx, tasks[i], threads=fit_threads(tasks))
         except Exception as err:
-            raise task_error(engine.name, tasks[0], err) from err
+            raise task_error(engine.name, tasks[i], err) from err
+
+    if len(tasks) == 1:
+        return [fit_here(0)]
     if here is None or engine.workers < 2:
         return engine.map(fit_candidate, tasks, ctx, "verify candidates", progress=progress, on_idle=on_idle)
     mine: list = []
-
-    def fit_here() -> None:
-        try:
-            mine.append(run_task(fit_candidate, ctx, tasks[here]))
-        except Exception as err:
-            raise task_error(engine.name, tasks[here], err) from err
-
     outs = engine.map(fit_candidate, [t for i, t in enumerate(tasks) if i != here], ctx, "verify candidates",
-                      progress=progress, on_idle=on_idle, beside=fit_here)
+                      progress=progress, on_idle=on_idle, beside=lambda: mine.append(fit_here(here)))
     outs.insert(here, mine[0])
     return outs
 
@@ -300,4 +296,4 @@ def verify(ctx: VerifyContext, allocations: Sequence[Allocation], *, progress: b
                                     sample_loss=task.sample_losses(logits, held_out, reference)))
         log.info("candidate %d: avg %.3f bits, predicted worst Δ %.4f, held-out worst-group %s %.4f",
                  k, alloc.avg_bits, alloc.predicted_worst, task.search_metric, candidates[-1].worst_group_acc)
-    return Verification(candidates, float_metrics, ctx, tasks, fit_threads(tasks))
+    return Verification(candidates, float_metrics, ctx, tasks)

@@ -23,6 +23,17 @@ DROP_LIMITS = {"max_group_drop": ("accuracy", "accuracy drop vs reference"),
                "max_group_miou_drop": ("miou", "mIoU drop vs reference")}
 from fqexport.validation.validation_report import ValidationReport, group_drop, measured_max
 
+
+def same_kind_limit(name: str, metrics: tuple[str, ...]) -> str | None:
+    """The limit of ``name``'s kind (worst group, drop, gap: the tables above) on one of
+    ``metrics`` (a task's), e.g. ``max_miou_gap`` for ``max_acc_gap`` on a segmenter; None when
+    there is none."""
+    for kind in (WORST_GROUP_LIMITS, DROP_LIMITS, GAP_LIMITS):
+        if name in kind:
+            return next((other for other, (metric, _) in kind.items() if metric in metrics), None)
+    return None
+
+
 _TOL = 1e-9  # a value this close to its limit passes (float round-off of the percent conversion)
 GPU_RULES = "gpu_rules"  # the check of a gpu-target file's structure (no threshold: always on)
 MSG_GPU_RULES = "what TensorRT and ORT's CUDA EP take (target gpu): {n} violation(s){details}"

@@ -46,7 +46,7 @@ from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
-from fqexport.validation.checks import all_checks, resolution_notes
+from fqexport.validation.checks import all_checks, resolution_notes, same_kind_limit
 from fqexport.validation.data_checks import absent_groups, check_data, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
@@ -65,7 +65,6 @@ from fqexport.validation.thresholds import (
     Thresholds,
     check_measurements,
     flag,
-    same_kind_limit,
 )
 from fqexport.validation.validation_report import (
     ValidationReport,

@@ -69,13 +69,12 @@ def _write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def percent_text(x: float | None, width: int = 0) -> str:
-    """A fraction as percent points with 2 decimals (``0.8512`` → ``85.12``), right-aligned in
-    ``width``; ``n/a`` for None or NaN; a value that rounds to zero is ``0.00``, never ``-0.00``."""
+def percent_text(x: float | None) -> str:
+    """A fraction as percent points with 2 decimals (``0.8512`` → ``85.12``); ``n/a`` for None or
+    NaN; a value that rounds to zero is ``0.00``, never ``-0.00``."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
-        return f"{'n/a':>{width}}"
-    return f"{round(100.0 * float(x), 2) + 0.0:{width}.2f}"
-
+        return "n/a"
+    return f"{round(100.0 * float(x), 2) + 0.0:.2f}"
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:

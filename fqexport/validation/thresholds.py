@@ -39,22 +39,6 @@ LIMIT_METRICS = {
 }
 
 
-# The same kind of limit on each task's metric (accuracy, mAP, mIoU): what to use instead of one
-# whose metric the task does not measure.
-LIMIT_KINDS = (("min_worst_group_acc", "min_worst_group_map", "min_worst_group_miou"),
-               ("max_group_drop", "max_group_map_drop", "max_group_miou_drop"),
-               ("max_acc_gap", "max_map_gap", "max_miou_gap"))
-
-
-def same_kind_limit(name: str, metrics: tuple[str, ...]) -> str | None:
-    """The limit of ``name``'s kind on one of ``metrics`` (a task's), e.g. ``max_miou_gap`` for
-    ``max_acc_gap`` on a segmenter; None when there is none."""
-    for kind in LIMIT_KINDS:
-        if name in kind:
-            return next((other for other in kind if LIMIT_METRICS[other] in metrics), None)
-    return None
-
-
 def pct(fraction: float) -> float:
     """A fraction as percent points: 0.85 → 85.0."""
     return float(fraction) * PCT

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -522,3 +524,18 @@ def test_a_compress_that_stops_leaves_no_earlier_report_beside_its_outputs(compr
     other.write_text('{"not": "a compress report"}')
     assert _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--num-calib", "0", "--report", other))
     assert other.read_text() == '{"not": "a compress report"}'
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_are_drawn_on_a_terminal_only(terminal, tmp_path, mlp_files, tests_dir, monkeypatch):
+    monkeypatch.chdir(tests_dir)
+    err = _Terminal() if terminal else io.StringIO()
+    argv = _compress_args(mlp_files, tmp_path / "m.onnx")[1:]  # without -q
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main([str(a) for a in argv]) == 0
+    assert ("quantize (solver)" in err.getvalue()) == terminal, err.getvalue()

@@ -137,10 +137,13 @@ def print_table(rows: list[dict], columns: list[str], file=None) -> None:
         print("  ".join(pad(v, w) for v, w in zip(row, widths)), file=file)
 
 
+QUIET_HELP = "no progress bars (they are drawn only when stderr is a terminal)"
+
+
 def common_options() -> argparse.ArgumentParser:
     """Options every subcommand accepts after its name (``fqexport validate ... -q``)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="print the traceback of an internal error")

@@ -31,6 +31,7 @@ from fqexport.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERNAL,
+    QUIET_HELP,
     HelpFormatter,
 )
 from fqexport.cli.flags.analyze import add_analyze_parser
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fqexport", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fqexport {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -239,6 +240,13 @@ def _remove_validate_reports(argv: Sequence[str]) -> None:
     remove_earlier_reports(known.report_dir, known.junit, inputs=inputs)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, check and run the subcommand, map errors and signals to exit codes."""
     # torch's OpenMP threads spin while they wait for each other; on a shared CPU that starves a
@@ -254,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _remove_validate_reports(argv)
         raise
     flags = _given_flags(parser, args.command, argv)
+    # progress bars redraw a line with \r: only a terminal shows them as one line, a log file or
+    # a CI log gets every redraw (as pip and cargo do, none there)
+    args.quiet = args.quiet or not _is_terminal(sys.stderr)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread

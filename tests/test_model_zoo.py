@@ -19,6 +19,7 @@ import fixtures_models as fm
 from fqexport.calibration.checks import validate_group_data
 from fqexport.config import QuantConfig
 from fqexport.errors import DataError, UnsupportedLayerError
+from fqexport.graph.prepare import READ_DIRECTLY
 from fqexport.exporters.export_check import kernel_judges
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metadata import ExportMetadata
@@ -189,7 +190,9 @@ def test_deit_block_quantizes_every_linear_and_matches_ort(image_data, tmp_path,
         linears = [n for n in linears if not n.endswith("out_proj")]
         linears += [f"blocks.{i}.attn.attn.{p}_proj" for i in range(2) for p in ("q", "k", "v", "out")]
     assert set(cm.layers) == {"patch", *linears}
-    assert cm.metadata.float_layers == () and cm.quantized_fraction == 1.0
+    # the position table ships as float32: counted, not refused
+    assert [(r.name, r.reason) for r in cm.metadata.float_layers] == [("pos_embedding", READ_DIRECTLY)]
+    assert 0.95 < cm.quantized_fraction < 1.0
     assert result.agreement >= 0.99 and min(per_group.values()) >= 0.99
     # the position embedding add is not a residual add: no pair on the batch-1 parameter
     assert not any("pos_embedding" in str(n.args) for n in cm.reference.graph.nodes if n.op == "call_module"
@@ -261,6 +264,39 @@ def test_float_layers_are_warned_recorded_and_counted_at_32_bits(tabular_data, t
     assert ExportMetadata.from_dict(old).float_layers == () and ExportMetadata.from_dict(old).quantized_fraction is None
     with pytest.raises(UnsupportedLayerError, match=r"1 layer\(s\) cannot be quantized and strict=True .*'rnn' \(GRU"):
         compress(net, tabular_data, QuantConfig(num_calib=64, strict=True), progress=False)
+
+
+class WithPositionTable(nn.Module):
+    """Tokens + a position table and a class token as bare Parameters (ViT style), a layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.pos = nn.Parameter(torch.randn(1, 8, 16) * 0.1)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 16))
+        self.gamma = nn.Parameter(torch.ones(16))  # 1-D: a scale, not a table
+        self.head = nn.Linear(16, fm.NUM_CLASSES)
+
+    def forward(self, x):
+        h = self.embed(x.unflatten(1, (8, 8))) + self.pos
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], 1) * self.gamma
+        return self.head(h.mean(1))
+
+
+def test_a_parameter_table_read_directly_is_counted_at_32_bits_but_not_refused(tabular_data, tmp_path):
+    torch.manual_seed(0)
+    net = WithPositionTable().eval()
+    cm = compress(net, tabular_data, QuantConfig(num_calib=64, method="rtn", strict=True), progress=False)
+    assert [(r.name, r.kind, r.params, r.reason) for r in cm.metadata.float_layers] == [
+        ("pos", "Parameter (1, 8, 16)", 128, READ_DIRECTLY), ("cls", "Parameter (1, 1, 16)", 16, READ_DIRECTLY)]
+    quantized, tables = 8 * 16 + 16 * fm.NUM_CLASSES, 128 + 16
+    assert cm.quantized_fraction == pytest.approx(quantized / (quantized + tables))
+    assert cm.avg_weight_bits == pytest.approx((8 * quantized + 32 * tables) / (quantized + tables))
+    # the file holds them as float32 initializers of those sizes
+    export_qdq(cm, tmp_path / "m.onnx")
+    sizes = sorted(int(np.prod(t.dims)) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 3)
+    assert sizes == [16, 128]
 
 
 class ECGNet(nn.Module):

@@ -20,6 +20,7 @@ from fqexport.config import QuantConfig
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
 from fqexport.graph.loading import load_model
+from fqexport.graph.prepare import UNSUPPORTED
 from fqexport.pipeline.compress import compress
 from fqexport.search.byte_budget import check_finetuned_size
 from fqexport.search.candidates import MixedPrecisionResult
@@ -56,8 +57,9 @@ def run_compress(args: argparse.Namespace) -> int:
     kept = sum(1 for f in floats if (f.reason or "").startswith("keep_float"))
     if kept:
         print(f"\n{kept} weight layer(s) stay in float by --keep-float (reason above)")
-    if len(floats) > kept:
-        print(f"\nwarning: {len(floats) - kept} weight layer(s) fqexport cannot quantize stay in float (storage "
+    unsupported = sum(1 for f in floats if (f.reason or UNSUPPORTED) == UNSUPPORTED)
+    if unsupported:
+        print(f"\nwarning: {unsupported} weight layer(s) fqexport cannot quantize stay in float (storage "
               "float32 above; --strict refuses them)")
     print(f"\n{task_line(cm.metadata.task)}")
     if cm.metadata.float_ops:

@@ -138,6 +138,9 @@ class LayerInfo:
 
 
 UNSUPPORTED = "unsupported"  # a FloatLayer's reason when fqexport cannot quantize it
+# a FloatLayer's reason for a Parameter table the graph reads itself (``x + self.pos``): no layer
+# to quantize, stored as float32 in the file (counted, neither warned about nor refused by strict)
+READ_DIRECTLY = "a Parameter read directly, not a layer"
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class FloatLayer:
     name: str
     kind: str  # module type, e.g. "LSTM", "Conv2d(padding_mode='reflect')", "F.linear"
     params: int  # weight elements (parameters with >= 2 dims)
-    reason: str = UNSUPPORTED  # or "keep_float: <pattern>"
+    reason: str = UNSUPPORTED  # or "keep_float: <pattern>", or READ_DIRECTLY
 
     def describe(self) -> str:
         return f"'{self.name}' ({self.kind}, {self.params} params)"
@@ -591,7 +594,27 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                     name = layer_owner(params[0][0])
                     out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
                                            sum(int(p.numel()) for _, p in params))
+    for target, param in _tables_read_directly(gm, modules):
+        if layer_owner(target) not in out and target not in out:
+            out[target] = FloatLayer(target, f"Parameter {tuple(param.shape)}", int(param.numel()),
+                                     reason=READ_DIRECTLY)
     return list(out.values())
+
+
+def _tables_read_directly(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    """``(target, Parameter)`` of each Parameter of >= 2 dims the graph fetches itself (a position
+    table ``x + self.pos``, a class token, a relative-position bias table): it ships as a float32
+    initializer like a float layer's weight. Parameters of a called module are its own."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    found: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or str(node.target) in found:
+            continue
+        param = _get_attr(gm, str(node.target))
+        owner = str(node.target).rpartition(".")[0]
+        if isinstance(param, nn.Parameter) and param.dim() >= 2 and owner not in called:
+            found[str(node.target)] = param
+    return list(found.items())
 
 
 def _tied_layers(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, FloatLayer]:
@@ -957,7 +980,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     raw = trace(model, owner=owner, example=example)
     floats = tuple(all_float_layers(raw, tuple(keep_float)))
     _refuse_or_warn(raw, floats, skip_unsupported, owner)
-    kept = [f for f in floats if f.reason != UNSUPPORTED]  # by keep_float
+    kept = [f for f in floats if f.reason.startswith("keep_float")]
     for pattern in unmatched_keep_float(raw, tuple(keep_float)):
         known = called_layers(raw)
         # once per model (the search prepares it for every fit), not once per process: another

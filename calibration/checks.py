@@ -255,15 +255,12 @@ def validate_targets(
     ids, names = _group_ids(group, group_names, source)
     counts = np.bincount(ids, minlength=len(names))
     empty = [names[i] for i in np.flatnonzero(counts == 0)]
-    if empty and group_names is None and np.issubdtype(np.asarray(group).dtype, np.integer):
+    if empty and group_names is None and np.asarray(group).dtype.kind in "iufb":
+        # ids are labels: id k is the group 'group{k}' whichever others are present (a test set may
+        # lack a calibrated group; renumbering would name the others after it)
         present = np.flatnonzero(counts)
-        shown = ", ".join(str(i) for i in present[:8]) + (", ..." if len(present) > 8 else "")
-        raise data_error(
-            source,
-            f"field 'group' holds the integer ids {shown}, but integer group ids must run 0..K-1 without a gap "
-            f"(no sample has id {int(np.flatnonzero(counts == 0)[0])}); renumber them, or give the groups as "
-            "names (strings)",
-        )
+        ids = np.searchsorted(present, ids)
+        names, empty = [names[i] for i in present], []
     if empty:
         raise data_error(
             source,

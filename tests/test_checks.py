@@ -65,6 +65,8 @@ def test_a_broken_limit_shows_the_value_on_its_side_of_the_limit():
     assert _shown(100 / 199, 0.5, ok=False, above=True) == ("0.502513", "0.5")
     assert _shown(84.996, 85.0, ok=False, above=False) == ("84.996", "85")
     assert _shown(3.14159, 5.0, ok=True, above=True) == ("3.14", "5")  # plainly on its side: 2 decimals
+    # float round-off at the limit (0.84 - 0.83 as pp), which the check takes as the limit: no 16 digits (survey 68)
+    assert _shown((0.84 - 0.83) * 100, 1.0, ok=True, above=True) == ("1.00", "1")
     assert _shown(85.0, 85.0, ok=True, above=False) == ("85.00", "85")  # at the limit: passes, as shown
     # a limit of many digits missed by 1e-6: both printed "66.6667" (survey 40)
     value, limit = 200 / 3 - 1e-6, 200 / 3

@@ -78,9 +78,6 @@ def test_load_npz_whole_number_float_labels_accepted(tmp_path):
          "field 'group' holds the id 1 but group_names has only 1 names"),
         (lambda a: a.update(group_names=np.array(["a", "minority", "b"]), group=np.array([0, 2] * 3)),
          "group 'minority' has no samples"),
-        (lambda a: a.update(group=a["group"] + 1),  # ids 1, 2 as many data sets code them
-         "field 'group' holds the integer ids 1, 2, but integer group ids must run 0..K-1 without a gap "
-         "(no sample has id 0); renumber them, or give the groups as names (strings)"),
         (lambda a: a.update(x=a["x"][:0], y=a["y"][:0], group=a["group"][:0]), "the dataset is empty"),
         (lambda a: a.update(group_names=np.array(["a", "a"])), "names the group 'a' twice"),
     ],
@@ -145,3 +142,14 @@ def test_save_npz_of_an_array_says_what_it_needs(tmp_path):
 
     with pytest.raises(ConfigError, match=r"save_npz needs a GroupData .* not a ndarray"):
         save_npz(np.zeros((2, 3)), tmp_path / "a.npz")
+
+
+@pytest.mark.parametrize("offset", [1, 1.0])
+def test_integer_group_ids_with_a_gap_keep_their_own_names(tmp_path, offset):
+    """ids 1, 2 (as many data sets code them, or a test set lacking group 0) are the groups
+    'group1' and 'group2': never renumbered, which would name them after other groups."""
+    x, y, group = npz_arrays.arrays()
+    np.savez(tmp_path / "d.npz", x=x, y=y, group=group + offset)
+    data = load_npz(tmp_path / "d.npz")
+    assert data.group_names == ("group1", "group2")
+    assert np.array_equal(data.group, group) and np.array_equal(np.bincount(data.group), np.bincount(group))

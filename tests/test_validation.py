@@ -671,3 +671,62 @@ def test_an_emulated_target_says_when_no_node_depends_on_the_kernels(cnn_cm8, cn
     print_summary(r)
     line = f"target {target} (emulated: no fused node whose sums depend on the kernels, the same as this CPU's)"
     assert line in capsys.readouterr().out
+
+
+def _with_group_names(src, dst, names):
+    m = onnx.load(str(src))
+    meta = {"fqexport_version": "0.2.0", "method": "solver", "layers": [], "group_names": list(names)}
+    onnx.helper.set_model_props(m, {"fqexport": json.dumps(meta)})
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_a_test_group_the_model_was_not_calibrated_on_is_named_in_every_report(setup, tmp_path, caplog):
+    """Survey 68: an 'unseen group' became the worst group and nothing said the calibration never saw it."""
+    import xml.etree.ElementTree as ET
+
+    from fqexport.validation.reports import to_junit, to_markdown
+
+    d, data = setup
+    path = _with_group_names(d / "float.onnx", tmp_path / "m.onnx", ["majority"])
+    with caplog.at_level("WARNING"):
+        r = validate(path, data, measure_latency=False, kernel_check=False)
+    assert r.passed and r.absent_groups == () and r.uncalibrated_groups == ("minority",)
+    assert "group(s) 'minority' were not among the groups" in caplog.text
+    assert r.to_dict()["uncalibrated_groups"] == ["minority"]
+    assert "- not calibrated on: group(s) 'minority' of the test data" in to_markdown(r)
+    assert "not calibrated on: group(s) 'minority'" in to_junit(r).find("system-out").text
+    assert ET.tostring(to_junit(r))  # well formed
+
+
+def test_group_names_in_another_unicode_form_are_the_same_groups(setup, tmp_path):
+    """'é' as one code point (NFC, calibration) or as e + U+0301 (NFD, test data): survey 68's gate
+    said 'no samples of group minorité' beside a table row of it."""
+    d, data = setup
+    path = _with_group_names(d / "float.onnx", tmp_path / "m.onnx", ["majority", "minorit\u00e9"])
+    test = GroupData(data.x, data.y, data.group, ("majority", "minorite\u0301"), "nfd")
+    r = validate(path, test, thresholds=Thresholds(min_worst_group_acc=50), measure_latency=False,
+                 kernel_check=False)
+    assert r.passed and r.absent_groups == () and r.uncalibrated_groups == ()
+
+
+def test_a_limit_one_prediction_decides_is_noted_in_every_report(setup, caplog):
+    """The small-group caveat reached stderr only, and the worst-group limit had none (survey 68)."""
+    from fqexport.validation.reports import to_junit, to_markdown
+
+    d, data = setup  # the minority: 48 test samples, one prediction 2.08 pp; the float model is 100 % right
+    with caplog.at_level("WARNING"):
+        r = validate(d / "float.onnx", data, thresholds=Thresholds(max_acc_gap=1, min_worst_group_acc=99),
+                     measure_latency=False, kernel_check=False)
+    assert r.passed and len(r.notes) == 2
+    assert r.notes[0].startswith("--max-acc-gap 1 pp is finer than one sample of group 'minority'")
+    assert r.notes[1] == ("--min-worst-group-acc 99 % is within one sample of group 'minority': its 48 test samples "
+                          "make one prediction worth 2.08 pp, and it is at 100.00 %, so a single prediction decides "
+                          "the check; give that group more test samples")
+    assert all(n in caplog.text for n in r.notes) and r.to_dict()["notes"] == list(r.notes)
+    assert all(f"- note: {n}" in to_markdown(r) for n in r.notes)
+    assert all(n in to_junit(r).find("system-out").text for n in r.notes)
+    # a limit more than one prediction away, or a difference limit coarser than one: nothing to note
+    far = validate(d / "float.onnx", data, thresholds=Thresholds(max_acc_gap=3, min_worst_group_acc=97),
+                   measure_latency=False, kernel_check=False)
+    assert far.passed and far.notes == () and to_junit(far).find("system-out") is None

@@ -75,8 +75,9 @@ def print_summary(report) -> None:
     unmeasured = [cell_text(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
     among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
     print(f"worst group {cell_text(worst)}: {percent_text(acc)} %; gap {percent_text(m.difference())} pp{among}")
-    if report.absent_line():
-        print(report.absent_line())
+    for line in (report.absent_line(), report.uncalibrated_line()):
+        if line:
+            print(line)
     if m.equalized_odds_difference is not None:
         print(f"equalized-odds diff {percent_text(m.equalized_odds_difference)} pp; "
               f"demographic-parity diff {percent_text(m.demographic_parity_difference)} pp")

@@ -78,7 +78,7 @@ def _shown(value: float, limit: float, ok: bool, above: bool) -> tuple[str, str]
     text = f"{value:.2f}"
     shown = float(text)
     hides = (shown > limit if above else shown < limit) != (not ok) or shown == limit
-    if not hides or value == limit:
+    if not hides or abs(value - limit) <= _TOL:  # at the limit, as the check takes it (round-off aside)
         return text, f"{limit:g}"
     for digits in range(6, 18):
         v, lim = f"{value:.{digits}g}", f"{limit:.{digits}g}"
@@ -189,20 +189,42 @@ MSG_RESOLUTION = ("{flag} {limit:g} pp is finer than one sample of group {group!
                   "sample; give that group more test samples")
 
 
+_COARSE_PP = 1.0  # a group whose one prediction moves its accuracy more than this is noted near a limit
+MSG_ONE_SAMPLE_FROM_LIMIT = (
+    "{flag} {limit:g} % is within one sample of group {group!r}: its {n} test samples make one prediction worth "
+    "{step:.2f} pp, and it is at {acc:.2f} %, so a single prediction decides the check; give that group more "
+    "test samples")
+
+
 def resolution_notes(report: ValidationReport, t: Thresholds) -> list[str]:
-    """One note per set limit on an accuracy difference that is finer than one sample
-    (100 / N_g pp) of the smallest measured group: such a check passes or fails on a single
-    prediction (:data:`MSG_RESOLUTION`). Accuracy only: mAP and mIoU are not per-sample counts."""
+    """One note per set limit that a single prediction can decide: a limit on an accuracy
+    difference finer than one sample (100 / N_g pp) of the smallest measured group
+    (:data:`MSG_RESOLUTION`), and a worst-group accuracy limit within one sample of a group's
+    accuracy of a group under 100 samples (:data:`MSG_ONE_SAMPLE_FROM_LIMIT`; the group closest to
+    it in samples). Accuracy
+    only: mAP and mIoU are not per-sample counts."""
     m = report.metrics
     counts = {g: int(r["count"]) for g, r in m.by_group.items() if int(r["count"]) > 0}
     if m.primary != "accuracy" or not counts:
         return []
     group = min(counts, key=counts.get)
     step = 100.0 / counts[group]
-    return [MSG_RESOLUTION.format(flag=flag(name), limit=float(getattr(t, name)), group=group, n=counts[group],
-                                  step=step, what=what)
-            for name, what in DIFFERENCE_LIMITS.items()
-            if getattr(t, name) is not None and step > float(getattr(t, name)) + _TOL]
+    notes = [MSG_RESOLUTION.format(flag=flag(name), limit=float(getattr(t, name)), group=group, n=counts[group],
+                                   step=step, what=what)
+             for name, what in DIFFERENCE_LIMITS.items()
+             if getattr(t, name) is not None and step > float(getattr(t, name)) + _TOL]
+    if t.min_worst_group_acc is not None:
+        limit = float(t.min_worst_group_acc)
+        # |acc_g − limit| in units of one prediction of g: below 1, one prediction moves g across
+        near = {g: abs(pct(m.by_group[g]["accuracy"]) - limit) * n / 100.0 for g, n in counts.items()
+                if not math.isnan(float(m.by_group[g]["accuracy"]))}
+        close = [g for g, d in near.items() if d < 1.0 - _TOL and 100.0 / counts[g] > _COARSE_PP]
+        if close:
+            g = min(close, key=near.get)
+            notes.append(MSG_ONE_SAMPLE_FROM_LIMIT.format(
+                flag=flag("min_worst_group_acc"), limit=limit, group=g, acc=pct(m.by_group[g]["accuracy"]),
+                n=counts[g], step=100.0 / counts[g]))
+    return notes
 
 
 def all_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +35,7 @@ MSG_RANK = (
 )
 MSG_EMPTY = "data {source} holds no samples"
 MSG_INT_X_FLOAT_INPUT = (
-    "{source}: field 'x' holds integers ({dtype}), which fqexport keeps as token ids, but {model} takes "
+    "{source}: field 'x' holds integers, which fqexport keeps as token ids (int64), but {model} takes "
     "{input_type}: the values go in as floats unscaled; if they are pixels or features, save x as float32 "
     "(scaled as the model was trained)"
 )
@@ -50,6 +51,10 @@ MSG_EMPTY_GROUP = (
 MSG_ABSENT_GROUPS = (
     "data {source}: no samples of group(s) {absent}, which {model} was calibrated on (its metadata's group_names: "
     "{calibrated}): no per-group figure covers them, and every per-group limit fails; add their test samples"
+)
+MSG_UNCALIBRATED_GROUPS = (
+    "data {source}: group(s) {extra} were not among the groups {model} was calibrated on (its metadata's "
+    "group_names: {calibrated}): their figures are of a group the calibration never saw"
 )
 MSG_OTHER_GROUPS = (
     "data {source}: its groups ({test}) share no name with those {model} was calibrated on ({calibrated}); the "
@@ -70,23 +75,43 @@ def absent_groups(data: GroupData | DataStream, calibrated: Sequence[str], model
     """The groups ``model`` was calibrated on (``calibrated``: its metadata's group_names) that the
     test data lacks, each warned about; () when it lacks none, or when the two name their groups
     differently (another grouping, or ids without names: warned about too)."""
+    return compare_groups(data, calibrated, model)[0]
+
+
+def _nfc(name: str) -> str:
+    # "é" as one code point or as e + a combining accent: the same name on screen
+    return unicodedata.normalize("NFC", name)
+
+
+def compare_groups(data: GroupData | DataStream, calibrated: Sequence[str], model: str,
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(calibrated groups the test data lacks, test groups not calibrated on), names compared in
+    one unicode form and the same ids named two ways ("2" in an .npz of strings, group2 in a CSV
+    column of integers) taken as one; ((), ()) when the two share no group (warned: another
+    grouping). Each non-empty part is warned about."""
     if not calibrated:
-        return ()
+        return (), ()
     test = [str(n) for n in data.group_names]
     names = lambda groups: ", ".join(repr(g) for g in groups)  # noqa: E731
-    if not set(test) & set(calibrated):
+    by_form = {_nfc(c): c for c in calibrated}
+    as_calibrated = {t: by_form.get(_nfc(t)) for t in test}
+    if not any(as_calibrated.values()):
         ids = {_group_id(g) for g in test}, {_group_id(g) for g in calibrated}
         if None in ids[0] or None in ids[1] or not ids[0] & ids[1]:
             log.warning(MSG_OTHER_GROUPS.format(source=data.source, test=names(test), model=model,
                                                 calibrated=names(calibrated)))
-            return ()
-        # the same ids, named two ways ("2" in an .npz of strings, group2 in a CSV column of integers)
-        test = [g for g in calibrated if _group_id(g) in ids[0]]
-    absent = tuple(g for g in calibrated if g not in test)
+            return (), ()
+        by_id = {_group_id(c): c for c in calibrated}
+        as_calibrated = {t: by_id.get(_group_id(t)) for t in test}
+    absent = tuple(g for g in calibrated if g not in as_calibrated.values())
+    extra = tuple(t for t, c in as_calibrated.items() if c is None)
     if absent:
         log.warning(MSG_ABSENT_GROUPS.format(source=data.source, absent=names(absent), model=model,
                                              calibrated=names(calibrated)))
-    return absent
+    if extra:
+        log.warning(MSG_UNCALIBRATED_GROUPS.format(source=data.source, extra=names(extra), model=model,
+                                                   calibrated=names(calibrated)))
+    return absent, extra
 
 
 def _group_id(name: str) -> int | None:
@@ -110,7 +135,7 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     if input_type is not None and input_type.startswith(("tensor(float", "tensor(double")):
         first = data.take(np.arange(1)).x
         if np.issubdtype(first.dtype, np.signedinteger):
-            log.warning(MSG_INT_X_FLOAT_INPUT.format(source=data.source, model=model, dtype=first.dtype,
+            log.warning(MSG_INT_X_FLOAT_INPUT.format(source=data.source, model=model,
                                                      input_type=input_type))
     elif input_type is not None and input_type.startswith("tensor(int"):
         # the values checked: all of them in memory, the first sample of a stream

@@ -47,7 +47,7 @@ from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks, resolution_notes, same_kind_limit
-from fqexport.validation.data_checks import absent_groups, check_data, read_test_data
+from fqexport.validation.data_checks import check_data, compare_groups, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -236,7 +236,7 @@ def validate(
         _check_latency_batches(session, latency_batch_sizes, t, str(model))
     gd = read_test_data(data)
     check_data(gd, str(model), input_shape(session), session.get_inputs()[0].type)
-    absent = absent_groups(gd, meta.group_names if meta is not None else (), str(model))
+    absent, uncalibrated = compare_groups(gd, meta.group_names if meta is not None else (), str(model))
     chosen, why = _task(task, meta, gd, session, str(model))
     _check_limits(t, chosen, why, str(model))
     runner = dataclasses.replace(plain, task=chosen)
@@ -255,7 +255,7 @@ def validate(
         reference_latency=ref_latency, reference_size_bytes=model_files_size(reference) if reference is not None else None,
         thresholds=t, metadata=meta, cpu_isa=cpu_isa(), host_kernels=emulated_host(), targets=target_list,
         task={**chosen.to_dict(), "chosen": why}, agreement_name=chosen.agreement_name,
-        absent_groups=absent,
+        absent_groups=absent, uncalibrated_groups=uncalibrated,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),
         **_target_fields(emulated, with_deviation=kernels is not None), **_gpu_rule_fields(model, meta),
     )
@@ -357,6 +357,7 @@ def _with_checks(report: ValidationReport, t: Thresholds) -> ValidationReport:
     checks = all_checks(report, t)
     for c in checks:
         (log.info if c.passed else log.warning)("%s: %s", "PASS" if c.passed else "FAIL", c.message)
-    for note in resolution_notes(report, t):
+    notes = tuple(resolution_notes(report, t))
+    for note in notes:
         log.warning(note)
-    return dataclasses.replace(report, checks=checks)
+    return dataclasses.replace(report, checks=checks, notes=notes)

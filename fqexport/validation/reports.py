@@ -234,9 +234,10 @@ def to_markdown(report: Any) -> str:
         "",
         f"- worst group: **{md_text(worst)}** {percent_text(worst_acc)} %; {label} gap (max − min) {percent_text(m.difference())} pp",
     ]
-    absent = report.absent_line() if hasattr(report, "absent_line") else None
-    if absent:
-        out.append(f"- {md_text(absent)}")
+    for line in (report.absent_line(), report.uncalibrated_line()) if hasattr(report, "absent_line") else ():
+        if line:
+            out.append(f"- {md_text(line)}")
+    out += [f"- note: {md_text(n)}" for n in getattr(report, "notes", ())]
     task = getattr(report, "task", None)
     if task and task.get("name") != "classification":
         out.append(f"- task: {task['name']} ({task.get('chosen', 'given')}); per-group {label}")
@@ -372,6 +373,11 @@ def to_junit(report: Any) -> ET.Element:
         else:
             out = ET.SubElement(case, "system-out")
             out.text = xml_text(c.message)
+    caveats = [line for line in (report.absent_line(), report.uncalibrated_line()) if line] if hasattr(
+        report, "absent_line") else []
+    caveats += [f"note: {n}" for n in getattr(report, "notes", ())]
+    if caveats:  # what the checks cannot tell, beside them (after the cases, as the schema orders it)
+        ET.SubElement(suite, "system-out").text = xml_text("\n".join(caveats))
     return suite
 
 

@@ -178,6 +178,11 @@ class ValidationReport:
     # groups the file was calibrated on (its metadata's group_names) that the test data lacks, when
     # the two share group names at all (:func:`absent_groups`); the per-group limits fail on them
     absent_groups: tuple[str, ...] = ()
+    # test groups the file was not calibrated on (same condition); figures of groups it never saw
+    uncalibrated_groups: tuple[str, ...] = ()
+    # what the figures cannot tell (a limit finer than one sample of a group...): logged, and kept
+    # in every report file beside the checks
+    notes: tuple[str, ...] = ()
 
     def absent_line(self) -> str | None:
         """The sentence naming :attr:`absent_groups` (console and report.md), None without any."""
@@ -186,6 +191,13 @@ class ValidationReport:
         return (f"not in the test data: group(s) {', '.join(repr(g) for g in self.absent_groups)}, which the model "
                 f"was calibrated on "
                 f"(its metadata's group_names): no per-group figure covers them")
+
+    def uncalibrated_line(self) -> str | None:
+        """The sentence naming :attr:`uncalibrated_groups` (console and report.md), None without any."""
+        if not self.uncalibrated_groups:
+            return None
+        return (f"not calibrated on: group(s) {', '.join(repr(g) for g in self.uncalibrated_groups)} of the test "
+                f"data, which the model's calibration never saw (its metadata's group_names)")
 
     @property
     def passed(self) -> bool:
@@ -258,6 +270,8 @@ class ValidationReport:
             "targets": {name: self.target_dict(name) for name in self.targets},
             "task": dict(self.task) if self.task is not None else {"name": "classification"},
             "absent_groups": list(self.absent_groups),
+            "uncalibrated_groups": list(self.uncalibrated_groups),
+            "notes": list(self.notes),
             **gpu,
         })
 

@@ -256,6 +256,29 @@ def test_a_whole_pickled_model_given_as_weights_names_its_class(tmp_path):
                         "instead) (only plain tensors are read from an untrusted file)")
 
 
+def test_a_timm_train_checkpoint_loads_its_state_dict_and_warns_of_the_ema_beside_it(tmp_path, caplog, cnn_model):
+    """timm's train.py saves {'state_dict', 'state_dict_ema', 'args': argparse.Namespace, ...}: it was
+    refused as 'a whole model?' (survey 69); the Namespace is plain options."""
+    import argparse
+
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in cnn_model.state_dict().items()}
+    torch.save({"epoch": 3, "arch": "cnn", "state_dict": cnn_model.state_dict(), "optimizer": {}, "version": 2,
+                "args": argparse.Namespace(model="cnn", lr=0.1), "metric": 97.0, "state_dict_ema": ema},
+               tmp_path / "last.pth.tar")
+    with caplog.at_level(logging.WARNING):
+        state = load_state_dict_file(tmp_path / "last.pth.tar")
+    assert all(torch.equal(state[k], v) for k, v in cnn_model.state_dict().items())
+    assert "loaded its 'state_dict' entry, the trained weights; it also holds 'state_dict_ema'" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # a user's TorchScript file, made here
+def test_a_torchscript_file_given_as_weights_is_named_as_such(tmp_path, recwarn):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), tmp_path / "ts.pt")
+    with pytest.raises(ModelLoadError, match=r"ts\.pt: a TorchScript archive \(torch\.jit\.save\), not a state_dict"):
+        load_state_dict_file(tmp_path / "ts.pt")
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]  # torch's own warning does not leak
+
+
 def _trained_mlp_state() -> dict:
     torch.manual_seed(1)
     return {k: v.clone() for k, v in fm.TinyMLP().state_dict().items()}

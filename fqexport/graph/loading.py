@@ -4,6 +4,7 @@ program, or (only when trusted) a pickled whole module.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import logging
@@ -75,6 +76,14 @@ MSG_TORCHSCRIPT = (
     "{path}: a TorchScript archive (torch.jit.save): fqexport quantizes the Python nn.Module, whose "
     "graph torch.fx traces; give the model as 'package.module:factory' with its state_dict "
     "(CLI: --model pkg.mod:factory --weights FILE), or a torch.export .pt2"
+)
+MSG_TORCHSCRIPT_WEIGHTS = (
+    "{path}: a TorchScript archive (torch.jit.save), not a state_dict: give the weights as "
+    "torch.save(model.state_dict(), FILE) (fqexport quantizes the Python nn.Module the factory builds)"
+)
+MSG_EMA_BESIDE = (
+    "{path}: loaded its '{key}' entry, the trained weights; it also holds {ema!r}, their moving average: to "
+    "compress that one, save it alone (torch.save(ckpt[{ema!r}], FILE)) and give that file"
 )
 MSG_PICKLE_MODULE = (
     "{path}: the pickled model's class lives in module '{module}', which cannot be imported: run "
@@ -274,7 +283,10 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         key = next((k for k in _STATE_KEYS if isinstance(obj.get(k), dict)), None)
         if key is not None:
             found = obj[key]
-            if len(obj) > 1:
+            averaged = [k for k in obj if k != key and isinstance(obj[k], dict) and "ema" in str(k).lower()]
+            if averaged:  # timm's train.py: 'state_dict' and 'state_dict_ema'
+                log.warning(MSG_EMA_BESIDE.format(path=path, key=key, ema=averaged[0]))
+            elif len(obj) > 1:
                 log.info("%s: the model's weights are its '%s' entry (of %s)", path, key, ", ".join(map(repr, obj)))
         if all(isinstance(k, str) for k in found) and all(
                 isinstance(v, torch.Tensor) or k.endswith(_EXTRA_STATE) for k, v in found.items()):
@@ -314,8 +326,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(MSG_DIR_AS_FILE.format(path=path, what="checkpoint"))
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint file not found")
+    if _is_torchscript(path):
+        raise ModelLoadError(MSG_TORCHSCRIPT_WEIGHTS.format(path=path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # a training script's argparse.Namespace of options (timm's train.py saves one under 'args'):
+        # plain attributes, whose values the weights-only unpickler still restricts
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ModelLoadError(f"{path}: cannot read checkpoint with torch.load(weights_only=True): {_clean(err)}") from err
     return _state_dict_of(obj, path)

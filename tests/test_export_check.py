@@ -14,6 +14,7 @@ from fqexport.exporters.export_check import (
     MAX_EMULATED_SAMPLES,
     TARGET_FAMILIES,
     Judge,
+    _judge_logits,
     check_export,
     check_subset,
     kernel_judges,
@@ -183,3 +184,31 @@ def test_the_rule_holds_within_each_group_not_only_over_all_samples(tmp_path):
     assert verdict.passed and verdict.by_group == {"majority": 1.0, "minority": 0.95}
     assert "worst group 'minority' 95.00%" in verdict.line()
     assert verdict.to_dict()["decided_agreement_by_group"] == {"majority": 1.0, "minority": 0.95}
+
+
+def test_a_family_that_computes_the_file_as_this_cpu_takes_its_verdict_on_every_sample(tmp_path):
+    """Survey 69: a W8 MobileOne was refused by the emulated x86-avx2 judge at 98.08 % of a 256-sample
+    subset while this CPU passed it on all 512; the file held no node whose sums depend on the
+    kernels, so the two judged the same outputs on different samples."""
+    x = np.random.default_rng(0).standard_normal((300, 2)).astype(np.float32)
+    group = (np.arange(300) % 3 == 0).astype(np.int64)
+    verdicts = check_export(_identity_model(), x.copy(), x, group, target="portable", full_range=False,
+                            path=tmp_path / "m.onnx")
+    assert sorted(f for v in verdicts for f in v.judge.families) == sorted(TARGET_FAMILIES["portable"])
+    # under a stand-in host (FQEXPORT_HOST_KERNELS) no judge is native: each emulation judges its subset
+    samples = 300 if verdicts[0].judge.native else MAX_EMULATED_SAMPLES
+    assert all(v.samples == samples and v.agreement == verdicts[0].agreement for v in verdicts)
+
+
+def test_a_family_whose_kernels_compute_otherwise_is_still_judged_by_them(tmp_path):
+    """A full-range Gemm whose pairs saturate on AVX2: the x86-avx2 judge (emulated, or this CPU's)
+    fails it against exact sums, whichever CPU runs the test."""
+    import onnx
+    from fixtures_models import saturating_qdq_gemm
+
+    data = saturating_qdq_gemm(tmp_path / "sat.onnx")
+    exact = _judge_logits(Judge("x86-vnni", native=False), tmp_path / "sat.onnx", data.x)
+    with pytest.raises(ExportError, match=r"x86-avx2 int8 kernels .*agrees with the PyTorch fake-quant reference on "
+                                          r"only 75\.00% of the 40 calibration samples"):
+        check_export(onnx.load(str(tmp_path / "sat.onnx")), exact, data.x, data.group, target="portable",
+                     full_range=True, path=tmp_path / "m.onnx", group_names=data.group_names)

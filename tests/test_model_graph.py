@@ -649,3 +649,49 @@ def test_a_batchnorm_without_running_statistics_is_warned_about(caplog):
         prepare_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 2)).eval(),
                       example=torch.randn(2, 3, 8, 8))
     assert "running statistics" not in caplog.text
+
+
+class _LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: a token Linear, then BatchNorm1d on its rows ``[B·N, C]``."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(i, o, bias=False), nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _TokensWithNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp, self.mlp2 = _LinearNorm(8, 16), _LinearNorm(16, 8)
+        self.a, self.b = nn.Conv1d(8, 4, 1), nn.Conv1d(8, 4, 1)
+        self.mixed_bn = nn.BatchNorm1d(8)  # after a concat of two convs (MixNet's mixed conv): stays
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x + self.mlp2(torch.relu(self.mlp(x)))  # [B, N, 8]
+        t = x.transpose(1, 2)
+        t = self.mixed_bn(torch.cat([self.a(t), self.b(t)], 1))
+        return self.head(t.mean(-1))
+
+
+def test_a_batchnorm_on_a_linears_flattened_rows_is_folded_and_one_that_cannot_be_is_warned(caplog):
+    """LeViT's LinearNorm left 48 float BatchNormalization nodes that no report named (survey 69)."""
+    torch.manual_seed(0)
+    net = _TokensWithNorms().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 5, 8)
+    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
+        prepared = prepare_model(net, example=x)
+    bns = [n.target for n in prepared.folded.graph.nodes if n.op == "call_module"
+           and isinstance(prepared.folded.get_submodule(n.target), nn.BatchNorm1d)]
+    assert bns == ["mixed_bn"]
+    assert "1 BatchNorm(s) cannot be folded into a conv or Linear" in caplog.text and "'mixed_bn' (after cat)" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-5, atol=1e-5)

@@ -117,6 +117,10 @@ MSG_TRACED_BY_EXPORT = (
     "torch.fx cannot trace the model (%s); it was traced with torch.export instead (layer names are the "
     "modules' own)"
 )
+MSG_UNFOLDED_BN = (
+    "%d BatchNorm(s) cannot be folded into a conv or Linear (not right after one, or that layer has other "
+    "users): each stays a float op between the quantized layers, with a dequantize/quantize pair around it: %s"
+)
 MSG_UNSUPPORTED = (
     "{count} layer(s) cannot be quantized and strict=True (CLI: --strict) refuses float layers: "
     "{layers}. Supported: Conv2d, Conv1d, ConvTranspose2d (groups=1), Linear, Embedding (also inside nn.MultiheadAttention / "
@@ -753,6 +757,15 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     for node in gm.graph.nodes:
         params = _batchnorm_params(gm, node, modules)
         src = node.args[0] if node.args else None
+        if params is not None and isinstance(src, torch.fx.Node) and (linear := _flattened_linear(src, modules)):
+            # LeViT's LinearNorm: bn(linear(x).flatten(0, 1)).reshape_as(x): the rows change, the
+            # features stay the last axis, which a BatchNorm1d on [rows, features] normalises
+            if (calls.get(str(linear.target), 0) == 1 and params[0].shape[0] == modules[linear.target].out_features
+                    and not user_hooks(modules[linear.target])
+                    and not (node.op == "call_module" and (calls.get(str(node.target), 0) > 1
+                                                           or user_hooks(modules[node.target])))):
+                pairs.append((linear, node, params))
+            continue
         if params is None or not isinstance(src, torch.fx.Node) or src.op != "call_module":
             continue
         if any(u is not node and not _reads_metadata_only(u) for u in src.users):
@@ -770,6 +783,37 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
         ) and _rank(src) in (None, 2):
             pairs.append((src, node, params))
     return pairs
+
+
+_ROW_RESHAPES = frozenset({"flatten", "reshape", "view"})
+
+
+def _flattened_linear(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node | None:
+    """The Linear node whose output ``node`` only regroups into rows ``[rows, features]`` (a
+    flatten/reshape/view keeping its last axis, shapes known from the example), each the other's
+    only user; None otherwise."""
+    is_reshape = (node.op == "call_method" and node.target in _ROW_RESHAPES) or (
+        node.op == "call_function" and getattr(node.target, "__name__", "") in _ROW_RESHAPES)
+    src = node.args[0] if is_reshape and node.args else None
+    if not isinstance(src, torch.fx.Node) or src.op != "call_module" or not isinstance(modules.get(src.target), nn.Linear):
+        return None
+    before, after = src.meta.get("shape"), node.meta.get("shape")
+    if before is None or after is None or len(after) != 2 or after[-1] != before[-1] or after[0] != math.prod(before[:-1]):
+        return None
+    if len(node.users) != 1 or any(u is not node and not _reads_shape_of(u, src) for u in src.users):
+        return None
+    return src
+
+
+_AS_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})  # t.reshape_as(other): other's shape only
+
+
+def _reads_shape_of(user: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """Whether ``user`` reads only ``src``'s shape, rank, dtype or device (``t.reshape_as(src)``)."""
+    if _reads_metadata_only(user):
+        return True
+    return (user.op == "call_method" and user.target in _AS_METHODS and len(user.args) == 2
+            and user.args[0] is not src and user.args[1] is src)
 
 
 # What a use of a tensor may read without depending on its values: folding a BN into the layer
@@ -804,6 +848,20 @@ def _rank(node: torch.fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
+def _unfolded_batchnorms(gm: torch.fx.GraphModule) -> list[str]:
+    """``'name' (after <op>)`` of each BatchNorm left in ``gm`` after folding."""
+    modules = dict(gm.named_modules())
+    out = []
+    for node in gm.graph.nodes:
+        if _batchnorm_params(gm, node, modules) is None:
+            continue
+        src = node.args[0] if node.args else None
+        after = (type(modules[src.target]).__name__ if isinstance(src, torch.fx.Node) and src.op == "call_module"
+                 else getattr(src.target, "__name__", str(src.target)) if isinstance(src, torch.fx.Node) else "input")
+        out.append(f"'{node.target if node.op == 'call_module' else node.name}' (after {after})")
+    return out
+
+
 def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tuple[torch.fx.GraphModule, set[str]]:
     """Fold every Conv2d/ConvTranspose2d→BatchNorm (module, subclass or traced ``F.batch_norm``) and
     Linear→BatchNorm1d pair (eval statistics) into the layer. ``example`` (a batch of model
@@ -836,7 +894,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tup
                                               ones if weight is None else weight,
                                               torch.zeros_like(mean) if bias is None else bias)
         layer.weight, layer.bias = w, b
-        bn_node.replace_all_uses_with(src)
+        bn_node.replace_all_uses_with(bn_node.args[0])  # the layer's output, or its rows (a flatten)
         gm.graph.erase_node(bn_node)
     for node in list(gm.graph.nodes):  # the BN's parameter fetches, now unused
         if node.op == "get_attr" and not node.users:
@@ -995,6 +1053,9 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         _warn_once(owner, MSG_BATCH_STATS.format(layers=", ".join(f"'{b}'" for b in batch_stats)))
     folded, bn_convs = fold_batchnorm(raw, example)
     folded = folded.eval().cpu()
+    left = _unfolded_batchnorms(folded)
+    if left:
+        _warn_once(owner, MSG_UNFOLDED_BN % (len(left), ", ".join(left)))
     skipped = frozenset(f.name for f in floats)  # unsupported, or kept by keep_float
     layers = quantizable_layers(folded, skipped, bn_convs)
     tokens = [l.name for l in layers if l.kind in ("linear", "embedding")]  # a conv's batch is dim 0

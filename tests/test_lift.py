@@ -253,6 +253,30 @@ def test_a_weight_built_from_the_input_is_named_as_a_float_layer():
         prepare_model(CondConv().eval(), skip_unsupported=False)
 
 
+class PerSampleCondConv(nn.Module):
+    """timm's CondConv2d: per-sample expert kernels, one conv over ``[1, B·C, H, W]`` with ``groups=B``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.route, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3), nn.Linear(4, 2)
+        self.experts = nn.Parameter(torch.randn(3, 4 * 4 * 3 * 3) / 6)
+
+    def forward(self, x):
+        z = torch.relu(self.stem(x))
+        B, C, H, W = z.shape
+        w = (torch.sigmoid(self.route(z.mean((2, 3)))) @ self.experts).view(B * 4, 4, 3, 3)
+        out = F.conv2d(z.reshape(1, B * C, H, W), w, padding=1, groups=B).view(B, 4, H, W)
+        return self.head(out.mean((2, 3)))
+
+
+def test_a_conv_whose_groups_come_from_the_batch_is_refused_before_any_work():
+    """Survey 69: efficientnet_cc_b0_4e ran the solver for 62 s, then failed in the ONNX exporter with
+    'Unsupported attribute type: SymbolicTensor', naming no layer."""
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'experts': F\.conv2d with groups computed from the input "
+                                                    r"\(CondConv's groups = batch size\) cannot be exported"):
+        prepare_model(PerSampleCondConv().eval(), example=torch.randn(2, 3, 8, 8))
+
+
 class TwiceCalled(nn.Module):
     """One functional conv weight called twice; one computed weight (weight_norm by hand) fed to two calls."""
 

@@ -117,6 +117,11 @@ MSG_TRACED_BY_EXPORT = (
     "torch.fx cannot trace the model (%s); it was traced with torch.export instead (layer names are the "
     "modules' own)"
 )
+MSG_COMPUTED_GROUPS = (
+    "{where}: F.{op} with groups computed from the input (CondConv's groups = batch size) cannot be "
+    "exported: an ONNX Conv's group is a fixed number and fqexport's files take any batch size; compress a "
+    "variant whose convs have fixed groups (timm: not the _cc_ models)"
+)
 MSG_UNFOLDED_BN = (
     "%d BatchNorm(s) cannot be folded into a conv or Linear (not right after one, or that layer has other "
     "users): each stays a float op between the quantized layers, with a dequantize/quantize pair around it: %s"
@@ -848,6 +853,24 @@ def _rank(node: torch.fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
+_GROUPS_ARG = 6  # F.conv1d/2d/3d(input, weight, bias, stride, padding, dilation, groups); conv_transpose2d too
+
+
+def _refuse_computed_groups(gm: torch.fx.GraphModule) -> None:
+    """UnsupportedLayerError for a conv call whose ``groups`` is computed from the input (timm's
+    CondConv: ``groups=B``), before any work: an ONNX Conv's group is a fixed attribute, so the
+    export (its batch dynamic) fails on it, after the whole solver."""
+    for node in gm.graph.nodes:
+        op = _WEIGHT_FUNCS.get(node.target) if node.op == "call_function" else None
+        if op is None or not op.startswith("conv"):
+            continue
+        groups = node.kwargs.get("groups", node.args[_GROUPS_ARG] if len(node.args) > _GROUPS_ARG else 1)
+        if isinstance(groups, torch.fx.Node):
+            params = dynamic_weight_params(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+            where = f"layer {layer_owner(params[0])!r}" if params else f"node {node.name!r}"
+            raise UnsupportedLayerError(MSG_COMPUTED_GROUPS.format(where=where, op=op))
+
+
 def _unfolded_batchnorms(gm: torch.fx.GraphModule) -> list[str]:
     """``'name' (after <op>)`` of each BatchNorm left in ``gm`` after folding."""
     modules = dict(gm.named_modules())
@@ -1036,6 +1059,7 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
         model = copy_model(model)
     model = model.eval()  # trace in eval mode: `self.training` is baked into the traced graph
     raw = trace(model, owner=owner, example=example)
+    _refuse_computed_groups(raw)
     floats = tuple(all_float_layers(raw, tuple(keep_float)))
     _refuse_or_warn(raw, floats, skip_unsupported, owner)
     kept = [f for f in floats if f.reason.startswith("keep_float")]

@@ -63,6 +63,11 @@ def test_binary_fairness_differences_by_hand():
     d = gm.to_dict()
     assert d["worst_group"] == "a" and d["worst_group_accuracy"] == pytest.approx(0.75)
     assert d["by_group"]["b"]["accuracy"] == pytest.approx(0.75)
+    # each rate's support: 2 positives and 2 negatives per group, fewer than FEW_RATE_SAMPLES (survey 68)
+    assert (d["by_group"]["a"]["positives"], d["by_group"]["a"]["negatives"]) == (2, 2)
+    assert gm.odds_support() == "group 'a' has 2 negative samples"
+    many = group_metrics(np.tile(logits, (10, 1)), np.tile(y, 10), np.repeat(group, 10), ("a", "b"))
+    assert many.odds_support() is None and many.by_group["b"]["positives"] == 20
 
 
 def test_empty_group_is_nan_and_left_out_of_min_max():

@@ -79,7 +79,8 @@ def print_summary(report) -> None:
         if line:
             print(line)
     if m.equalized_odds_difference is not None:
-        print(f"equalized-odds diff {percent_text(m.equalized_odds_difference)} pp; "
+        few = f" ({cell_text(m.odds_support())}: its rate moves 1/n per prediction)" if m.odds_support() else ""
+        print(f"equalized-odds diff {percent_text(m.equalized_odds_difference)} pp{few}; "
               f"demographic-parity diff {percent_text(m.demographic_parity_difference)} pp")
     if report.agreement is not None:
         print(f"{report.agreement_name} with reference: {percent_text(report.agreement)} %")

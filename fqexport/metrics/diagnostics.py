@@ -92,6 +92,10 @@ ROW_COLUMNS = ["group", "variant", "n", "acc %", "loss", "logit var", "grad norm
 # --------------------------------------------------------------------------------------------
 
 
+MSG_ONE_PREDICTION = ("; one prediction of a {n}-sample group ({step:.2f} pp): too few samples to single it out "
+                      "(validate's per-group McNemar p tells)")
+
+
 @dataclass(frozen=True)
 class GroupDiagnostics:
     """Diagnostics of one group (definitions in the module docstring).
@@ -412,11 +416,14 @@ class AnalysisReport:
             c = valid[worst]
             # "most hurt" only where a group lost accuracy or gained loss; else the least helped one
             hurt = c["acc_drop_pp"] > 0 or (c["acc_drop_pp"] == 0 and c["loss_increase"] > 0)
+            n = self.diagnostics[variant][worst].count
+            right = round(-c["acc_drop_pp"] * n / 100.0)  # net change in right predictions
             lines.append(
                 f"{variant}: {'most hurt group' if hurt else 'no group hurt; the least helped'} '{worst}': "
-                f"accuracy {0.0 - c['acc_drop_pp']:+.2f} pp, "  # 0.0 - x: never -0.00
+                f"accuracy {0.0 - c['acc_drop_pp']:+.2f} pp ({right:+d} right of {n} samples), "  # 0.0 - x: never -0.00
                 f"loss {c['loss_increase']:+.4f}, λ_max ×{_fmt(c['hessian_ratio'], '.3g')}, "
                 f"grad norm ×{_fmt(c['grad_norm_ratio'], '.3g')}"
+                + (MSG_ONE_PREDICTION.format(n=n, step=100.0 / n) if abs(right) == 1 and n < 100 else "")
             )
         return lines
 

@@ -90,6 +90,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+# a group's TPR (FPR) from fewer positive (negative) samples than this is noted beside the
+# equalized-odds difference: one prediction moves it by 1/n
+FEW_RATE_SAMPLES = 10
+
+
 @dataclass(frozen=True)
 class GroupMetrics:
     """Metrics overall and per group: a classifier's accuracy and loss (:func:`group_metrics`),
@@ -129,6 +134,19 @@ class GroupMetrics:
             for name, row in self.by_group.items()
             if row["count"] > 0 and not math.isnan(float(row[metric]))
         ]
+
+    def odds_support(self) -> str | None:
+        """Where the equalized-odds difference rests on few samples: ``"group 'x' has 1 positive
+        sample"`` for the group whose TPR or FPR comes from the fewest (under
+        :data:`FEW_RATE_SAMPLES`), else None (also for a task without the two rates)."""
+        if self.equalized_odds_difference is None:
+            return None
+        support = [(int(r[k]), g, "positive" if k == "positives" else "negative")
+                   for g, r in self.by_group.items() for k in ("positives", "negatives") if int(r.get(k, 0)) > 0]
+        if not support or min(support)[0] >= FEW_RATE_SAMPLES:
+            return None
+        n, g, kind = min(support)
+        return f"group {g!r} has {n} {kind} sample{'s' if n != 1 else ''}"
 
     def group_min(self, metric: str | None = None) -> tuple[str, float]:
         """(group name, value) of the smallest ``metric`` (default: ``primary``) over non-empty groups."""
@@ -228,6 +246,7 @@ def group_metrics(
             r["selection_rate"] = _rate(pred == 1, mask)
             r["tpr"] = _rate(pred == 1, mask & (y == 1))  # P(ŷ=1 | y=1, g)
             r["fpr"] = _rate(pred == 1, mask & (y == 0))  # P(ŷ=1 | y=0, g)
+            r["positives"], r["negatives"] = int((mask & (y == 1)).sum()), int((mask & (y == 0)).sum())
         return r
 
     overall = row(np.ones(n, dtype=bool))

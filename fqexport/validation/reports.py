@@ -247,8 +247,9 @@ def to_markdown(report: Any) -> str:
                    + ", ".join(f"`{f}`" for f in floats))
     if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
         out.append(
-            f"- equalized-odds difference {percent_text(m.equalized_odds_difference)} pp; "
-            f"demographic-parity difference {percent_text(m.demographic_parity_difference)} pp"
+            f"- equalized-odds difference {percent_text(m.equalized_odds_difference)} pp"
+            + (f" ({md_text(m.odds_support())}: its rate moves 1/n per prediction)" if m.odds_support() else "")
+            + f"; demographic-parity difference {percent_text(m.demographic_parity_difference)} pp"
         )
     if report.group_drop is not None:
         unmeasured = not_measured(report.group_drop)

@@ -275,6 +275,12 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     assert sensitivities and all(len(s.split("e")[0].lstrip("-0.").replace(".", "")) <= 4 for s in sensitivities), table
     # 200 of 400 calibration samples drawn leave too few of group 'b' unused: a hold-out split
     assert "candidates verified on held-out calibration data (a 30% hold-out split" in stdout
+    # the samples behind the held-out figures, per group (survey 68: a 3-sample group's 100 % said nothing)
+    counts = re.search(r"\nheld-out samples per group: a (\d+), b (\d+) \(one prediction of (a|b) is ([\d.]+) pp "
+                       r"of its figure\)\n", stdout)
+    assert counts, stdout
+    n = min(int(counts[1]), int(counts[2]))
+    assert float(counts[4]) == pytest.approx(100 / n, abs=0.01)
     # the fits, their time and the stored size are printed next to the nominal bits
     assert re.search(r"\n\d+ compress fits in [\d.]+ s; search [\d.]+ s; storage auto: nominal [\d.]+ bits, "
                      r"stored [\d.]+ bits/weight with scales, [\d,]+ weight bytes", stdout)
@@ -296,6 +302,7 @@ def test_compress_with_a_bit_budget_runs_the_mixed_precision_search(tmp_path, ml
     table = report["mixed_precision"]["allocation"]["table"]
     assert {r["name"]: r["bits"] for r in table} == bits
     assert any(c["bits"] == bits for c in report["mixed_precision"]["candidates"])
+    assert sum(report["mixed_precision"]["candidates"][0]["measured"]["count"].values()) == int(counts[1]) + int(counts[2])
 
 
 def test_compress_with_the_output_fisher_sensitivity(tmp_path, mlp_files, tests_dir, monkeypatch):

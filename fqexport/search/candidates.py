@@ -17,13 +17,15 @@ from fqexport.search.sensitivity import SensitivityTable
 
 
 def metrics_summary(m: GroupMetrics) -> dict[str, Any]:
-    """Per-group accuracy (the primary metric: a detector's mAP@.5) and loss, the worst group and
-    its value, the mean."""
+    """Per-group accuracy (the primary metric: a detector's mAP@.5), loss and held-out sample
+    count, the worst group and its value, and ``mean_*``: the value over all held-out samples
+    together (sample-weighted, not a mean of the groups' values)."""
     worst, worst_acc = m.group_min()
     short = "acc" if m.primary == "accuracy" else m.primary
     return {
         m.primary: {g: float(r[m.primary]) for g, r in m.by_group.items()},
         "loss": {g: float(r["loss"]) for g, r in m.by_group.items()},
+        "count": {g: int(r["count"]) for g, r in m.by_group.items()},
         "worst_group": worst,
         f"worst_group_{short}": float(worst_acc),
         f"mean_{short}": float(m.overall[m.primary]),
@@ -53,6 +55,7 @@ class Candidate:
 
     @property
     def mean_acc(self) -> float:
+        """The value over all held-out samples together (sample-weighted: not a mean of the groups')."""
         return float(self.metrics.overall[self.metrics.primary]) if self.metrics else float("nan")
 
     @property

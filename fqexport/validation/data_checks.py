@@ -35,7 +35,7 @@ MSG_RANK = (
 )
 MSG_EMPTY = "data {source} holds no samples"
 MSG_INT_X_FLOAT_INPUT = (
-    "{source}: field 'x' holds integers, which fqexport keeps as token ids (int64), but {model} takes "
+    "{source}: field 'x' holds integers, which fqexport keeps as integer token ids, but {model} takes "
     "{input_type}: the values go in as floats unscaled; if they are pixels or features, save x as float32 "
     "(scaled as the model was trained)"
 )

@@ -63,7 +63,9 @@ class _ArrayX:
 
     def read(self, index_lists: Iterable[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
         for idx in index_lists:
-            xb = self.x[idx]
+            xb = self.x[idx]  # a copy: the mapped rows' pages can go back (re-read from the file if needed)
+            if self.check and len(idx):
+                _drop_pages(self.x, int(np.min(idx)), int(np.max(idx)) + 1)
             yield check_x_values(xb, self.source, idx) if self.check else xb
 
 

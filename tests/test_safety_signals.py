@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -137,3 +138,34 @@ def test_a_signal_that_lands_where_python_swallows_exceptions_still_ends_the_run
     cli_main = importlib.import_module("fqexport.cli.main")
 
     assert signal.getsignal(signal.SIGTERM) is not cli_main._raise_signalled  # the handlers are given back
+
+
+def test_an_interrupt_while_the_arguments_are_parsed_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in the first ~0.3 s (loading and parsing, before the handlers were installed) printed
+    a KeyboardInterrupt traceback and ended by the signal."""
+    cli_main = importlib.import_module("fqexport.cli.main")  # the module (the package's `main` is its function)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    assert cli_main.main(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted by SIGINT; no partial output was left" and "Traceback" not in err
+
+
+def test_an_interrupt_while_the_command_line_loads_exits_130_without_a_traceback():
+    """The package's import of the CLI is guarded too: a KeyboardInterrupt raised while it loads
+    (here by a module the import meets) ends with the interrupt's exit code and one line."""
+    script = textwrap.dedent("""
+        import builtins, sys
+        real = builtins.__import__
+        def interrupting(name, *a, **k):
+            if name == "fqexport.cli.flags.compress":
+                raise KeyboardInterrupt
+            return real(name, *a, **k)
+        builtins.__import__ = interrupting
+        from fqexport.cli import main
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 130 and r.stderr.strip() == "interrupted by SIGINT while fqexport started; nothing was written"

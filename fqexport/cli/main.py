@@ -253,31 +253,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     # descheduled peer (README: 163 s -> 11 s for a compress under load, ~2 % slower when quiet).
     # Set before any stage imports torch; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
+        return _parse_and_run(argv)
+    # the handlers first: an interrupt while the arguments are parsed exits as one, without a traceback
+    previous = signal.signal(signal.SIGTERM, _raise_signalled)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt) if signal.getsignal(
+        signal.SIGINT) is signal.default_int_handler else None  # a host's own SIGINT handler is left alone
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            _remove_validate_reports(argv)
-        raise
-    flags = _given_flags(parser, args.command, argv)
+        return _parse_and_run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def _parse_and_run(argv: Sequence[str] | None) -> int:
+    before = len(outputs_written())
+    try:
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                _remove_validate_reports(argv)
+            raise
+        flags = _given_flags(parser, args.command, argv)
+    except KeyboardInterrupt:
+        print(_interrupted("SIGINT", before), file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Signalled as sig:
+        print(_interrupted(signal.Signals(sig.signum).name, before), file=sys.stderr)
+        return 128 + sig.signum
     # progress bars redraw a line with \r: only a terminal shows them as one line, a log file or
     # a CI log gets every redraw (as pip and cargo do, none there)
     args.quiet = args.quiet or not _is_terminal(sys.stderr)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
-        return _run(args, flags)
-    previous = signal.signal(signal.SIGTERM, _raise_signalled)
-    previous_int = signal.signal(signal.SIGINT, _raise_interrupt) if signal.getsignal(
-        signal.SIGINT) is signal.default_int_handler else None  # a host's own SIGINT handler is left alone
-    try:
-        return _run(args, flags)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if previous_int is not None:
-            signal.signal(signal.SIGINT, previous_int)
+    return _run(args, flags)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,6 +41,7 @@ from fqexport.global_state import one_at_a_time
 from fqexport.graph.decompose import decompose_attention
 from fqexport.graph.prepare import (
     check_materialized,
+    copy_model,
     decompose_attention_needed,
     first_output,
     first_output_warning,
@@ -208,6 +209,10 @@ def _write_float(model: torch.nn.Module, example: torch.Tensor, path: Path, outp
     """:func:`export_float`'s writing, on a checked path and arguments."""
     check_materialized(model)
     model = unwrap_model(model)  # torch.compile / DataParallel: the module inside (torch.onnx fails on the wrapper)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in (*model.parameters(), *model.buffers())):
+        # a float16/bfloat16 model: its float32 copy, as compress quantizes (the reference is float32)
+        model = copy_model(model).float()
+    example = example.float() if example.is_floating_point() else example
     if any(decompose_attention_needed(m) for m in model.modules()):
         # torch's own encoder checks its mask's values, which torch.onnx cannot trace: the exact
         # stand-ins compress quantizes (and --float-out writes), on a copy

@@ -285,6 +285,15 @@ class _Recurrent(nn.Module):
         return self.rnn(x)[0]
 
 
+class _CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.shared(torch.relu(self.shared(x)))
+
+
 def test_count_macs_of_3d_convs_1d_transposed_convs_and_recurrent_layers():
     """Layers that stay float (Conv3d, ConvTranspose1d, GRU, LSTM) said 0 MACs in the compress table
     and the metadata (surveys 46, 47)."""
@@ -297,6 +306,8 @@ def test_count_macs_of_3d_convs_1d_transposed_convs_and_recurrent_layers():
     assert count_macs(gru, torch.zeros(2, 32, 2), ["rnn"]) == {"rnn": 32 * 3 * 8 * (2 + 8)}
     lstm = _Recurrent(nn.LSTM(2, 8, num_layers=2, bidirectional=True))  # time first: [T, B, I]
     assert count_macs(lstm, torch.zeros(32, 2, 2), ["rnn"]) == {"rnn": 32 * 2 * 4 * 8 * ((2 + 8) + (16 + 8))}
+    twice = _CalledTwice()  # a layer called twice computes twice (survey 70: one call's worth was said)
+    assert count_macs(twice, torch.zeros(2, 8, 16, 16), ["shared"]) == {"shared": 2 * 8 * 16 * 16 * 8 * 9}
     proj = _Recurrent(nn.LSTM(2, 8, proj_size=3, batch_first=True))  # the state is the 3-wide projection
     assert count_macs(proj, torch.zeros(2, 5, 2), ["rnn"]) == {"rnn": 5 * (4 * 8 * (2 + 3) + 8 * 3)}
 

@@ -380,6 +380,23 @@ def test_plain_weights_load_into_a_factory_that_returns_a_compiled_model(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(inner.state_dict().values(), trained.state_dict().values()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_export_float_writes_a_half_model_as_its_float32_copy(tmp_path, mlp_model, mlp_data, dtype):
+    """compress takes a float16/bfloat16 model (from a float32 copy); export_float failed on it with
+    'Input type (float) and bias type (c10::Half) should be the same' (survey 70)."""
+    import copy
+
+    from fqexport.exporters.ort_session import make_session, run_batches
+    from fqexport.exporters.qdq_onnx import export_float
+
+    half = copy.deepcopy(mlp_model).to(dtype)
+    res = export_float(half, torch.from_numpy(mlp_data.x[:2]), tmp_path / "f.onnx")
+    with torch.no_grad():
+        want = copy.deepcopy(half).float()(torch.from_numpy(mlp_data.x[:50])).numpy()
+    np.testing.assert_allclose(run_batches(make_session(res.path), mlp_data.x[:50], 50), want, rtol=1e-5, atol=1e-4)
+    assert next(half.parameters()).dtype == dtype  # the user's model is left as it was
+
+
 def test_export_float_takes_a_compiled_model(tmp_path, mlp_model, mlp_data):
     """torch.onnx failed on the wrapper with an IndexError (survey 28)."""
     from fqexport.exporters.ort_session import make_session, run_batches

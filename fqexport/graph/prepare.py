@@ -1125,17 +1125,18 @@ def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
             batch = max(int(inputs[0].shape[0]), 1)
             if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:  # Conv1d/2d/3d
                 per_out = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
-                macs[name] = int(output.numel() // batch * per_out)
+                done = int(output.numel() // batch * per_out)
             elif isinstance(mod, nn.modules.conv._ConvNd):  # ConvTranspose1d/2d/3d
                 # every input pixel meets C_out/G · kh · kw weights (zero-inserted pixels cost none)
                 per_in = mod.out_channels // mod.groups * math.prod(mod.kernel_size)
-                macs[name] = int(inputs[0].numel() // batch * per_in)
+                done = int(inputs[0].numel() // batch * per_in)
             elif isinstance(mod, nn.Embedding):
-                macs[name] = 0  # a row lookup, no multiply-accumulate
+                done = 0  # a row lookup, no multiply-accumulate
             elif isinstance(mod, nn.RNNBase):
-                macs[name] = _recurrent_macs(mod, inputs[0])
+                done = _recurrent_macs(mod, inputs[0])
             else:
-                macs[name] = int(output.numel() // batch * mod.in_features)
+                done = int(output.numel() // batch * mod.in_features)
+            macs[name] = macs.get(name, 0) + done  # a layer called twice computes twice
 
         return hook
 

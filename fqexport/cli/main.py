@@ -120,6 +120,12 @@ def _interrupted(name: str, before: int) -> str:
     return MSG_SIGNAL_WRITTEN.format(name=name, paths=", ".join(dict.fromkeys(str(p) for p in done)))
 
 
+def _stopped(signum: int, before: int) -> int:
+    """Say that signal ``signum`` ended the run (:func:`_interrupted`); its exit code, 128 + signum."""
+    print(_interrupted(signal.Signals(signum).name, before), file=sys.stderr)
+    return 128 + signum
+
+
 # What torch's CPU and CUDA allocators say when an allocation fails (a RuntimeError, or
 # torch.OutOfMemoryError, a RuntimeError subclass)
 _OOM_TEXTS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "out of memory")
@@ -176,9 +182,7 @@ def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
     seen, before = len(_SIGNALS_SEEN), len(outputs_written())
     code = _run_command(args, flags, before)
     if code < 128 and len(_SIGNALS_SEEN) > seen:
-        signum = _SIGNALS_SEEN[seen]
-        print(_interrupted(signal.Signals(signum).name, before), file=sys.stderr)
-        return 128 + signum
+        return _stopped(_SIGNALS_SEEN[seen], before)
     return code
 
 
@@ -193,11 +197,9 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
         print(f"error: {_with_flag(err, flags or {})}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(_interrupted("SIGINT", before), file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(signal.SIGINT, before)
     except _Signalled as sig:
-        print(_interrupted(signal.Signals(sig.signum).name, before), file=sys.stderr)
-        return 128 + sig.signum
+        return _stopped(sig.signum, before)
     except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a Unix tool does
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
@@ -209,9 +211,7 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
         return EXIT_BAD_INPUT
     except Exception as err:  # the last resort: never exit 1 (a broken limit) or with a bare traceback
         if (signalled := _signal_behind(err)) is not None:  # raised inside C code that wrapped it (Ray's wait)
-            name = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else signal.Signals(signalled.signum).name
-            print(_interrupted(name, before), file=sys.stderr)
-            return 128 + (signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signalled.signum)
+            return _stopped(signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signalled.signum, before)
         if _out_of_memory(err):  # torch's allocators raise RuntimeError, not MemoryError
             print(f"error: {MSG_INTERNAL_MEMORY.format(err=' '.join(str(err).split())[:300])}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -280,11 +280,9 @@ def _parse_and_run(argv: Sequence[str] | None) -> int:
             raise
         flags = _given_flags(parser, args.command, argv)
     except KeyboardInterrupt:
-        print(_interrupted("SIGINT", before), file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(signal.SIGINT, before)
     except _Signalled as sig:
-        print(_interrupted(signal.Signals(sig.signum).name, before), file=sys.stderr)
-        return 128 + sig.signum
+        return _stopped(sig.signum, before)
     # progress bars redraw a line with \r: only a terminal shows them as one line, a log file or
     # a CI log gets every redraw (as pip and cargo do, none there)
     args.quiet = args.quiet or not _is_terminal(sys.stderr)

@@ -90,7 +90,8 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--sampler", choices=get_args(Sampler), default=None,
                     help="group-balanced (equal mass per group in each batch), natural (shuffled) or core-set "
                     "(per epoch the hardest samples of each group); with --loss worst-group it beat plain "
-                    "natural/ce on the worst group (docs/finetune.md)" + _default("sampler"))
+                    "natural/ce on the worst group on 3 benchmark tasks, not on every model (docs/finetune.md)"
+                    + _default("sampler"))
     ft.add_argument("--loss", choices=get_args(GroupLoss), default=None,
                     help="worst-group (group DRO), group-weighted (--group-loss-weights) or ce (plain mean: "
                     "plain QAT is --loss ce --sampler natural)" + _default("loss"))

@@ -111,3 +111,13 @@ def test_duplicate_group_names_and_fractional_labels_are_refused():
     with pytest.raises(DataError, match=r"y holds the non-integer label 0.7"):
         group_metrics(logits, y + 0.7, g, ["a", "b"])
     assert group_metrics(logits, y.astype(np.float32), g, ["a", "b"]).by_group["a"]["accuracy"] == 1.0
+
+
+def test_a_tie_for_the_worst_group_names_every_group_in_it():
+    """Two groups at the same lowest accuracy: the first was named alone, as if it were worse."""
+    y = np.array([0, 1, 0, 1, 0, 1])
+    logits = np.eye(2)[[0, 0, 0, 0, 0, 1]].astype(float)  # a: 1/2, b: 1/2, c: 2/2
+    gm = group_metrics(logits, y, np.array([0, 0, 1, 1, 2, 2]), ("a", "b", "c"))
+    assert gm.group_min() == ("a", 0.5) and gm.tied_with_min() == ("b",)
+    assert gm.to_dict()["worst_group_tied_with"] == ["b"]
+    assert group_metrics(logits[4:], y[4:], np.array([0, 0]), ("c",)).tied_with_min() == ()

@@ -74,7 +74,9 @@ def print_summary(report) -> None:
     worst, acc = m.group_min()
     unmeasured = [cell_text(g) for g, r in m.by_group.items() if r["count"] > 0 and math.isnan(float(r[p]))]
     among = f" (without {', '.join(unmeasured)}: not measured)" if unmeasured else ""
-    print(f"worst group {cell_text(worst)}: {percent_text(acc)} %; gap {percent_text(m.difference())} pp{among}")
+    tied = m.tied_with_min()
+    tie = f" (tied with {', '.join(cell_text(g) for g in tied)})" if tied else ""
+    print(f"worst group {cell_text(worst)}{tie}: {percent_text(acc)} %; gap {percent_text(m.difference())} pp{among}")
     for line in (report.absent_line(), report.uncalibrated_line()):
         if line:
             print(line)

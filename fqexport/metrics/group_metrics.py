@@ -155,6 +155,11 @@ class GroupMetrics:
             return ("", float("nan"))
         return min(rows, key=lambda r: r[1])
 
+    def tied_with_min(self, metric: str | None = None) -> tuple[str, ...]:
+        """The other groups whose ``metric`` equals :meth:`group_min`'s (a tie names the first)."""
+        worst, value = self.group_min(metric)
+        return tuple(g for g, v in self._defined(metric) if g != worst and v == value)
+
     def group_max(self, metric: str | None = None) -> tuple[str, float]:
         """(group name, value) of the largest ``metric`` over non-empty groups."""
         rows = self._defined(metric)
@@ -184,6 +189,7 @@ class GroupMetrics:
             "overall": dict(self.overall),
             "by_group": {k: dict(v) for k, v in self.by_group.items()},
             "worst_group": worst,
+            "worst_group_tied_with": list(self.tied_with_min()),
             f"worst_group_{self.primary}": worst_value,
             **{f"{m}_difference": self.difference(m) for m in self.metric_names},
             "equalized_odds_difference": self.equalized_odds_difference,

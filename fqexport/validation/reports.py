@@ -232,7 +232,9 @@ def to_markdown(report: Any) -> str:
         "",
         format_group_table(report),
         "",
-        f"- worst group: **{md_text(worst)}** {percent_text(worst_acc)} %; {label} gap (max − min) {percent_text(m.difference())} pp",
+        f"- worst group: **{md_text(worst)}**"
+        + (f" (tied with {md_text(', '.join(m.tied_with_min()))})" if m.tied_with_min() else "")
+        + f" {percent_text(worst_acc)} %; {label} gap (max − min) {percent_text(m.difference())} pp",
     ]
     for line in (report.absent_line(), report.uncalibrated_line()) if hasattr(report, "absent_line") else ():
         if line:

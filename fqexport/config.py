@@ -648,7 +648,8 @@ class MixedPrecisionConfig:
         verify_uniform: also verify the uniform allocation at every width of ``bit_choices``
             that fits the budget; the search returns a uniform one (and says why in
             ``MixedPrecisionResult.fallback``) when the selected allocation measured a larger
-            held-out worst-group loss increase.
+            held-out worst-group loss increase (worst-group objective: by more than 2 standard
+            errors of the paired per-sample differences; within them ``selection_note`` says so).
         verify_mean: for the ``"worst-group"`` and ``"weighted"`` objectives, also verify the
             mean-objective (population-weighted) optimum, so the search never returns something
             that measured worse than the HAWQ-like allocation on the held-out split.

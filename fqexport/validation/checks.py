@@ -199,10 +199,9 @@ MSG_ONE_SAMPLE_FROM_LIMIT = (
 def resolution_notes(report: ValidationReport, t: Thresholds) -> list[str]:
     """One note per set limit that a single prediction can decide: a limit on an accuracy
     difference finer than one sample (100 / N_g pp) of the smallest measured group
-    (:data:`MSG_RESOLUTION`), and a worst-group accuracy limit within one sample of a group's
-    accuracy of a group under 100 samples (:data:`MSG_ONE_SAMPLE_FROM_LIMIT`; the group closest to
-    it in samples). Accuracy
-    only: mAP and mIoU are not per-sample counts."""
+    (:data:`MSG_RESOLUTION`), and a worst-group accuracy limit less than one prediction away from
+    the accuracy of a group of under 100 samples (:data:`MSG_ONE_SAMPLE_FROM_LIMIT`; the closest
+    such group, in predictions). Accuracy only: mAP and mIoU are not per-sample counts."""
     m = report.metrics
     counts = {g: int(r["count"]) for g, r in m.by_group.items() if int(r["count"]) > 0}
     if m.primary != "accuracy" or not counts:

@@ -11,7 +11,7 @@ from fqexport.demo.training import TrainConfig
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_at_toy_size(tmp_path):
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     steps: list[str] = []
     result = run_demo(
         tmp_path, progress=False, sizes=DemoTaskSizes(n_train=400, n_test=200, size=16, minority_fraction=0.2),
@@ -45,6 +45,8 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert "mixed precision (worst-group, " in out
     md = (tmp_path / "demo_report.md").read_text()
     assert md.count("\n|") >= len(rows) + 1
+    # progress=False (the CLI's -q, or stderr not a terminal): no bar, the validation's included
+    assert "validate:" not in capsys.readouterr().err
 
 
 def test_demo_model_is_trained_once_per_settings_and_reused(tmp_path):

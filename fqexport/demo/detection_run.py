@@ -130,7 +130,7 @@ def run_detection_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, k
     rows = []
     for label, path in paths:
         report = validate(path, test, reference=None if label == "float" else float_path, task=task,
-                          latency_batch_sizes=LATENCY_BATCHES, repeats=repeats, warmup=3)
+                          latency_batch_sizes=LATENCY_BATCHES, repeats=repeats, warmup=3, progress=progress)
         rows.append((label, path, report))
     table = [_row(label, report) for label, _, report in rows]
     total = time.perf_counter() - t0

@@ -267,7 +267,8 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: bool = True, sizes=None,
             f"under {how} {DEMO_EMULATED_TARGET} kernels (the '% {DEMO_EMULATED_TARGET}' columns)")
     for label, path in paths:
         targets = ("native", DEMO_EMULATED_TARGET) if label in DEMO_EMULATED_ROWS else ("native",)
-        report = validate(path, test, reference=None if label == "float" else float_path, targets=targets)
+        report = validate(path, test, reference=None if label == "float" else float_path, targets=targets,
+                          progress=progress)
         rows.append(DemoRow(label, path, report))
     table = [_row(r.label, r.report) for r in rows]
     total = time.perf_counter() - t0

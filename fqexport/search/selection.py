@@ -146,7 +146,7 @@ def never_worse_than_uniform(best: Candidate, candidates: Sequence[Candidate], o
     per-sample losses, any smaller one) — then that uniform one and why (``fallback``). A uniform
     one that measured better within the noise leaves ``best``, and ``note`` says so: on a few
     dozen held-out samples of a group the sign of such a difference is a coin flip, and ``best``
-    spends the budget the uniform one leaves (survey 71's 12 models, 123 hold-out splits: the
+    spends the budget the uniform one leaves (12 small models, 123 hold-out splits: the
     strict rule's uniform picks cost 0.27 pt of test worst-group accuracy on average)."""
     uniforms = [c for c in candidates if c.origin == "uniform"]
     if not uniforms or best.origin == "uniform":

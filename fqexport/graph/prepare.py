@@ -759,28 +759,38 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
     folding it into the features would be wrong whenever T happens to equal their count."""
     pairs = []
     calls = _call_counts(gm)
+
+    def alone(n: torch.fx.Node) -> bool:
+        # a layer (or BN) called at another site too: folding would change that call as well; a
+        # hook on either sees the tensor between the two, which folding removes
+        return n.op != "call_module" or (calls.get(str(n.target), 0) <= 1 and not user_hooks(modules[n.target]))
+
     for node in gm.graph.nodes:
         params = _batchnorm_params(gm, node, modules)
         src = node.args[0] if node.args else None
-        if params is not None and isinstance(src, torch.fx.Node) and (linear := _flattened_linear(src, modules)):
+        if params is None or not isinstance(src, torch.fx.Node) or not alone(node):
+            continue
+        channels = params[0].shape[0]
+        if (linear := _flattened_linear(src, modules)) is not None:
             # LeViT's LinearNorm: bn(linear(x).flatten(0, 1)).reshape_as(x): the rows change, the
             # features stay the last axis, which a BatchNorm1d on [rows, features] normalises
-            if (calls.get(str(linear.target), 0) == 1 and params[0].shape[0] == modules[linear.target].out_features
-                    and not user_hooks(modules[linear.target])
-                    and not (node.op == "call_module" and (calls.get(str(node.target), 0) > 1
-                                                           or user_hooks(modules[node.target])))):
+            if alone(linear) and channels == modules[linear.target].out_features:
                 pairs.append((linear, node, params))
             continue
-        if params is None or not isinstance(src, torch.fx.Node) or src.op != "call_module":
+        if (convs := _concatenated_convs(src, modules)) is not None:
+            # MixNet's mixed conv: bn(cat([conv_k(x_k) ...], 1)): each conv takes its channels' slice
+            if all(alone(c) for c in convs) and channels == sum(modules[c.target].out_channels for c in convs):
+                start = 0
+                for c in convs:
+                    stop = start + modules[c.target].out_channels
+                    pairs.append((c, node, tuple(p[start:stop] if isinstance(p, torch.Tensor) else p for p in params)))
+                    start = stop
             continue
-        if any(u is not node and not _reads_metadata_only(u) for u in src.users):
+        if src.op != "call_module" or any(u is not node and not _reads_metadata_only(u) for u in src.users):
             continue
         layer = modules.get(src.target)
-        if calls.get(str(src.target), 0) > 1 or (node.op == "call_module" and calls.get(str(node.target), 0) > 1):
-            continue  # a layer (or BN) called at another site too: folding would change that call as well
-        if user_hooks(layer) or (node.op == "call_module" and user_hooks(modules[node.target])):
-            continue  # a hook on either sees the tensor between the two, which folding removes
-        channels = params[0].shape[0]
+        if not alone(src):
+            continue
         if isinstance(layer, _ALL_CONVS) and layer.out_channels == channels:
             pairs.append((src, node, params))
         elif isinstance(layer, nn.Linear) and layer.out_features == channels and not (
@@ -788,6 +798,24 @@ def _foldable(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]):
         ) and _rank(src) in (None, 2):
             pairs.append((src, node, params))
     return pairs
+
+
+def _concatenated_convs(node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[torch.fx.Node] | None:
+    """The conv nodes ``node`` concatenates along the channels (``torch.cat([...], 1)``), each
+    read by that cat alone (or for its shape); None for anything else."""
+    if node.op != "call_function" or node.target is not torch.cat or sum(
+            1 for u in node.users if not _reads_metadata_only(u)) != 1:  # timm's BatchNormAct2d reads x.ndim too
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = _rank(node)
+    if not isinstance(parts, (list, tuple)) or not parts or not (dim == 1 or (rank is not None and dim == 1 - rank)):
+        return None
+    for c in parts:
+        if not (isinstance(c, torch.fx.Node) and c.op == "call_module" and isinstance(modules.get(c.target), _ALL_CONVS)
+                and all(u is node or _reads_metadata_only(u) for u in c.users)):
+            return None
+    return list(parts)
 
 
 _ROW_RESHAPES = frozenset({"flatten", "reshape", "view"})
@@ -902,7 +930,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tup
         except Exception as err:  # shapes stay unknown: every pair folds as without an example
             log.debug("shape propagation for BatchNorm folding failed: %s", err)
     modules = dict(gm.named_modules())
-    folded = set()
+    folded, erased = set(), set()
     for src, bn_node, (mean, var, weight, bias, eps) in _foldable(gm, modules):
         layer = modules[src.target]
         with torch.no_grad():
@@ -917,8 +945,10 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tup
                                               ones if weight is None else weight,
                                               torch.zeros_like(mean) if bias is None else bias)
         layer.weight, layer.bias = w, b
-        bn_node.replace_all_uses_with(bn_node.args[0])  # the layer's output, or its rows (a flatten)
-        gm.graph.erase_node(bn_node)
+        if bn_node not in erased:  # a concat's BN: once for all its convs
+            bn_node.replace_all_uses_with(bn_node.args[0])  # the layer's output, its rows (a flatten), the concat
+            gm.graph.erase_node(bn_node)
+            erased.add(bn_node)
     for node in list(gm.graph.nodes):  # the BN's parameter fetches, now unused
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)

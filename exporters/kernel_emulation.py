@@ -784,19 +784,19 @@ class EmulatedSession:
         self.output_names = [o.name for o in g.output]
         self._sessions: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._weights: dict[int, WeightCache] = {}  # per emulated node
-        fused = [n for n in g.node if _kernel(n) is not None]
+        fused = {i: n for i, n in enumerate(g.node) if _kernel(n) is not None}  # by position in the graph
         # fused nodes whose weights compute alike on every family run with ORT's own kernel: only
         # the others are emulated (for fqexport's x86-safe weights: none)
-        u8s8 = {i: n for i, n in enumerate(g.node) if n in fused and self._u8s8(n)}
+        u8s8 = {i: n for i, n in fused.items() if self._u8s8(n)}
         self._emulated = {i for i, n in u8s8.items() if kernel_dependent(n, self.initializers)}
         self.emulated_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i in self._emulated]
         self.exact_nodes = [f"{n.op_type}:{n.name}" for i, n in u8s8.items() if i not in self._emulated]
         # a product of two uint8 activations (attention's Q·Kᵀ fused as MatMulIntegerToFloat) runs
         # natively and adds exactly on every family: native is every target's result
-        u8u8 = [n for n in g.node if n in fused and not self._u8s8(n) and self._u8u8(n)]
-        self.exact_nodes += [f"{n.op_type}:{n.name}" for n in u8u8]
-        self.native_nodes = [f"{n.op_type}:{n.name}" for n in g.node
-                             if (n in fused and not self._u8s8(n) and n not in u8u8) or n.op_type in _OTHER_INTEGER_OPS]
+        u8u8 = {i for i, n in fused.items() if i not in u8s8 and self._u8u8(n)}
+        self.exact_nodes += [f"{fused[i].op_type}:{fused[i].name}" for i in sorted(u8u8)]
+        self.native_nodes = [f"{n.op_type}:{n.name}" for i, n in enumerate(g.node)
+                             if (i in fused and i not in u8s8 and i not in u8u8) or n.op_type in _OTHER_INTEGER_OPS]
         unmodelled = [n for n in g.node if n.op_type in _OTHER_INTEGER_OPS]
         if target == "x86-avx2" and unmodelled:
             raise ConfigError(MSG_UNMODELLED.format(nodes=", ".join(f"{n.op_type}:{n.name}" for n in unmodelled),

@@ -16,6 +16,7 @@ from fqexport.cli.flags.shared import given_values
 from fqexport.cli.flags.validate import LATENCY_FLAGS, thresholds
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.exporters.cpu_isa import kernel_family
+from fqexport.metrics.group_metrics import MSG_ODDS_SUPPORT
 from fqexport.validation.gate import validate
 from fqexport.validation.reports import (
     REPORT_JSON,
@@ -77,11 +78,10 @@ def print_summary(report) -> None:
     tied = m.tied_with_min()
     tie = f" (tied with {', '.join(cell_text(g) for g in tied)})" if tied else ""
     print(f"worst group {cell_text(worst)}{tie}: {percent_text(acc)} %; gap {percent_text(m.difference())} pp{among}")
-    for line in (report.absent_line(), report.uncalibrated_line()):
-        if line:
-            print(line)
+    for line in report.group_lines():
+        print(line)
     if m.equalized_odds_difference is not None:
-        few = f" ({cell_text(m.odds_support())}: its rate moves 1/n per prediction)" if m.odds_support() else ""
+        few = MSG_ODDS_SUPPORT.format(support=cell_text(support)) if (support := m.odds_support()) else ""
         print(f"equalized-odds diff {percent_text(m.equalized_odds_difference)} pp{few}; "
               f"demographic-parity diff {percent_text(m.demographic_parity_difference)} pp")
     if report.agreement is not None:

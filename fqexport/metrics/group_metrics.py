@@ -93,6 +93,8 @@ def json_safe(value: Any) -> Any:
 # a group's TPR (FPR) from fewer positive (negative) samples than this is noted beside the
 # equalized-odds difference: one prediction moves it by 1/n
 FEW_RATE_SAMPLES = 10
+# beside the equalized-odds difference, :meth:`GroupMetrics.odds_support` when it says something
+MSG_ODDS_SUPPORT = " ({support}: its rate moves 1/n per prediction)"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from fqexport.atomic import atomic_write, file_head
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.global_state import GLOBAL_STATE_LOCK
 from fqexport.shown_text import shown_text
-from fqexport.metrics.group_metrics import json_safe
+from fqexport.metrics.group_metrics import MSG_ODDS_SUPPORT, json_safe
 from fqexport.validation.validation_report import UNOPTIMIZED, not_measured
 
 log = logging.getLogger(__name__)
@@ -233,12 +233,10 @@ def to_markdown(report: Any) -> str:
         format_group_table(report),
         "",
         f"- worst group: **{md_text(worst)}**"
-        + (f" (tied with {md_text(', '.join(m.tied_with_min()))})" if m.tied_with_min() else "")
+        + (f" (tied with {md_text(', '.join(tied))})" if (tied := m.tied_with_min()) else "")
         + f" {percent_text(worst_acc)} %; {label} gap (max − min) {percent_text(m.difference())} pp",
     ]
-    for line in (report.absent_line(), report.uncalibrated_line()) if hasattr(report, "absent_line") else ():
-        if line:
-            out.append(f"- {md_text(line)}")
+    out += [f"- {md_text(line)}" for line in (report.group_lines() if hasattr(report, "group_lines") else ())]
     out += [f"- note: {md_text(n)}" for n in getattr(report, "notes", ())]
     task = getattr(report, "task", None)
     if task and task.get("name") != "classification":
@@ -250,7 +248,7 @@ def to_markdown(report: Any) -> str:
     if m.equalized_odds_difference is not None or m.demographic_parity_difference is not None:
         out.append(
             f"- equalized-odds difference {percent_text(m.equalized_odds_difference)} pp"
-            + (f" ({md_text(m.odds_support())}: its rate moves 1/n per prediction)" if m.odds_support() else "")
+            + (MSG_ODDS_SUPPORT.format(support=md_text(support)) if (support := m.odds_support()) else "")
             + f"; demographic-parity difference {percent_text(m.demographic_parity_difference)} pp"
         )
     if report.group_drop is not None:
@@ -376,8 +374,7 @@ def to_junit(report: Any) -> ET.Element:
         else:
             out = ET.SubElement(case, "system-out")
             out.text = xml_text(c.message)
-    caveats = [line for line in (report.absent_line(), report.uncalibrated_line()) if line] if hasattr(
-        report, "absent_line") else []
+    caveats = list(report.group_lines()) if hasattr(report, "group_lines") else []
     caveats += [f"note: {n}" for n in getattr(report, "notes", ())]
     if caveats:  # what the checks cannot tell, beside them (after the cases, as the schema orders it)
         ET.SubElement(suite, "system-out").text = xml_text("\n".join(caveats))

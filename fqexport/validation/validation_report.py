@@ -184,20 +184,17 @@ class ValidationReport:
     # in every report file beside the checks
     notes: tuple[str, ...] = ()
 
-    def absent_line(self) -> str | None:
-        """The sentence naming :attr:`absent_groups` (console and report.md), None without any."""
-        if not self.absent_groups:
-            return None
-        return (f"not in the test data: group(s) {', '.join(repr(g) for g in self.absent_groups)}, which the model "
-                f"was calibrated on "
-                f"(its metadata's group_names): no per-group figure covers them")
-
-    def uncalibrated_line(self) -> str | None:
-        """The sentence naming :attr:`uncalibrated_groups` (console and report.md), None without any."""
-        if not self.uncalibrated_groups:
-            return None
-        return (f"not calibrated on: group(s) {', '.join(repr(g) for g in self.uncalibrated_groups)} of the test "
-                f"data, which the model's calibration never saw (its metadata's group_names)")
+    def group_lines(self) -> list[str]:
+        """The sentences naming :attr:`absent_groups` and :attr:`uncalibrated_groups`, those there
+        are (console, report.md, the JUnit file)."""
+        lines = []
+        if self.absent_groups:
+            lines.append(f"not in the test data: group(s) {', '.join(repr(g) for g in self.absent_groups)}, which "
+                         f"the model was calibrated on (its metadata's group_names): no per-group figure covers them")
+        if self.uncalibrated_groups:
+            lines.append(f"not calibrated on: group(s) {', '.join(repr(g) for g in self.uncalibrated_groups)} of the "
+                         f"test data, which the model's calibration never saw (its metadata's group_names)")
+        return lines
 
     @property
     def passed(self) -> bool:

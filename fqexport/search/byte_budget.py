@@ -246,7 +246,7 @@ def fit_file_budget(
     size = measure(best, chosen, None, 0)
     sizes, overheads = [size], [size - best.allocation.weight_bytes]
     kept = _File(best, chosen, size, None) if size <= budget else None
-    too_large = {} if kept else {_key(best): (best, size)}  # allocations whose file exceeded the budget
+    too_large = {} if kept else {allocation_key(best): (best, size)}  # allocations whose file exceeded the budget
     last, refits, grew = best, 0, False  # last: the candidate of the last file written
     while refits < MAX_BYTES_REFITS:
         if kept is not None and (grew or budget - kept.size <= GROW_FRACTION * budget):
@@ -262,13 +262,13 @@ def fit_file_budget(
             new.origin = "bytes-refit"
             candidates.append(new)
         verified = [c for c in candidates if c.metrics is not None]
-        pool = [c for c in verified if c.allocation.weight_bytes <= room and _key(c) not in too_large]
+        pool = [c for c in verified if c.allocation.weight_bytes <= room and allocation_key(c) not in too_large]
         if kept is not None:  # growing: larger than the file kept, and measured better
             pool = [c for c in pool if c.allocation.weight_bytes > kept.candidate.allocation.weight_bytes
                     and c.measured_worst < kept.candidate.measured_worst]
         elif not pool and verified:  # none fits the bytes measured: the smallest one's own file decides
             smallest = min(verified, key=lambda c: c.allocation.weight_bytes)
-            pool = [] if _key(smallest) in too_large else [smallest]
+            pool = [] if allocation_key(smallest) in too_large else [smallest]
         if not pool:
             break
         nxt = min(pool, key=lambda c: (c.measured_worst, c.allocation.weight_bytes))
@@ -293,7 +293,7 @@ def fit_file_budget(
         if size <= budget:
             kept = _File(nxt, model, size, note)
         else:
-            too_large[_key(nxt)] = (nxt, size)
+            too_large[allocation_key(nxt)] = (nxt, size)
             if kept is not None:
                 log.info("the larger allocation's file took %d bytes > budget_bytes=%s: keeping the %d-byte one",
                          size, _num(budget), kept.size)
@@ -316,7 +316,8 @@ def fit_file_budget(
     return BytesFit(kept.candidate, kept.model, refits, note, sizes)
 
 
-def _key(c: Candidate | Allocation) -> tuple[tuple[str, int], ...]:
+def allocation_key(c: Candidate | Allocation) -> tuple[tuple[str, int], ...]:
+    """An allocation's (or candidate's) layer widths as a hashable key: equal widths, one key."""
     return tuple(sorted((c.allocation if isinstance(c, Candidate) else c).bits.items()))
 
 
@@ -330,7 +331,7 @@ def _propose(propose: Callable[[float], Allocation], overhead: float, budget: fl
             alloc = propose(overhead)
         except ConfigError:
             return None
-        if _key(alloc) not in too_large:
+        if allocation_key(alloc) not in too_large:
             return alloc
         overhead = budget - (alloc.weight_bytes - 1)  # fewer weight bytes than that one
     return None

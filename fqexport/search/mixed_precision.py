@@ -77,6 +77,7 @@ from fqexport.search.allocation import (
     check_group_weights,
 )
 from fqexport.search.byte_budget import (
+    allocation_key,
     file_overhead_estimate,
     fit_file_budget,
     written_size,
@@ -277,13 +278,13 @@ def _meet_file_budget(result: MixedPrecisionResult, data: GroupData | DataStream
         found = verify(context, [alloc], progress=False, engine=engine)
         verified.append(found.candidates[0])
         if fits_are_refit:  # one fit, run here on all threads (fit_threads): compress itself
-            fitted[tuple(sorted(alloc.bits.items()))] = found.fitted_model(verified[-1])
+            fitted[allocation_key(alloc)] = found.fitted_model(verified[-1])
         context.cache.clear()
         return verified[-1]
 
     def refit(alloc: Allocation) -> Any:
         nonlocal reused
-        model = fitted.pop(tuple(sorted(alloc.bits.items())), None)
+        model = fitted.pop(allocation_key(alloc), None)
         if model is None:
             return _refit(context.model, data, context.base, alloc, context.task)
         reused += 1

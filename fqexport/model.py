@@ -158,17 +158,20 @@ class CompressedModel:
         return self.quantized_fraction_of(self.metadata.float_layers)
 
     def layer_table(self) -> list[dict[str, Any]]:
-        """One row per quantized layer (name, kind, bits, params, MACs, storage), then one per
-        weight layer left in float (bits 32, storage ``float32``, ``reason``: unsupported or the
-        ``keep_float`` pattern)."""
+        """One row per quantized layer (name, kind, module, bits, params, MACs, storage), then one
+        per weight layer left in float (bits 32, storage ``float32``, ``reason``: unsupported or
+        the ``keep_float`` pattern). ``kind`` is the solver's family of a quantized layer
+        (``conv``, ``linear``, ...) and the module type of a float one; ``module`` is the module
+        type of every row (``Conv2d``, ``LSTM``, ``F.linear``)."""
+        modules = dict(self.float_model.named_modules())
         rows = [
-            {"name": l.name, "kind": l.kind, "bits": l.bits, "params": l.params, "macs": l.macs,
-             "storage": l.container, "reason": ""}
+            {"name": l.name, "kind": l.kind, "module": type(modules[l.name]).__name__ if l.name in modules else l.kind,
+             "bits": l.bits, "params": l.params, "macs": l.macs, "storage": l.container, "reason": ""}
             for l in self.layers.values()
         ]
         return rows + [
-            {"name": f.name, "kind": f.kind, "bits": f.bits, "params": f.params, "macs": f.macs, "storage": "float32",
-             "reason": f.reason or "unsupported"}
+            {"name": f.name, "kind": f.kind, "module": f.kind, "bits": f.bits, "params": f.params, "macs": f.macs,
+             "storage": "float32", "reason": f.reason or "unsupported"}
             for f in self.metadata.float_layers
         ]
 

@@ -48,10 +48,10 @@ def test_compress_end_to_end(compressed):
     model = onnx.load(str(d / "mlp.onnx"))
     onnx.checker.check_model(model)
     lines = out.splitlines()
-    assert lines[0].split() == ["name", "kind", "bits", "params", "macs", "storage"]
+    assert lines[0].split() == ["name", "module", "bits", "params", "macs", "storage"]
     rows = {l.split()[0]: l.split() for l in lines[2:5]}
-    assert rows["fc1"] == ["fc1", "linear", "8", "16,384", "16,384", "int8"]
-    assert rows["fc3"] == ["fc3", "linear", "4", "1,024", "1,024", "nbits"]
+    assert rows["fc1"] == ["fc1", "Linear", "8", "16,384", "16,384", "int8"]
+    assert rows["fc3"] == ["fc3", "Linear", "4", "1,024", "1,024", "nbits"]
     assert "wrote " in out and "mlp.onnx" in out and "opset 21" in out
     assert "top-1 agreement" in out and "on 200 calibration samples" in out
     # the file against its float model on this CPU: speed or only size

@@ -257,7 +257,7 @@ def test_float_layers_are_warned_recorded_and_counted_at_32_bits(tabular_data, t
     assert cm.metadata.avg_weight_bits == pytest.approx(cm.avg_weight_bits, abs=1e-4)
     assert ExportMetadata.from_json(cm.metadata.to_json()).float_layers == cm.metadata.float_layers
     steps_macs = 8 * 3 * 64 * (16 + 64)  # 8 steps · 3 gates · H · (input + state)
-    assert cm.layer_table()[-1] == {"name": "rnn", "kind": "GRU", "bits": 32, "params": gru, "macs": steps_macs,
+    assert cm.layer_table()[-1] == {"name": "rnn", "kind": "GRU", "module": "GRU", "bits": 32, "params": gru, "macs": steps_macs,
                                     "storage": "float32", "reason": "unsupported"}
     # a file written before these fields reads as "nothing recorded"
     old = {k: v for k, v in cm.metadata.to_dict().items() if k not in ("float_layers", "quantized_fraction")}

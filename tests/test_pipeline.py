@@ -132,6 +132,7 @@ def test_avg_bits_and_layer_table(cnn_cm_mixed):
     assert rows["stem"]["macs"] == 8 * 256 * 27 and rows["conv_a"]["macs"] == 8 * 256 * 72
     assert rows["dw"]["macs"] == 8 * 64 * 9 and rows["pw"]["macs"] == 16 * 64 * 8
     assert rows["fc"]["macs"] == 64 and rows["dw"]["kind"] == "conv" and rows["fc"]["kind"] == "linear"
+    assert rows["dw"]["module"] == "Conv2d" and rows["fc"]["module"] == "Linear"
 
 
 def test_unknown_layer_in_layer_bits(cnn_model, cnn_data):

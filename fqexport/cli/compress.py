@@ -53,7 +53,7 @@ def run_compress(args: argparse.Namespace) -> int:
     reference = export_float_reference(cm, args.float_out) if args.float_out else None
     rows = [dict(r, macs=f"{r['macs']:,}", params=f"{r['params']:,}") for r in cm.layer_table()]
     floats = cm.metadata.float_layers
-    print_table(rows, ["name", "kind", "bits", "params", "macs", "storage"] + (["reason"] if floats else []))
+    print_table(rows, ["name", "module", "bits", "params", "macs", "storage"] + (["reason"] if floats else []))
     kept = sum(1 for f in floats if (f.reason or "").startswith("keep_float"))
     if kept:
         print(f"\n{kept} weight layer(s) stay in float by --keep-float (reason above)")

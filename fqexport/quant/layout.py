@@ -35,6 +35,15 @@ BLOCKED_CONTAINERS = ("nbits", "int4-blocked")
 # Containers whose layer runs weight-only (float activations in and out, no Q/DQ pairs of its own).
 WEIGHT_ONLY_CONTAINERS = ("int4-blocked",)
 
+# Bits per weight code on disk in each container (MatMulNBits is written at 4 bits).
+CONTAINER_CODE_BITS = {"int8": 8, "int4": 4, "int2": 2, "nbits": 4, "int4-blocked": 4}
+
+
+def stored_code_bits(container: str | None, bits: int) -> int:
+    """Bits one ``bits``-wide code takes in ``container`` (``bits`` itself when it is not one)."""
+    return CONTAINER_CODE_BITS.get(container or "", int(bits))
+
+
 # MatMulNBits: blocks of a power of 2 >= 16 along K.
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
 # Narrowest width given per-block scales. Measured with benchmarks/nbits_bench.py: per-block

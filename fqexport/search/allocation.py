@@ -64,7 +64,7 @@ from fqexport.errors import ConfigError
 from fqexport.metadata import ACTIVATION_BITS, FLOAT_BITS
 from fqexport.quant.knapsack import solve_real
 from fqexport.quant.layout import layer_container as model_layer_container
-from fqexport.quant.layout import nbits_block_size, token_linear
+from fqexport.quant.layout import nbits_block_size, stored_code_bits, token_linear
 from fqexport.search.sensitivity import SensitivityTable
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def layer_container(info: LayerCost, bits: int, storage: str, target: ExportTarg
 def container_bits(bits: int, storage: str, kind: str = "conv", target: ExportTarget = "portable") -> int:
     """Bits per weight code on disk under a storage mode (see the module docstring)."""
     c = layer_container(LayerCost("", 0, kind=kind), bits, storage, target)
-    return {"int8": 8, "int4": 4, "int2": 2, "nbits": 4, "int4-blocked": 4}.get(c, int(bits))
+    return stored_code_bits(c, bits)
 
 
 def stored_bytes(info: LayerCost, bits: int, storage: str, target: ExportTarget = "portable") -> int:

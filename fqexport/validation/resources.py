@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from fqexport.metadata import ACTIVATION_BITS, ExportMetadata
+from fqexport.quant.layout import WEIGHT_ONLY_CONTAINERS, stored_code_bits
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,17 @@ def from_metadata(meta: ExportMetadata | None) -> Resources | None:
     if meta is None or not meta.layers:
         return None
     layers = meta.layers
-    a_bits = float(meta.activation_bits)
+    # what the graph computes and stores, as from_graph reads it: a layer's codes at their
+    # container's width (4-bit codes a GPU file stores in int8 take 8 bits), and a weight-only
+    # layer (a GPU file's blocked DequantizeLinear → MatMul) reads float activations
+    width = {l.name: float(stored_code_bits(l.storage, l.bits)) for l in layers}
+    a_bits = {l.name: 32.0 if l.storage in WEIGHT_ONLY_CONTAINERS else float(meta.activation_bits) for l in layers}
     # weight layers left in float count at their 32 bits (and params); MACs/BOPs: quantized layers
     params = sum(l.params for l in layers + meta.float_layers)
-    bit_params = sum(float(l.bits) * l.params for l in layers + meta.float_layers)
+    bit_params = sum(width.get(l.name, float(l.bits)) * l.params for l in layers + meta.float_layers)
     macs_known = all(l.macs > 0 for l in layers if l.kind != "embedding")  # a row lookup: no MACs
     macs = sum(l.macs for l in layers) if macs_known else None
-    bops = sum(float(l.bits) * a_bits * l.macs for l in layers) if macs_known else None
+    bops = sum(width[l.name] * a_bits[l.name] * l.macs for l in layers) if macs_known else None
     return Resources(
         avg_weight_bits=bit_params / params if params else 32.0,
         params=int(params),

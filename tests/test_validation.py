@@ -141,6 +141,36 @@ def test_qoperator_and_dynamic_files_count_their_int8_weights(setup):
     assert dyn.macs == MACS
 
 
+def test_an_emulated_target_names_the_int8_activation_nodes_it_ran_natively(setup, tmp_path, capsys):
+    """ORT's QOperator file of int8 activations (QLinearConv/QGemm S8S8) is not emulated: --target
+    x86-avx2 runs those nodes with this CPU's kernels, which report.json, the notes (report.md,
+    JUnit) and the console say (survey 72: only a log line did; the console said "emulated")."""
+    from fqexport.calibration.npz import save_npz
+    from fqexport.cli import main
+    from fqexport.validation.reports import md_text, to_markdown, write_junit
+
+    d, data = setup
+    _quantize(d / "float.onnx", tmp_path / "s8s8.onnx", data.x, QuantFormat.QOperator, activation_type=QuantType.QInt8)
+    report = validate(tmp_path / "s8s8.onnx", data, targets=("x86-avx2",), measure_latency=False, kernel_check=False)
+    entry = report.to_dict()["targets"]["x86-avx2"]
+    if runs_natively("x86-avx2"):  # this CPU is the target: nothing is emulated, nothing to note
+        assert entry["emulated"] is False and entry["native_nodes"] == [] and report.notes == ()
+        return
+    nodes = entry["native_nodes"]
+    assert entry["emulated"] is True and entry["emulated_nodes"] == []
+    assert sorted(n.split(":")[0] for n in nodes) == ["QGemm", "QLinearConv", "QLinearConv"], nodes
+    (note,) = report.notes
+    assert note.startswith(f"target x86-avx2: 3 integer node(s) are not emulated ({nodes[0]}, ")
+    assert f"this {report.cpu_isa} CPU's own kernels, so the x86-avx2 figures hold this CPU's sums" in note
+    assert f"note: {md_text(note)}" in to_markdown(report)
+    assert note in write_junit(report, tmp_path / "j.xml").read_text()
+    save_npz(data, tmp_path / "test.npz")
+    assert main(["validate", str(tmp_path / "s8s8.onnx"), "--data", str(tmp_path / "test.npz"),
+                 "--target", "x86-avx2", "--no-latency", "--no-kernel-check"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("target x86-avx2 ("))
+    assert "(emulated; 3 node(s) not emulated, on this CPU's own kernels)" in line, line
+
+
 def test_16_bit_qdq_files_count_16_bit_weights_and_activations(setup):
     """A W16A16 file counted its int16 weights at 32 bits (float: a PePR of fp32) and a W8A16 file
     its activations at 8 (half its BOPs) (survey 54): each counts at its codes' width."""

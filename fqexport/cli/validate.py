@@ -101,9 +101,13 @@ def print_summary(report) -> None:
             for g, r in tm.by_group.items()
         )
         nodes = (report.target_emulated_nodes or {}).get(target)
+        native = (report.target_native_nodes or {}).get(target, ())
         how = ("this CPU's own kernels" if target in report.target_native else
-               "emulated: no fused node whose sums depend on the kernels, the same as this CPU's" if nodes == () else
-               f"emulated: {len(nodes)} kernel-dependent node(s)" if nodes else "emulated")
+               f"emulated: {len(nodes)} kernel-dependent node(s)" if nodes else
+               "emulated: no fused node whose sums depend on the kernels, the same as this CPU's"
+               if nodes == () and not native else "emulated")
+        if native and target not in report.target_native:
+            how += f"; {len(native)} node(s) not emulated, on this CPU's own kernels"
         print(f"target {target} ({how}): {accs}; agreement with native "
               f"{percent_text(report.target_agreement[target])} %")
     if report.kernel_reference not in (None, UNOPTIMIZED):

@@ -226,6 +226,21 @@ def resolution_notes(report: ValidationReport, t: Thresholds) -> list[str]:
     return notes
 
 
+MSG_NATIVE_NODES = (
+    "target {target}: {n} integer node(s) are not emulated ({nodes}; the emulation models integer GEMMs and convs "
+    "of uint8 activations and int8 weights): they ran with this {isa} CPU's own kernels, so the {target} figures "
+    "hold this CPU's sums for them, not {target}'s"
+)
+
+
+def native_node_notes(report: ValidationReport) -> list[str]:
+    """One note per emulated target that ran integer nodes the emulation does not model with this
+    CPU's kernels (:data:`MSG_NATIVE_NODES`): its figures are then partly this CPU's."""
+    return [MSG_NATIVE_NODES.format(target=target, n=len(nodes), isa=report.cpu_isa,
+                                    nodes=", ".join(nodes[:6]) + (" …" if len(nodes) > 6 else ""))
+            for target, nodes in (report.target_native_nodes or {}).items() if nodes]
+
+
 def all_checks(report: ValidationReport, t: Thresholds) -> tuple[CheckResult, ...]:
     """The native session's checks, then every emulated target's, then a gpu file's structure."""
     return run_checks(report, t) + target_checks(report, t) + gpu_rule_checks(report)

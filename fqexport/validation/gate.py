@@ -46,7 +46,7 @@ from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
-from fqexport.validation.checks import all_checks, resolution_notes, same_kind_limit
+from fqexport.validation.checks import all_checks, native_node_notes, resolution_notes, same_kind_limit
 from fqexport.validation.data_checks import check_data, compare_groups, read_test_data
 from fqexport.validation.measure import (
     KernelCheck,
@@ -342,6 +342,7 @@ def _target_fields(emulated: Mapping[str, TargetResult], *, with_deviation: bool
         target_agreement={x: r.agreement for x, r in emulated.items()},
         target_native=tuple(x for x, r in emulated.items() if r.native),
         target_emulated_nodes={x: r.emulated_nodes for x, r in emulated.items() if r.emulated_nodes is not None},
+        target_native_nodes={x: r.native_nodes for x, r in emulated.items() if r.native_nodes},
     )
 
 
@@ -357,7 +358,7 @@ def _with_checks(report: ValidationReport, t: Thresholds) -> ValidationReport:
     checks = all_checks(report, t)
     for c in checks:
         (log.info if c.passed else log.warning)("%s: %s", "PASS" if c.passed else "FAIL", c.message)
-    notes = tuple(resolution_notes(report, t))
+    notes = tuple(resolution_notes(report, t) + native_node_notes(report))
     for note in notes:
         log.warning(note)
     return dataclasses.replace(report, checks=checks, notes=notes)

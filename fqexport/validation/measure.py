@@ -229,6 +229,8 @@ class TargetResult:
     native: bool  # judged by this CPU's own session (this CPU is of the target's family), else emulated
     # the fused nodes whose sums the emulation computed (kernel-dependent); None when judged natively
     emulated_nodes: tuple[str, ...] | None = None
+    # integer nodes the emulation does not model (int8 activations, ...): run by this CPU's kernels
+    native_nodes: tuple[str, ...] | None = None
 
 
 def measure_target(model: str | Path, target: str, data: GroupData | DataStream, native: Measured,
@@ -237,7 +239,8 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
     of that family (:func:`~fqexport.exporters.cpu_isa.runs_natively`; the emulation was measured
     equal to it), else the bit-exact emulation (:mod:`fqexport.exporters.kernel_emulation`)."""
     own = runner.provider == "cpu" and runs_natively(target)
-    session = None if own else EmulatedSession(model, target, threads=runner.threads)
+    # the nodes it runs natively are named in the report's notes (checks.native_node_notes), not logged twice
+    session = None if own else EmulatedSession(model, target, threads=runner.threads, native_log_level=logging.DEBUG)
     measured = native if session is None else runner.measure(session, data, str(model), f"{target} (emulated)")
     result = TargetResult(
         metrics=measured.metrics,
@@ -245,6 +248,7 @@ def measure_target(model: str | Path, target: str, data: GroupData | DataStream,
         kernel_deviation_by_group=kernel_deviation(measured.metrics, kernels.unoptimized) if kernels else None,
         native=own,
         emulated_nodes=None if session is None else tuple(session.emulated_nodes),
+        native_nodes=None if session is None else tuple(session.native_nodes),
     )
     m = result.metrics
     log.info("%s (%s): overall %s %.2f %%, agreement with native %.2f %%", target,

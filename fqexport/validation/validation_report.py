@@ -172,6 +172,9 @@ class ValidationReport:
     # per emulated target: the fused nodes whose sums depend on the kernels, computed by the emulation
     # (none: every node computes alike on every family, and the figures are this CPU's own)
     target_emulated_nodes: Mapping[str, tuple[str, ...]] | None = None
+    # per emulated target: the integer nodes the emulation does not model (a QOperator file's int8
+    # activations...), run with this CPU's own kernels: their sums are this CPU's, not the target's
+    target_native_nodes: Mapping[str, tuple[str, ...]] | None = None
     gpu_rule_violations: tuple[str, ...] | None = None
     task: Mapping[str, Any] | None = None  # the task measured (fqexport.tasks: name, options, how chosen)
     agreement_name: str = "top-1 agreement"  # what agreement and kernel_agreement count
@@ -300,13 +303,15 @@ class ValidationReport:
     def target_dict(self, target: str) -> dict[str, Any]:
         """Metrics, kernel deviation and agreement with native of one kernel target."""
         if target == "native":
-            return json_safe({"emulated": False, "emulated_nodes": None, "metrics": self.metrics.to_dict(),
+            return json_safe({"emulated": False, "emulated_nodes": None, "native_nodes": None,
+                              "metrics": self.metrics.to_dict(),
                               "kernel_deviation_by_group": _dict_or_none(self.kernel_deviation_by_group),
                               "agreement_with_native": 1.0})
         dev = (self.target_kernel_deviation_by_group or {}).get(target)
         nodes = (self.target_emulated_nodes or {}).get(target)
         return json_safe({"emulated": target not in self.target_native,
                           "emulated_nodes": list(nodes) if nodes is not None else None,
+                          "native_nodes": list((self.target_native_nodes or {}).get(target, ())),
                           "metrics": self.target_metrics[target].to_dict(),
                           "kernel_deviation_by_group": _dict_or_none(dev),
                           "agreement_with_native": (self.target_agreement or {}).get(target)})

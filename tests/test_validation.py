@@ -465,6 +465,25 @@ def test_a_fixed_batch_reference_leaves_every_latency_check_of_the_model(setup, 
     assert r.speed_verdict().endswith("; batch 8: not compared (the reference runs batch 1 only: a fixed batch)")
 
 
+def test_a_reference_of_another_input_is_named_before_any_measurement(setup, tmp_path, monkeypatch):
+    """The data fits the model, so a reference of another input shape is the reference's fault: the
+    error names --reference and both inputs (survey 72: it told the user to fix the data)."""
+    import fqexport.validation.gate as gate
+
+    d, data = setup
+    other = onnx.load(str(d / "float.onnx"))
+    other.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 8  # [batch, 1, 6, 8]
+    onnx.save(other, str(tmp_path / "ref_other.onnx"))
+    measured = []
+    monkeypatch.setattr(gate, "measure_native", lambda *a, **k: measured.append(1))
+    with pytest.raises(DataError) as err:
+        validate(d / "qdq.onnx", data, reference=tmp_path / "ref_other.onnx", measure_latency=False)
+    assert str(err.value).startswith(f"--reference {tmp_path / 'ref_other.onnx'} takes input [batch, 1, 6, 8], "
+                                     f"model {d / 'qdq.onnx'} takes [batch, 1, 6, 6], which the data ")
+    assert "(per sample [1, 6, 6]): the reference must take the model's input" in str(err.value)
+    assert measured == []  # refused before the model's pass over the data
+
+
 def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(setup):
     d, data = setup
     r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", latency_batch_sizes=(1, 8), repeats=5, warmup=1,

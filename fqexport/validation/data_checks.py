@@ -123,7 +123,7 @@ def _group_id(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _shape_text(expected: Sequence[Any]) -> str:
+def shape_text(expected: Sequence[Any]) -> str:
     """``[batch, 1, 6, 6]``: a model input shape, symbolic dims by name (``?`` when unnamed)."""
     return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in expected) + "]"
 
@@ -149,12 +149,12 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     got = tuple(data.sample_shape)
     exp = tuple(expected[1:])
     if len(got) != len(exp):
-        raise DataError(MSG_RANK.format(source=data.source, got=len(got), model=model, expected=_shape_text(expected))
+        raise DataError(MSG_RANK.format(source=data.source, got=len(got), model=model, expected=shape_text(expected))
                         + shape_origin_note(data))
     for g, e in zip(got, exp):
         if isinstance(e, int) and e > 0 and g != e:
             raise DataError(MSG_SHAPE.format(source=data.source, got=list(got), model=model,
-                                             expected=_shape_text(expected)) + shape_origin_note(data))
+                                             expected=shape_text(expected)) + shape_origin_note(data))
     counts = data.group_counts()
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:

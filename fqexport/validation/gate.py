@@ -47,7 +47,7 @@ from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
 from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks, native_node_notes, resolution_notes, same_kind_limit
-from fqexport.validation.data_checks import check_data, compare_groups, read_test_data
+from fqexport.validation.data_checks import check_data, compare_groups, read_test_data, shape_text
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -92,6 +92,10 @@ MSG_FIXED_BATCH = "model %s runs batch %d only (a fixed batch dim): latency is t
 MSG_REFERENCE_IS_MODEL = (
     "--reference {ref} is the model itself: its drops would be 0 and its agreement 100 % whatever the model "
     "does; give the float model (compress --float-out) as the reference"
+)
+MSG_REFERENCE_INPUT = (
+    "--reference {ref} takes input {ref_shape}, model {model} takes {shape}, which the data {source} fits "
+    "(per sample {sample}): the reference must take the model's input (its float model: compress --float-out)"
 )
 MSG_REFERENCE_SAME_BYTES = (
     "reference %s holds the same bytes as model %s: the drops are 0 and the agreement 100 %% by construction"
@@ -236,6 +240,14 @@ def validate(
         _check_latency_batches(session, latency_batch_sizes, t, str(model))
     gd = read_test_data(data)
     check_data(gd, str(model), input_shape(session), session.get_inputs()[0].type)
+    ref_session = plain.open(reference) if reference is not None else None
+    if ref_session is not None:  # before any measurement: the data fits the model, so a misfit is the reference's
+        try:
+            check_data(gd, str(reference), input_shape(ref_session), ref_session.get_inputs()[0].type)
+        except DataError as err:
+            raise DataError(MSG_REFERENCE_INPUT.format(
+                ref=reference, ref_shape=shape_text(input_shape(ref_session)), model=model,
+                shape=shape_text(input_shape(session)), source=gd.source, sample=list(gd.sample_shape))) from err
     absent, uncalibrated = compare_groups(gd, meta.group_names if meta is not None else (), str(model))
     chosen, why = _task(task, meta, gd, session, str(model))
     _check_limits(t, chosen, why, str(model))
@@ -243,7 +255,6 @@ def validate(
     chosen.require_annotations(gd, "validate")  # a classifier's labels, a detector's boxes...
     native = measure_native(session, gd, str(model), runner)
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
-    ref_session = runner.open(reference) if reference is not None else None
     ref = compare_reference(reference, ref_session, gd, native, str(model), runner) if reference is not None else None
     emulated = {x: measure_target(model, x, gd, native, kernels, runner) for x in target_list if x != "native"}
     latency, ref_latency = (measure_latencies(session, gd, latency_batch_sizes, warmup=warmup, repeats=repeats,

@@ -204,10 +204,9 @@ class ReferenceComparison:
 
 def compare_reference(reference: str | Path, session: Any, data: GroupData | DataStream, native: Measured,
                       model: str, runner: Runner) -> ReferenceComparison:
-    """Run the reference's optimized ``session`` (opened once by the caller, who times it too);
-    DataError when it is not the same task (class count)."""
+    """Run the reference's optimized ``session`` (opened once by the caller, who times it too and
+    checked that it takes ``data``); DataError when it is not the same task (class count)."""
     ref_name = str(reference)
-    check_data(data, ref_name, input_shape(session))
     ref = runner.measure(session, data, ref_name, "reference")
     ref_c, c = ref.metrics.num_classes, native.metrics.num_classes
     if ref_c != c:

@@ -325,16 +325,16 @@ def validate(data: GroupData) -> GroupData:
     return validate_group_data(data.x, data.y, data.group, list(data.group_names), data.source, data.annotations)
 
 
-def check_vocabulary(data: GroupData, vocab: int, layer: str) -> None:
-    """Raise :class:`DataError` unless every token id of ``x`` is in ``[0, vocab)`` (``vocab``: the
-    ``num_embeddings`` of the Embedding ``layer`` that reads ``x``); ``x`` holds integers, or whole
-    numbers stored as floats (which ONNX Runtime casts to its integer input: -1 would then read
-    the table's last row)."""
-    if data.x.size == 0 or not (np.issubdtype(data.x.dtype, np.integer) or np.issubdtype(data.x.dtype, np.floating)):
+def check_vocabulary(x: np.ndarray, source: str, vocab: int, layer: str) -> None:
+    """Raise :class:`DataError` (naming ``source``) unless every token id of ``x`` is in ``[0,
+    vocab)`` (``vocab``: the ``num_embeddings`` of the Embedding ``layer`` that reads ``x``); ``x``
+    holds integers, or whole numbers stored as floats (which ONNX Runtime casts to its integer
+    input: -1 would then read the table's last row)."""
+    if x.size == 0 or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         return
-    lo, hi = int(data.x.min()), int(data.x.max())
+    lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi >= vocab:
-        raise data_error(data.source, MSG_VOCABULARY.format(value=lo if lo < 0 else hi, vocab=vocab, layer=layer))
+        raise data_error(source, MSG_VOCABULARY.format(value=lo if lo < 0 else hi, vocab=vocab, layer=layer))
 
 
 def require_labels(data: Any, stage: str) -> None:

@@ -370,7 +370,7 @@ def _token_data(n: int = 320, seed: int = 0):
     return validate_group_data(ids, y, group, ["a", "b"], "token-task")
 
 
-def test_embedding_rows_are_quantized_and_token_ids_stay_int64(tmp_path):
+def test_embedding_rows_are_quantized_and_token_ids_stay_int64(tmp_path, monkeypatch):
     data = _token_data()
     assert data.x.dtype == np.int64  # the reader keeps integer ids, never casts them to float
     torch.manual_seed(0)
@@ -401,6 +401,17 @@ def test_embedding_rows_are_quantized_and_token_ids_stay_int64(tmp_path):
     with pytest.raises(DataError, match=rf"oov.npz: field 'x' holds the token id {VOCAB + 3} outside the vocabulary "
                                         rf"\[0, {VOCAB}\) of the model's Embedding 'embed'"):
         validate(result.path, bad, measure_latency=False)
+    # the same test data as an .npz path (read as a stream, chunk by chunk: survey 73 got ORT's raw
+    # Gather error there), the bad id in the last sample past the first chunk
+    import fqexport.validation.data_checks as data_checks
+
+    x = data.x.copy()
+    x[-1, -1] = VOCAB + 3
+    np.savez(tmp_path / "oov.npz", x=x, y=data.y, group=data.group)
+    monkeypatch.setattr(data_checks, "_ID_CHUNK", 16)
+    with pytest.raises(DataError, match=rf"oov.npz: field 'x' holds the token id {VOCAB + 3} outside the vocabulary "
+                                        rf"\[0, {VOCAB}\) of the model's Embedding 'embed'"):
+        validate(result.path, str(tmp_path / "oov.npz"), measure_latency=False)
     # float ids: whole numbers are fed as the ids they are; a fractional one would be truncated
     whole = validate_group_data(data.x.astype(np.float32), data.y, data.group, ["a", "b"], "whole.npz")
     assert validate(result.path, whole, measure_latency=False).metrics.by_group == report.metrics.by_group

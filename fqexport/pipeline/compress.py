@@ -349,7 +349,7 @@ def check_token_ids(gm: torch.fx.GraphModule, data: GroupData, sub: GroupData, d
                 whole = x.size and float(x.min()) >= 0 and np.array_equal(x, np.round(x))
                 raise data_error(data.source, MSG_FLOAT_TOKENS.format(dtype=x.dtype, layer=node.target,
                                                                       unsigned=MSG_UNSIGNED_TOKENS if whole else ""))
-            check_vocabulary(data, int(mod.num_embeddings), str(node.target))
+            check_vocabulary(data.x, data.source, int(mod.num_embeddings), str(node.target))
         elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             computed.append(str(node.target))
     if computed:

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnx
 from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import is_npz_path, load_data, open_stream
-from fqexport.calibration.stream import DataStream, shape_origin_note
+from fqexport.calibration.stream import DataStream, ordered_x, shape_origin_note
 from fqexport.errors import DataError
 from fqexport.exporters.ort_session import fixed_batch, input_dtype
 
@@ -159,12 +159,29 @@ def check_data(data: GroupData | DataStream, model: str, expected: Sequence[Any]
     for gid, name in enumerate(data.group_names):
         if counts[gid] == 0:
             raise DataError(MSG_EMPTY_GROUP.format(source=data.source, name=name, gid=gid))
-    if isinstance(data, GroupData) and Path(model).is_file() and (
-            np.issubdtype(data.x.dtype, np.integer) or (input_type or "").startswith("tensor(int")):  # whole floats, checked above
-        for node, vocab in embedding_vocabularies(model):
-            check_vocabulary(data, vocab, node)
-    if isinstance(data, GroupData) and Path(model).is_file():
-        check_computed_ids(data, model)
+    if not Path(model).is_file():
+        return
+    dtype = data.x.dtype if isinstance(data, GroupData) else data.take(np.arange(1)).x.dtype
+    vocabularies = (embedding_vocabularies(model) if np.issubdtype(dtype, np.integer)
+                    or (input_type or "").startswith("tensor(int") else [])  # whole floats, checked above
+    for _, x in _x_chunks(data) if vocabularies else ():  # every id, a stream's (an .npz path's) chunk by chunk
+        for node, vocab in vocabularies:
+            check_vocabulary(x, data.source, vocab, node)
+    check_computed_ids(data, model)
+
+
+# samples per chunk of a stream read for the id checks
+_ID_CHUNK = 8192
+
+
+def _x_chunks(data: GroupData | DataStream, size: int = _ID_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    """(first sample's position, x) of ``data`` in order: a GroupData whole, a stream ``size``
+    samples at a time."""
+    if isinstance(data, GroupData):
+        yield 0, data.x
+        return
+    for start, x in zip(range(0, len(data), size), ordered_x(data, size)):
+        yield start, x
 
 
 def embedding_vocabularies(path: str | Path) -> list[tuple[str, int]]:
@@ -220,7 +237,7 @@ def _table_lookups(graph: onnx.GraphProto) -> list[_Lookup]:
     return found
 
 
-def check_computed_ids(data: GroupData, path: str | Path, batch_size: int = 256) -> None:
+def check_computed_ids(data: GroupData | DataStream, path: str | Path, batch_size: int = 256) -> None:
     """DataError (:data:`~fqexport.calibration.checks.MSG_COMPUTED_IDS`) when an Embedding of the
     file looks up, on a sample of ``data``, an id the graph computes from the input
     (``emb(x[:, 0].long())``) outside ``[0, rows)``: ONNX Runtime reads ``[-rows, 0)`` as rows
@@ -234,8 +251,8 @@ def check_computed_ids(data: GroupData, path: str | Path, batch_size: int = 256)
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     name, dtype, fixed = session.get_inputs()[0].name, input_dtype(session), fixed_batch(session)
     bs = fixed or int(batch_size)
-    for start in range(0, len(data), bs):
-        chunk = np.ascontiguousarray(data.x[start:start + bs], dtype=dtype)
+    for start, part in ((s + i, x[i:i + bs]) for s, x in _x_chunks(data) for i in range(0, len(x), bs)):
+        chunk = np.ascontiguousarray(part, dtype=dtype)
         n = len(chunk)
         if fixed and n < fixed:
             chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype)])

@@ -44,6 +44,7 @@ from fqexport.graph.prepare import (
     copy_model,
     decompose_attention_needed,
     first_output,
+    refuse_mapping_output,
     first_output_warning,
     unwrap_model,
 )
@@ -225,7 +226,7 @@ def _write_float(model: torch.nn.Module, example: torch.Tensor, path: Path, outp
                 out = model(example)
         except Exception:  # torch.onnx.export runs it again and says why it fails
             out = None
-        if out is not None and first_output(out) is not out:
+        if out is not None and refuse_mapping_output(first_output(out)) is not out:
             log.warning(first_output_warning(type(out), len(out)))
             model = _FirstOutput(model)
         proto = torch_to_onnx(model, example, what="float", output_name=output_name)

@@ -391,6 +391,26 @@ class _PositionTable(torch.nn.Module):
         return self.fc(h.mean(1))
 
 
+def test_export_float_refuses_a_dict_output_as_compress_does(tmp_path):
+    """A forward returning {"aux": ..., "logits": ...} was written with the aux head named "logits"
+    (survey 73); which value is the output is the user's to say, as compress's error asks."""
+    from fqexport.errors import ModelLoadError
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.aux, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 2), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.body(x)
+            return {"aux": self.aux(h), "logits": self.head(h)}
+
+    with pytest.raises(ModelLoadError, match=r"the model returns a dict \(keys 'aux', 'logits'\), not a tensor: .*"
+                                             r"a module whose forward returns model\(x\)\['aux'\]"):
+        export_float(TwoHeads(), torch.zeros(2, 6), tmp_path / "f.onnx")
+    assert not (tmp_path / "f.onnx").exists()
+
+
 def test_a_position_table_read_at_constant_indices_stays_float_and_exports(tmp_path):
     """``pos(arange(L))`` depends on the input's shape only: the ONNX exporter folds it into a
     constant, so it stays float with its reason; it was quantized, then export failed with 'weight

@@ -23,7 +23,7 @@ import re
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -462,6 +462,23 @@ def first_output_warning(kind: type, n: int) -> str:
     words = (f"namedtuple {kind.__name__}" if issubclass(kind, tuple) and hasattr(kind, "_fields")
              else "list" if issubclass(kind, list) else "tuple")
     return MSG_FIRST_OUTPUT.format(kind=words, n=n)
+
+
+MSG_MAPPING_OUTPUT = (
+    "the model returns a {kind} (keys {keys}), not a tensor: fqexport quantizes and exports a model "
+    "whose forward returns its output tensor (or a tuple that starts with it); wrap it, e.g. a module "
+    "whose forward returns model(x)[{first}]"
+)
+
+
+def refuse_mapping_output(out: Any) -> Any:
+    """``out`` unless it is a dict-like output (ModelLoadError, :data:`MSG_MAPPING_OUTPUT`: which
+    value is the model's output is the user's to say)."""
+    if isinstance(out, Mapping):
+        keys = ", ".join(repr(k) for k in list(out)[:6])
+        raise ModelLoadError(MSG_MAPPING_OUTPUT.format(kind=type(out).__name__, keys=keys,
+                                                       first=repr(next(iter(out), "logits"))))
+    return out
 
 
 def first_output(out: Any) -> Any:

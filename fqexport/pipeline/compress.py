@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from fqexport.graph.prepare import (
     copy_model,
     count_macs,
     first_output,
+    refuse_mapping_output,
     prepare_model,
     run_model,
     unwrap_model,
@@ -82,11 +83,6 @@ from fqexport.version import __version__
 
 log = logging.getLogger(__name__)
 
-MSG_MAPPING_OUTPUT = (
-    "the model returns a {kind} (keys {keys}), not a tensor: fqexport quantizes and exports a model "
-    "whose forward returns its output tensor (or a tuple that starts with it); wrap it, e.g. a module "
-    "whose forward returns model(x)[{first}]"
-)
 
 # Limits of the per-channel rescale applied by BN re-estimation (σ_float / σ_quant).
 _RESCALE_MIN, _RESCALE_MAX = 0.5, 2.0
@@ -407,12 +403,7 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     if is_head_maps(out, tuple(x.shape[2:])):
         maps = leaves(out)
         raise ModelLoadError(MSG_HEAD_MAPS.format(n=len(maps), shapes=", ".join(str(list(t.shape)) for t in maps)))
-    out = first_output(out)
-    if isinstance(out, Mapping):
-        keys = ", ".join(repr(k) for k in list(out)[:6])
-        raise ModelLoadError(MSG_MAPPING_OUTPUT.format(kind=type(out).__name__, keys=keys,
-                                                       first=repr(next(iter(out), "logits"))))
-    return out
+    return refuse_mapping_output(first_output(out))
 
 
 def model_task(model: nn.Module, data: GroupData | DataStream, task: str | Task | None) -> tuple[Task, str]:

@@ -165,6 +165,10 @@ def test_bits_9(mlp_files, tmp_path):
     # the search's own errors (survey 57): a pin's width, a pin naming no layer, a budget no allocation meets
     (["--budget-bits", "3", "--pin", "fc1=12"], "error: --pin: pins['fc1']=12 is not supported"),
     (["--budget-bits", "3", "--pin", "nosuch=8"], "error: --pin: pin 'nosuch' matches no layer (layers: fc1, fc2, fc3)"),
+    # survey 73: a pin on a layer that stays float is named as such, not as no layer
+    (["--budget-bits", "3", "--keep-float", "fc2", "--pin", "fc2=8"],
+     "error: --pin: pin 'fc2' matches 'fc2' (Linear; keep_float: fc2), which stay(s) float: no width to search; "
+     "drop the pin (quantizable layers: fc1, fc3)"),
     (["--budget-bops", "1000"], "error: --budget-bops: budget_bops=1000 cannot be met: the smallest allocation"),
     # survey 63: the field is num_candidates, the flag --candidates; folds beyond the data; two pins
     (["--budget-bits", "3", "--candidates", "0"], "error: --candidates: num_candidates=0 must be >= 1"),

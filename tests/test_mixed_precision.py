@@ -86,6 +86,22 @@ def test_search_stays_within_budget_and_honours_pins(search):
     assert search.compressed.avg_weight_bits == pytest.approx(alloc.avg_bits)
 
 
+def test_a_pin_on_a_float_layer_is_named_as_float_before_the_sensitivity(mlp_model, mlp_data, monkeypatch):
+    """survey 73: a pin on a layer that stays float said "matches no layer", after the sensitivity."""
+    def no_sensitivity(*args, **kwargs):
+        raise AssertionError("the sensitivity ran before the pins were checked")
+
+    monkeypatch.setattr(mp_module, "search_sensitivity", no_sensitivity)
+    base = QuantConfig(num_calib=64, keep_float=("fc2",))
+    with pytest.raises(ConfigError, match=r"^pin 'fc2' matches 'fc2' \(Linear; keep_float: fc2\), which stay\(s\) float: "
+                                          r"no width to search; drop the pin \(quantizable layers: fc1, fc3\)$"):
+        search_mixed_precision(mlp_model, mlp_data, MixedPrecisionConfig(budget_bits=4.0, pins={"fc1": 8, "fc2": 8}),
+                               base, progress=False)
+    with pytest.raises(ConfigError, match=r"^pin 'head' matches no layer \(layers: fc1, fc3\)$"):
+        search_mixed_precision(mlp_model, mlp_data, MixedPrecisionConfig(budget_bits=4.0, pins={"head": 8}),
+                               base, progress=False)
+
+
 def test_pin_first_last_pins_the_first_and_last_layer(mlp_model, mlp_data):
     # 4 average bits with fc1 (16384 weights) and fc3 (1024) held at 8: fc2 (65536) has
     # 4·82944 − 8·17408 = 192512 bit·params left, 2.94 bits per weight, so it gets 2

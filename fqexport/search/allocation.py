@@ -82,6 +82,8 @@ MSG_WEIGHTED = (
 MSG_GROUP = ("group_weights (the weighted objective's; CLI --objective-weights) names {name!r}, which is not a group "
              "of the calibration data (groups: {groups})")
 MSG_PIN_NONE = "pin {pattern!r} matches no layer (layers: {layers})"
+MSG_PIN_FLOAT = ("pin {pattern!r} matches {floats}, which stay(s) float: no width to search; drop the pin "
+                 "(quantizable layers: {layers})")
 MSG_PIN_CONFLICT = ("pins[{p!r}]={a} and pins[{q!r}]={b} both match layer {layer!r}: it is pinned twice with "
                     "different widths; give it one")
 MSG_PIN_FIRST_LAST = ("pin_first_last={bits} pins layer {layer!r} (the {which} quantizable layer), which pins[{p!r}] "
@@ -231,8 +233,10 @@ def resource_used(bits: Mapping[str, int], infos: Sequence[LayerCost], kind: str
     return total
 
 
-def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[str, int]:
-    """Layer name -> pinned width from name patterns (``fnmatch``; ``"fc"``, ``"layer3.*"``)."""
+def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str], floats: Sequence[Any] = ()) -> dict[str, int]:
+    """Layer name -> pinned width from name patterns (``fnmatch``; ``"fc"``, ``"layer3.*"``).
+    ``floats``: the model's weight layers left float (``FloatLayer``: name, kind, reason), which a
+    pattern matching no quantizable layer is told to match (:data:`MSG_PIN_FLOAT`)."""
     out: dict[str, int] = {}
     by: dict[str, str] = {}  # layer -> the pattern that pinned it
     for pattern, bits in dict(pins or {}).items():
@@ -240,7 +244,9 @@ def resolve_pins(pins: Mapping[str, int] | None, layers: Sequence[str]) -> dict[
             raise ConfigError(MSG_PIN_BITS.format(pattern=pattern, bits=bits))
         hits = [l for l in layers if fnmatch.fnmatchcase(l, pattern)]
         if not hits:
-            raise ConfigError(MSG_PIN_NONE.format(pattern=pattern, layers=", ".join(layers)))
+            kept = [f"'{f.name}' ({f.kind}; {f.reason})" for f in floats if fnmatch.fnmatchcase(f.name, pattern)]
+            raise ConfigError(MSG_PIN_FLOAT.format(pattern=pattern, floats=", ".join(kept), layers=", ".join(layers))
+                              if kept else MSG_PIN_NONE.format(pattern=pattern, layers=", ".join(layers)))
         for l in hits:
             if l in out and out[l] != int(bits):
                 raise ConfigError(MSG_PIN_CONFLICT.format(layer=l, p=by[l], a=out[l], q=pattern, b=int(bits)))

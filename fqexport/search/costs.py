@@ -6,15 +6,16 @@ import torch
 from torch import nn
 
 from fqexport.config import WeightSpec
-from fqexport.graph.prepare import count_macs, prepare_model
+from fqexport.graph.prepare import FloatLayer, count_macs, prepare_model
 from fqexport.model import weight_rows
 from fqexport.search.allocation import LayerCost
 
 
-def model_costs(model: nn.Module, example: torch.Tensor, weights: WeightSpec) -> tuple[list[LayerCost], int]:
+def model_costs(model: nn.Module, example: torch.Tensor,
+                weights: WeightSpec) -> tuple[list[LayerCost], tuple[FloatLayer, ...]]:
     """Params, MACs per sample and output channels of each layer ``weights`` quantizes (BN
-    folded; unsupported and ``keep_float`` layers left out), and the weight parameters that
-    stay float. ``example``: a batch of two samples, as ``compress`` traces with (torch.export,
+    folded; unsupported and ``keep_float`` layers left out), and the weight layers that stay
+    float (their parameters count at 32 bits). ``example``: a batch of two samples, as ``compress`` traces with (torch.export,
     the fallback of a model fx cannot trace, fixes a batch of one as a constant); the MACs are
     counted on its first sample."""
     prepared = prepare_model(model, weights.skip_unsupported, weights.keep_float, example=example)
@@ -23,7 +24,7 @@ def model_costs(model: nn.Module, example: torch.Tensor, weights: WeightSpec) ->
     # output channels: one scale each (a ConvTranspose2d's are on its weight's axis 1)
     costs = [LayerCost(i.name, i.params, macs.get(i.name, 0), weight_rows(i.kind, modules[i.name].weight).shape[0],
                        i.kind) for i in prepared.layers]
-    return costs, prepared.float_params
+    return costs, prepared.float_layers
 
 
 def layer_costs(model: nn.Module, example: torch.Tensor, skip_unsupported: bool = False) -> list[LayerCost]:

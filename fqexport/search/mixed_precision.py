@@ -75,6 +75,8 @@ from fqexport.search.allocation import (
     Allocation,
     AllocationOptions,
     check_group_weights,
+    resolve_pins,
+    search_pins,
 )
 from fqexport.search.byte_budget import (
     allocation_key,
@@ -155,9 +157,11 @@ def search_mixed_precision(
         # with a single split the table sees only the held-in part; with folds, every sample is
         # held out once anyway, so the table uses them all (it only ranks candidates: the
         # verification below still measures every fit on samples it was not fitted on)
-        layers, float_params = model_costs(model, example_batch(data), base.weights)
+        layers, floats = model_costs(model, example_batch(data), base.weights)
+        float_params, names = sum(f.params for f in floats), [l.name for l in layers]
+        resolve_pins(search_pins(mp.pins, names, mp.pin_first_last), names, floats)  # before any measurement
         table = sensitivity or search_sensitivity(model, splits[0][0] if len(splits) == 1 else data, mp, base,
-                                                  progress=progress, engine=engine, layers=[l.name for l in layers],
+                                                  progress=progress, engine=engine, layers=names,
                                                   task=task)
 
     with _timed(seconds, "allocation"):

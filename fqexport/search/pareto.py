@@ -131,9 +131,10 @@ class BudgetFloor:
     def of(cls, model: nn.Module, data: GroupData | DataStream, mp: MixedPrecisionConfig,
            base: QuantConfig) -> BudgetFloor:
         """The floor of searching ``model`` with ``mp``'s widths and pins and ``base``'s storage and target."""
-        layers, float_params = model_costs(model, example_batch(data), base.weights)
+        layers, floats = model_costs(model, example_batch(data), base.weights)
+        float_params = sum(f.params for f in floats)
         pinned = resolve_pins(search_pins(mp.pins, [l.name for l in layers], mp.pin_first_last),
-                              [l.name for l in layers])
+                              [l.name for l in layers], floats)
         _, resources = layer_options(layers, mp.bit_choices, pinned, "bits", base.storage, base.target)
         mins = tuple(min(r) for r in resources)
         return cls(mins, tuple(layers), int(float_params), min(mp.bit_choices))

@@ -138,6 +138,30 @@ class _SharedHidden(nn.Module):
         return self.out(self.shared(torch.relu(self.shared(torch.relu(self.inp(x))))))
 
 
+class _SharedFunctional(nn.Module):
+    """One Parameter read by F.linear at two sites (and a Linear module once)."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(features, 16)
+        self.w = nn.Parameter(torch.randn(16, 16) * 0.2)
+        self.out = nn.Linear(16, classes)
+
+    def forward(self, x):
+        h = torch.relu(torch.nn.functional.linear(torch.relu(self.inp(x)), self.w))
+        return self.out(torch.relu(torch.nn.functional.linear(h, self.w)))
+
+
+def test_a_functional_weight_called_twice_is_listed_as_called_twice(mlp_data):
+    """survey 73: listed as a bare "F.linear", reason unsupported, as if F.linear were unsupported
+    (the same F.linear at one site is quantized)."""
+    model = _SharedFunctional(mlp_data.x.shape[1], int(mlp_data.y.max()) + 1).eval()
+    cm = compress(model, mlp_data, QuantConfig(num_calib=64), progress=False)
+    assert sorted(cm.layers) == ["inp", "out"]
+    assert [(f.name, f.kind, f.params) for f in cm.metadata.float_layers] == [
+        ("w", "F.linear called 2 times in forward()", 256)]
+
+
 def test_a_layer_called_twice_stays_float_like_a_tied_weight(mlp_data):
     """One module at two call sites (timm CoaT's shared conv position encoding) stays float with a
     warning, as layers fqexport cannot quantize do; compress refused the whole model before."""

@@ -298,7 +298,7 @@ def test_a_functional_weight_called_twice_stays_float_and_a_shared_computed_one_
     net = TwiceCalled().eval()
     p = prepare_model(net)
     assert p.names == ["v", "v_1", "head"]  # the computed weight's copies: named after its parameter
-    assert [(f.name, f.kind) for f in p.float_layers] == [("w", "F.conv2d")]  # not refused as called twice
+    assert [(f.name, f.kind) for f in p.float_layers] == [("w", "F.conv2d called 2 times in forward()")]  # float, not refused
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(p.folded(x), net(x))

@@ -14,7 +14,7 @@ import torch.fx
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
 from fqexport.graph.act_quant import round_biases_to_int32_grid, rounding_jitter
-from fqexport.graph.prepare import all_float_layers, count_macs
+from fqexport.graph.prepare import all_float_layers, count_macs, recurrent_op_layers
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
@@ -179,7 +179,8 @@ class CompressedModel:
         """Multiply-accumulates per sample of the float layers ``names`` that are Conv/Linear
         modules of the reference, on one calibration sample (others: 0, as an Embedding's)."""
         modules = dict(self.reference.named_modules())
-        names = [n for n in names if isinstance(modules.get(n), MAC_MODULES)]
+        # or a .pt2 program's recurrent op (aten.gru: no module runs it; count_macs reads its recorded shapes)
+        names = [n for n in names if isinstance(modules.get(n), MAC_MODULES) or n in recurrent_op_layers(self.reference)]
         if not names or self.calib is None or not len(self.calib.x):
             return {}
         with torch.no_grad():

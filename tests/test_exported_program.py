@@ -594,3 +594,33 @@ def test_a_pt2_fixed_at_one_length_refuses_data_of_another(tmp_path):
         compress(load_model(path), data(48), QuantConfig(num_calib=32), progress=False)
     cm = compress(load_model(path), data(32), QuantConfig(num_calib=32), progress=False)  # its own length runs
     assert tuple(cm.metadata.input_shape) == (2, 32)
+
+
+class _GruText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.GRU(16, 24, batch_first=True), nn.Linear(24, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x))
+        return self.fc(h[:, -1])
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")  # torch.export's own note on nn.GRU
+def test_a_pt2_recurrent_layer_is_listed_as_the_module_it_came_from(tmp_path):
+    """A .pt2 runs nn.GRU as aten.gru over four parameters: listed as 'rnn' (GRU) with its MACs, as
+    the nn.Module is (survey 73: two bare Parameters "read directly", MACs 0)."""
+    torch.manual_seed(0)
+    net = _GruText().eval()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, (160, 12)).astype(np.int64)
+    data = GroupData(x, rng.integers(0, 3, 160), (rng.random(160) < 0.3).astype(np.int64), ("a", "b"), "gru")
+    ep = torch.export.export(net, (torch.from_numpy(x[:4]),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, str(tmp_path / "gru.pt2"))
+    config = QuantConfig(num_calib=64, method="rtn")
+    module = compress(net, data, config, progress=False).metadata.float_layers
+    program = compress(load_model(tmp_path / "gru.pt2"), data, config, progress=False).metadata.float_layers
+    gru = 3 * 24 * (16 + 24)  # gates · H · (input + state)
+    assert [(f.name, f.kind, f.params, f.macs, f.reason) for f in program] == [
+        ("rnn", "GRU", gru, 12 * gru, "unsupported")]
+    assert [(f.name, f.kind, f.params, f.macs) for f in module] == [(f.name, f.kind, f.params, f.macs) for f in program]

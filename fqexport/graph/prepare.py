@@ -603,6 +603,8 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                 not isinstance(mod, QUANTIZABLE) and _weight_params(mod, recurse=True)
             ):
                 out[name] = FloatLayer(name, type(mod).__name__, _weight_params(mod, recurse=True))
+        elif (layer := _recurrent_op_layer(gm, node)) is not None:
+            out[layer.name] = layer
         elif (op := _product_op(node)) is not None:
             operands = [n for a in (*node.args, *node.kwargs.values()) for n in (a if isinstance(a, (list, tuple)) else [a])]
             if (layer := _float_weight_operand(gm, operands, f"torch.{op}")) is not None:
@@ -630,6 +632,27 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
             out[target] = FloatLayer(target, f"Parameter {tuple(param.shape)}", int(param.numel()),
                                      reason=READ_DIRECTLY)
     return list(out.values())
+
+
+# aten's recurrent ops (a torch.export program runs nn.GRU / LSTM / RNN as one of these) -> the module's name
+_RECURRENT_OPS = {"gru": "GRU", "lstm": "LSTM", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+
+
+def _recurrent_op_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FloatLayer | None:
+    """The float layer of an aten recurrent op (``aten.gru.input`` of a .pt2 program) that reads
+    parameters: named after their owner (``rnn`` of ``rnn.weight_ih_l0``) and the module it runs,
+    as the nn.GRU it came from is listed; None for any other node."""
+    kind = _RECURRENT_OPS.get(getattr(node.target, "_opname", "")) if node.op == "call_function" else None
+    if kind is None:
+        return None
+    flat = [n for a in node.args for n in (a if isinstance(a, (list, tuple)) else [a])]
+    params = [str(n.target) for n in flat if isinstance(n, torch.fx.Node) and n.op == "get_attr"]
+    if not params:
+        return None
+    owners = {layer_owner(t) for t in params}
+    name = owners.pop() if len(owners) == 1 else params[0]
+    weights = [p for t in params if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+    return FloatLayer(name, kind, sum(int(p.numel()) for p in weights))
 
 
 def _tables_read_directly(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
@@ -1147,6 +1170,32 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
                          floats)
 
 
+def recurrent_op_layers(model: nn.Module) -> set[str]:
+    """The layers of ``model``'s graph that an aten recurrent op runs (:func:`_recurrent_op_layer`)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return set()
+    return {layer.name for node in model.graph.nodes if (layer := _recurrent_op_layer(model, node)) is not None}
+
+
+def _recurrent_op_macs(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Multiply-accumulates per sample of the aten recurrent ops (:func:`_recurrent_op_layer`) of
+    a graph named ``names``, from the input shapes the program recorded (``node.meta["val"]``):
+    every step multiplies each weight matrix once, ``steps · Σ weights``; a symbolic length: none."""
+    if not names or not isinstance(model, torch.fx.GraphModule):
+        return {}
+    out: dict[str, int] = {}
+    for node in model.graph.nodes:
+        layer = _recurrent_op_layer(model, node)
+        shape = getattr(getattr(node.args[0], "meta", {}).get("val"), "shape", None) if layer else None
+        if layer is None or layer.name not in names or shape is None or len(shape) not in (2, 3):
+            continue
+        batch_first = bool(node.args[8]) if len(node.args) > 8 else False
+        steps = shape[1] if len(shape) == 3 and batch_first else shape[0]
+        if isinstance(steps, int):
+            out[layer.name] = out.get(layer.name, 0) + steps * layer.params
+    return out
+
+
 def _recurrent_macs(mod: nn.RNNBase, x: torch.Tensor) -> int:
     """Multiply-accumulates per sequence of an RNN / GRU / LSTM on input ``x`` (a packed sequence:
     0): every step, every layer and direction multiplies its input and its recurrent state by
@@ -1192,8 +1241,11 @@ def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
 
         return hook
 
+    ops = recurrent_op_layers(model)
     for name in names:
-        hooks.append(modules[name].register_forward_hook(make_hook(name)))
+        if name not in ops:
+            hooks.append(modules[name].register_forward_hook(make_hook(name)))
+    macs.update(_recurrent_op_macs(model, [n for n in names if n in ops]))
     try:
         with torch.no_grad():
             model(example)

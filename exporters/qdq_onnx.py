@@ -44,8 +44,8 @@ from fqexport.graph.prepare import (
     copy_model,
     decompose_attention_needed,
     first_output,
-    refuse_mapping_output,
     first_output_warning,
+    refuse_mapping_output,
     unwrap_model,
 )
 from fqexport.metadata import layer_records

@@ -176,11 +176,11 @@ class CompressedModel:
         ]
 
     def _float_macs(self, names: list[str]) -> dict[str, int]:
-        """Multiply-accumulates per sample of the float layers ``names`` that are Conv/Linear
-        modules of the reference, on one calibration sample (others: 0, as an Embedding's)."""
-        modules = dict(self.reference.named_modules())
-        # or a .pt2 program's recurrent op (aten.gru: no module runs it; count_macs reads its recorded shapes)
-        names = [n for n in names if isinstance(modules.get(n), MAC_MODULES) or n in recurrent_op_layers(self.reference)]
+        """Multiply-accumulates per sample of the float layers ``names`` that are Conv/Linear/RNN
+        modules of the reference or a .pt2 program's recurrent ops (``aten.gru``: no module runs
+        them), on one calibration sample (others: 0, as an Embedding's)."""
+        modules, ops = dict(self.reference.named_modules()), recurrent_op_layers(self.reference)
+        names = [n for n in names if isinstance(modules.get(n), MAC_MODULES) or n in ops]
         if not names or self.calib is None or not len(self.calib.x):
             return {}
         with torch.no_grad():

@@ -50,8 +50,8 @@ from fqexport.graph.prepare import (
     copy_model,
     count_macs,
     first_output,
-    refuse_mapping_output,
     prepare_model,
+    refuse_mapping_output,
     run_model,
     unwrap_model,
 )

@@ -82,9 +82,11 @@ class FirstRead:
     items' fields, the labels and groups (``check_groups``: the groups came from the items)."""
 
     def __init__(self, source: str, y: np.ndarray | None, group: np.ndarray, names: Sequence[str],
-                 dtype: str, fields: int, check_groups: bool) -> None:
+                 dtype: str, fields: int, check_groups: bool, ids_named: bool = False) -> None:
         self.source, self.y, self.group, self.names = source, y, group, tuple(names)
         self.dtype, self.fields, self.check_groups = dtype, fields, check_groups
+        # the items' integer group ids were named by the first read (id k: the group 'group{k}')
+        self.ids_named = ids_named
 
     @classmethod
     def establish(cls, source: str, n: int, shape: Sequence[int], dtype: str, fields: int, y_raw: Any,
@@ -99,8 +101,10 @@ class FirstRead:
             raise DataError(MSG_NO_GROUPS.format(source=source))
         if not shape:
             raise DataError(MSG_X_NDIM.format(source=source, shape=(n, *shape)))
+        ids_named = names is None and np.asarray(g_raw).dtype.kind in "iufb"
         y, group, names = validate_targets(y_raw, g_raw, names, n, source)
-        return cls(source, y, group, names, dtype, fields, check_groups=groups_from_items and fields == 3)
+        return cls(source, y, group, names, dtype, fields, check_groups=groups_from_items and fields == 3,
+                   ids_named=ids_named)
 
     def check(self, idx: np.ndarray, dtype: str, ys: Sequence[Any] | None, gs: Sequence[Any] | None) -> None:
         if dtype != self.dtype:
@@ -108,7 +112,10 @@ class FirstRead:
         if self.y is not None and ys is not None and self.fields >= 2:
             _same(self.source, idx, "label", np.asarray(ys), self.y[idx])
         if self.check_groups and gs is not None:
-            got = group_ids(dataset_groups(list(gs), self.source), self.names, self.source, idx)
+            raw = dataset_groups(list(gs), self.source)
+            if self.ids_named and np.asarray(raw).dtype.kind in "iufb":  # ids 1, 2 are 'group1', 'group2'
+                raw = np.array([f"group{int(k)}" for k in np.asarray(raw).tolist()])
+            got = group_ids(raw, self.names, self.source, idx)
             _same(self.source, idx, "group", got, self.group[idx])
 
 

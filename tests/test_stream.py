@@ -218,3 +218,33 @@ def test_a_list_of_batches_is_read_like_any_iterable_of_batches(mlp_data):
     # a list of samples stays a list of samples
     samples = [(mlp_data.x[i], int(mlp_data.y[i]), int(mlp_data.group[i])) for i in range(10)]
     assert len(open_stream(samples).y) == 10
+
+
+@pytest.mark.parametrize("kind", ["dataset", "dataloader", "iterable"])
+def test_integer_group_ids_with_a_gap_stream_as_the_groups_they_name(mlp_data, kind):
+    """Items' group ids 1 and 5 (Fitzpatrick types, say) are the groups 'group1' and 'group5', as in
+    an .npz; every later batch read the raw ids as positions into those names (survey 75: "holds
+    the id 5 but group_names has only 2 names", or "its group is 1 in this pass but was 0")."""
+    ids = np.where(mlp_data.group == 1, 5, 1)
+    items = [(torch.from_numpy(mlp_data.x[i]), int(mlp_data.y[i]), int(ids[i])) for i in range(len(ids))]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(items)
+
+    source = {"dataset": Items(), "dataloader": torch.utils.data.DataLoader(Items(), batch_size=64),
+              "iterable": Stream()}[kind]
+    stream = open_stream(source)
+    assert stream.group_names == ("group1", "group5")
+    np.testing.assert_array_equal(stream.group, mlp_data.group)
+    batches = [np.arange(0, 64), np.arange(len(ids) - 50, len(ids))]
+    for (x, _, g), idx in zip(stream.batches(batches), batches):
+        np.testing.assert_array_equal(x, mlp_data.x[idx])
+        np.testing.assert_array_equal(g, mlp_data.group[idx])

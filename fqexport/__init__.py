@@ -41,6 +41,8 @@ _PUBLIC: dict[str, str] = {
     "GroupsFromCSV": "fqexport.calibration.groups:GroupsFromCSV",
     "DataStream": "fqexport.calibration.stream:DataStream",
     "group_metrics": "fqexport.metrics.group_metrics:group_metrics",
+    "analyze": "fqexport.metrics.diagnostics:analyze",
+    "AnalysisReport": "fqexport.metrics.diagnostics:AnalysisReport",
     "CompressedModel": "fqexport.model:CompressedModel",
     "QuantizedLayer": "fqexport.model:QuantizedLayer",
     "ExportMetadata": "fqexport.metadata:ExportMetadata",

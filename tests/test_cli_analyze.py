@@ -65,6 +65,9 @@ def test_no_bits_gives_float_only(main, files, capsys):
         (["--data", "{d}/data.npz", "--tol", "0"], "tol=0.0 must be a finite number > 0"),
         # inf stopped the power iteration after 2 products, "converged" (survey 25)
         (["--data", "{d}/data.npz", "--tol", "inf"], "tol=inf must be a finite number > 0"),
+        (["--data", "{d}/data.npz", "--layer-bits", "fc3=9"], "--layer-bits=9 is not supported"),
+        (["--data", "{d}/data.npz", "--bits", "--keep-float", "fc2"],
+         "--keep-float: used only with quantized variants (--bits with a width)"),
     ],
 )
 def test_bad_input_exits_2_without_json(main, files, tmp_path, capsys, extra, message):
@@ -75,6 +78,20 @@ def test_bad_input_exits_2_without_json(main, files, tmp_path, capsys, extra, me
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not out.exists()
+
+
+def test_keep_float_and_layer_bits_reach_every_variant_and_its_summary(main, files, tmp_path, capsys):
+    """Acting on analyze's advice (survey 74: only the undocumented API's config= could)."""
+    out = tmp_path / "analysis.json"
+    assert main(["--quiet", "analyze", "--model", "fixtures_models:tiny_mlp", "--weights", files / "mlp.pt",
+                 "--data", files / "data.npz", "--bits", 4, 2, "--hessian-iters", 0, "--max-samples-per-group", 16,
+                 "--keep-float", "fc2", "--layer-bits", "fc3=8", "--json", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for w in ("W4A8", "W2A8"):
+        assert any(l.startswith(f"{w}: ") and l.endswith(f"; not at {w}'s width: 1 weight layer(s) float "
+                                                         "('fc2' [keep_float: fc2]); 'fc3' at 8 bits") for l in lines)
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["keep_float"] == ["fc2"] and settings["layer_bits"] == {"fc3": 8}
 
 
 def test_bad_model_and_bad_options(main, files, capsys):

@@ -24,6 +24,7 @@ from fqexport.metrics.diagnostics import (
     power_iteration,
     top_eigenvalue,
 )
+from fqexport.config import QuantConfig
 from fqexport.errors import ConfigError, DataError
 
 
@@ -226,6 +227,36 @@ def test_summary_names_a_hurt_group_only_when_one_was_hurt():
     assert ("W2A8: most hurt group 'b': accuracy -25.00 pp (-1 right of 4 samples), loss +0.4000, λ_max ×1, "
             "grad norm ×1; one prediction of a 4-sample group (25.00 pp): too few samples to single it out "
             "(validate's per-group McNemar p tells)") in lines
+
+
+def test_summary_caveats_a_few_predictions_and_leaves_out_an_unknown_lambda():
+    """survey 74: a 4-sample group losing 2 predictions was named most hurt with no caveat; with
+    --hessian-iters 0 every line said 'λ_max ×n/a'."""
+    nan = float("nan")
+    base = dict(logit_variance=1.0, grad_norm=1.0, top_hessian_eigenvalue=nan, hessian_iterations=0,
+                hessian_converged=False)
+    before = {"big": GroupDiagnostics(count=600, total=600, accuracy=0.95, loss=0.2, **base),
+              "tiny": GroupDiagnostics(count=4, total=4, accuracy=1.0, loss=0.1, **base)}
+    after = {"big": GroupDiagnostics(count=600, total=600, accuracy=0.90, loss=0.3, **base),
+             "tiny": GroupDiagnostics(count=4, total=4, accuracy=0.5, loss=0.9, **base)}
+    lines = AnalysisReport(("big", "tiny"), (FLOAT_VARIANT, "W2A8"), {FLOAT_VARIANT: before, "W2A8": after}).summary()
+    assert lines == ["W2A8: most hurt group 'tiny': accuracy -50.00 pp (-2 right of 4 samples), loss +0.8000, "
+                     "grad norm ×1; 2 predictions of a 4-sample group (25.00 pp each): too few to single it out "
+                     "beside the other groups (validate's per-group McNemar p tells)"]
+
+
+def test_analyze_names_the_layers_a_variant_leaves_off_its_width(mlp_model, mlp_data):
+    """survey 74: a variant with a layer kept float (or at a layer_bits width) was reported as
+    plain W2A8: an archived analysis described another model than the one measured."""
+    from fqexport import analyze as top_level
+
+    assert top_level is analyze  # a top-level name, as the README says of every user-facing one
+    report = analyze(mlp_model, mlp_data, bits=(2,), hessian_iters=0, max_samples_per_group=32,
+                     config=QuantConfig(keep_float=("fc2",), layer_bits={"fc3": 8}))
+    layers = report.to_dict()["settings"]["layers"]["W2A8"]
+    assert layers == {"float": {"fc2": "keep_float: fc2"}, "other_widths": {"fc3": 8}}
+    (line,) = report.summary()
+    assert line.endswith("; not at W2A8's width: 1 weight layer(s) float ('fc2' [keep_float: fc2]); 'fc3' at 8 bits")
 
 
 class _TokenBag(nn.Module):

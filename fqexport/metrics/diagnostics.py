@@ -94,6 +94,10 @@ ROW_COLUMNS = ["group", "variant", "n", "acc %", "loss", "logit var", "grad norm
 
 MSG_ONE_PREDICTION = ("; one prediction of a {n}-sample group ({step:.2f} pp): too few samples to single it out "
                       "(validate's per-group McNemar p tells)")
+# a most-hurt group whose drop is this few predictions (and under 100 samples) is named with a caveat
+FEW_PREDICTIONS = 3
+MSG_FEW_PREDICTIONS = ("; {k} predictions of a {n}-sample group ({step:.2f} pp each): too few to single it out "
+                       "beside the other groups (validate's per-group McNemar p tells)")
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,15 @@ def group_diagnostics(
 # --------------------------------------------------------------------------------------------
 
 
+def _few_predictions(right: int, n: int) -> str:
+    """The caveat of a most-hurt group whose change is a few predictions of a small group."""
+    if n >= 100 or not right or abs(right) > FEW_PREDICTIONS:
+        return ""
+    if abs(right) == 1:
+        return MSG_ONE_PREDICTION.format(n=n, step=100.0 / n)
+    return MSG_FEW_PREDICTIONS.format(k=abs(right), n=n, step=100.0 / n)
+
+
 def variant_name(bits: int) -> str:
     """Table name of a weight width: ``W4A8`` (activations: ``ACTIVATION_BITS``)."""
     return f"W{int(bits)}A{ACTIVATION_BITS}"
@@ -366,7 +379,9 @@ class AnalysisReport:
         group_names: groups, in id order.
         variants: ``"float"`` then ``variant_name(b)`` (``"W<b>A8"``) per weight width.
         diagnostics: ``{variant: {group: GroupDiagnostics}}``.
-        settings: how it was measured (method, bits, hessian_iters, tol, samples, seed, data).
+        settings: how it was measured (method, bits, hessian_iters, tol, samples, seed, data),
+            and per variant the weight layers not at its width (``layers``: float ones with their
+            reason, ``layer_bits`` ones with theirs), named in :meth:`summary` too.
     """
 
     group_names: tuple[str, ...]
@@ -421,11 +436,23 @@ class AnalysisReport:
             lines.append(
                 f"{variant}: {'most hurt group' if hurt else 'no group hurt; the least helped'} '{worst}': "
                 f"accuracy {0.0 - c['acc_drop_pp']:+.2f} pp ({right:+d} right of {n} samples), "  # 0.0 - x: never -0.00
-                f"loss {c['loss_increase']:+.4f}, λ_max ×{_fmt(c['hessian_ratio'], '.3g')}, "
-                f"grad norm ×{_fmt(c['grad_norm_ratio'], '.3g')}"
-                + (MSG_ONE_PREDICTION.format(n=n, step=100.0 / n) if abs(right) == 1 and n < 100 else "")
+                f"loss {c['loss_increase']:+.4f}, "
+                # λ_max unknown (--hessian-iters 0, or no second derivative): left out, as the table says n/a
+                + (f"λ_max ×{c['hessian_ratio']:.3g}, " if not math.isnan(c["hessian_ratio"]) else "")
+                + f"grad norm ×{_fmt(c['grad_norm_ratio'], '.3g')}"
+                + _few_predictions(right, n) + self._not_at_width(variant)
             )
         return lines
+
+    def _not_at_width(self, variant: str) -> str:
+        """``variant``'s weight layers that are not at its width (float, or a ``layer_bits``
+        width), as a clause of its summary line (``settings["layers"]``)."""
+        layers = self.settings.get("layers", {}).get(variant, {})
+        floats, other = layers.get("float", {}), layers.get("other_widths", {})
+        parts = ([f"{len(floats)} weight layer(s) float ({', '.join(f'{n!r} [{r}]' for n, r in floats.items())})"]
+                 if floats else [])
+        parts += [f"{', '.join(f'{n!r} at {b} bits' for n, b in other.items())}"] if other else []
+        return f"; not at {variant}'s width: {'; '.join(parts)}" if parts else ""
 
     def rows(self) -> list[dict[str, str]]:
         """One row per (group, variant), formatted for a text table (columns: ROW_COLUMNS)."""
@@ -514,13 +541,19 @@ def analyze(
     check_model_on_data(model, data)
     folded, _ = fold_batchnorm(model, example_batch(data))
     diagnostics = {FLOAT_VARIANT: group_diagnostics(folded, data, **kwargs)}
+    layers: dict[str, dict[str, Any]] = {}  # per variant: its weight layers not at its width
     for cfg in configs:
         cm = compress(model, calib_data, cfg, progress=progress)
-        diagnostics[variant_name(cfg.weight_bits)] = group_diagnostics(cm.reference, data, **kwargs)
+        name = variant_name(cfg.weight_bits)
+        diagnostics[name] = group_diagnostics(cm.reference, data, **kwargs)
+        layers[name] = {"float": {f.name: f.reason or "unsupported" for f in cm.metadata.float_layers},
+                        "other_widths": {n: l.bits for n, l in cm.layers.items() if l.bits != cfg.weight_bits}}
     settings = {
         "data": data.source, "calib": calib_data.source, "method": method, "bits": widths,
         "activation_bits": ACTIVATION_BITS, "hessian_iters": hessian_iters, "tol": tol,
         "max_samples_per_group": max_samples_per_group, "seed": seed, "batch_size": batch_size,
+        # per variant: the weight layers not at its width (float: unsupported or keep_float; layer_bits)
+        "layers": layers, "keep_float": [str(p) for p in base.keep_float], "layer_bits": dict(base.layer_bits),
         "gradients": "quantized variants: clipped straight-through estimator through activation "
                      "fake quantization; parameters are the dequantized weights",
         "logit_variance": "mean over samples of the population variance of the logit vector across classes",

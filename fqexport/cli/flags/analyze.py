@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fqexport.cli.common import SEED, HelpFormatter, common_options, int_at_least
+from fqexport.cli.common import SEED, HelpFormatter, common_options, int_at_least, parse_layer_bits
 from fqexport.cli.flags.shared import OnlyWith, add_model_options, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import check_bits
@@ -43,6 +43,12 @@ def add_analyze_parser(subparsers) -> None:
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4], metavar="B",
                    help="weight widths to compare with float (default: 8 4; a bare --bits with no width: float only)")
     p.add_argument("--method", choices=["rtn", "solver"], default=None, help="weight quantizer (default: rtn)")
+    p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
+                   help="a layer's width in every quantized variant, overriding --bits for it (repeatable): "
+                   "to check what keeping a hurt layer wider buys each group")
+    p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                   help="keep matching weight layers float in every quantized variant (repeatable; patterns as "
+                   "compress --keep-float); the summary names the layers each variant leaves off its width")
     p.add_argument("--hessian-iters", type=int_at_least(0), default=20,
                    help="max Hessian-vector products of the power iteration (0: skip λ_max)")
     p.add_argument("--tol", type=float, default=None,
@@ -58,8 +64,8 @@ def add_analyze_parser(subparsers) -> None:
 # The flags that count only with another option (shared.refuse_ignored); their parse default is
 # None so that a given one is seen (analyze() holds the defaults).
 ANALYZE_ONLY_WITH = (
-    OnlyWith({"calib": "--calib", "method": "--method"}, "quantized variants (--bits with a width)",
-             lambda a: bool(a.bits)),
+    OnlyWith({"calib": "--calib", "method": "--method", "layer_bits": "--layer-bits", "keep_float": "--keep-float"},
+             "quantized variants (--bits with a width)", lambda a: bool(a.bits)),
     OnlyWith({"tol": "--tol"}, "the power iteration (--hessian-iters above 0)", lambda a: a.hessian_iters > 0),
 )
 
@@ -73,6 +79,8 @@ def check_analyze(args: argparse.Namespace) -> None:
     )
     for bits in args.bits:
         check_bits(bits, "--bits")
+    for bits in parse_layer_bits(args.layer_bits).values():
+        check_bits(bits, "--layer-bits")
     task, _ = task_spec(args)
     if task not in (None, "classification"):
         raise ConfigError(MSG_NOT_CLASSIFIER.format(task=task, metric=TASK_METRICS[task]))

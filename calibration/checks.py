@@ -360,11 +360,11 @@ def check_labels(data: GroupData, num_classes: int) -> None:
     for data without labels)."""
     if data.y is None or data.y.size == 0:
         return
-    lo, hi = int(data.y.min()), int(data.y.max())
-    if lo < 0 or hi >= num_classes:
-        value = lo if lo < 0 else hi
+    bad = (data.y < 0) | (data.y >= num_classes)
+    if bad.any():
+        first = int(np.argmax(bad))
         raise data_error(
             data.source,
-            f"field 'y' holds the label {value} outside [0, {num_classes}) "
-            f"(the model has num_classes={num_classes}); check the labels or the model",
+            f"sample {first}: field 'y' holds the label {int(data.y[first])} outside [0, {num_classes}) "
+            f"({int(bad.sum())} sample(s) outside; the model has num_classes={num_classes}); check the labels or the model",
         )

@@ -148,9 +148,11 @@ def test_nan_in_x(mlp_files, tmp_path, bad_npz):
 def test_label_out_of_range(mlp_files, tmp_path, bad_npz):
     def relabel(y):
         y[0] = 9
+        y[37] = 7
 
     err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", calib=bad_npz(y=relabel)))
-    assert "bad.npz: field 'y' holds the label 9 outside [0, 4)" in err
+    # the first bad sample and how many (survey 75: neither was named)
+    assert "bad.npz: sample 0: field 'y' holds the label 9 outside [0, 4) (2 sample(s) outside;" in err
 
 
 def test_bits_9(mlp_files, tmp_path):

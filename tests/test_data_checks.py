@@ -54,7 +54,9 @@ def test_check_logits_names_output_shape_and_label_range():
     assert _error(check_logits, np.zeros(4), "m.onnx", data, kind=ModelLoadError) == MSG_OUTPUT.format(
         model="m.onnx", shape=[4])
     assert _error(check_logits, np.zeros((4, 2)), "m.onnx", data) == MSG_LABELS.format(
-        source="d.npz", label=2, model="m.onnx", num_classes=2, last=1)
+        source="d.npz", sample=2, label=2, model="m.onnx", num_classes=2, last=1, n=1)
+    assert "sample 2: label 2 is out of range" in MSG_LABELS.format(
+        source="d.npz", sample=2, label=2, model="m.onnx", num_classes=2, last=1, n=1)
 
 
 def test_read_test_data_rechecks_group_data_and_reads_a_path(tmp_path):

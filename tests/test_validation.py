@@ -484,6 +484,21 @@ def test_a_reference_of_another_input_is_named_before_any_measurement(setup, tmp
     assert measured == []  # refused before the model's pass over the data
 
 
+def test_a_label_past_the_outputs_is_refused_before_any_pass_naming_its_sample(setup, tmp_path, monkeypatch):
+    """survey 75: the label was refused only after a pass over the whole data (a stream read it a
+    second time), with no sample named."""
+    import fqexport.validation.gate as gate
+
+    d, data = setup
+    y = data.y.copy()
+    y[[100, 7]] = 9
+    np.savez(tmp_path / "bad.npz", x=data.x, y=y, group=data.group)
+    monkeypatch.setattr(gate, "measure_native", lambda *a, **k: pytest.fail("measured before the labels were checked"))
+    with pytest.raises(DataError, match=r"bad\.npz: sample 7: label 9 is out of range for model .*qdq\.onnx, which has "
+                                        r"\d+ outputs \(labels must be in 0\.\.\d+; 2 sample\(s\) outside\)"):
+        validate(d / "qdq.onnx", str(tmp_path / "bad.npz"), measure_latency=False)
+
+
 def test_with_a_reference_the_reference_is_timed_too_and_the_speed_is_reported(setup):
     d, data = setup
     r = validate(d / "qdq.onnx", data, reference=d / "float.onnx", latency_batch_sizes=(1, 8), repeats=5, warmup=1,

@@ -55,8 +55,8 @@ MSG_UNFLATTENED = (
 
 # the session outputs validate measures (checked before any number is trusted)
 MSG_LABELS = (
-    "data {source}: label {label} is out of range for model {model}, which has {num_classes} "
-    "outputs (labels must be in 0..{last})"
+    "data {source}: sample {sample}: label {label} is out of range for model {model}, which has {num_classes} "
+    "outputs (labels must be in 0..{last}; {n} sample(s) outside)"
 )
 MSG_OUTPUT = "model {model} returns output of shape {shape}; fqexport validates classifiers with logits [N, C]"
 
@@ -106,11 +106,17 @@ def check_logits(logits: np.ndarray, model: str, data: Any) -> None:
     if c == 1:
         raise ModelLoadError(MSG_ONE_LOGIT.format(source=model))
     warn_if_probabilities(logits, f"model {model}")
-    bad = (data.y < 0) | (data.y >= c)
+    check_label_range(data, c, model)
+
+
+def check_label_range(data: Any, num_classes: int, model: str) -> None:
+    """DataError (:data:`MSG_LABELS`, naming the first sample) for a label of ``data`` outside
+    ``0..num_classes-1``; ``validate`` calls it before any pass when the output's width is fixed."""
+    bad = (data.y < 0) | (data.y >= num_classes)
     if bad.any():
-        raise DataError(
-            MSG_LABELS.format(source=data.source, label=int(data.y[bad][0]), model=model, num_classes=c, last=c - 1)
-        )
+        first = int(np.argmax(bad))
+        raise DataError(MSG_LABELS.format(source=data.source, sample=first, label=int(data.y[first]), model=model,
+                                          num_classes=num_classes, last=num_classes - 1, n=int(bad.sum())))
 
 
 def decided(want: np.ndarray, tie: float, shaken: np.ndarray | None = None) -> np.ndarray:

@@ -45,6 +45,7 @@ from fqexport.exporters.ort_session import (
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics
 from fqexport.tasks.base import Task
+from fqexport.tasks.classification import Classification, check_label_range
 from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks, native_node_notes, resolution_notes, same_kind_limit
 from fqexport.validation.data_checks import check_data, compare_groups, read_test_data, shape_text
@@ -253,6 +254,9 @@ def validate(
     _check_limits(t, chosen, why, str(model))
     runner = dataclasses.replace(plain, task=chosen)
     chosen.require_annotations(gd, "validate")  # a classifier's labels, a detector's boxes...
+    classes = session.get_outputs()[0].shape[1:]
+    if isinstance(chosen, Classification) and len(classes) == 1 and isinstance(classes[0], int) and classes[0] > 1:
+        check_label_range(gd, classes[0], str(model))  # before the passes over the data (a stream reads it again)
     native = measure_native(session, gd, str(model), runner)
     kernels = check_kernels(model, gd, native, runner) if kernel_check else None
     ref = compare_reference(reference, ref_session, gd, native, str(model), runner) if reference is not None else None

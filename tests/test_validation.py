@@ -355,7 +355,7 @@ def test_bad_data_raises_specific_errors(setup):
     with pytest.raises(DataError, match=r"data wrong\.npz: x has shape \[1, 5, 5\] .* expects input \[batch, 1, 6, 6\]"):
         validate(d / "qdq.onnx", wrong, measure_latency=False)
     labels = GroupData(data.x[:4], np.array([0, 1, 2, 7]), np.array([0, 1, 0, 1]), data.group_names, "lab.npz")
-    with pytest.raises(DataError, match=r"data lab\.npz: label 7 is out of range .* 3 outputs"):
+    with pytest.raises(DataError, match=r"data lab\.npz: sample 3: label 7 is out of range .* 3 outputs"):
         validate(d / "qdq.onnx", labels, measure_latency=False, kernel_check=False)
     empty = GroupData(data.x[:4], data.y[:4], np.zeros(4, np.int64), data.group_names, "e.npz")
     with pytest.raises(DataError, match=r"e\.npz: group 'minority' has no samples"):

@@ -19,7 +19,7 @@ from fqexport.errors import DataError
 
 from .checks import check_x_values
 from .dataset import FIELDS, MSG_ITEM_FIELDS, MSG_ITEM_SHAPE, batch_items, dataset_item
-from .dataset_stream import MSG_EMPTY, sample_paths
+from .dataset_stream import MSG_EMPTY, MSG_ITEM_READ, sample_paths
 from .groups import call_group_function, groups_up_front, is_group_function
 from .stream import MSG_ITEM_DTYPE, DataStream, FirstRead
 from .transform import apply_transform
@@ -39,9 +39,25 @@ class _Walk:
     def __init__(self, iterable: Any, source: str, batched: bool, transform: Callable | None) -> None:
         self.iterable, self.source, self.batched, self.transform = iterable, source, batched, transform
 
+    def _elements(self, position: Callable[[], int]) -> Iterator[Any]:
+        """The source's elements; its own failure (a shard that cannot be read) as a DataError
+        naming the sample it reached (``position()``: the first of a batch)."""
+        elements = iter(self.iterable)
+        while True:
+            try:
+                element = next(elements)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as err:
+                raise DataError(MSG_ITEM_READ.format(source=self.source, index=position(), kind=type(err).__name__,
+                                                     err=err)) from err
+            yield element
+
     def samples(self, want: set[int] | None) -> Iterator[tuple[int, np.ndarray | None, Any, Any, int, Any]]:
         pos = 0
-        for element in self.iterable:
+        for element in self._elements(lambda: pos):
             if self.batched:
                 x, ys, gs, fields = batch_items(element, pos, self.source)
                 n = x.shape[0]

@@ -139,11 +139,13 @@ def _stream_of(source: Any, groups: Any, transform: Callable | None, num_workers
         # read batch by batch as it yields them: the same samples in the same order on every pass,
         # each named by its dataset index
         order = None if isinstance(ds, IterableDataset) else _read_order(source, name, len(ds))
-        return iterable_stream(source, name, source.batch_sampler is not None or source.batch_size is not None,
-                               groups, transform, dataset=None if order is None else ds, order=order)
+        # batch_size=None: the loader passes its dataset's elements on, which may be batches already
+        batched = source.batch_sampler is not None or source.batch_size is not None or _yields_batches(source)
+        return iterable_stream(source, name, batched, groups, transform, dataset=None if order is None else ds,
+                               order=order)
     name = f"<{type(source).__name__}>"
-    if isinstance(source, IterableDataset):
-        return iterable_stream(source, name, False, groups, transform)
+    if isinstance(source, IterableDataset):  # samples or batches, by its first element as any iterable's
+        return iterable_stream(source, name, _yields_batches(source), groups, transform)
     if isinstance(source, (list, tuple)) and _yields_batches(source):  # a list of batches, like any iterable's
         return iterable_stream(source, name, True, groups, transform)
     if isinstance(source, (Dataset, list, tuple)):

@@ -248,3 +248,32 @@ def test_integer_group_ids_with_a_gap_stream_as_the_groups_they_name(mlp_data, k
     for (x, _, g), idx in zip(stream.batches(batches), batches):
         np.testing.assert_array_equal(x, mlp_data.x[idx])
         np.testing.assert_array_equal(g, mlp_data.group[idx])
+
+
+def test_an_iterable_dataset_of_batches_is_read_as_batches(mlp_data):
+    """survey 75: an IterableDataset yielding (x [B], y [B], group [B]) -- and DataLoader(it,
+    batch_size=None), PyTorch's idiom for one -- were read as samples and refused ("field 'y' must
+    be a single number"); the rule for any other iterable is its first element's y."""
+    class Batched(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for s in range(0, len(mlp_data.y), 64):
+                yield mlp_data.x[s:s + 64], mlp_data.y[s:s + 64], mlp_data.group[s:s + 64]
+
+    for source in (Batched(), torch.utils.data.DataLoader(Batched(), batch_size=None)):
+        stream = open_stream(source)
+        np.testing.assert_array_equal(stream.y, mlp_data.y)
+        np.testing.assert_array_equal(stream.group, mlp_data.group)
+        np.testing.assert_array_equal(stream.take([130, 5]).x, mlp_data.x[[130, 5]])
+
+
+def test_an_iterable_datasets_own_failure_names_the_sample_it_reached(mlp_data):
+    """survey 75: a shard that cannot be read escaped as a bare OSError, naming no source or sample."""
+    class Failing(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(len(mlp_data.y)):
+                if i == 70:
+                    raise OSError("shard-0003.tar: No such file")
+                yield torch.from_numpy(mlp_data.x[i]), int(mlp_data.y[i]), int(mlp_data.group[i])
+
+    with pytest.raises(DataError, match=r"^<Failing>: sample 70 cannot be read: OSError: shard-0003\.tar: No such file$"):
+        open_stream(Failing())

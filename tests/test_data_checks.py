@@ -95,3 +95,13 @@ def test_integer_pixels_are_named_as_token_ids_in_compress_and_warned_in_validat
         fqexport.validate(tmp_path / "f.onnx", str(tmp_path / "d.npz"), measure_latency=False, kernel_check=False)
     assert caplog.text.count("field 'x' holds integers, which fqexport keeps as integer token ids") == 1
     assert "takes tensor(float)" in caplog.text
+
+
+def test_an_error_while_a_model_runs_on_data_names_the_source_once():
+    """survey 75: "model m.onnx on data <DS>: <DS>: sample 700: ..." (a stream's error has its source)."""
+    from fqexport.validation.measure import on_data_error
+
+    assert str(on_data_error("m.onnx", "<DS>", DataError("<DS>: sample 700: transform failed"))) == \
+        "model m.onnx on data <DS>: sample 700: transform failed"
+    assert str(on_data_error("m.onnx", "t.npz", DataError("input 'x' got int64"))) == \
+        "model m.onnx on data t.npz: input 'x' got int64"

@@ -59,6 +59,7 @@ from fqexport.validation.measure import (
     measure_latencies,
     measure_native,
     measure_target,
+    on_data_error,
 )
 from fqexport.validation.resources import model_resources
 from fqexport.validation.thresholds import (
@@ -296,7 +297,7 @@ def _task(task: str | Task | None, meta: ExportMetadata | None, data, session, m
     try:
         out = torch.from_numpy(run_batches(session, sample.x, 2)) if len(sample) else None
     except DataError as err:  # (named as Runner.measure names it)
-        raise DataError(f"model {model} on data {data.source}: {err}") from err
+        raise on_data_error(model, data.source, err) from err
     return resolve_task(task, data, out)
 
 

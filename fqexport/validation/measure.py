@@ -64,6 +64,14 @@ MSG_NONFINITE = (
 LOG_REFERENCE_OTHER_BATCH = "latency batch {batch}: the reference runs batch {theirs} only (a fixed batch); speed not compared"
 
 
+def on_data_error(model: str, source: str, err: DataError) -> DataError:
+    """``err`` (raised while ``model`` ran on the data ``source``) naming both, the source once: a
+    stream's read error starts with it already."""
+    text = str(err)
+    return DataError(f"model {model} on data {text}" if text.startswith(f"{source}: ")
+                     else f"model {model} on data {source}: {text}")
+
+
 @dataclass(frozen=True)
 class Measured:
     """One session's outputs on the data (a classifier's logits ``[N, C]``) and their per-group
@@ -112,7 +120,7 @@ class Runner:
                 else:
                     logits = map_x(run, data, chunk)
         except DataError as err:
-            raise DataError(f"model {model} on data {data.source}: {err}") from err
+            raise on_data_error(model, data.source, err) from err
         check_finite(logits, model, data)
         self.task.check_outputs(logits, model, data)
         return Measured(logits, self.task.evaluate(logits, data))

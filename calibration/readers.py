@@ -113,6 +113,13 @@ def is_npz_path(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz"
 
 
+def read_data(source: Any) -> GroupData | DataStream:
+    """:func:`load_data`'s data, an ``.npz`` path memory-mapped (:func:`open_stream`): only the
+    samples a stage reads come into memory (``compress``'s draw, ``validate``'s batches, the
+    search's held-in and held-out parts)."""
+    return open_stream(source) if is_npz_path(source) else load_data(source)
+
+
 def open_stream(source: Any, groups: Any = None, transform: Callable[[torch.Tensor], Any] | None = None,
                 num_workers: int = 0) -> DataStream:
     """``load_data``'s data as a DataStream always (fine-tuning reads its training data so): a

@@ -13,7 +13,7 @@ from fqexport.errors import DataError
 def test_check_labels():
     data = validate_group_data(np.zeros((3, 1)), [0, 4, 1], [0, 0, 0], source="val.npz")
     check_labels(data, 5)
-    with pytest.raises(DataError, match=r"val.npz: field 'y' holds the label 4 outside \[0, 4\) \(the model has num_classes=4\)"):
+    with pytest.raises(DataError, match=r"val.npz: sample 1: field 'y' holds the label 4 outside \[0, 4\) \(1 sample\(s\) outside; the model has num_classes=4\)"):
         check_labels(data, 4)
 
 

@@ -102,6 +102,30 @@ def test_a_pin_on_a_float_layer_is_named_as_float_before_the_sensitivity(mlp_mod
                                base, progress=False)
 
 
+def test_an_npz_path_is_searched_memory_mapped_with_the_in_memory_result(mlp_model, mlp_data, search, tmp_path,
+                                                                        monkeypatch):
+    """The search reads an .npz path as compress and validate do (memory-mapped: only the parts it
+    uses come into memory), and finds what the same data in memory gives."""
+    from fqexport.calibration.stream import DataStream
+
+    np.savez(tmp_path / "calib.npz", x=mlp_data.x, y=mlp_data.y, group=mlp_data.group,
+             group_names=np.array(mlp_data.group_names))
+    real, read = mp_module.verification_splits, []
+
+    def splits(data, *args):
+        read.append(type(data))
+        return real(data, *args)
+
+    monkeypatch.setattr(mp_module, "verification_splits", splits)
+    got = search_mixed_precision(mlp_model, str(tmp_path / "calib.npz"), search.config, BASE, progress=False)
+    assert read == [DataStream]  # not read whole into a GroupData
+    assert got.allocation.bits == search.allocation.bits
+    assert [c.allocation.bits for c in got.candidates] == [c.allocation.bits for c in search.candidates]
+    assert [c.metrics.by_group for c in got.candidates] == [c.metrics.by_group for c in search.candidates]
+    for name, layer in got.compressed.layers.items():
+        assert torch.equal(layer.codes, search.compressed.layers[name].codes), name
+
+
 def test_pin_first_last_pins_the_first_and_last_layer(mlp_model, mlp_data):
     # 4 average bits with fc1 (16384 weights) and fc3 (1024) held at 8: fc2 (65536) has
     # 4·82944 − 8·17408 = 192512 bit·params left, 2.94 bits per weight, so it gets 2

@@ -146,7 +146,7 @@ def test_labels_out_of_range(cnn_model, cnn_data):
     y = cnn_data.y.copy()
     y[5] = 7
     bad = GroupData(cnn_data.x, y, cnn_data.group, cnn_data.group_names, "labels.npz")
-    with pytest.raises(DataError, match=r"labels.npz: field 'y' holds the label 7 outside \[0, 4\)"):
+    with pytest.raises(DataError, match=r"labels.npz: sample \d+: field 'y' holds the label 7 outside \[0, 4\)"):
         _compress(cnn_model, bad)
 
 
@@ -230,7 +230,7 @@ def test_the_search_checks_the_output_and_labels_before_any_loss(mlp_model, mlp_
     y = mlp_data.y.copy()
     y[5] = 9
     bad = GroupData(mlp_data.x, y, mlp_data.group, mlp_data.group_names, "y10.npz")
-    with pytest.raises(DataError, match=r"y10.npz: field 'y' holds the label 9 outside \[0, 4\)"):
+    with pytest.raises(DataError, match=r"y10.npz: sample \d+: field 'y' holds the label 9 outside \[0, 4\)"):
         search_mixed_precision(mlp_model, bad, MixedPrecisionConfig(budget_bits=6.0), progress=False)
 
 
@@ -389,7 +389,7 @@ def test_compress_reads_only_the_calibration_subset_of_a_dataset(cnn_model, cnn_
 
 def test_compress_checks_labels_of_a_stream_before_quantizing(cnn_model, cnn_data):
     bad = [(torch.from_numpy(x), 9) for x in cnn_data.x[:40]]
-    with pytest.raises(DataError, match=r"<list>: field 'y' holds the label 9 outside \[0, 4\)"):
+    with pytest.raises(DataError, match=r"<list>: sample \d+: field 'y' holds the label 9 outside \[0, 4\)"):
         compress(cnn_model, load_data(bad, groups=cnn_data.group[:40]), QuantConfig(num_calib=16), progress=False)
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData, GroupWeights
 from fqexport.calibration.observers import make_observer
-from fqexport.calibration.readers import is_npz_path, load_data, open_stream
+from fqexport.calibration.readers import read_data
 from fqexport.calibration.sampling import group_balanced_indices
 from fqexport.calibration.stream import DataStream, shape_origin_note
 from fqexport.config import QuantConfig, check_argument
@@ -621,7 +621,7 @@ def compress(
     check_argument(config, QuantConfig, "compress: config", "; e.g. QuantConfig(**options)")
     config = config or QuantConfig()
     # an .npz path: x memory-mapped, so that only the drawn samples are read into memory
-    data = open_stream(calib) if is_npz_path(calib) else load_data(calib)
+    data = read_data(calib)
     device = resolve_device(config.device, "QuantConfig.device")
     # a copy without wrappers (DataParallel, torch.compile), in float32 (a float16/bfloat16 model too)
     source, model = model, copy_model(unwrap_model(model)).eval().cpu().float()

@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import load_data
+from fqexport.calibration.readers import read_data
 from fqexport.calibration.stream import DataStream
 from fqexport.config import MixedPrecisionConfig, QuantConfig, check_argument
 from fqexport.engine import make_engine
@@ -147,7 +147,7 @@ def search_mixed_precision(
         # (the verification starts the engine when it has more than one fit to hand out)
         engine.prepare()
     mp, base = mp_config, base_config or QuantConfig()
-    data = load_data(calib)
+    data = read_data(calib)  # an .npz memory-mapped: the fits draw from it, the verification reads the held-out part
     check_group_weights(mp.group_weights, data.group_names)
     task, why = model_task(model, data, task)
     held_out, splits, fits_are_refit = verification_splits(data, mp, base)

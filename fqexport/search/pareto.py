@@ -21,7 +21,7 @@ from torch import nn
 from fqexport.atomic import atomic_write
 from fqexport.calibration.checks import require_labels
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import load_data
+from fqexport.calibration.readers import read_data
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import MixedPrecisionConfig, QuantConfig, check_budget
 from fqexport.engine import make_engine
@@ -186,11 +186,11 @@ def pareto_sweep(
     if not budgets:
         raise ConfigError(MSG_NO_BUDGETS)
     template = mp_config or MixedPrecisionConfig(budget_bits=float(budgets[0]))
-    data = load_data(calib)
+    data = read_data(calib)
     check_group_weights(template.group_weights, data.group_names)
     task = model_task(model, data, task)[0]
     if test is not None:  # checked like the calibration data, before the first search
-        test = load_data(test)
+        test = read_data(test)
         if task.needs_annotations(test):
             require_labels(test, "pareto_sweep's test accuracy")
         # on a copy in eval mode: the user's model left in train mode would move its BatchNorm statistics

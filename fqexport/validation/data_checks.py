@@ -19,7 +19,7 @@ import onnx
 
 from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData
-from fqexport.calibration.readers import is_npz_path, load_data, open_stream
+from fqexport.calibration.readers import read_data
 from fqexport.calibration.stream import DataStream, ordered_x, shape_origin_note
 from fqexport.errors import DataError
 from fqexport.exporters.ort_session import fixed_batch, input_dtype
@@ -66,11 +66,8 @@ def read_test_data(data: GroupData | DataStream | str | Path | Any) -> GroupData
     """What ``load_data`` reads from ``data``: a GroupData re-checked (NaN/inf, group names, labels)
     as ``compress`` checks it, a DataStream itself, or the file or source it names (a CSV
     manifest, a Dataset or a DataLoader stream batch by batch)."""
-    if isinstance(data, DataStream):
-        return data
-    if is_npz_path(data):  # memory-mapped: a test set larger than memory is read batch by batch
-        return open_stream(data)
-    return load_data(str(data) if isinstance(data, Path) else data)
+    # an .npz memory-mapped: a test set larger than memory is read batch by batch
+    return read_data(str(data) if isinstance(data, Path) else data)
 
 
 def absent_groups(data: GroupData | DataStream, calibrated: Sequence[str], model: str) -> tuple[str, ...]:

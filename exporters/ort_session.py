@@ -387,23 +387,20 @@ class _LayerNames:
 
 
 def model_files_size(path: str | Path) -> int:
-    """Bytes on disk of ``path`` plus every external-data file its initializers point to."""
+    """Bytes on disk of ``path`` plus every external-data file its tensors point to (initializers,
+    Constant nodes, subgraphs, functions: :func:`~fqexport.exporters.external_data.external_data_locations`)."""
     import onnx
-    from onnx.external_data_helper import uses_external_data
+
+    from fqexport.exporters.external_data import external_data_locations
 
     path = Path(path)
     check_model_file(path)
     total = path.stat().st_size
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        onnx.load(str(path), load_external_data=False)  # a file ONNX cannot read is named as such
     except Exception as err:
         raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
-    locations = set()
-    for t in model.graph.initializer:
-        if uses_external_data(t):
-            for entry in t.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
+    locations = set(external_data_locations(path))
     folder = path.parent.resolve()
     seen: set[Path] = set()  # one file named two ways (weights/w.bin, ./weights/w.bin) counts once
     for loc in sorted(locations):

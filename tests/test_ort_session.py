@@ -239,6 +239,23 @@ def test_model_files_size_counts_external_data(models, tmp_path):
     assert model_files_size(tmp_path / "ext.onnx") == (tmp_path / "ext.onnx").stat().st_size + data
 
 
+def test_model_files_size_counts_the_external_data_of_constant_nodes(tmp_path):
+    """survey 77: weights moved into Constant nodes and saved as external data (convert_attribute)
+    were not counted: a 37.9 MB model passed --max-size-mb 1."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=w), helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "c.onnx"),
+                    save_as_external_data=True, convert_attribute=True, location="c.data", size_threshold=0)
+    data = (tmp_path / "c.data").stat().st_size
+    assert data == 4096 * 4
+    assert model_files_size(tmp_path / "c.onnx") == (tmp_path / "c.onnx").stat().st_size + data
+
+
 def test_kernel_summary_and_optimized_graph_of_a_model_with_external_data(models, tmp_path):
     """torch.onnx.export(dynamo=True) keeps weights in <name>.onnx.data: ORT's dump of the optimized
     graph writes its own data file beside it (the model's relative location does not resolve there)."""

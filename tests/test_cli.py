@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_main
 from fqexport.config import QuantConfig
-from fqexport.exporters.cpu_isa import cpu_isa
+from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.pipeline.compress import compress
@@ -67,6 +67,7 @@ def test_compress_writes_report(compressed):
     assert report["speed"].startswith(f"on this CPU ({cpu_isa()}) the file buys ")
     # the timings as numbers, not only the verdict's words (survey 58)
     timings = report["speed_timings"]
+    assert (timings["cpu_isa"], timings["cpu_kernel_family"]) == (cpu_isa(), kernel_family(cpu_isa()))  # survey 77
     assert [t["batch_size"] for t in timings["latency"]] == [1, 32] == [t["batch_size"] for t in timings["float_latency"]]
     assert all(t["p50_ms"] > 0 for t in (*timings["latency"], *timings["float_latency"]))
     assert set(timings["speedup_vs_float"]) == {"1", "32"}

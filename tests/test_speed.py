@@ -69,15 +69,15 @@ def test_a_fixed_batch_file_and_its_reference_are_timed_at_that_batch(tmp_path):
     lat, ref = measure_latencies(dynamic, data, (16,), warmup=1, repeats=3, reference=fixed)
     assert [l.batch_size for l in lat] == [16] and [r.batch_size for r in ref] == [1]
     assert speed_verdict(lat, ref, "x86-avx2") == (
-        "on this CPU (x86-avx2) the speed is not compared: the file runs batch 16 and the reference batch 1 "
-        "(fixed batch sizes)")
+        "on this CPU (x86-avx2) the speed is not compared: the file was timed at batch 16 and the reference runs "
+        "batch 1 only (a fixed batch)")
     # two different fixed batches are not compared
     one = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3)
     eight = LatencyResult(4.0, 4.0, 4.0, 2e3, 8, 1, 1, 3)
     assert speedups([one], [eight]) == {}
     assert speed_verdict([one], [eight], "x86-avx2") == (
-        "on this CPU (x86-avx2) the speed is not compared: the file runs batch 1 and the reference batch 8 "
-        "(fixed batch sizes)")
+        "on this CPU (x86-avx2) the speed is not compared: the file was timed at batch 1 and the reference runs "
+        "batch 8 only (a fixed batch)")
 
 
 def test_a_file_not_smaller_than_its_reference_is_not_said_to_buy_size():
@@ -138,3 +138,19 @@ def test_size_is_claimed_only_for_a_file_at_least_5_percent_smaller():
     same = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3)
     assert "buys neither speed nor size" in speed_verdict([same], [same], "x86-avx2", sizes=(59182, 59207))
     assert "buys size only" in speed_verdict([same], [same], "x86-avx2", sizes=(56000, 59207))
+
+
+def test_the_word_is_the_shown_ratios_and_no_size_is_claimed_unmeasured():
+    """survey 77: a measured 0.9047 read "0.90x ... (same speed)" though <= 0.90x is slower; a verdict
+    without the sizes claimed "size only" (compress's, for a W8 file larger than its float model)."""
+    from fqexport.validation.latency import LatencyResult
+    from fqexport.validation.validation_report import speed_verdict, speed_word
+
+    assert (speed_word(0.9047), speed_word(1.0951), speed_word(0.905), speed_word(1.094)) == (
+        "slower", "faster", "same speed", "same speed")
+    ref = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3)
+    mine = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3, speedup=1.0951)
+    assert speed_verdict([mine], [ref], "x86-avx2") == (
+        "on this CPU (x86-avx2) the file buys speed at batch 1: batch 1: 1.10x the reference's speed (faster)")
+    slow = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3, speedup=0.97)
+    assert speed_verdict([slow], [ref], "x86-avx2").startswith("on this CPU (x86-avx2) the file buys no speed: ")

@@ -55,7 +55,8 @@ def test_report_views():
     d = r.to_dict()
     assert d["worst_group"] == "b" and d["worst_group_accuracy"] == 0.5 and d["accuracy_gap"] == 0.5
     assert d["reference"]["group_drop"] == {"a": -0.25, "b": 0.5} and d["kernel"]["fused_kernels"] is None
-    assert d["targets"] == {"native": {"emulated": False, "emulated_nodes": None, "metrics": m.to_dict(),
+    assert d["targets"] == {"native": {"emulated": False, "emulated_nodes": None, "native_nodes": None,
+                                       "metrics": m.to_dict(),
                                        "kernel_deviation_by_group": None,
                                        "agreement_with_native": 1.0}}
 
@@ -129,7 +130,8 @@ def _lat(bs, p50):
 
 def test_speed_verdict_says_whether_the_file_buys_speed_or_only_size():
     m = _metrics([0, 1, 0, 1, 0, 1, 0, 1])
-    base = dict(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, cpu_isa="x86-avx2")
+    base = dict(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, cpu_isa="x86-avx2",
+                size_bytes=1000, reference_size_bytes=4000)
     assert ValidationReport(**base, latency=(_lat(1, 1.0),)).speed_verdict() is None  # no reference timed
     r = ValidationReport(**base, latency=(_lat(1, 0.126), _lat(32, 2.0)), reference_latency=(_lat(1, 0.120), _lat(32, 3.5)))
     assert r.speedups() == pytest.approx({1: 0.120 / 0.126, 32: 1.75})
@@ -147,3 +149,17 @@ def test_speed_verdict_says_whether_the_file_buys_speed_or_only_size():
                                         batches="8", noun="the reference", theirs="1"))
     assert MSG_NOT_COMPARED.format(batches="8", noun="the reference", theirs="1") == (
         "batch 8: not compared (the reference runs batch 1 only: a fixed batch)")
+
+
+def test_report_md_latency_table_shows_the_verdicts_speed_up():
+    """survey 77: the table's speed-up was the p50 ratio (2.00x here) beside a verdict of the median
+    of paired ratios (1.50x): two figures for one thing, on either side of 1.10x under load."""
+    from fqexport.validation.reports import to_markdown
+
+    m = _metrics([0, 1, 0, 1, 0, 1, 0, 1])
+    mine = dataclasses.replace(_lat(1, 1.0), speedup=1.5)
+    r = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m, cpu_isa="x86-avx2",
+                         latency=(mine,), reference_latency=(_lat(1, 2.0),))
+    row = next(line for line in to_markdown(r).splitlines() if line.startswith("| 1 | 1.000 |"))
+    assert row.endswith("| 2.000 | 1.50x |")
+    assert "batch 1: 1.50x the reference's speed (faster)" in to_markdown(r)

@@ -17,6 +17,7 @@ from fqexport.cli.flags.finetune import parse_export_bits, width_paths
 from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.config import QuantConfig
+from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
 from fqexport.graph.loading import load_model
@@ -84,7 +85,9 @@ def run_compress(args: argparse.Namespace) -> int:
         print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, run alternately): "
               + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}" for q, f in zip(latency, float_latency)))
         print(speed)
-        timings = {"latency": [q.to_dict() for q in latency], "float_latency": [f.to_dict() for f in float_latency],
+        isa = cpu_isa()  # the figures hold for this CPU only, as validate's report.json says
+        timings = {"cpu_isa": isa, "cpu_kernel_family": kernel_family(isa),
+                   "latency": [q.to_dict() for q in latency], "float_latency": [f.to_dict() for f in float_latency],
                    "speedup_vs_float": {str(q.batch_size): q.speedup for q in latency}}
     if args.report:
         # the record the file holds (storage, opset and containers are set by the export), not the model's

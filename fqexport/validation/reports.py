@@ -286,6 +286,7 @@ def to_markdown(report: Any) -> str:
         out += [f"- {v}" for v in found]
     if report.latency:
         ref = {r.batch_size: r for r in report.reference_latency}
+        faster = report.speedups()  # the verdict's figure (the median of paired runs' ratios), not p50 / p50
         out += ["", "## Latency", "", f"Measured on {isa_line(report)}.", "",
                 "| batch | p50 ms | p95 ms | mean ms | samples/s | threads | warm-up | repeats | reference p50 ms | speed-up |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -294,7 +295,8 @@ def to_markdown(report: Any) -> str:
             out.append(
                 f"| {lat.batch_size} | {lat.p50_ms:.3f} | {lat.p95_ms:.3f} | {lat.mean_ms:.3f} | "
                 f"{lat.throughput_per_s:.1f} | {lat.threads} | {lat.warmup} | {lat.repeats} | "
-                f"{f'{r.p50_ms:.3f}' if r else '-'} | {f'{r.p50_ms / lat.p50_ms:.2f}x' if r and lat.p50_ms > 0 else '-'} |"
+                f"{f'{r.p50_ms:.3f}' if r else '-'} | "
+                f"{f'{faster[lat.batch_size]:.2f}x' if lat.batch_size in faster else '-'} |"
             )
         if report.speed_verdict():
             out += ["", f"- {report.speed_verdict()} (other CPU families: docs/ort-kernels.md)"]

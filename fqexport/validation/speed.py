@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from fqexport.exporters.cpu_isa import cpu_isa
-from fqexport.exporters.ort_session import make_session
+from fqexport.exporters.ort_session import make_session, model_files_size
 from fqexport.exporters.qdq_onnx import export_float_reference
 from fqexport.validation.latency import LatencyResult, measure_latency_pair
 from fqexport.validation.validation_report import speed_verdict
@@ -35,5 +35,7 @@ def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequenc
         model, reference = make_session(path, threads=threads), make_session(float_path, threads=threads)
         pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats)
                  for bs in batch_sizes]
+        # a quantized file is not always the smaller (a tiny model's Q/DQ pairs, layers kept float)
+        sizes = (model_files_size(path), model_files_size(float_path))
     latency, ref = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-    return latency, ref, speed_verdict(latency, ref, cpu_isa(), noun="the float model")
+    return latency, ref, speed_verdict(latency, ref, cpu_isa(), noun="the float model", sizes=sizes)

@@ -60,8 +60,10 @@ UNOPTIMIZED = "the unoptimized session"  # the kernel check's usual reference (V
 
 
 def speed_word(speedup: float) -> str:
-    """``"faster"``, ``"slower"`` or ``"same speed"`` for a speed-up over the reference."""
-    return "faster" if speedup >= FASTER else "slower" if speedup <= SLOWER else "same speed"
+    """``"faster"``, ``"slower"`` or ``"same speed"`` for a speed-up over the reference, as it is
+    shown (two decimals: a measured 0.9047 reads 0.90x, and so is slower)."""
+    shown = round(float(speedup), 2)
+    return "faster" if shown >= FASTER else "slower" if shown <= SLOWER else "same speed"
 
 
 def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
@@ -79,22 +81,24 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
     reference's speed (same speed)"``, and the batch sizes not compared (the reference has another
     fixed batch); ``None`` when nothing was compared. ``sizes``: (the file's bytes, the
     reference's): a file not at least 5 % smaller (:data:`SMALLER`) buys no size, and says so
-    (without them: a quantized file against its float model, smaller by construction)."""
+    (without them the size is not judged: "speed" or "no speed" alone)."""
     ratio = speedups(latency, reference)
     if not latency or not reference:
         return None
     mine = sorted({m.batch_size for m in latency})
     theirs = sorted({r.batch_size for r in reference})
     if not ratio:
-        return (f"on this CPU ({isa}) the speed is not compared: the file runs batch "
-                f"{', '.join(map(str, mine))} and {noun} batch {', '.join(map(str, theirs))} (fixed batch sizes)")
+        return (f"on this CPU ({isa}) the speed is not compared: the file was timed at batch "
+                f"{', '.join(map(str, mine))} and {noun} runs batch {', '.join(map(str, theirs))} only (a fixed batch)")
     parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
-    fast = [bs for bs, x in ratio.items() if x >= FASTER]
-    smaller = sizes is None or sizes[0] <= SMALLER * sizes[1]
+    fast = [bs for bs, x in ratio.items() if speed_word(x) == "faster"]
     at = f"at batch {', '.join(map(str, fast))}"
-    buys = (f"speed and size {at}" if fast else "size only, no speed") if smaller else (
-        f"speed {at}, no size" if fast else "neither speed nor size")
-    if not smaller:
+    if sizes is None:
+        buys = f"speed {at}" if fast else "no speed"
+    elif sizes[0] <= SMALLER * sizes[1]:
+        buys = f"speed and size {at}" if fast else "size only, no speed"
+    else:
+        buys = f"speed {at}, no size" if fast else "neither speed nor size"
         parts.append(f"the file takes {sizes[0]} bytes, {noun} {sizes[1]}")
     unpaired = [bs for bs in mine if bs not in ratio]
     if unpaired:

@@ -68,6 +68,9 @@ def test_a_broken_limit_shows_the_value_on_its_side_of_the_limit():
     # float round-off at the limit (0.84 - 0.83 as pp), which the check takes as the limit: no 16 digits (survey 68)
     assert _shown((0.84 - 0.83) * 100, 1.0, ok=True, above=True) == ("1.00", "1")
     assert _shown(85.0, 85.0, ok=True, above=False) == ("85.00", "85")  # at the limit: passes, as shown
+    # at a limit of more digits than 2 decimals (a size of 4908133 bytes): read "4.91 MB within 4.90813" (survey 77)
+    assert _shown(4.908133, 4.908133, ok=True, above=True) == ("4.908133", "4.908133")
+    assert _shown(4.908134, 4.908133, ok=False, above=True) == ("4.91", "4.908133")
     # a limit of many digits missed by 1e-6: both printed "66.6667" (survey 40)
     value, limit = 200 / 3 - 1e-6, 200 / 3
     assert _shown(value, limit, ok=False, above=False) == ("66.666666", "66.666667")

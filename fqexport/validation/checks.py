@@ -71,15 +71,19 @@ def _unmeasured(t: Thresholds, name: str, report: ValidationReport, m, metric: s
 
 
 def _shown(value: float, limit: float, ok: bool, above: bool) -> tuple[str, str]:
-    """``(value, limit)`` as text: the value with 2 decimals and the limit as given (``:g``), or
-    both with as many significant digits as it takes to show which side of the limit the value
-    is on where 2 decimals would hide it ("0.00 MB exceeds 0.0001", "0.50 pp exceeds 0.5",
-    "66.66666 % below 66.66667")."""
-    text = f"{value:.2f}"
+    """``(value, limit)`` as text: the value with 2 decimals and the limit as given (up to 15
+    significant digits: 4.908133, not 4.90813), or both with as many significant digits as it
+    takes to show which side of the limit the value is on where 2 decimals would hide it ("0.00 MB
+    exceeds 0.0001", "0.50 pp exceeds 0.5", "66.66666 % below 66.66667"); a value at the limit
+    (as the check takes it) that 2 decimals would move off it is shown as the limit ("4.908133 MB
+    within 4.908133", not "4.91")."""
+    text, given = f"{value:.2f}", f"{limit:.15g}"
+    if abs(value - limit) <= _TOL:  # at the limit, as the check takes it (round-off aside)
+        return text if float(text) == limit else given, given
     shown = float(text)
     hides = (shown > limit if above else shown < limit) != (not ok) or shown == limit
-    if not hides or abs(value - limit) <= _TOL:  # at the limit, as the check takes it (round-off aside)
-        return text, f"{limit:g}"
+    if not hides:
+        return text, given
     for digits in range(6, 18):
         v, lim = f"{value:.{digits}g}", f"{limit:.{digits}g}"
         if v != lim:

@@ -17,7 +17,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -418,6 +418,23 @@ def model_files_size(path: str | Path) -> int:
 
 
 def session_threads(session: Any) -> int:
-    """Intra-op threads the session uses (ORT's default 0 resolved to the CPU count)."""
+    """Intra-op threads the session uses: ORT's default 0 resolved as ORT resolves it, one thread
+    per physical core (:func:`physical_cores`; ``os.cpu_count()`` counts SMT siblings too)."""
     n = int(session.get_session_options().intra_op_num_threads)
-    return n if n > 0 else int(os.cpu_count() or 1)
+    return n if n > 0 else physical_cores()
+
+
+def physical_cores(cpus: Sequence[int] | None = None, root: str | Path = "/sys/devices/system/cpu") -> int:
+    """Physical cores among ``cpus`` (default: those this process may run on) by the Linux sysfs
+    topology under ``root``, one per (package, core) pair; the logical CPU count where it cannot be
+    read."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        topology = Path(root) / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus) or int(os.cpu_count() or 1)
+    return len(cores) or int(os.cpu_count() or 1)

@@ -26,6 +26,7 @@ from fqexport.exporters.ort_session import (
     model_files_size,
     optimized_graph,
     run_batches,
+    session_threads,
 )
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -370,3 +371,28 @@ def test_a_file_ort_s_own_qdq_propagation_breaks_loads_without_it_and_says_so(tm
     assert caplog.text.count("ONNX Runtime's optimizers cannot load") == 1
     assert "runs without QDQPropagationTransformer" in caplog.text
     np.testing.assert_allclose(got, run_batches(make_session(path, optimized=False), x, 8), atol=1e-6)
+
+
+def test_the_default_thread_count_is_one_per_physical_core(tmp_path):
+    """ORT's default pool has a thread per physical core; the report said os.cpu_count(), SMT
+    siblings included (survey 77: "16 threads" for a run on 8)."""
+    from fqexport.exporters.ort_session import physical_cores
+
+    for cpu, (package, core) in enumerate([(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 0)]):  # 2-way SMT
+        d = tmp_path / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "physical_package_id").write_text(f"{package}\n")
+        (d / "core_id").write_text(f"{core}\n")
+    assert physical_cores(range(6), tmp_path) == 3
+    assert physical_cores([0, 2], tmp_path) == 1  # two siblings of one core
+    assert physical_cores([0, 7], tmp_path) == 2  # no topology for cpu7: the CPUs counted
+    import os
+
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "r.onnx"))
+    assert session_threads(make_session(tmp_path / "r.onnx")) == physical_cores() <= (os.cpu_count() or 1)
+    assert session_threads(make_session(tmp_path / "r.onnx", threads=1)) == 1

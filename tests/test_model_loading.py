@@ -116,6 +116,32 @@ def test_factory_raising():
     assert "factory 'fixtures_models:failing_factory' failed: RuntimeError: boom from the factory" in msg
 
 
+def test_a_user_module_or_factory_that_exits_is_a_load_error_not_fqexports_exit(tmp_path, monkeypatch, capsys):
+    """survey 76: sys.exit(1) at import made fqexport exit 1 (CI's "gate failed") with no message,
+    and a module-level parse_args() read fqexport's own arguments and rejected them."""
+    import sys
+
+    from fqexport.cli import main
+
+    (tmp_path / "exits_mod.py").write_text("import sys\nsys.exit(1)\n")
+    (tmp_path / "exits_fac.py").write_text("import sys\ndef net():\n    sys.exit('no GPU available')\n")
+    (tmp_path / "parses_mod.py").write_text(
+        "import argparse, sys, torch\nARGV = list(sys.argv)\nargs = argparse.ArgumentParser().parse_args()\n"
+        "def net():\n    return torch.nn.Linear(4, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _load_error("exits_mod:net").startswith(
+        "module 'exits_mod' of model spec 'exits_mod:net' called sys.exit(1) while fqexport ran it, which is not "
+        "fqexport's exit: a script's top level (argparse's parse_args(), sys.exit) runs when its module is imported")
+    assert _load_error("exits_fac:net") == (
+        "factory 'exits_fac:net' called sys.exit('no GPU available') while fqexport ran it, which is not fqexport's exit")
+    argv = list(sys.argv)
+    assert isinstance(load_model("parses_mod:net"), torch.nn.Linear) and sys.argv == argv
+    assert sys.modules["parses_mod"].ARGV == ["module 'parses_mod' of model spec 'parses_mod:net'"]
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.zeros(4, np.int64), group=np.zeros(4, np.int64))
+    code = main(["analyze", "--model", "exits_mod:net", "--data", str(tmp_path / "d.npz")])
+    assert code == 2 and "called sys.exit(1)" in capsys.readouterr().err
+
+
 def test_factory_returning_non_module():
     assert "returned int, not an nn.Module" in _load_error("fixtures_models:not_a_module")
 

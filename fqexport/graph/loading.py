@@ -14,7 +14,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -240,6 +240,28 @@ def _working_directory_importable() -> None:
         sys.path.insert(0, cwd)
 
 
+MSG_USER_EXIT = "{what} called sys.exit({code!r}) while fqexport ran it, which is not fqexport's exit{hint}"
+MSG_IMPORT_EXIT_HINT = (
+    ": a script's top level (argparse's parse_args(), sys.exit) runs when its module is imported; put it under "
+    "`if __name__ == \"__main__\":`, or give fqexport a module that only defines the model"
+)
+
+
+@contextlib.contextmanager
+def user_code(what: str, hint: str = "") -> Iterator[None]:
+    """Run the user's module or factory (``what`` names it): ``sys.argv`` is its own name only,
+    so a module-level ``parse_args()`` does not read fqexport's command line, and its
+    ``sys.exit`` is a ModelLoadError (:data:`MSG_USER_EXIT` + ``hint``), not fqexport's exit code."""
+    argv = sys.argv
+    sys.argv = [what]
+    try:
+        yield
+    except SystemExit as err:
+        raise ModelLoadError(MSG_USER_EXIT.format(what=what, code=err.code, hint=hint)) from None
+    finally:
+        sys.argv = argv
+
+
 def _import_object(spec: str, what: str = "model", malformed: str = MSG_SPEC) -> Any:
     """The object ``package.module:attr`` names (``what``: model or decode, for the messages)."""
     module_name, _, attr = spec.partition(":")
@@ -247,7 +269,10 @@ def _import_object(spec: str, what: str = "model", malformed: str = MSG_SPEC) ->
         raise ModelLoadError(malformed.format(spec=spec))
     _working_directory_importable()
     try:
-        module = importlib.import_module(module_name)
+        with user_code(f"module '{module_name}' of {what} spec {spec!r}", MSG_IMPORT_EXIT_HINT):
+            module = importlib.import_module(module_name)
+    except ModelLoadError:
+        raise
     except Exception as err:
         raise ModelLoadError(f"cannot import module '{module_name}' of {what} spec {spec!r}: {err}") from err
     obj: Any = module
@@ -264,7 +289,10 @@ def load_decode(spec: str) -> Callable[[Any], torch.Tensor] | nn.Module:
     obj = _import_object(str(spec), "decode", MSG_DECODE_SPEC)
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         try:
-            obj = obj()
+            with user_code(f"decode '{spec}'"):
+                obj = obj()
+        except ModelLoadError:
+            raise
         except Exception as err:
             raise ModelLoadError(f"decode '{spec}' (an nn.Module class) failed to construct without arguments: "
                                  f"{type(err).__name__}: {err}") from err
@@ -402,7 +430,10 @@ def load_model(
         if not callable(factory):
             raise ModelLoadError(f"'{spec}' is not callable; it must be a factory returning an nn.Module")
         try:
-            model = factory(**(factory_kwargs or {}))
+            with user_code(f"factory '{spec}'"):
+                model = factory(**(factory_kwargs or {}))
+        except ModelLoadError:
+            raise
         except Exception as err:
             raise ModelLoadError(f"factory '{spec}' failed: {type(err).__name__}: {err}") from err
         if not isinstance(model, nn.Module):

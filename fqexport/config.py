@@ -738,9 +738,11 @@ class MixedPrecisionConfig:
             raise ConfigError(MSG_TYPE.format(where="cache_path", value=self.cache_path, kind="a file path or None"))
         if self.group_weights is not None:
             if not isinstance(self.group_weights, Mapping):
-                raise ConfigError(MSG_TYPE.format(where="group_weights", value=self.group_weights,
+                raise ConfigError(MSG_TYPE.format(where="MixedPrecisionConfig.group_weights", value=self.group_weights,
                                                   kind="a mapping of group name to weight, e.g. {'minority': 2.0}"))
-            _set(self, group_weights=FrozenDict(check_group_weight_values(self.group_weights, "group_weights")))
+            # named with its class: QuantConfig.group_weights is another field (the CLI: --group-weights)
+            _set(self, group_weights=FrozenDict(check_group_weight_values(self.group_weights,
+                                                                          "MixedPrecisionConfig.group_weights")))
         if self.objective == "weighted" and not self.group_weights:
             raise ConfigError("objective='weighted' needs group_weights (group name -> weight)")
         if self.group_weights is not None and self.objective != "weighted":

@@ -182,6 +182,9 @@ def test_bits_9(mlp_files, tmp_path):
      "pins to 4"),
     (["--budget-bits", "3", "--pin", "fc1=8", "--pin", "fc*=2"],
      "error: --pin: pins['fc1']=8 and pins['fc*']=2 both match layer 'fc1'"),
+    # survey 76: named --group-weights (the Hessians' flag, also given) or no flag at all
+    (["--budget-bits", "3", "--group-weights", "samples", "--objective", "weighted", "--objective-weights", "a=nan,b=1"],
+     "error: --objective-weights: MixedPrecisionConfig.group_weights['a']=nan must be a finite number >= 0"),
 ])
 def test_a_config_error_names_the_flag_the_user_typed(mlp_files, tmp_path, given, message):
     """The CLI printed the config field (``num_calib=0 must be >= 1``), a word the user never typed."""

@@ -152,6 +152,8 @@ def test_exit_1_for_worst_group_gap_and_drop(files, tmp_path, capsys):
         (["{d}/float.onnx", "--data", "{d}/missing.npz"], "missing.npz"),
         (["{d}/float.onnx", "--data", "{d}/test.npz", "--max-group-drop", "1"], "needs a reference model"),
         (["{d}/float.onnx", "--data", "{d}/test.npz", "--min-acc", "150"], "must be a finite number in [0, 100]"),
+        # the flag the user typed, not the field (survey 76: every limit's error named none)
+        (["{d}/float.onnx", "--data", "{d}/test.npz", "--min-acc", "nan"], "error: --min-acc: threshold min_acc=nan"),
     ],
 )
 def test_bad_inputs_exit_2_with_the_message(files, capsys, argv, message):

@@ -148,6 +148,7 @@ def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]
 # num_candidates <- --candidates, and the fine-tuning fields, named "FinetuneConfig.<field>" (its
 # batch_size <- --ft-batch-size: compress's own --batch-size is another flag)
 _FIELD_DESTS = {"pins": "pin", "num_candidates": "candidates", "FinetuneConfig.group_weights": "group_loss_weights",
+                "MixedPrecisionConfig.group_weights": "objective_weights",
                 **{f"FinetuneConfig.{field}": dest for dest, field in FINETUNE_FIELDS.items()}}
 
 
@@ -155,7 +156,7 @@ def _with_flag(err: FqexportError, flags: dict[str, str]) -> str:
     """A config error's message (``num_calib=0 must be >= 1``, ``pins['fc']=12 …``, ``pin 'x'
     matches no layer``, ``FinetuneConfig.batch_size=0 …``: the API's words) led by the
     command-line flag the user typed for that field (``--num-calib: num_calib=0 …``)."""
-    field = re.match(r"((?:\w+\.)?\w+)(?:\[[^\]]*\])?[= ]", str(err))
+    field = re.match(r"(?:threshold )?((?:\w+\.)?\w+)(?:\[[^\]]*\])?[= ]", str(err))  # Thresholds': "threshold min_acc=…"
     name = field.group(1) if field else ""
     dest = _FIELD_DESTS.get(name) or _FIELD_DESTS.get(name.rpartition(".")[2], name.rpartition(".")[2])
     if isinstance(err, ConfigError) and dest in flags:

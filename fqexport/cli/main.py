@@ -135,6 +135,54 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
 
 
+MSG_EMPTY_VALUE = "{flag}: an empty value (an unset variable in a CI script?); give one, or leave {flag} out"
+MSG_EMPTY_ARGUMENT = "an empty argument (an unset variable in a CI script?) on the command line: {argv}"
+MSG_REPEATED = ("warning: {flag} given {n} times ({values}): the last, {last}, counts (argparse's rule, which lets a "
+                "script override a flag it set; `--bits 4 8` gives several widths)")
+# actions that take their flag once: a second occurrence replaces the first, silently before
+# (`--min-acc 99.9 --min-acc 0` passed the gate; `analyze --bits 4 --bits 8` dropped W4)
+_ONCE = (argparse._StoreAction,)
+
+
+def _argv_problem(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> str | None:
+    """What argparse lets through that a CI script cannot have meant: an empty value (``--report
+    ""``, ``--out-dir=``: an unset variable, which wrote nothing or into the working folder); None
+    when there is none. A single-value flag given twice (the last counts) is warned about on
+    stderr (:data:`MSG_REPEATED`)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    by_flag = {o: a for a in sub._actions for o in a.option_strings if o.startswith("--")}
+
+    def action(word: str) -> argparse.Action | None:  # exact, else the unique prefix argparse took
+        if word in by_flag:
+            return by_flag[word]
+        hits = {a for o, a in by_flag.items() if o.startswith(word)} if sub.allow_abbrev else set()
+        return hits.pop() if len(hits) == 1 else None
+
+    seen: dict[argparse.Action, list[str]] = {}
+    takes_value = False
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        if token == "" and not takes_value:
+            return MSG_EMPTY_ARGUMENT.format(argv=" ".join(repr(t) if not t else t for t in argv))
+        takes_value = False
+        if not token.startswith("--"):
+            continue
+        word, eq, value = token.partition("=")
+        found = action(word)
+        if found is None:
+            continue
+        if found.nargs != 0 and ((eq and not value) or (not eq and i + 1 < len(argv) and argv[i + 1] == "")):
+            return MSG_EMPTY_VALUE.format(flag=found.option_strings[-1])
+        takes_value = found.nargs != 0 and not eq
+        seen.setdefault(found, []).append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    for found, values in seen.items():
+        if isinstance(found, _ONCE) and len(values) > 1:
+            print(MSG_REPEATED.format(flag=found.option_strings[-1], n=len(values), values=", ".join(values),
+                                      last=values[-1]), file=sys.stderr)
+    return None
+
+
 def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> dict[str, str]:
     """The options of subcommand ``name`` that ``argv`` gives, by the config field they set
     (``{"num_calib": "--num-calib"}``)."""
@@ -280,6 +328,11 @@ def _parse_and_run(argv: Sequence[str] | None) -> int:
                 _remove_validate_reports(argv)
             raise
         flags = _given_flags(parser, args.command, argv)
+        problem = _argv_problem(parser, args.command, argv)
+        if problem is not None:
+            _remove_validate_reports(argv)
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return _stopped(signal.SIGINT, before)
     except _Signalled as sig:

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fqexport.config import MAX_THREADS
 from fqexport.errors import ConfigError, DataError, FqexportError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ MSG_SCALAR_OUTPUT = (
     "is logits [N, C]"
 )
 MSG_RUN = "ONNX Runtime failed on an input of shape {shape}: {err}"
-MSG_THREADS = "threads={threads!r} must be >= 0 (0 = ORT default)"
+MSG_THREADS = "threads={threads!r} must be from 0 (ORT's default) to {most}"
 MSG_LEVEL = "level={level!r} is not one of {choices} (onnxruntime.GraphOptimizationLevel)"
 
 # Graph optimization levels a session can be built at, by their onnxruntime names.
@@ -177,8 +178,8 @@ def build_session(
     so = ort.SessionOptions()
     so.graph_optimization_level = _optimization_level(ort, level)
     if threads is not None:
-        if int(threads) < 0:
-            raise ConfigError(MSG_THREADS.format(threads=threads))
+        if not 0 <= int(threads) <= MAX_THREADS:
+            raise ConfigError(MSG_THREADS.format(threads=threads, most=MAX_THREADS))
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
     if dump_path is not None:

@@ -43,6 +43,8 @@ DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
 # Widths of the mixed-precision search by default: the containers ONNX Runtime loads (INT2, INT4,
 # int8); 3 and 5-7 bits only when asked, stored (and counted) in the next container up.
 SEARCH_BIT_CHOICES = (2, 4, 8)
+# ONNX Runtime's intra-op threads at most (it takes an int32; more than this is a typo, not a machine)
+MAX_THREADS = 4096
 # Executors of the search's independent tasks (fqexport.engine); "auto": local with more than one core.
 EngineKind = Literal["auto", "serial", "local", "ray"]
 StartMethod = Literal["forkserver", "spawn"]

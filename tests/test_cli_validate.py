@@ -154,6 +154,8 @@ def test_exit_1_for_worst_group_gap_and_drop(files, tmp_path, capsys):
         (["{d}/float.onnx", "--data", "{d}/test.npz", "--min-acc", "150"], "must be a finite number in [0, 100]"),
         # the flag the user typed, not the field (survey 76: every limit's error named none)
         (["{d}/float.onnx", "--data", "{d}/test.npz", "--min-acc", "nan"], "error: --min-acc: threshold min_acc=nan"),
+        (["{d}/float.onnx", "--data", "{d}/test.npz", "--threads", "2147483648"],
+         "error: --threads 2147483648 must be from 0 (ORT's default) to 4096"),
     ],
 )
 def test_bad_inputs_exit_2_with_the_message(files, capsys, argv, message):

@@ -178,8 +178,11 @@ def test_build_session_errors_name_the_level_and_the_model(models, tmp_path):
         build_session(b"not a protobuf", label="emulated node 3")
     with pytest.raises(ModelLoadError, match=r"nope\.onnx does not exist"):
         build_session(tmp_path / "nope.onnx")
-    with pytest.raises(ConfigError, match=r"threads=-1 must be >= 0"):
+    with pytest.raises(ConfigError, match=r"threads=-1 must be from 0 \(ORT's default\) to 4096"):
         build_session(models[0] / "float.onnx", threads=-1)
+    # ORT's int32 overflowed into a TypeError: exit 3 "internal error" (survey 76)
+    with pytest.raises(ConfigError, match=r"threads=2147483648 must be from 0"):
+        build_session(models[0] / "float.onnx", threads=2**31)
 
 
 def test_a_directory_is_not_an_onnx_file(tmp_path):

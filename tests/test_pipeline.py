@@ -677,3 +677,14 @@ def test_compress_leaves_the_callers_random_stream_as_it_was(mlp_data):
     cm = compress(model, mlp_data, QuantConfig(num_calib=64, method="rtn"), progress=False)
     assert len(cm.layers) == 2  # fc and the lifted head
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_an_activation_memory_cap_beyond_any_int_is_no_cap(mlp_model, mlp_data):
+    """survey 76: --max-activation-memory-mb 1e303 passed the config check, then int(mb * 2**20)
+    overflowed: exit 3 "internal error" (inf worked)."""
+    base = QuantConfig(num_calib=64, method="rtn")
+    import dataclasses
+
+    huge = compress(mlp_model, mlp_data, dataclasses.replace(base, max_activation_memory_mb=1e303), progress=False)
+    none = compress(mlp_model, mlp_data, dataclasses.replace(base, max_activation_memory_mb=float("inf")), progress=False)
+    assert all(torch.equal(huge.layers[n].codes, none.layers[n].codes) for n in none.layers)

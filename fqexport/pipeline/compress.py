@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -510,7 +509,8 @@ def _quantize_layers(folded: torch.fx.GraphModule, float_model: torch.fx.GraphMo
     cache = None
     if solver or targets:
         cache = ActivationCache(streams, _batches(sub, config.batch_size, torch.device("cpu")), device,
-                                max_bytes=None if math.isinf(config.max_activation_memory_mb)  # no cap
+                                # no cap: inf, or more bytes than an int64 holds (1e303 MB overflowed int())
+                                max_bytes=None if config.max_activation_memory_mb * 2**20 >= 2**63
                                 else int(config.max_activation_memory_mb * 2**20))
     step = _LayerPass(config, dict(folded.named_modules()), cache,
                       {l.name: streams[0].module_node(l.name) for l in layers}, targets, alpha, macs, sub.num_groups)

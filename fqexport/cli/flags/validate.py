@@ -15,7 +15,7 @@ from typing import get_args
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
 from fqexport.cli.flags.shared import OnlyWith, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
-from fqexport.config import KernelTarget
+from fqexport.config import MAX_THREADS, KernelTarget
 from fqexport.errors import ConfigError
 from fqexport.validation.reports import remove_earlier_reports
 from fqexport.exporters.external_data import external_data_paths
@@ -133,8 +133,8 @@ def check_validate(args: argparse.Namespace) -> None:
     for flag, model in (("model", args.model), ("--reference", args.reference)):
         if model is not None and Path(model).is_dir():
             raise ConfigError(MSG_MODEL_DIR.format(flag=flag, path=model))
-    if args.threads is not None and args.threads < 0:
-        raise ConfigError(f"--threads {args.threads} must be >= 0")
+    if args.threads is not None and not 0 <= args.threads <= MAX_THREADS:
+        raise ConfigError(f"--threads {args.threads} must be from 0 (ORT's default) to {MAX_THREADS}")
     refuse_ignored(args, VALIDATE_ONLY_WITH)
     check_measurements(thresholds(args), reference=args.reference, kernel_check=not args.no_kernel_check,
                        latency=not args.no_latency)

@@ -133,9 +133,19 @@ def _bad_input(argv) -> str:
 
 
 def test_missing_calib_file(mlp_files, tmp_path):
-    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", calib=tmp_path / "nope.npz"))
-    assert "nope.npz: file not found" in err
+    # named with its flag, before torch is imported (survey 76: "nope.npz: file not found" after ~3 s)
+    code, out, err = run_main(_compress_args(mlp_files, tmp_path / "o.onnx", calib=tmp_path / "nope.npz"))
+    assert code == 2 and f"error: --calib {tmp_path / 'nope.npz'}: no such file" in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+    import subprocess
+    import sys
+
+    probe = ("import sys; from fqexport.cli import main; code = main(sys.argv[1:]); "
+             "print('torch' in sys.modules, file=sys.stderr); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, "validate", str(tmp_path / "none.onnx"), "--data",
+                           str(tmp_path / "none.npz")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"error: model {tmp_path / 'none.onnx'}: no such file", "False"]
 
 
 def test_nan_in_x(mlp_files, tmp_path, bad_npz):

@@ -40,6 +40,7 @@ from fqexport.cli.flags.demo import add_demo_parser
 from fqexport.cli.flags.finetune import FINETUNE_FIELDS
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
+from fqexport.cli.paths import check_inputs_exist
 from fqexport.errors import ConfigError, FqexportError, ValidationFailed
 from fqexport.validation.reports import remove_earlier_reports
 from fqexport.version import __version__
@@ -238,6 +239,7 @@ def _run(args: argparse.Namespace, flags: dict[str, str] | None = None) -> int:
 def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before: int) -> int:
     try:
         args.check(args)
+        check_inputs_exist(args)
         return int(command(args.command)(args))
     except ValidationFailed as err:
         print(f"FAIL: {err}", file=sys.stderr)

@@ -21,10 +21,15 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from fqexport.errors import OutputPathError
+from fqexport.errors import DataError, OutputPathError
 
+MSG_NO_INPUT = "{flag} {path}: no such file"
+# input flags that name a file (not a model spec, not a file that may be absent: external data),
+# by their dest; "model" is validate's positional ONNX file (compress's --model is a spec)
+MUST_EXIST = {"model": "model", "data": "--data", "calib": "--calib", "weights": "--weights", "train": "--train",
+              "test": "--test", "reference": "--reference"}
 MSG_SAME_AS_INPUT = "{flag} {path} is the same file as {other} {other_path}: it would overwrite the input; choose another {flag}"
 MSG_SAME_AS_OUTPUT = "{flag} {path} is the same file as {other} {other_path}: one would overwrite the other; choose another {flag}"
 MSG_IS_DIR = "{flag} {path} is an existing directory; give a file name"
@@ -145,7 +150,8 @@ def check_paths(
     """Raise :class:`OutputPathError` for the first bad output location or path collision.
 
     ``inputs`` are ``(flag, path)`` pairs (``None`` paths and paths that are not existing files
-    are skipped: their loaders report them); ``outputs`` are :class:`Output` (``None`` skipped).
+    are skipped: :func:`check_inputs_exist` and the loaders report them); ``outputs`` are
+    :class:`Output` (``None`` skipped).
     """
     outs = [o for o in outputs if o is not None and o.path is not None]
     created = _created_folders(outs)
@@ -176,3 +182,15 @@ def check_paths(
                 if _same(f, q):
                     raise OutputPathError(MSG_SAME_AS_OUTPUT.format(flag=label, path=f, other=other, other_path=q))
             written.append((label, f))
+
+
+def check_inputs_exist(args: Any) -> None:
+    """DataError naming the flag of the first input file of :data:`MUST_EXIST` that does not exist:
+    after the flags' own checks and before the command imports torch or ONNX Runtime (the loaders
+    said it seconds later, without the flag)."""
+    for dest, flag in MUST_EXIST.items():
+        path = getattr(args, dest, None)
+        if dest == "model" and args.command != "validate":
+            continue
+        if isinstance(path, (str, os.PathLike)) and not os.path.lexists(path):
+            raise DataError(MSG_NO_INPUT.format(flag=flag, path=path))

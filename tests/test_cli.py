@@ -594,3 +594,10 @@ def test_a_flag_given_twice_is_warned_about_and_the_last_counts(mlp_files, tmp_p
     assert code == 2
     assert err.splitlines()[0].startswith("warning: --num-calib given 2 times (200, 0): the last, 0, counts")
     assert "error: --num-calib: num_calib=0 must be >= 1" in err
+
+
+def test_trust_pickle_with_a_factory_spec_is_refused_as_ignored(mlp_files, tmp_path):
+    """survey 76: a factory spec unpickles nothing (its --weights: weights_only=True), so
+    --trust-pickle was silently ignored where every other ignored flag is refused."""
+    err = _bad_input(_compress_args(mlp_files, tmp_path / "o.onnx", "--trust-pickle"))
+    assert "error: --trust-pickle: used only with a --model that is a pickled module file or a .pt2 program" in err

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fqexport.cli.common import SEED, HelpFormatter, common_options, int_at_least, parse_layer_bits
-from fqexport.cli.flags.shared import OnlyWith, add_model_options, add_task_options, refuse_ignored, task_spec
+from fqexport.cli.flags.shared import MODEL_ONLY_WITH, OnlyWith, add_model_options, add_task_options, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import check_bits
 from fqexport.calibration.checks import MSG_NOT_CLASSIFIER, TASK_METRICS
@@ -72,7 +72,7 @@ ANALYZE_ONLY_WITH = (
 
 def check_analyze(args: argparse.Namespace) -> None:
     """The output path, the widths, the task and flags that would be ignored, before any compute (exit 2)."""
-    refuse_ignored(args, ANALYZE_ONLY_WITH)
+    refuse_ignored(args, ANALYZE_ONLY_WITH + MODEL_ONLY_WITH)
     check_paths(
         [("--model", args.model), ("--decode", args.decode), ("--weights", args.weights), ("--data", args.data), ("--calib", args.calib)],
         [Output("--json", args.json) if args.json is not None else None],

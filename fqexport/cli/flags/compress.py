@@ -17,6 +17,7 @@ from fqexport.cli.flags.finetune import (
 )
 from fqexport.cli.flags.shared import (
     FIXED_WIDTH_FLAGS,
+    MODEL_ONLY_WITH,
     MSG_WIDTHS_WITH_BUDGET,
     SEARCH_ONLY_FLAGS,
     OnlyWith,
@@ -130,4 +131,4 @@ def check_compress(args: argparse.Namespace) -> None:
         unused = given_flags(args, {**SEARCH_ONLY_FLAGS, "bit_choices": "--bit-choices"})
         if unused:
             raise ConfigError(MSG_SEARCH_WITHOUT_BUDGET.format(flags=", ".join(unused)))
-    refuse_ignored(args, COMPRESS_ONLY_WITH)
+    refuse_ignored(args, COMPRESS_ONLY_WITH + MODEL_ONLY_WITH)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Callable, Mapping, Sequence, get_args
 
 from fqexport.cli.common import (
@@ -136,6 +137,12 @@ QUANT_ONLY_WITH = (
              "--method solver",
              lambda a: a.method == "solver"),
 )
+# --model's flags that count only with some kind of --model: a factory spec unpickles nothing
+MODEL_ONLY_WITH = (
+    OnlyWith({"trust_pickle": "--trust-pickle"}, "a --model that is a pickled module file or a .pt2 program "
+             "(a 'package.module:factory' spec unpickles nothing; --weights is read with weights_only=True)",
+             lambda a: not (":" in str(a.model) and not Path(str(a.model)).is_file())),
+)
 SEARCH_ONLY_WITH = (
     OnlyWith({"ray_address": "--ray-address", "task_cpus": "--task-cpus", "task_gpus": "--task-gpus"}, "--engine ray",
              lambda a: a.engine == "ray"),
@@ -153,7 +160,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="for a model that returns raw head maps: the decode (a function of the model's outputs, or "
                    "an nn.Module or its class) composed after it into one graph, e.g. to YOLOv5's [N, K, 5 + C]; "
                    "it stays float like any detector's decode (docs/tasks.md)")
-    p.add_argument("--trust-pickle", action="store_true",
+    p.add_argument("--trust-pickle", action="store_true", default=None,
                    help="allow loading a pickled whole module (and a .pt2 that torch would unpickle); runs its code")
 
 
@@ -295,8 +302,8 @@ def add_search_options(mp) -> None:
                     f"depend on it (default: {e.engine})")
     mp.add_argument("--workers", type=int_at_least(1), default=e.workers, metavar="N",
                     help="worker processes of --engine local, CPUs of a local Ray cluster (default: all cores); "
-                    "with --finetune also the DataLoader workers reading --train batch by batch (default there: "
-                    "0, in process)")
+                    "with --finetune also the DataLoader workers reading --train batch by batch (without "
+                    "--workers: none, --train is read in this process)")
     mp.add_argument("--ray-address", default=None, metavar="ADDRESS",
                     help="a running Ray cluster: auto (on its head node) or ray://HEAD:10001 "
                     "(default: start a local one)")

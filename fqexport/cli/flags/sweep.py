@@ -8,6 +8,7 @@ import logging
 from fqexport.cli.common import HelpFormatter, common_options
 from fqexport.cli.flags.shared import (
     FIXED_WIDTH_FLAGS,
+    MODEL_ONLY_WITH,
     MSG_WIDTHS_WITH_BUDGET,
     OnlyWith,
     add_model_and_quant_options,
@@ -94,4 +95,4 @@ def check_sweep(args: argparse.Namespace) -> None:
     task_spec(args)
     for b in budgets:
         search_config(args, budget_bits=b)
-    refuse_ignored(args, SWEEP_ONLY_WITH)
+    refuse_ignored(args, SWEEP_ONLY_WITH + MODEL_ONLY_WITH)

@@ -146,6 +146,7 @@ def build_session(
     dump_path: str | Path | None = None,
     dump_data_file: str | None = None,
     label: str | None = None,
+    spinning: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` of an ONNX file or of a serialized model: the one builder.
 
@@ -165,6 +166,9 @@ def build_session(
             of a model with external data keep the model's relative location, which does not
             resolve beside the dump.
         label: the model's name in error messages (default: the path, or ``<in-memory model>``).
+        spinning: ORT's intra-op threads spin-wait for work after a run (its default); ``False``
+            lets them sleep: two sessions timed run for run (:func:`~fqexport.validation.latency.
+            measure_latency_pair`) then do not contend with each other's spinning threads.
 
     Any number of inputs is allowed (:func:`make_session` asks for one). Raises ModelLoadError
     (missing file, a model ORT cannot load) and ConfigError (provider, level, threads).
@@ -181,6 +185,8 @@ def build_session(
         if not 0 <= int(threads) <= MAX_THREADS:
             raise ConfigError(MSG_THREADS.format(threads=threads, most=MAX_THREADS))
         so.intra_op_num_threads = int(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     if dump_path is not None:
         so.optimized_model_filepath = str(dump_path)
@@ -214,6 +220,7 @@ def make_session(
     threads: int | None = None,
     disable: tuple[str, ...] = (),
     optimized_model_filepath: str | Path | None = None,
+    spinning: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` of the single-input classifier file ``path``.
 
@@ -223,10 +230,11 @@ def make_session(
         threads: intra-op threads; ``None`` keeps ORT's default (one per physical core).
         disable: optimizer names to switch off (e.g. ``("MatMulAddFusion",)``).
         optimized_model_filepath: where ORT should dump the graph it actually runs.
+        spinning: as :func:`build_session` takes it (``False``: for timing two sessions in pairs).
     """
     path = Path(path)
     session = build_session(path, level="ORT_ENABLE_ALL" if optimized else "ORT_DISABLE_ALL", provider=provider,
-                            threads=threads, disable=disable, dump_path=optimized_model_filepath)
+                            threads=threads, disable=disable, dump_path=optimized_model_filepath, spinning=spinning)
     _check_one_input(session, path)
     return session
 

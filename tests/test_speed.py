@@ -154,3 +154,30 @@ def test_the_word_is_the_shown_ratios_and_no_size_is_claimed_unmeasured():
         "on this CPU (x86-avx2) the file buys speed at batch 1: batch 1: 1.10x the reference's speed (faster)")
     slow = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 3, speedup=0.97)
     assert speed_verdict([slow], [ref], "x86-avx2").startswith("on this CPU (x86-avx2) the file buys no speed: ")
+
+
+def test_the_sessions_timed_in_pairs_do_not_spin(cnn_cm8, tmp_path, monkeypatch):
+    """Two sessions run for run fought each other's spinning threads (survey 77; measured: a W8 CNN
+    against its float model read 1.12x at batch 1 and 3.0x at batch 32 with spinning, 1.81x and
+    1.63x without, alone 1.8x and 2.1x): compress's speed check and validate time without it."""
+    import fqexport.validation.measure as measure
+    import fqexport.validation.speed as speed
+    from fqexport.exporters.ort_session import build_session
+    from fqexport.validation.gate import validate
+
+    path = export_qdq(cnn_cm8, tmp_path / "w8.onnx").path
+    quiet = build_session(path, spinning=False).get_session_options()
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    opened: list[bool] = []
+    for module in (speed, measure):
+        real = module.make_session
+        monkeypatch.setattr(module, "make_session", lambda *a, real=real, **k: opened.append(k.get("spinning", True))
+                            or real(*a, **k))
+    speed_vs_float(cnn_cm8, path, batch_sizes=(1,), warmup=1, repeats=2)
+    assert opened == [False, False]
+    opened.clear()
+    from fqexport.exporters.qdq_onnx import export_float_reference
+
+    reference = export_float_reference(cnn_cm8, tmp_path / "float.onnx").path
+    validate(path, cnn_cm8.calib, reference=reference, latency_batch_sizes=(1,), warmup=1, repeats=2, kernel_check=False)
+    assert opened == [False, False]  # the model's session (timed too) and the reference's

@@ -49,6 +49,7 @@ from fqexport.tasks.classification import Classification, check_label_range
 from fqexport.tasks.resolve import resolve_task, task_from_dict
 from fqexport.validation.checks import all_checks, native_node_notes, resolution_notes, same_kind_limit
 from fqexport.validation.data_checks import check_data, compare_groups, read_test_data, shape_text
+from fqexport.validation.latency import TIMED_SPINNING
 from fqexport.validation.measure import (
     KernelCheck,
     ReferenceComparison,
@@ -236,13 +237,13 @@ def validate(
     meta = read_metadata(model)
     _warn_other_family(model, meta, target_list, provider)
     plain = Runner(provider=provider, threads=threads, batch_size=batch_size, progress=progress)
-    session = plain.open(model)
+    session = plain.open(model, spinning=TIMED_SPINNING)  # the session timed too
     _warn_per_batch_ops(model, batch_size)
     if measure_latency:
         _check_latency_batches(session, latency_batch_sizes, t, str(model))
     gd = read_test_data(data)
     check_data(gd, str(model), input_shape(session), session.get_inputs()[0].type)
-    ref_session = plain.open(reference) if reference is not None else None
+    ref_session = plain.open(reference, spinning=TIMED_SPINNING) if reference is not None else None
     if ref_session is not None:  # before any measurement: the data fits the model, so a misfit is the reference's
         try:
             check_data(gd, str(reference), input_shape(ref_session), ref_session.get_inputs()[0].type)

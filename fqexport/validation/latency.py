@@ -15,6 +15,15 @@ from fqexport.exporters.ort_session import input_dtype, fixed_batch, session_thr
 log = logging.getLogger(__name__)
 
 
+# Whether the sessions fqexport times let ORT's intra-op threads spin-wait after a run (ORT's
+# default). Off: a session timed beside another (the model and its reference, run for run) fought
+# the other's spinning threads; measured on 2 cores (AMD EPYC, x86-avx512-vnni), a W8 CNN against its
+# float model read 1.12x at batch 1 and 3.0x at batch 32 with spinning, 1.81x and 1.63x without,
+# where each alone reads 1.8x and 2.1x. Without spinning a lone session is up to ~25 % slower at
+# batch 1 than with it: the figures err on the slow side.
+TIMED_SPINNING = False
+
+
 @dataclass(frozen=True)
 class LatencyResult:
     """Wall-clock latency of ``session.run`` on one batch (milliseconds per batch).

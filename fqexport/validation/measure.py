@@ -97,9 +97,11 @@ class Runner:
         if self.batch_size < 1:
             raise ConfigError(MSG_BATCH.format(batch_size=self.batch_size))
 
-    def open(self, model: str | Path, *, optimized: bool = True) -> Any:
-        """The ORT session of ``model``: optimized (what deploys) or not (what the graph means)."""
-        return make_session(model, provider=self.provider, optimized=optimized, threads=self.threads)
+    def open(self, model: str | Path, *, optimized: bool = True, spinning: bool = True) -> Any:
+        """The ORT session of ``model``: optimized (what deploys) or not (what the graph means);
+        ``spinning=False`` for a session that is timed (:data:`~fqexport.validation.latency.TIMED_SPINNING`)."""
+        return make_session(model, provider=self.provider, optimized=optimized, threads=self.threads,
+                            spinning=spinning)
 
     def measure(self, session: Any, data: GroupData | DataStream, model: str, what: str = "model") -> Measured:
         """Outputs of ``session`` on ``data`` (a stream read batch by batch) and their per-group

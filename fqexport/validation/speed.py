@@ -13,7 +13,7 @@ import numpy as np
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import make_session, model_files_size
 from fqexport.exporters.qdq_onnx import export_float_reference
-from fqexport.validation.latency import LatencyResult, measure_latency_pair
+from fqexport.validation.latency import TIMED_SPINNING, LatencyResult, measure_latency_pair
 from fqexport.validation.validation_report import speed_verdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,7 +32,8 @@ def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequenc
     x = np.ascontiguousarray(cm.calib.x)
     with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:
         float_path = export_float_reference(cm, Path(tmp) / "float.onnx").path
-        model, reference = make_session(path, threads=threads), make_session(float_path, threads=threads)
+        model = make_session(path, threads=threads, spinning=TIMED_SPINNING)
+        reference = make_session(float_path, threads=threads, spinning=TIMED_SPINNING)
         pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats)
                  for bs in batch_sizes]
         # a quantized file is not always the smaller (a tiny model's Q/DQ pairs, layers kept float)

@@ -248,12 +248,13 @@ MSG_IMPORT_EXIT_HINT = (
 
 
 @contextlib.contextmanager
-def user_code(what: str, hint: str = "") -> Iterator[None]:
-    """Run the user's module or factory (``what`` names it): ``sys.argv`` is its own name only,
-    so a module-level ``parse_args()`` does not read fqexport's command line, and its
-    ``sys.exit`` is a ModelLoadError (:data:`MSG_USER_EXIT` + ``hint``), not fqexport's exit code."""
+def user_code(what: str, program: str, hint: str = "") -> Iterator[None]:
+    """Run the user's module or factory (``what`` names it in messages): ``sys.argv`` is
+    ``[program]`` (its module's name) only, so a module-level ``parse_args()`` does not read
+    fqexport's command line, and its ``sys.exit`` is a ModelLoadError (:data:`MSG_USER_EXIT` +
+    ``hint``), not fqexport's exit code."""
     argv = sys.argv
-    sys.argv = [what]
+    sys.argv = [program]
     try:
         yield
     except SystemExit as err:
@@ -269,7 +270,7 @@ def _import_object(spec: str, what: str = "model", malformed: str = MSG_SPEC) ->
         raise ModelLoadError(malformed.format(spec=spec))
     _working_directory_importable()
     try:
-        with user_code(f"module '{module_name}' of {what} spec {spec!r}", MSG_IMPORT_EXIT_HINT):
+        with user_code(f"module '{module_name}' of {what} spec {spec!r}", module_name, MSG_IMPORT_EXIT_HINT):
             module = importlib.import_module(module_name)
     except ModelLoadError:
         raise
@@ -289,7 +290,7 @@ def load_decode(spec: str) -> Callable[[Any], torch.Tensor] | nn.Module:
     obj = _import_object(str(spec), "decode", MSG_DECODE_SPEC)
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         try:
-            with user_code(f"decode '{spec}'"):
+            with user_code(f"decode '{spec}'", str(spec).partition(":")[0]):
                 obj = obj()
         except ModelLoadError:
             raise
@@ -430,7 +431,7 @@ def load_model(
         if not callable(factory):
             raise ModelLoadError(f"'{spec}' is not callable; it must be a factory returning an nn.Module")
         try:
-            with user_code(f"factory '{spec}'"):
+            with user_code(f"factory '{spec}'", str(spec).partition(":")[0]):
                 model = factory(**(factory_kwargs or {}))
         except ModelLoadError:
             raise

@@ -208,14 +208,16 @@ def _sampled(sampler: Any) -> list[int]:
 
 def _yields_batches(iterable: Any) -> bool:
     """True when the first element is a batch ``(x [B, ...], y [B], ...)``: its y is 1-D with x's
-    length (a sample's label is one number). An x-only iterable yields samples."""
+    length, and longer than 1 (a sample's label is one number, often wrapped as ``tensor([y])``
+    beside a one-channel ``x [1, H, W]``, which a batch of one would look like). An x-only
+    iterable yields samples."""
     first = next(iter(iterable), None)
     if not isinstance(first, (tuple, list)) or len(first) < 2 or isinstance(first[1], (str, bytes)):
         return False
     y = to_numpy(first[1]) if not isinstance(first[1], (list, tuple)) else np.asarray(first[1], dtype=object)
     if isinstance(first[0], (tuple, list, dict)):  # several inputs: refused by name (dataset.x_array) either way
-        return y.ndim == 1
-    return y.ndim == 1 and np.ndim(first[0]) >= 1 and len(y) == len(first[0])
+        return y.ndim == 1 and len(y) > 1
+    return y.ndim == 1 and len(y) > 1 and np.ndim(first[0]) >= 1 and len(y) == len(first[0])
 
 
 def _with_options(data: GroupData, groups: Any, transform: Callable | None) -> GroupData:

@@ -587,6 +587,20 @@ def test_an_empty_value_is_refused_naming_its_flag(tmp_path, monkeypatch, argv, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_refused_empty_report_dir_removes_nothing_from_the_working_folder(tmp_path, monkeypatch):
+    """survey 78: `--report-dir ""` was refused, but first removed the working folder's report.json and
+    report.md (an earlier run's, maybe another model's): "" names no folder."""
+    from fqexport.validation.reports import REPORT_JSON, REPORT_MD, write_json_data
+
+    monkeypatch.chdir(tmp_path)
+    write_json_data({"passed": True, "fqexport_version": "0.2.0"}, tmp_path / REPORT_JSON)
+    (tmp_path / REPORT_MD).write_text("# fqexport validation: PASS\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_main(["validate", "m.onnx", "--data", "t.npz", "--report-dir", ""])
+    assert code == 2 and "--report-dir: an empty value" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_flag_given_twice_is_warned_about_and_the_last_counts(mlp_files, tmp_path):
     """survey 76: `--min-acc 99.9 --min-acc 0` passed a gate silently; a script may override a flag
     it set (argparse's rule), so the last still counts, with a warning."""

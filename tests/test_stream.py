@@ -277,3 +277,20 @@ def test_an_iterable_datasets_own_failure_names_the_sample_it_reached(mlp_data):
 
     with pytest.raises(DataError, match=r"^<Failing>: sample 70 cannot be read: OSError: shard-0003\.tar: No such file$"):
         open_stream(Failing())
+
+
+def test_samples_with_a_one_element_label_beside_one_channel_are_samples():
+    """survey 78: (x [1, 8, 8], tensor([y]), group) items of an IterableDataset were read as batches
+    of one (len(y) == len(x) == 1), dropping the channel axis; a batch of one is not told from
+    them, and samples are what such items are."""
+    rng = np.random.default_rng(0)
+    items = [(torch.from_numpy(rng.normal(size=(1, 8, 8)).astype(np.float32)), torch.tensor([i % 3]), i % 2)
+             for i in range(24)]
+
+    class Gray(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(items)
+
+    stream = open_stream(Gray())
+    assert stream.sample_shape == (1, 8, 8) and len(stream.y) == 24
+    np.testing.assert_array_equal(stream.y, np.arange(24) % 3)

@@ -466,8 +466,9 @@ def remove_earlier_reports(dir: str | Path | None, junit: str | Path | None,
     Only files fqexport wrote (:func:`_written_here`: a file of another tool or of the user that
     merely has a report's name stays), never one of this run's ``inputs`` (``--junit data.npz``
     is refused later, not obeyed). Returns the removed paths."""
-    paths = [Path(dir) / n for n in (REPORT_JSON, REPORT_MD, GROUP_PLOT, LATENCY_PLOT)] if dir is not None else []
-    paths += [Path(junit)] if junit is not None else []
+    # an empty path names no place (an unset variable: refused), not the working folder
+    paths = [Path(dir) / n for n in (REPORT_JSON, REPORT_MD, GROUP_PLOT, LATENCY_PLOT)] if dir not in (None, "") else []
+    paths += [Path(junit)] if junit not in (None, "") else []
     kept = {Path(p).resolve() for p in inputs if p is not None}
     removed = []
     for path in paths:

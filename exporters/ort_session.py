@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fqexport.config import MAX_THREADS
+from fqexport.exporters.external_data import external_data_locations
 from fqexport.errors import ConfigError, DataError, FqexportError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -399,8 +400,6 @@ def model_files_size(path: str | Path) -> int:
     """Bytes on disk of ``path`` plus every external-data file its tensors point to (initializers,
     Constant nodes, subgraphs, functions: :func:`~fqexport.exporters.external_data.external_data_locations`)."""
     import onnx
-
-    from fqexport.exporters.external_data import external_data_locations
 
     path = Path(path)
     check_model_file(path)

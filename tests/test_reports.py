@@ -218,7 +218,7 @@ def test_every_report_names_the_cpu_instruction_set(target_report, tmp_path):
     d = json.loads(write_json(target_report, tmp_path / "r.json").read_text())
     assert d["cpu_isa"] == "x86-avx512-vnni+amx" and d["cpu_kernel_family"] == "x86-vnni"
     assert d["targets"]["x86-avx2"] == {
-        "emulated": True, "emulated_nodes": None, "metrics": d["targets"]["x86-avx2"]["metrics"],
+        "emulated": True, "emulated_nodes": None, "native_nodes": [], "metrics": d["targets"]["x86-avx2"]["metrics"],
         "kernel_deviation_by_group": {"a": 0.0, "b": 1.0}, "agreement_with_native": 0.875}
     assert d["targets"]["x86-avx2"]["metrics"]["by_group"]["b"]["accuracy"] == 0.0
     text = write_markdown(target_report, tmp_path / "r.md").read_text()

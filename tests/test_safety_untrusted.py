@@ -95,6 +95,35 @@ def test_every_code_path_of_torch_export_load_is_refused(work, tmp_path, kind):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kind", ["case", "suffix"])
+def test_entries_torch_reads_under_another_name_are_inspected(work, tmp_path, kind):
+    """survey 79: torch's zip reader finds data/Sample_Inputs/model.pt as the sample inputs (letter
+    case ignored) and takes every models/* entry as a program (models/evil_json): the inspection
+    matched exact names and .json only, and the payloads ran without --trust-pickle."""
+    import zipfile
+
+    marker = tmp_path / "PWNED"
+    evil_expr = f"__import__('builtins').open({str(marker)!r}, 'w')"
+    with zipfile.ZipFile(work / "clean.pt2") as zin, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as zout:
+        for info in zin.infolist():
+            root, _, rel = info.filename.partition("/")
+            data = zin.read(info)
+            if kind == "case" and rel.startswith("data/sample_inputs/"):
+                zout.writestr(f"{root}/data/Sample_Inputs/{rel.rpartition('/')[2]}", pickled_payload(marker))
+                continue
+            zout.writestr(info, data)
+            if kind == "suffix" and rel == "models/model.json":
+                program = json.loads(data)
+                program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0] = {
+                    "as_expr": {"expr_str": evil_expr, "hint": {"as_int": 2}}}
+                zout.writestr(f"{root}/models/evil_json", json.dumps(program).encode())
+    with pytest.raises(ModelLoadError, match="refusing to load this .pt2 without --trust-pickle") as info:
+        load_model(str(tmp_path / "evil.pt2"))
+    assert {"case": "its sample inputs data/sample_inputs/model.pt are not plain tensors",
+            "suffix": "its program models/evil_json holds a symbolic expression"}[kind] in str(info.value)
+    assert not marker.exists()
+
+
 def test_clean_pt2_with_a_dynamic_batch_still_loads(work, tmp_path):
     ep = torch.export.export(fm.tiny_mlp().eval(), (torch.randn(2, fm.MLP_FEATURES),),
                              dynamic_shapes=({0: torch.export.Dim("batch")},))

@@ -146,10 +146,15 @@ def pt2_unsafe_reason(path: str | Path) -> str | None:
     except (zipfile.BadZipFile, OSError) as err:
         raise ModelLoadError(MSG_PT2_NOT_ZIP.format(path=path, detail=err)) from err
     with zf:
+        # by lower-case name: torch's zip reader finds an entry whatever its case
+        # (data/Sample_Inputs/model.pt is read as the sample inputs: survey 79)
         entries = {}
         for info in zf.infolist():
             _, _, rel = info.filename.partition("/")
-            entries[rel or info.filename] = info
+            key = (rel or info.filename).lower()
+            if key in entries:
+                return f"it holds two entries named {key!r} (up to letter case)"
+            entries[key] = info
         if entries.get("archive_format") is None or zf.read(entries["archive_format"]).strip() != b"pt2":
             return "it is not in the current pt2 archive layout (the legacy layout is read with pickle)"
         for rel in entries:
@@ -168,7 +173,7 @@ def pt2_unsafe_reason(path: str | Path) -> str | None:
                             return f"{'weight' if 'weights' in rel else 'constant'} {name!r} is pickled (use_pickle in {rel})"
                         if str(meta.get("path_name", "")).startswith(("custom_obj_", "opaque_obj_")):
                             return f"constant {name!r} is a pickled object ({meta.get('path_name')})"
-                elif rel.startswith("models/") and rel.endswith(".json"):
+                elif rel.startswith("models/"):  # every entry there is a program to torch, whatever its suffix
                     if info.file_size > _JSON_LIMIT:
                         return f"its program {rel} is larger than {_JSON_LIMIT} bytes"
                     bad = next(_unsafe_exprs(json.loads(zf.read(info))), None)

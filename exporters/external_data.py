@@ -48,8 +48,8 @@ def external_data_locations(path: str | Path) -> tuple[str, ...]:
         view = memoryview(mapped)
         try:
             _collect(view, "ModelProto", found)
-        except _Malformed:
-            pass
+        except (_Malformed, RecursionError):  # graphs nested deeper than Python recurses: a hostile file,
+            pass                               # which its loader refuses
         finally:
             view.release()
     return tuple(found)

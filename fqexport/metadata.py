@@ -136,7 +136,7 @@ class ExportMetadata:
         """Parse ``to_json`` output; a ModelLoadError names ``source`` when it is not valid JSON."""
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:  # nested deeper than Python recurses: not ours
             raise ModelLoadError(f"{source}: fqexport metadata is not valid JSON: {err}") from err
         return cls.from_dict(d, source)
 

@@ -205,3 +205,29 @@ def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path):
     assert str(info.value) == (f"ONNX model {path}: external data location '../secret.bin' points outside the "
                                f"model's folder {tmp_path / 'sub'}; keep the .onnx and its data files in one folder")
     assert onnx  # the checker-free proto above is what a hostile file looks like
+
+
+def test_structures_nested_past_pythons_recursion_are_refused_as_bad_files(tmp_path):
+    """survey 79: a 9 KB .onnx of 1000 nested subgraphs made validate's external-data scan exit 3
+    ("internal error: BufferError"), and metadata JSON nested as deep did the same."""
+    from fqexport.exporters.external_data import external_data_locations
+    from fqexport.metadata import ExportMetadata
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            if not n:
+                return out + bytes([b])
+            out += bytes([b | 0x80])
+
+    def field(number: int, payload: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    nested = b""
+    for _ in range(5000):  # GraphProto.node -> NodeProto.attribute -> AttributeProto.g -> ...
+        nested = field(1, field(5, field(6, nested)))
+    (tmp_path / "nest.onnx").write_bytes(varint(1 << 3) + varint(8) + field(7, nested))
+    assert external_data_locations(tmp_path / "nest.onnx") == ()  # its loader names the bad file
+    with pytest.raises(ModelLoadError, match=r"^deep\.onnx: fqexport metadata is not valid JSON"):
+        ExportMetadata.from_json("[" * 100_000 + "]" * 100_000, "deep.onnx")

@@ -245,7 +245,7 @@ def _read_cache_file(path: Path, key: str) -> SensitivityTable | None:
         return None
     try:
         table = SensitivityTable.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise DataError(MSG_CACHE_FILE.format(path=path, err=f"{type(err).__name__}: {err}")) from err
     if table.key != key:
         log.warning(MSG_CACHE_STALE, path)

@@ -24,6 +24,7 @@ from .checks import data_error, validate_group_data
 from .group_data import GroupData
 from .groups import text_groups, warn_spaced_group_names
 from .images import read_image
+from .manifest_paths import image_path
 from .progress import reading_bar
 from .transform import apply_transform
 
@@ -96,7 +97,7 @@ def manifest_item(row: dict[str, str], where: str, folder: Path,
         raise DataError(f"{where}: column 'path' is empty")
     if need_group and not row.get("group"):
         raise DataError(f"{where}: column 'group' is empty")
-    arr = read_image(_image_path(row["path"], folder), where)
+    arr = read_image(image_path(row["path"], folder), where)
     return arr, _parse_label(row["label"], where), row.get("group", "")
 
 
@@ -108,7 +109,7 @@ class ManifestDataset:
     def __init__(self, rows: list[tuple[int, dict[str, str]]], folder: Path, source: str,
                  groups_given: bool = False) -> None:
         self.rows, self.folder, self.source = rows, folder, source
-        self.samples = [(str(_image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
+        self.samples = [(str(image_path(row.get("path", ""), folder)), row.get("label", "")) for _, row in rows]
         # each item's group as the whole column reads (text_groups, as labels_and_groups gives them):
         # ids 0..K-1, or names, "group<N>" for integer ids that are not 0..K-1; None when
         # load_data's groups= gives them (the column may then be empty): items are (image, label)
@@ -132,11 +133,6 @@ class ManifestDataset:
     def labels_and_groups(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels and groups from the CSV alone (no image read)."""
         return manifest_targets(self.rows, self.source, need_groups=self._groups is not None)
-
-
-def _image_path(text: str, folder: Path) -> Path:
-    path = Path(text)
-    return path if path.is_absolute() else folder / path
 
 
 def read_manifest_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, str]]], Path, str]:

@@ -109,3 +109,16 @@ def test_a_dot_dot_through_a_missing_folder_is_refused_not_created(work):
     assert not (work / "nope").exists()
     (work / "here").mkdir()
     check_paths([], [Output("--junit", work / "here" / ".." / "j.xml")])  # an existing folder's ".." is fine
+
+
+def test_an_output_that_is_one_of_a_manifests_images_is_refused(tmp_path):
+    """survey 79: `validate --data img/m.csv --junit img/i0.png` turned the image into JUnit XML."""
+    (tmp_path / "img").mkdir()
+    for name in ("i0.png", "i1.png"):
+        (tmp_path / "img" / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    manifest = tmp_path / "img" / "m.csv"
+    manifest.write_text("path,label,group\ni0.png,0,a\n" + f"{tmp_path / 'img' / 'i1.png'},1,b\n")
+    for image in ("i0.png", "i1.png"):
+        with pytest.raises(OutputPathError, match=rf"^--junit .*{image} is the same file as --data \(an image it names\)"):
+            check_paths([("--data", manifest)], [Output("--junit", tmp_path / "img" / image)])
+    check_paths([("--data", manifest)], [Output("--junit", tmp_path / "img" / "j.xml")])  # another file: fine

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fqexport.calibration.manifest_paths import manifest_image_paths
 from fqexport.errors import DataError, OutputPathError
 
 MSG_NO_INPUT = "{flag} {path}: no such file"
@@ -170,6 +171,9 @@ def check_paths(
                 if f.is_dir():
                     raise OutputPathError(MSG_IS_DIR.format(flag=label, path=f))
     ins = [(flag, Path(p)) for flag, p in inputs if p is not None and Path(p).is_file()]
+    # a CSV manifest's images are inputs too (survey 79: --junit img/i0.png overwrote one)
+    ins += [(f"{flag} (an image it names)", image) for flag, p in list(ins) if p.suffix.lower() == ".csv"
+            for image in manifest_image_paths(p) if image.is_file()]
     ins += [(f"{flag} (module {source.name})", source) for flag, p in inputs
             if p is not None and (source := spec_module_file(p)) is not None]
     written: list[tuple[str, Path]] = []

@@ -62,6 +62,13 @@ MSG_ARRAY_TOO_LARGE = (
     "field '{field}' declares shape {shape} {dtype} = {size:.3g} GB, more than the {avail:.3g} GB of "
     "memory available; use fewer samples or a smaller dtype"
 )
+MSG_ARRAY_PADDED = (
+    "field '{field}' declares shape {shape} {dtype} = {nbytes:,} bytes but its member holds {stored:,}: "
+    "numpy writes no bytes past an array, and inflating them would fill the temporary folder; write the "
+    "file again with numpy.savez"
+)
+# bytes past an array's data a member may hold (numpy writes none)
+_PAD_SLACK = 4096
 MSG_ARRAY_TRUNCATED = (
     "field '{field}' declares shape {shape} {dtype} = {nbytes:,} bytes but the archive holds "
     "{stored:,}; the file is truncated or forged, write it again with numpy.savez"
@@ -110,6 +117,9 @@ def _check_npz_member(zf: zipfile.ZipFile, field: str, source: str) -> None:
         stored = max(info.file_size - header_len, 0)
         raise data_error(source, MSG_ARRAY_TRUNCATED.format(field=field, shape=shape_text, dtype=dtype,
                                                             nbytes=nbytes, stored=stored))
+    if info.file_size - header_len > nbytes + _PAD_SLACK:  # a deflated run of padding: a few KB on disk
+        raise data_error(source, MSG_ARRAY_PADDED.format(field=field, shape=shape_text, dtype=dtype, nbytes=nbytes,
+                                                         stored=info.file_size - header_len))
 
 
 def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
@@ -248,6 +258,7 @@ def _member_file(path: Path, zf: zipfile.ZipFile, source: str):
 
 def map_npz_x(path: Path, zf: zipfile.ZipFile, source: str) -> np.ndarray:
     """x of the archive as a read-only memmap (see the module docstring)."""
+    _check_npz_member(zf, "x", source)  # its declared size against what it holds, before inflating it
     try:
         fh, start, stored = _member_file(path, zf, source)
     except (OSError, ValueError, zipfile.BadZipFile) as err:

@@ -231,3 +231,26 @@ def test_structures_nested_past_pythons_recursion_are_refused_as_bad_files(tmp_p
     assert external_data_locations(tmp_path / "nest.onnx") == ()  # its loader names the bad file
     with pytest.raises(ModelLoadError, match=r"^deep\.onnx: fqexport metadata is not valid JSON"):
         ExportMetadata.from_json("[" * 100_000 + "]" * 100_000, "deep.onnx")
+
+
+def test_an_npz_member_padded_past_its_array_is_refused_before_inflating(tmp_path):
+    """survey 79: a 265 KB .npz whose x.npy is a small array then 256 MiB of deflated zeros made
+    compress (which memory-maps x) write the whole member to a temporary file."""
+    import io
+    import zipfile
+
+    from fqexport.calibration.readers import open_stream
+    from fqexport.errors import DataError
+
+    x = io.BytesIO()
+    np.save(x, np.zeros((60, 16), np.float32))
+    with zipfile.ZipFile(tmp_path / "pad.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", x.getvalue() + bytes(64 * 2**20))
+        for name, arr in (("y", np.zeros(60, np.int64)), ("group", np.arange(60) % 2)):
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            zf.writestr(f"{name}.npy", buf.getvalue())
+    assert (tmp_path / "pad.npz").stat().st_size < 2**20
+    with pytest.raises(DataError, match=r"field 'x' declares shape 60x16 float32 = 3,840 bytes but its member holds "
+                                        r"67,112,704: numpy writes no bytes past an array"):
+        open_stream(tmp_path / "pad.npz")

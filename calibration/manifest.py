@@ -25,6 +25,7 @@ from .group_data import GroupData
 from .groups import text_groups, warn_spaced_group_names
 from .images import read_image
 from .manifest_paths import image_path
+from .npz import available_memory_bytes
 from .progress import reading_bar
 from .transform import apply_transform
 
@@ -39,6 +40,12 @@ def _parse_label(value: str, where: str) -> int:
     if not np.isfinite(f) or f != int(f):
         raise DataError(f"{where}: column 'label' must be an integer class id, got {value!r}")
     return int(f)
+
+
+MSG_MANIFEST_MEMORY = (
+    "{source}: {n} images of {shape} (CHW float32, as the first one) need {need:.1f} GB in memory, more than the "
+    "{avail:.1f} GB available; resize them with transform=, use fewer, or give the data as an .npz (read batch by batch)"
+)
 
 
 def load_csv_manifest(path: str | os.PathLike, transform: Callable[[Any], Any] | None = None) -> GroupData:
@@ -61,6 +68,11 @@ def load_csv_manifest(path: str | os.PathLike, transform: Callable[[Any], Any] |
             arr = apply_transform(transform, arr[None], i, where)[0]
         if first is None:
             first = (row["path"], arr.shape)
+            # every image as this one, held once as read and once stacked: refused before the reads
+            need, avail = 2 * len(rows) * arr.nbytes, available_memory_bytes()
+            if need > avail:
+                raise DataError(MSG_MANIFEST_MEMORY.format(source=source, n=len(rows), shape="x".join(map(str, arr.shape)),
+                                                           need=need / 1e9, avail=avail / 1e9))
         elif arr.shape != first[1]:
             raise DataError(
                 f"{where}: image {row['path']} is {'x'.join(map(str, arr.shape))} (CHW) but "

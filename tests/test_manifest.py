@@ -228,3 +228,26 @@ def test_groups_given_to_load_data_need_no_group_cells_in_the_manifest(tmp_path)
     assert data.x.shape == (4, 3, 4, 4) and data.group.tolist() == [0, 1, 1, 0] and data.y.tolist() == [0, 1, 0, 1]
     with pytest.raises(DataError, match=r"line 2: column 'group' is empty"):  # without groups= they are needed
         load_data(path)
+
+
+def test_a_manifest_more_than_memory_holds_is_refused_before_its_reads(tmp_path, monkeypatch):
+    """survey 79: a 545-byte CSV naming one 143 KB PNG (7000x7000) 44 times read images until memory
+    ran out; the first image's size times the rows is known before the second read."""
+    pytest.importorskip("PIL")
+    import fqexport.calibration.manifest as manifest
+    import fqexport.validation.measure as measure
+    from fqexport.validation.measure import Runner
+
+    _write_png(tmp_path / "a.png", np.zeros((20, 30, 3), np.uint8), "RGB")
+    path = _manifest(tmp_path, [f"a.png,0,{'ab'[i % 2]}" for i in range(10)])
+    monkeypatch.setattr(manifest, "available_memory_bytes", lambda: 144_000)  # 10 images x 7200 B, read and stacked
+    assert load_csv_manifest(path).x.shape == (10, 3, 20, 30)
+    monkeypatch.setattr(manifest, "available_memory_bytes", lambda: 143_999)
+    with pytest.raises(DataError, match=r"manifest\.csv: 10 images of 3x20x30 \(CHW float32, as the first one\) need "
+                                        r"0\.0 GB in memory, more than the 0\.0 GB available"):
+        load_csv_manifest(path)
+    # validate's batches: one must fit (64 samples here take 0.92 MB, read and fed)
+    monkeypatch.setattr(manifest, "available_memory_bytes", lambda: 10**9)
+    monkeypatch.setattr(measure, "available_memory_bytes", lambda: 900_000)
+    with pytest.raises(DataError, match=r"a batch of 64 samples of 3x20x30 float32 takes 0\.0 GB .*lower --batch-size"):
+        Runner(batch_size=64).measure(None, load_data(path), "m.onnx")

@@ -8,6 +8,7 @@ a small frozen result; :mod:`fqexport.validation.gate` puts them into the report
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fqexport.calibration.group_data import GroupData
+from fqexport.calibration.npz import available_memory_bytes
 from fqexport.calibration.stream import DataStream, map_x
 from fqexport.config import as_int
 from fqexport.errors import ConfigError, DataError, ModelLoadError
@@ -56,6 +58,12 @@ log = logging.getLogger(__name__)
 # About the samples read from a stream per step of a session's pass (rounded to whole batches):
 # 1024 held ~200 MB more at 3x64x64 than 256 for no speed.
 _STREAM_SAMPLES = 256
+# ... and at most about these bytes of x (a few large images: 256 of 3x7000x7000 are 150 GB)
+_STREAM_BYTES = 256 * 2**20
+MSG_BATCH_MEMORY = (
+    "{source}: a batch of {batch} samples of {shape} float32 takes {need:.1f} GB (twice: read and fed), more than the "
+    "{avail:.1f} GB available; lower --batch-size (API: batch_size=) or give smaller samples"
+)
 MSG_REF_CLASSES = "reference {ref} has {ref_c} outputs but model {model} has {c}: they must be the same task"
 MSG_NONFINITE = (
     "model {model} returns NaN or Inf on {n} of {total} samples of {source} (by group: {groups}; the first is "
@@ -106,7 +114,13 @@ class Runner:
     def measure(self, session: Any, data: GroupData | DataStream, model: str, what: str = "model") -> Measured:
         """Outputs of ``session`` on ``data`` (a stream read batch by batch) and their per-group
         metrics (``task.evaluate``); ``model`` names it in errors, ``what`` in the progress bar."""
-        chunk = self.batch_size * max(1, _STREAM_SAMPLES // self.batch_size)  # whole batches, as in memory
+        per_sample = 4 * math.prod(data.sample_shape)  # float32 (token ids: int64, small)
+        need, avail = 2 * self.batch_size * per_sample, available_memory_bytes()
+        if need > avail:
+            raise DataError(MSG_BATCH_MEMORY.format(source=data.source, batch=self.batch_size, need=need / 1e9,
+                                                    shape="x".join(map(str, data.sample_shape)), avail=avail / 1e9))
+        samples = min(_STREAM_SAMPLES, max(1, _STREAM_BYTES // max(per_sample, 1)))
+        chunk = self.batch_size * max(1, samples // self.batch_size)  # whole batches, as in memory
         bar = tqdm(total=len(data), desc=f"validate: {what}", unit="sample", disable=not self.progress, leave=False)
 
         def run(x: np.ndarray) -> np.ndarray:

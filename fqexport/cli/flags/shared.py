@@ -159,7 +159,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", metavar="package.module:name",
                    help="for a model that returns raw head maps: the decode (a function of the model's outputs, or "
                    "an nn.Module or its class) composed after it into one graph, e.g. to YOLOv5's [N, K, 5 + C]; "
-                   "it stays float like any detector's decode (docs/tasks.md)")
+                   "it stays float like any detector's decode (docs/tasks.md); imports and runs that Python module, "
+                   "as --model's spec does (docs/safety.md), also beside a .pt2 --model")
     p.add_argument("--trust-pickle", action="store_true", default=None,
                    help="allow loading a pickled whole module (and a .pt2 that torch would unpickle); runs its code")
 

@@ -150,15 +150,7 @@ def _argv_problem(parser: argparse.ArgumentParser, name: str, argv: Sequence[str
     ""``, ``--out-dir=``: an unset variable, which wrote nothing or into the working folder); None
     when there is none. A single-value flag given twice (the last counts) is warned about on
     stderr (:data:`MSG_REPEATED`)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
-    by_flag = {o: a for a in sub._actions for o in a.option_strings if o.startswith("--")}
-
-    def action(word: str) -> argparse.Action | None:  # exact, else the unique prefix argparse took
-        if word in by_flag:
-            return by_flag[word]
-        hits = {a for o, a in by_flag.items() if o.startswith(word)} if sub.allow_abbrev else set()
-        return hits.pop() if len(hits) == 1 else None
-
+    action = _flag_resolver(parser, name)
     seen: dict[argparse.Action, list[str]] = {}
     takes_value = False
     for i, token in enumerate(argv):
@@ -184,13 +176,34 @@ def _argv_problem(parser: argparse.ArgumentParser, name: str, argv: Sequence[str
     return None
 
 
-def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> dict[str, str]:
-    """The options of subcommand ``name`` that ``argv`` gives, by the config field they set
-    (``{"num_calib": "--num-calib"}``)."""
-    words = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+def _flag_resolver(parser: argparse.ArgumentParser, name: str) -> Callable[[str], argparse.Action | None]:
+    """``word`` (an option as typed) -> the action of subcommand ``name`` argparse takes it for:
+    the exact option, else the unique ``--`` option it abbreviates; None for any other word."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
-    return {a.dest: next(o for o in a.option_strings if o in words)
-            for a in sub._actions if any(o in words for o in a.option_strings)}
+    by_flag = {o: a for a in sub._actions for o in a.option_strings}
+
+    def action(word: str) -> argparse.Action | None:
+        if word in by_flag:
+            return by_flag[word]
+        if not word.startswith("--") or not sub.allow_abbrev:
+            return None
+        hits = {a for o, a in by_flag.items() if o.startswith("--") and o.startswith(word)}
+        return hits.pop() if len(hits) == 1 else None
+
+    return action
+
+
+def _given_flags(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> dict[str, str]:
+    """The options of subcommand ``name`` that ``argv`` gives, by the config field they set, each
+    as typed or, abbreviated, in full (``{"num_calib": "--num-calib"}``: ``--num-c 0`` is named
+    ``--num-calib`` in its error)."""
+    action, given = _flag_resolver(parser, name), {}
+    for word in (a.split("=", 1)[0] for a in argv if a.startswith("-")):
+        found = action(word)
+        if found is not None:
+            given[found.dest] = word if word in found.option_strings else next(
+                o for o in found.option_strings if o.startswith(word))
+    return given
 
 
 # config fields whose flag's dest is another word: MixedPrecisionConfig.pins <- --pin, its

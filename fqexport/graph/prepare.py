@@ -1214,6 +1214,9 @@ def _recurrent_macs(mod: nn.RNNBase, x: torch.Tensor) -> int:
     return steps * per_step
 
 
+_MAC_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.RNNBase)  # what count_macs' hook counts
+
+
 def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, int]:
     """Multiply-accumulates per sample of each named Conv/ConvTranspose (1-3 d), Linear, RNN/GRU/LSTM or
     Embedding layer."""
@@ -1241,11 +1244,12 @@ def count_macs(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
 
         return hook
 
-    ops = recurrent_op_layers(model)
-    for name in names:
-        if name not in ops:
-            hooks.append(modules[name].register_forward_hook(make_hook(name)))
-    macs.update(_recurrent_op_macs(model, [n for n in names if n in ops]))
+    # a layer module is hooked; another name is a program's recurrent op (a .pt2's aten.gru, whose
+    # parameters sit in a plain container module)
+    hooked = [n for n in names if isinstance(modules.get(n), _MAC_LAYERS)]
+    for name in hooked:
+        hooks.append(modules[name].register_forward_hook(make_hook(name)))
+    macs.update(_recurrent_op_macs(model, [n for n in names if n not in hooked]))
     try:
         with torch.no_grad():
             model(example)

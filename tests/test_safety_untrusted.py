@@ -254,3 +254,33 @@ def test_an_npz_member_padded_past_its_array_is_refused_before_inflating(tmp_pat
     with pytest.raises(DataError, match=r"field 'x' declares shape 60x16 float32 = 3,840 bytes but its member holds "
                                         r"67,112,704: numpy writes no bytes past an array"):
         open_stream(tmp_path / "pad.npz")
+
+
+def _deflated_checkpoint(path, elements: int):
+    """A state_dict of one zero tensor of ``elements`` float32, its archive entries deflated (a
+    few KB on disk for MBs in memory); torch reads it all the same."""
+    import zipfile
+
+    plain = path.with_suffix(".plain")
+    torch.save({"w": torch.zeros(elements)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    plain.unlink()
+    return path
+
+
+def test_a_checkpoint_inflating_past_the_memory_available_is_refused_before_loading(tmp_path, monkeypatch):
+    import fqexport.graph.loading as loading
+
+    bomb = _deflated_checkpoint(tmp_path / "bomb.pt", 2**20)  # 4 MiB of zeros
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(loading, "available_memory_bytes", lambda: 2**21)
+    for load in (load_state_dict_file, lambda p: load_model(str(p), trust_pickle=True)):
+        with pytest.raises(ModelLoadError) as info:
+            load(bomb)
+        assert str(info.value).startswith(f"{bomb}: its ")
+        assert " archive entries inflate to 0.00 GB in memory (0.0" in str(info.value)
+        assert str(info.value).endswith("more than the 0.00 GB available: refused before torch.load allocates them")
+    monkeypatch.setattr(loading, "available_memory_bytes", lambda: 2**30)
+    assert load_state_dict_file(bomb)["w"].shape == (2**20,)  # what fits is read as before

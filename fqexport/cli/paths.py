@@ -33,6 +33,7 @@ MUST_EXIST = {"model": "model", "data": "--data", "calib": "--calib", "weights":
               "test": "--test", "reference": "--reference"}
 MSG_SAME_AS_INPUT = "{flag} {path} is the same file as {other} {other_path}: it would overwrite the input; choose another {flag}"
 MSG_SAME_AS_OUTPUT = "{flag} {path} is the same file as {other} {other_path}: one would overwrite the other; choose another {flag}"
+MSG_STDOUT = "{flag} -: fqexport writes files, not standard output; give a file path (./- for a file named '-')"
 MSG_IS_DIR = "{flag} {path} is an existing directory; give a file name"
 MSG_NOT_DIR = "{flag} {path} is an existing file, not a directory; give a folder"
 MSG_SPECIAL = "{flag} {path} is not a regular file (a device, pipe or socket); give a regular file path"
@@ -157,6 +158,8 @@ def check_paths(
     outs = [o for o in outputs if o is not None and o.path is not None]
     created = _created_folders(outs)
     for out in outs:
+        if os.fspath(out.path) == "-":  # the Unix convention for standard output, which no output here supports
+            raise OutputPathError(MSG_STDOUT.format(flag=out.flag))
         base = Path(out.path)
         parent = _under_file(base)
         if parent is not None:

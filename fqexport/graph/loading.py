@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from fqexport.calibration.npz import available_memory_bytes
 from fqexport.errors import DataError, ModelLoadError
 from fqexport.global_state import GLOBAL_STATE_LOCK, one_at_a_time
 from fqexport.graph.decode import with_decode
@@ -105,6 +106,10 @@ MSG_WEIGHTS_AS_MODEL = (
     "{path}: holds {what}, not a model; give the model as 'package.module:factory' (a function "
     "returning the nn.Module) and this file as its weights (CLI: --model pkg.mod:factory --weights {path})"
 )
+MSG_INFLATES = (
+    "{path}: its {n} archive entries inflate to {need:.2f} GB in memory ({stored:.2f} MB in the file), more than "
+    "the {avail:.2f} GB available: refused before torch.load allocates them"
+)
 MSG_PICKLED_GLOBAL = "it pickles {name}, not only tensors (a whole model? save its state_dict instead)"
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
@@ -149,6 +154,7 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: .pt2 file not found")
+    check_inflated_size(path)
     if not trust_pickle:
         reason = pt2_unsafe_reason(path)
         if reason is not None:
@@ -220,6 +226,22 @@ def _is_onnx(path: Path) -> bool:
         return True
     with open(path, "rb") as f:
         return f.read(1) == b"\x08"
+
+
+def check_inflated_size(path: Path) -> None:
+    """Refuse a torch zip archive (checkpoint, pickled module, ``.pt2``) whose entries declare more
+    bytes than the memory available (:data:`MSG_INFLATES`): torch's reader allocates each entry at
+    the size the zip's directory declares, so a deflated storage of a few MB may ask for GBs. A
+    file that is not a zip (torch's legacy format) holds its tensors at their size: not checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    need, avail = sum(i.file_size for i in infos), available_memory_bytes()
+    if need > avail:
+        raise ModelLoadError(MSG_INFLATES.format(path=path, n=len(infos), need=need / 1e9,
+                                                 stored=path.stat().st_size / 1e6, avail=avail / 1e9))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -357,6 +379,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: checkpoint file not found")
     if _is_torchscript(path):
         raise ModelLoadError(MSG_TORCHSCRIPT_WEIGHTS.format(path=path))
+    check_inflated_size(path)
     try:
         # a training script's argparse.Namespace of options (timm's train.py saves one under 'args'):
         # plain attributes, whose values the weights-only unpickler still restricts
@@ -449,6 +472,7 @@ def load_model(
             raise ModelLoadError(MSG_ONNX_AS_MODEL.format(path=path))
         if _is_torchscript(path):
             raise ModelLoadError(MSG_TORCHSCRIPT.format(path=path))
+        check_inflated_size(path)
         _refuse_weights_only(path)
         if not trust_pickle:
             raise ModelLoadError(MSG_PICKLE.format(path=path))

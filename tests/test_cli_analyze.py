@@ -62,9 +62,9 @@ def test_no_bits_gives_float_only(main, files, capsys):
         (["--data", "{d}/wrong.npz"], "field 'x' with sample shape (5,) does not fit the model"),
         (["--data", "{d}/missing.npz"], "missing.npz"),
         (["--data", "{d}/data.npz", "--bits", "9"], "--bits=9 is not supported"),
-        (["--data", "{d}/data.npz", "--tol", "0"], "tol=0.0 must be a finite number > 0"),
+        (["--data", "{d}/data.npz", "--tol", "0"], "--tol 0: must be a finite number > 0"),
         # inf stopped the power iteration after 2 products, "converged" (survey 25)
-        (["--data", "{d}/data.npz", "--tol", "inf"], "tol=inf must be a finite number > 0"),
+        (["--data", "{d}/data.npz", "--tol", "inf"], "--tol inf: must be a finite number > 0"),
         (["--data", "{d}/data.npz", "--layer-bits", "fc3=9"], "--layer-bits=9 is not supported"),
         (["--data", "{d}/data.npz", "--bits", "--keep-float", "fc2"],
          "--keep-float: used only with quantized variants (--bits with a width)"),

@@ -76,6 +76,7 @@ def _fresh(argv, cwd) -> tuple[str, str]:
      "error: --method: used only with quantized variants (--bits with a width)"),
     (["analyze", "--model", "m:f", "--data", "d.npz", "--hessian-iters", "0", "--tol", "1e-6"], 2,
      "error: --tol: used only with the power iteration (--hessian-iters above 0)"),
+    (["analyze", "--model", "m:f", "--data", "d.npz", "--tol", "-1"], 2, "error: --tol -1: must be a finite number > 0"),
     (["demo", "--layout", "v8"], 2, "error: --layout v8 is an option of --task detection (got --task classification)"),
     (["compress", "--model", "m:f", "--calib", "c.npz", "--out", "x.onnx", "--layer-bits", "fc=2", "--layer-bits",
       "fc=8"], 2, "error: --layer-bits names 'fc' twice with different values (2 and 8); give it once"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from fqexport.cli.common import SEED, HelpFormatter, common_options, int_at_least, parse_layer_bits
@@ -81,6 +82,8 @@ def check_analyze(args: argparse.Namespace) -> None:
         check_bits(bits, "--bits")
     for bits in parse_layer_bits(args.layer_bits).values():
         check_bits(bits, "--layer-bits")
+    if args.tol is not None and not (math.isfinite(args.tol) and args.tol > 0):  # analyze()'s rule, before the model loads
+        raise ConfigError(f"--tol {args.tol:g}: must be a finite number > 0")
     task, _ = task_spec(args)
     if task not in (None, "classification"):
         raise ConfigError(MSG_NOT_CLASSIFIER.format(task=task, metric=TASK_METRICS[task]))

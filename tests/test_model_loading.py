@@ -142,6 +142,24 @@ def test_a_user_module_or_factory_that_exits_is_a_load_error_not_fqexports_exit(
     assert code == 2 and "called sys.exit(1)" in capsys.readouterr().err
 
 
+
+def test_a_pickled_models_module_that_exits_while_unpickled_is_a_load_error(tmp_path, monkeypatch):
+    """The pickled-module path (--trust-pickle) imports the model's module too (survey 79)."""
+    import sys
+
+    (tmp_path / "pickmod.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pickmod
+
+    torch.save(pickmod.Net(4, 2), tmp_path / "net.pt")
+    del sys.modules["pickmod"]
+    (tmp_path / "pickmod.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path / "net.pt"), trust_pickle=True)
+    assert str(info.value).startswith(f"unpickling {tmp_path / 'net.pt'} called sys.exit(3) while fqexport ran it, "
+                                      "which is not fqexport's exit: a script's top level")
+    sys.modules.pop("pickmod", None)
+
 def test_factory_returning_non_module():
     assert "returned int, not an nn.Module" in _load_error("fixtures_models:not_a_module")
 

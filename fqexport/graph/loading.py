@@ -478,7 +478,11 @@ def load_model(
             raise ModelLoadError(MSG_PICKLE.format(path=path))
         _working_directory_importable()
         try:
-            model = torch.load(path, map_location="cpu", weights_only=False)
+            # unpickling imports the model's module and may call its code: a sys.exit there is not fqexport's exit
+            with user_code(f"unpickling {path}", path.stem, MSG_IMPORT_EXIT_HINT):
+                model = torch.load(path, map_location="cpu", weights_only=False)
+        except ModelLoadError:
+            raise
         except ModuleNotFoundError as err:
             raise ModelLoadError(MSG_PICKLE_MODULE.format(path=path, module=err.name)) from err
         except AttributeError as err:  # "Can't get attribute 'Net' on <module '__main__' ...>"

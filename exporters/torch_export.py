@@ -174,7 +174,7 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 
 
 def set_opset(model: onnx.ModelProto, opset: int) -> None:
-    """Set the default-domain opset (IR >= 11 from opset 25) and import ``com.microsoft`` when a
+    """Set the default-domain opset (and the IR version it needs: 13 from opset 25) and import ``com.microsoft`` when a
     node uses it."""
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -183,5 +183,6 @@ def set_opset(model: onnx.ModelProto, opset: int) -> None:
         imp.domain == "com.microsoft" for imp in model.opset_import
     ):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    if opset >= 25:
-        model.ir_version = max(model.ir_version, 11)
+    # the IR version of the first ONNX release with these opsets (opset 25, where INT2 came: IR 13)
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import),
+                                                                                ignore_unknown=True))

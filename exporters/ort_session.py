@@ -213,6 +213,20 @@ def build_session(
     return session
 
 
+def refused_by_cpu_optimizers(model_bytes: bytes) -> str | None:
+    """ONNX Runtime's error when its default CPU session (``ORT_ENABLE_ALL``) refuses a serialized
+    model through QDQ propagation (:data:`QDQ_PROPAGATION_FAILURE`, onnxruntime issue 25526); None
+    when the session loads, or fails for another reason (the caller's own checks report those)."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/… types
+        return str(err).strip().rstrip(".") if QDQ_PROPAGATION_FAILURE in str(err) else None
+    return None
+
+
 def make_session(
     path: str | Path,
     *,

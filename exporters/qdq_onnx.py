@@ -35,6 +35,7 @@ from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_exp
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.metadata import write_metadata
 from fqexport.exporters.ort_fusions import fuse_for_ort
+from fqexport.exporters.ort_session import QDQ_PROPAGATION, refused_by_cpu_optimizers
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
 from fqexport.exporters.weight_pass import quantize_weight_initializers
 from fqexport.global_state import one_at_a_time
@@ -57,6 +58,13 @@ MSG_CHECKER = "{path}: onnx.checker rejected the exported model: {err}"
 MSG_GPU_RULES = (
     "{path}: the export for target='gpu' breaks {n} rule(s) of what TensorRT's ONNX importer and ONNX "
     "Runtime's CUDA EP take (exporters/gpu_rules.py); the file was not written:\n  {violations}"
+)
+
+MSG_GPU_ON_CPU = (
+    "%s: ONNX Runtime's CPU provider refuses this target='gpu' file at its default optimization level (%s): "
+    "an ORT bug (issue 25526) where an int8 activation pair meets a Reshape or Transpose (attention's head split, "
+    "MaxPool -> Reshape); the file is for TensorRT and ORT's CUDA EP. To run it on ORT's CPU provider, as "
+    "fqexport validate does, pass disabled_optimizers=['" + QDQ_PROPAGATION + "'] to onnxruntime.InferenceSession"
 )
 
 
@@ -159,6 +167,10 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
                                 target=cm.config.target, full_range=cm.config.weight_range == "full", path=path,
                                 task=cm.task, shaken=cm.predict(cm.calib.x, jitter=TIE_JITTER_STEPS),
                                 group_names=cm.calib.group_names)
+    if cm.config.target == "gpu":  # said when the file is written, not first by a later validate
+        refused = refused_by_cpu_optimizers(model.SerializeToString())
+        if refused is not None:
+            log.warning(MSG_GPU_ON_CPU, path, refused)
     size = write_atomic(model, path)
     agreement = min(v.agreement for v in verdicts) if verdicts else None
     max_diff = max(v.max_abs_diff for v in verdicts) if verdicts else None

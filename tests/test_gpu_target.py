@@ -312,3 +312,42 @@ def test_s8s8_file_runs_on_cuda_like_the_reference(gpu_cms, gpu_exports, cnn_dat
     ref = cm.predict(cnn_data.x)
     spread = float(np.median(ref.max(1) - ref.min(1)))
     assert top1_agreement(cuda, ref, 0.02 * spread)[1] >= 0.99
+
+
+class _TinyEncoder(nn.Module):
+    """A Linear front end, one TransformerEncoderLayer (attention's head split: Reshape → Transpose
+    after the q/k/v projections' int8 pairs), a Linear head over the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(self.proj(x)).mean(1))
+
+
+def test_a_gpu_file_ort_s_cpu_optimizers_refuse_is_said_when_it_is_written(tmp_path, caplog):
+    """Survey 80: a W8 --target gpu transformer file did not load in a default ORT CPU session
+    (issue 25526's error), and compress wrote it silently: only a later validate said so."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = GroupData(rng.standard_normal((48, 8, 16)).astype(np.float32), rng.integers(0, 5, 48),
+                     np.repeat([0, 1], 24), ("a", "b"))
+    cm = compress(_TinyEncoder().eval(), data, QuantConfig(weight_bits=8, target="gpu", num_calib=32), progress=False)
+    with caplog.at_level("WARNING", logger="fqexport.exporters.qdq_onnx"):
+        res = export_qdq(cm, tmp_path / "enc.onnx")
+    with pytest.raises(Exception, match="does not match y_zero_point type"):  # what ORT 1.32 itself does
+        ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    assert caplog.text.count("ONNX Runtime's CPU provider refuses this target='gpu' file") == 1
+    assert f"{res.path}: ONNX Runtime's CPU provider refuses" in caplog.text
+    assert "disabled_optimizers=['QDQPropagationTransformer']" in caplog.text
+    ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"],  # the advice works
+                         disabled_optimizers=["QDQPropagationTransformer"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fqexport.exporters.qdq_onnx"):  # a file ORT loads: nothing said
+        export_qdq(compress(_TinyEncoder().eval(), data, QuantConfig(weight_bits=8, num_calib=32), progress=False),
+                   tmp_path / "cpu.onnx")
+    assert "refuses" not in caplog.text

@@ -12,7 +12,8 @@
 4. :mod:`.compact` — the file's fixed bytes shrink, numerics untouched;
 5. ``onnx.checker``; for the ``gpu`` target :mod:`.gpu_rules` (what TensorRT and ORT's CUDA EP
    take); then :mod:`.export_check` — the file must match the reference under the kernels of
-   ``config.target``. Only then is it written, atomically.
+   ``config.target``. Only then is it written, atomically (:mod:`.onnx_file`; a quantized model
+   past protobuf's 2 GB is refused, a float reference past it keeps its weights in ``<name>.data``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import numpy as np
 import onnx
 import torch
 
-from fqexport.atomic import atomic_write
 from fqexport.config import check_argument
 from fqexport.errors import ConfigError, ExportError, OutputPathError
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_export
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.metadata import write_metadata
+from fqexport.exporters.onnx_file import check_onnx, is_large, save_onnx, tensor_bytes
 from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.ort_session import QDQ_PROPAGATION, refused_by_cpu_optimizers
 from fqexport.exporters.torch_export import OPSET, OPSET_INT2, set_opset, torch_to_onnx
@@ -54,7 +55,11 @@ from fqexport.model import CompressedModel
 
 log = logging.getLogger(__name__)
 
-MSG_CHECKER = "{path}: onnx.checker rejected the exported model: {err}"
+MSG_QDQ_LARGE = (
+    "{path}: the quantized model holds {gb:.2f} GB of tensors, more than the 2 GB protobuf serializes in one "
+    "message; the export check runs the file in memory, so fqexport writes quantized models up to 2 GB "
+    "(a float reference of any size: export_float writes its weights beside it)"
+)
 MSG_GPU_RULES = (
     "{path}: the export for target='gpu' breaks {n} rule(s) of what TensorRT's ONNX importer and ONNX "
     "Runtime's CUDA EP take (exporters/gpu_rules.py); the file was not written:\n  {violations}"
@@ -91,12 +96,6 @@ class ExportResult:
             "agreement": self.agreement, "max_abs_diff": self.max_abs_diff, "storage": self.storage,
             "checks": [v.to_dict() for v in self.checks],
         }
-
-
-def write_atomic(model: onnx.ModelProto, path: Path) -> int:
-    """Save ``model`` inline to ``path`` atomically; return its size in bytes."""
-    atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
-    return path.stat().st_size
 
 
 def qdq_model(cm: "CompressedModel") -> onnx.ModelProto:
@@ -152,10 +151,9 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
         raise ConfigError(MSG_NOT_COMPRESSED.format(got=type(cm).__name__))
     path = check_export_path(path, "export", getattr(cm.calib, "source", None))
     model = qdq_model(cm)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        raise ExportError(MSG_CHECKER.format(path=path, err=err)) from err
+    if is_large(model):
+        raise ExportError(MSG_QDQ_LARGE.format(path=path, gb=tensor_bytes(model) / 1e9))
+    check_onnx(model, path)
     if cm.config.target == "gpu":
         violations = check_gpu_qdq(model)
         if violations:
@@ -171,7 +169,7 @@ def export_qdq(cm: "CompressedModel", path: str | Path, *, check: bool = True) -
         refused = refused_by_cpu_optimizers(model.SerializeToString())
         if refused is not None:
             log.warning(MSG_GPU_ON_CPU, path, refused)
-    size = write_atomic(model, path)
+    size = save_onnx(model, path)
     agreement = min(v.agreement for v in verdicts) if verdicts else None
     max_diff = max(v.max_abs_diff for v in verdicts) if verdicts else None
     log.info("wrote %s (%d bytes, agreement %s)", path, size, agreement)
@@ -245,6 +243,6 @@ def _write_float(model: torch.nn.Module, example: torch.Tensor, path: Path, outp
     finally:
         for m, training in modes.items():
             m.training = training
-    onnx.checker.check_model(proto)
-    size = write_atomic(proto, path)
+    check_onnx(proto, path)
+    size = save_onnx(proto, path)  # over 2 GB of weights: beside it, in <name>.data
     return ExportResult(path, size, OPSET, None, None, {})

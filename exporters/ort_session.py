@@ -396,8 +396,11 @@ class _LayerNames:
     def of(self, node: Any) -> str | None:
         """``node``'s layer: its own weight input when the original graph has that tensor, else
         the weight of the original node ORT renamed (its name, or the tensor it is named after,
-        with ORT's ``_nchwc`` / ``_token_N`` suffixes dropped, through a fused activation). None
-        when no weight named ``<layer>.weight`` is found."""
+        with ORT's ``_nchwc`` / ``_token_N`` suffixes dropped, through a fused activation). A
+        weight not named ``<layer>.weight`` (torch's classic exporter folds BatchNorm into
+        ``onnx::Conv_12``) gives that original node's name (``/stem/stem.0/Conv``); None when no
+        original node is found."""
+        source = self.by_name.get(node.name) if len(node.input) > 1 and node.input[1] in self.tensors else None
         weight = node.input[1] if len(node.input) > 1 and node.input[1] in self.tensors else None
         if weight is None:
             base = re.sub(r"(_nchwc|_token_\d+)+$", "", node.name)
@@ -406,8 +409,12 @@ class _LayerNames:
                 source = self.producer[source.input[0]]
             if source is not None and source.op_type in _WEIGHT_OPS and len(source.input) > 1:
                 weight = source.input[1]
+            else:
+                source = None
         layer = re.fullmatch(r"(.+)\.weight(_quantized)?", weight or "")
-        return layer.group(1) if layer else None
+        if layer:
+            return layer.group(1)
+        return source.name if source is not None and source.name else None
 
 
 def model_files_size(path: str | Path) -> int:

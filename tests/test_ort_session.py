@@ -399,3 +399,24 @@ def test_the_default_thread_count_is_one_per_physical_core(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "r.onnx"))
     assert session_threads(make_session(tmp_path / "r.onnx")) == physical_cores() <= (os.cpu_count() or 1)
     assert session_threads(make_session(tmp_path / "r.onnx", threads=1)) == 1
+
+
+def test_float_nodes_of_a_classic_torch_export_are_named_as_the_file_names_them(tmp_path):
+    """torch's classic exporter folds BatchNorm into ``onnx::Conv_NN`` weights: validate listed the
+    conv as ``Conv:/stem/stem.2/Relu_output_0_nchwc``, a name in neither the file nor the model
+    (survey 80); it is the file's own node name now."""
+    import warnings
+
+    from fqexport.exporters.ort_session import float_fallbacks
+
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 5)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), str(tmp_path / "c.onnx"), dynamo=False, opset_version=17,
+                          input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    names = {n.name for n in onnx.load(str(tmp_path / "c.onnx")).graph.node}
+    listed = float_fallbacks(tmp_path / "c.onnx")
+    assert sorted(listed) == ["/0/Conv (Conv)", "4 (Gemm)"], listed
+    assert "/0/Conv" in names

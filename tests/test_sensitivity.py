@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fqexport.calibration.group_data import GroupData
-from fqexport.errors import ConfigError
+from fqexport.errors import ConfigError, OutputPathError
 from fqexport.search.sensitivity import (
     SensitivityCache,
     SensitivityTable,
@@ -194,6 +194,45 @@ def test_cache_in_memory_and_on_disk(tmp_path, caplog):
     # said at the default level (survey 65: a file from an older version was dropped without a word)
     assert f"sensitivity cache file {path} was written for another model, data or options" in caplog.text
 
+
+
+def test_a_cache_file_with_this_runs_key_but_another_table_is_recomputed(tmp_path, caplog):
+    """Survey 81: a file whose layers or widths were edited (its key left alone) was read, and the
+    search allocated 5 of 6 layers, or never considered 8 bits."""
+    model, data = two_path_case()
+    path = tmp_path / "sens.json"
+    d = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=path)
+    for edit, said in [
+        (lambda doc: doc["layers"].pop(), "layers ['path_a'] instead of ['path_a', 'path_b']"),
+        (lambda doc: doc["bits"].pop(), "widths [2] instead of [2, 8]"),
+    ]:
+        doc = json.loads(path.read_text())
+        edit(doc)
+        doc["delta"] = {l: {str(b): v for b, v in doc["delta"][l].items() if int(b) in doc["bits"]} for l in doc["layers"]}
+        path.write_text(json.dumps(doc))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fqexport.search.sensitivity"):
+            t = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=path)
+        assert (t.layers, t.bits) == (d.layers, d.bits)
+        np.testing.assert_array_equal(t.delta, d.delta)
+        assert f"sensitivity cache file {path} has this run's fingerprint but not its table ({said})" in caplog.text
+        assert json.loads(path.read_text())["layers"] == list(d.layers)  # rewritten whole
+
+
+def test_a_cache_file_that_cannot_be_written_is_said_and_the_run_goes_on(tmp_path, caplog, monkeypatch):
+    """Survey 81: a full disk under --sensitivity-cache failed the whole compress (exit 2, no model)."""
+    from fqexport.search import sensitivity
+
+    def full(path, write):
+        raise OutputPathError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(sensitivity, "atomic_write", full)
+    model, data = two_path_case()
+    with caplog.at_level("WARNING", logger="fqexport.search.sensitivity"):
+        t = measure_sensitivity(model, data, bit_choices=(2, 8), cache=False, cache_path=tmp_path / "s.json")
+    assert t.delta.shape == (2, 2, 2)
+    assert (f"sensitivity cache file {tmp_path / 's.json'} not saved (cannot write {tmp_path / 's.json'}: "
+            "No space left on device); the run goes on with the table it measured") in caplog.text
 
 def test_table_round_trips_through_dict():
     t = SensitivityTable(("a", "b"), (2, 8), ("g0", "g1"), np.arange(8.0).reshape(2, 2, 2), "measured",

@@ -59,7 +59,7 @@ from fqexport.config import (
     check_choice,
 )
 from fqexport.engine.base import Engine, SerialEngine, Task
-from fqexport.errors import ConfigError, DataError
+from fqexport.errors import ConfigError, DataError, OutputPathError
 from fqexport.graph.prepare import prepare_model
 from fqexport.model import rows_to_weight, weight_rows
 from fqexport.pipeline.activations import GraphStream
@@ -240,7 +240,16 @@ MSG_CACHE_STALE = ("sensitivity cache file %s was written for another model, dat
                    "fqexport version): recomputing the table and overwriting the file")
 
 
-def _read_cache_file(path: Path, key: str) -> SensitivityTable | None:
+MSG_CACHE_EDITED = ("sensitivity cache file %s has this run's fingerprint but not its table (%s): edited or "
+                    "written by hand; recomputing the table and overwriting the file")
+MSG_CACHE_NOT_SAVED = "sensitivity cache file %s not saved (%s); the run goes on with the table it measured"
+
+
+def _read_cache_file(path: Path, key: str, layers: Sequence[str], bits: Sequence[int],
+                     groups: Sequence[str]) -> SensitivityTable | None:
+    """The table in ``path`` when it is this run's (its fingerprint ``key``, and the ``layers``,
+    ``bits`` and ``groups`` the run measures: the fingerprint covers the options, not the
+    file's own lists), else None (said)."""
     if not path.exists():
         return None
     try:
@@ -250,11 +259,22 @@ def _read_cache_file(path: Path, key: str) -> SensitivityTable | None:
     if table.key != key:
         log.warning(MSG_CACHE_STALE, path)
         return None
+    wrong = [f"{what} {list(got)} instead of {list(want)}" for what, got, want in (
+        ("layers", table.layers, layers), ("widths", table.bits, bits), ("groups", sorted(table.groups), sorted(groups)))
+        if list(got) != list(want)]
+    if wrong:
+        log.warning(MSG_CACHE_EDITED, path, "; ".join(wrong))
+        return None
     return table
 
 
 def _write_cache_file(path: Path, table: SensitivityTable) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(table.to_dict(), indent=1)))
+    """Save ``table`` to ``path``; a file that cannot be written (disk full) is said, not fatal:
+    the cache is an option of a run whose own outputs come next."""
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(table.to_dict(), indent=1)))
+    except OutputPathError as err:
+        log.warning(MSG_CACHE_NOT_SAVED, path, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +531,7 @@ def measure_sensitivity(
         log.info("sensitivity: cached table %s…", key[:10])
         return table
     path = Path(cache_path) if cache_path is not None else None
-    if path is not None and (table := _read_cache_file(path, key)) is not None:
+    if path is not None and (table := _read_cache_file(path, key, names, bits, sub.group_names)) is not None:
         log.info("sensitivity: read %s", path)
         if store is not None:
             store.put(table)

@@ -9,11 +9,12 @@ permissions (``0o666`` minus the umask), not ``mkstemp``'s ``0o600``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from fqexport.errors import OutputPathError
 
@@ -22,6 +23,20 @@ log = logging.getLogger(__name__)
 MSG_WRITE = "cannot write {path}: {err}"
 _TMP = ".{name}.fqexport-{pid}.tmp"
 _written: list[Path] = []  # every output this process moved into place, in order
+
+
+_scratch: list[bool] = []  # inside scratch_writes(): writes not counted as the run's outputs
+
+
+@contextlib.contextmanager
+def scratch_writes() -> Iterator[None]:
+    """Writes inside the block are working files (a float reference timed in a temporary folder),
+    not outputs of the run: :func:`outputs_written` leaves them out."""
+    _scratch.append(True)
+    try:
+        yield
+    finally:
+        _scratch.pop()
 
 
 def outputs_written() -> tuple[Path, ...]:
@@ -109,7 +124,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-        _written.append(path)
+        if not _scratch:
+            _written.append(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err

@@ -106,7 +106,7 @@ def test_a_late_interrupt_names_the_outputs_already_written(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["calib.npz", "mlp.pt", "o.onnx"]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Python's own "Exception ignored"
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no "Exception ignored" report
 def test_a_signal_that_lands_where_python_swallows_exceptions_still_ends_the_run(tmp_path, monkeypatch, capsys):
     """A SIGTERM that arrived inside a weakref callback (the garbage collection of torch/onnx objects) was
     printed as 'Exception ignored in: ...' and the run went on to exit 0: a CI cancel reported as a
@@ -133,6 +133,8 @@ def test_a_signal_that_lands_where_python_swallows_exceptions_still_ends_the_run
     assert main(compress_args("--out", "o.onnx")) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM; no partial output was left" in err
+    # the swallowed exception is not reported as a traceback before the message (survey 81)
+    assert "Exception ignored" not in err and "Traceback" not in err, err
     import importlib
 
     cli_main = importlib.import_module("fqexport.cli.main")
@@ -169,3 +171,16 @@ def test_an_interrupt_while_the_command_line_loads_exits_130_without_a_traceback
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env())
     assert r.returncode == 130 and r.stderr.strip() == "interrupted by SIGINT while fqexport started; nothing was written"
+
+
+def test_scratch_writes_are_not_outputs_an_interrupt_names(tmp_path):
+    """compress's speed check timed a float reference in a temporary folder, and a late Ctrl-C listed
+    that deleted file among the run's finished outputs (survey 81)."""
+    from fqexport.atomic import outputs_written, scratch_writes
+
+    before = len(outputs_written())
+    with scratch_writes():
+        atomic_write(tmp_path / "scratch.onnx", lambda tmp: tmp.write_bytes(b"x"))
+    atomic_write(tmp_path / "out.onnx", lambda tmp: tmp.write_bytes(b"y"))
+    assert outputs_written()[before:] == (tmp_path / "out.onnx",)
+    assert (tmp_path / "scratch.onnx").read_bytes() == b"x"  # written all the same

@@ -89,6 +89,21 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _unraisable(previous: Callable) -> Callable:
+    """A ``sys.unraisablehook`` that takes a signal handler's exception swallowed in a weakref
+    callback or ``__del__`` quietly (no "Exception ignored in ..." traceback; the run then ends
+    with the signal's exit code, :func:`_run`); every other unraisable exception goes to
+    ``previous``."""
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if isinstance(err, (KeyboardInterrupt, _Signalled)):  # recorded in _SIGNALS_SEEN: _run exits with it
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fqexport`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="fqexport", description=__doc__.splitlines()[0],
@@ -323,9 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_signalled)
     previous_int = signal.signal(signal.SIGINT, _raise_interrupt) if signal.getsignal(
         signal.SIGINT) is signal.default_int_handler else None  # a host's own SIGINT handler is left alone
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
         return _parse_and_run(argv)
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from fqexport.atomic import scratch_writes
 from fqexport.exporters.cpu_isa import cpu_isa
 from fqexport.exporters.ort_session import make_session, model_files_size
 from fqexport.exporters.qdq_onnx import export_float_reference
@@ -31,7 +32,8 @@ def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequenc
     calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`)."""
     x = np.ascontiguousarray(cm.calib.x)
     with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:
-        float_path = export_float_reference(cm, Path(tmp) / "float.onnx").path
+        with scratch_writes():  # timed, then removed: not an output an interrupt message would name
+            float_path = export_float_reference(cm, Path(tmp) / "float.onnx").path
         model = make_session(path, threads=threads, spinning=TIMED_SPINNING)
         reference = make_session(float_path, threads=threads, spinning=TIMED_SPINNING)
         pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats)

@@ -184,3 +184,24 @@ def test_scratch_writes_are_not_outputs_an_interrupt_names(tmp_path):
     atomic_write(tmp_path / "out.onnx", lambda tmp: tmp.write_bytes(b"y"))
     assert outputs_written()[before:] == (tmp_path / "out.onnx",)
     assert (tmp_path / "scratch.onnx").read_bytes() == b"x"  # written all the same
+
+
+def test_an_error_after_an_output_was_written_names_it(tmp_path, monkeypatch, capsys):
+    """--out written, then --float-out failed (disk full): exit 2 said nothing of the new --out, which a
+    later CI step could take for an earlier run's (survey 81)."""
+    import fqexport.cli.compress as c
+    from fqexport.cli import main
+    from fqexport.errors import OutputPathError
+
+    def half(args):
+        atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
+        raise OutputPathError(f"cannot write {tmp_path / 'f.onnx'}: No space left on device")
+
+    monkeypatch.setattr(c, "run_compress", half)
+    (tmp_path / "mlp.pt").touch()
+    (tmp_path / "calib.npz").touch()
+    monkeypatch.chdir(tmp_path)
+    assert main(compress_args("--out", "o.onnx")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: cannot write {tmp_path / 'f.onnx'}: No space left on device",
+        f"note: these outputs were finished before the error, and are from this run: {tmp_path / 'o.onnx'}"]

@@ -64,6 +64,7 @@ MSG_INTERNAL = (
 MSG_INTERNAL_MEMORY = "out of memory: {err}; use fewer samples (--num-calib, --batch-size) or a smaller model"
 MSG_SIGNAL = "interrupted by {name}; no partial output was left"
 MSG_SIGNAL_WRITTEN = "interrupted by {name}; no half-written file was left, but these outputs were finished before it: {paths}"
+MSG_ERROR_WRITTEN = "note: these outputs were finished before the error, and are from this run: {paths}"
 
 
 class _Signalled(BaseException):
@@ -134,6 +135,14 @@ def _interrupted(name: str, before: int) -> str:
     if not done:
         return MSG_SIGNAL.format(name=name)
     return MSG_SIGNAL_WRITTEN.format(name=name, paths=", ".join(dict.fromkeys(str(p) for p in done)))
+
+
+def _say_finished(before: int) -> None:
+    """After an error: the outputs this run finished before it (``--out`` written, ``--float-out``
+    failed), so that a later step does not take them for an earlier run's."""
+    done = outputs_written()[before:]
+    if done:
+        print(MSG_ERROR_WRITTEN.format(paths=", ".join(dict.fromkeys(str(p) for p in done))), file=sys.stderr)
 
 
 def _stopped(signum: int, before: int) -> int:
@@ -274,6 +283,7 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
         return EXIT_FAILED
     except FqexportError as err:
         print(f"error: {_with_flag(err, flags or {})}", file=sys.stderr)
+        _say_finished(before)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return _stopped(signal.SIGINT, before)
@@ -297,6 +307,7 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
         if args.debug:
             traceback.print_exc()
         print(MSG_INTERNAL.format(kind=type(err).__name__, err=" ".join(str(err).split())[:300]), file=sys.stderr)
+        _say_finished(before)
         return EXIT_INTERNAL
 
 

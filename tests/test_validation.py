@@ -807,3 +807,56 @@ def test_an_npz_test_set_is_memory_mapped_and_measures_as_in_memory(setup, tmp_p
     mapped = validate(d / "qdq.onnx", tmp_path / "t.npz", measure_latency=False, kernel_check=False)
     held = validate(d / "qdq.onnx", data, measure_latency=False, kernel_check=False)
     assert mapped.metrics.to_dict()["by_group"] == held.metrics.to_dict()["by_group"]
+
+
+class _KwsGru(torch.nn.Module):
+    """Conv1d → GRU (left float by compress) → Linear over the mean step: a keyword spotter's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(8, 16, 3, padding=1)
+        self.rnn = torch.nn.GRU(16, 32, batch_first=True)
+        self.fc = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(torch.relu(self.conv(x)).transpose(1, 2))
+        return self.fc(h.mean(1))
+
+
+def test_recurrent_weights_and_embedding_tables_are_counted_from_the_graph_and_beside_the_metadata(tmp_path):
+    """Survey 82: a graph's GRU/LSTM weights and Gather tables were left out of params, bits and MACs
+    (ORT's quantize_dynamic file of a KWS model, its GRU float, read 8.00 bits), and fqexport's own
+    file priced only its quantized layers' MACs (half of them: the float GRU's were missing)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    steps, W, R = 20, 3 * 32 * 16, 3 * 32 * 32  # GRU: 3 gates · H · (I, H)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 96, 16)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 96, 32)).astype(np.float32), "R"),
+             numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "table"),
+             numpy_helper.from_array(np.array([0, 1], np.int64), "pick")]  # a constant index list: not a table
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),  # [N, T, 16]
+             helper.make_node("Transpose", ["e"], ["t"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["t", "W", "R"], ["y", "h"], hidden_size=32),
+             helper.make_node("Gather", ["pick", "k"], ["p"])]
+    graph = helper.make_graph(nodes, "kws", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, steps]),
+                                             helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("p", TensorProto.INT64, None)], initializer=inits)
+    res = from_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert (res.params, res.float_params, res.avg_weight_bits) == (W + R + 50 * 16, W + R + 50 * 16, 32.0)
+    assert (res.macs, res.bops) == (steps * (W + R), 32 * 32 * steps * (W + R))
+
+    torch.manual_seed(0)
+    model = _KwsGru().eval()
+    data = GroupData(rng.standard_normal((64, 8, steps)).astype(np.float32), rng.integers(0, 3, 64),
+                     np.arange(64) % 2, ("a", "b"))
+    cm = fqexport.compress(model, data, fqexport.QuantConfig(weight_bits=8, num_calib=32), progress=False)
+    fqexport.export(cm, tmp_path / "w8.onnx")
+    report = validate(tmp_path / "w8.onnx", data, measure_latency=False, kernel_check=False)
+    quantized_macs = 16 * 8 * 3 * steps + 32 * 3
+    assert report.resource_source == "metadata"
+    assert report.macs == quantized_macs + steps * (W + R)  # the float GRU's MACs too
+    assert report.bops == pytest.approx(8 * 8 * quantized_macs + 32 * 32 * steps * (W + R))

@@ -1,12 +1,13 @@
 """Resources of an ONNX model: average weight bits, parameters, MACs and BOPs per sample —
 from the fqexport metadata when present, else from the graph: every weight op
 (:data:`WEIGHT_OPS`: Conv/Gemm/MatMul with a constant weight, possibly behind DequantizeLinear;
-ONNX Runtime's QOperator and dynamic-quantization kernels; MatMulNBits) at its weight's width."""
+ONNX Runtime's QOperator and dynamic-quantization kernels; MatMulNBits; the recurrent ops of
+:data:`RECURRENT_OPS`; a Gather of an embedding table) at its weight's width."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ WEIGHT_OPS = {
     # quantize_dynamic: integer kernels on activations quantized at run time
     "ConvInteger": (0, 1, "conv", True), "MatMulInteger": (0, 1, "matmul", True),
 }
+# recurrent ops -> whether the activations are integer: W (input 1) and R (input 2) are the weights,
+# each step multiplies both once (ONNX's GRU/LSTM/RNN; quantize_dynamic's com.microsoft LSTM)
+RECURRENT_OPS = {"GRU": False, "LSTM": False, "RNN": False, "DynamicQuantizeLSTM": True}
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,34 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             n_params, bits, wshape, rule = int(attrs["K"]) * int(attrs["N"]), int(attrs.get("bits", 4)), \
                 [int(attrs["K"]), int(attrs["N"])], "matmul"
             integer_input, stored, is_float = False, node.input[1], False
+        elif node.op_type in RECURRENT_OPS or _is_table_lookup(node, weight_of):
+            # their weights count like any other; a recurrent op's MACs are steps · (W + R) per
+            # sample, a lookup's none (a row is read, not multiplied)
+            recurrent = node.op_type in RECURRENT_OPS
+            found = [weight_of(node.input[i]) for i in ((1, 2) if recurrent else (0,)) if len(node.input) > i]
+            tensors = [w[0] for w in found if w is not None]
+            step_macs = sum(int(np.prod(t.dims)) for t in tensors)
+            for t in tensors:
+                kind = onnx.TensorProto.DataType.Name(t.data_type)
+                if t.name not in counted:
+                    counted.add(t.name)
+                    n = int(np.prod(t.dims)) if t.dims else 1
+                    params += n
+                    floats += n if kind in _FLOAT_TYPES else 0
+                    bit_params += _BITS.get(kind, 32) * n
+            if not recurrent or not tensors:
+                continue
+            x = shapes.get(node.input[0])
+            steps = (x[1] if attrs.get("layout", 0) == 1 else x[0]) if x and len(x) == 3 else None
+            if steps is None:
+                macs_known = False
+                continue
+            w_bits = max(_BITS.get(onnx.TensorProto.DataType.Name(t.data_type), 32) for t in tensors)
+            a_bits = ACTIVATION_BITS if RECURRENT_OPS[node.op_type] else \
+                _BITS.get(onnx.TensorProto.DataType.Name(elem_types.get(node.input[0], 1)), 32)
+            macs_total += steps * step_macs
+            bops += w_bits * a_bits * steps * step_macs
+            continue
         elif node.op_type in WEIGHT_OPS:
             x_at, w_at, rule, integer_input = WEIGHT_OPS[node.op_type]
             w = weight_of(node.input[w_at]) if len(node.input) > w_at else None
@@ -212,6 +244,19 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     )
 
 
+def _is_table_lookup(node, weight_of) -> bool:
+    """A Gather of rows from a constant table of rank 2 holding weights (an Embedding: float, or
+    integer codes behind a DequantizeLinear), not of a constant shape or index list."""
+    if node.op_type != "Gather" or not node.input:
+        return False
+    found = weight_of(node.input[0])
+    if found is None:
+        return False
+    tensor, dequantized = found
+    kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+    return len(tensor.dims) == 2 and (kind in _FLOAT_TYPES or dequantized)
+
+
 MSG_STALE_METADATA = (
     "%s: its fqexport metadata lists %d quantized weights, but the graph stores %d more weights in float "
     "than the metadata's float layers (the file was edited after export: e.g. a tool folded its "
@@ -222,7 +267,8 @@ MSG_STALE_METADATA = (
 def model_resources(path: str | Path, meta: ExportMetadata | None = None) -> Resources:
     """Resources of the ONNX file at ``path``: the metadata's numbers, else the graph's — also when
     the graph stores in float more than half of the weights the metadata lists as quantized (a
-    file edited after export; warned)."""
+    file edited after export; warned). With float layers in the metadata, MACs and BOPs are the
+    graph's when it reads more of them (the float layers' share, at 32 bits)."""
     model = onnx.load(str(path), load_external_data=False)
     res = from_metadata(meta)
     if res is None:
@@ -232,4 +278,8 @@ def model_resources(path: str | Path, meta: ExportMetadata | None = None) -> Res
     if extra > 0.5 * quantized:
         log.warning(MSG_STALE_METADATA, path, quantized, extra)
         return from_graph(model)
+    if meta.float_layers:  # the metadata prices its quantized layers only: the graph's MACs and BOPs
+        graph = from_graph(model)  # count the float ones too (a GRU left float is half of a KWS model's)
+        if graph.macs is not None and graph.macs > (res.macs or 0):
+            return replace(res, macs=graph.macs, bops=graph.bops)
     return res

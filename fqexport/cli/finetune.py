@@ -86,7 +86,8 @@ def _print_summary(plan: FinetunePlan, out: CompressedModel, seconds: float, giv
     for g in out.group_names:
         # the trained model's figures: with --export-bits, holdout_after is the first width's re-quantization
         after = rec.get("holdout_after_training") or rec["holdout_after"]
-        b, a, s = rec["holdout_before"][g], after[g], rec["history"][0]["holdout"][g]
+        b, a = rec["holdout_before"][g], after[g]
+        s = rec["history"][0]["holdout"][g] if regridded else b  # a start other than the model given
         row = {"group": g, "n": b["count"], f"{head} before %": f"{100 * b[key]:.2f}"}
         row.update({f"{head} start %": f"{100 * s[key]:.2f}"} if regridded else {})
         row.update({f"{head} after %": f"{100 * a[key]:.2f}", "loss before": f"{b['loss']:.4f}"})

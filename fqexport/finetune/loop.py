@@ -34,7 +34,7 @@ from fqexport.errors import ConfigError
 from fqexport.finetune.adaround import adaptive_rounding
 from fqexport.finetune.config import FinetuneConfig
 from fqexport.finetune.fit_data import FitData, epoch_batches, split_fit_holdout, steps_per_epoch
-from fqexport.finetune.holdout import Holdout, per_group, worst_loss
+from fqexport.finetune.holdout import Holdout, history_record, per_group, worst_loss
 from fqexport.finetune.learn_bits import learn_bits
 from fqexport.finetune.objective import GroupObjective, fixed_group_weights, optimizer
 from fqexport.finetune.qat import LearnableActQuant, LearnableWeight, build_student, write_back
@@ -138,6 +138,22 @@ def _fix_grids(cm: CompressedModel, data: DataStream, config: FinetuneConfig, de
     return cm, rounding, baq
 
 
+# groups whose running loss the progress bar shows: all up to this many, else the highest ones
+_POSTFIX_GROUPS = 4
+
+
+def _loss_postfix(names: tuple[str, ...], running: torch.Tensor) -> dict[str, str]:
+    """The progress bar's running loss per group; with many groups the :data:`_POSTFIX_GROUPS`
+    highest and how many are left out (40 groups made a terminal line of 40 entries per step)."""
+    values = [float(v) for v in running.cpu()]
+    order = range(len(names)) if len(names) <= _POSTFIX_GROUPS else sorted(
+        range(len(names)), key=lambda i: -values[i] if math.isfinite(values[i]) else math.inf)[:_POSTFIX_GROUPS]
+    shown = {names[i]: f"{values[i]:.3f}" for i in order}
+    if len(names) > _POSTFIX_GROUPS:
+        shown[f"+{len(names) - _POSTFIX_GROUPS} groups"] = "lower"
+    return shown
+
+
 def _running_loss(running: torch.Tensor, lg: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """The progress bar's per-group loss: an exponential moving average (0.9) over the steps where
     the group is present, starting at its first value (NaN before)."""
@@ -204,7 +220,7 @@ class _Run:
                 break
             running = _running_loss(running, lg.detach(), present)
             if self.progress:
-                bar.set_postfix({n: f"{float(v):.3f}" for n, v in zip(self.names, running)})
+                bar.set_postfix(_loss_postfix(self.names, running))
             if self._limit_reached():
                 break
         stream.close()
@@ -267,7 +283,7 @@ class _Run:
             "stopped": self.stopped, "best_epoch": self.holdout.best_epoch,
             "loss_terms": self.fit.loss_words(config),
             "holdout_before": per_group(before), "holdout_after": per_group(after),
-            "history": self.holdout.history,
+            "history": history_record(self.holdout.history, regridded=bool(baq or rounding)),
             # mean over the latent weights of (v - round(v))^2, v = clamp(w / s): how far they sit
             # off their grid points in steps (what the oscillation regulariser shrinks; 0 at the start)
             "latent_offgrid": round(sum(float(m.dampening().detach()) for m in weights)

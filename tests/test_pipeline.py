@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -466,6 +467,23 @@ def test_a_group_with_few_calibration_samples_is_warned_about_once(caplog, mlp_m
     assert not [r for r in caplog.records if "hold few" in r.getMessage()]
     assert not [r for r in caplog.records if "one group" in r.getMessage()]
 
+
+
+def test_a_search_fit_on_a_part_of_the_data_leaves_the_draw_warning_to_the_refit(caplog, mlp_model, mlp_data):
+    """A sweep said two different counts for one draw (survey 82): the hold-out split's fit warned
+    about its own draw, then the refit on all the data about the returned model's."""
+    import logging
+
+    from fqexport.pipeline import compress as pipeline
+    from fqexport.search.verification import VerifyContext, _fit
+
+    pipeline._warned_few.clear()
+    ctx = VerifyContext(mlp_model, mlp_data, [], QuantConfig(num_calib=6, method="rtn"), parts=True)
+    with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
+        _fit(ctx, mlp_data.take(np.arange(0, len(mlp_data), 2)), {})  # a part: quiet
+        assert not [r for r in caplog.records if "hold few" in r.getMessage()]
+        _fit(replace(ctx, parts=False), mlp_data, {})  # the fit that is the refit says it
+    assert len([r for r in caplog.records if "hold few" in r.getMessage()]) == 1
 
 def test_data_of_one_group_is_warned_about(caplog, mlp_model, mlp_data):
     """Data whose samples are all in one group compressed without a word (survey 49): a

@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -289,6 +290,19 @@ MSG_FEW_GROUP_SAMPLES = (
     "than {min}): their activation ranges and statistics rest on those; give more samples of them or a larger num_calib"
 )
 _warned_few: set[tuple] = set()
+_quiet_draws: list[bool] = []  # inside quiet_draw_warnings()
+
+
+@contextmanager
+def quiet_draw_warnings() -> Iterator[None]:
+    """``compress`` calls inside the block do not warn about the groups their draw holds few of: fits
+    on a part of the data (the search's hold-out split, its folds), whose refit on all the data warns
+    about the draw the returned model holds (a sweep said two different counts for one draw)."""
+    _quiet_draws.append(True)
+    try:
+        yield
+    finally:
+        _quiet_draws.pop()
 MSG_WEIGHTS_UNDRAWN = (
     "group_weights weigh only groups that have no calibration sample: num_calib={n} draws fewer samples than "
     "the {k} groups, and none of {groups}; raise num_calib to at least {k}, or give weight to a drawn group"
@@ -316,7 +330,7 @@ def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
     counts = sub.group_counts()
     few = [f"'{name}' {int(k)}" for name, k in zip(sub.group_names, counts) if k < MIN_GROUP_SAMPLES]
     key = (sub.source, num_calib, tuple(int(k) for k in counts))
-    if key in _warned_few or in_worker():
+    if key in _warned_few or in_worker() or _quiet_draws:
         return
     _warned_few.add(key)
     if few:

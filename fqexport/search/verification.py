@@ -16,6 +16,7 @@ threads instead, whatever the engine (:func:`fit_threads`): ``compress`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig
 from fqexport.engine.base import Engine, Task, run_task, task_error
 from fqexport.errors import ConfigError, DataError
 from fqexport.metrics.group_metrics import GroupMetrics
-from fqexport.pipeline.compress import compress
+from fqexport.pipeline.compress import compress, quiet_draw_warnings
 from fqexport.search.allocation import Allocation
 from fqexport.search.candidates import Candidate
 from fqexport.tasks.base import Task as ModelTask
@@ -169,6 +170,7 @@ class VerifyContext:
     base: QuantConfig
     cache: FitCache = field(default_factory=FitCache)
     task: ModelTask = field(default_factory=Classification)
+    parts: bool = False  # the fits quantize on parts of the data (a split, folds): the refit warns about its draw
 
 
 def verification_tasks(allocations: Sequence[Allocation], folds: int) -> list[Task]:
@@ -189,7 +191,7 @@ def fit_candidate(ctx: VerifyContext, task: Task) -> tuple[np.ndarray, float, np
     bits, fold, first = task.payload
     held_in, where = ctx.splits[fold]
     t0 = time.perf_counter()
-    cm = compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False, task=ctx.task)
+    cm = _fit(ctx, held_in, bits)
     fitted = time.perf_counter()
     ctx.cache.put(task.key, cm)  # found by fitted_model when it runs in this process (serial engine)
     out = map_x(cm.predict, ctx.held_out.subset(where))
@@ -204,8 +206,13 @@ def fitted_model(ctx: VerifyContext, task: Task) -> Any:
     if cached is not None:
         return cached
     bits, fold, _ = task.payload
-    return compress(ctx.model, ctx.splits[fold][0], replace(ctx.base, layer_bits=dict(bits)), progress=False,
-                    task=ctx.task)
+    return _fit(ctx, ctx.splits[fold][0], bits)
+
+
+def _fit(ctx: VerifyContext, held_in: Data, bits: dict) -> Any:
+    """``compress`` of ``bits`` on ``held_in``, its draw's warnings left to the refit when it is a part."""
+    with quiet_draw_warnings() if ctx.parts else contextlib.nullcontext():
+        return compress(ctx.model, held_in, replace(ctx.base, layer_bits=dict(bits)), progress=False, task=ctx.task)
 
 
 @dataclass

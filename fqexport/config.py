@@ -126,7 +126,7 @@ def _frozen(value: object) -> object:
     return value
 
 
-def _hash_fields(self: object) -> int:
+def hash_fields(self: object) -> int:
     """A frozen config's hash over its fields, its dicts (layer_bits, pins, group weights) included:
     the generated one raised "unhashable type: 'dict'"."""
     return hash((type(self).__name__, *(_frozen(getattr(self, f.name)) for f in fields(self))))
@@ -185,6 +185,16 @@ def check_bit_choices(bits: object) -> tuple[int, ...]:
     return tuple(sorted({int(b) for b in values}))
 
 
+def plain_number(value: object) -> object:
+    """A numpy scalar as the Python number it prints as (``np.float32(3.3)`` is 3.3, not
+    3.2999999523: the metadata records what was typed), an int as an int; anything else as it is."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(str(value))
+    return value
+
+
 def check_budget(kind: object, value: object) -> float:
     """The one check of a budget (config, allocation, sweep): ``kind`` one of
     :data:`BudgetKind`, ``value`` a finite number > 0, and in [2, 32] for stored bits per weight."""
@@ -232,7 +242,7 @@ def _check_keep_float(patterns: object) -> tuple:
 class WeightSpec:
     """How the weights are quantized, and which weight layers are: see :class:`QuantConfig`."""
 
-    __hash__ = _hash_fields
+    __hash__ = hash_fields
 
     weight_bits: int = 8
     layer_bits: Mapping[str, int] = field(default_factory=dict)
@@ -291,7 +301,7 @@ class WeightSpec:
 class ActivationSpec:
     """The calibration data and the activation ranges observed on it: see :class:`QuantConfig`."""
 
-    __hash__ = _hash_fields
+    __hash__ = hash_fields
 
     calibration: Calibration = "minmax"
     percentile: float = 99.99
@@ -457,7 +467,7 @@ class QuantConfig:
         seed: seed of the calibration subset draw.
     """
 
-    __hash__ = _hash_fields
+    __hash__ = hash_fields
 
     weights: WeightSpec
     activations: ActivationSpec
@@ -679,7 +689,7 @@ class MixedPrecisionConfig:
             ``"serial"``; results do not depend on it).
     """
 
-    __hash__ = _hash_fields
+    __hash__ = hash_fields
 
     budget_bits: float | None = None
     budget_bytes: float | None = None
@@ -719,6 +729,7 @@ class MixedPrecisionConfig:
             )
         (name, value), = given.items()
         check_budget(name.removeprefix("budget_"), value)
+        _set(self, **{name: plain_number(value)})
         check_choice(self.objective, get_args(MixedObjective), "objective")
         check_choice(self.sensitivity, get_args(SensitivityMethod), "sensitivity")
         _set(self, bit_choices=check_bit_choices(self.bit_choices))  # sorted: (8, 4, 2) == (2, 4, 8)
@@ -738,6 +749,8 @@ class MixedPrecisionConfig:
              mw_steps=as_int(self.mw_steps, "mw_steps"), mw_eta=as_real(self.mw_eta, "mw_eta"))
         if self.cache_path is not None and not isinstance(self.cache_path, (str, os.PathLike)):
             raise ConfigError(MSG_TYPE.format(where="cache_path", value=self.cache_path, kind="a file path or None"))
+        if self.cache_path is not None:  # Path("x") and "x" are one config
+            _set(self, cache_path=os.fspath(self.cache_path))
         if self.group_weights is not None:
             if not isinstance(self.group_weights, Mapping):
                 raise ConfigError(MSG_TYPE.format(where="MixedPrecisionConfig.group_weights", value=self.group_weights,

@@ -240,3 +240,29 @@ def test_a_configs_mappings_are_frozen_and_still_pickle_copy_and_serialise():
     for config in (q, m):
         assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config)
     assert json.loads(json.dumps(q.to_dict()))["layer_bits"] == {"fc": 8}
+
+
+def test_finetune_and_search_configs_hold_plain_checked_values_as_quantconfig_does():
+    """Survey 83: FinetuneConfig's group_weights stayed an editable dict (set to -5 after the checks;
+    hash raised), learn_act_scales="False" counted as true, bit_choices (8, 4, 2) != (2, 4, 8), and
+    numpy scalars went to the metadata (np.float32(3.3) as 3.2999999523)."""
+    import pickle
+    from pathlib import Path
+
+    from fqexport import FinetuneConfig, MixedPrecisionConfig
+
+    f = FinetuneConfig(loss="group-weighted", group_weights={"a": 1, "b": np.float32(2)}, max_minutes=np.float32(1.1))
+    with pytest.raises(TypeError, match="a config's mapping is frozen"):
+        f.group_weights["a"] = -5
+    assert f.group_weights == {"a": 1.0, "b": 2.0} and f.max_minutes == 1.1 and type(f.max_minutes) is float
+    assert hash(f) == hash(pickle.loads(pickle.dumps(f))) and pickle.loads(pickle.dumps(f)) == f
+    for name in ("learn_act_scales", "learn_bits"):
+        with pytest.raises(ConfigError, match=rf"^FinetuneConfig\.{name}='False' must be True or False"):
+            FinetuneConfig(**{name: "False"})
+    assert FinetuneConfig(bit_choices=(8, 4, 2, 2)) == FinetuneConfig(bit_choices=(2, 4, 8))
+    assert FinetuneConfig(learn_bits=True, budget_bits=np.float32(2.7)).budget_bits == 2.7
+    m = MixedPrecisionConfig(budget_bits=np.float32(3.3))
+    assert m.budget_bits == 3.3 and type(m.budget_bits) is float
+    assert type(MixedPrecisionConfig(budget_bytes=np.int64(5000)).budget_bytes) is int
+    assert MixedPrecisionConfig(budget_bits=3, cache_path=Path("s.json")) == MixedPrecisionConfig(budget_bits=3,
+                                                                                                  cache_path="s.json")

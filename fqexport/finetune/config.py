@@ -7,7 +7,16 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Iterable, Literal, Mapping, get_args
 
-from fqexport.config import DEFAULT_BIT_CHOICES, SUPPORTED_WEIGHT_BITS, Device, check_seed
+from fqexport.config import (
+    DEFAULT_BIT_CHOICES,
+    SUPPORTED_WEIGHT_BITS,
+    Device,
+    FrozenDict,
+    hash_fields,
+    plain_number,
+    as_bool,
+    check_seed,
+)
 from fqexport.errors import ConfigError
 
 Sampler = Literal["natural", "group-balanced", "core-set"]
@@ -180,6 +189,8 @@ class FinetuneConfig:
     device: Device = "auto"
     seed: int = 0
 
+    __hash__ = hash_fields  # group_weights is a mapping
+
     def __post_init__(self) -> None:
         check_seed(self.seed)
         for name, low in (("epochs", 1), ("batch_size", 1), ("coreset_min_per_group", 1), ("seed", 0),
@@ -216,9 +227,13 @@ class FinetuneConfig:
         if float(self.kd_weight) + float(self.ce_weight) <= 0:
             raise ConfigError(MSG_RANGE.format(field="kd_weight", value=self.kd_weight,
                                                rule="> 0 when ce_weight is 0 (the loss would be zero)"))
+        for name in ("learn_act_scales", "learn_bits"):  # the string "False" would count as true
+            object.__setattr__(self, name, as_bool(getattr(self, name), f"FinetuneConfig.{name}"))
         if self.max_minutes is not None and (not _finite(self.max_minutes) or float(self.max_minutes) <= 0):
             raise ConfigError(MSG_RANGE.format(field="max_minutes", value=self.max_minutes,
                                                rule="a number of minutes > 0, or None (no limit)"))
+        if self.max_minutes is not None:
+            object.__setattr__(self, "max_minutes", float(plain_number(self.max_minutes)))
         steps = self.max_steps
         if steps is not None and (not _integer(steps) or steps < 1):
             raise ConfigError(MSG_RANGE.format(field="max_steps", value=steps,
@@ -229,7 +244,7 @@ class FinetuneConfig:
         choices = tuple(self.bit_choices) if isinstance(self.bit_choices, Iterable) else ()
         if not choices or any(not _integer(b) or int(b) not in SUPPORTED_WEIGHT_BITS for b in choices):
             raise ConfigError(MSG_BIT_CHOICES.format(value=self.bit_choices))
-        choices = tuple(int(b) for b in choices)
+        choices = tuple(sorted({int(b) for b in choices}))  # as MixedPrecisionConfig: (8, 4, 2) == (2, 4, 8)
         object.__setattr__(self, "weight_bits", int(bits))
         object.__setattr__(self, "bit_choices", choices)
         if steps is not None:
@@ -240,6 +255,7 @@ class FinetuneConfig:
                                                    rule="a finite number of average weight bits"))
             if not (min(choices) <= float(self.budget_bits) <= max(choices)):
                 raise ConfigError(MSG_BUDGET.format(value=self.budget_bits, lo=min(choices), hi=max(choices)))
+            object.__setattr__(self, "budget_bits", float(plain_number(self.budget_bits)))
         if self.learn_bits and self.budget_bits is None:
             raise ConfigError(MSG_LEARN_BITS)
         if self.loss == "group-weighted":
@@ -257,6 +273,8 @@ class FinetuneConfig:
             if value != defaults[name] and got != wanted:
                 raise ConfigError(MSG_ONLY_WITH.format(field=name, value=value, key=key, wanted=wanted, got=got,
                                                        default=defaults[name]))
+        if isinstance(self.group_weights, Mapping):  # frozen, as QuantConfig's mappings: checked once, hashable
+            object.__setattr__(self, "group_weights", FrozenDict({k: float(v) for k, v in self.group_weights.items()}))
 
     def to_dict(self) -> dict[str, object]:
         """The settings recorded in the export metadata."""

@@ -57,7 +57,7 @@ from fqexport.calibration.checks import (
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
-from fqexport.config import QuantConfig
+from fqexport.config import QuantConfig, check_bits, check_seed
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.global_state import one_at_a_time, with_gradients
 from fqexport.graph.prepare import fold_batchnorm
@@ -527,12 +527,14 @@ def analyze(
     require_labels(data, "analyze")  # accuracy, loss and gradients per group, before any compress
     calib_data = data if calib is None else load_data(calib)
     base = config or QuantConfig(method=method)
+    check_seed(seed)  # before any pass (numpy's bare "expected non-negative integer" came after one)
     widths: list[int] = []
     for b in bits:
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
             raise ConfigError(f"bits={list(bits)!r}: every width must be an integer from 2 to 8")
-        if int(b) not in widths:
-            widths.append(int(b))
+        b = check_bits(b, "bits")  # named as analyze's argument, not QuantConfig's weight_bits
+        if b not in widths:
+            widths.append(b)
     configs = [replace(base, weight_bits=b, method=method) for b in widths]  # checks bits/method
     kwargs = dict(batch_size=batch_size, hessian_iters=hessian_iters,
                   max_samples_per_group=max_samples_per_group, seed=seed, tol=tol, progress=progress)

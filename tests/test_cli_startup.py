@@ -67,6 +67,8 @@ def _fresh(argv, cwd) -> tuple[str, str]:
     (["validate", "m.onnx", "--data", "d.npz", "--latency-batch-sizes", ","], 2, None),
     (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "x"], 2,
      "error: --budgets 'x': expected stored bits per weight like 2.5,3,3.5,4"),
+    (["sweep", "--model", "m:f", "--calib", "c.npz", "--out-dir", "o", "--budgets", "3", "--weight-bits", "4"], 2,
+     "error: --weight-bits: a budget lets the search choose every layer's width"),  # hidden from sweep's --help
     (["analyze", "--model", "m:f", "--data", "d.npz", "--bits", "8", "9"], 2,
      "error: --bits=9 is not supported: weight bits must be an integer from 2 to 8"),
     (["demo", "--seed", "x"], 2, None),

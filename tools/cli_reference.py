@@ -67,7 +67,7 @@ def _shared_flags(commands: dict[str, argparse.ArgumentParser]) -> set[str]:
     helps: dict[str, set[str]] = {}
     for p in commands.values():
         for action in p._actions:
-            for flag in action.option_strings:
+            for flag in action.option_strings if action.help != argparse.SUPPRESS else ():
                 helps.setdefault(flag, set()).add(_help_text(p, action))
     return {flag for flag, texts in helps.items() if len(texts) > 1}
 
@@ -89,8 +89,8 @@ def render() -> str:
         lines += [f"## `{title}`", "", " ".join((p.description or "").split()), "",
                   "| option | required | help (default) | documented in |", "|---|---|---|---|"]
         for action in p._actions:
-            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
-                continue
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue  # (a suppressed flag is not offered: --help leaves it out too)
             flags = action.option_strings or [action.dest]
             long = max(flags, key=len)
             docs = _documented_in(long, pages, command if long in shared else None) if action.option_strings else []

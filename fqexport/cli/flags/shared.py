@@ -165,17 +165,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="allow loading a pickled whole module (and a .pt2 that torch would unpickle); runs its code")
 
 
-def add_model_and_quant_options(p: argparse.ArgumentParser) -> None:
-    """The model, calibration data, task and QuantConfig options (``compress`` and ``sweep``)."""
+def add_model_and_quant_options(p: argparse.ArgumentParser, fixed_widths: bool = True) -> None:
+    """The model, calibration data, task and QuantConfig options (``compress`` and ``sweep``).
+    ``fixed_widths=False`` (sweep: every point has a budget) keeps :data:`FIXED_WIDTH_FLAGS` out of
+    ``--help``; given anyway, the command's check says why they do not apply."""
     add_model_options(p)
     add_task_options(p)
     p.add_argument("--calib", required=True, help="calibration data: .npz (x, group[, y, group_names]) or CSV manifest "
                    "(path,label,group; images as CHW float in [0, 1], no resize, no normalisation: "
                    "save normalised data with fqexport.save_npz)")
     p.add_argument("--weight-bits", type=int, default=None,
-                   help=f"weight width of every layer, 2..8 (default: {_Q.weight_bits})")
+                   help=f"weight width of every layer, 2..8 (default: {_Q.weight_bits})" if fixed_widths else argparse.SUPPRESS)
     p.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
-                   help="per-layer width, overriding --weight-bits (repeatable)")
+                   help="per-layer width, overriding --weight-bits (repeatable)" if fixed_widths else argparse.SUPPRESS)
     p.add_argument("--method", choices=get_args(Method), default=_Q.method,
                    help="weight quantizer: solver (sensitivity-guided, error compensated) or rtn (round to nearest)")
     p.add_argument("--order", choices=get_args(Order), default=None,

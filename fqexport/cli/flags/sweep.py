@@ -67,7 +67,7 @@ def add_sweep_parser(sub) -> None:
         "worst-group and mean accuracy per budget to pareto.json, pareto.csv and pareto.png (the plot "
         "needs matplotlib).",
     )
-    add_model_and_quant_options(p)
+    add_model_and_quant_options(p, fixed_widths=False)  # each point's widths are its budget's
     p.add_argument("--budgets", required=True, help="stored bits per weight (codes in their containers + scales, "
                    "as --budget-bits of compress), comma separated, e.g. 2.5,3,3.5,4; more budget never returns "
                    "a result that measured worse on the held-out samples by --objective (worst-group: a larger "

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import onnx
 
 from fqexport.errors import ModelLoadError
+from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.ort_session import check_model_file
 from fqexport.metadata import METADATA_KEY, ExportMetadata
 from fqexport.version import __version__
 
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
+
+
+def environment() -> dict[str, str]:
+    """What writes a file, for its metadata (``ExportMetadata.environment``): the versions of
+    fqexport, Python, torch, onnx, onnxruntime and numpy, and this CPU's instruction set and int8
+    kernel family (the export check ran its kernels)."""
+    import numpy
+    import onnxruntime
+    import torch
+
+    isa = cpu_isa()
+    return {"fqexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "cpu_isa": isa, "kernel_family": kernel_family(isa)}
 
 
 def write_metadata(model: onnx.ModelProto, meta: ExportMetadata) -> None:

@@ -33,7 +33,7 @@ from fqexport.errors import ConfigError, ExportError, OutputPathError
 from fqexport.exporters.compact import compact_graph
 from fqexport.exporters.export_check import TIE_JITTER_STEPS, Verdict, check_export
 from fqexport.exporters.gpu_rules import check_gpu_qdq
-from fqexport.exporters.metadata import write_metadata
+from fqexport.exporters.metadata import environment, write_metadata
 from fqexport.exporters.onnx_file import check_onnx, is_large, save_onnx, tensor_bytes
 from fqexport.exporters.ort_fusions import fuse_for_ort
 from fqexport.exporters.ort_session import QDQ_PROPAGATION, refused_by_cpu_optimizers
@@ -108,7 +108,8 @@ def qdq_model(cm: "CompressedModel") -> onnx.ModelProto:
     if cm.config.target != "gpu":  # (TensorRT's importer takes the graph as torch wrote it)
         fuse_for_ort(model)
     write_metadata(model, replace(cm.metadata, storage=cm.config.storage, opset=opset,
-                                  layers=layer_records(cm.layers, used), target=cm.config.target))
+                                  layers=layer_records(cm.layers, used), target=cm.config.target,
+                                  environment=environment()))
     # names of every weight layer are kept (quantized or float): readers look layers up by them
     compact_graph(model, [*cm.layers, *(f.name for f in cm.metadata.float_layers)])
     return model

@@ -784,6 +784,15 @@ class MixedPrecisionConfig:
                 f"mw_steps={self.mw_steps!r} must be >= 0 and mw_eta={self.mw_eta!r} a finite number > 0"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The options that decide a search's result, for the file's metadata
+        (``allocation.settings``): every field but ``engine`` and ``cache_path``, which do not
+        change it; ``MixedPrecisionConfig(**d)`` rebuilds the config."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("engine", "cache_path")}
+        d.update(bit_choices=list(self.bit_choices), pins=dict(self.pins),
+                 group_weights=None if self.group_weights is None else {str(k): v for k, v in self.group_weights.items()})
+        return d
+
     @property
     def budget_kind(self) -> BudgetKind:
         """``"bits"``, ``"bytes"`` or ``"bops"``: the budget that is set."""

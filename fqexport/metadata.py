@@ -88,6 +88,12 @@ class ExportMetadata:
     # QuantConfig.to_dict(): every option that decided the file (seed, damp, block_size, ...), so
     # that QuantConfig(**settings) reruns it; None in files written before the field
     settings: Mapping[str, Any] | None = None
+    # the calibration data: its source (a path, or the object's kind), samples, the drawn ones and a
+    # sha256 of what was drawn (x, group, y), so that an audit can tell the data; None in older files
+    calibration_data: Mapping[str, Any] | None = None
+    # what wrote the file: the versions of fqexport's libraries and the CPU's instruction set (the
+    # export check ran its kernels); None in older files
+    environment: Mapping[str, Any] | None = None
     schema_version: int = METADATA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +106,8 @@ class ExportMetadata:
         d["task"] = dict(self.task) if self.task is not None else None
         d["allocation"] = dict(self.allocation) if self.allocation is not None else None
         d["finetune"] = dict(self.finetune) if self.finetune is not None else None
-        d["settings"] = dict(self.settings) if self.settings is not None else None
+        for k in ("settings", "calibration_data", "environment"):
+            d[k] = dict(getattr(self, k)) if getattr(self, k) is not None else None
         return d
 
     def to_json(self) -> str:
@@ -152,7 +159,7 @@ _LAYER_TYPES = {"name": (str, False), "kind": (str, False), "bits": (int, False)
                 "macs": (int, False), "storage": (str, True), "reason": (str, True)}
 _RECORDS = ("layers", "float_layers")
 _TEXTS = ("group_names", "skipped_layers", "float_ops")
-_MAPPINGS = ("allocation", "finetune", "task", "settings")
+_MAPPINGS = ("allocation", "finetune", "task", "settings", "calibration_data", "environment")
 
 
 def _typed(value: Any, kind: type, nullable: bool) -> bool:

@@ -139,3 +139,34 @@ def test_the_file_records_every_option_that_decided_it(mlp_model, mlp_data, tmp_
     assert "device" not in settings and "max_activation_memory_mb" not in settings
     again = compress(mlp_model, mlp_data, QuantConfig(**settings), progress=False)
     assert export_qdq(again, tmp_path / "again.onnx").path.read_bytes() == path.read_bytes()
+
+
+def test_the_file_names_its_calibration_data_and_what_wrote_it(mlp_model, mlp_data, tmp_path):
+    """Survey 83: nothing in a file named the calibration data, nor the torch / onnx / onnxruntime
+    versions and the CPU whose kernels the export check ran; validate's report named no runtime."""
+    import hashlib
+
+    import numpy as np
+    import onnxruntime
+
+    from fqexport.calibration.npz import save_npz
+    from fqexport.config import QuantConfig
+    from fqexport.exporters.cpu_isa import cpu_isa
+    from fqexport.exporters.qdq_onnx import export_qdq
+    from fqexport.pipeline.compress import compress
+    from fqexport.calibration.sampling import group_balanced_indices
+    from fqexport.validation.gate import validate
+
+    save_npz(mlp_data, tmp_path / "calib.npz")
+    cm = compress(mlp_model, str(tmp_path / "calib.npz"), QuantConfig(num_calib=64, method="rtn"), progress=False)
+    meta = read_metadata(export_qdq(cm, tmp_path / "m.onnx").path)
+    drawn = mlp_data.take(group_balanced_indices(mlp_data, 64, seed=0))
+    sha = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in (drawn.x, drawn.group, drawn.y)))
+    assert meta.calibration_data == {"source": str(tmp_path / "calib.npz"), "samples": len(mlp_data), "drawn": 64,
+                                     "sha256": sha.hexdigest()}
+    env = meta.environment
+    assert (env["torch"], env["onnx"], env["onnxruntime"], env["cpu_isa"]) == (
+        torch.__version__, onnx.__version__, onnxruntime.__version__, cpu_isa())
+    report = validate(tmp_path / "m.onnx", mlp_data, measure_latency=False, kernel_check=False).to_dict()
+    assert report["environment"]["onnxruntime"] == onnxruntime.__version__
+    assert report["environment"]["fqexport"] == env["fqexport"]

@@ -847,3 +847,11 @@ def test_a_sweep_with_test_data_leaves_a_model_in_train_mode_untouched(mlp_data,
     monkeypatch.setattr(pareto_module, "_sweep", lambda *args, **kwargs: [])  # the checks before the searches
     assert pareto_module.pareto_sweep(model, mlp_data, [3.0], test=mlp_data, progress=False) == []
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_file_records_the_search_that_chose_its_widths(search):
+    """Survey 83: a file that said "objective: weighted" could not say the weights, the widths,
+    the pins or the seed of the search."""
+    settings = search.compressed.metadata.allocation["settings"]
+    assert MixedPrecisionConfig(**settings) == replace(search.config, engine=MixedPrecisionConfig(budget_bits=3).engine)
+    assert settings["pins"] == {"fc3": 8} and settings["bit_choices"] == [2, 3, 4, 8] and "engine" not in settings

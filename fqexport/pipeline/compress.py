@@ -17,6 +17,7 @@ retarget and the solver; codes and scales end up on the CPU.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -598,7 +599,18 @@ def _metadata(config: QuantConfig, sub: GroupData, data: GroupData | DataStream,
         task=task,
         float_ops=float_ops,
         settings=config.to_dict(),
+        calibration_data=calibration_record(sub, data),
     )
+
+
+def calibration_record(sub: GroupData, data: GroupData | DataStream) -> dict[str, Any]:
+    """``ExportMetadata.calibration_data``: where the data came from, how many samples it has and
+    were drawn, and a sha256 of what was drawn (x, group, y: the file's inputs, in draw order)."""
+    digest = hashlib.sha256()
+    for part in (sub.x, sub.group, sub.y):
+        if part is not None:
+            digest.update(np.ascontiguousarray(part).tobytes())
+    return {"source": str(data.source), "samples": len(data), "drawn": len(sub), "sha256": digest.hexdigest()}
 
 
 @one_at_a_time

@@ -207,6 +207,7 @@ class MixedPrecisionResult:
             "predicted_loss_increase": dict(self.allocation.predicted),
             "measured_holdout": metrics_summary(c.metrics) if c.metrics else None,
             "refit": self.config.refit,
+            "settings": self.config.to_dict(),  # MixedPrecisionConfig(**settings): the search that chose it
         }
 
     def record_allocation(self) -> "MixedPrecisionResult":

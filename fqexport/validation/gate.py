@@ -35,7 +35,7 @@ from fqexport.exporters.cpu_isa import cpu_isa, emulated_host, host_family
 from fqexport.exporters.export_check import TARGET_FAMILIES
 from fqexport.exporters.gpu_rules import check_gpu_qdq
 from fqexport.exporters.kernel_emulation import check_target
-from fqexport.exporters.metadata import read_metadata
+from fqexport.exporters.metadata import environment, read_metadata
 from fqexport.exporters.ort_session import (
     fixed_batch,
     input_shape,
@@ -270,7 +270,7 @@ def validate(
     report = ValidationReport(
         model=str(model), data_source=gd.source, provider=provider, metrics=native.metrics, latency=latency,
         reference_latency=ref_latency, reference_size_bytes=model_files_size(reference) if reference is not None else None,
-        thresholds=t, metadata=meta, cpu_isa=cpu_isa(), host_kernels=emulated_host(), targets=target_list,
+        thresholds=t, metadata=meta, cpu_isa=cpu_isa(), environment=environment(), host_kernels=emulated_host(), targets=target_list,
         task={**chosen.to_dict(), "chosen": why}, agreement_name=chosen.agreement_name,
         absent_groups=absent, uncalibrated_groups=uncalibrated,
         **_resource_fields(model, meta, native.metrics), **_kernel_fields(kernels), **_reference_fields(ref),

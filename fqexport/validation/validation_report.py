@@ -166,6 +166,9 @@ class ValidationReport:
     checks: tuple[CheckResult, ...] = ()
     metadata: ExportMetadata | None = None
     cpu_isa: str = "unknown"
+    # what measured it: fqexport's, Python's and the libraries' versions, the CPU's instruction set
+    # (exporters.metadata.environment); the file's own writer is in metadata.environment
+    environment: Mapping[str, str] | None = None
     # the family FQEXPORT_HOST_KERNELS made this machine stand in for (every target then emulated)
     host_kernels: str | None = None
     targets: tuple[str, ...] = ("native",)
@@ -247,6 +250,7 @@ class ValidationReport:
             "provider": self.provider,
             "cpu_isa": self.cpu_isa,
             "cpu_kernel_family": kernel_family(self.cpu_isa),
+            "environment": dict(self.environment) if self.environment is not None else None,
             "host_kernels_stand_in": self.host_kernels,
             "passed": self.passed,
             "units": {"accuracy": "fraction in metrics, percent points in checks", "latency": "ms", "size": "bytes"},

@@ -336,3 +336,18 @@ def test_analyze_names_a_bad_seed_or_width_as_its_own_argument():
         with pytest.raises(ConfigError) as info:
             analyze(model, data, hessian_iters=0, **kwargs)
         assert str(info.value) == message
+
+
+def test_the_sharpest_group_of_a_few_samples_is_named_with_a_caveat():
+    """Survey 82: an 8-sample group was named the sharpest with no word on its size."""
+    kw = dict(total=8, accuracy=1.0, loss=0.1, logit_variance=1.0, grad_norm=1.0, hessian_iterations=3,
+              hessian_converged=True)
+    diag = {"big": GroupDiagnostics(count=500, top_hessian_eigenvalue=1.0, **{**kw, "total": 500}),
+            "small": GroupDiagnostics(count=8, top_hessian_eigenvalue=9.0, **kw)}
+    (line,) = AnalysisReport(("big", "small"), (FLOAT_VARIANT,), {FLOAT_VARIANT: diag}).summary()
+    assert line == ("float: group 'small' has the sharpest loss (λ_max 9); weight noise costs it the most loss "
+                    "(ΔL ≈ ½ δᵀHδ); measured on 8 samples: a few samples' curvature, which another draw of the "
+                    "group can change (compare λ_max with --max-samples-per-group larger or another --seed)")
+    diag["big"] = GroupDiagnostics(count=500, top_hessian_eigenvalue=99.0, **{**kw, "total": 500})
+    (line,) = AnalysisReport(("big", "small"), (FLOAT_VARIANT,), {FLOAT_VARIANT: diag}).summary()
+    assert line.endswith("(ΔL ≈ ½ δᵀHδ)")  # 500 samples: no caveat

@@ -94,6 +94,10 @@ ROW_COLUMNS = ["group", "variant", "n", "acc %", "loss", "logit var", "grad norm
 
 MSG_ONE_PREDICTION = ("; one prediction of a {n}-sample group ({step:.2f} pp): too few samples to single it out "
                       "(validate's per-group McNemar p tells)")
+# a sharpest group of fewer samples than this is named with a caveat
+FEW_SAMPLES_SHARP = 30
+MSG_FEW_SAMPLES_SHARP = ("; measured on {n} samples: a few samples' curvature, which another draw of the group "
+                         "can change (compare λ_max with --max-samples-per-group larger or another --seed)")
 # a most-hurt group whose drop is this few predictions (and under 100 samples) is named with a caveat
 FEW_PREDICTIONS = 3
 MSG_FEW_PREDICTIONS = ("; {k} predictions of a {n}-sample group ({step:.2f} pp each): too few to single it out "
@@ -419,9 +423,12 @@ class AnalysisReport:
         lam = {g: d.top_hessian_eigenvalue for g, d in base.items() if not math.isnan(d.top_hessian_eigenvalue)}
         if lam:
             sharp = max(lam, key=lam.get)
+            n = base[sharp].count
             lines.append(
                 f"float: group '{sharp}' has the sharpest loss (λ_max {lam[sharp]:.4g}); weight "
                 "noise costs it the most loss (ΔL ≈ ½ δᵀHδ)"
+                # a small group's λ_max is its few samples' curvature (survey 82: an 8-sample group)
+                + (MSG_FEW_SAMPLES_SHARP.format(n=n) if n < FEW_SAMPLES_SHARP else "")
             )
         for variant, by_group in self.changes().items():
             valid = {g: c for g, c in by_group.items() if not math.isnan(c["loss_increase"])}

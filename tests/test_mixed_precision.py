@@ -855,3 +855,24 @@ def test_the_file_records_the_search_that_chose_its_widths(search):
     settings = search.compressed.metadata.allocation["settings"]
     assert MixedPrecisionConfig(**settings) == replace(search.config, engine=MixedPrecisionConfig(budget_bits=3).engine)
     assert settings["pins"] == {"fc3": 8} and settings["bit_choices"] == [2, 3, 4, 8] and "engine" not in settings
+
+
+def test_a_search_without_a_refit_warns_about_the_draw_its_returned_fit_holds(caplog):
+    """Review of survey 82's fix: with refit=False the returned model is a fit on the held-in part,
+    and the "few samples of a group" warning, left to a refit that never came, was not given."""
+    import logging
+
+    from fqexport.pipeline import compress as pipeline
+
+    pipeline._warned_few.clear()
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = np.random.default_rng(0).standard_normal((120, 16)).astype(np.float32)
+    group = np.zeros(120, np.int64)
+    group[:6] = 1
+    data = GroupData(x, model(torch.from_numpy(x)).argmax(1).numpy(), group, ("a", "b"))
+    mp = MixedPrecisionConfig(budget_bits=7.0, refit=False, bit_choices=(4, 8), engine="serial")
+    with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
+        search_mixed_precision(model, data, mp, QuantConfig(method="rtn", num_calib=512), progress=False)
+    assert len([r for r in caplog.records if "hold few of some groups ('b' " in r.getMessage()]) == 1

@@ -836,15 +836,21 @@ def test_recurrent_weights_and_embedding_tables_are_counted_from_the_graph_and_b
     inits = [numpy_helper.from_array(rng.standard_normal((1, 96, 16)).astype(np.float32), "W"),
              numpy_helper.from_array(rng.standard_normal((1, 96, 32)).astype(np.float32), "R"),
              numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "table"),
-             numpy_helper.from_array(np.array([0, 1], np.int64), "pick")]  # a constant index list: not a table
+             numpy_helper.from_array(np.array([0, 1], np.int64), "pick"),  # a constant index list: not a table
+             # a fixed sinusoidal buffer read at positions the graph computes (fairseq's cumsum): not a weight
+             numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "sinusoid"),
+             numpy_helper.from_array(np.array(1, np.int64), "axis1")]
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),  # [N, T, 16]
+             helper.make_node("CumSum", ["ids", "axis1"], ["positions"]),
+             helper.make_node("Gather", ["sinusoid", "positions"], ["pe"]),
              helper.make_node("Transpose", ["e"], ["t"], perm=[1, 0, 2]),
              helper.make_node("GRU", ["t", "W", "R"], ["y", "h"], hidden_size=32),
              helper.make_node("Gather", ["pick", "k"], ["p"])]
     graph = helper.make_graph(nodes, "kws", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, steps]),
                                              helper.make_tensor_value_info("k", TensorProto.INT64, [])],
                               [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info("p", TensorProto.INT64, None)], initializer=inits)
+                               helper.make_tensor_value_info("p", TensorProto.INT64, None),
+                               helper.make_tensor_value_info("pe", TensorProto.FLOAT, None)], initializer=inits)
     res = from_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert (res.params, res.float_params, res.avg_weight_bits) == (W + R + 50 * 16, W + R + 50 * 16, 32.0)
     assert (res.macs, res.bops) == (steps * (W + R), 32 * 32 * steps * (W + R))

@@ -175,7 +175,8 @@ def search_mixed_precision(
     guess = predicted_best(allocations) if engine.workers > 1 else None
     beside = _RefitBeside(lambda a: _timed_refit(model, data, base, a, task), guess if refits else None)
     with _timed(seconds, "verification"):
-        context = VerifyContext(model, held_out, splits, base, FitCache(), task, parts=not fits_are_refit)
+        # fits on parts of the data leave the draw's warning to the refit on all of it, when there is one
+        context = VerifyContext(model, held_out, splits, base, FitCache(), task, parts=not fits_are_refit and mp.refit)
         mine = None if refits or guess is None else next(i for i, a in enumerate(allocations) if a is guess)
         found = verify(context, allocations, progress=progress, engine=engine, here=mine, on_idle=beside.on_idle)
         for c, (_, origin) in zip(found.candidates, pool):

@@ -2,7 +2,7 @@
 from the fqexport metadata when present, else from the graph: every weight op
 (:data:`WEIGHT_OPS`: Conv/Gemm/MatMul with a constant weight, possibly behind DequantizeLinear;
 ONNX Runtime's QOperator and dynamic-quantization kernels; MatMulNBits; the recurrent ops of
-:data:`RECURRENT_OPS`; a Gather of an embedding table) at its weight's width."""
+:data:`RECURRENT_OPS`; a Gather of an embedding table by the input's ids) at its weight's width."""
 
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     producers = {o: n for n in g.node for o in n.output}
     shapes = {vi.name: _shape_of(vi) for vi in (*g.value_info, *g.output, *g.input)}
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.value_info, *g.output, *g.input)}
+    graph_inputs = {i.name for i in g.input} - set(inits)
 
     def weight_of(name: str):
         """(initializer, came through DequantizeLinear) behind a node input — through up to three
@@ -159,7 +160,7 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             n_params, bits, wshape, rule = int(attrs["K"]) * int(attrs["N"]), int(attrs.get("bits", 4)), \
                 [int(attrs["K"]), int(attrs["N"])], "matmul"
             integer_input, stored, is_float = False, node.input[1], False
-        elif node.op_type in RECURRENT_OPS or _is_table_lookup(node, weight_of):
+        elif node.op_type in RECURRENT_OPS or _is_table_lookup(node, weight_of, graph_inputs, producers):
             # their weights count like any other; a recurrent op's MACs are steps · (W + R) per
             # sample, a lookup's none (a row is read, not multiplied)
             recurrent = node.op_type in RECURRENT_OPS
@@ -244,17 +245,29 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     )
 
 
-def _is_table_lookup(node, weight_of) -> bool:
-    """A Gather of rows from a constant table of rank 2 holding weights (an Embedding: float, or
-    integer codes behind a DequantizeLinear), not of a constant shape or index list."""
-    if node.op_type != "Gather" or not node.input:
+def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict) -> bool:
+    """An Embedding: a Gather of rows of a constant rank-2 table of weights (float, or integer codes
+    behind a DequantizeLinear) by ids that are a graph input (through Cast / Reshape / Unsqueeze).
+    A table read at positions the graph computes (a sinusoidal buffer indexed by cumsum, a rotary
+    cache) is a fixed buffer, not a weight a quantizer stores, and a constant shape list not a table."""
+    if node.op_type != "Gather" or len(node.input) < 2:
         return False
     found = weight_of(node.input[0])
     if found is None:
         return False
     tensor, dequantized = found
     kind = onnx.TensorProto.DataType.Name(tensor.data_type)
-    return len(tensor.dims) == 2 and (kind in _FLOAT_TYPES or dequantized)
+    if len(tensor.dims) != 2 or not (kind in _FLOAT_TYPES or dequantized):
+        return False
+    ids = node.input[1]
+    for _ in range(4):
+        if ids in graph_inputs:
+            return True
+        p = producers.get(ids)
+        if p is None or p.op_type not in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
+            return False
+        ids = p.input[0]
+    return False
 
 
 MSG_STALE_METADATA = (

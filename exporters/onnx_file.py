@@ -3,20 +3,23 @@
 Protobuf serializes at most 2 GB in one message. A model whose tensors pass
 :data:`INLINE_LIMIT_BYTES` (a ViT-H-sized float reference) is written as ``<name>.onnx`` plus
 ``<name>.onnx.data`` (ONNX external data: every tensor of 1 KB or more, at offsets of that one
-file), which ``onnx.load`` and ONNX Runtime read from the model's folder; the two files move
-together. Each file is written atomically (:func:`fqexport.atomic.atomic_write`): the data file
-first, then the graph that names it, so no reader sees a graph without its weights.
+file, subgraphs' tensors included), which ``onnx.load`` and ONNX Runtime read from the model's
+folder; the two files move together (:func:`fqexport.atomic.atomic_write_together`: both written
+to temporary files, then renamed, the data file first, with SIGINT/SIGTERM held back between the
+two renames), so no reader sees a graph without its weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
 
-from fqexport.atomic import atomic_write, temp_path
+from fqexport.atomic import atomic_write, atomic_write_together, temp_path
 from fqexport.errors import ExportError
+from fqexport.exporters.external_data import external_data_locations
 
 # Tensor bytes above which a model's weights go to an external-data file: protobuf's 2 GB for one
 # message, less a margin for the graph itself (nodes, names, metadata)
@@ -27,14 +30,26 @@ _EXTERNAL_MIN_BYTES = 1024
 MSG_CHECKER = "{path}: onnx.checker rejected the exported model: {err}"
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the tensors ``model`` holds in its proto (initializers and Constant nodes' values)."""
-    total = sum(len(t.raw_data) for t in model.graph.initializer)
-    for node in model.graph.node:
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor ``graph`` holds: initializers and node attributes' (Constant values), those of
+    its subgraphs (If / Loop / Scan branches) included."""
+    yield from graph.initializer
+    for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
-                total += len(a.t.raw_data)
-    return total
+                yield a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _tensors(g)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors ``model`` holds in its proto (subgraphs' included)."""
+    return sum(len(t.raw_data) for t in _tensors(model.graph))
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -61,34 +76,29 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> int:
     """Write ``model`` to ``path`` atomically (module docstring); return the bytes written (the
     graph file plus its external-data file, if any). A large model is checked
     (:func:`check_onnx`) before either file takes its place, and changed in place: its tensors
-    then name the data file instead of holding their bytes."""
-    if not is_large(model):
-        atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
-        return path.stat().st_size
+    then name the data file instead of holding their bytes. A small model written over a large
+    one removes the data file the old graph named (``<name>.data``)."""
     data = path.with_name(path.name + ".data")
+    if not is_large(model):
+        stale = data.name in external_data_locations(path)  # an earlier large export's weights
+        atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
+        if stale:
+            data.unlink(missing_ok=True)
+        return path.stat().st_size
     # the tensors go to the data file's temporary name, the graph naming it is checked from its own
-    # temporary file, then renamed to name the data file's final name
+    # temporary file, then renamed to name the data file's final name; both move into place together
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location=temp_path(data).name,
                                    size_threshold=_EXTERNAL_MIN_BYTES, convert_attribute=True)
 
     def write_graph(graph_tmp: Path) -> None:
-        def write_data(data_tmp: Path) -> None:
-            write_external_data_tensors(model, str(data_tmp.parent))
-            onnx.save_model(model, str(graph_tmp), save_as_external_data=False)
-            _check(str(graph_tmp), path)
-            for t in _external_tensors(model):
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        entry.value = data.name
-            onnx.save_model(model, str(graph_tmp), save_as_external_data=False)
+        onnx.save_model(model, str(graph_tmp), save_as_external_data=False)
+        _check(str(graph_tmp), path)
+        for t in _tensors(model.graph):
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        onnx.save_model(model, str(graph_tmp), save_as_external_data=False)
 
-        atomic_write(data, write_data)
-
-    atomic_write(path, write_graph)
+    atomic_write_together([(data, lambda tmp: write_external_data_tensors(model, str(tmp.parent))),
+                           (path, write_graph)])
     return path.stat().st_size + data.stat().st_size
-
-
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]

@@ -13,8 +13,10 @@ import contextlib
 import logging
 import os
 import re
+import signal
+import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from fqexport.errors import OutputPathError
 
@@ -111,25 +113,68 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     on any exception (including KeyboardInterrupt and the CLI's SIGTERM exit). An ``OSError``
     (read-only folder, disk full) becomes :class:`~fqexport.errors.OutputPathError`.
     """
-    path = Path(path)
-    tmp = temp_path(path)
+    atomic_write_together([(Path(path), write)])
+    return Path(path)
+
+
+def atomic_write_together(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
+    """:func:`atomic_write` of several files that belong together (an ONNX graph and its external
+    data): every ``write(tmp)`` runs first, in order (a later one may read an earlier one's
+    :func:`temp_path`), then the files are renamed into place in order with SIGINT and SIGTERM
+    held back until the last one is (an interrupt between two renames left a graph naming the
+    other run's data); on any error no temp file stays and no file is replaced."""
+    tmps: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path)
-        tmp.unlink(missing_ok=True)
-        # os.open with 0o666 applies the umask, as open() does (mkstemp would give 0o600).
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as err:
-        raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-        if not _scratch:
-            _written.append(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err
+        for path, _ in writes:
+            tmp = temp_path(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temp_files(path)
+                tmp.unlink(missing_ok=True)
+                # os.open with 0o666 applies the umask, as open() does (mkstemp would give 0o600).
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except OSError as err:
+                raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err
+            tmps.append(tmp)
+        for (path, write), tmp in zip(writes, tmps):
+            try:
+                write(tmp)
+            except OSError as err:
+                raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err
+        with _signals_held(len(writes) > 1):
+            for (path, _), tmp in zip(writes, tmps):
+                try:
+                    os.replace(tmp, path)
+                except OSError as err:
+                    raise OutputPathError(MSG_WRITE.format(path=path, err=err.strerror or err)) from err
+                if not _scratch:
+                    _written.append(path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+@contextlib.contextmanager
+def _signals_held(hold: bool) -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are recorded, and their handlers run after it
+    (when ``hold``, on the main thread, where Python runs handlers; else nothing is held). Python's
+    handlers are swapped, not the thread's signal mask: another thread (torch's, ONNX Runtime's)
+    would take a signal this one blocks."""
+    if not hold or threading.current_thread() is not threading.main_thread() or None in (
+            signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)):  # a handler set outside Python
+        yield
+        return
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in arrived[:1]:  # as it would have been handled
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)

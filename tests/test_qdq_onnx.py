@@ -515,3 +515,75 @@ def test_weights_past_protobufs_2gb_go_beside_the_graph(tmp_path, monkeypatch, m
     with pytest.raises(ExportError, match=r"q\.onnx: the quantized model holds 0\.00 GB of tensors, more than the 2 GB"):
         export_qdq(cm, tmp_path / "q.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_a_signal_between_the_two_renames_of_a_large_export_waits_for_the_pair(tmp_path, monkeypatch):
+    """Review of survey 80's fix: a Ctrl-C landing after <name>.onnx.data moved into place and before
+    the graph did left the earlier graph naming the new data (a pair that did not load). Signals are
+    held back between the renames: the interrupt comes after both, and the pair is the new one."""
+    import os
+    import signal
+
+    import onnxruntime as ort
+
+    from fqexport import atomic
+    from fqexport.exporters import onnx_file
+
+    monkeypatch.setattr(onnx_file, "INLINE_LIMIT_BYTES", 1000)
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    old = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).eval()
+    new = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4)).eval()
+    out = tmp_path / "float.onnx"
+    export_float(old, x, out)
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith(".onnx.data"):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the data file moved
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_float(new, x, out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.setattr(atomic.os, "replace", real)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, new(x).detach().numpy(), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx", "float.onnx.data"]
+    # a small export over the large pair takes its data file away with it
+    monkeypatch.setattr(onnx_file, "INLINE_LIMIT_BYTES", 2**31 - 2**27)
+    export_float(new, x, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx"]
+
+
+def test_a_large_models_branch_tensors_name_the_written_data_file(tmp_path, monkeypatch):
+    """Review: an If branch's Constant of 1 KB or more kept the data file's temporary name, and the
+    written pair did not load (the checker ran while that temporary file still existed)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from fqexport.exporters import onnx_file
+
+    monkeypatch.setattr(onnx_file, "INLINE_LIMIT_BYTES", 1000)
+    values = np.arange(400, dtype=np.float32)
+    branch = lambda name, v: helper.make_graph(  # noqa: E731
+        [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(v, f"{name}_t")),
+         helper.make_node("Add", ["x", f"{name}_c"], [f"{name}_y"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [400])])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["cond"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", values), else_branch=branch("else", -values))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [400])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [400])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert onnx_file.tensor_bytes(model) == 2 * values.nbytes + 4  # the branches' tensors count
+    onnx_file.save_onnx(model, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": np.ones(400, np.float32)})[0], values + 1)

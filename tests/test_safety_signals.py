@@ -205,3 +205,42 @@ def test_an_error_after_an_output_was_written_names_it(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err.splitlines() == [
         f"error: cannot write {tmp_path / 'f.onnx'}: No space left on device",
         f"note: these outputs were finished before the error, and are from this run: {tmp_path / 'o.onnx'}"]
+
+
+def test_an_out_of_memory_error_after_an_output_names_it_too(tmp_path, monkeypatch, capsys):
+    """Review: the note was given after an OutputPathError, not after running out of memory."""
+    import fqexport.cli.compress as c
+    from fqexport.cli import main
+
+    def half(args):
+        atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
+        raise MemoryError
+
+    monkeypatch.setattr(c, "run_compress", half)
+    (tmp_path / "mlp.pt").touch()
+    (tmp_path / "calib.npz").touch()
+    monkeypatch.chdir(tmp_path)
+    assert main(compress_args("--out", "o.onnx")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"note: these outputs were finished before the error, and are from this run: {tmp_path / 'o.onnx'}")
+
+
+def test_the_unraisable_hook_leaves_an_interrupt_it_did_not_record_to_python(monkeypatch):
+    """Review: under a host's own SIGINT handler (main() leaves it alone) a KeyboardInterrupt
+    swallowed in a __del__ was dropped without a word; it goes to Python's report as before."""
+    from types import SimpleNamespace
+
+    cli_main = importlib.import_module("fqexport.cli.main")
+    seen = []
+    hook = cli_main._unraisable(seen.append)
+    monkeypatch.setattr(cli_main, "_SIGNALS_SEEN", [signal.SIGINT])
+    host = SimpleNamespace(exc_value=KeyboardInterrupt())
+    hook(host)  # the host's handler is installed, not ours: not ours to take
+    assert seen == [host]
+    monkeypatch.setattr(signal, "getsignal", lambda s: cli_main._raise_interrupt)
+    hook(SimpleNamespace(exc_value=KeyboardInterrupt()))  # ours, recorded: taken quietly
+    hook(SimpleNamespace(exc_value=cli_main._Signalled(signal.SIGTERM)))
+    assert seen == [host]
+    error = SimpleNamespace(exc_value=ValueError("a real error"))
+    hook(error)
+    assert seen == [host, error]

@@ -98,7 +98,10 @@ def _unraisable(previous: Callable) -> Callable:
 
     def hook(unraisable) -> None:
         err = unraisable.exc_value
-        if isinstance(err, (KeyboardInterrupt, _Signalled)):  # recorded in _SIGNALS_SEEN: _run exits with it
+        # ours only: a _Signalled, or a KeyboardInterrupt while our SIGINT handler (which records it
+        # in _SIGNALS_SEEN, so that _run exits with it) is installed; a host's own goes to ``previous``
+        if isinstance(err, _Signalled) or (isinstance(err, KeyboardInterrupt) and _SIGNALS_SEEN
+                                           and signal.getsignal(signal.SIGINT) is _raise_interrupt):
             return
         previous(unraisable)
 
@@ -297,12 +300,14 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
         return 128 + signal.SIGPIPE
     except MemoryError as err:
         print(f"error: {MSG_INTERNAL_MEMORY.format(err=err or 'an allocation failed')}", file=sys.stderr)
+        _say_finished(before)
         return EXIT_BAD_INPUT
     except Exception as err:  # the last resort: never exit 1 (a broken limit) or with a bare traceback
         if (signalled := _signal_behind(err)) is not None:  # raised inside C code that wrapped it (Ray's wait)
             return _stopped(signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signalled.signum, before)
         if _out_of_memory(err):  # torch's allocators raise RuntimeError, not MemoryError
             print(f"error: {MSG_INTERNAL_MEMORY.format(err=' '.join(str(err).split())[:300])}", file=sys.stderr)
+            _say_finished(before)
             return EXIT_BAD_INPUT
         if args.debug:
             traceback.print_exc()

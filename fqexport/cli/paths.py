@@ -33,7 +33,7 @@ MUST_EXIST = {"model": "model", "data": "--data", "calib": "--calib", "weights":
               "test": "--test", "reference": "--reference"}
 MSG_SAME_AS_INPUT = "{flag} {path} is the same file as {other} {other_path}: it would overwrite the input; choose another {flag}"
 MSG_SAME_AS_OUTPUT = "{flag} {path} is the same file as {other} {other_path}: one would overwrite the other; choose another {flag}"
-MSG_STDOUT = "{flag} -: fqexport writes files, not standard output; give a file path (./- for a file named '-')"
+MSG_STDOUT = "{flag} -: fqexport writes files, not standard output; give a file path"
 MSG_IS_DIR = "{flag} {path} is an existing directory; give a file name"
 MSG_NOT_DIR = "{flag} {path} is an existing file, not a directory; give a folder"
 MSG_SPECIAL = "{flag} {path} is not a regular file (a device, pipe or socket); give a regular file path"

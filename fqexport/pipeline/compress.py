@@ -609,7 +609,7 @@ def calibration_record(sub: GroupData, data: GroupData | DataStream) -> dict[str
     digest = hashlib.sha256()
     for part in (sub.x, sub.group, sub.y):
         if part is not None:
-            digest.update(np.ascontiguousarray(part).tobytes())
+            digest.update(np.ascontiguousarray(part))  # the array's buffer: no copy of the draw
     return {"source": str(data.source), "samples": len(data), "drawn": len(sub), "sha256": digest.hexdigest()}
 
 

@@ -85,21 +85,27 @@ def test_a_live_writers_temp_file_is_left_alone(tmp_path):
         other.wait()
 
 
-def test_a_late_interrupt_names_the_outputs_already_written(tmp_path, monkeypatch, capsys):
-    """Ctrl-C after ``--out`` was written and before ``--float-out``: the message names the file
-    that was finished, rather than claiming nothing was left."""
+def _compress_that_writes_then_raises(tmp_path, monkeypatch, error: BaseException) -> int:
+    """The CLI's compress, in ``tmp_path``, replaced by one that writes ``--out`` (o.onnx) then
+    raises ``error``: its exit code."""
     import fqexport.cli.compress as c
     from fqexport.cli import main
 
-    def late(args):
+    def half(args):
         atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
-        raise KeyboardInterrupt
+        raise error
 
-    monkeypatch.setattr(c, "run_compress", late)
+    monkeypatch.setattr(c, "run_compress", half)
     (tmp_path / "mlp.pt").touch()
     (tmp_path / "calib.npz").touch()
     monkeypatch.chdir(tmp_path)
-    assert main(compress_args("--out", "o.onnx")) == 130
+    return main(compress_args("--out", "o.onnx"))
+
+
+def test_a_late_interrupt_names_the_outputs_already_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after ``--out`` was written and before ``--float-out``: the message names the file
+    that was finished, rather than claiming nothing was left."""
+    assert _compress_that_writes_then_raises(tmp_path, monkeypatch, KeyboardInterrupt()) == 130
     err = capsys.readouterr().err
     assert first_line(err) == ("interrupted by SIGINT; no half-written file was left, but these outputs were "
                                f"finished before it: {tmp_path / 'o.onnx'}")
@@ -189,19 +195,10 @@ def test_scratch_writes_are_not_outputs_an_interrupt_names(tmp_path):
 def test_an_error_after_an_output_was_written_names_it(tmp_path, monkeypatch, capsys):
     """--out written, then --float-out failed (disk full): exit 2 said nothing of the new --out, which a
     later CI step could take for an earlier run's (survey 81)."""
-    import fqexport.cli.compress as c
-    from fqexport.cli import main
     from fqexport.errors import OutputPathError
 
-    def half(args):
-        atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
-        raise OutputPathError(f"cannot write {tmp_path / 'f.onnx'}: No space left on device")
-
-    monkeypatch.setattr(c, "run_compress", half)
-    (tmp_path / "mlp.pt").touch()
-    (tmp_path / "calib.npz").touch()
-    monkeypatch.chdir(tmp_path)
-    assert main(compress_args("--out", "o.onnx")) == 2
+    full = OutputPathError(f"cannot write {tmp_path / 'f.onnx'}: No space left on device")
+    assert _compress_that_writes_then_raises(tmp_path, monkeypatch, full) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: cannot write {tmp_path / 'f.onnx'}: No space left on device",
         f"note: these outputs were finished before the error, and are from this run: {tmp_path / 'o.onnx'}"]
@@ -209,18 +206,7 @@ def test_an_error_after_an_output_was_written_names_it(tmp_path, monkeypatch, ca
 
 def test_an_out_of_memory_error_after_an_output_names_it_too(tmp_path, monkeypatch, capsys):
     """Review: the note was given after an OutputPathError, not after running out of memory."""
-    import fqexport.cli.compress as c
-    from fqexport.cli import main
-
-    def half(args):
-        atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
-        raise MemoryError
-
-    monkeypatch.setattr(c, "run_compress", half)
-    (tmp_path / "mlp.pt").touch()
-    (tmp_path / "calib.npz").touch()
-    monkeypatch.chdir(tmp_path)
-    assert main(compress_args("--out", "o.onnx")) == 2
+    assert _compress_that_writes_then_raises(tmp_path, monkeypatch, MemoryError()) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"note: these outputs were finished before the error, and are from this run: {tmp_path / 'o.onnx'}")
 

@@ -706,3 +706,24 @@ def test_an_activation_memory_cap_beyond_any_int_is_no_cap(mlp_model, mlp_data):
     huge = compress(mlp_model, mlp_data, dataclasses.replace(base, max_activation_memory_mb=1e303), progress=False)
     none = compress(mlp_model, mlp_data, dataclasses.replace(base, max_activation_memory_mb=float("inf")), progress=False)
     assert all(torch.equal(huge.layers[n].codes, none.layers[n].codes) for n in none.layers)
+
+
+def test_a_bias_past_the_int32_grid_is_named_not_clamped():
+    """Survey 84: a conv bias of 1e5 was clamped to int32 without a word; the export check then
+    blamed the CPU's kernels and its advice (check=False) shipped a file 27 % in agreement."""
+    from fqexport.calibration.group_data import GroupData
+    from fqexport.errors import UnsupportedLayerError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        model[2].bias.fill_(1e5)
+    rng = np.random.default_rng(0)
+    data = GroupData(rng.standard_normal((32, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, 32),
+                     np.arange(32) % 2, ("a", "b"))
+    with pytest.raises(UnsupportedLayerError) as info:
+        compress(model, data, QuantConfig(num_calib=32, method="rtn"), progress=False)
+    assert re.match(r"layer '2': its bias \(channel \d: 1e\+05\) is [0-9.]+e\+09 steps of the int32 grid", str(info.value))
+    assert str(info.value).endswith("keep it float (--keep-float 2; API: keep_float=('2',))")
+    cm = compress(model, data, QuantConfig(num_calib=32, method="rtn", keep_float=("2",)), progress=False)
+    assert "2" not in cm.layers

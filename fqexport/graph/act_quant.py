@@ -34,6 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fqexport.errors import UnsupportedLayerError
 from fqexport.quant.grid import act_code_range, act_qparams, fake_quantize_act
 
 # Modules whose input gets a Q/DQ pair when quantized (ORT fuses QLinearConv / QGemm /
@@ -372,12 +373,21 @@ def insert_act_quantizers(
     return context, quantizers
 
 
+MSG_BIAS_INT32 = (
+    "layer {name!r}: its bias (channel {channel}: {bias:.4g}) is {steps:.3g} steps of the int32 grid ONNX Runtime "
+    "adds it on (input scale x weight scale = {step:.3g}), past int32: the integer kernel cannot hold it, and "
+    "clamped the layer would compute another function; keep it float (--keep-float {name}; API: "
+    "keep_float=({name!r},))"
+)
+
+
 def round_biases_to_int32_grid(gm: torch.fx.GraphModule, weight_scales: Mapping[str, torch.Tensor]) -> list[str]:
     """Round the bias of each quantized layer of ``gm`` to the int32 grid ORT uses (in place).
 
     For a layer named in ``weight_scales`` (its per-output-channel weight scales s_w) whose
     input comes from a frozen :class:`ActQuantizer` (scale s_x): b ← round(b / (s_x·|s_w|)) ·
     s_x·|s_w|, in float32 as ORT computes it. Idempotent. Returns the names of the rounded layers.
+    A bias past int32 on that grid is an UnsupportedLayerError naming the layer (:data:`MSG_BIAS_INT32`).
     """
     modules = dict(gm.named_modules())
     rounded = []
@@ -394,7 +404,10 @@ def round_biases_to_int32_grid(gm: torch.fx.GraphModule, weight_scales: Mapping[
             s_w = weight_scales[node.target].detach().float().abs().cpu()
             step = torch.tensor(quant.scale, dtype=torch.float32) * s_w
             q = torch.where(step > 0, torch.round(b / torch.where(step > 0, step, 1.0)), 0.0)
-            q = q.clamp(-(2**31), 2**31 - 1)
+            if bool((q.abs() > 2**31 - 1).any()):  # clamped, the layer would compute another function
+                c = int(q.abs().argmax())
+                raise UnsupportedLayerError(MSG_BIAS_INT32.format(
+                    name=str(node.target), steps=float(q.abs()[c]), step=float(step[c]), bias=float(b[c]), channel=c))
             new = torch.where(step > 0, q * step, b)
             layer.bias.copy_(new.to(layer.bias.device, layer.bias.dtype))
         rounded.append(str(node.target))

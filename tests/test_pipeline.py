@@ -753,3 +753,22 @@ def test_logits_behind_a_trailing_op_stay_float():
     cm = compress(model, data, QuantConfig(num_calib=64, method="rtn"), progress=False)
     logits = cm.predict(data.x[:4])
     assert all(len(np.unique(row)) == 300 for row in logits)  # 300 distinct values: no 256-level grid
+
+
+def test_a_calibration_sample_far_past_the_others_is_named(caplog, mlp_model, mlp_data):
+    """Survey 84: one x1e4 sample of 192 set every min-max range; W8A8 agreed 32.8 % with the float
+    model on clean data, and the export check (same ranges on both sides) passed, without a word."""
+    import logging
+
+    glitch = copy.deepcopy(mlp_data)
+    glitch.x[5] *= 1e4
+    with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
+        compress(mlp_model, glitch, QuantConfig(num_calib=len(glitch), method="rtn"), progress=False)
+        said = [r.getMessage() for r in caplog.records if "calibration sample(s)" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith(f"{glitch.source}: calibration sample(s) 5 reach |x| = ")
+        assert said[0].endswith("or calibrate with --calibration percentile (QuantConfig(calibration='percentile'))")
+        caplog.clear()
+        compress(mlp_model, mlp_data, QuantConfig(num_calib=len(mlp_data), method="rtn"), progress=False)
+        compress(mlp_model, glitch, QuantConfig(num_calib=len(glitch), method="rtn", calibration="percentile"),
+                 progress=False)
+    assert not [r for r in caplog.records if "calibration sample(s)" in r.getMessage()]

@@ -876,3 +876,17 @@ def test_a_search_without_a_refit_warns_about_the_draw_its_returned_fit_holds(ca
     with caplog.at_level(logging.WARNING, logger="fqexport.pipeline.compress"):
         search_mixed_precision(model, data, mp, QuantConfig(method="rtn", num_calib=512), progress=False)
     assert len([r for r in caplog.records if "hold few of some groups ('b' " in r.getMessage()]) == 1
+
+
+def test_a_half_precision_model_is_searched_and_analyzed_as_compress_takes_it(mlp_model, mlp_data):
+    """Survey 84: compress took a float32 copy of a float16/bfloat16 model, while the search and analyze
+    refused it with "field 'x' ... does not fit the model (mat1 and mat2 must have the same dtype)"."""
+    from fqexport.metrics.diagnostics import analyze
+
+    half = copy.deepcopy(mlp_model).to(torch.bfloat16)
+    mp = MixedPrecisionConfig(budget_bits=6.0, bit_choices=(4, 8), num_candidates=1, verify_uniform=False,
+                              verify_mean=False, sensitivity="fisher", engine="serial")
+    res = search_mixed_precision(half, mlp_data, mp, QuantConfig(method="rtn", num_calib=64), progress=False)
+    assert set(res.allocation.bits) == set(res.compressed.layers)
+    assert analyze(half, mlp_data, bits=(8,), hessian_iters=0, max_samples_per_group=16).variants[-1] == "W8A8"
+    assert next(half.parameters()).dtype == torch.bfloat16  # the caller's model is not changed

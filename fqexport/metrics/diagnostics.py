@@ -60,7 +60,7 @@ from fqexport.calibration.stream import DataStream
 from fqexport.config import QuantConfig, check_bits, check_seed
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.global_state import one_at_a_time, with_gradients
-from fqexport.graph.prepare import fold_batchnorm
+from fqexport.graph.prepare import float32, fold_batchnorm
 from fqexport.metadata import ACTIVATION_BITS
 from fqexport.metrics.group_metrics import group_metrics
 from fqexport.pipeline.compress import (
@@ -528,6 +528,7 @@ def analyze(
     """
 
     data = load_data(data)
+    model = float32(model)  # a float16/bfloat16 model as compress takes it (its checks blamed the data)
     require_classification(data)  # boxes or masks: the task's own figures are validate's
     if data.y is None:  # label-free data: a detector's or segmenter's? its output says (as compress infers it)
         require_classification(data, model_task(model, data, None)[0].name)

@@ -70,6 +70,7 @@ from fqexport.config import MixedPrecisionConfig, QuantConfig, check_argument
 from fqexport.engine import make_engine
 from fqexport.engine.base import Engine
 from fqexport.global_state import one_at_a_time
+from fqexport.graph.prepare import float32
 from fqexport.pipeline.compress import compress, example_batch, model_task
 from fqexport.search.allocation import (
     Allocation,
@@ -141,6 +142,7 @@ def search_mixed_precision(
                                           sensitivity=sensitivity, engine=own, task=task)
 
     start = time.perf_counter()
+    model = float32(model)  # a float16/bfloat16 model as compress takes it (its checks blamed the data)
     if sensitivity is None and mp_config.sensitivity == "measured":
         # a local engine's forkserver imports torch while the sensitivity's first tasks are
         # handed out; the Fisher methods run here on all threads, which the import would slow

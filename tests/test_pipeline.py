@@ -772,3 +772,32 @@ def test_a_calibration_sample_far_past_the_others_is_named(caplog, mlp_model, ml
         compress(mlp_model, glitch, QuantConfig(num_calib=len(glitch), method="rtn", calibration="percentile"),
                  progress=False)
     assert not [r for r in caplog.records if "calibration sample(s)" in r.getMessage()]
+
+
+class _NormalizedInput(nn.Module):
+    """x / Σ|x| before a Linear: 0 / 0 on an all-zero sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x / x.abs().sum(dim=1, keepdim=True))))
+
+
+@pytest.mark.parametrize("method", ["solver", "rtn"])
+def test_a_nan_the_model_computes_on_a_sample_is_named_by_that_sample(method):
+    """Survey 84: "solver: the Hessian holds NaN or Inf; check the calibration inputs of this layer"
+    (which layer?) with the solver, another error type with rtn; the cause was sample 41, all zeros."""
+    from fqexport.calibration.group_data import GroupData
+    from fqexport.errors import DataError
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[41] = 0.0
+    data = GroupData(x, rng.integers(0, 3, 64), np.arange(64) % 2, ("a", "b"))
+    with pytest.raises(DataError) as info:
+        compress(_NormalizedInput().eval(), data, QuantConfig(num_calib=64, method=method), progress=False)
+    assert str(info.value).startswith(f"{data.source}: the float model computes NaN or Inf inside on 1 of the 64 "
+                                      "calibration samples drawn (sample 41 of the data)")

@@ -354,6 +354,40 @@ def _warn_outlier_samples(sub: GroupData, drawn: np.ndarray, calibration: str) -
         log.warning(MSG_OUTLIER_SAMPLES, sub.source, names, float(peak[top[0]]), float(peak[top[0]]) / median, median)
 
 
+MSG_MODEL_NONFINITE = (
+    "{source}: the float model computes NaN or Inf inside on {n} of the {total} calibration samples drawn (sample "
+    "{first} of the data): a layer divides by zero or overflows on them (a norm of an all-zero input), and "
+    "quantization cannot fit what they poison ({err}); fix the model, or drop those samples"
+)
+
+
+def _nonfinite_samples(model: nn.Module, sub: GroupData, batch_size: int) -> np.ndarray:
+    """Positions in ``sub`` of the samples on which ``model`` (float) computes a NaN or Inf anywhere:
+    in an intermediate activation (hooked on every leaf module) or its output."""
+    bad: set[int] = set()
+    batch = [0, 0]  # the batch's first position and its samples
+
+    def mark(output: Any) -> None:
+        for t in leaves(output):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[0] == batch[1]:
+                finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+                bad.update(batch[0] + int(i) for i in torch.nonzero(~finite).flatten())
+
+    handles = [m.register_forward_hook(lambda m, i, o: mark(o)) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sub), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(sub.x[start:start + batch_size]))
+                batch[:] = [start, x.shape[0]]
+                mark(model(x))
+    except Exception:  # noqa: BLE001 - a diagnosis only: the caller raises the original error
+        return np.array([], dtype=np.int64)
+    finally:
+        for h in handles:
+            h.remove()
+    return np.array(sorted(bad), dtype=np.int64)
+
+
 def _warn_few_group_samples(sub: GroupData, num_calib: int) -> None:
     """Warn (once per data and draw in a process, never in an engine's worker) when a group has
     fewer than :data:`MIN_GROUP_SAMPLES` calibration samples, and when there is one group."""
@@ -714,10 +748,20 @@ def compress(
     # 3. weights, layer by layer on the quantized prefix; 4. activation ranges; in batches whose
     #    activations stay bounded (large images get fewer samples per batch than batch_size)
     passes = replace(config, batch_size=calibration_batch_size(prepared.folded, example_batch(sub, 1), config.batch_size))
-    with reuse_freed_memory():  # the Hessian-sized tensors of one layer are reused by the next
-        quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, passes, alpha, device,
-                                     progress)
-    reference = _calibrate_activations(prepared.folded, quantized, sub, passes, progress, task)
+    try:
+        with reuse_freed_memory():  # the Hessian-sized tensors of one layer are reused by the next
+            quantized = _quantize_layers(prepared.folded, float_model, list(prepared.layers), sub, passes, alpha,
+                                         device, progress)
+        reference = _calibrate_activations(prepared.folded, quantized, sub, passes, progress, task)
+    except (ConfigError, DataError) as err:  # a NaN a layer computes: name the samples, not "this layer"
+        if "NaN or Inf" not in str(err):
+            raise
+        bad = _nonfinite_samples(float_model, sub, passes.batch_size)
+        if not bad.size:
+            raise
+        raise DataError(MSG_MODEL_NONFINITE.format(
+            source=sub.source, n=bad.size, total=len(sub), first=", ".join(str(int(drawn[i])) for i in bad[:3]),
+            err=err)) from err
     tail = task.float_tail(prepared.folded, set(quantized))
     float_ops = tail_ops(prepared.folded, tail) if tail is not None else ()
     record = {**task.to_dict(), "chosen": chosen}

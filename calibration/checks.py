@@ -215,6 +215,12 @@ def check_x_values(x: Any, source: str, index: np.ndarray | None = None) -> np.n
     else:
         if np.issubdtype(x.dtype, np.unsignedinteger):  # uint8 photos, uint16 DICOM / 16-bit PNG pixels
             _warn_unsigned(source, x.dtype)
+        if x.dtype == np.float64:  # past float32's range it would read as Inf, which the data does not hold
+            big = np.isfinite(x) & (np.abs(x) > np.finfo(np.float32).max)
+            if big.any():
+                raise data_error(source, first(big) + f"field 'x' holds values past float32's range (±3.4e38; "
+                                 f"{int(big.sum())} values, largest {float(np.abs(x[big]).max()):.3g}), which "
+                                 "fqexport computes in: rescale the data")
         x = x.astype(np.float32, copy=False)
         finite = np.isfinite(x)
         bad = int(x.size - np.count_nonzero(finite))

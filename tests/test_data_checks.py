@@ -105,3 +105,22 @@ def test_an_error_while_a_model_runs_on_data_names_the_source_once():
         "model m.onnx on data <DS>: sample 700: transform failed"
     assert str(on_data_error("m.onnx", "t.npz", DataError("input 'x' got int64"))) == \
         "model m.onnx on data t.npz: input 'x' got int64"
+
+
+def test_float64_values_past_float32_are_named_as_such_not_as_inf():
+    """Survey 84: 1e39 in float64 data raised numpy's overflow warning, then "contains NaN or Inf"."""
+    import warnings
+
+    import numpy as np
+    import pytest
+
+    from fqexport.calibration.checks import check_x_values
+    from fqexport.errors import DataError
+
+    x = np.ones((5, 4))
+    x[3, 1] = 1e39
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on the way
+        with pytest.raises(DataError, match=r"sample 3: field 'x' holds values past float32's range \(±3.4e38; "
+                                            r"1 values, largest 1e\+39\), which fqexport computes in: rescale the data"):
+            check_x_values(x, "d.npz", index=np.arange(5))

@@ -224,3 +224,16 @@ def test_the_noise_gate_says_why_it_kept_the_predicted_best_with_its_figures():
     clear = _with_losses(_candidate([1] * 7 + [0] * 3, 0.9, 0.3), base - np.where(group == 1, 0.15, 0.0), score=0.2)
     clear.origin, clear.measured_loss_increase = "mean", {"a": 0.0, "b": 0.05}
     assert select([pred, clear], options, data) == Selection(clear)
+
+
+def test_a_gate_note_on_one_held_out_sample_says_it_cannot_tell(monkeypatch):
+    """Survey 84: "within 2 standard errors (2 x inf) ... (1 held-out samples)" printed inf as a figure."""
+    from types import SimpleNamespace
+
+    import fqexport.search.selection as selection
+
+    monkeypatch.setattr(selection, "_gate_statistics", lambda *a: (0.25, float("inf"), 1))
+    note = selection.gate_note(SimpleNamespace(origin="knapsack"), SimpleNamespace(origin="uniform 4"),
+                               np.array([0, 0, 1]), ("a", "b"), 0.1)
+    assert note == ("kept the predicted-best knapsack allocation: the measured best (uniform 4) beat its held-out "
+                    "objective by 0.2500 on group 'b', whose 1 held-out sample(s) cannot tell it from noise")

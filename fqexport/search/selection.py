@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import math
+
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -123,6 +125,10 @@ def gate_note(kept: Candidate, measured_best: Candidate, group: np.ndarray, grou
         return f"kept the predicted-best {kept.origin} allocation over the measured best ({measured_best.origin})"
     gap, se, worst = stats
     n = int((group == worst).sum())
+    if not math.isfinite(se):  # one held-out sample: no spread to measure
+        return (f"kept the predicted-best {kept.origin} allocation: the measured best ({measured_best.origin}) beat its "
+                f"held-out objective by {gap:.4f} on group {groups[worst]!r}, whose {n} held-out sample(s) cannot "
+                "tell it from noise")
     return (f"kept the predicted-best {kept.origin} allocation: the measured best ({measured_best.origin}) beat its "
             f"held-out objective by {gap:.4f}, within {z:g} standard errors ({z:g} x {se:.4f}) of the paired "
             f"loss differences on group {groups[worst]!r} ({n} held-out samples), i.e. within the noise")

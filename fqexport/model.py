@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,7 +14,7 @@ import torch.fx
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.config import QuantConfig
-from fqexport.graph.act_quant import round_biases_to_int32_grid, rounding_jitter
+from fqexport.graph.act_quant import INT32_MAX, bias_input_scales, round_biases_to_int32_grid, rounding_jitter
 from fqexport.graph.prepare import all_float_layers, count_macs, recurrent_op_layers
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
@@ -21,6 +22,14 @@ from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
 from fqexport.quant.layout import LayerLayout
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
+
+log = logging.getLogger(__name__)
+
+MSG_WIDER_STEP = (
+    "layer %r: %d output channel(s) (%s) have a bias past half of int32 on ONNX Runtime's integer grid (input scale x "
+    "weight scale): their weight step is widened (up to %.3gx) so that it fits, as onnxruntime's quantizer does; "
+    "their weights are then coarser (a near-dead BatchNorm channel: weights ~0, so nothing is lost)"
+)
 
 # the float layers whose multiply-accumulates count_macs knows
 MAC_MODULES = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.RNNBase)  # Conv/ConvTranspose 1-3 d
@@ -82,6 +91,11 @@ class QuantizedLayer:
     def layout(self) -> LayerLayout:
         return LayerLayout(self.container, self.block_size)
 
+    @property
+    def qmin(self) -> int:
+        """Smallest code of the grid: -2 at 2 bits (signed per-row step), else -qmax."""
+        return -2 if self.bits == 2 else -self.qmax
+
     def dequantized(self) -> torch.Tensor:
         return self.codes.float() * weight_scale(self.kind, self.scale, self.codes.shape, self.block_size)
 
@@ -116,10 +130,38 @@ class CompressedModel:
     metadata: ExportMetadata
     task: Task = field(default_factory=Classification)
 
+    def _widen_steps_for_int32_biases(self) -> None:
+        """Widen the weight step of every output channel whose bias, on ORT's int32 grid
+        ``s_x·s_w``, would pass half of int32: ``|s_w| ≥ |b| / (s_x · 2³⁰)``, its codes rounded again
+        onto the wider step and the reference's weight made their dequantized values (said)."""
+        per_channel = {n: l for n, l in self.layers.items() if l.block_size is None}
+        modules = dict(self.reference.named_modules())
+        for name, (bias, s_x) in bias_input_scales(self.reference, per_channel).items():
+            q = per_channel[name]
+            old = q.scale.detach().float().cpu()
+            # the smallest step that holds the bias in half of int32: the other half holds Σ x·w, which
+            # ORT adds to it in the same int32 accumulator (a bias near 2³¹ wrapped around there)
+            need = bias.abs() / (s_x * (INT32_MAX // 2)) * (1 + 1e-6)
+            grow = need > old.abs()
+            if not s_x > 0 or not bool(grow.any()):
+                continue
+            new = torch.where(grow, need * torch.where(old < 0, -1.0, 1.0), old)
+            ratio = weight_scale(q.kind, old / new, q.codes.shape)
+            q.codes = torch.round(q.codes.float() * ratio).clamp(q.qmin, q.qmax).to(q.codes.dtype)
+            q.scale = new.to(q.scale.dtype)
+            with torch.no_grad():
+                modules[name].weight.copy_(q.dequantized().to(modules[name].weight.dtype))
+            channels = torch.nonzero(grow).flatten().tolist()
+            log.warning(MSG_WIDER_STEP, name, len(channels), ", ".join(map(str, channels[:5])) + (" ..." if len(channels) > 5 else ""),
+                        float((new.abs() / old.abs().clamp_min(1e-30))[grow].max()))
+
     def __post_init__(self) -> None:
         # 1. Biases on ORT's int32 grid (s_x·s_w[c]): the reference then computes what the
         #    optimized session computes (ORT-NOTES: "Float conv biases become int32").
         #    A layer with per-block scales goes to MatMulNBits, which adds its bias in float.
+        #    A channel whose bias would pass int32 on that grid gets a wider weight step first, as
+        #    ONNX Runtime's own quantizer does (a near-dead BatchNorm channel: weights ~0, bias 0.5).
+        self._widen_steps_for_int32_biases()
         round_biases_to_int32_grid(
             self.reference, {n: l.scale for n, l in self.layers.items() if l.block_size is None})
         # 2. Weight layers left in float (unsupported, or kept by keep_float), counted at 32

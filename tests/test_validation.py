@@ -839,8 +839,10 @@ def test_recurrent_weights_and_embedding_tables_are_counted_from_the_graph_and_b
              numpy_helper.from_array(np.array([0, 1], np.int64), "pick"),  # a constant index list: not a table
              # a fixed sinusoidal buffer read at positions the graph computes (fairseq's cumsum): not a weight
              numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "sinusoid"),
-             numpy_helper.from_array(np.array(1, np.int64), "axis1")]
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),  # [N, T, 16]
+             numpy_helper.from_array(np.array(1, np.int64), "axis1"),
+             numpy_helper.from_array(np.array(49, np.int64), "vocab_max")]
+    nodes = [helper.make_node("Clip", ["ids", "", "vocab_max"], ["clipped"]),  # ids clamped to the vocabulary
+             helper.make_node("Gather", ["table", "clipped"], ["e"]),  # [N, T, 16]
              helper.make_node("CumSum", ["ids", "axis1"], ["positions"]),
              helper.make_node("Gather", ["sinusoid", "positions"], ["pe"]),
              helper.make_node("Transpose", ["e"], ["t"], perm=[1, 0, 2]),

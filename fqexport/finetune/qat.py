@@ -56,8 +56,8 @@ def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) ->
 
 
 def layer_qmin(layer: QuantizedLayer) -> int:
-    """Smallest code of ``layer``'s grid: -2 at 2 bits (signed per-row step), else -qmax."""
-    return -2 if layer.bits == 2 else -layer.qmax
+    """Smallest code of ``layer``'s grid (:attr:`QuantizedLayer.qmin`)."""
+    return layer.qmin
 
 
 def _layer_op(module: nn.Module, kind: str, name: str) -> Callable[..., torch.Tensor]:

@@ -337,20 +337,25 @@ def insert_act_quantizers(
 
     def only_to_output(n: torch.fx.Node, depth: int = 4) -> bool:
         """Whether every path from ``n`` reaches the model's output through a few ops none of which
-        is quantized or a weight layer (a temperature ``z / T``, a cast, a reshape, a softmax)."""
+        is quantized or a module with weights (a temperature ``z / T``, a cast, a softmax)."""
         for u in n.users:
             if u.op == "output":
                 continue
-            if depth == 0 or quantized_op(u) or (u.op == "call_module" and u.target in layers) \
+            if depth == 0 or quantized_op(u) or (u.op == "call_module" and (
+                    u.target in layers or any(True for _ in modules[u.target].parameters()))) \
                     or not only_to_output(u, depth - 1):
                 return False
         return bool(n.users)
 
-    def stays_float(out: torch.fx.Node) -> bool:
+    def stays_float(out: torch.fx.Node, producer: torch.fx.Node) -> bool:
         if float_tail is not None:
             return all(u in tail for u in out.users)
-        # (survey 84: a model ending in z / 2 had its 1000 logits on ~131 uint8 levels)
-        return any(u.op == "output" for u in out.users) or only_to_output(out)
+        if any(u.op == "output" for u in out.users):
+            return True
+        # a Linear's logits behind a temperature, a cast or a softmax (survey 84: z / 2 put 1000 logits on
+        # ~131 uint8 levels): ORT's QGemm writes float; a conv has no float-output integer kernel, and its
+        # output keeps its pair (review: the last conv of a pooled head ran as a float conv)
+        return isinstance(modules.get(producer.target), nn.Linear) and only_to_output(out)
 
     # 1. Tensors to quantize: outputs of quantized ops (after a sole ReLU user), and inputs.
     targets: list[torch.fx.Node] = []
@@ -364,7 +369,7 @@ def insert_act_quantizers(
         # The model's own output (the logits) stays float: a uint8 grid over the logit range
         # ties close logits and flips top-1 decisions (measured on the demo: the minority lost
         # 2 pt at W8A8 from this pair alone); ORT runs the last Gemm with a float output.
-        if not stays_float(out):
+        if not stays_float(out, node):
             targets.append(out)
         targets.extend(_quantized_inputs(node, modules, dependent, before_pad=symmetric))
 
@@ -393,6 +398,26 @@ MSG_BIAS_INT32 = (
 )
 
 
+INT32_MAX = 2**31 - 1
+
+
+def bias_input_scales(gm: torch.fx.GraphModule, names: Collection[str]) -> dict[str, tuple[torch.Tensor, float]]:
+    """``{layer: (its float32 bias, its input's scale s_x)}`` for the layers of ``names`` that have
+    a bias and read a frozen :class:`ActQuantizer`: what ORT puts on the int32 grid s_x·s_w."""
+    modules = dict(gm.named_modules())
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in names:
+            continue
+        layer = modules[node.target]
+        src = node.args[0] if node.args else None
+        quant = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        if getattr(layer, "bias", None) is None or not isinstance(quant, ActQuantizer) or quant.observing:
+            continue
+        out[str(node.target)] = (layer.bias.detach().float().cpu(), float(quant.scale))
+    return out
+
+
 def round_biases_to_int32_grid(gm: torch.fx.GraphModule, weight_scales: Mapping[str, torch.Tensor]) -> list[str]:
     """Round the bias of each quantized layer of ``gm`` to the int32 grid ORT uses (in place).
 
@@ -416,7 +441,7 @@ def round_biases_to_int32_grid(gm: torch.fx.GraphModule, weight_scales: Mapping[
             s_w = weight_scales[node.target].detach().float().abs().cpu()
             step = torch.tensor(quant.scale, dtype=torch.float32) * s_w
             q = torch.where(step > 0, torch.round(b / torch.where(step > 0, step, 1.0)), 0.0)
-            if bool((q.abs() > 2**31 - 1).any()):  # clamped, the layer would compute another function
+            if bool((q.abs() > INT32_MAX).any()):  # clamped, the layer would compute another function
                 c = int(q.abs().argmax())
                 raise UnsupportedLayerError(MSG_BIAS_INT32.format(
                     name=str(node.target), steps=float(q.abs()[c]), step=float(step[c]), bias=float(b[c]), channel=c))

@@ -329,6 +329,7 @@ def _warn_identical_samples(sub: GroupData) -> None:
 # ranges follow it (one x1e4 sensor glitch in 192 samples left W8A8 32.8 % in agreement on clean data,
 # and the export check, comparing with the fake-quant reference, passed)
 OUTLIER_RATIO = 100.0
+OUTLIER_SHARE = 0.05  # at most this share of the draw: more is a population of its own, not a few glitches
 MSG_OUTLIER_SAMPLES = (
     "%s: calibration sample(s) %s reach |x| = %.4g, %.0fx the median sample's largest value (%.4g): min-max "
     "activation ranges follow them, leaving the other samples few levels (on clean inputs the file can lose most "
@@ -346,9 +347,10 @@ def _warn_outlier_samples(sub: GroupData, drawn: np.ndarray, calibration: str) -
     with np.errstate(over="ignore", invalid="ignore"):  # 64 samples at a time: no copy of the draw
         peak = np.concatenate([np.abs(x[i:i + 64]).reshape(len(x[i:i + 64]), -1).max(axis=1).astype(np.float64)
                                for i in range(0, len(x), 64)])
-    median = float(np.median(peak))
+    lit = peak[peak > 0]  # all-zero samples (padding, silence) say nothing of the scale
+    median = float(np.median(lit)) if lit.size else 0.0
     far = np.flatnonzero(peak > OUTLIER_RATIO * median) if median > 0 else np.array([], dtype=np.int64)
-    if far.size:
+    if far.size and far.size <= OUTLIER_SHARE * len(x):  # a larger share is a population (loud clips), not a glitch
         top = far[np.argsort(-peak[far])][:3]
         names = ", ".join(str(int(drawn[i])) for i in top) + (f" and {far.size - 3} more" if far.size > 3 else "")
         log.warning(MSG_OUTLIER_SAMPLES, sub.source, names, float(peak[top[0]]), float(peak[top[0]]) / median, median)
@@ -367,13 +369,16 @@ def _nonfinite_samples(model: nn.Module, sub: GroupData, batch_size: int) -> np.
     bad: set[int] = set()
     batch = [0, 0]  # the batch's first position and its samples
 
-    def mark(output: Any) -> None:
+    def mark(output: Any) -> None:  # (a module's output whose first dim is the batch's)
         for t in leaves(output):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[0] == batch[1]:
                 finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                 bad.update(batch[0] + int(i) for i in torch.nonzero(~finite).flatten())
 
-    handles = [m.register_forward_hook(lambda m, i, o: mark(o)) for m in model.modules() if not list(m.children())]
+    # leaf modules, but those that may put time first ([T, B, ...] with T == B would name time steps)
+    time_first = (nn.RNNBase, nn.MultiheadAttention)
+    handles = [m.register_forward_hook(lambda m, i, o: mark(o)) for m in model.modules()
+               if not list(m.children()) and not (isinstance(m, time_first) and not getattr(m, "batch_first", False))]
     try:
         with torch.no_grad():
             for start in range(0, len(sub), batch_size):

@@ -245,9 +245,15 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     )
 
 
+# what token ids pass through between the input and their Gather (a cast, a reshape, a clamp to the
+# vocabulary, a shifted slice, an offset); not CumSum / Range, which compute positions
+_IDS_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Clip", "Slice", "Mod", "Add", "Sub",
+            "Min", "Max")
+
+
 def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict) -> bool:
     """An Embedding: a Gather of rows of a constant rank-2 table of weights (float, or integer codes
-    behind a DequantizeLinear) by ids that are a graph input (through Cast / Reshape / Unsqueeze).
+    behind a DequantizeLinear) by ids that are a graph input (through :data:`_IDS_OPS`).
     A table read at positions the graph computes (a sinusoidal buffer indexed by cumsum, a rotary
     cache) is a fixed buffer, not a weight a quantizer stores, and a constant shape list not a table."""
     if node.op_type != "Gather" or len(node.input) < 2:
@@ -264,7 +270,7 @@ def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict) -
         if ids in graph_inputs:
             return True
         p = producers.get(ids)
-        if p is None or p.op_type not in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
+        if p is None or p.op_type not in _IDS_OPS:
             return False
         ids = p.input[0]
     return False

@@ -428,24 +428,17 @@ def round_biases_to_int32_grid(gm: torch.fx.GraphModule, weight_scales: Mapping[
     """
     modules = dict(gm.named_modules())
     rounded = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target not in weight_scales:
-            continue
-        layer = modules[node.target]
-        src = node.args[0] if node.args else None
-        quant = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-        if getattr(layer, "bias", None) is None or not isinstance(quant, ActQuantizer) or quant.observing:
-            continue
+    for name, (b, s_x) in bias_input_scales(gm, weight_scales).items():
+        layer = modules[name]
         with torch.no_grad():
-            b = layer.bias.detach().float().cpu()
-            s_w = weight_scales[node.target].detach().float().abs().cpu()
-            step = torch.tensor(quant.scale, dtype=torch.float32) * s_w
+            s_w = weight_scales[name].detach().float().abs().cpu()
+            step = torch.tensor(s_x, dtype=torch.float32) * s_w
             q = torch.where(step > 0, torch.round(b / torch.where(step > 0, step, 1.0)), 0.0)
             if bool((q.abs() > INT32_MAX).any()):  # clamped, the layer would compute another function
                 c = int(q.abs().argmax())
                 raise UnsupportedLayerError(MSG_BIAS_INT32.format(
-                    name=str(node.target), steps=float(q.abs()[c]), step=float(step[c]), bias=float(b[c]), channel=c))
+                    name=name, steps=float(q.abs()[c]), step=float(step[c]), bias=float(b[c]), channel=c))
             new = torch.where(step > 0, q * step, b)
             layer.bias.copy_(new.to(layer.bias.device, layer.bias.dtype))
-        rounded.append(str(node.target))
+        rounded.append(name)
     return rounded

@@ -147,15 +147,16 @@ class Verdict:
     diff: str = "logit diff"  # the task's diff_name
     # per group: the decided agreement within that group's judged samples (the rule holds per group too)
     by_group: Mapping[str, float] = field(default_factory=dict)
+    decided: int | None = None  # the samples that are not near-ties (None: the task does not count them)
 
     def line(self) -> str:
         """One console line: who judged, on how many samples, with what result (and its worst group)."""
         worst = min(self.by_group.items(), key=lambda kv: kv[1]) if len(self.by_group) > 1 else None
         worst = worst if worst is not None and worst[1] < 1.0 else None
+        decided = (MSG_NONE_DECIDED if self.decided == 0 else f"{self.decided_agreement:.2%} of the decided ones"
+                   + (f"; worst group {worst[0]!r} {worst[1]:.2%}" if worst else ""))
         return (f"{self.judge.describe()}: {self.what} {self.agreement:.2%} on {self.samples} calibration "
-                f"samples ({self.decided_agreement:.2%} of the decided ones"
-                + (f"; worst group {worst[0]!r} {worst[1]:.2%}" if worst else "")
-                + f"), max |{self.diff}| {self.max_abs_diff:.4g} — {'passed' if self.passed else 'FAILED'}")
+                f"samples ({decided}), max |{self.diff}| {self.max_abs_diff:.4g} — {'passed' if self.passed else 'FAILED'}")
 
     def to_dict(self) -> dict:
         return {"kernels": self.judge.describe(), "families": list(self.judge.families), "native": self.judge.native,
@@ -192,6 +193,9 @@ def _judge_logits(judge: Judge, file: Path, x: np.ndarray, session=None) -> np.n
     return run_batches(session, x, 128 if isinstance(session, EmulatedSession) else 256)
 
 
+# every reference prediction a near-tie (a model whose logits are all equal): the agreement judged nothing
+MSG_NONE_DECIDED = ("no sample decided: every reference prediction is a near-tie at the export's resolution, so "
+                    "the agreement cannot judge this file; the max difference below is what can")
 MSG_NOT_JUDGED = (
     "export check of %s: not judged under %s (%s); its weights use the x86-safe range, whose integer sums "
     "those kernels cannot saturate; the other judges check it"
@@ -266,7 +270,8 @@ def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group:
             if failing is not None:  # the whole passed, one group did not: a minority's flips averaged away
                 c = replace(c, passed=False, summary=f"on group {failing[0]!r} {failing[1].summary}")
             verdict = Verdict(judge, len(idx), c.agreement, c.decided_agreement, c.max_abs_diff, c.passed,
-                              task.agreement_name, task.diff_name, {n: g.decided_agreement for n, g in groups.items()})
+                              task.agreement_name, task.diff_name, {n: g.decided_agreement for n, g in groups.items()},
+                              c.decided)
             verdicts.append(verdict)
             native = verdict if judge.native else native
             log.info("export check of %s for target=%s: %s", path, target, verdict.line())

@@ -212,3 +212,21 @@ def test_a_family_whose_kernels_compute_otherwise_is_still_judged_by_them(tmp_pa
                                           r"only 75\.00% of the 40 calibration samples"):
         check_export(onnx.load(str(tmp_path / "sat.onnx")), exact, data.x, data.group, target="portable",
                      full_range=True, path=tmp_path / "m.onnx", group_names=data.group_names)
+
+
+def test_a_check_where_no_sample_is_decided_says_it_judged_nothing():
+    """Survey 84: a model whose logits are all equal had no decided sample, and the line still read
+    "(100.00% of the decided ones) — passed"."""
+    from fqexport.exporters.export_check import GRAPH, Judge, Verdict
+    from fqexport.tasks.classification import Classification
+
+    want = np.zeros((6, 3), np.float32)  # every prediction a tie
+    c = Classification().compare(want.copy(), want)
+    assert c.decided == 0 and c.passed
+    judge = Judge(GRAPH, False)
+    line = Verdict(judge, 6, c.agreement, c.decided_agreement, c.max_abs_diff, c.passed, decided=c.decided).line()
+    assert "(no sample decided: every reference prediction is a near-tie at the export's resolution, so the " \
+           "agreement cannot judge this file; the max difference below is what can)" in line
+    decided = Classification().compare(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32))
+    assert decided.decided == 3
+    assert "(100.00% of the decided ones)" in Verdict(judge, 3, 1.0, 1.0, 0.0, True, decided=3).line()

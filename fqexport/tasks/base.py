@@ -53,6 +53,7 @@ class Comparison:
     max_abs_diff: float
     passed: bool
     summary: str
+    decided: int | None = None  # the samples ``decided_agreement`` is over (None: the task does not count them)
 
 
 class Task(ABC):

@@ -239,10 +239,10 @@ class Classification(Task):
         tie = tie_threshold(want)
         agree, agree_decided = top1_agreement(got, want, tie, shaken)
         diff = float(np.abs(got - want).max(initial=0.0))
+        n = int(decided(want, tie, shaken).sum())
         return Comparison(len(want), agree, agree_decided, diff, not agreement_failed(got, want, tie, shaken),
-                          SUMMARY.format(agree=agree_decided, n=int(decided(want, tie, shaken).sum()),
-                                         tie=100 * TIE_FRACTION,
-                                         need=MIN_AGREEMENT, diff=diff))
+                          SUMMARY.format(agree=agree_decided, n=n, tie=100 * TIE_FRACTION, need=MIN_AGREEMENT,
+                                         diff=diff), decided=n)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -400,8 +400,9 @@ class _LayerNames:
         weight not named ``<layer>.weight`` (torch's classic exporter folds BatchNorm into
         ``onnx::Conv_12``) gives that original node's name (``/stem/stem.0/Conv``); None when no
         original node is found."""
-        source = self.by_name.get(node.name) if len(node.input) > 1 and node.input[1] in self.tensors else None
-        weight = node.input[1] if len(node.input) > 1 and node.input[1] in self.tensors else None
+        own = len(node.input) > 1 and node.input[1] in self.tensors  # its weight is the original graph's
+        weight = node.input[1] if own else None
+        source = self.by_name.get(node.name) if own else None
         if weight is None:
             base = re.sub(r"(_nchwc|_token_\d+)+$", "", node.name)
             source = self.by_name.get(base) or self.producer.get(base)

@@ -17,7 +17,7 @@ from fqexport.config import QuantConfig
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.finetune.api import finetune
 from fqexport.finetune.config import FinetuneConfig
-from fqexport.finetune.qat import build_student, layer_qmin, requantize
+from fqexport.finetune.qat import build_student, requantize
 from fqexport.pipeline.compress import compress
 from fqexport.quant.grid import choose_weight_grid, quantize
 from fqexport.search.sensitivity import rtn_weight
@@ -167,7 +167,7 @@ def test_finetune_keeps_each_kinds_grid_and_exports_with_ort_parity(case, tmp_pa
         after = out.layers[n]
         assert after.codes.dtype == torch.int8 and after.codes.shape == before.codes.shape
         assert after.scale.shape == before.scale.shape and after.block_size == before.block_size
-        assert layer_qmin(before) <= int(after.codes.min()) and int(after.codes.max()) <= before.qmax
+        assert before.qmin <= int(after.codes.min()) and int(after.codes.max()) <= before.qmax
         module = out.reference.get_submodule(n)
         assert torch.equal(module.weight.detach(), after.dequantized())
         changed += int(not torch.equal(after.scale, before.scale) or not torch.equal(after.codes, before.codes))

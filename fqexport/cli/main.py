@@ -134,18 +134,21 @@ def command(name: str) -> Callable[[argparse.Namespace], int]:
 def _interrupted(name: str, before: int) -> str:
     """The interrupt message: the outputs this run finished before the signal, if any (a late
     interrupt may leave ``--out`` written and ``--float-out`` or ``--report`` not)."""
-    done = outputs_written()[before:]
-    if not done:
-        return MSG_SIGNAL.format(name=name)
-    return MSG_SIGNAL_WRITTEN.format(name=name, paths=", ".join(dict.fromkeys(str(p) for p in done)))
+    done = _finished(before)
+    return MSG_SIGNAL_WRITTEN.format(name=name, paths=done) if done else MSG_SIGNAL.format(name=name)
+
+
+def _finished(before: int) -> str:
+    """The outputs this run finished since ``outputs_written()[before]``, each once, comma separated."""
+    return ", ".join(dict.fromkeys(str(p) for p in outputs_written()[before:]))
 
 
 def _say_finished(before: int) -> None:
     """After an error: the outputs this run finished before it (``--out`` written, ``--float-out``
     failed), so that a later step does not take them for an earlier run's."""
-    done = outputs_written()[before:]
+    done = _finished(before)
     if done:
-        print(MSG_ERROR_WRITTEN.format(paths=", ".join(dict.fromkeys(str(p) for p in done))), file=sys.stderr)
+        print(MSG_ERROR_WRITTEN.format(paths=done), file=sys.stderr)
 
 
 def _stopped(signum: int, before: int) -> int:

@@ -12,10 +12,10 @@ from fqexport.config import (
     SUPPORTED_WEIGHT_BITS,
     Device,
     FrozenDict,
-    hash_fields,
-    plain_number,
     as_bool,
     check_seed,
+    hash_fields,
+    plain_number,
 )
 from fqexport.errors import ConfigError
 

@@ -55,11 +55,6 @@ def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) ->
     return torch.clamp(round_ste(x / step), qmin, qmax) * step
 
 
-def layer_qmin(layer: QuantizedLayer) -> int:
-    """Smallest code of ``layer``'s grid (:attr:`QuantizedLayer.qmin`)."""
-    return layer.qmin
-
-
 def _layer_op(module: nn.Module, kind: str, name: str) -> Callable[..., torch.Tensor]:
     """``op(x, weight, bias)``: what ``module`` computes with another weight and bias."""
     if kind == "embedding":
@@ -94,7 +89,7 @@ class LearnableWeight(nn.Module):
         self.kind, self.block_size = layer.kind, layer.block_size
         self.shape = tuple(layer.codes.shape)
         self.op = _layer_op(module, layer.kind, layer.name)
-        self.qmin, self.qmax = layer_qmin(layer), int(layer.qmax)
+        self.qmin, self.qmax = layer.qmin, int(layer.qmax)
         self.bits = int(layer.bits)
         self.bit: nn.Parameter | None = None  # BAQ's continuous width (see learn_bits)
         scale0 = layer.scale.detach().float().clone()

@@ -304,6 +304,8 @@ def quiet_draw_warnings() -> Iterator[None]:
         yield
     finally:
         _quiet_draws.pop()
+
+
 MSG_WEIGHTS_UNDRAWN = (
     "group_weights weigh only groups that have no calibration sample: num_calib={n} draws fewer samples than "
     "the {k} groups, and none of {groups}; raise num_calib to at least {k}, or give weight to a drawn group"
@@ -345,8 +347,8 @@ def _warn_outlier_samples(sub: GroupData, drawn: np.ndarray, calibration: str) -
     if calibration != "minmax" or in_worker() or len(x) < 8 or not np.issubdtype(x.dtype, np.floating):
         return
     with np.errstate(over="ignore", invalid="ignore"):  # 64 samples at a time: no copy of the draw
-        peak = np.concatenate([np.abs(x[i:i + 64]).reshape(len(x[i:i + 64]), -1).max(axis=1).astype(np.float64)
-                               for i in range(0, len(x), 64)])
+        peak = np.concatenate([np.abs(chunk).reshape(len(chunk), -1).max(axis=1).astype(np.float64)
+                               for chunk in (x[i:i + 64] for i in range(0, len(x), 64))])
     lit = peak[peak > 0]  # all-zero samples (padding, silence) say nothing of the scale
     median = float(np.median(lit)) if lit.size else 0.0
     far = np.flatnonzero(peak > OUTLIER_RATIO * median) if median > 0 else np.array([], dtype=np.int64)

@@ -14,9 +14,8 @@
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 

@@ -710,3 +710,57 @@ def test_a_batchnorm_on_a_linears_flattened_rows_is_folded_and_one_that_cannot_b
     assert "1 BatchNorm(s) cannot be folded into a conv or Linear" in caplog.text and "'sum_bn' (after add)" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(prepared.folded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+class ImageAndMetadata(nn.Module):
+    """A medical model's layout: image and patient metadata in one flat input, the metadata
+    branch named ``meta``, a buffer named ``graph`` and a head named ``code`` (names torch.fx's
+    GraphModule keeps for itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.meta = nn.Linear(4, 8)
+        self.register_buffer("graph", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), persistent=False)
+        self.code = nn.Sequential(nn.Linear(16, 3))
+
+    def forward(self, x):
+        img = x[:, :192].reshape(-1, 3, 8, 8) - self.graph
+        a = torch.relu(self.conv(img)).mean((2, 3))
+        return self.code(torch.cat([a, torch.relu(self.meta(x[:, 192:]))], 1))
+
+
+def test_modules_and_buffers_named_like_graphmodule_attributes_are_traced_under_a_free_name(caplog):
+    torch.manual_seed(0)
+    model = ImageAndMetadata().eval()
+    x = torch.randn(5, 196)
+    with caplog.at_level("WARNING"):
+        gm = trace(model)
+    assert isinstance(gm.meta, dict) and isinstance(gm.meta_, nn.Linear) and isinstance(gm.get_submodule("code_.0"), nn.Linear)
+    assert not gm.training
+    torch.testing.assert_close(gm(x), model(x))
+    assert "'code', 'graph', 'meta'" in caplog.text and "'code_', 'graph_', 'meta_'" in caplog.text
+    prepared = prepare_model(model)
+    assert prepared.names == ["conv", "meta_", "code_.0"]
+    torch.testing.assert_close(prepared.folded(x), model(x))
+    assert isinstance(model.meta, nn.Linear) and "meta_" not in dict(model.named_modules())  # the user's model kept
+
+
+def test_a_model_with_a_meta_branch_compresses_and_exports_with_its_outputs(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    import fqexport
+    from fqexport.calibration.group_data import GroupData
+
+    torch.manual_seed(0)
+    model = ImageAndMetadata().eval()
+    x = np.random.default_rng(0).standard_normal((48, 196)).astype(np.float32)
+    data = GroupData(x, np.arange(48) % 3, (np.arange(48) % 4 == 0).astype(np.int64), ("a", "b"), "meta.npz")
+    cm = fqexport.compress(model, data, fqexport.QuantConfig(num_calib=48), progress=False)
+    assert sorted(cm.layers) == ["code_.0", "conv", "meta_"]
+    path = fqexport.export(cm, tmp_path / "meta.onnx").path
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -450,3 +450,27 @@ def test_export_float_takes_a_compiled_model(tmp_path, mlp_model, mlp_data):
     with torch.no_grad():
         want = mlp_model(torch.from_numpy(mlp_data.x[:50])).numpy()
     np.testing.assert_allclose(run_batches(make_session(res.path), mlp_data.x[:50], 50), want, atol=1e-5)
+
+
+class _MetaBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.meta = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.meta(self.conv(x).mean((2, 3)))
+
+
+def test_a_pt2_whose_attribute_is_named_like_a_graphmodule_attribute_is_refused_with_advice(tmp_path):
+    path = tmp_path / "meta.pt2"
+    torch.export.save(torch.export.export(_MetaBranch().eval(), (torch.randn(2, 3, 8, 8),)), str(path))
+    msg = _load_error(str(path))
+    assert str(path) in msg and "'meta' has a name torch.fx's GraphModule keeps for itself" in msg
+    assert "--model module:factory --weights" in msg
+
+
+def test_a_models_own_meta_attribute_is_not_read_as_a_pt2_programs_shape():
+    from fqexport.graph.loading import check_pt2_sample_shape
+
+    check_pt2_sample_shape(_MetaBranch(), (3, 8, 8), "data.npz")  # its Linear has no .get: was exit 3

@@ -22,6 +22,7 @@ import torch.fx
 from torch import nn
 
 from fqexport.errors import ModelLoadError
+from fqexport.graph.targets import graph_module
 
 MSG_DECODE_TYPE = "decode={decode!r} must be a function of the model's outputs or an nn.Module"
 MSG_NAME_CLASH = (
@@ -82,28 +83,12 @@ def is_head_maps(out: Any, input_hw: tuple[int, ...]) -> bool:
                     for t in items))
 
 
-def _attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def strip_wrapper(gm: torch.fx.GraphModule, class_name: str) -> torch.fx.GraphModule:
     """The traced :class:`DecodedModel` ``gm`` with the wrapped model's modules, parameters and
     buffers under their own names (``model.body.conv`` → ``body.conv``); the decode's keep theirs."""
     prefix = WRAPPED + "."
-    root: dict[str, Any] = {}
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
-        target = str(node.target)
-        new = target[len(prefix):] if target.startswith(prefix) else target
-        obj = _attr(gm, target)
-        if new in root and root[new] is not obj:
-            raise ModelLoadError(MSG_NAME_CLASH.format(name=new))
-        root[new] = obj
-        node.target = new
-        if node.name.startswith(WRAPPED + "_"):
+        if node.op in ("call_module", "get_attr") and node.name.startswith(WRAPPED + "_"):
             node._rename(node.name[len(WRAPPED) + 1:])
-    return torch.fx.GraphModule(root, gm.graph, class_name)
+    return graph_module(gm, gm.graph, class_name,
+                        rename=lambda t: t[len(prefix):] if t.startswith(prefix) else t, clash=MSG_NAME_CLASH)

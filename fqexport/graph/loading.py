@@ -29,6 +29,7 @@ from fqexport.graph.exported_program import (
     pt2_unsafe_reason,
 )
 from fqexport.graph.prepare import unwrap_model
+from fqexport.graph.targets import reserved_names
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,11 @@ MSG_PT2_DYNAMIC_DIMS = (
     "{path}: the program's input is dynamic in {dims}, but fqexport's ONNX files keep only the batch "
     "dynamic: every other dimension is fixed to the calibration data's (a sequence length, an image size); "
     "export one file per size the deployment feeds"
+)
+MSG_PT2_RESERVED = (
+    "; the program's {names} has a name torch.fx's GraphModule keeps for itself, so torch cannot rebuild "
+    "the module: rename that attribute before torch.export, or give the model's code and weights instead "
+    "(--model module:factory --weights; fqexport renames it then)"
 )
 STATIC_BATCH_KEY = "fqexport_static_batch"  # GraphModule.meta of a .pt2 with a fixed batch: its message
 # GraphModule.meta of a .pt2: (its path, its input's sample dims: an int where torch.export fixed it, None where dynamic)
@@ -162,9 +168,15 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     try:
         with _quiet_torch():
             program = torch.export.load(str(path))
-            model = program.module()
     except Exception as err:
         raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}") from err
+    try:
+        with _quiet_torch():
+            model = program.module()
+    except Exception as err:
+        kept = reserved_names(list(program.state_dict) + list(program.constants))
+        advice = MSG_PT2_RESERVED.format(names=", ".join(map(repr, kept))) if kept else ""
+        raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}{advice}") from err
     user_inputs = list(program.graph_signature.user_inputs)
     if len(user_inputs) > 1:  # checked here: running it on one input would blame its batch or the data
         raise ModelLoadError(MSG_PT2_INPUTS.format(path=path, n=len(user_inputs), names=", ".join(user_inputs)))
@@ -203,7 +215,8 @@ def _static_batch(program: Any) -> int | None:
 def check_pt2_sample_shape(model: Any, sample_shape: tuple[int, ...], source: str) -> None:
     """A DataError when ``model`` is a loaded ``.pt2`` whose fixed sample dims differ from the
     data's ``sample_shape`` (:data:`MSG_PT2_SAMPLE_SHAPE`); nothing for another model."""
-    path, dims = getattr(model, "meta", {}).get(PT2_SAMPLE_DIMS_KEY, (None, None))
+    meta = model.meta if isinstance(model, torch.fx.GraphModule) else {}  # a user's `self.meta` is no dict
+    path, dims = meta.get(PT2_SAMPLE_DIMS_KEY, (None, None))
     if dims is None:
         return
     fits = len(dims) == len(sample_shape) and all(d is None or d == n for d, n in zip(dims, sample_shape))

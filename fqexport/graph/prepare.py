@@ -45,6 +45,7 @@ from fqexport.graph.lift import (
     lift_weight_calls,
     parameter_weight_leaves,
 )
+from fqexport.graph.targets import graph_module
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +390,7 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
         gm = _exported(model, example, why)
         _keep_first_output(gm, owner=source)
         return gm
-    gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    gm = graph_module(model, graph, type(model).__name__)  # a submodule named `meta` or `graph` renamed
     if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
         gm = strip_wrapper(gm, type(model.model).__name__)
     _plain_varargs(gm)

@@ -1,0 +1,95 @@
+"""A GraphModule from a traced graph: each module, parameter or buffer a node targets is taken
+from the source model and held under a name a GraphModule can hold.
+
+torch.fx's ``GraphModule`` keeps some top-level names for itself (``meta``, ``graph``, ``code``,
+``recompile``, ``to_folder``, ...). A user's model whose metadata branch is ``self.meta`` (common in
+medical models: image + patient metadata) made ``torch.fx.GraphModule(model, graph)`` raise
+"cannot assign 'dict' as child module 'meta'". Such a name is held as ``meta_`` instead, and said:
+it is the name the layer tables, ``layer_bits``, ``keep_float`` and pins then use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch import nn
+
+from fqexport.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+MSG_NAME_CLASH = (
+    "two different modules or tensors of the model end up under the name {name!r} in the traced graph; "
+    "rename one of them"
+)
+MSG_RESERVED = (
+    "the model's attributes {names} have names that torch.fx's GraphModule keeps for itself: traced as {new} "
+    "(the names of the layer table, layer_bits, keep_float and pins; the model's own code is unchanged)"
+)
+
+
+@functools.cache
+def _reserved() -> frozenset[str]:
+    """Names a bare GraphModule already has (its attributes, properties and methods)."""
+    probe = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    return frozenset(dir(probe)) | frozenset(probe.__dict__)
+
+
+def reserved_names(targets: list[str]) -> list[str]:
+    """The top-level names of dotted ``targets`` that a GraphModule keeps for itself, sorted."""
+    return sorted({t.partition(".")[0] for t in targets} & _reserved())
+
+
+def attribute(root: Any, target: str) -> Any:
+    """``root.a.b.c`` for the dotted ``target`` ``"a.b.c"``."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name`` with ``_`` appended until it is neither reserved nor ``taken``."""
+    while name in _reserved() or name in taken:
+        name += "_"
+    return name
+
+
+def graph_module(source: nn.Module, graph: torch.fx.Graph, class_name: str,
+                 rename: Callable[[str], str] | None = None, clash: str = MSG_NAME_CLASH) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule`` of ``graph`` (its nodes' targets are rewritten in place): the
+    object of each ``call_module`` / ``get_attr`` target ``t`` of ``source`` held under
+    ``rename(t)`` (default: ``t``), a top-level name a GraphModule keeps for itself moved to
+    ``name_`` (warned, :data:`MSG_RESERVED`). A ModelLoadError when two objects end up under one
+    name (``clash``, formatted with the ``name``)."""
+    nodes = [n for n in graph.nodes if n.op in ("call_module", "get_attr")]
+    wanted = {str(n.target): (rename or str)(str(n.target)) for n in nodes}
+    tops = {t.partition(".")[0] for t in wanted.values()}
+    kept = reserved_names(list(tops))
+    if not kept and rename is None:
+        return torch.fx.GraphModule(source, graph, class_name)
+    moved: dict[str, str] = {}
+    taken = tops - set(kept)
+    for top in kept:
+        moved[top] = _free_name(top + "_", taken)
+        taken.add(moved[top])
+    if moved:
+        log.warning(MSG_RESERVED.format(names=", ".join(repr(t) for t in moved),
+                                        new=", ".join(repr(n) for n in moved.values())))
+    root: dict[str, Any] = {}
+    for node in nodes:
+        old = str(node.target)
+        top, dot, rest = wanted[old].partition(".")
+        new = moved.get(top, top) + dot + rest
+        obj = attribute(source, old)
+        if new in root and root[new] is not obj:
+            raise ModelLoadError(clash.format(name=new))
+        root[new] = obj
+        node.target = new
+    gm = torch.fx.GraphModule(root, graph, class_name)
+    gm.training = source.training  # a dict root leaves a GraphModule in train mode
+    return gm

@@ -348,6 +348,24 @@ def test_a_prefix_that_does_not_make_the_models_keys_is_a_mismatch(tmp_path):
     assert "missing keys" in _load_error("fixtures_models:tiny_mlp", tmp_path / "w.pt")
 
 
+def test_the_keys_under_any_one_prefix_that_are_exactly_the_models_are_loaded(tmp_path, caplog):
+    state = _trained_mlp_state()
+    torch.save({"state_dict": {**{f"net.{k}": v for k, v in state.items()}, "criterion.pos_weight": torch.ones(3)}},
+               tmp_path / "w.pt")
+    with caplog.at_level(logging.INFO, logger="fqexport.graph.loading"):
+        model = load_model("fixtures_models:tiny_mlp", tmp_path / "w.pt")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert "keys under 'net.', loaded without it; the 1 other keys of" in caplog.text and "'criterion.pos_weight'" in caplog.text
+
+
+def test_two_prefixes_that_each_hold_the_models_keys_are_refused_by_name(tmp_path):
+    state = _trained_mlp_state()
+    torch.save({**{f"student.{k}": v for k, v in state.items()}, **{f"teacher.{k}": v for k, v in state.items()}},
+               tmp_path / "w.pt")
+    msg = _load_error("fixtures_models:tiny_mlp", tmp_path / "w.pt")
+    assert "the keys under each of 'student.', 'teacher.' are exactly the model's" in msg
+
+
 def test_a_state_dict_with_a_modules_extra_state_loads(tmp_path):
     class WithExtra(torch.nn.Linear):
         def get_extra_state(self):

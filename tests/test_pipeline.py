@@ -157,6 +157,32 @@ def test_data_shape_not_fitting_the_model(cnn_model):
         _compress(cnn_model, data)
 
 
+class _DictInput(nn.Module):
+    """A medical model's forward over a dict batch (image + metadata)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, batch):
+        return self.fc(self.conv(batch["image"]).mean((2, 3)))
+
+
+class _KeywordInputs(_DictInput):
+    def forward(self, x, **inputs):
+        return self.fc(self.conv(x).mean((2, 3)) + inputs["meta"])
+
+
+@pytest.mark.parametrize("model", [_DictInput(), _KeywordInputs()], ids=["dict", "kwargs"])
+def test_a_forward_over_a_dict_or_keywords_is_told_to_take_one_tensor_without_torchs_warnings(model, cnn_data, recwarn):
+    with pytest.raises(DataError) as info:
+        _compress(model, cnn_data)
+    msg = str(info.value)
+    assert "the model does not run on a batch of its field 'x'" in msg and "does not fit" not in msg
+    assert "wrap it in a module whose forward(self, x) builds them from that tensor" in msg
+    assert not [w for w in recwarn if "indexing" in str(w.message)]  # the probes' warnings are not shown
+
+
 def test_data_that_fails_the_shape_pass_prints_no_traceback(cnn_model, capfd):
     """NHWC images for an NCHW CNN with BatchNorm: BN folding's shape pass fails on them first,
     quietly; the data check then names the field (fx's ShapeProp printed a traceback here)."""

@@ -365,6 +365,10 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 # What wrappers and trainers put before every key: DataParallel/DDP and AveragedModel ("module."),
 # torch.compile ("_orig_mod."), a LightningModule holding the model as self.model ("model.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "module._orig_mod.", "_orig_mod.module.", "model.module.")
+MSG_PREFIXES = ("{path}: the keys under each of {prefixes} are exactly the model's: save the state_dict of the "
+                "one you mean (e.g. torch.save(module.net.state_dict(), ...))")
+MSG_PREFIX_REST = ("{path}: the model's weights are the keys under {prefix!r}, loaded without it; the {n} other "
+                   "keys of {total} ({some}) are not the model's and are ignored")
 _WRAPPER_EXTRAS = frozenset({"n_averaged"})  # AveragedModel's own buffer beside the wrapped module's
 
 
@@ -380,7 +384,30 @@ def _without_wrapper_prefix(state: dict, model: nn.Module, path: Path) -> dict:
         if inner and set(inner) == own and rest <= _WRAPPER_EXTRAS:
             log.info("%s: every key starts with %r (a training wrapper's); loaded without it", path, prefix)
             return inner
-    return state
+    return _under_one_prefix(state, own, path)
+
+
+def _under_one_prefix(state: dict, own: set[str], path: Path) -> dict:
+    """The keys under the one prefix (``net.``: a LightningModule's ``self.net``, ``backbone.``)
+    that are exactly the model's keys, without it (other keys: warned as ignored); ``state`` when
+    no prefix is; a ModelLoadError when several are (a teacher and a student: which one?)."""
+    probe = next(iter(own), None)
+    if probe is None:
+        return state
+    prefixes = {k[:-len(probe)] for k in state if k.endswith("." + probe)}
+    fits = sorted(p for p in prefixes if {k[len(p):] for k in state if k.startswith(p)} == own)
+    if len(fits) > 1:
+        raise ModelLoadError(MSG_PREFIXES.format(path=path, prefixes=", ".join(map(repr, fits))))
+    if not fits:
+        return state
+    inner = {k[len(fits[0]):]: v for k, v in state.items() if k.startswith(fits[0])}
+    rest = [k for k in state if not k.startswith(fits[0])]
+    if rest:
+        log.warning(MSG_PREFIX_REST.format(path=path, prefix=fits[0], n=len(rest), total=len(state),
+                                           some=", ".join(map(repr, rest[:3]))))
+    else:
+        log.info("%s: every key starts with %r; loaded without it", path, fits[0])
+    return inner
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

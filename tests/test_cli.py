@@ -42,6 +42,19 @@ def compressed(tmp_path_factory, mlp_files, tests_dir):
     return code, out, err, out_dir
 
 
+def test_compress_says_when_the_file_stores_codes_wider_than_their_width(mlp_files, tests_dir, tmp_path, monkeypatch):
+    """3-bit codes are stored in INT4 (validate counts 4 bits): the summary gives both figures."""
+    monkeypatch.chdir(tests_dir)
+    code, out, err = run_main(_compress_args(mlp_files, tmp_path / "w3.onnx", "--weight-bits", "3", "--no-speed-check",
+                                             "--report", tmp_path / "r.json"))
+    assert code == 0, err
+    assert re.search(r"average weight bits 3\.00 \(float layers at 32; 100\.0% of weights quantized; 4\.00 as the file "
+                     r"stores the codes \(e\.g\. 3-bit codes in INT4\), what validate reports\); wrote .*w3\.onnx "
+                     r"\([0-9,]+ bytes, opset 21\)", out), out
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["avg_weight_bits"] == pytest.approx(3.0) and summary["avg_stored_weight_bits"] == pytest.approx(4.0)
+
+
 def test_compress_end_to_end(compressed):
     code, out, err, d = compressed
     assert code == 0, err
@@ -55,7 +68,8 @@ def test_compress_end_to_end(compressed):
     assert "wrote " in out and "mlp.onnx" in out and "opset 21" in out
     assert "top-1 agreement" in out and "on 200 calibration samples" in out
     # the file against its float model on this CPU: speed or only size
-    assert re.search(r"speed vs the float model, .*: batch 1 [0-9.]+ vs [0-9.]+, batch 32 [0-9.]+ vs [0-9.]+", out)
+    assert re.search(r"speed vs the float model, .*: batch 1 [0-9.]+ vs [0-9.]+ \(median of the paired runs' ratios "
+                     r"[0-9.]+x\), batch 32 [0-9.]+ vs [0-9.]+ \(median of the paired runs' ratios [0-9.]+x\)", out)
     assert f"on this CPU ({cpu_isa()}) the file buys " in out
 
 

@@ -100,8 +100,8 @@ def test_exit_1_names_broken_limit_value_and_group(files, tmp_path, capsys):
     assert rc == 1
     # the float model is right on every sample: both groups at 100 %, a tie named as one
     assert "worst group majority (tied with minority): 100.00 %" in out
-    size = (files / "float.onnx").stat().st_size / 1e6
-    assert f"FAIL max_size_mb: model size {size:.6g} MB exceeds --max-size-mb 0.0001" in out
+    size = (files / "float.onnx").stat().st_size
+    assert f"FAIL max_size_mb: model size {size / 1e6:.6g} MB ({size:,} bytes) exceeds --max-size-mb 0.0001" in out
     assert "PASS min_acc: overall accuracy 100.00 % ok --min-acc 50" in out
     root = ET.parse(tmp_path / "j.xml").getroot()
     failed = [c.get("name") for c in root.iter("testcase") if c.find("failure") is not None]

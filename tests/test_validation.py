@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
-import fqexport
-from fixtures_models import saturating_qdq_gemm
-from fqexport.calibration.group_data import GroupData
-from fqexport.exporters.cpu_isa import cpu_isa, runs_natively
-from fqexport.exporters.ort_session import make_session, run_batches
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -20,7 +16,12 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+import fqexport
+from fixtures_models import saturating_qdq_gemm
+from fqexport.calibration.group_data import GroupData
 from fqexport.errors import ConfigError, DataError
+from fqexport.exporters.cpu_isa import cpu_isa, runs_natively
+from fqexport.exporters.ort_session import make_session, run_batches
 from fqexport.validation.gate import validate
 from fqexport.validation.thresholds import Thresholds
 
@@ -868,3 +869,54 @@ def test_recurrent_weights_and_embedding_tables_are_counted_from_the_graph_and_b
     assert report.resource_source == "metadata"
     assert report.macs == quantized_macs + steps * (W + R)  # the float GRU's MACs too
     assert report.bops == pytest.approx(8 * 8 * quantized_macs + 32 * 32 * steps * (W + R))
+
+
+def test_a_uint8_table_gathered_then_dequantized_is_counted_as_8_bit_weights():
+    """Survey 87: ORT's quantize_dynamic writes an Embedding as Gather(uint8 table) → DequantizeLinear;
+    the table was missing from params and bits (only the Gather quantized: 32.0 bits, looked unquantized)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fqexport.validation.resources import from_graph
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(0, 255, (50, 32)).astype(np.uint8), "table_q"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["table_q", "ids"], ["rows_q"]),
+             helper.make_node("DequantizeLinear", ["rows_q", "s", "z"], ["rows"]),
+             helper.make_node("MatMul", ["rows", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    res = from_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert (res.params, res.float_params) == (50 * 32 + 32 * 4, 32 * 4)
+    assert res.avg_weight_bits == pytest.approx((8 * 50 * 32 + 32 * 32 * 4) / (50 * 32 + 32 * 4))
+
+
+def test_macs_a_dynamic_batch_hides_are_counted_at_batch_1_with_every_token(tmp_path):
+    """Survey 87: a torch.onnx export of a transformer with a dynamic batch read MACs n/a (shape
+    inference left every MatMul [unk, unk, C]); at batch 1 the sequence-first in_proj and the Gemm
+    over token rows count every token, as the hand count does."""
+    from fqexport.validation.resources import from_graph
+
+    class Tx(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 32)
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x))[:, 0])
+
+    torch.manual_seed(0)
+    path = tmp_path / "tx.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tx().eval(), (torch.randint(0, 50, (2, 16)),), str(path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+    res = from_graph(onnx.load(str(path)))
+    tokens = 16  # q/k/v in_proj, out_proj, the two feed-forward Linears over every token; the head on one
+    assert res.macs == tokens * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32) + 32 * 3
+    assert res.bops == pytest.approx(32 * 32 * res.macs)

@@ -148,3 +148,9 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="print the traceback of an internal error")
     return common
+
+
+def size_text(size_bytes: int) -> str:
+    """A file size as read on a console: bytes below 100 kB (two decimals of a small file's MB can
+    be a quarter off), else MB to 3 significant digits."""
+    return f"{size_bytes:,} bytes" if size_bytes < 100_000 else f"{size_bytes / 1e6:.3g} MB"

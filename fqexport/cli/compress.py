@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from fqexport.calibration.readers import load_data
-from fqexport.cli.common import EXIT_OK, cell_text, print_table
+from fqexport.cli.common import EXIT_OK, cell_text, print_table, size_text
 from fqexport.cli.finetune import finetune_plan, run_finetune, run_finetune_widths
 from fqexport.cli.flags.compress import search_budget
 from fqexport.cli.flags.finetune import parse_export_bits, width_paths
@@ -27,6 +27,7 @@ from fqexport.search.byte_budget import check_finetuned_size
 from fqexport.search.candidates import MixedPrecisionResult
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import float_tail_words, write_json_data
+from fqexport.validation.resources import from_metadata
 from fqexport.validation.speed import speed_vs_float
 
 
@@ -68,10 +69,14 @@ def run_compress(args: argparse.Namespace) -> int:
         named = f"the box decode, {decode}" if decode else float_tail_words(cm.metadata.task)
         print(f"{len(cm.metadata.float_ops)} ops after the last weight layers stay float ({named}): "
               + ", ".join(cm.metadata.float_ops))
+    written = read_metadata(result.path)
+    stored = from_metadata(written)  # the codes at their containers' width, as validate counts them
+    wider = (f"; {stored.avg_weight_bits:.2f} as the file stores the codes (e.g. 3-bit codes in INT4), what validate "
+             "reports" if stored is not None and abs(stored.avg_weight_bits - cm.avg_weight_bits) >= 0.005 else "")
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
-          f"weights quantized); wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})")
+          f"weights quantized{wider}); wrote {result.path} ({size_text(result.size_bytes)}, opset {result.opset})")
     if reference is not None:
-        print(f"wrote the float reference {reference.path} ({reference.size_bytes / 1e6:.2f} MB): "
+        print(f"wrote the float reference {reference.path} ({size_text(reference.size_bytes)}): "
               f"fqexport validate {shlex.quote(str(result.path))} --reference {shlex.quote(str(reference.path))} ...")
     print(f"export check for target {cm.config.target} (the file vs the PyTorch fake-quant reference), judged by:")
     for verdict in result.checks:
@@ -82,8 +87,11 @@ def run_compress(args: argparse.Namespace) -> int:
               "timing says nothing about: fqexport validate --provider cuda on the GPU)")
     elif not args.no_speed_check:
         latency, float_latency, speed = speed_vs_float(cm, result.path)
+        # the verdict is the median ratio of the paired runs, which the two sides' p50s can differ from
         print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, run alternately): "
-              + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}" for q, f in zip(latency, float_latency)))
+              + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}"
+                          + (f" (median of the paired runs' ratios {q.speedup:.2f}x)" if q.speedup is not None else "")
+                          for q, f in zip(latency, float_latency)))
         print(speed)
         isa = cpu_isa()  # the figures hold for this CPU only, as validate's report.json says
         timings = {"cpu_isa": isa, "cpu_kernel_family": kernel_family(isa),
@@ -91,8 +99,10 @@ def run_compress(args: argparse.Namespace) -> int:
                    "speedup_vs_float": {str(q.batch_size): q.speedup for q in latency}}
     if args.report:
         # the record the file holds (storage, opset and containers are set by the export), not the model's
-        summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": read_metadata(result.path).to_dict(),
-                   "avg_weight_bits": cm.avg_weight_bits, "speed": speed, "speed_timings": timings}
+        summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": written.to_dict(),
+                   "avg_weight_bits": cm.avg_weight_bits,
+                   "avg_stored_weight_bits": stored.avg_weight_bits if stored is not None else None,
+                   "speed": speed, "speed_timings": timings}
         if search is not None:
             summary["mixed_precision"] = search.to_dict()
         write_json_data(summary, Path(args.report))

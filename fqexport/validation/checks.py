@@ -156,7 +156,8 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
             out.append(_at_most(t, "max_latency_ms", lat.p95_ms, None, f"p95 latency at batch {lat.batch_size}", "ms",
                                 check_name=f"max_latency_ms[batch={lat.batch_size}]"))
     if t.max_size_mb is not None and size:
-        out.append(_at_most(t, "max_size_mb", report.size_bytes / MB, None, "model size", "MB"))
+        # the bytes beside the MB: 2 decimals of a small file's MB can be a quarter off (8,104 B as 0.01)
+        out.append(_at_most(t, "max_size_mb", report.size_bytes / MB, None, "model size", f"MB ({report.size_bytes:,} bytes)"))
     return tuple(out)
 
 

@@ -117,16 +117,52 @@ def _inferred_shapes(model):
         return model
 
 
+def _batch_pinned(model):
+    """A copy of ``model`` whose inputs' symbolic first dim (the batch) is 1; None when no input has
+    one. Shape inference then resolves the reshapes a dynamic batch leaves unknown (a torch.onnx
+    transformer's attention: every MatMul output ``[unk, unk, C]``), and MACs are per sample anyway."""
+    inits = {t.name for t in model.graph.initializer}
+    pinned = [i for i in model.graph.input if i.name not in inits and i.type.tensor_type.shape.dim
+              and not i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if not pinned:
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = {i.name for i in pinned}
+    for i in copy.graph.input:
+        if i.name in names:
+            i.type.tensor_type.shape.dim[0].Clear()
+            i.type.tensor_type.shape.dim[0].dim_value = 1
+    del copy.graph.value_info[:]  # shapes inferred with the batch dynamic: inferred again
+    return copy
+
+
 def from_graph(model, *, macs: bool = True) -> Resources:
     """Estimate from a loaded ``onnx.ModelProto`` (shapes from ONNX shape inference; ``macs=False``:
-    weights only, no inference, MACs and BOPs unknown)."""
+    weights only, no inference, MACs and BOPs unknown). MACs that a dynamic batch leaves unknown are
+    inferred again with the batch pinned to 1 (:func:`_batch_pinned`)."""
+    res = _from_graph(model, _inferred_shapes(model) if macs else None)
+    if macs and res.macs is None and res.params and (pinned := _batch_pinned(model)) is not None:
+        try:  # data propagation: a Reshape to a shape the graph computes (Shape → Gather → Concat) is resolved
+            inferred = onnx.shape_inference.infer_shapes(pinned, data_prop=True)
+        except Exception as err:  # best effort, as _inferred_shapes
+            log.info("shape inference with the batch pinned to 1 failed (%s); MACs unknown", err)
+            return res
+        again = _from_graph(inferred, inferred, batch_one=True)
+        if again.macs is not None:
+            return again
+    return res
 
-    inferred = model
-    if macs:
-        inferred = _inferred_shapes(model)
-    g = inferred.graph
+
+def _from_graph(model, inferred=None, *, batch_one: bool = False) -> Resources:
+    """:func:`from_graph` of ``model`` on the shapes of ``inferred`` (None: weights only). With
+    ``batch_one`` (shapes inferred at batch 1) a weight op's MACs are its whole output's: a
+    sequence-first ``[T, 1, E]`` MatMul or a Gemm over ``[T, E]`` token rows counts every token."""
+    macs = inferred is not None
+    g = (inferred or model).graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
+    dequantized_outputs = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input}
     shapes = {vi.name: _shape_of(vi) for vi in (*g.value_info, *g.output, *g.input)}
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.value_info, *g.output, *g.input)}
     graph_inputs = {i.name for i in g.input} - set(inits)
@@ -160,7 +196,8 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             n_params, bits, wshape, rule = int(attrs["K"]) * int(attrs["N"]), int(attrs.get("bits", 4)), \
                 [int(attrs["K"]), int(attrs["N"])], "matmul"
             integer_input, stored, is_float = False, node.input[1], False
-        elif node.op_type in RECURRENT_OPS or _is_table_lookup(node, weight_of, graph_inputs, producers):
+        elif node.op_type in RECURRENT_OPS or _is_table_lookup(node, weight_of, graph_inputs, producers,
+                                                               dequantized_outputs):
             # their weights count like any other; a recurrent op's MACs are steps · (W + R) per
             # sample, a lookup's none (a row is read, not multiplied)
             recurrent = node.op_type in RECURRENT_OPS
@@ -217,7 +254,10 @@ def from_graph(model, *, macs: bool = True) -> Resources:
             params += n_params
             floats += n_params if is_float else 0
             bit_params += bits * n_params
-        if rule == "gemm":  # A is [batch, K] by the op's definition: K·N per sample, whatever shape inference knows
+        out = shapes.get(node.output[0])
+        if rule == "gemm" and batch_one and out and len(out) == 2 and out[0] is not None:  # rows · K·N
+            macs = int(out[0]) * int(np.prod(wshape))
+        elif rule == "gemm":  # A is [batch, K] by the op's definition: K·N per sample, whatever shape inference knows
             macs = int(np.prod(wshape))
         elif rule == "conv_transpose":  # every input pixel meets the whole kernel: H_in·W_in · Cin · Cout/g · kh · kw
             inp = shapes.get(node.input[0])
@@ -226,11 +266,10 @@ def from_graph(model, *, macs: bool = True) -> Resources:
                 continue
             macs = int(np.prod(inp[2:])) * int(np.prod(wshape))
         else:
-            out = shapes.get(node.output[0])
-            if not out or any(d is None for d in out[1:]):
+            if not out or any(d is None for d in out[0 if batch_one else 1:]):
                 macs_known = False
                 continue
-            per_out = int(np.prod(out[1:])) if len(out) > 1 else 1
+            per_out = int(np.prod(out if batch_one else out[1:])) if len(out) > 1 else 1
             k = int(np.prod(wshape[1:])) if rule == "conv" else (wshape[-2] if len(wshape) >= 2 else wshape[0])
             macs = per_out * k  # conv: Cin/groups · kh · kw per output value
         macs_total += macs
@@ -251,9 +290,12 @@ _IDS_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "C
             "Min", "Max")
 
 
-def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict) -> bool:
+def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict,
+                     dequantized_outputs: frozenset[str] | set[str] = frozenset()) -> bool:
     """An Embedding: a Gather of rows of a constant rank-2 table of weights (float, or integer codes
-    behind a DequantizeLinear) by ids that are a graph input (through :data:`_IDS_OPS`).
+    behind a DequantizeLinear, or gathered first and then dequantized, as ORT's ``quantize_dynamic``
+    writes it: ``dequantized_outputs``, the tensors a DequantizeLinear reads) by ids that are a
+    graph input (through :data:`_IDS_OPS`).
     A table read at positions the graph computes (a sinusoidal buffer indexed by cumsum, a rotary
     cache) is a fixed buffer, not a weight a quantizer stores, and a constant shape list not a table."""
     if node.op_type != "Gather" or len(node.input) < 2:
@@ -263,7 +305,7 @@ def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict) -
         return False
     tensor, dequantized = found
     kind = onnx.TensorProto.DataType.Name(tensor.data_type)
-    if len(tensor.dims) != 2 or not (kind in _FLOAT_TYPES or dequantized):
+    if len(tensor.dims) != 2 or not (kind in _FLOAT_TYPES or dequantized or node.output[0] in dequantized_outputs):
         return False
     ids = node.input[1]
     for _ in range(4):

@@ -223,7 +223,8 @@ class ValidationReport:
                                    failures=failed)
 
     def speedups(self) -> dict[int, float]:
-        """Batch size -> the reference's p50 latency over the model's on this CPU (> 1: faster)."""
+        """Batch size -> how much faster the model runs than the reference on this CPU (> 1:
+        faster): the median ratio of their paired runs, else the ratio of their p50s (:func:`speedups`)."""
         return speedups(self.latency, self.reference_latency)
 
     def speed_verdict(self) -> str | None:

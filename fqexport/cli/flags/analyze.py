@@ -25,7 +25,9 @@ EPILOG = (
     "Definitions: loss = mean cross-entropy of the group; logit var = mean over samples of the "
     "variance of the logit vector; grad norm = ||d loss / d params||; λ_max = dominant eigenvalue of "
     "the group's loss Hessian w.r.t. all parameters (power iteration with Hessian-vector products). "
-    "Quantized variants are the PyTorch fake-quant reference (W<b>A8); gradients pass the activation "
+    "The parameters are those of the BatchNorm-folded model, for float and every quantized variant alike "
+    "(the same function as the model, another parameterisation: a model with BatchNorm reads a lower "
+    "grad norm than over its own unfolded parameters). Quantized variants are the PyTorch fake-quant reference (W<b>A8); gradients pass the activation "
     "fake quantization with a clipped straight-through estimator."
 )
 

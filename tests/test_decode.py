@@ -36,6 +36,33 @@ def test_the_traced_graph_is_the_decoded_model_under_the_models_own_layer_names(
     assert {n for n, _ in gm_composed.named_parameters()} == {n for n, _ in raw().named_parameters()}
 
 
+class _SplitRaw(torch.nn.Module):
+    """Raw head maps behind Ultralytics C2f's ``list(x.split(...))``: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = torch.nn.Conv2d(3, 8, 8, 8), torch.nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        return [self.head(torch.cat(list(self.stem(x).split((4, 4), 1)), 1))]
+
+
+def _decode_split_raw(outs):
+    r = outs[0].reshape(outs[0].shape[0], 6, -1)
+    return torch.cat([r[:, :2], r[:, 2:4].exp(), r[:, 4:].sigmoid()], 1)  # v8 layout [N, 6, anchors]
+
+
+def test_a_decoded_model_torch_export_traces_keeps_the_models_own_layer_names():
+    """Survey 90: the torch.export fallback (fx fails on C2f's split) named every layer model.…, so
+    --keep-float / --layer-bits written with the model's names matched nothing."""
+    torch.manual_seed(0)
+    composed = with_decode(_SplitRaw().eval(), _decode_split_raw)
+    x = torch.randn(2, 3, 32, 32)
+    gm = trace(composed, example=x)
+    assert sorted(n.target for n in gm.graph.nodes if n.op == "call_module") == ["head", "stem"]
+    torch.testing.assert_close(gm(x), composed(x))
+
+
 def test_compress_of_a_raw_head_model_with_its_decode_exports_the_layout_like_the_whole_model(tmp_path, scenes):
     calib = scenes.train.detection("calib.npz")
     composed = with_decode(fm.yolov5_raw_test(), fm.YoloV5Decode(), name="fixtures_models:YoloV5Decode")

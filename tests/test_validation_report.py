@@ -84,10 +84,12 @@ def test_a_group_without_a_value_fails_the_worst_group_and_drop_checks():
     assert m.group_min() == ("a", 1.0)
     report = ValidationReport(model="m.onnx", data_source="t.npz", provider="cpu", metrics=m,
                               group_drop={"a": 0.0, "b": float("nan")})
-    checks = {c.name: c for c in run_checks(report, Thresholds(min_worst_group_acc=10, max_group_drop=5))}
-    for name in ("min_worst_group_acc", "max_group_drop"):
+    checks = {c.name: c for c in run_checks(report, Thresholds(min_worst_group_acc=10, max_group_drop=5, max_acc_gap=5))}
+    for name in ("min_worst_group_acc", "max_group_drop", "max_acc_gap"):
         assert not checks[name].passed and checks[name].group == "b"
         assert "group 'b' cannot be measured (its 4 sample(s) give no value" in checks[name].message
+    # survey 90: the gap's line named the one measured group twice ("gap of group 'a' to the best group 'a'")
+    assert checks["max_acc_gap"].message.startswith("accuracy gap: group 'b' cannot be measured")
     ok = run_checks(dataclasses.replace(report, metrics=_metrics(Y), group_drop={"a": 0.0, "b": 0.0}),
                     Thresholds(min_worst_group_acc=10, max_group_drop=5))
     assert all(c.passed for c in ok)

@@ -377,7 +377,7 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
         why = MSG_HOOKS.format(modules="the model itself")
         if example is None:
             raise ModelLoadError(MSG_HOOKS_NO_EXAMPLE.format(modules="the model itself"))
-        gm = _exported(model, example, why)
+        gm = _own_names(_exported(model, example, why), model)
         _keep_first_output(gm, owner=source)
         return gm
     concrete = _defaulted_arguments(model)  # its own ModelLoadError, not the trace's advice
@@ -387,12 +387,10 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
         why = f"{type(err).__name__}: {_first_line(err)}"
         if example is None:
             raise ModelLoadError(MSG_TRACE.format(err=why)) from err
-        gm = _exported(model, example, why)
+        gm = _own_names(_exported(model, example, why), model)
         _keep_first_output(gm, owner=source)
         return gm
-    gm = graph_module(model, graph, type(model).__name__)  # a submodule named `meta` or `graph` renamed
-    if isinstance(model, DecodedModel):  # the user's layer names, not the wrapper's
-        gm = strip_wrapper(gm, type(model.model).__name__)
+    gm = _own_names(graph_module(model, graph, type(model).__name__), model)  # `meta`, `graph`: renamed
     _plain_varargs(gm)
     _keep_first_output(gm, owner=source)
     _plain_parametrized_layers(gm)
@@ -401,6 +399,12 @@ def trace(model: nn.Module, owner: nn.Module | None = None, example: torch.Tenso
     if lift_weight_calls(gm):
         gm.recompile()
     return gm
+
+
+def _own_names(gm: torch.fx.GraphModule, model: nn.Module) -> torch.fx.GraphModule:
+    """``gm`` with the user's layer names where ``model`` is a :class:`DecodedModel` (``head.0``,
+    not the wrapper's ``model.head.0``), however it was traced; else ``gm``."""
+    return strip_wrapper(gm, type(model.model).__name__) if isinstance(model, DecodedModel) else gm
 
 
 def _first_line(err: BaseException) -> str:

@@ -134,7 +134,8 @@ def run_checks(report: ValidationReport, t: Thresholds, *, size: bool = True) ->
         alone = (CheckResult(name, float(getattr(t, name)), float("nan"), False, present[0],
                              MSG_ONE_GROUP.format(metric=words, group=present[0], flag=flag(name)))
                  if len(present) == 1 else None)
-        missing = _unmeasured(t, name, report, m, metric, what)  # the difference would skip such a group
+        # the difference would skip such a group (and lo, hi may then be one group): the gap named alone
+        missing = _unmeasured(t, name, report, m, metric, f"{words} gap")
         gap = _at_most(t, name, pct(m.difference(metric)), None, what, "pp")
         out.append(missing or alone or dataclasses.replace(gap, group=lo[0]))
     for name, (metric, what) in DROP_LIMITS.items():  # report.group_drop is of the primary metric

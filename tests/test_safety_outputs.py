@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from safety_helpers import compress_args, first_line, make_inputs, run_cli, snapshot
@@ -125,9 +126,14 @@ def test_an_output_that_is_one_of_a_manifests_images_is_refused(tmp_path):
     check_paths([("--data", manifest)], [Output("--junit", tmp_path / "img" / "j.xml")])  # another file: fine
 
 
-def test_a_dash_output_is_refused_as_standard_output(work, monkeypatch):
-    """'-' is no file name fqexport writes (flags parsed as paths read './-' as '-' too)."""
+def test_a_dash_output_is_refused_as_standard_output_and_dot_slash_dash_is_a_file(work, monkeypatch):
+    """'-' is no file name fqexport writes; './-' is the file named '-' (Path shortened it to '-',
+    refused as standard output: survey 85), for the flags parsed as paths too."""
+    from fqexport.cli.flags.shared import output_path
+
     monkeypatch.chdir(work)
     for flag in ("--json", "--junit"):
         with pytest.raises(OutputPathError, match=rf"^{flag} -: fqexport writes files, not standard output; give a file path$"):
-            check_paths([], [Output(flag, "-")])
+            check_paths([], [Output(flag, output_path("-"))])
+        check_paths([], [Output(flag, output_path("./-"))])
+    assert output_path("./-") == work / "-" and output_path("a/b.json") == Path("a/b.json")

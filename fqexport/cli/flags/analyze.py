@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from fqexport.cli.common import SEED, HelpFormatter, common_options, int_at_least, parse_layer_bits
-from fqexport.cli.flags.shared import MODEL_ONLY_WITH, OnlyWith, add_model_options, add_task_options, refuse_ignored, task_spec
+from fqexport.cli.flags.shared import (
+    MODEL_ONLY_WITH,
+    OnlyWith,
+    add_model_options,
+    add_task_options,
+    output_path,
+    refuse_ignored,
+    task_spec,
+)
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import check_bits
 from fqexport.calibration.checks import MSG_NOT_CLASSIFIER, TASK_METRICS
@@ -60,7 +67,7 @@ def add_analyze_parser(subparsers) -> None:
                    help="samples per group used (seeded random subset when larger)")
     p.add_argument("--batch-size", type=int_at_least(1), default=128, help="samples per forward/backward pass")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the per-group subsets and the power iteration")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report as JSON here")
+    p.add_argument("--json", type=output_path, default=None, metavar="FILE", help="write the full report as JSON here")
     p.set_defaults(check=check_analyze)
 
 

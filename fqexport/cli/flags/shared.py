@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, get_args
 
@@ -64,6 +65,13 @@ MSG_OBJECTIVE_WEIGHTS = (
     "add --objective weighted or drop them"
 )
 MSG_LAYOUT = "--layout {layout} is an option of --task detection (got --task {task})"
+
+
+def output_path(text: str) -> Path:
+    """An output flag's path: ``Path(text)``, but a file named ``-`` spelled ``./-`` (which
+    ``Path`` shortens to ``-``, the standard output that ``check_paths`` refuses) absolute."""
+    path = Path(text)
+    return Path(os.path.abspath(text)) if text != "-" and os.fspath(path) == "-" else path
 
 
 def add_task_options(p: argparse.ArgumentParser) -> None:

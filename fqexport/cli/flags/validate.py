@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import get_args
 
 from fqexport.cli.common import HelpFormatter, common_options, int_at_least
-from fqexport.cli.flags.shared import OnlyWith, add_task_options, refuse_ignored, task_spec
+from fqexport.cli.flags.shared import OnlyWith, add_task_options, output_path, refuse_ignored, task_spec
 from fqexport.cli.paths import Output, check_paths
 from fqexport.config import MAX_THREADS, KernelTarget
 from fqexport.errors import ConfigError
@@ -87,8 +87,8 @@ def add_validate_parser(subparsers) -> None:
     p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed latency runs (default: 30)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-kernel-check", action="store_true", help="skip the unoptimized session and kernel dump")
-    p.add_argument("--report-dir", type=Path, default=None, help="write report.json, report.md, plots here")
-    p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here (one test case per threshold)")
+    p.add_argument("--report-dir", type=output_path, default=None, help="write report.json, report.md, plots here")
+    p.add_argument("--junit", type=output_path, default=None, help="write JUnit XML here (one test case per threshold)")
     p.add_argument("--no-plots", action="store_true", default=None, help="do not write PNG plots into --report-dir")
     p.set_defaults(check=check_validate)
 

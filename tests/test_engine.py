@@ -553,3 +553,44 @@ def test_a_model_class_from_an_interactive_session_runs_serially_under_auto(monk
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # importable classes: the pool as asked
     with make_engine(EngineConfig(engine="local", workers=2), sent=(plain,)) as pool:
         assert isinstance(pool, LocalEngine)
+
+
+UNGUARDED = """
+import os
+open(os.path.join(os.environ["RUN_DIR"], f"top-level-{os.getpid()}"), "w").close()  # once per run of this file
+import taskmod
+from fqexport.engine import LocalEngine, Task
+with LocalEngine(2) as engine:  # no `if __name__ == "__main__":` guard, as a quick script has none
+    print(engine.map(taskmod.double, [Task(("double", i), f"double {i}", i) for i in range(4)], taskmod.Ctx(10), "d"))
+"""
+UNGUARDED_MAIN_CLASS = UNGUARDED.replace("taskmod.Ctx(10)", "Ctx(10)").replace(
+    "import taskmod\n", "import taskmod\nclass Ctx:\n    def __init__(self, v):\n        self.value = v\n")
+TASKMOD = """
+class Ctx:
+    def __init__(self, value):
+        self.value = value
+
+def double(ctx, task):
+    return ctx.value + 2 * task.payload
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once_when_its_context_needs_nothing_from_it(tmp_path):
+    """Workers imported the caller's __main__ (re-running an unguarded script's top level, which
+    started a pool of its own in every worker, and failed) even when nothing they read came from
+    it: they now start with __main__ hidden. A context class defined in the script still needs it,
+    and the map then fails with the guard named, as before."""
+    (tmp_path / "taskmod.py").write_text(TASKMOD)
+    env = dict(os.environ, RUN_DIR=str(tmp_path), OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / "main.py").write_text(UNGUARDED)
+    proc = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[10, 12, 14, 16]"
+    assert len(list(tmp_path.glob("top-level-*"))) == 1  # the script ran once: in no worker
+
+    for f in tmp_path.glob("top-level-*"):
+        f.unlink()
+    (tmp_path / "main.py").write_text(UNGUARDED_MAIN_CLASS)
+    proc = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and 'needs an `if __name__ == "__main__":` guard' in proc.stderr

@@ -123,9 +123,10 @@ MSG_WEIGHED_TWICE = "group_weights weigh the group {name!r} twice (as {first!r} 
 MSG_ZERO_WEIGHTS = "group_weights {weights!r} give every group of {groups} weight 0: at least one must be > 0"
 MSG_NEEDS_COUNTS = "group_weights='samples' needs the groups' sample counts"
 MSG_UNNAMED_GROUPS = (
-    "group_weights %s do not name group(s) %s: they get weight 0, so their samples count for nothing "
-    "here; name every group to weigh it (e.g. %s)"
+    "group_weights {weights} do not name group(s) {groups}: they get weight 0, so their samples count for nothing "
+    "here; name every group to weigh it (e.g. {example})"
 )
+_said_unnamed: set[str] = set()  # the warnings given: once per process (a search weighs its groups many times)
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,11 @@ class GroupWeights:
     spec: Mapping[Any, float] | str | None = None
 
     def vector(self, group_names: Sequence[str], counts: Sequence[int] | np.ndarray | None = None,
-               unknown: str = MSG_UNKNOWN_GROUP) -> np.ndarray:
+               unknown: str = MSG_UNKNOWN_GROUP, unnamed: str = MSG_UNNAMED_GROUPS) -> np.ndarray:
         """α over ``group_names`` (float64, sums to 1); ``counts`` (per group) for ``"samples"``;
-        ``unknown`` is the ConfigError template for a key that is not a group."""
+        ``unknown`` is the ConfigError template for a key that is not a group, ``unnamed`` the
+        warning (once per process) for groups a mapping leaves at 0 (``{weights}``, ``{groups}``,
+        ``{example}``)."""
         n = len(group_names)
         if self.spec is None:
             return np.full(n, 1.0 / n)
@@ -155,10 +158,13 @@ class GroupWeights:
         else:
             given = _weights_by_index(self.spec, group_names, unknown)
             v = _as_vector(given, len(group_names))
-            unnamed = [repr(g) for i, g in enumerate(group_names) if i not in given]
-            if unnamed and v.sum() > 0:
+            left = [repr(g) for i, g in enumerate(group_names) if i not in given]
+            if left and v.sum() > 0:
                 example = ",".join(f"{g}={given.get(i, 1.0):g}" for i, g in enumerate(group_names))
-                log.warning(MSG_UNNAMED_GROUPS, dict(self.spec), ", ".join(unnamed), example)
+                said = unnamed.format(weights=dict(self.spec), groups=", ".join(left), example=example)
+                if said not in _said_unnamed:
+                    _said_unnamed.add(said)
+                    log.warning(said)
         if not v.sum() > 0:
             raise ConfigError(MSG_ZERO_WEIGHTS.format(weights=self.spec, groups=list(group_names)))
         return v / v.sum()

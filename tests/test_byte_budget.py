@@ -248,6 +248,18 @@ def test_written_size_does_not_depend_on_the_note_the_fits_or_the_task_reason(ta
     assert sizes[0] == sizes[1] >= export_qdq(cm, tmp_path / "w.onnx", check=False).size_bytes  # the longer fields
 
 
+def test_the_sizing_exports_are_no_outputs_of_the_run(tab, mlp_data):
+    """Survey 89: after a --budget-bytes error, the CLI named the deleted sizing files as outputs."""
+    from fqexport.atomic import outputs_written
+
+    cm = compress(tab[0], mlp_data, replace(BASE, weight_bits=4), progress=False)
+    before = outputs_written()
+    size = byte_budget.written_size(cm)
+    with pytest.raises(ConfigError):
+        byte_budget.check_finetuned_size(cm, size // 2)
+    assert outputs_written() == before
+
+
 def test_fit_measures_the_smallest_allocation_before_giving_up():
     big = _cand(8, 4000, 0.1)
     cands = [big, _cand(2, 1000, 0.5, "uniform")]

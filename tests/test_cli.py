@@ -211,6 +211,10 @@ def test_bits_9(mlp_files, tmp_path):
      "pins to 4"),
     (["--budget-bits", "3", "--pin", "fc1=8", "--pin", "fc*=2"],
      "error: --pin: pins['fc1']=8 and pins['fc*']=2 both match layer 'fc1'"),
+    # survey 89: --weight-range acts on 8-bit weights only (the file was the x86-safe one, its settings said 'full')
+    (["--weight-bits", "4", "--weight-range", "full"], "error: --weight-range: used only with 8-bit weights"),
+    (["--budget-bits", "3", "--bit-choices", "2,4", "--weight-range", "full"],
+     "error: --weight-range: used only with 8-bit weights"),
     # survey 76: named --group-weights (the Hessians' flag, also given) or no flag at all
     (["--budget-bits", "3", "--group-weights", "samples", "--objective", "weighted", "--objective-weights", "a=nan,b=1"],
      "error: --objective-weights: MixedPrecisionConfig.group_weights['a']=nan must be a finite number >= 0"),

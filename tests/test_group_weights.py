@@ -24,9 +24,12 @@ def test_explicit_weights_by_name_or_id_normalised_unnamed_groups_zero():
     np.testing.assert_allclose(GroupWeights({"2": 1.0}).vector(NAMES), [0.0, 0.0, 1.0])
 
 
-def test_groups_a_mapping_leaves_out_are_warned_about(caplog):
+def test_groups_a_mapping_leaves_out_are_warned_about(caplog, monkeypatch):
     """``--group-loss-weights minority=3`` (the old hint's example) gave the other groups weight 0
     without a word: fine-tuning then trained on the minority alone (survey 38)."""
+    import fqexport.calibration.group_data as group_data
+
+    monkeypatch.setattr(group_data, "_said_unnamed", set())
     with caplog.at_level("WARNING"):
         GroupWeights({"minority": 3.0}).vector(NAMES)
     assert ("group_weights {'minority': 3.0} do not name group(s) 'majority', 'rare': they get weight 0, so their "
@@ -78,3 +81,20 @@ def test_a_group_without_a_calibration_sample_is_recorded_with_weight_zero():
                                           r"num_calib=1 draws fewer samples than the 2 groups, and none of "
                                           r"'minority'; raise num_calib to at least 2"):
         fqexport.compress(net, data, fqexport.QuantConfig(num_calib=1, group_weights={"minority": 1.0}), progress=False)
+
+
+def test_the_weighted_objective_leaving_out_a_group_is_warned_about_once_in_its_own_words(caplog, monkeypatch):
+    """Survey 89: the search weighed its groups four times, each time warning in the words of the
+    Hessians' group_weights ("their samples count for nothing")."""
+    import fqexport.calibration.group_data as group_data
+    from fqexport.search.allocation import check_group_weights
+
+    monkeypatch.setattr(group_data, "_said_unnamed", set())
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            check_group_weights({"majority": 1.0}, NAMES)
+    (record,) = [r for r in caplog.records if "do not name" in r.getMessage()]
+    assert record.getMessage() == (
+        "the weighted objective's group_weights (CLI --objective-weights) {'majority': 1.0} do not name group(s) "
+        "'minority', 'rare': they weigh 0 in the objective, so the search does not look at their accuracy; name "
+        "every group to count it (e.g. majority=1,minority=1,rare=1)")

@@ -24,7 +24,7 @@ from fqexport.search.pareto import (
     write_pareto_json,
 )
 
-COLUMNS = ["budget", "avg bits", "weight bytes", "worst group", "worst-group %", "mean %", "float worst-group %"]
+COLUMNS = ["budget", "avg bits", "weight bytes", "worst group", "worst-group %", "overall %", "float worst-group %"]
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -60,8 +60,8 @@ def _row(p: ParetoPoint) -> dict[str, str]:
     """A point as a row of the console table; an infeasible budget says so and gives the minimum."""
     if not p.feasible:
         return {"budget": f"{p.budget:g}", "avg bits": "infeasible", "weight bytes": "-",
-                "worst group": f"needs a budget >= {p.min_feasible_budget:g}", "worst-group %": "-", "mean %": "-",
+                "worst group": f"needs a budget >= {p.min_feasible_budget:g}", "worst-group %": "-", "overall %": "-",
                 "float worst-group %": "-"}
     return {"budget": f"{p.budget:g}", "avg bits": f"{p.avg_bits:.3f}", "weight bytes": f"{p.weight_bytes:,.0f}",
             "worst group": p.worst_group, "worst-group %": f"{100 * p.worst_group_acc:.2f}",
-            "mean %": f"{100 * p.mean_acc:.2f}", "float worst-group %": f"{100 * p.float_worst_group_acc:.2f}"}
+            "overall %": f"{100 * p.mean_acc:.2f}", "float worst-group %": f"{100 * p.float_worst_group_acc:.2f}"}

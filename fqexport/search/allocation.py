@@ -81,6 +81,11 @@ MSG_WEIGHTED = (
 )
 MSG_GROUP = ("group_weights (the weighted objective's; CLI --objective-weights) names {name!r}, which is not a group "
              "of the calibration data (groups: {groups})")
+MSG_OBJECTIVE_UNNAMED = (
+    "the weighted objective's group_weights (CLI --objective-weights) {weights} do not name group(s) {groups}: "
+    "they weigh 0 in the objective, so the search does not look at their accuracy; name every group to "
+    "count it (e.g. {example})"
+)
 MSG_PIN_NONE = "pin {pattern!r} matches no layer (layers: {layers})"
 MSG_PIN_FLOAT = ("pin {pattern!r} matches {floats}, which stay(s) float: no width to search; drop the pin "
                  "(quantizable layers: {layers})")
@@ -283,7 +288,7 @@ def check_group_weights(weights: Mapping[str, float] | None, groups: Sequence[st
 def _group_vector(weights: Mapping[str, float] | None, groups: Sequence[str]) -> np.ndarray:
     if weights is not None and (any(float(w) < 0 for w in weights.values()) or not sum(map(float, weights.values())) > 0):
         raise ConfigError(MSG_WEIGHTED.format(groups=", ".join(groups)))
-    return GroupWeights(weights).vector(groups, unknown=MSG_GROUP)
+    return GroupWeights(weights).vector(groups, unknown=MSG_GROUP, unnamed=MSG_OBJECTIVE_UNNAMED)
 
 
 @dataclass(frozen=True)

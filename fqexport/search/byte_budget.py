@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fqexport.atomic import scratch_writes
 from fqexport.config import MixedPrecisionConfig
 from fqexport.errors import ConfigError
 from fqexport.exporters.qdq_onnx import export_qdq
@@ -143,12 +144,18 @@ MSG_FINETUNED_BYTES = (
 )
 
 
+def _exported_size(cm: Any) -> int:
+    """Bytes of ``cm``'s file exported, unchecked, to a temporary folder: a working file, not an
+    output of the run (an error or interrupt note does not name it)."""
+    with tempfile.TemporaryDirectory(prefix="fqexport-size-") as tmp, scratch_writes():
+        return int(export_qdq(cm, Path(tmp) / "size.onnx", check=False).size_bytes)
+
+
 def check_finetuned_size(cm: Any, budget: float) -> int:
     """The exact size of the file a fine-tuned searched model writes (a temporary export), or a
     ConfigError (:data:`MSG_FINETUNED_BYTES`) when it exceeds ``budget``: fine-tuning adds its
     record to the metadata after the search met the budget."""
-    with tempfile.TemporaryDirectory(prefix="fqexport-size-") as tmp:
-        size = int(export_qdq(cm, Path(tmp) / "size.onnx", check=False).size_bytes)
+    size = _exported_size(cm)
     if size > budget:
         record = _json_bytes((getattr(cm.metadata, "finetune", None) or {}))
         raise ConfigError(MSG_FINETUNED_BYTES.format(budget=_num(budget), size=size, record=record))
@@ -161,8 +168,7 @@ def written_size(cm: Any) -> int:
     :data:`TASK_REASON_BYTES`, :data:`NOTE_BYTES`, :data:`FITS_DIGITS`, :data:`ORIGIN_BYTES` and
     :data:`BUDGET_DIGITS` at least: the search writes the first after the bytes check, the others
     change with the path that led to the allocation and with the budget."""
-    with tempfile.TemporaryDirectory(prefix="fqexport-size-") as tmp:
-        size = int(export_qdq(cm, Path(tmp) / "size.onnx", check=False).size_bytes)
+    size = _exported_size(cm)
     meta = getattr(cm, "metadata", None)
     task = getattr(meta, "task", None) or {}
     allocation = getattr(meta, "allocation", None) or {}

@@ -319,7 +319,7 @@ def plot_pareto(points: Sequence[ParetoPoint], path: str | Path) -> Path | None:
     pts = sorted((p for p in points if p.feasible), key=lambda p: p.avg_bits)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([p.avg_bits for p in pts], [100 * p.worst_group_acc for p in pts], "o-", label="worst group")
-    ax.plot([p.avg_bits for p in pts], [100 * p.mean_acc for p in pts], "s--", label="mean")
+    ax.plot([p.avg_bits for p in pts], [100 * p.mean_acc for p in pts], "s--", label="overall (all samples)")
     if pts:
         ax.axhline(100 * pts[0].float_worst_group_acc, color="gray", lw=0.8, ls=":", label="float worst group")
     ax.set_xlabel("average weight bits")

@@ -139,8 +139,23 @@ def refuse_ignored(args: argparse.Namespace, rules: Sequence[OnlyWith]) -> None:
 
 # The flags of this module that count only with another option (the tables of the fine-tuning
 # flags and of each subcommand's own are beside them): quant_config and search_config refuse them.
+def _eight_bit_layers(a: argparse.Namespace) -> bool:
+    """Whether the flags can give a layer 8-bit weights, all that ``--weight-range`` changes: a
+    search or learned widths whose choices hold 8 (given choices; the defaults do), fine-tuning's
+    ``--export-bits`` with 8, or ``--weight-bits`` (default 8) / a ``--layer-bits`` at 8."""
+    searched = getattr(a, "learn_bits", False) or not hasattr(a, "weight_bits") or any(
+        getattr(a, f"budget_{k}", None) is not None for k in ("bits", "bytes", "bops"))
+    if searched:
+        return getattr(a, "bit_choices", None) is None or 8 in parse_bit_choices(a.bit_choices, ())
+    export = getattr(a, "export_bits", None)
+    widths = [_Q.weight_bits if a.weight_bits is None else a.weight_bits, *parse_layer_bits(a.layer_bits).values()]
+    return 8 in widths or (export is not None and "8" in [w.strip() for w in export.split(",")])
+
+
 QUANT_ONLY_WITH = (
     OnlyWith({"percentile": "--percentile"}, "--calibration percentile", lambda a: a.calibration == "percentile"),
+    OnlyWith({"weight_range": "--weight-range"}, "8-bit weights (--weight-bits 8, the default; an 8-bit --layer-bits; "
+             "a search or --export-bits whose widths hold 8)", _eight_bit_layers),
     OnlyWith({"order": "--order", "damp": "--damp", "solver_target": "--solver-target", "block_size": "--block-size"},
              "--method solver",
              lambda a: a.method == "solver"),
@@ -211,8 +226,8 @@ def add_model_and_quant_options(p: argparse.ArgumentParser, fixed_widths: bool =
     p.add_argument("--num-calib", type=int, default=_Q.num_calib, help="calibration samples, drawn group-balanced")
     p.add_argument("--batch-size", type=int, default=_Q.batch_size,
                    help="samples per forward pass while collecting calibration statistics")
-    p.add_argument("--weight-range", choices=get_args(WeightRange), default=_Q.weight_range,
-                   help="x86-safe: 8-bit weights in |q|<=63 so AVX2 u8*s8 kernels cannot saturate; "
+    p.add_argument("--weight-range", choices=get_args(WeightRange), default=None,
+                   help=f"(default: {_Q.weight_range}) x86-safe: 8-bit weights in |q|<=63 so AVX2 u8*s8 kernels cannot saturate; "
                    "full: |q|<=127 (one more bit of resolution) for VNNI, arm64 and GPU kernels; accepted with any "
                    "--target, whose export check refuses the file where AVX2's pair sums change predictions")
     p.add_argument("--target", choices=get_args(ExportTarget), default=_Q.target,
@@ -259,7 +274,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
         solver_target=_or(args.solver_target, _Q.solver_target), block_size=_or(args.block_size, _Q.block_size),
         group_weights=parse_group_weights(args.group_weights), calibration=args.calibration,
         percentile=_or(args.percentile, _Q.percentile), num_calib=args.num_calib, batch_size=args.batch_size,
-        weight_range=args.weight_range, target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,
+        weight_range=_or(args.weight_range, _Q.weight_range), target=args.target, storage=args.storage, bias_correction=not args.no_bias_correction,
         bn_reestimate=not args.no_bn_reestimate, keep_float=tuple(args.keep_float), strict=args.strict, seed=args.seed,
         clip_search=args.clip_search, device=args.device,
         max_activation_memory_mb=args.max_activation_memory_mb,

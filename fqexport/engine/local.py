@@ -8,11 +8,6 @@ started by ``forkserver`` (default) or ``spawn``, never ``fork``: a forked copy 
 whose torch thread pool is running can deadlock. The forkserver preloads torch and the task's
 module, so a worker starts in a fraction of a second.
 
-A worker imports the caller's ``__main__`` (re-running a script's top level) only when the
-context needs it: a model or data class defined there. Otherwise the pool's processes start with
-``__main__`` hidden, so a plain script calling the search without an
-``if __name__ == "__main__":`` guard runs once, not once more per worker (:func:`_main_hidden`).
-
 A worker that dies (killed, out of memory) breaks the pool: the pool is restarted, and the
 tasks that were running are run again one at a time, so the one that kills its worker is
 known; a task whose worker died more than ``retries`` times stops the map with an EngineError
@@ -27,16 +22,13 @@ import os
 import pickle
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
-import types
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -123,34 +115,6 @@ def _start_resource_tracker() -> None:
             os.environ["PYTHONWARNINGS"] = before
 
 
-class _MainRecorder(pickle.Pickler):
-    """A Pickler that records whether it writes a class or function of ``__main__`` (a worker must
-    then import the caller's main module to read it back)."""
-
-    needs_main = False
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
-            self.needs_main = True
-        return NotImplemented
-
-
-@contextmanager
-def _main_hidden(hide: bool) -> Iterator[None]:
-    """With ``hide``, ``sys.modules["__main__"]`` is an empty module while the block starts worker
-    processes: multiprocessing then hands them no main script to import (a script without an
-    ``if __name__ == "__main__":`` guard would run again in every worker and start its own pool)."""
-    main = sys.modules.get("__main__")
-    if not hide or main is None:
-        yield
-        return
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
 def _start_forkserver() -> None:
     """Start multiprocessing's forkserver (once per process) with SIGINT ignored, which it keeps
     across its exec: a Ctrl-C to the process group while it imports the preload modules would
@@ -206,7 +170,6 @@ class LocalEngine(Engine):
         # ops): 4 s per worker on this machine unless the forkserver has it already
         self.preload = ["torch", "torch._dynamo", *preload]
         self._pool: ProcessPoolExecutor | None = None
-        self._hides_main = False  # the pool's workers start without the caller's __main__
         self._dir: str | None = None  # the context files
         self._maps = 0
 
@@ -243,9 +206,8 @@ class LocalEngine(Engine):
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def _write_context(self, context: Any) -> tuple[str, bool]:
-        """The context pickled once into a file each worker reads once, and whether reading it
-        needs the caller's ``__main__`` (a class or function defined there)."""
+    def _write_context(self, context: Any) -> str:
+        """The context pickled once into a file each worker reads once."""
         if self._dir is None:
             _remove_dead_callers_dirs()
             self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
@@ -253,24 +215,16 @@ class LocalEngine(Engine):
         path = os.path.join(self._dir, f"context-{self._maps}.pkl")
         try:
             with open(path, "wb") as f:
-                writer = _MainRecorder(f, protocol=pickle.HIGHEST_PROTOCOL)
-                writer.dump(context)
+                pickle.dump(context, f, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as err:
             raise EngineError(MSG_PICKLE.format(kind=type(err).__name__, err=err)) from err
-        return path, writer.needs_main
-
-    def _submit(self, *args: Any) -> Future:
-        """``self._pool.submit``: the workers it starts see ``__main__`` only when a map needs it."""
-        with _main_hidden(self._hides_main):
-            return self._pool.submit(*args)
+        return path
 
     def _run(self, fn, tasks, context, bar, on_idle=None, beside=None):
-        path, needs_main = self._write_context(context)
+        path = self._write_context(context)
         kill = kill_spec()
-        if self._pool is not None and needs_main and self._hides_main:
-            self._stop_pool()  # its workers cannot read this map's context: new ones that import __main__
         if self._pool is None:
-            self._pool, self._hides_main = self._new_pool(), not needs_main
+            self._pool = self._new_pool()
         pending = deque(range(len(tasks)))
         suspects: set[int] = set()  # in flight when a worker died: rerun one at a time
         deaths = [0] * len(tasks)
@@ -281,7 +235,7 @@ class LocalEngine(Engine):
                 limit = 1 if suspects else self.workers
                 while pending and len(inflight) < limit:
                     i = pending.popleft()
-                    inflight[self._submit(_call, fn, path, tasks[i], kill)] = i
+                    inflight[self._pool.submit(_call, fn, path, tasks[i], kill)] = i
                 if beside is not None:
                     beside()  # the workers run their tasks meanwhile
                     beside = None

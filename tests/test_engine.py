@@ -553,3 +553,32 @@ def test_a_model_class_from_an_interactive_session_runs_serially_under_auto(monk
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # importable classes: the pool as asked
     with make_engine(EngineConfig(engine="local", workers=2), sent=(plain,)) as pool:
         assert isinstance(pool, LocalEngine)
+
+
+ENGINE_OF = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from fqexport.config import EngineConfig
+from fqexport.engine import make_engine
+{guard}
+    with make_engine(EngineConfig(engine=sys.argv[1], workers=2)) as engine:
+        print(type(engine).__name__)
+"""
+
+
+@pytest.mark.parametrize("guard, engine, out, err", [
+    ("if True:", "auto", "SerialEngine", "has no `if __name__ == \"__main__\":` guard, and the local pool's worker "
+                                         "processes would run it again: the search runs serially"),
+    ("if True:", "local", "", "local engine: the script"),
+    ('if __name__ == "__main__":', "auto", "LocalEngine", ""),
+    ('if "__main__" == __name__:', "local", "LocalEngine", ""),
+])
+def test_a_script_without_a_main_guard_gets_no_local_pool(tmp_path, guard, engine, out, err):
+    """A plain script calling the search without the guard: every local worker imported it (running
+    its calls again, each starting a pool of its own) until the map failed; now ``auto`` runs
+    serially, said, and an explicit ``local`` is refused before any worker starts."""
+    (tmp_path / "main.py").write_text(ENGINE_OF.format(guard=guard))
+    proc = subprocess.run([sys.executable, "main.py", engine], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert proc.stdout.strip() == out
+    assert err in proc.stderr and (proc.returncode == 0) == bool(out), proc.stderr[-2000:]

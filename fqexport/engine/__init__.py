@@ -6,6 +6,7 @@ for every task and returns the results in task order, identical whatever the eng
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ from fqexport.engine.local import LocalEngine
 from fqexport.engine.ray_engine import RayEngine
 
 __all__ = ["Engine", "EngineConfig", "KILL_ENV", "LocalEngine", "RayEngine", "SerialEngine", "Task",
-           "interactive_class", "make_engine", "run_task", "task_seed"]
+           "interactive_class", "make_engine", "run_task", "task_seed", "unguarded_script"]
 
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,25 @@ MSG_INTERACTIVE_SERIAL = (
 )
 
 
+MSG_UNGUARDED = (
+    "local engine: the script {path} has no `if __name__ == \"__main__\":` guard, and the pool's worker processes "
+    "import it (as Python's multiprocessing does): each would run the script again; put its calls under the guard, "
+    "or use EngineConfig(engine='serial') (CLI: --engine serial)"
+)
+MSG_UNGUARDED_SERIAL = (
+    "engine 'auto': the script {path} has no `if __name__ == \"__main__\":` guard, and the local pool's worker "
+    "processes would run it again: the search runs serially (put its calls under the guard to use the pool)"
+)
+
+
 def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (), sent: Sequence[Any] = ()) -> Engine:
     """The engine ``config`` asks for (``auto``: local with more than one worker, else serial);
     ``preload``: modules of the task functions, imported once by the local pool's forkserver;
     ``sent``: the objects the tasks will carry (a model, a dataset): one of a class defined in an
     interactive ``__main__`` (:func:`interactive_class`) makes ``auto`` serial, said once, and
-    ``local`` / ``ray`` an EngineError, before any worker starts."""
+    ``local`` / ``ray`` an EngineError, before any worker starts; so does a running script without
+    an ``if __name__ == "__main__":`` guard (:func:`unguarded_script`) for a local pool, whose
+    workers would run it again."""
     config = config or EngineConfig()
     kind = config.kind
     found = interactive_class(sent) if kind in ("local", "ray") else None
@@ -55,11 +69,46 @@ def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (),
             raise EngineError(MSG_INTERACTIVE.format(engine=kind, what=found[0], name=found[1]))
         log.warning(MSG_INTERACTIVE_SERIAL.format(what=found[0], name=found[1]))
         return SerialEngine()
+    script = unguarded_script() if kind == "local" and config.num_workers > 1 else None
+    if script is not None:
+        if config.engine != "auto":
+            raise EngineError(MSG_UNGUARDED.format(path=script))
+        log.warning(MSG_UNGUARDED_SERIAL.format(path=script))
+        return SerialEngine()
     if kind == "ray":
         return RayEngine(config.num_workers, config.retries, config.ray_address, config.task_cpus, config.task_gpus)
     if kind == "local" and config.num_workers > 1:
         return LocalEngine(config.num_workers, config.retries, config.start_method, preload)
     return SerialEngine()
+
+
+def unguarded_script() -> str | None:
+    """The path of the running ``__main__`` script when a local pool's workers would import it and it
+    has no top-level ``if __name__ == "__main__":`` test (they would run its calls again); else None
+    (no file, a package's ``__main__`` run with ``-m``, which multiprocessing does not import, a
+    guarded or unreadable source)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
+        return None
+    path = getattr(spec, "origin", None) if spec is not None else getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return None if any(isinstance(node, ast.If) and _is_main_test(node.test) for node in tree.body) else path
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either side)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
 
 
 def interactive_class(objects: Sequence[Any]) -> tuple[str, str] | None:

@@ -974,9 +974,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> tup
     # symbolic_trace shares submodules with ``model``: copy so eval() and folding leave it alone.
     gm = copy.deepcopy(trace(model, example=example)).eval()  # the example: torch.export, where fx fails
     if example is not None:
-        try:  # the model's own warnings come from the run that checks it on the data (model_output)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
                 _OutputShapes(gm).run(example)
         except Exception as err:  # shapes stay unknown: every pair folds as without an example
             log.debug("shape propagation for BatchNorm folding failed: %s", err)
@@ -1057,9 +1056,8 @@ def layer_batch_dims(model: nn.Module, example: torch.Tensor, names: list[str]) 
     hooks = [modules[n].register_forward_hook(
         lambda mod, inputs, output, n=n: shapes[n].append(tuple(inputs[0].shape))) for n in names]
     one = example[:1]
-    try:  # a probe: the model's own warnings come from the run that checks it on the data (model_output)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    try:
+        with torch.no_grad():
             for b in (2, 3):
                 run_model(model, one.expand(b, *one.shape[1:]).contiguous())
     except Exception as err:  # noqa: BLE001 (a model tied to one batch size: dim 0 as before)

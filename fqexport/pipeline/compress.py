@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import logging
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -466,19 +464,10 @@ def _check_computed_ids(gm: torch.fx.GraphModule, names: list[str], data: GroupD
 
 
 MSG_ONE_TENSOR = (
-    " fqexport feeds the model one tensor, a batch of the data's 'x': if its forward takes a dict, several "
-    "tensors or keyword inputs, wrap it in a module whose forward(self, x) builds them from that tensor "
+    " If the model's forward takes a dict, several tensors or keyword inputs: fqexport feeds it one tensor, a "
+    "batch of the data's 'x'; wrap it in a module whose forward(self, x) builds them from that tensor "
     "(docs/your-own-model.md, 'Several inputs')"
 )
-
-
-def _takes_keywords(model: nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``**kwargs`` (inputs fqexport never gives)."""
-    try:
-        params = inspect.signature(unwrap_model(model).forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
@@ -488,10 +477,7 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
     x = example_batch(data)
     static = getattr(model, "meta", {}).get(STATIC_BATCH_KEY) if isinstance(model, torch.fx.GraphModule) else None
     try:
-        # torch's warnings about how a failing forward indexed the tensor (batch["image"]) would
-        # come before the error that says what to do: kept back, and given only when it runs
-        with torch.no_grad(), warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
+        with torch.no_grad():
             out = run_model(model, x)
             if static is not None and x.shape[0] > 1:
                 run_model(model, x[:1])  # a program fixed at batch 2 runs the two samples, then fails later
@@ -501,13 +487,12 @@ def model_output(model: nn.Module, data: GroupData | DataStream) -> Any:
                if not x.is_floating_point() else "")
         if static is not None:
             raise ModelLoadError(f"{static} ({type(err).__name__}: {err})") from err
-        shape = f"field 'x' with sample shape {data.sample_shape}{shape_origin_note(data)}"
-        if isinstance(err, (KeyError, IndexError, TypeError)) or _takes_keywords(model):  # the forward's inputs, not x's shape?
-            raise DataError(f"{data.source}: the model does not run on a batch of its {shape} "
-                            f"({type(err).__name__}: {err}).{ids}{MSG_ONE_TENSOR}") from err
-        raise DataError(f"{data.source}: {shape} does not fit the model ({type(err).__name__}: {err}).{ids}") from err
-    for w in said:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        # an indexing error (batch["image"], kwargs["meta"]): maybe not x's shape but the forward's inputs
+        hint = MSG_ONE_TENSOR if isinstance(err, (KeyError, IndexError, TypeError)) else ""
+        raise DataError(
+            f"{data.source}: field 'x' with sample shape {data.sample_shape}{shape_origin_note(data)} does not fit "
+            f"the model ({type(err).__name__}: {err}).{ids}{hint}"
+        ) from err
     if is_head_maps(out, tuple(x.shape[2:])):
         maps = leaves(out)
         raise ModelLoadError(MSG_HEAD_MAPS.format(n=len(maps), shapes=", ".join(str(list(t.shape)) for t in maps)))

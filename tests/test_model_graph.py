@@ -764,3 +764,23 @@ def test_a_model_with_a_meta_branch_compresses_and_exports_with_its_outputs(tmp_
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+class _MetaAfterSplit(ImageAndMetadata):
+    """The metadata branch behind C2f's ``list(x.split(...))``: torch.fx fails, torch.export traces."""
+
+    def forward(self, x):
+        img = x[:, :192].reshape(-1, 3, 8, 8) - self.graph
+        a, b = list(torch.relu(self.conv(img)).split((4, 4), 1))
+        return self.code(torch.cat([torch.cat([a, b], 1).mean((2, 3)), torch.relu(self.meta(x[:, 192:]))], 1))
+
+
+def test_names_graphmodule_keeps_are_moved_on_the_torch_export_path_too(caplog):
+    """Survey 91: the torch.export fallback rebuilt the module with `meta` and failed, advising a
+    .pt2, which was refused for the same name."""
+    torch.manual_seed(0)
+    model, x = _MetaAfterSplit().eval(), torch.randn(5, 196)
+    with caplog.at_level("WARNING"):
+        prepared = prepare_model(model, example=x)
+    assert sorted(prepared.names) == ["code_.0", "conv", "meta_"] and "traced as" in caplog.text
+    torch.testing.assert_close(prepared.folded(x), model(x))

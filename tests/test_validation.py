@@ -920,3 +920,26 @@ def test_macs_a_dynamic_batch_hides_are_counted_at_batch_1_with_every_token(tmp_
     tokens = 16  # q/k/v in_proj, out_proj, the two feed-forward Linears over every token; the head on one
     assert res.macs == tokens * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32) + 32 * 3
     assert res.bops == pytest.approx(32 * 32 * res.macs)
+
+
+def test_a_sequence_first_dynamic_time_axis_is_not_pinned_as_the_batch(tmp_path):
+    """Survey 91: pinning every input's first dim gave a sequence-first LSTM one time step's MACs
+    (its steps are unknown: n/a is the honest figure)."""
+    from fqexport.validation.resources import from_graph
+
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = torch.nn.LSTM(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):  # [T, B, 8]
+            return self.fc(self.rnn(x)[0][-1])
+
+    torch.manual_seed(0)
+    path = tmp_path / "lstm.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SequenceFirst().eval(), (torch.randn(5, 1, 8),), str(path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "time"}}, dynamo=False, opset_version=17)
+    res = from_graph(onnx.load(str(path)))
+    assert res.macs is None and res.params == 4 * 16 * (8 + 16) + 16 * 4  # W, R and the head (weights only)

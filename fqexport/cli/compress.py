@@ -71,8 +71,8 @@ def run_compress(args: argparse.Namespace) -> int:
               + ", ".join(cm.metadata.float_ops))
     written = read_metadata(result.path)
     stored = from_metadata(written)  # the codes at their containers' width, as validate counts them
-    wider = (f"; {stored.avg_weight_bits:.2f} as the file stores the codes (e.g. 3-bit codes in INT4), what validate "
-             "reports" if stored is not None and abs(stored.avg_weight_bits - cm.avg_weight_bits) >= 0.005 else "")
+    wider = (f"; {stored.avg_weight_bits:.2f} at the width of the containers the file stores the codes in, what "
+             "validate reports" if stored is not None and abs(stored.avg_weight_bits - cm.avg_weight_bits) >= 0.005 else "")
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
           f"weights quantized{wider}); wrote {result.path} ({size_text(result.size_bytes)}, opset {result.opset})")
     if reference is not None:

@@ -29,7 +29,7 @@ from fqexport.graph.exported_program import (
     pt2_unsafe_reason,
 )
 from fqexport.graph.prepare import unwrap_model
-from fqexport.graph.targets import reserved_names
+from fqexport.graph.targets import free_program_names, reserved_names
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
         raise ModelLoadError(f"{path}: cannot load torch.export program: {_clean(err)}") from err
     try:
         with _quiet_torch():
+            free_program_names(program)  # a top-level `meta` or `graph`: renamed, as a traced model's
             model = program.module()
     except Exception as err:
         kept = reserved_names(list(program.state_dict) + list(program.constants))

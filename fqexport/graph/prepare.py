@@ -45,7 +45,7 @@ from fqexport.graph.lift import (
     lift_weight_calls,
     parameter_weight_leaves,
 )
-from fqexport.graph.targets import graph_module
+from fqexport.graph.targets import free_program_names, graph_module
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +420,7 @@ def _exported(model: nn.Module, example: torch.Tensor, fx_error: str) -> torch.f
         with GLOBAL_STATE_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+            free_program_names(program)  # a top-level `meta` or `graph`: renamed, as the fx path does
             gm = program.module()
     except Exception as err:  # noqa: BLE001 (export fails in many ways; both reasons go to the user)
         raise ModelLoadError(MSG_TRACE_BOTH.format(err=fx_error, export_err=f"{type(err).__name__}: "

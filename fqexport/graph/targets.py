@@ -93,3 +93,32 @@ def graph_module(source: nn.Module, graph: torch.fx.Graph, class_name: str,
     gm = torch.fx.GraphModule(root, graph, class_name)
     gm.training = source.training  # a dict root leaves a GraphModule in train mode
     return gm
+
+
+def free_program_names(program: Any) -> dict[str, str]:
+    """Rename, in place, the top-level names of a ``torch.export`` program's parameters, buffers and
+    constants that a GraphModule keeps for itself (``meta`` → ``meta_``, warned as
+    :func:`graph_module` does), so that ``program.module()`` can hold them; the renames made."""
+    specs = [*program.graph_signature.input_specs, *program.graph_signature.output_specs]
+    targets = [str(s.target) for s in specs if getattr(s, "target", None)]
+    kept = reserved_names(targets)
+    if not kept:
+        return {}
+    taken = {t.partition(".")[0] for t in targets} - set(kept)
+    moved: dict[str, str] = {}
+    for top in kept:
+        moved[top] = _free_name(top + "_", taken)
+        taken.add(moved[top])
+
+    def rename(target: str) -> str:
+        top, dot, rest = target.partition(".")
+        return moved.get(top, top) + dot + rest
+
+    for spec in specs:
+        if getattr(spec, "target", None):
+            spec.target = rename(str(spec.target))
+    program._state_dict = {rename(k): v for k, v in program.state_dict.items()}
+    program._constants = {rename(k): v for k, v in program.constants.items()}
+    log.warning(MSG_RESERVED.format(names=", ".join(repr(t) for t in moved),
+                                    new=", ".join(repr(n) for n in moved.values())))
+    return moved

@@ -118,14 +118,17 @@ def _inferred_shapes(model):
 
 
 def _batch_pinned(model):
-    """A copy of ``model`` whose inputs' symbolic first dim (the batch) is 1; None when no input has
-    one. Shape inference then resolves the reshapes a dynamic batch leaves unknown (a torch.onnx
+    """A copy of ``model`` whose inputs' symbolic first dim (the batch) is 1; None unless every input
+    and output starts with the same named dim. Shape inference then resolves the reshapes a dynamic batch leaves unknown (a torch.onnx
     transformer's attention: every MatMul output ``[unk, unk, C]``), and MACs are per sample anyway."""
     inits = {t.name for t in model.graph.initializer}
-    pinned = [i for i in model.graph.input if i.name not in inits and i.type.tensor_type.shape.dim
-              and not i.type.tensor_type.shape.dim[0].HasField("dim_value")]
-    if not pinned:
+    # the batch: a first dim named alike in every input and output (a sequence-first input's time
+    # axis, [T, B, F] → [B, C], is not pinned: its MACs stay unknown rather than one step's)
+    firsts = [vi.type.tensor_type.shape.dim[0].dim_param if vi.type.tensor_type.shape.dim else ""
+              for vi in (*(i for i in model.graph.input if i.name not in inits), *model.graph.output)]
+    if not firsts or not firsts[0] or len(set(firsts)) != 1:
         return None
+    pinned = [i for i in model.graph.input if i.name not in inits]
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     names = {i.name for i in pinned}

@@ -7,7 +7,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
@@ -238,6 +238,23 @@ def _check_keep_float(patterns: object) -> tuple:
     return tuple(out)
 
 
+MSG_QUANT_ONLY_WITH = (
+    "QuantConfig.{field}={value!r} is only used with {key}={wanted!r} (got {key}={got!r}), so it would be "
+    "ignored: set {key}={wanted!r}, or leave {field} at its default ({default!r})"
+)
+
+
+def _refuse_ignored(spec: Any, fields: Sequence[str], key: str, wanted: str) -> None:
+    """A ConfigError (:data:`MSG_QUANT_ONLY_WITH`) for the first of ``fields`` that ``spec`` sets away
+    from its default while ``spec.key`` is not ``wanted``: the CLI refuses such a flag, and the
+    file's ``settings`` would record an option that decided nothing."""
+    for name in fields:
+        default = spec.__dataclass_fields__[name].default
+        if getattr(spec, name) != default:
+            raise ConfigError(MSG_QUANT_ONLY_WITH.format(field=name, value=getattr(spec, name), key=key, wanted=wanted,
+                                                         got=getattr(spec, key), default=default))
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     """How the weights are quantized, and which weight layers are: see :class:`QuantConfig`."""
@@ -280,6 +297,8 @@ class WeightSpec:
         if self.keep_float is None:
             raise ConfigError(MSG_TYPE.format(where="keep_float", value=None, kind="a pattern or a tuple of them"))
         object.__setattr__(self, "keep_float", _check_keep_float(self.keep_float))
+        if self.method == "rtn":  # the solver's options, set away from their defaults, would be ignored
+            _refuse_ignored(self, ("order", "damp", "solver_target", "block_size"), "method", "solver")
 
     @property
     def skip_unsupported(self) -> bool:
@@ -322,6 +341,8 @@ class ActivationSpec:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
         check_seed(self.seed)
         _set(self, seed=int(self.seed))
+        if self.calibration != "percentile":
+            _refuse_ignored(self, ("percentile",), "calibration", "percentile")
         gw = self.group_weights
         if gw is not None and gw != "samples":
             if not isinstance(gw, Mapping) or not gw:

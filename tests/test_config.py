@@ -148,7 +148,7 @@ def test_numpy_numbers_are_stored_as_python_numbers_and_the_settings_are_json():
     import json
 
     c = QuantConfig(seed=np.int64(1), damp=np.float32(0.02), block_size=np.int64(64), num_calib=np.int32(100),
-                    percentile=np.float64(99.9), weight_bits=np.int64(4), layer_bits={"fc": np.int8(8)},
+                    calibration="percentile", percentile=np.float64(99.9), weight_bits=np.int64(4), layer_bits={"fc": np.int8(8)},
                     group_weights={"a": np.float32(2)}, max_activation_memory_mb=np.float64(10))
     d = json.loads(json.dumps(c.to_dict()))
     assert (d["seed"], d["block_size"], d["weight_bits"], d["layer_bits"], d["group_weights"]) == (1, 64, 4, {"fc": 8},
@@ -266,3 +266,23 @@ def test_finetune_and_search_configs_hold_plain_checked_values_as_quantconfig_do
     assert type(MixedPrecisionConfig(budget_bytes=np.int64(5000)).budget_bytes) is int
     assert MixedPrecisionConfig(budget_bits=3, cache_path=Path("s.json")) == MixedPrecisionConfig(budget_bits=3,
                                                                                                   cache_path="s.json")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "rtn", "damp": 0.5}, "QuantConfig.damp=0.5 is only used with method='solver' (got method='rtn')"),
+    ({"method": "rtn", "order": "obs"}, "QuantConfig.order='obs' is only used with method='solver'"),
+    ({"method": "rtn", "solver_target": "layer"}, "QuantConfig.solver_target='layer' is only used with method='solver'"),
+    ({"method": "rtn", "block_size": 8}, "QuantConfig.block_size=8 is only used with method='solver'"),
+    ({"percentile": 99.0}, "QuantConfig.percentile=99.0 is only used with calibration='percentile' (got "
+                           "calibration='minmax')"),
+])
+def test_an_option_the_config_would_ignore_is_refused_as_the_cli_refuses_its_flag(kwargs, message):
+    """Survey 83: QuantConfig took them silently, and the file's settings recorded e.g. percentile=99
+    beside calibration='minmax' as if it had decided the file."""
+    with pytest.raises(ConfigError) as info:
+        QuantConfig(**kwargs)
+    assert str(info.value).startswith(message)
+    QuantConfig(method="rtn", damp=0.01, percentile=99.99)  # at their defaults: nothing ignored
+    QuantConfig(method="solver", damp=0.5, calibration="percentile", percentile=99.0)
+    with pytest.raises(ConfigError, match="damp=0.05 is only used with method='solver'"):
+        dataclasses.replace(QuantConfig(damp=0.05), method="rtn")

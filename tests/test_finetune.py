@@ -724,3 +724,21 @@ def test_the_progress_bar_shows_the_highest_group_losses_when_there_are_many_gro
     assert _loss_postfix(("a", "b"), torch.tensor([0.1, float("nan")])) == {"a": "0.100", "b": "nan"}
     shown = _loss_postfix(tuple("abcdef"), torch.tensor([0.1, 0.5, float("nan"), 0.3, 0.9, 0.2]))
     assert shown == {"e": "0.900", "b": "0.500", "d": "0.300", "f": "0.200", "+2 groups": "lower"}
+
+
+def test_a_width_re_quantized_far_below_the_trained_model_is_warned_about(caplog):
+    """Survey 93: --export-bits 2 from a W3 run wrote a collapsed file (hold-out worst group 24 %
+    against 80 %), exit 0, no word."""
+    from fqexport.finetune.api import _warn_worse_width
+
+    trained = {"a": {"accuracy": 0.90, "count": 10}, "b": {"accuracy": 0.80, "count": 5}, "c": {"accuracy": 0.0, "count": 0}}
+    with caplog.at_level("WARNING"):
+        _warn_worse_width(2, {"holdout_after": {"a": {"accuracy": 0.5, "count": 10}, "b": {"accuracy": 0.24, "count": 5}},
+                              "holdout_after_training": trained}, "accuracy")
+    assert ("W2, re-quantized from the trained weights (no training at 2 bits), measures its held-out worst-group "
+            "accuracy at 24.00 % against 80.00 % for the trained model: fine-tune at 2 bits") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # within 5 points: nothing to say
+        _warn_worse_width(8, {"holdout_after": {"a": {"accuracy": 0.9, "count": 10}, "b": {"accuracy": 0.78, "count": 5}},
+                              "holdout_after_training": trained}, "accuracy")
+    assert caplog.text == ""

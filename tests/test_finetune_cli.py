@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -154,6 +156,10 @@ def test_export_bits_writes_one_file_per_width_from_one_run(mlp_files, tmp_path)
     # one run: both files carry the same fine-tuning record (same kept epoch, same steps)
     assert metas[3].finetune["steps"] == metas[8].finetune["steps"] > 0
     assert metas[3].finetune["history"] == metas[8].finetune["history"]
+    # each width's own hold-out worst group, as its metadata records it (survey 93: a collapsed W2 read fine)
+    for b, meta in metas.items():
+        worst = min(r["accuracy"] for r in meta.finetune["holdout_after"].values() if r["count"])
+        assert re.search(rf"\n{b}\s+\S+m\.w{b}\.onnx\s+[0-9.]+\s+[0-9.]+\s+{100 * worst:.2f}\s", stdout), stdout
 
 
 def test_export_bits_collision_is_caught_before_compute(mlp_files, tmp_path):

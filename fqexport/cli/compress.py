@@ -20,6 +20,7 @@ from fqexport.config import QuantConfig
 from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
+from fqexport.finetune.api import worst_of
 from fqexport.graph.loading import load_model
 from fqexport.graph.prepare import UNSUPPORTED
 from fqexport.pipeline.compress import compress
@@ -117,10 +118,14 @@ def _export_widths(args: argparse.Namespace, models: dict, paths: dict) -> int:
     for b, m in models.items():
         result = export_qdq(m, paths[b])
         exports[b] = result.to_dict()
+        worst = worst_of((m.metadata.finetune or {}).get("holdout_after"), m.task.search_metric)
         rows.append({"bits": b, "file": str(result.path), "MB": f"{result.size_bytes / 1e6:.3f}",
-                     "avg weight bits": f"{m.avg_weight_bits:.2f}", f"ORT {m.task.agreement_name}": f"{result.agreement:.2%}",
+                     "avg weight bits": f"{m.avg_weight_bits:.2f}",
+                     f"hold-out worst-group {m.task.search_metric} %": "-" if worst is None else f"{100 * worst:.2f}",
+                     f"ORT {m.task.agreement_name}": f"{result.agreement:.2%}",
                      f"max |{m.task.diff_name}|": f"{result.max_abs_diff:.4g}"})
-    print("exported widths (re-quantized from the fine-tuned latent weights; ORT vs fake-quant reference "
+    print("exported widths (a layer trained at the width keeps its codes, the others' trained weights are "
+          "re-quantized at it without training; hold-out: fine-tuning's split; ORT vs the fake-quant reference "
           "on the calibration samples):")
     print_table(rows, list(rows[0].keys()))
     if args.report:

@@ -22,6 +22,7 @@ The loop is ``fqexport.finetune.loop``; learnable widths (BAQ) ``fqexport.finetu
 
 from __future__ import annotations
 
+import logging
 import numbers
 from dataclasses import replace
 from typing import Any
@@ -38,6 +39,8 @@ from fqexport.finetune.qat import write_back
 from fqexport.global_state import one_at_a_time
 from fqexport.metadata import layer_records
 from fqexport.model import CompressedModel
+
+log = logging.getLogger(__name__)
 
 MSG_WIDTH = "finetune_widths: width {value!r} is not supported: give integers from 2 to 8, e.g. (3, 4, 8)"
 
@@ -77,6 +80,16 @@ def finetune(
     check_argument(config, FinetuneConfig, "finetune: config", "; e.g. FinetuneConfig(epochs=2)")
     check_argument(quant_config, QuantConfig, "finetune: quant_config")
     return train_student(model_or_cm, train, config, calib, quant_config, progress).result
+
+
+# A width re-quantized from the trained weights whose held-out worst group measures this many points
+# below the trained model's is warned about (a W3-trained model at W2: 24 % against 80 %)
+WORSE_WIDTH_POINTS = 5.0
+MSG_WORSE_WIDTH = (
+    "W{bits}, re-quantized from the trained weights (no training at {bits} bits), measures its held-out "
+    "worst-group {metric} at {mine:.2f} % against {trained:.2f} % for the trained model: fine-tune at {bits} bits "
+    "(CLI: --weight-bits {bits} --finetune) rather than ship this file"
+)
 
 
 @one_at_a_time
@@ -134,5 +147,21 @@ def _at_width(trained: Trained, bits: int) -> CompressedModel:
     if trained.holdout is not None:  # this width's own held-out figures; the trained model's kept beside them
         record["holdout_after_training"] = record.get("holdout_after")
         record["holdout_after"] = per_group(trained.holdout.metrics_of(out))
+        _warn_worse_width(bits, record, out.task.search_metric)
     out.metadata = replace(meta, finetune=record)
     return out
+
+
+def worst_of(by_group: dict[str, dict[str, float]] | None, metric: str) -> float | None:
+    """The lowest ``metric`` over the groups with samples of a record's per-group figures."""
+    values = [r[metric] for r in (by_group or {}).values() if r.get("count", 0) > 0 and metric in r]
+    return min(values) if values else None
+
+
+def _warn_worse_width(bits: int, record: dict[str, Any], metric: str) -> None:
+    """Say when ``bits``' re-quantized model measures its held-out worst group more than
+    :data:`WORSE_WIDTH_POINTS` below the trained model (:data:`MSG_WORSE_WIDTH`): re-quantizing
+    trained weights to a narrower grid (no training there) can collapse a model."""
+    mine, trained = worst_of(record.get("holdout_after"), metric), worst_of(record.get("holdout_after_training"), metric)
+    if mine is not None and trained is not None and 100 * (trained - mine) > WORSE_WIDTH_POINTS:
+        log.warning(MSG_WORSE_WIDTH.format(bits=bits, metric=metric, mine=100 * mine, trained=100 * trained))

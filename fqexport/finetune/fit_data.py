@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 MIN_HOLDOUT_PER_GROUP = 10
 MSG_THIN_HOLDOUT = (
     "{source}: the fine-tuning hold-out holds {counts} sample(s) of group(s) {groups} (fewer than {min}): the "
-    "checkpoint kept by the worst group's held-out loss rests on so few (none: it does not see the group); give "
-    "more training samples of them or a larger holdout_fraction"
+    "checkpoint kept by the worst group's held-out loss rests on so few (a group with none is not seen at all); "
+    "give more training samples of them (API: or a larger FinetuneConfig.holdout_fraction)"
 )
 
 

@@ -117,16 +117,27 @@ def _inferred_shapes(model):
         return model
 
 
+def _graph_batch(model) -> int | str | None:
+    """The batch as every non-initializer input and every output starts with it: a fixed size
+    (``torch.onnx``'s default export: 2), a dim's name, or None (no common first dim: a sequence-first
+    input's time axis, ``[T, B, F] → [B, C]``, is no batch)."""
+    inits = {t.name for t in model.graph.initializer}
+    firsts = set()
+    for vi in (*(i for i in model.graph.input if i.name not in inits), *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims:
+            return None
+        firsts.add(dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param)
+    first = firsts.pop() if len(firsts) == 1 else None
+    return first if first not in ("", 0) else None
+
+
 def _batch_pinned(model):
     """A copy of ``model`` whose inputs' symbolic first dim (the batch) is 1; None unless every input
     and output starts with the same named dim. Shape inference then resolves the reshapes a dynamic batch leaves unknown (a torch.onnx
     transformer's attention: every MatMul output ``[unk, unk, C]``), and MACs are per sample anyway."""
     inits = {t.name for t in model.graph.initializer}
-    # the batch: a first dim named alike in every input and output (a sequence-first input's time
-    # axis, [T, B, F] → [B, C], is not pinned: its MACs stay unknown rather than one step's)
-    firsts = [vi.type.tensor_type.shape.dim[0].dim_param if vi.type.tensor_type.shape.dim else ""
-              for vi in (*(i for i in model.graph.input if i.name not in inits), *model.graph.output)]
-    if not firsts or not firsts[0] or len(set(firsts)) != 1:
+    if not isinstance(_graph_batch(model), str):  # a named batch (a time axis is not pinned: MACs unknown, not one step's)
         return None
     pinned = [i for i in model.graph.input if i.name not in inits]
     copy = onnx.ModelProto()
@@ -144,6 +155,9 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     """Estimate from a loaded ``onnx.ModelProto`` (shapes from ONNX shape inference; ``macs=False``:
     weights only, no inference, MACs and BOPs unknown). MACs that a dynamic batch leaves unknown are
     inferred again with the batch pinned to 1 (:func:`_batch_pinned`)."""
+    batch = _graph_batch(model) if macs else None
+    if isinstance(batch, int):  # a fixed batch: every op's whole output over it (a sequence-first MatMul inside)
+        return _from_graph(model, _inferred_shapes(model), per_batch=batch)
     res = _from_graph(model, _inferred_shapes(model) if macs else None)
     if macs and res.macs is None and res.params and (pinned := _batch_pinned(model)) is not None:
         try:  # data propagation: a Reshape to a shape the graph computes (Shape → Gather → Concat) is resolved
@@ -151,16 +165,18 @@ def from_graph(model, *, macs: bool = True) -> Resources:
         except Exception as err:  # best effort, as _inferred_shapes
             log.info("shape inference with the batch pinned to 1 failed (%s); MACs unknown", err)
             return res
-        again = _from_graph(inferred, inferred, batch_one=True)
+        again = _from_graph(inferred, inferred, per_batch=1)
         if again.macs is not None:
             return again
     return res
 
 
-def _from_graph(model, inferred=None, *, batch_one: bool = False) -> Resources:
+def _from_graph(model, inferred=None, *, per_batch: int | None = None) -> Resources:
     """:func:`from_graph` of ``model`` on the shapes of ``inferred`` (None: weights only). With
-    ``batch_one`` (shapes inferred at batch 1) a weight op's MACs are its whole output's: a
-    sequence-first ``[T, 1, E]`` MatMul or a Gemm over ``[T, E]`` token rows counts every token."""
+    ``per_batch`` (the graph's batch: 1 when inferred pinned, or a fixed one) a weight op's MACs are
+    its whole output's over it: a sequence-first ``[T, B, E]`` MatMul or a Gemm over ``[T·B, E]``
+    token rows counts every token; without, an op's first dim is taken as the batch."""
+    batch_one = per_batch is not None
     macs = inferred is not None
     g = (inferred or model).graph
     inits = {t.name: t for t in g.initializer}
@@ -259,7 +275,7 @@ def _from_graph(model, inferred=None, *, batch_one: bool = False) -> Resources:
             bit_params += bits * n_params
         out = shapes.get(node.output[0])
         if rule == "gemm" and batch_one and out and len(out) == 2 and out[0] is not None:  # rows · K·N
-            macs = int(out[0]) * int(np.prod(wshape))
+            macs = int(out[0]) * int(np.prod(wshape)) // per_batch
         elif rule == "gemm":  # A is [batch, K] by the op's definition: K·N per sample, whatever shape inference knows
             macs = int(np.prod(wshape))
         elif rule == "conv_transpose":  # every input pixel meets the whole kernel: H_in·W_in · Cin · Cout/g · kh · kw
@@ -272,7 +288,7 @@ def _from_graph(model, inferred=None, *, batch_one: bool = False) -> Resources:
             if not out or any(d is None for d in out[0 if batch_one else 1:]):
                 macs_known = False
                 continue
-            per_out = int(np.prod(out if batch_one else out[1:])) if len(out) > 1 else 1
+            per_out = (int(np.prod(out)) // per_batch if batch_one else int(np.prod(out[1:]))) if len(out) > 1 else 1
             k = int(np.prod(wshape[1:])) if rule == "conv" else (wshape[-2] if len(wshape) >= 2 else wshape[0])
             macs = per_out * k  # conv: Cin/groups · kh · kw per output value
         macs_total += macs

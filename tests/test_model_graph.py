@@ -784,3 +784,26 @@ def test_names_graphmodule_keeps_are_moved_on_the_torch_export_path_too(caplog):
         prepared = prepare_model(model, example=x)
     assert sorted(prepared.names) == ["code_.0", "conv", "meta_"] and "traced as" in caplog.text
     torch.testing.assert_close(prepared.folded(x), model(x))
+
+
+class _TiedAfterSplit(nn.Module):
+    """An Embedding tied to the head, traced by torch.export (fx fails on the split): both read one
+    weight there, as F.embedding and F.linear calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.proj, self.out = nn.Embedding(30, 16), nn.Linear(16, 16), nn.Linear(16, 30, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        a, b = list(self.emb(ids).split((8, 8), 2))
+        return self.out(self.proj(torch.cat([a, b], 2).mean(1)))
+
+
+def test_a_weight_tied_between_a_lookup_and_a_head_is_said_as_tied_not_as_called_twice():
+    """Survey 95: the reason read 'F.linear called 2 times in forward()' for a head called once."""
+    ids = torch.randint(0, 30, (4, 5))
+    floats = {f.name: f for f in prepare_model(_TiedAfterSplit().eval(), skip_unsupported=True, example=ids).float_layers}
+    (layer,) = floats.values()
+    assert layer.kind == "one weight tied between F.embedding and F.linear (2 calls in forward())"
+    assert layer.params == 30 * 16

@@ -238,6 +238,8 @@ def _check_keep_float(patterns: object) -> tuple:
     return tuple(out)
 
 
+# the options only method='solver' reads
+SOLVER_OPTIONS = ("order", "damp", "solver_target", "block_size")
 MSG_QUANT_ONLY_WITH = (
     "QuantConfig.{field}={value!r} is only used with {key}={wanted!r} (got {key}={got!r}), so it would be "
     "ignored: set {key}={wanted!r}, or leave {field} at its default ({default!r})"
@@ -298,7 +300,7 @@ class WeightSpec:
             raise ConfigError(MSG_TYPE.format(where="keep_float", value=None, kind="a pattern or a tuple of them"))
         object.__setattr__(self, "keep_float", _check_keep_float(self.keep_float))
         if self.method == "rtn":  # the solver's options, set away from their defaults, would be ignored
-            _refuse_ignored(self, ("order", "damp", "solver_target", "block_size"), "method", "solver")
+            _refuse_ignored(self, SOLVER_OPTIONS, "method", "solver")
 
     @property
     def skip_unsupported(self) -> bool:

@@ -259,6 +259,14 @@ def test_analyze_names_the_layers_a_variant_leaves_off_its_width(mlp_model, mlp_
     assert line.endswith("; not at W2A8's width: 1 weight layer(s) float ('fc2' [keep_float: fc2]); 'fc3' at 8 bits")
 
 
+def test_a_compress_config_with_solver_options_analyzes_at_rtn(mlp_model, mlp_data):
+    """Survey 94: QuantConfig refuses solver options with method='rtn', and analyze's default rtn
+    then refused the user's compress config (damp=0.05) that it ran before."""
+    report = analyze(mlp_model, mlp_data, bits=(4,), hessian_iters=0, max_samples_per_group=32,
+                     config=QuantConfig(damp=0.05, order="natural"))
+    assert list(report.variants) == ["float", "W4A8"] and report.settings["method"] == "rtn"
+
+
 class _TokenBag(nn.Module):
     """Embedding over int64 token ids, mean-pooled, then a Linear head."""
 

@@ -563,21 +563,28 @@ from fqexport.engine import make_engine
 {guard}
     with make_engine(EngineConfig(engine=sys.argv[1], workers=2)) as engine:
         print(type(engine).__name__)
-"""
+{after}"""
 
 
-@pytest.mark.parametrize("guard, engine, out, err", [
-    ("if True:", "auto", "SerialEngine", "has no `if __name__ == \"__main__\":` guard, and the local pool's worker "
-                                         "processes would run it again: the search runs serially"),
-    ("if True:", "local", "", "local engine: the script"),
-    ('if __name__ == "__main__":', "auto", "LocalEngine", ""),
-    ('if "__main__" == __name__:', "local", "LocalEngine", ""),
+@pytest.mark.parametrize("guard, after, engine, out, err", [
+    ("if True:", "", "auto", "SerialEngine", "has no `if __name__ == \"__main__\":` guard, and the local pool's "
+                                             "worker processes would run it again: the search runs serially"),
+    ("if True:", "", "local", "", "local engine: the script"),
+    # a guard below the call does not keep the workers from making it (survey 94)
+    ("if True:", 'if __name__ == "__main__":\n    pass\n', "local", "", "local engine: the script"),
+    ('if __name__ == "__main__":', "", "auto", "LocalEngine", ""),
+    ('if "__main__" == __name__:', "", "local", "LocalEngine", ""),
+    # other spellings of the guard (survey 94: refused a pool)
+    ('if __name__ == "__main__" and not sys.flags.quiet:', "", "local", "LocalEngine", ""),
+    ('if __name__ in ("__main__",):', "", "local", "LocalEngine", ""),
+    ('if False:\n    pass\nelif __name__ == "__main__":', "", "local", "LocalEngine", ""),
 ])
-def test_a_script_without_a_main_guard_gets_no_local_pool(tmp_path, guard, engine, out, err):
+def test_a_call_outside_the_main_guard_gets_no_local_pool(tmp_path, guard, after, engine, out, err):
     """A plain script calling the search without the guard: every local worker imported it (running
     its calls again, each starting a pool of its own) until the map failed; now ``auto`` runs
-    serially, said, and an explicit ``local`` is refused before any worker starts."""
-    (tmp_path / "main.py").write_text(ENGINE_OF.format(guard=guard))
+    serially, said, and an explicit ``local`` is refused before any worker starts. Where the call
+    runs decides (the script's top-level frame on the stack, against the guard's lines)."""
+    (tmp_path / "main.py").write_text(ENGINE_OF.format(guard=guard, after=after))
     proc = subprocess.run([sys.executable, "main.py", engine], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     assert proc.stdout.strip() == out

@@ -83,10 +83,12 @@ def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (),
 
 
 def unguarded_script() -> str | None:
-    """The path of the running ``__main__`` script when a local pool's workers would import it and it
-    has no top-level ``if __name__ == "__main__":`` test (they would run its calls again); else None
-    (no file, a package's ``__main__`` run with ``-m``, which multiprocessing does not import, a
-    guarded or unreadable source)."""
+    """The path of the running ``__main__`` script when the call that asks for a local pool runs at
+    its top level outside an ``if __name__ == "__main__":`` block: the pool's workers import the
+    script (Python's multiprocessing does) and would make that call again. None when it runs inside
+    such a block (or in a function called from it), when no top-level frame of the script is on
+    the stack (a thread), and for no file, a package's ``__main__`` run with ``-m`` (which
+    multiprocessing does not import) or an unreadable source."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
@@ -94,21 +96,32 @@ def unguarded_script() -> str | None:
     path = getattr(spec, "origin", None) if spec is not None else getattr(main, "__file__", None)
     if not path or not os.path.isfile(path):
         return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    if frame is None or os.path.abspath(frame.f_code.co_filename) != os.path.abspath(path):
+        return None
     try:
         with open(path, "rb") as f:
             tree = ast.parse(f.read(), filename=path)
     except (OSError, SyntaxError, ValueError):
         return None
-    return None if any(isinstance(node, ast.If) and _is_main_test(node.test) for node in tree.body) else path
+    line = frame.f_lineno
+    guards = [node for node in ast.walk(tree) if isinstance(node, ast.If) and _tests_main(node.test)]
+    inside = any(node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.body[-1].lineno) for node in guards)
+    return None if inside else path
 
 
-def _is_main_test(test: ast.expr) -> bool:
-    """``__name__ == "__main__"`` (either side)."""
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
-        return False
-    sides = [test.left, test.comparators[0]]
-    return (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
-            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
+def _tests_main(test: ast.expr) -> bool:
+    """Whether an ``if`` test compares ``__name__`` with ``"__main__"`` (``==``, ``in (...)``, within
+    an ``and``)."""
+    for node in ast.walk(test):
+        if isinstance(node, ast.Compare):
+            parts = [node.left, *node.comparators]
+            names = any(isinstance(x, ast.Name) and x.id == "__name__" for x in parts)
+            if names and any(isinstance(c, ast.Constant) and c.value == "__main__" for x in parts for c in ast.walk(x)):
+                return True
+    return False
 
 
 def interactive_class(objects: Sequence[Any]) -> tuple[str, str] | None:

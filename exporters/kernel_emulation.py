@@ -824,11 +824,13 @@ class EmulatedSession:
         U8U8 files: MLAS widens both to 16 bits on AVX2). u8×u8 products and their sums fit int32
         on every kernel family, so its result is the same on each."""
         kernel = _kernel(node)
-        if kernel is None or kernel.act_zp is None:
+        if kernel is None:
             return False
         weight = _input(node, kernel.weight) or ""
-        zps = [self.initializers.get(_input(node, i) or "") for i in (kernel.act_zp, kernel.weight_zp)]
         w = self.initializers.get(weight)
+        if kernel.act_zp is None:  # a float input the node quantizes to uint8 itself (DynamicQuantizeMatMul)
+            return w is not None and w.dtype == np.uint8
+        zps = [self.initializers.get(_input(node, i) or "") for i in (kernel.act_zp, kernel.weight_zp)]
         types = [self._types.get(node.input[0]),
                  self._types.get(weight) if w is None else helper.np_dtype_to_tensor_dtype(w.dtype)]
         return all((z is not None and z.dtype == np.uint8) or (z is None and t == onnx.TensorProto.UINT8)

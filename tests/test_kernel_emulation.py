@@ -392,7 +392,7 @@ def test_a_model_with_external_data_emulates_like_the_same_model_inline(exports,
                                       inline.run(None, {"input": data.x[:16]})[0])
 
 
-def _dynamic_mlp(tmp_path, rng) -> str:
+def _dynamic_mlp(tmp_path, rng, weight_type=QuantType.QInt8) -> str:
     """ORT quantize_dynamic of a float MLP (full-range int8 weights): DynamicQuantizeMatMul after fusion."""
     w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((10, 64)).astype(np.float32)
     graph = helper.make_graph(
@@ -404,7 +404,7 @@ def _dynamic_mlp(tmp_path, rng) -> str:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "float.onnx"))
-    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=weight_type)
     return str(tmp_path / "dynamic.onnx")
 
 
@@ -679,4 +679,19 @@ def test_uint8_weights_against_uint8_activations_are_exact_not_a_native_warning(
     assert "own kernels" not in caplog.text
     x = rng.uniform(0, 255 * SX, (4, 28)).astype(np.float32)
     native = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], native.run(None, {"x": x})[0])
+
+
+def test_a_dynamic_quantized_file_with_uint8_weights_is_exact_not_a_native_warning(tmp_path, caplog):
+    """Survey 94: DynamicQuantizeMatMul quantizes its input to uint8 itself; with QUInt8 weights its
+    sums are exact on every family, and it was warned about as left on this CPU's kernels."""
+    rng = np.random.default_rng(0)
+    path = _dynamic_mlp(tmp_path, rng, weight_type=QuantType.QUInt8)
+    with caplog.at_level("INFO", logger="fqexport.exporters.kernel_emulation"):
+        session = EmulatedSession(path, "x86-avx2")
+    assert session.native_nodes == [] and session.emulated_nodes == []
+    assert [n.split(":")[0] for n in session.exact_nodes] == ["DynamicQuantizeMatMul"] * 2
+    assert "own kernels" not in caplog.text
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    native = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], native.run(None, {"x": x})[0])

@@ -893,8 +893,9 @@ def test_a_uint8_table_gathered_then_dequantized_is_counted_as_8_bit_weights():
     assert res.avg_weight_bits == pytest.approx((8 * 50 * 32 + 32 * 32 * 4) / (50 * 32 + 32 * 4))
 
 
-@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "fixed-batch-2"])
-def test_macs_a_dynamic_batch_hides_are_counted_at_batch_1_with_every_token(tmp_path, dynamic):
+@pytest.mark.parametrize("axes", [{"x": {0: "n"}, "y": {0: "n"}}, {"x": [0], "y": [0]}, None],
+                         ids=["dynamic-batch", "list-form-axes", "fixed-batch-2"])
+def test_macs_a_dynamic_batch_hides_are_counted_at_batch_1_with_every_token(tmp_path, axes):
     """Survey 87: a torch.onnx export of a transformer with a dynamic batch read MACs n/a (shape
     inference left every MatMul [unk, unk, C]); at batch 1 the sequence-first in_proj and the Gemm
     over token rows count every token, as the hand count does."""
@@ -918,8 +919,7 @@ def test_macs_a_dynamic_batch_hides_are_counted_at_batch_1_with_every_token(tmp_
         # a fixed batch of 2 (torch.onnx's default) read 43 % low: the sequence-first in_proj counted
         # B·3E per sample, the out_proj Gemm over [T·B, E] rows one row (survey 92)
         torch.onnx.export(Tx().eval(), (torch.randint(0, 50, (2, 16)),), str(path), input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}} if dynamic else None,
-                          dynamo=False)
+                          output_names=["y"], dynamic_axes=axes, dynamo=False)  # list form: a name per tensor
     res = from_graph(onnx.load(str(path)))
     tokens = 16  # q/k/v in_proj, out_proj, the two feed-forward Linears over every token; the head on one
     assert res.macs == tokens * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32) + 32 * 3

@@ -122,14 +122,20 @@ def _graph_batch(model) -> int | str | None:
     (``torch.onnx``'s default export: 2), a dim's name, or None (no common first dim: a sequence-first
     input's time axis, ``[T, B, F] → [B, C]``, is no batch)."""
     inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
     firsts = set()
-    for vi in (*(i for i in model.graph.input if i.name not in inits), *model.graph.output):
+    for vi in (*inputs, *model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if not dims:
             return None
         firsts.add(dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param)
-    first = firsts.pop() if len(firsts) == 1 else None
-    return first if first not in ("", 0) else None
+    if len(firsts) == 1 and (first := firsts.pop()) not in ("", 0):
+        return first
+    # dims named per tensor (torch.onnx's list-form dynamic_axes: x_dynamic_axes_1, out_dynamic_axes_1):
+    # a batch when every first dim is symbolic and no input's second is (a [T, B, F] input's is)
+    symbolic = all(isinstance(f, str) for f in firsts)
+    second_fixed = all(len(d := i.type.tensor_type.shape.dim) < 2 or d[1].HasField("dim_value") for i in inputs)
+    return "batch" if firsts and symbolic and second_fixed else None
 
 
 def _batch_pinned(model):

@@ -795,6 +795,8 @@ class EmulatedSession:
         # natively and adds exactly on every family: native is every target's result
         u8u8 = {i for i, n in fused.items() if i not in u8s8 and self._u8u8(n)}
         self.exact_nodes += [f"{fused[i].op_type}:{fused[i].name}" for i in sorted(u8u8)]
+        # ConvInteger: MLAS's portable S8U8 GEMM on every x86 without AVX-VNNI-INT8 (above): listed as exact
+        self.exact_nodes += [f"{n.op_type}:{n.name}" for n in g.node if n.op_type == "ConvInteger"]
         self.native_nodes = [f"{n.op_type}:{n.name}" for i, n in enumerate(g.node)
                              if (i in fused and i not in u8s8 and i not in u8u8) or n.op_type in _OTHER_INTEGER_OPS]
         unmodelled = [n for n in g.node if n.op_type in _OTHER_INTEGER_OPS]

@@ -578,6 +578,11 @@ from fqexport.engine import make_engine
     ('if __name__ == "__main__" and not sys.flags.quiet:', "", "local", "LocalEngine", ""),
     ('if __name__ in ("__main__",):', "", "local", "LocalEngine", ""),
     ('if False:\n    pass\nelif __name__ == "__main__":', "", "local", "LocalEngine", ""),
+    # survey 96: the else of a negated test; a call exec'd or made from a thread at the top level
+    ('if __name__ != "__main__":\n    pass\nelse:', "", "local", "LocalEngine", ""),
+    ('exec("""if True:', '""")\n', "local", "", "local engine: the script"),
+    ("from concurrent.futures import ThreadPoolExecutor\ndef run():",
+     "ThreadPoolExecutor(1).submit(run).result()\n", "local", "", "local engine: the script"),
 ])
 def test_a_call_outside_the_main_guard_gets_no_local_pool(tmp_path, guard, after, engine, out, err):
     """A plain script calling the search without the guard: every local worker imported it (running

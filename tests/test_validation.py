@@ -926,7 +926,8 @@ def test_macs_a_dynamic_batch_hides_are_counted_at_batch_1_with_every_token(tmp_
     assert res.bops == pytest.approx(32 * 32 * res.macs)
 
 
-def test_a_sequence_first_dynamic_time_axis_is_not_pinned_as_the_batch(tmp_path):
+@pytest.mark.parametrize("axes", [{"x": {0: "time"}}, {"x": [0], "y": [0]}], ids=["time-axis", "list-form-axes"])
+def test_a_sequence_first_dynamic_time_axis_is_not_pinned_as_the_batch(tmp_path, axes):
     """Survey 91: pinning every input's first dim gave a sequence-first LSTM one time step's MACs
     (its steps are unknown: n/a is the honest figure)."""
     from fqexport.validation.resources import from_graph
@@ -944,6 +945,6 @@ def test_a_sequence_first_dynamic_time_axis_is_not_pinned_as_the_batch(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(SequenceFirst().eval(), (torch.randn(5, 1, 8),), str(path), input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "time"}}, dynamo=False, opset_version=17)
+                          output_names=["y"], dynamic_axes=axes, dynamo=False, opset_version=17)  # survey 96: list form
     res = from_graph(onnx.load(str(path)))
     assert res.macs is None and res.params == 4 * 16 * (8 + 16) + 16 * 4  # W, R and the head (weights only)

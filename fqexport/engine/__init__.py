@@ -10,6 +10,7 @@ import ast
 import logging
 import os
 import sys
+import threading
 from typing import Any, Sequence
 
 from fqexport.config import EngineConfig
@@ -96,10 +97,11 @@ def unguarded_script() -> str | None:
     path = getattr(spec, "origin", None) if spec is not None else getattr(main, "__file__", None)
     if not path or not os.path.isfile(path):
         return None
-    frame = sys._getframe(1)
-    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
-        frame = frame.f_back
-    if frame is None or os.path.abspath(frame.f_code.co_filename) != os.path.abspath(path):
+    frame = _script_frame(sys._getframe(1), path)
+    if frame is None:  # a thread's call: where the main thread runs the script
+        main_thread = sys._current_frames().get(threading.main_thread().ident)
+        frame = _script_frame(main_thread, path) if main_thread is not None else None
+    if frame is None:
         return None
     try:
         with open(path, "rb") as f:
@@ -107,14 +109,27 @@ def unguarded_script() -> str | None:
     except (OSError, SyntaxError, ValueError):
         return None
     line = frame.f_lineno
-    guards = [node for node in ast.walk(tree) if isinstance(node, ast.If) and _tests_main(node.test)]
-    inside = any(node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.body[-1].lineno) for node in guards)
+    blocks = [node.orelse if _negated(node.test) else node.body  # the lines that run as the script
+              for node in ast.walk(tree) if isinstance(node, ast.If) and _tests_main(node.test)]
+    inside = any(b and b[0].lineno <= line <= (b[-1].end_lineno or b[-1].lineno) for b in blocks)
     return None if inside else path
 
 
+def _script_frame(frame: Any, path: str) -> Any:
+    """The frame on ``frame``'s stack running the top level of the script at ``path`` (an ``exec``
+    of another source on the way is passed over), else None."""
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"
+                and os.path.abspath(code.co_filename) == os.path.abspath(path)):
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def _tests_main(test: ast.expr) -> bool:
-    """Whether an ``if`` test compares ``__name__`` with ``"__main__"`` (``==``, ``in (...)``, within
-    an ``and``)."""
+    """Whether an ``if`` test compares ``__name__`` with ``"__main__"`` (``==``, ``!=``, ``in (...)``,
+    within an ``and``)."""
     for node in ast.walk(test):
         if isinstance(node, ast.Compare):
             parts = [node.left, *node.comparators]
@@ -122,6 +137,11 @@ def _tests_main(test: ast.expr) -> bool:
             if names and any(isinstance(c, ast.Constant) and c.value == "__main__" for x in parts for c in ast.walk(x)):
                 return True
     return False
+
+
+def _negated(test: ast.expr) -> bool:
+    """``__name__ != "__main__"``: the script's own block is the ``else``."""
+    return isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], (ast.NotEq, ast.NotIn))
 
 
 def interactive_class(objects: Sequence[Any]) -> tuple[str, str] | None:

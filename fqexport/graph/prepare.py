@@ -577,7 +577,7 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
     tied = _tied_layers(gm, modules)
     dependent = input_dependent(gm, cuts=_reads_metadata_only)  # pos(arange(ids.shape[1])): the shape only
     calls = _call_counts(gm)
-    sites: dict[str, list[str]] = {}  # functional ops' call sites per float weight (F.linear(x, self.w) twice)
+    sites: dict[str, list[tuple[str, str]]] = {}  # per float layer: (op, weight read) of each call (F.linear(x, self.w) twice)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = modules.get(node.target)
@@ -621,7 +621,9 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
             operands = [*node.args[:2], *(node.kwargs[k] for k in ("input", "weight", "other") if k in node.kwargs)]
             if (layer := _float_weight_operand(gm, operands, f"F.{op}")) is not None:
                 out[layer.name] = layer
-                sites.setdefault(layer.name, []).append(f"F.{op}")
+                read = next((str(o.target) for o in operands if isinstance(o, torch.fx.Node) and o.op == "get_attr"),
+                            layer.name)
+                sites.setdefault(layer.name, []).append((f"F.{op}", read))
             elif op in _OPS_WITH_WEIGHT:  # a weight built from the input and parameters (CondConv)
                 weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 params = [(t, p) for t in dynamic_weight_params(weight)
@@ -630,12 +632,16 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
                     name = layer_owner(params[0][0])
                     out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
                                            sum(int(p.numel()) for _, p in params))
-    for name, ops in sites.items():  # called at several sites: said as of a module called twice
-        if len(set(ops)) > 1:  # a weight two kinds of op read: tied (an Embedding's table as the head's weight)
-            read = " and ".join(dict.fromkeys(ops))
-            out[name] = replace(out[name], kind=f"one weight tied between {read} ({len(ops)} calls in forward())")
-        elif len(ops) > 1 and " called " not in out[name].kind:
-            out[name] = replace(out[name], kind=f"{out[name].kind} called {len(ops)} times in forward()")
+    for name, calls in sites.items():  # called at several sites: said as of a module called twice
+        by_weight: dict[str, list[str]] = {}
+        for op, weight in calls:
+            by_weight.setdefault(weight, []).append(op)
+        tied = next((ops for ops in by_weight.values() if len(set(ops)) > 1), None)
+        if tied is not None:  # one weight two kinds of op read: tied (an Embedding's table as the head's weight)
+            read = " and ".join(dict.fromkeys(tied))
+            out[name] = replace(out[name], kind=f"one weight tied between {read} ({len(tied)} calls in forward())")
+        elif (n := max(len(ops) for ops in by_weight.values())) > 1 and " called " not in out[name].kind:
+            out[name] = replace(out[name], kind=f"{out[name].kind} called {n} times in forward()")
     for target, param in _tables_read_directly(gm, modules):
         if layer_owner(target) not in out and target not in out:
             out[target] = FloatLayer(target, f"Parameter {tuple(param.shape)}", int(param.numel()),

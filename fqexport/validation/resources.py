@@ -118,24 +118,25 @@ def _inferred_shapes(model):
 
 
 def _graph_batch(model) -> int | str | None:
-    """The batch as every non-initializer input and every output starts with it: a fixed size
-    (``torch.onnx``'s default export: 2), a dim's name, or None (no common first dim: a sequence-first
-    input's time axis, ``[T, B, F] → [B, C]``, is no batch)."""
+    """The graph's batch: a fixed size every non-initializer input and output starts with
+    (``torch.onnx``'s default export: 2), ``"batch"`` for a symbolic first dim of every input whose
+    second is a fixed size above 1, or None (a sequence-first input's time axis, ``[T, B, F]``, is no
+    batch: its second dim is symbolic or 1)."""
     inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    firsts = set()
-    for vi in (*inputs, *model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if not dims:
-            return None
-        firsts.add(dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param)
-    if len(firsts) == 1 and (first := firsts.pop()) not in ("", 0):
-        return first
-    # dims named per tensor (torch.onnx's list-form dynamic_axes: x_dynamic_axes_1, out_dynamic_axes_1):
-    # a batch when every first dim is symbolic and no input's second is (a [T, B, F] input's is)
-    symbolic = all(isinstance(f, str) for f in firsts)
-    second_fixed = all(len(d := i.type.tensor_type.shape.dim) < 2 or d[1].HasField("dim_value") for i in inputs)
-    return "batch" if firsts and symbolic and second_fixed else None
+    heads = [i.type.tensor_type.shape.dim for i in model.graph.input if i.name not in inits]
+    if not heads or not all(heads):
+        return None
+    outputs = [o.type.tensor_type.shape.dim for o in model.graph.output]
+    if all(outputs):  # a fixed batch: the one size every input and output starts with
+        firsts = {d[0].dim_value if d[0].HasField("dim_value") else None for d in (*heads, *outputs)}
+        if len(firsts) == 1 and isinstance(first := firsts.pop(), int) and first > 0:
+            return first
+    # a symbolic batch, named alike or per tensor (torch.onnx's list-form dynamic_axes), a time-major
+    # output too ([B, T, E] -> [T, B, C], CTC): every input's first dim symbolic, its second a fixed
+    # size above 1 (a sequence-first [T, B, F] input's second is symbolic or 1)
+    batch_first = all(len(d) >= 2 and not d[0].HasField("dim_value") and d[1].HasField("dim_value")
+                      and d[1].dim_value > 1 for d in heads)
+    return "batch" if batch_first else None
 
 
 def _batch_pinned(model):

@@ -318,6 +318,10 @@ class WeightSpec:
         return int(self.layer_bits.get(layer, self.weight_bits))
 
 
+# what ``method="rtn"`` leaves the solver's options at (a config made for the solver, reused for RTN)
+SOLVER_DEFAULTS = {name: WeightSpec.__dataclass_fields__[name].default for name in SOLVER_OPTIONS}
+
+
 @dataclass(frozen=True)
 class ActivationSpec:
     """The calibration data and the activation ranges observed on it: see :class:`QuantConfig`."""

@@ -59,9 +59,9 @@ def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (),
     ``preload``: modules of the task functions, imported once by the local pool's forkserver;
     ``sent``: the objects the tasks will carry (a model, a dataset): one of a class defined in an
     interactive ``__main__`` (:func:`interactive_class`) makes ``auto`` serial, said once, and
-    ``local`` / ``ray`` an EngineError, before any worker starts; so does a running script without
-    an ``if __name__ == "__main__":`` guard (:func:`unguarded_script`) for a local pool, whose
-    workers would run it again."""
+    ``local`` / ``ray`` an EngineError, before any worker starts; so does a call made at a script's
+    top level outside its ``if __name__ == "__main__":`` block (:func:`unguarded_script`) for a
+    local pool, whose workers would make it again."""
     config = config or EngineConfig()
     kind = config.kind
     found = interactive_class(sent) if kind in ("local", "ray") else None
@@ -86,10 +86,11 @@ def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (),
 def unguarded_script() -> str | None:
     """The path of the running ``__main__`` script when the call that asks for a local pool runs at
     its top level outside an ``if __name__ == "__main__":`` block: the pool's workers import the
-    script (Python's multiprocessing does) and would make that call again. None when it runs inside
-    such a block (or in a function called from it), when no top-level frame of the script is on
-    the stack (a thread), and for no file, a package's ``__main__`` run with ``-m`` (which
-    multiprocessing does not import) or an unreadable source."""
+    script (Python's multiprocessing does) and would make that call again (from a thread: where
+    the main thread runs the script). None when it runs inside such a block (or in a function
+    called from it), when no top-level frame of the script is on the stack, and for no file, a
+    package's ``__main__`` run with ``-m`` (which multiprocessing does not import) or an
+    unreadable source."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):

@@ -45,7 +45,7 @@ from fqexport.graph.lift import (
     lift_weight_calls,
     parameter_weight_leaves,
 )
-from fqexport.graph.targets import free_program_names, graph_module
+from fqexport.graph.targets import attribute, free_program_names, graph_module
 
 log = logging.getLogger(__name__)
 
@@ -627,7 +627,7 @@ def float_layers(gm: torch.fx.GraphModule) -> list[FloatLayer]:
             elif op in _OPS_WITH_WEIGHT:  # a weight built from the input and parameters (CondConv)
                 weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 params = [(t, p) for t in dynamic_weight_params(weight)
-                          if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+                          if isinstance(p := attribute(gm, t), torch.Tensor) and p.dim() >= 2]
                 if params:
                     name = layer_owner(params[0][0])
                     out[name] = FloatLayer(name, f"F.{op} with a weight computed from the input",
@@ -666,7 +666,7 @@ def _recurrent_op_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FloatL
         return None
     owners = {layer_owner(t) for t in params}
     name = owners.pop() if len(owners) == 1 else params[0]
-    weights = [p for t in params if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+    weights = [p for t in params if isinstance(p := attribute(gm, t), torch.Tensor) and p.dim() >= 2]
     return FloatLayer(name, kind, sum(int(p.numel()) for p in weights))
 
 
@@ -679,7 +679,7 @@ def _tables_read_directly(gm: torch.fx.GraphModule, modules: dict[str, nn.Module
     for node in gm.graph.nodes:
         if node.op != "get_attr" or str(node.target) in found:
             continue
-        param = _get_attr(gm, str(node.target))
+        param = attribute(gm, str(node.target))
         owner = str(node.target).rpartition(".")[0]
         if isinstance(param, nn.Parameter) and param.dim() >= 2 and owner not in called:
             found[str(node.target)] = param
@@ -720,7 +720,7 @@ def _float_weight_operand(gm: torch.fx.GraphModule, operands: list, op: str) -> 
     fetched or computed from parameters alone), named after its owner; None when no operand is."""
     for arg in operands:
         found = [(t, p) for t in parameter_weight_leaves(arg)
-                 if isinstance(p := _get_attr(gm, t), torch.Tensor) and p.dim() >= 2]
+                 if isinstance(p := attribute(gm, t), torch.Tensor) and p.dim() >= 2]
         if found:
             target, param = found[0]
             return FloatLayer(layer_owner(target), op, int(param.numel()))
@@ -772,13 +772,6 @@ def _refuse_or_warn(gm: torch.fx.GraphModule, floats: Sequence[FloatLayer], skip
     _warn_once(owner, MSG_FLOAT_LAYERS % (len(bad), fl, total, 100.0 * fl / max(total, 1), listing))
 
 
-def _get_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 _BN_SIGNATURE = inspect.signature(F.batch_norm)
 
 
@@ -806,7 +799,7 @@ def _batchnorm_params(gm: torch.fx.GraphModule, node: torch.fx.Node, modules: di
         if v is None and key in ("weight", "bias"):
             tensors.append(None)
         elif isinstance(v, torch.fx.Node) and v.op == "get_attr":
-            tensors.append(_get_attr(gm, str(v.target)))
+            tensors.append(attribute(gm, str(v.target)))
         else:
             return None
     return (*tensors, float(args["eps"]))

@@ -52,11 +52,29 @@ def attribute(root: Any, target: str) -> Any:
     return obj
 
 
-def _free_name(name: str, taken: set[str]) -> str:
-    """``name`` with ``_`` appended until it is neither reserved nor ``taken``."""
-    while name in _reserved() or name in taken:
-        name += "_"
-    return name
+def _moved_names(tops: set[str]) -> dict[str, str]:
+    """Each of the top-level names ``tops`` that a GraphModule keeps for itself -> the name it is
+    held under (``meta`` → ``meta_``, ``_`` appended until neither reserved nor another of
+    ``tops``), warned (:data:`MSG_RESERVED`); empty when none is."""
+    kept = reserved_names(list(tops))
+    moved: dict[str, str] = {}
+    taken = set(tops) - set(kept)
+    for top in kept:
+        name = top + "_"
+        while name in _reserved() or name in taken:
+            name += "_"
+        moved[top] = name
+        taken.add(name)
+    if moved:
+        log.warning(MSG_RESERVED.format(names=", ".join(repr(t) for t in moved),
+                                        new=", ".join(repr(n) for n in moved.values())))
+    return moved
+
+
+def _renamed(target: str, moved: dict[str, str]) -> str:
+    """``target`` with its top-level name as :func:`_moved_names` moved it."""
+    top, dot, rest = target.partition(".")
+    return moved.get(top, top) + dot + rest
 
 
 def graph_module(source: nn.Module, graph: torch.fx.Graph, class_name: str,
@@ -68,23 +86,13 @@ def graph_module(source: nn.Module, graph: torch.fx.Graph, class_name: str,
     name (``clash``, formatted with the ``name``)."""
     nodes = [n for n in graph.nodes if n.op in ("call_module", "get_attr")]
     wanted = {str(n.target): (rename or str)(str(n.target)) for n in nodes}
-    tops = {t.partition(".")[0] for t in wanted.values()}
-    kept = reserved_names(list(tops))
-    if not kept and rename is None:
+    moved = _moved_names({t.partition(".")[0] for t in wanted.values()})
+    if not moved and rename is None:
         return torch.fx.GraphModule(source, graph, class_name)
-    moved: dict[str, str] = {}
-    taken = tops - set(kept)
-    for top in kept:
-        moved[top] = _free_name(top + "_", taken)
-        taken.add(moved[top])
-    if moved:
-        log.warning(MSG_RESERVED.format(names=", ".join(repr(t) for t in moved),
-                                        new=", ".join(repr(n) for n in moved.values())))
     root: dict[str, Any] = {}
     for node in nodes:
         old = str(node.target)
-        top, dot, rest = wanted[old].partition(".")
-        new = moved.get(top, top) + dot + rest
+        new = _renamed(wanted[old], moved)
         obj = attribute(source, old)
         if new in root and root[new] is not obj:
             raise ModelLoadError(clash.format(name=new))
@@ -99,26 +107,12 @@ def free_program_names(program: Any) -> dict[str, str]:
     """Rename, in place, the top-level names of a ``torch.export`` program's parameters, buffers and
     constants that a GraphModule keeps for itself (``meta`` → ``meta_``, warned as
     :func:`graph_module` does), so that ``program.module()`` can hold them; the renames made."""
-    specs = [*program.graph_signature.input_specs, *program.graph_signature.output_specs]
-    targets = [str(s.target) for s in specs if getattr(s, "target", None)]
-    kept = reserved_names(targets)
-    if not kept:
-        return {}
-    taken = {t.partition(".")[0] for t in targets} - set(kept)
-    moved: dict[str, str] = {}
-    for top in kept:
-        moved[top] = _free_name(top + "_", taken)
-        taken.add(moved[top])
-
-    def rename(target: str) -> str:
-        top, dot, rest = target.partition(".")
-        return moved.get(top, top) + dot + rest
-
-    for spec in specs:
-        if getattr(spec, "target", None):
-            spec.target = rename(str(spec.target))
-    program._state_dict = {rename(k): v for k, v in program.state_dict.items()}
-    program._constants = {rename(k): v for k, v in program.constants.items()}
-    log.warning(MSG_RESERVED.format(names=", ".join(repr(t) for t in moved),
-                                    new=", ".join(repr(n) for n in moved.values())))
+    specs = [s for s in (*program.graph_signature.input_specs, *program.graph_signature.output_specs)
+             if getattr(s, "target", None)]
+    moved = _moved_names({str(s.target).partition(".")[0] for s in specs})
+    if moved:
+        for spec in specs:
+            spec.target = _renamed(str(spec.target), moved)
+        program._state_dict = {_renamed(k, moved): v for k, v in program.state_dict.items()}
+        program._constants = {_renamed(k, moved): v for k, v in program.constants.items()}
     return moved

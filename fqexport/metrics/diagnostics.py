@@ -57,7 +57,7 @@ from fqexport.calibration.checks import (
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.readers import load_data
 from fqexport.calibration.stream import DataStream
-from fqexport.config import SOLVER_OPTIONS, QuantConfig, WeightSpec, check_bits, check_seed
+from fqexport.config import SOLVER_DEFAULTS, QuantConfig, check_bits, check_seed
 from fqexport.errors import ConfigError, UnsupportedLayerError
 from fqexport.global_state import one_at_a_time, with_gradients
 from fqexport.graph.prepare import float32, fold_batchnorm
@@ -545,7 +545,7 @@ def analyze(
             widths.append(b)
     # round to nearest reads none of the solver's options: a config made for compress keeps them at
     # their defaults here (QuantConfig refuses them away from it with method='rtn')
-    unread = {} if method == "solver" else {f: WeightSpec.__dataclass_fields__[f].default for f in SOLVER_OPTIONS}
+    unread = {} if method == "solver" else SOLVER_DEFAULTS
     configs = [replace(base, weight_bits=b, method=method, **unread) for b in widths]  # checks bits/method
     kwargs = dict(batch_size=batch_size, hessian_iters=hessian_iters,
                   max_samples_per_group=max_samples_per_group, seed=seed, tol=tol, progress=progress)

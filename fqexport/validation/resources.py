@@ -140,18 +140,14 @@ def _graph_batch(model) -> int | str | None:
 
 
 def _batch_pinned(model):
-    """A copy of ``model`` whose inputs' symbolic first dim (the batch) is 1; None unless every input
-    and output starts with the same named dim. Shape inference then resolves the reshapes a dynamic batch leaves unknown (a torch.onnx
+    """A copy of ``model`` whose inputs' first dim (a symbolic batch, :func:`_graph_batch`) is 1:
+    shape inference then resolves the reshapes a dynamic batch leaves unknown (a torch.onnx
     transformer's attention: every MatMul output ``[unk, unk, C]``), and MACs are per sample anyway."""
     inits = {t.name for t in model.graph.initializer}
-    if not isinstance(_graph_batch(model), str):  # a named batch (a time axis is not pinned: MACs unknown, not one step's)
-        return None
-    pinned = [i for i in model.graph.input if i.name not in inits]
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    names = {i.name for i in pinned}
     for i in copy.graph.input:
-        if i.name in names:
+        if i.name not in inits:
             i.type.tensor_type.shape.dim[0].Clear()
             i.type.tensor_type.shape.dim[0].dim_value = 1
     del copy.graph.value_info[:]  # shapes inferred with the batch dynamic: inferred again
@@ -166,9 +162,9 @@ def from_graph(model, *, macs: bool = True) -> Resources:
     if isinstance(batch, int):  # a fixed batch: every op's whole output over it (a sequence-first MatMul inside)
         return _from_graph(model, _inferred_shapes(model), per_batch=batch)
     res = _from_graph(model, _inferred_shapes(model) if macs else None)
-    if macs and res.macs is None and res.params and (pinned := _batch_pinned(model)) is not None:
+    if batch == "batch" and res.macs is None and res.params:  # a time axis is not pinned: MACs unknown, not one step's
         try:  # data propagation: a Reshape to a shape the graph computes (Shape → Gather → Concat) is resolved
-            inferred = onnx.shape_inference.infer_shapes(pinned, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(_batch_pinned(model), data_prop=True)
         except Exception as err:  # best effort, as _inferred_shapes
             log.info("shape inference with the batch pinned to 1 failed (%s); MACs unknown", err)
             return res
@@ -316,8 +312,7 @@ _IDS_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "C
             "Min", "Max")
 
 
-def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict,
-                     dequantized_outputs: frozenset[str] | set[str] = frozenset()) -> bool:
+def _is_table_lookup(node, weight_of, graph_inputs: set[str], producers: dict, dequantized_outputs: set[str]) -> bool:
     """An Embedding: a Gather of rows of a constant rank-2 table of weights (float, or integer codes
     behind a DequantizeLinear, or gathered first and then dequantized, as ORT's ``quantize_dynamic``
     writes it: ``dequantized_outputs``, the tensors a DequantizeLinear reads) by ids that are a

@@ -34,8 +34,9 @@ EPILOG = (
     "the group's loss Hessian w.r.t. all parameters (power iteration with Hessian-vector products). "
     "The parameters are those of the BatchNorm-folded model, for float and every quantized variant alike "
     "(the same function as the model, another parameterisation: a model with BatchNorm reads a lower "
-    "grad norm than over its own unfolded parameters). Quantized variants are the PyTorch fake-quant reference (W<b>A8); gradients pass the activation "
-    "fake quantization with a clipped straight-through estimator."
+    "grad norm than over its own unfolded parameters). Quantized variants are the PyTorch fake-quant "
+    "reference (W<b>A8); gradients pass the activation fake quantization with a clipped straight-through "
+    "estimator."
 )
 
 

@@ -137,8 +137,6 @@ def refuse_ignored(args: argparse.Namespace, rules: Sequence[OnlyWith]) -> None:
             raise ConfigError(MSG_ONLY_WITH.format(flags=", ".join(ignored), needs=rule.needs))
 
 
-# The flags of this module that count only with another option (the tables of the fine-tuning
-# flags and of each subcommand's own are beside them): quant_config and search_config refuse them.
 def _eight_bit_layers(a: argparse.Namespace) -> bool:
     """Whether the flags can give a layer 8-bit weights, all that ``--weight-range`` changes: a
     search or learned widths whose choices hold 8 (given choices; the defaults do), fine-tuning's
@@ -152,6 +150,8 @@ def _eight_bit_layers(a: argparse.Namespace) -> bool:
     return 8 in widths or (export is not None and "8" in [w.strip() for w in export.split(",")])
 
 
+# The flags of this module that count only with another option (the tables of the fine-tuning
+# flags and of each subcommand's own are beside them): quant_config and search_config refuse them.
 QUANT_ONLY_WITH = (
     OnlyWith({"percentile": "--percentile"}, "--calibration percentile", lambda a: a.calibration == "percentile"),
     OnlyWith({"weight_range": "--weight-range"}, "8-bit weights (--weight-bits 8, the default; an 8-bit --layer-bits; "

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +20,8 @@ import torch
 
 import fqexport.engine.ray_engine as ray_engine
 from conftest import run_main
+from fqexport.cli.flags.shared import MSG_ONLY_WITH
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
-from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.engine import (
     KILL_ENV,
     LocalEngine,
@@ -28,8 +30,9 @@ from fqexport.engine import (
     make_engine,
     task_seed,
 )
-from fqexport.cli.flags.shared import MSG_ONLY_WITH
+from fqexport.engine.local import SOCKET_PATH_LIMIT
 from fqexport.errors import ConfigError, DataError, EngineError
+from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.search.sensitivity import DEFAULT_CACHE
 
@@ -480,7 +483,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists a session's processes through /proc")
-def test_workers_end_when_the_caller_is_killed_outright(tmp_path, monkeypatch):
+def test_workers_end_when_the_caller_is_killed_outright(tmp_path, monkeypatch, request):
     """A caller SIGKILLed (OOM killer, a CI timeout) left its forkserver, workers and resource
     tracker running forever, each holding torch and the model (survey 51): a worker watches the
     caller and ends within a second or two of it; the forkserver then ends with its workers. The
@@ -492,14 +495,17 @@ def test_workers_end_when_the_caller_is_killed_outright(tmp_path, monkeypatch):
 
     (tmp_path / "pidmod.py").write_text(PIDMOD)
     (tmp_path / "main.py").write_text(KILLED_CALLER)
-    (tmp_path / "tmp").mkdir()
-    env = dict(os.environ, PID_DIR=str(tmp_path), OMP_WAIT_POLICY="PASSIVE", TMPDIR=str(tmp_path / "tmp"),
+    # the caller's temporary folder: a short path (the forkserver's socket lives under it, and
+    # pytest-xdist's tmp_path is too long for one: MSG_SOCKET_PATH)
+    tmp = Path(tempfile.mkdtemp(prefix="fqk-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    env = dict(os.environ, PID_DIR=str(tmp_path), OMP_WAIT_POLICY="PASSIVE", TMPDIR=str(tmp),
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "main.py"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "main.py"], cwd=tmp_path, env=env, stderr=open(tmp_path / "err.txt", "w"),
                             start_new_session=True)
     deadline = time.time() + 240
     while not list(tmp_path.glob("worker-*")):
-        assert proc.poll() is None and time.time() < deadline
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.txt").read_text()
         time.sleep(0.2)
     worker = int(next(tmp_path.glob("worker-*")).name.split("-")[1])
     os.kill(proc.pid, signal.SIGKILL)
@@ -511,11 +517,11 @@ def test_workers_end_when_the_caller_is_killed_outright(tmp_path, monkeypatch):
     for pid in left:  # leave nothing behind, whatever the verdict
         os.kill(pid, signal.SIGKILL)
     assert worker not in left and not left, left
-    assert [p.name.split("-")[2] for p in (tmp_path / "tmp").glob("fqexport-engine-*")] == [str(proc.pid)]
-    (tmp_path / "tmp" / f"fqexport-engine-{os.getpid()}-mine").mkdir()  # a live caller's: kept
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert [p.name.split("-")[2] for p in tmp.glob("fqexport-engine-*")] == [str(proc.pid)]
+    (tmp / f"fqexport-engine-{os.getpid()}-mine").mkdir()  # a live caller's: kept
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     local._remove_dead_callers_dirs()
-    assert [p.name for p in (tmp_path / "tmp").glob("fqexport-engine-*")] == [f"fqexport-engine-{os.getpid()}-mine"]
+    assert [p.name for p in tmp.glob("fqexport-engine-*")] == [f"fqexport-engine-{os.getpid()}-mine"]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -594,3 +600,29 @@ def test_a_call_outside_the_main_guard_gets_no_local_pool(tmp_path, guard, after
                           timeout=120, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     assert proc.stdout.strip() == out
     assert err in proc.stderr and (proc.returncode == 0) == bool(out), proc.stderr[-2000:]
+
+
+def test_a_temporary_folder_too_long_for_the_workers_socket_is_named_with_the_fix(tmp_path):
+    """With a long TMPDIR the local engine died in multiprocessing's forkserver with "OSError:
+    AF_UNIX path too long" (its listening socket lives under the temporary folder): the error
+    names the folder, the limit and the fix."""
+    long_tmp = tmp_path / ("t" * max(1, SOCKET_PATH_LIMIT - len(str(tmp_path))))
+    long_tmp.mkdir()
+    (tmp_path / "main.py").write_text(ONE_TASK_CALLER)
+    env = dict(os.environ, TMPDIR=str(long_tmp), OMP_WAIT_POLICY="PASSIVE")
+    run = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("fqexport.errors.EngineError: local engine: the worker processes cannot be started")
+    assert repr(str(long_tmp)) in last and "set TMPDIR to a shorter folder" in last, last
+
+
+ONE_TASK_CALLER = """
+from fqexport.engine import LocalEngine, Task
+def one(context, task):
+    return 1
+if __name__ == "__main__":
+    with LocalEngine(1) as engine:
+        print(engine.map(one, [Task(("one",), "one", 0)], None, "one"))
+"""

@@ -44,6 +44,13 @@ MSG_WORKER_DIED = ("local engine: the worker running {task} died {tries} times (
                    "and wrote nothing. A worker killed for memory needs fewer --workers; a script that calls "
                    "fqexport needs an `if __name__ == \"__main__\":` guard (workers import it); --engine serial "
                    "runs the task in this process and shows its error")
+MSG_SOCKET_PATH = ("local engine: the worker processes cannot be started: the socket their server listens on "
+                   "lives under the temporary folder {tmp!r} ({n} characters), and its path is longer than the "
+                   "{limit} bytes a Unix socket takes; set TMPDIR to a shorter folder (e.g. /tmp) or use "
+                   "--engine serial (EngineConfig(engine='serial'))")
+# sun_path of a Unix socket (Linux; macOS and the BSDs take 104): the forkserver's listener
+# is <tempdir>/pymp-XXXXXXXX/listener-XXXXXXXX
+SOCKET_PATH_LIMIT = 108
 
 _context: tuple[str, Any] = ("", None)  # (file, context) this worker last loaded
 
@@ -122,14 +129,20 @@ def _start_forkserver() -> None:
     while the server process is spawned (milliseconds; only the main thread may set it)."""
     from multiprocessing import forkserver
 
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        if threading.current_thread() is not threading.main_thread():
+            forkserver.ensure_running()
+            return
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    except OSError as err:
+        if "too long" not in str(err):
+            raise
+        tmp = tempfile.gettempdir()
+        raise EngineError(MSG_SOCKET_PATH.format(tmp=tmp, n=len(tmp), limit=SOCKET_PATH_LIMIT)) from err
 
 
 def _stop_forkserver() -> None:

@@ -25,6 +25,7 @@ from fqexport.calibration.sampling import (
 )
 from fqexport.config import EngineConfig, MixedPrecisionConfig, QuantConfig
 from fqexport.engine import make_engine
+from fqexport.engine.base import SerialEngine
 from fqexport.errors import ConfigError
 from fqexport.exporters.qdq_onnx import export_qdq
 from fqexport.metrics.group_metrics import group_metrics
@@ -890,3 +891,29 @@ def test_a_half_precision_model_is_searched_and_analyzed_as_compress_takes_it(ml
     assert set(res.allocation.bits) == set(res.compressed.layers)
     assert analyze(half, mlp_data, bits=(8,), hessian_iters=0, max_samples_per_group=16).variants[-1] == "W8A8"
     assert next(half.parameters()).dtype == torch.bfloat16  # the caller's model is not changed
+
+
+class _RecordingEngine(SerialEngine):
+    """A serial engine that records when the search starts it (``prepare``) and when the
+    sensitivity is measured."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.events = events
+
+    def prepare(self) -> None:
+        self.events.append("prepare")
+
+
+@pytest.mark.parametrize("one_fit", [False, True])
+def test_the_engine_starts_before_the_sensitivity_when_the_verification_hands_out_fits(
+        mlp_model, mlp_data, search, monkeypatch, one_fit):
+    events: list = []
+    real = mp_module.search_sensitivity
+    monkeypatch.setattr(mp_module, "search_sensitivity", lambda *a, **k: events.append("sensitivity") or real(*a, **k))
+    extra = {"num_candidates": 1, "verify_uniform": False, "verify_mean": False} if one_fit else {}
+    mp = replace(search.config, sensitivity="output-fisher", **extra)
+    search_mixed_precision(mlp_model, mlp_data, mp, BASE, progress=False, engine=_RecordingEngine(events))
+    # a local engine's forkserver imports torch while the Fisher sensitivity runs, not after it;
+    # a search of one fit (run in this process) never starts the workers
+    assert events == (["sensitivity"] if one_fit else ["prepare", "sensitivity"])

@@ -143,10 +143,10 @@ def search_mixed_precision(
 
     start = time.perf_counter()
     model = float32(model)  # a float16/bfloat16 model as compress takes it (its checks blamed the data)
-    if sensitivity is None and mp_config.sensitivity == "measured":
-        # a local engine's forkserver imports torch while the sensitivity's first tasks are
-        # handed out; the Fisher methods run here on all threads, which the import would slow
-        # (the verification starts the engine when it has more than one fit to hand out)
+    if (sensitivity is None and mp_config.sensitivity == "measured") or _several_fits(mp_config):
+        # a local engine's forkserver imports torch (seconds of one core) while the sensitivity
+        # runs, instead of holding back the verification's first fits by as long; a search of
+        # one fit (run here on all threads) never starts it
         engine.prepare()
     mp, base = mp_config, base_config or QuantConfig()
     data = read_data(calib)  # an .npz memory-mapped: the fits draw from it, the verification reads the held-out part
@@ -211,6 +211,13 @@ def search_mixed_precision(
     result.wall_seconds = time.perf_counter() - start
     result.refit_overlapped = overlapped
     return result.record_allocation()
+
+
+def _several_fits(mp: MixedPrecisionConfig) -> bool:
+    """Whether the verification may hand out more than one fit (several candidates or folds),
+    so that an engine of workers runs them: decided before the pool is known."""
+    return (mp.num_candidates > 1 or mp.verify_uniform or mp.verify_folds > 1
+            or (mp.verify_mean and mp.objective != "mean"))
 
 
 @contextmanager

@@ -30,6 +30,18 @@ from fqexport.exporters import qdq_onnx  # noqa: E402
 from fqexport.exporters.qdq_onnx import export_qdq  # noqa: E402
 from fqexport.pipeline.compress import compress  # noqa: E402
 
+# pytest-xdist's ``-n auto`` (README's test command): one worker per core, at most this many
+# (each imports torch and builds the session fixtures once: about 1 GB apiece)
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_TEST_WORKERS))
+
+
 @pytest.fixture(scope="session")
 def scenes():
     """The small seeded scene task (boxes and masks, 25% low-light) of the detector/segmenter tests."""

@@ -479,7 +479,9 @@ class QuantConfig:
             module name (``"fc"``, ``"layer4\\..*"``), ``"type:ClassName"`` or an ``nn.Module``
             subclass (every such layer). They are listed in the metadata (``float_layers``, with
             the pattern that matched) and the report, and count at 32 bits in the average weight
-            bits and in a mixed-precision budget. CLI: ``--keep-float PATTERN`` (repeatable).
+            bits and in a mixed-precision budget. A pattern that selects no layer is a
+            ConfigError (a typo would quantize the layer meant to stay float). CLI:
+            ``--keep-float PATTERN`` (repeatable).
         strict: refuse any weight layer fqexport cannot quantize (UnsupportedLayerError naming
             all of them); by default (``skip_unsupported``) such layers (LSTM, GRU, grouped
             ConvTranspose2d) stay float with one warning listing them all, recorded in the

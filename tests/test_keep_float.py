@@ -117,7 +117,7 @@ def test_cli_keep_float_is_repeatable_and_reported(tmp_path, mlp_files, tests_di
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["compress", "--model", "fixtures_models:tiny_mlp", "--weights", str(mlp_files / "mlp.pt"),
                      "--calib", str(mlp_files / "calib.npz"), "--num-calib", "128", "--keep-float", "fc1",
-                     "--keep-float", "type:Linear_never", "--out", str(tmp_path / "m.onnx"),
+                     "--keep-float", "fc[1]", "--out", str(tmp_path / "m.onnx"),
                      "--report", str(tmp_path / "r.json")])
     assert code == 0, err.getvalue()
     assert "1 weight layer(s) stay in float by --keep-float (reason above)" in out.getvalue()
@@ -183,24 +183,28 @@ def test_a_layer_called_twice_stays_float_like_a_tied_weight(mlp_data):
     assert [f.name for f in cm.metadata.float_layers] == ["shared"]
 
 
-def test_a_pattern_that_matches_no_layer_is_warned_about_naming_the_layers(caplog):
-    """A typo in --keep-float would otherwise quantize the layer the user meant to keep float."""
+def test_a_pattern_that_matches_no_layer_is_refused_naming_the_layers(mlp_model, mlp_data, mlp_files, tests_dir,
+                                                                       tmp_path, monkeypatch):
+    """A typo in --keep-float quantized the layer the user meant to keep float, with only a
+    warning (pins that match nothing were refused already): refused, naming every unmatched
+    pattern and the layers, from the API and the CLI (exit 2, nothing written)."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval()
-    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
-        prepared = prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
-    assert prepared.skipped == frozenset({"2"})
-    assert ("keep_float pattern 'fcc' matches no quantizable layer of the model, so nothing stays float by it "
-            "(layers: 0, 2); check its spelling (--keep-float)") in caplog.text
-    assert "pattern 'type:LSTM' matches no" in caplog.text and "pattern '2' matches" not in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):  # the search prepares it per fit: once
+    assert prepare_model(model, keep_float=("2",)).skipped == frozenset({"2"})
+    with pytest.raises(ConfigError) as err:
         prepare_model(model, keep_float=("2", "fcc", nn.LSTM))
-    assert "fcc" not in caplog.text
-    # another model of the same layers, the same typo: warned again (it was once per process, survey 42)
-    other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval()
-    with caplog.at_level("WARNING", logger="fqexport.graph.prepare"):
-        prepare_model(other, keep_float=("2", "fcc"))
-    assert "keep_float pattern 'fcc' matches no quantizable layer" in caplog.text
+    assert str(err.value).startswith("keep_float 'fcc', 'type:LSTM' match no quantizable layer of the model, so "
+                                     "the layer meant to stay float would be quantized (layers: 0, 2)")
+    with pytest.raises(ConfigError, match=r"^keep_float 'fcc' matches no quantizable layer"):
+        prepare_model(model, keep_float=("fcc",))
+    with pytest.raises(ConfigError, match="keep_float 'fc9' matches no"):
+        compress(mlp_model, mlp_data, QuantConfig(num_calib=64, keep_float=("fc9",)), progress=False)
+    monkeypatch.chdir(tests_dir)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compress", "--model", "fixtures_models:tiny_mlp", "--weights", str(mlp_files / "mlp.pt"),
+                     "--calib", str(mlp_files / "calib.npz"), "--keep-float", "fc9", "--out", str(tmp_path / "m.onnx")])
+    assert code == 2 and "keep_float 'fc9' matches no quantizable layer" in err.getvalue()
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_probabilities_are_warned_about_for_each_model(caplog):

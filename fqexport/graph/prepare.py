@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fqexport.engine.base import in_worker
-from fqexport.errors import ModelLoadError, UnsupportedLayerError
+from fqexport.errors import ConfigError, ModelLoadError, UnsupportedLayerError
 from fqexport.global_state import GLOBAL_STATE_LOCK, keeps_random_state
 from fqexport.graph.act_quant import input_dependent
 from fqexport.graph.decode import DecodedModel, strip_wrapper
@@ -1086,8 +1086,9 @@ MSG_ALL_KEPT_FLOAT = (
 )
 MSG_KEPT_FLOAT = "keep_float: %d layer(s) stay in float by request: %s"
 MSG_KEEP_FLOAT_UNMATCHED = (
-    "keep_float pattern %r matches no quantizable layer of the model, so nothing stays float by it "
-    "(layers: %s); check its spelling (--keep-float)"
+    "keep_float {patterns} match{s} no quantizable layer of the model, so the layer meant to stay float "
+    "would be quantized (layers: {layers}); check the spelling (--keep-float: a module name, a regex over "
+    "the full name, or type:ClassName)"
 )
 
 
@@ -1146,11 +1147,12 @@ def prepare_model(model: nn.Module, skip_unsupported: bool = True, keep_float: t
     floats = tuple(all_float_layers(raw, tuple(keep_float)))
     _refuse_or_warn(raw, floats, skip_unsupported, owner)
     kept = [f for f in floats if f.reason.startswith("keep_float")]
-    for pattern in unmatched_keep_float(raw, tuple(keep_float)):
+    unmatched = unmatched_keep_float(raw, tuple(keep_float))
+    if unmatched:  # a typo would quantize the very layer the user meant to keep float
         known = called_layers(raw)
-        # once per model (the search prepares it for every fit), not once per process: another
-        # model of the same layers with the same typo is warned again
-        _warn_once(owner, MSG_KEEP_FLOAT_UNMATCHED % (pattern, ", ".join(known[:12]) + (" …" if len(known) > 12 else "")))
+        raise ConfigError(MSG_KEEP_FLOAT_UNMATCHED.format(
+            patterns=", ".join(map(repr, unmatched)), s="" if len(unmatched) > 1 else "es",
+            layers=", ".join(known[:12]) + (" …" if len(known) > 12 else "")))
     if kept:
         log.info(MSG_KEPT_FLOAT, len(kept), ", ".join(f"{k.describe()} [{k.reason}]" for k in kept))
     batch_stats = [str(n.target) for n in raw.graph.nodes if n.op == "call_module"

@@ -252,7 +252,8 @@ def add_model_and_quant_options(p: argparse.ArgumentParser, fixed_widths: bool =
     p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="keep matching weight layers in float (repeatable): a module name or a regex over the full "
                    "name ('fc', 'layer4\\..*'), or 'type:ClassName' (e.g. type:Conv1d); listed in the report with the "
-                   "pattern, counted at 32 bits (also in a --budget-bits budget)")
+                   "pattern, counted at 32 bits (also in a --budget-bits budget); a pattern that matches no layer is "
+                   "refused (exit 2)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) when a weight layer fqexport cannot quantize would stay in float, naming all "
                    "of them (default: such layers stay float with one warning); layers --keep-float names stay float")

@@ -3,6 +3,7 @@ exporters/metadata.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -129,15 +130,20 @@ def test_the_file_records_every_option_that_decided_it(mlp_model, mlp_data, tmp_
     from fqexport.exporters.qdq_onnx import export_qdq
     from fqexport.pipeline.compress import compress
 
+    class Head(torch.nn.Linear):
+        pass
+
+    model = copy.deepcopy(mlp_model)
+    model.fc3.__class__ = Head  # a class pattern that selects one layer
     config = QuantConfig(weight_bits=4, seed=7, damp=0.05, block_size=32, num_calib=100,
-                         keep_float=("fc3", torch.nn.LayerNorm), group_weights={"a": 2, "b": 1})
-    cm = compress(mlp_model, mlp_data, config, progress=False)
+                         keep_float=("fc1", Head), group_weights={"a": 2, "b": 1})
+    cm = compress(model, mlp_data, config, progress=False)
     path = export_qdq(cm, tmp_path / "m.onnx").path
     settings = read_metadata(path).settings
     assert settings["seed"] == 7 and settings["damp"] == 0.05 and settings["block_size"] == 32
-    assert settings["keep_float"] == ["fc3", "type:LayerNorm"] and settings["group_weights"] == {"a": 2.0, "b": 1.0}
+    assert settings["keep_float"] == ["fc1", "type:Head"] and settings["group_weights"] == {"a": 2.0, "b": 1.0}
     assert "device" not in settings and "max_activation_memory_mb" not in settings
-    again = compress(mlp_model, mlp_data, QuantConfig(**settings), progress=False)
+    again = compress(model, mlp_data, QuantConfig(**settings), progress=False)
     assert export_qdq(again, tmp_path / "again.onnx").path.read_bytes() == path.read_bytes()
 
 

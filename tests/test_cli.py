@@ -68,8 +68,10 @@ def test_compress_end_to_end(compressed):
     assert "wrote " in out and "mlp.onnx" in out and "opset 21" in out
     assert "top-1 agreement" in out and "on 200 calibration samples" in out
     # the file against its float model on this CPU: speed or only size
-    assert re.search(r"speed vs the float model, .*: batch 1 [0-9.]+ vs [0-9.]+ \(median of the paired runs' ratios "
-                     r"[0-9.]+x\), batch 32 [0-9.]+ vs [0-9.]+ \(median of the paired runs' ratios [0-9.]+x\)", out)
+    assert re.search(r"speed vs the float model, .*\([0-9]+ thread\(s\); .*: batch 1 [0-9.]+ vs [0-9.]+ \([0-9]+ pairs, "
+                     r"median of their ratios [0-9.]+x\), batch 32 [0-9.]+ vs [0-9.]+ \([0-9]+ pairs, median of their "
+                     r"ratios [0-9.]+x\)", out)
+    assert re.search(r"batch 1: [0-9.]+x the float model's speed \([a-z ]+; 95 % interval [0-9.]+-[0-9.]+x\)", out)
     assert f"on this CPU ({cpu_isa()}) the file buys " in out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ from fqexport.validation.validation_report import speedups
 
 def test_the_file_is_timed_against_its_float_model_at_each_batch(cnn_cm8, tmp_path):
     path = export_qdq(cnn_cm8, tmp_path / "w8.onnx").path
-    latency, float_latency, verdict = speed_vs_float(cnn_cm8, path, batch_sizes=(1, 4), warmup=1, repeats=4)
+    latency, float_latency, verdict = speed_vs_float(cnn_cm8, path, batch_sizes=(1, 4), warmup=1, repeats=4, max_repeats=4)
     assert [l.batch_size for l in latency] == [1, 4] == [l.batch_size for l in float_latency]
     assert all(l.repeats == 4 and l.p50_ms > 0 for l in (*latency, *float_latency))
     ratio = speedups(latency, float_latency)
@@ -90,7 +92,7 @@ def test_a_file_not_smaller_than_its_reference_is_not_said_to_buy_size():
     fast = LatencyResult(0.5, 0.5, 0.5, 2e3, 1, 1, 1, 3)
     assert speed_verdict([same], [same], "x86-avx2", sizes=(59207, 30902)) == (
         "on this CPU (x86-avx2) the file buys neither speed nor size: batch 1: 1.00x the reference's speed "
-        "(same speed); the file takes 59207 bytes, the reference 30902")
+        "(same speed); the file takes 59,207 bytes, the reference 30,902")
     assert speed_verdict([fast], [same], "x86-avx2", sizes=(69298, 59207)).startswith(
         "on this CPU (x86-avx2) the file buys speed at batch 1, no size: batch 1: 2.00x")
     assert speed_verdict([same], [same], "x86-avx2", sizes=(100, 400)).startswith(
@@ -181,3 +183,92 @@ def test_the_sessions_timed_in_pairs_do_not_spin(cnn_cm8, tmp_path, monkeypatch)
     reference = export_float_reference(cnn_cm8, tmp_path / "float.onnx").path
     validate(path, cnn_cm8.calib, reference=reference, latency_batch_sizes=(1,), warmup=1, repeats=2, kernel_check=False)
     assert opened == [False, False]  # the model's session (timed too) and the reference's
+
+
+def test_the_median_interval_is_the_binomial_order_statistics():
+    """The 95 % interval of a median from n pair ratios: r_(k), r_(n+1-k) with P(B(n, ½) < k) <= 2.5 %
+    (n=10: k=2; n=30: k=10; fewer than 6 pairs: the whole range)."""
+    from fqexport.validation.latency import median_interval
+
+    r = np.arange(1, 31, dtype=float)  # sorted order statistics 1..30
+    assert median_interval(r[:10]) == (2.0, 9.0)
+    assert median_interval(r[::-1]) == (10.0, 21.0)
+    assert median_interval(r[:4]) == (1.0, 4.0)
+    assert median_interval(np.array([1.3])) == (1.3, 1.3)
+    # the claimed coverage, by simulation: the true median (1) inside the interval of n=30 draws
+    rng = np.random.default_rng(0)
+    hits = [lo <= 1.0 <= hi for lo, hi in (median_interval(rng.lognormal(0, 0.3, 30)) for _ in range(2000))]
+    assert 0.95 <= np.mean(hits) <= 0.99
+
+
+def test_a_speed_the_noise_does_not_settle_is_said_to_be_within_it():
+    """survey 98: ten pairs read a W8 CNN 1.02x ("same speed") once and 1.57x the next run, and a float
+    file against itself 0.76-1.81x: a side is taken only when the median's 95 % interval lies on it."""
+    from fqexport.validation.latency import LatencyResult
+    from fqexport.validation.validation_report import speed_verdict, speed_word
+
+    assert speed_word(1.5, 1.3, 1.7) == "faster" and speed_word(1.5, 0.98, 1.9) == "within the timing noise"
+    assert speed_word(0.8, 0.7, 0.93) == "slower" and speed_word(0.8, 0.6, 1.05) == "within the timing noise"
+    assert speed_word(1.0, 0.95, 1.06) == "same speed" and speed_word(1.0, 0.85, 1.2) == "within the timing noise"
+    assert speed_word(1.12, 1.01, 1.3) == "faster"  # above the band, its interval above 1
+    ref = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 10)
+    noisy = LatencyResult(1.0, 1.0, 1.0, 1e3, 1, 1, 1, 10, speedup=1.26, speedup_low=0.88, speedup_high=1.62)
+    assert speed_verdict([noisy], [ref], "x86-avx2", sizes=(100, 400)) == (
+        "on this CPU (x86-avx2) the file buys size; no speed measured at batch 1 (timing noise): batch 1: 1.26x "
+        "the reference's speed (within the timing noise; 95 % interval 0.88-1.62x)")
+    fast = replace(noisy, batch_size=32, speedup=1.8, speedup_low=1.6, speedup_high=1.9)
+    ref32 = replace(ref, batch_size=32)
+    assert speed_verdict([noisy, fast], [ref, ref32], "x86-avx2", sizes=(100, 400)).startswith(
+        "on this CPU (x86-avx2) the file buys speed and size at batch 32: batch 1: 1.26x")
+
+
+class _Cycle:
+    """A session stand-in whose runs take the given seconds in turn."""
+
+    def __init__(self, *seconds: float) -> None:
+        self.seconds, self.runs = seconds, 0
+
+    def get_inputs(self):
+        return [type("I", (), {"name": "x", "shape": ["N", 2], "type": "tensor(float)"})()]
+
+    def get_session_options(self):
+        return type("O", (), {"intra_op_num_threads": 1})()
+
+    def run(self, _outputs, _feed):
+        import time
+
+        time.sleep(self.seconds[self.runs % len(self.seconds)])
+        self.runs += 1
+
+
+def test_pairs_are_added_until_the_interval_settles_the_speed_or_the_limit():
+    """With max_repeats, rounds of `repeats` pairs are timed while the interval does not settle the
+    speed; a clear speed-up stops after the first round; the limit caps the pairs."""
+    from fqexport.validation.latency import measure_latency_pair
+
+    x = np.zeros((1, 2), np.float32)
+    clear, _ = measure_latency_pair(_Cycle(0.005), _Cycle(0.010), x, 1, warmup=0, repeats=10, max_repeats=100)
+    assert clear.repeats == 10 and 1.5 < clear.speedup < 2.5 and clear.speedup_low > 1.1
+    # pairs reading 3x and 0.6x in turn never settle: more rounds, at most 40 pairs
+    a, b = _Cycle(0.004, 0.020), _Cycle(0.012)
+    noisy, ref = measure_latency_pair(a, b, x, 1, warmup=0, repeats=10, max_repeats=40)
+    assert noisy.repeats == 40 == ref.repeats == a.runs and noisy.speedup_low < 1 < noisy.speedup_high
+    one, _ = measure_latency_pair(_Cycle(0.004, 0.020), _Cycle(0.012), x, 1, warmup=0, repeats=10)
+    assert one.repeats == 10  # no max_repeats: one round, as before
+
+
+def test_compress_says_when_its_timing_is_not_the_targets(monkeypatch):
+    """survey 98: `compress --target x86-avx2` on a VNNI CPU, or with FQEXPORT_HOST_KERNELS=x86-avx2, printed
+    "the file buys speed" from this CPU's own kernels with no word that the target's were not timed."""
+    from fqexport.cli.compress import speed_caveat
+
+    monkeypatch.delenv("FQEXPORT_HOST_KERNELS", raising=False)
+    assert speed_caveat("x86-avx2", "x86-vnni").startswith(
+        "speed: timed with this CPU's x86-vnni int8 kernels; the file's target x86-avx2 runs x86-avx2 kernels")
+    assert speed_caveat("arm64", "x86-avx2").startswith("speed: timed with this CPU's x86-avx2 int8 kernels; "
+                                                        "the file's target arm64 runs arm64 kernels")
+    assert speed_caveat("portable", "x86-vnni") is None and speed_caveat("x86-vnni", "x86-vnni") is None
+    monkeypatch.setenv("FQEXPORT_HOST_KERNELS", "x86-avx2")
+    assert speed_caveat("portable", "x86-vnni") == (
+        "speed: timed with this CPU's x86-vnni int8 kernels; FQEXPORT_HOST_KERNELS=x86-avx2 stands in for the "
+        "x86-avx2 kernels in the accuracy checks only")

@@ -17,7 +17,8 @@ from fqexport.cli.flags.finetune import parse_export_bits, width_paths
 from fqexport.cli.flags.shared import quant_config, search_config
 from fqexport.cli.tasks import task_line, task_of
 from fqexport.config import QuantConfig
-from fqexport.exporters.cpu_isa import cpu_isa, kernel_family
+from fqexport.exporters.cpu_isa import cpu_isa, emulated_host, kernel_family
+from fqexport.exporters.export_check import TARGET_FAMILIES
 from fqexport.exporters.metadata import read_metadata
 from fqexport.exporters.qdq_onnx import export_float_reference, export_qdq
 from fqexport.finetune.api import worst_of
@@ -30,6 +31,30 @@ from fqexport.search.mixed_precision import search_mixed_precision
 from fqexport.validation.reports import float_tail_words, write_json_data
 from fqexport.validation.resources import from_metadata
 from fqexport.validation.speed import speed_vs_float
+
+
+MSG_SPEED_OTHER_FAMILY = (
+    "speed: timed with this CPU's {host} int8 kernels; the file's target {target} runs {families} kernels, "
+    "whose speed differs (int8 without VNNI gains little over float: docs/ort-kernels.md); time it on such a "
+    "CPU (fqexport validate --reference)"
+)
+MSG_SPEED_STAND_IN = (
+    "speed: timed with this CPU's {host} int8 kernels; FQEXPORT_HOST_KERNELS={stand_in} stands in for the "
+    "{stand_in} kernels in the accuracy checks only"
+)
+
+
+def speed_caveat(target: str, host: str) -> str | None:
+    """What the speed line does not cover: a target whose kernel families exclude this CPU's
+    (``host``: its kernel family), or a FQEXPORT_HOST_KERNELS stand-in (timing is never emulated);
+    ``None`` when the timing is the target's own."""
+    families = TARGET_FAMILIES.get(target, ())
+    if families and host not in families:
+        return MSG_SPEED_OTHER_FAMILY.format(host=host, target=target, families="/".join(families))
+    stand_in = emulated_host()
+    if stand_in is not None and stand_in != host:
+        return MSG_SPEED_STAND_IN.format(host=host, stand_in=stand_in)
+    return None
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -89,12 +114,18 @@ def run_compress(args: argparse.Namespace) -> int:
     elif not args.no_speed_check:
         latency, float_latency, speed = speed_vs_float(cm, result.path)
         # the verdict is the median ratio of the paired runs, which the two sides' p50s can differ from
-        print("speed vs the float model, ONNX Runtime optimized sessions on this CPU (p50 ms, run alternately): "
+        threads = latency[0].threads if latency else 0
+        print(f"speed vs the float model, ONNX Runtime optimized sessions on this CPU ({threads} thread(s); "
+              "p50 ms, run alternately): "
               + ", ".join(f"batch {q.batch_size} {q.p50_ms:.3f} vs {f.p50_ms:.3f}"
-                          + (f" (median of the paired runs' ratios {q.speedup:.2f}x)" if q.speedup is not None else "")
+                          + (f" ({q.repeats} pairs, median of their ratios {q.speedup:.2f}x)"
+                             if q.speedup is not None else "")
                           for q, f in zip(latency, float_latency)))
         print(speed)
         isa = cpu_isa()  # the figures hold for this CPU only, as validate's report.json says
+        caveat = speed_caveat(cm.config.target, kernel_family(isa))
+        if caveat:
+            print(caveat)
         timings = {"cpu_isa": isa, "cpu_kernel_family": kernel_family(isa),
                    "latency": [q.to_dict() for q in latency], "float_latency": [f.to_dict() for f in float_latency],
                    "speedup_vs_float": {str(q.batch_size): q.speedup for q in latency}}

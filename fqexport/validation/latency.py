@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 # batch 1 than with it: the figures err on the slow side.
 TIMED_SPINNING = False
 
+# The speed-up band: a file is faster when its speed-up reads >= FASTER, slower when <= SLOWER.
+FASTER, SLOWER = 1.10, 0.90
+# Confidence of the interval around a pair-timed speed-up (:func:`median_interval`).
+CONFIDENCE = 0.95
+
 
 @dataclass(frozen=True)
 class LatencyResult:
@@ -32,6 +38,7 @@ class LatencyResult:
     session's intra-op thread count; ``warmup`` runs are discarded, ``repeats`` are timed.
     ``speedup``: timed in pairs with a reference (:func:`measure_latency_pair`), the median over
     the pairs of runs of the reference's time over this one's (> 1: faster); else None.
+    ``speedup_low`` / ``speedup_high``: the 95 % interval of that median (:func:`median_interval`).
     """
 
     p50_ms: float
@@ -43,9 +50,51 @@ class LatencyResult:
     warmup: int
     repeats: int
     speedup: float | None = None
+    speedup_low: float | None = None
+    speedup_high: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def median_interval(ratios: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``ratios`` (n pairs): the order statistics
+    r_(k) and r_(n+1-k), with k the largest such that P(Binomial(n, ½) < k) <= (1 − confidence)/2,
+    so the interval holds the true median with at least ``confidence`` whatever the noise's shape
+    (at least k = 1: the whole range for n < 6, whose coverage is 1 − 2⁻⁽ⁿ⁻¹⁾)."""
+    r = np.sort(np.asarray(ratios, dtype=np.float64))
+    n = r.size
+    tail, k, below = (1.0 - confidence) / 2, 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2.0**n <= tail:  # below = P(B < k + 1) after the step
+        below += math.comb(n, k) / 2.0**n
+        k += 1
+    k = max(k, 1)
+    return float(r[k - 1]), float(r[n - k])
+
+
+def speed_word(speedup: float, low: float | None = None, high: float | None = None) -> str:
+    """``"faster"``, ``"slower"``, ``"same speed"`` or ``"within the timing noise"`` for a speed-up
+    over the reference, as it is shown (two decimals: a measured 0.9047 reads 0.90x, and so is
+    slower). With its interval (``low``, ``high``: :func:`median_interval`), a side is taken only
+    when the interval lies on it: faster needs the interval above 1, slower below 1, the same
+    speed inside the band; else the timing could not tell."""
+    shown = round(float(speedup), 2)
+    if low is None or high is None:
+        return "faster" if shown >= FASTER else "slower" if shown <= SLOWER else "same speed"
+    lo, hi = round(float(low), 2), round(float(high), 2)
+    if shown >= FASTER and lo > 1.0:
+        return "faster"
+    if shown <= SLOWER and hi < 1.0:
+        return "slower"
+    if SLOWER < lo and hi < FASTER:
+        return "same speed"
+    return "within the timing noise"
+
+
+def decided(result: "LatencyResult") -> bool:
+    """Whether a pair-timed result's interval settles its speed word."""
+    return result.speedup is None or speed_word(result.speedup, result.speedup_low,
+                                                 result.speedup_high) != "within the timing noise"
 
 
 def make_batch(sample: np.ndarray, batch_size: int) -> np.ndarray:
@@ -128,13 +177,17 @@ def paired_batch(session: Any, reference: Any | None, batch_size: int) -> int | 
 
 
 def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch_size: int, warmup: int = 5,
-                         repeats: int = 30) -> tuple[LatencyResult, LatencyResult]:
+                         repeats: int = 30, max_repeats: int | None = None, max_seconds: float = 0.0,
+                         ) -> tuple[LatencyResult, LatencyResult]:
     """Latency of ``session`` and of ``reference`` on the same batch, run alternately (after
     ``warmup`` untimed runs each): ``repeats`` pairs of one run each, which of the two goes first
     swapping from pair to pair, so that load which comes and goes on a shared machine hits both
     runs of a pair alike. The session's ``speedup`` is the median of the pairs' time ratios (the
     same file against itself measured 0.99-1.00 this way under load where rounds of six runs
-    each measured 0.80-1.27)."""
+    each measured 0.80-1.27), with its 95 % interval (``speedup_low``/``speedup_high``).
+    ``max_repeats``: while the interval does not settle the speed (:func:`decided`), time
+    ``repeats`` more pairs, up to ``max_repeats`` pairs or ``max_seconds`` of timing (default: no
+    more than ``repeats``)."""
     if int(batch_size) < 1 or int(warmup) < 0 or int(repeats) < 1:
         raise ConfigError(f"latency batch_size={batch_size!r}, warmup={warmup!r}, repeats={repeats!r}: need "
                           ">= 1, >= 0, >= 1")
@@ -147,10 +200,20 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
     feeds = [_feed(s, sample, batch_size) for s in pair]
     for s, f in zip(pair, feeds):
         _runs(s, f, int(warmup))
-    times = np.empty((2, int(repeats)))
-    for r in range(int(repeats)):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            times[i, r] = _runs(pair[i], feeds[i], 1)[0]
-    mine = _result(session, times[0], batch_size, warmup, repeats)
-    speedup = float(np.median(times[1] / np.maximum(times[0], 1e-9)))
-    return replace(mine, speedup=speedup), _result(reference, times[1], batch_size, warmup, repeats)
+    limit, start = max(int(max_repeats or 0), int(repeats)), time.perf_counter()
+    rounds: list[np.ndarray] = []
+    while True:
+        times = np.empty((2, int(repeats)))
+        for r in range(int(repeats)):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                times[i, r] = _runs(pair[i], feeds[i], 1)[0]
+        rounds.append(times)
+        times = np.concatenate(rounds, axis=1)
+        n = times.shape[1]
+        ratios = times[1] / np.maximum(times[0], 1e-9)
+        low, high = median_interval(ratios)
+        mine = replace(_result(session, times[0], batch_size, warmup, n), speedup=float(np.median(ratios)),
+                       speedup_low=low, speedup_high=high)
+        out_of_time = max_seconds > 0 and time.perf_counter() - start > max_seconds
+        if decided(mine) or n + int(repeats) > limit or out_of_time:
+            return mine, _result(reference, times[1], batch_size, warmup, n)

@@ -20,24 +20,30 @@ from fqexport.validation.validation_report import speed_verdict
 if TYPE_CHECKING:  # pragma: no cover
     from fqexport.model import CompressedModel
 
-# What compress times: one sample and a batch of 32, few repeats (it is a summary, not a benchmark).
+# What compress times: one sample and a batch of 32, in rounds of a few pairs until the speed's
+# 95 % interval settles it, at most MAX_PAIRS pairs or about MAX_SECONDS of timing per batch size
+# (it is a summary, not a benchmark: ten pairs alone read a W8 CNN 1.02x once and 1.57x the next run).
 SPEED_BATCHES = (1, 32)
+MAX_PAIRS, MAX_SECONDS = 200, 3.0
 
 
 def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequence[int] = SPEED_BATCHES,
-                   warmup: int = 3, repeats: int = 10, threads: int | None = None
+                   warmup: int = 3, repeats: int = 10, threads: int | None = None, max_repeats: int = MAX_PAIRS,
+                   max_seconds: float = MAX_SECONDS,
                    ) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...], str | None]:
     """``(file's latency, float model's latency, verdict)`` on this CPU: ``cm.float_model`` is
     exported to a temporary file and both optimized sessions are timed in alternating pairs of runs on
-    calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`)."""
+    calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`), ``repeats``
+    pairs at a time until the speed-up's interval decides the verdict (``max_repeats`` pairs,
+    ``max_seconds`` per batch size at most)."""
     x = np.ascontiguousarray(cm.calib.x)
     with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:
         with scratch_writes():  # timed, then removed: not an output an interrupt message would name
             float_path = export_float_reference(cm, Path(tmp) / "float.onnx").path
         model = make_session(path, threads=threads, spinning=TIMED_SPINNING)
         reference = make_session(float_path, threads=threads, spinning=TIMED_SPINNING)
-        pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats)
-                 for bs in batch_sizes]
+        pairs = [measure_latency_pair(model, reference, x, int(bs), warmup=warmup, repeats=repeats,
+                                      max_repeats=max_repeats, max_seconds=max_seconds) for bs in batch_sizes]
         # a quantized file is not always the smaller (a tiny model's Q/DQ pairs, layers kept float)
         sizes = (model_files_size(path), model_files_size(float_path))
     latency, ref = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)

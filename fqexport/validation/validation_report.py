@@ -14,7 +14,7 @@ from fqexport.errors import ValidationFailed
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics, json_safe
-from fqexport.validation.latency import LatencyResult
+from fqexport.validation.latency import LatencyResult, speed_word
 from fqexport.validation.thresholds import CheckResult, Thresholds
 
 MSG_FAILED = "{model}: {count} limit(s) broken: {checks}"
@@ -54,16 +54,8 @@ def kernel_deviation(kernels: GroupMetrics, graph: GroupMetrics) -> dict[str, fl
 
 # A speed-up of at least 10 % (at most 10 % slower) counts as faster (slower); between, the same:
 # latencies on a shared machine move by a few percent from run to run.
-FASTER, SLOWER = 1.10, 0.90
 SMALLER = 0.95  # a file buys size when it takes at most this share of the reference's bytes
 UNOPTIMIZED = "the unoptimized session"  # the kernel check's usual reference (ValidationReport.kernel_reference)
-
-
-def speed_word(speedup: float) -> str:
-    """``"faster"``, ``"slower"`` or ``"same speed"`` for a speed-up over the reference, as it is
-    shown (two decimals: a measured 0.9047 reads 0.90x, and so is slower)."""
-    shown = round(float(speedup), 2)
-    return "faster" if shown >= FASTER else "slower" if shown <= SLOWER else "same speed"
 
 
 def speedups(latency: Sequence[LatencyResult], reference: Sequence[LatencyResult]) -> dict[int, float]:
@@ -90,21 +82,31 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
     if not ratio:
         return (f"on this CPU ({isa}) the speed is not compared: the file was timed at batch "
                 f"{', '.join(map(str, mine))} and {noun} runs batch {', '.join(map(str, theirs))} only (a fixed batch)")
-    parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({speed_word(x)})" for bs, x in ratio.items()]
-    fast = [bs for bs, x in ratio.items() if speed_word(x) == "faster"]
+    interval = {m.batch_size: (m.speedup_low, m.speedup_high) for m in latency if m.batch_size in ratio}
+    words = {bs: speed_word(x, *interval[bs]) for bs, x in ratio.items()}
+    parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({_with_interval(words[bs], *interval[bs])})"
+             for bs, x in ratio.items()]
+    fast = [bs for bs, w in words.items() if w == "faster"]
+    noisy = [bs for bs, w in words.items() if w == "within the timing noise"]
     at = f"at batch {', '.join(map(str, fast))}"
+    no_speed = f"no speed measured at batch {', '.join(map(str, noisy))} (timing noise)" if noisy else "no speed"
     if sizes is None:
-        buys = f"speed {at}" if fast else "no speed"
+        buys = f"speed {at}" if fast else no_speed
     elif sizes[0] <= SMALLER * sizes[1]:
-        buys = f"speed and size {at}" if fast else "size only, no speed"
+        buys = f"speed and size {at}" if fast else ("size; " if noisy else "size only, ") + no_speed
     else:
-        buys = f"speed {at}, no size" if fast else "neither speed nor size"
-        parts.append(f"the file takes {sizes[0]} bytes, {noun} {sizes[1]}")
+        buys = f"speed {at}, no size" if fast else ("no size; " + no_speed if noisy else "neither speed nor size")
+        parts.append(f"the file takes {sizes[0]:,} bytes, {noun} {sizes[1]:,}")
     unpaired = [bs for bs in mine if bs not in ratio]
     if unpaired:
         parts.append(MSG_NOT_COMPARED.format(batches=", ".join(map(str, unpaired)), noun=noun,
                                              theirs=", ".join(map(str, theirs))))
     return f"on this CPU ({isa}) the file buys {buys}: " + "; ".join(parts)
+
+
+def _with_interval(word: str, low: float | None, high: float | None) -> str:
+    """``"faster, 95 % interval 1.41-1.62x"``: the speed word and the interval that decided it."""
+    return word if low is None or high is None else f"{word}; 95 % interval {low:.2f}-{high:.2f}x"
 
 
 @dataclass(frozen=True)

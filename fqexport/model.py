@@ -19,7 +19,7 @@ from fqexport.graph.prepare import all_float_layers, count_macs, recurrent_op_la
 from fqexport.metadata import FLOAT_BITS, ExportMetadata, LayerRecord
 from fqexport.quant.grid import as_rows, column_scales
 from fqexport.quant.hessian import conv_transpose_rows, conv_transpose_weight
-from fqexport.quant.layout import LayerLayout
+from fqexport.quant.layout import LayerLayout, container_bytes, nbits_block_size
 from fqexport.tasks.base import Task
 from fqexport.tasks.classification import Classification
 
@@ -193,6 +193,19 @@ class CompressedModel:
         """Parameter-weighted average weight width over all weight layers: quantized layers at
         their width, layers left in float (``metadata.float_layers``) at 32 bits."""
         return self.avg_bits_of(self.metadata.float_layers)
+
+    @property
+    def stored_weight_bits(self) -> float:
+        """Bits per weight the written file stores, scales and zero points included, in each
+        layer's container (:func:`~fqexport.quant.layout.container_bytes`), weight layers left in
+        float at 32 bits: what a ``budget_bits`` budget counts (the allocation's ``stored_bits``
+        leaves the float layers out)."""
+        q = sum(l.params for l in self.layers.values())
+        f = sum(l.params for l in self.metadata.float_layers)
+        stored = sum(8 * container_bytes(l.container, l.params, l.scale.shape[0], l.kind,
+                                         l.block_size or nbits_block_size(l.params // max(l.scale.shape[0], 1)))
+                     for l in self.layers.values())
+        return (stored + FLOAT_BITS * f) / max(q + f, 1)
 
     @property
     def quantized_fraction(self) -> float:

@@ -917,3 +917,12 @@ def test_the_engine_starts_before_the_sensitivity_when_the_verification_hands_ou
     # a local engine's forkserver imports torch while the Fisher sensitivity runs, not after it;
     # a search of one fit (run in this process) never starts the workers
     assert events == (["sensitivity"] if one_fit else ["prepare", "sensitivity"])
+
+
+def test_the_compressed_models_stored_bits_are_the_allocations(search):
+    """CompressedModel.stored_weight_bits (compress's report.json) counts what the allocator counts: the
+    codes in their containers with scales and zero points (no float layer here, which it adds at 32)."""
+    cm = search.compressed
+    assert not cm.metadata.float_layers
+    assert cm.stored_weight_bits == pytest.approx(search.allocation.stored_bits, rel=1e-12)
+    assert cm.stored_weight_bits > cm.avg_weight_bits

@@ -100,7 +100,8 @@ def run_compress(args: argparse.Namespace) -> int:
     wider = (f"; {stored.avg_weight_bits:.2f} at the width of the containers the file stores the codes in, what "
              "validate reports" if stored is not None and abs(stored.avg_weight_bits - cm.avg_weight_bits) >= 0.005 else "")
     print(f"\naverage weight bits {cm.avg_weight_bits:.2f} (float layers at 32; {cm.quantized_fraction:.1%} of "
-          f"weights quantized{wider}); wrote {result.path} ({size_text(result.size_bytes)}, opset {result.opset})")
+          f"weights quantized{wider}; {cm.stored_weight_bits:.2f} stored with the scales and zero points); "
+          f"wrote {result.path} ({size_text(result.size_bytes)}, opset {result.opset})")
     if reference is not None:
         print(f"wrote the float reference {reference.path} ({size_text(reference.size_bytes)}): "
               f"fqexport validate {shlex.quote(str(result.path))} --reference {shlex.quote(str(reference.path))} ...")
@@ -133,7 +134,9 @@ def run_compress(args: argparse.Namespace) -> int:
         # the record the file holds (storage, opset and containers are set by the export), not the model's
         summary = {"export": result.to_dict(), "layers": cm.layer_table(), "metadata": written.to_dict(),
                    "avg_weight_bits": cm.avg_weight_bits,
-                   "avg_stored_weight_bits": stored.avg_weight_bits if stored is not None else None,
+                   # the codes at their containers' width (validate's figure); with scales and zero points
+                   "avg_container_weight_bits": stored.avg_weight_bits if stored is not None else None,
+                   "avg_stored_weight_bits": cm.stored_weight_bits,
                    "speed": speed, "speed_timings": timings}
         if search is not None:
             summary["mixed_precision"] = search.to_dict()

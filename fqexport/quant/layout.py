@@ -44,6 +44,28 @@ def stored_code_bits(container: str | None, bits: int) -> int:
     return CONTAINER_CODE_BITS.get(container or "", int(bits))
 
 
+SCALE_BYTES = 4  # one fp32 scale (per channel; per block for MatMulNBits)
+
+
+def container_bytes(container: str, params: int, channels: int, kind: str, block_size: int) -> int:
+    """Bytes the exporter writes for a weight of ``params`` codes in ``container``, scales and zero
+    points included: int8 one byte per code; int4 / int2 two / four codes per byte behind a Cast;
+    both with an fp32 scale per channel and, for a Linear, an int8 zero point per channel (ORT
+    fuses QGemm only with it; a conv's zero point 0 is left out); nbits (MatMulNBits) rows
+    padded to whole blocks of ``block_size`` along K, two codes per byte, one fp32 scale per
+    block; int4-blocked (the GPU) the codes two per byte, unpadded, one fp32 scale per (block,
+    channel), no zero point."""
+    n, p = max(int(channels), 1), int(params)
+    if container == "int8":
+        return p + (SCALE_BYTES + (kind == "linear")) * n
+    if container in ("int4", "int2"):
+        return -(-p * CONTAINER_CODE_BITS[container] // 8) + (SCALE_BYTES + (kind == "linear")) * n
+    blocks = -(-(p // n) // int(block_size))
+    if container == "int4-blocked":
+        return -(-p // 2) + SCALE_BYTES * n * blocks
+    return n * blocks * (int(block_size) // 2 + SCALE_BYTES)
+
+
 # MatMulNBits: blocks of a power of 2 >= 16 along K.
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
 # Narrowest width given per-block scales. Measured with benchmarks/nbits_bench.py: per-block

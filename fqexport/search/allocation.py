@@ -64,13 +64,12 @@ from fqexport.errors import ConfigError
 from fqexport.metadata import ACTIVATION_BITS, FLOAT_BITS
 from fqexport.quant.knapsack import solve_real
 from fqexport.quant.layout import layer_container as model_layer_container
-from fqexport.quant.layout import nbits_block_size, stored_code_bits, token_linear
+from fqexport.quant.layout import container_bytes, nbits_block_size, stored_code_bits, token_linear
 from fqexport.search.sensitivity import SensitivityTable
 
 log = logging.getLogger(__name__)
 
 BYTES_PER_CHANNEL = 5  # fp32 scale + int8 zero point per output channel
-SCALE_BYTES = 4  # one fp32 scale (per channel; per block for MatMulNBits)
 # DP cells per knapsack solve: weights are rounded up to span/(cells/L) units, so at most
 # L²/cells of the budget's span is left unused — negligible for CNN-sized layer counts.
 ALLOC_MAX_CELLS = 1_000_000
@@ -175,16 +174,7 @@ def stored_bytes(info: LayerCost, bits: int, storage: str, target: ExportTarget 
     n, p = max(int(info.channels), 1), int(info.params)
     if c == "ideal":
         return math.ceil(int(bits) * p / 8) + BYTES_PER_CHANNEL * n
-    if c == "int8":
-        return p + (SCALE_BYTES + (info.kind == "linear")) * n
-    if c in ("int4", "int2"):  # packed codes + fp32 scales (+ a Linear's int8 zero points)
-        return math.ceil(p * (4 if c == "int4" else 2) / 8) + (SCALE_BYTES + (info.kind == "linear")) * n
-    k = p // n  # nbits, int4-blocked: blocks along K
-    bs = nbits_block_size(k)
-    blocks = -(-k // bs)
-    if c == "int4-blocked":
-        return math.ceil(p / 2) + SCALE_BYTES * n * blocks
-    return n * blocks * (bs // 2 + SCALE_BYTES)
+    return container_bytes(c, p, n, info.kind, nbits_block_size(p // n))
 
 
 def stored_bits(info: LayerCost, bits: int, storage: str, target: ExportTarget = "portable") -> float:

@@ -4,7 +4,8 @@
    model's predictions on a 2-group input): fp32 vs W8A8 (int8) vs W4 ``storage="auto"`` (token
    Linears int8, the head MatMulNBits) vs W4 ``storage="packed"`` (every Linear MatMulNBits,
    per-block scales from the solver): file size vs fp32 (scales included), latency at batch 1
-   and 32 (median of ``--repeats`` runs, one session each, ``--threads`` threads), the ops ORT
+   and 32 (each file timed against fp32 in ``--repeats`` alternating pairs of runs, ``--threads``
+   threads: p50s and the median pair ratio), the ops ORT
    ran and the export check's agreement.
 2. Per-row vs per-block scales (GPTQ's groupsize = the MatMulNBits block) at 4 and 2 bits, on
    the DeiT-shaped model (top-1 agreement of the fake-quant reference with the float model on
@@ -27,24 +28,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from coverage_bench import DeiTTiny, task  # noqa: E402
+from coverage_bench import DeiTTiny, task, vs_fp32  # noqa: E402
 
 import fqexport.pipeline.compress as compress_mod  # noqa: E402
 from fqexport.config import ExportSpec, QuantConfig  # noqa: E402
 from fqexport.demo.models import mlp  # noqa: E402
 from fqexport.demo.task import make_tabular_task  # noqa: E402
 from fqexport.exporters.cpu_isa import cpu_isa  # noqa: E402
-from fqexport.exporters.ort_session import fused_kernels, kernel_line, make_session  # noqa: E402
+from fqexport.exporters.ort_session import fused_kernels, kernel_line  # noqa: E402
 from fqexport.exporters.qdq_onnx import export_float, export_qdq  # noqa: E402
 from fqexport.exporters.weight_nbits import NBITS_ACCURACY_LEVEL  # noqa: E402
 from fqexport.quant.grid import num_blocks  # noqa: E402
 from fqexport.quant.layout import LayerLayout, layer_layout, nbits_block_size  # noqa: E402
-from fqexport.validation.latency import measure_latency  # noqa: E402
-
-
-def latency_ms(path: Path, x: np.ndarray, batch: int, threads: int, repeats: int) -> float:
-    sess = make_session(path, threads=threads)
-    return measure_latency(sess, x[:batch], batch, warmup=3, repeats=repeats).p50_ms
 
 
 def per_row(kind: str, bits: int, export: ExportSpec, cols: int, macs: int, params: int) -> LayerLayout:
@@ -84,15 +79,18 @@ def deit_table(args, out: Path) -> None:
         paths[key], agree[key] = res.path, res.agreement
     base = paths["fp32"].stat().st_size
     print(f"\n## DeiT-tiny-shaped ViT, ORT CPU ({cpu_isa()}), {args.threads} threads, "
-          f"median of {args.repeats} runs, MatMulNBits accuracy_level={NBITS_ACCURACY_LEVEL}\n")
-    print("| export | bytes | vs fp32 | b1 ms | b32 ms | agreement | kernels |")
+          f"each file and fp32 in {args.repeats} alternating pairs (p50s; speed: the median pair ratio), "
+          f"MatMulNBits accuracy_level={NBITS_ACCURACY_LEVEL}\n")
+    print("| export | bytes | vs fp32 | b1 ms (speed vs fp32) | b32 ms (speed vs fp32) | agreement | kernels |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for key, p in paths.items():
-        b1 = latency_ms(p, x, 1, args.threads, args.repeats)
-        b32 = latency_ms(p, x, 32, args.threads, args.repeats)
+        if key == "fp32":
+            continue
+        b1, _, s1 = vs_fp32(p, paths["fp32"], x, 1, args.threads, args.repeats)
+        b32, _, s32 = vs_fp32(p, paths["fp32"], x, 32, args.threads, args.repeats)
         a = f"{100 * agree[key]:.2f}%" if key in agree else "-"
-        print(f"| {key} | {p.stat().st_size} | {base / p.stat().st_size:.2f}x smaller | {b1:.2f} | {b32:.2f} | {a} | "
-              f"{kernel_line(fused_kernels(p))} |", flush=True)
+        print(f"| {key} | {p.stat().st_size} | {base / p.stat().st_size:.2f}x smaller | {b1:.2f} ({s1:.2f}x) | "
+              f"{b32:.2f} ({s32:.2f}x) | {a} | {kernel_line(fused_kernels(p))} |", flush=True)
 
 
 def fidelity(cm, x: np.ndarray, want: np.ndarray) -> float:

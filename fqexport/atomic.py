@@ -1,19 +1,25 @@
 """Atomic file writes: write a temporary file beside the target, then rename it into place,
 so no reader (and no failed run) ever leaves a half-written output.
 
-The temporary file is named ``.<name>.fqexport-<pid>.tmp`` after the output and the writing
-process, so a run killed with SIGKILL (no handler runs) leaves a file the next write of the same
-output recognises and removes once that process is gone. The final file gets the usual
+The temporary file is named ``.<name>.fqexport-<writer>-<pid>.tmp`` after the output and the
+writing process, so a run killed with SIGKILL (no handler runs) leaves a file the next write of the
+same output recognises and removes once that process is gone. ``<writer>`` is a hash of the host
+name and the PID namespace: a pid names one process only there, and two CI containers writing to
+one shared volume may both be pid 1 (their temp files collided: one job's rename put the other's
+half-written file in place). A temp file of another host or namespace is never judged stale. The final file gets the usual
 permissions (``0o666`` minus the umask), not ``mkstemp``'s ``0o600``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import re
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -23,7 +29,7 @@ from fqexport.errors import OutputPathError
 log = logging.getLogger(__name__)
 
 MSG_WRITE = "cannot write {path}: {err}"
-_TMP = ".{name}.fqexport-{pid}.tmp"
+_TMP = ".{name}.fqexport-{writer}-{pid}.tmp"
 _written: list[Path] = []  # every output this process moved into place, in order
 
 
@@ -47,10 +53,21 @@ def outputs_written() -> tuple[Path, ...]:
     return tuple(_written)
 
 
+@functools.cache
+def writer_key() -> str:
+    """8 hex digits naming this host and PID namespace (where a pid names one process)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # 'pid:[4026531836]'
+    except OSError:  # no /proc (macOS): the host alone
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:8]
+
+
 def temp_path(path: str | Path, pid: int | None = None) -> Path:
-    """The temporary file ``atomic_write`` uses for ``path`` in process ``pid`` (default: this one)."""
+    """The temporary file ``atomic_write`` uses for ``path`` in process ``pid`` of this host and
+    PID namespace (default: this process)."""
     path = Path(path)
-    return path.parent / _TMP.format(name=path.name, pid=os.getpid() if pid is None else pid)
+    return path.parent / _TMP.format(name=path.name, writer=writer_key(), pid=os.getpid() if pid is None else pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -64,9 +81,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def stale_temp_files(path: str | Path) -> list[Path]:
-    """Temporary files of ``path`` left by writers that no longer run (killed mid-write)."""
+    """Temporary files of ``path`` left by writers of this host and PID namespace that no longer
+    run (killed mid-write); another namespace's writer cannot be judged from here."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.fqexport-") + r"([0-9]+)\.tmp\Z")
+    pattern = re.compile(re.escape(f".{path.name}.fqexport-{writer_key()}-") + r"([0-9]+)\.tmp\Z")
     try:
         names = os.listdir(path.parent)
     except OSError:

@@ -1,5 +1,5 @@
 """Interrupted writes: SIGINT and SIGTERM remove the temp file and exit 128+n; SIGKILL leaves
-``.<name>.fqexport-<pid>.tmp``, which the next write of the same output removes."""
+``.<name>.fqexport-<writer>-<pid>.tmp``, which the next write of the same output removes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import pytest
 from safety_helpers import cli_env, compress_args, first_line
 
-from fqexport.atomic import atomic_write, stale_temp_files, temp_path
+from fqexport.atomic import atomic_write, stale_temp_files, temp_path, writer_key
 
 # The real CLI (its main(), its signal handling), with compress replaced by a slow atomic write.
 # SIGINT gets Python's own handler back: a shell starts background jobs (``cmd &``, as CI runners
@@ -66,7 +66,7 @@ def test_signals_during_a_write_then_rerun(tmp_path):
         assert sorted(os.listdir(tmp_path / key)) == ["calib.npz", "mlp.pt"]
 
     assert results["kill"][0] == -signal.SIGKILL
-    left = tmp_path / "kill" / f".o.onnx.fqexport-{procs['kill'].pid}.tmp"
+    left = tmp_path / "kill" / f".o.onnx.fqexport-{writer_key()}-{procs['kill'].pid}.tmp"
     assert left.exists() and stale_temp_files(tmp_path / "kill" / "o.onnx") == [left]
     atomic_write(tmp_path / "kill" / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))  # the rerun
     assert sorted(os.listdir(tmp_path / "kill")) == ["calib.npz", "mlp.pt", "o.onnx"]
@@ -83,6 +83,25 @@ def test_a_live_writers_temp_file_is_left_alone(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_another_hosts_or_namespaces_writer_is_neither_collided_with_nor_judged(tmp_path):
+    """survey 97: two CI containers writing one output on a shared volume, both pid 1, shared the temp
+    name `.o.onnx.fqexport-1.tmp`: the second unlinked the first's file and reused the name, and the
+    first's rename put the second's half-written file in place. The name carries a hash of the host
+    and PID namespace; another writer's temp file, whatever its pid, is left alone."""
+    import re
+
+    mine = temp_path(tmp_path / "o.onnx", 1)
+    assert re.fullmatch(r"\.o\.onnx\.fqexport-[0-9a-f]{8}-1\.tmp", mine.name) and writer_key() in mine.name
+    theirs = tmp_path / f".o.onnx.fqexport-{'0' * 8 if writer_key() != '0' * 8 else '1' * 8}-{os.getpid()}.tmp"
+    dead = tmp_path / f".o.onnx.fqexport-{'f' * 8 if writer_key() != 'f' * 8 else 'e' * 8}-999999999.tmp"
+    for other in (theirs, dead):
+        other.write_bytes(b"another container's write in progress")
+    assert stale_temp_files(tmp_path / "o.onnx") == []  # not this namespace's: not judged
+    atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"mine"))
+    assert (tmp_path / "o.onnx").read_bytes() == b"mine"
+    assert theirs.read_bytes() == dead.read_bytes() == b"another container's write in progress"
 
 
 def _compress_that_writes_then_raises(tmp_path, monkeypatch, error: BaseException) -> int:

@@ -81,6 +81,30 @@ def test_a_closed_stdout_ends_quietly_with_sigpipes_code(work, monkeypatch):
     assert code == 141 and err == ""
 
 
+def test_a_stdout_that_closes_early_or_cannot_encode_still_gets_every_file(work):
+    """survey 97: `compress ... --report r.json | true` exited 141 without writing the report, and an ASCII
+    stdout (PYTHONIOENCODING=ascii) turned the summary's dash into exit 3 "this is a bug" after the
+    files were written. A closed stdout now drops the rest of the console and the run finishes its
+    files (141 at the end); a character stdout cannot encode is written escaped (exit 0)."""
+    import subprocess
+    import sys
+
+    from safety_helpers import cli_env, compress_args
+
+    command = [sys.executable, "-m", "fqexport.cli", *compress_args("--out", "m.onnx", "--report", "r.json")]
+    reader = subprocess.Popen(command, cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # the reader went away before the first line (`| true`)
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=300) == 141 and err == "", err
+    assert (work / "m.onnx").is_file() and (work / "r.json").is_file()
+    ascii_env = dict(cli_env(), PYTHONIOENCODING="ascii")
+    run = subprocess.run([*command[:-4], "--out", "a.onnx", "--no-speed-check"], cwd=work, env=ascii_env,
+                         capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()
+    out = run.stdout.decode("ascii")
+    assert "\\u2014 passed" in out and (work / "a.onnx").is_file()
+
+
 @pytest.mark.parametrize("command", ["compress", "validate", "analyze", "sweep", "demo"])
 def test_quiet_and_debug_accepted_after_every_subcommand(command):
     parser = build_parser()

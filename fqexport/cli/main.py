@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 from fqexport.atomic import outputs_written
 from fqexport.cli.common import (
     EXIT_BAD_INPUT,
+    EXIT_OK,
     EXIT_FAILED,
     EXIT_INTERNAL,
     QUIET_HELP,
@@ -345,8 +346,57 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+class _Stdout:
+    """``sys.stdout`` while a command runs. A character its encoding cannot take is written
+    escaped (``\\u2014``): an ASCII or Latin-1 stdout (``PYTHONIOENCODING``) ended a passing gate
+    with exit 3 on the summary's dash. Once the reader has gone (``| head -1``, ``| true``), the
+    rest is dropped and the command still finishes its files (compress's ``--report`` was lost):
+    :attr:`gone` then makes the exit code 141, as a Unix tool's on SIGPIPE."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        if self.gone:
+            return len(text)
+        try:
+            return self.stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            return self.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.gone = True
+        try:  # what the stream still buffers goes nowhere at exit's flush, without a second error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError):  # not a file (captured)
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, check and run the subcommand, map errors and signals to exit codes."""
+    stdout = sys.stdout = _Stdout(sys.stdout)
+    try:
+        code = _main(argv)
+    finally:
+        sys.stdout = stdout.stream
+    return 128 + signal.SIGPIPE if stdout.gone and code == EXIT_OK else code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # torch's OpenMP threads spin while they wait for each other; on a shared CPU that starves a
     # descheduled peer (README: 163 s -> 11 s for a compress under load, ~2 % slower when quiet).
     # Set before any stage imports torch; the user's own setting wins.

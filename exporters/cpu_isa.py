@@ -97,6 +97,15 @@ def cpu_isa(cpuinfo: str | Path | None = None) -> str:
     return isa_from_cpuinfo(text, platform.machine())
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on: its affinity (``taskset``, a container's cpuset),
+    not the machine's count, which ``os.cpu_count()`` gives."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call (macOS)
+        return int(os.cpu_count() or 1)
+
+
 def kernel_family(isa: str) -> str:
     """The kernel family (:data:`KERNEL_FAMILIES`) of an instruction-set name; ``"unknown"`` if none."""
     return _FAMILY.get(isa, "unknown")

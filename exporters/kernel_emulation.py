@@ -31,7 +31,6 @@ output range, rounded half to even, plus the output zero point.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from onnx import helper, numpy_helper
 from fqexport.config import KernelTarget
 from fqexport.errors import ConfigError, ModelLoadError
 from fqexport.exporters.batch_coupling import batch_coupled_nodes
+from fqexport.exporters.cpu_isa import usable_cpus
 from fqexport.exporters.onnx_graph import attributes
 from fqexport.exporters.ort_session import build_session
 from fqexport.exporters.pair_saturation import (
@@ -763,7 +763,7 @@ class EmulatedSession:
             raise ConfigError(MSG_NOT_EMULATED)
         self.path = Path(path)
         self.target = target
-        self._workers = max(1, int(threads) if threads else (os.cpu_count() or 1))
+        self._workers = max(1, int(threads) if threads else usable_cpus())
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.model = self._optimized(self.path)

@@ -582,7 +582,7 @@ class EngineConfig:
         engine: ``"serial"`` (in this process, one task after another), ``"local"`` (a process
             pool on this machine), ``"ray"`` (Ray tasks; ``pip install 'fqexport[ray]'``) or
             ``"auto"`` (default: local when ``workers`` > 1, else serial).
-        workers: processes of the local pool (default ``os.cpu_count()``); with Ray, the CPUs of
+        workers: processes of the local pool (default: the CPUs this process may run on); with Ray, the CPUs of
             the local cluster started when ``ray_address`` is None; more than 1 with ``"serial"``
             is refused (it would be ignored).
         ray_address: ``"auto"``, ``"ray://host:10001"`` or ``"host:6379"`` of a running cluster;
@@ -637,8 +637,10 @@ class EngineConfig:
 
     @property
     def num_workers(self) -> int:
-        """``workers``, else the machine's cores."""
-        return int(self.workers or os.cpu_count() or 1)
+        """``workers``, else the CPUs this process may run on (a container's cpuset, ``taskset``)."""
+        from fqexport.exporters.cpu_isa import usable_cpus
+
+        return int(self.workers or usable_cpus())
 
     @property
     def kind(self) -> str:

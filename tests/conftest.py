@@ -36,10 +36,9 @@ MAX_TEST_WORKERS = 4
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    import os
+    from fqexport.exporters.cpu_isa import usable_cpus
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_TEST_WORKERS))
+    return min(usable_cpus(), MAX_TEST_WORKERS)
 
 
 @pytest.fixture(scope="session")

@@ -626,3 +626,16 @@ if __name__ == "__main__":
     with LocalEngine(1) as engine:
         print(engine.map(one, [Task(("one",), "one", 0)], None, "one"))
 """
+
+
+def test_the_default_worker_count_is_the_cpus_this_process_may_run_on(monkeypatch):
+    """survey 97: `taskset -c 0 fqexport sweep` (a container's cpuset) started a local pool of
+    os.cpu_count() workers: a 64-core host's pinned container would start 64 torch processes."""
+    import fqexport.exporters.cpu_isa as cpu_isa
+
+    monkeypatch.setattr(cpu_isa.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert cpu_isa.usable_cpus() == 1
+    assert EngineConfig().num_workers == 1 and EngineConfig().kind == "serial"
+    monkeypatch.setattr(cpu_isa.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert EngineConfig().num_workers == 3 and EngineConfig().kind == "local"
+    assert EngineConfig(workers=2).num_workers == 2

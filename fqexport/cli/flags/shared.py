@@ -328,7 +328,7 @@ def add_search_options(mp) -> None:
                     "(pip install 'fqexport[ray]'); auto: local with more than one core. Results do not "
                     f"depend on it (default: {e.engine})")
     mp.add_argument("--workers", type=int_at_least(1), default=e.workers, metavar="N",
-                    help="worker processes of --engine local, CPUs of a local Ray cluster (default: all cores); "
+                    help="worker processes of --engine local, CPUs of a local Ray cluster (default: the CPUs this process may run on: its affinity, a container's cpuset); "
                     "with --finetune also the DataLoader workers reading --train batch by batch (without "
                     "--workers: none, --train is read in this process)")
     mp.add_argument("--ray-address", default=None, metavar="ADDRESS",

@@ -639,3 +639,22 @@ def test_the_default_worker_count_is_the_cpus_this_process_may_run_on(monkeypatc
     monkeypatch.setattr(cpu_isa.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
     assert EngineConfig().num_workers == 3 and EngineConfig().kind == "local"
     assert EngineConfig(workers=2).num_workers == 2
+
+
+def test_auto_runs_serially_where_the_temporary_folder_is_too_long_for_the_pools_socket(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """survey 97: the default engine failed under a TMPDIR over ~75 bytes with the local engine's error;
+    'auto' runs serially, said, as it does for an unguarded script; an explicit 'local' keeps the error
+    (test_a_temporary_folder_too_long_for_the_workers_socket_is_named_with_the_fix)."""
+    import tempfile
+
+    long_tmp = tmp_path / ("t" * max(1, SOCKET_PATH_LIMIT - 32 - len(str(tmp_path))))
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with caplog.at_level("WARNING", logger="fqexport.engine"):
+        engine = make_engine(EngineConfig(engine="auto", workers=2))
+    assert isinstance(engine, SerialEngine)
+    assert "is too long a path for the local pool's Unix socket: the search runs serially" in caplog.text
+    assert isinstance(make_engine(EngineConfig(engine="local", workers=2)), LocalEngine)
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert isinstance(make_engine(EngineConfig(engine="auto", workers=2)), LocalEngine)

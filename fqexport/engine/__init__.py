@@ -23,7 +23,7 @@ from fqexport.engine.base import (
     run_task,
     task_seed,
 )
-from fqexport.engine.local import LocalEngine
+from fqexport.engine.local import LocalEngine, socket_folder_too_long
 from fqexport.engine.ray_engine import RayEngine
 
 __all__ = ["Engine", "EngineConfig", "KILL_ENV", "LocalEngine", "RayEngine", "SerialEngine", "Task",
@@ -53,6 +53,11 @@ MSG_UNGUARDED_SERIAL = (
     "processes would run it again: the search runs serially (put its calls under the guard to use the pool)"
 )
 
+MSG_SOCKET_SERIAL = (
+    "engine 'auto': the temporary folder {tmp!r} ({n} bytes) is too long a path for the local pool's Unix "
+    "socket: the search runs serially (set TMPDIR to a shorter folder, e.g. /tmp, to use the pool)"
+)
+
 
 def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (), sent: Sequence[Any] = ()) -> Engine:
     """The engine ``config`` asks for (``auto``: local with more than one worker, else serial);
@@ -75,6 +80,11 @@ def make_engine(config: EngineConfig | None = None, preload: Sequence[str] = (),
         if config.engine != "auto":
             raise EngineError(MSG_UNGUARDED.format(path=script))
         log.warning(MSG_UNGUARDED_SERIAL.format(path=script))
+        return SerialEngine()
+    long_tmp = socket_folder_too_long() if kind == "local" and config.num_workers > 1 \
+        and config.start_method == "forkserver" and config.engine == "auto" else None
+    if long_tmp is not None:
+        log.warning(MSG_SOCKET_SERIAL.format(tmp=long_tmp, n=len(os.fsencode(long_tmp))))
         return SerialEngine()
     if kind == "ray":
         return RayEngine(config.num_workers, config.retries, config.ray_address, config.task_cpus, config.task_gpus)

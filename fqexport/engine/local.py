@@ -122,6 +122,14 @@ def _start_resource_tracker() -> None:
             os.environ["PYTHONWARNINGS"] = before
 
 
+def socket_folder_too_long() -> str | None:
+    """The temporary folder when the forkserver's socket path under it
+    (``<tmp>/pymp-XXXXXXXX/listener-XXXXXXXX``: 32 bytes more) would not fit a Unix socket's
+    :data:`SOCKET_PATH_LIMIT` bytes (with its NUL), else None."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(os.fsencode(tmp)) + 32 >= SOCKET_PATH_LIMIT else None
+
+
 def _start_forkserver() -> None:
     """Start multiprocessing's forkserver (once per process) with SIGINT ignored, which it keeps
     across its exec: a Ctrl-C to the process group while it imports the preload modules would

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, TypeVar
 
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.demo.task import DemoTaskSizes

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.errors import ConfigError, EngineError, FqexportError
 

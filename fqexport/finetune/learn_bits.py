@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.calibration.stream import DataStream
 from fqexport.errors import ConfigError

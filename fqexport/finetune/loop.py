@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.calibration.checks import require_labels
 from fqexport.calibration.readers import open_stream

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.calibration.checks import (
     check_labels,

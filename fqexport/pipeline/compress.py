@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.calibration.checks import MSG_COMPUTED_IDS, check_vocabulary, data_error
 from fqexport.calibration.group_data import GroupData, GroupWeights

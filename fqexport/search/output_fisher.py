@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.errors import ConfigError
 from fqexport.heap import reuse_freed_memory

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence, get_args
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.atomic import atomic_write
 from fqexport.calibration.group_data import GroupData

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from fqexport.progress import tqdm
 
 from fqexport.calibration.group_data import GroupData
 from fqexport.calibration.npz import available_memory_bytes

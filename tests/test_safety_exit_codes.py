@@ -105,6 +105,31 @@ def test_a_stdout_that_closes_early_or_cannot_encode_still_gets_every_file(work)
     assert "\\u2014 passed" in out and (work / "a.onnx").is_file()
 
 
+def test_a_full_disk_under_a_working_file_is_bad_input_naming_the_way_out(work, monkeypatch):
+    """survey 97: a full temporary folder or `ulimit -f` under the export check's working copy gave exit
+    3 "this is a bug" (OSError: File too large); also when a library wraps the OSError."""
+    import errno
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/x/check.onnx")
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", full)
+    argv = ["analyze", "--model", "fixtures_models:tiny_mlp", "--data", work / "calib.npz"]
+    code, _, err = _main(argv)
+    assert code == 2 and first_line(err).startswith(
+        "error: cannot write /tmp/x/check.onnx: No space left on device; free space on its disk, set TMPDIR")
+
+    def wrapped(args):
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662") from e
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", wrapped)
+    code, _, err = _main(argv)
+    assert code == 2 and first_line(err).startswith("error: cannot write a working file: File too large;")
+
+
 @pytest.mark.parametrize("command", ["compress", "validate", "analyze", "sweep", "demo"])
 def test_quiet_and_debug_accepted_after_every_subcommand(command):
     parser = build_parser()

@@ -16,6 +16,7 @@ error (a bug: please report it; ``--debug`` prints the traceback); 128+n stopped
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -63,6 +64,8 @@ MSG_INTERNAL = (
     "line and the output of the same command with --debug"
 )
 MSG_INTERNAL_MEMORY = "out of memory: {err}; use fewer samples (--num-calib, --batch-size) or a smaller model"
+MSG_DISK_FULL = ("cannot write {what}: {err}; free space on its disk, set TMPDIR to a folder with room (fqexport "
+                 "writes working files in the temporary folder {tmp}) or raise the file-size limit (ulimit -f)")
 MSG_SIGNAL = "interrupted by {name}; no partial output was left"
 MSG_SIGNAL_WRITTEN = "interrupted by {name}; no half-written file was left, but these outputs were finished before it: {paths}"
 MSG_ERROR_WRITTEN = "note: these outputs were finished before the error, and are from this run: {paths}"
@@ -165,6 +168,21 @@ _OOM_TEXTS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory
 
 def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` that says a disk, a quota or the file-size limit is full (a
+    working file in the temporary folder: the export check's copy, an activation spill)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 MSG_EMPTY_VALUE = "{flag}: an empty value (an unset variable in a CI script?); give one, or leave {flag} out"
@@ -309,6 +327,14 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
     except Exception as err:  # the last resort: never exit 1 (a broken limit) or with a bare traceback
         if (signalled := _signal_behind(err)) is not None:  # raised inside C code that wrapped it (Ray's wait)
             return _stopped(signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signalled.signum, before)
+        if (full := _disk_full(err)) is not None:
+            import tempfile
+
+            what = full.filename or "a working file"
+            print(f"error: {MSG_DISK_FULL.format(what=what, err=full.strerror or full, tmp=tempfile.gettempdir())}",
+                  file=sys.stderr)
+            _say_finished(before)
+            return EXIT_BAD_INPUT
         if _out_of_memory(err):  # torch's allocators raise RuntimeError, not MemoryError
             print(f"error: {MSG_INTERNAL_MEMORY.format(err=' '.join(str(err).split())[:300])}", file=sys.stderr)
             _say_finished(before)

@@ -242,7 +242,7 @@ def check_export(model: onnx.ModelProto, want: np.ndarray, x: np.ndarray, group:
         raise ExportError(MSG_NONFINITE_REFERENCE.format(path=path, n=bad, total=len(want)))
     verdicts = []
     with tempfile.TemporaryDirectory(prefix="fqexport-check-") as tmp:
-        file = Path(tmp) / path.name
+        file = Path(tmp) / "model.onnx"  # not the user's name: one that is not UTF-8 failed ORT's constructor
         onnx.save_model(model, str(file), save_as_external_data=False)
         native: Verdict | None = None  # this CPU's own kernels' verdict, on every sample
         for judge in kernel_judges(target):

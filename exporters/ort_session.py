@@ -32,6 +32,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
 MSG_IS_DIR = "ONNX model {path} is a directory, not an .onnx file: give the model's .onnx file"
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
+MSG_NOT_UTF8 = ("ONNX model {path!r}: its file name is not valid UTF-8, and ONNX Runtime opens files by UTF-8 "
+                "names only; rename it (or copy it to a UTF-8 name)")
 # ORT's CPU optimizers on an opset-21 file with int8 activations (the gpu target's S8S8): QDQ
 # propagation inserts a QuantizeLinear with output_dtype INT8 beside the zero point that the S8->U8
 # conversion made uint8, and the session refuses its own graph (onnxruntime issue 25526's error)
@@ -114,6 +116,10 @@ def check_model_file(path: str | Path) -> None:
         raise ModelLoadError(MSG_IS_DIR.format(path=path))
     if not path.is_file():
         raise ModelLoadError(MSG_NO_FILE.format(path=path))
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a byte the file system's name holds that is not UTF-8 (decoded as a surrogate)
+        raise ModelLoadError(MSG_NOT_UTF8.format(path=os.fsencode(path))) from None
 
 
 def resolve_provider(provider: str) -> str:

@@ -1,0 +1,43 @@
+"""The process's environment: no stderr to draw progress bars on, file names that are not UTF-8."""
+
+from __future__ import annotations
+
+import sys
+
+from fqexport.config import QuantConfig
+from fqexport.pipeline.compress import compress
+from fqexport.progress import tqdm
+
+
+def test_bars_are_off_without_a_stderr_and_the_api_runs(mlp_model, mlp_data, monkeypatch):
+    """survey 97: under pythonw, a --noconsole app or a service without standard streams, sys.stderr
+    is None and fqexport.compress / validate with their default progress=True raised AttributeError
+    inside tqdm."""
+    assert not tqdm(range(3), disable=False).disable
+    monkeypatch.setattr(sys, "stderr", None)
+    assert tqdm(range(3), disable=False).disable
+    cm = compress(mlp_model, mlp_data, QuantConfig(num_calib=64), progress=True)
+    assert sorted(cm.layers) == ["fc1", "fc2", "fc3"]
+
+
+def test_a_file_name_that_is_not_utf8_is_written_and_named_when_read(cnn_cm8, tmp_path):
+    """survey 97: `compress --out 'm\\xff.onnx'` failed after all the compute (the export check copied
+    the model under the user's name, which ONNX Runtime cannot open); validate of such a file said
+    "incompatible constructor arguments ... Is it a complete, valid .onnx file?"."""
+    import os
+
+    import pytest
+
+    from fqexport.errors import ModelLoadError
+    from fqexport.exporters.qdq_onnx import export_qdq
+    from fqexport.validation.gate import validate
+
+    path = tmp_path / os.fsdecode(b"m\xff.onnx")
+    try:
+        path.write_bytes(b"")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert export_qdq(cnn_cm8, path).path == path and path.stat().st_size > 0
+    with pytest.raises(ModelLoadError, match="its file name is not valid UTF-8, and ONNX Runtime opens files by "
+                                             "UTF-8 names only; rename it"):
+        validate(path, cnn_cm8.calib, latency_batch_sizes=(), kernel_check=False)

@@ -658,3 +658,31 @@ def test_auto_runs_serially_where_the_temporary_folder_is_too_long_for_the_pools
     assert isinstance(make_engine(EngineConfig(engine="local", workers=2)), LocalEngine)
     monkeypatch.setattr(tempfile, "tempdir", "/tmp")
     assert isinstance(make_engine(EngineConfig(engine="auto", workers=2)), LocalEngine)
+
+
+KILLED_SERVER_CALLER = """
+import os, signal, time
+from multiprocessing import forkserver
+from fqexport.engine import LocalEngine, Task
+def double(context, task):
+    return task.payload * 2
+if __name__ == "__main__":
+    with LocalEngine(2) as engine:
+        print(engine.map(double, [Task(("a", 0), "a", 0)], None, "one"))
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)  # a container's OOM killer
+        time.sleep(0.5)
+        print(engine.map(double, [Task(("b", i), "b", i) for i in range(3)], None, "two"))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the forkserver start method is POSIX's")
+def test_a_killed_forkserver_gets_a_new_pool_instead_of_an_internal_error(tmp_path):
+    """survey 97: the forkserver killed between two maps (an OOM killer) ended the next map with exit 3
+    ("BrokenProcessPool"/"EOFError ... this is a bug") raised by the pool's submit: a new pool and
+    server start, said once."""
+    (tmp_path / "main.py").write_text(KILLED_SERVER_CALLER)
+    run = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["[0]", "[0,", "2,", "4]"]
+    assert "local engine: the worker pool cannot start a worker (" in run.stderr

@@ -44,6 +44,8 @@ MSG_WORKER_DIED = ("local engine: the worker running {task} died {tries} times (
                    "and wrote nothing. A worker killed for memory needs fewer --workers; a script that calls "
                    "fqexport needs an `if __name__ == \"__main__\":` guard (workers import it); --engine serial "
                    "runs the task in this process and shows its error")
+MSG_POOL_START = ("local engine: no worker process can be started ({kind}: {err}), even by a new pool; the "
+                  "machine may be out of memory or processes; use fewer --workers or --engine serial")
 MSG_SOCKET_PATH = ("local engine: the worker processes cannot be started: the socket their server listens on "
                    "lives under the temporary folder {tmp!r} ({n} characters), and its path is longer than the "
                    "{limit} bytes a Unix socket takes; set TMPDIR to a shorter folder (e.g. /tmp) or use "
@@ -252,11 +254,26 @@ class LocalEngine(Engine):
         results: dict[int, Any] = {}
         inflight: dict[Future, int] = {}
         try:
+            restarts = 0
             while pending or inflight:
                 limit = 1 if suspects else self.workers
                 while pending and len(inflight) < limit:
                     i = pending.popleft()
-                    inflight[self._pool.submit(_call, fn, path, tasks[i], kill)] = i
+                    try:
+                        inflight[self._pool.submit(_call, fn, path, tasks[i], kill)] = i
+                    except (BrokenProcessPool, EOFError, ConnectionError) as err:
+                        # the pool broke while idle, or its forkserver is gone (killed: a container's
+                        # OOM killer), so no worker can start: a new pool and server, once
+                        pending.appendleft(i)
+                        if inflight:  # their futures fail with the pool: the loop below restarts it
+                            break
+                        restarts += 1
+                        if restarts > 1:
+                            raise EngineError(MSG_POOL_START.format(kind=type(err).__name__, err=err)) from err
+                        log.warning("local engine: the worker pool cannot start a worker (%s: %s); starting a new "
+                                    "one", type(err).__name__, err)
+                        self._stop_pool(kill=True)
+                        self._pool = self._new_pool()
                 if beside is not None:
                     beside()  # the workers run their tasks meanwhile
                     beside = None

@@ -32,6 +32,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MSG_NO_FILE = "ONNX model {path} does not exist: check the path"
 MSG_IS_DIR = "ONNX model {path} is a directory, not an .onnx file: give the model's .onnx file"
 MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid .onnx file?"
+# ORT's words when a session cannot get memory or threads (`ulimit -v`: "pthread_create failed ... Cannot
+# allocate memory", onnx's C++ "std::bad_alloc")
+ORT_OUT_OF_MEMORY = ("Cannot allocate memory", "bad_alloc", "Failed to allocate memory")
+MSG_SESSION_MEMORY = "ONNX Runtime ran out of memory opening {path}: {err}"
 MSG_NOT_UTF8 = ("ONNX model {path!r}: its file name is not valid UTF-8, and ONNX Runtime opens files by UTF-8 "
                 "names only; rename it (or copy it to a UTF-8 name)")
 # ORT's CPU optimizers on an opset-21 file with int8 activations (the gpu target's S8S8): QDQ
@@ -206,6 +210,9 @@ def build_session(
     try:
         session = ort.InferenceSession(source, **kwargs)
     except Exception as err:  # ORT raises its own Fail/InvalidGraph/… types
+        if any(t in str(err) for t in ORT_OUT_OF_MEMORY):  # not the file's fault ("Is it a valid .onnx file?")
+            raise MemoryError(MSG_SESSION_MEMORY.format(path=name_in_errors, err=" ".join(str(err).split())[:300])) \
+                from err
         if QDQ_PROPAGATION_FAILURE not in str(err) or QDQ_PROPAGATION in disable:
             raise ModelLoadError(MSG_UNREADABLE.format(path=name_in_errors, err=str(err).strip())) from err
         # ORT's own optimizers break the file (QDQ_PROPAGATION_FAILURE): load it without the one that does

@@ -136,3 +136,28 @@ def test_quiet_and_debug_accepted_after_every_subcommand(command):
     sub = parser._subparsers._group_actions[0].choices[command]
     flags = {s for a in sub._actions for s in a.option_strings}
     assert {"-q", "--quiet", "--debug", "-v"} <= flags
+
+
+def test_a_memory_limit_hit_loading_a_library_or_a_session_is_said_as_memory(work, monkeypatch):
+    """survey 97: under `ulimit -v` torch's import failed with "libtorch_cpu.so: failed to map segment"
+    (exit 3 "this is a bug") and ONNX Runtime's "pthread_create failed ... Cannot allocate memory" was
+    blamed on the file ("Is it a complete, valid .onnx file?")."""
+    import pytest as _pytest
+
+    from fqexport.exporters.ort_session import make_session
+
+    def unmappable(args):
+        raise ImportError("libtorch_cpu.so: failed to map segment from shared object")
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", unmappable)
+    code, _, err = _main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", work / "calib.npz"])
+    assert code == 2 and first_line(err).startswith("error: out of memory: libtorch_cpu.so: failed to map segment")
+
+    import onnxruntime as ort
+
+    def no_threads(*a, **k):
+        raise RuntimeError("pthread_create failed: Cannot allocate memory")
+
+    monkeypatch.setattr(ort, "InferenceSession", no_threads)
+    with _pytest.raises(MemoryError, match="ONNX Runtime ran out of memory opening .*model.onnx: pthread_create"):
+        make_session(work / "model.onnx")

@@ -63,7 +63,8 @@ MSG_INTERNAL = (
     "internal error: {kind}: {err} — this is a bug in fqexport, please report it with the command "
     "line and the output of the same command with --debug"
 )
-MSG_INTERNAL_MEMORY = "out of memory: {err}; use fewer samples (--num-calib, --batch-size) or a smaller model"
+MSG_INTERNAL_MEMORY = ("out of memory: {err}; use fewer samples (--num-calib, --batch-size), a smaller model, or a higher "
+                       "memory limit (ulimit -v, the container's)")
 MSG_DISK_FULL = ("cannot write {what}: {err}; free space on its disk, set TMPDIR to a folder with room (fqexport "
                  "writes working files in the temporary folder {tmp}) or raise the file-size limit (ulimit -f)")
 MSG_SIGNAL = "interrupted by {name}; no partial output was left"
@@ -166,7 +167,13 @@ def _stopped(signum: int, before: int) -> int:
 _OOM_TEXTS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "out of memory")
 
 
+# a library that cannot be mapped into memory (`ulimit -v`: "libtorch_cpu.so: failed to map segment")
+_MAP_TEXTS = ("failed to map segment", "Cannot allocate memory", "cannot allocate memory")
+
+
 def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (ImportError, OSError)):
+        return any(t in str(err) for t in _MAP_TEXTS)
     return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
 
 

@@ -45,20 +45,24 @@ def stored_code_bits(container: str | None, bits: int) -> int:
 
 
 SCALE_BYTES = 4  # one fp32 scale (per channel; per block for MatMulNBits)
+# Layer kinds whose int8-container weight keeps its zero point in the file (a Gemm/MatMul's and a
+# ConvTranspose's: exporters/compact.py drops it only before a Conv, a Mul and a Gather; packed
+# INT4/INT2 codes carry one for a Linear only)
+ZERO_POINT_KINDS = ("linear", "conv_transpose")
 
 
 def container_bytes(container: str, params: int, channels: int, kind: str, block_size: int) -> int:
     """Bytes the exporter writes for a weight of ``params`` codes in ``container``, scales and zero
     points included: int8 one byte per code; int4 / int2 two / four codes per byte behind a Cast;
     both with an fp32 scale per channel and, for a Linear, an int8 zero point per channel (ORT
-    fuses QGemm only with it; a conv's zero point 0 is left out); nbits (MatMulNBits) rows
-    padded to whole blocks of ``block_size`` along K, two codes per byte, one fp32 scale per
-    block; int4-blocked (the GPU) the codes two per byte, unpadded, one fp32 scale per (block,
-    channel), no zero point."""
+    fuses QGemm only with it), for an int8 ConvTranspose too (:data:`ZERO_POINT_KINDS`; the zero
+    point 0 of a conv's and an Embedding table's is left out); nbits (MatMulNBits) rows padded to whole
+    blocks of ``block_size`` along K, two codes per byte, one fp32 scale per block; int4-blocked
+    (the GPU) the codes two per byte, unpadded, one fp32 scale per (block, channel), no zero point."""
     n, p = max(int(channels), 1), int(params)
     if container == "int8":
-        return p + (SCALE_BYTES + (kind == "linear")) * n
-    if container in ("int4", "int2"):
+        return p + (SCALE_BYTES + (kind in ZERO_POINT_KINDS)) * n
+    if container in ("int4", "int2"):  # packed behind a Cast: a zero point for a Linear only
         return -(-p * CONTAINER_CODE_BITS[container] // 8) + (SCALE_BYTES + (kind == "linear")) * n
     blocks = -(-(p // n) // int(block_size))
     if container == "int4-blocked":

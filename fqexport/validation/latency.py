@@ -57,18 +57,23 @@ class LatencyResult:
         return asdict(self)
 
 
-def median_interval(ratios: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+# Fewest pairs whose whole range holds the median with CONFIDENCE (1 − 2⁻⁽ⁿ⁻¹⁾ >= 0.95).
+MIN_INTERVAL_PAIRS = 6
+
+
+def median_interval(ratios: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """A distribution-free interval for the median of ``ratios`` (n pairs): the order statistics
     r_(k) and r_(n+1-k), with k the largest such that P(Binomial(n, ½) < k) <= (1 − confidence)/2,
-    so the interval holds the true median with at least ``confidence`` whatever the noise's shape
-    (at least k = 1: the whole range for n < 6, whose coverage is 1 − 2⁻⁽ⁿ⁻¹⁾)."""
+    so the interval holds the true median with at least ``confidence`` whatever the noise's shape;
+    None for fewer than :data:`MIN_INTERVAL_PAIRS` pairs, whose whole range holds it less often."""
     r = np.sort(np.asarray(ratios, dtype=np.float64))
     n = r.size
     tail, k, below = (1.0 - confidence) / 2, 0, 0.0
     while k < n // 2 and below + math.comb(n, k) / 2.0**n <= tail:  # below = P(B < k + 1) after the step
         below += math.comb(n, k) / 2.0**n
         k += 1
-    k = max(k, 1)
+    if k == 0:
+        return None
     return float(r[k - 1]), float(r[n - k])
 
 
@@ -91,10 +96,6 @@ def speed_word(speedup: float, low: float | None = None, high: float | None = No
     return "within the timing noise"
 
 
-def decided(result: "LatencyResult") -> bool:
-    """Whether a pair-timed result's interval settles its speed word."""
-    return result.speedup is None or speed_word(result.speedup, result.speedup_low,
-                                                 result.speedup_high) != "within the timing noise"
 
 
 def make_batch(sample: np.ndarray, batch_size: int) -> np.ndarray:
@@ -184,10 +185,12 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
     swapping from pair to pair, so that load which comes and goes on a shared machine hits both
     runs of a pair alike. The session's ``speedup`` is the median of the pairs' time ratios (the
     same file against itself measured 0.99-1.00 this way under load where rounds of six runs
-    each measured 0.80-1.27), with its 95 % interval (``speedup_low``/``speedup_high``).
-    ``max_repeats``: while the interval does not settle the speed (:func:`decided`), time
-    ``repeats`` more pairs, up to ``max_repeats`` pairs or ``max_seconds`` of timing (default: no
-    more than ``repeats``)."""
+    each measured 0.80-1.27), with its 95 % interval (``speedup_low``/``speedup_high``; None
+    under :data:`MIN_INTERVAL_PAIRS` pairs). ``max_repeats`` and ``max_seconds``: after the first
+    ``repeats`` pairs, as many more as fit in ``max_seconds`` of timing at the pace they took, up
+    to ``max_repeats`` pairs in all (default: ``repeats`` pairs). The count follows the time the
+    runs take, never the ratios they give: stopping once an interval looks settled would take a
+    side more often than 5 % of the time for two files of equal speed (10 % measured)."""
     if int(batch_size) < 1 or int(warmup) < 0 or int(repeats) < 1:
         raise ConfigError(f"latency batch_size={batch_size!r}, warmup={warmup!r}, repeats={repeats!r}: need "
                           ">= 1, >= 0, >= 1")
@@ -200,20 +203,25 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
     feeds = [_feed(s, sample, batch_size) for s in pair]
     for s, f in zip(pair, feeds):
         _runs(s, f, int(warmup))
-    limit, start = max(int(max_repeats or 0), int(repeats)), time.perf_counter()
-    rounds: list[np.ndarray] = []
-    while True:
-        times = np.empty((2, int(repeats)))
-        for r in range(int(repeats)):
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                times[i, r] = _runs(pair[i], feeds[i], 1)[0]
-        rounds.append(times)
-        times = np.concatenate(rounds, axis=1)
-        n = times.shape[1]
-        ratios = times[1] / np.maximum(times[0], 1e-9)
-        low, high = median_interval(ratios)
-        mine = replace(_result(session, times[0], batch_size, warmup, n), speedup=float(np.median(ratios)),
-                       speedup_low=low, speedup_high=high)
-        out_of_time = max_seconds > 0 and time.perf_counter() - start > max_seconds
-        if decided(mine) or n + int(repeats) > limit or out_of_time:
-            return mine, _result(reference, times[1], batch_size, warmup, n)
+    start = time.perf_counter()
+    first = _pairs(pair, feeds, int(repeats))
+    n = int(repeats)
+    if max_repeats is not None and max_seconds > 0:  # the pace of the first pairs sets the count
+        pace = (time.perf_counter() - start) / n
+        n = int(min(max(int(max_repeats), n), max(n, max_seconds // max(pace, 1e-9))))
+    times = np.concatenate([first, _pairs(pair, feeds, n - int(repeats), start=int(repeats))], axis=1)
+    ratios = times[1] / np.maximum(times[0], 1e-9)
+    low, high = median_interval(ratios) or (None, None)
+    mine = replace(_result(session, times[0], batch_size, warmup, n), speedup=float(np.median(ratios)),
+                   speedup_low=low, speedup_high=high)
+    return mine, _result(reference, times[1], batch_size, warmup, n)
+
+
+def _pairs(pair: tuple[Any, Any], feeds: list[dict[str, np.ndarray]], n: int, start: int = 0) -> np.ndarray:
+    """Milliseconds ``[2, n]`` of ``n`` pairs of one run each, which goes first swapping from pair
+    to pair (pair ``start + r`` of the whole series)."""
+    times = np.empty((2, n))
+    for r in range(n):
+        for i in ((0, 1) if (start + r) % 2 == 0 else (1, 0)):
+            times[i, r] = _runs(pair[i], feeds[i], 1)[0]
+    return times

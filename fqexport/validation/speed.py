@@ -20,9 +20,9 @@ from fqexport.validation.validation_report import speed_verdict
 if TYPE_CHECKING:  # pragma: no cover
     from fqexport.model import CompressedModel
 
-# What compress times: one sample and a batch of 32, in rounds of a few pairs until the speed's
-# 95 % interval settles it, at most MAX_PAIRS pairs or about MAX_SECONDS of timing per batch size
-# (it is a summary, not a benchmark: ten pairs alone read a W8 CNN 1.02x once and 1.57x the next run).
+# What compress times: one sample and a batch of 32, as many pairs as fit in about MAX_SECONDS at
+# the pace of the first ten, at most MAX_PAIRS (it is a summary, not a benchmark: ten pairs alone
+# read a W8 CNN 1.02x once and 1.57x the next run).
 SPEED_BATCHES = (1, 32)
 MAX_PAIRS, MAX_SECONDS = 200, 3.0
 
@@ -33,9 +33,9 @@ def speed_vs_float(cm: "CompressedModel", path: str | Path, batch_sizes: Sequenc
                    ) -> tuple[tuple[LatencyResult, ...], tuple[LatencyResult, ...], str | None]:
     """``(file's latency, float model's latency, verdict)`` on this CPU: ``cm.float_model`` is
     exported to a temporary file and both optimized sessions are timed in alternating pairs of runs on
-    calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`), ``repeats``
-    pairs at a time until the speed-up's interval decides the verdict (``max_repeats`` pairs,
-    ``max_seconds`` per batch size at most)."""
+    calibration samples (:func:`~fqexport.validation.latency.measure_latency_pair`): ``repeats``
+    pairs, then as many more as fit in ``max_seconds`` at their pace (``max_repeats`` in all at
+    most), per batch size."""
     x = np.ascontiguousarray(cm.calib.x)
     with tempfile.TemporaryDirectory(prefix="fqexport-speed-") as tmp:
         with scratch_writes():  # timed, then removed: not an output an interrupt message would name

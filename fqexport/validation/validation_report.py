@@ -89,7 +89,8 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
     fast = [bs for bs, w in words.items() if w == "faster"]
     noisy = [bs for bs, w in words.items() if w == "within the timing noise"]
     at = f"at batch {', '.join(map(str, fast))}"
-    no_speed = f"no speed measured at batch {', '.join(map(str, noisy))} (timing noise)" if noisy else "no speed"
+    no_speed = (f"no speed told apart from the timing noise at batch {', '.join(map(str, noisy))}" if noisy
+                else "no speed")
     if sizes is None:
         buys = f"speed {at}" if fast else no_speed
     elif sizes[0] <= SMALLER * sizes[1]:

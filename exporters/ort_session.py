@@ -36,8 +36,8 @@ MSG_UNREADABLE = "cannot load ONNX model {path}: {err}. Is it a complete, valid 
 # allocate memory", onnx's C++ "std::bad_alloc")
 ORT_OUT_OF_MEMORY = ("Cannot allocate memory", "bad_alloc", "Failed to allocate memory")
 MSG_SESSION_MEMORY = "ONNX Runtime ran out of memory opening {path}: {err}"
-MSG_NOT_UTF8 = ("ONNX model {path!r}: its file name is not valid UTF-8, and ONNX Runtime opens files by UTF-8 "
-                "names only; rename it (or copy it to a UTF-8 name)")
+MSG_NOT_UTF8 = ("ONNX model {path!r}: its path is not valid UTF-8, and ONNX Runtime opens a model with external "
+                "data files by UTF-8 paths only; rename it (or copy it and its data files to a UTF-8 path)")
 # ORT's CPU optimizers on an opset-21 file with int8 activations (the gpu target's S8S8): QDQ
 # propagation inserts a QuantizeLinear with output_dtype INT8 beside the zero point that the S8->U8
 # conversion made uint8, and the session refuses its own graph (onnxruntime issue 25526's error)
@@ -120,10 +120,6 @@ def check_model_file(path: str | Path) -> None:
         raise ModelLoadError(MSG_IS_DIR.format(path=path))
     if not path.is_file():
         raise ModelLoadError(MSG_NO_FILE.format(path=path))
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:  # a byte the file system's name holds that is not UTF-8 (decoded as a surrogate)
-        raise ModelLoadError(MSG_NOT_UTF8.format(path=os.fsencode(path))) from None
 
 
 def resolve_provider(provider: str) -> str:
@@ -189,6 +185,12 @@ def build_session(
     name_in_errors = label or (IN_MEMORY if isinstance(model, bytes) else Path(model))
     if not isinstance(model, bytes):
         check_model_file(model)
+        try:
+            str(model).encode("utf-8")
+        except UnicodeEncodeError:  # a byte of the path that is not UTF-8 (decoded as a surrogate)
+            if external_data_locations(model):  # its data files are found beside it, by path
+                raise ModelLoadError(MSG_NOT_UTF8.format(path=os.fsencode(model))) from None
+            source = Path(model).read_bytes()  # ORT opens files by UTF-8 paths only; it reads bytes too
     provider_name = resolve_provider(provider)
     so = ort.SessionOptions()
     so.graph_optimization_level = _optimization_level(ort, level)

@@ -23,12 +23,16 @@ def test_bars_are_off_without_a_stderr_and_the_api_runs(mlp_model, mlp_data, mon
 def test_a_file_name_that_is_not_utf8_is_written_and_named_when_read(cnn_cm8, tmp_path):
     """survey 97: `compress --out 'm\\xff.onnx'` failed after all the compute (the export check copied
     the model under the user's name, which ONNX Runtime cannot open); validate of such a file said
-    "incompatible constructor arguments ... Is it a complete, valid .onnx file?"."""
+    "incompatible constructor arguments ... Is it a complete, valid .onnx file?". ORT gets its bytes;
+    one with external data files (found by path) is refused naming the path as the cause."""
     import os
 
     import pytest
 
+    import onnx
+
     from fqexport.errors import ModelLoadError
+    from fqexport.exporters.metadata import read_metadata
     from fqexport.exporters.qdq_onnx import export_qdq
     from fqexport.validation.gate import validate
 
@@ -38,6 +42,14 @@ def test_a_file_name_that_is_not_utf8_is_written_and_named_when_read(cnn_cm8, tm
     except (OSError, UnicodeEncodeError):
         pytest.skip("this file system refuses names that are not UTF-8")
     assert export_qdq(cnn_cm8, path).path == path and path.stat().st_size > 0
-    with pytest.raises(ModelLoadError, match="its file name is not valid UTF-8, and ONNX Runtime opens files by "
-                                             "UTF-8 names only; rename it"):
+    assert read_metadata(path).layers  # onnx reads it by name
+    report = validate(path, cnn_cm8.calib, latency_batch_sizes=(1,), repeats=2, kernel_check=False)  # ORT, as bytes
+    assert report.metrics.overall["accuracy"] > 0.5
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"")
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="data.bin",
+                    size_threshold=0)
+    with pytest.raises(ModelLoadError, match="its path is not valid UTF-8, and ONNX Runtime opens a model with "
+                                             "external data files by UTF-8 paths only; rename it"):
         validate(path, cnn_cm8.calib, latency_batch_sizes=(), kernel_check=False)

@@ -84,7 +84,8 @@ def stale_temp_files(path: str | Path) -> list[Path]:
     """Temporary files of ``path`` left by writers of this host and PID namespace that no longer
     run (killed mid-write); another namespace's writer cannot be judged from here."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.fqexport-{writer_key()}-") + r"([0-9]+)\.tmp\Z")
+    # (the older name ``.<name>.fqexport-<pid>.tmp``, judged as before: by the pid alone)
+    pattern = re.compile(re.escape(f".{path.name}.fqexport-") + f"(?:{writer_key()}-)?" + r"([0-9]+)\.tmp\Z")
     try:
         names = os.listdir(path.parent)
     except OSError:

@@ -66,8 +66,9 @@ def test_torchs_out_of_memory_is_bad_input_with_advice(work, monkeypatch):
     code, _, err = _main(["analyze", "--model", "fixtures_models:tiny_mlp", "--data", work / "calib.npz"])
     assert code == 2
     assert err.startswith("error: out of memory: [enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
-                          "allocate memory") and err.strip().endswith("use fewer samples (--num-calib, --batch-size) "
-                                                                       "or a smaller model")
+                          "allocate memory") and err.strip().endswith("use fewer samples (--num-calib, --batch-size), "
+                                                                       "a smaller model, or a higher memory limit "
+                                                                       "(ulimit -v, the container's)")
 
 
 def test_a_closed_stdout_ends_quietly_with_sigpipes_code(work, monkeypatch):
@@ -161,3 +162,41 @@ def test_a_memory_limit_hit_loading_a_library_or_a_session_is_said_as_memory(wor
     monkeypatch.setattr(ort, "InferenceSession", no_threads)
     with _pytest.raises(MemoryError, match="ONNX Runtime ran out of memory opening .*model.onnx: pthread_create"):
         make_session(work / "model.onnx")
+
+
+def test_the_stdout_guard_leaves_a_missing_stdout_and_other_threads_alone(work, monkeypatch):
+    """review 100: with sys.stdout None (pythonw) the guard's own write raised AttributeError (exit 3),
+    and two calls from threads restored sys.stdout out of order, leaving a finished command's guard
+    in place; a bug raised while handling a full disk was said as a full disk."""
+    import errno
+    import sys
+    import threading
+
+    printed = []
+
+    def prints(args):
+        printed.append(sys.stdout)
+        print("a line")
+        return 0
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", prints)
+    argv = ["analyze", "--model", "fixtures_models:tiny_mlp", "--data", str(work / "calib.npz")]
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(argv) == 0 and printed == [None]
+    monkeypatch.undo()
+    monkeypatch.setattr(analyze_cli, "run_analyze", prints)
+    before, codes = sys.stdout, []
+    thread = threading.Thread(target=lambda: codes.append(main(argv)))
+    thread.start()
+    thread.join()
+    assert codes == [0] and sys.stdout is before and printed[-1] is before  # not swapped from a thread
+
+    def bug_while_full(args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            return {}["missing"]
+
+    monkeypatch.setattr(analyze_cli, "run_analyze", bug_while_full)
+    code, _, err = _main(argv)
+    assert code == 3 and "KeyError" in err

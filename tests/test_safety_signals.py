@@ -249,3 +249,13 @@ def test_the_unraisable_hook_leaves_an_interrupt_it_did_not_record_to_python(mon
     error = SimpleNamespace(exc_value=ValueError("a real error"))
     hook(error)
     assert seen == [host, error]
+
+
+def test_an_older_versions_temp_file_of_a_dead_writer_is_still_removed(tmp_path):
+    """review 100: a `.<name>.fqexport-<pid>.tmp` left by a version before the writer key was never
+    cleaned up after upgrading."""
+    old = tmp_path / ".o.onnx.fqexport-999999999.tmp"
+    old.write_bytes(b"killed mid-write")
+    assert stale_temp_files(tmp_path / "o.onnx") == [old]
+    atomic_write(tmp_path / "o.onnx", lambda tmp: tmp.write_bytes(b"done"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]

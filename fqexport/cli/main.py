@@ -181,14 +181,16 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _disk_full(err: BaseException) -> OSError | None:
-    """The OSError behind ``err`` that says a disk, a quota or the file-size limit is full (a
-    working file in the temporary folder: the export check's copy, an activation spill)."""
+    """The OSError ``err`` is, or was raised from (``raise ... from``), that says a disk, a quota
+    or the file-size limit is full (a working file in the temporary folder: the export check's
+    copy, an activation spill). Not one it was merely raised while handling: a bug in handling a
+    full disk is a bug."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in _DISK_FULL:
             return err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
 
 
@@ -322,10 +324,7 @@ def _run_command(args: argparse.Namespace, flags: dict[str, str] | None, before:
     except _Signalled as sig:
         return _stopped(sig.signum, before)
     except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a Unix tool does
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        except (OSError, ValueError, AttributeError):  # stdout is not a file (captured)
-            pass
+        _to_devnull(sys.stdout)
         return 128 + signal.SIGPIPE
     except MemoryError as err:
         print(f"error: {MSG_INTERNAL_MEMORY.format(err=err or 'an allocation failed')}", file=sys.stderr)
@@ -408,19 +407,40 @@ class _Stdout:
             except BrokenPipeError:
                 self._reader_gone()
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def _reader_gone(self) -> None:
         self.gone = True
-        try:  # what the stream still buffers goes nowhere at exit's flush, without a second error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError, AttributeError):  # not a file (captured)
-            pass
+        _to_devnull(self.stream)
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
 
 
+def _to_devnull(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null: what it still buffers goes nowhere at
+    exit's flush, without a second BrokenPipeError (nothing for a stream that is not a file)."""
+    try:
+        fileno = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # captured (StringIO), closed, None
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fileno)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, check and run the subcommand, map errors and signals to exit codes."""
+    if sys.stdout is None or threading.current_thread() is not threading.main_thread():
+        # no stdout to guard (pythonw, a service: print writes nothing), or a call from a thread,
+        # which must not swap the process's sys.stdout under the main thread's own output
+        return _main(argv)
     stdout = sys.stdout = _Stdout(sys.stdout)
     try:
         code = _main(argv)

@@ -47,7 +47,7 @@ MSG_WORKER_DIED = ("local engine: the worker running {task} died {tries} times (
 MSG_POOL_START = ("local engine: no worker process can be started ({kind}: {err}), even by a new pool; the "
                   "machine may be out of memory or processes; use fewer --workers or --engine serial")
 MSG_SOCKET_PATH = ("local engine: the worker processes cannot be started: the socket their server listens on "
-                   "lives under the temporary folder {tmp!r} ({n} characters), and its path is longer than the "
+                   "lives under the temporary folder {tmp!r} ({n} bytes), and its path is longer than the "
                    "{limit} bytes a Unix socket takes; set TMPDIR to a shorter folder (e.g. /tmp) or use "
                    "--engine serial (EngineConfig(engine='serial'))")
 # sun_path of a Unix socket (Linux; macOS and the BSDs take 104): the forkserver's listener
@@ -152,7 +152,7 @@ def _start_forkserver() -> None:
         if "too long" not in str(err):
             raise
         tmp = tempfile.gettempdir()
-        raise EngineError(MSG_SOCKET_PATH.format(tmp=tmp, n=len(tmp), limit=SOCKET_PATH_LIMIT)) from err
+        raise EngineError(MSG_SOCKET_PATH.format(tmp=tmp, n=len(os.fsencode(tmp)), limit=SOCKET_PATH_LIMIT)) from err
 
 
 def _stop_forkserver() -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping, Sequence, get_args
 import numpy as np
 
 from fqexport.errors import ConfigError
+from fqexport.exporters.cpu_isa import usable_cpus
 
 # Every set of choices is defined once, here, as a Literal; tuples come from ``get_args``.
 WeightBits = Literal[2, 3, 4, 5, 6, 7, 8]
@@ -638,8 +639,6 @@ class EngineConfig:
     @property
     def num_workers(self) -> int:
         """``workers``, else the CPUs this process may run on (a container's cpuset, ``taskset``)."""
-        from fqexport.exporters.cpu_isa import usable_cpus
-
         return int(self.workers or usable_cpus())
 
     @property

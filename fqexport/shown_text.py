@@ -3,6 +3,7 @@ the console: every control character as its escape, and spaces at its edges made
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -18,3 +19,13 @@ def shown_text(value: Any) -> str:
     text = _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}" if ord(m.group()) > 0xFF
                                                else f"\\x{ord(m.group()):02x}"), str(value))
     return f"'{text}'" if text.strip() and text != text.strip() else text
+
+
+def loss_text(x: float) -> str:
+    """A loss or loss difference as the console and notes show it: 4 decimals, or 3 significant
+    digits where those would read 0.0000 (a near-lossless model's 2.2e-07 gap and its standard
+    error read "by 0.0000, within 2 x 0.0000")."""
+    x = float(x) + 0.0  # -0.0 reads 0.0000
+    if math.isfinite(x) and abs(x) < 1e-12:  # float round-off of a zero (a difference of equal sums)
+        x = 0.0
+    return f"{x:.4f}" if x == 0 or not math.isfinite(x) or abs(x) >= 5e-5 else f"{x:.3g}"

@@ -10,6 +10,7 @@ import pytest
 from conftest import run_main
 from fqexport.cli.flags.shared import MSG_ONLY_WITH
 from fqexport.cli.main import build_parser
+from fqexport.errors import ConfigError
 
 
 def _sweep_args(files, out_dir, *extra):
@@ -55,6 +56,10 @@ def test_each_budget_is_searched_once(caplog):
     with caplog.at_level("WARNING"):
         assert parse_budgets("3,2.5,3,3.0") == [3.0, 2.5]
     assert "--budgets '3,2.5,3,3.0': each budget is searched once (3,2.5)" in caplog.text
+    assert parse_budgets("3,4,") == [3.0, 4.0]  # a trailing comma
+    # survey 99: an empty entry (an unset variable: `--budgets 3,$B,4`) was dropped silently
+    with pytest.raises(ConfigError, match=r"an empty entry between commas"):
+        parse_budgets("3,,4")
 
 
 def test_sweep_skips_an_infeasible_budget_and_reports_it(tmp_path, mlp_files, tests_dir, monkeypatch):

@@ -237,3 +237,12 @@ def test_a_gate_note_on_one_held_out_sample_says_it_cannot_tell(monkeypatch):
                                np.array([0, 0, 1]), ("a", "b"), 0.1)
     assert note == ("kept the predicted-best knapsack allocation: the measured best (uniform 4) beat its held-out "
                     "objective by 0.2500 on group 'b', whose 1 held-out sample(s) cannot tell it from noise")
+
+
+def test_losses_too_small_for_four_decimals_are_shown_in_significant_digits():
+    """survey 99: a near-lossless model's note read "beat its held-out objective by 0.0000, within 2
+    standard errors (2 x 0.0000)" for a gap of 2.2e-07, and the candidates table "-0.0000"."""
+    from fqexport.shown_text import loss_text
+
+    assert [loss_text(x) for x in (0.01234, 2.2e-7, -3.1e-6, -0.0, 8.6e-18, float("nan"))] == [
+        "0.0123", "2.2e-07", "-3.1e-06", "0.0000", "0.0000", "nan"]

@@ -28,6 +28,7 @@ from fqexport.pipeline.compress import compress
 from fqexport.search.byte_budget import check_finetuned_size
 from fqexport.search.candidates import MixedPrecisionResult
 from fqexport.search.mixed_precision import search_mixed_precision
+from fqexport.shown_text import loss_text
 from fqexport.validation.reports import float_tail_words, write_json_data
 from fqexport.validation.resources import from_metadata
 from fqexport.validation.speed import speed_vs_float
@@ -185,8 +186,8 @@ def _run_search(args: argparse.Namespace, model, config: QuantConfig, budget: di
                       "avg bits": f"{c.allocation.avg_bits:.3f}",
                       "stored bits": f"{c.allocation.stored_bits:.3f}",
                       "weight bytes": f"{c.allocation.file_weight_bytes:,}",
-                      "predicted worst Δloss": f"{c.allocation.predicted_worst:.4f}",
-                      "held-out worst Δloss": f"{c.measured_worst:.4f}",
+                      "predicted worst Δloss": loss_text(c.allocation.predicted_worst),
+                      "held-out worst Δloss": loss_text(c.measured_worst),
                       f"held-out worst-group{metric} %": f"{100 * c.worst_group_acc:.2f}",
                       f"held-out overall{metric} %": f"{100 * c.mean_acc:.2f}"})
     print(f"\ncandidates verified on held-out calibration data ({res.verification}; predicted vs measured):")

@@ -24,6 +24,7 @@ import numpy as np
 from fqexport.calibration.group_data import GroupData
 from fqexport.search.allocation import Allocation, AllocationOptions
 from fqexport.search.candidates import Candidate
+from fqexport.shown_text import loss_text
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,10 @@ def gate_note(kept: Candidate, measured_best: Candidate, group: np.ndarray, grou
     n = int((group == worst).sum())
     if not math.isfinite(se):  # one held-out sample: no spread to measure
         return (f"kept the predicted-best {kept.origin} allocation: the measured best ({measured_best.origin}) beat its "
-                f"held-out objective by {gap:.4f} on group {groups[worst]!r}, whose {n} held-out sample(s) cannot "
+                f"held-out objective by {loss_text(gap)} on group {groups[worst]!r}, whose {n} held-out sample(s) cannot "
                 "tell it from noise")
     return (f"kept the predicted-best {kept.origin} allocation: the measured best ({measured_best.origin}) beat its "
-            f"held-out objective by {gap:.4f}, within {z:g} standard errors ({z:g} x {se:.4f}) of the paired "
+            f"held-out objective by {loss_text(gap)}, within {z:g} standard errors ({z:g} x {loss_text(se)}) of the paired "
             f"loss differences on group {groups[worst]!r} ({n} held-out samples), i.e. within the noise")
 
 
@@ -167,13 +168,13 @@ def never_worse_than_uniform(best: Candidate, candidates: Sequence[Candidate], o
         n = int((group == error[1]).sum())
         return best, None, (
             f"kept the {best.origin} allocation: uniform {width}-bit measured a held-out worst-group loss increase "
-            f"of {top.measured_worst:.4f} against its {best.measured_worst:.4f}, within {z:g} standard errors "
-            f"({z:g} x {error[0]:.4f}) of the paired loss differences on group {groups[error[1]]!r} ({n} held-out "
+            f"of {loss_text(top.measured_worst)} against its {loss_text(best.measured_worst)}, within {z:g} standard errors "
+            f"({z:g} x {loss_text(error[0])}) of the paired loss differences on group {groups[error[1]]!r} ({n} held-out "
             f"samples), i.e. within the noise")
     return top, (
         f"returning uniform {width}-bit: it measured a held-out worst-group loss increase of "
-        f"{top.measured_worst:.4f}, the selected mixed allocation {best.measured_worst:.4f}"
-        + (f" (beyond {z:g} standard errors, {z:g} x {error[0]:.4f})" if error is not None else "")
+        f"{loss_text(top.measured_worst)}, the selected mixed allocation {loss_text(best.measured_worst)}"
+        + (f" (beyond {z:g} standard errors, {z:g} x {loss_text(error[0])})" if error is not None else "")
     ), None
 
 

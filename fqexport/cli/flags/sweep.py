@@ -40,8 +40,13 @@ def parse_budgets(text: str) -> list[float]:
     """``--budgets 2.5,3`` -> ``[2.5, 3.0]``, each budget once (``3,3`` searched it twice and wrote
     two identical rows); ConfigError when malformed, empty or out of range, naming ``--budgets``."""
     message = f"--budgets {text!r}: expected stored bits per weight like 2.5,3,3.5,4"
+    parts = [b.strip() for b in text.split(",")]
+    if parts and not parts[-1]:
+        parts.pop()  # a trailing comma
+    if "" in parts:  # `3,,4`: an unset variable in a CI script?
+        raise ConfigError(f"{message} (an empty entry between commas: an unset variable?)")
     try:
-        budgets = [float(b) for b in text.split(",") if b.strip()]
+        budgets = [float(b) for b in parts]
     except ValueError as err:
         raise ConfigError(message) from err
     if not budgets:

@@ -133,3 +133,26 @@ def test_test_data_that_does_not_fit_the_model_is_refused_before_searching(tmp_p
                                              tmp_path / "narrow.npz"))
     assert code == 2 and not (tmp_path / "p").exists() and "mixed precision" not in stdout
     assert err.startswith(f"error: {tmp_path / 'narrow.npz'}: field 'x' with sample shape (5,) does not fit the model")
+
+
+def test_a_point_reusing_a_smaller_budgets_result_is_marked_in_the_table(tmp_path, monkeypatch, capsys):
+    """survey 99: the sweep's 4.5 row was budget 3's result (it measured better on the held-out samples),
+    while `compress --budget-bits 4.5` wrote another allocation; only pareto.json said so."""
+    import argparse
+
+    import fqexport.cli.sweep as sweep_cli
+    from fqexport.search.pareto import ParetoPoint
+
+    points = [ParetoPoint(3.0, 2.0, 1000, "b", 0.5, 0.7, 0.6, 0.8, {"fc": 2}, 2.2, 0.01),
+              ParetoPoint(4.5, 2.0, 1000, "b", 0.5, 0.7, 0.6, 0.8, {"fc": 2}, 2.2, 0.01, 3.0)]
+    assert sweep_cli._row(points[1])["budget"] == "4.5 (= 3)" and sweep_cli._row(points[0])["budget"] == "3"
+    monkeypatch.setattr(sweep_cli, "pareto_sweep", lambda *a, **k: points)
+    monkeypatch.setattr(sweep_cli, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(sweep_cli, "quant_config", lambda args: None)
+    monkeypatch.setattr(sweep_cli, "search_config", lambda args, budget_bits: argparse.Namespace(objective="worst-group"))
+    monkeypatch.setattr(sweep_cli, "task_of", lambda args: None)
+    args = argparse.Namespace(budgets="3,4.5", test=None, model="m", weights=None, trust_pickle=False, decode=None,
+                              calib="c.npz", quiet=True, out_dir=str(tmp_path))
+    assert sweep_cli.run_sweep(args) == 0
+    out = capsys.readouterr().out
+    assert "note: budget 4.5 repeats budget 3's result (it measured better by the objective on the held-out " in out

@@ -24,6 +24,11 @@ from fqexport.search.pareto import (
     write_pareto_json,
 )
 
+MSG_REUSED = (
+    " (it measured better by the objective on the held-out samples than this budget's own search, whatever "
+    "the noise: more budget never shows a worse point; `compress --budget-bits` at this budget writes its own "
+    "search's result)"
+)
 COLUMNS = ["budget", "avg bits", "weight bytes", "worst group", "worst-group %", "overall %", "float worst-group %"]
 
 
@@ -52,6 +57,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     skipped = skipped_budgets(points)
     if skipped:
         print(f"note: {skipped}")
+    reused = [p for p in points if p.feasible and p.reused_from is not None]
+    if reused:
+        print("note: " + "; ".join(f"budget {p.budget:g} repeats budget {p.reused_from:g}'s result" for p in reused)
+              + MSG_REUSED)
     print("wrote " + ", ".join(str(w) for w in written) + ("" if png else " (no plot: matplotlib is not installed)"))
     return EXIT_OK
 
@@ -62,6 +71,9 @@ def _row(p: ParetoPoint) -> dict[str, str]:
         return {"budget": f"{p.budget:g}", "avg bits": "infeasible", "weight bytes": "-",
                 "worst group": f"needs a budget >= {p.min_feasible_budget:g}", "worst-group %": "-", "overall %": "-",
                 "float worst-group %": "-"}
-    return {"budget": f"{p.budget:g}", "avg bits": f"{p.avg_bits:.3f}", "weight bytes": f"{p.weight_bytes:,.0f}",
+    # a point that reuses a smaller budget's result (it measured better on the held-out samples) says so:
+    # `compress --budget-bits` at this budget writes that budget's own search result (survey 99)
+    budget = f"{p.budget:g}" if p.reused_from is None else f"{p.budget:g} (= {p.reused_from:g})"
+    return {"budget": budget, "avg bits": f"{p.avg_bits:.3f}", "weight bytes": f"{p.weight_bytes:,.0f}",
             "worst group": p.worst_group, "worst-group %": f"{100 * p.worst_group_acc:.2f}",
             "overall %": f"{100 * p.mean_acc:.2f}", "float worst-group %": f"{100 * p.float_worst_group_acc:.2f}"}

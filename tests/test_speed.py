@@ -247,6 +247,7 @@ def test_the_pair_count_follows_the_time_the_runs_take_never_their_ratios():
     many more as fit in max_seconds at their pace, at most max_repeats: the same count whatever the
     ratios; fewer than 6 pairs give no interval."""
     from fqexport.validation.latency import measure_latency_pair
+    from fqexport.validation.validation_report import speed_verdict
 
     x = np.zeros((1, 2), np.float32)
     for fast, slow in ((0.001, 0.002), (0.002, 0.001), (0.001, 0.001)):  # faster, slower, the same
@@ -259,8 +260,19 @@ def test_the_pair_count_follows_the_time_the_runs_take_never_their_ratios():
     assert quick.repeats == 10  # no time left after the first pairs
     one, _ = measure_latency_pair(_Cycle(0.004, 0.020), _Cycle(0.012), x, 1, warmup=0, repeats=10)
     assert one.repeats == 10 and one.speedup_low < 1 < one.speedup_high  # no max_repeats: `repeats` pairs
-    few, _ = measure_latency_pair(_Cycle(0.001), _Cycle(0.002), x, 1, warmup=0, repeats=5)
-    assert few.speedup_low is None and few.speedup_high is None
+    # review 101: fewer than 6 pairs decide by their whole range (as before), labelled as no 95 % interval
+    few, ref = measure_latency_pair(_Cycle(0.004, 0.020), _Cycle(0.012), x, 1, warmup=0, repeats=5)
+    assert few.speedup_low < 1 < few.speedup_high
+    assert speed_verdict([few], [ref], "x86-avx2").endswith(
+        f"(within the timing noise; range of 5 pair(s) {few.speedup_low:.2f}-{few.speedup_high:.2f}x, too few for a "
+        "95 % interval)")
+    # no time cap (0 or inf): max_repeats pairs; a deadline stops the pairs once passed (load that arrives)
+    for cap in (0.0, float("inf")):
+        assert measure_latency_pair(_Cycle(0.001), _Cycle(0.001), x, 1, warmup=0, repeats=10, max_repeats=20,
+                                    max_seconds=cap)[0].repeats == 20
+    slow = _Cycle(*([0.001] * 10 + [0.05] * 1000))  # quick first pairs, then each run 50 ms
+    late, _ = measure_latency_pair(slow, _Cycle(0.001), x, 1, warmup=0, repeats=10, max_repeats=200, max_seconds=0.5)
+    assert 10 < late.repeats < 30  # stopped near the 0.5 s deadline, not at the 200 the pace promised
 
 
 def test_compress_says_when_its_timing_is_not_the_targets(monkeypatch):

@@ -38,7 +38,8 @@ class LatencyResult:
     session's intra-op thread count; ``warmup`` runs are discarded, ``repeats`` are timed.
     ``speedup``: timed in pairs with a reference (:func:`measure_latency_pair`), the median over
     the pairs of runs of the reference's time over this one's (> 1: faster); else None.
-    ``speedup_low`` / ``speedup_high``: the 95 % interval of that median (:func:`median_interval`).
+    ``speedup_low`` / ``speedup_high``: the 95 % interval of that median (:func:`median_interval`),
+    under :data:`MIN_INTERVAL_PAIRS` pairs their whole range (which holds it less often).
     """
 
     p50_ms: float
@@ -186,9 +187,10 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
     runs of a pair alike. The session's ``speedup`` is the median of the pairs' time ratios (the
     same file against itself measured 0.99-1.00 this way under load where rounds of six runs
     each measured 0.80-1.27), with its 95 % interval (``speedup_low``/``speedup_high``; None
-    under :data:`MIN_INTERVAL_PAIRS` pairs). ``max_repeats`` and ``max_seconds``: after the first
-    ``repeats`` pairs, as many more as fit in ``max_seconds`` of timing at the pace they took, up
-    to ``max_repeats`` pairs in all (default: ``repeats`` pairs). The count follows the time the
+    under :data:`MIN_INTERVAL_PAIRS` pairs: their whole range, labelled as such). ``max_repeats``:
+    after the first ``repeats`` pairs, more up to ``max_repeats`` in all; with ``max_seconds`` (> 0,
+    finite) only as many as fit in it at the pace of the first ones, and none after it has passed
+    (default: ``repeats`` pairs). The count follows the time the
     runs take, never the ratios they give: stopping once an interval looks settled would take a
     side more often than 5 % of the time for two files of equal speed (10 % measured)."""
     if int(batch_size) < 1 or int(warmup) < 0 or int(repeats) < 1:
@@ -203,25 +205,34 @@ def measure_latency_pair(session: Any, reference: Any, sample: np.ndarray, batch
     feeds = [_feed(s, sample, batch_size) for s in pair]
     for s, f in zip(pair, feeds):
         _runs(s, f, int(warmup))
-    start = time.perf_counter()
-    first = _pairs(pair, feeds, int(repeats))
-    n = int(repeats)
-    if max_repeats is not None and max_seconds > 0:  # the pace of the first pairs sets the count
-        pace = (time.perf_counter() - start) / n
-        n = int(min(max(int(max_repeats), n), max(n, max_seconds // max(pace, 1e-9))))
-    times = np.concatenate([first, _pairs(pair, feeds, n - int(repeats), start=int(repeats))], axis=1)
+    start, first = time.perf_counter(), int(repeats)
+    times = _pairs(pair, feeds, first)
+    more = max(int(max_repeats or 0) - first, 0)
+    timed = max_seconds > 0 and math.isfinite(max_seconds)
+    if more and timed:  # as many as fit at the pace of the first pairs, and a deadline for load that arrives
+        pace = (time.perf_counter() - start) / first
+        more = int(min(more, max(0.0, max_seconds / max(pace, 1e-9) - first)))
+    if more:
+        times = np.concatenate([times, _pairs(pair, feeds, more, start=first,
+                                              deadline=start + max_seconds if timed else None)], axis=1)
+    n = times.shape[1]
     ratios = times[1] / np.maximum(times[0], 1e-9)
-    low, high = median_interval(ratios) or (None, None)
+    # under MIN_INTERVAL_PAIRS the whole range decides (it holds the median less than 95 % of the time)
+    low, high = median_interval(ratios) or (float(ratios.min()), float(ratios.max()))
     mine = replace(_result(session, times[0], batch_size, warmup, n), speedup=float(np.median(ratios)),
                    speedup_low=low, speedup_high=high)
     return mine, _result(reference, times[1], batch_size, warmup, n)
 
 
-def _pairs(pair: tuple[Any, Any], feeds: list[dict[str, np.ndarray]], n: int, start: int = 0) -> np.ndarray:
-    """Milliseconds ``[2, n]`` of ``n`` pairs of one run each, which goes first swapping from pair
-    to pair (pair ``start + r`` of the whole series)."""
+def _pairs(pair: tuple[Any, Any], feeds: list[dict[str, np.ndarray]], n: int, start: int = 0,
+           deadline: float | None = None) -> np.ndarray:
+    """Milliseconds ``[2, m]`` of ``m <= n`` pairs of one run each, which goes first swapping from
+    pair to pair (pair ``start + r`` of the whole series); fewer than ``n`` when the
+    ``time.perf_counter()`` ``deadline`` passes (a stop that does not look at the ratios)."""
     times = np.empty((2, n))
     for r in range(n):
+        if deadline is not None and time.perf_counter() > deadline:
+            return times[:, :r]
         for i in ((0, 1) if (start + r) % 2 == 0 else (1, 0)):
             times[i, r] = _runs(pair[i], feeds[i], 1)[0]
     return times

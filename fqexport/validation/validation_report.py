@@ -14,7 +14,7 @@ from fqexport.errors import ValidationFailed
 from fqexport.exporters.cpu_isa import kernel_family
 from fqexport.metadata import ExportMetadata
 from fqexport.metrics.group_metrics import GroupMetrics, json_safe
-from fqexport.validation.latency import LatencyResult, speed_word
+from fqexport.validation.latency import MIN_INTERVAL_PAIRS, LatencyResult, speed_word
 from fqexport.validation.thresholds import CheckResult, Thresholds
 
 MSG_FAILED = "{model}: {count} limit(s) broken: {checks}"
@@ -84,7 +84,8 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
                 f"{', '.join(map(str, mine))} and {noun} runs batch {', '.join(map(str, theirs))} only (a fixed batch)")
     interval = {m.batch_size: (m.speedup_low, m.speedup_high) for m in latency if m.batch_size in ratio}
     words = {bs: speed_word(x, *interval[bs]) for bs, x in ratio.items()}
-    parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({_with_interval(words[bs], *interval[bs])})"
+    pairs = {m.batch_size: m.repeats for m in latency}
+    parts = [f"batch {bs}: {x:.2f}x {noun}'s speed ({_with_interval(words[bs], *interval[bs], pairs[bs])})"
              for bs, x in ratio.items()]
     fast = [bs for bs, w in words.items() if w == "faster"]
     noisy = [bs for bs, w in words.items() if w == "within the timing noise"]
@@ -105,9 +106,14 @@ def speed_verdict(latency: Sequence[LatencyResult], reference: Sequence[LatencyR
     return f"on this CPU ({isa}) the file buys {buys}: " + "; ".join(parts)
 
 
-def _with_interval(word: str, low: float | None, high: float | None) -> str:
-    """``"faster, 95 % interval 1.41-1.62x"``: the speed word and the interval that decided it."""
-    return word if low is None or high is None else f"{word}; 95 % interval {low:.2f}-{high:.2f}x"
+def _with_interval(word: str, low: float | None, high: float | None, pairs: int) -> str:
+    """``"faster; 95 % interval 1.41-1.62x"``: the speed word and the interval that decided it (the
+    whole range of fewer than :data:`MIN_INTERVAL_PAIRS` pairs, said as such)."""
+    if low is None or high is None:
+        return word
+    if pairs < MIN_INTERVAL_PAIRS:
+        return f"{word}; range of {pairs} pair(s) {low:.2f}-{high:.2f}x, too few for a 95 % interval"
+    return f"{word}; 95 % interval {low:.2f}-{high:.2f}x"
 
 
 @dataclass(frozen=True)

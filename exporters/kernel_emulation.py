@@ -846,6 +846,8 @@ class EmulatedSession:
                 # the dump's own data file: the model's external data stays beside the model
                 build_session(path, level="ORT_ENABLE_EXTENDED", dump_path=dump, dump_data_file=f"{dump.name}.data")
                 return onnx.load(str(dump), load_external_data=True)
+            except MemoryError:  # out of memory, not a file ORT cannot read
+                raise
             except Exception as err:
                 raise ModelLoadError(MSG_UNREADABLE.format(path=path, err=str(err).strip())) from err
 
@@ -920,6 +922,8 @@ class EmulatedSession:
             except _Unsupported as err:
                 raise ConfigError(MSG_UNSUPPORTED.format(target=self.target, node=node.name, op=node.op_type,
                                                          path=self.path, what=err)) from err
+            except MemoryError:
+                raise
             except Exception as err:
                 raise ModelLoadError(MSG_NODE.format(target=self.target, node=node.name, op=node.op_type,
                                                      path=self.path, err=str(err).strip())) from err

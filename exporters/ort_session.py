@@ -222,7 +222,7 @@ def build_session(
             _PROPAGATION_OFF_SAID.add(str(name_in_errors))
             log.warning(MSG_PROPAGATION_OFF, name_in_errors, str(err).strip())
         return build_session(model, level=level, provider=provider, threads=threads, disable=(*disable, QDQ_PROPAGATION),
-                             dump_path=dump_path, dump_data_file=dump_data_file, label=label)
+                             dump_path=dump_path, dump_data_file=dump_data_file, label=label, spinning=spinning)
     if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise ConfigError(MSG_CUDA_FELL_BACK.format(path=name_in_errors, providers=session.get_providers()))
     return session

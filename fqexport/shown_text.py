@@ -22,10 +22,11 @@ def shown_text(value: Any) -> str:
 
 
 def loss_text(x: float) -> str:
-    """A loss or loss difference as the console and notes show it: 4 decimals, or 3 significant
-    digits where those would read 0.0000 (a near-lossless model's 2.2e-07 gap and its standard
-    error read "by 0.0000, within 2 x 0.0000")."""
+    """A loss or loss difference as the console and notes show it: 4 decimals from 0.001 up (two
+    significant digits or more), 3 significant digits below (a near-lossless model's 2.2e-07 gap
+    and its standard error read "by 0.0000, within 2 x 0.0000"; a gap of 9.0e-05 within 2 x 4.6e-05
+    read "by 0.0001"), so that figures side by side compare as they are."""
     x = float(x) + 0.0  # -0.0 reads 0.0000
     if math.isfinite(x) and abs(x) < 1e-12:  # float round-off of a zero (a difference of equal sums)
         x = 0.0
-    return f"{x:.4f}" if x == 0 or not math.isfinite(x) or abs(x) >= 5e-5 else f"{x:.3g}"
+    return f"{x:.4f}" if x == 0 or not math.isfinite(x) or abs(x) >= 1e-3 else f"{x:.3g}"

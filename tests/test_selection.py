@@ -246,3 +246,5 @@ def test_losses_too_small_for_four_decimals_are_shown_in_significant_digits():
 
     assert [loss_text(x) for x in (0.01234, 2.2e-7, -3.1e-6, -0.0, 8.6e-18, float("nan"))] == [
         "0.0123", "2.2e-07", "-3.1e-06", "0.0000", "0.0000", "nan"]
+    # review 101: a gap and its standard error side by side compare as shown ("by 0.0001, within 2 x 4.6e-05")
+    assert (loss_text(9.0e-05), loss_text(4.6e-05), loss_text(0.001)) == ("9e-05", "4.6e-05", "0.0010")

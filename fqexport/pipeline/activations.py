@@ -27,6 +27,7 @@ held in memory and spilled) is recorded in :attr:`ActivationCache.peak_bytes` an
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import tempfile
@@ -189,7 +190,7 @@ class ActivationCache:
                 self._spill_path(b).unlink(missing_ok=True)
         else:
             named = [{n.name: v for n, v in env.items()} for env in envs]
-            torch.save(named, self._spill_path(b))
+            _save_spill(named, self._spill_path(b))
             self._held[b] = None
         self._bytes[b] = size
         held = self._in_memory()
@@ -245,3 +246,20 @@ class ActivationCache:
         for b in range(len(self)):
             envs = self._load(b)
             yield [env[s.nodes[index].args[0]] for s, env in zip(self.streams, envs)], self.groups[b]
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _save_spill(obj: Any, path: Path) -> None:
+    """``torch.save`` of a spilled batch into ``path``, through a file this function opens: torch
+    reports a full disk or file-size limit as ``RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos``, the OSError only in its context; it is raised as that OSError, naming the file."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except (RuntimeError, OSError) as err:
+        full = err if isinstance(err, OSError) else err.__context__
+        if isinstance(full, OSError) and full.errno in _DISK_FULL:
+            raise OSError(full.errno, full.strerror or str(full), str(path)) from err
+        raise

@@ -66,7 +66,8 @@ def xml_text(value: Any) -> str:
 
 
 def _write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    # a path that is not UTF-8 in the text (a model file named with other bytes) is written escaped
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def percent_text(x: float | None) -> str:

@@ -7,6 +7,11 @@ Exit codes used by the CLI: 0 ok, 1 a validation limit broken (:class:`Validatio
 
 from __future__ import annotations
 
+import errno
+
+# errno values of a full disk, a full quota or the file-size limit (`ulimit -f`)
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
 
 class FqexportError(Exception):
     """Base class of every error fqexport raises on purpose."""

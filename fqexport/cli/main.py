@@ -16,7 +16,6 @@ error (a bug: please report it; ``--debug`` prints the traceback); 128+n stopped
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import os
@@ -43,7 +42,7 @@ from fqexport.cli.flags.finetune import FINETUNE_FIELDS
 from fqexport.cli.flags.sweep import add_sweep_parser
 from fqexport.cli.flags.validate import add_validate_parser
 from fqexport.cli.paths import check_inputs_exist
-from fqexport.errors import ConfigError, FqexportError, ValidationFailed
+from fqexport.errors import DISK_FULL_ERRNOS, ConfigError, FqexportError, ValidationFailed
 from fqexport.validation.reports import remove_earlier_reports
 from fqexport.version import __version__
 
@@ -177,9 +176,6 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXTS)
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
 def _disk_full(err: BaseException) -> OSError | None:
     """The OSError ``err`` is, or was raised from (``raise ... from``), that says a disk, a quota
     or the file-size limit is full (a working file in the temporary folder: the export check's
@@ -188,7 +184,7 @@ def _disk_full(err: BaseException) -> OSError | None:
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return err
         err = err.__cause__
     return None

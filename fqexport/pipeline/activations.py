@@ -27,7 +27,6 @@ held in memory and spilled) is recorded in :attr:`ActivationCache.peak_bytes` an
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 import tempfile
@@ -38,6 +37,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.fx
 from torch.fx.node import map_arg
+
+from fqexport.errors import DISK_FULL_ERRNOS
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,6 @@ class ActivationCache:
             yield [env[s.nodes[index].args[0]] for s, env in zip(self.streams, envs)], self.groups[b]
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
 def _save_spill(obj: Any, path: Path) -> None:
     """``torch.save`` of a spilled batch into ``path``, through a file this function opens: torch
     reports a full disk or file-size limit as ``RuntimeError: [enforce fail at inline_container.cc]
@@ -260,6 +258,6 @@ def _save_spill(obj: Any, path: Path) -> None:
             torch.save(obj, f)
     except (RuntimeError, OSError) as err:
         full = err if isinstance(err, OSError) else err.__context__
-        if isinstance(full, OSError) and full.errno in _DISK_FULL:
+        if isinstance(full, OSError) and full.errno in DISK_FULL_ERRNOS:
             raise OSError(full.errno, full.strerror or str(full), str(path)) from err
         raise
